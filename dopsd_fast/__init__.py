@@ -1,0 +1,31 @@
+"""dopsd-fast: a kernel-backed PyTorch trainer for D-OPSD (on-policy self-distillation of
+step-distilled diffusion transformers such as Z-Image-Turbo and FLUX.2-klein).
+
+Importing this package touches no GPU and imports no optional heavy package (diffusers,
+transformers, peft, TransformerEngine, flash-attn, torchao): those load when a feature needs them.
+"""
+
+from dopsd_fast.algorithm import (
+    NAMED_SCHEDULES,
+    RolloutResult,
+    ema_update_,
+    euler_sample,
+    resolve_schedule,
+    rollout_loss,
+    state_loss,
+    x0_from_v,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NAMED_SCHEDULES",
+    "RolloutResult",
+    "ema_update_",
+    "euler_sample",
+    "resolve_schedule",
+    "rollout_loss",
+    "state_loss",
+    "x0_from_v",
+    "__version__",
+]

@@ -1,0 +1,34 @@
+"""Model adapters (see :mod:`dopsd_fast.adapters.base` for the interface)."""
+
+from __future__ import annotations
+
+import torch
+
+from dopsd_fast.adapters.base import Context, ModelAdapter
+
+FAMILIES = ("zimage",)
+
+
+def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
+    """``auto``: CUDA + bf16 when a GPU is there, else CPU + fp32 (called at run time, not import)."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def build_adapter(cfg, load_encoders: bool = True) -> ModelAdapter:
+    """Build the adapter of ``cfg.family`` (a :class:`~dopsd_fast.config.ModelConfig`)."""
+    device, dtype = resolve_device_dtype(cfg)
+    if cfg.family == "zimage":
+        from dopsd_fast.adapters.zimage import ZImageAdapter
+
+        return ZImageAdapter(cfg, device, dtype, load_encoders=load_encoders)
+    raise ValueError(f"model.family: unknown family {cfg.family!r}; known: {FAMILIES}")
+
+
+__all__ = ["Context", "FAMILIES", "ModelAdapter", "build_adapter", "resolve_device_dtype"]

@@ -1,0 +1,111 @@
+"""The model adapter interface: the one seam between the D-OPSD algorithm and a model family.
+
+An adapter owns the model's components (transformer, encoders, VAE, scheduler config) and hides
+its conventions. The algorithm sees only:
+
+* ``velocity(transformer, x, sigma, ctx) -> v`` in ONE convention: sigma time (1 = noise),
+  ``v = eps - x0``, latents ``x`` of shape ``(B, *latent_shape)`` in fp32, ``sigma`` of shape
+  ``(B,)``. ``transformer`` is passed in so a full-fine-tuning run can call its separate teacher
+  copy through the same code; with LoRA the trainer selects the adapter (student / teacher).
+* ``encode_student(prompts)`` / ``encode_teacher(prompts, images)`` -> a :class:`Context` per
+  sample (what the transformer is conditioned on), computed once and cacheable.
+* ``training_sigmas(spec)`` / ``inference_sigmas(steps, latent_hw)``: roll-out and sampling
+  schedules.
+* ``default_lora_targets``, ``latent_shape(h, w)``, ``encode_images`` / ``decode``,
+  ``encoder_identity()`` (cache keys) and ``export_lora`` (a file diffusers loads).
+
+How FLUX.2-klein maps onto it (implemented in a later issue):
+
+* student context: Qwen3 hidden states of layers 9/18/27 stacked, 512 tokens -> ``Context.features``;
+  the text position ids are derived inside ``velocity``.
+* teacher context ("editing branch"): ``Context.features`` = the teacher prompt (prompt + a
+  consistency instruction) and ``Context.extra["ref_latents"]`` = the clean VAE latents of the
+  target, packed as a reference image (time coordinate 10 in the 4-axis ids). ``velocity``
+  concatenates ``[x tokens ; reference tokens]``, runs the DiT, and returns only the first N
+  (target) output tokens, so the algorithm still sees a ``v`` of ``x``'s shape. ``needs_target_latents``
+  tells the cache to store the target latents.
+* FLUX.2 takes ``timestep = sigma`` and returns ``v`` directly: no sign or time change.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Context:
+    """Conditioning of ONE sample for one branch: token features ``(L, D)`` plus model-specific
+    extras (e.g. reference latents for an editing-branch teacher)."""
+
+    features: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    def to(self, device=None, dtype=None) -> "Context":
+        extra = {k: (v.to(device=device) if torch.is_tensor(v) else v) for k, v in self.extra.items()}
+        return Context(self.features.to(device=device, dtype=dtype), extra)
+
+
+class ModelAdapter(ABC):
+    """Base class of the model families (see the module docstring)."""
+
+    family: str = ""
+    default_lora_targets: tuple[str, ...] = ()
+    needs_target_latents: bool = False
+
+    transformer: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    # ---- the transformer, in the (sigma, v) convention -------------------------------------
+    @abstractmethod
+    def velocity(self, transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor,
+                 contexts: list[Context]) -> torch.Tensor:
+        """v = eps - x0 predicted at (x, sigma) under per-sample ``contexts``; fp32, x's shape."""
+
+    # ---- contexts --------------------------------------------------------------------------
+    @abstractmethod
+    def encode_student(self, prompts: list[str]) -> list[Context]:
+        """Student contexts (text only)."""
+
+    @abstractmethod
+    def encode_teacher(self, prompts: list[str], images: list[torch.Tensor]) -> list[Context]:
+        """Teacher contexts from (prompt, target image in [0, 1], (3, H, W))."""
+
+    @abstractmethod
+    def encoder_identity(self) -> dict:
+        """A JSON-able description of everything the contexts depend on (weights, settings),
+        known without loading the encoders: the feature cache's key."""
+
+    def release_encoders(self) -> None:
+        """Free the encoders (after their features are cached)."""
+
+    # ---- schedules ---------------------------------------------------------------------------
+    def training_sigmas(self, spec) -> list[float]:
+        from dopsd_fast.algorithm import resolve_schedule
+
+        return resolve_schedule(spec)
+
+    @abstractmethod
+    def inference_sigmas(self, steps: int | None = None, latent_hw: tuple[int, int] | None = None) -> list[float]:
+        """The model's few-step sampling schedule (K + 1 values ending with 0)."""
+
+    # ---- latents -----------------------------------------------------------------------------
+    @abstractmethod
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Per-sample latent shape for an image of ``height`` x ``width`` pixels."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], (B, 3, H, W)."""
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W) -> normalised latents (deterministic: the mode)."""
+
+    # ---- LoRA export -------------------------------------------------------------------------
+    @abstractmethod
+    def export_lora(self, state_dict: dict, out_dir: str, lora_config: dict) -> None:
+        """Write a LoRA state dict (peft names) in the format the diffusers pipeline loads."""

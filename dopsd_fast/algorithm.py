@@ -1,0 +1,207 @@
+"""The D-OPSD algorithm, with no model code (``shared/spec/dopsd.md``).
+
+Convention used everywhere in this module: flow matching in *sigma* time, ``sigma = 1`` is pure
+noise, ``x_sigma = (1 - sigma) * x0 + sigma * eps``, velocity ``v = eps - x0`` and therefore
+``x0_hat = x_sigma - sigma * v``. Model adapters translate their model's own convention into this
+one (Z-Image takes ``1 - sigma`` and returns ``-v``).
+
+The public entry point other trainers can call with their own model functions is
+:func:`rollout_loss`::
+
+    result = dopsd_fast.rollout_loss(student_fn, teacher_fn, noise, sigmas, loss="x0",
+                                     backward="once")
+    result.loss.backward()          # "once": the caller back-propagates (the authors' schedule)
+
+``student_fn(x, sigma) -> v`` runs with autograd; ``teacher_fn(x, sigma) -> v`` is evaluated under
+``torch.no_grad()`` on the *student's* state. ``sigma`` is a tensor of shape ``(batch,)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+LOSSES = ("x0", "v")
+BACKWARDS = ("once", "stepwise")
+
+# Named training roll-out schedules (K + 1 values ending with 0).
+NAMED_SCHEDULES: dict[str, tuple[float, ...]] = {
+    # Z-Image, K = 4: the authors' scripts' default (training only; inference stays 8-step).
+    "zimage-k4": (1.0, 0.9, 0.75, 0.5, 0.0),
+    # Z-Image, K = 8: the Turbo inference schedule as written in the authors' scripts.
+    "zimage-k8": (1.0, 0.9769, 0.9478, 0.9099, 0.8586, 0.7853, 0.6719, 0.4732, 0.0),
+}
+
+
+def resolve_schedule(schedule: str | Sequence[float]) -> list[float]:
+    """Return a validated roll-out schedule: strictly decreasing, first value <= 1, last value 0.
+
+    ``schedule`` is a name from :data:`NAMED_SCHEDULES` or an explicit list of K + 1 sigmas.
+    """
+    if isinstance(schedule, str):
+        if schedule not in NAMED_SCHEDULES:
+            raise ValueError(
+                f"unknown roll-out schedule {schedule!r}; known: {sorted(NAMED_SCHEDULES)} "
+                "or an explicit list of sigmas ending with 0"
+            )
+        values = list(NAMED_SCHEDULES[schedule])
+    else:
+        values = [float(s) for s in schedule]
+    if len(values) < 2:
+        raise ValueError(f"a roll-out schedule needs at least 2 values (K >= 1), got {values}")
+    if values[-1] != 0.0:
+        raise ValueError(f"a roll-out schedule must end with sigma = 0, got {values}")
+    if not (0.0 < values[0] <= 1.0):
+        raise ValueError(f"a roll-out schedule must start in (0, 1], got {values[0]}")
+    if any(not math.isfinite(v) for v in values):
+        raise ValueError(f"a roll-out schedule must be finite, got {values}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"a roll-out schedule must be strictly decreasing, got {values}")
+    return values
+
+
+def x0_from_v(x: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``x0_hat = x - sigma * v`` with ``sigma`` of shape ``(batch,)`` broadcast over the rest."""
+    return x - _bcast(sigma, x) * v
+
+
+def state_loss(v_student: torch.Tensor, v_teacher: torch.Tensor, sigma: torch.Tensor, loss: str = "x0"):
+    """Loss of one roll-out state, in fp32.
+
+    ``"x0"``: ``mean((x0_s - x0_t)^2) = mean(sigma^2 * (v_s - v_t)^2)`` (the authors' scripts);
+    ``"v"``: ``mean((v_s - v_t)^2)`` (the paper). The teacher prediction is treated as a constant.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    diff = v_student.float() - v_teacher.detach().float()
+    sq = diff * diff
+    if loss == "x0":
+        sq = sq * _bcast(sigma.float(), sq) ** 2
+    return sq.mean()
+
+
+@dataclass
+class RolloutResult:
+    """What :func:`rollout_loss` returns.
+
+    ``loss``: mean of the K state losses; with autograd for ``backward="once"``, detached (already
+    back-propagated) for ``"stepwise"``. ``state_losses``: the K detached per-state losses.
+    ``states``: the K + 1 detached states x_0 (the noise) ... x_K (the student's sample).
+    ``student_v`` / ``teacher_v``: the detached per-state predictions (for parity checks).
+    """
+
+    loss: torch.Tensor
+    state_losses: list[torch.Tensor]
+    states: list[torch.Tensor]
+    student_v: list[torch.Tensor]
+    teacher_v: list[torch.Tensor]
+
+
+def rollout_loss(
+    student_fn: VelocityFn,
+    teacher_fn: VelocityFn,
+    noise: torch.Tensor,
+    sigmas: Sequence[float] | str,
+    loss: str = "x0",
+    backward: str = "once",
+    loss_scale: float = 1.0,
+) -> RolloutResult:
+    """One D-OPSD roll-out: deterministic Euler from ``noise`` along ``sigmas``, the teacher
+    evaluated on every student state, the loss averaged over the K states.
+
+    Args:
+        student_fn: ``(x, sigma) -> v`` of the trainable model under the student context.
+        teacher_fn: ``(x, sigma) -> v`` of the EMA/frozen model under the teacher context; always
+            called under ``torch.no_grad()``.
+        noise: x_0, shape ``(batch, ...)``; the roll-out runs in fp32 whatever the model dtype.
+        sigmas: K + 1 values, strictly decreasing, ending with 0 (or a name of
+            :data:`NAMED_SCHEDULES`).
+        loss: ``"x0"`` (default, sigma^2-weighted) or ``"v"``.
+        backward: ``"once"``: return the loss with autograd, the caller calls ``backward()``
+            (activations of K student forwards alive at once). ``"stepwise"``: call
+            ``backward()`` after each state (same gradient, memory of one forward).
+        loss_scale: multiplies what is back-propagated in ``"stepwise"`` mode (e.g.
+            ``1 / grad_accum``); ignored for ``"once"``, where the caller scales.
+    """
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    sig = resolve_schedule(sigmas)
+    k_states = len(sig) - 1
+    batch = noise.shape[0]
+    x = noise.detach().float()
+    states = [x]
+    losses: list[torch.Tensor] = []
+    student_vs: list[torch.Tensor] = []
+    teacher_vs: list[torch.Tensor] = []
+    total = None
+    for k in range(k_states):
+        sigma = torch.full((batch,), sig[k], dtype=torch.float32, device=x.device)
+        x_in = x.detach()  # no back-propagation through time across states
+        with torch.no_grad():
+            v_t = teacher_fn(x_in, sigma)
+        v_s = student_fn(x_in, sigma)
+        if v_s.shape != x_in.shape or v_t.shape != x_in.shape:
+            raise ValueError(
+                f"state {k}: model outputs must have the state's shape {tuple(x_in.shape)}, got "
+                f"student {tuple(v_s.shape)} and teacher {tuple(v_t.shape)}"
+            )
+        lk = state_loss(v_s, v_t, sigma, loss) / k_states
+        if backward == "stepwise":
+            (lk * loss_scale).backward()
+            lk = lk.detach()
+        total = lk if total is None else total + lk
+        losses.append(lk.detach() * k_states)
+        student_vs.append(v_s.detach())
+        teacher_vs.append(v_t.detach())
+        x = x_in + (sig[k + 1] - sig[k]) * v_s.detach().float()
+        states.append(x)
+    return RolloutResult(total, losses, states, student_vs, teacher_vs)
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
+    """Deterministic Euler sampling along ``sigmas`` (inference / validation), fp32 state."""
+    x = noise.float()
+    for k in range(len(sigmas) - 1):
+        sigma = torch.full((x.shape[0],), float(sigmas[k]), dtype=torch.float32, device=x.device)
+        x = x + (float(sigmas[k + 1]) - float(sigmas[k])) * velocity_fn(x, sigma).float()
+    return x
+
+
+@torch.no_grad()
+def ema_update_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor], decay: float) -> None:
+    """``theta_bar <- decay * theta_bar + (1 - decay) * theta`` in place.
+
+    ``decay = 1`` leaves the teacher frozen, ``decay = 0`` copies the live student. The student
+    tensors may live on another device or dtype than the teacher's (e.g. an EMA kept on the CPU).
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+    teacher = list(teacher)
+    student = list(student)
+    if len(teacher) != len(student):
+        raise ValueError(f"EMA: {len(teacher)} teacher tensors but {len(student)} student tensors")
+    if decay == 1.0:
+        return
+    for t, s in zip(teacher, student):
+        if t.shape != s.shape:
+            raise ValueError(f"EMA: shape mismatch {tuple(t.shape)} vs {tuple(s.shape)}")
+        s = s.detach().to(device=t.device, dtype=t.dtype)
+        if decay == 0.0:
+            t.copy_(s)
+        else:
+            t.lerp_(s, 1.0 - decay)
+
+
+def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=like.device)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(sigma.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)

@@ -1,0 +1,191 @@
+"""Feature cache: student and teacher contexts computed once (``dopsd-cache``), read by training.
+
+Layout of a cache directory::
+
+    manifest.json            {"version", "identity", "entries": {key: [shard, name]}}
+    shard-00000.safetensors  tensors "<key>.features" and "<key>.extra.<name>"
+
+``identity`` is the adapter's :meth:`~dopsd_fast.adapters.ModelAdapter.encoder_identity` (encoder
+weights fingerprint + every setting the features depend on). A cache written under another
+identity is refused with the differing fields named, never used. Entries are keyed by
+(kind, prompt, image content hash, bucket). Shards and the manifest are written atomically, so an
+interrupted ``dopsd-cache`` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dopsd_fast.adapters.base import Context
+
+CACHE_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """The feature cache is stale, mismatched or incomplete."""
+
+
+def entry_key(kind: str, prompt: str, image_hash: str | None = None, bucket=None) -> str:
+    payload = json.dumps([kind, prompt, image_hash, list(bucket) if bucket else None], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def needed_entries(dataset) -> list[tuple[str, str, object]]:
+    """(key, kind, (prompt, record)) for every context a run over ``dataset`` can ask for."""
+    out, seen = [], set()
+    for rec in dataset.records:
+        for p in rec.prompts:
+            for kind in ("student", "teacher"):
+                k = entry_key(kind, p, rec.image_hash if kind == "teacher" else None,
+                              rec.bucket if kind == "teacher" else None)
+                if k not in seen:
+                    seen.add(k)
+                    out.append((k, kind, (p, rec)))
+    return out
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [prefix or "identity"]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    def __init__(self, directory: str | Path, identity: dict, create: bool = False):
+        self.dir = Path(directory)
+        self.identity = json.loads(json.dumps(identity))  # normalise (tuples -> lists)
+        manifest = self.dir / "manifest.json"
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            if data.get("version") != CACHE_VERSION:
+                raise CacheError(f"feature cache {self.dir}: format version {data.get('version')} != {CACHE_VERSION}; "
+                                 "delete it and run dopsd-cache again")
+            changed = _diff(data.get("identity"), self.identity)
+            if changed:
+                raise CacheError(
+                    f"feature cache {self.dir} was written for other encoders or settings "
+                    f"(differs in: {', '.join(changed[:8])}); refusing to use stale features. "
+                    "Delete the directory or point cache.dir elsewhere, then run dopsd-cache")
+            self.entries = data.get("entries", {})
+        elif create:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.entries = {}
+        else:
+            raise CacheError(f"feature cache {self.dir} does not exist (no manifest.json); run dopsd-cache first")
+        self._open: dict = {}
+
+    def _save_manifest(self) -> None:
+        _atomic_write_text(self.dir / "manifest.json", json.dumps(
+            {"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}, indent=1))
+
+    def missing(self, dataset) -> list:
+        return [e for e in needed_entries(dataset) if e[0] not in self.entries]
+
+    def require_complete(self, dataset) -> None:
+        miss = self.missing(dataset)
+        if miss:
+            raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset))} "
+                             "contexts this dataset needs; run dopsd-cache with the same config first")
+
+    def get(self, key: str) -> Context:
+        from safetensors import safe_open
+
+        if key not in self.entries:
+            raise CacheError(f"feature cache {self.dir}: no entry {key}")
+        shard, name = self.entries[key]
+        f = self._open.get(shard)
+        if f is None:
+            f = self._open[shard] = safe_open(str(self.dir / shard), framework="pt")
+        extra = {}
+        prefix = f"{name}.extra."
+        for k in f.keys():
+            if k.startswith(prefix):
+                extra[k[len(prefix):]] = f.get_tensor(k)
+        return Context(f.get_tensor(f"{name}.features"), extra)
+
+    def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True) -> int:
+        """Compute and store every missing entry; returns how many were written."""
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+
+        from dopsd_fast.data.dataset import load_image
+
+        todo = self.missing(dataset)
+        if not todo:
+            return 0
+        adapter.ensure_encoders()
+        next_shard = len({s for s, _ in self.entries.values()})
+        bar = tqdm(total=len(todo), desc="caching contexts", disable=not progress)
+        for s0 in range(0, len(todo), shard_size):
+            chunk = todo[s0:s0 + shard_size]
+            tensors, names = {}, {}
+            for b0 in range(0, len(chunk), batch_size):
+                part = chunk[b0:b0 + batch_size]
+                stud = [e for e in part if e[1] == "student"]
+                teach = [e for e in part if e[1] == "teacher"]
+                ctxs = []
+                if stud:
+                    ctxs += list(zip(stud, adapter.encode_student([e[2][0] for e in stud])))
+                if teach:
+                    imgs = [load_image(e[2][1].image_path, e[2][1].bucket) for e in teach]
+                    ctxs += list(zip(teach, adapter.encode_teacher([e[2][0] for e in teach], imgs)))
+                for (key, _, _), ctx in ctxs:
+                    name = key
+                    tensors[f"{name}.features"] = ctx.features.contiguous()
+                    for k, v in ctx.extra.items():
+                        tensors[f"{name}.extra.{k}"] = v.contiguous()
+                    names[key] = name
+                bar.update(len(part))
+            shard = f"shard-{next_shard:05d}.safetensors"
+            next_shard += 1
+            tmp = self.dir / (shard + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, self.dir / shard)
+            for key, name in names.items():
+                self.entries[key] = [shard, name]
+            self._save_manifest()  # after each shard: an interruption loses at most one shard
+        bar.close()
+        return len(todo)
+
+
+class ContextProvider:
+    """Contexts for the trainer: from a complete cache, or encoded on the fly and memoised."""
+
+    def __init__(self, adapter, cache: FeatureCache | None = None):
+        self.adapter = adapter
+        self.cache = cache
+        self.memo: dict = {}
+
+    def _get(self, kind, prompt, rec, image=None) -> Context:
+        key = entry_key(kind, prompt, rec.image_hash if kind == "teacher" else None,
+                        rec.bucket if kind == "teacher" else None)
+        if self.cache is not None:
+            return self.cache.get(key)
+        ctx = self.memo.get(key)
+        if ctx is None:
+            if kind == "student":
+                ctx = self.adapter.encode_student([prompt])[0]
+            else:
+                ctx = self.adapter.encode_teacher([prompt], [image])[0]
+            self.memo[key] = ctx
+        return ctx
+
+    def student(self, samples) -> list[Context]:
+        return [self._get("student", s.prompt, s.record) for s in samples]
+
+    def teacher(self, samples) -> list[Context]:
+        return [self._get("teacher", s.prompt, s.record, s.image) for s in samples]

@@ -1,0 +1,112 @@
+"""Command-line entry points: ``dopsd-train``, ``dopsd-cache``, ``dopsd-sample``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("diffusers", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # both libraries keep their own verbosity switch besides the stdlib logger
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+
+        dl.set_verbosity_error()
+        tl.set_verbosity_error()
+    except ImportError:
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML config (default: the embedded tiny-zimage run, no downloads)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr=5e-5 (repeatable)")
+
+
+def _load(args):
+    from dopsd_fast.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def train_main(argv=None) -> int:
+    p = argparse.ArgumentParser("dopsd-train", description="Train with D-OPSD (on-policy self-distillation).")
+    _common(p)
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    args = p.parse_args(argv)
+    _setup_logging()
+    cfg = _load(args)
+    from dopsd_fast.cache import CacheError
+    from dopsd_fast.data import DataError
+    from dopsd_fast.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        last = trainer.train()
+    except (DataError, CacheError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        return 130
+    logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s", trainer.step,
+                                         last.get("loss", float("nan")), trainer.out)
+    return 0
+
+
+def cache_main(argv=None) -> int:
+    p = argparse.ArgumentParser("dopsd-cache", description="Precompute student/teacher contexts into cache.dir.")
+    _common(p)
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+    _setup_logging()
+    cfg = _load(args)
+    if not cfg.cache.dir:
+        sys.exit("error: config field 'cache.dir' must be set for dopsd-cache (e.g. --set cache.dir=cache/)")
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.cache import CacheError, FeatureCache, needed_entries
+    from dopsd_fast.data import DataError, build_dataset
+
+    try:
+        dataset = build_dataset(cfg.data, progress=cfg.train.progress)
+        adapter = build_adapter(cfg.model, load_encoders=False)
+        cache = FeatureCache(cfg.cache.dir, adapter.encoder_identity(), create=True)
+        n = cache.write(adapter, dataset, batch_size=args.batch_size, shard_size=cfg.cache.shard_size,
+                        progress=cfg.train.progress)
+    except (DataError, CacheError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    logging.getLogger("dopsd_fast").info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n,
+                                         len(needed_entries(dataset)))
+    return 0
+
+
+def sample_main(argv=None) -> int:
+    p = argparse.ArgumentParser("dopsd-sample", description="Generate images with the few-step schedule (+ a LoRA).")
+    _common(p)
+    p.add_argument("--lora", default=None, help="a LoRA directory written by dopsd-train (e.g. runs/x/lora)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png")
+    args = p.parse_args(argv)
+    _setup_logging()
+    cfg = _load(args)
+    from dopsd_fast.sample import generate
+
+    path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
+                    seed=args.seed, out=args.out)
+    logging.getLogger("dopsd_fast").info("wrote %s", path)
+    return 0

@@ -1,0 +1,352 @@
+"""Run configuration: small nested dataclasses, one YAML file plus ``--set a.b=value`` overrides.
+
+Every value is validated in ``__post_init__``; an error names the dotted field (``optim.lr``).
+The resolved configuration is written next to every run (``config.yaml`` in the output dir).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{name}': {msg}")
+
+
+def _one_of(value, choices, name):
+    _check(value in choices, name, f"must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: str = "zimage"
+    # A built-in tiny preset (random weights, fully offline) or None to load from `path`.
+    preset: Optional[str] = "tiny-zimage"
+    # Local diffusers-format directory (transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+    path: Optional[str] = None
+    # Local Qwen3-VL directory for the teacher context encoder (its language model weights are
+    # replaced by the text encoder's).
+    vlm_path: Optional[str] = None
+    # Weight dtype of the frozen parts: auto = bf16 on CUDA, fp32 on CPU.
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0  # initialisation seed of the tiny presets
+    gradient_checkpointing: bool = False
+    student_max_tokens: int = 512
+    teacher_max_tokens: int = 1024
+    # Pixel bounds of the teacher's image processor (512^2 .. 768^2 for the real model).
+    teacher_min_pixels: Optional[int] = None
+    teacher_max_pixels: Optional[int] = None
+
+    def __post_init__(self):
+        _one_of(self.family, ("zimage",), "model.family")
+        _one_of(self.dtype, ("auto", "fp32", "bf16", "fp16"), "model.dtype")
+        _check(self.preset is not None or self.path is not None, "model.preset",
+               "set either model.preset (a tiny built-in model) or model.path (local weights)")
+        _check(self.student_max_tokens > 0, "model.student_max_tokens", "must be > 0")
+        _check(self.teacher_max_tokens > 0, "model.teacher_max_tokens", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = True  # False = full fine-tuning with a full EMA teacher
+    rank: int = 64
+    alpha: float = 128.0
+    targets: Optional[list] = None  # None = the adapter's default targets
+    init: str = "gaussian"
+
+    def __post_init__(self):
+        _check(self.rank > 0, "lora.rank", f"must be > 0, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _one_of(self.init, ("gaussian", "default"), "lora.init")
+
+
+@dataclass(kw_only=True)
+class DopsdConfig:
+    # Named schedule ("zimage-k4", "zimage-k8") or an explicit list of K + 1 sigmas ending with 0.
+    rollout: Union[str, list] = "zimage-k4"
+    loss: str = "x0"
+    backward: str = "once"
+    # Teacher weights: EMA decay (0.9999 default), 1.0 = frozen initial teacher, 0.0 = live student.
+    ema_decay: float = 0.9999
+    # Full fine-tuning only: keep the fp32 EMA master copy on the CPU.
+    ema_on_cpu: bool = False
+
+    def __post_init__(self):
+        from dopsd_fast.algorithm import resolve_schedule
+
+        _one_of(self.loss, ("x0", "v"), "dopsd.loss")
+        _one_of(self.backward, ("once", "stepwise"), "dopsd.backward")
+        _check(0.0 <= self.ema_decay <= 1.0, "dopsd.ema_decay", f"must be in [0, 1], got {self.ema_decay}")
+        try:
+            resolve_schedule(self.rollout)
+        except ValueError as e:
+            raise ConfigError(f"config field 'dopsd.rollout': {e}") from None
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two values in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps", "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # Exactly one source: the built-in tiny dataset, a JSONL file, or a folder of image + .txt.
+    builtin: Optional[str] = None
+    jsonl: Optional[str] = None
+    folder: Optional[str] = None
+    image_key: str = "image"
+    # Prompt variants: each sample draws one of these keys at random.
+    prompt_keys: list = field(default_factory=lambda: ["prompt"])
+    # "1mp" = the authors' 11 one-megapixel buckets, or a list of [width, height].
+    buckets: Union[str, list] = "1mp"
+    bucket_scale: float = 1.0  # multiplies every bucket side (rounded to bucket_multiple)
+    bucket_multiple: int = 16
+    batch_size: int = 1
+    skip_bad: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self):
+        sources = [s for s in ("builtin", "jsonl", "folder") if getattr(self, s)]
+        _check(len(sources) == 1, "data", f"set exactly one of data.builtin / data.jsonl / data.folder, got {sources or 'none'}")
+        if self.builtin is not None:
+            _one_of(self.builtin, ("tiny",), "data.builtin")
+        _check(isinstance(self.prompt_keys, list) and len(self.prompt_keys) > 0, "data.prompt_keys",
+               "must be a non-empty list of JSONL keys")
+        _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(self.bucket_scale > 0, "data.bucket_scale", "must be > 0")
+        _check(self.bucket_multiple >= 1, "data.bucket_multiple", "must be >= 1")
+        if isinstance(self.buckets, str):
+            _one_of(self.buckets, ("1mp",), "data.buckets")
+        else:
+            _check(all(isinstance(b, (list, tuple)) and len(b) == 2 for b in self.buckets), "data.buckets",
+                   "must be '1mp' or a list of [width, height]")
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    # Directory of the feature cache written by `dopsd-cache`; None = encode on the fly (memoised).
+    dir: Optional[str] = None
+    # When a cache dir is set: "require" refuses to train on an incomplete cache.
+    mode: str = "require"
+    shard_size: int = 256  # entries per safetensors shard
+
+    def __post_init__(self):
+        _one_of(self.mode, ("require",), "cache.mode")
+        _check(self.shard_size >= 1, "cache.shard_size", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    output_dir: str = "runs/tiny-zimage"
+    max_steps: int = 2000
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    export_lora_every: int = 0  # 0 = with every checkpoint
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    every: int = 250  # 0 disables periodic validation (step 0 still runs if at_start)
+    at_start: bool = True
+    num_samples: int = 2  # first N dataset rows: their prompt (first key) and target image
+    steps: Optional[int] = None  # inference steps; None = the model's few-step default
+    seed: int = 1234
+
+    def __post_init__(self):
+        _check(self.every >= 0, "validation.every", "must be >= 0")
+        _check(self.num_samples >= 0, "validation.num_samples", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dopsd: DopsdConfig = field(default_factory=DopsdConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(builtin="tiny"))
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Coerce a YAML/CLI value to the annotated type, with an error naming the field."""
+    origin = get_origin(tp)
+    if origin is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            if type(None) in get_args(tp):
+                return None
+            raise ConfigError(f"config field '{name}': must not be null")
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config field '{name}': {value!r} does not fit {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config field '{name}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config field '{name}': expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field '{name}': expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field '{name}': expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config field '{name}': expected a string, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value)
+            value = parsed if isinstance(parsed, list) else [parsed]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
+        return list(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    return value
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'root'}': expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "top level"
+        raise ConfigError(f"unknown config field(s) {unknown} in {where}; known: {sorted(known)}")
+    kwargs = {}
+    for f in fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], name)
+        elif dataclasses.is_dataclass(hints[f.name]) and f.name != "data":
+            kwargs[f.name] = _build(hints[f.name], {}, name)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """``["a.b=1", "c=x"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# The embedded default run (``dopsd-train`` with no --config): the real Z-Image classes at tiny
+# size, random weights, the built-in tiny dataset, a short run on the CPU. configs/tiny-zimage.yaml
+# holds the same values (a test keeps them equal).
+EMBEDDED_DEFAULT: dict = {
+    "model": {"family": "zimage", "preset": "tiny-zimage"},
+    "lora": {"rank": 8, "alpha": 16},
+    "dopsd": {"rollout": "zimage-k4", "loss": "x0", "backward": "once", "ema_decay": 0.9},
+    "optim": {"lr": 1.0e-3},
+    "data": {"builtin": "tiny", "prompt_keys": ["prompt", "prompt_detailed"], "bucket_scale": 0.125},
+    "train": {"output_dir": "runs/tiny-zimage", "max_steps": 30, "checkpoint_every": 10, "keep_checkpoints": 2},
+    "validation": {"every": 15, "num_samples": 2},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or :data:`EMBEDDED_DEFAULT` when ``path`` is None) plus overrides."""
+    data: dict = copy.deepcopy(EMBEDDED_DEFAULT) if path is None else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+    data = _merge(data, parse_overrides(overrides))
+    if "data" not in data:
+        data["data"] = {"builtin": "tiny"}
+    return _build(Config, data, "")
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data, "")

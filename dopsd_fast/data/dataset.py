@@ -1,0 +1,212 @@
+"""Image-text datasets: the authors' JSONL rows, image folders, and the built-in tiny set.
+
+Every record is checked when the dataset is built (file exists, image decodes fully, prompts
+present and non-empty, a bucket fits), so a bad row fails at start-up with the file, row and field
+named, not hours into a run. ``skip_bad=True`` skips such rows and counts them instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dopsd_fast.data.buckets import assign_bucket, make_buckets
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row and field."""
+
+
+@dataclass
+class Record:
+    """One validated training example (no pixels held)."""
+
+    where: str  # "file:line" or the image path: used in every message about this record
+    image_path: str  # the target image
+    prompts: list  # prompt variants (one drawn per sample)
+    width: int
+    height: int
+    bucket: tuple  # (width, height)
+    image_hash: str  # sha256 of the image file's bytes (cache key)
+    reference_paths: list = field(default_factory=list)  # images before the target (editing rows)
+
+
+@dataclass
+class Sample:
+    """One loaded example: the target image at its bucket size, values in [0, 1], (3, H, W)."""
+
+    record: Record
+    prompt: str
+    image: torch.Tensor
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int]:
+    if not path.is_file():
+        raise DataError(f"{where}: field '{field_name}': image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # full decode: catches truncated files, not just bad headers
+            return im.size
+    except Exception as e:  # PIL raises many types for broken files
+        raise DataError(f"{where}: field '{field_name}': cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def load_image(path: str, bucket: tuple) -> torch.Tensor:
+    """Resize to cover the bucket (bicubic), centre-crop, return float (3, H, W) in [0, 1]."""
+    bw, bh = bucket
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = max(bw / w, bh / h)
+        nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - bw) // 2, (nh - bh) // 2
+        im = im.crop((left, top, left + bw, top + bh))
+        arr = np.asarray(im, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageTextDataset:
+    """Validated records plus deterministic loading; prompt variants drawn with a given RNG."""
+
+    def __init__(self, records: list[Record], skipped: list[str] | None = None):
+        if not records:
+            detail = f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""
+            raise DataError("the dataset has no usable rows" + detail)
+        self.records = records
+        self.skipped = skipped or []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def buckets_of(self) -> list[tuple]:
+        return [r.bucket for r in self.records]
+
+    def get(self, index: int, rng: random.Random | None = None, prompt_index: int | None = None) -> Sample:
+        rec = self.records[index]
+        if prompt_index is None:
+            prompt_index = rng.randrange(len(rec.prompts)) if rng is not None else 0
+        return Sample(rec, rec.prompts[prompt_index], load_image(rec.image_path, rec.bucket))
+
+
+def _validate_record(where, image_path, refs, prompts, buckets, image_field) -> Record:
+    w, h = _check_image(image_path, where, image_field)
+    for r in refs:
+        _check_image(r, where, image_field)
+    bucket = assign_bucket(w, h, buckets)
+    if bucket is None:
+        smallest = min(buckets, key=lambda b: b[0] * b[1])
+        raise DataError(
+            f"{where}: field '{image_field}': image {image_path} is {w}x{h}, smaller than every bucket "
+            f"(smallest {smallest[0]}x{smallest[1]}); upscaling is not done"
+        )
+    return Record(where, str(image_path), prompts, w, h, bucket, file_sha256(image_path), [str(r) for r in refs])
+
+
+def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
+    """Yield (where, callable building the Record's inputs) per row, raising DataError."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+
+            def parse(line=line, where=where):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: malformed JSON line: {e}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+                if image_key not in row:
+                    raise DataError(f"{where}: missing field '{image_key}' (data.image_key)")
+                images = row[image_key]
+                images = images if isinstance(images, list) else [images]
+                if not images or not all(isinstance(i, str) and i for i in images):
+                    raise DataError(f"{where}: field '{image_key}' must be a path or a non-empty list of paths")
+                paths = [(path.parent / i) if not Path(i).is_absolute() else Path(i) for i in images]
+                prompts = []
+                for k in prompt_keys:
+                    if k not in row:
+                        raise DataError(f"{where}: missing prompt field '{k}' (data.prompt_keys)")
+                    v = row[k]
+                    if not isinstance(v, str):
+                        raise DataError(f"{where}: prompt field '{k}' must be a string, got {type(v).__name__}")
+                    if not v.strip():
+                        raise DataError(f"{where}: prompt field '{k}' is empty")
+                    prompts.append(v)
+                return paths[-1], paths[:-1], prompts
+
+            yield where, parse
+
+
+def _iter_folder(folder: Path):
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    for img in files:
+        where = str(img)
+
+        def parse(img=img, where=where):
+            txt = img.with_suffix(".txt")
+            if not txt.is_file():
+                raise DataError(f"{where}: no caption file {txt.name} beside the image")
+            caption = txt.read_text(encoding="utf-8").strip()
+            if not caption:
+                raise DataError(f"{txt}: caption is empty")
+            return img, [], [caption]
+
+        yield where, parse
+
+
+def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
+    """Build and validate the dataset described by a :class:`~dopsd_fast.config.DataConfig`."""
+    from tqdm.auto import tqdm
+
+    buckets = make_buckets(cfg.buckets, cfg.bucket_scale, cfg.bucket_multiple)
+    if cfg.builtin == "tiny":
+        from dopsd_fast.data.tiny import ensure_tiny_dataset
+
+        path = ensure_tiny_dataset()
+        rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
+    elif cfg.jsonl:
+        path = Path(cfg.jsonl)
+        if not path.is_file():
+            raise DataError(f"data.jsonl: file not found: {path}")
+        rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
+    else:
+        folder = Path(cfg.folder)
+        if not folder.is_dir():
+            raise DataError(f"data.folder: not a directory: {folder}")
+        rows, image_field = _iter_folder(folder), "image"
+    records, skipped = [], []
+    for where, parse in tqdm(list(rows), desc="checking data", disable=not progress, leave=False):
+        try:
+            image, refs, prompts = parse()
+            records.append(_validate_record(where, image, refs, prompts, buckets, image_field))
+        except DataError as e:
+            if not cfg.skip_bad:
+                raise
+            skipped.append(str(e))
+    if skipped:
+        log.warning("skipped %d bad rows (data.skip_bad=true); first: %s", len(skipped), skipped[0])
+    return ImageTextDataset(records, skipped)

@@ -1,0 +1,79 @@
+"""The built-in tiny dataset: a few small procedurally drawn images with captions.
+
+Generated deterministically by this code (no download), written once under
+``$DOPSD_FAST_HOME`` (default ``~/.cache/dopsd_fast``) and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+VERSION = "v1"
+
+_SUBJECTS = [
+    ("red circle", (220, 40, 40), "ellipse"),
+    ("blue square", (40, 70, 220), "rectangle"),
+    ("green triangle", (40, 180, 70), "polygon"),
+    ("yellow circle", (230, 200, 40), "ellipse"),
+    ("purple square", (140, 60, 180), "rectangle"),
+    ("orange triangle", (240, 140, 30), "polygon"),
+]
+_SIZES = [(160, 160), (176, 144), (144, 176), (160, 160), (192, 128), (160, 160)]
+
+
+def home() -> Path:
+    return Path(os.environ.get("DOPSD_FAST_HOME", Path.home() / ".cache" / "dopsd_fast"))
+
+
+def draw(index: int) -> Image.Image:
+    name, color, shape = _SUBJECTS[index % len(_SUBJECTS)]
+    w, h = _SIZES[index % len(_SIZES)]
+    rng = random.Random(index)
+    bg = tuple(rng.randrange(200, 256) for _ in range(3))
+    im = Image.new("RGB", (w, h), bg)
+    d = ImageDraw.Draw(im)
+    for y in range(0, h, 16):  # a soft stripe texture: the "[V] style"
+        d.line([(0, y), (w, y)], fill=tuple(max(0, c - 25) for c in bg), width=3)
+    cx, cy, r = w // 2 + rng.randrange(-10, 11), h // 2 + rng.randrange(-10, 11), min(w, h) // 3
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "ellipse":
+        d.ellipse(box, fill=color, outline=(0, 0, 0), width=3)
+    elif shape == "rectangle":
+        d.rectangle(box, fill=color, outline=(0, 0, 0), width=3)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color, outline=(0, 0, 0))
+    return im
+
+
+def ensure_tiny_dataset(root: Path | None = None) -> Path:
+    """Write the tiny dataset (if absent) and return the path of its ``train.jsonl``."""
+    root = Path(root) if root is not None else home() / f"tiny-dataset-{VERSION}"
+    jsonl = root / "train.jsonl"
+    if jsonl.is_file():
+        return jsonl
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tiny-"))
+    rows = []
+    for i, (name, _, _) in enumerate(_SUBJECTS):
+        fn = f"{i:02d}.png"
+        draw(i).save(tmp / fn)
+        rows.append({
+            "image": fn,
+            "size": list(_SIZES[i]),
+            "prompt": f"a [V] style picture of a {name}",
+            "prompt_detailed": f"a [V] style picture of a {name} on a pale striped background, centered",
+        })
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        os.replace(tmp, root)  # atomic: concurrent writers race harmlessly
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return jsonl

@@ -1,0 +1,271 @@
+"""The D-OPSD training loop (the eager reference of this project).
+
+Per optimizer step and per sample: fresh noise, a K-state on-policy roll-out of the student
+(text context), the teacher (EMA weights, multimodal context) on every student state, the loss
+of :func:`dopsd_fast.algorithm.rollout_loss`, AdamW with clipping, then the EMA update.
+All randomness of a step is derived from ``(train.seed, step)``, so a resumed run repeats exactly
+what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from dopsd_fast.algorithm import euler_sample, rollout_loss
+from dopsd_fast.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+
+log = logging.getLogger("dopsd_fast")
+
+
+def _dist_info() -> tuple[int, int]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        raise NotImplementedError(
+            "multi-process (torchrun) training is not implemented yet: gradients would not be reduced. "
+            "The sampler, logging and checkpointing are rank-aware; DDP/FSDP2 wrapping is the missing piece.")
+    return rank, world
+
+
+def _seed_of(*parts: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h * 6364136223846793005 + int(p) + 1442695040888963407) % (1 << 63)
+    return h
+
+
+class Trainer:
+    def __init__(self, cfg, resume: str | None = None):
+        from dopsd_fast.adapters import build_adapter
+        from dopsd_fast.cache import ContextProvider, FeatureCache
+        from dopsd_fast.data import BucketBatchSampler, build_dataset
+        from dopsd_fast.logging_utils import MetricsLogger
+        from dopsd_fast.weights import StudentTeacher
+
+        self.cfg = cfg
+        self.rank, self.world = _dist_info()
+        self.out = Path(cfg.train.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            cfg.save(self.out / "config.yaml")
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+
+        self.dataset = build_dataset(cfg.data, progress=cfg.train.progress)
+        cache = None
+        if cfg.cache.dir:
+            self.adapter = build_adapter(cfg.model, load_encoders=False)
+            cache = FeatureCache(cfg.cache.dir, self.adapter.encoder_identity())
+            cache.require_complete(self.dataset)
+            log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
+        else:
+            self.adapter = build_adapter(cfg.model, load_encoders=True)
+        self.contexts = ContextProvider(self.adapter, cache)
+        self.device = self.adapter.device
+
+        targets = cfg.lora.targets or list(self.adapter.default_lora_targets)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_of(cfg.train.seed, 7))  # LoRA init independent of anything else
+            self.weights = StudentTeacher(self.adapter.transformer, cfg.lora, targets, self.adapter.dtype,
+                                          ema_on_cpu=cfg.dopsd.ema_on_cpu,
+                                          gradient_checkpointing=cfg.model.gradient_checkpointing)
+        params = self.weights.trainable_parameters()
+        kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+        if self.device.type == "cuda":
+            kw["fused"] = True
+        else:
+            kw["foreach"] = True
+        self.optimizer = torch.optim.AdamW(params, **kw)
+        warm = cfg.optim.warmup_steps
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
+                                          rank=self.rank, world_size=self.world)
+        self.sigmas = self.adapter.training_sigmas(cfg.dopsd.rollout)
+        self.step = 0
+        self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
+                                    enabled=self.rank == 0)
+        n_train = sum(p.numel() for p in params)
+        log.info("trainable parameters: %s (%s)", f"{n_train:,}", "LoRA" if cfg.lora.enabled else "full")
+        ck = resolve_resume(self.out / "checkpoints", resume)
+        if ck is not None:
+            self.load(ck)
+        elif resume and resume != "latest":
+            raise FileNotFoundError(f"--resume {resume}: not found")
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def autocast(self):
+        if self.device.type == "cuda" and self.adapter.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.adapter.dtype)
+        return contextlib.nullcontext()
+
+    def next_samples(self, step: int, micro: int):
+        idx = self.sampler.next_batch()
+        return [self.dataset.get(i, random.Random(_seed_of(self.cfg.train.seed, step, micro, i, 1))) for i in idx]
+
+    def noise_for(self, samples, step: int, micro: int) -> torch.Tensor:
+        w, h = samples[0].record.bucket
+        shape = (len(samples), *self.adapter.latent_shape(h, w))
+        g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, self.rank, 2))
+        return torch.randn(shape, generator=g, dtype=torch.float32).to(self.device)
+
+    def compute_rollout(self, samples, noise, loss_scale: float = 1.0):
+        """Roll-out + loss (+ backward for the stepwise schedule) of one micro-batch."""
+        ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
+        ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
+        velocity = self.adapter.velocity
+        weights = self.weights
+
+        def student_fn(x, sigma):
+            with self.autocast():
+                return velocity(weights.student(), x, sigma, ctx_s)
+
+        def teacher_fn(x, sigma):
+            with self.autocast():
+                return velocity(weights.teacher(), x, sigma, ctx_t)
+
+        res = rollout_loss(student_fn, teacher_fn, noise, self.sigmas, loss=self.cfg.dopsd.loss,
+                           backward=self.cfg.dopsd.backward, loss_scale=loss_scale)
+        weights.student()  # gradient-checkpoint recompute must see the student adapter
+        if self.cfg.dopsd.backward == "once":
+            (res.loss * loss_scale).backward()
+        return res
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        accum = self.cfg.train.grad_accum
+        state_losses = None
+        total, n = 0.0, 0
+        for micro in range(accum):
+            samples = self.next_samples(self.step, micro)
+            noise = self.noise_for(samples, self.step, micro)
+            res = self.compute_rollout(samples, noise, loss_scale=1.0 / accum)
+            total += float(res.loss.detach())
+            n += len(samples)
+            sl = [float(l) for l in res.state_losses]
+            state_losses = sl if state_losses is None else [a + b for a, b in zip(state_losses, sl)]
+        params = self.weights.trainable_parameters()
+        if self.cfg.optim.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
+        else:
+            gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        lr = self.lr_sched.get_last_lr()[0]
+        self.optimizer.step()
+        self.lr_sched.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.weights.ema_update(self.cfg.dopsd.ema_decay)
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        metrics = {"loss": total / accum, "grad_norm": gnorm, "lr": lr, "step_time_s": dt, "samples_per_s": n / dt}
+        for k, v in enumerate(state_losses):
+            metrics[f"loss_state/{k}"] = v / accum
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {self.step}: loss is {metrics['loss']}; stopping (last checkpoint kept)")
+        return metrics
+
+    # ---- validation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        from dopsd_fast.validation import save_grid
+
+        vcfg = self.cfg.validation
+        n = min(vcfg.num_samples, len(self.dataset))
+        if n == 0 or self.rank != 0:
+            return None
+        rows = []
+        for i in range(n):
+            s = self.dataset.get(i, prompt_index=0)
+            w, h = s.record.bucket
+            shape = self.adapter.latent_shape(h, w)
+            sig = self.adapter.inference_sigmas(vcfg.steps, shape[-2:])
+            g = torch.Generator().manual_seed(_seed_of(vcfg.seed, i))
+            noise = torch.randn((1, *shape), generator=g).to(self.device)
+            ctx_s = [c.to(self.device) for c in self.contexts.student([s])]
+            ctx_t = [c.to(self.device) for c in self.contexts.teacher([s])]
+            with self.autocast():
+                xs = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.student(), x, sg, ctx_s), noise, sig)
+                xt = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.teacher(), x, sg, ctx_t), noise, sig)
+            imgs = self.adapter.decode(torch.cat([xs, xt]))
+            rows.append((s.prompt, [s.image, imgs[0].cpu(), imgs[1].cpu()]))
+        self.weights.student()
+        path = self.out / "samples" / f"step-{self.step:07d}.png"
+        save_grid(rows, ["target", "student", "teacher (EMA)"], path, title=f"step {self.step}")
+        return path
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "weights": self.weights.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_sched.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        self.weights.load_state_dict(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_sched.load_state_dict(state["lr_scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        self.export_lora()
+        return path
+
+    def export_lora(self) -> None:
+        if not self.cfg.lora.enabled or self.rank != 0:
+            return
+        meta = self.weights.lora_metadata()
+        self.adapter.export_lora(self.weights.lora_state_dict("student"), str(self.out / "lora"), meta)
+        self.adapter.export_lora(self.weights.lora_state_dict("teacher"), str(self.out / "lora_ema"), meta)
+
+    # ---- loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        tcfg, vcfg = self.cfg.train, self.cfg.validation
+        if self.step == 0 and vcfg.at_start:
+            self.validate()
+        bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="D-OPSD", disable=not tcfg.progress or self.rank != 0)
+        last = {}
+        try:
+            while self.step < tcfg.max_steps:
+                last = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4g}", gnorm=f"{last['grad_norm']:.3g}")
+                if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
+                    self.logger.log(self.step, last)
+                if vcfg.every and self.step % vcfg.every == 0:
+                    self.validate()
+                if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d: writing a checkpoint (resume with --resume latest)", self.step)
+            self.save()
+            raise
+        finally:
+            bar.close()
+        if not tcfg.checkpoint_every or self.step % tcfg.checkpoint_every != 0:
+            self.save()
+        if vcfg.every and self.step % vcfg.every != 0:
+            self.validate()
+        self.logger.close()
+        return last

@@ -1,0 +1,134 @@
+"""Student and teacher weights over one transformer.
+
+* LoRA: two peft adapters on one frozen base, ``student`` (trainable) and ``teacher`` (its EMA),
+  both kept in fp32 whatever the base dtype; the teacher starts equal to the student.
+* Full fine-tuning: the transformer itself is the student (fp32 master weights); the teacher is a
+  separate no-grad copy in the model dtype, refreshed from an fp32 EMA master that can live on the
+  CPU (``dopsd.ema_on_cpu``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from dopsd_fast.algorithm import ema_update_
+
+log = logging.getLogger(__name__)
+
+STUDENT, TEACHER = "student", "teacher"
+
+
+class StudentTeacher:
+    def __init__(self, transformer: torch.nn.Module, lora_cfg, targets, model_dtype: torch.dtype,
+                 ema_on_cpu: bool = False, gradient_checkpointing: bool = False):
+        self.lora = bool(lora_cfg.enabled)
+        self.transformer = transformer
+        if self.lora:
+            from peft import LoraConfig
+
+            self.lora_config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, target_modules=list(targets),
+                                          init_lora_weights=(lora_cfg.init if lora_cfg.init == "gaussian" else True))
+            transformer.add_adapter(self.lora_config, adapter_name=STUDENT)
+            transformer.add_adapter(self.lora_config, adapter_name=TEACHER)
+            self._student = {n: p for n, p in transformer.named_parameters() if f".{STUDENT}." in n and "lora_" in n}
+            self._teacher = {n.replace(f".{STUDENT}.", f".{TEACHER}."): None for n in self._student}
+            params = dict(transformer.named_parameters())
+            self._teacher = {n: params[n] for n in self._teacher}
+            if not self._student:
+                raise ValueError(f"lora.targets {list(targets)} matched no module of the transformer")
+            with torch.no_grad():
+                for p in list(self._student.values()) + list(self._teacher.values()):
+                    p.data = p.data.float()
+                for (ns, ps), (nt, pt) in zip(self._student.items(), self._teacher.items()):
+                    pt.copy_(ps)  # the teacher starts as the student (= the base when B = 0)
+            self.teacher_module = transformer
+            self._set(STUDENT)
+        else:
+            transformer.float().requires_grad_(True)
+            self._student = dict(transformer.named_parameters())
+            self.teacher_module = copy.deepcopy(transformer).to(model_dtype).requires_grad_(False).eval()
+            ema_device = "cpu" if ema_on_cpu else next(transformer.parameters()).device
+            self._ema = {n: p.detach().float().to(ema_device).clone() for n, p in self._student.items()}
+            tparams = dict(self.teacher_module.named_parameters())
+            self._teacher = {n: tparams[n] for n in self._student}
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        for p in self._teacher.values():
+            p.requires_grad_(False)
+
+    # ---- selection ---------------------------------------------------------------------------
+    def _set(self, name: str) -> None:
+        self.transformer.set_adapter(name)
+        # peft marks the active adapter trainable: the student alone ever is.
+        for p in self._student.values():
+            p.requires_grad_(True)
+        for p in self._teacher.values():
+            p.requires_grad_(False)
+
+    def student(self) -> torch.nn.Module:
+        if self.lora:
+            self._set(STUDENT)
+        return self.transformer
+
+    def teacher(self) -> torch.nn.Module:
+        if self.lora:
+            self._set(TEACHER)
+            return self.transformer
+        return self.teacher_module
+
+    # ---- parameters --------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._student.values())
+
+    def named_trainable(self) -> dict:
+        return dict(self._student)
+
+    def named_teacher(self) -> dict:
+        return dict(self._teacher) if self.lora else dict(self._ema)
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        if self.lora:
+            ema_update_(self._teacher.values(), self._student.values(), decay)
+        else:
+            ema_update_(self._ema.values(), self._student.values(), decay)
+            if decay != 1.0:
+                for n, t in self._teacher.items():
+                    t.copy_(self._ema[n].to(t.device, t.dtype))
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "student": {n: p.detach().cpu().clone() for n, p in self._student.items()},
+            "teacher": {n: p.detach().cpu().clone() for n, p in self.named_teacher().items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for which, target in (("student", self._student), ("teacher", self.named_teacher())):
+            src = state[which]
+            if set(src) != set(target):
+                raise ValueError(f"checkpoint {which} weights do not match this model "
+                                 f"({len(set(src) ^ set(target))} names differ)")
+            for n, p in target.items():
+                p.copy_(src[n].to(p.device, p.dtype))
+        if not self.lora:
+            for n, t in self._teacher.items():
+                t.copy_(self._ema[n].to(t.device, t.dtype))
+
+    def lora_state_dict(self, which: str = STUDENT) -> dict:
+        """peft-format LoRA weights of one adapter, adapter name stripped (what diffusers saves)."""
+        if not self.lora:
+            raise ValueError("lora_state_dict: this run is full fine-tuning (lora.enabled=false)")
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(self.transformer, adapter_name=which).items()}
+
+    def lora_metadata(self) -> dict:
+        cfg = self.lora_config.to_dict()
+        cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else None
+        return {k: v for k, v in cfg.items() if k in ("r", "lora_alpha", "target_modules", "use_dora", "lora_bias")}
