@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
 
@@ -31,8 +32,10 @@ class StudentTeacher:
 
             self.lora_config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, target_modules=list(targets),
                                           init_lora_weights=(lora_cfg.init if lora_cfg.init == "gaussian" else True))
-            transformer.add_adapter(self.lora_config, adapter_name=STUDENT)
-            transformer.add_adapter(self.lora_config, adapter_name=TEACHER)
+            with warnings.catch_warnings():  # two adapters on one model is the point here
+                warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+                transformer.add_adapter(self.lora_config, adapter_name=STUDENT)
+                transformer.add_adapter(self.lora_config, adapter_name=TEACHER)
             self._student = {n: p for n, p in transformer.named_parameters() if f".{STUDENT}." in n and "lora_" in n}
             self._teacher = {n.replace(f".{STUDENT}.", f".{TEACHER}."): None for n in self._student}
             params = dict(transformer.named_parameters())

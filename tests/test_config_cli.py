@@ -1,0 +1,80 @@
+"""Config validation, the shipped configs, and the README's main command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dopsd_fast.config import EMBEDDED_DEFAULT, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_yaml_equals_embedded_default():
+    from_yaml = load_config(ROOT / "configs" / "tiny-zimage.yaml")
+    assert from_yaml.to_dict() == load_config(None).to_dict()
+
+
+def test_shipped_configs_parse():
+    for p in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.lr=-1", "'optim.lr'"),
+    ("dopsd.loss=l1", "'dopsd.loss'"),
+    ("dopsd.backward=later", "'dopsd.backward'"),
+    ("dopsd.ema_decay=2", "'dopsd.ema_decay'"),
+    ("dopsd.rollout=[1.0,0.5]", "'dopsd.rollout'"),
+    ("lora.rank=0", "'lora.rank'"),
+    ("train.grad_accum=0", "'train.grad_accum'"),
+    ("train.max_steps=abc", "'train.max_steps'"),
+    ("optim.nope=1", r"unknown config field\(s\) \['nope'\] in section 'optim'"),
+    ("data.jsonl=x.jsonl", "set exactly one of data.builtin"),
+    ("model.dtype=fp64", "'model.dtype'"),
+])
+def test_config_errors_name_the_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_config_roundtrip(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "dopsd.rollout=[1.0,0.6,0.0]"])
+    cfg.save(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again.to_dict() == cfg.to_dict() and again.dopsd.rollout == [1.0, 0.6, 0.0]
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_readme_main_command(tmp_path):
+    """The README's main job: `dopsd-train` on the embedded default (shortened here)."""
+    out = tmp_path / "run"
+    cmd = ["dopsd-train", "--set", f"train.output_dir={out}", "--set", "train.max_steps=4",
+           "--set", "train.checkpoint_every=2", "--set", "validation.every=2"]
+    exe = Path(sys.executable).parent / "dopsd-train"
+    proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: step 4" in proc.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-0000000.png", "step-0000002.png",
+                                                                       "step-0000004.png"]
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "step-0000004" / "state.pt").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
+    assert list((out / "tensorboard").iterdir())
+    # resume picks up where it stopped
+    proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:], "--set", "train.max_steps=5",
+                           "--resume", "latest"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "done: step 5" in proc.stderr
+
+
+def test_cli_reports_bad_config_cleanly(tmp_path):
+    exe = Path(sys.executable).parent / "dopsd-train"
+    proc = subprocess.run([str(exe), "--set", "optim.lr=-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "config field 'optim.lr'" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,155 @@
+"""Data loading, buckets, and every bad-input error (file, row and field named)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from dopsd_fast.config import load_config
+from dopsd_fast.data import BucketBatchSampler, DataError, ONE_MEGAPIXEL_BUCKETS, assign_bucket, build_dataset, make_buckets
+
+
+def _img(path, size=(160, 160), color=(200, 30, 30)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _cfg(**data):
+    base = {"bucket_scale": 0.125, "prompt_keys": ["prompt"]}
+    base.update(data)
+    return load_config(None, [f"data.{k}={json.dumps(v)}" for k, v in base.items()] + ["data.builtin=null"]).data
+
+
+def _jsonl(tmp_path, rows, raw=None):
+    p = tmp_path / "train.jsonl"
+    p.write_text(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def test_buckets():
+    assert len(ONE_MEGAPIXEL_BUCKETS) == 11
+    assert make_buckets("1mp")[0] == (1024, 1024)
+    small = make_buckets("1mp", 0.125, 16)
+    assert all(w % 16 == 0 and h % 16 == 0 for w, h in small) and len(set(small)) == len(small)
+    assert assign_bucket(2000, 1000, make_buckets("1mp")) == (1280, 720)  # ratio 1.78 is nearest to 2
+    assert assign_bucket(2400, 1000, make_buckets("1mp")) == (1344, 576)
+    assert assign_bucket(1000, 1000, make_buckets("1mp")) is None  # smaller than every bucket: no upscale
+    assert assign_bucket(1100, 1100, make_buckets("1mp")) == (1024, 1024)
+
+
+def test_builtin_tiny_dataset_loads():
+    ds = build_dataset(load_config(None).data, progress=False)
+    assert len(ds) == 6
+    s = ds.get(0, prompt_index=1)
+    w, h = s.record.bucket
+    assert s.image.shape == (3, h, w) and 0 <= float(s.image.min()) and float(s.image.max()) <= 1
+    assert "[V]" in s.prompt and s.prompt == ds.records[0].prompts[1]
+
+
+def test_jsonl_and_folder_sources(tmp_path):
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "sub.png", (300, 150))
+    path = _jsonl(tmp_path, [{"image": "a.png", "short": "a dog", "long": "a big dog"},
+                             {"image": ["a.png", "sub.png"], "short": "x", "long": "y"}])
+    ds = build_dataset(_cfg(jsonl=path, prompt_keys=["short", "long"]), progress=False)
+    assert ds.records[0].prompts == ["a dog", "a big dog"]
+    assert ds.records[1].image_path.endswith("sub.png") and ds.records[1].reference_paths[0].endswith("a.png")
+    assert ds.records[1].bucket[0] > ds.records[1].bucket[1]  # wide image -> wide bucket
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _img(folder / "x.png")
+    (folder / "x.txt").write_text("a caption\n")
+    ds = build_dataset(_cfg(folder=str(folder)), progress=False)
+    assert ds.records[0].prompts == ["a caption"]
+
+
+def test_prompt_draw_is_random_but_seeded(tmp_path):
+    import random
+
+    ds = build_dataset(load_config(None).data, progress=False)
+    a = [ds.get(0, random.Random(i)).prompt for i in range(20)]
+    b = [ds.get(0, random.Random(i)).prompt for i in range(20)]
+    assert a == b and len(set(a)) == 2
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_file", r"train.jsonl:1: field 'image': image file not found"),
+    ("truncated", r"train.jsonl:1: field 'image': cannot read image"),
+    ("not_image", r"train.jsonl:1: field 'image': cannot read image"),
+    ("missing_prompt", r"train.jsonl:1: missing prompt field 'prompt'"),
+    ("empty_prompt", r"train.jsonl:1: prompt field 'prompt' is empty"),
+    ("missing_image_key", r"train.jsonl:1: missing field 'image'"),
+    ("too_small", r"train.jsonl:1: field 'image': image .* is 40x40, smaller than every bucket"),
+    ("malformed", r"train.jsonl:2: malformed JSON line"),
+])
+def test_bad_jsonl_rows(tmp_path, case, match):
+    good = _img(tmp_path / "good.png")
+    rows = {
+        "missing_file": [{"image": "nope.png", "prompt": "x"}],
+        "missing_prompt": [{"image": "good.png", "caption": "x"}],
+        "empty_prompt": [{"image": "good.png", "prompt": "   "}],
+        "missing_image_key": [{"img": "good.png", "prompt": "x"}],
+    }
+    raw = None
+    if case == "truncated":
+        data = good.read_bytes()
+        (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+        rows[case] = [{"image": "t.png", "prompt": "x"}]
+    elif case == "not_image":
+        (tmp_path / "t.png").write_text("hello")
+        rows[case] = [{"image": "t.png", "prompt": "x"}]
+    elif case == "too_small":
+        _img(tmp_path / "s.png", (40, 40))
+        rows[case] = [{"image": "s.png", "prompt": "x"}]
+    elif case == "malformed":
+        raw = json.dumps({"image": "good.png", "prompt": "x"}) + "\n{\"image\": \"good.png\", \"prompt\": \n"
+    path = _jsonl(tmp_path, rows.get(case, []), raw)
+    with pytest.raises(DataError, match=match):
+        build_dataset(_cfg(jsonl=path), progress=False)
+
+
+def test_bad_folder_rows(tmp_path):
+    _img(tmp_path / "a.png")
+    with pytest.raises(DataError, match=r"a.png: no caption file a.txt"):
+        build_dataset(_cfg(folder=str(tmp_path)), progress=False)
+    (tmp_path / "a.txt").write_text("  \n")
+    with pytest.raises(DataError, match=r"a.txt: caption is empty"):
+        build_dataset(_cfg(folder=str(tmp_path)), progress=False)
+
+
+def test_skip_bad_counts_and_keeps_good(tmp_path):
+    _img(tmp_path / "good.png")
+    path = _jsonl(tmp_path, [{"image": "good.png", "prompt": "x"}, {"image": "nope.png", "prompt": "y"},
+                             {"image": "good.png", "prompt": ""}])
+    ds = build_dataset(_cfg(jsonl=path, skip_bad=True), progress=False)
+    assert len(ds) == 1 and len(ds.skipped) == 2
+    assert "train.jsonl:2" in ds.skipped[0] and "train.jsonl:3" in ds.skipped[1]
+    path = _jsonl(tmp_path, [{"image": "nope.png", "prompt": "y"}])
+    with pytest.raises(DataError, match="no usable rows"):
+        build_dataset(_cfg(jsonl=path, skip_bad=True), progress=False)
+
+
+def test_missing_sources(tmp_path):
+    with pytest.raises(DataError, match="data.jsonl: file not found"):
+        build_dataset(_cfg(jsonl=str(tmp_path / "x.jsonl")), progress=False)
+    with pytest.raises(DataError, match="data.folder: not a directory"):
+        build_dataset(_cfg(folder=str(tmp_path / "x")), progress=False)
+
+
+def test_sampler_resumable_and_rank_aware():
+    buckets = [(1, 1)] * 5 + [(2, 1)] * 4
+    s = BucketBatchSampler(buckets, 2, seed=3)
+    seq = [s.next_batch() for _ in range(7)]
+    for b in seq:
+        assert len({buckets[i] for i in b}) == 1
+    s2 = BucketBatchSampler(buckets, 2, seed=3)
+    for _ in range(4):
+        s2.next_batch()
+    s3 = BucketBatchSampler(buckets, 2, seed=3)
+    s3.load_state_dict(s2.state_dict())
+    assert [s3.next_batch() for _ in range(3)] == seq[4:]
+    r0 = BucketBatchSampler(buckets, 2, seed=3, rank=0, world_size=2).epoch_batches(0)
+    r1 = BucketBatchSampler(buckets, 2, seed=3, rank=1, world_size=2).epoch_batches(0)
+    allb = BucketBatchSampler(buckets, 2, seed=3).epoch_batches(0)
+    assert r0 == allb[0::2] and r1 == allb[1::2]

@@ -1,0 +1,220 @@
+"""End-to-end training on the tiny real-architecture Z-Image preset."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import assert_close, tiny_config
+
+
+def _snapshot(d):
+    return {k: v.detach().clone() for k, v in d.items()}
+
+
+def test_steps_train_student_and_ema_teacher(tmp_path):
+    from dopsd_fast.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, "dopsd.ema_decay=0.5")
+    tr = Trainer(cfg)
+    w = tr.weights
+    s0, t0 = _snapshot(w.named_trainable()), _snapshot(w.named_teacher())
+    # the teacher adapter starts equal to the student; LoRA B = 0 so both equal the base model
+    for (ns, ps), (nt, pt) in zip(s0.items(), t0.items()):
+        assert ns.replace(".student.", ".teacher.") == nt and torch.equal(ps, pt)
+    base = {n: p.detach().clone() for n, p in tr.adapter.transformer.named_parameters() if "lora_" not in n}
+    m = tr.train_step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values() if isinstance(v, float))
+    assert m["grad_norm"] > 0 and len([k for k in m if k.startswith("loss_state/")]) == 4
+    s1, t1 = _snapshot(w.named_trainable()), _snapshot(w.named_teacher())
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0), "student LoRA did not change"
+    for (ks, a0), (kt, b0) in zip(s0.items(), t0.items()):
+        # teacher <- 0.5 teacher + 0.5 student (after the optimizer step)
+        assert_close(t1[kt], 0.5 * b0 + 0.5 * s1[ks], atol=1e-7, name=kt)
+    for n, p in tr.adapter.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), f"frozen base weight {n} changed"
+            assert p.grad is None
+
+
+def test_gradient_only_into_student_adapter(tmp_path):
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path))
+    samples = tr.next_samples(0, 0)
+    tr.compute_rollout(samples, tr.noise_for(samples, 0, 0))
+    for n, p in tr.adapter.transformer.named_parameters():
+        if ".student." in n:
+            assert p.grad is not None, n
+        else:
+            assert p.grad is None, f"{n} received a gradient"
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in tr.adapter.transformer.named_parameters() if ".student." in n)
+
+
+@pytest.mark.parametrize("mode,decay", [("frozen", 1.0), ("live", 0.0)])
+def test_teacher_modes(tmp_path, mode, decay):
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, f"dopsd.ema_decay={decay}"))
+    t0 = _snapshot(tr.weights.named_teacher())
+    tr.train_step()
+    tr.train_step()
+    t2, s2 = tr.weights.named_teacher(), tr.weights.named_trainable()
+    if mode == "frozen":
+        assert all(torch.equal(t0[k], t2[k]) for k in t0)
+    else:
+        for (ks, vs), (kt, vt) in zip(s2.items(), t2.items()):
+            assert torch.equal(vs, vt), kt
+
+
+def test_once_and_stepwise_same_gradient_on_zimage(tmp_path):
+    from dopsd_fast.trainer import Trainer
+
+    grads = {}
+    for mode in ("once", "stepwise"):
+        tr = Trainer(tiny_config(tmp_path / mode, f"dopsd.backward={mode}"))
+        samples = tr.next_samples(0, 0)
+        tr.compute_rollout(samples, tr.noise_for(samples, 0, 0))
+        grads[mode] = {n: p.grad.clone() for n, p in tr.weights.named_trainable().items()}
+    for n in grads["once"]:
+        assert_close(grads["stepwise"][n], grads["once"][n], atol=1e-8, rtol=1e-5, name=n)
+
+
+def test_full_finetune_ema_teacher(tmp_path):
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, "lora.enabled=false", "dopsd.ema_decay=0.5", "dopsd.ema_on_cpu=true"))
+    t0 = _snapshot(tr.weights.named_teacher())
+    tr.train_step()
+    s1, t1 = tr.weights.named_trainable(), tr.weights.named_teacher()
+    changed = [k for k in s1 if not torch.equal(s1[k], t0[k])]
+    assert changed, "full fine-tuning did not change the student"
+    for k in changed[:10]:
+        assert_close(t1[k], 0.5 * t0[k] + 0.5 * s1[k].cpu(), atol=1e-7, name=k)
+    # the teacher module runs on the EMA weights
+    tm = dict(tr.weights.teacher_module.named_parameters())
+    assert torch.equal(tm[changed[0]], t1[changed[0]].to(tm[changed[0]].dtype))
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    from dopsd_fast.trainer import Trainer
+
+    common = ["dopsd.ema_decay=0.7", "optim.warmup_steps=2", "data.batch_size=2"]
+    straight = Trainer(tiny_config(tmp_path / "a", "train.max_steps=3", *common))
+    straight.train()
+
+    first = Trainer(tiny_config(tmp_path / "b", "train.max_steps=2", *common))
+    first.train()  # writes the final checkpoint at step 2
+    resumed = Trainer(tiny_config(tmp_path / "b", "train.max_steps=3", *common), resume="latest")
+    assert resumed.step == 2
+    resumed.train()
+    for which in ("named_trainable", "named_teacher"):
+        a, b = getattr(straight.weights, which)(), getattr(resumed.weights, which)()
+        for k in a:
+            assert_close(b[k], a[k], atol=1e-7, rtol=1e-6, name=f"{which}:{k}")
+    la = [json.loads(l)["loss"] for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-6, name="losses")
+
+
+def test_checkpoints_kept_and_atomic(tmp_path):
+    from dopsd_fast.checkpoint import list_checkpoints, resolve_resume
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2"))
+    tr.train()
+    root = tmp_path / "run" / "checkpoints"
+    assert [s for s, _ in list_checkpoints(root)] == [3, 4]
+    assert not list(root.glob(".*.tmp"))
+    assert resolve_resume(root, "latest").name == "step-0000004"
+    (root / "step-0000009").mkdir()  # an incomplete directory (no state.pt) is never "latest"
+    assert resolve_resume(root, "latest").name == "step-0000004"
+    with pytest.raises(FileNotFoundError):
+        resolve_resume(root, str(root / "step-0000009"))
+
+
+def test_lora_loads_into_diffusers_pipeline(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, "train.max_steps=2"))
+    tr.train()
+    lora_dir = tmp_path / "run" / "lora"
+    assert (lora_dir / "pytorch_lora_weights.safetensors").is_file()
+
+    fresh = build_adapter(tr.cfg.model)  # same seed -> same base weights, no LoRA
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(fresh.scheduler_config),
+                          vae=fresh.vae, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer,
+                          transformer=fresh.transformer)
+    x = torch.randn(1, *fresh.latent_shape(128, 128))
+    sigma = torch.tensor([0.6])
+    ctx = fresh.encode_student(["a [V] style picture of a red circle"])
+    before = fresh.velocity(pipe.transformer, x, sigma, ctx)
+    pipe.load_lora_weights(str(lora_dir))
+    after = fresh.velocity(pipe.transformer, x, sigma, ctx)
+    ours = tr.adapter.velocity(tr.weights.student(), x, sigma, ctx)
+    assert (after - before).abs().max() > 1e-4, "the LoRA changed nothing"
+    assert_close(after, ours, atol=1e-5, rtol=1e-5, name="pipeline+LoRA vs trained student")
+    # the full pipeline runs with the LoRA
+    img = pipe(prompt_embeds=[c.features for c in ctx], height=128, width=128, num_inference_steps=2,
+               guidance_scale=0.0, output_type="pt").images
+    assert img.shape == (1, 3, 128, 128) and torch.isfinite(img).all()
+
+
+def test_validation_grid(tmp_path):
+    from PIL import Image
+
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, "validation.num_samples=2", "validation.steps=2"))
+    path = tr.validate()
+    im = Image.open(path)
+    assert im.width >= 3 * 128 and im.height >= 2 * 128
+
+
+def test_sample_cli_with_lora(tmp_path):
+    from dopsd_fast.cli import sample_main
+    from dopsd_fast.trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, "train.max_steps=1")).train()
+    out = tmp_path / "s.png"
+    assert sample_main(["--lora", str(tmp_path / "run" / "lora"), "--prompt", "a [V] cat", "--steps", "2",
+                        "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("backward", ["once", "stepwise"])
+def test_gradient_checkpointing_same_gradient(tmp_path, backward):
+    """Recompute during backward must run the student adapter, not whichever was set last."""
+    from dopsd_fast.trainer import Trainer
+
+    grads = {}
+    for gc in (False, True):
+        tr = Trainer(tiny_config(tmp_path / str(gc), f"model.gradient_checkpointing={gc}",
+                                 f"dopsd.backward={backward}"))
+        samples = tr.next_samples(0, 0)
+        tr.compute_rollout(samples, tr.noise_for(samples, 0, 0))
+        grads[gc] = {n: p.grad.clone() for n, p in tr.weights.named_trainable().items()}
+    for n in grads[False]:
+        assert_close(grads[True][n], grads[False][n], atol=1e-8, rtol=1e-5, name=n)
+
+
+def test_grad_accumulation_averages(tmp_path):
+    """accum=2 x batch 1 gives the mean of the two micro-batch gradients."""
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, "train.grad_accum=2"))
+    per = []
+    for micro in range(2):
+        samples = tr.next_samples(0, micro)
+        tr.compute_rollout(samples, tr.noise_for(samples, 0, micro))
+        per.append({n: p.grad.clone() for n, p in tr.weights.named_trainable().items()})
+        tr.optimizer.zero_grad(set_to_none=True)
+    tr2 = Trainer(tiny_config(tmp_path / "b", "train.grad_accum=2"))
+    for micro in range(2):
+        samples = tr2.next_samples(0, micro)
+        tr2.compute_rollout(samples, tr2.noise_for(samples, 0, micro), loss_scale=0.5)
+    for n, p in tr2.weights.named_trainable().items():
+        assert_close(p.grad, 0.5 * (per[0][n] + per[1][n]), atol=1e-9, rtol=1e-5, name=n)

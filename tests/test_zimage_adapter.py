@@ -1,0 +1,152 @@
+"""The Z-Image adapter on the real diffusers / transformers classes at tiny size."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import assert_close, tiny_config
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.config import load_config
+
+    return build_adapter(load_config(None).model)
+
+
+def test_inference_schedule_matches_pipeline(adapter):
+    # diffusers ZImagePipeline, 8 steps, shift 3 (shared/spec/dopsd.md)
+    expected = [1, 0.9545, 0.9, 0.8333, 0.75, 0.6429, 0.5, 0.3, 0.0]
+    assert_close(torch.tensor(adapter.inference_sigmas()), torch.tensor(expected), atol=1e-4, name="sigmas")
+    assert len(adapter.inference_sigmas(4)) == 5
+
+
+def test_student_encoding_equals_pipeline(adapter):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    prompts = ["a [V] style dog", "a much longer prompt about a cat sitting on a red chair"]
+    ours = adapter.encode_student(prompts)
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(adapter.scheduler_config),
+                          vae=adapter.vae, text_encoder=adapter.text_encoder, tokenizer=adapter.tokenizer,
+                          transformer=adapter.transformer)
+    ref = pipe._encode_prompt(list(prompts), device="cpu", max_sequence_length=512)
+    for o, r in zip(ours, ref):
+        assert o.features.shape == r.shape  # padding removed
+        assert_close(o.features, r, atol=1e-5, rtol=1e-5, name="student features")
+
+
+def test_student_truncation(adapter, monkeypatch):
+    monkeypatch.setattr(adapter.cfg, "student_max_tokens", 10)
+    assert adapter.encode_student(["word " * 50])[0].features.shape[0] == 10
+
+
+def test_teacher_context_contains_image(adapter):
+    img = torch.rand(3, 128, 144)
+    a = adapter.encode_teacher(["a [V] dog"], [img])[0].features
+    b = adapter.encode_teacher(["a [V] dog"], [torch.rand(3, 128, 144)])[0].features
+    s = adapter.encode_student(["a [V] dog"])[0].features
+    assert a.shape[0] > s.shape[0] + 8  # image tokens + template, no padding
+    assert a.shape == b.shape and not torch.allclose(a, b)  # the image matters
+    again = adapter.encode_teacher(["a [V] dog"], [img])[0].features
+    assert torch.equal(a, again)
+
+
+def test_velocity_convention(adapter):
+    # Z-Image takes t = 1 - sigma and returns -v: the adapter must undo both.
+    x = torch.randn(2, *adapter.latent_shape(128, 128))
+    sigma = torch.tensor([0.9, 0.3])
+    ctx = adapter.encode_student(["a", "b c"])
+    v = adapter.velocity(adapter.transformer, x, sigma, ctx)
+    raw = adapter.transformer(list(x.unsqueeze(2).unbind(0)), 1 - sigma,
+                              [c.features for c in ctx], return_dict=False)[0]
+    assert_close(v, -torch.stack(raw).squeeze(2), atol=1e-6, name="v")
+
+
+def test_vae_roundtrip_shapes(adapter):
+    img = torch.rand(1, 3, 128, 144)
+    z = adapter.encode_images(img)
+    assert z.shape == (1, 16, 16, 18) == (1, *adapter.latent_shape(128, 144))
+    out = adapter.decode(z)
+    assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="multiple of 16"):
+        adapter.latent_shape(120, 128)
+
+
+def test_vlm_weight_swap_report_and_refusal(adapter):
+    from transformers import Qwen3Config, Qwen3Model
+
+    from dopsd_fast.adapters import tiny
+    from dopsd_fast.adapters.zimage import WeightSwapError, swap_language_model
+
+    rep = adapter.swap_report
+    assert rep["missing"] == [] and rep["unexpected"] == [] and rep["shape_mismatch"] == []
+    assert len(rep["matched"]) == len(adapter.text_encoder.state_dict())
+    # the VLM's language model now carries exactly the text encoder's weights
+    lm = adapter.vlm.language_model.state_dict()
+    for k, v in adapter.text_encoder.state_dict().items():
+        assert torch.equal(lm[k], v), k
+    # a text encoder with another depth or width is refused, naming the problem
+    wrong = Qwen3Model(Qwen3Config(**dict(tiny.TINY_TEXT, num_hidden_layers=3)))
+    with pytest.raises(WeightSwapError, match="missing"):
+        swap_language_model(adapter.vlm, wrong)
+    wider = Qwen3Model(Qwen3Config(**dict(tiny.TINY_TEXT, intermediate_size=48)))
+    with pytest.raises(WeightSwapError, match="other shapes"):
+        swap_language_model(adapter.vlm, wider)
+
+
+def test_load_from_local_directories(adapter, tmp_path):
+    """The real-weights path: a diffusers-format directory + a Qwen3-VL directory on disk."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.config import load_config
+
+    root = tmp_path / "zimage"
+    adapter.transformer.save_pretrained(root / "transformer")
+    adapter.vae.save_pretrained(root / "vae")
+    adapter.text_encoder.save_pretrained(root / "text_encoder")
+    adapter.tokenizer.save_pretrained(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(adapter.scheduler_config)))
+    vlm_dir = tmp_path / "qwen3vl"
+    full = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**adapter.vlm.config.to_dict()))
+    full.model.load_state_dict(adapter.vlm.state_dict())
+    full.save_pretrained(vlm_dir)
+    adapter.tokenizer.save_pretrained(vlm_dir)
+    adapter.image_processor.save_pretrained(vlm_dir)
+
+    cfg = load_config(None, ["model.preset=null", f"model.path={root}", f"model.vlm_path={vlm_dir}",
+                             "model.teacher_min_pixels=1024", "model.teacher_max_pixels=4096"])
+    loaded = build_adapter(cfg.model)
+    x = torch.randn(1, *adapter.latent_shape(128, 128))
+    ctx = adapter.encode_student(["a [V] cat"])
+    assert_close(loaded.encode_student(["a [V] cat"])[0].features, ctx[0].features, atol=1e-6)
+    img = torch.rand(3, 128, 128)
+    assert_close(loaded.encode_teacher(["a [V] cat"], [img])[0].features,
+                 adapter.encode_teacher(["a [V] cat"], [img])[0].features, atol=1e-5, name="teacher")
+    assert_close(loaded.velocity(loaded.transformer, x, torch.tensor([0.5]), ctx),
+                 adapter.velocity(adapter.transformer, x, torch.tensor([0.5]), ctx), atol=1e-6)
+    ident = loaded.encoder_identity()
+    assert ident["weights"]["text_encoder"] and ident["settings"]["teacher_max_pixels"] == 4096
+
+    bad = load_config(None, ["model.preset=null", f"model.path={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        build_adapter(bad.model)
+
+
+def test_import_is_lean():
+    code = ("import sys, dopsd_fast; heavy = [m for m in ('diffusers', 'transformers', 'peft', 'transformer_engine', "
+            "'flash_attn', 'torchao', 'triton') if m in sys.modules]; "
+            "import torch; assert not torch.cuda.is_initialized(); print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_kernels_is_not_a_top_level_module():
+    code = "import importlib.util as u; import dopsd_fast.kernels; print(u.find_spec('kernels') is None or 'dopsd' not in (u.find_spec('kernels').origin or ''))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
