@@ -1,0 +1,315 @@
+"""Norm + modulation and gated residuals, fused, forward and backward.
+
+* Z-Image:  ``rms_norm_modulate(x, w, s) = RMSNorm_w(x) * (1 + s)`` and
+  ``gated_residual(x, g, y, tanh=True) = x + tanh(g) * y``.
+* FLUX.2:   ``layer_norm_modulate(x, s, t) = LayerNorm_noaffine(x) * (1 + s) + t`` and
+  ``gated_residual(x, g, y, tanh=False) = x + g * y``.
+
+``x``/``y`` are ``(B, S, D)``; the modulation tensors ``s``, ``t``, ``g`` are per sample ``(B, D)``
+(broadcast over the S tokens). fp32 statistics whatever the input dtype. One program per row; the
+per-sample parameter gradients are reduced over rows from fp32 per-row partials (simple and
+deterministic; a blocked reduction is a fast-path optimization, not a correctness matter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dopsd_fast.kernels._common import next_pow2, use_triton
+
+
+# ---- references ------------------------------------------------------------------------------
+def rms_norm_modulate_ref(x, weight, scale, eps: float = 1e-5):
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return (y * (1 + scale.float()[:, None, :])).to(x.dtype)
+
+
+def layer_norm_modulate_ref(x, scale, shift, eps: float = 1e-6):
+    y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (y * (1 + scale.float()[:, None, :]) + shift.float()[:, None, :]).to(x.dtype)
+
+
+def gated_residual_ref(x, gate, y, use_tanh: bool = True):
+    g = gate.float()[:, None, :]
+    g = torch.tanh(g) if use_tanh else g
+    return (x.float() + g * y.float()).to(x.dtype)
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+@triton.jit
+def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, S_len, D, eps,
+                         LAYER: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // S_len
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    if LAYER:
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(m, x - mean, 0.0)
+    else:
+        mean = 0.0
+        xc = x
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    xhat = xc * rstd
+    s = tl.load(S_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+    if LAYER:
+        t = tl.load(T_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+        y = xhat * (1.0 + s) + t
+    else:
+        w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        y = xhat * w * (1.0 + s)
+    tl.store(Y_ptr + row * D + cols, y.to(Y_ptr.dtype.element_ty), mask=m)
+    tl.store(RSTD_ptr + row, rstd)
+    tl.store(MEAN_ptr + row, mean)
+
+
+@triton.jit
+def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr, PW_ptr, PS_ptr, S_len, D,
+                         LAYER: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // S_len
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    dy = tl.load(DY_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD_ptr + row)
+    mean = tl.load(MEAN_ptr + row)
+    s = tl.load(S_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+    xhat = tl.where(m, (x - mean) * rstd, 0.0)
+    if LAYER:
+        gy = dy * (1.0 + s)
+        c1 = tl.sum(gy * xhat, axis=0) / D
+        c2 = tl.sum(gy, axis=0) / D
+        dx = rstd * (gy - c2 - xhat * c1)
+        tl.store(PS_ptr + row * D + cols, dy * xhat, mask=m)  # d scale partial; d shift = sum dy
+    else:
+        w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        gy = dy * w * (1.0 + s)
+        c1 = tl.sum(gy * xhat, axis=0) / D
+        dx = rstd * (gy - xhat * c1)
+        tl.store(PW_ptr + row * D + cols, dy * xhat * (1.0 + s), mask=m)
+        tl.store(PS_ptr + row * D + cols, dy * xhat * w, mask=m)
+    tl.store(DX_ptr + row * D + cols, dx.to(DX_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, S_len, D, TANH: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // S_len
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+    if TANH:
+        e = tl.exp(-2.0 * tl.abs(g))
+        g = tl.where(g >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
+    tl.store(O_ptr + row * D + cols, (x + g * y).to(O_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, S_len, D, TANH: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // S_len
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    do = tl.load(DO_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+    if TANH:
+        e = tl.exp(-2.0 * tl.abs(g))
+        act = tl.where(g >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
+        dact = 1.0 - act * act
+    else:
+        act = g
+        dact = tl.full([BLOCK_D], 1.0, tl.float32)
+    tl.store(DY_ptr + row * D + cols, (do * act).to(DY_ptr.dtype.element_ty), mask=m)
+    tl.store(PG_ptr + row * D + cols, do * y * dact, mask=m)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+def _rows(x):
+    B, S, D = x.shape
+    return B, S, D, B * S
+
+
+def _norm_fwd(x, weight, scale, shift, eps, layer):
+    x = x.contiguous()
+    B, S, D, M = _rows(x)
+    y = torch.empty_like(x)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    if M:
+        _norm_mod_fwd_kernel[(M,)](x, weight.contiguous(), scale.contiguous(), shift.contiguous(), y, rstd, mean, S, D,
+                                   eps, LAYER=layer, BLOCK_D=next_pow2(D))
+    return y, rstd, mean
+
+
+def _norm_bwd(dy, x, weight, scale, rstd, mean, layer):
+    dy, x = dy.contiguous(), x.contiguous()
+    B, S, D, M = _rows(x)
+    dx = torch.empty_like(x)
+    pw = torch.zeros((M, D), device=x.device, dtype=torch.float32) if not layer else dx.new_empty(0, dtype=torch.float32)
+    ps = torch.zeros((M, D), device=x.device, dtype=torch.float32)
+    if M:
+        _norm_mod_bwd_kernel[(M,)](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps, S, D,
+                                   LAYER=layer, BLOCK_D=next_pow2(D))
+    dscale = ps.view(B, S, D).sum(1).to(scale.dtype)
+    if layer:
+        return dx, torch.zeros_like(weight), dscale, dy.float().sum(1).to(scale.dtype)
+    return dx, pw.sum(0).to(weight.dtype), dscale, None
+
+
+def _stats_ref(x, eps, layer):
+    xf = x.float()
+    mean = xf.mean(-1) if layer else torch.zeros(xf.shape[:-1], device=x.device)
+    xc = xf - mean[..., None]
+    rstd = torch.rsqrt(xc.pow(2).mean(-1) + eps)
+    return rstd.reshape(-1), mean.reshape(-1)
+
+
+def _norm_bwd_ref(dy, x, weight, scale, rstd, mean, layer):
+    B, S, D = x.shape
+    xhat = (x.float() - mean.view(B, S, 1)) * rstd.view(B, S, 1)
+    s1 = 1 + scale.float()[:, None, :]
+    dyf = dy.float()
+    if layer:
+        gy = dyf * s1
+        dx = rstd.view(B, S, 1) * (gy - gy.mean(-1, keepdim=True) - xhat * (gy * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), torch.zeros_like(weight), (dyf * xhat).sum(1).to(scale.dtype), dyf.sum(1).to(scale.dtype)
+    gy = dyf * weight.float() * s1
+    dx = rstd.view(B, S, 1) * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))
+    return (dx.to(x.dtype), (dyf * xhat * s1).sum((0, 1)).to(weight.dtype),
+            (dyf * xhat * weight.float()).sum(1).to(scale.dtype), None)
+
+
+# ---- registration ----------------------------------------------------------------------------
+@torch.library.custom_op("dopsd_fast::norm_modulate", mutates_args=())
+def norm_modulate_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
+                     layer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, rstd, mean) with the fp32 row statistics saved for the backward."""
+    if use_triton(x, weight, scale, shift):
+        return _norm_fwd(x, weight, scale, shift, eps, layer)
+    rstd, mean = _stats_ref(x, eps, layer)
+    y = layer_norm_modulate_ref(x, scale, shift, eps) if layer else rms_norm_modulate_ref(x, weight, scale, eps)
+    return y, rstd, mean
+
+
+@norm_modulate_op.register_fake
+def _(x, weight, scale, shift, eps, layer):
+    m = x.shape[0] * x.shape[1]
+    return torch.empty_like(x), x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32)
+
+
+@torch.library.custom_op("dopsd_fast::norm_modulate_backward", mutates_args=())
+def norm_modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                              rstd: torch.Tensor, mean: torch.Tensor, layer: bool) -> list[torch.Tensor]:
+    fn = _norm_bwd if use_triton(dy, x, weight, scale) else _norm_bwd_ref
+    dx, dw, ds, dt = fn(dy, x, weight, scale, rstd, mean, layer)
+    return [dx, dw, ds, dt if dt is not None else torch.zeros_like(scale)]
+
+
+@norm_modulate_backward_op.register_fake
+def _(dy, x, weight, scale, rstd, mean, layer):
+    return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(scale), torch.empty_like(scale)]
+
+
+def _norm_setup(ctx, inputs, output):
+    x, weight, scale, shift, eps, layer = inputs
+    ctx.layer = layer
+    ctx.save_for_backward(x, weight, scale, output[1], output[2])
+
+
+def _norm_backward(ctx, dy, _drstd, _dmean):
+    x, weight, scale, rstd, mean = ctx.saved_tensors
+    dx, dw, ds, dt = norm_modulate_backward_op(dy, x, weight, scale, rstd, mean, ctx.layer)
+    return dx, (None if ctx.layer else dw), ds, (dt if ctx.layer else None), None, None
+
+
+norm_modulate_op.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+@torch.library.custom_op("dopsd_fast::gated_residual", mutates_args=())
+def gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, use_tanh: bool) -> torch.Tensor:
+    if not use_triton(x, gate, y):
+        return gated_residual_ref(x, gate, y, use_tanh)
+    x, y = x.contiguous(), y.contiguous()
+    B, S, D, M = _rows(x)
+    out = torch.empty_like(x)
+    if M:
+        _gated_fwd_kernel[(M,)](x, gate.contiguous(), y, out, S, D, TANH=use_tanh, BLOCK_D=next_pow2(D))
+    return out
+
+
+@gated_residual_op.register_fake
+def _(x, gate, y, use_tanh):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dopsd_fast::gated_residual_backward", mutates_args=())
+def gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
+                               use_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    B, S, D = y.shape
+    if not use_triton(dout, gate, y):
+        g = gate.float()[:, None, :]
+        act, dact = (torch.tanh(g), 1 - torch.tanh(g) ** 2) if use_tanh else (g, torch.ones_like(g))
+        return (dout.float() * act).to(y.dtype), (dout.float() * y.float() * dact).sum(1).to(gate.dtype)
+    dout, y = dout.contiguous(), y.contiguous()
+    dy = torch.empty_like(y)
+    pg = torch.zeros((B * S, D), device=y.device, dtype=torch.float32)
+    if B * S:
+        _gated_bwd_kernel[(B * S,)](dout, gate.contiguous(), y, dy, pg, S, D, TANH=use_tanh, BLOCK_D=next_pow2(D))
+    return dy, pg.view(B, S, D).sum(1).to(gate.dtype)
+
+
+@gated_residual_backward_op.register_fake
+def _(dout, gate, y, use_tanh):
+    return torch.empty_like(y), torch.empty_like(gate)
+
+
+def _gated_setup(ctx, inputs, output):
+    x, gate, y, use_tanh = inputs
+    ctx.use_tanh = use_tanh
+    ctx.save_for_backward(gate, y)
+
+
+def _gated_backward(ctx, dout):
+    gate, y = ctx.saved_tensors
+    dy, dg = gated_residual_backward_op(dout, gate, y, ctx.use_tanh)
+    return dout, dg, dy, None
+
+
+gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ---- entry points ----------------------------------------------------------------------------
+def _check(x, *mods):
+    if x.ndim != 3:
+        raise ValueError(f"expected x of shape (B, S, D), got {tuple(x.shape)}")
+    for m in mods:
+        if m.shape != (x.shape[0], x.shape[2]):
+            raise ValueError(f"modulation must be (B, D) = {(x.shape[0], x.shape[2])}, got {tuple(m.shape)}")
+
+
+def rms_norm_modulate(x, weight, scale, eps: float = 1e-5):
+    """Z-Image: ``RMSNorm_w(x) * (1 + scale)``."""
+    _check(x, scale)
+    return norm_modulate_op(x, weight, scale, torch.zeros_like(scale), eps, False)[0]
+
+
+def layer_norm_modulate(x, scale, shift, eps: float = 1e-6):
+    """FLUX.2: ``LayerNorm_noaffine(x) * (1 + scale) + shift``."""
+    _check(x, scale, shift)
+    return norm_modulate_op(x, x.new_ones(x.shape[-1]), scale, shift, eps, True)[0]
+
+
+def gated_residual(x, gate, y, use_tanh: bool = True):
+    """``x + tanh(gate) * y`` (Z-Image) or ``x + gate * y`` (FLUX.2, ``use_tanh=False``)."""
+    _check(x, gate)
+    if y.shape != x.shape:
+        raise ValueError(f"gated_residual: y {tuple(y.shape)} must match x {tuple(x.shape)}")
+    return gated_residual_op(x, gate, y, use_tanh)

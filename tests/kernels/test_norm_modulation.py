@@ -1,0 +1,92 @@
+"""Norm + modulation and gated residuals: Triton (interpreted) vs references, forward + every grad."""
+
+import pytest
+import torch
+
+from tests.conftest import assert_close, low_precision_rule
+
+SHAPES = [(2, 7, 40), (3, 5, 123), (1, 1, 64)]
+
+
+def _run(fn, inputs, grad_out):
+    ins = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*ins)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in ins]
+
+
+def _compare(fast, ref, inputs, dtype, atol32=1e-5):
+    torch.manual_seed(3)
+    g = torch.randn(inputs[0].shape)
+    low = [t.to(dtype) for t in inputs]
+    out_k, grads_k = _run(fast, low, g.to(dtype))
+    out_r, grads_r = _run(ref, [t.float() for t in low], g.to(dtype).float())
+    if dtype == torch.float32:
+        assert_close(out_k, out_r, atol32, 1e-5, "out")
+        for i, (a, b) in enumerate(zip(grads_k, grads_r)):
+            assert_close(a, b, atol32, 1e-4, f"grad[{i}]")
+    else:
+        out_t, grads_t = _run(ref, low, g.to(dtype))  # PyTorch's own low-precision path
+        low_precision_rule(out_k, out_t, out_r, 1e-2, "out")
+        for i, (a, t, b) in enumerate(zip(grads_k, grads_t, grads_r)):
+            low_precision_rule(a, t, b, 1e-2 * max(1.0, b.abs().max().item()), f"grad[{i}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_modulate(dtype, shape):
+    from dopsd_fast.kernels.norm_modulation import rms_norm_modulate, rms_norm_modulate_ref
+
+    B, S, D = shape
+    inputs = [torch.randn(B, S, D) * 2, 1 + 0.1 * torch.randn(D), 0.3 * torch.randn(B, D)]
+    _compare(rms_norm_modulate, rms_norm_modulate_ref, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_modulate(dtype, shape):
+    from dopsd_fast.kernels.norm_modulation import layer_norm_modulate, layer_norm_modulate_ref
+
+    B, S, D = shape
+    inputs = [torch.randn(B, S, D) * 2 + 0.5, 0.3 * torch.randn(B, D), 0.3 * torch.randn(B, D)]
+    _compare(layer_norm_modulate, layer_norm_modulate_ref, inputs, dtype)
+
+
+@pytest.mark.parametrize("use_tanh", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gated_residual(use_tanh, dtype, shape):
+    from dopsd_fast.kernels.norm_modulation import gated_residual, gated_residual_ref
+
+    B, S, D = shape
+    inputs = [torch.randn(B, S, D), 2 * torch.randn(B, D), torch.randn(B, S, D)]
+    _compare(lambda x, g, y: gated_residual(x, g, y, use_tanh), lambda x, g, y: gated_residual_ref(x, g, y, use_tanh),
+             inputs, dtype)
+
+
+def test_matches_zimage_block_norm():
+    """The reference is Z-Image's own: RMSNorm module output x (1 + scale)."""
+    from diffusers.models.normalization import RMSNorm
+
+    from dopsd_fast.kernels.norm_modulation import rms_norm_modulate
+
+    norm = RMSNorm(40, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(40))
+    x, s = torch.randn(2, 9, 40), torch.randn(2, 40) * 0.2
+    assert_close(rms_norm_modulate(x, norm.weight.detach(), s), norm(x) * (1 + s[:, None]), 1e-5, 1e-5)
+
+
+def test_opcheck_and_errors():
+    from dopsd_fast.kernels.norm_modulation import (gated_residual, gated_residual_backward_op, gated_residual_op,
+                                                     norm_modulate_backward_op, norm_modulate_op)
+
+    x, w, s, t = torch.randn(2, 3, 24), torch.randn(24), torch.randn(2, 24), torch.randn(2, 24)
+    for layer in (False, True):
+        torch.library.opcheck(norm_modulate_op, (x.requires_grad_(), w, s.requires_grad_(), t, 1e-5, layer))
+        y, rstd, mean = norm_modulate_op(x.detach(), w, s.detach(), t, 1e-5, layer)
+        torch.library.opcheck(norm_modulate_backward_op, (torch.randn_like(x), x.detach(), w, s.detach(), rstd, mean, layer))
+    torch.library.opcheck(gated_residual_op, (torch.randn(2, 3, 24), torch.randn(2, 24), torch.randn(2, 3, 24), True))
+    torch.library.opcheck(gated_residual_backward_op, (torch.randn(2, 3, 24), torch.randn(2, 24), torch.randn(2, 3, 24), False))
+    with pytest.raises(ValueError):
+        gated_residual(torch.randn(2, 3, 24), torch.randn(3, 24), torch.randn(2, 3, 24))
