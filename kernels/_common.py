@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -21,3 +23,22 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexprs for :func:`mma`: IEEE fp32 products for fp32 inputs (no TF32 in parity runs), and an
+    fp32 upcast of bf16 operands under the interpreter, whose bf16 ``tl.dot`` returns garbage
+    (triton 3.9, measured: errors of ~1e10 on a 16x16x16 product; fp16 and fp32 are exact). The upcast
+    is exact: bf16 x bf16 products are representable in fp32, as on the tensor cores."""
+    return {"IEEE": dtype == torch.float32, "UPCAST": interpreting() and dtype == torch.bfloat16}
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` in fp32 (see :func:`dot_flags`)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

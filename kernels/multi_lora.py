@@ -1,0 +1,228 @@
+"""Multi-LoRA linear for the teacher/student double forward.
+
+Rows ``[0, n_split)`` of ``x`` belong to the student branch, rows ``[n_split, M)`` to the teacher;
+both share the frozen base weight ``W (N, K)`` and differ by their low-rank delta::
+
+    y[r] = x[r] W^T + bias + s_b * (x[r] A_b^T) B_b^T        b = student if r < n_split else teacher
+
+(peft layout: ``A_b`` is ``lora_A.weight (rank, K)``, ``B_b`` is ``lora_B.weight (N, rank)``, ``s_b`` the
+adapter's ``alpha / rank``). The two adapters are stacked, ``Ac = [A_s; A_t] (2r, K)`` and
+``Bc = [B_s^T; B_t^T] (2r, N)``, and the per-row branch becomes a mask on the 2r low-rank columns:
+
+* launch 1: ``u = mask_scale(x Ac^T)``            (M, 2r): the row's own adapter, scaled; zeros elsewhere
+* launch 2: ``y = x W^T + u Bc (+ bias)``         one pass over W for all rows, the delta in the same tile
+
+Two launches is the documented minimum here: fusing ``u`` into launch 2 would recompute it once per
+column tile of ``y`` (2r/BLOCK_N extra work). Backward (base weight frozen; teacher adapter frozen):
+
+* ``du = mask_scale(dy Bc^T)``, ``dx = dy W + du Ac`` (the same two kernels, transposed strides)
+* ``dA_s = du[:n, :r]^T x[:n]``, ``dB_s = dy[:n]^T u[:n, :r]`` (student adapter only)
+
+One generic strided Triton GEMM serves all six products. ``impl="torch"`` runs the same stacked
+algorithm on cuBLAS (``mm`` + ``addmm``): the benchmark compares both with two separate LoRA layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dopsd_fast.kernels._common import dot_flags, interpreting, mma, next_pow2, use_triton
+
+
+# ---- reference -------------------------------------------------------------------------------
+def lora_linear_ref(x, weight, bias, a, b, scale):
+    """One peft-style LoRA layer (dropout 0): ``x W^T + bias + scale * (x A^T) B^T``."""
+    base = torch.nn.functional.linear(x, weight, bias)
+    return base + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
+
+
+def multi_lora_linear_ref(x, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split):
+    """Two separate LoRA layers on the two row segments (what the fused op must equal)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    ys = lora_linear_ref(x2[:n_split], weight, bias, a_s, b_s, scale_s)
+    yt = lora_linear_ref(x2[n_split:], weight, bias, a_t, b_t, scale_t)
+    return torch.cat([ys, yt]).reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---- kernel ----------------------------------------------------------------------------------
+@triton.jit
+def _gemm_kernel(A_ptr, B_ptr, A2_ptr, B2_ptr, BIAS_ptr, C_ptr, M, N, K, K2, n_split, rank, scale_s, scale_t,
+                 sam, sak, sbk, sbn, sa2m, sa2k, sb2k, sb2n, scm, scn,
+                 HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, BRANCH_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C = A @ B (+ A2 @ B2) (+ bias), optionally masked/scaled by branch: column c of the 2r
+    low-rank columns belongs to adapter c // rank, row r to adapter (r >= n_split)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(A_ptr + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(B_ptr + kk[:, None] * sbk + rn[None, :] * sbn, mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc = mma(a, b, acc, IEEE, UPCAST)
+    if HAS_SECOND:
+        for k0 in range(0, K2, BLOCK_K):
+            kk = k0 + rk
+            a2 = tl.load(A2_ptr + rm[:, None] * sa2m + kk[None, :] * sa2k, mask=(rm[:, None] < M) & (kk[None, :] < K2),
+                         other=0.0)
+            b2 = tl.load(B2_ptr + kk[:, None] * sb2k + rn[None, :] * sb2n, mask=(kk[:, None] < K2) & (rn[None, :] < N),
+                         other=0.0)
+            acc = mma(a2, b2, acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(BIAS_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if BRANCH_MASK:
+        row_t = rm >= n_split
+        col_t = rn >= rank
+        col_scale = tl.where(col_t, scale_t, scale_s)
+        acc = tl.where(row_t[:, None] == col_t[None, :], acc * col_scale[None, :], 0.0)
+    tl.store(C_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+# ---- launchers -------------------------------------------------------------------------------
+def _blocks(M, N, K):
+    if interpreting():
+        return 16, 16, 16, 4, 1
+    return 128, 128, 64 if K >= 64 else max(16, next_pow2(K)), 8, 3
+
+
+def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None):
+    """``a (M, K) @ b (K, N) [+ a2 @ b2] [+ bias]`` with any strides; ``branch=(n_split, rank, s_s, s_t)``."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return c
+    BM, BN, BK, warps, stages = _blocks(M, N, max(K, a2.shape[1] if a2 is not None else 0))
+    n_split, rank, s_s, s_t = branch if branch is not None else (0, 1, 1.0, 1.0)
+    a2_, b2_ = (a2, b2) if a2 is not None else (a, b)
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _gemm_kernel[grid](a, b, a2_, b2_, bias if bias is not None else c, c, M, N, K, a2_.shape[1], n_split, rank,
+                       float(s_s), float(s_t), a.stride(0), a.stride(1), b.stride(0), b.stride(1), a2_.stride(0),
+                       a2_.stride(1), b2_.stride(0), b2_.stride(1), c.stride(0), c.stride(1),
+                       HAS_SECOND=a2 is not None, HAS_BIAS=bias is not None, BRANCH_MASK=branch is not None,
+                       **dot_flags(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+                       num_stages=stages)
+    return c
+
+
+def _mask_scale(u, n_split, rank, s_s, s_t):
+    keep = torch.zeros_like(u)
+    keep[:n_split, :rank] = s_s
+    keep[n_split:, rank:] = s_t
+    return u * keep
+
+
+def _stack(a_s, b_s, a_t, b_t):
+    return torch.cat([a_s, a_t]), torch.cat([b_s, b_t], dim=1)  # Ac (2r, K), Bc^T (N, 2r)
+
+
+def _fwd(x, weight, bias, a_s, b_s, a_t, b_t, s_s, s_t, n_split, triton_path):
+    ac, bct = _stack(a_s, b_s, a_t, b_t)
+    r = a_s.shape[0]
+    if triton_path:
+        u = _gemm(x, ac.t(), x.dtype, branch=(n_split, r, s_s, s_t))
+        y = _gemm(x, weight.t(), x.dtype, a2=u, b2=bct.t(), bias=bias)
+        return y, u
+    u = _mask_scale(x @ ac.t(), n_split, r, s_s, s_t).to(x.dtype)
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    return y.addmm_(u, bct.t()), u
+
+
+def _bwd(dy, x, weight, u, a_s, b_s, a_t, b_t, s_s, s_t, n_split, triton_path):
+    ac, bct = _stack(a_s, b_s, a_t, b_t)
+    r = a_s.shape[0]
+    if triton_path:
+        du = _gemm(dy, bct, dy.dtype, branch=(n_split, r, s_s, s_t))
+        dx = _gemm(dy, weight, x.dtype, a2=du, b2=ac)
+        da = _gemm(du[:n_split, :r].t(), x[:n_split], a_s.dtype)
+        db = _gemm(dy[:n_split].t(), u[:n_split, :r], b_s.dtype)
+        return dx, da, db
+    du = _mask_scale(dy @ bct, n_split, r, s_s, s_t).to(dy.dtype)
+    dx = (dy @ weight).addmm_(du, ac)
+    return dx, (du[:n_split, :r].t() @ x[:n_split]).to(a_s.dtype), (dy[:n_split].t() @ u[:n_split, :r]).to(b_s.dtype)
+
+
+# ---- registration ----------------------------------------------------------------------------
+@torch.library.custom_op("dopsd_fast::multi_lora_linear", mutates_args=())
+def multi_lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a_s: torch.Tensor,
+                         b_s: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scale_s: float, scale_t: float,
+                         n_split: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (M, K)`` -> ``(y (M, N), u (M, 2r))``; ``u`` (the masked, scaled low-rank activations) is kept
+    for the backward."""
+    tri = impl == "triton" and use_triton(x, weight, a_s, b_s, a_t, b_t)
+    return _fwd(x, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, tri)
+
+
+@multi_lora_linear_op.register_fake
+def _(x, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, impl):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], 2 * a_s.shape[0]))
+
+
+@torch.library.custom_op("dopsd_fast::multi_lora_linear_backward", mutates_args=())
+def multi_lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, u: torch.Tensor,
+                                  a_s: torch.Tensor, b_s: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor,
+                                  scale_s: float, scale_t: float, n_split: int,
+                                  impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``(dx, d a_s, d b_s)``: the student adapter only; the base weight and teacher are frozen."""
+    tri = impl == "triton" and use_triton(dy, x, weight, a_s, b_s, a_t, b_t)
+    return _bwd(dy, x, weight, u, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, tri)
+
+
+@multi_lora_linear_backward_op.register_fake
+def _(dy, x, weight, u, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, impl):
+    return torch.empty_like(x), torch.empty_like(a_s), torch.empty_like(b_s)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, impl = inputs
+    ctx.args = (scale_s, scale_t, n_split, impl)
+    ctx.save_for_backward(x, weight, output[1], a_s, b_s, a_t, b_t)
+
+
+def _backward(ctx, dy, _du):
+    x, weight, u, a_s, b_s, a_t, b_t = ctx.saved_tensors
+    dx, da, db = multi_lora_linear_backward_op(dy.contiguous(), x, weight, u, a_s, b_s, a_t, b_t, *ctx.args)
+    return dx, None, None, da, db, None, None, None, None, None, None
+
+
+multi_lora_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, student: tuple,
+                      teacher: tuple, n_split: int, impl: str = "triton") -> torch.Tensor:
+    """Shared frozen base linear + per-branch LoRA. ``student``/``teacher``: ``(lora_A (r, K), lora_B (N, r),
+    scale)``. Rows of ``x.reshape(-1, K)`` before ``n_split`` use the student adapter, the rest the
+    teacher. Gradients flow to ``x`` and the student adapter only."""
+    a_s, b_s, s_s = student
+    a_t, b_t, s_t = teacher
+    K = x.shape[-1]
+    N = weight.shape[0]
+    if weight.shape != (N, K):
+        raise ValueError(f"multi_lora_linear: weight {tuple(weight.shape)} does not fit x's last dim {K}")
+    for name, (a, b) in (("student", (a_s, b_s)), ("teacher", (a_t, b_t))):
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != K or b.shape[0] != N or a.shape[0] != b.shape[1]:
+            raise ValueError(f"multi_lora_linear: {name} adapter A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                             f"a ({N}, {K}) linear")
+    if a_s.shape != a_t.shape:
+        raise ValueError(f"multi_lora_linear: student and teacher ranks differ ({a_s.shape[0]} vs {a_t.shape[0]})")
+    x2 = x.reshape(-1, K)
+    if not 0 <= n_split <= x2.shape[0]:
+        raise ValueError(f"multi_lora_linear: n_split={n_split} outside [0, {x2.shape[0]}] rows")
+    if torch.is_grad_enabled():
+        frozen = {"weight": weight, "bias": bias, "teacher lora_A": a_t, "teacher lora_B": b_t}
+        bad = [k for k, t in frozen.items() if t is not None and t.requires_grad]
+        if bad:
+            raise ValueError(f"multi_lora_linear: {', '.join(bad)} require grad, but this op trains only the student "
+                             "adapter (freeze them, or use two separate layers)")
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"multi_lora_linear: impl must be 'triton' or 'torch', got {impl!r}")
+    y, _ = multi_lora_linear_op(x2.contiguous(), weight, bias, a_s, b_s, a_t, b_t, float(s_s), float(s_t),
+                                int(n_split), impl)
+    return y.reshape(*x.shape[:-1], N)
