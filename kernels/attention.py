@@ -1,0 +1,473 @@
+"""Flash attention, forward and backward: packed variable-length sequences, non-causal, returning the
+log-sum-exp, plus the dual-branch mode of the teacher/student double forward.
+
+Layout (as flash-attn's varlen API): ``q (Tq, H, D)``, ``k, v (Tk, H, D)`` packed over the batch,
+``cu_seqlens_q / cu_seqlens_k`` int32 ``(B + 1)`` offsets; sample ``b`` attends
+``q[cu_q[b]:cu_q[b+1]]`` to ``k[cu_k[b]:cu_k[b+1]]``; no padding token is ever computed. ``lse`` is
+``(H, Tq)`` fp32, natural log. A sample with no keys gives output 0 and lse -inf.
+
+**Dual-branch mode** (:func:`dual_branch_attention`). Per sample the student queries attend to
+``[shared_b ; student_b]`` and the teacher queries to ``[shared_b ; teacher_b]``; ``shared`` holds the
+key/value rows that are identical in both branches, stored once. One program takes a block of student
+query rows *and* the block of teacher query rows with the same index, loads each shared K/V tile once
+and updates both online softmaxes with it, then walks each branch's private keys. Keys are
+order-free in attention, so the result equals two separate calls on the concatenated key sets. The
+backward computes the student branch only (the teacher's outputs are constants: no gradient reaches
+the teacher queries or the teacher's private keys; shared keys get the student's gradient).
+
+Forward: one launch. Backward: ``delta = rowsum(o * do)`` (one PyTorch reduction), a dK/dV kernel
+(one program per key tile, over the shared and the private segment) and a dQ kernel (one program per
+query tile): no atomics, deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from dopsd_fast.kernels._common import dot_flags, interpreting, mma, next_pow2, use_triton
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# ---- reference -------------------------------------------------------------------------------
+def attention_varlen_ref(q, k, v, cu_q, cu_k, scale=None):
+    """Per-sample softmax attention in fp32; returns ``(o in q's dtype, lse (H, Tq) fp32)``."""
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cu_q) - 1):
+        qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        if qe == qs or ke == ks:
+            continue
+        s = torch.einsum("qhd,khd->hqk", q[qs:qe].float(), k[ks:ke].float()) * scale
+        lse[:, qs:qe] = torch.logsumexp(s, dim=-1)
+        o[qs:qe] = torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v[ks:ke].float())
+    return o.to(q.dtype), lse
+
+
+def _concat_kv(cu_a, a, cu_b, b):
+    """Per sample ``[a_b ; b_b]`` packed: the key set a branch attends to."""
+    ca, cb = cu_a.tolist(), cu_b.tolist()
+    parts = []
+    for i in range(len(ca) - 1):
+        parts += [a[ca[i]:ca[i + 1]], b[cb[i]:cb[i + 1]]]
+    cu = torch.as_tensor([0] + [ca[i + 1] - ca[i] + cb[i + 1] - cb[i] for i in range(len(ca) - 1)]).cumsum(0)
+    return torch.cat(parts), cu.to(torch.int32)
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(P, start, m0, length, h, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs = m0 + tl.arange(0, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    mask = (offs < length)[:, None] & (d < D)[None, :]
+    return tl.load(P + (start + offs)[:, None] * H * D + h * D + d[None, :], mask=mask, other=0.0), offs < length
+
+
+@triton.jit
+def _store_rows(P, x, start, m0, length, h, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs = m0 + tl.arange(0, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    mask = (offs < length)[:, None] & (d < D)[None, :]
+    tl.store(P + (start + offs)[:, None] * H * D + h * D + d[None, :], x.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _online_update(q, k, v, kmask, acc, m_i, l_i, scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    s = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST) * scale2
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend(q, K, V, start, length, h, H, D, acc, m_i, l_i, scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for n0 in range(0, length, BLOCK_N):
+        k, kmask = _load_rows(K, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
+        v, _ = _load_rows(V, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _online_update(q, k, v, kmask, acc, m_i, l_i, scale2, BLOCK_M, BLOCK_N, IEEE, UPCAST)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finish(O, L, acc, m_i, l_i, start, m0, length, h, H, D, T, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    _store_rows(O, o, start, m0, length, h, H, D, BLOCK_M, BLOCK_D)
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    offs = m0 + tl.arange(0, BLOCK_M)
+    tl.store(L + h * T + start + offs, lse, mask=offs < length)
+
+
+@triton.jit
+def _fwd_kernel(Q1, Q2, KA, VA, KB, VB, KC, VC, O1, O2, L1, L2, CU_Q1, CU_Q2, CU_A, CU_B, CU_C, T1, T2, H, D, scale2,
+                DUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Branch 1 attends to A + B; with DUAL, branch 2 attends to A + C, each A tile loaded once."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q1_start = tl.load(CU_Q1 + b)
+    q1_len = tl.load(CU_Q1 + b + 1) - q1_start
+    a_start = tl.load(CU_A + b)
+    a_len = tl.load(CU_A + b + 1) - a_start
+    b_start = tl.load(CU_B + b)
+    b_len = tl.load(CU_B + b + 1) - b_start
+    act1 = m0 < q1_len
+    q1, _ = _load_rows(Q1, q1_start, m0, q1_len, h, H, D, BLOCK_M, BLOCK_D)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l1 = tl.zeros((BLOCK_M,), tl.float32)
+    if DUAL:
+        q2_start = tl.load(CU_Q2 + b)
+        q2_len = tl.load(CU_Q2 + b + 1) - q2_start
+        c_start = tl.load(CU_C + b)
+        c_len = tl.load(CU_C + b + 1) - c_start
+        act2 = m0 < q2_len
+        q2, _ = _load_rows(Q2, q2_start, m0, q2_len, h, H, D, BLOCK_M, BLOCK_D)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        m2 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+        l2 = tl.zeros((BLOCK_M,), tl.float32)
+        # shared keys: each tile loaded once, used by both query blocks
+        for n0 in range(0, tl.where(act1 | act2, a_len, 0), BLOCK_N):
+            k, kmask = _load_rows(KA, a_start, n0, a_len, h, H, D, BLOCK_N, BLOCK_D)
+            v, _ = _load_rows(VA, a_start, n0, a_len, h, H, D, BLOCK_N, BLOCK_D)
+            acc1, m1, l1 = _online_update(q1, k, v, kmask, acc1, m1, l1, scale2, BLOCK_M, BLOCK_N, IEEE, UPCAST)
+            acc2, m2, l2 = _online_update(q2, k, v, kmask, acc2, m2, l2, scale2, BLOCK_M, BLOCK_N, IEEE, UPCAST)
+        acc2, m2, l2 = _attend(q2, KC, VC, c_start, tl.where(act2, c_len, 0), h, H, D, acc2, m2, l2, scale2,
+                               BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+        _finish(O2, L2, acc2, m2, l2, q2_start, m0, q2_len, h, H, D, T2, BLOCK_M, BLOCK_D)
+    else:
+        acc1, m1, l1 = _attend(q1, KA, VA, a_start, tl.where(act1, a_len, 0), h, H, D, acc1, m1, l1, scale2,
+                               BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    acc1, m1, l1 = _attend(q1, KB, VB, b_start, tl.where(act1, b_len, 0), h, H, D, acc1, m1, l1, scale2,
+                           BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    _finish(O1, L1, acc1, m1, l1, q1_start, m0, q1_len, h, H, D, T1, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_tile(Q, DO, LSE, DELTA, K, V, DK, DV, k_start, n0, k_len, q_start, q_len, h, H, D, Tq, scale, scale2,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr):
+    k, kmask = _load_rows(K, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
+    v, _ = _load_rows(V, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for m0 in range(0, tl.where(n0 < k_len, q_len, 0), BLOCK_M):
+        q, qmask = _load_rows(Q, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+        do, _ = _load_rows(DO, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+        rows = q_start + m0 + tl.arange(0, BLOCK_M)
+        lse2 = tl.load(LSE + h * Tq + rows, mask=qmask, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + h * Tq + rows, mask=qmask, other=0.0)
+        s = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST) * scale2
+        p = tl.where(qmask[:, None] & kmask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dv = mma(tl.trans(p.to(do.dtype)), do, dv, IEEE, UPCAST)
+        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk = mma(tl.trans(ds.to(q.dtype)), q, dk, IEEE, UPCAST)
+    _store_rows(DK, dk * scale, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
+    _store_rows(DV, dv, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_kernel(Q, DO, LSE, DELTA, KA, VA, KB, VB, DKA, DVA, DKB, DVB, CU_Q, CU_A, CU_B, NBLK_A, Tq, H, D, scale,
+                 scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    if pid < NBLK_A:
+        a_start = tl.load(CU_A + b)
+        a_len = tl.load(CU_A + b + 1) - a_start
+        _dkdv_tile(Q, DO, LSE, DELTA, KA, VA, DKA, DVA, a_start, pid * BLOCK_N, a_len, q_start, q_len, h, H, D, Tq,
+                   scale, scale2, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    else:
+        b_start = tl.load(CU_B + b)
+        b_len = tl.load(CU_B + b + 1) - b_start
+        _dkdv_tile(Q, DO, LSE, DELTA, KB, VB, DKB, DVB, b_start, (pid - NBLK_A) * BLOCK_N, b_len, q_start, q_len, h,
+                   H, D, Tq, scale, scale2, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+
+
+@triton.jit
+def _dq_loop(dq, q, do, lse2, delta, qmask, K, V, start, length, h, H, D, scale2, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    for n0 in range(0, length, BLOCK_N):
+        k, kmask = _load_rows(K, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
+        v, _ = _load_rows(V, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
+        s = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST) * scale2
+        p = tl.where(qmask[:, None] & kmask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(k.dtype), k, dq, IEEE, UPCAST)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, DO, LSE, DELTA, KA, VA, KB, VB, DQ, CU_Q, CU_A, CU_B, Tq, H, D, scale, scale2,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    act = m0 < q_len
+    a_start = tl.load(CU_A + b)
+    a_len = tl.load(CU_A + b + 1) - a_start
+    b_start = tl.load(CU_B + b)
+    b_len = tl.load(CU_B + b + 1) - b_start
+    q, qmask = _load_rows(Q, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+    do, _ = _load_rows(DO, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+    rows = q_start + m0 + tl.arange(0, BLOCK_M)
+    lse2 = tl.load(LSE + h * Tq + rows, mask=qmask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + h * Tq + rows, mask=qmask, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq = _dq_loop(dq, q, do, lse2, delta, qmask, KA, VA, a_start, tl.where(act, a_len, 0), h, H, D, scale2,
+                  BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    dq = _dq_loop(dq, q, do, lse2, delta, qmask, KB, VB, b_start, tl.where(act, b_len, 0), h, H, D, scale2,
+                  BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    _store_rows(DQ, dq * scale, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+
+
+# ---- launchers -------------------------------------------------------------------------------
+def _cfg(D, backward=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if interpreting():
+        return 16, 16, 4, 1
+    if backward:
+        return 64, 64, (8 if D > 64 else 4), 2
+    return 128, 64, (8 if D > 64 else 4), 3
+
+
+def _empty_like_kv(k):
+    return k.new_empty((0,) + tuple(k.shape[1:]))
+
+
+def _fwd(q1, ka, va, kb, vb, cu_q1, cu_a, cu_b, max_q, scale, q2=None, kc=None, vc=None, cu_q2=None, cu_c=None):
+    T1, H, D = q1.shape
+    dual = q2 is not None
+    o1 = torch.empty_like(q1)
+    l1 = torch.empty((H, T1), device=q1.device, dtype=torch.float32)
+    if dual:
+        o2 = torch.empty_like(q2)
+        l2 = torch.empty((H, q2.shape[0]), device=q1.device, dtype=torch.float32)
+    else:
+        q2, kc, vc, cu_q2, cu_c, o2, l2 = q1, ka, va, cu_q1, cu_a, o1, l1
+    B = cu_q1.numel() - 1
+    BM, BN, warps, stages = _cfg(D)
+    if max_q > 0 and B > 0 and H > 0:
+        _fwd_kernel[(triton.cdiv(max_q, BM), B * H)](
+            q1, q2, ka, va, kb, vb, kc, vc, o1, o2, l1, l2, cu_q1, cu_q2, cu_a, cu_b, cu_c, T1, q2.shape[0], H, D,
+            scale * _LOG2E, DUAL=dual, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=max(16, next_pow2(D)), num_warps=warps,
+            num_stages=stages, **dot_flags(q1.dtype))
+    else:
+        o1.zero_(), l1.fill_(float("-inf"))
+        if dual:
+            o2.zero_(), l2.fill_(float("-inf"))
+    return (o1, l1, o2, l2) if dual else (o1, l1)
+
+
+def _bwd(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, scale):
+    Tq, H, D = q.shape
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1).t().contiguous()  # (H, Tq)
+    dq = torch.empty_like(q)
+    dka, dva, dkb, dvb = (torch.zeros_like(t) for t in (ka, va, kb, vb))
+    B = cu_q.numel() - 1
+    BM, BN, warps, stages = _cfg(D, backward=True)
+    flags = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=max(16, next_pow2(D)), num_warps=warps, num_stages=stages,
+                 **dot_flags(q.dtype))
+    if B == 0 or H == 0 or max_q == 0:
+        return dq.zero_(), dka, dva, dkb, dvb
+    nblk_a, nblk_b = triton.cdiv(max_a, BN), triton.cdiv(max_b, BN)
+    if nblk_a + nblk_b:
+        _dkdv_kernel[(nblk_a + nblk_b, B * H)](q, do, lse, delta, ka, va, kb, vb, dka, dva, dkb, dvb, cu_q, cu_a,
+                                               cu_b, nblk_a, Tq, H, D, scale, scale * _LOG2E, **flags)
+    _dq_kernel[(triton.cdiv(max_q, BM), B * H)](q, do, lse, delta, ka, va, kb, vb, dq, cu_q, cu_a, cu_b, Tq, H, D,
+                                                scale, scale * _LOG2E, **flags)
+    return dq, dka, dva, dkb, dvb
+
+
+def _bwd_ref(do, q, ka, va, kb, vb, cu_q, cu_a, cu_b, scale):
+    with torch.enable_grad():
+        ins = [t.detach().float().requires_grad_() for t in (q, ka, va, kb, vb)]
+        k, cu_k = _concat_kv(cu_a, ins[1], cu_b, ins[3])
+        v, _ = _concat_kv(cu_a, ins[2], cu_b, ins[4])
+        o, _ = attention_varlen_ref(ins[0], k, v, cu_q, cu_k, scale)
+        grads = torch.autograd.grad(o, ins, do.float(), allow_unused=True)
+    return tuple((g if g is not None else torch.zeros_like(t)).to(t0.dtype) for g, t, t0 in
+                 zip(grads, ins, (q, ka, va, kb, vb)))
+
+
+def _two_source_ref(q, ka, va, kb, vb, cu_q, cu_a, cu_b, scale):
+    k, cu_k = _concat_kv(cu_a, ka, cu_b, kb)
+    v, _ = _concat_kv(cu_a, va, cu_b, vb)
+    return attention_varlen_ref(q, k, v, cu_q, cu_k, scale)
+
+
+# ---- registration ----------------------------------------------------------------------------
+@torch.library.custom_op("dopsd_fast::flash_attn_varlen", mutates_args=())
+def flash_attn_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                         max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q, k, v):
+        e = _empty_like_kv(k)
+        return _fwd(q, k, v, e, e, cu_q, cu_k, torch.zeros_like(cu_k), max_q, scale)
+    return attention_varlen_ref(q, k, v, cu_q, cu_k, scale)
+
+
+@flash_attn_varlen_op.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("dopsd_fast::attn_varlen_backward", mutates_args=())
+def attn_varlen_backward_op(do: torch.Tensor, q: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, ka: torch.Tensor,
+                            va: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, cu_q: torch.Tensor,
+                            cu_a: torch.Tensor, cu_b: torch.Tensor, max_q: int, max_a: int, max_b: int,
+                            scale: float) -> list[torch.Tensor]:
+    """Gradients of one branch whose keys are ``[A_b ; B_b]`` per sample: (dq, dkA, dvA, dkB, dvB)."""
+    if use_triton(do, q, ka, va):
+        return list(_bwd(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, scale))
+    return list(_bwd_ref(do, q, ka, va, kb, vb, cu_q, cu_a, cu_b, scale))
+
+
+@attn_varlen_backward_op.register_fake
+def _(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, scale):
+    return [torch.empty_like(q), torch.empty_like(ka), torch.empty_like(va), torch.empty_like(kb), torch.empty_like(vb)]
+
+
+def _single_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    ctx.args = (max_q, max_k, scale)
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, output[0], output[1])
+
+
+def _single_backward(ctx, do, _dlse):
+    q, k, v, cu_q, cu_k, o, lse = ctx.saved_tensors
+    max_q, max_k, scale = ctx.args
+    e = _empty_like_kv(k)
+    dq, dk, dv, _, _ = attn_varlen_backward_op(do, q, o, lse, k, v, e, e, cu_q, cu_k, torch.zeros_like(cu_k), max_q,
+                                               max_k, 0, scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+flash_attn_varlen_op.register_autograd(_single_backward, setup_context=_single_setup)
+
+
+@torch.library.custom_op("dopsd_fast::dual_branch_attention", mutates_args=())
+def dual_branch_attention_op(q_s: torch.Tensor, q_t: torch.Tensor, k_sh: torch.Tensor, v_sh: torch.Tensor,
+                             k_s: torch.Tensor, v_s: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor,
+                             cu_q_s: torch.Tensor, cu_q_t: torch.Tensor, cu_sh: torch.Tensor, cu_s: torch.Tensor,
+                             cu_t: torch.Tensor, max_q: int, max_sh: int, max_s: int, max_t: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (o_s, lse_s, o_t, lse_t)."""
+    if use_triton(q_s, q_t, k_sh, k_s, k_t):
+        return _fwd(q_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh, cu_s, max_q, scale, q2=q_t, kc=k_t, vc=v_t,
+                    cu_q2=cu_q_t, cu_c=cu_t)
+    o_s, l_s = _two_source_ref(q_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh, cu_s, scale)
+    o_t, l_t = _two_source_ref(q_t, k_sh, v_sh, k_t, v_t, cu_q_t, cu_sh, cu_t, scale)
+    return o_s, l_s, o_t, l_t
+
+
+@dual_branch_attention_op.register_fake
+def _(q_s, q_t, k_sh, v_sh, k_s, v_s, k_t, v_t, cu_q_s, cu_q_t, cu_sh, cu_s, cu_t, max_q, max_sh, max_s, max_t, scale):
+    f32 = torch.float32
+    return (torch.empty_like(q_s), q_s.new_empty((q_s.shape[1], q_s.shape[0]), dtype=f32), torch.empty_like(q_t),
+            q_t.new_empty((q_t.shape[1], q_t.shape[0]), dtype=f32))
+
+
+def _dual_setup(ctx, inputs, output):
+    q_s, q_t, k_sh, v_sh, k_s, v_s, k_t, v_t, cu_q_s, cu_q_t, cu_sh, cu_s, cu_t, max_q, max_sh, max_s, max_t, scale = inputs
+    ctx.args = (max_q, max_sh, max_s, scale)
+    ctx.save_for_backward(q_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh, cu_s, output[0], output[1])
+    ctx.mark_non_differentiable(output[2], output[3])
+
+
+def _dual_backward(ctx, do_s, _dl_s, _do_t, _dl_t):
+    q_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh, cu_s, o_s, lse_s = ctx.saved_tensors
+    max_q, max_sh, max_s, scale = ctx.args
+    if do_s is None:
+        do_s = torch.zeros_like(o_s)
+    dq, dksh, dvsh, dks, dvs = attn_varlen_backward_op(do_s, q_s, o_s, lse_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh,
+                                                       cu_s, max_q, max_sh, max_s, scale)
+    return (dq, None, dksh, dvsh, dks, dvs) + (None,) * 12
+
+
+dual_branch_attention_op.register_autograd(_dual_backward, setup_context=_dual_setup)
+
+
+# ---- entry points ----------------------------------------------------------------------------
+def _check_cu(name, cu, total):
+    if cu.ndim != 1 or cu.numel() < 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected a 1-D int tensor of B + 1 offsets, got {tuple(cu.shape)} {cu.dtype}")
+    c = cu.tolist()
+    if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])) or c[-1] != total:
+        raise ValueError(f"{name}: offsets must start at 0, never decrease and end at {total} rows, got {c}")
+    return cu.to(torch.int32).contiguous(), max((b - a for a, b in zip(c, c[1:])), default=0)
+
+
+def _check_qkv(*named):
+    shape = None
+    for name, t in named:
+        if t.ndim != 3:
+            raise ValueError(f"{name}: expected (tokens, heads, head_dim), got {tuple(t.shape)}")
+        if shape is not None and t.shape[1:] != shape:
+            raise ValueError(f"{name}: heads/head_dim {tuple(t.shape[1:])} differ from {tuple(shape)}")
+        shape = t.shape[1:]
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float | None = None):
+    """Packed variable-length attention -> ``(o (Tq, H, D), lse (H, Tq) fp32)``; differentiable in q, k, v."""
+    _check_qkv(("q", q), ("k", k), ("v", v))
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} rows but v has {v.shape[0]}")
+    cu_q, max_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k, max_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if cu_q.numel() != cu_k.numel():
+        raise ValueError(f"cu_seqlens_q has {cu_q.numel() - 1} samples, cu_seqlens_k {cu_k.numel() - 1}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return flash_attn_varlen_op(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, float(scale))
+
+
+def dual_branch_attention(q_s, q_t, shared_kv, student_kv, teacher_kv, cu_seqlens_q_s, cu_seqlens_q_t,
+                          softmax_scale: float | None = None):
+    """The double forward's attention in one launch.
+
+    ``shared_kv``, ``student_kv``, ``teacher_kv``: ``(k, v, cu_seqlens)`` each, packed over the same B
+    samples (a segment may be empty for some or all samples). Returns ``(o_s, lse_s, o_t, lse_t)``;
+    only ``o_s``/``lse_s`` are differentiable (to ``q_s``, the shared and the student keys/values).
+    """
+    (k_sh, v_sh, cu_sh), (k_s, v_s, cu_s), (k_t, v_t, cu_t) = shared_kv, student_kv, teacher_kv
+    _check_qkv(("q_s", q_s), ("q_t", q_t), ("k_shared", k_sh), ("v_shared", v_sh), ("k_student", k_s),
+               ("v_student", v_s), ("k_teacher", k_t), ("v_teacher", v_t))
+    cu_q_s, mq_s = _check_cu("cu_seqlens_q_s", cu_seqlens_q_s, q_s.shape[0])
+    cu_q_t, mq_t = _check_cu("cu_seqlens_q_t", cu_seqlens_q_t, q_t.shape[0])
+    cu_sh, m_sh = _check_cu("shared cu_seqlens", cu_sh, k_sh.shape[0])
+    cu_s, m_s = _check_cu("student cu_seqlens", cu_s, k_s.shape[0])
+    cu_t, m_t = _check_cu("teacher cu_seqlens", cu_t, k_t.shape[0])
+    if len({c.numel() for c in (cu_q_s, cu_q_t, cu_sh, cu_s, cu_t)}) != 1:
+        raise ValueError("dual_branch_attention: all cu_seqlens must describe the same number of samples")
+    for name, k, v in (("shared", k_sh, v_sh), ("student", k_s, v_s), ("teacher", k_t, v_t)):
+        if k.shape != v.shape:
+            raise ValueError(f"dual_branch_attention: {name} k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q_s.shape[-1])
+    c = lambda t: t.contiguous()  # noqa: E731
+    return dual_branch_attention_op(c(q_s), c(q_t), c(k_sh), c(v_sh), c(k_s), c(v_s), c(k_t), c(v_t), cu_q_s, cu_q_t,
+                                    cu_sh, cu_s, cu_t, max(mq_s, mq_t), m_sh, m_s, m_t, float(scale))
