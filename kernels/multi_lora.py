@@ -226,3 +226,56 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     y, _ = multi_lora_linear_op(x2.contiguous(), weight, bias, a_s, b_s, a_t, b_t, float(s_s), float(s_t),
                                 int(n_split), impl)
     return y.reshape(*x.shape[:-1], N)
+
+
+# ---- paired form: student and teacher rows as two tensors ----------------------------------------
+@torch.library.custom_op("dopsd_fast::paired_lora_linear", mutates_args=())
+def paired_lora_linear_op(x_s: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          a_s: torch.Tensor, b_s: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scale_s: float,
+                          scale_t: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y_s, y_t, u_s): one launch pair over ``[x_s; x_t]``; u_s kept for the student backward."""
+    tri = impl == "triton" and use_triton(x_s, weight, a_s, b_s, a_t, b_t)
+    n = x_s.shape[0]
+    y, u = _fwd(torch.cat([x_s, x_t]), weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, n, tri)
+    return y[:n].clone(), y[n:].clone(), u[:n].clone()
+
+
+@paired_lora_linear_op.register_fake
+def _(x_s, x_t, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, impl):
+    N, r2 = weight.shape[0], 2 * a_s.shape[0]
+    return x_s.new_empty((x_s.shape[0], N)), x_t.new_empty((x_t.shape[0], N)), x_s.new_empty((x_s.shape[0], r2))
+
+
+def _paired_setup(ctx, inputs, output):
+    x_s, x_t, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, impl = inputs
+    ctx.args = (scale_s, scale_t, impl)
+    ctx.save_for_backward(x_s, weight, output[2], a_s, b_s, a_t, b_t)  # the teacher rows are not kept
+    ctx.mark_non_differentiable(output[1])
+
+
+def _paired_backward(ctx, dy_s, _dy_t, _du):
+    x_s, weight, u_s, a_s, b_s, a_t, b_t = ctx.saved_tensors
+    s_s, s_t, impl = ctx.args
+    dx, da, db = multi_lora_linear_backward_op(dy_s.contiguous(), x_s, weight, u_s, a_s, b_s, a_t, b_t, s_s, s_t,
+                                               x_s.shape[0], impl)
+    return dx, None, None, None, da, db, None, None, None, None, None
+
+
+paired_lora_linear_op.register_autograd(_paired_backward, setup_context=_paired_setup)
+
+
+def paired_lora_linear(x_s: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       student: tuple, teacher: tuple, impl: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+    """The double forward's linear: ``x_s`` (student rows, differentiable) and ``x_t`` (teacher rows,
+    constants) through one shared base GEMM with their own adapters. Returns ``(y_s, y_t)``; ``y_t``
+    carries no gradient, and nothing of the teacher rows is kept for the backward."""
+    a_s, b_s, s_s = student
+    a_t, b_t, s_t = teacher
+    K = x_s.shape[-1]
+    if x_t.shape[-1] != K:
+        raise ValueError(f"paired_lora_linear: x_s and x_t last dims differ ({K} vs {x_t.shape[-1]})")
+    y_s, y_t, _ = paired_lora_linear_op(x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach(),
+                                        weight, bias, a_s, b_s, a_t.detach(), b_t.detach(), float(s_s), float(s_t),
+                                        impl)
+    N = weight.shape[0]
+    return y_s.reshape(*x_s.shape[:-1], N), y_t.reshape(*x_t.shape[:-1], N)

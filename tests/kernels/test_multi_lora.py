@@ -103,3 +103,24 @@ def test_opcheck_and_errors():
         multi_lora_linear(x, w, b, (a_s, b_s, 1.0), (a_t, b_t, 1.0), 10)
     with pytest.raises(ValueError, match="ranks differ"):
         multi_lora_linear(x, w, b, (a_s, b_s, 1.0), (a_t[:1], b_t[:, :1], 1.0), 4)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_paired_form_equals_two_layers(impl):
+    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linear, paired_lora_linear_op
+
+    w, b, a_s, b_s, a_t, b_t = _params(24, 40, 4)
+    xs, xt = torch.randn(2, 7, 24, requires_grad=True), torch.randn(9, 24)
+    a_s.requires_grad_(), b_s.requires_grad_()
+    ys, yt = paired_lora_linear(xs, xt, w, b, (a_s, b_s, 0.5), (a_t, b_t, 2.0), impl=impl)
+    assert not yt.requires_grad
+    g = torch.randn_like(ys)
+    gx, ga, gb = torch.autograd.grad(ys, (xs, a_s, b_s), g)
+    xr, ar, br = (t.detach().clone().requires_grad_() for t in (xs, a_s, b_s))
+    yr = lora_linear_ref(xr, w, b, ar, br, 0.5)
+    assert_close(ys, yr, 1e-5, 1e-5, "y_s")
+    assert_close(yt, lora_linear_ref(xt, w, b, a_t, b_t, 2.0), 1e-5, 1e-5, "y_t")
+    for name, a, r in zip(["dx_s", "dA_s", "dB_s"], (gx, ga, gb), torch.autograd.grad(yr, (xr, ar, br), g)):
+        assert_close(a, r, 1e-4, 1e-4, name)
+    torch.library.opcheck(paired_lora_linear_op, (xs.detach().reshape(-1, 24).requires_grad_(), xt, w, b, a_s, b_s, a_t,
+                                                  b_t, 0.5, 2.0, impl))

@@ -1,0 +1,196 @@
+"""The operations of the fast models behind one interface: fused (our Triton kernels through their
+custom ops) or plain PyTorch, and the attention backends.
+
+``FusedOps`` calls ``dopsd_fast.kernels``; on CUDA the Triton kernels run, on the CPU their PyTorch
+references (or the kernels themselves under ``TRITON_INTERPRET=1``). ``TorchOps`` is the same math in
+eager PyTorch (the structure of the fast path without the kernels: what the ablation compares).
+
+Attention backends (``attention=``): ``triton`` (ours: varlen + dual-branch), ``sdpa`` (PyTorch
+``scaled_dot_product_attention``: cuDNN / flash / efficient as PyTorch picks), ``flash_attn``
+(flash-attn 2 ``flash_attn_varlen_func``, or 3 from ``flash_attn_interface`` when installed), and
+``auto``: ``triton`` on CUDA, ``sdpa`` elsewhere. An explicit choice that is unavailable raises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("dopsd_fast")
+
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flash_attn")
+
+
+def _has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"fast.attention must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "auto":
+        choice = "triton" if device.type == "cuda" and _has("triton") else "sdpa"
+        log.info("attention backend: auto -> %s (device %s)", choice, device)
+        return choice
+    if name == "triton" and not _has("triton"):
+        raise RuntimeError("fast.attention=triton: the triton package is not installed")
+    if name == "flash_attn":
+        if device.type != "cuda":
+            raise RuntimeError("fast.attention=flash_attn needs a CUDA device")
+        if not (_has("flash_attn_interface") or _has("flash_attn")):
+            raise RuntimeError("fast.attention=flash_attn: neither flash-attn 3 (flash_attn_interface) nor flash-attn 2 "
+                               "(flash_attn) is installed; pip install flash-attn, or use triton / sdpa")
+    return name
+
+
+def _sdpa_varlen(q, k, v, cu: list[int]):
+    """SDPA over packed sequences (q, k, v: (T, H, D), same offsets): one batched call when all
+    lengths are equal, else one call per sequence."""
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    if len(set(lens)) == 1 and lens[0] > 0:
+        B, S = len(lens), lens[0]
+        qb, kb, vb = (t.view(B, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
+    outs = []
+    for a, b in zip(cu, cu[1:]):
+        if b > a:
+            qb, kb, vb = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def varlen_attention(backend: str, q, k, v, cu: torch.Tensor, cu_list: list[int]):
+    """Self-attention over packed sequences; q, k, v: (T, H, D); cu: int32 (B + 1) offsets."""
+    if backend == "triton":
+        from dopsd_fast.kernels.attention import flash_attn_varlen
+
+        return flash_attn_varlen(q, k, v, cu, cu)[0]
+    if backend == "flash_attn":
+        max_len = max(b - a for a, b in zip(cu_list, cu_list[1:]))
+        if _has("flash_attn_interface"):
+            from flash_attn_interface import flash_attn_varlen_func  # flash-attn 3
+        else:
+            from flash_attn import flash_attn_varlen_func
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
+        return out[0] if isinstance(out, tuple) else out
+    return _sdpa_varlen(q, k, v, cu_list)
+
+
+class TorchOps:
+    """Eager PyTorch math of every fused operation."""
+
+    fused = False
+
+    def __init__(self, attention: str = "sdpa", lora_impl: str = "torch"):
+        self.attention = attention
+        self.lora_impl = lora_impl
+
+    # x: (B, S, D); scale/shift/gate: (B, D)
+    def rms_mod(self, x, w, scale, eps):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        if scale is not None:
+            y = y * (1 + scale.float()[:, None])
+        return y.to(x.dtype)
+
+    def ln_mod(self, x, scale, eps):
+        y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + scale.float()[:, None])
+        return y.to(x.dtype)
+
+    def gated(self, x, gate, y):
+        return (x.float() + torch.tanh(gate.float())[:, None] * y.float()).to(x.dtype)
+
+    def swiglu(self, a, b):
+        return (F.silu(a.float()) * b.float()).to(a.dtype)
+
+    def rope_qk(self, q, k, wq, wk, cos, sin, eps):
+        from dopsd_fast.kernels.rope_qk_norm import rope_qk_norm_ref
+
+        return rope_qk_norm_ref(q, k, wq, wk, cos, sin, eps)
+
+    def linear(self, x, weight, bias, lora):
+        y = F.linear(x, weight, bias)
+        if lora is not None:
+            a, b, s = lora
+            y = y + s * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return y
+
+    def paired_linear(self, x_s, x_t, weight, bias, lora_s, lora_t):
+        y_s = self.linear(x_s, weight, bias, lora_s)
+        with torch.no_grad():
+            y_t = self.linear(x_t, weight, bias, lora_t)
+        return y_s, y_t
+
+    def attention_one(self, q, k, v, cu, cu_list):
+        return varlen_attention(self.attention, q, k, v, cu, cu_list)
+
+    def attention_pair(self, s, t):
+        """s, t: (q, k, v, cu, cu_list) of the student (differentiable) and teacher (constant) streams."""
+        o_s = self.attention_one(*s)
+        with torch.no_grad():
+            o_t = self.attention_one(*t)
+        return o_s, o_t
+
+
+class FusedOps(TorchOps):
+    """Our kernels (``dopsd_fast.kernels``) for the same operations."""
+
+    fused = True
+
+    def __init__(self, attention: str = "triton", lora_impl: str = "triton"):
+        super().__init__(attention, lora_impl)
+        from dopsd_fast.kernels import multi_lora, norm_modulation, rope_qk_norm, swiglu
+
+        self._nm, self._rope, self._sw, self._ml = norm_modulation, rope_qk_norm, swiglu, multi_lora
+
+    def rms_mod(self, x, w, scale, eps):
+        if scale is None:
+            scale = x.new_zeros(x.shape[0], x.shape[-1])
+        return self._nm.rms_norm_modulate(x, w.to(x.dtype), scale.to(x.dtype), eps)
+
+    def ln_mod(self, x, scale, eps):
+        return self._nm.layer_norm_modulate(x, scale.to(x.dtype), torch.zeros_like(scale, dtype=x.dtype), eps)
+
+    def gated(self, x, gate, y):
+        return self._nm.gated_residual(x, gate.to(x.dtype), y, use_tanh=True)
+
+    def swiglu(self, a, b):
+        return self._sw.swiglu(a, b)
+
+    def rope_qk(self, q, k, wq, wk, cos, sin, eps):
+        return self._rope.rope_qk_norm(q, k, wq.to(q.dtype), wk.to(k.dtype), cos, sin, eps)
+
+    def paired_linear(self, x_s, x_t, weight, bias, lora_s, lora_t):
+        if lora_s is None or lora_t is None:
+            return super().paired_linear(x_s, x_t, weight, bias, lora_s, lora_t)
+        dt = x_s.dtype
+        cast = lambda lo: (lo[0].to(dt), lo[1].to(dt), lo[2])  # noqa: E731
+        return self._ml.paired_lora_linear(x_s, x_t, weight, bias, cast(lora_s), cast(lora_t), impl=self.lora_impl)
+
+    def attention_pair(self, s, t):
+        if self.attention != "triton":
+            return super().attention_pair(s, t)
+        from dopsd_fast.kernels.attention import dual_branch_attention
+
+        (q_s, k_s, v_s, cu_s, _), (q_t, k_t, v_t, cu_t, _) = s, t
+        empty = k_s[:0]
+        zeros = torch.zeros_like(cu_s)
+        o_s, _, o_t, _ = dual_branch_attention(q_s, q_t, (empty, empty, zeros), (k_s, v_s, cu_s), (k_t, v_t, cu_t),
+                                               cu_s, cu_t)
+        return o_s, o_t
+
+
+def build_ops(kernels: str, attention: str, device: torch.device):
+    """``kernels``: ``auto`` (fused on CUDA, eager elsewhere), ``on``, ``off``."""
+    if kernels not in ("auto", "on", "off"):
+        raise ValueError(f"fast.kernels must be auto, on or off, got {kernels!r}")
+    use = kernels == "on" or (kernels == "auto" and device.type == "cuda")
+    attn = resolve_attention(attention, device)
+    if use:
+        return FusedOps(attention=attn)
+    if attn == "triton" and kernels == "off":
+        attn = "sdpa"
+    return TorchOps(attention=attn)

@@ -1,0 +1,153 @@
+"""FastZImage (packed student/teacher forward on the diffusers model's own weights) against the
+diffusers ZImageTransformer2DModel: outputs of both branches and the student's gradients."""
+
+import pytest
+import torch
+
+from tests.conftest import assert_close
+
+
+def _model(lora=True, **over):
+    from diffusers import ZImageTransformer2DModel
+
+    from dopsd_fast.adapters.tiny import TINY_ZIMAGE
+    from dopsd_fast.config import LoraConfig
+    from dopsd_fast.weights import StudentTeacher
+
+    cfg = dict(TINY_ZIMAGE, **over)
+    tr = ZImageTransformer2DModel(**cfg).float()
+    with torch.no_grad():  # non-trivial pad tokens and adapters, different per branch
+        tr.x_pad_token.normal_()
+        tr.cap_pad_token.normal_()
+    st = StudentTeacher(tr, LoraConfig(rank=4, alpha=8.0, enabled=lora),
+                        ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"), torch.float32)
+    with torch.no_grad():
+        for p in st.named_trainable().values():
+            p.add_(0.05 * torch.randn_like(p))
+        for p in (st.named_teacher().values() if lora else st.teacher_module.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    return st
+
+
+def _fast(st, ops=None, **kw):
+    from dopsd_fast.models.zimage import FastZImage
+    from dopsd_fast.weights import STUDENT, TEACHER
+
+    if st.lora:
+        return FastZImage((st.transformer, STUDENT), (st.transformer, TEACHER), ops=ops, **kw)
+    return FastZImage((st.transformer, None), (st.teacher_module, None), ops=ops, **kw)
+
+
+def _eager(model, x, t, caps):
+    out = model(list(x.unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]
+    return torch.stack(out).squeeze(2)
+
+
+def _inputs(B, H, W, cap_lens_s, cap_lens_t):
+    x = torch.randn(B, 16, H, W)
+    t = torch.rand(B)
+    caps_s = [torch.randn(n, 32) for n in cap_lens_s]
+    caps_t = [torch.randn(n, 32) for n in cap_lens_t]
+    return x, t, caps_s, caps_t
+
+
+CASES = [  # (B, H, W, student caption lengths, teacher caption lengths)
+    (1, 16, 16, [7], [45]),        # 64 image tokens (no padding): the noise refiner can be shared
+    (2, 10, 6, [5, 33], [40, 3]),  # 15 image tokens (padded to 32), ragged captions
+]
+
+
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_pair_matches_two_diffusers_calls(lora, case):
+    st = _model(lora)
+    fast = _fast(st)
+    x, t, caps_s, caps_t = _inputs(*case)
+    out_s, out_t = fast.forward_pair(x, t, caps_s, caps_t)
+    ref_t = _eager(st.teacher(), x, t, caps_t)
+    ref_s = _eager(st.student(), x, t, caps_s)
+    assert_close(out_s, ref_s, 1e-5, 1e-4, "student output")
+    assert_close(out_t, ref_t, 1e-5, 1e-4, "teacher output")
+    assert not out_t.requires_grad
+    # the student's gradients (every trainable tensor) equal the eager model's
+    g = torch.randn_like(out_s)
+    params = list(st.named_trainable().values())
+    fast_grads = torch.autograd.grad(out_s, params, g, allow_unused=True)
+    eager_grads = torch.autograd.grad(ref_s, params, g, allow_unused=True)
+    names = list(st.named_trainable())
+    for n, a, b in zip(names, fast_grads, eager_grads):
+        if a is None or b is None:  # unused on one side (e.g. a pad token when nothing is padded): zero on the other
+            assert (a if a is not None else b if b is not None else torch.zeros(1)).abs().max() == 0, n
+            continue
+        assert_close(a, b, 1e-5, 1e-4, n)
+
+
+def test_shared_refiner_and_single_branches():
+    from dopsd_fast.models.zimage import FastZImage
+
+    st = _model(True, n_refiner_layers=2)
+    fast = _fast(st)
+    # refiner carries LoRA here: not shared; without adapters in it, it is
+    assert not fast.refiner_shareable
+    x, t, caps_s, caps_t = _inputs(*CASES[0])
+    only_s, none_t = fast.forward_pair(x, t, caps_s, None)
+    assert none_t is None
+    assert_close(only_s, _eager(st.student(), x, t, caps_s), 1e-5, 1e-4, "student alone")
+    none_s, t_alone = fast.forward_pair(x, t, None, caps_t, student=False)
+    assert none_s is None and not t_alone.requires_grad
+    assert_close(t_alone, _eager(st.teacher(), x, t, caps_t), 1e-5, 1e-4, "teacher alone")
+
+    from diffusers import ZImageTransformer2DModel
+
+    from dopsd_fast.adapters.tiny import TINY_ZIMAGE
+
+    plain = ZImageTransformer2DModel(**TINY_ZIMAGE).float()
+    shared = FastZImage((plain, None), (plain, None))
+    assert shared.refiner_shareable
+    o_s, o_t = shared.forward_pair(x, t, caps_s, caps_t)
+    assert_close(o_s, _eager(plain, x, t, caps_s), 1e-5, 1e-4, "shared-refiner student")
+    assert_close(o_t, _eager(plain, x, t, caps_t), 1e-5, 1e-4, "shared-refiner teacher")
+
+
+def test_checkpointed_layers_same_gradients():
+    st = _model(True)
+    x, t, caps_s, caps_t = _inputs(*CASES[1])
+    params = list(st.named_trainable().values())
+    res = []
+    for n_ckpt in (0, 2):
+        out_s, _ = _fast(st, checkpoint_layers=n_ckpt).forward_pair(x, t, caps_s, caps_t)
+        res.append(torch.autograd.grad(out_s.square().mean(), params, allow_unused=True))
+    for a, b in zip(*res):
+        if a is not None:
+            assert_close(a, b, 1e-6, 1e-5, "checkpointed grad")
+
+
+def test_fused_kernels_through_the_interpreter():
+    """The whole packed forward + backward with our Triton kernels (interpreted on the CPU)."""
+    from dopsd_fast.models.ops import FusedOps
+
+    st = _model(True)
+    fast = _fast(st, ops=FusedOps(attention="triton"))
+    x, t, caps_s, caps_t = _inputs(1, 8, 8, [9], [20])
+    out_s, out_t = fast.forward_pair(x, t, caps_s, caps_t)
+    ref_t = _eager(st.teacher(), x, t, caps_t)
+    ref_s = _eager(st.student(), x, t, caps_s)
+    assert_close(out_s, ref_s, 1e-4, 1e-3, "student (fused)")
+    assert_close(out_t, ref_t, 1e-4, 1e-3, "teacher (fused)")
+    params = list(st.named_trainable().values())
+    g = torch.randn_like(out_s)
+    for a, b in zip(torch.autograd.grad(out_s, params, g, allow_unused=True),
+                    torch.autograd.grad(ref_s, params, g, allow_unused=True)):
+        if b is not None:
+            assert_close(a, b, 1e-4, 1e-3, "grad (fused)")
+
+
+def test_checkpoint_memory_model():
+    from dopsd_fast.models.zimage import checkpoint_layers_for
+
+    assert checkpoint_layers_for(None, 30, 4400, 3840, 10240) == 0
+    per = 4400 * (10 * 3840 + 3 * 10240) * 2
+    assert checkpoint_layers_for(per * 30, 30, 4400, 3840, 10240) == 0
+    c = checkpoint_layers_for(per * 10, 30, 4400, 3840, 10240)
+    assert 0 < c < 30 and c * 4400 * 3840 * 2 + (30 - c) * per <= per * 10
+    assert checkpoint_layers_for(1, 30, 4400, 3840, 10240) == 30
