@@ -12,6 +12,7 @@ from dopsd_fast.algorithm import (
     euler_sample,
     resolve_schedule,
     rollout_loss,
+    rollout_loss_paired,
     state_loss,
     x0_from_v,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "euler_sample",
     "resolve_schedule",
     "rollout_loss",
+    "rollout_loss_paired",
     "state_loss",
     "x0_from_v",
     "__version__",

@@ -132,6 +132,28 @@ def rollout_loss(
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+    def pair_fn(x, sigma):
+        with torch.no_grad():
+            v_t = teacher_fn(x, sigma)
+        return student_fn(x, sigma), v_t
+
+    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale)
+
+
+def rollout_loss_paired(pair_fn, noise: torch.Tensor, sigmas: Sequence[float] | str, loss: str = "x0",
+                        backward: str = "once", loss_scale: float = 1.0) -> RolloutResult:
+    """:func:`rollout_loss` with one callable for both branches: ``pair_fn(x, sigma) -> (v_student,
+    v_teacher)`` (the fast path's packed double forward). ``v_teacher`` must carry no autograd
+    history; it is treated as a constant either way. Same semantics, same result."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale)
+
+
+def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale) -> RolloutResult:
     sig = resolve_schedule(sigmas)
     k_states = len(sig) - 1
     batch = noise.shape[0]
@@ -144,9 +166,8 @@ def rollout_loss(
     for k in range(k_states):
         sigma = torch.full((batch,), sig[k], dtype=torch.float32, device=x.device)
         x_in = x.detach()  # no back-propagation through time across states
-        with torch.no_grad():
-            v_t = teacher_fn(x_in, sigma)
-        v_s = student_fn(x_in, sigma)
+        v_s, v_t = pair_fn(x_in, sigma)
+        v_t = v_t.detach()
         if v_s.shape != x_in.shape or v_t.shape != x_in.shape:
             raise ValueError(
                 f"state {k}: model outputs must have the state's shape {tuple(x_in.shape)}, got "

@@ -197,6 +197,45 @@ class ValidationConfig:
 
 
 @dataclass(kw_only=True)
+class FastConfig:
+    """The fast path (``dopsd_fast.models``): packed student/teacher forward, fused kernels, FP8,
+    CUDA graphs. ``enabled: false`` runs the eager diffusers model (the reference)."""
+
+    enabled: bool = False
+    kernels: str = "auto"  # auto (Triton kernels on CUDA) | on | off (same structure, eager PyTorch ops)
+    attention: str = "auto"  # auto (triton on CUDA, sdpa elsewhere) | triton | sdpa | flash_attn
+    checkpoint: Union[int, str] = "auto"  # auto (memory model) | none | all | N (first N main layers)
+    memory_budget_gb: Optional[float] = None  # for checkpoint=auto; None = 85% of free GPU memory
+    graphs: bool = False  # CUDA graphs: the no-grad teacher forward and validation roll-outs
+    fp8: str = "off"  # off | te (TransformerEngine) | torchao
+    fp8_recipe: Optional[str] = None  # te: delayed | current; torchao: tensorwise | rowwise (default first)
+    fp8_teacher: bool = True  # run the no-grad teacher forward in FP8 too (te only can turn it off)
+    nvtx: bool = False  # nvtx ranges around roll-out states, teacher, student, backward, optimizer
+
+    def __post_init__(self):
+        _one_of(self.kernels, ("auto", "on", "off"), "fast.kernels")
+        _one_of(self.attention, ("auto", "triton", "sdpa", "flash_attn"), "fast.attention")
+        _one_of(self.fp8, ("off", "te", "torchao"), "fast.fp8")
+        if isinstance(self.checkpoint, str):
+            _one_of(self.checkpoint, ("auto", "none", "all"), "fast.checkpoint")
+        else:
+            _check(self.checkpoint >= 0, "fast.checkpoint", f"must be >= 0 layers, got {self.checkpoint}")
+        if self.memory_budget_gb is not None:
+            _check(self.memory_budget_gb > 0, "fast.memory_budget_gb", "must be > 0")
+        recipes = {"te": ("delayed", "current"), "torchao": ("tensorwise", "rowwise")}
+        if self.fp8 != "off":
+            _check(self.enabled, "fast.fp8", "FP8 runs on the fast path: set fast.enabled=true")
+            if self.fp8_recipe is None:
+                self.fp8_recipe = recipes[self.fp8][0]
+            _one_of(self.fp8_recipe, recipes[self.fp8], "fast.fp8_recipe")
+            _check(self.fp8_teacher or self.fp8 == "te", "fast.fp8_teacher",
+                   "only fp8=te can run the teacher forward in bf16 (torchao converts the layers for both)")
+        else:
+            _check(self.fp8_recipe is None, "fast.fp8_recipe", "set only with fast.fp8 = te or torchao")
+        _check(not self.graphs or self.enabled, "fast.graphs", "CUDA graphs run on the fast path: set fast.enabled=true")
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -206,6 +245,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -433,13 +433,20 @@ def _check_qkv(*named):
         shape = t.shape[1:]
 
 
-def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float | None = None):
-    """Packed variable-length attention -> ``(o (Tq, H, D), lse (H, Tq) fp32)``; differentiable in q, k, v."""
+def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float | None = None,
+                      max_seqlen_q: int | None = None, max_seqlen_k: int | None = None):
+    """Packed variable-length attention -> ``(o (Tq, H, D), lse (H, Tq) fp32)``; differentiable in q, k, v.
+
+    With ``max_seqlen_q``/``max_seqlen_k`` given (int32 contiguous offsets assumed valid), the offsets
+    are not read back to the host: no device sync, capturable in a CUDA graph."""
     _check_qkv(("q", q), ("k", k), ("v", v))
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k has {k.shape[0]} rows but v has {v.shape[0]}")
-    cu_q, max_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    cu_k, max_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if max_seqlen_q is not None and max_seqlen_k is not None:
+        cu_q, max_q, cu_k, max_k = cu_seqlens_q, int(max_seqlen_q), cu_seqlens_k, int(max_seqlen_k)
+    else:
+        cu_q, max_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        cu_k, max_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_q.numel() - 1} samples, cu_seqlens_k {cu_k.numel() - 1}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -447,14 +454,22 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float 
 
 
 def dual_branch_attention(q_s, q_t, shared_kv, student_kv, teacher_kv, cu_seqlens_q_s, cu_seqlens_q_t,
-                          softmax_scale: float | None = None):
+                          softmax_scale: float | None = None, max_seqlens: tuple | None = None):
     """The double forward's attention in one launch.
 
     ``shared_kv``, ``student_kv``, ``teacher_kv``: ``(k, v, cu_seqlens)`` each, packed over the same B
     samples (a segment may be empty for some or all samples). Returns ``(o_s, lse_s, o_t, lse_t)``;
     only ``o_s``/``lse_s`` are differentiable (to ``q_s``, the shared and the student keys/values).
+    ``max_seqlens=(max query rows, max shared, max student, max teacher keys)`` skips reading the
+    offsets back to the host (no sync; capturable in a CUDA graph).
     """
     (k_sh, v_sh, cu_sh), (k_s, v_s, cu_s), (k_t, v_t, cu_t) = shared_kv, student_kv, teacher_kv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q_s.shape[-1])
+    c = lambda t: t.contiguous()  # noqa: E731
+    if max_seqlens is not None:
+        mq, m_sh, m_s, m_t = (int(m) for m in max_seqlens)
+        return dual_branch_attention_op(c(q_s), c(q_t), c(k_sh), c(v_sh), c(k_s), c(v_s), c(k_t), c(v_t), cu_seqlens_q_s,
+                                        cu_seqlens_q_t, cu_sh, cu_s, cu_t, mq, m_sh, m_s, m_t, float(scale))
     _check_qkv(("q_s", q_s), ("q_t", q_t), ("k_shared", k_sh), ("v_shared", v_sh), ("k_student", k_s),
                ("v_student", v_s), ("k_teacher", k_t), ("v_teacher", v_t))
     cu_q_s, mq_s = _check_cu("cu_seqlens_q_s", cu_seqlens_q_s, q_s.shape[0])
@@ -467,7 +482,5 @@ def dual_branch_attention(q_s, q_t, shared_kv, student_kv, teacher_kv, cu_seqlen
     for name, k, v in (("shared", k_sh, v_sh), ("student", k_s, v_s), ("teacher", k_t, v_t)):
         if k.shape != v.shape:
             raise ValueError(f"dual_branch_attention: {name} k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q_s.shape[-1])
-    c = lambda t: t.contiguous()  # noqa: E731
     return dual_branch_attention_op(c(q_s), c(q_t), c(k_sh), c(v_sh), c(k_s), c(v_s), c(k_t), c(v_t), cu_q_s, cu_q_t,
                                     cu_sh, cu_s, cu_t, max(mq_s, mq_t), m_sh, m_s, m_t, float(scale))

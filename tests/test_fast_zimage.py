@@ -151,3 +151,36 @@ def test_checkpoint_memory_model():
     c = checkpoint_layers_for(per * 10, 30, 4400, 3840, 10240)
     assert 0 < c < 30 and c * 4400 * 3840 * 2 + (30 - c) * per <= per * 10
     assert checkpoint_layers_for(1, 30, 4400, 3840, 10240) == 30
+
+
+def test_fp8_filter_and_fp8_module_dispatch():
+    """The FP8 module filter takes only the block linears; a converted (FP8) base layer is called as
+    a module by the fast path, with the LoRA delta added on top: outputs still match the eager model.
+    (The stand-in below is an nn.Linear under torchao's class name: it checks the dispatch, not FP8
+    numerics, which need an sm_89+ GPU.)"""
+    from dopsd_fast.fp8 import apply_fp8, fp8_module_filter, sqnr_db
+
+    st = _model(True)
+    tr = st.transformer
+    picked = [n for n, m in tr.named_modules() if fp8_module_filter(n, m)]
+    assert picked and all(".base_layer" in n for n in picked)
+    assert not any("adaLN" in n or "embedder" in n or "final_layer" in n for n in picked)
+    assert {n.split(".")[0] for n in picked} == {"layers", "noise_refiner", "context_refiner"}
+
+    class Float8Linear(torch.nn.Linear):
+        pass
+
+    for n in picked:
+        parent, _, child = n.rpartition(".")
+        old = tr.get_submodule(n)
+        new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        setattr(tr.get_submodule(parent), child, new)
+    x, t, caps_s, caps_t = _inputs(*CASES[1])
+    out_s, out_t = _fast(st).forward_pair(x, t, caps_s, caps_t)
+    assert_close(out_s, _eager(st.student(), x, t, caps_s), 1e-5, 1e-4, "student via FP8-module dispatch")
+    assert_close(out_t, _eager(st.teacher(), x, t, caps_t), 1e-5, 1e-4, "teacher via FP8-module dispatch")
+    assert sqnr_db(out_s, out_s + 1e-3 * out_s.std() * torch.randn_like(out_s)) > 55
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="fp8"):
+            apply_fp8(_model(True).transformer, "torchao", "tensorwise")

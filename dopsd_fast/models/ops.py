@@ -67,7 +67,8 @@ def varlen_attention(backend: str, q, k, v, cu: torch.Tensor, cu_list: list[int]
     if backend == "triton":
         from dopsd_fast.kernels.attention import flash_attn_varlen
 
-        return flash_attn_varlen(q, k, v, cu, cu)[0]
+        m = max(b - a for a, b in zip(cu_list, cu_list[1:]))
+        return flash_attn_varlen(q, k, v, cu, cu, max_seqlen_q=m, max_seqlen_k=m)[0]
     if backend == "flash_attn":
         max_len = max(b - a for a, b in zip(cu_list, cu_list[1:]))
         if _has("flash_attn_interface"):
@@ -175,11 +176,15 @@ class FusedOps(TorchOps):
             return super().attention_pair(s, t)
         from dopsd_fast.kernels.attention import dual_branch_attention
 
-        (q_s, k_s, v_s, cu_s, _), (q_t, k_t, v_t, cu_t, _) = s, t
+        (q_s, k_s, v_s, cu_s, l_s), (q_t, k_t, v_t, cu_t, l_t) = s, t
+        if len(l_s) != len(l_t):
+            raise ValueError("attention_pair: student and teacher streams hold different numbers of samples")
         empty = k_s[:0]
         zeros = torch.zeros_like(cu_s)
+        m_s = max(b - a for a, b in zip(l_s, l_s[1:]))
+        m_t = max(b - a for a, b in zip(l_t, l_t[1:]))
         o_s, _, o_t, _ = dual_branch_attention(q_s, q_t, (empty, empty, zeros), (k_s, v_s, cu_s), (k_t, v_t, cu_t),
-                                               cu_s, cu_t)
+                                               cu_s, cu_t, max_seqlens=(max(m_s, m_t), 0, m_s, m_t))
         return o_s, o_t
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dopsd_fast.fp8 import is_fp8_linear
 from dopsd_fast.models.ops import TorchOps
 from dopsd_fast.profiling import nvtx_range
 
@@ -83,12 +84,15 @@ class FastZImage:
     ``checkpoint_layers``: how many main layers (from the first) run under gradient checkpointing.
     """
 
-    def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False):
+    def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False,
+                 fp8_ctx=None, fp8_teacher: bool = True):
         self.ms, self.adapter_s = student
         self.mt, self.adapter_t = teacher
         self.ops = ops or TorchOps()
         self.checkpoint_layers = int(checkpoint_layers)
         self.nvtx = nvtx
+        self.fp8_ctx = fp8_ctx or (lambda enabled=True: contextlib.nullcontext())
+        self.fp8_teacher = fp8_teacher
         cfg = self.ms.config
         if tuple(cfg.all_patch_size) != (2,) or tuple(cfg.all_f_patch_size) != (1,):
             raise NotImplementedError("FastZImage supports the released patch sizes (2, f 1) only")
@@ -99,13 +103,24 @@ class FastZImage:
         self.head_dim = cfg.dim // cfg.n_heads
         self.eps = cfg.norm_eps
         self.same_model = self.ms is self.mt
+        self._layouts: dict = {}
         self.refiner_shareable = self.same_model and not _has_lora(self.ms.noise_refiner)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _nv(self, name):
         return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
 
+    @staticmethod
+    def _delta(x, lora):
+        a, b, s = lora
+        return s * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
     def _lin(self, mod, adapter, x):
+        base = getattr(mod, "base_layer", mod)
+        if is_fp8_linear(base):  # FP8 base GEMM by the converted module, LoRA delta in bf16
+            y = base(x)
+            lora = _lora_of(mod, adapter)[2] if base is not mod else None
+            return y + self._delta(x, lora) if lora is not None else y
         w, b, lora = _lora_of(mod, adapter)
         return self.ops.linear(x, w, b, lora)
 
@@ -117,6 +132,23 @@ class FastZImage:
         if x_s is None:
             with torch.no_grad():
                 return None, self._lin(mod_t, self.adapter_t, x_t)
+        base = getattr(mod_s, "base_layer", mod_s)
+        if mod_s is mod_t and is_fp8_linear(base):
+            lo_s = _lora_of(mod_s, self.adapter_s)[2] if base is not mod_s else None
+            lo_t = _lora_of(mod_s, self.adapter_t)[2] if base is not mod_s else None
+            if self.fp8_teacher:  # one FP8 GEMM over both streams' rows
+                y = base(torch.cat([x_s, x_t.detach()]))
+                y_s, y_t = y[:x_s.shape[0]], y[x_s.shape[0]:].detach()
+            else:  # the teacher's rows in bf16 (TransformerEngine outside fp8_autocast)
+                y_s = base(x_s)
+                with torch.no_grad(), self.fp8_ctx(False):
+                    y_t = base(x_t)
+            if lo_s is not None:
+                y_s = y_s + self._delta(x_s, lo_s)
+            if lo_t is not None:
+                with torch.no_grad():
+                    y_t = y_t + self._delta(x_t, lo_t)
+            return y_s, y_t
         if mod_s is mod_t:
             w, b, lo_s = _lora_of(mod_s, self.adapter_s)
             _, _, lo_t = _lora_of(mod_s, self.adapter_t)
@@ -215,37 +247,97 @@ class FastZImage:
             mt = one(self.mt)
         return {"s": one(self.ms), "t": mt}
 
+    # ---- layout (host-side work, cached per shape) ---------------------------------------------
+    def layout(self, B, H, W, cap_lens_s, cap_lens_t, device):
+        """Everything that depends only on shapes: RoPE tables, offsets, gather indices. Built once
+        per (resolution, caption lengths) and cached, so the forward itself does no host work and no
+        host-to-device copy (what CUDA-graph capture needs)."""
+        key = (B, H, W, tuple(cap_lens_s or ()), tuple(cap_lens_t or ()), str(device))
+        hit = self._layouts.get(key)
+        if hit is not None:
+            return hit
+        ht_, wt_ = H // 2, W // 2
+        n_img = ht_ * wt_
+        n_img_pad = n_img + (-n_img) % SEQ_MULTI_OF
+        lay = {"n_img": n_img, "n_img_pad": n_img_pad, "hw": (ht_, wt_)}
+        i32 = dict(dtype=torch.int32, device=device)
+        for which, lens, model in (("s", cap_lens_s, self.ms), ("t", cap_lens_t, self.mt)):
+            if lens is None:
+                continue
+            padded = [n + (-n) % SEQ_MULTI_OF for n in lens]
+            img_ids, cap_ids = zip(*[self._rope_ids(p, ht_, wt_, n_img, n_img_pad, "cpu") for p in padded])
+            img_cs = self._freqs(model, torch.cat(img_ids).to(device))
+            cap_cs = self._freqs(model, torch.cat(cap_ids).to(device))
+            cap_cu = [0]
+            for p in padded:
+                cap_cu.append(cap_cu[-1] + p)
+            # caption rows: embedded real tokens first, then one pad row per padded position
+            n_real = sum(lens)
+            cap_src, pad_at, off = [], [], 0
+            for b, (n, p) in enumerate(zip(lens, padded)):
+                cap_src += list(range(off, off + n)) + [n_real] * (p - n)
+                off += n
+            # unified rows per sample [image ; caption] from cat([image rows, caption rows])
+            uni_src, uni_cu, n_img_rows = [], [0], B * n_img_pad
+            for b, p in enumerate(padded):
+                uni_src += list(range(b * n_img_pad, (b + 1) * n_img_pad))
+                uni_src += list(range(n_img_rows + cap_cu[b], n_img_rows + cap_cu[b + 1]))
+                uni_cu.append(uni_cu[-1] + n_img_pad + p)
+            uni_ids = torch.cat([torch.cat([img_ids[b], cap_ids[b]]) for b in range(B)]).to(device)
+            out_rows = [r for b in range(B) for r in range(uni_cu[b], uni_cu[b] + n_img)]
+            arange_b = torch.arange(B)
+            lay[which] = {
+                "cap_src": torch.tensor(cap_src, dtype=torch.long, device=device),
+                "img": (img_cs, [i * n_img_pad for i in range(B + 1)],
+                        arange_b.repeat_interleave(n_img_pad).to(device)),
+                "cap": (cap_cs, cap_cu, torch.repeat_interleave(arange_b, torch.tensor(padded)).to(device)),
+                "uni": (self._freqs(model, uni_ids), uni_cu,
+                        torch.repeat_interleave(arange_b, torch.tensor([n_img_pad + p for p in padded])).to(device)),
+                "uni_src": torch.tensor(uni_src, dtype=torch.long, device=device),
+                "out_rows": torch.tensor(out_rows, dtype=torch.long, device=device),
+            }
+            for name in ("img", "cap", "uni"):
+                (cos, sin), cu, seq = lay[which][name]
+                lay[which][name] = (cos, sin, torch.tensor(cu, **i32), cu, seq)
+        if len(self._layouts) >= 64:
+            self._layouts.pop(next(iter(self._layouts)))
+        self._layouts[key] = lay
+        return lay
+
+    @staticmethod
+    def _stream(h, spec):
+        cos, sin, cu, cu_list, seq = spec
+        return Stream(h, cos, sin, cu, cu_list, seq)
+
     # ---- forward -------------------------------------------------------------------------------
     def forward_pair(self, x, t, caps_s, caps_t=None, student=True):
         """Diffusers-equivalent outputs (``model_out``, i.e. -v) of the student and teacher branches.
 
         x: (B, C, H, W) latents; t: (B,) timesteps in [0, 1] (``1 - sigma``); caps_*: per-sample
-        caption features (L_b, cap_feat_dim). ``student=False`` runs the teacher branch alone.
+        caption features (L_b, cap_feat_dim). ``student=False`` (or ``caps_s=None``) runs the teacher
+        branch alone; ``caps_t=None`` the student alone.
         """
         ms, mt = self.ms, self.mt
         B, C, H, W = x.shape
         dtype = ms.all_x_embedder[self.key].weight.dtype
-        device = x.device
-        run_s, run_t = bool(student), caps_t is not None
-        ht_, wt_ = H // 2, W // 2
-        n_img = ht_ * wt_
-        n_img_pad = n_img + (-n_img) % SEQ_MULTI_OF
+        run_s = bool(student) and caps_s is not None
+        run_t = caps_t is not None
+        lay = self.layout(B, H, W, [len(c) for c in caps_s] if run_s else None,
+                          [len(c) for c in caps_t] if run_t else None, x.device)
+        n_img, n_img_pad = lay["n_img"], lay["n_img_pad"]
+        ht_, wt_ = lay["hw"]
+        branches = ([("s", ms, caps_s)] if run_s else []) + ([("t", mt, caps_t)] if run_t else [])
+        no_grad = lambda w: torch.no_grad() if w == "t" else contextlib.nullcontext()  # noqa: E731
 
         with self._nv("embed"):
-            # timestep embedding (shared unless two models)
-            def temb(model):
-                return model.t_embedder(t.to(torch.float32) * model.t_scale).to(dtype)
-
-            adaln = [temb(ms)] if run_s or self.same_model else [None]
-            if not self.same_model and run_t:
-                with torch.no_grad():
-                    adaln.append(temb(mt))
-            elif self.same_model:
-                adaln.append(adaln[0])
-            if not run_s:
-                adaln[0] = adaln[1] if len(adaln) > 1 else adaln[0]
-            adaln_s, adaln_t = adaln[0], adaln[-1]
-
+            adaln = {}
+            for which, model, _ in branches:
+                if self.same_model and adaln:
+                    adaln[which] = next(iter(adaln.values()))
+                    continue
+                with no_grad(which):
+                    adaln[which] = model.t_embedder(t.to(torch.float32) * model.t_scale).to(dtype)
+            adaln_list = [adaln.get("s", adaln.get("t")), adaln.get("t", adaln.get("s"))]
             patches = x.to(dtype).view(B, C, 1, 1, ht_, 2, wt_, 2).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(
                 B, n_img, 4 * C)
 
@@ -253,126 +345,62 @@ class FastZImage:
                 e = model.all_x_embedder[self.key](patches)
                 if n_img_pad > n_img:
                     e = torch.cat([e, model.x_pad_token.to(e.dtype).expand(B, n_img_pad - n_img, -1)], 1)
-                return e
+                return e.reshape(B * n_img_pad, -1)
 
-            def streams(model, caps, adaln_b):
-                lens = [len(c) for c in caps]
-                padded = [n + (-n) % SEQ_MULTI_OF for n in lens]
-                img_ids, cap_ids, cap_rows = [], [], []
-                emb = model.cap_embedder(torch.cat([c.to(device, dtype) for c in caps]))
-                off = 0
-                for b, (n, p) in enumerate(zip(lens, padded)):
-                    ii, ci = self._rope_ids(p, ht_, wt_, n_img, n_img_pad, device)
-                    img_ids.append(ii)
-                    cap_ids.append(ci)
-                    e = emb[off:off + n]
-                    off += n
-                    if p > n:
-                        e = torch.cat([e, model.cap_pad_token.to(e.dtype).expand(p - n, -1)])
-                    cap_rows.append(e)
-                return lens, padded, img_ids, cap_ids, cap_rows
+            cap_h = {}
+            for which, model, caps in branches:
+                with no_grad(which):
+                    emb = model.cap_embedder(torch.cat([c.to(x.device, dtype) for c in caps]))
+                    rows = torch.cat([emb, model.cap_pad_token.to(emb.dtype)])
+                    cap_h[which] = rows[lay[which]["cap_src"]]
 
-        results = {}
-        branches = []
-        if run_s:
-            branches.append(("s", ms, caps_s, adaln_s))
-        if run_t:
-            branches.append(("t", mt, caps_t, adaln_t))
-        info = {}
-        for which, model, caps, ad in branches:
-            ctx = torch.no_grad() if which == "t" else contextlib.nullcontext()
-            with ctx:
-                info[which] = streams(model, caps, ad)
-
-        # ---- noise refiner (image tokens only; shared when it can be) ----
         with self._nv("noise_refiner"):
-            def img_stream(which):
-                model = ms if which == "s" else mt
-                ids = torch.cat(info[which][2])
-                cos, sin = self._freqs(model, ids)
-                cu = [i * n_img_pad for i in range(B + 1)]
-                seq = torch.arange(B, device=device).repeat_interleave(n_img_pad)
-                return cos, sin, cu, seq
-
+            n_ref = len(ms.noise_refiner)
             share = self.refiner_shareable and n_img_pad == n_img and run_s and run_t
-            img = {}
             if share:
-                cos, sin, cu, seq = img_stream("s")
-                h = img_embed(ms).reshape(B * n_img_pad, -1)
-                st = Stream(h, cos, sin, torch.tensor(cu, dtype=torch.int32, device=device), cu, seq)
-                for i in range(len(ms.noise_refiner)):
-                    mods = self._mods(lambda m, i=i: m.noise_refiner[i], [adaln_s, adaln_t])
-                    st.h, _ = self._block(lambda m, i=i: m.noise_refiner[i], st, None, mods, True)
+                st = self._stream(img_embed(ms), lay["s"]["img"])
+                for i in range(n_ref):
+                    path = lambda m, i=i: m.noise_refiner[i]  # noqa: E731
+                    st.h = self._block(path, st, None, self._mods(path, adaln_list), True)[0]
                 img = {"s": st.h, "t": st.h.detach()}
             else:
                 sts = {}
-                for which, model, caps, ad in branches:
-                    cos, sin, cu, seq = img_stream(which)
-                    ctx = torch.no_grad() if which == "t" else contextlib.nullcontext()
-                    with ctx:
-                        h = img_embed(model).reshape(B * n_img_pad, -1)
-                    sts[which] = Stream(h, cos, sin, torch.tensor(cu, dtype=torch.int32, device=device), cu, seq)
-                for i in range(len(ms.noise_refiner)):
-                    mods = self._mods(lambda m, i=i: m.noise_refiner[i], [adaln_s, adaln_t])
-                    out_s, out_t = self._block(lambda m, i=i: m.noise_refiner[i], sts.get("s"), sts.get("t"), mods, True)
-                    if "s" in sts:
-                        sts["s"].h = out_s
-                    if "t" in sts:
-                        sts["t"].h = out_t
+                for which, model, _ in branches:
+                    with no_grad(which):
+                        sts[which] = self._stream(img_embed(model), lay[which]["img"])
+                for i in range(n_ref):
+                    path = lambda m, i=i: m.noise_refiner[i]  # noqa: E731
+                    out_s, out_t = self._block(path, sts.get("s"), sts.get("t"), self._mods(path, adaln_list), True)
+                    for which, out in (("s", out_s), ("t", out_t)):
+                        if which in sts:
+                            sts[which].h = out
                 img = {w: st.h for w, st in sts.items()}
 
-        # ---- context refiner (per branch: captions differ) ----
         with self._nv("context_refiner"):
-            cap_st = {}
-            for which, model, caps, ad in branches:
-                lens, padded, img_ids, cap_ids, cap_rows = info[which]
-                cos, sin = self._freqs(model, torch.cat(cap_ids))
-                cu = [0]
-                for p in padded:
-                    cu.append(cu[-1] + p)
-                seq = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(padded, device=device))
-                cap_st[which] = Stream(torch.cat(cap_rows), cos, sin, torch.tensor(cu, dtype=torch.int32, device=device),
-                                       cu, seq)
+            cap_st = {w: self._stream(cap_h[w], lay[w]["cap"]) for w, _, _ in branches}
             for i in range(len(ms.context_refiner)):
-                out_s, out_t = self._block(lambda m, i=i: m.context_refiner[i], cap_st.get("s"), cap_st.get("t"), None,
-                                           False)
-                if "s" in cap_st:
-                    cap_st["s"].h = out_s
-                if "t" in cap_st:
-                    cap_st["t"].h = out_t
+                path = lambda m, i=i: m.context_refiner[i]  # noqa: E731
+                out_s, out_t = self._block(path, cap_st.get("s"), cap_st.get("t"), None, False)
+                for which, out in (("s", out_s), ("t", out_t)):
+                    if which in cap_st:
+                        cap_st[which].h = out
 
-        # ---- unified streams: per sample [image ; caption] ----
         uni = {}
-        for which, model, caps, ad in branches:
-            lens, padded, img_ids, cap_ids, cap_rows = info[which]
-            ctx = torch.no_grad() if which == "t" else contextlib.nullcontext()
-            with ctx:
-                hi = img[which].view(B, n_img_pad, -1)
-                cs = cap_st[which]
-                parts, ids = [], []
-                for b in range(B):
-                    parts += [hi[b], cs.h[cs.cu_list[b]:cs.cu_list[b + 1]]]
-                    ids += [img_ids[b], cap_ids[b]]
-                h = torch.cat(parts)
-            cos, sin = self._freqs(model, torch.cat(ids))
-            seqlens = [n_img_pad + p for p in padded]
-            cu = [0]
-            for n in seqlens:
-                cu.append(cu[-1] + n)
-            seq = torch.repeat_interleave(torch.arange(B, device=device), torch.tensor(seqlens, device=device))
-            uni[which] = Stream(h, cos, sin, torch.tensor(cu, dtype=torch.int32, device=device), cu, seq)
+        for which, _, _ in branches:
+            with no_grad(which):
+                h = torch.cat([img[which], cap_st[which].h])[lay[which]["uni_src"]]
+            uni[which] = self._stream(h, lay[which]["uni"])
 
-        # ---- main layers ----
         s_st, t_st = uni.get("s"), uni.get("t")
         for i in range(len(ms.layers)):
             with self._nv(f"layer{i}"):
                 path = lambda m, i=i: m.layers[i]  # noqa: E731
-                mods = self._mods(path, [adaln_s, adaln_t])
+                mods = self._mods(path, adaln_list)
                 if s_st is not None and i < self.checkpoint_layers and torch.is_grad_enabled():
-                    # student under checkpointing (recompute in backward), teacher alone without autograd
+                    # the student under checkpointing (recomputed in backward); the teacher alone, no autograd
                     def run(h, path=path, mods=mods):
-                        st = Stream(h, s_st.cos, s_st.sin, s_st.cu, s_st.cu_list, s_st.seq)
-                        return self._block(path, st, None, mods, True)[0]
+                        return self._block(path, Stream(h, s_st.cos, s_st.sin, s_st.cu, s_st.cu_list, s_st.seq),
+                                           None, mods, True)[0]
 
                     new_s = checkpoint(run, s_st.h, use_reentrant=False)
                     new_t = self._block(path, None, t_st, mods, True)[1] if t_st is not None else None
@@ -383,23 +411,16 @@ class FastZImage:
                 if t_st is not None:
                     t_st.h = new_t
 
-        # ---- final layer and unpatchify ----
+        results = {}
         with self._nv("final"):
-            def final(which):
-                st, model = uni[which], (ms if which == "s" else mt)
-                fl = model.all_final_layer[self.key]
-                ad = adaln_s if which == "s" else adaln_t
-                scale = fl.adaLN_modulation(ad)
-                y = self.ops.ln_mod(st.view3(st.h), st.mod(scale), 1e-6).view_as(st.h)
-                rows = torch.cat([y[st.cu_list[b]:st.cu_list[b] + n_img] for b in range(B)])
-                out = fl.linear(rows).view(B, 1, ht_, wt_, 1, 2, 2, C)
-                return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
-
-            if run_s:
-                results["s"] = final("s")
-            if run_t:
-                with torch.no_grad():
-                    results["t"] = final("t")
+            for which, model, _ in branches:
+                with no_grad(which):
+                    st = uni[which]
+                    fl = model.all_final_layer[self.key]
+                    scale = fl.adaLN_modulation(adaln[which])
+                    y = self.ops.ln_mod(st.view3(st.h), st.mod(scale), 1e-6).view_as(st.h)
+                    out = fl.linear(y[lay[which]["out_rows"]]).view(B, 1, ht_, wt_, 1, 2, 2, C)
+                    results[which] = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
         return results.get("s"), results.get("t")
 
     def velocity_pair(self, x, sigma, ctx_s, ctx_t):

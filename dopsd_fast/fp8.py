@@ -1,0 +1,104 @@
+"""FP8 for the large GEMMs of the transformer blocks: TransformerEngine or torchao, chosen by
+``fast.fp8``. Both are optional and imported only here, when asked for.
+
+* ``te``: every selected ``nn.Linear`` becomes ``transformer_engine.pytorch.Linear`` (same weights),
+  run under ``te.fp8_autocast`` with ``DelayedScaling`` (``fp8_recipe: delayed``) or
+  ``Float8CurrentScaling`` (``current``). The no-grad teacher forward can stay in bf16
+  (``fast.fp8_teacher: false``).
+* ``torchao``: ``torchao.float8.convert_to_float8_training`` with the same module filter and the
+  ``tensorwise`` or ``rowwise`` recipe.
+
+Kept in bf16 (performance.md: small or sensitive layers lose): the timestep / caption / patch
+embedders, every adaLN modulation linear and the final layer. Only the attention projections and
+the feed-forward linears of the blocks (their base layers under LoRA: the adapters stay bf16) are
+converted, and only when both dimensions are multiples of 16 (the FP8 GEMM's requirement).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import re
+
+import torch
+
+BLOCK_LINEAR = re.compile(r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|"
+                          r"feed_forward\.(w1|w2|w3))(\.base_layer)?$")
+
+
+def fp8_module_filter(fqn: str, module: torch.nn.Module) -> bool:
+    """True for the block linears FP8 should take (see the module docstring)."""
+    if not isinstance(module, torch.nn.Linear) or not BLOCK_LINEAR.match(fqn):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def is_fp8_linear(module: torch.nn.Module) -> bool:
+    """A linear whose forward runs an FP8 GEMM (torchao Float8Linear or a TransformerEngine layer)."""
+    cls = type(module)
+    return cls.__name__ == "Float8Linear" or cls.__module__.startswith("transformer_engine")
+
+
+def _require(pkg: str, what: str) -> None:
+    if importlib.util.find_spec(pkg) is None:
+        raise RuntimeError(f"fast.fp8={what}: the '{pkg}' package is not installed "
+                           f"(pip install {'transformer-engine[pytorch]' if what == 'te' else 'torchao'}), "
+                           "or set fast.fp8=off")
+
+
+def _require_fp8_gpu(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"fast.fp8={what} needs a CUDA GPU with FP8 tensor cores (H100/H200, sm_89+)")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise RuntimeError(f"fast.fp8={what}: this GPU (sm_{major}{minor}) has no FP8 tensor cores; needs sm_89+")
+
+
+def apply_fp8(model: torch.nn.Module, mode: str, recipe: str):
+    """Converts the selected linears of ``model`` in place. Returns a context factory
+    ``ctx(enabled: bool)`` to wrap forwards in (TransformerEngine's fp8_autocast; a no-op for
+    torchao, whose layers are always FP8)."""
+    if mode == "off":
+        return lambda enabled=True: contextlib.nullcontext()
+    selected = [(n, m) for n, m in model.named_modules() if fp8_module_filter(n, m)]
+    if not selected:
+        raise RuntimeError("fast.fp8: no linear of the model matches the FP8 filter (block attention/FFN linears)")
+    if mode == "torchao":
+        _require("torchao", "torchao")
+        _require_fp8_gpu("torchao")
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        names = {n for n, _ in selected}
+        convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                                   module_filter_fn=lambda m, fqn: fqn in names)
+        return lambda enabled=True: contextlib.nullcontext()
+    if mode == "te":
+        _require("transformer_engine", "te")
+        _require_fp8_gpu("te")
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import DelayedScaling, Float8CurrentScaling
+
+        for name, lin in selected:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            new = te.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                            params_dtype=lin.weight.dtype, device=lin.weight.device)
+            with torch.no_grad():
+                new.weight.copy_(lin.weight)
+                if lin.bias is not None:
+                    new.bias.copy_(lin.bias)
+            new.weight.requires_grad_(lin.weight.requires_grad)
+            if lin.bias is not None:
+                new.bias.requires_grad_(lin.bias.requires_grad)
+            setattr(parent, child, new)
+        rec = DelayedScaling() if recipe == "delayed" else Float8CurrentScaling()
+        return lambda enabled=True: te.fp8_autocast(enabled=enabled, fp8_recipe=rec)
+    raise ValueError(f"fast.fp8 must be off, te or torchao, got {mode!r}")
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB of ``test`` against ``reference`` (what torchao
+    reports for its FP8 layers; >= 20 dB is the target for the velocity)."""
+    ref = reference.detach().double()
+    err = test.detach().double() - ref
+    return float(10 * torch.log10(ref.pow(2).mean() / err.pow(2).mean().clamp_min(1e-30)))
