@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dopsd_fast.algorithm import euler_sample, rollout_loss
+from dopsd_fast.algorithm import euler_sample, rollout_loss, rollout_loss_paired
 from dopsd_fast.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 
 log = logging.getLogger("dopsd_fast")
@@ -76,6 +76,13 @@ class Trainer:
             self.weights = StudentTeacher(self.adapter.transformer, cfg.lora, targets, self.adapter.dtype,
                                           ema_on_cpu=cfg.dopsd.ema_on_cpu,
                                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+        self.fast = None
+        if cfg.fast.enabled:
+            from dopsd_fast.fastpath import FastPath
+
+            w_max, h_max = max(self.dataset.buckets_of, key=lambda b: b[0] * b[1])
+            _, lh, lw = self.adapter.latent_shape(h_max, w_max)
+            self.fast = FastPath(cfg, self.adapter, self.weights, max_tokens=(lh // 2) * (lw // 2) + 512)
         params = self.weights.trainable_parameters()
         kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         if self.device.type == "cuda":
@@ -101,6 +108,11 @@ class Trainer:
             raise FileNotFoundError(f"--resume {resume}: not found")
 
     # ---- pieces ------------------------------------------------------------------------------
+    def _nv(self, name):
+        from dopsd_fast.profiling import nvtx_range
+
+        return nvtx_range(name) if self.cfg.fast.nvtx else contextlib.nullcontext()
+
     def autocast(self):
         if self.device.type == "cuda" and self.adapter.dtype in (torch.bfloat16, torch.float16):
             return torch.autocast("cuda", dtype=self.adapter.dtype)
@@ -120,6 +132,14 @@ class Trainer:
         """Roll-out + loss (+ backward for the stepwise schedule) of one micro-batch."""
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
+        if self.fast is not None:
+            with self.autocast():
+                res = rollout_loss_paired(self.fast.pair_fn(ctx_s, ctx_t), noise, self.sigmas, loss=self.cfg.dopsd.loss,
+                                          backward=self.cfg.dopsd.backward, loss_scale=loss_scale)
+            if self.cfg.dopsd.backward == "once":
+                with self._nv("backward"):
+                    (res.loss * loss_scale).backward()
+            return res
         velocity = self.adapter.velocity
         weights = self.weights
 
@@ -157,7 +177,8 @@ class Trainer:
         else:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         lr = self.lr_sched.get_last_lr()[0]
-        self.optimizer.step()
+        with self._nv("optimizer"):
+            self.optimizer.step()
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.weights.ema_update(self.cfg.dopsd.ema_decay)
@@ -192,8 +213,14 @@ class Trainer:
             ctx_s = [c.to(self.device) for c in self.contexts.student([s])]
             ctx_t = [c.to(self.device) for c in self.contexts.teacher([s])]
             with self.autocast():
-                xs = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.student(), x, sg, ctx_s), noise, sig)
-                xt = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.teacher(), x, sg, ctx_t), noise, sig)
+                if self.fast is not None:
+                    xs = euler_sample(lambda x, sg: self.fast.velocity("s", x, sg, ctx_s), noise, sig)
+                    xt = euler_sample(lambda x, sg: self.fast.velocity("t", x, sg, ctx_t), noise, sig)
+                else:
+                    xs = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.student(), x, sg, ctx_s), noise,
+                                      sig)
+                    xt = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.teacher(), x, sg, ctx_t), noise,
+                                      sig)
             imgs = self.adapter.decode(torch.cat([xs, xt]))
             rows.append((s.prompt, [s.image, imgs[0].cpu(), imgs[1].cpu()]))
         self.weights.student()

@@ -1,0 +1,119 @@
+"""The fast path of a training run (``fast.enabled``): builds :class:`~dopsd_fast.models.zimage.FastZImage`
+on the run's weights and hands the trainer the packed double forward, the no-grad velocity for
+validation, FP8 and CUDA graphs as configured."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from dopsd_fast.config import ConfigError
+from dopsd_fast.profiling import nvtx_range
+
+log = logging.getLogger("dopsd_fast")
+
+
+def resolve_checkpoint_layers(fc, n_layers: int, tokens: int, dim: int, ffn: int, k_alive: int, device) -> int:
+    """``fast.checkpoint`` -> how many main layers run under gradient checkpointing."""
+    from dopsd_fast.models.zimage import checkpoint_layers_for
+
+    if fc.checkpoint == "none":
+        return 0
+    if fc.checkpoint == "all":
+        return n_layers
+    if not isinstance(fc.checkpoint, str):
+        return min(int(fc.checkpoint), n_layers)
+    budget = None
+    if fc.memory_budget_gb is not None:
+        budget = fc.memory_budget_gb * 1e9
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = 0.85 * free
+    n = checkpoint_layers_for(budget, n_layers, tokens * k_alive, dim, ffn)
+    log.info("fast.checkpoint=auto: %d of %d main layers checkpointed (budget %s, %d tokens x %d states alive)", n,
+             n_layers, f"{budget / 1e9:.1f} GB" if budget else "unlimited", tokens, k_alive)
+    return n
+
+
+class FastPath:
+    def __init__(self, cfg, adapter, weights, max_tokens: int):
+        from dopsd_fast.fp8 import apply_fp8
+        from dopsd_fast.models.ops import build_ops
+        from dopsd_fast.models.zimage import FastZImage
+        from dopsd_fast.weights import STUDENT, TEACHER
+
+        fc = cfg.fast
+        if cfg.model.family != "zimage":
+            raise ConfigError(f"config field 'fast.enabled': the fast path supports model.family=zimage, "
+                              f"not {cfg.model.family!r}")
+        if fc.fp8 != "off" and not cfg.lora.enabled:
+            raise ConfigError("config field 'fast.fp8': FP8 is implemented for LoRA runs (the base weights frozen); "
+                              "full fine-tuning in FP8 is not")
+        self.cfg, self.device = cfg, adapter.device
+        self.nvtx = fc.nvtx
+        tr = weights.transformer
+        self.fp8_ctx = apply_fp8(tr, fc.fp8, fc.fp8_recipe)
+        ops = build_ops(fc.kernels, fc.attention, self.device)
+        tcfg = tr.config
+        k_alive = (len(weights_sigmas(cfg, adapter)) - 1) if cfg.dopsd.backward == "once" else 1
+        n_ckpt = resolve_checkpoint_layers(fc, tcfg.n_layers, max_tokens, tcfg.dim, int(tcfg.dim / 3 * 8), k_alive,
+                                           self.device)
+        if weights.lora:
+            student, teacher = (tr, STUDENT), (tr, TEACHER)
+        else:
+            student, teacher = (tr, None), (weights.teacher_module, None)
+        self.model = FastZImage(student, teacher, ops=ops, checkpoint_layers=n_ckpt, nvtx=fc.nvtx,
+                                fp8_ctx=self.fp8_ctx, fp8_teacher=fc.fp8_teacher)
+        self.weights = weights
+        self.graphs = None
+        if fc.graphs:
+            if self.device.type != "cuda":
+                raise ConfigError("config field 'fast.graphs': CUDA graphs need a CUDA device")
+            from dopsd_fast.graphs import GraphCache
+
+            params = lambda: [p for m in {id(student[0]): student[0], id(teacher[0]): teacher[0]}.values()  # noqa: E731
+                              for p in m.parameters()]
+            self.graphs = {w: GraphCache(self._nograd_fn(w), params, name=f"{w} forward") for w in ("s", "t")}
+        log.info("fast path: ops=%s attention=%s fp8=%s graphs=%s checkpointed layers=%d", type(ops).__name__,
+                 ops.attention, fc.fp8, fc.graphs, n_ckpt)
+
+    def _nv(self, name):
+        return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
+
+    def _nograd_fn(self, which):
+        def fn(x, sigma, *feats):
+            t = 1.0 - sigma.float()
+            with self.fp8_ctx(which == "s" or self.cfg.fast.fp8_teacher):
+                if which == "s":
+                    out, _ = self.model.forward_pair(x, t, list(feats), None)
+                else:
+                    _, out = self.model.forward_pair(x, t, None, list(feats), student=False)
+            return (-out.float(),)
+        return fn
+
+    def velocity(self, which: str, x, sigma, ctx):
+        """No-grad velocity of one branch (``"s"`` student, ``"t"`` teacher), through a graph if on."""
+        feats = [c.features for c in ctx]
+        with torch.no_grad(), self._nv(f"{which} forward"):
+            if self.graphs is not None:
+                return self.graphs[which](("velocity",), x, sigma, *feats)[0]
+            return self._nograd_fn(which)(x, sigma, *feats)[0]
+
+    def pair_fn(self, ctx_s, ctx_t):
+        """``(x, sigma) -> (v_student, v_teacher)`` for :func:`~dopsd_fast.algorithm.rollout_loss_paired`."""
+        def fn(x, sigma):
+            with self._nv("state"):
+                if self.graphs is not None:  # teacher through its graph, student eager (autograd)
+                    v_t = self.velocity("t", x, sigma, ctx_t)
+                    with self._nv("student"), self.fp8_ctx(True):
+                        v_s, _ = self.model.velocity_pair(x, sigma, ctx_s, None)
+                    return v_s, v_t
+                with self._nv("student+teacher"), self.fp8_ctx(True):
+                    return self.model.velocity_pair(x, sigma, ctx_s, ctx_t)
+        return fn
+
+
+def weights_sigmas(cfg, adapter):
+    return adapter.training_sigmas(cfg.dopsd.rollout)

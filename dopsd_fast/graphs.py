@@ -1,0 +1,109 @@
+"""CUDA graphs for the no-grad forwards (the teacher's at every roll-out state, validation and
+inference roll-outs), one graph per input structure, in a bounded cache.
+
+A graph is captured the first time a key (caller's key + the shapes/dtypes of the inputs) is seen,
+with static input buffers the later calls copy into. Shapes beyond ``max_graphs`` run eagerly (and
+say so once). The parameters the graph reads are fingerprinted at capture (address, shape, dtype):
+in-place updates (optimizer step, EMA) keep it valid, while a replaced tensor (a reloaded checkpoint
+that swapped parameters, a new adapter, a dtype change) would make the graph read stale memory, so
+it raises :class:`GraphStructureError` instead of silently re-capturing or replaying garbage;
+:meth:`GraphCache.clear` after such a change is the explicit way on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+log = logging.getLogger("dopsd_fast")
+
+
+class GraphStructureError(RuntimeError):
+    pass
+
+
+@dataclass
+class GraphEntry:
+    static_inputs: list
+    outputs: tuple
+    replay: Callable[[], None]
+    fingerprint: tuple = field(default=())
+
+
+class CudaGraphBackend:
+    """Warm-up on a side stream, then capture into a graph sharing one memory pool."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self.pool = None
+
+    def capture(self, fn, inputs) -> GraphEntry:
+        static = [x.clone() for x in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(self.warmup):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+            out = fn(*static)
+        return GraphEntry(static, out if isinstance(out, tuple) else (out,), graph.replay)
+
+
+class GraphCache:
+    """``cache(key, *inputs)`` == ``fn(*inputs)`` (a tuple of tensors), through captured graphs.
+
+    ``params``: returns the tensors the graphs read (for the structure fingerprint).
+    ``backend``: how to capture (CUDA graphs by default; tests pass a stand-in).
+    """
+
+    def __init__(self, fn: Callable, params: Callable[[], Iterable[torch.Tensor]], max_graphs: int = 8,
+                 backend=None, name: str = "graph"):
+        if max_graphs < 1:
+            raise ValueError("max_graphs must be >= 1")
+        self.fn, self.params, self.max_graphs, self.name = fn, params, max_graphs, name
+        self.backend = backend or CudaGraphBackend()
+        self.entries: dict = {}
+        self.captures = self.replays = self.eager_calls = 0
+        self._warned = False
+
+    def fingerprint(self) -> tuple:
+        return tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in self.params())
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __call__(self, key, *inputs: torch.Tensor) -> tuple:
+        sig = (key, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs))
+        fp = self.fingerprint()
+        entry = self.entries.get(sig)
+        if entry is None:
+            if len(self.entries) >= self.max_graphs:
+                if not self._warned:
+                    log.warning("%s: %d graphs captured (the limit); new shapes run eagerly", self.name,
+                                self.max_graphs)
+                    self._warned = True
+                self.eager_calls += 1
+                with torch.no_grad():
+                    out = self.fn(*inputs)
+                return out if isinstance(out, tuple) else (out,)
+            entry = self.backend.capture(self.fn, inputs)
+            entry.fingerprint = fp
+            self.entries[sig] = entry
+            self.captures += 1
+            log.info("%s: captured a graph for %s (%d cached)", self.name, sig[0], len(self.entries))
+        elif entry.fingerprint != fp:
+            raise GraphStructureError(
+                f"{self.name}: the parameters a captured graph reads were replaced (address, shape or dtype "
+                "changed); call .clear() after changing the model's structure")
+        for buf, x in zip(entry.static_inputs, inputs):
+            buf.copy_(x)
+        entry.replay()
+        self.replays += 1
+        return tuple(o.clone() for o in entry.outputs)
