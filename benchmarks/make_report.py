@@ -28,6 +28,18 @@ def main(out: Path) -> None:
         parts += ["## GPU kernel parity tests (DOPSD_GPU_TESTS=1)", "", "```", *tail, "```", ""]
     for f in sorted(out.rglob("*.json")):
         rows = json.loads(f.read_text())
+        if isinstance(rows, dict) and "verdict" in rows:  # step_time.py
+            r, env = rows, rows["env"]
+            parts += [f"## step time, preset {r['preset']} ({env.get('device')}, driver {env.get('driver')}, torch "
+                      f"{env.get('torch')}, CUDA {env.get('cuda')})", "",
+                      table([r["eager"], r["fast"]] + r.get("ablation", [])), "",
+                      f"speedup {r['speedup']:.3f}x, peak memory fast/eager {r['memory_ratio']:.3f}, floor "
+                      f"{r['floor_tflop_per_step']:.1f} TFLOP/step, parity **{r['verdict']}**: loss rel err "
+                      f"{r['parity']['loss']['rel_err_fast']:.3g}, grads global rel err "
+                      f"{r['parity']['gradients']['global_rel_err_fast']:.3g} (eager "
+                      f"{r['parity']['gradients']['global_rel_err_eager']:.3g}), min cos "
+                      f"{r['parity']['gradients']['min_cos_fast']:.5f}", ""]
+            continue
         if rows and isinstance(rows, list):
             r0 = rows[0]
             parts += [f"## {r0.get('bench', f.stem)} ({r0.get('device')}, driver {r0.get('driver')}, torch "

@@ -291,6 +291,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"config field '{name}': expected a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a boolean
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config field '{name}': expected a string, got {value!r}")
         return str(value)
