@@ -163,6 +163,14 @@ class Bench:
         f_t = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_t])
         f_s = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s])
         self.floor_flops = K * (f_t + 3 * f_s)
+        # the memory model of fast.checkpoint=auto (dopsd_fast.models.zimage.checkpoint_layers_for), to set
+        # against the measured peak: student activations of the main layers for the states alive
+        tok = sum(n_img + len(c.features) for c in self.ctx_s)
+        ffn = int(self.cfg["dim"] / 3 * 8)
+        alive = K if args.backward == "once" else 1
+        bpe = 2 if self.dtype == torch.bfloat16 else 4
+        self.predicted_activation_gb = alive * self.cfg["n_layers"] * tok * (10 * self.cfg["dim"] + 3 * ffn) * bpe / 1e9
+        self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if self.device.type == "cuda"
                                                                      else {"foreach": True}))
         self.fast_cache = {}
@@ -435,6 +443,10 @@ def main(argv=None):
     result = {"env": environment(bench.device), "preset": args.preset, "args": vars(args),
               "model": {k: v for k, v in bench.cfg.items() if k in ("dim", "n_layers", "n_heads", "cap_feat_dim")},
               "floor_tflop_per_step": bench.floor_flops / 1e12, "eager": eager, "fast": fast,
+              "memory_model": {"weights_gb": bench.weights_gb,
+                               "predicted_student_activations_gb (no checkpointing)": bench.predicted_activation_gb,
+                               "checkpointed_layers_fast": bench.fast_model(args.kernels, args.graphs,
+                                                                            args.fp8).model.checkpoint_layers},
               "speedup": eager["median_s"] / fast["median_s"], "memory_ratio": fast["peak_memory_gb"] /
               max(eager["peak_memory_gb"], 1e-9), "parity": par, "verdict": par["verdict"]}
     if args.ablation:

@@ -211,6 +211,10 @@ class FastConfig:
     fp8_recipe: Optional[str] = None  # te: delayed | current; torchao: tensorwise | rowwise (default first)
     fp8_teacher: bool = True  # run the no-grad teacher forward in FP8 too (te only can turn it off)
     nvtx: bool = False  # nvtx ranges around roll-out states, teacher, student, backward, optimizer
+    # torch.compile: the fast path's element-wise ops compiled instead of our kernels (needs
+    # kernels != on); with enabled=false, diffusers' regional compilation of the repeated blocks.
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         _one_of(self.kernels, ("auto", "on", "off"), "fast.kernels")
@@ -232,6 +236,8 @@ class FastConfig:
                    "only fp8=te can run the teacher forward in bf16 (torchao converts the layers for both)")
         else:
             _check(self.fp8_recipe is None, "fast.fp8_recipe", "set only with fast.fp8 = te or torchao")
+        _check(not (self.compile and self.enabled and self.kernels == "on"), "fast.compile",
+               "compiles the eager ops in place of our kernels: set fast.kernels=auto or off")
         _check(not self.graphs or self.enabled, "fast.graphs", "CUDA graphs run on the fast path: set fast.enabled=true")
 
 

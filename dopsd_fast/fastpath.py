@@ -55,7 +55,7 @@ class FastPath:
         self.nvtx = fc.nvtx
         tr = weights.transformer
         self.fp8_ctx = apply_fp8(tr, fc.fp8, fc.fp8_recipe)
-        ops = build_ops(fc.kernels, fc.attention, self.device)
+        ops = build_ops(fc.kernels, fc.attention, self.device, fc.compile_backend if fc.compile else None)
         tcfg = tr.config
         k_alive = (len(weights_sigmas(cfg, adapter)) - 1) if cfg.dopsd.backward == "once" else 1
         n_ckpt = resolve_checkpoint_layers(fc, tcfg.n_layers, max_tokens, tcfg.dim, int(tcfg.dim / 3 * 8), k_alive,

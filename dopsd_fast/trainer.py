@@ -77,6 +77,8 @@ class Trainer:
                                           ema_on_cpu=cfg.dopsd.ema_on_cpu,
                                           gradient_checkpointing=cfg.model.gradient_checkpointing)
         self.fast = None
+        if cfg.fast.compile and not cfg.fast.enabled:  # the eager path: regional compilation of the blocks
+            self.adapter.transformer.compile_repeated_blocks(backend=cfg.fast.compile_backend, dynamic=True)
         if cfg.fast.enabled:
             from dopsd_fast.fastpath import FastPath
 

@@ -227,3 +227,49 @@ def test_twenty_steps_fast_vs_eager_converge_alike(tmp_path):
     num = sum(float((wf[n] - we[n]).norm() ** 2) for n in we) ** 0.5
     den = sum(float(we[n].norm() ** 2) for n in we) ** 0.5
     assert num / den < 1e-4, f"relative LoRA weight difference after 20 steps: {num / den:.3g}"
+
+
+def test_fast_config_validation_names_the_field(tmp_path):
+    from dopsd_fast.config import ConfigError, load_config
+
+    bad = {
+        "fast.fp8": ["fast.fp8=te"],  # FP8 needs the fast path
+        "fast.fp8_teacher": ["fast.enabled=true", "fast.fp8=torchao", "fast.fp8_teacher=false"],
+        "fast.fp8_recipe": ["fast.enabled=true", "fast.fp8=te", "fast.fp8_recipe=rowwise"],
+        "fast.compile": ["fast.enabled=true", "fast.kernels=on", "fast.compile=true"],
+        "fast.graphs": ["fast.graphs=true"],
+        "fast.checkpoint": ["fast.checkpoint=some"],
+        "fast.attention": ["fast.attention=xformers"],
+    }
+    for field, over in bad.items():
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            load_config(None, over)
+    ok = load_config(None, ["fast.enabled=true", "fast.fp8=off", "fast.checkpoint=3"]).fast
+    assert ok.fp8 == "off" and ok.checkpoint == 3  # a bare YAML `off` is the string, not False
+    assert load_config(None, ["fast.enabled=true", "fast.fp8=te"]).fast.fp8_recipe == "delayed"
+
+
+def test_attention_backend_choice():
+    from dopsd_fast.models.ops import build_ops, resolve_attention
+
+    cpu = torch.device("cpu")
+    assert resolve_attention("auto", cpu) == "sdpa"
+    assert resolve_attention("triton", cpu) == "triton"
+    with pytest.raises(RuntimeError, match="flash_attn"):
+        resolve_attention("flash_attn", cpu)
+    with pytest.raises(ValueError):
+        resolve_attention("xformers", cpu)
+    assert not build_ops("auto", "auto", cpu).fused and build_ops("on", "triton", cpu).fused
+
+
+def test_compiled_eager_ops_same_step(tmp_path):
+    """fast.compile wires torch.compile around the element-wise ops (aot_eager here: no C++ build in
+    a unit test); the step is unchanged."""
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    a = Trainer(tiny_config(tmp_path / "a", "fast.enabled=true")).train_step()
+    tr = Trainer(tiny_config(tmp_path / "b", "fast.enabled=true", "fast.compile=true", "fast.compile_backend=aot_eager"))
+    assert tr.fast.model.ops.compiled == "aot_eager"
+    b = tr.train_step()
+    assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"])

@@ -188,10 +188,26 @@ class FusedOps(TorchOps):
         return o_s, o_t
 
 
-def build_ops(kernels: str, attention: str, device: torch.device):
-    """``kernels``: ``auto`` (fused on CUDA, eager elsewhere), ``on``, ``off``."""
+def compile_ops(ops: TorchOps, backend: str = "inductor") -> TorchOps:
+    """torch.compile the element-wise operations (norm + modulation, gated residual, SwiGLU, RoPE +
+    QK norm): what Inductor makes of the eager math, as the alternative to our kernels."""
+    for name in ("rms_mod", "ln_mod", "gated", "swiglu", "rope_qk"):
+        setattr(ops, name, torch.compile(getattr(ops, name), backend=backend, dynamic=True))
+    ops.compiled = backend
+    return ops
+
+
+def build_ops(kernels: str, attention: str, device: torch.device, compile_backend: str | None = None):
+    """``kernels``: ``auto`` (fused on CUDA, eager elsewhere), ``on``, ``off``. With
+    ``compile_backend`` the eager ops are compiled instead of using our kernels."""
     if kernels not in ("auto", "on", "off"):
         raise ValueError(f"fast.kernels must be auto, on or off, got {kernels!r}")
+    if compile_backend:
+        if kernels == "on":
+            raise ValueError("fast.compile replaces the fused kernels: use fast.kernels=auto or off")
+        attn = resolve_attention(attention, device)
+        return compile_ops(TorchOps(attention="sdpa" if attn == "triton" and device.type != "cuda" else attn),
+                           compile_backend)
     use = kernels == "on" or (kernels == "auto" and device.type == "cuda")
     attn = resolve_attention(attention, device)
     if use:
