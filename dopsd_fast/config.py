@@ -48,9 +48,16 @@ class ModelConfig:
     # Pixel bounds of the teacher's image processor (512^2 .. 768^2 for the real model).
     teacher_min_pixels: Optional[int] = None
     teacher_max_pixels: Optional[int] = None
+    # FLUX.2-klein: text-encoder layers whose hidden states are stacked (None = 9, 18, 27; tiny: 1, 2, 3)
+    text_layers: Optional[list] = None
+    # FLUX.2-klein editing-branch teacher: appended to the prompt (None = the built-in instruction)
+    teacher_instruction: Optional[str] = None
 
     def __post_init__(self):
-        _one_of(self.family, ("zimage",), "model.family")
+        _one_of(self.family, ("zimage", "klein"), "model.family")
+        if self.preset is not None:
+            known = {"zimage": ("tiny-zimage",), "klein": ("tiny-klein",)}[self.family]
+            _one_of(self.preset, known, "model.preset")
         _one_of(self.dtype, ("auto", "fp32", "bf16", "fp16"), "model.dtype")
         _check(self.preset is not None or self.path is not None, "model.preset",
                "set either model.preset (a tiny built-in model) or model.path (local weights)")
@@ -89,6 +96,10 @@ class DopsdConfig:
         _one_of(self.loss, ("x0", "v"), "dopsd.loss")
         _one_of(self.backward, ("once", "stepwise"), "dopsd.backward")
         _check(0.0 <= self.ema_decay <= 1.0, "dopsd.ema_decay", f"must be in [0, 1], got {self.ema_decay}")
+        if isinstance(self.rollout, str) and self.rollout.startswith("klein-k"):
+            _check(self.rollout[len("klein-k"):].isdigit() and int(self.rollout[len("klein-k"):]) >= 1,
+                   "dopsd.rollout", f"klein-kN needs a number of states N >= 1, got {self.rollout!r}")
+            return  # resolution-dependent: the klein adapter resolves it per bucket
         try:
             resolve_schedule(self.rollout)
         except ValueError as e:

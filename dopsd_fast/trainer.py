@@ -97,7 +97,7 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
                                           rank=self.rank, world_size=self.world)
-        self.sigmas = self.adapter.training_sigmas(cfg.dopsd.rollout)
+        self._sigma_cache: dict = {}
         self.step = 0
         self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
                                     enabled=self.rank == 0)
@@ -130,13 +130,26 @@ class Trainer:
         g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, self.rank, 2))
         return torch.randn(shape, generator=g, dtype=torch.float32).to(self.device)
 
+    def sigmas_for(self, latent_hw) -> list[float]:
+        """The roll-out schedule (resolution-dependent for klein: the empirical mu of the sequence)."""
+        key = tuple(latent_hw)
+        if key not in self._sigma_cache:
+            self._sigma_cache[key] = self.adapter.training_sigmas(self.cfg.dopsd.rollout, key)
+        return self._sigma_cache[key]
+
+    @property
+    def sigmas(self) -> list[float]:  # the schedule of the first bucket (logging, tests)
+        w, h = self.dataset.buckets_of[0]
+        return self.sigmas_for(self.adapter.latent_shape(h, w)[-2:])
+
     def compute_rollout(self, samples, noise, loss_scale: float = 1.0):
         """Roll-out + loss (+ backward for the stepwise schedule) of one micro-batch."""
+        sigmas = self.sigmas_for(noise.shape[-2:])
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
         if self.fast is not None:
             with self.autocast():
-                res = rollout_loss_paired(self.fast.pair_fn(ctx_s, ctx_t), noise, self.sigmas, loss=self.cfg.dopsd.loss,
+                res = rollout_loss_paired(self.fast.pair_fn(ctx_s, ctx_t), noise, sigmas, loss=self.cfg.dopsd.loss,
                                           backward=self.cfg.dopsd.backward, loss_scale=loss_scale)
             if self.cfg.dopsd.backward == "once":
                 with self._nv("backward"):
@@ -153,7 +166,7 @@ class Trainer:
             with self.autocast():
                 return velocity(weights.teacher(), x, sigma, ctx_t)
 
-        res = rollout_loss(student_fn, teacher_fn, noise, self.sigmas, loss=self.cfg.dopsd.loss,
+        res = rollout_loss(student_fn, teacher_fn, noise, sigmas, loss=self.cfg.dopsd.loss,
                            backward=self.cfg.dopsd.backward, loss_scale=loss_scale)
         weights.student()  # gradient-checkpoint recompute must see the student adapter
         if self.cfg.dopsd.backward == "once":

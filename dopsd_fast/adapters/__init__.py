@@ -6,7 +6,7 @@ import torch
 
 from dopsd_fast.adapters.base import Context, ModelAdapter
 
-FAMILIES = ("zimage",)
+FAMILIES = ("zimage", "klein")
 
 
 def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
@@ -28,6 +28,10 @@ def build_adapter(cfg, load_encoders: bool = True) -> ModelAdapter:
         from dopsd_fast.adapters.zimage import ZImageAdapter
 
         return ZImageAdapter(cfg, device, dtype, load_encoders=load_encoders)
+    if cfg.family == "klein":
+        from dopsd_fast.adapters.klein import KleinAdapter
+
+        return KleinAdapter(cfg, device, dtype, load_encoders=load_encoders)
     raise ValueError(f"model.family: unknown family {cfg.family!r}; known: {FAMILIES}")
 
 

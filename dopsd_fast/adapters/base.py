@@ -83,7 +83,7 @@ class ModelAdapter(ABC):
         """Free the encoders (after their features are cached)."""
 
     # ---- schedules ---------------------------------------------------------------------------
-    def training_sigmas(self, spec) -> list[float]:
+    def training_sigmas(self, spec, latent_hw=None) -> list[float]:
         from dopsd_fast.algorithm import resolve_schedule
 
         return resolve_schedule(spec)

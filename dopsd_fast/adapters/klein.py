@@ -1,0 +1,280 @@
+"""FLUX.2-klein adapter: diffusers ``Flux2Transformer2DModel`` + ``AutoencoderKLFlux2`` + the Qwen3
+text encoder (hidden states of layers 9 / 18 / 27 stacked, 512 padded tokens, as ``Flux2KleinPipeline``).
+
+Latents are the pipeline's: VAE latents 2x2-patchified to 128 channels (tiny: 16) and normalised by
+the VAE's BatchNorm running statistics; a state is ``(B, 128, H/16, W/16)``. FLUX.2 takes
+``timestep = sigma`` and returns ``v`` directly, in this project's convention.
+
+Teacher context, **editing branch** (the authors' klein recipe): the teacher prompt is the prompt
+followed by ``model.teacher_instruction``; the clean latents of the target image ride along as a
+reference image: the DiT sequence is ``[x_k tokens ; reference tokens]`` with the reference's ids
+``(10, h, w, 0)`` (the pipeline's ``_prepare_image_ids``), and the output is sliced to the first N
+tokens. References are stored as ``Context.extra["ref0"], ["ref1"], ...`` (latents ``(C, h, w)``), so
+the feature cache keeps them with the features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from dopsd_fast.adapters.base import Context, ModelAdapter
+from dopsd_fast.adapters.zimage import _file_fingerprint
+
+TINY_PRESET_VERSION = "1"
+DEFAULT_TEACHER_INSTRUCTION = "Keep the subject, layout and style consistent with the reference image."
+BASE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "linear_in", "linear_out", "to_qkv_mlp_proj")
+
+# Tiny klein: the real classes, random weights (models.md's verified CPU configs; 4-block VAE -> x8).
+TINY_KLEIN = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=32,
+                  num_attention_heads=2, joint_attention_dim=96, timestep_guidance_channels=256, mlp_ratio=3.0,
+                  axes_dims_rope=(8, 8, 8, 8), rope_theta=2000, eps=1e-6, guidance_embeds=False)
+TINY_KLEIN_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                      block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                      sample_size=128)
+TINY_TEXT_LAYERS = (1, 2, 3)
+
+
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """``Flux2KleinPipeline``'s empirical mu (imported from diffusers when available)."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu as mu
+
+    return float(mu(image_seq_len, num_steps))
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C) (the pipeline's ``_pack_latents``)."""
+    B, C, h, w = latents.shape
+    return latents.reshape(B, C, h * w).permute(0, 2, 1)
+
+
+def image_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
+    return torch.cartesian_prod(torch.tensor([t]), torch.arange(h), torch.arange(w), torch.arange(1))
+
+
+def text_ids(n: int) -> torch.Tensor:
+    return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(n))
+
+
+def refs_of(ctx: Context) -> list[torch.Tensor]:
+    out, i = [], 0
+    while f"ref{i}" in ctx.extra:
+        out.append(ctx.extra[f"ref{i}"])
+        i += 1
+    return out
+
+
+class KleinAdapter(ModelAdapter):
+    family = "klein"
+    needs_target_latents = True
+    default_inference_steps = 4
+
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.text_encoder = self.tokenizer = None
+        if cfg.preset is not None:
+            if cfg.preset != "tiny-klein":
+                raise ValueError(f"model.preset: unknown preset {cfg.preset!r} for family klein (known: tiny-klein)")
+            self._build_tiny(load_encoders)
+        else:
+            self._load_local(load_encoders)
+        self.transformer.to(self.device, self.dtype).requires_grad_(False)
+        self.vae.to(self.device, torch.float32).requires_grad_(False).eval()
+        n_single = int(self.transformer.config.num_single_layers)
+        # single blocks' to_out is a Linear, double blocks' a ModuleList: name the single ones in full
+        self.default_lora_targets = BASE_TARGETS + tuple(f"single_transformer_blocks.{i}.attn.to_out"
+                                                         for i in range(n_single))
+
+    # ---- construction ------------------------------------------------------------------------
+    def _build_tiny(self, load_encoders):
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            self.transformer = Flux2Transformer2DModel(**TINY_KLEIN)
+            self.vae = AutoencoderKLFlux2(**TINY_KLEIN_VAE)
+        self.scheduler_config = {"num_train_timesteps": 1000, "use_dynamic_shifting": True,
+                                 "time_shift_type": "exponential", "shift": 3.0}
+        self.text_layers = tuple(self.cfg.text_layers or TINY_TEXT_LAYERS)
+        if load_encoders:
+            self._build_tiny_encoders()
+
+    def _build_tiny_encoders(self):
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        from dopsd_fast.adapters import tiny
+
+        self.tokenizer = tiny.build_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 1)
+            self.text_encoder = Qwen3ForCausalLM(Qwen3Config(**tiny.TINY_TEXT))
+        self.text_encoder.to(self.device, self.dtype).requires_grad_(False).eval()
+
+    def _load_local(self, load_encoders):
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+        path = Path(self.cfg.path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.path: not a directory: {path}")
+        for sub in ("transformer", "vae", "scheduler"):
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(f"model.path: {path} has no '{sub}/' folder (expected the diffusers layout)")
+        self.transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
+        self.vae = AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        self.scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        self.text_layers = tuple(self.cfg.text_layers or (9, 18, 27))
+        if load_encoders:
+            self._load_local_encoders()
+
+    def _load_local_encoders(self):
+        from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+        path = Path(self.cfg.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = Qwen3ForCausalLM.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
+        self.text_encoder.to(self.device).requires_grad_(False).eval()
+
+    def ensure_encoders(self):
+        if self.text_encoder is None:
+            self._build_tiny_encoders() if self.cfg.preset is not None else self._load_local_encoders()
+
+    def release_encoders(self):
+        self.text_encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def encoder_identity(self) -> dict:
+        settings = {"max_tokens": self.cfg.student_max_tokens, "text_layers": list(self.text_layers),
+                    "teacher_instruction": self.teacher_instruction, "dtype": str(self.dtype),
+                    "format": "klein-editing-branch-v1"}
+        if self.cfg.preset is not None:
+            weights = {"preset": self.cfg.preset, "seed": self.cfg.seed, "version": TINY_PRESET_VERSION}
+        else:
+            p = Path(self.cfg.path)
+            weights = {n: _file_fingerprint(p / n) for n in ("text_encoder", "tokenizer", "vae")}
+        return {"family": self.family, "weights": weights, "settings": settings}
+
+    @property
+    def teacher_instruction(self) -> str:
+        return self.cfg.teacher_instruction if self.cfg.teacher_instruction is not None else DEFAULT_TEACHER_INSTRUCTION
+
+    # ---- contexts ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The ``Flux2KleinPipeline`` prompt encoding: chat template (generation prompt, thinking
+        off), padded to ``model.student_max_tokens``, hidden states of ``text_layers`` stacked ->
+        (B, L, 3 * hidden). Padding tokens are kept: klein attends all of them."""
+        self.ensure_encoders()
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=False) for p in prompts]
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.student_max_tokens,
+                             return_tensors="pt")
+        out = self.text_encoder(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device),
+                                output_hidden_states=True, use_cache=False)
+        h = torch.stack([out.hidden_states[k] for k in self.text_layers], dim=1)  # (B, 3, L, D)
+        B, n, L, D = h.shape
+        return h.permute(0, 2, 1, 3).reshape(B, L, n * D).float().cpu()
+
+    def teacher_prompt(self, prompt: str) -> str:
+        return f"{prompt} {self.teacher_instruction}".strip() if self.teacher_instruction else prompt
+
+    def encode_student(self, prompts):
+        return [Context(f) for f in self.encode_prompts(prompts)]
+
+    def encode_teacher(self, prompts, images):
+        feats = self.encode_prompts([self.teacher_prompt(p) for p in prompts])
+        out = []
+        for f, img in zip(feats, images):
+            ref = self.encode_images(img[None].float())[0].cpu()
+            out.append(Context(f, {"ref0": ref}))
+        return out
+
+    # ---- transformer -------------------------------------------------------------------------
+    def velocity(self, transformer, x, sigma, contexts):
+        refs = [refs_of(c) for c in contexts]
+        shapes = [tuple(tuple(r.shape) for r in rr) for rr in refs]
+        if len(set(shapes)) > 1:  # different references per sample: one call each
+            return torch.cat([self.velocity(transformer, x[i:i + 1], sigma[i:i + 1], [contexts[i]])
+                              for i in range(len(contexts))])
+        dtype = next(transformer.parameters()).dtype
+        B, C, h, w = x.shape
+        hidden = pack(x.to(dtype))
+        ids = [image_ids(h, w)]
+        for i, r in enumerate(refs[0]):
+            rr = torch.stack([ref[i] for ref in refs]).to(x.device, dtype)
+            hidden = torch.cat([hidden, pack(rr)], 1)
+            ids.append(image_ids(rr.shape[-2], rr.shape[-1], t=10 * (i + 1)))
+        txt = torch.stack([c.features for c in contexts]).to(x.device, dtype)
+        out = transformer(hidden_states=hidden, encoder_hidden_states=txt, timestep=sigma.to(dtype),
+                          img_ids=torch.cat(ids).to(x.device), txt_ids=text_ids(txt.shape[1]).to(x.device),
+                          guidance=None, return_dict=False)[0]
+        return out[:, :h * w].float().permute(0, 2, 1).reshape(B, C, h, w)
+
+    # ---- schedules ---------------------------------------------------------------------------
+    def _shifted(self, steps: int, latent_hw) -> list[float]:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        seq = (latent_hw[0] * latent_hw[1]) if latent_hw else 4096
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        base = torch.linspace(1.0, 1.0 / steps, steps).tolist()
+        sched.set_timesteps(sigmas=base, device="cpu", mu=compute_empirical_mu(seq, steps))
+        return [float(s) for s in sched.sigmas]
+
+    def training_sigmas(self, spec, latent_hw=None):
+        """``klein-k4`` (or ``klein-kN``): the distilled model's N-step schedule for this resolution
+        (empirical mu of the image sequence length); names of fixed schedules and lists as usual."""
+        if isinstance(spec, str) and spec.startswith("klein-k"):
+            return self._shifted(int(spec[len("klein-k"):]), latent_hw)
+        return super().training_sigmas(spec)
+
+    def inference_sigmas(self, steps=None, latent_hw=None):
+        return self._shifted(steps or self.default_inference_steps, latent_hw)
+
+    # ---- latents -----------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height, width):
+        f = self.vae_scale_factor * 2
+        if height % f or width % f:
+            raise ValueError(f"image size {width}x{height} must be a multiple of {f} for FLUX.2-klein")
+        return (int(self.transformer.config.in_channels), height // f, width // f)
+
+    def _bn(self, like):
+        mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(like)
+        std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        """Images in [0, 1] -> the pipeline's normalised, 2x2-patchified latents (mode of the posterior)."""
+        z = self.vae.encode(images.to(self.device, torch.float32) * 2 - 1).latent_dist.mode()
+        B, c, H, W = z.shape
+        z = z.view(B, c, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(B, c * 4, H // 2, W // 2)
+        mean, std = self._bn(z)
+        return (z - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latents):
+        z = latents.to(self.device, torch.float32)
+        mean, std = self._bn(z)
+        z = z * std + mean
+        B, c4, h, w = z.shape
+        z = z.reshape(B, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, c4 // 4, h * 2, w * 2)
+        img = self.vae.decode(z, return_dict=False)[0]
+        return ((img.float() + 1) / 2).clamp(0, 1)
+
+    # ---- export ------------------------------------------------------------------------------
+    def export_lora(self, state_dict, out_dir, lora_config):
+        from diffusers import Flux2KleinPipeline
+
+        os.makedirs(out_dir, exist_ok=True)
+        Flux2KleinPipeline.save_lora_weights(out_dir, transformer_lora_layers=state_dict,
+                                             transformer_lora_adapter_metadata=lora_config)

@@ -1,0 +1,107 @@
+"""FLUX.2-klein adapter (tiny real classes): prompt encoding, latents, the editing-branch teacher's
+token layout against Flux2KleinPipeline's own reference-image packing, training steps, the cache,
+and the exported LoRA loading into the diffusers pipeline."""
+
+import torch
+
+from tests.conftest import assert_close, tiny_config
+
+
+def _adapter():
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.config import load_config
+
+    cfg = load_config("configs/tiny-klein.yaml")
+    return build_adapter(cfg.model)
+
+
+def _pipeline(ad):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(ad.scheduler_config)
+    return Flux2KleinPipeline(scheduler=sched, vae=ad.vae, text_encoder=ad.text_encoder, tokenizer=ad.tokenizer,
+                              transformer=ad.transformer, is_distilled=True)
+
+
+def test_prompt_latents_and_teacher_layout_match_the_pipeline():
+    ad = _adapter()
+    pipe = _pipeline(ad)
+    L = ad.cfg.student_max_tokens
+    # prompt encoding == the pipeline's (layers stacked, padded to L)
+    emb, txt_ids = pipe.encode_prompt(["a red circle"], device="cpu", max_sequence_length=L,
+                                      text_encoder_out_layers=ad.text_layers)
+    ctx = ad.encode_student(["a red circle"])[0]
+    assert_close(ctx.features, emb[0], 1e-6, 1e-6, "prompt features")
+    # target image -> reference latents and ids == pipeline.prepare_image_latents
+    img = torch.rand(3, 128, 96)
+    ref_lat, ref_ids = pipe.prepare_image_latents([img[None] * 2 - 1], batch_size=1, generator=None, device="cpu",
+                                                  dtype=torch.float32)
+    tctx = ad.encode_teacher(["a red circle"], [img])[0]
+    from dopsd_fast.adapters.klein import image_ids, pack
+
+    assert_close(pack(tctx.extra["ref0"][None])[0], ref_lat[0], 1e-5, 1e-5, "reference tokens")
+    assert torch.equal(image_ids(8, 6, t=10), ref_ids[0]), "reference ids (time coordinate 10)"
+    # the noisy latents' ids == the pipeline's
+    x = torch.randn(1, 16, 8, 6)
+    assert torch.equal(image_ids(8, 6), pipe._prepare_latent_ids(x)[0])
+    # teacher velocity == the pipeline's denoiser call: [x ; reference] tokens, output sliced to x's
+    sigma = torch.tensor([0.7])
+    t_emb, _ = pipe.encode_prompt([ad.teacher_prompt("a red circle")], device="cpu", max_sequence_length=L,
+                                  text_encoder_out_layers=ad.text_layers)
+    with torch.no_grad():
+        ref_out = ad.transformer(hidden_states=torch.cat([pack(x), ref_lat], 1), timestep=sigma,
+                                 encoder_hidden_states=t_emb, txt_ids=txt_ids, guidance=None,
+                                 img_ids=torch.cat([pipe._prepare_latent_ids(x), ref_ids], 1),
+                                 return_dict=False)[0][:, :48]
+        v = ad.velocity(ad.transformer, x, sigma, [tctx])
+    assert_close(pack(v), ref_out, 1e-5, 1e-5, "editing-branch teacher velocity")
+    # the student (no reference) differs from the teacher: the context matters
+    with torch.no_grad():
+        vs = ad.velocity(ad.transformer, x, sigma, [ctx])
+    assert (vs - v).abs().max() > 1e-4
+
+
+def test_training_schedule_uses_the_empirical_mu():
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    ad = _adapter()
+    s64 = ad.training_sigmas("klein-k4", (8, 8))
+    s4096 = ad.training_sigmas("klein-k4", (64, 64))
+    assert len(s64) == 5 and s64[-1] == 0.0 and s64[0] == 1.0 and s64 != s4096
+    mu = compute_empirical_mu(64, 4)
+    s = 0.75  # second base sigma of linspace(1, 1/4, 4): exponential time shift with mu
+    expected = torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / s - 1))
+    assert abs(s64[1] - float(expected)) < 1e-5
+
+
+def test_klein_training_cache_and_lora_export(tmp_path):
+    """Two D-OPSD steps on tiny-klein from the feature cache (the encoders never loaded), then the
+    exported LoRA loads into Flux2KleinPipeline and reproduces the student's velocity."""
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.cache import FeatureCache
+    from dopsd_fast.data import build_dataset
+    from dopsd_fast.trainer import Trainer
+
+    over = ["model.family=klein", "model.preset=tiny-klein", "model.student_max_tokens=160", "dopsd.rollout=klein-k4",
+            f"cache.dir={tmp_path / 'cache'}", "train.max_steps=2"]
+    cfg = tiny_config(tmp_path, *over)
+    adapter = build_adapter(cfg.model, load_encoders=False)
+    cache = FeatureCache(cfg.cache.dir, adapter.encoder_identity(), create=True)
+    assert cache.write(adapter, build_dataset(cfg.data, progress=False), progress=False) > 0
+    tr = Trainer(cfg)
+    assert tr.adapter.text_encoder is None  # contexts come from the cache
+    losses = [tr.train_step()["loss"] for _ in range(2)]
+    assert all(l > 0 for l in losses)
+    tr.export_lora()
+
+    ad = _adapter()
+    pipe = _pipeline(ad)
+    pipe.load_lora_weights(str(tr.out / "lora"))
+    s = tr.dataset.get(0, prompt_index=0)
+    ctx = tr.contexts.student([s])
+    x = torch.randn(1, *tr.adapter.latent_shape(*s.record.bucket[::-1]))
+    sigma = torch.tensor([0.6])
+    with torch.no_grad():
+        mine = tr.adapter.velocity(tr.weights.student(), x, sigma, ctx)
+        theirs = ad.velocity(pipe.transformer, x, sigma, ctx)
+    assert_close(theirs, mine, 1e-5, 1e-4, "student velocity through the exported LoRA")
