@@ -187,5 +187,15 @@ class ContextProvider:
     def student(self, samples) -> list[Context]:
         return [self._get("student", s.prompt, s.record) for s in samples]
 
+    def latents(self, samples) -> torch.Tensor:
+        """Clean latents of the samples' target images (the SFT baseline's x0), memoised."""
+        out = []
+        for s in samples:
+            key = ("latents", s.record.image_hash, tuple(s.record.bucket))
+            if key not in self.memo:
+                self.memo[key] = self.adapter.encode_images(s.image[None].float())[0].float().cpu()
+            out.append(self.memo[key])
+        return torch.stack(out)
+
     def teacher(self, samples) -> list[Context]:
         return [self._get("teacher", s.prompt, s.record, s.image) for s in samples]

@@ -208,6 +208,21 @@ class ValidationConfig:
 
 
 @dataclass(kw_only=True)
+class SftConfig:
+    """``method: sft``: the plain flow-matching fine-tuning baseline on the same data (the
+    sigma sampling of diffusers' DreamBooth LoRA scripts, then the model's timestep shift)."""
+
+    weighting: str = "none"  # none (uniform) | logit_normal | mode
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def __post_init__(self):
+        _one_of(self.weighting, ("none", "logit_normal", "mode"), "sft.weighting")
+        _check(self.logit_std > 0, "sft.logit_std", "must be > 0")
+
+
+@dataclass(kw_only=True)
 class FastConfig:
     """The fast path (``dopsd_fast.models``): packed student/teacher forward, fused kernels, FP8,
     CUDA graphs. ``enabled: false`` runs the eager diffusers model (the reference)."""
@@ -254,6 +269,7 @@ class FastConfig:
 
 @dataclass(kw_only=True)
 class Config:
+    method: str = "dopsd"  # dopsd | sft (the plain fine-tuning baseline: change this one line to compare)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dopsd: DopsdConfig = field(default_factory=DopsdConfig)
@@ -263,6 +279,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     fast: FastConfig = field(default_factory=FastConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+
+    def __post_init__(self):
+        _one_of(self.method, ("dopsd", "sft"), "method")
+        _check(not (self.method == "sft" and self.fast.enabled), "fast.enabled",
+               "the fast path runs the D-OPSD double forward; method=sft uses the eager model")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -173,6 +173,31 @@ class Trainer:
             (res.loss * loss_scale).backward()
         return res
 
+    def compute_sft(self, samples, noise, step: int, micro: int, loss_scale: float = 1.0):
+        """The SFT baseline: flow matching on the target latents, ``(1 - s) x0 + s eps`` -> ``eps - x0``,
+        with the sigma sampling of diffusers' DreamBooth LoRA scripts (u from the weighting scheme,
+        quantised to the 1000-step grid, then the model's timestep shift); student context only."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        from dopsd_fast.algorithm import RolloutResult
+
+        sc = self.cfg.sft
+        x0 = self.contexts.latents(samples).to(self.device)
+        ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
+        g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, 3) % (1 << 63))
+        u = compute_density_for_timestep_sampling(sc.weighting, len(samples), sc.logit_mean, sc.logit_std,
+                                                  sc.mode_scale, generator=g)
+        idx = (u * 1000).long().clamp(0, 999)
+        sigma = self.adapter.shift_sigmas(1.0 - idx.double() / 1000.0, noise.shape[-2:]).float().to(self.device)
+        s = sigma.view(-1, *[1] * (x0.dim() - 1))
+        x_t = (1 - s) * x0 + s * noise
+        with self.autocast():
+            v = self.adapter.velocity(self.weights.student(), x_t, sigma, ctx_s)
+        loss = ((v.float() - (noise - x0)) ** 2).mean()
+        with self._nv("backward"):
+            (loss * loss_scale).backward()
+        return RolloutResult(loss.detach(), [loss.detach()], [x_t.detach()], [v.detach()], [])
+
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         accum = self.cfg.train.grad_accum
@@ -181,7 +206,10 @@ class Trainer:
         for micro in range(accum):
             samples = self.next_samples(self.step, micro)
             noise = self.noise_for(samples, self.step, micro)
-            res = self.compute_rollout(samples, noise, loss_scale=1.0 / accum)
+            if self.cfg.method == "sft":
+                res = self.compute_sft(samples, noise, self.step, micro, loss_scale=1.0 / accum)
+            else:
+                res = self.compute_rollout(samples, noise, loss_scale=1.0 / accum)
             total += float(res.loss.detach())
             n += len(samples)
             sl = [float(l) for l in res.state_losses]

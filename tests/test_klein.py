@@ -105,3 +105,33 @@ def test_klein_training_cache_and_lora_export(tmp_path):
         mine = tr.adapter.velocity(tr.weights.student(), x, sigma, ctx)
         theirs = ad.velocity(pipe.transformer, x, sigma, ctx)
     assert_close(theirs, mine, 1e-5, 1e-4, "student velocity through the exported LoRA")
+
+
+def test_sft_baseline_steps_both_families(tmp_path):
+    """method: sft trains on the target latents (loss decreases over a few steps at a high LR) for
+    Z-Image and klein; only the method line differs from a D-OPSD run."""
+    from dopsd_fast.trainer import Trainer
+
+    for fam in (["model.family=zimage", "model.preset=tiny-zimage"],
+                ["model.family=klein", "model.preset=tiny-klein", "model.student_max_tokens=160",
+                 "dopsd.rollout=klein-k4"]):
+        cfg = tiny_config(tmp_path / fam[1], "method=sft", "optim.lr=1e-2", "train.max_steps=12", *fam)
+        tr = Trainer(cfg)
+        m = [tr.train_step() for _ in range(12)]
+        assert all(torch.isfinite(torch.tensor(x["loss"])) for x in m)
+        first, last = sum(x["loss"] for x in m[:3]) / 3, sum(x["loss"] for x in m[-3:]) / 3
+        assert last < first, (fam[1], first, last)
+        assert set(m[0]) >= {"loss", "grad_norm", "lr", "loss_state/0"}
+
+
+def test_sft_sigma_sampling_follows_the_shift():
+    ad = _adapter()
+    s = torch.tensor([0.25, 0.5, 0.75])
+    mu = ad.dynamic_mu((8, 8))
+    assert_close(ad.shift_sigmas(s, (8, 8)), torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + 1 / s - 1),
+                 1e-6, 1e-6, "klein exponential shift")
+    from dopsd_fast.adapters.zimage import ZImageAdapter
+
+    z = ZImageAdapter.__new__(ZImageAdapter)
+    z.scheduler_config = {"shift": 3.0, "use_dynamic_shifting": False}
+    assert_close(z.shift_sigmas(s), 3 * s / (1 + 2 * s), 1e-7, 1e-7, "Z-Image static shift 3")

@@ -88,6 +88,22 @@ class ModelAdapter(ABC):
 
         return resolve_schedule(spec)
 
+    def shift_sigmas(self, s: torch.Tensor, latent_hw=None) -> torch.Tensor:
+        """The model's training-time timestep shift applied to unshifted sigmas ``s`` in (0, 1]
+        (what the diffusers scheduler's ``sigmas`` table holds): static ``shift`` (Z-Image: 3), or the
+        dynamic shift with the resolution's mu (klein: exponential, empirical mu)."""
+        cfg = self.scheduler_config
+        if cfg.get("use_dynamic_shifting"):
+            mu = torch.tensor(self.dynamic_mu(latent_hw), dtype=s.dtype)
+            if cfg.get("time_shift_type", "exponential") == "exponential":
+                return torch.exp(mu) / (torch.exp(mu) + (1 / s - 1))
+            return mu / (mu + (1 / s - 1))
+        shift = float(cfg.get("shift", 1.0))
+        return shift * s / (1 + (shift - 1) * s)
+
+    def dynamic_mu(self, latent_hw) -> float:
+        raise NotImplementedError(f"{type(self).__name__}: no dynamic timestep shift")
+
     @abstractmethod
     def inference_sigmas(self, steps: int | None = None, latent_hw: tuple[int, int] | None = None) -> list[float]:
         """The model's few-step sampling schedule (K + 1 values ending with 0)."""

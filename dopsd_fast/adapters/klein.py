@@ -226,6 +226,10 @@ class KleinAdapter(ModelAdapter):
         sched.set_timesteps(sigmas=base, device="cpu", mu=compute_empirical_mu(seq, steps))
         return [float(s) for s in sched.sigmas]
 
+    def dynamic_mu(self, latent_hw) -> float:
+        seq = (latent_hw[0] * latent_hw[1]) if latent_hw else 4096
+        return compute_empirical_mu(seq, self.default_inference_steps)
+
     def training_sigmas(self, spec, latent_hw=None):
         """``klein-k4`` (or ``klein-kN``): the distilled model's N-step schedule for this resolution
         (empirical mu of the image sequence length); names of fixed schedules and lists as usual."""
