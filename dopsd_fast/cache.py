@@ -35,14 +35,23 @@ def entry_key(kind: str, prompt: str, image_hash: str | None = None, bucket=None
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def record_key(kind: str, prompt: str, rec) -> str:
+    """The cache key of a record's context: the student's depends on the prompt (and the references
+    of an editing row), the teacher's also on the target image and its bucket."""
+    refs = getattr(rec, "reference_hash", None)
+    if kind == "student":
+        return entry_key("student", prompt, refs, None)
+    image = rec.image_hash if refs is None else f"{rec.image_hash}+{refs}"
+    return entry_key("teacher", prompt, image, rec.bucket)
+
+
 def needed_entries(dataset) -> list[tuple[str, str, object]]:
     """(key, kind, (prompt, record)) for every context a run over ``dataset`` can ask for."""
     out, seen = [], set()
     for rec in dataset.records:
         for p in rec.prompts:
             for kind in ("student", "teacher"):
-                k = entry_key(kind, p, rec.image_hash if kind == "teacher" else None,
-                              rec.bucket if kind == "teacher" else None)
+                k = record_key(kind, p, rec)
                 if k not in seen:
                     seen.add(k)
                     out.append((k, kind, (p, rec)))
@@ -138,11 +147,23 @@ class FeatureCache:
                 stud = [e for e in part if e[1] == "student"]
                 teach = [e for e in part if e[1] == "teacher"]
                 ctxs = []
-                if stud:
-                    ctxs += list(zip(stud, adapter.encode_student([e[2][0] for e in stud])))
-                if teach:
-                    imgs = [load_image(e[2][1].image_path, e[2][1].bucket) for e in teach]
-                    ctxs += list(zip(teach, adapter.encode_teacher([e[2][0] for e in teach], imgs)))
+                def refs_of(rec):
+                    return [load_image(p, b) for p, b in zip(rec.reference_paths, rec.reference_buckets)]
+
+                plain = [e for e in stud if not e[2][1].reference_paths]
+                if plain:
+                    ctxs += list(zip(plain, adapter.encode_student([e[2][0] for e in plain])))
+                for e in stud:
+                    if e[2][1].reference_paths:
+                        ctxs.append((e, adapter.encode_student([e[2][0]], references=[refs_of(e[2][1])])[0]))
+                plain = [e for e in teach if not e[2][1].reference_paths]
+                if plain:
+                    imgs = [load_image(e[2][1].image_path, e[2][1].bucket) for e in plain]
+                    ctxs += list(zip(plain, adapter.encode_teacher([e[2][0] for e in plain], imgs)))
+                for e in teach:
+                    if e[2][1].reference_paths:
+                        img = load_image(e[2][1].image_path, e[2][1].bucket)
+                        ctxs.append((e, adapter.encode_teacher([e[2][0]], [img], references=[refs_of(e[2][1])])[0]))
                 for (key, _, _), ctx in ctxs:
                     name = key
                     tensors[f"{name}.features"] = ctx.features.contiguous()
@@ -170,22 +191,22 @@ class ContextProvider:
         self.cache = cache
         self.memo: dict = {}
 
-    def _get(self, kind, prompt, rec, image=None) -> Context:
-        key = entry_key(kind, prompt, rec.image_hash if kind == "teacher" else None,
-                        rec.bucket if kind == "teacher" else None)
+    def _get(self, kind, prompt, rec, image=None, refs=None) -> Context:
+        key = record_key(kind, prompt, rec)
         if self.cache is not None:
             return self.cache.get(key)
         ctx = self.memo.get(key)
         if ctx is None:
+            ref_kw = {"references": [refs]} if refs else {}
             if kind == "student":
-                ctx = self.adapter.encode_student([prompt])[0]
+                ctx = self.adapter.encode_student([prompt], **ref_kw)[0]
             else:
-                ctx = self.adapter.encode_teacher([prompt], [image])[0]
+                ctx = self.adapter.encode_teacher([prompt], [image], **ref_kw)[0]
             self.memo[key] = ctx
         return ctx
 
     def student(self, samples) -> list[Context]:
-        return [self._get("student", s.prompt, s.record) for s in samples]
+        return [self._get("student", s.prompt, s.record, refs=s.references) for s in samples]
 
     def latents(self, samples) -> torch.Tensor:
         """Clean latents of the samples' target images (the SFT baseline's x0), memoised."""
@@ -198,4 +219,4 @@ class ContextProvider:
         return torch.stack(out)
 
     def teacher(self, samples) -> list[Context]:
-        return [self._get("teacher", s.prompt, s.record, s.image) for s in samples]
+        return [self._get("teacher", s.prompt, s.record, s.image, refs=s.references) for s in samples]

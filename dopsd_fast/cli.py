@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _setup_logging() -> None:
@@ -102,6 +103,8 @@ def sample_main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")
     args = p.parse_args(argv)
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        sys.exit(f"error: --out {args.out}: give an image file name ending in .png, .jpg or .webp")
     _setup_logging()
     cfg = _load(args)
     from dopsd_fast.sample import generate

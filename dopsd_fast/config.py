@@ -52,6 +52,8 @@ class ModelConfig:
     text_layers: Optional[list] = None
     # FLUX.2-klein editing-branch teacher: appended to the prompt (None = the built-in instruction)
     teacher_instruction: Optional[str] = None
+    # FLUX.2-klein ground-truth-reference editing rows: the teacher's instruction (None = built-in)
+    gt_instruction: Optional[str] = None
 
     def __post_init__(self):
         _one_of(self.family, ("zimage", "klein"), "model.family")

@@ -59,6 +59,13 @@ class Trainer:
         random.seed(cfg.train.seed)
 
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress)
+        if cfg.model.family != "klein":
+            from dopsd_fast.data import DataError
+
+            bad = next((r for r in self.dataset.records if r.reference_paths), None)
+            if bad is not None:
+                raise DataError(f"{bad.where}: a row with reference images (an editing row), but model.family="
+                                f"{cfg.model.family} has no editing mode; use model.family=klein")
         cache = None
         if cfg.cache.dir:
             self.adapter = build_adapter(cfg.model, load_encoders=False)

@@ -135,3 +135,98 @@ def test_sft_sigma_sampling_follows_the_shift():
     z = ZImageAdapter.__new__(ZImageAdapter)
     z.scheduler_config = {"shift": 3.0, "use_dynamic_shifting": False}
     assert_close(z.shift_sigmas(s), 3 * s / (1 + 2 * s), 1e-7, 1e-7, "Z-Image static shift 3")
+
+
+def _editing_data(tmp_path, rows=None):
+    import json
+
+    from PIL import Image
+
+    cols = {"a": (200, 40, 40), "b": (40, 200, 40), "c": (40, 40, 200), "d": (200, 200, 40)}
+    for n, c in cols.items():
+        Image.new("RGB", (128, 128), c).save(tmp_path / f"{n}.png")
+    rows = rows or [{"references": ["a.png"], "target": "b.png", "prompt": "make the red square green"},
+                    {"image": ["c.png", "a.png", "d.png"], "prompt": "blend the blue and red squares into yellow"}]
+    p = tmp_path / "edit.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_editing_rows_parse_both_forms_and_bad_rows_are_named(tmp_path):
+    import pytest
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import DataError, build_dataset
+
+    p = _editing_data(tmp_path)
+    cfg = load_config(None, [f"data.jsonl={p}", "data.builtin=null", "data.bucket_scale=0.125", "data.prompt_keys=[prompt]"]).data
+    ds = build_dataset(cfg, progress=False)
+    assert [len(r.reference_paths) for r in ds.records] == [1, 2]
+    assert ds.records[0].image_path.endswith("b.png") and ds.records[1].image_path.endswith("d.png")
+    s = ds.get(1, prompt_index=0)
+    assert len(s.references) == 2 and s.references[0].shape[0] == 3
+    bad = {
+        "field 'references' must be a list": {"references": "a.png", "target": "b.png", "prompt": "x"},
+        "both 'image' and 'target'": {"image": "a.png", "target": "b.png", "prompt": "x"},
+        "'references' given without 'target'": {"references": ["a.png"], "prompt": "x"},
+        "image file not found": {"references": ["zzz.png"], "target": "b.png", "prompt": "x"},
+    }
+    for msg, row in bad.items():
+        q = _editing_data(tmp_path, [row])
+        c = load_config(None, [f"data.jsonl={q}", "data.builtin=null", "data.bucket_scale=0.125", "data.prompt_keys=[prompt]"]).data
+        with pytest.raises(DataError, match=msg) as e:
+            build_dataset(c, progress=False)
+        assert "edit.jsonl:1" in str(e.value)
+
+
+def test_gt_reference_contexts_layout_and_training(tmp_path):
+    from dopsd_fast.adapters.klein import image_ids, pack
+    from dopsd_fast.data import DataError
+    from dopsd_fast.trainer import Trainer
+
+    p = _editing_data(tmp_path)
+    base = [f"data.jsonl={p}", "data.builtin=null", "data.prompt_keys=[prompt]", "train.max_steps=2"]
+    with pytest_raises(DataError, "no editing mode"):
+        Trainer(tiny_config(tmp_path / "z", *base))
+    klein = ["model.family=klein", "model.preset=tiny-klein", "model.student_max_tokens=160", "dopsd.rollout=klein-k4",
+             f"cache.dir={tmp_path / 'cache'}"]
+    cfg = tiny_config(tmp_path / "k", *base, *klein)
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.cache import FeatureCache
+    from dopsd_fast.data import build_dataset
+
+    ad = build_adapter(cfg.model, load_encoders=False)
+    FeatureCache(cfg.cache.dir, ad.encoder_identity(), create=True).write(ad, build_dataset(cfg.data, progress=False),
+                                                                          progress=False)
+    tr = Trainer(cfg)
+    s = tr.dataset.get(1, prompt_index=0)
+    cs, ct = tr.contexts.student([s])[0], tr.contexts.teacher([s])[0]
+    assert sorted(cs.extra) == ["ref0", "ref1"] and sorted(ct.extra) == ["ref0", "ref1", "ref2"]
+    target = tr.adapter.encode_images(s.image[None])[0]
+    assert_close(ct.extra["ref2"], target, 1e-6, 1e-6, "the target is the teacher's last reference")
+    assert_close(ct.extra["ref0"], cs.extra["ref0"], 1e-6, 1e-6, "the row's references come first")
+    # the DiT call: references at time coordinates 10, 20, 30 (the pipeline's _prepare_image_ids)
+    from diffusers import Flux2KleinPipeline
+
+    ids = Flux2KleinPipeline._prepare_image_ids([ct.extra[f"ref{i}"][None] for i in range(3)])[0]
+    x = torch.randn(1, *target.shape)
+    sigma = torch.tensor([0.5])
+    tf = tr.weights.teacher()
+    from dopsd_fast.adapters.klein import text_ids
+
+    with torch.no_grad():
+        ref = tf(hidden_states=torch.cat([pack(x)] + [pack(ct.extra[f"ref{i}"][None]) for i in range(3)], 1),
+                 encoder_hidden_states=ct.features[None], timestep=sigma, guidance=None,
+                 img_ids=torch.cat([image_ids(*target.shape[-2:]), ids]), txt_ids=text_ids(ct.features.shape[0]),
+                 return_dict=False)[0][:, :x[0, 0].numel()]
+        v = tr.adapter.velocity(tf, x, sigma, [ct])
+    tr.weights.student()
+    assert_close(pack(v), ref, 1e-5, 1e-5, "gt-reference teacher velocity")
+    m = [tr.train_step() for _ in range(2)]
+    assert all(x["loss"] > 0 for x in m)
+
+
+def pytest_raises(exc, match):
+    import pytest
+
+    return pytest.raises(exc, match=match)

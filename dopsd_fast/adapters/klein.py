@@ -5,6 +5,10 @@ Latents are the pipeline's: VAE latents 2x2-patchified to 128 channels (tiny: 16
 the VAE's BatchNorm running statistics; a state is ``(B, 128, H/16, W/16)``. FLUX.2 takes
 ``timestep = sigma`` and returns ``v`` directly, in this project's convention.
 
+Rows with reference images (**ground-truth-reference editing**): the student is the editing model on
+prompt + references; the teacher gets prompt + ``model.gt_instruction`` and the references with
+the target appended as the last reference.
+
 Teacher context, **editing branch** (the authors' klein recipe): the teacher prompt is the prompt
 followed by ``model.teacher_instruction``; the clean latents of the target image ride along as a
 reference image: the DiT sequence is ``[x_k tokens ; reference tokens]`` with the reference's ids
@@ -25,7 +29,9 @@ from dopsd_fast.adapters.base import Context, ModelAdapter
 from dopsd_fast.adapters.zimage import _file_fingerprint
 
 TINY_PRESET_VERSION = "1"
-DEFAULT_TEACHER_INSTRUCTION = "Keep the subject, layout and style consistent with the reference image."
+DEFAULT_TEACHER_INSTRUCTION = ("Keep the subject, its identity details, the background and the composition consistent "
+                               "with the reference image.")
+DEFAULT_GT_INSTRUCTION = "The last image is the expected output of this edit."
 BASE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "linear_in", "linear_out", "to_qkv_mlp_proj")
 
@@ -151,7 +157,7 @@ class KleinAdapter(ModelAdapter):
 
     def encoder_identity(self) -> dict:
         settings = {"max_tokens": self.cfg.student_max_tokens, "text_layers": list(self.text_layers),
-                    "teacher_instruction": self.teacher_instruction, "dtype": str(self.dtype),
+                    "teacher_instruction": self.teacher_instruction, "gt_instruction": self.gt_instruction, "dtype": str(self.dtype),
                     "format": "klein-editing-branch-v1"}
         if self.cfg.preset is not None:
             weights = {"preset": self.cfg.preset, "seed": self.cfg.seed, "version": TINY_PRESET_VERSION}
@@ -184,16 +190,27 @@ class KleinAdapter(ModelAdapter):
     def teacher_prompt(self, prompt: str) -> str:
         return f"{prompt} {self.teacher_instruction}".strip() if self.teacher_instruction else prompt
 
-    def encode_student(self, prompts):
-        return [Context(f) for f in self.encode_prompts(prompts)]
+    @property
+    def gt_instruction(self) -> str:
+        return self.cfg.gt_instruction if self.cfg.gt_instruction is not None else DEFAULT_GT_INSTRUCTION
 
-    def encode_teacher(self, prompts, images):
-        feats = self.encode_prompts([self.teacher_prompt(p) for p in prompts])
-        out = []
-        for f, img in zip(feats, images):
-            ref = self.encode_images(img[None].float())[0].cpu()
-            out.append(Context(f, {"ref0": ref}))
-        return out
+    def _ref_latents(self, images) -> dict:
+        return {f"ref{i}": self.encode_images(im[None].float())[0].cpu() for i, im in enumerate(images)}
+
+    def encode_student(self, prompts, references=None):
+        """Text-only, or (ground-truth-reference editing rows) prompt + the row's reference images."""
+        references = references or [[] for _ in prompts]
+        return [Context(f, self._ref_latents(refs)) for f, refs in zip(self.encode_prompts(prompts), references)]
+
+    def encode_teacher(self, prompts, images, references=None):
+        """Editing branch (text-to-image rows): prompt + ``teacher_instruction``, the target as the
+        reference. Ground-truth-reference editing rows: prompt + ``gt_instruction``, the row's
+        references and the target as the LAST reference."""
+        references = references or [[] for _ in prompts]
+        texts = [f"{p} {self.gt_instruction}".strip() if refs else self.teacher_prompt(p)
+                 for p, refs in zip(prompts, references)]
+        return [Context(f, self._ref_latents(list(refs) + [img]))
+                for f, img, refs in zip(self.encode_prompts(texts), images, references)]
 
     # ---- transformer -------------------------------------------------------------------------
     def velocity(self, transformer, x, sigma, contexts):

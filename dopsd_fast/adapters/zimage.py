@@ -76,6 +76,12 @@ def _file_fingerprint(root: Path) -> dict:
     return out
 
 
+def _no_refs(references) -> None:
+    if references and any(references):
+        raise ValueError("Z-Image has no editing (reference-image) mode: rows with references need "
+                         "model.family=klein")
+
+
 class ZImageAdapter(ModelAdapter):
     family = "zimage"
     # Attention q/k/v/out and the SwiGLU FFN (authors' recipe); refiner blocks included.
@@ -216,9 +222,10 @@ class ZImageAdapter(ModelAdapter):
 
     # ---- contexts ----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_student(self, prompts: list[str]) -> list[Context]:
+    def encode_student(self, prompts: list[str], references=None) -> list[Context]:
         """Chat template (generation prompt, thinking enabled), hidden_states[-2], padding removed,
         at most ``student_max_tokens`` tokens: the ``ZImagePipeline`` prompt encoding."""
+        _no_refs(references)
         self.ensure_encoders()
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=True)
@@ -231,10 +238,11 @@ class ZImageAdapter(ModelAdapter):
         return [Context(hidden[i][mask[i]].float().cpu()) for i in range(len(prompts))]
 
     @torch.no_grad()
-    def encode_teacher(self, prompts: list[str], images: list[torch.Tensor]) -> list[Context]:
+    def encode_teacher(self, prompts: list[str], images: list[torch.Tensor], references=None) -> list[Context]:
         """One user message [target image, prompt], no system prompt, generation prompt; image in
         [0, 1] within the pixel bounds; hidden_states[-2] of the VLM, padding removed, at most
         ``teacher_max_tokens`` tokens (the prompt's tail is what truncation cuts)."""
+        _no_refs(references)
         self.ensure_encoders()
         out = []
         image_token = "<|image_pad|>"

@@ -41,6 +41,8 @@ class Record:
     bucket: tuple  # (width, height)
     image_hash: str  # sha256 of the image file's bytes (cache key)
     reference_paths: list = field(default_factory=list)  # images before the target (editing rows)
+    reference_buckets: list = field(default_factory=list)  # the bucket each reference is loaded at
+    reference_hash: str | None = None  # sha256 over the references' file hashes (cache key); None: no refs
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Sample:
     record: Record
     prompt: str
     image: torch.Tensor
+    references: list = field(default_factory=list)  # (3, h, w) in [0, 1] per reference image
 
 
 def file_sha256(path: str | Path) -> str:
@@ -107,13 +110,21 @@ class ImageTextDataset:
         rec = self.records[index]
         if prompt_index is None:
             prompt_index = rng.randrange(len(rec.prompts)) if rng is not None else 0
-        return Sample(rec, rec.prompts[prompt_index], load_image(rec.image_path, rec.bucket))
+        refs = [load_image(p, b) for p, b in zip(rec.reference_paths, rec.reference_buckets)]
+        return Sample(rec, rec.prompts[prompt_index], load_image(rec.image_path, rec.bucket), refs)
 
 
-def _validate_record(where, image_path, refs, prompts, buckets, image_field) -> Record:
+def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref_field=None) -> Record:
     w, h = _check_image(image_path, where, image_field)
+    ref_buckets, ref_hashes = [], []
     for r in refs:
-        _check_image(r, where, image_field)
+        rw, rh = _check_image(r, where, ref_field or image_field)
+        rb = assign_bucket(rw, rh, buckets)
+        if rb is None:
+            raise DataError(f"{where}: field '{ref_field or image_field}': reference {r} is {rw}x{rh}, smaller than "
+                            "every bucket; upscaling is not done")
+        ref_buckets.append(rb)
+        ref_hashes.append(file_sha256(r))
     bucket = assign_bucket(w, h, buckets)
     if bucket is None:
         smallest = min(buckets, key=lambda b: b[0] * b[1])
@@ -121,7 +132,9 @@ def _validate_record(where, image_path, refs, prompts, buckets, image_field) -> 
             f"{where}: field '{image_field}': image {image_path} is {w}x{h}, smaller than every bucket "
             f"(smallest {smallest[0]}x{smallest[1]}); upscaling is not done"
         )
-    return Record(where, str(image_path), prompts, w, h, bucket, file_sha256(image_path), [str(r) for r in refs])
+    ref_hash = hashlib.sha256(json.dumps(ref_hashes).encode()).hexdigest() if refs else None
+    return Record(where, str(image_path), prompts, w, h, bucket, file_sha256(image_path), [str(r) for r in refs],
+                  ref_buckets, ref_hash)
 
 
 def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
@@ -139,12 +152,25 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     raise DataError(f"{where}: malformed JSON line: {e}") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-                if image_key not in row:
-                    raise DataError(f"{where}: missing field '{image_key}' (data.image_key)")
-                images = row[image_key]
-                images = images if isinstance(images, list) else [images]
-                if not images or not all(isinstance(i, str) and i for i in images):
-                    raise DataError(f"{where}: field '{image_key}' must be a path or a non-empty list of paths")
+                if "target" in row:  # editing rows: {"references": [...], "target": "..."}
+                    if image_key in row:
+                        raise DataError(f"{where}: both '{image_key}' and 'target' given; use one (the authors' list "
+                                        f"form in '{image_key}', or 'references' + 'target')")
+                    target, refs = row["target"], row.get("references", [])
+                    if not isinstance(target, str) or not target:
+                        raise DataError(f"{where}: field 'target' must be an image path")
+                    if not isinstance(refs, list) or not all(isinstance(i, str) and i for i in refs):
+                        raise DataError(f"{where}: field 'references' must be a list of image paths")
+                    images = refs + [target]
+                elif "references" in row:
+                    raise DataError(f"{where}: field 'references' given without 'target'")
+                else:
+                    if image_key not in row:
+                        raise DataError(f"{where}: missing field '{image_key}' (data.image_key), or 'target'")
+                    images = row[image_key]
+                    images = images if isinstance(images, list) else [images]
+                    if not images or not all(isinstance(i, str) and i for i in images):
+                        raise DataError(f"{where}: field '{image_key}' must be a path or a non-empty list of paths")
                 paths = [(path.parent / i) if not Path(i).is_absolute() else Path(i) for i in images]
                 prompts = []
                 for k in prompt_keys:
