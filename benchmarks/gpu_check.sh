@@ -57,16 +57,17 @@ if [[ " $STAGES " == *" kernels "* ]]; then
   done
 fi
 if [[ " $STAGES " == *" step "* && -f benchmarks/step_time.py ]]; then
-  # a smaller real-architecture model first (head dim 128, 1024^2), then the real 6.15 B size with the
-  # authors' eager setting (gradient checkpointing) as the reference
-  timeout 150 "$PY" benchmarks/step_time.py --preset zimage-mid --steps 3 --warmup 1 --parity-steps 1 --ablation \
-    --out "$OUT/step" 2>&1 | tee "$OUT/step_time_mid.txt"
-  rc=${PIPESTATUS[0]}; [[ $rc -ne 0 ]] && status=1
-  stamp "step_time zimage-mid rc=$rc"
-  timeout 330 "$PY" benchmarks/step_time.py --preset zimage-6b --eager-checkpointing --steps 3 --warmup 1 \
-    --parity-steps 1 ${STEP_ARGS:-} --out "$OUT/step" 2>&1 | tee "$OUT/step_time_6b.txt"
-  rc=${PIPESTATUS[0]}; [[ $rc -ne 0 ]] && status=1
-  stamp "step_time zimage-6b rc=$rc"
+  # STEP_PRESETS (default: a smaller real-architecture Z-Image, then the real 6.15 B size with the
+  # authors' eager setting, gradient checkpointing, as the reference); klein-4b / klein-9b on request
+  for preset in ${STEP_PRESETS:-zimage-mid zimage-6b}; do
+    extra="--ablation"
+    limit=150
+    case "$preset" in zimage-6b|klein-9b) extra="--eager-checkpointing"; limit=330 ;; klein-4b) limit=240 ;; esac
+    timeout $limit "$PY" benchmarks/step_time.py --preset "$preset" --steps 3 --warmup 1 --parity-steps 1 $extra \
+      ${STEP_ARGS:-} --out "$OUT/step" 2>&1 | tee "$OUT/step_time_$preset.txt"
+    rc=${PIPESTATUS[0]}; [[ $rc -ne 0 ]] && status=1
+    stamp "step_time $preset rc=$rc"
+  done
 fi
 "$PY" benchmarks/make_report.py "$OUT" || status=1
 stamp "done status=$status"

@@ -42,6 +42,10 @@ ZIMAGE_RELEASED = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=1
                        n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
                        rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
 ZIMAGE_MID = dict(ZIMAGE_RELEASED, dim=1536, n_layers=8, n_heads=12)  # head dim 128, for a quick GPU run
+KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+                axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False)
+KLEIN_9B = dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)
 
 PRESETS = {
     "tiny": dict(config=None, resolution=128, cap_s=24, cap_t=80, device="cpu", dtype="fp32", rank=8),
@@ -49,8 +53,12 @@ PRESETS = {
                        rank=64),
     "zimage-6b": dict(config=ZIMAGE_RELEASED, resolution=1024, cap_s=128, cap_t=1024, device="cuda", dtype="bf16",
                       rank=64),
-    "klein-4b": None,
-    "klein-9b": None,
+    "tiny-klein": dict(family="klein", config=None, resolution=128, cap_s=48, cap_t=48, device="cpu", dtype="fp32",
+                       rank=8),
+    "klein-4b": dict(family="klein", config=KLEIN_4B, resolution=1024, cap_s=512, cap_t=512, device="cuda",
+                     dtype="bf16", rank=64),
+    "klein-9b": dict(family="klein", config=KLEIN_9B, resolution=1024, cap_s=512, cap_t=512, device="cuda",
+                     dtype="bf16", rank=64),
 }
 PEAK_BF16 = 989e12
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
@@ -108,6 +116,15 @@ def zimage_forward_flops(cfg: dict, n_img: int, cap_lens: list[int]) -> float:
     return fl
 
 
+def flux2_forward_flops(cfg: dict, n_img: int, n_txt: int) -> float:
+    """Analytic FLOPs of one FLUX.2 forward for one sample (matmuls + attention)."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    s = n_img + n_txt
+    per_tok = 2 * 13 * d * d  # double: qkv 3 + out 1 + ff 6 + 3 (d^2 MACs), single: fused 9 + out 4
+    blocks = cfg["num_layers"] + cfg["num_single_layers"]
+    return blocks * (s * per_tok + 4 * s * s * d) + 2 * n_img * cfg["in_channels"] * d * 2
+
+
 # ---- the two paths ---------------------------------------------------------------------------
 class Bench:
     def __init__(self, args):
@@ -124,21 +141,36 @@ class Bench:
         dlog.set_verbosity_error()
         pre = PRESETS[args.preset]
         self.args = args
+        self.family = pre.get("family", "zimage")
         self.device = torch.device(pre["device"])
         self.dtype = torch.bfloat16 if pre["dtype"] == "bf16" else torch.float32
-        self.cfg = dict(pre["config"] or TINY_ZIMAGE)
+        if self.family == "klein":
+            from diffusers import Flux2Transformer2DModel as Model
+
+            from dopsd_fast.adapters.klein import TINY_KLEIN
+            self.cfg = dict(pre["config"] or TINY_KLEIN)
+        else:
+            Model = ZImageTransformer2DModel
+            self.cfg = dict(pre["config"] or TINY_ZIMAGE)
         res = args.resolution or pre["resolution"]
         rank = pre["rank"] if args.lora_rank is None else args.lora_rank
         torch.manual_seed(args.seed)
         with torch.device(self.device):
-            tr = ZImageTransformer2DModel(**self.cfg).to(self.dtype)
-        with torch.no_grad():
-            tr.x_pad_token.normal_()
-            tr.cap_pad_token.normal_()
+            tr = Model(**self.cfg).to(self.dtype)
+        if self.family == "zimage":
+            with torch.no_grad():
+                tr.x_pad_token.normal_()
+                tr.cap_pad_token.normal_()
+            targets = TARGETS
+        else:
+            from dopsd_fast.adapters.klein import BASE_TARGETS
+
+            targets = BASE_TARGETS + tuple(f"single_transformer_blocks.{i}.attn.to_out"
+                                           for i in range(self.cfg["num_single_layers"]))
         if args.eager_checkpointing:
             tr.enable_gradient_checkpointing()
         self.weights = StudentTeacher(tr, LoraConfig(rank=max(rank, 1), alpha=2.0 * max(rank, 1), enabled=rank > 0),
-                                      TARGETS, self.dtype)
+                                      targets, self.dtype)
         with torch.no_grad():  # adapters away from zero, and the teacher away from the student
             g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
             for p in self.weights.named_trainable().values():
@@ -148,28 +180,49 @@ class Bench:
             for p in teach:
                 p.add_((1e-2 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype) * (p.abs().mean() + 1e-3))
         self.params = self.weights.trainable_parameters()
-        self.lat = (16, res // 8, res // 8)
+        self.lat = ((16, res // 8, res // 8) if self.family == "zimage"
+                    else (self.cfg["in_channels"], res // 16, res // 16))
         self.noise = torch.randn(args.batch, *self.lat, generator=torch.Generator().manual_seed(args.seed + 2)).to(
             self.device)
-        cap_dim = self.cfg["cap_feat_dim"]
         gen = torch.Generator().manual_seed(args.seed + 3)
-        self.ctx_s = [Context(torch.randn(pre["cap_s"] + 3 * b, cap_dim, generator=gen).to(self.device, self.dtype))
-                      for b in range(args.batch)]
-        self.ctx_t = [Context(torch.randn(pre["cap_t"] - 5 * b, cap_dim, generator=gen).to(self.device, self.dtype))
-                      for b in range(args.batch)]
-        self.sigmas = resolve_schedule(k_schedule(args.k))
-        n_img = (self.lat[1] // 2) * (self.lat[2] // 2)
+        if self.family == "zimage":
+            cap_dim = self.cfg["cap_feat_dim"]
+            self.ctx_s = [Context(torch.randn(pre["cap_s"] + 3 * b, cap_dim, generator=gen).to(self.device, self.dtype))
+                          for b in range(args.batch)]
+            self.ctx_t = [Context(torch.randn(pre["cap_t"] - 5 * b, cap_dim, generator=gen).to(self.device, self.dtype))
+                          for b in range(args.batch)]
+            self.sigmas = resolve_schedule(k_schedule(args.k))
+            n_img = (self.lat[1] // 2) * (self.lat[2] // 2)
+            f_t = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_t])
+            f_s = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s])
+        else:  # klein: padded text of one length; the teacher carries the target as a reference image
+            from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+            jd = self.cfg["joint_attention_dim"]
+            self.ctx_s = [Context(torch.randn(pre["cap_s"], jd, generator=gen).to(self.device, self.dtype))
+                          for _ in range(args.batch)]
+            self.ctx_t = [Context(torch.randn(pre["cap_t"], jd, generator=gen).to(self.device, self.dtype),
+                                  {"ref0": torch.randn(*self.lat, generator=gen).to(self.device)})
+                          for _ in range(args.batch)]
+            n_img = self.lat[1] * self.lat[2]
+            mu = math.exp(compute_empirical_mu(n_img, args.k))
+            base = [1.0 - i / args.k for i in range(args.k)]
+            self.sigmas = resolve_schedule([mu / (mu + (1 / s - 1)) for s in base] + [0.0])
+            f_t = args.batch * flux2_forward_flops(self.cfg, 2 * n_img, pre["cap_t"])
+            f_s = args.batch * flux2_forward_flops(self.cfg, n_img, pre["cap_s"])
         K = len(self.sigmas) - 1
-        f_t = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_t])
-        f_s = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s])
         self.floor_flops = K * (f_t + 3 * f_s)
         # the memory model of fast.checkpoint=auto (dopsd_fast.models.zimage.checkpoint_layers_for), to set
         # against the measured peak: student activations of the main layers for the states alive
-        tok = sum(n_img + len(c.features) for c in self.ctx_s)
-        ffn = int(self.cfg["dim"] / 3 * 8)
         alive = K if args.backward == "once" else 1
         bpe = 2 if self.dtype == torch.bfloat16 else 4
-        self.predicted_activation_gb = alive * self.cfg["n_layers"] * tok * (10 * self.cfg["dim"] + 3 * ffn) * bpe / 1e9
+        if self.family == "zimage":
+            tok = sum(n_img + len(c.features) for c in self.ctx_s)
+            ffn = int(self.cfg["dim"] / 3 * 8)
+            self.predicted_activation_gb = (alive * self.cfg["n_layers"] * tok * (10 * self.cfg["dim"] + 3 * ffn) * bpe
+                                            / 1e9)
+        else:
+            self.predicted_activation_gb = float("nan")  # the memory model covers Z-Image only
         self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if self.device.type == "cuda"
                                                                      else {"foreach": True}))
@@ -177,6 +230,10 @@ class Bench:
 
     # -- eager reference
     def _eager_vel(self, model, x, sigma, ctx):
+        if self.family == "klein":
+            from dopsd_fast.adapters.klein import flux2_velocity
+
+            return flux2_velocity(model, x, sigma, ctx)
         t = (1.0 - sigma.float()).to(self.dtype)
         out = model(list(x.to(self.dtype).unsqueeze(2).unbind(0)), t, [c.features for c in ctx], return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
@@ -209,8 +266,9 @@ class Bench:
         from dopsd_fast.config import load_config
         from dopsd_fast.fastpath import FastPath
 
-        ck = self.args.checkpoint
-        over = [f"fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
+        ck = self.args.checkpoint if self.family == "zimage" else "none"
+        fam = ["model.family=klein", "model.preset=tiny-klein", "dopsd.rollout=klein-k4"] if self.family == "klein" else []
+        over = fam + [f"fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
                 f"fast.checkpoint={ck}", f"fast.graphs={str(graphs).lower()}", f"fast.fp8={fp8}",
                 f"dopsd.backward={self.args.backward}", f"lora.enabled={str(self.weights.lora).lower()}"]
         cfg = load_config(None, over)
@@ -219,7 +277,8 @@ class Bench:
             device = self.device
             training_sigmas = staticmethod(lambda rollout: self.sigmas)
 
-        n_tok = (self.lat[1] // 2) * (self.lat[2] // 2) + max(len(c.features) for c in self.ctx_t)
+        n_img = self.lat[1] * self.lat[2] if self.family == "klein" else (self.lat[1] // 2) * (self.lat[2] // 2)
+        n_tok = n_img + max(len(c.features) for c in self.ctx_t)
         fp = FastPath(cfg, _Adapter(), self.weights, max_tokens=n_tok)
         self.fast_cache[key] = fp
         return fp
@@ -318,7 +377,12 @@ def _rel(a, b):
 
 
 def _cos(a, b):
-    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+    """Cosine without an epsilon floor (tiny-model gradients can be far below F.cosine_similarity's 1e-8)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float((a @ b) / (na * nb))
 
 
 def parity(bench, fast_rollout, fp8: bool):
@@ -425,10 +489,6 @@ def summarize(name, times, peak, bench):
 def main(argv=None):
     args = parse(argv)
     pre = PRESETS[args.preset]
-    if pre is None:
-        print(f"step_time: preset {args.preset}: the FLUX.2-klein fast path is not implemented yet (the FLUX.2 "
-              "issue); only Z-Image presets run (tiny, zimage-mid, zimage-6b).", file=sys.stderr)
-        return 3
     if pre["device"] == "cuda" and not torch.cuda.is_available():
         print(f"step_time: preset {args.preset} needs a CUDA GPU (real sizes); on this machine use --preset tiny.",
               file=sys.stderr)
@@ -441,7 +501,9 @@ def main(argv=None):
     t_f, p_f = bench.timed(fast_rollout, args.steps, args.warmup)
     eager, fast = summarize("eager reference", t_e, p_e, bench), summarize("fast", t_f, p_f, bench)
     result = {"env": environment(bench.device), "preset": args.preset, "args": vars(args),
-              "model": {k: v for k, v in bench.cfg.items() if k in ("dim", "n_layers", "n_heads", "cap_feat_dim")},
+              "model": {k: v for k, v in bench.cfg.items() if k in ("dim", "n_layers", "n_heads", "cap_feat_dim",
+                                                                     "num_layers", "num_single_layers",
+                                                                     "num_attention_heads", "joint_attention_dim")},
               "floor_tflop_per_step": bench.floor_flops / 1e12, "eager": eager, "fast": fast,
               "memory_model": {"weights_gb": bench.weights_gb,
                                "predicted_student_activations_gb (no checkpointing)": bench.predicted_activation_gb,

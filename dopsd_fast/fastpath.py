@@ -45,9 +45,14 @@ class FastPath:
         from dopsd_fast.weights import STUDENT, TEACHER
 
         fc = cfg.fast
-        if cfg.model.family != "zimage":
-            raise ConfigError(f"config field 'fast.enabled': the fast path supports model.family=zimage, "
-                              f"not {cfg.model.family!r}")
+        if cfg.model.family not in ("zimage", "klein"):
+            raise ConfigError(f"config field 'fast.enabled': no fast path for model.family={cfg.model.family!r}")
+        if cfg.model.family == "klein":
+            for field, on in (("fast.fp8", fc.fp8 != "off"), ("fast.graphs", fc.graphs),
+                              ("fast.checkpoint", fc.checkpoint not in ("auto", "none", 0))):
+                if on:
+                    raise ConfigError(f"config field '{field}': not implemented on the FLUX.2-klein fast path yet "
+                                      "(packed pass and kernels only)")
         if fc.fp8 != "off" and not cfg.lora.enabled:
             raise ConfigError("config field 'fast.fp8': FP8 is implemented for LoRA runs (the base weights frozen); "
                               "full fine-tuning in FP8 is not")
@@ -57,15 +62,21 @@ class FastPath:
         self.fp8_ctx = apply_fp8(tr, fc.fp8, fc.fp8_recipe)
         ops = build_ops(fc.kernels, fc.attention, self.device, fc.compile_backend if fc.compile else None)
         tcfg = tr.config
-        k_alive = (len(weights_sigmas(cfg, adapter)) - 1) if cfg.dopsd.backward == "once" else 1
-        n_ckpt = resolve_checkpoint_layers(fc, tcfg.n_layers, max_tokens, tcfg.dim, int(tcfg.dim / 3 * 8), k_alive,
-                                           self.device)
         if weights.lora:
             student, teacher = (tr, STUDENT), (tr, TEACHER)
         else:
             student, teacher = (tr, None), (weights.teacher_module, None)
-        self.model = FastZImage(student, teacher, ops=ops, checkpoint_layers=n_ckpt, nvtx=fc.nvtx,
-                                fp8_ctx=self.fp8_ctx, fp8_teacher=fc.fp8_teacher)
+        if cfg.model.family == "klein":
+            from dopsd_fast.models.flux2 import FastFlux2
+
+            n_ckpt = 0
+            self.model = FastFlux2(student, teacher, ops=ops, nvtx=fc.nvtx)
+        else:
+            k_alive = (len(weights_sigmas(cfg, adapter)) - 1) if cfg.dopsd.backward == "once" else 1
+            n_ckpt = resolve_checkpoint_layers(fc, tcfg.n_layers, max_tokens, tcfg.dim, int(tcfg.dim / 3 * 8),
+                                               k_alive, self.device)
+            self.model = FastZImage(student, teacher, ops=ops, checkpoint_layers=n_ckpt, nvtx=fc.nvtx,
+                                    fp8_ctx=self.fp8_ctx, fp8_teacher=fc.fp8_teacher)
         self.weights = weights
         self.graphs = None
         if fc.graphs:
@@ -83,6 +94,13 @@ class FastPath:
         return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
 
     def _nograd_fn(self, which):
+        if self.cfg.model.family == "klein":
+            def fn_klein(x, sigma, *ctx):
+                v_s, v_t = self.model.velocity_pair(x, sigma, list(ctx) if which == "s" else None,
+                                                    list(ctx) if which == "t" else None)
+                return (v_s if which == "s" else v_t,)
+            return fn_klein
+
         def fn(x, sigma, *feats):
             t = 1.0 - sigma.float()
             with self.fp8_ctx(which == "s" or self.cfg.fast.fp8_teacher):
@@ -95,7 +113,7 @@ class FastPath:
 
     def velocity(self, which: str, x, sigma, ctx):
         """No-grad velocity of one branch (``"s"`` student, ``"t"`` teacher), through a graph if on."""
-        feats = [c.features for c in ctx]
+        feats = ctx if self.cfg.model.family == "klein" else [c.features for c in ctx]
         with torch.no_grad(), self._nv(f"{which} forward"):
             if self.graphs is not None:
                 return self.graphs[which](("velocity",), x, sigma, *feats)[0]

@@ -38,7 +38,16 @@ def test_gpu_presets_exit_clearly_on_cpu():
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
     r = subprocess.run([sys.executable, str(SCRIPT), "--preset", "klein-4b"], capture_output=True, text=True,
                        env=_env(), timeout=300)
-    assert r.returncode == 3 and "not implemented" in r.stderr
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
+
+
+def test_tiny_klein_preset_passes(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny-klein", "--steps", "1", "--warmup", "0",
+                        "--parity-steps", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=_env(),
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "step_time-tiny-klein.json").read_text())
+    assert res["verdict"] == "PASS" and res["parity"]["gradients"]["min_cos_fast"] > 0.9999
 
 
 def test_parity_verdict_fails_for_a_wrong_fast_path():

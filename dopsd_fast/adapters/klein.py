@@ -74,6 +74,30 @@ def refs_of(ctx: Context) -> list[torch.Tensor]:
     return out
 
 
+def flux2_velocity(transformer, x, sigma, contexts):
+    """The eager klein call in the (sigma, v) convention: ``[x tokens ; reference tokens]``, text
+    features, ids as ``Flux2KleinPipeline`` builds them; the output sliced to x's tokens."""
+    refs = [refs_of(c) for c in contexts]
+    shapes = [tuple(tuple(r.shape) for r in rr) for rr in refs]
+    if len(set(shapes)) > 1:  # different references per sample: one call each
+        return torch.cat([flux2_velocity(transformer, x[i:i + 1], sigma[i:i + 1], [contexts[i]])
+                          for i in range(len(contexts))])
+    dtype = next(transformer.parameters()).dtype
+    B, C, h, w = x.shape
+    hidden = pack(x.to(dtype))
+    ids = [image_ids(h, w)]
+    for i, r in enumerate(refs[0]):
+        rr = torch.stack([ref[i] for ref in refs]).to(x.device, dtype)
+        hidden = torch.cat([hidden, pack(rr)], 1)
+        ids.append(image_ids(rr.shape[-2], rr.shape[-1], t=10 * (i + 1)))
+    txt = torch.stack([c.features for c in contexts]).to(x.device, dtype)
+    out = transformer(hidden_states=hidden, encoder_hidden_states=txt, timestep=sigma.to(dtype),
+                      img_ids=torch.cat(ids).to(x.device), txt_ids=text_ids(txt.shape[1]).to(x.device),
+                      guidance=None, return_dict=False)[0]
+    return out[:, :h * w].float().permute(0, 2, 1).reshape(B, C, h, w)
+
+
+
 class KleinAdapter(ModelAdapter):
     family = "klein"
     needs_target_latents = True
@@ -214,24 +238,8 @@ class KleinAdapter(ModelAdapter):
 
     # ---- transformer -------------------------------------------------------------------------
     def velocity(self, transformer, x, sigma, contexts):
-        refs = [refs_of(c) for c in contexts]
-        shapes = [tuple(tuple(r.shape) for r in rr) for rr in refs]
-        if len(set(shapes)) > 1:  # different references per sample: one call each
-            return torch.cat([self.velocity(transformer, x[i:i + 1], sigma[i:i + 1], [contexts[i]])
-                              for i in range(len(contexts))])
-        dtype = next(transformer.parameters()).dtype
-        B, C, h, w = x.shape
-        hidden = pack(x.to(dtype))
-        ids = [image_ids(h, w)]
-        for i, r in enumerate(refs[0]):
-            rr = torch.stack([ref[i] for ref in refs]).to(x.device, dtype)
-            hidden = torch.cat([hidden, pack(rr)], 1)
-            ids.append(image_ids(rr.shape[-2], rr.shape[-1], t=10 * (i + 1)))
-        txt = torch.stack([c.features for c in contexts]).to(x.device, dtype)
-        out = transformer(hidden_states=hidden, encoder_hidden_states=txt, timestep=sigma.to(dtype),
-                          img_ids=torch.cat(ids).to(x.device), txt_ids=text_ids(txt.shape[1]).to(x.device),
-                          guidance=None, return_dict=False)[0]
-        return out[:, :h * w].float().permute(0, 2, 1).reshape(B, C, h, w)
+        return flux2_velocity(transformer, x, sigma, contexts)
+
 
     # ---- schedules ---------------------------------------------------------------------------
     def _shifted(self, steps: int, latent_hw) -> list[float]:
