@@ -230,3 +230,17 @@ def pytest_raises(exc, match):
     import pytest
 
     return pytest.raises(exc, match=match)
+
+
+def test_klein_validation_grid(tmp_path):
+    from PIL import Image
+
+    from dopsd_fast.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, "model.family=klein", "model.preset=tiny-klein", "model.student_max_tokens=160",
+                      "dopsd.rollout=klein-k4", "validation.num_samples=1")
+    tr = Trainer(cfg)
+    path = tr.validate()
+    with Image.open(path) as im:
+        w, h = im.size
+    assert w >= 3 * 128 and h >= 128  # target, student, teacher columns at the bucket size
