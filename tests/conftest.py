@@ -76,3 +76,18 @@ def low_precision_rule(kernel_out, torch_low_out, ref32, atol, name="tensor"):
         extra = torch.finfo(kernel_out.dtype).eps * ref32.abs().max().item()
     assert k_err <= 2 * t_err + atol + extra, (
         f"{name}: kernel err {k_err:.3g} > 2 x torch err {t_err:.3g} + {atol} (+ interpreter ulp {extra:.3g})")
+
+
+def assert_grads_match(out_fast, out_ref, named_params: dict, atol, rtol):
+    """Back-propagate one random cotangent through both outputs: every parameter's gradient must
+    match (a tensor unused on one side must get an all-zero gradient on the other)."""
+    names, params = zip(*named_params.items())
+    g = torch.randn_like(out_ref)
+    grads_a = torch.autograd.grad(out_fast, params, g, allow_unused=True)
+    grads_b = torch.autograd.grad(out_ref, params, g, allow_unused=True)
+    for n, a, b in zip(names, grads_a, grads_b):
+        if a is None or b is None:
+            other = a if a is not None else b
+            assert other is None or other.abs().max() == 0, f"{n}: a gradient on one side only"
+            continue
+        assert_close(a, b, atol, rtol, n)

@@ -4,7 +4,7 @@ diffusers ZImageTransformer2DModel: outputs of both branches and the student's g
 import pytest
 import torch
 
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_grads_match
 
 
 def _model(lora=True, **over):
@@ -70,16 +70,7 @@ def test_pair_matches_two_diffusers_calls(lora, case):
     assert_close(out_t, ref_t, 1e-5, 1e-4, "teacher output")
     assert not out_t.requires_grad
     # the student's gradients (every trainable tensor) equal the eager model's
-    g = torch.randn_like(out_s)
-    params = list(st.named_trainable().values())
-    fast_grads = torch.autograd.grad(out_s, params, g, allow_unused=True)
-    eager_grads = torch.autograd.grad(ref_s, params, g, allow_unused=True)
-    names = list(st.named_trainable())
-    for n, a, b in zip(names, fast_grads, eager_grads):
-        if a is None or b is None:  # unused on one side (e.g. a pad token when nothing is padded): zero on the other
-            assert (a if a is not None else b if b is not None else torch.zeros(1)).abs().max() == 0, n
-            continue
-        assert_close(a, b, 1e-5, 1e-4, n)
+    assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-5, 1e-4)
 
 
 def test_shared_refiner_and_single_branches():
@@ -134,12 +125,7 @@ def test_fused_kernels_through_the_interpreter():
     ref_s = _eager(st.student(), x, t, caps_s)
     assert_close(out_s, ref_s, 1e-4, 1e-3, "student (fused)")
     assert_close(out_t, ref_t, 1e-4, 1e-3, "teacher (fused)")
-    params = list(st.named_trainable().values())
-    g = torch.randn_like(out_s)
-    for a, b in zip(torch.autograd.grad(out_s, params, g, allow_unused=True),
-                    torch.autograd.grad(ref_s, params, g, allow_unused=True)):
-        if b is not None:
-            assert_close(a, b, 1e-4, 1e-3, "grad (fused)")
+    assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-4, 1e-3)
 
 
 def test_checkpoint_memory_model():
@@ -287,9 +273,4 @@ def test_mid_size_parity():
     ref_s = _eager(st.student(), x, t, caps_s)
     assert_close(out_s, ref_s, 1e-4, 1e-4, "student output")
     assert_close(out_t, ref_t, 1e-4, 1e-4, "teacher output")
-    params = list(st.named_trainable().values())
-    g = torch.randn_like(out_s)
-    for a, b in zip(torch.autograd.grad(out_s, params, g, allow_unused=True),
-                    torch.autograd.grad(ref_s, params, g, allow_unused=True)):
-        if b is not None:
-            assert_close(a, b, 1e-5, 1e-3, "grad")
+    assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-5, 1e-3)

@@ -24,57 +24,19 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from dopsd_fast.models.ops import TorchOps
-from dopsd_fast.models.zimage import _has_lora, _lora_of
-from dopsd_fast.profiling import nvtx_range
+from dopsd_fast.models.zimage import PairedModel, _has_lora
 
 
-class FastFlux2:
+class FastFlux2(PairedModel):
     def __init__(self, student, teacher, ops=None, nvtx: bool = False):
-        self.ms, self.adapter_s = student
-        self.mt, self.adapter_t = teacher
-        self.ops = ops or TorchOps()
-        self.nvtx = nvtx
+        super().__init__(student, teacher, ops, nvtx)
         cfg = self.ms.config
         if cfg.patch_size != 1 or cfg.guidance_embeds:
             raise NotImplementedError("FastFlux2 supports the klein configuration (patch 1, no guidance embedding)")
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-        self.same_model = self.ms is self.mt
         self.checkpoint_layers = 0  # no gradient checkpointing on this path yet
         self.eps = cfg.eps
         self._rope: dict = {}
-
-    def _nv(self, name):
-        return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
-
-    # ---- helpers (same conventions as FastZImage) ----------------------------------------------
-    def _lin1(self, mod, adapter, x):
-        w, b, lora = _lora_of(mod, adapter)
-        return self.ops.linear(x, w, b, lora)
-
-    def _plin(self, path, x_s, x_t):
-        mod_s, mod_t = path(self.ms), path(self.mt)
-        if x_t is None:
-            return self._lin1(mod_s, self.adapter_s, x_s), None
-        if x_s is None:
-            with torch.no_grad():
-                return None, self._lin1(mod_t, self.adapter_t, x_t)
-        if mod_s is mod_t:
-            w, b, lo_s = _lora_of(mod_s, self.adapter_s)
-            _, _, lo_t = _lora_of(mod_s, self.adapter_t)
-            return self.ops.paired_linear(x_s, x_t, w, b, lo_s, lo_t)
-        y_s = self._lin1(mod_s, self.adapter_s, x_s)
-        with torch.no_grad():
-            y_t = self._lin1(mod_t, self.adapter_t, x_t)
-        return y_s, y_t
-
-    @staticmethod
-    def _each(fn, s, t):
-        out_s = fn(s, "s") if s is not None else None
-        if t is None:
-            return out_s, None
-        with torch.no_grad():
-            return out_s, fn(t, "t")
 
     def _cos_sin(self, model, ids: torch.Tensor):
         key = (id(model), ids.shape[0], hash(tuple(ids.flatten().tolist())), str(ids.device))

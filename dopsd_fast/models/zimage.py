@@ -75,38 +75,20 @@ class Stream:
         return x.view(1, -1, x.shape[-1]) if B == 1 else x.view(-1, 1, x.shape[-1])
 
 
-class FastZImage:
-    """Packed student/teacher forward of a diffusers Z-Image transformer.
+class PairedModel:
+    """What the packed student/teacher models share: the two (module, adapter) branches, the ops,
+    and how one linear runs for both streams (one base GEMM with per-branch LoRA deltas; FP8
+    modules called as modules; two separate calls for two separate models)."""
 
-    ``student``/``teacher``: ``(module, adapter_name)``: the same module with two peft adapters
-    (LoRA), or two modules (full fine-tuning: the trainable model and its EMA copy; adapter None).
-    ``ops``: :class:`~dopsd_fast.models.ops.FusedOps` or :class:`~dopsd_fast.models.ops.TorchOps`.
-    ``checkpoint_layers``: how many main layers (from the first) run under gradient checkpointing.
-    """
-
-    def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False,
-                 fp8_ctx=None, fp8_teacher: bool = True):
+    def __init__(self, student, teacher, ops=None, nvtx: bool = False, fp8_ctx=None, fp8_teacher: bool = True):
         self.ms, self.adapter_s = student
         self.mt, self.adapter_t = teacher
         self.ops = ops or TorchOps()
-        self.checkpoint_layers = int(checkpoint_layers)
         self.nvtx = nvtx
         self.fp8_ctx = fp8_ctx or (lambda enabled=True: contextlib.nullcontext())
         self.fp8_teacher = fp8_teacher
-        cfg = self.ms.config
-        if tuple(cfg.all_patch_size) != (2,) or tuple(cfg.all_f_patch_size) != (1,):
-            raise NotImplementedError("FastZImage supports the released patch sizes (2, f 1) only")
-        if getattr(cfg, "siglip_feat_dim", None):
-            raise NotImplementedError("FastZImage: the Omni (SigLIP) variant is not supported")
-        self.key = "2-1"
-        self.dim, self.heads = cfg.dim, cfg.n_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.eps = cfg.norm_eps
         self.same_model = self.ms is self.mt
-        self._layouts: dict = {}
-        self.refiner_shareable = self.same_model and not _has_lora(self.ms.noise_refiner)
 
-    # ---- helpers -------------------------------------------------------------------------------
     def _nv(self, name):
         return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
 
@@ -165,6 +147,33 @@ class FastZImage:
             return out_s, None
         with torch.no_grad():
             return out_s, fn(t, "t")
+
+
+
+class FastZImage(PairedModel):
+    """Packed student/teacher forward of a diffusers Z-Image transformer.
+
+    ``student``/``teacher``: ``(module, adapter_name)``: the same module with two peft adapters
+    (LoRA), or two modules (full fine-tuning: the trainable model and its EMA copy; adapter None).
+    ``ops``: :class:`~dopsd_fast.models.ops.FusedOps` or :class:`~dopsd_fast.models.ops.TorchOps`.
+    ``checkpoint_layers``: how many main layers (from the first) run under gradient checkpointing.
+    """
+
+    def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False,
+                 fp8_ctx=None, fp8_teacher: bool = True):
+        super().__init__(student, teacher, ops, nvtx, fp8_ctx, fp8_teacher)
+        self.checkpoint_layers = int(checkpoint_layers)
+        cfg = self.ms.config
+        if tuple(cfg.all_patch_size) != (2,) or tuple(cfg.all_f_patch_size) != (1,):
+            raise NotImplementedError("FastZImage supports the released patch sizes (2, f 1) only")
+        if getattr(cfg, "siglip_feat_dim", None):
+            raise NotImplementedError("FastZImage: the Omni (SigLIP) variant is not supported")
+        self.key = "2-1"
+        self.dim, self.heads = cfg.dim, cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.eps = cfg.norm_eps
+        self._layouts: dict = {}
+        self.refiner_shareable = self.same_model and not _has_lora(self.ms.noise_refiner)
 
     def _rope_ids(self, cap_len_padded, ht, wt, n_img, n_img_pad, device):
         cap = torch.stack([torch.arange(1, cap_len_padded + 1), torch.zeros(cap_len_padded, dtype=torch.long),
