@@ -268,7 +268,7 @@ class Bench:
 
         ck = self.args.checkpoint if self.family == "zimage" else "none"
         fam = ["model.family=klein", "model.preset=tiny-klein", "dopsd.rollout=klein-k4"] if self.family == "klein" else []
-        over = fam + [f"fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
+        over = fam + ["fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
                 f"fast.checkpoint={ck}", f"fast.graphs={str(graphs).lower()}", f"fast.fp8={fp8}",
                 f"dopsd.backward={self.args.backward}", f"lora.enabled={str(self.weights.lora).lower()}"]
         cfg = load_config(None, over)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from tests.conftest import assert_close, tiny_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dopsd_fast.config import EMBEDDED_DEFAULT, ConfigError, load_config
+from dopsd_fast.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

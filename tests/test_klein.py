@@ -244,3 +244,27 @@ def test_klein_validation_grid(tmp_path):
     with Image.open(path) as im:
         w, h = im.size
     assert w >= 3 * 128 and h >= 128  # target, student, teacher columns at the bucket size
+
+
+def test_local_klein_directory_loads(tmp_path):
+    """model.path: a diffusers-layout klein directory (written from the tiny parts) loads, with a
+    named error when a part is missing."""
+    import pytest
+
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.config import load_config
+
+    ad = _adapter()
+    pipe = _pipeline(ad)
+    pipe.save_pretrained(tmp_path / "klein")
+    cfg = load_config("configs/tiny-klein.yaml", ["model.preset=null", f"model.path={tmp_path / 'klein'}",
+                                                  "model.text_layers=[1, 2, 3]"])
+    loaded = build_adapter(cfg.model)
+    assert loaded.text_layers == (1, 2, 3)
+    ctx = loaded.encode_student(["a red circle"])[0]
+    assert_close(ctx.features, ad.encode_student(["a red circle"])[0].features, 1e-6, 1e-6, "features")
+    import shutil
+
+    shutil.rmtree(tmp_path / "klein" / "vae")
+    with pytest.raises(FileNotFoundError, match="'vae/'"):
+        build_adapter(cfg.model)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import assert_close, tiny_config
+from tests.conftest import assert_close
 
 
 @pytest.fixture(scope="module")

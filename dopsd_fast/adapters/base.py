@@ -82,6 +82,22 @@ class ModelAdapter(ABC):
     def release_encoders(self) -> None:
         """Free the encoders (after their features are cached)."""
 
+    def _load_diffusers_parts(self, path, transformer_cls, vae_cls):
+        """transformer (model dtype), VAE (fp32) and scheduler config of a local diffusers directory,
+        with errors that name what is missing."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model.path: not a directory: {path}")
+        for sub in ("transformer", "vae", "scheduler"):
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(f"model.path: {path} has no '{sub}/' folder (expected the diffusers layout)")
+        transformer = transformer_cls.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
+        vae = vae_cls.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        return transformer, vae, json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+
     # ---- schedules ---------------------------------------------------------------------------
     def training_sigmas(self, spec, latent_hw=None) -> list[float]:
         from dopsd_fast.algorithm import resolve_schedule

@@ -19,7 +19,6 @@ the feature cache keeps them with the features.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -150,14 +149,7 @@ class KleinAdapter(ModelAdapter):
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
         path = Path(self.cfg.path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model.path: not a directory: {path}")
-        for sub in ("transformer", "vae", "scheduler"):
-            if not (path / sub).is_dir():
-                raise FileNotFoundError(f"model.path: {path} has no '{sub}/' folder (expected the diffusers layout)")
-        self.transformer = Flux2Transformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
-        self.vae = AutoencoderKLFlux2.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        self.scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        self.transformer, self.vae, self.scheduler_config = self._load_diffusers_parts(path, Flux2Transformer2DModel, AutoencoderKLFlux2)
         self.text_layers = tuple(self.cfg.text_layers or (9, 18, 27))
         if load_encoders:
             self._load_local_encoders()

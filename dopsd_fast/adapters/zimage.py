@@ -8,7 +8,6 @@ Z-Image is called with ``t = 1 - sigma`` and returns ``-v``; this adapter expose
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -148,14 +147,7 @@ class ZImageAdapter(ModelAdapter):
         from diffusers import AutoencoderKL, ZImageTransformer2DModel
 
         path = Path(self.cfg.path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model.path: not a directory: {path}")
-        for sub in ("transformer", "vae", "scheduler"):
-            if not (path / sub).is_dir():
-                raise FileNotFoundError(f"model.path: {path} has no '{sub}/' folder (expected the diffusers layout)")
-        self.transformer = ZImageTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        self.scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        self.transformer, self.vae, self.scheduler_config = self._load_diffusers_parts(path, ZImageTransformer2DModel, AutoencoderKL)
         self.min_pixels = self.cfg.teacher_min_pixels or 512 * 512
         self.max_pixels = self.cfg.teacher_max_pixels or 768 * 768
         if load_encoders:

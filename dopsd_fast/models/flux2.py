@@ -145,7 +145,6 @@ class FastFlux2(PairedModel):
                 S, T = run.get("s"), run.get("t")
 
                 def prep(v, wh):
-                    b = run[wh]
                     _, mi, mt_, _ = mods[wh]
                     sh, sc, _ = split3(mi, 0)
                     csh, csc, _ = split3(mt_, 0)

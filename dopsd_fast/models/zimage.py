@@ -282,8 +282,8 @@ class FastZImage(PairedModel):
                 cap_cu.append(cap_cu[-1] + p)
             # caption rows: embedded real tokens first, then one pad row per padded position
             n_real = sum(lens)
-            cap_src, pad_at, off = [], [], 0
-            for b, (n, p) in enumerate(zip(lens, padded)):
+            cap_src, off = [], 0
+            for n, p in zip(lens, padded):
                 cap_src += list(range(off, off + n)) + [n_real] * (p - n)
                 off += n
             # unified rows per sample [image ; caption] from cat([image rows, caption rows])
