@@ -38,11 +38,20 @@ class FastFlux2(PairedModel):
         self.eps = cfg.eps
         self._rope: dict = {}
 
-    def _cos_sin(self, model, ids: torch.Tensor):
-        key = (id(model), ids.shape[0], hash(tuple(ids.flatten().tolist())), str(ids.device))
+    def _tables(self, model, L: int, h: int, w: int, ref_hw: tuple, dev):
+        """RoPE cos/sin of the text and of the image tokens ([x_k ; references]), fp32, (n, hd/2):
+        built once per structure (text length, image and reference sizes), never per call."""
+        from dopsd_fast.adapters.klein import image_ids, text_ids
+
+        key = (id(model), L, h, w, ref_hw, str(dev))
         if key not in self._rope:
-            cos, sin = model.pos_embed(ids)
-            self._rope[key] = (cos[:, 0::2].float().contiguous(), sin[:, 0::2].float().contiguous())
+            ids = torch.cat([image_ids(h, w)] + [image_ids(rh, rw, t=10 * (i + 1)) for i, (rh, rw) in enumerate(ref_hw)])
+
+            def cs(i):
+                cos, sin = model.pos_embed(i.to(dev))
+                return cos[:, 0::2].float().contiguous(), sin[:, 0::2].float().contiguous()
+
+            self._rope[key] = (cs(text_ids(L)), cs(ids), ids.shape[0])
             if len(self._rope) > 64:
                 self._rope.pop(next(iter(self._rope)))
         return self._rope[key]
@@ -78,7 +87,7 @@ class FastFlux2(PairedModel):
     # ---- forward -------------------------------------------------------------------------------
     def velocity_pair(self, x, sigma, ctx_s, ctx_t):
         """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention."""
-        from dopsd_fast.adapters.klein import image_ids, pack, refs_of, text_ids
+        from dopsd_fast.adapters.klein import pack, refs_of
 
         ms = self.ms
         dtype = ms.x_embedder.weight.dtype
@@ -94,14 +103,10 @@ class FastFlux2(PairedModel):
                 raise ValueError("FastFlux2: samples of a batch must share text length and reference sizes")
             txt = torch.stack([c.features for c in ctxs]).to(dev, dtype)
             ref_tok = [pack(torch.stack([rr[i] for rr in refs]).to(dev, dtype)) for i in range(len(refs[0]))]
-            ids = [image_ids(h, w)] + [image_ids(r.shape[-2], r.shape[-1], t=10 * (i + 1))
-                                       for i, r in enumerate(refs[0])]
-            img_ids = torch.cat(ids).to(dev)
             L = txt.shape[1]
-            cs_txt = self._cos_sin(model, text_ids(L).to(dev))
-            cs_img = self._cos_sin(model, img_ids)
-            branches.append(dict(which=which, model=model, txt=txt, refs=ref_tok, L=L, M=img_ids.shape[0],
-                                 cs_txt=cs_txt, cs_img=cs_img))
+            cs_txt, cs_img, M = self._tables(model, L, h, w, tuple((r.shape[-2], r.shape[-1]) for r in refs[0]), dev)
+            branches.append(dict(which=which, model=model, txt=txt, refs=ref_tok, L=L, M=M, cs_txt=cs_txt,
+                                 cs_img=cs_img))
         run = {b["which"]: b for b in branches}
         no_grad = lambda wh: torch.no_grad() if wh == "t" else contextlib.nullcontext()  # noqa: E731
 
