@@ -47,19 +47,36 @@ def tiny_config(tmp_path, *overrides):
     return load_config(None, base + list(overrides))
 
 
-def assert_close(actual, expected, atol=0.0, rtol=0.0, name="tensor"):
-    """allclose that prints the first mismatches and NaN/inf disagreement."""
+def assert_close(actual, expected, atol=0.0, rtol=0.0, name="tensor", *, scaled=False):
+    """allclose that prints the first mismatches and NaN/inf disagreement.
+
+    ``scaled=True``: ``atol`` is relative to the compared tensor's magnitude (the bound is
+    ``atol x max|expected| + rtol x |expected|``). Use it wherever the two sides sum in different
+    orders (another kernel, another CPU's BLAS, another thread count): their rounding grows with the
+    tensor's largest entries, so a fixed atol on a gradient whose entries reach 25 fails by chance
+    (issue 9), while an error that is a sizeable fraction of the tensor still fails.
+    ``DOPSD_TOL_REPORT=<file>`` appends each comparison's observed error and bound (headroom audit).
+    """
     actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     nan_a, nan_e = ~torch.isfinite(actual), ~torch.isfinite(expected)
     assert torch.equal(nan_a, nan_e), f"{name}: non-finite values disagree at {torch.nonzero(nan_a ^ nan_e)[:5].tolist()}"
-    bad = (actual - expected).abs() > atol + rtol * expected.abs()
-    bad &= ~nan_a
+    finite = ~nan_a
+    scale = expected[finite].abs().max().item() if scaled and finite.any() else 1.0
+    atol_eff = atol * scale
+    err = (actual - expected).abs().masked_fill(~finite, 0.0)
+    bad = (err > atol_eff + rtol * expected.abs()) & finite
+    if os.environ.get("DOPSD_TOL_REPORT"):
+        slack = (err / (atol_eff + rtol * expected.abs()).clamp_min(1e-300)).max().item() if err.numel() else 0.0
+        with open(os.environ["DOPSD_TOL_REPORT"], "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}\t{name}\t{scaled}\t"
+                    f"{err.max().item() if err.numel() else 0:.3g}\t{scale:.3g}\t{slack:.3g}\n")
     if bad.any():
         idx = torch.nonzero(bad)[:5]
         rows = [f"  {tuple(i.tolist())}: {actual[tuple(i)].item():.6g} vs {expected[tuple(i)].item():.6g}" for i in idx]
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} mismatch (atol={atol}, rtol={rtol}), "
-                             f"max abs err {(actual - expected).abs().max().item():.3g}\n" + "\n".join(rows))
+        kind = f"atol={atol} x max|expected| {scale:.3g}" if scaled else f"atol={atol}"
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} mismatch ({kind}, rtol={rtol}), "
+                             f"max abs err {err.max().item():.3g}\n" + "\n".join(rows))
 
 
 def low_precision_rule(kernel_out, torch_low_out, ref32, atol, name="tensor"):
@@ -78,16 +95,27 @@ def low_precision_rule(kernel_out, torch_low_out, ref32, atol, name="tensor"):
         f"{name}: kernel err {k_err:.3g} > 2 x torch err {t_err:.3g} + {atol} (+ interpreter ulp {extra:.3g})")
 
 
-def assert_grads_match(out_fast, out_ref, named_params: dict, atol, rtol):
-    """Back-propagate one random cotangent through both outputs: every parameter's gradient must
-    match (a tensor unused on one side must get an all-zero gradient on the other)."""
-    names, params = zip(*named_params.items())
-    g = torch.randn_like(out_ref)
-    grads_a = torch.autograd.grad(out_fast, params, g, allow_unused=True)
-    grads_b = torch.autograd.grad(out_ref, params, g, allow_unused=True)
-    for n, a, b in zip(names, grads_a, grads_b):
+def grads_of(out, named_params: dict, cotangent):
+    """Gradients of ``out`` (with the given cotangent) for every named parameter (None: unused)."""
+    return dict(zip(named_params, torch.autograd.grad(out, list(named_params.values()), cotangent,
+                                                      allow_unused=True)))
+
+
+def compare_grads(grads_a: dict, grads_b: dict, atol, rtol):
+    """Every gradient of ``grads_a`` equals ``grads_b``'s, atol relative to the gradient's magnitude
+    (``assert_close(scaled=True)``); a tensor unused on one side must get an all-zero gradient on the
+    other."""
+    for n, b in grads_b.items():
+        a = grads_a[n]
         if a is None or b is None:
             other = a if a is not None else b
             assert other is None or other.abs().max() == 0, f"{n}: a gradient on one side only"
             continue
-        assert_close(a, b, atol, rtol, n)
+        assert_close(a, b, atol, rtol, n, scaled=True)
+
+
+def assert_grads_match(out_fast, out_ref, named_params: dict, atol, rtol):
+    """Back-propagate one random cotangent through both outputs: every parameter's gradient must
+    match (``atol`` is relative to each gradient's largest entry, see :func:`compare_grads`)."""
+    g = torch.randn_like(out_ref)
+    compare_grads(grads_of(out_fast, named_params, g), grads_of(out_ref, named_params, g), atol, rtol)

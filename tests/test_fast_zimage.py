@@ -1,10 +1,12 @@
 """FastZImage (packed student/teacher forward on the diffusers model's own weights) against the
 diffusers ZImageTransformer2DModel: outputs of both branches and the student's gradients."""
 
+import re
+
 import pytest
 import torch
 
-from tests.conftest import assert_close, assert_grads_match
+from tests.conftest import assert_close, assert_grads_match, compare_grads, grads_of
 
 
 def _model(lora=True, **over):
@@ -66,11 +68,29 @@ def test_pair_matches_two_diffusers_calls(lora, case):
     out_s, out_t = fast.forward_pair(x, t, caps_s, caps_t)
     ref_t = _eager(st.teacher(), x, t, caps_t)
     ref_s = _eager(st.student(), x, t, caps_s)
-    assert_close(out_s, ref_s, 1e-5, 1e-4, "student output")
-    assert_close(out_t, ref_t, 1e-5, 1e-4, "teacher output")
+    assert_close(out_s, ref_s, 1e-5, 1e-4, "student output", scaled=True)
+    assert_close(out_t, ref_t, 1e-5, 1e-4, "teacher output", scaled=True)
     assert not out_t.requires_grad
     # the student's gradients (every trainable tensor) equal the eager model's
     assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-5, 1e-4)
+
+
+def test_gradient_check_catches_a_one_percent_error():
+    """The magnitude-scaled tolerances keep their power: the parity check above passes on the real
+    gradients, and fails, naming the tensor, when any one trainable gradient is off by 1%."""
+    st = _model(True)
+    x, t, caps_s, caps_t = _inputs(*CASES[1])
+    out_s, _ = _fast(st).forward_pair(x, t, caps_s, caps_t)
+    ref_s = _eager(st.student(), x, t, caps_s)
+    params = st.named_trainable()
+    g = torch.randn_like(ref_s)
+    fast_g, ref_g = grads_of(out_s, params, g), grads_of(ref_s, params, g)
+    compare_grads(fast_g, ref_g, 1e-5, 1e-4)
+    mutated = [n for n, v in fast_g.items() if v is not None and v.abs().max() > 0]
+    assert any("lora_A" in n for n in mutated) and any("lora_B" in n for n in mutated)
+    for n in mutated:
+        with pytest.raises(AssertionError, match=re.escape(n)):
+            compare_grads({**fast_g, n: fast_g[n] * 1.01}, ref_g, 1e-5, 1e-4)
 
 
 def test_shared_refiner_and_single_branches():
@@ -83,10 +103,10 @@ def test_shared_refiner_and_single_branches():
     x, t, caps_s, caps_t = _inputs(*CASES[0])
     only_s, none_t = fast.forward_pair(x, t, caps_s, None)
     assert none_t is None
-    assert_close(only_s, _eager(st.student(), x, t, caps_s), 1e-5, 1e-4, "student alone")
+    assert_close(only_s, _eager(st.student(), x, t, caps_s), 1e-5, 1e-4, "student alone", scaled=True)
     none_s, t_alone = fast.forward_pair(x, t, None, caps_t, student=False)
     assert none_s is None and not t_alone.requires_grad
-    assert_close(t_alone, _eager(st.teacher(), x, t, caps_t), 1e-5, 1e-4, "teacher alone")
+    assert_close(t_alone, _eager(st.teacher(), x, t, caps_t), 1e-5, 1e-4, "teacher alone", scaled=True)
 
     from diffusers import ZImageTransformer2DModel
 
@@ -96,8 +116,8 @@ def test_shared_refiner_and_single_branches():
     shared = FastZImage((plain, None), (plain, None))
     assert shared.refiner_shareable
     o_s, o_t = shared.forward_pair(x, t, caps_s, caps_t)
-    assert_close(o_s, _eager(plain, x, t, caps_s), 1e-5, 1e-4, "shared-refiner student")
-    assert_close(o_t, _eager(plain, x, t, caps_t), 1e-5, 1e-4, "shared-refiner teacher")
+    assert_close(o_s, _eager(plain, x, t, caps_s), 1e-5, 1e-4, "shared-refiner student", scaled=True)
+    assert_close(o_t, _eager(plain, x, t, caps_t), 1e-5, 1e-4, "shared-refiner teacher", scaled=True)
 
 
 def test_checkpointed_layers_same_gradients():
@@ -110,7 +130,7 @@ def test_checkpointed_layers_same_gradients():
         res.append(torch.autograd.grad(out_s.square().mean(), params, allow_unused=True))
     for a, b in zip(*res):
         if a is not None:
-            assert_close(a, b, 1e-6, 1e-5, "checkpointed grad")
+            assert_close(a, b, 1e-6, 1e-5, "checkpointed grad", scaled=True)
 
 
 def test_fused_kernels_through_the_interpreter():
@@ -123,8 +143,8 @@ def test_fused_kernels_through_the_interpreter():
     out_s, out_t = fast.forward_pair(x, t, caps_s, caps_t)
     ref_t = _eager(st.teacher(), x, t, caps_t)
     ref_s = _eager(st.student(), x, t, caps_s)
-    assert_close(out_s, ref_s, 1e-4, 1e-3, "student (fused)")
-    assert_close(out_t, ref_t, 1e-4, 1e-3, "teacher (fused)")
+    assert_close(out_s, ref_s, 1e-4, 1e-3, "student (fused)", scaled=True)
+    assert_close(out_t, ref_t, 1e-4, 1e-3, "teacher (fused)", scaled=True)
     assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-4, 1e-3)
 
 
@@ -164,8 +184,8 @@ def test_fp8_filter_and_fp8_module_dispatch():
         setattr(tr.get_submodule(parent), child, new)
     x, t, caps_s, caps_t = _inputs(*CASES[1])
     out_s, out_t = _fast(st).forward_pair(x, t, caps_s, caps_t)
-    assert_close(out_s, _eager(st.student(), x, t, caps_s), 1e-5, 1e-4, "student via FP8-module dispatch")
-    assert_close(out_t, _eager(st.teacher(), x, t, caps_t), 1e-5, 1e-4, "teacher via FP8-module dispatch")
+    assert_close(out_s, _eager(st.student(), x, t, caps_s), 1e-5, 1e-4, "student via FP8-module dispatch", scaled=True)
+    assert_close(out_t, _eager(st.teacher(), x, t, caps_t), 1e-5, 1e-4, "teacher via FP8-module dispatch", scaled=True)
     assert sqnr_db(out_s, out_s + 1e-3 * out_s.std() * torch.randn_like(out_s)) > 55
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="fp8"):
@@ -271,6 +291,6 @@ def test_mid_size_parity():
     out_s, out_t = fast.forward_pair(x, t, caps_s, caps_t)
     ref_t = _eager(st.teacher(), x, t, caps_t)
     ref_s = _eager(st.student(), x, t, caps_s)
-    assert_close(out_s, ref_s, 1e-4, 1e-4, "student output")
-    assert_close(out_t, ref_t, 1e-4, 1e-4, "teacher output")
+    assert_close(out_s, ref_s, 1e-4, 1e-4, "student output", scaled=True)
+    assert_close(out_t, ref_t, 1e-4, 1e-4, "teacher output", scaled=True)
     assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-5, 1e-3)

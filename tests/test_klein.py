@@ -31,7 +31,7 @@ def test_prompt_latents_and_teacher_layout_match_the_pipeline():
     emb, txt_ids = pipe.encode_prompt(["a red circle"], device="cpu", max_sequence_length=L,
                                       text_encoder_out_layers=ad.text_layers)
     ctx = ad.encode_student(["a red circle"])[0]
-    assert_close(ctx.features, emb[0], 1e-6, 1e-6, "prompt features")
+    assert_close(ctx.features, emb[0], 1e-6, 1e-6, "prompt features", scaled=True)
     # target image -> reference latents and ids == pipeline.prepare_image_latents
     img = torch.rand(3, 128, 96)
     ref_lat, ref_ids = pipe.prepare_image_latents([img[None] * 2 - 1], batch_size=1, generator=None, device="cpu",
@@ -39,7 +39,7 @@ def test_prompt_latents_and_teacher_layout_match_the_pipeline():
     tctx = ad.encode_teacher(["a red circle"], [img])[0]
     from dopsd_fast.adapters.klein import image_ids, pack
 
-    assert_close(pack(tctx.extra["ref0"][None])[0], ref_lat[0], 1e-5, 1e-5, "reference tokens")
+    assert_close(pack(tctx.extra["ref0"][None])[0], ref_lat[0], 1e-5, 1e-5, "reference tokens", scaled=True)
     assert torch.equal(image_ids(8, 6, t=10), ref_ids[0]), "reference ids (time coordinate 10)"
     # the noisy latents' ids == the pipeline's
     x = torch.randn(1, 16, 8, 6)
@@ -54,7 +54,7 @@ def test_prompt_latents_and_teacher_layout_match_the_pipeline():
                                  img_ids=torch.cat([pipe._prepare_latent_ids(x), ref_ids], 1),
                                  return_dict=False)[0][:, :48]
         v = ad.velocity(ad.transformer, x, sigma, [tctx])
-    assert_close(pack(v), ref_out, 1e-5, 1e-5, "editing-branch teacher velocity")
+    assert_close(pack(v), ref_out, 1e-5, 1e-5, "editing-branch teacher velocity", scaled=True)
     # the student (no reference) differs from the teacher: the context matters
     with torch.no_grad():
         vs = ad.velocity(ad.transformer, x, sigma, [ctx])
@@ -104,7 +104,7 @@ def test_klein_training_cache_and_lora_export(tmp_path):
     with torch.no_grad():
         mine = tr.adapter.velocity(tr.weights.student(), x, sigma, ctx)
         theirs = ad.velocity(pipe.transformer, x, sigma, ctx)
-    assert_close(theirs, mine, 1e-5, 1e-4, "student velocity through the exported LoRA")
+    assert_close(theirs, mine, 1e-5, 1e-4, "student velocity through the exported LoRA", scaled=True)
 
 
 def test_sft_baseline_steps_both_families(tmp_path):
@@ -203,8 +203,8 @@ def test_gt_reference_contexts_layout_and_training(tmp_path):
     cs, ct = tr.contexts.student([s])[0], tr.contexts.teacher([s])[0]
     assert sorted(cs.extra) == ["ref0", "ref1"] and sorted(ct.extra) == ["ref0", "ref1", "ref2"]
     target = tr.adapter.encode_images(s.image[None])[0]
-    assert_close(ct.extra["ref2"], target, 1e-6, 1e-6, "the target is the teacher's last reference")
-    assert_close(ct.extra["ref0"], cs.extra["ref0"], 1e-6, 1e-6, "the row's references come first")
+    assert_close(ct.extra["ref2"], target, 1e-6, 1e-6, "the target is the teacher's last reference", scaled=True)
+    assert_close(ct.extra["ref0"], cs.extra["ref0"], 1e-6, 1e-6, "the row's references come first", scaled=True)
     # the DiT call: references at time coordinates 10, 20, 30 (the pipeline's _prepare_image_ids)
     from diffusers import Flux2KleinPipeline
 
@@ -221,7 +221,7 @@ def test_gt_reference_contexts_layout_and_training(tmp_path):
                  return_dict=False)[0][:, :x[0, 0].numel()]
         v = tr.adapter.velocity(tf, x, sigma, [ct])
     tr.weights.student()
-    assert_close(pack(v), ref, 1e-5, 1e-5, "gt-reference teacher velocity")
+    assert_close(pack(v), ref, 1e-5, 1e-5, "gt-reference teacher velocity", scaled=True)
     m = [tr.train_step() for _ in range(2)]
     assert all(x["loss"] > 0 for x in m)
 
@@ -262,7 +262,7 @@ def test_local_klein_directory_loads(tmp_path):
     loaded = build_adapter(cfg.model)
     assert loaded.text_layers == (1, 2, 3)
     ctx = loaded.encode_student(["a red circle"])[0]
-    assert_close(ctx.features, ad.encode_student(["a red circle"])[0].features, 1e-6, 1e-6, "features")
+    assert_close(ctx.features, ad.encode_student(["a red circle"])[0].features, 1e-6, 1e-6, "features", scaled=True)
     import shutil
 
     shutil.rmtree(tmp_path / "klein" / "vae")

@@ -77,7 +77,7 @@ def test_once_and_stepwise_same_gradient_on_zimage(tmp_path):
         tr.compute_rollout(samples, tr.noise_for(samples, 0, 0))
         grads[mode] = {n: p.grad.clone() for n, p in tr.weights.named_trainable().items()}
     for n in grads["once"]:
-        assert_close(grads["stepwise"][n], grads["once"][n], atol=1e-8, rtol=1e-5, name=n)
+        assert_close(grads["stepwise"][n], grads["once"][n], atol=1e-6, rtol=1e-5, name=n, scaled=True)
 
 
 def test_full_finetune_ema_teacher(tmp_path):
@@ -156,7 +156,7 @@ def test_lora_loads_into_diffusers_pipeline(tmp_path):
     after = fresh.velocity(pipe.transformer, x, sigma, ctx)
     ours = tr.adapter.velocity(tr.weights.student(), x, sigma, ctx)
     assert (after - before).abs().max() > 1e-4, "the LoRA changed nothing"
-    assert_close(after, ours, atol=1e-5, rtol=1e-5, name="pipeline+LoRA vs trained student")
+    assert_close(after, ours, atol=1e-5, rtol=1e-5, name="pipeline+LoRA vs trained student", scaled=True)
     # the full pipeline runs with the LoRA
     img = pipe(prompt_embeds=[c.features for c in ctx], height=128, width=128, num_inference_steps=2,
                guidance_scale=0.0, output_type="pt").images
@@ -198,7 +198,7 @@ def test_gradient_checkpointing_same_gradient(tmp_path, backward):
         tr.compute_rollout(samples, tr.noise_for(samples, 0, 0))
         grads[gc] = {n: p.grad.clone() for n, p in tr.weights.named_trainable().items()}
     for n in grads[False]:
-        assert_close(grads[True][n], grads[False][n], atol=1e-8, rtol=1e-5, name=n)
+        assert_close(grads[True][n], grads[False][n], atol=1e-6, rtol=1e-5, name=n, scaled=True)
 
 
 def test_grad_accumulation_averages(tmp_path):
@@ -217,4 +217,4 @@ def test_grad_accumulation_averages(tmp_path):
         samples = tr2.next_samples(0, micro)
         tr2.compute_rollout(samples, tr2.noise_for(samples, 0, micro), loss_scale=0.5)
     for n, p in tr2.weights.named_trainable().items():
-        assert_close(p.grad, 0.5 * (per[0][n] + per[1][n]), atol=1e-9, rtol=1e-5, name=n)
+        assert_close(p.grad, 0.5 * (per[0][n] + per[1][n]), atol=1e-6, rtol=1e-5, name=n, scaled=True)

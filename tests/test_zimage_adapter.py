@@ -37,7 +37,7 @@ def test_student_encoding_equals_pipeline(adapter):
     ref = pipe._encode_prompt(list(prompts), device="cpu", max_sequence_length=512)
     for o, r in zip(ours, ref):
         assert o.features.shape == r.shape  # padding removed
-        assert_close(o.features, r, atol=1e-5, rtol=1e-5, name="student features")
+        assert_close(o.features, r, atol=1e-5, rtol=1e-5, name="student features", scaled=True)
 
 
 def test_student_truncation(adapter, monkeypatch):
@@ -64,7 +64,7 @@ def test_velocity_convention(adapter):
     v = adapter.velocity(adapter.transformer, x, sigma, ctx)
     raw = adapter.transformer(list(x.unsqueeze(2).unbind(0)), 1 - sigma,
                               [c.features for c in ctx], return_dict=False)[0]
-    assert_close(v, -torch.stack(raw).squeeze(2), atol=1e-6, name="v")
+    assert_close(v, -torch.stack(raw).squeeze(2), atol=1e-6, name="v", scaled=True)
 
 
 def test_vae_roundtrip_shapes(adapter):
@@ -125,7 +125,7 @@ def test_load_from_local_directories(adapter, tmp_path):
     loaded = build_adapter(cfg.model)
     x = torch.randn(1, *adapter.latent_shape(128, 128))
     ctx = adapter.encode_student(["a [V] cat"])
-    assert_close(loaded.encode_student(["a [V] cat"])[0].features, ctx[0].features, atol=1e-6)
+    assert_close(loaded.encode_student(["a [V] cat"])[0].features, ctx[0].features, atol=1e-6, scaled=True)
     img = torch.rand(3, 128, 128)
     assert_close(loaded.encode_teacher(["a [V] cat"], [img])[0].features,
                  adapter.encode_teacher(["a [V] cat"], [img])[0].features, atol=1e-5, name="teacher")

@@ -48,7 +48,7 @@ def test_matches_two_lora_layers(impl, dtype, M, K, N, r, n):
     ref = _run_ref(*[t.float() if t is not None else None for t in low], n, g.to(dtype).float())
     if dtype == torch.float32:
         for name, a, b in zip(NAMES, fast, ref):
-            assert_close(a, b, 1e-4, 1e-4, name)
+            assert_close(a, b, 1e-4, 1e-4, name, scaled=True)
     else:
         torch_low = _run_ref(*low, n, g.to(dtype))
         for name, a, t, b in zip(NAMES, fast, torch_low, ref):
@@ -81,7 +81,7 @@ def test_equals_peft_layers_3d_input():
     ad = lambda n: (lin.lora_A[n].weight, lin.lora_B[n].weight, lin.scaling[n])  # noqa: E731
     y = multi_lora_linear(torch.cat([xs, xt]), lin.base_layer.weight, lin.base_layer.bias, ad("student"),
                           ad("teacher"), n_split=B * S)
-    assert_close(y, torch.cat([ys, yt]), 1e-5, 1e-5, "y")
+    assert_close(y, torch.cat([ys, yt]), 1e-5, 1e-5, "y", scaled=True)
 
 
 def test_opcheck_and_errors():
@@ -118,9 +118,9 @@ def test_paired_form_equals_two_layers(impl):
     gx, ga, gb = torch.autograd.grad(ys, (xs, a_s, b_s), g)
     xr, ar, br = (t.detach().clone().requires_grad_() for t in (xs, a_s, b_s))
     yr = lora_linear_ref(xr, w, b, ar, br, 0.5)
-    assert_close(ys, yr, 1e-5, 1e-5, "y_s")
-    assert_close(yt, lora_linear_ref(xt, w, b, a_t, b_t, 2.0), 1e-5, 1e-5, "y_t")
+    assert_close(ys, yr, 1e-5, 1e-5, "y_s", scaled=True)
+    assert_close(yt, lora_linear_ref(xt, w, b, a_t, b_t, 2.0), 1e-5, 1e-5, "y_t", scaled=True)
     for name, a, r in zip(["dx_s", "dA_s", "dB_s"], (gx, ga, gb), torch.autograd.grad(yr, (xr, ar, br), g)):
-        assert_close(a, r, 1e-4, 1e-4, name)
+        assert_close(a, r, 1e-4, 1e-4, name, scaled=True)
     torch.library.opcheck(paired_lora_linear_op, (xs.detach().reshape(-1, 24).requires_grad_(), xt, w, b, a_s, b_s, a_t,
                                                   b_t, 0.5, 2.0, impl))

@@ -22,9 +22,9 @@ def _compare(fast, ref, inputs, dtype, atol32=1e-5):
     out_k, grads_k = _run(fast, low, g.to(dtype))
     out_r, grads_r = _run(ref, [t.float() for t in low], g.to(dtype).float())
     if dtype == torch.float32:
-        assert_close(out_k, out_r, atol32, 1e-5, "out")
+        assert_close(out_k, out_r, atol32, 1e-5, "out", scaled=True)
         for i, (a, b) in enumerate(zip(grads_k, grads_r)):
-            assert_close(a, b, atol32, 1e-4, f"grad[{i}]")
+            assert_close(a, b, atol32, 1e-4, f"grad[{i}]", scaled=True)
     else:
         out_t, grads_t = _run(ref, low, g.to(dtype))  # PyTorch's own low-precision path
         low_precision_rule(out_k, out_t, out_r, 1e-2, "out")
@@ -74,7 +74,7 @@ def test_matches_zimage_block_norm():
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(40))
     x, s = torch.randn(2, 9, 40), torch.randn(2, 40) * 0.2
-    assert_close(rms_norm_modulate(x, norm.weight.detach(), s), norm(x) * (1 + s[:, None]), 1e-5, 1e-5)
+    assert_close(rms_norm_modulate(x, norm.weight.detach(), s), norm(x) * (1 + s[:, None]), 1e-5, 1e-5, scaled=True)
 
 
 def test_opcheck_and_errors():
