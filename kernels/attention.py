@@ -8,12 +8,18 @@ Layout (as flash-attn's varlen API): ``q (Tq, H, D)``, ``k, v (Tk, H, D)`` packe
 
 **Dual-branch mode** (:func:`dual_branch_attention`). Per sample the student queries attend to
 ``[shared_b ; student_b]`` and the teacher queries to ``[shared_b ; teacher_b]``; ``shared`` holds the
-key/value rows that are identical in both branches, stored once. One program takes a block of student
-query rows *and* the block of teacher query rows with the same index, loads each shared K/V tile once
-and updates both online softmaxes with it, then walks each branch's private keys. Keys are
-order-free in attention, so the result equals two separate calls on the concatenated key sets. The
-backward computes the student branch only (the teacher's outputs are constants: no gradient reaches
-the teacher queries or the teacher's private keys; shared keys get the student's gradient).
+key/value rows that are identical in both branches, stored once. Both branches run in ONE launch,
+one branch per program (grid axis 0 interleaves the student and teacher tiles of a query block), so
+a program holds one query tile and one accumulator: the register budget of a plain attention (the
+earlier design, both branches' tiles in one program to reuse each shared K/V tile from registers,
+did not compile for sm_90 and, renamed, spilled at 255 registers). Shared tiles are read by both
+branches' programs, from L2 when they run side by side. What it saves over two calls is one launch
+and, where a shared segment exists, its memory; the FLOPs are those of two attentions. The fast
+models pass an empty shared segment: with LoRA on q/k/v (and in full fine-tuning) the two branches'
+keys and values differ at every layer, so nothing is exactly shared there. Keys are order-free in
+attention, so the result equals two separate calls on the concatenated key sets. The backward
+computes the student branch only (the teacher's outputs are constants: no gradient reaches the
+teacher queries or the teacher's private keys; shared keys get the student's gradient).
 
 Forward: one launch. Backward: ``delta = rowsum(o * do)`` (one PyTorch reduction), a dK/dV kernel
 (one program per key tile, over the shared and the private segment) and a dQ kernel (one program per
@@ -96,7 +102,7 @@ def _attend(q, K, V, start, length, h, H, D, acc, m_i, l_i, scale2, BLOCK_M: tl.
             BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     for n0 in range(0, length, BLOCK_N):
         k, kmask = _load_rows(K, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
-        v, _ = _load_rows(V, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
+        v, vmask = _load_rows(V, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
         acc, m_i, l_i = _online_update(q, k, v, kmask, acc, m_i, l_i, scale2, BLOCK_M, BLOCK_N, IEEE, UPCAST)
     return acc, m_i, l_i
 
@@ -112,50 +118,49 @@ def _finish(O, L, acc, m_i, l_i, start, m0, length, h, H, D, T, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(Q1, Q2, KA, VA, KB, VB, KC, VC, O1, O2, L1, L2, CU_Q1, CU_Q2, CU_A, CU_B, CU_C, T1, T2, H, D, scale2,
-                DUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """Branch 1 attends to A + B; with DUAL, branch 2 attends to A + C, each A tile loaded once."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    q1_start = tl.load(CU_Q1 + b)
-    q1_len = tl.load(CU_Q1 + b + 1) - q1_start
+def _fwd_branch(Q, KA, VA, KB, VB, O, L, CU_Q, CU_A, CU_B, T, H, D, scale2, m0, b, h, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One query tile of one branch attends to its two key segments ``[A_b ; B_b]``."""
+    q_start = tl.load(CU_Q + b)
+    q_len = tl.load(CU_Q + b + 1) - q_start
+    act = m0 < q_len
     a_start = tl.load(CU_A + b)
     a_len = tl.load(CU_A + b + 1) - a_start
     b_start = tl.load(CU_B + b)
     b_len = tl.load(CU_B + b + 1) - b_start
-    act1 = m0 < q1_len
-    q1, _ = _load_rows(Q1, q1_start, m0, q1_len, h, H, D, BLOCK_M, BLOCK_D)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-    l1 = tl.zeros((BLOCK_M,), tl.float32)
-    if DUAL:
-        q2_start = tl.load(CU_Q2 + b)
-        q2_len = tl.load(CU_Q2 + b + 1) - q2_start
-        c_start = tl.load(CU_C + b)
-        c_len = tl.load(CU_C + b + 1) - c_start
-        act2 = m0 < q2_len
-        q2, _ = _load_rows(Q2, q2_start, m0, q2_len, h, H, D, BLOCK_M, BLOCK_D)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        m2 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
-        l2 = tl.zeros((BLOCK_M,), tl.float32)
-        # shared keys: each tile loaded once, used by both query blocks
-        for n0 in range(0, tl.where(act1 | act2, a_len, 0), BLOCK_N):
-            k, kmask = _load_rows(KA, a_start, n0, a_len, h, H, D, BLOCK_N, BLOCK_D)
-            v, _ = _load_rows(VA, a_start, n0, a_len, h, H, D, BLOCK_N, BLOCK_D)
-            acc1, m1, l1 = _online_update(q1, k, v, kmask, acc1, m1, l1, scale2, BLOCK_M, BLOCK_N, IEEE, UPCAST)
-            acc2, m2, l2 = _online_update(q2, k, v, kmask, acc2, m2, l2, scale2, BLOCK_M, BLOCK_N, IEEE, UPCAST)
-        acc2, m2, l2 = _attend(q2, KC, VC, c_start, tl.where(act2, c_len, 0), h, H, D, acc2, m2, l2, scale2,
-                               BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
-        _finish(O2, L2, acc2, m2, l2, q2_start, m0, q2_len, h, H, D, T2, BLOCK_M, BLOCK_D)
+    q, qmask = _load_rows(Q, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc, m_i, l_i = _attend(q, KA, VA, a_start, tl.where(act, a_len, 0), h, H, D, acc, m_i, l_i, scale2,
+                            BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    acc, m_i, l_i = _attend(q, KB, VB, b_start, tl.where(act, b_len, 0), h, H, D, acc, m_i, l_i, scale2,
+                            BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    _finish(O, L, acc, m_i, l_i, q_start, m0, q_len, h, H, D, T, BLOCK_M, BLOCK_D)
+
+
+@triton.jit(do_not_specialize=["T1", "T2"])  # chosen per program at run time: one type for both
+def _fwd_kernel(Q1, Q2, KA, VA, KB, VB, KC, VC, O1, O2, L1, L2, CU_Q1, CU_Q2, CU_A, CU_B, CU_C, T1, T2, H, D, scale2,
+                N_BRANCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Branch 1 attends to A + B; with N_BRANCH=2, branch 2 attends to A + C in the same launch.
+
+    One branch per program (grid axis 0 = query tile x branch, branch fastest): the register
+    footprint of a single attention (one query tile, one accumulator). Holding both branches' tiles
+    in one program, to reuse each shared K/V tile from registers, needs two of each and spills on
+    sm_90 (255 registers measured by the compile gate); the shared segment is still stored once and
+    the two branches' programs of a tile run side by side, so its tiles are read from L2."""
+    pid = tl.program_id(0)
+    m0 = (pid // N_BRANCH) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    if pid % N_BRANCH == 0:
+        Q, KB_, VB_, O, L, CU_Q, CU_B_, T = Q1, KB, VB, O1, L1, CU_Q1, CU_B, T1
     else:
-        acc1, m1, l1 = _attend(q1, KA, VA, a_start, tl.where(act1, a_len, 0), h, H, D, acc1, m1, l1, scale2,
-                               BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
-    acc1, m1, l1 = _attend(q1, KB, VB, b_start, tl.where(act1, b_len, 0), h, H, D, acc1, m1, l1, scale2,
-                           BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
-    _finish(O1, L1, acc1, m1, l1, q1_start, m0, q1_len, h, H, D, T1, BLOCK_M, BLOCK_D)
+        Q, KB_, VB_, O, L, CU_Q, CU_B_, T = Q2, KC, VC, O2, L2, CU_Q2, CU_C, T2
+    _fwd_branch(Q, KA, VA, KB_, VB_, O, L, CU_Q, CU_A, CU_B_, T, H, D, scale2, m0, b, h, BLOCK_M, BLOCK_N, BLOCK_D,
+                IEEE, UPCAST)
 
 
 @triton.jit
@@ -163,21 +168,24 @@ def _dkdv_tile(Q, DO, LSE, DELTA, K, V, DK, DV, k_start, n0, k_len, q_start, q_l
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
                UPCAST: tl.constexpr):
     k, kmask = _load_rows(K, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
-    v, _ = _load_rows(V, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
+    v, vmask = _load_rows(V, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for m0 in range(0, tl.where(n0 < k_len, q_len, 0), BLOCK_M):
         q, qmask = _load_rows(Q, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
-        do, _ = _load_rows(DO, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+        do, domask = _load_rows(DO, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
         rows = q_start + m0 + tl.arange(0, BLOCK_M)
         lse2 = tl.load(LSE + h * Tq + rows, mask=qmask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + h * Tq + rows, mask=qmask, other=0.0)
-        s = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST) * scale2
-        p = tl.where(qmask[:, None] & kmask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dv = mma(tl.trans(p.to(do.dtype)), do, dv, IEEE, UPCAST)
-        dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dk = mma(tl.trans(ds.to(q.dtype)), q, dk, IEEE, UPCAST)
+        # S^T, P^T, dP^T directly (K Q^T, V dO^T): the (BLOCK_N, BLOCK_M) tiles are the A operands of
+        # the dV and dK products as they are, with no register transpose; transposing P and dS in
+        # registers serialised the wgmma pipeline (ptxas advisory C7515, compile gate).
+        s_t = mma(k, tl.trans(q), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), IEEE, UPCAST) * scale2
+        p_t = tl.where(kmask[:, None] & qmask[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv = mma(p_t.to(do.dtype), do, dv, IEEE, UPCAST)
+        dp_t = mma(v, tl.trans(do), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), IEEE, UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = mma(ds_t.to(q.dtype), q, dk, IEEE, UPCAST)
     _store_rows(DK, dk * scale, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
     _store_rows(DV, dv, k_start, n0, k_len, h, H, D, BLOCK_N, BLOCK_D)
 
@@ -192,16 +200,16 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, KA, VA, KB, VB, DKA, DVA, DKB, DVB, CU_Q, CU
     h = bh % H
     q_start = tl.load(CU_Q + b)
     q_len = tl.load(CU_Q + b + 1) - q_start
+    # One code path for both key segments (pointers chosen per program): one copy of the loop, so
+    # one shared-memory budget and one register allocation.
     if pid < NBLK_A:
-        a_start = tl.load(CU_A + b)
-        a_len = tl.load(CU_A + b + 1) - a_start
-        _dkdv_tile(Q, DO, LSE, DELTA, KA, VA, DKA, DVA, a_start, pid * BLOCK_N, a_len, q_start, q_len, h, H, D, Tq,
-                   scale, scale2, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+        K, V, DK, DV, CU_K, n0 = KA, VA, DKA, DVA, CU_A, pid * BLOCK_N
     else:
-        b_start = tl.load(CU_B + b)
-        b_len = tl.load(CU_B + b + 1) - b_start
-        _dkdv_tile(Q, DO, LSE, DELTA, KB, VB, DKB, DVB, b_start, (pid - NBLK_A) * BLOCK_N, b_len, q_start, q_len, h,
-                   H, D, Tq, scale, scale2, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+        K, V, DK, DV, CU_K, n0 = KB, VB, DKB, DVB, CU_B, (pid - NBLK_A) * BLOCK_N
+    k_start = tl.load(CU_K + b)
+    k_len = tl.load(CU_K + b + 1) - k_start
+    _dkdv_tile(Q, DO, LSE, DELTA, K, V, DK, DV, k_start, n0, k_len, q_start, q_len, h, H, D, Tq, scale, scale2,
+               BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
 
 
 @triton.jit
@@ -209,7 +217,7 @@ def _dq_loop(dq, q, do, lse2, delta, qmask, K, V, start, length, h, H, D, scale2
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     for n0 in range(0, length, BLOCK_N):
         k, kmask = _load_rows(K, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
-        v, _ = _load_rows(V, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
+        v, vmask = _load_rows(V, start, n0, length, h, H, D, BLOCK_N, BLOCK_D)
         s = mma(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST) * scale2
         p = tl.where(qmask[:, None] & kmask[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = mma(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE, UPCAST)
@@ -234,7 +242,7 @@ def _dq_kernel(Q, DO, LSE, DELTA, KA, VA, KB, VB, DQ, CU_Q, CU_A, CU_B, Tq, H, D
     b_start = tl.load(CU_B + b)
     b_len = tl.load(CU_B + b + 1) - b_start
     q, qmask = _load_rows(Q, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
-    do, _ = _load_rows(DO, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
+    do, domask = _load_rows(DO, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
     rows = q_start + m0 + tl.arange(0, BLOCK_M)
     lse2 = tl.load(LSE + h * Tq + rows, mask=qmask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + h * Tq + rows, mask=qmask, other=0.0)
@@ -273,9 +281,10 @@ def _fwd(q1, ka, va, kb, vb, cu_q1, cu_a, cu_b, max_q, scale, q2=None, kc=None, 
     B = cu_q1.numel() - 1
     BM, BN, warps, stages = _cfg(D)
     if max_q > 0 and B > 0 and H > 0:
-        _fwd_kernel[(triton.cdiv(max_q, BM), B * H)](
+        nb = 2 if dual else 1
+        _fwd_kernel[(triton.cdiv(max_q, BM) * nb, B * H)](
             q1, q2, ka, va, kb, vb, kc, vc, o1, o2, l1, l2, cu_q1, cu_q2, cu_a, cu_b, cu_c, T1, q2.shape[0], H, D,
-            scale * _LOG2E, DUAL=dual, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=max(16, next_pow2(D)), num_warps=warps,
+            scale * _LOG2E, N_BRANCH=nb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=max(16, next_pow2(D)), num_warps=warps,
             num_stages=stages, **dot_flags(q1.dtype))
     else:
         o1.zero_(), l1.fill_(float("-inf"))

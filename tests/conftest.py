@@ -15,6 +15,24 @@ import torch
 warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
 
 
+def pytest_configure(config):
+    """Triton 3.6's interpreter converts a runtime loop bound with ``int(1-element array)``, which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"; triton 3.9
+    squeezes first). Every ``range(0, n, BLOCK)`` kernel would fail with that message: say why, once."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    from tests._interp_probe import runtime_loop_bound_works
+
+    err = runtime_loop_bound_works()
+    if err:
+        import triton
+
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s interpreter cannot run a loop with a runtime bound with numpy "
+            f"{np.__version__} ({err}); install numpy<2.4 for this triton (e.g. pip install 'numpy<2.4'), "
+            "or triton>=3.9")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)
