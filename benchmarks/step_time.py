@@ -49,9 +49,9 @@ KLEIN_9B = dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_head
 
 PRESETS = {
     "tiny": dict(config=None, resolution=128, cap_s=24, cap_t=80, device="cpu", dtype="fp32", rank=8),
-    "zimage-mid": dict(config=ZIMAGE_MID, resolution=1024, cap_s=128, cap_t=1024, device="cuda", dtype="bf16",
+    "zimage-mid": dict(config=ZIMAGE_MID, resolution=1024, cap_s=512, cap_t=1024, device="cuda", dtype="bf16",
                        rank=64),
-    "zimage-6b": dict(config=ZIMAGE_RELEASED, resolution=1024, cap_s=128, cap_t=1024, device="cuda", dtype="bf16",
+    "zimage-6b": dict(config=ZIMAGE_RELEASED, resolution=1024, cap_s=512, cap_t=1024, device="cuda", dtype="bf16",
                       rank=64),
     "tiny-klein": dict(family="klein", config=None, resolution=128, cap_s=48, cap_t=48, device="cpu", dtype="fp32",
                        rank=8),
@@ -69,6 +69,8 @@ def parse(argv=None):
     p.add_argument("--preset", default="tiny", choices=list(PRESETS))
     p.add_argument("--resolution", type=int, help="image side in pixels (default: the preset's)")
     p.add_argument("--k", type=int, default=4, help="roll-out states K (4: zimage-k4, 8: zimage-k8)")
+    p.add_argument("--cap-s", type=int, help="student context tokens (default: the preset's; 512 at real size)")
+    p.add_argument("--cap-t", type=int, help="teacher context tokens (default: the preset's; Z-Image 1024)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--lora-rank", type=int, help="LoRA rank; 0 = full fine-tuning (default: the preset's)")
     p.add_argument("--backward", default="stepwise", choices=["once", "stepwise"])
@@ -86,6 +88,8 @@ def parse(argv=None):
     p.add_argument("--no-fp32-reference", action="store_true",
                    help="bf16 runs: skip the fp32 eager reference (parity then fast vs eager, atol only)")
     p.add_argument("--out", default=None, help="JSON file or folder (default: print only)")
+    p.add_argument("--rows", default=None,
+                   help="JSONL file: one row appended (and flushed) per result as soon as it is measured")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -100,29 +104,41 @@ def k_schedule(k: int):
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------
-def zimage_forward_flops(cfg: dict, n_img: int, cap_lens: list[int]) -> float:
-    """Analytic FLOPs of one Z-Image forward (matmuls + attention) for one sample."""
+def zimage_forward_flops(cfg: dict, n_img: int, cap_lens: list[int], rank: int = 0) -> tuple[float, float]:
+    """Analytic FLOPs of one Z-Image forward, ``(GEMMs, attention)``, summed over the samples; with
+    ``rank`` the LoRA adapters on the default targets (q, k, v, out, w1, w2, w3 of every block and
+    refiner) count with the GEMMs (spec: student forward 63.9 TFLOP at 1024^2, caption 512, r64)."""
     d, ffn = cfg["dim"], int(cfg["dim"] / 3 * 8)
-    per_tok = 2 * (4 * d * d + 3 * d * ffn)
+    per_tok = 2 * (4 * d * d + 3 * d * ffn) + 2 * rank * (8 * d + 3 * (d + ffn))
     pad = lambda n: n + (-n) % 32  # noqa: E731
     n_i = pad(n_img)
-    fl = 0.0
+    gemm = attn = 0.0
     for c in cap_lens:
         c = pad(c)
         s = n_i + c
-        fl += cfg["n_layers"] * (s * per_tok + 4 * s * s * d)
-        fl += cfg["n_refiner_layers"] * (n_i * per_tok + 4 * n_i * n_i * d + c * per_tok + 4 * c * c * d)
-        fl += 2 * n_img * 4 * cfg["in_channels"] * d * 2
-    return fl
+        gemm += cfg["n_layers"] * s * per_tok + cfg["n_refiner_layers"] * (n_i + c) * per_tok
+        attn += cfg["n_layers"] * 4 * s * s * d + cfg["n_refiner_layers"] * 4 * (n_i * n_i + c * c) * d
+        gemm += 2 * n_img * 4 * cfg["in_channels"] * d * 2
+    return gemm, attn
 
 
-def flux2_forward_flops(cfg: dict, n_img: int, n_txt: int) -> float:
-    """Analytic FLOPs of one FLUX.2 forward for one sample (matmuls + attention)."""
+def flux2_forward_flops(cfg: dict, n_img: int, n_txt: int) -> tuple[float, float]:
+    """Analytic FLOPs of one FLUX.2 forward for one sample, ``(GEMMs, attention)``."""
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     s = n_img + n_txt
     per_tok = 2 * 13 * d * d  # double: qkv 3 + out 1 + ff 6 + 3 (d^2 MACs), single: fused 9 + out 4
     blocks = cfg["num_layers"] + cfg["num_single_layers"]
-    return blocks * (s * per_tok + 4 * s * s * d) + 2 * n_img * cfg["in_channels"] * d * 2
+    return blocks * s * per_tok + 2 * n_img * cfg["in_channels"] * d * 2, blocks * 4 * s * s * d
+
+
+def backward_flops(fwd: tuple[float, float], lora: bool, lora_fwd: float = 0.0) -> float:
+    """The student backward: dX of every GEMM (1x its forward) plus, in full fine-tuning, dW (1x
+    more); attention backward 2.5x its forward. A LoRA run computes no base-weight gradient; its
+    adapters (``lora_fwd`` of the forward's GEMM FLOPs) cost dX + dA/dB, 2x their forward."""
+    gemm, attn = fwd
+    if lora:
+        return (gemm - lora_fwd) + 2.0 * lora_fwd + 2.5 * attn
+    return 2.0 * gemm + 2.5 * attn
 
 
 # ---- the two paths ---------------------------------------------------------------------------
@@ -185,33 +201,41 @@ class Bench:
         self.noise = torch.randn(args.batch, *self.lat, generator=torch.Generator().manual_seed(args.seed + 2)).to(
             self.device)
         gen = torch.Generator().manual_seed(args.seed + 3)
+        cap_s = args.cap_s or pre["cap_s"]
+        cap_t = args.cap_t or pre["cap_t"]
         if self.family == "zimage":
             cap_dim = self.cfg["cap_feat_dim"]
-            self.ctx_s = [Context(torch.randn(pre["cap_s"] + 3 * b, cap_dim, generator=gen).to(self.device, self.dtype))
+            self.ctx_s = [Context(torch.randn(cap_s + 3 * b, cap_dim, generator=gen).to(self.device, self.dtype))
                           for b in range(args.batch)]
-            self.ctx_t = [Context(torch.randn(pre["cap_t"] - 5 * b, cap_dim, generator=gen).to(self.device, self.dtype))
+            self.ctx_t = [Context(torch.randn(cap_t - 5 * b, cap_dim, generator=gen).to(self.device, self.dtype))
                           for b in range(args.batch)]
             self.sigmas = resolve_schedule(k_schedule(args.k))
             n_img = (self.lat[1] // 2) * (self.lat[2] // 2)
-            f_t = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_t])
-            f_s = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s])
+            f_t = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_t], rank)
+            f_s = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s], rank)
+            lora_s = f_s[0] - zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s])[0]
         else:  # klein: padded text of one length; the teacher carries the target as a reference image
             from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
             jd = self.cfg["joint_attention_dim"]
-            self.ctx_s = [Context(torch.randn(pre["cap_s"], jd, generator=gen).to(self.device, self.dtype))
+            self.ctx_s = [Context(torch.randn(cap_s, jd, generator=gen).to(self.device, self.dtype))
                           for _ in range(args.batch)]
-            self.ctx_t = [Context(torch.randn(pre["cap_t"], jd, generator=gen).to(self.device, self.dtype),
+            self.ctx_t = [Context(torch.randn(cap_t, jd, generator=gen).to(self.device, self.dtype),
                                   {"ref0": torch.randn(*self.lat, generator=gen).to(self.device)})
                           for _ in range(args.batch)]
             n_img = self.lat[1] * self.lat[2]
             mu = math.exp(compute_empirical_mu(n_img, args.k))
             base = [1.0 - i / args.k for i in range(args.k)]
             self.sigmas = resolve_schedule([mu / (mu + (1 / s - 1)) for s in base] + [0.0])
-            f_t = args.batch * flux2_forward_flops(self.cfg, 2 * n_img, pre["cap_t"])
-            f_s = args.batch * flux2_forward_flops(self.cfg, n_img, pre["cap_s"])
+            f_t = tuple(args.batch * f for f in flux2_forward_flops(self.cfg, 2 * n_img, cap_t))
+            f_s = tuple(args.batch * f for f in flux2_forward_flops(self.cfg, n_img, cap_s))
+            lora_s = 0.0  # klein: the adapters' FLOPs are not counted (< 3% at r64)
         K = len(self.sigmas) - 1
-        self.floor_flops = K * (f_t + 3 * f_s)
+        lora = rank > 0
+        # floor (spec): per state one teacher forward, one student forward, one student backward (LoRA:
+        # dX only), no recompute; the same count for every path
+        self.flops = {"teacher_fwd": sum(f_t), "student_fwd": sum(f_s), "student_bwd": backward_flops(f_s, lora, lora_s)}
+        self.floor_flops = K * sum(self.flops.values())
         # the memory model of fast.checkpoint=auto (dopsd_fast.models.zimage.checkpoint_layers_for), to set
         # against the measured peak: student activations of the main layers for the states alive
         alive = K if args.backward == "once" else 1
@@ -477,13 +501,37 @@ def environment(device):
     return env
 
 
-def summarize(name, times, peak, bench):
+def executed_flops(bench, path: str) -> float:
+    """FLOPs a path actually runs per step: the floor plus the recompute of checkpointed layers (the
+    eager reference with --eager-checkpointing recomputes every block's student forward; the fast
+    path its first N main layers)."""
+    K = len(bench.sigmas) - 1
+    if path == "eager":
+        frac = 1.0 if bench.args.eager_checkpointing else 0.0
+    else:
+        n = bench.cfg.get("n_layers") or 1
+        frac = min(getattr(bench, "fast_checkpoint_layers", 0), n) / n
+    return bench.floor_flops + K * frac * bench.flops["student_fwd"]
+
+
+def summarize(name, times, peak, bench, path="fast"):
     med = statistics.median(times)
     row = {"path": name, "median_s": med, "min_s": min(times), "max_s": max(times),
-           "samples_per_s": bench.args.batch / med, "peak_memory_gb": peak / 1e9}
-    if bench.device.type == "cuda":
-        row["mfu"] = bench.floor_flops / med / PEAK_BF16
+           "samples_per_s": bench.args.batch / med, "peak_memory_gb": peak / 1e9,
+           "executed_tflop": executed_flops(bench, path) / 1e12}
+    if bench.device.type == "cuda":  # MFU two ways (performance.md): floor FLOPs and FLOPs executed
+        row["mfu_floor"] = bench.floor_flops / med / PEAK_BF16
+        row["mfu_executed"] = executed_flops(bench, path) / med / PEAK_BF16
     return row
+
+
+def emit(args, row: dict) -> None:
+    """Append one result row to --rows (JSONL), flushed at once: a run cut short still reports."""
+    if not args.rows:
+        return
+    with open(args.rows, "a") as f:
+        f.write(json.dumps({"stage": "step_time", "preset": args.preset, **row}, default=str) + "\n")
+        f.flush()
 
 
 def main(argv=None):
@@ -496,15 +544,28 @@ def main(argv=None):
     bench = Bench(args)
     fast_kw = dict(kernels=args.kernels, graphs=args.graphs, fp8=args.fp8)
     fast_rollout = lambda: bench.fast_rollout(**fast_kw)  # noqa: E731
+    bench.fast_checkpoint_layers = bench.fast_model(**fast_kw).model.checkpoint_layers
+    emit(args, {"kind": "flops", "floor_tflop_per_step": bench.floor_flops / 1e12,
+                **{f"{k}_tflop_per_state": v / 1e12 for k, v in bench.flops.items()},
+                "cap_s": len(bench.ctx_s[0].features), "cap_t": len(bench.ctx_t[0].features)})
     par = parity(bench, fast_rollout, fp8=args.fp8 != "off")
+    emit(args, {"kind": "parity", "verdict": par["verdict"], "loss_rel_err_fast": par["loss"]["rel_err_fast"],
+                "grad_rel_err_fast": par["gradients"]["global_rel_err_fast"],
+                "grad_rel_err_eager": par["gradients"]["global_rel_err_eager"],
+                "min_grad_cos": par["gradients"]["min_cos_fast"],
+                "weights_rel_err": par["weights_after_steps"]["rel_err"]})
     t_e, p_e = bench.timed(bench.eager_rollout, args.steps, args.warmup)
+    eager = summarize("eager reference", t_e, p_e, bench, path="eager")
+    emit(args, {"kind": "time", **eager})
     t_f, p_f = bench.timed(fast_rollout, args.steps, args.warmup)
-    eager, fast = summarize("eager reference", t_e, p_e, bench), summarize("fast", t_f, p_f, bench)
+    fast = summarize("fast", t_f, p_f, bench)
+    emit(args, {"kind": "time", **fast, "speedup_vs_eager": eager["median_s"] / fast["median_s"]})
     result = {"env": environment(bench.device), "preset": args.preset, "args": vars(args),
               "model": {k: v for k, v in bench.cfg.items() if k in ("dim", "n_layers", "n_heads", "cap_feat_dim",
                                                                      "num_layers", "num_single_layers",
                                                                      "num_attention_heads", "joint_attention_dim")},
-              "floor_tflop_per_step": bench.floor_flops / 1e12, "eager": eager, "fast": fast,
+              "floor_tflop_per_step": bench.floor_flops / 1e12,
+              "flops_tflop_per_state": {k: v / 1e12 for k, v in bench.flops.items()}, "eager": eager, "fast": fast,
               "memory_model": {"weights_gb": bench.weights_gb,
                                "predicted_student_activations_gb (no checkpointing)": bench.predicted_activation_gb,
                                "checkpointed_layers_fast": bench.fast_model(args.kernels, args.graphs,
@@ -522,7 +583,8 @@ def main(argv=None):
         abl = []
         for name, fn in steps:
             t, p = bench.timed(fn, args.steps, args.warmup)
-            abl.append(summarize(name, t, p, bench))
+            abl.append(summarize(name, t, p, bench, path="eager" if name == "eager reference" else "fast"))
+            emit(args, {"kind": "ablation", **abl[-1]})
         for r in abl:
             r["speedup_vs_eager"] = abl[0]["median_s"] / r["median_s"]
         result["ablation"] = abl
@@ -543,7 +605,8 @@ def print_table(r):
     print(f"# D-OPSD step time, preset {r['preset']} on {env['device']} (torch {env['torch']}"
           f"{', CUDA ' + str(env.get('cuda')) if env.get('cuda') else ''}), floor {r['floor_tflop_per_step']:.3g} "
           "TFLOP/step")
-    cols = ["path", "median_s", "min_s", "max_s", "samples_per_s", "peak_memory_gb", "mfu"]
+    cols = ["path", "median_s", "min_s", "max_s", "samples_per_s", "peak_memory_gb", "executed_tflop", "mfu_floor",
+            "mfu_executed"]
     print(" | ".join(cols))
     for row in [r["eager"], r["fast"]] + r.get("ablation", []):
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols))

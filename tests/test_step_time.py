@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,21 +19,26 @@ def _env():
 
 
 def test_default_cpu_run_passes(tmp_path):
+    rows = tmp_path / "rows.jsonl"
     r = subprocess.run([sys.executable, str(SCRIPT), "--steps", "2", "--warmup", "1", "--parity-steps", "2",
-                        "--ablation", "--out", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=900)
+                        "--ablation", "--out", str(tmp_path), "--rows", str(rows)], capture_output=True, text=True,
+                       env=_env(), timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "verdict: PASS" in r.stdout
     res = json.loads((tmp_path / "step_time-tiny.json").read_text())
     assert res["verdict"] == "PASS" and res["parity"]["gradients"]["n_tensors"] > 0
     assert len(res["parity"]["velocities"]) == 2 * 4  # K = 4 states, both branches
     assert [a["path"] for a in res["ablation"]][:2] == ["eager reference", "+ packed pass (eager ops)"]
-    for key in ("median_s", "min_s", "max_s", "samples_per_s", "peak_memory_gb"):
+    for key in ("median_s", "min_s", "max_s", "samples_per_s", "peak_memory_gb", "executed_tflop"):
         assert res["eager"][key] > 0 and res["fast"][key] > 0
+    # every result is flushed as a row as soon as it is measured (a run cut short still reports)
+    kinds = [json.loads(line)["kind"] for line in rows.read_text().splitlines()]
+    assert kinds[:4] == ["flops", "parity", "time", "time"] and kinds.count("ablation") == len(res["ablation"])
 
 
 def test_gpu_presets_exit_clearly_on_cpu():
     if torch.cuda.is_available():
-        return
+        pytest.skip("this machine has a GPU: the presets run instead of exiting")
     r = subprocess.run([sys.executable, str(SCRIPT), "--preset", "zimage-6b"], capture_output=True, text=True,
                        env=_env(), timeout=300)
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
@@ -68,3 +74,23 @@ def test_parity_verdict_fails_for_a_wrong_fast_path():
 
     assert step_time.parity(bench, wrong, fp8=False)["verdict"] == "FAIL"
     assert step_time.parity(bench, lambda: bench.fast_rollout("off"), fp8=False)["verdict"] == "PASS"
+
+
+def test_floor_flops_match_the_spec():
+    """performance.md: Z-Image-Turbo at 1024^2, student caption 512, teacher context 1024, LoRA r64:
+    student forward 63.9 TFLOP, teacher forward 72.2, student backward (dX only) 80.7 per state,
+    ~867 per step at K = 4; full fine-tuning adds the weight gradients."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step_time
+    finally:
+        sys.path.pop(0)
+    cfg = step_time.ZIMAGE_RELEASED
+    f_s = step_time.zimage_forward_flops(cfg, 4096, [512], 64)
+    f_t = step_time.zimage_forward_flops(cfg, 4096, [1024], 64)
+    lora = f_s[0] - step_time.zimage_forward_flops(cfg, 4096, [512])[0]
+    bwd = step_time.backward_flops(f_s, True, lora)
+    assert abs(sum(f_s) / 1e12 - 63.9) < 0.1 and abs(sum(f_t) / 1e12 - 72.2) < 0.1 and abs(bwd / 1e12 - 80.7) < 0.1
+    assert abs(4 * (sum(f_s) + sum(f_t) + bwd) / 1e12 - 867) < 1
+    full = step_time.backward_flops(step_time.zimage_forward_flops(cfg, 4096, [512]), False)
+    assert full > 1.6 * bwd  # dX + dW of every GEMM

@@ -1,0 +1,524 @@
+"""The one prepared GPU check: one call, one global time budget, two files back.
+
+A GPU lease here is 15 minutes in all (start-up included), one command of at most 600 s, at most
+8 files back from ``$OUT``. So: one call (``bash benchmarks/gpu_check.sh``, which installs the
+carried wheels and runs this driver) that ends by itself within its budget (540 s by default,
+counted from the start of the call, wheel install included), and exactly two files in ``$OUT``:
+``results.json`` (every row, each with the git commit, GPU, driver and versions) and ``report.md``.
+Both are rewritten after every stage, and every stage appends its rows to a JSONL file as it
+measures them, so a stage cut by the budget still reports what it had.
+
+Stages, in the order of the questions they answer (each in its own process, under
+``min(its cap, what is left of the budget)``):
+
+* ``smoke`` (<= 90 s): imports, the GPU, one tiny compile + launch of our kernels with a parity
+  check. No GPU: the run stops here and says so. Smoke failure: the run stops with the error.
+* ``m1`` attention at Z-Image-Turbo's workload (student 4608 / teacher 5120 tokens, 30 x 128 heads,
+  bf16), forward and student backward: ours (both branches in one launch, and two single calls) vs
+  PyTorch SDPA (flash, cuDNN); TFLOP/s.
+* ``m2`` the paired LoRA linear forward + backward at 3840->3840, 3840->10240, 10240->3840 with
+  4608 + 5120 rows, rank 64: ours (Triton, and the stacked algorithm on cuBLAS) vs two cuBLAS
+  LoRA layers, and a device copy of the same bytes as the bandwidth ceiling.
+* ``m3`` one fast D-OPSD step at the real workload (Z-Image-Turbo size, LoRA r64, 1024^2, K = 4,
+  captions 512 / 1024, stepwise backward, no checkpointing): time per region (CUDA events) and
+  peak memory.
+* ``step`` eager vs fast at zimage-6b (``step_time.py``) with its parity verdict.
+* ``tests`` (not in the default list): the kernel parity tests with the compiled kernels on the GPU.
+
+    python benchmarks/gpu_check.py --out DIR [--budget 540] [--stages smoke,m1,m2,m3,step]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STAGES = {  # name -> (cap in seconds, what it answers)
+    "smoke": (90, "imports, GPU, one compile + launch + parity check"),
+    "m1": (100, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN"),
+    "m2": (70, "paired LoRA linear fwd + bwd: ours vs cuBLAS; device copy ceiling"),
+    "m3": (120, "one fast step at the real workload: time per region, peak memory"),
+    "step": (200, "eager vs fast step at zimage-6b with parity (step_time.py)"),
+    "tests": (240, "the kernel parity tests on the GPU (DOPSD_GPU_TESTS=1 pytest tests/kernels); not in the default"),
+    # used by the tests only: a stage that ends, and one that overruns its budget
+    "selftest-ok": (30, "test stage: writes one row"),
+    "selftest-overrun": (600, "test stage: sleeps past any budget"),
+}
+DEFAULT_STAGES = "smoke,m1,m2,m3,step"
+REPORT_RESERVE_S = 10  # kept back from the budget to write the report
+MIN_STAGE_S = 15  # a stage with less time than this left is not started
+NO_GPU_EXIT = 3
+# GPU_CHECK_DRYRUN=1: the measuring stages at toy shapes on the CPU (kernels through the
+# interpreter, wall-clock timers): checks the stages' code before a lease is spent; measures nothing.
+DRY = os.environ.get("GPU_CHECK_DRYRUN") == "1"
+DEV = "cpu" if DRY else "cuda"
+
+
+# ---- rows ---------------------------------------------------------------------------------------
+class Rows:
+    """Append-only JSONL, one row per line, flushed at once (a killed stage keeps its rows)."""
+
+    def __init__(self, path: str, stage: str):
+        self.path, self.stage = path, stage
+
+    def add(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"stage": self.stage, **row}, default=str) + "\n")
+            f.flush()
+        print(f"[{self.stage}] " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: skip it, keep the rest
+            continue
+    return out
+
+
+def git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=10)
+        if c.returncode == 0:
+            return c.stdout.strip() + ("-dirty" if d.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown (pass GIT_COMMIT=...)"
+
+
+# ---- stages (each runs in its own process) ------------------------------------------------------
+def _median_ms(fn, rep=30):
+    if DRY:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+class _WallEvent:
+    """torch.cuda.Event's timing interface on the wall clock (dry run only)."""
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def _event():
+    import torch
+
+    return _WallEvent() if DRY else torch.cuda.Event(enable_timing=True)
+
+
+def _sync():
+    import torch
+
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def stage_smoke(rows: Rows) -> int:
+    import torch
+    import triton
+
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+           "python": platform.python_version()}
+    for name in ("diffusers", "transformers", "peft"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception as exc:  # noqa: BLE001 - the report names what is missing
+            env[name] = f"missing: {type(exc).__name__}: {exc}"
+    import dopsd_fast  # the package imports (no CUDA touched at import)
+
+    env["dopsd_fast"] = getattr(dopsd_fast, "__version__", "imported")
+
+    if not torch.cuda.is_available():
+        rows.add(kind="env", status="no GPU", **env)
+        return NO_GPU_EXIT
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        driver = "unknown"
+    rows.add(kind="env", status="ok", gpu=props.name, sm=f"{props.major}.{props.minor}",
+             memory_gib=round(props.total_memory / 2**30, 1), driver=driver, **env)
+    # one tiny compile + launch of each kernel family the step uses, checked against its reference
+    from dopsd_fast.kernels.attention import attention_varlen_ref, dual_branch_attention
+    from dopsd_fast.kernels.swiglu import swiglu, swiglu_ref
+
+    torch.manual_seed(0)
+    a, b = (torch.randn(257, 320, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    t0 = time.time()
+    err = (swiglu(a, b).float() - swiglu_ref(a, b).float()).abs().max().item()
+    rows.add(kind="smoke", what="swiglu compile+launch", seconds=time.time() - t0, max_abs_err=err,
+             ok=err < 2e-2)
+    q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 300], dtype=torch.int32, device="cuda")
+    e = k[:0]
+    z = torch.zeros_like(cu)
+    t0 = time.time()
+    o_s, _, o_t, _ = dual_branch_attention(q, q, (e, e, z), (k, v, cu), (k, v, cu), cu, cu)
+    ref, _ = attention_varlen_ref(q.float(), k.float(), v.float(), cu, cu)
+    err = max((o_s.float() - ref).abs().max().item(), (o_t.float() - ref).abs().max().item())
+    torch.cuda.synchronize()
+    rows.add(kind="smoke", what="dual-branch attention compile+launch", seconds=time.time() - t0, max_abs_err=err,
+             ok=err < 2e-2)
+    return 0 if err < 2e-2 else 1
+
+
+def stage_m1(rows: Rows) -> int:
+    """Attention at the Z-Image workload: TFLOP/s of ours (dual, two single calls) and SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dopsd_fast.kernels.attention import dual_branch_attention, flash_attn_varlen
+
+    H, D, Ts, Tt = (2, 32, 40, 56) if DRY else (30, 128, 4608, 5120)
+    dev, bf = DEV, torch.bfloat16
+    torch.manual_seed(0)
+    qs, ks, vs = (torch.randn(Ts, H, D, device=dev, dtype=bf, requires_grad=True) for _ in range(3))
+    qt, kt, vt = (torch.randn(Tt, H, D, device=dev, dtype=bf) for _ in range(3))
+    cu_s = torch.tensor([0, Ts], dtype=torch.int32, device=dev)
+    cu_t = torch.tensor([0, Tt], dtype=torch.int32, device=dev)
+    e, z = ks[:0].detach(), torch.zeros_like(cu_s)
+    do = torch.randn(Ts, H, D, device=dev, dtype=bf)
+    fl_fwd = 4 * H * D * (Ts * Ts + Tt * Tt)  # both branches
+    fl_bwd = 2.5 * 4 * H * D * Ts * Ts  # the student's backward only
+    grads = (qs, ks, vs)
+
+    def ours_dual():
+        return dual_branch_attention(qs, qt, (e, e, z), (ks, vs, cu_s), (kt, vt, cu_t), cu_s, cu_t,
+                                     max_seqlens=(Tt, 0, Ts, Tt))[0]
+
+    def ours_two():
+        o = flash_attn_varlen(qs, ks, vs, cu_s, cu_s, max_seqlen_q=Ts, max_seqlen_k=Ts)[0]
+        with torch.no_grad():
+            flash_attn_varlen(qt, kt, vt, cu_t, cu_t, max_seqlen_q=Tt, max_seqlen_k=Tt)
+        return o
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qs, ks, vs)))
+                with torch.no_grad():
+                    F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qt, kt, vt)))
+            return o[0].transpose(0, 1)
+        return run
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        ref = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (qs, ks, vs)))[0].transpose(0, 1)
+    variants = [("ours: both branches, one launch", ours_dual), ("ours: two single calls", ours_two),
+                ("SDPA flash (two calls)", sdpa(SDPBackend.FLASH_ATTENTION)),
+                ("SDPA cuDNN (two calls)", sdpa(SDPBackend.CUDNN_ATTENTION))]
+    status = 0
+    for name, fn in variants:
+        try:
+            with torch.no_grad():
+                err = (fn().float() - ref.float()).abs().max().item()
+                ms_f = _median_ms(fn)
+
+            def fwd_bwd():
+                torch.autograd.grad(fn(), grads, do)
+
+            ms_fb = _median_ms(fwd_bwd)
+            ms_b = max(ms_fb - ms_f, 1e-9)
+            rows.add(kind="attention", variant=name, tokens_student=Ts, tokens_teacher=Tt, heads=H, head_dim=D,
+                     fwd_ms=ms_f, fwd_tflops=fl_fwd / ms_f / 1e9, bwd_ms=ms_b, bwd_tflops=fl_bwd / ms_b / 1e9,
+                     fwd_bwd_ms=ms_fb, max_abs_err_vs_sdpa_flash=err, parity_ok=err < 3e-2)
+            status |= 0 if err < 3e-2 else 1
+        except Exception as exc:  # noqa: BLE001 - one variant failing (e.g. cuDNN absent) is a result
+            rows.add(kind="attention", variant=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    return status
+
+
+def stage_m2(rows: Rows) -> int:
+    """The paired LoRA linear: ours vs cuBLAS, and a device copy of the same bytes."""
+    import torch
+
+    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linear
+
+    dev, bf, r, Ms, Mt = (DEV, torch.bfloat16, 8, 40, 56) if DRY else (DEV, torch.bfloat16, 64, 4608, 5120)
+    status = 0
+    for K, N in ((64, 64), (64, 160), (160, 64)) if DRY else ((3840, 3840), (3840, 10240), (10240, 3840)):
+        torch.manual_seed(0)
+        xs = torch.randn(Ms, K, device=dev, dtype=bf, requires_grad=True)
+        xt = torch.randn(Mt, K, device=dev, dtype=bf)
+        w = torch.randn(N, K, device=dev, dtype=bf) * K ** -0.5
+        a_s = (torch.randn(r, K, device=dev, dtype=bf) * K ** -0.5).requires_grad_()
+        b_s = (torch.randn(N, r, device=dev, dtype=bf) * 0.01).requires_grad_()
+        a_t, b_t = a_s.detach().clone(), b_s.detach().clone() * 1.1
+        dy = torch.randn(Ms, N, device=dev, dtype=bf)
+        fl_fwd = 2 * (Ms + Mt) * K * N + 2 * (Ms + Mt) * r * (K + N)
+        fl_bwd = 2 * Ms * K * N + 4 * Ms * r * (K + N)  # dX (base + adapter) and dA, dB: no base dW
+
+        def ours(impl):
+            return lambda: paired_lora_linear(xs, xt, w, None, (a_s, b_s, 2.0), (a_t, b_t, 2.0), impl=impl)[0]
+
+        def two_layers():
+            y = lora_linear_ref(xs, w, None, a_s, b_s, 2.0)
+            with torch.no_grad():
+                lora_linear_ref(xt, w, None, a_t, b_t, 2.0)
+            return y
+
+        with torch.no_grad():
+            ref = two_layers().float()
+        nbytes = 2 * ((Ms + Mt) * (K + N) + N * K)  # read x and W, write y, bf16
+        src = torch.empty(nbytes // 2, device=dev, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        copy_ms = _median_ms(lambda: dst.copy_(src))  # moves nbytes (read + write)
+        for name, fn in (("ours: Triton paired GEMM", ours("triton")), ("ours: stacked on cuBLAS", ours("torch")),
+                         ("two cuBLAS LoRA layers", two_layers)):
+            try:
+                with torch.no_grad():
+                    err = (fn().float() - ref).abs().max().item() / ref.abs().max().item()
+                    ms_f = _median_ms(fn)
+                ms_fb = _median_ms(lambda: torch.autograd.grad(fn(), (xs, a_s, b_s), dy))
+                ms_b = max(ms_fb - ms_f, 1e-9)
+                rows.add(kind="paired_linear", variant=name, K=K, N=N, rows=f"{Ms}+{Mt}", rank=r, fwd_ms=ms_f,
+                         fwd_tflops=fl_fwd / ms_f / 1e9, bwd_ms=ms_b, bwd_tflops=fl_bwd / ms_b / 1e9,
+                         copy_same_bytes_ms=copy_ms, rel_err_vs_two_layers=err, parity_ok=err < 2e-2)
+                status |= 0 if err < 2e-2 else 1
+            except Exception as exc:  # noqa: BLE001
+                rows.add(kind="paired_linear", variant=name, K=K, N=N, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    return status
+
+
+def stage_m3(rows: Rows) -> int:
+    """One fast step at the real workload; time per region with CUDA events; peak memory."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import step_time
+
+    args = step_time.parse(["--preset", "tiny" if DRY else "zimage-6b", "--backward", "stepwise", "--checkpoint",
+                            "none"])
+    t0 = time.time()
+    bench = step_time.Bench(args)
+    rows.add(kind="step_setup", what=f"{args.preset} built", seconds=time.time() - t0,
+             weights_gb=bench.weights_gb, floor_tflop_per_step=bench.floor_flops / 1e12)
+    regions: dict[str, list] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            s, e = _event(), _event()
+            s.record()
+            out = fn(*a, **kw)
+            e.record()
+            regions.setdefault(name, []).append((s, e))
+            return out
+        return wrapper
+
+    fp = bench.fast_model(args.kernels)
+    orig_pair, orig_backward = fp.pair_fn, torch.Tensor.backward
+    fp.pair_fn = lambda cs, ct: timed("forward: student + teacher (packed)", orig_pair(cs, ct))
+    opt_step, ema = bench.optimizer.step, bench.weights.ema_update
+    status = 0
+    for i in range(3):  # step 0 compiles; steps 1-2 are measured
+        regions.clear()
+        if not DRY:
+            torch.cuda.reset_peak_memory_stats()
+        torch.Tensor.backward = timed("backward (stepwise, per state)", orig_backward)
+        bench.optimizer.step = timed("optimizer (fused AdamW)", opt_step)
+        bench.weights.ema_update = timed("EMA update", ema)
+        try:
+            _sync()
+            t0 = time.perf_counter()
+            bench.step(lambda: bench.fast_rollout(args.kernels))
+            _sync()
+            wall = time.perf_counter() - t0
+        finally:
+            torch.Tensor.backward = orig_backward
+            bench.optimizer.step, bench.weights.ema_update = opt_step, ema
+        per = {k: sum(s.elapsed_time(e) for s, e in v) / 1e3 for k, v in regions.items()}
+        rows.add(kind="step_regions", step=i, note="includes compile" if i == 0 else "measured",
+                 wall_s=wall, **{f"{k} [s]": v for k, v in per.items()},
+                 other_s=wall - sum(per.values()),
+                 peak_memory_gb=float("nan") if DRY else torch.cuda.max_memory_allocated() / 1e9,
+                 mfu_floor=bench.floor_flops / wall / step_time.PEAK_BF16)
+    return status
+
+
+def stage_step(rows: Rows) -> int:
+    cmd = [sys.executable, str(HERE / "step_time.py"), "--preset", "zimage-6b", "--steps", "3", "--warmup", "1",
+           "--parity-steps", "1", "--rows", rows.path]
+    return subprocess.call(cmd)
+
+
+def stage_tests(rows: Rows) -> int:
+    env = {**os.environ, "DOPSD_GPU_TESTS": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "-rs"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    print(res.stdout[-4000:] + res.stderr[-2000:])
+    summary = [line for line in res.stdout.splitlines() if " passed" in line or " failed" in line or " error" in line]
+    rows.add(kind="kernel_tests", exit_code=res.returncode, summary=summary[-1] if summary else "no summary")
+    return res.returncode
+
+
+def stage_selftest_ok(rows: Rows) -> int:
+    rows.add(kind="selftest", what="a stage that ends in time")
+    return 0
+
+
+def stage_selftest_overrun(rows: Rows) -> int:
+    rows.add(kind="selftest", what="a stage that overruns: this row was written before the cut")
+    time.sleep(3600)
+    return 0
+
+
+STAGE_FN = {"smoke": stage_smoke, "m1": stage_m1, "m2": stage_m2, "m3": stage_m3, "step": stage_step,
+            "tests": stage_tests,
+            "selftest-ok": stage_selftest_ok, "selftest-overrun": stage_selftest_overrun}
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+def write_outputs(out: Path, rows_path: str, timeline: list[dict], meta: dict) -> None:
+    rows = read_rows(rows_path)
+    env = next((r for r in rows if r.get("kind") == "env"), {})
+    common = {"git_commit": meta["git_commit"], "gpu": env.get("gpu", "none"), "driver": env.get("driver", "-"),
+              "torch": env.get("torch"), "cuda": env.get("cuda"), "triton": env.get("triton")}
+    full = [{**common, **r} for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "timeline": timeline, "rows": full}, indent=1, default=str) + "\n")
+    os.replace(tmp, out / "results.json")
+    lines = [f"# GPU check: {meta['verdict']}", "",
+             f"commit `{meta['git_commit']}`; GPU {common['gpu']} (driver {common['driver']}); torch {common['torch']}, "
+             f"CUDA {common['cuda']}, triton {common['triton']}; budget {meta['budget_s']} s, used "
+             f"{meta['elapsed_s']:.0f} s; {meta['date']}", "", "## Stages", "",
+             "| stage | what | limit s | took s | status |", "|---|---|---|---|---|"]
+    lines += [f"| {t['stage']} | {STAGES[t['stage']][1]} | {t['limit_s']:.0f} | {t.get('took_s', 0):.0f} | "
+              f"{t['status']} |" for t in timeline]
+    by_kind: dict[str, list] = {}
+    for r in rows:
+        by_kind.setdefault(r.get("kind", "?"), []).append(r)
+    for kind, rs in by_kind.items():
+        keys = [k for k in dict.fromkeys(k for r in rs for k in r) if k not in ("stage", "kind")]
+        lines += ["", f"## {kind}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rs]
+    tails = [t for t in timeline if t.get("log_tail")]
+    for t in tails:
+        lines += ["", f"## log tail: {t['stage']}", "", "```", t["log_tail"], "```"]
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "report.md")
+
+
+def run_stage(name: str, limit: float, rows_path: str, log_path: str) -> tuple[int | None, float]:
+    """The stage in its own process group, killed (with everything it started) at ``limit``."""
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--stage", name, "--rows", rows_path],
+                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            rc = None
+    return rc, time.time() - t0
+
+
+def drive(args) -> int:
+    t_start = args.t0 or time.time()
+    out = Path(args.out)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # logs and rows live here, not in $OUT
+    rows_path = str(work / "rows.jsonl")
+    meta = {"git_commit": git_commit(), "budget_s": args.budget, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "dry_run": "CPU dry run at toy shapes: checks the code, measures nothing" if DRY else False,
+            "verdict": "RUNNING", "elapsed_s": 0.0}
+    timeline: list[dict] = []
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"gpu_check: unknown stage(s) {unknown}; known: {list(STAGES)}", file=sys.stderr)
+        return 2
+    verdict = "PASS"
+    for i, name in enumerate(stages):
+        left = args.budget - (time.time() - t_start) - REPORT_RESERVE_S
+        cap = STAGES[name][0]
+        if left < MIN_STAGE_S:
+            timeline += [{"stage": s, "limit_s": 0, "status": "not started: budget spent"} for s in stages[i:]]
+            verdict = "INCOMPLETE (budget)"
+            break
+        limit = min(cap, left)
+        print(f"[{time.time() - t_start:5.0f} s] stage {name}: limit {limit:.0f} s ({STAGES[name][1]})", flush=True)
+        log_path = str(work / f"{name}.log")
+        rc, took = run_stage(name, limit, rows_path, log_path)
+        entry = {"stage": name, "limit_s": limit, "took_s": took}
+        log = Path(log_path).read_text(errors="replace")
+        if rc is None:
+            entry["status"] = f"cut after {took:.0f} s ({'budget' if limit < cap else 'stage cap'}); rows so far kept"
+            verdict = "INCOMPLETE (budget)" if verdict == "PASS" else verdict
+        elif rc == 0:
+            entry["status"] = "ok"
+        elif name == "smoke" and rc == NO_GPU_EXIT:
+            entry["status"] = "no GPU: nothing to measure on this machine"
+        else:
+            entry["status"] = f"FAILED (exit {rc})"
+        if rc != 0:
+            entry["log_tail"] = "\n".join(log.splitlines()[-25:])
+        timeline.append(entry)
+        print(f"[{time.time() - t_start:5.0f} s] stage {name}: {entry['status']}", flush=True)
+        meta["elapsed_s"] = time.time() - t_start
+        if name == "smoke" and rc != 0:
+            verdict = "NO GPU" if rc == NO_GPU_EXIT else "SMOKE FAILED"
+            timeline += [{"stage": s, "limit_s": 0, "status": f"not run: {verdict.lower()}"} for s in stages[i + 1:]]
+            break
+        if rc not in (0, None):
+            verdict = "FAIL"
+        meta["verdict"] = "RUNNING"
+        write_outputs(out, rows_path, timeline, meta)
+    meta["verdict"], meta["elapsed_s"] = verdict, time.time() - t_start
+    write_outputs(out, rows_path, timeline, meta)
+    print(f"[{meta['elapsed_s']:5.0f} s] gpu check: {verdict}; {out / 'report.md'}, {out / 'results.json'}", flush=True)
+    return 0 if verdict in ("PASS", "NO GPU") else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results" / time.strftime("local-%Y%m%d-%H%M%S")))
+    p.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", 540)),
+                   help="seconds for the whole call, counted from --t0 (default 540)")
+    p.add_argument("--t0", type=float, default=None, help="epoch seconds when the call started (gpu_check.sh)")
+    p.add_argument("--stages", default=os.environ.get("GPU_CHECK_STAGES", DEFAULT_STAGES))
+    p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage
+    p.add_argument("--rows", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.stage:
+        if DRY:  # before any kernel module is imported
+            os.environ["TRITON_INTERPRET"] = "1"
+        else:
+            os.environ.pop("TRITON_INTERPRET", None)
+        return STAGE_FN[args.stage](Rows(args.rows, args.stage))
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""benchmarks/gpu_check.sh as the lent GPU machine would run it, here on the CPU: one call, a global
+budget, exactly two files in $OUT (the lease returns at most 8), stages that stop at "no GPU", and
+a stage that overruns the budget cut and reported with the rows it had written."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(out, **env_over):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out), **env_over)
+    t0 = time.time()
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    return r, time.time() - t0
+
+
+def test_cpu_run_stops_at_no_gpu_with_two_files(tmp_path):
+    r, took = _run(tmp_path, GIT_COMMIT="abc123")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["report.md", "results.json"]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["meta"]["verdict"] == "NO GPU" and res["meta"]["git_commit"] == "abc123"
+    status = {t["stage"]: t["status"] for t in res["timeline"]}
+    assert status["smoke"].startswith("no GPU") and all(status[s] == "not run: no gpu" for s in ("m1", "m2", "m3", "step"))
+    assert all(row["git_commit"] == "abc123" and row["torch"] for row in res["rows"])
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# GPU check: NO GPU") and "| m1 |" in report
+    assert took < 120
+
+
+def test_overrunning_stage_is_cut_by_the_budget_and_reported(tmp_path):
+    r, took = _run(tmp_path, GPU_CHECK_STAGES="selftest-ok,selftest-overrun,selftest-ok", BUDGET_S="30")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert took < 30 + 5, f"the call took {took:.0f} s against a 30 s budget"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["report.md", "results.json"]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["meta"]["verdict"] == "INCOMPLETE (budget)"
+    tl = res["timeline"]
+    assert [t["stage"] for t in tl] == ["selftest-ok", "selftest-overrun", "selftest-ok"]
+    assert tl[0]["status"] == "ok"
+    assert tl[1]["status"].startswith("cut after") and "budget" in tl[1]["status"]
+    assert tl[2]["status"] == "not started: budget spent"
+    whats = [row.get("what", "") for row in res["rows"]]
+    assert any("before the cut" in w for w in whats), "the overrunning stage's rows are kept"
+    assert "cut after" in (tmp_path / "report.md").read_text()
+
+
+def test_failed_wheel_install_stops_at_once(tmp_path):
+    whl = ROOT / ".whl"
+    made = not whl.exists()
+    whl.mkdir(exist_ok=True)
+    bad = whl / "not_a_wheel-0.0.0-py3-none-any.whl"
+    bad.write_text("this is not a zip file")
+    try:
+        r, took = _run(tmp_path)
+    finally:
+        bad.unlink()
+        if made:
+            whl.rmdir()
+    assert r.returncode == 1 and "carried wheels" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["report.md", "results.json"]
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["verdict"] == "INSTALL FAILED"
+
+
+def test_measuring_stages_dry_run_on_the_cpu(tmp_path):
+    """GPU_CHECK_DRYRUN=1 runs m1, m2 and m3 at toy shapes on the CPU (kernels through the interpreter):
+    the stages' code is exercised before a lease is spent on it. Nothing here is a measurement."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["GPU_CHECK_DRYRUN"] = "1"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--stages", "m1,m2,m3", "--out",
+                        str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["meta"]["dry_run"] and res["meta"]["verdict"] == "PASS"
+    rows = res["rows"]
+    attn = [x for x in rows if x["kind"] == "attention" and "error" not in x]
+    assert {x["variant"] for x in attn} >= {"ours: both branches, one launch", "ours: two single calls",
+                                            "SDPA flash (two calls)"}
+    assert all(x["parity_ok"] for x in attn)
+    lin = [x for x in rows if x["kind"] == "paired_linear"]
+    assert len(lin) == 9 and all(x["parity_ok"] for x in lin)
+    steps = [x for x in rows if x["kind"] == "step_regions"]
+    assert len(steps) == 3 and all(x["forward: student + teacher (packed) [s]"] > 0 for x in steps)
+    assert all(x["backward (stepwise, per state) [s]"] > 0 for x in steps)
