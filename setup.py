@@ -1,13 +1,16 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
-# The top-level kernels/ folder installs as `dopsd_fast.kernels`, never as a top-level `kernels`
-# module (that name belongs to Hugging Face's `kernels` package, which diffusers imports).
+# Packages from the source tree (every dopsd_fast subpackage, present and future). The top-level
+# kernels/ folder installs as `dopsd_fast.kernels`, never as a top-level `kernels` module (that name
+# belongs to Hugging Face's `kernels` package, which diffusers imports), and the shipped recipes in
+# configs/ as `dopsd_fast/configs/*.yaml` (`dopsd-train --config zimage-turbo-lora` finds them).
 setup(
     name="dopsd-fast",
     version="0.1.0",
     description="Fast, kernel-backed D-OPSD (on-policy self-distillation) trainer for step-distilled diffusion transformers",
-    packages=["dopsd_fast", "dopsd_fast.adapters", "dopsd_fast.data", "dopsd_fast.kernels"],
-    package_dir={"dopsd_fast.kernels": "kernels"},
+    packages=find_packages(include=["dopsd_fast", "dopsd_fast.*"]) + ["dopsd_fast.kernels", "dopsd_fast.configs"],
+    package_dir={"dopsd_fast.kernels": "kernels", "dopsd_fast.configs": "configs"},
+    package_data={"dopsd_fast.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",

@@ -195,6 +195,7 @@ class Bench:
             teach = self.weights.named_teacher().values() if rank > 0 else self.weights.teacher_module.parameters()
             for p in teach:
                 p.add_((1e-2 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype) * (p.abs().mean() + 1e-3))
+        self.weights.sync_teacher()  # full fine-tuning: the moved EMA into the teacher module
         self.params = self.weights.trainable_parameters()
         self.lat = ((16, res // 8, res // 8) if self.family == "zimage"
                     else (self.cfg["in_channels"], res // 16, res // 16))
@@ -362,8 +363,7 @@ class Bench:
             for p, v in zip(self.weights.named_teacher().values(), s["teacher"]):
                 p.copy_(v)
         self.optimizer.load_state_dict(s["opt"])
-        if not self.weights.lora:
-            self.weights._sync_teacher_module() if hasattr(self.weights, "_sync_teacher_module") else None
+        self.weights.sync_teacher()  # full fine-tuning: the teacher module reads the restored EMA
 
     def grads_of(self, rollout):
         for p in self.params:

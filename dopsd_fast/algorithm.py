@@ -33,8 +33,9 @@ BACKWARDS = ("once", "stepwise")
 NAMED_SCHEDULES: dict[str, tuple[float, ...]] = {
     # Z-Image, K = 4: the authors' scripts' default (training only; inference stays 8-step).
     "zimage-k4": (1.0, 0.9, 0.75, 0.5, 0.0),
-    # Z-Image, K = 8: the Turbo inference schedule as written in the authors' scripts.
-    "zimage-k8": (1.0, 0.9769, 0.9478, 0.9099, 0.8586, 0.7853, 0.6719, 0.4732, 0.0),
+    # Z-Image, K = 8: the Turbo inference schedule, exactly the authors' timestep table / 1000
+    # (1000 - [1000, 976.8991, 947.7647, 909.8782, 858.5987, 785.2998, 671.9212, 473.2203]).
+    "zimage-k8": (1.0, 0.9768991, 0.9477647, 0.9098782, 0.8585987, 0.7852998, 0.6719212, 0.4732203, 0.0),
 }
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -50,9 +53,11 @@ class ModelConfig:
     teacher_max_pixels: Optional[int] = None
     # FLUX.2-klein: text-encoder layers whose hidden states are stacked (None = 9, 18, 27; tiny: 1, 2, 3)
     text_layers: Optional[list] = None
-    # FLUX.2-klein editing-branch teacher: appended to the prompt (None = the built-in instruction)
+    # FLUX.2-klein editing-branch teacher: appended to the prompt (None = the built-in instruction,
+    # "authors" = the authors' launch-script text, or any text)
     teacher_instruction: Optional[str] = None
-    # FLUX.2-klein ground-truth-reference editing rows: the teacher's instruction (None = built-in)
+    # FLUX.2-klein ground-truth-reference editing rows: the teacher's instruction (None = built-in,
+    # "authors" = the authors' text, or any text)
     gt_instruction: Optional[str] = None
 
     def __post_init__(self):
@@ -72,10 +77,13 @@ class LoraConfig:
     enabled: bool = True  # False = full fine-tuning with a full EMA teacher
     rank: int = 64
     alpha: float = 128.0
-    targets: Optional[list] = None  # None = the adapter's default targets
+    # None = the adapter's default targets; "authors" = the authors' list for this family; or a list
+    targets: Optional[Union[str, list]] = None
     init: str = "gaussian"
 
     def __post_init__(self):
+        if isinstance(self.targets, str):
+            _one_of(self.targets, ("authors",), "lora.targets")
         _check(self.rank > 0, "lora.rank", f"must be > 0, got {self.rank}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _one_of(self.init, ("gaussian", "default"), "lora.init")
@@ -99,8 +107,9 @@ class DopsdConfig:
         _one_of(self.backward, ("once", "stepwise"), "dopsd.backward")
         _check(0.0 <= self.ema_decay <= 1.0, "dopsd.ema_decay", f"must be in [0, 1], got {self.ema_decay}")
         if isinstance(self.rollout, str) and self.rollout.startswith("klein-k"):
-            _check(self.rollout[len("klein-k"):].isdigit() and int(self.rollout[len("klein-k"):]) >= 1,
-                   "dopsd.rollout", f"klein-kN needs a number of states N >= 1, got {self.rollout!r}")
+            n = self.rollout[len("klein-k"):].removesuffix("-authors")
+            _check(n.isdigit() and int(n) >= 1, "dopsd.rollout",
+                   f"klein-kN (or klein-kN-authors) needs a number of states N >= 1, got {self.rollout!r}")
             return  # resolution-dependent: the klein adapter resolves it per bucket
         try:
             resolve_schedule(self.rollout)
@@ -164,13 +173,11 @@ class DataConfig:
 @dataclass(kw_only=True)
 class CacheConfig:
     # Directory of the feature cache written by `dopsd-cache`; None = encode on the fly (memoised).
+    # A cache dir is always required to be complete (an incomplete one is refused with a count).
     dir: Optional[str] = None
-    # When a cache dir is set: "require" refuses to train on an incomplete cache.
-    mode: str = "require"
     shard_size: int = 256  # entries per safetensors shard
 
     def __post_init__(self):
-        _one_of(self.mode, ("require",), "cache.mode")
         _check(self.shard_size >= 1, "cache.shard_size", "must be >= 1")
 
 
@@ -183,7 +190,6 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    export_lora_every: int = 0  # 0 = with every checkpoint
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
@@ -349,6 +355,14 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+# Fields that existed and were never read: accepted with a warning (a saved config.yaml of an older
+# run still loads), then dropped.
+REMOVED_FIELDS = {
+    "cache.mode": "removed (a cache dir is always required to be complete)",
+    "train.export_lora_every": "removed (the LoRA is exported with every checkpoint and at the end)",
+}
+
+
 def _build(cls, data: Any, prefix: str):
     if data is None:
         data = {}
@@ -356,6 +370,9 @@ def _build(cls, data: Any, prefix: str):
         raise ConfigError(f"config section '{prefix or 'root'}': expected a mapping, got {data!r}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    for gone in [k for k in data if f"{prefix}.{k}" in REMOVED_FIELDS]:  # configs of older runs still load
+        log.warning("config field %s.%s is ignored: %s", prefix, gone, REMOVED_FIELDS[f"{prefix}.{gone}"])
+        data = {k: v for k, v in data.items() if k != gone}
     unknown = sorted(set(data) - known)
     if unknown:
         where = f"section '{prefix}'" if prefix else "top level"
@@ -412,13 +429,38 @@ EMBEDDED_DEFAULT: dict = {
 }
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The recipes shipped with the package (``configs/*.yaml`` in the source tree, installed as
+    ``dopsd_fast/configs``), by name."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("dopsd_fast.configs")
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    dirs.append(str(Path(__file__).resolve().parents[1] / "configs"))  # a source checkout without install
+    out: dict[str, Path] = {}
+    for d in dirs:
+        for f in sorted(Path(d).glob("*.yaml")):
+            out.setdefault(f.stem, f)
+    return out
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or the name of a shipped recipe (``zimage-turbo-lora``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if p.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file not found: {p} (shipped recipes: {', '.join(sorted(shipped)) or 'none'})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or :data:`EMBEDDED_DEFAULT` when ``path`` is None) plus overrides."""
     data: dict = copy.deepcopy(EMBEDDED_DEFAULT) if path is None else {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+        p = resolve_config_path(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

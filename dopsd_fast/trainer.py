@@ -77,7 +77,10 @@ class Trainer:
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device
 
-        targets = cfg.lora.targets or list(self.adapter.default_lora_targets)
+        if cfg.lora.targets == "authors":
+            targets = list(self.adapter.authors_lora_targets)
+        else:
+            targets = cfg.lora.targets or list(self.adapter.default_lora_targets)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(cfg.train.seed, 7))  # LoRA init independent of anything else
             self.weights = StudentTeacher(self.adapter.transformer, cfg.lora, targets, self.adapter.dtype,
@@ -143,11 +146,6 @@ class Trainer:
         if key not in self._sigma_cache:
             self._sigma_cache[key] = self.adapter.training_sigmas(self.cfg.dopsd.rollout, key)
         return self._sigma_cache[key]
-
-    @property
-    def sigmas(self) -> list[float]:  # the schedule of the first bucket (logging, tests)
-        w, h = self.dataset.buckets_of[0]
-        return self.sigmas_for(self.adapter.latent_shape(h, w)[-2:])
 
     def compute_rollout(self, samples, noise, loss_scale: float = 1.0):
         """Roll-out + loss (+ backward for the stepwise schedule) of one micro-batch."""

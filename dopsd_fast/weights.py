@@ -99,8 +99,15 @@ class StudentTeacher:
         else:
             ema_update_(self._ema.values(), self._student.values(), decay)
             if decay != 1.0:
-                for n, t in self._teacher.items():
-                    t.copy_(self._ema[n].to(t.device, t.dtype))
+                self.sync_teacher()
+
+    @torch.no_grad()
+    def sync_teacher(self) -> None:
+        """Full fine-tuning: copy the fp32 EMA master into the teacher module the forward reads (after
+        an EMA update, a load, or any direct write to ``named_teacher()``). LoRA: nothing to do."""
+        if not self.lora:
+            for n, t in self._teacher.items():
+                t.copy_(self._ema[n].to(t.device, t.dtype))
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -118,9 +125,7 @@ class StudentTeacher:
                                  f"({len(set(src) ^ set(target))} names differ)")
             for n, p in target.items():
                 p.copy_(src[n].to(p.device, p.dtype))
-        if not self.lora:
-            for n, t in self._teacher.items():
-                t.copy_(self._ema[n].to(t.device, t.dtype))
+        self.sync_teacher()
 
     def lora_state_dict(self, which: str = STUDENT) -> dict:
         """peft-format LoRA weights of one adapter, adapter name stripped (what diffusers saves)."""

@@ -7,7 +7,9 @@ from tests.conftest import assert_close
 
 def test_named_schedules():
     assert resolve_schedule("zimage-k4") == [1.0, 0.9, 0.75, 0.5, 0.0]
-    assert resolve_schedule("zimage-k8") == [1.0, 0.9769, 0.9478, 0.9099, 0.8586, 0.7853, 0.6719, 0.4732, 0.0]
+    # the authors' timestep table / 1000, exactly (their train_dopsd.py, num_training_steps == 8)
+    assert resolve_schedule("zimage-k8") == [1.0, 0.9768991, 0.9477647, 0.9098782, 0.8585987, 0.7852998, 0.6719212,
+                                             0.4732203, 0.0]
     assert resolve_schedule([1.0, 0.6, 0.0]) == [1.0, 0.6, 0.0]
     assert set(NAMED_SCHEDULES) >= {"zimage-k4", "zimage-k8"}
 

@@ -78,3 +78,27 @@ def test_cli_reports_bad_config_cleanly(tmp_path):
     exe = Path(sys.executable).parent / "dopsd-train"
     proc = subprocess.run([str(exe), "--set", "optim.lr=-1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "config field 'optim.lr'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_removed_fields_shipped_names_and_authors_values(tmp_path, caplog):
+    import logging
+
+    import pytest
+
+    from dopsd_fast.config import ConfigError, load_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("cache:\n  mode: require\ntrain:\n  export_lora_every: 0\n  max_steps: 7\n")
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(str(old))
+    assert cfg.train.max_steps == 7 and "cache.mode is ignored" in caplog.text
+    assert load_config("zimage-turbo-lora").model.family == "zimage"  # a shipped recipe by name
+    assert load_config("klein-4b-sft.yaml").model.family == "klein"
+    with pytest.raises(ConfigError, match="shipped recipes: .*tiny-klein"):
+        load_config("no-such-recipe")
+    assert load_config(None, ["lora.targets=authors"]).lora.targets == "authors"
+    with pytest.raises(ConfigError, match="lora.targets"):
+        load_config(None, ["lora.targets=mine"])
+    assert load_config(None, ["dopsd.rollout=klein-k4-authors"]).dopsd.rollout == "klein-k4-authors"
+    with pytest.raises(ConfigError, match="dopsd.rollout"):
+        load_config(None, ["dopsd.rollout=klein-kx-authors"])

@@ -294,3 +294,28 @@ def test_mid_size_parity():
     assert_close(out_s, ref_s, 1e-4, 1e-4, "student output", scaled=True)
     assert_close(out_t, ref_t, 1e-4, 1e-4, "teacher output", scaled=True)
     assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-5, 1e-3)
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_fastpath_velocity_equals_the_adapters(tmp_path, family):
+    """FastPath.velocity (what validation and the CUDA graphs call) gives each branch's eager
+    velocity: the student on its context, the teacher on its own (the reference for klein)."""
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    extra = ["model.family=klein", "model.preset=tiny-klein", "dopsd.rollout=klein-k4"] if family == "klein" else []
+    tr = Trainer(tiny_config(tmp_path, "fast.enabled=true", *extra))
+    tr.train_step()  # the adapters move away from their initial values, and the teacher from the student
+    samples = tr.next_samples(1, 0)
+    noise = tr.noise_for(samples, 1, 0)
+    ctx_s = [c.to(tr.device) for c in tr.contexts.student(samples)]
+    ctx_t = [c.to(tr.device) for c in tr.contexts.teacher(samples)]
+    sigma = torch.full((noise.shape[0],), 0.6)
+    with torch.no_grad():
+        v_s = tr.fast.velocity("s", noise, sigma, ctx_s)
+        v_t = tr.fast.velocity("t", noise, sigma, ctx_t)
+        ref_s = tr.adapter.velocity(tr.weights.student(), noise, sigma, ctx_s)
+        ref_t = tr.adapter.velocity(tr.weights.teacher(), noise, sigma, ctx_t)
+    assert_close(v_s, ref_s, 1e-5, 1e-4, "student velocity", scaled=True)
+    assert_close(v_t, ref_t, 1e-5, 1e-4, "teacher velocity", scaled=True)
+    assert (v_s - v_t).abs().max() > 1e-4, "student and teacher contexts must differ"

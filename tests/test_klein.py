@@ -4,6 +4,7 @@ and the exported LoRA loading into the diffusers pipeline."""
 
 import torch
 
+from dopsd_fast.config import load_config
 from tests.conftest import assert_close, tiny_config
 
 
@@ -268,3 +269,36 @@ def test_local_klein_directory_loads(tmp_path):
     shutil.rmtree(tmp_path / "klein" / "vae")
     with pytest.raises(FileNotFoundError, match="'vae/'"):
         build_adapter(cfg.model)
+
+
+def test_authors_variants_schedule_instructions_and_lora_targets(tmp_path):
+    """The authors' klein choices, each one config line away: their training roll-out (set_timesteps
+    without sigmas), their instruction texts, and their LoRA target names (which in diffusers' Flux2
+    reach the double blocks' attention only)."""
+    from dopsd_fast.adapters.klein import AUTHORS_GT_INSTRUCTION, AUTHORS_TEACHER_INSTRUCTION
+    from dopsd_fast.trainer import Trainer
+
+    ad = _adapter()
+    ours = ad.training_sigmas("klein-k4", (64, 64))  # 1024^2: the pipeline's 4-step inference schedule
+    theirs = ad.training_sigmas("klein-k4-authors", (64, 64))
+    assert_close(torch.tensor(ours), torch.tensor([1.0, 0.967, 0.908, 0.767, 0.0]), 1e-3)
+    assert_close(torch.tensor(theirs), torch.tensor([1.0, 0.952, 0.832, 0.0098, 0.0]), 1e-3)
+
+    cfg = load_config("configs/tiny-klein.yaml", ["model.teacher_instruction=authors", "model.gt_instruction=authors"])
+    from dopsd_fast.adapters import build_adapter
+
+    ad2 = build_adapter(cfg.model)
+    assert ad2.teacher_prompt("a [V] dog") == f"a [V] dog {AUTHORS_TEACHER_INSTRUCTION}"
+    assert ad2.gt_instruction == AUTHORS_GT_INSTRUCTION
+    assert ad2.encoder_identity() != ad.encoder_identity()  # a cache of the other text is refused
+
+    losses = {}
+    for fast in ("false", "true"):
+        tr = Trainer(tiny_config(tmp_path / fast, "model.family=klein", "model.preset=tiny-klein",
+                                 "dopsd.rollout=klein-k4-authors", "lora.targets=authors", "train.max_steps=1",
+                                 f"fast.enabled={fast}"))
+        names = list(tr.weights.named_trainable())
+        assert names and all(n.startswith("transformer_blocks.") and ".attn." in n for n in names), names[:5]
+        assert not any(".ff" in n or "single_transformer_blocks" in n for n in names)
+        losses[fast] = tr.train_step()["loss"]
+    assert abs(losses["true"] - losses["false"]) <= 1e-5 * abs(losses["false"])

@@ -94,3 +94,22 @@ def test_floor_flops_match_the_spec():
     assert abs(4 * (sum(f_s) + sum(f_t) + bwd) / 1e12 - 867) < 1
     full = step_time.backward_flops(step_time.zimage_forward_flops(cfg, 4096, [512]), False)
     assert full > 1.6 * bwd  # dX + dW of every GEMM
+
+
+def test_restore_resets_the_full_finetuning_teacher():
+    """Full fine-tuning: restoring a snapshot puts the EMA back into the teacher module the forward
+    reads (before, parity runs after the first started from a stale teacher)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step_time
+    finally:
+        sys.path.pop(0)
+    bench = step_time.Bench(step_time.parse(["--lora-rank", "0", "--parity-steps", "1"]))
+    mod = dict(bench.weights.teacher_module.named_parameters())
+    before = {n: p.detach().clone() for n, p in mod.items()}
+    snap = bench.snapshot()
+    bench.step(bench.eager_rollout)
+    assert any(not torch.equal(before[n], p) for n, p in mod.items()), "the EMA update moved the teacher"
+    bench.restore(snap)
+    for n, p in mod.items():
+        assert torch.equal(p, before[n]), n

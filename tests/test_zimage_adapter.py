@@ -56,6 +56,30 @@ def test_teacher_context_contains_image(adapter):
     assert torch.equal(a, again)
 
 
+def test_teacher_image_resized_in_float_like_the_authors_processor(adapter):
+    """The VLM sees the target resized in floating point (bicubic, antialias: what the authors'
+    torchvision processor does with a float tensor), never through an 8-bit image."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    ip = adapter.image_processor
+    mean, std = torch.tensor(ip.image_mean)[:, None, None], torch.tensor(ip.image_std)[:, None, None]
+    img = torch.rand(3, 40, 50)  # off the 8-bit grid, and not a multiple of patch x merge: resized
+    rh, rw = smart_resize(40, 50, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size.shortest_edge,
+                          max_pixels=ip.size.longest_edge)
+    assert (rh, rw) != (40, 50)
+    ref = torch.nn.functional.interpolate(img[None], size=(rh, rw), mode="bicubic", antialias=True,
+                                          align_corners=False)[0]
+    patches, gh, gw = ip.patchify(((ref - mean) / std).numpy(), ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+    pix = adapter.vlm_pixels(img)
+    assert pix["image_grid_thw"].tolist() == [[1, gh, gw]]
+    assert_close(pix["pixel_values"], torch.from_numpy(patches), 1e-6, 0, "pixel values", scaled=True)
+    # already at a valid size: the values come back exactly (an 8-bit round trip is off by up to 1/510)
+    img = torch.rand(3, 32, 40)
+    pix = adapter.vlm_pixels(img)
+    patches, _, _ = ip.patchify(((img - mean) / std).numpy(), ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+    assert (pix["pixel_values"] - torch.from_numpy(patches)).abs().max() < 1e-6
+
+
 def test_velocity_convention(adapter):
     # Z-Image takes t = 1 - sigma and returns -v: the adapter must undo both.
     x = torch.randn(2, *adapter.latent_shape(128, 128))

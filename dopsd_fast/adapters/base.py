@@ -14,16 +14,16 @@ its conventions. The algorithm sees only:
 * ``default_lora_targets``, ``latent_shape(h, w)``, ``encode_images`` / ``decode``,
   ``encoder_identity()`` (cache keys) and ``export_lora`` (a file diffusers loads).
 
-How FLUX.2-klein maps onto it (implemented in a later issue):
+How FLUX.2-klein maps onto it (``adapters/klein.py``):
 
 * student context: Qwen3 hidden states of layers 9/18/27 stacked, 512 tokens -> ``Context.features``;
   the text position ids are derived inside ``velocity``.
 * teacher context ("editing branch"): ``Context.features`` = the teacher prompt (prompt + a
-  consistency instruction) and ``Context.extra["ref_latents"]`` = the clean VAE latents of the
-  target, packed as a reference image (time coordinate 10 in the 4-axis ids). ``velocity``
+  consistency instruction) and ``Context.extra["ref0"]``, ``["ref1"]``, ... = the clean VAE latents of
+  the reference images, the target last (time coordinates 10, 20, ... in the 4-axis ids). ``velocity``
   concatenates ``[x tokens ; reference tokens]``, runs the DiT, and returns only the first N
-  (target) output tokens, so the algorithm still sees a ``v`` of ``x``'s shape. ``needs_target_latents``
-  tells the cache to store the target latents.
+  (target) output tokens, so the algorithm still sees a ``v`` of ``x``'s shape. The feature cache
+  stores the reference latents with the context.
 * FLUX.2 takes ``timestep = sigma`` and returns ``v`` directly: no sign or time change.
 """
 
@@ -53,7 +53,7 @@ class ModelAdapter(ABC):
 
     family: str = ""
     default_lora_targets: tuple[str, ...] = ()
-    needs_target_latents: bool = False
+    authors_lora_targets: tuple[str, ...] = ()  # the authors' scripts' list (`lora.targets: authors`)
 
     transformer: torch.nn.Module
     device: torch.device

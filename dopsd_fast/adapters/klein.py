@@ -20,6 +20,7 @@ the feature cache keeps them with the features.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +32,19 @@ TINY_PRESET_VERSION = "1"
 DEFAULT_TEACHER_INSTRUCTION = ("Keep the subject, its identity details, the background and the composition consistent "
                                "with the reference image.")
 DEFAULT_GT_INSTRUCTION = "The last image is the expected output of this edit."
+# The authors' texts (their launch scripts' --edit-sys-prompt): `model.teacher_instruction: authors`,
+# `model.gt_instruction: authors`.
+AUTHORS_TEACHER_INSTRUCTION = ("Make the main subject (facial/ip details), background, and overall composition "
+                               "consistent with the reference image.")
+AUTHORS_GT_INSTRUCTION = ("Note that the last image is the output image I expect to be. Your output must be as similar "
+                          "as the last reference image, based on the first reference image and the editing instructions.")
+# The authors' LoRA targets (their train_dopsd.py). peft matches them by suffix: in diffusers' Flux2
+# the feed-forward names (`ff.net.0.proj`, `ff.net.2`, `ff_context.net.*`) match no module (its
+# feed-forwards are `ff.linear_in` / `ff.linear_out`) and `attn.to_out.0` no single block, so their runs
+# train the double blocks' attention only. `lora.targets: authors` selects exactly this list.
+AUTHORS_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                        "attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2",
+                        "ff_context.net.0.proj", "ff_context.net.2")
 BASE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "linear_in", "linear_out", "to_qkv_mlp_proj")
 
@@ -99,7 +113,6 @@ def flux2_velocity(transformer, x, sigma, contexts):
 
 class KleinAdapter(ModelAdapter):
     family = "klein"
-    needs_target_latents = True
     default_inference_steps = 4
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True):
@@ -116,6 +129,7 @@ class KleinAdapter(ModelAdapter):
         self.transformer.to(self.device, self.dtype).requires_grad_(False)
         self.vae.to(self.device, torch.float32).requires_grad_(False).eval()
         n_single = int(self.transformer.config.num_single_layers)
+        self.authors_lora_targets = AUTHORS_LORA_TARGETS
         # single blocks' to_out is a Linear, double blocks' a ModuleList: name the single ones in full
         self.default_lora_targets = BASE_TARGETS + tuple(f"single_transformer_blocks.{i}.attn.to_out"
                                                          for i in range(n_single))
@@ -184,6 +198,8 @@ class KleinAdapter(ModelAdapter):
 
     @property
     def teacher_instruction(self) -> str:
+        if self.cfg.teacher_instruction == "authors":
+            return AUTHORS_TEACHER_INSTRUCTION
         return self.cfg.teacher_instruction if self.cfg.teacher_instruction is not None else DEFAULT_TEACHER_INSTRUCTION
 
     # ---- contexts ----------------------------------------------------------------------------
@@ -208,6 +224,8 @@ class KleinAdapter(ModelAdapter):
 
     @property
     def gt_instruction(self) -> str:
+        if self.cfg.gt_instruction == "authors":
+            return AUTHORS_GT_INSTRUCTION
         return self.cfg.gt_instruction if self.cfg.gt_instruction is not None else DEFAULT_GT_INSTRUCTION
 
     def _ref_latents(self, images) -> dict:
@@ -247,10 +265,25 @@ class KleinAdapter(ModelAdapter):
         seq = (latent_hw[0] * latent_hw[1]) if latent_hw else 4096
         return compute_empirical_mu(seq, self.default_inference_steps)
 
+    def _authors_shifted(self, steps: int, latent_hw) -> list[float]:
+        """The authors' training roll-out: ``set_timesteps(N, mu=mu)`` without sigmas, i.e. the
+        scheduler's own ``linspace(1, 1/1000, N)`` time-shifted by mu; at 1024^2, N = 4:
+        (1, .952, .832, .0098, 0). Their inference (the pipeline) uses ``klein-k4``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        seq = (latent_hw[0] * latent_hw[1]) if latent_hw else 4096
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        sched.set_timesteps(steps, device="cpu", mu=compute_empirical_mu(seq, steps))
+        return [float(s) for s in sched.sigmas]
+
     def training_sigmas(self, spec, latent_hw=None):
-        """``klein-k4`` (or ``klein-kN``): the distilled model's N-step schedule for this resolution
-        (empirical mu of the image sequence length); names of fixed schedules and lists as usual."""
-        if isinstance(spec, str) and spec.startswith("klein-k"):
+        """``klein-k4`` (or ``klein-kN``): the distilled model's N-step inference schedule for this
+        resolution (the pipeline's sigmas, empirical mu of the image sequence length): the roll-out is
+        the trajectory the model follows at inference (on-policy). ``klein-k4-authors``: the authors'
+        training roll-out instead (see :meth:`_authors_shifted`). Fixed names and lists as usual."""
+        if isinstance(spec, str) and re.fullmatch(r"klein-k\d+-authors", spec):
+            return self._authors_shifted(int(spec[len("klein-k"):-len("-authors")]), latent_hw)
+        if isinstance(spec, str) and re.fullmatch(r"klein-k\d+", spec):
             return self._shifted(int(spec[len("klein-k"):]), latent_hw)
         return super().training_sigmas(spec)
 

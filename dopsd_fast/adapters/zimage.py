@@ -85,7 +85,9 @@ class ZImageAdapter(ModelAdapter):
     family = "zimage"
     # Attention q/k/v/out and the SwiGLU FFN (authors' recipe); refiner blocks included.
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
-    needs_target_latents = False
+    # their train_dopsd.py; the same modules as the default (every block and refiner)
+    authors_lora_targets = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention.to_k", "attention.to_q",
+                            "attention.to_v", "attention.to_out.0")
     default_inference_steps = 8
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True):
@@ -199,7 +201,7 @@ class ZImageAdapter(ModelAdapter):
             "teacher_min_pixels": self.min_pixels,
             "teacher_max_pixels": self.max_pixels,
             "dtype": str(self.dtype),
-            "format": "zimage-vlm-context-v1",
+            "format": "zimage-vlm-context-v2",  # v2: the teacher image resized in float (v1: via 8 bits)
         }
         if self.cfg.preset is not None:
             weights = {"preset": self.cfg.preset, "seed": self.cfg.seed, "version": TINY_PRESET_VERSION}
@@ -230,6 +232,23 @@ class ZImageAdapter(ModelAdapter):
         return [Context(hidden[i][mask[i]].float().cpu()) for i in range(len(prompts))]
 
     @torch.no_grad()
+    def vlm_pixels(self, image: torch.Tensor) -> dict:
+        """The VLM's ``pixel_values`` / ``image_grid_thw`` for an image in [0, 1], resized in floating
+        point as the authors' processor path does (Qwen2-VL's torchvision processor on a float tensor:
+        ``smart_resize`` to multiples of patch x merge within the pixel bounds, bicubic with antialias,
+        no 8-bit round trip), then the processor's own normalisation and patch layout."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        img = image.detach().float().clamp(0, 1).cpu()
+        h, w = img.shape[-2:]
+        rh, rw = smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size.shortest_edge,
+                              max_pixels=ip.size.longest_edge)
+        if (rh, rw) != (h, w):
+            img = torch.nn.functional.interpolate(img[None], size=(rh, rw), mode="bicubic", antialias=True,
+                                                  align_corners=False)[0]
+        return ip(images=[img], return_tensors="pt", do_rescale=False, do_resize=False)
+
     def encode_teacher(self, prompts: list[str], images: list[torch.Tensor], references=None) -> list[Context]:
         """One user message [target image, prompt], no system prompt, generation prompt; image in
         [0, 1] within the pixel bounds; hidden_states[-2] of the VLM, padding removed, at most
@@ -243,7 +262,7 @@ class ZImageAdapter(ModelAdapter):
         for prompt, image in zip(prompts, images):
             msg = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             text = self.vlm_tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
-            pix = self.image_processor(images=[image.float().clamp(0, 1)], return_tensors="pt", do_rescale=False)
+            pix = self.vlm_pixels(image)
             n_img = int(pix["image_grid_thw"][0].prod()) // merge
             if n_img + 8 > self.cfg.teacher_max_tokens:
                 raise ValueError(f"teacher context: the image alone takes {n_img} tokens, more than "
