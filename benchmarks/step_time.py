@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from dopsd_fast.memory import backward_flops, flux2_forward_flops, zimage_forward_flops
+
 ZIMAGE_RELEASED = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
                        n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
                        rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
@@ -103,44 +105,7 @@ def k_schedule(k: int):
     return [float(3 * s / (1 + 2 * s)) for s in base]  # shift 3, like the released scheduler
 
 
-# ---- FLOPs -----------------------------------------------------------------------------------
-def zimage_forward_flops(cfg: dict, n_img: int, cap_lens: list[int], rank: int = 0) -> tuple[float, float]:
-    """Analytic FLOPs of one Z-Image forward, ``(GEMMs, attention)``, summed over the samples; with
-    ``rank`` the LoRA adapters on the default targets (q, k, v, out, w1, w2, w3 of every block and
-    refiner) count with the GEMMs (spec: student forward 63.9 TFLOP at 1024^2, caption 512, r64)."""
-    d, ffn = cfg["dim"], int(cfg["dim"] / 3 * 8)
-    per_tok = 2 * (4 * d * d + 3 * d * ffn) + 2 * rank * (8 * d + 3 * (d + ffn))
-    pad = lambda n: n + (-n) % 32  # noqa: E731
-    n_i = pad(n_img)
-    gemm = attn = 0.0
-    for c in cap_lens:
-        c = pad(c)
-        s = n_i + c
-        gemm += cfg["n_layers"] * s * per_tok + cfg["n_refiner_layers"] * (n_i + c) * per_tok
-        attn += cfg["n_layers"] * 4 * s * s * d + cfg["n_refiner_layers"] * 4 * (n_i * n_i + c * c) * d
-        gemm += 2 * n_img * 4 * cfg["in_channels"] * d * 2
-    return gemm, attn
-
-
-def flux2_forward_flops(cfg: dict, n_img: int, n_txt: int) -> tuple[float, float]:
-    """Analytic FLOPs of one FLUX.2 forward for one sample, ``(GEMMs, attention)``."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    s = n_img + n_txt
-    per_tok = 2 * 13 * d * d  # double: qkv 3 + out 1 + ff 6 + 3 (d^2 MACs), single: fused 9 + out 4
-    blocks = cfg["num_layers"] + cfg["num_single_layers"]
-    return blocks * s * per_tok + 2 * n_img * cfg["in_channels"] * d * 2, blocks * 4 * s * s * d
-
-
-def backward_flops(fwd: tuple[float, float], lora: bool, lora_fwd: float = 0.0) -> float:
-    """The student backward: dX of every GEMM (1x its forward) plus, in full fine-tuning, dW (1x
-    more); attention backward 2.5x its forward. A LoRA run computes no base-weight gradient; its
-    adapters (``lora_fwd`` of the forward's GEMM FLOPs) cost dX + dA/dB, 2x their forward."""
-    gemm, attn = fwd
-    if lora:
-        return (gemm - lora_fwd) + 2.0 * lora_fwd + 2.5 * attn
-    return 2.0 * gemm + 2.5 * attn
-
-
+# ---- FLOPs: dopsd_fast.memory (shared with dopsd-train --dry-run) --------------------------------
 # ---- the two paths ---------------------------------------------------------------------------
 class Bench:
     def __init__(self, args):
@@ -237,17 +202,15 @@ class Bench:
         # dX only), no recompute; the same count for every path
         self.flops = {"teacher_fwd": sum(f_t), "student_fwd": sum(f_s), "student_bwd": backward_flops(f_s, lora, lora_s)}
         self.floor_flops = K * sum(self.flops.values())
-        # the memory model of fast.checkpoint=auto (dopsd_fast.models.zimage.checkpoint_layers_for), to set
-        # against the measured peak: student activations of the main layers for the states alive
-        alive = K if args.backward == "once" else 1
-        bpe = 2 if self.dtype == torch.bfloat16 else 4
-        if self.family == "zimage":
-            tok = sum(n_img + len(c.features) for c in self.ctx_s)
-            ffn = int(self.cfg["dim"] / 3 * 8)
-            self.predicted_activation_gb = (alive * self.cfg["n_layers"] * tok * (10 * self.cfg["dim"] + 3 * ffn) * bpe
-                                            / 1e9)
-        else:
-            self.predicted_activation_gb = float("nan")  # the memory model covers Z-Image only
+        # the memory model (dopsd_fast.memory: backward auto, fast.checkpoint auto, --dry-run), to set against
+        # the measured peak: activations + transient + gradients / AdamW state for this preset, without
+        # checkpointing, for the fast path (the eager path's figure is in its own row of the model)
+        from dopsd_fast.memory import peak_bytes, shape_of
+
+        tok_s = sum(n_img + len(c.features) for c in self.ctx_s)
+        tok_t = sum((2 * n_img if self.family == "klein" else n_img) + len(c.features) for c in self.ctx_t)
+        mshape = shape_of(self.cfg, self.family, tok_s, tok_t, K, sum(p.numel() for p in self.params))
+        self.predicted_peak_gb = {p: peak_bytes(mshape, p, args.backward)["total"] / 1e9 for p in ("eager", "fast")}
         self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if self.device.type == "cuda"
                                                                      else {"foreach": True}))
@@ -567,7 +530,8 @@ def main(argv=None):
               "floor_tflop_per_step": bench.floor_flops / 1e12,
               "flops_tflop_per_state": {k: v / 1e12 for k, v in bench.flops.items()}, "eager": eager, "fast": fast,
               "memory_model": {"weights_gb": bench.weights_gb,
-                               "predicted_student_activations_gb (no checkpointing)": bench.predicted_activation_gb,
+                               "predicted_peak_beyond_weights_gb (dopsd_fast.memory, no checkpointing)":
+                                   bench.predicted_peak_gb,
                                "checkpointed_layers_fast": bench.fast_model(args.kernels, args.graphs,
                                                                             args.fp8).model.checkpoint_layers},
               "speedup": eager["median_s"] / fast["median_s"], "memory_ratio": fast["peak_memory_gb"] /

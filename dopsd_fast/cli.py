@@ -47,9 +47,22 @@ def train_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-train", description="Train with D-OPSD (on-policy self-distillation).")
     _common(p)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate config, data and cache; print the predicted peak memory and step time; do not train")
+    p.add_argument("--gpu", default="h100", help="GPU class for --dry-run: h100 (80 GB), h200 (141 GB), a100-80, "
+                   "a100-40, l40s, 4090, b200")
     args = p.parse_args(argv)
     _setup_logging()
     cfg = _load(args)
+    if args.dry_run:
+        from dopsd_fast.cache import CacheError
+        from dopsd_fast.data import DataError
+        from dopsd_fast.dryrun import dry_run
+
+        try:
+            return dry_run(cfg, args.gpu)
+        except (DataError, CacheError, FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
     from dopsd_fast.cache import CacheError
     from dopsd_fast.data import DataError
     from dopsd_fast.trainer import Trainer

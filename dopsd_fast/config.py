@@ -94,7 +94,9 @@ class DopsdConfig:
     # Named schedule ("zimage-k4", "zimage-k8") or an explicit list of K + 1 sigmas ending with 0.
     rollout: Union[str, list] = "zimage-k4"
     loss: str = "x0"
-    backward: str = "once"
+    # auto: "once" (the authors' schedule) where the memory model says it fits, else "stepwise" (same
+    # gradient, one state's activations alive); see dopsd_fast.memory
+    backward: str = "auto"
     # Teacher weights: EMA decay (0.9999 default), 1.0 = frozen initial teacher, 0.0 = live student.
     ema_decay: float = 0.9999
     # Full fine-tuning only: keep the fp32 EMA master copy on the CPU.
@@ -104,7 +106,7 @@ class DopsdConfig:
         from dopsd_fast.algorithm import resolve_schedule
 
         _one_of(self.loss, ("x0", "v"), "dopsd.loss")
-        _one_of(self.backward, ("once", "stepwise"), "dopsd.backward")
+        _one_of(self.backward, ("auto", "once", "stepwise"), "dopsd.backward")
         _check(0.0 <= self.ema_decay <= 1.0, "dopsd.ema_decay", f"must be in [0, 1], got {self.ema_decay}")
         if isinstance(self.rollout, str) and self.rollout.startswith("klein-k"):
             n = self.rollout[len("klein-k"):].removesuffix("-authors")
@@ -421,7 +423,7 @@ def _merge(base: dict, extra: dict) -> dict:
 EMBEDDED_DEFAULT: dict = {
     "model": {"family": "zimage", "preset": "tiny-zimage"},
     "lora": {"rank": 8, "alpha": 16},
-    "dopsd": {"rollout": "zimage-k4", "loss": "x0", "backward": "once", "ema_decay": 0.9},
+    "dopsd": {"rollout": "zimage-k4", "loss": "x0", "backward": "auto", "ema_decay": 0.9},
     "optim": {"lr": 1.0e-3},
     "data": {"builtin": "tiny", "prompt_keys": ["prompt", "prompt_detailed"], "bucket_scale": 0.125},
     "train": {"output_dir": "runs/tiny-zimage", "max_steps": 30, "checkpoint_every": 10, "keep_checkpoints": 2},

@@ -15,9 +15,10 @@ from dopsd_fast.profiling import nvtx_range
 log = logging.getLogger("dopsd_fast")
 
 
-def resolve_checkpoint_layers(fc, n_layers: int, tokens: int, dim: int, ffn: int, k_alive: int, device) -> int:
-    """``fast.checkpoint`` -> how many main layers run under gradient checkpointing."""
-    from dopsd_fast.models.zimage import checkpoint_layers_for
+def resolve_checkpoint_layers(fc, n_layers: int, shape, backward: str, device) -> int:
+    """``fast.checkpoint`` -> how many main layers run under gradient checkpointing (``auto``: the
+    fewest that make the memory model's predicted peak fit the budget, :mod:`dopsd_fast.memory`)."""
+    from dopsd_fast.memory import checkpoint_layers_for, fmt_gb, memory_budget_bytes, peak_bytes
 
     if fc.checkpoint == "none":
         return 0
@@ -25,20 +26,19 @@ def resolve_checkpoint_layers(fc, n_layers: int, tokens: int, dim: int, ffn: int
         return n_layers
     if not isinstance(fc.checkpoint, str):
         return min(int(fc.checkpoint), n_layers)
-    budget = None
-    if fc.memory_budget_gb is not None:
-        budget = fc.memory_budget_gb * 1e9
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = 0.85 * free
-    n = checkpoint_layers_for(budget, n_layers, tokens * k_alive, dim, ffn)
-    log.info("fast.checkpoint=auto: %d of %d main layers checkpointed (budget %s, %d tokens x %d states alive)", n,
-             n_layers, f"{budget / 1e9:.1f} GB" if budget else "unlimited", tokens, k_alive)
+    budget = memory_budget_bytes(fc.memory_budget_gb, device)
+    n = min(checkpoint_layers_for(shape, "fast", backward, budget), n_layers)
+    log.info("fast.checkpoint=auto: %d of %d main layers checkpointed (predicted peak %s beyond the weights, "
+             "budget %s, backward %s)", n, n_layers, fmt_gb(peak_bytes(shape, "fast", backward, n)["total"]),
+             fmt_gb(budget) if budget else "unlimited", backward)
     return n
 
 
 class FastPath:
-    def __init__(self, cfg, adapter, weights, max_tokens: int):
+    def __init__(self, cfg, adapter, weights, max_tokens: int, backward: str | None = None, mem_shape=None):
+        """``backward``: the resolved schedule (default: ``dopsd.backward``, ``auto`` read as ``once``);
+        ``mem_shape``: the run's :class:`~dopsd_fast.memory.Shape` for ``fast.checkpoint: auto`` (default:
+        built from the transformer config, ``max_tokens`` student and teacher tokens)."""
         from dopsd_fast.fp8 import apply_fp8
         from dopsd_fast.models.ops import build_ops
         from dopsd_fast.models.zimage import FastZImage
@@ -72,9 +72,14 @@ class FastPath:
             n_ckpt = 0
             self.model = FastFlux2(student, teacher, ops=ops, nvtx=fc.nvtx)
         else:
-            k_alive = (len(weights_sigmas(cfg, adapter)) - 1) if cfg.dopsd.backward == "once" else 1
-            n_ckpt = resolve_checkpoint_layers(fc, tcfg.n_layers, max_tokens, tcfg.dim, int(tcfg.dim / 3 * 8),
-                                               k_alive, self.device)
+            from dopsd_fast.memory import shape_of
+
+            backward = backward or (cfg.dopsd.backward if cfg.dopsd.backward != "auto" else "once")
+            if mem_shape is None:
+                n_train = sum(p.numel() for p in weights.trainable_parameters())
+                mem_shape = shape_of(tcfg, "zimage", max_tokens, max_tokens, len(weights_sigmas(cfg, adapter)) - 1,
+                                     n_train)
+            n_ckpt = resolve_checkpoint_layers(fc, tcfg.n_layers, mem_shape, backward, self.device)
             self.model = FastZImage(student, teacher, ops=ops, checkpoint_layers=n_ckpt, nvtx=fc.nvtx,
                                     fp8_ctx=self.fp8_ctx, fp8_teacher=fc.fp8_teacher)
         self.weights = weights

@@ -86,6 +86,12 @@ class Trainer:
             self.weights = StudentTeacher(self.adapter.transformer, cfg.lora, targets, self.adapter.dtype,
                                           ema_on_cpu=cfg.dopsd.ema_on_cpu,
                                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+        from dopsd_fast.memory import memory_budget_bytes, resolve_backward
+
+        self.mem_shape = self.memory_shape()
+        eager_ckpt = sum(self.mem_shape.layers.values()) if cfg.model.gradient_checkpointing and not cfg.fast.enabled else 0
+        self.backward = resolve_backward(cfg.dopsd.backward, self.mem_shape, "fast" if cfg.fast.enabled else "eager",
+                                         memory_budget_bytes(cfg.fast.memory_budget_gb, self.device), eager_ckpt)
         self.fast = None
         if cfg.fast.compile and not cfg.fast.enabled:  # the eager path: regional compilation of the blocks
             self.adapter.transformer.compile_repeated_blocks(backend=cfg.fast.compile_backend, dynamic=True)
@@ -94,7 +100,8 @@ class Trainer:
 
             w_max, h_max = max(self.dataset.buckets_of, key=lambda b: b[0] * b[1])
             _, lh, lw = self.adapter.latent_shape(h_max, w_max)
-            self.fast = FastPath(cfg, self.adapter, self.weights, max_tokens=(lh // 2) * (lw // 2) + 512)
+            self.fast = FastPath(cfg, self.adapter, self.weights, max_tokens=(lh // 2) * (lw // 2) + 512,
+                                 backward=self.backward, mem_shape=self.mem_shape)
         params = self.weights.trainable_parameters()
         kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         if self.device.type == "cuda":
@@ -140,6 +147,14 @@ class Trainer:
         g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, self.rank, 2))
         return torch.randn(shape, generator=g, dtype=torch.float32).to(self.device)
 
+    def memory_shape(self):
+        """The step's shape for the memory model (:mod:`dopsd_fast.memory`)."""
+        from dopsd_fast.memory import step_shape
+
+        params = self.weights.trainable_parameters()
+        return step_shape(self.cfg, self.adapter, self.dataset.buckets_of, sum(p.numel() for p in params),
+                          params[0].element_size() if params else 4)
+
     def sigmas_for(self, latent_hw) -> list[float]:
         """The roll-out schedule (resolution-dependent for klein: the empirical mu of the sequence)."""
         key = tuple(latent_hw)
@@ -155,8 +170,8 @@ class Trainer:
         if self.fast is not None:
             with self.autocast():
                 res = rollout_loss_paired(self.fast.pair_fn(ctx_s, ctx_t), noise, sigmas, loss=self.cfg.dopsd.loss,
-                                          backward=self.cfg.dopsd.backward, loss_scale=loss_scale)
-            if self.cfg.dopsd.backward == "once":
+                                          backward=self.backward, loss_scale=loss_scale)
+            if self.backward == "once":
                 with self._nv("backward"):
                     (res.loss * loss_scale).backward()
             return res
@@ -172,9 +187,9 @@ class Trainer:
                 return velocity(weights.teacher(), x, sigma, ctx_t)
 
         res = rollout_loss(student_fn, teacher_fn, noise, sigmas, loss=self.cfg.dopsd.loss,
-                           backward=self.cfg.dopsd.backward, loss_scale=loss_scale)
+                           backward=self.backward, loss_scale=loss_scale)
         weights.student()  # gradient-checkpoint recompute must see the student adapter
-        if self.cfg.dopsd.backward == "once":
+        if self.backward == "once":
             (res.loss * loss_scale).backward()
         return res
 

@@ -42,3 +42,41 @@ def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+# ---- cost model ------------------------------------------------------------------------------
+# A fake-tensor run (benchmarks/perf_model.py) sees each registered op as ONE op: its fake
+# implementation hides the launches, copies and scratch buffers inside. So each op states its own
+# cost here, beside its registration: FLOPs executed, bytes read + written in device memory, kernel
+# launches, peak scratch bytes, and a kind that says at which rate it runs ("gemm", "attn_fwd",
+# "attn_bwd", "memory").
+COSTS: dict = {}
+
+
+class Cost(dict):
+    def __init__(self, flops=0.0, bytes=0.0, launches=1, kind="memory", scratch=0):
+        super().__init__(flops=float(flops), bytes=float(bytes), launches=int(launches), kind=kind,
+                         scratch=int(scratch))
+
+
+def register_cost(name: str):
+    """``@register_cost("dopsd_fast::op")`` on ``fn(*op_args) -> Cost``."""
+    def deco(fn):
+        COSTS[name] = fn
+        return fn
+    return deco
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def attention_pairs(cu_q, cu_k, tq: int, tk: int) -> float:
+    """sum_b len_q(b) * len_k(b): exact when the offsets are readable (built outside a fake mode),
+    else the one-sample value (exact for B = 1) scaled down by the sample count."""
+    try:
+        q, k = cu_q.tolist(), cu_k.tolist()
+        return float(sum((q[i + 1] - q[i]) * (k[i + 1] - k[i]) for i in range(len(q) - 1)))
+    except Exception:  # noqa: BLE001 - fake offsets: no data
+        b = max(cu_q.numel() - 1, 1)
+        return float(tq) * float(tk) / b

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import dot_flags, interpreting, mma, next_pow2, use_triton
+from dopsd_fast.kernels._common import Cost, attention_pairs, dot_flags, interpreting, mma, nbytes, next_pow2, register_cost, use_triton
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -420,6 +420,39 @@ def _dual_backward(ctx, do_s, _dl_s, _do_t, _dl_t):
 
 
 dual_branch_attention_op.register_autograd(_dual_backward, setup_context=_dual_setup)
+
+
+# ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
+def _attn_flops(q, kv_pairs):
+    return 4.0 * q.shape[1] * q.shape[2] * kv_pairs
+
+
+@register_cost("dopsd_fast::flash_attn_varlen")
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return Cost(_attn_flops(q, attention_pairs(cu_q, cu_k, q.shape[0], k.shape[0])),
+                nbytes(q, k, v) + 2 * nbytes(q) + 4 * q.shape[0] * q.shape[1], 1, "attn_fwd")
+
+
+@register_cost("dopsd_fast::dual_branch_attention")
+def _(q_s, q_t, k_sh, v_sh, k_s, v_s, k_t, v_t, cu_q_s, cu_q_t, cu_sh, cu_s, cu_t, max_q, max_sh, max_s, max_t, scale):
+    pairs = (attention_pairs(cu_q_s, cu_sh, q_s.shape[0], k_sh.shape[0]) + attention_pairs(cu_q_s, cu_s, q_s.shape[0], k_s.shape[0])
+             + attention_pairs(cu_q_t, cu_sh, q_t.shape[0], k_sh.shape[0])
+             + attention_pairs(cu_q_t, cu_t, q_t.shape[0], k_t.shape[0]))
+    out = 2 * nbytes(q_s, q_t) + 4 * (q_s.shape[0] + q_t.shape[0]) * q_s.shape[1]
+    return Cost(_attn_flops(q_s, pairs), nbytes(q_s, q_t, k_sh, v_sh, k_s, v_s, k_t, v_t) + out, 1, "attn_fwd")
+
+
+@register_cost("dopsd_fast::attn_varlen_backward")
+def _(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, scale):
+    pairs = attention_pairs(cu_q, cu_a, q.shape[0], ka.shape[0]) + attention_pairs(cu_q, cu_b, q.shape[0], kb.shape[0])
+    n = q.numel()
+    # delta = rowsum(o * do) in PyTorch fp32 (2 upcasts, a product, a sum, a transpose copy), dK/dV
+    # zero-filled, then the dK/dV kernel (S, P, dV, dP, dK: 4 products) and the dQ kernel (S, P, dP,
+    # dQ again: 3): 7 products against the forward's 2 -> 3.5x its FLOPs
+    delta_bytes = n * (2 + 4) * 2 + n * 12 + n * 4 + 8 * q.shape[0] * q.shape[1]
+    kernel_bytes = nbytes(q, do, ka, va, kb, vb) * 2 + 8 * q.shape[0] * q.shape[1]
+    return Cost(3.5 * _attn_flops(q, pairs), delta_bytes + nbytes(ka, va, kb, vb) + kernel_bytes, 11, "attn_bwd",
+                scratch=n * 12)
 
 
 # ---- entry points ----------------------------------------------------------------------------

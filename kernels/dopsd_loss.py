@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import use_triton
+from dopsd_fast.kernels._common import Cost, nbytes, register_cost, use_triton
 
 
 # ---- reference -------------------------------------------------------------------------------
@@ -85,6 +85,12 @@ def _backward(ctx, g_loss, g_grad):
 
 
 dopsd_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- cost (benchmarks/perf_model.py) ----------------------------------------------------------
+@register_cost("dopsd_fast::dopsd_loss")
+def _(v_s, v_t, sigma, x0):
+    return Cost(0, 3 * nbytes(v_s), 3)
 
 
 # ---- entry point -----------------------------------------------------------------------------

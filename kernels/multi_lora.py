@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import dot_flags, interpreting, mma, next_pow2, use_triton
+from dopsd_fast.kernels._common import Cost, dot_flags, interpreting, mma, nbytes, next_pow2, register_cost, use_triton
 
 
 # ---- reference -------------------------------------------------------------------------------
@@ -192,6 +192,40 @@ def _backward(ctx, dy, _du):
 
 
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
+def _fwd_cost(M, K, N, r2, weight, bias):
+    """launch 1 (u = x Ac^T, masked) and 2 (y = x W^T + u Bc), plus the two small stacking copies."""
+    e = weight.element_size()
+    return Cost(2.0 * M * K * r2 + 2.0 * M * K * N + 2.0 * M * r2 * N,
+                2 * M * K * e + nbytes(weight, bias) + 2 * M * r2 * e + M * N * e, 4, "gemm")
+
+
+@register_cost("dopsd_fast::multi_lora_linear")
+def _(x, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, impl):
+    return _fwd_cost(x.shape[0], x.shape[1], weight.shape[0], 2 * a_s.shape[0], weight, bias)
+
+
+@register_cost("dopsd_fast::multi_lora_linear_backward")
+def _(dy, x, weight, u, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, impl):
+    M, K = x.shape
+    N, r = weight.shape[0], a_s.shape[0]
+    e = x.element_size()
+    flops = 2.0 * M * N * 2 * r + 2.0 * M * N * K + 2.0 * M * 2 * r * K + 2.0 * r * n_split * K + 2.0 * N * n_split * r
+    byts = 2 * nbytes(dy) + nbytes(weight) + 2 * M * 2 * r * e + M * K * e + nbytes(x) + nbytes(u)
+    return Cost(flops, byts, 6, "gemm")
+
+
+@register_cost("dopsd_fast::paired_lora_linear")
+def _(x_s, x_t, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, impl):
+    M, K, N, r2 = x_s.shape[0] + x_t.shape[0], x_s.shape[1], weight.shape[0], 2 * a_s.shape[0]
+    c = _fwd_cost(M, K, N, r2, weight, bias)
+    e = x_s.element_size()
+    copies = 2 * M * K * e + 2 * M * N * e + 2 * x_s.shape[0] * r2 * e  # cat of the rows; clones of y, u
+    c["bytes"] += 2 * M * K * e + copies
+    c["launches"] += 4
+    return c
 
 
 # ---- entry point -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import next_pow2, use_triton
+from dopsd_fast.kernels._common import Cost, nbytes, next_pow2, register_cost, use_triton
 
 
 # ---- references ------------------------------------------------------------------------------
@@ -289,6 +289,29 @@ def _gated_backward(ctx, dout):
 
 
 gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
+@register_cost("dopsd_fast::norm_modulate")
+def _(x, weight, scale, shift, eps, layer):
+    return Cost(0, 2 * nbytes(x) + nbytes(weight, scale, shift) + 8 * x.numel() // x.shape[-1], 1)
+
+
+@register_cost("dopsd_fast::norm_modulate_backward")
+def _(dy, x, weight, scale, rstd, mean, layer):
+    part = 4 * x.numel() * (1 if layer else 2)  # fp32 per-row partials for the scale (and weight), zero-filled
+    return Cost(0, 3 * nbytes(x) + 3 * part + nbytes(rstd, mean), 6, scratch=part)
+
+
+@register_cost("dopsd_fast::gated_residual")
+def _(x, gate, y, use_tanh):
+    return Cost(0, 3 * nbytes(x), 1)
+
+
+@register_cost("dopsd_fast::gated_residual_backward")
+def _(dout, gate, y, use_tanh):
+    part = 4 * y.numel()
+    return Cost(0, 3 * nbytes(y) + 3 * part, 4, scratch=part)
 
 
 # ---- entry points ----------------------------------------------------------------------------

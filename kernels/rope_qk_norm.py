@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import next_pow2, use_triton
+from dopsd_fast.kernels._common import Cost, nbytes, next_pow2, register_cost, use_triton
 
 
 # ---- angle conversion ------------------------------------------------------------------------
@@ -234,6 +234,18 @@ def _backward(ctx, doq, dok, _drq, _drk):
 
 
 rope_qk_norm_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
+@register_cost("dopsd_fast::rope_qk_norm")
+def _(q, k, wq, wk, cos, sin, eps):
+    return Cost(0, 2 * nbytes(q, k) + 2 * nbytes(cos, sin) + 8 * q.numel() // q.shape[-1], 3)
+
+
+@register_cost("dopsd_fast::rope_qk_norm_backward")
+def _(doq, dok, q, k, wq, wk, cos, sin, rq, rk):
+    part = 2 * 4 * q.shape[0] * q.shape[1] * q.shape[-1]  # per-row fp32 partials of the two norm weights
+    return Cost(0, 3 * nbytes(q, k) + 2 * nbytes(cos, sin) + 3 * part, 7, scratch=part)
 
 
 # ---- entry point -----------------------------------------------------------------------------

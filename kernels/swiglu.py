@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import use_triton
+from dopsd_fast.kernels._common import Cost, nbytes, register_cost, use_triton
 
 
 # ---- reference -------------------------------------------------------------------------------
@@ -103,6 +103,17 @@ def _backward(ctx, grad):
 
 
 swiglu_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
+@register_cost("dopsd_fast::swiglu")
+def _(a, b):
+    return Cost(0, 3 * nbytes(a), 1)
+
+
+@register_cost("dopsd_fast::swiglu_backward")
+def _(g, a, b):
+    return Cost(0, 5 * nbytes(a), 1)
 
 
 # ---- entry point -----------------------------------------------------------------------------

@@ -148,17 +148,6 @@ def test_fused_kernels_through_the_interpreter():
     assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-4, 1e-3)
 
 
-def test_checkpoint_memory_model():
-    from dopsd_fast.models.zimage import checkpoint_layers_for
-
-    assert checkpoint_layers_for(None, 30, 4400, 3840, 10240) == 0
-    per = 4400 * (10 * 3840 + 3 * 10240) * 2
-    assert checkpoint_layers_for(per * 30, 30, 4400, 3840, 10240) == 0
-    c = checkpoint_layers_for(per * 10, 30, 4400, 3840, 10240)
-    assert 0 < c < 30 and c * 4400 * 3840 * 2 + (30 - c) * per <= per * 10
-    assert checkpoint_layers_for(1, 30, 4400, 3840, 10240) == 30
-
-
 def test_fp8_filter_and_fp8_module_dispatch():
     """The FP8 module filter takes only the block linears; a converted (FP8) base layer is called as
     a module by the fast path, with the LoRA delta added on top: outputs still match the eager model.

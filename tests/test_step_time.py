@@ -80,19 +80,21 @@ def test_floor_flops_match_the_spec():
     """performance.md: Z-Image-Turbo at 1024^2, student caption 512, teacher context 1024, LoRA r64:
     student forward 63.9 TFLOP, teacher forward 72.2, student backward (dX only) 80.7 per state,
     ~867 per step at K = 4; full fine-tuning adds the weight gradients."""
+    from dopsd_fast import memory
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import step_time
     finally:
         sys.path.pop(0)
     cfg = step_time.ZIMAGE_RELEASED
-    f_s = step_time.zimage_forward_flops(cfg, 4096, [512], 64)
-    f_t = step_time.zimage_forward_flops(cfg, 4096, [1024], 64)
-    lora = f_s[0] - step_time.zimage_forward_flops(cfg, 4096, [512])[0]
-    bwd = step_time.backward_flops(f_s, True, lora)
+    f_s = memory.zimage_forward_flops(cfg, 4096, [512], 64)
+    f_t = memory.zimage_forward_flops(cfg, 4096, [1024], 64)
+    lora = f_s[0] - memory.zimage_forward_flops(cfg, 4096, [512])[0]
+    bwd = memory.backward_flops(f_s, True, lora)
     assert abs(sum(f_s) / 1e12 - 63.9) < 0.1 and abs(sum(f_t) / 1e12 - 72.2) < 0.1 and abs(bwd / 1e12 - 80.7) < 0.1
     assert abs(4 * (sum(f_s) + sum(f_t) + bwd) / 1e12 - 867) < 1
-    full = step_time.backward_flops(step_time.zimage_forward_flops(cfg, 4096, [512]), False)
+    full = memory.backward_flops(memory.zimage_forward_flops(cfg, 4096, [512]), False)
     assert full > 1.6 * bwd  # dX + dW of every GEMM
 
 

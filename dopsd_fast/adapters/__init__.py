@@ -21,17 +21,18 @@ def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def build_adapter(cfg, load_encoders: bool = True) -> ModelAdapter:
-    """Build the adapter of ``cfg.family`` (a :class:`~dopsd_fast.config.ModelConfig`)."""
+def build_adapter(cfg, load_encoders: bool = True, empty_weights: bool = False) -> ModelAdapter:
+    """Build the adapter of ``cfg.family`` (a :class:`~dopsd_fast.config.ModelConfig`); ``empty_weights``:
+    the architecture on the meta device, nothing read (``dopsd-train --dry-run``)."""
     device, dtype = resolve_device_dtype(cfg)
     if cfg.family == "zimage":
         from dopsd_fast.adapters.zimage import ZImageAdapter
 
-        return ZImageAdapter(cfg, device, dtype, load_encoders=load_encoders)
+        return ZImageAdapter(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights)
     if cfg.family == "klein":
         from dopsd_fast.adapters.klein import KleinAdapter
 
-        return KleinAdapter(cfg, device, dtype, load_encoders=load_encoders)
+        return KleinAdapter(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights)
     raise ValueError(f"model.family: unknown family {cfg.family!r}; known: {FAMILIES}")
 
 

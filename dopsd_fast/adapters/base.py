@@ -94,6 +94,11 @@ class ModelAdapter(ABC):
         for sub in ("transformer", "vae", "scheduler"):
             if not (path / sub).is_dir():
                 raise FileNotFoundError(f"model.path: {path} has no '{sub}/' folder (expected the diffusers layout)")
+        if getattr(self, "empty_weights", False):  # --dry-run: the real architecture, no weights read
+            with torch.device("meta"):
+                transformer = transformer_cls.from_config(transformer_cls.load_config(path, subfolder="transformer"))
+                vae = vae_cls.from_config(vae_cls.load_config(path, subfolder="vae"))
+            return transformer, vae, json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         transformer = transformer_cls.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
         vae = vae_cls.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
         return transformer, vae, json.loads((path / "scheduler" / "scheduler_config.json").read_text())

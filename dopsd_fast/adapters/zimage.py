@@ -90,10 +90,15 @@ class ZImageAdapter(ModelAdapter):
                             "attention.to_v", "attention.to_out.0")
     default_inference_steps = 8
 
-    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True):
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
+                 empty_weights: bool = False):
+        """``empty_weights``: the transformer and VAE built from their configs on the meta device, no
+        weights read and no encoders (``dopsd-train --dry-run``: shapes, schedules, cache identity)."""
         self.cfg = cfg
-        self.device = torch.device(device)
+        self.empty_weights = empty_weights
+        self.device = torch.device("meta") if empty_weights else torch.device(device)
         self.dtype = dtype
+        load_encoders = load_encoders and not empty_weights
         self.text_encoder = self.vlm = self.tokenizer = self.vlm_tokenizer = self.image_processor = None
         if cfg.preset is not None:
             if cfg.preset != "tiny-zimage":

@@ -22,7 +22,6 @@ in the (sigma, v) convention of :mod:`dopsd_fast.algorithm`, exactly like ``ZIma
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -439,22 +438,3 @@ class FastZImage(PairedModel):
         out_s, out_t = self.forward_pair(x, t, feats(ctx_s), feats(ctx_t), student=ctx_s is not None)
         neg = lambda o: -o.float() if o is not None else None  # noqa: E731
         return neg(out_s), neg(out_t)
-
-
-def checkpoint_layers_for(mem_budget_bytes: float | None, n_layers: int, tokens: int, dim: int, ffn: int,
-                          bytes_per: int = 2) -> int:
-    """How many main layers need gradient checkpointing so the student's saved activations fit.
-
-    Memory model (per main layer, student stream only; the teacher stream keeps nothing): the
-    tensors the backward needs: ~ tokens x (10 dim + 3 ffn) x bytes (block input, normed inputs,
-    q/k/v after RoPE, attention output, residual, w1/w3/SwiGLU outputs). A checkpointed layer keeps
-    only its input (tokens x dim). ``mem_budget_bytes=None`` means no limit (no checkpointing)."""
-    if mem_budget_bytes is None:
-        return 0
-    per_layer = tokens * (10 * dim + 3 * ffn) * bytes_per
-    kept = tokens * dim * bytes_per
-    if per_layer * n_layers <= mem_budget_bytes:
-        return 0
-    # c layers checkpointed: c * kept + (n - c) * per_layer <= budget
-    c = math.ceil((per_layer * n_layers - mem_budget_bytes) / max(per_layer - kept, 1))
-    return min(n_layers, max(0, c))

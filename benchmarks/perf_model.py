@@ -1,0 +1,319 @@
+"""A real-size performance and memory model of one D-OPSD step, on the CPU, with fake tensors.
+
+One whole optimizer step (roll-out of K states, teacher on every state, loss, backward, AdamW, EMA)
+of the eager reference and of the fast path runs at the real size (Z-Image-Turbo 6.15 B, FLUX.2-klein
+4B / 9B) under ``FakeTensorMode``: shapes, dtypes and every op, no data and no memory. A dispatch
+mode counts, per region (forwards, backward, optimizer, EMA) and op kind: FLOPs, bytes read + written,
+kernel launches, and the peak of live memory (saved activations, temporaries, gradients, optimizer
+state; the weights excluded). The predicted time prices every op at stated rates (default: GEMM 700
+TFLOP/s, attention 350 / 280 TFLOP/s forward / backward, 2.7 TB/s, 5 us per launch), an op taking
+``launches x 5 us + max(FLOPs / rate, bytes / bandwidth)``. These are MODEL figures: a GPU confirms.
+
+What differs from a GPU run, and how it is handled:
+* fake CPU tensors (on a CPU-only torch, fake CUDA tensors abort in the backward): the eager path runs
+  under CPU bf16 autocast, which casts matmuls like CUDA autocast; SDPA dispatches to its CPU flash
+  variant, priced like the GPU's flash attention;
+* our fused kernels are ``torch.library.custom_op``s, seen as ONE op: each states its own FLOPs,
+  bytes, launches and scratch (``dopsd_fast.kernels._common.COSTS``, beside its registration);
+* the fast path's shape-dependent host work (packing layout, offsets) is plain Python on real
+  tensors, so attention FLOPs per sample are exact.
+
+    python benchmarks/perf_model.py --preset zimage-6b                 # eager + fast, once + stepwise
+    python benchmarks/perf_model.py --preset klein-4b --paths fast --backward stepwise --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import weakref
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the kernels are never run here: their custom ops are
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.flop_counter import flop_registry  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+RATES = {"gemm": 700e12, "attn_fwd": 350e12, "attn_bwd": 280e12, "bandwidth": 2.7e12, "launch": 5e-6}
+GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "a100-80": 80.0, "l40s": 48.0, "4090": 24.0}
+_FREE = {"aten::detach", "aten::alias", "aten::lift_fresh", "aten::_to_copy_meta", "aten::set_",
+         "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
+         "aten::_local_scalar_dense", "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::is_same_size",
+         "aten::_has_compatible_shallow_copy_type", "aten::resize_", "aten::_unsafe_view", "aten::view",
+         "aten::reshape", "aten::_reshape_alias"}
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _tensors(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors(y)
+
+
+def _bytes(ts) -> int:
+    return sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes() or t.numel() * t.element_size())
+               for t in ts)
+
+
+def _sdpa_flops(name, args, out) -> tuple[float, str] | None:
+    """Flash-style attention FLOPs from the q/k/v shapes (B, H, L, D) of any SDPA variant."""
+    if "scaled_dot_product" not in name and "flash_attention" not in name:
+        return None
+    ts = [t for t in _tensors(args) if t.ndim == 4]
+    if len(ts) < 3:
+        return 0.0, "attn_fwd"
+    if "backward" in name:  # (grad_out, q, k, v, ...)
+        q, k = ts[1], ts[2]
+        B, H, Lq, D = q.shape
+        return 2.5 * 4.0 * B * H * Lq * k.shape[2] * D, "attn_bwd"
+    q, k = ts[0], ts[1]
+    B, H, Lq, D = q.shape
+    return 4.0 * B * H * Lq * k.shape[2] * D, "attn_fwd"
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts every op between ``start()`` and the end, per region and kind, and tracks live memory."""
+
+    def __init__(self, rates=RATES):
+        super().__init__()
+        from dopsd_fast.kernels import _common
+
+        self.costs = _common.COSTS
+        self.rates = rates
+        self.region = "other"
+        self.table = defaultdict(lambda: defaultdict(float))  # (region, kind) -> totals
+        self.ops = defaultdict(lambda: defaultdict(float))  # op name -> totals
+        self.live = 0
+        self.peak = 0
+        self.peak_region = ""
+        self._seen: dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def in_region(self, name):
+        prev, self.region = self.region, name
+        try:
+            yield
+        finally:
+            self.region = prev
+
+    def _free(self, key, n):
+        if self._seen.pop(key, None) is not None:
+            self.live -= n
+
+    def _track(self, out, scratch=0):
+        for t in _tensors(out):
+            st = t.untyped_storage()
+            key = id(st)
+            if key in self._seen:
+                continue
+            n = st.nbytes()
+            self._seen[key] = n
+            self.live += n
+            weakref.finalize(st, self._free, key, n)
+        if self.live + scratch > self.peak:
+            self.peak, self.peak_region = self.live + scratch, self.region
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.name()
+        if func.is_view or name in _FREE or name.startswith("prim::") or getattr(func, "_schema", None) is None:
+            self._track(out)
+            return out
+        if name in self.costs:
+            c = self.costs[name](*args, **kwargs)
+            flops, byts, launches, kind, scratch = c["flops"], c["bytes"], c["launches"], c["kind"], c["scratch"]
+        else:
+            scratch = 0
+            launches = 1
+            byts = _bytes(_tensors((args, kwargs))) + _bytes(_tensors(out))
+            sd = _sdpa_flops(name, args, out)
+            if sd is not None:
+                flops, kind = sd
+            elif func.overloadpacket in flop_registry:
+                flops, kind = float(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)), "gemm"
+            else:
+                flops, kind = 0.0, "memory"
+        rate = self.rates[kind] if kind != "memory" else None
+        t = launches * self.rates["launch"] + max(flops / rate if rate else 0.0, byts / self.rates["bandwidth"])
+        for row in (self.table[(self.region, kind)], self.ops[name]):
+            row["flops"] += flops
+            row["bytes"] += byts
+            row["launches"] += launches
+            row["time_s"] += t
+        self._track(out, scratch)
+        return out
+
+
+# ---- the step under fake tensors ------------------------------------------------------------------
+def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | None, cap_t: int | None):
+    import step_time
+
+    argv = ["--preset", preset, "--backward", backward, "--checkpoint", "none"]
+    argv += ["--lora-rank", str(rank)] if rank is not None else []
+    if path == "fast":  # the GPU configuration: our fused kernels and attention (as custom ops here)
+        argv += ["--kernels", "on", "--attention", "triton"]
+    argv += ["--cap-s", str(cap_s)] if cap_s else []
+    argv += ["--cap-t", str(cap_t)] if cap_t else []
+    args = step_time.parse(argv)
+    step_time.PRESETS[preset] = dict(step_time.PRESETS[preset], device="cpu", dtype="bf16")
+    return step_time.Bench(args), args
+
+
+def prebuild_layout(bench, fp) -> None:
+    """The fast models build their packing (offsets, gather indices, RoPE tables) from Python lists;
+    on fake tensors that host work cannot run, so it is built here, outside the fake mode, for the
+    step's shapes, and the step finds it in the model's layout cache."""
+    model = fp.model
+    if hasattr(model, "layout"):  # FastZImage
+        B, _, H, W = bench.noise.shape
+        model.layout(B, H, W, [len(c.features) for c in bench.ctx_s], [len(c.features) for c in bench.ctx_t],
+                     bench.noise.device)
+
+
+def model_step(preset: str, path: str, backward: str, rank: int | None = None, cap_s=None, cap_t=None,
+               rates=RATES) -> dict:
+    """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.time()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    swap = torch.utils.swap_tensors
+
+    def set_data(t1, t2):  # Module.to() on fake parameters: the fake mode's weakrefs forbid a swap
+        with torch.no_grad():
+            t1.data = t2.data
+
+    torch.utils.swap_tensors = set_data
+    try:
+        with mode:
+            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t)
+        if path == "fast":  # built in the fake mode: parameters and buffers fake
+            with mode:
+                fp = bench.fast_model(args.kernels)
+            prebuild_layout(bench, fp)  # host-side packing with real offsets, outside the fake mode
+    finally:
+        torch.utils.swap_tensors = swap
+    with mode:
+        counter = StepCounter(rates)
+        orig_backward = torch.Tensor.backward
+        opt_step, ema = bench.optimizer.step, bench.weights.ema_update
+
+        def bw(self_, *a, **kw):
+            with counter.in_region("backward"):
+                return orig_backward(self_, *a, **kw)
+
+        def regioned(name, fn):
+            def inner(*a, **kw):
+                with counter.in_region(name):
+                    return fn(*a, **kw)
+            return inner
+
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        if path == "eager":
+            w = bench.weights
+            s_fn = regioned("student forward", lambda x, s: bench._eager_vel(w.student(), x, s, bench.ctx_s))
+            t_fn = regioned("teacher forward", lambda x, s: bench._eager_vel(w.teacher(), x, s, bench.ctx_t))
+            from dopsd_fast.algorithm import rollout_loss
+
+            def rollout():
+                with autocast:
+                    res = rollout_loss(s_fn, t_fn, bench.noise, bench.sigmas, backward=backward)
+                    w.student()
+                if backward == "once":
+                    res.loss.backward()
+                return res
+        else:
+            from dopsd_fast.algorithm import rollout_loss_paired
+
+            def rollout():
+                pair = regioned("student + teacher forward (packed)", fp.pair_fn(bench.ctx_s, bench.ctx_t))
+                with autocast:
+                    res = rollout_loss_paired(pair, bench.noise, bench.sigmas, backward=backward)
+                if backward == "once":
+                    res.loss.backward()
+                return res
+        bench.optimizer.step = regioned("optimizer", opt_step)
+        bench.weights.ema_update = regioned("EMA", ema)
+        torch.Tensor.backward = bw
+        try:
+            with counter:
+                bench.step(rollout)
+        finally:
+            torch.Tensor.backward = orig_backward
+    regions = defaultdict(lambda: defaultdict(float))
+    kinds = defaultdict(lambda: defaultdict(float))
+    for (region, kind), row in counter.table.items():
+        for k, v in row.items():
+            regions[region][k] += v
+            kinds[kind][k] += v
+    total = {k: sum(r[k] for r in regions.values()) for k in ("flops", "bytes", "launches", "time_s")}
+    return {"preset": preset, "path": path, "backward": backward, "lora_rank": args.lora_rank, "K": len(bench.sigmas) - 1,
+            "floor_tflop": bench.floor_flops / 1e12, "total": total,
+            "predicted_s": total["time_s"], "floor_s_at_gemm_rate": bench.floor_flops / rates["gemm"],
+            "peak_live_gb": counter.peak / 1e9, "peak_region": counter.peak_region,
+            "weights_gb": bench.weights_gb, "regions": {k: dict(v) for k, v in regions.items()},
+            "kinds": {k: dict(v) for k, v in kinds.items()},
+            "top_ops": sorted(({"op": n, **v} for n, v in counter.ops.items()), key=lambda r: -r["time_s"])[:12],
+            "model_seconds": time.time() - t0, "rates": rates}
+
+
+def _fmt_row(r: dict) -> str:
+    t = r["total"]
+    return (f"{r['preset']:<10} {r['path']:<6} {r['backward']:<9} {r['predicted_s']:8.3f} s  "
+            f"{t['flops'] / 1e12:8.1f} TFLOP  {t['bytes'] / 1e12:7.3f} TB  {int(t['launches']):7d} launches  "
+            f"peak {r['peak_live_gb']:7.1f} GB  (floor {r['floor_tflop']:.0f} TFLOP = {r['floor_s_at_gemm_rate']:.2f} s)")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="zimage-6b", help="step_time preset (zimage-6b, zimage-mid, klein-4b, klein-9b, tiny)")
+    p.add_argument("--paths", default="eager,fast")
+    p.add_argument("--backward", default="once,stepwise")
+    p.add_argument("--lora-rank", type=int, default=None, help="default: the preset's (64 at real size)")
+    p.add_argument("--cap-s", type=int, default=None)
+    p.add_argument("--cap-t", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--regions", action="store_true", help="print the per-region and per-kind breakdown")
+    args = p.parse_args(argv)
+    import diffusers.utils.logging as dlog
+
+    dlog.set_verbosity_error()
+    print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; rates: GEMM "
+          f"{RATES['gemm'] / 1e12:.0f} TFLOP/s, attention {RATES['attn_fwd'] / 1e12:.0f}/{RATES['attn_bwd'] / 1e12:.0f} "
+          f"fwd/bwd, {RATES['bandwidth'] / 1e12:.1f} TB/s, {RATES['launch'] * 1e6:.0f} us/launch. MODEL FIGURES, not "
+          "measurements; the peak excludes the weights.")
+    rows = []
+    for path in args.paths.split(","):
+        for bw in args.backward.split(","):
+            r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t)
+            rows.append(r)
+            print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
+            if args.regions:
+                for name, v in r["regions"].items():
+                    print(f"    {name:<38} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP {v['bytes'] / 1e12:7.3f} TB "
+                          f"{int(v['launches']):7d} launches")
+                for name, v in r["kinds"].items():
+                    print(f"    kind {name:<33} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP {v['bytes'] / 1e12:7.3f} TB "
+                          f"{int(v['launches']):7d} launches")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

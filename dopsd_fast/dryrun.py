@@ -1,0 +1,120 @@
+"""``dopsd-train --dry-run``: check a run before paying for it. Validates the config, the data and the
+feature cache, builds the real architecture on the meta device (no weights read), and prints the
+memory model's predicted peak and step time on a GPU class, and whether it fits. Model figures
+(:mod:`dopsd_fast.memory`), not measurements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dopsd_fast import memory
+
+
+def _lora_params(transformer, targets, rank: int) -> int:
+    """Parameters of one adapter on ``targets`` (peft's rule: a module name equal to a target or ending
+    with ``.target``), counted from the module shapes."""
+    n = 0
+    for name, mod in transformer.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            n += rank * (mod.in_features + mod.out_features)
+    return n
+
+
+def _folder_bytes(*paths) -> int:
+    return sum(f.stat().st_size for p in paths if p and Path(p).is_dir() for f in Path(p).rglob("*.safetensors"))
+
+
+def dry_run(cfg, gpu: str = "h100") -> int:
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.cache import FeatureCache
+    from dopsd_fast.data import DataError, build_dataset
+
+    if gpu not in memory.GPU_MEMORY_GB:
+        raise ValueError(f"--gpu {gpu!r}: known GPU classes {sorted(memory.GPU_MEMORY_GB)}")
+    print("config: valid")
+    dataset = build_dataset(cfg.data, progress=False)
+    if cfg.model.family != "klein":
+        bad = next((r for r in dataset.records if r.reference_paths), None)
+        if bad is not None:
+            raise DataError(f"{bad.where}: a row with reference images (an editing row), but model.family="
+                            f"{cfg.model.family} has no editing mode; use model.family=klein")
+    print(f"data: {len(dataset.records)} samples, buckets {sorted(set(dataset.buckets_of))[:6]}"
+          f"{' ...' if len(set(dataset.buckets_of)) > 6 else ''}")
+    adapter = build_adapter(cfg.model, load_encoders=False, empty_weights=True)
+    if cfg.cache.dir:
+        FeatureCache(cfg.cache.dir, adapter.encoder_identity()).require_complete(dataset)
+        print(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
+        encoders = 0
+    else:
+        m = cfg.model
+        encoders = _folder_bytes(Path(m.path) / "text_encoder" if m.path else None, m.vlm_path)
+        print(f"feature cache: none; the encoders stay resident ({memory.fmt_gb(encoders)} of weights read from disk"
+              f"{'' if m.path else '; tiny preset: negligible'})")
+    tr = adapter.transformer
+    n_base = sum(p.numel() for p in tr.parameters())
+    dt = torch.finfo(adapter.dtype).bits // 8
+    if cfg.lora.enabled:
+        targets = (list(adapter.authors_lora_targets) if cfg.lora.targets == "authors"
+                   else cfg.lora.targets or list(adapter.default_lora_targets))
+        n_train = _lora_params(tr, targets, cfg.lora.rank)
+        weights = n_base * dt + 2 * n_train * 4  # frozen base + student and EMA-teacher adapters (fp32)
+        per = 4
+    else:
+        n_train = n_base
+        weights = 2 * n_base * dt + n_base * 4  # student, teacher module, fp32 EMA master
+        per = dt
+    shape = memory.step_shape(cfg, adapter, dataset.buckets_of, n_train, per)
+    cap = memory.GPU_MEMORY_GB[gpu] * 1e9
+    budget = (cfg.fast.memory_budget_gb * 1e9 if cfg.fast.memory_budget_gb is not None
+              else 0.85 * (cap - weights - encoders))
+    path = "fast" if cfg.fast.enabled else "eager"
+    n_layers = sum(shape.layers.values())
+    eager_ckpt = n_layers if path == "eager" and cfg.model.gradient_checkpointing else 0
+    backward = memory.resolve_backward(cfg.dopsd.backward, shape, path, budget, eager_ckpt)
+    if path == "fast":
+        fc = cfg.fast.checkpoint
+        ckpt = (memory.checkpoint_layers_for(shape, path, backward, budget) if fc == "auto" and shape.family == "zimage"
+                else 0 if fc in ("auto", "none") else n_layers if fc == "all" else int(fc))
+    else:
+        ckpt = n_layers if cfg.model.gradient_checkpointing else 0
+    peak = memory.peak_bytes(shape, path, backward, ckpt)
+    total = weights + encoders + peak["total"]
+    c = dict(tr.config)
+    if shape.family == "zimage":
+        img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
+        f_s = memory.zimage_forward_flops(c, img, [cfg.model.student_max_tokens] * cfg.data.batch_size,
+                                          cfg.lora.rank if cfg.lora.enabled else 0)
+        f_t = memory.zimage_forward_flops(c, img, [cfg.model.teacher_max_tokens] * cfg.data.batch_size,
+                                          cfg.lora.rank if cfg.lora.enabled else 0)
+    else:
+        img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
+        f_s = tuple(cfg.data.batch_size * f for f in memory.flux2_forward_flops(c, img, cfg.model.student_max_tokens))
+        f_t = tuple(cfg.data.batch_size * f for f in memory.flux2_forward_flops(c, 2 * img, cfg.model.student_max_tokens))
+    floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled))
+    fits = total <= cap
+    print(f"\nstep: {shape.family}, {path} path, backward {backward}"
+          f"{' (auto)' if cfg.dopsd.backward == 'auto' else ''}, {ckpt} of {n_layers} layers checkpointed, "
+          f"K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher tokens per micro-batch")
+    rows = [("weights (base, adapters / EMA)", weights), ("encoders", encoders),
+            ("saved activations", peak["activations"]), ("transient (forward working set)", peak["transient"]),
+            ("gradients + AdamW state", peak["optimizer"]), ("predicted peak", total)]
+    for name, b in rows:
+        print(f"  {name:<34} {memory.fmt_gb(b):>10}")
+    print(f"  {'GPU class ' + gpu:<34} {memory.fmt_gb(cap):>10}  -> {'FITS' if fits else 'DOES NOT FIT'}")
+    t = memory.predicted_step_seconds(floor, path)
+    print(f"  floor FLOPs {floor / 1e12:.1f} TFLOP per step; predicted step time ~{t:.2f} s on an H100-class GPU "
+          f"(estimate: the fake-tensor model's time per floor FLOP at Z-Image-Turbo size)")
+    if not fits:
+        hints = []
+        if backward == "once":
+            hints.append("dopsd.backward=stepwise (same gradient)")
+        if path == "fast" and shape.family == "zimage" and cfg.fast.checkpoint != "all":
+            hints.append("fast.checkpoint=auto or all")
+        if not cfg.cache.dir and encoders:
+            hints.append("a feature cache (dopsd-cache) to unload the encoders")
+        hints.append("a smaller data.bucket_scale or data.batch_size")
+        print("  to fit: " + "; ".join(hints))
+    print("\n(model figures from dopsd_fast.memory, calibrated on fake-tensor steps; not measured on a GPU)")
+    return 0 if fits else 1
