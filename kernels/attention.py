@@ -77,6 +77,13 @@ def _load_rows(P, start, m0, length, h, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def _segment(CU, b):
+    """(start, length) of sample ``b``'s rows from its int32 offsets."""
+    start = tl.load(CU + b)
+    return start, tl.load(CU + b + 1) - start
+
+
+@triton.jit
 def _store_rows(P, x, start, m0, length, h, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     offs = m0 + tl.arange(0, BLOCK)
     d = tl.arange(0, BLOCK_D)
@@ -121,13 +128,10 @@ def _finish(O, L, acc, m_i, l_i, start, m0, length, h, H, D, T, BLOCK_M: tl.cons
 def _fwd_branch(Q, KA, VA, KB, VB, O, L, CU_Q, CU_A, CU_B, T, H, D, scale2, m0, b, h, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One query tile of one branch attends to its two key segments ``[A_b ; B_b]``."""
-    q_start = tl.load(CU_Q + b)
-    q_len = tl.load(CU_Q + b + 1) - q_start
+    q_start, q_len = _segment(CU_Q, b)
     act = m0 < q_len
-    a_start = tl.load(CU_A + b)
-    a_len = tl.load(CU_A + b + 1) - a_start
-    b_start = tl.load(CU_B + b)
-    b_len = tl.load(CU_B + b + 1) - b_start
+    a_start, a_len = _segment(CU_A, b)
+    b_start, b_len = _segment(CU_B, b)
     q, qmask = _load_rows(Q, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -198,16 +202,14 @@ def _dkdv_kernel(Q, DO, LSE, DELTA, KA, VA, KB, VB, DKA, DVA, DKB, DVB, CU_Q, CU
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_start = tl.load(CU_Q + b)
-    q_len = tl.load(CU_Q + b + 1) - q_start
+    q_start, q_len = _segment(CU_Q, b)
     # One code path for both key segments (pointers chosen per program): one copy of the loop, so
     # one shared-memory budget and one register allocation.
     if pid < NBLK_A:
         K, V, DK, DV, CU_K, n0 = KA, VA, DKA, DVA, CU_A, pid * BLOCK_N
     else:
         K, V, DK, DV, CU_K, n0 = KB, VB, DKB, DVB, CU_B, (pid - NBLK_A) * BLOCK_N
-    k_start = tl.load(CU_K + b)
-    k_len = tl.load(CU_K + b + 1) - k_start
+    k_start, k_len = _segment(CU_K, b)
     _dkdv_tile(Q, DO, LSE, DELTA, K, V, DK, DV, k_start, n0, k_len, q_start, q_len, h, H, D, Tq, scale, scale2,
                BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
 
@@ -234,13 +236,10 @@ def _dq_kernel(Q, DO, LSE, DELTA, KA, VA, KB, VB, DQ, CU_Q, CU_A, CU_B, Tq, H, D
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    q_start = tl.load(CU_Q + b)
-    q_len = tl.load(CU_Q + b + 1) - q_start
+    q_start, q_len = _segment(CU_Q, b)
     act = m0 < q_len
-    a_start = tl.load(CU_A + b)
-    a_len = tl.load(CU_A + b + 1) - a_start
-    b_start = tl.load(CU_B + b)
-    b_len = tl.load(CU_B + b + 1) - b_start
+    a_start, a_len = _segment(CU_A, b)
+    b_start, b_len = _segment(CU_B, b)
     q, qmask = _load_rows(Q, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
     do, domask = _load_rows(DO, q_start, m0, q_len, h, H, D, BLOCK_M, BLOCK_D)
     rows = q_start + m0 + tl.arange(0, BLOCK_M)
