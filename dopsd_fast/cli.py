@@ -47,6 +47,8 @@ def train_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-train", description="Train with D-OPSD (on-policy self-distillation).")
     _common(p)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even where the config changes what the run computes (model, LoRA, data, schedule)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate config, data and cache; print the predicted peak memory and step time; do not train")
     p.add_argument("--gpu", default="h100", help="GPU class for --dry-run: h100 (80 GB), h200 (141 GB), a100-80, "
@@ -67,11 +69,16 @@ def train_main(argv=None) -> int:
     from dopsd_fast.data import DataError
     from dopsd_fast.trainer import Trainer
 
+    from dopsd_fast.config import ConfigError
+    from dopsd_fast.safety import DivergenceError, Terminated
+
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
         last = trainer.train()
-    except (DataError, CacheError, FileNotFoundError) as e:
+    except (DataError, CacheError, FileNotFoundError, ConfigError, DivergenceError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    except Terminated:
+        return 143  # 128 + SIGTERM, after the checkpoint
     except KeyboardInterrupt:
         return 130
     logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s", trainer.step,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -129,7 +130,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                f"must be two values in [0, 1), got {self.betas}")
         _check(self.eps > 0, "optim.eps", "must be > 0")
@@ -195,9 +196,16 @@ class TrainConfig:
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
+    # The divergence guard (dopsd_fast.safety.Guard): an update this many times the weights' norm stops
+    # the run before anything is written (LoRA); a gradient norm or update ratio warn_factor x its
+    # running median warns.
+    max_update_ratio: float = 1e6
+    warn_factor: float = 10.0
 
     def __post_init__(self):
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.max_update_ratio > 0, "train.max_update_ratio", "must be > 0")
+        _check(self.warn_factor > 1, "train.warn_factor", "must be > 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)")
@@ -300,7 +308,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from dopsd_fast.safety import atomic_write
+
+        atomic_write(Path(path), lambda t: t.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False)))
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("dopsd_fast")
@@ -31,11 +32,32 @@ class MetricsLogger:
                 raise ImportError("train.wandb=true needs the wandb package: pip install wandb") from None
             self.wandb = _wandb.init(project="dopsd-fast", config=config, dir=str(out_dir))
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: keep the lines of steps <= ``step`` (the checkpoint's) and drop a line torn by a
+        crash, so the file reads as one run."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue
+        from dopsd_fast.safety import atomic_write
+
+        atomic_write(self.path, lambda t: t.write_text("".join(x + "\n" for x in keep)))
+
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = (json.dumps({"step": step, **metrics}) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # one write of the whole line, then fsync: a crash leaves whole lines
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

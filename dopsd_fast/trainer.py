@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.algorithm import euler_sample, rollout_loss, rollout_loss_paired
-from dopsd_fast.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from dopsd_fast.checkpoint import (list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
+                                   set_rng_state)
+from dopsd_fast.safety import Guard
 
 log = logging.getLogger("dopsd_fast")
 
@@ -42,7 +44,11 @@ def _seed_of(*parts: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, resume: str | None = None):
+    def __init__(self, cfg, resume: str | None = None, allow_config_change: bool = False):
+        """``resume``: ``"latest"`` (the newest checkpoint that loads; none: start from scratch) or a
+        checkpoint directory. A resume whose config changes the math (model, LoRA, data, schedule,
+        method, seed) is refused, naming the fields, unless ``allow_config_change``; other changes (LR,
+        steps, logging, batch size) are applied and logged."""
         from dopsd_fast.adapters import build_adapter
         from dopsd_fast.cache import ContextProvider, FeatureCache
         from dopsd_fast.data import BucketBatchSampler, build_dataset
@@ -53,8 +59,7 @@ class Trainer:
         self.rank, self.world = _dist_info()
         self.out = Path(cfg.train.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            cfg.save(self.out / "config.yaml")
+        self.allow_config_change = allow_config_change
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
@@ -120,11 +125,31 @@ class Trainer:
                                     enabled=self.rank == 0)
         n_train = sum(p.numel() for p in params)
         log.info("trainable parameters: %s (%s)", f"{n_train:,}", "LoRA" if cfg.lora.enabled else "full")
-        ck = resolve_resume(self.out / "checkpoints", resume)
-        if ck is not None:
-            self.load(ck)
-        elif resume and resume != "latest":
-            raise FileNotFoundError(f"--resume {resume}: not found")
+        self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor)
+        self._resume(resume)
+
+    def _resume(self, resume: str | None) -> None:
+        if not resume:
+            return
+        if resume != "latest":
+            ck = resolve_resume(self.out / "checkpoints", resume)
+            try:
+                state = load_checkpoint(ck)
+            except Exception as e:  # noqa: BLE001 - a corrupt file: one line naming it
+                raise FileNotFoundError(f"--resume {ck}: the checkpoint does not load ({type(e).__name__}: {e})") from None
+            self.load(ck, state)
+            return
+        candidates = list_checkpoints(self.out / "checkpoints")
+        for _, ck in reversed(candidates):
+            try:
+                state = load_checkpoint(ck)
+            except Exception as e:  # noqa: BLE001 - fall back to the previous one
+                log.warning("--resume latest: skipping %s: it does not load (%s: %s)", ck, type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "")
+                continue
+            self.load(ck, state)
+            return
+        log.info("--resume latest: no checkpoint in %s that loads: starting from scratch", self.out / "checkpoints")
 
     # ---- pieces ------------------------------------------------------------------------------
     def _nv(self, name):
@@ -240,8 +265,11 @@ class Trainer:
         else:
             gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         lr = self.lr_sched.get_last_lr()[0]
+        self.guard.check_before_update(self.step + 1, total / accum, gnorm)
+        before = self.guard.snapshot(params) if self.cfg.lora.enabled else None  # LoRA: small; full FT: no copy
         with self._nv("optimizer"):
             self.optimizer.step()
+        update_ratio = self.guard.check_after_update(self.step + 1, params, before, gnorm)
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.weights.ema_update(self.cfg.dopsd.ema_decay)
@@ -250,10 +278,10 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         metrics = {"loss": total / accum, "grad_norm": gnorm, "lr": lr, "step_time_s": dt, "samples_per_s": n / dt}
+        if math.isfinite(update_ratio):
+            metrics["update_ratio"] = update_ratio
         for k, v in enumerate(state_losses):
             metrics[f"loss_state/{k}"] = v / accum
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"step {self.step}: loss is {metrics['loss']}; stopping (last checkpoint kept)")
         return metrics
 
     # ---- validation --------------------------------------------------------------------------
@@ -303,14 +331,31 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    def load(self, path: Path, state: dict | None = None) -> None:
+        from dopsd_fast.config import ConfigError
+        from dopsd_fast.safety import config_changes
+
+        state = load_checkpoint(path) if state is None else state
+        frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict())
+        if frozen and not self.allow_config_change:
+            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
+            raise ConfigError(f"resume from {path}: the config changes what the run computes ({fields}); start a new "
+                              "output_dir, or pass --allow-config-change to resume anyway")
+        for k, a, b in frozen + applied:
+            log.info("resume: %s %r -> %r (applied)", k, a, b)
         self.weights.load_state_dict(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_sched.load_state_dict(state["lr_scheduler"])
+        o = self.cfg.optim  # the current optimizer settings win over the checkpoint's
+        self.lr_sched.base_lrs = [o.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+            g["lr"] = o.lr * self.lr_sched.lr_lambdas[0](self.lr_sched.last_epoch)
+        self.lr_sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.logger.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path | None:
@@ -323,12 +368,31 @@ class Trainer:
     def export_lora(self) -> None:
         if not self.cfg.lora.enabled or self.rank != 0:
             return
+        from dopsd_fast.safety import atomic_dir
+
         meta = self.weights.lora_metadata()
-        self.adapter.export_lora(self.weights.lora_state_dict("student"), str(self.out / "lora"), meta)
-        self.adapter.export_lora(self.weights.lora_state_dict("teacher"), str(self.out / "lora_ema"), meta)
+        for which, name in (("student", "lora"), ("teacher", "lora_ema")):
+            sd = self.weights.lora_state_dict(which)
+            atomic_dir(self.out / name, lambda d, sd=sd: self.adapter.export_lora(sd, str(d), meta))
 
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> dict:
+        """The loop. Holds the output directory's lock while it runs; Ctrl-C and SIGTERM write a
+        checkpoint, then re-raise (:class:`~dopsd_fast.safety.Terminated` for SIGTERM)."""
+        from dopsd_fast.safety import OutputLock, SigtermFlag
+
+        lock = OutputLock(self.out) if self.rank == 0 else None
+        self._sigterm = SigtermFlag()
+        try:
+            if self.rank == 0:
+                self.cfg.save(self.out / "config.yaml")
+            return self._train()
+        finally:
+            self._sigterm.restore()
+            if lock is not None:
+                lock.release()
+
+    def _train(self) -> dict:
         from tqdm.auto import tqdm
 
         tcfg, vcfg = self.cfg.train, self.cfg.validation
@@ -347,8 +411,13 @@ class Trainer:
                     self.validate()
                 if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
                     self.save()
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d: writing a checkpoint (resume with --resume latest)", self.step)
+                if self._sigterm.received:
+                    from dopsd_fast.safety import Terminated
+
+                    raise Terminated(f"SIGTERM at step {self.step}")
+        except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM (safety.Terminated)
+            log.warning("%s at step %d: writing a checkpoint (resume with --resume latest)",
+                        "terminated" if type(e).__name__ == "Terminated" else "interrupted", self.step)
             self.save()
             raise
         finally:

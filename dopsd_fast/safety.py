@@ -1,0 +1,217 @@
+"""Nothing lost, nothing silently wrong: the run's output lock, atomic writes, the divergence guard,
+SIGTERM, and the config check on resume."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("dopsd_fast")
+
+
+# ---- one trainer per output directory --------------------------------------------------------------
+class OutputLock:
+    """An exclusive ``flock`` on ``<out>/.lock``, held for the trainer's life. The kernel drops it when
+    the holder dies, so a lock left by a killed run is simply taken over; a live holder is named."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = Path(out) / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise RuntimeError(f"train.output_dir {out} is in use by {holder}; wait for it, or use another "
+                               "output_dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+# ---- atomic writes -------------------------------------------------------------------------------
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> Path:
+    """``write(tmp_path)`` then fsync and rename over ``path``: a reader sees the old file or the new
+    one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix kept: writers infer formats
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_dir(path: Path, write) -> Path:
+    """``write(tmp_dir)`` fills a fresh folder, which then replaces ``path`` (the old one is moved aside
+    first and removed after: at every moment either the old or the new folder is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+# ---- SIGTERM, as job schedulers send it ----------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl-C (a checkpoint, then exit), at the end of the step in progress."""
+
+
+class SigtermFlag:
+    """Installs a SIGTERM handler that only records the signal: the loop finishes the step in progress
+    (its metrics logged), writes a checkpoint and raises :class:`Terminated`. ``restore()`` puts the
+    previous handler back."""
+
+    def __init__(self):
+        self.received = False
+        try:
+            self.prev = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave the default
+            self.prev = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def restore(self):
+        if self.prev is not None:
+            signal.signal(signal.SIGTERM, self.prev)
+            self.prev = None
+
+
+# ---- the guard -------------------------------------------------------------------------------------
+class DivergenceError(FloatingPointError):
+    pass
+
+
+class Guard:
+    """Checks a step before anything of it is written: a non-finite loss, gradient norm or updated
+    weight, or an update ``max_update_ratio`` times the weights' norm, stops the run (nothing of the
+    step saved; the last checkpoint is the last good state). A gradient norm or update-to-weight ratio
+    above ``warn_factor`` x its running median (or an update larger than the weights), warns."""
+
+    def __init__(self, max_update_ratio: float, warn_factor: float, window: int = 50):
+        self.max_update_ratio, self.warn_factor, self.window = max_update_ratio, warn_factor, window
+        self.gnorms: list[float] = []
+        self.ratios: list[float] = []
+
+    def check_before_update(self, step: int, loss: float, gnorm: float) -> None:
+        for name, v in (("loss", loss), ("gradient norm", gnorm)):
+            if not math.isfinite(v):
+                raise DivergenceError(f"step {step}: the {name} is {v}; stopping before the update (nothing of this "
+                                      "step written; the last checkpoint is the last good state)")
+
+    @staticmethod
+    def snapshot(params) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    @staticmethod
+    def _norm(ts) -> float:
+        """Global norm in fp64 (fp32 squares overflow at |w| ~ 1e19), one tensor at a time."""
+        return float(torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in ts]).norm()) if ts \
+            else 0.0
+
+    def check_after_update(self, step: int, params, before, gnorm: float) -> float:
+        params = list(params)
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]) if params else torch.ones(1, dtype=bool)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise DivergenceError(f"step {step}: updated weights are not finite (tensor #{bad}); stopping before "
+                                  "anything is written (the last checkpoint is the last good state)")
+        if before is not None:
+            ratio = self._norm([p.detach() - b for p, b in zip(params, before)]) / max(self._norm(before), 1e-12)
+        else:
+            ratio = float("nan")
+        if ratio > self.max_update_ratio:
+            raise DivergenceError(f"step {step}: the update is {ratio:.3g} x the weights' norm (train.max_update_ratio="
+                                  f"{self.max_update_ratio:g}); diverged, stopping before anything is written (the "
+                                  "last checkpoint is the last good state; lower optim.lr)")
+        self._warn(step, "gradient norm", gnorm, self.gnorms)
+        if math.isfinite(ratio):
+            if ratio > 1.0:
+                log.warning("step %d: the update is %.3g x the weights' norm (larger than the weights): the run is "
+                            "likely diverging; lower optim.lr", step, ratio)
+            self._warn(step, "update-to-weight ratio", ratio, self.ratios)
+        return ratio
+
+    def _warn(self, step, name, v, hist):
+        if len(hist) >= 5:
+            med = statistics.median(hist)
+            if med > 0 and v > self.warn_factor * med:
+                log.warning("step %d: %s %.3g is %.0f x its running median %.3g: possible divergence", step, name, v,
+                            v / med, med)
+        hist.append(v)
+        del hist[:-self.window]
+
+
+# ---- the config on resume ----------------------------------------------------------------------------
+# Fields that change the math of the run: a resume with another value is refused (unless overridden).
+FROZEN = ("method", "model.", "lora.", "data.builtin", "data.jsonl", "data.folder", "data.image_key",
+          "data.prompt_keys", "data.buckets", "data.bucket_scale", "data.bucket_multiple", "dopsd.rollout",
+          "dopsd.loss", "dopsd.ema_decay", "sft.", "train.seed", "train.grad_accum")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list, list]:
+    """``(frozen, applied)``: ``[(field, saved value, current value)]`` that differ."""
+    a, b = _flat(saved), _flat(current)
+    frozen, applied = [], []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            (frozen if k.startswith(FROZEN) or k in FROZEN else applied).append((k, a.get(k), b.get(k)))
+    return frozen, applied
