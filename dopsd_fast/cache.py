@@ -79,7 +79,11 @@ class FeatureCache:
         self.identity = json.loads(json.dumps(identity))  # normalise (tuples -> lists)
         manifest = self.dir / "manifest.json"
         if manifest.is_file():
-            data = json.loads(manifest.read_text())
+            try:
+                data = json.loads(manifest.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CacheError(f"feature cache {manifest} is damaged ({e}); delete the directory and run dopsd-cache "
+                                 "again") from None
             if data.get("version") != CACHE_VERSION:
                 raise CacheError(f"feature cache {self.dir}: format version {data.get('version')} != {CACHE_VERSION}; "
                                  "delete it and run dopsd-cache again")
@@ -109,6 +113,27 @@ class FeatureCache:
         if miss:
             raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset))} "
                              "contexts this dataset needs; run dopsd-cache with the same config first")
+        self.check_shards()
+
+    def check_shards(self) -> None:
+        """Every shard the manifest names exists and its header reads (at start-up, not at first use)."""
+        from safetensors import safe_open
+
+        for shard in sorted({s for s, _ in self.entries.values()}):
+            path = self.dir / shard
+            if not path.is_file():
+                raise CacheError(f"feature cache {self.dir}: shard {shard} is missing; delete the directory and run "
+                                 "dopsd-cache again")
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    names = set(f.keys())
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a torn file
+                raise CacheError(f"feature cache {path} is damaged ({type(e).__name__}: {str(e)[:120]}); delete it and "
+                                 "run dopsd-cache again") from None
+            want = {f"{name}.features" for s, name in self.entries.values() if s == shard}
+            if not want <= names:
+                raise CacheError(f"feature cache {path} lacks {len(want - names)} of its {len(want)} entries; delete it "
+                                 "and run dopsd-cache again")
 
     def get(self, key: str) -> Context:
         from safetensors import safe_open

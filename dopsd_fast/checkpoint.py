@@ -49,7 +49,12 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    try:
+        torch.save(state, tmp / "state.pt")
+    except RuntimeError as e:  # torch reports a full disk as "unexpected pos ..."
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(28, f"writing the checkpoint failed ({str(e).splitlines()[0][:120]}); is the disk full?",
+                      str(tmp / "state.pt")) from None
     with open(tmp / "state.pt", "rb") as f:
         os.fsync(f.fileno())
     if final.exists():

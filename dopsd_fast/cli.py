@@ -75,8 +75,10 @@ def train_main(argv=None) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
         last = trainer.train()
-    except (DataError, CacheError, FileNotFoundError, ConfigError, DivergenceError, RuntimeError) as e:
+    except (DataError, CacheError, FileNotFoundError, ConfigError, DivergenceError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # an unwritable output directory, a full disk
+        sys.exit(f"error: {e.strerror or e} ({e.filename or cfg.train.output_dir})" if e.strerror else f"error: {e}")
     except Terminated:
         return 143  # 128 + SIGTERM, after the checkpoint
     except KeyboardInterrupt:
@@ -129,7 +131,13 @@ def sample_main(argv=None) -> int:
     cfg = _load(args)
     from dopsd_fast.sample import generate
 
-    path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
-                    seed=args.seed, out=args.out)
+    if args.lora and not Path(args.lora).is_dir():
+        sys.exit(f"error: --lora {args.lora}: no such directory (expected a LoRA folder written by dopsd-train, "
+                 "e.g. runs/<name>/lora)")
+    try:
+        path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
+                        seed=args.seed, out=args.out)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
     logging.getLogger("dopsd_fast").info("wrote %s", path)
     return 0

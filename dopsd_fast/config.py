@@ -155,6 +155,8 @@ class DataConfig:
     batch_size: int = 1
     skip_bad: bool = False
     num_workers: int = 0
+    # RGB (0-255) that images with an alpha channel are composited on
+    alpha_background: list = field(default_factory=lambda: [255, 255, 255])
 
     def __post_init__(self):
         sources = [s for s in ("builtin", "jsonl", "folder") if getattr(self, s)]
@@ -164,6 +166,9 @@ class DataConfig:
         _check(isinstance(self.prompt_keys, list) and len(self.prompt_keys) > 0, "data.prompt_keys",
                "must be a non-empty list of JSONL keys")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(isinstance(self.alpha_background, (list, tuple)) and len(self.alpha_background) == 3
+               and all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in self.alpha_background),
+               "data.alpha_background", f"must be three values in [0, 255], got {self.alpha_background}")
         _check(self.bucket_scale > 0, "data.bucket_scale", "must be > 0")
         _check(self.bucket_multiple >= 1, "data.bucket_multiple", "must be >= 1")
         if isinstance(self.buckets, str):
@@ -479,7 +484,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
-    data = _merge(data, parse_overrides(overrides))
+    over = parse_overrides(overrides)
+    given = over.get("data", {}) if isinstance(over.get("data"), dict) else {}
+    sources = ("builtin", "jsonl", "folder")
+    if any(given.get(k) for k in sources) and isinstance(data.get("data"), dict):
+        # a data source given on the command line replaces the config's (data.builtin=null not needed)
+        data["data"] = {k: v for k, v in data["data"].items() if k not in sources or k in given}
+    data = _merge(data, over)
     if "data" not in data:
         data["data"] = {"builtin": "tiny"}
     return _build(Config, data, "")

@@ -16,8 +16,12 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     d = Path(lora_dir)
     if not (d / "pytorch_lora_weights.safetensors").is_file():
         raise FileNotFoundError(f"--lora: {d} has no pytorch_lora_weights.safetensors")
-    state, meta = ZImagePipeline.lora_state_dict(str(d), return_lora_metadata=True)
-    ZImagePipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name="lora", metadata=meta)
+    try:
+        state, meta = ZImagePipeline.lora_state_dict(str(d), return_lora_metadata=True)
+        ZImagePipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name="lora", metadata=meta)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+        raise FileNotFoundError(f"--lora: {d / 'pytorch_lora_weights.safetensors'} does not load as a LoRA for this "
+                                f"model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ def test_shipped_configs_parse():
     ("train.grad_accum=0", "'train.grad_accum'"),
     ("train.max_steps=abc", "'train.max_steps'"),
     ("optim.nope=1", r"unknown config field\(s\) \['nope'\] in section 'optim'"),
-    ("data.jsonl=x.jsonl", "set exactly one of data.builtin"),
+    ("data.builtin=null", "set exactly one of data.builtin"),
     ("model.dtype=fp64", "'model.dtype'"),
 ])
 def test_config_errors_name_the_field(override, match):
@@ -102,3 +102,14 @@ def test_removed_fields_shipped_names_and_authors_values(tmp_path, caplog):
     assert load_config(None, ["dopsd.rollout=klein-k4-authors"]).dopsd.rollout == "klein-k4-authors"
     with pytest.raises(ConfigError, match="dopsd.rollout"):
         load_config(None, ["dopsd.rollout=klein-kx-authors"])
+
+
+def test_a_data_source_on_the_command_line_replaces_the_configs():
+    """`--set data.folder=...` on the default (built-in) config switches the source by itself; two
+    sources given together are still an error."""
+    cfg = load_config(None, ["data.folder=/some/folder"])
+    assert cfg.data.folder == "/some/folder" and cfg.data.builtin is None
+    cfg = load_config("tiny-zimage", ["data.jsonl=x.jsonl"])
+    assert cfg.data.jsonl == "x.jsonl" and cfg.data.builtin is None
+    with pytest.raises(ConfigError, match="set exactly one"):
+        load_config(None, ["data.folder=/a", "data.jsonl=b.jsonl"])

@@ -14,7 +14,15 @@ def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.device)
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError as e:
+            raise ValueError(f"model.device: {cfg.device!r} is not a device ({str(e).splitlines()[0]}); use auto, cpu, "
+                             "cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"model.device: {cfg.device!r}, but this machine has no CUDA GPU; use auto or cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"model.device: {cfg.device!r}, but only {torch.cuda.device_count()} GPU(s) are visible")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -193,7 +193,7 @@ class KleinAdapter(ModelAdapter):
     def encoder_identity(self) -> dict:
         settings = {"max_tokens": self.cfg.student_max_tokens, "text_layers": list(self.text_layers),
                     "teacher_instruction": self.teacher_instruction, "gt_instruction": self.gt_instruction, "dtype": str(self.dtype),
-                    "format": "klein-editing-branch-v1"}
+                    "format": "klein-editing-branch-v2"}  # v2: images decoded in float (EXIF, 16-bit)
         if self.cfg.preset is not None:
             weights = {"preset": self.cfg.preset, "seed": self.cfg.seed, "version": TINY_PRESET_VERSION}
         else:

@@ -74,19 +74,52 @@ def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int]:
         raise DataError(f"{where}: field '{field_name}': cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
+ALPHA_BACKGROUND = [255, 255, 255]  # data.alpha_background (set by build_dataset)
+_alpha_logged: set = set()
+
+
+def decode_image(im: "Image.Image") -> np.ndarray:
+    """A PIL image -> float32 (H, W, 3) in [0, 1], decoded right: the EXIF orientation applied (a
+    portrait photo stays upright); 16- and 32-bit grayscale scaled by their range (not clipped to 8
+    bits); palette images through their own palette; an alpha channel composited on
+    ``data.alpha_background`` (logged once per file)."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255) else 255.0
+        if im.mode == "F":
+            top = 1.0 if arr.max() <= 1.0 else 255.0
+        arr = np.clip(arr / top, 0.0, 1.0)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        name = getattr(im, "filename", "") or "an image"
+        if name not in _alpha_logged:
+            _alpha_logged.add(name)
+            log.info("%s has an alpha channel: composited on data.alpha_background %s", name, ALPHA_BACKGROUND)
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        bg = np.asarray(ALPHA_BACKGROUND, dtype=np.float32) / 255.0
+        a = rgba[..., 3:4]
+        return rgba[..., :3] * a + bg * (1 - a)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def load_image(path: str, bucket: tuple) -> torch.Tensor:
-    """Resize to cover the bucket (bicubic), centre-crop, return float (3, H, W) in [0, 1]."""
+    """Decode (:func:`decode_image`), resize to cover the bucket (bicubic, per channel in floating
+    point), centre-crop; float (3, H, W) in [0, 1]."""
     bw, bh = bucket
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = max(bw / w, bh / h)
-        nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - bw) // 2, (nh - bh) // 2
-        im = im.crop((left, top, left + bw, top + bh))
-        arr = np.asarray(im, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+        arr = decode_image(im)
+    h, w = arr.shape[:2]
+    s = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c]), "F").resize((nw, nh), Image.BICUBIC)
+                        .crop((left, top, left + bw, top + bh))) for c in range(3)]
+    return torch.from_numpy(np.clip(np.stack(chans), 0.0, 1.0).astype(np.float32))
 
 
 class ImageTextDataset:
@@ -139,13 +172,18 @@ def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref
 
 def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
     """Yield (where, callable building the Record's inputs) per row, raising DataError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
 
-            def parse(line=line, where=where):
+            def parse(raw=raw, where=where):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                    "save the file as UTF-8") from None
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -196,7 +234,10 @@ def _iter_folder(folder: Path):
             txt = img.with_suffix(".txt")
             if not txt.is_file():
                 raise DataError(f"{where}: no caption file {txt.name} beside the image")
-            caption = txt.read_text(encoding="utf-8").strip()
+            try:
+                caption = txt.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{txt}: caption is not UTF-8 text (byte at offset {e.start}); save it as UTF-8") from None
             if not caption:
                 raise DataError(f"{txt}: caption is empty")
             return img, [], [caption]
@@ -208,6 +249,7 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
     """Build and validate the dataset described by a :class:`~dopsd_fast.config.DataConfig`."""
     from tqdm.auto import tqdm
 
+    ALPHA_BACKGROUND[:] = list(cfg.alpha_background)
     buckets = make_buckets(cfg.buckets, cfg.bucket_scale, cfg.bucket_multiple)
     if cfg.builtin == "tiny":
         from dopsd_fast.data.tiny import ensure_tiny_dataset

@@ -1,0 +1,119 @@
+"""Right pixels and one-line errors for bad inputs (tiny, CPU)."""
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import tiny_config
+
+
+def _decode(im):
+    from dopsd_fast.data.dataset import decode_image
+
+    return decode_image(im)
+
+
+def test_16bit_png_exif_orientation_palette_and_alpha(tmp_path, caplog):
+    from dopsd_fast.data.dataset import load_image
+
+    # 16-bit grayscale at half range: 0.5, not saturated at 1.0 by an 8-bit clip
+    p16 = tmp_path / "g16.png"
+    Image.fromarray(np.full((32, 32), 32768, np.uint16)).save(p16)
+    img = load_image(str(p16), (32, 32))
+    assert abs(img.mean().item() - 0.5) < 1e-3
+    # EXIF orientation 6 (rotate 90): a 40 x 20 sensor image is 20 wide, 40 high upright
+    jpg = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(jpg, "JPEG", exif=exif.tobytes())
+    assert _decode(Image.open(io.BytesIO(jpg.getvalue()))).shape == (40, 20, 3)
+    # palette with transparency and RGBA: composited on data.alpha_background (white), logged once
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    with caplog.at_level(logging.INFO):
+        arr = _decode(rgba)
+    assert np.allclose(arr[1, 1], [1, 1, 1]) and np.allclose(arr[0, 0], [0, 0, 1])
+    assert "alpha channel" in caplog.text
+    pal = rgba.convert("P")
+    pal.info["transparency"] = 0
+    assert _decode(pal).shape == (8, 8, 3)
+
+
+def _jsonl(tmp_path, lines: list[bytes]):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (160, 160), (10, 20, 30)).save(img)
+    p = tmp_path / "train.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    return p
+
+
+def test_non_utf8_rows_and_captions_are_one_line_errors(tmp_path):
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import DataError, build_dataset
+
+    good = json.dumps({"image": "a.png", "prompt": "a red circle"}).encode()
+    bad = b'{"image": "a.png", "prompt": "caf\xe9"}'  # Latin-1, not UTF-8
+    jl = _jsonl(tmp_path, [good, bad])
+    cfg = load_config(None, [f"data.jsonl={jl}", "data.prompt_keys=[prompt]", "data.bucket_scale=0.125"])
+    with pytest.raises(DataError, match=rf"{jl}:2: not UTF-8 text"):
+        build_dataset(cfg.data, progress=False)
+    cfg = load_config(None, [f"data.jsonl={jl}", "data.prompt_keys=[prompt]", "data.bucket_scale=0.125", "data.skip_bad=true"])
+    ds = build_dataset(cfg.data, progress=False)
+    assert len(ds.records) == 1 and "not UTF-8" in ds.skipped[0]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.new("RGB", (160, 160)).save(folder / "x.png")
+    (folder / "x.txt").write_bytes(b"caf\xe9")
+    cfg = load_config(None, [f"data.folder={folder}", "data.bucket_scale=0.125"])
+    with pytest.raises(DataError, match=r"x.txt: caption is not UTF-8"):
+        build_dataset(cfg.data, progress=False)
+
+
+def test_damaged_caches_are_refused_at_start_up(tmp_path):
+    from dopsd_fast.cache import CacheError
+    from dopsd_fast.cli import cache_main
+    from dopsd_fast.trainer import Trainer
+
+    cache = tmp_path / "cache"
+    assert cache_main(["--set", f"cache.dir={cache}", "--set", "train.progress=false", "--set",
+                       "cache.shard_size=5"]) == 0
+    shards = sorted(cache.glob("shard-*.safetensors"))
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])  # torn
+    with pytest.raises(CacheError, match=rf"{shards[1].name} is damaged|lacks"):
+        Trainer(tiny_config(tmp_path / "r1", f"cache.dir={cache}"))
+    shards[1].unlink()  # deleted
+    with pytest.raises(CacheError, match=rf"shard {shards[1].name} is missing"):
+        Trainer(tiny_config(tmp_path / "r2", f"cache.dir={cache}"))
+    m = cache / "manifest.json"
+    m.write_text(m.read_text()[:50])  # truncated manifest
+    with pytest.raises(CacheError, match="manifest.json is damaged"):
+        Trainer(tiny_config(tmp_path / "r3", f"cache.dir={cache}"))
+
+
+def test_bad_device_sample_lora_and_full_disk_are_one_line_errors(tmp_path, monkeypatch):
+    from dopsd_fast.cli import sample_main, train_main
+
+    with pytest.raises(SystemExit, match=r"error: model.device: 'gpu'"):
+        train_main(["--set", "model.device=gpu", "--set", f"train.output_dir={tmp_path / 'r'}"])
+    with pytest.raises(SystemExit, match=r"error: --lora .*: no such directory"):
+        sample_main(["--prompt", "a cat", "--lora", str(tmp_path / "nolora"), "--out", str(tmp_path / "s.png")])
+    torn = tmp_path / "lora"
+    torn.mkdir()
+    (torn / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(SystemExit, match=r"error: --lora: .* does not load as a LoRA"):
+        sample_main(["--prompt", "a cat", "--lora", str(torn), "--out", str(tmp_path / "s.png")])
+
+    def full_disk(*a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"error: writing the checkpoint failed .* is the disk full\?"):
+        train_main(["--set", f"train.output_dir={tmp_path / 'full'}", "--set", "train.max_steps=1",
+                    "--set", "train.progress=false", "--set", "validation.at_start=false", "--set",
+                    "train.tensorboard=false"])
