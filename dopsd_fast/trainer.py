@@ -368,12 +368,17 @@ class Trainer:
     def export_lora(self) -> None:
         if not self.cfg.lora.enabled or self.rank != 0:
             return
+        from dopsd_fast.export import write_comfyui_lora
         from dopsd_fast.safety import atomic_dir
 
         meta = self.weights.lora_metadata()
         for which, name in (("student", "lora"), ("teacher", "lora_ema")):
             sd = self.weights.lora_state_dict(which)
-            atomic_dir(self.out / name, lambda d, sd=sd: self.adapter.export_lora(sd, str(d), meta))
+            def write(d, sd=sd):
+                self.adapter.export_lora(sd, str(d), meta)
+                write_comfyui_lora(d, self.cfg.lora.alpha)  # the same LoRA at the trained strength in ComfyUI
+
+            atomic_dir(self.out / name, write)
 
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> dict:

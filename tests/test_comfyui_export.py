@@ -1,0 +1,69 @@
+"""The ComfyUI-ready LoRA (comfyui_lora.safetensors) for Z-Image and FLUX.2-klein, checked against
+ComfyUI's LoRA rules as its public source states them (ComfyUI is not installable here):
+
+* keys: ``<prefix><diffusers module>.lora_B.weight`` (up) / ``.lora_A.weight`` (down) are read, with
+  the prefix ``transformer.`` accepted for both families' diffusers names (comfy/lora.py,
+  ``model_lora_keys_unet``; comfy/utils.py ``z_image_to_diffusers`` / ``flux_to_diffusers``);
+* strength: ``<module>.alpha / rank`` (rank = the down matrix's rows) when the alpha tensor is there,
+  1.0 when it is not (comfy/weight_adapter/lora.py).
+
+Applying exactly that rule to the base weights must reproduce the trained student: full strength."""
+
+import pytest
+import torch
+
+from tests.conftest import assert_close, tiny_config
+
+
+def _comfy_merge(transformer, lora: dict, prefix="transformer."):
+    """W += strength * up @ down for every module the file names, ComfyUI's way."""
+    mods = dict(transformer.named_modules())
+    ups = {k[: -len(".lora_B.weight")]: v for k, v in lora.items() if k.endswith(".lora_B.weight")}
+    merged = 0
+    with torch.no_grad():
+        for key, up in ups.items():
+            down = lora[f"{key}.lora_A.weight"]
+            alpha = lora.get(f"{key}.alpha")
+            strength = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            assert key.startswith(prefix), key
+            m = mods[key[len(prefix):]]
+            assert isinstance(m, torch.nn.Linear) and m.weight.shape == (up.shape[0], down.shape[1]), key
+            m.weight += strength * (up.float() @ down.float()).to(m.weight.dtype)
+            merged += 1
+    return merged
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_comfyui_file_loads_at_the_trained_strength(tmp_path, family):
+    from safetensors.torch import load_file
+
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.export import COMFYUI_FILE
+    from dopsd_fast.trainer import Trainer
+
+    extra = ["model.family=klein", "model.preset=tiny-klein", "dopsd.rollout=klein-k4"] if family == "klein" else []
+    tr = Trainer(tiny_config(tmp_path, "train.max_steps=2", "lora.alpha=16", "lora.rank=8", *extra))
+    tr.train()
+    lora = load_file(str(tmp_path / "run" / "lora" / COMFYUI_FILE))
+    diffusers_file = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert not any(k.endswith(".alpha") for k in diffusers_file)  # diffusers still loads its own file
+    alphas = {k: float(v) for k, v in lora.items() if k.endswith(".alpha")}
+    n_modules = len({k.rsplit(".lora_", 1)[0] for k in diffusers_file})
+    assert len(alphas) == n_modules and set(alphas.values()) == {16.0}
+
+    samples = tr.next_samples(0, 0)
+    x = tr.noise_for(samples, 0, 0)
+    sigma = torch.full((x.shape[0],), 0.6)
+    ctx = tr.contexts.student(samples)
+    ours = tr.adapter.velocity(tr.weights.student(), x, sigma, ctx)
+    fresh = build_adapter(tr.cfg.model)  # same seed: the same base weights, no LoRA
+    before = fresh.velocity(fresh.transformer, x, sigma, ctx)
+    assert _comfy_merge(fresh.transformer, lora) == n_modules
+    comfy = fresh.velocity(fresh.transformer, x, sigma, ctx)
+    assert (comfy - before).abs().max() > 1e-4
+    assert_close(comfy, ours, 1e-5, 1e-4, "ComfyUI rule + our file vs the trained student", scaled=True)
+    # without the alpha tensors (the diffusers file as ComfyUI reads it) the strength is 1.0, not 2.0
+    fresh2 = build_adapter(tr.cfg.model)
+    _comfy_merge(fresh2.transformer, diffusers_file)
+    half = fresh2.velocity(fresh2.transformer, x, sigma, ctx)
+    assert (half - ours).abs().max() > 10 * (comfy - ours).abs().max()
