@@ -69,13 +69,13 @@ def test_failed_wheel_install_stops_at_once(tmp_path):
 
 
 def test_measuring_stages_dry_run_on_the_cpu(tmp_path):
-    """GPU_CHECK_DRYRUN=1 runs m1, m2 and m3 at toy shapes on the CPU (kernels through the interpreter):
+    """GPU_CHECK_DRYRUN=1 runs m1, m2, m3 and step at toy shapes on the CPU (kernels through the interpreter):
     the stages' code is exercised before a lease is spent on it. Nothing here is a measurement."""
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["GPU_CHECK_DRYRUN"] = "1"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--stages", "m1,m2,m3", "--out",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--stages", "m1,m2,m3,step", "--out",
                         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
@@ -90,3 +90,5 @@ def test_measuring_stages_dry_run_on_the_cpu(tmp_path):
     steps = [x for x in rows if x["kind"] == "step_regions"]
     assert len(steps) == 3 and all(x["forward: student + teacher (packed) [s]"] > 0 for x in steps)
     assert all(x["backward (stepwise, per state) [s]"] > 0 for x in steps)
+    parity = [x for x in rows if x.get("stage") == "step_time" and x["kind"] == "parity"]
+    assert parity and parity[0]["verdict"] == "PASS"
