@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from dopsd_fast.adapters.base import Context
+from dopsd_fast.safety import atomic_write
 
 CACHE_VERSION = 1
 
@@ -67,12 +67,6 @@ def _diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [prefix or "identity"]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class FeatureCache:
     def __init__(self, directory: str | Path, identity: dict, create: bool = False):
         self.dir = Path(directory)
@@ -102,8 +96,8 @@ class FeatureCache:
         self._open: dict = {}
 
     def _save_manifest(self) -> None:
-        _atomic_write_text(self.dir / "manifest.json", json.dumps(
-            {"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}, indent=1))
+        text = json.dumps({"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}, indent=1)
+        atomic_write(self.dir / "manifest.json", lambda t: t.write_text(text))
 
     def missing(self, dataset) -> list:
         return [e for e in needed_entries(dataset) if e[0] not in self.entries]
@@ -198,9 +192,7 @@ class FeatureCache:
                 bar.update(len(part))
             shard = f"shard-{next_shard:05d}.safetensors"
             next_shard += 1
-            tmp = self.dir / (shard + ".tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, self.dir / shard)
+            atomic_write(self.dir / shard, lambda t, tensors=tensors: save_file(tensors, str(t)))
             for key, name in names.items():
                 self.entries[key] = [shard, name]
             self._save_manifest()  # after each shard: an interruption loses at most one shard
