@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import resource
 import statistics
@@ -38,32 +37,20 @@ from pathlib import Path
 
 import torch
 
-from dopsd_fast.memory import backward_flops, flux2_forward_flops, zimage_forward_flops
+from dopsd_fast.memory import backward_flops
 
-ZIMAGE_RELEASED = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
-                       n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
-                       rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
-ZIMAGE_MID = dict(ZIMAGE_RELEASED, dim=1536, n_layers=8, n_heads=12)  # head dim 128, for a quick GPU run
-KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
-                axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False)
-KLEIN_9B = dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)
+from dopsd_fast.families import FAMILIES, KLEIN, ZIMAGE, family
 
-PRESETS = {
-    "tiny": dict(config=None, resolution=128, cap_s=24, cap_t=80, device="cpu", dtype="fp32", rank=8),
-    "zimage-mid": dict(config=ZIMAGE_MID, resolution=1024, cap_s=512, cap_t=1024, device="cuda", dtype="bf16",
-                       rank=64),
-    "zimage-6b": dict(config=ZIMAGE_RELEASED, resolution=1024, cap_s=512, cap_t=1024, device="cuda", dtype="bf16",
-                      rank=64),
-    "tiny-klein": dict(family="klein", config=None, resolution=128, cap_s=48, cap_t=48, device="cpu", dtype="fp32",
-                       rank=8),
-    "klein-4b": dict(family="klein", config=KLEIN_4B, resolution=1024, cap_s=512, cap_t=512, device="cuda",
-                     dtype="bf16", rank=64),
-    "klein-9b": dict(family="klein", config=KLEIN_9B, resolution=1024, cap_s=512, cap_t=512, device="cuda",
-                     dtype="bf16", rank=64),
-}
+# the flavours of every family (dopsd_fast.families), by name; "tiny" is the tiny Z-Image
+PRESETS = {fl.name: dict(family=spec.name, config=fl.config, resolution=fl.resolution, cap_s=fl.cap_s, cap_t=fl.cap_t,
+                         device=fl.device, dtype=fl.dtype, rank=fl.rank)
+           for spec in FAMILIES.values() for fl in spec.flavours.values()}
+PRESETS["tiny"] = PRESETS["tiny-zimage"]
+ZIMAGE_RELEASED = ZIMAGE.flavours["zimage-6b"].config
+ZIMAGE_MID = ZIMAGE.flavours["zimage-mid"].config
+KLEIN_4B = KLEIN.flavours["klein-4b"].config
+KLEIN_9B = KLEIN.flavours["klein-9b"].config
 PEAK_BF16 = 989e12
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
 
 
 def parse(argv=None):
@@ -96,23 +83,10 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def k_schedule(k: int):
-    if k == 4:
-        return "zimage-k4"
-    if k == 8:
-        return "zimage-k8"
-    base = torch.linspace(1.0, 0.0, k + 1)
-    return [float(3 * s / (1 + 2 * s)) for s in base]  # shift 3, like the released scheduler
-
-
 # ---- FLOPs: dopsd_fast.memory (shared with dopsd-train --dry-run) --------------------------------
 # ---- the two paths ---------------------------------------------------------------------------
 class Bench:
     def __init__(self, args):
-        from diffusers import ZImageTransformer2DModel
-
-        from dopsd_fast.adapters.base import Context
-        from dopsd_fast.adapters.tiny import TINY_ZIMAGE
         from dopsd_fast.algorithm import resolve_schedule
         from dopsd_fast.config import LoraConfig
         from dopsd_fast.weights import StudentTeacher
@@ -122,32 +96,17 @@ class Bench:
         dlog.set_verbosity_error()
         pre = PRESETS[args.preset]
         self.args = args
-        self.family = pre.get("family", "zimage")
+        self.spec = spec = family(pre.get("family", "zimage"))
         self.device = torch.device(pre["device"])
         self.dtype = torch.bfloat16 if pre["dtype"] == "bf16" else torch.float32
-        if self.family == "klein":
-            from diffusers import Flux2Transformer2DModel as Model
-
-            from dopsd_fast.adapters.klein import TINY_KLEIN
-            self.cfg = dict(pre["config"] or TINY_KLEIN)
-        else:
-            Model = ZImageTransformer2DModel
-            self.cfg = dict(pre["config"] or TINY_ZIMAGE)
+        self.cfg = dict(pre["config"] or spec.tiny_config())
         res = args.resolution or pre["resolution"]
         rank = pre["rank"] if args.lora_rank is None else args.lora_rank
         torch.manual_seed(args.seed)
         with torch.device(self.device):
-            tr = Model(**self.cfg).to(self.dtype)
-        if self.family == "zimage":
-            with torch.no_grad():
-                tr.x_pad_token.normal_()
-                tr.cap_pad_token.normal_()
-            targets = TARGETS
-        else:
-            from dopsd_fast.adapters.klein import BASE_TARGETS
-
-            targets = BASE_TARGETS + tuple(f"single_transformer_blocks.{i}.attn.to_out"
-                                           for i in range(self.cfg["num_single_layers"]))
+            tr = spec.diffusers_class()(**self.cfg).to(self.dtype)
+        spec.init_random(tr)
+        targets = spec.default_lora_targets(self.cfg)
         if args.eager_checkpointing:
             tr.enable_gradient_checkpointing()
         self.weights = StudentTeacher(tr, LoraConfig(rank=max(rank, 1), alpha=2.0 * max(rank, 1), enabled=rank > 0),
@@ -162,40 +121,18 @@ class Bench:
                 p.add_((1e-2 * torch.randn(p.shape, generator=g)).to(p.device, p.dtype) * (p.abs().mean() + 1e-3))
         self.weights.sync_teacher()  # full fine-tuning: the moved EMA into the teacher module
         self.params = self.weights.trainable_parameters()
-        self.lat = ((16, res // 8, res // 8) if self.family == "zimage"
-                    else (self.cfg["in_channels"], res // 16, res // 16))
+        self.lat = spec.latent_shape(self.cfg, res)
         self.noise = torch.randn(args.batch, *self.lat, generator=torch.Generator().manual_seed(args.seed + 2)).to(
             self.device)
         gen = torch.Generator().manual_seed(args.seed + 3)
-        cap_s = args.cap_s or pre["cap_s"]
-        cap_t = args.cap_t or pre["cap_t"]
-        if self.family == "zimage":
-            cap_dim = self.cfg["cap_feat_dim"]
-            self.ctx_s = [Context(torch.randn(cap_s + 3 * b, cap_dim, generator=gen).to(self.device, self.dtype))
-                          for b in range(args.batch)]
-            self.ctx_t = [Context(torch.randn(cap_t - 5 * b, cap_dim, generator=gen).to(self.device, self.dtype))
-                          for b in range(args.batch)]
-            self.sigmas = resolve_schedule(k_schedule(args.k))
-            n_img = (self.lat[1] // 2) * (self.lat[2] // 2)
-            f_t = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_t], rank)
-            f_s = zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s], rank)
-            lora_s = f_s[0] - zimage_forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s])[0]
-        else:  # klein: padded text of one length; the teacher carries the target as a reference image
-            from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-
-            jd = self.cfg["joint_attention_dim"]
-            self.ctx_s = [Context(torch.randn(cap_s, jd, generator=gen).to(self.device, self.dtype))
-                          for _ in range(args.batch)]
-            self.ctx_t = [Context(torch.randn(cap_t, jd, generator=gen).to(self.device, self.dtype),
-                                  {"ref0": torch.randn(*self.lat, generator=gen).to(self.device)})
-                          for _ in range(args.batch)]
-            n_img = self.lat[1] * self.lat[2]
-            mu = math.exp(compute_empirical_mu(n_img, args.k))
-            base = [1.0 - i / args.k for i in range(args.k)]
-            self.sigmas = resolve_schedule([mu / (mu + (1 / s - 1)) for s in base] + [0.0])
-            f_t = tuple(args.batch * f for f in flux2_forward_flops(self.cfg, 2 * n_img, cap_t))
-            f_s = tuple(args.batch * f for f in flux2_forward_flops(self.cfg, n_img, cap_s))
-            lora_s = 0.0  # klein: the adapters' FLOPs are not counted (< 3% at r64)
+        self.ctx_s, self.ctx_t = spec.random_contexts(self.cfg, self.lat, args.cap_s or pre["cap_s"],
+                                                      args.cap_t or pre["cap_t"], args.batch, gen, self.device,
+                                                      self.dtype)
+        self.sigmas = resolve_schedule(spec.rollout_sigmas(args.k, self.lat[1:]))
+        n_img = spec.image_tokens(self.lat[1:])
+        f_t = spec.forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_t], rank, teacher=True)
+        f_s = spec.forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s], rank)
+        lora_s = f_s[0] - spec.forward_flops(self.cfg, n_img, [len(c.features) for c in self.ctx_s])[0]
         K = len(self.sigmas) - 1
         lora = rank > 0
         # floor (spec): per state one teacher forward, one student forward, one student backward (LoRA:
@@ -208,8 +145,9 @@ class Bench:
         from dopsd_fast.memory import peak_bytes, shape_of
 
         tok_s = sum(n_img + len(c.features) for c in self.ctx_s)
-        tok_t = sum((2 * n_img if self.family == "klein" else n_img) + len(c.features) for c in self.ctx_t)
-        mshape = shape_of(self.cfg, self.family, tok_s, tok_t, K, sum(p.numel() for p in self.params))
+        tok_t = sum(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
+        self.max_tokens = max(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
+        mshape = shape_of(self.cfg, spec.name, tok_s, tok_t, K, sum(p.numel() for p in self.params))
         self.predicted_peak_gb = {p: peak_bytes(mshape, p, args.backward)["total"] / 1e9 for p in ("eager", "fast")}
         self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if self.device.type == "cuda"
@@ -218,13 +156,7 @@ class Bench:
 
     # -- eager reference
     def _eager_vel(self, model, x, sigma, ctx):
-        if self.family == "klein":
-            from dopsd_fast.adapters.klein import flux2_velocity
-
-            return flux2_velocity(model, x, sigma, ctx)
-        t = (1.0 - sigma.float()).to(self.dtype)
-        out = model(list(x.to(self.dtype).unsqueeze(2).unbind(0)), t, [c.features for c in ctx], return_dict=False)[0]
-        return -torch.stack([o.float() for o in out]).squeeze(2)
+        return self.spec.eager_velocity(model, x, sigma, ctx)
 
     def autocast(self, enabled=True):
         if self.device.type == "cuda" and self.dtype == torch.bfloat16 and enabled:
@@ -234,14 +166,14 @@ class Bench:
         return contextlib.nullcontext()
 
     def eager_rollout(self, autocast=True):
-        from dopsd_fast.algorithm import rollout_loss
+        from dopsd_fast.algorithm import rollout_loss_paired
+        from dopsd_fast.pair import EagerPair
 
         w = self.weights
+        pair = EagerPair(self._eager_vel, w.student, w.teacher)
         with self.autocast(autocast):
-            res = rollout_loss(lambda x, s: self._eager_vel(w.student(), x, s, self.ctx_s),
-                               lambda x, s: self._eager_vel(w.teacher(), x, s, self.ctx_t), self.noise, self.sigmas,
-                               backward=self.args.backward)
-            w.student()
+            res = rollout_loss_paired(pair.pair_fn(self.ctx_s, self.ctx_t), self.noise, self.sigmas,
+                                      backward=self.args.backward)
             if self.args.backward == "once":
                 res.loss.backward()
         return res
@@ -254,9 +186,10 @@ class Bench:
         from dopsd_fast.config import load_config
         from dopsd_fast.fastpath import FastPath
 
-        ck = self.args.checkpoint if self.family == "zimage" else "none"
-        fam = ["model.family=klein", "model.preset=tiny-klein", "dopsd.rollout=klein-k4"] if self.family == "klein" else []
-        over = fam + ["fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
+        ck = self.args.checkpoint if "checkpoint" in self.spec.fast_features else "none"
+        over = [f"model.family={self.spec.name}", f"model.preset={self.spec.presets[0]}",
+                f"dopsd.rollout={json.dumps(list(self.sigmas))}",
+                "fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
                 f"fast.checkpoint={ck}", f"fast.graphs={str(graphs).lower()}", f"fast.fp8={fp8}",
                 f"dopsd.backward={self.args.backward}", f"lora.enabled={str(self.weights.lora).lower()}"]
         cfg = load_config(None, over)
@@ -265,8 +198,7 @@ class Bench:
             device = self.device
             training_sigmas = staticmethod(lambda rollout: self.sigmas)
 
-        n_img = self.lat[1] * self.lat[2] if self.family == "klein" else (self.lat[1] // 2) * (self.lat[2] // 2)
-        n_tok = n_img + max(len(c.features) for c in self.ctx_t)
+        n_tok = self.max_tokens
         fp = FastPath(cfg, _Adapter(), self.weights, max_tokens=n_tok)
         self.fast_cache[key] = fp
         return fp

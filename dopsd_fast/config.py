@@ -62,10 +62,11 @@ class ModelConfig:
     gt_instruction: Optional[str] = None
 
     def __post_init__(self):
-        _one_of(self.family, ("zimage", "klein"), "model.family")
+        from dopsd_fast.families import FAMILIES
+
+        _one_of(self.family, tuple(FAMILIES), "model.family")
         if self.preset is not None:
-            known = {"zimage": ("tiny-zimage",), "klein": ("tiny-klein",)}[self.family]
-            _one_of(self.preset, known, "model.preset")
+            _one_of(self.preset, FAMILIES[self.family].presets, "model.preset")
         _one_of(self.dtype, ("auto", "fp32", "bf16", "fp16"), "model.dtype")
         _check(self.preset is not None or self.path is not None, "model.preset",
                "set either model.preset (a tiny built-in model) or model.path (local weights)")
@@ -305,9 +306,10 @@ class Config:
     sft: SftConfig = field(default_factory=SftConfig)
 
     def __post_init__(self):
+        from dopsd_fast.families import family
+
         _one_of(self.method, ("dopsd", "sft"), "method")
-        _check(not (self.method == "sft" and self.fast.enabled), "fast.enabled",
-               "the fast path runs the D-OPSD double forward; method=sft uses the eager model")
+        family(self.model.family).validate(self)  # what the family cannot run, before any weight is loaded
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,17 +29,15 @@ def _folder_bytes(*paths) -> int:
 def dry_run(cfg, gpu: str = "h100") -> int:
     from dopsd_fast.adapters import build_adapter
     from dopsd_fast.cache import FeatureCache
-    from dopsd_fast.data import DataError, build_dataset
+    from dopsd_fast.data import build_dataset
+    from dopsd_fast.families import family, require_editing_support
 
     if gpu not in memory.GPU_MEMORY_GB:
         raise ValueError(f"--gpu {gpu!r}: known GPU classes {sorted(memory.GPU_MEMORY_GB)}")
     print("config: valid")
     dataset = build_dataset(cfg.data, progress=False)
-    if cfg.model.family != "klein":
-        bad = next((r for r in dataset.records if r.reference_paths), None)
-        if bad is not None:
-            raise DataError(f"{bad.where}: a row with reference images (an editing row), but model.family="
-                            f"{cfg.model.family} has no editing mode; use model.family=klein")
+    spec = family(cfg.model.family)
+    require_editing_support(spec, dataset)
     print(f"data: {len(dataset.records)} samples, buckets {sorted(set(dataset.buckets_of))[:6]}"
           f"{' ...' if len(set(dataset.buckets_of)) > 6 else ''}")
     adapter = build_adapter(cfg.model, load_encoders=False, empty_weights=True)
@@ -56,8 +54,7 @@ def dry_run(cfg, gpu: str = "h100") -> int:
     n_base = sum(p.numel() for p in tr.parameters())
     dt = torch.finfo(adapter.dtype).bits // 8
     if cfg.lora.enabled:
-        targets = (list(adapter.authors_lora_targets) if cfg.lora.targets == "authors"
-                   else cfg.lora.targets or list(adapter.default_lora_targets))
+        targets = spec.lora_targets(cfg.lora, tr.config)
         n_train = _lora_params(tr, targets, cfg.lora.rank)
         weights = n_base * dt + 2 * n_train * 4  # frozen base + student and EMA-teacher adapters (fp32)
         per = 4
@@ -75,23 +72,19 @@ def dry_run(cfg, gpu: str = "h100") -> int:
     backward = memory.resolve_backward(cfg.dopsd.backward, shape, path, budget, eager_ckpt)
     if path == "fast":
         fc = cfg.fast.checkpoint
-        ckpt = (memory.checkpoint_layers_for(shape, path, backward, budget) if fc == "auto" and shape.family == "zimage"
+        can = "checkpoint" in spec.fast_features
+        ckpt = (memory.checkpoint_layers_for(shape, path, backward, budget) if fc == "auto" and can
                 else 0 if fc in ("auto", "none") else n_layers if fc == "all" else int(fc))
     else:
         ckpt = n_layers if cfg.model.gradient_checkpointing else 0
     peak = memory.peak_bytes(shape, path, backward, ckpt)
     total = weights + encoders + peak["total"]
     c = dict(tr.config)
-    if shape.family == "zimage":
-        img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
-        f_s = memory.zimage_forward_flops(c, img, [cfg.model.student_max_tokens] * cfg.data.batch_size,
-                                          cfg.lora.rank if cfg.lora.enabled else 0)
-        f_t = memory.zimage_forward_flops(c, img, [cfg.model.teacher_max_tokens] * cfg.data.batch_size,
-                                          cfg.lora.rank if cfg.lora.enabled else 0)
-    else:
-        img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
-        f_s = tuple(cfg.data.batch_size * f for f in memory.flux2_forward_flops(c, img, cfg.model.student_max_tokens))
-        f_t = tuple(cfg.data.batch_size * f for f in memory.flux2_forward_flops(c, 2 * img, cfg.model.student_max_tokens))
+    img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
+    rank = cfg.lora.rank if cfg.lora.enabled else 0
+    cap_s, cap_t = spec.step_tokens(cfg.model, 0)  # context tokens of each branch
+    f_s = spec.forward_flops(c, img, [cap_s] * cfg.data.batch_size, rank)
+    f_t = spec.forward_flops(c, img, [cap_t] * cfg.data.batch_size, rank, teacher=True)
     floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled))
     fits = total <= cap
     print(f"\nstep: {shape.family}, {path} path, backward {backward}"
@@ -110,7 +103,7 @@ def dry_run(cfg, gpu: str = "h100") -> int:
         hints = []
         if backward == "once":
             hints.append("dopsd.backward=stepwise (same gradient)")
-        if path == "fast" and shape.family == "zimage" and cfg.fast.checkpoint != "all":
+        if path == "fast" and "checkpoint" in spec.fast_features and cfg.fast.checkpoint != "all":
             hints.append("fast.checkpoint=auto or all")
         if not cfg.cache.dir and encoders:
             hints.append("a feature cache (dopsd-cache) to unload the encoders")

@@ -1,6 +1,6 @@
-"""The fast path of a training run (``fast.enabled``): builds :class:`~dopsd_fast.models.zimage.FastZImage`
-on the run's weights and hands the trainer the packed double forward, the no-grad velocity for
-validation, FP8 and CUDA graphs as configured."""
+"""The fast path of a training run (``fast.enabled``): the family's packed fast model on the run's
+weights behind the pair protocol (:mod:`dopsd_fast.pair`): the packed double forward for the
+roll-out, one branch for validation and SFT, FP8 and CUDA graphs as configured."""
 
 from __future__ import annotations
 
@@ -35,108 +35,101 @@ def resolve_checkpoint_layers(fc, n_layers: int, shape, backward: str, device) -
 
 
 class FastPath:
+    """The fast implementation of the pair protocol (:mod:`dopsd_fast.pair`) for a training run: the
+    family's fast model (its spec's ``fast_model_class``) on the run's weights, the ops, FP8, gradient
+    checkpointing and CUDA graphs as configured and as the family supports (refused earlier, when
+    the config is validated, otherwise)."""
+
     def __init__(self, cfg, adapter, weights, max_tokens: int, backward: str | None = None, mem_shape=None):
         """``backward``: the resolved schedule (default: ``dopsd.backward``, ``auto`` read as ``once``);
         ``mem_shape``: the run's :class:`~dopsd_fast.memory.Shape` for ``fast.checkpoint: auto`` (default:
         built from the transformer config, ``max_tokens`` student and teacher tokens)."""
+        from dopsd_fast.families import family
         from dopsd_fast.fp8 import apply_fp8
         from dopsd_fast.models.ops import build_ops
-        from dopsd_fast.models.zimage import FastZImage
         from dopsd_fast.weights import STUDENT, TEACHER
 
         fc = cfg.fast
-        if cfg.model.family not in ("zimage", "klein"):
-            raise ConfigError(f"config field 'fast.enabled': no fast path for model.family={cfg.model.family!r}")
-        if cfg.model.family == "klein":
-            for field, on in (("fast.fp8", fc.fp8 != "off"), ("fast.graphs", fc.graphs),
-                              ("fast.checkpoint", fc.checkpoint not in ("auto", "none", 0))):
-                if on:
-                    raise ConfigError(f"config field '{field}': not implemented on the FLUX.2-klein fast path yet "
-                                      "(packed pass and kernels only)")
+        spec = family(cfg.model.family)
+        spec.validate(cfg)
         if fc.fp8 != "off" and not cfg.lora.enabled:
             raise ConfigError("config field 'fast.fp8': FP8 is implemented for LoRA runs (the base weights frozen); "
                               "full fine-tuning in FP8 is not")
-        self.cfg, self.device = cfg, adapter.device
+        self.cfg, self.spec, self.device = cfg, spec, adapter.device
         self.nvtx = fc.nvtx
         tr = weights.transformer
         self.fp8_ctx = apply_fp8(tr, fc.fp8, fc.fp8_recipe)
         ops = build_ops(fc.kernels, fc.attention, self.device, fc.compile_backend if fc.compile else None)
-        tcfg = tr.config
         if weights.lora:
             student, teacher = (tr, STUDENT), (tr, TEACHER)
         else:
             student, teacher = (tr, None), (weights.teacher_module, None)
-        if cfg.model.family == "klein":
-            from dopsd_fast.models.flux2 import FastFlux2
-
-            n_ckpt = 0
-            self.model = FastFlux2(student, teacher, ops=ops, nvtx=fc.nvtx)
-        else:
+        n_ckpt = 0
+        if "checkpoint" in spec.fast_features:
             from dopsd_fast.memory import shape_of
 
             backward = backward or (cfg.dopsd.backward if cfg.dopsd.backward != "auto" else "once")
             if mem_shape is None:
                 n_train = sum(p.numel() for p in weights.trainable_parameters())
-                mem_shape = shape_of(tcfg, "zimage", max_tokens, max_tokens, len(weights_sigmas(cfg, adapter)) - 1,
-                                     n_train)
-            n_ckpt = resolve_checkpoint_layers(fc, tcfg.n_layers, mem_shape, backward, self.device)
-            self.model = FastZImage(student, teacher, ops=ops, checkpoint_layers=n_ckpt, nvtx=fc.nvtx,
-                                    fp8_ctx=self.fp8_ctx, fp8_teacher=fc.fp8_teacher)
+                mem_shape = shape_of(tr.config, spec.name, max_tokens, max_tokens,
+                                     len(adapter.training_sigmas(cfg.dopsd.rollout)) - 1, n_train)
+            n_ckpt = resolve_checkpoint_layers(fc, spec.checkpointable_layers(tr.config), mem_shape, backward,
+                                               self.device)
+        self.model = spec.fast_model_class()(student, teacher, ops=ops, checkpoint_layers=n_ckpt, nvtx=fc.nvtx,
+                                             fp8_ctx=self.fp8_ctx, fp8_teacher=fc.fp8_teacher)
         self.weights = weights
         self.graphs = None
         if fc.graphs:
             if self.device.type != "cuda":
                 raise ConfigError("config field 'fast.graphs': CUDA graphs need a CUDA device")
-            from dopsd_fast.graphs import GraphCache
-
-            params = lambda: [p for m in {id(student[0]): student[0], id(teacher[0]): teacher[0]}.values()  # noqa: E731
-                              for p in m.parameters()]
-            self.graphs = {w: GraphCache(self._nograd_fn(w), params, name=f"{w} forward") for w in ("s", "t")}
-        log.info("fast path: ops=%s attention=%s fp8=%s graphs=%s checkpointed layers=%d", type(ops).__name__,
-                 ops.attention, fc.fp8, fc.graphs, n_ckpt)
+            modules = {id(student[0]): student[0], id(teacher[0]): teacher[0]}
+            self._graph_params = lambda: [p for m in modules.values() for p in m.parameters()]
+            self.graphs = {}
+        log.info("fast path (%s): ops=%s attention=%s fp8=%s graphs=%s checkpointed layers=%d", spec.title,
+                 type(ops).__name__, ops.attention, fc.fp8, fc.graphs, n_ckpt)
 
     def _nv(self, name):
         return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
 
-    def _nograd_fn(self, which):
-        if self.cfg.model.family == "klein":
-            def fn_klein(x, sigma, *ctx):
-                v_s, v_t = self.model.velocity_pair(x, sigma, list(ctx) if which == "s" else None,
-                                                    list(ctx) if which == "t" else None)
-                return (v_s if which == "s" else v_t,)
-            return fn_klein
+    def _one(self, which: str, x, sigma, ctx):
+        """One branch through the packed model (the other branch not run)."""
+        with self.fp8_ctx(which == "s" or self.cfg.fast.fp8_teacher):
+            v_s, v_t = self.model.velocity_pair(x, sigma, ctx if which == "s" else None, ctx if which == "t" else None)
+        return v_s if which == "s" else v_t
 
-        def fn(x, sigma, *feats):
-            t = 1.0 - sigma.float()
-            with self.fp8_ctx(which == "s" or self.cfg.fast.fp8_teacher):
-                if which == "s":
-                    out, _ = self.model.forward_pair(x, t, list(feats), None)
-                else:
-                    _, out = self.model.forward_pair(x, t, None, list(feats), student=False)
-            return (-out.float(),)
-        return fn
+    def _graph(self, which: str, struct):
+        """The CUDA-graph cache of one branch and context structure (no-grad forwards only)."""
+        from dopsd_fast.graphs import GraphCache
+        from dopsd_fast.pair import unflatten_contexts
 
-    def velocity(self, which: str, x, sigma, ctx):
-        """No-grad velocity of one branch (``"s"`` student, ``"t"`` teacher), through a graph if on."""
-        feats = ctx if self.cfg.model.family == "klein" else [c.features for c in ctx]
+        key = (which, struct)
+        if key not in self.graphs:
+            def fn(x, sigma, *flat):
+                return (self._one(which, x, sigma, unflatten_contexts(struct, flat)),)
+            self.graphs[key] = GraphCache(fn, self._graph_params, name=f"{which} forward")
+        return self.graphs[key]
+
+    def velocity(self, branch: str, x, sigma, ctx):
+        """One branch's velocity (``"student"``/``"s"``, ``"teacher"``/``"t"``): the teacher always without
+        autograd, through a CUDA graph if on; the student with autograd when grad is enabled."""
+        from dopsd_fast.pair import branch_key, flatten_contexts
+
+        which = branch_key(branch)
+        if which == "s" and torch.is_grad_enabled():
+            with self._nv("student"):
+                return self._one("s", x, sigma, ctx)
         with torch.no_grad(), self._nv(f"{which} forward"):
             if self.graphs is not None:
-                return self.graphs[which](("velocity",), x, sigma, *feats)[0]
-            return self._nograd_fn(which)(x, sigma, *feats)[0]
+                struct, flat = flatten_contexts(ctx)
+                return self._graph(which, struct)(("velocity",), x, sigma, *flat)[0]
+            return self._one(which, x, sigma, ctx)
 
     def pair_fn(self, ctx_s, ctx_t):
         """``(x, sigma) -> (v_student, v_teacher)`` for :func:`~dopsd_fast.algorithm.rollout_loss_paired`."""
         def fn(x, sigma):
             with self._nv("state"):
                 if self.graphs is not None:  # teacher through its graph, student eager (autograd)
-                    v_t = self.velocity("t", x, sigma, ctx_t)
-                    with self._nv("student"), self.fp8_ctx(True):
-                        v_s, _ = self.model.velocity_pair(x, sigma, ctx_s, None)
-                    return v_s, v_t
+                    return self.velocity("s", x, sigma, ctx_s), self.velocity("t", x, sigma, ctx_t)
                 with self._nv("student+teacher"), self.fp8_ctx(True):
                     return self.model.velocity_pair(x, sigma, ctx_s, ctx_t)
         return fn
-
-
-def weights_sigmas(cfg, adapter):
-    return adapter.training_sigmas(cfg.dopsd.rollout)

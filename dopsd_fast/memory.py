@@ -62,31 +62,24 @@ class Shape:
 
 def shape_of(transformer_config, family: str, tokens_student: int, tokens_teacher: int, states: int,
              trainable_params: int, trainable_bytes_per_param: int = 4) -> Shape:
-    c = dict(transformer_config)
-    if family == "zimage":
-        # refiners run on the image (noise refiner) and caption (context refiner) tokens only: counted as
-        # full layers over the student tokens, a slight overestimate
-        return Shape(family, int(c["dim"]), {"block": int(c["n_layers"]) + int(c.get("n_refiner_layers", 0))},
-                     tokens_student, tokens_teacher, states, trainable_params, trainable_bytes_per_param)
-    width = int(c["num_attention_heads"]) * int(c["attention_head_dim"])
-    return Shape(family, width, {"double": int(c["num_layers"]), "single": int(c["num_single_layers"])},
-                 tokens_student, tokens_teacher, states, trainable_params, trainable_bytes_per_param)
+    from dopsd_fast.families import family as family_spec
+
+    width, layers = family_spec(family).memory_layers(transformer_config)
+    return Shape(family, width, layers, tokens_student, tokens_teacher, states, trainable_params,
+                 trainable_bytes_per_param)
 
 
 def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per_param: int = 4) -> Shape:
     """A run's shape: its largest bucket, context lengths, roll-out states and trainable tensors."""
-    m = cfg.model
+    from dopsd_fast.families import family
+
+    spec = family(cfg.model.family)
     w, h = max(buckets, key=lambda b: b[0] * b[1])
     _, lh, lw = adapter.latent_shape(h, w)
-    if m.family == "klein":  # prompts padded to student_max_tokens; the teacher also sees the target image
-        img = lh * lw
-        tok_s, tok_t = img + m.student_max_tokens, 2 * img + m.student_max_tokens
-    else:
-        img = (lh // 2) * (lw // 2)
-        tok_s, tok_t = img + m.student_max_tokens, img + m.teacher_max_tokens
+    tok_s, tok_t = spec.step_tokens(cfg.model, spec.image_tokens((lh, lw)))
     states = len(adapter.training_sigmas(cfg.dopsd.rollout, (lh, lw))) - 1
     b = cfg.data.batch_size
-    return shape_of(adapter.transformer.config, m.family, b * tok_s, b * tok_t, states, trainable_params,
+    return shape_of(adapter.transformer.config, spec.name, b * tok_s, b * tok_t, states, trainable_params,
                     trainable_bytes_per_param)
 
 

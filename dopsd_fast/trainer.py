@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from dopsd_fast.algorithm import euler_sample, rollout_loss, rollout_loss_paired
+from dopsd_fast.algorithm import euler_sample, rollout_loss_paired
 from dopsd_fast.checkpoint import (list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                    set_rng_state)
+from dopsd_fast.families import family, require_editing_support
+from dopsd_fast.pair import build_pair
 from dopsd_fast.safety import Guard
 
 log = logging.getLogger("dopsd_fast")
@@ -64,13 +66,8 @@ class Trainer:
         random.seed(cfg.train.seed)
 
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress)
-        if cfg.model.family != "klein":
-            from dopsd_fast.data import DataError
-
-            bad = next((r for r in self.dataset.records if r.reference_paths), None)
-            if bad is not None:
-                raise DataError(f"{bad.where}: a row with reference images (an editing row), but model.family="
-                                f"{cfg.model.family} has no editing mode; use model.family=klein")
+        self.spec = family(cfg.model.family)
+        require_editing_support(self.spec, self.dataset)
         cache = None
         if cfg.cache.dir:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
@@ -82,10 +79,7 @@ class Trainer:
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device
 
-        if cfg.lora.targets == "authors":
-            targets = list(self.adapter.authors_lora_targets)
-        else:
-            targets = cfg.lora.targets or list(self.adapter.default_lora_targets)
+        targets = self.spec.lora_targets(cfg.lora, self.adapter.transformer.config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(cfg.train.seed, 7))  # LoRA init independent of anything else
             self.weights = StudentTeacher(self.adapter.transformer, cfg.lora, targets, self.adapter.dtype,
@@ -97,16 +91,8 @@ class Trainer:
         eager_ckpt = sum(self.mem_shape.layers.values()) if cfg.model.gradient_checkpointing and not cfg.fast.enabled else 0
         self.backward = resolve_backward(cfg.dopsd.backward, self.mem_shape, "fast" if cfg.fast.enabled else "eager",
                                          memory_budget_bytes(cfg.fast.memory_budget_gb, self.device), eager_ckpt)
-        self.fast = None
-        if cfg.fast.compile and not cfg.fast.enabled:  # the eager path: regional compilation of the blocks
-            self.adapter.transformer.compile_repeated_blocks(backend=cfg.fast.compile_backend, dynamic=True)
-        if cfg.fast.enabled:
-            from dopsd_fast.fastpath import FastPath
-
-            w_max, h_max = max(self.dataset.buckets_of, key=lambda b: b[0] * b[1])
-            _, lh, lw = self.adapter.latent_shape(h_max, w_max)
-            self.fast = FastPath(cfg, self.adapter, self.weights, max_tokens=(lh // 2) * (lw // 2) + 512,
-                                 backward=self.backward, mem_shape=self.mem_shape)
+        # the model behind the pair protocol: the eager reference or the packed fast path (dopsd_fast.pair)
+        self.pair = build_pair(cfg, self.adapter, self.weights, backward=self.backward, mem_shape=self.mem_shape)
         params = self.weights.trainable_parameters()
         kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         if self.device.type == "cuda":
@@ -192,30 +178,12 @@ class Trainer:
         sigmas = self.sigmas_for(noise.shape[-2:])
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
-        if self.fast is not None:
-            with self.autocast():
-                res = rollout_loss_paired(self.fast.pair_fn(ctx_s, ctx_t), noise, sigmas, loss=self.cfg.dopsd.loss,
-                                          backward=self.backward, loss_scale=loss_scale)
-            if self.backward == "once":
-                with self._nv("backward"):
-                    (res.loss * loss_scale).backward()
-            return res
-        velocity = self.adapter.velocity
-        weights = self.weights
-
-        def student_fn(x, sigma):
-            with self.autocast():
-                return velocity(weights.student(), x, sigma, ctx_s)
-
-        def teacher_fn(x, sigma):
-            with self.autocast():
-                return velocity(weights.teacher(), x, sigma, ctx_t)
-
-        res = rollout_loss(student_fn, teacher_fn, noise, sigmas, loss=self.cfg.dopsd.loss,
-                           backward=self.backward, loss_scale=loss_scale)
-        weights.student()  # gradient-checkpoint recompute must see the student adapter
+        with self.autocast():
+            res = rollout_loss_paired(self.pair.pair_fn(ctx_s, ctx_t), noise, sigmas, loss=self.cfg.dopsd.loss,
+                                      backward=self.backward, loss_scale=loss_scale)
         if self.backward == "once":
-            (res.loss * loss_scale).backward()
+            with self._nv("backward"):
+                (res.loss * loss_scale).backward()
         return res
 
     def compute_sft(self, samples, noise, step: int, micro: int, loss_scale: float = 1.0):
@@ -237,7 +205,7 @@ class Trainer:
         s = sigma.view(-1, *[1] * (x0.dim() - 1))
         x_t = (1 - s) * x0 + s * noise
         with self.autocast():
-            v = self.adapter.velocity(self.weights.student(), x_t, sigma, ctx_s)
+            v = self.pair.velocity("student", x_t, sigma, ctx_s)
         loss = ((v.float() - (noise - x0)) ** 2).mean()
         with self._nv("backward"):
             (loss * loss_scale).backward()
@@ -304,17 +272,10 @@ class Trainer:
             ctx_s = [c.to(self.device) for c in self.contexts.student([s])]
             ctx_t = [c.to(self.device) for c in self.contexts.teacher([s])]
             with self.autocast():
-                if self.fast is not None:
-                    xs = euler_sample(lambda x, sg: self.fast.velocity("s", x, sg, ctx_s), noise, sig)
-                    xt = euler_sample(lambda x, sg: self.fast.velocity("t", x, sg, ctx_t), noise, sig)
-                else:
-                    xs = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.student(), x, sg, ctx_s), noise,
-                                      sig)
-                    xt = euler_sample(lambda x, sg: self.adapter.velocity(self.weights.teacher(), x, sg, ctx_t), noise,
-                                      sig)
+                xs = euler_sample(lambda x, sg: self.pair.velocity("student", x, sg, ctx_s), noise, sig)
+                xt = euler_sample(lambda x, sg: self.pair.velocity("teacher", x, sg, ctx_t), noise, sig)
             imgs = self.adapter.decode(torch.cat([xs, xt]))
             rows.append((s.prompt, [s.image, imgs[0].cpu(), imgs[1].cpu()]))
-        self.weights.student()
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         save_grid(rows, ["target", "student", "teacher (EMA)"], path, title=f"step {self.step}")
         return path

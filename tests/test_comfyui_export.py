@@ -39,9 +39,10 @@ def test_comfyui_file_loads_at_the_trained_strength(tmp_path, family):
 
     from dopsd_fast.adapters import build_adapter
     from dopsd_fast.export import COMFYUI_FILE
+    from dopsd_fast.families import FAMILIES
     from dopsd_fast.trainer import Trainer
 
-    extra = ["model.family=klein", "model.preset=tiny-klein", "dopsd.rollout=klein-k4"] if family == "klein" else []
+    extra = FAMILIES[family].tiny_overrides()
     tr = Trainer(tiny_config(tmp_path, "train.max_steps=2", "lora.alpha=16", "lora.rank=8", *extra))
     tr.train()
     lora = load_file(str(tmp_path / "run" / "lora" / COMFYUI_FILE))

@@ -99,7 +99,10 @@ def test_removed_fields_shipped_names_and_authors_values(tmp_path, caplog):
     assert load_config(None, ["lora.targets=authors"]).lora.targets == "authors"
     with pytest.raises(ConfigError, match="lora.targets"):
         load_config(None, ["lora.targets=mine"])
-    assert load_config(None, ["dopsd.rollout=klein-k4-authors"]).dopsd.rollout == "klein-k4-authors"
+    klein = ["model.family=klein", "model.preset=tiny-klein"]
+    assert load_config(None, klein + ["dopsd.rollout=klein-k4-authors"]).dopsd.rollout == "klein-k4-authors"
+    with pytest.raises(ConfigError, match="'klein-k4' is not a Z-Image schedule"):  # refused before any weight
+        load_config(None, ["dopsd.rollout=klein-k4"])
     with pytest.raises(ConfigError, match="dopsd.rollout"):
         load_config(None, ["dopsd.rollout=klein-kx-authors"])
 

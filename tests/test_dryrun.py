@@ -30,18 +30,22 @@ def _config_only_dir(tmp_path, family):
     finally:
         sys.path.pop(0)
     d = tmp_path / family
-    if family == "zimage":
-        from diffusers import AutoencoderKL, ZImageTransformer2DModel as T
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
 
-        cfg, vae_cls = step_time.ZIMAGE_RELEASED, AutoencoderKL
-        vae = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                   block_out_channels=(128, 256, 512, 512), latent_channels=16)
-        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
-    else:
-        from diffusers import AutoencoderKLFlux2 as vae_cls, Flux2Transformer2DModel as T
+    from dopsd_fast.families import FAMILIES
 
-        cfg, vae = step_time.KLEIN_4B, dict(block_out_channels=(128, 256, 512, 512))
-        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    spec = FAMILIES[family]
+    T = spec.diffusers_class()
+    # the released VAEs' widths, and the released schedulers (static shift 3 / dynamic shifting)
+    vae_cls, vae, sched = {
+        "zimage": (AutoencoderKL, dict(down_block_types=("DownEncoderBlock2D",) * 4,
+                                       up_block_types=("UpDecoderBlock2D",) * 4,
+                                       block_out_channels=(128, 256, 512, 512), latent_channels=16),
+                   FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)),
+        "klein": (AutoencoderKLFlux2, dict(block_out_channels=(128, 256, 512, 512)),
+                  FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)),
+    }[family]
+    cfg = {"zimage": step_time.ZIMAGE_RELEASED, "klein": step_time.KLEIN_4B}[family]
     with torch.device("meta"):
         T.from_config(cfg).save_config(d / "transformer")
         vae_cls.from_config(vae).save_config(d / "vae")

@@ -265,7 +265,7 @@ def test_compiled_eager_ops_same_step(tmp_path):
 
     a = Trainer(tiny_config(tmp_path / "a", "fast.enabled=true")).train_step()
     tr = Trainer(tiny_config(tmp_path / "b", "fast.enabled=true", "fast.compile=true", "fast.compile_backend=aot_eager"))
-    assert tr.fast.model.ops.compiled == "aot_eager"
+    assert tr.pair.model.ops.compiled == "aot_eager"
     b = tr.train_step()
     assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"])
 
@@ -292,7 +292,9 @@ def test_fastpath_velocity_equals_the_adapters(tmp_path, family):
     from dopsd_fast.trainer import Trainer
     from tests.conftest import tiny_config
 
-    extra = ["model.family=klein", "model.preset=tiny-klein", "dopsd.rollout=klein-k4"] if family == "klein" else []
+    from dopsd_fast.families import FAMILIES
+
+    extra = FAMILIES[family].tiny_overrides()
     tr = Trainer(tiny_config(tmp_path, "fast.enabled=true", *extra))
     tr.train_step()  # the adapters move away from their initial values, and the teacher from the student
     samples = tr.next_samples(1, 0)
@@ -301,8 +303,8 @@ def test_fastpath_velocity_equals_the_adapters(tmp_path, family):
     ctx_t = [c.to(tr.device) for c in tr.contexts.teacher(samples)]
     sigma = torch.full((noise.shape[0],), 0.6)
     with torch.no_grad():
-        v_s = tr.fast.velocity("s", noise, sigma, ctx_s)
-        v_t = tr.fast.velocity("t", noise, sigma, ctx_t)
+        v_s = tr.pair.velocity("s", noise, sigma, ctx_s)
+        v_t = tr.pair.velocity("t", noise, sigma, ctx_t)
         ref_s = tr.adapter.velocity(tr.weights.student(), noise, sigma, ctx_s)
         ref_t = tr.adapter.velocity(tr.weights.teacher(), noise, sigma, ctx_t)
     assert_close(v_s, ref_s, 1e-5, 1e-4, "student velocity", scaled=True)

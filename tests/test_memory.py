@@ -54,7 +54,7 @@ def test_trainer_resolves_backward_and_checkpointing(tmp_path):
     tr = Trainer(tiny_config(tmp_path / "a", "fast.enabled=true"))
     assert tr.backward == "once"  # no GPU, no budget: the authors' schedule
     tr = Trainer(tiny_config(tmp_path / "b", "fast.enabled=true", "fast.memory_budget_gb=0.000001"))
-    assert tr.backward == "stepwise" and tr.fast.model.checkpoint_layers == tr.adapter.transformer.config.n_layers
+    assert tr.backward == "stepwise" and tr.pair.model.checkpoint_layers == tr.adapter.transformer.config.n_layers
     tr = Trainer(tiny_config(tmp_path / "c", "fast.enabled=true", "dopsd.backward=once",
                              "fast.memory_budget_gb=0.000001"))
     assert tr.backward == "once"
@@ -87,12 +87,10 @@ def test_constants_predict_the_fake_tensor_peak_at_other_sizes(preset, path, fam
         sys.path.pop(0)
     pre = step_time.PRESETS[preset]
     cfg = getattr(step_time, cfg_name)
-    if family == "zimage":
-        img = 4096
-        tok_s, tok_t = img + pre["cap_s"], img + pre["cap_t"]
-    else:
-        img = 4096
-        tok_s, tok_t = img + pre["cap_s"], 2 * img + pre["cap_t"]
+    from dopsd_fast.families import FAMILIES
+
+    img = 4096
+    tok_s, tok_t = img + pre["cap_s"], FAMILIES[family].teacher_image_tokens(img) + pre["cap_t"]
     s = memory.shape_of(cfg, family, tok_s, tok_t, 4, 0)
     predicted = memory.peak_bytes(s, path, "stepwise")
     predicted = predicted["activations"] + predicted["transient"]  # the fake step's peak has no optimizer state yet

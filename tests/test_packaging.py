@@ -43,7 +43,7 @@ def test_wheel_files_match_the_tree_and_run_the_fast_path(tmp_path):
         f"    'train.checkpoint_every=0', 'train.output_dir={tmp_path / 'run'}'])\n"
         "tr = Trainer(cfg)\n"
         "m = tr.train_step()\n"
-        "print(json.dumps({'loss': m['loss'], 'fast': type(tr.fast.model).__name__}))\n")
+        "print(json.dumps({'loss': m['loss'], 'fast': type(tr.pair.model).__name__}))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(site)
     env["DOPSD_FAST_HOME"] = str(tmp_path / "home")

@@ -6,7 +6,6 @@ import torch
 
 from dopsd_fast.adapters.base import Context, ModelAdapter
 
-FAMILIES = ("zimage", "klein")
 
 
 def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
@@ -32,16 +31,11 @@ def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
 def build_adapter(cfg, load_encoders: bool = True, empty_weights: bool = False) -> ModelAdapter:
     """Build the adapter of ``cfg.family`` (a :class:`~dopsd_fast.config.ModelConfig`); ``empty_weights``:
     the architecture on the meta device, nothing read (``dopsd-train --dry-run``)."""
+    from dopsd_fast.families import family
+
+    spec = family(cfg.family)
     device, dtype = resolve_device_dtype(cfg)
-    if cfg.family == "zimage":
-        from dopsd_fast.adapters.zimage import ZImageAdapter
-
-        return ZImageAdapter(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights)
-    if cfg.family == "klein":
-        from dopsd_fast.adapters.klein import KleinAdapter
-
-        return KleinAdapter(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights)
-    raise ValueError(f"model.family: unknown family {cfg.family!r}; known: {FAMILIES}")
+    return spec.adapter_class()(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights)
 
 
-__all__ = ["Context", "FAMILIES", "ModelAdapter", "build_adapter", "resolve_device_dtype"]
+__all__ = ["Context", "ModelAdapter", "build_adapter", "resolve_device_dtype"]

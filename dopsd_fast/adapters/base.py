@@ -11,7 +11,7 @@ its conventions. The algorithm sees only:
   sample (what the transformer is conditioned on), computed once and cacheable.
 * ``training_sigmas(spec)`` / ``inference_sigmas(steps, latent_hw)``: roll-out and sampling
   schedules.
-* ``default_lora_targets``, ``latent_shape(h, w)``, ``encode_images`` / ``decode``,
+* ``default_lora_targets`` (from the family spec), ``latent_shape(h, w)``, ``encode_images`` / ``decode``,
   ``encoder_identity()`` (cache keys) and ``export_lora`` (a file diffusers loads).
 
 How FLUX.2-klein maps onto it (``adapters/klein.py``):
@@ -24,7 +24,8 @@ How FLUX.2-klein maps onto it (``adapters/klein.py``):
   concatenates ``[x tokens ; reference tokens]``, runs the DiT, and returns only the first N
   (target) output tokens, so the algorithm still sees a ``v`` of ``x``'s shape. The feature cache
   stores the reference latents with the context.
-* FLUX.2 takes ``timestep = sigma`` and returns ``v`` directly: no sign or time change.
+* FLUX.2 takes ``timestep = sigma`` and returns ``v`` directly: no sign or time change (each family's
+  convention is its spec's, :class:`dopsd_fast.families.Convention`).
 """
 
 from __future__ import annotations
@@ -51,13 +52,31 @@ class Context:
 class ModelAdapter(ABC):
     """Base class of the model families (see the module docstring)."""
 
-    family: str = ""
-    default_lora_targets: tuple[str, ...] = ()
-    authors_lora_targets: tuple[str, ...] = ()  # the authors' scripts' list (`lora.targets: authors`)
+    family: str = ""  # a key of dopsd_fast.families.FAMILIES: the spec holds the family's facts
 
     transformer: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def spec(self):
+        """This family's :class:`~dopsd_fast.families.FamilySpec`."""
+        from dopsd_fast.families import family
+
+        return family(self.family)
+
+    @property
+    def default_lora_targets(self) -> tuple[str, ...]:
+        return tuple(self.spec.default_lora_targets(self.transformer.config))
+
+    @property
+    def authors_lora_targets(self) -> tuple[str, ...]:
+        """The authors' scripts' list (``lora.targets: authors``)."""
+        return tuple(self.spec.authors_lora_targets)
+
+    @property
+    def default_inference_steps(self) -> int:
+        return self.spec.default_inference_steps
 
     # ---- the transformer, in the (sigma, v) convention -------------------------------------
     @abstractmethod

@@ -38,13 +38,7 @@ AUTHORS_TEACHER_INSTRUCTION = ("Make the main subject (facial/ip details), backg
                                "consistent with the reference image.")
 AUTHORS_GT_INSTRUCTION = ("Note that the last image is the output image I expect to be. Your output must be as similar "
                           "as the last reference image, based on the first reference image and the editing instructions.")
-# The authors' LoRA targets (their train_dopsd.py). peft matches them by suffix: in diffusers' Flux2
-# the feed-forward names (`ff.net.0.proj`, `ff.net.2`, `ff_context.net.*`) match no module (its
-# feed-forwards are `ff.linear_in` / `ff.linear_out`) and `attn.to_out.0` no single block, so their runs
-# train the double blocks' attention only. `lora.targets: authors` selects exactly this list.
-AUTHORS_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
-                        "attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2",
-                        "ff_context.net.0.proj", "ff_context.net.2")
+# The authors' LoRA targets: dopsd_fast.families.KLEIN.authors_lora_targets.
 BASE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "linear_in", "linear_out", "to_qkv_mlp_proj")
 
@@ -90,6 +84,8 @@ def refs_of(ctx: Context) -> list[torch.Tensor]:
 def flux2_velocity(transformer, x, sigma, contexts):
     """The eager klein call in the (sigma, v) convention: ``[x tokens ; reference tokens]``, text
     features, ids as ``Flux2KleinPipeline`` builds them; the output sliced to x's tokens."""
+    from dopsd_fast.families import KLEIN
+
     refs = [refs_of(c) for c in contexts]
     shapes = [tuple(tuple(r.shape) for r in rr) for rr in refs]
     if len(set(shapes)) > 1:  # different references per sample: one call each
@@ -104,16 +100,16 @@ def flux2_velocity(transformer, x, sigma, contexts):
         hidden = torch.cat([hidden, pack(rr)], 1)
         ids.append(image_ids(rr.shape[-2], rr.shape[-1], t=10 * (i + 1)))
     txt = torch.stack([c.features for c in contexts]).to(x.device, dtype)
-    out = transformer(hidden_states=hidden, encoder_hidden_states=txt, timestep=sigma.to(dtype),
+    conv = KLEIN.convention
+    out = transformer(hidden_states=hidden, encoder_hidden_states=txt, timestep=conv.model_time(sigma).to(dtype),
                       img_ids=torch.cat(ids).to(x.device), txt_ids=text_ids(txt.shape[1]).to(x.device),
                       guidance=None, return_dict=False)[0]
-    return out[:, :h * w].float().permute(0, 2, 1).reshape(B, C, h, w)
+    return conv.velocity(out[:, :h * w]).permute(0, 2, 1).reshape(B, C, h, w)
 
 
 
 class KleinAdapter(ModelAdapter):
     family = "klein"
-    default_inference_steps = 4
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
                  empty_weights: bool = False):
@@ -133,11 +129,6 @@ class KleinAdapter(ModelAdapter):
             self._load_local(load_encoders)
         self.transformer.to(self.device, self.dtype).requires_grad_(False)
         self.vae.to(self.device, torch.float32).requires_grad_(False).eval()
-        n_single = int(self.transformer.config.num_single_layers)
-        self.authors_lora_targets = AUTHORS_LORA_TARGETS
-        # single blocks' to_out is a Linear, double blocks' a ModuleList: name the single ones in full
-        self.default_lora_targets = BASE_TARGETS + tuple(f"single_transformer_blocks.{i}.attn.to_out"
-                                                         for i in range(n_single))
 
     # ---- construction ------------------------------------------------------------------------
     def _build_tiny(self, load_encoders):

@@ -81,15 +81,21 @@ def _no_refs(references) -> None:
                          "model.family=klein")
 
 
+def zimage_velocity(transformer, x, sigma, contexts):
+    """The eager Z-Image call in the (sigma, v) convention: per-sample latents ``(C, 1, H, W)``, the
+    caption features, the family's time/sign convention (:data:`dopsd_fast.families.ZIMAGE`)."""
+    from dopsd_fast.families import ZIMAGE
+
+    dtype = next(transformer.parameters()).dtype
+    t = ZIMAGE.convention.model_time(sigma).to(dtype)
+    xs = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, H, W) per sample
+    caps = [c.features.to(x.device, dtype) for c in contexts]
+    out = transformer(xs, t, caps, return_dict=False)[0]
+    return ZIMAGE.convention.velocity(torch.stack(list(out), 0).squeeze(2))
+
+
 class ZImageAdapter(ModelAdapter):
     family = "zimage"
-    # Attention q/k/v/out and the SwiGLU FFN (authors' recipe); refiner blocks included.
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
-    # their train_dopsd.py; the same modules as the default (every block and refiner)
-    authors_lora_targets = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention.to_k", "attention.to_q",
-                            "attention.to_v", "attention.to_out.0")
-    default_inference_steps = 8
-
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
                  empty_weights: bool = False):
         """``empty_weights``: the transformer and VAE built from their configs on the meta device, no
@@ -288,12 +294,7 @@ class ZImageAdapter(ModelAdapter):
 
     # ---- transformer -------------------------------------------------------------------------
     def velocity(self, transformer, x, sigma, contexts):
-        dtype = next(transformer.parameters()).dtype
-        t = (1.0 - sigma.float()).to(dtype)
-        xs = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, H, W) per sample
-        caps = [c.features.to(x.device, dtype) for c in contexts]
-        out = transformer(xs, t, caps, return_dict=False)[0]
-        return -torch.stack([o.float() for o in out], 0).squeeze(2)  # Z-Image returns -v
+        return zimage_velocity(transformer, x, sigma, contexts)
 
     def inference_sigmas(self, steps=None, latent_hw=None) -> list[float]:
         """The ``ZImagePipeline`` schedule: ``linspace(1, 1/N, N)`` through the model's

@@ -1,6 +1,7 @@
 """Fast FLUX.2-klein forward for the D-OPSD double forward, on the diffusers model's own parameters.
 
-Same contract as :class:`dopsd_fast.models.zimage.FastZImage`: it reads a diffusers
+Same contract and entry point as :class:`dopsd_fast.models.zimage.FastZImage`
+(``velocity_pair``; the shared machinery is :mod:`dopsd_fast.models.paired`): it reads a diffusers
 ``Flux2Transformer2DModel`` in place and computes ``Flux2Transformer2DModel.forward`` for the student
 stream (with autograd) and the teacher stream (constants) side by side. Per branch a sample's
 sequence is ``[text (L) ; x_k tokens (N) ; reference tokens (teacher, editing branch)]``:
@@ -19,22 +20,47 @@ reference sizes), which the bucketed, padded-to-512 klein batches do.
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dopsd_fast.models.zimage import PairedModel, _has_lora
+from dopsd_fast.models.paired import Branch, PairedModel, has_lora
+
+
+@dataclass(eq=False)
+class KleinBranch(Branch):
+    """A klein branch: text length ``L``, image tokens ``M`` ([x_k ; references]), the text features and
+    reference tokens, the RoPE tables, and the running image / text / joint hidden states. ``mods``:
+    (temb, double-img, double-txt, single modulation)."""
+
+    L: int = 0
+    M: int = 0
+    txt: torch.Tensor | None = None
+    refs: list = field(default_factory=list)
+    cs_txt: tuple | None = None
+    cs_img: tuple | None = None
+    img: torch.Tensor | None = None
+    txt_h: torch.Tensor | None = None
+    hs: torch.Tensor | None = None
+
+
+def _split3(mod, i):
+    """(shift, scale, gate) number ``i`` of a 6-way modulation, or of a 3-way one (``i`` None)."""
+    sh, sc, g = mod.chunk(6 if i is not None else 3, dim=-1)[(3 * i if i is not None else 0):][:3]
+    return sh, sc, g
 
 
 class FastFlux2(PairedModel):
-    def __init__(self, student, teacher, ops=None, nvtx: bool = False):
+    def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False, fp8_ctx=None,
+                 fp8_teacher: bool = True):
+        if checkpoint_layers:  # FP8 and graphs are refused by the config (families.KLEIN.fast_features)
+            raise NotImplementedError("FastFlux2: gradient checkpointing is not implemented on the klein fast path")
         super().__init__(student, teacher, ops, nvtx)
         cfg = self.ms.config
         if cfg.patch_size != 1 or cfg.guidance_embeds:
             raise NotImplementedError("FastFlux2 supports the klein configuration (patch 1, no guidance embedding)")
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-        self.checkpoint_layers = 0  # no gradient checkpointing on this path yet
         self.eps = cfg.eps
         self._rope: dict = {}
 
@@ -56,27 +82,19 @@ class FastFlux2(PairedModel):
                 self._rope.pop(next(iter(self._rope)))
         return self._rope[key]
 
+    # ---- element-wise pieces, through the ops interface --------------------------------------------
     def _ln(self, x, scale, shift, B):
         """LayerNorm (no affine) * (1 + scale) + shift; x (B*S, D), scale/shift (B, D)."""
-        xv = x.view(B, -1, x.shape[-1])
-        if self.ops.fused:
-            y = self.ops._nm.layer_norm_modulate(xv, scale.to(x.dtype), shift.to(x.dtype), self.eps)
-        else:
-            y = (F.layer_norm(xv.float(), (x.shape[-1],), eps=self.eps) * (1 + scale.float()[:, None])
-                 + shift.float()[:, None]).to(x.dtype)
-        return y.reshape(x.shape)
+        return self.ops.ln_mod(x.view(B, -1, x.shape[-1]), scale, self.eps, shift=shift).reshape(x.shape)
 
     def _gate(self, x, gate, y, B):
         """x + gate * y with a per-sample gate (FLUX.2: no tanh)."""
-        if self.ops.fused:
-            return self.ops._nm.gated_residual(x.view(B, -1, x.shape[-1]), gate.to(x.dtype),
-                                               y.view(B, -1, y.shape[-1]), use_tanh=False).reshape(x.shape)
-        return (x.float() + gate.float().repeat_interleave(x.shape[0] // B, 0) * y.float()).to(x.dtype)
+        D = x.shape[-1]
+        return self.ops.gated(x.view(B, -1, D), gate, y.view(B, -1, D), tanh=False).reshape(x.shape)
 
-    def _swiglu(self, h):
+    def _swiglu(self, b, h):
         half = h.shape[-1] // 2
-        a, b = h[..., :half], h[..., half:]
-        return self.ops.swiglu(a.contiguous(), b.contiguous()) if self.ops.fused else F.silu(a) * b
+        return self.ops.swiglu(h[..., :half], h[..., half:])
 
     def _qk(self, q, k, wq, wk, cs, B):
         cos, sin = cs
@@ -84,193 +102,172 @@ class FastFlux2(PairedModel):
         qq, kk = self.ops.rope_qk(q.reshape(shp), k.reshape(shp), wq, wk, cos, sin, self.eps)
         return qq.reshape(-1, self.heads, self.head_dim), kk.reshape(-1, self.heads, self.head_dim)
 
+    def _joint(self, b: KleinBranch, t_part, i_part, B):
+        """[text ; image] per sample, as (B * (L + M), heads, head_dim)."""
+        return torch.cat([t_part.view(B, b.L, -1), i_part.view(B, b.M, -1)], 1).reshape(-1, self.heads, self.head_dim)
+
+    # ---- double-stream block, per branch ------------------------------------------------------------
+    def _double_in(self, b: KleinBranch, B):
+        _, mi, mt_, _ = b.mods
+        sh, sc, _ = _split3(mi, 0)
+        csh, csc, _ = _split3(mt_, 0)
+        return self._ln(b.img, sc, sh, B), self._ln(b.txt_h, csc, csh, B)
+
+    def _double_qkv(self, b: KleinBranch, qi, ki, vi, qc, kc, vc, B):
+        a = b.block.attn
+        qi_, ki_ = self._qk(qi, ki, a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
+        qc_, kc_ = self._qk(qc, kc, a.norm_added_q.weight, a.norm_added_k.weight, b.cs_txt, B)
+        hd = (-1, self.heads, self.head_dim)
+        return self._joint(b, qc_, qi_, B), self._joint(b, kc_, ki_, B), self._joint(b, vc.view(hd), vi.view(hd), B)
+
+    def _split_out(self, b: KleinBranch, o, B):
+        """Attention output -> (text rows, image rows)."""
+        o = o.reshape(B, b.L + b.M, -1)
+        return o[:, :b.L].reshape(B * b.L, -1), o[:, b.L:].reshape(B * b.M, -1)
+
+    def _double_mid(self, b: KleinBranch, ai, ac, B):
+        _, mi, mt_, _ = b.mods
+        b.img = self._gate(b.img, _split3(mi, 0)[2], ai, B)
+        b.txt_h = self._gate(b.txt_h, _split3(mt_, 0)[2], ac, B)
+        shi, sci, _ = _split3(mi, 1)
+        shc, scc, _ = _split3(mt_, 1)
+        return self._ln(b.img, sci, shi, B), self._ln(b.txt_h, scc, shc, B)
+
+    def _double_out(self, b: KleinBranch, fo, fco, B):
+        _, mi, mt_, _ = b.mods
+        b.img = self._gate(b.img, _split3(mi, 1)[2], fo, B)
+        b.txt_h = self._gate(b.txt_h, _split3(mt_, 1)[2], fco, B)
+
+    def _double(self, path, S, T, B):
+        for b in (S, T):
+            if b is not None:
+                b.at(path)
+        ns, nt = self.both(self._double_in, S, T, B=B)
+        xi, xc = (ns[0] if ns else None, nt[0] if nt else None), (ns[1] if ns else None, nt[1] if nt else None)
+        qi, ki, vi = (self.plin(f"{path}.attn.{n}", *xi) for n in ("to_q", "to_k", "to_v"))
+        qc, kc, vc = (self.plin(f"{path}.attn.{n}", *xc) for n in ("add_q_proj", "add_k_proj", "add_v_proj"))
+        q = self.both(self._double_qkv, S, T, qi, ki, vi, qc, kc, vc, B=B)
+        o = self._attend(q, B)
+        split = self.both(self._split_out, S, T, o, B=B)
+        txt_o, img_o = ((split[0][j] if split[0] else None, split[1][j] if split[1] else None) for j in (0, 1))
+        ai = self.plin(f"{path}.attn.to_out.0", *img_o)
+        ac = self.plin(f"{path}.attn.to_add_out", *txt_o)
+        r = self.both(self._double_mid, S, T, ai, ac, B=B)
+        ri, rc = (r[0][0] if r[0] else None, r[1][0] if r[1] else None), (r[0][1] if r[0] else None,
+                                                                          r[1][1] if r[1] else None)
+        gi = self.both(self._swiglu, S, T, self.plin(f"{path}.ff.linear_in", *ri))
+        gc = self.both(self._swiglu, S, T, self.plin(f"{path}.ff_context.linear_in", *rc))
+        self.both(self._double_out, S, T, self.plin(f"{path}.ff.linear_out", *gi),
+                  self.plin(f"{path}.ff_context.linear_out", *gc), B=B)
+
+    # ---- single-stream block, per branch ------------------------------------------------------------
+    def _single_in(self, b: KleinBranch, B):
+        sh, sc, _ = _split3(b.mods[3], None)
+        return self._ln(b.hs, sc, sh, B)
+
+    def _single_qkv(self, b: KleinBranch, p, B):
+        a, inner = b.block.attn, self.heads * self.head_dim
+        q, k, v = p[:, :inner], p[:, inner:2 * inner], p[:, 2 * inner:3 * inner]
+        q3, k3 = q.reshape(B, b.L + b.M, -1), k.reshape(B, b.L + b.M, -1)
+        qt_, kt_ = self._qk(q3[:, :b.L], k3[:, :b.L], a.norm_q.weight, a.norm_k.weight, b.cs_txt, B)
+        qi_, ki_ = self._qk(q3[:, b.L:], k3[:, b.L:], a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
+        return self._joint(b, qt_, qi_, B), self._joint(b, kt_, ki_, B), v.reshape(-1, self.heads, self.head_dim)
+
+    def _single_cat(self, b: KleinBranch, p, o):
+        inner = self.heads * self.head_dim
+        return torch.cat([o.reshape(o.shape[0], -1), self._swiglu(b, p[:, 3 * inner:])], -1)
+
+    def _single_out(self, b: KleinBranch, out, B):
+        b.hs = self._gate(b.hs, _split3(b.mods[3], None)[2], out, B)
+
+    def _single(self, path, S, T, B):
+        for b in (S, T):
+            if b is not None:
+                b.at(path)
+        p = self.plin(f"{path}.attn.to_qkv_mlp_proj", *self.both(self._single_in, S, T, B=B))
+        o = self._attend(self.both(self._single_qkv, S, T, p, B=B), B)
+        out = self.plin(f"{path}.attn.to_out", *self.both(self._single_cat, S, T, p, o))
+        self.both(self._single_out, S, T, out, B=B)
+
     # ---- forward -------------------------------------------------------------------------------
+    def _branch(self, name, ctxs, x):
+        from dopsd_fast.adapters.klein import pack, refs_of
+
+        model, adapter = (self.ms, self.adapter_s) if name == "s" else (self.mt, self.adapter_t)
+        B, _, h, w = x.shape
+        dtype = self.ms.x_embedder.weight.dtype
+        refs = [refs_of(c) for c in ctxs]
+        if len({tuple(tuple(r.shape) for r in rr) for rr in refs}) > 1 or len({c.features.shape for c in ctxs}) > 1:
+            raise ValueError("FastFlux2: samples of a batch must share text length and reference sizes")
+        txt = torch.stack([c.features for c in ctxs]).to(x.device, dtype)
+        ref_tok = [pack(torch.stack([rr[i] for rr in refs]).to(x.device, dtype)) for i in range(len(refs[0]))]
+        L = txt.shape[1]
+        cs_txt, cs_img, M = self._tables(model, L, h, w, tuple((r.shape[-2], r.shape[-1]) for r in refs[0]),
+                                         x.device)
+        return KleinBranch(name, model, adapter, L=L, M=M, txt=txt, refs=ref_tok, cs_txt=cs_txt, cs_img=cs_img)
+
     def velocity_pair(self, x, sigma, ctx_s, ctx_t):
         """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention."""
-        from dopsd_fast.adapters.klein import pack, refs_of
+        from dopsd_fast.adapters.klein import pack
+        from dopsd_fast.families import KLEIN
 
         ms = self.ms
         dtype = ms.x_embedder.weight.dtype
         B, C, h, w = x.shape
         N = h * w
-        dev = x.device
-        branches = []
-        for which, ctxs, model in (("s", ctx_s, self.ms), ("t", ctx_t, self.mt)):
-            if ctxs is None:
-                continue
-            refs = [refs_of(c) for c in ctxs]
-            if len({tuple(tuple(r.shape) for r in rr) for rr in refs}) > 1 or len({c.features.shape for c in ctxs}) > 1:
-                raise ValueError("FastFlux2: samples of a batch must share text length and reference sizes")
-            txt = torch.stack([c.features for c in ctxs]).to(dev, dtype)
-            ref_tok = [pack(torch.stack([rr[i] for rr in refs]).to(dev, dtype)) for i in range(len(refs[0]))]
-            L = txt.shape[1]
-            cs_txt, cs_img, M = self._tables(model, L, h, w, tuple((r.shape[-2], r.shape[-1]) for r in refs[0]), dev)
-            branches.append(dict(which=which, model=model, txt=txt, refs=ref_tok, L=L, M=M, cs_txt=cs_txt,
-                                 cs_img=cs_img))
-        run = {b["which"]: b for b in branches}
-        no_grad = lambda wh: torch.no_grad() if wh == "t" else contextlib.nullcontext()  # noqa: E731
+        S = self._branch("s", ctx_s, x) if ctx_s is not None else None
+        T = self._branch("t", ctx_t, x) if ctx_t is not None else None
+        live = [b for b in (S, T) if b is not None]
 
         with self._nv("embed"):
-            mods = {}
-            for b in branches:
-                if self.same_model and mods:
-                    mods[b["which"]] = next(iter(mods.values()))
+            shared = None
+            for b in live:
+                if self.same_model and shared is not None:
+                    b.mods = shared
                     continue
-                m = b["model"]
-                with no_grad(b["which"]):
-                    temb = m.time_guidance_embed(sigma.to(dtype) * 1000, None)
-                    mods[b["which"]] = (temb, m.double_stream_modulation_img(temb), m.double_stream_modulation_txt(temb),
-                                        m.single_stream_modulation(temb))
-            x_emb = {}
+                m = b.model
+                with b.grad_ctx():
+                    temb = m.time_guidance_embed(KLEIN.convention.model_time(sigma).to(dtype) * 1000, None)
+                    b.mods = shared = (temb, m.double_stream_modulation_img(temb),
+                                       m.double_stream_modulation_txt(temb), m.single_stream_modulation(temb))
             tok = pack(x.to(dtype))
-            shared_x = self.same_model and not _has_lora(ms.x_embedder)
-            for b in branches:
-                with no_grad(b["which"]):
-                    if shared_x and x_emb:
-                        e = next(iter(x_emb.values()))[0]
-                        e = e.detach() if b["which"] == "t" else e
+            e_x = None
+            share_x = self.same_model and not has_lora(ms.x_embedder)
+            for b in live:
+                with b.grad_ctx():
+                    if share_x and e_x is not None:
+                        e = e_x if b.student else e_x.detach()
                     else:
-                        e = b["model"].x_embedder(tok)
-                    parts = [e] + [b["model"].x_embedder(r) for r in b["refs"]]
-                    x_emb[b["which"]] = (e, torch.cat(parts, 1).reshape(B * b["M"], -1))
-        img = {wh: x_emb[wh][1] for wh in run}
-        txt_h = {}
-        for wh, b in run.items():
-            with no_grad(wh):
-                txt_h[wh] = b["model"].context_embedder(b["txt"]).reshape(B * b["L"], -1)
+                        e = e_x = b.model.x_embedder(tok)
+                    parts = [e] + [b.model.x_embedder(r) for r in b.refs]
+                    b.img = torch.cat(parts, 1).reshape(B * b.M, -1)
+                    b.txt_h = b.model.context_embedder(b.txt).reshape(B * b.L, -1)
 
-        def split3(mod, i):
-            sh, sc, g = mod.chunk(6 if i is not None else 3, dim=-1)[(3 * i if i is not None else 0):][:3]
-            return sh, sc, g
-
-        # ---- double-stream blocks ----
         for bi in range(len(ms.transformer_blocks)):
             with self._nv(f"double{bi}"):
-                blk = lambda m, bi=bi: m.transformer_blocks[bi]  # noqa: E731
-                S, T = run.get("s"), run.get("t")
+                self._double(f"transformer_blocks.{bi}", S, T, B)
 
-                def prep(v, wh):
-                    _, mi, mt_, _ = mods[wh]
-                    sh, sc, _ = split3(mi, 0)
-                    csh, csc, _ = split3(mt_, 0)
-                    return (self._ln(img[wh], sc, sh, B), self._ln(txt_h[wh], csc, csh, B))
-
-                ns, nt = self._each(prep, 1 if S else None, 1 if T else None)
-                qi = self._plin(lambda m: blk(m).attn.to_q, ns[0] if ns else None, nt[0] if nt else None)
-                ki = self._plin(lambda m: blk(m).attn.to_k, ns[0] if ns else None, nt[0] if nt else None)
-                vi = self._plin(lambda m: blk(m).attn.to_v, ns[0] if ns else None, nt[0] if nt else None)
-                qc = self._plin(lambda m: blk(m).attn.add_q_proj, ns[1] if ns else None, nt[1] if nt else None)
-                kc = self._plin(lambda m: blk(m).attn.add_k_proj, ns[1] if ns else None, nt[1] if nt else None)
-                vc = self._plin(lambda m: blk(m).attn.add_v_proj, ns[1] if ns else None, nt[1] if nt else None)
-
-                def qkv(_, wh):
-                    j = 0 if wh == "s" else 1
-                    b, a = run[wh], blk(run[wh]["model"]).attn
-                    qi_, ki_ = self._qk(qi[j], ki[j], a.norm_q.weight, a.norm_k.weight, b["cs_img"], B)
-                    qc_, kc_ = self._qk(qc[j], kc[j], a.norm_added_q.weight, a.norm_added_k.weight, b["cs_txt"], B)
-                    cat = lambda t_, i_: torch.cat([t_.view(B, b["L"], -1), i_.view(B, b["M"], -1)], 1).reshape(  # noqa: E731
-                        -1, self.heads, self.head_dim)
-                    return cat(qc_, qi_), cat(kc_, ki_), cat(vc[j].view(-1, self.heads, self.head_dim),
-                                                             vi[j].view(-1, self.heads, self.head_dim))
-
-                qs, qt = self._each(qkv, 1 if S else None, 1 if T else None)
-                o_s, o_t = self._attend(qs, qt, B)
-
-                def after_attn(o, wh):
-                    b = run[wh]
-                    o = o.reshape(B, b["L"] + b["M"], -1)
-                    return o[:, :b["L"]].reshape(B * b["L"], -1), o[:, b["L"]:].reshape(B * b["M"], -1)
-
-                ao_s, ao_t = self._each(after_attn, o_s, o_t)
-                ai = self._plin(lambda m: blk(m).attn.to_out[0], ao_s[1] if ao_s else None, ao_t[1] if ao_t else None)
-                ac = self._plin(lambda m: blk(m).attn.to_add_out, ao_s[0] if ao_s else None, ao_t[0] if ao_t else None)
-
-                def resid1(_, wh):
-                    j = 0 if wh == "s" else 1
-                    _, mi, mt_, _ = mods[wh]
-                    _, _, gi = split3(mi, 0)
-                    _, _, gc = split3(mt_, 0)
-                    new_i = self._gate(img[wh], gi, ai[j], B)
-                    new_c = self._gate(txt_h[wh], gc, ac[j], B)
-                    shi, sci, _ = split3(mi, 1)
-                    shc, scc, _ = split3(mt_, 1)
-                    return new_i, new_c, self._ln(new_i, sci, shi, B), self._ln(new_c, scc, shc, B)
-
-                r_s, r_t = self._each(resid1, 1 if S else None, 1 if T else None)
-                fi = self._plin(lambda m: blk(m).ff.linear_in, r_s[2] if r_s else None, r_t[2] if r_t else None)
-                fc = self._plin(lambda m: blk(m).ff_context.linear_in, r_s[3] if r_s else None, r_t[3] if r_t else None)
-                gi_ = self._each(lambda v, wh: self._swiglu(v), fi[0], fi[1])
-                gc_ = self._each(lambda v, wh: self._swiglu(v), fc[0], fc[1])
-                fo = self._plin(lambda m: blk(m).ff.linear_out, gi_[0], gi_[1])
-                fco = self._plin(lambda m: blk(m).ff_context.linear_out, gc_[0], gc_[1])
-
-                def resid2(r, wh):
-                    j = 0 if wh == "s" else 1
-                    _, mi, mt_, _ = mods[wh]
-                    _, _, gi = split3(mi, 1)
-                    _, _, gc = split3(mt_, 1)
-                    return self._gate(r[0], gi, fo[j], B), self._gate(r[1], gc, fco[j], B)
-
-                n_s, n_t = self._each(resid2, r_s, r_t)
-                for wh, new in (("s", n_s), ("t", n_t)):
-                    if new is not None:
-                        img[wh], txt_h[wh] = new
-
-        # ---- single-stream blocks on [text ; image] ----
-        hs = {}
-        for wh, b in run.items():
-            with no_grad(wh):
-                hs[wh] = torch.cat([txt_h[wh].view(B, b["L"], -1), img[wh].view(B, b["M"], -1)], 1).reshape(
-                    B * (b["L"] + b["M"]), -1)
+        for b in live:  # single-stream blocks on [text ; image]
+            with b.grad_ctx():
+                b.hs = torch.cat([b.txt_h.view(B, b.L, -1), b.img.view(B, b.M, -1)], 1).reshape(B * (b.L + b.M), -1)
         for bi in range(len(ms.single_transformer_blocks)):
             with self._nv(f"single{bi}"):
-                blk = lambda m, bi=bi: m.single_transformer_blocks[bi]  # noqa: E731
-                S, T = run.get("s"), run.get("t")
-                nrm = self._each(lambda h, wh: self._ln(h, split3(mods[wh][3], None)[1], split3(mods[wh][3], None)[0],
-                                                        B), hs.get("s"), hs.get("t"))
-                pr = self._plin(lambda m: blk(m).attn.to_qkv_mlp_proj, nrm[0], nrm[1])
-                inner = self.heads * self.head_dim
+                self._single(f"single_transformer_blocks.{bi}", S, T, B)
 
-                def qkv1(p, wh):
-                    b, a = run[wh], blk(run[wh]["model"]).attn
-                    q, k, v = p[:, :inner], p[:, inner:2 * inner], p[:, 2 * inner:3 * inner]
-                    S_ = b["L"] + b["M"]
-                    q3, k3 = q.reshape(B, S_, -1), k.reshape(B, S_, -1)
-                    qt_, kt_ = self._qk(q3[:, :b["L"]], k3[:, :b["L"]], a.norm_q.weight, a.norm_k.weight, b["cs_txt"], B)
-                    qi_, ki_ = self._qk(q3[:, b["L"]:], k3[:, b["L"]:], a.norm_q.weight, a.norm_k.weight, b["cs_img"],
-                                        B)
-                    cat = lambda t_, i_: torch.cat([t_.view(B, b["L"], -1), i_.view(B, b["M"], -1)], 1).reshape(  # noqa: E731
-                        -1, self.heads, self.head_dim)
-                    return cat(qt_, qi_), cat(kt_, ki_), v.reshape(-1, self.heads, self.head_dim)
-
-                qs, qt = self._each(qkv1, pr[0], pr[1])
-                o_s, o_t = self._attend(qs, qt, B)
-                cat_s, cat_t = self._each(lambda po, wh: torch.cat([po[1].reshape(po[1].shape[0], -1),
-                                                                    self._swiglu(po[0][:, 3 * inner:])], -1),
-                                          (pr[0], o_s) if S else None, (pr[1], o_t) if T else None)
-                out = self._plin(lambda m: blk(m).attn.to_out, cat_s, cat_t)
-                new = self._each(lambda h, wh: self._gate(h, split3(mods[wh][3], None)[2], out[0 if wh == "s" else 1], B),
-                                 hs.get("s"), hs.get("t"))
-                for wh, n_ in zip(("s", "t"), new):
-                    if n_ is not None:
-                        hs[wh] = n_
-
-        # ---- output: the x_k tokens only ----
         res = {}
-        with self._nv("final"):
-            for wh, b in run.items():
-                with no_grad(wh):
-                    m = b["model"]
-                    hh = hs[wh].view(B, b["L"] + b["M"], -1)[:, b["L"]:b["L"] + N]
-                    emb = m.norm_out.linear(F.silu(mods[wh][0]).to(hh.dtype))
+        with self._nv("final"):  # the x_k tokens only
+            for b in live:
+                with b.grad_ctx():
+                    hh = b.hs.view(B, b.L + b.M, -1)[:, b.L:b.L + N]
+                    emb = b.model.norm_out.linear(F.silu(b.mods[0]).to(hh.dtype))
                     scale, shift = emb.chunk(2, dim=1)
                     y = self._ln(hh.reshape(B * N, -1), scale, shift, B)
-                    out = m.proj_out(y).view(B, N, -1).float()
-                    res[wh] = out.permute(0, 2, 1).reshape(B, C, h, w)
+                    out = b.model.proj_out(y).view(B, N, -1)
+                    res[b.name] = KLEIN.convention.velocity(out).permute(0, 2, 1).reshape(B, C, h, w)
         return res.get("s"), res.get("t")
 
-    def _attend(self, qs, qt, B):
-        """Joint attention per sample for both branches (each (q, k, v) of (B*S, H, hd))."""
+    def _attend(self, q, B):
+        """Joint attention per sample for both branches (each (q, k, v) of (B*S, H, hd), or None)."""
         def spec(q3):
             if q3 is None:
                 return None
@@ -278,7 +275,11 @@ class FastFlux2(PairedModel):
             cu = [i * S_ for i in range(B + 1)]
             return (*q3, torch.tensor(cu, dtype=torch.int32, device=q3[0].device), cu)
 
-        s, t = spec(qs), spec(qt)
+        s, t = spec(q[0]), spec(q[1])
         if s is not None and t is not None:
             return self.ops.attention_pair(s, t)
-        return self._each(lambda sp, wh: self.ops.attention_one(*sp), s, t)
+        out_s = self.ops.attention_one(*s) if s is not None else None
+        if t is None:
+            return out_s, None
+        with torch.no_grad():
+            return out_s, self.ops.attention_one(*t)

@@ -97,12 +97,16 @@ class TorchOps:
             y = y * (1 + scale.float()[:, None])
         return y.to(x.dtype)
 
-    def ln_mod(self, x, scale, eps):
+    def ln_mod(self, x, scale, eps, shift=None):
         y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + scale.float()[:, None])
+        if shift is not None:
+            y = y + shift.float()[:, None]
         return y.to(x.dtype)
 
-    def gated(self, x, gate, y):
-        return (x.float() + torch.tanh(gate.float())[:, None] * y.float()).to(x.dtype)
+    def gated(self, x, gate, y, tanh: bool = True):
+        """x + tanh(gate) * y (Z-Image), or x + gate * y with ``tanh=False`` (FLUX.2)."""
+        g = torch.tanh(gate.float()) if tanh else gate.float()
+        return (x.float() + g[:, None] * y.float()).to(x.dtype)
 
     def swiglu(self, a, b):
         return (F.silu(a.float()) * b.float()).to(a.dtype)
@@ -152,14 +156,15 @@ class FusedOps(TorchOps):
             scale = x.new_zeros(x.shape[0], x.shape[-1])
         return self._nm.rms_norm_modulate(x, w.to(x.dtype), scale.to(x.dtype), eps)
 
-    def ln_mod(self, x, scale, eps):
-        return self._nm.layer_norm_modulate(x, scale.to(x.dtype), torch.zeros_like(scale, dtype=x.dtype), eps)
+    def ln_mod(self, x, scale, eps, shift=None):
+        shift = torch.zeros_like(scale, dtype=x.dtype) if shift is None else shift.to(x.dtype)
+        return self._nm.layer_norm_modulate(x, scale.to(x.dtype), shift, eps)
 
-    def gated(self, x, gate, y):
-        return self._nm.gated_residual(x, gate.to(x.dtype), y, use_tanh=True)
+    def gated(self, x, gate, y, tanh: bool = True):
+        return self._nm.gated_residual(x, gate.to(x.dtype), y, use_tanh=tanh)
 
     def swiglu(self, a, b):
-        return self._sw.swiglu(a, b)
+        return self._sw.swiglu(a.contiguous(), b.contiguous())
 
     def rope_qk(self, q, k, wq, wk, cos, sin, eps):
         return self._rope.rope_qk_norm(q, k, wq.to(q.dtype), wk.to(k.dtype), cos, sin, eps)

@@ -15,153 +15,41 @@ runs the same math as ``ZImageTransformer2DModel.forward`` in a packed layout:
   carries no adapter and the image needs no padding (its output is then the same for both branches up
   to rounding: RoPE is relative and the branches differ only by a common position offset).
 
-Z-Image's output is ``-v`` at ``t = 1 - sigma``; :meth:`FastZImage.velocity_pair` returns velocities
-in the (sigma, v) convention of :mod:`dopsd_fast.algorithm`, exactly like ``ZImageAdapter.velocity``.
+Z-Image's time/sign convention (``t = 1 - sigma``, output ``-v``) is the family spec's
+(:data:`dopsd_fast.families.ZIMAGE`); :meth:`FastZImage.velocity_pair` returns velocities in the
+(sigma, v) convention of :mod:`dopsd_fast.algorithm`, exactly like ``ZImageAdapter.velocity``.
+The shared packed machinery (branches, streams, paired linears) is :mod:`dopsd_fast.models.paired`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dopsd_fast.fp8 import is_fp8_linear
-from dopsd_fast.models.ops import TorchOps
-from dopsd_fast.profiling import nvtx_range
+from dopsd_fast.models.paired import Branch, PairedModel, Stream, has_lora
 
 SEQ_MULTI_OF = 32
 
 
-def _lora_of(mod, adapter):
-    """(weight, bias, (A, B, scale) or None) of a plain or peft-wrapped linear under ``adapter``."""
-    if hasattr(mod, "base_layer"):
-        if getattr(mod, "merged", False):
-            raise RuntimeError("FastZImage: LoRA weights are merged into the base layer; unmerge them first")
-        base = mod.base_layer
-        if adapter is not None and adapter in mod.lora_A:
-            if getattr(mod, "use_dora", {}).get(adapter, False):
-                raise NotImplementedError("FastZImage: DoRA adapters are not supported by the fast path")
-            return base.weight, base.bias, (mod.lora_A[adapter].weight, mod.lora_B[adapter].weight,
-                                            float(mod.scaling[adapter]))
-        return base.weight, base.bias, None
-    return mod.weight, mod.bias, None
-
-
-def _has_lora(module) -> bool:
-    return any(hasattr(m, "lora_A") for m in module.modules())
-
-
-@dataclass
-class Stream:
-    """One branch's packed tokens: h (T, dim), per-token cos/sin (T, head_dim/2), offsets."""
-
-    h: torch.Tensor | None
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cu: torch.Tensor  # int32 (B + 1)
-    cu_list: list
-    seq: torch.Tensor  # (T,) sample index of each token
-
-    def mod(self, m):
-        """Per-sample modulation (B, D) -> what the norm kernels take for this stream's layout."""
-        return m if m.shape[0] == 1 else m[self.seq]
-
-    def view3(self, x):
-        B = len(self.cu_list) - 1
-        return x.view(1, -1, x.shape[-1]) if B == 1 else x.view(-1, 1, x.shape[-1])
-
-
-class PairedModel:
-    """What the packed student/teacher models share: the two (module, adapter) branches, the ops,
-    and how one linear runs for both streams (one base GEMM with per-branch LoRA deltas; FP8
-    modules called as modules; two separate calls for two separate models)."""
-
-    def __init__(self, student, teacher, ops=None, nvtx: bool = False, fp8_ctx=None, fp8_teacher: bool = True):
-        self.ms, self.adapter_s = student
-        self.mt, self.adapter_t = teacher
-        self.ops = ops or TorchOps()
-        self.nvtx = nvtx
-        self.fp8_ctx = fp8_ctx or (lambda enabled=True: contextlib.nullcontext())
-        self.fp8_teacher = fp8_teacher
-        self.same_model = self.ms is self.mt
-
-    def _nv(self, name):
-        return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
-
-    @staticmethod
-    def _delta(x, lora):
-        a, b, s = lora
-        return s * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
-
-    def _lin(self, mod, adapter, x):
-        base = getattr(mod, "base_layer", mod)
-        if is_fp8_linear(base):  # FP8 base GEMM by the converted module, LoRA delta in bf16
-            y = base(x)
-            lora = _lora_of(mod, adapter)[2] if base is not mod else None
-            return y + self._delta(x, lora) if lora is not None else y
-        w, b, lora = _lora_of(mod, adapter)
-        return self.ops.linear(x, w, b, lora)
-
-    def _plin(self, path, x_s, x_t):
-        """The same linear of both branches; either input may be None (one-branch run)."""
-        mod_s, mod_t = path(self.ms), path(self.mt)
-        if x_t is None:
-            return self._lin(mod_s, self.adapter_s, x_s), None
-        if x_s is None:
-            with torch.no_grad():
-                return None, self._lin(mod_t, self.adapter_t, x_t)
-        base = getattr(mod_s, "base_layer", mod_s)
-        if mod_s is mod_t and is_fp8_linear(base):
-            lo_s = _lora_of(mod_s, self.adapter_s)[2] if base is not mod_s else None
-            lo_t = _lora_of(mod_s, self.adapter_t)[2] if base is not mod_s else None
-            if self.fp8_teacher:  # one FP8 GEMM over both streams' rows
-                y = base(torch.cat([x_s, x_t.detach()]))
-                y_s, y_t = y[:x_s.shape[0]], y[x_s.shape[0]:].detach()
-            else:  # the teacher's rows in bf16 (TransformerEngine outside fp8_autocast)
-                y_s = base(x_s)
-                with torch.no_grad(), self.fp8_ctx(False):
-                    y_t = base(x_t)
-            if lo_s is not None:
-                y_s = y_s + self._delta(x_s, lo_s)
-            if lo_t is not None:
-                with torch.no_grad():
-                    y_t = y_t + self._delta(x_t, lo_t)
-            return y_s, y_t
-        if mod_s is mod_t:
-            w, b, lo_s = _lora_of(mod_s, self.adapter_s)
-            _, _, lo_t = _lora_of(mod_s, self.adapter_t)
-            return self.ops.paired_linear(x_s, x_t, w, b, lo_s, lo_t)
-        y_s = self._lin(mod_s, self.adapter_s, x_s)
-        with torch.no_grad():
-            y_t = self._lin(mod_t, self.adapter_t, x_t)
-        return y_s, y_t
-
-    def _each(self, fn, s, t):
-        """Run ``fn`` on the student value (with autograd) and the teacher value (without)."""
-        out_s = fn(s, "s") if s is not None else None
-        if t is None:
-            return out_s, None
-        with torch.no_grad():
-            return out_s, fn(t, "t")
-
+def _flat(o):
+    return o.reshape(o.shape[0], -1) if o is not None else None
 
 
 class FastZImage(PairedModel):
     """Packed student/teacher forward of a diffusers Z-Image transformer.
 
-    ``student``/``teacher``: ``(module, adapter_name)``: the same module with two peft adapters
-    (LoRA), or two modules (full fine-tuning: the trainable model and its EMA copy; adapter None).
-    ``ops``: :class:`~dopsd_fast.models.ops.FusedOps` or :class:`~dopsd_fast.models.ops.TorchOps`.
+    ``student``/``teacher``: ``(module, adapter)``: the same module with two peft adapters (LoRA; or
+    one adapter and a :class:`~dopsd_fast.models.paired.Shadow` of the teacher's), or two modules (full
+    fine-tuning: the trainable model and its EMA copy; adapter None). ``ops``:
+    :class:`~dopsd_fast.models.ops.FusedOps` or :class:`~dopsd_fast.models.ops.TorchOps`.
     ``checkpoint_layers``: how many main layers (from the first) run under gradient checkpointing.
     """
 
     def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False,
                  fp8_ctx=None, fp8_teacher: bool = True):
-        super().__init__(student, teacher, ops, nvtx, fp8_ctx, fp8_teacher)
-        self.checkpoint_layers = int(checkpoint_layers)
+        super().__init__(student, teacher, ops, nvtx, fp8_ctx, fp8_teacher, checkpoint_layers)
         cfg = self.ms.config
         if tuple(cfg.all_patch_size) != (2,) or tuple(cfg.all_f_patch_size) != (1,):
             raise NotImplementedError("FastZImage supports the released patch sizes (2, f 1) only")
@@ -172,7 +60,7 @@ class FastZImage(PairedModel):
         self.head_dim = cfg.dim // cfg.n_heads
         self.eps = cfg.norm_eps
         self._layouts: dict = {}
-        self.refiner_shareable = self.same_model and not _has_lora(self.ms.noise_refiner)
+        self.refiner_shareable = self.same_model and not has_lora(self.ms.noise_refiner)
 
     def _rope_ids(self, cap_len_padded, ht, wt, n_img, n_img_pad, device):
         cap = torch.stack([torch.arange(1, cap_len_padded + 1), torch.zeros(cap_len_padded, dtype=torch.long),
@@ -186,74 +74,103 @@ class FastZImage(PairedModel):
         fc = model.rope_embedder(ids)
         return fc.real.float().contiguous(), fc.imag.float().contiguous()
 
-    # ---- blocks --------------------------------------------------------------------------------
-    def _block(self, idx_path, s: Stream | None, t: Stream | None, mods, modulated: bool):
-        """One Z-Image transformer block on both streams. ``mods``: per-sample (scale_msa, gate_msa,
-        scale_mlp, gate_mlp) for each branch, or None (context refiner)."""
-        ops, eps = self.ops, self.eps
-        blk = lambda m: idx_path(m)  # noqa: E731
-        lin = lambda sub, a, b: self._plin(lambda m: sub(blk(m)), a, b)  # noqa: E731
+    # ---- one block, per branch -------------------------------------------------------------------
+    def _norm_in(self, b: Branch, x, norm: str, mod: int):
+        st = b.stream
+        sc = st.mod(b.mods[mod]) if b.mods is not None else None
+        return self.ops.rms_mod(st.view3(x), getattr(b.block, norm).weight, sc, self.eps).view_as(x)
 
-        def norm_in(x, which, norm_name, mod_i):
-            st = s if which == "s" else t
-            model = self.ms if which == "s" else self.mt
-            w = getattr(blk(model), norm_name).weight
-            sc = st.mod(mods[which][mod_i]) if modulated else None
-            return ops.rms_mod(st.view3(x), w, sc, eps).view_as(x)
+    def _residual(self, b: Branch, x, y, norm: str, mod: int):
+        st = b.stream
+        yn = self.ops.rms_mod(st.view3(y), getattr(b.block, norm).weight, None, self.eps)
+        if b.mods is not None:
+            return self.ops.gated(st.view3(x), st.mod(b.mods[mod]), yn).view_as(x)
+        return x + yn.view_as(x)
 
-        def residual(x, y, which, norm_name, mod_i):
-            st = s if which == "s" else t
-            model = self.ms if which == "s" else self.mt
-            yn = ops.rms_mod(st.view3(y), getattr(blk(model), norm_name).weight, None, eps)
-            if modulated:
-                return ops.gated(st.view3(x), st.mod(mods[which][mod_i]), yn).view_as(x)
-            return x + yn.view_as(x)
+    def _rope(self, b: Branch, q, k):
+        att = b.block.attention
+        shp = (1, q.shape[0], self.heads, self.head_dim)
+        q, k = self.ops.rope_qk(q.view(shp), k.view(shp), att.norm_q.weight, att.norm_k.weight, b.stream.cos,
+                                b.stream.sin, 1e-5)
+        return q[0], k[0]
 
-        hs, ht = (s.h if s else None), (t.h if t else None)
-        xs, xt = self._each(lambda h, w: norm_in(h, w, "attention_norm1", 0), hs, ht)
-        qs, qt = lin(lambda b: b.attention.to_q, xs, xt)
-        ks, kt = lin(lambda b: b.attention.to_k, xs, xt)
-        vs, vt = lin(lambda b: b.attention.to_v, xs, xt)
+    def _heads(self, v):
+        return v.view(v.shape[0], self.heads, self.head_dim)
 
-        def rope(qkv, which):
-            q, k = qkv
-            st = s if which == "s" else t
-            att = blk(self.ms if which == "s" else self.mt).attention
-            shp = (1, q.shape[0], self.heads, self.head_dim)
-            q, k = ops.rope_qk(q.view(shp), k.view(shp), att.norm_q.weight, att.norm_k.weight, st.cos, st.sin, 1e-5)
-            return q[0], k[0]
+    def _attn_args(self, b: Branch, qk, v):
+        return qk[0], qk[1], self._heads(v), b.stream.cu, b.stream.cu_list
 
-        rs, rt = self._each(rope, (qs, ks) if s else None, (qt, kt) if t else None)
-        hv = lambda v: v.view(v.shape[0], self.heads, self.head_dim) if v is not None else None  # noqa: E731
+    def _attend_one(self, b: Branch, qk, v):
+        return self.ops.attention_one(*self._attn_args(b, qk, v))
+
+    def _swiglu(self, b: Branch, a, g):
+        return self.ops.swiglu(a, g)
+
+    def _block(self, path: str, s: Branch | None, t: Branch | None):
+        """One Z-Image transformer block (``path``, e.g. ``layers.3``) on both branches' streams, with
+        each branch's :attr:`~Branch.mods` (None: the unmodulated context refiner). Returns the new
+        hidden states (student, teacher)."""
+        for b in (s, t):
+            if b is not None:
+                b.at(path)
+        h = (s.stream.h if s else None, t.stream.h if t else None)
+        x = self.both(self._norm_in, s, t, h, norm="attention_norm1", mod=0)
+        q = self.plin(f"{path}.attention.to_q", *x)
+        k = self.plin(f"{path}.attention.to_k", *x)
+        v = self.plin(f"{path}.attention.to_v", *x)
+        qk = self.both(self._rope, s, t, q, k)
         if s is not None and t is not None:
-            os_, ot = ops.attention_pair((rs[0], rs[1], hv(vs), s.cu, s.cu_list), (rt[0], rt[1], hv(vt), t.cu, t.cu_list))
+            o = self.ops.attention_pair(self._attn_args(s, qk[0], v[0]), self._attn_args(t, qk[1], v[1]))
         else:
-            os_, ot = self._each(lambda st_r, w: ops.attention_one(st_r[0], st_r[1], hv(vs if w == "s" else vt),
-                                                                    (s if w == "s" else t).cu,
-                                                                    (s if w == "s" else t).cu_list), rs, rt)
-        flat = lambda o: o.reshape(o.shape[0], -1) if o is not None else None  # noqa: E731
-        as_, at = lin(lambda b: b.attention.to_out[0], flat(os_), flat(ot))
-        hs, ht = self._each(lambda h, w: residual(h, as_ if w == "s" else at, w, "attention_norm2", 1), hs, ht)
-        xs, xt = self._each(lambda h, w: norm_in(h, w, "ffn_norm1", 2), hs, ht)
-        w1s, w1t = lin(lambda b: b.feed_forward.w1, xs, xt)
-        w3s, w3t = lin(lambda b: b.feed_forward.w3, xs, xt)
-        gs, gt = self._each(lambda ab, w: ops.swiglu(*ab), (w1s, w3s) if s else None, (w1t, w3t) if t else None)
-        fs, ft = lin(lambda b: b.feed_forward.w2, gs, gt)
-        return self._each(lambda h, w: residual(h, fs if w == "s" else ft, w, "ffn_norm2", 3), hs, ht)
+            o = self.both(self._attend_one, s, t, qk, v)
+        a = self.plin(f"{path}.attention.to_out.0", _flat(o[0]), _flat(o[1]))
+        h = self.both(self._residual, s, t, h, a, norm="attention_norm2", mod=1)
+        x = self.both(self._norm_in, s, t, h, norm="ffn_norm1", mod=2)
+        w1 = self.plin(f"{path}.feed_forward.w1", *x)
+        w3 = self.plin(f"{path}.feed_forward.w3", *x)
+        g = self.both(self._swiglu, s, t, w1, w3)
+        f = self.plin(f"{path}.feed_forward.w2", *g)
+        return self.both(self._residual, s, t, h, f, norm="ffn_norm2", mod=3)
 
-    def _mods(self, layer_path, adaln):
-        """adaLN modulation of a block for each branch: computed once when it is shared."""
-        def one(model):
-            m = layer_path(model).adaLN_modulation(adaln[model is self.mt and not self.same_model])
-            sc_msa, g_msa, sc_mlp, g_mlp = m.chunk(4, dim=1)
-            return sc_msa, g_msa, sc_mlp, g_mlp
+    def _set_mods(self, path: str, s: Branch | None, t: Branch | None, adaln: dict) -> None:
+        """adaLN modulation of block ``path`` for each branch (computed once when it is shared)."""
+        def one(b):
+            m = b.model.get_submodule(path).adaLN_modulation(adaln[b.name])
+            return tuple(m.chunk(4, dim=1))
 
-        if self.same_model and not _has_lora(layer_path(self.ms).adaLN_modulation):
-            m = one(self.ms)
-            return {"s": m, "t": m}
-        with torch.no_grad():
-            mt = one(self.mt)
-        return {"s": one(self.ms), "t": mt}
+        if self.same_model and not has_lora(self.ms.get_submodule(path).adaLN_modulation):
+            m = one(s or t)
+            for b in (s, t):
+                if b is not None:
+                    b.mods = m
+            return
+        if t is not None:
+            with torch.no_grad():
+                t.mods = one(t)
+        if s is not None:
+            s.mods = one(s)
+
+    def _run_blocks(self, paths, s: Branch | None, t: Branch | None, adaln: dict | None, checkpointed: int = 0):
+        """Blocks ``paths`` in order on both streams (``adaln`` None: unmodulated); the first
+        ``checkpointed`` with the student under gradient checkpointing (the teacher alone, no autograd)."""
+        for i, path in enumerate(paths):
+            with self._nv(path):
+                if adaln is not None:
+                    self._set_mods(path, s, t, adaln)
+                if s is not None and i < checkpointed and torch.is_grad_enabled():
+                    # the student as it is now (its modulation: later blocks replace s.mods before
+                    # the backward recomputes this one)
+                    def run(h, path=path, snap=replace(s)):
+                        return self._block(path, replace(snap, stream=replace(snap.stream, h=h)), None)[0]
+
+                    new_s = checkpoint(run, s.stream.h, use_reentrant=False)
+                    new_t = self._block(path, None, t)[1] if t is not None else None
+                else:
+                    new_s, new_t = self._block(path, s, t)
+                if s is not None:
+                    s.stream.h = new_s
+                if t is not None:
+                    t.stream.h = new_t
 
     # ---- layout (host-side work, cached per shape) ---------------------------------------------
     def layout(self, B, H, W, cap_lens_s, cap_lens_t, device):
@@ -325,27 +242,27 @@ class FastZImage(PairedModel):
         caption features (L_b, cap_feat_dim). ``student=False`` (or ``caps_s=None``) runs the teacher
         branch alone; ``caps_t=None`` the student alone.
         """
-        ms, mt = self.ms, self.mt
+        ms = self.ms
         B, C, H, W = x.shape
         dtype = ms.all_x_embedder[self.key].weight.dtype
-        run_s = bool(student) and caps_s is not None
-        run_t = caps_t is not None
-        lay = self.layout(B, H, W, [len(c) for c in caps_s] if run_s else None,
-                          [len(c) for c in caps_t] if run_t else None, x.device)
+        S, T = self.branches(bool(student) and caps_s is not None, caps_t is not None)
+        caps = {"s": caps_s, "t": caps_t}
+        live = [b for b in (S, T) if b is not None]
+        lay = self.layout(B, H, W, [len(c) for c in caps_s] if S else None, [len(c) for c in caps_t] if T else None,
+                          x.device)
         n_img, n_img_pad = lay["n_img"], lay["n_img_pad"]
         ht_, wt_ = lay["hw"]
-        branches = ([("s", ms, caps_s)] if run_s else []) + ([("t", mt, caps_t)] if run_t else [])
-        no_grad = lambda w: torch.no_grad() if w == "t" else contextlib.nullcontext()  # noqa: E731
 
         with self._nv("embed"):
             adaln = {}
-            for which, model, _ in branches:
+            for b in live:
                 if self.same_model and adaln:
-                    adaln[which] = next(iter(adaln.values()))
+                    adaln[b.name] = next(iter(adaln.values()))
                     continue
-                with no_grad(which):
-                    adaln[which] = model.t_embedder(t.to(torch.float32) * model.t_scale).to(dtype)
-            adaln_list = [adaln.get("s", adaln.get("t")), adaln.get("t", adaln.get("s"))]
+                with b.grad_ctx():
+                    adaln[b.name] = b.model.t_embedder(t.to(torch.float32) * b.model.t_scale).to(dtype)
+            # a missing branch's key maps to the other's embedding (the shared modulation reads either)
+            adaln = {"s": adaln.get("s", adaln.get("t")), "t": adaln.get("t", adaln.get("s"))}
             patches = x.to(dtype).view(B, C, 1, 1, ht_, 2, wt_, 2).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(
                 B, n_img, 4 * C)
 
@@ -356,85 +273,59 @@ class FastZImage(PairedModel):
                 return e.reshape(B * n_img_pad, -1)
 
             cap_h = {}
-            for which, model, caps in branches:
-                with no_grad(which):
-                    emb = model.cap_embedder(torch.cat([c.to(x.device, dtype) for c in caps]))
-                    rows = torch.cat([emb, model.cap_pad_token.to(emb.dtype)])
-                    cap_h[which] = rows[lay[which]["cap_src"]]
+            for b in live:
+                with b.grad_ctx():
+                    emb = b.model.cap_embedder(torch.cat([c.to(x.device, dtype) for c in caps[b.name]]))
+                    rows = torch.cat([emb, b.model.cap_pad_token.to(emb.dtype)])
+                    cap_h[b.name] = rows[lay[b.name]["cap_src"]]
 
+        refiner = [f"noise_refiner.{i}" for i in range(len(ms.noise_refiner))]
         with self._nv("noise_refiner"):
-            n_ref = len(ms.noise_refiner)
-            share = self.refiner_shareable and n_img_pad == n_img and run_s and run_t
-            if share:
-                st = self._stream(img_embed(ms), lay["s"]["img"])
-                for i in range(n_ref):
-                    path = lambda m, i=i: m.noise_refiner[i]  # noqa: E731
-                    st.h = self._block(path, st, None, self._mods(path, adaln_list), True)[0]
-                img = {"s": st.h, "t": st.h.detach()}
+            if self.refiner_shareable and n_img_pad == n_img and S and T:
+                # one pass: the branches differ only by a common RoPE offset (exact up to rounding)
+                shared = Branch("s", ms, self.adapter_s, self._stream(img_embed(ms), lay["s"]["img"]))
+                self._run_blocks(refiner, shared, None, adaln)
+                img = {"s": shared.stream.h, "t": shared.stream.h.detach()}
             else:
-                sts = {}
-                for which, model, _ in branches:
-                    with no_grad(which):
-                        sts[which] = self._stream(img_embed(model), lay[which]["img"])
-                for i in range(n_ref):
-                    path = lambda m, i=i: m.noise_refiner[i]  # noqa: E731
-                    out_s, out_t = self._block(path, sts.get("s"), sts.get("t"), self._mods(path, adaln_list), True)
-                    for which, out in (("s", out_s), ("t", out_t)):
-                        if which in sts:
-                            sts[which].h = out
-                img = {w: st.h for w, st in sts.items()}
+                for b in live:
+                    with b.grad_ctx():
+                        b.stream = self._stream(img_embed(b.model), lay[b.name]["img"])
+                self._run_blocks(refiner, S, T, adaln)
+                img = {b.name: b.stream.h for b in live}
 
         with self._nv("context_refiner"):
-            cap_st = {w: self._stream(cap_h[w], lay[w]["cap"]) for w, _, _ in branches}
-            for i in range(len(ms.context_refiner)):
-                path = lambda m, i=i: m.context_refiner[i]  # noqa: E731
-                out_s, out_t = self._block(path, cap_st.get("s"), cap_st.get("t"), None, False)
-                for which, out in (("s", out_s), ("t", out_t)):
-                    if which in cap_st:
-                        cap_st[which].h = out
+            for b in live:
+                b.stream, b.mods = self._stream(cap_h[b.name], lay[b.name]["cap"]), None
+            self._run_blocks([f"context_refiner.{i}" for i in range(len(ms.context_refiner))], S, T, None)
 
-        uni = {}
-        for which, _, _ in branches:
-            with no_grad(which):
-                h = torch.cat([img[which], cap_st[which].h])[lay[which]["uni_src"]]
-            uni[which] = self._stream(h, lay[which]["uni"])
-
-        s_st, t_st = uni.get("s"), uni.get("t")
-        for i in range(len(ms.layers)):
-            with self._nv(f"layer{i}"):
-                path = lambda m, i=i: m.layers[i]  # noqa: E731
-                mods = self._mods(path, adaln_list)
-                if s_st is not None and i < self.checkpoint_layers and torch.is_grad_enabled():
-                    # the student under checkpointing (recomputed in backward); the teacher alone, no autograd
-                    def run(h, path=path, mods=mods):
-                        return self._block(path, Stream(h, s_st.cos, s_st.sin, s_st.cu, s_st.cu_list, s_st.seq),
-                                           None, mods, True)[0]
-
-                    new_s = checkpoint(run, s_st.h, use_reentrant=False)
-                    new_t = self._block(path, None, t_st, mods, True)[1] if t_st is not None else None
-                else:
-                    new_s, new_t = self._block(path, s_st, t_st, mods, True)
-                if s_st is not None:
-                    s_st.h = new_s
-                if t_st is not None:
-                    t_st.h = new_t
+        for b in live:
+            with b.grad_ctx():
+                h = torch.cat([img[b.name], b.stream.h])[lay[b.name]["uni_src"]]
+            b.stream = self._stream(h, lay[b.name]["uni"])
+        self._run_blocks([f"layers.{i}" for i in range(len(ms.layers))], S, T, adaln, self.checkpoint_layers)
 
         results = {}
         with self._nv("final"):
-            for which, model, _ in branches:
-                with no_grad(which):
-                    st = uni[which]
-                    fl = model.all_final_layer[self.key]
-                    scale = fl.adaLN_modulation(adaln[which])
+            for b in live:
+                with b.grad_ctx():
+                    st = b.stream
+                    fl = b.model.all_final_layer[self.key]
+                    scale = fl.adaLN_modulation(adaln[b.name])
                     y = self.ops.ln_mod(st.view3(st.h), st.mod(scale), 1e-6).view_as(st.h)
-                    out = fl.linear(y[lay[which]["out_rows"]]).view(B, 1, ht_, wt_, 1, 2, 2, C)
-                    results[which] = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
+                    out = fl.linear(y[lay[b.name]["out_rows"]]).view(B, 1, ht_, wt_, 1, 2, 2, C)
+                    results[b.name] = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
         return results.get("s"), results.get("t")
 
     def velocity_pair(self, x, sigma, ctx_s, ctx_t):
         """(v_student, v_teacher) in the (sigma, v) convention; v_teacher without autograd."""
-        feats = lambda ctxs: [c.features for c in ctxs] if ctxs is not None else None  # noqa: E731
-        t = 1.0 - sigma.float()
-        out_s, out_t = self.forward_pair(x, t, feats(ctx_s), feats(ctx_t), student=ctx_s is not None)
-        neg = lambda o: -o.float() if o is not None else None  # noqa: E731
-        return neg(out_s), neg(out_t)
+        from dopsd_fast.families import ZIMAGE
+
+        conv = ZIMAGE.convention
+        out_s, out_t = self.forward_pair(x, conv.model_time(sigma), _features(ctx_s), _features(ctx_t),
+                                         student=ctx_s is not None)
+        return (conv.velocity(out_s) if out_s is not None else None,
+                conv.velocity(out_t) if out_t is not None else None)
+
+
+def _features(ctxs):
+    return [c.features for c in ctxs] if ctxs is not None else None

@@ -1,0 +1,205 @@
+"""What the packed student/teacher models share (:class:`~dopsd_fast.models.zimage.FastZImage`,
+:class:`~dopsd_fast.models.flux2.FastFlux2`).
+
+A pair is two :class:`Branch` objects: the student (autograd) and the teacher (constants, computed
+without autograd), each a (module, LoRA adapter) with its packed token :class:`Stream` and its
+per-block modulation. The branches are either one module with two peft adapters (LoRA), one module
+with one adapter whose teacher weights come from a :class:`Shadow` (an EMA copy held by the caller,
+read in place), or two modules (full fine-tuning: the trainable model and its EMA copy).
+
+Every linear of a block is ONE base GEMM over both streams' rows with a per-branch LoRA delta
+(``ops.paired_linear``); element-wise work runs per branch through :meth:`PairedModel.both`.
+The entry point of every fast model is ``velocity_pair(x, sigma, ctx_s, ctx_t) -> (v_s, v_t)`` in
+this project's (sigma, v) convention (either context may be None: one branch alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dopsd_fast.fp8 import is_fp8_linear
+from dopsd_fast.models.ops import TorchOps
+from dopsd_fast.profiling import nvtx_range
+
+
+@dataclass(eq=False)
+class Shadow:
+    """The teacher's LoRA weights held outside the module (an EMA shadow copy): adapter ``name``'s
+    ``lora_A`` / ``lora_B`` parameters are read from ``tensors`` (keyed by the parameter object's id)
+    instead of the module. Built by :func:`dopsd_fast.backend.wrap` from a name -> tensor dict."""
+
+    name: str
+    tensors: dict = field(default_factory=dict)
+
+    def get(self, param):
+        return self.tensors.get(id(param), param)
+
+
+def adapter_name(adapter):
+    return adapter.name if isinstance(adapter, Shadow) else adapter
+
+
+def lora_of(mod, adapter):
+    """(weight, bias, (A, B, scale) or None) of a plain or peft-wrapped linear under ``adapter`` (a peft
+    adapter name, a :class:`Shadow`, or None for the bare base layer)."""
+    if hasattr(mod, "base_layer"):
+        if getattr(mod, "merged", False):
+            raise RuntimeError("fast path: LoRA weights are merged into the base layer; unmerge them first")
+        base = mod.base_layer
+        name = adapter_name(adapter)
+        if name is not None and name in mod.lora_A:
+            if getattr(mod, "use_dora", {}).get(name, False):
+                raise NotImplementedError("fast path: DoRA adapters are not supported")
+            a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
+            if isinstance(adapter, Shadow):
+                a, b = adapter.get(a), adapter.get(b)
+            return base.weight, base.bias, (a, b, float(mod.scaling[name]))
+        return base.weight, base.bias, None
+    return mod.weight, mod.bias, None
+
+
+def has_lora(module) -> bool:
+    return any(hasattr(m, "lora_A") for m in module.modules())
+
+
+@dataclass
+class Stream:
+    """One branch's packed tokens: h (T, dim), per-token cos/sin (T, head_dim/2), offsets."""
+
+    h: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu: torch.Tensor  # int32 (B + 1)
+    cu_list: list
+    seq: torch.Tensor  # (T,) sample index of each token
+
+    def mod(self, m):
+        """Per-sample modulation (B, D) -> what the norm kernels take for this stream's layout."""
+        return m if m.shape[0] == 1 else m[self.seq]
+
+    def view3(self, x):
+        B = len(self.cu_list) - 1
+        return x.view(1, -1, x.shape[-1]) if B == 1 else x.view(-1, 1, x.shape[-1])
+
+
+@dataclass(eq=False)
+class Branch:
+    """One side of the pair: ``name`` ``"s"`` (student, with autograd) or ``"t"`` (teacher, constants);
+    the module it reads and its adapter; its packed stream; the current block's submodule and
+    modulation; ``extra``: a family's per-branch data (text length, RoPE tables, ...)."""
+
+    name: str
+    model: torch.nn.Module
+    adapter: object = None
+    stream: Stream | None = None
+    mods: tuple | None = None
+    block: torch.nn.Module | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def student(self) -> bool:
+        return self.name == "s"
+
+    def grad_ctx(self):
+        """The teacher's work never enters the autograd graph."""
+        return contextlib.nullcontext() if self.student else torch.no_grad()
+
+    def at(self, path: str) -> "Branch":
+        """Point :attr:`block` at the submodule ``path`` of this branch's model (e.g. ``layers.3``)."""
+        self.block = self.model.get_submodule(path)
+        return self
+
+
+class PairedModel:
+    """The two branches, the ops, and how one linear runs for both streams (one base GEMM with
+    per-branch LoRA deltas; FP8 modules called as modules; two calls for two separate models)."""
+
+    def __init__(self, student, teacher, ops=None, nvtx: bool = False, fp8_ctx=None, fp8_teacher: bool = True,
+                 checkpoint_layers: int = 0):
+        self.ms, self.adapter_s = student
+        self.mt, self.adapter_t = teacher
+        self.ops = ops or TorchOps()
+        self.nvtx = nvtx
+        self.fp8_ctx = fp8_ctx or (lambda enabled=True: contextlib.nullcontext())
+        self.fp8_teacher = fp8_teacher
+        self.checkpoint_layers = int(checkpoint_layers)
+        self.same_model = self.ms is self.mt
+
+    def _nv(self, name):
+        return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
+
+    def branches(self, run_s: bool, run_t: bool) -> tuple[Branch | None, Branch | None]:
+        s = Branch("s", self.ms, self.adapter_s) if run_s else None
+        t = Branch("t", self.mt, self.adapter_t) if run_t else None
+        return s, t
+
+    @staticmethod
+    def both(fn, s: Branch | None, t: Branch | None, *pairs, **kw):
+        """``fn(branch, *values, **kw)`` for the student (with autograd) and the teacher (without);
+        each of ``pairs`` is (student value, teacher value). An absent branch gives None."""
+        out_s = fn(s, *[p[0] for p in pairs], **kw) if s is not None else None
+        if t is None:
+            return out_s, None
+        with torch.no_grad():
+            return out_s, fn(t, *[p[1] for p in pairs], **kw)
+
+    # ---- linears -----------------------------------------------------------------------------
+    @staticmethod
+    def _delta(x, lora):
+        a, b, s = lora
+        return s * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+
+    def _lin(self, mod, adapter, x):
+        base = getattr(mod, "base_layer", mod)
+        if is_fp8_linear(base):  # FP8 base GEMM by the converted module, LoRA delta in bf16
+            y = base(x)
+            lora = lora_of(mod, adapter)[2] if base is not mod else None
+            return y + self._delta(x, lora) if lora is not None else y
+        w, b, lora = lora_of(mod, adapter)
+        return self.ops.linear(x, w, b, lora)
+
+    def plin(self, name: str, x_s, x_t):
+        """The linear ``name`` (a submodule path, e.g. ``layers.3.attention.to_q``) of both branches;
+        either input may be None (one-branch run)."""
+        if x_t is None:
+            return self._lin(self.ms.get_submodule(name), self.adapter_s, x_s), None
+        mod_t = self.mt.get_submodule(name)
+        if x_s is None:
+            with torch.no_grad():
+                return None, self._lin(mod_t, self.adapter_t, x_t)
+        mod_s = mod_t if self.same_model else self.ms.get_submodule(name)
+        base = getattr(mod_s, "base_layer", mod_s)
+        if mod_s is mod_t and is_fp8_linear(base):
+            lo_s = lora_of(mod_s, self.adapter_s)[2] if base is not mod_s else None
+            lo_t = lora_of(mod_s, self.adapter_t)[2] if base is not mod_s else None
+            if self.fp8_teacher:  # one FP8 GEMM over both streams' rows
+                y = base(torch.cat([x_s, x_t.detach()]))
+                y_s, y_t = y[:x_s.shape[0]], y[x_s.shape[0]:].detach()
+            else:  # the teacher's rows in bf16 (TransformerEngine outside fp8_autocast)
+                y_s = base(x_s)
+                with torch.no_grad(), self.fp8_ctx(False):
+                    y_t = base(x_t)
+            if lo_s is not None:
+                y_s = y_s + self._delta(x_s, lo_s)
+            if lo_t is not None:
+                with torch.no_grad():
+                    y_t = y_t + self._delta(x_t, lo_t)
+            return y_s, y_t
+        if mod_s is mod_t:
+            w, b, lo_s = lora_of(mod_s, self.adapter_s)
+            _, _, lo_t = lora_of(mod_s, self.adapter_t)
+            return self.ops.paired_linear(x_s, x_t, w, b, lo_s, lo_t)
+        y_s = self._lin(mod_s, self.adapter_s, x_s)
+        with torch.no_grad():
+            y_t = self._lin(mod_t, self.adapter_t, x_t)
+        return y_s, y_t
+
+    # ---- the pair entry point ------------------------------------------------------------------
+    def velocity_pair(self, x, sigma, ctx_s, ctx_t):
+        """(v_student, v_teacher) in the (sigma, v) convention; v_teacher without autograd; a None
+        context runs that branch not at all (its velocity is None)."""
+        raise NotImplementedError
