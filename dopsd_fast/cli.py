@@ -9,7 +9,12 @@ from pathlib import Path
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    import os
+
+    rank = int(os.environ.get("RANK", 0))  # torchrun: rank 0 informs, the others warn only
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=("%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
+                                f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"),
                         datefmt="%H:%M:%S")
     for noisy in ("diffusers", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -85,6 +90,7 @@ def train_main(argv=None) -> int:
         return 130
     logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s", trainer.step,
                                          last.get("loss", float("nan")), trainer.out)
+    trainer.dist.close()
     return 0
 
 

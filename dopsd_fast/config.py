@@ -207,11 +207,17 @@ class TrainConfig:
     # running median warns.
     max_update_ratio: float = 1e6
     warn_factor: float = 10.0
+    # torchrun (data parallel): a collective that waits longer than this fails with a message naming the
+    # rank (another rank died or hangs); every N steps the ranks check their weights are identical (0: never)
+    dist_timeout_s: float = 1800.0
+    check_sync_every: int = 100
 
     def __post_init__(self):
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.max_update_ratio > 0, "train.max_update_ratio", "must be > 0")
         _check(self.warn_factor > 1, "train.warn_factor", "must be > 1")
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
+        _check(self.check_sync_every >= 0, "train.check_sync_every", "must be >= 0 (0 = never)")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = only at the end)")

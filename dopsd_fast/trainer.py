@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -27,15 +26,6 @@ from dopsd_fast.pair import build_pair
 from dopsd_fast.safety import Guard
 
 log = logging.getLogger("dopsd_fast")
-
-
-def _dist_info() -> tuple[int, int]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        raise NotImplementedError(
-            "multi-process (torchrun) training is not implemented yet: gradients would not be reduced. "
-            "The sampler, logging and checkpointing are rank-aware; DDP/FSDP2 wrapping is the missing piece.")
-    return rank, world
 
 
 def _seed_of(*parts: int) -> int:
@@ -57,8 +47,11 @@ class Trainer:
         from dopsd_fast.logging_utils import MetricsLogger
         from dopsd_fast.weights import StudentTeacher
 
+        from dopsd_fast.distributed import from_env
+
         self.cfg = cfg
-        self.rank, self.world = _dist_info()
+        self.dist = from_env(cfg.train.dist_timeout_s)  # torchrun: one process per GPU (dopsd_fast.distributed)
+        self.rank, self.world = self.dist.rank, self.dist.world
         self.out = Path(cfg.train.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.allow_config_change = allow_config_change
@@ -105,6 +98,8 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
                                           rank=self.rank, world_size=self.world)
+        self._stop_all = False
+        self._sigterm = None
         self._sigma_cache: dict = {}
         self.step = 0
         self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
@@ -149,14 +144,22 @@ class Trainer:
         return contextlib.nullcontext()
 
     def next_samples(self, step: int, micro: int):
+        """This rank's slice of the micro-batch's global batch; each sample's randomness (prompt variant,
+        augmentation) keyed by (seed, step, micro-batch, global sample index), not by rank."""
         idx = self.sampler.next_batch()
-        return [self.dataset.get(i, random.Random(_seed_of(self.cfg.train.seed, step, micro, i, 1))) for i in idx]
+        first = self.rank * self.cfg.data.batch_size
+        return [self.dataset.get(i, random.Random(_seed_of(self.cfg.train.seed, step, micro, first + j, i, 1)))
+                for j, i in enumerate(idx)]
 
     def noise_for(self, samples, step: int, micro: int) -> torch.Tensor:
+        """x_0 of each sample from (seed, step, micro-batch, global sample index): N ranks x batch b draw
+        the noise 1 rank x batch N b draws."""
         w, h = samples[0].record.bucket
-        shape = (len(samples), *self.adapter.latent_shape(h, w))
-        g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, self.rank, 2))
-        return torch.randn(shape, generator=g, dtype=torch.float32).to(self.device)
+        shape = self.adapter.latent_shape(h, w)
+        first = self.rank * self.cfg.data.batch_size
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(
+            _seed_of(self.cfg.train.seed, step, micro, first + j, 2)), dtype=torch.float32) for j in range(len(samples))]
+        return torch.stack(noise).to(self.device)
 
     def memory_shape(self):
         """The step's shape for the memory model (:mod:`dopsd_fast.memory`)."""
@@ -228,6 +231,14 @@ class Trainer:
             sl = [float(l) for l in res.state_losses]
             state_losses = sl if state_losses is None else [a + b for a, b in zip(state_losses, sl)]
         params = self.weights.trainable_parameters()
+        if self.dist.active:  # one gradient average per optimizer step; the metrics and the SIGTERM flag with it
+            with self._nv("all-reduce"):
+                self.dist.all_reduce_mean_([p.grad for p in params if p.grad is not None])
+            red = self.dist.mean(torch.tensor([total, *state_losses, float(self._sigterm.received if self._sigterm
+                                                                          else 0.0)], dtype=torch.float64))
+            total, state_losses = float(red[0]), [float(v) for v in red[1:-1]]
+            self._stop_all = float(red[-1]) > 0
+            n *= self.world
         if self.cfg.optim.grad_clip > 0:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
         else:
@@ -242,6 +253,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.weights.ema_update(self.cfg.dopsd.ema_decay)
         self.step += 1
+        if self.dist.active and self.cfg.train.check_sync_every and self.step % self.cfg.train.check_sync_every == 0:
+            drift = self.dist.check_in_sync(params + list(self.weights.named_teacher().values()))
+            if drift > 0:
+                raise RuntimeError(f"step {self.step}: the ranks' weights drifted apart (checksum difference {drift:.3g})")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -314,14 +329,18 @@ class Trainer:
             g["lr"] = o.lr * self.lr_sched.lr_lambdas[0](self.lr_sched.last_epoch)
         self.lr_sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
         self.sampler.load_state_dict(state["sampler"])
+        gb = state["sampler"].get("global_batch")
+        if gb is not None and gb != self.sampler.global_batch:
+            log.warning("resume: the global batch changes from %d to %d samples (data.batch_size x ranks): the data "
+                        "order from here differs from an uninterrupted run", gb, self.sampler.global_batch)
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.logger.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
-    def save(self) -> Path | None:
-        if self.rank != 0:
-            return None
+    def save(self) -> Path:
+        """A DCP checkpoint (every rank takes part: call it on all of them), then the LoRA exports
+        (rank 0)."""
         path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
         self.export_lora()
         return path
@@ -377,13 +396,21 @@ class Trainer:
                     self.validate()
                 if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
                     self.save()
-                if self._sigterm.received:
+                # SIGTERM on any rank stops every rank at the end of the same step (the flag rides on the
+                # step's metrics all-reduce), so the checkpoint below is written by all of them
+                if self._stop_all if self.dist.active else self._sigterm.received:
                     from dopsd_fast.safety import Terminated
 
                     raise Terminated(f"SIGTERM at step {self.step}")
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM (safety.Terminated)
+            from dopsd_fast.safety import Terminated
+
+            if self.dist.active and not isinstance(e, Terminated):  # the ranks are not in step: no collective save
+                log.warning("interrupted at step %d: no checkpoint (ranks not synchronised); resume from the last "
+                            "one with --resume latest", self.step)
+                raise
             log.warning("%s at step %d: writing a checkpoint (resume with --resume latest)",
-                        "terminated" if type(e).__name__ == "Terminated" else "interrupted", self.step)
+                        "terminated" if isinstance(e, Terminated) else "interrupted", self.step)
             self.save()
             raise
         finally:

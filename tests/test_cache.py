@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_close, tiny_config
+from tests.conftest import assert_close, compare_grads, tiny_config
 
 
 def _write_cache(tmp_path, *extra):
@@ -28,10 +28,15 @@ def test_cache_training_matches_on_the_fly_without_encoders(tmp_path):
     assert len(manifest["entries"]) == len(needed_entries(cached.dataset)) == 6 * 2 * 2
     assert len(list(cache.glob("shard-*.safetensors"))) == 5  # 24 entries, 5 per shard
     live = Trainer(tiny_config(tmp_path / "l"))
-    m_c, m_l = cached.train_step(), live.train_step()
-    assert_close(m_c["loss"], m_l["loss"], rtol=1e-6, name="loss")
-    for (n, a), (_, b) in zip(cached.weights.named_trainable().items(), live.weights.named_trainable().items()):
-        assert_close(a, b, atol=1e-7, rtol=1e-6, name=n)
+    # the same samples and noise through both: the loss and every gradient agree (compared before the
+    # optimizer: AdamW's first update amplifies differences of gradients near its eps to ~lr)
+    res, grads = {}, {}
+    for name, tr in (("cached", cached), ("live", live)):
+        samples = tr.next_samples(0, 0)
+        res[name] = tr.compute_rollout(samples, tr.noise_for(samples, 0, 0))
+        grads[name] = {n: p.grad.detach().clone() for n, p in tr.weights.named_trainable().items()}
+    assert_close(res["cached"].loss.detach(), res["live"].loss.detach(), rtol=1e-6, name="loss")
+    compare_grads(grads["cached"], grads["live"], 1e-6, 1e-5)
 
 
 def test_stale_cache_refused(tmp_path):

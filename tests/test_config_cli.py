@@ -64,7 +64,7 @@ def test_readme_main_command(tmp_path):
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-0000000.png", "step-0000002.png",
                                                                        "step-0000004.png"]
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert (out / "checkpoints" / "step-0000004" / "state.pt").is_file()
+    assert (out / "checkpoints" / "step-0000004" / ".metadata").is_file()  # a DCP checkpoint
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
     assert list((out / "tensorboard").iterdir())
     # resume picks up where it stopped

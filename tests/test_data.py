@@ -148,7 +148,13 @@ def test_sampler_resumable_and_rank_aware():
     s3 = BucketBatchSampler(buckets, 2, seed=3)
     s3.load_state_dict(s2.state_dict())
     assert [s3.next_batch() for _ in range(3)] == seq[4:]
+    # 2 ranks x batch 2 split the global batches of 1 rank x batch 4: rank r takes slice r of each
     r0 = BucketBatchSampler(buckets, 2, seed=3, rank=0, world_size=2).epoch_batches(0)
     r1 = BucketBatchSampler(buckets, 2, seed=3, rank=1, world_size=2).epoch_batches(0)
-    allb = BucketBatchSampler(buckets, 2, seed=3).epoch_batches(0)
-    assert r0 == allb[0::2] and r1 == allb[1::2]
+    allb = BucketBatchSampler(buckets, 4, seed=3).epoch_batches(0)
+    assert [a + b for a, b in zip(r0, r1)] == allb
+    # every global batch is full and one bucket: a bucket's last one is filled from its own samples
+    for g in allb:
+        assert len(g) == 4 and len({buckets[i] for i in g}) == 1
+    assert sorted(set(i for g in allb for i in g)) == list(range(9))
+    assert len(BucketBatchSampler(buckets, 4, seed=3, drop_last=True).epoch_batches(0)) == 2

@@ -69,7 +69,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
         tr.train()
     steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert steps[-1] == "step-0000002"
-    state = torch.load(tmp_path / "run" / "checkpoints" / steps[-1] / "state.pt", weights_only=False)
+    from dopsd_fast.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / steps[-1])
     assert all(torch.isfinite(v).all() for v in state["weights"]["student"].values())
 
 
@@ -128,7 +130,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, monkeypatch)
     monkeypatch.setattr(Trainer, "train_step", step_then_term)
     with pytest.raises(Terminated):
         tr.train()
-    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / "state.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000002" / ".metadata").is_file()
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
     monkeypatch.setattr(Trainer, "train_step", orig)
     tr = _trainer(tmp_path, "train.max_steps=5", resume="latest")
@@ -139,7 +141,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, monkeypatch)
 
 def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, caplog):
     _trainer(tmp_path, "train.checkpoint_every=1", "train.max_steps=3").train()
-    newest = tmp_path / "run" / "checkpoints" / "step-0000003" / "state.pt"
+    newest = tmp_path / "run" / "checkpoints" / "step-0000003" / "__0_0.distcp"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated by a crash
     with caplog.at_level(logging.INFO, logger="dopsd_fast"):
         tr = _trainer(tmp_path, "train.max_steps=4", resume="latest")

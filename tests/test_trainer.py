@@ -127,7 +127,7 @@ def test_checkpoints_kept_and_atomic(tmp_path):
     assert [s for s, _ in list_checkpoints(root)] == [3, 4]
     assert not list(root.glob(".*.tmp"))
     assert resolve_resume(root, "latest").name == "step-0000004"
-    (root / "step-0000009").mkdir()  # an incomplete directory (no state.pt) is never "latest"
+    (root / "step-0000009").mkdir()  # an incomplete directory (no .metadata) is never "latest"
     assert resolve_resume(root, "latest").name == "step-0000004"
     with pytest.raises(FileNotFoundError):
         resolve_resume(root, str(root / "step-0000009"))

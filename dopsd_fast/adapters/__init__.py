@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dopsd_fast.adapters.base import Context, ModelAdapter
@@ -22,6 +24,8 @@ def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
             raise ValueError(f"model.device: {cfg.device!r}, but this machine has no CUDA GPU; use auto or cpu")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"model.device: {cfg.device!r}, but only {torch.cuda.device_count()} GPU(s) are visible")
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

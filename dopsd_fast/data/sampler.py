@@ -6,11 +6,15 @@ import random
 
 
 class BucketBatchSampler:
-    """Batches of indices that share one bucket.
+    """Global batches of ``batch_size x world_size`` indices that share one bucket; rank ``r`` takes
+    the ``r``-th slice of ``batch_size``.
 
-    The order of epoch ``e`` is a pure function of ``(seed, e)``, so the position ``(epoch,
-    batch_index)`` is all a checkpoint needs to resume exactly. With ``world_size > 1`` each rank
-    takes every ``world_size``-th batch of the same global order (DDP/FSDP-ready).
+    The order of epoch ``e`` is a pure function of ``(seed, e, batch_size x world_size)``, so the
+    position ``(epoch, global batch index)`` is all a checkpoint needs to resume exactly, at any world
+    size with the same global batch (N ranks x b == M ranks x N b / M). A bucket's last global batch of
+    an epoch is filled up with the bucket's own first samples of that epoch (as
+    ``DistributedSampler`` pads), so every step sees exactly the global batch size, whatever the world
+    size; ``drop_last`` drops it instead.
     """
 
     def __init__(self, buckets_of: list, batch_size: int, seed: int = 0, rank: int = 0,
@@ -22,41 +26,55 @@ class BucketBatchSampler:
         self.world_size = world_size
         self.drop_last = drop_last
         self.epoch = 0
-        self.position = 0  # index of the next batch of this rank within the epoch
+        self.position = 0  # index of the next global batch within the epoch
         if not self.buckets_of:
             raise ValueError("the dataset is empty")
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         groups: dict = {}
         for i, b in enumerate(self.buckets_of):
             groups.setdefault(tuple(b), []).append(i)
+        n = self.global_batch
         batches = []
         for key in sorted(groups):
             idx = groups[key]
             rng.shuffle(idx)
-            for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s:s + self.batch_size]
-                if len(chunk) < self.batch_size and self.drop_last:
-                    continue
+            for s in range(0, len(idx), n):
+                chunk = idx[s:s + n]
+                if len(chunk) < n:
+                    if self.drop_last:
+                        continue
+                    chunk = chunk + [idx[j % len(idx)] for j in range(n - len(chunk))]
                 batches.append(chunk)
         rng.shuffle(batches)
-        return batches[self.rank::self.world_size]
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of epoch ``epoch`` (its slice of every global batch)."""
+        b, r = self.batch_size, self.rank
+        return [g[r * b:(r + 1) * b] for g in self.global_batches(epoch)]
 
     def next_batch(self) -> list[int]:
+        """This rank's slice of the next global batch."""
         while True:
-            batches = self.epoch_batches(self.epoch)
+            batches = self.global_batches(self.epoch)
             if self.position < len(batches):
-                b = batches[self.position]
+                g = batches[self.position]
                 self.position += 1
-                return b
+                return g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             if not batches:
-                raise ValueError("no batch for this rank: dataset smaller than world_size x batch_size")
+                raise ValueError(f"no full global batch of {self.global_batch} samples in any bucket "
+                                 "(drop_last with a dataset smaller than batch_size x world_size)")
             self.epoch += 1
             self.position = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])

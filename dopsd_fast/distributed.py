@@ -1,0 +1,133 @@
+"""Data-parallel training on torchrun (``torch.distributed``): one process per GPU, the frozen base
+replicated, the trainable tensors' gradients averaged once per optimizer step.
+
+Why not ``DistributedDataParallel``: DDP's reducer assumes one forward and one backward per
+iteration through the wrapped module's ``forward``. A D-OPSD micro-batch calls the model K times
+(and the fast path reads the parameters without calling ``forward`` at all), and the stepwise
+schedule runs K backwards per micro-batch. So the gradients of the trainable tensors (LoRA adapters:
+small) are averaged here with one bucketed ``all_reduce`` per optimizer step, after the last
+micro-batch: no reduction per micro-batch or per roll-out state, the same result DDP would give.
+
+Everything else follows from the randomness of a step being keyed by (seed, step, micro-batch,
+global sample index) and every rank applying the same averaged gradient: the weights, optimizer
+state and EMA teacher stay identical on every rank (checked by :meth:`Dist.check_in_sync`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("dopsd_fast")
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: another rank died or hangs."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    timeout_s: float = 1800.0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def _call(self, what: str, fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - gloo / NCCL raise several types; one message
+            raise DistributedError(
+                f"rank {self.rank}/{self.world}: the collective '{what}' failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); another rank died or hangs (timeout "
+                f"train.dist_timeout_s={self.timeout_s:g} s). With torchrun --max-restarts the run restarts "
+                f"from the last checkpoint (--resume latest)") from None
+
+    def all_reduce_mean_(self, tensors: list[torch.Tensor], what: str = "gradients") -> None:
+        """Average ``tensors`` over the ranks in place, one flat bucket per dtype and device."""
+        if not self.active or not tensors:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        groups: dict = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        for ts in groups.values():
+            flat = _flatten_dense_tensors(ts)
+            self._call(what, dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.world)
+            for t, v in zip(ts, _unflatten_dense_tensors(flat, ts)):
+                t.copy_(v)
+
+    def mean(self, values: torch.Tensor, what: str = "metrics") -> torch.Tensor:
+        """The mean over the ranks of a small tensor (a copy; world 1: unchanged)."""
+        if not self.active:
+            return values
+        import torch.distributed as dist
+
+        out = values.detach().clone()
+        self._call(what, dist.all_reduce, out, op=dist.ReduceOp.SUM)
+        return out / self.world
+
+    def barrier(self, what: str = "barrier") -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            self._call(what, dist.barrier)
+
+    @torch.no_grad()
+    def check_in_sync(self, tensors: list[torch.Tensor], what: str = "weights") -> float:
+        """Max over ranks of |rank's checksum - rank 0's| for ``tensors`` (0 when identical)."""
+        if not self.active:
+            return 0.0
+        import torch.distributed as dist
+
+        s = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
+        ref = s.clone()
+        self._call(what, dist.broadcast, ref, src=0)
+        diff = (s - ref).abs()
+        self._call(what, dist.all_reduce, diff, op=dist.ReduceOp.MAX)
+        return float(diff)
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def from_env(timeout_s: float = 1800.0) -> Dist:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) -> a process group (NCCL with CUDA, gloo
+    on the CPU); a plain process -> world 1, nothing initialised."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    d = Dist(rank, world, local, timeout_s)
+    if world == 1:
+        return d
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # the store under a prefix per torchrun attempt: after an elastic restart the rendezvous store can
+        # still hold the previous attempt's addresses, which a fast rank would otherwise read and dial
+        use_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ.get("MASTER_ADDR", "localhost"), int(os.environ.get("MASTER_PORT", 29500)),
+                              world, is_master=not use_agent and rank == 0, timeout=timeout,
+                              **({} if use_agent else {"multi_tenant": True}))
+        store = dist.PrefixStore(f"dopsd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    log.info("data parallel: rank %d of %d (local rank %d, backend %s)", rank, world, local, dist.get_backend())
+    return d

@@ -1,0 +1,49 @@
+"""A torchrun worker with one fault, on rank ``DOPSD_FAULT_RANK`` at optimizer step ``DOPSD_FAULT_STEP``
+of torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0); otherwise it is ``dopsd-train``.
+``DOPSD_FAULT_KIND``: ``exit`` (the process dies after the step, as a lost node would), ``nan`` (that
+rank's loss of the step is NaN), ``hang`` (the rank stops for 60 s before the step), ``drift`` (the rank's EMA teacher is nudged before
+the step: the in-sync check must catch it). Used by
+tests/test_distributed.py."""
+
+import os
+import sys
+import time
+
+import torch
+
+from dopsd_fast.trainer import Trainer
+
+_step, _rollout = Trainer.train_step, Trainer.compute_rollout
+KIND = os.environ.get("DOPSD_FAULT_KIND", "exit")
+
+
+def _here(self, step):
+    return (self.rank == int(os.environ["DOPSD_FAULT_RANK"]) and step == int(os.environ["DOPSD_FAULT_STEP"])
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
+
+
+def _faulty_step(self):
+    if KIND == "hang" and _here(self, self.step + 1):
+        time.sleep(60)
+    if KIND == "drift" and _here(self, self.step + 1):
+        with torch.no_grad():
+            next(iter(self.weights.named_teacher().values())).add_(1e-3)
+    m = _step(self)
+    if KIND == "exit" and _here(self, self.step):
+        os._exit(17)
+    return m
+
+
+def _faulty_rollout(self, *a, **kw):
+    res = _rollout(self, *a, **kw)
+    if KIND == "nan" and _here(self, self.step + 1):
+        res.loss = res.loss * float("nan")
+    return res
+
+
+Trainer.train_step, Trainer.compute_rollout = _faulty_step, _faulty_rollout
+
+if __name__ == "__main__":
+    from dopsd_fast.cli import train_main
+
+    sys.exit(train_main(sys.argv[1:]))
