@@ -122,7 +122,9 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path
     _barrier()
     tensors: list = []
     skeleton = _split(state, tensors)
-    flat = {f"t{i:05d}": t.cpu() for i, t in enumerate(tensors)}
+    from dopsd_fast.fsdp import is_dtensor
+
+    flat = {f"t{i:05d}": (t if is_dtensor(t) else t.cpu()) for i, t in enumerate(tensors)}  # DCP writes shards
     flat["__meta__"] = pickle.dumps(skeleton)
     from torch.distributed.checkpoint.api import CheckpointException
 

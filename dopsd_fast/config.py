@@ -298,6 +298,20 @@ class FastConfig:
 
 
 @dataclass(kw_only=True)
+class DistConfig:
+    """torchrun runs (``dopsd_fast.distributed``, ``dopsd_fast.fsdp``)."""
+
+    # FSDP2 (fully_shard per transformer block): auto = on for full fine-tuning with more than one rank
+    # (student, EMA teacher, gradients and AdamW state sharded), off for LoRA (the base replicated)
+    fsdp: str = "auto"  # auto | on | off
+    shard_base: bool = False  # LoRA: shard the frozen base (and the adapters) with FSDP2 too, for memory
+    reshard_after_forward: bool = True  # free each block's gathered weights after its forward (ZeRO-3)
+
+    def __post_init__(self):
+        _one_of(self.fsdp, ("auto", "on", "off"), "dist.fsdp")
+
+
+@dataclass(kw_only=True)
 class Config:
     method: str = "dopsd"  # dopsd | sft (the plain fine-tuning baseline: change this one line to compare)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -310,6 +324,7 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     fast: FastConfig = field(default_factory=FastConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
         from dopsd_fast.families import family

@@ -129,6 +129,10 @@ class FamilySpec:
         """(width, {block kind: count}) for :mod:`dopsd_fast.memory`."""
         raise NotImplementedError
 
+    def shard_units(self, transformer) -> list:
+        """The modules FSDP2 shards one by one (the repeated blocks), in forward order."""
+        raise NotImplementedError
+
     def checkpointable_layers(self, transformer_config) -> int:
         """The main layers ``fast.checkpoint`` counts (0: no gradient checkpointing on the fast path)."""
         return 0
@@ -251,6 +255,9 @@ class ZImageFamily(FamilySpec):
     def checkpointable_layers(self, c):
         return int(dict(c)["n_layers"])
 
+    def shard_units(self, tr):
+        return [*tr.noise_refiner, *tr.context_refiner, *tr.layers]
+
     def forward_flops(self, c, n_img, caps, rank=0, teacher=False):
         from dopsd_fast.memory import zimage_forward_flops
 
@@ -278,6 +285,9 @@ class KleinFamily(FamilySpec):
 
     def image_tokens(self, latent_hw):
         return latent_hw[0] * latent_hw[1]  # patch 1 on the 128-channel packed latents
+
+    def shard_units(self, tr):
+        return [*tr.transformer_blocks, *tr.single_transformer_blocks]
 
     def teacher_image_tokens(self, n_img):
         return 2 * n_img  # the editing teacher also sees the target image (a reference)

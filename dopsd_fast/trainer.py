@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dopsd_fast import fsdp
 from dopsd_fast.algorithm import euler_sample, rollout_loss_paired
 from dopsd_fast.checkpoint import (list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                    set_rng_state)
@@ -78,6 +79,8 @@ class Trainer:
             self.weights = StudentTeacher(self.adapter.transformer, cfg.lora, targets, self.adapter.dtype,
                                           ema_on_cpu=cfg.dopsd.ema_on_cpu,
                                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+        # FSDP2 (full fine-tuning with several ranks, or dist.shard_base): before the optimizer sees the parameters
+        self.sharded = fsdp.apply(cfg, self.spec, self.weights, self.device, self.adapter.dtype, self.world)
         from dopsd_fast.memory import memory_budget_bytes, resolve_backward
 
         self.mem_shape = self.memory_shape()
@@ -220,6 +223,8 @@ class Trainer:
         state_losses = None
         total, n = 0.0, 0
         for micro in range(accum):
+            if self.sharded:  # FSDP2 reduce-scatters with the last micro-batch's backward only
+                self.weights.transformer.set_requires_gradient_sync(micro == accum - 1)
             samples = self.next_samples(self.step, micro)
             noise = self.noise_for(samples, self.step, micro)
             if self.cfg.method == "sft":
@@ -232,28 +237,30 @@ class Trainer:
             state_losses = sl if state_losses is None else [a + b for a, b in zip(state_losses, sl)]
         params = self.weights.trainable_parameters()
         if self.dist.active:  # one gradient average per optimizer step; the metrics and the SIGTERM flag with it
-            with self._nv("all-reduce"):
-                self.dist.all_reduce_mean_([p.grad for p in params if p.grad is not None])
+            with self._nv("all-reduce"):  # (FSDP2's sharded gradients are reduce-scattered already)
+                self.dist.all_reduce_mean_([p.grad for p in params if p.grad is not None and not fsdp.is_dtensor(p.grad)])
             red = self.dist.mean(torch.tensor([total, *state_losses, float(self._sigterm.received if self._sigterm
                                                                           else 0.0)], dtype=torch.float64))
             total, state_losses = float(red[0]), [float(v) for v in red[1:-1]]
             self._stop_all = float(red[-1]) > 0
             n *= self.world
-        if self.cfg.optim.grad_clip > 0:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip))
-        else:
-            gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        # the global gradient norm (clip 0: measured, nothing clipped); DTensor shards reduce inside
+        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0
+                                            else float("inf"))
+        gnorm = float(fsdp.local(gn.full_tensor()) if fsdp.is_dtensor(gn) else gn)
         lr = self.lr_sched.get_last_lr()[0]
         self.guard.check_before_update(self.step + 1, total / accum, gnorm)
-        before = self.guard.snapshot(params) if self.cfg.lora.enabled else None  # LoRA: small; full FT: no copy
+        mine = [fsdp.local(p) for p in params]  # the guard reads this rank's shards (all of a replicated tensor)
+        before = self.guard.snapshot(mine) if self.cfg.lora.enabled else None  # LoRA: small; full FT: no copy
         with self._nv("optimizer"):
             self.optimizer.step()
-        update_ratio = self.guard.check_after_update(self.step + 1, params, before, gnorm)
+        update_ratio = self._guard_after_update(self.step + 1, [fsdp.local(p) for p in params], before, gnorm)
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.weights.ema_update(self.cfg.dopsd.ema_decay)
         self.step += 1
-        if self.dist.active and self.cfg.train.check_sync_every and self.step % self.cfg.train.check_sync_every == 0:
+        if (self.dist.active and not self.sharded and self.cfg.train.check_sync_every
+                and self.step % self.cfg.train.check_sync_every == 0):
             drift = self.dist.check_in_sync(params + list(self.weights.named_teacher().values()))
             if drift > 0:
                 raise RuntimeError(f"step {self.step}: the ranks' weights drifted apart (checksum difference {drift:.3g})")
@@ -267,6 +274,22 @@ class Trainer:
             metrics[f"loss_state/{k}"] = v / accum
         return metrics
 
+    def _guard_after_update(self, step, params, before, gnorm) -> float:
+        """The guard on this rank's weights; sharded, the ranks agree (any rank's failure stops all)."""
+        from dopsd_fast.safety import DivergenceError
+
+        err, ratio = None, float("nan")
+        try:
+            ratio = self.guard.check_after_update(step, params, before, gnorm)
+        except DivergenceError as e:
+            err = e
+        if self.sharded and float(self.dist.mean(torch.tensor([1.0 if err else 0.0]), "guard")) > 0 and err is None:
+            err = DivergenceError(f"step {step}: another rank's updated weights failed the divergence guard; stopping "
+                                  "before anything is written (the last checkpoint is the last good state)")
+        if err is not None:
+            raise err
+        return ratio
+
     # ---- validation --------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> Path | None:
@@ -274,7 +297,7 @@ class Trainer:
 
         vcfg = self.cfg.validation
         n = min(vcfg.num_samples, len(self.dataset))
-        if n == 0 or self.rank != 0:
+        if n == 0 or (self.rank != 0 and not self.sharded):  # sharded: every rank runs the forwards, rank 0 saves
             return None
         rows = []
         for i in range(n):
@@ -291,6 +314,8 @@ class Trainer:
                 xt = euler_sample(lambda x, sg: self.pair.velocity("teacher", x, sg, ctx_t), noise, sig)
             imgs = self.adapter.decode(torch.cat([xs, xt]))
             rows.append((s.prompt, [s.image, imgs[0].cpu(), imgs[1].cpu()]))
+        if self.rank != 0:
+            return None
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         save_grid(rows, ["target", "student", "teacher (EMA)"], path, title=f"step {self.step}")
         return path
@@ -320,7 +345,7 @@ class Trainer:
         for k, a, b in frozen + applied:
             log.info("resume: %s %r -> %r (applied)", k, a, b)
         self.weights.load_state_dict(state["weights"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._optimizer_state_for_here(state["optimizer"]))
         self.lr_sched.load_state_dict(state["lr_scheduler"])
         o = self.cfg.optim  # the current optimizer settings win over the checkpoint's
         self.lr_sched.base_lrs = [o.lr for _ in self.optimizer.param_groups]
@@ -338,6 +363,21 @@ class Trainer:
         self.logger.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _optimizer_state_for_here(self, osd: dict) -> dict:
+        """Full optimizer-state tensors of sharded parameters -> this rank's shard (as DTensors)."""
+        from dopsd_fast import fsdp
+
+        if not self.sharded:
+            return osd
+        params = self.weights.trainable_parameters()
+        for i, st in osd["state"].items():
+            p = params[int(i)]
+            if fsdp.is_dtensor(p):
+                for k, v in st.items():
+                    if torch.is_tensor(v) and not fsdp.is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
+                        st[k] = fsdp.as_dtensor(fsdp.full_to_local(v, p).clone(), p)
+        return osd
+
     def save(self) -> Path:
         """A DCP checkpoint (every rank takes part: call it on all of them), then the LoRA exports
         (rank 0)."""
@@ -346,14 +386,17 @@ class Trainer:
         return path
 
     def export_lora(self) -> None:
-        if not self.cfg.lora.enabled or self.rank != 0:
+        if not self.cfg.lora.enabled:
             return
         from dopsd_fast.export import write_comfyui_lora
         from dopsd_fast.safety import atomic_dir
 
         meta = self.weights.lora_metadata()
+        sds = {which: self.weights.lora_state_dict(which) for which in ("student", "teacher")}  # every rank (gathers)
+        if self.rank != 0:
+            return
         for which, name in (("student", "lora"), ("teacher", "lora_ema")):
-            sd = self.weights.lora_state_dict(which)
+            sd = sds[which]
             def write(d, sd=sd):
                 self.adapter.export_lora(sd, str(d), meta)
                 write_comfyui_lora(d, self.cfg.lora.alpha)  # the same LoRA at the trained strength in ComfyUI

@@ -27,6 +27,8 @@ class StudentTeacher:
                  ema_on_cpu: bool = False, gradient_checkpointing: bool = False):
         self.lora = bool(lora_cfg.enabled)
         self.transformer = transformer
+        self.ema_on_cpu = ema_on_cpu
+        self.sharded = False  # FSDP2 (dopsd_fast.fsdp): parameters are DTensor shards
         if self.lora:
             from peft import LoraConfig
 
@@ -90,14 +92,44 @@ class StudentTeacher:
         return dict(self._student)
 
     def named_teacher(self) -> dict:
-        return dict(self._teacher) if self.lora else dict(self._ema)
+        """The teacher's weights as saved: the EMA adapter (LoRA) or the fp32 EMA master (full fine-tuning;
+        under FSDP2 as DTensors over this rank's shards)."""
+        if self.lora:
+            return dict(self._teacher)
+        if self.sharded:
+            from dopsd_fast.fsdp import as_dtensor
+
+            return {n: as_dtensor(e, self._student[n]) for n, e in self._ema.items()}
+        return dict(self._ema)
+
+    def adopt_sharding(self) -> None:
+        """After FSDP2 replaced the parameters by sharded DTensors: read them again; the fp32 EMA master
+        (full fine-tuning) becomes this rank's shard of each tensor (the EMA update is then local)."""
+        from dopsd_fast.fsdp import local
+
+        params = dict(self.transformer.named_parameters())
+        if self.lora:
+            self._student = {n: params[n] for n in self._student}
+            self._teacher = {n: params[n] for n in self._teacher}
+        else:
+            self._student = params
+            tparams = dict(self.teacher_module.named_parameters())
+            self._teacher = {n: tparams[n] for n in self._student}
+            self._ema = {n: local(p).detach().float().to("cpu" if self.ema_on_cpu else local(p).device).clone()
+                         for n, p in self._student.items()}
+        for p in self._teacher.values():
+            p.requires_grad_(False)
+        self.sharded = True
 
     @torch.no_grad()
     def ema_update(self, decay: float) -> None:
+        from dopsd_fast.fsdp import local
+
+        students = [local(p) for p in self._student.values()]
         if self.lora:
-            ema_update_(self._teacher.values(), self._student.values(), decay)
+            ema_update_([local(p) for p in self._teacher.values()], students, decay)
         else:
-            ema_update_(self._ema.values(), self._student.values(), decay)
+            ema_update_(self._ema.values(), students, decay)
             if decay != 1.0:
                 self.sync_teacher()
 
@@ -105,26 +137,43 @@ class StudentTeacher:
     def sync_teacher(self) -> None:
         """Full fine-tuning: copy the fp32 EMA master into the teacher module the forward reads (after
         an EMA update, a load, or any direct write to ``named_teacher()``). LoRA: nothing to do."""
+        from dopsd_fast.fsdp import local
+
         if not self.lora:
             for n, t in self._teacher.items():
-                t.copy_(self._ema[n].to(t.device, t.dtype))
+                lt = local(t)
+                lt.copy_(self._ema[n].to(lt.device, lt.dtype))
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        from dopsd_fast.fsdp import is_dtensor
+
+        def keep(p):  # DTensor shards stay where they are (the checkpoint writer gathers nothing)
+            return p.detach().clone() if is_dtensor(p) else p.detach().cpu().clone()
+
         return {
-            "student": {n: p.detach().cpu().clone() for n, p in self._student.items()},
-            "teacher": {n: p.detach().cpu().clone() for n, p in self.named_teacher().items()},
+            "student": {n: keep(p) for n, p in self._student.items()},
+            "teacher": {n: keep(p) for n, p in self.named_teacher().items()},
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        """Full tensors (or a same-layout state) into the live weights; sharded weights take their shard."""
+        from dopsd_fast.fsdp import full_to_local, is_dtensor
+
         for which, target in (("student", self._student), ("teacher", self.named_teacher())):
             src = state[which]
             if set(src) != set(target):
                 raise ValueError(f"checkpoint {which} weights do not match this model "
                                  f"({len(set(src) ^ set(target))} names differ)")
             for n, p in target.items():
-                p.copy_(src[n].to(p.device, p.dtype))
+                s = src[n]
+                if is_dtensor(p) and not is_dtensor(s):
+                    piece = full_to_local(s, p)
+                    dst = self._ema[n] if which == "teacher" and not self.lora else p.to_local()
+                    dst.copy_(piece.to(dst.device, dst.dtype))
+                else:
+                    p.copy_(s.to(p.device, p.dtype))
         self.sync_teacher()
 
     def lora_state_dict(self, which: str = STUDENT) -> dict:
@@ -133,8 +182,11 @@ class StudentTeacher:
             raise ValueError("lora_state_dict: this run is full fine-tuning (lora.enabled=false)")
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().contiguous()
-                for k, v in get_peft_model_state_dict(self.transformer, adapter_name=which).items()}
+        from dopsd_fast.fsdp import is_dtensor
+
+        sd = get_peft_model_state_dict(self.transformer, adapter_name=which)
+        # sharded (dist.shard_base): gathered, a collective every rank takes part in
+        return {k: (v.full_tensor() if is_dtensor(v) else v).detach().cpu().contiguous() for k, v in sd.items()}
 
     def lora_metadata(self) -> dict:
         cfg = self.lora_config.to_dict()

@@ -8,6 +8,7 @@ a message."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,16 @@ def _run(out, nproc, batch, *extra, worker=None, restarts=0, env=None, timeout=2
                "--max-restarts", str(restarts)] if nproc > 1 or restarts else [sys.executable])
     cmd = launch + target + COMMON + ["--set", f"train.output_dir={out}", "--set", f"data.batch_size={batch}",
                                       *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    # a session of its own: on a timeout the launcher AND its workers are killed (no orphaned ranks)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out_, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out_, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd[:8])} ...\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, out_, err)
 
 
 def _lora(out):

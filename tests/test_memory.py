@@ -95,3 +95,18 @@ def test_constants_predict_the_fake_tensor_peak_at_other_sizes(preset, path, fam
     predicted = memory.peak_bytes(s, path, "stepwise")
     predicted = predicted["activations"] + predicted["transient"]  # the fake step's peak has no optimizer state yet
     assert -0.10 * measured <= predicted - measured <= 0.20 * measured, (predicted / 1e9, measured / 1e9)
+
+
+def test_readme_memory_table_is_the_scripts_output():
+    """The README's per-GPU memory table is what benchmarks/memory_table.py prints (model figures), and
+    it says what it is: full fine-tuning of 6 B does not fit one 80 GB GPU and fits under FSDP2 on 2+."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "benchmarks" / "memory_table.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    table = mt.table()
+    assert table in (ROOT / "README.md").read_text()
+    fits = {(name, g): total for name, g, fixed, act, _, _ in mt.rows() for total in [fixed + act]}
+    assert fits[("full fine-tuning", 1)] > 80e9 and fits[("full fine-tuning (FSDP2)", 2)] < 80e9
+    assert fits[("full fine-tuning (FSDP2)", 8)] < fits[("full fine-tuning (FSDP2)", 2)]

@@ -1,0 +1,84 @@
+"""FSDP2 on the CPU: torchrun, gloo, 2 processes, the tiny Z-Image in fp32.
+
+Full fine-tuning sharded (student, EMA teacher, gradients, AdamW state) on 2 ranks == 1 rank with the
+global batch, EMA included; a sharded checkpoint resumes at 1 rank to the uninterrupted result; the
+fast path under FSDP2 is refused with a message; a LoRA run with its base sharded (dist.shard_base)
+== the replicated run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_distributed import _lora, _rel, _run
+
+FULL = ["--set", "lora.enabled=false", "--set", "optim.lr=1e-4", "--set", "dopsd.ema_decay=0.5"]
+
+
+def _weights(out, step=4):
+    from dopsd_fast.checkpoint import load_checkpoint
+
+    st = load_checkpoint(Path(out) / "checkpoints" / f"step-{step:07d}")
+    return {w: torch.cat([st["weights"][w][k].flatten().double() for k in sorted(st["weights"][w])])
+            for w in ("student", "teacher")}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """Full fine-tuning on 2 ranks under FSDP2 (dist.fsdp auto), validation at steps 0, 2, 4 (every rank
+    runs its forwards; rank 0 writes the grid)."""
+    out = tmp_path_factory.mktemp("fsdp") / "g2"
+    r = _run(out, 2, 1, *FULL, "--set", "validation.every=2", "--set", "validation.at_start=true")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "FSDP2: student, EMA teacher, gradients and AdamW state sharded over 2 ranks" in r.stderr
+    return out
+
+
+def test_full_fine_tuning_sharded_equals_one_rank(sharded, tmp_path):
+    one = tmp_path / "g1"
+    r = _run(one, 1, 2, *FULL)
+    assert r.returncode == 0, r.stderr[-4000:]
+    l2 = [json.loads(l)["loss"] for l in (sharded / "metrics.jsonl").read_text().splitlines()]
+    l1 = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
+    assert len(l1) == len(l2) == 4 and all(a == pytest.approx(b, rel=1e-6) for a, b in zip(l2, l1))
+    w2, w1 = _weights(sharded), _weights(one)
+    assert _rel(w2["student"], w1["student"]) <= 1e-6
+    assert _rel(w2["teacher"], w1["teacher"]) <= 1e-6  # the sharded EMA master
+    assert _rel(w2["teacher"], w2["student"]) > 1e-4  # ... which is not the student (decay 0.5)
+    files = sorted(p.name for p in (sharded / "checkpoints" / "step-0000004").glob("*.distcp"))
+    sizes = [(sharded / "checkpoints" / "step-0000004" / f).stat().st_size for f in files]
+    assert len(files) == 2 and min(sizes) > 0.3 * max(sizes)  # each rank wrote its shards
+    assert sorted(p.name for p in (sharded / "samples").glob("*.png")) == ["step-0000000.png", "step-0000002.png",
+                                                                         "step-0000004.png"]
+
+
+def test_sharded_checkpoint_resumes_at_one_rank(sharded, tmp_path):
+    out = tmp_path / "res"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(sharded / "checkpoints" / "step-0000002", out / "checkpoints" / "step-0000002")
+    r = _run(out, 1, 2, *FULL, "--resume", "latest")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from" in r.stderr
+    w, ref = _weights(out), _weights(sharded)
+    assert _rel(w["student"], ref["student"]) <= 1e-6 and _rel(w["teacher"], ref["teacher"]) <= 1e-6
+
+
+def test_fast_path_under_fsdp2_is_refused(tmp_path):
+    r = _run(tmp_path / "f", 2, 1, *FULL, "--set", "fast.enabled=true")
+    assert r.returncode != 0
+    assert "error: config field 'fast.enabled': the fast path reads the parameters in place" in r.stderr
+    assert "not implemented under FSDP2 (dist.fsdp)" in r.stderr
+
+
+def test_lora_with_a_sharded_base_equals_the_replicated_run(tmp_path):
+    shard, rep = tmp_path / "sb", tmp_path / "rep"
+    logs = {}
+    for out, extra in ((shard, ["--set", "dist.shard_base=true"]), (rep, [])):
+        r = _run(out, 2, 1, *extra)
+        assert r.returncode == 0, r.stderr[-4000:]
+        logs[out] = r.stderr
+    assert "FSDP2: base and adapters sharded over 2 ranks" in logs[shard]
+    assert "FSDP2" not in logs[rep]
+    assert _rel(_lora(shard), _lora(rep)) <= 1e-6
