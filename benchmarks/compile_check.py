@@ -222,6 +222,11 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     with torch.no_grad():
         ops.rms_mod(view3(x_t), w, mod(Tt), 1e-5)
     y.sum().backward()
+    # full fine-tuning: the norm weight and the modulation train too (the kernels that write fp32 partials)
+    w_g, m_g = e(D, g=True), e(1 if B == 1 else Ts, D, g=True)
+    y = ops.rms_mod(view3(x_s), w_g, m_g, 1e-5)
+    y = ops.gated(view3(x_s), m_g, y) + ops.ln_mod(view3(x_s), m_g, 1e-6)
+    y.sum().backward()
     # paired LoRA linears: attention projections, FFN in and out
     for n_in, n_out in ((D, D), (D, F), (F, D)):
         xs, xt = e(Ts, n_in, g=True), e(Tt, n_in)

@@ -43,8 +43,8 @@ GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "a100-80": 80.0, "a
                  "4090": 24.0}
 # The fake-tensor model's predicted step time per floor FLOP at Z-Image-Turbo size (stepwise, no
 # checkpointing; GEMM 700 TFLOP/s, attention 350/280, 2.7 TB/s, 5 us per launch): eager 3.60 s and
-# fast 2.29 s for 867 TFLOP. An ESTIMATE for --dry-run, scaled by the config's floor FLOPs.
-SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 2.29 / 866.9}
+# fast 2.17 s for 867 TFLOP. An ESTIMATE for --dry-run, scaled by the config's floor FLOPs.
+SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 2.17 / 866.9}
 
 
 @dataclass

@@ -21,7 +21,8 @@ attention, so the result equals two separate calls on the concatenated key sets.
 computes the student branch only (the teacher's outputs are constants: no gradient reaches the
 teacher queries or the teacher's private keys; shared keys get the student's gradient).
 
-Forward: one launch. Backward: ``delta = rowsum(o * do)`` (one PyTorch reduction), a dK/dV kernel
+Forward: one launch. Backward: ``delta = rowsum(o * do)`` (one small kernel: o and dO read once in
+their own dtype, fp32 delta written in the (H, T) layout the others read), a dK/dV kernel
 (one program per key tile, over the shared and the private segment) and a dQ kernel (one program per
 query tile): no atomics, deterministic.
 """
@@ -195,6 +196,19 @@ def _dkdv_tile(Q, DO, LSE, DELTA, K, V, DK, DV, k_start, n0, k_len, q_start, q_l
 
 
 @triton.jit
+def _delta_kernel(O, DO, DELTA, Tq, H, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] in fp32 (o, do: (T, H, D) contiguous)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    m = (rows[:, None] < Tq) & (cols[None, :] < D)
+    off = rows[:, None] * (H * D) + h * D + cols[None, :]
+    o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + h * Tq + rows, tl.sum(o * do, axis=1), mask=rows < Tq)
+
+
+@triton.jit
 def _dkdv_kernel(Q, DO, LSE, DELTA, KA, VA, KB, VB, DKA, DVA, DKB, DVB, CU_Q, CU_A, CU_B, NBLK_A, Tq, H, D, scale,
                  scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
                  UPCAST: tl.constexpr):
@@ -294,8 +308,11 @@ def _fwd(q1, ka, va, kb, vb, cu_q1, cu_a, cu_b, max_q, scale, q2=None, kc=None, 
 
 def _bwd(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, scale):
     Tq, H, D = q.shape
-    do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).t().contiguous()  # (H, Tq)
+    do, o = do.contiguous(), o.contiguous()
+    delta = torch.empty((H, Tq), device=q.device, dtype=torch.float32)
+    if Tq and H:
+        BMD = 16 if interpreting() else 64
+        _delta_kernel[(triton.cdiv(Tq, BMD), H)](o, do, delta, Tq, H, D, BLOCK_M=BMD, BLOCK_D=max(16, next_pow2(D)))
     dq = torch.empty_like(q)
     dka, dva, dkb, dvb = (torch.zeros_like(t) for t in (ka, va, kb, vb))
     B = cu_q.numel() - 1
@@ -444,14 +461,12 @@ def _(q_s, q_t, k_sh, v_sh, k_s, v_s, k_t, v_t, cu_q_s, cu_q_t, cu_sh, cu_s, cu_
 @register_cost("dopsd_fast::attn_varlen_backward")
 def _(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, scale):
     pairs = attention_pairs(cu_q, cu_a, q.shape[0], ka.shape[0]) + attention_pairs(cu_q, cu_b, q.shape[0], kb.shape[0])
-    n = q.numel()
-    # delta = rowsum(o * do) in PyTorch fp32 (2 upcasts, a product, a sum, a transpose copy), dK/dV
-    # zero-filled, then the dK/dV kernel (S, P, dV, dP, dK: 4 products) and the dQ kernel (S, P, dP,
-    # dQ again: 3): 7 products against the forward's 2 -> 3.5x its FLOPs
-    delta_bytes = n * (2 + 4) * 2 + n * 12 + n * 4 + 8 * q.shape[0] * q.shape[1]
+    # delta = rowsum(o * do): one kernel reading o and dO once, writing fp32 (H, T); dK/dV zero-filled,
+    # then the dK/dV kernel (S, P, dV, dP, dK: 4 products) and the dQ kernel (S, P, dP, dQ again: 3):
+    # 7 products against the forward's 2 -> 3.5x its FLOPs
+    delta_bytes = nbytes(o, do) + 4 * q.shape[0] * q.shape[1]
     kernel_bytes = nbytes(q, do, ka, va, kb, vb) * 2 + 8 * q.shape[0] * q.shape[1]
-    return Cost(3.5 * _attn_flops(q, pairs), delta_bytes + nbytes(ka, va, kb, vb) + kernel_bytes, 11, "attn_bwd",
-                scratch=n * 12)
+    return Cost(3.5 * _attn_flops(q, pairs), delta_bytes + nbytes(ka, va, kb, vb) + kernel_bytes, 7, "attn_bwd")
 
 
 # ---- entry points ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, 
 
 @triton.jit
 def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr, PW_ptr, PS_ptr, S_len, D,
-                         LAYER: tl.constexpr, BLOCK_D: tl.constexpr):
+                         LAYER: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     b = row // S_len
     cols = tl.arange(0, BLOCK_D)
@@ -85,14 +85,16 @@ def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr
         c1 = tl.sum(gy * xhat, axis=0) / D
         c2 = tl.sum(gy, axis=0) / D
         dx = rstd * (gy - c2 - xhat * c1)
-        tl.store(PS_ptr + row * D + cols, dy * xhat, mask=m)  # d scale partial; d shift = sum dy
+        if PARTIALS:
+            tl.store(PS_ptr + row * D + cols, dy * xhat, mask=m)  # d scale partial; d shift = sum dy
     else:
         w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
         gy = dy * w * (1.0 + s)
         c1 = tl.sum(gy * xhat, axis=0) / D
         dx = rstd * (gy - xhat * c1)
-        tl.store(PW_ptr + row * D + cols, dy * xhat * (1.0 + s), mask=m)
-        tl.store(PS_ptr + row * D + cols, dy * xhat * w, mask=m)
+        if PARTIALS:
+            tl.store(PW_ptr + row * D + cols, dy * xhat * (1.0 + s), mask=m)
+            tl.store(PS_ptr + row * D + cols, dy * xhat * w, mask=m)
     tl.store(DX_ptr + row * D + cols, dx.to(DX_ptr.dtype.element_ty), mask=m)
 
 
@@ -118,13 +120,13 @@ def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, S_len, D, TANH: tl.constexpr, 
 
 
 @triton.jit
-def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, S_len, D, TANH: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, S_len, D, TANH: tl.constexpr, PARTIALS: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
     b = row // S_len
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     do = tl.load(DO_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
     g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
     if TANH:
         act = _tanh(g)
@@ -133,7 +135,9 @@ def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, S_len, D, TANH: tl.c
         act = g
         dact = tl.full([BLOCK_D], 1.0, tl.float32)
     tl.store(DY_ptr + row * D + cols, (do * act).to(DY_ptr.dtype.element_ty), mask=m)
-    tl.store(PG_ptr + row * D + cols, do * y * dact, mask=m)
+    if PARTIALS:  # the gate's gradient only where the gate trains (not under LoRA): y not even read
+        y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(PG_ptr + row * D + cols, do * y * dact, mask=m)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -154,15 +158,19 @@ def _norm_fwd(x, weight, scale, shift, eps, layer):
     return y, rstd, mean
 
 
-def _norm_bwd(dy, x, weight, scale, rstd, mean, layer):
+def _norm_bwd(dy, x, weight, scale, rstd, mean, layer, params: bool = True):
+    """``params``: also the weight / scale / shift gradients (False: dx alone, no partials written)."""
     dy, x = dy.contiguous(), x.contiguous()
     B, S, D, M = _rows(x)
     dx = torch.empty_like(x)
-    pw = torch.zeros((M, D), device=x.device, dtype=torch.float32) if not layer else dx.new_empty(0, dtype=torch.float32)
-    ps = torch.zeros((M, D), device=x.device, dtype=torch.float32)
+    # every row of a partial is written by the kernel: empty, not zero-filled
+    pw = x.new_empty((M, D), dtype=torch.float32) if params and not layer else dx.new_empty(0, dtype=torch.float32)
+    ps = x.new_empty((M, D), dtype=torch.float32) if params else dx.new_empty(0, dtype=torch.float32)
     if M:
         _norm_mod_bwd_kernel[(M,)](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps, S, D,
-                                   LAYER=layer, BLOCK_D=next_pow2(D))
+                                   LAYER=layer, PARTIALS=params, BLOCK_D=next_pow2(D))
+    if not params:
+        return dx, None, None, None
     dscale = ps.view(B, S, D).sum(1).to(scale.dtype)
     if layer:
         return dx, torch.zeros_like(weight), dscale, dy.float().sum(1).to(scale.dtype)
@@ -177,7 +185,7 @@ def _stats_ref(x, eps, layer):
     return rstd.reshape(-1), mean.reshape(-1)
 
 
-def _norm_bwd_ref(dy, x, weight, scale, rstd, mean, layer):
+def _norm_bwd_ref(dy, x, weight, scale, rstd, mean, layer, params: bool = True):
     B, S, D = x.shape
     xhat = (x.float() - mean.view(B, S, 1)) * rstd.view(B, S, 1)
     s1 = 1 + scale.float()[:, None, :]
@@ -185,9 +193,13 @@ def _norm_bwd_ref(dy, x, weight, scale, rstd, mean, layer):
     if layer:
         gy = dyf * s1
         dx = rstd.view(B, S, 1) * (gy - gy.mean(-1, keepdim=True) - xhat * (gy * xhat).mean(-1, keepdim=True))
+        if not params:
+            return dx.to(x.dtype), None, None, None
         return dx.to(x.dtype), torch.zeros_like(weight), (dyf * xhat).sum(1).to(scale.dtype), dyf.sum(1).to(scale.dtype)
     gy = dyf * weight.float() * s1
     dx = rstd.view(B, S, 1) * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))
+    if not params:
+        return dx.to(x.dtype), None, None, None
     return (dx.to(x.dtype), (dyf * xhat * s1).sum((0, 1)).to(weight.dtype),
             (dyf * xhat * weight.float()).sum(1).to(scale.dtype), None)
 
@@ -212,14 +224,20 @@ def _(x, weight, scale, shift, eps, layer):
 
 @torch.library.custom_op("dopsd_fast::norm_modulate_backward", mutates_args=())
 def norm_modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                              rstd: torch.Tensor, mean: torch.Tensor, layer: bool) -> list[torch.Tensor]:
+                              rstd: torch.Tensor, mean: torch.Tensor, layer: bool, params: bool) -> list[torch.Tensor]:
+    """``[dx]``, plus ``[d weight, d scale, d shift]`` when ``params`` (the norm weight or the modulation
+    trains); frozen (LoRA) nothing but dx is computed or written."""
     fn = _norm_bwd if use_triton(dy, x, weight, scale) else _norm_bwd_ref
-    dx, dw, ds, dt = fn(dy, x, weight, scale, rstd, mean, layer)
+    dx, dw, ds, dt = fn(dy, x, weight, scale, rstd, mean, layer, params)
+    if not params:
+        return [dx]
     return [dx, dw, ds, dt if dt is not None else torch.zeros_like(scale)]
 
 
 @norm_modulate_backward_op.register_fake
-def _(dy, x, weight, scale, rstd, mean, layer):
+def _(dy, x, weight, scale, rstd, mean, layer, params):
+    if not params:
+        return [torch.empty_like(x)]
     return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(scale), torch.empty_like(scale)]
 
 
@@ -231,7 +249,11 @@ def _norm_setup(ctx, inputs, output):
 
 def _norm_backward(ctx, dy, _drstd, _dmean):
     x, weight, scale, rstd, mean = ctx.saved_tensors
-    dx, dw, ds, dt = norm_modulate_backward_op(dy, x, weight, scale, rstd, mean, ctx.layer)
+    params = any(ctx.needs_input_grad[1:4])  # norm weight, scale, shift: frozen under LoRA
+    out = norm_modulate_backward_op(dy, x, weight, scale, rstd, mean, ctx.layer, params)
+    if not params:
+        return out[0], None, None, None, None, None
+    dx, dw, ds, dt = out
     return dx, (None if ctx.layer else dw), ds, (dt if ctx.layer else None), None, None
 
 
@@ -257,23 +279,27 @@ def _(x, gate, y, use_tanh):
 
 @torch.library.custom_op("dopsd_fast::gated_residual_backward", mutates_args=())
 def gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
-                               use_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                               use_tanh: bool, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dy, d gate); ``need_gate`` False (a frozen gate, LoRA): d gate is empty and nothing of it is
+    computed (y is not even read)."""
     B, S, D = y.shape
     if not use_triton(dout, gate, y):
         g = gate.float()[:, None, :]
         act, dact = (torch.tanh(g), 1 - torch.tanh(g) ** 2) if use_tanh else (g, torch.ones_like(g))
-        return (dout.float() * act).to(y.dtype), (dout.float() * y.float() * dact).sum(1).to(gate.dtype)
+        dg = (dout.float() * y.float() * dact).sum(1).to(gate.dtype) if need_gate else gate.new_empty(0)
+        return (dout.float() * act).to(y.dtype), dg
     dout, y = dout.contiguous(), y.contiguous()
     dy = torch.empty_like(y)
-    pg = torch.zeros((B * S, D), device=y.device, dtype=torch.float32)
+    pg = y.new_empty((B * S, D), dtype=torch.float32) if need_gate else y.new_empty(0, dtype=torch.float32)
     if B * S:
-        _gated_bwd_kernel[(B * S,)](dout, gate.contiguous(), y, dy, pg, S, D, TANH=use_tanh, BLOCK_D=next_pow2(D))
-    return dy, pg.view(B, S, D).sum(1).to(gate.dtype)
+        _gated_bwd_kernel[(B * S,)](dout, gate.contiguous(), y, dy, pg, S, D, TANH=use_tanh, PARTIALS=need_gate,
+                                    BLOCK_D=next_pow2(D))
+    return dy, (pg.view(B, S, D).sum(1).to(gate.dtype) if need_gate else gate.new_empty(0))
 
 
 @gated_residual_backward_op.register_fake
-def _(dout, gate, y, use_tanh):
-    return torch.empty_like(y), torch.empty_like(gate)
+def _(dout, gate, y, use_tanh, need_gate):
+    return torch.empty_like(y), (torch.empty_like(gate) if need_gate else gate.new_empty(0))
 
 
 def _gated_setup(ctx, inputs, output):
@@ -284,8 +310,9 @@ def _gated_setup(ctx, inputs, output):
 
 def _gated_backward(ctx, dout):
     gate, y = ctx.saved_tensors
-    dy, dg = gated_residual_backward_op(dout, gate, y, ctx.use_tanh)
-    return dout, dg, dy, None
+    need_gate = ctx.needs_input_grad[1]
+    dy, dg = gated_residual_backward_op(dout, gate, y, ctx.use_tanh, need_gate)
+    return dout, (dg if need_gate else None), dy, None
 
 
 gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -298,9 +325,11 @@ def _(x, weight, scale, shift, eps, layer):
 
 
 @register_cost("dopsd_fast::norm_modulate_backward")
-def _(dy, x, weight, scale, rstd, mean, layer):
-    part = 4 * x.numel() * (1 if layer else 2)  # fp32 per-row partials for the scale (and weight), zero-filled
-    return Cost(0, 3 * nbytes(x) + 3 * part + nbytes(rstd, mean), 6, scratch=part)
+def _(dy, x, weight, scale, rstd, mean, layer, params):
+    if not params:  # dx alone: read dy and x, write dx
+        return Cost(0, 3 * nbytes(x) + nbytes(rstd, mean), 1)
+    part = 4 * x.numel() * (1 if layer else 2)  # fp32 per-row partials for the scale (and weight): write + reduce
+    return Cost(0, 3 * nbytes(x) + 2 * part + nbytes(rstd, mean), 5, scratch=part)
 
 
 @register_cost("dopsd_fast::gated_residual")
@@ -309,9 +338,11 @@ def _(x, gate, y, use_tanh):
 
 
 @register_cost("dopsd_fast::gated_residual_backward")
-def _(dout, gate, y, use_tanh):
+def _(dout, gate, y, use_tanh, need_gate):
+    if not need_gate:  # read dout, write dy
+        return Cost(0, 2 * nbytes(y), 1)
     part = 4 * y.numel()
-    return Cost(0, 3 * nbytes(y) + 3 * part, 4, scratch=part)
+    return Cost(0, 3 * nbytes(y) + 2 * part, 3, scratch=part)
 
 
 # ---- entry points ----------------------------------------------------------------------------

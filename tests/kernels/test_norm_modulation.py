@@ -85,8 +85,54 @@ def test_opcheck_and_errors():
     for layer in (False, True):
         torch.library.opcheck(norm_modulate_op, (x.requires_grad_(), w, s.requires_grad_(), t, 1e-5, layer))
         y, rstd, mean = norm_modulate_op(x.detach(), w, s.detach(), t, 1e-5, layer)
-        torch.library.opcheck(norm_modulate_backward_op, (torch.randn_like(x), x.detach(), w, s.detach(), rstd, mean, layer))
+        for params in (True, False):
+            torch.library.opcheck(norm_modulate_backward_op, (torch.randn_like(x), x.detach(), w, s.detach(), rstd, mean,
+                                                              layer, params))
     torch.library.opcheck(gated_residual_op, (torch.randn(2, 3, 24), torch.randn(2, 24), torch.randn(2, 3, 24), True))
-    torch.library.opcheck(gated_residual_backward_op, (torch.randn(2, 3, 24), torch.randn(2, 24), torch.randn(2, 3, 24), False))
+    for need_gate in (True, False):
+        torch.library.opcheck(gated_residual_backward_op, (torch.randn(2, 3, 24), torch.randn(2, 24), torch.randn(2, 3, 24),
+                                                           False, need_gate))
     with pytest.raises(ValueError):
         gated_residual(torch.randn(2, 3, 24), torch.randn(3, 24), torch.randn(2, 3, 24))
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer", "gated"])
+def test_frozen_modulation_computes_dx_only(kind):
+    """Under LoRA the norm weight, scale, shift and gate are frozen: the backward computes dx (and the
+    gated residual's dy) alone, writes no fp32 partials, and dx is the reference's (interpreted Triton)."""
+    from dopsd_fast.kernels._common import COSTS
+    from dopsd_fast.kernels.norm_modulation import (gated_residual, gated_residual_backward_op, gated_residual_ref,
+                                                     layer_norm_modulate, layer_norm_modulate_ref,
+                                                     norm_modulate_backward_op, norm_modulate_op, rms_norm_modulate,
+                                                     rms_norm_modulate_ref)
+
+    B, S, D = 2, 5, 40
+    x, g = torch.randn(B, S, D), torch.randn(B, S, D)
+    if kind == "gated":
+        gate, y = torch.randn(B, D), torch.randn(B, S, D)
+        xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+        gated_residual(xs, gate, ys).backward(g)
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        gated_residual_ref(xr, gate, yr).backward(g)
+        assert_close(ys.grad, yr.grad, 1e-5, 1e-5, "dy", scaled=True)
+        dy, dg = gated_residual_backward_op(g, gate, y, True, False)
+        assert dg.numel() == 0
+        full = COSTS["dopsd_fast::gated_residual_backward"](g, gate, y, True, True)["bytes"]
+        assert COSTS["dopsd_fast::gated_residual_backward"](g, gate, y, True, False)["bytes"] < full / 2
+        return
+    w, s, t = 1 + 0.1 * torch.randn(D), 0.3 * torch.randn(B, D), 0.3 * torch.randn(B, D)
+    fn, ref = ((lambda x_: rms_norm_modulate(x_, w, s), lambda x_: rms_norm_modulate_ref(x_, w, s)) if kind == "rms"
+               else (lambda x_: layer_norm_modulate(x_, s, t), lambda x_: layer_norm_modulate_ref(x_, s, t)))
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fn(xs).backward(g)
+    ref(xr).backward(g)
+    assert_close(xs.grad, xr.grad, 1e-5, 1e-4, "dx", scaled=True)
+    layer = kind == "layer"
+    _, rstd, mean = norm_modulate_op(x, w if not layer else torch.ones(D), s, t if layer else torch.zeros_like(s),
+                                     1e-5, layer)
+    out = norm_modulate_backward_op(g, x, w, s, rstd, mean, layer, False)
+    assert len(out) == 1 and out[0].shape == x.shape
+    cost = COSTS["dopsd_fast::norm_modulate_backward"]
+    dx_only = 3 * x.numel() * x.element_size() + 2 * rstd.numel() * 4  # read dy and x, write dx; the row stats
+    assert cost(g, x, w, s, rstd, mean, layer, False)["bytes"] == dx_only
+    assert cost(g, x, w, s, rstd, mean, layer, True)["bytes"] >= dx_only + 2 * x.numel() * 4  # fp32 partials
