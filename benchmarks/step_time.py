@@ -65,6 +65,8 @@ def parse(argv=None):
     p.add_argument("--backward", default="stepwise", choices=["once", "stepwise"])
     p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--attention", default="auto", choices=["auto", "triton", "sdpa", "flash_attn"])
+    p.add_argument("--gemm", default="auto", choices=["auto", "cublas", "triton"],
+                   help="the paired LoRA linear's base GEMM (fast.gemm; auto = cublas)")
     p.add_argument("--checkpoint", default="auto", help="fast path: auto | none | all | N layers")
     p.add_argument("--eager-checkpointing", action="store_true",
                    help="eager reference with diffusers' gradient checkpointing (the authors' setting)")
@@ -190,6 +192,7 @@ class Bench:
         over = [f"model.family={self.spec.name}", f"model.preset={self.spec.presets[0]}",
                 f"dopsd.rollout={json.dumps(list(self.sigmas))}",
                 "fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
+                f"fast.gemm={self.args.gemm}",
                 f"fast.checkpoint={ck}", f"fast.graphs={str(graphs).lower()}", f"fast.fp8={fp8}",
                 f"dopsd.backward={self.args.backward}", f"lora.enabled={str(self.weights.lora).lower()}"]
         cfg = load_config(None, over)

@@ -260,6 +260,8 @@ class FastConfig:
     enabled: bool = False
     kernels: str = "auto"  # auto (Triton kernels on CUDA) | on | off (same structure, eager PyTorch ops)
     attention: str = "auto"  # auto (triton on CUDA, sdpa elsewhere) | triton | sdpa | flash_attn
+    # the paired LoRA linear's base GEMM: auto (= cublas until a GPU measurement says otherwise) | cublas | triton
+    gemm: str = "auto"
     checkpoint: Union[int, str] = "auto"  # auto (memory model) | none | all | N (first N main layers)
     memory_budget_gb: Optional[float] = None  # for checkpoint=auto; None = 85% of free GPU memory
     graphs: bool = False  # CUDA graphs: the no-grad teacher forward and validation roll-outs
@@ -275,6 +277,7 @@ class FastConfig:
     def __post_init__(self):
         _one_of(self.kernels, ("auto", "on", "off"), "fast.kernels")
         _one_of(self.attention, ("auto", "triton", "sdpa", "flash_attn"), "fast.attention")
+        _one_of(self.gemm, ("auto", "cublas", "triton"), "fast.gemm")
         _one_of(self.fp8, ("off", "te", "torchao"), "fast.fp8")
         if isinstance(self.checkpoint, str):
             _one_of(self.checkpoint, ("auto", "none", "all"), "fast.checkpoint")

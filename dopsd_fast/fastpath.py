@@ -59,7 +59,7 @@ class FastPath:
         self.nvtx = fc.nvtx
         tr = weights.transformer
         self.fp8_ctx = apply_fp8(tr, fc.fp8, fc.fp8_recipe)
-        ops = build_ops(fc.kernels, fc.attention, self.device, fc.compile_backend if fc.compile else None)
+        ops = build_ops(fc.kernels, fc.attention, self.device, fc.compile_backend if fc.compile else None, fc.gemm)
         if weights.lora:
             student, teacher = (tr, STUDENT), (tr, TEACHER)
         else:
@@ -85,8 +85,9 @@ class FastPath:
             modules = {id(student[0]): student[0], id(teacher[0]): teacher[0]}
             self._graph_params = lambda: [p for m in modules.values() for p in m.parameters()]
             self.graphs = {}
-        log.info("fast path (%s): ops=%s attention=%s fp8=%s graphs=%s checkpointed layers=%d", spec.title,
-                 type(ops).__name__, ops.attention, fc.fp8, fc.graphs, n_ckpt)
+        log.info("fast path (%s): ops=%s attention=%s gemm=%s fp8=%s graphs=%s checkpointed layers=%d", spec.title,
+                 type(ops).__name__, ops.attention, "cublas" if ops.lora_impl == "torch" else ops.lora_impl, fc.fp8,
+                 fc.graphs, n_ckpt)
 
     def _nv(self, name):
         return nvtx_range(name) if self.nvtx else contextlib.nullcontext()

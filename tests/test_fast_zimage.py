@@ -310,3 +310,17 @@ def test_fastpath_velocity_equals_the_adapters(tmp_path, family):
     assert_close(v_s, ref_s, 1e-5, 1e-4, "student velocity", scaled=True)
     assert_close(v_t, ref_t, 1e-5, 1e-4, "teacher velocity", scaled=True)
     assert (v_s - v_t).abs().max() > 1e-4, "student and teacher contexts must differ"
+
+
+def test_gemm_choice():
+    """fast.gemm: auto and cublas run the paired linear's base GEMM on cuBLAS (addmm), triton on ours;
+    an unknown value is refused naming the field."""
+    from dopsd_fast.config import ConfigError, load_config
+    from dopsd_fast.models.ops import build_ops
+
+    cpu = torch.device("cpu")
+    assert build_ops("on", "sdpa", cpu).lora_impl == "torch"
+    assert build_ops("on", "sdpa", cpu, gemm="cublas").lora_impl == "torch"
+    assert build_ops("on", "sdpa", cpu, gemm="triton").lora_impl == "triton"
+    with pytest.raises(ConfigError, match="fast.gemm"):
+        load_config(None, ["fast.gemm=cutlass"])

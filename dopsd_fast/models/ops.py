@@ -202,9 +202,18 @@ def compile_ops(ops: TorchOps, backend: str = "inductor") -> TorchOps:
     return ops
 
 
-def build_ops(kernels: str, attention: str, device: torch.device, compile_backend: str | None = None):
+GEMMS = ("auto", "cublas", "triton")
+
+
+def build_ops(kernels: str, attention: str, device: torch.device, compile_backend: str | None = None,
+              gemm: str = "auto"):
     """``kernels``: ``auto`` (fused on CUDA, eager elsewhere), ``on``, ``off``. With
-    ``compile_backend`` the eager ops are compiled instead of using our kernels."""
+    ``compile_backend`` the eager ops are compiled instead of using our kernels. ``gemm``: the paired
+    LoRA linear's base GEMM: ``cublas`` (``addmm`` with the LoRA delta accumulated into the same output)
+    or ``triton`` (ours, one kernel with the delta in its epilogue); ``auto`` = cublas until a GPU
+    measurement shows ours faster (benchmarks/kernels/bench_multi_lora.py)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"fast.gemm must be one of {GEMMS}, got {gemm!r}")
     if kernels not in ("auto", "on", "off"):
         raise ValueError(f"fast.kernels must be auto, on or off, got {kernels!r}")
     if compile_backend:
@@ -216,7 +225,7 @@ def build_ops(kernels: str, attention: str, device: torch.device, compile_backen
     use = kernels == "on" or (kernels == "auto" and device.type == "cuda")
     attn = resolve_attention(attention, device)
     if use:
-        return FusedOps(attention=attn)
+        return FusedOps(attention=attn, lora_impl="triton" if gemm == "triton" else "torch")
     if attn == "triton" and kernels == "off":
         attn = "sdpa"
     return TorchOps(attention=attn)
