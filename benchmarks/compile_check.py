@@ -211,29 +211,31 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     B = len(ls)
     ops = FusedOps(attention="triton", lora_impl="triton")
     e = lambda *s, g=False: torch.empty(*s, dtype=dtype, requires_grad=g)  # noqa: E731
-    view3 = lambda x: x.view(1, -1, x.shape[-1]) if B == 1 else x.view(-1, 1, x.shape[-1])  # noqa: E731
-    mod = lambda T: e(1 if B == 1 else T, D)  # noqa: E731  per-sample modulation, per token when ragged
+    rows = lambda x: x.view(1, -1, x.shape[-1])  # noqa: E731
+    # per-sample modulation; several samples: read per row through the sample index (seq)
+    seq_s = torch.repeat_interleave(torch.arange(B), torch.tensor(ls)) if B > 1 else None
+    seq_t = torch.repeat_interleave(torch.arange(B), torch.tensor(lt)) if B > 1 else None
     x_s, x_t = e(Ts, D, g=True), e(Tt, D)
     w = e(D)
     # norm + modulation (RMS and LayerNorm), gated residual
-    y = ops.rms_mod(view3(x_s), w, mod(Ts), 1e-5)
-    y = ops.gated(view3(x_s), mod(Ts), y)
-    y = y + ops.ln_mod(view3(x_s), mod(Ts), 1e-6)
+    y = ops.rms_mod(rows(x_s), w, e(B, D), 1e-5, seq=seq_s)
+    y = ops.gated(rows(x_s), e(B, D), y, seq=seq_s)
+    y = y + ops.ln_mod(rows(x_s), e(B, D), 1e-6, seq=seq_s)
     with torch.no_grad():
-        ops.rms_mod(view3(x_t), w, mod(Tt), 1e-5)
+        ops.rms_mod(rows(x_t), w, e(B, D), 1e-5, seq=seq_t)
     y.sum().backward()
     # full fine-tuning: the norm weight and the modulation train too (the kernels that write fp32 partials)
-    w_g, m_g = e(D, g=True), e(1 if B == 1 else Ts, D, g=True)
-    y = ops.rms_mod(view3(x_s), w_g, m_g, 1e-5)
-    y = ops.gated(view3(x_s), m_g, y) + ops.ln_mod(view3(x_s), m_g, 1e-6)
+    w_g, m_g = e(D, g=True), e(B, D, g=True)
+    y = ops.rms_mod(rows(x_s), w_g, m_g, 1e-5, seq=seq_s)
+    y = ops.gated(rows(x_s), m_g, y, seq=seq_s) + ops.ln_mod(rows(x_s), m_g, 1e-6, seq=seq_s)
     y.sum().backward()
-    # paired LoRA linears: attention projections, FFN in and out
-    for n_in, n_out in ((D, D), (D, F), (F, D)):
+    # paired LoRA linears: q/k/v as one group (the student's dx accumulated in place), FFN in and out
+    for n_in, n_outs in ((D, (D, D, D)), (D, (F,)), (F, (D,))):
         xs, xt = e(Ts, n_in, g=True), e(Tt, n_in)
-        lo_s = (e(RANK, n_in, g=True), e(n_out, RANK, g=True), 2.0)
-        lo_t = (e(RANK, n_in), e(n_out, RANK), 2.0)
-        ys, yt = ops.paired_linear(xs, xt, e(n_out, n_in), None, lo_s, lo_t)
-        ys.sum().backward()
+        lo_s = [(e(RANK, n_in, g=True), e(n, RANK, g=True), 2.0) for n in n_outs]
+        lo_t = [(e(RANK, n_in), e(n, RANK), 2.0) for n in n_outs]
+        outs = ops.paired_linears(xs, xt, [e(n, n_in) for n in n_outs], [None] * len(n_outs), lo_s, lo_t)
+        sum(ys.sum() for ys, _ in outs).backward()
     # SwiGLU
     a, b = e(Ts, F, g=True), e(Ts, F, g=True)
     ops.swiglu(a, b).sum().backward()

@@ -53,6 +53,10 @@ _FREE = {"aten::detach", "aten::alias", "aten::lift_fresh", "aten::_to_copy_meta
          "aten::reshape", "aten::_reshape_alias"}
 
 
+_FACTORIES = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+              "scalar_tensor", "arange", "randn", "rand", "randn_like", "rand_like"}
+
+
 def _tensors(x):
     if isinstance(x, torch.Tensor):
         yield x
@@ -140,7 +144,9 @@ class StepCounter(TorchDispatchMode):
         else:
             scratch = 0
             launches = 1
-            byts = _bytes(_tensors((args, kwargs))) + _bytes(_tensors(out))
+            # a factory (zeros, ones, full, *_like) reads nothing: only its output counts
+            factory = name.split("::")[-1].split(".")[0] in _FACTORIES
+            byts = (0 if factory else _bytes(_tensors((args, kwargs)))) + _bytes(_tensors(out))
             sd = _sdpa_flops(name, args, out)
             if sd is not None:
                 flops, kind = sd
@@ -268,7 +274,7 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             "peak_live_gb": counter.peak / 1e9, "peak_region": counter.peak_region,
             "weights_gb": bench.weights_gb, "regions": {k: dict(v) for k, v in regions.items()},
             "kinds": {k: dict(v) for k, v in kinds.items()},
-            "top_ops": sorted(({"op": n, **v} for n, v in counter.ops.items()), key=lambda r: -r["time_s"])[:12],
+            "top_ops": sorted(({"op": n, **v} for n, v in counter.ops.items()), key=lambda r: -r["time_s"])[:60],
             "model_seconds": time.time() - t0, "rates": rates}
 
 

@@ -314,13 +314,15 @@ def _bwd(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, s
         BMD = 16 if interpreting() else 64
         _delta_kernel[(triton.cdiv(Tq, BMD), H)](o, do, delta, Tq, H, D, BLOCK_M=BMD, BLOCK_D=max(16, next_pow2(D)))
     dq = torch.empty_like(q)
-    dka, dva, dkb, dvb = (torch.zeros_like(t) for t in (ka, va, kb, vb))
+    # the dK/dV kernel writes every key row its offsets cover (zeros where no query attends), and the
+    # offsets cover every row (checked by the entry points): empty, not zero-filled
+    dka, dva, dkb, dvb = (torch.empty_like(t) for t in (ka, va, kb, vb))
     B = cu_q.numel() - 1
     BM, BN, warps, stages = _cfg(D, backward=True)
     flags = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=max(16, next_pow2(D)), num_warps=warps, num_stages=stages,
                  **dot_flags(q.dtype))
     if B == 0 or H == 0 or max_q == 0:
-        return dq.zero_(), dka, dva, dkb, dvb
+        return dq.zero_(), dka.zero_(), dva.zero_(), dkb.zero_(), dvb.zero_()
     nblk_a, nblk_b = triton.cdiv(max_a, BN), triton.cdiv(max_b, BN)
     if nblk_a + nblk_b:
         _dkdv_kernel[(nblk_a + nblk_b, B * H)](q, do, lse, delta, ka, va, kb, vb, dka, dva, dkb, dvb, cu_q, cu_a,
@@ -382,9 +384,13 @@ def _single_setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
     ctx.args = (max_q, max_k, scale)
     ctx.save_for_backward(q, k, v, cu_q, cu_k, output[0], output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _single_backward(ctx, do, _dlse):
+    if do is None:
+        return (None,) * 8
     q, k, v, cu_q, cu_k, o, lse = ctx.saved_tensors
     max_q, max_k, scale = ctx.args
     e = _empty_like_kv(k)
@@ -422,14 +428,15 @@ def _dual_setup(ctx, inputs, output):
     q_s, q_t, k_sh, v_sh, k_s, v_s, k_t, v_t, cu_q_s, cu_q_t, cu_sh, cu_s, cu_t, max_q, max_sh, max_s, max_t, scale = inputs
     ctx.args = (max_q, max_sh, max_s, scale)
     ctx.save_for_backward(q_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh, cu_s, output[0], output[1])
-    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher's output and the lse
 
 
 def _dual_backward(ctx, do_s, _dl_s, _do_t, _dl_t):
     q_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh, cu_s, o_s, lse_s = ctx.saved_tensors
     max_q, max_sh, max_s, scale = ctx.args
     if do_s is None:
-        do_s = torch.zeros_like(o_s)
+        return (None,) * 18
     dq, dksh, dvsh, dks, dvs = attn_varlen_backward_op(do_s, q_s, o_s, lse_s, k_sh, v_sh, k_s, v_s, cu_q_s, cu_sh,
                                                        cu_s, max_q, max_sh, max_s, scale)
     return (dq, None, dksh, dvsh, dks, dvs) + (None,) * 12
@@ -461,12 +468,11 @@ def _(q_s, q_t, k_sh, v_sh, k_s, v_s, k_t, v_t, cu_q_s, cu_q_t, cu_sh, cu_s, cu_
 @register_cost("dopsd_fast::attn_varlen_backward")
 def _(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, scale):
     pairs = attention_pairs(cu_q, cu_a, q.shape[0], ka.shape[0]) + attention_pairs(cu_q, cu_b, q.shape[0], kb.shape[0])
-    # delta = rowsum(o * do): one kernel reading o and dO once, writing fp32 (H, T); dK/dV zero-filled,
-    # then the dK/dV kernel (S, P, dV, dP, dK: 4 products) and the dQ kernel (S, P, dP, dQ again: 3):
+    # delta = rowsum(o * do): one kernel reading o and dO once, writing fp32 (H, T); then the dK/dV kernel (S, P, dV, dP, dK: 4 products) and the dQ kernel (S, P, dP, dQ again: 3):
     # 7 products against the forward's 2 -> 3.5x its FLOPs
     delta_bytes = nbytes(o, do) + 4 * q.shape[0] * q.shape[1]
     kernel_bytes = nbytes(q, do, ka, va, kb, vb) * 2 + 8 * q.shape[0] * q.shape[1]
-    return Cost(3.5 * _attn_flops(q, pairs), delta_bytes + nbytes(ka, va, kb, vb) + kernel_bytes, 7, "attn_bwd")
+    return Cost(3.5 * _attn_flops(q, pairs), delta_bytes + kernel_bytes, 3, "attn_bwd")
 
 
 # ---- entry points ----------------------------------------------------------------------------
@@ -493,7 +499,8 @@ def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float 
                       max_seqlen_q: int | None = None, max_seqlen_k: int | None = None):
     """Packed variable-length attention -> ``(o (Tq, H, D), lse (H, Tq) fp32)``; differentiable in q, k, v.
 
-    With ``max_seqlen_q``/``max_seqlen_k`` given (int32 contiguous offsets assumed valid), the offsets
+    With ``max_seqlen_q``/``max_seqlen_k`` given (int32 contiguous offsets assumed valid: from 0 to the
+    row count, non-decreasing; the backward writes only the rows they cover), the offsets
     are not read back to the host: no device sync, capturable in a CUDA graph."""
     _check_qkv(("q", q), ("k", k), ("v", v))
     if k.shape[0] != v.shape[0]:

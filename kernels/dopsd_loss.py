@@ -77,9 +77,13 @@ def _(v_s, v_t, sigma, x0):
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, g_grad):
+    if g_loss is None:
+        return None, None, None, None
     (grad,) = ctx.saved_tensors
     return (g_loss * grad).to(grad.dtype), None, None, None
 

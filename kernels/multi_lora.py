@@ -18,8 +18,10 @@ column tile of ``y`` (2r/BLOCK_N extra work). Backward (base weight frozen; teac
 * ``du = mask_scale(dy Bc^T)``, ``dx = dy W + du Ac`` (the same two kernels, transposed strides)
 * ``dA_s = du[:n, :r]^T x[:n]``, ``dB_s = dy[:n]^T u[:n, :r]`` (student adapter only)
 
-One generic strided Triton GEMM serves all six products. ``impl="torch"`` runs the same stacked
-algorithm on cuBLAS (``mm`` + ``addmm``): the benchmark compares both with two separate LoRA layers.
+One generic strided Triton GEMM (grouped tile order, an optional accumulate into its output) serves
+all six products. ``impl="torch"`` runs the same stacked algorithm on cuBLAS (``mm`` + ``addmm``): the
+benchmark compares both with two separate LoRA layers. The double forward itself uses the PAIRED form
+at the end of this file (branches in their own tensors, never concatenated).
 """
 
 from __future__ import annotations
@@ -50,12 +52,21 @@ def multi_lora_linear_ref(x, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t,
 @triton.jit
 def _gemm_kernel(A_ptr, B_ptr, A2_ptr, B2_ptr, BIAS_ptr, C_ptr, M, N, K, K2, n_split, rank, scale_s, scale_t,
                  sam, sak, sbk, sbn, sa2m, sa2k, sb2k, sb2n, scm, scn,
-                 HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, BRANCH_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C = A @ B (+ A2 @ B2) (+ bias), optionally masked/scaled by branch: column c of the 2r
-    low-rank columns belongs to adapter c // rank, row r to adapter (r >= n_split)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                 HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, BRANCH_MASK: tl.constexpr, ACCUM: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """C = A @ B (+ A2 @ B2) (+ bias) (+ C with ACCUM), optionally masked/scaled by branch: column c of
+    the 2r low-rank columns belongs to adapter c // rank, row r to adapter (r >= n_split). Tiles in
+    grouped order: GROUP_M row tiles sweep the column tiles together, so a wave reuses its A rows and
+    B columns from L2 instead of streaming all rows for a couple of weight tiles."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -80,8 +91,11 @@ def _gemm_kernel(A_ptr, B_ptr, A2_ptr, B2_ptr, BIAS_ptr, C_ptr, M, N, K, K2, n_s
         col_t = rn >= rank
         col_scale = tl.where(col_t, scale_t, scale_s)
         acc = tl.where(row_t[:, None] == col_t[None, :], acc * col_scale[None, :], 0.0)
-    tl.store(C_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    c_ptrs = C_ptr + rm[:, None] * scm + rn[None, :] * scn
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUM:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(C_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -91,23 +105,24 @@ def _blocks(M, N, K):
     return 128, 128, 64 if K >= 64 else max(16, next_pow2(K)), 8, 3
 
 
-def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None):
-    """``a (M, K) @ b (K, N) [+ a2 @ b2] [+ bias]`` with any strides; ``branch=(n_split, rank, s_s, s_t)``."""
+def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None, acc=None):
+    """``a (M, K) @ b (K, N) [+ a2 @ b2] [+ bias]`` with any strides; ``branch=(n_split, rank, s_s, s_t)``;
+    ``acc``: an (M, N) tensor the product is added to, in place (returned)."""
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype) if acc is None else acc
     if M == 0 or N == 0:
         return c
     BM, BN, BK, warps, stages = _blocks(M, N, max(K, a2.shape[1] if a2 is not None else 0))
     n_split, rank, s_s, s_t = branch if branch is not None else (0, 1, 1.0, 1.0)
     a2_, b2_ = (a2, b2) if a2 is not None else (a, b)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     _gemm_kernel[grid](a, b, a2_, b2_, bias if bias is not None else c, c, M, N, K, a2_.shape[1], n_split, rank,
                        float(s_s), float(s_t), a.stride(0), a.stride(1), b.stride(0), b.stride(1), a2_.stride(0),
                        a2_.stride(1), b2_.stride(0), b2_.stride(1), c.stride(0), c.stride(1),
                        HAS_SECOND=a2 is not None, HAS_BIAS=bias is not None, BRANCH_MASK=branch is not None,
-                       **dot_flags(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
-                       num_stages=stages)
+                       ACCUM=acc is not None, **dot_flags(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=8,
+                       num_warps=warps, num_stages=stages)
     return c
 
 
@@ -217,17 +232,6 @@ def _(dy, x, weight, u, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, impl):
     return Cost(flops, byts, 6, "gemm")
 
 
-@register_cost("dopsd_fast::paired_lora_linear")
-def _(x_s, x_t, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, impl):
-    M, K, N, r2 = x_s.shape[0] + x_t.shape[0], x_s.shape[1], weight.shape[0], 2 * a_s.shape[0]
-    c = _fwd_cost(M, K, N, r2, weight, bias)
-    e = x_s.element_size()
-    copies = 2 * M * K * e + 2 * M * N * e + 2 * x_s.shape[0] * r2 * e  # cat of the rows; clones of y, u
-    c["bytes"] += 2 * M * K * e + copies
-    c["launches"] += 4
-    return c
-
-
 # ---- entry point -----------------------------------------------------------------------------
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, student: tuple,
                       teacher: tuple, n_split: int, impl: str = "triton") -> torch.Tensor:
@@ -262,54 +266,189 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y.reshape(*x.shape[:-1], N)
 
 
-# ---- paired form: student and teacher rows as two tensors ----------------------------------------
-@torch.library.custom_op("dopsd_fast::paired_lora_linear", mutates_args=())
-def paired_lora_linear_op(x_s: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          a_s: torch.Tensor, b_s: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scale_s: float,
-                          scale_t: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (y_s, y_t, u_s): one launch pair over ``[x_s; x_t]``; u_s kept for the student backward."""
-    tri = impl == "triton" and use_triton(x_s, weight, a_s, b_s, a_t, b_t)
-    n = x_s.shape[0]
-    y, u = _fwd(torch.cat([x_s, x_t]), weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, n, tri)
-    return y[:n].clone(), y[n:].clone(), u[:n].clone()
+# ---- paired form: student and teacher rows as two tensors, never concatenated ---------------------
+# The double forward's linears. Each branch's rows stay in their own tensor: the base GEMM runs per
+# branch (cuBLAS, or ours with the LoRA delta in the epilogue), each branch's LoRA on its own rows
+# only (r columns, not the 2r of the stacked form), outputs are fresh tensors (no cat of the inputs, no
+# clone of output halves). A GROUP of linears reading the same input (q, k, v; w1, w3) is one op: the
+# backward accumulates the student's dx of the whole group into one buffer (no autograd adds), and x
+# is saved once. Nothing of the teacher is kept for the backward; only the student's dx and adapter
+# gradients are computed; the rank-sized gradient GEMMs (dA = du^T x, dB = dy^T u) go to cuBLAS,
+# which picks split-K for these short, wide products (a 64-row output on 132 SMs).
+def _branch_fwd(x, weights, biases, As, Bs, scales, tri):
+    """-> (ys, us): ``y = x W^T (+ bias) + u B^T`` with ``u = s * x A^T`` per linear of the group."""
+    ys, us = [], []
+    for w, bias, a, b, s in zip(weights, biases, As, Bs, scales):
+        n, r = x.shape[0], a.shape[0]
+        if tri:
+            u = _gemm(x, a.t(), x.dtype, branch=(n, r, s, s))
+            y = _gemm(x, w.t(), x.dtype, a2=u, b2=b.t(), bias=bias)
+        else:  # cuBLAS: the scale in the GEMM epilogue (alpha), the delta accumulated into y (beta = 1)
+            u = torch.addmm(x.new_zeros(()), x, a.t(), beta=0, alpha=s)
+            y = torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+            y.addmm_(u, b.t())
+        ys.append(y)
+        us.append(u)
+    return ys, us
 
 
-@paired_lora_linear_op.register_fake
-def _(x_s, x_t, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, impl):
-    N, r2 = weight.shape[0], 2 * a_s.shape[0]
-    return x_s.new_empty((x_s.shape[0], N)), x_t.new_empty((x_t.shape[0], N)), x_s.new_empty((x_s.shape[0], r2))
+def _student_bwd(dys, x, weights, us, As, Bs, scales, tri):
+    """-> (dx, dAs, dBs) of the group, dx accumulated over its linears in one buffer."""
+    dx, das, dbs = None, [], []
+    for dy, w, u, a, b, s in zip(dys, weights, us, As, Bs, scales):
+        n, r = dy.shape[0], a.shape[0]
+        if tri:
+            du = _gemm(dy, b, dy.dtype, branch=(n, r, s, s))
+            dx = _gemm(dy, w, x.dtype, a2=du, b2=a, acc=dx)
+        else:
+            du = torch.addmm(dy.new_zeros(()), dy, b, beta=0, alpha=s)
+            dx = torch.mm(dy, w) if dx is None else dx.addmm_(dy, w)
+            dx.addmm_(du, a)
+        das.append(torch.mm(du.t(), x).to(a.dtype))
+        dbs.append(torch.mm(dy.t(), u).to(b.dtype))
+    return dx, das, dbs
 
 
-def _paired_setup(ctx, inputs, output):
-    x_s, x_t, weight, bias, a_s, b_s, a_t, b_t, scale_s, scale_t, impl = inputs
-    ctx.args = (scale_s, scale_t, impl)
-    ctx.save_for_backward(x_s, weight, output[2], a_s, b_s, a_t, b_t)  # the teacher rows are not kept
-    ctx.mark_non_differentiable(output[1])
+@torch.library.custom_op("dopsd_fast::paired_lora_linears", mutates_args=())
+def paired_lora_linears_op(x_s: torch.Tensor, x_t: torch.Tensor, weights: list[torch.Tensor],
+                           biases: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
+                           a_t: list[torch.Tensor], b_t: list[torch.Tensor], scales_s: list[float],
+                           scales_t: list[float], impl: str) -> list[torch.Tensor]:
+    """-> ``[y_s per linear] + [y_t per linear] + [u_s per linear]`` (u_s kept for the backward); an
+    empty bias tensor is no bias (a list of optional tensors is not a stable pytree for autograd)."""
+    biases = [b if b.numel() else None for b in biases]
+    tri = impl == "triton" and use_triton(x_s, x_t, *weights, *a_s, *b_s, *a_t, *b_t)
+    ys, us = _branch_fwd(x_s, weights, biases, a_s, b_s, scales_s, tri)
+    yt, _ = _branch_fwd(x_t, weights, biases, a_t, b_t, scales_t, tri)
+    return ys + yt + us
 
 
-def _paired_backward(ctx, dy_s, _dy_t, _du):
-    x_s, weight, u_s, a_s, b_s, a_t, b_t = ctx.saved_tensors
-    s_s, s_t, impl = ctx.args
-    dx, da, db = multi_lora_linear_backward_op(dy_s.contiguous(), x_s, weight, u_s, a_s, b_s, a_t, b_t, s_s, s_t,
-                                               x_s.shape[0], impl)
-    return dx, None, None, None, da, db, None, None, None, None, None
+@paired_lora_linears_op.register_fake
+def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl):
+    return ([x_s.new_empty((x_s.shape[0], w.shape[0])) for w in weights]
+            + [x_t.new_empty((x_t.shape[0], w.shape[0])) for w in weights]
+            + [x_s.new_empty((x_s.shape[0], a.shape[0])) for a in a_s])
 
 
-paired_lora_linear_op.register_autograd(_paired_backward, setup_context=_paired_setup)
+@torch.library.custom_op("dopsd_fast::paired_lora_linears_backward", mutates_args=())
+def paired_lora_linears_backward_op(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                                    us: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
+                                    scales: list[float], impl: str) -> list[torch.Tensor]:
+    """-> ``[dx] + [d a_s per linear] + [d b_s per linear]`` (the student's; the rest is frozen)."""
+    tri = impl == "triton" and use_triton(x, *dys, *weights, *a_s, *b_s)
+    dx, das, dbs = _student_bwd(dys, x, weights, us, a_s, b_s, scales, tri)
+    return [dx] + das + dbs
+
+
+@paired_lora_linears_backward_op.register_fake
+def _(dys, x, weights, us, a_s, b_s, scales, impl):
+    return [torch.empty_like(x)] + [torch.empty_like(a) for a in a_s] + [torch.empty_like(b) for b in b_s]
+
+
+def _linears_setup(ctx, inputs, output):
+    x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl = inputs
+    G = len(weights)
+    ctx.G, ctx.args = G, (list(scales_s), impl)
+    ctx.save_for_backward(x_s, *weights, *output[2 * G:], *a_s, *b_s)  # the teacher rows are not kept
+    ctx.mark_non_differentiable(*output[G:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher outputs and u
+
+
+def _linears_backward(ctx, grads):
+    G = ctx.G
+    x_s, *rest = ctx.saved_tensors
+    weights, us, a_s, b_s = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
+    scales, impl = ctx.args
+    live = [g for g in range(G) if grads[g] is not None]
+    none = [None] * G
+    if not live:
+        return None, None, none, none, none, none, none, none, None, None, None
+    pick = lambda seq: [seq[g] for g in live]  # noqa: E731
+    out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), pick(us),
+                                          pick(a_s), pick(b_s), pick(scales), impl)
+    da, db = list(none), list(none)
+    for j, g in enumerate(live):
+        da[g], db[g] = out[1 + j], out[1 + len(live) + j]
+    return out[0], None, none, none, da, db, none, none, None, None, None
+
+
+paired_lora_linears_op.register_autograd(_linears_backward, setup_context=_linears_setup)
+
+
+def _paired_fwd_cost(M, K, N, r, e, impl):
+    """One branch of one linear: u = s x A^T, then y = x W^T + u B^T; the cuBLAS form reads and
+    rewrites y to accumulate the delta (beta = 1), ours adds it in the epilogue of the same tile."""
+    flops = 2.0 * M * K * r + 2.0 * M * K * N + 2.0 * M * r * N
+    byts = 2 * M * K * e + (N * K + 2 * r * (K + N)) * e + 2 * M * r * e + M * N * e
+    if impl != "triton":
+        byts += 2 * M * N * e
+    return flops, byts
+
+
+@register_cost("dopsd_fast::paired_lora_linears")
+def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl):
+    flops = byts = 0.0
+    e = x_s.element_size()
+    for w, a in zip(weights, a_s):
+        for rows in (x_s.shape[0], x_t.shape[0]):
+            f, b = _paired_fwd_cost(rows, w.shape[1], w.shape[0], a.shape[0], e, impl)
+            flops, byts = flops + f, byts + b
+    return Cost(flops, byts, 4 * len(weights), "gemm")
+
+
+@register_cost("dopsd_fast::paired_lora_linears_backward")
+def _(dys, x, weights, us, a_s, b_s, scales, impl):
+    M, K = x.shape
+    e = x.element_size()
+    flops = byts = 0.0
+    for g, (w, a) in enumerate(zip(weights, a_s)):
+        N, r = w.shape[0], a.shape[0]
+        flops += 2.0 * M * N * r + 2.0 * M * N * K + 2.0 * M * r * K + 2.0 * r * M * K + 2.0 * N * M * r
+        # du = s dy B; dx (+)= dy W + du A; dA = du^T x; dB = dy^T u
+        byts += 2 * M * N * e + N * K * e + 3 * M * r * e + M * K * e + 2 * r * (K + N) * e + M * K * e
+        byts += M * K * e * (2 if g else 1)  # dx: written, or read and rewritten when accumulating
+        if impl != "triton":
+            byts += 2 * M * K * e  # the du A delta accumulated into dx by a second cuBLAS call
+    return Cost(flops, byts, 5 * len(weights), "gemm")
+
+
+def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, biases: list, students: list,
+                        teachers: list, impl: str = "triton") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A group of linears reading the same input (e.g. q, k, v): ``x_s`` (student rows, differentiable)
+    and ``x_t`` (teacher rows, constants) through each base weight with each branch's own adapter
+    ``(lora_A (r, K), lora_B (N, r), scale)``. Returns ``[(y_s, y_t)]`` per linear; ``y_t`` carries no
+    gradient, nothing of the teacher rows is kept for the backward, and the student's dx of the whole
+    group is one buffer."""
+    K = x_s.shape[-1]
+    if x_t.shape[-1] != K:
+        raise ValueError(f"paired_lora_linear: x_s and x_t last dims differ ({K} vs {x_t.shape[-1]})")
+    if not (len(weights) == len(biases) == len(students) == len(teachers)) or not weights:
+        raise ValueError("paired_lora_linears: one weight, bias, student and teacher adapter per linear")
+    for i, (w, lo_s, lo_t) in enumerate(zip(weights, students, teachers)):
+        N = w.shape[0]
+        if w.shape[1] != K:
+            raise ValueError(f"paired_lora_linear[{i}]: weight {tuple(w.shape)} does not fit x's last dim {K}")
+        for name, (a, b, _) in (("student", lo_s), ("teacher", lo_t)):
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != K or b.shape[0] != N or a.shape[0] != b.shape[1]:
+                raise ValueError(f"paired_lora_linear[{i}]: {name} adapter A {tuple(a.shape)} / B {tuple(b.shape)} "
+                                 f"do not fit a ({N}, {K}) linear")
+        if torch.is_grad_enabled() and (w.requires_grad or (biases[i] is not None and biases[i].requires_grad)):
+            raise ValueError(f"paired_lora_linear[{i}]: the base weight requires grad, but this op trains only the "
+                             "student adapter (freeze it, or use two separate layers)")
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"paired_lora_linear: impl must be 'triton' or 'torch', got {impl!r}")
+    nob = weights[0].new_empty(0)
+    out = paired_lora_linears_op(x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach(),
+                                 list(weights), [nob if b is None else b for b in biases], [lo[0] for lo in students],
+                                 [lo[1] for lo in students], [lo[0].detach() for lo in teachers],
+                                 [lo[1].detach() for lo in teachers], [float(lo[2]) for lo in students],
+                                 [float(lo[2]) for lo in teachers], impl)
+    G = len(weights)
+    return [(out[g].reshape(*x_s.shape[:-1], w.shape[0]), out[G + g].reshape(*x_t.shape[:-1], w.shape[0]))
+            for g, w in enumerate(weights)]
 
 
 def paired_lora_linear(x_s: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        student: tuple, teacher: tuple, impl: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
-    """The double forward's linear: ``x_s`` (student rows, differentiable) and ``x_t`` (teacher rows,
-    constants) through one shared base GEMM with their own adapters. Returns ``(y_s, y_t)``; ``y_t``
-    carries no gradient, and nothing of the teacher rows is kept for the backward."""
-    a_s, b_s, s_s = student
-    a_t, b_t, s_t = teacher
-    K = x_s.shape[-1]
-    if x_t.shape[-1] != K:
-        raise ValueError(f"paired_lora_linear: x_s and x_t last dims differ ({K} vs {x_t.shape[-1]})")
-    y_s, y_t, _ = paired_lora_linear_op(x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach(),
-                                        weight, bias, a_s, b_s, a_t.detach(), b_t.detach(), float(s_s), float(s_t),
-                                        impl)
-    N = weight.shape[0]
-    return y_s.reshape(*x_s.shape[:-1], N), y_t.reshape(*x_t.shape[:-1], N)
+    """One linear of the double forward (:func:`paired_lora_linears` with a group of one)."""
+    return paired_lora_linears(x_s, x_t, [weight], [bias], [student], [teacher], impl)[0]

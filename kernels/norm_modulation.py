@@ -40,10 +40,19 @@ def gated_residual_ref(x, gate, y, use_tanh: bool = True):
 
 # ---- kernels ---------------------------------------------------------------------------------
 @triton.jit
-def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, S_len, D, eps,
-                         LAYER: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sample(SEQ_ptr, row, S_len, HAS_SEQ: tl.constexpr):
+    """The sample of a row: ``seq[row]`` (packed samples of any lengths) or ``row // S_len``."""
+    if HAS_SEQ:
+        return tl.load(SEQ_ptr + row)
+    else:
+        return row // S_len
+
+
+@triton.jit
+def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, SEQ_ptr, S_len, D, eps,
+                         LAYER: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
-    b = row // S_len
+    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
@@ -68,10 +77,10 @@ def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, 
 
 
 @triton.jit
-def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr, PW_ptr, PS_ptr, S_len, D,
-                         LAYER: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr, PW_ptr, PS_ptr, SEQ_ptr, S_len, D,
+                         LAYER: tl.constexpr, PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
-    b = row // S_len
+    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     dy = tl.load(DY_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
@@ -106,9 +115,10 @@ def _tanh(g):
 
 
 @triton.jit
-def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, S_len, D, TANH: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, SEQ_ptr, S_len, D, TANH: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
-    b = row // S_len
+    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
@@ -120,10 +130,10 @@ def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, S_len, D, TANH: tl.constexpr, 
 
 
 @triton.jit
-def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, S_len, D, TANH: tl.constexpr, PARTIALS: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, SEQ_ptr, S_len, D, TANH: tl.constexpr,
+                      PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
-    b = row // S_len
+    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     do = tl.load(DO_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
@@ -146,19 +156,32 @@ def _rows(x):
     return B, S, D, B * S
 
 
-def _norm_fwd(x, weight, scale, shift, eps, layer):
+def _seq_arg(seq, x):
+    """(pointer argument, HAS_SEQ) for the kernels."""
+    return (seq, True) if seq is not None else (x, False)
+
+
+def _per_sample(part, B, S, seq, n):
+    """fp32 per-row partials (M, D) -> per-sample sums (n, D): by ``seq`` or by S rows per sample."""
+    if seq is None:
+        return part.view(B, S, -1).sum(1)
+    return part.new_zeros((n, part.shape[-1])).index_add_(0, seq, part.view(-1, part.shape[-1]))
+
+
+def _norm_fwd(x, weight, scale, shift, eps, layer, seq=None):
     x = x.contiguous()
     B, S, D, M = _rows(x)
     y = torch.empty_like(x)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
+    sq, has = _seq_arg(seq, x)
     if M:
-        _norm_mod_fwd_kernel[(M,)](x, weight.contiguous(), scale.contiguous(), shift.contiguous(), y, rstd, mean, S, D,
-                                   eps, LAYER=layer, BLOCK_D=next_pow2(D))
+        _norm_mod_fwd_kernel[(M,)](x, weight.contiguous(), scale.contiguous(), shift.contiguous(), y, rstd, mean, sq, S,
+                                   D, eps, LAYER=layer, HAS_SEQ=has, BLOCK_D=next_pow2(D))
     return y, rstd, mean
 
 
-def _norm_bwd(dy, x, weight, scale, rstd, mean, layer, params: bool = True):
+def _norm_bwd(dy, x, weight, scale, rstd, mean, layer, params: bool = True, seq=None):
     """``params``: also the weight / scale / shift gradients (False: dx alone, no partials written)."""
     dy, x = dy.contiguous(), x.contiguous()
     B, S, D, M = _rows(x)
@@ -166,14 +189,16 @@ def _norm_bwd(dy, x, weight, scale, rstd, mean, layer, params: bool = True):
     # every row of a partial is written by the kernel: empty, not zero-filled
     pw = x.new_empty((M, D), dtype=torch.float32) if params and not layer else dx.new_empty(0, dtype=torch.float32)
     ps = x.new_empty((M, D), dtype=torch.float32) if params else dx.new_empty(0, dtype=torch.float32)
+    sq, has = _seq_arg(seq, x)
     if M:
-        _norm_mod_bwd_kernel[(M,)](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps, S, D,
-                                   LAYER=layer, PARTIALS=params, BLOCK_D=next_pow2(D))
+        _norm_mod_bwd_kernel[(M,)](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps, sq, S, D,
+                                   LAYER=layer, PARTIALS=params, HAS_SEQ=has, BLOCK_D=next_pow2(D))
     if not params:
         return dx, None, None, None
-    dscale = ps.view(B, S, D).sum(1).to(scale.dtype)
+    n = scale.shape[0]
+    dscale = _per_sample(ps, B, S, seq, n).to(scale.dtype)
     if layer:
-        return dx, torch.zeros_like(weight), dscale, dy.float().sum(1).to(scale.dtype)
+        return dx, torch.zeros_like(weight), dscale, _per_sample(dy.float(), B, S, seq, n).to(scale.dtype)
     return dx, pw.sum(0).to(weight.dtype), dscale, None
 
 
@@ -207,82 +232,112 @@ def _norm_bwd_ref(dy, x, weight, scale, rstd, mean, layer, params: bool = True):
 # ---- registration ----------------------------------------------------------------------------
 @torch.library.custom_op("dopsd_fast::norm_modulate", mutates_args=())
 def norm_modulate_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
-                     layer: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y, rstd, mean) with the fp32 row statistics saved for the backward."""
+                     layer: bool, seq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, rstd, mean) with the fp32 row statistics saved for the backward. ``seq``: the
+    sample of each row of ``x (1, T, D)`` (packed samples of any lengths; ``scale``/``shift`` per sample)."""
     if use_triton(x, weight, scale, shift):
-        return _norm_fwd(x, weight, scale, shift, eps, layer)
+        return _norm_fwd(x, weight, scale, shift, eps, layer, seq)
+    if seq is not None:  # the reference: per-row modulation (the kernels read it by seq in place)
+        y, rstd, mean = norm_modulate_op(x.view(-1, 1, x.shape[-1]), weight, scale[seq], shift[seq], eps, layer)
+        return y.view_as(x), rstd, mean
     rstd, mean = _stats_ref(x, eps, layer)
     y = layer_norm_modulate_ref(x, scale, shift, eps) if layer else rms_norm_modulate_ref(x, weight, scale, eps)
     return y, rstd, mean
 
 
 @norm_modulate_op.register_fake
-def _(x, weight, scale, shift, eps, layer):
+def _(x, weight, scale, shift, eps, layer, seq=None):
     m = x.shape[0] * x.shape[1]
     return torch.empty_like(x), x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32)
 
 
 @torch.library.custom_op("dopsd_fast::norm_modulate_backward", mutates_args=())
 def norm_modulate_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                              rstd: torch.Tensor, mean: torch.Tensor, layer: bool, params: bool) -> list[torch.Tensor]:
+                              rstd: torch.Tensor, mean: torch.Tensor, layer: bool, params: bool,
+                              seq: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[dx]``, plus ``[d weight, d scale, d shift]`` when ``params`` (the norm weight or the modulation
     trains); frozen (LoRA) nothing but dx is computed or written."""
-    fn = _norm_bwd if use_triton(dy, x, weight, scale) else _norm_bwd_ref
-    dx, dw, ds, dt = fn(dy, x, weight, scale, rstd, mean, layer, params)
+    if use_triton(dy, x, weight, scale):
+        dx, dw, ds, dt = _norm_bwd(dy, x, weight, scale, rstd, mean, layer, params, seq)
+    elif seq is not None:  # the reference on per-row modulation, reduced per sample
+        x3 = x.view(-1, 1, x.shape[-1])
+        dx, dw, ds, dt = _norm_bwd_ref(dy.reshape(x3.shape), x3, weight, scale[seq], rstd, mean, layer, params)
+        dx = dx.view_as(x)
+        if params:
+            ds = _per_sample(ds.float(), 0, 0, seq, scale.shape[0]).to(scale.dtype)
+            dt = _per_sample(dt.float(), 0, 0, seq, scale.shape[0]).to(scale.dtype) if dt is not None else None
+    else:
+        dx, dw, ds, dt = _norm_bwd_ref(dy, x, weight, scale, rstd, mean, layer, params)
     if not params:
         return [dx]
     return [dx, dw, ds, dt if dt is not None else torch.zeros_like(scale)]
 
 
 @norm_modulate_backward_op.register_fake
-def _(dy, x, weight, scale, rstd, mean, layer, params):
+def _(dy, x, weight, scale, rstd, mean, layer, params, seq=None):
     if not params:
         return [torch.empty_like(x)]
     return [torch.empty_like(x), torch.empty_like(weight), torch.empty_like(scale), torch.empty_like(scale)]
 
 
 def _norm_setup(ctx, inputs, output):
-    x, weight, scale, shift, eps, layer = inputs
+    x, weight, scale, shift, eps, layer, seq = inputs
     ctx.layer = layer
-    ctx.save_for_backward(x, weight, scale, output[1], output[2])
+    ctx.save_for_backward(x, weight, scale, output[1], output[2], seq)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the row statistics
 
 
 def _norm_backward(ctx, dy, _drstd, _dmean):
-    x, weight, scale, rstd, mean = ctx.saved_tensors
+    if dy is None:
+        return (None,) * 7
+    x, weight, scale, rstd, mean, seq = ctx.saved_tensors
     params = any(ctx.needs_input_grad[1:4])  # norm weight, scale, shift: frozen under LoRA
-    out = norm_modulate_backward_op(dy, x, weight, scale, rstd, mean, ctx.layer, params)
+    out = norm_modulate_backward_op(dy, x, weight, scale, rstd, mean, ctx.layer, params, seq)
     if not params:
-        return out[0], None, None, None, None, None
+        return out[0], None, None, None, None, None, None
     dx, dw, ds, dt = out
-    return dx, (None if ctx.layer else dw), ds, (dt if ctx.layer else None), None, None
+    return dx, (None if ctx.layer else dw), ds, (dt if ctx.layer else None), None, None, None
 
 
 norm_modulate_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 
 @torch.library.custom_op("dopsd_fast::gated_residual", mutates_args=())
-def gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, use_tanh: bool) -> torch.Tensor:
+def gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, use_tanh: bool,
+                      seq: torch.Tensor | None = None) -> torch.Tensor:
     if not use_triton(x, gate, y):
+        if seq is not None:
+            x3 = x.view(-1, 1, x.shape[-1])
+            return gated_residual_ref(x3, gate[seq], y.reshape(x3.shape), use_tanh).view_as(x)
         return gated_residual_ref(x, gate, y, use_tanh)
     x, y = x.contiguous(), y.contiguous()
     B, S, D, M = _rows(x)
     out = torch.empty_like(x)
+    sq, has = _seq_arg(seq, x)
     if M:
-        _gated_fwd_kernel[(M,)](x, gate.contiguous(), y, out, S, D, TANH=use_tanh, BLOCK_D=next_pow2(D))
+        _gated_fwd_kernel[(M,)](x, gate.contiguous(), y, out, sq, S, D, TANH=use_tanh, HAS_SEQ=has,
+                                BLOCK_D=next_pow2(D))
     return out
 
 
 @gated_residual_op.register_fake
-def _(x, gate, y, use_tanh):
+def _(x, gate, y, use_tanh, seq=None):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("dopsd_fast::gated_residual_backward", mutates_args=())
-def gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
-                               use_tanh: bool, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, use_tanh: bool,
+                               need_gate: bool, seq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dy, d gate); ``need_gate`` False (a frozen gate, LoRA): d gate is empty and nothing of it is
     computed (y is not even read)."""
     B, S, D = y.shape
+    if not use_triton(dout, gate, y) and seq is not None:
+        y3 = y.view(-1, 1, D)
+        dy, dg = gated_residual_backward_op(dout.reshape(y3.shape), gate[seq], y3, use_tanh, need_gate)
+        if need_gate:
+            dg = _per_sample(dg.float(), 0, 0, seq, gate.shape[0]).to(gate.dtype)
+        return dy.view_as(y), dg
     if not use_triton(dout, gate, y):
         g = gate.float()[:, None, :]
         act, dact = (torch.tanh(g), 1 - torch.tanh(g) ** 2) if use_tanh else (g, torch.ones_like(g))
@@ -291,28 +346,29 @@ def gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.
     dout, y = dout.contiguous(), y.contiguous()
     dy = torch.empty_like(y)
     pg = y.new_empty((B * S, D), dtype=torch.float32) if need_gate else y.new_empty(0, dtype=torch.float32)
+    sq, has = _seq_arg(seq, y)
     if B * S:
-        _gated_bwd_kernel[(B * S,)](dout, gate.contiguous(), y, dy, pg, S, D, TANH=use_tanh, PARTIALS=need_gate,
-                                    BLOCK_D=next_pow2(D))
-    return dy, (pg.view(B, S, D).sum(1).to(gate.dtype) if need_gate else gate.new_empty(0))
+        _gated_bwd_kernel[(B * S,)](dout, gate.contiguous(), y, dy, pg, sq, S, D, TANH=use_tanh, PARTIALS=need_gate,
+                                    HAS_SEQ=has, BLOCK_D=next_pow2(D))
+    return dy, (_per_sample(pg, B, S, seq, gate.shape[0]).to(gate.dtype) if need_gate else gate.new_empty(0))
 
 
 @gated_residual_backward_op.register_fake
-def _(dout, gate, y, use_tanh, need_gate):
+def _(dout, gate, y, use_tanh, need_gate, seq=None):
     return torch.empty_like(y), (torch.empty_like(gate) if need_gate else gate.new_empty(0))
 
 
 def _gated_setup(ctx, inputs, output):
-    x, gate, y, use_tanh = inputs
+    x, gate, y, use_tanh, seq = inputs
     ctx.use_tanh = use_tanh
-    ctx.save_for_backward(gate, y)
+    ctx.save_for_backward(gate, y, seq)
 
 
 def _gated_backward(ctx, dout):
-    gate, y = ctx.saved_tensors
+    gate, y, seq = ctx.saved_tensors
     need_gate = ctx.needs_input_grad[1]
-    dy, dg = gated_residual_backward_op(dout, gate, y, ctx.use_tanh, need_gate)
-    return dout, (dg if need_gate else None), dy, None
+    dy, dg = gated_residual_backward_op(dout, gate, y, ctx.use_tanh, need_gate, seq)
+    return dout, (dg if need_gate else None), dy, None, None
 
 
 gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -320,12 +376,12 @@ gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 # ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
 @register_cost("dopsd_fast::norm_modulate")
-def _(x, weight, scale, shift, eps, layer):
+def _(x, weight, scale, shift, eps, layer, seq=None):
     return Cost(0, 2 * nbytes(x) + nbytes(weight, scale, shift) + 8 * x.numel() // x.shape[-1], 1)
 
 
 @register_cost("dopsd_fast::norm_modulate_backward")
-def _(dy, x, weight, scale, rstd, mean, layer, params):
+def _(dy, x, weight, scale, rstd, mean, layer, params, seq=None):
     if not params:  # dx alone: read dy and x, write dx
         return Cost(0, 3 * nbytes(x) + nbytes(rstd, mean), 1)
     part = 4 * x.numel() * (1 if layer else 2)  # fp32 per-row partials for the scale (and weight): write + reduce
@@ -333,12 +389,12 @@ def _(dy, x, weight, scale, rstd, mean, layer, params):
 
 
 @register_cost("dopsd_fast::gated_residual")
-def _(x, gate, y, use_tanh):
+def _(x, gate, y, use_tanh, seq=None):
     return Cost(0, 3 * nbytes(x), 1)
 
 
 @register_cost("dopsd_fast::gated_residual_backward")
-def _(dout, gate, y, use_tanh, need_gate):
+def _(dout, gate, y, use_tanh, need_gate, seq=None):
     if not need_gate:  # read dout, write dy
         return Cost(0, 2 * nbytes(y), 1)
     part = 4 * y.numel()
@@ -346,29 +402,39 @@ def _(dout, gate, y, use_tanh, need_gate):
 
 
 # ---- entry points ----------------------------------------------------------------------------
-def _check(x, *mods):
+def _check(x, *mods, seq=None):
     if x.ndim != 3:
         raise ValueError(f"expected x of shape (B, S, D), got {tuple(x.shape)}")
+    if seq is not None:  # packed samples: x (1, T, D), per-sample modulation (n, D), seq (T,) sample indices
+        if x.shape[0] != 1 or seq.shape != (x.shape[1],) or seq.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"with seq, x must be (1, T, D) and seq (T,) integer sample indices; got x "
+                             f"{tuple(x.shape)}, seq {tuple(seq.shape)} {seq.dtype}")
+        for m in mods:
+            if m.ndim != 2 or m.shape[1] != x.shape[2]:
+                raise ValueError(f"modulation must be (samples, D={x.shape[2]}), got {tuple(m.shape)}")
+        return
     for m in mods:
         if m.shape != (x.shape[0], x.shape[2]):
             raise ValueError(f"modulation must be (B, D) = {(x.shape[0], x.shape[2])}, got {tuple(m.shape)}")
 
 
-def rms_norm_modulate(x, weight, scale, eps: float = 1e-5):
-    """Z-Image: ``RMSNorm_w(x) * (1 + scale)``."""
-    _check(x, scale)
-    return norm_modulate_op(x, weight, scale, torch.zeros_like(scale), eps, False)[0]
+def rms_norm_modulate(x, weight, scale, eps: float = 1e-5, seq=None):
+    """Z-Image: ``RMSNorm_w(x) * (1 + scale)``. ``seq``: with ``x (1, T, D)`` packing samples of any
+    lengths, the sample index of each row (``scale`` per sample, read in place: no per-row copy)."""
+    _check(x, scale, seq=seq)
+    return norm_modulate_op(x, weight, scale, torch.zeros_like(scale), eps, False, seq)[0]
 
 
-def layer_norm_modulate(x, scale, shift, eps: float = 1e-6):
-    """FLUX.2: ``LayerNorm_noaffine(x) * (1 + scale) + shift``."""
-    _check(x, scale, shift)
-    return norm_modulate_op(x, x.new_ones(x.shape[-1]), scale, shift, eps, True)[0]
+def layer_norm_modulate(x, scale, shift, eps: float = 1e-6, seq=None):
+    """FLUX.2: ``LayerNorm_noaffine(x) * (1 + scale) + shift`` (``seq`` as in :func:`rms_norm_modulate`)."""
+    _check(x, scale, shift, seq=seq)
+    return norm_modulate_op(x, x.new_ones(x.shape[-1]), scale, shift, eps, True, seq)[0]
 
 
-def gated_residual(x, gate, y, use_tanh: bool = True):
-    """``x + tanh(gate) * y`` (Z-Image) or ``x + gate * y`` (FLUX.2, ``use_tanh=False``)."""
-    _check(x, gate)
+def gated_residual(x, gate, y, use_tanh: bool = True, seq=None):
+    """``x + tanh(gate) * y`` (Z-Image) or ``x + gate * y`` (FLUX.2, ``use_tanh=False``); ``seq`` as in
+    :func:`rms_norm_modulate`."""
+    _check(x, gate, seq=seq)
     if y.shape != x.shape:
         raise ValueError(f"gated_residual: y {tuple(y.shape)} must match x {tuple(x.shape)}")
-    return gated_residual_op(x, gate, y, use_tanh)
+    return gated_residual_op(x, gate, y, use_tanh, seq)

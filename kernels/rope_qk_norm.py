@@ -94,7 +94,7 @@ def _rope_qk_fwd_kernel(Q_ptr, K_ptr, WQ_ptr, WK_ptr, C_ptr, S_ptr, OQ_ptr, OK_p
 
 @triton.jit
 def _bwd_one(DO_ptr, X_ptr, W_ptr, R_ptr, DX_ptr, PW_ptr, c, s, row, H, D,
-             BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+             PARTIALS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
     p = tl.arange(0, BLOCK_P)[None, :]
     m = (h < H) & (p < D // 2)
@@ -116,15 +116,16 @@ def _bwd_one(DO_ptr, X_ptr, W_ptr, R_ptr, DX_ptr, PW_ptr, c, s, row, H, D,
     dxo = rstd * (go - xho * dot)
     tl.store(DX_ptr + off, dxe.to(DX_ptr.dtype.element_ty), mask=m)
     tl.store(DX_ptr + off + 1, dxo.to(DX_ptr.dtype.element_ty), mask=m)
-    pm = p < D // 2
-    tl.store(PW_ptr + row * D + 2 * p, tl.sum(dye * xhe, axis=0)[None, :], mask=pm)
-    tl.store(PW_ptr + row * D + 2 * p + 1, tl.sum(dyo * xho, axis=0)[None, :], mask=pm)
+    if PARTIALS:  # the norm weights' per-row partials, only where they train (frozen under LoRA)
+        pm = p < D // 2
+        tl.store(PW_ptr + row * D + 2 * p, tl.sum(dye * xhe, axis=0)[None, :], mask=pm)
+        tl.store(PW_ptr + row * D + 2 * p + 1, tl.sum(dyo * xho, axis=0)[None, :], mask=pm)
 
 
 @triton.jit
 def _rope_qk_bwd_kernel(DOQ_ptr, DOK_ptr, Q_ptr, K_ptr, WQ_ptr, WK_ptr, C_ptr, S_ptr, RQ_ptr, RK_ptr,
                         DQ_ptr, DK_ptr, PWQ_ptr, PWK_ptr, S_len, cs_bstride, H, D,
-                        BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                        PARTIALS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     row = tl.program_id(0)
     which = tl.program_id(1)
     b = row // S_len
@@ -133,9 +134,9 @@ def _rope_qk_bwd_kernel(DOQ_ptr, DOK_ptr, Q_ptr, K_ptr, WQ_ptr, WK_ptr, C_ptr, S
     c = tl.load(C_ptr + cs_off, mask=p < D // 2, other=0.0)
     s = tl.load(S_ptr + cs_off, mask=p < D // 2, other=0.0)
     if which == 0:
-        _bwd_one(DOQ_ptr, Q_ptr, WQ_ptr, RQ_ptr, DQ_ptr, PWQ_ptr, c, s, row, H, D, BLOCK_H, BLOCK_P)
+        _bwd_one(DOQ_ptr, Q_ptr, WQ_ptr, RQ_ptr, DQ_ptr, PWQ_ptr, c, s, row, H, D, PARTIALS, BLOCK_H, BLOCK_P)
     else:
-        _bwd_one(DOK_ptr, K_ptr, WK_ptr, RK_ptr, DK_ptr, PWK_ptr, c, s, row, H, D, BLOCK_H, BLOCK_P)
+        _bwd_one(DOK_ptr, K_ptr, WK_ptr, RK_ptr, DK_ptr, PWK_ptr, c, s, row, H, D, PARTIALS, BLOCK_H, BLOCK_P)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -158,16 +159,20 @@ def _fwd(q, k, wq, wk, cos, sin, eps):
     return oq, ok, rq, rk
 
 
-def _bwd(doq, dok, q, k, wq, wk, cos, sin, rq, rk):
+def _bwd(doq, dok, q, k, wq, wk, cos, sin, rq, rk, params: bool = True):
     doq, dok, q, k = doq.contiguous(), dok.contiguous(), q.contiguous(), k.contiguous()
     B, S, H, D = q.shape
     cos, sin, bstride = _cs(cos, sin, B, S, D)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    pwq = torch.zeros((B * S, D), device=q.device, dtype=torch.float32)
-    pwk = torch.zeros_like(pwq)
+    # every element of a partial is written by the kernel: empty, not zero-filled; none when frozen
+    pwq = torch.empty((B * S if params else 0, D), device=q.device, dtype=torch.float32)
+    pwk = torch.empty_like(pwq)
     if B * S:
         _rope_qk_bwd_kernel[(B * S, 2)](doq, dok, q, k, wq.contiguous(), wk.contiguous(), cos, sin, rq, rk, dq, dk,
-                                        pwq, pwk, S, bstride, H, D, BLOCK_H=next_pow2(H), BLOCK_P=next_pow2(D // 2))
+                                        pwq, pwk, S, bstride, H, D, PARTIALS=params, BLOCK_H=next_pow2(H),
+                                        BLOCK_P=next_pow2(D // 2))
+    if not params:
+        return dq, dk, wq.new_empty(0), wk.new_empty(0)
     return dq, dk, pwq.sum(0).to(wq.dtype), pwk.sum(0).to(wk.dtype)
 
 
@@ -207,29 +212,41 @@ def _(q, k, wq, wk, cos, sin, eps):
 @torch.library.custom_op("dopsd_fast::rope_qk_norm_backward", mutates_args=())
 def rope_qk_norm_backward_op(doq: torch.Tensor, dok: torch.Tensor, q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor,
                              wk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rq: torch.Tensor,
-                             rk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             rk: torch.Tensor, params: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
+    """-> (dq, dk, d wq, d wk); ``params`` False (the QK norm weights frozen, LoRA): the weight
+    gradients are empty and nothing of them is computed."""
     if use_triton(doq, dok, q, k, wq, wk, cos, sin):
-        return _bwd(doq, dok, q, k, wq, wk, cos, sin, rq, rk)
+        return _bwd(doq, dok, q, k, wq, wk, cos, sin, rq, rk, params)
     dq, dwq = _bwd_one_ref(doq, q, wq, cos, sin, rq)
     dk, dwk = _bwd_one_ref(dok, k, wk, cos, sin, rk)
+    if not params:
+        return dq, dk, wq.new_empty(0), wk.new_empty(0)
     return dq, dk, dwq, dwk
 
 
 @rope_qk_norm_backward_op.register_fake
-def _(doq, dok, q, k, wq, wk, cos, sin, rq, rk):
+def _(doq, dok, q, k, wq, wk, cos, sin, rq, rk, params):
+    if not params:
+        return torch.empty_like(q), torch.empty_like(k), wq.new_empty(0), wk.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(wq), torch.empty_like(wk)
 
 
 def _setup(ctx, inputs, output):
     q, k, wq, wk, cos, sin, eps = inputs
     ctx.save_for_backward(q, k, wq, wk, cos, sin, output[2], output[3])
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the rstd outputs
 
 
 def _backward(ctx, doq, dok, _drq, _drk):
     q, k, wq, wk, cos, sin, rq, rk = ctx.saved_tensors
     doq = doq if doq is not None else torch.zeros_like(q)
     dok = dok if dok is not None else torch.zeros_like(k)
-    dq, dk, dwq, dwk = rope_qk_norm_backward_op(doq, dok, q, k, wq, wk, cos, sin, rq, rk)
+    params = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    dq, dk, dwq, dwk = rope_qk_norm_backward_op(doq, dok, q, k, wq, wk, cos, sin, rq, rk, params)
+    if not params:
+        return dq, dk, None, None, None, None, None
     return dq, dk, dwq, dwk, None, None, None
 
 
@@ -243,9 +260,11 @@ def _(q, k, wq, wk, cos, sin, eps):
 
 
 @register_cost("dopsd_fast::rope_qk_norm_backward")
-def _(doq, dok, q, k, wq, wk, cos, sin, rq, rk):
+def _(doq, dok, q, k, wq, wk, cos, sin, rq, rk, params):
+    if not params:
+        return Cost(0, 3 * nbytes(q, k) + 2 * nbytes(cos, sin), 1)
     part = 2 * 4 * q.shape[0] * q.shape[1] * q.shape[-1]  # per-row fp32 partials of the two norm weights
-    return Cost(0, 3 * nbytes(q, k) + 2 * nbytes(cos, sin) + 3 * part, 7, scratch=part)
+    return Cost(0, 3 * nbytes(q, k) + 2 * nbytes(cos, sin) + 2 * part, 5, scratch=part)
 
 
 # ---- entry point -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Same contract and entry point as :class:`dopsd_fast.models.zimage.FastZImage`
 stream (with autograd) and the teacher stream (constants) side by side. Per branch a sample's
 sequence is ``[text (L) ; x_k tokens (N) ; reference tokens (teacher, editing branch)]``:
 
-* every LoRA linear is ONE base GEMM over both streams' rows (``paired_lora_linear``), the joint
+* every LoRA linear is ONE op over both streams' rows, each branch on its own (``paired_lora_linears``), the joint
   attention is ONE launch for both (``dual_branch_attention``, each branch its own sequence length);
 * the timestep embedding and the three shared modulation linears (double img / double txt / single)
   run once for both branches, as does the patch embedding of x_k (the reference tokens are embedded
@@ -144,8 +144,8 @@ class FastFlux2(PairedModel):
                 b.at(path)
         ns, nt = self.both(self._double_in, S, T, B=B)
         xi, xc = (ns[0] if ns else None, nt[0] if nt else None), (ns[1] if ns else None, nt[1] if nt else None)
-        qi, ki, vi = (self.plin(f"{path}.attn.{n}", *xi) for n in ("to_q", "to_k", "to_v"))
-        qc, kc, vc = (self.plin(f"{path}.attn.{n}", *xc) for n in ("add_q_proj", "add_k_proj", "add_v_proj"))
+        qi, ki, vi = self.plins([f"{path}.attn.{n}" for n in ("to_q", "to_k", "to_v")], *xi)
+        qc, kc, vc = self.plins([f"{path}.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")], *xc)
         q = self.both(self._double_qkv, S, T, qi, ki, vi, qc, kc, vc, B=B)
         o = self._attend(q, B)
         split = self.both(self._split_out, S, T, o, B=B)

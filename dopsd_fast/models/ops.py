@@ -89,24 +89,30 @@ class TorchOps:
         self.attention = attention
         self.lora_impl = lora_impl
 
-    # x: (B, S, D); scale/shift/gate: (B, D)
-    def rms_mod(self, x, w, scale, eps):
+    # x: (B, S, D); scale/shift/gate: (B, D). With ``seq``: x (1, T, D) packs samples of any lengths,
+    # seq (T,) is the sample of each row, the modulation is per sample (n, D).
+    @staticmethod
+    def _bcast(m, seq):
+        return m.float()[:, None] if seq is None else m.float()[seq][None]
+
+    def rms_mod(self, x, w, scale, eps, seq=None):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
         if scale is not None:
-            y = y * (1 + scale.float()[:, None])
+            y = y * (1 + self._bcast(scale, seq))
         return y.to(x.dtype)
 
-    def ln_mod(self, x, scale, eps, shift=None):
-        y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + scale.float()[:, None])
+    def ln_mod(self, x, scale, eps, shift=None, seq=None):
+        y = F.layer_norm(x.float(), (x.shape[-1],), eps=eps) * (1 + self._bcast(scale, seq))
         if shift is not None:
-            y = y + shift.float()[:, None]
+            y = y + self._bcast(shift, seq)
         return y.to(x.dtype)
 
-    def gated(self, x, gate, y, tanh: bool = True):
+    def gated(self, x, gate, y, tanh: bool = True, seq=None):
         """x + tanh(gate) * y (Z-Image), or x + gate * y with ``tanh=False`` (FLUX.2)."""
-        g = torch.tanh(gate.float()) if tanh else gate.float()
-        return (x.float() + g[:, None] * y.float()).to(x.dtype)
+        g = self._bcast(gate, seq)
+        g = torch.tanh(g) if tanh else g
+        return (x.float() + g * y.float()).to(x.dtype)
 
     def swiglu(self, a, b):
         return (F.silu(a.float()) * b.float()).to(a.dtype)
@@ -128,6 +134,10 @@ class TorchOps:
         with torch.no_grad():
             y_t = self.linear(x_t, weight, bias, lora_t)
         return y_s, y_t
+
+    def paired_linears(self, x_s, x_t, weights, biases, loras_s, loras_t):
+        """A group of linears reading the same input (q, k, v; w1, w3): ``[(y_s, y_t)]`` per linear."""
+        return [self.paired_linear(x_s, x_t, w, b, ls, lt) for w, b, ls, lt in zip(weights, biases, loras_s, loras_t)]
 
     def attention_one(self, q, k, v, cu, cu_list):
         return varlen_attention(self.attention, q, k, v, cu, cu_list)
@@ -151,17 +161,17 @@ class FusedOps(TorchOps):
 
         self._nm, self._rope, self._sw, self._ml = norm_modulation, rope_qk_norm, swiglu, multi_lora
 
-    def rms_mod(self, x, w, scale, eps):
+    def rms_mod(self, x, w, scale, eps, seq=None):
         if scale is None:
-            scale = x.new_zeros(x.shape[0], x.shape[-1])
-        return self._nm.rms_norm_modulate(x, w.to(x.dtype), scale.to(x.dtype), eps)
+            scale, seq = x.new_zeros(x.shape[0], x.shape[-1]), None
+        return self._nm.rms_norm_modulate(x, w.to(x.dtype), scale.to(x.dtype), eps, seq=seq)
 
-    def ln_mod(self, x, scale, eps, shift=None):
+    def ln_mod(self, x, scale, eps, shift=None, seq=None):
         shift = torch.zeros_like(scale, dtype=x.dtype) if shift is None else shift.to(x.dtype)
-        return self._nm.layer_norm_modulate(x, scale.to(x.dtype), shift, eps)
+        return self._nm.layer_norm_modulate(x, scale.to(x.dtype), shift, eps, seq=seq)
 
-    def gated(self, x, gate, y, tanh: bool = True):
-        return self._nm.gated_residual(x, gate.to(x.dtype), y, use_tanh=tanh)
+    def gated(self, x, gate, y, tanh: bool = True, seq=None):
+        return self._nm.gated_residual(x, gate.to(x.dtype), y, use_tanh=tanh, seq=seq)
 
     def swiglu(self, a, b):
         return self._sw.swiglu(a.contiguous(), b.contiguous())
@@ -170,11 +180,20 @@ class FusedOps(TorchOps):
         return self._rope.rope_qk_norm(q, k, wq.to(q.dtype), wk.to(k.dtype), cos, sin, eps)
 
     def paired_linear(self, x_s, x_t, weight, bias, lora_s, lora_t):
-        if lora_s is None or lora_t is None:
-            return super().paired_linear(x_s, x_t, weight, bias, lora_s, lora_t)
+        return self.paired_linears(x_s, x_t, [weight], [bias], [lora_s], [lora_t])[0]
+
+    def paired_linears(self, x_s, x_t, weights, biases, loras_s, loras_t):
+        """One op for the group: per-branch GEMMs on each branch's own rows (no concatenation), the
+        student's dx of the group accumulated in one buffer."""
+        if any(lo is None for lo in (*loras_s, *loras_t)):
+            return super().paired_linears(x_s, x_t, weights, biases, loras_s, loras_t)
         dt = x_s.dtype
-        cast = lambda lo: (lo[0].to(dt), lo[1].to(dt), lo[2])  # noqa: E731
-        return self._ml.paired_lora_linear(x_s, x_t, weight, bias, cast(lora_s), cast(lora_t), impl=self.lora_impl)
+
+        def cast(lo):
+            return lo[0].to(dt), lo[1].to(dt), lo[2]
+
+        return self._ml.paired_lora_linears(x_s, x_t, weights, biases, [cast(lo) for lo in loras_s],
+                                            [cast(lo) for lo in loras_t], impl=self.lora_impl)
 
     def attention_pair(self, s, t):
         if self.attention != "triton":
@@ -184,7 +203,9 @@ class FusedOps(TorchOps):
         (q_s, k_s, v_s, cu_s, l_s), (q_t, k_t, v_t, cu_t, l_t) = s, t
         if len(l_s) != len(l_t):
             raise ValueError("attention_pair: student and teacher streams hold different numbers of samples")
-        empty = k_s[:0]
+        # no shared keys: a fresh empty tensor (a slice of k_s would make autograd zero-fill and copy a
+        # k_s-sized gradient for it)
+        empty = k_s.new_empty((0,) + tuple(k_s.shape[1:]))
         zeros = torch.zeros_like(cu_s)
         m_s = max(b - a for a, b in zip(l_s, l_s[1:]))
         m_t = max(b - a for a, b in zip(l_t, l_t[1:]))

@@ -7,8 +7,9 @@ per-block modulation. The branches are either one module with two peft adapters 
 with one adapter whose teacher weights come from a :class:`Shadow` (an EMA copy held by the caller,
 read in place), or two modules (full fine-tuning: the trainable model and its EMA copy).
 
-Every linear of a block is ONE base GEMM over both streams' rows with a per-branch LoRA delta
-(``ops.paired_linear``); element-wise work runs per branch through :meth:`PairedModel.both`.
+Every linear of a block runs for both streams in ONE op with a per-branch LoRA delta, each branch on
+its own rows (``ops.paired_linear``; linears that read the same input, q/k/v and w1/w3, as one group:
+:meth:`PairedModel.plins`); element-wise work runs per branch through :meth:`PairedModel.both`.
 The entry point of every fast model is ``velocity_pair(x, sigma, ctx_s, ctx_t) -> (v_s, v_t)`` in
 this project's (sigma, v) convention (either context may be None: one branch alone).
 """
@@ -77,13 +78,16 @@ class Stream:
     cu_list: list
     seq: torch.Tensor  # (T,) sample index of each token
 
-    def mod(self, m):
-        """Per-sample modulation (B, D) -> what the norm kernels take for this stream's layout."""
-        return m if m.shape[0] == 1 else m[self.seq]
+    @property
+    def mod_seq(self):
+        """What the norm / gated kernels take beside per-sample modulation (B, D): the sample of each
+        row, read in the kernel (no per-row copy of the modulation); None for one sample."""
+        return None if len(self.cu_list) == 2 else self.seq
 
-    def view3(self, x):
-        B = len(self.cu_list) - 1
-        return x.view(1, -1, x.shape[-1]) if B == 1 else x.view(-1, 1, x.shape[-1])
+    @staticmethod
+    def rows(x):
+        """The packed rows as the norm kernels take them: (1, T, D), a view."""
+        return x.view(1, -1, x.shape[-1])
 
 
 @dataclass(eq=False)
@@ -197,6 +201,21 @@ class PairedModel:
         with torch.no_grad():
             y_t = self._lin(mod_t, self.adapter_t, x_t)
         return y_s, y_t
+
+    def plins(self, names, x_s, x_t):
+        """Several linears reading the same input (``names``: e.g. the paths of to_q, to_k, to_v):
+        ``[(y_s, y_t)]`` per linear. Both branches of one module with LoRA on every linear: ONE op
+        (``ops.paired_linears``: no concatenation, the student's dx of the group in one buffer);
+        otherwise :meth:`plin` per linear."""
+        if x_s is not None and x_t is not None and self.same_model:
+            mods = [self.ms.get_submodule(n) for n in names]
+            if not any(is_fp8_linear(getattr(m, "base_layer", m)) for m in mods):
+                ls = [lora_of(m, self.adapter_s) for m in mods]
+                lt = [lora_of(m, self.adapter_t) for m in mods]
+                if all(lo[2] is not None for lo in ls + lt):
+                    return self.ops.paired_linears(x_s, x_t, [lo[0] for lo in ls], [lo[1] for lo in ls],
+                                                   [lo[2] for lo in ls], [lo[2] for lo in lt])
+        return [self.plin(n, x_s, x_t) for n in names]
 
     # ---- the pair entry point ------------------------------------------------------------------
     def velocity_pair(self, x, sigma, ctx_s, ctx_t):

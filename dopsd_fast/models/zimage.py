@@ -7,8 +7,9 @@ runs the same math as ``ZImageTransformer2DModel.forward`` in a packed layout:
 * each branch is a flat token stream (per sample ``[image tokens ; caption tokens]``, both padded to
   multiples of 32 with the model's pad tokens exactly as diffusers does) with ``cu_seqlens``;
 * the student stream (differentiable) and the teacher stream (constants, computed without autograd)
-  go through each block side by side: every linear is ONE base GEMM for both streams with a
-  per-branch LoRA delta (``paired_lora_linear``), attention is ONE launch for both
+  go through each block side by side: every linear is ONE op for both streams with a per-branch
+  LoRA delta on each branch's own rows (``paired_lora_linears``: q/k/v and w1/w3 as groups, nothing
+  concatenated), attention is ONE launch for both
   (``dual_branch_attention``), the element-wise work runs per stream (fused kernels);
 * work that does not depend on the branch is done once: the timestep embedding, every adaLN
   modulation (not LoRA-adapted), the patch embedding of x_k, and the image-only noise refiner when it
@@ -77,14 +78,15 @@ class FastZImage(PairedModel):
     # ---- one block, per branch -------------------------------------------------------------------
     def _norm_in(self, b: Branch, x, norm: str, mod: int):
         st = b.stream
-        sc = st.mod(b.mods[mod]) if b.mods is not None else None
-        return self.ops.rms_mod(st.view3(x), getattr(b.block, norm).weight, sc, self.eps).view_as(x)
+        sc = b.mods[mod] if b.mods is not None else None
+        return self.ops.rms_mod(st.rows(x), getattr(b.block, norm).weight, sc, self.eps,
+                                seq=st.mod_seq if sc is not None else None).view_as(x)
 
     def _residual(self, b: Branch, x, y, norm: str, mod: int):
         st = b.stream
-        yn = self.ops.rms_mod(st.view3(y), getattr(b.block, norm).weight, None, self.eps)
+        yn = self.ops.rms_mod(st.rows(y), getattr(b.block, norm).weight, None, self.eps)
         if b.mods is not None:
-            return self.ops.gated(st.view3(x), st.mod(b.mods[mod]), yn).view_as(x)
+            return self.ops.gated(st.rows(x), b.mods[mod], yn, seq=st.mod_seq).view_as(x)
         return x + yn.view_as(x)
 
     def _rope(self, b: Branch, q, k):
@@ -92,7 +94,7 @@ class FastZImage(PairedModel):
         shp = (1, q.shape[0], self.heads, self.head_dim)
         q, k = self.ops.rope_qk(q.view(shp), k.view(shp), att.norm_q.weight, att.norm_k.weight, b.stream.cos,
                                 b.stream.sin, 1e-5)
-        return q[0], k[0]
+        return q.squeeze(0), k.squeeze(0)  # views: an index [0] would copy in its backward
 
     def _heads(self, v):
         return v.view(v.shape[0], self.heads, self.head_dim)
@@ -115,9 +117,7 @@ class FastZImage(PairedModel):
                 b.at(path)
         h = (s.stream.h if s else None, t.stream.h if t else None)
         x = self.both(self._norm_in, s, t, h, norm="attention_norm1", mod=0)
-        q = self.plin(f"{path}.attention.to_q", *x)
-        k = self.plin(f"{path}.attention.to_k", *x)
-        v = self.plin(f"{path}.attention.to_v", *x)
+        q, k, v = self.plins([f"{path}.attention.to_{n}" for n in "qkv"], *x)
         qk = self.both(self._rope, s, t, q, k)
         if s is not None and t is not None:
             o = self.ops.attention_pair(self._attn_args(s, qk[0], v[0]), self._attn_args(t, qk[1], v[1]))
@@ -126,8 +126,7 @@ class FastZImage(PairedModel):
         a = self.plin(f"{path}.attention.to_out.0", _flat(o[0]), _flat(o[1]))
         h = self.both(self._residual, s, t, h, a, norm="attention_norm2", mod=1)
         x = self.both(self._norm_in, s, t, h, norm="ffn_norm1", mod=2)
-        w1 = self.plin(f"{path}.feed_forward.w1", *x)
-        w3 = self.plin(f"{path}.feed_forward.w3", *x)
+        w1, w3 = self.plins([f"{path}.feed_forward.w1", f"{path}.feed_forward.w3"], *x)
         g = self.both(self._swiglu, s, t, w1, w3)
         f = self.plin(f"{path}.feed_forward.w2", *g)
         return self.both(self._residual, s, t, h, f, norm="ffn_norm2", mod=3)
@@ -311,7 +310,7 @@ class FastZImage(PairedModel):
                     st = b.stream
                     fl = b.model.all_final_layer[self.key]
                     scale = fl.adaLN_modulation(adaln[b.name])
-                    y = self.ops.ln_mod(st.view3(st.h), st.mod(scale), 1e-6).view_as(st.h)
+                    y = self.ops.ln_mod(st.rows(st.h), scale, 1e-6, seq=st.mod_seq).view_as(st.h)
                     out = fl.linear(y[lay[b.name]["out_rows"]]).view(B, 1, ht_, wt_, 1, 2, 2, C)
                     results[b.name] = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
         return results.get("s"), results.get("t")

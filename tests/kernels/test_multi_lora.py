@@ -107,7 +107,7 @@ def test_opcheck_and_errors():
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_paired_form_equals_two_layers(impl):
-    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linear, paired_lora_linear_op
+    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linear, paired_lora_linears_op
 
     w, b, a_s, b_s, a_t, b_t = _params(24, 40, 4)
     xs, xt = torch.randn(2, 7, 24, requires_grad=True), torch.randn(9, 24)
@@ -122,5 +122,65 @@ def test_paired_form_equals_two_layers(impl):
     assert_close(yt, lora_linear_ref(xt, w, b, a_t, b_t, 2.0), 1e-5, 1e-5, "y_t", scaled=True)
     for name, a, r in zip(["dx_s", "dA_s", "dB_s"], (gx, ga, gb), torch.autograd.grad(yr, (xr, ar, br), g)):
         assert_close(a, r, 1e-4, 1e-4, name, scaled=True)
-    torch.library.opcheck(paired_lora_linear_op, (xs.detach().reshape(-1, 24).requires_grad_(), xt, w, b, a_s, b_s, a_t,
-                                                  b_t, 0.5, 2.0, impl))
+    torch.library.opcheck(paired_lora_linears_op, (xs.detach().reshape(-1, 24).requires_grad_(), xt, [w], [b], [a_s],
+                                                   [b_s], [a_t], [b_t], [0.5], [2.0], impl))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paired_group_equals_separate_layers(impl, dtype):
+    """q, k, v as ONE op (the student's dx of the group in one buffer) == three peft-style LoRA layers,
+    outputs and every student gradient; a projection whose output is unused gets no gradient."""
+    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linears, paired_lora_linears_op
+
+    K, r = 32, 4
+    layers = [_params(K, N, r, bias=(N == 48)) for N in (40, 48, 24)]
+    xs, xt = torch.randn(37, K), torch.randn(45, K)
+    gs = [torch.randn(37, w.shape[0]) for w, *_ in layers]
+
+    def run(fused, cast):
+        x = cast(xs).detach().clone().requires_grad_()
+        ad = [(cast(a_s).detach().clone().requires_grad_(), cast(b_s).detach().clone().requires_grad_())
+              for _, _, a_s, b_s, _, _ in layers]
+        lows = [tuple(cast(t) if t is not None else None for t in lay) for lay in layers]
+        if fused:
+            outs = paired_lora_linears(x, cast(xt), [lw[0] for lw in lows], [lw[1] for lw in lows],
+                                       [(a, b, 0.5 + i) for i, (a, b) in enumerate(ad)],
+                                       [(lw[4], lw[5], 2.0) for lw in lows], impl=impl)
+            ys, yts = [o[0] for o in outs], [o[1] for o in outs]
+        else:
+            ys = [lora_linear_ref(x, lw[0], lw[1], a, b, 0.5 + i) for i, (lw, (a, b)) in enumerate(zip(lows, ad))]
+            yts = [lora_linear_ref(cast(xt), lw[0], lw[1], lw[4], lw[5], 2.0) for lw in lows]
+        loss = sum((y.float() * g).sum() for y, g in zip(ys, gs))
+        grads = torch.autograd.grad(loss, [x] + [t for pair in ad for t in pair])
+        return [y.detach() for y in ys + yts] + list(grads)
+
+    names = ["y_q", "y_k", "y_v", "yt_q", "yt_k", "yt_v", "dx", "dA_q", "dB_q", "dA_k", "dB_k", "dA_v", "dB_v"]
+    fast = run(True, lambda t: t.to(dtype))
+    ref = run(False, lambda t: t.float())
+    if dtype == torch.float32:
+        for name, a, b in zip(names, fast, ref):
+            assert_close(a, b, 1e-4, 1e-4, name, scaled=True)
+    else:
+        low = run(False, lambda t: t.to(dtype))
+        for name, a, t, b in zip(names, fast, low, ref):
+            low_precision_rule(a, t, b, 2e-2 * max(1.0, b.abs().max().item()), name)
+    # only k's output used: q and v adapters get no gradient, dx is k's alone
+    x = xs.clone().requires_grad_()
+    ad = [(a_s.detach().clone().requires_grad_(), b_s.detach().clone().requires_grad_())
+          for _, _, a_s, b_s, _, _ in layers]
+    outs = paired_lora_linears(x, xt, [lw[0] for lw in layers], [lw[1] for lw in layers],
+                               [(a, b, 1.0) for a, b in ad], [(lw[4], lw[5], 1.0) for lw in layers], impl=impl)
+    outs[1][0].sum().backward()
+    assert ad[0][0].grad is None and ad[2][1].grad is None and ad[1][0].grad is not None
+    xr = xs.clone().requires_grad_()
+    lora_linear_ref(xr, layers[1][0], layers[1][1], ad[1][0].detach(), ad[1][1].detach(), 1.0).sum().backward()
+    assert_close(x.grad, xr.grad, 1e-4, 1e-4, "dx (k only)", scaled=True)
+    with pytest.raises(ValueError, match="base weight requires grad"):
+        paired_lora_linears(x, xt, [layers[0][0].clone().requires_grad_()], [None], [(ad[0][0], ad[0][1], 1.0)],
+                            [(layers[0][4], layers[0][5], 1.0)])
+    lq, lv = layers[0], layers[2]
+    torch.library.opcheck(paired_lora_linears_op, (xs.clone().requires_grad_(), xt, [lq[0], lv[0]],
+                                                   [torch.empty(0), torch.randn(24)], [ad[0][0], ad[2][0]],
+                                                   [ad[0][1], ad[2][1]], [lq[4], lv[4]], [lq[5], lv[5]], [0.5, 1.5],
+                                                   [2.0, 1.0], impl))

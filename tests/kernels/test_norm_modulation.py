@@ -136,3 +136,44 @@ def test_frozen_modulation_computes_dx_only(kind):
     dx_only = 3 * x.numel() * x.element_size() + 2 * rstd.numel() * 4  # read dy and x, write dx; the row stats
     assert cost(g, x, w, s, rstd, mean, layer, False)["bytes"] == dx_only
     assert cost(g, x, w, s, rstd, mean, layer, True)["bytes"] >= dx_only + 2 * x.numel() * 4  # fp32 partials
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer", "gated"])
+@pytest.mark.parametrize("train", [True, False])
+def test_packed_samples_read_modulation_by_seq(kind, train):
+    """Samples of different lengths packed as (1, T, D) with per-sample modulation read through the
+    row -> sample index (no per-row copy) == the same rows run with the modulation expanded per row;
+    the modulation gradients come back per sample."""
+    from dopsd_fast.kernels.norm_modulation import gated_residual, layer_norm_modulate, rms_norm_modulate
+
+    lens, D = [5, 2, 9], 40
+    T, n = sum(lens), len(lens)
+    seq = torch.repeat_interleave(torch.arange(n), torch.tensor(lens))
+    x, y, g = torch.randn(1, T, D), torch.randn(1, T, D), torch.randn(1, T, D)
+    w = 1 + 0.1 * torch.randn(D)
+    mods = [0.3 * torch.randn(n, D) for _ in range(2)]
+
+    def run(packed):
+        xs = x.clone().requires_grad_()
+        ys = y.clone().requires_grad_()
+        ms = [m.clone().requires_grad_(train) for m in mods]
+        if packed:
+            args, kw, x_in, y_in = ms, {"seq": seq}, xs, ys
+        else:  # one row per "sample", the modulation expanded per row
+            args, kw, x_in, y_in = [m[seq] for m in ms], {}, xs.view(T, 1, D), ys.view(T, 1, D)
+        if kind == "rms":
+            out = rms_norm_modulate(x_in, w, args[0], **kw)
+        elif kind == "layer":
+            out = layer_norm_modulate(x_in, args[0], args[1], **kw)
+        else:
+            out = gated_residual(x_in, args[0], y_in, **kw)
+        out.reshape(1, T, D).backward(g)
+        grads = [xs.grad] + ([ys.grad] if kind == "gated" else []) + ([m.grad for m in ms[:1 + (kind == "layer")]]
+                                                                      if train else [])
+        return [out.detach().reshape(1, T, D)] + grads
+
+    for i, (a, b) in enumerate(zip(run(True), run(False))):
+        assert a is not None and b is not None, i
+        assert_close(a, b, 1e-5, 1e-4, f"{kind} output/grad {i}", scaled=True)
+    with pytest.raises(ValueError, match="seq"):
+        rms_norm_modulate(x.view(T, 1, D), w, mods[0], seq=seq)

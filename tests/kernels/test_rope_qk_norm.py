@@ -107,8 +107,18 @@ def test_opcheck_and_errors():
     cos, sin = _angles(B, S, D, True)
     torch.library.opcheck(rope_qk_norm_op, (q, k, w, w, cos, sin, 1e-5))
     _, _, rq, rk = rope_qk_norm_op(q.detach(), k.detach(), w.detach(), w.detach(), cos, sin, 1e-5)
-    torch.library.opcheck(rope_qk_norm_backward_op, (torch.randn_like(q), torch.randn_like(k), q.detach(), k.detach(),
-                                                     w.detach(), w.detach(), cos, sin, rq, rk))
+    for params in (True, False):
+        torch.library.opcheck(rope_qk_norm_backward_op, (torch.randn_like(q), torch.randn_like(k), q.detach(),
+                                                         k.detach(), w.detach(), w.detach(), cos, sin, rq, rk, params))
+    # frozen QK-norm weights (LoRA): the same dq, dk, and no weight-gradient work at all
+    g = torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    full = torch.autograd.grad(rope_qk_norm(q, k, w, w, cos, sin), (q, k, w), g)
+    wf = w.detach()
+    frozen = torch.autograd.grad(rope_qk_norm(q, k, wf, wf, cos, sin), (q, k), g)
+    for name, a, b in zip(("dq", "dk"), frozen, full):
+        assert torch.equal(a, b), name
+    dq, dk, dwq, dwk = rope_qk_norm_backward_op(g[0], g[1], q.detach(), k.detach(), wf, wf, cos, sin, rq, rk, False)
+    assert dwq.numel() == 0 and dwk.numel() == 0
     with pytest.raises(ValueError, match="cos/sin"):
         rope_qk_norm(q, k, w, w, cos[:, :2], sin[:, :2])
     with pytest.raises(ValueError, match="even"):
