@@ -221,6 +221,7 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     y = ops.rms_mod(rows(x_s), w, e(B, D), 1e-5, seq=seq_s)
     y = ops.gated(rows(x_s), e(B, D), y, seq=seq_s)
     y = y + ops.ln_mod(rows(x_s), e(B, D), 1e-6, seq=seq_s)
+    y = y + ops.norm_gated(rows(x_s), e(B, D), rows(e(Ts, D, g=True)), w, 1e-5, seq=seq_s)  # Z-Image residual
     with torch.no_grad():
         ops.rms_mod(rows(x_t), w, e(B, D), 1e-5, seq=seq_t)
     y.sum().backward()
@@ -228,6 +229,7 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     w_g, m_g = e(D, g=True), e(B, D, g=True)
     y = ops.rms_mod(rows(x_s), w_g, m_g, 1e-5, seq=seq_s)
     y = ops.gated(rows(x_s), m_g, y, seq=seq_s) + ops.ln_mod(rows(x_s), m_g, 1e-6, seq=seq_s)
+    y = y + ops.norm_gated(rows(x_s), m_g, rows(e(Ts, D, g=True)), w_g, 1e-5, seq=seq_s)
     y.sum().backward()
     # paired LoRA linears: q/k/v as one group (the student's dx accumulated in place), FFN in and out
     for n_in, n_outs in ((D, (D, D, D)), (D, (F,)), (F, (D,))):

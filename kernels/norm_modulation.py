@@ -4,6 +4,8 @@
   ``gated_residual(x, g, y, tanh=True) = x + tanh(g) * y``.
 * FLUX.2:   ``layer_norm_modulate(x, s, t) = LayerNorm_noaffine(x) * (1 + s) + t`` and
   ``gated_residual(x, g, y, tanh=False) = x + g * y``.
+* Z-Image's residuals, fused: ``norm_gated_residual(x, g, y, w) = x + tanh(g) * RMSNorm_w(y)`` (the
+  block's post-norm and gated residual in one pass: the normalized y is never written).
 
 ``x``/``y`` are ``(B, S, D)``; the modulation tensors ``s``, ``t``, ``g`` are per sample ``(B, D)``
 (broadcast over the S tokens). fp32 statistics whatever the input dtype. One program per row; the
@@ -148,6 +150,54 @@ def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, SEQ_ptr, S_len, D, T
     if PARTIALS:  # the gate's gradient only where the gate trains (not under LoRA): y not even read
         y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(PG_ptr + row * D + cols, do * y * dact, mask=m)
+
+
+@triton.jit
+def _norm_gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, W_ptr, O_ptr, RSTD_ptr, SEQ_ptr, S_len, D, eps, TANH: tl.constexpr,
+                           HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / D + eps)
+    w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+    if TANH:
+        g = _tanh(g)
+    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(O_ptr + row * D + cols, (x + g * (y * rstd * w)).to(O_ptr.dtype.element_ty), mask=m)
+    tl.store(RSTD_ptr + row, rstd)
+
+
+@triton.jit
+def _norm_gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, W_ptr, RSTD_ptr, DY_ptr, PW_ptr, PG_ptr, SEQ_ptr, S_len, D,
+                           TANH: tl.constexpr, PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dy of ``x + act(g) * RMSNorm_w(y)`` (dx is dout itself); the norm weight's and gate's per-row
+    partials only where they train."""
+    row = tl.program_id(0)
+    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    do = tl.load(DO_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD_ptr + row)
+    w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+    if TANH:
+        act = _tanh(g)
+        dact = 1.0 - act * act
+    else:
+        act = g
+        dact = tl.full([BLOCK_D], 1.0, tl.float32)
+    yhat = y * rstd
+    dyn = do * act
+    gy = dyn * w
+    c1 = tl.sum(gy * yhat, axis=0) / D
+    tl.store(DY_ptr + row * D + cols, (rstd * (gy - yhat * c1)).to(DY_ptr.dtype.element_ty), mask=m)
+    if PARTIALS:
+        tl.store(PW_ptr + row * D + cols, dyn * yhat, mask=m)
+        tl.store(PG_ptr + row * D + cols, do * yhat * w * dact, mask=m)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -374,7 +424,112 @@ def _gated_backward(ctx, dout):
 gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
+def _norm_gated_ref(x, gate, y, weight, eps, use_tanh, seq):
+    """(out, rstd) in PyTorch."""
+    yf = y.float()
+    rstd = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
+    g = gate.float()[:, None, :] if seq is None else gate.float()[seq][None]
+    g = torch.tanh(g) if use_tanh else g
+    out = (x.float() + g * (yf * rstd * weight.float())).to(x.dtype)
+    return out, rstd.reshape(-1)
+
+
+@torch.library.custom_op("dopsd_fast::norm_gated_residual", mutates_args=())
+def norm_gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                           use_tanh: bool, seq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out, rstd): ``x + act(gate) * RMSNorm_weight(y)``, the fp32 row rstd of y kept for the backward."""
+    if not use_triton(x, gate, y, weight):
+        return _norm_gated_ref(x, gate, y, weight, eps, use_tanh, seq)
+    x, y = x.contiguous(), y.contiguous()
+    B, S, D, M = _rows(x)
+    out = torch.empty_like(x)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    sq, has = _seq_arg(seq, x)
+    if M:
+        _norm_gated_fwd_kernel[(M,)](x, gate.contiguous(), y, weight.contiguous(), out, rstd, sq, S, D, eps,
+                                     TANH=use_tanh, HAS_SEQ=has, BLOCK_D=next_pow2(D))
+    return out, rstd
+
+
+@norm_gated_residual_op.register_fake
+def _(x, gate, y, weight, eps, use_tanh, seq=None):
+    return torch.empty_like(x), x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("dopsd_fast::norm_gated_residual_backward", mutates_args=())
+def norm_gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                                    rstd: torch.Tensor, eps: float, use_tanh: bool, params: bool,
+                                    seq: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``[dy]``, plus ``[d weight, d gate]`` when ``params`` (frozen under LoRA: nothing of them computed)."""
+    B, S, D = y.shape
+    if not use_triton(dout, gate, y, weight):
+        yf, dof = y.float(), dout.float()
+        r = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
+        g = gate.float()[:, None, :] if seq is None else gate.float()[seq][None]
+        act = torch.tanh(g) if use_tanh else g
+        yhat, dyn = yf * r, dof * act
+        gy = dyn * weight.float()
+        dy = (r * (gy - yhat * (gy * yhat).mean(-1, keepdim=True))).to(y.dtype)
+        if not params:
+            return [dy]
+        pg = (dof * yhat * weight.float() * ((1 - act * act) if use_tanh else 1.0)).reshape(-1, D)
+        return [dy, (dyn * yhat).sum((0, 1)).to(weight.dtype), _per_sample(pg, B, S, seq, gate.shape[0]).to(gate.dtype)]
+    dout, y = dout.contiguous(), y.contiguous()
+    M = B * S
+    dy = torch.empty_like(y)
+    pw = y.new_empty((M, D) if params else (0,), dtype=torch.float32)
+    pg = y.new_empty((M, D) if params else (0,), dtype=torch.float32)
+    sq, has = _seq_arg(seq, y)
+    if M:
+        _norm_gated_bwd_kernel[(M,)](dout, gate.contiguous(), y, weight.contiguous(), rstd, dy, pw, pg, sq, S, D,
+                                     TANH=use_tanh, PARTIALS=params, HAS_SEQ=has, BLOCK_D=next_pow2(D))
+    if not params:
+        return [dy]
+    return [dy, pw.sum(0).to(weight.dtype), _per_sample(pg, B, S, seq, gate.shape[0]).to(gate.dtype)]
+
+
+@norm_gated_residual_backward_op.register_fake
+def _(dout, gate, y, weight, rstd, eps, use_tanh, params, seq=None):
+    if not params:
+        return [torch.empty_like(y)]
+    return [torch.empty_like(y), torch.empty_like(weight), torch.empty_like(gate)]
+
+
+def _norm_gated_setup(ctx, inputs, output):
+    x, gate, y, weight, eps, use_tanh, seq = inputs
+    ctx.use_tanh, ctx.eps = use_tanh, eps
+    ctx.save_for_backward(gate, y, weight, output[1], seq)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _norm_gated_backward(ctx, dout, _drstd):
+    if dout is None:
+        return (None,) * 7
+    gate, y, weight, rstd, seq = ctx.saved_tensors
+    params = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+    out = norm_gated_residual_backward_op(dout, gate, y, weight, rstd, ctx.eps, ctx.use_tanh, params, seq)
+    if not params:
+        return dout, None, out[0], None, None, None, None
+    return (dout, out[2] if ctx.needs_input_grad[1] else None, out[0], out[1] if ctx.needs_input_grad[3] else None,
+            None, None, None)
+
+
+norm_gated_residual_op.register_autograd(_norm_gated_backward, setup_context=_norm_gated_setup)
+
+
 # ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
+@register_cost("dopsd_fast::norm_gated_residual")
+def _(x, gate, y, weight, eps, use_tanh, seq=None):
+    return Cost(0, 3 * nbytes(x) + 4 * x.numel() // x.shape[-1], 1)
+
+
+@register_cost("dopsd_fast::norm_gated_residual_backward")
+def _(dout, gate, y, weight, rstd, eps, use_tanh, params, seq=None):
+    if not params:  # read dout and y, write dy
+        return Cost(0, 3 * nbytes(y) + nbytes(rstd), 1)
+    part = 2 * 4 * y.numel()  # fp32 per-row partials of the norm weight and the gate: write + reduce
+    return Cost(0, 3 * nbytes(y) + nbytes(rstd) + 2 * part, 3, scratch=part)
 @register_cost("dopsd_fast::norm_modulate")
 def _(x, weight, scale, shift, eps, layer, seq=None):
     return Cost(0, 2 * nbytes(x) + nbytes(weight, scale, shift) + 8 * x.numel() // x.shape[-1], 1)
@@ -438,3 +593,13 @@ def gated_residual(x, gate, y, use_tanh: bool = True, seq=None):
     if y.shape != x.shape:
         raise ValueError(f"gated_residual: y {tuple(y.shape)} must match x {tuple(x.shape)}")
     return gated_residual_op(x, gate, y, use_tanh, seq)
+
+
+def norm_gated_residual(x, gate, y, weight, eps: float = 1e-5, use_tanh: bool = True, seq=None):
+    """Z-Image's residual: ``x + tanh(gate) * RMSNorm_weight(y)`` in one pass (``seq`` as in
+    :func:`rms_norm_modulate`); differentiable in x, y, and the weight and gate where they train."""
+    _check(x, gate, seq=seq)
+    if y.shape != x.shape or weight.shape != (x.shape[-1],):
+        raise ValueError(f"norm_gated_residual: y {tuple(y.shape)} must match x {tuple(x.shape)}, weight "
+                         f"{tuple(weight.shape)} be ({x.shape[-1]},)")
+    return norm_gated_residual_op(x, gate, y, weight, float(eps), use_tanh, seq)[0]

@@ -114,6 +114,10 @@ class TorchOps:
         g = torch.tanh(g) if tanh else g
         return (x.float() + g * y.float()).to(x.dtype)
 
+    def norm_gated(self, x, gate, y, w, eps, tanh: bool = True, seq=None):
+        """Z-Image's residual ``x + tanh(gate) * RMSNorm_w(y)``: the post-norm, then the gated residual."""
+        return self.gated(x, gate, self.rms_mod(y, w, None, eps), tanh, seq)
+
     def swiglu(self, a, b):
         return (F.silu(a.float()) * b.float()).to(a.dtype)
 
@@ -173,6 +177,10 @@ class FusedOps(TorchOps):
     def gated(self, x, gate, y, tanh: bool = True, seq=None):
         return self._nm.gated_residual(x, gate.to(x.dtype), y, use_tanh=tanh, seq=seq)
 
+    def norm_gated(self, x, gate, y, w, eps, tanh: bool = True, seq=None):
+        """One pass: the normalized y is never written."""
+        return self._nm.norm_gated_residual(x, gate.to(x.dtype), y, w.to(x.dtype), eps, use_tanh=tanh, seq=seq)
+
     def swiglu(self, a, b):
         return self._sw.swiglu(a.contiguous(), b.contiguous())
 
@@ -217,7 +225,7 @@ class FusedOps(TorchOps):
 def compile_ops(ops: TorchOps, backend: str = "inductor") -> TorchOps:
     """torch.compile the element-wise operations (norm + modulation, gated residual, SwiGLU, RoPE +
     QK norm): what Inductor makes of the eager math, as the alternative to our kernels."""
-    for name in ("rms_mod", "ln_mod", "gated", "swiglu", "rope_qk"):
+    for name in ("rms_mod", "ln_mod", "gated", "norm_gated", "swiglu", "rope_qk"):
         setattr(ops, name, torch.compile(getattr(ops, name), backend=backend, dynamic=True))
     ops.compiled = backend
     return ops

@@ -84,10 +84,10 @@ class FastZImage(PairedModel):
 
     def _residual(self, b: Branch, x, y, norm: str, mod: int):
         st = b.stream
-        yn = self.ops.rms_mod(st.rows(y), getattr(b.block, norm).weight, None, self.eps)
-        if b.mods is not None:
-            return self.ops.gated(st.rows(x), b.mods[mod], yn, seq=st.mod_seq).view_as(x)
-        return x + yn.view_as(x)
+        w = getattr(b.block, norm).weight
+        if b.mods is not None:  # x + tanh(gate) * RMSNorm(y), one pass
+            return self.ops.norm_gated(st.rows(x), b.mods[mod], st.rows(y), w, self.eps, seq=st.mod_seq).view_as(x)
+        return x + self.ops.rms_mod(st.rows(y), w, None, self.eps).view_as(x)
 
     def _rope(self, b: Branch, q, k):
         att = b.block.attention

@@ -177,3 +177,50 @@ def test_packed_samples_read_modulation_by_seq(kind, train):
         assert_close(a, b, 1e-5, 1e-4, f"{kind} output/grad {i}", scaled=True)
     with pytest.raises(ValueError, match="seq"):
         rms_norm_modulate(x.view(T, 1, D), w, mods[0], seq=seq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_norm_gated_residual_equals_norm_then_gated(dtype, packed, train):
+    """``x + tanh(g) * RMSNorm_w(y)`` in one pass == the post-norm followed by the gated residual
+    (fp32 references), output and every gradient; frozen weight and gate: dx, dy only."""
+    from dopsd_fast.kernels.norm_modulation import (norm_gated_residual, norm_gated_residual_backward_op,
+                                                     norm_gated_residual_op)
+
+    D = 48
+    if packed:
+        lens = [6, 3, 8]
+        seq = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
+        shape, n = (1, sum(lens), D), 3
+    else:
+        seq, shape, n = None, (2, 7, D), 2
+    x, y, g = torch.randn(shape), 3 * torch.randn(shape), torch.randn(shape)
+    w, gate = 1 + 0.2 * torch.randn(D), 0.7 * torch.randn(n, D)
+
+    def run(fused, dt):
+        ins = [t.to(dt).detach().clone().requires_grad_(req) for t, req in
+               ((x, True), (gate, train), (y, True), (w, train))]
+        xs, gs, ys, ws = ins
+        if fused:
+            out = norm_gated_residual(xs, gs, ys, ws, 1e-5, seq=seq)
+        else:
+            yf = ys.float()
+            yn = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + 1e-5) * ws.float()
+            gg = gs.float()[:, None, :] if seq is None else gs.float()[seq][None]
+            out = (xs.float() + torch.tanh(gg) * yn).to(dt)
+        out.backward(g.to(dt))
+        return [out.detach()] + [t.grad for t in ins if t.requires_grad]
+
+    fast, ref = run(True, dtype), run(False, torch.float32)
+    assert len(fast) == (5 if train else 3)
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        if dtype == torch.float32:
+            assert_close(a, b, 1e-5, 1e-4, f"out/grad {i}", scaled=True)
+        else:
+            low = run(False, dtype)[i]
+            low_precision_rule(a, low, b, 2e-2 * max(1.0, b.abs().max().item()), f"out/grad {i}")
+    for params in (True, False):
+        out, rstd = norm_gated_residual_op(x, gate, y, w, 1e-5, True, seq)
+        torch.library.opcheck(norm_gated_residual_backward_op, (g, gate, y, w, rstd, 1e-5, True, params, seq))
+    torch.library.opcheck(norm_gated_residual_op, (x.requires_grad_(), gate, y.requires_grad_(), w, 1e-5, True, seq))
