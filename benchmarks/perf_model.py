@@ -166,10 +166,11 @@ class StepCounter(TorchDispatchMode):
 
 
 # ---- the step under fake tensors ------------------------------------------------------------------
-def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | None, cap_t: int | None):
+def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | None, cap_t: int | None,
+                gemm: str = "auto"):
     import step_time
 
-    argv = ["--preset", preset, "--backward", backward, "--checkpoint", "none"]
+    argv = ["--preset", preset, "--backward", backward, "--checkpoint", "none", "--gemm", gemm]
     argv += ["--lora-rank", str(rank)] if rank is not None else []
     if path == "fast":  # the GPU configuration: our fused kernels and attention (as custom ops here)
         argv += ["--kernels", "on", "--attention", "triton"]
@@ -192,7 +193,7 @@ def prebuild_layout(bench, fp) -> None:
 
 
 def model_step(preset: str, path: str, backward: str, rank: int | None = None, cap_s=None, cap_t=None,
-               rates=RATES) -> dict:
+               rates=RATES, gemm: str = "auto") -> dict:
     """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -207,7 +208,7 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
     torch.utils.swap_tensors = set_data
     try:
         with mode:
-            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t)
+            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm)
         if path == "fast":  # built in the fake mode: parameters and buffers fake
             with mode:
                 fp = bench.fast_model(args.kernels)
@@ -269,6 +270,7 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             kinds[kind][k] += v
     total = {k: sum(r[k] for r in regions.values()) for k in ("flops", "bytes", "launches", "time_s")}
     return {"preset": preset, "path": path, "backward": backward, "lora_rank": args.lora_rank, "K": len(bench.sigmas) - 1,
+            "gemm": gemm, "non_gemm_tb": kinds["memory"]["bytes"] / 1e12,
             "floor_tflop": bench.floor_flops / 1e12, "total": total,
             "predicted_s": total["time_s"], "floor_s_at_gemm_rate": bench.floor_flops / rates["gemm"],
             "peak_live_gb": counter.peak / 1e9, "peak_region": counter.peak_region,
@@ -293,6 +295,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora-rank", type=int, default=None, help="default: the preset's (64 at real size)")
     p.add_argument("--cap-s", type=int, default=None)
     p.add_argument("--cap-t", type=int, default=None)
+    p.add_argument("--gemm", default="auto", choices=["auto", "cublas", "triton"],
+                   help="the fast path's paired-linear GEMM (auto = cublas: the LoRA delta accumulated into the "
+                        "output by a second call; triton: in the GEMM's epilogue)")
     p.add_argument("--json", default=None)
     p.add_argument("--regions", action="store_true", help="print the per-region and per-kind breakdown")
     args = p.parse_args(argv)
@@ -306,7 +311,7 @@ def main(argv=None) -> int:
     rows = []
     for path in args.paths.split(","):
         for bw in args.backward.split(","):
-            r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t)
+            r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t, gemm=args.gemm)
             rows.append(r)
             print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
             if args.regions:

@@ -14,7 +14,7 @@ input only (1 x width). Model figures until a GPU confirms them.
 
 | family, path | per layer and student token | transient per teacher token |
 |---|---|---|
-| Z-Image, fast (fused) | 23.6 x dim (measured 0.834 GB per layer at 4608 tokens, dim 3840) | 27.0 x dim |
+| Z-Image, fast (fused) | 21.2 x dim (measured 0.750 GB per layer at 4608 tokens, dim 3840: 20 vs 30 layers) | 27.0 x dim |
 | Z-Image, eager (diffusers) | 49.8 x dim | 26.7 x dim |
 | klein, fast | double block 23.4 x D, single block 27.0 x D | 60.6 x D (the editing teacher: 2 images) |
 | klein, eager | double 46.1 x D, single 34.4 x D | 17.7 x D |
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 BYTES = 2  # bf16 activations
 PER_TOKEN = {  # elements kept per student token and layer, in units of the width
-    ("zimage", "fast"): {"block": 23.6},
+    ("zimage", "fast"): {"block": 21.2},
     ("zimage", "eager"): {"block": 49.8},
     ("klein", "fast"): {"double": 23.4, "single": 27.0},
     ("klein", "eager"): {"double": 46.1, "single": 34.4},
@@ -43,8 +43,8 @@ GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "a100-80": 80.0, "a
                  "4090": 24.0}
 # The fake-tensor model's predicted step time per floor FLOP at Z-Image-Turbo size (stepwise, no
 # checkpointing; GEMM 700 TFLOP/s, attention 350/280, 2.7 TB/s, 5 us per launch): eager 3.60 s and
-# fast 2.17 s for 867 TFLOP. An ESTIMATE for --dry-run, scaled by the config's floor FLOPs.
-SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 2.17 / 866.9}
+# fast 2.00 s for 867 TFLOP. An ESTIMATE for --dry-run, scaled by the config's floor FLOPs.
+SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 2.00 / 866.9}
 
 
 @dataclass

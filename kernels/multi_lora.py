@@ -393,7 +393,8 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl):
         for rows in (x_s.shape[0], x_t.shape[0]):
             f, b = _paired_fwd_cost(rows, w.shape[1], w.shape[0], a.shape[0], e, impl)
             flops, byts = flops + f, byts + b
-    return Cost(flops, byts, 4 * len(weights), "gemm")
+    # per linear and branch: u, then y (ours: the delta in its epilogue; cuBLAS: a third call adds it)
+    return Cost(flops, byts, (4 if impl == "triton" else 6) * len(weights), "gemm")
 
 
 @register_cost("dopsd_fast::paired_lora_linears_backward")
@@ -409,7 +410,8 @@ def _(dys, x, weights, us, a_s, b_s, scales, impl):
         byts += M * K * e * (2 if g else 1)  # dx: written, or read and rewritten when accumulating
         if impl != "triton":
             byts += 2 * M * K * e  # the du A delta accumulated into dx by a second cuBLAS call
-    return Cost(flops, byts, 5 * len(weights), "gemm")
+    # per linear: du, dx (ours: both products in one kernel; cuBLAS: two calls), dA, dB
+    return Cost(flops, byts, (4 if impl == "triton" else 5) * len(weights), "gemm")
 
 
 def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, biases: list, students: list,
