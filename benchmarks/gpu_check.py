@@ -317,8 +317,10 @@ def stage_m3(rows: Rows) -> int:
     sys.path.insert(0, str(HERE))
     import step_time
 
+    # our attention explicitly (`auto` is PyTorch SDPA until measured; the `step` stage runs that default),
+    # so one lease runs both backends end to end
     args = step_time.parse(["--preset", "tiny" if DRY else "zimage-6b", "--backward", "stepwise", "--checkpoint",
-                            "none"])
+                            "none", "--attention", "auto" if DRY else "triton"])
     t0 = time.time()
     bench = step_time.Bench(args)
     rows.add(kind="step_setup", what=f"{args.preset} built", seconds=time.time() - t0,

@@ -259,7 +259,7 @@ class FastConfig:
 
     enabled: bool = False
     kernels: str = "auto"  # auto (Triton kernels on CUDA) | on | off (same structure, eager PyTorch ops)
-    attention: str = "auto"  # auto (triton on CUDA, sdpa elsewhere) | triton | sdpa | flash_attn
+    attention: str = "auto"  # auto (measured fastest on this GPU, else sdpa) | triton | sdpa | flash_attn
     # the paired LoRA linear's base GEMM: auto (= cublas until a GPU measurement says otherwise) | cublas | triton
     gemm: str = "auto"
     checkpoint: Union[int, str] = "auto"  # auto (memory model) | none | all | N (first N main layers)

@@ -257,6 +257,49 @@ def test_attention_backend_choice():
     assert not build_ops("auto", "auto", cpu).fused and build_ops("on", "triton", cpu).fused
 
 
+def test_attention_auto_on_cuda_follows_measurements(monkeypatch):
+    """``auto`` on CUDA: the first available backend of the measured order for that GPU; PyTorch SDPA
+    where nothing was measured (no GPU needed: the device name is what it reads)."""
+    from dopsd_fast.models import ops
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(ops, "MEASURED_ATTENTION", {})
+    assert ops.resolve_attention("auto", cuda) == "sdpa"
+    monkeypatch.setattr(ops, "MEASURED_ATTENTION", {"NVIDIA H100": ("flash_attn", "triton", "sdpa"),
+                                                    "NVIDIA H200": ("sdpa",)})
+    want = "flash_attn" if ops._available("flash_attn") else "triton"
+    assert ops.resolve_attention("auto", cuda) == want
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert ops.resolve_attention("auto", cuda) == "sdpa"
+
+
+def test_sdpa_varlen_is_one_call_for_ragged_samples(monkeypatch):
+    """Samples of different lengths: ONE SDPA call on a jagged batch (no loop over samples), equal to
+    per-sample attention, outputs and gradients."""
+    import torch.nn.functional as F
+
+    from dopsd_fast.models import ops
+
+    lens, H, D = [5, 9, 3, 12], 2, 16
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    q, k, v = (torch.randn(cu[-1], H, D, requires_grad=True) for _ in range(3))
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    o = ops.varlen_attention("sdpa", q, k, v, torch.tensor(cu, dtype=torch.int32), cu)
+    assert len(calls) == 1
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), g)
+    ref = torch.cat([real(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+                     for a, b in zip(cu, cu[1:])])
+    assert_close(o, ref, 1e-5, 1e-5, "o", scaled=True)
+    for name, a, r in zip("qkv", grads, torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, r, 1e-5, 1e-4, f"d{name}", scaled=True)
+
+
 def test_compiled_eager_ops_same_step(tmp_path):
     """fast.compile wires torch.compile around the element-wise ops (aot_eager here: no C++ build in
     a unit test); the step is unchanged."""

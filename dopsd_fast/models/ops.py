@@ -8,13 +8,18 @@ eager PyTorch (the structure of the fast path without the kernels: what the abla
 Attention backends (``attention=``): ``triton`` (ours: varlen + dual-branch), ``sdpa`` (PyTorch
 ``scaled_dot_product_attention``: cuDNN / flash / efficient as PyTorch picks), ``flash_attn``
 (flash-attn 2 ``flash_attn_varlen_func``, or 3 from ``flash_attn_interface`` when installed), and
-``auto``: ``triton`` on CUDA, ``sdpa`` elsewhere. An explicit choice that is unavailable raises.
+``auto``: on CUDA the fastest available backend MEASURED on that GPU (:data:`MEASURED_ATTENTION`, filled
+from ``benchmarks/gpu_check.py`` results), PyTorch SDPA where nothing was measured yet; ``sdpa`` off CUDA.
+An explicit choice that is unavailable raises. The SDPA path is varlen-native: samples of different
+lengths go to ONE call as a jagged nested tensor (PyTorch's flash / efficient / cuDNN kernels take the
+offsets on CUDA), no Python loop over samples and no padding.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,19 @@ import torch.nn.functional as F
 log = logging.getLogger("dopsd_fast")
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flash_attn")
+
+# GPU name prefix (torch.cuda.get_device_name) -> attention backends, fastest first, as MEASURED at the
+# Z-Image shapes by benchmarks/gpu_check.py (forward + backward). `auto` takes the first one available.
+# Empty until a GPU run has measured them: `auto` is then PyTorch SDPA, the safe, maintained default.
+MEASURED_ATTENTION: dict[str, tuple[str, ...]] = {}
+
+
+def _available(backend: str) -> bool:
+    if backend == "flash_attn":
+        return _has("flash_attn_interface") or _has("flash_attn")
+    if backend == "triton":
+        return _has("triton")
+    return backend == "sdpa"
 
 
 def _has(mod: str) -> bool:
@@ -32,8 +50,15 @@ def resolve_attention(name: str, device: torch.device) -> str:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"fast.attention must be one of {ATTENTION_BACKENDS}, got {name!r}")
     if name == "auto":
-        choice = "triton" if device.type == "cuda" and _has("triton") else "sdpa"
-        log.info("attention backend: auto -> %s (device %s)", choice, device)
+        choice, why = "sdpa", "nothing measured on this device"
+        if device.type == "cuda":
+            gpu = torch.cuda.get_device_name(device)
+            for prefix, order in MEASURED_ATTENTION.items():
+                if gpu.startswith(prefix):
+                    choice = next((b for b in order if _available(b)), "sdpa")
+                    why = f"measured on {prefix}: {' > '.join(order)}"
+                    break
+        log.info("attention backend: auto -> %s (device %s; %s)", choice, device, why)
         return choice
     if name == "triton" and not _has("triton"):
         raise RuntimeError("fast.attention=triton: the triton package is not installed")
@@ -46,14 +71,28 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
-def _sdpa_varlen(q, k, v, cu: list[int]):
-    """SDPA over packed sequences (q, k, v: (T, H, D), same offsets): one batched call when all
-    lengths are equal, else one call per sequence."""
+def _sdpa_varlen(q, k, v, cu: list[int], cu_t: torch.Tensor | None = None):
+    """SDPA over packed sequences (q, k, v: (T, H, D), same offsets ``cu``; ``cu_t`` the same offsets
+    as a tensor on q's device): one dense batched call when all lengths are equal, else ONE call on a
+    jagged nested batch (varlen kernels on CUDA); a sample of length 0 (allowed by the offsets) falls
+    back to one call per sample."""
     lens = [b - a for a, b in zip(cu, cu[1:])]
     if len(set(lens)) == 1 and lens[0] > 0:
         B, S = len(lens), lens[0]
         qb, kb, vb = (t.view(B, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
+    if lens and min(lens) > 0:
+        off = cu_t if cu_t is not None else torch.tensor(cu, device=q.device)
+        off = off.to(device=q.device, dtype=torch.int64)
+
+        def jag(t):
+            return torch.nested.nested_tensor_from_jagged(t, offsets=off, min_seqlen=min(lens),
+                                                          max_seqlen=max(lens)).transpose(1, 2)
+
+        with warnings.catch_warnings():  # the CPU fallback calls a prototype constructor that warns
+            warnings.simplefilter("ignore")
+            o = F.scaled_dot_product_attention(jag(q), jag(k), jag(v))
+        return o.transpose(1, 2).values()
     outs = []
     for a, b in zip(cu, cu[1:]):
         if b > a:
@@ -77,7 +116,7 @@ def varlen_attention(backend: str, q, k, v, cu: torch.Tensor, cu_list: list[int]
             from flash_attn import flash_attn_varlen_func
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
         return out[0] if isinstance(out, tuple) else out
-    return _sdpa_varlen(q, k, v, cu_list)
+    return _sdpa_varlen(q, k, v, cu_list, cu)
 
 
 class TorchOps:
