@@ -208,22 +208,24 @@ class ContextProvider:
         self.cache = cache
         self.memo: dict = {}
 
-    def _get(self, kind, prompt, rec, image=None, refs=None) -> Context:
-        key = record_key(kind, prompt, rec)
+    def _get(self, kind, s) -> Context:
+        """The context of sample ``s``; its images are read (decoded) only when it must be encoded."""
+        key = record_key(kind, s.prompt, s.record)
         if self.cache is not None:
             return self.cache.get(key)
         ctx = self.memo.get(key)
         if ctx is None:
+            refs = s.references if s.record.reference_paths else []
             ref_kw = {"references": [refs]} if refs else {}
             if kind == "student":
-                ctx = self.adapter.encode_student([prompt], **ref_kw)[0]
+                ctx = self.adapter.encode_student([s.prompt], **ref_kw)[0]
             else:
-                ctx = self.adapter.encode_teacher([prompt], [image], **ref_kw)[0]
+                ctx = self.adapter.encode_teacher([s.prompt], [s.image], **ref_kw)[0]
             self.memo[key] = ctx
         return ctx
 
     def student(self, samples) -> list[Context]:
-        return [self._get("student", s.prompt, s.record, refs=s.references) for s in samples]
+        return [self._get("student", s) for s in samples]
 
     def latents(self, samples) -> torch.Tensor:
         """Clean latents of the samples' target images (the SFT baseline's x0), memoised."""
@@ -236,4 +238,4 @@ class ContextProvider:
         return torch.stack(out)
 
     def teacher(self, samples) -> list[Context]:
-        return [self._get("teacher", s.prompt, s.record, s.image, refs=s.references) for s in samples]
+        return [self._get("teacher", s) for s in samples]

@@ -155,7 +155,7 @@ class DataConfig:
     bucket_multiple: int = 16
     batch_size: int = 1
     skip_bad: bool = False
-    num_workers: int = 0
+    num_workers: int = 2  # threads decoding the next micro-batch's images during the step (0: in the loop)
     # RGB (0-255) that images with an alpha channel are composited on
     alpha_background: list = field(default_factory=lambda: [255, 255, 255])
 
@@ -167,6 +167,8 @@ class DataConfig:
         _check(isinstance(self.prompt_keys, list) and len(self.prompt_keys) > 0, "data.prompt_keys",
                "must be a non-empty list of JSONL keys")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "data.num_workers",
+               "must be an integer >= 0 (threads decoding the next micro-batch's images; 0: in the loop)")
         _check(isinstance(self.alpha_background, (list, tuple)) and len(self.alpha_background) == 3
                and all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in self.alpha_background),
                "data.alpha_background", f"must be three values in [0, 255], got {self.alpha_background}")

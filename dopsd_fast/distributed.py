@@ -128,6 +128,8 @@ def from_env(timeout_s: float = 1800.0) -> Dist:
                               world, is_master=not use_agent and rank == 0, timeout=timeout,
                               **({} if use_agent else {"multi_tenant": True}))
         store = dist.PrefixStore(f"dopsd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+        # CUDA: NCCL for device tensors and gloo for the few host-side ones (metrics flags, checksums)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
     log.info("data parallel: rank %d of %d (local rank %d, backend %s)", rank, world, local, dist.get_backend())
     return d

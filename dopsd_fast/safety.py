@@ -163,14 +163,21 @@ class Guard:
 
     def check_after_update(self, step: int, params, before, gnorm: float) -> float:
         ps = [p.detach() for p in params]
-        if not math.isfinite(self._norm(ps)):  # inf or nan even in fp64: a non-finite weight
+        # the weights', the update's and the old weights' norms in one device->host read (fused fp32
+        # norms; fp64 one tensor at a time only where fp32 overflows)
+        norms = [torch.stack(torch._foreach_norm(ps)).norm()] if ps else [torch.zeros(())]
+        if before is not None and ps:
+            norms += [torch.stack(torch._foreach_norm(torch._foreach_sub(ps, before))).norm(),
+                      torch.stack(torch._foreach_norm(before)).norm()]
+        vals = torch.stack([n.float() for n in norms]).tolist()
+        if not all(math.isfinite(v) for v in vals):
+            vals = [self._norm(ps)] + ([self._norm(torch._foreach_sub(ps, before)), self._norm(before)]
+                                       if len(vals) == 3 else [])
+        if not math.isfinite(vals[0]):  # inf or nan even in fp64: a non-finite weight
             bad = next(i for i, p in enumerate(ps) if not bool(torch.isfinite(p).all()))
             raise DivergenceError(f"step {step}: updated weights are not finite (tensor #{bad}); stopping before "
                                   "anything is written (the last checkpoint is the last good state)")
-        if before is not None:
-            ratio = self._norm(torch._foreach_sub(ps, before)) / max(self._norm(before), 1e-12)
-        else:
-            ratio = float("nan")
+        ratio = vals[1] / max(vals[2], 1e-12) if len(vals) == 3 else float("nan")
         if ratio > self.max_update_ratio:
             raise DivergenceError(f"step {step}: the update is {ratio:.3g} x the weights' norm (train.max_update_ratio="
                                   f"{self.max_update_ratio:g}); diverged, stopping before anything is written (the "

@@ -101,6 +101,9 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
                                           rank=self.rank, world_size=self.world)
+        from dopsd_fast.data.prefetch import ImagePrefetcher
+
+        self.prefetch = ImagePrefetcher(self.dataset, cfg.data.num_workers)
         self._stop_all = False
         self._sigterm = None
         self._sigma_cache: dict = {}
@@ -151,8 +154,10 @@ class Trainer:
         augmentation) keyed by (seed, step, micro-batch, global sample index), not by rank."""
         idx = self.sampler.next_batch()
         first = self.rank * self.cfg.data.batch_size
-        return [self.dataset.get(i, random.Random(_seed_of(self.cfg.train.seed, step, micro, first + j, i, 1)))
-                for j, i in enumerate(idx)]
+        samples = [self.dataset.get(i, random.Random(_seed_of(self.cfg.train.seed, step, micro, first + j, i, 1)),
+                                    images=self.prefetch.images(i)) for j, i in enumerate(idx)]
+        self.prefetch.ahead(self.sampler)  # the next micro-batch's images decode while this one computes
+        return samples
 
     def noise_for(self, samples, step: int, micro: int) -> torch.Tensor:
         """x_0 of each sample from (seed, step, micro-batch, global sample index): N ranks x batch b draw
@@ -220,8 +225,9 @@ class Trainer:
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         accum = self.cfg.train.grad_accum
+        # losses stay on the device: no host read per micro-batch (each would drain the GPU's queue)
         state_losses = None
-        total, n = 0.0, 0
+        total, n = None, 0
         for micro in range(accum):
             if self.sharded:  # FSDP2 reduce-scatters with the last micro-batch's backward only
                 self.weights.transformer.set_requires_gradient_sync(micro == accum - 1)
@@ -231,23 +237,30 @@ class Trainer:
                 res = self.compute_sft(samples, noise, self.step, micro, loss_scale=1.0 / accum)
             else:
                 res = self.compute_rollout(samples, noise, loss_scale=1.0 / accum)
-            total += float(res.loss.detach())
+            loss = res.loss.detach().float().reshape(1)
+            sl = torch.stack([l.detach().float().reshape(()) for l in res.state_losses])
+            total = loss if total is None else total + loss
+            state_losses = sl if state_losses is None else state_losses + sl
             n += len(samples)
-            sl = [float(l) for l in res.state_losses]
-            state_losses = sl if state_losses is None else [a + b for a, b in zip(state_losses, sl)]
         params = self.weights.trainable_parameters()
+        metrics_t = torch.cat([total, state_losses]).double()
         if self.dist.active:  # one gradient average per optimizer step; the metrics and the SIGTERM flag with it
             with self._nv("all-reduce"):  # (FSDP2's sharded gradients are reduce-scattered already)
                 self.dist.all_reduce_mean_([p.grad for p in params if p.grad is not None and not fsdp.is_dtensor(p.grad)])
-            red = self.dist.mean(torch.tensor([total, *state_losses, float(self._sigterm.received if self._sigterm
-                                                                          else 0.0)], dtype=torch.float64))
-            total, state_losses = float(red[0]), [float(v) for v in red[1:-1]]
-            self._stop_all = float(red[-1]) > 0
+            flag = torch.tensor([float(self._sigterm.received if self._sigterm else 0.0)], dtype=torch.float64,
+                                device=metrics_t.device)
+            metrics_t = self.dist.mean(torch.cat([metrics_t, flag]))
             n *= self.world
         # the global gradient norm (clip 0: measured, nothing clipped); DTensor shards reduce inside
         gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0
                                             else float("inf"))
-        gnorm = float(fsdp.local(gn.full_tensor()) if fsdp.is_dtensor(gn) else gn)
+        gn = fsdp.local(gn.full_tensor()) if fsdp.is_dtensor(gn) else gn
+        # ONE device->host read per optimizer step: what the divergence guard decides on before the update
+        host = torch.cat([metrics_t, gn.detach().double().reshape(1).to(metrics_t.device)]).tolist()
+        gnorm = host.pop()
+        if self.dist.active:
+            self._stop_all = host.pop() > 0
+        total, state_losses = host[0], host[1:]
         lr = self.lr_sched.get_last_lr()[0]
         self.guard.check_before_update(self.step + 1, total / accum, gnorm)
         mine = [fsdp.local(p) for p in params]  # the guard reads this rank's shards (all of a replicated tensor)
@@ -264,8 +277,8 @@ class Trainer:
             drift = self.dist.check_in_sync(params + list(self.weights.named_teacher().values()))
             if drift > 0:
                 raise RuntimeError(f"step {self.step}: the ranks' weights drifted apart (checksum difference {drift:.3g})")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        # no device synchronize here: the optimizer, EMA and this step's tail overlap the next step's host
+        # work; the step time is wall time between the host's step boundaries (its mean over steps is exact)
         dt = time.perf_counter() - t0
         metrics = {"loss": total / accum, "grad_norm": gnorm, "lr": lr, "step_time_s": dt, "samples_per_s": n / dt}
         if math.isfinite(update_ratio):
@@ -446,6 +459,7 @@ class Trainer:
 
                     raise Terminated(f"SIGTERM at step {self.step}")
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM (safety.Terminated)
+            self.prefetch.close()
             from dopsd_fast.safety import Terminated
 
             if self.dist.active and not isinstance(e, Terminated):  # the ranks are not in step: no collective save
@@ -458,6 +472,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self.prefetch.close()
         if not tcfg.checkpoint_every or self.step % tcfg.checkpoint_every != 0:
             self.save()
         if vcfg.every and self.step % vcfg.every != 0:

@@ -218,3 +218,85 @@ def test_grad_accumulation_averages(tmp_path):
         tr2.compute_rollout(samples, tr2.noise_for(samples, 0, micro), loss_scale=0.5)
     for n, p in tr2.weights.named_trainable().items():
         assert_close(p.grad, 0.5 * (per[0][n] + per[1][n]), atol=1e-6, rtol=1e-5, name=n, scaled=True)
+
+
+def test_no_host_read_per_micro_batch(tmp_path):
+    """The training loop reads device values back to the host a fixed number of times per optimizer
+    step, whatever the gradient accumulation: no read per micro-batch (each drains the GPU's queue).
+    Reads in the context encoders (which a feature cache removes) are not the loop's and not counted."""
+    import collections
+    import traceback
+
+    from dopsd_fast.trainer import Trainer
+
+    loop_files = ("dopsd_fast/trainer.py", "dopsd_fast/algorithm.py", "dopsd_fast/fastpath.py",
+                  "dopsd_fast/pair.py", "dopsd_fast/safety.py", "dopsd_fast/models/")
+
+    def reads(accum, fast):
+        over = [f"train.grad_accum={accum}"] + (["fast.enabled=true"] if fast else [])
+        tr = Trainer(tiny_config(tmp_path / f"r{accum}{fast}", *over))
+        tr.train_step()  # warm-up (first-step allocations, caches)
+        counts = collections.Counter()
+        saved = {}
+
+        def counting(name, orig):
+            def wrapper(self, *a, **kw):
+                caller = traceback.extract_stack(limit=3)[-2].filename.replace("\\", "/")
+                if any(f in caller for f in loop_files):
+                    counts[(name, caller.split("dopsd_fast/")[-1])] += 1
+                return orig(self, *a, **kw)
+            return wrapper
+
+        for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+            saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, counting(name, saved[name]))
+        try:
+            tr.train_step()
+        finally:
+            for name, orig in saved.items():
+                setattr(torch.Tensor, name, orig)
+        return counts
+
+    for fast in (False, True):
+        one, three = reads(1, fast), reads(3, fast)
+        assert one == three, (fast, one, three)
+        assert sum(v for (_, f), v in one.items() if f == "trainer.py") == 1, one  # the guard's inputs, once
+
+
+
+def test_images_decode_ahead_off_the_step(tmp_path, monkeypatch):
+    """data.num_workers threads decode the next micro-batch's images while the step computes: reading the
+    images of a prefetched batch decodes nothing in the loop, and gives the pixels a decode in the loop
+    gives; with num_workers 0 the loop decodes; contexts from the feature cache read no image at all."""
+    from dopsd_fast.cache import ContextProvider
+    from dopsd_fast.data import dataset as ds
+    from dopsd_fast.trainer import Trainer
+
+    calls = []
+    real = ds.load_image
+    monkeypatch.setattr(ds, "load_image", lambda *a: calls.append(a) or real(*a))
+    for workers in (2, 0):
+        tr = Trainer(tiny_config(tmp_path / f"w{workers}", f"data.num_workers={workers}"))
+        tr.next_samples(0, 0)  # starts decoding the next batch
+        for fut in list(tr.prefetch.pending.values()):
+            fut.result()
+        calls.clear()
+        samples = tr.next_samples(0, 1)
+        assert not any(s.decoded for s in samples)  # lazy: nothing decoded until read
+        images = [s.image for s in samples]
+        if workers:
+            assert calls == [], f"{len(calls)} images decoded in the loop despite the prefetch"
+            fresh = [tr.dataset.load_images(tr.dataset.records.index(s.record))[0] for s in samples]
+            assert all(torch.equal(a, b) for a, b in zip(images, fresh))
+        else:
+            assert len(calls) == len(samples)
+        tr.prefetch.close()
+
+    class Cache:  # a complete feature cache: every context found by key
+        def get(self, key):
+            return key
+
+    samples = tr.next_samples(1, 0)
+    ctx = ContextProvider(adapter=None, cache=Cache())
+    ctx.student(samples), ctx.teacher(samples)
+    assert not any(s.decoded for s in samples)

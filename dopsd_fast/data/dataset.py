@@ -45,14 +45,43 @@ class Record:
     reference_hash: str | None = None  # sha256 over the references' file hashes (cache key); None: no refs
 
 
-@dataclass
 class Sample:
-    """One loaded example: the target image at its bucket size, values in [0, 1], (3, H, W)."""
+    """One example: its record, the drawn prompt, and the target image at its bucket size, values in
+    [0, 1], (3, H, W), with the reference images (editing rows) likewise. The images are decoded when
+    first read (a training run whose contexts come from the feature cache never decodes them), from
+    ``images`` when given: a callable returning ``(image, references)``, e.g. a background decode."""
 
-    record: Record
-    prompt: str
-    image: torch.Tensor
-    references: list = field(default_factory=list)  # (3, h, w) in [0, 1] per reference image
+    def __init__(self, record: Record, prompt: str, image: torch.Tensor | None = None,
+                 references: list | None = None, images=None):
+        self.record, self.prompt = record, prompt
+        self._image, self._refs = image, references
+        self._load = images if images is not None else (lambda: _load_record_images(record))
+        if image is not None:
+            self._refs = references if references is not None else []
+
+    def _ensure(self):
+        if self._image is None:
+            self._image, self._refs = self._load()
+
+    @property
+    def image(self) -> torch.Tensor:
+        self._ensure()
+        return self._image
+
+    @property
+    def references(self) -> list:
+        self._ensure()
+        return self._refs
+
+    @property
+    def decoded(self) -> bool:
+        return self._image is not None
+
+
+def _load_record_images(rec: "Record"):
+    """(target image, reference images) of a record, decoded at their buckets."""
+    return (load_image(rec.image_path, rec.bucket),
+            [load_image(p, b) for p, b in zip(rec.reference_paths, rec.reference_buckets)])
 
 
 def file_sha256(path: str | Path) -> str:
@@ -139,12 +168,18 @@ class ImageTextDataset:
     def buckets_of(self) -> list[tuple]:
         return [r.bucket for r in self.records]
 
-    def get(self, index: int, rng: random.Random | None = None, prompt_index: int | None = None) -> Sample:
+    def get(self, index: int, rng: random.Random | None = None, prompt_index: int | None = None,
+            images=None) -> Sample:
+        """The sample at ``index`` (prompt variant from ``rng``); its images decoded when first read, by
+        ``images`` when given (a callable returning (image, references))."""
         rec = self.records[index]
         if prompt_index is None:
             prompt_index = rng.randrange(len(rec.prompts)) if rng is not None else 0
-        refs = [load_image(p, b) for p, b in zip(rec.reference_paths, rec.reference_buckets)]
-        return Sample(rec, rec.prompts[prompt_index], load_image(rec.image_path, rec.bucket), refs)
+        return Sample(rec, rec.prompts[prompt_index], images=images)
+
+    def load_images(self, index: int):
+        """(image, references) of record ``index``, decoded now."""
+        return _load_record_images(self.records[index])
 
 
 def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref_field=None) -> Record:
