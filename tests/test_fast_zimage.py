@@ -120,17 +120,27 @@ def test_shared_refiner_and_single_branches():
     assert_close(o_t, _eager(plain, x, t, caps_t), 1e-5, 1e-4, "shared-refiner teacher", scaled=True)
 
 
-def test_checkpointed_layers_same_gradients():
+@pytest.mark.parametrize("fused", [False, True])
+def test_checkpointed_layers_same_gradients(fused):
+    """Checkpointed main layers (the student alone in the recompute: with the fused ops, one-branch
+    linears through the same paired op as the pair) give the un-checkpointed gradients; the teacher
+    alone likewise equals the eager teacher."""
+    from dopsd_fast.models.ops import FusedOps
+
     st = _model(True)
     x, t, caps_s, caps_t = _inputs(*CASES[1])
     params = list(st.named_trainable().values())
+    ops = (lambda: FusedOps(attention="sdpa", lora_impl="torch")) if fused else (lambda: None)
     res = []
     for n_ckpt in (0, 2):
-        out_s, _ = _fast(st, checkpoint_layers=n_ckpt).forward_pair(x, t, caps_s, caps_t)
+        out_s, _ = _fast(st, ops=ops(), checkpoint_layers=n_ckpt).forward_pair(x, t, caps_s, caps_t)
         res.append(torch.autograd.grad(out_s.square().mean(), params, allow_unused=True))
     for a, b in zip(*res):
         if a is not None:
             assert_close(a, b, 1e-6, 1e-5, "checkpointed grad", scaled=True)
+    if fused:
+        _, t_alone = _fast(st, ops=ops()).forward_pair(x, t, None, caps_t, student=False)
+        assert_close(t_alone, _eager(st.teacher(), x, t, caps_t), 1e-5, 1e-4, "teacher alone (fused)", scaled=True)
 
 
 def test_fused_kernels_through_the_interpreter():

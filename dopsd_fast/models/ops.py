@@ -71,17 +71,24 @@ def resolve_attention(name: str, device: torch.device) -> str:
     return name
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Saved-tensor hooks are installed (non-reentrant gradient checkpointing, CPU offload): they cannot
+    pack the nested tensors the jagged SDPA saves for its backward."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def _sdpa_varlen(q, k, v, cu: list[int], cu_t: torch.Tensor | None = None):
     """SDPA over packed sequences (q, k, v: (T, H, D), same offsets ``cu``; ``cu_t`` the same offsets
     as a tensor on q's device): one dense batched call when all lengths are equal, else ONE call on a
-    jagged nested batch (varlen kernels on CUDA); a sample of length 0 (allowed by the offsets) falls
-    back to one call per sample."""
+    jagged nested batch (varlen kernels on CUDA). One call per sample instead where a sample has length
+    0 (allowed by the offsets), and inside gradient checkpointing (its saved-tensor hooks cannot pack
+    nested tensors: PyTorch raises "NestedTensorImpl doesn't support sizes")."""
     lens = [b - a for a, b in zip(cu, cu[1:])]
     if len(set(lens)) == 1 and lens[0] > 0:
         B, S = len(lens), lens[0]
         qb, kb, vb = (t.view(B, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
-    if lens and min(lens) > 0:
+    if lens and min(lens) > 0 and not (torch.is_grad_enabled() and _saved_tensor_hooks_active()):
         off = cu_t if cu_t is not None else torch.tensor(cu, device=q.device)
         off = off.to(device=q.device, dtype=torch.int64)
 

@@ -63,6 +63,12 @@ def lora_of(mod, adapter):
     return mod.weight, mod.bias, None
 
 
+def _fused_ops():
+    from dopsd_fast.models.ops import FusedOps
+
+    return FusedOps
+
+
 def has_lora(module) -> bool:
     return any(hasattr(m, "lora_A") for m in module.modules())
 
@@ -169,6 +175,9 @@ class PairedModel:
     def plin(self, name: str, x_s, x_t):
         """The linear ``name`` (a submodule path, e.g. ``layers.3.attention.to_q``) of both branches;
         either input may be None (one-branch run)."""
+        return self.plins([name], x_s, x_t)[0]
+
+    def _plin(self, name: str, x_s, x_t):
         if x_t is None:
             return self._lin(self.ms.get_submodule(name), self.adapter_s, x_s), None
         mod_t = self.mt.get_submodule(name)
@@ -207,15 +216,36 @@ class PairedModel:
         ``[(y_s, y_t)]`` per linear. Both branches of one module with LoRA on every linear: ONE op
         (``ops.paired_linears``: no concatenation, the student's dx of the group in one buffer);
         otherwise :meth:`plin` per linear."""
-        if x_s is not None and x_t is not None and self.same_model:
-            mods = [self.ms.get_submodule(n) for n in names]
-            if not any(is_fp8_linear(getattr(m, "base_layer", m)) for m in mods):
-                ls = [lora_of(m, self.adapter_s) for m in mods]
-                lt = [lora_of(m, self.adapter_t) for m in mods]
-                if all(lo[2] is not None for lo in ls + lt):
-                    return self.ops.paired_linears(x_s, x_t, [lo[0] for lo in ls], [lo[1] for lo in ls],
-                                                   [lo[2] for lo in ls], [lo[2] for lo in lt])
-        return [self.plin(n, x_s, x_t) for n in names]
+        lor = self._fusable(names)
+        if lor is not None and x_s is not None and x_t is not None:
+            ls, lt = lor
+            return self.ops.paired_linears(x_s, x_t, [lo[0] for lo in ls], [lo[1] for lo in ls],
+                                           [lo[2] for lo in ls], [lo[2] for lo in lt])
+        if lor is not None and isinstance(self.ops, _fused_ops()):  # one branch: checkpointed layers, validation
+            return self._one_branch(x_s, x_t, *lor)
+        return [self._plin(n, x_s, x_t) for n in names]
+
+    def _fusable(self, names):
+        """(student, teacher) LoRA triples of linears ``names`` when one op can run them (one module
+        with both adapters on every linear, no FP8 base), else None."""
+        if not self.same_model:
+            return None
+        mods = [self.ms.get_submodule(n) for n in names]
+        if any(is_fp8_linear(getattr(m, "base_layer", m)) for m in mods):
+            return None
+        ls = [lora_of(m, self.adapter_s) for m in mods]
+        lt = [lora_of(m, self.adapter_t) for m in mods]
+        return (ls, lt) if all(lo[2] is not None for lo in ls + lt) else None
+
+    def _one_branch(self, x_s, x_t, ls, lt):
+        """One branch through the same fused op as the pair (the other side with no rows): the group's
+        dx in one buffer, the LoRA delta fused, as on the main path."""
+        x, los = (x_s, ls) if x_t is None else (x_t, lt)
+        none = x.new_empty((0, x.shape[-1]))
+        with contextlib.nullcontext() if x_t is None else torch.no_grad():
+            outs = self.ops.paired_linears(x, none, [lo[0] for lo in los], [lo[1] for lo in los],
+                                           [lo[2] for lo in los], [lo[2] for lo in los])
+        return [(y, None) if x_t is None else (None, y) for y, _ in outs]
 
     # ---- the pair entry point ------------------------------------------------------------------
     def velocity_pair(self, x, sigma, ctx_s, ctx_t):
