@@ -267,8 +267,8 @@ class FastConfig:
     checkpoint: Union[int, str] = "auto"  # auto (memory model) | none | all | N (first N main layers)
     memory_budget_gb: Optional[float] = None  # for checkpoint=auto; None = 85% of free GPU memory
     graphs: bool = False  # CUDA graphs: the no-grad teacher forward and validation roll-outs
-    fp8: str = "off"  # off | te (TransformerEngine) | torchao
-    fp8_recipe: Optional[str] = None  # te: delayed | current; torchao: tensorwise | rowwise (default first)
+    fp8: str = "off"  # off | native (ours: torch._scaled_mm, LoRA runs) | te (TransformerEngine) | torchao
+    fp8_recipe: Optional[str] = None  # native: rowwise|tensorwise; te: delayed|current; torchao: tensorwise|rowwise
     fp8_teacher: bool = True  # run the no-grad teacher forward in FP8 too (te only can turn it off)
     nvtx: bool = False  # nvtx ranges around roll-out states, teacher, student, backward, optimizer
     # torch.compile: the fast path's element-wise ops compiled instead of our kernels (needs
@@ -280,14 +280,15 @@ class FastConfig:
         _one_of(self.kernels, ("auto", "on", "off"), "fast.kernels")
         _one_of(self.attention, ("auto", "triton", "sdpa", "flash_attn"), "fast.attention")
         _one_of(self.gemm, ("auto", "cublas", "triton"), "fast.gemm")
-        _one_of(self.fp8, ("off", "te", "torchao"), "fast.fp8")
+        _one_of(self.fp8, ("off", "native", "te", "torchao"), "fast.fp8")
         if isinstance(self.checkpoint, str):
             _one_of(self.checkpoint, ("auto", "none", "all"), "fast.checkpoint")
         else:
             _check(self.checkpoint >= 0, "fast.checkpoint", f"must be >= 0 layers, got {self.checkpoint}")
         if self.memory_budget_gb is not None:
             _check(self.memory_budget_gb > 0, "fast.memory_budget_gb", "must be > 0")
-        recipes = {"te": ("delayed", "current"), "torchao": ("tensorwise", "rowwise")}
+        recipes = {"native": ("rowwise", "tensorwise"), "te": ("delayed", "current"),
+                   "torchao": ("tensorwise", "rowwise")}
         if self.fp8 != "off":
             _check(self.enabled, "fast.fp8", "FP8 runs on the fast path: set fast.enabled=true")
             if self.fp8_recipe is None:
@@ -296,7 +297,7 @@ class FastConfig:
             _check(self.fp8_teacher or self.fp8 == "te", "fast.fp8_teacher",
                    "only fp8=te can run the teacher forward in bf16 (torchao converts the layers for both)")
         else:
-            _check(self.fp8_recipe is None, "fast.fp8_recipe", "set only with fast.fp8 = te or torchao")
+            _check(self.fp8_recipe is None, "fast.fp8_recipe", "set only with fast.fp8 = native, te or torchao")
         _check(not (self.compile and self.enabled and self.kernels == "on"), "fast.compile",
                "compiles the eager ops in place of our kernels: set fast.kernels=auto or off")
         _check(not self.graphs or self.enabled, "fast.graphs", "CUDA graphs run on the fast path: set fast.enabled=true")

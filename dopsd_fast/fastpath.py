@@ -77,6 +77,12 @@ class FastPath:
                                                self.device)
         self.model = spec.fast_model_class()(student, teacher, ops=ops, checkpoint_layers=n_ckpt, nvtx=fc.nvtx,
                                              fp8_ctx=self.fp8_ctx, fp8_teacher=fc.fp8_teacher)
+        if fc.fp8 == "native":
+            from dopsd_fast.fp8 import NativeFP8, _require_fp8_gpu
+
+            if self.device.type == "cuda":
+                _require_fp8_gpu("native")
+            self.model.fp8_native = NativeFP8(fc.fp8_recipe)
         self.weights = weights
         self.graphs = None
         if fc.graphs:

@@ -1,5 +1,13 @@
-"""FP8 for the large GEMMs of the transformer blocks: TransformerEngine or torchao, chosen by
-``fast.fp8``. Both are optional and imported only here, when asked for.
+"""FP8 for the large GEMMs of the transformer blocks, chosen by ``fast.fp8``: ours (``native``), or
+TransformerEngine / torchao (optional packages, imported only here, when asked for).
+
+* ``native`` (LoRA runs): ``torch._scaled_mm`` called directly by the fast path's paired linears. The
+  frozen base weights are quantized ONCE (float8_e4m3fn, ``rowwise``: one scale per output channel,
+  or ``tensorwise``; re-quantized only if a weight tensor changes), the activations per call on each
+  branch's own rows; the teacher's rows go through the same FP8 GEMMs without entering the autograd
+  graph; the backward computes dX for the student rows only, in bf16 against the bf16 base weight
+  (straight through the quantizer; LoRA trains no base weight, so there is no weight-gradient GEMM).
+  The LoRA deltas stay bf16. Costs one byte per quantized weight on top of the bf16 base.
 
 * ``te``: every selected ``nn.Linear`` becomes ``transformer_engine.pytorch.Linear`` (same weights),
   run under ``te.fp8_autocast`` with ``DelayedScaling`` (``fp8_recipe: delayed``) or
@@ -58,7 +66,7 @@ def apply_fp8(model: torch.nn.Module, mode: str, recipe: str):
     """Converts the selected linears of ``model`` in place. Returns a context factory
     ``ctx(enabled: bool)`` to wrap forwards in (TransformerEngine's fp8_autocast; a no-op for
     torchao, whose layers are always FP8)."""
-    if mode == "off":
+    if mode in ("off", "native"):  # native: no module changes (the paired linears call the FP8 GEMM)
         return lambda enabled=True: contextlib.nullcontext()
     selected = [(n, m) for n, m in model.named_modules() if fp8_module_filter(n, m)]
     if not selected:
@@ -94,6 +102,49 @@ def apply_fp8(model: torch.nn.Module, mode: str, recipe: str):
         rec = DelayedScaling() if recipe == "delayed" else Float8CurrentScaling()
         return lambda enabled=True: te.fp8_autocast(enabled=enabled, fp8_recipe=rec)
     raise ValueError(f"fast.fp8 must be off, te or torchao, got {mode!r}")
+
+
+E4M3_MAX = 448.0
+
+
+def quantize(t: torch.Tensor, rowwise: bool = True):
+    """``t`` (M, K) -> (float8_e4m3fn values, fp32 scales (M, 1) rowwise or () tensorwise) with
+    ``t ~= values * scales``: each row's (or the tensor's) absolute maximum maps to e4m3's 448."""
+    tf = t.detach().float()
+    amax = tf.abs().amax(dim=1, keepdim=True) if rowwise else tf.abs().amax()
+    scale = (amax / E4M3_MAX).clamp_min(1e-12)
+    return (tf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+class NativeFP8:
+    """``fast.fp8: native``: the frozen base weights quantized once, keyed by the weight tensor (a
+    new tensor or an in-place change, seen by its version counter, re-quantizes); :meth:`matmul` is
+    the FP8 GEMM ``x W^T`` with ``x`` quantized per call. :meth:`emulate` is the same arithmetic in
+    PyTorch (quantize, dequantize, bf16 GEMM): what the CPU tests measure the numerics with."""
+
+    def __init__(self, recipe: str = "rowwise"):
+        if recipe not in ("rowwise", "tensorwise"):
+            raise ValueError(f"fast.fp8_recipe for fp8=native must be rowwise or tensorwise, got {recipe!r}")
+        self.rowwise = recipe == "rowwise"
+        self._w: dict = {}
+
+    def weight(self, w: torch.Tensor):
+        hit = self._w.get(id(w))
+        if hit is None or hit[0] is not w or hit[1] != w._version:
+            q, s = quantize(w, self.rowwise)
+            hit = (w, w._version, q, s)
+            self._w[id(w)] = hit
+        return hit[2], hit[3]
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize(x, self.rowwise)
+        wq, ws = self.weight(w)
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t() if self.rowwise else ws, out_dtype=x.dtype)
+
+    def emulate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize(x, self.rowwise)
+        wq, ws = self.weight(w)
+        return ((xq.float() * xs) @ (wq.float() * ws).t()).to(x.dtype)
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

@@ -275,12 +275,27 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # is saved once. Nothing of the teacher is kept for the backward; only the student's dx and adapter
 # gradients are computed; the rank-sized gradient GEMMs (dA = du^T x, dB = dy^T u) go to cuBLAS,
 # which picks split-K for these short, wide products (a 64-row output on 132 SMs).
-def _branch_fwd(x, weights, biases, As, Bs, scales, tri):
-    """-> (ys, us): ``y = x W^T (+ bias) + u B^T`` with ``u = s * x A^T`` per linear of the group."""
+def _branch_fwd(x, weights, biases, As, Bs, scales, tri, fp8=None):
+    """-> (ys, us): ``y = x W^T (+ bias) + u B^T`` with ``u = s * x A^T`` per linear of the group;
+    ``fp8=(quantized weights, their scales, rowwise)``: the base GEMM in FP8 (``torch._scaled_mm``, x
+    quantized here, on this branch's rows), the delta in the activations' dtype."""
     ys, us = [], []
-    for w, bias, a, b, s in zip(weights, biases, As, Bs, scales):
+    if fp8 is not None and x.shape[0] == 0:  # a branch with no rows (one-branch calls)
+        return ([x.new_empty((0, w.shape[0])) for w in weights], [x.new_empty((0, a.shape[0])) for a in As])
+    if fp8 is not None:
+        from dopsd_fast.fp8 import quantize
+
+        xq, xs = quantize(x, fp8[2])
+    for g, (w, bias, a, b, s) in enumerate(zip(weights, biases, As, Bs, scales)):
         n, r = x.shape[0], a.shape[0]
-        if tri:
+        if fp8 is not None:
+            u = torch.addmm(x.new_zeros(()), x, a.t(), beta=0, alpha=s)
+            ws = fp8[1][g]
+            y = torch._scaled_mm(xq, fp8[0][g].t(), scale_a=xs, scale_b=ws.t() if fp8[2] else ws, out_dtype=x.dtype)
+            if bias is not None:
+                y += bias
+            y.addmm_(u, b.t())
+        elif tri:
             u = _gemm(x, a.t(), x.dtype, branch=(n, r, s, s))
             y = _gemm(x, w.t(), x.dtype, a2=u, b2=b.t(), bias=bias)
         else:  # cuBLAS: the scale in the GEMM epilogue (alpha), the delta accumulated into y (beta = 1)
@@ -313,18 +328,22 @@ def _student_bwd(dys, x, weights, us, As, Bs, scales, tri):
 def paired_lora_linears_op(x_s: torch.Tensor, x_t: torch.Tensor, weights: list[torch.Tensor],
                            biases: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
                            a_t: list[torch.Tensor], b_t: list[torch.Tensor], scales_s: list[float],
-                           scales_t: list[float], impl: str) -> list[torch.Tensor]:
+                           scales_t: list[float], impl: str, fp8_w: list[torch.Tensor],
+                           fp8_scale: list[torch.Tensor], fp8_rowwise: bool) -> list[torch.Tensor]:
     """-> ``[y_s per linear] + [y_t per linear] + [u_s per linear]`` (u_s kept for the backward); an
-    empty bias tensor is no bias (a list of optional tensors is not a stable pytree for autograd)."""
+    empty bias tensor is no bias (a list of optional tensors is not a stable pytree for autograd).
+    ``fp8_w`` / ``fp8_scale``: the base weights quantized (float8_e4m3fn) and their scales, for an FP8
+    forward GEMM (empty lists: none); the backward is the same either way (dX in bf16 against W)."""
     biases = [b if b.numel() else None for b in biases]
     tri = impl == "triton" and use_triton(x_s, x_t, *weights, *a_s, *b_s, *a_t, *b_t)
-    ys, us = _branch_fwd(x_s, weights, biases, a_s, b_s, scales_s, tri)
-    yt, _ = _branch_fwd(x_t, weights, biases, a_t, b_t, scales_t, tri)
+    fp8 = (fp8_w, fp8_scale, fp8_rowwise) if fp8_w else None
+    ys, us = _branch_fwd(x_s, weights, biases, a_s, b_s, scales_s, tri, fp8)
+    yt, _ = _branch_fwd(x_t, weights, biases, a_t, b_t, scales_t, tri, fp8)
     return ys + yt + us
 
 
 @paired_lora_linears_op.register_fake
-def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl):
+def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w, fp8_scale, fp8_rowwise):
     return ([x_s.new_empty((x_s.shape[0], w.shape[0])) for w in weights]
             + [x_t.new_empty((x_t.shape[0], w.shape[0])) for w in weights]
             + [x_s.new_empty((x_s.shape[0], a.shape[0])) for a in a_s])
@@ -346,9 +365,9 @@ def _(dys, x, weights, us, a_s, b_s, scales, impl):
 
 
 def _linears_setup(ctx, inputs, output):
-    x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl = inputs
+    x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, *_fp8 = inputs
     G = len(weights)
-    ctx.G, ctx.args = G, (list(scales_s), impl)
+    ctx.G, ctx.args, ctx.fp8_n = G, (list(scales_s), impl), len(_fp8[0])
     ctx.save_for_backward(x_s, *weights, *output[2 * G:], *a_s, *b_s)  # the teacher rows are not kept
     ctx.mark_non_differentiable(*output[G:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher outputs and u
@@ -362,14 +381,16 @@ def _linears_backward(ctx, grads):
     live = [g for g in range(G) if grads[g] is not None]
     none = [None] * G
     if not live:
-        return None, None, none, none, none, none, none, none, None, None, None
+        return None, None, none, none, none, none, none, none, None, None, None, [None] * ctx.fp8_n, \
+            [None] * ctx.fp8_n, None
     pick = lambda seq: [seq[g] for g in live]  # noqa: E731
     out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), pick(us),
                                           pick(a_s), pick(b_s), pick(scales), impl)
     da, db = list(none), list(none)
     for j, g in enumerate(live):
         da[g], db[g] = out[1 + j], out[1 + len(live) + j]
-    return out[0], None, none, none, da, db, none, none, None, None, None
+    return out[0], None, none, none, da, db, none, none, None, None, None, [None] * ctx.fp8_n, \
+        [None] * ctx.fp8_n, None
 
 
 paired_lora_linears_op.register_autograd(_linears_backward, setup_context=_linears_setup)
@@ -386,7 +407,8 @@ def _paired_fwd_cost(M, K, N, r, e, impl):
 
 
 @register_cost("dopsd_fast::paired_lora_linears")
-def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl):
+def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w=(), fp8_scale=(),
+      fp8_rowwise=True):
     flops = byts = 0.0
     e = x_s.element_size()
     for w, a in zip(weights, a_s):
@@ -415,12 +437,13 @@ def _(dys, x, weights, us, a_s, b_s, scales, impl):
 
 
 def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, biases: list, students: list,
-                        teachers: list, impl: str = "triton") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        teachers: list, impl: str = "triton", fp8=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A group of linears reading the same input (e.g. q, k, v): ``x_s`` (student rows, differentiable)
     and ``x_t`` (teacher rows, constants) through each base weight with each branch's own adapter
     ``(lora_A (r, K), lora_B (N, r), scale)``. Returns ``[(y_s, y_t)]`` per linear; ``y_t`` carries no
     gradient, nothing of the teacher rows is kept for the backward, and the student's dx of the whole
-    group is one buffer."""
+    group is one buffer. ``fp8``: a :class:`dopsd_fast.fp8.NativeFP8` (its weights quantized once): the base
+    GEMMs in FP8."""
     K = x_s.shape[-1]
     if x_t.shape[-1] != K:
         raise ValueError(f"paired_lora_linear: x_s and x_t last dims differ ({K} vs {x_t.shape[-1]})")
@@ -440,17 +463,20 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
     if impl not in ("triton", "torch"):
         raise ValueError(f"paired_lora_linear: impl must be 'triton' or 'torch', got {impl!r}")
     nob = weights[0].new_empty(0)
+    fq = [fp8.weight(w) for w in weights] if fp8 is not None else []
     out = paired_lora_linears_op(x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach(),
                                  list(weights), [nob if b is None else b for b in biases], [lo[0] for lo in students],
                                  [lo[1] for lo in students], [lo[0].detach() for lo in teachers],
                                  [lo[1].detach() for lo in teachers], [float(lo[2]) for lo in students],
-                                 [float(lo[2]) for lo in teachers], impl)
+                                 [float(lo[2]) for lo in teachers], impl, [q for q, _ in fq], [s for _, s in fq],
+                                 bool(fp8.rowwise) if fp8 is not None else True)
     G = len(weights)
     return [(out[g].reshape(*x_s.shape[:-1], w.shape[0]), out[G + g].reshape(*x_t.shape[:-1], w.shape[0]))
             for g, w in enumerate(weights)]
 
 
 def paired_lora_linear(x_s: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       student: tuple, teacher: tuple, impl: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+                       student: tuple, teacher: tuple, impl: str = "triton", fp8=None) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
     """One linear of the double forward (:func:`paired_lora_linears` with a group of one)."""
-    return paired_lora_linears(x_s, x_t, [weight], [bias], [student], [teacher], impl)[0]
+    return paired_lora_linears(x_s, x_t, [weight], [bias], [student], [teacher], impl, fp8)[0]

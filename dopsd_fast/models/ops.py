@@ -185,9 +185,32 @@ class TorchOps:
             y_t = self.linear(x_t, weight, bias, lora_t)
         return y_s, y_t
 
-    def paired_linears(self, x_s, x_t, weights, biases, loras_s, loras_t):
-        """A group of linears reading the same input (q, k, v; w1, w3): ``[(y_s, y_t)]`` per linear."""
-        return [self.paired_linear(x_s, x_t, w, b, ls, lt) for w, b, ls, lt in zip(weights, biases, loras_s, loras_t)]
+    def paired_linears(self, x_s, x_t, weights, biases, loras_s, loras_t, fp8=None):
+        """A group of linears reading the same input (q, k, v; w1, w3): ``[(y_s, y_t)]`` per linear.
+        ``fp8`` (a :class:`dopsd_fast.fp8.NativeFP8`): the base GEMMs' FP8 arithmetic emulated (quantize,
+        dequantize), the gradient straight through to the bf16 weight, as the fused op does it."""
+        if fp8 is None:
+            return [self.paired_linear(x_s, x_t, w, b, ls, lt)
+                    for w, b, ls, lt in zip(weights, biases, loras_s, loras_t)]
+        out = []
+        for w, b, ls, lt in zip(weights, biases, loras_s, loras_t):
+            y_s = self._fp8_linear(x_s, w, b, ls, fp8)
+            with torch.no_grad():
+                y_t = self._fp8_linear(x_t, w, b, lt, fp8)
+            out.append((y_s, y_t))
+        return out
+
+    @staticmethod
+    def _fp8_linear(x, w, b, lora, fp8):
+        x2 = x.reshape(-1, x.shape[-1])
+        exact = F.linear(x2, w)
+        y = fp8.emulate(x2, w) + (exact - exact.detach())  # the FP8 product; its gradient through W
+        if b is not None:
+            y = y + b
+        if lora is not None:
+            a, bb, s = lora
+            y = y + s * F.linear(F.linear(x2, a.to(x.dtype)), bb.to(x.dtype))
+        return y.reshape(*x.shape[:-1], w.shape[0])
 
     def attention_one(self, q, k, v, cu, cu_list):
         return varlen_attention(self.attention, q, k, v, cu, cu_list)
@@ -236,18 +259,18 @@ class FusedOps(TorchOps):
     def paired_linear(self, x_s, x_t, weight, bias, lora_s, lora_t):
         return self.paired_linears(x_s, x_t, [weight], [bias], [lora_s], [lora_t])[0]
 
-    def paired_linears(self, x_s, x_t, weights, biases, loras_s, loras_t):
+    def paired_linears(self, x_s, x_t, weights, biases, loras_s, loras_t, fp8=None):
         """One op for the group: per-branch GEMMs on each branch's own rows (no concatenation), the
-        student's dx of the group accumulated in one buffer."""
+        student's dx of the group accumulated in one buffer; with ``fp8`` the base GEMMs in FP8."""
         if any(lo is None for lo in (*loras_s, *loras_t)):
-            return super().paired_linears(x_s, x_t, weights, biases, loras_s, loras_t)
+            return super().paired_linears(x_s, x_t, weights, biases, loras_s, loras_t, fp8)
         dt = x_s.dtype
 
         def cast(lo):
             return lo[0].to(dt), lo[1].to(dt), lo[2]
 
         return self._ml.paired_lora_linears(x_s, x_t, weights, biases, [cast(lo) for lo in loras_s],
-                                            [cast(lo) for lo in loras_t], impl=self.lora_impl)
+                                            [cast(lo) for lo in loras_t], impl=self.lora_impl, fp8=fp8)
 
     def attention_pair(self, s, t):
         if self.attention != "triton":

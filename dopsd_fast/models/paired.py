@@ -138,6 +138,7 @@ class PairedModel:
         self.fp8_teacher = fp8_teacher
         self.checkpoint_layers = int(checkpoint_layers)
         self.same_model = self.ms is self.mt
+        self.fp8_native = None  # a dopsd_fast.fp8.NativeFP8 (fast.fp8: native): the block linears' GEMMs in FP8
 
     def _nv(self, name):
         return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
@@ -217,13 +218,28 @@ class PairedModel:
         (``ops.paired_linears``: no concatenation, the student's dx of the group in one buffer);
         otherwise :meth:`plin` per linear."""
         lor = self._fusable(names)
+        fp8 = self._fp8_for(names) if lor is not None else None
         if lor is not None and x_s is not None and x_t is not None:
             ls, lt = lor
             return self.ops.paired_linears(x_s, x_t, [lo[0] for lo in ls], [lo[1] for lo in ls],
-                                           [lo[2] for lo in ls], [lo[2] for lo in lt])
-        if lor is not None and isinstance(self.ops, _fused_ops()):  # one branch: checkpointed layers, validation
-            return self._one_branch(x_s, x_t, *lor)
+                                           [lo[2] for lo in ls], [lo[2] for lo in lt], fp8=fp8)
+        if lor is not None and (isinstance(self.ops, _fused_ops()) or fp8 is not None):  # one branch
+            return self._one_branch(x_s, x_t, *lor, fp8=fp8)
         return [self._plin(n, x_s, x_t) for n in names]
+
+    def _fp8_for(self, names):
+        """The native FP8 GEMM for linears ``names`` when FP8 is on and every one passes the filter
+        (block attention / feed-forward linears with dimensions that are multiples of 16)."""
+        if self.fp8_native is None:
+            return None
+        from dopsd_fast.fp8 import fp8_module_filter
+
+        for n in names:
+            m = self.ms.get_submodule(n)
+            base = getattr(m, "base_layer", m)
+            if not fp8_module_filter(n + (".base_layer" if base is not m else ""), base):
+                return None
+        return self.fp8_native
 
     def _fusable(self, names):
         """(student, teacher) LoRA triples of linears ``names`` when one op can run them (one module
@@ -237,14 +253,14 @@ class PairedModel:
         lt = [lora_of(m, self.adapter_t) for m in mods]
         return (ls, lt) if all(lo[2] is not None for lo in ls + lt) else None
 
-    def _one_branch(self, x_s, x_t, ls, lt):
+    def _one_branch(self, x_s, x_t, ls, lt, fp8=None):
         """One branch through the same fused op as the pair (the other side with no rows): the group's
         dx in one buffer, the LoRA delta fused, as on the main path."""
         x, los = (x_s, ls) if x_t is None else (x_t, lt)
         none = x.new_empty((0, x.shape[-1]))
         with contextlib.nullcontext() if x_t is None else torch.no_grad():
             outs = self.ops.paired_linears(x, none, [lo[0] for lo in los], [lo[1] for lo in los],
-                                           [lo[2] for lo in los], [lo[2] for lo in los])
+                                           [lo[2] for lo in los], [lo[2] for lo in los], fp8=fp8)
         return [(y, None) if x_t is None else (None, y) for y, _ in outs]
 
     # ---- the pair entry point ------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_paired_form_equals_two_layers(impl):
     for name, a, r in zip(["dx_s", "dA_s", "dB_s"], (gx, ga, gb), torch.autograd.grad(yr, (xr, ar, br), g)):
         assert_close(a, r, 1e-4, 1e-4, name, scaled=True)
     torch.library.opcheck(paired_lora_linears_op, (xs.detach().reshape(-1, 24).requires_grad_(), xt, [w], [b], [a_s],
-                                                   [b_s], [a_t], [b_t], [0.5], [2.0], impl))
+                                                   [b_s], [a_t], [b_t], [0.5], [2.0], impl, [], [], True))
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -183,4 +183,4 @@ def test_paired_group_equals_separate_layers(impl, dtype):
     torch.library.opcheck(paired_lora_linears_op, (xs.clone().requires_grad_(), xt, [lq[0], lv[0]],
                                                    [torch.empty(0), torch.randn(24)], [ad[0][0], ad[2][0]],
                                                    [ad[0][1], ad[2][1]], [lq[4], lv[4]], [lq[5], lv[5]], [0.5, 1.5],
-                                                   [2.0, 1.0], impl))
+                                                   [2.0, 1.0], impl, [], [], True))
