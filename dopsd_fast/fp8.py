@@ -30,8 +30,14 @@ import re
 
 import torch
 
-BLOCK_LINEAR = re.compile(r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|"
-                          r"feed_forward\.(w1|w2|w3))(\.base_layer)?$")
+BLOCK_LINEAR = re.compile(
+    # Z-Image: the main layers' and refiners' attention projections and feed-forwards
+    r"^((layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))"
+    # FLUX.2-klein: the double blocks' image and text attention projections and feed-forwards, the single
+    # blocks' fused QKV + MLP projection and output
+    r"|transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.linear_(in|out)|ff_context\.linear_(in|out))"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))(\.base_layer)?$")
 
 
 def fp8_module_filter(fqn: str, module: torch.nn.Module) -> bool:
