@@ -292,6 +292,10 @@ class KleinFamily(FamilySpec):
     def shard_units(self, tr):
         return [*tr.transformer_blocks, *tr.single_transformer_blocks]
 
+    def checkpointable_layers(self, c):
+        c = dict(c)  # the double blocks, then the single blocks (the memory model's order)
+        return int(c["num_layers"]) + int(c["num_single_layers"])
+
     def teacher_image_tokens(self, n_img):
         return 2 * n_img  # the editing teacher also sees the target image (a reference)
 
@@ -385,8 +389,8 @@ KLEIN = KleinFamily(
     authors_lora_targets=("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                           "attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2",
                           "ff_context.net.0.proj", "ff_context.net.2"),
-    # the packed pass, the kernels, our FP8 (fast.fp8=native); no CUDA graphs or gradient checkpointing yet
-    fast_features=frozenset({"kernels", "attention", "compile", "fp8"}),
+    # the packed pass, the kernels, our FP8 (fast.fp8=native), gradient checkpointing; no CUDA graphs yet
+    fast_features=frozenset({"kernels", "attention", "compile", "fp8", "checkpoint"}),
     editing=True,
     schedule_help="use klein-kN (the N-step inference schedule at the bucket's resolution), klein-kN-authors, "
                   "a named schedule or an explicit list of sigmas ending with 0",

@@ -20,10 +20,11 @@ reference sizes), which the bucketed, padded-to-512 klein batches do.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dopsd_fast.models.paired import Branch, PairedModel, has_lora
 
@@ -54,9 +55,9 @@ def _split3(mod, i):
 class FastFlux2(PairedModel):
     def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False, fp8_ctx=None,
                  fp8_teacher: bool = True):
-        if checkpoint_layers:  # FP8 and graphs are refused by the config (families.KLEIN.fast_features)
-            raise NotImplementedError("FastFlux2: gradient checkpointing is not implemented on the klein fast path")
-        super().__init__(student, teacher, ops, nvtx)
+        # graphs and te / torchao FP8 are refused by the config (families.KLEIN); ``checkpoint_layers``
+        # counts the double blocks first, then the single blocks (the memory model's order)
+        super().__init__(student, teacher, ops, nvtx, checkpoint_layers=checkpoint_layers)
         cfg = self.ms.config
         if cfg.patch_size != 1 or cfg.guidance_embeds:
             raise NotImplementedError("FastFlux2 supports the klein configuration (patch 1, no guidance embedding)")
@@ -243,16 +244,17 @@ class FastFlux2(PairedModel):
                     b.img = torch.cat(parts, 1).reshape(B * b.M, -1)
                     b.txt_h = b.model.context_embedder(b.txt).reshape(B * b.L, -1)
 
-        for bi in range(len(ms.transformer_blocks)):
+        n_double = len(ms.transformer_blocks)
+        for bi in range(n_double):
             with self._nv(f"double{bi}"):
-                self._double(f"transformer_blocks.{bi}", S, T, B)
+                self._run(self._double, f"transformer_blocks.{bi}", S, T, B, ("img", "txt_h"), bi)
 
         for b in live:  # single-stream blocks on [text ; image]
             with b.grad_ctx():
                 b.hs = torch.cat([b.txt_h.view(B, b.L, -1), b.img.view(B, b.M, -1)], 1).reshape(B * (b.L + b.M), -1)
         for bi in range(len(ms.single_transformer_blocks)):
             with self._nv(f"single{bi}"):
-                self._single(f"single_transformer_blocks.{bi}", S, T, B)
+                self._run(self._single, f"single_transformer_blocks.{bi}", S, T, B, ("hs",), n_double + bi)
 
         res = {}
         with self._nv("final"):  # the x_k tokens only
@@ -265,6 +267,24 @@ class FastFlux2(PairedModel):
                     out = b.model.proj_out(y).view(B, N, -1)
                     res[b.name] = KLEIN.convention.velocity(out).permute(0, 2, 1).reshape(B, C, h, w)
         return res.get("s"), res.get("t")
+
+    def _run(self, block, path, S, T, B, fields, index):
+        """Block ``path`` on both branches; among the first ``checkpoint_layers`` blocks the student runs
+        under gradient checkpointing (only its input hidden states ``fields`` kept; the recompute sees
+        the modulation of this block's forward) and the teacher alone, without autograd."""
+        if S is None or index >= self.checkpoint_layers or not torch.is_grad_enabled():
+            return block(path, S, T, B)
+        if T is not None:
+            block(path, None, T, B)
+
+        def run(*hs, snap=replace(S)):
+            b = replace(snap, **dict(zip(fields, hs)))
+            block(path, b, None, B)
+            return tuple(getattr(b, f) for f in fields)
+
+        out = checkpoint(run, *(getattr(S, f) for f in fields), use_reentrant=False)
+        for f, v in zip(fields, out):
+            setattr(S, f, v)
 
     def _attend(self, q, B):
         """Joint attention per sample for both branches (each (q, k, v) of (B*S, H, hd), or None)."""
