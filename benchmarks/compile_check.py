@@ -60,7 +60,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KERNEL_MODULES = ("attention", "dopsd_loss", "multi_lora", "norm_modulation", "rope_qk_norm", "swiglu")
+KERNEL_MODULES = ("attention", "dopsd_loss", "fp8_quant", "multi_lora", "norm_modulation", "rope_qk_norm", "swiglu")
 SMEM_LIMIT = 227 * 1024  # H100/H200: 227 KB of shared memory per block (opt-in maximum)
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -238,6 +238,11 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
         lo_t = [(e(RANK, n_in), e(n, RANK), 2.0) for n in n_outs]
         outs = ops.paired_linears(xs, xt, [e(n, n_in) for n in n_outs], [None] * len(n_outs), lo_s, lo_t)
         sum(ys.sum() for ys, _ in outs).backward()
+    # FP8 rowwise quantization of the linears' inputs (fast.fp8=native), both widths
+    from dopsd_fast.kernels.fp8_quant import quantize_rows
+
+    quantize_rows(e(Ts, D))
+    quantize_rows(e(Ts, F))
     # SwiGLU
     a, b = e(Ts, F, g=True), e(Ts, F, g=True)
     ops.swiglu(a, b).sum().backward()

@@ -44,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-RATES = {"gemm": 700e12, "attn_fwd": 350e12, "attn_bwd": 280e12, "bandwidth": 2.7e12, "launch": 5e-6}
+RATES = {"gemm": 700e12, "gemm_fp8": 1400e12, "attn_fwd": 350e12, "attn_bwd": 280e12, "bandwidth": 2.7e12,
+         "launch": 5e-6}
 GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "a100-80": 80.0, "l40s": 48.0, "4090": 24.0}
 _FREE = {"aten::detach", "aten::alias", "aten::lift_fresh", "aten::_to_copy_meta", "aten::set_",
          "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
@@ -167,10 +168,11 @@ class StepCounter(TorchDispatchMode):
 
 # ---- the step under fake tensors ------------------------------------------------------------------
 def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | None, cap_t: int | None,
-                gemm: str = "auto"):
+                gemm: str = "auto", fp8: str = "off"):
     import step_time
 
     argv = ["--preset", preset, "--backward", backward, "--checkpoint", "none", "--gemm", gemm]
+    argv += ["--fp8", fp8] if path == "fast" else []
     argv += ["--lora-rank", str(rank)] if rank is not None else []
     if path == "fast":  # the GPU configuration: our fused kernels and attention (as custom ops here)
         argv += ["--kernels", "on", "--attention", "triton"]
@@ -192,12 +194,30 @@ def prebuild_layout(bench, fp) -> None:
                      bench.noise.device)
 
 
+def prequantize(fp, mode) -> float:
+    """fast.fp8=native: the block linears' weights quantized before the step (as after a run's first
+    step; they persist like the weights: not step memory). Returns their GB."""
+    native = getattr(fp.model, "fp8_native", None)
+    if native is None:
+        return 0.0
+    from dopsd_fast.fp8 import fp8_module_filter
+
+    n = 0
+    with mode:
+        for name, m in fp.model.ms.named_modules():
+            if fp8_module_filter(name, m):
+                q, sc = native.weight(m.weight)
+                n += q.numel() * q.element_size() + sc.numel() * sc.element_size()
+    return n / 1e9
+
+
 def model_step(preset: str, path: str, backward: str, rank: int | None = None, cap_s=None, cap_t=None,
-               rates=RATES, gemm: str = "auto") -> dict:
+               rates=RATES, gemm: str = "auto", fp8: str = "off") -> dict:
     """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     t0 = time.time()
+    fp8_gb = 0.0
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     swap = torch.utils.swap_tensors
 
@@ -208,11 +228,12 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
     torch.utils.swap_tensors = set_data
     try:
         with mode:
-            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm)
+            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm, fp8)
         if path == "fast":  # built in the fake mode: parameters and buffers fake
             with mode:
-                fp = bench.fast_model(args.kernels)
+                fp = bench.fast_model(args.kernels, fp8=fp8)
             prebuild_layout(bench, fp)  # host-side packing with real offsets, outside the fake mode
+            fp8_gb = prequantize(fp, mode)
     finally:
         torch.utils.swap_tensors = swap
     with mode:
@@ -270,11 +291,11 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             kinds[kind][k] += v
     total = {k: sum(r[k] for r in regions.values()) for k in ("flops", "bytes", "launches", "time_s")}
     return {"preset": preset, "path": path, "backward": backward, "lora_rank": args.lora_rank, "K": len(bench.sigmas) - 1,
-            "gemm": gemm, "non_gemm_tb": kinds["memory"]["bytes"] / 1e12,
+            "gemm": gemm, "fp8": fp8, "non_gemm_tb": kinds["memory"]["bytes"] / 1e12,
             "floor_tflop": bench.floor_flops / 1e12, "total": total,
             "predicted_s": total["time_s"], "floor_s_at_gemm_rate": bench.floor_flops / rates["gemm"],
             "peak_live_gb": counter.peak / 1e9, "peak_region": counter.peak_region,
-            "weights_gb": bench.weights_gb, "regions": {k: dict(v) for k, v in regions.items()},
+            "weights_gb": bench.weights_gb, "fp8_weights_gb": fp8_gb, "regions": {k: dict(v) for k, v in regions.items()},
             "kinds": {k: dict(v) for k, v in kinds.items()},
             "top_ops": sorted(({"op": n, **v} for n, v in counter.ops.items()), key=lambda r: -r["time_s"])[:60],
             "model_seconds": time.time() - t0, "rates": rates}
@@ -298,6 +319,9 @@ def main(argv=None) -> int:
     p.add_argument("--gemm", default="auto", choices=["auto", "cublas", "triton"],
                    help="the fast path's paired-linear GEMM (auto = cublas: the LoRA delta accumulated into the "
                         "output by a second call; triton: in the GEMM's epilogue)")
+    p.add_argument("--fp8", default="off", choices=["off", "native"],
+                   help="the fast path's FP8 (native: the block linears' base GEMMs priced at the FP8 rate, 1400 "
+                        "TFLOP/s, with the activations' quantization)")
     p.add_argument("--json", default=None)
     p.add_argument("--regions", action="store_true", help="print the per-region and per-kind breakdown")
     args = p.parse_args(argv)
@@ -311,7 +335,7 @@ def main(argv=None) -> int:
     rows = []
     for path in args.paths.split(","):
         for bw in args.backward.split(","):
-            r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t, gemm=args.gemm)
+            r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t, gemm=args.gemm, fp8=args.fp8)
             rows.append(r)
             print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
             if args.regions:

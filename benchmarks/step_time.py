@@ -70,7 +70,7 @@ def parse(argv=None):
     p.add_argument("--checkpoint", default="auto", help="fast path: auto | none | all | N layers")
     p.add_argument("--eager-checkpointing", action="store_true",
                    help="eager reference with diffusers' gradient checkpointing (the authors' setting)")
-    p.add_argument("--fp8", default="off", choices=["off", "te", "torchao"])
+    p.add_argument("--fp8", default="off", choices=["off", "native", "te", "torchao"])
     p.add_argument("--graphs", action="store_true", help="CUDA graphs for the teacher forward")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=2)

@@ -415,7 +415,14 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
         for rows in (x_s.shape[0], x_t.shape[0]):
             f, b = _paired_fwd_cost(rows, w.shape[1], w.shape[0], a.shape[0], e, impl)
             flops, byts = flops + f, byts + b
-    # per linear and branch: u, then y (ours: the delta in its epilogue; cuBLAS: a third call adds it)
+    # per linear and branch: u, then y (ours: the delta in its epilogue; cuBLAS: a third call adds it).
+    # FP8 (fast.fp8=native): priced at the FP8 GEMM rate, the LoRA products (~3% of the FLOPs) included;
+    # x is read as e4m3 (its quantization is its own op) and the weight as one byte
+    if fp8_w:
+        e, rows, K = x_s.element_size(), x_s.shape[0] + x_t.shape[0], x_s.shape[1]
+        byts -= sum(rows * K * (e - 1) + w.numel() * (e - 1) for w in weights)  # x and W read as one byte
+        byts += rows * K * (2 * e + 1)  # quantizing x once per branch: read twice (max, cast), write e4m3
+        return Cost(flops, byts, 5 * len(weights) + 2, "gemm_fp8")
     return Cost(flops, byts, (4 if impl == "triton" else 6) * len(weights), "gemm")
 
 
