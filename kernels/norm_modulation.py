@@ -117,6 +117,16 @@ def _tanh(g):
 
 
 @triton.jit
+def _gate_act(g, TANH: tl.constexpr):
+    """(act(g), act'(g)): tanh (Z-Image) or the identity (FLUX.2)."""
+    if TANH:
+        act = _tanh(g)
+        return act, 1.0 - act * act
+    else:
+        return g, g * 0.0 + 1.0
+
+
+@triton.jit
 def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, SEQ_ptr, S_len, D, TANH: tl.constexpr, HAS_SEQ: tl.constexpr,
                       BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
@@ -140,12 +150,7 @@ def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, SEQ_ptr, S_len, D, T
     m = cols < D
     do = tl.load(DO_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
     g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
-    if TANH:
-        act = _tanh(g)
-        dact = 1.0 - act * act
-    else:
-        act = g
-        dact = tl.full([BLOCK_D], 1.0, tl.float32)
+    act, dact = _gate_act(g, TANH)
     tl.store(DY_ptr + row * D + cols, (do * act).to(DY_ptr.dtype.element_ty), mask=m)
     if PARTIALS:  # the gate's gradient only where the gate trains (not under LoRA): y not even read
         y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
@@ -184,12 +189,7 @@ def _norm_gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, W_ptr, RSTD_ptr, DY_ptr, PW_ptr
     rstd = tl.load(RSTD_ptr + row)
     w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
     g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
-    if TANH:
-        act = _tanh(g)
-        dact = 1.0 - act * act
-    else:
-        act = g
-        dact = tl.full([BLOCK_D], 1.0, tl.float32)
+    act, dact = _gate_act(g, TANH)
     yhat = y * rstd
     dyn = do * act
     gy = dyn * w
