@@ -158,3 +158,16 @@ def test_sampler_resumable_and_rank_aware():
         assert len(g) == 4 and len({buckets[i] for i in g}) == 1
     assert sorted(set(i for g in allb for i in g)) == list(range(9))
     assert len(BucketBatchSampler(buckets, 4, seed=3, drop_last=True).epoch_batches(0)) == 2
+
+
+def test_peek_batch_is_the_next_batch_and_advances_nothing():
+    """What the image prefetcher reads: peek_batch() == the following next_batch(), across epoch ends,
+    and the sampler's state (what a checkpoint saves) is untouched by a peek."""
+    from dopsd_fast.data.sampler import BucketBatchSampler
+
+    s = BucketBatchSampler([(64, 64)] * 5 + [(32, 64)] * 3, 2, seed=7)
+    for _ in range(12):  # several epochs
+        state = s.state_dict()
+        peeked = s.peek_batch()
+        assert s.state_dict() == state
+        assert s.next_batch() == peeked

@@ -2,15 +2,14 @@
 
 ``data.num_workers`` threads decode the images of the NEXT micro-batch while the current one computes
 (PIL releases the GIL while it decodes and resizes, so threads overlap the step's host work; no worker
-processes, no pickling). The next batch is predicted from a copy of the sampler: the sampler is
-deterministic, so the prediction is the batch the run will take (after a resume too, from the restored
+processes, no pickling). The next batch is peeked from the sampler (nothing advanced): it is
+deterministic, so the peeked batch is the one the run will take (after a resume too, from the restored
 state). A sample whose images were not prefetched decodes when first read, as with ``num_workers: 0``;
 a run whose contexts come from the feature cache never reads them, so nothing is decoded at all.
 """
 
 from __future__ import annotations
 
-import copy
 from concurrent.futures import Future, ThreadPoolExecutor
 
 
@@ -30,7 +29,7 @@ class ImagePrefetcher:
         """Start decoding the batch ``sampler`` will give next (the sampler itself is not advanced)."""
         if self.pool is None:
             return
-        nxt = set(copy.deepcopy(sampler).next_batch())
+        nxt = set(sampler.peek_batch())
         for i in [i for i in self.pending if i not in nxt]:  # done with: drop (a running decode finishes alone)
             self.pending.pop(i).cancel()
         for i in nxt:

@@ -35,6 +35,16 @@ class BucketBatchSampler:
         return self.batch_size * self.world_size
 
     def global_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (computed once per epoch and kept: read, do not modify)."""
+        key = (self.seed, epoch, self.global_batch, self.drop_last)
+        cached = getattr(self, "_cached", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        batches = self._global_batches(epoch)
+        self._cached = (key, batches)
+        return batches
+
+    def _global_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         groups: dict = {}
         for i, b in enumerate(self.buckets_of):
@@ -59,19 +69,27 @@ class BucketBatchSampler:
         b, r = self.batch_size, self.rank
         return [g[r * b:(r + 1) * b] for g in self.global_batches(epoch)]
 
-    def next_batch(self) -> list[int]:
-        """This rank's slice of the next global batch."""
+    def _next(self) -> tuple[int, int, list[int]]:
+        """(epoch, position, this rank's slice) of the next global batch, without advancing."""
+        epoch, position = self.epoch, self.position
         while True:
-            batches = self.global_batches(self.epoch)
-            if self.position < len(batches):
-                g = batches[self.position]
-                self.position += 1
-                return g[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            batches = self.global_batches(epoch)
+            if position < len(batches):
+                return epoch, position, batches[position][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             if not batches:
                 raise ValueError(f"no full global batch of {self.global_batch} samples in any bucket "
                                  "(drop_last with a dataset smaller than batch_size x world_size)")
-            self.epoch += 1
-            self.position = 0
+            epoch, position = epoch + 1, 0
+
+    def next_batch(self) -> list[int]:
+        """This rank's slice of the next global batch."""
+        self.epoch, position, batch = self._next()
+        self.position = position + 1
+        return batch
+
+    def peek_batch(self) -> list[int]:
+        """What :meth:`next_batch` will return next (nothing advanced)."""
+        return self._next()[2]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch}
