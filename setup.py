@@ -10,7 +10,7 @@ setup(
     description="Fast, kernel-backed D-OPSD (on-policy self-distillation) trainer for step-distilled diffusion transformers",
     packages=find_packages(include=["dopsd_fast", "dopsd_fast.*"]) + ["dopsd_fast.kernels", "dopsd_fast.configs"],
     package_dir={"dopsd_fast.kernels": "kernels", "dopsd_fast.configs": "configs"},
-    package_data={"dopsd_fast.configs": ["*.yaml"]},
+    package_data={"dopsd_fast.configs": ["*.yaml"], "dopsd_fast.toy": ["weights/*.safetensors", "weights/toy.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.11",

@@ -356,7 +356,7 @@ _KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=
 ZIMAGE = ZImageFamily(
     name="zimage", title="Z-Image", adapter_path="dopsd_fast.adapters.zimage:ZImageAdapter",
     fast_model_path="dopsd_fast.models.zimage:FastZImage", transformer_class="ZImageTransformer2DModel",
-    convention=Convention(time_is_one_minus_sigma=True, output_is_minus_v=True), presets=("tiny-zimage",),
+    convention=Convention(time_is_one_minus_sigma=True, output_is_minus_v=True), presets=("tiny-zimage", "toy-zimage"),
     flavours={
         "tiny-zimage": Flavour("tiny-zimage", None, 128, 24, 80, 8, "cpu", "fp32"),
         # head dim 128 like the release, 8 layers: a quick GPU run

@@ -25,6 +25,8 @@ def test_wheel_files_match_the_tree_and_run_the_fast_path(tmp_path):
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "dopsd_fast").rglob("*.py")}
     expected |= {f"dopsd_fast/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
     expected |= {f"dopsd_fast/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
+    expected |= {str(p.relative_to(ROOT)) for p in (ROOT / "dopsd_fast" / "toy" / "weights").iterdir()
+                 if p.suffix in (".safetensors", ".json")}  # the toy model (package data)
     assert names == expected, f"missing {sorted(expected - names)}, extra {sorted(names - expected)}"
     assert not any(n.startswith("kernels/") for n in names), "no top-level kernels package (Hugging Face's name)"
 

@@ -107,9 +107,13 @@ class ZImageAdapter(ModelAdapter):
         load_encoders = load_encoders and not empty_weights
         self.text_encoder = self.vlm = self.tokenizer = self.vlm_tokenizer = self.image_processor = None
         if cfg.preset is not None:
-            if cfg.preset != "tiny-zimage":
-                raise ValueError(f"model.preset: unknown preset {cfg.preset!r} for family zimage (known: tiny-zimage)")
-            self._build_tiny(load_encoders)
+            if cfg.preset == "toy-zimage":
+                self._build_toy(load_encoders)
+            elif cfg.preset == "tiny-zimage":
+                self._build_tiny(load_encoders)
+            else:
+                raise ValueError(f"model.preset: unknown preset {cfg.preset!r} for family zimage "
+                                 "(known: tiny-zimage, toy-zimage)")
         else:
             self._load_local(load_encoders)
         self.transformer.to(self.device, self.dtype).requires_grad_(False)
@@ -131,6 +135,32 @@ class ZImageAdapter(ModelAdapter):
         self.max_pixels = self.cfg.teacher_max_pixels or tiny.TINY_IMAGE_PROCESSOR["max_pixels"]
         if load_encoders:
             self._build_tiny_encoders()
+
+    def _build_toy(self, load_encoders: bool) -> None:
+        """The pretrained toy Z-Image of the toy world (``dopsd_fast.toy``): the K = 4 step-distilled
+        student DiT, its VAE and encoders, from the package's safetensors."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from dopsd_fast.toy import models as toy
+
+        if not (toy.WEIGHTS_DIR / "student.safetensors").is_file():
+            raise FileNotFoundError(f"model.preset=toy-zimage: no toy weights in {toy.WEIGHTS_DIR} "
+                                    "(python -m dopsd_fast.toy all, then ship)")
+        self.transformer = toy.build_transformer("student")
+        self.vae = toy.build_vae()
+        self.scheduler_config = dict(FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).config)
+        self.min_pixels = self.max_pixels = toy.TOY_IMAGE_PROCESSOR["max_pixels"]
+        if load_encoders:
+            self._build_toy_encoders()
+
+    def _build_toy_encoders(self) -> None:
+        from dopsd_fast.toy import models as toy
+
+        self.tokenizer, self.text_encoder, self.vlm, self.image_processor = toy.build_encoders()
+        self.vlm_tokenizer = self.tokenizer
+        self.swap_report = swap_language_model(self.vlm, self.text_encoder)
+        self._finish_encoders()
 
     def _build_tiny_encoders(self) -> None:
         from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -194,7 +224,9 @@ class ZImageAdapter(ModelAdapter):
 
     def ensure_encoders(self) -> None:
         if self.text_encoder is None:
-            if self.cfg.preset is not None:
+            if self.cfg.preset == "toy-zimage":
+                self._build_toy_encoders()
+            elif self.cfg.preset is not None:
                 self._build_tiny_encoders()
             else:
                 self._load_local_encoders()
@@ -216,6 +248,11 @@ class ZImageAdapter(ModelAdapter):
         }
         if self.cfg.preset is not None:
             weights = {"preset": self.cfg.preset, "seed": self.cfg.seed, "version": TINY_PRESET_VERSION}
+            if self.cfg.preset == "toy-zimage":
+                from dopsd_fast.toy import models as toy
+
+                weights["files"] = {n: hashlib.sha256((toy.WEIGHTS_DIR / n).read_bytes()).hexdigest()[:16]
+                                    for n in ("text_encoder.safetensors", "vision.safetensors")}
         else:
             p = Path(self.cfg.path)
             weights = {

@@ -1,0 +1,598 @@
+"""The toy-world pipeline, one resumable stage at a time:
+
+    python -m dopsd_fast.toy all --out runs/toy        # every stage but ship (skips the finished ones)
+    python -m dopsd_fast.toy vae|classifier|base|student|evaluate|ship --out runs/toy
+
+Outputs: ``<out>/weights/`` (safetensors + ``toy.json``), ``<out>/<stage>/`` (metrics.jsonl,
+pictures, the resumable ``state.pt`` while a stage runs), ``<out>/results.json`` and
+``<out>/results.md``. ``ship`` copies the weights into the package (``dopsd_fast/toy/weights/``).
+The CPU time of each stage (2 cores) is in ``benchmarks/science/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dopsd_fast.toy import models as M
+from dopsd_fast.toy import world as W
+from dopsd_fast.toy.stages import Loop, save_safetensors, step_rng
+
+log = logging.getLogger("dopsd_fast.toy")
+
+# Steps of each stage (the shipped weights); ``--scale`` multiplies them (tests use tiny scales).
+STEPS = {"vae": 1500, "classifier": 600, "base": 3500, "student": 1500}
+
+
+def _lr_schedule(opt, steps, warmup=50, floor=0.1):
+    def f(i):
+        if i < warmup:
+            return (i + 1) / warmup
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def _weights(out: Path) -> Path:
+    return Path(out) / "weights"
+
+
+def _indices(seed, step, n, salt):
+    rng = random.Random(seed * 1_000_003 + step * 31 + salt)
+    return [rng.randrange(10 ** 9) for _ in range(n)], rng
+
+
+# ---- 1. the VAE -------------------------------------------------------------------------------
+def vae_batch(seed: int, step: int, n: int) -> torch.Tensor:
+    """Mostly world pictures, plus uncaptioned patterns and [V] pictures: the VAE stands for a
+    general-purpose autoencoder (the real one was trained on everything), so it may see the concept."""
+    idx, _ = _indices(seed, step, n, 1)
+    k = n // 8
+    parts = [W.batch("train", idx[: n - 2 * k])[0], W.batch("patterned", idx[n - 2 * k: n - k])[0],
+             W.batch("concept-extra", idx[n - k:])[0]]
+    return torch.cat(parts)
+
+
+def stage_vae(out: Path, steps: int, batch: int = 32, seed: int = 0) -> dict:
+    vae = M.build_vae(load=False, seed=seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = _lr_schedule(opt, steps)
+    loop = Loop(out, "vae", {"vae": vae}, opt, steps, scheduler=sched, desc="vae")
+    for step in loop:
+        x = vae_batch(seed, step, batch) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=step_rng(seed, step))).sample
+        l1 = (rec - x).abs().mean()
+        loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            loop.log(step, loss=loss.item(), l1=l1.item())
+    seconds = loop.finish()
+    vae.eval()
+    with torch.no_grad():  # the latents' shift and scale (as diffusers configs carry them)
+        x = torch.cat([W.batch("validation", range(i, i + 64))[0] for i in range(0, 512, 64)])
+        z = torch.cat([vae.encode(x[i:i + 64] * 2 - 1).latent_dist.mode() for i in range(0, 512, 64)])
+        shift, scale = z.mean().item(), 1.0 / z.std().item()
+    save_safetensors(vae.state_dict(), _weights(out) / "vae.safetensors")
+    meta = M.write_meta(_weights(out), vae_shift_factor=shift, vae_scaling_factor=scale,
+                        vae={"steps": steps, "batch": batch, "seed": seed, "cpu_seconds": round(seconds)})
+    vae = M.build_vae(_weights(out))
+    res = {"psnr_" + s: _psnr(vae, s) for s in ("validation", "concept-heldout", "patterned")}
+    x = torch.cat([W.batch(s, range(8))[0] for s in ("validation", "concept-heldout", "patterned")])
+    with torch.no_grad():
+        rec = M.vae_decode(vae, M.vae_encode(vae, x))
+    W.grid(torch.cat([x, rec]), scale=2).save(Path(out) / "vae" / "reconstructions.png")
+    M.write_meta(_weights(out), vae=dict(meta["vae"], **res))
+    return res
+
+
+@torch.no_grad()
+def _psnr(vae, split, n=128):
+    x = W.batch(split, range(n))[0]
+    rec = M.vae_decode(vae, M.vae_encode(vae, x))
+    return round(float(10 * torch.log10(1 / (rec - x).pow(2).mean())), 2)
+
+
+# ---- 2. the metric classifier -----------------------------------------------------------------
+class Classifier(torch.nn.Module):
+    """A small CNN with one head per attribute; ``features`` (64-d) is what the FID-like distance uses."""
+
+    HEADS = {k: len(v) for k, v in W.ATTRIBUTES.items()}
+
+    def __init__(self):
+        super().__init__()
+        c = [3, 32, 64, 96, 128]
+        layers = []
+        for a, b in zip(c[:-1], c[1:]):
+            layers += [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.GroupNorm(8, b), torch.nn.SiLU(),
+                       torch.nn.Conv2d(b, b, 3, padding=1, stride=2), torch.nn.SiLU()]
+        self.body = torch.nn.Sequential(*layers)  # 64 -> 4
+        self.proj = torch.nn.Linear(128 * 16, 64)
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(64, n) for k, n in self.HEADS.items()})
+
+    def features(self, x):
+        return F.silu(self.proj(self.body(x * 2 - 1).flatten(1)))
+
+    def forward(self, x):
+        f = self.features(x)
+        return {k: h(f) for k, h in self.heads.items()}
+
+
+def classifier_batch(seed, step, n):
+    idx, _ = _indices(seed, step, n, 2)
+    k = n // 8
+    xs, attrs = [], []
+    for split, ii in (("train", idx[: n - 2 * k]), ("patterned", idx[n - 2 * k: n - k]), ("concept-extra", idx[n - k:])):
+        x, _, a = W.batch(split, ii)
+        xs.append(x)
+        attrs += a
+    y = {key: torch.tensor([W.labels(a)[key] for a in attrs]) for key in Classifier.HEADS}
+    return torch.cat(xs), y
+
+
+def stage_classifier(out: Path, steps: int, batch: int = 64, seed: int = 0) -> dict:
+    """Trained on world pictures, uncaptioned patterns and [V] pictures; half of every batch goes
+    through the toy VAE first, so that the blur of decoded samples is not mistaken for an attribute."""
+    torch.manual_seed(seed)
+    vae = M.build_vae(_weights(out)).requires_grad_(False).eval()
+    net = Classifier()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = _lr_schedule(opt, steps)
+    loop = Loop(out, "classifier", {"net": net}, opt, steps, scheduler=sched, desc="classifier")
+    for step in loop:
+        x, y = classifier_batch(seed, step, batch)
+        with torch.no_grad():
+            x[::2] = M.vae_decode(vae, M.vae_encode(vae, x[::2]))
+        logits = net(x)
+        loss = sum(F.cross_entropy(logits[k], y[k], ignore_index=-1) for k in logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            loop.log(step, loss=loss.item())
+    seconds = loop.finish()
+    net.eval()
+    save_safetensors(net.state_dict(), _weights(out) / "classifier.safetensors")
+    acc = {}
+    for split in ("validation", "heldout", "concept-heldout"):
+        x, _, attrs = W.batch(split, range(0, 512 if split != "concept-heldout" else 32))
+        acc[split] = attribute_accuracy(net, x, attrs)
+        with torch.no_grad():
+            acc[split + "_through_vae"] = attribute_accuracy(net, M.vae_decode(vae, M.vae_encode(vae, x)), attrs)
+    M.write_meta(_weights(out), classifier={"steps": steps, "batch": batch, "seed": seed,
+                                            "cpu_seconds": round(seconds), "accuracy_on_real": acc})
+    return acc
+
+
+def load_classifier(weights_dir: Path) -> Classifier:
+    net = Classifier()
+    M.load_into(net, Path(weights_dir) / "classifier.safetensors")
+    return net.eval()
+
+
+@torch.no_grad()
+def attribute_accuracy(net, images, attrs) -> dict:
+    """Per-attribute accuracy of the classifier's predictions against ``attrs`` (background colour
+    only where the picture shows it)."""
+    logits = net(images)
+    out = {}
+    for k in Classifier.HEADS:
+        y = torch.tensor([W.labels(a)[k] for a in attrs])
+        ok = y >= 0
+        if ok.any():
+            out[k] = round(float((logits[k].argmax(-1)[ok] == y[ok]).float().mean()), 4)
+    return out
+
+
+
+# ---- 3. the pretrained base: text-to-image AND in-context ---------------------------------------
+def _drop_prompt(a: dict, rng: random.Random, p: float) -> str:
+    keys = ("size", "colour", "shape", "position", "background", "texture")
+    return W.caption(a, {k for k in keys if rng.random() < p})
+
+
+def base_batch(seed: int, step: int, n: int):
+    """Half the batch text-to-image (student context: the caption), half in-context (teacher
+    context: the caption with each attribute dropped at p = 0.3 for half of them, plus the target
+    picture itself), half of those with an uncaptioned random pattern, so copying what the picture
+    shows is learnt for any background, not only for the captioned ones. Never [V]."""
+    idx, rng = _indices(seed, step, n, 3)
+    h = n // 2
+    q = h // 2
+    x_t, cap_t, _ = W.batch("train", idx[:h])
+    x_c1, _, a1 = W.batch("train", idx[h:n - q])
+    x_c2, _, a2 = W.batch("patterned", idx[n - q:])
+    caps_c = [_drop_prompt(a, rng, 0.3 if i % 2 else 0.0) for i, a in enumerate(a1 + a2)]
+    return x_t, cap_t, torch.cat([x_c1, x_c2]), caps_c
+
+
+def train_sigmas(g: torch.Generator, n: int) -> torch.Tensor:
+    """Logit-normal noise levels, shifted by 3 toward noise (the Z-Image inference shift)."""
+    s = torch.sigmoid(torch.randn(n, generator=g))
+    return 3 * s / (1 + 2 * s)
+
+
+class _Trainable(torch.nn.Module):
+    def __init__(self, dit, text_encoder, visual):
+        super().__init__()
+        self.dit, self.text_encoder, self.visual = dit, text_encoder, visual
+
+
+def stage_base(out: Path, steps: int, batch: int = 48, seed: int = 0, gate_n: int = 64) -> dict:
+    """The DiT, the text encoder (= the VLM's language model, tied) and the vision tower trained
+    together from scratch with the flow-matching loss; the VAE frozen. An EMA (0.999) of all three is
+    what ships."""
+    import copy
+
+    wd = _weights(out)
+    tok, te, vlm, ip = M.build_encoders(wd, load=False)
+    vae = M.build_vae(wd).requires_grad_(False).eval()
+    dit = M.build_transformer(None)
+    net = _Trainable(dit, te, vlm.visual)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=0.0)
+    sched = _lr_schedule(opt, steps, warmup=100)
+    loop = Loop(out, "base", {"net": net, "ema": ema}, opt, steps, scheduler=sched, desc="base")
+    for step in loop:
+        g = step_rng(seed, step, 3)
+        x_t, cap_t, x_c, cap_c = base_batch(seed, step, batch)
+        with torch.no_grad():
+            x0 = M.vae_encode(vae, torch.cat([x_t, x_c]))
+        feats = M.encode_text(tok, te, cap_t) + M.encode_teacher(tok, vlm, ip, cap_c, x_c)
+        sig = train_sigmas(g, x0.shape[0])
+        eps = torch.randn(x0.shape, generator=g)
+        xs = (1 - sig.view(-1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1) * eps
+        err = (M.velocity(dit, xs, sig, feats) - (eps - x0)).pow(2).flatten(1).mean(1)
+        loss = err.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(0.999, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - d)
+        if step % 25 == 0 or step == steps - 1:
+            h = len(cap_t)
+            loop.log(step, loss=loss.item(), loss_text=err[:h].mean().item(), loss_context=err[h:].mean().item(),
+                     grad_norm=gn.item())
+    seconds = loop.finish()
+    save_safetensors(ema.dit.state_dict(), wd / "base.safetensors")
+    save_safetensors(ema.text_encoder.state_dict(), wd / "text_encoder.safetensors")
+    save_safetensors(ema.visual.state_dict(), wd / "vision.safetensors")
+    M.write_meta(wd, base={"steps": steps, "batch": batch, "seed": seed, "cpu_seconds": round(seconds)})
+    gate = in_context_gate(out, "base", n_world=gate_n, n_concept=min(gate_n, len(W.CONCEPT_HELDOUT)))
+    M.write_meta(wd, base=dict(M.read_meta(wd)["base"], in_context=gate))
+    return gate
+
+
+# ---- the research gate: in-context ability ------------------------------------------------------
+BASE_STEPS = 40  # the base's many-step sampler: 10 Euler steps inside each student segment
+
+
+def fine_schedule(per_segment: int = 10) -> list[float]:
+    """The student's K = 4 noise levels with ``per_segment`` uniform Euler steps between each pair."""
+    out = []
+    for a, b in zip(M.STUDENT_SIGMAS[:-1], M.STUDENT_SIGMAS[1:]):
+        out += [a + (b - a) * i / per_segment for i in range(per_segment)]
+    return out + [0.0]
+
+
+def _noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn((n, 16, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(toy: M.Toy, prompts, images=None, schedule=None, seed: int = 1234, chunk: int = 64) -> torch.Tensor:
+    """Pictures ``(N, 3, 64, 64)`` from prompts (text context), or from (prompt, picture) teacher
+    contexts when ``images`` is given; fixed noise per index."""
+    schedule = schedule or fine_schedule()
+    out = []
+    for i in range(0, len(prompts), chunk):
+        p = prompts[i:i + chunk]
+        if images is None:
+            feats = M.encode_text(toy.tokenizer, toy.text_encoder, p)
+        else:
+            feats = M.encode_teacher(toy.tokenizer, toy.vlm, toy.image_processor, p, images[i:i + chunk])
+        noise = _noise(len(prompts), seed)[i:i + chunk]
+        out.append(M.vae_decode(toy.vae, M.sample(toy.transformer, feats, schedule, noise)))
+    return torch.cat(out)
+
+
+def load_toy(out: Path, which: str, wd: Path | None = None) -> M.Toy:
+    toy = M.build(which, wd or _weights(out))
+    for m in (toy.text_encoder, toy.vlm, toy.vae, toy.transformer):
+        m.requires_grad_(False).eval()
+    return toy
+
+
+@torch.no_grad()
+def in_context_gate(out: Path, which: str, schedule=None, n_world: int = 64, n_concept: int = len(W.CONCEPT_HELDOUT),
+                    figure: bool = True, wd: Path | None = None) -> dict:
+    """Does the model reproduce the target's specifics from (prompt + target) far better than from
+    the prompt alone? Pixel MSE to the target and the classifier's verdicts, both contexts, on
+    held-out world pictures and on the held-out [V] pictures (an unseen texture)."""
+    wd = Path(wd or _weights(out))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    toy = load_toy(out, which, wd)
+    net = load_classifier(wd) if (wd / "classifier.safetensors").is_file() else None
+    res, rows = {}, []
+    for split, n in (("heldout", n_world), ("concept-heldout", n_concept)):
+        x, caps, attrs = W.batch(split, [i * 4 + 1 for i in range(n)] if split == "heldout" else range(n))
+        gen_t = generate(toy, caps, schedule=schedule)
+        gen_c = generate(toy, caps, images=x, schedule=schedule)
+        r = {"mse_text": float((gen_t - x).pow(2).mean()), "mse_context": float((gen_c - x).pow(2).mean())}
+        r["mse_ratio"] = r["mse_text"] / r["mse_context"]
+        if net is not None:
+            r["accuracy_text"] = attribute_accuracy(net, gen_t, attrs)
+            r["accuracy_context"] = attribute_accuracy(net, gen_c, attrs)
+        res[split] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+        rows += [x[:8], gen_t[:8], gen_c[:8]]
+    if figure:
+        W.grid(torch.cat(rows), scale=3).save(Path(out) / f"in_context_{which}.png")
+    return res
+
+
+
+# ---- 4. the K = 4 step-distilled student ---------------------------------------------------------
+def _trajectory_prompts(seed: int, j0: int, n: int):
+    """Two thirds text contexts (train captions), one third teacher contexts (train / patterned
+    pictures with full or partial captions): the student keeps the base's in-context ability."""
+    idx, rng = _indices(seed, j0, n, 4)
+    n_c = n // 3
+    _, cap_t, _ = W.batch("train", idx[: n - n_c])
+    x_c, _, a_c = W.batch("train", idx[n - n_c:])
+    xp, _, ap = W.batch("patterned", idx[n - n_c:])
+    pick = [rng.random() < 0.25 for _ in range(n_c)]
+    x_c = torch.stack([xp[i] if pick[i] else x_c[i] for i in range(n_c)])
+    a_c = [ap[i] if pick[i] else a_c[i] for i in range(n_c)]
+    caps_c = [_drop_prompt(a, rng, 0.3 if i % 2 else 0.0) for i, a in enumerate(a_c)]
+    return cap_t, caps_c, x_c
+
+
+@torch.no_grad()
+def base_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128) -> dict:
+    """The base's ODE solutions (``fine_schedule``: 40 Euler steps) with the states at the student's
+    noise levels: ``states (N, 5, 16, 8, 8)`` (the last is the solution) and each one's context."""
+    from tqdm import tqdm
+
+    path = Path(out) / "student" / "trajectories.pt"
+    if path.is_file():
+        t = torch.load(path, weights_only=False)
+        if t["states"].shape[0] == n:
+            return t
+    toy = load_toy(out, "base")
+    states, feats = [], []
+    for j in tqdm(range(0, n, chunk), desc="base trajectories", disable=_quiet()):
+        m = min(chunk, n - j)
+        cap_t, cap_c, x_c = _trajectory_prompts(seed, j, m)
+        f = M.encode_text(toy.tokenizer, toy.text_encoder, cap_t) + \
+            M.encode_teacher(toy.tokenizer, toy.vlm, toy.image_processor, cap_c, x_c)
+        noise = torch.randn((m, 16, 8, 8), generator=step_rng(seed, j, 5))
+        x0, keep = M.sample(toy.transformer, f, fine_schedule(), noise, keep=M.STUDENT_SIGMAS[:-1])
+        states.append(torch.stack([keep[round(s, 6)] for s in M.STUDENT_SIGMAS[:-1]] + [x0], 1))
+        feats += [t.clone() for t in f]
+    t = {"states": torch.cat(states), "feats": feats}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(t, path)
+    return t
+
+
+def _quiet() -> bool:
+    import os
+
+    return os.environ.get("DOPSD_TOY_QUIET") == "1"
+
+
+def stage_student(out: Path, steps: int, batch: int = 48, seed: int = 0, n_traj: int = 1536) -> dict:
+    """Segment-wise ODE distillation (knowledge distillation of the base's ODE, per segment): at
+    the student's noise level sigma_k, on the base's state x_k, the student's one Euler step must
+    land on the base's state at sigma_(k+1): target velocity (x_k - x_(k+1)) / (sigma_k - sigma_(k+1)).
+    Initialised from the base; encoders frozen; an EMA (0.999) ships."""
+    import copy
+
+    wd = _weights(out)
+    n_traj = max(batch, min(n_traj, round(n_traj * steps / STEPS["student"]) if steps < STEPS["student"] else n_traj))
+    traj = base_trajectories(out, n_traj, seed)
+    states, feats = traj["states"], traj["feats"]
+    sig = torch.tensor(M.STUDENT_SIGMAS)
+    dit = M.build_transformer("base", wd)
+    ema = copy.deepcopy(dit).requires_grad_(False)
+    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, weight_decay=0.0)
+    sched = _lr_schedule(opt, steps)
+    loop = Loop(out, "student", {"dit": dit, "ema": ema}, opt, steps, scheduler=sched, desc="student")
+    for step in loop:
+        g = step_rng(seed, step, 6)
+        j = torch.randint(0, states.shape[0], (batch,), generator=g)
+        k = torch.randint(0, 4, (batch,), generator=g)
+        xk, xn = states[j, k], states[j, k + 1]
+        target = (xk - xn) / (sig[k] - sig[k + 1]).view(-1, 1, 1, 1)
+        err = (M.velocity(dit, xk, sig[k], [feats[i] for i in j.tolist()]) - target).pow(2).flatten(1).mean(1)
+        loss = err.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(0.999, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), dit.parameters()):
+                pe.lerp_(p, 1 - d)
+        if step % 25 == 0 or step == steps - 1:
+            per_k = {f"loss_k{i}": err[k == i].mean().item() for i in range(4) if (k == i).any()}
+            loop.log(step, loss=loss.item(), **per_k)
+    seconds = loop.finish()
+    save_safetensors(ema.state_dict(), wd / "student.safetensors")
+    M.write_meta(wd, student={"steps": steps, "batch": batch, "seed": seed, "trajectories": int(states.shape[0]),
+                              "cpu_seconds": round(seconds)})
+    return {"trajectories": int(states.shape[0]), "cpu_seconds": round(seconds)}
+
+
+# ---- 5. metrics -----------------------------------------------------------------------------------
+def frechet(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (FID's formula, float64)."""
+    f1, f2 = f1.double(), f2.double()
+    m1, m2 = f1.mean(0), f2.mean(0)
+    c1, c2 = torch.cov(f1.T), torch.cov(f2.T)
+    w, v = torch.linalg.eigh(c1)
+    s1 = (v * w.clamp_min(0).sqrt()) @ v.T
+    mid = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp_min(0).sqrt().sum()
+    return float((m1 - m2).pow(2).sum() + c1.trace() + c2.trace() - 2 * mid)
+
+
+@torch.no_grad()
+def stage_evaluate(out: Path, n: int = 256, gate_n: int = 64, weights: Path | None = None) -> dict:
+    """Attribute accuracy and the FID-like distance (classifier features) of text-to-image samples
+    on held-out prompts, for the base (40 steps and 4 steps) and the student (4 steps); the
+    student's closeness to the base's many-step samples (same prompt, same noise); the in-context
+    gate of base and student; the [V] rate of the text-only models (the starting point of D-OPSD)."""
+    wd = Path(weights or _weights(out))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    net = load_classifier(wd)
+    x_real, caps, attrs = W.batch("heldout", range(n))
+    x_ref = W.batch("validation", range(n))[0]
+    f_real = net.features(x_real)
+    res = {"n": n, "real": {"accuracy": attribute_accuracy(net, x_real, attrs),
+                            "frechet_real_validation": round(frechet(f_real, net.features(x_ref)), 3)}}
+    samples = {}
+    for name, which, schedule in (("base_40", "base", fine_schedule()), ("base_4", "base", M.STUDENT_SIGMAS),
+                                  ("student_4", "student", M.STUDENT_SIGMAS)):
+        toy = load_toy(out, which, wd)
+        samples[name] = generate(toy, caps, schedule=schedule)
+        res[name] = {"accuracy": attribute_accuracy(net, samples[name], attrs),
+                     "frechet": round(frechet(f_real, net.features(samples[name])), 3)}
+        if name != "base_40":
+            res[name]["mse_to_base_40"] = round(float((samples[name] - samples["base_40"]).pow(2).mean()), 5)
+        for r in (res[name],):
+            r["accuracy_mean"] = round(sum(r["accuracy"].values()) / len(r["accuracy"]), 4)
+        _, ccaps, _ = W.batch("concept-heldout", range(min(n, len(W.CONCEPT_HELDOUT))))
+        gen = generate(toy, ccaps, schedule=schedule)
+        tex = net(gen)["texture"].argmax(-1)
+        res[name]["concept_rate_text"] = round(float((tex == W.ATTRIBUTES["texture"].index(W.CONCEPT)).float().mean()), 4)
+    nc = min(gate_n, len(W.CONCEPT_HELDOUT))
+    res["in_context_base_40"] = in_context_gate(out, "base", n_world=gate_n, n_concept=nc, figure=False, wd=wd)
+    res["in_context_student_4"] = in_context_gate(out, "student", schedule=M.STUDENT_SIGMAS, n_world=gate_n, n_concept=nc,
+                                                  wd=wd)
+    res["weights"] = str(wd)
+    W.grid(torch.cat([x_real[:16], samples["base_40"][:16], samples["base_4"][:16], samples["student_4"][:16]]),
+           ncol=16, scale=2).save(Path(out) / "text_to_image.png")
+    res["cpu_seconds"] = {k: M.read_meta(wd).get(k, {}).get("cpu_seconds")
+                          for k in ("vae", "classifier", "base", "student")}
+    (Path(out) / "results.md").write_text(results_markdown(res))
+    (Path(out) / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def results_markdown(res: dict) -> str:
+    """The tables of ``benchmarks/science/README.md`` from ``results.json``."""
+    keys = list(W.ATTRIBUTES)
+    lines = [f"Text-to-image on {res['n']} held-out prompts (classifier accuracy per attribute; Frechet distance on "
+             "its features to the real held-out pictures):", "",
+             "| pictures | " + " | ".join(keys) + " | mean | Frechet | MSE to base 40-step | [V] rate |",
+             "|---" * (len(keys) + 5) + "|"]
+
+    def row(name, r, extra=("", "", "")):
+        acc = r["accuracy"]
+        cells = [f"{acc[k]:.3f}" if k in acc else "" for k in keys]
+        mean = sum(acc.values()) / len(acc)
+        return f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} | " + " | ".join(extra) + " |"
+
+    real = res["real"]
+    lines.append(row("real (floor: validation vs held-out)", real, (f"{real['frechet_real_validation']:.2f}", "", "")))
+    for name, label in (("base_40", "base, 40 steps"), ("base_4", "base, 4 steps (not distilled)"),
+                        ("student_4", "student, 4 steps")):
+        r = res[name]
+        lines.append(row(label, r, (f"{r['frechet']:.2f}", f"{r['mse_to_base_40']:.4f}" if "mse_to_base_40" in r else "",
+                                   f"{r['concept_rate_text']:.2f}")))
+    lines += ["", "In-context ability (pixel MSE to the target; generated from the prompt alone vs from the teacher "
+              "context [target picture, prompt]; same noise):", "",
+              "| model | pictures | MSE, prompt only | MSE, prompt + target | gain (ratio) | [V] rate, prompt only | [V] rate, in context |",
+              "|---|---|---|---|---|---|---|"]
+    for name, label in (("in_context_base_40", "base, 40 steps"), ("in_context_student_4", "student, 4 steps")):
+        for split, slabel in (("heldout", "held-out world"), ("concept-heldout", "held-out [V]")):
+            r = res[name][split]
+            vt = r.get("accuracy_text", {}).get("texture", "") if split == "concept-heldout" else ""
+            vc = r.get("accuracy_context", {}).get("texture", "") if split == "concept-heldout" else ""
+            lines.append(f"| {label} | {slabel} | {r['mse_text']:.4f} | {r['mse_context']:.4f} | {r['mse_ratio']:.2f} | "
+                         f"{vt} | {vc} |")
+    return "\n".join(lines) + "\n"
+
+
+def stage_ship(out: Path) -> dict:
+    """Copy ``<out>/weights`` into the package (``dopsd_fast/toy/weights``), floating-point tensors as
+    float16 (half the size; the package's 20 MB budget). ``evaluate --weights dopsd_fast/toy/weights``
+    measures what ships."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = _weights(out)
+    names = ["toy.json"] + [f"{k}.safetensors" for k in ("vae", "classifier", "text_encoder", "vision", "base", "student")]
+    missing = [n for n in names if not (src / n).is_file()]
+    if missing:
+        raise SystemExit(f"ship: {src} lacks {', '.join(missing)}: run the earlier stages first")
+    M.WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        if n.endswith(".safetensors"):
+            sd = load_file(str(src / n))
+            save_safetensors({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, M.WEIGHTS_DIR / n)
+        else:
+            shutil.copyfile(src / n, M.WEIGHTS_DIR / n)
+    total = sum((M.WEIGHTS_DIR / n).stat().st_size for n in names)
+    return {"copied_to": str(M.WEIGHTS_DIR), "megabytes": round(total / 2 ** 20, 2)}
+
+
+# ---- command line ----------------------------------------------------------------------------
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dopsd_fast.toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["all", *STAGE_FUNCS])
+    p.add_argument("--out", default="runs/toy", help="output folder (default runs/toy)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (tests: 0.01)")
+    p.add_argument("--force", action="store_true", help="rerun a stage whose output exists")
+    p.add_argument("--weights", default=None, help="evaluate: the weights folder to measure (default <out>/weights; "
+                   "dopsd_fast/toy/weights: what ships)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    stages = [s for s in STAGE_FUNCS if s != "ship"] if a.stage == "all" else [a.stage]
+    for s in stages:
+        run_stage(s, Path(a.out), scale=a.scale, force=a.force, weights=a.weights)
+    return 0
+
+
+def run_stage(stage: str, out: Path, scale: float = 1.0, force: bool = False, weights: str | None = None):
+    func, output = STAGE_FUNCS[stage]
+    if output is not None and (out / output).is_file() and not force:
+        log.info("%s: done (%s exists; --force reruns it)", stage, out / output)
+        return None
+    steps = max(2, round(STEPS.get(stage, 0) * scale))
+    if stage in STEPS:
+        res = func(out, steps)
+    else:
+        res = func(out, weights=Path(weights)) if weights and stage == "evaluate" else func(out)
+    log.info("%s: %s", stage, json.dumps(res))
+    return res
+
+
+STAGE_FUNCS = {
+    "vae": (stage_vae, "weights/vae.safetensors"),
+    "classifier": (stage_classifier, "weights/classifier.safetensors"),
+    "base": (stage_base, "weights/base.safetensors"),
+    "student": (stage_student, "weights/student.safetensors"),
+    "evaluate": (stage_evaluate, "results.json"),
+    "ship": (stage_ship, None),
+}
