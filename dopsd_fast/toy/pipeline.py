@@ -38,6 +38,22 @@ def _lr_schedule(opt, steps, warmup=50, floor=0.1):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def _update(loss, net, opt, sched, step: int, clip: float | None = 1.0, ema=None):
+    """Backward, optional clip, optimizer and LR step, then the EMA (warm-up decay
+    min(0.999, (1 + step) / (10 + step))); returns the gradient norm (None without clipping)."""
+    from dopsd_fast.algorithm import ema_update_
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(net.parameters(), clip) if clip is not None else None
+    opt.step()
+    sched.step()
+    if ema is not None:
+        with torch.no_grad():
+            ema_update_(ema.parameters(), net.parameters(), min(0.999, (1 + step) / (10 + step)))
+    return gn
+
+
 def _weights(out: Path) -> Path:
     return Path(out) / "weights"
 
@@ -69,11 +85,7 @@ def stage_vae(out: Path, steps: int, batch: int = 32, seed: int = 0) -> dict:
         rec = vae.decode(post.sample(generator=step_rng(seed, step))).sample
         l1 = (rec - x).abs().mean()
         loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, vae, opt, sched, step)
         if step % 25 == 0 or step == steps - 1:
             loop.log(step, loss=loss.item(), l1=l1.item())
     seconds = loop.finish()
@@ -154,10 +166,7 @@ def stage_classifier(out: Path, steps: int, batch: int = 64, seed: int = 0) -> d
             x[::2] = M.vae_decode(vae, M.vae_encode(vae, x[::2]))
         logits = net(x)
         loss = sum(F.cross_entropy(logits[k], y[k], ignore_index=-1) for k in logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _update(loss, net, opt, sched, step, clip=None)
         if step % 25 == 0 or step == steps - 1:
             loop.log(step, loss=loss.item())
     seconds = loop.finish()
@@ -254,15 +263,7 @@ def stage_base(out: Path, steps: int, batch: int = 48, seed: int = 0, gate_n: in
         xs = (1 - sig.view(-1, 1, 1, 1)) * x0 + sig.view(-1, 1, 1, 1) * eps
         err = (M.velocity(dit, xs, sig, feats) - (eps - x0)).pow(2).flatten(1).mean(1)
         loss = err.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            d = min(0.999, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - d)
+        gn = _update(loss, net, opt, sched, step, ema=ema)
         if step % 25 == 0 or step == steps - 1:
             h = len(cap_t)
             loop.log(step, loss=loss.item(), loss_text=err[:h].mean().item(), loss_context=err[h:].mean().item(),
@@ -420,15 +421,7 @@ def stage_student(out: Path, steps: int, batch: int = 48, seed: int = 0, n_traj:
         target = (xk - xn) / (sig[k] - sig[k + 1]).view(-1, 1, 1, 1)
         err = (M.velocity(dit, xk, sig[k], [feats[i] for i in j.tolist()]) - target).pow(2).flatten(1).mean(1)
         loss = err.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            d = min(0.999, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), dit.parameters()):
-                pe.lerp_(p, 1 - d)
+        _update(loss, dit, opt, sched, step, ema=ema)
         if step % 25 == 0 or step == steps - 1:
             per_k = {f"loss_k{i}": err[k == i].mean().item() for i in range(4) if (k == i).any()}
             loop.log(step, loss=loss.item(), **per_k)
