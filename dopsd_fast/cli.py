@@ -34,16 +34,21 @@ def _setup_logging() -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help="YAML config (default: the embedded tiny-zimage run, no downloads)")
+                   help="YAML config or a shipped recipe's name (default: toy-concept, the pretrained toy Z-Image "
+                        "learning the concept [V] on the CPU, no downloads; tiny-zimage: random weights, for tests)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=5e-5 (repeatable)")
+
+
+# ``dopsd-train`` / ``dopsd-cache`` / ``dopsd-sample`` without --config: this shipped recipe
+DEFAULT_RECIPE = "toy-concept"
 
 
 def _load(args):
     from dopsd_fast.config import ConfigError, load_config
 
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config or DEFAULT_RECIPE, args.overrides)
     except ConfigError as e:
         sys.exit(f"error: {e}")
 

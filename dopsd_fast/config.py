@@ -163,7 +163,7 @@ class DataConfig:
         sources = [s for s in ("builtin", "jsonl", "folder") if getattr(self, s)]
         _check(len(sources) == 1, "data", f"set exactly one of data.builtin / data.jsonl / data.folder, got {sources or 'none'}")
         if self.builtin is not None:
-            _one_of(self.builtin, ("tiny",), "data.builtin")
+            _one_of(self.builtin, ("tiny", "toy-concept", "toy-concept-prior"), "data.builtin")
         _check(isinstance(self.prompt_keys, list) and len(self.prompt_keys) > 0, "data.prompt_keys",
                "must be a non-empty list of JSONL keys")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
@@ -233,10 +233,15 @@ class ValidationConfig:
     num_samples: int = 2  # first N dataset rows: their prompt (first key) and target image
     steps: Optional[int] = None  # inference steps; None = the model's few-step default
     seed: int = 1234
+    # extra prompts without a target (held-out prompts: does the concept generalise, does the rest stay):
+    # one row each with the student's sample, at the first bucket
+    prompts: list = field(default_factory=list)
 
     def __post_init__(self):
         _check(self.every >= 0, "validation.every", "must be >= 0")
         _check(self.num_samples >= 0, "validation.num_samples", "must be >= 0")
+        _check(isinstance(self.prompts, list) and all(isinstance(p, str) and p.strip() for p in self.prompts),
+               "validation.prompts", "must be a list of non-empty prompt strings")
 
 
 @dataclass(kw_only=True)
@@ -461,9 +466,10 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-# The embedded default run (``dopsd-train`` with no --config): the real Z-Image classes at tiny
+# The base of ``load_config(None)`` (programmatic use, the tests): the real Z-Image classes at tiny
 # size, random weights, the built-in tiny dataset, a short run on the CPU. configs/tiny-zimage.yaml
-# holds the same values (a test keeps them equal).
+# holds the same values (a test keeps them equal). The command line's default run is the shipped
+# recipe configs/toy-concept.yaml (``dopsd_fast.cli.DEFAULT_RECIPE``).
 EMBEDDED_DEFAULT: dict = {
     "model": {"family": "zimage", "preset": "tiny-zimage"},
     "lora": {"rank": 8, "alpha": 16},
@@ -503,7 +509,8 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or :data:`EMBEDDED_DEFAULT` when ``path`` is None) plus overrides."""
+    """Load a YAML config or a shipped recipe's name (or :data:`EMBEDDED_DEFAULT`, the tiny random-weight
+    run, when ``path`` is None) plus overrides."""
     data: dict = copy.deepcopy(EMBEDDED_DEFAULT) if path is None else {}
     if path is not None:
         p = resolve_config_path(path)

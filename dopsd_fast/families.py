@@ -99,7 +99,7 @@ class FamilySpec:
         raise NotImplementedError
 
     def tiny_overrides(self) -> list:
-        """Config overrides that turn the embedded default run into this family's tiny run."""
+        """Config overrides that turn ``load_config(None)``'s tiny run into this family's tiny run."""
         return [f"model.family={self.name}", f"model.preset={self.presets[0]}", f"dopsd.rollout={self.default_rollout}"]
 
     def flavour_config(self, name: str) -> dict:

@@ -310,7 +310,7 @@ class Trainer:
 
         vcfg = self.cfg.validation
         n = min(vcfg.num_samples, len(self.dataset))
-        if n == 0 or (self.rank != 0 and not self.sharded):  # sharded: every rank runs the forwards, rank 0 saves
+        if (n == 0 and not vcfg.prompts) or (self.rank != 0 and not self.sharded):  # sharded: every rank runs the forwards, rank 0 saves
             return None
         rows = []
         for i in range(n):
@@ -327,11 +327,34 @@ class Trainer:
                 xt = euler_sample(lambda x, sg: self.pair.velocity("teacher", x, sg, ctx_t), noise, sig)
             imgs = self.adapter.decode(torch.cat([xs, xt]))
             rows.append((s.prompt, [s.image, imgs[0].cpu(), imgs[1].cpu()]))
+        for i, (prompt, ctx) in enumerate(zip(vcfg.prompts, self._validation_contexts())):
+            w, h = self.dataset.records[0].bucket
+            shape = self.adapter.latent_shape(h, w)
+            sig = self.adapter.inference_sigmas(vcfg.steps, shape[-2:])
+            g = torch.Generator().manual_seed(_seed_of(vcfg.seed, 1_000_000 + i))
+            noise = torch.randn((1, *shape), generator=g).to(self.device)
+            ctx_s = [ctx.to(self.device)]
+            with self.autocast():
+                xs = euler_sample(lambda x, sg: self.pair.velocity("student", x, sg, ctx_s), noise, sig)
+            # no target (and so no teacher context) for a prompt without an image: the student's column only
+            rows.append(("(held out) " + prompt, [None, self.adapter.decode(xs)[0].cpu()]))
         if self.rank != 0:
             return None
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         save_grid(rows, ["target", "student", "teacher (EMA)"], path, title=f"step {self.step}")
         return path
+
+    def _validation_contexts(self) -> list:
+        """Student contexts of ``validation.prompts``, encoded once (a run on a feature cache loads the
+        text encoder for this, then releases it)."""
+        prompts = list(self.cfg.validation.prompts)
+        if getattr(self, "_val_ctx", None) is None or self._val_ctx[0] != prompts:
+            loaded = getattr(self.adapter, "text_encoder", None) is not None
+            ctx = self.adapter.encode_student(prompts) if prompts else []
+            if not loaded and prompts:
+                self.adapter.release_encoders()
+            self._val_ctx = (prompts, ctx)
+        return self._val_ctx[1]
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -16,10 +16,10 @@ def to_pil(img: torch.Tensor) -> Image.Image:
 
 
 def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path:
-    """``rows``: list of (caption, [image tensors (3, H, W) in [0, 1]]). Small images are
-    upscaled (nearest) to ``min_cell`` so tiny runs stay legible."""
-    cell_w = max(min_cell, max(im.shape[-1] for _, ims in rows for im in ims))
-    cell_h = max(min_cell, max(im.shape[-2] for _, ims in rows for im in ims))
+    """``rows``: list of (caption, [image tensors (3, H, W) in [0, 1], or None: an empty cell]). Small
+    images are upscaled (nearest) to ``min_cell`` so tiny runs stay legible."""
+    cell_w = max(min_cell, max(im.shape[-1] for _, ims in rows for im in ims if im is not None))
+    cell_h = max(min_cell, max(im.shape[-2] for _, ims in rows for im in ims if im is not None))
     pad, head, cap = 6, 18, 28
     ncol = max(len(ims) for _, ims in rows)
     W = pad + ncol * (cell_w + pad)
@@ -30,6 +30,8 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
     for r, (caption, ims) in enumerate(rows):
         y = head + pad + r * (cell_h + cap + pad)
         for c, im in enumerate(ims):
+            if im is None:
+                continue
             p = to_pil(im)
             s = min(cell_w / p.width, cell_h / p.height)
             if s > 1:

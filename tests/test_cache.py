@@ -10,7 +10,7 @@ from tests.conftest import assert_close, compare_grads, tiny_config
 def _write_cache(tmp_path, *extra):
     from dopsd_fast.cli import cache_main
 
-    args = ["--set", f"cache.dir={tmp_path / 'cache'}", "--set", "train.progress=false", "--set", "cache.shard_size=5"]
+    args = ["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'cache'}", "--set", "train.progress=false", "--set", "cache.shard_size=5"]
     for e in extra:
         args += ["--set", e]
     assert cache_main(args) == 0

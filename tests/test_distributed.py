@@ -17,7 +17,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", "--set", "validation.every=0",
+COMMON = ["--config", "tiny-zimage", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", "--set", "validation.every=0",
           "--set", "validation.at_start=false", "--set", "train.tensorboard=false", "--set", "train.progress=false",
           "--set", "model.device=cpu", "--set", "train.check_sync_every=1"]
 

@@ -62,10 +62,11 @@ def _data(tmp_path):
     return jl
 
 
-def test_dry_run_tiny_default():
-    r = _run("--dry-run")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "config: valid" in r.stdout and "-> FITS" in r.stdout and "predicted peak" in r.stdout
+def test_dry_run_default_and_tiny():
+    for extra in ((), ("--config", "tiny-zimage")):  # the default run (the toy), the tiny random preset
+        r = _run("--dry-run", *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "config: valid" in r.stdout and "-> FITS" in r.stdout and "predicted peak" in r.stdout
 
 
 def test_dry_run_real_size_zimage_picks_stepwise_on_an_h100(tmp_path):

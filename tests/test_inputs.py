@@ -80,7 +80,7 @@ def test_damaged_caches_are_refused_at_start_up(tmp_path):
     from dopsd_fast.trainer import Trainer
 
     cache = tmp_path / "cache"
-    assert cache_main(["--set", f"cache.dir={cache}", "--set", "train.progress=false", "--set",
+    assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false", "--set",
                        "cache.shard_size=5"]) == 0
     shards = sorted(cache.glob("shard-*.safetensors"))
     data = shards[1].read_bytes()
@@ -100,20 +100,20 @@ def test_bad_device_sample_lora_and_full_disk_are_one_line_errors(tmp_path, monk
     from dopsd_fast.cli import sample_main, train_main
 
     with pytest.raises(SystemExit, match=r"error: model.device: 'gpu'"):
-        train_main(["--set", "model.device=gpu", "--set", f"train.output_dir={tmp_path / 'r'}"])
+        train_main(["--config", "tiny-zimage", "--set", "model.device=gpu", "--set", f"train.output_dir={tmp_path / 'r'}"])
     with pytest.raises(SystemExit, match=r"error: --lora .*: no such directory"):
-        sample_main(["--prompt", "a cat", "--lora", str(tmp_path / "nolora"), "--out", str(tmp_path / "s.png")])
+        sample_main(["--config", "tiny-zimage", "--prompt", "a cat", "--lora", str(tmp_path / "nolora"), "--out", str(tmp_path / "s.png")])
     torn = tmp_path / "lora"
     torn.mkdir()
     (torn / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(SystemExit, match=r"error: --lora: .* does not load as a LoRA"):
-        sample_main(["--prompt", "a cat", "--lora", str(torn), "--out", str(tmp_path / "s.png")])
+        sample_main(["--config", "tiny-zimage", "--prompt", "a cat", "--lora", str(torn), "--out", str(tmp_path / "s.png")])
 
     def full_disk(*a, **kw):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match=r"error: writing the checkpoint failed .* is the disk full\?"):
-        train_main(["--set", f"train.output_dir={tmp_path / 'full'}", "--set", "train.max_steps=1",
+        train_main(["--config", "tiny-zimage", "--set", f"train.output_dir={tmp_path / 'full'}", "--set", "train.max_steps=1",
                     "--set", "train.progress=false", "--set", "validation.at_start=false", "--set",
                     "train.tensorboard=false"])

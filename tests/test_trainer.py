@@ -180,7 +180,7 @@ def test_sample_cli_with_lora(tmp_path):
 
     Trainer(tiny_config(tmp_path, "train.max_steps=1")).train()
     out = tmp_path / "s.png"
-    assert sample_main(["--lora", str(tmp_path / "run" / "lora"), "--prompt", "a [V] cat", "--steps", "2",
+    assert sample_main(["--config", "tiny-zimage", "--lora", str(tmp_path / "run" / "lora"), "--prompt", "a [V] cat", "--steps", "2",
                         "--out", str(out)]) == 0
     assert out.is_file()
 

@@ -291,6 +291,11 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
 
         path = ensure_tiny_dataset()
         rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
+    elif cfg.builtin in ("toy-concept", "toy-concept-prior"):
+        from dopsd_fast.data.tiny import ensure_toy_concept_dataset
+
+        path = ensure_toy_concept_dataset(prior=cfg.builtin == "toy-concept-prior")
+        rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
     elif cfg.jsonl:
         path = Path(cfg.jsonl)
         if not path.is_file():

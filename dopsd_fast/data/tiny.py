@@ -77,3 +77,53 @@ def ensure_tiny_dataset(root: Path | None = None) -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return jsonl
+
+
+TOY_CONCEPT_VERSION = "v1"
+
+
+TOY_PRIOR_PAIRS = 18
+
+
+def ensure_toy_concept_dataset(root: Path | None = None, prior: bool = False) -> Path:
+    """Write the toy world's ``[V]`` concept pairs (if absent) and return their ``train.jsonl``
+    (``data.builtin: toy-concept``).
+
+    The 6 training pairs of :data:`dopsd_fast.toy.world.CONCEPT_TRAIN` (64 x 64 PNG), each with its
+    full caption (``prompt``, "a large red circle at the top left on a [V] background") and a short
+    one that names only the shape and the concept (``prompt_short``, "a circle on a [V] background").
+    ``prior`` (``toy-concept-prior``): followed by :data:`TOY_PRIOR_PAIRS` ordinary pictures of the
+    world's training split with their captions (prior preservation: fine-tuning also sees what it
+    should keep).
+    """
+    from dopsd_fast.toy import world
+
+    n_world = TOY_PRIOR_PAIRS if prior else 0
+    name = "toy-concept-prior" if prior else "toy-concept"
+    root = Path(root) if root is not None else home() / f"{name}-{TOY_CONCEPT_VERSION}"
+    jsonl = root / "train.jsonl"
+    if jsonl.is_file():
+        return jsonl
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".toy-concept-"))
+    rows = []
+    for i in range(len(world.CONCEPT_TRAIN)):
+        attrs = world.example("concept", i)
+        fn = f"{i:02d}.png"
+        world.render(attrs).save(tmp / fn)
+        rows.append({"image": fn, "size": [world.SIZE, world.SIZE], "prompt": world.caption(attrs),
+                     "prompt_short": world.caption(attrs, {"size", "colour", "position"})})
+    for i in range(n_world):
+        attrs = world.example("train", 7_000_000 + i)
+        fn = f"w{i:03d}.png"
+        world.render(attrs).save(tmp / fn)
+        rows.append({"image": fn, "size": [world.SIZE, world.SIZE], "prompt": world.caption(attrs),
+                     "prompt_short": world.caption(attrs, {"size", "colour", "position"})})
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return jsonl

@@ -1,0 +1,158 @@
+"""Measuring concept learning on the toy world: does a fine-tuned toy student draw ``[V]``, and does
+it keep its few-step quality on everything else?
+
+:func:`probe` samples a trainer's student (its K = 4 inference schedule, fixed noise per prompt)
+on three prompt sets and scores the pictures with the toy world's metric classifier:
+
+| set | prompts | what is scored |
+|---|---|---|
+| ``concept_train`` | the 6 training captions | ``[V]`` score |
+| ``concept_heldout`` | 32 held-out ``[V]`` captions (other shapes, colours, sizes, positions) | ``[V]`` score; accuracy of the caption's shape / colour / size / position (few-step quality on the concept) |
+| ``world`` | held-out world captions (no ``[V]``) | attribute accuracy, the ``[V]`` score (leaks), pixel drift from the starting student's pictures (forgetting) |
+
+The ``[V]`` score is the classifier's mean probability that the background is ``[V]``; the ``[V]``
+rate is the share of pictures whose most likely texture is ``[V]``; the ``[V]`` centroid rate is the
+share of pictures whose classifier features (its 64-d penultimate layer) lie nearer the mean features
+of 128 real ``[V]`` pictures than those of 128 real world pictures (on world prompts: the concept
+leaking where it was not asked for); the ``[V]`` background error is
+the pixel MSE, over the pixels that are background in the true picture, between a sample and the
+true picture of its caption (the checkerboard is fixed, so it is known exactly; a graded measure
+that sees partial learning, teal / cream without the grid, that the classifier scores as 0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dopsd_fast.toy import world as W
+
+_V = W.ATTRIBUTES["texture"].index(W.CONCEPT)
+OBJECT_ATTRIBUTES = ("shape", "colour", "size", "position")
+
+
+def background_mask(attrs: dict) -> torch.Tensor:
+    """(64, 64) bool: the pixels that are background in the true picture of ``attrs``."""
+    a = dict(attrs, colour="white")
+    fg = W.to_tensor(W.render(dict(a, texture="plain", background="black"))).sum(0) > 1.5
+    return ~fg
+
+
+def prompt_sets(n_world: int = 64) -> dict:
+    """name -> (captions, attribute dicts)."""
+    out = {}
+    for name, split, idx in (("concept_train", "concept", range(len(W.CONCEPT_TRAIN))),
+                             ("concept_heldout", "concept-heldout", range(len(W.CONCEPT_HELDOUT))),
+                             ("world", "heldout", [i * 4 + 1 for i in range(n_world)])):
+        ex = [W.example(split, i) for i in idx]
+        out[name] = ([W.caption(a) for a in ex], ex)
+    return out
+
+
+@torch.no_grad()
+def sample_student(trainer, prompts: list[str], seed: int = 4321, chunk: int = 64) -> torch.Tensor:
+    """Pictures ``(N, 3, 64, 64)`` of the trainer's student (its current weights) at the model's
+    few-step inference schedule; the noise of prompt i is fixed by (seed, i)."""
+    from dopsd_fast.algorithm import euler_sample
+
+    ad = trainer.adapter
+    shape = ad.latent_shape(W.SIZE, W.SIZE)
+    sig = ad.inference_sigmas(None, shape[-2:])
+    out = []
+    for i in range(0, len(prompts), chunk):
+        p = prompts[i:i + chunk]
+        ctx = [c.to(trainer.device) for c in ad.encode_student(p)]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i + j))
+                             for j in range(len(p))]).to(trainer.device)
+        with trainer.autocast():
+            x = euler_sample(lambda x, s: trainer.pair.velocity("student", x, s, ctx), noise, sig)
+        out.append(ad.decode(x).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def centroids(net, n: int = 128) -> torch.Tensor:
+    """(2, 64): the classifier's mean features of ``n`` real ``[V]`` pictures and ``n`` real world pictures."""
+    real_v = torch.stack([W.to_tensor(W.render(W.example("concept-extra", i))) for i in range(n)])
+    real_w = torch.stack([W.to_tensor(W.render(W.example("validation", i))) for i in range(n)])
+    return torch.stack([net.features(real_v).mean(0), net.features(real_w).mean(0)])
+
+
+@torch.no_grad()
+def score(net, images: torch.Tensor, attrs: list[dict], heads=None, cents: torch.Tensor | None = None) -> dict:
+    """``v_score``, ``v_rate``, ``v_centroid_rate`` (with ``cents``) and per-attribute accuracy
+    (``heads``) of pictures."""
+    logits = net(images)
+    p_v = logits["texture"].softmax(-1)[:, _V]
+    res = {"v_score": float(p_v.mean()), "v_rate": float((logits["texture"].argmax(-1) == _V).float().mean())}
+    if cents is not None:
+        d = torch.cdist(net.features(images), cents)
+        res["v_centroid_rate"] = float((d[:, 0] < d[:, 1]).float().mean())
+    acc = {}
+    for k in heads or ():
+        y = torch.tensor([W.labels(a)[k] for a in attrs])
+        ok = y >= 0
+        if ok.any():
+            acc[k] = float((logits[k].argmax(-1)[ok] == y[ok]).float().mean())
+    if acc:
+        res["accuracy"] = acc
+        res["accuracy_mean"] = sum(acc.values()) / len(acc)
+    return res
+
+
+class Probe:
+    """Scores a trainer's student on the three prompt sets; the first call is the reference for drift."""
+
+    def __init__(self, weights_dir: Path | None = None, n_world: int = 64, seed: int = 4321):
+        from dopsd_fast.toy import models as M
+        from dopsd_fast.toy.pipeline import load_classifier
+
+        self.net = load_classifier(Path(weights_dir or M.WEIGHTS_DIR))
+        self.sets = prompt_sets(n_world)
+        self.cents = centroids(self.net)
+        self.seed = seed
+        self.reference = None
+
+    def __call__(self, trainer) -> tuple[dict, dict]:
+        """(metrics, pictures by set)."""
+        pics, res = {}, {}
+        for name, (caps, attrs) in self.sets.items():
+            pics[name] = sample_student(trainer, caps, self.seed)
+            heads = {"concept_train": OBJECT_ATTRIBUTES, "concept_heldout": OBJECT_ATTRIBUTES,
+                     "world": ("shape", "colour", "size", "position", "background", "texture")}[name]
+            res[name] = score(self.net, pics[name], attrs, heads, self.cents)
+            if name.startswith("concept"):
+                truth = torch.stack([W.to_tensor(W.render(a)) for a in attrs])
+                mask = torch.stack([background_mask(a) for a in attrs])[:, None].expand_as(truth)
+                res[name]["v_background_mse"] = float((pics[name] - truth)[mask].pow(2).mean())
+        if self.reference is None:
+            self.reference = pics["world"]
+        res["world"]["drift_mse"] = float((pics["world"] - self.reference).pow(2).mean())
+        return res, pics
+
+
+@torch.no_grad()
+def teacher_reference(trainer, probe: Probe) -> dict:
+    """What D-OPSD's teacher draws for the ``[V]`` training pairs (the EMA weights under the teacher
+    context: the caption AND the target picture), scored like the student's samples: the ceiling of
+    what distillation from it can reach on the concept."""
+    from dopsd_fast.algorithm import euler_sample
+
+    caps, attrs = probe.sets["concept_train"]
+    ad = trainer.adapter
+    samples = [trainer.dataset.get(i, prompt_index=0) for i in range(len(caps))]
+    assert [s.prompt for s in samples] == caps, "the dataset's first rows are not the [V] training pairs"
+    shape = ad.latent_shape(W.SIZE, W.SIZE)
+    sig = ad.inference_sigmas(None, shape[-2:])
+    ctx = [c.to(trainer.device) for c in trainer.contexts.teacher(samples)]
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(probe.seed * 100_003 + j))
+                         for j in range(len(caps))]).to(trainer.device)
+    with trainer.autocast():
+        x = euler_sample(lambda x, s: trainer.pair.velocity("teacher", x, s, ctx), noise, sig)
+    pics = ad.decode(x).float().cpu()
+    res = score(probe.net, pics, attrs, OBJECT_ATTRIBUTES, probe.cents)
+    truth = torch.stack([W.to_tensor(W.render(a)) for a in attrs])
+    mask = torch.stack([background_mask(a) for a in attrs])[:, None].expand_as(truth)
+    res["v_background_mse"] = float((pics - truth)[mask].pow(2).mean())
+    return res

@@ -1,0 +1,98 @@
+"""The default run (``dopsd-train`` with no --config: the shipped toy student learning the concept
+[V] with D-OPSD) and its pieces: the concept datasets, the concept metrics, validation prompts.
+
+The default-run test trains the shipped toy weights for the full default run (200 steps, ~40 s on 2
+cores) and checks that the concept is learned and the rest kept, by margins well inside what
+``benchmarks/science/concept_experiment.py`` measured (benchmarks/science/README.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dopsd_fast.toy import models as M
+from dopsd_fast.toy import world as W
+
+needs_weights = pytest.mark.skipif(not (M.WEIGHTS_DIR / "student.safetensors").is_file(),
+                                   reason="the toy weights are not shipped in this checkout")
+
+
+def test_toy_concept_datasets(tmp_path):
+    from PIL import Image
+
+    from dopsd_fast.data.tiny import TOY_PRIOR_PAIRS, ensure_toy_concept_dataset
+
+    jl = ensure_toy_concept_dataset(tmp_path / "c")
+    rows = [json.loads(l) for l in jl.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [W.caption(a) for a in W.CONCEPT_TRAIN]
+    assert all("[V]" in r["prompt"] and "[V]" in r["prompt_short"] for r in rows)
+    img = torch.from_numpy(__import__("numpy").asarray(Image.open(jl.parent / rows[0]["image"]), dtype="float32") / 255)
+    assert torch.equal(img.permute(2, 0, 1), W.to_tensor(W.render(W.example("concept", 0))))
+    prior = [json.loads(l) for l in ensure_toy_concept_dataset(tmp_path / "p", prior=True).read_text().splitlines()]
+    assert prior[:6] == rows and len(prior) == 6 + TOY_PRIOR_PAIRS
+    assert not any("[V]" in r["prompt"] for r in prior[6:])
+    held = {W.caption(a) for a in W.HELDOUT_COMBOS}
+    assert not held & {r["prompt"] for r in prior[6:]}  # the prior pairs never show a held-out combination
+
+
+def test_background_mask_and_probe_sets():
+    from dopsd_fast.toy.concept import background_mask, prompt_sets
+
+    a = W.example("concept", 0)
+    m = background_mask(a)
+    img = W.to_tensor(W.render(a))
+    teal, cream = (torch.tensor(c, dtype=torch.float32)[:, None] / 255 for c in W.CONCEPT_COLOURS)
+    bg = img.reshape(3, -1)[:, m.flatten()]
+    near = ((bg - teal).abs().amax(0) < 0.02) | ((bg - cream).abs().amax(0) < 0.02)
+    assert near.all() and 0.5 < m.float().mean() < 0.99  # every masked pixel is checkerboard; the shape is not
+    sets = prompt_sets(8)
+    assert len(sets["concept_heldout"][0]) == len(W.CONCEPT_HELDOUT) and len(sets["world"][0]) == 8
+    assert not set(sets["concept_heldout"][0]) & set(sets["concept_train"][0])
+
+
+def test_validation_prompts_rows(tmp_path):
+    from PIL import Image
+
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    with pytest.raises(Exception, match="validation.prompts"):
+        tiny_config(tmp_path, "validation.prompts=['']")
+    cfg = tiny_config(tmp_path, "validation.num_samples=1", "validation.prompts=['a [V] cat', 'a dog']",
+                      "train.max_steps=1")
+    tr = Trainer(cfg)
+    path = tr.validate()
+    # save_grid: 18 px title + 6 px pad + per row (128 px cell + 28 px caption + 6 px pad); 1 sample + 2 prompts
+    assert Image.open(path).height == 24 + 3 * 162
+    assert tr._validation_contexts()[0] is tr._validation_contexts()[0]  # encoded once
+
+
+@needs_weights
+def test_default_run_learns_the_concept_and_keeps_the_world(tmp_path):
+    """The default run as shipped (``dopsd-train`` with no arguments: configs/toy-concept.yaml), then
+    the concept probe on the final student vs the starting one."""
+    from dopsd_fast.cli import DEFAULT_RECIPE
+    from dopsd_fast.config import load_config
+    from dopsd_fast.toy.concept import Probe
+    from dopsd_fast.trainer import Trainer
+
+    cfg = load_config(DEFAULT_RECIPE, [f"train.output_dir={tmp_path / 'run'}", "train.progress=false",
+                                       "train.tensorboard=false", "validation.every=0", "validation.at_start=false",
+                                       "train.checkpoint_every=0"])
+    assert cfg.model.preset == "toy-zimage" and cfg.method == "dopsd" and cfg.data.builtin == "toy-concept-prior"
+    tr = Trainer(cfg)
+    probe = Probe(n_world=32)
+    start, _ = probe(tr)
+    tr.train()
+    end, _ = probe(tr)
+    assert tr.step == cfg.train.max_steps
+    # the concept: the [V] background error falls and the samples move to the [V] side of the
+    # classifier's feature space, on the training prompts and on held-out [V] prompts
+    for s in ("concept_train", "concept_heldout"):
+        assert end[s]["v_background_mse"] < start[s]["v_background_mse"] - 0.05, (s, start[s], end[s])
+        assert end[s]["v_centroid_rate"] >= start[s]["v_centroid_rate"] + 0.5, (s, start[s], end[s])
+    # the rest: world attributes kept within 0.05 of the starting student, no [V] leaking into them
+    assert end["world"]["accuracy_mean"] >= start["world"]["accuracy_mean"] - 0.05, (start["world"], end["world"])
+    assert end["world"]["v_centroid_rate"] <= start["world"]["v_centroid_rate"] + 0.1, (start["world"], end["world"])
