@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8"],
+        "science": ["matplotlib"],  # benchmarks/science/concept_experiment.py's plots
         "fp8": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],
         "torchao": ["torchao"],
