@@ -169,9 +169,13 @@ class FastPair:
         self.spec, self.model = spec, model
 
     # ---- the protocol ----------------------------------------------------------------------------
-    def pair_fn(self, ctx_s, ctx_t):
+    def pair_fn(self, ctx_s, ctx_t, backward: str = "stepwise"):
+        """One micro-batch's ``(x, sigma) -> (v_s, v_t)``; work that depends only on the contexts and the
+        weights is done at the first state and reused (the teacher's always, the student's with
+        ``backward="once"``: only when the caller back-propagates once per roll-out)."""
         ctx_s, ctx_t = contexts(ctx_s), contexts(ctx_t)
-        return lambda x, sigma: self.model.velocity_pair(x, sigma, ctx_s, ctx_t)
+        share = self.model.new_share(student=backward == "once")
+        return lambda x, sigma: self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
 
     def velocity(self, branch: str, x, sigma, ctx):
         """One branch alone; the teacher without autograd."""
@@ -201,7 +205,7 @@ class FastPair:
         (``once``: after the roll-out, the authors' schedule; ``stepwise``: after each state, the same
         gradient with one state's activations alive), scaled by ``loss_scale`` (e.g. 1 / grad_accum).
         The gradients land on the trainer's own parameters; ``result.loss`` is detached."""
-        res = rollout_loss_paired(self.pair_fn(ctx_s, ctx_t), noise, self._sigmas(sigmas, timesteps), loss=loss,
+        res = rollout_loss_paired(self.pair_fn(ctx_s, ctx_t, backward), noise, self._sigmas(sigmas, timesteps), loss=loss,
                                   backward=backward, loss_scale=loss_scale)
         if backward == "once":
             (res.loss * loss_scale).backward()

@@ -65,10 +65,11 @@ class FastPath:
         else:
             student, teacher = (tr, None), (weights.teacher_module, None)
         n_ckpt = 0
+        backward = backward or (cfg.dopsd.backward if cfg.dopsd.backward != "auto" else "once")
+        self.backward = backward
         if "checkpoint" in spec.fast_features:
             from dopsd_fast.memory import shape_of
 
-            backward = backward or (cfg.dopsd.backward if cfg.dopsd.backward != "auto" else "once")
             if mem_shape is None:
                 n_train = sum(p.numel() for p in weights.trainable_parameters())
                 mem_shape = shape_of(tr.config, spec.name, max_tokens, max_tokens,
@@ -131,12 +132,18 @@ class FastPath:
                 return self._graph(which, struct)(("velocity",), x, sigma, *flat)[0]
             return self._one(which, x, sigma, ctx)
 
-    def pair_fn(self, ctx_s, ctx_t):
-        """``(x, sigma) -> (v_student, v_teacher)`` for :func:`~dopsd_fast.algorithm.rollout_loss_paired`."""
+    def pair_fn(self, ctx_s, ctx_t, backward: str | None = None):
+        """``(x, sigma) -> (v_student, v_teacher)`` for :func:`~dopsd_fast.algorithm.rollout_loss_paired`:
+        one micro-batch's roll-out (the same contexts and weights at every call). What depends only on
+        them is computed at the first state and reused (Z-Image: the context refiner, the teacher's
+        always, the student's where ``backward`` (default: the run's schedule) is ``once``)."""
+        share = self.model.new_share(student=(backward or self.backward) == "once")
+
         def fn(x, sigma):
             with self._nv("state"):
                 if self.graphs is not None:  # teacher through its graph, student eager (autograd)
                     return self.velocity("s", x, sigma, ctx_s), self.velocity("t", x, sigma, ctx_t)
                 with self._nv("student+teacher"), self.fp8_ctx(True):
-                    return self.model.velocity_pair(x, sigma, ctx_s, ctx_t)
+                    return self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
+        fn.share = share
         return fn

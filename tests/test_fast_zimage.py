@@ -120,6 +120,50 @@ def test_shared_refiner_and_single_branches():
     assert_close(o_t, _eager(plain, x, t, caps_t), 1e-5, 1e-4, "shared-refiner teacher", scaled=True)
 
 
+@pytest.mark.parametrize("backward", ["once", "stepwise"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_context_refiner_once_per_rollout(backward, lora):
+    """The refined captions are computed once per roll-out (the teacher's always, the student's when
+    the roll-out back-propagates once) and the roll-out's losses and gradients are those of the
+    per-state recomputation; a backward after each state keeps the student's per state."""
+    from dopsd_fast.adapters.base import Context
+    from dopsd_fast.algorithm import rollout_loss_paired
+
+    st = _model(lora, n_refiner_layers=2)
+    fast = _fast(st)
+    x, _, caps_s, caps_t = _inputs(*CASES[1])
+    ctx_s, ctx_t = [Context(c) for c in caps_s], [Context(c) for c in caps_t]
+    sig = [1.0, 0.9, 0.75, 0.5, 0.0]
+    params = st.named_trainable()
+    runs, results = {}, {}
+    for name, share in (("per state", None), ("shared", fast.new_share(student=backward == "once"))):
+        calls = []
+        orig = fast._run_blocks
+
+        def counted(paths, s, t, adaln, checkpointed=0, orig=orig, calls=calls):
+            if paths and paths[0].startswith("context_refiner"):
+                calls.append((s is not None, t is not None))
+            return orig(paths, s, t, adaln, checkpointed)
+
+        fast._run_blocks = counted
+        for p in params.values():
+            p.grad = None
+        res = rollout_loss_paired(lambda x, s: fast.velocity_pair(x, s, ctx_s, ctx_t, share=share), x, sig,
+                                  backward=backward)
+        if backward == "once":
+            res.loss.backward()
+        del fast._run_blocks
+        results[name] = (res, {n: p.grad.clone() for n, p in params.items() if p.grad is not None})
+        runs[name] = (sum(c[0] for c in calls), sum(c[1] for c in calls))
+    assert runs["per state"] == (4, 4)
+    assert runs["shared"] == ((1, 1) if backward == "once" else (4, 1)), runs
+    (ref, g_ref), (got, g_got) = results["per state"], results["shared"]
+    for a, b in zip(got.state_losses, ref.state_losses):
+        assert_close(a, b, 1e-6, 1e-5, "state loss")
+    assert set(g_ref) == set(g_got) and g_ref
+    compare_grads(g_got, g_ref, 1e-5, 1e-4)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_checkpointed_layers_same_gradients(fused):
     """Checkpointed main layers (the student alone in the recompute: with the fused ops, one-branch

@@ -207,8 +207,10 @@ class FastFlux2(PairedModel):
                                          x.device)
         return KleinBranch(name, model, adapter, L=L, M=M, txt=txt, refs=ref_tok, cs_txt=cs_txt, cs_img=cs_img)
 
-    def velocity_pair(self, x, sigma, ctx_s, ctx_t):
-        """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention."""
+    def velocity_pair(self, x, sigma, ctx_s, ctx_t, share=None):
+        """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention. ``share``
+        is unused: FLUX.2 has no state-independent stream (its text tokens are modulated by the timestep
+        in every double block)."""
         from dopsd_fast.adapters.klein import pack
         from dopsd_fast.families import KLEIN
 

@@ -264,7 +264,14 @@ class PairedModel:
         return [(y, None) if x_t is None else (None, y) for y, _ in outs]
 
     # ---- the pair entry point ------------------------------------------------------------------
-    def velocity_pair(self, x, sigma, ctx_s, ctx_t):
+    def velocity_pair(self, x, sigma, ctx_s, ctx_t, share=None):
         """(v_student, v_teacher) in the (sigma, v) convention; v_teacher without autograd; a None
-        context runs that branch not at all (its velocity is None)."""
+        context runs that branch not at all (its velocity is None). ``share``: what :meth:`new_share`
+        gave for this micro-batch's roll-out (the same contexts and weights at every state)."""
         raise NotImplementedError
+
+    def new_share(self, student: bool = False):
+        """State reused across the K states of one micro-batch's roll-out (work that depends on the
+        contexts and the weights only), or None where the model has none. ``student``: the roll-out
+        back-propagates once (a shared student graph is then safe)."""
+        return None

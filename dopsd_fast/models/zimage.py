@@ -14,7 +14,14 @@ runs the same math as ``ZImageTransformer2DModel.forward`` in a packed layout:
 * work that does not depend on the branch is done once: the timestep embedding, every adaLN
   modulation (not LoRA-adapted), the patch embedding of x_k, and the image-only noise refiner when it
   carries no adapter and the image needs no padding (its output is then the same for both branches up
-  to rounding: RoPE is relative and the branches differ only by a common position offset).
+  to rounding: RoPE is relative and the branches differ only by a common position offset);
+* work that does not depend on the roll-out state is done once per micro-batch: the context refiner
+  (caption tokens only, no timestep modulation) gives the same output at every state of a roll-out,
+  since the weights change only at the optimizer step. With a :class:`ContextShare` (what
+  ``FastPath.pair_fn`` passes) the teacher's refined captions are computed at the first state and
+  reused (no autograd: exact), and, for a schedule that back-propagates once per roll-out, the
+  student's too: one refiner forward whose graph the K states' losses all reach, so its backward also
+  runs once, with their summed gradient (exact up to summation order).
 
 Z-Image's time/sign convention (``t = 1 - sigma``, output ``-v``) is the family spec's
 (:data:`dopsd_fast.families.ZIMAGE`); :meth:`FastZImage.velocity_pair` returns velocities in the
@@ -32,6 +39,18 @@ from torch.utils.checkpoint import checkpoint
 from dopsd_fast.models.paired import Branch, PairedModel, Stream, has_lora
 
 SEQ_MULTI_OF = 32
+
+
+class ContextShare:
+    """The refined captions of one micro-batch's roll-out, reused across its states. ``student``:
+    share the student's too (only where the roll-out back-propagates once: a backward after each
+    state would free the shared graph). ``runs``: context-refiner passes actually computed, per branch
+    (what the tests read)."""
+
+    def __init__(self, student: bool = False):
+        self.student = student
+        self.h: dict = {}
+        self.runs = {"s": 0, "t": 0}
 
 
 def _flat(o):
@@ -62,6 +81,10 @@ class FastZImage(PairedModel):
         self.eps = cfg.norm_eps
         self._layouts: dict = {}
         self.refiner_shareable = self.same_model and not has_lora(self.ms.noise_refiner)
+
+    def new_share(self, student: bool = False) -> ContextShare:
+        """A :class:`ContextShare` for one micro-batch's roll-out."""
+        return ContextShare(student)
 
     def _rope_ids(self, cap_len_padded, ht, wt, n_img, n_img_pad, device):
         cap = torch.stack([torch.arange(1, cap_len_padded + 1), torch.zeros(cap_len_padded, dtype=torch.long),
@@ -234,12 +257,13 @@ class FastZImage(PairedModel):
         return Stream(h, cos, sin, cu, cu_list, seq)
 
     # ---- forward -------------------------------------------------------------------------------
-    def forward_pair(self, x, t, caps_s, caps_t=None, student=True):
+    def forward_pair(self, x, t, caps_s, caps_t=None, student=True, share: ContextShare | None = None):
         """Diffusers-equivalent outputs (``model_out``, i.e. -v) of the student and teacher branches.
 
         x: (B, C, H, W) latents; t: (B,) timesteps in [0, 1] (``1 - sigma``); caps_*: per-sample
         caption features (L_b, cap_feat_dim). ``student=False`` (or ``caps_s=None``) runs the teacher
-        branch alone; ``caps_t=None`` the student alone.
+        branch alone; ``caps_t=None`` the student alone. ``share``: the micro-batch's
+        :class:`ContextShare` (the same captions and weights at every call with it).
         """
         ms = self.ms
         B, C, H, W = x.shape
@@ -273,6 +297,8 @@ class FastZImage(PairedModel):
 
             cap_h = {}
             for b in live:
+                if share is not None and b.name in share.h:
+                    continue  # refined captions reused: no embedding needed
                 with b.grad_ctx():
                     emb = b.model.cap_embedder(torch.cat([c.to(x.device, dtype) for c in caps[b.name]]))
                     rows = torch.cat([emb, b.model.cap_pad_token.to(emb.dtype)])
@@ -293,9 +319,20 @@ class FastZImage(PairedModel):
                 img = {b.name: b.stream.h for b in live}
 
         with self._nv("context_refiner"):
+            run = {}
             for b in live:
-                b.stream, b.mods = self._stream(cap_h[b.name], lay[b.name]["cap"]), None
-            self._run_blocks([f"context_refiner.{i}" for i in range(len(ms.context_refiner))], S, T, None)
+                hit = share.h.get(b.name) if share is not None else None
+                b.stream, b.mods = self._stream(hit if hit is not None else cap_h[b.name], lay[b.name]["cap"]), None
+                run[b.name] = hit is None
+            rs, rt = (S if S is not None and run["s"] else None), (T if T is not None and run["t"] else None)
+            if rs is not None or rt is not None:
+                self._run_blocks([f"context_refiner.{i}" for i in range(len(ms.context_refiner))], rs, rt, None)
+            if share is not None:
+                for b in (rs, rt):
+                    if b is not None:
+                        share.runs[b.name] += 1
+                        if b.name == "t" or (share.student and torch.is_grad_enabled()):
+                            share.h[b.name] = b.stream.h
 
         for b in live:
             with b.grad_ctx():
@@ -315,13 +352,14 @@ class FastZImage(PairedModel):
                     results[b.name] = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
         return results.get("s"), results.get("t")
 
-    def velocity_pair(self, x, sigma, ctx_s, ctx_t):
-        """(v_student, v_teacher) in the (sigma, v) convention; v_teacher without autograd."""
+    def velocity_pair(self, x, sigma, ctx_s, ctx_t, share: ContextShare | None = None):
+        """(v_student, v_teacher) in the (sigma, v) convention; v_teacher without autograd. ``share``:
+        see :meth:`forward_pair`."""
         from dopsd_fast.families import ZIMAGE
 
         conv = ZIMAGE.convention
         out_s, out_t = self.forward_pair(x, conv.model_time(sigma), _features(ctx_s), _features(ctx_t),
-                                         student=ctx_s is not None)
+                                         student=ctx_s is not None, share=share)
         return (conv.velocity(out_s) if out_s is not None else None,
                 conv.velocity(out_t) if out_t is not None else None)
 
