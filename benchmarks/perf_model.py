@@ -269,11 +269,14 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             from dopsd_fast.algorithm import rollout_loss_paired
 
             def rollout():
-                pair = regioned("student + teacher forward (packed)", fp.pair_fn(bench.ctx_s, bench.ctx_t))
+                fn = fp.pair_fn(bench.ctx_s, bench.ctx_t, finish=True)  # as the trainer calls it
+                pair = regioned("student + teacher forward (packed)", fn)
                 with autocast:
                     res = rollout_loss_paired(pair, bench.noise, bench.sigmas, backward=backward)
                 if backward == "once":
                     res.loss.backward()
+                with counter.in_region("backward"):
+                    fn.finish()
                 return res
         bench.optimizer.step = regioned("optimizer", opt_step)
         bench.weights.ema_update = regioned("EMA", ema)

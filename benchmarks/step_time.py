@@ -210,11 +210,12 @@ class Bench:
         from dopsd_fast.algorithm import rollout_loss_paired
 
         fp = self.fast_model(kernels, graphs, fp8)
+        fn = fp.pair_fn(self.ctx_s, self.ctx_t, finish=True)  # as the trainer calls it
         with self.autocast():
-            res = rollout_loss_paired(fp.pair_fn(self.ctx_s, self.ctx_t), self.noise, self.sigmas,
-                                      backward=self.args.backward)
+            res = rollout_loss_paired(fn, self.noise, self.sigmas, backward=self.args.backward)
             if self.args.backward == "once":
                 res.loss.backward()
+        fn.finish()
         return res
 
     # -- a whole optimizer step

@@ -169,13 +169,18 @@ class FastPair:
         self.spec, self.model = spec, model
 
     # ---- the protocol ----------------------------------------------------------------------------
-    def pair_fn(self, ctx_s, ctx_t, backward: str = "stepwise"):
+    def pair_fn(self, ctx_s, ctx_t, backward: str = "stepwise", finish: bool = False):
         """One micro-batch's ``(x, sigma) -> (v_s, v_t)``; work that depends only on the contexts and the
-        weights is done at the first state and reused (the teacher's always, the student's with
-        ``backward="once"``: only when the caller back-propagates once per roll-out)."""
+        weights is done at the first state and reused: the teacher's always, the student's with
+        ``backward="once"`` (the caller back-propagates once per roll-out) or with ``finish=True`` (the
+        caller calls ``fn.finish()`` after the roll-out's last backward)."""
         ctx_s, ctx_t = contexts(ctx_s), contexts(ctx_t)
-        share = self.model.new_share(student=backward == "once")
-        return lambda x, sigma: self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
+        share = self.model.new_share(student="deferred" if finish else "graph" if backward == "once" else False)
+
+        def fn(x, sigma):
+            return self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
+        fn.finish = share.finish if share is not None else (lambda: None)
+        return fn
 
     def velocity(self, branch: str, x, sigma, ctx):
         """One branch alone; the teacher without autograd."""
@@ -205,11 +210,13 @@ class FastPair:
         (``once``: after the roll-out, the authors' schedule; ``stepwise``: after each state, the same
         gradient with one state's activations alive), scaled by ``loss_scale`` (e.g. 1 / grad_accum).
         The gradients land on the trainer's own parameters; ``result.loss`` is detached."""
-        res = rollout_loss_paired(self.pair_fn(ctx_s, ctx_t, backward), noise, self._sigmas(sigmas, timesteps), loss=loss,
-                                  backward=backward, loss_scale=loss_scale)
+        fn = self.pair_fn(ctx_s, ctx_t, backward, finish=True)
+        res = rollout_loss_paired(fn, noise, self._sigmas(sigmas, timesteps), loss=loss, backward=backward,
+                                  loss_scale=loss_scale)
         if backward == "once":
             (res.loss * loss_scale).backward()
             res.loss = res.loss.detach()
+        fn.finish()
         return res
 
     def rollout(self, noise, ctx_s, ctx_t, sigmas=None, *, timesteps=None) -> Iterator[RolloutState]:

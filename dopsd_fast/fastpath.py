@@ -132,12 +132,14 @@ class FastPath:
                 return self._graph(which, struct)(("velocity",), x, sigma, *flat)[0]
             return self._one(which, x, sigma, ctx)
 
-    def pair_fn(self, ctx_s, ctx_t, backward: str | None = None):
+    def pair_fn(self, ctx_s, ctx_t, backward: str | None = None, finish: bool = False):
         """``(x, sigma) -> (v_student, v_teacher)`` for :func:`~dopsd_fast.algorithm.rollout_loss_paired`:
         one micro-batch's roll-out (the same contexts and weights at every call). What depends only on
         them is computed at the first state and reused (Z-Image: the context refiner, the teacher's
-        always, the student's where ``backward`` (default: the run's schedule) is ``once``)."""
-        share = self.model.new_share(student=(backward or self.backward) == "once")
+        always, the student's where ``backward`` (default: the run's schedule) is ``once``, or with
+        ``finish``, any schedule: the caller then calls ``fn.finish()`` after the roll-out's last backward)."""
+        once = (backward or self.backward) == "once"
+        share = self.model.new_share(student="deferred" if finish else "graph" if once else False)
 
         def fn(x, sigma):
             with self._nv("state"):
@@ -146,4 +148,5 @@ class FastPath:
                 with self._nv("student+teacher"), self.fp8_ctx(True):
                     return self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
         fn.share = share
+        fn.finish = share.finish if share is not None else (lambda: None)
         return fn

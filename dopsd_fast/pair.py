@@ -1,8 +1,11 @@
 """The pair protocol: the one interface between the D-OPSD step and a model, eager or fast.
 
-* ``pair_fn(ctx_s, ctx_t) -> fn(x, sigma) -> (v_student, v_teacher)``: one roll-out state, the
-  student with autograd, the teacher without (what :func:`dopsd_fast.algorithm.rollout_loss_paired`
-  calls);
+* ``pair_fn(ctx_s, ctx_t, finish=False) -> fn(x, sigma) -> (v_student, v_teacher)``: one roll-out
+  state, the student with autograd, the teacher without (what
+  :func:`dopsd_fast.algorithm.rollout_loss_paired` calls), for one micro-batch's roll-out (the same
+  contexts and weights at every call). With ``finish=True`` the caller calls ``fn.finish()`` once after
+  the roll-out's last backward (the fast path then back-propagates work it shared across the states;
+  a no-op elsewhere);
 * ``velocity(branch, x, sigma, ctx) -> v``: one branch (``"student"`` / ``"teacher"``, or ``"s"`` /
   ``"t"``) for validation, sampling and the SFT baseline; the student with autograd when grad is
   enabled, the teacher never.
@@ -30,7 +33,7 @@ def branch_key(branch: str) -> str:
 
 
 class Pair(Protocol):
-    def pair_fn(self, ctx_s, ctx_t) -> Callable:
+    def pair_fn(self, ctx_s, ctx_t, backward: str | None = None, finish: bool = False) -> Callable:
         ...
 
     def velocity(self, branch: str, x: torch.Tensor, sigma: torch.Tensor, ctx) -> torch.Tensor:
@@ -46,11 +49,12 @@ class EagerPair:
     def __init__(self, velocity_fn, student: Callable, teacher: Callable):
         self.velocity_fn, self.student, self.teacher = velocity_fn, student, teacher
 
-    def pair_fn(self, ctx_s, ctx_t):
+    def pair_fn(self, ctx_s, ctx_t, backward: str | None = None, finish: bool = False):
         def fn(x, sigma):
             with torch.no_grad():
                 v_t = self.velocity_fn(self.teacher(), x, sigma, ctx_t)
             return self.velocity_fn(self.student(), x, sigma, ctx_s), v_t
+        fn.finish = lambda: None  # nothing shared across states here
         return fn
 
     def velocity(self, branch, x, sigma, ctx):

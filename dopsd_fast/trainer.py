@@ -189,12 +189,17 @@ class Trainer:
         sigmas = self.sigmas_for(noise.shape[-2:])
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
+        # the fast path reuses state-independent work across the roll-out (dopsd_fast.fastpath.FastPath.pair_fn);
+        # its finish() back-propagates the student's share once, after the last state's backward
+        fn = self.pair.pair_fn(ctx_s, ctx_t, finish=True)
         with self.autocast():
-            res = rollout_loss_paired(self.pair.pair_fn(ctx_s, ctx_t), noise, sigmas, loss=self.cfg.dopsd.loss,
-                                      backward=self.backward, loss_scale=loss_scale)
+            res = rollout_loss_paired(fn, noise, sigmas, loss=self.cfg.dopsd.loss, backward=self.backward,
+                                      loss_scale=loss_scale)
         if self.backward == "once":
             with self._nv("backward"):
                 (res.loss * loss_scale).backward()
+        with self._nv("backward (shared)"):
+            fn.finish()
         return res
 
     def compute_sft(self, samples, noise, step: int, micro: int, loss_scale: float = 1.0):

@@ -123,9 +123,10 @@ def test_shared_refiner_and_single_branches():
 @pytest.mark.parametrize("backward", ["once", "stepwise"])
 @pytest.mark.parametrize("lora", [True, False])
 def test_context_refiner_once_per_rollout(backward, lora):
-    """The refined captions are computed once per roll-out (the teacher's always, the student's when
-    the roll-out back-propagates once) and the roll-out's losses and gradients are those of the
-    per-state recomputation; a backward after each state keeps the student's per state."""
+    """The refined captions are computed once per roll-out (the teacher's always; the student's as one
+    shared graph when the roll-out back-propagates once, or, with any schedule, as a leaf whose summed
+    gradient ``finish()`` back-propagates) and the roll-out's losses and gradients are those of the
+    per-state recomputation; without either, a backward after each state keeps the student's per state."""
     from dopsd_fast.adapters.base import Context
     from dopsd_fast.algorithm import rollout_loss_paired
 
@@ -136,7 +137,9 @@ def test_context_refiner_once_per_rollout(backward, lora):
     sig = [1.0, 0.9, 0.75, 0.5, 0.0]
     params = st.named_trainable()
     runs, results = {}, {}
-    for name, share in (("per state", None), ("shared", fast.new_share(student=backward == "once"))):
+    modes = (("per state", None), ("shared", fast.new_share(student=backward == "once")),
+             ("deferred", fast.new_share(student="deferred")))
+    for name, share in modes:
         calls = []
         orig = fast._run_blocks
 
@@ -152,16 +155,23 @@ def test_context_refiner_once_per_rollout(backward, lora):
                                   backward=backward)
         if backward == "once":
             res.loss.backward()
+        if name == "deferred":
+            assert all(p.grad is None for n, p in params.items() if "context_refiner" in n)  # not yet
+            share.finish()
         del fast._run_blocks
         results[name] = (res, {n: p.grad.clone() for n, p in params.items() if p.grad is not None})
         runs[name] = (sum(c[0] for c in calls), sum(c[1] for c in calls))
     assert runs["per state"] == (4, 4)
     assert runs["shared"] == ((1, 1) if backward == "once" else (4, 1)), runs
-    (ref, g_ref), (got, g_got) = results["per state"], results["shared"]
-    for a, b in zip(got.state_losses, ref.state_losses):
-        assert_close(a, b, 1e-6, 1e-5, "state loss")
-    assert set(g_ref) == set(g_got) and g_ref
-    compare_grads(g_got, g_ref, 1e-5, 1e-4)
+    assert runs["deferred"] == (1, 1), runs
+    ref, g_ref = results["per state"]
+    assert any("context_refiner" in n for n in g_ref)  # the comparison covers the refiner's trainable tensors
+    for name in ("shared", "deferred"):
+        got, g_got = results[name]
+        for a, b in zip(got.state_losses, ref.state_losses):
+            assert_close(a, b, 1e-6, 1e-5, f"{name}: state loss")
+        assert set(g_ref) == set(g_got) and g_ref
+        compare_grads(g_got, g_ref, 1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -37,9 +37,10 @@ def test_tiny_step_model(tmp_path):
     assert abs(rows["eager", "once"]["total"]["flops"] - floor) <= 0.02 * floor
     # our attention backward recomputes S and P in two kernels (3.5x the forward's FLOPs, not 2.5x)
     assert rows["fast", "once"]["kinds"]["attn_bwd"]["flops"] > 1.2 * rows["eager", "once"]["kinds"]["attn_bwd"]["flops"]
-    # the context refiner once per roll-out (the spec's floor counts it per state): the teacher's in both
-    # schedules, the student's forward and backward too with `once`
-    assert rows["fast", "once"]["total"]["flops"] < rows["fast", "stepwise"]["total"]["flops"] < floor
+    # the context refiner once per roll-out (the spec's floor counts it per state), its forward and
+    # backward, in both schedules (the stepwise one through the deferred backward, as the trainer runs it)
+    once, stepwise = rows["fast", "once"]["total"]["flops"], rows["fast", "stepwise"]["total"]["flops"]
+    assert max(once, stepwise) < floor and abs(once - stepwise) <= 0.01 * once
     for path in ("eager", "fast"):
         assert rows[path, "stepwise"]["peak_live_gb"] < rows[path, "once"]["peak_live_gb"]
         assert {"optimizer", "EMA", "backward"} <= set(rows[path, "once"]["regions"])

@@ -270,8 +270,10 @@ class PairedModel:
         gave for this micro-batch's roll-out (the same contexts and weights at every state)."""
         raise NotImplementedError
 
-    def new_share(self, student: bool = False):
+    def new_share(self, student: bool | str = False):
         """State reused across the K states of one micro-batch's roll-out (work that depends on the
-        contexts and the weights only), or None where the model has none. ``student``: the roll-out
-        back-propagates once (a shared student graph is then safe)."""
+        contexts and the weights only), or None where the model has none. ``student``: share the
+        student's work too, ``"graph"`` (True) where the roll-out back-propagates once, ``"deferred"``
+        where the caller calls the share's ``finish()`` after the roll-out's last backward (see
+        :class:`dopsd_fast.models.zimage.ContextShare`)."""
         return None

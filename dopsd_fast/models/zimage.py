@@ -42,15 +42,45 @@ SEQ_MULTI_OF = 32
 
 
 class ContextShare:
-    """The refined captions of one micro-batch's roll-out, reused across its states. ``student``:
-    share the student's too (only where the roll-out back-propagates once: a backward after each
-    state would free the shared graph). ``runs``: context-refiner passes actually computed, per branch
-    (what the tests read)."""
+    """The refined captions of one micro-batch's roll-out, reused across its states.
 
-    def __init__(self, student: bool = False):
+    ``student``: share the student's too. ``"graph"``: one output whose graph every state's loss
+    reaches (for a roll-out that back-propagates once; a backward after each state would free it);
+    ``"deferred"``: the states read a detached leaf that collects their gradients, and
+    :meth:`finish`, called once after the roll-out's last backward, back-propagates the sum through the
+    refiner (any schedule; the caller MUST call it, or the refiner's adapters get no gradient).
+    ``False``: the student's refiner runs at every state. ``runs``: context-refiner passes actually
+    computed, per branch (what the tests read)."""
+
+    def __init__(self, student: bool | str = False):
+        if student is True:
+            student = "graph"
+        if student not in (False, "graph", "deferred"):
+            raise ValueError(f"ContextShare(student=...): False, 'graph' or 'deferred', got {student!r}")
         self.student = student
         self.h: dict = {}
         self.runs = {"s": 0, "t": 0}
+        self._pending = None  # deferred: (refiner output with its graph, the leaf the states read)
+
+    def keep(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """Keep branch ``name``'s refined captions ``h`` for the next states; returns what this state
+        reads (deferred: the leaf, from the first state on)."""
+        if name == "t" or self.student == "graph":
+            self.h[name] = h
+        elif self.student == "deferred":
+            leaf = h.detach().requires_grad_(h.requires_grad)
+            self._pending = (h, leaf) if h.requires_grad else None
+            self.h["s"] = h = leaf
+        return h
+
+    def finish(self) -> None:
+        """Deferred mode: back-propagate the states' summed gradient through the student's refiner,
+        once; a no-op otherwise (and when no state back-propagated)."""
+        if self._pending is not None:
+            out, leaf = self._pending
+            self._pending = None
+            if leaf.grad is not None:
+                out.backward(leaf.grad)
 
 
 def _flat(o):
@@ -82,7 +112,7 @@ class FastZImage(PairedModel):
         self._layouts: dict = {}
         self.refiner_shareable = self.same_model and not has_lora(self.ms.noise_refiner)
 
-    def new_share(self, student: bool = False) -> ContextShare:
+    def new_share(self, student: bool | str = False) -> ContextShare:
         """A :class:`ContextShare` for one micro-batch's roll-out."""
         return ContextShare(student)
 
@@ -332,7 +362,7 @@ class FastZImage(PairedModel):
                     if b is not None:
                         share.runs[b.name] += 1
                         if b.name == "t" or (share.student and torch.is_grad_enabled()):
-                            share.h[b.name] = b.stream.h
+                            b.stream.h = share.keep(b.name, b.stream.h)
 
         for b in live:
             with b.grad_ctx():
