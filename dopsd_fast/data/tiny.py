@@ -51,27 +51,22 @@ def draw(index: int) -> Image.Image:
     return im
 
 
-def ensure_tiny_dataset(root: Path | None = None) -> Path:
-    """Write the tiny dataset (if absent) and return the path of its ``train.jsonl``."""
-    root = Path(root) if root is not None else home() / f"tiny-dataset-{VERSION}"
+def _write_once(root: Path, prefix: str, pictures) -> Path:
+    """``root/train.jsonl`` and its pictures, written once: ``pictures`` (called only when absent)
+    yields (file name, PIL image, JSONL row without ``image``). Written to a temporary folder beside
+    ``root``, then renamed into place (atomic: concurrent writers race harmlessly)."""
     jsonl = root / "train.jsonl"
     if jsonl.is_file():
         return jsonl
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tiny-"))
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=prefix))
     rows = []
-    for i, (name, _, _) in enumerate(_SUBJECTS):
-        fn = f"{i:02d}.png"
-        draw(i).save(tmp / fn)
-        rows.append({
-            "image": fn,
-            "size": list(_SIZES[i]),
-            "prompt": f"a [V] style picture of a {name}",
-            "prompt_detailed": f"a [V] style picture of a {name} on a pale striped background, centered",
-        })
+    for fn, im, row in pictures():
+        im.save(tmp / fn)
+        rows.append({"image": fn, **row})
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     try:
-        os.replace(tmp, root)  # atomic: concurrent writers race harmlessly
+        os.replace(tmp, root)
     except OSError:
         import shutil
 
@@ -79,9 +74,20 @@ def ensure_tiny_dataset(root: Path | None = None) -> Path:
     return jsonl
 
 
+def ensure_tiny_dataset(root: Path | None = None) -> Path:
+    """Write the tiny dataset (if absent) and return the path of its ``train.jsonl``."""
+    def pictures():
+        for i, (name, _, _) in enumerate(_SUBJECTS):
+            yield f"{i:02d}.png", draw(i), {
+                "size": list(_SIZES[i]),
+                "prompt": f"a [V] style picture of a {name}",
+                "prompt_detailed": f"a [V] style picture of a {name} on a pale striped background, centered",
+            }
+
+    return _write_once(Path(root) if root is not None else home() / f"tiny-dataset-{VERSION}", ".tiny-", pictures)
+
+
 TOY_CONCEPT_VERSION = "v1"
-
-
 TOY_PRIOR_PAIRS = 18
 
 
@@ -98,32 +104,14 @@ def ensure_toy_concept_dataset(root: Path | None = None, prior: bool = False) ->
     """
     from dopsd_fast.toy import world
 
-    n_world = TOY_PRIOR_PAIRS if prior else 0
     name = "toy-concept-prior" if prior else "toy-concept"
-    root = Path(root) if root is not None else home() / f"{name}-{TOY_CONCEPT_VERSION}"
-    jsonl = root / "train.jsonl"
-    if jsonl.is_file():
-        return jsonl
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".toy-concept-"))
-    rows = []
-    for i in range(len(world.CONCEPT_TRAIN)):
-        attrs = world.example("concept", i)
-        fn = f"{i:02d}.png"
-        world.render(attrs).save(tmp / fn)
-        rows.append({"image": fn, "size": [world.SIZE, world.SIZE], "prompt": world.caption(attrs),
-                     "prompt_short": world.caption(attrs, {"size", "colour", "position"})})
-    for i in range(n_world):
-        attrs = world.example("train", 7_000_000 + i)
-        fn = f"w{i:03d}.png"
-        world.render(attrs).save(tmp / fn)
-        rows.append({"image": fn, "size": [world.SIZE, world.SIZE], "prompt": world.caption(attrs),
-                     "prompt_short": world.caption(attrs, {"size", "colour", "position"})})
-    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    try:
-        os.replace(tmp, root)
-    except OSError:
-        import shutil
+    examples = [(f"{i:02d}.png", world.example("concept", i)) for i in range(len(world.CONCEPT_TRAIN))]
+    examples += [(f"w{i:03d}.png", world.example("train", 7_000_000 + i)) for i in range(TOY_PRIOR_PAIRS if prior else 0)]
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    return jsonl
+    def pictures():
+        for fn, attrs in examples:
+            yield fn, world.render(attrs), {"size": [world.SIZE, world.SIZE], "prompt": world.caption(attrs),
+                                            "prompt_short": world.caption(attrs, {"size", "colour", "position"})}
+
+    root = Path(root) if root is not None else home() / f"{name}-{TOY_CONCEPT_VERSION}"
+    return _write_once(root, ".toy-concept-", pictures)
