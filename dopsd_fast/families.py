@@ -194,9 +194,6 @@ class FamilySpec:
                 if on and feat not in self.fast_features:
                     raise ConfigError(f"config field 'fast.{feat}': not implemented on the {self.title} fast path "
                                       f"(it supports: {', '.join(sorted(self.fast_features))})")
-            if fc.fp8 in ("te", "torchao") and self.name != "zimage":
-                raise ConfigError(f"config field 'fast.fp8': {fc.fp8} is wired for Z-Image only; on the {self.title} "
-                                  "fast path use fast.fp8=native")
 
 
 class ZImageFamily(FamilySpec):
@@ -389,8 +386,9 @@ KLEIN = KleinFamily(
     authors_lora_targets=("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                           "attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2",
                           "ff_context.net.0.proj", "ff_context.net.2"),
-    # the packed pass, the kernels, our FP8 (fast.fp8=native), gradient checkpointing; no CUDA graphs yet
-    fast_features=frozenset({"kernels", "attention", "compile", "fp8", "checkpoint"}),
+    # every fast feature: the packed pass, the kernels, FP8 (ours, te, torchao), gradient checkpointing,
+    # CUDA graphs (the forward holds no host work: its tables are built once per shape)
+    fast_features=frozenset(FAST_FEATURES),
     editing=True,
     schedule_help="use klein-kN (the N-step inference schedule at the bucket's resolution), klein-kN-authors, "
                   "a named schedule or an explicit list of sigmas ending with 0",

@@ -85,12 +85,13 @@ class FastPath:
                 _require_fp8_gpu("native")
             self.model.fp8_native = NativeFP8(fc.fp8_recipe)
         self.weights = weights
-        self.graphs = None
+        modules = {id(student[0]): student[0], id(teacher[0]): teacher[0]}
+        self._graph_params = lambda: [p for m in modules.values() for p in m.parameters()]
+        self.graphs = None  # {(branch, context structure): GraphCache} with fast.graphs
+        self.graph_backend = None  # how graphs are captured (None: CUDA graphs; the tests pass a stand-in)
         if fc.graphs:
             if self.device.type != "cuda":
                 raise ConfigError("config field 'fast.graphs': CUDA graphs need a CUDA device")
-            modules = {id(student[0]): student[0], id(teacher[0]): teacher[0]}
-            self._graph_params = lambda: [p for m in modules.values() for p in m.parameters()]
             self.graphs = {}
         log.info("fast path (%s): ops=%s attention=%s gemm=%s fp8=%s graphs=%s checkpointed layers=%d", spec.title,
                  type(ops).__name__, ops.attention, "cublas" if ops.lora_impl == "torch" else ops.lora_impl, fc.fp8,
@@ -114,7 +115,7 @@ class FastPath:
         if key not in self.graphs:
             def fn(x, sigma, *flat):
                 return (self._one(which, x, sigma, unflatten_contexts(struct, flat)),)
-            self.graphs[key] = GraphCache(fn, self._graph_params, name=f"{which} forward")
+            self.graphs[key] = GraphCache(fn, self._graph_params, name=f"{which} forward", backend=self.graph_backend)
         return self.graphs[key]
 
     def velocity(self, branch: str, x, sigma, ctx):
@@ -134,19 +135,19 @@ class FastPath:
 
     def pair_fn(self, ctx_s, ctx_t, backward: str | None = None, finish: bool = False):
         """``(x, sigma) -> (v_student, v_teacher)`` for :func:`~dopsd_fast.algorithm.rollout_loss_paired`:
-        one micro-batch's roll-out (the same contexts and weights at every call). What depends only on
+        one micro-batch's roll-out (the same contexts and weights at every call), ALWAYS the packed
+        pair: with ``fast.graphs`` too (a graph of the teacher alone would unpack it from the student's
+        GEMMs and attention launch, and lose the shared refiners; the graphs serve the no-grad
+        single-branch forwards, :meth:`velocity`). What depends only on
         them is computed at the first state and reused (Z-Image: the context refiner, the teacher's
         always, the student's where ``backward`` (default: the run's schedule) is ``once``, or with
         ``finish``, any schedule: the caller then calls ``fn.finish()`` after the roll-out's last backward)."""
         once = (backward or self.backward) == "once"
         share = self.model.new_share(student="deferred" if finish else "graph" if once else False)
 
-        def fn(x, sigma):
-            with self._nv("state"):
-                if self.graphs is not None:  # teacher through its graph, student eager (autograd)
-                    return self.velocity("s", x, sigma, ctx_s), self.velocity("t", x, sigma, ctx_t)
-                with self._nv("student+teacher"), self.fp8_ctx(True):
-                    return self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
+        def fn(x, sigma):  # always the packed pair (with fast.graphs too: the teacher is never unpacked)
+            with self._nv("state"), self._nv("student+teacher"), self.fp8_ctx(True):
+                return self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
         fn.share = share
         fn.finish = share.finish if share is not None else (lambda: None)
         return fn

@@ -8,6 +8,12 @@ in-place updates (optimizer step, EMA) keep it valid, while a replaced tensor (a
 that swapped parameters, a new adapter, a dtype change) would make the graph read stale memory, so
 it raises :class:`GraphStructureError` instead of silently re-capturing or replaying garbage;
 :meth:`GraphCache.clear` after such a change is the explicit way on.
+
+What a graph cannot hold is host work inside the forward: a device-to-host read (``.item()``, a
+``nonzero``, a data-dependent shape) or a tensor made from Python data (``torch.tensor(list)``, a
+host-to-device copy). :func:`capture_guard` finds those on ANY device (the CPU included: it looks at
+the ops, not at a stream), so the tests prove a forward capturable without a GPU: run it once (the
+warm-up, where the per-shape tables are built and cached), then again under the guard.
 """
 
 from __future__ import annotations
@@ -23,6 +29,55 @@ log = logging.getLogger("dopsd_fast")
 
 class GraphStructureError(RuntimeError):
     pass
+
+
+class GraphCaptureError(RuntimeError):
+    """Host work inside a forward that a CUDA graph would capture (see :func:`capture_guard`)."""
+
+
+# ops that read device values on the host (a sync: illegal while capturing) or put host data on
+# the device (a copy from pageable memory per call: illegal while capturing, stale on replay)
+_HOST_OPS = {
+    "aten::_local_scalar_dense": "reads a device value on the host (.item(), bool(), a Python number)",
+    "aten::lift_fresh": "makes a tensor from Python data (torch.tensor(...)) per call",
+    "aten::lift_fresh_copy": "makes a tensor from Python data (torch.tensor(...)) per call",
+    "aten::nonzero": "has a data-dependent output shape (nonzero / boolean indexing)",
+    "aten::masked_select": "has a data-dependent output shape (masked_select / boolean indexing)",
+    "aten::unique_dim": "has a data-dependent output shape (unique)",
+    "aten::_unique2": "has a data-dependent output shape (unique)",
+    "aten::repeat_interleave.Tensor": "has a data-dependent output shape (repeat_interleave by a tensor)",
+}
+
+
+def capture_guard():
+    """A context in which an op a CUDA graph cannot capture raises :class:`GraphCaptureError`
+    naming it (see :data:`_HOST_OPS`; also any copy between devices). It inspects the dispatched ops,
+    so it works on the CPU. ``aten::repeat_interleave`` given ``output_size`` is allowed (no sync)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Guard(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func._schema.name + ("." + func._overloadname if func._overloadname != "default" else "")
+            why = _HOST_OPS.get(name) or _HOST_OPS.get(func._schema.name)
+            if name == "aten::repeat_interleave.Tensor" and kwargs.get("output_size") is not None:
+                why = None
+            if why is None and func._schema.name in ("aten::index", "aten::index_put", "aten::index_put_"):
+                idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+                if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx or ()):
+                    why = "indexes by a boolean mask (a data-dependent shape)"
+            if why is None and func._schema.name in ("aten::_to_copy", "aten::copy_"):
+                devs = {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+                if "device" in kwargs and kwargs["device"] is not None:
+                    devs.add(torch.device(kwargs["device"]).type)
+                if len(devs) > 1:
+                    why = f"copies between devices ({' -> '.join(sorted(devs))})"
+            if why is not None:
+                raise GraphCaptureError(f"{name} {why}: a CUDA graph cannot capture it; build it once per shape "
+                                        "outside the forward (a cached table) or keep it on the device")
+            return func(*args, **kwargs)
+
+    return _Guard()
 
 
 @dataclass

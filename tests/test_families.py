@@ -37,20 +37,23 @@ def test_the_grep_catches_a_family_branch():
 
 
 def test_unsupported_combinations_refused_when_the_config_is_validated():
-    """Before any weight is loaded: klein has no graphs / te-torchao FP8 on its fast path, a klein
-    schedule is not a Z-Image one, an unknown preset or family is named."""
+    """Before any weight is loaded: klein takes every fast feature (graphs, FP8 of all kinds,
+    checkpointing, compile); a family without one refuses it naming the field; a klein schedule is not
+    a Z-Image one, an unknown preset or family is named."""
+    from dataclasses import replace
+
     from dopsd_fast.config import ConfigError, load_config
-    from dopsd_fast.families import KLEIN
+    from dopsd_fast.families import FAST_FEATURES, KLEIN
 
     klein = KLEIN.tiny_overrides()
-    for over, field in ((["fast.enabled=true", "fast.graphs=true"], "fast.graphs"),):
-        with pytest.raises(ConfigError, match=re.escape(f"'{field}': not implemented on the FLUX.2-klein fast path")):
-            load_config(None, klein + over)
-    with pytest.raises(ConfigError, match=re.escape("'fast.fp8': torchao is wired for Z-Image only")):
-        load_config(None, klein + ["fast.enabled=true", "fast.fp8=torchao"])
-    load_config(None, klein + ["fast.enabled=true", "fast.fp8=native"])  # ours: the paired linears
-    load_config(None, klein + ["fast.enabled=true", "fast.checkpoint=all"])  # double, then single blocks
-    load_config(None, klein + ["fast.enabled=true", "fast.compile=true"])  # compiled through the ops interface
+    assert KLEIN.fast_features == frozenset(FAST_FEATURES)
+    for over in (["fast.graphs=true"], ["fast.fp8=native"], ["fast.fp8=torchao"], ["fast.fp8=te"],
+                 ["fast.checkpoint=all"], ["fast.compile=true"]):
+        cfg = load_config(None, klein + ["fast.enabled=true"] + over)
+        KLEIN.validate(cfg)
+    partial = replace(KLEIN, fast_features=frozenset({"kernels", "attention"}))
+    with pytest.raises(ConfigError, match=re.escape("'fast.graphs': not implemented on the FLUX.2-klein fast path")):
+        partial.validate(load_config(None, klein + ["fast.enabled=true", "fast.graphs=true"]))
     with pytest.raises(ConfigError, match="not a Z-Image schedule"):
         load_config(None, ["dopsd.rollout=klein-k2"])
     with pytest.raises(ConfigError, match="model.preset"):

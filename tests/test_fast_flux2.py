@@ -81,7 +81,7 @@ def test_trainer_klein_fast_path_matches_eager_step(tmp_path):
     assert abs(m_f["loss"] - m_e["loss"]) <= 1e-5 * abs(m_e["loss"]) + 1e-9, (m_f["loss"], m_e["loss"])
     for n in w_e:
         assert_close(w_f[n], w_e[n], 1e-6, 1e-5, n)
-    with pytest.raises(Exception, match="fast.graphs"):
+    with pytest.raises(Exception, match="'fast.graphs': CUDA graphs need a CUDA device"):
         Trainer(tiny_config(tmp_path / "g", *klein, "fast.enabled=true", "fast.graphs=true", "model.device=cpu"))
 
 
@@ -128,3 +128,37 @@ def test_checkpointed_blocks_same_gradients(lora):
         for a, b in zip(grads, res[0][2]):
             if b is not None:
                 assert_close(a, b, 1e-6, 1e-5, "checkpointed grad", scaled=True)
+
+
+def test_fp8_module_dispatch():
+    """fast.fp8=te / torchao on klein: the FP8 filter takes the double and single blocks' linears (their
+    base layers under LoRA), and a converted base layer is called as a module by the paired linears with
+    the LoRA delta on top: both branches still match the eager model. (The stand-in is an nn.Linear
+    under torchao's class name: it checks the dispatch, not FP8 numerics, which need an sm_89+ GPU.)"""
+    from dopsd_fast.fp8 import fp8_module_filter
+
+    ad, st, ctx_s, ctx_t = _setup(True)
+    tr = st.transformer
+    picked = [n for n, m in tr.named_modules() if fp8_module_filter(n, m)]
+    assert picked and all(n.endswith(".base_layer") for n in picked)
+    assert {n.split(".")[0] for n in picked} == {"transformer_blocks", "single_transformer_blocks"}
+    assert not any("modulation" in n or "embed" in n or "norm_out" in n or "proj_out" in n for n in picked)
+
+    class Float8Linear(torch.nn.Linear):
+        pass
+
+    for n in picked:
+        parent, _, child = n.rpartition(".")
+        old = tr.get_submodule(n)
+        new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        setattr(tr.get_submodule(parent), child, new)
+    x, sigma = torch.randn(2, 16, 6, 4), torch.tensor([0.8, 0.3])
+    fast = _fast(st)
+    assert fast._fusable(["transformer_blocks.0.attn.to_q"]) is None  # the FP8 module route, not the fused op
+    v_s, v_t = fast.velocity_pair(x, sigma, ctx_s, ctx_t)
+    ref_s = ad.velocity(st.student(), x, sigma, ctx_s)
+    assert_close(v_s, ref_s, 1e-5, 1e-4, "student via FP8-module dispatch", scaled=True)
+    assert_close(v_t, ad.velocity(st.teacher(), x, sigma, ctx_t), 1e-5, 1e-4, "teacher via FP8-module dispatch",
+                 scaled=True)
+    assert_grads_match(v_s, ref_s, st.named_trainable(), 1e-5, 1e-4)

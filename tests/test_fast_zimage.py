@@ -119,6 +119,33 @@ def test_shared_refiner_and_single_branches():
     assert_close(o_s, _eager(plain, x, t, caps_s), 1e-5, 1e-4, "shared-refiner student", scaled=True)
     assert_close(o_t, _eager(plain, x, t, caps_t), 1e-5, 1e-4, "shared-refiner teacher", scaled=True)
 
+    # a padded image (15 tokens -> 32): shared when both branches pad their captions to the same
+    # lengths (5 / 33 and 20 / 40 -> 32 / 64), per branch when they do not (5 / 33 vs 40 / 3)
+    with torch.no_grad():
+        plain.x_pad_token.normal_()
+    runs = []
+    inner = shared._run_blocks
+
+    def spy(paths, s, t, *a, **kw):
+        if paths[0].startswith("noise_refiner"):
+            runs.append((s is not None) + (t is not None))
+        return inner(paths, s, t, *a, **kw)
+
+    shared._run_blocks = spy
+    for caps_t_lens, n_passes in (([20, 40], 1), ([40, 3], 2)):
+        x, t, caps_s, caps_t = _inputs(2, 10, 6, [5, 33], caps_t_lens)
+        runs.clear()
+        o_s, o_t = shared.forward_pair(x, t, caps_s, caps_t)
+        assert runs == [n_passes], (caps_t_lens, runs)
+        assert_close(o_s, _eager(plain, x, t, caps_s), 1e-5, 1e-4, f"padded image, student ({caps_t_lens})", scaled=True)
+        assert_close(o_t, _eager(plain, x, t, caps_t), 1e-5, 1e-4, f"padded image, teacher ({caps_t_lens})", scaled=True)
+    # why not shared there: forced (the layout told the lengths match), the teacher is ~10% off, since
+    # diffusers lets the pad rows into the refiner's attention (should it mask them, widen the sharing)
+    shared.layout(2, 10, 6, [5, 33], [40, 3], x.device)["t"]["padded"] = [32, 64]
+    o_t = shared.forward_pair(x, t, caps_s, caps_t)[1].detach()
+    ref = _eager(plain, x, t, caps_t).detach()
+    assert runs[-1] == 1 and (o_t - ref).abs().max() > 0.01 * ref.abs().max()
+
 
 @pytest.mark.parametrize("backward", ["once", "stepwise"])
 @pytest.mark.parametrize("lora", [True, False])

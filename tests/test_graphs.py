@@ -61,3 +61,84 @@ def test_outputs_are_not_aliased_to_the_graph_buffers():
     a = cache("k", torch.ones(2, 3))[0]
     cache("k", torch.zeros(2, 3))
     assert a.abs().sum() > 0  # the first result survived the second replay
+
+
+class GuardedBackend(FakeBackend):
+    """The stand-in with what a CUDA graph demands of the function: a warm-up call (where per-shape
+    tables get built and cached, as on the GPU's side stream), then the capture and every replay
+    under :func:`~dopsd_fast.graphs.capture_guard` (no host work inside)."""
+
+    def capture(self, fn, inputs):
+        from dopsd_fast.graphs import capture_guard
+
+        self.captured += 1
+        static = [x.clone() for x in inputs]
+        with torch.no_grad():
+            fn(*static)
+            with capture_guard():
+                outs = list(fn(*static))
+
+        def replay():
+            with torch.no_grad(), capture_guard():
+                for o, new in zip(outs, fn(*static)):
+                    o.copy_(new)
+
+        return GraphEntry(static, tuple(outs), replay)
+
+
+def test_capture_guard_names_host_work():
+    """What a CUDA graph cannot hold is found on the CPU, by op: a device value read on the host, a
+    tensor from Python data, a data-dependent shape, a copy between devices; device work passes."""
+    from dopsd_fast.graphs import GraphCaptureError, capture_guard
+
+    x = torch.randn(6)
+    bad = {"_local_scalar_dense": lambda: x.sum().item(), "lift_fresh": lambda: torch.tensor([0, 3]),
+           "boolean mask": lambda: x[x > 0], "nonzero": lambda: torch.nonzero(x),
+           "repeat_interleave": lambda: torch.repeat_interleave(x, torch.full((6,), 2)),
+           "between devices": lambda: x.to("meta")}
+    for what, fn in bad.items():
+        with pytest.raises(GraphCaptureError, match=what), capture_guard():
+            fn()
+    with capture_guard():  # device work, shapes known on the host: allowed
+        y = (x * 2 + torch.arange(6)).view(2, 3)[:, 1:].sum(-1)
+        torch.repeat_interleave(torch.arange(2), torch.ones(2, dtype=torch.long), output_size=2)
+        x[torch.arange(3)]
+    assert y.shape == (2,)
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_fast_path_graphs_capture_safe_and_training_stays_packed(tmp_path, family):
+    """fast.graphs on both families: each branch's no-grad forward (validation, sampling) through the
+    graph cache is capture-safe after its warm-up (no host work: the guard) and equals the launched
+    forward; the training roll-out never goes through a graph (the packed pair, the teacher never
+    unpacked) and gives the same step."""
+    from dopsd_fast.families import FAMILIES
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    extra = FAMILIES[family].tiny_overrides()
+    tr = Trainer(tiny_config(tmp_path, "fast.enabled=true", *extra))
+    tr.train_step()
+    fp = tr.pair
+    samples = tr.next_samples(1, 0)
+    noise = tr.noise_for(samples, 1, 0)
+    ctx = {"s": [c.to(tr.device) for c in tr.contexts.student(samples)],
+           "t": [c.to(tr.device) for c in tr.contexts.teacher(samples)]}
+    sigma = torch.full((noise.shape[0],), 0.6)
+    with torch.no_grad():
+        launched = {b: [fp.velocity(b, x, sigma, ctx[b]) for x in (noise, 0.5 * noise)] for b in "st"}
+    fp.graphs, fp.graph_backend = {}, GuardedBackend()
+    with torch.no_grad():
+        graphed = {b: [fp.velocity(b, x, sigma, ctx[b]) for x in (noise, 0.5 * noise)] for b in "st"}
+    for b in "st":
+        for got, want in zip(graphed[b], launched[b]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert fp.graph_backend.captured == 2 and sum(c.replays for c in fp.graphs.values()) == 4
+
+    calls = []
+    inner = fp.model.velocity_pair
+    fp.model.velocity_pair = lambda x, s, cs, ct, **kw: calls.append((cs is not None, ct is not None)) or inner(
+        x, s, cs, ct, **kw)
+    tr.train_step()
+    assert calls and set(calls) == {(True, True)}, calls  # every state: both branches in one packed pass
+    assert fp.graph_backend.captured == 2  # the step captured nothing

@@ -55,15 +55,16 @@ def _split3(mod, i):
 class FastFlux2(PairedModel):
     def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False, fp8_ctx=None,
                  fp8_teacher: bool = True):
-        # graphs and te / torchao FP8 are refused by the config (families.KLEIN); ``checkpoint_layers``
-        # counts the double blocks first, then the single blocks (the memory model's order)
-        super().__init__(student, teacher, ops, nvtx, checkpoint_layers=checkpoint_layers)
+        # ``checkpoint_layers`` counts the double blocks first, then the single blocks (the memory model's
+        # order); an FP8 module (te / torchao) is called as a module by the shared paired linears
+        super().__init__(student, teacher, ops, nvtx, fp8_ctx, fp8_teacher, checkpoint_layers)
         cfg = self.ms.config
         if cfg.patch_size != 1 or cfg.guidance_embeds:
             raise NotImplementedError("FastFlux2 supports the klein configuration (patch 1, no guidance embedding)")
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.eps = cfg.eps
         self._rope: dict = {}
+        self._cu: dict = {}
 
     def _tables(self, model, L: int, h: int, w: int, ref_hw: tuple, dev):
         """RoPE cos/sin of the text and of the image tokens ([x_k ; references]), fp32, (n, hd/2):
@@ -288,14 +289,21 @@ class FastFlux2(PairedModel):
         for f, v in zip(fields, out):
             setattr(S, f, v)
 
+    def _offsets(self, B: int, S: int, dev):
+        """The attention's per-sample offsets (int32 on the device, and as a list) of B samples of S
+        tokens: made once per shape, never per call (no host-to-device copy inside a CUDA graph)."""
+        key = (B, S, str(dev))
+        if key not in self._cu:
+            cu = [i * S for i in range(B + 1)]
+            self._cu[key] = (torch.tensor(cu, dtype=torch.int32, device=dev), cu)
+        return self._cu[key]
+
     def _attend(self, q, B):
         """Joint attention per sample for both branches (each (q, k, v) of (B*S, H, hd), or None)."""
         def spec(q3):
             if q3 is None:
                 return None
-            S_ = q3[0].shape[0] // B
-            cu = [i * S_ for i in range(B + 1)]
-            return (*q3, torch.tensor(cu, dtype=torch.int32, device=q3[0].device), cu)
+            return (*q3, *self._offsets(B, q3[0].shape[0] // B, q3[0].device))
 
         s, t = spec(q[0]), spec(q[1])
         if s is not None and t is not None:

@@ -14,7 +14,10 @@ runs the same math as ``ZImageTransformer2DModel.forward`` in a packed layout:
 * work that does not depend on the branch is done once: the timestep embedding, every adaLN
   modulation (not LoRA-adapted), the patch embedding of x_k, and the image-only noise refiner when it
   carries no adapter and the image needs no padding (its output is then the same for both branches up
-  to rounding: RoPE is relative and the branches differ only by a common position offset);
+  to rounding: RoPE is relative and the branches differ only by a common position offset) or both
+  branches pad their captions to the same lengths (then the same input, bitwise). With image padding
+  and different padded caption lengths it runs per branch: diffusers lets the image's pad rows (RoPE
+  ids (0, 0, 0)) into the refiner's attention, and their offset to the image rows differs per branch;
 * work that does not depend on the roll-out state is done once per micro-batch: the context refiner
   (caption tokens only, no timestep modulation) gives the same output at every state of a roll-out,
   since the weights change only at the optimizer step. With a :class:`ContextShare` (what
@@ -264,6 +267,7 @@ class FastZImage(PairedModel):
             out_rows = [r for b in range(B) for r in range(uni_cu[b], uni_cu[b] + n_img)]
             arange_b = torch.arange(B)
             lay[which] = {
+                "padded": padded,
                 "cap_src": torch.tensor(cap_src, dtype=torch.long, device=device),
                 "img": (img_cs, [i * n_img_pad for i in range(B + 1)],
                         arange_b.repeat_interleave(n_img_pad).to(device)),
@@ -336,8 +340,12 @@ class FastZImage(PairedModel):
 
         refiner = [f"noise_refiner.{i}" for i in range(len(ms.noise_refiner))]
         with self._nv("noise_refiner"):
-            if self.refiner_shareable and n_img_pad == n_img and S and T:
-                # one pass: the branches differ only by a common RoPE offset (exact up to rounding)
+            if S and T and self.refiner_shareable and (n_img_pad == n_img or lay["s"]["padded"] == lay["t"]["padded"]):
+                # one pass: the branches differ only by a common RoPE offset of the image rows (exact up
+                # to rounding), or not at all (the same padded caption lengths: bitwise the same input).
+                # Not otherwise: diffusers does not mask the image's pad rows (x_pad_token, RoPE ids
+                # (0, 0, 0) in both branches) out of the refiner's attention, so an image row's offset
+                # to a pad row differs between branches whose padded caption lengths differ.
                 shared = Branch("s", ms, self.adapter_s, self._stream(img_embed(ms), lay["s"]["img"]))
                 self._run_blocks(refiner, shared, None, adaln)
                 img = {"s": shared.stream.h, "t": shared.stream.h.detach()}
