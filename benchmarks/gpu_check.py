@@ -377,7 +377,7 @@ def stage_step(rows: Rows) -> int:
     # --eager-checkpointing: the reference as the authors run it, and what keeps its fp32 parity pass (fp32
     # weights 24.6 GB + un-checkpointed fp32 activations ~115 GB, model figure) inside one GPU's memory
     cmd = [sys.executable, str(HERE / "step_time.py"), "--preset", "zimage-6b", "--steps", "3", "--warmup", "1",
-           "--parity-steps", "1", "--eager-checkpointing", "--rows", rows.path]
+           "--parity-steps", "1", "--eager-checkpointing", "--graphs", "--rows", rows.path]
     if DRY:
         cmd[cmd.index("zimage-6b")] = "tiny"
     return subprocess.call(cmd)

@@ -10,7 +10,8 @@ dopsd.ema_on_cpu) + fp32 gradient 4 + AdamW moments 8 = 22 bytes, divided by the
 FSDP2 working set: one block gathered in bf16 for the forward plus the next one prefetched, and in
 the backward one block's bf16 weights with its fp32 unsharded gradient (8 bytes per block parameter),
 plus the unsharded root (embedders, final layer). LoRA: bf16 base 2 bytes per parameter (replicated,
-or / ranks), adapters (student + EMA teacher fp32, gradient, AdamW: 20 bytes per adapter parameter).
+or / ranks), adapters (student + EMA teacher fp32, gradient, AdamW: 20 bytes per adapter parameter; the
+fast path's roll-out also holds both adapters cast to bf16: 4 more).
 Activations: K = 4, batch 1 per rank, caption 512 (student) / 1024 (teacher context); the fewest
 checkpointed layers (fast path; eager full fine-tuning: all) and the backward schedule that fit.
 """
@@ -53,7 +54,7 @@ def rows(ema_on_cpu: bool = False):
     for gpus in GPUS:
         budget = GPU_GB * 1e9
         # LoRA, replicated base, fast path
-        fixed = 2 * n + 20 * n_lora
+        fixed = 2 * n + 24 * n_lora  # + the roll-out's bf16 casts of both adapters (fast path)
         s = memory.shape_of(cfg, "zimage", tok_s, tok_t, 4, 0)
         back = memory.resolve_backward("auto", s, "fast", 0.85 * budget - fixed)
         ck = memory.checkpoint_layers_for(s, "fast", back, 0.85 * budget - fixed)

@@ -16,10 +16,15 @@ What differs from a GPU run, and how it is handled:
 * our fused kernels are ``torch.library.custom_op``s, seen as ONE op: each states its own FLOPs,
   bytes, launches and scratch (``dopsd_fast.kernels._common.COSTS``, beside its registration);
 * the fast path's shape-dependent host work (packing layout, offsets) is plain Python on real
-  tensors, so attention FLOPs per sample are exact.
+  tensors, so attention FLOPs per sample are exact;
+* the weights' storages are known to the counter before the step, so a view of a weight (the
+  transpose inside ``F.linear``, a ``detach()``) is not counted as step memory.
 
     python benchmarks/perf_model.py --preset zimage-6b                 # eager + fast, once + stepwise
     python benchmarks/perf_model.py --preset klein-4b --paths fast --backward stepwise --json out.json
+    python benchmarks/perf_model.py --preset klein-9b --paths fast --checkpoint all   # checkpointing's cost
+    python benchmarks/perf_model.py --preset zimage-6b --paths fast --teacher-graph   # the graphed teacher
+    python benchmarks/perf_model.py --calibrate        # dopsd_fast.memory's constants (~4 min)
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ _FREE = {"aten::detach", "aten::alias", "aten::lift_fresh", "aten::_to_copy_meta
 
 _FACTORIES = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
               "scalar_tensor", "arange", "randn", "rand", "randn_like", "rand_like"}
+
+
+GRAPH_REGION = "teacher forward (CUDA graph replay)"
 
 
 def _tensors(x):
@@ -156,6 +164,8 @@ class StepCounter(TorchDispatchMode):
             else:
                 flops, kind = 0.0, "memory"
         rate = self.rates[kind] if kind != "memory" else None
+        if self.region == GRAPH_REGION:  # inside a CUDA graph: no launch of its own (one replay, counted apart)
+            launches = 0
         t = launches * self.rates["launch"] + max(flops / rate if rate else 0.0, byts / self.rates["bandwidth"])
         for row in (self.table[(self.region, kind)], self.ops[name]):
             row["flops"] += flops
@@ -168,10 +178,10 @@ class StepCounter(TorchDispatchMode):
 
 # ---- the step under fake tensors ------------------------------------------------------------------
 def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | None, cap_t: int | None,
-                gemm: str = "auto", fp8: str = "off"):
+                gemm: str = "auto", fp8: str = "off", checkpoint: str = "none"):
     import step_time
 
-    argv = ["--preset", preset, "--backward", backward, "--checkpoint", "none", "--gemm", gemm]
+    argv = ["--preset", preset, "--backward", backward, "--checkpoint", checkpoint, "--gemm", gemm]
     argv += ["--fp8", fp8] if path == "fast" else []
     argv += ["--lora-rank", str(rank)] if rank is not None else []
     if path == "fast":  # the GPU configuration: our fused kernels and attention (as custom ops here)
@@ -188,10 +198,11 @@ def prebuild_layout(bench, fp) -> None:
     on fake tensors that host work cannot run, so it is built here, outside the fake mode, for the
     step's shapes, and the step finds it in the model's layout cache."""
     model = fp.model
-    if hasattr(model, "layout"):  # FastZImage
+    if hasattr(model, "layout"):  # FastZImage: the pair's, and each branch's alone
         B, _, H, W = bench.noise.shape
-        model.layout(B, H, W, [len(c.features) for c in bench.ctx_s], [len(c.features) for c in bench.ctx_t],
-                     bench.noise.device)
+        cs, ct = [len(c.features) for c in bench.ctx_s], [len(c.features) for c in bench.ctx_t]
+        for s, t in ((cs, ct), (cs, None), (None, ct)):
+            model.layout(B, H, W, s, t, bench.noise.device)
 
 
 def prequantize(fp, mode) -> float:
@@ -212,8 +223,13 @@ def prequantize(fp, mode) -> float:
 
 
 def model_step(preset: str, path: str, backward: str, rank: int | None = None, cap_s=None, cap_t=None,
-               rates=RATES, gemm: str = "auto", fp8: str = "off") -> dict:
-    """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts."""
+               rates=RATES, gemm: str = "auto", fp8: str = "off", checkpoint: str = "none",
+               teacher_graph: bool = False) -> dict:
+    """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts. Fast path:
+    ``checkpoint`` (none | all | N main layers, ``fast.checkpoint``); ``teacher_graph``: the alternative
+    to the packed pair that ``fast.graphs`` does NOT take, modelled to show why: the student alone
+    (with autograd) and the teacher alone through a CUDA graph (its launches priced at one replay),
+    nothing shared between the branches."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     t0 = time.time()
@@ -228,7 +244,7 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
     torch.utils.swap_tensors = set_data
     try:
         with mode:
-            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm, fp8)
+            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm, fp8, checkpoint)
         if path == "fast":  # built in the fake mode: parameters and buffers fake
             with mode:
                 fp = bench.fast_model(args.kernels, fp8=fp8)
@@ -238,6 +254,12 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
         torch.utils.swap_tensors = swap
     with mode:
         counter = StepCounter(rates)
+        # the weights (base, adapters, the teacher's copy or shadow) are not step memory: known to the
+        # counter from the start, so a view of one (a detach(), a transpose) does not count its storage
+        w = bench.weights
+        mods = [w.transformer] + ([w.teacher_module] if getattr(w, "teacher_module", None) is not None else [])
+        for t in [*(x for m in mods for x in (*m.parameters(), *m.buffers())), *w.named_teacher().values()]:
+            counter._seen.setdefault(id(t.untyped_storage()), 0)
         orig_backward = torch.Tensor.backward
         opt_step, ema = bench.optimizer.step, bench.weights.ema_update
 
@@ -270,7 +292,16 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
 
             def rollout():
                 fn = fp.pair_fn(bench.ctx_s, bench.ctx_t, finish=True)  # as the trainer calls it
-                pair = regioned("student + teacher forward (packed)", fn)
+
+                def graphed(x, s):  # the alternative not taken: student alone, teacher alone in a graph
+                    with counter.in_region("student forward (alone)"):
+                        v_s = fp._one("s", x, s, bench.ctx_s)
+                    with counter.in_region(GRAPH_REGION), torch.no_grad():
+                        v_t = fp._one("t", x, s, bench.ctx_t)
+                    counter.table[(GRAPH_REGION, "memory")]["launches"] += 1  # the replay
+                    counter.table[(GRAPH_REGION, "memory")]["time_s"] += rates["launch"]
+                    return v_s, v_t
+                pair = graphed if teacher_graph else regioned("student + teacher forward (packed)", fn)
                 with autocast:
                     res = rollout_loss_paired(pair, bench.noise, bench.sigmas, backward=backward)
                 if backward == "once":
@@ -294,6 +325,8 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             kinds[kind][k] += v
     total = {k: sum(r[k] for r in regions.values()) for k in ("flops", "bytes", "launches", "time_s")}
     return {"preset": preset, "path": path, "backward": backward, "lora_rank": args.lora_rank, "K": len(bench.sigmas) - 1,
+            "checkpoint": checkpoint, "checkpointed_layers": fp.model.checkpoint_layers if path == "fast" else 0,
+            "teacher_graph": teacher_graph,
             "gemm": gemm, "fp8": fp8, "non_gemm_tb": kinds["memory"]["bytes"] / 1e12,
             "floor_tflop": bench.floor_flops / 1e12, "total": total,
             "predicted_s": total["time_s"], "floor_s_at_gemm_rate": bench.floor_flops / rates["gemm"],
@@ -304,11 +337,50 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             "model_seconds": time.time() - t0, "rates": rates}
 
 
+# per family: the preset calibrated at, and per block kind of memory.PER_TOKEN the config key whose
+# count is lowered (and by how much) to measure one block's slope
+CALIBRATION = {"zimage": ("zimage-6b", {"block": ("n_layers", 10)}),
+               "klein": ("klein-4b", {"double": ("num_layers", 2), "single": ("num_single_layers", 10)})}
+
+
+def calibrate(family: str, path: str) -> dict:
+    """The memory model's constants (``dopsd_fast.memory``) from stepwise fake-tensor steps at the sizes
+    of :data:`CALIBRATION`: Z-Image-Turbo 6B at 30 and 20 main layers (the slope is one layer's saved
+    activations, the rest the transient); klein-4B at (5, 20), (3, 20) and (5, 10) double / single
+    blocks. In elements per token in units of the width (bf16), as ``memory.PER_TOKEN`` /
+    ``TRANSIENT_PER_TEACHER_TOKEN`` hold them."""
+    import step_time
+
+    from dopsd_fast import memory
+    from dopsd_fast.families import FAMILIES
+
+    base, vary = CALIBRATION[family]
+    pre = step_time.PRESETS[base]
+    cfg = dict(pre["config"])
+    spec = FAMILIES[family]
+    width, layers = spec.memory_layers(cfg)
+    img = spec.image_tokens(spec.latent_shape(cfg, pre["resolution"])[1:])
+    tok_s, tok_t = img + pre["cap_s"], spec.teacher_image_tokens(img) + pre["cap_t"]
+    unit_s, unit_t = width * tok_s * memory.BYTES, width * tok_t * memory.BYTES
+
+    def peak(**over):
+        name = f"{base}-calib-" + "-".join(f"{k}{v}" for k, v in over.items())
+        step_time.PRESETS[name] = dict(pre, config=dict(cfg, **over))
+        return model_step(name, path, "stepwise")["peak_live_gb"] * 1e9
+
+    p0 = peak()
+    per = {kind: (p0 - peak(**{key: cfg[key] - fewer})) / fewer for kind, (key, fewer) in vary.items()}
+    return {"per_token": {k: v / unit_s for k, v in per.items()},
+            "transient": (p0 - sum(layers[k] * v for k, v in per.items())) / unit_t}
+
+
 def _fmt_row(r: dict) -> str:
     t = r["total"]
     return (f"{r['preset']:<10} {r['path']:<6} {r['backward']:<9} {r['predicted_s']:8.3f} s  "
             f"{t['flops'] / 1e12:8.1f} TFLOP  {t['bytes'] / 1e12:7.3f} TB  {int(t['launches']):7d} launches  "
-            f"peak {r['peak_live_gb']:7.1f} GB  (floor {r['floor_tflop']:.0f} TFLOP = {r['floor_s_at_gemm_rate']:.2f} s)")
+            f"peak {r['peak_live_gb']:7.1f} GB  (floor {r['floor_tflop']:.0f} TFLOP = {r['floor_s_at_gemm_rate']:.2f} s)"
+            + (f"  [{r['checkpointed_layers']} layers checkpointed]" if r.get("checkpointed_layers") else "")
+            + ("  [teacher through a CUDA graph, unpacked]" if r.get("teacher_graph") else ""))
 
 
 def main(argv=None) -> int:
@@ -325,6 +397,12 @@ def main(argv=None) -> int:
     p.add_argument("--fp8", default="off", choices=["off", "native"],
                    help="the fast path's FP8 (native: the block linears' base GEMMs priced at the FP8 rate, 1400 "
                         "TFLOP/s, with the activations' quantization)")
+    p.add_argument("--checkpoint", default="none", help="fast path: none | all | N main layers checkpointed")
+    p.add_argument("--teacher-graph", action="store_true",
+                   help="fast path: model the alternative fast.graphs does not take (student alone, teacher alone "
+                        "through a CUDA graph, no packing) instead of the packed pair")
+    p.add_argument("--calibrate", action="store_true",
+                   help="derive dopsd_fast.memory's constants (both families, both paths) and exit")
     p.add_argument("--json", default=None)
     p.add_argument("--regions", action="store_true", help="print the per-region and per-kind breakdown")
     args = p.parse_args(argv)
@@ -335,10 +413,19 @@ def main(argv=None) -> int:
           f"{RATES['gemm'] / 1e12:.0f} TFLOP/s, attention {RATES['attn_fwd'] / 1e12:.0f}/{RATES['attn_bwd'] / 1e12:.0f} "
           f"fwd/bwd, {RATES['bandwidth'] / 1e12:.1f} TB/s, {RATES['launch'] * 1e6:.0f} us/launch. MODEL FIGURES, not "
           "measurements; the peak excludes the weights.")
+    if args.calibrate:
+        for fam in ("zimage", "klein"):
+            for path in ("fast", "eager"):
+                c = calibrate(fam, path)
+                print(f"{fam:<7} {path:<6} per layer and student token: "
+                      + ", ".join(f"{k} {v:.1f} x width" for k, v in c["per_token"].items())
+                      + f"; transient per teacher token: {c['transient']:.1f} x width", flush=True)
+        return 0
     rows = []
     for path in args.paths.split(","):
         for bw in args.backward.split(","):
-            r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t, gemm=args.gemm, fp8=args.fp8)
+            r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t, gemm=args.gemm, fp8=args.fp8,
+                           checkpoint=args.checkpoint, teacher_graph=args.teacher_graph and path == "fast")
             rows.append(r)
             print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
             if args.regions:

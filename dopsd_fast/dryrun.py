@@ -92,7 +92,10 @@ def dry_run(cfg, gpu: str = "h100") -> int:
           f"K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher tokens per micro-batch")
     rows = [("weights (base, adapters / EMA)", weights), ("encoders", encoders),
             ("saved activations", peak["activations"]), ("transient (forward working set)", peak["transient"]),
-            ("gradients + AdamW state", peak["optimizer"]), ("predicted peak", total)]
+            ("gradients + AdamW state", peak["optimizer"])]
+    if peak["casts"]:
+        rows.append(("adapters cast to bf16 (roll-out)", peak["casts"]))
+    rows.append(("predicted peak", total))
     for name, b in rows:
         print(f"  {name:<34} {memory.fmt_gb(b):>10}")
     print(f"  {'GPU class ' + gpu:<34} {memory.fmt_gb(cap):>10}  -> {'FITS' if fits else 'DOES NOT FIT'}")

@@ -6,18 +6,22 @@ Peak memory beyond the weights = saved activations of the student (per roll-out 
 layer, attention temporaries) + gradients and AdamW state of the trainable tensors (allocated at the
 first step, after any free-memory probe).
 
-The constants are MEASURED by ``benchmarks/perf_model.py`` (a whole step at real size under fake
-tensors, bf16, the peak of live memory): the slope of the peak over the number of layers gives the
-bytes one layer keeps per student token, the intercept the transient per teacher token. Each is in
-elements per token in units of the model width (bf16: 2 bytes each); a checkpointed layer keeps its
-input only (1 x width). Model figures until a GPU confirms them.
+The constants are MEASURED by ``benchmarks/perf_model.py --calibrate`` (a whole step at real size
+under fake tensors, bf16, stepwise, the peak of live memory beyond the weights): the slope of the peak
+over the number of layers gives the bytes one layer keeps per student token, the rest the transient
+per teacher token. Each is in elements per token in units of the model width (bf16: 2 bytes each); a
+checkpointed layer keeps its input only (1 x width). Model figures until a GPU confirms them.
 
 | family, path | per layer and student token | transient per teacher token |
 |---|---|---|
-| Z-Image, fast (fused) | 21.2 x dim (measured 0.750 GB per layer at 4608 tokens, dim 3840: 20 vs 30 layers) | 27.0 x dim |
-| Z-Image, eager (diffusers) | 49.8 x dim | 26.7 x dim |
-| klein, fast | double block 23.4 x D, single block 27.0 x D | 60.6 x D (the editing teacher: 2 images) |
-| klein, eager | double 46.1 x D, single 34.4 x D | 17.7 x D |
+| Z-Image, fast (fused) | 21.2 x dim (0.750 GB per layer at 4608 tokens, dim 3840: 30 vs 20 layers) | 25.0 x dim |
+| Z-Image, eager (diffusers) | 39.6 x dim | 8.2 x dim |
+| klein, fast | double block 23.3 x D, single block 26.9 x D | 22.3 x D (the editing teacher: 2 images) |
+| klein, eager | double 28.8 x D, single 25.7 x D | 10.4 x D |
+
+(Before 2026-11-29 the fake step counted a weight's storage as step memory the first time a view of it
+(a transpose in ``F.linear``) was made: the eager constants were 49.8 / 26.7 (Z-Image) and 46.1, 34.4 /
+17.7 (klein), the klein fast transient 60.6, each inflated by the weights.)
 """
 
 from __future__ import annotations
@@ -33,18 +37,18 @@ log = logging.getLogger(__name__)
 BYTES = 2  # bf16 activations
 PER_TOKEN = {  # elements kept per student token and layer, in units of the width
     ("zimage", "fast"): {"block": 21.2},
-    ("zimage", "eager"): {"block": 49.8},
-    ("klein", "fast"): {"double": 23.4, "single": 27.0},
-    ("klein", "eager"): {"double": 46.1, "single": 34.4},
+    ("zimage", "eager"): {"block": 39.6},
+    ("klein", "fast"): {"double": 23.3, "single": 26.9},
+    ("klein", "eager"): {"double": 28.8, "single": 25.7},
 }
-TRANSIENT_PER_TEACHER_TOKEN = {("zimage", "fast"): 27.0, ("zimage", "eager"): 26.7, ("klein", "fast"): 60.6,
-                               ("klein", "eager"): 17.7}
+TRANSIENT_PER_TEACHER_TOKEN = {("zimage", "fast"): 25.0, ("zimage", "eager"): 8.2, ("klein", "fast"): 22.3,
+                               ("klein", "eager"): 10.4}
 GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0,
                  "4090": 24.0}
 # The fake-tensor model's predicted step time per floor FLOP at Z-Image-Turbo size (stepwise, no
 # checkpointing; GEMM 700 TFLOP/s, attention 350/280, 2.7 TB/s, 5 us per launch): eager 3.60 s and
-# fast 2.00 s for 867 TFLOP. An ESTIMATE for --dry-run, scaled by the config's floor FLOPs.
-SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 2.00 / 866.9}
+# fast 1.98 s for 867 TFLOP. An ESTIMATE for --dry-run, scaled by the config's floor FLOPs.
+SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 1.98 / 866.9}
 
 
 @dataclass
@@ -95,9 +99,12 @@ def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0) -
         per_state += ((n - c) * per[kind] + c * 1.0) * s.width * s.tokens_student * BYTES
     transient = TRANSIENT_PER_TEACHER_TOKEN[(s.family, path)] * s.width * s.tokens_teacher * BYTES
     optimizer = s.trainable_params * (s.trainable_bytes_per_param + 8)  # gradient + AdamW m, v (fp32)
+    # the fast path's roll-out keeps the student's and the teacher's fp32 adapters cast to bf16 (its
+    # RolloutShare); fp32 trainable tensors are LoRA adapters here (full fine-tuning trains the model dtype)
+    casts = 2 * s.trainable_params * BYTES if path == "fast" and s.trainable_bytes_per_param == 4 else 0
     acts = alive * per_state
-    return {"activations": acts, "transient": transient, "optimizer": optimizer,
-            "total": acts + transient + optimizer}
+    return {"activations": acts, "transient": transient, "optimizer": optimizer, "casts": casts,
+            "total": acts + transient + optimizer + casts}
 
 
 def memory_budget_bytes(budget_gb: float | None, device: torch.device) -> float | None:

@@ -209,9 +209,14 @@ class FastFlux2(PairedModel):
         return KleinBranch(name, model, adapter, L=L, M=M, txt=txt, refs=ref_tok, cs_txt=cs_txt, cs_img=cs_img)
 
     def velocity_pair(self, x, sigma, ctx_s, ctx_t, share=None):
-        """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention. ``share``
-        is unused: FLUX.2 has no state-independent stream (its text tokens are modulated by the timestep
-        in every double block)."""
+        """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention. ``share``:
+        the roll-out's :class:`~dopsd_fast.models.paired.RolloutShare` (the LoRA casts once per roll-out);
+        FLUX.2 has no state-independent stream to share beyond that (its text tokens are modulated by
+        the timestep in every double block)."""
+        with self.sharing(share):
+            return self._velocity_pair(x, sigma, ctx_s, ctx_t)
+
+    def _velocity_pair(self, x, sigma, ctx_s, ctx_t):
         from dopsd_fast.adapters.klein import pack
         from dopsd_fast.families import KLEIN
 
@@ -280,9 +285,10 @@ class FastFlux2(PairedModel):
         if T is not None:
             block(path, None, T, B)
 
-        def run(*hs, snap=replace(S)):
+        def run(*hs, snap=replace(S), share=self._share):  # the recompute reads the same shared casts
             b = replace(snap, **dict(zip(fields, hs)))
-            block(path, b, None, B)
+            with self.sharing(share):
+                block(path, b, None, B)
             return tuple(getattr(b, f) for f in fields)
 
         out = checkpoint(run, *(getattr(S, f) for f in fields), use_reentrant=False)

@@ -63,6 +63,52 @@ def lora_of(mod, adapter):
     return mod.weight, mod.bias, None
 
 
+class _SharedCast(torch.autograd.Function):
+    """``param.to(dtype)`` whose forward returns ``cached`` (that cast, made once per roll-out) and
+    whose backward is the cast's own, per use: the gradient goes to ``param`` in its dtype (fp32 for
+    LoRA), accumulated there like the per-call cast's (no bf16 sum of the states' gradients)."""
+
+    @staticmethod
+    def forward(ctx, cached, param):
+        ctx.dtype = param.dtype
+        return cached.view_as(cached)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.to(ctx.dtype)
+
+
+class RolloutShare:
+    """What one micro-batch's roll-out reuses across its K states (the same contexts and weights at
+    every state; the weights change only at the optimizer step). Here: the LoRA weights cast to the
+    compute dtype (fp32 masters -> bf16) once per roll-out instead of at every linear call of every
+    state, both branches; the student's through :class:`_SharedCast` (its gradient per use, exact).
+    Families add their own (Z-Image: :class:`~dopsd_fast.models.zimage.ContextShare`). ``casts``: the
+    cast kernels actually run (what the tests read)."""
+
+    def __init__(self):
+        self._casts: dict = {}
+        self.casts = 0
+
+    def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``t.to(dtype)``, the cast made once per tensor (and version) in this roll-out."""
+        if t.dtype == dtype:
+            return t
+        key = (id(t), dtype)
+        hit = self._casts.get(key)
+        if hit is None or hit[0] is not t or hit[1] != t._version:
+            with torch.no_grad():  # (no detach(): a view of the master; a cast under no_grad has no history)
+                hit = (t, t._version, t.to(dtype))
+            self._casts[key] = hit
+            self.casts += 1
+        if t.requires_grad and torch.is_grad_enabled():
+            return _SharedCast.apply(hit[2], t)
+        return hit[2]
+
+    def finish(self) -> None:
+        """After the roll-out's last backward (see :meth:`PairedModel.new_share`); nothing to do here."""
+
+
 def _fused_ops():
     from dopsd_fast.models.ops import FusedOps
 
@@ -139,6 +185,24 @@ class PairedModel:
         self.checkpoint_layers = int(checkpoint_layers)
         self.same_model = self.ms is self.mt
         self.fp8_native = None  # a dopsd_fast.fp8.NativeFP8 (fast.fp8: native): the block linears' GEMMs in FP8
+        self._share = None  # the RolloutShare of the forward in progress (set by velocity_pair)
+
+    @contextlib.contextmanager
+    def sharing(self, share):
+        """Inside: the linears read the LoRA weights through ``share`` (a :class:`RolloutShare`, or None)."""
+        prev, self._share = self._share, share
+        try:
+            yield
+        finally:
+            self._share = prev
+
+    def _cast(self, lora, dtype):
+        """A LoRA triple (A, B, scale) with A and B in ``dtype``: through the roll-out's share when there
+        is one (cast once per roll-out), else as it is (the op casts per call)."""
+        sh = self._share
+        if lora is None or sh is None:
+            return lora
+        return sh.cast(lora[0], dtype), sh.cast(lora[1], dtype), lora[2]
 
     def _nv(self, name):
         return nvtx_range(name) if self.nvtx else contextlib.nullcontext()
@@ -168,10 +232,10 @@ class PairedModel:
         base = getattr(mod, "base_layer", mod)
         if is_fp8_linear(base):  # FP8 base GEMM by the converted module, LoRA delta in bf16
             y = base(x)
-            lora = lora_of(mod, adapter)[2] if base is not mod else None
+            lora = self._cast(lora_of(mod, adapter)[2], x.dtype) if base is not mod else None
             return y + self._delta(x, lora) if lora is not None else y
         w, b, lora = lora_of(mod, adapter)
-        return self.ops.linear(x, w, b, lora)
+        return self.ops.linear(x, w, b, self._cast(lora, x.dtype))
 
     def plin(self, name: str, x_s, x_t):
         """The linear ``name`` (a submodule path, e.g. ``layers.3.attention.to_q``) of both branches;
@@ -188,8 +252,8 @@ class PairedModel:
         mod_s = mod_t if self.same_model else self.ms.get_submodule(name)
         base = getattr(mod_s, "base_layer", mod_s)
         if mod_s is mod_t and is_fp8_linear(base):
-            lo_s = lora_of(mod_s, self.adapter_s)[2] if base is not mod_s else None
-            lo_t = lora_of(mod_s, self.adapter_t)[2] if base is not mod_s else None
+            lo_s = self._cast(lora_of(mod_s, self.adapter_s)[2], x_s.dtype) if base is not mod_s else None
+            lo_t = self._cast(lora_of(mod_s, self.adapter_t)[2], x_t.dtype) if base is not mod_s else None
             if self.fp8_teacher:  # one FP8 GEMM over both streams' rows
                 y = base(torch.cat([x_s, x_t.detach()]))
                 y_s, y_t = y[:x_s.shape[0]], y[x_s.shape[0]:].detach()
@@ -206,7 +270,7 @@ class PairedModel:
         if mod_s is mod_t:
             w, b, lo_s = lora_of(mod_s, self.adapter_s)
             _, _, lo_t = lora_of(mod_s, self.adapter_t)
-            return self.ops.paired_linear(x_s, x_t, w, b, lo_s, lo_t)
+            return self.ops.paired_linear(x_s, x_t, w, b, self._cast(lo_s, x_s.dtype), self._cast(lo_t, x_t.dtype))
         y_s = self._lin(mod_s, self.adapter_s, x_s)
         with torch.no_grad():
             y_t = self._lin(mod_t, self.adapter_t, x_t)
@@ -221,6 +285,8 @@ class PairedModel:
         fp8 = self._fp8_for(names) if lor is not None else None
         if lor is not None and x_s is not None and x_t is not None:
             ls, lt = lor
+            ls = [(w, b, self._cast(lo, x_s.dtype)) for w, b, lo in ls]
+            lt = [(w, b, self._cast(lo, x_t.dtype)) for w, b, lo in lt]
             return self.ops.paired_linears(x_s, x_t, [lo[0] for lo in ls], [lo[1] for lo in ls],
                                            [lo[2] for lo in ls], [lo[2] for lo in lt], fp8=fp8)
         if lor is not None and (isinstance(self.ops, _fused_ops()) or fp8 is not None):  # one branch
@@ -257,6 +323,7 @@ class PairedModel:
         """One branch through the same fused op as the pair (the other side with no rows): the group's
         dx in one buffer, the LoRA delta fused, as on the main path."""
         x, los = (x_s, ls) if x_t is None else (x_t, lt)
+        los = [(w, b, self._cast(lo, x.dtype)) for w, b, lo in los]
         none = x.new_empty((0, x.shape[-1]))
         with contextlib.nullcontext() if x_t is None else torch.no_grad():
             outs = self.ops.paired_linears(x, none, [lo[0] for lo in los], [lo[1] for lo in los],
@@ -270,10 +337,11 @@ class PairedModel:
         gave for this micro-batch's roll-out (the same contexts and weights at every state)."""
         raise NotImplementedError
 
-    def new_share(self, student: bool | str = False):
+    def new_share(self, student: bool | str = False) -> RolloutShare:
         """State reused across the K states of one micro-batch's roll-out (work that depends on the
-        contexts and the weights only), or None where the model has none. ``student``: share the
-        student's work too, ``"graph"`` (True) where the roll-out back-propagates once, ``"deferred"``
-        where the caller calls the share's ``finish()`` after the roll-out's last backward (see
-        :class:`dopsd_fast.models.zimage.ContextShare`)."""
-        return None
+        contexts and the weights only): a :class:`RolloutShare` (the LoRA casts), a family's subclass
+        for more. ``student``: share the student's family-specific work too, ``"graph"`` (True) where the
+        roll-out back-propagates once, ``"deferred"`` where the caller calls the share's ``finish()``
+        after the roll-out's last backward (see :class:`dopsd_fast.models.zimage.ContextShare`); the
+        LoRA casts are shared in every mode (their gradient is per use)."""
+        return RolloutShare()

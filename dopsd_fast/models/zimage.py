@@ -39,12 +39,12 @@ from dataclasses import replace
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dopsd_fast.models.paired import Branch, PairedModel, Stream, has_lora
+from dopsd_fast.models.paired import Branch, PairedModel, RolloutShare, Stream, has_lora
 
 SEQ_MULTI_OF = 32
 
 
-class ContextShare:
+class ContextShare(RolloutShare):
     """The refined captions of one micro-batch's roll-out, reused across its states.
 
     ``student``: share the student's too. ``"graph"``: one output whose graph every state's loss
@@ -60,6 +60,7 @@ class ContextShare:
             student = "graph"
         if student not in (False, "graph", "deferred"):
             raise ValueError(f"ContextShare(student=...): False, 'graph' or 'deferred', got {student!r}")
+        super().__init__()
         self.student = student
         self.h: dict = {}
         self.runs = {"s": 0, "t": 0}
@@ -215,8 +216,9 @@ class FastZImage(PairedModel):
                 if s is not None and i < checkpointed and torch.is_grad_enabled():
                     # the student as it is now (its modulation: later blocks replace s.mods before
                     # the backward recomputes this one)
-                    def run(h, path=path, snap=replace(s)):
-                        return self._block(path, replace(snap, stream=replace(snap.stream, h=h)), None)[0]
+                    def run(h, path=path, snap=replace(s), share=self._share):  # the recompute: same casts
+                        with self.sharing(share):
+                            return self._block(path, replace(snap, stream=replace(snap.stream, h=h)), None)[0]
 
                     new_s = checkpoint(run, s.stream.h, use_reentrant=False)
                     new_t = self._block(path, None, t)[1] if t is not None else None
@@ -299,6 +301,10 @@ class FastZImage(PairedModel):
         branch alone; ``caps_t=None`` the student alone. ``share``: the micro-batch's
         :class:`ContextShare` (the same captions and weights at every call with it).
         """
+        with self.sharing(share):
+            return self._forward_pair(x, t, caps_s, caps_t, student, share)
+
+    def _forward_pair(self, x, t, caps_s, caps_t, student, share):
         ms = self.ms
         B, C, H, W = x.shape
         dtype = ms.all_x_embedder[self.key].weight.dtype
