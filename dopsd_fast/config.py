@@ -271,7 +271,7 @@ class FastConfig:
     gemm: str = "auto"
     checkpoint: Union[int, str] = "auto"  # auto (memory model) | none | all | N (first N main layers)
     memory_budget_gb: Optional[float] = None  # for checkpoint=auto; None = 85% of free GPU memory
-    graphs: bool = False  # CUDA graphs: the no-grad teacher forward and validation roll-outs
+    graphs: bool = False  # CUDA graphs: the no-grad single-branch forwards (validation, sampling); never the roll-out
     fp8: str = "off"  # off | native (ours: torch._scaled_mm, LoRA runs) | te (TransformerEngine) | torchao
     fp8_recipe: Optional[str] = None  # native: rowwise|tensorwise; te: delayed|current; torchao: tensorwise|rowwise
     fp8_teacher: bool = True  # run the no-grad teacher forward in FP8 too (te only can turn it off)

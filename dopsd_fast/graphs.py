@@ -1,5 +1,6 @@
-"""CUDA graphs for the no-grad forwards (the teacher's at every roll-out state, validation and
-inference roll-outs), one graph per input structure, in a bounded cache.
+"""CUDA graphs for the no-grad single-branch forwards (validation and sampling roll-outs, a drop-in
+caller's teacher-only calls; never the training roll-out, which stays the packed pair), one graph
+per input structure, in a bounded cache.
 
 A graph is captured the first time a key (caller's key + the shapes/dtypes of the inputs) is seen,
 with static input buffers the later calls copy into. Shapes beyond ``max_graphs`` run eagerly (and
