@@ -137,3 +137,20 @@ def assert_grads_match(out_fast, out_ref, named_params: dict, atol, rtol):
     match (``atol`` is relative to each gradient's largest entry, see :func:`compare_grads`)."""
     g = torch.randn_like(out_ref)
     compare_grads(grads_of(out_fast, named_params, g), grads_of(out_ref, named_params, g), atol, rtol)
+
+
+def fp8_standins(module, names):
+    """Replace the linears ``names`` of ``module`` with stand-ins under torchao's FP8 class name
+    (same weights): what the fast path's FP8-module dispatch sees, without FP8 numerics (those need
+    an sm_89+ GPU)."""
+    import torch
+
+    class Float8Linear(torch.nn.Linear):
+        pass
+
+    for n in names:
+        parent, _, child = n.rpartition(".")
+        old = module.get_submodule(n)
+        new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        setattr(module.get_submodule(parent), child, new)

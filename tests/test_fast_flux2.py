@@ -5,7 +5,7 @@ and every student LoRA gradient."""
 import pytest
 import torch
 
-from tests.conftest import assert_close, assert_grads_match
+from tests.conftest import assert_close, assert_grads_match, fp8_standins
 
 
 def _setup(lora=True):
@@ -133,8 +133,9 @@ def test_checkpointed_blocks_same_gradients(lora):
 def test_fp8_module_dispatch():
     """fast.fp8=te / torchao on klein: the FP8 filter takes the double and single blocks' linears (their
     base layers under LoRA), and a converted base layer is called as a module by the paired linears with
-    the LoRA delta on top: both branches still match the eager model. (The stand-in is an nn.Linear
-    under torchao's class name: it checks the dispatch, not FP8 numerics, which need an sm_89+ GPU.)"""
+    the LoRA delta on top: both branches still match the eager model. (The stand-in,
+    conftest.fp8_standins, is an nn.Linear under torchao's class name: it checks the dispatch, not FP8
+    numerics, which need an sm_89+ GPU.)"""
     from dopsd_fast.fp8 import fp8_module_filter
 
     ad, st, ctx_s, ctx_t = _setup(True)
@@ -143,16 +144,7 @@ def test_fp8_module_dispatch():
     assert picked and all(n.endswith(".base_layer") for n in picked)
     assert {n.split(".")[0] for n in picked} == {"transformer_blocks", "single_transformer_blocks"}
     assert not any("modulation" in n or "embed" in n or "norm_out" in n or "proj_out" in n for n in picked)
-
-    class Float8Linear(torch.nn.Linear):
-        pass
-
-    for n in picked:
-        parent, _, child = n.rpartition(".")
-        old = tr.get_submodule(n)
-        new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None)
-        new.load_state_dict(old.state_dict())
-        setattr(tr.get_submodule(parent), child, new)
+    fp8_standins(tr, picked)
     x, sigma = torch.randn(2, 16, 6, 4), torch.tensor([0.8, 0.3])
     fast = _fast(st)
     assert fast._fusable(["transformer_blocks.0.attn.to_q"]) is None  # the FP8 module route, not the fused op

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import assert_close, assert_grads_match, compare_grads, grads_of
+from tests.conftest import assert_close, assert_grads_match, fp8_standins, compare_grads, grads_of
 
 
 def _model(lora=True, **over):
@@ -242,7 +242,7 @@ def test_fused_kernels_through_the_interpreter():
 def test_fp8_filter_and_fp8_module_dispatch():
     """The FP8 module filter takes only the block linears; a converted (FP8) base layer is called as
     a module by the fast path, with the LoRA delta added on top: outputs still match the eager model.
-    (The stand-in below is an nn.Linear under torchao's class name: it checks the dispatch, not FP8
+    (The stand-in, conftest.fp8_standins, is an nn.Linear under torchao's class name: it checks the dispatch, not FP8
     numerics, which need an sm_89+ GPU.)"""
     from dopsd_fast.fp8 import apply_fp8, fp8_module_filter, sqnr_db
 
@@ -252,16 +252,7 @@ def test_fp8_filter_and_fp8_module_dispatch():
     assert picked and all(".base_layer" in n for n in picked)
     assert not any("adaLN" in n or "embedder" in n or "final_layer" in n for n in picked)
     assert {n.split(".")[0] for n in picked} == {"layers", "noise_refiner", "context_refiner"}
-
-    class Float8Linear(torch.nn.Linear):
-        pass
-
-    for n in picked:
-        parent, _, child = n.rpartition(".")
-        old = tr.get_submodule(n)
-        new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None)
-        new.load_state_dict(old.state_dict())
-        setattr(tr.get_submodule(parent), child, new)
+    fp8_standins(tr, picked)
     x, t, caps_s, caps_t = _inputs(*CASES[1])
     out_s, out_t = _fast(st).forward_pair(x, t, caps_s, caps_t)
     assert_close(out_s, _eager(st.student(), x, t, caps_s), 1e-5, 1e-4, "student via FP8-module dispatch", scaled=True)
