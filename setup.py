@@ -1,15 +1,36 @@
-from setuptools import find_packages, setup
+from pathlib import Path
 
-# Packages from the source tree (every dopsd_fast subpackage, present and future). The top-level
-# kernels/ folder installs as `dopsd_fast.kernels`, never as a top-level `kernels` module (that name
-# belongs to Hugging Face's `kernels` package, which diffusers imports), and the shipped recipes in
-# configs/ as `dopsd_fast/configs/*.yaml` (`dopsd-train --config zimage-turbo-lora` finds them).
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildPyWithKernels(build_py):
+    """The Triton kernels live in the top-level kernels/ folder, which has no __init__.py: the
+    top-level name `kernels` belongs to Hugging Face's package (transformers imports it), so our folder
+    is never a package of its own. In a checkout `dopsd_fast/kernels/__init__.py` reaches the folder
+    through its __path__; a wheel gets the modules copied into `dopsd_fast/kernels/`."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install reads the checkout's folder through __path__
+            return
+        dest = Path(self.build_lib) / "dopsd_fast" / "kernels"
+        for src in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(src), str(dest / src.name))
+
+
+# Packages from the source tree (every dopsd_fast subpackage, present and future, dopsd_fast.kernels
+# among them), and the shipped recipes in configs/ as `dopsd_fast/configs/*.yaml`
+# (`dopsd-train --config zimage-turbo-lora` finds them).
 setup(
     name="dopsd-fast",
     version="0.1.0",
     description="Fast, kernel-backed D-OPSD (on-policy self-distillation) trainer for step-distilled diffusion transformers",
-    packages=find_packages(include=["dopsd_fast", "dopsd_fast.*"]) + ["dopsd_fast.kernels", "dopsd_fast.configs"],
-    package_dir={"dopsd_fast.kernels": "kernels", "dopsd_fast.configs": "configs"},
+    packages=find_packages(include=["dopsd_fast", "dopsd_fast.*"]) + ["dopsd_fast.configs"],
+    package_dir={"dopsd_fast.configs": "configs"},
+    cmdclass={"build_py": BuildPyWithKernels},
     package_data={"dopsd_fast.configs": ["*.yaml"], "dopsd_fast.toy": ["weights/*.safetensors", "weights/toy.json"]},
     python_requires=">=3.10",
     install_requires=[

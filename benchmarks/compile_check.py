@@ -40,6 +40,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -48,6 +49,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -58,7 +60,8 @@ from triton.backends.driver import DriverBase  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 KERNEL_MODULES = ("attention", "dopsd_loss", "fp8_quant", "multi_lora", "norm_modulation", "rope_qk_norm", "swiglu")
 SMEM_LIMIT = 227 * 1024  # H100/H200: 227 KB of shared memory per block (opt-in maximum)

@@ -1,9 +1,10 @@
-"""The one prepared GPU check: one call, one global time budget, two files back.
+"""The GPU check: one command, one global time budget, two files out.
 
-A GPU lease here is 15 minutes in all (start-up included), one command of at most 600 s, at most
-8 files back from ``$OUT``. So: one call (``bash benchmarks/gpu_check.sh``, which installs the
-carried wheels and runs this driver) that ends by itself within its budget (540 s by default,
-counted from the start of the call, wheel install included), and exactly two files in ``$OUT``:
+Made for a GPU machine that may be borrowed for a short time and may have no network: one call
+(``bash benchmarks/gpu_check.sh [--out DIR] [--budget S] [--wheels DIR]``, which installs any extra
+wheels and runs this driver from the checkout) that ends by itself within its budget (540 s by
+default, counted from the start of the call, wheel install included), and exactly two files in the
+output folder:
 ``results.json`` (every row, each with the git commit, GPU, driver and versions) and ``report.md``.
 Both are rewritten after every stage, and every stage appends its rows to a JSONL file as it
 measures them, so a stage cut by the budget still reports what it had.
@@ -31,6 +32,7 @@ Stages, in the order of the questions they answer (each in its own process, unde
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -40,6 +42,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -59,7 +64,7 @@ REPORT_RESERVE_S = 10  # kept back from the budget to write the report
 MIN_STAGE_S = 15  # a stage with less time than this left is not started
 NO_GPU_EXIT = 3
 # GPU_CHECK_DRYRUN=1: the measuring stages at toy shapes on the CPU (kernels through the
-# interpreter, wall-clock timers): checks the stages' code before a lease is spent; measures nothing.
+# interpreter, wall-clock timers): checks the stages' code before any GPU time is spent; measures nothing.
 DRY = os.environ.get("GPU_CHECK_DRYRUN") == "1"
 DEV = "cpu" if DRY else "cuda"
 
@@ -142,6 +147,22 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _carried_packages() -> dict:
+    """The extra wheels gpu_check.sh installed (GPU_CHECK_CARRIED: its private folder): name -> version,
+    each checked to import from that folder."""
+    folder = os.environ.get("GPU_CHECK_CARRIED")
+    if not folder or not Path(folder).is_dir():
+        return {}
+    out = {}
+    for info in sorted(Path(folder).glob("*.dist-info")):
+        name, version = info.name[: -len(".dist-info")].rsplit("-", 1)
+        top = (info / "top_level.txt").read_text().split() if (info / "top_level.txt").is_file() else [name]
+        spec = importlib.util.find_spec(top[0])
+        where = spec and (spec.origin or next(iter(spec.submodule_search_locations or []), None))
+        out[name] = version if where and str(where).startswith(folder) else f"{version}, not imported from {folder}"
+    return out
+
+
 def stage_smoke(rows: Rows) -> int:
     import torch
     import triton
@@ -156,6 +177,8 @@ def stage_smoke(rows: Rows) -> int:
     import dopsd_fast  # the package imports (no CUDA touched at import)
 
     env["dopsd_fast"] = getattr(dopsd_fast, "__version__", "imported")
+    env["dopsd_fast_from"] = str(Path(dopsd_fast.__file__).parent)
+    env["carried"] = _carried_packages()
 
     if not torch.cuda.is_available():
         rows.add(kind="env", status="no GPU", **env)
@@ -519,7 +542,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", 540)),
                    help="seconds for the whole call, counted from --t0 (default 540)")
     p.add_argument("--t0", type=float, default=None, help="epoch seconds when the call started (gpu_check.sh)")
-    p.add_argument("--stages", default=os.environ.get("GPU_CHECK_STAGES", DEFAULT_STAGES))
+    p.add_argument("--stages", default=os.environ.get("GPU_CHECK_STAGES", DEFAULT_STAGES),
+                   help=f"comma-separated, in order (default {DEFAULT_STAGES}); known: "
+                        + ", ".join(s for s in STAGES if not s.startswith("selftest")))
     p.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage
     p.add_argument("--rows", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

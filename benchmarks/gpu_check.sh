@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: ONE device call that ends by itself within its budget.
+# One-command GPU check: from a checkout on a GPU machine (no network needed), measure the fast path
+# against the eager reference within a time budget, and write report.md + results.json.
 #
-#   here, once:   bash benchmarks/fetch_gpu_wheels.sh            (diffusers wheel -> .whl/)
-#   device call:  run(command="GIT_COMMIT=<sha> bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
+#   bash benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--wheels DIR] [--stages a,b,c]
 #
-# Budget: BUDGET_S (default 540) seconds from the start of this script, wheel install included; the
-# stages (benchmarks/gpu_check.py: smoke, m1 attention, m2 paired linear, m3 one real-size step,
-# step eager vs fast) each run under min(their cap, what is left). $OUT receives exactly two files,
-# report.md and results.json, rewritten after every stage. A failed install stops the run at once.
+#   --out DIR        where the two files go (default: $OUT, else benchmarks/results/local-<time>)
+#   --budget S       seconds for the whole call, wheel install included (default: $BUDGET_S, else 540)
+#   --wheels DIR     a folder of extra wheels the machine lacks (e.g. diffusers, fetched with
+#                    benchmarks/fetch_gpu_wheels.sh); installed with --no-index into a private temporary
+#                    folder put on PYTHONPATH (default: .whl/ when it holds wheels)
+#   --stages LIST    stages of benchmarks/gpu_check.py (default: its own list, in its --help)
+#
+# dopsd-fast itself is not installed: the checkout imports as-is. A failed wheel install stops the
+# run at once, with the two files saying so.
 set -uo pipefail
 T0=$(date +%s)
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/benchmarks/results/local-$(date +%Y%m%d-%H%M%S)}
 BUDGET_S=${BUDGET_S:-540}
+WHEELS=.whl
+STAGES=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT=$2; shift 2 ;;
+    --budget) BUDGET_S=$2; shift 2 ;;
+    --wheels) WHEELS=$2; shift 2 ;;
+    --stages) STAGES=(--stages "$2"); shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 unset TRITON_INTERPRET
-LOG=$(mktemp -d)/install.log
+PRIVATE=$(mktemp -d -t gpu-check-XXXXXXXX)  # mode 0700: nobody else can plant a package in it
+LOG=$PRIVATE/install.log
 
 fail_install() {  # the two files, saying what failed, then stop
   "$PY" - "$OUT" "$1" "$LOG" <<'PYEOF'
@@ -31,12 +49,13 @@ PYEOF
   echo "gpu_check: $1 (see $OUT/report.md)"; exit 1
 }
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$LOG" 2>&1 || fail_install "installing the carried wheels (.whl/) failed"
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  PIP_NO_INDEX=1 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$PRIVATE/site" \
+    "$WHEELS"/*.whl >"$LOG" 2>&1 || fail_install "installing the carried wheels ($WHEELS/) failed"
+  export PYTHONPATH=$PRIVATE/site${PYTHONPATH:+:$PYTHONPATH} GPU_CHECK_CARRIED=$PRIVATE/site
 fi
-"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
-  || fail_install "installing dopsd-fast (pip install -e .) failed"
-echo "[$(( $(date +%s) - T0 )) s] installed"
-exec "$PY" benchmarks/gpu_check.py --out "$OUT" --budget "$BUDGET_S" --t0 "$T0"
+# the checkout imports as-is (dopsd_fast.kernels reaches the top-level kernels/ folder)
+"$PY" -c "import dopsd_fast, dopsd_fast.kernels.attention" >>"$LOG" 2>&1 \
+  || fail_install "importing dopsd_fast from the checkout failed"
+echo "[$(( $(date +%s) - T0 )) s] ready"
+exec "$PY" benchmarks/gpu_check.py --out "$OUT" --budget "$BUDGET_S" --t0 "$T0" "${STAGES[@]}"

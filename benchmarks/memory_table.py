@@ -18,10 +18,13 @@ checkpointed layers (fast path; eager full fine-tuning: all) and the backward sc
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 GPU_GB = 80.0
 GPUS = (1, 2, 4, 8)
@@ -89,4 +92,6 @@ def table(ema_on_cpu: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    print(table("--ema-on-cpu" in sys.argv))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ema-on-cpu", action="store_true", help="the EMA's fp32 master on the CPU (dopsd.ema_on_cpu)")
+    print(table(parser.parse_args().ema_on_cpu))

@@ -35,11 +35,15 @@ import sys
 import time
 from pathlib import Path
 
+import importlib.util
+
 import torch
 
-from dopsd_fast.memory import backward_flops
+if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from dopsd_fast.families import FAMILIES, KLEIN, ZIMAGE, family
+from dopsd_fast.families import FAMILIES, KLEIN, ZIMAGE, family  # noqa: E402
+from dopsd_fast.memory import backward_flops  # noqa: E402
 
 # the flavours of every family (dopsd_fast.families), by name; "tiny" is the tiny Z-Image
 PRESETS = {fl.name: dict(family=spec.name, config=fl.config, resolution=fl.resolution, cap_s=fl.cap_s, cap_t=fl.cap_t,

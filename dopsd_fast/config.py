@@ -488,7 +488,9 @@ def shipped_configs() -> dict[str, Path]:
 
     spec = importlib.util.find_spec("dopsd_fast.configs")
     dirs = list(spec.submodule_search_locations or []) if spec else []
-    dirs.append(str(Path(__file__).resolve().parents[1] / "configs"))  # a source checkout without install
+    root = Path(__file__).resolve().parents[1]
+    if (root / "setup.py").is_file():  # a source checkout without install (not an installed copy's neighbours)
+        dirs.append(str(root / "configs"))
     out: dict[str, Path] = {}
     for d in dirs:
         for f in sorted(Path(d).glob("*.yaml")):

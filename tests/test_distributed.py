@@ -23,9 +23,11 @@ COMMON = ["--config", "tiny-zimage", "--set", "train.max_steps=4", "--set", "tra
 
 
 def _run(out, nproc, batch, *extra, worker=None, restarts=0, env=None, timeout=240):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     e.pop("TRITON_INTERPRET", None)
-    target = [str(ROOT / "tests" / worker)] if worker else ["-m", "dopsd_fast"]
+    # the worker as a module of the tests package (cwd = the root first on sys.path), never as a script: a
+    # script's folder goes first on sys.path, and tests/kernels/ would then shadow Hugging Face's `kernels`
+    target = ["-m", f"tests.{worker.removesuffix('.py')}"] if worker else ["-m", "dopsd_fast"]
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "--max-restarts", str(restarts)] if nproc > 1 or restarts else [sys.executable])
     cmd = launch + target + COMMON + ["--set", f"train.output_dir={out}", "--set", f"data.batch_size={batch}",

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_check.sh as the lent GPU machine would run it, here on the CPU: one call, a global
-budget, exactly two files in $OUT (the lease returns at most 8), stages that stop at "no GPU", and
-a stage that overruns the budget cut and reported with the rows it had written."""
+"""benchmarks/gpu_check.sh as a GPU machine with no network would run it, here on the CPU: one call, a
+global budget, exactly two files in the output folder, stages that stop at "no GPU", and a stage that
+overruns the budget cut and reported with the rows it had written."""
 
 import json
 import os
@@ -11,13 +11,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(out, **env_over):
+def _run(out, *args, **env_over):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OUT=str(out), **env_over)
     t0 = time.time()
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     return r, time.time() - t0
+
+
+def _wheel(folder: Path, name: str, code: str) -> Path:
+    """A minimal valid wheel holding one module ``name`` (for the offline install step)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    def record(path, data):
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        return f"{path},sha256={digest},{len(data)}"
+
+    folder.mkdir(parents=True, exist_ok=True)
+    whl = folder / f"{name}-1.0-py3-none-any.whl"
+    files = {f"{name}.py": code.encode(),
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    with zipfile.ZipFile(whl, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+        z.writestr(f"{name}-1.0.dist-info/RECORD",
+                   "\n".join([record(p, d) for p, d in files.items()] + [f"{name}-1.0.dist-info/RECORD,,"]) + "\n")
+    return whl
 
 
 def test_cpu_run_stops_at_no_gpu_with_two_files(tmp_path):
@@ -51,18 +74,29 @@ def test_overrunning_stage_is_cut_by_the_budget_and_reported(tmp_path):
     assert "cut after" in (tmp_path / "report.md").read_text()
 
 
+def test_install_step_works_offline_from_the_checkout(tmp_path):
+    """No package index (PIP_NO_INDEX=1), no install of dopsd-fast: an extra wheel installs into a private
+    temporary folder, the stages import it and the checkout's dopsd_fast (the smoke stage imports the
+    kernels and stops at "no GPU" here), and no fixed path such as /tmp/site is used."""
+    _wheel(tmp_path / "wheels", "gpu_check_probe", "MARK = 'carried'\n")
+    out = tmp_path / "out"
+    r, _ = _run(out, "--wheels", str(tmp_path / "wheels"), "--budget", "120", GIT_COMMIT="abc123",
+                PIP_NO_INDEX="1", PYTHONPATH="")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ready" in r.stdout and "/tmp/site" not in (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["verdict"] == "NO GPU", res["meta"]
+    env_row = next(x for x in res["rows"] if x["kind"] == "env")
+    assert env_row["carried"] == {"gpu_check_probe": "1.0"}, env_row
+    assert env_row["dopsd_fast_from"] == str(ROOT / "dopsd_fast"), env_row  # the checkout, as-is
+
+
 def test_failed_wheel_install_stops_at_once(tmp_path):
-    whl = ROOT / ".whl"
-    made = not whl.exists()
-    whl.mkdir(exist_ok=True)
-    bad = whl / "not_a_wheel-0.0.0-py3-none-any.whl"
+    bad = tmp_path / "wheels" / "not_a_wheel-0.0.0-py3-none-any.whl"
+    bad.parent.mkdir()
     bad.write_text("this is not a zip file")
-    try:
-        r, took = _run(tmp_path)
-    finally:
-        bad.unlink()
-        if made:
-            whl.rmdir()
+    r, took = _run(tmp_path / "out", "--wheels", str(bad.parent))
+    tmp_path = tmp_path / "out"
     assert r.returncode == 1 and "carried wheels" in r.stdout, r.stdout + r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["report.md", "results.json"]
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["verdict"] == "INSTALL FAILED"
@@ -70,7 +104,7 @@ def test_failed_wheel_install_stops_at_once(tmp_path):
 
 def test_measuring_stages_dry_run_on_the_cpu(tmp_path):
     """GPU_CHECK_DRYRUN=1 runs m1, m2, m3 and step at toy shapes on the CPU (kernels through the interpreter):
-    the stages' code is exercised before a lease is spent on it. Nothing here is a measurement."""
+    the stages' code is exercised before GPU time is spent on it. Nothing here is a measurement."""
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -17,6 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 NO_GPU_EXIT = 2
 SMOKE = False  # --smoke: tiny shapes on the CPU through Triton's interpreter; checks the script, measures nothing
