@@ -48,18 +48,22 @@ if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STAGES = {  # name -> (cap in seconds, what it answers)
-    "smoke": (90, "imports, GPU, one compile + launch + parity check"),
-    "m1": (100, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN"),
-    "m2": (70, "paired LoRA linear fwd + bwd: ours vs cuBLAS; device copy ceiling"),
-    "m3": (120, "one fast step at the real workload: time per region, peak memory"),
-    "step": (200, "eager vs fast step at zimage-6b with parity (step_time.py; eager reference checkpointed)"),
-    "tests": (240, "the kernel parity tests on the GPU (DOPSD_GPU_TESTS=1 pytest tests/kernels); not in the default"),
+STAGES = {  # name -> (cap in seconds, what it answers); the default order is the most valuable first
+    "smoke": (45, "imports, GPU, one compile + launch + parity check"),
+    "step": (155, "zimage-6b step, default attention (auto: cuDNN on H100/H200), 5 measured steps: eager "
+                  "checkpointed and un-checkpointed (stepwise) vs fast, bf16 parity (step_time.py)"),
+    "fp8": (90, "zimage-6b step with fast.fp8=native beside the bf16 fast path; SQNR parity vs bf16 eager"),
+    "tests": (110, "kernel tests, short form on the GPU: CUDA-graph capture first (-x -v), then one case per "
+                   "kernel and dtype"),
+    "m1": (35, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN; a ragged batch "
+               "through the cudnn / sdpa backends"),
+    "m3": (60, "one fast step at the real workload, default attention: time per region, peak memory"),
+    "m2": (25, "paired LoRA linear fwd + bwd: ours vs cuBLAS; device copy ceiling"),
     # used by the tests only: a stage that ends, and one that overruns its budget
     "selftest-ok": (30, "test stage: writes one row"),
     "selftest-overrun": (600, "test stage: sleeps past any budget"),
 }
-DEFAULT_STAGES = "smoke,m1,m2,m3,step"
+DEFAULT_STAGES = "smoke,step,fp8,tests,m1,m3,m2"
 REPORT_RESERVE_S = 10  # kept back from the budget to write the report
 MIN_STAGE_S = 15  # a stage with less time than this left is not started
 NO_GPU_EXIT = 3
@@ -180,36 +184,39 @@ def stage_smoke(rows: Rows) -> int:
     env["dopsd_fast_from"] = str(Path(dopsd_fast.__file__).parent)
     env["carried"] = _carried_packages()
 
-    if not torch.cuda.is_available():
+    if DRY:  # the CPU dry run: the kernels through the interpreter, nothing measured
+        rows.add(kind="env", status="CPU dry run", **env)
+    elif not torch.cuda.is_available():
         rows.add(kind="env", status="no GPU", **env)
         return NO_GPU_EXIT
-    props = torch.cuda.get_device_properties(0)
-    try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-    except Exception:  # noqa: BLE001
-        driver = "unknown"
-    rows.add(kind="env", status="ok", gpu=props.name, sm=f"{props.major}.{props.minor}",
-             memory_gib=round(props.total_memory / 2**30, 1), driver=driver, **env)
+    else:
+        props = torch.cuda.get_device_properties(0)
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except Exception:  # noqa: BLE001
+            driver = "unknown"
+        rows.add(kind="env", status="ok", gpu=props.name, sm=f"{props.major}.{props.minor}",
+                 memory_gib=round(props.total_memory / 2**30, 1), driver=driver, **env)
     # one tiny compile + launch of each kernel family the step uses, checked against its reference
     from dopsd_fast.kernels.attention import attention_varlen_ref, dual_branch_attention
     from dopsd_fast.kernels.swiglu import swiglu, swiglu_ref
 
     torch.manual_seed(0)
-    a, b = (torch.randn(257, 320, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(257, 320, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     t0 = time.time()
     err = (swiglu(a, b).float() - swiglu_ref(a, b).float()).abs().max().item()
     rows.add(kind="smoke", what="swiglu compile+launch", seconds=time.time() - t0, max_abs_err=err,
              ok=err < 2e-2)
-    q, k, v = (torch.randn(300, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    cu = torch.tensor([0, 300], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(300, 2, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 300], dtype=torch.int32, device=DEV)
     e = k[:0]
     z = torch.zeros_like(cu)
     t0 = time.time()
     o_s, _, o_t, _ = dual_branch_attention(q, q, (e, e, z), (k, v, cu), (k, v, cu), cu, cu)
     ref, _ = attention_varlen_ref(q.float(), k.float(), v.float(), cu, cu)
     err = max((o_s.float() - ref).abs().max().item(), (o_t.float() - ref).abs().max().item())
-    torch.cuda.synchronize()
+    _sync()
     rows.add(kind="smoke", what="dual-branch attention compile+launch", seconds=time.time() - t0, max_abs_err=err,
              ok=err < 2e-2)
     return 0 if err < 2e-2 else 1
@@ -278,6 +285,43 @@ def stage_m1(rows: Rows) -> int:
             status |= 0 if err < 3e-2 else 1
         except Exception as exc:  # noqa: BLE001 - one variant failing (e.g. cuDNN absent) is a result
             rows.add(kind="attention", variant=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    return status | _ragged_attention(rows, H, D, do.dtype)
+
+
+def _ragged_attention(rows: Rows, H: int, D: int, dtype) -> int:
+    """A ragged batch of two samples through the fast path's own attention call (``varlen_attention``):
+    ``cudnn`` (cuDNN alone on the jagged batch, else PyTorch's order: which one ran is recorded) vs
+    ``sdpa`` (PyTorch's order), forward and forward + backward, against per-sample attention."""
+    import torch
+    import torch.nn.functional as F
+
+    from dopsd_fast.models import ops
+
+    lens = [40, 56] if DRY else [4608, 4096]
+    cu_list = [0, lens[0], sum(lens)]
+    cu = torch.tensor(cu_list, dtype=torch.int32, device=DEV)
+    q, k, v = (torch.randn(sum(lens), H, D, device=DEV, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    with torch.no_grad():
+        ref = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))[0]
+                         .transpose(0, 1) for a, b in zip(cu_list, cu_list[1:])]).float()
+    fl_fwd = sum(4 * H * D * n * n for n in lens)
+    status = 0
+    for backend in ("cudnn", "sdpa"):
+        try:
+            def fn():
+                return ops.varlen_attention(backend, q, k, v, cu, cu_list)
+
+            with torch.no_grad():
+                err = (fn().float() - ref).abs().max().item()
+                ms_f = _median_ms(fn)
+            ms_fb = _median_ms(lambda: torch.autograd.grad(fn(), (q, k, v), do))
+            rows.add(kind="attention_ragged", backend=backend, lens=lens, heads=H, head_dim=D, fwd_ms=ms_f,
+                     fwd_tflops=fl_fwd / ms_f / 1e9, fwd_bwd_ms=ms_fb, max_abs_err=err, parity_ok=err < 3e-2,
+                     jagged_on_cudnn=ops.JAGGED_CUDNN if backend == "cudnn" else None)
+            status |= 0 if err < 3e-2 else 1
+        except Exception as exc:  # noqa: BLE001
+            rows.add(kind="attention_ragged", backend=backend, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     return status
 
 
@@ -340,10 +384,9 @@ def stage_m3(rows: Rows) -> int:
     sys.path.insert(0, str(HERE))
     import step_time
 
-    # our attention explicitly (`auto` is PyTorch SDPA until measured; the `step` stage runs that default),
-    # so one lease runs both backends end to end
+    # the default attention (auto: cuDNN on H100/H200), as the step stage runs it
     args = step_time.parse(["--preset", "tiny" if DRY else "zimage-6b", "--backward", "stepwise", "--checkpoint",
-                            "none", "--attention", "auto" if DRY else "triton"])
+                            "none", "--attention", "auto"])
     t0 = time.time()
     bench = step_time.Bench(args)
     rows.add(kind="step_setup", what=f"{args.preset} built", seconds=time.time() - t0,
@@ -396,24 +439,54 @@ def stage_m3(rows: Rows) -> int:
     return status
 
 
-def stage_step(rows: Rows) -> int:
-    # --eager-checkpointing: the reference as the authors run it, and what keeps its fp32 parity pass (fp32
-    # weights 24.6 GB + un-checkpointed fp32 activations ~115 GB, model figure) inside one GPU's memory
-    cmd = [sys.executable, str(HERE / "step_time.py"), "--preset", "zimage-6b", "--steps", "3", "--warmup", "1",
-           "--parity-steps", "1", "--eager-checkpointing", "--graphs", "--rows", rows.path]
-    if DRY:
-        cmd[cmd.index("zimage-6b")] = "tiny"
+def _step_time(rows: Rows, *extra: str) -> int:
+    extra = list(extra)
+    if DRY:  # the code, once: one timed step per path, no warm-up
+        for flag, value in (("--steps", "1"), ("--warmup", "0")):
+            extra[extra.index(flag) + 1] = value
+    cmd = [sys.executable, str(HERE / "step_time.py"), "--preset", "tiny" if DRY else "zimage-6b",
+           "--rows", rows.path, *extra]
     return subprocess.call(cmd)
 
 
-def stage_tests(rows: Rows) -> int:
-    env = {**os.environ, "DOPSD_GPU_TESTS": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "-rs"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
-    print(res.stdout[-4000:] + res.stderr[-2000:])
-    summary = [line for line in res.stdout.splitlines() if " passed" in line or " failed" in line or " error" in line]
-    rows.add(kind="kernel_tests", exit_code=res.returncode, summary=summary[-1] if summary else "no summary")
+def stage_step(rows: Rows) -> int:
+    # --eager-checkpointing: the reference as the authors run it, and what keeps its fp32 parity pass (fp32
+    # weights 24.6 GB + un-checkpointed fp32 activations ~115 GB, model figure) inside one GPU's memory; the
+    # un-checkpointed eager reference (stepwise) is timed beside it
+    return _step_time(rows, "--steps", "5", "--warmup", "2", "--parity-steps", "1", "--eager-checkpointing",
+                      "--paths", "eager,eager-plain,fast")
+
+
+def stage_fp8(rows: Rows) -> int:
+    # parity by velocity SQNR against the bf16 eager path (no fp32 reference needed); the bf16 fast path
+    # timed beside the FP8 one (the eager reference's time is the step stage's)
+    return _step_time(rows, "--fp8", "native", "--steps", "5", "--warmup", "2", "--parity-steps", "1",
+                      "--eager-checkpointing", "--no-fp32-reference", "--paths", "fast-bf16,fast")
+
+
+def _pytest(rows: Rows, what: str, args: list[str], env: dict) -> int:
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    print(res.stdout[-6000:] + res.stderr[-2000:])
+    summary = [line for line in res.stdout.splitlines() if any(w in line for w in (" passed", " failed", " error",
+                                                                                     " skipped"))]
+    failed = [line for line in res.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    rows.add(kind="kernel_tests", what=what, exit_code=res.returncode,
+             summary=summary[-1] if summary else "no summary", failed="; ".join(failed)[:1500],
+             tail="" if res.returncode == 0 else res.stdout[-1500:])
     return res.returncode
+
+
+def stage_tests(rows: Rows) -> int:
+    """The CUDA-graph capture tests first (-x -v: the first failure with its text), then the kernel tests
+    in short form (DOPSD_GPU_TESTS_SHORT=1: one case per test function and dtype)."""
+    env = {**os.environ, "DOPSD_GPU_TESTS": "1", "DOPSD_GPU_TESTS_SHORT": "1"}
+    if DRY:  # on the CPU: the interpreter, the same selection
+        env.pop("DOPSD_GPU_TESTS")
+        env["TRITON_INTERPRET"] = "1"
+    rc = _pytest(rows, "CUDA-graph capture", ["-x", "-v", "tests/kernels/test_graph_capture.py"], env)
+    return rc | _pytest(rows, "kernel tests, short form", ["-q", "tests/kernels",
+                                                            "--deselect", "tests/kernels/test_graph_capture.py"], env)
 
 
 def stage_selftest_ok(rows: Rows) -> int:
@@ -428,7 +501,7 @@ def stage_selftest_overrun(rows: Rows) -> int:
 
 
 STAGE_FN = {"smoke": stage_smoke, "m1": stage_m1, "m2": stage_m2, "m3": stage_m3, "step": stage_step,
-            "tests": stage_tests,
+            "fp8": stage_fp8, "tests": stage_tests,
             "selftest-ok": stage_selftest_ok, "selftest-overrun": stage_selftest_overrun}
 
 
@@ -480,6 +553,21 @@ def run_stage(name: str, limit: float, rows_path: str, log_path: str) -> tuple[i
     return rc, time.time() - t0
 
 
+def plan_table(stages: list[str], budget: float, spent: float = 0.0) -> tuple[str, float]:
+    """The per-stage budget: each stage's cap and the latest second it can end by; the total of the caps
+    with the report reserve and what the call had spent before the first stage."""
+    lines = ["| stage | cap s | ends by s | what |", "|---|---|---|---|"]
+    t = spent
+    for s in stages:
+        t += STAGES[s][0]
+        lines.append(f"| {s} | {STAGES[s][0]} | {t:.0f} | {STAGES[s][1]} |")
+    total = t + REPORT_RESERVE_S
+    lines.append(f"| report | {REPORT_RESERVE_S} | {total:.0f} | results.json, report.md |")
+    lines.append(f"\nplan: {total:.0f} s of caps against a budget of {budget:.0f} s "
+                 f"({'fits' if total <= budget else 'OVER: the last stages get what is left, or nothing'})")
+    return "\n".join(lines), total
+
+
 def drive(args) -> int:
     t_start = args.t0 or time.time()
     out = Path(args.out)
@@ -494,6 +582,9 @@ def drive(args) -> int:
     if unknown:
         print(f"gpu_check: unknown stage(s) {unknown}; known: {list(STAGES)}", file=sys.stderr)
         return 2
+    table, _ = plan_table(stages, args.budget, time.time() - t_start)
+    print(table, flush=True)
+    meta["plan"] = table
     verdict = "PASS"
     for i, name in enumerate(stages):
         left = args.budget - (time.time() - t_start) - REPORT_RESERVE_S

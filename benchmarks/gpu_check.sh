@@ -10,6 +10,8 @@
 #                    benchmarks/fetch_gpu_wheels.sh); installed with --no-index into a private temporary
 #                    folder put on PYTHONPATH (default: .whl/ when it holds wheels)
 #   --stages LIST    stages of benchmarks/gpu_check.py (default: its own list, in its --help)
+#   --dry-run        on the CPU: every stage at toy shapes (kernels through Triton's interpreter), the
+#                    per-stage budget table first; checks the code before GPU time is spent, measures nothing
 #
 # dopsd-fast itself is not installed: the checkout imports as-is. A failed wheel install stops the
 # run at once, with the two files saying so.
@@ -26,6 +28,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET_S=$2; shift 2 ;;
     --wheels) WHEELS=$2; shift 2 ;;
     --stages) STAGES=(--stages "$2"); shift 2 ;;
+    --dry-run) export GPU_CHECK_DRYRUN=1; shift ;;
     -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac

@@ -283,7 +283,7 @@ class FastConfig:
 
     def __post_init__(self):
         _one_of(self.kernels, ("auto", "on", "off"), "fast.kernels")
-        _one_of(self.attention, ("auto", "triton", "sdpa", "flash_attn"), "fast.attention")
+        _one_of(self.attention, ("auto", "cudnn", "triton", "sdpa", "flash_attn"), "fast.attention")
         _one_of(self.gemm, ("auto", "cublas", "triton"), "fast.gemm")
         _one_of(self.fp8, ("off", "native", "te", "torchao"), "fast.fp8")
         if isinstance(self.checkpoint, str):

@@ -339,21 +339,77 @@ def test_attention_backend_choice():
     assert not build_ops("auto", "auto", cpu).fused and build_ops("on", "triton", cpu).fused
 
 
-def test_attention_auto_on_cuda_follows_measurements(monkeypatch):
-    """``auto`` on CUDA: the first available backend of the measured order for that GPU; PyTorch SDPA
-    where nothing was measured (no GPU needed: the device name is what it reads)."""
+def test_attention_auto_on_cuda_follows_measurements(monkeypatch, caplog):
+    """``auto`` on CUDA (faked device names: no GPU needed): cuDNN-first SDPA on H200 (measured) and
+    H100 (inherited, said so); SDPA's own choice on other GPUs, with the reason logged; the next backend
+    of the order where cuDNN is not available."""
+    import logging
+
     from dopsd_fast.models import ops
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(ops, "MEASURED_ATTENTION", {})
-    assert ops.resolve_attention("auto", cuda) == "sdpa"
-    monkeypatch.setattr(ops, "MEASURED_ATTENTION", {"NVIDIA H100": ("flash_attn", "triton", "sdpa"),
-                                                    "NVIDIA H200": ("sdpa",)})
-    want = "flash_attn" if ops._available("flash_attn") else "triton"
-    assert ops.resolve_attention("auto", cuda) == want
+    monkeypatch.setattr(ops, "_cudnn_available", lambda: True)
+    caplog.set_level(logging.INFO, logger="dopsd_fast")
+    for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert ops.resolve_attention("auto", cuda) == "cudnn"
+    assert "benchmarks/results/2026-12-04-h200" in caplog.text and "NOT measured on an H100" in caplog.text
+    for name in ("NVIDIA B200", "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"):
+        caplog.clear()
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert ops.resolve_attention("auto", cuda) == "sdpa"
+        assert f"{name}: no measurement for this GPU" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(ops, "_cudnn_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    assert ops.resolve_attention("auto", cuda) == "sdpa"
+    assert ops.resolve_attention("auto", cuda) == "sdpa" and "cudnn is not available here" in caplog.text
+    with pytest.raises(RuntimeError, match="fast.attention=cudnn needs a CUDA device"):
+        ops.resolve_attention("cudnn", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("lens", [[6, 6], [5, 9, 3, 12]], ids=["dense", "ragged"])
+def test_cudnn_backend_path(lens, caplog):
+    """The ``cudnn`` backend's code path (cuDNN-first order on dense calls; cuDNN alone on a jagged batch,
+    with PyTorch's order taking over, logged once, where cuDNN has no kernel for it): outputs and
+    gradients equal per-sample attention. On the CPU no cuDNN kernel exists: the fallback is what runs
+    here; that cuDNN takes these calls is what the GPU check measures."""
+    import logging
+
+    import torch.nn.functional as F
+
+    from dopsd_fast.models import ops
+
+    caplog.set_level(logging.INFO, logger="dopsd_fast")
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    q, k, v = (torch.randn(cu[-1], 2, 16, requires_grad=True) for _ in range(3))
+    ops.JAGGED_CUDNN = None
+    outs = [ops.varlen_attention("cudnn", q, k, v, torch.tensor(cu, dtype=torch.int32), cu) for _ in range(2)]
+    g = torch.randn_like(outs[0])
+    ref = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)))[0]
+                     .transpose(0, 1) for a, b in zip(cu, cu[1:])])
+    for o in outs:
+        assert_close(o, ref, 1e-5, 1e-5, "o", scaled=True)
+    for name, a, r in zip("qkv", torch.autograd.grad(outs[0], (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert_close(a, r, 1e-5, 1e-4, f"d{name}", scaled=True)
+    if len(set(lens)) > 1:  # the jagged call: no cuDNN on the CPU, the fallback said once and remembered
+        assert ops.JAGGED_CUDNN is False and caplog.text.count("cuDNN does not take this ragged batch") == 1
+    ops.JAGGED_CUDNN = None
+
+
+def test_fast_model_with_cudnn_backend_matches_diffusers():
+    """The tiny fast model with the ``cudnn`` attention backend, ragged captions, both branches and the
+    student's gradients against diffusers (on the CPU the backend's SDPA calls fall to PyTorch's CPU kernels)."""
+    from dopsd_fast.models.ops import TorchOps
+
+    st = _model(True)
+    x, t, caps_s, caps_t = _inputs(*CASES[1])
+    out_s, out_t = _fast(st, ops=TorchOps(attention="cudnn")).forward_pair(x, t, caps_s, caps_t)
+    ref_s, ref_t = _eager(st.student(), x, t, caps_s), _eager(st.teacher(), x, t, caps_t)
+    assert_close(out_s, ref_s, 1e-5, 1e-4, "student (cudnn)", scaled=True)
+    assert_close(out_t, ref_t, 1e-5, 1e-4, "teacher (cudnn)", scaled=True)
+    assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-5, 1e-4)
 
 
 def test_sdpa_varlen_is_one_call_for_ragged_samples(monkeypatch):

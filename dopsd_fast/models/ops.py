@@ -5,33 +5,62 @@ custom ops) or plain PyTorch, and the attention backends.
 references (or the kernels themselves under ``TRITON_INTERPRET=1``). ``TorchOps`` is the same math in
 eager PyTorch (the structure of the fast path without the kernels: what the ablation compares).
 
-Attention backends (``attention=``): ``triton`` (ours: varlen + dual-branch), ``sdpa`` (PyTorch
-``scaled_dot_product_attention``: cuDNN / flash / efficient as PyTorch picks), ``flash_attn``
-(flash-attn 2 ``flash_attn_varlen_func``, or 3 from ``flash_attn_interface`` when installed), and
-``auto``: on CUDA the fastest available backend MEASURED on that GPU (:data:`MEASURED_ATTENTION`, filled
-from ``benchmarks/gpu_check.py`` results), PyTorch SDPA where nothing was measured yet; ``sdpa`` off CUDA.
-An explicit choice that is unavailable raises. The SDPA path is varlen-native: samples of different
-lengths go to ONE call as a jagged nested tensor (PyTorch's flash / efficient / cuDNN kernels take the
-offsets on CUDA), no Python loop over samples and no padding.
+Attention backends (``attention=``): ``cudnn`` (PyTorch SDPA with cuDNN's attention first, then
+flash), ``triton`` (ours: varlen + dual-branch), ``sdpa`` (PyTorch ``scaled_dot_product_attention``
+as PyTorch picks: flash before cuDNN), ``flash_attn`` (flash-attn 2 ``flash_attn_varlen_func``, or 3
+from ``flash_attn_interface`` when installed), and ``auto``: on CUDA the first available backend of
+the order MEASURED for that GPU (:data:`MEASURED_ATTENTION`), PyTorch SDPA's own choice on a GPU with
+no measurement, and ``sdpa`` off CUDA; the choice and its reason are logged. An explicit choice that
+is unavailable raises. The SDPA paths are varlen-native: samples of different lengths go to ONE call
+as a jagged nested tensor (PyTorch's flash / efficient / cuDNN kernels take the offsets on CUDA), no
+Python loop over samples and no padding. ``cudnn`` on a jagged batch asks for cuDNN alone; where
+PyTorch's nested-tensor dispatch has no cuDNN path for it, the call falls back to PyTorch's own order
+(flash first) once, logs it, and stays there (:data:`JAGGED_CUDNN`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger("dopsd_fast")
 
-ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "cudnn", "triton", "sdpa", "flash_attn")
 
-# GPU name prefix (torch.cuda.get_device_name) -> attention backends, fastest first, as MEASURED at the
-# Z-Image shapes by benchmarks/gpu_check.py (forward + backward). `auto` takes the first one available.
-# Empty until a GPU run has measured them: `auto` is then PyTorch SDPA, the safe, maintained default.
-MEASURED_ATTENTION: dict[str, tuple[str, ...]] = {}
+
+@dataclass(frozen=True)
+class AttentionOrder:
+    """Attention backends for one GPU, fastest first, and where that order comes from."""
+
+    order: tuple[str, ...]
+    source: str
+
+
+# GPU name prefix (torch.cuda.get_device_name) -> the order `auto` follows (the first available backend).
+# A GPU with no entry gets PyTorch SDPA's own choice. Measured at the Z-Image shapes (student 4608 /
+# teacher 5120 tokens, 30 heads x 128, bf16), forward + student backward, by benchmarks/gpu_check.py m1.
+MEASURED_ATTENTION: dict[str, AttentionOrder] = {
+    "NVIDIA H200": AttentionOrder(("cudnn", "sdpa"), "measured on an H200, benchmarks/results/2026-12-04-h200 (m1): "
+                                  "fwd+bwd SDPA cuDNN 2.74 ms, SDPA flash 5.16 ms, ours 7.21 ms"),
+    "NVIDIA H100": AttentionOrder(("cudnn", "sdpa"), "the H200's order (same sm_90 cores), NOT measured on an H100"),
+}
+# cuDNN first, then PyTorch's usual order: SDPA's dispatcher takes the first backend that supports the call.
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
+# Whether cuDNN took a jagged (ragged-batch) call in this process: None until one was tried.
+JAGGED_CUDNN: bool | None = None
+
+
+def _cudnn_available() -> bool:
+    return torch.cuda.is_available() and torch.backends.cudnn.is_available() and \
+        torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def _available(backend: str) -> bool:
@@ -39,6 +68,8 @@ def _available(backend: str) -> bool:
         return _has("flash_attn_interface") or _has("flash_attn")
     if backend == "triton":
         return _has("triton")
+    if backend == "cudnn":
+        return _cudnn_available()
     return backend == "sdpa"
 
 
@@ -50,16 +81,22 @@ def resolve_attention(name: str, device: torch.device) -> str:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"fast.attention must be one of {ATTENTION_BACKENDS}, got {name!r}")
     if name == "auto":
-        choice, why = "sdpa", "nothing measured on this device"
+        choice, why = "sdpa", "not a CUDA device"
         if device.type == "cuda":
             gpu = torch.cuda.get_device_name(device)
-            for prefix, order in MEASURED_ATTENTION.items():
+            why = f"{gpu}: no measurement for this GPU, PyTorch SDPA's own choice"
+            for prefix, measured in MEASURED_ATTENTION.items():
                 if gpu.startswith(prefix):
-                    choice = next((b for b in order if _available(b)), "sdpa")
-                    why = f"measured on {prefix}: {' > '.join(order)}"
+                    choice = next((b for b in measured.order if _available(b)), "sdpa")
+                    why = f"{gpu}: {' > '.join(measured.order)}, {measured.source}"
+                    if choice != measured.order[0]:
+                        why += f"; {measured.order[0]} is not available here"
                     break
-        log.info("attention backend: auto -> %s (device %s; %s)", choice, device, why)
+        log.info("attention backend: auto -> %s (%s)", choice, why)
         return choice
+    if name == "cudnn" and (device.type != "cuda" or not _cudnn_available()):
+        raise RuntimeError("fast.attention=cudnn needs a CUDA device with cuDNN's SDPA enabled "
+                           "(torch.backends.cudnn.is_available()); use sdpa, triton or auto")
     if name == "triton" and not _has("triton"):
         raise RuntimeError("fast.attention=triton: the triton package is not installed")
     if name == "flash_attn":
@@ -77,17 +114,47 @@ def _saved_tensor_hooks_active() -> bool:
     return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
-def _sdpa_varlen(q, k, v, cu: list[int], cu_t: torch.Tensor | None = None):
+def _dense_order(backend: str):
+    """The SDPA backend order of a dense call: cuDNN first for ``cudnn``, PyTorch's own otherwise."""
+    return sdpa_kernel(_CUDNN_FIRST, set_priority=True) if backend == "cudnn" else contextlib.nullcontext()
+
+
+def _jagged_sdpa(q, k, v, backend: str):
+    """SDPA on jagged nested batches. PyTorch's nested dispatch tries flash, efficient, math, cuDNN in a
+    fixed order (it ignores priorities), so ``cudnn`` enables cuDNN alone; where that finds no kernel
+    (PyTorch raises "No viable backend"), PyTorch's order takes over, once per process, logged."""
+    global JAGGED_CUDNN
+    if backend == "cudnn" and JAGGED_CUDNN is not False:
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                o = F.scaled_dot_product_attention(q, k, v)
+        except RuntimeError as exc:
+            if "No viable backend" not in str(exc):
+                raise
+            JAGGED_CUDNN = False
+            log.info("attention cudnn: cuDNN does not take this ragged batch (%s); PyTorch SDPA's own choice "
+                     "(flash first) for ragged batches from now on", exc)
+        else:
+            if JAGGED_CUDNN is None:
+                log.info("attention cudnn: ragged batches run on cuDNN (one call on a jagged batch)")
+            JAGGED_CUDNN = True
+            return o
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _sdpa_varlen(q, k, v, cu: list[int], cu_t: torch.Tensor | None = None, backend: str = "sdpa"):
     """SDPA over packed sequences (q, k, v: (T, H, D), same offsets ``cu``; ``cu_t`` the same offsets
     as a tensor on q's device): one dense batched call when all lengths are equal, else ONE call on a
     jagged nested batch (varlen kernels on CUDA). One call per sample instead where a sample has length
     0 (allowed by the offsets), and inside gradient checkpointing (its saved-tensor hooks cannot pack
-    nested tensors: PyTorch raises "NestedTensorImpl doesn't support sizes")."""
+    nested tensors: PyTorch raises "NestedTensorImpl doesn't support sizes"). ``backend``: ``sdpa``
+    (PyTorch's order) or ``cudnn`` (cuDNN first)."""
     lens = [b - a for a, b in zip(cu, cu[1:])]
     if len(set(lens)) == 1 and lens[0] > 0:
         B, S = len(lens), lens[0]
         qb, kb, vb = (t.view(B, S, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
+        with _dense_order(backend):
+            return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(q.shape)
     if lens and min(lens) > 0 and not (torch.is_grad_enabled() and _saved_tensor_hooks_active()):
         off = cu_t if cu_t is not None else torch.tensor(cu, device=q.device)
         off = off.to(device=q.device, dtype=torch.int64)
@@ -98,13 +165,14 @@ def _sdpa_varlen(q, k, v, cu: list[int], cu_t: torch.Tensor | None = None):
 
         with warnings.catch_warnings():  # the CPU fallback calls a prototype constructor that warns
             warnings.simplefilter("ignore")
-            o = F.scaled_dot_product_attention(jag(q), jag(k), jag(v))
+            o = _jagged_sdpa(jag(q), jag(k), jag(v), backend)
         return o.transpose(1, 2).values()
     outs = []
-    for a, b in zip(cu, cu[1:]):
-        if b > a:
-            qb, kb, vb = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1))
+    with _dense_order(backend):
+        for a, b in zip(cu, cu[1:]):
+            if b > a:
+                qb, kb, vb = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+                outs.append(F.scaled_dot_product_attention(qb, kb, vb)[0].transpose(0, 1))
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 
@@ -123,7 +191,7 @@ def varlen_attention(backend: str, q, k, v, cu: torch.Tensor, cu_list: list[int]
             from flash_attn import flash_attn_varlen_func
         out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len)
         return out[0] if isinstance(out, tuple) else out
-    return _sdpa_varlen(q, k, v, cu_list, cu)
+    return _sdpa_varlen(q, k, v, cu_list, cu, backend=backend)
 
 
 class TorchOps:

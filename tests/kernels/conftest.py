@@ -21,3 +21,22 @@ def _kernel_device():
         yield
     finally:
         torch.set_default_device("cpu")
+
+
+SHORT = os.environ.get("DOPSD_GPU_TESTS_SHORT") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """DOPSD_GPU_TESTS_SHORT=1 (the GPU check's short form): one case per test function and dtype, the
+    first one collected; the rest deselected (and reported as deselected, not passed)."""
+    if not SHORT:
+        return
+    keep, drop, seen = [], [], set()
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        key = (item.nodeid.split("[")[0], str(params.get("dtype", "")))
+        (drop if key in seen else keep).append(item)
+        seen.add(key)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
