@@ -49,6 +49,7 @@ def _model():
 
 def rows(ema_on_cpu: bool = False):
     from dopsd_fast import memory
+    from dopsd_fast.families import ZIMAGE
 
     cfg, n, block, root, n_lora = _model()
     n_img = 4096
@@ -58,7 +59,7 @@ def rows(ema_on_cpu: bool = False):
         budget = GPU_GB * 1e9
         # LoRA, replicated base, fast path
         fixed = 2 * n + 24 * n_lora  # + the roll-out's bf16 casts of both adapters (fast path)
-        s = memory.shape_of(cfg, "zimage", tok_s, tok_t, 4, 0)
+        s = memory.shape_of(cfg, ZIMAGE, tok_s, tok_t, 4, 0)
         back = memory.resolve_backward("auto", s, "fast", 0.85 * budget - fixed)
         ck = memory.checkpoint_layers_for(s, "fast", back, 0.85 * budget - fixed)
         act = memory.peak_bytes(s, "fast", back, ck)

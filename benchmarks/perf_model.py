@@ -218,7 +218,7 @@ def prequantize(fp, mode) -> float:
     n = 0
     with mode:
         for name, m in fp.model.ms.named_modules():
-            if fp8_module_filter(name, m):
+            if fp8_module_filter(name, m, fp.spec):
                 q, sc = native.weight(m.weight)
                 n += q.numel() * q.element_size() + sc.numel() * sc.element_size()
     return n / 1e9
@@ -339,8 +339,8 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             "model_seconds": time.time() - t0, "rates": rates}
 
 
-# per family: the preset calibrated at, and per block kind of memory.PER_TOKEN the config key whose
-# count is lowered (and by how much) to measure one block's slope
+# per family: the preset calibrated at, and per block kind of the family's memory coefficients
+# (spec.memory.per_token) the config key whose count is lowered (and by how much) to measure one block's slope
 CALIBRATION = {"zimage": ("zimage-6b", {"block": ("n_layers", 10)}),
                "klein": ("klein-4b", {"double": ("num_layers", 2), "single": ("num_single_layers", 10)})}
 
@@ -349,8 +349,8 @@ def calibrate(family: str, path: str) -> dict:
     """The memory model's constants (``dopsd_fast.memory``) from stepwise fake-tensor steps at the sizes
     of :data:`CALIBRATION`: Z-Image-Turbo 6B at 30 and 20 main layers (the slope is one layer's saved
     activations, the rest the transient); klein-4B at (5, 20), (3, 20) and (5, 10) double / single
-    blocks. In elements per token in units of the width (bf16), as ``memory.PER_TOKEN`` /
-    ``TRANSIENT_PER_TEACHER_TOKEN`` hold them."""
+    blocks. In elements per token in units of the width (bf16), as each family spec's ``memory``
+    (:class:`~dopsd_fast.families.spec.MemoryCoefficients`) holds them."""
     import step_time
 
     from dopsd_fast import memory

@@ -167,7 +167,7 @@ class Bench:
         tok_s = sum(n_img + len(c.features) for c in self.ctx_s)
         tok_t = sum(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
         self.max_tokens = max(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
-        mshape = shape_of(self.cfg, spec.name, tok_s, tok_t, K, sum(p.numel() for p in self.params))
+        mshape = shape_of(self.cfg, spec, tok_s, tok_t, K, sum(p.numel() for p in self.params))
         self.predicted_peak_gb = {p: peak_bytes(mshape, p, args.backward)["total"] / 1e9 for p in ("eager", "fast")}
         self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if self.device.type == "cuda"
@@ -216,7 +216,7 @@ class Bench:
         from dopsd_fast.fastpath import FastPath
 
         ck = self.args.checkpoint if "checkpoint" in self.spec.fast_features else "none"
-        over = [f"model.family={self.spec.name}", f"model.preset={self.spec.presets[0]}",
+        over = [f"model.family={self.spec.name}", f"model.preset={self.spec.tiny_preset}",
                 f"dopsd.rollout={json.dumps(list(self.sigmas))}",
                 "fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
                 f"fast.gemm={self.args.gemm}",

@@ -5,6 +5,7 @@ Importing this package touches no GPU and imports no optional heavy package (dif
 transformers, peft, TransformerEngine, flash-attn, torchao): those load when a feature needs them.
 """
 
+import dopsd_fast.families  # noqa: F401 (the model families register their named roll-out schedules)
 from dopsd_fast.algorithm import (
     NAMED_SCHEDULES,
     RolloutResult,

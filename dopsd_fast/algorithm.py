@@ -29,14 +29,18 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOSSES = ("x0", "v")
 BACKWARDS = ("once", "stepwise")
 
-# Named training roll-out schedules (K + 1 values ending with 0).
-NAMED_SCHEDULES: dict[str, tuple[float, ...]] = {
-    # Z-Image, K = 4: the authors' scripts' default (training only; inference stays 8-step).
-    "zimage-k4": (1.0, 0.9, 0.75, 0.5, 0.0),
-    # Z-Image, K = 8: the Turbo inference schedule, exactly the authors' timestep table / 1000
-    # (1000 - [1000, 976.8991, 947.7647, 909.8782, 858.5987, 785.2998, 671.9212, 473.2203]).
-    "zimage-k8": (1.0, 0.9768991, 0.9477647, 0.9098782, 0.8585987, 0.7852998, 0.6719212, 0.4732203, 0.0),
-}
+# Named training roll-out schedules (K + 1 values ending with 0): each model family registers its own
+# (dopsd_fast.families, imported by ``import dopsd_fast``), e.g. Z-Image's ``zimage-k4``.
+NAMED_SCHEDULES: dict[str, tuple[float, ...]] = {}
+
+
+def register_schedules(schedules: dict[str, Sequence[float]]) -> None:
+    """Add named schedules (a family's); a name registered twice with other values is refused."""
+    for name, values in schedules.items():
+        values = tuple(float(v) for v in values)
+        if NAMED_SCHEDULES.get(name, values) != values:
+            raise ValueError(f"roll-out schedule {name!r} is registered already with other values")
+        NAMED_SCHEDULES[name] = values
 
 
 def resolve_schedule(schedule: str | Sequence[float]) -> list[float]:

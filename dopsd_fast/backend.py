@@ -36,7 +36,7 @@ from typing import Iterator
 
 import torch
 
-from dopsd_fast.adapters.base import Context
+from dopsd_fast.context import Context
 from dopsd_fast.algorithm import RolloutResult, resolve_schedule, rollout_loss_paired
 from dopsd_fast.pair import branch_key
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dopsd_fast.adapters.base import Context
+from dopsd_fast.context import Context
 from dopsd_fast.safety import atomic_write
 
 CACHE_VERSION = 1

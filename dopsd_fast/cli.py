@@ -34,8 +34,8 @@ def _setup_logging() -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
-                   help="YAML config or a shipped recipe's name (default: toy-concept, the pretrained toy Z-Image "
-                        "learning the concept [V] on the CPU, no downloads; tiny-zimage: random weights, for tests)")
+                   help="YAML config or a shipped recipe's name (configs/*.yaml; default: toy-concept, the pretrained "
+                        "toy Z-Image learning the concept [V] on the CPU, no downloads)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=5e-5 (repeatable)")
 
@@ -108,7 +108,7 @@ def cache_main(argv=None) -> int:
     cfg = _load(args)
     if not cfg.cache.dir:
         sys.exit("error: config field 'cache.dir' must be set for dopsd-cache (e.g. --set cache.dir=cache/)")
-    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.families import build_adapter
     from dopsd_fast.cache import CacheError, FeatureCache, needed_entries
     from dopsd_fast.data import DataError, build_dataset
 

@@ -16,11 +16,11 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dopsd_fast.algorithm import resolve_schedule
+from dopsd_fast.errors import ConfigError  # re-exported: dopsd_fast.config.ConfigError
+from dopsd_fast.families import DEFAULT_FAMILY, FAMILIES, family
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -34,9 +34,10 @@ def _one_of(value, choices, name):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    family: str = "zimage"
-    # A built-in tiny preset (random weights, fully offline) or None to load from `path`.
-    preset: Optional[str] = "tiny-zimage"
+    family: str = DEFAULT_FAMILY
+    # A built-in preset of the family (tiny: random weights; toy: shipped; fully offline) or None to load
+    # from `path`.
+    preset: Optional[str] = FAMILIES[DEFAULT_FAMILY].tiny_preset
     # Local diffusers-format directory (transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
     path: Optional[str] = None
     # Local Qwen3-VL directory for the teacher context encoder (its language model weights are
@@ -62,8 +63,6 @@ class ModelConfig:
     gt_instruction: Optional[str] = None
 
     def __post_init__(self):
-        from dopsd_fast.families import FAMILIES
-
         _one_of(self.family, tuple(FAMILIES), "model.family")
         if self.preset is not None:
             _one_of(self.preset, FAMILIES[self.family].presets, "model.preset")
@@ -93,8 +92,9 @@ class LoraConfig:
 
 @dataclass(kw_only=True)
 class DopsdConfig:
-    # Named schedule ("zimage-k4", "zimage-k8") or an explicit list of K + 1 sigmas ending with 0.
-    rollout: Union[str, list] = "zimage-k4"
+    # A named schedule of the model family (Z-Image: zimage-k4, zimage-k8; FLUX.2-klein: klein-kN) or an
+    # explicit list of K + 1 sigmas ending with 0 (the family checks the name: FamilySpec.schedule_ok).
+    rollout: Union[str, list] = FAMILIES[DEFAULT_FAMILY].default_rollout
     loss: str = "x0"
     # auto: "once" (the authors' schedule) where the memory model says it fits, else "stepwise" (same
     # gradient, one state's activations alive); see dopsd_fast.memory
@@ -105,16 +105,11 @@ class DopsdConfig:
     ema_on_cpu: bool = False
 
     def __post_init__(self):
-        from dopsd_fast.algorithm import resolve_schedule
-
         _one_of(self.loss, ("x0", "v"), "dopsd.loss")
         _one_of(self.backward, ("auto", "once", "stepwise"), "dopsd.backward")
         _check(0.0 <= self.ema_decay <= 1.0, "dopsd.ema_decay", f"must be in [0, 1], got {self.ema_decay}")
-        if isinstance(self.rollout, str) and self.rollout.startswith("klein-k"):
-            n = self.rollout[len("klein-k"):].removesuffix("-authors")
-            _check(n.isdigit() and int(n) >= 1, "dopsd.rollout",
-                   f"klein-kN (or klein-kN-authors) needs a number of states N >= 1, got {self.rollout!r}")
-            return  # resolution-dependent: the klein adapter resolves it per bucket
+        if isinstance(self.rollout, str):
+            return  # a name: the model family knows its schedules (RunConfig validates it against the family)
         try:
             resolve_schedule(self.rollout)
         except ValueError as e:
@@ -194,7 +189,7 @@ class CacheConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    output_dir: str = "runs/tiny-zimage"
+    output_dir: str = f"runs/{FAMILIES[DEFAULT_FAMILY].tiny_preset}"
     max_steps: int = 2000
     grad_accum: int = 1
     seed: int = 0
@@ -338,8 +333,6 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
-        from dopsd_fast.families import family
-
         _one_of(self.method, ("dopsd", "sft"), "method")
         family(self.model.family).validate(self)  # what the family cannot run, before any weight is loaded
 
@@ -466,17 +459,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-# The base of ``load_config(None)`` (programmatic use, the tests): the real Z-Image classes at tiny
-# size, random weights, the built-in tiny dataset, a short run on the CPU. configs/tiny-zimage.yaml
-# holds the same values (a test keeps them equal). The command line's default run is the shipped
-# recipe configs/toy-concept.yaml (``dopsd_fast.cli.DEFAULT_RECIPE``).
+# The base of ``load_config(None)`` (programmatic use, the tests): the default family's classes at tiny
+# size (its tiny preset), random weights, the built-in tiny dataset, a short run on the CPU.
+# configs/tiny-zimage.yaml holds the same values (a test keeps them equal). The command line's default
+# run is the shipped recipe configs/toy-concept.yaml (``dopsd_fast.cli.DEFAULT_RECIPE``).
+_TINY = FAMILIES[DEFAULT_FAMILY]
 EMBEDDED_DEFAULT: dict = {
-    "model": {"family": "zimage", "preset": "tiny-zimage"},
+    "model": {"family": _TINY.name, "preset": _TINY.tiny_preset},
     "lora": {"rank": 8, "alpha": 16},
-    "dopsd": {"rollout": "zimage-k4", "loss": "x0", "backward": "auto", "ema_decay": 0.9},
+    "dopsd": {"rollout": _TINY.default_rollout, "loss": "x0", "backward": "auto", "ema_decay": 0.9},
     "optim": {"lr": 1.0e-3},
     "data": {"builtin": "tiny", "prompt_keys": ["prompt", "prompt_detailed"], "bucket_scale": 0.125},
-    "train": {"output_dir": "runs/tiny-zimage", "max_steps": 30, "checkpoint_every": 10, "keep_checkpoints": 2},
+    "train": {"output_dir": f"runs/{_TINY.tiny_preset}", "max_steps": 30, "checkpoint_every": 10,
+              "keep_checkpoints": 2},
     "validation": {"every": 15, "num_samples": 2},
 }
 

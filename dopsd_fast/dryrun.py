@@ -27,7 +27,7 @@ def _folder_bytes(*paths) -> int:
 
 
 def dry_run(cfg, gpu: str = "h100") -> int:
-    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.families import build_adapter
     from dopsd_fast.cache import FeatureCache
     from dopsd_fast.data import build_dataset
     from dopsd_fast.families import family, require_editing_support

@@ -9,7 +9,8 @@ import logging
 
 import torch
 
-from dopsd_fast.config import ConfigError
+from dopsd_fast.errors import ConfigError
+from dopsd_fast.pair import EagerPair, branch_key, flatten_contexts, unflatten_contexts
 from dopsd_fast.profiling import nvtx_range
 
 log = logging.getLogger("dopsd_fast")
@@ -58,7 +59,7 @@ class FastPath:
         self.cfg, self.spec, self.device = cfg, spec, adapter.device
         self.nvtx = fc.nvtx
         tr = weights.transformer
-        self.fp8_ctx = apply_fp8(tr, fc.fp8, fc.fp8_recipe)
+        self.fp8_ctx = apply_fp8(tr, fc.fp8, fc.fp8_recipe, spec)
         ops = build_ops(fc.kernels, fc.attention, self.device, fc.compile_backend if fc.compile else None, fc.gemm)
         if weights.lora:
             student, teacher = (tr, STUDENT), (tr, TEACHER)
@@ -72,7 +73,7 @@ class FastPath:
 
             if mem_shape is None:
                 n_train = sum(p.numel() for p in weights.trainable_parameters())
-                mem_shape = shape_of(tr.config, spec.name, max_tokens, max_tokens,
+                mem_shape = shape_of(tr.config, spec, max_tokens, max_tokens,
                                      len(adapter.training_sigmas(cfg.dopsd.rollout)) - 1, n_train)
             n_ckpt = resolve_checkpoint_layers(fc, spec.checkpointable_layers(tr.config), mem_shape, backward,
                                                self.device)
@@ -109,7 +110,6 @@ class FastPath:
     def _graph(self, which: str, struct):
         """The CUDA-graph cache of one branch and context structure (no-grad forwards only)."""
         from dopsd_fast.graphs import GraphCache
-        from dopsd_fast.pair import unflatten_contexts
 
         key = (which, struct)
         if key not in self.graphs:
@@ -121,8 +121,6 @@ class FastPath:
     def velocity(self, branch: str, x, sigma, ctx):
         """One branch's velocity (``"student"``/``"s"``, ``"teacher"``/``"t"``): the teacher always without
         autograd, through a CUDA graph if on; the student with autograd when grad is enabled."""
-        from dopsd_fast.pair import branch_key, flatten_contexts
-
         which = branch_key(branch)
         if which == "s" and torch.is_grad_enabled():
             with self._nv("student"):
@@ -151,3 +149,15 @@ class FastPath:
         fn.share = share
         fn.finish = share.finish if share is not None else (lambda: None)
         return fn
+
+
+def build_pair(cfg, adapter, weights, backward: str | None = None, mem_shape=None):
+    """The run's model behind the protocol: :class:`~dopsd_fast.fastpath.FastPath` with
+    ``fast.enabled``, else :class:`EagerPair` on the adapter's diffusers call (with ``fast.compile``:
+    diffusers' regional compilation of the repeated blocks)."""
+    if cfg.fast.enabled:
+        return FastPath(cfg, adapter, weights, max_tokens=mem_shape.tokens_teacher if mem_shape else 4096,
+                        backward=backward, mem_shape=mem_shape)
+    if cfg.fast.compile:
+        adapter.transformer.compile_repeated_blocks(backend=cfg.fast.compile_backend, dynamic=True)
+    return EagerPair(adapter.velocity, weights.student, weights.teacher)

@@ -26,23 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import re
 
 import torch
 
-BLOCK_LINEAR = re.compile(
-    # Z-Image: the main layers' and refiners' attention projections and feed-forwards
-    r"^((layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))"
-    # FLUX.2-klein: the double blocks' image and text attention projections and feed-forwards, the single
-    # blocks' fused QKV + MLP projection and output
-    r"|transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|ff\.linear_(in|out)|ff_context\.linear_(in|out))"
-    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out))(\.base_layer)?$")
-
-
-def fp8_module_filter(fqn: str, module: torch.nn.Module) -> bool:
-    """True for the block linears FP8 should take (see the module docstring)."""
-    if not isinstance(module, torch.nn.Linear) or not BLOCK_LINEAR.match(fqn):
+def fp8_module_filter(fqn: str, module: torch.nn.Module, spec) -> bool:
+    """True for the block linears FP8 should take in a model of family ``spec`` (its ``fp8_linears``;
+    see the module docstring)."""
+    if not isinstance(module, torch.nn.Linear) or not spec.fp8_linear(fqn):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
@@ -68,13 +58,13 @@ def _require_fp8_gpu(what: str) -> None:
         raise RuntimeError(f"fast.fp8={what}: this GPU (sm_{major}{minor}) has no FP8 tensor cores; needs sm_89+")
 
 
-def apply_fp8(model: torch.nn.Module, mode: str, recipe: str):
-    """Converts the selected linears of ``model`` in place. Returns a context factory
+def apply_fp8(model: torch.nn.Module, mode: str, recipe: str, spec):
+    """Converts the selected linears of ``model`` (a transformer of family ``spec``) in place. Returns a context factory
     ``ctx(enabled: bool)`` to wrap forwards in (TransformerEngine's fp8_autocast; a no-op for
     torchao, whose layers are always FP8)."""
     if mode in ("off", "native"):  # native: no module changes (the paired linears call the FP8 GEMM)
         return lambda enabled=True: contextlib.nullcontext()
-    selected = [(n, m) for n, m in model.named_modules() if fp8_module_filter(n, m)]
+    selected = [(n, m) for n, m in model.named_modules() if fp8_module_filter(n, m, spec)]
     if not selected:
         raise RuntimeError("fast.fp8: no linear of the model matches the FP8 filter (block attention/FFN linears)")
     if mode == "torchao":

@@ -10,7 +10,8 @@ The constants are MEASURED by ``benchmarks/perf_model.py --calibrate`` (a whole 
 under fake tensors, bf16, stepwise, the peak of live memory beyond the weights): the slope of the peak
 over the number of layers gives the bytes one layer keeps per student token, the rest the transient
 per teacher token. Each is in elements per token in units of the model width (bf16: 2 bytes each); a
-checkpointed layer keeps its input only (1 x width). Model figures until a GPU confirms them.
+checkpointed layer keeps its input only (1 x width). Model figures until a GPU confirms them. Each
+family's constants are its spec's (``spec.memory``, :class:`~dopsd_fast.families.spec.MemoryCoefficients`):
 
 | family, path | per layer and student token | transient per teacher token |
 |---|---|---|
@@ -18,10 +19,6 @@ checkpointed layer keeps its input only (1 x width). Model figures until a GPU c
 | Z-Image, eager (diffusers) | 39.6 x dim | 8.2 x dim |
 | klein, fast | double block 23.3 x D, single block 26.9 x D | 22.3 x D (the editing teacher: 2 images) |
 | klein, eager | double 28.8 x D, single 25.7 x D | 10.4 x D |
-
-(Before 2026-11-29 the fake step counted a weight's storage as step memory the first time a view of it
-(a transpose in ``F.linear``) was made: the eager constants were 49.8 / 26.7 (Z-Image) and 46.1, 34.4 /
-17.7 (klein), the klein fast transient 60.6, each inflated by the weights.)
 """
 
 from __future__ import annotations
@@ -35,14 +32,6 @@ import torch
 log = logging.getLogger(__name__)
 
 BYTES = 2  # bf16 activations
-PER_TOKEN = {  # elements kept per student token and layer, in units of the width
-    ("zimage", "fast"): {"block": 21.2},
-    ("zimage", "eager"): {"block": 39.6},
-    ("klein", "fast"): {"double": 23.3, "single": 26.9},
-    ("klein", "eager"): {"double": 28.8, "single": 25.7},
-}
-TRANSIENT_PER_TEACHER_TOKEN = {("zimage", "fast"): 25.0, ("zimage", "eager"): 8.2, ("klein", "fast"): 22.3,
-                               ("klein", "eager"): 10.4}
 GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0,
                  "4090": 24.0}
 # The fake-tensor model's predicted step time per floor FLOP at Z-Image-Turbo size (stepwise, no
@@ -55,6 +44,7 @@ SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 1.98 / 866.9}
 class Shape:
     """What the memory model needs of a step."""
     family: str
+    coefficients: object  # the family's MemoryCoefficients (spec.memory)
     width: int
     layers: dict  # block kind -> count (zimage: {"block": n_layers + refiners}; klein: double/single)
     tokens_student: int  # summed over the micro-batch
@@ -64,32 +54,29 @@ class Shape:
     trainable_bytes_per_param: int = 4  # LoRA adapters are fp32
 
 
-def shape_of(transformer_config, family: str, tokens_student: int, tokens_teacher: int, states: int,
+def shape_of(transformer_config, spec, tokens_student: int, tokens_teacher: int, states: int,
              trainable_params: int, trainable_bytes_per_param: int = 4) -> Shape:
-    from dopsd_fast.families import family as family_spec
-
-    width, layers = family_spec(family).memory_layers(transformer_config)
-    return Shape(family, width, layers, tokens_student, tokens_teacher, states, trainable_params,
+    """The shape of a step of family ``spec`` (a :class:`~dopsd_fast.families.spec.FamilySpec`)."""
+    width, layers = spec.memory_layers(transformer_config)
+    return Shape(spec.name, spec.memory, width, layers, tokens_student, tokens_teacher, states, trainable_params,
                  trainable_bytes_per_param)
 
 
 def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per_param: int = 4) -> Shape:
     """A run's shape: its largest bucket, context lengths, roll-out states and trainable tensors."""
-    from dopsd_fast.families import family
-
-    spec = family(cfg.model.family)
+    spec = adapter.spec
     w, h = max(buckets, key=lambda b: b[0] * b[1])
     _, lh, lw = adapter.latent_shape(h, w)
     tok_s, tok_t = spec.step_tokens(cfg.model, spec.image_tokens((lh, lw)))
     states = len(adapter.training_sigmas(cfg.dopsd.rollout, (lh, lw))) - 1
     b = cfg.data.batch_size
-    return shape_of(adapter.transformer.config, spec.name, b * tok_s, b * tok_t, states, trainable_params,
+    return shape_of(adapter.transformer.config, spec, b * tok_s, b * tok_t, states, trainable_params,
                     trainable_bytes_per_param)
 
 
 def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0) -> dict:
     """Predicted peak beyond the weights, by part (bytes)."""
-    per = PER_TOKEN[(s.family, path)]
+    per = s.coefficients.per_token[path]
     alive = s.states if backward == "once" else 1
     per_state = 0.0
     ck = checkpoint_layers
@@ -97,7 +84,7 @@ def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0) -
         c = min(ck, n)
         ck -= c
         per_state += ((n - c) * per[kind] + c * 1.0) * s.width * s.tokens_student * BYTES
-    transient = TRANSIENT_PER_TEACHER_TOKEN[(s.family, path)] * s.width * s.tokens_teacher * BYTES
+    transient = s.coefficients.transient_per_teacher_token[path] * s.width * s.tokens_teacher * BYTES
     optimizer = s.trainable_params * (s.trainable_bytes_per_param + 8)  # gradient + AdamW m, v (fp32)
     # the fast path's roll-out keeps the student's and the teacher's fp32 adapters cast to bf16 (its
     # RolloutShare); fp32 trainable tensors are LoRA adapters here (full fine-tuning trains the model dtype)
@@ -158,34 +145,8 @@ def fmt_gb(b: float) -> str:
     return f"{b / 1e9:.1f} GB" if math.isfinite(b) else "?"
 
 
-# ---- FLOPs of a step (analytic; benchmarks/step_time.py and --dry-run) ----------------------------
-def zimage_forward_flops(cfg: dict, n_img: int, cap_lens: list[int], rank: int = 0) -> tuple[float, float]:
-    """Analytic FLOPs of one Z-Image forward, ``(GEMMs, attention)``, summed over the samples; with
-    ``rank`` the LoRA adapters on the default targets (q, k, v, out, w1, w2, w3 of every block and
-    refiner) count with the GEMMs (spec: student forward 63.9 TFLOP at 1024^2, caption 512, r64)."""
-    d, ffn = cfg["dim"], int(cfg["dim"] / 3 * 8)
-    per_tok = 2 * (4 * d * d + 3 * d * ffn) + 2 * rank * (8 * d + 3 * (d + ffn))
-    pad = lambda n: n + (-n) % 32  # noqa: E731
-    n_i = pad(n_img)
-    gemm = attn = 0.0
-    for c in cap_lens:
-        c = pad(c)
-        s = n_i + c
-        gemm += cfg["n_layers"] * s * per_tok + cfg["n_refiner_layers"] * (n_i + c) * per_tok
-        attn += cfg["n_layers"] * 4 * s * s * d + cfg["n_refiner_layers"] * 4 * (n_i * n_i + c * c) * d
-        gemm += 2 * n_img * 4 * cfg["in_channels"] * d * 2
-    return gemm, attn
-
-
-def flux2_forward_flops(cfg: dict, n_img: int, n_txt: int) -> tuple[float, float]:
-    """Analytic FLOPs of one FLUX.2 forward for one sample, ``(GEMMs, attention)``."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    s = n_img + n_txt
-    per_tok = 2 * 13 * d * d  # double: qkv 3 + out 1 + ff 6 + 3 (d^2 MACs), single: fused 9 + out 4
-    blocks = cfg["num_layers"] + cfg["num_single_layers"]
-    return blocks * s * per_tok + 2 * n_img * cfg["in_channels"] * d * 2, blocks * 4 * s * s * d
-
-
+# ---- FLOPs of a step (analytic; benchmarks/step_time.py and --dry-run; each family's forward is its
+# spec's ``forward_flops``) ------------------------------------------------------------------------
 def backward_flops(fwd: tuple[float, float], lora: bool, lora_fwd: float = 0.0) -> float:
     """The student backward: dX of every GEMM (1x its forward) plus, in full fine-tuning, dW (1x
     more); attention backward 2.5x its forward. A LoRA run computes no base-weight gradient; its

@@ -66,20 +66,6 @@ class EagerPair:
         return self.velocity_fn(self.student(), x, sigma, ctx)
 
 
-def build_pair(cfg, adapter, weights, backward: str | None = None, mem_shape=None):
-    """The run's model behind the protocol: :class:`~dopsd_fast.fastpath.FastPath` with
-    ``fast.enabled``, else :class:`EagerPair` on the adapter's diffusers call (with ``fast.compile``:
-    diffusers' regional compilation of the repeated blocks)."""
-    if cfg.fast.enabled:
-        from dopsd_fast.fastpath import FastPath
-
-        return FastPath(cfg, adapter, weights, max_tokens=mem_shape.tokens_teacher if mem_shape else 4096,
-                        backward=backward, mem_shape=mem_shape)
-    if cfg.fast.compile:
-        adapter.transformer.compile_repeated_blocks(backend=cfg.fast.compile_backend, dynamic=True)
-    return EagerPair(adapter.velocity, weights.student, weights.teacher)
-
-
 def flatten_contexts(ctx) -> tuple[tuple, list]:
     """Contexts -> (structure, tensors): the features and extra tensors in a fixed order, and the
     structure (extra keys per context) that :func:`unflatten_contexts` needs (CUDA-graph inputs)."""
@@ -93,7 +79,7 @@ def flatten_contexts(ctx) -> tuple[tuple, list]:
 
 
 def unflatten_contexts(struct, flat) -> list:
-    from dopsd_fast.adapters.base import Context
+    from dopsd_fast.context import Context
 
     out, i = [], 0
     for keys in struct:

@@ -26,7 +26,7 @@ def load_lora_into(transformer, lora_dir: str) -> None:
 
 @torch.no_grad()
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png") -> Path:
-    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.families import build_adapter
     from dopsd_fast.data.buckets import make_buckets
     from dopsd_fast.validation import save_grid
 

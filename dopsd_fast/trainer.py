@@ -23,7 +23,7 @@ from dopsd_fast.algorithm import euler_sample, rollout_loss_paired
 from dopsd_fast.checkpoint import (list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                    set_rng_state)
 from dopsd_fast.families import family, require_editing_support
-from dopsd_fast.pair import build_pair
+from dopsd_fast.fastpath import build_pair
 from dopsd_fast.safety import Guard
 
 log = logging.getLogger("dopsd_fast")
@@ -42,7 +42,7 @@ class Trainer:
         checkpoint directory. A resume whose config changes the math (model, LoRA, data, schedule,
         method, seed) is refused, naming the fields, unless ``allow_config_change``; other changes (LR,
         steps, logging, batch size) are applied and logged."""
-        from dopsd_fast.adapters import build_adapter
+        from dopsd_fast.families import build_adapter
         from dopsd_fast.cache import ContextProvider, FeatureCache
         from dopsd_fast.data import BucketBatchSampler, build_dataset
         from dopsd_fast.logging_utils import MetricsLogger

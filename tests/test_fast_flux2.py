@@ -136,11 +136,12 @@ def test_fp8_module_dispatch():
     the LoRA delta on top: both branches still match the eager model. (The stand-in,
     conftest.fp8_standins, is an nn.Linear under torchao's class name: it checks the dispatch, not FP8
     numerics, which need an sm_89+ GPU.)"""
+    from dopsd_fast.families import KLEIN
     from dopsd_fast.fp8 import fp8_module_filter
 
     ad, st, ctx_s, ctx_t = _setup(True)
     tr = st.transformer
-    picked = [n for n, m in tr.named_modules() if fp8_module_filter(n, m)]
+    picked = [n for n, m in tr.named_modules() if fp8_module_filter(n, m, KLEIN)]
     assert picked and all(n.endswith(".base_layer") for n in picked)
     assert {n.split(".")[0] for n in picked} == {"transformer_blocks", "single_transformer_blocks"}
     assert not any("modulation" in n or "embed" in n or "norm_out" in n or "proj_out" in n for n in picked)

@@ -244,11 +244,12 @@ def test_fp8_filter_and_fp8_module_dispatch():
     a module by the fast path, with the LoRA delta added on top: outputs still match the eager model.
     (The stand-in, conftest.fp8_standins, is an nn.Linear under torchao's class name: it checks the dispatch, not FP8
     numerics, which need an sm_89+ GPU.)"""
+    from dopsd_fast.families import ZIMAGE
     from dopsd_fast.fp8 import apply_fp8, fp8_module_filter, sqnr_db
 
     st = _model(True)
     tr = st.transformer
-    picked = [n for n, m in tr.named_modules() if fp8_module_filter(n, m)]
+    picked = [n for n, m in tr.named_modules() if fp8_module_filter(n, m, ZIMAGE)]
     assert picked and all(".base_layer" in n for n in picked)
     assert not any("adaLN" in n or "embedder" in n or "final_layer" in n for n in picked)
     assert {n.split(".")[0] for n in picked} == {"layers", "noise_refiner", "context_refiner"}

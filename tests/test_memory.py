@@ -17,7 +17,9 @@ ZIMAGE = dict(dim=3840, n_layers=30, n_refiner_layers=2)
 def _shape(**over):
     kw = dict(tokens_student=4608, tokens_teacher=5120, states=4, trainable_params=200_000_000)
     kw.update(over)
-    return memory.shape_of(ZIMAGE, "zimage", kw["tokens_student"], kw["tokens_teacher"], kw["states"],
+    from dopsd_fast.families import FAMILIES
+
+    return memory.shape_of(ZIMAGE, FAMILIES["zimage"], kw["tokens_student"], kw["tokens_teacher"], kw["states"],
                            kw["trainable_params"])
 
 
@@ -91,7 +93,7 @@ def test_constants_predict_the_fake_tensor_peak_at_other_sizes(preset, path, fam
 
     img = 4096
     tok_s, tok_t = img + pre["cap_s"], FAMILIES[family].teacher_image_tokens(img) + pre["cap_t"]
-    s = memory.shape_of(cfg, family, tok_s, tok_t, 4, 0)
+    s = memory.shape_of(cfg, FAMILIES[family], tok_s, tok_t, 4, 0)
     predicted = memory.peak_bytes(s, path, "stepwise")
     predicted = predicted["activations"] + predicted["transient"]  # the fake step's peak has no optimizer state yet
     assert -0.10 * measured <= predicted - measured <= 0.20 * measured, (predicted / 1e9, measured / 1e9)

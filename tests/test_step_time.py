@@ -81,6 +81,7 @@ def test_floor_flops_match_the_spec():
     student forward 63.9 TFLOP, teacher forward 72.2, student backward (dX only) 80.7 per state,
     ~867 per step at K = 4; full fine-tuning adds the weight gradients."""
     from dopsd_fast import memory
+    from dopsd_fast.families import ZIMAGE
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -88,13 +89,13 @@ def test_floor_flops_match_the_spec():
     finally:
         sys.path.pop(0)
     cfg = step_time.ZIMAGE_RELEASED
-    f_s = memory.zimage_forward_flops(cfg, 4096, [512], 64)
-    f_t = memory.zimage_forward_flops(cfg, 4096, [1024], 64)
-    lora = f_s[0] - memory.zimage_forward_flops(cfg, 4096, [512])[0]
+    f_s = ZIMAGE.forward_flops(cfg, 4096, [512], 64)
+    f_t = ZIMAGE.forward_flops(cfg, 4096, [1024], 64)
+    lora = f_s[0] - ZIMAGE.forward_flops(cfg, 4096, [512])[0]
     bwd = memory.backward_flops(f_s, True, lora)
     assert abs(sum(f_s) / 1e12 - 63.9) < 0.1 and abs(sum(f_t) / 1e12 - 72.2) < 0.1 and abs(bwd / 1e12 - 80.7) < 0.1
     assert abs(4 * (sum(f_s) + sum(f_t) + bwd) / 1e12 - 867) < 1
-    full = memory.backward_flops(memory.zimage_forward_flops(cfg, 4096, [512]), False)
+    full = memory.backward_flops(ZIMAGE.forward_flops(cfg, 4096, [512]), False)
     assert full > 1.6 * bwd  # dX + dW of every GEMM
 
 

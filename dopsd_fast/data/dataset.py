@@ -19,14 +19,11 @@ import torch
 from PIL import Image
 
 from dopsd_fast.data.buckets import assign_bucket, make_buckets
+from dopsd_fast.errors import DataError  # re-exported: dopsd_fast.data.DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row and field."""
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""What the packed student/teacher models share (:class:`~dopsd_fast.models.zimage.FastZImage`,
-:class:`~dopsd_fast.models.flux2.FastFlux2`).
+"""What the packed student/teacher models of every family share (each family's fast model, e.g.
+``dopsd_fast/families/<name>/fast.py``, subclasses :class:`PairedModel`).
 
 A pair is two :class:`Branch` objects: the student (autograd) and the teacher (constants, computed
 without autograd), each a (module, LoRA adapter) with its packed token :class:`Stream` and its
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dopsd_fast.fp8 import is_fp8_linear
+from dopsd_fast.fp8 import fp8_module_filter, is_fp8_linear
 from dopsd_fast.models.ops import TorchOps
 from dopsd_fast.profiling import nvtx_range
 
@@ -83,7 +83,7 @@ class RolloutShare:
     every state; the weights change only at the optimizer step). Here: the LoRA weights cast to the
     compute dtype (fp32 masters -> bf16) once per roll-out instead of at every linear call of every
     state, both branches; the student's through :class:`_SharedCast` (its gradient per use, exact).
-    Families add their own (Z-Image: :class:`~dopsd_fast.models.zimage.ContextShare`). ``casts``: the
+    Families add their own (e.g. a context refiner's output shared across the states). ``casts``: the
     cast kernels actually run (what the tests read)."""
 
     def __init__(self):
@@ -172,7 +172,10 @@ class Branch:
 
 class PairedModel:
     """The two branches, the ops, and how one linear runs for both streams (one base GEMM with
-    per-branch LoRA deltas; FP8 modules called as modules; two calls for two separate models)."""
+    per-branch LoRA deltas; FP8 modules called as modules; two calls for two separate models). A
+    family's subclass sets ``spec`` (its FamilySpec: the convention, the linears FP8 may take)."""
+
+    spec = None
 
     def __init__(self, student, teacher, ops=None, nvtx: bool = False, fp8_ctx=None, fp8_teacher: bool = True,
                  checkpoint_layers: int = 0):
@@ -298,12 +301,10 @@ class PairedModel:
         (block attention / feed-forward linears with dimensions that are multiples of 16)."""
         if self.fp8_native is None:
             return None
-        from dopsd_fast.fp8 import fp8_module_filter
-
         for n in names:
             m = self.ms.get_submodule(n)
             base = getattr(m, "base_layer", m)
-            if not fp8_module_filter(n + (".base_layer" if base is not m else ""), base):
+            if not fp8_module_filter(n + (".base_layer" if base is not m else ""), base, self.spec):
                 return None
         return self.fp8_native
 
@@ -342,6 +343,6 @@ class PairedModel:
         contexts and the weights only): a :class:`RolloutShare` (the LoRA casts), a family's subclass
         for more. ``student``: share the student's family-specific work too, ``"graph"`` (True) where the
         roll-out back-propagates once, ``"deferred"`` where the caller calls the share's ``finish()``
-        after the roll-out's last backward (see :class:`dopsd_fast.models.zimage.ContextShare`); the
+        after the roll-out's last backward (a family's share subclass); the
         LoRA casts are shared in every mode (their gradient is per use)."""
         return RolloutShare()

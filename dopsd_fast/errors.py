@@ -1,0 +1,11 @@
+"""The errors a user acts on, each with a message that names the field, file or row: defined here, at
+the bottom of the import order, so every layer can raise them (``dopsd_fast.config`` and
+``dopsd_fast.data`` re-export them)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row and field."""

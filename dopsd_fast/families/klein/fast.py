@@ -1,0 +1,323 @@
+"""Fast FLUX.2-klein forward for the D-OPSD double forward, on the diffusers model's own parameters.
+
+Same contract and entry point as :class:`dopsd_fast.families.zimage.fast.FastZImage`
+(``velocity_pair``; the shared machinery is :mod:`dopsd_fast.models.paired`): it reads a diffusers
+``Flux2Transformer2DModel`` in place and computes ``Flux2Transformer2DModel.forward`` for the student
+stream (with autograd) and the teacher stream (constants) side by side. Per branch a sample's
+sequence is ``[text (L) ; x_k tokens (N) ; reference tokens (teacher, editing branch)]``:
+
+* every LoRA linear is ONE op over both streams' rows, each branch on its own (``paired_lora_linears``), the joint
+  attention is ONE launch for both (``dual_branch_attention``, each branch its own sequence length);
+* the timestep embedding and the three shared modulation linears (double img / double txt / single)
+  run once for both branches, as does the patch embedding of x_k (the reference tokens are embedded
+  for the teacher alone);
+* QK RMSNorm + RoPE are fused per part (text tokens with ``norm_added_q/k``, image tokens with
+  ``norm_q/k``; RoPE is per token, so splitting the concatenation is exact).
+
+Samples of a batch must share the structure within a branch (same text length, same image and
+reference sizes), which the bucketed, padded-to-512 klein batches do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dopsd_fast.families.klein.spec import SPEC
+from dopsd_fast.models.paired import Branch, PairedModel, has_lora
+
+
+@dataclass(eq=False)
+class KleinBranch(Branch):
+    """A klein branch: text length ``L``, image tokens ``M`` ([x_k ; references]), the text features and
+    reference tokens, the RoPE tables, and the running image / text / joint hidden states. ``mods``:
+    (temb, double-img, double-txt, single modulation)."""
+
+    L: int = 0
+    M: int = 0
+    txt: torch.Tensor | None = None
+    refs: list = field(default_factory=list)
+    cs_txt: tuple | None = None
+    cs_img: tuple | None = None
+    img: torch.Tensor | None = None
+    txt_h: torch.Tensor | None = None
+    hs: torch.Tensor | None = None
+
+
+def _split3(mod, i):
+    """(shift, scale, gate) number ``i`` of a 6-way modulation, or of a 3-way one (``i`` None)."""
+    sh, sc, g = mod.chunk(6 if i is not None else 3, dim=-1)[(3 * i if i is not None else 0):][:3]
+    return sh, sc, g
+
+
+class FastFlux2(PairedModel):
+    spec = SPEC
+
+    def __init__(self, student, teacher, ops=None, checkpoint_layers: int = 0, nvtx: bool = False, fp8_ctx=None,
+                 fp8_teacher: bool = True):
+        # ``checkpoint_layers`` counts the double blocks first, then the single blocks (the memory model's
+        # order); an FP8 module (te / torchao) is called as a module by the shared paired linears
+        super().__init__(student, teacher, ops, nvtx, fp8_ctx, fp8_teacher, checkpoint_layers)
+        cfg = self.ms.config
+        if cfg.patch_size != 1 or cfg.guidance_embeds:
+            raise NotImplementedError("FastFlux2 supports the klein configuration (patch 1, no guidance embedding)")
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        self.eps = cfg.eps
+        self._rope: dict = {}
+        self._cu: dict = {}
+
+    def _tables(self, model, L: int, h: int, w: int, ref_hw: tuple, dev):
+        """RoPE cos/sin of the text and of the image tokens ([x_k ; references]), fp32, (n, hd/2):
+        built once per structure (text length, image and reference sizes), never per call."""
+        from dopsd_fast.families.klein.adapter import image_ids, text_ids
+
+        key = (id(model), L, h, w, ref_hw, str(dev))
+        if key not in self._rope:
+            ids = torch.cat([image_ids(h, w)] + [image_ids(rh, rw, t=10 * (i + 1)) for i, (rh, rw) in enumerate(ref_hw)])
+
+            def cs(i):
+                cos, sin = model.pos_embed(i.to(dev))
+                return cos[:, 0::2].float().contiguous(), sin[:, 0::2].float().contiguous()
+
+            self._rope[key] = (cs(text_ids(L)), cs(ids), ids.shape[0])
+            if len(self._rope) > 64:
+                self._rope.pop(next(iter(self._rope)))
+        return self._rope[key]
+
+    # ---- element-wise pieces, through the ops interface --------------------------------------------
+    def _ln(self, x, scale, shift, B):
+        """LayerNorm (no affine) * (1 + scale) + shift; x (B*S, D), scale/shift (B, D)."""
+        return self.ops.ln_mod(x.view(B, -1, x.shape[-1]), scale, self.eps, shift=shift).reshape(x.shape)
+
+    def _gate(self, x, gate, y, B):
+        """x + gate * y with a per-sample gate (FLUX.2: no tanh)."""
+        D = x.shape[-1]
+        return self.ops.gated(x.view(B, -1, D), gate, y.view(B, -1, D), tanh=False).reshape(x.shape)
+
+    def _swiglu(self, b, h):
+        half = h.shape[-1] // 2
+        return self.ops.swiglu(h[..., :half], h[..., half:])
+
+    def _qk(self, q, k, wq, wk, cs, B):
+        cos, sin = cs
+        shp = (B, -1, self.heads, self.head_dim)
+        qq, kk = self.ops.rope_qk(q.reshape(shp), k.reshape(shp), wq, wk, cos, sin, self.eps)
+        return qq.reshape(-1, self.heads, self.head_dim), kk.reshape(-1, self.heads, self.head_dim)
+
+    def _joint(self, b: KleinBranch, t_part, i_part, B):
+        """[text ; image] per sample, as (B * (L + M), heads, head_dim)."""
+        return torch.cat([t_part.view(B, b.L, -1), i_part.view(B, b.M, -1)], 1).reshape(-1, self.heads, self.head_dim)
+
+    # ---- double-stream block, per branch ------------------------------------------------------------
+    def _double_in(self, b: KleinBranch, B):
+        _, mi, mt_, _ = b.mods
+        sh, sc, _ = _split3(mi, 0)
+        csh, csc, _ = _split3(mt_, 0)
+        return self._ln(b.img, sc, sh, B), self._ln(b.txt_h, csc, csh, B)
+
+    def _double_qkv(self, b: KleinBranch, qi, ki, vi, qc, kc, vc, B):
+        a = b.block.attn
+        qi_, ki_ = self._qk(qi, ki, a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
+        qc_, kc_ = self._qk(qc, kc, a.norm_added_q.weight, a.norm_added_k.weight, b.cs_txt, B)
+        hd = (-1, self.heads, self.head_dim)
+        return self._joint(b, qc_, qi_, B), self._joint(b, kc_, ki_, B), self._joint(b, vc.view(hd), vi.view(hd), B)
+
+    def _split_out(self, b: KleinBranch, o, B):
+        """Attention output -> (text rows, image rows)."""
+        o = o.reshape(B, b.L + b.M, -1)
+        return o[:, :b.L].reshape(B * b.L, -1), o[:, b.L:].reshape(B * b.M, -1)
+
+    def _double_mid(self, b: KleinBranch, ai, ac, B):
+        _, mi, mt_, _ = b.mods
+        b.img = self._gate(b.img, _split3(mi, 0)[2], ai, B)
+        b.txt_h = self._gate(b.txt_h, _split3(mt_, 0)[2], ac, B)
+        shi, sci, _ = _split3(mi, 1)
+        shc, scc, _ = _split3(mt_, 1)
+        return self._ln(b.img, sci, shi, B), self._ln(b.txt_h, scc, shc, B)
+
+    def _double_out(self, b: KleinBranch, fo, fco, B):
+        _, mi, mt_, _ = b.mods
+        b.img = self._gate(b.img, _split3(mi, 1)[2], fo, B)
+        b.txt_h = self._gate(b.txt_h, _split3(mt_, 1)[2], fco, B)
+
+    def _double(self, path, S, T, B):
+        for b in (S, T):
+            if b is not None:
+                b.at(path)
+        ns, nt = self.both(self._double_in, S, T, B=B)
+        xi, xc = (ns[0] if ns else None, nt[0] if nt else None), (ns[1] if ns else None, nt[1] if nt else None)
+        qi, ki, vi = self.plins([f"{path}.attn.{n}" for n in ("to_q", "to_k", "to_v")], *xi)
+        qc, kc, vc = self.plins([f"{path}.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")], *xc)
+        q = self.both(self._double_qkv, S, T, qi, ki, vi, qc, kc, vc, B=B)
+        o = self._attend(q, B)
+        split = self.both(self._split_out, S, T, o, B=B)
+        txt_o, img_o = ((split[0][j] if split[0] else None, split[1][j] if split[1] else None) for j in (0, 1))
+        ai = self.plin(f"{path}.attn.to_out.0", *img_o)
+        ac = self.plin(f"{path}.attn.to_add_out", *txt_o)
+        r = self.both(self._double_mid, S, T, ai, ac, B=B)
+        ri, rc = (r[0][0] if r[0] else None, r[1][0] if r[1] else None), (r[0][1] if r[0] else None,
+                                                                          r[1][1] if r[1] else None)
+        gi = self.both(self._swiglu, S, T, self.plin(f"{path}.ff.linear_in", *ri))
+        gc = self.both(self._swiglu, S, T, self.plin(f"{path}.ff_context.linear_in", *rc))
+        self.both(self._double_out, S, T, self.plin(f"{path}.ff.linear_out", *gi),
+                  self.plin(f"{path}.ff_context.linear_out", *gc), B=B)
+
+    # ---- single-stream block, per branch ------------------------------------------------------------
+    def _single_in(self, b: KleinBranch, B):
+        sh, sc, _ = _split3(b.mods[3], None)
+        return self._ln(b.hs, sc, sh, B)
+
+    def _single_qkv(self, b: KleinBranch, p, B):
+        a, inner = b.block.attn, self.heads * self.head_dim
+        q, k, v = p[:, :inner], p[:, inner:2 * inner], p[:, 2 * inner:3 * inner]
+        q3, k3 = q.reshape(B, b.L + b.M, -1), k.reshape(B, b.L + b.M, -1)
+        qt_, kt_ = self._qk(q3[:, :b.L], k3[:, :b.L], a.norm_q.weight, a.norm_k.weight, b.cs_txt, B)
+        qi_, ki_ = self._qk(q3[:, b.L:], k3[:, b.L:], a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
+        return self._joint(b, qt_, qi_, B), self._joint(b, kt_, ki_, B), v.reshape(-1, self.heads, self.head_dim)
+
+    def _single_cat(self, b: KleinBranch, p, o):
+        inner = self.heads * self.head_dim
+        return torch.cat([o.reshape(o.shape[0], -1), self._swiglu(b, p[:, 3 * inner:])], -1)
+
+    def _single_out(self, b: KleinBranch, out, B):
+        b.hs = self._gate(b.hs, _split3(b.mods[3], None)[2], out, B)
+
+    def _single(self, path, S, T, B):
+        for b in (S, T):
+            if b is not None:
+                b.at(path)
+        p = self.plin(f"{path}.attn.to_qkv_mlp_proj", *self.both(self._single_in, S, T, B=B))
+        o = self._attend(self.both(self._single_qkv, S, T, p, B=B), B)
+        out = self.plin(f"{path}.attn.to_out", *self.both(self._single_cat, S, T, p, o))
+        self.both(self._single_out, S, T, out, B=B)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def _branch(self, name, ctxs, x):
+        from dopsd_fast.families.klein.adapter import pack, refs_of
+
+        model, adapter = (self.ms, self.adapter_s) if name == "s" else (self.mt, self.adapter_t)
+        B, _, h, w = x.shape
+        dtype = self.ms.x_embedder.weight.dtype
+        refs = [refs_of(c) for c in ctxs]
+        if len({tuple(tuple(r.shape) for r in rr) for rr in refs}) > 1 or len({c.features.shape for c in ctxs}) > 1:
+            raise ValueError("FastFlux2: samples of a batch must share text length and reference sizes")
+        txt = torch.stack([c.features for c in ctxs]).to(x.device, dtype)
+        ref_tok = [pack(torch.stack([rr[i] for rr in refs]).to(x.device, dtype)) for i in range(len(refs[0]))]
+        L = txt.shape[1]
+        cs_txt, cs_img, M = self._tables(model, L, h, w, tuple((r.shape[-2], r.shape[-1]) for r in refs[0]),
+                                         x.device)
+        return KleinBranch(name, model, adapter, L=L, M=M, txt=txt, refs=ref_tok, cs_txt=cs_txt, cs_img=cs_img)
+
+    def velocity_pair(self, x, sigma, ctx_s, ctx_t, share=None):
+        """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention. ``share``:
+        the roll-out's :class:`~dopsd_fast.models.paired.RolloutShare` (the LoRA casts once per roll-out);
+        FLUX.2 has no state-independent stream to share beyond that (its text tokens are modulated by
+        the timestep in every double block)."""
+        with self.sharing(share):
+            return self._velocity_pair(x, sigma, ctx_s, ctx_t)
+
+    def _velocity_pair(self, x, sigma, ctx_s, ctx_t):
+        from dopsd_fast.families.klein.adapter import pack
+
+        ms = self.ms
+        dtype = ms.x_embedder.weight.dtype
+        B, C, h, w = x.shape
+        N = h * w
+        S = self._branch("s", ctx_s, x) if ctx_s is not None else None
+        T = self._branch("t", ctx_t, x) if ctx_t is not None else None
+        live = [b for b in (S, T) if b is not None]
+
+        with self._nv("embed"):
+            shared = None
+            for b in live:
+                if self.same_model and shared is not None:
+                    b.mods = shared
+                    continue
+                m = b.model
+                with b.grad_ctx():
+                    temb = m.time_guidance_embed(SPEC.convention.model_time(sigma).to(dtype) * 1000, None)
+                    b.mods = shared = (temb, m.double_stream_modulation_img(temb),
+                                       m.double_stream_modulation_txt(temb), m.single_stream_modulation(temb))
+            tok = pack(x.to(dtype))
+            e_x = None
+            share_x = self.same_model and not has_lora(ms.x_embedder)
+            for b in live:
+                with b.grad_ctx():
+                    if share_x and e_x is not None:
+                        e = e_x if b.student else e_x.detach()
+                    else:
+                        e = e_x = b.model.x_embedder(tok)
+                    parts = [e] + [b.model.x_embedder(r) for r in b.refs]
+                    b.img = torch.cat(parts, 1).reshape(B * b.M, -1)
+                    b.txt_h = b.model.context_embedder(b.txt).reshape(B * b.L, -1)
+
+        n_double = len(ms.transformer_blocks)
+        for bi in range(n_double):
+            with self._nv(f"double{bi}"):
+                self._run(self._double, f"transformer_blocks.{bi}", S, T, B, ("img", "txt_h"), bi)
+
+        for b in live:  # single-stream blocks on [text ; image]
+            with b.grad_ctx():
+                b.hs = torch.cat([b.txt_h.view(B, b.L, -1), b.img.view(B, b.M, -1)], 1).reshape(B * (b.L + b.M), -1)
+        for bi in range(len(ms.single_transformer_blocks)):
+            with self._nv(f"single{bi}"):
+                self._run(self._single, f"single_transformer_blocks.{bi}", S, T, B, ("hs",), n_double + bi)
+
+        res = {}
+        with self._nv("final"):  # the x_k tokens only
+            for b in live:
+                with b.grad_ctx():
+                    hh = b.hs.view(B, b.L + b.M, -1)[:, b.L:b.L + N]
+                    emb = b.model.norm_out.linear(F.silu(b.mods[0]).to(hh.dtype))
+                    scale, shift = emb.chunk(2, dim=1)
+                    y = self._ln(hh.reshape(B * N, -1), scale, shift, B)
+                    out = b.model.proj_out(y).view(B, N, -1)
+                    res[b.name] = SPEC.convention.velocity(out).permute(0, 2, 1).reshape(B, C, h, w)
+        return res.get("s"), res.get("t")
+
+    def _run(self, block, path, S, T, B, fields, index):
+        """Block ``path`` on both branches; among the first ``checkpoint_layers`` blocks the student runs
+        under gradient checkpointing (only its input hidden states ``fields`` kept; the recompute sees
+        the modulation of this block's forward) and the teacher alone, without autograd."""
+        if S is None or index >= self.checkpoint_layers or not torch.is_grad_enabled():
+            return block(path, S, T, B)
+        if T is not None:
+            block(path, None, T, B)
+
+        def run(*hs, snap=replace(S), share=self._share):  # the recompute reads the same shared casts
+            b = replace(snap, **dict(zip(fields, hs)))
+            with self.sharing(share):
+                block(path, b, None, B)
+            return tuple(getattr(b, f) for f in fields)
+
+        out = checkpoint(run, *(getattr(S, f) for f in fields), use_reentrant=False)
+        for f, v in zip(fields, out):
+            setattr(S, f, v)
+
+    def _offsets(self, B: int, S: int, dev):
+        """The attention's per-sample offsets (int32 on the device, and as a list) of B samples of S
+        tokens: made once per shape, never per call (no host-to-device copy inside a CUDA graph)."""
+        key = (B, S, str(dev))
+        if key not in self._cu:
+            cu = [i * S for i in range(B + 1)]
+            self._cu[key] = (torch.tensor(cu, dtype=torch.int32, device=dev), cu)
+        return self._cu[key]
+
+    def _attend(self, q, B):
+        """Joint attention per sample for both branches (each (q, k, v) of (B*S, H, hd), or None)."""
+        def spec(q3):
+            if q3 is None:
+                return None
+            return (*q3, *self._offsets(B, q3[0].shape[0] // B, q3[0].device))
+
+        s, t = spec(q[0]), spec(q[1])
+        if s is not None and t is not None:
+            return self.ops.attention_pair(s, t)
+        out_s = self.ops.attention_one(*s) if s is not None else None
+        if t is None:
+            return out_s, None
+        with torch.no_grad():
+            return out_s, self.ops.attention_one(*t)

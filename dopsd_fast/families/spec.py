@@ -1,0 +1,248 @@
+"""What a model family is, as data and a few methods: :class:`FamilySpec` (the way torchtitan's
+TrainSpec bundles a model). A family's folder (``dopsd_fast/families/<name>/``) holds its spec, its
+adapter (:class:`~dopsd_fast.families.adapter.ModelAdapter`), its fast model (the pair entry point
+``velocity_pair(x, sigma, ctx_s, ctx_t)`` on :class:`~dopsd_fast.models.paired.PairedModel`) and its
+built-in presets; :mod:`dopsd_fast.families` registers it. Code outside ``families/`` asks the spec
+(``family(cfg.model.family)``) and never names a family.
+
+A spec says: its adapter and fast model classes (imported when used), its diffusers transformer class,
+its presets (built-in models, no downloads) and flavours (tiny / mid / real-size configs with the
+benchmarks' sizes), its default and the authors' LoRA targets, the fast features it supports, its
+named roll-out schedules, its time/sign convention (written here once), the FLOP counts, the memory
+model's coefficients and the linears FP8 may take.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+
+from dopsd_fast.algorithm import NAMED_SCHEDULES
+from dopsd_fast.errors import ConfigError
+
+FAST_FEATURES = ("kernels", "attention", "compile", "fp8", "graphs", "checkpoint")
+
+
+def _load(path: str):
+    mod, _, name = path.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a diffusers transformer's call maps onto this project's (sigma, v) convention (sigma = 1
+    is noise, ``v = eps - x0``): the time the model takes and the sign of what it returns."""
+
+    time_is_one_minus_sigma: bool  # Z-Image: t = 1 - sigma (t = 1 is clean); FLUX.2: t = sigma
+    output_is_minus_v: bool  # Z-Image returns -v; FLUX.2 returns v
+
+    def model_time(self, sigma):
+        """sigma (fp32 tensor) -> the timestep the diffusers model takes (in [0, 1])."""
+        s = sigma.float()
+        return 1.0 - s if self.time_is_one_minus_sigma else s
+
+    def sigma_of(self, model_time):
+        """The inverse of :meth:`model_time` (a trainer's own timesteps / 1000 -> sigma)."""
+        return 1.0 - model_time if self.time_is_one_minus_sigma else model_time
+
+    def velocity(self, output):
+        """The model's output (any dtype) -> v in fp32."""
+        return -output.float() if self.output_is_minus_v else output.float()
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """One size of a family's transformer: its diffusers config (None: the tiny preset's) and the
+    sizes ``benchmarks/step_time.py`` runs it at (resolution, student / teacher context tokens, LoRA
+    rank, device, dtype)."""
+
+    name: str
+    config: dict | None
+    resolution: int
+    cap_s: int
+    cap_t: int
+    rank: int
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class MemoryCoefficients:
+    """The memory model's per-family constants (:mod:`dopsd_fast.memory`), per path (``fast`` /
+    ``eager``): elements kept per student token and layer of each block kind, and the transient per
+    teacher token, in units of the model width (measured by ``benchmarks/perf_model.py --calibrate``)."""
+
+    per_token: dict  # path -> {block kind: elements per student token and layer / width}
+    transient_per_teacher_token: dict  # path -> elements per teacher token / width
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    title: str
+    adapter_path: str  # "module:Class", imported when used
+    fast_model_path: str
+    velocity_path: str  # "module:function": the eager diffusers call in the (sigma, v) convention
+    transformer_class: str  # the diffusers class name
+    convention: Convention
+    presets: dict  # model.preset value -> "module:Class" of its Preset (built-in models, no downloads)
+    memory: MemoryCoefficients
+    fp8_linears: str  # regex over module names: the block linears FP8 may take (dopsd_fast.fp8)
+    flavours: dict = field(default_factory=dict)
+    authors_lora_targets: tuple = ()
+    fast_features: frozenset = frozenset(FAST_FEATURES)
+    editing: bool = False  # rows with reference images (an editing model)
+    named_schedules: dict = field(default_factory=dict)  # roll-out schedule name -> K + 1 sigmas
+    schedule_help: str = ""
+    default_rollout: str = ""  # the tiny runs' (and the recipes') roll-out schedule
+    default_inference_steps: int = 8
+
+    # ---- classes ---------------------------------------------------------------------------
+    def adapter_class(self):
+        return _load(self.adapter_path)
+
+    def fast_model_class(self):
+        return _load(self.fast_model_path)
+
+    def preset(self, name: str):
+        """The :class:`Preset` ``name`` (``model.preset``)."""
+        if name not in self.presets:
+            raise ConfigError(f"config field 'model.preset': must be one of {list(self.presets)} for model.family="
+                              f"{self.name}, got {name!r}")
+        return _load(self.presets[name])()
+
+    @property
+    def tiny_preset(self) -> str:
+        """The random-weight tiny preset (tests, ``load_config(None)``): the first one."""
+        return next(iter(self.presets))
+
+    def diffusers_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class)
+
+    def tiny_config(self) -> dict:
+        raise NotImplementedError
+
+    def tiny_overrides(self) -> list:
+        """Config overrides that turn ``load_config(None)``'s tiny run into this family's tiny run."""
+        return [f"model.family={self.name}", f"model.preset={self.tiny_preset}", f"dopsd.rollout={self.default_rollout}"]
+
+    def flavour_config(self, name: str) -> dict:
+        fl = self.flavours[name]
+        return dict(fl.config) if fl.config is not None else self.tiny_config()
+
+    # ---- LoRA ------------------------------------------------------------------------------
+    def default_lora_targets(self, transformer_config) -> tuple:
+        raise NotImplementedError
+
+    def lora_targets(self, lora_cfg, transformer_config) -> list:
+        """``lora.targets``: None -> the family's default, ``authors`` -> the authors' list, or the list."""
+        if lora_cfg.targets == "authors":
+            return list(self.authors_lora_targets)
+        return list(lora_cfg.targets or self.default_lora_targets(transformer_config))
+
+    # ---- schedules -------------------------------------------------------------------------
+    def schedule_ok(self, rollout) -> bool:
+        """Whether ``dopsd.rollout`` names a schedule this family runs (explicit lists always do): a named
+        schedule of the registry (:data:`dopsd_fast.algorithm.NAMED_SCHEDULES`, every family's)."""
+        return not isinstance(rollout, str) or rollout in NAMED_SCHEDULES
+
+    # ---- shapes (memory model, FLOPs) ------------------------------------------------------
+    def image_tokens(self, latent_hw) -> int:
+        raise NotImplementedError
+
+    def memory_layers(self, transformer_config) -> tuple[int, dict]:
+        """(width, {block kind: count}) for :mod:`dopsd_fast.memory`."""
+        raise NotImplementedError
+
+    def shard_units(self, transformer) -> list:
+        """The modules FSDP2 shards one by one (the repeated blocks), in forward order."""
+        raise NotImplementedError
+
+    def checkpointable_layers(self, transformer_config) -> int:
+        """The main layers ``fast.checkpoint`` counts (0: no gradient checkpointing on the fast path)."""
+        return 0
+
+    def forward_flops(self, transformer_config, n_img: int, caps: list, rank: int = 0, teacher: bool = False):
+        """Analytic ``(GEMM, attention)`` FLOPs of one forward over samples with caption lengths ``caps``."""
+        raise NotImplementedError
+
+    def teacher_image_tokens(self, n_img: int) -> int:
+        """Image tokens the teacher sees for ``n_img`` of the state's (an editing teacher: + the target)."""
+        return n_img
+
+    def step_tokens(self, model_cfg, n_img: int) -> tuple[int, int]:
+        """(student, teacher) tokens of one sample with ``n_img`` image tokens at the config's context
+        lengths (``n_img = 0``: the context tokens alone)."""
+        return n_img + model_cfg.student_max_tokens, self.teacher_image_tokens(n_img) + self.teacher_context_tokens(
+            model_cfg)
+
+    def teacher_context_tokens(self, model_cfg) -> int:
+        return model_cfg.teacher_max_tokens
+
+    # ---- what benchmarks and tests build without an adapter ---------------------------------------
+    def latent_shape(self, transformer_config, resolution: int) -> tuple:
+        """A state's per-sample shape at ``resolution`` x ``resolution`` pixels (the VAE's 8x)."""
+        raise NotImplementedError
+
+    def rollout_sigmas(self, k: int, latent_hw) -> list:
+        """A K-state roll-out schedule without a scheduler config (benchmarks, the drop-in backend's
+        default): the family's K-step schedule at this resolution."""
+        raise NotImplementedError
+
+    def random_contexts(self, transformer_config, latent, cap_s: int, cap_t: int, batch: int, generator,
+                        device, dtype) -> tuple[list, list]:
+        """Random stand-in contexts (student, teacher) of the given lengths, the shapes the trainer builds."""
+        raise NotImplementedError
+
+    def init_random(self, transformer) -> None:
+        """Random weights for what diffusers initialises to zero and the fast path must get right."""
+
+    def eager_velocity(self, transformer, x, sigma, contexts):
+        """The eager diffusers call in the (sigma, v) convention (the reference every fast path meets)."""
+        return _load(self.velocity_path)(transformer, x, sigma, contexts)
+
+    # ---- validation ------------------------------------------------------------------------
+    def fp8_linear(self, fqn: str) -> bool:
+        """Whether the linear named ``fqn`` (a peft ``.base_layer`` suffix allowed) is one FP8 may take."""
+        return re.match(self.fp8_linears + r"(\.base_layer)?$", fqn) is not None
+
+    def validate(self, cfg) -> None:
+        """Refuse what this family cannot run, before any weight is loaded (one line naming the field)."""
+        m = cfg.model
+        if m.preset is not None and m.preset not in self.presets:
+            raise ConfigError(f"config field 'model.preset': must be one of {list(self.presets)} for model.family="
+                              f"{self.name}, got {m.preset!r}")
+        if not self.schedule_ok(cfg.dopsd.rollout):
+            raise ConfigError(f"config field 'dopsd.rollout': {cfg.dopsd.rollout!r} is not a {self.title} schedule; "
+                              f"{self.schedule_help}")
+        if cfg.fast.enabled:
+            fc = cfg.fast
+            used = {"fp8": fc.fp8 != "off", "graphs": fc.graphs, "compile": fc.compile,
+                    "checkpoint": fc.checkpoint not in ("auto", "none", 0)}
+            for feat, on in used.items():
+                if on and feat not in self.fast_features:
+                    raise ConfigError(f"config field 'fast.{feat}': not implemented on the {self.title} fast path "
+                                      f"(it supports: {', '.join(sorted(self.fast_features))})")
+
+
+class Preset:
+    """A built-in model of a family (``model.preset``): no downloads, weights random (tiny) or shipped
+    with the package (toy). The adapter asks it for its parts instead of branching on names."""
+
+    version = "1"  # part of the feature cache's key: bump when the preset's models change
+    inference_steps: int | None = None  # None: the family's default
+
+    def build(self, adapter) -> None:
+        """Set ``adapter.transformer``, ``.vae``, ``.scheduler_config`` (and family-specific settings)."""
+        raise NotImplementedError
+
+    def build_encoders(self, adapter) -> None:
+        """Set the adapter's encoders (text encoder, tokenizer, ... as the family's adapter names them)."""
+        raise NotImplementedError
+
+    def identity(self, cfg) -> dict:
+        """What identifies the preset's encoder weights (the feature cache's key)."""
+        return {"preset": cfg.preset, "seed": cfg.seed, "version": self.version}
