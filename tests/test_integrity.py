@@ -4,8 +4,10 @@ A flipped bit in a checkpoint tensor is refused by its checksum and ``--resume l
 previous checkpoint; non-finite weights do not load; planted pickles (that write a file when run) in
 a checkpoint's ``.metadata``, its structure, a ``state.pt`` or a toy state file run nothing; a
 checkpoint or cache manifest naming a file outside its folder is refused before anything is read;
-checkpoints of the previous format load through the safe path."""
+checkpoints of the previous format load through the safe path; an EXIF-rotated portrait photo gets a
+portrait bucket."""
 
+import io
 import json
 import logging
 import pickle
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import tiny_config
 
@@ -303,3 +306,44 @@ def test_a_cache_manifest_naming_a_shard_outside_the_cache_is_refused_unread(tmp
     with pytest.raises(CacheError, match=r"names shard 'shard-00000\.safetensors': .* leads outside"):
         FeatureCache(cache, {"model": "x"})
     assert seen == []
+
+
+# ---- 4. upright photos -----------------------------------------------------------------------------------
+def _exif_jpeg(stored: Image.Image, orientation: int) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_upright_size_is_the_decoded_size_for_every_orientation():
+    from dopsd_fast.data.dataset import decode_image, upright_size
+
+    for orientation in range(1, 9):
+        im = Image.open(io.BytesIO(_exif_jpeg(Image.new("RGB", (48, 32), (90, 30, 200)), orientation)))
+        h, w = decode_image(im).shape[:2]
+        assert upright_size(im) == (w, h), orientation
+        assert (w, h) == ((32, 48) if orientation >= 5 else (48, 32))
+
+
+def test_an_exif_rotated_portrait_photo_lands_in_a_portrait_bucket_whole(tmp_path):
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import build_dataset
+    from dopsd_fast.data.dataset import load_image
+
+    # upright: 160 wide, 240 high; red top rows, blue bottom rows
+    upright = np.full((240, 160, 3), (20, 160, 20), np.uint8)
+    upright[:24], upright[-24:] = (220, 20, 20), (20, 20, 220)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 240 x 160 on the sensor
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "p.jpg").write_bytes(_exif_jpeg(stored, 6))  # orientation 6: shown rotated back upright
+    (folder / "p.txt").write_text("a portrait")
+    ds = build_dataset(load_config(None, [f"data.folder={folder}", "data.bucket_scale=0.125"]).data, progress=False)
+    rec = ds.records[0]
+    assert (rec.width, rec.height) == (160, 240) and rec.bucket == (96, 160)  # portrait, not (160, 96)
+    img = load_image(rec.image_path, rec.bucket)  # (3, 160, 96): the whole height kept
+    assert img.shape == (3, 160, 96)
+    assert img[0, :8].mean() > 0.7 and img[2, :8].mean() < 0.3  # the red top survives
+    assert img[2, -8:].mean() > 0.7 and img[0, -8:].mean() < 0.3  # the blue bottom survives
