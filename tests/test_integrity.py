@@ -1,11 +1,12 @@
 """Damaged bytes are caught and received files are untrusted input (tiny, CPU).
 
 A flipped bit in a checkpoint tensor is refused by its checksum and ``--resume latest`` takes the
-previous checkpoint; non-finite weights do not load; planted pickles (that write a file when run) in
-a checkpoint's ``.metadata``, its structure, a ``state.pt`` or a toy state file run nothing; a
-checkpoint or cache manifest naming a file outside its folder is refused before anything is read;
-checkpoints of the previous format load through the safe path; an EXIF-rotated portrait photo gets a
-portrait bucket."""
+previous checkpoint; non-finite weights do not load, and the LoRA export refuses them and absurd
+magnitudes; planted pickles (that write a file when run) in a checkpoint's ``.metadata``, its
+structure, a ``state.pt`` or a toy state file run nothing; a checkpoint, cache manifest or LoRA folder
+naming a file outside its folder is refused before anything is read; checkpoints of the previous
+format load through the safe path; an EXIF-rotated portrait photo gets a portrait bucket;
+``dopsd-sample --lora`` refuses weights that match no module of the model, or only some."""
 
 import io
 import json
@@ -150,6 +151,23 @@ def test_non_finite_weights_in_a_checkpoint_are_refused(tmp_path):
     path = save_checkpoint(tmp_path / "ck", 1, {"step": 1, "weights": {"student": {"a.lora_A": w}}}, keep=1)
     with pytest.raises(CheckpointError, match=r"state\.weights\.student\.a\.lora_A holds 1 non-finite value"):
         load_checkpoint(path)
+
+
+def test_the_lora_export_refuses_non_finite_or_absurd_weights_and_keeps_the_last_export(trained, tmp_path):
+    from dopsd_fast.export import LoraWeightsError
+
+    run = _copy_run(trained, tmp_path)
+    before = {p.name: p.read_bytes() for p in (run / "lora").iterdir()}
+    tr = _trainer(tmp_path, "train.max_steps=3")
+    p = tr.weights.trainable_parameters()[0]
+    for bad, msg in ((1.03e36, r"holds \|w\| up to 1\.03e\+36, over the limit 10000"),
+                     (float("nan"), r"holds 1 non-finite value")):
+        with torch.no_grad():
+            p.view(-1)[0] = bad
+        with pytest.raises(LoraWeightsError, match=rf"^LoRA export \(pytorch_lora_weights.safetensors\): \S+ {msg}"):
+            tr.export_lora()
+        assert {q.name: q.read_bytes() for q in (run / "lora").iterdir()} == before
+        assert not [q for q in run.iterdir() if q.name.startswith(".lora")]  # no temporary folder left
 
 
 # ---- 2. no code from data -----------------------------------------------------------------------------
@@ -347,3 +365,53 @@ def test_an_exif_rotated_portrait_photo_lands_in_a_portrait_bucket_whole(tmp_pat
     assert img.shape == (3, 160, 96)
     assert img[0, :8].mean() > 0.7 and img[2, :8].mean() < 0.3  # the red top survives
     assert img[2, -8:].mean() > 0.7 and img[0, -8:].mean() < 0.3  # the blue bottom survives
+
+
+# ---- 5. dopsd-sample --lora ------------------------------------------------------------------------------
+def _sample(lora, tmp_path):
+    from dopsd_fast.cli import sample_main
+
+    return sample_main(["--config", "tiny-zimage", "--prompt", "a cat", "--steps", "1", "--lora", str(lora),
+                        "--out", str(tmp_path / "s.png")])
+
+
+def test_sample_refuses_a_lora_folder_that_matches_no_module_of_the_model(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({"net.fc.weight": torch.ones(2, 2), "net.fc.bias": torch.ones(2)},
+              str(foreign / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=r"error: --lora: .* holds no LoRA weights \(2 tensors: net\.fc\.bias, "
+                                         r"net\.fc\.weight\)"):
+        _sample(foreign, tmp_path)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    save_file({"transformer.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(8, 32),
+               "transformer.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(96, 8)},
+              str(other / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=r"error: --lora: .*: 1 of its 1 LoRA modules match no module of this model "
+                                         r"\(double_blocks\.0\.img_attn\.qkv\)"):
+        _sample(other, tmp_path)
+    partly = tmp_path / "partly"  # this model's LoRA plus a module it lacks: refused, not loaded in part
+    shutil.copytree(trained / "lora", partly)
+    sd = load_file(str(partly / "pytorch_lora_weights.safetensors"))
+    n = len({k.split(".lora_")[0] for k in sd})
+    sd["transformer.nothere.lora_A.weight"], sd["transformer.nothere.lora_B.weight"] = torch.zeros(8, 32), torch.zeros(32, 8)
+    save_file(sd, str(partly / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=rf"error: --lora: .*: 1 of its {n + 1} LoRA modules match no module of this "
+                                         r"model \(nothere\)"):
+        _sample(partly, tmp_path)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained / "lora", damaged)
+    sd = load_file(str(damaged / "pytorch_lora_weights.safetensors"))
+    key = sorted(sd)[0]
+    sd[key].view(-1)[0] = float("inf")
+    save_file(sd, str(damaged / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=rf"error: --lora: .*: {key} holds 1 non-finite value"):
+        _sample(damaged, tmp_path)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "pytorch_lora_weights.safetensors").symlink_to(trained / "lora" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(SystemExit, match=r"error: --lora: .*pytorch_lora_weights\.safetensors leads outside"):
+        _sample(linked, tmp_path)
