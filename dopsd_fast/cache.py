@@ -109,7 +109,7 @@ class FeatureCache:
             try:
                 file_in_folder(self.dir, shard)
             except FileNotFoundError:
-                pass  # a missing shard is named by check_shards (a cache being written may lack its last one)
+                pass  # a missing shard is named by check_shards, which says how to rebuild it
             except ValueError as e:
                 raise CacheError(f"feature cache {self.dir / 'manifest.json'} names shard {shard!r}: {e}") from None
         return entries
