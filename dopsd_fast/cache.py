@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.context import Context
-from dopsd_fast.safety import atomic_write
+from dopsd_fast.safety import atomic_write, file_in_folder
 
 CACHE_VERSION = 1
 
@@ -87,13 +87,32 @@ class FeatureCache:
                     f"feature cache {self.dir} was written for other encoders or settings "
                     f"(differs in: {', '.join(changed[:8])}); refusing to use stale features. "
                     "Delete the directory or point cache.dir elsewhere, then run dopsd-cache")
-            self.entries = data.get("entries", {})
+            self.entries = self._checked_entries(data.get("entries", {}))
         elif create:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.entries = {}
         else:
             raise CacheError(f"feature cache {self.dir} does not exist (no manifest.json); run dopsd-cache first")
         self._open: dict = {}
+
+    def _checked_entries(self, entries) -> dict:
+        """The manifest's entries, each ``[shard, name]`` with ``shard`` a file name in this folder: a
+        received cache is untrusted, and a name such as ``../x.safetensors`` is refused before any read."""
+        if not isinstance(entries, dict):
+            raise CacheError(f"feature cache {self.dir / 'manifest.json'}: 'entries' is not a mapping; delete the "
+                             "directory and run dopsd-cache again")
+        for key, entry in entries.items():
+            if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+                raise CacheError(f"feature cache {self.dir / 'manifest.json'}: entry {key} is not [shard, name]; delete "
+                                 "the directory and run dopsd-cache again")
+        for shard in sorted({s for s, _ in entries.values()}):
+            try:
+                file_in_folder(self.dir, shard)
+            except FileNotFoundError:
+                pass  # a missing shard is named by check_shards, which says how to rebuild it
+            except ValueError as e:
+                raise CacheError(f"feature cache {self.dir / 'manifest.json'} names shard {shard!r}: {e}") from None
+        return entries
 
     def _save_manifest(self) -> None:
         text = json.dumps({"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}, indent=1)

@@ -2,25 +2,50 @@
 directory renamed when complete), the last N kept.
 
 A checkpoint is a DCP directory: every tensor of the trainer's state under a flat key (``t00000``,
-...), and the rest of the state (structure, step, sampler, RNG, config) as one pickled blob
-(``__meta__``). Every rank calls :func:`save_checkpoint` (DCP writes each replicated tensor once);
-:func:`load_checkpoint` reads it in any process count (N ranks -> M), allocating from the
-checkpoint's own metadata, and still reads the single-file ``state.pt`` checkpoints of earlier
-versions.
+...), the rest of the state (structure, step, sampler, RNG, config) as JSON in one uint8 tensor
+(``__state_json__``, rank 0's), and each rank's CRC-32 of every tensor chunk it wrote
+(``__crc32_rank<r>__``, JSON). Every rank calls :func:`save_checkpoint` (DCP writes each replicated
+tensor once); :func:`load_checkpoint` reads it in any process count (N ranks -> M), allocating from the
+checkpoint's own metadata.
+
+A checkpoint directory may come from someone else, so loading runs no code from it and reads nothing
+outside it: DCP's ``.metadata`` (a pickle) goes through an unpickler that admits only DCP's own
+metadata classes and plain types; every file it names must be a file in the directory; tensors are
+read with ``torch.load(weights_only=True)``; then every chunk's checksum is verified (bytes damaged on
+disk or in transit) and every floating-point tensor checked finite. Checkpoints of earlier versions
+(the structure a pickled ``__meta__``, or a single ``state.pt``) load through restricted unpicklers too
+(they hold tensor references and numpy's RNG arrays only) and carry no checksums.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dopsd_fast.safety import file_in_folder
+
+log = logging.getLogger("dopsd_fast")
+
 _STEP_RE = re.compile(r"^step-(\d+)$")
+FORMAT = 2  # 2: JSON structure + per-chunk CRC-32; 1 (earlier): pickled ``__meta__``
+_STATE_KEY = "__state_json__"
+_CRC_RE = re.compile(r"^__crc32_rank(\d+)__$")
+_LEGACY_KEY = "__meta__"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not load: damaged, or holding something a checkpoint may not hold."""
 
 
 def rng_state() -> dict:
@@ -54,31 +79,327 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-class _Ref(int):
-    """A tensor's place in the flat DCP dict (in the pickled structure)."""
-
-
-def _split(obj, tensors: list):
+# ---- the structure as JSON -------------------------------------------------------------------------
+# Tagged JSON: a tensor is {"$tensor": i} (key t0000i); a numpy array {"$ndarray": i, "dtype", "shape"}
+# (its raw bytes as a uint8 tensor); a tuple {"$tuple": [...]}; a dict with a non-string key, or a key
+# starting with "$", {"$dict": [[key, value], ...]}. Anything else is refused when writing.
+def _encode(obj, tensors: list, where: str):
     if torch.is_tensor(obj):
         tensors.append(obj.detach())
-        return _Ref(len(tensors) - 1)
+        return {"$tensor": len(tensors) - 1}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError(f"checkpoint state {where}: a numpy array of Python objects cannot be stored as data")
+        tensors.append(torch.from_numpy(np.ascontiguousarray(obj).reshape(-1).view(np.uint8).copy()))
+        return {"$ndarray": len(tensors) - 1, "dtype": obj.dtype.str, "shape": list(obj.shape)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
     if isinstance(obj, dict):
-        return {k: _split(v, tensors) for k, v in obj.items()}
-    if type(obj) in (list, tuple):
-        return type(obj)(_split(v, tensors) for v in obj)
-    return obj
+        if all(isinstance(k, str) and not k.startswith("$") for k in obj):
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {"$dict": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"checkpoint state {where}: a {type(obj).__name__} cannot be stored as plain data")
 
 
-def _join(obj, tensors: dict):
+def _decode(obj, flat: dict, where: str, path: Path):
+    if isinstance(obj, list):
+        return [_decode(v, flat, f"{where}[{i}]", path) for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        return obj
+    if "$tensor" in obj:
+        return _checked(_tensor_ref(flat, obj["$tensor"], where, path), where, path)
+    if "$ndarray" in obj:
+        return _ndarray(_tensor_ref(flat, obj["$ndarray"], where, path), obj.get("dtype"), obj.get("shape"), where,
+                        path)
+    if "$tuple" in obj:
+        return tuple(_decode(obj["$tuple"], flat, where, path))
+    if "$dict" in obj:
+        items = obj["$dict"]
+        if not isinstance(items, list) or not all(isinstance(kv, list) and len(kv) == 2 for kv in items):
+            raise CheckpointError(f"checkpoint {path}: the structure at {where} is malformed")
+        out = {}
+        for k, v in items:
+            k = _decode(k, flat, where, path)
+            out[k] = _decode(v, flat, f"{where}.{k}", path)
+        return out
+    return {k: _decode(v, flat, f"{where}.{k}", path) for k, v in obj.items()}
+
+
+def _tensor_ref(flat: dict, index, where: str, path: Path) -> torch.Tensor:
+    key = f"t{index:05d}" if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else None
+    if key not in flat:
+        raise CheckpointError(f"checkpoint {path}: the structure at {where} names tensor {index!r}, which it does "
+                              "not hold")
+    return flat[key]
+
+
+def _ndarray(t: torch.Tensor, dtype, shape, where: str, path: Path) -> np.ndarray:
+    try:
+        dt = np.dtype(dtype) if isinstance(dtype, str) else None
+    except Exception:  # noqa: BLE001 - numpy raises several types for a malformed dtype string
+        dt = None
+    if dt is None or dt.hasobject or not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+        raise CheckpointError(f"checkpoint {path}: the array at {where} has no plain dtype and shape")
+    try:
+        return np.frombuffer(t.numpy().tobytes(), dtype=dt).reshape(shape).copy()
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: the array at {where} does not fit its bytes ({e})") from None
+
+
+def _checked(t: torch.Tensor, where: str, path: Path) -> torch.Tensor:
+    """Loaded weights and optimizer moments must be finite: a non-finite value is damage, never state
+    to train on (the guard stops a run before it can write one)."""
+    if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"checkpoint {path}: {where} holds {n} non-finite value(s) (damaged)")
+    return t
+
+
+# ---- checksums -----------------------------------------------------------------------------------------
+def _crc(t: torch.Tensor) -> int:
+    t = t.detach().cpu().contiguous()
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _local_chunks(t) -> list[tuple[list, list, torch.Tensor]]:
+    """(global offsets, sizes, data) of what this rank holds of ``t`` (as DCP writes it)."""
+    from dopsd_fast.fsdp import is_dtensor
+
+    if is_dtensor(t):
+        (chunk,) = t.__create_chunk_list__()
+        return [(list(chunk.offsets), list(chunk.sizes), t.to_local())]
+    return [([0] * t.dim(), list(t.shape), t)]
+
+
+def _json_tensor(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+
+
+def _json_of(t: torch.Tensor):
+    return json.loads(t.numpy().tobytes().decode())
+
+
+def _verify(flat: dict, md, path: Path) -> None:
+    """Every chunk DCP read matches a CRC-32 one of the writing ranks recorded for it."""
+    recorded: dict = {}
+    for key in [k for k in flat if _CRC_RE.match(k)]:
+        try:
+            rows = _json_of(flat.pop(key))
+            for name, offsets, sizes, crc in rows:
+                recorded.setdefault((name, tuple(offsets)), set()).add((tuple(sizes), crc))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"checkpoint {path}: its checksum record {key} is damaged ({e})") from None
+    if not recorded:
+        raise CheckpointError(f"checkpoint {path}: no checksum record (__crc32_rank*__); damaged")
+    bad = []
+    for key, t in flat.items():
+        for chunk in md.state_dict_metadata[key].chunks:
+            part = t[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))]
+            if (tuple(chunk.sizes), _crc(part)) not in recorded.get((key, tuple(chunk.offsets)), ()):
+                bad.append(key)
+                break
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: checksum mismatch in {len(bad)} tensor(s) ({', '.join(bad[:4])}): "
+                              "damaged bytes")
+
+
+# ---- DCP's .metadata, read as untrusted ------------------------------------------------------------------
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | {
+    (m, n) for m in ("pathlib", "pathlib._local") for n in ("Path", "PosixPath", "WindowsPath", "PurePath",
+                                                              "PurePosixPath", "PureWindowsPath")}
+
+
+_TORCH_DTYPES = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata classes (plain dataclasses), torch dtypes and sizes, paths (a name, never opened);
+    any other global (a function to call, a class with a reducer) is refused before anything runs."""
+
+    def find_class(self, module, name):
+        if (module, name) in _DCP_METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _TORCH_DTYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
+
+
+def _size(v, n=None) -> bool:
+    return (isinstance(v, torch.Size) and all(isinstance(x, int) and x >= 0 for x in v)
+            and (n is None or len(v) == n))
+
+
+def read_metadata(path: Path):
+    """DCP's ``.metadata`` of checkpoint ``path``, unpickled with only DCP's own classes admitted and
+    checked: well-formed chunks, and every file it names a file in ``path``."""
+    try:
+        with open(file_in_folder(path, ".metadata"), "rb") as f:
+            md = _DcpMetadataUnpickler(f).load()
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a refused global, or torn bytes
+        raise CheckpointError(f"checkpoint {path}: .metadata does not load as DCP metadata ({type(e).__name__}: "
+                              f"{str(e)[:200]}); not loaded") from None
+
+    try:
+        _check_metadata(md, path)
+    except (AttributeError, TypeError) as e:  # a field of the wrong type
+        raise CheckpointError(f"checkpoint {path}: .metadata is malformed ({type(e).__name__}: {e}); not loaded") \
+            from None
+    return md
+
+
+def _check_metadata(md, path: Path) -> None:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata, MetadataIndex,
+                                                       TensorStorageMetadata)
+
+    def bad(what):
+        return CheckpointError(f"checkpoint {path}: .metadata is malformed ({what}); not loaded")
+
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise bad("not a DCP Metadata")
+    want = 0
+    for key, m in md.state_dict_metadata.items():
+        if not isinstance(key, str) or not isinstance(m, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise bad(f"entry {key!r}")
+        if isinstance(m, TensorStorageMetadata):
+            if not _size(m.size) or not isinstance(m.properties.dtype, torch.dtype) or not isinstance(m.chunks, list):
+                raise bad(f"tensor {key}")
+            covered = 0
+            for c in m.chunks:
+                if not (_size(c.offsets, len(m.size)) and _size(c.sizes, len(m.size))
+                        and all(o + s <= n for o, s, n in zip(c.offsets, c.sizes, m.size))):
+                    raise bad(f"a chunk of tensor {key}")
+                covered += c.sizes.numel()
+            if covered != m.size.numel():  # chunks tile the tensor: no part left unread
+                raise bad(f"tensor {key}'s chunks do not cover it")
+            want += m.size.numel() * m.properties.dtype.itemsize
+    if not isinstance(md.storage_data, dict):
+        raise bad("storage_data")
+    sizes: dict = {}
+    for index, info in md.storage_data.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise bad("storage_data entry")
+        if info.relative_path not in sizes:
+            try:
+                sizes[info.relative_path] = file_in_folder(path, info.relative_path).stat().st_size
+            except (ValueError, OSError) as e:
+                raise CheckpointError(f"checkpoint {path}: .metadata names a data file: {e}; not loaded") from None
+        if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
+                and info.length >= 0 and info.offset + info.length <= sizes[info.relative_path]):
+            raise bad(f"the extent of {index.fqn} in {info.relative_path}")
+        if info.transform_descriptors:  # compression and the like: never written here
+            raise bad(f"{index.fqn} names stream transforms {info.transform_descriptors}")
+    if want > sum(sizes.values()):  # a size claim beyond the bytes present: refused before allocating
+        raise bad(f"its tensors claim {want} bytes, its files hold {sum(sizes.values())}")
+
+
+def _dcp_load(flat: dict, path: Path, md) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):  # the checked metadata, not DCP's own pickle.load
+            if md.storage_meta is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # DCP's own reads these with weights_only=False
+            self.original_state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(flat, storage_reader=Reader(str(path)),
+                     planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        c = _cause(e)
+        raise CheckpointError(f"checkpoint {path} does not load ({type(c).__name__}: "
+                              f"{str(c).splitlines()[0][:200] if str(c) else ''})") from None
+
+
+# ---- checkpoints of earlier versions -------------------------------------------------------------------
+class _Ref(int):
+    """A tensor's place in the flat DCP dict, in the pickled structure of a format-1 checkpoint."""
+
+
+def _numpy_globals() -> dict:
+    reconstruct = np.ndarray((0,)).__reduce__()[0]
+    return {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct}
+
+
+class _LegacyStructureUnpickler(pickle.Unpickler):
+    """A format-1 structure: plain containers, tensor references and numpy arrays (the RNG state)."""
+
+    def find_class(self, module, name):
+        allowed = {("dopsd_fast.checkpoint", "_Ref"): _Ref, **_numpy_globals()}
+        if (module, name) in allowed:
+            return allowed[(module, name)]
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain checkpoint data")
+
+
+def _legacy_join(obj, flat: dict, where: str, path: Path):
+    if torch.is_tensor(obj):  # state.pt holds its tensors in place
+        return _checked(obj, where, path)
     if isinstance(obj, _Ref):
-        return tensors[f"t{int(obj):05d}"]
+        return _checked(_tensor_ref(flat, int(obj), where, path), where, path)
     if isinstance(obj, dict):
-        return {k: _join(v, tensors) for k, v in obj.items()}
+        return {k: _legacy_join(v, flat, f"{where}.{k}", path) for k, v in obj.items()}
     if type(obj) in (list, tuple):
-        return type(obj)(_join(v, tensors) for v in obj)
+        return type(obj)(_legacy_join(v, flat, f"{where}[{i}]", path) for i, v in enumerate(obj))
+    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
+        raise CheckpointError(f"checkpoint {path}: {where} is an array of Python objects; not loaded")
     return obj
 
 
+def _load_legacy_dcp(flat: dict, path: Path) -> dict:
+    blob = flat.pop(_LEGACY_KEY)
+    try:
+        structure = _LegacyStructureUnpickler(io.BytesIO(blob)).load() if isinstance(blob, bytes) else None
+    except Exception as e:  # noqa: BLE001 - a refused global, or torn bytes
+        raise CheckpointError(f"checkpoint {path}: its structure (__meta__, written by an earlier version) does not "
+                              f"load as plain data ({type(e).__name__}: {str(e)[:200]}); not loaded") from None
+    if not isinstance(structure, dict):
+        raise CheckpointError(f"checkpoint {path}: its structure (__meta__) is not a state dict; not loaded")
+    log.info("checkpoint %s predates checksums (written by an earlier version): loaded without a checksum check", path)
+    return _legacy_join(structure, flat, "state", path)
+
+
+def _load_state_pt(path: Path) -> dict:
+    """The single-file checkpoint of the earliest versions, through ``torch.load(weights_only=True)``
+    (numpy's RNG arrays admitted)."""
+    try:
+        f = file_in_folder(path, "state.pt")
+        with torch.serialization.safe_globals(list({v for v in _numpy_globals().values()}
+                                                   | {type(np.dtype(np.uint32))})):
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a refused global, a path outside, or torn bytes
+        raise CheckpointError(f"checkpoint {path}/state.pt does not load as plain data ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); not loaded") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}/state.pt is not a state dict; not loaded")
+    return _legacy_join(state, {}, "state", path)
+
+
+# ---- writing and reading -------------------------------------------------------------------------------
 def _cause(e: BaseException) -> BaseException:
     """The first rank's underlying error of a DCP ``CheckpointException`` (a BaseException), else ``e``."""
     failures = getattr(e, "failures", None)
@@ -104,28 +425,31 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path
     """Write ``state`` as ``root/step-NNNNNNN`` (DCP). Call it on every rank of a distributed run (the
     directory must be on a filesystem all ranks share); rank 0 renames the finished directory into
     place and prunes old ones."""
-    import pickle
     import warnings
 
     import torch.distributed.checkpoint as dcp
 
     d = _dist()
-    rank0 = d is None or d.get_rank() == 0
+    rank = 0 if d is None else d.get_rank()
     root = Path(root)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
-    if rank0:
+    if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
     tensors: list = []
-    skeleton = _split(state, tensors)
+    structure = _encode(state, tensors, "state")
     from dopsd_fast.fsdp import is_dtensor
 
     flat = {f"t{i:05d}": (t if is_dtensor(t) else t.cpu()) for i, t in enumerate(tensors)}  # DCP writes shards
-    flat["__meta__"] = pickle.dumps(skeleton)
+    if rank == 0:  # one structure (ranks' Python RNG states may differ; DCP keeps one copy anyway)
+        flat[_STATE_KEY] = _json_tensor({"format": FORMAT, "state": structure})
+    # each rank records what it holds: whichever rank's copy of a replicated tensor DCP writes, it matches
+    flat[f"__crc32_rank{rank}__"] = _json_tensor([[k, off, sz, _crc(part)] for k, t in flat.items()
+                                                  for off, sz, part in _local_chunks(t)])
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -136,13 +460,13 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path
         e = _cause(e)
         text = f"{type(e).__name__}: {e}"
         if isinstance(e, OSError) and e.errno == 28 or "No space left" in text or "unexpected pos" in text:
-            if rank0:
+            if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(28, "writing the checkpoint failed (no space left on the device); is the disk full?",
                           str(tmp)) from None
         raise RuntimeError(f"writing the checkpoint {final} failed: {text.splitlines()[0][:300]}") from None
     _barrier()
-    if rank0:
+    if rank == 0:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -171,29 +495,40 @@ def resolve_resume(root: str | Path, resume: str | None) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """The state :func:`save_checkpoint` wrote (any process count), or an earlier ``state.pt``."""
-    import pickle
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    """The state :func:`save_checkpoint` wrote (any process count), or an earlier version's, checked
+    as untrusted input (see the module's docstring); :class:`CheckpointError` names what is wrong."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     path = Path(path)
-    if (path / "state.pt").is_file():
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    md = dcp.FileSystemReader(str(path)).read_metadata()
-    flat = {}
+    if (path / "state.pt").is_file() and not (path / ".metadata").exists():
+        return _load_state_pt(path)
+    md = read_metadata(path)
+    flat: dict = {}
     for key, m in md.state_dict_metadata.items():
-        flat[key] = (torch.empty(tuple(m.size), dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata)
-                     else b"")
-    from torch.distributed.checkpoint.api import CheckpointException
-
+        if isinstance(m, TensorStorageMetadata):  # zeros, not empty: nothing of this process's memory shows through
+            flat[key] = torch.zeros(tuple(m.size), dtype=m.properties.dtype)
+        elif key == _LEGACY_KEY and isinstance(m, BytesStorageMetadata):
+            flat[key] = b""
+        else:
+            raise CheckpointError(f"checkpoint {path}: entry {key!r} is not a tensor; not loaded")
+    _dcp_load(flat, path, md)
+    if _LEGACY_KEY in flat:
+        return _load_legacy_dcp(flat, path)
+    if _STATE_KEY not in flat:
+        raise CheckpointError(f"checkpoint {path}: no {_STATE_KEY} (the run's structure); not loaded")
+    _verify(flat, md, path)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(flat, checkpoint_id=str(path))
-    except CheckpointException as e:  # a BaseException: as a plain error naming the checkpoint
-        c = _cause(e)
-        raise RuntimeError(f"checkpoint {path} does not load ({type(c).__name__}: "
-                           f"{str(c).splitlines()[0][:200] if str(c) else ''})") from None
-    return _join(pickle.loads(flat.pop("__meta__")), flat)
+        record = _json_of(flat.pop(_STATE_KEY))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {_STATE_KEY} is damaged ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: format {record.get('format') if isinstance(record, dict) else '?'}"
+                              f" is not {FORMAT} (written by another version); not loaded")
+    try:
+        state = _decode(record.get("state"), flat, "state", path)
+    except (TypeError, ValueError, RecursionError) as e:  # e.g. an unhashable key: not what save_checkpoint writes
+        raise CheckpointError(f"checkpoint {path}: the structure is malformed ({type(e).__name__}: {e}); not loaded") \
+            from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: the structure is not a state dict; not loaded")
+    return state

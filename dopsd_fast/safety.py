@@ -98,6 +98,25 @@ def atomic_dir(path: Path, write) -> Path:
     return path
 
 
+# ---- files named by received data ----------------------------------------------------------------
+def file_in_folder(folder: Path, name) -> Path:
+    """``folder / name`` where ``name`` (read from a received manifest or metadata) is a bare file name
+    and the file, symlinks followed, is a regular file inside ``folder``; else ``ValueError`` saying why
+    (``FileNotFoundError`` for a proper name with no file). A received checkpoint, cache or LoRA folder
+    is untrusted: nothing it names may lead outside it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{name!r} is not a file name in {folder} (a path leading elsewhere is refused)")
+    path = Path(folder) / name
+    real, home = path.resolve(), Path(folder).resolve()
+    if real.parent != home:
+        raise ValueError(f"{path} leads outside {folder} (to {real}); refused")
+    if not real.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    if not real.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    return path
+
+
 # ---- SIGTERM, as job schedulers send it ----------------------------------------------------------
 class Terminated(KeyboardInterrupt):
     """SIGTERM: handled like Ctrl-C (a checkpoint, then exit), at the end of the step in progress."""

@@ -65,6 +65,23 @@ def test_sharded_checkpoint_resumes_at_one_rank(sharded, tmp_path):
     assert _rel(w["student"], ref["student"]) <= 1e-6 and _rel(w["teacher"], ref["teacher"]) <= 1e-6
 
 
+def test_a_flipped_bit_in_one_ranks_shard_fails_its_checksum(sharded, tmp_path):
+    """Each rank records the CRC-32 of the chunks it wrote; a bit flipped in rank 1's file is caught
+    when the checkpoint is read at another world size (here 1 process)."""
+    from dopsd_fast.checkpoint import CheckpointError, load_checkpoint, read_metadata
+    from tests.test_integrity import _flip_exponent_bit
+
+    ck = tmp_path / "step-0000002"
+    shutil.copytree(sharded / "checkpoints" / "step-0000002", ck)
+    assert {"__crc32_rank0__", "__crc32_rank1__"} <= set(read_metadata(ck).state_dict_metadata)
+    student = load_checkpoint(ck)["weights"]["student"]
+    name, w = next((k, v) for k, v in student.items() if v.dim() == 2 and v.shape[0] >= 2 and v.dtype == torch.float32
+                   and 0 < v[-(v.shape[0] // 2):].reshape(-1)[0].abs() < 1)
+    _flip_exponent_bit(ck / "__1_0.distcp", w[-(w.shape[0] // 2):])  # rows rank 1 holds (dim-0 shards)
+    with pytest.raises(CheckpointError, match=r"checksum mismatch in 1 tensor\(s\)"):
+        load_checkpoint(ck)
+
+
 def test_fast_path_under_fsdp2_is_refused(tmp_path):
     r = _run(tmp_path / "f", 2, 1, *FULL, "--set", "fast.enabled=true")
     assert r.returncode != 0

@@ -89,13 +89,25 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_EXIF_ORIENTATION = 0x0112
+_EXIF_SWAPS_AXES = (5, 6, 7, 8)  # transpose, rotate 270, transverse, rotate 90 (as ImageOps.exif_transpose)
+
+
+def upright_size(im: "Image.Image") -> tuple[int, int]:
+    """(width, height) of the image as :func:`decode_image` returns it: after its EXIF orientation (a
+    portrait photo stored landscape with orientation 6 or 8 is portrait)."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(_EXIF_ORIENTATION, 1) in _EXIF_SWAPS_AXES else (w, h)
+
+
 def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int]:
+    """The upright size of a fully decodable image (buckets are chosen from it)."""
     if not path.is_file():
         raise DataError(f"{where}: field '{field_name}': image file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()  # full decode: catches truncated files, not just bad headers
-            return im.size
+            return upright_size(im)
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"{where}: field '{field_name}': cannot read image {path}: {type(e).__name__}: {e}") from None
 

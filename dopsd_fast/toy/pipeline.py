@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dopsd_fast.toy import models as M
 from dopsd_fast.toy import world as W
-from dopsd_fast.toy.stages import Loop, save_safetensors, step_rng
+from dopsd_fast.toy.stages import Loop, load_plain, save_safetensors, step_rng
 
 log = logging.getLogger("dopsd_fast.toy")
 
@@ -370,7 +370,7 @@ def base_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128) -> dic
 
     path = Path(out) / "student" / "trajectories.pt"
     if path.is_file():
-        t = torch.load(path, weights_only=False)
+        t = load_plain(path)
         if t["states"].shape[0] == n:
             return t
     toy = load_toy(out, "base")

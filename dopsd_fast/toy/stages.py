@@ -47,6 +47,16 @@ def save_safetensors(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_plain(path: Path):
+    """A ``torch.save`` file of tensors and plain data, read with ``weights_only=True``: a state file
+    from elsewhere runs no code; one holding anything else is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a refused global, or torn bytes
+        raise RuntimeError(f"{path} does not load as tensors and plain data ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete it to redo its stage") from None
+
+
 class Interrupted(Exception):
     pass
 
@@ -65,7 +75,7 @@ class Loop:
         self.start = 0
         self.elapsed = 0.0  # seconds spent in this stage over all runs
         if self.state_path.is_file():
-            st = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            st = load_plain(self.state_path)
             for k, m in modules.items():
                 m.load_state_dict(st["modules"][k])
             optimizer.load_state_dict(st["optimizer"])

@@ -1,0 +1,417 @@
+"""Damaged bytes are caught and received files are untrusted input (tiny, CPU).
+
+A flipped bit in a checkpoint tensor is refused by its checksum and ``--resume latest`` takes the
+previous checkpoint; non-finite weights do not load, and the LoRA export refuses them and absurd
+magnitudes; planted pickles (that write a file when run) in a checkpoint's ``.metadata``, its
+structure, a ``state.pt`` or a toy state file run nothing; a checkpoint, cache manifest or LoRA folder
+naming a file outside its folder is refused before anything is read; checkpoints of the previous
+format load through the safe path; an EXIF-rotated portrait photo gets a portrait bucket;
+``dopsd-sample --lora`` refuses weights that match no module of the model, or only some."""
+
+import io
+import json
+import logging
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import tiny_config
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs ``exec``: it writes ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def _live_payload(tmp_path) -> tuple[Path, bytes]:
+    """A marker path and a pickle that creates it, proven live: plain ``pickle.loads`` does run it."""
+    marker = tmp_path / "payload-ran"
+    blob = pickle.dumps(_Payload(marker))
+    pickle.loads(blob)
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    return marker, blob
+
+
+def _same(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _dcp_save(flat: dict, path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(flat, checkpoint_id=str(path))
+
+
+def _write_format_1(state: dict, path: Path) -> None:
+    """A checkpoint as the previous version wrote it: tensors under t00000.., the structure pickled
+    (tensors replaced by ``dopsd_fast.checkpoint._Ref``) as the bytes entry ``__meta__``."""
+    from dopsd_fast.checkpoint import _Ref
+
+    tensors = []
+
+    def split(obj):
+        if torch.is_tensor(obj):
+            tensors.append(obj.detach())
+            return _Ref(len(tensors) - 1)
+        if isinstance(obj, dict):
+            return {k: split(v) for k, v in obj.items()}
+        if type(obj) in (list, tuple):
+            return type(obj)(split(v) for v in obj)
+        return obj
+
+    skeleton = split(state)
+    flat = {f"t{i:05d}": t.cpu() for i, t in enumerate(tensors)}
+    flat["__meta__"] = pickle.dumps(skeleton)
+    _dcp_save(flat, path)
+
+
+def _flip_exponent_bit(file: Path, t: torch.Tensor) -> None:
+    """Flip the top exponent bit of ``t``'s first fp32 value where its bytes sit in ``file``."""
+    raw = t.detach().float().contiguous().view(torch.uint8).numpy().tobytes()
+    data = bytearray(file.read_bytes())
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0, "the tensor's bytes are not found once in the file"
+    data[at + 3] ^= 0x40  # little-endian fp32: byte 3 holds the sign and the top exponent bits
+    file.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny LoRA run with checkpoints at steps 1, 2, 3 and its LoRA export."""
+    from dopsd_fast.trainer import Trainer
+
+    base = tmp_path_factory.mktemp("integrity")
+    Trainer(tiny_config(base, "train.checkpoint_every=1", "train.max_steps=3")).train()
+    return base / "run"
+
+
+def _copy_run(trained, tmp_path) -> Path:
+    shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    return tmp_path / "run"
+
+
+def _trainer(tmp_path, *over, resume=None):
+    from dopsd_fast.trainer import Trainer
+
+    return Trainer(tiny_config(tmp_path, *over), resume=resume)
+
+
+# ---- 1. damaged bytes ---------------------------------------------------------------------------------
+def test_a_flipped_bit_fails_its_checksum_and_resume_takes_the_previous_checkpoint(trained, tmp_path, caplog):
+    from dopsd_fast.checkpoint import CheckpointError, _dcp_load, load_checkpoint, read_metadata
+
+    run = _copy_run(trained, tmp_path)
+    newest = run / "checkpoints" / "step-0000003"
+    weights = load_checkpoint(newest)["weights"]["student"]
+    name = next(k for k, v in weights.items() if v.dtype == torch.float32 and 0 < v.view(-1)[0].abs() < 1.0)
+    _flip_exponent_bit(newest / "__0_0.distcp", weights[name])
+    # the bytes still read, and the value is finite: only the checksum tells
+    md = read_metadata(newest)
+    flat = {k: torch.zeros(tuple(m.size), dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()}
+    _dcp_load(flat, newest, md)
+    changed = [t for t in flat.values() if t.dtype == torch.float32 and t.numel() and t.abs().max() > 1e30]
+    assert len(changed) == 1 and torch.isfinite(changed[0]).all()
+    with pytest.raises(CheckpointError, match=r"step-0000003: checksum mismatch in 1 tensor\(s\) \(t\d+\): damaged"):
+        load_checkpoint(newest)
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        tr = _trainer(tmp_path, "train.max_steps=4", resume="latest")
+    assert tr.step == 2
+    assert "skipping" in caplog.text and "step-0000003" in caplog.text and "checksum mismatch" in caplog.text
+    assert newest.is_dir()  # kept for inspection, not deleted
+
+
+def test_non_finite_weights_in_a_checkpoint_are_refused(tmp_path):
+    from dopsd_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    w = torch.randn(4, 4)
+    w[1, 2] = float("inf")
+    path = save_checkpoint(tmp_path / "ck", 1, {"step": 1, "weights": {"student": {"a.lora_A": w}}}, keep=1)
+    with pytest.raises(CheckpointError, match=r"state\.weights\.student\.a\.lora_A holds 1 non-finite value"):
+        load_checkpoint(path)
+
+
+def test_the_lora_export_refuses_non_finite_or_absurd_weights_and_keeps_the_last_export(trained, tmp_path):
+    from dopsd_fast.export import LoraWeightsError
+
+    run = _copy_run(trained, tmp_path)
+    before = {p.name: p.read_bytes() for p in (run / "lora").iterdir()}
+    tr = _trainer(tmp_path, "train.max_steps=3")
+    p = tr.weights.trainable_parameters()[0]
+    for bad, msg in ((1.03e36, r"holds \|w\| up to 1\.03e\+36, over the limit 10000"),
+                     (float("nan"), r"holds 1 non-finite value")):
+        with torch.no_grad():
+            p.view(-1)[0] = bad
+        with pytest.raises(LoraWeightsError, match=rf"^LoRA export \(pytorch_lora_weights.safetensors\): \S+ {msg}"):
+            tr.export_lora()
+        assert {q.name: q.read_bytes() for q in (run / "lora").iterdir()} == before
+        assert not [q for q in run.iterdir() if q.name.startswith(".lora")]  # no temporary folder left
+
+
+# ---- 2. no code from data -----------------------------------------------------------------------------
+def test_a_pickle_planted_in_dcp_metadata_runs_nothing(trained, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from dopsd_fast.checkpoint import CheckpointError, load_checkpoint
+
+    marker, _ = _live_payload(tmp_path)
+    ck = tmp_path / "step-0000002"
+    shutil.copytree(trained / "checkpoints" / "step-0000002", ck)
+    md = dcp.FileSystemReader(str(ck)).read_metadata()
+    md.storage_meta = _Payload(marker)  # nested inside an otherwise genuine Metadata
+    (ck / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match=r"\.metadata does not load as DCP metadata .*builtins\.exec"):
+        load_checkpoint(ck)
+    assert not marker.exists()
+    dcp.FileSystemReader(str(ck)).read_metadata()  # torch's own reader: the payload is live
+    assert marker.exists()
+
+
+def test_a_pickle_planted_in_the_structure_or_state_pt_runs_nothing(tmp_path):
+    from dopsd_fast.checkpoint import CheckpointError, load_checkpoint
+
+    marker, blob = _live_payload(tmp_path)
+    as_structure = tmp_path / "structure"  # the previous format's __meta__ holding the payload
+    _dcp_save({"t00000": torch.ones(2), "__meta__": blob}, as_structure)
+    as_entry = tmp_path / "entry"  # the DCP bytes entry itself a pickled object
+    _dcp_save({"t00000": torch.ones(2), "__meta__": _Payload(marker)}, as_entry)
+    state_pt = tmp_path / "legacy"
+    state_pt.mkdir()
+    torch.save({"step": 1, "weights": _Payload(marker)}, state_pt / "state.pt")
+    for ck, msg in ((as_structure, r"__meta__, written by an earlier version\) does not load as plain data .*builtins\.exec"),
+                    (as_entry, r"does not load \(UnpicklingError: Weights only load failed"),
+                    (state_pt, r"state\.pt does not load as plain data \(UnpicklingError")):
+        with pytest.raises(CheckpointError, match=msg):
+            load_checkpoint(ck)
+        assert not marker.exists(), ck
+
+
+def test_a_pickle_planted_in_a_toy_state_file_runs_nothing(tmp_path):
+    from dopsd_fast.toy.stages import Loop
+
+    marker, _ = _live_payload(tmp_path)
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    (tmp_path / "toy" / "stage").mkdir(parents=True)
+    torch.save({"modules": {"net": _Payload(marker)}, "step": 1}, tmp_path / "toy" / "stage" / "state.pt")
+    with pytest.raises(RuntimeError, match=r"state\.pt does not load as tensors and plain data .*delete it"):
+        Loop(tmp_path / "toy", "stage", {"net": net}, opt, steps=4)
+    assert not marker.exists()
+    # a state file the loop wrote itself resumes
+    (tmp_path / "toy" / "stage" / "state.pt").unlink()
+    loop = Loop(tmp_path / "toy", "stage", {"net": net}, opt, steps=4)
+    loop._t0 = 0.0
+    loop.save(3)
+    assert Loop(tmp_path / "toy", "stage", {"net": net}, opt, steps=4).start == 3
+
+
+def test_checkpoints_of_the_previous_format_load_through_the_safe_path(trained, tmp_path):
+    from dopsd_fast.checkpoint import load_checkpoint
+
+    state = load_checkpoint(trained / "checkpoints" / "step-0000002")
+    assert isinstance(state["rng"]["numpy"][1], np.ndarray)  # numpy's RNG array: what format 1 pickled
+    run = tmp_path / "run"
+    _write_format_1(state, run / "checkpoints" / "step-0000002")
+    legacy = run / "checkpoints" / "step-0000002"
+    assert _same(load_checkpoint(legacy), state)
+    single = tmp_path / "single"
+    single.mkdir()
+    torch.save(state, single / "state.pt")  # the earliest versions' one file
+    assert _same(load_checkpoint(single), state)
+    tr = _trainer(tmp_path, "train.max_steps=3", resume="latest")
+    assert tr.step == 2
+    assert _same(tr.weights.state_dict()["student"], state["weights"]["student"])
+
+
+# ---- 3. nothing outside the folder ---------------------------------------------------------------------
+def _opened(monkeypatch):
+    """Paths DCP opens for data, and files safetensors opens."""
+    import safetensors
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    seen = []
+    real_stream, real_open = FileSystem.create_stream, safetensors.safe_open
+
+    def stream(self, path, mode):
+        seen.append(Path(path))
+        return real_stream(self, path, mode)
+
+    def safe_open(path, *a, **kw):
+        seen.append(Path(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(FileSystem, "create_stream", stream)
+    monkeypatch.setattr(safetensors, "safe_open", safe_open)
+    return seen
+
+
+def test_a_checkpoint_naming_a_file_outside_its_folder_is_refused_unread(trained, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from dopsd_fast.checkpoint import CheckpointError, load_checkpoint
+
+    ck = tmp_path / "ckpts" / "step-0000002"
+    shutil.copytree(trained / "checkpoints" / "step-0000002", ck)
+    outside = tmp_path / "outside.distcp"
+    shutil.move(ck / "__0_0.distcp", outside)
+    md = dcp.FileSystemReader(str(ck)).read_metadata()
+    for info in md.storage_data.values():
+        info.relative_path = "../../outside.distcp"
+    (ck / ".metadata").write_bytes(pickle.dumps(md))
+    # torch's own loader follows the name out of the folder and reads the file there
+    flat = {k: torch.zeros(tuple(m.size), dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(flat, checkpoint_id=str(ck))
+    assert any(t.abs().sum() > 0 for t in flat.values())
+    seen = _opened(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"names a data file: '\.\./\.\./outside\.distcp' is not a file name"):
+        load_checkpoint(ck)
+    # the same file reached by a symlink in the folder
+    for info in md.storage_data.values():
+        info.relative_path = "__0_0.distcp"
+    (ck / ".metadata").write_bytes(pickle.dumps(md))
+    (ck / "__0_0.distcp").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp leads outside"):
+        load_checkpoint(ck)
+    assert seen == []
+
+
+def test_a_cache_manifest_naming_a_shard_outside_the_cache_is_refused_unread(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from dopsd_fast.cache import CacheError, FeatureCache
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    save_file({"k.features": torch.ones(2, 3)}, str(cache / "shard-00000.safetensors"))
+    manifest = {"version": 1, "identity": {"model": "x"}, "entries": {"k": ["shard-00000.safetensors", "k"]}}
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert torch.equal(FeatureCache(cache, {"model": "x"}).get("k").features, torch.ones(2, 3))  # the genuine one
+    shutil.move(cache / "shard-00000.safetensors", tmp_path / "outside.safetensors")
+    seen = _opened(monkeypatch)
+    manifest["entries"]["k"][0] = "../outside.safetensors"
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"names shard '\.\./outside\.safetensors': .* is not a file name"):
+        FeatureCache(cache, {"model": "x"})
+    manifest["entries"]["k"][0] = "shard-00000.safetensors"
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    (cache / "shard-00000.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(CacheError, match=r"names shard 'shard-00000\.safetensors': .* leads outside"):
+        FeatureCache(cache, {"model": "x"})
+    assert seen == []
+
+
+# ---- 4. upright photos -----------------------------------------------------------------------------------
+def _exif_jpeg(stored: Image.Image, orientation: int) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_upright_size_is_the_decoded_size_for_every_orientation():
+    from dopsd_fast.data.dataset import decode_image, upright_size
+
+    for orientation in range(1, 9):
+        im = Image.open(io.BytesIO(_exif_jpeg(Image.new("RGB", (48, 32), (90, 30, 200)), orientation)))
+        h, w = decode_image(im).shape[:2]
+        assert upright_size(im) == (w, h), orientation
+        assert (w, h) == ((32, 48) if orientation >= 5 else (48, 32))
+
+
+def test_an_exif_rotated_portrait_photo_lands_in_a_portrait_bucket_whole(tmp_path):
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import build_dataset
+    from dopsd_fast.data.dataset import load_image
+
+    # upright: 160 wide, 240 high; red top rows, blue bottom rows
+    upright = np.full((240, 160, 3), (20, 160, 20), np.uint8)
+    upright[:24], upright[-24:] = (220, 20, 20), (20, 20, 220)
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 240 x 160 on the sensor
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "p.jpg").write_bytes(_exif_jpeg(stored, 6))  # orientation 6: shown rotated back upright
+    (folder / "p.txt").write_text("a portrait")
+    ds = build_dataset(load_config(None, [f"data.folder={folder}", "data.bucket_scale=0.125"]).data, progress=False)
+    rec = ds.records[0]
+    assert (rec.width, rec.height) == (160, 240) and rec.bucket == (96, 160)  # portrait, not (160, 96)
+    img = load_image(rec.image_path, rec.bucket)  # (3, 160, 96): the whole height kept
+    assert img.shape == (3, 160, 96)
+    assert img[0, :8].mean() > 0.7 and img[2, :8].mean() < 0.3  # the red top survives
+    assert img[2, -8:].mean() > 0.7 and img[0, -8:].mean() < 0.3  # the blue bottom survives
+
+
+# ---- 5. dopsd-sample --lora ------------------------------------------------------------------------------
+def _sample(lora, tmp_path):
+    from dopsd_fast.cli import sample_main
+
+    return sample_main(["--config", "tiny-zimage", "--prompt", "a cat", "--steps", "1", "--lora", str(lora),
+                        "--out", str(tmp_path / "s.png")])
+
+
+def test_sample_refuses_a_lora_folder_that_matches_no_module_of_the_model(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({"net.fc.weight": torch.ones(2, 2), "net.fc.bias": torch.ones(2)},
+              str(foreign / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=r"error: --lora: .* holds no LoRA weights \(2 tensors: net\.fc\.bias, "
+                                         r"net\.fc\.weight\)"):
+        _sample(foreign, tmp_path)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    save_file({"transformer.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(8, 32),
+               "transformer.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(96, 8)},
+              str(other / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=r"error: --lora: .*: 1 of its 1 LoRA modules match no module of this model "
+                                         r"\(double_blocks\.0\.img_attn\.qkv\)"):
+        _sample(other, tmp_path)
+    partly = tmp_path / "partly"  # this model's LoRA plus a module it lacks: refused, not loaded in part
+    shutil.copytree(trained / "lora", partly)
+    sd = load_file(str(partly / "pytorch_lora_weights.safetensors"))
+    n = len({k.split(".lora_")[0] for k in sd})
+    sd["transformer.nothere.lora_A.weight"], sd["transformer.nothere.lora_B.weight"] = torch.zeros(8, 32), torch.zeros(32, 8)
+    save_file(sd, str(partly / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=rf"error: --lora: .*: 1 of its {n + 1} LoRA modules match no module of this "
+                                         r"model \(nothere\)"):
+        _sample(partly, tmp_path)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained / "lora", damaged)
+    sd = load_file(str(damaged / "pytorch_lora_weights.safetensors"))
+    key = sorted(sd)[0]
+    sd[key].view(-1)[0] = float("inf")
+    save_file(sd, str(damaged / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(SystemExit, match=rf"error: --lora: .*: {key} holds 1 non-finite value"):
+        _sample(damaged, tmp_path)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "pytorch_lora_weights.safetensors").symlink_to(trained / "lora" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(SystemExit, match=r"error: --lora: .*pytorch_lora_weights\.safetensors leads outside"):
+        _sample(linked, tmp_path)
