@@ -63,7 +63,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-KERNEL_MODULES = ("attention", "dopsd_loss", "fp8_quant", "multi_lora", "norm_modulation", "rope_qk_norm", "swiglu")
+KERNEL_MODULES = ("attention", "fp8_quant", "multi_lora", "norm_modulation", "rope_qk_norm", "swiglu")
 SMEM_LIMIT = 227 * 1024  # H100/H200: 227 KB of shared memory per block (opt-in maximum)
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -204,7 +204,6 @@ def _cu(lens):
 def scenario(family: str, ragged: bool, dtype: torch.dtype):
     """Forward and backward of every fused op of one packed double-forward layer, at real shapes."""
     from dopsd_fast.kernels.attention import flash_attn_varlen
-    from dopsd_fast.kernels.dopsd_loss import dopsd_loss
     from dopsd_fast.models.ops import FusedOps
 
     sh = SHAPES[family]
@@ -212,7 +211,7 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     ls, lt = _lens(sh, ragged)
     Ts, Tt = sum(ls), sum(lt)
     B = len(ls)
-    ops = FusedOps(attention="triton", lora_impl="triton")
+    ops = FusedOps(attention="triton", gemm="triton")
     e = lambda *s, g=False: torch.empty(*s, dtype=dtype, requires_grad=g)  # noqa: E731
     rows = lambda x: x.view(1, -1, x.shape[-1])  # noqa: E731
     # per-sample modulation; several samples: read per row through the sample index (seq)
@@ -263,9 +262,6 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     o_s.sum().backward()
     o, _ = flash_attn_varlen(qs, ks, vs, cu_s, cu_s, max_seqlen_q=max(ls), max_seqlen_k=max(ls))
     o.sum().backward()
-    # the D-OPSD loss on the velocities (B, 16, 128, 128) latents
-    v_s = torch.empty(B, 16, 128, 128, dtype=torch.float32, requires_grad=True)
-    dopsd_loss(v_s, torch.empty(B, 16, 128, 128), torch.rand(B)).backward()
 
 
 SCENARIOS = {

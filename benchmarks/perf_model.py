@@ -228,7 +228,7 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
                rates=RATES, gemm: str = "auto", fp8: str = "off", checkpoint: str = "none",
                teacher_graph: bool = False) -> dict:
     """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts. Fast path:
-    ``checkpoint`` (none | all | N main layers, ``fast.checkpoint``); ``teacher_graph``: the alternative
+    ``checkpoint`` (none | all | N main layers, ``model.gradient_checkpointing``); ``teacher_graph``: the alternative
     to the packed pair that ``fast.graphs`` does NOT take, modelled to show why: the student alone
     (with autograd) and the teacher alone through a CUDA graph (its launches priced at one replay),
     nothing shared between the branches."""
@@ -297,9 +297,9 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
 
                 def graphed(x, s):  # the alternative not taken: student alone, teacher alone in a graph
                     with counter.in_region("student forward (alone)"):
-                        v_s = fp._one("s", x, s, bench.ctx_s)
+                        v_s = fp.single_branch("s", x, s, bench.ctx_s)
                     with counter.in_region(GRAPH_REGION), torch.no_grad():
-                        v_t = fp._one("t", x, s, bench.ctx_t)
+                        v_t = fp.single_branch("t", x, s, bench.ctx_t)
                     counter.table[(GRAPH_REGION, "memory")]["launches"] += 1  # the replay
                     counter.table[(GRAPH_REGION, "memory")]["time_s"] += rates["launch"]
                     return v_s, v_t

@@ -43,8 +43,12 @@ import torch
 if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from dopsd_fast.config import load_config  # noqa: E402
 from dopsd_fast.families import FAMILIES, KLEIN, ZIMAGE, family  # noqa: E402
-from dopsd_fast.memory import backward_flops  # noqa: E402
+from dopsd_fast.fastpath import FastPath  # noqa: E402
+from dopsd_fast.memory import backward_flops, memory_budget_bytes  # noqa: E402
+from dopsd_fast.pair import EagerPair, dopsd_step  # noqa: E402
+from dopsd_fast.plan import resolve_plan  # noqa: E402
 
 # the flavours of every family (dopsd_fast.families), by name; "tiny" is the tiny Z-Image
 PRESETS = {fl.name: dict(family=spec.name, config=fl.config, resolution=fl.resolution, cap_s=fl.cap_s, cap_t=fl.cap_t,
@@ -159,7 +163,7 @@ class Bench:
         # dX only), no recompute; the same count for every path
         self.flops = {"teacher_fwd": sum(f_t), "student_fwd": sum(f_s), "student_bwd": backward_flops(f_s, lora, lora_s)}
         self.floor_flops = K * sum(self.flops.values())
-        # the memory model (dopsd_fast.memory: backward auto, fast.checkpoint auto, --dry-run), to set against
+        # the memory model (dopsd_fast.memory: backward and checkpointing auto, --dry-run), to set against
         # the measured peak: activations + transient + gradients / AdamW state for this preset, without
         # checkpointing, for the fast path (the eager path's figure is in its own row of the model)
         from dopsd_fast.memory import peak_bytes, shape_of
@@ -167,7 +171,7 @@ class Bench:
         tok_s = sum(n_img + len(c.features) for c in self.ctx_s)
         tok_t = sum(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
         self.max_tokens = max(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
-        mshape = shape_of(self.cfg, spec, tok_s, tok_t, K, sum(p.numel() for p in self.params))
+        self.mem_shape = mshape = shape_of(self.cfg, spec, tok_s, tok_t, K, sum(p.numel() for p in self.params))
         self.predicted_peak_gb = {p: peak_bytes(mshape, p, args.backward)["total"] / 1e9 for p in ("eager", "fast")}
         self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if self.device.type == "cuda"
@@ -195,55 +199,34 @@ class Bench:
         return contextlib.nullcontext()
 
     def eager_rollout(self, autocast=True):
-        from dopsd_fast.algorithm import rollout_loss_paired
-        from dopsd_fast.pair import EagerPair
-
         w = self.weights
         pair = EagerPair(self._eager_vel, w.student, w.teacher)
-        with self.autocast(autocast):
-            res = rollout_loss_paired(pair.pair_fn(self.ctx_s, self.ctx_t), self.noise, self.sigmas,
-                                      backward=self.args.backward)
-            if self.args.backward == "once":
-                res.loss.backward()
-        return res
+        return dopsd_step(pair, self.noise, self.ctx_s, self.ctx_t, self.sigmas, backward=self.args.backward,
+                          autocast=self.autocast(autocast))
 
     # -- fast path
     def fast_model(self, kernels, graphs=False, fp8="off"):
         key = (kernels, graphs, fp8)
         if key in self.fast_cache:
             return self.fast_cache[key]
-        from dopsd_fast.config import load_config
-        from dopsd_fast.fastpath import FastPath
-
         ck = self.args.checkpoint if "checkpoint" in self.spec.fast_features else "none"
         over = [f"model.family={self.spec.name}", f"model.preset={self.spec.tiny_preset}",
                 f"dopsd.rollout={json.dumps(list(self.sigmas))}",
                 "fast.enabled=true", f"fast.kernels={kernels}", f"fast.attention={self.args.attention}",
                 f"fast.gemm={self.args.gemm}",
-                f"fast.checkpoint={ck}", f"fast.graphs={str(graphs).lower()}", f"fast.fp8={fp8}",
+                f"model.gradient_checkpointing={ck}", f"fast.graphs={str(graphs).lower()}", f"fast.fp8={fp8}",
                 f"dopsd.backward={self.args.backward}", f"lora.enabled={str(self.weights.lora).lower()}"]
         cfg = load_config(None, over)
-
-        class _Adapter:  # what FastPath needs of an adapter
-            device = self.device
-            training_sigmas = staticmethod(lambda rollout: self.sigmas)
-
-        n_tok = self.max_tokens
-        fp = FastPath(cfg, _Adapter(), self.weights, max_tokens=n_tok)
+        # the run plan as the trainer resolves it: the memory model at this step's shape, 85% of free memory
+        plan = resolve_plan(cfg, self.spec, self.weights.transformer.config, self.mem_shape, self.device,
+                            memory_budget_bytes(None, self.device))
+        fp = FastPath(cfg, self.spec, self.device, self.weights, plan)
         self.fast_cache[key] = fp
         return fp
 
     def fast_rollout(self, kernels, graphs=False, fp8="off"):
-        from dopsd_fast.algorithm import rollout_loss_paired
-
-        fp = self.fast_model(kernels, graphs, fp8)
-        fn = fp.pair_fn(self.ctx_s, self.ctx_t, finish=True)  # as the trainer calls it
-        with self.autocast():
-            res = rollout_loss_paired(fn, self.noise, self.sigmas, backward=self.args.backward)
-            if self.args.backward == "once":
-                res.loss.backward()
-        fn.finish()
-        return res
+        return dopsd_step(self.fast_model(kernels, graphs, fp8), self.noise, self.ctx_s, self.ctx_t, self.sigmas,
+                          backward=self.args.backward, autocast=self.autocast())  # as the trainer calls it
 
     def sample_time(self, graphs: bool, steps: int, warmup: int):
         """Median seconds of one no-grad K-step sampling roll-out of the student (what validation and

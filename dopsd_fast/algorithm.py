@@ -147,18 +147,19 @@ def rollout_loss(
 
 
 def rollout_loss_paired(pair_fn, noise: torch.Tensor, sigmas: Sequence[float] | str, loss: str = "x0",
-                        backward: str = "once", loss_scale: float = 1.0) -> RolloutResult:
+                        backward: str = "once", loss_scale: float = 1.0, backward_fn=None) -> RolloutResult:
     """:func:`rollout_loss` with one callable for both branches: ``pair_fn(x, sigma) -> (v_student,
     v_teacher)`` (the fast path's packed double forward). ``v_teacher`` must carry no autograd
-    history; it is treated as a constant either way. Same semantics, same result."""
+    history; it is treated as a constant either way. Same semantics, same result. ``backward_fn(t)``:
+    who runs the stepwise schedule's per-state backward (default ``t.backward()``)."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale)
+    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn)
 
 
-def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale) -> RolloutResult:
+def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=None) -> RolloutResult:
     sig = resolve_schedule(sigmas)
     k_states = len(sig) - 1
     batch = noise.shape[0]
@@ -180,7 +181,10 @@ def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale) -> RolloutResul
             )
         lk = state_loss(v_s, v_t, sigma, loss) / k_states
         if backward == "stepwise":
-            (lk * loss_scale).backward()
+            if backward_fn is None:
+                (lk * loss_scale).backward()
+            else:
+                backward_fn(lk * loss_scale)
             lk = lk.detach()
         total = lk if total is None else total + lk
         losses.append(lk.detach() * k_states)

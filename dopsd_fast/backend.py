@@ -36,11 +36,15 @@ from typing import Iterator
 
 import torch
 
+from dopsd_fast.algorithm import RolloutResult, resolve_schedule
 from dopsd_fast.context import Context
-from dopsd_fast.algorithm import RolloutResult, resolve_schedule, rollout_loss_paired
-from dopsd_fast.pair import branch_key
+from dopsd_fast.families import family_of_transformer
+from dopsd_fast.models.ops import build_ops
+from dopsd_fast.models.paired import Shadow
+from dopsd_fast.pair import FastPair as PackedPair
+from dopsd_fast.pair import dopsd_step
 
-__all__ = ["Context", "FastPair", "RolloutState", "contexts", "wrap"]
+__all__ = ["Backend", "Context", "FastPair", "RolloutState", "contexts", "wrap"]
 
 
 def contexts(features, references=None) -> list[Context]:
@@ -70,8 +74,6 @@ def _shadow(model, adapter: str, state: dict):
     """An EMA shadow dict (the model's parameter names, with or without the adapter name, as peft's
     state dicts write them) -> a :class:`~dopsd_fast.models.paired.Shadow` keyed by the live
     parameters. Every LoRA parameter of ``adapter`` must have its shadow tensor, of the same shape."""
-    from dopsd_fast.models.paired import Shadow
-
     tag = f".{adapter}."
     live = {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
     if not live:
@@ -95,7 +97,7 @@ def _shadow(model, adapter: str, state: dict):
 
 def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_adapter: str | None = None,
          teacher_shadow: dict | None = None, kernels: str = "auto", attention: str = "auto",
-         checkpoint_layers: int = 0, nvtx: bool = False) -> "FastPair":
+         checkpoint_layers: int = 0, nvtx: bool = False) -> "Backend":
     """The packed fast pair over a trainer's own model(s). One of:
 
     (i) ``wrap(model, student_adapter="student", teacher_adapter="teacher")``: one model, two peft
@@ -105,11 +107,8 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     (iii) ``wrap(model, teacher=ema_model)``: two modules (full fine-tuning; adapters optional).
 
     ``kernels`` / ``attention``: as ``fast.kernels`` / ``fast.attention`` (auto: our Triton kernels on
-    CUDA, PyTorch elsewhere); ``checkpoint_layers``: main layers under gradient checkpointing (Z-Image).
+    CUDA, PyTorch elsewhere); ``checkpoint_layers``: main layers under gradient checkpointing.
     """
-    from dopsd_fast.families import family_of_transformer
-    from dopsd_fast.models.ops import build_ops
-
     ms = _unwrap(student)
     mt = _unwrap(teacher) if teacher is not None else ms
     spec = family_of_transformer(ms)
@@ -137,12 +136,12 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     if checkpoint_layers:
         kw["checkpoint_layers"] = checkpoint_layers
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
-    return FastPair(spec, model)
+    return Backend(spec, model, nvtx=nvtx)
 
 
 @dataclass
 class RolloutState:
-    """One roll-out state of :meth:`FastPair.rollout`: ``k`` of ``states``; ``x`` (detached, fp32),
+    """One roll-out state of :meth:`Backend.rollout`: ``k`` of ``states``; ``x`` (detached, fp32),
     ``sigma`` (B,), ``sigma_next``; :meth:`predict` runs the packed pass once."""
 
     k: int
@@ -161,12 +160,14 @@ class RolloutState:
         return self.v_student, self.v_teacher
 
 
-class FastPair:
-    """The pair protocol (:mod:`dopsd_fast.pair`) over a trainer's own model: ``pair_fn``, ``velocity``,
-    plus the whole step (:meth:`dopsd_step`) and the per-state callback form (:meth:`rollout`)."""
+class Backend(PackedPair):
+    """The pair protocol (:class:`~dopsd_fast.pair.FastPair`: ``pair_fn``, ``velocity``) over a trainer's own
+    model, taking what such trainers hold (contexts as tensors, the model's own timesteps), plus the
+    whole step (:meth:`dopsd_step`) and the per-state callback form (:meth:`rollout`)."""
 
-    def __init__(self, spec, model):
-        self.spec, self.model = spec, model
+    def __init__(self, spec, model, nvtx: bool = False):
+        super().__init__(model, backward="stepwise", nvtx=nvtx)
+        self.spec = spec
 
     # ---- the protocol ----------------------------------------------------------------------------
     def pair_fn(self, ctx_s, ctx_t, backward: str = "stepwise", finish: bool = False):
@@ -174,21 +175,11 @@ class FastPair:
         weights is done at the first state and reused: the teacher's always, the student's with
         ``backward="once"`` (the caller back-propagates once per roll-out) or with ``finish=True`` (the
         caller calls ``fn.finish()`` after the roll-out's last backward)."""
-        ctx_s, ctx_t = contexts(ctx_s), contexts(ctx_t)
-        share = self.model.new_share(student="deferred" if finish else "graph" if backward == "once" else False)
-
-        def fn(x, sigma):
-            return self.model.velocity_pair(x, sigma, ctx_s, ctx_t, share=share)
-        fn.finish = share.finish if share is not None else (lambda: None)
-        return fn
+        return super().pair_fn(contexts(ctx_s), contexts(ctx_t), backward=backward, finish=finish)
 
     def velocity(self, branch: str, x, sigma, ctx):
         """One branch alone; the teacher without autograd."""
-        which, ctx = branch_key(branch), contexts(ctx)
-        if which == "t":
-            with torch.no_grad():
-                return self.model.velocity_pair(x, sigma, None, ctx)[1]
-        return self.model.velocity_pair(x, sigma, ctx, None)[0]
+        return super().velocity(branch, x, sigma, contexts(ctx))
 
     # ---- schedules -------------------------------------------------------------------------------
     def sigmas_from_timesteps(self, timesteps, scale: float = 1000.0) -> list[float]:
@@ -210,14 +201,8 @@ class FastPair:
         (``once``: after the roll-out, the authors' schedule; ``stepwise``: after each state, the same
         gradient with one state's activations alive), scaled by ``loss_scale`` (e.g. 1 / grad_accum).
         The gradients land on the trainer's own parameters; ``result.loss`` is detached."""
-        fn = self.pair_fn(ctx_s, ctx_t, backward, finish=True)
-        res = rollout_loss_paired(fn, noise, self._sigmas(sigmas, timesteps), loss=loss, backward=backward,
-                                  loss_scale=loss_scale)
-        if backward == "once":
-            (res.loss * loss_scale).backward()
-            res.loss = res.loss.detach()
-        fn.finish()
-        return res
+        return dopsd_step(self, noise, ctx_s, ctx_t, self._sigmas(sigmas, timesteps), loss=loss, backward=backward,
+                          loss_scale=loss_scale)
 
     def rollout(self, noise, ctx_s, ctx_t, sigmas=None, *, timesteps=None) -> Iterator[RolloutState]:
         """The callback form: yields each :class:`RolloutState`; the caller calls ``state.predict()``,
@@ -234,3 +219,6 @@ class FastPair:
             if st.v_student is None:
                 raise RuntimeError(f"backend.rollout: state {k} was not predicted (call state.predict())")
             x = x + (sig[k + 1] - sig[k]) * st.v_student.detach().float()
+
+
+FastPair = Backend  # the drop-in backend's class under its earlier name

@@ -22,13 +22,14 @@ import torch
 
 from dopsd_fast.context import Context
 from dopsd_fast.safety import atomic_write, file_in_folder
+from dopsd_fast.data.dataset import load_image
+from tqdm.auto import tqdm
 
 CACHE_VERSION = 1
 
 
 class CacheError(RuntimeError):
     """The feature cache is stale, mismatched or incomplete."""
-
 
 def entry_key(kind: str, prompt: str, image_hash: str | None = None, bucket=None) -> str:
     payload = json.dumps([kind, prompt, image_hash, list(bucket) if bucket else None], ensure_ascii=False)
@@ -167,9 +168,7 @@ class FeatureCache:
     def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True) -> int:
         """Compute and store every missing entry; returns how many were written."""
         from safetensors.torch import save_file
-        from tqdm.auto import tqdm
 
-        from dopsd_fast.data.dataset import load_image
 
         todo = self.missing(dataset)
         if not todo:

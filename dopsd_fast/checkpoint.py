@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from dopsd_fast.safety import file_in_folder
+import warnings
+from dopsd_fast.fsdp import is_dtensor
 
 log = logging.getLogger("dopsd_fast")
 
@@ -46,7 +48,6 @@ _LEGACY_KEY = "__meta__"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not load: damaged, or holding something a checkpoint may not hold."""
-
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -167,7 +168,6 @@ def _crc(t: torch.Tensor) -> int:
 
 def _local_chunks(t) -> list[tuple[list, list, torch.Tensor]]:
     """(global offsets, sizes, data) of what this rank holds of ``t`` (as DCP writes it)."""
-    from dopsd_fast.fsdp import is_dtensor
 
     if is_dtensor(t):
         (chunk,) = t.__create_chunk_list__()
@@ -305,8 +305,6 @@ def _check_metadata(md, path: Path) -> None:
 
 
 def _dcp_load(flat: dict, path: Path, md) -> None:
-    import warnings
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
@@ -337,7 +335,6 @@ def _dcp_load(flat: dict, path: Path, md) -> None:
 # ---- checkpoints of earlier versions -------------------------------------------------------------------
 class _Ref(int):
     """A tensor's place in the flat DCP dict, in the pickled structure of a format-1 checkpoint."""
-
 
 def _numpy_globals() -> dict:
     reconstruct = np.ndarray((0,)).__reduce__()[0]
@@ -425,7 +422,6 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path
     """Write ``state`` as ``root/step-NNNNNNN`` (DCP). Call it on every rank of a distributed run (the
     directory must be on a filesystem all ranks share); rank 0 renames the finished directory into
     place and prunes old ones."""
-    import warnings
 
     import torch.distributed.checkpoint as dcp
 
@@ -442,7 +438,6 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path
     _barrier()
     tensors: list = []
     structure = _encode(state, tensors, "state")
-    from dopsd_fast.fsdp import is_dtensor
 
     flat = {f"t{i:05d}": (t if is_dtensor(t) else t.cpu()) for i, t in enumerate(tensors)}  # DCP writes shards
     if rank == 0:  # one structure (ranks' Python RNG states may differ; DCP keeps one copy anyway)

@@ -6,11 +6,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+import os
+import warnings
+from dopsd_fast.cache import CacheError, FeatureCache, needed_entries
+from dopsd_fast.config import ConfigError, load_config
+from dopsd_fast.data import DataError, build_dataset
+from dopsd_fast.families import build_adapter
+from dopsd_fast.safety import DivergenceError, Terminated
 
 
 def _setup_logging() -> None:
-    import os
-
     rank = int(os.environ.get("RANK", 0))  # torchrun: rank 0 informs, the others warn only
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=("%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
@@ -26,7 +31,6 @@ def _setup_logging() -> None:
         tl.set_verbosity_error()
     except ImportError:
         pass
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
     warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
@@ -45,8 +49,6 @@ DEFAULT_RECIPE = "toy-concept"
 
 
 def _load(args):
-    from dopsd_fast.config import ConfigError, load_config
-
     try:
         return load_config(args.config or DEFAULT_RECIPE, args.overrides)
     except ConfigError as e:
@@ -67,20 +69,14 @@ def train_main(argv=None) -> int:
     _setup_logging()
     cfg = _load(args)
     if args.dry_run:
-        from dopsd_fast.cache import CacheError
-        from dopsd_fast.data import DataError
         from dopsd_fast.dryrun import dry_run
 
         try:
             return dry_run(cfg, args.gpu)
         except (DataError, CacheError, FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-    from dopsd_fast.cache import CacheError
-    from dopsd_fast.data import DataError
     from dopsd_fast.trainer import Trainer
 
-    from dopsd_fast.config import ConfigError
-    from dopsd_fast.safety import DivergenceError, Terminated
 
     try:
         trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
@@ -108,9 +104,6 @@ def cache_main(argv=None) -> int:
     cfg = _load(args)
     if not cfg.cache.dir:
         sys.exit("error: config field 'cache.dir' must be set for dopsd-cache (e.g. --set cache.dir=cache/)")
-    from dopsd_fast.families import build_adapter
-    from dopsd_fast.cache import CacheError, FeatureCache, needed_entries
-    from dopsd_fast.data import DataError, build_dataset
 
     try:
         dataset = build_dataset(cfg.data, progress=cfg.train.progress)

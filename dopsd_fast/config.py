@@ -19,6 +19,8 @@ import yaml
 from dopsd_fast.algorithm import resolve_schedule
 from dopsd_fast.errors import ConfigError  # re-exported: dopsd_fast.config.ConfigError
 from dopsd_fast.families import DEFAULT_FAMILY, FAMILIES, family
+import importlib.util
+from dopsd_fast.safety import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,10 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0  # initialisation seed of the tiny presets
-    gradient_checkpointing: bool = False
+    # Gradient checkpointing of the main layers, on either path: auto (the memory model picks the fewest
+    # layers that fit: none where everything fits) | none | all | N (the first N; the fast path only, the
+    # eager path checkpoints every block or none). true / false = all / none.
+    gradient_checkpointing: Union[bool, int, str] = "auto"
     student_max_tokens: int = 512
     teacher_max_tokens: int = 1024
     # Pixel bounds of the teacher's image processor (512^2 .. 768^2 for the real model).
@@ -69,6 +74,13 @@ class ModelConfig:
         _one_of(self.dtype, ("auto", "fp32", "bf16", "fp16"), "model.dtype")
         _check(self.preset is not None or self.path is not None, "model.preset",
                "set either model.preset (a tiny built-in model) or model.path (local weights)")
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = "all" if self.gradient_checkpointing else "none"
+        if isinstance(self.gradient_checkpointing, str):
+            _one_of(self.gradient_checkpointing, ("auto", "none", "all"), "model.gradient_checkpointing")
+        else:
+            _check(self.gradient_checkpointing >= 0, "model.gradient_checkpointing",
+                   f"must be >= 0 layers, got {self.gradient_checkpointing}")
         _check(self.student_max_tokens > 0, "model.student_max_tokens", "must be > 0")
         _check(self.teacher_max_tokens > 0, "model.teacher_max_tokens", "must be > 0")
 
@@ -264,16 +276,17 @@ class FastConfig:
     attention: str = "auto"  # auto (measured fastest on this GPU, else sdpa) | triton | sdpa | flash_attn
     # the paired LoRA linear's base GEMM: auto (= cublas until a GPU measurement says otherwise) | cublas | triton
     gemm: str = "auto"
-    checkpoint: Union[int, str] = "auto"  # auto (memory model) | none | all | N (first N main layers)
-    memory_budget_gb: Optional[float] = None  # for checkpoint=auto; None = 85% of free GPU memory
+    # the memory budget of the automatic choices (dopsd.backward and model.gradient_checkpointing auto);
+    # None = 85% of the free GPU memory
+    memory_budget_gb: Optional[float] = None
     graphs: bool = False  # CUDA graphs: the no-grad single-branch forwards (validation, sampling); never the roll-out
     fp8: str = "off"  # off | native (ours: torch._scaled_mm, LoRA runs) | te (TransformerEngine) | torchao
     fp8_recipe: Optional[str] = None  # native: rowwise|tensorwise; te: delayed|current; torchao: tensorwise|rowwise
     fp8_teacher: bool = True  # run the no-grad teacher forward in FP8 too (te only can turn it off)
     nvtx: bool = False  # nvtx ranges around roll-out states, teacher, student, backward, optimizer
-    # torch.compile: the fast path's element-wise ops compiled instead of our kernels (needs
-    # kernels != on); with enabled=false, diffusers' regional compilation of the repeated blocks.
-    compile: bool = False
+    # torch.compile: off | ops (the fast path's element-wise ops compiled instead of our kernels; needs
+    # kernels != on) | regional (the eager path: diffusers' regional compilation of the repeated blocks)
+    compile: Union[bool, str] = "off"
     compile_backend: str = "inductor"
 
     def __post_init__(self):
@@ -281,10 +294,16 @@ class FastConfig:
         _one_of(self.attention, ("auto", "cudnn", "triton", "sdpa", "flash_attn"), "fast.attention")
         _one_of(self.gemm, ("auto", "cublas", "triton"), "fast.gemm")
         _one_of(self.fp8, ("off", "native", "te", "torchao"), "fast.fp8")
-        if isinstance(self.checkpoint, str):
-            _one_of(self.checkpoint, ("auto", "none", "all"), "fast.checkpoint")
-        else:
-            _check(self.checkpoint >= 0, "fast.checkpoint", f"must be >= 0 layers, got {self.checkpoint}")
+        if isinstance(self.compile, bool):  # configs of earlier releases: true meant what each path compiles
+            new = ("ops" if self.enabled else "regional") if self.compile else "off"
+            if self.compile:
+                log.warning("config field fast.compile: true is deprecated: it means fast.compile: %s here", new)
+            self.compile = new
+        _one_of(self.compile, ("off", "ops", "regional"), "fast.compile")
+        _check(self.compile != "ops" or self.enabled, "fast.compile",
+               "ops compiles the fast path's element-wise ops: set fast.enabled=true, or use regional")
+        _check(self.compile != "regional" or not self.enabled, "fast.compile",
+               "regional compiles the eager path's diffusers blocks: set fast.enabled=false, or use ops")
         if self.memory_budget_gb is not None:
             _check(self.memory_budget_gb > 0, "fast.memory_budget_gb", "must be > 0")
         recipes = {"native": ("rowwise", "tensorwise"), "te": ("delayed", "current"),
@@ -298,7 +317,7 @@ class FastConfig:
                    "only fp8=te can run the teacher forward in bf16 (torchao converts the layers for both)")
         else:
             _check(self.fp8_recipe is None, "fast.fp8_recipe", "set only with fast.fp8 = native, te or torchao")
-        _check(not (self.compile and self.enabled and self.kernels == "on"), "fast.compile",
+        _check(not (self.compile == "ops" and self.kernels == "on"), "fast.compile",
                "compiles the eager ops in place of our kernels: set fast.kernels=auto or off")
         _check(not self.graphs or self.enabled, "fast.graphs", "CUDA graphs run on the fast path: set fast.enabled=true")
 
@@ -340,8 +359,6 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        from dopsd_fast.safety import atomic_write
-
         atomic_write(Path(path), lambda t: t.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False)))
 
 
@@ -405,6 +422,24 @@ REMOVED_FIELDS = {
     "cache.mode": "removed (a cache dir is always required to be complete)",
     "train.export_lora_every": "removed (the LoRA is exported with every checkpoint and at the end)",
 }
+# Fields of earlier releases under their new names: the value moves, with one line naming the new field.
+RENAMED_FIELDS = {"fast.checkpoint": "model.gradient_checkpointing"}
+
+
+def _apply_renames(data: dict) -> dict:
+    for old, new in RENAMED_FIELDS.items():
+        (sec_old, key_old), (sec_new, key_new) = old.split("."), new.split(".")
+        section = data.get(sec_old)
+        if not isinstance(section, dict) or key_old not in section:
+            continue
+        value = section.pop(key_old)
+        target = data.setdefault(sec_new, {})
+        if key_new in target and target[key_new] != value:
+            raise ConfigError(f"config fields {old} (deprecated) and {new} are both set, to {value!r} and "
+                              f"{target[key_new]!r}: keep {new} only")
+        target[key_new] = value
+        log.warning("config field %s is deprecated: use %s (read as %s: %r)", old, new, new, value)
+    return data
 
 
 def _build(cls, data: Any, prefix: str):
@@ -479,7 +514,6 @@ EMBEDDED_DEFAULT: dict = {
 def shipped_configs() -> dict[str, Path]:
     """The recipes shipped with the package (``configs/*.yaml`` in the source tree, installed as
     ``dopsd_fast/configs``), by name."""
-    import importlib.util
 
     spec = importlib.util.find_spec("dopsd_fast.configs")
     dirs = list(spec.submodule_search_locations or []) if spec else []
@@ -523,11 +557,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if any(given.get(k) for k in sources) and isinstance(data.get("data"), dict):
         # a data source given on the command line replaces the config's (data.builtin=null not needed)
         data["data"] = {k: v for k, v in data["data"].items() if k not in sources or k in given}
-    data = _merge(data, over)
+    data = _apply_renames(_merge(_apply_renames(data), _apply_renames(over)))
     if "data" not in data:
         data["data"] = {"builtin": "tiny"}
     return _build(Config, data, "")
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data, "")
+    return _build(Config, _apply_renames(copy.deepcopy(data)), "")

@@ -21,13 +21,14 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 log = logging.getLogger("dopsd_fast")
 
 
 class DistributedError(RuntimeError):
     """A collective failed or timed out: another rank died or hangs."""
-
 
 @dataclass
 class Dist:
@@ -54,8 +55,6 @@ class Dist:
         """Average ``tensors`` over the ranks in place, one flat bucket per dtype and device."""
         if not self.active or not tensors:
             return
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
         groups: dict = {}
         for t in tensors:
@@ -71,7 +70,6 @@ class Dist:
         """The mean over the ranks of a small tensor (a copy; world 1: unchanged)."""
         if not self.active:
             return values
-        import torch.distributed as dist
 
         out = values.detach().clone()
         self._call(what, dist.all_reduce, out, op=dist.ReduceOp.SUM)
@@ -79,8 +77,6 @@ class Dist:
 
     def barrier(self, what: str = "barrier") -> None:
         if self.active:
-            import torch.distributed as dist
-
             self._call(what, dist.barrier)
 
     @torch.no_grad()
@@ -88,7 +84,6 @@ class Dist:
         """Max over ranks of |rank's checksum - rank 0's| for ``tensors`` (0 when identical)."""
         if not self.active:
             return 0.0
-        import torch.distributed as dist
 
         s = torch.stack([t.detach().double().sum() for t in tensors]).sum().reshape(1)
         ref = s.clone()
@@ -99,8 +94,6 @@ class Dist:
 
     def close(self) -> None:
         if self.active:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -114,7 +107,6 @@ def from_env(timeout_s: float = 1800.0) -> Dist:
     d = Dist(rank, world, local, timeout_s)
     if world == 1:
         return d
-    import torch.distributed as dist
 
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()

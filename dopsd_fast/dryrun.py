@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 
 from dopsd_fast import memory
+from dopsd_fast.cache import FeatureCache
+from dopsd_fast.data import build_dataset
+from dopsd_fast.families import build_adapter, family, require_editing_support
+from dopsd_fast.plan import resolve_plan
 
 
 def _lora_params(transformer, targets, rank: int) -> int:
@@ -27,11 +31,6 @@ def _folder_bytes(*paths) -> int:
 
 
 def dry_run(cfg, gpu: str = "h100") -> int:
-    from dopsd_fast.families import build_adapter
-    from dopsd_fast.cache import FeatureCache
-    from dopsd_fast.data import build_dataset
-    from dopsd_fast.families import family, require_editing_support
-
     if gpu not in memory.GPU_MEMORY_GB:
         raise ValueError(f"--gpu {gpu!r}: known GPU classes {sorted(memory.GPU_MEMORY_GB)}")
     print("config: valid")
@@ -66,18 +65,9 @@ def dry_run(cfg, gpu: str = "h100") -> int:
     cap = memory.GPU_MEMORY_GB[gpu] * 1e9
     budget = (cfg.fast.memory_budget_gb * 1e9 if cfg.fast.memory_budget_gb is not None
               else 0.85 * (cap - weights - encoders))
-    path = "fast" if cfg.fast.enabled else "eager"
-    n_layers = sum(shape.layers.values())
-    eager_ckpt = n_layers if path == "eager" and cfg.model.gradient_checkpointing else 0
-    backward = memory.resolve_backward(cfg.dopsd.backward, shape, path, budget, eager_ckpt)
-    if path == "fast":
-        fc = cfg.fast.checkpoint
-        can = "checkpoint" in spec.fast_features
-        ckpt = (memory.checkpoint_layers_for(shape, path, backward, budget) if fc == "auto" and can
-                else 0 if fc in ("auto", "none") else n_layers if fc == "all" else int(fc))
-    else:
-        ckpt = n_layers if cfg.model.gradient_checkpointing else 0
-    peak = memory.peak_bytes(shape, path, backward, ckpt)
+    # the run plan as the trainer resolves it, against this GPU class's memory (the device: a CUDA one)
+    plan = resolve_plan(cfg, spec, tr.config, shape, torch.device("cuda"), budget)
+    path, backward, ckpt, n_layers, peak = plan.path, plan.backward, plan.checkpoint_layers, plan.layers, plan.peak
     total = weights + encoders + peak["total"]
     c = dict(tr.config)
     img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
@@ -87,9 +77,8 @@ def dry_run(cfg, gpu: str = "h100") -> int:
     f_t = spec.forward_flops(c, img, [cap_t] * cfg.data.batch_size, rank, teacher=True)
     floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled))
     fits = total <= cap
-    print(f"\nstep: {shape.family}, {path} path, backward {backward}"
-          f"{' (auto)' if cfg.dopsd.backward == 'auto' else ''}, {ckpt} of {n_layers} layers checkpointed, "
-          f"K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher tokens per micro-batch")
+    print(f"\nstep: {shape.family}, K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher "
+          f"tokens per micro-batch\n{plan.describe()}")
     rows = [("weights (base, adapters / EMA)", weights), ("encoders", encoders),
             ("saved activations", peak["activations"]), ("transient (forward working set)", peak["transient"]),
             ("gradients + AdamW state", peak["optimizer"])]
@@ -106,8 +95,8 @@ def dry_run(cfg, gpu: str = "h100") -> int:
         hints = []
         if backward == "once":
             hints.append("dopsd.backward=stepwise (same gradient)")
-        if path == "fast" and "checkpoint" in spec.fast_features and cfg.fast.checkpoint != "all":
-            hints.append("fast.checkpoint=auto or all")
+        if ckpt < n_layers and (path == "eager" or "checkpoint" in spec.fast_features):
+            hints.append("model.gradient_checkpointing=auto or all")
         if not cfg.cache.dir and encoders:
             hints.append("a feature cache (dopsd-cache) to unload the encoders")
         hints.append("a smaller data.bucket_scale or data.batch_size")

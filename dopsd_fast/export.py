@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 COMFYUI_FILE = "comfyui_lora.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -26,7 +27,6 @@ LORA_MAX_ABS = 1e4  # AdamW moves a weight by ~lr per step: trained LoRA factors
 
 class LoraWeightsError(ValueError):
     """LoRA weights that must not be written or used: non-finite, or of an absurd magnitude."""
-
 
 def check_lora_weights(sd: dict, source: str) -> None:
     """Refuse (one line naming the tensor) a LoRA state dict with a non-finite weight or one whose
@@ -45,8 +45,6 @@ def check_lora_weights(sd: dict, source: str) -> None:
 
 
 def write_comfyui_lora(lora_dir: str | Path, alpha: float) -> Path:
-    from safetensors.torch import load_file, save_file
-
     lora_dir = Path(lora_dir)
     sd = load_file(str(lora_dir / LORA_FILE))
     check_lora_weights(sd, f"LoRA export ({LORA_FILE})")  # what was written, read back

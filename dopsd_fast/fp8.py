@@ -50,7 +50,7 @@ def _require(pkg: str, what: str) -> None:
                            "or set fast.fp8=off")
 
 
-def _require_fp8_gpu(what: str) -> None:
+def require_fp8_gpu(what: str) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(f"fast.fp8={what} needs a CUDA GPU with FP8 tensor cores (H100/H200, sm_89+)")
     major, minor = torch.cuda.get_device_capability()
@@ -69,7 +69,7 @@ def apply_fp8(model: torch.nn.Module, mode: str, recipe: str, spec):
         raise RuntimeError("fast.fp8: no linear of the model matches the FP8 filter (block attention/FFN linears)")
     if mode == "torchao":
         _require("torchao", "torchao")
-        _require_fp8_gpu("torchao")
+        require_fp8_gpu("torchao")
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
         names = {n for n, _ in selected}
@@ -78,7 +78,7 @@ def apply_fp8(model: torch.nn.Module, mode: str, recipe: str, spec):
         return lambda enabled=True: contextlib.nullcontext()
     if mode == "te":
         _require("transformer_engine", "te")
-        _require_fp8_gpu("te")
+        require_fp8_gpu("te")
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Float8CurrentScaling
 

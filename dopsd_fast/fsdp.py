@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from dopsd_fast.errors import ConfigError
 
 log = logging.getLogger("dopsd_fast")
 
@@ -90,7 +91,6 @@ def apply(cfg, spec, weights, device, compute_dtype, world: int) -> bool:
     full_ft = not cfg.lora.enabled
     if not (wants_fsdp(cfg, world) if full_ft else cfg.dist.shard_base):
         return False
-    from dopsd_fast.errors import ConfigError
 
     if cfg.fast.enabled:
         raise ConfigError("config field 'fast.enabled': the fast path reads the parameters in place without calling "

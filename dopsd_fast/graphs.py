@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger("dopsd_fast")
 
@@ -34,7 +35,6 @@ class GraphStructureError(RuntimeError):
 
 class GraphCaptureError(RuntimeError):
     """Host work inside a forward that a CUDA graph would capture (see :func:`capture_guard`)."""
-
 
 # ops that read device values on the host (a sync: illegal while capturing) or put host data on
 # the device (a copy from pageable memory per call: illegal while capturing, stale on replay)
@@ -54,7 +54,6 @@ def capture_guard():
     """A context in which an op a CUDA graph cannot capture raises :class:`GraphCaptureError`
     naming it (see :data:`_HOST_OPS`; also any copy between devices). It inspects the dispatched ops,
     so it works on the CPU. ``aten::repeat_interleave`` given ``output_size`` is allowed (no sync)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Guard(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from dopsd_fast.safety import atomic_write
 
 log = logging.getLogger("dopsd_fast")
 
@@ -44,7 +45,6 @@ class MetricsLogger:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue
-        from dopsd_fast.safety import atomic_write
 
         atomic_write(self.path, lambda t: t.write_text("".join(x + "\n" for x in keep)))
 

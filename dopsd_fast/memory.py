@@ -1,4 +1,4 @@
-"""The memory model of one training step: what ``dopsd.backward: auto``, ``fast.checkpoint: auto`` and
+"""The memory model of one training step: what ``dopsd.backward: auto``, ``model.gradient_checkpointing: auto`` and
 ``dopsd-train --dry-run`` decide from.
 
 Peak memory beyond the weights = saved activations of the student (per roll-out state alive: K with
@@ -23,13 +23,10 @@ family's constants are its spec's (``spec.memory``, :class:`~dopsd_fast.families
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 BYTES = 2  # bf16 activations
 GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0,
@@ -108,15 +105,12 @@ def memory_budget_bytes(budget_gb: float | None, device: torch.device) -> float 
 def resolve_backward(value: str, s: Shape, path: str, budget: float | None, checkpoint_layers: int = 0) -> str:
     """``dopsd.backward: auto``: ``once`` (the authors' schedule) where its peak fits the budget, else
     ``stepwise`` (the same gradient, one state's activations alive, no recompute). ``checkpoint_layers``:
-    layers checkpointed whatever the schedule (the eager path's ``model.gradient_checkpointing``)."""
+    layers checkpointed whatever the schedule (a fixed ``model.gradient_checkpointing``)."""
     if value != "auto":
         return value
     if budget is None:
         return "once"
-    need = peak_bytes(s, path, "once", checkpoint_layers)["total"]
-    choice = "once" if need <= budget else "stepwise"
-    log.info("dopsd.backward=auto: %s (once needs %.1f GB, budget %.1f GB)", choice, need / 1e9, budget / 1e9)
-    return choice
+    return "once" if peak_bytes(s, path, "once", checkpoint_layers)["total"] <= budget else "stepwise"
 
 
 def checkpoint_layers_for(s: Shape, path: str, backward: str, budget: float | None) -> int:

@@ -224,6 +224,8 @@ class Guard:
 FROZEN = ("method", "model.", "lora.", "data.builtin", "data.jsonl", "data.folder", "data.image_key",
           "data.prompt_keys", "data.buckets", "data.bucket_scale", "data.bucket_multiple", "dopsd.rollout",
           "dopsd.loss", "dopsd.ema_decay", "sft.", "train.seed", "train.grad_accum")
+# Fields under a frozen prefix that do not change the math (the same gradients, other memory or time).
+NOT_FROZEN = ("model.gradient_checkpointing", "model.device")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -243,5 +245,6 @@ def config_changes(saved: dict, current: dict) -> tuple[list, list]:
     frozen, applied = [], []
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
-            (frozen if k.startswith(FROZEN) or k in FROZEN else applied).append((k, a.get(k), b.get(k)))
+            is_frozen = (k.startswith(FROZEN) or k in FROZEN) and k not in NOT_FROZEN
+            (frozen if is_frozen else applied).append((k, a.get(k), b.get(k)))
     return frozen, applied

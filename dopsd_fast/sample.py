@@ -7,6 +7,11 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.algorithm import euler_sample
+from dopsd_fast.data.buckets import make_buckets
+from dopsd_fast.export import LORA_FILE, check_lora_weights
+from dopsd_fast.families import build_adapter
+from dopsd_fast.safety import file_in_folder
+from dopsd_fast.validation import save_grid
 
 
 def load_lora_into(transformer, lora_dir: str) -> None:
@@ -16,8 +21,6 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     in one line naming what the file holds."""
     from diffusers import ZImagePipeline
 
-    from dopsd_fast.export import LORA_FILE, check_lora_weights
-    from dopsd_fast.safety import file_in_folder
 
     d = Path(lora_dir)
     try:
@@ -76,10 +79,6 @@ def _found(state: dict) -> str:
 
 @torch.no_grad()
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png") -> Path:
-    from dopsd_fast.families import build_adapter
-    from dopsd_fast.data.buckets import make_buckets
-    from dopsd_fast.validation import save_grid
-
     adapter = build_adapter(cfg.model)
     if lora:
         load_lora_into(adapter.transformer, lora)

@@ -18,13 +18,29 @@ from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
 from dopsd_fast import fsdp
-from dopsd_fast.algorithm import euler_sample, rollout_loss_paired
+from dopsd_fast.algorithm import RolloutResult, euler_sample
+from dopsd_fast.cache import ContextProvider, FeatureCache
 from dopsd_fast.checkpoint import (list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                    set_rng_state)
-from dopsd_fast.families import family, require_editing_support
+from dopsd_fast.data import BucketBatchSampler, build_dataset
+from dopsd_fast.data.prefetch import ImagePrefetcher
+from dopsd_fast.distributed import from_env
+from dopsd_fast.errors import ConfigError
+from dopsd_fast.export import write_comfyui_lora
+from dopsd_fast.families import build_adapter, family, require_editing_support
 from dopsd_fast.fastpath import build_pair
-from dopsd_fast.safety import Guard
+from dopsd_fast.logging_utils import MetricsLogger
+from dopsd_fast.memory import memory_budget_bytes, step_shape
+from dopsd_fast.pair import dopsd_step
+from dopsd_fast.plan import resolve_plan
+from dopsd_fast.profiling import nvtx_range
+from dopsd_fast.safety import (DivergenceError, Guard, OutputLock, SigtermFlag, Terminated, atomic_dir,
+                               config_changes)
+from dopsd_fast.validation import save_grid
+from dopsd_fast.weights import StudentTeacher
 
 log = logging.getLogger("dopsd_fast")
 
@@ -42,14 +58,6 @@ class Trainer:
         checkpoint directory. A resume whose config changes the math (model, LoRA, data, schedule,
         method, seed) is refused, naming the fields, unless ``allow_config_change``; other changes (LR,
         steps, logging, batch size) are applied and logged."""
-        from dopsd_fast.families import build_adapter
-        from dopsd_fast.cache import ContextProvider, FeatureCache
-        from dopsd_fast.data import BucketBatchSampler, build_dataset
-        from dopsd_fast.logging_utils import MetricsLogger
-        from dopsd_fast.weights import StudentTeacher
-
-        from dopsd_fast.distributed import from_env
-
         self.cfg = cfg
         self.dist = from_env(cfg.train.dist_timeout_s)  # torchrun: one process per GPU (dopsd_fast.distributed)
         self.rank, self.world = self.dist.rank, self.dist.world
@@ -58,7 +66,32 @@ class Trainer:
         self.allow_config_change = allow_config_change
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
+        self._build_data_and_model()
+        # the run plan: every execution choice, once, from the config, the device and the memory model
+        self.mem_shape = self.memory_shape()
+        self.plan = resolve_plan(cfg, self.spec, self.adapter.transformer.config, self.mem_shape, self.device,
+                                 memory_budget_bytes(cfg.fast.memory_budget_gb, self.device))
+        log.info("%s", self.plan.describe())
+        self.backward = self.plan.backward
+        # the model behind the pair protocol: the eager reference or the packed fast path (dopsd_fast.pair)
+        self.pair = build_pair(cfg, self.spec, self.adapter, self.weights, self.plan)
+        self._build_optimizer()
+        self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
+                                          rank=self.rank, world_size=self.world)
+        self.prefetch = ImagePrefetcher(self.dataset, cfg.data.num_workers)
+        self._stop_all = False
+        self._sigterm = None
+        self._sigma_cache: dict = {}
+        self.step = 0
+        self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
+                                    enabled=self.rank == 0)
+        self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor)
+        self._resume(resume)
 
+    def _build_data_and_model(self) -> None:
+        """The dataset, the family's adapter (its encoders, or the feature cache instead), the contexts,
+        the student / EMA-teacher weights, and FSDP2 sharding where the run asks for it."""
+        cfg = self.cfg
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress)
         self.spec = family(cfg.model.family)
         require_editing_support(self.spec, self.dataset)
@@ -72,48 +105,26 @@ class Trainer:
             self.adapter = build_adapter(cfg.model, load_encoders=True)
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device
-
         targets = self.spec.lora_targets(cfg.lora, self.adapter.transformer.config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(cfg.train.seed, 7))  # LoRA init independent of anything else
             self.weights = StudentTeacher(self.adapter.transformer, cfg.lora, targets, self.adapter.dtype,
-                                          ema_on_cpu=cfg.dopsd.ema_on_cpu,
-                                          gradient_checkpointing=cfg.model.gradient_checkpointing)
+                                          ema_on_cpu=cfg.dopsd.ema_on_cpu)
         # FSDP2 (full fine-tuning with several ranks, or dist.shard_base): before the optimizer sees the parameters
         self.sharded = fsdp.apply(cfg, self.spec, self.weights, self.device, self.adapter.dtype, self.world)
-        from dopsd_fast.memory import memory_budget_bytes, resolve_backward
 
-        self.mem_shape = self.memory_shape()
-        eager_ckpt = sum(self.mem_shape.layers.values()) if cfg.model.gradient_checkpointing and not cfg.fast.enabled else 0
-        self.backward = resolve_backward(cfg.dopsd.backward, self.mem_shape, "fast" if cfg.fast.enabled else "eager",
-                                         memory_budget_bytes(cfg.fast.memory_budget_gb, self.device), eager_ckpt)
-        # the model behind the pair protocol: the eager reference or the packed fast path (dopsd_fast.pair)
-        self.pair = build_pair(cfg, self.adapter, self.weights, backward=self.backward, mem_shape=self.mem_shape)
+    def _build_optimizer(self) -> None:
+        """AdamW (fused on CUDA) over the trainable tensors, with the linear warm-up."""
+        o = self.cfg.optim
         params = self.weights.trainable_parameters()
-        kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        if self.device.type == "cuda":
-            kw["fused"] = True
-        else:
-            kw["foreach"] = True
+        kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        kw["fused" if self.device.type == "cuda" else "foreach"] = True
         self.optimizer = torch.optim.AdamW(params, **kw)
-        warm = cfg.optim.warmup_steps
+        warm = o.warmup_steps
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
-        self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
-                                          rank=self.rank, world_size=self.world)
-        from dopsd_fast.data.prefetch import ImagePrefetcher
-
-        self.prefetch = ImagePrefetcher(self.dataset, cfg.data.num_workers)
-        self._stop_all = False
-        self._sigterm = None
-        self._sigma_cache: dict = {}
-        self.step = 0
-        self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
-                                    enabled=self.rank == 0)
-        n_train = sum(p.numel() for p in params)
-        log.info("trainable parameters: %s (%s)", f"{n_train:,}", "LoRA" if cfg.lora.enabled else "full")
-        self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor)
-        self._resume(resume)
+        log.info("trainable parameters: %s (%s)", f"{sum(p.numel() for p in params):,}",
+                 "LoRA" if self.cfg.lora.enabled else "full")
 
     def _resume(self, resume: str | None) -> None:
         if not resume:
@@ -140,8 +151,6 @@ class Trainer:
 
     # ---- pieces ------------------------------------------------------------------------------
     def _nv(self, name):
-        from dopsd_fast.profiling import nvtx_range
-
         return nvtx_range(name) if self.cfg.fast.nvtx else contextlib.nullcontext()
 
     def autocast(self):
@@ -171,8 +180,6 @@ class Trainer:
 
     def memory_shape(self):
         """The step's shape for the memory model (:mod:`dopsd_fast.memory`)."""
-        from dopsd_fast.memory import step_shape
-
         params = self.weights.trainable_parameters()
         return step_shape(self.cfg, self.adapter, self.dataset.buckets_of, sum(p.numel() for p in params),
                           params[0].element_size() if params else 4)
@@ -185,30 +192,18 @@ class Trainer:
         return self._sigma_cache[key]
 
     def compute_rollout(self, samples, noise, loss_scale: float = 1.0):
-        """Roll-out + loss (+ backward for the stepwise schedule) of one micro-batch."""
+        """Roll-out, loss and backward of one micro-batch: the one D-OPSD step (:func:`dopsd_fast.pair.dopsd_step`)."""
         sigmas = self.sigmas_for(noise.shape[-2:])
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
-        # the fast path reuses state-independent work across the roll-out (dopsd_fast.fastpath.FastPath.pair_fn);
-        # its finish() back-propagates the student's share once, after the last state's backward
-        fn = self.pair.pair_fn(ctx_s, ctx_t, finish=True)
-        with self.autocast():
-            res = rollout_loss_paired(fn, noise, sigmas, loss=self.cfg.dopsd.loss, backward=self.backward,
-                                      loss_scale=loss_scale)
-        if self.backward == "once":
-            with self._nv("backward"):
-                (res.loss * loss_scale).backward()
-        with self._nv("backward (shared)"):
-            fn.finish()
-        return res
+        return dopsd_step(self.pair, noise, ctx_s, ctx_t, sigmas, loss=self.cfg.dopsd.loss, backward=self.backward,
+                          loss_scale=loss_scale, autocast=self.autocast(), region=self._nv)
 
     def compute_sft(self, samples, noise, step: int, micro: int, loss_scale: float = 1.0):
         """The SFT baseline: flow matching on the target latents, ``(1 - s) x0 + s eps`` -> ``eps - x0``,
         with the sigma sampling of diffusers' DreamBooth LoRA scripts (u from the weighting scheme,
         quantised to the 1000-step grid, then the model's timestep shift); student context only."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        from dopsd_fast.algorithm import RolloutResult
 
         sc = self.cfg.sft
         x0 = self.contexts.latents(samples).to(self.device)
@@ -294,7 +289,6 @@ class Trainer:
 
     def _guard_after_update(self, step, params, before, gnorm) -> float:
         """The guard on this rank's weights; sharded, the ranks agree (any rank's failure stops all)."""
-        from dopsd_fast.safety import DivergenceError
 
         err, ratio = None, float("nan")
         try:
@@ -311,8 +305,6 @@ class Trainer:
     # ---- validation --------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> Path | None:
-        from dopsd_fast.validation import save_grid
-
         vcfg = self.cfg.validation
         n = min(vcfg.num_samples, len(self.dataset))
         if (n == 0 and not vcfg.prompts) or (self.rank != 0 and not self.sharded):  # sharded: every rank runs the forwards, rank 0 saves
@@ -374,9 +366,6 @@ class Trainer:
         }
 
     def load(self, path: Path, state: dict | None = None) -> None:
-        from dopsd_fast.config import ConfigError
-        from dopsd_fast.safety import config_changes
-
         state = load_checkpoint(path) if state is None else state
         frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict())
         if frozen and not self.allow_config_change:
@@ -406,7 +395,6 @@ class Trainer:
 
     def _optimizer_state_for_here(self, osd: dict) -> dict:
         """Full optimizer-state tensors of sharded parameters -> this rank's shard (as DTensors)."""
-        from dopsd_fast import fsdp
 
         if not self.sharded:
             return osd
@@ -429,8 +417,6 @@ class Trainer:
     def export_lora(self) -> None:
         if not self.cfg.lora.enabled:
             return
-        from dopsd_fast.export import write_comfyui_lora
-        from dopsd_fast.safety import atomic_dir
 
         meta = self.weights.lora_metadata()
         sds = {which: self.weights.lora_state_dict(which) for which in ("student", "teacher")}  # every rank (gathers)
@@ -448,7 +434,6 @@ class Trainer:
     def train(self) -> dict:
         """The loop. Holds the output directory's lock while it runs; Ctrl-C and SIGTERM write a
         checkpoint, then re-raise (:class:`~dopsd_fast.safety.Terminated` for SIGTERM)."""
-        from dopsd_fast.safety import OutputLock, SigtermFlag
 
         lock = OutputLock(self.out) if self.rank == 0 else None
         self._sigterm = SigtermFlag()
@@ -462,8 +447,6 @@ class Trainer:
                 lock.release()
 
     def _train(self) -> dict:
-        from tqdm.auto import tqdm
-
         tcfg, vcfg = self.cfg.train, self.cfg.validation
         if self.step == 0 and vcfg.at_start:
             self.validate()
@@ -483,12 +466,10 @@ class Trainer:
                 # SIGTERM on any rank stops every rank at the end of the same step (the flag rides on the
                 # step's metrics all-reduce), so the checkpoint below is written by all of them
                 if self._stop_all if self.dist.active else self._sigterm.received:
-                    from dopsd_fast.safety import Terminated
 
                     raise Terminated(f"SIGTERM at step {self.step}")
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM (safety.Terminated)
             self.prefetch.close()
-            from dopsd_fast.safety import Terminated
 
             if self.dist.active and not isinstance(e, Terminated):  # the ranks are not in step: no collective save
                 log.warning("interrupted at step %d: no checkpoint (ranks not synchronised); resume from the last "

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from dopsd_fast.safety import atomic_write
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
@@ -41,6 +42,5 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
             if c < len(headers):
                 d.text((x + 2, y + 2), headers[c], fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
         d.text((pad, y + cell_h + 2), "\n".join(textwrap.wrap(caption, width=max(20, W // 7))[:2]), fill=(0, 0, 0))
-    from dopsd_fast.safety import atomic_write
 
     return atomic_write(Path(path), canvas.save)

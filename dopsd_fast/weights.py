@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from dopsd_fast.algorithm import ema_update_
+from dopsd_fast.fsdp import as_dtensor, full_to_local, is_dtensor, local
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ STUDENT, TEACHER = "student", "teacher"
 
 class StudentTeacher:
     def __init__(self, transformer: torch.nn.Module, lora_cfg, targets, model_dtype: torch.dtype,
-                 ema_on_cpu: bool = False, gradient_checkpointing: bool = False):
+                 ema_on_cpu: bool = False):
         self.lora = bool(lora_cfg.enabled)
         self.transformer = transformer
         self.ema_on_cpu = ema_on_cpu
@@ -59,8 +60,6 @@ class StudentTeacher:
             self._ema = {n: p.detach().float().to(ema_device).clone() for n, p in self._student.items()}
             tparams = dict(self.teacher_module.named_parameters())
             self._teacher = {n: tparams[n] for n in self._student}
-        if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
         for p in self._teacher.values():
             p.requires_grad_(False)
 
@@ -97,15 +96,12 @@ class StudentTeacher:
         if self.lora:
             return dict(self._teacher)
         if self.sharded:
-            from dopsd_fast.fsdp import as_dtensor
-
             return {n: as_dtensor(e, self._student[n]) for n, e in self._ema.items()}
         return dict(self._ema)
 
     def adopt_sharding(self) -> None:
         """After FSDP2 replaced the parameters by sharded DTensors: read them again; the fp32 EMA master
         (full fine-tuning) becomes this rank's shard of each tensor (the EMA update is then local)."""
-        from dopsd_fast.fsdp import local
 
         params = dict(self.transformer.named_parameters())
         if self.lora:
@@ -123,8 +119,6 @@ class StudentTeacher:
 
     @torch.no_grad()
     def ema_update(self, decay: float) -> None:
-        from dopsd_fast.fsdp import local
-
         students = [local(p) for p in self._student.values()]
         if self.lora:
             ema_update_([local(p) for p in self._teacher.values()], students, decay)
@@ -137,7 +131,6 @@ class StudentTeacher:
     def sync_teacher(self) -> None:
         """Full fine-tuning: copy the fp32 EMA master into the teacher module the forward reads (after
         an EMA update, a load, or any direct write to ``named_teacher()``). LoRA: nothing to do."""
-        from dopsd_fast.fsdp import local
 
         if not self.lora:
             for n, t in self._teacher.items():
@@ -146,8 +139,6 @@ class StudentTeacher:
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        from dopsd_fast.fsdp import is_dtensor
-
         def keep(p):  # DTensor shards stay where they are (the checkpoint writer gathers nothing)
             return p.detach().clone() if is_dtensor(p) else p.detach().cpu().clone()
 
@@ -159,7 +150,6 @@ class StudentTeacher:
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         """Full tensors (or a same-layout state) into the live weights; sharded weights take their shard."""
-        from dopsd_fast.fsdp import full_to_local, is_dtensor
 
         for which, target in (("student", self._student), ("teacher", self.named_teacher())):
             src = state[which]
@@ -182,7 +172,6 @@ class StudentTeacher:
             raise ValueError("lora_state_dict: this run is full fine-tuning (lora.enabled=false)")
         from peft.utils import get_peft_model_state_dict
 
-        from dopsd_fast.fsdp import is_dtensor
 
         sd = get_peft_model_state_dict(self.transformer, adapter_name=which)
         # sharded (dist.shard_base): gathered, a collective every rank takes part in

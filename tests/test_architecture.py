@@ -23,7 +23,7 @@ LAYERS = [
              "dopsd_fast.fsdp", "dopsd_fast.weights", "dopsd_fast.data", "dopsd_fast.logging_utils",
              "dopsd_fast.validation"]),
     ("families", ["dopsd_fast.families"]),
-    ("run", ["dopsd_fast.config", "dopsd_fast.cache", "dopsd_fast.checkpoint", "dopsd_fast.pair",
+    ("run", ["dopsd_fast.config", "dopsd_fast.cache", "dopsd_fast.checkpoint", "dopsd_fast.pair", "dopsd_fast.plan",
              "dopsd_fast.fastpath", "dopsd_fast.backend", "dopsd_fast.dryrun", "dopsd_fast.sample",
              "dopsd_fast.adapters", "dopsd_fast.models.zimage", "dopsd_fast.models.flux2", "dopsd_fast.toy"]),
     ("trainer", ["dopsd_fast.trainer"]),

@@ -99,12 +99,12 @@ def _setup(B):
     return st, _fast, x, t, caps_s, caps_t
 
 
-@pytest.mark.parametrize("B,gemm", [(1, "torch"), (2, "torch"), (2, "triton")])
+@pytest.mark.parametrize("B,gemm", [(1, "cublas"), (2, "cublas"), (2, "triton")])
 def test_fused_layer_executes_no_activation_copy(B, gemm):
     from dopsd_fast.models.ops import FusedOps
 
     st, make, x, t, caps_s, caps_t = _setup(B)
-    fast = make(st, ops=FusedOps(attention="triton", lora_impl=gemm))
+    fast = make(st, ops=FusedOps(attention="triton", gemm=gemm))
     s, t_, adaln = _capture(fast, x, t, caps_s, caps_t)
     params = {d for p in st.transformer.parameters() for d in p.shape}
     found, rows = _copies(fast, s, t_, adaln)

@@ -98,8 +98,8 @@ def test_native_fp8_velocity_sqnr():
         c.features = c.features.to(bf)
         c.extra = {k: v.to(bf) for k, v in c.extra.items()}
     x, sigma = torch.randn(1, 16, 6, 4).to(bf), torch.tensor([0.6])
-    ref = _fast(st, FusedOps(attention="sdpa", lora_impl="torch")).velocity_pair(x, sigma, ctx_s[:1], ctx_t[:1])
-    fast = _fast(st, FusedOps(attention="sdpa", lora_impl="torch"))
+    ref = _fast(st, FusedOps(attention="sdpa", gemm="cublas")).velocity_pair(x, sigma, ctx_s[:1], ctx_t[:1])
+    fast = _fast(st, FusedOps(attention="sdpa", gemm="cublas"))
     fast.fp8_native = NativeFP8("rowwise")
     out = fast.velocity_pair(x, sigma, ctx_s[:1], ctx_t[:1])
     assert len(fast.fp8_native._w) >= 4, "the klein block linears did not take the FP8 path"

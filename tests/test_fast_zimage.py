@@ -211,7 +211,7 @@ def test_checkpointed_layers_same_gradients(fused):
     st = _model(True)
     x, t, caps_s, caps_t = _inputs(*CASES[1])
     params = list(st.named_trainable().values())
-    ops = (lambda: FusedOps(attention="sdpa", lora_impl="torch")) if fused else (lambda: None)
+    ops = (lambda: FusedOps(attention="sdpa", gemm="cublas")) if fused else (lambda: None)
     res = []
     for n_ckpt in (0, 2):
         out_s, _ = _fast(st, ops=ops(), checkpoint_layers=n_ckpt).forward_pair(x, t, caps_s, caps_t)
@@ -261,7 +261,7 @@ def test_fp8_filter_and_fp8_module_dispatch():
     assert sqnr_db(out_s, out_s + 1e-3 * out_s.std() * torch.randn_like(out_s)) > 55
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="fp8"):
-            apply_fp8(_model(True).transformer, "torchao", "tensorwise")
+            apply_fp8(_model(True).transformer, "torchao", "tensorwise", ZIMAGE)
 
 
 def test_trainer_fast_path_matches_eager_step(tmp_path):
@@ -501,9 +501,9 @@ def test_gemm_choice():
     from dopsd_fast.models.ops import build_ops
 
     cpu = torch.device("cpu")
-    assert build_ops("on", "sdpa", cpu).lora_impl == "torch"
-    assert build_ops("on", "sdpa", cpu, gemm="cublas").lora_impl == "torch"
-    assert build_ops("on", "sdpa", cpu, gemm="triton").lora_impl == "triton"
+    assert build_ops("on", "sdpa", cpu).gemm == "cublas"
+    assert build_ops("on", "sdpa", cpu, gemm="cublas").gemm == "cublas"
+    assert build_ops("on", "sdpa", cpu, gemm="triton").gemm == "triton"
     with pytest.raises(ConfigError, match="fast.gemm"):
         load_config(None, ["fast.gemm=cutlass"])
 
@@ -547,7 +547,7 @@ def test_native_fp8_gemm_and_velocity_sqnr(recipe):
     st.transformer.to(bf)
     x, t, caps_s, caps_t = _inputs(1, 8, 8, [7], [45])
     x, caps_s, caps_t = x.to(bf), [c.to(bf) for c in caps_s], [c.to(bf) for c in caps_t]
-    for ops in (lambda: FusedOps(attention="sdpa", lora_impl="torch"), lambda: TorchOps()):
+    for ops in (lambda: FusedOps(attention="sdpa", gemm="cublas"), lambda: TorchOps()):
         ref = _fast(st, ops=ops()).forward_pair(x, t, caps_s, caps_t)
         fast = _fast(st, ops=ops())
         fast.fp8_native = NativeFP8(recipe)

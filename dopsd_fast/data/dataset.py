@@ -20,6 +20,8 @@ from PIL import Image
 
 from dopsd_fast.data.buckets import assign_bucket, make_buckets
 from dopsd_fast.errors import DataError  # re-exported: dopsd_fast.data.DataError
+from dopsd_fast.data.tiny import ensure_tiny_dataset, ensure_toy_concept_dataset
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -291,18 +293,13 @@ def _iter_folder(folder: Path):
 
 def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
     """Build and validate the dataset described by a :class:`~dopsd_fast.config.DataConfig`."""
-    from tqdm.auto import tqdm
 
     ALPHA_BACKGROUND[:] = list(cfg.alpha_background)
     buckets = make_buckets(cfg.buckets, cfg.bucket_scale, cfg.bucket_multiple)
     if cfg.builtin == "tiny":
-        from dopsd_fast.data.tiny import ensure_tiny_dataset
-
         path = ensure_tiny_dataset()
         rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
     elif cfg.builtin in ("toy-concept", "toy-concept-prior"):
-        from dopsd_fast.data.tiny import ensure_toy_concept_dataset
-
         path = ensure_toy_concept_dataset(prior=cfg.builtin == "toy-concept-prior")
         rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
     elif cfg.jsonl:

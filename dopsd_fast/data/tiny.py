@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+import shutil
+from dopsd_fast.toy import world
 
 VERSION = "v1"
 
@@ -68,8 +70,6 @@ def _write_once(root: Path, prefix: str, pictures) -> Path:
     try:
         os.replace(tmp, root)
     except OSError:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return jsonl
 
@@ -102,7 +102,6 @@ def ensure_toy_concept_dataset(root: Path | None = None, prior: bool = False) ->
     world's training split with their captions (prior preservation: fine-tuning also sees what it
     should keep).
     """
-    from dopsd_fast.toy import world
 
     name = "toy-concept-prior" if prior else "toy-concept"
     examples = [(f"{i:02d}.png", world.example("concept", i)) for i in range(len(world.CONCEPT_TRAIN))]

@@ -13,6 +13,7 @@ from dopsd_fast.algorithm import register_schedules
 from dopsd_fast.errors import ConfigError, DataError
 from dopsd_fast.families import klein, zimage
 from dopsd_fast.families.spec import FAST_FEATURES, Convention, FamilySpec, Flavour, MemoryCoefficients, Preset
+from dopsd_fast.families.adapter import resolve_device_dtype
 
 # The registry: one line per family, the first is the default (``model.family`` when none is given).
 _FAMILY_SPECS = (zimage.SPEC, klein.SPEC)
@@ -38,7 +39,6 @@ def family(name: str) -> FamilySpec:
 def build_adapter(cfg, load_encoders: bool = True, empty_weights: bool = False):
     """The adapter of ``cfg.family`` (a :class:`~dopsd_fast.config.ModelConfig`); ``empty_weights``:
     the architecture on the meta device, nothing read (``dopsd-train --dry-run``)."""
-    from dopsd_fast.families.adapter import resolve_device_dtype
 
     spec = family(cfg.family)
     device, dtype = resolve_device_dtype(cfg)

@@ -162,7 +162,7 @@ class FamilySpec:
         raise NotImplementedError
 
     def checkpointable_layers(self, transformer_config) -> int:
-        """The main layers ``fast.checkpoint`` counts (0: no gradient checkpointing on the fast path)."""
+        """The main layers ``model.gradient_checkpointing`` counts on the fast path (0: none checkpointable)."""
         return 0
 
     def forward_flops(self, transformer_config, n_img: int, caps: list, rank: int = 0, teacher: bool = False):
@@ -220,11 +220,12 @@ class FamilySpec:
                               f"{self.schedule_help}")
         if cfg.fast.enabled:
             fc = cfg.fast
-            used = {"fp8": fc.fp8 != "off", "graphs": fc.graphs, "compile": fc.compile,
-                    "checkpoint": fc.checkpoint not in ("auto", "none", 0)}
+            used = {"fp8": fc.fp8 != "off", "graphs": fc.graphs, "compile": fc.compile != "off",
+                    "checkpoint": cfg.model.gradient_checkpointing not in ("auto", "none", 0)}
             for feat, on in used.items():
                 if on and feat not in self.fast_features:
-                    raise ConfigError(f"config field 'fast.{feat}': not implemented on the {self.title} fast path "
+                    field = "model.gradient_checkpointing" if feat == "checkpoint" else f"fast.{feat}"
+                    raise ConfigError(f"config field '{field}': not implemented on the {self.title} fast path "
                                       f"(it supports: {', '.join(sorted(self.fast_features))})")
 
 

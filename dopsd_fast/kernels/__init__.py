@@ -1,5 +1,5 @@
 """Triton kernels of dopsd-fast: ``dopsd_fast.kernels.attention``, ``.multi_lora``, ``.rope_qk_norm``,
-``.norm_modulation``, ``.swiglu``, ``.fp8_quant``, ``.dopsd_loss``, ``._common``. Importing this
+``.norm_modulation``, ``.swiglu``, ``.fp8_quant``, ``._common``. Importing this
 package imports nothing heavy; import the module you need.
 
 Where the modules live: in a source checkout they stay in the repository's top-level ``kernels/``

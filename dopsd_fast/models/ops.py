@@ -199,9 +199,9 @@ class TorchOps:
 
     fused = False
 
-    def __init__(self, attention: str = "sdpa", lora_impl: str = "torch"):
+    def __init__(self, attention: str = "sdpa", gemm: str = "cublas"):
         self.attention = attention
-        self.lora_impl = lora_impl
+        self.gemm = gemm  # the paired LoRA linear's base GEMM: cublas | triton (ours, the delta in its epilogue)
 
     # x: (B, S, D); scale/shift/gate: (B, D). With ``seq``: x (1, T, D) packs samples of any lengths,
     # seq (T,) is the sample of each row, the modulation is per sample (n, D).
@@ -296,8 +296,8 @@ class FusedOps(TorchOps):
 
     fused = True
 
-    def __init__(self, attention: str = "triton", lora_impl: str = "triton"):
-        super().__init__(attention, lora_impl)
+    def __init__(self, attention: str = "triton", gemm: str = "triton"):
+        super().__init__(attention, gemm)
         from dopsd_fast.kernels import multi_lora, norm_modulation, rope_qk_norm, swiglu
 
         self._nm, self._rope, self._sw, self._ml = norm_modulation, rope_qk_norm, swiglu, multi_lora
@@ -338,7 +338,7 @@ class FusedOps(TorchOps):
             return lo[0].to(dt), lo[1].to(dt), lo[2]
 
         return self._ml.paired_lora_linears(x_s, x_t, weights, biases, [cast(lo) for lo in loras_s],
-                                            [cast(lo) for lo in loras_t], impl=self.lora_impl, fp8=fp8)
+                                            [cast(lo) for lo in loras_t], impl="triton" if self.gemm == "triton" else "torch", fp8=fp8)
 
     def attention_pair(self, s, t):
         if self.attention != "triton":
@@ -391,7 +391,7 @@ def build_ops(kernels: str, attention: str, device: torch.device, compile_backen
     use = kernels == "on" or (kernels == "auto" and device.type == "cuda")
     attn = resolve_attention(attention, device)
     if use:
-        return FusedOps(attention=attn, lora_impl="triton" if gemm == "triton" else "torch")
+        return FusedOps(attention=attn, gemm="triton" if gemm == "triton" else "cublas")
     if attn == "triton" and kernels == "off":
         attn = "sdpa"
     return TorchOps(attention=attn)

@@ -9,7 +9,7 @@ read in place), or two modules (full fine-tuning: the trainable model and its EM
 
 Every linear of a block runs for both streams in ONE op with a per-branch LoRA delta, each branch on
 its own rows (``ops.paired_linear``; linears that read the same input, q/k/v and w1/w3, as one group:
-:meth:`PairedModel.plins`); element-wise work runs per branch through :meth:`PairedModel.both`.
+:meth:`PairedModel.linear_group`); element-wise work runs per branch through :meth:`PairedModel.both`.
 The entry point of every fast model is ``velocity_pair(x, sigma, ctx_s, ctx_t) -> (v_s, v_t)`` in
 this project's (sigma, v) convention (either context may be None: one branch alone).
 """
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dopsd_fast.fp8 import fp8_module_filter, is_fp8_linear
 from dopsd_fast.models.ops import TorchOps
 from dopsd_fast.profiling import nvtx_range
+from dopsd_fast.models.ops import FusedOps
 
 
 @dataclass(eq=False)
@@ -108,10 +109,7 @@ class RolloutShare:
     def finish(self) -> None:
         """After the roll-out's last backward (see :meth:`PairedModel.new_share`); nothing to do here."""
 
-
 def _fused_ops():
-    from dopsd_fast.models.ops import FusedOps
-
     return FusedOps
 
 
@@ -216,7 +214,7 @@ class PairedModel:
         return s, t
 
     @staticmethod
-    def both(fn, s: Branch | None, t: Branch | None, *pairs, **kw):
+    def per_branch(fn, s: Branch | None, t: Branch | None, *pairs, **kw):
         """``fn(branch, *values, **kw)`` for the student (with autograd) and the teacher (without);
         each of ``pairs`` is (student value, teacher value). An absent branch gives None."""
         out_s = fn(s, *[p[0] for p in pairs], **kw) if s is not None else None
@@ -240,12 +238,12 @@ class PairedModel:
         w, b, lora = lora_of(mod, adapter)
         return self.ops.linear(x, w, b, self._cast(lora, x.dtype))
 
-    def plin(self, name: str, x_s, x_t):
+    def linear_pair(self, name: str, x_s, x_t):
         """The linear ``name`` (a submodule path, e.g. ``layers.3.attention.to_q``) of both branches;
         either input may be None (one-branch run)."""
-        return self.plins([name], x_s, x_t)[0]
+        return self.linear_group([name], x_s, x_t)[0]
 
-    def _plin(self, name: str, x_s, x_t):
+    def _linear_pair(self, name: str, x_s, x_t):
         if x_t is None:
             return self._lin(self.ms.get_submodule(name), self.adapter_s, x_s), None
         mod_t = self.mt.get_submodule(name)
@@ -279,11 +277,11 @@ class PairedModel:
             y_t = self._lin(mod_t, self.adapter_t, x_t)
         return y_s, y_t
 
-    def plins(self, names, x_s, x_t):
+    def linear_group(self, names, x_s, x_t):
         """Several linears reading the same input (``names``: e.g. the paths of to_q, to_k, to_v):
         ``[(y_s, y_t)]`` per linear. Both branches of one module with LoRA on every linear: ONE op
         (``ops.paired_linears``: no concatenation, the student's dx of the group in one buffer);
-        otherwise :meth:`plin` per linear."""
+        otherwise :meth:`linear_pair` per linear."""
         lor = self._fusable(names)
         fp8 = self._fp8_for(names) if lor is not None else None
         if lor is not None and x_s is not None and x_t is not None:
@@ -294,7 +292,7 @@ class PairedModel:
                                            [lo[2] for lo in ls], [lo[2] for lo in lt], fp8=fp8)
         if lor is not None and (isinstance(self.ops, _fused_ops()) or fp8 is not None):  # one branch
             return self._one_branch(x_s, x_t, *lor, fp8=fp8)
-        return [self._plin(n, x_s, x_t) for n in names]
+        return [self._linear_pair(n, x_s, x_t) for n in names]
 
     def _fp8_for(self, names):
         """The native FP8 GEMM for linears ``names`` when FP8 is on and every one passes the filter

@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.toy import world as W
+from dopsd_fast.algorithm import euler_sample
+from dopsd_fast.toy import models as M
+from dopsd_fast.toy.pipeline import load_classifier
 
 _V = W.ATTRIBUTES["texture"].index(W.CONCEPT)
 OBJECT_ATTRIBUTES = ("shape", "colour", "size", "position")
@@ -54,7 +57,6 @@ def prompt_sets(n_world: int = 64) -> dict:
 def sample_student(trainer, prompts: list[str], seed: int = 4321, chunk: int = 64) -> torch.Tensor:
     """Pictures ``(N, 3, 64, 64)`` of the trainer's student (its current weights) at the model's
     few-step inference schedule; the noise of prompt i is fixed by (seed, i)."""
-    from dopsd_fast.algorithm import euler_sample
 
     ad = trainer.adapter
     shape = ad.latent_shape(W.SIZE, W.SIZE)
@@ -105,9 +107,6 @@ class Probe:
     """Scores a trainer's student on the three prompt sets; the first call is the reference for drift."""
 
     def __init__(self, weights_dir: Path | None = None, n_world: int = 64, seed: int = 4321):
-        from dopsd_fast.toy import models as M
-        from dopsd_fast.toy.pipeline import load_classifier
-
         self.net = load_classifier(Path(weights_dir or M.WEIGHTS_DIR))
         self.sets = prompt_sets(n_world)
         self.cents = centroids(self.net)
@@ -137,7 +136,6 @@ def teacher_reference(trainer, probe: Probe) -> dict:
     """What D-OPSD's teacher draws for the ``[V]`` training pairs (the EMA weights under the teacher
     context: the caption AND the target picture), scored like the student's samples: the ceiling of
     what distillation from it can reach on the concept."""
-    from dopsd_fast.algorithm import euler_sample
 
     caps, attrs = probe.sets["concept_train"]
     ad = trainer.adapter

@@ -23,6 +23,12 @@ import torch.nn.functional as F
 from dopsd_fast.toy import models as M
 from dopsd_fast.toy import world as W
 from dopsd_fast.toy.stages import Loop, load_plain, save_safetensors, step_rng
+import argparse
+import copy
+import os
+import shutil
+from dopsd_fast.algorithm import ema_update_
+from tqdm import tqdm
 
 log = logging.getLogger("dopsd_fast.toy")
 
@@ -41,7 +47,6 @@ def _lr_schedule(opt, steps, warmup=50, floor=0.1):
 def _update(loss, net, opt, sched, step: int, clip: float | None = 1.0, ema=None):
     """Backward, optional clip, optimizer and LR step, then the EMA (warm-up decay
     min(0.999, (1 + step) / (10 + step))); returns the gradient norm (None without clipping)."""
-    from dopsd_fast.algorithm import ema_update_
 
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -241,7 +246,6 @@ def stage_base(out: Path, steps: int, batch: int = 48, seed: int = 0, gate_n: in
     """The DiT, the text encoder (= the VLM's language model, tied) and the vision tower trained
     together from scratch with the flow-matching loss; the VAE frozen. An EMA (0.999) of all three is
     what ships."""
-    import copy
 
     wd = _weights(out)
     tok, te, vlm, ip = M.build_encoders(wd, load=False)
@@ -366,7 +370,6 @@ def _trajectory_prompts(seed: int, j0: int, n: int):
 def base_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128) -> dict:
     """The base's ODE solutions (``fine_schedule``: 40 Euler steps) with the states at the student's
     noise levels: ``states (N, 5, 16, 8, 8)`` (the last is the solution) and each one's context."""
-    from tqdm import tqdm
 
     path = Path(out) / "student" / "trajectories.pt"
     if path.is_file():
@@ -391,8 +394,6 @@ def base_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128) -> dic
 
 
 def _quiet() -> bool:
-    import os
-
     return os.environ.get("DOPSD_TOY_QUIET") == "1"
 
 
@@ -401,7 +402,6 @@ def stage_student(out: Path, steps: int, batch: int = 48, seed: int = 0, n_traj:
     the student's noise level sigma_k, on the base's state x_k, the student's one Euler step must
     land on the base's state at sigma_(k+1): target velocity (x_k - x_(k+1)) / (sigma_k - sigma_(k+1)).
     Initialised from the base; encoders frozen; an EMA (0.999) ships."""
-    import copy
 
     wd = _weights(out)
     n_traj = max(batch, min(n_traj, round(n_traj * steps / STEPS["student"]) if steps < STEPS["student"] else n_traj))
@@ -526,7 +526,6 @@ def stage_ship(out: Path) -> dict:
     """Copy ``<out>/weights`` into the package (``dopsd_fast/toy/weights``), floating-point tensors as
     float16 (half the size; the package's 20 MB budget). ``evaluate --weights dopsd_fast/toy/weights``
     measures what ships."""
-    import shutil
 
     from safetensors.torch import load_file
 
@@ -548,8 +547,6 @@ def stage_ship(out: Path) -> dict:
 
 # ---- command line ----------------------------------------------------------------------------
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m dopsd_fast.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=["all", *STAGE_FUNCS])

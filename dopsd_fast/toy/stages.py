@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger("dopsd_fast.toy")
 
@@ -109,8 +110,6 @@ class Loop:
             self._bar.set_postfix({k: f"{float(v):.4g}" for k, v in scalars.items()})
 
     def __iter__(self):
-        from tqdm import tqdm
-
         def handler(signum, frame):
             if self._stop and signum == signal.SIGINT:  # a second Ctrl-C: stop now, no checkpoint
                 raise KeyboardInterrupt

@@ -45,36 +45,3 @@ def test_swiglu_opcheck():
     a, b = torch.randn(5, 37, requires_grad=True), torch.randn(5, 37, requires_grad=True)
     torch.library.opcheck(swiglu_op, (a, b))
     torch.library.opcheck(swiglu_backward_op, (torch.randn(5, 37), a.detach(), b.detach()))
-
-
-@pytest.mark.parametrize("loss", ["x0", "v"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dopsd_loss_matches_state_loss(loss, dtype):
-    from dopsd_fast.algorithm import state_loss
-    from dopsd_fast.kernels.dopsd_loss import dopsd_loss
-
-    shape = (3, 16, 7, 9)
-    vs = torch.randn(shape).to(dtype).requires_grad_()
-    vt = torch.randn(shape).to(dtype)
-    sigma = torch.tensor([0.9, 0.45, 0.1])
-    out = dopsd_loss(vs, vt, sigma, loss)
-    (out * 3.0).backward()
-    ref_in = vs.detach().clone().requires_grad_()
-    ref = state_loss(ref_in, vt, sigma, loss)
-    (ref * 3.0).backward()
-    assert out.dtype == torch.float32
-    assert_close(out, ref, rtol=1e-5, atol=1e-8, name="loss")
-    atol = 1e-9 if dtype == torch.float32 else 1e-4
-    assert_close(vs.grad.float(), ref_in.grad.float(), atol=atol, rtol=1e-5 if dtype == torch.float32 else 1e-2,
-                 name="grad")
-
-
-def test_dopsd_loss_opcheck_and_errors():
-    from dopsd_fast.kernels.dopsd_loss import dopsd_loss, dopsd_loss_op
-
-    vs, vt = torch.randn(2, 33, requires_grad=True), torch.randn(2, 33)
-    torch.library.opcheck(dopsd_loss_op, (vs, vt, torch.tensor([0.5, 0.2]), True))
-    with pytest.raises(ValueError):
-        dopsd_loss(vs, vt, torch.tensor([0.5]), "x0")
-    with pytest.raises(ValueError):
-        dopsd_loss(vs, vt, torch.tensor([0.5, 0.2]), "l1")

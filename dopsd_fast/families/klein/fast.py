@@ -28,16 +28,17 @@ from torch.utils.checkpoint import checkpoint
 
 from dopsd_fast.families.klein.spec import SPEC
 from dopsd_fast.models.paired import Branch, PairedModel, has_lora
+from dopsd_fast.families.klein.adapter import image_ids, pack, refs_of, text_ids
 
 
 @dataclass(eq=False)
 class KleinBranch(Branch):
-    """A klein branch: text length ``L``, image tokens ``M`` ([x_k ; references]), the text features and
+    """A klein branch: text length ``n_txt``, image tokens ``n_img`` ([x_k ; references]), the text features and
     reference tokens, the RoPE tables, and the running image / text / joint hidden states. ``mods``:
     (temb, double-img, double-txt, single modulation)."""
 
-    L: int = 0
-    M: int = 0
+    n_txt: int = 0
+    n_img: int = 0
     txt: torch.Tensor | None = None
     refs: list = field(default_factory=list)
     cs_txt: tuple | None = None
@@ -69,12 +70,10 @@ class FastFlux2(PairedModel):
         self._rope: dict = {}
         self._cu: dict = {}
 
-    def _tables(self, model, L: int, h: int, w: int, ref_hw: tuple, dev):
+    def _tables(self, model, n_txt: int, h: int, w: int, ref_hw: tuple, dev):
         """RoPE cos/sin of the text and of the image tokens ([x_k ; references]), fp32, (n, hd/2):
         built once per structure (text length, image and reference sizes), never per call."""
-        from dopsd_fast.families.klein.adapter import image_ids, text_ids
-
-        key = (id(model), L, h, w, ref_hw, str(dev))
+        key = (id(model), n_txt, h, w, ref_hw, str(dev))
         if key not in self._rope:
             ids = torch.cat([image_ids(h, w)] + [image_ids(rh, rw, t=10 * (i + 1)) for i, (rh, rw) in enumerate(ref_hw)])
 
@@ -82,7 +81,7 @@ class FastFlux2(PairedModel):
                 cos, sin = model.pos_embed(i.to(dev))
                 return cos[:, 0::2].float().contiguous(), sin[:, 0::2].float().contiguous()
 
-            self._rope[key] = (cs(text_ids(L)), cs(ids), ids.shape[0])
+            self._rope[key] = (cs(text_ids(n_txt)), cs(ids), ids.shape[0])
             if len(self._rope) > 64:
                 self._rope.pop(next(iter(self._rope)))
         return self._rope[key]
@@ -108,8 +107,8 @@ class FastFlux2(PairedModel):
         return qq.reshape(-1, self.heads, self.head_dim), kk.reshape(-1, self.heads, self.head_dim)
 
     def _joint(self, b: KleinBranch, t_part, i_part, B):
-        """[text ; image] per sample, as (B * (L + M), heads, head_dim)."""
-        return torch.cat([t_part.view(B, b.L, -1), i_part.view(B, b.M, -1)], 1).reshape(-1, self.heads, self.head_dim)
+        """[text ; image] per sample, as (B * (n_txt + n_img), heads, head_dim)."""
+        return torch.cat([t_part.view(B, b.n_txt, -1), i_part.view(B, b.n_img, -1)], 1).reshape(-1, self.heads, self.head_dim)
 
     # ---- double-stream block, per branch ------------------------------------------------------------
     def _double_in(self, b: KleinBranch, B):
@@ -127,8 +126,8 @@ class FastFlux2(PairedModel):
 
     def _split_out(self, b: KleinBranch, o, B):
         """Attention output -> (text rows, image rows)."""
-        o = o.reshape(B, b.L + b.M, -1)
-        return o[:, :b.L].reshape(B * b.L, -1), o[:, b.L:].reshape(B * b.M, -1)
+        o = o.reshape(B, b.n_txt + b.n_img, -1)
+        return o[:, :b.n_txt].reshape(B * b.n_txt, -1), o[:, b.n_txt:].reshape(B * b.n_img, -1)
 
     def _double_mid(self, b: KleinBranch, ai, ac, B):
         _, mi, mt_, _ = b.mods
@@ -147,23 +146,23 @@ class FastFlux2(PairedModel):
         for b in (S, T):
             if b is not None:
                 b.at(path)
-        ns, nt = self.both(self._double_in, S, T, B=B)
+        ns, nt = self.per_branch(self._double_in, S, T, B=B)
         xi, xc = (ns[0] if ns else None, nt[0] if nt else None), (ns[1] if ns else None, nt[1] if nt else None)
-        qi, ki, vi = self.plins([f"{path}.attn.{n}" for n in ("to_q", "to_k", "to_v")], *xi)
-        qc, kc, vc = self.plins([f"{path}.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")], *xc)
-        q = self.both(self._double_qkv, S, T, qi, ki, vi, qc, kc, vc, B=B)
+        qi, ki, vi = self.linear_group([f"{path}.attn.{n}" for n in ("to_q", "to_k", "to_v")], *xi)
+        qc, kc, vc = self.linear_group([f"{path}.attn.{n}" for n in ("add_q_proj", "add_k_proj", "add_v_proj")], *xc)
+        q = self.per_branch(self._double_qkv, S, T, qi, ki, vi, qc, kc, vc, B=B)
         o = self._attend(q, B)
-        split = self.both(self._split_out, S, T, o, B=B)
+        split = self.per_branch(self._split_out, S, T, o, B=B)
         txt_o, img_o = ((split[0][j] if split[0] else None, split[1][j] if split[1] else None) for j in (0, 1))
-        ai = self.plin(f"{path}.attn.to_out.0", *img_o)
-        ac = self.plin(f"{path}.attn.to_add_out", *txt_o)
-        r = self.both(self._double_mid, S, T, ai, ac, B=B)
+        ai = self.linear_pair(f"{path}.attn.to_out.0", *img_o)
+        ac = self.linear_pair(f"{path}.attn.to_add_out", *txt_o)
+        r = self.per_branch(self._double_mid, S, T, ai, ac, B=B)
         ri, rc = (r[0][0] if r[0] else None, r[1][0] if r[1] else None), (r[0][1] if r[0] else None,
                                                                           r[1][1] if r[1] else None)
-        gi = self.both(self._swiglu, S, T, self.plin(f"{path}.ff.linear_in", *ri))
-        gc = self.both(self._swiglu, S, T, self.plin(f"{path}.ff_context.linear_in", *rc))
-        self.both(self._double_out, S, T, self.plin(f"{path}.ff.linear_out", *gi),
-                  self.plin(f"{path}.ff_context.linear_out", *gc), B=B)
+        gi = self.per_branch(self._swiglu, S, T, self.linear_pair(f"{path}.ff.linear_in", *ri))
+        gc = self.per_branch(self._swiglu, S, T, self.linear_pair(f"{path}.ff_context.linear_in", *rc))
+        self.per_branch(self._double_out, S, T, self.linear_pair(f"{path}.ff.linear_out", *gi),
+                  self.linear_pair(f"{path}.ff_context.linear_out", *gc), B=B)
 
     # ---- single-stream block, per branch ------------------------------------------------------------
     def _single_in(self, b: KleinBranch, B):
@@ -173,9 +172,9 @@ class FastFlux2(PairedModel):
     def _single_qkv(self, b: KleinBranch, p, B):
         a, inner = b.block.attn, self.heads * self.head_dim
         q, k, v = p[:, :inner], p[:, inner:2 * inner], p[:, 2 * inner:3 * inner]
-        q3, k3 = q.reshape(B, b.L + b.M, -1), k.reshape(B, b.L + b.M, -1)
-        qt_, kt_ = self._qk(q3[:, :b.L], k3[:, :b.L], a.norm_q.weight, a.norm_k.weight, b.cs_txt, B)
-        qi_, ki_ = self._qk(q3[:, b.L:], k3[:, b.L:], a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
+        q3, k3 = q.reshape(B, b.n_txt + b.n_img, -1), k.reshape(B, b.n_txt + b.n_img, -1)
+        qt_, kt_ = self._qk(q3[:, :b.n_txt], k3[:, :b.n_txt], a.norm_q.weight, a.norm_k.weight, b.cs_txt, B)
+        qi_, ki_ = self._qk(q3[:, b.n_txt:], k3[:, b.n_txt:], a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
         return self._joint(b, qt_, qi_, B), self._joint(b, kt_, ki_, B), v.reshape(-1, self.heads, self.head_dim)
 
     def _single_cat(self, b: KleinBranch, p, o):
@@ -189,15 +188,13 @@ class FastFlux2(PairedModel):
         for b in (S, T):
             if b is not None:
                 b.at(path)
-        p = self.plin(f"{path}.attn.to_qkv_mlp_proj", *self.both(self._single_in, S, T, B=B))
-        o = self._attend(self.both(self._single_qkv, S, T, p, B=B), B)
-        out = self.plin(f"{path}.attn.to_out", *self.both(self._single_cat, S, T, p, o))
-        self.both(self._single_out, S, T, out, B=B)
+        p = self.linear_pair(f"{path}.attn.to_qkv_mlp_proj", *self.per_branch(self._single_in, S, T, B=B))
+        o = self._attend(self.per_branch(self._single_qkv, S, T, p, B=B), B)
+        out = self.linear_pair(f"{path}.attn.to_out", *self.per_branch(self._single_cat, S, T, p, o))
+        self.per_branch(self._single_out, S, T, out, B=B)
 
     # ---- forward -------------------------------------------------------------------------------
     def _branch(self, name, ctxs, x):
-        from dopsd_fast.families.klein.adapter import pack, refs_of
-
         model, adapter = (self.ms, self.adapter_s) if name == "s" else (self.mt, self.adapter_t)
         B, _, h, w = x.shape
         dtype = self.ms.x_embedder.weight.dtype
@@ -206,10 +203,10 @@ class FastFlux2(PairedModel):
             raise ValueError("FastFlux2: samples of a batch must share text length and reference sizes")
         txt = torch.stack([c.features for c in ctxs]).to(x.device, dtype)
         ref_tok = [pack(torch.stack([rr[i] for rr in refs]).to(x.device, dtype)) for i in range(len(refs[0]))]
-        L = txt.shape[1]
-        cs_txt, cs_img, M = self._tables(model, L, h, w, tuple((r.shape[-2], r.shape[-1]) for r in refs[0]),
+        n_txt = txt.shape[1]
+        cs_txt, cs_img, n_img = self._tables(model, n_txt, h, w, tuple((r.shape[-2], r.shape[-1]) for r in refs[0]),
                                          x.device)
-        return KleinBranch(name, model, adapter, L=L, M=M, txt=txt, refs=ref_tok, cs_txt=cs_txt, cs_img=cs_img)
+        return KleinBranch(name, model, adapter, n_txt=n_txt, n_img=n_img, txt=txt, refs=ref_tok, cs_txt=cs_txt, cs_img=cs_img)
 
     def velocity_pair(self, x, sigma, ctx_s, ctx_t, share=None):
         """(v_student, v_teacher) for latents ``x`` (B, C, h, w) in the (sigma, v) convention. ``share``:
@@ -220,8 +217,6 @@ class FastFlux2(PairedModel):
             return self._velocity_pair(x, sigma, ctx_s, ctx_t)
 
     def _velocity_pair(self, x, sigma, ctx_s, ctx_t):
-        from dopsd_fast.families.klein.adapter import pack
-
         ms = self.ms
         dtype = ms.x_embedder.weight.dtype
         B, C, h, w = x.shape
@@ -251,8 +246,8 @@ class FastFlux2(PairedModel):
                     else:
                         e = e_x = b.model.x_embedder(tok)
                     parts = [e] + [b.model.x_embedder(r) for r in b.refs]
-                    b.img = torch.cat(parts, 1).reshape(B * b.M, -1)
-                    b.txt_h = b.model.context_embedder(b.txt).reshape(B * b.L, -1)
+                    b.img = torch.cat(parts, 1).reshape(B * b.n_img, -1)
+                    b.txt_h = b.model.context_embedder(b.txt).reshape(B * b.n_txt, -1)
 
         n_double = len(ms.transformer_blocks)
         for bi in range(n_double):
@@ -261,7 +256,7 @@ class FastFlux2(PairedModel):
 
         for b in live:  # single-stream blocks on [text ; image]
             with b.grad_ctx():
-                b.hs = torch.cat([b.txt_h.view(B, b.L, -1), b.img.view(B, b.M, -1)], 1).reshape(B * (b.L + b.M), -1)
+                b.hs = torch.cat([b.txt_h.view(B, b.n_txt, -1), b.img.view(B, b.n_img, -1)], 1).reshape(B * (b.n_txt + b.n_img), -1)
         for bi in range(len(ms.single_transformer_blocks)):
             with self._nv(f"single{bi}"):
                 self._run(self._single, f"single_transformer_blocks.{bi}", S, T, B, ("hs",), n_double + bi)
@@ -270,7 +265,7 @@ class FastFlux2(PairedModel):
         with self._nv("final"):  # the x_k tokens only
             for b in live:
                 with b.grad_ctx():
-                    hh = b.hs.view(B, b.L + b.M, -1)[:, b.L:b.L + N]
+                    hh = b.hs.view(B, b.n_txt + b.n_img, -1)[:, b.n_txt:b.n_txt + N]
                     emb = b.model.norm_out.linear(F.silu(b.mods[0]).to(hh.dtype))
                     scale, shift = emb.chunk(2, dim=1)
                     y = self._ln(hh.reshape(B * N, -1), scale, shift, B)

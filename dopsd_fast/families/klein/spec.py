@@ -7,6 +7,8 @@ import math
 import re
 
 from dopsd_fast.families.spec import FAST_FEATURES, Convention, FamilySpec, Flavour, MemoryCoefficients
+import torch
+from dopsd_fast.context import Context
 
 # The default LoRA targets (the single blocks' to_out are named in full, per block: default_lora_targets).
 BASE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -85,10 +87,6 @@ class KleinFamily(FamilySpec):
         return [mu / (mu + (1 / s - 1)) for s in (1.0 - i / k for i in range(k))] + [0.0]
 
     def random_contexts(self, c, latent, cap_s, cap_t, batch, generator, device, dtype):
-        import torch
-
-        from dopsd_fast.context import Context
-
         d = int(dict(c)["joint_attention_dim"])  # padded text of one length; the target as a reference
         ctx_s = [Context(torch.randn(cap_s, d, generator=generator).to(device, dtype)) for _ in range(batch)]
         ctx_t = [Context(torch.randn(cap_t, d, generator=generator).to(device, dtype),

@@ -176,20 +176,20 @@ class FastZImage(PairedModel):
             if b is not None:
                 b.at(path)
         h = (s.stream.h if s else None, t.stream.h if t else None)
-        x = self.both(self._norm_in, s, t, h, norm="attention_norm1", mod=0)
-        q, k, v = self.plins([f"{path}.attention.to_{n}" for n in "qkv"], *x)
-        qk = self.both(self._rope, s, t, q, k)
+        x = self.per_branch(self._norm_in, s, t, h, norm="attention_norm1", mod=0)
+        q, k, v = self.linear_group([f"{path}.attention.to_{n}" for n in "qkv"], *x)
+        qk = self.per_branch(self._rope, s, t, q, k)
         if s is not None and t is not None:
             o = self.ops.attention_pair(self._attn_args(s, qk[0], v[0]), self._attn_args(t, qk[1], v[1]))
         else:
-            o = self.both(self._attend_one, s, t, qk, v)
-        a = self.plin(f"{path}.attention.to_out.0", _flat(o[0]), _flat(o[1]))
-        h = self.both(self._residual, s, t, h, a, norm="attention_norm2", mod=1)
-        x = self.both(self._norm_in, s, t, h, norm="ffn_norm1", mod=2)
-        w1, w3 = self.plins([f"{path}.feed_forward.w1", f"{path}.feed_forward.w3"], *x)
-        g = self.both(self._swiglu, s, t, w1, w3)
-        f = self.plin(f"{path}.feed_forward.w2", *g)
-        return self.both(self._residual, s, t, h, f, norm="ffn_norm2", mod=3)
+            o = self.per_branch(self._attend_one, s, t, qk, v)
+        a = self.linear_pair(f"{path}.attention.to_out.0", _flat(o[0]), _flat(o[1]))
+        h = self.per_branch(self._residual, s, t, h, a, norm="attention_norm2", mod=1)
+        x = self.per_branch(self._norm_in, s, t, h, norm="ffn_norm1", mod=2)
+        w1, w3 = self.linear_group([f"{path}.feed_forward.w1", f"{path}.feed_forward.w3"], *x)
+        g = self.per_branch(self._swiglu, s, t, w1, w3)
+        f = self.linear_pair(f"{path}.feed_forward.w2", *g)
+        return self.per_branch(self._residual, s, t, h, f, norm="ffn_norm2", mod=3)
 
     def _set_mods(self, path: str, s: Branch | None, t: Branch | None, adaln: dict) -> None:
         """adaLN modulation of block ``path`` for each branch (computed once when it is shared)."""
@@ -244,7 +244,7 @@ class FastZImage(PairedModel):
         ht_, wt_ = H // 2, W // 2
         n_img = ht_ * wt_
         n_img_pad = n_img + (-n_img) % SEQ_MULTI_OF
-        lay = {"n_img": n_img, "n_img_pad": n_img_pad, "hw": (ht_, wt_)}
+        layout = {"n_img": n_img, "n_img_pad": n_img_pad, "hw": (ht_, wt_)}
         i32 = dict(dtype=torch.int32, device=device)
         for which, lens, model in (("s", cap_lens_s, self.ms), ("t", cap_lens_t, self.mt)):
             if lens is None:
@@ -263,32 +263,32 @@ class FastZImage(PairedModel):
                 cap_src += list(range(off, off + n)) + [n_real] * (p - n)
                 off += n
             # unified rows per sample [image ; caption] from cat([image rows, caption rows])
-            uni_src, uni_cu, n_img_rows = [], [0], B * n_img_pad
+            unified_src, unified_cu, n_img_rows = [], [0], B * n_img_pad
             for b, p in enumerate(padded):
-                uni_src += list(range(b * n_img_pad, (b + 1) * n_img_pad))
-                uni_src += list(range(n_img_rows + cap_cu[b], n_img_rows + cap_cu[b + 1]))
-                uni_cu.append(uni_cu[-1] + n_img_pad + p)
-            uni_ids = torch.cat([torch.cat([img_ids[b], cap_ids[b]]) for b in range(B)]).to(device)
-            out_rows = [r for b in range(B) for r in range(uni_cu[b], uni_cu[b] + n_img)]
+                unified_src += list(range(b * n_img_pad, (b + 1) * n_img_pad))
+                unified_src += list(range(n_img_rows + cap_cu[b], n_img_rows + cap_cu[b + 1]))
+                unified_cu.append(unified_cu[-1] + n_img_pad + p)
+            unified_ids = torch.cat([torch.cat([img_ids[b], cap_ids[b]]) for b in range(B)]).to(device)
+            out_rows = [r for b in range(B) for r in range(unified_cu[b], unified_cu[b] + n_img)]
             arange_b = torch.arange(B)
-            lay[which] = {
+            layout[which] = {
                 "padded": padded,
                 "cap_src": torch.tensor(cap_src, dtype=torch.long, device=device),
                 "img": (img_cs, [i * n_img_pad for i in range(B + 1)],
                         arange_b.repeat_interleave(n_img_pad).to(device)),
                 "cap": (cap_cs, cap_cu, torch.repeat_interleave(arange_b, torch.tensor(padded)).to(device)),
-                "uni": (self._freqs(model, uni_ids), uni_cu,
+                "unified": (self._freqs(model, unified_ids), unified_cu,
                         torch.repeat_interleave(arange_b, torch.tensor([n_img_pad + p for p in padded])).to(device)),
-                "uni_src": torch.tensor(uni_src, dtype=torch.long, device=device),
+                "unified_src": torch.tensor(unified_src, dtype=torch.long, device=device),
                 "out_rows": torch.tensor(out_rows, dtype=torch.long, device=device),
             }
-            for name in ("img", "cap", "uni"):
-                (cos, sin), cu, seq = lay[which][name]
-                lay[which][name] = (cos, sin, torch.tensor(cu, **i32), cu, seq)
+            for name in ("img", "cap", "unified"):
+                (cos, sin), cu, seq = layout[which][name]
+                layout[which][name] = (cos, sin, torch.tensor(cu, **i32), cu, seq)
         if len(self._layouts) >= 64:
             self._layouts.pop(next(iter(self._layouts)))
-        self._layouts[key] = lay
-        return lay
+        self._layouts[key] = layout
+        return layout
 
     @staticmethod
     def _stream(h, spec):
@@ -309,95 +309,121 @@ class FastZImage(PairedModel):
 
     def _forward_pair(self, x, t, caps_s, caps_t, student, share):
         ms = self.ms
-        B, C, H, W = x.shape
+        B = x.shape[0]
         dtype = ms.all_x_embedder[self.key].weight.dtype
         S, T = self.branches(bool(student) and caps_s is not None, caps_t is not None)
-        caps = {"s": caps_s, "t": caps_t}
         live = [b for b in (S, T) if b is not None]
-        lay = self.layout(B, H, W, [len(c) for c in caps_s] if S else None, [len(c) for c in caps_t] if T else None,
-                          x.device)
-        n_img, n_img_pad = lay["n_img"], lay["n_img_pad"]
-        ht_, wt_ = lay["hw"]
-
+        layout = self.layout(B, *x.shape[-2:], [len(c) for c in caps_s] if S else None,
+                             [len(c) for c in caps_t] if T else None, x.device)
         with self._nv("embed"):
-            adaln = {}
-            for b in live:
-                if self.same_model and adaln:
-                    adaln[b.name] = next(iter(adaln.values()))
-                    continue
-                with b.grad_ctx():
-                    adaln[b.name] = b.model.t_embedder(t.to(torch.float32) * b.model.t_scale).to(dtype)
-            # a missing branch's key maps to the other's embedding (the shared modulation reads either)
-            adaln = {"s": adaln.get("s", adaln.get("t")), "t": adaln.get("t", adaln.get("s"))}
-            patches = x.to(dtype).view(B, C, 1, 1, ht_, 2, wt_, 2).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(
-                B, n_img, 4 * C)
-
-            def img_embed(model):
-                e = model.all_x_embedder[self.key](patches)
-                if n_img_pad > n_img:
-                    e = torch.cat([e, model.x_pad_token.to(e.dtype).expand(B, n_img_pad - n_img, -1)], 1)
-                return e.reshape(B * n_img_pad, -1)
-
-            cap_h = {}
-            for b in live:
-                if share is not None and b.name in share.h:
-                    continue  # refined captions reused: no embedding needed
-                with b.grad_ctx():
-                    emb = b.model.cap_embedder(torch.cat([c.to(x.device, dtype) for c in caps[b.name]]))
-                    rows = torch.cat([emb, b.model.cap_pad_token.to(emb.dtype)])
-                    cap_h[b.name] = rows[lay[b.name]["cap_src"]]
-
-        refiner = [f"noise_refiner.{i}" for i in range(len(ms.noise_refiner))]
+            adaln = self._time_embedding(live, t, dtype)
+            img_embed = self._image_embedder(x.to(dtype), layout)
+            cap_h = self._caption_embedding(live, {"s": caps_s, "t": caps_t}, layout, share, x.device, dtype)
         with self._nv("noise_refiner"):
-            if S and T and self.refiner_shareable and (n_img_pad == n_img or lay["s"]["padded"] == lay["t"]["padded"]):
-                # one pass: the branches differ only by a common RoPE offset of the image rows (exact up
-                # to rounding), or not at all (the same padded caption lengths: bitwise the same input).
-                # Not otherwise: diffusers does not mask the image's pad rows (x_pad_token, RoPE ids
-                # (0, 0, 0) in both branches) out of the refiner's attention, so an image row's offset
-                # to a pad row differs between branches whose padded caption lengths differ.
-                shared = Branch("s", ms, self.adapter_s, self._stream(img_embed(ms), lay["s"]["img"]))
-                self._run_blocks(refiner, shared, None, adaln)
-                img = {"s": shared.stream.h, "t": shared.stream.h.detach()}
-            else:
-                for b in live:
-                    with b.grad_ctx():
-                        b.stream = self._stream(img_embed(b.model), lay[b.name]["img"])
-                self._run_blocks(refiner, S, T, adaln)
-                img = {b.name: b.stream.h for b in live}
-
+            img = self._noise_refiner(S, T, live, layout, img_embed, adaln)
         with self._nv("context_refiner"):
-            run = {}
-            for b in live:
-                hit = share.h.get(b.name) if share is not None else None
-                b.stream, b.mods = self._stream(hit if hit is not None else cap_h[b.name], lay[b.name]["cap"]), None
-                run[b.name] = hit is None
-            rs, rt = (S if S is not None and run["s"] else None), (T if T is not None and run["t"] else None)
-            if rs is not None or rt is not None:
-                self._run_blocks([f"context_refiner.{i}" for i in range(len(ms.context_refiner))], rs, rt, None)
-            if share is not None:
-                for b in (rs, rt):
-                    if b is not None:
-                        share.runs[b.name] += 1
-                        if b.name == "t" or (share.student and torch.is_grad_enabled()):
-                            b.stream.h = share.keep(b.name, b.stream.h)
+            self._context_refiner(S, T, live, layout, cap_h, share)
+        for b in live:  # [image ; caption] rows per sample: the main layers' unified stream
+            with b.grad_ctx():
+                h = torch.cat([img[b.name], b.stream.h])[layout[b.name]["unified_src"]]
+            b.stream = self._stream(h, layout[b.name]["unified"])
+        self._run_blocks([f"layers.{i}" for i in range(len(ms.layers))], S, T, adaln, self.checkpoint_layers)
+        with self._nv("final"):
+            results = self._final_layer(live, layout, adaln, x.shape)
+        return results.get("s"), results.get("t")
 
+    def _time_embedding(self, live, t, dtype) -> dict:
+        """The timestep embedding per branch (once when both read one model); a missing branch's key maps
+        to the other's embedding (the shared modulation reads either)."""
+        adaln = {}
+        for b in live:
+            if self.same_model and adaln:
+                adaln[b.name] = next(iter(adaln.values()))
+                continue
+            with b.grad_ctx():
+                adaln[b.name] = b.model.t_embedder(t.to(torch.float32) * b.model.t_scale).to(dtype)
+        return {"s": adaln.get("s", adaln.get("t")), "t": adaln.get("t", adaln.get("s"))}
+
+    def _image_embedder(self, x, layout):
+        """``model -> rows``: the 2 x 2 patches of ``x`` embedded by ``model``, padded with its pad token."""
+        B, C = x.shape[:2]
+        n_img, n_img_pad = layout["n_img"], layout["n_img_pad"]
+        ht_, wt_ = layout["hw"]
+        patches = x.view(B, C, 1, 1, ht_, 2, wt_, 2).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(B, n_img, 4 * C)
+
+        def embed(model):
+            e = model.all_x_embedder[self.key](patches)
+            if n_img_pad > n_img:
+                e = torch.cat([e, model.x_pad_token.to(e.dtype).expand(B, n_img_pad - n_img, -1)], 1)
+            return e.reshape(B * n_img_pad, -1)
+        return embed
+
+    def _caption_embedding(self, live, caps, layout, share, device, dtype) -> dict:
+        """The embedded caption rows (padded per sample) of each branch whose refined captions are not
+        reused from the share."""
+        cap_h = {}
+        for b in live:
+            if share is not None and b.name in share.h:
+                continue  # refined captions reused: no embedding needed
+            with b.grad_ctx():
+                emb = b.model.cap_embedder(torch.cat([c.to(device, dtype) for c in caps[b.name]]))
+                rows = torch.cat([emb, b.model.cap_pad_token.to(emb.dtype)])
+                cap_h[b.name] = rows[layout[b.name]["cap_src"]]
+        return cap_h
+
+    def _noise_refiner(self, S, T, live, layout, img_embed, adaln) -> dict:
+        """The image-only noise refiner; the refined image rows per branch."""
+        ms = self.ms
+        refiner = [f"noise_refiner.{i}" for i in range(len(ms.noise_refiner))]
+        same_input = bool(S and T) and (layout["n_img_pad"] == layout["n_img"]
+                                        or layout["s"]["padded"] == layout["t"]["padded"])
+        if S and T and self.refiner_shareable and same_input:
+            # one pass: the branches differ only by a common RoPE offset of the image rows (exact up
+            # to rounding), or not at all (the same padded caption lengths: bitwise the same input).
+            # Not otherwise: diffusers does not mask the image's pad rows (x_pad_token, RoPE ids
+            # (0, 0, 0) in both branches) out of the refiner's attention, so an image row's offset
+            # to a pad row differs between branches whose padded caption lengths differ.
+            shared = Branch("s", ms, self.adapter_s, self._stream(img_embed(ms), layout["s"]["img"]))
+            self._run_blocks(refiner, shared, None, adaln)
+            return {"s": shared.stream.h, "t": shared.stream.h.detach()}
         for b in live:
             with b.grad_ctx():
-                h = torch.cat([img[b.name], b.stream.h])[lay[b.name]["uni_src"]]
-            b.stream = self._stream(h, lay[b.name]["uni"])
-        self._run_blocks([f"layers.{i}" for i in range(len(ms.layers))], S, T, adaln, self.checkpoint_layers)
+                b.stream = self._stream(img_embed(b.model), layout[b.name]["img"])
+        self._run_blocks(refiner, S, T, adaln)
+        return {b.name: b.stream.h for b in live}
 
+    def _context_refiner(self, S, T, live, layout, cap_h, share) -> None:
+        """The caption-only context refiner into each branch's stream: computed where the share holds no
+        refined captions yet (then kept in it: the teacher's always, the student's as the share says)."""
+        run = {}
+        for b in live:
+            hit = share.h.get(b.name) if share is not None else None
+            b.stream, b.mods = self._stream(hit if hit is not None else cap_h[b.name], layout[b.name]["cap"]), None
+            run[b.name] = hit is None
+        rs, rt = (S if S is not None and run["s"] else None), (T if T is not None and run["t"] else None)
+        if rs is not None or rt is not None:
+            self._run_blocks([f"context_refiner.{i}" for i in range(len(self.ms.context_refiner))], rs, rt, None)
+        if share is not None:
+            for b in (rs, rt):
+                if b is not None:
+                    share.runs[b.name] += 1
+                    if b.name == "t" or (share.student and torch.is_grad_enabled()):
+                        b.stream.h = share.keep(b.name, b.stream.h)
+
+    def _final_layer(self, live, layout, adaln, shape) -> dict:
+        """The final layer's output per branch, unpatchified to ``shape`` (diffusers' ``model_out``)."""
+        B, C, H, W = shape
+        ht_, wt_ = layout["hw"]
         results = {}
-        with self._nv("final"):
-            for b in live:
-                with b.grad_ctx():
-                    st = b.stream
-                    fl = b.model.all_final_layer[self.key]
-                    scale = fl.adaLN_modulation(adaln[b.name])
-                    y = self.ops.ln_mod(st.rows(st.h), scale, 1e-6, seq=st.mod_seq).view_as(st.h)
-                    out = fl.linear(y[lay[b.name]["out_rows"]]).view(B, 1, ht_, wt_, 1, 2, 2, C)
-                    results[b.name] = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
-        return results.get("s"), results.get("t")
+        for b in live:
+            with b.grad_ctx():
+                st = b.stream
+                fl = b.model.all_final_layer[self.key]
+                scale = fl.adaLN_modulation(adaln[b.name])
+                y = self.ops.ln_mod(st.rows(st.h), scale, 1e-6, seq=st.mod_seq).view_as(st.h)
+                out = fl.linear(y[layout[b.name]["out_rows"]]).view(B, 1, ht_, wt_, 1, 2, 2, C)
+                results[b.name] = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, C, 1, H, W)[:, :, 0]
+        return results
 
     def velocity_pair(self, x, sigma, ctx_s, ctx_t, share: ContextShare | None = None):
         """(v_student, v_teacher) in the (sigma, v) convention; v_teacher without autograd. ``share``:

@@ -4,6 +4,9 @@ its sizes, schedules, FLOP counts and memory coefficients."""
 from __future__ import annotations
 
 from dopsd_fast.families.spec import Convention, FamilySpec, Flavour, MemoryCoefficients
+import torch
+from dopsd_fast.algorithm import resolve_schedule
+from dopsd_fast.context import Context
 
 # Tiny Z-Image: the real class at test size, random weights.
 TINY_ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2,
@@ -60,25 +63,17 @@ class ZImageFamily(FamilySpec):
         return (int(dict(c)["in_channels"]), resolution // 8, resolution // 8)
 
     def rollout_sigmas(self, k, latent_hw=None):
-        from dopsd_fast.algorithm import resolve_schedule
-
         if f"zimage-k{k}" in self.named_schedules:
             return resolve_schedule(f"zimage-k{k}")
         return [float(3 * (1 - i / k) / (1 + 2 * (1 - i / k))) for i in range(k + 1)]  # shift 3, like the release
 
     def random_contexts(self, c, latent, cap_s, cap_t, batch, generator, device, dtype):
-        import torch
-
-        from dopsd_fast.context import Context
-
         d = int(dict(c)["cap_feat_dim"])  # caption lengths differ per sample (exercises the packing)
         ctx_s = [Context(torch.randn(cap_s + 3 * b, d, generator=generator).to(device, dtype)) for b in range(batch)]
         ctx_t = [Context(torch.randn(cap_t - 5 * b, d, generator=generator).to(device, dtype)) for b in range(batch)]
         return ctx_s, ctx_t
 
     def init_random(self, transformer):
-        import torch
-
         with torch.no_grad():
             transformer.x_pad_token.normal_()
             transformer.cap_pad_token.normal_()
