@@ -184,3 +184,56 @@ def test_paired_group_equals_separate_layers(impl, dtype):
                                                    [torch.empty(0), torch.randn(24)], [ad[0][0], ad[2][0]],
                                                    [ad[0][1], ad[2][1]], [lq[4], lv[4]], [lq[5], lv[5]], [0.5, 1.5],
                                                    [2.0, 1.0], impl, [], [], True))
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_cost_passes_are_the_launches_the_torch_form_makes(group):
+    """The step model prices the paired op by the passes its cost states (benchmarks/perf_model.py): each
+    is one launch of the cuBLAS form, with that launch's GEMM shape and bytes (read + written). Here
+    the implementation runs under a dispatch mode that records every aten op it launches, forward
+    (both branches) and the student's backward (the group's dx in one buffer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dopsd_fast.kernels import multi_lora as ml
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.launches = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.name()
+            if func.is_view or name in ("aten::empty", "aten::empty_strided", "aten::t", "aten::_to_copy"):
+                return out
+            ts = [a for a in args if isinstance(a, torch.Tensor)]
+            written = args[0] if name.endswith("_") else out  # in place: the first argument is rewritten
+            byts = sum(t.numel() * t.element_size() for t in ts) + written.numel() * written.element_size()
+            if name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+                a, b = (args[0], args[1]) if name == "aten::mm" else (args[1], args[2])
+                self.launches.append(((a.shape[0], a.shape[1], b.shape[1]), byts))
+            else:
+                self.launches.append((None, out.numel() * out.element_size()))  # a fill of the 0-dim zero
+            return out
+
+    torch.manual_seed(0)
+    Ms, Mt, K, r = 24, 40, 32, 4
+    Ns = [48, 16, 40][:group]
+    e = 2
+    xs, xt = torch.randn(Ms, K, dtype=torch.bfloat16), torch.randn(Mt, K, dtype=torch.bfloat16)
+    ws = [torch.randn(N, K, dtype=torch.bfloat16) for N in Ns]
+    As = [torch.randn(r, K, dtype=torch.bfloat16) for _ in Ns]
+    Bs = [torch.randn(N, r, dtype=torch.bfloat16) for N in Ns]
+    dys = [torch.randn(Ms, N, dtype=torch.bfloat16) for N in Ns]
+    with Record() as rec:
+        ys, us = ml._branch_fwd(xs, ws, [None] * group, As, Bs, [0.5] * group, False)
+        ml._branch_fwd(xt, ws, [None] * group, As, Bs, [2.0] * group, False)
+        ml._student_bwd(dys, xs, ws, us, As, Bs, [0.5] * group, False)
+    passes = [p for M in (Ms, Mt) for N in Ns for p in ml.paired_fwd_passes(M, K, N, r, e, "torch")]
+    passes += [p for g, N in enumerate(Ns) for p in ml.paired_bwd_passes(Ms, K, N, r, e, "torch", g > 0)]
+    # launches in a different order (both branches' forward per linear in the cost): compare as multisets
+    got = sorted((shape or (), byts) for shape, byts in rec.launches)
+    want = sorted((p["shape"] or (), p["bytes"]) for p in passes for _ in range(p["launches"]))
+    assert len(got) == len(want) and [g[0] for g in got] == [w[0] for w in want], (got, want)
+    for (shape, b_got), (_, b_want) in zip(got, want):  # the 0-dim zero read by addmm(beta=0): 2 bytes
+        assert abs(b_got - b_want) <= 2 * e, (shape, b_got, b_want)
