@@ -332,6 +332,7 @@ def paired_lora_linears_op(x_s: torch.Tensor, x_t: torch.Tensor, weights: list[t
                            fp8_scale: list[torch.Tensor], fp8_rowwise: bool) -> list[torch.Tensor]:
     """-> ``[y_s per linear] + [y_t per linear] + [u_s per linear]`` (u_s kept for the backward); an
     empty bias tensor is no bias (a list of optional tensors is not a stable pytree for autograd).
+    Differentiable through :func:`paired_lora_linears` (its autograd: ``_PairedLinears``), not alone.
     ``fp8_w`` / ``fp8_scale``: the base weights quantized (float8_e4m3fn) and their scales, for an FP8
     forward GEMM (empty lists: none); the backward is the same either way (dX in bf16 against W)."""
     biases = [b if b.numel() else None for b in biases]
@@ -364,36 +365,42 @@ def _(dys, x, weights, us, a_s, b_s, scales, impl):
     return [torch.empty_like(x)] + [torch.empty_like(a) for a in a_s] + [torch.empty_like(b) for b in b_s]
 
 
-def _linears_setup(ctx, inputs, output):
-    x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, *_fp8 = inputs
-    G = len(weights)
-    ctx.G, ctx.args, ctx.fp8_n = G, (list(scales_s), impl), len(_fp8[0])
-    ctx.save_for_backward(x_s, *weights, *output[2 * G:], *a_s, *b_s)  # the teacher rows are not kept
-    ctx.mark_non_differentiable(*output[G:])
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher outputs and u
+class _PairedLinears(torch.autograd.Function):
+    """The autograd of the paired op, around it (the op itself registers none: call it through
+    :func:`paired_lora_linears`), the differentiable tensors as the Function's own arguments. Not
+    ``register_autograd`` on the op: with tensor-list arguments that flattens and rebuilds every list
+    (pytrees) and refills the schema's defaults at each forward and backward, ~6x the Python calls of
+    this form per forward + backward: host work of a fixed size per call, exposed wherever one call's
+    GPU work is shorter (tested: tests/kernels/test_multi_lora.py, host work)."""
 
+    @staticmethod
+    def forward(ctx, spec, x_s, *lora_s):
+        x_t, weights, biases, a_t, b_t, scales_s, scales_t, impl, fp8_w, fp8_scale, fp8_rowwise = spec
+        G = len(weights)
+        a_s, b_s = list(lora_s[:G]), list(lora_s[G:])
+        out = paired_lora_linears_op(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w,
+                                     fp8_scale, fp8_rowwise)
+        ctx.G, ctx.scales, ctx.impl = G, list(scales_s), impl
+        ctx.save_for_backward(x_s, *weights, *out[2 * G:], *a_s, *b_s)  # the teacher rows are not kept
+        ctx.mark_non_differentiable(*out[G:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher outputs and u
+        return tuple(out)
 
-def _linears_backward(ctx, grads):
-    G = ctx.G
-    x_s, *rest = ctx.saved_tensors
-    weights, us, a_s, b_s = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
-    scales, impl = ctx.args
-    live = [g for g in range(G) if grads[g] is not None]
-    none = [None] * G
-    if not live:
-        return None, None, none, none, none, none, none, none, None, None, None, [None] * ctx.fp8_n, \
-            [None] * ctx.fp8_n, None
-    pick = lambda seq: [seq[g] for g in live]  # noqa: E731
-    out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), pick(us),
-                                          pick(a_s), pick(b_s), pick(scales), impl)
-    da, db = list(none), list(none)
-    for j, g in enumerate(live):
-        da[g], db[g] = out[1 + j], out[1 + len(live) + j]
-    return out[0], None, none, none, da, db, none, none, None, None, None, [None] * ctx.fp8_n, \
-        [None] * ctx.fp8_n, None
-
-
-paired_lora_linears_op.register_autograd(_linears_backward, setup_context=_linears_setup)
+    @staticmethod
+    def backward(ctx, *grads):
+        G = ctx.G
+        x_s, *rest = ctx.saved_tensors
+        weights, us, a_s, b_s = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
+        live = [g for g in range(G) if grads[g] is not None]
+        da, db = [None] * G, [None] * G
+        if not live:
+            return None, None, *da, *db
+        pick = lambda seq: [seq[g] for g in live]  # noqa: E731
+        out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), pick(us),
+                                              pick(a_s), pick(b_s), pick(ctx.scales), ctx.impl)
+        for j, g in enumerate(live):
+            da[g], db[g] = out[1 + j], out[1 + len(live) + j]
+        return None, out[0], *da, *db
 
 
 def _pass(name, kind, flops, byts, launches=1, shape=None, impl=None):
@@ -518,12 +525,16 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
         raise ValueError(f"paired_lora_linear: impl must be 'triton' or 'torch', got {impl!r}")
     nob = weights[0].new_empty(0)
     fq = [fp8.weight(w) for w in weights] if fp8 is not None else []
-    out = paired_lora_linears_op(x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach(),
-                                 list(weights), [nob if b is None else b for b in biases], [lo[0] for lo in students],
-                                 [lo[1] for lo in students], [lo[0].detach() for lo in teachers],
-                                 [lo[1].detach() for lo in teachers], [float(lo[2]) for lo in students],
-                                 [float(lo[2]) for lo in teachers], impl, [q for q, _ in fq], [s for _, s in fq],
-                                 bool(fp8.rowwise) if fp8 is not None else True)
+    x2, x_t2 = x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach()
+    a_s, b_s = [lo[0] for lo in students], [lo[1] for lo in students]
+    frozen = ([lo[0].detach() for lo in teachers], [lo[1].detach() for lo in teachers],
+              [float(lo[2]) for lo in students], [float(lo[2]) for lo in teachers], impl, [q for q, _ in fq],
+              [s for _, s in fq], bool(fp8.rowwise) if fp8 is not None else True)
+    weights, biases = list(weights), [nob if b is None else b for b in biases]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, *a_s, *b_s)):
+        out = _PairedLinears.apply((x_t2, weights, biases, *frozen), x2, *a_s, *b_s)
+    else:  # nothing to differentiate (the teacher alone, a no-grad roll-out, a CUDA-graph capture)
+        out = paired_lora_linears_op(x2, x_t2, weights, biases, a_s, b_s, *frozen)
     G = len(weights)
     return [(out[g].reshape(*x_s.shape[:-1], w.shape[0]), out[G + g].reshape(*x_t.shape[:-1], w.shape[0]))
             for g, w in enumerate(weights)]
