@@ -19,7 +19,8 @@ Stages, in the order of the questions they answer (each in its own process, unde
   PyTorch SDPA (flash, cuDNN); TFLOP/s.
 * ``m2`` the paired LoRA linear forward + backward at 3840->3840, 3840->10240, 10240->3840 with
   4608 + 5120 rows, rank 64: ours (Triton, and the stacked algorithm on cuBLAS) vs two cuBLAS
-  LoRA layers, and a device copy of the same bytes as the bandwidth ceiling.
+  LoRA layers, and a device copy of the same bytes as the bandwidth ceiling; the backward timed
+  alone, as GPU time and per call with the host's time beside it.
 * ``m3`` one fast D-OPSD step at the real workload (Z-Image-Turbo size, LoRA r64, 1024^2, K = 4,
   captions 512 / 1024, stepwise backward, no checkpointing): time per region (CUDA events) and
   peak memory.
@@ -58,7 +59,8 @@ STAGES = {  # name -> (cap in seconds, what it answers); the default order is th
     "m1": (35, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN; a ragged batch "
                "through the cudnn / sdpa backends"),
     "m3": (60, "one fast step at the real workload, default attention: time per region, peak memory"),
-    "m2": (25, "paired LoRA linear fwd + bwd: ours vs cuBLAS; device copy ceiling"),
+    "m2": (25, "paired LoRA linear fwd + bwd: ours vs cuBLAS; device copy ceiling; the backward alone: GPU "
+               "time, per call, host"),
     # used by the tests only: a stage that ends, and one that overruns its budget
     "selftest-ok": (30, "test stage: writes one row"),
     "selftest-overrun": (600, "test stage: sleeps past any budget"),
@@ -73,6 +75,7 @@ DRY = os.environ.get("GPU_CHECK_DRYRUN") == "1"
 # The dry run's time limits: the GPU plan's caps and budget times this (the CPU runs the kernels through
 # Triton's interpreter; the dry run checks the code and the plan's table, it measures nothing).
 DRY_TIME_SCALE = 3
+M3_STEPS = 5  # measured steps of m3 after its compile step (one warm step is too noisy to calibrate on)
 DEV = "cpu" if DRY else "cuda"
 
 
@@ -328,15 +331,59 @@ def _ragged_attention(rows: Rows, H: int, D: int, dtype) -> int:
     return status
 
 
+def _host_ms(fn, reps=5) -> float:
+    """Median host time to issue ``fn`` (the GPU is not waited for): what a call costs the CPU."""
+    times = []
+    for _ in range(1 if DRY else reps):  # the dry run: the code once (the interpreter is slow)
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync()
+    return sorted(times)[len(times) // 2]
+
+
+def _queued_ms(fn, reps=10, host_ms=None) -> float:
+    """GPU time per call of ``fn``, L2 flushed before each (as do_bench does): the host queues ``reps``
+    calls behind a spinning kernel, so the events around them time the GPU's work with no gap where the
+    host is behind. do_bench's per-call events time the host instead when it is slower than the GPU.
+    Dry run: the wall clock."""
+    if DRY:
+        return _median_ms(fn)
+    import torch
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    host_ms = host_ms if host_ms is not None else _host_ms(fn)
+
+    def timed(body):
+        start, end = _event(), _event()
+        torch.cuda._sleep(int((1.5 * reps * (host_ms + 0.1) + 0.5) * 2e6))  # longer than the host's queueing (~2 GHz)
+        start.record()
+        for _ in range(reps):
+            body()
+        end.record()
+        _sync()
+        return start.elapsed_time(end) / reps
+
+    timed(fn)  # warm
+    both = timed(lambda: (flush.zero_(), fn()))
+    return max(both - timed(flush.zero_), 0.0)
+
+
 def stage_m2(rows: Rows) -> int:
-    """The paired LoRA linear: ours vs cuBLAS, and a device copy of the same bytes."""
+    """The paired LoRA linear: ours vs cuBLAS, and a device copy of the same bytes. The backward is
+    timed alone (the forward's graph kept) two ways: ``bwd_ms`` GPU time (queued behind a spinning
+    kernel), ``bwd_wall_ms`` per call with do_bench (host included where the host is slower), with
+    ``bwd_host_ms`` the host's time to issue it; ``bwd_derived_ms`` is the earlier figure (forward +
+    backward minus the no-grad forward), ``fwd_grad_ms`` the forward with autograd."""
     import torch
 
     from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linear
 
-    dev, bf, r, Ms, Mt = (DEV, torch.bfloat16, 8, 40, 56) if DRY else (DEV, torch.bfloat16, 64, 4608, 5120)
+    # the dry run: toy shapes, one tile or two (each call runs the GEMMs through Triton's interpreter)
+    dev, bf, r, Ms, Mt = (DEV, torch.bfloat16, 4, 16, 24) if DRY else (DEV, torch.bfloat16, 64, 4608, 5120)
     status = 0
-    for K, N in ((64, 64), (64, 160), (160, 64)) if DRY else ((3840, 3840), (3840, 10240), (10240, 3840)):
+    for K, N in ((32, 32), (32, 48), (48, 32)) if DRY else ((3840, 3840), (3840, 10240), (10240, 3840)):
         torch.manual_seed(0)
         xs = torch.randn(Ms, K, device=dev, dtype=bf, requires_grad=True)
         xt = torch.randn(Mt, K, device=dev, dtype=bf)
@@ -369,11 +416,26 @@ def stage_m2(rows: Rows) -> int:
                 with torch.no_grad():
                     err = (fn().float() - ref).abs().max().item() / ref.abs().max().item()
                     ms_f = _median_ms(fn)
-                ms_fb = _median_ms(lambda: torch.autograd.grad(fn(), (xs, a_s, b_s), dy))
-                ms_b = max(ms_fb - ms_f, 1e-9)
+                ms_fg = _median_ms(fn)  # the forward with autograd (what the fwd + bwd figure contains)
+
+                def fwd_bwd():
+                    torch.autograd.grad(fn(), (xs, a_s, b_s), dy)
+
+                ms_fb = _median_ms(fwd_bwd)
+                y = fn()
+
+                def bwd():
+                    torch.autograd.grad(y, (xs, a_s, b_s), dy, retain_graph=True)
+
+                host_b, host_fb = _host_ms(bwd), _host_ms(fwd_bwd)
+                ms_b = _queued_ms(bwd, host_ms=host_b)
                 rows.add(kind="paired_linear", variant=name, K=K, N=N, rows=f"{Ms}+{Mt}", rank=r, fwd_ms=ms_f,
-                         fwd_tflops=fl_fwd / ms_f / 1e9, bwd_ms=ms_b, bwd_tflops=fl_bwd / ms_b / 1e9,
-                         copy_same_bytes_ms=copy_ms, rel_err_vs_two_layers=err, parity_ok=err < 2e-2)
+                         fwd_tflops=fl_fwd / ms_f / 1e9, bwd_ms=ms_b, bwd_tflops=fl_bwd / max(ms_b, 1e-9) / 1e9,
+                         bwd_wall_ms=_median_ms(bwd), bwd_host_ms=host_b, bwd_derived_ms=ms_fb - ms_f,
+                         fwd_grad_ms=ms_fg, fwd_bwd_ms=ms_fb, fwd_bwd_gpu_ms=_queued_ms(fwd_bwd, host_ms=host_fb),
+                         fwd_bwd_host_ms=host_fb, copy_same_bytes_ms=copy_ms, rel_err_vs_two_layers=err,
+                         parity_ok=err < 2e-2)
+                del y
                 status |= 0 if err < 2e-2 else 1
             except Exception as exc:  # noqa: BLE001
                 rows.add(kind="paired_linear", variant=name, K=K, N=N, error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -417,7 +479,7 @@ def stage_m3(rows: Rows) -> int:
     fp.pair_fn = timed_pair
     opt_step, ema = bench.optimizer.step, bench.weights.ema_update
     status = 0
-    for i in range(3):  # step 0 compiles; steps 1-2 are measured
+    for i in range(1 + M3_STEPS):  # step 0 compiles; the rest are measured
         regions.clear()
         if not DRY:
             torch.cuda.reset_peak_memory_stats()

@@ -5,16 +5,27 @@ of the eager reference and of the fast path runs at the real size (Z-Image-Turbo
 4B / 9B) under ``FakeTensorMode``: shapes, dtypes and every op, no data and no memory. A dispatch
 mode counts, per region (forwards, backward, optimizer, EMA) and op kind: FLOPs, bytes read + written,
 kernel launches, and the peak of live memory (saved activations, temporaries, gradients, optimizer
-state; the weights excluded). The predicted time prices every op at stated rates (default: GEMM 700
-TFLOP/s, attention 350 / 280 TFLOP/s forward / backward, 2.7 TB/s, 5 us per launch), an op taking
-``launches x 5 us + max(FLOPs / rate, bytes / bandwidth)``. These are MODEL figures: a GPU confirms.
+state; the weights excluded). Every op (and every pass inside a fused op: a launch of its own) takes
+``launches x launch cost + max(FLOPs / rate, bytes / bandwidth)``. Rates, two ways:
+
+* stated (the default): GEMM 700 TFLOP/s, attention 350 / 280 TFLOP/s forward / backward, 2.7 TB/s,
+  5 us per launch;
+* calibrated (``--calibration FILE``, ``benchmarks/calibration/``): derived from a GPU run's measurements
+  (``benchmarks/gpu_check.py`` m1, m2, the step and graphs rows), the file naming the GPU, date and
+  commit: GEMMs per shape and implementation (cuBLAS, ours), attention per backend (ours, SDPA flash,
+  SDPA cuDNN), memory passes at the measured device-copy bandwidth, launches at the measured saving of
+  CUDA graphs per launch. What no run measured is priced at a measured rate of the same kind of work
+  (never at a target). ``--compare`` sets the model beside the steps that file measured.
+
+These are MODEL figures: a GPU confirms.
 
 What differs from a GPU run, and how it is handled:
 * fake CPU tensors (on a CPU-only torch, fake CUDA tensors abort in the backward): the eager path runs
   under CPU bf16 autocast, which casts matmuls like CUDA autocast; SDPA dispatches to its CPU flash
-  variant, priced like the GPU's flash attention;
+  variant, priced at the rates of the attention backend named;
 * our fused kernels are ``torch.library.custom_op``s, seen as ONE op: each states its own FLOPs,
-  bytes, launches and scratch (``dopsd_fast.kernels._common.COSTS``, beside its registration);
+  bytes, launches and scratch (``dopsd_fast.kernels._common.COSTS``, beside its registration), and
+  where it launches several kernels, each of them (``cost["passes"]``: the paired LoRA linears);
 * the fast path's shape-dependent host work (packing layout, offsets) is plain Python on real
   tensors, so attention FLOPs per sample are exact;
 * the weights' storages are known to the counter before the step, so a view of a weight (the
@@ -24,6 +35,10 @@ What differs from a GPU run, and how it is handled:
     python benchmarks/perf_model.py --preset klein-4b --paths fast --backward stepwise --json out.json
     python benchmarks/perf_model.py --preset klein-9b --paths fast --checkpoint all   # checkpointing's cost
     python benchmarks/perf_model.py --preset zimage-6b --paths fast --teacher-graph   # the graphed teacher
+    python benchmarks/perf_model.py --paths fast --backward stepwise --traffic        # every non-GEMM pass
+    python benchmarks/perf_model.py --compare          # calibrated model vs the H200's measured steps
+    python benchmarks/perf_model.py --calibrate-from benchmarks/results/DATE-GPU/results.json \
+        --write benchmarks/calibration/GPU-DATE.json   # a new GPU run's measurements as a calibration
     python benchmarks/perf_model.py --calibrate        # dopsd_fast.memory's constants (~4 min)
 """
 
@@ -53,6 +68,7 @@ if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install
 
 RATES = {"gemm": 700e12, "gemm_fp8": 1400e12, "attn_fwd": 350e12, "attn_bwd": 280e12, "bandwidth": 2.7e12,
          "launch": 5e-6}
+DEFAULT_CALIBRATION = HERE / "calibration" / "h200-2026-12-04.json"
 GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "a100-80": 80.0, "l40s": 48.0, "4090": 24.0}
 _FREE = {"aten::detach", "aten::alias", "aten::lift_fresh", "aten::_to_copy_meta", "aten::set_",
          "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty", "aten::new_empty_strided",
@@ -100,18 +116,96 @@ def _sdpa_flops(name, args, out) -> tuple[float, str] | None:
     return 4.0 * B * H * Lq * k.shape[2] * D, "attn_fwd"
 
 
-class StepCounter(TorchDispatchMode):
-    """Counts every op between ``start()`` and the end, per region and kind, and tracks live memory."""
+_GEMM_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1), "aten::baddbmm": (1, 2),
+                  "aten::_scaled_mm": (0, 1)}
 
-    def __init__(self, rates=RATES):
+
+def _gemm_shape(name: str, args) -> tuple[int, int, int] | None:
+    """(rows, inner, out) of an aten GEMM (batched: batch x rows), or None."""
+    ix = _GEMM_OPERANDS.get(name)
+    if ix is None:
+        return None
+    a, b = args[ix[0]], args[ix[1]]
+    rows = a.shape[0] * a.shape[1] if a.ndim == 3 else a.shape[0]
+    return int(rows), int(a.shape[-1]), int(b.shape[-1])
+
+
+class Pricing:
+    """Seconds of one op or pass: ``launches x launch + max(FLOPs / rate, bytes / bandwidth)``.
+
+    Stated rates (``rates``) unless ``calibration`` (what :func:`derive_rates` makes of a calibration
+    file) is given: then GEMMs per (inner, out) shape and implementation ("cublas", "triton"; a shape
+    no run measured at the slowest measured rate of its implementation), attention at the measured
+    rates of ``attention`` ("triton": ours, "flash", "cudnn"), memory at the measured copy bandwidth,
+    launches at the measured cost per launch; FP8 GEMMs (never measured) at the bf16 rate, flagged."""
+
+    def __init__(self, rates=RATES, calibration: dict | None = None, attention: str = "triton"):
+        self.rates, self.cal, self.attention = dict(rates), calibration, attention
+        self.bandwidth = calibration["bandwidth"] if calibration else rates["bandwidth"]
+        self.launch = calibration["launch_s"] if calibration else rates["launch"]
+        self.in_situ = calibration.get("in_situ", 1.0) if calibration else 1.0
+        self.unmeasured: set = set()  # what was priced at another measurement's rate (reported)
+
+    def gemm_rate(self, shape=None, impl=None) -> float:
+        if self.cal is None:
+            return self.rates["gemm"]
+        table = self.cal["gemm"].get(impl or "cublas") or self.cal["gemm"]["cublas"]
+        if shape is not None:
+            hit = table.get(f"{shape[1]}x{shape[2]}")
+            if hit is not None:
+                return hit
+        return min(table.values())
+
+    def rate(self, kind: str, shape=None, impl=None) -> float | None:
+        if kind == "memory":
+            return None
+        if kind == "gemm":
+            return self.gemm_rate(shape, impl)
+        if kind == "gemm_fp8":
+            if self.cal is None:
+                return self.rates["gemm_fp8"]
+            self.unmeasured.add("FP8 GEMMs: no FP8 measurement, priced at the bf16 GEMM rate")
+            return self.gemm_rate(shape, impl)
+        if self.cal is None:
+            return self.rates[kind]
+        return self.cal["attention"][self.attention][kind]
+
+    def seconds(self, kind, flops, byts, launches, shape=None, impl=None) -> float:
+        rate = self.rate(kind, shape, impl)
+        return launches * self.launch + self.in_situ * max(flops / rate if rate else 0.0, byts / self.bandwidth)
+
+    def describe(self) -> str:
+        if self.cal is None:
+            r = self.rates
+            return (f"stated rates: GEMM {r['gemm'] / 1e12:.0f} TFLOP/s, attention {r['attn_fwd'] / 1e12:.0f}/"
+                    f"{r['attn_bwd'] / 1e12:.0f} fwd/bwd, {r['bandwidth'] / 1e12:.1f} TB/s, {r['launch'] * 1e6:.0f} "
+                    "us/launch")
+        src = self.cal["source"]
+        att = self.cal["attention"][self.attention]
+        gem = ", ".join(f"{impl} " + "/".join(f"{v / 1e12:.0f}" for v in t.values())
+                        for impl, t in self.cal["gemm"].items())
+        return (f"calibrated on {src['gpu']} {src['date']} (commit {src['commit']}): GEMM {gem} TFLOP/s by shape; "
+                f"attention ({self.attention}) {att['attn_fwd'] / 1e12:.0f}/{att['attn_bwd'] / 1e12:.0f} fwd/bwd; "
+                f"{self.bandwidth / 1e12:.2f} TB/s; {self.launch * 1e6:.2f} us/launch; in-situ x{self.in_situ:.3f}")
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts every op between ``start()`` and the end, per region and kind, and tracks live memory.
+    ``traffic``: the bytes of every memory-kind op and pass (non-GEMM, non-attention), by region and
+    name; ``bytes_bound_gemms``: GEMM calls whose bytes take longer than their FLOPs (rank-sized)."""
+
+    def __init__(self, rates=RATES, pricing: Pricing | None = None):
         super().__init__()
         from dopsd_fast.kernels import _common
 
         self.costs = _common.COSTS
-        self.rates = rates
+        self.pricing = pricing or Pricing(rates)
+        self.rates = self.pricing.rates
         self.region = "other"
         self.table = defaultdict(lambda: defaultdict(float))  # (region, kind) -> totals
         self.ops = defaultdict(lambda: defaultdict(float))  # op name -> totals
+        self.traffic = defaultdict(lambda: defaultdict(float))  # (region, pass or op name) -> totals
+        self.bytes_bound_gemms = defaultdict(lambda: defaultdict(float))
         self.live = 0
         self.peak = 0
         self.peak_region = ""
@@ -142,6 +236,22 @@ class StepCounter(TorchDispatchMode):
         if self.live + scratch > self.peak:
             self.peak, self.peak_region = self.live + scratch, self.region
 
+    def _add(self, op_name, pass_name, kind, flops, byts, launches, shape=None, impl=None):
+        if self.region == GRAPH_REGION:  # inside a CUDA graph: no launch of its own (one replay, counted apart)
+            launches = 0
+        t = self.pricing.seconds(kind, flops, byts, launches, shape, impl)
+        rows = [self.table[(self.region, kind)], self.ops[op_name]]
+        if kind == "memory":
+            rows.append(self.traffic[(self.region, pass_name)])
+        elif kind.startswith("gemm") and byts / self.pricing.bandwidth > flops / self.pricing.rate(kind, shape, impl):
+            rows.append(self.bytes_bound_gemms[(self.region, pass_name)])
+        for row in rows:
+            row["flops"] += flops
+            row["bytes"] += byts
+            row["launches"] += launches
+            row["time_s"] += t
+            row["calls"] += 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -149,50 +259,179 @@ class StepCounter(TorchDispatchMode):
         if func.is_view or name in _FREE or name.startswith("prim::") or getattr(func, "_schema", None) is None:
             self._track(out)
             return out
+        scratch = 0
         if name in self.costs:
             c = self.costs[name](*args, **kwargs)
-            flops, byts, launches, kind, scratch = c["flops"], c["bytes"], c["launches"], c["kind"], c["scratch"]
+            scratch = c["scratch"]
+            for p in c.get("passes") or [dict(name=name, kind=c["kind"], flops=c["flops"], bytes=c["bytes"],
+                                              launches=c["launches"])]:
+                self._add(name, p["name"], p["kind"], p["flops"], p["bytes"], p["launches"], p.get("shape"),
+                          p.get("impl"))
         else:
-            scratch = 0
-            launches = 1
             # a factory (zeros, ones, full, *_like) reads nothing: only its output counts
             factory = name.split("::")[-1].split(".")[0] in _FACTORIES
             byts = (0 if factory else _bytes(_tensors((args, kwargs)))) + _bytes(_tensors(out))
             sd = _sdpa_flops(name, args, out)
+            shape = None
             if sd is not None:
                 flops, kind = sd
             elif func.overloadpacket in flop_registry:
                 flops, kind = float(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)), "gemm"
+                shape = _gemm_shape(name, args)
             else:
                 flops, kind = 0.0, "memory"
-        rate = self.rates[kind] if kind != "memory" else None
-        if self.region == GRAPH_REGION:  # inside a CUDA graph: no launch of its own (one replay, counted apart)
-            launches = 0
-        t = launches * self.rates["launch"] + max(flops / rate if rate else 0.0, byts / self.rates["bandwidth"])
-        for row in (self.table[(self.region, kind)], self.ops[name]):
-            row["flops"] += flops
-            row["bytes"] += byts
-            row["launches"] += launches
-            row["time_s"] += t
+            self._add(name, name, kind, flops, byts, 1, shape, "cublas" if kind == "gemm" else None)
         self._track(out, scratch)
         return out
 
 
+# ---- calibration: a GPU run's measurements -> rates ------------------------------------------------
+def load_calibration(path) -> dict:
+    """A calibration file (``benchmarks/calibration/*.json``): the measured rows of one GPU run and where
+    they come from. One line naming the file and field on a problem."""
+    path = Path(path)
+    try:
+        cal = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"perf_model: calibration {path}: {exc}")
+    for key in ("source", "paired_linear", "attention", "launch", "steps"):
+        if key not in cal:
+            raise SystemExit(f"perf_model: calibration {path}: no '{key}' field (write it with --calibrate-from)")
+    for key in ("gpu", "date", "commit", "report"):
+        if key not in cal["source"]:
+            raise SystemExit(f"perf_model: calibration {path}: source.{key} missing (every rate names its source)")
+    return cal
+
+
+_GEMM_IMPL = {"ours: stacked on cuBLAS": "cublas", "ours: Triton paired GEMM": "triton"}
+_ATTENTION = {"ours: both branches, one launch": "triton", "SDPA flash (two calls)": "flash",
+              "SDPA cuDNN (two calls)": "cudnn"}
+
+
+def _paired_forward_passes(row, impl):
+    from dopsd_fast.kernels.multi_lora import paired_fwd_passes
+
+    return [p for m in (int(x) for x in row["rows"].split("+"))
+            for p in paired_fwd_passes(m, row["K"], row["N"], row["rank"], 2, impl)]
+
+
+def _attention_flops(row, backend) -> dict:
+    """FLOPs the model counts for m1's call (student + teacher forward, the student's backward) in
+    the convention of the op the model sees for ``backend``: our ops' own costs, SDPA's flash count."""
+    H, D, Ts, Tt = row["heads"], row["head_dim"], row["tokens_student"], row["tokens_teacher"]
+    if backend == "triton":
+        from dopsd_fast.kernels._common import COSTS
+        import dopsd_fast.kernels.attention  # noqa: F401  (registers the ops' costs)
+
+        meta = lambda n: torch.empty(n, H, D, device="meta", dtype=torch.bfloat16)  # noqa: E731
+        cu = lambda n: torch.tensor([0, n], dtype=torch.int32)  # noqa: E731
+        e, z = meta(0), torch.zeros(2, dtype=torch.int32)
+        fwd = COSTS["dopsd_fast::dual_branch_attention"](meta(Ts), meta(Tt), e, e, meta(Ts), meta(Ts), meta(Tt),
+                                                         meta(Tt), cu(Ts), cu(Tt), z, cu(Ts), cu(Tt), Tt, 0, Ts, Tt,
+                                                         D ** -0.5)["flops"]
+        lse = torch.empty(H, Ts, device="meta")
+        bwd = COSTS["dopsd_fast::attn_varlen_backward"](meta(Ts), meta(Ts), meta(Ts), lse, e, e, meta(Ts), meta(Ts),
+                                                        cu(Ts), z, cu(Ts), Ts, 0, Ts, D ** -0.5)["flops"]
+        return {"attn_fwd": fwd, "attn_bwd": bwd}
+    one = lambda n: torch.empty(1, H, n, D, device="meta")  # noqa: E731
+    fwd = sum(_sdpa_flops("aten::scaled_dot_product_attention", (one(n), one(n), one(n)), None)[0] for n in (Ts, Tt))
+    bwd = _sdpa_flops("aten::_scaled_dot_product_flash_attention_backward", (one(Ts),) * 4, None)[0]
+    return {"attn_fwd": fwd, "attn_bwd": bwd}
+
+
+_DERIVED: dict = {}
+
+
+def derive_rates(cal: dict, in_situ: bool = True) -> dict:
+    """Rates from a calibration file's measured rows (each with the row it comes from):
+
+    * bandwidth: m2's device copy (bytes read + written per second), the median over its sizes;
+    * GEMM per implementation and (inner, out) shape: m2's paired forward at that shape, less the
+      model's time for its other passes (u = s x A^T, the delta's second call, fills) and launches:
+      the base GEMM's rate. The backward's dX GEMM (inner N, out K) takes the forward rate of the same
+      (inner, out) problem, which m2 measured for every block shape (3840 -> 10240's dX is the
+      10240 -> 3840 forward problem);
+    * attention per backend: m1's forward (both branches) and backward (the student's), in FLOPs of
+      the convention of the op the model sees (ours counts its backward at 3.5x the forward);
+    * launch and in-situ factor, from the graphs row (a no-grad sampling roll-out of the student,
+      launched and through CUDA graphs), modelled here at the rates above: the graphs' saving per
+      launch is the cost of one launch; the graphed (GPU-bound) roll-out over the model's time of its
+      ops is the in-situ factor, what the per-op microbenchmarks leave out when the ops run back to
+      back in a whole model (``in_situ=False``: 1).
+
+    Derived once per file and process (the in-situ factor models the roll-out: ~20 s)."""
+    key = (json.dumps(cal, sort_keys=True), in_situ)
+    if key in _DERIVED:
+        return _DERIVED[key]
+    copy = sorted({(r["copy_bytes"], r["copy_ms"]) for r in cal["paired_linear"]})
+    speeds = sorted(b / (ms * 1e-3) for b, ms in copy)
+    bandwidth = speeds[len(speeds) // 2]
+    out = {"source": cal["source"], "bandwidth": bandwidth, "launch_s": 0.0, "gemm": {}, "attention": {},
+           "in_situ": 1.0, "derivation": [f"bandwidth: m2 device copy, median of {len(speeds)} sizes -> "
+                                          f"{bandwidth / 1e12:.2f} TB/s"]}
+    launch = cal["launch"]
+    launches = model_sampling("zimage-6b", attention="sdpa")["total"]["launches"]
+    out["launch_s"] = launch_s = (launch["launched_s"] - launch["graphs_s"]) / launches
+    out["derivation"].append(f"launch: graphs row ({launch['launched_s']:.4f} - {launch['graphs_s']:.4f} s) / "
+                             f"{int(launches)} launches of the roll-out (model) -> {launch_s * 1e6:.2f} us")
+    probe = Pricing(calibration={**out, "gemm": {"cublas": {"-": 1e30}}})
+    for row in cal["paired_linear"]:
+        impl = _GEMM_IMPL.get(row["variant"])
+        if impl is None:
+            continue
+        passes = _paired_forward_passes(row, impl)
+        base = [p for p in passes if p["kind"] == "gemm" and p["shape"][2] == row["N"]]
+        other = sum(probe.seconds(p["kind"], 0.0, p["bytes"], p["launches"]) for p in passes if p not in base)
+        left = row["fwd_ms"] * 1e-3 - other - sum(p["launches"] for p in base) * launch_s
+        rate = sum(p["flops"] for p in base) / left
+        out["gemm"].setdefault(impl, {})[f"{row['K']}x{row['N']}"] = rate
+        out["derivation"].append(f"GEMM {impl} {row['K']}x{row['N']}: m2 '{row['variant']}' forward "
+                                 f"{row['fwd_ms']:.3f} ms, other passes {other * 1e3:.3f} ms -> "
+                                 f"{rate / 1e12:.0f} TFLOP/s")
+    for row in cal["attention"]:
+        backend = _ATTENTION.get(row["variant"])
+        if backend is None:
+            continue
+        flops = _attention_flops(row, backend)
+        out["attention"][backend] = {"attn_fwd": flops["attn_fwd"] / (row["fwd_ms"] * 1e-3),
+                                     "attn_bwd": flops["attn_bwd"] / (row["bwd_ms"] * 1e-3)}
+        out["derivation"].append(f"attention {backend}: m1 '{row['variant']}' {row['fwd_ms']:.3f} / "
+                                 f"{row['bwd_ms']:.3f} ms "
+                                 f"-> {out['attention'][backend]['attn_fwd'] / 1e12:.0f} / "
+                                 f"{out['attention'][backend]['attn_bwd'] / 1e12:.0f} TFLOP/s (model's FLOP count)")
+    if in_situ:
+        r = model_sampling("zimage-6b", attention="sdpa", calibration=out)
+        ops = r["total"]["time_s"] - r["total"]["launches"] * launch_s
+        out["in_situ"] = launch["graphs_s"] / ops
+        out["derivation"].append(f"in-situ: graphs row {launch['graphs_s']:.4f} s (GPU-bound roll-out) / "
+                                 f"{ops:.4f} s of its ops at the rates above (model) -> x{out['in_situ']:.3f}")
+    _DERIVED[key] = out
+    return out
+
+
 # ---- the step under fake tensors ------------------------------------------------------------------
 def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | None, cap_t: int | None,
-                gemm: str = "auto", fp8: str = "off", checkpoint: str = "none"):
+                gemm: str = "auto", fp8: str = "off", checkpoint: str = "none", attention: str = "triton",
+                eager_checkpointing: bool = False):
     import step_time
 
     argv = ["--preset", preset, "--backward", backward, "--checkpoint", checkpoint, "--gemm", gemm]
     argv += ["--fp8", fp8] if path == "fast" else []
     argv += ["--lora-rank", str(rank)] if rank is not None else []
-    if path == "fast":  # the GPU configuration: our fused kernels and attention (as custom ops here)
-        argv += ["--kernels", "on", "--attention", "triton"]
+    if path == "fast":  # the GPU configuration: our fused kernels (as custom ops here)
+        argv += ["--kernels", "on", "--attention", attention]
+    argv += ["--eager-checkpointing"] if eager_checkpointing else []
     argv += ["--cap-s", str(cap_s)] if cap_s else []
     argv += ["--cap-t", str(cap_t)] if cap_t else []
     args = step_time.parse(argv)
     step_time.PRESETS[preset] = dict(step_time.PRESETS[preset], device="cpu", dtype="bf16")
     return step_time.Bench(args), args
+
+
+# the fast path's fast.attention -> (what the fake run executes, whose measured rates price it). cuDNN
+# and flash are both PyTorch SDPA (the same calls; the fake run's CPU SDPA stands in for either);
+# "sdpa" is PyTorch's own choice, flash on the H200 with torch 2.11 (what the measured fast step ran)
+ATTENTION_MODEL = {"triton": ("triton", "triton"), "sdpa": ("sdpa", "flash"), "cudnn": ("sdpa", "cudnn")}
 
 
 def prebuild_layout(bench, fp) -> None:
@@ -224,18 +463,11 @@ def prequantize(fp, mode) -> float:
     return n / 1e9
 
 
-def model_step(preset: str, path: str, backward: str, rank: int | None = None, cap_s=None, cap_t=None,
-               rates=RATES, gemm: str = "auto", fp8: str = "off", checkpoint: str = "none",
-               teacher_graph: bool = False) -> dict:
-    """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts. Fast path:
-    ``checkpoint`` (none | all | N main layers, ``model.gradient_checkpointing``); ``teacher_graph``: the alternative
-    to the packed pair that ``fast.graphs`` does NOT take, modelled to show why: the student alone
-    (with autograd) and the teacher alone through a CUDA graph (its launches priced at one replay),
-    nothing shared between the branches."""
+def _build(preset, path, backward, rank, cap_s, cap_t, gemm, fp8, checkpoint, attention, eager_checkpointing):
+    """The benchmark (and the fast path) built under a fake mode: (mode, bench, args, fast path, FP8 GB)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    t0 = time.time()
-    fp8_gb = 0.0
+    fp, fp8_gb = None, 0.0
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     swap = torch.utils.swap_tensors
 
@@ -246,7 +478,8 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
     torch.utils.swap_tensors = set_data
     try:
         with mode:
-            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm, fp8, checkpoint)
+            bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm, fp8, checkpoint, attention,
+                                      eager_checkpointing)
         if path == "fast":  # built in the fake mode: parameters and buffers fake
             with mode:
                 fp = bench.fast_model(args.kernels, fp8=fp8)
@@ -254,19 +487,66 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             fp8_gb = prequantize(fp, mode)
     finally:
         torch.utils.swap_tensors = swap
+    return mode, bench, args, fp, fp8_gb
+
+
+def _new_counter(bench, rates, pricing):
+    counter = StepCounter(rates, pricing)
+    # the weights (base, adapters, the teacher's copy or shadow) are not step memory: known to the
+    # counter from the start, so a view of one (a detach(), a transpose) does not count its storage
+    w = bench.weights
+    mods = [w.transformer] + ([w.teacher_module] if getattr(w, "teacher_module", None) is not None else [])
+    for t in [*(x for m in mods for x in (*m.parameters(), *m.buffers())), *w.named_teacher().values()]:
+        counter._seen.setdefault(id(t.untyped_storage()), 0)
+    return counter
+
+
+def _summary(counter) -> dict:
+    regions = defaultdict(lambda: defaultdict(float))
+    kinds = defaultdict(lambda: defaultdict(float))
+    for (region, kind), row in counter.table.items():
+        for k, v in row.items():
+            regions[region][k] += v
+            kinds[kind][k] += v
+    total = {k: sum(r[k] for r in regions.values()) for k in ("flops", "bytes", "launches", "time_s")}
+    rows = lambda d: sorted(({"region": r, "name": n, **v} for (r, n), v in d.items()),  # noqa: E731
+                            key=lambda x: -x["bytes"])
+    return {"total": total, "predicted_s": total["time_s"], "regions": {k: dict(v) for k, v in regions.items()},
+            "kinds": {k: dict(v) for k, v in kinds.items()}, "non_gemm_tb": kinds["memory"]["bytes"] / 1e12,
+            "traffic": rows(counter.traffic), "bytes_bound_gemms": rows(counter.bytes_bound_gemms),
+            "top_ops": sorted(({"op": n, **v} for n, v in counter.ops.items()), key=lambda r: -r["time_s"])[:60],
+            "unmeasured": sorted(counter.pricing.unmeasured)}
+
+
+def _pricing(path, attention, rates, calibration) -> Pricing:
+    backend = "flash" if path == "eager" else ATTENTION_MODEL[attention][1]  # eager: PyTorch SDPA's choice
+    return Pricing(rates, calibration, backend)
+
+
+def model_step(preset: str, path: str, backward: str, rank: int | None = None, cap_s=None, cap_t=None,
+               rates=RATES, gemm: str = "auto", fp8: str = "off", checkpoint: str = "none",
+               teacher_graph: bool = False, attention: str = "triton", eager_checkpointing: bool = False,
+               calibration: dict | None = None) -> dict:
+    """One optimizer step of ``path`` ("eager" | "fast") under fake tensors; the counts. Fast path:
+    ``checkpoint`` (none | all | N main layers, ``model.gradient_checkpointing``); ``attention`` (triton | sdpa | cudnn,
+    ``fast.attention``); ``teacher_graph``: the alternative to the packed pair that ``fast.graphs`` does
+    NOT take, modelled to show why: the student alone (with autograd) and the teacher alone through a
+    CUDA graph (its launches priced at one replay), nothing shared between the branches. Eager path:
+    ``eager_checkpointing`` (diffusers' gradient checkpointing, as the authors run it). ``calibration``:
+    rates from :func:`derive_rates` (default: the stated ``rates``)."""
+    t0 = time.time()
+    if attention not in ATTENTION_MODEL:
+        raise ValueError(f"perf_model: attention must be one of {sorted(ATTENTION_MODEL)}, got {attention!r}")
+    mode, bench, args, fp, fp8_gb = _build(preset, path, backward, rank, cap_s, cap_t, gemm, fp8, checkpoint,
+                                           ATTENTION_MODEL[attention][0], eager_checkpointing)
+    pricing = _pricing(path, attention, rates, calibration)
     with mode:
-        counter = StepCounter(rates)
-        # the weights (base, adapters, the teacher's copy or shadow) are not step memory: known to the
-        # counter from the start, so a view of one (a detach(), a transpose) does not count its storage
-        w = bench.weights
-        mods = [w.transformer] + ([w.teacher_module] if getattr(w, "teacher_module", None) is not None else [])
-        for t in [*(x for m in mods for x in (*m.parameters(), *m.buffers())), *w.named_teacher().values()]:
-            counter._seen.setdefault(id(t.untyped_storage()), 0)
+        counter = _new_counter(bench, rates, pricing)
         orig_backward = torch.Tensor.backward
         opt_step, ema = bench.optimizer.step, bench.weights.ema_update
 
-        def bw(self_, *a, **kw):
-            with counter.in_region("backward"):
+        def bw(self_, *a, **kw):  # a backward inside a named backward region (finish()) stays there
+            with counter.in_region(counter.region if counter.region.startswith("backward") else "backward"):
                 return orig_backward(self_, *a, **kw)
 
         def regioned(name, fn):
@@ -301,14 +581,14 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
                     with counter.in_region(GRAPH_REGION), torch.no_grad():
                         v_t = fp.single_branch("t", x, s, bench.ctx_t)
                     counter.table[(GRAPH_REGION, "memory")]["launches"] += 1  # the replay
-                    counter.table[(GRAPH_REGION, "memory")]["time_s"] += rates["launch"]
+                    counter.table[(GRAPH_REGION, "memory")]["time_s"] += pricing.launch
                     return v_s, v_t
                 pair = graphed if teacher_graph else regioned("student + teacher forward (packed)", fn)
                 with autocast:
                     res = rollout_loss_paired(pair, bench.noise, bench.sigmas, backward=backward)
                 if backward == "once":
                     res.loss.backward()
-                with counter.in_region("backward"):
+                with counter.in_region("backward (context refiner, once per roll-out)"):
                     fn.finish()
                 return res
         bench.optimizer.step = regioned("optimizer", opt_step)
@@ -319,24 +599,31 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
                 bench.step(rollout)
         finally:
             torch.Tensor.backward = orig_backward
-    regions = defaultdict(lambda: defaultdict(float))
-    kinds = defaultdict(lambda: defaultdict(float))
-    for (region, kind), row in counter.table.items():
-        for k, v in row.items():
-            regions[region][k] += v
-            kinds[kind][k] += v
-    total = {k: sum(r[k] for r in regions.values()) for k in ("flops", "bytes", "launches", "time_s")}
+    summary = _summary(counter)
     return {"preset": preset, "path": path, "backward": backward, "lora_rank": args.lora_rank, "K": len(bench.sigmas) - 1,
             "checkpoint": checkpoint, "checkpointed_layers": fp.model.checkpoint_layers if path == "fast" else 0,
-            "teacher_graph": teacher_graph,
-            "gemm": gemm, "fp8": fp8, "non_gemm_tb": kinds["memory"]["bytes"] / 1e12,
-            "floor_tflop": bench.floor_flops / 1e12, "total": total,
-            "predicted_s": total["time_s"], "floor_s_at_gemm_rate": bench.floor_flops / rates["gemm"],
+            "eager_checkpointing": eager_checkpointing, "attention": attention if path == "fast" else "sdpa",
+            "teacher_graph": teacher_graph, "gemm": gemm, "fp8": fp8, "floor_tflop": bench.floor_flops / 1e12,
+            **summary, "floor_s_at_gemm_rate": bench.floor_flops / pricing.gemm_rate(),
             "peak_live_gb": counter.peak / 1e9, "peak_region": counter.peak_region,
-            "weights_gb": bench.weights_gb, "fp8_weights_gb": fp8_gb, "regions": {k: dict(v) for k, v in regions.items()},
-            "kinds": {k: dict(v) for k, v in kinds.items()},
-            "top_ops": sorted(({"op": n, **v} for n, v in counter.ops.items()), key=lambda r: -r["time_s"])[:60],
-            "model_seconds": time.time() - t0, "rates": rates}
+            "weights_gb": bench.weights_gb, "fp8_weights_gb": fp8_gb, "model_seconds": time.time() - t0,
+            "rates": rates, "pricing": pricing.describe()}
+
+
+def model_sampling(preset: str, attention: str = "sdpa", rank: int | None = None, rates=RATES,
+                   calibration: dict | None = None) -> dict:
+    """The no-grad K-step sampling roll-out of the student alone through the fast path (what step_time's
+    ``--graphs`` row times launched and through CUDA graphs): its counts. Its launches calibrate the
+    cost of one launch (:func:`derive_rates`)."""
+    mode, bench, args, fp, _ = _build(preset, "fast", "stepwise", rank, None, None, "auto", "off", "none",
+                                      ATTENTION_MODEL[attention][0], False)
+    from dopsd_fast.algorithm import euler_sample
+
+    with mode:
+        counter = _new_counter(bench, rates, _pricing("fast", attention, rates, calibration))
+        with counter, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), counter.in_region("sampling"):
+            euler_sample(lambda x, s: fp.velocity("s", x, s, bench.ctx_s), bench.noise, bench.sigmas)
+    return {"preset": preset, "attention": attention, **_summary(counter)}
 
 
 # per family: the preset calibrated at, and per block kind of the family's memory coefficients
@@ -382,7 +669,119 @@ def _fmt_row(r: dict) -> str:
             f"{t['flops'] / 1e12:8.1f} TFLOP  {t['bytes'] / 1e12:7.3f} TB  {int(t['launches']):7d} launches  "
             f"peak {r['peak_live_gb']:7.1f} GB  (floor {r['floor_tflop']:.0f} TFLOP = {r['floor_s_at_gemm_rate']:.2f} s)"
             + (f"  [{r['checkpointed_layers']} layers checkpointed]" if r.get("checkpointed_layers") else "")
+            + ("  [checkpointed]" if r.get("eager_checkpointing") else "")
+            + (f"  [attention {r['attention']}]" if r["path"] == "fast" else "")
             + ("  [teacher through a CUDA graph, unpacked]" if r.get("teacher_graph") else ""))
+
+
+# the independent count of the fast step's non-GEMM, non-attention traffic (issue 40): Z-Image-Turbo,
+# 1024^2, K = 4, LoRA r64, captions 512 / 1024, stepwise, cuBLAS paired linears, our kernels
+INDEPENDENT_NON_GEMM_TB = 0.70
+
+
+def traffic_table(r: dict) -> str:
+    """Every non-GEMM, non-attention pass of the step with its bytes (model figures), by region, then
+    the GEMM calls whose bytes outweigh their FLOPs (rank-sized LoRA products: priced by bytes)."""
+    lines = [f"non-GEMM, non-attention passes ({r['preset']} {r['path']} {r['backward']}): "
+             f"{r['non_gemm_tb']:.3f} TB, {sum(x['time_s'] for x in r['traffic']):.3f} s (model)",
+             f"{'region':<44} {'pass (op, or a launch inside a fused op)':<78} {'GB':>8} {'launches':>8} {'ms':>8}"]
+    for x in r["traffic"]:
+        if x["bytes"] >= 0.05e9:
+            lines.append(f"{x['region'][:44]:<44} {x['name'][:78]:<78} {x['bytes'] / 1e9:8.1f} {int(x['launches']):8d} "
+                         f"{x['time_s'] * 1e3:8.1f}")
+    small = [x for x in r["traffic"] if x["bytes"] < 0.05e9]
+    lines.append(f"{'(all regions)':<44} {f'{len(small)} smaller entries':<78} "
+                 f"{sum(x['bytes'] for x in small) / 1e9:8.1f} {int(sum(x['launches'] for x in small)):8d} "
+                 f"{sum(x['time_s'] for x in small) * 1e3:8.1f}")
+    bb = r["bytes_bound_gemms"]
+    lines.append(f"GEMM calls priced by their bytes (not in the non-GEMM total): "
+                 f"{sum(x['bytes'] for x in bb) / 1e12:.3f} TB, {sum(x['time_s'] for x in bb):.3f} s")
+    for x in bb:
+        if x["bytes"] >= 1e9:
+            lines.append(f"{x['region'][:44]:<44} {x['name'][:78]:<78} {x['bytes'] / 1e9:8.1f} {int(x['launches']):8d} "
+                         f"{x['time_s'] * 1e3:8.1f}")
+    return "\n".join(lines)
+
+
+# the measured steps a calibration file carries, and the model configuration of each
+VALIDATION = (("fast", "fast (SDPA flash, cuBLAS paired linears)", dict(path="fast", attention="sdpa")),
+              ("fast_triton_attention", "fast, our Triton attention (m3 warm step)",
+               dict(path="fast", attention="triton")),
+              ("eager_checkpointed", "eager reference, checkpointed", dict(path="eager", eager_checkpointing=True)))
+
+
+def compare(cal_path, preset: str = "zimage-6b") -> tuple[str, list[dict]]:
+    """The calibrated model beside the steps the calibration file measured (stepwise, LoRA r64, no fast
+    checkpointing, as measured): a table, and its rows. The model column with the in-situ factor, and
+    (``per-op``) without it: the per-op rates of m1 / m2 alone."""
+    cal = load_calibration(cal_path)
+    rates = derive_rates(cal)
+    src = cal["source"]
+    lines = [f"model (calibrated: {Path(cal_path).name}) vs measured on {src['gpu']} {src['date']}, commit "
+             f"{src['commit']} ({src['report']}); MODEL FIGURES beside measurements",
+             f"{'step':<44} {'measured s':>10} {'model s':>8} {'error':>7} {'per-op s':>9} {'error':>7}"]
+    rows = []
+    for key, label, kw in VALIDATION:
+        m = cal["steps"].get(key)
+        if m is None:
+            continue
+        r = model_step(preset, backward="stepwise", calibration=rates, **kw)
+        launch = r["total"]["launches"] * rates["launch_s"]
+        per_op = (r["predicted_s"] - launch) / rates["in_situ"] + launch
+        err, err_op = r["predicted_s"] / m["median_s"] - 1, per_op / m["median_s"] - 1
+        lines.append(f"{label:<44} {m['median_s']:10.3f} {r['predicted_s']:8.3f} {err:+7.1%} {per_op:9.3f} "
+                     f"{err_op:+7.1%}")
+        model_regions = {k: v["time_s"] for k, v in r["regions"].items()}
+        for name, secs in (m.get("regions") or {}).items():
+            mine = next((v for k, v in model_regions.items() if k.split(" ")[0] in name and secs > 0.01), None)
+            if mine is not None:
+                lines.append(f"{'  region: ' + name[:34]:<44} {secs:10.3f} {mine:8.3f} {mine / secs - 1:+7.1%}")
+        rows.append({"step": key, "label": label, "measured_s": m["median_s"], "model_s": r["predicted_s"],
+                     "error": err, "per_op_s": per_op, "per_op_error": err_op, "regions": model_regions,
+                     "non_gemm_tb": r["non_gemm_tb"], "traffic": r["traffic"], "source_row": m["row"]})
+    return "\n".join(lines), rows
+
+
+def calibration_from_results(results_path, report: str) -> dict:
+    """A calibration file's content from a GPU check's results.json: the rows the rates come from
+    (m1 attention, m2 paired linear with its copy, the graphs row with the sampling roll-out's launches
+    counted by this model), the measured steps (step stage, m3's warm step), and where they come from."""
+    res = json.loads(Path(results_path).read_text())
+    rows = res["rows"]
+    env = next((r for r in rows if r.get("kind") == "env"), {})
+    meta = res["meta"]
+    pick = lambda r, keys: {k: r[k] for k in keys if k in r}  # noqa: E731
+    lin = []
+    for r in rows:
+        if r.get("kind") == "paired_linear" and "error" not in r:
+            K, N, (ms, mt) = r["K"], r["N"], (int(x) for x in r["rows"].split("+"))
+            lin.append({**pick(r, ("variant", "K", "N", "rows", "rank", "fwd_ms", "bwd_ms")),
+                        "copy_ms": r["copy_same_bytes_ms"], "copy_bytes": 2 * ((ms + mt) * (K + N) + N * K)})
+    att = [pick(r, ("variant", "tokens_student", "tokens_teacher", "heads", "head_dim", "fwd_ms", "bwd_ms"))
+           for r in rows if r.get("kind") == "attention" and "error" not in r]
+    graphs = next(r for r in rows if r.get("kind") == "graphs")
+    steps = {}
+    times = {r["path"]: r for r in rows if r.get("kind") == "time"}
+    if "fast" in times:
+        steps["fast"] = {"median_s": times["fast"]["median_s"], "row": "step stage, path 'fast'"}
+    eager = times.get("eager reference (checkpointed)") or times.get("eager reference")
+    if eager is not None:
+        steps["eager_checkpointed"] = {"median_s": eager["median_s"], "row": f"step stage, path '{eager['path']}'"}
+    m3 = [r for r in rows if r.get("kind") == "step_regions" and r.get("note") == "measured"]
+    if m3:
+        warm = m3[-1]
+        steps["fast_triton_attention"] = {
+            "median_s": warm["wall_s"], "row": f"m3 step {warm['step']} (warm)",
+            "regions": {k[:-4]: v for k, v in warm.items() if k.endswith(" [s]")}}
+    return {"source": {"gpu": env.get("gpu"), "driver": env.get("driver"), "torch": env.get("torch"),
+                       "triton": env.get("triton"), "cuda": env.get("cuda"), "date": meta["date"][:10],
+                       "commit": meta["git_commit"], "report": report},
+            "note": "measured rows as taken; the rates are derived from them by benchmarks/perf_model.py "
+                    "(derive_rates). Regenerate with --calibrate-from; do not edit the numbers.",
+            "paired_linear": lin, "attention": att,
+            "launch": {"launched_s": graphs["launched_median_s"], "graphs_s": graphs["graphs_median_s"],
+                       "row": f"step stage, graphs row: {graphs['what']}"},
+            "steps": steps}
 
 
 def main(argv=None) -> int:
@@ -396,13 +795,26 @@ def main(argv=None) -> int:
     p.add_argument("--gemm", default="auto", choices=["auto", "cublas", "triton"],
                    help="the fast path's paired-linear GEMM (auto = cublas: the LoRA delta accumulated into the "
                         "output by a second call; triton: in the GEMM's epilogue)")
+    p.add_argument("--attention", default="triton", choices=sorted(ATTENTION_MODEL),
+                   help="the fast path's attention (triton: ours; sdpa: PyTorch's choice, priced as flash; cudnn)")
     p.add_argument("--fp8", default="off", choices=["off", "native"],
                    help="the fast path's FP8 (native: the block linears' base GEMMs priced at the FP8 rate, 1400 "
                         "TFLOP/s, with the activations' quantization)")
     p.add_argument("--checkpoint", default="none", help="fast path: none | all | N main layers checkpointed")
+    p.add_argument("--eager-checkpointing", action="store_true",
+                   help="eager path: diffusers' gradient checkpointing (the reference as the authors run it)")
     p.add_argument("--teacher-graph", action="store_true",
                    help="fast path: model the alternative fast.graphs does not take (student alone, teacher alone "
                         "through a CUDA graph, no packing) instead of the packed pair")
+    p.add_argument("--calibration", nargs="?", const=str(DEFAULT_CALIBRATION), default=None,
+                   help=f"price at rates derived from a GPU run's measurements (default file: "
+                        f"{DEFAULT_CALIBRATION.relative_to(HERE.parent)})")
+    p.add_argument("--compare", action="store_true",
+                   help="the calibrated model beside the steps its calibration file measured, and exit")
+    p.add_argument("--traffic", action="store_true", help="list every non-GEMM, non-attention pass with its bytes")
+    p.add_argument("--calibrate-from", default=None, metavar="RESULTS_JSON",
+                   help="write a calibration file (--write) from a GPU check's results.json, and exit")
+    p.add_argument("--write", default=None, help="with --calibrate-from: the calibration file to write")
     p.add_argument("--calibrate", action="store_true",
                    help="derive dopsd_fast.memory's constants (both families, both paths) and exit")
     p.add_argument("--json", default=None)
@@ -411,10 +823,31 @@ def main(argv=None) -> int:
     import diffusers.utils.logging as dlog
 
     dlog.set_verbosity_error()
-    print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; rates: GEMM "
-          f"{RATES['gemm'] / 1e12:.0f} TFLOP/s, attention {RATES['attn_fwd'] / 1e12:.0f}/{RATES['attn_bwd'] / 1e12:.0f} "
-          f"fwd/bwd, {RATES['bandwidth'] / 1e12:.1f} TB/s, {RATES['launch'] * 1e6:.0f} us/launch. MODEL FIGURES, not "
-          "measurements; the peak excludes the weights.")
+    if args.calibrate_from:
+        if not args.write:
+            p.error("--calibrate-from needs --write FILE")
+        res = Path(args.calibrate_from).resolve()
+        report = res.parent / "report.md"
+        try:
+            report = str(report.relative_to(HERE.parent))
+        except ValueError:
+            report = str(report)
+        cal = calibration_from_results(res, report)
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(json.dumps(cal, indent=1) + "\n")
+        print("\n".join(derive_rates(cal)["derivation"]))
+        print(f"wrote {args.write}")
+        return 0
+    if args.compare:
+        table, rows = compare(args.calibration or DEFAULT_CALIBRATION, args.preset)
+        print("\n".join(derive_rates(load_calibration(args.calibration or DEFAULT_CALIBRATION))["derivation"]))
+        print(table)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+        return 0
+    calibration = derive_rates(load_calibration(args.calibration)) if args.calibration else None
+    print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; {Pricing(RATES, calibration).describe()}. "
+          "MODEL FIGURES, not measurements; the peak excludes the weights.")
     if args.calibrate:
         for fam in ("zimage", "klein"):
             for path in ("fast", "eager"):
@@ -427,16 +860,24 @@ def main(argv=None) -> int:
     for path in args.paths.split(","):
         for bw in args.backward.split(","):
             r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t, gemm=args.gemm, fp8=args.fp8,
-                           checkpoint=args.checkpoint, teacher_graph=args.teacher_graph and path == "fast")
+                           checkpoint=args.checkpoint, teacher_graph=args.teacher_graph and path == "fast",
+                           attention=args.attention, eager_checkpointing=args.eager_checkpointing and path == "eager",
+                           calibration=calibration)
             rows.append(r)
             print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
+            for note in r["unmeasured"]:
+                print(f"    note: {note}")
             if args.regions:
                 for name, v in r["regions"].items():
-                    print(f"    {name:<38} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP {v['bytes'] / 1e12:7.3f} TB "
+                    print(f"    {name:<46} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP "
+                          f"{v['bytes'] / 1e12:7.3f} TB "
                           f"{int(v['launches']):7d} launches")
                 for name, v in r["kinds"].items():
-                    print(f"    kind {name:<33} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP {v['bytes'] / 1e12:7.3f} TB "
+                    print(f"    kind {name:<41} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP "
+                          f"{v['bytes'] / 1e12:7.3f} TB "
                           f"{int(v['launches']):7d} launches")
+            if args.traffic:
+                print(traffic_table(r))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return 0

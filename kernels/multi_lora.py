@@ -332,6 +332,7 @@ def paired_lora_linears_op(x_s: torch.Tensor, x_t: torch.Tensor, weights: list[t
                            fp8_scale: list[torch.Tensor], fp8_rowwise: bool) -> list[torch.Tensor]:
     """-> ``[y_s per linear] + [y_t per linear] + [u_s per linear]`` (u_s kept for the backward); an
     empty bias tensor is no bias (a list of optional tensors is not a stable pytree for autograd).
+    Differentiable through :func:`paired_lora_linears` (its autograd: ``_PairedLinears``), not alone.
     ``fp8_w`` / ``fp8_scale``: the base weights quantized (float8_e4m3fn) and their scales, for an FP8
     forward GEMM (empty lists: none); the backward is the same either way (dX in bf16 against W)."""
     biases = [b if b.numel() else None for b in biases]
@@ -364,83 +365,136 @@ def _(dys, x, weights, us, a_s, b_s, scales, impl):
     return [torch.empty_like(x)] + [torch.empty_like(a) for a in a_s] + [torch.empty_like(b) for b in b_s]
 
 
-def _linears_setup(ctx, inputs, output):
-    x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, *_fp8 = inputs
-    G = len(weights)
-    ctx.G, ctx.args, ctx.fp8_n = G, (list(scales_s), impl), len(_fp8[0])
-    ctx.save_for_backward(x_s, *weights, *output[2 * G:], *a_s, *b_s)  # the teacher rows are not kept
-    ctx.mark_non_differentiable(*output[G:])
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher outputs and u
+class _PairedLinears(torch.autograd.Function):
+    """The autograd of the paired op, around it (the op itself registers none: call it through
+    :func:`paired_lora_linears`), the differentiable tensors as the Function's own arguments. Not
+    ``register_autograd`` on the op: with tensor-list arguments that flattens and rebuilds every list
+    (pytrees) and refills the schema's defaults at each forward and backward, ~6x the Python calls of
+    this form per forward + backward: host work of a fixed size per call, exposed wherever one call's
+    GPU work is shorter (tested: tests/kernels/test_multi_lora.py, host work)."""
+
+    @staticmethod
+    def forward(ctx, spec, x_s, *lora_s):
+        x_t, weights, biases, a_t, b_t, scales_s, scales_t, impl, fp8_w, fp8_scale, fp8_rowwise = spec
+        G = len(weights)
+        a_s, b_s = list(lora_s[:G]), list(lora_s[G:])
+        out = paired_lora_linears_op(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w,
+                                     fp8_scale, fp8_rowwise)
+        ctx.G, ctx.scales, ctx.impl = G, list(scales_s), impl
+        ctx.save_for_backward(x_s, *weights, *out[2 * G:], *a_s, *b_s)  # the teacher rows are not kept
+        ctx.mark_non_differentiable(*out[G:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher outputs and u
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        G = ctx.G
+        x_s, *rest = ctx.saved_tensors
+        weights, us, a_s, b_s = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
+        live = [g for g in range(G) if grads[g] is not None]
+        da, db = [None] * G, [None] * G
+        if not live:
+            return None, None, *da, *db
+        pick = lambda seq: [seq[g] for g in live]  # noqa: E731
+        out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), pick(us),
+                                              pick(a_s), pick(b_s), pick(ctx.scales), ctx.impl)
+        for j, g in enumerate(live):
+            da[g], db[g] = out[1 + j], out[1 + len(live) + j]
+        return None, out[0], *da, *db
 
 
-def _linears_backward(ctx, grads):
-    G = ctx.G
-    x_s, *rest = ctx.saved_tensors
-    weights, us, a_s, b_s = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
-    scales, impl = ctx.args
-    live = [g for g in range(G) if grads[g] is not None]
-    none = [None] * G
-    if not live:
-        return None, None, none, none, none, none, none, none, None, None, None, [None] * ctx.fp8_n, \
-            [None] * ctx.fp8_n, None
-    pick = lambda seq: [seq[g] for g in live]  # noqa: E731
-    out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), pick(us),
-                                          pick(a_s), pick(b_s), pick(scales), impl)
-    da, db = list(none), list(none)
-    for j, g in enumerate(live):
-        da[g], db[g] = out[1 + j], out[1 + len(live) + j]
-    return out[0], None, none, none, da, db, none, none, None, None, None, [None] * ctx.fp8_n, \
-        [None] * ctx.fp8_n, None
+def _pass(name, kind, flops, byts, launches=1, shape=None, impl=None):
+    """One kernel launch (or a run of identical ones) inside a fused op, as the step model prices it:
+    ``kind`` "gemm" (``shape`` (M, inner, N), ``impl`` "cublas" | "triton": priced at that GEMM's
+    rate) or "memory" (a pass priced by its bytes)."""
+    return {"name": name, "kind": kind, "flops": float(flops), "bytes": float(byts), "launches": int(launches),
+            "shape": shape, "impl": impl}
 
 
-paired_lora_linears_op.register_autograd(_linears_backward, setup_context=_linears_setup)
+def _with_passes(passes, kind="gemm"):
+    """A :class:`Cost` whose totals are the sum of ``passes``, which it carries (``cost["passes"]``)."""
+    cost = Cost(sum(p["flops"] for p in passes), sum(p["bytes"] for p in passes),
+                sum(p["launches"] for p in passes), kind)
+    cost["passes"] = passes
+    return cost
 
 
-def _paired_fwd_cost(M, K, N, r, e, impl):
-    """One branch of one linear: u = s x A^T, then y = x W^T + u B^T; the cuBLAS form reads and
-    rewrites y to accumulate the delta (beta = 1), ours adds it in the epilogue of the same tile."""
-    flops = 2.0 * M * K * r + 2.0 * M * K * N + 2.0 * M * r * N
-    byts = 2 * M * K * e + (N * K + 2 * r * (K + N)) * e + 2 * M * r * e + M * N * e
-    if impl != "triton":
-        byts += 2 * M * N * e
-    return flops, byts
+# pass names, shared by the forward and backward costs (the traffic table groups by them)
+LORA_DOWN = "LoRA rank-r GEMM (u = s x A^T, du = s dy B, dA, dB): reads an activation"
+LORA_DELTA_Y = "LoRA delta into y: second GEMM call re-reads and rewrites y (cuBLAS form)"
+LORA_DELTA_DX = "LoRA du A into dx: second GEMM call re-reads and rewrites dx (cuBLAS form)"
+ZERO_FILL = "0-dim zero for addmm(beta=0): one fill launch"
+
+
+def paired_fwd_passes(M, K, N, r, e, impl, bias=False):
+    """One branch (M rows) of one linear (K -> N, rank r), as ``_branch_fwd`` runs it. cuBLAS:
+    u = addmm(0, x, A^T, alpha=s), y = mm(x, W^T) (addmm with the bias), then ``y.addmm_(u, B^T)``:
+    the delta is a second call that reads and rewrites y. Ours: u, then one GEMM with the delta
+    (and the bias) in its epilogue."""
+    if M == 0:
+        return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
+    lib = "triton" if impl == "triton" else "cublas"
+    u = _pass(LORA_DOWN, "gemm", 2.0 * M * K * r, (M * K + r * K + M * r) * e, 1, (M, K, r), lib)
+    base_bytes = (M * K + N * K + M * N + (N if bias else 0)) * e
+    if impl == "triton":
+        return [u, _pass("base GEMM y = x W^T + u B^T (delta in the epilogue)", "gemm",
+                         2.0 * M * K * N + 2.0 * M * r * N, base_bytes + (M * r + N * r) * e, 1, (M, K, N), impl)]
+    return [_pass(ZERO_FILL, "memory", 0, e, 1), u,
+            _pass("base GEMM y = x W^T (+ bias)", "gemm", 2.0 * M * K * N, base_bytes, 1, (M, K, N), "cublas"),
+            _pass(LORA_DELTA_Y, "memory", 2.0 * M * r * N, (2 * M * N + M * r + N * r) * e, 1, (M, r, N), "cublas")]
+
+
+def paired_bwd_passes(M, K, N, r, e, impl, accumulate):
+    """The student's backward of one linear of a group, as ``_student_bwd`` runs it: du = s dy B; dx
+    (the group's one buffer: written by the first linear, accumulated into by the others) += dy W +
+    du A; dA = du^T x; dB = dy^T u (cuBLAS, both). cuBLAS form: dx's base product is ``mm`` (or
+    ``addmm_`` with beta = 1: dx read in the GEMM's epilogue) and du A a second call that re-reads and
+    rewrites dx; ours: one GEMM for both products (dx read in its epilogue when accumulating)."""
+    if M == 0:
+        return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
+    acc = M * K * e if accumulate else 0
+    lib = "triton" if impl == "triton" else "cublas"
+    du = _pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib)
+    grads = [_pass(LORA_DOWN, "gemm", 2.0 * r * M * K, (M * r + M * K + r * K) * e, 1, (r, M, K), "cublas"),
+             _pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas")]
+    base_bytes = (M * N + N * K + M * K) * e + acc
+    if impl == "triton":
+        return [du, _pass("base dX GEMM dx (+)= dy W + du A (one kernel)", "gemm", 2.0 * M * N * K + 2.0 * M * r * K,
+                          base_bytes + (M * r + r * K) * e, 1, (M, N, K), impl), *grads]
+    name = "base dX GEMM dx += dy W (beta = 1: dx read in the epilogue)" if accumulate else "base dX GEMM dx = dy W"
+    return [_pass(ZERO_FILL, "memory", 0, e, 1), du,
+            _pass(name, "gemm", 2.0 * M * N * K, base_bytes, 1, (M, N, K), "cublas"),
+            _pass(LORA_DELTA_DX, "memory", 2.0 * M * r * K, (2 * M * K + M * r + r * K) * e, 1, (M, r, K), "cublas"),
+            *grads]
 
 
 @register_cost("dopsd_fast::paired_lora_linears")
 def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w=(), fp8_scale=(),
       fp8_rowwise=True):
-    flops = byts = 0.0
     e = x_s.element_size()
-    for w, a in zip(weights, a_s):
+    passes = []
+    for w, bias, a in zip(weights, biases, a_s):
         for rows in (x_s.shape[0], x_t.shape[0]):
-            f, b = _paired_fwd_cost(rows, w.shape[1], w.shape[0], a.shape[0], e, impl)
-            flops, byts = flops + f, byts + b
-    # per linear and branch: u, then y (ours: the delta in its epilogue; cuBLAS: a third call adds it).
-    # FP8 (fast.fp8=native): priced at the FP8 GEMM rate, the LoRA products (~3% of the FLOPs) included;
-    # x is read as e4m3 (its quantization is its own op) and the weight as one byte
-    if fp8_w:
-        e, rows, K = x_s.element_size(), x_s.shape[0] + x_t.shape[0], x_s.shape[1]
-        byts -= sum(rows * K * (e - 1) + w.numel() * (e - 1) for w in weights)  # x and W read as one byte
-        byts += rows * K * (2 * e + 1)  # quantizing x once per branch: read twice (max, cast), write e4m3
-        return Cost(flops, byts, 5 * len(weights) + 2, "gemm_fp8")
-    return Cost(flops, byts, (4 if impl == "triton" else 6) * len(weights), "gemm")
+            passes += paired_fwd_passes(rows, w.shape[1], w.shape[0], a.shape[0], e, impl, bias.numel() > 0)
+    if not fp8_w:
+        return _with_passes(passes)
+    # FP8 (fast.fp8=native): one aggregate priced at the FP8 GEMM rate, the LoRA products (~3% of the
+    # FLOPs) included; x is read as e4m3 (its quantization is its own op) and the weight as one byte
+    flops, byts = sum(p["flops"] for p in passes), sum(p["bytes"] for p in passes)
+    rows, K = x_s.shape[0] + x_t.shape[0], x_s.shape[1]
+    byts -= sum(rows * K * (e - 1) + w.numel() * (e - 1) for w in weights)  # x and W read as one byte
+    byts += rows * K * (2 * e + 1)  # quantizing x once per branch: read twice (max, cast), write e4m3
+    return Cost(flops, byts, 5 * len(weights) + 2, "gemm_fp8")
 
 
 @register_cost("dopsd_fast::paired_lora_linears_backward")
 def _(dys, x, weights, us, a_s, b_s, scales, impl):
     M, K = x.shape
     e = x.element_size()
-    flops = byts = 0.0
+    passes = []
     for g, (w, a) in enumerate(zip(weights, a_s)):
-        N, r = w.shape[0], a.shape[0]
-        flops += 2.0 * M * N * r + 2.0 * M * N * K + 2.0 * M * r * K + 2.0 * r * M * K + 2.0 * N * M * r
-        # du = s dy B; dx (+)= dy W + du A; dA = du^T x; dB = dy^T u
-        byts += 2 * M * N * e + N * K * e + 3 * M * r * e + M * K * e + 2 * r * (K + N) * e + M * K * e
-        byts += M * K * e * (2 if g else 1)  # dx: written, or read and rewritten when accumulating
-        if impl != "triton":
-            byts += 2 * M * K * e  # the du A delta accumulated into dx by a second cuBLAS call
-    # per linear: du, dx (ours: both products in one kernel; cuBLAS: two calls), dA, dB
-    return Cost(flops, byts, (4 if impl == "triton" else 5) * len(weights), "gemm")
+        passes += paired_bwd_passes(M, K, w.shape[0], a.shape[0], e, impl, accumulate=g > 0)
+    return _with_passes(passes)
 
 
 def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, biases: list, students: list,
@@ -471,12 +525,16 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
         raise ValueError(f"paired_lora_linear: impl must be 'triton' or 'torch', got {impl!r}")
     nob = weights[0].new_empty(0)
     fq = [fp8.weight(w) for w in weights] if fp8 is not None else []
-    out = paired_lora_linears_op(x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach(),
-                                 list(weights), [nob if b is None else b for b in biases], [lo[0] for lo in students],
-                                 [lo[1] for lo in students], [lo[0].detach() for lo in teachers],
-                                 [lo[1].detach() for lo in teachers], [float(lo[2]) for lo in students],
-                                 [float(lo[2]) for lo in teachers], impl, [q for q, _ in fq], [s for _, s in fq],
-                                 bool(fp8.rowwise) if fp8 is not None else True)
+    x2, x_t2 = x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach()
+    a_s, b_s = [lo[0] for lo in students], [lo[1] for lo in students]
+    frozen = ([lo[0].detach() for lo in teachers], [lo[1].detach() for lo in teachers],
+              [float(lo[2]) for lo in students], [float(lo[2]) for lo in teachers], impl, [q for q, _ in fq],
+              [s for _, s in fq], bool(fp8.rowwise) if fp8 is not None else True)
+    weights, biases = list(weights), [nob if b is None else b for b in biases]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, *a_s, *b_s)):
+        out = _PairedLinears.apply((x_t2, weights, biases, *frozen), x2, *a_s, *b_s)
+    else:  # nothing to differentiate (the teacher alone, a no-grad roll-out, a CUDA-graph capture)
+        out = paired_lora_linears_op(x2, x_t2, weights, biases, a_s, b_s, *frozen)
     G = len(weights)
     return [(out[g].reshape(*x_s.shape[:-1], w.shape[0]), out[G + g].reshape(*x_t.shape[:-1], w.shape[0]))
             for g, w in enumerate(weights)]

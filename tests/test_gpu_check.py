@@ -139,7 +139,7 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     lin = [x for x in rows if x["kind"] == "paired_linear"]
     assert len(lin) == 9 and all(x["parity_ok"] for x in lin)
     steps = [x for x in rows if x["kind"] == "step_regions"]
-    assert len(steps) == 3 and all(x["forward: student + teacher (packed) [s]"] > 0 for x in steps)
+    assert len(steps) == 6 and all(x["forward: student + teacher (packed) [s]"] > 0 for x in steps)
     parity = [x for x in rows if x.get("stage") == "step_time" and x["kind"] == "parity"]
     assert len(parity) == 2 and all(p["verdict"] == "PASS" for p in parity)  # bf16 step and FP8 (SQNR)
     timed = [x["path"] for x in rows if x.get("stage") == "step_time" and x["kind"] == "time"]

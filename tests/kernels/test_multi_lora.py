@@ -122,8 +122,9 @@ def test_paired_form_equals_two_layers(impl):
     assert_close(yt, lora_linear_ref(xt, w, b, a_t, b_t, 2.0), 1e-5, 1e-5, "y_t", scaled=True)
     for name, a, r in zip(["dx_s", "dA_s", "dB_s"], (gx, ga, gb), torch.autograd.grad(yr, (xr, ar, br), g)):
         assert_close(a, r, 1e-4, 1e-4, name, scaled=True)
-    torch.library.opcheck(paired_lora_linears_op, (xs.detach().reshape(-1, 24).requires_grad_(), xt, [w], [b], [a_s],
-                                                   [b_s], [a_t], [b_t], [0.5], [2.0], impl, [], [], True))
+    # the op alone (its autograd is paired_lora_linears' Function, checked above): schema, fake, dispatch
+    torch.library.opcheck(paired_lora_linears_op, (xs.detach().reshape(-1, 24), xt, [w], [b], [a_s.detach()],
+                                                   [b_s.detach()], [a_t], [b_t], [0.5], [2.0], impl, [], [], True))
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -131,7 +132,8 @@ def test_paired_form_equals_two_layers(impl):
 def test_paired_group_equals_separate_layers(impl, dtype):
     """q, k, v as ONE op (the student's dx of the group in one buffer) == three peft-style LoRA layers,
     outputs and every student gradient; a projection whose output is unused gets no gradient."""
-    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linears, paired_lora_linears_op
+    from dopsd_fast.kernels.multi_lora import (lora_linear_ref, paired_lora_linears, paired_lora_linears_backward_op,
+                                               paired_lora_linears_op)
 
     K, r = 32, 4
     layers = [_params(K, N, r, bias=(N == 48)) for N in (40, 48, 24)]
@@ -180,7 +182,136 @@ def test_paired_group_equals_separate_layers(impl, dtype):
         paired_lora_linears(x, xt, [layers[0][0].clone().requires_grad_()], [None], [(ad[0][0], ad[0][1], 1.0)],
                             [(layers[0][4], layers[0][5], 1.0)])
     lq, lv = layers[0], layers[2]
-    torch.library.opcheck(paired_lora_linears_op, (xs.clone().requires_grad_(), xt, [lq[0], lv[0]],
-                                                   [torch.empty(0), torch.randn(24)], [ad[0][0], ad[2][0]],
-                                                   [ad[0][1], ad[2][1]], [lq[4], lv[4]], [lq[5], lv[5]], [0.5, 1.5],
+    a_q, b_q, a_v, b_v = (t.detach() for t in (ad[0][0], ad[0][1], ad[2][0], ad[2][1]))
+    y = paired_lora_linears_op(xs, xt, [lq[0], lv[0]], [torch.empty(0), torch.randn(24)], [a_q, a_v], [b_q, b_v],
+                               [lq[4], lv[4]], [lq[5], lv[5]], [0.5, 1.5], [2.0, 1.0], impl, [], [], True)
+    torch.library.opcheck(paired_lora_linears_op, (xs, xt, [lq[0], lv[0]], [torch.empty(0), torch.randn(24)],
+                                                   [a_q, a_v], [b_q, b_v], [lq[4], lv[4]], [lq[5], lv[5]], [0.5, 1.5],
                                                    [2.0, 1.0], impl, [], [], True))
+    torch.library.opcheck(paired_lora_linears_backward_op, ([torch.randn_like(y[0]), torch.randn_like(y[1])], xs,
+                                                            [lq[0], lv[0]], [y[4], y[5]], [a_q, a_v], [b_q, b_v],
+                                                            [0.5, 1.5], impl))
+
+
+def _python_calls(fn) -> int:
+    """Python function calls made on this thread by ``fn()`` (host work that does not depend on the
+    tensors' size: what a short GEMM on a GPU can leave exposed)."""
+    import sys
+
+    calls = [0]
+
+    def count(frame, event, arg):
+        if event == "call":
+            calls[0] += 1
+
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls[0]
+
+
+def test_paired_forward_backward_host_work_is_close_to_two_plain_layers():
+    """The paired linear's forward + backward as the step runs it (one op for both branches, the
+    student's backward) does at most 4x the Python calls of two plain LoRA layers (student with
+    autograd, teacher without). Through ``register_autograd`` on the tensor-list op it made 18x (609 vs
+    34 calls: pytrees of every list argument, the schema's defaults refilled, per forward and per
+    backward): host work of a fixed size per call, which left the H200's 3840 -> 3840 microbenchmark
+    (m2) host-bound at ~1.8 ms per forward + backward whatever the shape."""
+    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linear
+
+    torch.manual_seed(0)
+    w, b, a_s, b_s, a_t, b_t = _params(8, 8, 2, bias=False)
+    xs, xt, dy = torch.randn(4, 8, requires_grad=True), torch.randn(5, 8), torch.randn(4, 8)
+    a_s.requires_grad_(), b_s.requires_grad_()
+
+    def paired():
+        torch.autograd.grad(paired_lora_linear(xs, xt, w, None, (a_s, b_s, 2.0), (a_t, b_t, 2.0), impl="torch")[0],
+                            (xs, a_s, b_s), dy)
+
+    def two_layers():
+        y = lora_linear_ref(xs, w, None, a_s, b_s, 2.0)
+        with torch.no_grad():
+            lora_linear_ref(xt, w, None, a_t, b_t, 2.0)
+        torch.autograd.grad(y, (xs, a_s, b_s), dy)
+
+    paired(), two_layers()  # first calls: lazy initialisation out of the count
+    ours, ref = _python_calls(paired), _python_calls(two_layers)
+    assert ours <= 4 * ref, (ours, ref)
+
+
+def test_paired_linears_compile_with_their_gradients():
+    """The autograd.Function around the op traces whole (fullgraph) and its gradients are the eager ones."""
+    from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linears
+
+    torch.manual_seed(0)
+    layers = [_params(24, N, 4) for N in (40, 16)]
+    xs, xt = torch.randn(7, 24, requires_grad=True), torch.randn(9, 24)
+    ad = [(lay[2].requires_grad_(), lay[3].requires_grad_()) for lay in layers]
+
+    def fused(x, a0, b0, a1, b1):
+        outs = paired_lora_linears(x, xt, [lay[0] for lay in layers], [lay[1] for lay in layers],
+                                   [(a0, b0, 0.5), (a1, b1, 1.5)], [(lay[4], lay[5], 2.0) for lay in layers],
+                                   impl="torch")
+        return outs[0][0].sum() + outs[1][0].square().sum()
+
+    args = (xs, *ad[0], *ad[1])
+    got = torch.autograd.grad(torch.compile(fused, backend="aot_eager", fullgraph=True)(*args), args)
+    ref = lora_linear_ref(xs, layers[0][0], layers[0][1], *ad[0], 0.5).sum() + \
+        lora_linear_ref(xs, layers[1][0], layers[1][1], *ad[1], 1.5).square().sum()
+    for name, a, r in zip(["dx", "dA_0", "dB_0", "dA_1", "dB_1"], got, torch.autograd.grad(ref, args)):
+        assert_close(a, r, 1e-4, 1e-4, name, scaled=True)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_cost_passes_are_the_launches_the_torch_form_makes(group):
+    """The step model prices the paired op by the passes its cost states (benchmarks/perf_model.py): each
+    is one launch of the cuBLAS form, with that launch's GEMM shape and bytes (read + written). Here
+    the implementation runs under a dispatch mode that records every aten op it launches, forward
+    (both branches) and the student's backward (the group's dx in one buffer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dopsd_fast.kernels import multi_lora as ml
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.launches = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.name()
+            if func.is_view or name in ("aten::empty", "aten::empty_strided", "aten::t", "aten::_to_copy"):
+                return out
+            ts = [a for a in args if isinstance(a, torch.Tensor)]
+            written = args[0] if name.endswith("_") else out  # in place: the first argument is rewritten
+            byts = sum(t.numel() * t.element_size() for t in ts) + written.numel() * written.element_size()
+            if name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+                a, b = (args[0], args[1]) if name == "aten::mm" else (args[1], args[2])
+                self.launches.append(((a.shape[0], a.shape[1], b.shape[1]), byts))
+            else:
+                self.launches.append((None, out.numel() * out.element_size()))  # a fill of the 0-dim zero
+            return out
+
+    torch.manual_seed(0)
+    Ms, Mt, K, r = 24, 40, 32, 4
+    Ns = [48, 16, 40][:group]
+    e = 2
+    xs, xt = torch.randn(Ms, K, dtype=torch.bfloat16), torch.randn(Mt, K, dtype=torch.bfloat16)
+    ws = [torch.randn(N, K, dtype=torch.bfloat16) for N in Ns]
+    As = [torch.randn(r, K, dtype=torch.bfloat16) for _ in Ns]
+    Bs = [torch.randn(N, r, dtype=torch.bfloat16) for N in Ns]
+    dys = [torch.randn(Ms, N, dtype=torch.bfloat16) for N in Ns]
+    with Record() as rec:
+        ys, us = ml._branch_fwd(xs, ws, [None] * group, As, Bs, [0.5] * group, False)
+        ml._branch_fwd(xt, ws, [None] * group, As, Bs, [2.0] * group, False)
+        ml._student_bwd(dys, xs, ws, us, As, Bs, [0.5] * group, False)
+    passes = [p for M in (Ms, Mt) for N in Ns for p in ml.paired_fwd_passes(M, K, N, r, e, "torch")]
+    passes += [p for g, N in enumerate(Ns) for p in ml.paired_bwd_passes(Ms, K, N, r, e, "torch", g > 0)]
+    # launches in a different order (both branches' forward per linear in the cost): compare as multisets
+    got = sorted((shape or (), byts) for shape, byts in rec.launches)
+    want = sorted((p["shape"] or (), p["bytes"]) for p in passes for _ in range(p["launches"]))
+    assert len(got) == len(want) and [g[0] for g in got] == [w[0] for w in want], (got, want)
+    for (shape, b_got), (_, b_want) in zip(got, want):  # the 0-dim zero read by addmm(beta=0): 2 bytes
+        assert abs(b_got - b_want) <= 2 * e, (shape, b_got, b_want)
