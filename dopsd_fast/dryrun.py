@@ -66,7 +66,7 @@ def dry_run(cfg, gpu: str = "h100") -> int:
     budget = (cfg.fast.memory_budget_gb * 1e9 if cfg.fast.memory_budget_gb is not None
               else 0.85 * (cap - weights - encoders))
     # the run plan as the trainer resolves it, against this GPU class's memory (the device: a CUDA one)
-    plan = resolve_plan(cfg, spec, tr.config, shape, torch.device("cuda"), budget)
+    plan = resolve_plan(cfg, spec, tr.config, shape, torch.device("cuda"), budget, gpu_name=f"NVIDIA {gpu.upper()}")
     path, backward, ckpt, n_layers, peak = plan.path, plan.backward, plan.checkpoint_layers, plan.layers, plan.peak
     total = weights + encoders + peak["total"]
     c = dict(tr.config)

@@ -80,9 +80,11 @@ def _checkpoint_layers(cfg, spec, transformer_config, shape, path, backward, bud
     return fewest
 
 
-def resolve_plan(cfg, spec, transformer_config, shape, device: torch.device, budget: float | None) -> RunPlan:
+def resolve_plan(cfg, spec, transformer_config, shape, device: torch.device, budget: float | None,
+                 gpu_name: str | None = None) -> RunPlan:
     """The plan of a run of family ``spec`` with the step ``shape`` (:func:`dopsd_fast.memory.step_shape`)
-    on ``device``, against ``budget`` bytes beyond the weights (None: no limit)."""
+    on ``device``, against ``budget`` bytes beyond the weights (None: no limit). ``gpu_name`` (with a CUDA
+    ``device``) plans for a GPU that is not here, as the dry run does: nothing touches CUDA."""
     path = "fast" if cfg.fast.enabled else "eager"
     fc = cfg.fast
     reasons: list[str] = []
@@ -98,11 +100,11 @@ def resolve_plan(cfg, spec, transformer_config, shape, device: torch.device, bud
     layers = spec.checkpointable_layers(transformer_config) if path == "fast" else sum(shape.layers.values())
     if path == "fast":
         kernels = fc.compile != "ops" and (fc.kernels == "on" or (fc.kernels == "auto" and device.type == "cuda"))
-        attention = resolve_attention(fc.attention, device)
+        attention = resolve_attention(fc.attention, device, gpu_name)
         if attention == "triton" and not kernels and device.type != "cuda":
             attention = "sdpa"  # our attention kernel without the fused ops, off the GPU: PyTorch's instead
         gemm = "triton" if fc.gemm == "triton" else "cublas"
-        if fc.graphs and device.type != "cuda":
+        if fc.graphs and device.type != "cuda" and gpu_name is None:
             raise ConfigError("config field 'fast.graphs': CUDA graphs need a CUDA device")
     else:
         kernels, attention, gemm = False, "diffusers", "cublas"

@@ -77,23 +77,29 @@ def _has(mod: str) -> bool:
     return importlib.util.find_spec(mod) is not None
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
+def resolve_attention(name: str, device: torch.device, gpu_name: str | None = None) -> str:
+    """The attention backend ``name`` resolves to on ``device``. ``gpu_name`` plans for a GPU that is not
+    here (the dry run): its measured order is used as is, with cuDNN assumed present, and no CUDA is touched."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"fast.attention must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    planned = gpu_name is not None
     if name == "auto":
         choice, why = "sdpa", "not a CUDA device"
-        if device.type == "cuda":
-            gpu = torch.cuda.get_device_name(device)
+        if device.type == "cuda" or planned:
+            gpu = gpu_name if planned else torch.cuda.get_device_name(device)
             why = f"{gpu}: no measurement for this GPU, PyTorch SDPA's own choice"
             for prefix, measured in MEASURED_ATTENTION.items():
                 if gpu.startswith(prefix):
-                    choice = next((b for b in measured.order if _available(b)), "sdpa")
+                    choice = next((b for b in measured.order
+                                   if (planned and b in ("cudnn", "sdpa")) or _available(b)), "sdpa")
                     why = f"{gpu}: {' > '.join(measured.order)}, {measured.source}"
                     if choice != measured.order[0]:
                         why += f"; {measured.order[0]} is not available here"
                     break
         log.info("attention backend: auto -> %s (%s)", choice, why)
         return choice
+    if planned:
+        return name
     if name == "cudnn" and (device.type != "cuda" or not _cudnn_available()):
         raise RuntimeError("fast.attention=cudnn needs a CUDA device with cuDNN's SDPA enabled "
                            "(torch.backends.cudnn.is_available()); use sdpa, triton or auto")
