@@ -24,7 +24,8 @@ What differs from a GPU run, and how it is handled:
     python benchmarks/perf_model.py --preset klein-4b --paths fast --backward stepwise --json out.json
     python benchmarks/perf_model.py --preset klein-9b --paths fast --checkpoint all   # checkpointing's cost
     python benchmarks/perf_model.py --preset zimage-6b --paths fast --teacher-graph   # the graphed teacher
-    python benchmarks/perf_model.py --calibrate        # dopsd_fast.memory's constants (~4 min)
+    python benchmarks/perf_model.py --preset zimage-6b --paths fast --backward stepwise --memory  # the peak's makeup
+    python benchmarks/perf_model.py --calibrate        # dopsd_fast.memory's constants, the H200 check (~8 min)
 """
 
 from __future__ import annotations
@@ -494,6 +495,10 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="zimage,klein", help="--calibrate: the families to calibrate")
     p.add_argument("--json", default=None)
     p.add_argument("--regions", action="store_true", help="print the per-region and per-kind breakdown")
+    p.add_argument("--memory", action="store_true",
+                   help="print what the peak holds, by the region and op that made each storage")
+    p.add_argument("--eager-checkpointing", action="store_true",
+                   help="eager path: diffusers' gradient checkpointing on every block (the authors' setting)")
     args = p.parse_args(argv)
     import diffusers.utils.logging as dlog
 
@@ -522,9 +527,14 @@ def main(argv=None) -> int:
     for path in args.paths.split(","):
         for bw in args.backward.split(","):
             r = model_step(args.preset, path, bw, args.lora_rank, args.cap_s, args.cap_t, gemm=args.gemm, fp8=args.fp8,
-                           checkpoint=args.checkpoint, teacher_graph=args.teacher_graph and path == "fast")
+                           checkpoint=args.checkpoint, teacher_graph=args.teacher_graph and path == "fast",
+                           eager_checkpointing=args.eager_checkpointing and path == "eager")
             rows.append(r)
             print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
+            if args.memory:
+                print(f"    peak {r['peak_live_gb']:.2f} GB in '{r['peak_region']}', made by:")
+                for m in r["peak_live_by_source"][:12]:
+                    print(f"    {m['gb']:8.3f} GB  {m['region']:<40} {m['op']}")
             if args.regions:
                 for name, v in r["regions"].items():
                     print(f"    {name:<38} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP {v['bytes'] / 1e12:7.3f} TB "
