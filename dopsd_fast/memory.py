@@ -11,7 +11,7 @@ checkpointed):
 | activations | what the student's autograd saves for the states alive (K with ``once``, 1 with ``stepwise``): per layer and student token (``PER_TOKEN``; a checkpointed layer keeps its input, 1 x width), plus a per-state intercept (``PER_STATE_EXTRA``, x width^2: what a state holds beyond layers x slope) | 22.66 GB | 1.13 GB |
 | recompute | with checkpointed layers: one layer's activations, re-made in its backward | 0 | 1.40 GB |
 | transient | the working set on top at the peak: the teacher's layer in the forward, the roll-out's inputs (``TRANSIENT_PER_TEACHER_TOKEN``) | 1.06 GB | 0.65 GB |
-| gradients | fp32 gradients of the trainable tensors (a stepwise peak follows the first state's backward) | 0.64 GB | 0.64 GB |
+| gradients | fp32 gradients of the trainable tensors (a stepwise peak follows the first state's backward; a ``once`` peak, at the start of the backward, holds few: counted whole, high by at most this) | 0.64 GB | 0.64 GB |
 | optimizer | AdamW's two moments, from the first optimizer step on | 1.27 GB | 1.27 GB |
 | casts | fast path, LoRA: both adapters cast to bf16 once per roll-out (``RolloutShare``) | 0.64 GB | 0 |
 | workspace | cuBLAS's workspace, 32 MiB per handle and stream on sm_90+ (cuBLASLt shares it), one for the forward's thread and one for autograd's | 0.07 GB | 0.07 GB |
@@ -21,7 +21,8 @@ checkpointed):
 activations, transient (and the checks of gradients and casts) come from ``benchmarks/perf_model.py
 --calibrate``: whole steps at real size under fake tensors, bf16, the storages alive at the peak,
 each term taken apart (one layer's slope from two layer counts, one state from ``once`` against
-``stepwise``), kept in elements per token in units of the model width (bf16: 2 bytes each).
+``stepwise``), kept in elements per token in units of the model width (bf16: 2 bytes each; the
+per-state intercept in units of width^2: it scales so between Z-Image's 6B and 1536-wide sizes).
 gradients, optimizer, casts, workspace are byte counts. unseen is the one constant fitted on a GPU:
 on the H200 (2026-12-04, ``benchmarks/results/2026-12-04-h200``) the fast step peaked at 41.33 GB and
 the checkpointed eager reference at 20.09 GB, each with the weights (13.58 GB: base and both fp32
@@ -30,12 +31,13 @@ adapters) and step_time's snapshot of the adapters (1.27 GB) in them; what the o
 (our attention, no snapshot, step 0 before AdamW's state exists) 38.75 / 40.02 GB for 38.77 / 40.05
 measured, nothing fitted on them (tests/test_memory.py). (The "40 % low" read of that run set the
 README's activations + transient, 25.0 GB, against the whole 41.3 GB; the model's total then was 27.5
-GB beyond the weights against 26.5 measured, its transient holding the gradients and casts twice.)
+GB beyond the weights against 26.5 measured beyond the weights and the snapshot, its transient
+holding the gradients and casts a second time.)
 
 | family, path | per layer and student token | per state | transient per teacher token |
 |---|---|---|---|
 | Z-Image, fast (fused) | 21.2 x dim (0.750 GB per layer at 4608 tokens, dim 3840: 30 vs 20 layers) | -45.7 x dim^2 | 27.0 x dim |
-| Z-Image, eager (diffusers) | 39.6 x dim (over half of it copies its casts make: autocast, peft's LoRA inputs) | -32.6 x dim^2 | 16.5 x dim |
+| Z-Image, eager (diffusers) | 39.6 x dim (26 of the 45 GB of its stepwise peak are casts' outputs, ``_to_copy``) | -32.6 x dim^2 | 16.5 x dim |
 | klein, fast | double 23.3 x D, single 26.9 x D | -40.7 x D^2 | 22.2 x D (the editing teacher: 2 images) |
 | klein, eager | double 28.8 x D, single 25.7 x D | -30.3 x D^2 | 13.8 x D |
 
