@@ -530,7 +530,7 @@ def stage_fp8(rows: Rows) -> int:
 
 
 def _pytest(rows: Rows, what: str, args: list[str], env: dict) -> int:
-    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", *args], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     print(res.stdout[-6000:] + res.stderr[-2000:])
     summary = [line for line in res.stdout.splitlines() if any(w in line for w in (" passed", " failed", " error",
@@ -543,13 +543,15 @@ def _pytest(rows: Rows, what: str, args: list[str], env: dict) -> int:
 
 
 def stage_tests(rows: Rows) -> int:
-    """The CUDA-graph capture tests first (-x -v: the first failure with its text), then the kernel tests
-    in short form (DOPSD_GPU_TESTS_SHORT=1: one case per test function and dtype)."""
+    """The CUDA-graph capture tests first, every case (-x -v: the first failure with its text; -rfEs keeps
+    the FAILED lines in the summary), then the kernel tests in short form (DOPSD_GPU_TESTS_SHORT=1: one
+    case per test function and dtype)."""
     env = {**os.environ, "DOPSD_GPU_TESTS": "1", "DOPSD_GPU_TESTS_SHORT": "1"}
     if DRY:  # on the CPU: the interpreter, the same selection
         env.pop("DOPSD_GPU_TESTS")
         env["TRITON_INTERPRET"] = "1"
-    rc = _pytest(rows, "CUDA-graph capture", ["-x", "-v", "tests/kernels/test_graph_capture.py"], env)
+    every_case = {k: v for k, v in env.items() if k != "DOPSD_GPU_TESTS_SHORT"}
+    rc = _pytest(rows, "CUDA-graph capture", ["-x", "-v", "tests/kernels/test_graph_capture.py"], every_case)
     return rc | _pytest(rows, "kernel tests, short form", ["-q", "tests/kernels",
                                                             "--deselect", "tests/kernels/test_graph_capture.py"], env)
 

@@ -40,6 +40,7 @@ What differs from a GPU run, and how it is handled:
     python benchmarks/perf_model.py --calibrate-from benchmarks/results/DATE-GPU/results.json \
         --write benchmarks/calibration/GPU-DATE.json   # a new GPU run's measurements as a calibration
     python benchmarks/perf_model.py --calibrate        # dopsd_fast.memory's constants (~4 min)
+    python benchmarks/perf_model.py --preset zimage-6b --paths fast --backward stepwise --memory  # the peak's makeup
 """
 
 from __future__ import annotations
@@ -210,6 +211,11 @@ class StepCounter(TorchDispatchMode):
         self.peak = 0
         self.peak_region = ""
         self._seen: dict[int, int] = {}
+        # live bytes by where each storage was made (region, op), and that split at the peak (the
+        # memory model's terms: benchmarks/perf_model.py --memory)
+        self.live_by = defaultdict(int)
+        self.peak_by: dict = {}
+        self._op = ""
 
     @contextlib.contextmanager
     def in_region(self, name):
@@ -219,11 +225,13 @@ class StepCounter(TorchDispatchMode):
         finally:
             self.region = prev
 
-    def _free(self, key, n):
+    def _free(self, key, n, where):
         if self._seen.pop(key, None) is not None:
             self.live -= n
+            self.live_by[where] -= n
 
     def _track(self, out, scratch=0):
+        where = (self.region, self._op)
         for t in _tensors(out):
             st = t.untyped_storage()
             key = id(st)
@@ -232,9 +240,13 @@ class StepCounter(TorchDispatchMode):
             n = st.nbytes()
             self._seen[key] = n
             self.live += n
-            weakref.finalize(st, self._free, key, n)
+            self.live_by[where] += n
+            weakref.finalize(st, self._free, key, n, where)
         if self.live + scratch > self.peak:
             self.peak, self.peak_region = self.live + scratch, self.region
+            self.peak_by = {k: v for k, v in self.live_by.items() if v}
+            if scratch:
+                self.peak_by[(self.region, self._op + " (scratch)")] = scratch
 
     def _add(self, op_name, pass_name, kind, flops, byts, launches, shape=None, impl=None):
         if self.region == GRAPH_REGION:  # inside a CUDA graph: no launch of its own (one replay, counted apart)
@@ -256,6 +268,7 @@ class StepCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.name()
+        self._op = name
         if func.is_view or name in _FREE or name.startswith("prim::") or getattr(func, "_schema", None) is None:
             self._track(out)
             return out
@@ -416,11 +429,11 @@ def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | N
     import step_time
 
     argv = ["--preset", preset, "--backward", backward, "--checkpoint", checkpoint, "--gemm", gemm]
+    argv += ["--eager-checkpointing"] if eager_checkpointing else []
     argv += ["--fp8", fp8] if path == "fast" else []
     argv += ["--lora-rank", str(rank)] if rank is not None else []
     if path == "fast":  # the GPU configuration: our fused kernels (as custom ops here)
         argv += ["--kernels", "on", "--attention", attention]
-    argv += ["--eager-checkpointing"] if eager_checkpointing else []
     argv += ["--cap-s", str(cap_s)] if cap_s else []
     argv += ["--cap-t", str(cap_t)] if cap_t else []
     args = step_time.parse(argv)
@@ -607,6 +620,9 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             **summary, "floor_s_at_gemm_rate": bench.floor_flops / pricing.gemm_rate(),
             "peak_live_gb": counter.peak / 1e9, "peak_region": counter.peak_region,
             "weights_gb": bench.weights_gb, "fp8_weights_gb": fp8_gb, "model_seconds": time.time() - t0,
+            "trainable_params": sum(p.numel() for p in bench.params),
+            "peak_live_by_source": sorted(({"region": r, "op": o, "gb": b / 1e9} for (r, o), b in counter.peak_by.items()),
+                                          key=lambda x: -x["gb"]),
             "rates": rates, "pricing": pricing.describe()}
 
 
@@ -633,11 +649,22 @@ CALIBRATION = {"zimage": ("zimage-6b", {"block": ("n_layers", 10)}),
 
 
 def calibrate(family: str, path: str) -> dict:
-    """The memory model's constants (``dopsd_fast.memory``) from stepwise fake-tensor steps at the sizes
-    of :data:`CALIBRATION`: Z-Image-Turbo 6B at 30 and 20 main layers (the slope is one layer's saved
-    activations, the rest the transient); klein-4B at (5, 20), (3, 20) and (5, 10) double / single
-    blocks. In elements per token in units of the width (bf16), as each family spec's ``memory``
-    (:class:`~dopsd_fast.families.spec.MemoryCoefficients`) holds them."""
+    """The memory model's fake-tensor constants (``dopsd_fast.memory``) at the sizes of
+    :data:`CALIBRATION` (Z-Image-Turbo 6B at 30 and 20 main layers; klein-4B at (5, 20), (3, 20) and
+    (5, 10) double / single blocks), each term apart so that none is counted twice:
+
+    * per block kind, the saved activations per layer: the slope of the stepwise peak over the layers;
+    * one roll-out state's saved activations: from the ``once`` peak (K states alive, no gradients yet)
+      against the stepwise one (one state alive, the fp32 gradients of the previous states'
+      backwards): ``(once - stepwise + gradients) / (K - 1)``; the per-state extra is what that holds
+      beyond layers x slope, in units of width^2 (it scales so between Z-Image's 6B and 1536-wide
+      sizes, -45.7 and -44.6, not with the tokens);
+    * the transient: the stepwise peak less one state, the gradients and the LoRA casts (the teacher's
+      working set at the peak layer, the roll-out's inputs).
+
+    In elements per token in units of the width (the extra: of width^2; bf16), as
+    each family spec's ``memory`` (:class:`~dopsd_fast.families.spec.MemoryCoefficients`:
+    ``per_token``, ``per_state_extra``, ``transient_per_teacher_token``) holds them."""
     import step_time
 
     from dopsd_fast import memory
@@ -652,15 +679,72 @@ def calibrate(family: str, path: str) -> dict:
     tok_s, tok_t = img + pre["cap_s"], spec.teacher_image_tokens(img) + pre["cap_t"]
     unit_s, unit_t = width * tok_s * memory.BYTES, width * tok_t * memory.BYTES
 
-    def peak(**over):
+    def run(backward="stepwise", **over):
         name = f"{base}-calib-" + "-".join(f"{k}{v}" for k, v in over.items())
         step_time.PRESETS[name] = dict(pre, config=dict(cfg, **over))
-        return model_step(name, path, "stepwise")["peak_live_gb"] * 1e9
+        return model_step(name, path, backward)
 
-    p0 = peak()
-    per = {kind: (p0 - peak(**{key: cfg[key] - fewer})) / fewer for kind, (key, fewer) in vary.items()}
+    r0 = run()
+    p0, K, n = r0["peak_live_gb"] * 1e9, r0["K"], r0["trainable_params"]
+    grads = n * 4  # fp32 LoRA adapters
+    casts = memory.cast_bytes(n, path)
+    per = {kind: (p0 - run(**{key: cfg[key] - fewer})["peak_live_gb"] * 1e9) / fewer
+           for kind, (key, fewer) in vary.items()}
+    once = run("once")["peak_live_gb"] * 1e9
+    state = (once - p0 + grads) / (K - 1)
     return {"per_token": {k: v / unit_s for k, v in per.items()},
-            "transient": (p0 - sum(layers[k] * v for k, v in per.items())) / unit_t}
+            "per_state_extra": (state - sum(layers[k] * v for k, v in per.items())) / (width ** 2 * memory.BYTES),
+            "transient": (p0 - state - grads - casts) / unit_t,
+            "fake_peaks_gb": {"stepwise": p0 / 1e9, "once": once / 1e9}}
+
+
+H200_RESULTS = HERE / "results" / "2026-12-04-h200" / "results.json"
+
+
+def zimage_lora_params(rank: int = 64) -> int:
+    """Parameters of one LoRA adapter on Z-Image-Turbo's default targets (counted on the meta device)."""
+    from dopsd_fast.families import ZIMAGE
+
+    cfg = ZIMAGE.flavours["zimage-6b"].config
+    with torch.device("meta"):
+        tr = ZIMAGE.diffusers_class()(**cfg)
+    targets = ZIMAGE.default_lora_targets(cfg)
+    return sum(rank * (m.in_features + m.out_features) for name, m in tr.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(name.endswith("." + t) for t in targets))
+
+
+def h200_memory_check(path: Path = H200_RESULTS) -> list[dict]:
+    """``dopsd_fast.memory`` against the peaks (``torch.cuda.max_memory_allocated``) the H200 measured
+    on 2026-12-04 (Z-Image-Turbo, 1024^2, K = 4, LoRA r64, captions 512 / 1024, stepwise). Each peak
+    holds the weights (base and both fp32 adapters, the run's ``weights_gb``) and, in the ``step``
+    stage (step_time.py), the snapshot its ``timed()`` keeps of the student's and teacher's adapters
+    (8 bytes per adapter parameter); the ``m3`` stage keeps none. Calibration rows: what
+    ``memory.UNSEEN_BYTES`` was fitted on; prediction rows: nothing fitted on them."""
+    from dopsd_fast import memory
+    from dopsd_fast.families import ZIMAGE
+
+    rows = json.loads(Path(path).read_text())["rows"]
+    peak = {r["path"]: r["peak_memory_gb"] * 1e9 for r in rows if r.get("kind") == "time"}
+    m3 = sorted((r for r in rows if r.get("kind") == "step_regions"), key=lambda r: r["step"])
+    weights = next(r["weights_gb"] for r in rows if r.get("kind") == "step_setup") * 1e9
+    n = zimage_lora_params()
+    s = memory.shape_of(ZIMAGE.flavours["zimage-6b"].config, ZIMAGE, 4096 + 512, 4096 + 1024, 4, n)
+    snapshot = 8 * n
+    every_block = sum(s.layers.values())
+    cases = [("step: fast (SDPA), 0 layers checkpointed (auto on 141 GB)", "calibration",
+              memory.peak_bytes(s, "fast", "stepwise", 0), snapshot, peak["fast"]),
+             ("step: eager reference, every block checkpointed", "calibration",
+              memory.peak_bytes(s, "eager", "stepwise", every_block), snapshot, peak["eager reference"])]
+    for r in m3:
+        cases.append((f"m3 step {r['step']}: fast (our attention), no checkpointing"
+                      + (", before AdamW's state exists" if r["step"] == 0 else ""), "prediction",
+                      memory.peak_bytes(s, "fast", "stepwise", 0, optimizer_state=r["step"] > 0), 0,
+                      r["peak_memory_gb"] * 1e9))
+    return [{"what": what, "role": role, "terms_gb": {k: v / 1e9 for k, v in terms.items()},
+             "predicted_gb": (weights + harness + terms["total"]) / 1e9, "measured_gb": measured / 1e9,
+             "rel_err": (weights + harness + terms["total"]) / measured - 1,
+             "remainder_without_unseen_gb": (measured - weights - harness - terms["total"] + terms["unseen"]) / 1e9}
+            for what, role, terms, harness, measured in cases]
 
 
 def _fmt_row(r: dict) -> str:
@@ -817,8 +901,11 @@ def main(argv=None) -> int:
     p.add_argument("--write", default=None, help="with --calibrate-from: the calibration file to write")
     p.add_argument("--calibrate", action="store_true",
                    help="derive dopsd_fast.memory's constants (both families, both paths) and exit")
+    p.add_argument("--families", default="zimage,klein", help="--calibrate: the families to calibrate")
     p.add_argument("--json", default=None)
     p.add_argument("--regions", action="store_true", help="print the per-region and per-kind breakdown")
+    p.add_argument("--memory", action="store_true",
+                   help="print what the peak holds, by the region and op that made each storage")
     args = p.parse_args(argv)
     import diffusers.utils.logging as dlog
 
@@ -849,12 +936,20 @@ def main(argv=None) -> int:
     print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; {Pricing(RATES, calibration).describe()}. "
           "MODEL FIGURES, not measurements; the peak excludes the weights.")
     if args.calibrate:
-        for fam in ("zimage", "klein"):
+        for fam in args.families.split(","):
             for path in ("fast", "eager"):
                 c = calibrate(fam, path)
                 print(f"{fam:<7} {path:<6} per layer and student token: "
                       + ", ".join(f"{k} {v:.1f} x width" for k, v in c["per_token"].items())
-                      + f"; transient per teacher token: {c['transient']:.1f} x width", flush=True)
+                      + f"; per state extra {c['per_state_extra']:.1f} x width^2; transient per teacher token: "
+                      f"{c['transient']:.1f} x width (fake peaks: stepwise {c['fake_peaks_gb']['stepwise']:.2f} GB, "
+                      f"once {c['fake_peaks_gb']['once']:.2f} GB)", flush=True)
+        print("\nH200, 2026-12-04: predicted (weights + the benchmark's adapter snapshot + dopsd_fast.memory) vs "
+              "measured max_memory_allocated; memory.UNSEEN_BYTES = the calibration rows' mean remainder")
+        for r in h200_memory_check():
+            print(f"  {r['role']:<11} {r['what']:<62} predicted {r['predicted_gb']:6.2f} GB, measured "
+                  f"{r['measured_gb']:6.2f} GB ({100 * r['rel_err']:+.1f} %), remainder without 'unseen' "
+                  f"{r['remainder_without_unseen_gb']:.2f} GB")
         return 0
     rows = []
     for path in args.paths.split(","):
@@ -867,6 +962,10 @@ def main(argv=None) -> int:
             print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
             for note in r["unmeasured"]:
                 print(f"    note: {note}")
+            if args.memory:
+                print(f"    peak {r['peak_live_gb']:.2f} GB in '{r['peak_region']}', made by:")
+                for m in r["peak_live_by_source"][:12]:
+                    print(f"    {m['gb']:8.3f} GB  {m['region']:<40} {m['op']}")
             if args.regions:
                 for name, v in r["regions"].items():
                     print(f"    {name:<46} {v['time_s']:7.3f} s {v['flops'] / 1e12:8.1f} TFLOP "

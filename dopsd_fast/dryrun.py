@@ -77,13 +77,12 @@ def dry_run(cfg, gpu: str = "h100") -> int:
     f_t = spec.forward_flops(c, img, [cap_t] * cfg.data.batch_size, rank, teacher=True)
     floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled))
     fits = total <= cap
-    print(f"\nstep: {shape.family}, K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher "
-          f"tokens per micro-batch\n{plan.describe()}")
-    rows = [("weights (base, adapters / EMA)", weights), ("encoders", encoders),
-            ("saved activations", peak["activations"]), ("transient (forward working set)", peak["transient"]),
-            ("gradients + AdamW state", peak["optimizer"])]
-    if peak["casts"]:
-        rows.append(("adapters cast to bf16 (roll-out)", peak["casts"]))
+    print(f"\nstep: {shape.family}, {path} path, backward {backward}"
+          f"{' (auto)' if cfg.dopsd.backward == 'auto' else ''}, {ckpt} of {n_layers} layers checkpointed, "
+          f"K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher tokens per micro-batch"
+          f"\n{plan.describe()}")
+    rows = [("weights (base, adapters / EMA)", weights), ("encoders", encoders)]
+    rows += [(memory.TERM_LABELS[t], peak[t]) for t in memory.TERMS if peak[t]]
     rows.append(("predicted peak", total))
     for name, b in rows:
         print(f"  {name:<34} {memory.fmt_gb(b):>10}")
@@ -101,5 +100,6 @@ def dry_run(cfg, gpu: str = "h100") -> int:
             hints.append("a feature cache (dopsd-cache) to unload the encoders")
         hints.append("a smaller data.bucket_scale or data.batch_size")
         print("  to fit: " + "; ".join(hints))
-    print("\n(model figures from dopsd_fast.memory, calibrated on fake-tensor steps; not measured on a GPU)")
+    print("\n(model figures from dopsd_fast.memory: fake-tensor steps, and the H200's measured Z-Image-Turbo peaks; "
+          "the CUDA context and the allocator's cached blocks come on top)")
     return 0 if fits else 1

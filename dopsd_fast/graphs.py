@@ -10,11 +10,16 @@ that swapped parameters, a new adapter, a dtype change) would make the graph rea
 it raises :class:`GraphStructureError` instead of silently re-capturing or replaying garbage;
 :meth:`GraphCache.clear` after such a change is the explicit way on.
 
-What a graph cannot hold is host work inside the forward: a device-to-host read (``.item()``, a
-``nonzero``, a data-dependent shape) or a tensor made from Python data (``torch.tensor(list)``, a
+What a graph cannot hold is host work inside the forward: a device-to-host read (``.item()``,
+``.tolist()``, a ``nonzero``, a data-dependent shape) or a tensor made from Python data (``torch.tensor(list)``, a
 host-to-device copy). :func:`capture_guard` finds those on ANY device (the CPU included: it looks at
 the ops, not at a stream), so the tests prove a forward capturable without a GPU: run it once (the
-warm-up, where the per-shape tables are built and cached), then again under the guard.
+warm-up, where the per-shape tables are built and cached), then again under the guard. On the CPU a
+tensor the forward makes on the host per call (``torch.arange(n)`` without a device, a table moved
+with ``.to(x.device)``) is on the forward's own device, so nothing shows; on a GPU it is a copy from
+host memory, which a capture refuses. ``capture_guard(device=...)`` names such a tensor: the tests
+run the forward with its weights and inputs on ``meta`` (a stand-in accelerator: shapes, no data),
+where a host-made tensor stands out as a CPU tensor.
 """
 
 from __future__ import annotations
@@ -50,32 +55,84 @@ _HOST_OPS = {
 }
 
 
-def capture_guard():
+def _host_work(func, args, kwargs) -> str | None:
+    """Why ``func`` cannot be captured (host work), or None."""
+    name = func._schema.name + ("." + func._overloadname if func._overloadname != "default" else "")
+    why = _HOST_OPS.get(name) or _HOST_OPS.get(func._schema.name)
+    if name == "aten::repeat_interleave.Tensor" and kwargs.get("output_size") is not None:
+        why = None
+    if why is None and func._schema.name in ("aten::index", "aten::index_put", "aten::index_put_"):
+        idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx or ()):
+            why = "indexes by a boolean mask (a data-dependent shape)"
+    if why is None and func._schema.name in ("aten::_to_copy", "aten::copy_"):
+        devs = {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        if "device" in kwargs and kwargs["device"] is not None:
+            devs.add(torch.device(kwargs["device"]).type)
+        if len(devs) > 1:
+            why = f"copies between devices ({' -> '.join(sorted(devs))})"
+    return why
+
+
+def _off_device(func, args, kwargs, out, device: torch.device) -> str | None:
+    """A tensor this op reads or makes on another device than the forward's (0-dim CPU tensors are
+    scalars, read without a copy)."""
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                yield from tensors(y)
+
+    for role, group in (("reads", (*args, *kwargs.values())), ("makes", (out,))):
+        for t in tensors(group):
+            if t.device.type != device.type and not (t.device.type == "cpu" and t.dim() == 0):
+                return (f"{role} a {t.device.type} tensor of shape {tuple(t.shape)} while the forward runs on "
+                        f"{device.type}: a tensor made on the host per call (on a GPU a host-to-device copy)")
+    return None
+
+
+def capture_guard(device: torch.device | str | None = None):
     """A context in which an op a CUDA graph cannot capture raises :class:`GraphCaptureError`
-    naming it (see :data:`_HOST_OPS`; also any copy between devices). It inspects the dispatched ops,
-    so it works on the CPU. ``aten::repeat_interleave`` given ``output_size`` is allowed (no sync)."""
+    naming it (see :data:`_HOST_OPS`; also any copy between devices, and ``Tensor.tolist()`` /
+    ``.numpy()``, host reads that dispatch no op). It inspects the dispatched ops, so it works on the
+    CPU. ``aten::repeat_interleave`` given ``output_size`` is allowed (no sync).
+    ``device``: the forward's device; any other tensor an op reads or makes is host work too (run
+    the forward on ``meta`` to see on the CPU what would be a host-to-device copy on a GPU)."""
+
+    dev = torch.device(device) if device is not None else None
 
     class _Guard(TorchDispatchMode):
+        # reads of a tensor's values on the host that dispatch no op (so __torch_dispatch__ never sees
+        # them): on a GPU each is a device-to-host copy and a sync
+        _HOST_READS = ("tolist", "numpy", "__array__")
+
+        def __enter__(self):
+            self._saved = {n: getattr(torch.Tensor, n) for n in self._HOST_READS}
+            for n in self._HOST_READS:
+                def refuse(*_a, _n=n, **_k):
+                    raise GraphCaptureError(f"Tensor.{_n}() reads a tensor's values on the host (a device-to-host "
+                                            "copy and a sync): a CUDA graph cannot capture it; keep the host copy "
+                                            "(a Python list) beside the tensor, built once per shape")
+                setattr(torch.Tensor, n, refuse)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            for n, f in self._saved.items():
+                setattr(torch.Tensor, n, f)
+            return super().__exit__(*exc)
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            name = func._schema.name + ("." + func._overloadname if func._overloadname != "default" else "")
-            why = _HOST_OPS.get(name) or _HOST_OPS.get(func._schema.name)
-            if name == "aten::repeat_interleave.Tensor" and kwargs.get("output_size") is not None:
-                why = None
-            if why is None and func._schema.name in ("aten::index", "aten::index_put", "aten::index_put_"):
-                idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
-                if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx or ()):
-                    why = "indexes by a boolean mask (a data-dependent shape)"
-            if why is None and func._schema.name in ("aten::_to_copy", "aten::copy_"):
-                devs = {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
-                if "device" in kwargs and kwargs["device"] is not None:
-                    devs.add(torch.device(kwargs["device"]).type)
-                if len(devs) > 1:
-                    why = f"copies between devices ({' -> '.join(sorted(devs))})"
+            why = _host_work(func, args, kwargs)
+            out = func(*args, **kwargs) if why is None else None
+            if why is None and dev is not None:
+                why = _off_device(func, args, kwargs, out, dev)
             if why is not None:
+                name = func._schema.name + ("." + func._overloadname if func._overloadname != "default" else "")
                 raise GraphCaptureError(f"{name} {why}: a CUDA graph cannot capture it; build it once per shape "
                                         "outside the forward (a cached table) or keep it on the device")
-            return func(*args, **kwargs)
+            return out
 
     return _Guard()
 

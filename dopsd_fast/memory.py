@@ -1,24 +1,51 @@
 """The memory model of one training step: what ``dopsd.backward: auto``, ``model.gradient_checkpointing: auto`` and
 ``dopsd-train --dry-run`` decide from.
 
-Peak memory beyond the weights = saved activations of the student (per roll-out state alive: K with
-``once``, 1 with ``stepwise``) + a transient (the largest working set of a forward: the teacher's
-layer, attention temporaries) + gradients and AdamW state of the trainable tensors (allocated at the
-first step, after any free-memory probe).
+It predicts what ``torch.cuda.max_memory_allocated`` counts beyond the weights, term by term
+(:data:`TERMS`; sizes at the configuration an H200 measured: Z-Image-Turbo, 1024^2, K = 4, LoRA r64,
+captions 512 / 1024, stepwise; fast path with no checkpointing / eager reference with every block
+checkpointed):
 
-The constants are MEASURED by ``benchmarks/perf_model.py --calibrate`` (a whole step at real size
-under fake tensors, bf16, stepwise, the peak of live memory beyond the weights): the slope of the peak
-over the number of layers gives the bytes one layer keeps per student token, the rest the transient
-per teacher token. Each is in elements per token in units of the model width (bf16: 2 bytes each); a
-checkpointed layer keeps its input only (1 x width). Model figures until a GPU confirms them. Each
-family's constants are its spec's (``spec.memory``, :class:`~dopsd_fast.families.spec.MemoryCoefficients`):
+| term | what | fast | eager, ckpt |
+|---|---|---|---|
+| activations | what the student's autograd saves for the states alive (K with ``once``, 1 with ``stepwise``): per layer and student token (the family spec's ``memory.per_token``; a checkpointed layer keeps its input, 1 x width), plus a per-state intercept (``memory.per_state_extra``, x width^2: what a state holds beyond layers x slope) | 22.66 GB | 1.13 GB |
+| recompute | with checkpointed layers: one layer's activations, re-made in its backward | 0 | 1.40 GB |
+| transient | the working set on top at the peak: the teacher's layer in the forward, the roll-out's inputs (``memory.transient_per_teacher_token``) | 1.06 GB | 0.65 GB |
+| gradients | fp32 gradients of the trainable tensors (a stepwise peak follows the first state's backward; a ``once`` peak, at the start of the backward, holds few: counted whole, high by at most this) | 0.64 GB | 0.64 GB |
+| optimizer | AdamW's two moments, from the first optimizer step on | 1.27 GB | 1.27 GB |
+| casts | fast path, LoRA: both adapters cast to bf16 once per roll-out (``RolloutShare``) | 0.64 GB | 0 |
+| workspace | cuBLAS's workspace, 32 MiB per handle and stream on sm_90+ (cuBLASLt shares it), one for the forward's thread and one for autograd's | 0.07 GB | 0.07 GB |
+| unseen | what a fake-tensor step cannot see: scratch inside library calls (SDPA's fp32 dQ accumulator, 0.07 GB here), the allocator's rounding of blocks | 0.11 GB | 0.11 GB |
+| total | | 26.44 GB | 5.27 GB |
 
-| family, path | per layer and student token | transient per teacher token |
-|---|---|---|
-| Z-Image, fast (fused) | 21.2 x dim (0.750 GB per layer at 4608 tokens, dim 3840: 30 vs 20 layers) | 25.0 x dim |
-| Z-Image, eager (diffusers) | 39.6 x dim | 8.2 x dim |
-| klein, fast | double block 23.3 x D, single block 26.9 x D | 22.3 x D (the editing teacher: 2 images) |
-| klein, eager | double 28.8 x D, single 25.7 x D | 10.4 x D |
+activations, transient (and the checks of gradients and casts) come from ``benchmarks/perf_model.py
+--calibrate``: whole steps at real size under fake tensors, bf16, the storages alive at the peak,
+each term taken apart (one layer's slope from two layer counts, one state from ``once`` against
+``stepwise``), kept in elements per token in units of the model width (bf16: 2 bytes each; the
+per-state intercept in units of width^2: it scales so between Z-Image's 6B and 1536-wide sizes).
+gradients, optimizer, casts, workspace are byte counts. unseen is the one constant fitted on a GPU:
+on the H200 (2026-12-04, ``benchmarks/results/2026-12-04-h200``) the fast step peaked at 41.33 GB and
+the checkpointed eager reference at 20.09 GB, each with the weights (13.58 GB: base and both fp32
+adapters) and step_time's snapshot of the adapters (1.27 GB) in them; what the other terms leave is
+0.15 and 0.08 GB, so 0.11. The predictions are then 41.29 and 20.11 GB; the m3 peaks of the same run
+(our attention, no snapshot, step 0 before AdamW's state exists) 38.75 / 40.02 GB for 38.77 / 40.05
+measured, nothing fitted on them (tests/test_memory.py). (The "40 % low" read of that run set the
+README's activations + transient, 25.0 GB, against the whole 41.3 GB; the model's total then was 27.5
+GB beyond the weights against 26.5 measured beyond the weights and the snapshot, its transient
+holding the gradients and casts a second time.)
+
+Each family's constants are its spec's (``spec.memory``, :class:`~dopsd_fast.families.spec.MemoryCoefficients`):
+
+| family, path | per layer and student token | per state | transient per teacher token |
+|---|---|---|---|
+| Z-Image, fast (fused) | 21.2 x dim (0.750 GB per layer at 4608 tokens, dim 3840: 30 vs 20 layers) | -45.7 x dim^2 | 27.0 x dim |
+| Z-Image, eager (diffusers) | 39.6 x dim (26 of the 45 GB of its stepwise peak are casts' outputs, ``_to_copy``) | -32.6 x dim^2 | 16.5 x dim |
+| klein, fast | double 23.3 x D, single 26.9 x D | -40.7 x D^2 | 22.2 x D (the editing teacher: 2 images) |
+| klein, eager | double 28.8 x D, single 25.7 x D | -30.3 x D^2 | 13.8 x D |
+
+Not in ``max_memory_allocated``, so in no term: the CUDA context and the blocks the caching allocator
+keeps reserved but unused (fragmentation). The budget leaves room for them: 85% of the free memory
+(:func:`memory_budget_bytes`). Model figures beyond the configuration measured.
 """
 
 from __future__ import annotations
@@ -29,6 +56,14 @@ from dataclasses import dataclass
 import torch
 
 BYTES = 2  # bf16 activations
+CUBLAS_WORKSPACE_BYTES = 32 * 2 ** 20  # torch's default per cuBLAS handle and stream on sm_90+ (cuBLASLt shares it)
+CUBLAS_HANDLES = 2  # the forward's thread and autograd's device thread each hold one on the step's stream
+UNSEEN_BYTES = 0.11e9  # fitted on the H200 peaks (see the module docstring)
+TERMS = ("activations", "recompute", "transient", "gradients", "optimizer", "casts", "workspace", "unseen")
+TERM_LABELS = {"activations": "saved activations", "recompute": "checkpoint recompute (1 layer)",
+               "transient": "transient (working set)", "gradients": "gradients (fp32)",
+               "optimizer": "AdamW state", "casts": "adapters cast to bf16 (roll-out)",
+               "workspace": "cuBLAS workspaces", "unseen": "unseen (library scratch, rounding)"}
 GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0,
                  "4090": 24.0}
 # The fake-tensor model's predicted step time per floor FLOP at Z-Image-Turbo size (stepwise, no
@@ -71,24 +106,47 @@ def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per
                     trainable_bytes_per_param)
 
 
-def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0) -> dict:
-    """Predicted peak beyond the weights, by part (bytes)."""
+def cast_bytes(trainable_params: int, path: str, trainable_bytes_per_param: int = 4) -> int:
+    """The fast path's roll-out keeps the student's and the teacher's fp32 adapters cast to bf16 (its
+    RolloutShare); fp32 trainable tensors are LoRA adapters here (full fine-tuning trains the model dtype)."""
+    return 2 * trainable_params * BYTES if path == "fast" and trainable_bytes_per_param == 4 else 0
+
+
+def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0, optimizer_state: bool = True) -> dict:
+    """Predicted peak beyond the weights (what ``torch.cuda.max_memory_allocated`` adds to them), by
+    term (:data:`TERMS`, bytes) and ``total``. ``optimizer_state``: AdamW's moments exist (every step
+    after the first)."""
     per = s.coefficients.per_token[path]
+    unit_s = s.width * s.tokens_student * BYTES
     alive = s.states if backward == "once" else 1
-    per_state = 0.0
-    ck = checkpoint_layers
+    # the per-state extra belongs to the layers' saved activations: none when every layer is
+    # checkpointed (each then keeps its input only)
+    all_checkpointed = checkpoint_layers >= sum(s.layers.values())
+    extra = 0.0 if all_checkpointed else s.coefficients.per_state_extra[path] * s.width ** 2 * BYTES
+    per_layers, recompute, ck = 0.0, 0.0, checkpoint_layers
     for kind, n in s.layers.items():
         c = min(ck, n)
         ck -= c
-        per_state += ((n - c) * per[kind] + c * 1.0) * s.width * s.tokens_student * BYTES
-    transient = s.coefficients.transient_per_teacher_token[path] * s.width * s.tokens_teacher * BYTES
-    optimizer = s.trainable_params * (s.trainable_bytes_per_param + 8)  # gradient + AdamW m, v (fp32)
-    # the fast path's roll-out keeps the student's and the teacher's fp32 adapters cast to bf16 (its
-    # RolloutShare); fp32 trainable tensors are LoRA adapters here (full fine-tuning trains the model dtype)
-    casts = 2 * s.trainable_params * BYTES if path == "fast" and s.trainable_bytes_per_param == 4 else 0
-    acts = alive * per_state
-    return {"activations": acts, "transient": transient, "optimizer": optimizer, "casts": casts,
-            "total": acts + transient + optimizer + casts}
+        per_layers += (n - c) * per[kind] + c * 1.0
+        if c:
+            recompute = max(recompute, per[kind])
+    n_train = s.trainable_params
+    terms = {
+        # never below what every layer keeps when checkpointed (its input): the intercept, measured at
+        # 4.6k tokens, would outweigh the layers at a few hundred
+        "activations": alive * max(per_layers * unit_s + extra, sum(s.layers.values()) * unit_s),
+        "recompute": recompute * unit_s,
+        "transient": s.coefficients.transient_per_teacher_token[path] * s.width * s.tokens_teacher * BYTES,
+        # a stepwise peak comes after the first state's backward made them; a once peak, at the start of
+        # the backward, holds few yet: counted whole all the same (errs high by at most this term)
+        "gradients": n_train * s.trainable_bytes_per_param,
+        "optimizer": n_train * 8 if optimizer_state else 0,  # AdamW m, v (fp32)
+        "casts": cast_bytes(n_train, path, s.trainable_bytes_per_param),
+        "workspace": CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES,
+        "unseen": UNSEEN_BYTES,
+    }
+    terms["total"] = sum(terms[t] for t in TERMS)
+    return terms
 
 
 def memory_budget_bytes(budget_gb: float | None, device: torch.device) -> float | None:

@@ -142,3 +142,81 @@ def test_fast_path_graphs_capture_safe_and_training_stays_packed(tmp_path, famil
     tr.train_step()
     assert calls and set(calls) == {(True, True)}, calls  # every state: both branches in one packed pass
     assert fp.graph_backend.captured == 2  # the step captured nothing
+
+
+def test_capture_guard_names_host_work_the_cpu_cannot_see():
+    """Two kinds of host work a CPU run of a forward hides: a host read that dispatches no op
+    (``.tolist()``, ``.numpy()``: on a GPU a device-to-host copy and a sync), and a tensor made on
+    the host per call and moved to the forward's device (on the CPU it already is there: no copy, no
+    op; on a GPU a copy from host memory). The guard names the first on any device and, given the
+    forward's device, the second on ``meta`` (a stand-in accelerator: shapes, no data)."""
+    from dopsd_fast.graphs import GraphCaptureError, capture_guard
+
+    x = torch.randn(2, 6)
+    for what, fn in {"tolist": lambda: x.sum(0).tolist(), "numpy": lambda: x.numpy()}.items():
+        with pytest.raises(GraphCaptureError, match=what), capture_guard():
+            fn()
+    assert x.tolist() and x.numpy().shape == (2, 6)  # restored after the guard
+
+    def host_table(x):  # positions built per call on the host, then moved: the CPU run shows no copy
+        return x + torch.arange(x.shape[-1]).to(x.device, x.dtype)
+
+    with capture_guard():
+        host_table(x)  # on the CPU: nothing to see
+    xm = x.to("meta")
+    with pytest.raises(GraphCaptureError, match="arange makes a cpu tensor of shape \\(6,\\)"), \
+            capture_guard(device="meta"):
+        host_table(xm)
+    table = torch.arange(6, device="meta", dtype=x.dtype)  # built once per shape, outside the forward
+    scalar = torch.tensor(2.0)
+    with capture_guard(device="meta"):
+        y = xm + table * scalar  # a 0-dim CPU tensor is a scalar argument: no copy
+    assert y.device.type == "meta"
+
+
+@pytest.mark.parametrize("kernels,attention", [("off", "sdpa"), ("on", "triton")])
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_no_grad_forwards_make_nothing_on_the_host(family, kernels, attention):
+    """Both families' single-branch no-grad forwards (what fast.graphs captures) with their weights
+    and inputs on ``meta``: after the warm-up (per-shape tables built and cached), nothing of theirs is
+    made on the host, read back, or copied between devices. (Z-Image with ``sdpa`` runs its ragged
+    captions through PyTorch's jagged SDPA, which has no meta path: not checked here; the GPU test
+    captures it.)"""
+    from dopsd_fast.adapters.base import Context
+    from dopsd_fast.graphs import capture_guard
+    from dopsd_fast.models.ops import build_ops
+
+    if family == "zimage" and attention == "sdpa":
+        pytest.skip("PyTorch's jagged SDPA has no meta path (autocast dispatch on an unknown device)")
+    meta = torch.device("meta")
+    ops = build_ops(kernels, attention, torch.device("cpu"))
+    if family == "klein":
+        from tests.test_fast_flux2 import _fast, _setup
+
+        _, st, _, _ = _setup(True)
+        st.transformer.to(meta)
+        fast = _fast(st, ops=ops)
+        refs = [torch.randn(16, 6, 4, device=meta) for _ in range(2)]
+
+        def fwd(which):
+            cs = [Context(torch.randn(24, 96, device=meta), {"ref0": r} if which == "t" else {}) for r in refs]
+            return fast.velocity_pair(torch.randn(2, 16, 6, 4, device=meta), torch.rand(2, device=meta),
+                                      *((cs, None) if which == "s" else (None, cs)))
+    else:
+        from tests.test_fast_zimage import _fast, _model
+
+        st = _model(True)
+        st.transformer.to(meta)
+        fast = _fast(st, ops=ops)
+
+        def fwd(which):
+            caps = [torch.randn(n, 32, device=meta) for n in ((5, 33) if which == "s" else (40, 3))]
+            return fast.forward_pair(torch.randn(2, 16, 10, 6, device=meta), torch.rand(2, device=meta),
+                                     caps if which == "s" else None, caps if which == "t" else None,
+                                     student=which == "s")
+    for which in "st":
+        with torch.no_grad():
+            fwd(which)  # the warm-up
+            with capture_guard(device=meta):
+                out = fwd(which)
+        assert out[0 if which == "s" else 1].device == meta

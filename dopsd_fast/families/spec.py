@@ -71,10 +71,12 @@ class Flavour:
 class MemoryCoefficients:
     """The memory model's per-family constants (:mod:`dopsd_fast.memory`), per path (``fast`` /
     ``eager``): elements kept per student token and layer of each block kind, and the transient per
-    teacher token, in units of the model width (measured by ``benchmarks/perf_model.py --calibrate``)."""
+    teacher token, in units of the model width; what a roll-out state holds beyond its layers, in units
+    of width^2 (measured by ``benchmarks/perf_model.py --calibrate``)."""
 
     per_token: dict  # path -> {block kind: elements per student token and layer / width}
     transient_per_teacher_token: dict  # path -> elements per teacher token / width
+    per_state_extra: dict  # path -> elements per roll-out state alive / width^2 (an intercept)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ SPEC = ZImageFamily(
     # benchmarks/perf_model.py --calibrate: 21.2 x dim per token and layer is 0.750 GB per layer at 4608
     # tokens, dim 3840 (the slope of the peak from 20 to 30 layers)
     memory=MemoryCoefficients(per_token={"fast": {"block": 21.2}, "eager": {"block": 39.6}},
-                              transient_per_teacher_token={"fast": 25.0, "eager": 8.2}),
+                              transient_per_teacher_token={"fast": 27.0, "eager": 16.5},
+                              per_state_extra={"fast": -45.7, "eager": -32.6}),
     fp8_linears=FP8_LINEARS,
     flavours={
         "tiny-zimage": Flavour("tiny-zimage", None, 128, 24, 80, 8, "cpu", "fp32"),
