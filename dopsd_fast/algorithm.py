@@ -159,8 +159,42 @@ def rollout_loss_paired(pair_fn, noise: torch.Tensor, sigmas: Sequence[float] | 
     return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn)
 
 
+def _concrete(t: torch.Tensor) -> bool:
+    """``t``'s values can be read here: not a meta or fake tensor (the step models), not inside a CUDA
+    graph capture (where a read is a forbidden sync)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.device.type == "meta" or is_fake(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_noise(noise) -> None:
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"rollout_loss: noise must be a tensor (x_0 of shape (batch, ...)), got {type(noise).__name__}")
+    if noise.ndim < 2 or noise.shape[0] == 0:
+        raise ValueError(f"rollout_loss: noise must have shape (batch, ...) with batch >= 1, got {tuple(noise.shape)}")
+    if _concrete(noise) and not bool(torch.isfinite(noise).all()):  # one read per roll-out
+        bad = int((~torch.isfinite(noise)).sum())
+        raise ValueError(f"rollout_loss: the noise holds {bad} non-finite values (NaN / inf) of {noise.numel()}: "
+                         "draw it from torch.randn, finite, before the roll-out")
+
+
+def _check_outputs(k: int, v_s, v_t) -> None:
+    for who, v in (("student", v_s), ("teacher", v_t)):
+        if not isinstance(v, torch.Tensor):
+            what = "None" if v is None else type(v).__name__
+            raise TypeError(f"state {k}: the {who}'s model function returned {what}, not a tensor: return the "
+                            "velocity itself (a diffusers model's output: `.sample`, or `[0]` of its tuple)")
+    if torch.is_grad_enabled() and not v_s.requires_grad:
+        raise ValueError(f"state {k}: the student's velocity carries no autograd history, so D-OPSD has nothing to "
+                         "train: call the student with gradients enabled (not under torch.no_grad() / "
+                         "inference_mode) and make sure its trainable parameters (the LoRA) have requires_grad=True")
+
+
 def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=None) -> RolloutResult:
     sig = resolve_schedule(sigmas)
+    _check_noise(noise)
     k_states = len(sig) - 1
     batch = noise.shape[0]
     x = noise.detach().float()
@@ -173,6 +207,7 @@ def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=Non
         sigma = torch.full((batch,), sig[k], dtype=torch.float32, device=x.device)
         x_in = x.detach()  # no back-propagation through time across states
         v_s, v_t = pair_fn(x_in, sigma)
+        _check_outputs(k, v_s, v_t)
         v_t = v_t.detach()
         if v_s.shape != x_in.shape or v_t.shape != x_in.shape:
             raise ValueError(

@@ -28,7 +28,8 @@ def test_euler_rollout_by_hand():
     # student v = 0.5 x + sigma, teacher v = -x ; by hand on a scalar per sample
     noise = torch.tensor([[1.0], [-2.0]])
     sig = [1.0, 0.75, 0.0]
-    res = rollout_loss(_linear(0.5), lambda x, s: -x, noise, sig, loss="v")
+    with torch.no_grad():  # a student with no parameters: the values only
+        res = rollout_loss(_linear(0.5), lambda x, s: -x, noise, sig, loss="v")
     x0 = noise
     vs0 = 0.5 * x0 + 1.0
     x1 = x0 + (0.75 - 1.0) * vs0
@@ -128,6 +129,27 @@ def test_ema_math_and_modes():
     assert torch.equal(live[0], s[0])
     with pytest.raises(ValueError):
         ema_update_(t, s, 1.5)
+
+
+def test_named_errors_for_what_a_caller_hands_over():
+    """NaN noise, a model function returning a tuple or None, and a student without autograd history
+    end in a named error, not a NaN loss, an AttributeError or autograd's raw message."""
+    noise = torch.randn(2, 6)
+    bad = noise.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="noise holds 1 non-finite"):
+        rollout_loss(_Lin(0), _Lin(1), bad, "zimage-k4")
+    lin = _Lin(0)
+    with pytest.raises(TypeError, match="student's model function returned tuple.*`.sample`"):
+        rollout_loss(lambda x, s: (lin(x, s),), _Lin(1), noise, "zimage-k4")
+    with pytest.raises(TypeError, match="teacher's model function returned None"):
+        rollout_loss(lin, lambda x, s: None, noise, "zimage-k4")
+    frozen = _Lin(0).requires_grad_(False)
+    for backward in ("once", "stepwise"):
+        with pytest.raises(ValueError, match="student's velocity carries no autograd history"):
+            rollout_loss(frozen, _Lin(1), noise, "zimage-k4", backward=backward)
+    with torch.no_grad():  # evaluating without gradients is allowed
+        assert torch.isfinite(rollout_loss(frozen, _Lin(1), noise, "zimage-k4").loss)
 
 
 def test_bad_arguments():

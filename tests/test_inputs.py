@@ -117,3 +117,28 @@ def test_bad_device_sample_lora_and_full_disk_are_one_line_errors(tmp_path, monk
         train_main(["--config", "tiny-zimage", "--set", f"train.output_dir={tmp_path / 'full'}", "--set", "train.max_steps=1",
                     "--set", "train.progress=false", "--set", "validation.at_start=false", "--set",
                     "train.tensorboard=false"])
+
+
+def test_alpha_message_names_each_file_and_an_empty_folder_is_named(tmp_path, caplog):
+    """Each RGBA file is named in its alpha message (exif_transpose returns a copy without a file
+    name), once per file; a data.folder with no usable images names the folder."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import DataError, build_dataset
+    from dopsd_fast.data.dataset import load_image
+
+    paths = []
+    for name in ("first.png", "second.png"):
+        p = tmp_path / name
+        Image.new("RGBA", (16, 16), (255, 0, 0, 128)).save(p)
+        paths.append(p)
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        for p in paths + paths:
+            load_image(str(p), (16, 16))
+    lines = [r.getMessage() for r in caplog.records if "alpha channel" in r.getMessage()]
+    assert len(lines) == 2 and str(paths[0]) in lines[0] and str(paths[1]) in lines[1], lines
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    (empty / "notes.md").write_text("no images here")
+    cfg = load_config(None, ["data.builtin=null", f"data.folder={empty}"]).data
+    with pytest.raises(DataError, match=f"data.folder {empty} has no usable rows"):
+        build_dataset(cfg, progress=False)

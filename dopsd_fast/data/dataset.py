@@ -118,14 +118,16 @@ ALPHA_BACKGROUND = [255, 255, 255]  # data.alpha_background (set by build_datase
 _alpha_logged: set = set()
 
 
-def decode_image(im: "Image.Image") -> np.ndarray:
+def decode_image(im: "Image.Image", name: str | None = None) -> np.ndarray:
     """A PIL image -> float32 (H, W, 3) in [0, 1], decoded right: the EXIF orientation applied (a
     portrait photo stays upright); 16- and 32-bit grayscale scaled by their range (not clipped to 8
     bits); palette images through their own palette; an alpha channel composited on
-    ``data.alpha_background`` (logged once per file)."""
+    ``data.alpha_background`` (logged once per file, named: ``name``, else the image's own file name).
+    """
     from PIL import ImageOps
 
-    im = ImageOps.exif_transpose(im)
+    name = name or getattr(im, "filename", "") or "an image without a file name"
+    im = ImageOps.exif_transpose(im)  # a copy: it has no .filename
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im, dtype=np.float32)
         top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255) else 255.0
@@ -136,7 +138,6 @@ def decode_image(im: "Image.Image") -> np.ndarray:
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        name = getattr(im, "filename", "") or "an image"
         if name not in _alpha_logged:
             _alpha_logged.add(name)
             log.info("%s has an alpha channel: composited on data.alpha_background %s", name, ALPHA_BACKGROUND)
@@ -152,7 +153,7 @@ def load_image(path: str, bucket: tuple) -> torch.Tensor:
     point), centre-crop; float (3, H, W) in [0, 1]."""
     bw, bh = bucket
     with Image.open(path) as im:
-        arr = decode_image(im)
+        arr = decode_image(im, str(path))
     h, w = arr.shape[:2]
     s = max(bw / w, bh / h)
     nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
@@ -165,10 +166,11 @@ def load_image(path: str, bucket: tuple) -> torch.Tensor:
 class ImageTextDataset:
     """Validated records plus deterministic loading; prompt variants drawn with a given RNG."""
 
-    def __init__(self, records: list[Record], skipped: list[str] | None = None):
+    def __init__(self, records: list[Record], skipped: list[str] | None = None, source: str = ""):
         if not records:
-            detail = f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else ""
-            raise DataError("the dataset has no usable rows" + detail)
+            detail = f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else \
+                " (no image with a caption found: each image needs a .txt caption beside it, or use data.jsonl)"
+            raise DataError(f"the dataset{' ' + source if source else ''} has no usable rows" + detail)
         self.records = records
         self.skipped = skipped or []
 
@@ -312,6 +314,7 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
         if not folder.is_dir():
             raise DataError(f"data.folder: not a directory: {folder}")
         rows, image_field = _iter_folder(folder), "image"
+        path = folder
     records, skipped = [], []
     for where, parse in tqdm(list(rows), desc="checking data", disable=not progress, leave=False):
         try:
@@ -323,4 +326,5 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
             skipped.append(str(e))
     if skipped:
         log.warning("skipped %d bad rows (data.skip_bad=true); first: %s", len(skipped), skipped[0])
-    return ImageTextDataset(records, skipped)
+    source = f"data.folder {path}" if not cfg.jsonl and not cfg.builtin else f"{path}"
+    return ImageTextDataset(records, skipped, source)
