@@ -18,7 +18,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,8 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     timeout_s: float = 1800.0
+    store: object = field(default=None, repr=False)  # the rendezvous store: the roll call after a failure
+    roll_call_s: float = 3.0  # how long the ranks that see a collective fail wait for each other
 
     @property
     def active(self) -> bool:
@@ -45,11 +48,37 @@ class Dist:
         try:
             return fn(*a, **kw)
         except Exception as e:  # noqa: BLE001 - gloo / NCCL raise several types; one message
+            log.error("rank %d/%d: the collective '%s' failed; asking the other ranks who is there", self.rank,
+                      self.world, what)
             raise DistributedError(
                 f"rank {self.rank}/{self.world}: the collective '{what}' failed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300] if str(e) else ''}); another rank died or hangs (timeout "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); {self._who_is_missing(what)} (timeout "
                 f"train.dist_timeout_s={self.timeout_s:g} s). With torchrun --max-restarts the run restarts "
                 f"from the last checkpoint (--resume latest)") from None
+
+    def _who_is_missing(self, what: str) -> str:
+        """A roll call after a failed collective: every rank that sees it fail answers in the store and
+        waits ``roll_call_s`` for the others; the ranks that never answer are the ones that died (or
+        hang). Rank 0 hosts the store: when it is gone, nobody can answer, and that is said too."""
+        if self.store is None:
+            return "another rank died or hangs"
+        key = f"roll_call/{what}"
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=max(1.0, self.roll_call_s)))
+            self.store.set(f"{key}/{self.rank}", "here")
+            deadline = time.monotonic() + self.roll_call_s
+            missing = list(range(self.world))
+            while missing and time.monotonic() < deadline:
+                missing = [r for r in missing if not self.store.check([f"{key}/{r}"])]
+                if missing:
+                    time.sleep(0.1)
+        except Exception:  # noqa: BLE001 - the store itself is unreachable: its host, rank 0, is gone
+            return "rank 0 (the host of the rendezvous store) died or hangs" if self.rank else \
+                "another rank died or hangs"
+        if not missing:
+            return "every rank answered the roll call after it: a rank's collective timed out or its network failed"
+        names = ", ".join(str(r) for r in missing)
+        return f"rank{'s' if len(missing) > 1 else ''} {names} did not answer the roll call after it: died or hangs"
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor], what: str = "gradients") -> None:
         """Average ``tensors`` over the ranks in place, one flat bucket per dtype and device."""
@@ -120,6 +149,7 @@ def from_env(timeout_s: float = 1800.0) -> Dist:
                               world, is_master=not use_agent and rank == 0, timeout=timeout,
                               **({} if use_agent else {"multi_tenant": True}))
         store = dist.PrefixStore(f"dopsd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        d.store = store
         # CUDA: NCCL for device tensors and gloo for the few host-side ones (metrics flags, checksums)
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timeout)

@@ -107,6 +107,7 @@ def test_killed_rank_elastic_restart_finishes_with_the_uninterrupted_weights(two
     assert r.returncode == 0, r.stderr[-4000:]
     assert "exitcode: 17" in r.stderr or "exitcode : 17" in r.stderr  # the fault did happen
     assert "the collective 'gradients' failed" in r.stderr  # rank 0 named it
+    assert "rank 1 did not answer the roll call" in r.stderr, r.stderr[-3000:]  # and the rank that died
     assert "resumed from" in r.stderr and "step-0000002" in r.stderr
     assert _rel(_lora(out), _lora(two_ranks)) <= 1e-6
     assert [round(x, 9) for x in _losses(out)] == [round(x, 9) for x in _losses(two_ranks)]
@@ -131,6 +132,7 @@ def test_a_hung_rank_times_the_collective_out_with_a_message(tmp_path):
              env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "2", "DOPSD_FAULT_KIND": "hang"}, timeout=120)
     assert r.returncode != 0
     assert "rank 0/2: the collective 'gradients' failed" in r.stderr, r.stderr[-3000:]
+    assert "rank 1 did not answer the roll call after it: died or hangs" in r.stderr, r.stderr[-3000:]
     assert "train.dist_timeout_s=4 s" in r.stderr
 
 
