@@ -3,16 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import functools
 import logging
-import sys
-from pathlib import Path
 import os
+import sys
+import tempfile
+import traceback
 import warnings
+from pathlib import Path
+
 from dopsd_fast.cache import CacheError, FeatureCache, needed_entries
 from dopsd_fast.config import ConfigError, load_config
 from dopsd_fast.data import DataError, build_dataset
 from dopsd_fast.families import build_adapter
 from dopsd_fast.safety import DivergenceError, Terminated
+
+# the run's output folder once the config is read: where a failure's full traceback is kept
+_RUN_DIR: list[Path] = []
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _keep_error(text: str) -> Path:
+    """Append ``text`` (a failure's full traceback) to the run's ``errors.log`` (its output folder when
+    the config was read and the folder exists, else the system's temp folder); return that path."""
+    rank = _rank()
+    name = "errors.log" if rank == 0 else f"errors.rank{rank}.log"
+    folder = _RUN_DIR[-1] if _RUN_DIR and _RUN_DIR[-1].is_dir() else Path(tempfile.gettempdir())
+    path = folder / (name if folder != Path(tempfile.gettempdir()) else f"dopsd-{os.getpid()}-{name}")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n{text}\n")
+    except OSError:
+        return Path("(not written: the folder is not writable)")
+    return path
+
+
+def _ends_clean(main):
+    """A command that ends in one line: a user error (a ``SystemExit`` with its message) prints that line;
+    an unexpected exception prints its type and first line and keeps the full traceback in the run's
+    ``errors.log``, never on the screen. Under torchrun only rank 0 prints, except a failed collective
+    (rank 0 may be the rank that died); every rank's line and traceback are kept in its log."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except SystemExit as e:
+            if not isinstance(e.code, str):
+                raise
+            context = e.__context__
+            _keep_error("".join(traceback.format_exception(context)) + e.code if context is not None else e.code)
+            collective = type(context).__name__ == "DistributedError"
+            if _rank() == 0 or collective:
+                print(e.code, file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        except Exception as e:  # noqa: BLE001 - anything unexpected: one line, the traceback in the log
+            path = _keep_error(traceback.format_exc())
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            if _rank() == 0:
+                print(f"error: {type(e).__name__}: {first} (unexpected: the full traceback is in {path}; "
+                      "include it in a bug report)", file=sys.stderr)
+            return 1
+    return run
 
 
 def _setup_logging() -> None:
@@ -50,11 +107,14 @@ DEFAULT_RECIPE = "toy-concept"
 
 def _load(args):
     try:
-        return load_config(args.config or DEFAULT_RECIPE, args.overrides)
+        cfg = load_config(args.config or DEFAULT_RECIPE, args.overrides)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    _RUN_DIR.append(Path(cfg.train.output_dir))
+    return cfg
 
 
+@_ends_clean
 def train_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-train", description="Train with D-OPSD (on-policy self-distillation).")
     _common(p)
@@ -95,6 +155,7 @@ def train_main(argv=None) -> int:
     return 0
 
 
+@_ends_clean
 def cache_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-cache", description="Precompute student/teacher contexts into cache.dir.")
     _common(p)
@@ -118,6 +179,7 @@ def cache_main(argv=None) -> int:
     return 0
 
 
+@_ends_clean
 def sample_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-sample", description="Generate images with the few-step schedule (+ a LoRA).")
     _common(p)

@@ -116,3 +116,38 @@ def test_a_data_source_on_the_command_line_replaces_the_configs():
     assert cfg.data.jsonl == "x.jsonl" and cfg.data.builtin is None
     with pytest.raises(ConfigError, match="set exactly one"):
         load_config(None, ["data.folder=/a", "data.jsonl=b.jsonl"])
+
+
+def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatch, capsys):
+    """An unexpected exception prints its type and first line, no traceback; the full traceback goes to
+    the run's errors.log. A user error's line is printed by rank 0 only; every rank keeps its own."""
+    from dopsd_fast import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(cli, "_RUN_DIR", [out])
+
+    @cli._ends_clean
+    def boom(argv=None):
+        raise KeyError("no such tensor\nsecond line")
+
+    assert boom() == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: KeyError: 'no such tensor") and "Traceback" not in err
+    assert str(out / "errors.log") in err
+    kept = (out / "errors.log").read_text()
+    assert "Traceback (most recent call last)" in kept and "raise KeyError" in kept
+
+    @cli._ends_clean
+    def user_error(argv=None):
+        try:
+            raise ValueError("data.jsonl: row 3: no image")
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert user_error() == 1
+        err = capsys.readouterr().err
+        assert (err == "error: data.jsonl: row 3: no image\n") if printed else err == ""
+    assert "row 3: no image" in (out / "errors.rank1.log").read_text()
