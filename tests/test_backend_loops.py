@@ -389,3 +389,28 @@ def test_import_of_the_backend_is_lean():
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("backward", ["once", "stepwise"])
+def test_caller_owned_backward_sees_every_gradient(backward, monkeypatch):
+    """With a backward_fn, every backward of the step is the caller's: once per roll-out (once) or once
+    per state (stepwise), none outside it (no separate backward of shared work an engine would miss),
+    and the gradients equal the default step's."""
+    from dopsd_fast import backend
+
+    model, train, loss_ref, g_ref = _ref_two_adapters()
+    noise, ps, pt = _inputs()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    outside, calls = [], []
+    real = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (outside.append(1), real(self, *a, **k)))
+
+    def mine(loss):
+        calls.append(float(loss))
+        torch.autograd.backward(loss * 0.5)  # e.g. a loss scaler's factor
+
+    res = fast.dopsd_step(noise, ps, pt, timesteps=TIMESTEPS, backward=backward, backward_fn=mine)
+    assert len(calls) == (1 if backward == "once" else len(TIMESTEPS)) and not outside
+    assert_close(res.loss, loss_ref, 0, 1e-6, "loss")
+    compare_grads({n: 2 * g for n, g in _grads(train).items()}, g_ref, 1e-6, 1e-5)
+    assert any("context_refiner" in n and g.abs().sum() > 0 for n, g in g_ref.items())  # the shared work's too
