@@ -74,12 +74,12 @@ def test_authors_loop_bf16_autocast():
 
 
 # ---- the authors' loop, two processes on gloo -------------------------------------------------------------
-def _launch(out, *args, timeout=240):
+def _launch(out, *args, timeout=240, module="examples.authors_loop"):
     e = dict(os.environ, OMP_NUM_THREADS="1")
     e.pop("TRITON_INTERPRET", None)
     # as a module (cwd = the root on sys.path), never as a script (see tests/test_distributed.py)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "examples.authors_loop", "--out", str(out), *args]
+           "-m", module, *(["--out", str(out)] if module == "examples.authors_loop" else [str(out)]), *args]
     p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -107,6 +107,15 @@ def test_authors_loop_two_processes_gloo(tmp_path):
         assert eager[0]["losses"] != eager[1]["losses"]  # the ranks saw different data ...
         for g0, g1 in zip(fast[0]["grads"], fast[1]["grads"]):
             assert torch.equal(g0, g1)  # ... and hold the same averaged gradient
+
+
+def test_ddp_reducer_silent_one_average_per_step(tmp_path):
+    """A plain torch DDP wrapper: its reducer runs no all-reduce during the backend's K stepwise
+    backwards (a counting communication hook); under no_sync() the backend averages nothing, at the
+    next step once, and the result is the mean over ranks of the two micro-steps' local sums."""
+    for r in _launch(tmp_path, module="tests.backend_ddp_worker"):
+        assert r["ddp_hook_calls"] == 0 and r["syncs_in_no_sync"] == 0 and r["syncs"] == 1
+        assert r["rel_err"] < 1e-6 and r["local_vs_mean"] > 1e-3  # averaged, not the rank's own sum
 
 
 # ---- what loops hand over ----------------------------------------------------------------------------
