@@ -1,32 +1,37 @@
-"""The drop-in backend: another D-OPSD trainer keeps its diffusers model, its adapters, its optimizer and
-its checkpoint format, and gets the packed fast step by one call.
+"""The drop-in backend: another D-OPSD trainer keeps its diffusers model, its adapters, its optimizer,
+its accelerate / DDP / DeepSpeed setup and its checkpoint format, and gets the packed fast step by one
+call (full reference: ``docs/backend.md``; ``examples/authors_loop.py``: the authors' loop with it).
 
     from dopsd_fast import backend
 
     fast = backend.wrap(transformer, student_adapter="student", teacher_adapter="teacher")  # (i) two peft adapters
-    fast = backend.wrap(transformer, student_adapter="default", teacher_shadow=ema_state)   # (ii) EMA shadow copy
+    fast = backend.wrap(transformer, student_adapter="default", teacher_shadow=ema_state)   # (ii) EMA shadow dict
     fast = backend.wrap(student_transformer, teacher=ema_transformer)                       # (iii) two modules
 
-    res = fast.dopsd_step(noise, ctx_s, ctx_t, timesteps=[0, 100, 250, 500])  # roll-out, teacher, loss, backward
-    optimizer.step()                                                         # the trainer's own, unchanged
+Three integration styles:
 
-``transformer`` is a diffusers ``ZImageTransformer2DModel`` or ``Flux2Transformer2DModel`` (or a peft
-``PeftModel`` around one); the fast model reads its parameters in place, so the trainer's optimizer,
-EMA and checkpoints see exactly the tensors they own. Contexts are what such trainers hold: Z-Image a
-list of per-sample prompt embeddings ``(L_b, D)``; FLUX.2-klein prompt embeddings ``(B, L, D)`` plus,
-for an editing teacher, reference latents (:func:`contexts`).
+    res = fast.dopsd_step(noise, ctx_s, ctx_t, timesteps=[0, 100, 250, 500])    # 1. the whole step
+    res = fast.dopsd_step(noise, ctx_s, ctx_t, timesteps=ts,                    # 2. caller-owned backward
+                          backward_fn=accelerator.backward, autocast=accelerator.autocast())
+    for state in fast.rollout(noise, ctx_s, ctx_t, timesteps=ts):               # 3. callback form
+        v_s, v_t = state.predict()                                             #    v = eps - x0
+        state.backward(my_loss(state.x0(v_s), state.x0(v_t)) / state.states)    #    x0 = x - sigma * v
+    optimizer.step()                                                           # the trainer's own
 
-``timesteps`` are the model's own timesteps on a 1000 scale as the authors' loops write them (Z-Image:
-``t / 1000`` is the model time ``1 - sigma``; FLUX.2: ``t / 1000`` is sigma); or pass ``sigmas`` (K + 1
-values ending with 0) in this project's convention. Everything returned is in the (sigma, v)
-convention: ``v = eps - x0``.
+``transformer`` is a diffusers ``ZImageTransformer2DModel`` or ``Flux2Transformer2DModel``, or what a
+loop holds around one (DDP, accelerate, a DeepSpeed engine, ``torch.compile``, a peft ``PeftModel``:
+unwrapped); the fast model reads its parameters in place, so the trainer's optimizer, EMA and
+checkpoints see exactly the tensors they own. Contexts are what such trainers hold: Z-Image a list of
+per-sample prompt embeddings ``(L_b, D)``; FLUX.2-klein prompt embeddings ``(B, L, D)`` plus, for an
+editing teacher, reference latents (:func:`contexts`). Latents in the family's layouts
+(``spec.latent_layouts``: klein's packed ``(B, h*w, C)`` with ``latent_hw``; Z-Image's list of
+``(C, 1, h, w)``), returned in the same.
 
-The callback form, for trainers that run their own loop per roll-out state (stepwise backward)::
-
-    for state in fast.rollout(noise, ctx_s, ctx_t, timesteps=ts):
-        v_s, v_t = state.predict()                 # one packed pass: student (autograd) + teacher batch
-        loss = my_loss(v_s, v_t, state.sigma)      # e.g. dopsd_fast.state_loss(...) / state.states
-        loss.backward()                            # the roll-out step happens when the loop resumes
+Conventions: ``timesteps`` are the model's own on a 1000 scale as the authors' loops write them
+(Z-Image: ``t / 1000`` is the model time ``1 - sigma``; FLUX.2: ``t / 1000`` is sigma); or pass
+``sigmas`` (K + 1 noise levels, 1 = noise, ending with 0). Everything returned is ``v = eps - x0``.
+The first step refuses a flipped velocity sign and (callback form) a loss weighted by ``1 - sigma``
+(:class:`~dopsd_fast.errors.ConventionError`).
 """
 
 from __future__ import annotations

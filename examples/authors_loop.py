@@ -6,9 +6,10 @@ optimizer step), a K = 4 roll-out in the model's own time (``t = timestep / 1000
 output used as it comes, ``x0 = x + (1 - t) * out``), the x0 MSE averaged over the states, one
 ``accelerator.backward`` per micro-batch, and periodic sampling with ``set_adapter("teacher")``.
 
-The backend replaces the roll-out (``authors_step`` below) by one call; the lines that change are
-marked ``# backend`` (four). Everything else (adapters, optimizer, accumulation, clipping, EMA,
-sampling, checkpoints) stays the caller's. Here on a tiny Z-Image with random weights, so that it
+The backend replaces the roll-out (``authors_step`` below) by one call. The lines it adds are marked
+``# backend``: an import, the ``wrap`` after ``accelerator.prepare``, and the step call in place of
+``authors_step`` (the ``mode`` switch exists only so that a test can run both). Everything else
+(adapters, optimizer, accumulation, clipping, EMA, sampling, checkpoints) stays the caller's. Here on a tiny Z-Image with random weights, so that it
 runs on a CPU in seconds; a real run builds the model with ``ZImagePipeline.from_pretrained``.
 
     python -m examples.authors_loop --mode backend --steps 4
@@ -133,7 +134,7 @@ def train(mode: str = "backend", steps: int = 3, grad_accum: int = 1, sample_eve
         noise, prompt_s, prompt_t = batch(step, accelerator.process_index)
         with accelerator.accumulate(model):
             if mode == "backend":  # backend
-                loss = fast.dopsd_step(noise, prompt_s, prompt_t, timesteps=TIMESTEPS, backward=backward,
+                loss = fast.dopsd_step(noise, prompt_s, prompt_t, timesteps=TIMESTEPS, backward=backward,  # backend
                                        backward_fn=accelerator.backward, autocast=accelerator.autocast()).loss
             else:
                 loss = authors_step(model, base, noise, prompt_s, prompt_t, accelerator)

@@ -423,3 +423,13 @@ def test_caller_owned_backward_sees_every_gradient(backward, monkeypatch):
     assert_close(res.loss, loss_ref, 0, 1e-6, "loss")
     compare_grads({n: 2 * g for n, g in _grads(train).items()}, g_ref, 1e-6, 1e-5)
     assert any("context_refiner" in n and g.abs().sum() > 0 for n, g in g_ref.items())  # the shared work's too
+
+
+def test_timesteps_in_the_other_familys_convention_are_named():
+    from dopsd_fast import backend
+    from dopsd_fast.errors import ConventionError
+
+    model, _, _, _ = _ref_two_adapters()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    with pytest.raises(ConventionError, match=r"Z-Image's convention \(t / 1000 is 1 - sigma\)"):
+        fast.sigmas_from_timesteps([1000, 750, 500, 250])  # klein's (t = sigma) given to Z-Image
