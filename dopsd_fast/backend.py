@@ -51,6 +51,8 @@ from dopsd_fast.models.paired import Shadow
 from dopsd_fast.pair import FastPair as PackedPair
 from dopsd_fast.pair import dopsd_step
 
+SYNC_BUCKET = 1 << 24  # elements per gradient all-reduce (64 MiB in fp32), as DDP's buckets bound its copies
+
 __all__ = ["Backend", "Context", "FastPair", "RolloutState", "contexts", "wrap"]
 
 
@@ -360,17 +362,24 @@ class Backend(PackedPair):
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        buckets: dict = {}
+        by_kind: dict = {}
         for p in params:
-            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-        for grads in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            flat.div_(world)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
+            by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        for grads in by_kind.values():  # buckets of at most SYNC_BUCKET elements: no full copy of a full FT
+            bucket, size = [], 0
+            for g in grads + [None]:
+                if g is not None and (not bucket or size + g.numel() <= SYNC_BUCKET):
+                    bucket.append(g)
+                    size += g.numel()
+                    continue
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=group)
+                flat.div_(world)
+                off = 0
+                for b in bucket:
+                    b.copy_(flat[off:off + b.numel()].view_as(b))
+                    off += b.numel()
+                bucket, size = ([g], g.numel()) if g is not None else ([], 0)
         self.syncs += 1
         return True
 

@@ -20,6 +20,9 @@ def main(out: str) -> None:
     from dopsd_fast import backend
     from examples.authors_loop import TIMESTEPS, batch, build_model
 
+    import dopsd_fast.backend
+
+    dopsd_fast.backend.SYNC_BUCKET = 5000  # several all-reduce buckets at this size
     ddp = torch.nn.parallel.DistributedDataParallel(build_model())
     hooked = []
 
