@@ -433,3 +433,20 @@ def test_timesteps_in_the_other_familys_convention_are_named():
     fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
     with pytest.raises(ConventionError, match=r"Z-Image's convention \(t / 1000 is 1 - sigma\)"):
         fast.sigmas_from_timesteps([1000, 750, 500, 250])  # klein's (t = sigma) given to Z-Image
+
+
+def test_grad_scaler_as_the_callers_backward():
+    """A GradScaler's scaled backward as backward_fn (stepwise: K scaled backwards): unscaled by the
+    scaler before the optimizer step, the gradients are the default step's."""
+    from dopsd_fast import backend
+
+    model, train, loss_ref, g_ref = _ref_two_adapters()
+    noise, ps, pt = _inputs()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    opt = torch.optim.SGD(list(train.values()), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fast.dopsd_step(noise, ps, pt, timesteps=TIMESTEPS, backward="stepwise",
+                    backward_fn=lambda l: scaler.scale(l).backward())
+    assert float(next(iter(train.values())).grad.abs().max()) > 100 * float(next(iter(g_ref.values())).abs().max())
+    scaler.unscale_(opt)
+    compare_grads(_grads(train), g_ref, 1e-6, 1e-5)
