@@ -37,6 +37,7 @@ The first step refuses a flipped velocity sign and (callback form) a loss weight
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -51,6 +52,7 @@ from dopsd_fast.models.paired import Shadow
 from dopsd_fast.pair import FastPair as PackedPair
 from dopsd_fast.pair import dopsd_step
 
+log = logging.getLogger(__name__)
 SYNC_BUCKET = 1 << 24  # elements per gradient all-reduce (64 MiB in fp32), as DDP's buckets bound its copies
 
 __all__ = ["Backend", "Context", "FastPair", "RolloutState", "contexts", "wrap"]
@@ -79,6 +81,14 @@ def _is_fsdp(module) -> bool:
     return any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(module).__mro__)
 
 
+def _known_family(module) -> bool:
+    try:
+        family_of_transformer(module)
+        return True
+    except TypeError:
+        return False
+
+
 def _unwrap(module, role: str = "student"):
     """What a trainer's loop holds -> ``(the diffusers model, the torch DDP wrapper or None)``: a DDP /
     DataParallel / DeepSpeed engine / accelerate-prepared model (``.module``), a ``torch.compile``
@@ -86,6 +96,8 @@ def _unwrap(module, role: str = "student"):
     nesting. FSDP shards the parameters the fast model reads: refused."""
     ddp = None
     for _ in range(8):
+        if _known_family(module):
+            return module, ddp
         if _is_fsdp(module):
             raise BackendError(f"backend.wrap: the {role} is FSDP-wrapped (sharded parameters); the drop-in backend "
                                "needs whole parameters: wrap it with DDP or DeepSpeed ZeRO-1/2, or train with "
@@ -161,6 +173,8 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     ``check_conventions``: the first step's convention checks (:class:`Backend`).
     """
     ms, ddp = _unwrap(student, "student")
+    if ms is student and ddp is None:
+        _warn_if_unsynced()
     mt = _unwrap(teacher, "teacher")[0] if teacher is not None else ms
     spec = family_of_transformer(ms)
     if teacher is not None and teacher_shadow is not None:
@@ -190,6 +204,18 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
     return Backend(spec, model, nvtx=nvtx, ddp=ddp, trainable=_trainable(ms, student_adapter), shadow=shadow,
                    check_conventions=check_conventions)
+
+
+def _warn_if_unsynced() -> None:
+    """Several data-parallel ranks and a bare model: nothing averages the backend's gradients (its
+    forward bypasses any DDP wrapper the caller keeps elsewhere). Said once, not refused: a caller may
+    average them itself."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        log.warning("backend.wrap: %d data-parallel ranks and an unwrapped model: the backend does not average "
+                    "the gradients; pass the DDP / accelerate-prepared model to wrap(), or average them yourself",
+                    dist.get_world_size())
 
 
 def _trainable(model, adapter) -> list:

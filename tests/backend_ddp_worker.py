@@ -31,6 +31,12 @@ def main(out: str) -> None:
         return allreduce_hook(state, bucket)
 
     ddp.register_comm_hook(None, counting)
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("dopsd_fast.backend").addHandler(handler)
     fast = backend.wrap(ddp, student_adapter="student", teacher_adapter="teacher")
     params = fast.trainable
     with ddp.no_sync():  # an accumulation micro-step: nothing communicated
@@ -41,7 +47,7 @@ def main(out: str) -> None:
 
     # the reference: the same two micro-steps on an unwrapped copy, summed locally, averaged by hand
     ref_model = build_model()
-    ref = backend.wrap(ref_model, student_adapter="student", teacher_adapter="teacher")
+    ref = backend.wrap(ref_model, student_adapter="student", teacher_adapter="teacher")  # unwrapped: said once
     for step in (0, 1):
         ref.dopsd_step(*batch(step, rank), timesteps=TIMESTEPS, backward="stepwise")
     local = torch.cat([p.grad.flatten() for p in ref.trainable])
@@ -51,7 +57,8 @@ def main(out: str) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save({"rank": rank, "ddp_hook_calls": len(hooked), "syncs_in_no_sync": syncs_in_no_sync,
                 "syncs": fast.syncs, "rel_err": float((synced - expected).norm() / expected.norm()),
-                "local_vs_mean": float((local - expected).norm() / expected.norm())},
+                "local_vs_mean": float((local - expected).norm() / expected.norm()),
+                "warned": [m for m in seen if "does not average" in m]},
                Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

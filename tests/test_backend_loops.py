@@ -116,6 +116,7 @@ def test_ddp_reducer_silent_one_average_per_step(tmp_path):
     for r in _launch(tmp_path, module="tests.backend_ddp_worker"):
         assert r["ddp_hook_calls"] == 0 and r["syncs_in_no_sync"] == 0 and r["syncs"] == 1
         assert r["rel_err"] < 1e-6 and r["local_vs_mean"] > 1e-3  # averaged, not the rank's own sum
+        assert len(r["warned"]) == 1  # the bare model on 2 ranks: said (the DDP-wrapped one: not)
 
 
 # ---- what loops hand over ----------------------------------------------------------------------------
