@@ -242,6 +242,12 @@ def test_klein_packed_latents():
     compare_grads(_grads(train), g_ref, 1e-5, 1e-4)
     assert res.states[-1].shape == (2, 24, 16)
     assert_close(res.states[-1], ref.states[-1].reshape(2, 16, 24).permute(0, 2, 1), 1e-6, 1e-5, "state")
+    from dopsd_fast.families.klein.adapter import image_ids
+
+    ids = image_ids(4, 6).unsqueeze(0).expand(2, -1, -1)  # the pipeline's latent ids (t, h, w, l)
+    by_ids = fast.dopsd_step(packed, txt_s, txt_t, timesteps=ts, latent_hw=ids)
+    assert_close(by_ids.loss, ref.loss, 0, 1e-6, "loss (latent ids)")
+    _grads(train)
     v = fast.velocity("teacher", packed, torch.full((2,), 0.5), txt_t, latent_hw=(4, 6))
     v_ref = fast.velocity("teacher", noise, torch.full((2,), 0.5), txt_t)
     assert_close(v, v_ref.reshape(2, 16, 24).permute(0, 2, 1), 1e-6, 1e-5, "velocity")

@@ -59,18 +59,23 @@ def _pack(y):
 
 
 class KleinFamily(FamilySpec):
-    latent_layouts = ("(B, C, h, w), or the pipeline's packed (B, h*w, C) with latent_hw=(h, w) (from its latent "
-                      "ids: h = ids[0, :, 1].max() + 1, w = ids[0, :, 2].max() + 1)")
+    latent_layouts = ("(B, C, h, w), or the pipeline's packed (B, h*w, C) with latent_hw=(h, w) or its latent ids "
+                      "(B, h*w, 4)")
 
     def latents_in(self, x, latent_hw=None):
-        """(B, C, h, w) as it is; the pipeline's packed (B, h*w, C) (``_pack_latents``) with ``latent_hw``:
-        unpacked, and ``back`` packs results again. h and w are never guessed from h*w (a 16 x 64 image
+        """(B, C, h, w) as it is; the pipeline's packed (B, h*w, C) (``_pack_latents``) with ``latent_hw``
+        (``(h, w)``, or the pipeline's latent ids ``(B, h*w, 4)``: (t, h, w, l) per token): unpacked, and
+        ``back`` packs results again. h and w are never guessed from h*w (a 16 x 64 image
         and a 32 x 32 one both have 1024 tokens)."""
         if torch.is_tensor(x) and x.dim() == 3:
             B, N, C = x.shape
             if latent_hw is None:
-                raise BackendError(f"{self.title} packed latents {tuple(x.shape)} need latent_hw=(h, w) "
-                                   f"(h * w = {N}), or pass them unpacked: x.permute(0, 2, 1).reshape(B, C, h, w)")
+                raise BackendError(f"{self.title} packed latents {tuple(x.shape)} need latent_hw=(h, w) (h * w = {N}) "
+                                   "or latent_hw=<the pipeline's latent ids>, or pass them unpacked: "
+                                   "x.permute(0, 2, 1).reshape(B, C, h, w)")
+            if torch.is_tensor(latent_hw) and latent_hw.dim() in (2, 3) and latent_hw.shape[-1] == 4:
+                ids = latent_hw[0] if latent_hw.dim() == 3 else latent_hw  # the pipeline's (t, h, w, l) ids
+                latent_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
             h, w = (int(v) for v in latent_hw)
             if h * w != N:
                 raise BackendError(f"{self.title} packed latents have {N} tokens, latent_hw={h, w} gives {h * w}")
