@@ -89,19 +89,24 @@ def _known_family(module) -> bool:
         return False
 
 
+def _is_deepspeed(module) -> bool:
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(module).__mro__)
+
+
 def _unwrap(module, role: str = "student"):
-    """What a trainer's loop holds -> ``(the diffusers model, the torch DDP wrapper or None)``: a DDP /
+    """What a trainer's loop holds -> ``(the diffusers model, the torch DDP wrapper or None, whether a
+    DeepSpeed engine was around it)``: a DDP /
     DataParallel / DeepSpeed engine / accelerate-prepared model (``.module``), a ``torch.compile``
     module (``._orig_mod``) and a peft ``PeftModel`` (``get_base_model()``) are unwrapped, in any
     nesting. FSDP shards the parameters the fast model reads: refused."""
-    ddp = None
+    ddp, engine = None, False
     for _ in range(8):
         if _known_family(module):
-            return module, ddp
+            return module, ddp, engine
         if _is_fsdp(module):
             raise BackendError(f"backend.wrap: the {role} is FSDP-wrapped (sharded parameters); the drop-in backend "
                                "needs whole parameters: wrap it with DDP or DeepSpeed ZeRO-1/2, or train with "
-                               "dopsd_fast's own trainer (fsdp: true)")
+                               "dopsd_fast's own trainer (dist.fsdp: on)")
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):
             ddp = ddp or module
             module = module.module
@@ -110,9 +115,10 @@ def _unwrap(module, role: str = "student"):
         elif hasattr(module, "get_base_model"):
             module = module.get_base_model()
         elif isinstance(getattr(module, "module", None), torch.nn.Module):  # DataParallel, DeepSpeed's engine
+            engine = engine or _is_deepspeed(module)
             module = module.module
         else:
-            return module, ddp
+            return module, ddp, engine
     raise BackendError(f"backend.wrap: the {role} is wrapped more than 8 deep; pass the diffusers transformer")
 
 
@@ -172,7 +178,7 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     CUDA, PyTorch elsewhere); ``checkpoint_layers``: main layers under gradient checkpointing;
     ``check_conventions``: the first step's convention checks (:class:`Backend`).
     """
-    ms, ddp = _unwrap(student, "student")
+    ms, ddp, engine = _unwrap(student, "student")
     if ms is student and ddp is None:
         _warn_if_unsynced()
     mt = _unwrap(teacher, "teacher")[0] if teacher is not None else ms
@@ -202,7 +208,7 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     if checkpoint_layers:
         kw["checkpoint_layers"] = checkpoint_layers
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
-    return Backend(spec, model, nvtx=nvtx, ddp=ddp, trainable=_trainable(ms, student_adapter), shadow=shadow,
+    return Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=_trainable(ms, student_adapter), shadow=shadow,
                    check_conventions=check_conventions)
 
 
@@ -314,11 +320,12 @@ class Backend(PackedPair):
     the first step, the velocities' sign at the pure-noise state and (callback form) the loss's
     sigma weighting are checked (:class:`~dopsd_fast.errors.ConventionError`)."""
 
-    def __init__(self, spec, model, nvtx: bool = False, *, ddp=None, trainable=(), shadow=None,
+    def __init__(self, spec, model, nvtx: bool = False, *, ddp=None, engine: bool = False, trainable=(), shadow=None,
                  check_conventions: bool = True):
         super().__init__(model, backward="stepwise", nvtx=nvtx)
         self.spec = spec
         self.ddp = ddp
+        self.engine = engine
         self.trainable = list(trainable)
         self.shadow = shadow
         self._check_sign = check_conventions
@@ -409,6 +416,19 @@ class Backend(PackedPair):
         self.syncs += 1
         return True
 
+    @staticmethod
+    def _engine_ok(backward_fn, backward: str) -> None:
+        """A model that came in a DeepSpeed engine: every backward must be the engine's (its loss scaling
+        and gradient partitioning), and only one per micro-batch (accelerate's backward steps the engine
+        at the accumulation boundary: a backward per state would step it K times)."""
+        if backward_fn is None:
+            raise BackendError("backend: the model came in a DeepSpeed engine: pass backward_fn=accelerator.backward "
+                               "(or engine.backward); the backend's own backward would bypass the engine")
+        if backward != "once":
+            raise BackendError("backend: under DeepSpeed use backward='once' (dopsd_step) and no per-state "
+                               "state.backward: accelerator.backward steps the engine at the accumulation boundary, "
+                               "a backward per roll-out state would step it K times")
+
     # ---- schedules -------------------------------------------------------------------------------
     def sigmas_from_timesteps(self, timesteps, scale: float = 1000.0) -> list[float]:
         """The model's own timesteps (the roll-out's K states, ``scale`` = 1000) -> K + 1 sigmas ending
@@ -446,6 +466,8 @@ class Backend(PackedPair):
         detached."""
         sig = self._sigmas(sigmas, timesteps)
         x, back = self.spec.latents_in(noise, latent_hw)
+        if self.engine:
+            self._engine_ok(backward_fn, backward)
         with self.training():
             res = dopsd_step(self, x, ctx_s, ctx_t, sig, loss=loss, backward=backward, loss_scale=loss_scale,
                              backward_fn=backward_fn, autocast=autocast)
@@ -470,6 +492,8 @@ class Backend(PackedPair):
         rec = []
 
         def backward(st, loss):
+            if self.engine:
+                self._engine_ok(backward_fn, "stepwise")
             if self._check_loss and len(rec) < 2 and st.k == len(rec):
                 d = float((st.v_student.detach().float() - st.v_teacher.float()).pow(2).mean())
                 rec.append((float(st.sigma[0]), float(loss.detach()), d))

@@ -150,6 +150,23 @@ def test_wrapped_models_are_unwrapped_or_named():
         assert_close(res.loss, loss_ref, 0, 1e-6, "loss")
         compare_grads(_grads(train), g_ref, 1e-6, 1e-5)
 
+    class DeepSpeedEngine(Engine):  # by its class name, as the backend recognises it (DeepSpeed is not installed)
+        pass
+
+    fast = backend.wrap(DeepSpeedEngine(model), student_adapter="student", teacher_adapter="teacher")
+    assert fast.engine and fast.ddp is None
+    with pytest.raises(BackendError, match="DeepSpeed engine: pass backward_fn=accelerator.backward"):
+        fast.dopsd_step(noise, ps, pt, timesteps=TIMESTEPS)
+    with pytest.raises(BackendError, match="under DeepSpeed use backward='once'"):
+        fast.dopsd_step(noise, ps, pt, timesteps=TIMESTEPS, backward="stepwise", backward_fn=torch.autograd.backward)
+    with pytest.raises(BackendError, match="under DeepSpeed use backward='once'"):
+        for st in fast.rollout(noise, ps, pt, timesteps=TIMESTEPS, backward_fn=torch.autograd.backward):
+            st.backward(F.mse_loss(*st.predict()))
+    assert all(p.grad is None for p in train.values())
+    res = fast.dopsd_step(noise, ps, pt, timesteps=TIMESTEPS, backward_fn=torch.autograd.backward)
+    assert_close(res.loss, loss_ref, 0, 1e-6, "loss")
+    compare_grads(_grads(train), g_ref, 1e-6, 1e-5)
+
     class FullyShardedDataParallel(Engine):
         pass
 
