@@ -179,7 +179,7 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     ``check_conventions``: the first step's convention checks (:class:`Backend`).
     """
     ms, ddp, engine = _unwrap(student, "student")
-    if ms is student and ddp is None:
+    if ddp is None and not engine:
         _warn_if_unsynced()
     mt = _unwrap(teacher, "teacher")[0] if teacher is not None else ms
     spec = family_of_transformer(ms)
@@ -198,7 +198,8 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
         elif teacher_adapter is None:
             raise BackendError("backend.wrap: the teacher needs teacher_adapter= or teacher_shadow=")
         elif teacher_adapter == student_adapter:
-            raise BackendError("backend.wrap: student and teacher adapters must differ (use teacher_shadow= for an EMA)")
+            raise BackendError("backend.wrap: student and teacher adapters must differ (use teacher_shadow= for an "
+                               "EMA)")
     for name, m, ad in (("student", ms, student_adapter), ("teacher", mt, teacher_adapter)):
         if isinstance(ad, str) and not any(ad in getattr(x, "lora_A", {}) for x in m.modules()):
             raise BackendError(f"backend.wrap: the {name} adapter {ad!r} is on no module of the model")
@@ -208,8 +209,8 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     if checkpoint_layers:
         kw["checkpoint_layers"] = checkpoint_layers
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
-    return Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=_trainable(ms, student_adapter), shadow=shadow,
-                   check_conventions=check_conventions)
+    return Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=_trainable(ms, student_adapter),
+                   shadow=shadow, check_conventions=check_conventions)
 
 
 def _warn_if_unsynced() -> None:

@@ -9,8 +9,9 @@ output used as it comes, ``x0 = x + (1 - t) * out``), the x0 MSE averaged over t
 The backend replaces the roll-out (``authors_step`` below) by one call. The lines it adds are marked
 ``# backend``: an import, the ``wrap`` after ``accelerator.prepare``, and the step call in place of
 ``authors_step`` (the ``mode`` switch exists only so that a test can run both). Everything else
-(adapters, optimizer, accumulation, clipping, EMA, sampling, checkpoints) stays the caller's. Here on a tiny Z-Image with random weights, so that it
-runs on a CPU in seconds; a real run builds the model with ``ZImagePipeline.from_pretrained``.
+(adapters, optimizer, accumulation, clipping, EMA, sampling, checkpoints) stays the caller's. Here on a
+tiny Z-Image with random weights, so that it runs on a CPU in seconds; a real run builds the model
+with ``ZImagePipeline.from_pretrained``.
 
     python -m examples.authors_loop --mode backend --steps 4
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m examples.authors_loop --out runs/b
