@@ -61,12 +61,13 @@ def test_authors_loop_one_process(backward, grad_accum):
     assert fast["syncs"] == 0  # one process: nothing to average
 
 
-def test_authors_loop_bf16_autocast():
+@pytest.mark.parametrize("backward", ["once", "stepwise"])
+def test_authors_loop_bf16_autocast(backward):
     """accelerate's bf16 autocast reaches the backend's forwards as it reaches the eager ones: the
     backend's bf16 run is as close to the eager bf16 run as bf16 itself is to fp32 (2x + atol)."""
     ref32 = _train(mode="eager", steps=2, sample_every=0)
     eager = _train(mode="eager", steps=2, sample_every=0, mixed_precision="bf16")
-    fast = _train(mode="backend", steps=2, sample_every=0, mixed_precision="bf16")
+    fast = _train(mode="backend", steps=2, sample_every=0, mixed_precision="bf16", backward=backward)
     bf16_err = _rel(eager["grads"][0], ref32["grads"][0])
     assert bf16_err > 1e-4  # autocast really ran in bf16 (else this test checks nothing)
     assert _rel(fast["grads"][0], eager["grads"][0]) <= 2 * bf16_err + 1e-3
