@@ -1,4 +1,4 @@
-"""The drop-in backend inside other trainers' real loops (issue: accelerate / DeepSpeed, peft adapter
+"""The drop-in backend inside other trainers' real loops (accelerate / DeepSpeed, peft adapter
 switching, packed latents, conventions):
 
 * ``examples/authors_loop.py`` (the authors' loop structure: accelerate, two peft adapters, EMA,
