@@ -295,7 +295,8 @@ def _check_weighting(rec: list) -> None:
         if s0 >= 1.0 and abs(l0) <= 1e-12 * max(d0, 1e-30) and d0 > 1e-20:
             raise ConventionError("backend.rollout: the state loss at sigma = 1 is 0 while the student and teacher "
                                   "differ: it is weighted by (1 - sigma), i.e. sigma used as the model's time t; use "
-                                  "state.sigma as the noise level (x0 = x - sigma * v, state.x0(v)), or state.t")
+                                  "state.sigma as the noise level (x0 = x - sigma * v, state.x0(v)), or state.t (a state "
+                                  "meant to be skipped: call no state.backward for it)")
         return
     (s1, l1, d1) = rec[1]
     if s0 >= 1.0 or l0 == 0 or d0 <= 0 or d1 <= 0:
