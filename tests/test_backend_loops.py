@@ -409,13 +409,18 @@ def test_callback_form_refuses_sigma_used_as_t(sigmas):
     def bc(st):
         return st.sigma.view(-1, 1, 1, 1)
 
+    def authors(st, v_s, v_t):  # their x0 = x + (1 - t) * out, out = -v, with the model's own t
+        assert torch.allclose(st.t, 1 - st.sigma)  # Z-Image: t = 1 - sigma
+        t = st.t.view(-1, 1, 1, 1)
+        return F.mse_loss(st.x + (1 - t) * -v_s, st.x + (1 - t) * -v_t)
+
     run(lambda st, v_s, v_t: F.mse_loss(st.x0(v_s), st.x0(v_t)))  # x0 loss
     run(lambda st, v_s, v_t: 0.25 * F.mse_loss(v_s, v_t))  # v loss, scaled
-    run(lambda st, v_s, v_t: F.mse_loss(st.x - bc(st) * v_s, st.x - bc(st) * v_t))
-    assert torch.allclose(next(iter(backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
-                                    .rollout(noise, ps, pt, timesteps=TIMESTEPS))).t, torch.zeros(2))
+    run(authors)
     with pytest.raises(ConventionError, match="sigma used as the model's time t|sigma is used as the model's time t"):
         run(lambda st, v_s, v_t: F.mse_loss(st.x + (1 - bc(st)) * v_s, st.x + (1 - bc(st)) * v_t))
+    if sigmas[0] == 1.0:  # refused before state 0's backward
+        assert all(p.grad is None for p in train.values())
 
 
 def test_import_of_the_backend_is_lean():
