@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from dopsd_fast.errors import ConventionError
+
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 LOSSES = ("x0", "v")
@@ -68,6 +70,40 @@ def resolve_schedule(schedule: str | Sequence[float]) -> list[float]:
     if any(b >= a for a, b in zip(values, values[1:])):
         raise ValueError(f"a roll-out schedule must be strictly decreasing, got {values}")
     return values
+
+
+# At a pure-noise state (sigma = 1: x is the noise eps) a flow-matching model's velocity v = eps - E[x0]
+# points along x: cos(v, x) ~ |eps| / |eps - x0| > 0 (about 0.7 for |x0| = |eps|, a distilled model's sharp
+# x0; about 1 for a model predicting the data mean). A model output read with the other sign gives the
+# negative of that. An untrained (random) model's output is uncorrelated with x: |cos| ~ 1 / sqrt(numel),
+# 0.03 at the tiny test sizes, less at real ones. A limit of -0.3 refuses a flipped trained model and
+# cannot fire on a random one.
+SIGN_COS_LIMIT = -0.3
+
+
+def velocity_sign_cos(x: torch.Tensor, v: torch.Tensor) -> float | None:
+    """The mean over the batch of cos(v_b, x_b) (None where every v_b is ~0, e.g. a zero-initialised
+    output layer: no evidence either way)."""
+    xf, vf = x.detach().float().flatten(1), v.detach().float().flatten(1)
+    nx, nv = xf.norm(dim=1), vf.norm(dim=1)
+    ok = (nx > 0) & (nv > 1e-6 * nx)
+    if not bool(ok.any()):
+        return None
+    return float(((xf * vf).sum(1)[ok] / (nx * nv)[ok]).mean())
+
+
+def check_velocity_sign(x: torch.Tensor, v: torch.Tensor, sigma, who: str = "the model") -> None:
+    """Refuse a velocity with the opposite sign (``x0 - eps``, e.g. Z-Image's raw output) at a pure-noise
+    state (every sigma >= 0.99; elsewhere nothing is checked): :class:`ConventionError` when
+    cos(v, x) < :data:`SIGN_COS_LIMIT` (see there why a random model cannot trip it)."""
+    s = torch.as_tensor(sigma)
+    if float(s.min()) < 0.99:
+        return
+    cos = velocity_sign_cos(x, v)
+    if cos is not None and cos < SIGN_COS_LIMIT:
+        raise ConventionError(f"{who}'s velocity at sigma = 1 points away from the noise (cos(v, x) = {cos:.2f}): it "
+                              "looks like x0 - eps; return v = eps - x0 (negate the output of a model that "
+                              "returns -v, as Z-Image's transformer does)")
 
 
 def x0_from_v(x: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,6 +151,7 @@ def rollout_loss(
     loss: str = "x0",
     backward: str = "once",
     loss_scale: float = 1.0,
+    check_sign: bool = False,
 ) -> RolloutResult:
     """One D-OPSD roll-out: deterministic Euler from ``noise`` along ``sigmas``, the teacher
     evaluated on every student state, the loss averaged over the K states.
@@ -132,6 +169,14 @@ def rollout_loss(
             ``backward()`` after each state (same gradient, memory of one forward).
         loss_scale: multiplies what is back-propagated in ``"stepwise"`` mode (e.g.
             ``1 / grad_accum``); ignored for ``"once"``, where the caller scales.
+        check_sign: at the first state, when it is pure noise (sigma >= 0.99), refuse velocities with
+            the opposite sign (:func:`check_velocity_sign`: a :class:`~dopsd_fast.errors.ConventionError`
+            before any backward; a random model cannot trip it). Off by default: synthetic velocity
+            functions (``lambda x, s: -x``) are legitimate here; the drop-in backend checks always.
+
+    Conventions: ``sigma`` is noise level (1 = noise), NOT a model time ``t = 1 - sigma``; the
+    functions return ``v = eps - x0`` (a model that returns ``x0 - eps``, like Z-Image's transformer
+    called with ``t = 1 - sigma``, must be negated).
     """
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
@@ -143,7 +188,7 @@ def rollout_loss(
             v_t = teacher_fn(x, sigma)
         return student_fn(x, sigma), v_t
 
-    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale)
+    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, check_sign=check_sign)
 
 
 def rollout_loss_paired(pair_fn, noise: torch.Tensor, sigmas: Sequence[float] | str, loss: str = "x0",
@@ -192,7 +237,7 @@ def _check_outputs(k: int, v_s, v_t) -> None:
                          "inference_mode) and make sure its trainable parameters (the LoRA) have requires_grad=True")
 
 
-def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=None) -> RolloutResult:
+def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=None, check_sign=False) -> RolloutResult:
     sig = resolve_schedule(sigmas)
     _check_noise(noise)
     k_states = len(sig) - 1
@@ -214,6 +259,9 @@ def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=Non
                 f"state {k}: model outputs must have the state's shape {tuple(x_in.shape)}, got "
                 f"student {tuple(v_s.shape)} and teacher {tuple(v_t.shape)}"
             )
+        if check_sign and k == 0:
+            check_velocity_sign(x_in, v_t, sigma, "teacher_fn")
+            check_velocity_sign(x_in, v_s, sigma, "student_fn")
         lk = state_loss(v_s, v_t, sigma, loss) / k_states
         if backward == "stepwise":
             if backward_fn is None:

@@ -1,48 +1,59 @@
-"""The drop-in backend: another D-OPSD trainer keeps its diffusers model, its adapters, its optimizer and
-its checkpoint format, and gets the packed fast step by one call.
+"""The drop-in backend: another D-OPSD trainer keeps its diffusers model, its adapters, its optimizer,
+its accelerate / DDP / DeepSpeed setup and its checkpoint format, and gets the packed fast step by one
+call (full reference: ``docs/backend.md``; ``examples/authors_loop.py``: the authors' loop with it).
 
     from dopsd_fast import backend
 
     fast = backend.wrap(transformer, student_adapter="student", teacher_adapter="teacher")  # (i) two peft adapters
-    fast = backend.wrap(transformer, student_adapter="default", teacher_shadow=ema_state)   # (ii) EMA shadow copy
+    fast = backend.wrap(transformer, student_adapter="default", teacher_shadow=ema_state)   # (ii) EMA shadow dict
     fast = backend.wrap(student_transformer, teacher=ema_transformer)                       # (iii) two modules
 
-    res = fast.dopsd_step(noise, ctx_s, ctx_t, timesteps=[0, 100, 250, 500])  # roll-out, teacher, loss, backward
-    optimizer.step()                                                         # the trainer's own, unchanged
+Three integration styles:
 
-``transformer`` is a diffusers ``ZImageTransformer2DModel`` or ``Flux2Transformer2DModel`` (or a peft
-``PeftModel`` around one); the fast model reads its parameters in place, so the trainer's optimizer,
-EMA and checkpoints see exactly the tensors they own. Contexts are what such trainers hold: Z-Image a
-list of per-sample prompt embeddings ``(L_b, D)``; FLUX.2-klein prompt embeddings ``(B, L, D)`` plus,
-for an editing teacher, reference latents (:func:`contexts`).
+    res = fast.dopsd_step(noise, ctx_s, ctx_t, timesteps=[0, 100, 250, 500])    # 1. the whole step
+    res = fast.dopsd_step(noise, ctx_s, ctx_t, timesteps=ts,                    # 2. caller-owned backward
+                          backward_fn=accelerator.backward, autocast=accelerator.autocast())
+    for state in fast.rollout(noise, ctx_s, ctx_t, timesteps=ts):               # 3. callback form
+        v_s, v_t = state.predict()                                             #    v = eps - x0
+        state.backward(my_loss(state.x0(v_s), state.x0(v_t)) / state.states)    #    x0 = x - sigma * v
+    optimizer.step()                                                           # the trainer's own
 
-``timesteps`` are the model's own timesteps on a 1000 scale as the authors' loops write them (Z-Image:
-``t / 1000`` is the model time ``1 - sigma``; FLUX.2: ``t / 1000`` is sigma); or pass ``sigmas`` (K + 1
-values ending with 0) in this project's convention. Everything returned is in the (sigma, v)
-convention: ``v = eps - x0``.
+``transformer`` is a diffusers ``ZImageTransformer2DModel`` or ``Flux2Transformer2DModel``, or what a
+loop holds around one (DDP, accelerate, a DeepSpeed engine, ``torch.compile``, a peft ``PeftModel``:
+unwrapped); the fast model reads its parameters in place, so the trainer's optimizer, EMA and
+checkpoints see exactly the tensors they own. Contexts are what such trainers hold: Z-Image a list of
+per-sample prompt embeddings ``(L_b, D)``; FLUX.2-klein prompt embeddings ``(B, L, D)`` plus, for an
+editing teacher, reference latents (:func:`contexts`). Latents in the family's layouts
+(``spec.latent_layouts``: klein's packed ``(B, h*w, C)`` with ``latent_hw``; Z-Image's list of
+``(C, 1, h, w)``), returned in the same.
 
-The callback form, for trainers that run their own loop per roll-out state (stepwise backward)::
-
-    for state in fast.rollout(noise, ctx_s, ctx_t, timesteps=ts):
-        v_s, v_t = state.predict()                 # one packed pass: student (autograd) + teacher batch
-        loss = my_loss(v_s, v_t, state.sigma)      # e.g. dopsd_fast.state_loss(...) / state.states
-        loss.backward()                            # the roll-out step happens when the loop resumes
+Conventions: ``timesteps`` are the model's own on a 1000 scale as the authors' loops write them
+(Z-Image: ``t / 1000`` is the model time ``1 - sigma``; FLUX.2: ``t / 1000`` is sigma); or pass
+``sigmas`` (K + 1 noise levels, 1 = noise, ending with 0). Everything returned is ``v = eps - x0``.
+The first step refuses a flipped velocity sign and (callback form) a loss weighted by ``1 - sigma``
+(:class:`~dopsd_fast.errors.ConventionError`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
-from dopsd_fast.algorithm import RolloutResult, resolve_schedule
+from dopsd_fast.algorithm import RolloutResult, check_velocity_sign, resolve_schedule
 from dopsd_fast.context import Context
+from dopsd_fast.errors import BackendError, ConventionError
 from dopsd_fast.families import family_of_transformer
 from dopsd_fast.models.ops import build_ops
 from dopsd_fast.models.paired import Shadow
 from dopsd_fast.pair import FastPair as PackedPair
 from dopsd_fast.pair import dopsd_step
+
+log = logging.getLogger(__name__)
+SYNC_BUCKET = 1 << 24  # elements per gradient all-reduce (64 MiB in fp32), as DDP's buckets bound its copies
 
 __all__ = ["Backend", "Context", "FastPair", "RolloutState", "contexts", "wrap"]
 
@@ -61,125 +72,364 @@ def contexts(features, references=None) -> list[Context]:
     refs = list(references or [])
     for i, r in enumerate(refs):
         if r.dim() != 4 or r.shape[0] != len(features):
-            raise ValueError(f"contexts: references[{i}] must be (B={len(features)}, C, h, w), got {tuple(r.shape)}")
+            raise BackendError(f"contexts: references[{i}] must be (B={len(features)}, C, h, w), got {tuple(r.shape)} "
+                               "(a packed (B, h*w, C) reference: r.permute(0, 2, 1).reshape(B, C, h, w))")
     return [Context(f, {f"ref{j}": r[b] for j, r in enumerate(refs)}) for b, f in enumerate(features)]
 
 
-def _unwrap(module):
-    """A peft ``PeftModel`` -> the diffusers model it wraps (the adapters live in its modules)."""
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
+def _is_fsdp(module) -> bool:
+    return any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(module).__mro__)
+
+
+def _known_family(module) -> bool:
+    try:
+        family_of_transformer(module)
+        return True
+    except TypeError:
+        return False
+
+
+def _is_deepspeed(module) -> bool:
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(module).__mro__)
+
+
+def _unwrap(module, role: str = "student"):
+    """What a trainer's loop holds -> ``(the diffusers model, the torch DDP wrapper or None, whether a
+    DeepSpeed engine was around it)``: a DDP /
+    DataParallel / DeepSpeed engine / accelerate-prepared model (``.module``), a ``torch.compile``
+    module (``._orig_mod``) and a peft ``PeftModel`` (``get_base_model()``) are unwrapped, in any
+    nesting. FSDP shards the parameters the fast model reads: refused."""
+    ddp, engine = None, False
+    for _ in range(8):
+        if _known_family(module):
+            return module, ddp, engine
+        if _is_fsdp(module):
+            raise BackendError(f"backend.wrap: the {role} is FSDP-wrapped (sharded parameters); the drop-in backend "
+                               "needs whole parameters: wrap it with DDP or DeepSpeed ZeRO-1/2, or train with "
+                               "dopsd_fast's own trainer (dist.fsdp: on)")
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            ddp = ddp or module
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
+            module = module._orig_mod
+        elif hasattr(module, "get_base_model"):
+            module = module.get_base_model()
+        elif isinstance(getattr(module, "module", None), torch.nn.Module):  # DataParallel, DeepSpeed's engine
+            engine = engine or _is_deepspeed(module)
+            module = module.module
+        else:
+            return module, ddp, engine
+    raise BackendError(f"backend.wrap: the {role} is wrapped more than 8 deep; pass the diffusers transformer")
 
 
 def _shadow(model, adapter: str, state: dict):
     """An EMA shadow dict (the model's parameter names, with or without the adapter name, as peft's
-    state dicts write them) -> a :class:`~dopsd_fast.models.paired.Shadow` keyed by the live
-    parameters. Every LoRA parameter of ``adapter`` must have its shadow tensor, of the same shape."""
+    state dicts write them) -> a :class:`~dopsd_fast.models.paired.Shadow` over the live parameters that
+    reads ``state`` by key at every use (an entry the caller rebinds is followed). Every LoRA parameter of
+    ``adapter`` must have its shadow tensor, of the same shape."""
     tag = f".{adapter}."
     live = {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
     if not live:
-        raise ValueError(f"backend.wrap: the model has no LoRA parameters of adapter {adapter!r}")
-    norm = {k.removeprefix("base_model.model.").removeprefix("transformer."): v for k, v in state.items()}
-    out, missing = {}, []
+        raise BackendError(f"backend.wrap: the model has no LoRA parameters of adapter {adapter!r}")
+    norm = {k.removeprefix("base_model.model.").removeprefix("transformer."): k for k in state}
+    keys, missing = {}, []
     for n, p in live.items():
-        t = norm.get(n, norm.get(n.replace(tag, ".")))
-        if t is None:
+        k = norm.get(n, norm.get(n.replace(tag, ".")))
+        if k is None:
             missing.append(n)
             continue
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"backend.wrap: teacher_shadow[{n!r}] has shape {tuple(t.shape)}, the parameter "
-                             f"{tuple(p.shape)}")
-        out[id(p)] = t
+        keys[id(p)] = k
     if missing:
-        raise ValueError(f"backend.wrap: teacher_shadow lacks {len(missing)} of {len(live)} LoRA tensors of adapter "
-                         f"{adapter!r} (e.g. {missing[0]!r})")
-    return Shadow(adapter, out)
+        raise BackendError(f"backend.wrap: teacher_shadow lacks {len(missing)} of {len(live)} LoRA tensors of adapter "
+                           f"{adapter!r} (e.g. {missing[0]!r})")
+    sh = Shadow(adapter, source=state, keys=keys)
+    sh.params = list(live.values())
+    _check_shadow(sh)
+    return sh
+
+
+def _check_shadow(sh) -> None:
+    """Every shadow entry still there and of its parameter's shape (checked at each step: cheap)."""
+    for p in sh.params:
+        t = sh.get(p)
+        if tuple(t.shape) != tuple(p.shape):
+            raise BackendError(f"backend: teacher_shadow[{sh.keys[id(p)]!r}] has shape {tuple(t.shape)}, the parameter "
+                               f"{tuple(p.shape)}")
 
 
 def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_adapter: str | None = None,
          teacher_shadow: dict | None = None, kernels: str = "auto", attention: str = "auto",
-         checkpoint_layers: int = 0, nvtx: bool = False) -> "Backend":
+         checkpoint_layers: int = 0, nvtx: bool = False, check_conventions: bool = True) -> "Backend":
     """The packed fast pair over a trainer's own model(s). One of:
 
     (i) ``wrap(model, student_adapter="student", teacher_adapter="teacher")``: one model, two peft
         adapters (the authors' scripts);
     (ii) ``wrap(model, student_adapter="default", teacher_shadow=ema)``: one adapter; the teacher's LoRA
-        tensors read from the EMA shadow dict ``ema`` (parameter name -> tensor), nothing swapped;
+        tensors read from the EMA shadow dict ``ema`` (parameter name -> tensor) by key at every step
+        (updated in place or rebound, ``ema[k] = new``: both followed), nothing swapped;
     (iii) ``wrap(model, teacher=ema_model)``: two modules (full fine-tuning; adapters optional).
 
+    ``model`` may be what the loop holds: a DDP / accelerate-prepared / DeepSpeed-engine wrapper, a
+    ``torch.compile`` module or a peft ``PeftModel`` (unwrapped; a torch DDP wrapper is kept to average
+    the gradients, see :meth:`Backend.sync_gradients`). The student's trainable parameters (the student
+    adapter's LoRA tensors; in (iii) what requires grad) are read here, once: every step trains exactly
+    those, whatever ``set_adapter`` left behind, and restores the caller's ``requires_grad`` after.
     ``kernels`` / ``attention``: as ``fast.kernels`` / ``fast.attention`` (auto: our Triton kernels on
-    CUDA, PyTorch elsewhere); ``checkpoint_layers``: main layers under gradient checkpointing.
+    CUDA, PyTorch elsewhere); ``checkpoint_layers``: main layers under gradient checkpointing;
+    ``check_conventions``: the first step's convention checks (:class:`Backend`).
     """
-    ms = _unwrap(student)
-    mt = _unwrap(teacher) if teacher is not None else ms
+    ms, ddp, engine = _unwrap(student, "student")
+    if ddp is None and not engine:
+        _warn_if_unsynced()
+    mt = _unwrap(teacher, "teacher")[0] if teacher is not None else ms
     spec = family_of_transformer(ms)
     if teacher is not None and teacher_shadow is not None:
-        raise ValueError("backend.wrap: give either teacher= (a second module) or teacher_shadow= (an EMA of the "
-                         "adapter), not both")
+        raise BackendError("backend.wrap: give either teacher= (a second module) or teacher_shadow= (an EMA of the "
+                           "adapter), not both")
+    shadow = None
     if teacher is None:
         if student_adapter is None:
-            raise ValueError("backend.wrap: one module needs student_adapter= (and teacher_adapter= or "
-                             "teacher_shadow=); for full fine-tuning pass teacher=<the EMA module>")
+            raise BackendError("backend.wrap: one module needs student_adapter= (and teacher_adapter= or "
+                               "teacher_shadow=); for full fine-tuning pass teacher=<the EMA module>")
         if teacher_shadow is not None:
             if teacher_adapter is not None:
-                raise ValueError("backend.wrap: teacher_shadow= replaces teacher_adapter=")
-            teacher_adapter = _shadow(ms, student_adapter, teacher_shadow)
+                raise BackendError("backend.wrap: teacher_shadow= replaces teacher_adapter=")
+            teacher_adapter = shadow = _shadow(ms, student_adapter, teacher_shadow)
         elif teacher_adapter is None:
-            raise ValueError("backend.wrap: the teacher needs teacher_adapter= or teacher_shadow=")
+            raise BackendError("backend.wrap: the teacher needs teacher_adapter= or teacher_shadow=")
         elif teacher_adapter == student_adapter:
-            raise ValueError("backend.wrap: student and teacher adapters must differ (use teacher_shadow= for an EMA)")
+            raise BackendError("backend.wrap: student and teacher adapters must differ (use teacher_shadow= for an "
+                               "EMA)")
     for name, m, ad in (("student", ms, student_adapter), ("teacher", mt, teacher_adapter)):
         if isinstance(ad, str) and not any(ad in getattr(x, "lora_A", {}) for x in m.modules()):
-            raise ValueError(f"backend.wrap: the {name} adapter {ad!r} is on no module of the model")
+            raise BackendError(f"backend.wrap: the {name} adapter {ad!r} is on no module of the model")
     device = next(ms.parameters()).device
     ops = build_ops(kernels, attention, device)
     kw = dict(ops=ops, nvtx=nvtx)
     if checkpoint_layers:
         kw["checkpoint_layers"] = checkpoint_layers
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
-    return Backend(spec, model, nvtx=nvtx)
+    return Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=_trainable(ms, student_adapter),
+                   shadow=shadow, check_conventions=check_conventions)
+
+
+def _warn_if_unsynced() -> None:
+    """Several data-parallel ranks and a bare model: nothing averages the backend's gradients (its
+    forward bypasses any DDP wrapper the caller keeps elsewhere). Said once, not refused: a caller may
+    average them itself."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        log.warning("backend.wrap: %d data-parallel ranks and an unwrapped model: the backend does not average "
+                    "the gradients; pass the DDP / accelerate-prepared model to wrap(), or average them yourself",
+                    dist.get_world_size())
+
+
+def _trainable(model, adapter) -> list:
+    """The student's trainable parameters by the backend's contract: the LoRA tensors of ``adapter``
+    (those that require grad now, or all of them when none does: wrapped after ``set_adapter`` of
+    another adapter); without an adapter, what requires grad now (full fine-tuning)."""
+    if adapter is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    tag = f".{adapter}."
+    params = [p for n, p in model.named_parameters() if "lora_" in n and tag in n]
+    return [p for p in params if p.requires_grad] or params
 
 
 @dataclass
 class RolloutState:
-    """One roll-out state of :meth:`Backend.rollout`: ``k`` of ``states``; ``x`` (detached, fp32),
-    ``sigma`` (B,), ``sigma_next``; :meth:`predict` runs the packed pass once."""
+    """One roll-out state of :meth:`Backend.rollout`, in this project's convention:
+
+    * ``sigma`` (B,): the noise level, 1 = pure noise (NOT the model's time); ``t`` (B,): the model's
+      own time as its loop writes ``timestep / 1000`` (Z-Image: ``t = 1 - sigma``; FLUX.2: ``t = sigma``);
+    * :meth:`predict` -> ``(v_s, v_t)`` with ``v = eps - x0`` (NOT the raw output of a model that returns
+      ``x0 - eps``); hence ``x0 = x - sigma * v`` (:meth:`x0`);
+    * ``x``: the state (detached, fp32) in the caller's latent layout; ``k`` of ``states``;
+      ``sigma_next``: where the roll-out steps next (``x <- x + (sigma_next - sigma) * v_s``, done by the
+      backend when the loop resumes).
+
+    :meth:`backward` runs the caller's loss through the backend's ``backward_fn`` (checked at the first
+    roll-out's first states: a loss weighted by ``(1 - sigma)`` where ``sigma`` is meant is refused)."""
 
     k: int
     states: int
     x: torch.Tensor
     sigma: torch.Tensor
     sigma_next: float
+    t: torch.Tensor | None = None
     _fn: object = None
+    _x_model: torch.Tensor | None = None
+    _back: Callable | None = None
+    _backward: Callable | None = None
     v_student: torch.Tensor | None = None
     v_teacher: torch.Tensor | None = None
 
     def predict(self):
-        """(v_student with autograd, v_teacher constant) at this state."""
-        self.v_student, self.v_teacher = self._fn(self.x, self.sigma)
-        self.v_teacher = self.v_teacher.detach()
+        """(v_student with autograd, v_teacher constant) at this state, ``v = eps - x0``."""
+        v_s, v_t = self._fn(self._x_model, self.sigma)
+        self._v_model = v_s
+        back = self._back or (lambda y: y)
+        self.v_student, self.v_teacher = back(v_s), back(v_t.detach())
         return self.v_student, self.v_teacher
+
+    def x0(self, v: torch.Tensor) -> torch.Tensor:
+        """``x0 = x - sigma * v`` (the clean estimate of a velocity at this state)."""
+        return self.x - self.sigma.view(-1, *([1] * (self.x.dim() - 1))).to(v.dtype) * v
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate this state's loss with the roll-out's ``backward_fn`` (the caller's, e.g.
+        ``accelerator.backward``; default ``loss.backward()``)."""
+        if self.v_student is None:
+            raise BackendError(f"backend.rollout: state {self.k}: call state.predict() before state.backward(loss)")
+        self._backward(self, loss)
+
+
+def _check_weighting(rec: list) -> None:
+    """The σ-versus-t check of the callback form's first roll-out. ``rec``: (sigma, loss, d) of its
+    first states, d = mean((v_s - v_t)^2) > 0. A D-OPSD state loss is ``c * w(sigma) * d`` with w = sigma^2
+    (the x0 loss) or 1 (the v loss); the flipped time gives ``w = (1 - sigma)^2``. At sigma_0 = 1 that is
+    exactly 0 for a nonzero d; otherwise the scale-free ratio of two states names it. Custom losses that
+    match none of these pass (nothing is known about them)."""
+    (s0, l0, d0) = rec[0]
+    if len(rec) == 1:
+        if s0 >= 1.0 and abs(l0) <= 1e-12 * max(d0, 1e-30) and d0 > 1e-20:
+            raise ConventionError("backend.rollout: the state loss at sigma = 1 is 0 while the student and teacher "
+                                  "differ: it is weighted by (1 - sigma), i.e. sigma used as the model's time t; use "
+                                  "state.sigma as the noise level (x0 = x - sigma * v, state.x0(v)), or state.t (a state "
+                                  "meant to be skipped: call no state.backward for it)")
+        return
+    (s1, l1, d1) = rec[1]
+    if s0 >= 1.0 or l0 == 0 or d0 <= 0 or d1 <= 0:
+        return
+    r = (l1 / d1) / (l0 / d0)
+    flipped = ((1 - s1) / (1 - s0)) ** 2
+    right = ((s1 / s0) ** 2, 1.0)
+    if abs(r - flipped) <= 0.01 * flipped and all(abs(r - w) > 0.1 * w for w in right):
+        raise ConventionError("backend.rollout: the state losses scale as (1 - sigma)^2 across states: sigma is used "
+                              "as the model's time t; use state.sigma as the noise level (x0 = x - sigma * v, "
+                              "state.x0(v)), or state.t; state 0's gradient is already in .grad: zero it")
 
 
 class Backend(PackedPair):
     """The pair protocol (:class:`~dopsd_fast.pair.FastPair`: ``pair_fn``, ``velocity``) over a trainer's own
-    model, taking what such trainers hold (contexts as tensors, the model's own timesteps), plus the
-    whole step (:meth:`dopsd_step`) and the per-state callback form (:meth:`rollout`)."""
+    model, taking what such trainers hold (contexts as tensors, the model's own timesteps, the family's
+    latent layouts), plus the whole step (:meth:`dopsd_step`) and the per-state callback form
+    (:meth:`rollout`); both take the caller's ``backward_fn`` and ``autocast``.
 
-    def __init__(self, spec, model, nvtx: bool = False):
+    ``ddp``: the torch DDP wrapper the caller handed to :func:`wrap` (its gradients are averaged once per
+    step, :meth:`sync_gradients`); ``trainable``: the student's parameters by contract (set to require
+    grad for the step, the caller's flags restored after: :meth:`training`); ``check_conventions``: at
+    the first step, the velocities' sign at the pure-noise state and (callback form) the loss's
+    sigma weighting are checked (:class:`~dopsd_fast.errors.ConventionError`)."""
+
+    def __init__(self, spec, model, nvtx: bool = False, *, ddp=None, engine: bool = False, trainable=(), shadow=None,
+                 check_conventions: bool = True):
         super().__init__(model, backward="stepwise", nvtx=nvtx)
         self.spec = spec
+        self.ddp = ddp
+        self.engine = engine
+        self.trainable = list(trainable)
+        self.shadow = shadow
+        self._check_sign = check_conventions
+        self._check_loss = check_conventions
+        self.syncs = 0  # gradient all-reduces run by sync_gradients (what the tests read)
 
     # ---- the protocol ----------------------------------------------------------------------------
     def pair_fn(self, ctx_s, ctx_t, backward: str = "stepwise", finish: bool = False):
         """One micro-batch's ``(x, sigma) -> (v_s, v_t)``; work that depends only on the contexts and the
         weights is done at the first state and reused: the teacher's always, the student's with
         ``backward="once"`` (the caller back-propagates once per roll-out) or with ``finish=True`` (the
-        caller calls ``fn.finish()`` after the roll-out's last backward)."""
-        return super().pair_fn(contexts(ctx_s), contexts(ctx_t), backward=backward, finish=finish)
+        caller calls ``fn.finish()`` after the roll-out's last backward). Used directly, run it inside
+        :meth:`training` and call :meth:`sync_gradients` after the last backward."""
+        if self.shadow is not None:
+            _check_shadow(self.shadow)
+        fn = super().pair_fn(contexts(ctx_s), contexts(ctx_t), backward=backward, finish=finish)
+        if not self._check_sign:
+            return fn
 
-    def velocity(self, branch: str, x, sigma, ctx):
-        """One branch alone; the teacher without autograd."""
-        return super().velocity(branch, x, sigma, contexts(ctx))
+        def checked(x, sigma):
+            v_s, v_t = fn(x, sigma)
+            if self._check_sign and float(sigma.min()) >= 0.99:
+                self._check_sign = False
+                check_velocity_sign(x, v_t, sigma, "the teacher")
+                check_velocity_sign(x, v_s, sigma, "the student")
+            return v_s, v_t
+        checked.share, checked.finish = getattr(fn, "share", None), fn.finish
+        return checked
+
+    def velocity(self, branch: str, x, sigma, ctx, *, latent_hw=None):
+        """One branch alone (``v = eps - x0``, ``sigma`` the noise level), in the caller's latent layout;
+        the teacher without autograd."""
+        xm, back = self.spec.latents_in(x, latent_hw)
+        return back(super().velocity(branch, xm, sigma, contexts(ctx)))
+
+    @contextlib.contextmanager
+    def training(self):
+        """Inside: the student's parameters by contract require grad (whatever ``set_adapter`` or the
+        caller left), restored to the caller's flags on exit. Must span the forwards AND the backwards
+        (autograd accumulates no gradient into a tensor that no longer requires it)."""
+        saved = [(p, p.requires_grad) for p in self.trainable]
+        for p in self.trainable:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    def sync_gradients(self) -> bool:
+        """Average the student's gradients over the data-parallel ranks of the torch DDP wrapper handed to
+        :func:`wrap`, in one all-reduce per dtype, when that wrapper is set to sync (outside ``no_sync()``,
+        i.e. on accelerate's gradient-accumulation boundary). The fast forward bypasses DDP's own
+        forward, so DDP's reducer never fires: the K stepwise backwards communicate nothing, this runs
+        once per step (what :meth:`dopsd_step` and :meth:`rollout` call at their end). Returns whether it
+        communicated. DDP communication hooks are not applied."""
+        ddp = self.ddp
+        if ddp is None or not getattr(ddp, "require_backward_grad_sync", True):
+            return False
+        import torch.distributed as dist
+
+        group = getattr(ddp, "process_group", None)
+        world = dist.get_world_size(group)
+        if world == 1:
+            return False
+        params = self.trainable
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        by_kind: dict = {}
+        for p in params:
+            by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        for grads in by_kind.values():  # buckets of at most SYNC_BUCKET elements: no full copy of a full FT
+            bucket, size = [], 0
+            for g in grads + [None]:
+                if g is not None and (not bucket or size + g.numel() <= SYNC_BUCKET):
+                    bucket.append(g)
+                    size += g.numel()
+                    continue
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=group)
+                flat.div_(world)
+                off = 0
+                for b in bucket:
+                    b.copy_(flat[off:off + b.numel()].view_as(b))
+                    off += b.numel()
+                bucket, size = ([g], g.numel()) if g is not None else ([], 0)
+        self.syncs += 1
+        return True
+
+    @staticmethod
+    def _engine_ok(backward_fn, backward: str) -> None:
+        """A model that came in a DeepSpeed engine: every backward must be the engine's (its loss scaling
+        and gradient partitioning), and only one per micro-batch (accelerate's backward steps the engine
+        at the accumulation boundary: a backward per state would step it K times)."""
+        if backward_fn is None:
+            raise BackendError("backend: the model came in a DeepSpeed engine: pass backward_fn=accelerator.backward "
+                               "(or engine.backward); the backend's own backward would bypass the engine")
+        if backward != "once":
+            raise BackendError("backend: under DeepSpeed use backward='once' (dopsd_step) and no per-state "
+                               "state.backward: accelerator.backward steps the engine at the accumulation boundary, "
+                               "a backward per roll-out state would step it K times")
 
     # ---- schedules -------------------------------------------------------------------------------
     def sigmas_from_timesteps(self, timesteps, scale: float = 1000.0) -> list[float]:
@@ -187,38 +437,86 @@ class Backend(PackedPair):
         with 0, by the family's convention."""
         ts = [float(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
         sig = [float(self.spec.convention.sigma_of(t / scale)) for t in ts]
-        return resolve_schedule(sig + [0.0] if sig[-1] != 0.0 else sig)
+        try:
+            return resolve_schedule(sig + [0.0] if sig[-1] != 0.0 else sig)
+        except ValueError as e:
+            raise ConventionError(f"timesteps {ts} read in {self.spec.title}'s convention (t / {scale:g} is "
+                                  f"{'1 - sigma' if self.spec.convention.time_is_one_minus_sigma else 'sigma'}) give "
+                                  f"sigmas {sig}: {e}; or pass sigmas= (1 = noise, decreasing to 0)") from None
 
     def _sigmas(self, sigmas, timesteps):
         if (sigmas is None) == (timesteps is None):
-            raise ValueError("give exactly one of sigmas= (this project's convention) or timesteps= (the model's)")
+            raise BackendError("give exactly one of sigmas= (this project's convention) or timesteps= (the model's)")
         return resolve_schedule(sigmas) if sigmas is not None else self.sigmas_from_timesteps(timesteps)
 
     # ---- a whole step -------------------------------------------------------------------------------
     def dopsd_step(self, noise, ctx_s, ctx_t, sigmas=None, *, timesteps=None, loss: str = "x0",
-                   backward: str = "once", loss_scale: float = 1.0) -> RolloutResult:
+                   backward: str = "once", loss_scale: float = 1.0, backward_fn: Callable | None = None,
+                   autocast=None, latent_hw=None) -> RolloutResult:
         """Roll-out from ``noise``, the teacher on every student state, the loss, and its backward
         (``once``: after the roll-out, the authors' schedule; ``stepwise``: after each state, the same
         gradient with one state's activations alive), scaled by ``loss_scale`` (e.g. 1 / grad_accum).
-        The gradients land on the trainer's own parameters; ``result.loss`` is detached."""
-        return dopsd_step(self, noise, ctx_s, ctx_t, self._sigmas(sigmas, timesteps), loss=loss, backward=backward,
-                          loss_scale=loss_scale)
 
-    def rollout(self, noise, ctx_s, ctx_t, sigmas=None, *, timesteps=None) -> Iterator[RolloutState]:
-        """The callback form: yields each :class:`RolloutState`; the caller calls ``state.predict()``,
-        computes and back-propagates its loss; on resuming, the roll-out steps with the student's
-        (detached) velocity: ``x <- x + (sigma_next - sigma) v_s``."""
+        Caller-owned backward: ``backward_fn(tensor)`` runs every backward (``accelerator.backward``, a
+        GradScaler's ``lambda l: scaler.scale(l).backward()``, a DeepSpeed engine's ``backward``); it is
+        called once (``once``) or K times (``stepwise``; with accelerate's scaling by 1 / accumulation
+        steps each time: the same sum), plus the shared work's backward, which goes to autograd
+        directly. ``autocast``: the context the forwards run in (``accelerator.autocast()``).
+        ``noise``: the family's latent layout (``spec.latent_layouts``; klein's packed one with
+        ``latent_hw``); states and velocities come back in it. The gradients land on the trainer's own
+        parameters (averaged over DDP ranks at a sync step: :meth:`sync_gradients`); ``result.loss`` is
+        detached."""
         sig = self._sigmas(sigmas, timesteps)
+        x, back = self.spec.latents_in(noise, latent_hw)
+        if self.engine:
+            self._engine_ok(backward_fn, backward)
+        with self.training():
+            res = dopsd_step(self, x, ctx_s, ctx_t, sig, loss=loss, backward=backward, loss_scale=loss_scale,
+                             backward_fn=backward_fn, autocast=autocast)
+            self.sync_gradients()
+        res.states = [back(t) for t in res.states]
+        res.student_v = [back(t) for t in res.student_v]
+        res.teacher_v = [back(t) for t in res.teacher_v]
+        return res
+
+    def rollout(self, noise, ctx_s, ctx_t, sigmas=None, *, timesteps=None, backward_fn: Callable | None = None,
+                latent_hw=None) -> Iterator[RolloutState]:
+        """The callback form: yields each :class:`RolloutState` (``sigma`` the noise level, ``t`` the model's
+        time, ``v = eps - x0``); the caller calls ``state.predict()``, computes its loss and calls
+        ``state.backward(loss)`` (through ``backward_fn``, e.g. ``accelerator.backward``; or its own
+        backward, unchecked). On resuming, the roll-out steps with the student's (detached) velocity:
+        ``x <- x + (sigma_next - sigma) v_s``. After the last state the gradients are averaged over DDP
+        ranks (:meth:`sync_gradients`). The caller's ``requires_grad`` flags are restored when the loop
+        ends (or is left)."""
+        sig = self._sigmas(sigmas, timesteps)
+        xm, back = self.spec.latents_in(noise, latent_hw)
+        run = backward_fn or (lambda t: t.backward())
+        rec = []
+
+        def backward(st, loss):
+            if self.engine:
+                self._engine_ok(backward_fn, "stepwise")
+            if self._check_loss and len(rec) < 2 and st.k == len(rec):
+                d = float((st.v_student.detach().float() - st.v_teacher.float()).pow(2).mean())
+                rec.append((float(st.sigma[0]), float(loss.detach()), d))
+                _check_weighting(rec)
+                if len(rec) == 2:
+                    self._check_loss = False
+            run(loss)
+
         fn = self.pair_fn(ctx_s, ctx_t)
-        x = noise.detach().float()
+        x = xm.detach().float()
         K = len(sig) - 1
-        for k in range(K):
-            st = RolloutState(k, K, x, torch.full((x.shape[0],), sig[k], dtype=torch.float32, device=x.device),
-                              sig[k + 1], fn)
-            yield st
-            if st.v_student is None:
-                raise RuntimeError(f"backend.rollout: state {k} was not predicted (call state.predict())")
-            x = x + (sig[k + 1] - sig[k]) * st.v_student.detach().float()
+        conv = self.spec.convention
+        with self.training():
+            for k in range(K):
+                sigma = torch.full((x.shape[0],), sig[k], dtype=torch.float32, device=x.device)
+                st = RolloutState(k, K, back(x), sigma, sig[k + 1], conv.model_time(sigma), fn, x, back, backward)
+                yield st
+                if st.v_student is None:
+                    raise BackendError(f"backend.rollout: state {k} was not predicted (call state.predict())")
+                x = x + (sig[k + 1] - sig[k]) * st._v_model.detach().float()
+            self.sync_gradients()
 
 
 FastPair = Backend  # the drop-in backend's class under its earlier name

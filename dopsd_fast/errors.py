@@ -9,3 +9,13 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad input data; the message names the file, row and field."""
+
+
+class BackendError(ValueError):
+    """The drop-in backend was handed something it cannot use (a sharded model, a latent layout, a
+    missing EMA entry); the message names it and says what to pass instead."""
+
+
+class ConventionError(BackendError):
+    """A time or velocity convention is the opposite of this project's (sigma = 1 is noise, sigma = 1 - t
+    for a model whose t = 1 is clean, v = eps - x0); the message names which one and how to convert."""

@@ -135,11 +135,15 @@ def dopsd_step(pair, noise: torch.Tensor, ctx_s, ctx_t, sigmas, *, loss: str = "
     roll-out, the authors' schedule; ``stepwise``: after each state, the same gradient with one state's
     activations alive), scaled by ``loss_scale`` (e.g. 1 / grad_accum); then the shared work's backward
     (``fn.finish()``). ``autocast``: the context the forwards run in; ``backward_fn(tensor)``: who runs
-    each backward (default ``tensor.backward()``; e.g. ``accelerator.backward``); ``region(name)``: a
-    context around the backward work (nvtx). ``result.loss`` comes back detached."""
+    each backward (default ``tensor.backward()``; e.g. ``accelerator.backward``, a DeepSpeed engine's):
+    given one, EVERY gradient goes through it (once per roll-out, or once per state), so the student's
+    state-independent work is not deferred to a separate ``fn.finish()`` backward the caller's engine
+    would not see (stepwise then recomputes it per state); ``region(name)``: a context around the
+    backward work (nvtx). ``result.loss`` comes back detached."""
+    finish = backward_fn is None
     backward_fn = backward_fn or (lambda t: t.backward())
     region = region or (lambda name: contextlib.nullcontext())
-    fn = pair.pair_fn(ctx_s, ctx_t, backward=backward, finish=True)
+    fn = pair.pair_fn(ctx_s, ctx_t, backward=backward, finish=finish)
     with autocast if autocast is not None else contextlib.nullcontext():
         res = rollout_loss_paired(fn, noise, sigmas, loss=loss, backward=backward, loss_scale=loss_scale,
                                   backward_fn=backward_fn)

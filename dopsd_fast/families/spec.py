@@ -16,10 +16,26 @@ from __future__ import annotations
 
 import importlib
 import re
+
+import torch
 from dataclasses import dataclass, field
 
 from dopsd_fast.algorithm import NAMED_SCHEDULES
-from dopsd_fast.errors import ConfigError
+from dopsd_fast.errors import BackendError, ConfigError
+
+def _same_layout(y):
+    return y
+
+
+def _describe(x) -> str:
+    """A latent argument in a few words (for the layout errors)."""
+    if torch.is_tensor(x):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (list, tuple)):
+        inner = tuple(x[0].shape) if x and torch.is_tensor(x[0]) else "?"
+        return f"a {type(x).__name__} of {len(x)} tensors of shape {inner}"
+    return type(x).__name__
+
 
 FAST_FEATURES = ("kernels", "attention", "compile", "fp8", "graphs", "checkpoint")
 
@@ -201,6 +217,18 @@ class FamilySpec:
 
     def init_random(self, transformer) -> None:
         """Random weights for what diffusers initialises to zero and the fast path must get right."""
+
+    # ---- latents as other trainers hold them (the drop-in backend) ------------------------------
+    latent_layouts = "(B, C, h, w)"  # what :meth:`latents_in` takes, for the docs and the errors
+
+    def latents_in(self, x, latent_hw=None):
+        """A trainer's latents -> ``(x_BCHW, back)``: the fast model's (B, C, h, w) tensor, and ``back(y)``
+        that puts a (B, C, h, w) result (a state, a velocity) into the caller's layout again. The default
+        takes (B, C, h, w) only; a family whose trainers hold another layout overrides this."""
+        if torch.is_tensor(x) and x.dim() == 4:
+            return x, _same_layout
+        raise BackendError(f"{self.title} latents must be {self.latent_layouts}, got "
+                           f"{_describe(x)}")
 
     def eager_velocity(self, transformer, x, sigma, contexts):
         """The eager diffusers call in the (sigma, v) convention (the reference every fast path meets)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dopsd_fast.errors import BackendError
 from dopsd_fast.fp8 import fp8_module_filter, is_fp8_linear
 from dopsd_fast.models.ops import TorchOps
 from dopsd_fast.profiling import nvtx_range
@@ -32,12 +33,25 @@ from dopsd_fast.models.ops import FusedOps
 class Shadow:
     """The teacher's LoRA weights held outside the module (an EMA shadow copy): adapter ``name``'s
     ``lora_A`` / ``lora_B`` parameters are read from ``tensors`` (keyed by the parameter object's id)
-    instead of the module. Built by :func:`dopsd_fast.backend.wrap` from a name -> tensor dict."""
+    instead of the module. With ``source`` (the caller's name -> tensor dict) and ``keys`` (the
+    parameter's id -> its key there), each read looks the tensor up in ``source`` at that moment: an
+    entry rebound by the caller (``ema[k] = new`` rather than in place) is followed, never a stale copy.
+    Built by :func:`dopsd_fast.backend.wrap`."""
 
     name: str
     tensors: dict = field(default_factory=dict)
+    source: dict | None = None
+    keys: dict = field(default_factory=dict)
 
     def get(self, param):
+        if self.source is not None:
+            key = self.keys.get(id(param))
+            if key is not None:
+                try:
+                    return self.source[key]
+                except KeyError:
+                    raise BackendError(f"teacher_shadow[{key!r}] is gone from the EMA dict handed to backend.wrap; "
+                                       "keep every entry (update or rebind it, never delete it)") from None
         return self.tensors.get(id(param), param)
 
 

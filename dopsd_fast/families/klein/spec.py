@@ -9,6 +9,7 @@ import re
 from dopsd_fast.families.spec import FAST_FEATURES, Convention, FamilySpec, Flavour, MemoryCoefficients
 import torch
 from dopsd_fast.context import Context
+from dopsd_fast.errors import BackendError
 
 # The default LoRA targets (the single blocks' to_out are named in full, per block: default_lora_targets).
 BASE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -51,7 +52,36 @@ def forward_flops(cfg: dict, n_img: int, n_txt: int) -> tuple[float, float]:
     return blocks * s * per_tok + 2 * n_img * cfg["in_channels"] * d * 2, blocks * 4 * s * s * d
 
 
+def _pack(y):
+    """(B, C, h, w) -> the pipeline's packed (B, h*w, C)."""
+    B, C, h, w = y.shape
+    return y.reshape(B, C, h * w).permute(0, 2, 1)
+
+
 class KleinFamily(FamilySpec):
+    latent_layouts = ("(B, C, h, w), or the pipeline's packed (B, h*w, C) with latent_hw=(h, w) or its latent ids "
+                      "(B, h*w, 4)")
+
+    def latents_in(self, x, latent_hw=None):
+        """(B, C, h, w) as it is; the pipeline's packed (B, h*w, C) (``_pack_latents``) with ``latent_hw``
+        (``(h, w)``, or the pipeline's latent ids ``(B, h*w, 4)``: (t, h, w, l) per token): unpacked, and
+        ``back`` packs results again. h and w are never guessed from h*w (a 16 x 64 image
+        and a 32 x 32 one both have 1024 tokens)."""
+        if torch.is_tensor(x) and x.dim() == 3:
+            B, N, C = x.shape
+            if latent_hw is None:
+                raise BackendError(f"{self.title} packed latents {tuple(x.shape)} need latent_hw=(h, w) (h * w = {N}) "
+                                   "or latent_hw=<the pipeline's latent ids>, or pass them unpacked: "
+                                   "x.permute(0, 2, 1).reshape(B, C, h, w)")
+            if torch.is_tensor(latent_hw) and latent_hw.dim() in (2, 3) and latent_hw.shape[-1] == 4:
+                ids = latent_hw[0] if latent_hw.dim() == 3 else latent_hw  # the pipeline's (t, h, w, l) ids
+                latent_hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            h, w = (int(v) for v in latent_hw)
+            if h * w != N:
+                raise BackendError(f"{self.title} packed latents have {N} tokens, latent_hw={h, w} gives {h * w}")
+            return x.permute(0, 2, 1).reshape(B, C, h, w), _pack
+        return super().latents_in(x, latent_hw)
+
     def tiny_config(self):
         return dict(TINY_KLEIN)
 

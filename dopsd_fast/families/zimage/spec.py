@@ -48,7 +48,28 @@ def forward_flops(cfg: dict, n_img: int, cap_lens: list[int], rank: int = 0) -> 
     return gemm, attn
 
 
+def _as_list(y):
+    """(B, C, h, w) -> the model's input form: a list of (C, 1, h, w)."""
+    return list(y.unsqueeze(2).unbind(0))
+
+
+def _as_5d(y):
+    return y.unsqueeze(2)
+
+
 class ZImageFamily(FamilySpec):
+    latent_layouts = "(B, C, h, w), (B, C, 1, h, w), or the model's list of B tensors (C, 1, h, w)"
+
+    def latents_in(self, x, latent_hw=None):
+        """(B, C, h, w) as it is; the transformer's own input form (a list of (C, 1, h, w), one frame)
+        or (B, C, 1, h, w): stacked, and ``back`` returns results in that form."""
+        if isinstance(x, (list, tuple)) and x and all(torch.is_tensor(t) and t.dim() == 4 and t.shape[1] == 1
+                                                     and t.shape == x[0].shape for t in x):
+            return torch.stack(list(x), 0).squeeze(2), _as_list
+        if torch.is_tensor(x) and x.dim() == 5 and x.shape[2] == 1:
+            return x.squeeze(2), _as_5d
+        return super().latents_in(x, latent_hw)
+
     def tiny_config(self):
         return dict(TINY_ZIMAGE)
 

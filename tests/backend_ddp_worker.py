@@ -1,0 +1,67 @@
+"""Two ranks on gloo, a plain torch DDP wrapper handed to the drop-in backend (run by
+tests/test_backend_loops.py as ``python -m torch.distributed.run ... -m tests.backend_ddp_worker OUT``).
+
+A counting DDP communication hook sees every all-reduce DDP's reducer would run: the backend's K = 4
+stepwise backwards must run none (its fast forward bypasses DDP's forward), and the backend averages
+the gradients once, at the step that is not under ``no_sync()``. Each rank writes what it saw."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from dopsd_fast import backend
+    from examples.authors_loop import TIMESTEPS, batch, build_model
+
+    import dopsd_fast.backend
+
+    dopsd_fast.backend.SYNC_BUCKET = 5000  # several all-reduce buckets at this size
+    ddp = torch.nn.parallel.DistributedDataParallel(build_model())
+    hooked = []
+
+    def counting(state, bucket):
+        hooked.append(1)
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting)
+    import logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("dopsd_fast.backend").addHandler(handler)
+    fast = backend.wrap(ddp, student_adapter="student", teacher_adapter="teacher")
+    params = fast.trainable
+    with ddp.no_sync():  # an accumulation micro-step: nothing communicated
+        fast.dopsd_step(*batch(0, rank), timesteps=TIMESTEPS, backward="stepwise")
+    syncs_in_no_sync = fast.syncs
+    fast.dopsd_step(*batch(1, rank), timesteps=TIMESTEPS, backward="stepwise")  # the boundary: one average
+    synced = torch.cat([p.grad.flatten() for p in params])
+
+    # the reference: the same two micro-steps on an unwrapped copy, summed locally, averaged by hand
+    ref_model = build_model()
+    ref = backend.wrap(ref_model, student_adapter="student", teacher_adapter="teacher")  # unwrapped: said once
+    for step in (0, 1):
+        ref.dopsd_step(*batch(step, rank), timesteps=TIMESTEPS, backward="stepwise")
+    local = torch.cat([p.grad.flatten() for p in ref.trainable])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    expected = torch.stack(gathered).mean(0)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save({"rank": rank, "ddp_hook_calls": len(hooked), "syncs_in_no_sync": syncs_in_no_sync,
+                "syncs": fast.syncs, "rel_err": float((synced - expected).norm() / expected.norm()),
+                "local_vs_mean": float((local - expected).norm() / expected.norm()),
+                "warned": [m for m in seen if "does not average" in m]},
+               Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
