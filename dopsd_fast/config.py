@@ -573,10 +573,9 @@ def config_from_dict(data: dict) -> Config:
 # every field documented).
 FIELD_HELP: dict[str, str] = {
     "method": "`dopsd`, or `sft` (the flow-matching baseline on the same data: change this one line to compare)",
-    "model.family": "`zimage` (Z-Image-Turbo) or `klein` (FLUX.2-klein)",
-    "model.preset": "a built-in model, fully offline: `toy-zimage` (the pretrained toy Z-Image, K = 4 student; the "
-                    "default run's), `tiny-zimage`, `tiny-klein` (tiny random weights: tests); `null` to load "
-                    "`model.path`",
+    "model.family": "the model family",  # + each family's name and title (config_markdown)
+    "model.preset": "a built-in model of the family, fully offline: the pretrained toy Z-Image (K = 4 student; the "
+                    "default run's) or a tiny random-weight model (tests); `null` to load `model.path`",
     "model.path": "local diffusers-format model directory (`transformer/ vae/ text_encoder/ tokenizer/ scheduler/`)",
     "model.vlm_path": "Z-Image: local Qwen3-VL directory, the teacher context encoder (its language model's weights "
                       "are replaced by the text encoder's)",
@@ -587,15 +586,15 @@ FIELD_HELP: dict[str, str] = {
                                     "layers the memory model needs to fit the budget), `none`, `all`, or N (the "
                                     "first N; fast path only: the eager path checkpoints every block or none); "
                                     "`true` / `false` = `all` / `none`; `fast.checkpoint` is read as this field",
-    "model.student_max_tokens": "student context length (klein: every prompt padded to it)",
+    "model.student_max_tokens": "student context length (FLUX.2: every prompt padded to it)",
     "model.teacher_max_tokens": "teacher context length",
     "model.teacher_min_pixels": "lower pixel bound of the teacher's image processor (`null` = the model's: 512²)",
     "model.teacher_max_pixels": "upper pixel bound of the teacher's image processor (`null` = the model's: 768²)",
-    "model.text_layers": "klein: the text-encoder layers whose hidden states are stacked (`null` = 9, 18, 27; "
+    "model.text_layers": "FLUX.2: the text-encoder layers whose hidden states are stacked (`null` = 9, 18, 27; "
                          "tiny: 1, 2, 3)",
-    "model.teacher_instruction": "klein editing-branch teacher: the instruction appended to the prompt (`null` = the "
+    "model.teacher_instruction": "FLUX.2 editing-branch teacher: the instruction appended to the prompt (`null` = the "
                                  "built-in text, `authors` = the authors' launch-script text, or any text)",
-    "model.gt_instruction": "klein ground-truth-reference editing: the teacher's instruction (`null` = built-in, "
+    "model.gt_instruction": "FLUX.2 ground-truth-reference editing: the teacher's instruction (`null` = built-in, "
                             "`authors`, or any text)",
     "lora.enabled": "`false` = full fine-tuning with a full EMA teacher",
     "lora.rank": "LoRA rank",
@@ -603,9 +602,7 @@ FIELD_HELP: dict[str, str] = {
     "lora.targets": "`null` = the family's default modules (Z-Image: `to_q to_k to_v to_out.0 w1 w2 w3`); "
                     "`authors` = the authors' list for the family; or a list of module names",
     "lora.init": "initialisation of the adapters' A matrices (B starts at zero)",
-    "dopsd.rollout": "the roll-out schedule: `zimage-k4`, `zimage-k8`, `klein-k4` (the pipeline's schedule, "
-                     "per-resolution mu), `klein-k4-authors` (the authors' training roll-out), or a list of "
-                     "K + 1 sigmas ending with 0",
+    "dopsd.rollout": "the roll-out schedule: a name the family knows, or a list of K + 1 sigmas ending with 0",
     "dopsd.loss": "`x0` (sigma²-weighted velocity MSE, the authors' default) or `v` (plain velocity MSE)",
     "dopsd.backward": "`auto` (`once` where the memory model says it fits, else `stepwise`), `once` (the "
                       "authors') or `stepwise` (the same gradient, one state's activations alive)",
@@ -663,7 +660,7 @@ FIELD_HELP: dict[str, str] = {
     "sft.logit_std": "`logit_normal`: standard deviation",
     "sft.mode_scale": "`mode`: scale",
     "fast.enabled": "the fast path (packed student/teacher pass, fused kernels); `false` = the eager diffusers "
-                    "reference (the Z-Image and klein recipes set `true`)",
+                    "reference (the shipped real-model recipes set `true`)",
     "fast.kernels": "`auto` (our Triton kernels on CUDA), `on`, `off` (the same structure with eager PyTorch ops)",
     "fast.attention": "`auto` (the order measured for this GPU: cuDNN on H200 and H100, elsewhere PyTorch SDPA's own "
                       "choice, the reason logged), `cudnn` (SDPA, cuDNN first), `triton` (ours: both branches in "
@@ -693,6 +690,15 @@ FIELD_HELP: dict[str, str] = {
 # Fields whose accepted values depend on another field (the family, the FP8 backend): their choices are
 # in the help text, not probed.
 _DEPENDENT_CHOICES = {"model.preset", "dopsd.rollout", "fast.fp8_recipe", "lora.targets"}
+
+
+# What each family adds to a field's help, read from the family registry.
+_FAMILY_HELP = {
+    "model.family": lambda: ": " + ", ".join(f"`{s.name}` ({s.title})" for s in FAMILIES.values()),
+    "model.preset": lambda: ". Presets: " + "; ".join(
+        ", ".join(f"`{p}`" for p in s.presets) + f" ({s.title})" for s in FAMILIES.values()),
+    "dopsd.rollout": lambda: ". " + "; ".join(f"{s.title}: {s.schedule_help}" for s in FAMILIES.values()),
+}
 
 
 def config_fields(cls=None, prefix: str = "", default=None) -> list[tuple[str, Any, Any]]:
@@ -752,8 +758,8 @@ def config_markdown() -> str:
         "     and FIELD_HELP in dopsd_fast/config.py: edit those, then regenerate. -->",
         "",
         "`dopsd-train --config FILE.yaml --set section.field=value ...`. `--config` takes a YAML file or the name",
-        "of a shipped recipe (`--config zimage-turbo-lora`: `configs/*.yaml` install with the package); without it",
-        "the default run, the recipe `toy-concept`, runs. A field a YAML file leaves out takes the default below:",
+        "of a shipped recipe (`configs/*.yaml`, installed with the package); without it the default run, the",
+        "recipe `toy-concept`, runs. A field a YAML file leaves out takes the default below:",
         "the dataclasses' own, not a recipe's. Unknown fields and bad values stop with an error naming the field;",
         "the resolved configuration of every run is written to `<output_dir>/config.yaml`.",
         "",
@@ -774,7 +780,7 @@ def config_markdown() -> str:
         if choices:  # the string's choices, then the other types the field takes
             others = [t for t in kind.split(" or ") if t != "str"]
             kind = " \\| ".join(f"`{c}`" for c in choices) + "".join(f" or {t}" for t in others)
-        help_text = FIELD_HELP.get(name, "").replace("|", "\\|")
+        help_text = (FIELD_HELP.get(name, "") + _FAMILY_HELP.get(name, lambda: "")()).replace("|", "\\|")
         lines.append(f"| `{name}` | {_value_text(value)} | {kind} | {help_text} |")
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
