@@ -6,7 +6,7 @@ cannot see), its constants from fake-tensor steps (benchmarks/perf_model.py --ca
 measurement of the LoRA fast row's configuration (40.0 GB predicted, 40.05 GB measured, 2026-12-04);
 the other rows are not measured.
 
-    python benchmarks/memory_table.py            # the markdown table the README shows
+    python benchmarks/memory_table.py            # the markdown table of docs/performance.md
 
 Weights per GPU: LoRA: bf16 base 2 bytes per parameter (replicated, or / ranks) + the student's and
 the EMA teacher's fp32 adapters (8 bytes per adapter parameter); full fine-tuning: fp32 student 4 +

@@ -565,3 +565,229 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(data: dict) -> Config:
     return _build(Config, _apply_renames(copy.deepcopy(data)), "")
+
+
+# One line per field, the reference of docs/config.md: that file is generated from these texts, the
+# dataclasses' defaults and types, and the choices their validation accepts
+# (``python -m dopsd_fast.config --markdown > docs/config.md``; a test keeps the file up to date and
+# every field documented).
+FIELD_HELP: dict[str, str] = {
+    "method": "`dopsd`, or `sft` (the flow-matching baseline on the same data: change this one line to compare)",
+    "model.family": "the model family",  # + each family's name and title (config_markdown)
+    "model.preset": "a built-in model of the family, fully offline: the pretrained toy Z-Image (K = 4 student; the "
+                    "default run's) or a tiny random-weight model (tests); `null` to load `model.path`",
+    "model.path": "local diffusers-format model directory (`transformer/ vae/ text_encoder/ tokenizer/ scheduler/`)",
+    "model.vlm_path": "Z-Image: local Qwen3-VL directory, the teacher context encoder (its language model's weights "
+                      "are replaced by the text encoder's)",
+    "model.dtype": "weight dtype of the frozen parts: `auto` = bf16 on CUDA, fp32 on the CPU",
+    "model.device": "`auto` (CUDA if present, else the CPU), or a torch device string",
+    "model.seed": "initialisation seed of the tiny random-weight presets",
+    "model.gradient_checkpointing": "gradient checkpointing of the main layers, either path: `auto` (the fewest "
+                                    "layers the memory model needs to fit the budget), `none`, `all`, or N (the "
+                                    "first N; fast path only: the eager path checkpoints every block or none); "
+                                    "`true` / `false` = `all` / `none`; `fast.checkpoint` is read as this field",
+    "model.student_max_tokens": "student context length (FLUX.2: every prompt padded to it)",
+    "model.teacher_max_tokens": "teacher context length",
+    "model.teacher_min_pixels": "lower pixel bound of the teacher's image processor (`null` = the model's: 512²)",
+    "model.teacher_max_pixels": "upper pixel bound of the teacher's image processor (`null` = the model's: 768²)",
+    "model.text_layers": "FLUX.2: the text-encoder layers whose hidden states are stacked (`null` = 9, 18, 27; "
+                         "tiny: 1, 2, 3)",
+    "model.teacher_instruction": "FLUX.2 editing-branch teacher: the instruction appended to the prompt (`null` = the "
+                                 "built-in text, `authors` = the authors' launch-script text, or any text)",
+    "model.gt_instruction": "FLUX.2 ground-truth-reference editing: the teacher's instruction (`null` = built-in, "
+                            "`authors`, or any text)",
+    "lora.enabled": "`false` = full fine-tuning with a full EMA teacher",
+    "lora.rank": "LoRA rank",
+    "lora.alpha": "LoRA alpha (the delta is scaled by alpha / rank)",
+    "lora.targets": "`null` = the family's default modules (Z-Image: `to_q to_k to_v to_out.0 w1 w2 w3`); "
+                    "`authors` = the authors' list for the family; or a list of module names",
+    "lora.init": "initialisation of the adapters' A matrices (B starts at zero)",
+    "dopsd.rollout": "the roll-out schedule: a name the family knows, or a list of K + 1 sigmas ending with 0",
+    "dopsd.loss": "`x0` (sigma²-weighted velocity MSE, the authors' default) or `v` (plain velocity MSE)",
+    "dopsd.backward": "`auto` (`once` where the memory model says it fits, else `stepwise`), `once` (the "
+                      "authors') or `stepwise` (the same gradient, one state's activations alive)",
+    "dopsd.ema_decay": "teacher weights: EMA decay of the student's; 1.0 = frozen initial teacher, 0.0 = live student",
+    "dopsd.ema_on_cpu": "full fine-tuning: keep the fp32 EMA master on the CPU",
+    "optim.lr": "AdamW learning rate (fused AdamW on CUDA, foreach on the CPU)",
+    "optim.betas": "AdamW betas",
+    "optim.eps": "AdamW epsilon",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.warmup_steps": "linear warm-up steps, then a constant learning rate",
+    "optim.grad_clip": "gradient norm clip (0 = off)",
+    "data.builtin": "a built-in data set: `tiny` (random-weight tests), `toy-concept` (the 6 toy `[V]` pairs), "
+                    "`toy-concept-prior` (the same then 18 ordinary toy-world pairs; the default run's). Exactly "
+                    "one of `data.builtin`, `data.jsonl`, `data.folder`; one given with `--set` replaces the "
+                    "config's",
+    "data.jsonl": "a JSONL file, one row per line ([its format](models.md#data))",
+    "data.folder": "a folder of `name.png` + `name.txt` (the caption)",
+    "data.image_key": "JSONL field of the image (a path, or a list whose last element is the target)",
+    "data.prompt_keys": "JSONL prompt variants: each sample draws one of these keys at random (seeded by step)",
+    "data.buckets": "`1mp` (the authors' 11 one-megapixel aspect buckets) or a list of `[width, height]`",
+    "data.bucket_scale": "multiplies every bucket side (rounded to `data.bucket_multiple`)",
+    "data.bucket_multiple": "bucket sides are multiples of this",
+    "data.batch_size": "samples per micro-batch per rank (same bucket)",
+    "data.skip_bad": "skip unreadable or malformed rows and report how many (else the run stops, naming the row)",
+    "data.num_workers": "threads decoding the next micro-batch's images while the step computes (0: in the loop)",
+    "data.alpha_background": "RGB (0-255) that images with an alpha channel are composited on",
+    "cache.dir": "feature cache directory written by `dopsd-cache` (`null` = encode on first use, kept in memory)",
+    "cache.shard_size": "cache entries per safetensors shard",
+    "train.output_dir": "where everything of the run is written",
+    "train.max_steps": "optimizer steps",
+    "train.grad_accum": "micro-batches per optimizer step",
+    "train.seed": "seed of the run: every random draw derives from (seed, step, the sample's place in the batch)",
+    "train.log_every": "log every N steps",
+    "train.checkpoint_every": "write a checkpoint every N steps (0 = only at the end)",
+    "train.keep_checkpoints": "checkpoints kept (the oldest deleted)",
+    "train.tensorboard": "write TensorBoard logs",
+    "train.wandb": "log to Weights & Biases",
+    "train.progress": "show a progress bar",
+    "train.max_update_ratio": "divergence guard: an update this many times the weights' norm stops the run before "
+                              "anything of the step is written",
+    "train.warn_factor": "divergence guard: warn when a gradient norm or update ratio is this multiple of its "
+                         "running median",
+    "train.dist_timeout_s": "torchrun: a collective waiting longer fails with a message naming the rank",
+    "train.check_sync_every": "torchrun: every N steps the ranks check their student and EMA teacher are "
+                              "identical (0: never)",
+    "validation.every": "sample grids every N steps (0: none)",
+    "validation.at_start": "sample grids at step 0 too",
+    "validation.num_samples": "the first N data rows sampled: their prompt (first key) and target image",
+    "validation.steps": "inference steps (`null` = the model's few-step default: 8; toy: 4)",
+    "validation.seed": "seed of the validation noise",
+    "validation.prompts": "extra prompts without a target (held-out prompts): one row each, the student's sample",
+    "sft.weighting": "`method: sft` sigma sampling, as diffusers' DreamBooth scripts: `none` (uniform), "
+                     "`logit_normal` or `mode`",
+    "sft.logit_mean": "`logit_normal`: mean",
+    "sft.logit_std": "`logit_normal`: standard deviation",
+    "sft.mode_scale": "`mode`: scale",
+    "fast.enabled": "the fast path (packed student/teacher pass, fused kernels); `false` = the eager diffusers "
+                    "reference (the shipped real-model recipes set `true`)",
+    "fast.kernels": "`auto` (our Triton kernels on CUDA), `on`, `off` (the same structure with eager PyTorch ops)",
+    "fast.attention": "`auto` (the order measured for this GPU: cuDNN on H200 and H100, elsewhere PyTorch SDPA's own "
+                      "choice, the reason logged), `cudnn` (SDPA, cuDNN first), `triton` (ours: both branches in "
+                      "one launch), `sdpa`, `flash_attn`",
+    "fast.gemm": "the paired LoRA linear's base GEMM: `auto` (= `cublas`), `cublas`, or `triton` (ours, the LoRA "
+                 "delta in its epilogue)",
+    "fast.memory_budget_gb": "the budget of the automatic choices (`dopsd.backward`, "
+                             "`model.gradient_checkpointing`); `null` = 85% of the free GPU memory",
+    "fast.graphs": "CUDA graphs for the no-grad single-branch forwards (validation, sampling); the training "
+                   "roll-out stays the packed pair",
+    "fast.fp8": "FP8 on the blocks' linears (LoRA runs): `native` (ours: `torch._scaled_mm`, base weights "
+                "quantized once), `te` (TransformerEngine), `torchao`",
+    "fast.fp8_recipe": "`native`: `rowwise` | `tensorwise`; `te`: `delayed` | `current`; `torchao`: `tensorwise` | "
+                       "`rowwise` (`null` = the first)",
+    "fast.fp8_teacher": "run the no-grad teacher forward in FP8 too (only `te` can turn it off)",
+    "fast.nvtx": "nvtx ranges around roll-out states, student + teacher, backward, optimizer",
+    "fast.compile": "torch.compile: `ops` (the fast path's element-wise ops instead of our kernels) or `regional` "
+                    "(the eager path: diffusers' regional compilation of the blocks); `true` = the one that fits "
+                    "the path",
+    "fast.compile_backend": "torch.compile backend",
+    "dist.fsdp": "FSDP2 with several ranks: `auto` = full fine-tuning sharded (student, EMA teacher, gradients, "
+                 "AdamW state), LoRA replicated",
+    "dist.shard_base": "LoRA: shard the frozen base (and the adapters) with FSDP2 too (eager path)",
+    "dist.reshard_after_forward": "free each block's gathered weights after its forward",
+}
+
+# Fields whose accepted values depend on another field (the family, the FP8 backend): their choices are
+# in the help text, not probed.
+_DEPENDENT_CHOICES = {"model.preset", "dopsd.rollout", "fast.fp8_recipe", "lora.targets"}
+
+
+# What each family adds to a field's help, read from the family registry.
+_FAMILY_HELP = {
+    "model.family": lambda: ": " + ", ".join(f"`{s.name}` ({s.title})" for s in FAMILIES.values()),
+    "model.preset": lambda: ". Presets: " + "; ".join(
+        ", ".join(f"`{p}`" for p in s.presets) + f" ({s.title})" for s in FAMILIES.values()),
+    "dopsd.rollout": lambda: ". " + "; ".join(f"{s.title}: {s.schedule_help}" for s in FAMILIES.values()),
+}
+
+
+def config_fields(cls=None, prefix: str = "", default=None) -> list[tuple[str, Any, Any]]:
+    """Every leaf field of the config as ``(dotted name, annotated type, default)``, in declaration order; the
+    defaults are those of ``Config()`` (the dataclasses' own, not a preset's)."""
+    cls = Config if cls is None else cls
+    default = Config() if default is None else default
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += config_fields(hints[f.name], name, value)
+        else:
+            out.append((name, hints[f.name], value))
+    return out
+
+
+def _type_text(tp: Any) -> str:
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        text = " or ".join(_type_text(a) for a in args)
+        return text + (" or null" if type(None) in get_args(tp) else "")
+    if get_origin(tp) is list:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _choices(name: str) -> Optional[list]:
+    """The values the validation accepts for a string field, read from its own error message."""
+    if name in _DEPENDENT_CHOICES:
+        return None
+    section, _, key = name.rpartition(".")
+    probe = {key: "<not-a-choice>"} if not section else {section: {key: "<not-a-choice>"}}
+    try:
+        config_from_dict(probe)
+    except ConfigError as e:
+        msg = str(e)
+        if msg.startswith(f"config field '{name}': must be one of "):
+            return yaml.safe_load(msg.split("must be one of ", 1)[1].split(", got", 1)[0])
+    return None
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return f"`{value}`"
+    return "`" + yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip() + "`"
+
+
+def config_markdown() -> str:
+    """docs/config.md: every config field with its default, type or choices, and help."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m dopsd_fast.config --markdown > docs/config.md`, from the config dataclasses",
+        "     and FIELD_HELP in dopsd_fast/config.py: edit those, then regenerate. -->",
+        "",
+        "`dopsd-train --config FILE.yaml --set section.field=value ...`. `--config` takes a YAML file or the name",
+        "of a shipped recipe (`configs/*.yaml`, installed with the package); without it the default run, the",
+        "recipe `toy-concept`, runs. A field a YAML file leaves out takes the default below:",
+        "the dataclasses' own, not a recipe's. Unknown fields and bad values stop with an error naming the field;",
+        "the resolved configuration of every run is written to `<output_dir>/config.yaml`.",
+        "",
+    ]
+    if REMOVED_FIELDS or RENAMED_FIELDS:
+        lines += ["Read for configs written by earlier versions: " + "; ".join(
+            [f"`{k}` ignored with a warning" for k in REMOVED_FIELDS]
+            + [f"`{k}` read as `{v}`" for k, v in RENAMED_FIELDS.items()]) + ".", ""]
+    section = None
+    for name, tp, value in config_fields():
+        head = name.split(".")[0] if "." in name else ""
+        if head != section:
+            section = head
+            lines += ["", f"## {section or 'top level'}", "",
+                      "| field | default | type / choices | meaning |", "|---|---|---|---|"]
+        choices = _choices(name) if "str" in _type_text(tp) else None
+        kind = _type_text(tp)
+        if choices:  # the string's choices, then the other types the field takes
+            others = [t for t in kind.split(" or ") if t != "str"]
+            kind = " \\| ".join(f"`{c}`" for c in choices) + "".join(f" or {t}" for t in others)
+        help_text = (FIELD_HELP.get(name, "") + _FAMILY_HELP.get(name, lambda: "")()).replace("|", "\\|")
+        lines.append(f"| `{name}` | {_value_text(value)} | {kind} | {help_text} |")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        raise SystemExit("usage: python -m dopsd_fast.config --markdown  (prints docs/config.md)")
+    sys.stdout.write(config_markdown())

@@ -145,8 +145,8 @@ def test_h200_peaks():
     assert abs(sum(r["remainder_without_unseen_gb"] for r in cal) / 2 - memory.UNSEEN_BYTES / 1e9) < 0.01, report
 
 
-def test_readme_memory_table_is_the_scripts_output():
-    """The README's per-GPU memory table is what benchmarks/memory_table.py prints (model figures), and
+def test_docs_memory_table_is_the_scripts_output():
+    """docs/performance.md's per-GPU memory table is what benchmarks/memory_table.py prints (model figures), and
     it says what it is: full fine-tuning of 6 B does not fit one 80 GB GPU and fits under FSDP2 on 2+."""
     import importlib.util
 
@@ -154,7 +154,7 @@ def test_readme_memory_table_is_the_scripts_output():
     mt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mt)
     table = mt.table()
-    assert table in (ROOT / "README.md").read_text()
+    assert table in (ROOT / "docs" / "performance.md").read_text()
     fits = {(name, g): total for name, g, fixed, act, _, _ in mt.rows() for total in [fixed + act]}
     assert fits[("full fine-tuning", 1)] > 80e9 and fits[("full fine-tuning (FSDP2)", 2)] < 80e9
     assert fits[("full fine-tuning (FSDP2)", 8)] < fits[("full fine-tuning (FSDP2)", 2)]
