@@ -15,7 +15,9 @@ state; the weights excluded). Every op (and every pass inside a fused op: a laun
   commit: GEMMs per shape and implementation (cuBLAS, ours), attention per backend (ours, SDPA flash,
   SDPA cuDNN), memory passes at the measured device-copy bandwidth, launches at the measured saving of
   CUDA graphs per launch. What no run measured is priced at a measured rate of the same kind of work
-  (never at a target). ``--compare`` sets the model beside the steps that file measured.
+  (never at a target). ``--compare`` sets the model beside the steps that file measured. FP8 GEMMs,
+  never measured: at the bf16 rate, and an ESTIMATE range at that rate x 1.4 / 1.7 / 2.0
+  (``FP8_GEMM_SPEEDUPS``), which the GPU check's fp8 stage confirms or refutes.
 
 These are MODEL figures: a GPU confirms.
 
