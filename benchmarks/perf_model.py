@@ -15,7 +15,9 @@ state; the weights excluded). Every op (and every pass inside a fused op: a laun
   commit: GEMMs per shape and implementation (cuBLAS, ours), attention per backend (ours, SDPA flash,
   SDPA cuDNN), memory passes at the measured device-copy bandwidth, launches at the measured saving of
   CUDA graphs per launch. What no run measured is priced at a measured rate of the same kind of work
-  (never at a target). ``--compare`` sets the model beside the steps that file measured.
+  (never at a target). ``--compare`` sets the model beside the steps that file measured. FP8 GEMMs,
+  never measured: at the bf16 rate, and an ESTIMATE range at that rate x 1.4 / 1.7 / 2.0
+  (``FP8_GEMM_SPEEDUPS``), which the GPU check's fp8 stage confirms or refutes.
 
 These are MODEL figures: a GPU confirms.
 
@@ -66,6 +68,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # step_time, beside this file
 if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
     sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+# FP8 GEMMs (fast.fp8=native) have no GPU measurement yet. Calibrated runs price them at the measured
+# bf16 rate of the same shape and implementation (no gain: the stated prediction), and beside it give
+# an ESTIMATE as a range, the measured bf16 rate times these ratios: 1.4 and 1.7, the GEMM-level FP8
+# gains published for large GEMMs on an H200 (TransformerEngine; performance.md), and 2.0, the
+# spec-sheet ratio (1979 / 989 TFLOP/s dense), a ceiling no stack reaches. The GPU check's fp8 stage
+# (benchmarks/gpu_check.py) measures the real step.
+FP8_GEMM_SPEEDUPS = {"published GEMM-level low": 1.4, "published GEMM-level high": 1.7, "spec-sheet ceiling": 2.0}
 
 RATES = {"gemm": 700e12, "gemm_fp8": 1400e12, "attn_fwd": 350e12, "attn_bwd": 280e12, "bandwidth": 2.7e12,
          "launch": 5e-6}
@@ -138,10 +148,13 @@ class Pricing:
     file) is given: then GEMMs per (inner, out) shape and implementation ("cublas", "triton"; a shape
     no run measured at the slowest measured rate of its implementation), attention at the measured
     rates of ``attention`` ("triton": ours, "flash", "cudnn"), memory at the measured copy bandwidth,
-    launches at the measured cost per launch; FP8 GEMMs (never measured) at the bf16 rate, flagged."""
+    launches at the measured cost per launch; FP8 GEMMs (never measured) at the bf16 rate, flagged, or
+    with ``fp8_speedup`` at that rate times the factor (an ESTIMATE: :data:`FP8_GEMM_SPEEDUPS`)."""
 
-    def __init__(self, rates=RATES, calibration: dict | None = None, attention: str = "triton"):
+    def __init__(self, rates=RATES, calibration: dict | None = None, attention: str = "triton",
+                 fp8_speedup: float | None = None):
         self.rates, self.cal, self.attention = dict(rates), calibration, attention
+        self.fp8_speedup = fp8_speedup
         self.bandwidth = calibration["bandwidth"] if calibration else rates["bandwidth"]
         self.launch = calibration["launch_s"] if calibration else rates["launch"]
         self.in_situ = calibration.get("in_situ", 1.0) if calibration else 1.0
@@ -165,6 +178,10 @@ class Pricing:
         if kind == "gemm_fp8":
             if self.cal is None:
                 return self.rates["gemm_fp8"]
+            if self.fp8_speedup is not None:
+                self.unmeasured.add(f"FP8 GEMMs: ESTIMATE, the measured bf16 GEMM rate x {self.fp8_speedup:g} "
+                                    "(no FP8 measurement)")
+                return self.gemm_rate(shape, impl) * self.fp8_speedup
             self.unmeasured.add("FP8 GEMMs: no FP8 measurement, priced at the bf16 GEMM rate")
             return self.gemm_rate(shape, impl)
         if self.cal is None:
@@ -216,6 +233,7 @@ class StepCounter(TorchDispatchMode):
         self.live_by = defaultdict(int)
         self.peak_by: dict = {}
         self._op = ""
+        self.fp8_gemms: list = []  # (flops, bytes, launches, shape, impl) of every FP8 GEMM: repriced by fp8_range
 
     @contextlib.contextmanager
     def in_region(self, name):
@@ -252,6 +270,8 @@ class StepCounter(TorchDispatchMode):
         if self.region == GRAPH_REGION:  # inside a CUDA graph: no launch of its own (one replay, counted apart)
             launches = 0
         t = self.pricing.seconds(kind, flops, byts, launches, shape, impl)
+        if kind == "gemm_fp8":
+            self.fp8_gemms.append((flops, byts, launches, shape, impl))
         rows = [self.table[(self.region, kind)], self.ops[op_name]]
         if kind == "memory":
             rows.append(self.traffic[(self.region, pass_name)])
@@ -536,6 +556,29 @@ def _pricing(path, attention, rates, calibration) -> Pricing:
     return Pricing(rates, calibration, backend)
 
 
+def fp8_range(counter: StepCounter, predicted_s: float) -> dict | None:
+    """The step with its FP8 GEMMs repriced at the measured bf16 rate times each ratio of
+    :data:`FP8_GEMM_SPEEDUPS` (everything else as priced): ESTIMATES, {label: {speedup, step_s}}.
+    None without FP8 GEMMs or without a calibration (the stated rates have their own FP8 rate)."""
+    pr = counter.pricing
+    if not counter.fp8_gemms or pr.cal is None:
+        return None
+    saved, base_unmeasured = pr.fp8_speedup, set(pr.unmeasured)
+
+    def fp8_seconds(speedup):
+        pr.fp8_speedup = speedup
+        return sum(pr.seconds("gemm_fp8", *g) for g in counter.fp8_gemms)
+
+    try:
+        now = fp8_seconds(saved)
+        out = {label: {"speedup": s, "step_s": predicted_s - now + fp8_seconds(s), "estimate": True}
+               for label, s in FP8_GEMM_SPEEDUPS.items()}
+        out["no gain (bf16 rate)"] = {"speedup": 1.0, "step_s": predicted_s - now + fp8_seconds(None), "estimate": True}
+    finally:
+        pr.fp8_speedup, pr.unmeasured = saved, base_unmeasured
+    return out
+
+
 def model_step(preset: str, path: str, backward: str, rank: int | None = None, cap_s=None, cap_t=None,
                rates=RATES, gemm: str = "auto", fp8: str = "off", checkpoint: str = "none",
                teacher_graph: bool = False, attention: str = "triton", eager_checkpointing: bool = False,
@@ -623,7 +666,7 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
             "trainable_params": sum(p.numel() for p in bench.params),
             "peak_live_by_source": sorted(({"region": r, "op": o, "gb": b / 1e9} for (r, o), b in counter.peak_by.items()),
                                           key=lambda x: -x["gb"]),
-            "rates": rates, "pricing": pricing.describe()}
+            "rates": rates, "pricing": pricing.describe(), "fp8_estimate": fp8_range(counter, summary["predicted_s"])}
 
 
 def model_sampling(preset: str, attention: str = "sdpa", rank: int | None = None, rates=RATES,
@@ -883,7 +926,8 @@ def main(argv=None) -> int:
                    help="the fast path's attention (triton: ours; sdpa: PyTorch's choice, priced as flash; cudnn)")
     p.add_argument("--fp8", default="off", choices=["off", "native"],
                    help="the fast path's FP8 (native: the block linears' base GEMMs priced at the FP8 rate, 1400 "
-                        "TFLOP/s, with the activations' quantization)")
+                        "TFLOP/s, with the activations' quantization; calibrated: at the measured bf16 rate, and an "
+                        "ESTIMATE range at that rate x 1.4 / 1.7 / 2.0)")
     p.add_argument("--checkpoint", default="none", help="fast path: none | all | N main layers checkpointed")
     p.add_argument("--eager-checkpointing", action="store_true",
                    help="eager path: diffusers' gradient checkpointing (the reference as the authors run it)")
@@ -962,6 +1006,11 @@ def main(argv=None) -> int:
             print(_fmt_row(r) + f"  [{r['model_seconds']:.0f} s to model]", flush=True)
             for note in r["unmeasured"]:
                 print(f"    note: {note}")
+            if r["fp8_estimate"]:
+                print("    FP8 step ESTIMATE (FP8 GEMMs at the measured bf16 rate x a ratio; not measured: the GPU "
+                      "check's fp8 stage confirms): " + "; ".join(
+                          f"{v['step_s']:.3f} s at x{v['speedup']:g} ({k})" for k, v in
+                          sorted(r["fp8_estimate"].items(), key=lambda kv: kv[1]["speedup"])))
             if args.memory:
                 print(f"    peak {r['peak_live_gb']:.2f} GB in '{r['peak_region']}', made by:")
                 for m in r["peak_live_by_source"][:12]:

@@ -486,7 +486,11 @@ def main(argv=None):
                 "grad_rel_err_fast": par["gradients"]["global_rel_err_fast"],
                 "grad_rel_err_eager": par["gradients"]["global_rel_err_eager"],
                 "min_grad_cos": par["gradients"]["min_cos_fast"],
-                "weights_rel_err": par["weights_after_steps"]["rel_err"]})
+                "weights_rel_err": par["weights_after_steps"]["rel_err"],
+                # FP8: the velocity SQNR vs the bf16 eager path, the lowest over the states, per branch
+                **({f"min_velocity_sqnr_db_{br}": min(v["sqnr_db_vs_bf16_eager"] for v in par["velocities"]
+                                                      if v["branch"] == br) for br in ("student", "teacher")}
+                   if args.fp8 != "off" else {})})
     timed = {}
     for path in args.paths.split(","):
         name, rollout, ctx = {

@@ -155,3 +155,45 @@ def test_fp8_module_dispatch():
     assert_close(v_t, ad.velocity(st.teacher(), x, sigma, ctx_t), 1e-5, 1e-4, "teacher via FP8-module dispatch",
                  scaled=True)
     assert_grads_match(v_s, ref_s, st.named_trainable(), 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_native_fp8_parity_rules(recipe, monkeypatch):
+    """fast.fp8=native on FLUX.2-klein, each recipe, bf16: both velocities within SQNR >= 20 dB of the
+    bf16 path; exactly the double and single blocks' linears that fp8_module_filter picks are quantized
+    (embedders, modulation and the output layers stay bf16); the teacher's rows (with its reference
+    image) stay out of autograd."""
+    from dopsd_fast.families import KLEIN
+    from dopsd_fast.fp8 import NativeFP8, fp8_module_filter, sqnr_db
+    from dopsd_fast.models.ops import FusedOps
+
+    # the fused element-wise ops through their PyTorch references (not Triton's interpreter: minutes on
+    # the CPU); the paired linears and their FP8 GEMM (torch._scaled_mm) run as on the GPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    ad, st, ctx_s, ctx_t = _setup(True)
+    bf = torch.bfloat16
+    tr = st.transformer.to(bf)
+    for c in ctx_s + ctx_t:
+        c.features = c.features.to(bf)
+        c.extra = {k: v.to(bf) for k, v in c.extra.items()}
+    x, sigma = torch.randn(1, 16, 6, 4).to(bf), torch.tensor([0.6])
+    ref = _fast(st, FusedOps(attention="sdpa", gemm="cublas")).velocity_pair(x, sigma, ctx_s[:1], ctx_t[:1])
+    fast = _fast(st, FusedOps(attention="sdpa", gemm="cublas"))
+    fast.fp8_native = NativeFP8(recipe)
+    v_s, v_t = fast.velocity_pair(x, sigma, ctx_s[:1], ctx_t[:1])
+    for name, a, b in zip(("student", "teacher"), (v_s, v_t), ref):
+        db = sqnr_db(b.float(), a.float())
+        assert db >= 20.0 and not torch.equal(a, b), f"klein {recipe} {name} velocity SQNR {db:.1f} dB"
+
+    held = {id(hit[0]) for hit in fast.fp8_native._w.values()}
+    quantized = {n for n, p in tr.named_parameters() if id(p) in held}
+    picked = {n + ".weight" for n, m in tr.named_modules() if fp8_module_filter(n, m, KLEIN)}
+    assert quantized == picked, sorted(quantized ^ picked)[:6]
+    assert not any(k in n for n in quantized for k in ("modulation", "embed", "norm_out", "proj_out", "lora_"))
+
+    assert not v_t.requires_grad and v_t.grad_fn is None
+    params = list(st.named_trainable().values())
+    g = torch.autograd.grad(v_s.float().square().mean(), params, allow_unused=True)
+    assert any(x is not None and bool(x.any()) for x in g)
+    assert all(p.grad is None for p in st.named_teacher().values())

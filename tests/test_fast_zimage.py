@@ -558,3 +558,55 @@ def test_native_fp8_gemm_and_velocity_sqnr(recipe):
             print(f"fp8 native {recipe} {type(fast.ops).__name__} {name}: SQNR {db:.1f} dB")
             assert db >= 20.0, f"{name} velocity SQNR {db:.1f} dB < 20 dB"
             assert not torch.equal(a, b)  # FP8 really ran
+
+
+def _quantized_weight_names(tr, fp8):
+    """The parameter names of the weights ``fp8`` (a NativeFP8) quantized."""
+    held = {id(hit[0]) for hit in fp8._w.values()}
+    return {n for n, p in tr.named_parameters() if id(p) in held}
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_native_fp8_parity_rules(recipe, monkeypatch):
+    """fast.fp8=native, each recipe, on the tiny Z-Image in bf16 (the fused cuBLAS-path ops the GPU runs):
+    both velocities within SQNR >= 20 dB of the bf16 path; the weights quantized are exactly the block
+    linears fp8_module_filter picks (embedders, adaLN modulation and the final layer stay bf16); the
+    teacher's rows stay out of autograd (no graph on its velocity, and the student's gradients do not
+    change when the teacher's context does)."""
+    from dopsd_fast.families import ZIMAGE
+    from dopsd_fast.fp8 import NativeFP8, fp8_module_filter, sqnr_db
+    from dopsd_fast.models.ops import FusedOps
+
+    # the fused element-wise ops through their PyTorch references (not Triton's interpreter: minutes on
+    # the CPU); the paired linears and their FP8 GEMM (torch._scaled_mm) run as on the GPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    bf = torch.bfloat16
+    st = _model(True)
+    tr = st.transformer.to(bf)
+    x, t, caps_s, caps_t = _inputs(1, 8, 8, [7], [45])
+    x, caps_s, caps_t = x.to(bf), [c.to(bf) for c in caps_s], [c.to(bf) for c in caps_t]
+    ops = lambda: FusedOps(attention="sdpa", gemm="cublas")  # noqa: E731
+    ref = _fast(st, ops=ops()).forward_pair(x, t, caps_s, caps_t)
+    fast = _fast(st, ops=ops())
+    fast.fp8_native = NativeFP8(recipe)
+    v_s, v_t = fast.forward_pair(x, t, caps_s, caps_t)
+    for name, a, b in zip(("student", "teacher"), (v_s, v_t), ref):
+        db = sqnr_db(b.float(), a.float())
+        assert db >= 20.0 and not torch.equal(a, b), f"{recipe} {name} velocity SQNR {db:.1f} dB (needs >= 20, FP8 run)"
+
+    picked = {n[: -len(".base_layer")] + ".base_layer.weight" for n, m in tr.named_modules()
+              if fp8_module_filter(n, m, ZIMAGE)}
+    quantized = _quantized_weight_names(tr, fast.fp8_native)
+    assert quantized == picked, (sorted(quantized ^ picked)[:6])
+    assert not any(k in n for n in quantized for k in ("adaLN", "embedder", "final_layer", "lora_"))
+
+    assert not v_t.requires_grad and v_t.grad_fn is None
+    params = list(st.named_trainable().values())
+    g1 = torch.autograd.grad(v_s.float().square().mean(), params, allow_unused=True)
+    v_s2, _ = fast.forward_pair(x, t, caps_s, [torch.randn_like(c) for c in caps_t])
+    g2 = torch.autograd.grad(v_s2.float().square().mean(), params, allow_unused=True)
+    assert any(g is not None for g in g1)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.equal(a, b), "the teacher's context reached a student gradient"
+    assert all(p.grad is None for p in st.named_teacher().values())

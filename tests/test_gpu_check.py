@@ -142,6 +142,8 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     assert len(steps) == 6 and all(x["forward: student + teacher (packed) [s]"] > 0 for x in steps)
     parity = [x for x in rows if x.get("stage") == "step_time" and x["kind"] == "parity"]
     assert len(parity) == 2 and all(p["verdict"] == "PASS" for p in parity)  # bf16 step and FP8 (SQNR)
+    assert "min_velocity_sqnr_db_student" not in parity[0]  # the bf16 step: no SQNR
+    assert all(parity[1][f"min_velocity_sqnr_db_{br}"] >= 20.0 for br in ("student", "teacher")), parity[1]
     timed = [x["path"] for x in rows if x.get("stage") == "step_time" and x["kind"] == "time"]
     assert timed == ["eager reference (checkpointed)", "eager reference (no checkpointing)", "fast",
                      "fast (bf16)", "fast (FP8 native)"], timed

@@ -101,3 +101,35 @@ def test_calibrated_model_against_the_h200_steps(tmp_path):
     assert abs(rows["fast"]["error"]) <= 0.05 and abs(rows["eager_checkpointed"]["error"]) <= 0.05, rows
     assert abs(rows["fast_triton_attention"]["error"]) <= 0.10, rows["fast_triton_attention"]
     assert "MODEL FIGURES" in r.stdout and "61281be" in r.stdout
+
+
+def test_fp8_estimate_range_reprices_only_the_fp8_gemms():
+    """Calibrated pricing has no FP8 measurement: FP8 GEMMs at the measured bf16 rate (flagged), and the
+    ESTIMATE range reprices only them, at that rate x each stated ratio (1.4 / 1.7 published GEMM-level,
+    2.0 the spec sheet); bf16 GEMMs and memory passes keep their price. No model run: a hand-made
+    calibration and three ops."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import perf_model as pm
+    finally:
+        sys.path.pop(0)
+    cal = {"gemm": {"cublas": {"3840x3840": 600e12}}, "bandwidth": 4e12, "launch_s": 1e-6, "in_situ": 1.0,
+           "attention": {"flash": {"attn_fwd": 300e12, "attn_bwd": 250e12}}}
+    counter = pm.StepCounter(pricing=pm.Pricing(pm.RATES, cal, "flash"))
+    counter._add("mm", "mm", "gemm", 6e12, 1e6, 1, (4096, 3840, 3840), "cublas")  # 10 ms
+    counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (4096, 3840, 3840), "cublas")  # 20 ms at the bf16 rate
+    counter._add("copy", "copy", "memory", 0.0, 4e9, 1)  # 1 ms
+    total = pm._summary(counter)["predicted_s"]
+    assert abs(total - (0.031 + 3e-6)) < 1e-9
+    assert any("no FP8 measurement, priced at the bf16 GEMM rate" in n for n in counter.pricing.unmeasured)
+    est = pm.fp8_range(counter, total)
+    assert all(v["estimate"] for v in est.values())
+    assert {v["speedup"] for v in est.values()} == {1.0, 1.4, 1.7, 2.0}
+    for v in est.values():
+        assert abs(v["step_s"] - (total - 0.020 + 0.020 / v["speedup"])) < 1e-9, v
+    assert counter.pricing.fp8_speedup is None  # the counter's own pricing is left as it was
+    assert not any("ESTIMATE" in n for n in counter.pricing.unmeasured)
+    pricing = pm.Pricing(pm.RATES, cal, "flash", fp8_speedup=1.7)
+    assert pricing.rate("gemm_fp8", (1, 3840, 3840), "cublas") == 1.7 * 600e12
+    assert any("ESTIMATE" in n for n in pricing.unmeasured)
+    assert pm.fp8_range(pm.StepCounter(pricing=pm.Pricing(pm.RATES, cal, "flash")), 1.0) is None  # no FP8 GEMM
