@@ -174,46 +174,57 @@ def test_capture_guard_names_host_work_the_cpu_cannot_see():
     assert y.device.type == "meta"
 
 
-@pytest.mark.parametrize("kernels,attention", [("off", "sdpa"), ("on", "triton")])
-@pytest.mark.parametrize("family", ["zimage", "klein"])
-def test_no_grad_forwards_make_nothing_on_the_host(family, kernels, attention):
+def _klein_forward(ops, meta):
+    from dopsd_fast.adapters.base import Context
+    from tests.test_fast_flux2 import _fast, _setup
+
+    _, st, _, _ = _setup(True)
+    st.transformer.to(meta)
+    fast = _fast(st, ops=ops)
+    refs = [torch.randn(16, 6, 4, device=meta) for _ in range(2)]
+
+    def fwd(which):
+        cs = [Context(torch.randn(24, 96, device=meta), {"ref0": r} if which == "t" else {}) for r in refs]
+        return fast.velocity_pair(torch.randn(2, 16, 6, 4, device=meta), torch.rand(2, device=meta),
+                                  *((cs, None) if which == "s" else (None, cs)))
+    return fwd
+
+
+def _zimage_forward(ops, meta):
+    from tests.test_fast_zimage import _fast, _model
+
+    st = _model(True)
+    st.transformer.to(meta)
+    fast = _fast(st, ops=ops)
+
+    def fwd(which):
+        caps = [torch.randn(n, 32, device=meta) for n in ((5, 33) if which == "s" else (40, 3))]
+        return fast.forward_pair(torch.randn(2, 16, 10, 6, device=meta), torch.rand(2, device=meta),
+                                 caps if which == "s" else None, caps if which == "t" else None,
+                                 student=which == "s")
+    return fwd
+
+
+_JAGGED = pytest.mark.skip(reason="PyTorch's jagged SDPA has no meta path (autocast dispatch on an unknown device)")
+
+
+@pytest.mark.parametrize("build,kernels,attention", [
+    pytest.param(_zimage_forward, "off", "sdpa", marks=_JAGGED, id="zimage-off-sdpa"),
+    pytest.param(_zimage_forward, "on", "triton", id="zimage-on-triton"),
+    pytest.param(_klein_forward, "off", "sdpa", id="klein-off-sdpa"),
+    pytest.param(_klein_forward, "on", "triton", id="klein-on-triton"),
+])
+def test_no_grad_forwards_make_nothing_on_the_host(build, kernels, attention):
     """Both families' single-branch no-grad forwards (what fast.graphs captures) with their weights
     and inputs on ``meta``: after the warm-up (per-shape tables built and cached), nothing of theirs is
     made on the host, read back, or copied between devices. (Z-Image with ``sdpa`` runs its ragged
     captions through PyTorch's jagged SDPA, which has no meta path: not checked here; the GPU test
     captures it.)"""
-    from dopsd_fast.adapters.base import Context
     from dopsd_fast.graphs import capture_guard
     from dopsd_fast.models.ops import build_ops
 
-    if family == "zimage" and attention == "sdpa":
-        pytest.skip("PyTorch's jagged SDPA has no meta path (autocast dispatch on an unknown device)")
     meta = torch.device("meta")
-    ops = build_ops(kernels, attention, torch.device("cpu"))
-    if family == "klein":
-        from tests.test_fast_flux2 import _fast, _setup
-
-        _, st, _, _ = _setup(True)
-        st.transformer.to(meta)
-        fast = _fast(st, ops=ops)
-        refs = [torch.randn(16, 6, 4, device=meta) for _ in range(2)]
-
-        def fwd(which):
-            cs = [Context(torch.randn(24, 96, device=meta), {"ref0": r} if which == "t" else {}) for r in refs]
-            return fast.velocity_pair(torch.randn(2, 16, 6, 4, device=meta), torch.rand(2, device=meta),
-                                      *((cs, None) if which == "s" else (None, cs)))
-    else:
-        from tests.test_fast_zimage import _fast, _model
-
-        st = _model(True)
-        st.transformer.to(meta)
-        fast = _fast(st, ops=ops)
-
-        def fwd(which):
-            caps = [torch.randn(n, 32, device=meta) for n in ((5, 33) if which == "s" else (40, 3))]
-            return fast.forward_pair(torch.randn(2, 16, 10, 6, device=meta), torch.rand(2, device=meta),
-                                     caps if which == "s" else None, caps if which == "t" else None,
-                                     student=which == "s")
+    fwd = build(build_ops(kernels, attention, torch.device("cpu")), meta)
     for which in "st":
         with torch.no_grad():
             fwd(which)  # the warm-up
