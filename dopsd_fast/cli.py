@@ -62,9 +62,12 @@ def train_main(argv=None) -> int:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even where the config changes what the run computes (model, LoRA, data, schedule)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate config, data and cache; print the predicted peak memory and step time; do not train")
-    p.add_argument("--gpu", default="h100", help="GPU class for --dry-run: h100 (80 GB), h200 (141 GB), a100-80, "
-                   "a100-40, l40s, 4090, b200")
+                   help="print the predicted peak memory and step time and whether the run fits; needs only the "
+                        "config (data, model folder and feature cache are checked where present); do not train")
+    p.add_argument("--gpu", default="h100", metavar="NAME",
+                   help="GPU class for --dry-run, any case: H100 (80 GB), H200 (141 GB, measured), B200 (180 GB), "
+                        "A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); time on all but the H200 is a "
+                        "spec-sheet estimate")
     args = p.parse_args(argv)
     _setup_logging()
     cfg = _load(args)
