@@ -211,6 +211,9 @@ def estimate(cfg, w: Workload, gpu: str) -> Estimate:
 def dry_run(cfg, gpu: str = "h100") -> int:
     gpu = memory.gpu_class(gpu)
     print("config: valid")
+    if cfg.method != "dopsd":
+        print(f"method {cfg.method}: the figures below are a D-OPSD step's (K states, the teacher on each), an "
+              "upper bound for its step (the memory model has no term of its own for it)")
     w = workload(cfg)
     e = estimate(cfg, w, gpu)
     plan, shape = e.plan, w.shape
@@ -266,7 +269,8 @@ def table(recipes=None, gpus=TABLE_GPUS) -> str:
             p = e.plan
             cells.append(f"{memory.fmt_gb(e.total)} {'fits' if e.fits else 'does not fit'}, {p.backward}, "
                          f"{p.checkpoint_layers}/{p.layers} ckpt, ~{e.seconds:.1f} s")
-        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        note = "" if cfg.method == "dopsd" else f" ({cfg.method}: a D-OPSD step's figures, an upper bound)"
+        lines.append(f"| `{name}`{note} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
