@@ -1,5 +1,7 @@
-"""dopsd-train --dry-run: on the tiny default, and on real-size configs whose model directory holds
-only the config files (the architecture is built on the meta device; no weight is read)."""
+"""dopsd-train --dry-run: on the tiny default, on real-size configs whose model directory holds only
+the config files (the architecture is built on the meta device; no weight is read), and on every
+shipped recipe as shipped, with no data, model folder or feature cache (the family spec's released
+config and the recipe's buckets stand in); --gpu by name; the README's table made by the same code."""
 
 import json
 import os
