@@ -174,6 +174,8 @@ class Bench:
         self.mem_shape = mshape = shape_of(self.cfg, spec, tok_s, tok_t, K, sum(p.numel() for p in self.params))
         self.predicted_peak_gb = {p: peak_bytes(mshape, p, args.backward)["total"] / 1e9 for p in ("eager", "fast")}
         self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
+        self.n_params = sum(p.numel() for p in tr.parameters())
+        self.rank, self.resolution = rank, res
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if self.device.type == "cuda"
                                                                      else {"foreach": True}))
         self.fast_cache = {}
@@ -413,12 +415,36 @@ def parity(bench, fast_rollout, fp8: bool):
     return rows
 
 
+def cpu_name() -> str:
+    """The processor's name: /proc/cpuinfo's model name (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model", "Hardware") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+                if name:
+                    return name
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
+
+
+def workload(bench) -> str:
+    """The step measured, in one line: model, size, resolution, K, LoRA rank, tokens per sample."""
+    b = bench.args.batch
+    ms = bench.mem_shape
+    train = f"LoRA rank {bench.rank}" if bench.rank > 0 else "full fine-tuning"
+    return (f"{bench.spec.title} {bench.args.preset} ({bench.n_params / 1e9:.3g} B parameters, width {ms.width}, "
+            f"{sum(ms.layers.values())} layers), {bench.resolution}x{bench.resolution}, K = {len(bench.sigmas) - 1}, "
+            f"{train}, tokens per sample: student {ms.tokens_student // b} / teacher {ms.tokens_teacher // b}, "
+            f"batch {b}, {bench.dtype}, backward {bench.args.backward}")
+
+
 def environment(device):
     import diffusers
     import triton
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-           "diffusers": diffusers.__version__, "device": "cpu (" + platform.processor() + ")",
+           "diffusers": diffusers.__version__, "device": "cpu (" + cpu_name() + ")",
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.type == "cuda":
         env.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
@@ -507,7 +533,7 @@ def main(argv=None):
             timed[path]["speedup_vs_eager"] = timed["eager"]["median_s"] / timed[path]["median_s"]
         emit(args, {"kind": "time", **timed[path]})
     eager, fast = timed.get("eager"), timed.get("fast")
-    result = {"env": environment(bench.device), "preset": args.preset, "args": vars(args),
+    result = {"env": environment(bench.device), "preset": args.preset, "args": vars(args), "workload": workload(bench),
               "model": {k: v for k, v in bench.cfg.items() if k in ("dim", "n_layers", "n_heads", "cap_feat_dim",
                                                                      "num_layers", "num_single_layers",
                                                                      "num_attention_heads", "joint_attention_dim")},
@@ -563,27 +589,44 @@ def main(argv=None):
 
 
 def print_table(r):
+    """The results, every figure labelled: GPU (measured on CUDA), CPU (measured on the CPU: a check of
+    the harness, not a performance result) or estimate (analytic FLOPs, the memory model). Memory is
+    printed only where it is measured (CUDA's max_memory_allocated; on the CPU the JSON's
+    peak_memory_gb is the process's maximum resident set, no step's memory)."""
     env = r["env"]
-    print(f"# D-OPSD step time, preset {r['preset']} on {env['device']} (torch {env['torch']}"
-          f"{', CUDA ' + str(env.get('cuda')) if env.get('cuda') else ''}), floor {r['floor_tflop_per_step']:.3g} "
-          "TFLOP/step")
-    cols = ["path", "median_s", "min_s", "max_s", "samples_per_s", "peak_memory_gb", "executed_tflop", "mfu_floor",
-            "mfu_executed"]
-    print(" | ".join(cols))
+    gpu = not env["device"].startswith("cpu")
+    where = "GPU" if gpu else "CPU"
+    print(f"# D-OPSD step time on {env['device']} (torch {env['torch']}"
+          f"{', CUDA ' + str(env.get('cuda')) if env.get('cuda') else ''})")
+    if r.get("workload"):
+        print(f"workload: {r['workload']}")
+    print(f"floor: {r['floor_tflop_per_step']:.3g} TFLOP per step (estimate: analytic FLOP count)")
+    cols = ["path", "median_s", "min_s", "max_s", "samples_per_s", "executed_tflop"]
+    if gpu:
+        cols[5:5] = ["peak_memory_gb"]
+        cols += ["mfu_floor", "mfu_executed"]
+    labels = {c: c if c == "path" else f"{c} [{'estimate' if c == 'executed_tflop' else where}]" for c in cols}
+    print(" | ".join(labels[c] for c in cols))
     for row in list(r["timed"].values()) + r.get("ablation", []):
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols))
     if r["speedup"] is not None:
-        print(f"speedup (eager / fast, median): {r['speedup']:.3f}x; peak memory fast / eager: {r['memory_ratio']:.3f}")
+        print(f"speedup (eager / fast, median) [{where}]: {r['speedup']:.3f}x"
+              + (f"; peak memory fast / eager [GPU]: {r['memory_ratio']:.3f}" if gpu else ""))
+    mm = r.get("memory_model") or {}
+    pred = next((v for k, v in mm.items() if k.startswith("predicted_peak")), None)
+    if pred:
+        print("memory model [estimate]: " + ", ".join(f"{p} {v:.3g} GB" for p, v in pred.items())
+              + f" beyond {mm.get('weights_gb', 0):.3g} GB of weights, no checkpointing"
+              + ("" if gpu else "; memory not measured on the CPU"))
     p = r["parity"]
     worst_v = max(p["velocities"], key=lambda v: v["rel_err_fast"])
-    print(f"parity: velocities worst rel err {worst_v['rel_err_fast']:.3g} (eager {worst_v['rel_err_eager']:.3g}); "
+    print(f"parity [{where}]: velocities worst rel err {worst_v['rel_err_fast']:.3g} (eager {worst_v['rel_err_eager']:.3g}); "
           f"loss rel err {p['loss']['rel_err_fast']:.3g}; grads global rel err {p['gradients']['global_rel_err_fast']:.3g}, "
           f"min cos {p['gradients']['min_cos_fast']:.6f}; LoRA after {p['weights_after_steps']['steps']} steps rel err "
           f"{p['weights_after_steps']['rel_err']:.3g}")
     print(f"verdict: {p['verdict']}  ({p['tolerances']['rule']}; atol {p['tolerances']['atol']})")
-    if r["env"]["device"].startswith("cpu"):
+    if not gpu:
         print("note: CPU times check the harness; they are not performance results.")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -122,9 +122,12 @@ def train_main(argv=None) -> int:
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even where the config changes what the run computes (model, LoRA, data, schedule)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate config, data and cache; print the predicted peak memory and step time; do not train")
-    p.add_argument("--gpu", default="h100", help="GPU class for --dry-run: h100 (80 GB), h200 (141 GB), a100-80, "
-                   "a100-40, l40s, 4090, b200")
+                   help="print the predicted peak memory and step time and whether the run fits; needs only the "
+                        "config (data, model folder and feature cache are checked where present); do not train")
+    p.add_argument("--gpu", default="h100", metavar="NAME",
+                   help="GPU class for --dry-run, any case: H100 (80 GB), H200 (141 GB, measured), B200 (180 GB), "
+                        "A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); time on all but the H200 is a "
+                        "spec-sheet estimate")
     args = p.parse_args(argv)
     _setup_logging()
     cfg = _load(args)
@@ -159,7 +162,8 @@ def train_main(argv=None) -> int:
 def cache_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-cache", description="Precompute student/teacher contexts into cache.dir.")
     _common(p)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="samples encoded per encoder call (default 8; lower it if the encoders run out of memory)")
     args = p.parse_args(argv)
     _setup_logging()
     cfg = _load(args)
@@ -185,11 +189,14 @@ def sample_main(argv=None) -> int:
     _common(p)
     p.add_argument("--lora", default=None, help="a LoRA directory written by dopsd-train (e.g. runs/x/lora)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels (default: the first of the config's data.buckets)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: the first of the config's data.buckets)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default 0)")
+    p.add_argument("--out", default="samples.png",
+                   help="output image file, .png, .jpg or .webp (default samples.png; one grid of every prompt)")
     args = p.parse_args(argv)
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         sys.exit(f"error: --out {args.out}: give an image file name ending in .png, .jpg or .webp")

@@ -1,17 +1,28 @@
-"""``dopsd-train --dry-run``: check a run before paying for it. Validates the config, the data and the
-feature cache, builds the real architecture on the meta device (no weights read), and prints the
-memory model's predicted peak and step time on a GPU class, and whether it fits. Model figures
-(:mod:`dopsd_fast.memory`), not measurements."""
+"""``dopsd-train --dry-run``: check a run before paying for it, with nothing but the config. Validates
+the config; reads the data, the model folder's config files and the feature cache where they are, and
+where they are not takes the recipe's buckets and the family spec's released config instead (one line
+says so, and the end lists what a real run still needs); builds the real architecture on the meta
+device (no weight is read); prints the memory model's predicted peak and step time on a GPU class,
+whether it fits and, if not, what would. Model figures (:mod:`dopsd_fast.memory`), not measurements:
+the time is scaled from the H200's measured step, on any other GPU a spec-sheet estimate.
+
+``python -m dopsd_fast.dryrun --table`` prints the table (docs/performance.md) of the shipped real-size recipes on
+every GPU class, made by the same code."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import torch
 
 from dopsd_fast import memory
-from dopsd_fast.cache import FeatureCache
+from dopsd_fast.cache import CacheError, FeatureCache
 from dopsd_fast.data import build_dataset
+from dopsd_fast.data.buckets import make_buckets
 from dopsd_fast.families import build_adapter, family, require_editing_support
 from dopsd_fast.plan import resolve_plan
 
@@ -30,76 +41,251 @@ def _folder_bytes(*paths) -> int:
     return sum(f.stat().st_size for p in paths if p and Path(p).is_dir() for f in Path(p).rglob("*.safetensors"))
 
 
-def dry_run(cfg, gpu: str = "h100") -> int:
-    if gpu not in memory.GPU_MEMORY_GB:
-        raise ValueError(f"--gpu {gpu!r}: known GPU classes {sorted(memory.GPU_MEMORY_GB)}")
-    print("config: valid")
-    dataset = build_dataset(cfg.data, progress=False)
-    spec = family(cfg.model.family)
+@dataclasses.dataclass
+class Workload:
+    """What the dry run knows of a run whatever the GPU: the step's shape, the weights and encoders
+    resident, the transformer's config and the floor FLOPs of a step."""
+    spec: object
+    transformer_config: dict
+    shape: memory.Shape
+    weights: float
+    encoders: float
+    floor_flops: float
+    needs: list  # what a real run still needs (data, model folder, feature cache)
+
+
+@contextlib.contextmanager
+def _model_config(cfg, say, needs):
+    """``cfg.model``, or where its folder is absent, the same with ``path`` at a temporary folder of the
+    family's released config files (no weights)."""
+    m = cfg.model
+    if m.preset is not None or (m.path and Path(m.path).is_dir()):
+        yield m, True
+        return
+    spec = family(m.family)
+    name = spec.flavour_for(m)
+    say(f"model: no folder at {m.path}; shapes from the family spec's {name} flavour (its released config)")
+    needs.append(f"model.path: a local diffusers-format folder (not found: {m.path})")
+    if m.vlm_path and not Path(m.vlm_path).is_dir():
+        needs.append(f"model.vlm_path: a local folder (not found: {m.vlm_path}), to write the feature cache")
+    with tempfile.TemporaryDirectory(prefix="dopsd-dry-run-") as d:
+        spec.write_config_folder(name, d)
+        yield dataclasses.replace(m, path=d), False
+
+
+def _data(cfg, spec, say, needs):
+    """(dataset or None, buckets): the data where it is, else the recipe's buckets."""
+    d = cfg.data
+    src = d.jsonl or d.folder
+    if src and not Path(src).exists():
+        buckets = make_buckets(d.buckets, d.bucket_scale, d.bucket_multiple)
+        w, h = max(buckets, key=lambda b: b[0] * b[1])
+        field = "data.jsonl" if d.jsonl else "data.folder"
+        say(f"data: {src} not found; shapes from the recipe's buckets (data.buckets {d.buckets!r}: "
+            f"{len(buckets)}, the largest {w}x{h})")
+        needs.append(f"{field}: your training data (not found: {src})")
+        return None, buckets
+    dataset = build_dataset(d, progress=False)
     require_editing_support(spec, dataset)
-    print(f"data: {len(dataset.records)} samples, buckets {sorted(set(dataset.buckets_of))[:6]}"
-          f"{' ...' if len(set(dataset.buckets_of)) > 6 else ''}")
-    adapter = build_adapter(cfg.model, load_encoders=False, empty_weights=True)
-    if cfg.cache.dir:
-        FeatureCache(cfg.cache.dir, adapter.encoder_identity()).require_complete(dataset)
-        print(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
-        encoders = 0
-    else:
-        m = cfg.model
-        encoders = _folder_bytes(Path(m.path) / "text_encoder" if m.path else None, m.vlm_path)
-        print(f"feature cache: none; the encoders stay resident ({memory.fmt_gb(encoders)} of weights read from disk"
-              f"{'' if m.path else '; tiny preset: negligible'})")
-    tr = adapter.transformer
-    n_base = sum(p.numel() for p in tr.parameters())
-    dt = torch.finfo(adapter.dtype).bits // 8
-    if cfg.lora.enabled:
-        targets = spec.lora_targets(cfg.lora, tr.config)
-        n_train = _lora_params(tr, targets, cfg.lora.rank)
-        weights = n_base * dt + 2 * n_train * 4  # frozen base + student and EMA-teacher adapters (fp32)
-        per = 4
-    else:
-        n_train = n_base
-        weights = 2 * n_base * dt + n_base * 4  # student, teacher module, fp32 EMA master
-        per = dt
-    shape = memory.step_shape(cfg, adapter, dataset.buckets_of, n_train, per)
-    cap = memory.GPU_MEMORY_GB[gpu] * 1e9
-    budget = (cfg.fast.memory_budget_gb * 1e9 if cfg.fast.memory_budget_gb is not None
-              else 0.85 * (cap - weights - encoders))
-    # the run plan as the trainer resolves it, against this GPU class's memory (the device: a CUDA one)
-    plan = resolve_plan(cfg, spec, tr.config, shape, torch.device("cuda"), budget, gpu_name=f"NVIDIA {gpu.upper()}")
-    path, backward, ckpt, n_layers, peak = plan.path, plan.backward, plan.checkpoint_layers, plan.layers, plan.peak
-    total = weights + encoders + peak["total"]
-    c = dict(tr.config)
+    buckets = sorted(set(dataset.buckets_of))
+    say(f"data: {len(dataset.records)} samples, buckets {buckets[:6]}{' ...' if len(buckets) > 6 else ''}")
+    return dataset, dataset.buckets_of
+
+
+def workload(cfg, say=print) -> Workload:
+    """Everything of the dry run that does not depend on the GPU class (prints what it read)."""
+    spec = family(cfg.model.family)
+    needs: list[str] = []
+    dataset, buckets = _data(cfg, spec, say, needs)
+    with _model_config(cfg, say, needs) as (model_cfg, real_model):
+        adapter = build_adapter(model_cfg, load_encoders=False, empty_weights=True)
+        if cfg.cache.dir:
+            encoders = 0
+            if dataset is not None and real_model:
+                try:
+                    FeatureCache(cfg.cache.dir, adapter.encoder_identity()).require_complete(dataset)
+                    say(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
+                except (CacheError, FileNotFoundError) as e:
+                    say(f"feature cache: not ready ({e}); counted as if complete (the encoders not loaded)")
+                    needs.append(f"cache.dir: {e}")
+            else:
+                say(f"feature cache: {cfg.cache.dir} not checked (no data or model folder to check it against); "
+                    "counted as if complete (the encoders not loaded)")
+                needs.append(f"cache.dir: a complete feature cache at {cfg.cache.dir} (run dopsd-cache first, "
+                             "with the same --config / --set)")
+        else:
+            m = model_cfg
+            encoders = _folder_bytes(Path(m.path) / "text_encoder" if m.path and real_model else None,
+                                     m.vlm_path)
+            note = ("tiny preset: negligible" if m.preset is not None else "" if real_model and encoders
+                    else "no encoder weights here to size them: not counted")
+            say(f"feature cache: none; the encoders stay resident ({memory.fmt_gb(encoders)} of weights read "
+                f"from disk{'; ' + note if note else ''})")
+        tr = adapter.transformer
+        n_base = sum(p.numel() for p in tr.parameters())
+        dt = torch.finfo(adapter.dtype).bits // 8
+        if cfg.lora.enabled:
+            targets = spec.lora_targets(cfg.lora, tr.config)
+            n_train = _lora_params(tr, targets, cfg.lora.rank)
+            weights = n_base * dt + 2 * n_train * 4  # frozen base + student and EMA-teacher adapters (fp32)
+            per = 4
+        else:
+            n_train = n_base
+            weights = 2 * n_base * dt + n_base * 4  # student, teacher module, fp32 EMA master
+            per = dt
+        shape = memory.step_shape(cfg, adapter, buckets, n_train, per)
+        c = dict(tr.config)
     img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
     rank = cfg.lora.rank if cfg.lora.enabled else 0
     cap_s, cap_t = spec.step_tokens(cfg.model, 0)  # context tokens of each branch
     f_s = spec.forward_flops(c, img, [cap_s] * cfg.data.batch_size, rank)
     f_t = spec.forward_flops(c, img, [cap_t] * cfg.data.batch_size, rank, teacher=True)
     floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled))
-    fits = total <= cap
-    print(f"\nstep: {shape.family}, {path} path, backward {backward}"
-          f"{' (auto)' if cfg.dopsd.backward == 'auto' else ''}, {ckpt} of {n_layers} layers checkpointed, "
-          f"K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher tokens per micro-batch"
-          f"\n{plan.describe()}")
-    rows = [("weights (base, adapters / EMA)", weights), ("encoders", encoders)]
-    rows += [(memory.TERM_LABELS[t], peak[t]) for t in memory.TERMS if peak[t]]
-    rows.append(("predicted peak", total))
+    return Workload(spec, c, shape, weights, encoders, floor, needs)
+
+
+@dataclasses.dataclass
+class Estimate:
+    gpu: str
+    plan: object
+    peak: dict
+    total: float
+    capacity: float
+    seconds: float
+    to_fit: list  # the changes the memory model says would fit (empty when it fits)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+
+def _fits(w: Workload, shape, path, backward, ckpt, encoders, cap) -> bool:
+    return w.weights + encoders + memory.peak_bytes(shape, path, backward, ckpt)["total"] <= cap
+
+
+def _to_fit(cfg, w: Workload, path, backward, ckpt, n_layers, cap) -> list[str]:
+    """The changes the memory model says make the run fit ``cap``, each alone, or if none does alone, all
+    of them together. FP8 is never one: the model gives it no saving (it keeps e4m3 copies of the block
+    weights on top of the bf16 ones)."""
+    budget = 0.85 * (cap - w.weights - w.encoders)
+    can_ckpt = ckpt < n_layers and (path == "eager" or "checkpoint" in w.spec.fast_features)
+    options = []  # (hint, shape, backward, checkpointed layers, encoders)
+    if backward == "once":
+        options.append(("dopsd.backward=stepwise (the same gradient)", w.shape, "stepwise", ckpt, w.encoders))
+    if can_ckpt:
+        fewest = n_layers if path == "eager" else max(ckpt, memory.checkpoint_layers_for(w.shape, path, backward,
+                                                                                          budget))
+        options.append((f"model.gradient_checkpointing={'all' if fewest >= n_layers else 'auto'} "
+                        f"({fewest} of {n_layers} layers)", w.shape, backward, fewest, w.encoders))
+    if w.encoders:
+        options.append(("a feature cache (dopsd-cache) to unload the encoders", w.shape, backward, ckpt, 0))
+    b = cfg.data.batch_size
+    if b > 1:
+        one = dataclasses.replace(w.shape, tokens_student=w.shape.tokens_student // b,
+                                  tokens_teacher=w.shape.tokens_teacher // b)
+        options.append(("data.batch_size=1", one, backward, ckpt, w.encoders))
+    hints = [h for h, s, bw, ck, enc in options if _fits(w, s, path, bw, ck, enc, cap)]
+    if hints or len(options) < 2:
+        return hints
+    shape = options[-1][1] if b > 1 else w.shape
+    together = _fits(w, shape, path, "stepwise", n_layers if can_ckpt else ckpt, 0, cap)
+    return [" + ".join(h for h, *_ in options)] if together else []
+
+
+def estimate(cfg, w: Workload, gpu: str) -> Estimate:
+    """The run plan, predicted peak and step time of workload ``w`` on GPU class ``gpu``."""
+    g = memory.GPUS[gpu]
+    cap = g.memory_gb * 1e9
+    budget = (cfg.fast.memory_budget_gb * 1e9 if cfg.fast.memory_budget_gb is not None
+              else 0.85 * (cap - w.weights - w.encoders))
+    # the run plan as the trainer resolves it, against this GPU class's memory (the device: a CUDA one)
+    plan = resolve_plan(cfg, w.spec, w.transformer_config, w.shape, torch.device("cuda"), budget,
+                        gpu_name=f"NVIDIA {g.name}")
+    total = w.weights + w.encoders + plan.peak["total"]
+    seconds = memory.predicted_step_seconds(w.floor_flops, plan.path, gpu)
+    hints = [] if total <= cap else _to_fit(cfg, w, plan.path, plan.backward, plan.checkpoint_layers, plan.layers,
+                                            cap)
+    return Estimate(gpu, plan, plan.peak, total, cap, seconds, hints)
+
+
+def dry_run(cfg, gpu: str = "h100") -> int:
+    gpu = memory.gpu_class(gpu)
+    print("config: valid")
+    if cfg.method != "dopsd":
+        print(f"method {cfg.method}: the figures below are a D-OPSD step's (K states, the teacher on each), an "
+              "upper bound for its step (the memory model has no term of its own for it)")
+    w = workload(cfg)
+    e = estimate(cfg, w, gpu)
+    plan, shape = e.plan, w.shape
+    print(f"\nstep: {shape.family}, {plan.path} path, backward {plan.backward}"
+          f"{' (auto)' if cfg.dopsd.backward == 'auto' else ''}, {plan.checkpoint_layers} of {plan.layers} layers "
+          f"checkpointed, K = {shape.states}, {shape.tokens_student} student / {shape.tokens_teacher} teacher tokens "
+          f"per micro-batch\n{plan.describe()}")
+    rows = [("weights (base, adapters / EMA)", w.weights), ("encoders", w.encoders)]
+    rows += [(memory.TERM_LABELS[t], e.peak[t]) for t in memory.TERMS if e.peak[t]]
+    rows.append(("predicted peak", e.total))
     for name, b in rows:
         print(f"  {name:<34} {memory.fmt_gb(b):>10}")
-    print(f"  {'GPU class ' + gpu:<34} {memory.fmt_gb(cap):>10}  -> {'FITS' if fits else 'DOES NOT FIT'}")
-    t = memory.predicted_step_seconds(floor, path)
-    print(f"  floor FLOPs {floor / 1e12:.1f} TFLOP per step; predicted step time ~{t:.2f} s on an H100-class GPU "
-          f"(estimate: the fake-tensor model's time per floor FLOP at Z-Image-Turbo size)")
-    if not fits:
-        hints = []
-        if backward == "once":
-            hints.append("dopsd.backward=stepwise (same gradient)")
-        if ckpt < n_layers and (path == "eager" or "checkpoint" in spec.fast_features):
-            hints.append("model.gradient_checkpointing=auto or all")
-        if not cfg.cache.dir and encoders:
-            hints.append("a feature cache (dopsd-cache) to unload the encoders")
-        hints.append("a smaller data.bucket_scale or data.batch_size")
-        print("  to fit: " + "; ".join(hints))
+    g = memory.GPUS[gpu]
+    print(f"  {'GPU ' + g.name:<34} {memory.fmt_gb(e.capacity):>10}  -> {'FITS' if e.fits else 'DOES NOT FIT'}")
+    print(f"  floor FLOPs {w.floor_flops / 1e12:.1f} TFLOP per step; predicted step time ~{e.seconds:.2f} s on "
+          f"the {g.name} ({memory.time_label(gpu)})")
+    if not e.fits:
+        print("  to fit: " + ("; ".join(e.to_fit) if e.to_fit else
+                              "none of stepwise, gradient checkpointing, a feature cache or a smaller batch "
+                              "fits this GPU in the memory model, alone or together: a GPU with more memory"))
+    if w.needs:
+        print("\na real run still needs:\n" + "\n".join(f"  - {n}" for n in w.needs))
     print("\n(model figures from dopsd_fast.memory: fake-tensor steps, and the H200's measured Z-Image-Turbo peaks; "
           "the CUDA context and the allocator's cached blocks come on top)")
-    return 0 if fits else 1
+    return 0 if e.fits else 1
+
+
+# ---- the recipes-per-GPU table (docs/performance.md) ------------------------------------------------------------------------
+TABLE_GPUS = ("h200", "h100", "b200", "a100-80", "a100-40", "l40s", "4090")
+
+
+def table_recipes() -> list[str]:
+    """The shipped recipes of real-size models (no built-in preset), by name."""
+    from dopsd_fast.config import load_config, shipped_configs
+
+    return [n for n in sorted(shipped_configs()) if load_config(n, []).model.preset is None]
+
+
+def table(recipes=None, gpus=TABLE_GPUS) -> str:
+    """The Markdown table of ``dopsd-train --config R --dry-run --gpu G`` for every shipped real-size
+    recipe R and GPU class G: predicted peak, fits, backward and checkpointed layers, step time."""
+    from dopsd_fast.config import load_config
+
+    head = "| recipe | " + " | ".join(memory.GPUS[g].name + ("" if memory.GPUS[g].measured else " *")
+                                     for g in gpus) + " |"
+    lines = [head, "|---" * (len(gpus) + 1) + "|"]
+    for name in recipes or table_recipes():
+        cfg = load_config(name, [])
+        w = workload(cfg, say=lambda _: None)
+        cells = []
+        for g in gpus:
+            e = estimate(cfg, w, g)
+            p = e.plan
+            cells.append(f"{memory.fmt_gb(e.total)} {'fits' if e.fits else 'does not fit'}, {p.backward}, "
+                         f"{p.checkpoint_layers}/{p.layers} ckpt, ~{e.seconds:.1f} s")
+        note = "" if cfg.method == "dopsd" else f" ({cfg.method}: a D-OPSD step's figures, an upper bound)"
+        lines.append(f"| `{name}`{note} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser("python -m dopsd_fast.dryrun",
+                                description="The dry run's figures for every shipped real-size recipe.")
+    p.add_argument("--table", action="store_true",
+                   help="print the Markdown table of predicted peak, fit and step time per recipe and GPU class "
+                        "(docs/performance.md's)")
+    if not p.parse_args(argv).table:
+        p.print_help()
+        return 2
+    print(table(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -64,12 +64,75 @@ TERM_LABELS = {"activations": "saved activations", "recompute": "checkpoint reco
                "transient": "transient (working set)", "gradients": "gradients (fp32)",
                "optimizer": "AdamW state", "casts": "adapters cast to bf16 (roll-out)",
                "workspace": "cuBLAS workspaces", "unseen": "unseen (library scratch, rounding)"}
-GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0, "a100-80": 80.0, "a100-40": 40.0, "l40s": 48.0,
-                 "4090": 24.0}
-# The fake-tensor model's predicted step time per floor FLOP at Z-Image-Turbo size (stepwise, no
-# checkpointing; GEMM 700 TFLOP/s, attention 350/280, 2.7 TB/s, 5 us per launch): eager 3.60 s and
-# fast 1.98 s for 867 TFLOP. An ESTIMATE for --dry-run, scaled by the config's floor FLOPs.
-SECONDS_PER_FLOOR_TFLOP = {"eager": 3.60 / 866.9, "fast": 1.98 / 866.9}
+@dataclass(frozen=True)
+class GPU:
+    """A GPU class ``--dry-run --gpu`` plans for: its memory, and the spec sheet's dense bf16 rate and
+    memory bandwidth (what the step time of a GPU nobody measured here is scaled by)."""
+    name: str
+    memory_gb: float
+    bf16_tflops: float  # dense (no sparsity), spec sheet
+    bandwidth_tbs: float  # HBM / GDDR, spec sheet
+    measured: bool = False  # a step of this project was timed on it (benchmarks/results/)
+
+
+GPUS = {
+    "h100": GPU("H100 80 GB (SXM)", 80.0, 989.0, 3.35),
+    "h200": GPU("H200 141 GB", 141.0, 989.0, 4.8, measured=True),
+    "b200": GPU("B200 180 GB", 180.0, 2250.0, 8.0),
+    "a100-80": GPU("A100 80 GB (SXM)", 80.0, 312.0, 2.039),
+    "a100-40": GPU("A100 40 GB", 40.0, 312.0, 1.555),
+    "l40s": GPU("L40S 48 GB", 48.0, 362.0, 0.864),
+    "4090": GPU("RTX 4090 24 GB", 24.0, 165.2, 1.008),
+}
+GPU_MEMORY_GB = {k: g.memory_gb for k, g in GPUS.items()}
+_GPU_ALIASES = {"a100": "a100-80", "a10080": "a100-80", "a10040": "a100-40", "a10080gb": "a100-80",
+                "a10040gb": "a100-40", "rtx4090": "4090", "geforcertx4090": "4090"}
+
+
+def gpu_class(name: str) -> str:
+    """``--gpu NAME`` -> a key of :data:`GPUS`, case and spaces ignored (``H200``, ``h200``, ``A100``:
+    the 80 GB one, ``A100-40``, ``RTX 4090``, ``NVIDIA L40S``); one line naming the known ones otherwise."""
+    key = str(name).strip().lower().replace("nvidia", "").replace(" ", "").replace("_", "-")
+    key = _GPU_ALIASES.get(key.replace("-", ""), key)
+    if key not in GPUS:
+        key = {k.replace("-", ""): k for k in GPUS}.get(key.replace("-", "").removesuffix("gb"), key)
+    if key not in GPUS:
+        raise ValueError(f"--gpu {name!r}: not a GPU class this estimate knows; use one of "
+                         "H100, H200, B200, A100 (A100-80), A100-40, L40S, 4090")
+    return key
+
+
+# Seconds per floor TFLOP of a step, MEASURED on the H200 (2026-12-04, benchmarks/results/2026-12-04-h200,
+# benchmarks/calibration/h200-2026-12-04.json "steps"): Z-Image-Turbo at 1024^2, K = 4, LoRA r64, stepwise,
+# 866.9 TFLOP floor: the fast path (no checkpointing) 1.953 s, the eager reference (every block
+# checkpointed) 3.812 s. --dry-run scales them by the config's floor FLOPs (an estimate away from that
+# workload) and, for another GPU, by its spec sheet (:func:`predicted_step_seconds`).
+MEASURED_GPU = "h200"
+SECONDS_PER_FLOOR_TFLOP = {"eager": 3.812 / 866.9, "fast": 1.953 / 866.9}
+
+
+def predicted_step_seconds(floor_flops: float, path: str, gpu: str = MEASURED_GPU) -> float:
+    """A step's time on GPU class ``gpu``: the H200's measured seconds per floor FLOP (the path's), times
+    the floor FLOPs; on another GPU a SPEC-SHEET ESTIMATE: the part of the H200's step its floor FLOPs
+    would take at the H200's dense bf16 peak (its floor MFU: 45 % fast, 23 % eager) scales by the ratio
+    of dense bf16 rates, the rest (memory traffic, launches, efficiency lost) by the ratio of memory
+    bandwidths."""
+    t = floor_flops / 1e12 * SECONDS_PER_FLOOR_TFLOP[path]
+    ref, g = GPUS[MEASURED_GPU], GPUS[gpu]
+    if gpu == MEASURED_GPU:
+        return t
+    mfu = 1.0 / (SECONDS_PER_FLOOR_TFLOP[path] * ref.bf16_tflops)
+    return t * (mfu * ref.bf16_tflops / g.bf16_tflops + (1.0 - mfu) * ref.bandwidth_tbs / g.bandwidth_tbs)
+
+
+def time_label(gpu: str) -> str:
+    """How :func:`predicted_step_seconds`' figure for ``gpu`` was made (printed beside it)."""
+    if GPUS[gpu].measured:
+        return (f"scaled from the step measured on the {GPUS[gpu].name.split()[0]} "
+                "(benchmarks/results/2026-12-04-h200) by floor FLOPs")
+    return (f"spec-sheet estimate: the H200's measured step scaled by dense bf16 TFLOP/s "
+            f"({GPUS[gpu].bf16_tflops:.0f} vs {GPUS[MEASURED_GPU].bf16_tflops:.0f}) and memory bandwidth "
+            f"({GPUS[gpu].bandwidth_tbs:.2f} vs {GPUS[MEASURED_GPU].bandwidth_tbs:.2f} TB/s); not measured")
 
 
 @dataclass
@@ -187,10 +250,6 @@ def checkpoint_layers_for(s: Shape, path: str, backward: str, budget: float | No
         else:
             lo = mid + 1
     return lo
-
-
-def predicted_step_seconds(floor_flops: float, path: str) -> float:
-    return floor_flops / 1e12 * SECONDS_PER_FLOOR_TFLOP[path]
 
 
 def fmt_gb(b: float) -> str:

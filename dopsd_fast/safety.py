@@ -55,6 +55,27 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS tells it (Linux: /proc), else by
+    setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _readable(path: Path) -> None:
+    """A written file gets the mode a plain ``open(..., "w")`` gives (0666 less the umask: 0644 with
+    the usual 022): writers that go through a private temporary file (safetensors' save_file) leave
+    0600, and an exported LoRA is meant to be read by other users and tools."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write(path: Path, write) -> Path:
     """``write(tmp_path)`` then fsync and rename over ``path``: a reader sees the old file or the new
     one, never a torn one."""
@@ -65,6 +86,7 @@ def atomic_write(path: Path, write) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        _readable(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -88,6 +110,7 @@ def atomic_dir(path: Path, write) -> Path:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+                _readable(f)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)

@@ -51,6 +51,14 @@ def test_comfyui_file_loads_at_the_trained_strength(tmp_path, family):
     alphas = {k: float(v) for k, v in lora.items() if k.endswith(".alpha")}
     n_modules = len({k.rsplit(".lora_", 1)[0] for k in diffusers_file})
     assert len(alphas) == n_modules and set(alphas.values()) == {16.0}
+    # readable by other users and tools like any file written by hand (0644 with the usual umask 022)
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for folder in ("lora", "lora_ema"):
+        for f in (tmp_path / "run" / folder).iterdir():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f, oct(f.stat().st_mode))
 
     samples = tr.next_samples(0, 0)
     x = tr.noise_for(samples, 0, 0)

@@ -1,6 +1,7 @@
 """Data loading, buckets, and every bad-input error (file, row and field named)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -171,3 +172,25 @@ def test_peek_batch_is_the_next_batch_and_advances_nothing():
         peeked = s.peek_batch()
         assert s.state_dict() == state
         assert s.next_batch() == peeked
+
+
+def test_builtin_dataset_location_logged_once_and_overridable(tmp_path, monkeypatch, caplog):
+    """The built-in datasets go under $DOPSD_FAST_HOME (default ~/.cache/dopsd_fast); the first use
+    logs where, a reuse says nothing."""
+    import logging
+
+    from dopsd_fast.data import tiny
+
+    monkeypatch.setenv(tiny.HOME_ENV, str(tmp_path / "elsewhere"))
+    assert tiny.home() == tmp_path / "elsewhere"
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        jl = tiny.ensure_tiny_dataset()
+    assert jl.parent.parent == tmp_path / "elsewhere" and jl.is_file()
+    lines = [r.getMessage() for r in caplog.records if "built-in dataset written to" in r.getMessage()]
+    assert len(lines) == 1 and str(jl.parent) in lines[0] and tiny.HOME_ENV in lines[0], lines
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        assert tiny.ensure_tiny_dataset() == jl
+    assert not [r for r in caplog.records if "built-in dataset written" in r.getMessage()]
+    monkeypatch.delenv(tiny.HOME_ENV)
+    assert tiny.home() == Path.home() / ".cache" / "dopsd_fast"

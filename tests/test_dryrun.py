@@ -1,5 +1,7 @@
-"""dopsd-train --dry-run: on the tiny default, and on real-size configs whose model directory holds
-only the config files (the architecture is built on the meta device; no weight is read)."""
+"""dopsd-train --dry-run: on the tiny default, on real-size configs whose model directory holds only
+the config files (the architecture is built on the meta device; no weight is read), and on every
+shipped recipe as shipped, with no data, model folder or feature cache (the family spec's released
+config and the recipe's buckets stand in); --gpu by name; docs/performance.md's table made by the same code."""
 
 import json
 import os
@@ -15,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args, cwd=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # this checkout's package first, whatever the working directory (a fresh folder: no data, no cache)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     code = "import sys; from dopsd_fast.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd or ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -74,8 +78,11 @@ def test_dry_run_real_size_zimage_picks_stepwise_on_an_h100(tmp_path):
     jl = _data(tmp_path)
     common = ["--config", "zimage-turbo-lora", "--set", f"model.path={model}", "--set", f"data.jsonl={jl}",
               "--set", "data.builtin=null"]
+    # a missing feature cache: the dry run says what a real run still needs instead of failing
     r = _run("--dry-run", "--gpu", "h100", *common, "--set", f"cache.dir={tmp_path / 'nocache'}")
-    assert r.returncode == 1 and "feature cache" in r.stderr and "run dopsd-cache first" in r.stderr, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "feature cache: not ready" in r.stdout and "a real run still needs" in r.stdout, r.stdout
+    assert "run dopsd-cache first" in r.stdout.split("a real run still needs")[1], r.stdout
     common += ["--set", "cache.dir=null"]
     r = _run("--dry-run", "--gpu", "h100", *common)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -95,3 +102,95 @@ def test_dry_run_real_size_klein(tmp_path):
     # the recipe: eager path with gradient checkpointing, so the authors' `once` fits
     assert "klein, eager path, backward once (auto), 25 of 25 layers checkpointed" in r.stdout, r.stdout
     assert "4608 student / 8704 teacher tokens" in r.stdout and "-> FITS" in r.stdout
+
+
+# ---- nothing but the config: no data, no model folder, no feature cache ---------------------------
+def _recipes():
+    from dopsd_fast.config import shipped_configs
+
+    return sorted(shipped_configs())
+
+
+def test_dry_run_every_recipe_needs_nothing_but_the_config(tmp_path):
+    """Every shipped recipe, as shipped (paths /path/to/...), on a GPU name in any case, from a folder
+    with no data, weights or cache: exit 0 (fits) or 1 (does not fit, with what would), never an error."""
+    names = ["H200", "h100", "B200", "a100", "A100-40", "l40s", "4090"]
+    for i, recipe in enumerate(_recipes()):
+        gpu = names[i % len(names)]
+        r = _run("--config", recipe, "--dry-run", "--gpu", gpu, cwd=tmp_path)
+        assert r.returncode in (0, 1) and "error" not in r.stderr.lower(), (recipe, r.stdout + r.stderr)
+        assert "predicted peak" in r.stdout and "predicted step time" in r.stdout, (recipe, r.stdout)
+
+
+def test_dry_run_without_data_weights_or_cache_says_what_a_real_run_needs(tmp_path):
+    r = _run("--config", "zimage-turbo-lora", "--dry-run", "--gpu", "H200", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "data: /path/to/train.jsonl not found; shapes from the recipe's buckets" in out, out
+    assert "shapes from the family spec's" in out and "released config" in out, out
+    assert "4608 student / 5120 teacher tokens" in out, out  # the largest 1 MP bucket, 1024 x 1024
+    needs = out.split("a real run still needs:")[1]
+    for field in ("data.jsonl", "model.path", "cache.dir"):
+        assert field in needs, (field, out)
+    assert "GPU H200 141 GB" in out and "measured on the H200" in out and "spec-sheet" not in out, out
+
+
+def test_dry_run_gpu_changes_memory_and_time(tmp_path):
+    outs = {}
+    for gpu in ("h200", "4090", "A100"):
+        r = _run("--config", "zimage-turbo-lora", "--dry-run", "--gpu", gpu, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        outs[gpu] = r.stdout
+    assert "backward once (auto)" in outs["h200"] and "backward stepwise (auto)" in outs["4090"]
+    assert "GPU RTX 4090 24 GB" in outs["4090"] and "GPU A100 80 GB (SXM)" in outs["A100"]
+    for gpu in ("4090", "A100"):
+        assert "spec-sheet estimate" in outs[gpu] and "not measured" in outs[gpu], outs[gpu]
+    secs = {g: float(o.split("predicted step time ~")[1].split(" s")[0]) for g, o in outs.items()}
+    assert secs["h200"] < secs["A100"] < secs["4090"], secs
+
+
+def test_dry_run_does_not_fit_names_only_what_fits(tmp_path):
+    # klein-9B on a 24 GB card: the weights alone leave too little; nothing the model knows fits
+    r = _run("--config", "klein-9b-editing-lora", "--dry-run", "--gpu", "4090", cwd=tmp_path)
+    assert r.returncode == 1 and "DOES NOT FIT" in r.stdout, r.stdout + r.stderr
+    assert "to fit: none of" in r.stdout and "fast.fp8" not in r.stdout, r.stdout
+    # Z-Image with the authors' once and no checkpointing on an H100: stepwise or checkpointing fit
+    r = _run("--config", "zimage-turbo-lora", "--dry-run", "--gpu", "H100", "--set", "dopsd.backward=once",
+             "--set", "model.gradient_checkpointing=none", cwd=tmp_path)
+    assert r.returncode == 1 and "DOES NOT FIT" in r.stdout, r.stdout + r.stderr
+    hint = r.stdout.split("to fit: ")[1].splitlines()[0]
+    assert "dopsd.backward=stepwise" in hint and "fast.fp8" not in hint, hint
+
+
+def test_unknown_gpu_is_one_line(tmp_path):
+    r = _run("--config", "zimage-turbo-lora", "--dry-run", "--gpu", "v100", cwd=tmp_path)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --gpu 'v100'"), r.stderr
+    assert "H200" in r.stderr and "4090" in r.stderr
+
+
+def test_gpu_names_and_time_scaling():
+    from dopsd_fast import memory
+
+    for name, key in (("H200", "h200"), ("h100", "h100"), ("A100", "a100-80"), ("a100-40", "a100-40"),
+                      ("A100 40GB", "a100-40"), ("L40S", "l40s"), ("4090", "4090"), ("RTX 4090", "4090"),
+                      ("NVIDIA B200", "b200")):
+        assert memory.gpu_class(name) == key, name
+    # the H200's time is its measured one (the calibration file's steps), the others scaled from it
+    cal = json.loads((ROOT / "benchmarks" / "calibration" / "h200-2026-12-04.json").read_text())
+    floor = 866.9e12
+    assert abs(memory.predicted_step_seconds(floor, "fast", "h200") - cal["steps"]["fast"]["median_s"]) < 0.01
+    assert abs(memory.predicted_step_seconds(floor, "eager", "h200")
+               - cal["steps"]["eager_checkpointed"]["median_s"]) < 0.01
+    t = {g: memory.predicted_step_seconds(floor, "fast", g) for g in memory.GPUS}
+    assert t["b200"] < t["h200"] < t["h100"] < t["a100-80"] < t["a100-40"] < t["4090"]
+    assert [g for g, v in memory.GPUS.items() if v.measured] == ["h200"]
+
+
+def test_readme_table_is_the_dry_run_table():
+    """docs/performance.md's dry-run table is what ``python -m dopsd_fast.dryrun --table`` prints now."""
+    from dopsd_fast.dryrun import table
+
+    readme = (ROOT / "docs" / "performance.md").read_text()
+    begin = readme.index("<!-- dry-run table:")
+    block = readme[readme.index("\n", begin) + 1:readme.index("<!-- end of the dry-run table -->")]
+    assert block == table(), "docs/performance.md's dry-run table is stale: regenerate with python -m dopsd_fast.dryrun --table"

@@ -151,3 +151,23 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dopsd_fast"):
         tr = _trainer(tmp_path / "fresh", resume="latest")
     assert tr.step == 0 and "starting from scratch" in caplog.text
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_atomic_writes_leave_files_readable_per_umask(tmp_path, mask):
+    """safetensors' save_file writes through a private temporary file (mode 0600); what the atomic
+    writers leave has the mode a plain open() gives: 0666 less the umask."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from dopsd_fast.safety import atomic_dir, atomic_write
+
+    old = os.umask(mask)
+    try:
+        atomic_dir(tmp_path / "lora", lambda d: save_file({"w": torch.ones(2)}, str(d / "x.safetensors")))
+        atomic_write(tmp_path / "y.safetensors", lambda t: save_file({"w": torch.ones(2)}, str(t)))
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "lora" / "x.safetensors", tmp_path / "y.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f, oct(f.stat().st_mode))

@@ -26,6 +26,12 @@ def test_default_cpu_run_passes(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "verdict: PASS" in r.stdout
     res = json.loads((tmp_path / "step_time-tiny.json").read_text())
+    # one workload line, the processor named, every figure labelled, no memory figure on the CPU
+    assert "workload: Z-Image tiny (" in r.stdout and "K = 4" in r.stdout and "LoRA rank" in r.stdout, r.stdout
+    assert "tokens per sample: student" in r.stdout
+    assert res["env"]["device"].startswith("cpu (") and res["env"]["device"] != "cpu ()", res["env"]
+    assert "median_s [CPU]" in r.stdout and "[estimate]" in r.stdout and "peak_memory_gb" not in r.stdout
+    assert "peak memory fast / eager" not in r.stdout and "memory not measured on the CPU" in r.stdout
     assert res["verdict"] == "PASS" and res["parity"]["gradients"]["n_tensors"] > 0
     assert len(res["parity"]["velocities"]) == 2 * 4  # K = 4 states, both branches
     assert [a["path"] for a in res["ablation"]][:2] == ["eager reference", "+ packed pass (eager ops)"]
@@ -116,3 +122,30 @@ def test_restore_resets_the_full_finetuning_teacher():
     bench.restore(snap)
     for n, p in mod.items():
         assert torch.equal(p, before[n]), n
+
+
+def test_print_table_labels_every_figure_and_shows_memory_only_on_a_gpu(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step_time
+    finally:
+        sys.path.pop(0)
+    row = {"path": "fast", "median_s": 1.95, "min_s": 1.9, "max_s": 2.0, "samples_per_s": 0.5,
+           "peak_memory_gb": 41.3, "executed_tflop": 866.9, "mfu_floor": 0.45, "mfu_executed": 0.45}
+    par = {"velocities": [{"rel_err_fast": 1e-3, "rel_err_eager": 1e-3}], "loss": {"rel_err_fast": 1e-4},
+           "gradients": {"global_rel_err_fast": 1e-2, "min_cos_fast": 0.9998},
+           "weights_after_steps": {"steps": 3, "rel_err": 1e-3}, "verdict": "PASS",
+           "tolerances": {"rule": "2x eager + atol", "atol": 1e-3}}
+    res = {"env": {"device": "NVIDIA H200", "torch": "2", "cuda": "13.0"}, "workload": "Z-Image zimage-6b (...)",
+           "floor_tflop_per_step": 866.9, "timed": {"fast": row, "eager": dict(row, path="eager")}, "speedup": 1.95,
+           "memory_ratio": 2.0, "memory_model": {"weights_gb": 13.6, "predicted_peak_beyond_weights_gb": {"fast": 25.0}},
+           "parity": par}
+    step_time.print_table(res)
+    gpu = capsys.readouterr().out
+    assert "peak_memory_gb [GPU]" in gpu and "median_s [GPU]" in gpu and "[estimate]" in gpu
+    assert "peak memory fast / eager [GPU]" in gpu and "workload: Z-Image zimage-6b" in gpu
+    res["env"] = {"device": "cpu (" + step_time.cpu_name() + ")", "torch": "2"}
+    step_time.print_table(res)
+    cpu = capsys.readouterr().out
+    assert "peak_memory_gb" not in cpu and "median_s [CPU]" in cpu and "not performance results" in cpu
+    assert step_time.cpu_name().strip()

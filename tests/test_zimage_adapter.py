@@ -169,3 +169,25 @@ def test_import_is_lean():
             "import torch; assert not torch.cuda.is_initialized(); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_vlm_weight_swap_runs_once_at_start_up(caplog):
+    """Building an adapter with its encoders swaps the text encoder's weights into the VLM exactly once
+    (the toy preset's builder and the adapter once both did it), and encoding does not swap again."""
+    import logging
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.families.zimage.toy import WEIGHTS_DIR
+
+    presets = ["tiny-zimage"] + (["toy-zimage"] if (WEIGHTS_DIR / "text_encoder.safetensors").is_file() else [])
+    for preset in presets:
+        cfg = load_config(None, ["model.family=zimage", f"model.preset={preset}", "model.device=cpu"])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+            adapter = build_adapter(cfg.model, load_encoders=True)
+            adapter.ensure_encoders()
+            adapter.encode_student(["a red square"])
+        swaps = [r for r in caplog.records if r.getMessage().startswith("VLM weight swap")]
+        assert len(swaps) == 1, (preset, [r.getMessage() for r in swaps])
+        assert adapter.swap_report["matched"] and not adapter.swap_report["missing"], preset

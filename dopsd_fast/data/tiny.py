@@ -1,12 +1,13 @@
 """The built-in tiny dataset: a few small procedurally drawn images with captions.
 
 Generated deterministically by this code (no download), written once under
-``$DOPSD_FAST_HOME`` (default ``~/.cache/dopsd_fast``) and reused.
+``$DOPSD_FAST_HOME`` (default ``~/.cache/dopsd_fast``) and reused; the first use logs where.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -17,6 +18,8 @@ import shutil
 from dopsd_fast.toy import world
 
 VERSION = "v1"
+HOME_ENV = "DOPSD_FAST_HOME"  # where the built-in datasets are written (default ~/.cache/dopsd_fast)
+log = logging.getLogger("dopsd_fast")
 
 _SUBJECTS = [
     ("red circle", (220, 40, 40), "ellipse"),
@@ -30,7 +33,8 @@ _SIZES = [(160, 160), (176, 144), (144, 176), (160, 160), (192, 128), (160, 160)
 
 
 def home() -> Path:
-    return Path(os.environ.get("DOPSD_FAST_HOME", Path.home() / ".cache" / "dopsd_fast"))
+    """Where the built-in datasets live: ``$DOPSD_FAST_HOME``, else ``~/.cache/dopsd_fast``."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "dopsd_fast")
 
 
 def draw(index: int) -> Image.Image:
@@ -69,6 +73,8 @@ def _write_once(root: Path, prefix: str, pictures) -> Path:
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     try:
         os.replace(tmp, root)
+        log.info("built-in dataset written to %s (%d pictures; set %s to keep it elsewhere)", root, len(rows),
+                 HOME_ENV)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return jsonl
@@ -88,6 +94,8 @@ def ensure_tiny_dataset(root: Path | None = None) -> Path:
 
 
 TOY_CONCEPT_VERSION = "v1"
+HOME_ENV = "DOPSD_FAST_HOME"  # where the built-in datasets are written (default ~/.cache/dopsd_fast)
+log = logging.getLogger("dopsd_fast")
 TOY_PRIOR_PAIRS = 18
 
 

@@ -81,6 +81,8 @@ class Flavour:
     rank: int
     device: str
     dtype: str
+    vae: dict | None = None  # the released VAE's config (real sizes): what a config-only model folder holds
+    scheduler: dict | None = None  # the released scheduler's config
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class FamilySpec:
     schedule_help: str = ""
     default_rollout: str = ""  # the tiny runs' (and the recipes') roll-out schedule
     default_inference_steps: int = 8
+    released_flavours: tuple = ()  # the flavours of the released models, the default first
 
     # ---- classes ---------------------------------------------------------------------------
     def adapter_class(self):
@@ -150,6 +153,27 @@ class FamilySpec:
     def flavour_config(self, name: str) -> dict:
         fl = self.flavours[name]
         return dict(fl.config) if fl.config is not None else self.tiny_config()
+
+    def flavour_for(self, model_cfg) -> str:
+        """The released flavour a model folder stands for when it is absent (``dopsd-train --dry-run``):
+        the one whose size tag (``4b``, ``9b``) the folder's name carries, else the first."""
+        name = str(model_cfg.path or "").rstrip("/").rsplit("/", 1)[-1].lower()
+        tagged = [f for f in self.released_flavours if f.rsplit("-", 1)[-1] in name]
+        return (tagged or list(self.released_flavours))[0]
+
+    def write_config_folder(self, flavour: str, path) -> None:
+        """A diffusers-layout folder holding only the config files of ``flavour`` (transformer, VAE,
+        scheduler; no weights): what ``--dry-run`` builds the architecture from without a download."""
+        from pathlib import Path
+        import json
+
+        fl = self.flavours[flavour]
+        parts = {"transformer/config.json": {"_class_name": self.transformer_class, **self.flavour_config(flavour)},
+                 "vae/config.json": dict(fl.vae or {}), "scheduler/scheduler_config.json": dict(fl.scheduler or {})}
+        for rel, conf in parts.items():
+            f = Path(path) / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(conf, indent=1))
 
     # ---- LoRA ------------------------------------------------------------------------------
     def default_lora_targets(self, transformer_config) -> tuple:

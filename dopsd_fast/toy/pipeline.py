@@ -549,7 +549,8 @@ def stage_ship(out: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dopsd_fast.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["all", *STAGE_FUNCS])
+    p.add_argument("stage", choices=["all", *STAGE_FUNCS],
+                   help="the stage to run (all: every stage but ship, in order; each skips when its output exists)")
     p.add_argument("--out", default="runs/toy", help="output folder (default runs/toy)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (tests: 0.01)")
     p.add_argument("--force", action="store_true", help="rerun a stage whose output exists")

@@ -25,6 +25,10 @@ TINY_KLEIN_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_typ
 TINY_TEXT_LAYERS = (1, 2, 3)
 
 
+# The released VAE's widths and scheduler (dynamic shifting): a config-only folder (--dry-run without the model).
+RELEASED_VAE = dict(block_out_channels=[128, 256, 512, 512])
+RELEASED_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True)
+
 KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
                 axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False)
@@ -151,9 +155,10 @@ SPEC = KleinFamily(
     fp8_linears=FP8_LINEARS,
     flavours={
         "tiny-klein": Flavour("tiny-klein", None, 128, 48, 48, 8, "cpu", "fp32"),
-        "klein-4b": Flavour("klein-4b", KLEIN_4B, 1024, 512, 512, 64, "cuda", "bf16"),
+        "klein-4b": Flavour("klein-4b", KLEIN_4B, 1024, 512, 512, 64, "cuda", "bf16", RELEASED_VAE, RELEASED_SCHEDULER),
         "klein-9b": Flavour("klein-9b", dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_heads=32,
-                                             joint_attention_dim=12288), 1024, 512, 512, 64, "cuda", "bf16"),
+                                             joint_attention_dim=12288), 1024, 512, 512, 64, "cuda", "bf16",
+                            RELEASED_VAE, RELEASED_SCHEDULER),
     },
     # The authors' LoRA targets (their train_dopsd.py). peft matches them by suffix: in diffusers' Flux2
     # the feed-forward names (`ff.net.0.proj`, `ff.net.2`, `ff_context.net.*`) match no module (its
@@ -170,4 +175,5 @@ SPEC = KleinFamily(
                   "a named schedule or an explicit list of sigmas ending with 0",
     default_rollout="klein-k4",
     default_inference_steps=4,
+    released_flavours=("klein-4b", "klein-9b"),
 )

@@ -17,6 +17,11 @@ RELEASED = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=
                 n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
                 rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
 
+# The released VAE's widths and scheduler (static shift 3): a config-only folder (--dry-run without the model).
+RELEASED_VAE = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                    block_out_channels=[128, 256, 512, 512], latent_channels=16)
+RELEASED_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=False)
+
 # Named roll-out schedules (K + 1 sigmas ending with 0).
 SCHEDULES = {
     # K = 4: the authors' scripts' default (training only; inference stays 8-step).
@@ -132,8 +137,9 @@ SPEC = ZImageFamily(
         "tiny-zimage": Flavour("tiny-zimage", None, 128, 24, 80, 8, "cpu", "fp32"),
         # head dim 128 like the release, 8 layers: a quick GPU run
         "zimage-mid": Flavour("zimage-mid", dict(RELEASED, dim=1536, n_layers=8, n_heads=12), 1024, 512, 1024, 64,
-                              "cuda", "bf16"),
-        "zimage-6b": Flavour("zimage-6b", RELEASED, 1024, 512, 1024, 64, "cuda", "bf16"),
+                              "cuda", "bf16", RELEASED_VAE, RELEASED_SCHEDULER),
+        "zimage-6b": Flavour("zimage-6b", RELEASED, 1024, 512, 1024, 64, "cuda", "bf16", RELEASED_VAE,
+                              RELEASED_SCHEDULER),
     },
     # the authors' train_dopsd.py: the same modules as the default (every block and refiner)
     authors_lora_targets=("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention.to_k",
@@ -142,4 +148,5 @@ SPEC = ZImageFamily(
     schedule_help="use zimage-k4, zimage-k8 or an explicit list of sigmas ending with 0",
     default_rollout="zimage-k4",
     default_inference_steps=8,
+    released_flavours=("zimage-6b",),
 )
