@@ -59,6 +59,9 @@ def train_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-train", description="Train with D-OPSD (on-policy self-distillation).")
     _common(p)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds an earlier one: the earlier run is moved aside "
+                        "to <output_dir>.old-N (nothing deleted)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even where the config changes what the run computes (model, LoRA, data, schedule)")
     p.add_argument("--dry-run", action="store_true",
@@ -79,7 +82,8 @@ def train_main(argv=None) -> int:
 
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                          overwrite=args.overwrite)
         last = trainer.train()
     except (DataError, CacheError, FileNotFoundError, ConfigError, DivergenceError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -87,7 +91,7 @@ def train_main(argv=None) -> int:
         sys.exit(f"error: {e.strerror or e} ({e.filename or cfg.train.output_dir})" if e.strerror else f"error: {e}")
     except Terminated:
         return 143  # 128 + SIGTERM, after the checkpoint
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: after the checkpoint (a second Ctrl-C: at once)
         return 130
     logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s", trainer.step,
                                          last.get("loss", float("nan")), trainer.out)

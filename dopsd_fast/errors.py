@@ -9,3 +9,8 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad input data; the message names the file, row and field."""
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be used as asked (in use by another trainer, holding an earlier run, a
+    planted lock link); the message names the folder and the ways on."""
