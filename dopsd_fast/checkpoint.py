@@ -82,6 +82,17 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def incomplete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``step-*`` entries of ``root`` that are not complete checkpoints (no ``.metadata`` nor
+    ``state.pt``: a folder emptied or left half-copied), by step: what ``--resume latest`` names as
+    skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP_RE.match(p.name)) and not (p.is_dir() and _complete(p)))
+
+
 # ---- the structure as JSON -------------------------------------------------------------------------
 # Tagged JSON: a tensor is {"$tensor": i} (key t0000i); a numpy array {"$ndarray": i, "dtype", "shape"}
 # (its raw bytes as a uint8 tensor); a tuple {"$tuple": [...]}; a dict with a non-string key, or a key

@@ -126,9 +126,31 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or the filesystem cannot."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def atomic_dir(path: Path, write) -> Path:
-    """``write(tmp_dir)`` fills a fresh folder, which then replaces ``path`` (the old one is moved aside
-    first and removed after: at every moment either the old or the new folder is complete)."""
+    """``write(tmp_dir)`` fills a fresh folder, which then replaces ``path`` in one step (the two
+    folders swapped by ``renameat2``): at every moment ``path`` is the old folder or the new one, both
+    complete. Where the swap is not available, the old folder is moved aside first and removed after;
+    a crash between those two renames leaves ``.<name>.old-*``, which :func:`recover_dirs` puts back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -141,14 +163,39 @@ def atomic_dir(path: Path, write) -> Path:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if path.exists():
+        _fsync_dir(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not _exchange(tmp, path):  # tmp now holds the old folder (removed below)
             os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(path.parent)
     return path
+
+
+def recover_dirs(out: Path, names) -> None:
+    """Start-up repair of folders written by :func:`atomic_dir` in ``out``: a folder missing with its
+    previous version left aside (``.<name>.old-*``, a crash between two renames) is put back, and the
+    leftover ``.<name>.tmp-*`` / ``.<name>.old-*`` folders are removed, each named in the log."""
+    out = Path(out)
+    for name in names:
+        path = out / name
+        olds = sorted(out.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if not (path.exists() or path.is_symlink()) and olds:
+            back = olds.pop()
+            os.replace(back, path)
+            log.warning("%s was missing (a write interrupted between two renames): restored the previous one "
+                        "from %s", path, back.name)
+        for stale in olds + sorted(out.glob(f".{name}.tmp-*")):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            log.info("removed %s, left over by an interrupted write of %s", stale, path)
+    _fsync_dir(out)
 
 
 # ---- files named by received data ----------------------------------------------------------------

@@ -10,6 +10,7 @@ what an uninterrupted one does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import random
@@ -24,8 +25,8 @@ from tqdm.auto import tqdm
 from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
 from dopsd_fast.cache import ContextProvider, FeatureCache
-from dopsd_fast.checkpoint import (checkpoint_run_id, list_checkpoints, load_checkpoint, resolve_resume, rng_state,
-                                   save_checkpoint, set_rng_state)
+from dopsd_fast.checkpoint import (checkpoint_run_id, incomplete_checkpoints, list_checkpoints, load_checkpoint,
+                                   resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import from_env
@@ -39,11 +40,16 @@ from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
 from dopsd_fast.profiling import nvtx_range
 from dopsd_fast.safety import (DivergenceError, Guard, Interrupted, OutputLock, StopSignals, Terminated,
-                               atomic_dir, config_changes, move_aside, run_outputs)
+                               atomic_dir, config_changes, move_aside, recover_dirs, run_outputs)
 from dopsd_fast.validation import save_grid
 from dopsd_fast.weights import StudentTeacher
 
 log = logging.getLogger("dopsd_fast")
+
+
+# Config fields that change the shapes (or the set) of the trained tensors: a checkpoint's weights and
+# optimizer moments cannot be loaded across a change of them, whatever --allow-config-change says.
+SHAPE_FIELDS = ("lora.enabled", "lora.rank", "lora.targets")
 
 
 def _seed_of(*parts: int) -> int:
@@ -70,12 +76,14 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         self.allow_config_change = allow_config_change
         self._lock = None
+        self._resume_from = None
         self._signals = None
         self._stop_kind = None
         self._saved_step = None
         try:
             self._claim_output(resume, overwrite)
             ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
+            self._resume_from = (ck, state) if state is not None else None
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
             self._build_data_and_model()
@@ -99,6 +107,7 @@ class Trainer:
             self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor)
             if state is not None:
                 self.load(ck, state)
+                self._resume_from = state = None  # not kept: the checkpoint's tensors can be large
             elif resume == "latest" and self.rank == 0:
                 self.logger.truncate_after(0)  # rows of an earlier attempt that left no checkpoint
         except BaseException:
@@ -134,6 +143,8 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         self._lock = OutputLock(out)  # the lock first: nothing of the folder read or written before it
         used = run_outputs(out)
+        if resume:  # continuing here: the LoRA exports as complete folders, leftovers of a crash removed
+            recover_dirs(out, ("lora", "lora_ema"))
         if not used or resume:
             return
         if not overwrite:
@@ -166,8 +177,16 @@ class Trainer:
                                      "an output_dir of its own (or that run's folder)")
             self._check_resume(ck, state)
             return ck, state
+        # newest first; every folder passed over is named with the reason
+        candidates = sorted([(s, p, True) for s, p in list_checkpoints(root)]
+                            + [(s, p, False) for s, p in incomplete_checkpoints(root)], key=lambda c: c[0])
         skipped = []
-        for _, ck in reversed(list_checkpoints(root)):
+        for _, ck, complete in reversed(candidates):
+            if not complete:
+                log.warning("--resume latest: skipping %s: not a complete checkpoint (no .metadata: emptied, or left "
+                            "half-written or half-copied)", ck)
+                skipped.append(ck.name)
+                continue
             try:
                 state = load_checkpoint(ck)
             except Exception as e:  # noqa: BLE001 - fall back to the previous one
@@ -185,11 +204,46 @@ class Trainer:
         return None, None
 
     def _check_resume(self, ck: Path, state: dict) -> None:
-        """The refusals a resume can meet, before anything is built: a config that changes the math."""
+        """The refusals a resume can meet, before anything is built: a config that changes the math, a
+        checkpoint at or past ``train.max_steps``."""
         self._config_check(ck, state)
+        step, max_steps = int(state.get("step", 0)), self.cfg.train.max_steps
+        if step > max_steps:
+            raise ConfigError(f"train.max_steps={max_steps} is below the step of the checkpoint {ck} ({step}): "
+                              f"nothing to train; set train.max_steps above {step} to continue the run")
+
+    def _check_data(self, ck: Path, state: dict) -> None:
+        """The data's content (:meth:`~dopsd_fast.data.dataset.ImageTextDataset.fingerprint`) against the
+        checkpoint's: another content is refused like a frozen config field (``--allow-config-change``
+        resumes anyway, saying so)."""
+        saved, now = state.get("data_fingerprint"), self.data_fingerprint
+        if not isinstance(saved, dict):
+            log.info("resume: %s records no data fingerprint (an earlier version): the data's content is not "
+                     "compared", ck)
+            return
+        changed = [k for k in ("rows", "images", "prompts", "buckets") if saved.get(k) != now.get(k)]
+        if not changed:
+            return
+        src = self.cfg.data
+        where = (f"data.jsonl {src.jsonl}" if src.jsonl else f"data.folder {src.folder}" if src.folder
+                 else f"data.builtin {src.builtin}")
+        what = ", ".join(f"rows {saved.get('rows')} -> {now.get('rows')}" if k == "rows" else f"the {k} differ"
+                         for k in changed)
+        if not self.allow_config_change:
+            raise ConfigError(f"resume from {ck}: the content of {where} changed since the checkpoint ({what}); "
+                              "restore the data the run trained on, start a new output_dir, or pass "
+                              "--allow-config-change to resume on the new data")
+        log.warning("resume: the content of %s changed since the checkpoint (%s): resuming on the new data "
+                    "(--allow-config-change)", where, what)
 
     def _config_check(self, path: Path, state: dict) -> list:
         frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict())
+        shaped = [(k, a, b) for k, a, b in frozen if k in SHAPE_FIELDS]
+        if shaped:  # the trained tensors themselves would not fit: no override can resume across it
+            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shaped)
+            raise ConfigError(f"resume from {path}: {fields} changes the shapes of the trained tensors, so the "
+                              "checkpoint cannot be resumed with it (not even with --allow-config-change); keep the "
+                              "checkpoint's value, or start a new run (another output_dir, or --overwrite)")
         if frozen and not self.allow_config_change:
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
             raise ConfigError(f"resume from {path}: the config changes what the run computes ({fields}); start a new "
@@ -201,6 +255,9 @@ class Trainer:
         the student / EMA-teacher weights, and FSDP2 sharding where the run asks for it."""
         cfg = self.cfg
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress)
+        self.data_fingerprint = self.dataset.fingerprint()
+        if self._resume_from is not None:  # before the model: the data's content against the checkpoint's
+            self._check_data(*self._resume_from)
         self.spec = family(cfg.model.family)
         require_editing_support(self.spec, self.dataset)
         cache = None
@@ -451,6 +508,7 @@ class Trainer:
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "run_id": self.run_id,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def load(self, path: Path, state: dict | None = None) -> None:
@@ -458,8 +516,15 @@ class Trainer:
         changes = self._config_check(path, state)
         for k, a, b in changes:
             log.info("resume: %s %r -> %r (applied)", k, a, b)
-        self.weights.load_state_dict(state["weights"])
-        self.optimizer.load_state_dict(self._optimizer_state_for_here(state["optimizer"]))
+        try:
+            self.weights.load_state_dict(state["weights"])
+            self.optimizer.load_state_dict(self._optimizer_state_for_here(state["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as e:  # tensors that do not fit the model built here
+            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k.startswith(("model.", "lora.")))
+            raise ConfigError(f"resume from {path}: its weights do not fit the model of this config "
+                              f"({fields or 'no model or LoRA field changed'}; {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); keep the checkpoint's model and "
+                              "LoRA settings, or start a new run") from None
         self.lr_sched.load_state_dict(state["lr_scheduler"])
         o = self.cfg.optim  # the current optimizer settings win over the checkpoint's
         self.lr_sched.base_lrs = [o.lr for _ in self.optimizer.param_groups]
@@ -517,7 +582,16 @@ class Trainer:
                 self.adapter.export_lora(sd, str(d), meta)
                 write_comfyui_lora(d, self.cfg.lora.alpha)  # the same LoRA at the trained strength in ComfyUI
 
-            atomic_dir(self.out / name, write)
+            try:
+                atomic_dir(self.out / name, write)
+            except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+                text = f"{type(e).__name__}: {e}"
+                if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+                        m in text for m in ("No space left", "StorageFull", "os error 28")):
+                    raise OSError(errno.ENOSPC, f"writing the LoRA export {name}/ at step {self.step} failed (No space "
+                                  f"left on the device): {name}/ still holds the previous export; free space, then "
+                                  "resume with --resume latest", str(self.out / name)) from None
+                raise
 
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -528,6 +602,11 @@ class Trainer:
 
         self._signals = StopSignals()
         try:
+            if self._saved_step is not None and self.step >= self.cfg.train.max_steps:
+                log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train, nothing written "
+                            "(set train.max_steps above %d to continue)", self.step, self.cfg.train.max_steps,
+                            self.step)
+                return {}
             if self.rank == 0:
                 self.cfg.save(self.out / "config.yaml")
             return self._train()

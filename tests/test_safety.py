@@ -487,3 +487,166 @@ def test_the_lock_follows_no_symlink_and_a_killed_holder_leaves_none(tmp_path):
         holder.kill()
         holder.wait()
     OutputLock(run).release()
+
+
+def test_max_steps_at_or_below_the_checkpoint_says_so(straight, tmp_path, caplog):
+    import shutil
+
+    from dopsd_fast.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"train.max_steps=3 is below the step of the checkpoint .*step-0000004 "
+                                          r"\(4\): nothing to train"):
+        _trainer(tmp_path, *_STRAIGHT, "train.max_steps=3", resume="latest")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        assert _trainer(tmp_path, *_STRAIGHT, resume="latest").train() == {}
+    assert "the checkpoint is at step 4, train.max_steps=4: nothing to train, nothing written" in caplog.text
+    assert _files(run) == before
+
+
+# ---- every fault ends in one line that names it -------------------------------------------------------
+def test_resume_latest_names_every_checkpoint_it_skips(straight, tmp_path, caplog):
+    """An emptied step folder, one without .metadata, and one that does not load: each named with its
+    reason; the resume takes the newest that loads."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    cks = run / "checkpoints"
+    shutil.rmtree(cks / "step-0000004")
+    (cks / "step-0000004").mkdir()  # emptied
+    (cks / "step-0000003" / ".metadata").unlink()  # half-copied
+    (cks / "step-0000002" / "__0_0.distcp").write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = _trainer(tmp_path, *_STRAIGHT, resume="latest")
+    assert tr.step == 1
+    tr.close()
+    skips = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skips) == 3
+    assert "step-0000004: not a complete checkpoint (no .metadata" in skips[0]
+    assert "step-0000003: not a complete checkpoint" in skips[1]
+    assert "step-0000002: it does not load" in skips[2]
+
+
+def test_the_lora_swap_leaves_a_complete_folder_and_a_crash_between_renames_is_repaired(tmp_path, monkeypatch,
+                                                                                        caplog):
+    from dopsd_fast import safety
+
+    out = tmp_path / "out"
+    safety.atomic_dir(out / "lora", lambda d: (d / "w").write_text("one"))
+    # the swap is one step where the system has it: "lora" always names a complete folder
+    seen = []
+    real = os.replace
+
+    def watch(a, b):
+        seen.append((os.path.basename(a), os.path.basename(b), (out / "lora" / "w").exists()))
+        return real(a, b)
+    monkeypatch.setattr(safety.os, "replace", watch)
+    safety.atomic_dir(out / "lora", lambda d: (d / "w").write_text("two"))
+    assert (out / "lora" / "w").read_text() == "two" and not list(out.glob(".lora.*"))
+    pid = os.getpid()  # renameat2 where available (no moment without lora/), else the two renames
+    assert seen == [] or [x[:2] for x in seen] == [("lora", f".lora.old-{pid}"), (f".lora.tmp-{pid}", "lora")]
+    monkeypatch.undo()
+    # a crash between the fallback's two renames: lora/ missing, the previous one aside, a temp left
+    os.replace(out / "lora", out / ".lora.old-4242")
+    (out / ".lora.tmp-4242").mkdir()
+    (out / ".lora.tmp-4242" / "w").write_text("half")
+    (out / ".lora_ema.tmp-77").mkdir()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        safety.recover_dirs(out, ("lora", "lora_ema"))
+    assert (out / "lora" / "w").read_text() == "two"
+    assert not list(out.glob(".lora*"))
+    assert "restored the previous one from .lora.old-4242" in caplog.text and ".lora_ema.tmp-77" in caplog.text
+
+
+def test_a_resume_repairs_the_lora_folders_left_by_a_kill(straight, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    good = _files(run / "lora")
+    os.replace(run / "lora", run / ".lora.old-31337")  # kill -9 between the two renames of the swap
+    (run / ".lora_ema.tmp-31337").mkdir()
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=5", resume="latest")
+    assert _files(run / "lora") == good and not list(run.glob(".lora*"))
+    tr.close()
+
+
+def test_a_full_disk_during_the_lora_export_is_one_line_and_nothing_torn(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import dopsd_fast.trainer as T
+
+    tr = _trainer(tmp_path, "train.max_steps=1")
+    tr.train()
+    run = tmp_path / "run"
+    good = _files(run / "lora"), _files(run / "lora_ema")
+
+    class SafetensorError(Exception):  # what safetensors raises, not an OSError
+        pass
+
+    def full(d, alpha):
+        (Path(d) / "comfyui_lora.safetensors").write_bytes(b"\0" * 7)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(T, "write_comfyui_lora", full)
+    with pytest.raises(OSError) as e:
+        tr.export_lora()
+    assert e.value.errno == 28 and "\n" not in str(e.value)
+    assert "writing the LoRA export lora/ at step 1 failed (No space left on the device)" in e.value.strerror
+    assert (_files(run / "lora"), _files(run / "lora_ema")) == good and not list(run.glob(".lora*"))
+    # through the command: one line, no traceback
+    from dopsd_fast.cli import train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", "tiny-zimage", "--set", f"train.output_dir={run}", "--set", "train.max_steps=2",
+                    "--set", "train.progress=false",
+                    "--set", "train.tensorboard=false", "--set", "validation.at_start=false", "--set",
+                    "validation.every=0", "--set", "train.checkpoint_every=0", "--resume", "latest"])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    assert e.value.code.startswith("error: writing the LoRA export lora/ at step 2 failed (No space left")
+    assert (_files(run / "lora"), _files(run / "lora_ema")) == good
+
+
+def test_allow_config_change_with_another_lora_rank_is_refused_naming_the_field(straight, tmp_path, monkeypatch):
+    import shutil
+
+    from dopsd_fast.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    _no_model_build(monkeypatch)
+    with pytest.raises(ConfigError, match=r"lora.rank: 8 -> 4 changes the shapes of the trained tensors.*not even "
+                                          r"with --allow-config-change") as e:
+        _trainer(tmp_path, *_STRAIGHT, "lora.rank=4", "train.max_steps=6", resume="latest", allow=True)
+    assert "\n" not in str(e.value) and "step-0000004" in str(e.value)
+    assert _files(run) == before
+
+
+def test_data_edited_in_place_between_runs_is_refused_naming_it(tmp_path, caplog):
+    """The checkpoint records the data's content fingerprint: a JSONL edited in place (same path, so the
+    config check alone sees no change) is refused, naming the file and what differs."""
+    from dopsd_fast.config import ConfigError
+    from dopsd_fast.data.tiny import ensure_tiny_dataset
+
+    jl = ensure_tiny_dataset(tmp_path / "data")
+    data = ["data.builtin=null", f"data.jsonl={jl}"]
+    _trainer(tmp_path, *data, "train.max_steps=1").train()
+    rows = [json.loads(line) for line in jl.read_text().splitlines()]
+    rows[0]["prompt"] += " at dusk"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    before = _files(run)
+    with pytest.raises(ConfigError, match=rf"the content of data.jsonl {jl} changed since the checkpoint \(the "
+                                          r"prompts differ\).*--allow-config-change") as e:
+        _trainer(tmp_path, *data, "train.max_steps=2", resume="latest")
+    assert "\n" not in str(e.value)
+    assert _files(run) == before
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = _trainer(tmp_path, *data, "train.max_steps=2", resume="latest", allow=True)
+    assert tr.step == 1 and "resuming on the new data" in caplog.text
+    tr.close()
