@@ -44,6 +44,8 @@ FORMAT = 2  # 2: JSON structure + per-chunk CRC-32; 1 (earlier): pickled ``__met
 _STATE_KEY = "__state_json__"
 _CRC_RE = re.compile(r"^__crc32_rank(\d+)__$")
 _LEGACY_KEY = "__meta__"
+RUN_ID_FILE = "run_id"  # the run a checkpoint belongs to (plain text; pruning reads it)
+_RUN_ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 class CheckpointError(RuntimeError):
@@ -78,6 +80,17 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
         if m and _complete(p):
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def incomplete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``step-*`` entries of ``root`` that are not complete checkpoints (no ``.metadata`` nor
+    ``state.pt``: a folder emptied or left half-copied), by step: what ``--resume latest`` names as
+    skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP_RE.match(p.name)) and not (p.is_dir() and _complete(p)))
 
 
 # ---- the structure as JSON -------------------------------------------------------------------------
@@ -418,10 +431,29 @@ def _barrier():
         d.barrier()
 
 
-def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path:
+def _free_name(p: Path, what: str) -> Path:
+    n = 1
+    while p.with_name(f"{p.name}.{what}-{n}").exists():
+        n += 1
+    return p.with_name(f"{p.name}.{what}-{n}")
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id recorded in checkpoint ``path`` (its ``run_id`` file), or None (an earlier version's
+    checkpoint, or an unreadable record)."""
+    try:
+        with open(Path(path) / RUN_ID_FILE, "rb") as f:
+            text = f.read(65).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _RUN_ID_RE.match(text) else None
+
+
+def save_checkpoint(root: str | Path, step: int, state: dict, keep: int, run_id: str | None = None) -> Path:
     """Write ``state`` as ``root/step-NNNNNNN`` (DCP). Call it on every rank of a distributed run (the
-    directory must be on a filesystem all ranks share); rank 0 renames the finished directory into
-    place and prunes old ones."""
+    directory must be on a filesystem all ranks share); rank 0 records ``run_id`` in it, renames the
+    finished directory into place and prunes the run's old ones: only checkpoints carrying the same
+    run id are pruned (another run's, or an earlier version's without one, are never touched)."""
 
     import torch.distributed.checkpoint as dcp
 
@@ -462,13 +494,20 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int) -> Path
         raise RuntimeError(f"writing the checkpoint {final} failed: {text.splitlines()[0][:300]}") from None
     _barrier()
     if rank == 0:
+        if run_id is not None:
+            (tmp / RUN_ID_FILE).write_text(run_id + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists() and checkpoint_run_id(final) != run_id:  # another run's: kept, under another name
+            aside = _free_name(final, "superseded")
+            os.replace(final, aside)
+            log.warning("checkpoint %s belongs to another run: moved to %s (not deleted)", final, aside)
+        elif final.exists():
+            shutil.rmtree(final)  # this run's own checkpoint of the same step (a damaged one, skipped on resume)
         os.replace(tmp, final)
-        for _, old in list_checkpoints(root)[:-keep]:
+        mine = [p for _, p in list_checkpoints(root) if run_id is not None and checkpoint_run_id(p) == run_id]
+        for old in mine[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final

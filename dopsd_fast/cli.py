@@ -46,7 +46,7 @@ def _ends_clean(main):
     """A command that ends in one line: a user error (a ``SystemExit`` with its message) prints that line;
     an unexpected exception prints its type and first line and keeps the full traceback in the run's
     ``errors.log``, never on the screen. Under torchrun only rank 0 prints, except a failed collective
-    (rank 0 may be the rank that died); every rank's line and traceback are kept in its log."""
+    (rank 0 may be the rank that died); the other ranks keep their line in ``errors.rankN.log``."""
     @functools.wraps(main)
     def run(argv=None):
         try:
@@ -55,11 +55,11 @@ def _ends_clean(main):
             if not isinstance(e.code, str):
                 raise
             context = e.__context__
+            if _rank() == 0 or type(context).__name__ == "DistributedError":
+                raise  # a user error: Python prints its one line and exits 1
+            # another rank: silent, its line kept where its reader looks for it
             _keep_error("".join(traceback.format_exception(context)) + e.code if context is not None else e.code)
-            collective = type(context).__name__ == "DistributedError"
-            if _rank() == 0 or collective:
-                print(e.code, file=sys.stderr)
-            return 1
+            raise SystemExit(1) from None
         except KeyboardInterrupt:
             return 130
         except Exception as e:  # noqa: BLE001 - anything unexpected: one line, the traceback in the log
@@ -119,6 +119,9 @@ def train_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-train", description="Train with D-OPSD (on-policy self-distillation).")
     _common(p)
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds an earlier one: the earlier run is moved aside "
+                        "to <output_dir>.old-N (nothing deleted)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even where the config changes what the run computes (model, LoRA, data, schedule)")
     p.add_argument("--dry-run", action="store_true",
@@ -142,7 +145,8 @@ def train_main(argv=None) -> int:
 
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                          overwrite=args.overwrite)
         last = trainer.train()
     except (DataError, CacheError, FileNotFoundError, ConfigError, DivergenceError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -150,7 +154,7 @@ def train_main(argv=None) -> int:
         sys.exit(f"error: {e.strerror or e} ({e.filename or cfg.train.output_dir})" if e.strerror else f"error: {e}")
     except Terminated:
         return 143  # 128 + SIGTERM, after the checkpoint
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: after the checkpoint (a second Ctrl-C: at once)
         return 130
     logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s", trainer.step,
                                          last.get("loss", float("nan")), trainer.out)

@@ -19,3 +19,8 @@ class BackendError(ValueError):
 class ConventionError(BackendError):
     """A time or velocity convention is the opposite of this project's (sigma = 1 is noise, sigma = 1 - t
     for a model whose t = 1 is clean, v = eps - x0); the message names which one and how to convert."""
+
+
+class OutputDirError(RuntimeError):
+    """The output folder cannot be used as asked (in use by another trainer, holding an earlier run, a
+    planted lock link); the message names the folder and the ways on."""

@@ -1,5 +1,5 @@
-"""Nothing lost, nothing silently wrong: the run's output lock, atomic writes, the divergence guard,
-SIGTERM, and the config check on resume."""
+"""Nothing lost, nothing silently wrong: the run's output lock and folder, atomic writes, the divergence
+guard, SIGTERM and Ctrl-C, and the config check on resume."""
 
 from __future__ import annotations
 
@@ -14,33 +14,86 @@ from pathlib import Path
 
 import torch
 
+from dopsd_fast.errors import OutputDirError
+
 log = logging.getLogger("dopsd_fast")
 
 
 # ---- one trainer per output directory --------------------------------------------------------------
 class OutputLock:
     """An exclusive ``flock`` on ``<out>/.lock``, held for the trainer's life. The kernel drops it when
-    the holder dies, so a lock left by a killed run is simply taken over; a live holder is named."""
+    the holder dies (kill -9 included), so a lock left by a killed run is simply taken over; a live
+    holder is named. The file is opened with ``O_NOFOLLOW`` and must be a regular file: a planted
+    ``.lock`` link never makes the trainer write the link's target."""
 
     def __init__(self, out: Path):
+        import errno
         import fcntl
+        import stat
 
+        self.fd = None
         self.path = Path(out) / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputDirError(f"train.output_dir {out}: {self.path} is a symbolic link, not a lock file; "
+                                     "remove it (nothing was written through it)") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputDirError(f"train.output_dir {out}: {self.path} is not a regular file; remove it") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise RuntimeError(f"train.output_dir {out} is in use by {holder}; wait for it, or use another "
-                               "output_dir") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            mine = holder.endswith(f"pid {os.getpid()}") and socket.gethostname() in holder
+            raise OutputDirError(f"train.output_dir {out} is in use by {holder}"
+                                 + (" (an earlier trainer of this process: call its close())" if mine else "")
+                                 + "; wait for it, or use another output_dir") from None
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+
+    def __del__(self):
+        self.release()
+
+
+# What a run writes into its output folder: a folder holding any of them holds an earlier run.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.yaml", "lora", "lora_ema", "samples", "tensorboard")
+
+
+def run_outputs(out: Path) -> list[str]:
+    """The names of :data:`RUN_OUTPUTS` present in ``out`` (an empty ``checkpoints/`` does not count)."""
+    out = Path(out)
+    found = []
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_symlink() or p.exists():
+            if name == "checkpoints" and p.is_dir() and not any(p.iterdir()):
+                continue
+            found.append(name)
+    return found
+
+
+def move_aside(out: Path) -> Path:
+    """Rename ``out`` to the first free ``<out>.old-N`` next to it (nothing deleted) and return that."""
+    out = Path(out)
+    n = 1
+    while True:
+        aside = out.with_name(f"{out.name}.old-{n}")
+        if not (aside.exists() or aside.is_symlink()):
+            break
+        n += 1
+    os.rename(out, aside)
+    _fsync_dir(out.parent)
+    return aside
 
 
 # ---- atomic writes -------------------------------------------------------------------------------
@@ -95,9 +148,31 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or the filesystem cannot."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def atomic_dir(path: Path, write) -> Path:
-    """``write(tmp_dir)`` fills a fresh folder, which then replaces ``path`` (the old one is moved aside
-    first and removed after: at every moment either the old or the new folder is complete)."""
+    """``write(tmp_dir)`` fills a fresh folder, which then replaces ``path`` in one step (the two
+    folders swapped by ``renameat2``): at every moment ``path`` is the old folder or the new one, both
+    complete. Where the swap is not available, the old folder is moved aside first and removed after;
+    a crash between those two renames leaves ``.<name>.old-*``, which :func:`recover_dirs` puts back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -111,14 +186,39 @@ def atomic_dir(path: Path, write) -> Path:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
                 _readable(f)
-        if path.exists():
+        _fsync_dir(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not _exchange(tmp, path):  # tmp now holds the old folder (removed below)
             os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(path.parent)
     return path
+
+
+def recover_dirs(out: Path, names) -> None:
+    """Start-up repair of folders written by :func:`atomic_dir` in ``out``: a folder missing with its
+    previous version left aside (``.<name>.old-*``, a crash between two renames) is put back, and the
+    leftover ``.<name>.tmp-*`` / ``.<name>.old-*`` folders are removed, each named in the log."""
+    out = Path(out)
+    for name in names:
+        path = out / name
+        olds = sorted(out.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if not (path.exists() or path.is_symlink()) and olds:
+            back = olds.pop()
+            os.replace(back, path)
+            log.warning("%s was missing (a write interrupted between two renames): restored the previous one "
+                        "from %s", path, back.name)
+        for stale in olds + sorted(out.glob(f".{name}.tmp-*")):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            log.info("removed %s, left over by an interrupted write of %s", stale, path)
+    _fsync_dir(out)
 
 
 # ---- files named by received data ----------------------------------------------------------------
@@ -140,30 +240,55 @@ def file_in_folder(folder: Path, name) -> Path:
     return path
 
 
-# ---- SIGTERM, as job schedulers send it ----------------------------------------------------------
+# ---- SIGTERM and Ctrl-C --------------------------------------------------------------------------
 class Terminated(KeyboardInterrupt):
-    """SIGTERM: handled like Ctrl-C (a checkpoint, then exit), at the end of the step in progress."""
+    """SIGTERM: the step in progress finished, a checkpoint written, then exit."""
 
 
-class SigtermFlag:
-    """Installs a SIGTERM handler that only records the signal: the loop finishes the step in progress
-    (its metrics logged), writes a checkpoint and raises :class:`Terminated`. ``restore()`` puts the
-    previous handler back."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT): the step in progress finished, a checkpoint written, then exit."""
+
+
+class Aborted(KeyboardInterrupt):
+    """A second Ctrl-C: stopped at once, nothing written (the last checkpoint stands)."""
+
+
+class StopSignals:
+    """Installs SIGTERM and SIGINT handlers that only record the signal: the loop finishes the step in
+    progress (never a half-applied one), writes a checkpoint of it and raises :class:`Terminated` or
+    :class:`Interrupted`. A second SIGINT raises :class:`Aborted` at once (nothing more written).
+    Under torchrun the workers run in sessions of their own: a Ctrl-C reaches the elastic agent, which
+    sends each worker one SIGINT. ``restore()`` puts the previous handlers back."""
 
     def __init__(self):
-        self.received = False
-        try:
-            self.prev = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave the default
-            self.prev = None
+        self.sigterm = False
+        self.sigint = False
+        self.prev = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.prev[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the default
+                pass
+
+    @property
+    def received(self) -> str | None:
+        """``"SIGTERM"`` if one was received, else ``"SIGINT"`` if one was, else None."""
+        return "SIGTERM" if self.sigterm else "SIGINT" if self.sigint else None
 
     def _handle(self, signum, frame):
-        self.received = True
+        if signum == signal.SIGTERM:
+            self.sigterm = True
+        elif not self.sigint:
+            self.sigint = True
+            log.warning("Ctrl-C: finishing the step in progress, then writing a checkpoint (Ctrl-C again to stop at "
+                        "once without writing)")
+        else:
+            raise Aborted("a second Ctrl-C")
 
     def restore(self):
-        if self.prev is not None:
-            signal.signal(signal.SIGTERM, self.prev)
-            self.prev = None
+        for sig, prev in self.prev.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self.prev = {}
 
 
 # ---- the guard -------------------------------------------------------------------------------------

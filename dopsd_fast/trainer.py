@@ -10,10 +10,12 @@ what an uninterrupted one does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import random
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -23,12 +25,12 @@ from tqdm.auto import tqdm
 from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
 from dopsd_fast.cache import ContextProvider, FeatureCache
-from dopsd_fast.checkpoint import (list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
-                                   set_rng_state)
+from dopsd_fast.checkpoint import (checkpoint_run_id, incomplete_checkpoints, list_checkpoints, load_checkpoint,
+                                   resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import from_env
-from dopsd_fast.errors import ConfigError
+from dopsd_fast.errors import ConfigError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, family, require_editing_support
 from dopsd_fast.fastpath import build_pair
@@ -37,12 +39,17 @@ from dopsd_fast.memory import memory_budget_bytes, step_shape
 from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
 from dopsd_fast.profiling import nvtx_range
-from dopsd_fast.safety import (DivergenceError, Guard, OutputLock, SigtermFlag, Terminated, atomic_dir,
-                               config_changes)
+from dopsd_fast.safety import (DivergenceError, Guard, Interrupted, OutputLock, StopSignals, Terminated,
+                               atomic_dir, config_changes, move_aside, recover_dirs, run_outputs)
 from dopsd_fast.validation import save_grid
 from dopsd_fast.weights import StudentTeacher
 
 log = logging.getLogger("dopsd_fast")
+
+
+# Config fields that change the shapes (or the set) of the trained tensors: a checkpoint's weights and
+# optimizer moments cannot be loaded across a change of them, whatever --allow-config-change says.
+SHAPE_FIELDS = ("lora.enabled", "lora.rank", "lora.targets")
 
 
 def _seed_of(*parts: int) -> int:
@@ -53,46 +60,204 @@ def _seed_of(*parts: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, resume: str | None = None, allow_config_change: bool = False):
-        """``resume``: ``"latest"`` (the newest checkpoint that loads; none: start from scratch) or a
+    def __init__(self, cfg, resume: str | None = None, allow_config_change: bool = False, overwrite: bool = False):
+        """``resume``: ``"latest"`` (the newest checkpoint that loads; none at all: start from scratch) or a
         checkpoint directory. A resume whose config changes the math (model, LoRA, data, schedule,
         method, seed) is refused, naming the fields, unless ``allow_config_change``; other changes (LR,
-        steps, logging, batch size) are applied and logged."""
+        steps, logging, batch size) are applied and logged.
+
+        The output folder is claimed first, before anything reads or writes it and before the model is
+        built: its lock (one trainer per folder), then, without ``resume``, a folder holding an earlier
+        run is refused (``overwrite``: that run is moved aside to ``<output_dir>.old-N``, nothing
+        deleted). The lock is held until :meth:`train` ends or :meth:`close` is called."""
         self.cfg = cfg
         self.dist = from_env(cfg.train.dist_timeout_s)  # torchrun: one process per GPU (dopsd_fast.distributed)
         self.rank, self.world = self.dist.rank, self.dist.world
         self.out = Path(cfg.train.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.allow_config_change = allow_config_change
-        torch.manual_seed(cfg.train.seed)
-        random.seed(cfg.train.seed)
-        self._build_data_and_model()
-        # the run plan: every execution choice, once, from the config, the device and the memory model
-        self.mem_shape = self.memory_shape()
-        self.plan = resolve_plan(cfg, self.spec, self.adapter.transformer.config, self.mem_shape, self.device,
-                                 memory_budget_bytes(cfg.fast.memory_budget_gb, self.device))
-        log.info("%s", self.plan.describe())
-        self.backward = self.plan.backward
-        # the model behind the pair protocol: the eager reference or the packed fast path (dopsd_fast.pair)
-        self.pair = build_pair(cfg, self.spec, self.adapter, self.weights, self.plan)
-        self._build_optimizer()
-        self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
-                                          rank=self.rank, world_size=self.world)
-        self.prefetch = ImagePrefetcher(self.dataset, cfg.data.num_workers)
-        self._stop_all = False
-        self._sigterm = None
-        self._sigma_cache: dict = {}
-        self.step = 0
-        self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
-                                    enabled=self.rank == 0)
-        self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor)
-        self._resume(resume)
+        self._lock = None
+        self._resume_from = None
+        self._signals = None
+        self._stop_kind = None
+        self._saved_step = None
+        try:
+            self._claim_output(resume, overwrite)
+            ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
+            self._resume_from = (ck, state) if state is not None else None
+            torch.manual_seed(cfg.train.seed)
+            random.seed(cfg.train.seed)
+            self._build_data_and_model()
+            # the run plan: every execution choice, once, from the config, the device and the memory model
+            self.mem_shape = self.memory_shape()
+            self.plan = resolve_plan(cfg, self.spec, self.adapter.transformer.config, self.mem_shape, self.device,
+                                     memory_budget_bytes(cfg.fast.memory_budget_gb, self.device))
+            log.info("%s", self.plan.describe())
+            self.backward = self.plan.backward
+            # the model behind the pair protocol: the eager reference or the packed fast path (dopsd_fast.pair)
+            self.pair = build_pair(cfg, self.spec, self.adapter, self.weights, self.plan)
+            self._build_optimizer()
+            self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
+                                              rank=self.rank, world_size=self.world)
+            self.prefetch = ImagePrefetcher(self.dataset, cfg.data.num_workers)
+            self._sigma_cache: dict = {}
+            self.step = 0
+            self.run_id = uuid.uuid4().hex[:16]  # a resume takes the checkpoint's
+            self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
+                                        enabled=self.rank == 0)
+            self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor)
+            if state is not None:
+                self.load(ck, state)
+                self._resume_from = state = None  # not kept: the checkpoint's tensors can be large
+            elif resume == "latest" and self.rank == 0:
+                self.logger.truncate_after(0)  # rows of an earlier attempt that left no checkpoint
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output folder's lock (:meth:`train` does at its end)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _claim_output(self, resume: str | None, overwrite: bool) -> None:
+        """Rank 0 takes the folder's lock and checks it; every rank waits for that verdict (a refusal on
+        rank 0 stops all, at once)."""
+        err = None
+        if self.rank == 0:
+            try:
+                self._claim_output_rank0(resume, overwrite)
+            except (OutputDirError, OSError) as e:
+                err = e
+        if self.dist.active and float(self.dist.mean(torch.tensor([1.0 if err else 0.0], dtype=torch.float64),
+                                                     "output folder check")) > 0 and err is None:
+            raise OutputDirError(f"train.output_dir {self.out}: refused by rank 0 (its message says why)")
+        if err is not None:
+            raise err
+
+    def _claim_output_rank0(self, resume: str | None, overwrite: bool) -> None:
+        out = self.out
+        if overwrite and resume:
+            raise OutputDirError(f"train.output_dir {out}: --overwrite starts a new run there and --resume continues "
+                                 "one; pass one of them")
+        out.mkdir(parents=True, exist_ok=True)
+        self._lock = OutputLock(out)  # the lock first: nothing of the folder read or written before it
+        used = run_outputs(out)
+        if resume:  # continuing here: the LoRA exports as complete folders, leftovers of a crash removed
+            recover_dirs(out, ("lora", "lora_ema"))
+        if not used or resume:
+            return
+        if not overwrite:
+            raise OutputDirError(f"train.output_dir {out} holds an earlier run ({', '.join(used)}); continue it with "
+                                 "--resume latest, choose another output_dir, or pass --overwrite to move it aside "
+                                 f"(to {out.name}.old-N, nothing deleted) and start afresh")
+        held = self._lock
+        aside = move_aside(out)  # the held lock moves with it: no other trainer can slip in meanwhile
+        out.mkdir()
+        self._lock = OutputLock(out)
+        held.release()
+        log.warning("--overwrite: the earlier run in %s moved aside to %s (nothing deleted)", out, aside)
+
+    def _pick_resume(self, resume: str | None):
+        """(checkpoint, its state) to resume from, loaded and checked against the config; (None, None)
+        for a fresh start."""
+        if not resume:
+            return None, None
+        root = self.out / "checkpoints"
+        if resume != "latest":
+            ck = resolve_resume(root, resume)
+            try:
+                state = load_checkpoint(ck)
+            except Exception as e:  # noqa: BLE001 - a corrupt file: one line naming it
+                raise FileNotFoundError(f"--resume {ck}: the checkpoint does not load ({type(e).__name__}: {e})") from None
+            theirs = {checkpoint_run_id(p) for _, p in list_checkpoints(root)}
+            mine = state.get("run_id") or checkpoint_run_id(ck)
+            if Path(ck).resolve().parent != root.resolve() and run_outputs(self.out) and mine not in theirs:
+                raise OutputDirError(f"--resume {ck}: train.output_dir {self.out} holds another run; resume it into "
+                                     "an output_dir of its own (or that run's folder)")
+            self._check_resume(ck, state)
+            return ck, state
+        # newest first; every folder passed over is named with the reason
+        candidates = sorted([(s, p, True) for s, p in list_checkpoints(root)]
+                            + [(s, p, False) for s, p in incomplete_checkpoints(root)], key=lambda c: c[0])
+        skipped = []
+        for _, ck, complete in reversed(candidates):
+            if not complete:
+                log.warning("--resume latest: skipping %s: not a complete checkpoint (no .metadata: emptied, or left "
+                            "half-written or half-copied)", ck)
+                skipped.append(ck.name)
+                continue
+            try:
+                state = load_checkpoint(ck)
+            except Exception as e:  # noqa: BLE001 - fall back to the previous one
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log.warning("--resume latest: skipping %s: it does not load (%s)", ck, why)
+                skipped.append(ck.name)
+                continue
+            self._check_resume(ck, state)
+            return ck, state
+        if skipped:
+            raise OutputDirError(f"--resume latest: no checkpoint in {root} loads ({', '.join(skipped)}: see the "
+                                 "warnings above); start afresh there with --overwrite instead of --resume (the "
+                                 "run is moved aside, nothing deleted), or in another output_dir")
+        log.info("--resume latest: no checkpoint in %s: starting from scratch", root)
+        return None, None
+
+    def _check_resume(self, ck: Path, state: dict) -> None:
+        """The refusals a resume can meet, before anything is built: a config that changes the math, a
+        checkpoint at or past ``train.max_steps``."""
+        self._config_check(ck, state)
+        step, max_steps = int(state.get("step", 0)), self.cfg.train.max_steps
+        if step > max_steps:
+            raise ConfigError(f"train.max_steps={max_steps} is below the step of the checkpoint {ck} ({step}): "
+                              f"nothing to train; set train.max_steps above {step} to continue the run")
+
+    def _check_data(self, ck: Path, state: dict) -> None:
+        """The data's content (:meth:`~dopsd_fast.data.dataset.ImageTextDataset.fingerprint`) against the
+        checkpoint's: another content is refused like a frozen config field (``--allow-config-change``
+        resumes anyway, saying so)."""
+        saved, now = state.get("data_fingerprint"), self.data_fingerprint
+        if not isinstance(saved, dict):
+            log.info("resume: %s records no data fingerprint (an earlier version): the data's content is not "
+                     "compared", ck)
+            return
+        changed = [k for k in ("rows", "images", "prompts", "buckets") if saved.get(k) != now.get(k)]
+        if not changed:
+            return
+        src = self.cfg.data
+        where = (f"data.jsonl {src.jsonl}" if src.jsonl else f"data.folder {src.folder}" if src.folder
+                 else f"data.builtin {src.builtin}")
+        what = ", ".join(f"rows {saved.get('rows')} -> {now.get('rows')}" if k == "rows" else f"the {k} differ"
+                         for k in changed)
+        if not self.allow_config_change:
+            raise ConfigError(f"resume from {ck}: the content of {where} changed since the checkpoint ({what}); "
+                              "restore the data the run trained on, start a new output_dir, or pass "
+                              "--allow-config-change to resume on the new data")
+        log.warning("resume: the content of %s changed since the checkpoint (%s): resuming on the new data "
+                    "(--allow-config-change)", where, what)
+
+    def _config_check(self, path: Path, state: dict) -> list:
+        frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict())
+        shaped = [(k, a, b) for k, a, b in frozen if k in SHAPE_FIELDS]
+        if shaped:  # the trained tensors themselves would not fit: no override can resume across it
+            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shaped)
+            raise ConfigError(f"resume from {path}: {fields} changes the shapes of the trained tensors, so the "
+                              "checkpoint cannot be resumed with it (not even with --allow-config-change); keep the "
+                              "checkpoint's value, or start a new run (another output_dir, or --overwrite)")
+        if frozen and not self.allow_config_change:
+            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
+            raise ConfigError(f"resume from {path}: the config changes what the run computes ({fields}); start a new "
+                              "output_dir, or pass --allow-config-change to resume anyway")
+        return frozen + applied
 
     def _build_data_and_model(self) -> None:
         """The dataset, the family's adapter (its encoders, or the feature cache instead), the contexts,
         the student / EMA-teacher weights, and FSDP2 sharding where the run asks for it."""
         cfg = self.cfg
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress)
+        self.data_fingerprint = self.dataset.fingerprint()
+        if self._resume_from is not None:  # before the model: the data's content against the checkpoint's
+            self._check_data(*self._resume_from)
         self.spec = family(cfg.model.family)
         require_editing_support(self.spec, self.dataset)
         cache = None
@@ -125,29 +290,6 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         log.info("trainable parameters: %s (%s)", f"{sum(p.numel() for p in params):,}",
                  "LoRA" if self.cfg.lora.enabled else "full")
-
-    def _resume(self, resume: str | None) -> None:
-        if not resume:
-            return
-        if resume != "latest":
-            ck = resolve_resume(self.out / "checkpoints", resume)
-            try:
-                state = load_checkpoint(ck)
-            except Exception as e:  # noqa: BLE001 - a corrupt file: one line naming it
-                raise FileNotFoundError(f"--resume {ck}: the checkpoint does not load ({type(e).__name__}: {e})") from None
-            self.load(ck, state)
-            return
-        candidates = list_checkpoints(self.out / "checkpoints")
-        for _, ck in reversed(candidates):
-            try:
-                state = load_checkpoint(ck)
-            except Exception as e:  # noqa: BLE001 - fall back to the previous one
-                log.warning("--resume latest: skipping %s: it does not load (%s: %s)", ck, type(e).__name__,
-                            str(e).splitlines()[0][:200] if str(e) else "")
-                continue
-            self.load(ck, state)
-            return
-        log.info("--resume latest: no checkpoint in %s that loads: starting from scratch", self.out / "checkpoints")
 
     # ---- pieces ------------------------------------------------------------------------------
     def _nv(self, name):
@@ -244,12 +386,13 @@ class Trainer:
             n += len(samples)
         params = self.weights.trainable_parameters()
         metrics_t = torch.cat([total, state_losses]).double()
-        if self.dist.active:  # one gradient average per optimizer step; the metrics and the SIGTERM flag with it
+        if self.dist.active:  # one gradient average per optimizer step; the metrics and the stop flags with it
             with self._nv("all-reduce"):  # (FSDP2's sharded gradients are reduce-scattered already)
                 self.dist.all_reduce_mean_([p.grad for p in params if p.grad is not None and not fsdp.is_dtensor(p.grad)])
-            flag = torch.tensor([float(self._sigterm.received if self._sigterm else 0.0)], dtype=torch.float64,
-                                device=metrics_t.device)
-            metrics_t = self.dist.mean(torch.cat([metrics_t, flag]))
+            sig = self._signals
+            flags = torch.tensor([float(bool(sig and sig.sigterm)), float(bool(sig and sig.sigint))],
+                                 dtype=torch.float64, device=metrics_t.device)
+            metrics_t = self.dist.mean(torch.cat([metrics_t, flags]))
             n *= self.world
         # the global gradient norm (clip 0: measured, nothing clipped); DTensor shards reduce inside
         gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0
@@ -258,8 +401,9 @@ class Trainer:
         # ONE device->host read per optimizer step: what the divergence guard decides on before the update
         host = torch.cat([metrics_t, gn.detach().double().reshape(1).to(metrics_t.device)]).tolist()
         gnorm = host.pop()
-        if self.dist.active:
-            self._stop_all = host.pop() > 0
+        if self.dist.active:  # every rank stops after this step if any rank received a signal before it
+            sigint, sigterm = host.pop() > 0, host.pop() > 0
+            self._stop_kind = "SIGTERM" if sigterm else "SIGINT" if sigint else None
         total, state_losses = host[0], host[1:]
         lr = self.lr_sched.get_last_lr()[0]
         self.guard.check_before_update(self.step + 1, total / accum, gnorm)
@@ -363,19 +507,24 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
+            "run_id": self.run_id,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def load(self, path: Path, state: dict | None = None) -> None:
         state = load_checkpoint(path) if state is None else state
-        frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict())
-        if frozen and not self.allow_config_change:
-            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
-            raise ConfigError(f"resume from {path}: the config changes what the run computes ({fields}); start a new "
-                              "output_dir, or pass --allow-config-change to resume anyway")
-        for k, a, b in frozen + applied:
+        changes = self._config_check(path, state)
+        for k, a, b in changes:
             log.info("resume: %s %r -> %r (applied)", k, a, b)
-        self.weights.load_state_dict(state["weights"])
-        self.optimizer.load_state_dict(self._optimizer_state_for_here(state["optimizer"]))
+        try:
+            self.weights.load_state_dict(state["weights"])
+            self.optimizer.load_state_dict(self._optimizer_state_for_here(state["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as e:  # tensors that do not fit the model built here
+            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k.startswith(("model.", "lora.")))
+            raise ConfigError(f"resume from {path}: its weights do not fit the model of this config "
+                              f"({fields or 'no model or LoRA field changed'}; {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); keep the checkpoint's model and "
+                              "LoRA settings, or start a new run") from None
         self.lr_sched.load_state_dict(state["lr_scheduler"])
         o = self.cfg.optim  # the current optimizer settings win over the checkpoint's
         self.lr_sched.base_lrs = [o.lr for _ in self.optimizer.param_groups]
@@ -390,6 +539,9 @@ class Trainer:
                         "order from here differs from an uninterrupted run", gb, self.sampler.global_batch)
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        # the run's id (checkpoints of earlier versions carry none: the run continues under a new one)
+        self.run_id = state.get("run_id") or checkpoint_run_id(path) or self.run_id
+        self._saved_step = self.step
         self.logger.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -410,8 +562,10 @@ class Trainer:
     def save(self) -> Path:
         """A DCP checkpoint (every rank takes part: call it on all of them), then the LoRA exports
         (rank 0)."""
-        path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+        path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints,
+                               run_id=self.run_id)
         self.export_lora()
+        self._saved_step = self.step
         return path
 
     def export_lora(self) -> None:
@@ -428,23 +582,42 @@ class Trainer:
                 self.adapter.export_lora(sd, str(d), meta)
                 write_comfyui_lora(d, self.cfg.lora.alpha)  # the same LoRA at the trained strength in ComfyUI
 
-            atomic_dir(self.out / name, write)
+            try:
+                atomic_dir(self.out / name, write)
+            except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+                text = f"{type(e).__name__}: {e}"
+                if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+                        m in text for m in ("No space left", "StorageFull", "os error 28")):
+                    raise OSError(errno.ENOSPC, f"writing the LoRA export {name}/ at step {self.step} failed (No space "
+                                  f"left on the device): {name}/ still holds the previous export; free space, then "
+                                  "resume with --resume latest", str(self.out / name)) from None
+                raise
 
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> dict:
-        """The loop. Holds the output directory's lock while it runs; Ctrl-C and SIGTERM write a
-        checkpoint, then re-raise (:class:`~dopsd_fast.safety.Terminated` for SIGTERM)."""
+        """The loop. Ctrl-C and SIGTERM finish the step in progress, write its checkpoint, then raise
+        (:class:`~dopsd_fast.safety.Interrupted`, :class:`~dopsd_fast.safety.Terminated`); a second
+        Ctrl-C stops at once, writing nothing (:class:`~dopsd_fast.safety.Aborted`). Releases the output
+        folder's lock at its end."""
 
-        lock = OutputLock(self.out) if self.rank == 0 else None
-        self._sigterm = SigtermFlag()
+        self._signals = StopSignals()
         try:
+            if self._saved_step is not None and self.step >= self.cfg.train.max_steps:
+                log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train, nothing written "
+                            "(set train.max_steps above %d to continue)", self.step, self.cfg.train.max_steps,
+                            self.step)
+                return {}
             if self.rank == 0:
                 self.cfg.save(self.out / "config.yaml")
             return self._train()
         finally:
-            self._sigterm.restore()
-            if lock is not None:
-                lock.release()
+            self._signals.restore()
+            self.close()
+
+    def _stop_requested(self) -> str | None:
+        """The signal every rank stops for, at the same step (distributed: the flags ride on the step's
+        metrics all-reduce; see :meth:`train_step`)."""
+        return self._stop_kind if self.dist.active else self._signals.received
 
     def _train(self) -> dict:
         tcfg, vcfg = self.cfg.train, self.cfg.validation
@@ -452,9 +625,14 @@ class Trainer:
             self.validate()
         bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="D-OPSD", disable=not tcfg.progress or self.rank != 0)
         last = {}
+        stop = None
         try:
             while self.step < tcfg.max_steps:
-                last = self.train_step()
+                # a signal before the step starts (single process): nothing of the next step is begun
+                if not self.dist.active and self._signals.received:
+                    stop = self._signals.received
+                    break
+                last = self.train_step()  # a signal during it is only recorded: the step completes
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4g}", gnorm=f"{last['grad_norm']:.3g}")
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
@@ -463,21 +641,25 @@ class Trainer:
                     self.validate()
                 if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
                     self.save()
-                # SIGTERM on any rank stops every rank at the end of the same step (the flag rides on the
-                # step's metrics all-reduce), so the checkpoint below is written by all of them
-                if self._stop_all if self.dist.active else self._sigterm.received:
-
-                    raise Terminated(f"SIGTERM at step {self.step}")
-        except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM (safety.Terminated)
-            self.prefetch.close()
-
-            if self.dist.active and not isinstance(e, Terminated):  # the ranks are not in step: no collective save
-                log.warning("interrupted at step %d: no checkpoint (ranks not synchronised); resume from the last "
-                            "one with --resume latest", self.step)
-                raise
-            log.warning("%s at step %d: writing a checkpoint (resume with --resume latest)",
-                        "terminated" if isinstance(e, Terminated) else "interrupted", self.step)
-            self.save()
+                stop = self._stop_requested()
+                if stop:
+                    break
+            if stop:
+                self.prefetch.close()
+                what = "SIGTERM" if stop == "SIGTERM" else "Ctrl-C"
+                if self.step == 0:
+                    log.warning("%s before the first step: stopped, nothing to write", what)
+                else:
+                    if self._saved_step != self.step:
+                        self.save()
+                    log.warning("%s at step %d: stopped after writing its checkpoint (resume with --resume latest)",
+                                what, self.step)
+                raise (Terminated if stop == "SIGTERM" else Interrupted)(f"{stop} at step {self.step}")
+        except (Terminated, Interrupted):
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C (Aborted), or one delivered around the handler
+            log.warning("stopped at once after step %d, nothing more written (the last complete checkpoint stands; "
+                        "resume with --resume latest)", self.step)
             raise
         finally:
             bar.close()

@@ -2,10 +2,12 @@
 of torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0); otherwise it is ``dopsd-train``.
 ``DOPSD_FAULT_KIND``: ``exit`` (the process dies after the step, as a lost node would), ``nan`` (that
 rank's loss of the step is NaN), ``hang`` (the rank stops for 60 s before the step), ``drift`` (the rank's EMA teacher is nudged before
-the step: the in-sync check must catch it). Used by
+the step: the in-sync check must catch it), ``sigint`` (after the step the rank sends torchrun's agent
+SIGINT, as a Ctrl-C in the terminal does; the agent passes it on to every worker). Used by
 tests/test_distributed.py."""
 
 import os
+import signal
 import sys
 import time
 
@@ -31,6 +33,8 @@ def _faulty_step(self):
     m = _step(self)
     if KIND == "exit" and _here(self, self.step):
         os._exit(17)
+    if KIND == "sigint" and _here(self, self.step):
+        os.kill(os.getppid(), signal.SIGINT)
     return m
 
 

@@ -158,7 +158,7 @@ def test_the_lora_export_refuses_non_finite_or_absurd_weights_and_keeps_the_last
 
     run = _copy_run(trained, tmp_path)
     before = {p.name: p.read_bytes() for p in (run / "lora").iterdir()}
-    tr = _trainer(tmp_path, "train.max_steps=3")
+    tr = _trainer(tmp_path, "train.max_steps=3", resume="latest")  # the run's folder: continued, not restarted
     p = tr.weights.trainable_parameters()[0]
     for bad, msg in ((1.03e36, r"holds \|w\| up to 1\.03e\+36, over the limit 10000"),
                      (float("nan"), r"holds 1 non-finite value")):

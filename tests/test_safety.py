@@ -171,3 +171,502 @@ def test_atomic_writes_leave_files_readable_per_umask(tmp_path, mask):
         os.umask(old)
     for f in (tmp_path / "lora" / "x.safetensors", tmp_path / "y.safetensors"):
         assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f, oct(f.stat().st_mode))
+
+
+# ---- Ctrl-C, a used output folder, a second trainer (nothing lost) ---------------------------------------
+def _files(folder):
+    """Every file under ``folder`` (the lock aside) as bytes: what "untouched" compares."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def _state(ck):
+    from dopsd_fast.checkpoint import load_checkpoint
+
+    s = load_checkpoint(ck)
+    return {"step": s["step"], "weights": s["weights"], "optimizer": s["optimizer"], "sampler": s["sampler"],
+            "lr_scheduler": s["lr_scheduler"]}
+
+
+def _assert_same(a, b, where="state"):
+    """Bitwise equal nested states."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+_STRAIGHT = ["train.max_steps=4", "train.keep_checkpoints=10", "dopsd.ema_decay=0.7", "data.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run: 4 steps, a checkpoint after every one."""
+    from dopsd_fast.trainer import Trainer
+
+    base = tmp_path_factory.mktemp("straight")
+    Trainer(tiny_config(base, *_STRAIGHT, "train.checkpoint_every=1")).train()
+    return base / "run"
+
+
+def _inject_sigint(monkeypatch, tr, point, at_step, times=1):
+    """Send this process SIGINT ``times`` times at ``point`` of optimizer step ``at_step`` (1-based): a
+    deterministic place, not a timing."""
+    import dopsd_fast.weights as W
+    from dopsd_fast.trainer import Trainer
+
+    def fire():
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if point == "before_backward":
+        orig = Trainer.compute_rollout
+
+        def f(self, *a, **kw):
+            if self.step + 1 == at_step:
+                fire()
+            return orig(self, *a, **kw)
+        monkeypatch.setattr(Trainer, "compute_rollout", f)
+    elif point == "after_optimizer_step":
+        orig_step = tr.optimizer.step
+
+        def f(*a, **kw):
+            out = orig_step(*a, **kw)
+            if tr.step + 1 == at_step:
+                fire()  # the weights hold step N, the step counter, sampler and EMA do not yet
+            return out
+        monkeypatch.setattr(tr.optimizer, "step", f)
+    elif point == "inside_ema":
+        orig = W.ema_update_
+
+        def f(teacher, students, decay):
+            teacher, students = list(teacher), list(students)
+            k = len(teacher) // 2
+            orig(teacher[:k], students[:k], decay)
+            if tr.step + 1 == at_step:
+                fire()  # half of the teacher updated
+            orig(teacher[k:], students[k:], decay)
+        monkeypatch.setattr(W, "ema_update_", f)
+    elif point == "between_steps":
+        orig = tr.logger.log
+
+        def f(step, metrics):
+            orig(step, metrics)
+            if step == at_step:
+                fire()
+        monkeypatch.setattr(tr.logger, "log", f)
+    else:
+        raise AssertionError(point)
+
+
+_OPT_STEP_WRAPPED = "ignore:Seems like `optimizer.step\\(\\)` has been overridden"
+
+
+@pytest.mark.filterwarnings(_OPT_STEP_WRAPPED)
+@pytest.mark.parametrize("point", ["before_backward", "after_optimizer_step", "inside_ema", "between_steps"])
+def test_ctrl_c_writes_the_completed_step_and_resume_equals_the_uninterrupted_run(straight, tmp_path, monkeypatch,
+                                                                                  point):
+    """Ctrl-C anywhere in step 2 (before the backward, just after optimizer.step(), half-way through the EMA
+    update, between steps): the step finishes, its checkpoint is labelled 2 and holds exactly what the
+    uninterrupted run's step-2 checkpoint holds (weights, optimizer, LR schedule, data position); the
+    resumed run ends bitwise where the uninterrupted one ended, with every metrics row."""
+    from dopsd_fast.safety import Interrupted
+    from dopsd_fast.trainer import Trainer
+
+    tr = _trainer(tmp_path, *_STRAIGHT)
+    _inject_sigint(monkeypatch, tr, point, at_step=2)
+    with pytest.raises(Interrupted, match="SIGINT at step 2"):
+        tr.train()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the previous handler is back
+    cks = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert cks == ["step-0000002"]
+    _assert_same(_state(tmp_path / "run" / "checkpoints" / "step-0000002"),
+                 _state(straight / "checkpoints" / "step-0000002"))
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
+    monkeypatch.undo()
+    tr = _trainer(tmp_path, *_STRAIGHT, resume="latest")
+    assert tr.step == 2
+    tr.train()
+    _assert_same(_state(tmp_path / "run" / "checkpoints" / "step-0000004"),
+                 _state(straight / "checkpoints" / "step-0000004"))
+    assert _rows(tmp_path / "run") == _rows(straight)  # every row, the same values
+
+
+def _metrics_of(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rows(run):
+    """The metrics rows without the timings."""
+    return [{k: v for k, v in m.items() if k not in ("step_time_s", "samples_per_s")} for m in _metrics_of(run)]
+
+
+@pytest.mark.filterwarnings(_OPT_STEP_WRAPPED)
+def test_a_second_ctrl_c_stops_at_once_writing_nothing(straight, tmp_path, monkeypatch):
+    """Two Ctrl-C just after step 2's optimizer.step(): the run stops there, writes no checkpoint and no
+    LoRA of the half-applied step (step 1's stay as they were), and the resume repeats step 2 onwards to
+    the uninterrupted result."""
+    from dopsd_fast.safety import Aborted
+
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.checkpoint_every=1")
+    orig_save = tr.save
+    saved = {}
+
+    def save():
+        p = orig_save()
+        saved.update(_files(tmp_path / "run"))
+        return p
+    monkeypatch.setattr(tr, "save", save)
+    _inject_sigint(monkeypatch, tr, "after_optimizer_step", at_step=2, times=2)
+    with pytest.raises(Aborted):
+        tr.train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-0000001"]
+    after = _files(tmp_path / "run")
+    assert {k: v for k, v in after.items() if k != "metrics.jsonl" and k != "config.yaml"} == \
+        {k: v for k, v in saved.items() if k != "metrics.jsonl" and k != "config.yaml"}
+    assert [m["step"] for m in _metrics(tmp_path)] == [1]
+    monkeypatch.undo()
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.checkpoint_every=1", resume="latest")
+    assert tr.step == 1
+    tr.train()
+    _assert_same(_state(tmp_path / "run" / "checkpoints" / "step-0000004"),
+                 _state(straight / "checkpoints" / "step-0000004"))
+    assert _rows(tmp_path / "run") == _rows(straight)
+
+
+def _no_model_build(monkeypatch):
+    """A refusal must come before the data and the model are touched."""
+    from dopsd_fast.trainer import Trainer
+
+    def fail(self):
+        raise AssertionError("the model was built before the refusal")
+    monkeypatch.setattr(Trainer, "_build_data_and_model", fail)
+
+
+def test_a_used_output_dir_without_resume_is_refused_and_overwrite_moves_it_aside(straight, tmp_path, monkeypatch):
+    import shutil
+
+    from dopsd_fast.errors import OutputDirError
+    from dopsd_fast.trainer import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    with monkeypatch.context() as m:
+        _no_model_build(m)
+        with pytest.raises(OutputDirError) as e:
+            _trainer(tmp_path, *_STRAIGHT)
+    msg = str(e.value)
+    assert "\n" not in msg and str(run) in msg and "--resume latest" in msg and "another output_dir" in msg \
+        and "--overwrite" in msg
+    assert _files(run) == before  # the earlier run untouched
+    with pytest.raises(OutputDirError, match="pass one of them"):
+        Trainer(tiny_config(tmp_path, *_STRAIGHT), resume="latest", overwrite=True)
+    # --overwrite: the earlier run moved aside whole, the new run trains in a fresh folder
+    Trainer(tiny_config(tmp_path, *_STRAIGHT, "train.max_steps=2", "train.checkpoint_every=1"), overwrite=True).train()
+    assert _files(tmp_path / "run.old-1") == before
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
+    # a second --overwrite keeps the first one aside too
+    Trainer(tiny_config(tmp_path, *_STRAIGHT, "train.max_steps=1"), overwrite=True).train()
+    assert _files(tmp_path / "run.old-1") == before and (tmp_path / "run.old-2" / "metrics.jsonl").is_file()
+
+
+def test_the_cli_refuses_a_used_output_dir_in_one_line(straight, tmp_path, capsys):
+    import shutil
+
+    from dopsd_fast.cli import train_main
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    with pytest.raises(SystemExit) as e:
+        train_main(["--set", f"train.output_dir={run}", "--set", "train.max_steps=4", "--set", "train.progress=false"])
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: train.output_dir ")
+    assert "\n" not in e.value.code and "--overwrite" in e.value.code
+    assert _files(run) == before
+
+
+def test_pruning_touches_only_the_current_runs_checkpoints(straight, tmp_path):
+    """Checkpoints carry their run's id; a run prunes only its own (another run's step-50 stays, though
+    its step number is the highest)."""
+    import shutil
+
+    from dopsd_fast.checkpoint import checkpoint_run_id, list_checkpoints, save_checkpoint
+
+    ck = tmp_path / "ck"
+    for step in (50, 51):
+        save_checkpoint(ck, step, {"step": step, "w": torch.ones(2)}, keep=1, run_id="aaaaaaaaaaaa")
+    for step in (1, 2, 3):
+        save_checkpoint(ck, step, {"step": step, "w": torch.ones(2)}, keep=2, run_id="bbbbbbbbbbbb")
+    assert [s for s, _ in list_checkpoints(ck)] == [2, 3, 51]
+    assert checkpoint_run_id(ck / "step-0000051") == "aaaaaaaaaaaa"
+    # in the trainer: a foreign checkpoint in the folder, the run resumed from its own step 2
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(ck / "step-0000051", run / "checkpoints" / "step-0000051")
+    mine = checkpoint_run_id(run / "checkpoints" / "step-0000002")
+    assert mine and mine != "aaaaaaaaaaaa"
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+                  resume=str(run / "checkpoints" / "step-0000002"))
+    assert tr.run_id == mine
+    tr.train()
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [5, 6, 51]
+    assert checkpoint_run_id(run / "checkpoints" / "step-0000006") == mine
+
+
+def test_resume_into_a_folder_of_another_run_or_with_nothing_loadable_is_refused(straight, tmp_path):
+    import shutil
+
+    from dopsd_fast.errors import OutputDirError
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    other = tmp_path / "other"
+    _trainer(other, *_STRAIGHT, "train.max_steps=1").train()
+    with pytest.raises(OutputDirError, match="holds another run"):
+        _trainer(tmp_path, *_STRAIGHT, "train.max_steps=5", resume=str(other / "run" / "checkpoints" / "step-0000001"))
+    assert _files(run) == before
+    # every checkpoint damaged: refused (a fresh start there would mix with, then prune, the earlier run)
+    for ck in (run / "checkpoints").glob("step-*"):
+        (ck / "__0_0.distcp").write_bytes(b"torn")
+    before = _files(run)
+    with pytest.raises(OutputDirError, match=r"no checkpoint in .* loads .*--overwrite"):
+        _trainer(tmp_path, *_STRAIGHT, "train.max_steps=5", resume="latest")
+    assert _files(run) == before
+
+
+def test_the_lock_comes_first_a_second_trainer_is_refused_at_once_and_truncates_nothing(straight, tmp_path,
+                                                                                         monkeypatch):
+    """A trainer running in the folder (its lock held): a second one, even with --resume latest (which
+    cuts metrics.jsonl back to the checkpoint), is refused before it reads, writes or builds anything."""
+    import shutil
+    import time
+
+    from dopsd_fast.errors import OutputDirError
+    from dopsd_fast.safety import OutputLock
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    with open(run / "metrics.jsonl", "a") as f:  # the running trainer's row past its last checkpoint
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    before = _files(run)
+    held = OutputLock(run)
+    try:
+        _no_model_build(monkeypatch)
+        for resume in ("latest", None):
+            t0 = time.perf_counter()
+            with pytest.raises(OutputDirError, match=f"in use by host .* pid {os.getpid()}"):
+                _trainer(tmp_path, *_STRAIGHT, "train.max_steps=6", resume=resume)
+            assert time.perf_counter() - t0 < 2.0
+        assert _files(run) == before
+    finally:
+        held.release()
+
+
+def test_the_lock_follows_no_symlink_and_a_killed_holder_leaves_none(tmp_path):
+    import subprocess
+    import sys
+
+    from dopsd_fast.errors import OutputDirError
+    from dopsd_fast.safety import OutputLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (run / ".lock").symlink_to(target)
+    with pytest.raises(OutputDirError, match=r"\.lock is a symbolic link"):
+        OutputLock(run)
+    with pytest.raises(OutputDirError, match=r"\.lock is a symbolic link"):
+        _trainer(tmp_path)
+    assert target.read_text() == "keep me\n"
+    (run / ".lock").unlink()
+    # kill -9 of the holder: the kernel drops the flock, the next trainer takes the lock
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputDirError, match="in use"):
+            OutputLock(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    OutputLock(run).release()
+
+
+def test_max_steps_at_or_below_the_checkpoint_says_so(straight, tmp_path, caplog):
+    import shutil
+
+    from dopsd_fast.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"train.max_steps=3 is below the step of the checkpoint .*step-0000004 "
+                                          r"\(4\): nothing to train"):
+        _trainer(tmp_path, *_STRAIGHT, "train.max_steps=3", resume="latest")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        assert _trainer(tmp_path, *_STRAIGHT, resume="latest").train() == {}
+    assert "the checkpoint is at step 4, train.max_steps=4: nothing to train, nothing written" in caplog.text
+    assert _files(run) == before
+
+
+# ---- every fault ends in one line that names it -------------------------------------------------------
+def test_resume_latest_names_every_checkpoint_it_skips(straight, tmp_path, caplog):
+    """An emptied step folder, one without .metadata, and one that does not load: each named with its
+    reason; the resume takes the newest that loads."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    cks = run / "checkpoints"
+    shutil.rmtree(cks / "step-0000004")
+    (cks / "step-0000004").mkdir()  # emptied
+    (cks / "step-0000003" / ".metadata").unlink()  # half-copied
+    (cks / "step-0000002" / "__0_0.distcp").write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = _trainer(tmp_path, *_STRAIGHT, resume="latest")
+    assert tr.step == 1
+    tr.close()
+    skips = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skips) == 3
+    assert "step-0000004: not a complete checkpoint (no .metadata" in skips[0]
+    assert "step-0000003: not a complete checkpoint" in skips[1]
+    assert "step-0000002: it does not load" in skips[2]
+
+
+def test_the_lora_swap_leaves_a_complete_folder_and_a_crash_between_renames_is_repaired(tmp_path, monkeypatch,
+                                                                                        caplog):
+    from dopsd_fast import safety
+
+    out = tmp_path / "out"
+    safety.atomic_dir(out / "lora", lambda d: (d / "w").write_text("one"))
+    # the swap is one step where the system has it: "lora" always names a complete folder
+    seen = []
+    real = os.replace
+
+    def watch(a, b):
+        seen.append((os.path.basename(a), os.path.basename(b), (out / "lora" / "w").exists()))
+        return real(a, b)
+    monkeypatch.setattr(safety.os, "replace", watch)
+    safety.atomic_dir(out / "lora", lambda d: (d / "w").write_text("two"))
+    assert (out / "lora" / "w").read_text() == "two" and not list(out.glob(".lora.*"))
+    pid = os.getpid()  # renameat2 where available (no moment without lora/), else the two renames
+    assert seen == [] or [x[:2] for x in seen] == [("lora", f".lora.old-{pid}"), (f".lora.tmp-{pid}", "lora")]
+    monkeypatch.undo()
+    # a crash between the fallback's two renames: lora/ missing, the previous one aside, a temp left
+    os.replace(out / "lora", out / ".lora.old-4242")
+    (out / ".lora.tmp-4242").mkdir()
+    (out / ".lora.tmp-4242" / "w").write_text("half")
+    (out / ".lora_ema.tmp-77").mkdir()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        safety.recover_dirs(out, ("lora", "lora_ema"))
+    assert (out / "lora" / "w").read_text() == "two"
+    assert not list(out.glob(".lora*"))
+    assert "restored the previous one from .lora.old-4242" in caplog.text and ".lora_ema.tmp-77" in caplog.text
+
+
+def test_a_resume_repairs_the_lora_folders_left_by_a_kill(straight, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    good = _files(run / "lora")
+    os.replace(run / "lora", run / ".lora.old-31337")  # kill -9 between the two renames of the swap
+    (run / ".lora_ema.tmp-31337").mkdir()
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=5", resume="latest")
+    assert _files(run / "lora") == good and not list(run.glob(".lora*"))
+    tr.close()
+
+
+def test_a_full_disk_during_the_lora_export_is_one_line_and_nothing_torn(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import dopsd_fast.trainer as T
+
+    tr = _trainer(tmp_path, "train.max_steps=1")
+    tr.train()
+    run = tmp_path / "run"
+    good = _files(run / "lora"), _files(run / "lora_ema")
+
+    class SafetensorError(Exception):  # what safetensors raises, not an OSError
+        pass
+
+    def full(d, alpha):
+        (Path(d) / "comfyui_lora.safetensors").write_bytes(b"\0" * 7)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(T, "write_comfyui_lora", full)
+    with pytest.raises(OSError) as e:
+        tr.export_lora()
+    assert e.value.errno == 28 and "\n" not in str(e.value)
+    assert "writing the LoRA export lora/ at step 1 failed (No space left on the device)" in e.value.strerror
+    assert (_files(run / "lora"), _files(run / "lora_ema")) == good and not list(run.glob(".lora*"))
+    # through the command: one line, no traceback
+    from dopsd_fast.cli import train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", "tiny-zimage", "--set", f"train.output_dir={run}", "--set", "train.max_steps=2",
+                    "--set", "train.progress=false",
+                    "--set", "train.tensorboard=false", "--set", "validation.at_start=false", "--set",
+                    "validation.every=0", "--set", "train.checkpoint_every=0", "--resume", "latest"])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    assert e.value.code.startswith("error: writing the LoRA export lora/ at step 2 failed (No space left")
+    assert (_files(run / "lora"), _files(run / "lora_ema")) == good
+
+
+def test_allow_config_change_with_another_lora_rank_is_refused_naming_the_field(straight, tmp_path, monkeypatch):
+    import shutil
+
+    from dopsd_fast.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    _no_model_build(monkeypatch)
+    with pytest.raises(ConfigError, match=r"lora.rank: 8 -> 4 changes the shapes of the trained tensors.*not even "
+                                          r"with --allow-config-change") as e:
+        _trainer(tmp_path, *_STRAIGHT, "lora.rank=4", "train.max_steps=6", resume="latest", allow=True)
+    assert "\n" not in str(e.value) and "step-0000004" in str(e.value)
+    assert _files(run) == before
+
+
+def test_data_edited_in_place_between_runs_is_refused_naming_it(tmp_path, caplog):
+    """The checkpoint records the data's content fingerprint: a JSONL edited in place (same path, so the
+    config check alone sees no change) is refused, naming the file and what differs."""
+    from dopsd_fast.config import ConfigError
+    from dopsd_fast.data.tiny import ensure_tiny_dataset
+
+    jl = ensure_tiny_dataset(tmp_path / "data")
+    data = ["data.builtin=null", f"data.jsonl={jl}"]
+    _trainer(tmp_path, *data, "train.max_steps=1").train()
+    rows = [json.loads(line) for line in jl.read_text().splitlines()]
+    rows[0]["prompt"] += " at dusk"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    before = _files(run)
+    with pytest.raises(ConfigError, match=rf"the content of data.jsonl {jl} changed since the checkpoint \(the "
+                                          r"prompts differ\).*--allow-config-change") as e:
+        _trainer(tmp_path, *data, "train.max_steps=2", resume="latest")
+    assert "\n" not in str(e.value)
+    assert _files(run) == before
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = _trainer(tmp_path, *data, "train.max_steps=2", resume="latest", allow=True)
+    assert tr.step == 1 and "resuming on the new data" in caplog.text
+    tr.close()

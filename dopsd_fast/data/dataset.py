@@ -194,6 +194,19 @@ class ImageTextDataset:
         """(image, references) of record ``index``, decoded now."""
         return _load_record_images(self.records[index])
 
+    def fingerprint(self) -> dict:
+        """What the data is, not where it lies: the number of rows and SHA-256 digests of the images (every
+        row's target and reference file hashes, in order: already computed when the rows were checked,
+        so the fingerprint costs nothing more), of the prompts, and of the buckets. A checkpoint records
+        it; a resume compares it (a file edited in place between runs changes it, a dataset copied
+        elsewhere does not)."""
+        def digest(items) -> str:
+            return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
+
+        rs = self.records
+        return {"rows": len(rs), "images": digest([[r.image_hash, r.reference_hash] for r in rs]),
+                "prompts": digest([r.prompts for r in rs]), "buckets": digest([list(r.bucket) for r in rs])}
+
 
 def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref_field=None) -> Record:
     w, h = _check_image(image_path, where, image_field)
