@@ -192,16 +192,19 @@ def rollout_loss(
 
 
 def rollout_loss_paired(pair_fn, noise: torch.Tensor, sigmas: Sequence[float] | str, loss: str = "x0",
-                        backward: str = "once", loss_scale: float = 1.0, backward_fn=None) -> RolloutResult:
+                        backward: str = "once", loss_scale: float = 1.0, backward_fn=None,
+                        check_inputs: bool = True) -> RolloutResult:
     """:func:`rollout_loss` with one callable for both branches: ``pair_fn(x, sigma) -> (v_student,
     v_teacher)`` (the fast path's packed double forward). ``v_teacher`` must carry no autograd
     history; it is treated as a constant either way. Same semantics, same result. ``backward_fn(t)``:
-    who runs the stepwise schedule's per-state backward (default ``t.backward()``)."""
+    who runs the stepwise schedule's per-state backward (default ``t.backward()``). ``check_inputs``:
+    read the noise once to refuse non-finite values (a host read; the trainer, which draws its own
+    noise and reads its loss once per optimizer step, passes False)."""
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn)
+    return _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn, check_inputs=check_inputs)
 
 
 def _concrete(t: torch.Tensor) -> bool:
@@ -214,12 +217,12 @@ def _concrete(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _check_noise(noise) -> None:
+def _check_noise(noise, read: bool = True) -> None:
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"rollout_loss: noise must be a tensor (x_0 of shape (batch, ...)), got {type(noise).__name__}")
     if noise.ndim < 2 or noise.shape[0] == 0:
         raise ValueError(f"rollout_loss: noise must have shape (batch, ...) with batch >= 1, got {tuple(noise.shape)}")
-    if _concrete(noise) and not bool(torch.isfinite(noise).all()):  # one read per roll-out
+    if read and _concrete(noise) and not bool(torch.isfinite(noise).all()):  # one read per roll-out
         bad = int((~torch.isfinite(noise)).sum())
         raise ValueError(f"rollout_loss: the noise holds {bad} non-finite values (NaN / inf) of {noise.numel()}: "
                          "draw it from torch.randn, finite, before the roll-out")
@@ -237,9 +240,10 @@ def _check_outputs(k: int, v_s, v_t) -> None:
                          "inference_mode) and make sure its trainable parameters (the LoRA) have requires_grad=True")
 
 
-def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=None, check_sign=False) -> RolloutResult:
+def _rollout(pair_fn, noise, sigmas, loss, backward, loss_scale, backward_fn=None, check_sign=False,
+             check_inputs=True) -> RolloutResult:
     sig = resolve_schedule(sigmas)
-    _check_noise(noise)
+    _check_noise(noise, read=check_inputs)
     k_states = len(sig) - 1
     batch = noise.shape[0]
     x = noise.detach().float()

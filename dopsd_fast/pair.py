@@ -129,7 +129,7 @@ class FastPair:
 
 def dopsd_step(pair, noise: torch.Tensor, ctx_s, ctx_t, sigmas, *, loss: str = "x0", backward: str = "once",
                loss_scale: float = 1.0, autocast=None, backward_fn: Callable | None = None,
-               region: Callable | None = None) -> RolloutResult:
+               region: Callable | None = None, check_inputs: bool = True) -> RolloutResult:
     """One D-OPSD step of one micro-batch over any pair (:class:`Pair`): the K-state roll-out from
     ``noise``, the teacher on every student state, the loss, and its backward (``once``: after the
     roll-out, the authors' schedule; ``stepwise``: after each state, the same gradient with one state's
@@ -139,14 +139,15 @@ def dopsd_step(pair, noise: torch.Tensor, ctx_s, ctx_t, sigmas, *, loss: str = "
     given one, EVERY gradient goes through it (once per roll-out, or once per state), so the student's
     state-independent work is not deferred to a separate ``fn.finish()`` backward the caller's engine
     would not see (stepwise then recomputes it per state); ``region(name)``: a context around the
-    backward work (nvtx). ``result.loss`` comes back detached."""
+    backward work (nvtx). ``result.loss`` comes back detached. ``check_inputs``: the noise read once for non-finite
+    values (:func:`~dopsd_fast.algorithm.rollout_loss_paired`)."""
     finish = backward_fn is None
     backward_fn = backward_fn or (lambda t: t.backward())
     region = region or (lambda name: contextlib.nullcontext())
     fn = pair.pair_fn(ctx_s, ctx_t, backward=backward, finish=finish)
     with autocast if autocast is not None else contextlib.nullcontext():
         res = rollout_loss_paired(fn, noise, sigmas, loss=loss, backward=backward, loss_scale=loss_scale,
-                                  backward_fn=backward_fn)
+                                  backward_fn=backward_fn, check_inputs=check_inputs)
     if backward == "once":
         with region("backward"):
             backward_fn(res.loss * loss_scale)

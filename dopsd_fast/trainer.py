@@ -339,7 +339,8 @@ class Trainer:
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
         return dopsd_step(self.pair, noise, ctx_s, ctx_t, sigmas, loss=self.cfg.dopsd.loss, backward=self.backward,
-                          loss_scale=loss_scale, autocast=self.autocast(), region=self._nv)
+                          loss_scale=loss_scale, autocast=self.autocast(), region=self._nv,
+                          check_inputs=False)  # its own noise; the loss is read once per optimizer step
 
     def compute_sft(self, samples, noise, step: int, micro: int, loss_scale: float = 1.0):
         """The SFT baseline: flow matching on the target latents, ``(1 - s) x0 + s eps`` -> ``eps - x0``,

@@ -60,6 +60,10 @@ def main(out: str) -> None:
                 "local_vs_mean": float((local - expected).norm() / expected.norm()),
                 "warned": [m for m in seen if "does not average" in m]},
                Path(out) / f"rank{rank}.pt")
+    # DDP's reducer released and both ranks done before the group goes: tearing the group down under a
+    # live reducer can abort the process at exit ("terminate called without an active exception")
+    del fast, ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 
