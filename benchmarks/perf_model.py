@@ -801,7 +801,7 @@ def _fmt_row(r: dict) -> str:
             + ("  [teacher through a CUDA graph, unpacked]" if r.get("teacher_graph") else ""))
 
 
-# the independent count of the fast step's non-GEMM, non-attention traffic (issue 40): Z-Image-Turbo,
+# the independent count of the fast step's non-GEMM, non-attention traffic: Z-Image-Turbo,
 # 1024^2, K = 4, LoRA r64, captions 512 / 1024, stepwise, cuBLAS paired linears, our kernels
 INDEPENDENT_NON_GEMM_TB = 0.70
 

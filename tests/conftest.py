@@ -71,8 +71,8 @@ def assert_close(actual, expected, atol=0.0, rtol=0.0, name="tensor", *, scaled=
     ``scaled=True``: ``atol`` is relative to the compared tensor's magnitude (the bound is
     ``atol x max|expected| + rtol x |expected|``). Use it wherever the two sides sum in different
     orders (another kernel, another CPU's BLAS, another thread count): their rounding grows with the
-    tensor's largest entries, so a fixed atol on a gradient whose entries reach 25 fails by chance
-    (issue 9), while an error that is a sizeable fraction of the tensor still fails.
+    tensor's largest entries, so a fixed atol on a gradient whose entries reach 25 fails by chance,
+    while an error that is a sizeable fraction of the tensor still fails.
     ``DOPSD_TOL_REPORT=<file>`` appends each comparison's observed error and bound (headroom audit).
     """
     actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
