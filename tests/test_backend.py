@@ -168,14 +168,11 @@ def test_wrap_refuses_what_cannot_work():
     assert fast.sigmas_from_timesteps(TIMESTEPS) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
 
 
-def test_klein_two_adapters_and_references():
-    """FLUX.2-klein held as the authors' klein scripts hold it (one model, "student" / "teacher" peft
-    adapters; the teacher sees the target's latents as a reference image): the backend's step equals
-    the eager reference step on the same model (adapters selected per branch)."""
+def _klein_two_adapters():
+    """A tiny FLUX.2-klein with "student" and "teacher" peft adapters (perturbed: not the identity),
+    the student selected, as the authors' klein scripts hold it."""
     from peft import LoraConfig
 
-    from dopsd_fast import backend
-    from dopsd_fast.algorithm import rollout_loss
     from dopsd_fast.families import KLEIN
 
     torch.manual_seed(0)
@@ -186,6 +183,18 @@ def test_klein_two_adapters_and_references():
     tr.add_adapter(copy.deepcopy(cfg), adapter_name="teacher")
     _perturb([p for n, p in tr.named_parameters() if "lora_" in n], 3)
     tr.set_adapter("student")
+    return tr
+
+
+def test_klein_two_adapters_and_references():
+    """FLUX.2-klein held as the authors' klein scripts hold it (one model, "student" / "teacher" peft
+    adapters; the teacher sees the target's latents as a reference image): the backend's step equals
+    the eager reference step on the same model (adapters selected per branch)."""
+    from dopsd_fast import backend
+    from dopsd_fast.algorithm import rollout_loss
+    from dopsd_fast.families import KLEIN
+
+    tr = _klein_two_adapters()
     train = {n: p for n, p in tr.named_parameters() if ".student." in n}
     for p in train.values():
         p.requires_grad_(True)

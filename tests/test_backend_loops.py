@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import assert_close, compare_grads
-from tests.test_backend import TIMESTEPS, _grads, _inputs, _perturb, _zimage
+from tests.test_backend import TIMESTEPS, _grads, _inputs, _klein_two_adapters, _perturb, _zimage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,20 +223,7 @@ def test_zimage_latents_in_the_models_list_layout():
 
 
 def _klein():
-    import copy
-
-    from peft import LoraConfig
-
-    from dopsd_fast.families import KLEIN
-
-    torch.manual_seed(0)
-    tr = KLEIN.diffusers_class()(**KLEIN.tiny_config()).float().requires_grad_(False)
-    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                     target_modules=list(KLEIN.default_lora_targets(tr.config)))
-    tr.add_adapter(cfg, adapter_name="student")
-    tr.add_adapter(copy.deepcopy(cfg), adapter_name="teacher")
-    _perturb([p for n, p in tr.named_parameters() if "lora_" in n], 3)
-    tr.set_adapter("student")
+    tr = _klein_two_adapters()
     g = torch.Generator().manual_seed(6)
     noise = torch.randn(2, 16, 4, 6, generator=g)  # h != w: a layout mix-up cannot pass unseen
     txt_s, txt_t = torch.randn(2, 8, 96, generator=g), torch.randn(2, 8, 96, generator=g)

@@ -67,6 +67,29 @@ class ModelAdapter(ABC):
     """Base class of the model families (see the module docstring)."""
 
     spec = None  # the family's FamilySpec (each family's adapter sets it): its facts live there
+    encoder_attrs: tuple = ()  # the encoder parts ensure_encoders fills (None until then)
+
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
+                 empty_weights: bool = False):
+        """Build the family's parts: from its preset (``model.preset``, :class:`~dopsd_fast.families.spec.Preset`)
+        or the local diffusers folder (``_load_local``); then the encoders when asked. ``empty_weights``:
+        the transformer and VAE built from their configs on the meta device, no weights read and no
+        encoders (``dopsd-train --dry-run``: shapes, schedules, cache identity)."""
+        self.cfg = cfg
+        self.empty_weights = empty_weights
+        self.device = torch.device("meta") if empty_weights else torch.device(device)
+        self.dtype = dtype
+        for name in self.encoder_attrs:
+            setattr(self, name, None)
+        self.preset = self.spec.preset(cfg.preset) if cfg.preset is not None else None
+        if self.preset is not None:
+            self.preset.build(self)
+        else:
+            self._load_local()
+        if load_encoders and not empty_weights:
+            self.ensure_encoders()
+        self.transformer.to(self.device, self.dtype).requires_grad_(False)
+        self.vae.to(self.device, torch.float32).requires_grad_(False).eval()
 
     transformer: torch.nn.Module
     device: torch.device

@@ -88,25 +88,7 @@ def flux2_velocity(transformer, x, sigma, contexts):
 
 class KleinAdapter(ModelAdapter):
     spec = SPEC
-    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
-                 empty_weights: bool = False):
-        """``empty_weights``: the transformer and VAE built from their configs on the meta device, no
-        weights read and no encoders (``dopsd-train --dry-run``: shapes, schedules, cache identity)."""
-        self.cfg = cfg
-        self.empty_weights = empty_weights
-        self.device = torch.device("meta") if empty_weights else torch.device(device)
-        self.dtype = dtype
-        load_encoders = load_encoders and not empty_weights
-        self.text_encoder = self.tokenizer = None
-        self.preset = SPEC.preset(cfg.preset) if cfg.preset is not None else None
-        if self.preset is not None:
-            self.preset.build(self)
-        else:
-            self._load_local()
-        if load_encoders:
-            self.ensure_encoders()
-        self.transformer.to(self.device, self.dtype).requires_grad_(False)
-        self.vae.to(self.device, torch.float32).requires_grad_(False).eval()
+    encoder_attrs = ("text_encoder", "tokenizer")  # filled by ensure_encoders
 
     # ---- construction ------------------------------------------------------------------------
     def _load_local(self):

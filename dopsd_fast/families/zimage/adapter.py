@@ -38,27 +38,8 @@ def zimage_velocity(transformer, x, sigma, contexts):
 
 class ZImageAdapter(ModelAdapter):
     spec = SPEC
-
-    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
-                 empty_weights: bool = False):
-        """``empty_weights``: the transformer and VAE built from their configs on the meta device, no
-        weights read and no encoders (``dopsd-train --dry-run``: shapes, schedules, cache identity).
-        A preset (``model.preset``) builds its parts itself (:class:`~dopsd_fast.families.spec.Preset`)."""
-        self.cfg = cfg
-        self.empty_weights = empty_weights
-        self.device = torch.device("meta") if empty_weights else torch.device(device)
-        self.dtype = dtype
-        load_encoders = load_encoders and not empty_weights
-        self.text_encoder = self.vlm = self.tokenizer = self.vlm_tokenizer = self.image_processor = None
-        self.preset = SPEC.preset(cfg.preset) if cfg.preset is not None else None
-        if self.preset is not None:
-            self.preset.build(self)
-        else:
-            self._load_local()
-        if load_encoders:
-            self.ensure_encoders()
-        self.transformer.to(self.device, self.dtype).requires_grad_(False)
-        self.vae.to(self.device, torch.float32).requires_grad_(False).eval()
+    # filled by ensure_encoders
+    encoder_attrs = ("text_encoder", "vlm", "tokenizer", "vlm_tokenizer", "image_processor")
 
     # ---- construction ------------------------------------------------------------------------
     def _load_local(self) -> None:
