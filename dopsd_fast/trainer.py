@@ -30,7 +30,7 @@ from dopsd_fast.checkpoint import (checkpoint_run_id, incomplete_checkpoints, li
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import from_env
-from dopsd_fast.errors import ConfigError, OutputDirError
+from dopsd_fast.errors import ConfigError, DataError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, family, require_editing_support
 from dopsd_fast.fastpath import build_pair
@@ -333,16 +333,20 @@ class Trainer:
             self._sigma_cache[key] = self.adapter.training_sigmas(self.cfg.dopsd.rollout, key)
         return self._sigma_cache[key]
 
-    def compute_rollout(self, samples, noise, loss_scale: float = 1.0):
-        """Roll-out, loss and backward of one micro-batch: the one D-OPSD step (:func:`dopsd_fast.pair.dopsd_step`)."""
+    def compute_rollout(self, samples, noise, loss_scale: float = 1.0, input_flags: list | None = None):
+        """Roll-out, loss and backward of one micro-batch: the one D-OPSD step (:func:`dopsd_fast.pair.dopsd_step`).
+        ``input_flags``: where to append the micro-batch's finiteness flags (:meth:`input_flags`)."""
         sigmas = self.sigmas_for(noise.shape[-2:])
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         ctx_t = [c.to(self.device) for c in self.contexts.teacher(samples)]
+        if input_flags is not None:
+            input_flags.append(self.input_flags(samples, ctx_s, ctx_t))
         return dopsd_step(self.pair, noise, ctx_s, ctx_t, sigmas, loss=self.cfg.dopsd.loss, backward=self.backward,
                           loss_scale=loss_scale, autocast=self.autocast(), region=self._nv,
                           check_inputs=False)  # its own noise; the loss is read once per optimizer step
 
-    def compute_sft(self, samples, noise, step: int, micro: int, loss_scale: float = 1.0):
+    def compute_sft(self, samples, noise, step: int, micro: int, loss_scale: float = 1.0,
+                    input_flags: list | None = None):
         """The SFT baseline: flow matching on the target latents, ``(1 - s) x0 + s eps`` -> ``eps - x0``,
         with the sigma sampling of diffusers' DreamBooth LoRA scripts (u from the weighting scheme,
         quantised to the 1000-step grid, then the model's timestep shift); student context only."""
@@ -351,6 +355,8 @@ class Trainer:
         sc = self.cfg.sft
         x0 = self.contexts.latents(samples).to(self.device)
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
+        if input_flags is not None:
+            input_flags.append(self.input_flags(samples, ctx_s, None, x0))
         g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, 3) % (1 << 63))
         u = compute_density_for_timestep_sampling(sc.weighting, len(samples), sc.logit_mean, sc.logit_std,
                                                   sc.mode_scale, generator=g)
@@ -365,28 +371,95 @@ class Trainer:
             (loss * loss_scale).backward()
         return RolloutResult(loss.detach(), [loss.detach()], [x_t.detach()], [v.detach()], [])
 
+    # what each bit of an input flag names (the sample's context or target that is not finite)
+    _INPUT_KINDS = ((1, "student", "student context"), (2, "teacher", "teacher context"), (4, None, "target latents"))
+
+    def input_flags(self, samples, ctx_s, ctx_t=None, x0=None) -> torch.Tensor:
+        """One number per sample, computed on the device (no host read): 0 where every input of the sample
+        is finite, else ``(dataset index + 1) * 8 + mask`` (mask bits: 1 student context, 2 teacher context,
+        4 target latents). The training step reads them with its loss, once per optimizer step."""
+        flags = []
+        for j, s in enumerate(samples):
+            parts = [(1, [ctx_s[j]]), (2, [ctx_t[j]] if ctx_t is not None else []),
+                     (4, [x0[j]] if x0 is not None else [])]
+            mask = torch.zeros((), dtype=torch.float64, device=self.device)
+            for bit, ctxs in parts:
+                ts = [t for c in ctxs for t in ([c] if torch.is_tensor(c) else
+                                                [c.features, *(v for v in c.extra.values() if torch.is_tensor(v))])
+                      if t.is_floating_point() and t.numel()]
+                if ts:
+                    bad = torch.stack([~torch.isfinite(t).all() for t in ts]).any()
+                    mask = mask + bit * bad.double()
+            flags.append(torch.where(mask > 0, (getattr(s, "index", -1) + 1) * 8 + mask, mask))
+        return torch.stack(flags)
+
+    def _input_source(self, kind: str | None, record) -> str:
+        """Where a sample's context or latents came from, for the message about a non-finite one."""
+        if kind is None:
+            return f"encoded from the image {record.image_path}"
+        if self.contexts.cache is not None:
+            from dopsd_fast.cache import record_key
+
+            entries = self.contexts.cache.entries
+            shards = sorted({entries[k][0] for k in (record_key(kind, p, record) for p in record.prompts) if k in entries})
+            return (f"feature cache {self.contexts.cache.dir}, shard {', '.join(shards) or '?'}; delete the cache "
+                    "and run dopsd-cache again")
+        what = "the image and the prompt" if kind == "teacher" else "the prompt"
+        return f"encoded from {what} of {record.image_path}"
+
+    def _raise_nonfinite_inputs(self, step: int, flags: list[float]) -> None:
+        """The first sample whose inputs are not finite, named (row, image, which input, its source)."""
+        per_rank = len(flags) // (self.world if self.dist.active else 1)
+        for slot, f in enumerate(flags):
+            v = int(round(f))
+            if v <= 0:
+                continue
+            index, mask = v // 8 - 1, v % 8
+            rank, within = divmod(slot, per_rank)
+            rec = self.dataset.records[index] if 0 <= index < len(self.dataset) else None
+            where = (f"sample {index} ({rec.where}, image {rec.image_path})" if rec is not None
+                     else f"sample {index}")
+            kinds = [(name, self._input_source(k, rec) if rec is not None else "")
+                     for bit, k, name in self._INPUT_KINDS if mask & bit]
+            if len({src for _, src in kinds}) == 1:  # one source (a cache shard): said once
+                what = f"{' and '.join(name for name, _ in kinds)}" + (f" ({kinds[0][1]})" if kinds[0][1] else "")
+            else:
+                what = " and ".join(f"{name} ({src})" for name, src in kinds)
+            on = f" on rank {rank}" if self.dist.active and self.world > 1 else ""
+            raise DataError(f"step {step}: {where}{on} carries non-finite values (NaN or Inf) in its {what}; fix or "
+                            "remove that row (nothing of this step was written; the last checkpoint is the last good "
+                            "state)")
+
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         accum = self.cfg.train.grad_accum
         # losses stay on the device: no host read per micro-batch (each would drain the GPU's queue)
         state_losses = None
         total, n = None, 0
+        input_flags: list[torch.Tensor] = []  # per sample, read with the loss (one fused read per step)
         for micro in range(accum):
             if self.sharded:  # FSDP2 reduce-scatters with the last micro-batch's backward only
                 self.weights.transformer.set_requires_gradient_sync(micro == accum - 1)
             samples = self.next_samples(self.step, micro)
             noise = self.noise_for(samples, self.step, micro)
             if self.cfg.method == "sft":
-                res = self.compute_sft(samples, noise, self.step, micro, loss_scale=1.0 / accum)
+                res = self.compute_sft(samples, noise, self.step, micro, loss_scale=1.0 / accum,
+                                       input_flags=input_flags)
             else:
-                res = self.compute_rollout(samples, noise, loss_scale=1.0 / accum)
+                res = self.compute_rollout(samples, noise, loss_scale=1.0 / accum, input_flags=input_flags)
             loss = res.loss.detach().float().reshape(1)
             sl = torch.stack([l.detach().float().reshape(()) for l in res.state_losses])
             total = loss if total is None else total + loss
             state_losses = sl if state_losses is None else state_losses + sl
             n += len(samples)
         params = self.weights.trainable_parameters()
-        metrics_t = torch.cat([total, state_losses]).double()
+        # this rank's flags in its own slots of a world-wide vector (a mean over ranks keeps every rank's)
+        own = torch.cat(input_flags).to(total.device) if input_flags else total.new_zeros(0, dtype=torch.float64)
+        width = accum * self.cfg.data.batch_size
+        flags = own.new_zeros((self.world if self.dist.active else 1) * width)
+        first = (self.rank if self.dist.active else 0) * width
+        flags[first:first + own.numel()] = own
+        metrics_t = torch.cat([total.double(), state_losses.double(), flags])
         if self.dist.active:  # one gradient average per optimizer step; the metrics and the stop flags with it
             with self._nv("all-reduce"):  # (FSDP2's sharded gradients are reduce-scattered already)
                 self.dist.all_reduce_mean_([p.grad for p in params if p.grad is not None and not fsdp.is_dtensor(p.grad)])
@@ -405,6 +478,11 @@ class Trainer:
         if self.dist.active:  # every rank stops after this step if any rank received a signal before it
             sigint, sigterm = host.pop() > 0, host.pop() > 0
             self._stop_kind = "SIGTERM" if sigterm else "SIGINT" if sigint else None
+        nflags = flags.numel()
+        flag_values = [f * (self.world if self.dist.active else 1) for f in host[len(host) - nflags:]]
+        host = host[:len(host) - nflags]
+        if any(f > 0.5 for f in flag_values):
+            self._raise_nonfinite_inputs(self.step + 1, flag_values)
         total, state_losses = host[0], host[1:]
         lr = self.lr_sched.get_last_lr()[0]
         self.guard.check_before_update(self.step + 1, total / accum, gnorm)

@@ -2,7 +2,8 @@
 of torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0); otherwise it is ``dopsd-train``.
 ``DOPSD_FAULT_KIND``: ``exit`` (the process dies after the step, as a lost node would), ``nan`` (that
 rank's loss of the step is NaN), ``hang`` (the rank stops for 60 s before the step), ``drift`` (the rank's EMA teacher is nudged before
-the step: the in-sync check must catch it), ``sigint`` (after the step the rank sends torchrun's agent
+the step: the in-sync check must catch it), ``nan_input`` (the rank's student contexts of the step are
+NaN, as garbled cached features are), ``sigint`` (after the step the rank sends torchrun's agent
 SIGINT, as a Ctrl-C in the terminal does; the agent passes it on to every worker). Used by
 tests/test_distributed.py."""
 
@@ -13,9 +14,11 @@ import time
 
 import torch
 
+from dopsd_fast.cache import ContextProvider
 from dopsd_fast.trainer import Trainer
 
-_step, _rollout = Trainer.train_step, Trainer.compute_rollout
+_step, _rollout, _student = Trainer.train_step, Trainer.compute_rollout, ContextProvider.student
+_at = {"here": False}  # whether the running step is the faulty one
 KIND = os.environ.get("DOPSD_FAULT_KIND", "exit")
 
 
@@ -25,6 +28,7 @@ def _here(self, step):
 
 
 def _faulty_step(self):
+    _at["here"] = _here(self, self.step + 1)
     if KIND == "hang" and _here(self, self.step + 1):
         time.sleep(60)
     if KIND == "drift" and _here(self, self.step + 1):
@@ -45,7 +49,15 @@ def _faulty_rollout(self, *a, **kw):
     return res
 
 
+def _faulty_student(self, samples):
+    ctx = _student(self, samples)
+    if KIND == "nan_input" and _at["here"]:
+        ctx = [type(c)(torch.full_like(c.features, float("nan")), c.extra) for c in ctx]
+    return ctx
+
+
 Trainer.train_step, Trainer.compute_rollout = _faulty_step, _faulty_rollout
+ContextProvider.student = _faulty_student
 
 if __name__ == "__main__":
     from dopsd_fast.cli import train_main

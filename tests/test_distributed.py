@@ -129,6 +129,24 @@ def test_one_ranks_nan_stops_every_rank_before_anything_is_written(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["weights"]["student"].values())
 
 
+def test_one_ranks_nonfinite_input_is_named_by_rank_0_with_its_row_and_rank(tmp_path):
+    """Rank 1's sample of step 3 carries NaN contexts: rank 0 (which never saw that sample) names it,
+    its row and the rank, in one line; nothing of step 3 is written."""
+    out = tmp_path / "nan_input"
+    r = _run(out, 2, 1, "--set", "train.checkpoint_every=1", worker="dist_fault_worker.py",
+             env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "3", "DOPSD_FAULT_KIND": "nan_input"})
+    assert r.returncode != 0
+    import re
+
+    lines = [l for l in r.stderr.splitlines() if "carries non-finite values" in l]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert re.search(r"error: step 3: sample \d+ \(.*train\.jsonl:\d+, image .*\) on rank 1 carries non-finite values "
+                     r"\(NaN or Inf\) in its student context \(encoded from the prompt of ", lines[0]), lines[0]
+    from dopsd_fast.checkpoint import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [1, 2]
+
+
 def test_a_hung_rank_times_the_collective_out_with_a_message(tmp_path):
     r = _run(tmp_path / "hang", 2, 1, "--set", "train.dist_timeout_s=4", worker="dist_fault_worker.py",
              env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "2", "DOPSD_FAULT_KIND": "hang"}, timeout=120)

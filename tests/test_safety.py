@@ -4,6 +4,7 @@ changed config, divergence, two trainers on one output, torn outputs, SIGTERM, a
 import json
 import logging
 import os
+import re
 import signal
 
 import pytest
@@ -670,3 +671,71 @@ def test_data_edited_in_place_between_runs_is_refused_naming_it(tmp_path, caplog
         tr = _trainer(tmp_path, *data, "train.max_steps=2", resume="latest", allow=True)
     assert tr.step == 1 and "resuming on the new data" in caplog.text
     tr.close()
+
+
+def _poison_cached_record(cache, record) -> None:
+    """Every cached context of ``record`` (each prompt, both branches) set to NaN, in its shard."""
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.cache import record_key
+
+    entries = json.loads((cache / "manifest.json").read_text())["entries"]
+    hit = [entries[record_key(kind, p, record)] for kind in ("student", "teacher") for p in record.prompts]
+    for shard in {s for s, _ in hit}:
+        tensors = load_file(str(cache / shard))
+        for s, name in hit:
+            if s == shard:
+                tensors[f"{name}.features"] = torch.full_like(tensors[f"{name}.features"], float("nan"))
+        save_file(tensors, str(cache / shard))
+
+
+def test_nonfinite_cached_features_are_named_at_the_batch_that_carries_them(tmp_path):
+    """Garbled (NaN) cached features: the step that draws them stops naming the sample, its row and the
+    cache shard, before the update; the checkpoints before it are intact."""
+    from dopsd_fast.checkpoint import load_checkpoint
+    from dopsd_fast.cli import cache_main
+    from dopsd_fast.errors import DataError
+
+    cache = tmp_path / "cache"
+    assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false",
+                       "--set", "cache.shard_size=5"]) == 0
+    tr = _trainer(tmp_path, f"cache.dir={cache}", "train.checkpoint_every=1", f"train.max_steps={4 * 24}")
+    k = 3
+    rec = tr.dataset.records[k]
+    _poison_cached_record(cache, rec)
+    with pytest.raises(DataError) as e:
+        tr.train()
+    msg = str(e.value)
+    assert f"sample {k} ({rec.where}, image {rec.image_path})" in msg
+    assert re.search(rf"non-finite values \(NaN or Inf\) in its student context \(feature cache {cache}, shard "
+                     r"shard-\d+\.safetensors; .*dopsd-cache again\) and teacher context \(feature cache", msg), msg
+    assert "\n" not in msg
+    failed = int(msg.split(":")[0].split()[1])
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] == f"step-{failed - 1:07d}"  # every step before the bad batch kept
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / steps[-1])
+    assert all(torch.isfinite(v).all() for v in state["weights"]["student"].values())
+
+
+@pytest.mark.parametrize("method,what", [("dopsd", "teacher context"), ("sft", "target latents")])
+def test_nonfinite_image_is_named_at_the_batch_that_carries_it(tmp_path, monkeypatch, method, what):
+    """A NaN in a decoded image (contexts encoded on the fly): the step names the sample, its image and
+    the input the image fed (the teacher's context; the SFT target's latents)."""
+    import dopsd_fast.data.dataset as D
+    from dopsd_fast.errors import DataError
+
+    tr = _trainer(tmp_path, f"method={method}", "train.max_steps=48")
+    k = 1
+    bad_path = tr.dataset.records[k].image_path
+    orig = D._load_record_images
+
+    def load(rec):
+        image, refs = orig(rec)
+        if rec.image_path == bad_path:
+            image = image.clone()
+            image[:, 0, 0] = float("nan")
+        return image, refs
+    monkeypatch.setattr(D, "_load_record_images", load)
+    with pytest.raises(DataError, match=rf"step \d+: sample {k} \(.*image {bad_path}\) carries non-finite values "
+                                        rf"\(NaN or Inf\) in its {what} \(.*encoded from .*{bad_path}"):
+        tr.train()

@@ -188,7 +188,9 @@ class ImageTextDataset:
         rec = self.records[index]
         if prompt_index is None:
             prompt_index = rng.randrange(len(rec.prompts)) if rng is not None else 0
-        return Sample(rec, rec.prompts[prompt_index], images=images)
+        sample = Sample(rec, rec.prompts[prompt_index], images=images)
+        sample.index = index  # the row's place in the dataset: how other ranks' messages name it
+        return sample
 
     def load_images(self, index: int):
         """(image, references) of record ``index``, decoded now."""
