@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +15,41 @@ def to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels (measured in the font drawn with), breaking at
+    spaces; a word wider than the line is broken inside. Nothing is dropped."""
+    lines: list[str] = []
+    for word in text.split():
+        line = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(line) <= width:
+            lines[-1] = line
+            continue
+        while draw.textlength(word) > width and len(word) > 1:  # a word longer than the line
+            k = max(1, max(i for i in range(1, len(word) + 1) if draw.textlength(word[:i]) <= width or i == 1))
+            lines.append(word[:k])
+            word = word[k:]
+        lines.append(word)
+    return lines or [""]
+
+
 def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path:
     """``rows``: list of (caption, [image tensors (3, H, W) in [0, 1], or None: an empty cell]). Small
-    images are upscaled (nearest) to ``min_cell`` so tiny runs stay legible."""
+    images are upscaled (nearest) to ``min_cell`` so tiny runs stay legible. Every caption is shown in
+    full, wrapped to the grid's width (its row grows by the lines it needs)."""
     cell_w = max(min_cell, max(im.shape[-1] for _, ims in rows for im in ims if im is not None))
     cell_h = max(min_cell, max(im.shape[-2] for _, ims in rows for im in ims if im is not None))
-    pad, head, cap = 6, 18, 28
+    pad, head, line_h = 6, 18, 11
     ncol = max(len(ims) for _, ims in rows)
     W = pad + ncol * (cell_w + pad)
-    H = head + pad + len(rows) * (cell_h + cap + pad)
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    captions = [wrap_text(d, caption, W - 2 * pad) for caption, _ in rows]
+    cap_h = [max(28, 6 + line_h * len(lines)) for lines in captions]
+    H = head + pad + sum(cell_h + c + pad for c in cap_h)
+    canvas = Image.new("RGB", (W, max(H, head + pad)), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     d.text((pad, 2), title, fill=(0, 0, 0))
-    for r, (caption, ims) in enumerate(rows):
-        y = head + pad + r * (cell_h + cap + pad)
+    y = head + pad
+    for (caption, ims), lines, ch in zip(rows, captions, cap_h):
         for c, im in enumerate(ims):
             if im is None:
                 continue
@@ -41,6 +61,8 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
             canvas.paste(p, (x, y))
             if c < len(headers):
                 d.text((x + 2, y + 2), headers[c], fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
-        d.text((pad, y + cell_h + 2), "\n".join(textwrap.wrap(caption, width=max(20, W // 7))[:2]), fill=(0, 0, 0))
+        for k, line in enumerate(lines):
+            d.text((pad, y + cell_h + 2 + k * line_h), line, fill=(0, 0, 0))
+        y += cell_h + ch + pad
 
     return atomic_write(Path(path), canvas.save)

@@ -300,3 +300,26 @@ def test_images_decode_ahead_off_the_step(tmp_path, monkeypatch):
     ctx = ContextProvider(adapter=None, cache=Cache())
     ctx.student(samples), ctx.teacher(samples)
     assert not any(s.decoded for s in samples)
+
+
+def test_grid_captions_are_shown_in_full():
+    """A caption longer than its image is wide is wrapped onto as many lines as it needs (nothing cut),
+    each line within the grid's width; its row grows by those lines."""
+    from PIL import Image, ImageDraw
+
+    from dopsd_fast.validation import save_grid, wrap_text
+
+    cap = ("a large red circle at the top left on a teal and cream checkerboard [V] background, "
+           "with a supercalifragilisticexpialidocious-long-token in it")
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = wrap_text(d, cap, 128)
+    assert "".join(lines).replace(" ", "") == cap.replace(" ", "")  # every character kept, in order
+    assert len(lines) >= 4 and all(d.textlength(line) <= 128 for line in lines)
+    img = [torch.rand(3, 32, 32)]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as t:
+        short = Image.open(save_grid([("a dog", img)], ["base"], Path(t) / "a.png")).size
+        long = Image.open(save_grid([(cap, img)], ["base"], Path(t) / "b.png")).size
+    assert long[0] == short[0] and long[1] >= short[1] + 11 * (len(lines) - 2)
