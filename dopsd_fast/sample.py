@@ -78,18 +78,31 @@ def _found(state: dict) -> str:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def sample_images(adapter, prompts, width: int, height: int, steps=None, seed: int = 0, transformer=None,
+                  sigmas=None) -> list[torch.Tensor]:
+    """One image per prompt, (3, H, W) in [0, 1] on the CPU: the Euler ODE from noise seeded
+    ``seed + i``, along the model's inference schedule of ``steps`` (or ``sigmas`` when given), with
+    ``transformer`` (the adapter's own by default)."""
+    transformer = transformer if transformer is not None else adapter.transformer
+    shape = adapter.latent_shape(height, width)
+    sig = sigmas if sigmas is not None else adapter.inference_sigmas(steps, shape[-2:])
+    out = []
+    for i, p in enumerate(prompts):
+        ctx = [c.to(adapter.device) for c in adapter.encode_student([p])]
+        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)).to(adapter.device)
+        x = euler_sample(lambda x, s: adapter.velocity(transformer, x, s, ctx), noise, sig)
+        out.append(adapter.decode(x)[0].float().clamp(0, 1).cpu())
+    return out
+
+
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png") -> Path:
     adapter = build_adapter(cfg.model)
     if lora:
         load_lora_into(adapter.transformer, lora)
     bw, bh = make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0]
     w, h = width or bw, height or bh
-    shape = adapter.latent_shape(h, w)
-    sig = adapter.inference_sigmas(steps, shape[-2:])
-    rows = []
-    for i, p in enumerate(prompts):
-        ctx = [c.to(adapter.device) for c in adapter.encode_student([p])]
-        noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)).to(adapter.device)
-        x = euler_sample(lambda x, s: adapter.velocity(adapter.transformer, x, s, ctx), noise, sig)
-        rows.append((p, [adapter.decode(x)[0].cpu()]))
-    return save_grid(rows, ["lora" if lora else "base"], out, title=f"{len(sig) - 1} steps")
+    n_steps = len(adapter.inference_sigmas(steps, adapter.latent_shape(h, w)[-2:])) - 1
+    images = sample_images(adapter, prompts, w, h, steps, seed)
+    rows = [(p, [im]) for p, im in zip(prompts, images)]
+    return save_grid(rows, ["lora" if lora else "base"], out, title=f"{n_steps} steps")
