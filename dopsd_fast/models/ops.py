@@ -327,7 +327,7 @@ class FusedOps(TorchOps):
         return self._nm.norm_gated_residual(x, gate.to(x.dtype), y, w.to(x.dtype), eps, use_tanh=tanh, seq=seq)
 
     def swiglu(self, a, b):
-        return self._sw.swiglu(a.contiguous(), b.contiguous())
+        return self._sw.swiglu(a, b)  # halves of one projection read in place (row strides)
 
     def rope_qk(self, q, k, wq, wk, cos, sin, eps):
         return self._rope.rope_qk_norm(q, k, wq.to(q.dtype), wk.to(k.dtype), cos, sin, eps)
