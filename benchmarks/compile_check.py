@@ -248,6 +248,7 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     # SwiGLU
     a, b = e(Ts, F, g=True), e(Ts, F, g=True)
     ops.swiglu(a, b).sum().backward()
+    ops.swiglu(*e(Ts, 2 * F, g=True).chunk(2, -1)).sum().backward()  # the halves of one projection, in place
     # RoPE + QK RMSNorm (packed (1, T, H, hd))
     q, k = e(1, Ts, H, hd, g=True), e(1, Ts, H, hd, g=True)
     cos, sin = torch.empty(Ts, hd // 2), torch.empty(Ts, hd // 2)

@@ -371,7 +371,10 @@ def _queued_ms(fn, reps=10, host_ms=None) -> float:
 
 
 def stage_m2(rows: Rows) -> int:
-    """The paired LoRA linear: ours vs cuBLAS, and a device copy of the same bytes. The backward is
+    """The paired LoRA linear: ours (the delta in the GEMM's tile, dx accumulated in the dX GEMM), the
+    cuBLAS form (the delta first, the base GEMM accumulating into it) beside the earlier cuBLAS form
+    (the delta by a second call after the base GEMM) and two plain LoRA layers, and a device copy of the
+    same bytes. The backward is
     timed alone (the forward's graph kept) two ways: ``bwd_ms`` GPU time (queued behind a spinning
     kernel), ``bwd_wall_ms`` per call with do_bench (host included where the host is slower), with
     ``bwd_host_ms`` the host's time to issue it; ``bwd_derived_ms`` is the earlier figure (forward +
@@ -398,6 +401,16 @@ def stage_m2(rows: Rows) -> int:
         def ours(impl):
             return lambda: paired_lora_linear(xs, xt, w, None, (a_s, b_s, 2.0), (a_t, b_t, 2.0), impl=impl)[0]
 
+        def delta_after():  # the paired op's earlier cuBLAS form: the delta by a second call re-reading y
+            def one(x, a, b):
+                u = torch.addmm(x.new_zeros(()), x, a.t(), beta=0, alpha=2.0)
+                return torch.mm(x, w.t()).addmm_(u, b.t())
+
+            y = one(xs, a_s, b_s)
+            with torch.no_grad():
+                one(xt, a_t, b_t)
+            return y
+
         def two_layers():
             y = lora_linear_ref(xs, w, None, a_s, b_s, 2.0)
             with torch.no_grad():
@@ -410,7 +423,9 @@ def stage_m2(rows: Rows) -> int:
         src = torch.empty(nbytes // 2, device=dev, dtype=torch.uint8)
         dst = torch.empty_like(src)
         copy_ms = _median_ms(lambda: dst.copy_(src))  # moves nbytes (read + write)
-        for name, fn in (("ours: Triton paired GEMM", ours("triton")), ("ours: stacked on cuBLAS", ours("torch")),
+        for name, fn in (("ours: Triton paired GEMM", ours("triton")),
+                         ("ours: paired on cuBLAS, delta first", ours("torch")),
+                         ("cuBLAS, delta after the base GEMM (earlier form, autograd's backward)", delta_after),
                          ("two cuBLAS LoRA layers", two_layers)):
             try:
                 with torch.no_grad():

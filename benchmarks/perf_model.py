@@ -336,16 +336,20 @@ def load_calibration(path) -> dict:
     return cal
 
 
-_GEMM_IMPL = {"ours: stacked on cuBLAS": "cublas", "ours: Triton paired GEMM": "triton"}
+# m2's variants -> (implementation, the cuBLAS form's order of the LoRA delta): "ours: stacked on cuBLAS" is
+# the paired op's cuBLAS form as it ran until the delta went first (its rows in the 2026-12-04 calibration)
+_GEMM_IMPL = {"ours: stacked on cuBLAS": ("cublas", "after"),
+              "ours: paired on cuBLAS, delta first": ("cublas", "first"),
+              "ours: Triton paired GEMM": ("triton", "first")}
 _ATTENTION = {"ours: both branches, one launch": "triton", "SDPA flash (two calls)": "flash",
               "SDPA cuDNN (two calls)": "cudnn"}
 
 
-def _paired_forward_passes(row, impl):
+def _paired_forward_passes(row, impl, delta):
     from dopsd_fast.kernels.multi_lora import paired_fwd_passes
 
     return [p for m in (int(x) for x in row["rows"].split("+"))
-            for p in paired_fwd_passes(m, row["K"], row["N"], row["rank"], 2, impl)]
+            for p in paired_fwd_passes(m, row["K"], [row["N"]], row["rank"], 2, impl, delta=delta)]
 
 
 def _attention_flops(row, backend) -> dict:
@@ -392,10 +396,27 @@ def derive_rates(cal: dict, in_situ: bool = True) -> dict:
       ops is the in-situ factor, what the per-op microbenchmarks leave out when the ops run back to
       back in a whole model (``in_situ=False``: 1).
 
+    The roll-out is modelled in the paired linears' cuBLAS form that ran it (:func:`measured_form`).
     Derived once per file and process (the in-situ factor models the roll-out: ~20 s)."""
     key = (json.dumps(cal, sort_keys=True), in_situ)
     if key in _DERIVED:
         return _DERIVED[key]
+    with measured_form(cal):
+        out = _derive_rates(cal, in_situ)
+    _DERIVED[key] = out
+    return out
+
+
+def measured_form(cal: dict):
+    """The paired op's costs in the form the calibration's GPU run executed: the cuBLAS form's LoRA delta
+    after the base GEMM (a second call re-reading the output) until the delta went first; a file from
+    a later run says which (``paired_cublas_delta``), an earlier one is "after"."""
+    from dopsd_fast.kernels.multi_lora import costs_of_form
+
+    return costs_of_form(cal.get("paired_cublas_delta", "after"))
+
+
+def _derive_rates(cal: dict, in_situ: bool) -> dict:
     copy = sorted({(r["copy_bytes"], r["copy_ms"]) for r in cal["paired_linear"]})
     speeds = sorted(b / (ms * 1e-3) for b, ms in copy)
     bandwidth = speeds[len(speeds) // 2]
@@ -409,10 +430,10 @@ def derive_rates(cal: dict, in_situ: bool = True) -> dict:
                              f"{int(launches)} launches of the roll-out (model) -> {launch_s * 1e6:.2f} us")
     probe = Pricing(calibration={**out, "gemm": {"cublas": {"-": 1e30}}})
     for row in cal["paired_linear"]:
-        impl = _GEMM_IMPL.get(row["variant"])
+        impl, delta = _GEMM_IMPL.get(row["variant"], (None, None))
         if impl is None:
             continue
-        passes = _paired_forward_passes(row, impl)
+        passes = _paired_forward_passes(row, impl, delta)
         base = [p for p in passes if p["kind"] == "gemm" and p["shape"][2] == row["N"]]
         other = sum(probe.seconds(p["kind"], 0.0, p["bytes"], p["launches"]) for p in passes if p not in base)
         left = row["fwd_ms"] * 1e-3 - other - sum(p["launches"] for p in base) * launch_s
@@ -438,7 +459,6 @@ def derive_rates(cal: dict, in_situ: bool = True) -> dict:
         out["in_situ"] = launch["graphs_s"] / ops
         out["derivation"].append(f"in-situ: graphs row {launch['graphs_s']:.4f} s (GPU-bound roll-out) / "
                                  f"{ops:.4f} s of its ops at the rates above (model) -> x{out['in_situ']:.3f}")
-    _DERIVED[key] = out
     return out
 
 
@@ -589,7 +609,17 @@ def model_step(preset: str, path: str, backward: str, rank: int | None = None, c
     NOT take, modelled to show why: the student alone (with autograd) and the teacher alone through a
     CUDA graph (its launches priced at one replay), nothing shared between the branches. Eager path:
     ``eager_checkpointing`` (diffusers' gradient checkpointing, as the authors run it). ``calibration``:
-    rates from :func:`derive_rates` (default: the stated ``rates``)."""
+    rates from :func:`derive_rates` (default: the stated ``rates``); with it, ``gemm="auto"`` is the
+    per-shape choice the paired linears make on the calibration's GPU (``multi_lora.choose_paired_impl``)."""
+    from dopsd_fast.kernels.multi_lora import costs_of_form
+
+    with costs_of_form(gpu=calibration["source"]["gpu"] if calibration and gemm == "auto" else None):
+        return _model_step(preset, path, backward, rank, cap_s, cap_t, rates, gemm, fp8, checkpoint, teacher_graph,
+                           attention, eager_checkpointing, calibration)
+
+
+def _model_step(preset, path, backward, rank, cap_s, cap_t, rates, gemm, fp8, checkpoint, teacher_graph, attention,
+                eager_checkpointing, calibration) -> dict:
     t0 = time.time()
     if attention not in ATTENTION_MODEL:
         raise ValueError(f"perf_model: attention must be one of {sorted(ATTENTION_MODEL)}, got {attention!r}")
@@ -845,14 +875,16 @@ def compare(cal_path, preset: str = "zimage-6b") -> tuple[str, list[dict]]:
     rates = derive_rates(cal)
     src = cal["source"]
     lines = [f"model (calibrated: {Path(cal_path).name}) vs measured on {src['gpu']} {src['date']}, commit "
-             f"{src['commit']} ({src['report']}); MODEL FIGURES beside measurements",
+             f"{src['commit']} ({src['report']}), paired linears' cuBLAS form: LoRA delta "
+             f"{cal.get('paired_cublas_delta', 'after')} the base GEMM, as run; MODEL FIGURES beside measurements",
              f"{'step':<44} {'measured s':>10} {'model s':>8} {'error':>7} {'per-op s':>9} {'error':>7}"]
     rows = []
     for key, label, kw in VALIDATION:
         m = cal["steps"].get(key)
         if m is None:
             continue
-        r = model_step(preset, backward="stepwise", calibration=rates, **kw)
+        with measured_form(cal):  # the steps as they ran (fast.gemm auto was cuBLAS)
+            r = model_step(preset, backward="stepwise", calibration=rates, gemm="cublas", **kw)
         launch = r["total"]["launches"] * rates["launch_s"]
         per_op = (r["predicted_s"] - launch) / rates["in_situ"] + launch
         err, err_op = r["predicted_s"] / m["median_s"] - 1, per_op / m["median_s"] - 1
@@ -905,6 +937,9 @@ def calibration_from_results(results_path, report: str) -> dict:
                        "commit": meta["git_commit"], "report": report},
             "note": "measured rows as taken; the rates are derived from them by benchmarks/perf_model.py "
                     "(derive_rates). Regenerate with --calibrate-from; do not edit the numbers.",
+            # the paired op's cuBLAS form that ran (measured_form): m2 names it since the delta went first
+            "paired_cublas_delta": "first" if any(r["variant"] == "ours: paired on cuBLAS, delta first"
+                                                  for r in lin) else "after",
             "paired_linear": lin, "attention": att,
             "launch": {"launched_s": graphs["launched_median_s"], "graphs_s": graphs["graphs_median_s"],
                        "row": f"step stage, graphs row: {graphs['what']}"},
@@ -920,8 +955,9 @@ def main(argv=None) -> int:
     p.add_argument("--cap-s", type=int, default=None)
     p.add_argument("--cap-t", type=int, default=None)
     p.add_argument("--gemm", default="auto", choices=["auto", "cublas", "triton"],
-                   help="the fast path's paired-linear GEMM (auto = cublas: the LoRA delta accumulated into the "
-                        "output by a second call; triton: in the GEMM's epilogue)")
+                   help="the fast path's paired-linear GEMM (cublas: the LoRA delta first, the base GEMM accumulating "
+                        "into it; triton: ours, the delta in its tile; auto: per shape, the faster at the calibration "
+                        "GPU's measured rates, cublas without --calibration)")
     p.add_argument("--attention", default="triton", choices=sorted(ATTENTION_MODEL),
                    help="the fast path's attention (triton: ours; sdpa: PyTorch's choice, priced as flash; cudnn)")
     p.add_argument("--fp8", default="off", choices=["off", "native"],

@@ -274,7 +274,7 @@ class FastConfig:
     enabled: bool = False
     kernels: str = "auto"  # auto (Triton kernels on CUDA) | on | off (same structure, eager PyTorch ops)
     attention: str = "auto"  # auto (measured fastest on this GPU, else sdpa) | triton | sdpa | flash_attn
-    # the paired LoRA linear's base GEMM: auto (= cublas until a GPU measurement says otherwise) | cublas | triton
+    # the paired LoRA linear's base GEMM: auto (per shape, the faster at this GPU's measured rates) | cublas | triton
     gemm: str = "auto"
     # the memory budget of the automatic choices (dopsd.backward and model.gradient_checkpointing auto);
     # None = 85% of the free GPU memory
@@ -665,8 +665,9 @@ FIELD_HELP: dict[str, str] = {
     "fast.attention": "`auto` (the order measured for this GPU: cuDNN on H200 and H100, elsewhere PyTorch SDPA's own "
                       "choice, the reason logged), `cudnn` (SDPA, cuDNN first), `triton` (ours: both branches in "
                       "one launch), `sdpa`, `flash_attn`",
-    "fast.gemm": "the paired LoRA linear's base GEMM: `auto` (= `cublas`), `cublas`, or `triton` (ours, the LoRA "
-                 "delta in its epilogue)",
+    "fast.gemm": "the paired LoRA linear's base GEMM: `auto` (per shape, the faster at this GPU's measured rates; "
+                 "`cublas` on a GPU with no measurement), `cublas` (the LoRA delta first, the base GEMM accumulating "
+                 "into it), or `triton` (ours, the LoRA delta in its tile)",
     "fast.memory_budget_gb": "the budget of the automatic choices (`dopsd.backward`, "
                              "`model.gradient_checkpointing`); `null` = 85% of the free GPU memory",
     "fast.graphs": "CUDA graphs for the no-grad single-branch forwards (validation, sampling); the training "

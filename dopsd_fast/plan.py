@@ -25,7 +25,7 @@ class RunPlan:
     layers: int  # the main layers that can be checkpointed
     kernels: bool  # our fused kernels (fast path)
     attention: str  # the fast path's attention backend ("diffusers" on the eager path: the model's own)
-    gemm: str  # the paired LoRA linear's base GEMM: "cublas" | "triton"
+    gemm: str  # the paired LoRA linear's base GEMM: "cublas" | "triton" | "auto" (per shape: measured rates)
     compile: str  # "off" | "ops" (the fast path's element-wise ops) | "regional" (diffusers' repeated blocks)
     compile_backend: str
     fp8: str
@@ -103,7 +103,7 @@ def resolve_plan(cfg, spec, transformer_config, shape, device: torch.device, bud
         attention = resolve_attention(fc.attention, device, gpu_name)
         if attention == "triton" and not kernels and device.type != "cuda":
             attention = "sdpa"  # our attention kernel without the fused ops, off the GPU: PyTorch's instead
-        gemm = "triton" if fc.gemm == "triton" else "cublas"
+        gemm = fc.gemm
         if fc.graphs and device.type != "cuda" and gpu_name is None:
             raise ConfigError("config field 'fast.graphs': CUDA graphs need a CUDA device")
     else:

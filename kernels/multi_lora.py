@@ -26,6 +26,9 @@ at the end of this file (branches in their own tensors, never concatenated).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -105,12 +108,13 @@ def _blocks(M, N, K):
     return 128, 128, 64 if K >= 64 else max(16, next_pow2(K)), 8, 3
 
 
-def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None, acc=None):
+def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None, acc=None, out=None):
     """``a (M, K) @ b (K, N) [+ a2 @ b2] [+ bias]`` with any strides; ``branch=(n_split, rank, s_s, s_t)``;
-    ``acc``: an (M, N) tensor the product is added to, in place (returned)."""
+    ``acc``: an (M, N) tensor the product is added to, in place (returned); ``out``: an (M, N) tensor
+    (any strides, e.g. a column slice) the product is written to (returned)."""
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=out_dtype) if acc is None else acc
+    c = acc if acc is not None else out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return c
     BM, BN, BK, warps, stages = _blocks(M, N, max(K, a2.shape[1] if a2 is not None else 0))
@@ -275,52 +279,105 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # is saved once. Nothing of the teacher is kept for the backward; only the student's dx and adapter
 # gradients are computed; the rank-sized gradient GEMMs (dA = du^T x, dB = dy^T u) go to cuBLAS,
 # which picks split-K for these short, wide products (a 64-row output on 132 SMs).
+def _stack_rows(As):
+    """``[A_1; ...; A_G]`` (G r, K): each adapter copied into its rows (G small copies; one A alone as is)."""
+    if len(As) == 1:
+        return As[0]
+    r = As[0].shape[0]
+    out = As[0].new_empty((len(As) * r, As[0].shape[1]))
+    for g, a in enumerate(As):
+        out[g * r:(g + 1) * r].copy_(a)
+    return out
+
+
+def _low_rank_in(x, As, scales, tri):
+    """``u = [s_1 x A_1^T | ... | s_G x A_G^T]`` (M, G r): the group's adapters stacked (a (G r, K)
+    copy of the small A's), so x is read ONCE for the whole group; one scale folds into the GEMM's
+    alpha (the usual case: one adapter config), several scale their column blocks after."""
+    n, r, G = x.shape[0], As[0].shape[0], len(As)
+    a_cat = _stack_rows(As)
+    same = all(s == scales[0] for s in scales)
+    if tri:
+        if same:
+            return _gemm(x, a_cat.t(), x.dtype, branch=(n, G * r, scales[0], scales[0]))
+        u = x.new_empty((n, G * r))
+        for g, (a, s) in enumerate(zip(As, scales)):  # one launch per scale: x read per adapter
+            _gemm(x, a.t(), x.dtype, branch=(n, r, s, s), out=u[:, g * r:(g + 1) * r])
+        return u
+    if same:
+        return torch.addmm(x.new_zeros(()), x, a_cat.t(), beta=0, alpha=scales[0])
+    u = torch.mm(x, a_cat.t())
+    u.view(n, G, r).mul_(torch.tensor(scales, dtype=u.dtype, device=u.device)[:, None])
+    return u
+
+
 def _branch_fwd(x, weights, biases, As, Bs, scales, tri, fp8=None):
-    """-> (ys, us): ``y = x W^T (+ bias) + u B^T`` with ``u = s * x A^T`` per linear of the group;
-    ``fp8=(quantized weights, their scales, rowwise)``: the base GEMM in FP8 (``torch._scaled_mm``, x
-    quantized here, on this branch's rows), the delta in the activations' dtype."""
-    ys, us = [], []
-    if fp8 is not None and x.shape[0] == 0:  # a branch with no rows (one-branch calls)
-        return ([x.new_empty((0, w.shape[0])) for w in weights], [x.new_empty((0, a.shape[0])) for a in As])
+    """-> (ys, u): ``y = x W^T (+ bias) + u_g B^T`` per linear ``g`` of the group, ``u`` (M, G r) the
+    group's low-rank activations (``u_g``: its columns ``[g r, (g + 1) r)``). cuBLAS: the delta FIRST,
+    ``y = u_g B^T (+ bias)`` (a rank-r product: y written once), then the base GEMM accumulates into it
+    (``addmm_``, beta = 1: y read in the GEMM's epilogue, where a compute-bound GEMM hides it), not a
+    second call after the base GEMM that re-reads and rewrites y. Ours: one GEMM, the delta and the
+    bias in the same tile. ``fp8=(quantized weights, their scales, rowwise)``: the base GEMM in FP8
+    (``torch._scaled_mm``, x quantized here, on this branch's rows; no accumulate input: the delta
+    after it), the delta in the activations' dtype."""
+    if x.shape[0] == 0 and fp8 is not None:  # a branch with no rows (one-branch calls)
+        return [x.new_empty((0, w.shape[0])) for w in weights], x.new_empty((0, sum(a.shape[0] for a in As)))
+    u = _low_rank_in(x, As, scales, tri)
+    r = As[0].shape[0]
     if fp8 is not None:
         from dopsd_fast.fp8 import quantize
 
         xq, xs = quantize(x, fp8[2])
-    for g, (w, bias, a, b, s) in enumerate(zip(weights, biases, As, Bs, scales)):
-        n, r = x.shape[0], a.shape[0]
+    ys = []
+    for g, (w, bias, b) in enumerate(zip(weights, biases, Bs)):
+        u_g = u[:, g * r:(g + 1) * r]
         if fp8 is not None:
-            u = torch.addmm(x.new_zeros(()), x, a.t(), beta=0, alpha=s)
             ws = fp8[1][g]
             y = torch._scaled_mm(xq, fp8[0][g].t(), scale_a=xs, scale_b=ws.t() if fp8[2] else ws, out_dtype=x.dtype)
             if bias is not None:
                 y += bias
-            y.addmm_(u, b.t())
+            y.addmm_(u_g, b.t())
         elif tri:
-            u = _gemm(x, a.t(), x.dtype, branch=(n, r, s, s))
-            y = _gemm(x, w.t(), x.dtype, a2=u, b2=b.t(), bias=bias)
-        else:  # cuBLAS: the scale in the GEMM epilogue (alpha), the delta accumulated into y (beta = 1)
-            u = torch.addmm(x.new_zeros(()), x, a.t(), beta=0, alpha=s)
-            y = torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
-            y.addmm_(u, b.t())
-        ys.append(y)
-        us.append(u)
-    return ys, us
-
-
-def _student_bwd(dys, x, weights, us, As, Bs, scales, tri):
-    """-> (dx, dAs, dBs) of the group, dx accumulated over its linears in one buffer."""
-    dx, das, dbs = None, [], []
-    for dy, w, u, a, b, s in zip(dys, weights, us, As, Bs, scales):
-        n, r = dy.shape[0], a.shape[0]
-        if tri:
-            du = _gemm(dy, b, dy.dtype, branch=(n, r, s, s))
-            dx = _gemm(dy, w, x.dtype, a2=du, b2=a, acc=dx)
+            y = _gemm(x, w.t(), x.dtype, a2=u_g, b2=b.t(), bias=bias)
         else:
-            du = torch.addmm(dy.new_zeros(()), dy, b, beta=0, alpha=s)
-            dx = torch.mm(dy, w) if dx is None else dx.addmm_(dy, w)
-            dx.addmm_(du, a)
-        das.append(torch.mm(du.t(), x).to(a.dtype))
-        dbs.append(torch.mm(dy.t(), u).to(b.dtype))
+            y = torch.addmm(bias, u_g, b.t()) if bias is not None else torch.mm(u_g, b.t())
+            y.addmm_(x, w.t())
+        ys.append(y)
+    return ys, u
+
+
+def _own(t, dtype):
+    """``t`` in ``dtype`` in a storage of its own (an op's outputs may not be views of one another)."""
+    return t.clone() if t.dtype == dtype else t.to(dtype)
+
+
+def _student_bwd(dys, x, weights, u, As, Bs, scales, tri):
+    """-> (dx, dAs, dBs) of the group, dx accumulated over its linears in one buffer. ``du_g = s dy_g
+    B_g`` into the columns of one (M, G r) ``du``. cuBLAS: the group's LoRA part of dx FIRST, ``dx =
+    du [A_1; ...; A_G]`` (one rank-(G r) product: dx written once), then each base dX GEMM accumulates
+    into it (``addmm_``, beta = 1: dx read in its epilogue), not a second call per linear that re-reads
+    and rewrites dx. Ours: one GEMM per linear for ``dy W + du A``, accumulating into dx. The
+    adapters' ``dA = du^T x`` of the whole group is one product (x read once)."""
+    n, r, G = x.shape[0], As[0].shape[0], len(As)
+    du = x.new_empty((n, G * r))
+    zero = None if tri else dys[0].new_zeros(())
+    for g, (dy, b, s) in enumerate(zip(dys, Bs, scales)):
+        if tri:
+            _gemm(dy, b, dy.dtype, branch=(n, r, s, s), out=du[:, g * r:(g + 1) * r])
+        else:
+            torch.addmm(zero, dy, b, beta=0, alpha=s, out=du[:, g * r:(g + 1) * r])
+    a_cat = _stack_rows(As)
+    dx = None
+    if tri:
+        for g, (dy, w, a) in enumerate(zip(dys, weights, As)):
+            dx = _gemm(dy, w, x.dtype, a2=du[:, g * r:(g + 1) * r], b2=a, acc=dx)
+    else:
+        dx = torch.mm(du, a_cat)
+        for dy, w in zip(dys, weights):
+            dx.addmm_(dy, w)
+    da_cat = torch.mm(du.t(), x)
+    das = [da_cat.to(As[0].dtype)] if G == 1 else [_own(da_cat[g * r:(g + 1) * r], a.dtype) for g, a in enumerate(As)]
+    dbs = [torch.mm(dy.t(), u[:, g * r:(g + 1) * r]).to(b.dtype) for g, (dy, b) in enumerate(zip(dys, Bs))]
     return dx, das, dbs
 
 
@@ -330,38 +387,41 @@ def paired_lora_linears_op(x_s: torch.Tensor, x_t: torch.Tensor, weights: list[t
                            a_t: list[torch.Tensor], b_t: list[torch.Tensor], scales_s: list[float],
                            scales_t: list[float], impl: str, fp8_w: list[torch.Tensor],
                            fp8_scale: list[torch.Tensor], fp8_rowwise: bool) -> list[torch.Tensor]:
-    """-> ``[y_s per linear] + [y_t per linear] + [u_s per linear]`` (u_s kept for the backward); an
+    """-> ``[y_s per linear] + [y_t per linear] + [u_s]`` (u_s (M_s, G r), the student's low-rank
+    activations of the group, kept for the backward); an
     empty bias tensor is no bias (a list of optional tensors is not a stable pytree for autograd).
     Differentiable through :func:`paired_lora_linears` (its autograd: ``_PairedLinears``), not alone.
     ``fp8_w`` / ``fp8_scale``: the base weights quantized (float8_e4m3fn) and their scales, for an FP8
     forward GEMM (empty lists: none); the backward is the same either way (dX in bf16 against W)."""
     biases = [b if b.numel() else None for b in biases]
+    impl = resolve_impl(impl, x_s, x_t, weights, a_s, scales_s)
     tri = impl == "triton" and use_triton(x_s, x_t, *weights, *a_s, *b_s, *a_t, *b_t)
     fp8 = (fp8_w, fp8_scale, fp8_rowwise) if fp8_w else None
-    ys, us = _branch_fwd(x_s, weights, biases, a_s, b_s, scales_s, tri, fp8)
+    ys, u_s = _branch_fwd(x_s, weights, biases, a_s, b_s, scales_s, tri, fp8)
     yt, _ = _branch_fwd(x_t, weights, biases, a_t, b_t, scales_t, tri, fp8)
-    return ys + yt + us
+    return ys + yt + [u_s]
 
 
 @paired_lora_linears_op.register_fake
 def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w, fp8_scale, fp8_rowwise):
     return ([x_s.new_empty((x_s.shape[0], w.shape[0])) for w in weights]
             + [x_t.new_empty((x_t.shape[0], w.shape[0])) for w in weights]
-            + [x_s.new_empty((x_s.shape[0], a.shape[0])) for a in a_s])
+            + [x_s.new_empty((x_s.shape[0], sum(a.shape[0] for a in a_s)))])
 
 
 @torch.library.custom_op("dopsd_fast::paired_lora_linears_backward", mutates_args=())
 def paired_lora_linears_backward_op(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
-                                    us: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
+                                    u: torch.Tensor, a_s: list[torch.Tensor], b_s: list[torch.Tensor],
                                     scales: list[float], impl: str) -> list[torch.Tensor]:
-    """-> ``[dx] + [d a_s per linear] + [d b_s per linear]`` (the student's; the rest is frozen)."""
+    """-> ``[dx] + [d a_s per linear] + [d b_s per linear]`` (the student's; the rest is frozen); ``u``
+    (M, G r): the forward's low-rank activations of these linears; ``impl`` as the forward resolved it."""
     tri = impl == "triton" and use_triton(x, *dys, *weights, *a_s, *b_s)
-    dx, das, dbs = _student_bwd(dys, x, weights, us, a_s, b_s, scales, tri)
+    dx, das, dbs = _student_bwd(dys, x, weights, u, a_s, b_s, scales, tri)
     return [dx] + das + dbs
 
 
 @paired_lora_linears_backward_op.register_fake
-def _(dys, x, weights, us, a_s, b_s, scales, impl):
+def _(dys, x, weights, u, a_s, b_s, scales, impl):
     return [torch.empty_like(x)] + [torch.empty_like(a) for a in a_s] + [torch.empty_like(b) for b in b_s]
 
 
@@ -378,6 +438,7 @@ class _PairedLinears(torch.autograd.Function):
         x_t, weights, biases, a_t, b_t, scales_s, scales_t, impl, fp8_w, fp8_scale, fp8_rowwise = spec
         G = len(weights)
         a_s, b_s = list(lora_s[:G]), list(lora_s[G:])
+        impl = resolve_impl(impl, x_s, x_t, weights, a_s, scales_s)  # the backward runs the forward's choice
         out = paired_lora_linears_op(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w,
                                      fp8_scale, fp8_rowwise)
         ctx.G, ctx.scales, ctx.impl = G, list(scales_s), impl
@@ -390,13 +451,16 @@ class _PairedLinears(torch.autograd.Function):
     def backward(ctx, *grads):
         G = ctx.G
         x_s, *rest = ctx.saved_tensors
-        weights, us, a_s, b_s = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
+        weights, u, a_s, b_s = rest[:G], rest[G], rest[G + 1:2 * G + 1], rest[2 * G + 1:]
         live = [g for g in range(G) if grads[g] is not None]
         da, db = [None] * G, [None] * G
         if not live:
             return None, None, *da, *db
         pick = lambda seq: [seq[g] for g in live]  # noqa: E731
-        out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), pick(us),
+        if len(live) < G:  # the live linears' column blocks of u (a small copy)
+            r = a_s[0].shape[0]
+            u = torch.cat([u[:, g * r:(g + 1) * r] for g in live], 1)
+        out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), u,
                                               pick(a_s), pick(b_s), pick(ctx.scales), ctx.impl)
         for j, g in enumerate(live):
             da[g], db[g] = out[1 + j], out[1 + len(live) + j]
@@ -421,80 +485,229 @@ def _with_passes(passes, kind="gemm"):
 
 # pass names, shared by the forward and backward costs (the traffic table groups by them)
 LORA_DOWN = "LoRA rank-r GEMM (u = s x A^T, du = s dy B, dA, dB): reads an activation"
-LORA_DELTA_Y = "LoRA delta into y: second GEMM call re-reads and rewrites y (cuBLAS form)"
-LORA_DELTA_DX = "LoRA du A into dx: second GEMM call re-reads and rewrites dx (cuBLAS form)"
+LORA_DELTA_Y = "LoRA delta into y: second GEMM call re-reads and rewrites y (cuBLAS, delta after)"
+LORA_DELTA_DX = "LoRA du A into dx: second GEMM call re-reads and rewrites dx (cuBLAS, delta after)"
+LORA_DELTA_Y_FIRST = "LoRA delta y = u B^T (+ bias), written once: the base GEMM accumulates into it"
+LORA_DELTA_DX_FIRST = "LoRA part of the group's dx = du [A_1; ..] written once: the dX GEMMs accumulate"
+LORA_STACK = "the group's adapters stacked (the small A's copied into one, dA's split out)"
 ZERO_FILL = "0-dim zero for addmm(beta=0): one fill launch"
 
 
-def paired_fwd_passes(M, K, N, r, e, impl, bias=False):
-    """One branch (M rows) of one linear (K -> N, rank r), as ``_branch_fwd`` runs it. cuBLAS:
-    u = addmm(0, x, A^T, alpha=s), y = mm(x, W^T) (addmm with the bias), then ``y.addmm_(u, B^T)``:
-    the delta is a second call that reads and rewrites y. Ours: u, then one GEMM with the delta
-    (and the bias) in its epilogue."""
-    if M == 0:
-        return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
+def paired_fwd_passes(M, K, Ns, r, e, impl, biases=(), same_scale=True, delta="first"):
+    """One branch (M rows) of a group of linears (K -> each N of ``Ns``, rank r), as ``_branch_fwd``
+    runs it: u (M, G r) = s x [A_1; ..]^T, x read once for the group (the A's stacked); then per linear,
+    cuBLAS: ``y = u_g B^T (+ bias)`` (a rank-r product, priced by its bytes: y written once) and the base
+    GEMM ``y += x W^T`` (beta = 1: y read in its epilogue, inside the GEMM's bytes); ours: one GEMM with
+    the delta and the bias in its tile. ``delta="after"``: the earlier cuBLAS form (per linear: u, the
+    base GEMM, then a second call that re-reads and rewrites y), what the H200 run of 2026-12-04
+    measured (the calibration's rows)."""
+    G = len(Ns)
+    biases = list(biases) or [False] * G
     lib = "triton" if impl == "triton" else "cublas"
-    u = _pass(LORA_DOWN, "gemm", 2.0 * M * K * r, (M * K + r * K + M * r) * e, 1, (M, K, r), lib)
-    base_bytes = (M * K + N * K + M * N + (N if bias else 0)) * e
-    if impl == "triton":
-        return [u, _pass("base GEMM y = x W^T + u B^T (delta in the epilogue)", "gemm",
-                         2.0 * M * K * N + 2.0 * M * r * N, base_bytes + (M * r + N * r) * e, 1, (M, K, N), impl)]
-    return [_pass(ZERO_FILL, "memory", 0, e, 1), u,
-            _pass("base GEMM y = x W^T (+ bias)", "gemm", 2.0 * M * K * N, base_bytes, 1, (M, K, N), "cublas"),
-            _pass(LORA_DELTA_Y, "memory", 2.0 * M * r * N, (2 * M * N + M * r + N * r) * e, 1, (M, r, N), "cublas")]
+    if M == 0:  # no rows: the 0-dim zero's fill alone (one per linear in the earlier form)
+        return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)] * (G if delta == "after" else 1)
+    if delta == "after":
+        out = []
+        for N, bias in zip(Ns, biases):
+            out += [_pass(ZERO_FILL, "memory", 0, e, 1),
+                    _pass(LORA_DOWN, "gemm", 2.0 * M * K * r, (M * K + r * K + M * r) * e, 1, (M, K, r), lib),
+                    _pass("base GEMM y = x W^T (+ bias)", "gemm", 2.0 * M * K * N,
+                          (M * K + N * K + M * N + (N if bias else 0)) * e, 1, (M, K, N), "cublas"),
+                    _pass(LORA_DELTA_Y, "memory", 2.0 * M * r * N, (2 * M * N + M * r + N * r) * e, 1, (M, r, N),
+                          "cublas")]
+        return out
+    Gr = G * r
+    out = [_pass(ZERO_FILL, "memory", 0, e, 1)] if impl != "triton" and same_scale else []
+    if G > 1:
+        out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
+    if impl == "triton" and not same_scale:  # one launch per adapter, each reading x
+        out += [_pass(LORA_DOWN, "gemm", 2.0 * M * K * r, (M * K + r * K + M * r) * e, 1, (M, K, r), lib)] * G
+    else:
+        out.append(_pass(LORA_DOWN, "gemm", 2.0 * M * K * Gr, (M * K + Gr * K + M * Gr) * e, 1, (M, K, Gr), lib))
+        if not same_scale:
+            out.append(_pass("per-adapter scales of u", "memory", 0, 2 * M * Gr * e, 1))
+    for N, bias in zip(Ns, biases):
+        b = N if bias else 0
+        if impl == "triton":
+            out.append(_pass("base GEMM y = x W^T + u B^T (delta in the epilogue)", "gemm",
+                             2.0 * M * K * N + 2.0 * M * r * N, (M * K + N * K + M * N + b + M * r + N * r) * e, 1,
+                             (M, K, N), impl))
+        else:
+            out += [_pass(LORA_DELTA_Y_FIRST, "memory", 2.0 * M * r * N, (M * r + N * r + M * N + b) * e, 1,
+                          (M, r, N), "cublas"),
+                    _pass("base GEMM y += x W^T (beta = 1: the delta read in the epilogue)", "gemm", 2.0 * M * K * N,
+                          (M * K + N * K + 2 * M * N) * e, 1, (M, K, N), "cublas")]
+    return out
 
 
-def paired_bwd_passes(M, K, N, r, e, impl, accumulate):
-    """The student's backward of one linear of a group, as ``_student_bwd`` runs it: du = s dy B; dx
-    (the group's one buffer: written by the first linear, accumulated into by the others) += dy W +
-    du A; dA = du^T x; dB = dy^T u (cuBLAS, both). cuBLAS form: dx's base product is ``mm`` (or
-    ``addmm_`` with beta = 1: dx read in the GEMM's epilogue) and du A a second call that re-reads and
-    rewrites dx; ours: one GEMM for both products (dx read in its epilogue when accumulating)."""
+def _bwd_passes_delta_after(M, K, Ns, r, e, impl):
+    """The earlier form of the backward, per linear: du = s dy B; dx (written by the first linear,
+    accumulated into by the others) += dy W, then du A by a second call that re-reads and rewrites dx
+    (cuBLAS), or one kernel for both (ours); dA = du^T x and dB = dy^T u per linear."""
+    out = []
+    for g, N in enumerate(Ns):
+        acc = M * K * e if g else 0
+        lib = "triton" if impl == "triton" else "cublas"
+        du = _pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib)
+        grads = [_pass(LORA_DOWN, "gemm", 2.0 * r * M * K, (M * r + M * K + r * K) * e, 1, (r, M, K), "cublas"),
+                 _pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas")]
+        base_bytes = (M * N + N * K + M * K) * e + acc
+        if impl == "triton":
+            out += [du, _pass("base dX GEMM dx (+)= dy W + du A (one kernel)", "gemm",
+                              2.0 * M * N * K + 2.0 * M * r * K, base_bytes + (M * r + r * K) * e, 1, (M, N, K), impl),
+                    *grads]
+            continue
+        name = "base dX GEMM dx += dy W (beta = 1: dx read in the epilogue)" if g else "base dX GEMM dx = dy W"
+        out += [_pass(ZERO_FILL, "memory", 0, e, 1), du,
+                _pass(name, "gemm", 2.0 * M * N * K, base_bytes, 1, (M, N, K), "cublas"),
+                _pass(LORA_DELTA_DX, "memory", 2.0 * M * r * K, (2 * M * K + M * r + r * K) * e, 1, (M, r, K),
+                      "cublas"), *grads]
+    return out
+
+
+def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first"):
+    """The student's backward of a group of linears, as ``_student_bwd`` runs it: ``du_g = s dy_g B_g``
+    into the columns of one (M, G r) du; cuBLAS: the group's LoRA part of dx first, ``dx = du [A_1;
+    ..]`` (dx written once, priced by its bytes), then each base dX GEMM ``dx += dy_g W_g`` (beta = 1: dx
+    read in its epilogue); ours: one GEMM per linear for ``dy W + du A``, accumulating into dx; then
+    ``dA = du^T x`` for the whole group (x read once; split per linear) and ``dB_g = dy_g^T u_g``
+    (cuBLAS, both). ``delta="after"``: the earlier form (:func:`paired_fwd_passes`)."""
+    G = len(Ns)
+    Gr = G * r
     if M == 0:
-        return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
-    acc = M * K * e if accumulate else 0
+        return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)] * (G if delta == "after" else 1)
+    if delta == "after":
+        return _bwd_passes_delta_after(M, K, Ns, r, e, impl)
     lib = "triton" if impl == "triton" else "cublas"
-    du = _pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib)
-    grads = [_pass(LORA_DOWN, "gemm", 2.0 * r * M * K, (M * r + M * K + r * K) * e, 1, (r, M, K), "cublas"),
-             _pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas")]
-    base_bytes = (M * N + N * K + M * K) * e + acc
+    out = [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
+    out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib) for N in Ns]
+    if G > 1:
+        out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
     if impl == "triton":
-        return [du, _pass("base dX GEMM dx (+)= dy W + du A (one kernel)", "gemm", 2.0 * M * N * K + 2.0 * M * r * K,
-                          base_bytes + (M * r + r * K) * e, 1, (M, N, K), impl), *grads]
-    name = "base dX GEMM dx += dy W (beta = 1: dx read in the epilogue)" if accumulate else "base dX GEMM dx = dy W"
-    return [_pass(ZERO_FILL, "memory", 0, e, 1), du,
-            _pass(name, "gemm", 2.0 * M * N * K, base_bytes, 1, (M, N, K), "cublas"),
-            _pass(LORA_DELTA_DX, "memory", 2.0 * M * r * K, (2 * M * K + M * r + r * K) * e, 1, (M, r, K), "cublas"),
-            *grads]
+        out += [_pass("base dX GEMM dx (+)= dy W + du A (one kernel)", "gemm", 2.0 * M * N * K + 2.0 * M * r * K,
+                      (M * N + N * K + M * K + (M * K if g else 0) + M * r + r * K) * e, 1, (M, N, K), impl)
+                for g, N in enumerate(Ns)]
+    else:
+        out.append(_pass(LORA_DELTA_DX_FIRST, "memory", 2.0 * M * Gr * K, (M * Gr + Gr * K + M * K) * e, 1,
+                         (M, Gr, K), "cublas"))
+        out += [_pass("base dX GEMM dx += dy W (beta = 1: dx read in the epilogue)", "gemm", 2.0 * M * N * K,
+                      (M * N + N * K + 2 * M * K) * e, 1, (M, N, K), "cublas") for N in Ns]
+    out.append(_pass(LORA_DOWN, "gemm", 2.0 * Gr * M * K, (M * Gr + M * K + Gr * K) * e, 1, (Gr, M, K), "cublas"))
+    if G > 1:
+        out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
+    out += [_pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas") for N in Ns]
+    return out
+
+
+# The form the op costs describe: "first" (what the code runs), or "after" while a calibration made on
+# the earlier form is derived and checked (benchmarks/perf_model.py: a GPU run's time is modelled as the
+# form that ran, so its rates are not fitted to a form it did not run).
+COST_FORM = {"delta": "first", "gpu": None}  # gpu: the GPU whose choice ``impl="auto"`` prices (the model's)
+
+
+@contextlib.contextmanager
+def costs_of_form(delta: str | None = None, gpu: str | None = None):
+    """Within: the paired op's costs are those of the form ``delta`` ("first" | "after"; None: as is),
+    ``impl="auto"`` resolved for ``gpu``."""
+    prev = dict(COST_FORM)
+    COST_FORM.update({"delta": delta or prev["delta"], "gpu": gpu})
+    try:
+        yield
+    finally:
+        COST_FORM.update(prev)
 
 
 @register_cost("dopsd_fast::paired_lora_linears")
 def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w=(), fp8_scale=(),
       fp8_rowwise=True):
     e = x_s.element_size()
+    Ns, K, r = [w.shape[0] for w in weights], x_s.shape[1], a_s[0].shape[0]
+    impl = resolve_impl(impl, x_s, x_t, weights, a_s, scales_s)
+    has_bias = [bias.numel() > 0 for bias in biases]
     passes = []
-    for w, bias, a in zip(weights, biases, a_s):
-        for rows in (x_s.shape[0], x_t.shape[0]):
-            passes += paired_fwd_passes(rows, w.shape[1], w.shape[0], a.shape[0], e, impl, bias.numel() > 0)
+    for rows, scales in ((x_s.shape[0], scales_s), (x_t.shape[0], scales_t)):
+        same = all(s == scales[0] for s in scales)
+        passes += paired_fwd_passes(rows, K, Ns, r, e, impl, has_bias, same, "after" if fp8_w else COST_FORM["delta"])
     if not fp8_w:
         return _with_passes(passes)
     # FP8 (fast.fp8=native): one aggregate priced at the FP8 GEMM rate, the LoRA products (~3% of the
     # FLOPs) included; x is read as e4m3 (its quantization is its own op) and the weight as one byte
     flops, byts = sum(p["flops"] for p in passes), sum(p["bytes"] for p in passes)
-    rows, K = x_s.shape[0] + x_t.shape[0], x_s.shape[1]
+    rows = x_s.shape[0] + x_t.shape[0]
     byts -= sum(rows * K * (e - 1) + w.numel() * (e - 1) for w in weights)  # x and W read as one byte
     byts += rows * K * (2 * e + 1)  # quantizing x once per branch: read twice (max, cast), write e4m3
     return Cost(flops, byts, 5 * len(weights) + 2, "gemm_fp8")
 
 
 @register_cost("dopsd_fast::paired_lora_linears_backward")
-def _(dys, x, weights, us, a_s, b_s, scales, impl):
+def _(dys, x, weights, u, a_s, b_s, scales, impl):
     M, K = x.shape
-    e = x.element_size()
-    passes = []
-    for g, (w, a) in enumerate(zip(weights, a_s)):
-        passes += paired_bwd_passes(M, K, w.shape[0], a.shape[0], e, impl, accumulate=g > 0)
-    return _with_passes(passes)
+    return _with_passes(paired_bwd_passes(M, K, [w.shape[0] for w in weights], a_s[0].shape[0], x.element_size(),
+                                          impl, COST_FORM["delta"]))
+
+
+# ---- the implementation per shape: ours (delta and dx in the GEMM) where it wins, else cuBLAS ---------
+# Rates measured per GPU: the base GEMM's FLOP/s by "inner x out" shape per implementation, the device
+# copy's bandwidth (bytes read + written per second) and the cost of one launch, as the step model
+# derives them from the calibration file (benchmarks/perf_model.py derive_rates of
+# benchmarks/calibration/h200-2026-12-04.json: m2's paired linear at 4608 + 5120 rows, rank 64;
+# tests/test_perf_model.py checks these equal it).
+PAIRED_RATES = {
+    "NVIDIA H200": {"gemm": {"cublas": {"3840x3840": 695.9e12, "3840x10240": 656.8e12, "10240x3840": 679.5e12},
+                             "triton": {"3840x3840": 510.7e12, "3840x10240": 599.0e12, "10240x3840": 536.7e12}},
+                    "bandwidth": 4.024e12, "launch_s": 0.925e-6},
+}
+
+
+def _paired_seconds(passes, rates) -> float:
+    """Seconds of ``passes`` at ``rates``, as the step model prices them: per pass, launches x launch +
+    max(FLOPs / the GEMM rate of its (inner, out) shape and implementation, bytes / bandwidth); a shape
+    not measured at the slowest measured rate of its implementation."""
+    t = 0.0
+    for p in passes:
+        secs = p["bytes"] / rates["bandwidth"]
+        if p["kind"] == "gemm":
+            table = rates["gemm"][p["impl"]]
+            rate = table.get(f"{p['shape'][1]}x{p['shape'][2]}", min(table.values()))
+            secs = max(secs, p["flops"] / rate)
+        t += p["launches"] * rates["launch_s"] + secs
+    return t
+
+
+@functools.lru_cache(maxsize=256)
+def choose_paired_impl(K: int, Ns: tuple, rows_s: int, rows_t: int, r: int, gpu: str | None,
+                       same_scale: bool = True) -> str:
+    """``"triton"`` (ours: the LoRA delta in the base GEMM's tile, dx accumulated in the dX GEMM) or
+    ``"torch"`` (cuBLAS, delta first): whichever the GPU's measured rates (:data:`PAIRED_RATES`) price
+    faster for this group's forward (both branches) and the student's backward, each form with the
+    passes it launches. A GPU with no measurement: cuBLAS."""
+    rates = next((v for k, v in PAIRED_RATES.items() if gpu is not None and gpu.startswith(k)), None)
+    if rates is None:
+        return "torch"
+
+    def seconds(impl):
+        passes = [p for rows in (rows_s, rows_t) for p in paired_fwd_passes(rows, K, list(Ns), r, 2, impl,
+                                                                            same_scale=same_scale)]
+        return _paired_seconds(passes + paired_bwd_passes(rows_s, K, list(Ns), r, 2, impl), rates)
+
+    return "triton" if seconds("triton") < seconds("torch") else "torch"
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def resolve_impl(impl: str, x_s, x_t, weights, a_s, scales_s) -> str:
+    """``impl`` with ``"auto"`` resolved for this group on ``x_s``'s GPU (within :func:`costs_of_form`
+    naming a GPU: that one, as the step model prices it)."""
+    if impl != "auto":
+        return impl
+    gpu = COST_FORM["gpu"]
+    if gpu is None and x_s.is_cuda:
+        gpu = _gpu_name(x_s.device.index if x_s.device.index is not None else torch.cuda.current_device())
+    return choose_paired_impl(int(x_s.shape[1]), tuple(int(w.shape[0]) for w in weights), int(x_s.shape[0]),
+                              int(x_t.shape[0]), int(a_s[0].shape[0]), gpu, all(s == scales_s[0] for s in scales_s))
 
 
 def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, biases: list, students: list,
@@ -521,8 +734,8 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
         if torch.is_grad_enabled() and (w.requires_grad or (biases[i] is not None and biases[i].requires_grad)):
             raise ValueError(f"paired_lora_linear[{i}]: the base weight requires grad, but this op trains only the "
                              "student adapter (freeze it, or use two separate layers)")
-    if impl not in ("triton", "torch"):
-        raise ValueError(f"paired_lora_linear: impl must be 'triton' or 'torch', got {impl!r}")
+    if impl not in ("triton", "torch", "auto"):
+        raise ValueError(f"paired_lora_linear: impl must be 'triton', 'torch' or 'auto', got {impl!r}")
     nob = weights[0].new_empty(0)
     fq = [fp8.weight(w) for w in weights] if fp8 is not None else []
     x2, x_t2 = x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach()

@@ -20,23 +20,30 @@ def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---- kernels ---------------------------------------------------------------------------------
+# a and b are read as rows of ``n_cols`` elements at row strides ``stride_a`` / ``stride_b`` (the two
+# halves of one (rows, 2F) projection, or column blocks of a wider one, read in place: no copy); the
+# outputs are contiguous.
 @triton.jit
-def _swiglu_fwd_kernel(A_ptr, B_ptr, Y_ptr, n, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(A_ptr, B_ptr, Y_ptr, n, n_cols, stride_a, stride_b, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    a = tl.load(A_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    row = offs // n_cols
+    col = offs - row * n_cols
+    a = tl.load(A_ptr + row * stride_a + col, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(B_ptr + row * stride_b + col, mask=m, other=0.0).to(tl.float32)
     y = a * tl.sigmoid(a) * b
     tl.store(Y_ptr + offs, y.to(Y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(G_ptr, A_ptr, B_ptr, DA_ptr, DB_ptr, n, BLOCK: tl.constexpr):
+def _swiglu_bwd_kernel(G_ptr, A_ptr, B_ptr, DA_ptr, DB_ptr, n, n_cols, stride_a, stride_b, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
+    row = offs // n_cols
+    col = offs - row * n_cols
     g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    a = tl.load(A_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(A_ptr + row * stride_a + col, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(B_ptr + row * stride_b + col, mask=m, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
     silu = a * s
     da = g * b * s * (1.0 + a * (1.0 - s))
@@ -48,21 +55,35 @@ def _swiglu_bwd_kernel(G_ptr, A_ptr, B_ptr, DA_ptr, DB_ptr, n, BLOCK: tl.constex
 _BLOCK = 1024
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (rows, last dim) with unit column stride, in place where its strides allow (a column
+    block of a wider tensor), else a contiguous copy."""
+    cols = t.shape[-1] if t.dim() else 1
+    if t.dim() and t.stride(-1) == 1:
+        try:
+            return t.view(-1, cols)
+        except RuntimeError:  # leading dimensions that do not fold into one row stride
+            pass
+    return t.contiguous().view(-1, cols)
+
+
 def _fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.contiguous(), b.contiguous()
-    y = torch.empty_like(a)
+    a2, b2 = _rows(a), _rows(b)
+    y = a.new_empty(a.shape)
     n = a.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a, b, y, n, BLOCK=_BLOCK)
+        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](a2, b2, y, n, a2.shape[1], a2.stride(0), b2.stride(0),
+                                                      BLOCK=_BLOCK)
     return y
 
 
 def _bwd(g, a, b):
-    g, a, b = g.contiguous(), a.contiguous(), b.contiguous()
-    da, db = torch.empty_like(a), torch.empty_like(b)
+    g, a2, b2 = g.contiguous(), _rows(a), _rows(b)
+    da, db = a.new_empty(a.shape), b.new_empty(b.shape)
     n = a.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](g, a, b, da, db, n, BLOCK=_BLOCK)
+        _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](g, a2, b2, da, db, n, a2.shape[1], a2.stride(0), b2.stride(0),
+                                                      BLOCK=_BLOCK)
     return da, db
 
 
@@ -80,7 +101,7 @@ def swiglu_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @swiglu_op.register_fake
 def _(a, b):
-    return torch.empty_like(a)
+    return a.new_empty(a.shape)
 
 
 @torch.library.custom_op("dopsd_fast::swiglu_backward", mutates_args=())
@@ -90,7 +111,7 @@ def swiglu_backward_op(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tup
 
 @swiglu_backward_op.register_fake
 def _(g, a, b):
-    return torch.empty_like(a), torch.empty_like(b)
+    return a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -118,7 +139,8 @@ def _(g, a, b):
 
 # ---- entry point -----------------------------------------------------------------------------
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``silu(a) * b`` (same shapes, any float dtype); fp32 math inside."""
+    """``silu(a) * b`` (same shapes, any float dtype; any row strides, e.g. the two halves of one
+    projection: read in place); fp32 math inside; the result contiguous."""
     if a.shape != b.shape:
         raise ValueError(f"swiglu: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
     return swiglu_op(a, b)

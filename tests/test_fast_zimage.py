@@ -495,13 +495,17 @@ def test_fastpath_velocity_equals_the_adapters(tmp_path, family):
 
 
 def test_gemm_choice():
-    """fast.gemm: auto and cublas run the paired linear's base GEMM on cuBLAS (addmm), triton on ours;
-    an unknown value is refused naming the field."""
+    """fast.gemm: cublas runs the paired linear's base GEMM on cuBLAS (addmm), triton on ours, auto per
+    shape at the GPU's measured rates (cuBLAS where there are none: on the CPU); an unknown value is
+    refused naming the field."""
     from dopsd_fast.config import ConfigError, load_config
+    from dopsd_fast.kernels.multi_lora import resolve_impl
     from dopsd_fast.models.ops import build_ops
 
     cpu = torch.device("cpu")
-    assert build_ops("on", "sdpa", cpu).gemm == "cublas"
+    assert build_ops("on", "sdpa", cpu).gemm == "auto"
+    x = torch.empty(8, 16)
+    assert resolve_impl("auto", x, x, [torch.empty(24, 16)], [torch.empty(4, 16)], [1.0]) == "torch"
     assert build_ops("on", "sdpa", cpu, gemm="cublas").gemm == "cublas"
     assert build_ops("on", "sdpa", cpu, gemm="triton").gemm == "triton"
     with pytest.raises(ConfigError, match="fast.gemm"):

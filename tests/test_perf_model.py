@@ -133,3 +133,77 @@ def test_fp8_estimate_range_reprices_only_the_fp8_gemms():
     assert pricing.rate("gemm_fp8", (1, 3840, 3840), "cublas") == 1.7 * 600e12
     assert any("ESTIMATE" in n for n in pricing.unmeasured)
     assert pm.fp8_range(pm.StepCounter(pricing=pm.Pricing(pm.RATES, cal, "flash")), 1.0) is None  # no FP8 GEMM
+
+
+def _perf_model():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import perf_model as pm
+    finally:
+        sys.path.pop(0)
+    return pm
+
+
+def test_paired_gemm_choice_uses_the_calibrated_rates(monkeypatch):
+    """fast.gemm=auto chooses per shape by ``multi_lora.PAIRED_RATES``: they are the rates the calibrated
+    model derives from the H200 file (per shape and implementation, bandwidth, launch) to 0.5 %. At them
+    the cuBLAS form (delta first) wins at Z-Image's three block shapes (our GEMM's base rate was measured
+    9-27 % under cuBLAS's); with ours measured faster, ours is chosen; a GPU with no rates gets cuBLAS."""
+    from dopsd_fast.kernels import multi_lora as ml
+
+    pm = _perf_model()
+    rates = pm.derive_rates(pm.load_calibration(pm.DEFAULT_CALIBRATION), in_situ=False)
+    mine = ml.PAIRED_RATES["NVIDIA H200"]
+    assert {k: set(v) for k, v in mine["gemm"].items()} == {k: set(v) for k, v in rates["gemm"].items()}
+    for impl, table in rates["gemm"].items():
+        for shape, rate in table.items():
+            assert abs(mine["gemm"][impl][shape] / rate - 1) < 5e-3, (impl, shape)
+    assert abs(mine["bandwidth"] / rates["bandwidth"] - 1) < 5e-3
+    assert abs(mine["launch_s"] / rates["launch_s"] - 1) < 5e-3
+    for K, Ns in ((3840, (3840, 3840, 3840)), (3840, (3840,)), (3840, (10240, 10240)), (10240, (3840,))):
+        assert ml.choose_paired_impl(K, Ns, 4608, 5120, 64, "NVIDIA H200") == "torch"
+    assert ml.choose_paired_impl(3840, (3840,), 4608, 5120, 64, "Some GPU") == "torch"
+    faster = {"gemm": {"cublas": mine["gemm"]["cublas"],
+                       "triton": {k: 1.02 * v for k, v in mine["gemm"]["cublas"].items()}},
+              "bandwidth": mine["bandwidth"], "launch_s": mine["launch_s"]}
+    monkeypatch.setitem(ml.PAIRED_RATES, "Test GPU", faster)
+    ml.choose_paired_impl.cache_clear()
+    try:
+        # ours 2 % faster per GEMM and no delta pass: chosen, at the big shapes and the small
+        assert ml.choose_paired_impl(3840, (10240, 10240), 4608, 5120, 64, "Test GPU") == "triton"
+        assert ml.choose_paired_impl(3840, (3840,), 4608, 5120, 64, "Test GPU") == "triton"
+    finally:
+        ml.choose_paired_impl.cache_clear()
+
+
+def test_delta_first_halves_the_lora_delta_traffic():
+    """The default config (Z-Image-Turbo 1024^2, K = 4, LoRA r64, stepwise, cuDNN attention) at the H200
+    rates, the paired linears' cuBLAS form as it runs now (the LoRA delta first, the base GEMM
+    accumulating into it) against the earlier one (the delta by a second call after the base GEMM): the
+    forward's delta traffic halves (y written once instead of read and rewritten; the epilogue's read
+    is inside the compute-bound GEMM's bytes), the backward's falls to the group's one write of dx (a
+    third: q, k, v and w1, w3 share it), and nothing else of the non-GEMM traffic moves."""
+    from dopsd_fast.kernels import multi_lora as ml
+
+    pm = _perf_model()
+    rates = pm.derive_rates(pm.load_calibration(pm.DEFAULT_CALIBRATION))
+    runs = {}
+    for form in ("after", "first"):
+        with ml.costs_of_form(form):
+            runs[form] = pm.model_step("zimage-6b", "fast", "stepwise", attention="cudnn", gemm="cublas",
+                                       calibration=rates)
+
+    def traffic(r, prefix):
+        return sum(x["bytes"] for x in r["traffic"] if x["name"].startswith(prefix)) / 1e12
+
+    old, new = runs["after"], runs["first"]
+    y_old, y_new = traffic(old, "LoRA delta into y"), traffic(new, "LoRA delta y = u B^T")
+    dx_old, dx_new = traffic(old, "LoRA du A into dx"), traffic(new, "LoRA part of the group's dx")
+    assert 0.17 <= y_old <= 0.23 and abs(y_new / y_old - 0.5) < 0.01, (y_old, y_new)
+    assert 0.05 <= dx_old <= 0.12 and 0.30 <= dx_new / dx_old <= 0.36, (dx_old, dx_new)
+    stack = traffic(new, "the group's adapters stacked")
+    assert stack < 0.005
+    rest = new["non_gemm_tb"] - y_new - dx_new - stack
+    assert abs(rest - (old["non_gemm_tb"] - y_old - dx_old)) < 1e-6
+    assert new["predicted_s"] < old["predicted_s"] and new["peak_live_gb"] <= old["peak_live_gb"] + 1e-6
+    assert abs(new["total"]["flops"] - old["total"]["flops"]) <= 1e-6 * old["total"]["flops"]

@@ -207,7 +207,9 @@ class TorchOps:
 
     def __init__(self, attention: str = "sdpa", gemm: str = "cublas"):
         self.attention = attention
-        self.gemm = gemm  # the paired LoRA linear's base GEMM: cublas | triton (ours, the delta in its epilogue)
+        # the paired LoRA linear's base GEMM: cublas | triton (ours, the delta in its tile) | auto (per shape, the
+        # faster at this GPU's measured rates: multi_lora.choose_paired_impl)
+        self.gemm = gemm
 
     # x: (B, S, D); scale/shift/gate: (B, D). With ``seq``: x (1, T, D) packs samples of any lengths,
     # seq (T,) is the sample of each row, the modulation is per sample (n, D).
@@ -325,7 +327,7 @@ class FusedOps(TorchOps):
         return self._nm.norm_gated_residual(x, gate.to(x.dtype), y, w.to(x.dtype), eps, use_tanh=tanh, seq=seq)
 
     def swiglu(self, a, b):
-        return self._sw.swiglu(a.contiguous(), b.contiguous())
+        return self._sw.swiglu(a, b)  # halves of one projection read in place (row strides)
 
     def rope_qk(self, q, k, wq, wk, cos, sin, eps):
         return self._rope.rope_qk_norm(q, k, wq.to(q.dtype), wk.to(k.dtype), cos, sin, eps)
@@ -344,7 +346,7 @@ class FusedOps(TorchOps):
             return lo[0].to(dt), lo[1].to(dt), lo[2]
 
         return self._ml.paired_lora_linears(x_s, x_t, weights, biases, [cast(lo) for lo in loras_s],
-                                            [cast(lo) for lo in loras_t], impl="triton" if self.gemm == "triton" else "torch", fp8=fp8)
+                                            [cast(lo) for lo in loras_t], impl=_PAIRED_IMPL[self.gemm], fp8=fp8)
 
     def attention_pair(self, s, t):
         if self.attention != "triton":
@@ -375,15 +377,16 @@ def compile_ops(ops: TorchOps, backend: str = "inductor") -> TorchOps:
 
 
 GEMMS = ("auto", "cublas", "triton")
+_PAIRED_IMPL = {"cublas": "torch", "triton": "triton", "auto": "auto"}  # fast.gemm -> multi_lora's impl
 
 
 def build_ops(kernels: str, attention: str, device: torch.device, compile_backend: str | None = None,
               gemm: str = "auto"):
     """``kernels``: ``auto`` (fused on CUDA, eager elsewhere), ``on``, ``off``. With
     ``compile_backend`` the eager ops are compiled instead of using our kernels. ``gemm``: the paired
-    LoRA linear's base GEMM: ``cublas`` (``addmm`` with the LoRA delta accumulated into the same output)
-    or ``triton`` (ours, one kernel with the delta in its epilogue); ``auto`` = cublas until a GPU
-    measurement shows ours faster (benchmarks/kernels/bench_multi_lora.py)."""
+    LoRA linear's base GEMM: ``cublas`` (the LoRA delta first, the base ``addmm_`` accumulating into it)
+    or ``triton`` (ours, one kernel with the delta in its tile); ``auto``: per shape, the faster at the
+    GPU's measured rates (``multi_lora.PAIRED_RATES``; cuBLAS on a GPU with none)."""
     if gemm not in GEMMS:
         raise ValueError(f"fast.gemm must be one of {GEMMS}, got {gemm!r}")
     if kernels not in ("auto", "on", "off"):
@@ -397,7 +400,7 @@ def build_ops(kernels: str, attention: str, device: torch.device, compile_backen
     use = kernels == "on" or (kernels == "auto" and device.type == "cuda")
     attn = resolve_attention(attention, device)
     if use:
-        return FusedOps(attention=attn, gemm="triton" if gemm == "triton" else "cublas")
+        return FusedOps(attention=attn, gemm=gemm)
     if attn == "triton" and kernels == "off":
         attn = "sdpa"
     return TorchOps(attention=attn)

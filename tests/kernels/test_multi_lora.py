@@ -129,9 +129,12 @@ def test_paired_form_equals_two_layers(impl):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paired_group_equals_separate_layers(impl, dtype):
-    """q, k, v as ONE op (the student's dx of the group in one buffer) == three peft-style LoRA layers,
-    outputs and every student gradient; a projection whose output is unused gets no gradient."""
+@pytest.mark.parametrize("same_scale", [False, True])
+def test_paired_group_equals_separate_layers(impl, dtype, same_scale):
+    """q, k, v as ONE op (the student's dx of the group in one buffer, the adapters stacked: x read once
+    for u, the LoRA part of dx one product) == three peft-style LoRA layers, outputs and every student
+    gradient, with one scale for the group (folded into the GEMM) and one per linear; a projection whose
+    output is unused gets no gradient."""
     from dopsd_fast.kernels.multi_lora import (lora_linear_ref, paired_lora_linears, paired_lora_linears_backward_op,
                                                paired_lora_linears_op)
 
@@ -139,6 +142,7 @@ def test_paired_group_equals_separate_layers(impl, dtype):
     layers = [_params(K, N, r, bias=(N == 48)) for N in (40, 48, 24)]
     xs, xt = torch.randn(37, K), torch.randn(45, K)
     gs = [torch.randn(37, w.shape[0]) for w, *_ in layers]
+    scale = (lambda i: 1.5) if same_scale else (lambda i: 0.5 + i)  # noqa: E731
 
     def run(fused, cast):
         x = cast(xs).detach().clone().requires_grad_()
@@ -147,11 +151,11 @@ def test_paired_group_equals_separate_layers(impl, dtype):
         lows = [tuple(cast(t) if t is not None else None for t in lay) for lay in layers]
         if fused:
             outs = paired_lora_linears(x, cast(xt), [lw[0] for lw in lows], [lw[1] for lw in lows],
-                                       [(a, b, 0.5 + i) for i, (a, b) in enumerate(ad)],
+                                       [(a, b, scale(i)) for i, (a, b) in enumerate(ad)],
                                        [(lw[4], lw[5], 2.0) for lw in lows], impl=impl)
             ys, yts = [o[0] for o in outs], [o[1] for o in outs]
         else:
-            ys = [lora_linear_ref(x, lw[0], lw[1], a, b, 0.5 + i) for i, (lw, (a, b)) in enumerate(zip(lows, ad))]
+            ys = [lora_linear_ref(x, lw[0], lw[1], a, b, scale(i)) for i, (lw, (a, b)) in enumerate(zip(lows, ad))]
             yts = [lora_linear_ref(cast(xt), lw[0], lw[1], lw[4], lw[5], 2.0) for lw in lows]
         loss = sum((y.float() * g).sum() for y, g in zip(ys, gs))
         grads = torch.autograd.grad(loss, [x] + [t for pair in ad for t in pair])
@@ -189,7 +193,7 @@ def test_paired_group_equals_separate_layers(impl, dtype):
                                                    [a_q, a_v], [b_q, b_v], [lq[4], lv[4]], [lq[5], lv[5]], [0.5, 1.5],
                                                    [2.0, 1.0], impl, [], [], True))
     torch.library.opcheck(paired_lora_linears_backward_op, ([torch.randn_like(y[0]), torch.randn_like(y[1])], xs,
-                                                            [lq[0], lv[0]], [y[4], y[5]], [a_q, a_v], [b_q, b_v],
+                                                            [lq[0], lv[0]], y[4], [a_q, a_v], [b_q, b_v],
                                                             [0.5, 1.5], impl))
 
 
@@ -282,16 +286,21 @@ def test_cost_passes_are_the_launches_the_torch_form_makes(group):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.name()
-            if func.is_view or name in ("aten::empty", "aten::empty_strided", "aten::t", "aten::_to_copy"):
+            if func.is_view or name in ("aten::empty", "aten::empty_strided", "aten::new_empty", "aten::t",
+                                        "aten::_to_copy"):
                 return out
-            ts = [a for a in args if isinstance(a, torch.Tensor)]
+            ts = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
             written = args[0] if name.endswith("_") else out  # in place: the first argument is rewritten
             byts = sum(t.numel() * t.element_size() for t in ts) + written.numel() * written.element_size()
-            if name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            if name == "aten::new_zeros":  # a fill: reads nothing
+                byts = out.numel() * out.element_size()
+            if name == "aten::copy_":  # reads the source, writes the destination
+                byts = 2 * args[1].numel() * args[1].element_size()
+            if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::addmm.out"):
                 a, b = (args[0], args[1]) if name == "aten::mm" else (args[1], args[2])
                 self.launches.append(((a.shape[0], a.shape[1], b.shape[1]), byts))
-            else:
-                self.launches.append((None, out.numel() * out.element_size()))  # a fill of the 0-dim zero
+            else:  # a fill of the 0-dim zero (reads nothing), a copy (the adapters stacked, dA split out)
+                self.launches.append((None, byts))
             return out
 
     torch.manual_seed(0)
@@ -304,11 +313,11 @@ def test_cost_passes_are_the_launches_the_torch_form_makes(group):
     Bs = [torch.randn(N, r, dtype=torch.bfloat16) for N in Ns]
     dys = [torch.randn(Ms, N, dtype=torch.bfloat16) for N in Ns]
     with Record() as rec:
-        ys, us = ml._branch_fwd(xs, ws, [None] * group, As, Bs, [0.5] * group, False)
+        ys, u = ml._branch_fwd(xs, ws, [None] * group, As, Bs, [0.5] * group, False)
         ml._branch_fwd(xt, ws, [None] * group, As, Bs, [2.0] * group, False)
-        ml._student_bwd(dys, xs, ws, us, As, Bs, [0.5] * group, False)
-    passes = [p for M in (Ms, Mt) for N in Ns for p in ml.paired_fwd_passes(M, K, N, r, e, "torch")]
-    passes += [p for g, N in enumerate(Ns) for p in ml.paired_bwd_passes(Ms, K, N, r, e, "torch", g > 0)]
+        ml._student_bwd(dys, xs, ws, u, As, Bs, [0.5] * group, False)
+    passes = [p for M in (Ms, Mt) for p in ml.paired_fwd_passes(M, K, Ns, r, e, "torch")]
+    passes += ml.paired_bwd_passes(Ms, K, Ns, r, e, "torch")
     # launches in a different order (both branches' forward per linear in the cost): compare as multisets
     got = sorted((shape or (), byts) for shape, byts in rec.launches)
     want = sorted((p["shape"] or (), p["bytes"]) for p in passes for _ in range(p["launches"]))

@@ -35,7 +35,8 @@ from dopsd_fast.families.klein.adapter import image_ids, pack, refs_of, text_ids
 class KleinBranch(Branch):
     """A klein branch: text length ``n_txt``, image tokens ``n_img`` ([x_k ; references]), the text features and
     reference tokens, the RoPE tables, and the running image / text / joint hidden states. ``mods``:
-    (temb, double-img, double-txt, single modulation)."""
+    (temb, double-img, double-txt, single modulation); ``mlp_in``: a single block's MLP input columns
+    (split off its fused projection with q, k, v)."""
 
     n_txt: int = 0
     n_img: int = 0
@@ -46,6 +47,7 @@ class KleinBranch(Branch):
     img: torch.Tensor | None = None
     txt_h: torch.Tensor | None = None
     hs: torch.Tensor | None = None
+    mlp_in: torch.Tensor | None = None
 
 
 def _split3(mod, i):
@@ -96,9 +98,11 @@ class FastFlux2(PairedModel):
         D = x.shape[-1]
         return self.ops.gated(x.view(B, -1, D), gate, y.view(B, -1, D), tanh=False).reshape(x.shape)
 
+    # Parts of one tensor are taken with ONE split (its gradient: one concatenation of the parts'
+    # gradients), not several slices (each slice's gradient: a zero-filled tensor of the whole, then
+    # added to the others).
     def _swiglu(self, b, h):
-        half = h.shape[-1] // 2
-        return self.ops.swiglu(h[..., :half], h[..., half:])
+        return self.ops.swiglu(*h.chunk(2, dim=-1))
 
     def _qk(self, q, k, wq, wk, cs, B):
         cos, sin = cs
@@ -126,8 +130,8 @@ class FastFlux2(PairedModel):
 
     def _split_out(self, b: KleinBranch, o, B):
         """Attention output -> (text rows, image rows)."""
-        o = o.reshape(B, b.n_txt + b.n_img, -1)
-        return o[:, :b.n_txt].reshape(B * b.n_txt, -1), o[:, b.n_txt:].reshape(B * b.n_img, -1)
+        o_t, o_i = o.reshape(B, b.n_txt + b.n_img, -1).split([b.n_txt, b.n_img], 1)
+        return o_t.reshape(B * b.n_txt, -1), o_i.reshape(B * b.n_img, -1)
 
     def _double_mid(self, b: KleinBranch, ai, ac, B):
         _, mi, mt_, _ = b.mods
@@ -171,15 +175,16 @@ class FastFlux2(PairedModel):
 
     def _single_qkv(self, b: KleinBranch, p, B):
         a, inner = b.block.attn, self.heads * self.head_dim
-        q, k, v = p[:, :inner], p[:, inner:2 * inner], p[:, 2 * inner:3 * inner]
-        q3, k3 = q.reshape(B, b.n_txt + b.n_img, -1), k.reshape(B, b.n_txt + b.n_img, -1)
-        qt_, kt_ = self._qk(q3[:, :b.n_txt], k3[:, :b.n_txt], a.norm_q.weight, a.norm_k.weight, b.cs_txt, B)
-        qi_, ki_ = self._qk(q3[:, b.n_txt:], k3[:, b.n_txt:], a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
+        q, k, v, b.mlp_in = p.split([inner, inner, inner, p.shape[1] - 3 * inner], 1)
+        q_t, q_i = q.reshape(B, b.n_txt + b.n_img, -1).split([b.n_txt, b.n_img], 1)
+        k_t, k_i = k.reshape(B, b.n_txt + b.n_img, -1).split([b.n_txt, b.n_img], 1)
+        qt_, kt_ = self._qk(q_t, k_t, a.norm_q.weight, a.norm_k.weight, b.cs_txt, B)
+        qi_, ki_ = self._qk(q_i, k_i, a.norm_q.weight, a.norm_k.weight, b.cs_img, B)
         return self._joint(b, qt_, qi_, B), self._joint(b, kt_, ki_, B), v.reshape(-1, self.heads, self.head_dim)
 
     def _single_cat(self, b: KleinBranch, p, o):
-        inner = self.heads * self.head_dim
-        return torch.cat([o.reshape(o.shape[0], -1), self._swiglu(b, p[:, 3 * inner:])], -1)
+        mlp, b.mlp_in = b.mlp_in, None
+        return torch.cat([o.reshape(o.shape[0], -1), self._swiglu(b, mlp)], -1)
 
     def _single_out(self, b: KleinBranch, out, B):
         b.hs = self._gate(b.hs, _split3(b.mods[3], None)[2], out, B)
