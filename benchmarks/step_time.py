@@ -75,7 +75,8 @@ def parse(argv=None):
     p.add_argument("--kernels", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--attention", default="auto", choices=["auto", "cudnn", "triton", "sdpa", "flash_attn"])
     p.add_argument("--gemm", default="auto", choices=["auto", "cublas", "triton"],
-                   help="the paired LoRA linear's base GEMM (fast.gemm; auto = cublas)")
+                   help="the paired LoRA linear's base GEMM (fast.gemm; auto = per shape, the form the GPU's "
+                        "calibrated rates price faster: cuBLAS where the GPU has none)")
     p.add_argument("--checkpoint", default="auto", help="fast path: auto | none | all | N layers")
     p.add_argument("--eager-checkpointing", action="store_true",
                    help="eager reference with diffusers' gradient checkpointing (the authors' setting)")

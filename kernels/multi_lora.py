@@ -306,8 +306,9 @@ def _low_rank_in(x, As, scales, tri):
         return u
     if same:
         return torch.addmm(x.new_zeros(()), x, a_cat.t(), beta=0, alpha=scales[0])
-    u = torch.mm(x, a_cat.t())
-    u.view(n, G, r).mul_(torch.tensor(scales, dtype=u.dtype, device=u.device)[:, None])
+    u = x.new_empty((n, G * r))
+    for g, (a, s) in enumerate(zip(As, scales)):  # each scale in its GEMM's alpha: no scale tensor made on the host
+        torch.addmm(x.new_zeros(()), x, a.t(), beta=0, alpha=s, out=u[:, g * r:(g + 1) * r])
     return u
 
 
@@ -736,6 +737,11 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
                              "student adapter (freeze it, or use two separate layers)")
     if impl not in ("triton", "torch", "auto"):
         raise ValueError(f"paired_lora_linear: impl must be 'triton', 'torch' or 'auto', got {impl!r}")
+    if len(weights) > 1 and any(len({lo[0].shape[0] for lo in los}) > 1 for los in (students, teachers)):
+        # adapters of different ranks (a per-module rank pattern): the group's stacked low-rank form needs
+        # one rank, so each linear is its own group
+        return [paired_lora_linears(x_s, x_t, [w], [b], [lo_s], [lo_t], impl, fp8)[0]
+                for w, b, lo_s, lo_t in zip(weights, biases, students, teachers)]
     nob = weights[0].new_empty(0)
     fq = [fp8.weight(w) for w in weights] if fp8 is not None else []
     x2, x_t2 = x_s.reshape(-1, K).contiguous(), x_t.reshape(-1, K).contiguous().detach()

@@ -29,6 +29,7 @@ def _swiglu_fwd_kernel(A_ptr, B_ptr, Y_ptr, n, n_cols, stride_a, stride_b, BLOCK
     m = offs < n
     row = offs // n_cols
     col = offs - row * n_cols
+    row = row.to(tl.int64)  # rows x a wide projection's stride can pass 2^31 elements
     a = tl.load(A_ptr + row * stride_a + col, mask=m, other=0.0).to(tl.float32)
     b = tl.load(B_ptr + row * stride_b + col, mask=m, other=0.0).to(tl.float32)
     y = a * tl.sigmoid(a) * b
@@ -41,6 +42,7 @@ def _swiglu_bwd_kernel(G_ptr, A_ptr, B_ptr, DA_ptr, DB_ptr, n, n_cols, stride_a,
     m = offs < n
     row = offs // n_cols
     col = offs - row * n_cols
+    row = row.to(tl.int64)  # rows x a wide projection's stride can pass 2^31 elements
     g = tl.load(G_ptr + offs, mask=m, other=0.0).to(tl.float32)
     a = tl.load(A_ptr + row * stride_a + col, mask=m, other=0.0).to(tl.float32)
     b = tl.load(B_ptr + row * stride_b + col, mask=m, other=0.0).to(tl.float32)

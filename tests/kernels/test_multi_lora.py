@@ -180,8 +180,41 @@ def test_paired_group_equals_separate_layers(impl, dtype, same_scale):
     outs[1][0].sum().backward()
     assert ad[0][0].grad is None and ad[2][1].grad is None and ad[1][0].grad is not None
     xr = xs.clone().requires_grad_()
-    lora_linear_ref(xr, layers[1][0], layers[1][1], ad[1][0].detach(), ad[1][1].detach(), 1.0).sum().backward()
+    ar, br = ad[1][0].detach().clone().requires_grad_(), ad[1][1].detach().clone().requires_grad_()
+    lora_linear_ref(xr, layers[1][0], layers[1][1], ar, br, 1.0).sum().backward()
     assert_close(x.grad, xr.grad, 1e-4, 1e-4, "dx (k only)", scaled=True)
+    assert_close(ad[1][0].grad, ar.grad, 1e-4, 1e-4, "dA_k (k only)", scaled=True)  # k's own block of u
+    assert_close(ad[1][1].grad, br.grad, 1e-4, 1e-4, "dB_k (k only)", scaled=True)
+    # q and v used, k not: the outer blocks of u and of the stacked adapters
+    x = xs.clone().requires_grad_()
+    ad = [(a_s.detach().clone().requires_grad_(), b_s.detach().clone().requires_grad_())
+          for _, _, a_s, b_s, _, _ in layers]
+    outs = paired_lora_linears(x, xt, [lw[0] for lw in layers], [lw[1] for lw in layers],
+                               [(a, b, 0.5 + i) for i, (a, b) in enumerate(ad)],
+                               [(lw[4], lw[5], 1.0) for lw in layers], impl=impl)
+    (outs[0][0].sum() + 2 * outs[2][0].sum()).backward()
+    assert ad[1][0].grad is None and ad[1][1].grad is None
+    xr = xs.clone().requires_grad_()
+    refs = [(ad[i][0].detach().clone().requires_grad_(), ad[i][1].detach().clone().requires_grad_()) for i in (0, 2)]
+    (lora_linear_ref(xr, layers[0][0], layers[0][1], *refs[0], 0.5).sum()
+     + 2 * lora_linear_ref(xr, layers[2][0], layers[2][1], *refs[1], 2.5).sum()).backward()
+    assert_close(x.grad, xr.grad, 1e-4, 1e-4, "dx (q and v)", scaled=True)
+    for i, (ar, br) in zip((0, 2), refs):
+        assert_close(ad[i][0].grad, ar.grad, 1e-4, 1e-4, f"dA[{i}] (q and v)", scaled=True)
+        assert_close(ad[i][1].grad, br.grad, 1e-4, 1e-4, f"dB[{i}] (q and v)", scaled=True)
+    # adapters of different ranks in one group (a per-module rank pattern): each linear on its own
+    x = xs.clone().requires_grad_()
+    mixed = [(a[:r - 1 - i].clone().requires_grad_(), b[:, :r - 1 - i].clone().requires_grad_())
+             for i, (_, _, a, b, _, _) in enumerate(layers)]
+    outs = paired_lora_linears(x, xt, [lw[0] for lw in layers], [lw[1] for lw in layers],
+                               [(a, b, 1.0) for a, b in mixed], [(lw[4], lw[5], 1.0) for lw in layers], impl=impl)
+    sum((o[0] * g).sum() for o, g in zip(outs, gs)).backward()
+    xr = xs.clone().requires_grad_()
+    sum((lora_linear_ref(xr, lw[0], lw[1], a.detach(), b.detach(), 1.0) * g).sum()
+        for lw, (a, b), g in zip(layers, mixed, gs)).backward()
+    assert_close(x.grad, xr.grad, 1e-4, 1e-4, "dx (mixed ranks)", scaled=True)
+    for (y, yt), lw in zip(outs, layers):
+        assert_close(yt, lora_linear_ref(xt, lw[0], lw[1], lw[4], lw[5], 1.0), 1e-4, 1e-4, "y_t (mixed ranks)", scaled=True)
     with pytest.raises(ValueError, match="base weight requires grad"):
         paired_lora_linears(x, xt, [layers[0][0].clone().requires_grad_()], [None], [(ad[0][0], ad[0][1], 1.0)],
                             [(layers[0][4], layers[0][5], 1.0)])
