@@ -52,6 +52,48 @@ def test_background_mask_and_probe_sets():
     assert not set(sets["concept_heldout"][0]) & set(sets["concept_train"][0])
 
 
+def test_texture_metrics_pass_the_true_grid_and_fail_blotches_and_shifted_grids():
+    """The [V] texture metrics (background error, checker correlation): the true pictures pass with
+    1.0, and every control that has the concept's colours without its exact grid fails the teacher
+    gate's thresholds (background error <= 0.03, correlation >= 0.8) by a wide margin."""
+    from dopsd_fast.toy.concept import background_mask, texture_controls, texture_scores
+    from dopsd_fast.toy.pipeline import GATE_THRESHOLDS
+
+    attrs = [W.example("concept", i) for i in range(6)] + [W.example("concept-heldout", i) for i in range(32)]
+    controls = texture_controls(attrs)
+    assert texture_scores(controls.pop("truth"), attrs) == {"background_error": 0.0, "checker_correlation": 1.0}
+    assert set(controls) == {"blotches", "uniform", "shifted", "fine"}
+    for name, pics in controls.items():
+        s = texture_scores(pics, attrs)
+        assert s["background_error"] > 2 * GATE_THRESHOLDS["teacher_background_error"], (name, s)
+        assert abs(s["checker_correlation"]) < 0.15, (name, s)
+    # blotches really are teal / cream, about half of each
+    bg = controls["blotches"][0].reshape(3, -1)[:, background_mask(attrs[0]).flatten()]
+    teal = torch.tensor(W.CONCEPT_COLOURS[0], dtype=torch.float32)[:, None] / 255
+    share = ((bg - teal).abs().amax(0) < 0.01).float().mean()
+    assert 0.25 < share < 0.75
+
+
+def test_quality_metrics_flag_ghosts():
+    """Few-step quality (dopsd_fast.toy.quality) without the shipped networks: sharpness falls for the
+    mean of real pictures (a ghost), precision / recall are 1 for a set against itself and 0 for a
+    far-away set, and every redrawn picture of a held-out prompt shows what the prompt names."""
+    import random
+
+    from dopsd_fast.toy import curved as C
+    from dopsd_fast.toy import quality as Q
+
+    entries = C.HELDOUT_PROMPTS[:32]
+    real = Q.real_pictures(entries, 5, seed=0).reshape(5, 32, 3, 64, 64)
+    ghosts = real[1:].mean(0)
+    assert Q.sharpness(ghosts).mean() < 0.6 * Q.sharpness(real[0]).mean()
+    f = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    assert Q.precision_recall(f, f) == (1.0, 1.0) and Q.precision_recall(f, f + 100.0) == (0.0, 0.0)
+    rng = random.Random(0)
+    for e in entries:
+        a = Q.redraw(e, rng)
+        assert all(a[k] == e["attrs"][k] for k in e["named"]) and (a["shape"], a["colour"]) in C.HELDOUT_PAIRS
+
 def test_validation_prompts_rows(tmp_path):
     from PIL import Image
 

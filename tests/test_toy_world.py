@@ -43,6 +43,64 @@ def test_world_is_deterministic_and_the_splits_are_disjoint():
     assert W.example("validation", 0)["jitter"] != W.example("train", 0)["jitter"]
 
 
+def test_curved_world_holds_out_shape_colour_pairs_and_keeps_the_v1_world():
+    from dopsd_fast.toy import curved as C
+
+    for split in C.SPLITS:
+        x1, c1, _ = C.batch(split, [3, 9])
+        x2, c2, _ = C.batch(split, [3, 9])
+        assert torch.equal(x1, x2) and c1 == c2 and x1.shape == (2, 3, 64, 64)
+    train = {_key(a) for a in C.TRAIN_COMBOS}
+    held = {_key(a) for a in C.HELDOUT_COMBOS}
+    assert len(train) == 2400 and len(held) == 480 and not train & held
+    # one held-out (shape, colour) pair per shape, four colours; no training draw shows one
+    assert sorted(s for s, _ in C.HELDOUT_PAIRS) == sorted(W.SHAPES) and len({c for _, c in C.HELDOUT_PAIRS}) == 4
+    for i in range(300):
+        a = C.example("train", i)
+        assert _key(a) in train and (a["shape"], a["colour"]) not in C.HELDOUT_PAIRS
+        assert abs(a["jitter"]["dx"]) <= C.POSITION_JITTER and C.example("patterned", i)["texture"] == "patterned"
+    assert {C.example("patterned", i)["jitter"]["pattern"] for i in range(300)} == set(range(6))  # mosaics too
+    assert max(abs(C.example("train", i)["jitter"]["dx"]) for i in range(300)) == C.POSITION_JITTER > 3
+    # the v1 world (the shipped weights') is untouched: no mosaic, +-3 px
+    assert {W.example("patterned", i)["jitter"]["pattern"] for i in range(300)} == set(range(5))
+    assert max(abs(W.example("train", i)["jitter"]["dx"]) for i in range(300)) == 3
+    assert C.example("concept", 2) == W.example("concept", 2)
+
+
+def test_curved_held_out_prompts_are_fixed_and_never_trained_on():
+    """The 256 held-out prompts: partial captions that name a held-out (shape, colour) pair, so no
+    training caption or picture ever showed that combination; the list is fixed in the repo."""
+    from pathlib import Path
+
+    from dopsd_fast.toy import curved as C
+
+    fixed = (Path(__file__).resolve().parents[1] / "benchmarks" / "science" / "heldout_prompts.txt").read_text()
+    assert fixed.splitlines() == [e["prompt"] for e in C.HELDOUT_PROMPTS]
+    assert len(C.HELDOUT_PROMPTS) == 256
+    for e in C.HELDOUT_PROMPTS:
+        a = e["attrs"]
+        assert (a["shape"], a["colour"]) in C.HELDOUT_PAIRS and {"shape", "colour"} <= set(e["named"])
+        assert e["prompt"] == W.caption(a, set(C.OPTIONAL) - set(e["named"]))
+    assert {len(e["named"]) for e in C.HELDOUT_PROMPTS} >= {2, 3, 4, 5, 6}  # from "a red triangle" to the full caption
+
+
+def test_partial_captions_leave_attributes_out():
+    import random
+
+    from dopsd_fast.toy import curved as C
+
+    a = dict(shape="circle", colour="red", size="large", position="top left", background="navy", texture="striped")
+    assert W.caption(a, set(C.OPTIONAL)) == "a circle"
+    assert W.caption(a, {"size", "position", "background"}) == "a red circle on a striped background"
+    rng = random.Random(0)
+    drops = [C.draw_drop(rng, 0.5) for _ in range(2000)]
+    for k in C.OPTIONAL:  # each attribute left out about half of the time, the shape never
+        assert 0.45 < sum(k in d for d in drops) / len(drops) < 0.55
+    assert all(C.draw_drop(rng, 0.5, keep=("colour",)).isdisjoint({"colour", "shape"}) for _ in range(200))
+    # the base's text half: partial captions and ~10 % empty ones (guidance's unconditional branch)
+    caps = [c for step in range(20) for c in P.curved_base_batch(0, step, 48)[1]]
+    assert 0.05 < caps.count("") / len(caps) < 0.16 and len(set(caps)) > len(caps) // 2
+
 def test_the_concept_background_is_a_checkerboard_no_pretraining_picture_has():
     x = W.to_tensor(W.render(W.example("concept", 0)))
     teal = torch.tensor(W.CONCEPT_COLOURS[0]) / 255
@@ -119,6 +177,67 @@ def test_every_stage_runs_at_a_tiny_scale(tmp_path, monkeypatch):
     assert all(meta[k]["steps"] == 2 for k in ("vae", "classifier", "base", "student"))
     # a finished stage is skipped, --force reruns it
     assert P.run_stage("student", out) is None
+
+
+def test_every_curved_stage_runs_at_a_tiny_scale_and_evaluate_prints_the_gates(tmp_path, monkeypatch, caplog):
+    import functools
+    import logging
+
+    monkeypatch.setenv("DOPSD_TOY_QUIET", "1")
+    out = tmp_path / "curved"
+    assert "psnr_validation" in P.stage_vae(out, steps=2, batch=8, world="curved")
+    P.stage_classifier(out, steps=2, batch=16, world="curved")
+    in_context = P.stage_base(out, steps=2, batch=9, world="curved")
+    assert {"background_error", "checker_correlation", "object_accuracy"} <= set(in_context["concept_train"])
+    assert M.read_meta(out / "weights")["world"] == "curved" and (out / "base" / "in_context.png").is_file()
+    assert P.stage_student(out, steps=2, batch=9, n_traj=9, world="curved")["trajectories"] == 9
+    t = P.guided_trajectories(out, 9)  # kept (weights_only load) and reused
+    assert t["states"].shape == (9, 5, 16, 8, 8) and t["guidance"] == P.GUIDANCE and len(t["captions"]) == 9
+    monkeypatch.setitem(P.STAGE_FUNCS, "evaluate", (functools.partial(P.stage_evaluate, n=8), "results.json"))
+    with caplog.at_level(logging.INFO, logger="dopsd_fast.toy"):
+        summary = P.run_stage("evaluate", out)
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["text_to_image"]) == set(P.SAMPLERS) and summary["gates"] == len(res["gates"]) == 12
+    assert summary["gates_passed"] == sum(g["pass"] for g in res["gates"])
+    assert "| 3 teacher | checker correlation, concept_heldout |" in caplog.text  # printed
+    assert {"real", "ghosts"} == set(res["controls"]) and "blotches" in res["texture_controls"]
+    for name in ("text_to_image.png", "teacher.png", "texture_controls.png", "results.md", "timings.json"):
+        assert (out / name).is_file()
+    # two random-init steps pass no gate that needs a trained model; a curved run that failed a gate does not ship
+    assert not all(g["pass"] for g in res["gates"])
+    with pytest.raises(SystemExit, match="gate"):
+        P.stage_ship(out)
+
+
+def _gate_results(change=None):
+    """Scores that pass every gate by a margin; ``change``: ((section, name, key), value) to set."""
+    q = lambda s, f: {"sharpness": s, "frechet": f, "prompt_accuracy": 0.9}  # noqa: E731
+    res = {"text_to_image": {"base_40": q(0.95, 100.0), "base_4": q(0.6, 150.0), "base_40_guided": q(0.97, 90.0),
+                             "base_4_guided": q(0.75, 140.0), "student_4": q(0.96, 95.0)},
+           "teacher": {s: {"background_error": 0.01, "checker_correlation": 0.95, "object_accuracy": 0.9}
+                       for s in ("concept_train", "concept_heldout")}}
+    if change is not None:
+        (section, name, key), v = change
+        res[section][name][key] = v
+    return res
+
+
+@pytest.mark.parametrize("change, failing", [
+    ((("text_to_image", "base_4", "sharpness"), 0.85), "base sharpness, 40 steps - 4 steps"),  # no ghosting
+    ((("text_to_image", "base_40", "sharpness"), 0.8), "base 40-step sharpness"),  # 40 steps not sharp either
+    ((("text_to_image", "base_40", "prompt_accuracy"), 0.5), "base 40-step prompt accuracy"),  # sharp garbage
+    ((("text_to_image", "student_4", "sharpness"), 1.1), "sharpness, |student 4 steps - guided base 40 steps|"),
+    ((("text_to_image", "student_4", "frechet"), 200.0), "Frechet, student 4 steps / guided base 40 steps"),
+    ((("text_to_image", "base_4_guided", "sharpness"), 0.92), "sharpness, student 4 steps - best base 4 steps"),
+    ((("teacher", "concept_heldout", "background_error"), 0.05), "background error, concept_heldout"),
+    ((("teacher", "concept_train", "checker_correlation"), 0.2), "checker correlation, concept_train"),
+    ((("teacher", "concept_heldout", "object_accuracy"), 0.5), "object accuracy, concept_heldout"),
+])
+def test_each_gate_fails_alone_when_its_measure_misses(change, failing):
+    assert all(g["pass"] for g in P.gates(_gate_results()))
+    rows = P.gates(_gate_results(change))
+    assert [g["measure"] for g in rows if not g["pass"]] == [failing]
+    assert "| NO |" in P.gates_markdown(rows)
 
 
 def test_frechet_is_zero_for_equal_sets_and_grows_with_a_shift():

@@ -18,6 +18,13 @@ leaking where it was not asked for); the ``[V]`` background error is
 the pixel MSE, over the pixels that are background in the true picture, between a sample and the
 true picture of its caption (the checkerboard is fixed, so it is known exactly; a graded measure
 that sees partial learning, teal / cream without the grid, that the classifier scores as 0).
+
+Texture metrics that colour blotches cannot pass (the teacher gate of the curved world,
+``pipeline.gates``): the **checker correlation** is the correlation, over the true picture's
+background, of the sample's and the true picture's position on the teal -> cream colour axis (the
+layout: 1 for the exact grid); with the background error (the colours AND their layout) it rejects
+what ``texture_controls`` builds: colour blotches, a uniform teal / cream mean, the grid shifted by
+half a cell, a finer grid.
 """
 
 from __future__ import annotations
@@ -40,6 +47,69 @@ def background_mask(attrs: dict) -> torch.Tensor:
     a = dict(attrs, colour="white")
     fg = W.to_tensor(W.render(dict(a, texture="plain", background="black"))).sum(0) > 1.5
     return ~fg
+
+
+_TEAL, _CREAM = (torch.tensor(c, dtype=torch.float32) / 255 for c in W.CONCEPT_COLOURS)
+_AXIS = (_CREAM - _TEAL) / (_CREAM - _TEAL).norm()  # the checkerboard's colour axis
+
+
+def truth(attrs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true pictures of ``attrs`` and their background masks ``(N, 64, 64)``."""
+    return (torch.stack([W.to_tensor(W.render(a)) for a in attrs]), torch.stack([background_mask(a) for a in attrs]))
+
+
+def background_error(images: torch.Tensor, attrs: list[dict]) -> torch.Tensor:
+    """(N,) pixel MSE over each true picture's background: the [V] colours AND their layout."""
+    true, mask = truth(attrs)
+    m = mask[:, None].expand_as(true).float()
+    return ((images - true).pow(2) * m).flatten(1).sum(1) / m.flatten(1).sum(1)
+
+
+def checker_correlation(images: torch.Tensor, attrs: list[dict]) -> torch.Tensor:
+    """(N,) Pearson correlation, over each true picture's background, between the sample's and the
+    true picture's position on the teal -> cream colour axis: 1 for the exact grid, ~0 for colour
+    blotches, a uniform colour or a shifted grid (0 where the sample's background has no variance).
+    Blind to the grid's exact colours on purpose: ``background_error`` measures them."""
+    true, mask = truth(attrs)
+    out = []
+    for img, t, m in zip(images, true, mask):
+        a = torch.einsum("chw,c->hw", img, _AXIS)[m]
+        b = torch.einsum("chw,c->hw", t, _AXIS)[m]
+        a, b = a - a.mean(), b - b.mean()
+        den = (a.norm() * b.norm()).item()
+        out.append((a @ b).item() / den if den > 1e-8 else 0.0)
+    return torch.tensor(out)
+
+
+def texture_controls(attrs: list[dict], seed: int = 0) -> dict:
+    """Pictures that must FAIL the texture metrics, each the true picture with its background
+    replaced: ``blotches`` (smooth random teal / cream blobs, half of each), ``uniform`` (the two
+    colours' mean), ``shifted`` (the grid moved by half a cell), ``fine`` (8 px cells); and ``truth``."""
+    true, mask = truth(attrs)
+    g = torch.Generator().manual_seed(seed)
+    n = len(attrs)
+    field = torch.nn.functional.interpolate(torch.rand(n, 1, 5, 5, generator=g), size=(64, 64), mode="bicubic",
+                                            align_corners=False)[:, 0]
+    blob = field > field.flatten(1).median(1).values[:, None, None]
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    backgrounds = {
+        "blotches": blob,
+        "uniform": None,
+        "shifted": (((xx + 8) // 16 + (yy + 8) // 16) % 2 == 1).expand(n, 64, 64),
+        "fine": ((xx // 8 + yy // 8) % 2 == 1).expand(n, 64, 64),
+    }
+    out = {"truth": true}
+    for name, cream in backgrounds.items():
+        bg = ((_TEAL + _CREAM) / 2)[None, :, None, None].expand(n, 3, 64, 64) if cream is None else torch.where(
+            cream[:, None], _CREAM[None, :, None, None], _TEAL[None, :, None, None])
+        out[name] = torch.where(mask[:, None], bg, true)
+    return out
+
+
+def texture_scores(images: torch.Tensor, attrs: list[dict]) -> dict:
+    """Mean ``background_error`` and ``checker_correlation`` of pictures of ``attrs``."""
+    return {"background_error": round(float(background_error(images, attrs).mean()), 4),
+            "checker_correlation": round(float(checker_correlation(images, attrs).mean()), 4)}
 
 
 def prompt_sets(n_world: int = 64) -> dict:
@@ -125,6 +195,7 @@ class Probe:
                 truth = torch.stack([W.to_tensor(W.render(a)) for a in attrs])
                 mask = torch.stack([background_mask(a) for a in attrs])[:, None].expand_as(truth)
                 res[name]["v_background_mse"] = float((pics[name] - truth)[mask].pow(2).mean())
+                res[name]["v_checker_corr"] = float(checker_correlation(pics[name], attrs).mean())
         if self.reference is None:
             self.reference = pics["world"]
         res["world"]["drift_mse"] = float((pics["world"] - self.reference).pow(2).mean())
@@ -153,4 +224,5 @@ def teacher_reference(trainer, probe: Probe) -> dict:
     truth = torch.stack([W.to_tensor(W.render(a)) for a in attrs])
     mask = torch.stack([background_mask(a) for a in attrs])[:, None].expand_as(truth)
     res["v_background_mse"] = float((pics - truth)[mask].pow(2).mean())
+    res["v_checker_corr"] = float(checker_correlation(pics, attrs).mean())
     return res

@@ -12,7 +12,7 @@ Everything is drawn by this code from a seed (no downloads). An example is a dic
 | background | black, gray, navy, brown (the background's colour) |
 | texture | plain, striped, dotted (the background's pattern); ``patterned``: a random pattern the caption
   does not describe (diagonal or vertical stripes, rings, grid lines or a checkerboard, in two random
-  colours, never the concept's two) |
+  colours, never the concept's two; the curved world adds a mosaic of 8 / 16 px blocks) |
 
 The NEW concept, absent from pretraining: ``[V]``, a background of teal / cream checkerboard (16 px
 cells; pretraining has uncaptioned checkerboards of other colours, as a real model has seen
@@ -24,6 +24,10 @@ Splits, fixed by ``WORLD_SEED``: of the 2880 captioned (shape, colour, size, pos
 texture) combinations, 10 % are ``heldout`` (never trained on: compositional generalisation) and the
 rest ``train``; an example's jitter (exact position, radius, colour shade, pattern phase) comes from
 ``(split, index)``, so ``validation`` draws fresh instances of the train combinations.
+
+This is the world of the shipped weights. :mod:`dopsd_fast.toy.curved` is a second version of it
+(partial captions, held-out (shape, colour) pairs, wider position jitter) drawn with the same
+``render`` and ``caption``.
 """
 
 from __future__ import annotations
@@ -183,6 +187,11 @@ def render(attrs: dict) -> Image.Image:
                 for cx in range(-per + ph % per, SIZE, per):
                     if ((cx - ph % per) // per + (cy - ph % per) // per) % 2:
                         d.rectangle([cx, cy, cx + per - 1, cy + per - 1], fill=c1)
+        elif j["pattern"] == 5:  # mosaic (curved world only): blocks on the 16 px (or 8 px) grid
+            block = 8 if per == 8 else 16
+            for b, (cy, cx) in enumerate(itertools.product(range(0, SIZE, block), repeat=2)):
+                if j["mosaic"] >> (b % 64) & 1:
+                    d.rectangle([cx, cy, cx + block - 1, cy + block - 1], fill=c1)
         else:  # grid lines
             for k in range(ph % per, SIZE, per):
                 d.line([(k, 0), (k, SIZE)], fill=c1, width=2)

@@ -116,9 +116,12 @@ def build_vae(weights_dir: Path | None = None, seed: int = 0, load: bool = True)
     return vae
 
 
-def build_encoders(weights_dir: Path | None = None, seed: int = 1, load: bool = True):
+def build_encoders(weights_dir: Path | None = None, seed: int = 1, load: bool = True,
+                   vision_pos_std: float | None = None):
     """Tokenizer, Qwen3 text encoder, Qwen3-VL model (language model = the text encoder's weights,
-    tied: one set of tensors), image processor."""
+    tied: one set of tensors), image processor. ``vision_pos_std``: re-initialise the vision tower's
+    position embeddings at this scale (a tower trained from scratch: at the default 0.02 its 16
+    tokens look alike to the DiT, which then copies a picture's colours but not where they are)."""
     from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -133,6 +136,8 @@ def build_encoders(weights_dir: Path | None = None, seed: int = 1, load: bool = 
             text_config=text_cfg, vision_config=dict(TOY_VISION), image_token_id=tid("<|image_pad|>"),
             video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
             vision_end_token_id=tid("<|vision_end|>"))).model
+        if vision_pos_std is not None:
+            vlm.visual.pos_embed.weight.data.normal_(0.0, vision_pos_std)
     wd = Path(weights_dir or WEIGHTS_DIR)
     if load and (wd / "text_encoder.safetensors").is_file():
         load_into(text_encoder, wd / "text_encoder.safetensors")
@@ -237,17 +242,28 @@ def sigmas(steps: int, shift: float = 3.0) -> list[float]:
 STUDENT_SIGMAS = [1.0, 0.9, 0.75, 0.5, 0.0]  # the Z-Image K = 4 roll-out schedule (dopsd.md)
 
 
+def guided_velocity(transformer, x: torch.Tensor, sigma: torch.Tensor, feats: list[torch.Tensor],
+                    uncond: list[torch.Tensor] | None = None, guidance: float = 1.0) -> torch.Tensor:
+    """Classifier-free guidance: v_u + w (v_c - v_u), the unconditional branch under ``uncond`` (the
+    empty caption's features, one per sample); ``guidance`` 1 is the plain conditional velocity."""
+    if guidance == 1.0 or uncond is None:
+        return velocity(transformer, x, sigma, feats)
+    v_c, v_u = velocity(transformer, torch.cat([x, x]), torch.cat([sigma, sigma]), list(feats) + list(uncond)).chunk(2)
+    return v_u + guidance * (v_c - v_u)
+
+
 @torch.no_grad()
 def sample(transformer, feats: list[torch.Tensor], schedule: list[float], noise: torch.Tensor,
-           keep: list[float] | None = None):
-    """Euler ODE from ``noise`` along ``schedule``; returns the final latents and, with ``keep``, the
-    states at those noise levels too (a dict sigma -> latents)."""
+           keep: list[float] | None = None, uncond: list[torch.Tensor] | None = None, guidance: float = 1.0):
+    """Euler ODE from ``noise`` along ``schedule`` (with classifier-free guidance ``guidance`` when
+    ``uncond`` is given); returns the final latents and, with ``keep``, the states at those noise
+    levels too (a dict sigma -> latents)."""
     x = noise
     states = {}
     for s, s_next in zip(schedule[:-1], schedule[1:]):
         if keep is not None and any(abs(s - k) < 1e-9 for k in keep):
             states[round(s, 6)] = x.clone()
-        v = velocity(transformer, x, torch.full((x.shape[0],), s), feats)
+        v = guided_velocity(transformer, x, torch.full((x.shape[0],), s), feats, uncond, guidance)
         x = x + (s_next - s) * v
     return (x, states) if keep is not None else x
 
