@@ -36,7 +36,7 @@ import torch
 from dopsd_fast.toy import world as W
 from dopsd_fast.algorithm import euler_sample
 from dopsd_fast.toy import models as M
-from dopsd_fast.toy.pipeline import load_classifier
+from dopsd_fast.toy.classifier import load_classifier
 
 _V = W.ATTRIBUTES["texture"].index(W.CONCEPT)
 OBJECT_ATTRIBUTES = ("shape", "colour", "size", "position")
