@@ -138,3 +138,60 @@ def test_default_run_learns_the_concept_and_keeps_the_world(tmp_path):
     # the rest: world attributes kept within 0.05 of the starting student, no [V] leaking into them
     assert end["world"]["accuracy_mean"] >= start["world"]["accuracy_mean"] - 0.05, (start["world"], end["world"])
     assert end["world"]["v_centroid_rate"] <= start["world"]["v_centroid_rate"] + 0.1, (start["world"], end["world"])
+
+
+def _experiment():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "science" / "concept_experiment.py"
+    spec = importlib.util.spec_from_file_location("concept_experiment", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_experiment_ema_decay_has_a_half_life_of_a_quarter_of_the_run():
+    ce = _experiment()
+    for steps in (40, 400, 3000):
+        d = ce.ema_decay_for(steps)
+        assert abs(d ** (steps / 4) - 0.5) < 1e-3  # after a quarter of the run the start weighs one half
+    assert ce.ema_decay_for(400) < ce.ema_decay_for(4000) < 1.0
+
+
+def test_experiment_flags_only_changes_above_the_noise_floor():
+    """The curved world's summary: a metric change is flagged worse / better only when it exceeds
+    twice its standard error (seeds and noise floor) and twice the noise floor, in the metric's own
+    direction; the verdict line says which few-step measures SFT eroded and D-OPSD kept."""
+    ce = _experiment()
+    keys = [(s, k) for s, k, _, _ in ce.METRICS_CURVED]
+
+    def point(step, **over):
+        p = {"concept_heldout": {}, "world": {}}
+        for s, k in keys:
+            p[s][k] = 0.5
+        for key, v in over.items():
+            s, k = key.split("__")
+            p[s][k] = v
+        return {"step": step, **p}
+
+    start = point(0, world__frechet=100.0)
+    runs = []
+    for seed, jitter in enumerate((-1.0, 0.0, 1.0)):
+        # SFT: Frechet +60 (far above a floor of ~2), sharpness -0.01 (inside the floor)
+        runs.append({"setting": "concept", "method": "sft", "seed": seed, "train_seconds": 1.0, "curve": [
+            start, point(10, world__frechet=160.0 + jitter, world__sharpness=0.49 + jitter * 0.001)]})
+        # D-OPSD: Frechet +1 (inside), checker correlation up by 0.4 (better)
+        runs.append({"setting": "concept", "method": "dopsd", "seed": seed, "train_seconds": 2.0, "curve": [
+            start, point(10, world__frechet=101.0 + jitter, concept_heldout__v_checker_correlation=0.9 + jitter * 0.01)]})
+    floor = [point(0, world__frechet=100.0 + d, world__sharpness=0.5 + d / 100) for d in (-2.0, 2.0, 1.0)]
+    summary = ce.summarise(runs, "curved", floor)
+    sft, dop = summary["concept/sft"], summary["concept/dopsd"]
+    assert sft["world.frechet"]["worse"] and not sft["world.frechet"]["better"]
+    assert not sft["world.sharpness"]["worse"] and not sft["world.sharpness"]["better"]
+    assert not dop["world.frechet"]["worse"]
+    assert dop["concept_heldout.v_checker_correlation"]["better"]
+    assert abs(sft["world.frechet"]["change"] - 60.0) < 1e-9 and sft["world.frechet"]["floor_sd"] > 0
+    text = ce.verdict(summary)
+    assert "SFT erodes few-step quality (frechet worse" in text
+    assert "D-OPSD keeps every few-step quality measure within the noise" in text

@@ -1,23 +1,28 @@
 """SFT vs D-OPSD in miniature: teach the toy student the concept ``[V]`` with each method and
 measure concept fidelity, few-step quality and forgetting over training steps.
 
-    python benchmarks/science/concept_experiment.py --out runs/concept-experiment     # 11 min on 2 cores
+    python benchmarks/science/concept_experiment.py --out runs/concept-experiment
+    python benchmarks/science/concept_experiment.py --weights runs/curved/weights --out runs/curved-experiment
 
 Both methods run through the project's own trainer (``dopsd_fast.trainer.Trainer``, eager path), from
-the shipped toy student (``model.preset=toy-zimage``, K = 4), with the same data, steps, learning
-rate, LoRA and seeds; only ``method`` differs. Two data settings:
+the toy student (``model.preset=toy-zimage``, K = 4; ``--weights`` points the preset at another
+toy weights folder, e.g. a rebuilt one), with the same data, steps, learning rate, LoRA and seeds;
+only ``method`` differs. D-OPSD's EMA teacher decays with a half-life of a quarter of the run unless
+``--ema-decay`` says otherwise. Two data settings:
 
 - ``concept``: the 6 ``[V]`` pairs alone (``data.builtin=toy-concept``);
 - ``concept+prior``: the 6 ``[V]`` pairs and 18 ordinary world pairs (``toy-concept-prior``), the
   DreamBooth-style prior preservation a user adds against forgetting.
 
-Every ``--probe-every`` steps the student is sampled at its 4-step schedule with fixed noise and
-scored by :class:`dopsd_fast.toy.concept.Probe` (``[V]`` background error and classifier score on the
-training and 32 held-out ``[V]`` captions, the held-out captions' object accuracy, world accuracy and
-drift on 64 held-out world captions). Writes ``runs/<setting>-<method>-s<seed>.json`` (one per run:
-an interrupted experiment resumes at the first unfinished run), ``results.json``, ``results.md``,
-``curves.png`` and ``samples.png``; ``--publish DIR`` copies the last four there
-(``benchmarks/science/concept/``).
+The world is the weights' (``toy.json``): on the v1 world every ``--probe-every`` steps the student is
+scored by :class:`dopsd_fast.toy.concept.Probe`; on the curved world by
+:class:`dopsd_fast.toy.concept.CurvedProbe` (``[V]`` checker correlation and background error,
+object accuracy on held-out ``[V]`` captions; few-step quality on 128 of the curved world's fixed
+held-out prompts: Frechet distance, precision, recall, sharpness, prompt accuracy; drift), and the
+starting student is also scored at ``--noise-seeds`` other sampling noises: the noise floor every
+change is compared with. Writes ``runs/<setting>-<method>-s<seed>.json`` (one per run: an
+interrupted experiment resumes at the first unfinished run), ``results.json``, ``results.md``,
+``curves.png`` and ``samples.png``; ``--publish DIR`` copies the last four there.
 """
 
 from __future__ import annotations
@@ -52,12 +57,38 @@ METRICS = [
 ]
 
 
-def config(setting: str, method: str, seed: int, steps: int, lr: float, rank: int, out: Path) -> dict:
+# The curved world's: (set, key, label, lower is better)
+METRICS_CURVED = [
+    ("concept_heldout", "v_checker_correlation", "[V] checker correlation, held-out [V] prompts", False),
+    ("concept_heldout", "v_background_error", "[V] background error, held-out [V] prompts (MSE)", True),
+    ("concept_heldout", "accuracy_mean", "object accuracy, held-out [V] prompts", False),
+    ("world", "frechet", "Frechet distance, held-out world prompts", True),
+    ("world", "sharpness", "sharpness / real, held-out world prompts", False),
+    ("world", "precision", "precision, held-out world prompts", False),
+    ("world", "recall", "recall, held-out world prompts", False),
+    ("world", "prompt_accuracy", "prompt accuracy, held-out world prompts", False),
+    ("world", "drift_mse", "world drift from the starting student (MSE)", True),
+]
+# Few-step quality: what SFT is said to erode (the precondition) and D-OPSD to keep.
+QUALITY_KEYS = ("frechet", "sharpness", "precision", "recall", "prompt_accuracy")
+
+
+def metrics(world: str) -> list:
+    return METRICS_CURVED if world == "curved" else METRICS
+
+
+def ema_decay_for(steps: int, half_life: float = 0.25) -> float:
+    """The EMA decay whose half-life is ``half_life`` of a run of ``steps`` steps: 0.5 ** (1 / (half_life * steps))."""
+    return round(0.5 ** (1.0 / max(1.0, half_life * steps)), 6)
+
+
+def config(setting: str, method: str, seed: int, steps: int, lr: float, rank: int, out: Path,
+           ema_decay: float = 0.9999) -> dict:
     return {
         "method": method,
         "model": {"family": "zimage", "preset": "toy-zimage"},
         "lora": {"rank": rank, "alpha": 2 * rank},
-        "dopsd": {"rollout": "zimage-k4", "loss": "x0", "ema_decay": 0.9999},
+        "dopsd": {"rollout": "zimage-k4", "loss": "x0", "ema_decay": ema_decay},
         "optim": {"lr": lr},
         "data": {"builtin": SETTINGS[setting], "prompt_keys": ["prompt"], "buckets": [[64, 64]], "num_workers": 0},
         "train": {"output_dir": str(out), "max_steps": steps, "seed": seed, "progress": False,
@@ -72,13 +103,13 @@ def one_run(setting, method, seed, args, probe) -> dict:
 
     probe.reference = None
     tr = Trainer(config_from_dict(config(setting, method, seed, args.steps, args.lr, args.rank,
-                                         args.out / "train" / f"{setting}-{method}-s{seed}")))
+                                         args.out / "train" / f"{setting}-{method}-s{seed}", args.ema_decay)))
     curve, t_train, pics = [], 0.0, {}
     teacher = None
     if method == "dopsd":
         from dopsd_fast.toy.concept import teacher_reference
 
-        teacher = teacher_reference(tr, probe)
+        teacher = probe.teacher(tr) if args.world == "curved" else teacher_reference(tr, probe)
     while True:
         if tr.step % args.probe_every == 0 or tr.step == args.steps:
             res, p = probe(tr)
@@ -92,14 +123,33 @@ def one_run(setting, method, seed, args, probe) -> dict:
         t_train += time.perf_counter() - t0
     torch.save(pics, args.out / "runs" / f"{setting}-{method}-s{seed}.pt")
     return {"setting": setting, "method": method, "seed": seed, "steps": args.steps, "lr": args.lr,
-            "rank": args.rank, "train_seconds": round(t_train, 1), "teacher_at_start": teacher, "curve": curve}
+            "rank": args.rank, "ema_decay": args.ema_decay, "train_seconds": round(t_train, 1),
+            "teacher_at_start": teacher, "curve": curve}
+
+
+def noise_floor(args, probe) -> list[dict]:
+    """The starting student scored at ``args.noise_seeds`` sampling noises other than the probe's:
+    how much a metric moves with the noise alone (the curved world's probe)."""
+    from dopsd_fast.config import config_from_dict
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(config_from_dict(config(args.settings[0], "sft", 0, args.steps, args.lr, args.rank,
+                                         args.out / "train" / "noise-floor", args.ema_decay)))
+    return [probe(tr, noise_seed=probe.seed + 1 + i)[0] for i in range(args.noise_seeds)]
 
 
 def _get(point, s, k):
     return point[s][k]
 
 
-def summarise(runs: list[dict]) -> dict:
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarise(runs: list[dict], world: str = "v1", floor: list[dict] | None = None) -> dict:
+    """Per (data, method): the metric at the start and at the last step, mean and sd over seeds; on
+    the curved world also the noise floor (sd of the starting student over sampling noises) and, per
+    metric, the change from the start with its standard error and whether it stands above both."""
     out = {}
     for setting in SETTINGS:
         for method in METHODS:
@@ -107,11 +157,19 @@ def summarise(runs: list[dict]) -> dict:
             if not rs:
                 continue
             row = {"seeds": len(rs), "train_seconds": statistics.mean(r["train_seconds"] for r in rs)}
-            for s, k, _, _ in METRICS:
+            for s, k, _, lower in metrics(world):
                 start = [_get(r["curve"][0], s, k) for r in rs]
                 end = [_get(r["curve"][-1], s, k) for r in rs]
-                row[f"{s}.{k}"] = {"start": statistics.mean(start), "end": statistics.mean(end),
-                                   "end_sd": statistics.stdev(end) if len(end) > 1 else 0.0}
+                cell = {"start": statistics.mean(start), "end": statistics.mean(end), "end_sd": _sd(end)}
+                if floor and k in floor[0].get(s, {}):
+                    fl = [f[s][k] for f in floor] + [start[0]]
+                    f_sd = _sd(fl)
+                    change = cell["end"] - cell["start"]
+                    se = (cell["end_sd"] ** 2 / len(end) + f_sd ** 2) ** 0.5
+                    cell.update(floor_sd=f_sd, change=change, change_se=se,
+                                worse=(change > 0) == lower and abs(change) > 2 * se and abs(change) > 2 * f_sd,
+                                better=(change < 0) == lower and abs(change) > 2 * se and abs(change) > 2 * f_sd)
+                row[f"{s}.{k}"] = cell
             out[f"{setting}/{method}"] = row
     t = [r["teacher_at_start"] for r in runs if r.get("teacher_at_start")]
     if t:  # the same at every seed (the teacher at step 0 is the toy student under the teacher context)
@@ -119,39 +177,77 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def _rows(summary: dict):
+    return [(k, v) for k, v in summary.items() if k != "teacher_at_start"]
+
+
 def markdown(summary: dict, args) -> str:
-    lines = [f"SFT vs D-OPSD from the toy student: {args.steps} steps, lr {args.lr}, LoRA r{args.rank} "
-             f"(alpha {2 * args.rank}), batch 1, seeds {' '.join(map(str, args.seeds))}; mean (sd over seeds) "
-             "at the last step; `start` is the toy student before fine-tuning.", ""]
-    head = "| data / method | " + " | ".join(label for _, _, label, _ in METRICS) + " | train s |"
-    lines += [head, "|" + "---|" * (len(METRICS) + 2)]
-    first = next(v for k, v in summary.items() if k != "teacher_at_start")
-    lines.append("| start (toy student) | " + " | ".join(f"{first[f'{s}.{k}']['start']:.3f}" for s, k, _, _ in METRICS)
-                 + " | |")
-    for name, row in summary.items():
-        if name == "teacher_at_start":
-            continue
-        cells = [f"{row[f'{s}.{k}']['end']:.3f} ({row[f'{s}.{k}']['end_sd']:.3f})" for s, k, _, _ in METRICS]
+    mets = metrics(args.world)
+    lines = [f"SFT vs D-OPSD from the toy student ({args.world} world): {args.steps} steps, lr {args.lr}, LoRA "
+             f"r{args.rank} (alpha {2 * args.rank}), batch 1, D-OPSD EMA decay {args.ema_decay}, seeds "
+             f"{' '.join(map(str, args.seeds))}; mean (sd over seeds) at the last step; `start` is the toy "
+             "student before fine-tuning.", ""]
+    head = "| data / method | " + " | ".join(label for _, _, label, _ in mets) + " | train s |"
+    lines += [head, "|" + "---|" * (len(mets) + 2)]
+    first = _rows(summary)[0][1]
+    floor = "floor_sd" in first[f"{mets[0][0]}.{mets[0][1]}"]
+    lines.append("| start (toy student) | " + " | ".join(
+        f"{first[f'{s}.{k}']['start']:.3f}" + (f" ({first[f'{s}.{k}']['floor_sd']:.3f})" if "floor_sd" in first[f"{s}.{k}"] else "")
+        for s, k, _, _ in mets) + " | |")
+    for name, row in _rows(summary):
+        cells = []
+        for s, k, _, _ in mets:
+            c = row[f"{s}.{k}"]
+            mark = " **worse**" if c.get("worse") else " **better**" if c.get("better") else ""
+            cells.append(f"{c['end']:.3f} ({c['end_sd']:.3f}){mark}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['train_seconds']:.0f} |")
+    if floor:
+        lines += ["", f"The start row's parentheses: the noise floor, the sd of the starting student's metric over "
+                  f"{args.noise_seeds + 1} sampling noises. **worse** / **better**: the change from the start exceeds "
+                  "twice its standard error (seeds and noise floor together) and twice the noise floor."]
+        lines += ["", "Few-step quality on held-out world prompts, change from the start (mean +- standard error):", ""]
+        lines += ["| data / method | " + " | ".join(QUALITY_KEYS) + " |", "|" + "---|" * (len(QUALITY_KEYS) + 1)]
+        for name, row in _rows(summary):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{row[f'world.{k}']['change']:+.3f} +- {row[f'world.{k}']['change_se']:.3f}" for k in QUALITY_KEYS) + " |")
+        lines += ["", verdict(summary)]
     t = summary.get("teacher_at_start")
     if t:
-        lines += ["", f"D-OPSD's teacher at step 0 (the toy student under the teacher context: caption + target picture) "
-                  f"on the 6 training pairs: [V] background error {t['v_background_mse']:.3f}, [V] centroid rate "
-                  f"{t['v_centroid_rate']:.3f}, classifier P([V]) {t['v_score']:.3f}, object accuracy "
-                  f"{t['accuracy_mean']:.3f}."]
+        lines += ["", "D-OPSD's teacher at step 0 (the toy student under the teacher context: caption + target picture) "
+                  "on the 6 training pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items() if isinstance(v, float)) + "."]
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: list[dict], path: Path) -> None:
+def verdict(summary: dict) -> str:
+    """The two questions, answered from the summary's flags, per data setting."""
+    out = []
+    for setting in SETTINGS:
+        sft, dop = summary.get(f"{setting}/sft"), summary.get(f"{setting}/dopsd")
+        if not sft or not dop:
+            continue
+        eroded = [k for k in QUALITY_KEYS if sft[f"world.{k}"].get("worse")]
+        kept = [k for k in QUALITY_KEYS if dop[f"world.{k}"].get("worse")]
+        tex = {m: summary[f"{setting}/{m}"]["concept_heldout.v_checker_correlation"] for m in METHODS}
+        out.append(f"- {setting}: SFT " + (f"erodes few-step quality ({', '.join(eroded)} worse than the start beyond "
+                                          "the noise)" if eroded else "does not measurably erode few-step quality")
+                   + "; D-OPSD " + (f"loses {', '.join(kept)}" if kept else "keeps every few-step quality measure within the noise")
+                   + f"; held-out [V] checker correlation SFT {tex['sft']['end']:.3f} ({tex['sft']['end_sd']:.3f}), "
+                   f"D-OPSD {tex['dopsd']['end']:.3f} ({tex['dopsd']['end_sd']:.3f}), start {tex['sft']['start']:.3f}.")
+    return "\n".join(out)
+
+
+def plot_curves(runs: list[dict], path: Path, world: str = "v1") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
+    mets = metrics(world)
+    fig, axes = plt.subplots(2 if len(mets) <= 8 else 3, 4 if len(mets) <= 8 else 3,
+                             figsize=(19, 8.5) if len(mets) <= 8 else (15, 12))
     colours = {"sft": "tab:orange", "dopsd": "tab:blue"}
     styles = {"concept": "-", "concept+prior": "--"}
-    for ax, (s, k, label, lower) in zip(axes.flat, METRICS):
+    for ax, (s, k, label, lower) in zip(axes.flat, mets):
         for setting in SETTINGS:
             for method in METHODS:
                 rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
@@ -168,29 +264,35 @@ def plot_curves(runs: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Teaching the toy student [V]: SFT vs D-OPSD (lines: mean over seeds; bands: min-max)")
+    fig.suptitle(f"Teaching the toy student [V] ({world} world): SFT vs D-OPSD (lines: mean over seeds; bands: min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def picture(args, path: Path) -> None:
-    """Rows: the toy student, then each (data, method) after training (seed of the first run); left
-    8 held-out [V] prompts, right 8 held-out world prompts."""
+    """Rows: true pictures, the toy student, then each (data, method) after training (seed of the
+    first run); left 8 held-out [V] prompts, right 8 held-out world prompts."""
     from dopsd_fast.toy import world as W
     from dopsd_fast.toy.concept import prompt_sets
 
     seed = args.seeds[0]
-    sets = prompt_sets()
-    truth = torch.stack([W.to_tensor(W.render(a)) for a in sets["concept_heldout"][1][:8]])
-    rows = [torch.cat([truth, torch.stack([W.to_tensor(W.render(a)) for a in sets["world"][1][:8]])])]
+    if args.world == "curved":
+        from dopsd_fast.toy import curved as C
+
+        true_v = [W.example("concept-heldout", i) for i in range(8)]
+        true_w = [e["attrs"] for e in C.HELDOUT_PROMPTS[:8]]
+    else:
+        sets = prompt_sets()
+        true_v, true_w = sets["concept_heldout"][1][:8], sets["world"][1][:8]
+    rows = [torch.stack([W.to_tensor(W.render(a)) for a in true_v + true_w])]
     first = None
     for setting in SETTINGS:
         for method in METHODS:
             f = args.out / "runs" / f"{setting}-{method}-s{seed}.pt"
             if not f.is_file():
                 continue
-            pics = torch.load(f)
+            pics = torch.load(f, weights_only=True)
             if first is None:
                 first = pics[0]
                 rows.append(torch.cat([first["concept_heldout"], first["world"]]))
@@ -209,6 +311,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--publish", type=Path, default=None, help="copy results and figures here")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="the toy weights folder model.preset=toy-zimage loads (default: the shipped dopsd_fast/toy/weights)")
+    ap.add_argument("--ema-decay", type=float, default=None,
+                    help="D-OPSD's EMA teacher decay (default: a half-life of a quarter of the run, 0.5 ** (4 / steps))")
+    ap.add_argument("--noise-seeds", type=int, default=3,
+                    help="curved world: score the starting student at this many other sampling noises (the noise floor)")
     args = ap.parse_args(argv)
     import importlib.util
 
@@ -219,10 +327,28 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from tqdm.auto import tqdm
 
-    from dopsd_fast.toy.concept import Probe
+    from dopsd_fast.toy import models as M
+    from dopsd_fast.toy.concept import CurvedProbe, Probe
 
+    if args.weights is not None:  # the toy preset, the probe and the dataset read this folder
+        if not (args.weights / "student.safetensors").is_file():
+            raise SystemExit(f"concept_experiment.py: --weights {args.weights}: no student.safetensors there")
+        import dopsd_fast.families.zimage.toy as family_toy
+
+        M.WEIGHTS_DIR = family_toy.WEIGHTS_DIR = args.weights.resolve()
+    args.world = M.read_meta(M.WEIGHTS_DIR).get("world", "v1")
+    if args.ema_decay is None:
+        args.ema_decay = ema_decay_for(args.steps)
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
-    probe = Probe()
+    probe = CurvedProbe() if args.world == "curved" else Probe()
+    floor = None
+    if args.world == "curved" and args.noise_seeds > 0:
+        f = args.out / "runs" / "noise-floor.json"
+        if f.is_file():
+            floor = json.loads(f.read_text())
+        else:
+            floor = noise_floor(args, probe)
+            f.write_text(json.dumps(floor) + "\n")
     todo = [(st, m, s) for st in args.settings for s in args.seeds for m in METHODS]
     runs = []
     for setting, method, seed in tqdm(todo, desc="runs"):
@@ -235,12 +361,12 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(r) + "\n")
         tmp.replace(f)
         runs.append(r)
-    summary = summarise(runs)
+    summary = summarise(runs, args.world, floor)
     res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "summary": summary, "runs": runs}
+           "summary": summary, "noise_floor": floor, "runs": runs}
     (args.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     (args.out / "results.md").write_text(markdown(summary, args))
-    plot_curves(runs, args.out / "curves.png")
+    plot_curves(runs, args.out / "curves.png", args.world)
     picture(args, args.out / "samples.png")
     print(markdown(summary, args))
     if args.publish:

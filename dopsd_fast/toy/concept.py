@@ -209,20 +209,82 @@ def teacher_reference(trainer, probe: Probe) -> dict:
     what distillation from it can reach on the concept."""
 
     caps, attrs = probe.sets["concept_train"]
-    ad = trainer.adapter
-    samples = [trainer.dataset.get(i, prompt_index=0) for i in range(len(caps))]
-    assert [s.prompt for s in samples] == caps, "the dataset's first rows are not the [V] training pairs"
-    shape = ad.latent_shape(W.SIZE, W.SIZE)
-    sig = ad.inference_sigmas(None, shape[-2:])
-    ctx = [c.to(trainer.device) for c in trainer.contexts.teacher(samples)]
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(probe.seed * 100_003 + j))
-                         for j in range(len(caps))]).to(trainer.device)
-    with trainer.autocast():
-        x = euler_sample(lambda x, s: trainer.pair.velocity("teacher", x, s, ctx), noise, sig)
-    pics = ad.decode(x).float().cpu()
+    pics = teacher_pictures(trainer, caps, probe.seed)
     res = score(probe.net, pics, attrs, OBJECT_ATTRIBUTES, probe.cents)
     truth = torch.stack([W.to_tensor(W.render(a)) for a in attrs])
     mask = torch.stack([background_mask(a) for a in attrs])[:, None].expand_as(truth)
     res["v_background_mse"] = float((pics - truth)[mask].pow(2).mean())
     res["v_checker_corr"] = float(checker_correlation(pics, attrs).mean())
     return res
+
+
+@torch.no_grad()
+def teacher_pictures(trainer, caps: list[str], seed: int) -> torch.Tensor:
+    """The teacher's samples of the dataset's first ``len(caps)`` rows (the ``[V]`` training pairs) at
+    the model's few-step schedule, noise of row j fixed by (``seed``, j)."""
+    ad = trainer.adapter
+    samples = [trainer.dataset.get(i, prompt_index=0) for i in range(len(caps))]
+    assert [s.prompt for s in samples] == caps, "the dataset's first rows are not the [V] training pairs"
+    shape = ad.latent_shape(W.SIZE, W.SIZE)
+    sig = ad.inference_sigmas(None, shape[-2:])
+    ctx = [c.to(trainer.device) for c in trainer.contexts.teacher(samples)]
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + j))
+                         for j in range(len(caps))]).to(trainer.device)
+    with trainer.autocast():
+        x = euler_sample(lambda x, s: trainer.pair.velocity("teacher", x, s, ctx), noise, sig)
+    return ad.decode(x).float().cpu()
+
+
+class CurvedProbe:
+    """The curved world's probe of a trainer's student (its K = 4 schedule, fixed noise per prompt):
+    the ``[V]`` texture metrics (``checker_correlation``, ``background_error``) and object accuracy on
+    the 6 training and 32 held-out ``[V]`` captions; few-step quality (``quality.Reference``:
+    precision, recall, Frechet, sharpness, prompt accuracy) on the first ``n_world`` of the curved
+    world's fixed held-out prompts, and pixel drift from the first call's pictures (forgetting).
+    ``noise_seed`` picks the sampling noise (the noise floor: one model scored at several)."""
+
+    def __init__(self, weights_dir: Path | None = None, n_world: int = 128, seed: int = 4321):
+        from dopsd_fast.toy import curved as C
+        from dopsd_fast.toy import quality as Q
+
+        wd = Path(weights_dir or M.WEIGHTS_DIR)
+        self.net = load_classifier(wd)
+        vae = M.build_vae(wd).requires_grad_(False).eval()
+
+        def roundtrip(x):
+            with torch.no_grad():
+                return torch.cat([M.vae_decode(vae, M.vae_encode(vae, x[i:i + 128])) for i in range(0, len(x), 128)])
+
+        self.entries = C.HELDOUT_PROMPTS[:n_world]
+        self.reference_set = Q.Reference(self.net, roundtrip, self.entries)
+        self.concept = {name: [W.example(split, i) for i in range(n)] for name, split, n in (
+            ("concept_train", "concept", len(W.CONCEPT_TRAIN)), ("concept_heldout", "concept-heldout", len(W.CONCEPT_HELDOUT)))}
+        self.seed = seed
+        self.reference = None
+
+    def __call__(self, trainer, noise_seed: int | None = None) -> tuple[dict, dict]:
+        """(metrics by set, pictures by set)."""
+        seed = self.seed if noise_seed is None else noise_seed
+        res, pics = {}, {}
+        for name, attrs in self.concept.items():
+            pics[name] = sample_student(trainer, [W.caption(a) for a in attrs], seed)
+            r = {"v_" + k: v for k, v in texture_scores(pics[name], attrs).items()}
+            r["accuracy_mean"] = score(self.net, pics[name], attrs, OBJECT_ATTRIBUTES)["accuracy_mean"]
+            res[name] = r
+        pics["world"] = sample_student(trainer, [e["prompt"] for e in self.entries], seed)
+        res["world"] = self.reference_set.score(pics["world"])
+        if self.reference is None and noise_seed is None:
+            self.reference = pics["world"]
+        if self.reference is not None and noise_seed is None:
+            res["world"]["drift_mse"] = float((pics["world"] - self.reference).pow(2).mean())
+        return res, pics
+
+    @torch.no_grad()
+    def teacher(self, trainer) -> dict:
+        """D-OPSD's teacher (the EMA weights under the teacher context) on the ``[V]`` training pairs,
+        scored like the student's samples: the ceiling distillation from it can reach."""
+        attrs = self.concept["concept_train"]
+        pics = teacher_pictures(trainer, [W.caption(a) for a in attrs], self.seed)
+        r = {"v_" + k: v for k, v in texture_scores(pics, attrs).items()}
+        r["accuracy_mean"] = score(self.net, pics, attrs, OBJECT_ATTRIBUTES)["accuracy_mean"]
+        return r
