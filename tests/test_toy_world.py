@@ -193,6 +193,18 @@ def test_every_curved_stage_runs_at_a_tiny_scale_and_evaluate_prints_the_gates(t
     assert P.stage_student(out, steps=2, batch=9, n_traj=9, world="curved")["trajectories"] == 9
     t = P.guided_trajectories(out, 9)  # kept (weights_only load) and reused
     assert t["states"].shape == (9, 5, 16, 8, 8) and t["guidance"] == P.GUIDANCE and len(t["captions"]) == 9
+    # a folder holds one world: a stage asked for another is refused in one line naming the right flag,
+    # and the command line's default is the folder's own world
+    with pytest.raises(SystemExit, match="--world curved"):
+        P.stage_student(out, steps=2, batch=9, n_traj=9)
+    with pytest.raises(SystemExit, match="holds the 'curved' world; rerun with --world curved"):
+        P.run_stage("student", out, force=True, world="v1")
+    assert P.main(["student", "--out", str(out)]) == 0  # curved, done: skipped (v1 would have been refused)
+    # the trajectories are remade when the base they came from changes
+    base = out / "weights" / "base.safetensors"
+    os.utime(base, ns=(base.stat().st_atime_ns, base.stat().st_mtime_ns + 10 ** 9))
+    t2 = P.guided_trajectories(out, 9)
+    assert t2["base"] != t["base"] and t2["base"] == [base.stat().st_size, base.stat().st_mtime_ns]
     monkeypatch.setitem(P.STAGE_FUNCS, "evaluate", (functools.partial(P.stage_evaluate, n=8), "results.json"))
     with caplog.at_level(logging.INFO, logger="dopsd_fast.toy"):
         summary = P.run_stage("evaluate", out)

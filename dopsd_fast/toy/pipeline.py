@@ -33,6 +33,7 @@ import argparse
 import copy
 import os
 import shutil
+import tempfile
 from dopsd_fast.algorithm import ema_update_
 from tqdm import tqdm
 
@@ -109,15 +110,16 @@ def stage_vae(out: Path, steps: int, batch: int = 32, seed: int = 0, world: str 
         _update(loss, vae, opt, sched, step)
         if step % 25 == 0 or step == steps - 1:
             loop.log(step, loss=loss.item(), l1=l1.item())
-    seconds = loop.finish()
+    seconds = loop.elapsed
     vae.eval()
     with torch.no_grad():  # the latents' shift and scale (as diffusers configs carry them)
         x = torch.cat([W.batch("validation", range(i, i + 64))[0] for i in range(0, 512, 64)])
         z = torch.cat([vae.encode(x[i:i + 64] * 2 - 1).latent_dist.mode() for i in range(0, 512, 64)])
         shift, scale = z.mean().item(), 1.0 / z.std().item()
-    save_safetensors(vae.state_dict(), _weights(out) / "vae.safetensors")
     meta = M.write_meta(_weights(out), vae_shift_factor=shift, vae_scaling_factor=scale,
                         vae={"steps": steps, "batch": batch, "seed": seed, "cpu_seconds": round(seconds)})
+    save_safetensors(vae.state_dict(), _weights(out) / "vae.safetensors")  # the stage's marker, after its meta
+    loop.finish()
     vae = M.build_vae(_weights(out))
     res = {"psnr_" + s: _psnr(vae, s) for s in ("validation", "concept-heldout", "patterned")}
     x = torch.cat([W.batch(s, range(8))[0] for s in ("validation", "concept-heldout", "patterned")])
@@ -167,9 +169,10 @@ def stage_classifier(out: Path, steps: int, batch: int = 64, seed: int = 0, worl
         _update(loss, net, opt, sched, step, clip=None)
         if step % 25 == 0 or step == steps - 1:
             loop.log(step, loss=loss.item())
-    seconds = loop.finish()
+    seconds = loop.elapsed
     net.eval()
     save_safetensors(net.state_dict(), _weights(out) / "classifier.safetensors")
+    loop.finish()
     acc = {}
     for split in ("validation", "heldout", "concept-heldout"):
         x, _, attrs = W.batch(split, range(0, 512 if split != "concept-heldout" else 32))
@@ -276,12 +279,15 @@ def stage_base(out: Path, steps: int, batch: int = 48, seed: int = 0, gate_n: in
             h = len(cap_t)
             loop.log(step, loss=loss.item(), loss_text=err[:h].mean().item(), loss_context=err[h:].mean().item(),
                      grad_norm=gn.item())
-    seconds = loop.finish()
-    save_safetensors(ema.dit.state_dict(), wd / "base.safetensors")
+    # base.safetensors marks the stage done: written last, after the encoders and the meta, and the
+    # checkpoint removed only then (a stop in between reruns the end of the stage, never skips it)
+    seconds = loop.elapsed
     save_safetensors(ema.text_encoder.state_dict(), wd / "text_encoder.safetensors")
     save_safetensors(ema.visual.state_dict(), wd / "vision.safetensors")
     M.write_meta(wd, world=world, base={"steps": steps, "batch": batch, "seed": seed, "cpu_seconds": round(seconds),
                                         **({"lr": hp["lr"], "ema_decay": hp["ema_decay"]} if curved else {})})
+    save_safetensors(ema.dit.state_dict(), wd / "base.safetensors")
+    loop.finish()
     if curved:  # a first look at the in-context route (the gates are measured by ``evaluate``)
         in_context, pics = teacher_scores(load_toy(out, "base"), load_classifier(wd))
         x, gen = pics["concept_train"]
@@ -425,8 +431,7 @@ def base_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128) -> dic
         states.append(torch.stack([keep[round(s, 6)] for s in M.STUDENT_SIGMAS[:-1]] + [x0], 1))
         feats += [t.clone() for t in f]
     t = {"states": torch.cat(states), "feats": feats}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(t, path)
+    _save_atomic(t, path)
     return t
 
 
@@ -441,6 +446,10 @@ def stage_student(out: Path, steps: int, batch: int = 48, seed: int = 0, n_traj:
     land on the base's state at sigma_(k+1): target velocity (x_k - x_(k+1)) / (sigma_k - sigma_(k+1)).
     Initialised from the base; encoders frozen; an EMA (0.999) ships."""
 
+    base_world = M.read_meta(_weights(out)).get("world", "v1")
+    if base_world != world:
+        raise SystemExit(f"student: {_weights(out)} holds a base of the {base_world!r} world; "
+                         f"rerun with --world {base_world}")
     if _world(world)[0] is C:
         return stage_student_curved(out, steps, batch, seed, **({"n_traj": n_traj} if n_traj else {}))
     n_traj = n_traj or 1536
@@ -466,10 +475,11 @@ def stage_student(out: Path, steps: int, batch: int = 48, seed: int = 0, n_traj:
         if step % 25 == 0 or step == steps - 1:
             per_k = {f"loss_k{i}": err[k == i].mean().item() for i in range(4) if (k == i).any()}
             loop.log(step, loss=loss.item(), **per_k)
-    seconds = loop.finish()
-    save_safetensors(ema.state_dict(), wd / "student.safetensors")
+    seconds = loop.elapsed
     M.write_meta(wd, student={"steps": steps, "batch": batch, "seed": seed, "trajectories": int(states.shape[0]),
                               "cpu_seconds": round(seconds)})
+    save_safetensors(ema.state_dict(), wd / "student.safetensors")  # the stage's marker, last
+    loop.finish()
     return {"trajectories": int(states.shape[0]), "cpu_seconds": round(seconds)}
 
 
@@ -489,9 +499,10 @@ def guided_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128, guid
     forwards per step) with the states at the student's noise levels: ``states (N, 5, 16, 8, 8)``
     (the last is the solution) and each one's caption; kept in ``<out>/student/`` for a resumed stage."""
     path = Path(out) / "student" / "guided_trajectories.pt"
+    base = _file_identity(_weights(out) / "base.safetensors")
     if path.is_file():
         t = load_plain(path)
-        if t["states"].shape[0] == n and t["guidance"] == guidance and t["seed"] == seed:
+        if t["states"].shape[0] == n and t["guidance"] == guidance and t["seed"] == seed and t.get("base") == base:
             return t
     toy = load_toy(out, "base")
     uncond = M.encode_text(toy.tokenizer, toy.text_encoder, [""])
@@ -505,10 +516,25 @@ def guided_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128, guid
                             uncond=uncond * m, guidance=guidance)
         states.append(torch.stack([keep[round(s, 6)] for s in M.STUDENT_SIGMAS[:-1]] + [x0], 1))
         captions += caps
-    t = {"states": torch.cat(states), "captions": captions, "guidance": guidance, "seed": seed}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(t, path)
+    t = {"states": torch.cat(states), "captions": captions, "guidance": guidance, "seed": seed, "base": base}
+    _save_atomic(t, path)
     return t
+
+
+def _file_identity(path: Path) -> list[int]:
+    """(size, mtime in ns) of a file: a cache made from it is stale when either changes."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it (never a torn file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -559,10 +585,11 @@ def stage_student_curved(out: Path, steps: int, batch: int = 48, seed: int = 0, 
         if step % 25 == 0 or step == steps - 1:
             per_k = {f"loss_k{i}": err[:n_d][k == i].mean().item() for i in range(4) if (k == i).any()}
             loop.log(step, loss=loss.item(), loss_context=err[n_d:].mean().item(), **per_k)
-    seconds = loop.finish()
-    save_safetensors(ema.state_dict(), wd / "student.safetensors")
+    seconds = loop.elapsed
     M.write_meta(wd, student={"steps": steps, "batch": batch, "seed": seed, "trajectories": int(states.shape[0]),
                               "guidance": GUIDANCE, "cpu_seconds": round(seconds)})
+    save_safetensors(ema.state_dict(), wd / "student.safetensors")  # the stage's marker, last
+    loop.finish()
     return {"trajectories": int(states.shape[0]), "cpu_seconds": round(seconds)}
 
 
@@ -854,10 +881,13 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="rerun a stage whose output exists")
     p.add_argument("--weights", default=None, help="evaluate: the weights folder to measure (default <out>/weights; "
                    "dopsd_fast/toy/weights: what ships)")
-    p.add_argument("--world", choices=WORLDS, default="v1",
+    p.add_argument("--world", choices=WORLDS, default=None,
                    help="the world the training stages use (v1: the shipped weights' world; curved: partial captions, "
-                   "held-out pairs, guided student, the three gates); evaluate and ship read it from toy.json")
+                   "held-out pairs, guided student, the three gates); default: the world of <out>/weights/toy.json "
+                   "(a run continues in its own world), v1 for a new folder; evaluate and ship read it from toy.json")
     a = p.parse_args(argv)
+    if a.world is None:
+        a.world = M.read_meta(_weights(Path(a.out))).get("world", "v1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     stages = [s for s in STAGE_FUNCS if s != "ship"] if a.stage == "all" else [a.stage]
@@ -879,6 +909,14 @@ def run_stage(stage: str, out: Path, scale: float = 1.0, force: bool = False, we
         log.info("%s: done (%s exists; --force reruns it)", stage, out / output)
         return None
     steps = max(2, round(STEPS.get(stage, 0) * scale))
+    if stage in STEPS:  # a folder holds one world: the first training stage writes it, the others check it
+        have = M.read_meta(_weights(out)).get("world")
+        if have is not None and have != world:
+            raise SystemExit(f"{stage}: {_weights(out)} holds the {have!r} world; rerun with --world {have} "
+                             "or use another --out")
+        if have is None:
+            _weights(out).mkdir(parents=True, exist_ok=True)
+            M.write_meta(_weights(out), world=world)
     wall, cpu = time.time(), time.process_time()
     if stage in STEPS:
         res = func(out, steps, world=world)
