@@ -164,7 +164,7 @@ def test_experiment_flags_only_changes_above_the_noise_floor():
     twice its standard error (seeds and noise floor) and twice the noise floor, in the metric's own
     direction; the verdict line says which few-step measures SFT eroded and D-OPSD kept."""
     ce = _experiment()
-    keys = [(s, k) for s, k, _, _ in ce.METRICS_CURVED]
+    keys = [(s, k) for s, k, _, _ in ce.METRICS_CURVED if k != "sharpness_gap"] + [("world", "sharpness")]
 
     def point(step, **over):
         p = {"concept_heldout": {}, "world": {}}
@@ -181,6 +181,9 @@ def test_experiment_flags_only_changes_above_the_noise_floor():
         # SFT: Frechet +60 (far above a floor of ~2), sharpness -0.01 (inside the floor)
         runs.append({"setting": "concept", "method": "sft", "seed": seed, "train_seconds": 1.0, "curve": [
             start, point(10, world__frechet=160.0 + jitter, world__sharpness=0.49 + jitter * 0.001)]})
+        # the same with a texture leaked into the world prompts: sharper than real pictures is no gain
+        runs.append({"setting": "concept+prior", "method": "sft", "seed": seed, "train_seconds": 1.0, "curve": [
+            start, point(10, world__sharpness=1.9 + jitter * 0.01)]})
         # D-OPSD: Frechet +1 (inside), checker correlation up by 0.4 (better)
         runs.append({"setting": "concept", "method": "dopsd", "seed": seed, "train_seconds": 2.0, "curve": [
             start, point(10, world__frechet=101.0 + jitter, concept_heldout__v_checker_correlation=0.9 + jitter * 0.01)]})
@@ -188,7 +191,9 @@ def test_experiment_flags_only_changes_above_the_noise_floor():
     summary = ce.summarise(runs, "curved", floor)
     sft, dop = summary["concept/sft"], summary["concept/dopsd"]
     assert sft["world.frechet"]["worse"] and not sft["world.frechet"]["better"]
-    assert not sft["world.sharpness"]["worse"] and not sft["world.sharpness"]["better"]
+    assert not sft["world.sharpness_gap"]["worse"] and not sft["world.sharpness_gap"]["better"]
+    leak = summary["concept+prior/sft"]["world.sharpness_gap"]
+    assert leak["worse"] and abs(leak["end"] - 0.9) < 1e-9 and abs(leak["start"] - 0.5) < 1e-9
     assert not dop["world.frechet"]["worse"]
     assert dop["concept_heldout.v_checker_correlation"]["better"]
     assert abs(sft["world.frechet"]["change"] - 60.0) < 1e-9 and sft["world.frechet"]["floor_sd"] > 0

@@ -63,14 +63,14 @@ METRICS_CURVED = [
     ("concept_heldout", "v_background_error", "[V] background error, held-out [V] prompts (MSE)", True),
     ("concept_heldout", "accuracy_mean", "object accuracy, held-out [V] prompts", False),
     ("world", "frechet", "Frechet distance, held-out world prompts", True),
-    ("world", "sharpness", "sharpness / real, held-out world prompts", False),
+    ("world", "sharpness_gap", "|sharpness / real - 1|, held-out world prompts (blur or a leaked texture)", True),
     ("world", "precision", "precision, held-out world prompts", False),
     ("world", "recall", "recall, held-out world prompts", False),
     ("world", "prompt_accuracy", "prompt accuracy, held-out world prompts", False),
     ("world", "drift_mse", "world drift from the starting student (MSE)", True),
 ]
 # Few-step quality: what SFT is said to erode (the precondition) and D-OPSD to keep.
-QUALITY_KEYS = ("frechet", "sharpness", "precision", "recall", "prompt_accuracy")
+QUALITY_KEYS = ("frechet", "sharpness_gap", "precision", "recall", "prompt_accuracy")
 
 
 def metrics(world: str) -> list:
@@ -139,6 +139,8 @@ def noise_floor(args, probe) -> list[dict]:
 
 
 def _get(point, s, k):
+    if k == "sharpness_gap":  # 0 for the real pictures' sharpness; blur lowers it, a leaked texture raises it
+        return abs(point[s]["sharpness"] - 1.0)
     return point[s][k]
 
 
@@ -161,8 +163,8 @@ def summarise(runs: list[dict], world: str = "v1", floor: list[dict] | None = No
                 start = [_get(r["curve"][0], s, k) for r in rs]
                 end = [_get(r["curve"][-1], s, k) for r in rs]
                 cell = {"start": statistics.mean(start), "end": statistics.mean(end), "end_sd": _sd(end)}
-                if floor and k in floor[0].get(s, {}):
-                    fl = [f[s][k] for f in floor] + [start[0]]
+                if floor and (k if k != "sharpness_gap" else "sharpness") in floor[0].get(s, {}):
+                    fl = [_get(f, s, k) for f in floor] + [start[0]]
                     f_sd = _sd(fl)
                     change = cell["end"] - cell["start"]
                     se = (cell["end_sd"] ** 2 / len(end) + f_sd ** 2) ** 0.5

@@ -824,6 +824,14 @@ def results_markdown_curved(res: dict) -> str:
     rows.append(("ghost control (mean of 4 real pictures)", res["controls"]["ghosts"]))
     for label, r in rows:
         lines.append(f"| {label} | " + " | ".join(f"{r[k]:.3f}" if k != "frechet" else f"{r[k]:.1f}" for k in keys) + " |")
+    attrs = [a for a in ("shape", "colour", "size", "position", "background", "texture")
+             if any(a in r.get("prompt_accuracy_by_attribute", {}) for _, r in rows)]
+    if attrs:
+        lines += ["", "Prompt accuracy by attribute (the share of prompts naming it that the classifier reads as named):", "",
+                  "| pictures | " + " | ".join(attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
+        for label, r in rows:
+            by = r.get("prompt_accuracy_by_attribute", {})
+            lines.append(f"| {label} | " + " | ".join(f"{by[a]:.3f}" if a in by else "" for a in attrs) + " |")
     lines += ["", "The teacher (the student under the teacher context [target, caption], 4 steps):", "",
               "| pictures | background error | checker correlation | object accuracy | MSE to the target |",
               "|---|---|---|---|---|"]

@@ -74,15 +74,22 @@ def real_pictures(entries: list[dict], draws: int, seed: int) -> torch.Tensor:
     return torch.stack([W.to_tensor(W.render(redraw(e, rng))) for _ in range(draws) for e in entries])
 
 
-def prompt_accuracy(net, images: torch.Tensor, entries: list[dict]) -> float:
-    """Share of (picture, named attribute) pairs the classifier reads as the prompt says."""
+def prompt_accuracy(net, images: torch.Tensor, entries: list[dict], by_attribute: bool = False):
+    """Share of (picture, named attribute) pairs the classifier reads as the prompt says; with
+    ``by_attribute`` also that share per attribute (``(overall, {attribute: share})``)."""
     with torch.no_grad():
         logits = net(images)
-    hits = []
+    hits = {}
     for i, e in enumerate(entries):
         lab = W.labels(e["attrs"])
-        hits += [int(logits[k][i].argmax()) == lab[k] for k in e["named"] if lab[k] >= 0]
-    return sum(hits) / max(1, len(hits))
+        for k in e["named"]:
+            if lab[k] >= 0:
+                hits.setdefault(k, []).append(int(logits[k][i].argmax()) == lab[k])
+    flat = [h for v in hits.values() for h in v]
+    overall = sum(flat) / max(1, len(flat))
+    if not by_attribute:
+        return overall
+    return overall, {k: round(sum(v) / len(v), 4) for k, v in hits.items()}
 
 
 class Reference:
@@ -109,9 +116,10 @@ class Reference:
         """Quality of ``(N, 3, 64, 64)`` samples, sample i drawn for prompt i."""
         f = self._features(images)
         p, r = precision_recall(self.features, f)
+        acc, by = prompt_accuracy(self.net, images, self.entries, by_attribute=True)
         return {"precision": round(p, 4), "recall": round(r, 4), "frechet": round(frechet(self.features, f), 2),
                 "sharpness": round(float(sharpness(images).mean()) / self.sharpness, 4),
-                "prompt_accuracy": round(prompt_accuracy(self.net, images, self.entries), 4)}
+                "prompt_accuracy": round(acc, 4), "prompt_accuracy_by_attribute": by}
 
     def controls(self) -> dict:
         """The metrics on real pictures (the floor) and on the ghost control (must be flagged)."""
