@@ -246,13 +246,17 @@ class CurvedProbe:
     def __init__(self, weights_dir: Path | None = None, n_world: int = 128, seed: int = 4321):
         from dopsd_fast.toy import curved as C
         from dopsd_fast.toy import quality as Q
-        from dopsd_fast.toy.pipeline import _vae_roundtrip
 
         wd = Path(weights_dir or M.WEIGHTS_DIR)
         self.net = load_classifier(wd)
+        vae = M.build_vae(wd).requires_grad_(False).eval()
+
+        def roundtrip(x):
+            with torch.no_grad():
+                return torch.cat([M.vae_decode(vae, M.vae_encode(vae, x[i:i + 128])) for i in range(0, len(x), 128)])
+
         self.entries = C.HELDOUT_PROMPTS[:n_world]
-        self.reference_set = Q.Reference(self.net, _vae_roundtrip(M.build_vae(wd).requires_grad_(False).eval()),
-                                         self.entries)
+        self.reference_set = Q.Reference(self.net, roundtrip, self.entries)
         self.concept = {name: [W.example(split, i) for i in range(n)] for name, split, n in (
             ("concept_train", "concept", len(W.CONCEPT_TRAIN)), ("concept_heldout", "concept-heldout", len(W.CONCEPT_HELDOUT)))}
         self.seed = seed
@@ -264,7 +268,9 @@ class CurvedProbe:
         res, pics = {}, {}
         for name, attrs in self.concept.items():
             pics[name] = sample_student(trainer, [W.caption(a) for a in attrs], seed)
-            res[name] = self._concept_scores(pics[name], attrs)
+            r = {"v_" + k: v for k, v in texture_scores(pics[name], attrs).items()}
+            r["accuracy_mean"] = score(self.net, pics[name], attrs, OBJECT_ATTRIBUTES)["accuracy_mean"]
+            res[name] = r
         pics["world"] = sample_student(trainer, [e["prompt"] for e in self.entries], seed)
         res["world"] = self.reference_set.score(pics["world"])
         if self.reference is None and noise_seed is None:
@@ -278,10 +284,7 @@ class CurvedProbe:
         """D-OPSD's teacher (the EMA weights under the teacher context) on the ``[V]`` training pairs,
         scored like the student's samples: the ceiling distillation from it can reach."""
         attrs = self.concept["concept_train"]
-        return self._concept_scores(teacher_pictures(trainer, [W.caption(a) for a in attrs], self.seed), attrs)
-
-    def _concept_scores(self, pics: torch.Tensor, attrs: list[dict]) -> dict:
-        """The ``[V]`` texture metrics (``v_`` prefixed) and the object's accuracy of pictures of ``attrs``."""
+        pics = teacher_pictures(trainer, [W.caption(a) for a in attrs], self.seed)
         r = {"v_" + k: v for k, v in texture_scores(pics, attrs).items()}
         r["accuracy_mean"] = score(self.net, pics, attrs, OBJECT_ATTRIBUTES)["accuracy_mean"]
         return r
