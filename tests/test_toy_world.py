@@ -110,6 +110,20 @@ def test_the_concept_background_is_a_checkerboard_no_pretraining_picture_has():
         assert sorted(map(tuple, j["pattern_colours"])) != sorted(W.CONCEPT_COLOURS)
 
 
+def test_the_object_mask_covers_exactly_the_pixels_the_object_was_drawn_on():
+    from dopsd_fast.toy import curved as C
+
+    for i in range(12):
+        a = C.example("train", i)
+        mask = W.object_mask(a)[0] > 0.5
+        x = W.to_tensor(W.render(a))
+        a2 = dict(a, jitter=dict(a["jitter"], shade=0.0))  # the same picture with a black object
+        changed = (x - W.to_tensor(W.render(a2))).abs().amax(0) > 0
+        assert mask.sum() > 50 and (changed == mask).float().mean() > 0.99, a
+    x, m = P.vae_batch(0, 0, 16, world="curved", masks=True)
+    assert x.shape == (16, 3, 64, 64) and m.shape == (16, 1, 64, 64) and torch.equal(x, P.vae_batch(0, 0, 16, world="curved"))
+
+
 def test_captions_tokenize_one_token_per_word_without_unknowns():
     tok = M.build_tokenizer()
     unk = tok.convert_tokens_to_ids("<unk>")
@@ -191,6 +205,7 @@ def test_every_curved_stage_runs_at_a_tiny_scale_and_evaluate_prints_the_gates(t
     assert {"background_error", "checker_correlation", "object_accuracy"} <= set(in_context["concept_train"])
     assert M.read_meta(out / "weights")["world"] == "curved" and (out / "base" / "in_context.png").is_file()
     assert P.stage_student(out, steps=2, batch=9, n_traj=9, world="curved")["trajectories"] == 9
+    assert M.read_meta(out / "weights")["student"]["sigmas"] == [1.0, 0.5, 0.0]  # the curved student's K = 2
     t = P.guided_trajectories(out, 9)  # kept (weights_only load) and reused
     assert t["states"].shape == (9, 5, 16, 8, 8) and t["guidance"] == P.GUIDANCE and len(t["captions"]) == 9
     # a folder holds one world: a stage asked for another is refused in one line naming the right flag,
@@ -221,26 +236,38 @@ def test_every_curved_stage_runs_at_a_tiny_scale_and_evaluate_prints_the_gates(t
         P.stage_ship(out)
 
 
+def test_the_curved_students_levels_are_found_in_the_trajectory_cache_or_refused():
+    from dopsd_fast.toy import curved as C
+
+    assert P._trajectory_index(C.STUDENT_SIGMAS) == [0, 3, 4]  # of 1, 0.9, 0.75, 0.5, 0
+    assert P._trajectory_index(M.STUDENT_SIGMAS) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="0.6"):
+        P._trajectory_index([1.0, 0.6, 0.0])
+
+
 def _gate_results(change=None):
     """Scores that pass every gate by a margin; ``change``: ((section, name, key), value) to set."""
     q = lambda s, f: {"sharpness": s, "frechet": f, "prompt_accuracy": 0.9}  # noqa: E731
-    res = {"text_to_image": {"base_40": q(0.95, 100.0), "base_4": q(0.6, 150.0), "base_40_guided": q(0.97, 90.0),
-                             "base_4_guided": q(0.75, 140.0), "student_4": q(0.96, 95.0)},
+    res = {"text_to_image": {"base_40": q(0.95, 100.0), "base_K": q(0.6, 150.0), "base_40_guided": q(0.97, 90.0),
+                             "base_K_guided": q(0.75, 140.0), "student_K": q(0.96, 95.0),
+                             "base_4": q(0.99, 90.0), "base_4_guided": q(0.99, 90.0)},  # reported, gate nothing
            "teacher": {s: {"background_error": 0.01, "checker_correlation": 0.95, "object_accuracy": 0.9}
                        for s in ("concept_train", "concept_heldout")}}
     if change is not None:
         (section, name, key), v = change
         res[section][name][key] = v
+    k = str(P.K_CURVED)
+    res["text_to_image"] = {name.replace("_K", "_" + k): v for name, v in res["text_to_image"].items()}
     return res
 
 
 @pytest.mark.parametrize("change, failing", [
-    ((("text_to_image", "base_4", "sharpness"), 0.85), "base sharpness, 40 steps - 4 steps"),  # no ghosting
+    ((("text_to_image", "base_K", "sharpness"), 0.85), "base sharpness, 40 steps - K steps"),  # no ghosting
     ((("text_to_image", "base_40", "sharpness"), 0.8), "base 40-step sharpness"),  # 40 steps not sharp either
     ((("text_to_image", "base_40", "prompt_accuracy"), 0.5), "base 40-step prompt accuracy"),  # sharp garbage
-    ((("text_to_image", "student_4", "sharpness"), 1.1), "sharpness, |student 4 steps - guided base 40 steps|"),
-    ((("text_to_image", "student_4", "frechet"), 200.0), "Frechet, student 4 steps / guided base 40 steps"),
-    ((("text_to_image", "base_4_guided", "sharpness"), 0.92), "sharpness, student 4 steps - best base 4 steps"),
+    ((("text_to_image", "student_K", "sharpness"), 1.1), "sharpness, |student K steps - guided base 40 steps|"),
+    ((("text_to_image", "student_K", "frechet"), 200.0), "Frechet, student K steps / guided base 40 steps"),
+    ((("text_to_image", "base_K_guided", "sharpness"), 0.92), "sharpness, student K steps - best base K steps"),
     ((("teacher", "concept_heldout", "background_error"), 0.05), "background error, concept_heldout"),
     ((("teacher", "concept_train", "checker_correlation"), 0.2), "checker correlation, concept_train"),
     ((("teacher", "concept_heldout", "object_accuracy"), 0.5), "object accuracy, concept_heldout"),
@@ -248,7 +275,7 @@ def _gate_results(change=None):
 def test_each_gate_fails_alone_when_its_measure_misses(change, failing):
     assert all(g["pass"] for g in P.gates(_gate_results()))
     rows = P.gates(_gate_results(change))
-    assert [g["measure"] for g in rows if not g["pass"]] == [failing]
+    assert [g["measure"] for g in rows if not g["pass"]] == [failing.replace("K steps", f"{P.K_CURVED} steps")]
     assert "| NO |" in P.gates_markdown(rows)
 
 

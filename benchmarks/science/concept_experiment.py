@@ -5,7 +5,7 @@ measure concept fidelity, few-step quality and forgetting over training steps.
     python benchmarks/science/concept_experiment.py --weights runs/curved/weights --out runs/curved-experiment
 
 Both methods run through the project's own trainer (``dopsd_fast.trainer.Trainer``, eager path), from
-the toy student (``model.preset=toy-zimage``, K = 4; ``--weights`` points the preset at another
+the toy student (``model.preset=toy-zimage``; K = 4 on the v1 world, 2 on the curved one; ``--weights`` points the preset at another
 toy weights folder, e.g. a rebuilt one), with the same data, steps, learning rate, LoRA and seeds;
 only ``method`` differs. D-OPSD's EMA teacher decays with a half-life of a quarter of the run unless
 ``--ema-decay`` says otherwise. Two data settings:
@@ -83,12 +83,17 @@ def ema_decay_for(steps: int, half_life: float = 0.25) -> float:
 
 
 def config(setting: str, method: str, seed: int, steps: int, lr: float, rank: int, out: Path,
-           ema_decay: float = 0.9999) -> dict:
+           ema_decay: float = 0.9999, world: str = "v1") -> dict:
+    """The trainer's config of one run; D-OPSD rolls out at the world's student schedule (v1: Z-Image
+    K = 4; curved: ``curved.STUDENT_SIGMAS``, K = 2)."""
+    from dopsd_fast.toy import curved as C
+
     return {
         "method": method,
         "model": {"family": "zimage", "preset": "toy-zimage"},
         "lora": {"rank": rank, "alpha": 2 * rank},
-        "dopsd": {"rollout": "zimage-k4", "loss": "x0", "ema_decay": ema_decay},
+        "dopsd": {"rollout": list(C.STUDENT_SIGMAS) if world == "curved" else "zimage-k4", "loss": "x0",
+                  "ema_decay": ema_decay},
         "optim": {"lr": lr},
         "data": {"builtin": SETTINGS[setting], "prompt_keys": ["prompt"], "buckets": [[64, 64]], "num_workers": 0},
         "train": {"output_dir": str(out), "max_steps": steps, "seed": seed, "progress": False,
@@ -103,7 +108,8 @@ def one_run(setting, method, seed, args, probe) -> dict:
 
     probe.reference = None
     tr = Trainer(config_from_dict(config(setting, method, seed, args.steps, args.lr, args.rank,
-                                         args.out / "train" / f"{setting}-{method}-s{seed}", args.ema_decay)))
+                                         args.out / "train" / f"{setting}-{method}-s{seed}", args.ema_decay,
+                                         args.world)))
     curve, t_train, pics = [], 0.0, {}
     teacher = None
     if method == "dopsd":

@@ -124,13 +124,13 @@ def prompt_sets(n_world: int = 64) -> dict:
 
 
 @torch.no_grad()
-def sample_student(trainer, prompts: list[str], seed: int = 4321, chunk: int = 64) -> torch.Tensor:
-    """Pictures ``(N, 3, 64, 64)`` of the trainer's student (its current weights) at the model's
-    few-step inference schedule; the noise of prompt i is fixed by (seed, i)."""
+def sample_student(trainer, prompts: list[str], seed: int = 4321, chunk: int = 64, sigmas=None) -> torch.Tensor:
+    """Pictures ``(N, 3, 64, 64)`` of the trainer's student (its current weights) at ``sigmas`` (default:
+    the model's few-step inference schedule); the noise of prompt i is fixed by (seed, i)."""
 
     ad = trainer.adapter
     shape = ad.latent_shape(W.SIZE, W.SIZE)
-    sig = ad.inference_sigmas(None, shape[-2:])
+    sig = list(sigmas) if sigmas is not None else ad.inference_sigmas(None, shape[-2:])
     out = []
     for i in range(0, len(prompts), chunk):
         p = prompts[i:i + chunk]
@@ -219,14 +219,14 @@ def teacher_reference(trainer, probe: Probe) -> dict:
 
 
 @torch.no_grad()
-def teacher_pictures(trainer, caps: list[str], seed: int) -> torch.Tensor:
+def teacher_pictures(trainer, caps: list[str], seed: int, sigmas=None) -> torch.Tensor:
     """The teacher's samples of the dataset's first ``len(caps)`` rows (the ``[V]`` training pairs) at
-    the model's few-step schedule, noise of row j fixed by (``seed``, j)."""
+    ``sigmas`` (default: the model's few-step schedule), noise of row j fixed by (``seed``, j)."""
     ad = trainer.adapter
     samples = [trainer.dataset.get(i, prompt_index=0) for i in range(len(caps))]
     assert [s.prompt for s in samples] == caps, "the dataset's first rows are not the [V] training pairs"
     shape = ad.latent_shape(W.SIZE, W.SIZE)
-    sig = ad.inference_sigmas(None, shape[-2:])
+    sig = list(sigmas) if sigmas is not None else ad.inference_sigmas(None, shape[-2:])
     ctx = [c.to(trainer.device) for c in trainer.contexts.teacher(samples)]
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + j))
                          for j in range(len(caps))]).to(trainer.device)
@@ -236,7 +236,8 @@ def teacher_pictures(trainer, caps: list[str], seed: int) -> torch.Tensor:
 
 
 class CurvedProbe:
-    """The curved world's probe of a trainer's student (its K = 4 schedule, fixed noise per prompt):
+    """The curved world's probe of a trainer's student (the world's K = 2 schedule, ``curved.STUDENT_SIGMAS``,
+    fixed noise per prompt):
     the ``[V]`` texture metrics (``checker_correlation``, ``background_error``) and object accuracy on
     the 6 training and 32 held-out ``[V]`` captions; few-step quality (``quality.Reference``:
     precision, recall, Frechet, sharpness, prompt accuracy) on the first ``n_world`` of the curved
@@ -259,7 +260,7 @@ class CurvedProbe:
         self.reference_set = Q.Reference(self.net, roundtrip, self.entries)
         self.concept = {name: [W.example(split, i) for i in range(n)] for name, split, n in (
             ("concept_train", "concept", len(W.CONCEPT_TRAIN)), ("concept_heldout", "concept-heldout", len(W.CONCEPT_HELDOUT)))}
-        self.seed = seed
+        self.seed, self.sigmas = seed, C.STUDENT_SIGMAS
         self.reference = None
 
     def __call__(self, trainer, noise_seed: int | None = None) -> tuple[dict, dict]:
@@ -267,11 +268,11 @@ class CurvedProbe:
         seed = self.seed if noise_seed is None else noise_seed
         res, pics = {}, {}
         for name, attrs in self.concept.items():
-            pics[name] = sample_student(trainer, [W.caption(a) for a in attrs], seed)
+            pics[name] = sample_student(trainer, [W.caption(a) for a in attrs], seed, sigmas=self.sigmas)
             r = {"v_" + k: v for k, v in texture_scores(pics[name], attrs).items()}
             r["accuracy_mean"] = score(self.net, pics[name], attrs, OBJECT_ATTRIBUTES)["accuracy_mean"]
             res[name] = r
-        pics["world"] = sample_student(trainer, [e["prompt"] for e in self.entries], seed)
+        pics["world"] = sample_student(trainer, [e["prompt"] for e in self.entries], seed, sigmas=self.sigmas)
         res["world"] = self.reference_set.score(pics["world"])
         if self.reference is None and noise_seed is None:
             self.reference = pics["world"]
@@ -284,7 +285,7 @@ class CurvedProbe:
         """D-OPSD's teacher (the EMA weights under the teacher context) on the ``[V]`` training pairs,
         scored like the student's samples: the ceiling distillation from it can reach."""
         attrs = self.concept["concept_train"]
-        pics = teacher_pictures(trainer, [W.caption(a) for a in attrs], self.seed)
+        pics = teacher_pictures(trainer, [W.caption(a) for a in attrs], self.seed, sigmas=self.sigmas)
         r = {"v_" + k: v for k, v in texture_scores(pics, attrs).items()}
         r["accuracy_mean"] = score(self.net, pics, attrs, OBJECT_ATTRIBUTES)["accuracy_mean"]
         return r

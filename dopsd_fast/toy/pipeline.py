@@ -41,6 +41,7 @@ log = logging.getLogger("dopsd_fast.toy")
 
 # Steps of each stage (the shipped weights); ``--scale`` multiplies them (tests use tiny scales).
 STEPS = {"vae": 1500, "classifier": 600, "base": 3500, "student": 1500}
+CURVED_STEPS = dict(STEPS, vae=2500, base=5000)  # the curved world: a VAE that keeps shapes, a base that follows prompts
 WORLDS = ("v1", "curved")  # v1: world.py, the shipped weights' world; curved: curved.py
 
 
@@ -85,15 +86,26 @@ def _world(world: str):
     return (C, "any") if world == "curved" else (W, "train")
 
 
-def vae_batch(seed: int, step: int, n: int, world: str = "v1") -> torch.Tensor:
+def vae_batch(seed: int, step: int, n: int, world: str = "v1", masks: bool = False):
     """Mostly world pictures, plus uncaptioned patterns and [V] pictures: the VAE stands for a
-    general-purpose autoencoder (the real one was trained on everything), so it may see the concept."""
+    general-purpose autoencoder (the real one was trained on everything), so it may see the concept.
+    ``masks``: also each picture's object mask ``(n, 1, 64, 64)`` (``world.object_mask``)."""
     idx, _ = _indices(seed, step, n, 1)
     k = n // 8
     wm, main = _world(world)
-    parts = [wm.batch(main, idx[: n - 2 * k])[0], wm.batch("patterned", idx[n - 2 * k: n - k])[0],
-             W.batch("concept-extra", idx[n - k:])[0]]
-    return torch.cat(parts)
+    parts = [wm.batch(main, idx[: n - 2 * k]), wm.batch("patterned", idx[n - 2 * k: n - k]),
+             W.batch("concept-extra", idx[n - k:])]
+    x = torch.cat([p[0] for p in parts])
+    if not masks:
+        return x
+    return x, torch.stack([W.object_mask(a) for p in parts for a in p[2]])
+
+
+# The curved world's VAE: the object's pixels weigh 1 + OBJECT_WEIGHT in the reconstruction loss (the
+# object is 5-17 % of a picture; unweighted, the VAE spends itself on the backgrounds' patterns and
+# decodes every shape as a blob: the classifier then read shapes right on 0.73 of real pictures through
+# it), and more steps.
+OBJECT_WEIGHT = 4.0
 
 
 def stage_vae(out: Path, steps: int, batch: int = 32, seed: int = 0, world: str = "v1") -> dict:
@@ -101,12 +113,15 @@ def stage_vae(out: Path, steps: int, batch: int = 32, seed: int = 0, world: str 
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = _lr_schedule(opt, steps)
     loop = Loop(out, "vae", {"vae": vae}, opt, steps, scheduler=sched, desc="vae")
+    curved = _world(world)[0] is C
     for step in loop:
-        x = vae_batch(seed, step, batch, world) * 2 - 1
+        x, mask = vae_batch(seed, step, batch, world, masks=True)
+        x = x * 2 - 1
+        w = 1 + OBJECT_WEIGHT * mask if curved else torch.ones_like(mask)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=step_rng(seed, step))).sample
         l1 = (rec - x).abs().mean()
-        loss = l1 + (rec - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        loss = ((rec - x).abs() * w).mean() + ((rec - x).pow(2) * w).mean() + 1e-6 * post.kl().mean()
         _update(loss, vae, opt, sched, step)
         if step % 25 == 0 or step == steps - 1:
             loop.log(step, loss=loss.item(), l1=l1.item())
@@ -379,7 +394,7 @@ def teacher_scores(toy: M.Toy, net, schedule=None, seed: int = 1234) -> tuple[di
     pixel MSE to the target. Returns (scores, (targets, pictures) by set)."""
     from dopsd_fast.toy.concept import OBJECT_ATTRIBUTES, score, texture_scores
 
-    schedule = schedule or M.STUDENT_SIGMAS
+    schedule = schedule or C.STUDENT_SIGMAS
     res, pics = {}, {}
     for name, split, n in (("concept_train", "concept", len(W.CONCEPT_TRAIN)),
                            ("concept_heldout", "concept-heldout", len(W.CONCEPT_HELDOUT)), ("world", "heldout", 64)):
@@ -483,7 +498,7 @@ def stage_student(out: Path, steps: int, batch: int = 48, seed: int = 0, n_traj:
     return {"trajectories": int(states.shape[0]), "cpu_seconds": round(seconds)}
 
 
-# ---- 4b. the curved world's student: K = 4 steps, classifier-free guidance baked in ----------------
+# ---- 4b. the curved world's student: K = 2 steps, classifier-free guidance baked in ----------------
 GUIDANCE = 3.5  # the classifier-free guidance scale of the base trajectories the curved student reproduces
 
 
@@ -521,6 +536,16 @@ def guided_trajectories(out: Path, n: int, seed: int = 0, chunk: int = 128, guid
     return t
 
 
+def _trajectory_index(sigmas) -> list[int]:
+    """Where the states at ``sigmas`` are in a trajectory cache (kept at ``M.STUDENT_SIGMAS``, the
+    40-step sampler's segment ends, of which the curved student's levels are a subset)."""
+    levels = [round(s, 6) for s in M.STUDENT_SIGMAS]
+    missing = [s for s in sigmas if round(s, 6) not in levels]
+    if missing:
+        raise ValueError(f"student sigmas {missing} are not among the trajectory levels {levels}")
+    return [levels.index(round(s, 6)) for s in sigmas]
+
+
 def _file_identity(path: Path) -> list[int]:
     """(size, mtime in ns) of a file: a cache made from it is stale when either changes."""
     st = Path(path).stat()
@@ -547,18 +572,20 @@ def _encode_all(toy: M.Toy, captions: list[str], chunk: int = 256) -> list[torch
 
 def stage_student_curved(out: Path, steps: int, batch: int = 48, seed: int = 0, n_traj: int = 3072) -> dict:
     """Two thirds of each batch: segment-wise ODE distillation of the base's GUIDED trajectories (on
-    the base's state x_k at the student's noise level sigma_k, the student's one Euler step must land
-    on the base's state at sigma_(k+1)); the student then draws in 4 steps, one forward each, what the
-    base draws in 40 steps with guidance (80 forwards). One third: the in-context route (the teacher
-    context [picture, caption] -> that picture, flow matching at the student's noise levels), which
-    D-OPSD's teacher is. Initialised from the base; encoders frozen; an EMA (``CURVED_BASE``) ships."""
+    the base's state x_k at the student's noise level sigma_k, ``curved.STUDENT_SIGMAS``, the student's
+    one Euler step must land on the base's state at sigma_(k+1)); the student then draws in K = 2 steps,
+    one forward each, what the base draws in 40 steps with guidance (80 forwards). One third: the
+    in-context route (the teacher context [picture, caption] -> that picture, flow matching at the
+    student's noise levels), which D-OPSD's teacher is. Initialised from the base; encoders frozen; an
+    EMA (``CURVED_BASE``) ships."""
     wd = _weights(out)
     n_traj = max(batch, min(n_traj, round(n_traj * steps / STEPS["student"]) if steps < STEPS["student"] else n_traj))
     traj = guided_trajectories(out, n_traj, seed)
-    states = traj["states"]
+    states = traj["states"][:, _trajectory_index(C.STUDENT_SIGMAS)]
     toy = load_toy(out, "base")
     feats = _encode_all(toy, traj["captions"])
-    sig = torch.tensor(M.STUDENT_SIGMAS)
+    sig = torch.tensor(C.STUDENT_SIGMAS)
+    n_k = len(C.STUDENT_SIGMAS) - 1
     dit = M.build_transformer("base", wd)
     ema = copy.deepcopy(dit).requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=3e-4, weight_decay=0.0)
@@ -568,14 +595,14 @@ def stage_student_curved(out: Path, steps: int, batch: int = 48, seed: int = 0, 
     for step in loop:
         g = step_rng(seed, step, 6)
         j = torch.randint(0, states.shape[0], (n_d,), generator=g)
-        k = torch.randint(0, 4, (n_d,), generator=g)
+        k = torch.randint(0, n_k, (n_d,), generator=g)
         xk, xn = states[j, k], states[j, k + 1]
         target_d = (xk - xn) / (sig[k] - sig[k + 1]).view(-1, 1, 1, 1)
         x_c, caps_c = in_context_batch(seed, step, batch - n_d, salt=8)
         with torch.no_grad():
             z = M.vae_encode(toy.vae, x_c)
             f_c = M.encode_teacher(toy.tokenizer, toy.vlm, toy.image_processor, caps_c, x_c)
-        s_c = sig[torch.randint(0, 4, (len(caps_c),), generator=g)]
+        s_c = sig[torch.randint(0, n_k, (len(caps_c),), generator=g)]
         eps = torch.randn(z.shape, generator=g)
         xs = (1 - s_c.view(-1, 1, 1, 1)) * z + s_c.view(-1, 1, 1, 1) * eps
         v = M.velocity(dit, torch.cat([xk, xs]), torch.cat([sig[k], s_c]), [feats[i] for i in j.tolist()] + f_c)
@@ -583,11 +610,11 @@ def stage_student_curved(out: Path, steps: int, batch: int = 48, seed: int = 0, 
         loss = err.mean()
         _update(loss, dit, opt, sched, step, ema=ema, ema_decay=CURVED_BASE["ema_decay"])
         if step % 25 == 0 or step == steps - 1:
-            per_k = {f"loss_k{i}": err[:n_d][k == i].mean().item() for i in range(4) if (k == i).any()}
+            per_k = {f"loss_k{i}": err[:n_d][k == i].mean().item() for i in range(n_k) if (k == i).any()}
             loop.log(step, loss=loss.item(), loss_context=err[n_d:].mean().item(), **per_k)
     seconds = loop.elapsed
     M.write_meta(wd, student={"steps": steps, "batch": batch, "seed": seed, "trajectories": int(states.shape[0]),
-                              "guidance": GUIDANCE, "cpu_seconds": round(seconds)})
+                              "guidance": GUIDANCE, "sigmas": list(C.STUDENT_SIGMAS), "cpu_seconds": round(seconds)})
     save_safetensors(ema.state_dict(), wd / "student.safetensors")  # the stage's marker, last
     loop.finish()
     return {"trajectories": int(states.shape[0]), "cpu_seconds": round(seconds)}
@@ -688,10 +715,10 @@ def results_markdown(res: dict) -> str:
 GATE_THRESHOLDS = {
     "base_40_sharpness": 0.85,  # the base's 40-step samples are sharp (real pictures: 1)
     "base_40_prompt_accuracy": 0.8,  # ... and show what the prompts name
-    "ghosting_sharpness_drop": 0.15,  # base sharpness, 40 steps - 4 steps >= this
-    "student_sharpness_gap": 0.1,  # |student 4-step - guided base 40-step sharpness| <= this
-    "student_frechet_ratio": 1.3,  # student 4-step Frechet <= this x guided base 40-step Frechet
-    "student_vs_base4_sharpness": 0.1,  # student 4-step sharpness >= best base 4-step sharpness + this
+    "ghosting_sharpness_drop": 0.15,  # base sharpness, 40 steps - K steps >= this
+    "student_sharpness_gap": 0.1,  # |student K-step - guided base 40-step sharpness| <= this
+    "student_frechet_ratio": 1.3,  # student K-step Frechet <= this x guided base 40-step Frechet
+    "student_vs_base_k_sharpness": 0.1,  # student K-step sharpness >= best base K-step sharpness + this
     "teacher_background_error": 0.03,
     "teacher_checker_correlation": 0.8,
     "teacher_object_accuracy": 0.7,
@@ -700,26 +727,27 @@ GATE_THRESHOLDS = {
 
 def gates(res: dict) -> list[dict]:
     """The gates' measured values against their thresholds (``GATE_THRESHOLDS``): 1 curved flow (the
-    base's 4-step samples ghosted, its 40-step ones sharp), 2 distilled student (its 4-step samples as
-    good as the guided base's 40-step ones, and clearly better than the base's 4-step ones, guided or
-    not), 3 teacher (the student under the teacher context draws [V] exactly, with its object)."""
-    t, th = res["text_to_image"], GATE_THRESHOLDS
-    b40, b4, g40, st = t["base_40"], t["base_4"], t["base_40_guided"], t["student_4"]
-    best_b4 = max(t["base_4"]["sharpness"], t["base_4_guided"]["sharpness"])
+    base's K-step samples ghosted, its 40-step ones sharp), 2 distilled student (its K-step samples as
+    good as the guided base's 40-step ones, and clearly better than the base's K-step ones, guided or
+    not), 3 teacher (the student under the teacher context draws [V] exactly, with its object);
+    K = ``K_CURVED``."""
+    t, th, k = res["text_to_image"], GATE_THRESHOLDS, K_CURVED
+    b40, bk, g40, st = t["base_40"], t[f"base_{k}"], t["base_40_guided"], t[f"student_{k}"]
+    best_bk = max(bk["sharpness"], t[f"base_{k}_guided"]["sharpness"])
     rows = [
         ("1 curved flow", "base 40-step sharpness", b40["sharpness"], f">= {th['base_40_sharpness']}",
          b40["sharpness"] >= th["base_40_sharpness"]),
         ("1 curved flow", "base 40-step prompt accuracy", b40["prompt_accuracy"], f">= {th['base_40_prompt_accuracy']}",
          b40["prompt_accuracy"] >= th["base_40_prompt_accuracy"]),
-        ("1 curved flow", "base sharpness, 40 steps - 4 steps", b40["sharpness"] - b4["sharpness"],
-         f">= {th['ghosting_sharpness_drop']}", b40["sharpness"] - b4["sharpness"] >= th["ghosting_sharpness_drop"]),
-        ("2 distilled student", "sharpness, |student 4 steps - guided base 40 steps|",
+        ("1 curved flow", f"base sharpness, 40 steps - {k} steps", b40["sharpness"] - bk["sharpness"],
+         f">= {th['ghosting_sharpness_drop']}", b40["sharpness"] - bk["sharpness"] >= th["ghosting_sharpness_drop"]),
+        ("2 distilled student", f"sharpness, |student {k} steps - guided base 40 steps|",
          abs(st["sharpness"] - g40["sharpness"]), f"<= {th['student_sharpness_gap']}",
          abs(st["sharpness"] - g40["sharpness"]) <= th["student_sharpness_gap"]),
-        ("2 distilled student", "Frechet, student 4 steps / guided base 40 steps", st["frechet"] / g40["frechet"],
+        ("2 distilled student", f"Frechet, student {k} steps / guided base 40 steps", st["frechet"] / g40["frechet"],
          f"<= {th['student_frechet_ratio']}", st["frechet"] <= th["student_frechet_ratio"] * g40["frechet"]),
-        ("2 distilled student", "sharpness, student 4 steps - best base 4 steps", st["sharpness"] - best_b4,
-         f">= {th['student_vs_base4_sharpness']}", st["sharpness"] - best_b4 >= th["student_vs_base4_sharpness"]),
+        ("2 distilled student", f"sharpness, student {k} steps - best base {k} steps", st["sharpness"] - best_bk,
+         f">= {th['student_vs_base_k_sharpness']}", st["sharpness"] - best_bk >= th["student_vs_base_k_sharpness"]),
     ]
     for split in ("concept_train", "concept_heldout"):
         r = res["teacher"][split]
@@ -748,19 +776,27 @@ def _vae_roundtrip(vae):
     return f
 
 
-SAMPLERS = {  # name: (model, schedule, guidance)
-    "base_40": ("base", "fine", 1.0), "base_4": ("base", "student", 1.0),
-    "base_40_guided": ("base", "fine", GUIDANCE), "base_4_guided": ("base", "student", GUIDANCE),
-    "student_4": ("student", "student", 1.0),
+K_CURVED = len(C.STUDENT_SIGMAS) - 1  # the curved world's student steps
+SAMPLERS = {  # name: (model, schedule, guidance); "student": curved.STUDENT_SIGMAS, "k4": the Z-Image K = 4 schedule
+    "base_40": ("base", "fine", 1.0), f"base_{K_CURVED}": ("base", "student", 1.0),
+    "base_40_guided": ("base", "fine", GUIDANCE), f"base_{K_CURVED}_guided": ("base", "student", GUIDANCE),
+    f"student_{K_CURVED}": ("student", "student", 1.0),
+    "base_4": ("base", "k4", 1.0), "base_4_guided": ("base", "k4", GUIDANCE),
 }
+SCHEDULES = {"fine": fine_schedule, "student": lambda: list(C.STUDENT_SIGMAS), "k4": lambda: list(M.STUDENT_SIGMAS)}
+SAMPLER_LABELS = {"base_40": "base, 40 steps", f"base_{K_CURVED}": f"base, {K_CURVED} steps",
+                  "base_40_guided": "base, 40 steps, guided", f"base_{K_CURVED}_guided": f"base, {K_CURVED} steps, guided",
+                  f"student_{K_CURVED}": f"student, {K_CURVED} steps",
+                  "base_4": "base, 4 steps (Z-Image K = 4 schedule)", "base_4_guided": "base, 4 steps (Z-Image K = 4), guided"}
 
 
 @torch.no_grad()
 def stage_evaluate_curved(out: Path, n: int = 256, weights: Path | None = None) -> dict:
     """The three gates: few-step quality (precision, recall, Frechet, sharpness, prompt accuracy) of
-    the base at 40 and 4 steps, with and without guidance, and of the student at 4 steps, on the
-    curved world's held-out prompts; the teacher (the student under the teacher context, 4 steps) on
-    [V]; the texture metrics' controls. Writes results.json, results.md and the grids; prints the gates."""
+    the base at 40 and K steps (``curved.STUDENT_SIGMAS``) and at the Z-Image K = 4 schedule, with and
+    without guidance, and of the student at K steps, on the curved world's held-out prompts; the
+    teacher (the student under the teacher context, K steps) on [V]; the texture metrics' controls.
+    Writes results.json, results.md and the grids; prints the gates."""
     from dopsd_fast.toy.concept import texture_controls, texture_scores
 
     wd = Path(weights or _weights(out))
@@ -773,7 +809,7 @@ def stage_evaluate_curved(out: Path, n: int = 256, weights: Path | None = None) 
     caps = [e["prompt"] for e in entries]
     pics = {}
     for name, (which, sched, w) in SAMPLERS.items():
-        schedule = fine_schedule() if sched == "fine" else M.STUDENT_SIGMAS
+        schedule = SCHEDULES[sched]()
         pics[name] = generate(toys[which], caps, schedule=schedule, guidance=w)
         res["text_to_image"][name] = ref.score(pics[name])
         log.info("%s: %s", name, res["text_to_image"][name])
@@ -817,8 +853,7 @@ def results_markdown_curved(res: dict) -> str:
     lines = [f"Text-to-image on {res['n']} held-out prompts of the curved world (real pictures of the same prompts "
              f"through the VAE are the reference; guidance {res['guidance']}):", "",
              "| pictures | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    labels = {"base_40": "base, 40 steps", "base_4": "base, 4 steps", "base_40_guided": "base, 40 steps, guided",
-              "base_4_guided": "base, 4 steps, guided", "student_4": "student, 4 steps"}
+    labels = SAMPLER_LABELS
     rows = [("real pictures (floor)", res["controls"]["real"])]
     rows += [(labels[k], v) for k, v in res["text_to_image"].items()]
     rows.append(("ghost control (mean of 4 real pictures)", res["controls"]["ghosts"]))
@@ -832,7 +867,7 @@ def results_markdown_curved(res: dict) -> str:
         for label, r in rows:
             by = r.get("prompt_accuracy_by_attribute", {})
             lines.append(f"| {label} | " + " | ".join(f"{by[a]:.3f}" if a in by else "" for a in attrs) + " |")
-    lines += ["", "The teacher (the student under the teacher context [target, caption], 4 steps):", "",
+    lines += ["", f"The teacher (the student under the teacher context [target, caption], {K_CURVED} steps):", "",
               "| pictures | background error | checker correlation | object accuracy | MSE to the target |",
               "|---|---|---|---|---|"]
     for name, label in (("concept_train", "[V] training pairs (6)"), ("concept_heldout", "held-out [V] (32)"),
@@ -916,7 +951,7 @@ def run_stage(stage: str, out: Path, scale: float = 1.0, force: bool = False, we
     if output is not None and (out / output).is_file() and not force:
         log.info("%s: done (%s exists; --force reruns it)", stage, out / output)
         return None
-    steps = max(2, round(STEPS.get(stage, 0) * scale))
+    steps = max(2, round((CURVED_STEPS if world == "curved" else STEPS).get(stage, 0) * scale))
     if stage in STEPS:  # a folder holds one world: the first training stage writes it, the others check it
         have = M.read_meta(_weights(out)).get("world")
         if have is not None and have != world:

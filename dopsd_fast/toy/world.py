@@ -196,10 +196,22 @@ def render(attrs: dict) -> Image.Image:
             for k in range(ph % per, SIZE, per):
                 d.line([(k, 0), (k, SIZE)], fill=c1, width=2)
                 d.line([(0, k), (SIZE, k)], fill=c1, width=2)
+    _draw_object(d, attrs, _shade(COLOURS[attrs["colour"]], j["shade"]))
+    return im
+
+
+def object_mask(attrs: dict) -> torch.Tensor:
+    """``(1, 64, 64)``: 1 on the object's pixels, 0 elsewhere (what ``render`` draws last)."""
+    im = Image.new("L", (SIZE, SIZE), 0)
+    _draw_object(ImageDraw.Draw(im), attrs, 255)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None]
+
+
+def _draw_object(d: ImageDraw.ImageDraw, attrs: dict, col) -> None:
+    j = attrs["jitter"]
     cx, cy = POSITIONS[attrs["position"]]
     cx, cy = cx + j["dx"], cy + j["dy"]
     r = SIZES[attrs["size"]] + (j["dr"] if attrs["size"] == "large" else j["dr"] // 2)
-    col = _shade(COLOURS[attrs["colour"]], j["shade"])
     s = attrs["shape"]
     if s == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
@@ -210,7 +222,6 @@ def render(attrs: dict) -> Image.Image:
         d.polygon([(cx, cy - r), (cx - r, cy + round(r * 0.8)), (cx + r, cy + round(r * 0.8))], fill=col)
     else:
         d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=col)
-    return im
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
