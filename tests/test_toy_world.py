@@ -349,3 +349,22 @@ def test_shipped_student_follows_held_out_prompts_in_four_steps_and_copies_in_co
     mse_t = (P.generate(toy, capv, schedule=M.STUDENT_SIGMAS) - xv).pow(2).mean()
     mse_c = (P.generate(toy, capv, images=xv, schedule=M.STUDENT_SIGMAS) - xv).pow(2).mean()
     assert mse_c < mse_t / 1.3
+
+
+def test_the_shape_probes_control_arm_trains_on_the_bases_noise_levels_and_trained_combinations():
+    import importlib.util
+    from pathlib import Path
+
+    from dopsd_fast.toy import curved as C
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "science" / "shape_probe.py"
+    spec = importlib.util.spec_from_file_location("shape_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.allclose(probe.sigmas(g1, 64, 3.0), P.train_sigmas(g2, 64))  # shift 3 = how the base trained
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.allclose(probe.sigmas(g1, 64, 1.0), torch.sigmoid(torch.randn(64, generator=g2)))
+    entries = probe.prompts(32)
+    assert all((e["attrs"]["shape"], e["attrs"]["colour"]) not in C.HELDOUT_PAIRS for e in entries)
+    assert all({"shape", "colour"} <= set(e["named"]) for e in entries)
