@@ -351,20 +351,15 @@ def test_shipped_student_follows_held_out_prompts_in_four_steps_and_copies_in_co
     assert mse_c < mse_t / 1.3
 
 
-def test_the_shape_probes_control_arm_trains_on_the_bases_noise_levels_and_trained_combinations():
-    import importlib.util
-    from pathlib import Path
-
+def test_shifted_noise_levels_and_the_partial_prompts_of_trained_combinations():
     from dopsd_fast.toy import curved as C
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "science" / "shape_probe.py"
-    spec = importlib.util.spec_from_file_location("shape_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.allclose(probe.sigmas(g1, 64, 3.0), P.train_sigmas(g2, 64))  # shift 3 = how the base trained
+    assert torch.allclose(P.train_sigmas(g1, 64, shift=1.0), torch.sigmoid(torch.randn(64, generator=g2)))
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.allclose(probe.sigmas(g1, 64, 1.0), torch.sigmoid(torch.randn(64, generator=g2)))
-    entries = probe.prompts(32)
+    s1, s3 = torch.sigmoid(torch.randn(64, generator=g1)), P.train_sigmas(g2, 64)
+    assert torch.allclose(s3, 3 * s1 / (1 + 2 * s1)) and (s3 >= s1).all()  # shift 3 moves every level toward noise
+    entries = C.partial_prompts("validation", 32)
     assert all((e["attrs"]["shape"], e["attrs"]["colour"]) not in C.HELDOUT_PAIRS for e in entries)
     assert all({"shape", "colour"} <= set(e["named"]) for e in entries)
+    assert [e["prompt"] for e in C.partial_prompts("heldout", 8)] == [e["prompt"] for e in C.HELDOUT_PROMPTS[:8]]

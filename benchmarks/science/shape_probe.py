@@ -18,7 +18,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -26,24 +25,6 @@ import torch
 
 if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
     sys.path.append(str(Path(__file__).resolve().parents[2]))
-
-
-def prompts(n: int = 128) -> list[dict]:
-    """Partial captions of trained combinations, drawn as the held-out prompts are (shape and colour named)."""
-    from dopsd_fast.toy import curved as C
-    from dopsd_fast.toy import world as W
-
-    out = []
-    for i in range(n):
-        a = C.example("validation", i)
-        drop = C.draw_drop(random.Random(W.WORLD_SEED * 13 + i), 0.5, keep=("colour",))
-        out.append({"prompt": W.caption(a, drop), "named": C.named(drop), "attrs": a})
-    return out
-
-
-def sigmas(g: torch.Generator, n: int, shift: float) -> torch.Tensor:
-    s = torch.sigmoid(torch.randn(n, generator=g))
-    return shift * s / (1 + (shift - 1) * s)
 
 
 def score(toy, net, entries) -> dict:
@@ -80,7 +61,7 @@ def arm(out: Path, shift: float, steps: int, batch: int, lr: float, seed: int = 
         caps = ["" if rng.random() < P.P_UNCOND else W.caption(a, C.draw_drop(rng)) for a in attrs]
         with torch.no_grad():
             x0 = M.vae_encode(toy.vae, x)
-        sig = sigmas(g, batch, shift).view(-1, 1, 1, 1)
+        sig = P.train_sigmas(g, batch, shift).view(-1, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=g)
         v = M.velocity(dit, (1 - sig) * x0 + sig * eps, sig.flatten(), M.encode_text(toy.tokenizer, te, caps))
         w = 1.0
@@ -112,13 +93,14 @@ def main(argv=None) -> int:
     p.add_argument("--object-weight", type=float, default=4.0, help="the w arms' object weight")
     p.add_argument("--result", default=None, help="write the scores here as JSON")
     a = p.parse_args(argv)
+    from dopsd_fast.toy import curved as C
     from dopsd_fast.toy import pipeline as P
     from dopsd_fast.toy.classifier import load_classifier
 
     out = Path(a.out)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     net = load_classifier(out / "weights")
-    entries = prompts()
+    entries = C.partial_prompts("validation", 128)  # trained combinations
     res = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "start": score(P.load_toy(out, "base"), net, entries)}
     print("start", res["start"], flush=True)
     for name in a.arms.split(","):

@@ -105,13 +105,16 @@ def batch(split: str, indices, drop_p: float = 0.0, rng: random.Random | None = 
     return torch.stack([W.to_tensor(W.render(a)) for a in ex]), caps, ex
 
 
-def _heldout_prompts(n: int = 256) -> list[dict]:
+def partial_prompts(split: str = "heldout", n: int = 256) -> list[dict]:
+    """``n`` partial captions of ``split``'s combinations (shape and colour always named, the other
+    attributes dropped at p = 0.5, fixed by the index), each with what it names and its picture's
+    attributes: ``HELDOUT_PROMPTS`` are the held-out ones; ``validation`` gives trained combinations."""
     out = []
     for i in range(n):
-        a = example("heldout", i)
+        a = example(split, i)
         drop = draw_drop(random.Random(W.WORLD_SEED * 13 + i), 0.5, keep=("colour",))
         out.append({"prompt": W.caption(a, drop), "named": named(drop), "attrs": a})
     return out
 
 
-HELDOUT_PROMPTS = _heldout_prompts()
+HELDOUT_PROMPTS = partial_prompts()

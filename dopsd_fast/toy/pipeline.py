@@ -245,10 +245,10 @@ def in_context_batch(seed: int, step: int, n: int, salt: int = 7):
     return torch.cat([x1, x2]), [W.caption(a, C.draw_drop(rng)) for a in a1 + a2]
 
 
-def train_sigmas(g: torch.Generator, n: int) -> torch.Tensor:
-    """Logit-normal noise levels, shifted by 3 toward noise (the Z-Image inference shift)."""
+def train_sigmas(g: torch.Generator, n: int, shift: float = 3.0) -> torch.Tensor:
+    """Logit-normal noise levels, shifted by ``shift`` toward noise (3: the Z-Image inference shift)."""
     s = torch.sigmoid(torch.randn(n, generator=g))
-    return 3 * s / (1 + 2 * s)
+    return shift * s / (1 + (shift - 1) * s)
 
 
 class _Trainable(torch.nn.Module):
