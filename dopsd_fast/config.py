@@ -574,7 +574,7 @@ def config_from_dict(data: dict) -> Config:
 FIELD_HELP: dict[str, str] = {
     "method": "`dopsd`, or `sft` (the flow-matching baseline on the same data: change this one line to compare)",
     "model.family": "the model family",  # + each family's name and title (config_markdown)
-    "model.preset": "a built-in model of the family, fully offline: the pretrained toy Z-Image (K = 4 student; the "
+    "model.preset": "a built-in model of the family, fully offline: the pretrained toy Z-Image (K = 2 student; the "
                     "default run's) or a tiny random-weight model (tests); `null` to load `model.path`",
     "model.path": "local diffusers-format model directory (`transformer/ vae/ text_encoder/ tokenizer/ scheduler/`)",
     "model.vlm_path": "Z-Image: local Qwen3-VL directory, the teacher context encoder (its language model's weights "

@@ -17,7 +17,7 @@ LAYERS = [
     ("base", ["dopsd_fast.errors", "dopsd_fast.context", "dopsd_fast.algorithm", "dopsd_fast.profiling",
               "dopsd_fast.offline", "dopsd_fast.vlm", "dopsd_fast.kernels", "dopsd_fast.safety",
               "dopsd_fast.distributed", "dopsd_fast.graphs", "dopsd_fast.memory", "dopsd_fast.export",
-              "dopsd_fast.toy.world", "dopsd_fast.toy.stages", "dopsd_fast.data.buckets", "dopsd_fast.data.sampler",
+              "dopsd_fast.toy.world", "dopsd_fast.toy.curved", "dopsd_fast.toy.stages", "dopsd_fast.data.buckets", "dopsd_fast.data.sampler",
               "dopsd_fast.data.prefetch", "dopsd_fast.families.common"]),
     ("ops", ["dopsd_fast.models.ops", "dopsd_fast.models.paired", "dopsd_fast.models", "dopsd_fast.fp8",
              "dopsd_fast.fsdp", "dopsd_fast.weights", "dopsd_fast.data", "dopsd_fast.logging_utils",

@@ -33,7 +33,9 @@ def test_toy_concept_datasets(tmp_path):
     prior = [json.loads(l) for l in ensure_toy_concept_dataset(tmp_path / "p", prior=True).read_text().splitlines()]
     assert prior[:6] == rows and len(prior) == 6 + TOY_PRIOR_PAIRS
     assert not any("[V]" in r["prompt"] for r in prior[6:])
-    held = {W.caption(a) for a in W.HELDOUT_COMBOS}
+    from dopsd_fast.toy import curved as C
+
+    held = {W.caption(a) for a in C.HELDOUT_COMBOS}  # the shipped (curved) world's held-out combinations
     assert not held & {r["prompt"] for r in prior[6:]}  # the prior pairs never show a held-out combination
 
 

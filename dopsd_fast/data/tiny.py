@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 import shutil
-from dopsd_fast.toy import world
+from dopsd_fast.toy import curved, world
 
 VERSION = "v1"
 HOME_ENV = "DOPSD_FAST_HOME"  # where the built-in datasets are written (default ~/.cache/dopsd_fast)
@@ -93,7 +93,7 @@ def ensure_tiny_dataset(root: Path | None = None) -> Path:
     return _write_once(Path(root) if root is not None else home() / f"tiny-dataset-{VERSION}", ".tiny-", pictures)
 
 
-TOY_CONCEPT_VERSION = "v1"
+TOY_CONCEPT_VERSION = "v1"  # of the [V] pairs; the prior pairs' world is part of the folder name too
 HOME_ENV = "DOPSD_FAST_HOME"  # where the built-in datasets are written (default ~/.cache/dopsd_fast)
 log = logging.getLogger("dopsd_fast")
 TOY_PRIOR_PAIRS = 18
@@ -108,12 +108,13 @@ def ensure_toy_concept_dataset(root: Path | None = None, prior: bool = False) ->
     one that names only the shape and the concept (``prompt_short``, "a circle on a [V] background").
     ``prior`` (``toy-concept-prior``): followed by :data:`TOY_PRIOR_PAIRS` ordinary pictures of the
     world's training split with their captions (prior preservation: fine-tuning also sees what it
-    should keep).
+    should keep), from the curved world (:mod:`dopsd_fast.toy.curved`), whose build the package ships:
+    its training split never shows one of its held-out (shape, colour) pairs.
     """
 
-    name = "toy-concept-prior" if prior else "toy-concept"
+    name = "toy-concept-prior-curved" if prior else "toy-concept"
     examples = [(f"{i:02d}.png", world.example("concept", i)) for i in range(len(world.CONCEPT_TRAIN))]
-    examples += [(f"w{i:03d}.png", world.example("train", 7_000_000 + i)) for i in range(TOY_PRIOR_PAIRS if prior else 0)]
+    examples += [(f"w{i:03d}.png", curved.example("train", 7_000_000 + i)) for i in range(TOY_PRIOR_PAIRS if prior else 0)]
 
     def pictures():
         for fn, attrs in examples:

@@ -1,7 +1,7 @@
 """Measuring concept learning on the toy world: does a fine-tuned toy student draw ``[V]``, and does
 it keep its few-step quality on everything else?
 
-:func:`probe` samples a trainer's student (its K = 4 inference schedule, fixed noise per prompt)
+:func:`probe` samples a trainer's student (its own inference schedule, fixed noise per prompt)
 on three prompt sets and scores the pictures with the toy world's metric classifier:
 
 | set | prompts | what is scored |

@@ -2,11 +2,12 @@
 (``ZImageTransformer2DModel``, ``AutoencoderKL``, Qwen3 text encoder, Qwen3-VL teacher-context encoder
 with the language-model weight swap) at toy sizes, a word-level tokenizer over the toy world's
 vocabulary, the shipped weights, and how the toy pipeline calls them (:class:`ToyPreset` is what
-``model.preset: toy-zimage`` builds: the K = 4 step-distilled student DiT, its VAE and encoders).
+``model.preset: toy-zimage`` builds: the step-distilled student DiT, its VAE and encoders).
 
 Weights are safetensors files in one folder (package data: ``dopsd_fast/toy/weights/``):
 ``vae``, ``text_encoder`` (also the VLM's language model, by the swap), ``vision`` (the VLM's vision
-tower), ``base`` (the many-step DiT), ``student`` (the K = 4 step-distilled DiT), ``classifier``
+tower), ``base`` (the many-step DiT), ``student`` (the step-distilled DiT: its sigmas in ``toy.json``;
+the shipped curved-world student: K = 2, sigmas 1, 0.5, 0), ``classifier``
 (the metric network) and ``toy.json`` (the VAE's latent shift / scale and what produced each file).
 """
 
@@ -268,11 +269,35 @@ def sample(transformer, feats: list[torch.Tensor], schedule: list[float], noise:
     return (x, states) if keep is not None else x
 
 
-class ToyPreset(Preset):
-    """``model.preset: toy-zimage``: the shipped K = 4 student, sampled at its own K = 4 schedule by
-    default (4 steps of the shift-3 scheduler give exactly the roll-out's sigmas 1, .9, .75, .5, 0)."""
+def student_sigmas(weights_dir: Path | None = None) -> list[float]:
+    """The shipped student's own schedule: the sigmas its meta records (the curved world's K = 2
+    student: 1, 0.5, 0), else the Z-Image K = 4 roll-out (``STUDENT_SIGMAS``, the v1 world's student)."""
+    return [float(s) for s in read_meta(weights_dir).get("student", {}).get("sigmas", STUDENT_SIGMAS)]
 
-    inference_steps = 4
+
+def scheduler_shift(schedule: list[float]) -> float:
+    """The shift with which K steps of the shift-``s`` flow-matching scheduler (``sigmas``) give exactly
+    ``schedule`` (K = 4, shift 3: the Z-Image K = 4 roll-out; K = 2, shift 1: 1, 0.5, 0); a schedule
+    no shift gives is refused in one line."""
+    k = len(schedule) - 1
+    if k == 1:
+        return 1.0
+    t, s1 = 1.0 - 1.0 / k, schedule[1]  # s1 = shift t / (1 + (shift - 1) t), solved for the shift
+    shift = s1 * (1 - t) / (t * (1 - s1))
+    if any(abs(a - b) > 1e-6 for a, b in zip(sigmas(k, shift), schedule)):
+        raise ValueError(f"toy student schedule {schedule}: no shifted {k}-step flow-matching schedule gives it")
+    return shift
+
+
+class ToyPreset(Preset):
+    """``model.preset: toy-zimage``: the shipped step-distilled student, sampled at its own schedule
+    (``student_sigmas``, from the weights' meta) by default: K steps of the flow-matching scheduler at
+    the shift that gives exactly those sigmas (``scheduler_shift``; the shipped curved-world student:
+    2 steps, shift 1: 1, 0.5, 0)."""
+
+    @property
+    def inference_steps(self) -> int:
+        return len(student_sigmas()) - 1
 
     def build(self, adapter) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -283,7 +308,7 @@ class ToyPreset(Preset):
         adapter.transformer = build_transformer("student")
         adapter.vae = build_vae()
         adapter.scheduler_config = dict(FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).config)
+            num_train_timesteps=1000, shift=scheduler_shift(student_sigmas()), use_dynamic_shifting=False).config)
         adapter.min_pixels = adapter.max_pixels = TOY_IMAGE_PROCESSOR["max_pixels"]
 
     def build_encoders(self, adapter) -> None:
