@@ -1,11 +1,11 @@
 """SFT vs D-OPSD in miniature: teach the toy student the concept ``[V]`` with each method and
 measure concept fidelity, few-step quality and forgetting over training steps.
 
-    python benchmarks/science/concept_experiment.py --out runs/concept-experiment
-    python benchmarks/science/concept_experiment.py --weights runs/curved/weights --out runs/curved-experiment
+    python benchmarks/science/concept_experiment.py                 # the shipped student, 20 min on 2 cores
+    python benchmarks/science/concept_experiment.py --weights runs/toy/weights --steps 400 --probe-every 50
 
 Both methods run through the project's own trainer (``dopsd_fast.trainer.Trainer``, eager path), from
-the toy student (``model.preset=toy-zimage``; K = 4 on the v1 world, 2 on the curved one; ``--weights`` points the preset at another
+the toy student (``model.preset=toy-zimage``; K = 2 on the shipped curved world, 4 on the v1 one; ``--weights`` points the preset at another
 toy weights folder, e.g. a rebuilt one), with the same data, steps, learning rate, LoRA and seeds;
 only ``method`` differs. D-OPSD's EMA teacher decays with a half-life of a quarter of the run unless
 ``--ema-decay`` says otherwise. Two data settings:
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/concept-experiment"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--probe-every", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=2000, help="the default run's length (the v1 world's tables: 400)")
+    ap.add_argument("--probe-every", type=int, default=250)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
