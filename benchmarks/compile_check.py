@@ -241,10 +241,15 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
         outs = ops.paired_linears(xs, xt, [e(n, n_in) for n in n_outs], [None] * len(n_outs), lo_s, lo_t)
         sum(ys.sum() for ys, _ in outs).backward()
     # FP8 rowwise quantization of the linears' inputs (fast.fp8=native), both widths
-    from dopsd_fast.kernels.fp8_quant import quantize_rows
+    from dopsd_fast.kernels.fp8_quant import quantize_rows, quantize_rows_cat
 
     quantize_rows(e(Ts, D))
     quantize_rows(e(Ts, F))
+    # the backward's dy of a group quantized as one (fast.fp8_dgrad): q, k, v rowwise in one launch, w1 / w3,
+    # and tensorwise (per-tensor maxima, then the cast)
+    quantize_rows_cat([e(Ts, D), e(Ts, D), e(Ts, D)])
+    quantize_rows_cat([e(Ts, F), e(Ts, F)])
+    quantize_rows_cat([e(Ts, D), e(Ts, F)], False)
     # SwiGLU
     a, b = e(Ts, F, g=True), e(Ts, F, g=True)
     ops.swiglu(a, b).sum().backward()

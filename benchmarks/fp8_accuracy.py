@@ -25,14 +25,17 @@ rule of performance.md: a low-precision path is judged by its error against fp32
   tensorwise beside an fp32 run: the loss per step, the LoRA gradients of the first and of the last
   step (each run at its own weights by then) and the LoRA weights after the last.
 
+Each FP8 variant runs with the backward's dX GEMMs in FP8 (``fast.fp8_dgrad``, the default: one per group
+of linears, the output gradients quantized per row as one) and ``fp8-rowwise-fwdonly`` with them in bf16.
 Off a GPU the FP8 GEMM is ``torch._scaled_mm`` on the CPU (PyTorch's reference kernel: e4m3 inputs,
-fp32 accumulation), the backward in bf16, exactly the code the GPU runs around it; cuBLAS may
+fp32 accumulation), exactly the code the GPU runs around it; cuBLAS may
 accumulate in another order. Times printed here are CPU times: they are not performance results.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import subprocess
@@ -42,11 +45,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from dopsd_fast.fp8 import NativeFP8, quantize, sqnr_db  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16", "fp8-rowwise", "fp8-tensorwise")
+# fp8-*: fast.fp8=native with its defaults (the backward's dX GEMMs in FP8 too: fast.fp8_dgrad);
+# *-fwdonly: the forward GEMMs alone in FP8, dX in bf16 (fast.fp8_dgrad=false)
+PRECISIONS = ("fp32", "bf16", "fp8-rowwise", "fp8-tensorwise", "fp8-rowwise-fwdonly")
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3")
 
 
@@ -62,7 +68,8 @@ def _set_precision(st, fast, name: str, fp32_base: dict):
         for n, p in st.transformer.named_parameters():
             if "lora_" not in n:
                 p.data = fp32_base[n].to(dtype)
-    fast.fp8_native = NativeFP8(name.split("-")[1]) if name.startswith("fp8") else None
+    fast.fp8_native = (NativeFP8(name.split("-")[1], dgrad=not name.endswith("-fwdonly")) if name.startswith("fp8")
+                       else None)
     return dtype
 
 
@@ -180,7 +187,9 @@ def tiny_training(steps: int, workdir: Path) -> dict:
             "validation.every=0", "train.checkpoint_every=0", "fast.enabled=true", "model.device=cpu"]
     variants = {"fp32": ["model.dtype=fp32"], "bf16": ["model.dtype=bf16"],
                 "fp8-rowwise": ["model.dtype=bf16", "fast.fp8=native", "fast.fp8_recipe=rowwise"],
-                "fp8-tensorwise": ["model.dtype=bf16", "fast.fp8=native", "fast.fp8_recipe=tensorwise"]}
+                "fp8-tensorwise": ["model.dtype=bf16", "fast.fp8=native", "fast.fp8_recipe=tensorwise"],
+                "fp8-rowwise-fwdonly": ["model.dtype=bf16", "fast.fp8=native", "fast.fp8_recipe=rowwise",
+                                        "fast.fp8_dgrad=false"]}
     runs = {}
     for name, over in variants.items():
         trainer = Trainer(load_config(None, base + over + [f"train.output_dir={workdir / name}"]))
@@ -220,8 +229,12 @@ def tiny_training(steps: int, workdir: Path) -> dict:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        here = Path(__file__).parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
+        return head + ("-dirty" if dirty and head else "")
     except OSError:
         return "unknown"
 
@@ -241,7 +254,8 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     res = {"machine": {"device": "cpu", "processor": platform.processor() or platform.machine(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-                       "fp8": "torch._scaled_mm on the CPU (e4m3 inputs, fp32 accumulation), bf16 backward"},
+                       "fp8": "torch._scaled_mm on the CPU (e4m3 inputs, fp32 accumulation); backward dX in FP8 "
+                              "(fast.fp8_dgrad) except the *-fwdonly variants"},
            "commit": _commit(), "argv": sys.argv[1:]}
     t0 = time.perf_counter()
     if "gemm_full_rows" in parts:

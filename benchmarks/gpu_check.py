@@ -53,7 +53,8 @@ STAGES = {  # name -> (cap in seconds, what it answers); the default order is th
     "smoke": (45, "imports, GPU, one compile + launch + parity check"),
     "step": (155, "zimage-6b step, default attention (auto: cuDNN on H100/H200), 5 measured steps: eager "
                   "checkpointed and un-checkpointed (stepwise) vs fast, bf16 parity (step_time.py)"),
-    "fp8": (90, "zimage-6b step with fast.fp8=native beside the bf16 fast path; SQNR parity vs bf16 eager"),
+    "fp8": (95, "FP8 GEMMs (torch._scaled_mm) vs bf16 at the step's shapes; zimage-6b step with fast.fp8=native "
+                "beside the bf16 fast path and FP8 without FP8 dX; SQNR parity vs bf16 eager"),
     "tests": (110, "kernel tests, short form on the GPU: CUDA-graph capture first (-x -v), then one case per "
                    "kernel and dtype"),
     "m1": (35, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN; a ragged batch "
@@ -537,11 +538,51 @@ def stage_step(rows: Rows) -> int:
                       "--paths", "eager,eager-plain,fast")
 
 
+# the FP8 GEMMs a Z-Image step runs (rows, inner, out), as the code runs them: the forward per branch
+# (student 4608 rows, teacher 5120) at each block shape, and the student's dX GEMM per group (inner: the
+# group's concatenated outputs: q, k, v 11520; w1, w3 20480; out 3840; w2 3840 -> 10240)
+FP8_GEMM_SHAPES = tuple((m, k, n) for m in (4608, 5120) for k, n in ((3840, 3840), (3840, 10240), (10240, 3840))) + \
+    ((4608, 11520, 3840), (4608, 20480, 3840), (4608, 3840, 10240))
+
+
+def fp8_gemms(rows: Rows) -> int:
+    """``torch._scaled_mm`` (e4m3, rowwise and tensorwise scales, bf16 out) beside the bf16 ``mm`` of the
+    same problem, at the step's FP8 shapes: the rates the step model prices FP8 with once measured
+    (``perf_model.py --calibrate-from``)."""
+    import torch
+
+    shapes = ((32, 48, 32), (16, 96, 32)) if DRY else FP8_GEMM_SHAPES
+    status = 0
+    for M, K, N in shapes:
+        try:
+            torch.manual_seed(0)
+            a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            b = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * K ** -0.5
+            aq, bq = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)  # values only matter for time
+            sa, sb = torch.ones(M, 1, device=DEV), torch.ones(1, N, device=DEV)
+            one = torch.ones((), device=DEV)
+            ms_bf = _median_ms(lambda: torch.mm(a, b.t()))
+            ms_row = _median_ms(lambda: torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+            ms_ten = _median_ms(lambda: torch._scaled_mm(aq, bq.t(), scale_a=one, scale_b=one,
+                                                         out_dtype=torch.bfloat16))
+            fl = 2.0 * M * K * N
+            rows.add(kind="fp8_gemm", M=M, K=K, N=N, bf16_ms=ms_bf, rowwise_ms=ms_row, tensorwise_ms=ms_ten,
+                     bf16_tflops=fl / ms_bf / 1e9, rowwise_tflops=fl / ms_row / 1e9, tensorwise_tflops=fl / ms_ten / 1e9,
+                     rowwise_speedup=ms_bf / ms_row)
+        except Exception as exc:  # noqa: BLE001  (an unsupported FP8 GEMM is a result too)
+            rows.add(kind="fp8_gemm", M=M, K=K, N=N, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            status = 1
+    return status
+
+
 def stage_fp8(rows: Rows) -> int:
+    gemm_status = fp8_gemms(rows)
     # parity by velocity SQNR against the bf16 eager path (no fp32 reference needed); the bf16 fast path
-    # timed beside the FP8 one (the eager reference's time is the step stage's)
+    # timed beside the FP8 one (the eager reference's time is the step stage's), and FP8 with the backward's
+    # dX GEMMs in bf16 (fast.fp8_dgrad=false): what FP8 dX gains or loses at this GPU
     return _step_time(rows, "--fp8", "native", "--steps", "5", "--warmup", "2", "--parity-steps", "1",
-                      "--eager-checkpointing", "--no-fp32-reference", "--paths", "fast-bf16,fast")
+                      "--eager-checkpointing", "--no-fp32-reference", "--paths",
+                      "fast-bf16,fast,fast-fp8-fwd") or gemm_status
 
 
 def _pytest(rows: Rows, what: str, args: list[str], env: dict) -> int:

@@ -58,7 +58,8 @@ import weakref
 from collections import defaultdict
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # the kernels are never run here: their custom ops are
+if __name__ == "__main__":  # as a script: no kernel runs here (fake tensors reach the ops' fake functions),
+    os.environ.pop("TRITON_INTERPRET", None)  # so none needs interpreting; imported, the caller's setting stays
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -155,6 +156,7 @@ class Pricing:
                  fp8_speedup: float | None = None):
         self.rates, self.cal, self.attention = dict(rates), calibration, attention
         self.fp8_speedup = fp8_speedup
+        self.fp8_recipe = "rowwise"  # the recipe whose measured FP8 rates price FP8 GEMMs (fast.fp8_recipe)
         self.bandwidth = calibration["bandwidth"] if calibration else rates["bandwidth"]
         self.launch = calibration["launch_s"] if calibration else rates["launch"]
         self.in_situ = calibration.get("in_situ", 1.0) if calibration else 1.0
@@ -178,6 +180,14 @@ class Pricing:
         if kind == "gemm_fp8":
             if self.cal is None:
                 return self.rates["gemm_fp8"]
+            measured = (self.cal.get("gemm_fp8") or {}).get(self.fp8_recipe)
+            if measured and self.fp8_speedup is None:  # the fp8 stage's rates: this (inner, out) at the
+                same = {int(k.split("x")[0]): v for k, v in measured.items()  # nearest measured row count
+                        if shape is not None and k.split("x", 1)[1] == f"{shape[1]}x{shape[2]}"}
+                if not same:
+                    self.unmeasured.add("FP8 GEMMs of an unmeasured shape: at the slowest measured FP8 rate")
+                    return min(measured.values())
+                return same[min(same, key=lambda m: abs(m - shape[0]))]
             if self.fp8_speedup is not None:
                 self.unmeasured.add(f"FP8 GEMMs: ESTIMATE, the measured bf16 GEMM rate x {self.fp8_speedup:g} "
                                     "(no FP8 measurement)")
@@ -234,6 +244,7 @@ class StepCounter(TorchDispatchMode):
         self.peak_by: dict = {}
         self._op = ""
         self.fp8_gemms: list = []  # (flops, bytes, launches, shape, impl) of every FP8 GEMM: repriced by fp8_range
+        self.paused = False  # ops run but are not counted (one-time work outside the step: weights quantized)
 
     @contextlib.contextmanager
     def in_region(self, name):
@@ -287,6 +298,8 @@ class StepCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.paused:
+            return out
         name = func.name()
         self._op = name
         if func.is_view or name in _FREE or name.startswith("prim::") or getattr(func, "_schema", None) is None:
@@ -453,6 +466,14 @@ def _derive_rates(cal: dict, in_situ: bool) -> dict:
                                  f"{row['bwd_ms']:.3f} ms "
                                  f"-> {out['attention'][backend]['attn_fwd'] / 1e12:.0f} / "
                                  f"{out['attention'][backend]['attn_bwd'] / 1e12:.0f} TFLOP/s (model's FLOP count)")
+    for row in cal.get("fp8_gemm", []):  # the fp8 stage's torch._scaled_mm at the step's shapes, as measured
+        fl, key = 2.0 * row["M"] * row["K"] * row["N"], f"{row['M']}x{row['K']}x{row['N']}"
+        rates = {recipe: fl / (row[f"{recipe}_ms"] * 1e-3) for recipe in ("rowwise", "tensorwise")}
+        for recipe, rate in rates.items():  # keyed rows x inner x out (the rows matter for FP8's small M)
+            out.setdefault("gemm_fp8", {}).setdefault(recipe, {})[key] = rate
+        out["derivation"].append(f"FP8 GEMM {key} at {row['M']} rows: fp8 stage rowwise {row['rowwise_ms']:.3f} ms, "
+                                 f"tensorwise {row['tensorwise_ms']:.3f} ms -> {rates['rowwise'] / 1e12:.0f} / "
+                                 f"{rates['tensorwise'] / 1e12:.0f} TFLOP/s")
     if in_situ:
         r = model_sampling("zimage-6b", attention="sdpa", calibration=out)
         ops = r["total"]["time_s"] - r["total"]["launches"] * launch_s
@@ -470,7 +491,7 @@ def _fake_bench(preset: str, backward: str, path: str, rank: int, cap_s: int | N
 
     argv = ["--preset", preset, "--backward", backward, "--checkpoint", checkpoint, "--gemm", gemm]
     argv += ["--eager-checkpointing"] if eager_checkpointing else []
-    argv += ["--fp8", fp8] if path == "fast" else []
+    argv += ["--fp8", fp8.split("-")[0]] if path == "fast" else []  # native-fwd: native, dX in bf16
     argv += ["--lora-rank", str(rank)] if rank is not None else []
     if path == "fast":  # the GPU configuration: our fused kernels (as custom ops here)
         argv += ["--kernels", "on", "--attention", attention]
@@ -535,7 +556,7 @@ def _build(preset, path, backward, rank, cap_s, cap_t, gemm, fp8, checkpoint, at
                                       eager_checkpointing)
         if path == "fast":  # built in the fake mode: parameters and buffers fake
             with mode:
-                fp = bench.fast_model(args.kernels, fp8=fp8)
+                fp = bench.fast_model(args.kernels, fp8=fp8.split("-")[0], fp8_dgrad=fp8 != "native-fwd")
             prebuild_layout(bench, fp)  # host-side packing with real offsets, outside the fake mode
             fp8_gb = prequantize(fp, mode)
     finally:
@@ -581,8 +602,8 @@ def fp8_range(counter: StepCounter, predicted_s: float) -> dict | None:
     :data:`FP8_GEMM_SPEEDUPS` (everything else as priced): ESTIMATES, {label: {speedup, step_s}}.
     None without FP8 GEMMs or without a calibration (the stated rates have their own FP8 rate)."""
     pr = counter.pricing
-    if not counter.fp8_gemms or pr.cal is None:
-        return None
+    if not counter.fp8_gemms or pr.cal is None or (pr.cal.get("gemm_fp8") or {}).get(pr.fp8_recipe):
+        return None  # no FP8, no calibration, or FP8 measured: priced at its own rates
     saved, base_unmeasured = pr.fp8_speedup, set(pr.unmeasured)
 
     def fp8_seconds(speedup):
@@ -679,6 +700,17 @@ def _model_step(preset, path, backward, rank, cap_s, cap_t, rates, gemm, fp8, ch
                 return res
         bench.optimizer.step = regioned("optimizer", opt_step)
         bench.weights.ema_update = regioned("EMA", ema)
+        native = getattr(fp.model, "fp8_native", None) if fp is not None else None
+        if native is not None:  # fast.fp8_dgrad: the groups' transposed weights, quantized once like the
+            quantize_t = native.weights_t  # forward's (prequantize): persistent, not the step's work
+
+            def weights_t(ws):
+                counter.paused = True
+                try:
+                    return quantize_t(ws)
+                finally:
+                    counter.paused = False
+            native.weights_t = weights_t
         torch.Tensor.backward = bw
         try:
             with counter:
@@ -686,6 +718,8 @@ def _model_step(preset, path, backward, rank, cap_s, cap_t, rates, gemm, fp8, ch
         finally:
             torch.Tensor.backward = orig_backward
     summary = _summary(counter)
+    if native is not None:
+        fp8_gb += sum(h[2].numel() + 4 * h[3].numel() for h in native._wt.values()) / 1e9
     return {"preset": preset, "path": path, "backward": backward, "lora_rank": args.lora_rank, "K": len(bench.sigmas) - 1,
             "checkpoint": checkpoint, "checkpointed_layers": fp.model.checkpoint_layers if path == "fast" else 0,
             "eager_checkpointing": eager_checkpointing, "attention": attention if path == "fast" else "sdpa",
@@ -919,6 +953,8 @@ def calibration_from_results(results_path, report: str) -> dict:
     att = [pick(r, ("variant", "tokens_student", "tokens_teacher", "heads", "head_dim", "fwd_ms", "bwd_ms"))
            for r in rows if r.get("kind") == "attention" and "error" not in r]
     graphs = next(r for r in rows if r.get("kind") == "graphs")
+    fp8 = [pick(r, ("M", "K", "N", "bf16_ms", "rowwise_ms", "tensorwise_ms")) for r in rows
+           if r.get("kind") == "fp8_gemm" and "error" not in r]
     steps = {}
     times = {r["path"]: r for r in rows if r.get("kind") == "time"}
     if "fast" in times:
@@ -940,7 +976,7 @@ def calibration_from_results(results_path, report: str) -> dict:
             # the paired op's cuBLAS form that ran (measured_form): m2 names it since the delta went first
             "paired_cublas_delta": "first" if any(r["variant"] == "ours: paired on cuBLAS, delta first"
                                                   for r in lin) else "after",
-            "paired_linear": lin, "attention": att,
+            "paired_linear": lin, "attention": att, **({"fp8_gemm": fp8} if fp8 else {}),
             "launch": {"launched_s": graphs["launched_median_s"], "graphs_s": graphs["graphs_median_s"],
                        "row": f"step stage, graphs row: {graphs['what']}"},
             "steps": steps}
@@ -960,10 +996,11 @@ def main(argv=None) -> int:
                         "GPU's measured rates, cublas without --calibration)")
     p.add_argument("--attention", default="triton", choices=sorted(ATTENTION_MODEL),
                    help="the fast path's attention (triton: ours; sdpa: PyTorch's choice, priced as flash; cudnn)")
-    p.add_argument("--fp8", default="off", choices=["off", "native"],
-                   help="the fast path's FP8 (native: the block linears' base GEMMs priced at the FP8 rate, 1400 "
-                        "TFLOP/s, with the activations' quantization; calibrated: at the measured bf16 rate, and an "
-                        "ESTIMATE range at that rate x 1.4 / 1.7 / 2.0)")
+    p.add_argument("--fp8", default="off", choices=["off", "native", "native-fwd"],
+                   help="the fast path's FP8 (native: the block linears' base GEMMs and the backward's dX GEMMs "
+                        "priced at the FP8 rate, 1400 TFLOP/s, with the quantization passes; calibrated: at the "
+                        "measured FP8 rates, or without them at the measured bf16 rate and an ESTIMATE range at that "
+                        "rate x 1.4 / 1.7 / 2.0; native-fwd: fast.fp8_dgrad=false, dX in bf16)")
     p.add_argument("--checkpoint", default="none", help="fast path: none | all | N main layers checkpointed")
     p.add_argument("--eager-checkpointing", action="store_true",
                    help="eager path: diffusers' gradient checkpointing (the reference as the authors run it)")

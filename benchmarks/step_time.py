@@ -87,7 +87,8 @@ def parse(argv=None):
     p.add_argument("--paths", default="eager,fast",
                    help="timed paths, in order: eager (the reference, checkpointed with --eager-checkpointing), "
                         "eager-plain (the reference without gradient checkpointing), fast (with --fp8), fast-bf16 "
-                        "(the fast path without FP8, beside an --fp8 run); default eager,fast")
+                        "(the fast path without FP8, beside an --fp8 run), fast-fp8-fwd (fp8=native with "
+                        "fast.fp8_dgrad=false: the backward's dX GEMMs in bf16); default eager,fast")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--parity-steps", type=int, default=3, help="optimizer steps before comparing LoRA weights")
@@ -105,7 +106,7 @@ def parse(argv=None):
     return args
 
 
-TIMED_PATHS = ("eager", "eager-plain", "fast", "fast-bf16")
+TIMED_PATHS = ("eager", "eager-plain", "fast", "fast-bf16", "fast-fp8-fwd")
 
 
 # ---- FLOPs: dopsd_fast.memory (shared with dopsd-train --dry-run) --------------------------------
@@ -208,8 +209,8 @@ class Bench:
                           autocast=self.autocast(autocast))
 
     # -- fast path
-    def fast_model(self, kernels, graphs=False, fp8="off"):
-        key = (kernels, graphs, fp8)
+    def fast_model(self, kernels, graphs=False, fp8="off", fp8_dgrad=True):
+        key = (kernels, graphs, fp8, fp8_dgrad)
         if key in self.fast_cache:
             return self.fast_cache[key]
         ck = self.args.checkpoint if "checkpoint" in self.spec.fast_features else "none"
@@ -219,6 +220,8 @@ class Bench:
                 f"fast.gemm={self.args.gemm}",
                 f"model.gradient_checkpointing={ck}", f"fast.graphs={str(graphs).lower()}", f"fast.fp8={fp8}",
                 f"dopsd.backward={self.args.backward}", f"lora.enabled={str(self.weights.lora).lower()}"]
+        if fp8 == "native":
+            over.append(f"fast.fp8_dgrad={str(fp8_dgrad).lower()}")
         cfg = load_config(None, over)
         # the run plan as the trainer resolves it: the memory model at this step's shape, 85% of free memory
         plan = resolve_plan(cfg, self.spec, self.weights.transformer.config, self.mem_shape, self.device,
@@ -227,8 +230,8 @@ class Bench:
         self.fast_cache[key] = fp
         return fp
 
-    def fast_rollout(self, kernels, graphs=False, fp8="off"):
-        return dopsd_step(self.fast_model(kernels, graphs, fp8), self.noise, self.ctx_s, self.ctx_t, self.sigmas,
+    def fast_rollout(self, kernels, graphs=False, fp8="off", fp8_dgrad=True):
+        return dopsd_step(self.fast_model(kernels, graphs, fp8, fp8_dgrad), self.noise, self.ctx_s, self.ctx_t, self.sigmas,
                           backward=self.args.backward, autocast=self.autocast())  # as the trainer calls it
 
     def sample_time(self, graphs: bool, steps: int, warmup: int):
@@ -526,6 +529,9 @@ def main(argv=None):
             "eager-plain": ("eager reference (no checkpointing)", bench.eager_rollout, bench.eager_checkpointing(False)),
             "fast": ("fast" + (f" (FP8 {args.fp8})" if args.fp8 != "off" else ""), fast_rollout, contextlib.nullcontext()),
             "fast-bf16": ("fast (bf16)", lambda: bench.fast_rollout(kernels=args.kernels), contextlib.nullcontext()),
+            "fast-fp8-fwd": ("fast (FP8 native, forward GEMMs only: dX in bf16)",
+                             lambda: bench.fast_rollout(kernels=args.kernels, fp8="native", fp8_dgrad=False),
+                             contextlib.nullcontext()),
         }[path]
         with ctx:
             t, peak = bench.timed(rollout, args.steps, args.warmup)

@@ -283,6 +283,7 @@ class FastConfig:
     fp8: str = "off"  # off | native (ours: torch._scaled_mm, LoRA runs) | te (TransformerEngine) | torchao
     fp8_recipe: Optional[str] = None  # native: rowwise|tensorwise; te: delayed|current; torchao: tensorwise|rowwise
     fp8_teacher: bool = True  # run the no-grad teacher forward in FP8 too (te only can turn it off)
+    fp8_dgrad: bool = True  # native: the student's backward dX GEMMs in FP8 too (one per group of linears)
     nvtx: bool = False  # nvtx ranges around roll-out states, teacher, student, backward, optimizer
     # torch.compile: off | ops (the fast path's element-wise ops compiled instead of our kernels; needs
     # kernels != on) | regional (the eager path: diffusers' regional compilation of the repeated blocks)
@@ -315,6 +316,8 @@ class FastConfig:
             _one_of(self.fp8_recipe, recipes[self.fp8], "fast.fp8_recipe")
             _check(self.fp8_teacher or self.fp8 == "te", "fast.fp8_teacher",
                    "only fp8=te can run the teacher forward in bf16 (torchao converts the layers for both)")
+            _check(self.fp8_dgrad or self.fp8 == "native", "fast.fp8_dgrad",
+                   "only fp8=native can keep the backward's dX GEMMs in bf16 (te and torchao choose their own)")
         else:
             _check(self.fp8_recipe is None, "fast.fp8_recipe", "set only with fast.fp8 = native, te or torchao")
         _check(not (self.compile == "ops" and self.kernels == "on"), "fast.compile",
@@ -677,6 +680,8 @@ FIELD_HELP: dict[str, str] = {
     "fast.fp8_recipe": "`native`: `rowwise` | `tensorwise`; `te`: `delayed` | `current`; `torchao`: `tensorwise` | "
                        "`rowwise` (`null` = the first)",
     "fast.fp8_teacher": "run the no-grad teacher forward in FP8 too (only `te` can turn it off)",
+    "fast.fp8_dgrad": "`native`: the student's backward dX GEMMs in FP8 too, one per group of linears (the output "
+                      "gradients quantized per row as one, e4m3); `false`: dX in bf16 (only `native` can turn it off)",
     "fast.nvtx": "nvtx ranges around roll-out states, student + teacher, backward, optimizer",
     "fast.compile": "torch.compile: `ops` (the fast path's element-wise ops instead of our kernels) or `regional` "
                     "(the eager path: diffusers' regional compilation of the blocks); `true` = the one that fits "

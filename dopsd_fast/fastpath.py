@@ -51,7 +51,7 @@ class FastPath(FastPair):
         if plan.fp8 == "native":
             if device.type == "cuda":
                 require_fp8_gpu("native")
-            model.fp8_native = NativeFP8(cfg.fast.fp8_recipe)
+            model.fp8_native = NativeFP8(cfg.fast.fp8_recipe, dgrad=cfg.fast.fp8_dgrad)
         super().__init__(model, backward=plan.backward, fp8_ctx=fp8_ctx, fp8_teacher=cfg.fast.fp8_teacher,
                          nvtx=cfg.fast.nvtx)
         self.weights = weights

@@ -120,13 +120,21 @@ class NativeFP8:
     """``fast.fp8: native``: the frozen base weights quantized once, keyed by the weight tensor (a
     new tensor or an in-place change, seen by its version counter, re-quantizes); :meth:`matmul` is
     the FP8 GEMM ``x W^T`` with ``x`` quantized per call. :meth:`emulate` is the same arithmetic in
-    PyTorch (quantize, dequantize, bf16 GEMM): what the CPU tests measure the numerics with."""
+    PyTorch (quantize, dequantize, bf16 GEMM): what the CPU tests measure the numerics with.
 
-    def __init__(self, recipe: str = "rowwise"):
+    ``dgrad`` (``fast.fp8_dgrad``): the student's backward dX GEMM in FP8 too. A group of linears reading
+    one input (q, k, v; w1, w3) is ONE GEMM ``dx = [dy_1 | ... | dy_G] [W_1; ...; W_G]``: the output
+    gradients quantized as their concatenation (one scale per row, or one for all: tensorwise), against
+    the group's weights quantized once more, transposed (:meth:`weights_t`: one scale per input channel,
+    the output column of dx). The LoRA part of dx and the adapters' gradients stay in bf16."""
+
+    def __init__(self, recipe: str = "rowwise", dgrad: bool = True):
         if recipe not in ("rowwise", "tensorwise"):
             raise ValueError(f"fast.fp8_recipe for fp8=native must be rowwise or tensorwise, got {recipe!r}")
         self.rowwise = recipe == "rowwise"
+        self.dgrad = bool(dgrad)
         self._w: dict = {}
+        self._wt: dict = {}
 
     def weight(self, w: torch.Tensor):
         hit = self._w.get(id(w))
@@ -134,6 +142,21 @@ class NativeFP8:
             q, s = quantize(w, self.rowwise)
             hit = (w, w._version, q, s)
             self._w[id(w)] = hit
+        return hit[2], hit[3]
+
+    def weights_t(self, ws: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[W_1 (N_1, K), ...]`` -> ``(q (K, sum N_g) float8_e4m3fn, scale)``: ``[W_1^T | ... ]``
+        quantized (rowwise: one scale per row of it, i.e. per input channel, ``(K, 1)``; tensorwise:
+        ``()``), once per group and weight version; ``q.t()`` is the column-major B operand of the
+        backward's dX GEMM."""
+        key = tuple(id(w) for w in ws)
+        versions = tuple(w._version for w in ws)
+        hit = self._wt.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], ws)) or hit[1] != versions:
+            wt = torch.cat([w.detach().t() for w in ws], 1) if len(ws) > 1 else ws[0].detach().t().contiguous()
+            q, s = quantize(wt, self.rowwise)
+            hit = (tuple(ws), versions, q, s)
+            self._wt[key] = hit
         return hit[2], hit[3]
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -145,6 +168,15 @@ class NativeFP8:
         xq, xs = quantize(x, self.rowwise)
         wq, ws = self.weight(w)
         return ((xq.float() * xs) @ (wq.float() * ws).t()).to(x.dtype)
+
+    def emulate_dgrad(self, dys: list, ws: list) -> torch.Tensor:
+        """The dX GEMM of :meth:`weights_t`'s form in PyTorch: the group's output gradients quantized
+        as one concatenation, dequantized, times the dequantized transposed weights."""
+        from dopsd_fast.kernels.fp8_quant import quantize_rows_cat
+
+        dq, ds = quantize_rows_cat([d.reshape(-1, d.shape[-1]) for d in dys], self.rowwise)
+        wq, wsc = self.weights_t(ws)
+        return ((dq.float() * ds) @ (wq.float() * wsc).t()).to(dys[0].dtype)
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ checkpointed):
 | casts | fast path, LoRA: both adapters cast to bf16 once per roll-out (``RolloutShare``) | 0.64 GB | 0 |
 | workspace | cuBLAS's workspace, 32 MiB per handle and stream on sm_90+ (cuBLASLt shares it), one for the forward's thread and one for autograd's | 0.07 GB | 0.07 GB |
 | unseen | what a fake-tensor step cannot see: scratch inside library calls (SDPA's fp32 dQ accumulator, 0.07 GB here), the allocator's rounding of blocks | 0.11 GB | 0.11 GB |
+| fp8_weights | ``fast.fp8: native`` only: the block linears' e4m3 copies (and with ``fast.fp8_dgrad`` their transposes), kept beside the weights for the run (:func:`fp8_weight_bytes`); not measured on a GPU | 0 | 0 |
 | total | | 26.44 GB | 5.27 GB |
 
 activations, transient (and the checks of gradients and casts) come from ``benchmarks/perf_model.py
@@ -50,6 +51,7 @@ keeps reserved but unused (fragmentation). The budget leaves room for them: 85% 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -59,11 +61,13 @@ BYTES = 2  # bf16 activations
 CUBLAS_WORKSPACE_BYTES = 32 * 2 ** 20  # torch's default per cuBLAS handle and stream on sm_90+ (cuBLASLt shares it)
 CUBLAS_HANDLES = 2  # the forward's thread and autograd's device thread each hold one on the step's stream
 UNSEEN_BYTES = 0.11e9  # fitted on the H200 peaks (see the module docstring)
-TERMS = ("activations", "recompute", "transient", "gradients", "optimizer", "casts", "workspace", "unseen")
+TERMS = ("activations", "recompute", "transient", "gradients", "optimizer", "casts", "workspace", "unseen",
+         "fp8_weights")
 TERM_LABELS = {"activations": "saved activations", "recompute": "checkpoint recompute (1 layer)",
                "transient": "transient (working set)", "gradients": "gradients (fp32)",
                "optimizer": "AdamW state", "casts": "adapters cast to bf16 (roll-out)",
-               "workspace": "cuBLAS workspaces", "unseen": "unseen (library scratch, rounding)"}
+               "workspace": "cuBLAS workspaces", "unseen": "unseen (library scratch, rounding)",
+               "fp8_weights": "FP8 weights (e4m3 copies)"}
 @dataclass(frozen=True)
 class GPU:
     """A GPU class ``--dry-run --gpu`` plans for: its memory, and the spec sheet's dense bf16 rate and
@@ -147,6 +151,7 @@ class Shape:
     states: int  # K
     trainable_params: int
     trainable_bytes_per_param: int = 4  # LoRA adapters are fp32
+    fp8_weight_bytes: int = 0  # fast.fp8=native: the block linears' e4m3 copies beside the weights (fast path)
 
 
 def shape_of(transformer_config, spec, tokens_student: int, tokens_teacher: int, states: int,
@@ -165,8 +170,28 @@ def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per
     tok_s, tok_t = spec.step_tokens(cfg.model, spec.image_tokens((lh, lw)))
     states = len(adapter.training_sigmas(cfg.dopsd.rollout, (lh, lw))) - 1
     b = cfg.data.batch_size
-    return shape_of(adapter.transformer.config, spec, b * tok_s, b * tok_t, states, trainable_params,
-                    trainable_bytes_per_param)
+    shape = shape_of(adapter.transformer.config, spec, b * tok_s, b * tok_t, states, trainable_params,
+                     trainable_bytes_per_param)
+    if cfg.fast.enabled and cfg.fast.fp8 == "native":
+        shape = dataclasses.replace(shape, fp8_weight_bytes=fp8_weight_bytes(adapter.transformer, spec,
+                                                                               cfg.fast.fp8_dgrad))
+    return shape
+
+
+def fp8_weight_bytes(model, spec, dgrad: bool) -> int:
+    """``fast.fp8: native``'s copies of the block linears FP8 takes (:func:`dopsd_fast.fp8.fp8_module_filter`):
+    e4m3 (1 byte per weight) with an fp32 scale per output row, and with ``fast.fp8_dgrad`` the same
+    again transposed for the backward's dX GEMMs (a scale per input channel). Kept for the whole run,
+    beside the bf16 weights (works on a meta-device model: shapes only)."""
+    from dopsd_fast.fp8 import fp8_module_filter
+
+    total = 0
+    for name, m in model.named_modules():
+        base = getattr(m, "base_layer", m)
+        if fp8_module_filter(name + (".base_layer" if base is not m else ""), base, spec):
+            n_out, n_in = base.weight.shape
+            total += n_out * n_in + 4 * n_out + ((n_out * n_in + 4 * n_in) if dgrad else 0)
+    return total
 
 
 def cast_bytes(trainable_params: int, path: str, trainable_bytes_per_param: int = 4) -> int:
@@ -207,6 +232,7 @@ def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0, o
         "casts": cast_bytes(n_train, path, s.trainable_bytes_per_param),
         "workspace": CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES,
         "unseen": UNSEEN_BYTES,
+        "fp8_weights": s.fp8_weight_bytes if path == "fast" else 0,
     }
     terms["total"] = sum(terms[t] for t in TERMS)
     return terms

@@ -8,6 +8,11 @@ writes one byte per element, rounding to nearest even (the hardware's cvt.rn.sat
 interpreter converts fp32 -> e4m3 wrongly just below powers of two (124 -> 64, -31.4 -> -16: measured
 with triton 3.9), so under the interpreter the kernel writes the scaled fp32 values and PyTorch rounds
 them (to nearest even, like the hardware): the tests check everything else of the kernel exactly.
+
+``quantize_rows_cat`` quantizes several row-aligned tensors (a group's output gradients dy_1, ..., dy_G,
+each (M, N_g)) as their concatenation (M, sum N_g) with ONE scale per row (or one for all, tensorwise),
+written straight into the concatenated e4m3 buffer: the A operand of the backward's single FP8 dX GEMM
+``dx = [dy_1 | ... | dy_G] [W_1; ...; W_G]`` (no concatenated bf16 copy is made).
 """
 
 from __future__ import annotations
@@ -49,6 +54,89 @@ def _quant_rows_kernel(X, Q, S, K, stride_x, F32_OUT: tl.constexpr, BLOCK: tl.co
     tl.store(S + row, scale)
 
 
+@triton.jit
+def _row_amax_kernel(X, AMAX, K, stride_x, BLOCK: tl.constexpr):
+    """AMAX[row] = max(AMAX[row], max |X[row, :]|): one tensor of the group per launch (same stream)."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK,), tl.float32)
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    prev = tl.load(AMAX + row)
+    tl.store(AMAX + row, tl.maximum(prev, tl.max(amax, axis=0)))
+
+
+@triton.jit
+def _quant_scaled_kernel(X, Q, S, K, stride_x, stride_q, ROWWISE: tl.constexpr, F32_OUT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Q[row, :K] = e4m3(X[row, :] / scale) with the scale given (per row, or one), Q a column slice
+    of the concatenated buffer (row stride ``stride_q``)."""
+    row = tl.program_id(0)
+    if ROWWISE:
+        scale = tl.load(S + row)
+    else:
+        scale = tl.load(S)
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        if F32_OUT:
+            tl.store(Q + row * stride_q + cols, q, mask=cols < K)
+        else:
+            tl.store(Q + row * stride_q + cols, q.to(tl.float8e4nv), mask=cols < K)
+
+
+@triton.jit
+def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, K0, K1, K2, s0, s1, s2, stride_q, NUM: tl.constexpr,
+                            F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Rowwise, up to three tensors in ONE launch: a program per row finds the row's maximum over all of
+    them, then scales and casts each into its columns of Q (the second read mostly from L2: the row was
+    just read)."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK,), tl.float32)
+    for k0 in range(0, K0, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(X0 + row * s0 + cols, mask=cols < K0, other=0.0).to(tl.float32)))
+    if NUM > 1:
+        for k0 in range(0, K1, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(X1 + row * s1 + cols, mask=cols < K1, other=0.0).to(tl.float32)))
+    if NUM > 2:
+        for k0 in range(0, K2, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(X2 + row * s2 + cols, mask=cols < K2, other=0.0).to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+    tl.store(S + row, scale)
+    _cast_row(X0, Q + row * stride_q, row * s0, K0, scale, F32_OUT, BLOCK)
+    if NUM > 1:
+        _cast_row(X1, Q + row * stride_q + K0, row * s1, K1, scale, F32_OUT, BLOCK)
+    if NUM > 2:
+        _cast_row(X2, Q + row * stride_q + K0 + K1, row * s2, K2, scale, F32_OUT, BLOCK)
+
+
+@triton.jit
+def _cast_row(X, Qrow, x_off, K, scale, F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(X + x_off + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        if F32_OUT:
+            tl.store(Qrow + cols, q, mask=cols < K)
+        else:
+            tl.store(Qrow + cols, q.to(tl.float8e4nv), mask=cols < K)
+
+
+def quantize_rows_cat_ref(xs: list[torch.Tensor], rowwise: bool = True):
+    xf = torch.cat([x.detach().float() for x in xs], 1)
+    if rowwise:
+        amax = xf.abs().amax(dim=1, keepdim=True)
+    else:  # an empty group (no rows) has no maximum: 0, as the kernel's
+        amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
+    scale = (amax / E4M3_MAX).clamp_min(1e-12)
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 # ---- registration ----------------------------------------------------------------------------
 @torch.library.custom_op("dopsd_fast::quantize_rows", mutates_args=())
 def quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +161,50 @@ def _(x):
     return Cost(0, 2 * nbytes(x) + x.numel() + 4 * x.shape[0], 1)
 
 
+@torch.library.custom_op("dopsd_fast::quantize_rows_cat", mutates_args=())
+def quantize_rows_cat_op(xs: list[torch.Tensor], rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(*xs):
+        return quantize_rows_cat_ref(xs, rowwise)
+    M, widths = xs[0].shape[0], [x.shape[1] for x in xs]
+    f32 = interpreting()
+    q = torch.empty((M, sum(widths)), device=xs[0].device, dtype=torch.float32 if f32 else torch.float8_e4m3fn)
+    if M == 0:
+        s = torch.zeros((M, 1) if rowwise else (), device=xs[0].device, dtype=torch.float32)
+        return q.to(torch.float8_e4m3fn), (s if rowwise else s.fill_(1e-12))  # as the reference
+    if rowwise and len(xs) <= 3:  # one launch for the group (the usual case: q, k, v or w1, w3)
+        s = torch.empty((M, 1), device=xs[0].device, dtype=torch.float32)
+        pad = xs + [xs[0]] * (3 - len(xs))
+        _quant_rows_cat3_kernel[(M,)](*pad, q, s, *[x.shape[1] if i < len(xs) else 0 for i, x in enumerate(pad)],
+                                      *[x.stride(0) for x in pad], q.stride(0), NUM=len(xs), F32_OUT=f32,
+                                      BLOCK=min(2048, next_pow2(max(widths))), num_warps=4)
+        return (q.to(torch.float8_e4m3fn) if f32 else q), s
+    amax = torch.zeros((M,), device=xs[0].device, dtype=torch.float32)
+    for x in xs:  # per tensor: the rows' maxima, then the cast with the group's scale
+        _row_amax_kernel[(M,)](x, amax, x.shape[1], x.stride(0), BLOCK=min(2048, next_pow2(x.shape[1])), num_warps=4)
+    scale = (amax / E4M3_MAX).clamp_min(1e-12).view(M, 1) if rowwise else (amax.amax() / E4M3_MAX).clamp_min(1e-12)
+    col = 0
+    for x in xs:
+        K = x.shape[1]
+        _quant_scaled_kernel[(M,)](x, q[:, col:], scale, K, x.stride(0), q.stride(0), ROWWISE=rowwise, F32_OUT=f32,
+                                   BLOCK=min(2048, next_pow2(K)), num_warps=4)
+        col += K
+    return (q.to(torch.float8_e4m3fn) if f32 else q), scale
+
+
+@quantize_rows_cat_op.register_fake
+def _(xs, rowwise):
+    M = xs[0].shape[0]
+    q = xs[0].new_empty((M, sum(x.shape[1] for x in xs)), dtype=torch.float8_e4m3fn)
+    return q, xs[0].new_empty((M, 1) if rowwise else (), dtype=torch.float32)
+
+
+@register_cost("dopsd_fast::quantize_rows_cat")
+def _(xs, rowwise):
+    M = xs[0].shape[0]  # each row read twice (max, then cast), e4m3 written: one launch for up to 3 (rowwise)
+    one = rowwise and len(xs) <= 3
+    return Cost(0, sum(2 * nbytes(x) + x.numel() for x in xs) + 4 * M, 1 if one else 2 * len(xs) + 2)
+
+
 # ---- entry point -----------------------------------------------------------------------------
 def quantize_rows(x: torch.Tensor):
     """``x (M, K)`` (rows contiguous) -> ``(q float8_e4m3fn (M, K), scale fp32 (M, 1))``; no autograd."""
@@ -81,3 +213,11 @@ def quantize_rows(x: torch.Tensor):
     if x.stride(1) != 1:
         x = x.contiguous()
     return quantize_rows_op(x.detach())
+
+
+def quantize_rows_cat(xs: list[torch.Tensor], rowwise: bool = True):
+    """``[x_1 (M, N_1), ...]`` -> ``(q float8_e4m3fn (M, sum N_g), scale)``: the concatenation quantized
+    with one scale per row (``(M, 1)``; ``rowwise=False``: one scale ``()`` for all), no autograd."""
+    if not xs or any(x.ndim != 2 or x.shape[0] != xs[0].shape[0] for x in xs):
+        raise ValueError(f"quantize_rows_cat: expected (M, N_g) tensors of equal M, got {[tuple(x.shape) for x in xs]}")
+    return quantize_rows_cat_op([(x if x.stride(1) == 1 else x.contiguous()).detach() for x in xs], bool(rowwise))

@@ -352,13 +352,16 @@ def _own(t, dtype):
     return t.clone() if t.dtype == dtype else t.to(dtype)
 
 
-def _student_bwd(dys, x, weights, u, As, Bs, scales, tri):
+def _student_bwd(dys, x, weights, u, As, Bs, scales, tri, fp8_wt=None, fp8_rowwise=True):
     """-> (dx, dAs, dBs) of the group, dx accumulated over its linears in one buffer. ``du_g = s dy_g
     B_g`` into the columns of one (M, G r) ``du``. cuBLAS: the group's LoRA part of dx FIRST, ``dx =
     du [A_1; ...; A_G]`` (one rank-(G r) product: dx written once), then each base dX GEMM accumulates
     into it (``addmm_``, beta = 1: dx read in its epilogue), not a second call per linear that re-reads
     and rewrites dx. Ours: one GEMM per linear for ``dy W + du A``, accumulating into dx. The
-    adapters' ``dA = du^T x`` of the whole group is one product (x read once)."""
+    adapters' ``dA = du^T x`` of the whole group is one product (x read once). ``fp8_wt`` (the
+    group's transposed weights quantized, :meth:`dopsd_fast.fp8.NativeFP8.weights_t`): the base part of
+    dx is ONE FP8 GEMM over the concatenated output gradients (quantized as one, into one e4m3 buffer),
+    then the LoRA part added into it (``addmm_``, beta = 1)."""
     n, r, G = x.shape[0], As[0].shape[0], len(As)
     du = x.new_empty((n, G * r))
     zero = None if tri else dys[0].new_zeros(())
@@ -369,7 +372,14 @@ def _student_bwd(dys, x, weights, u, As, Bs, scales, tri):
             torch.addmm(zero, dy, b, beta=0, alpha=s, out=du[:, g * r:(g + 1) * r])
     a_cat = _stack_rows(As)
     dx = None
-    if tri:
+    if fp8_wt:
+        from dopsd_fast.kernels.fp8_quant import quantize_rows_cat
+
+        dq, ds = quantize_rows_cat(dys, fp8_rowwise)
+        wq, ws = fp8_wt
+        dx = torch._scaled_mm(dq, wq.t(), scale_a=ds, scale_b=ws.t() if fp8_rowwise else ws, out_dtype=x.dtype)
+        dx.addmm_(du, a_cat)
+    elif tri:
         for g, (dy, w, a) in enumerate(zip(dys, weights, As)):
             dx = _gemm(dy, w, x.dtype, a2=du[:, g * r:(g + 1) * r], b2=a, acc=dx)
     else:
@@ -413,16 +423,18 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
 @torch.library.custom_op("dopsd_fast::paired_lora_linears_backward", mutates_args=())
 def paired_lora_linears_backward_op(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
                                     u: torch.Tensor, a_s: list[torch.Tensor], b_s: list[torch.Tensor],
-                                    scales: list[float], impl: str) -> list[torch.Tensor]:
+                                    scales: list[float], impl: str, fp8_wt: list[torch.Tensor],
+                                    fp8_rowwise: bool) -> list[torch.Tensor]:
     """-> ``[dx] + [d a_s per linear] + [d b_s per linear]`` (the student's; the rest is frozen); ``u``
-    (M, G r): the forward's low-rank activations of these linears; ``impl`` as the forward resolved it."""
+    (M, G r): the forward's low-rank activations of these linears; ``impl`` as the forward resolved it;
+    ``fp8_wt``: ``[q, scale]`` of the group's transposed weights for an FP8 dX GEMM (empty: bf16)."""
     tri = impl == "triton" and use_triton(x, *dys, *weights, *a_s, *b_s)
-    dx, das, dbs = _student_bwd(dys, x, weights, u, a_s, b_s, scales, tri)
+    dx, das, dbs = _student_bwd(dys, x, weights, u, a_s, b_s, scales, tri, fp8_wt or None, fp8_rowwise)
     return [dx] + das + dbs
 
 
 @paired_lora_linears_backward_op.register_fake
-def _(dys, x, weights, u, a_s, b_s, scales, impl):
+def _(dys, x, weights, u, a_s, b_s, scales, impl, fp8_wt, fp8_rowwise):
     return [torch.empty_like(x)] + [torch.empty_like(a) for a in a_s] + [torch.empty_like(b) for b in b_s]
 
 
@@ -436,13 +448,14 @@ class _PairedLinears(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, x_s, *lora_s):
-        x_t, weights, biases, a_t, b_t, scales_s, scales_t, impl, fp8_w, fp8_scale, fp8_rowwise = spec
+        x_t, weights, biases, a_t, b_t, scales_s, scales_t, impl, fp8_w, fp8_scale, fp8_rowwise, fp8 = spec
         G = len(weights)
         a_s, b_s = list(lora_s[:G]), list(lora_s[G:])
         impl = resolve_impl(impl, x_s, x_t, weights, a_s, scales_s)  # the backward runs the forward's choice
         out = paired_lora_linears_op(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, fp8_w,
                                      fp8_scale, fp8_rowwise)
         ctx.G, ctx.scales, ctx.impl = G, list(scales_s), impl
+        ctx.fp8 = fp8 if fp8 is not None and fp8.dgrad and fp8_w else None  # the dX GEMM in FP8 too
         ctx.save_for_backward(x_s, *weights, *out[2 * G:], *a_s, *b_s)  # the teacher rows are not kept
         ctx.mark_non_differentiable(*out[G:])
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the teacher outputs and u
@@ -461,8 +474,11 @@ class _PairedLinears(torch.autograd.Function):
         if len(live) < G:  # the live linears' column blocks of u (a small copy)
             r = a_s[0].shape[0]
             u = torch.cat([u[:, g * r:(g + 1) * r] for g in live], 1)
+        # FP8 dX only where dx is wanted (no quantized copies for a group whose input needs no gradient)
+        fp8_wt = list(ctx.fp8.weights_t(pick(weights))) if ctx.fp8 is not None and ctx.needs_input_grad[1] else []
         out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), u,
-                                              pick(a_s), pick(b_s), pick(ctx.scales), ctx.impl)
+                                              pick(a_s), pick(b_s), pick(ctx.scales), ctx.impl, fp8_wt,
+                                              ctx.fp8.rowwise if ctx.fp8 is not None else True)
         for j, g in enumerate(live):
             da[g], db[g] = out[1 + j], out[1 + len(live) + j]
         return None, out[0], *da, *db
@@ -490,6 +506,9 @@ LORA_DELTA_Y = "LoRA delta into y: second GEMM call re-reads and rewrites y (cuB
 LORA_DELTA_DX = "LoRA du A into dx: second GEMM call re-reads and rewrites dx (cuBLAS, delta after)"
 LORA_DELTA_Y_FIRST = "LoRA delta y = u B^T (+ bias), written once: the base GEMM accumulates into it"
 LORA_DELTA_DX_FIRST = "LoRA part of the group's dx = du [A_1; ..] written once: the dX GEMMs accumulate"
+FP8_X_QUANT = "FP8: a branch's x quantized once per group (read twice, e4m3 written)"
+BASE_GEMM_AFTER = "base GEMM y = x W^T (+ bias)"
+FP8_DY_QUANT = "FP8: the group's dy quantized as one (read twice, e4m3 written)"
 LORA_STACK = "the group's adapters stacked (the small A's copied into one, dA's split out)"
 ZERO_FILL = "0-dim zero for addmm(beta=0): one fill launch"
 
@@ -512,7 +531,7 @@ def paired_fwd_passes(M, K, Ns, r, e, impl, biases=(), same_scale=True, delta="f
         for N, bias in zip(Ns, biases):
             out += [_pass(ZERO_FILL, "memory", 0, e, 1),
                     _pass(LORA_DOWN, "gemm", 2.0 * M * K * r, (M * K + r * K + M * r) * e, 1, (M, K, r), lib),
-                    _pass("base GEMM y = x W^T (+ bias)", "gemm", 2.0 * M * K * N,
+                    _pass(BASE_GEMM_AFTER, "gemm", 2.0 * M * K * N,
                           (M * K + N * K + M * N + (N if bias else 0)) * e, 1, (M, K, N), "cublas"),
                     _pass(LORA_DELTA_Y, "memory", 2.0 * M * r * N, (2 * M * N + M * r + N * r) * e, 1, (M, r, N),
                           "cublas")]
@@ -566,17 +585,37 @@ def _bwd_passes_delta_after(M, K, Ns, r, e, impl):
     return out
 
 
-def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first"):
+def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False):
     """The student's backward of a group of linears, as ``_student_bwd`` runs it: ``du_g = s dy_g B_g``
     into the columns of one (M, G r) du; cuBLAS: the group's LoRA part of dx first, ``dx = du [A_1;
     ..]`` (dx written once, priced by its bytes), then each base dX GEMM ``dx += dy_g W_g`` (beta = 1: dx
     read in its epilogue); ours: one GEMM per linear for ``dy W + du A``, accumulating into dx; then
     ``dA = du^T x`` for the whole group (x read once; split per linear) and ``dB_g = dy_g^T u_g``
-    (cuBLAS, both). ``delta="after"``: the earlier form (:func:`paired_fwd_passes`)."""
+    (cuBLAS, both). ``delta="after"``: the earlier form (:func:`paired_fwd_passes`). ``fp8_dgrad``: the
+    base part of dx as one FP8 GEMM over the group (its dy's quantized into one e4m3 buffer), the LoRA
+    part added after it."""
     G = len(Ns)
     Gr = G * r
     if M == 0:
         return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)] * (G if delta == "after" else 1)
+    if fp8_dgrad:
+        SN = sum(Ns)
+        out = [_pass(ZERO_FILL, "memory", 0, e, 1)]
+        out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), "cublas")
+                for N in Ns]
+        if G > 1:
+            out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
+        quant = sum(2 * M * N * e + M * N for N in Ns) + 4 * M  # one launch for up to 3 (quantize_rows_cat)
+        out += [_pass(FP8_DY_QUANT, "memory", 0, quant, 1 if G <= 3 else 2 * G + 2),
+                _pass("FP8 dX GEMM dx = [dy_1 | ..] [W_1; ..] (one per group, e4m3 operands)", "gemm_fp8",
+                      2.0 * M * SN * K, M * SN + SN * K + M * K * e, 1, (M, SN, K), "cublas"),
+                _pass(LORA_DELTA_DX, "memory", 2.0 * M * Gr * K, (M * Gr + Gr * K + 2 * M * K) * e, 1, (M, Gr, K),
+                      "cublas"),
+                _pass(LORA_DOWN, "gemm", 2.0 * Gr * M * K, (M * Gr + M * K + Gr * K) * e, 1, (Gr, M, K), "cublas")]
+        if G > 1:
+            out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
+        return out + [_pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas")
+                      for N in Ns]
     if delta == "after":
         return _bwd_passes_delta_after(M, K, Ns, r, e, impl)
     lib = "triton" if impl == "triton" else "cublas"
@@ -631,20 +670,27 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
         passes += paired_fwd_passes(rows, K, Ns, r, e, impl, has_bias, same, "after" if fp8_w else COST_FORM["delta"])
     if not fp8_w:
         return _with_passes(passes)
-    # FP8 (fast.fp8=native): one aggregate priced at the FP8 GEMM rate, the LoRA products (~3% of the
-    # FLOPs) included; x is read as e4m3 (its quantization is its own op) and the weight as one byte
-    flops, byts = sum(p["flops"] for p in passes), sum(p["bytes"] for p in passes)
-    rows = x_s.shape[0] + x_t.shape[0]
-    byts -= sum(rows * K * (e - 1) + w.numel() * (e - 1) for w in weights)  # x and W read as one byte
-    byts += rows * K * (2 * e + 1)  # quantizing x once per branch: read twice (max, cast), write e4m3
-    return Cost(flops, byts, 5 * len(weights) + 2, "gemm_fp8")
+    # FP8 (fast.fp8=native), as _branch_fwd runs it per branch: x quantized once (read twice, e4m3
+    # written), per linear the FP8 GEMM at its shape (x and W read as one byte each, y written in the
+    # activations' dtype), then the LoRA delta by a second call (the "after" form); u's GEMM as in bf16
+    out = []
+    for p in passes:
+        if p["name"] == BASE_GEMM_AFTER:
+            M, _, N = p["shape"]
+            p = _pass("FP8 base GEMM y = x W^T (e4m3 operands)", "gemm_fp8", p["flops"], M * K + N * K + M * N * e, 1,
+                      p["shape"], "cublas")
+        out.append(p)
+    for rows in (x_s.shape[0], x_t.shape[0]):
+        if rows:
+            out.append(_pass(FP8_X_QUANT, "memory", 0, rows * K * (2 * e + 1) + 4 * rows, 1))
+    return _with_passes(out, "gemm_fp8")
 
 
 @register_cost("dopsd_fast::paired_lora_linears_backward")
-def _(dys, x, weights, u, a_s, b_s, scales, impl):
+def _(dys, x, weights, u, a_s, b_s, scales, impl, fp8_wt=(), fp8_rowwise=True):
     M, K = x.shape
     return _with_passes(paired_bwd_passes(M, K, [w.shape[0] for w in weights], a_s[0].shape[0], x.element_size(),
-                                          impl, COST_FORM["delta"]))
+                                          impl, COST_FORM["delta"], fp8_dgrad=bool(fp8_wt)))
 
 
 # ---- the implementation per shape: ours (delta and dx in the GEMM) where it wins, else cuBLAS ---------
@@ -718,7 +764,7 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
     ``(lora_A (r, K), lora_B (N, r), scale)``. Returns ``[(y_s, y_t)]`` per linear; ``y_t`` carries no
     gradient, nothing of the teacher rows is kept for the backward, and the student's dx of the whole
     group is one buffer. ``fp8``: a :class:`dopsd_fast.fp8.NativeFP8` (its weights quantized once): the base
-    GEMMs in FP8."""
+    GEMMs in FP8, and with its ``dgrad`` the student's dX GEMM too (one per group)."""
     K = x_s.shape[-1]
     if x_t.shape[-1] != K:
         raise ValueError(f"paired_lora_linear: x_s and x_t last dims differ ({K} vs {x_t.shape[-1]})")
@@ -751,7 +797,7 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
               [s for _, s in fq], bool(fp8.rowwise) if fp8 is not None else True)
     weights, biases = list(weights), [nob if b is None else b for b in biases]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, *a_s, *b_s)):
-        out = _PairedLinears.apply((x_t2, weights, biases, *frozen), x2, *a_s, *b_s)
+        out = _PairedLinears.apply((x_t2, weights, biases, *frozen, fp8), x2, *a_s, *b_s)
     else:  # nothing to differentiate (the teacher alone, a no-grad roll-out, a CUDA-graph capture)
         out = paired_lora_linears_op(x2, x_t2, weights, biases, a_s, b_s, *frozen)
     G = len(weights)

@@ -147,9 +147,12 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     assert len(parity) == 2 and all(p["verdict"] == "PASS" for p in parity)  # bf16 step and FP8 (SQNR)
     assert "min_velocity_sqnr_db_student" not in parity[0]  # the bf16 step: no SQNR
     assert all(parity[1][f"min_velocity_sqnr_db_{br}"] >= 20.0 for br in ("student", "teacher")), parity[1]
+    fp8 = [x for x in rows if x["kind"] == "fp8_gemm"]  # torch._scaled_mm beside mm at the dry run's shapes
+    assert len(fp8) == 2 and all("error" not in x and x["rowwise_ms"] > 0 and x["bf16_ms"] > 0 for x in fp8), fp8
     timed = [x["path"] for x in rows if x.get("stage") == "step_time" and x["kind"] == "time"]
     assert timed == ["eager reference (checkpointed)", "eager reference (no checkpointing)", "fast",
-                     "fast (bf16)", "fast (FP8 native)"], timed
+                     "fast (bf16)", "fast (FP8 native)",
+                     "fast (FP8 native, forward GEMMs only: dX in bf16)"], timed
     tests = {x["what"]: x for x in rows if x["kind"] == "kernel_tests"}
     assert list(tests) == ["CUDA-graph capture", "kernel tests, short form"]
     assert all(x["exit_code"] == 0 for x in tests.values()) and "deselected" in tests["kernel tests, short form"]["summary"]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dopsd_fast import memory
 from dopsd_fast.families import FAMILIES
@@ -158,3 +159,32 @@ def test_docs_memory_table_is_the_scripts_output():
     fits = {(name, g): total for name, g, fixed, act, _, _ in mt.rows() for total in [fixed + act]}
     assert fits[("full fine-tuning", 1)] > 80e9 and fits[("full fine-tuning (FSDP2)", 2)] < 80e9
     assert fits[("full fine-tuning (FSDP2)", 8)] < fits[("full fine-tuning (FSDP2)", 2)]
+
+
+def test_fp8_weight_copies_are_a_term_of_the_peak():
+    """fast.fp8=native keeps e4m3 copies of the block linears for the run (and with fast.fp8_dgrad their
+    transposes): the memory model counts them, 1 byte per weight plus an fp32 scale per row, exactly the
+    linears FP8 takes (Z-Image released: 30 main + 4 refiner blocks of 4 D^2 + 3 D F), and the plan's
+    peak carries them on the fast path only."""
+    import dataclasses
+
+    from diffusers import ZImageTransformer2DModel
+
+    from dopsd_fast import memory
+    from dopsd_fast.families import ZIMAGE
+    from dopsd_fast.families.zimage.spec import RELEASED
+
+    with torch.device("meta"):
+        tr = ZImageTransformer2DModel(**RELEASED)
+    D, F, blocks = RELEASED["dim"], int(RELEASED["dim"] / 3 * 8), RELEASED["n_layers"] + 2 * RELEASED["n_refiner_layers"]
+    params = blocks * (4 * D * D + 3 * D * F)
+    rows_out = blocks * (4 * D + 2 * F + D)  # q, k, v, out, w1, w3 (F rows), w2 (D rows)
+    rows_in = blocks * (4 * D + 2 * D + F)
+    assert memory.fp8_weight_bytes(tr, ZIMAGE, dgrad=False) == params + 4 * rows_out
+    assert memory.fp8_weight_bytes(tr, ZIMAGE, dgrad=True) == 2 * params + 4 * (rows_out + rows_in)
+    shape = memory.shape_of(tr.config, ZIMAGE, 4608, 5120, 4, 10 ** 8)
+    with_fp8 = dataclasses.replace(shape, fp8_weight_bytes=memory.fp8_weight_bytes(tr, ZIMAGE, True))
+    fast, eager = memory.peak_bytes(with_fp8, "fast", "stepwise"), memory.peak_bytes(with_fp8, "eager", "stepwise")
+    assert fast["fp8_weights"] == with_fp8.fp8_weight_bytes and 11.9e9 < fast["fp8_weights"] < 12.2e9
+    assert fast["total"] - memory.peak_bytes(shape, "fast", "stepwise")["total"] == fast["fp8_weights"]
+    assert eager["fp8_weights"] == 0

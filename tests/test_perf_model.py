@@ -207,3 +207,46 @@ def test_delta_first_halves_the_lora_delta_traffic():
     assert abs(rest - (old["non_gemm_tb"] - y_old - dx_old)) < 1e-6
     assert new["predicted_s"] < old["predicted_s"] and new["peak_live_gb"] <= old["peak_live_gb"] + 1e-6
     assert abs(new["total"]["flops"] - old["total"]["flops"]) <= 1e-6 * old["total"]["flops"]
+
+
+def test_importing_the_model_keeps_the_callers_interpreter_setting():
+    """Imported (by a test, a notebook), perf_model leaves TRITON_INTERPRET as the caller set it: a test
+    run after it still interprets the kernels instead of silently taking their PyTorch references."""
+    code = (f"import os, sys; os.environ['TRITON_INTERPRET'] = '1'; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+            "import perf_model; print(os.environ.get('TRITON_INTERPRET'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "1", (r.stdout[-500:], r.stderr[-2000:])
+
+
+def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
+    """Once a GPU run's fp8 stage has timed torch._scaled_mm at the step's shapes (rows kind "fp8_gemm"),
+    the calibration carries them as taken, the derived rates price each FP8 GEMM by its (inner, out)
+    shape and recipe (an unmeasured shape at the slowest measured rate, flagged), and no estimate range
+    is given: FP8 is priced by its own measurement."""
+    pm = _perf_model()
+    res = json.loads((ROOT / "benchmarks/results/2026-12-04-h200/results.json").read_text())
+    fp8_rows = [{"kind": "fp8_gemm", "M": 9728, "K": 3840, "N": 3840, "bf16_ms": 0.80, "rowwise_ms": 0.50,
+                 "tensorwise_ms": 0.45},
+                {"kind": "fp8_gemm", "M": 4608, "K": 11520, "N": 3840, "bf16_ms": 0.70, "rowwise_ms": 0.40,
+                 "tensorwise_ms": 0.38},
+                {"kind": "fp8_gemm", "M": 4608, "K": 20480, "N": 3840, "error": "RuntimeError: not supported"}]
+    res["rows"] = res["rows"] + fp8_rows
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    cal = pm.calibration_from_results(path, "benchmarks/results/x/report.md")
+    assert cal["fp8_gemm"] == [{k: v for k, v in r.items() if k != "kind"} for r in fp8_rows[:2]]  # as taken
+    rates = pm._derive_rates(cal, in_situ=False)
+    assert abs(rates["gemm_fp8"]["rowwise"]["9728x3840x3840"] - 2 * 9728 * 3840 * 3840 / 0.50e-3) < 1e3
+    assert abs(rates["gemm_fp8"]["tensorwise"]["4608x11520x3840"] - 2 * 4608 * 11520 * 3840 / 0.38e-3) < 1e3
+    pricing = pm.Pricing(pm.RATES, rates, "flash")
+    assert pricing.rate("gemm_fp8", (9728, 3840, 3840), "cublas") == rates["gemm_fp8"]["rowwise"]["9728x3840x3840"]
+    assert pricing.rate("gemm_fp8", (5000, 3840, 3840), "cublas") == rates["gemm_fp8"]["rowwise"]["9728x3840x3840"]
+    assert not pricing.unmeasured
+    slowest = min(rates["gemm_fp8"]["rowwise"].values())
+    assert pricing.rate("gemm_fp8", (4608, 20480, 3840), "cublas") == slowest
+    assert any("unmeasured shape" in n for n in pricing.unmeasured)
+    pricing.fp8_recipe = "tensorwise"
+    assert pricing.rate("gemm_fp8", (4608, 11520, 3840), "cublas") == rates["gemm_fp8"]["tensorwise"]["4608x11520x3840"]
+    counter = pm.StepCounter(pricing=pm.Pricing(pm.RATES, rates, "flash"))
+    counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (9728, 3840, 3840), "cublas")
+    assert pm.fp8_range(counter, 1.0) is None

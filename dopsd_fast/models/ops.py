@@ -200,6 +200,25 @@ def varlen_attention(backend: str, q, k, v, cu: torch.Tensor, cu_list: list[int]
     return _sdpa_varlen(q, k, v, cu_list, cu, backend=backend)
 
 
+class _EmulatedFP8Group(torch.autograd.Function):
+    """The FP8 forward of a group's base GEMMs (each ``x W_g^T``) with the FP8 dX GEMM of the group as
+    its backward (``dopsd_fast.fp8.NativeFP8.emulate_dgrad``), in PyTorch: the CPU reference of the fused
+    op's ``fast.fp8_dgrad``. The base weights are frozen (no weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, fp8, weights, x2):
+        ctx.fp8, ctx.weights = fp8, weights
+        ctx.set_materialize_grads(False)
+        return tuple(fp8.emulate(x2, w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        live = [g for g, d in enumerate(dys) if d is not None]
+        if not live:
+            return None, None, None
+        return None, None, ctx.fp8.emulate_dgrad([dys[g] for g in live], [ctx.weights[g] for g in live])
+
+
 class TorchOps:
     """Eager PyTorch math of every fused operation."""
 
@@ -264,23 +283,32 @@ class TorchOps:
     def paired_linears(self, x_s, x_t, weights, biases, loras_s, loras_t, fp8=None):
         """A group of linears reading the same input (q, k, v; w1, w3): ``[(y_s, y_t)]`` per linear.
         ``fp8`` (a :class:`dopsd_fast.fp8.NativeFP8`): the base GEMMs' FP8 arithmetic emulated (quantize,
-        dequantize), the gradient straight through to the bf16 weight, as the fused op does it."""
+        dequantize), as the fused op does it: with its ``dgrad`` the student's dx of the group's base
+        GEMMs is the FP8 dX GEMM's arithmetic (``NativeFP8.emulate_dgrad``), without it the gradient
+        goes straight through to the bf16 weight."""
         if fp8 is None:
             return [self.paired_linear(x_s, x_t, w, b, ls, lt)
                     for w, b, ls, lt in zip(weights, biases, loras_s, loras_t)]
+        x2 = x_s.reshape(-1, x_s.shape[-1])
+        if fp8.dgrad and torch.is_grad_enabled() and x2.requires_grad:
+            bases_s = _EmulatedFP8Group.apply(fp8, list(weights), x2)
+        else:
+            bases_s = []
+            for w in weights:
+                exact = F.linear(x2, w)
+                bases_s.append(fp8.emulate(x2, w) + (exact - exact.detach()))  # its gradient through W
         out = []
-        for w, b, ls, lt in zip(weights, biases, loras_s, loras_t):
-            y_s = self._fp8_linear(x_s, w, b, ls, fp8)
+        for w, b, ls, lt, base in zip(weights, biases, loras_s, loras_t, bases_s):
+            y_s = self._fp8_linear(x_s, w, b, ls, fp8, base)
             with torch.no_grad():
                 y_t = self._fp8_linear(x_t, w, b, lt, fp8)
             out.append((y_s, y_t))
         return out
 
     @staticmethod
-    def _fp8_linear(x, w, b, lora, fp8):
+    def _fp8_linear(x, w, b, lora, fp8, base=None):
         x2 = x.reshape(-1, x.shape[-1])
-        exact = F.linear(x2, w)
-        y = fp8.emulate(x2, w) + (exact - exact.detach())  # the FP8 product; its gradient through W
+        y = fp8.emulate(x2, w) if base is None else base
         if b is not None:
             y = y + b
         if lora is not None:

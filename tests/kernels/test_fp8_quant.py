@@ -24,3 +24,32 @@ def test_quantize_rows_matches_reference(dtype, M, K):
     assert ((a * s - x.float()).abs() <= 0.0625 * x.float().abs().amax(dim=1, keepdim=True) + 1e-12).all()
     if M:
         torch.library.opcheck(quantize_rows_op, (x,))
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
+@pytest.mark.parametrize("M,widths", [(5, (48, 16, 80)), (3, (2100,)), (0, (32, 16)), (4, (16, 32, 48, 16))])
+def test_quantize_rows_cat_matches_reference(rowwise, M, widths):
+    """A group's output gradients quantized as one concatenated (M, sum N) e4m3 buffer with one scale per
+    row (the largest of the group's rows) or one for all: the interpreted kernel (one launch for up to
+    three tensors rowwise, per-tensor launches otherwise) equals the PyTorch reference exactly, and a row
+    whose largest value sits in a later tensor scales the earlier ones."""
+    from dopsd_fast.kernels.fp8_quant import quantize_rows_cat, quantize_rows_cat_op, quantize_rows_cat_ref
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(M, n, generator=g).to(torch.bfloat16) for n in widths]
+    if M:
+        xs[-1][0, -1] = 900.0  # row 0's scale comes from the last tensor
+        xs[0][1] *= 1e-3
+    q, s = quantize_rows_cat(xs, rowwise)
+    rq, rs = quantize_rows_cat_ref(xs, rowwise)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (M, sum(widths))
+    assert s.shape == ((M, 1) if rowwise else ())
+    assert torch.equal(s, rs) and torch.equal(q.float(), rq.float())
+    if M:
+        cat = torch.cat([x.float() for x in xs], 1)
+        assert float(s.view(-1)[0]) == pytest.approx(900.0 / 448.0)
+        err = (q.float() * s - cat).abs()
+        assert (err <= 0.0625 * cat.abs().amax(dim=1 if rowwise else None, keepdim=rowwise) + 2e-3 * s).all()
+        torch.library.opcheck(quantize_rows_cat_op, (xs, rowwise))
+    with pytest.raises(ValueError, match="equal M"):
+        quantize_rows_cat([torch.randn(2, 16), torch.randn(3, 16)])

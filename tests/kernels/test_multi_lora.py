@@ -227,7 +227,7 @@ def test_paired_group_equals_separate_layers(impl, dtype, same_scale):
                                                    [2.0, 1.0], impl, [], [], True))
     torch.library.opcheck(paired_lora_linears_backward_op, ([torch.randn_like(y[0]), torch.randn_like(y[1])], xs,
                                                             [lq[0], lv[0]], y[4], [a_q, a_v], [b_q, b_v],
-                                                            [0.5, 1.5], impl))
+                                                            [0.5, 1.5], impl, [], True))
 
 
 def _python_calls(fn) -> int:
@@ -357,3 +357,52 @@ def test_cost_passes_are_the_launches_the_torch_form_makes(group):
     assert len(got) == len(want) and [g[0] for g in got] == [w[0] for w in want], (got, want)
     for (shape, b_got), (_, b_want) in zip(got, want):  # the 0-dim zero read by addmm(beta=0): 2 bytes
         assert abs(b_got - b_want) <= 2 * e, (shape, b_got, b_want)
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_fp8_dgrad_cost_passes_are_the_launches_it_makes(rowwise):
+    """fast.fp8_dgrad: the student's backward of a group (q, k, v) makes the launches its cost states:
+    the du GEMMs, ONE FP8 dX GEMM over the concatenated output gradients (shape (M, sum N, K)), the LoRA
+    part of dx added after it, dA and dB; and the group's dy's are quantized by one op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dopsd_fast.fp8 import NativeFP8
+    from dopsd_fast.kernels import multi_lora as ml
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.gemms, self.quant = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name()
+            if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::addmm.out", "aten::_scaled_mm"):
+                a, b = (args[1], args[2]) if name.startswith("aten::addmm") else (args[0], args[1])
+                self.gemms.append(("fp8" if name == "aten::_scaled_mm" else "bf16", (a.shape[0], a.shape[1], b.shape[1])))
+            self.quant += name == "dopsd_fast::quantize_rows_cat"
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    M, K, r, Ns = 24, 32, 4, [48, 16, 32]
+    bf = torch.bfloat16
+    ws = [torch.randn(N, K, dtype=bf) for N in Ns]
+    As, Bs = [torch.randn(r, K, dtype=bf) for _ in Ns], [torch.randn(N, r, dtype=bf) for N in Ns]
+    x, dys = torch.randn(M, K, dtype=bf), [torch.randn(M, N, dtype=bf) for N in Ns]
+    u = torch.randn(M, len(Ns) * r, dtype=bf)
+    fp8 = NativeFP8("rowwise" if rowwise else "tensorwise")
+    wt = list(fp8.weights_t(ws))
+    with Record() as rec:
+        dx, das, dbs = ml._student_bwd(dys, x, ws, u, As, Bs, [0.5] * 3, False, wt, rowwise)
+    passes = ml.paired_bwd_passes(M, K, Ns, r, 2, "torch", fp8_dgrad=True)
+    want = sorted(("fp8" if p["kind"] == "gemm_fp8" else "bf16", p["shape"]) for p in passes
+                  if p["kind"].startswith("gemm") or p["shape"] is not None)
+    assert sorted(rec.gemms) == want
+    assert rec.quant == 1 and sum(p["kind"] == "gemm_fp8" for p in passes) == 1
+    # the FP8 dX GEMM is the dequantized arithmetic; dA, dB are those of the bf16 backward exactly
+    ref_dx, ref_da, ref_db = ml._student_bwd(dys, x, ws, u, As, Bs, [0.5] * 3, False)
+    du = torch.cat([0.5 * d.float() @ b.float() for d, b in zip(dys, Bs)], 1)
+    emul = fp8.emulate_dgrad(dys, ws).float() + du @ torch.cat([a.float() for a in As])
+    assert_close(dx.float(), emul, 2e-2, 2e-2, "fp8 dx vs its emulation", scaled=True)
+    assert not torch.equal(dx, ref_dx)
+    for a, b in zip(das + dbs, ref_da + ref_db):
+        assert torch.equal(a, b)
