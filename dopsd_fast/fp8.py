@@ -32,9 +32,7 @@ import torch
 def fp8_module_filter(fqn: str, module: torch.nn.Module, spec) -> bool:
     """True for the block linears FP8 should take in a model of family ``spec`` (its ``fp8_linears``;
     see the module docstring)."""
-    if not isinstance(module, torch.nn.Linear) or not spec.fp8_linear(fqn):
-        return False
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return spec.fp8_module(fqn, module)
 
 
 def is_fp8_linear(module: torch.nn.Module) -> bool:

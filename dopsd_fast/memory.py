@@ -179,16 +179,14 @@ def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per
 
 
 def fp8_weight_bytes(model, spec, dgrad: bool) -> int:
-    """``fast.fp8: native``'s copies of the block linears FP8 takes (:func:`dopsd_fast.fp8.fp8_module_filter`):
+    """``fast.fp8: native``'s copies of the block linears FP8 takes (the family spec's ``fp8_module``):
     e4m3 (1 byte per weight) with an fp32 scale per output row, and with ``fast.fp8_dgrad`` the same
     again transposed for the backward's dX GEMMs (a scale per input channel). Kept for the whole run,
     beside the bf16 weights (works on a meta-device model: shapes only)."""
-    from dopsd_fast.fp8 import fp8_module_filter
-
     total = 0
     for name, m in model.named_modules():
         base = getattr(m, "base_layer", m)
-        if fp8_module_filter(name + (".base_layer" if base is not m else ""), base, spec):
+        if spec.fp8_module(name + (".base_layer" if base is not m else ""), base):
             n_out, n_in = base.weight.shape
             total += n_out * n_in + 4 * n_out + ((n_out * n_in + 4 * n_in) if dgrad else 0)
     return total

@@ -28,29 +28,39 @@ E4M3_MAX = 448.0
 
 # ---- reference -------------------------------------------------------------------------------
 def quantize_rows_ref(x: torch.Tensor):
-    xf = x.detach().float()
-    scale = (xf.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(1e-12)
-    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return quantize_rows_cat_ref([x], True)
 
 
 # ---- kernel ----------------------------------------------------------------------------------
 @triton.jit
+def _absmax_row(X, x_off, K, amax, BLOCK: tl.constexpr):
+    """``amax`` (BLOCK,) updated with |X[x_off : x_off + K]| (a row, in BLOCK-wide chunks)."""
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(tl.load(X + x_off + cols, mask=cols < K, other=0.0).to(tl.float32)))
+    return amax
+
+
+@triton.jit
+def _cast_row(X, Qrow, x_off, K, scale, F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Qrow[:K] = e4m3(X[x_off : x_off + K] / scale), clamped to e4m3's range (under the interpreter
+    the scaled fp32 values: PyTorch rounds them, see the module docstring)."""
+    for k0 in range(0, K, BLOCK):
+        cols = k0 + tl.arange(0, BLOCK)
+        x = tl.load(X + x_off + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        if F32_OUT:
+            tl.store(Qrow + cols, q, mask=cols < K)
+        else:
+            tl.store(Qrow + cols, q.to(tl.float8e4nv), mask=cols < K)
+
+
+@triton.jit
 def _quant_rows_kernel(X, Q, S, K, stride_x, F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    amax = tl.zeros((BLOCK,), tl.float32)
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+    amax = _absmax_row(X, row * stride_x, K, tl.zeros((BLOCK,), tl.float32), BLOCK)
     scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-        if F32_OUT:  # the interpreter: PyTorch rounds (see the module docstring)
-            tl.store(Q + row * K + cols, q, mask=cols < K)
-        else:
-            tl.store(Q + row * K + cols, q.to(tl.float8e4nv), mask=cols < K)
+    _cast_row(X, Q + row * K, row * stride_x, K, scale, F32_OUT, BLOCK)
     tl.store(S + row, scale)
 
 
@@ -58,11 +68,7 @@ def _quant_rows_kernel(X, Q, S, K, stride_x, F32_OUT: tl.constexpr, BLOCK: tl.co
 def _row_amax_kernel(X, AMAX, K, stride_x, BLOCK: tl.constexpr):
     """AMAX[row] = max(AMAX[row], max |X[row, :]|): one tensor of the group per launch (same stream)."""
     row = tl.program_id(0)
-    amax = tl.zeros((BLOCK,), tl.float32)
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+    amax = _absmax_row(X, row * stride_x, K, tl.zeros((BLOCK,), tl.float32), BLOCK)
     prev = tl.load(AMAX + row)
     tl.store(AMAX + row, tl.maximum(prev, tl.max(amax, axis=0)))
 
@@ -77,14 +83,7 @@ def _quant_scaled_kernel(X, Q, S, K, stride_x, stride_q, ROWWISE: tl.constexpr, 
         scale = tl.load(S + row)
     else:
         scale = tl.load(S)
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-        if F32_OUT:
-            tl.store(Q + row * stride_q + cols, q, mask=cols < K)
-        else:
-            tl.store(Q + row * stride_q + cols, q.to(tl.float8e4nv), mask=cols < K)
+    _cast_row(X, Q + row * stride_q, row * stride_x, K, scale, F32_OUT, BLOCK)
 
 
 @triton.jit
@@ -94,18 +93,11 @@ def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, K0, K1, K2, s0, s1, s2, stride_q, 
     them, then scales and casts each into its columns of Q (the second read mostly from L2: the row was
     just read)."""
     row = tl.program_id(0)
-    amax = tl.zeros((BLOCK,), tl.float32)
-    for k0 in range(0, K0, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(X0 + row * s0 + cols, mask=cols < K0, other=0.0).to(tl.float32)))
+    amax = _absmax_row(X0, row * s0, K0, tl.zeros((BLOCK,), tl.float32), BLOCK)
     if NUM > 1:
-        for k0 in range(0, K1, BLOCK):
-            cols = k0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(tl.load(X1 + row * s1 + cols, mask=cols < K1, other=0.0).to(tl.float32)))
+        amax = _absmax_row(X1, row * s1, K1, amax, BLOCK)
     if NUM > 2:
-        for k0 in range(0, K2, BLOCK):
-            cols = k0 + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(tl.load(X2 + row * s2 + cols, mask=cols < K2, other=0.0).to(tl.float32)))
+        amax = _absmax_row(X2, row * s2, K2, amax, BLOCK)
     scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
     tl.store(S + row, scale)
     _cast_row(X0, Q + row * stride_q, row * s0, K0, scale, F32_OUT, BLOCK)
@@ -113,18 +105,6 @@ def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, K0, K1, K2, s0, s1, s2, stride_q, 
         _cast_row(X1, Q + row * stride_q + K0, row * s1, K1, scale, F32_OUT, BLOCK)
     if NUM > 2:
         _cast_row(X2, Q + row * stride_q + K0 + K1, row * s2, K2, scale, F32_OUT, BLOCK)
-
-
-@triton.jit
-def _cast_row(X, Qrow, x_off, K, scale, F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        x = tl.load(X + x_off + cols, mask=cols < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-        if F32_OUT:
-            tl.store(Qrow + cols, q, mask=cols < K)
-        else:
-            tl.store(Qrow + cols, q.to(tl.float8e4nv), mask=cols < K)
 
 
 def quantize_rows_cat_ref(xs: list[torch.Tensor], rowwise: bool = True):

@@ -263,6 +263,13 @@ class FamilySpec:
         """Whether the linear named ``fqn`` (a peft ``.base_layer`` suffix allowed) is one FP8 may take."""
         return re.match(self.fp8_linears + r"(\.base_layer)?$", fqn) is not None
 
+    def fp8_module(self, fqn: str, module) -> bool:
+        """Whether FP8 takes ``module`` named ``fqn``: a linear :meth:`fp8_linear` names, with dimensions
+        that are multiples of 16 (what ``torch._scaled_mm`` needs)."""
+        if not isinstance(module, torch.nn.Linear) or not self.fp8_linear(fqn):
+            return False
+        return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
     def validate(self, cfg) -> None:
         """Refuse what this family cannot run, before any weight is loaded (one line naming the field)."""
         m = cfg.model
