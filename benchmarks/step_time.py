@@ -254,6 +254,9 @@ class Bench:
             out = run()
             self.sync()
             times.append(time.perf_counter() - t0)
+        failed = [t for c in (fp.graphs or {}).values() for t in c.failures.values()]
+        if failed:  # the cache went on eagerly after a failed capture: not a graph timing
+            raise RuntimeError(f"CUDA graph capture failed ({len(failed)} structure(s)): {failed[0]}")
         return statistics.median(times), out
 
     # -- a whole optimizer step

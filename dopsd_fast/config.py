@@ -674,7 +674,8 @@ FIELD_HELP: dict[str, str] = {
     "fast.memory_budget_gb": "the budget of the automatic choices (`dopsd.backward`, "
                              "`model.gradient_checkpointing`); `null` = 85% of the free GPU memory",
     "fast.graphs": "CUDA graphs for the no-grad single-branch forwards (validation, sampling); the training "
-                   "roll-out stays the packed pair",
+                   "roll-out stays the packed pair; an input structure whose capture fails runs eagerly, with "
+                   "one warning",
     "fast.fp8": "FP8 on the blocks' linears (LoRA runs): `native` (ours: `torch._scaled_mm`, base weights "
                 "quantized once), `te` (TransformerEngine), `torchao`",
     "fast.fp8_recipe": "`native`: `rowwise` | `tensorwise`; `te`: `delayed` | `current`; `torchao`: `tensorwise` | "

@@ -8,7 +8,10 @@ say so once). The parameters the graph reads are fingerprinted at capture (addre
 in-place updates (optimizer step, EMA) keep it valid, while a replaced tensor (a reloaded checkpoint
 that swapped parameters, a new adapter, a dtype change) would make the graph read stale memory, so
 it raises :class:`GraphStructureError` instead of silently re-capturing or replaying garbage;
-:meth:`GraphCache.clear` after such a change is the explicit way on.
+:meth:`GraphCache.clear` after such a change is the explicit way on. A capture that fails (CUDA refuses
+an op inside it) costs the run nothing but the graph: that input structure runs eagerly from then on,
+one warning line names the graph, the structure and the error, and :attr:`GraphCache.failures` keeps
+the error text (the benchmark and the GPU test report it; they do not count an eager call as a graph).
 
 What a graph cannot hold is host work inside the forward: a device-to-host read (``.item()``,
 ``.tolist()``, a ``nonzero``, a data-dependent shape) or a tensor made from Python data (``torch.tensor(list)``, a
@@ -183,6 +186,7 @@ class GraphCache:
         self.backend = backend or CudaGraphBackend()
         self.entries: dict = {}
         self.captures = self.replays = self.eager_calls = 0
+        self.failures: dict = {}  # {input structure: "ErrorType: text"} of the captures that failed
         self._warned = False
 
     def fingerprint(self) -> tuple:
@@ -190,22 +194,37 @@ class GraphCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.failures.clear()
+
+    def _eager(self, inputs) -> tuple:
+        self.eager_calls += 1
+        with torch.no_grad():
+            out = self.fn(*inputs)
+        return out if isinstance(out, tuple) else (out,)
 
     def __call__(self, key, *inputs: torch.Tensor) -> tuple:
         sig = (key, tuple((tuple(x.shape), x.dtype, str(x.device)) for x in inputs))
         fp = self.fingerprint()
         entry = self.entries.get(sig)
         if entry is None:
+            if sig in self.failures:
+                return self._eager(inputs)
             if len(self.entries) >= self.max_graphs:
                 if not self._warned:
                     log.warning("%s: %d graphs captured (the limit); new shapes run eagerly", self.name,
                                 self.max_graphs)
                     self._warned = True
-                self.eager_calls += 1
-                with torch.no_grad():
-                    out = self.fn(*inputs)
-                return out if isinstance(out, tuple) else (out,)
-            entry = self.backend.capture(self.fn, inputs)
+                return self._eager(inputs)
+            try:
+                entry = self.backend.capture(self.fn, inputs)
+            except Exception as exc:  # noqa: BLE001 - the run goes on without this graph, and says why
+                text = f"{type(exc).__name__}: {exc}".strip()
+                self.failures[sig] = text
+                first = text.splitlines()[0] if text else type(exc).__name__
+                log.warning("%s: CUDA graph capture failed for %s %s (%s); this input structure runs eagerly "
+                            "from now on (fast.graphs=false turns graphs off)", self.name, sig[0],
+                            [s for s, _, _ in sig[1]], first[:300])
+                return self._eager(inputs)
             entry.fingerprint = fp
             self.entries[sig] = entry
             self.captures += 1

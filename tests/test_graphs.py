@@ -63,6 +63,38 @@ def test_outputs_are_not_aliased_to_the_graph_buffers():
     assert a.abs().sum() > 0  # the first result survived the second replay
 
 
+class RefusingBackend(FakeBackend):
+    """A capture that fails the way CUDA refuses an op inside a capture."""
+
+    def capture(self, fn, inputs):
+        self.captured += 1
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore text")
+
+
+def test_failed_capture_runs_eagerly_says_so_once_and_keeps_the_error(caplog):
+    """A capture CUDA refuses costs the run the graph, not the run: that structure runs eagerly (right
+    values, no second capture attempt), one warning line names it and the error, and the error text is
+    kept for the benchmark and the GPU test; another structure still gets its own capture attempt."""
+    w = torch.randn(4, 4)
+    backend = RefusingBackend()
+    cache = GraphCache(lambda x: (x @ w,), lambda: [w], backend=backend, name="s forward")
+    x1, x2 = torch.randn(3, 4), torch.randn(3, 4)
+    with caplog.at_level("WARNING", logger="dopsd_fast"):
+        for x in (x1, x2, x1):
+            torch.testing.assert_close(cache("k", x)[0], x @ w)
+    assert (backend.captured, cache.captures, cache.replays, cache.eager_calls) == (1, 0, 0, 3)
+    warned = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    assert len(warned) == 1 and "s forward" in warned[0] and "not permitted when stream is capturing" in warned[0]
+    assert "\n" not in warned[0]  # one line
+    (err,) = cache.failures.values()
+    assert err.startswith("RuntimeError: CUDA error: operation not permitted")
+    cache("k", torch.randn(5, 4))  # a new structure is tried
+    assert backend.captured == 2 and len(cache.failures) == 2
+    cache.clear()  # and clear() forgets the failures (a changed model may capture)
+    cache("k", x1)
+    assert backend.captured == 3
+
+
 class GuardedBackend(FakeBackend):
     """The stand-in with what a CUDA graph demands of the function: a warm-up call (where per-shape
     tables get built and cached, as on the GPU's side stream), then the capture and every replay

@@ -90,6 +90,10 @@ def _replays_equal_launched(family, build, kernels, attention, dtype):
                 text = f"GRAPH CAPTURE FAILED: {case}, {phase}: {type(exc).__name__}: {exc}"
                 print("".join(traceback.format_exc().splitlines(True)[-16:]) + text, flush=True)  # text last: in the tail
                 pytest.fail(text, pytrace=False)
+            if cache.failures:  # the cache ran the forward eagerly after a failed capture: no graph to test
+                text = f"GRAPH CAPTURE FAILED: {case}, {phase}: {next(iter(cache.failures.values()))}"
+                print(text, flush=True)
+                pytest.fail(text, pytrace=False)
             with torch.no_grad():
                 want = fwd(which, x, sigma, *ctx[which])
             scale_out = float(want.abs().max())
