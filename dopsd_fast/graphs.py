@@ -55,6 +55,24 @@ _HOST_OPS = {
     "aten::unique_dim": "has a data-dependent output shape (unique)",
     "aten::_unique2": "has a data-dependent output shape (unique)",
     "aten::repeat_interleave.Tensor": "has a data-dependent output shape (repeat_interleave by a tensor)",
+    # CUDA kernels that read a device value on the host INSIDE the op (the .item() is below the dispatcher,
+    # so the op is all a guard sees): a sync, illegal while capturing
+    "aten::equal": "compares on the device and returns a Python bool (a device-to-host read inside the op)",
+    "aten::bincount": "reads its output length on the host (a data-dependent shape)",
+    "aten::unique_consecutive": "has a data-dependent output shape (unique_consecutive)",
+    "aten::unique_dim_consecutive": "has a data-dependent output shape (unique_consecutive)",
+    "aten::_unique": "has a data-dependent output shape (unique)",
+}
+
+# Python-level CUDA calls that dispatch no op: each is illegal inside a capture (a sync, or a query of
+# the capturing stream), whatever the forward's device
+_HOST_CALLS = {
+    ("torch.cuda", "synchronize"): "waits for the device (a sync)",
+    ("torch.cuda", "empty_cache"): "frees cached device memory (not allowed while a graph captures)",
+    ("torch.cuda.Stream", "synchronize"): "waits for a stream (a sync)",
+    ("torch.cuda.Stream", "query"): "queries a stream (illegal on a capturing stream)",
+    ("torch.cuda.Event", "synchronize"): "waits for an event (a sync)",
+    ("torch.cuda.Event", "query"): "queries an event (illegal while capturing)",
 }
 
 
@@ -64,6 +82,10 @@ def _host_work(func, args, kwargs) -> str | None:
     why = _HOST_OPS.get(name) or _HOST_OPS.get(func._schema.name)
     if name == "aten::repeat_interleave.Tensor" and kwargs.get("output_size") is not None:
         why = None
+    if name == "aten::histc":
+        lo, hi = (list(args[2:4]) + [kwargs.get("min", 0), kwargs.get("max", 0)][len(args[2:4]):])[:2]
+        if lo == hi:
+            why = "reads the input's min / max on the host (no range given: a sync)"
     if why is None and func._schema.name in ("aten::index", "aten::index_put", "aten::index_put_"):
         idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
         if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx or ()):
@@ -95,10 +117,22 @@ def _off_device(func, args, kwargs, out, device: torch.device) -> str | None:
     return None
 
 
+def _resolve(dotted: str):
+    """``torch.cuda`` / ``torch.cuda.Stream``: the object, or None where this build lacks it."""
+    obj = torch
+    for part in dotted.split(".")[1:]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def capture_guard(device: torch.device | str | None = None):
     """A context in which an op a CUDA graph cannot capture raises :class:`GraphCaptureError`
-    naming it (see :data:`_HOST_OPS`; also any copy between devices, and ``Tensor.tolist()`` /
-    ``.numpy()``, host reads that dispatch no op). It inspects the dispatched ops, so it works on the
+    naming it (see :data:`_HOST_OPS`, CUDA kernels that sync inside included; also any copy between
+    devices, ``Tensor.tolist()`` / ``.numpy()``, host reads that dispatch no op, and the Python-level
+    CUDA calls of :data:`_HOST_CALLS`: ``torch.cuda.synchronize()``, a stream's or event's
+    ``synchronize()`` / ``query()``, ``torch.cuda.empty_cache()``). It inspects the dispatched ops, so it works on the
     CPU. ``aten::repeat_interleave`` given ``output_size`` is allowed (no sync).
     ``device``: the forward's device; any other tensor an op reads or makes is host work too (run
     the forward on ``meta`` to see on the CPU what would be a host-to-device copy on a GPU)."""
@@ -111,18 +145,28 @@ def capture_guard(device: torch.device | str | None = None):
         _HOST_READS = ("tolist", "numpy", "__array__")
 
         def __enter__(self):
-            self._saved = {n: getattr(torch.Tensor, n) for n in self._HOST_READS}
+            self._saved = {(torch.Tensor, n): getattr(torch.Tensor, n) for n in self._HOST_READS}
             for n in self._HOST_READS:
                 def refuse(*_a, _n=n, **_k):
                     raise GraphCaptureError(f"Tensor.{_n}() reads a tensor's values on the host (a device-to-host "
                                             "copy and a sync): a CUDA graph cannot capture it; keep the host copy "
                                             "(a Python list) beside the tensor, built once per shape")
                 setattr(torch.Tensor, n, refuse)
+            for (owner_name, n), why in _HOST_CALLS.items():
+                owner = _resolve(owner_name)
+                if owner is None or not hasattr(owner, n):
+                    continue
+                self._saved[(owner, n)] = getattr(owner, n)
+
+                def refuse_call(*_a, _what=f"{owner_name}.{n}()", _why=why, **_k):
+                    raise GraphCaptureError(f"{_what} {_why}: a CUDA graph cannot capture it; do it outside the "
+                                            "captured forward")
+                setattr(owner, n, refuse_call)
             return super().__enter__()
 
         def __exit__(self, *exc):
-            for n, f in self._saved.items():
-                setattr(torch.Tensor, n, f)
+            for (owner, n), f in self._saved.items():
+                setattr(owner, n, f)
             return super().__exit__(*exc)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

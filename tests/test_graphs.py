@@ -206,6 +206,34 @@ def test_capture_guard_names_host_work_the_cpu_cannot_see():
     assert y.device.type == "meta"
 
 
+def test_capture_guard_names_syncs_inside_ops_and_python_cuda_calls():
+    """Host work a forward's ops hide below the dispatcher: CUDA kernels that read a device value on
+    the host inside the op (``torch.equal``, ``bincount``, ``unique_consecutive``, ``histc`` without a
+    range), and Python-level CUDA calls that dispatch no op at all (``torch.cuda.synchronize()``, a
+    stream's or event's ``synchronize()`` / ``query()``, ``empty_cache()``). Each is named on the CPU;
+    the patched calls are restored after the guard, and device work with known shapes passes."""
+    from dopsd_fast.graphs import GraphCaptureError, capture_guard
+
+    x, i = torch.randn(6), torch.tensor([0, 0, 2, 1])
+    bad = {"aten::equal": lambda: torch.equal(x, x), "aten::bincount": lambda: torch.bincount(i),
+           "unique_consecutive": lambda: torch.unique_consecutive(i), "aten::histc": lambda: torch.histc(x, bins=4),
+           "torch.cuda.synchronize": lambda: torch.cuda.synchronize(),
+           "torch.cuda.empty_cache": lambda: torch.cuda.empty_cache(),
+           "torch.cuda.Stream.synchronize": lambda: torch.cuda.Stream.synchronize(None),
+           "torch.cuda.Stream.query": lambda: torch.cuda.Stream.query(None),
+           "torch.cuda.Event.synchronize": lambda: torch.cuda.Event.synchronize(None),
+           "torch.cuda.Event.query": lambda: torch.cuda.Event.query(None)}
+    for what, fn in bad.items():
+        with pytest.raises(GraphCaptureError, match=what.replace(".", "\\.")), capture_guard():
+            fn()
+    originals = (torch.cuda.synchronize, torch.cuda.Stream.query, torch.Tensor.tolist)
+    with capture_guard():
+        torch.histc(x, bins=4, min=-3, max=3)  # a range given: no host read
+        y = x[torch.arange(3)] * 2  # device work, shapes known on the host
+    assert y.shape == (3,)
+    assert (torch.cuda.synchronize, torch.cuda.Stream.query, torch.Tensor.tolist) == originals  # restored
+
+
 def _klein_forward(ops, meta):
     from dopsd_fast.adapters.base import Context
     from tests.test_fast_flux2 import _fast, _setup
