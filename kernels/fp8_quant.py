@@ -32,70 +32,85 @@ def quantize_rows_ref(x: torch.Tensor):
 
 
 # ---- kernel ----------------------------------------------------------------------------------
+# Each program takes ROWS rows (a (ROWS, BLOCK) tile per step along the row): 1 on a GPU (a program per
+# row, the rows long), many under Triton's interpreter, whose cost is per program (tens of thousands of
+# one-row programs made the CPU's FP8 step take minutes).
 @triton.jit
-def _absmax_row(X, x_off, K, amax, BLOCK: tl.constexpr):
-    """``amax`` (BLOCK,) updated with |X[x_off : x_off + K]| (a row, in BLOCK-wide chunks)."""
+def _absmax_rows(X, offs, rmask, K, amax, BLOCK: tl.constexpr):
+    """``amax`` (ROWS, BLOCK) updated with |X[offs[r] : offs[r] + K]| of each row r (``rmask``: the rows
+    that exist), in BLOCK-wide chunks."""
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(tl.load(X + x_off + cols, mask=cols < K, other=0.0).to(tl.float32)))
+        m = rmask[:, None] & (cols[None, :] < K)
+        amax = tl.maximum(amax, tl.abs(tl.load(X + offs[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)))
     return amax
 
 
 @triton.jit
-def _cast_row(X, Qrow, x_off, K, scale, F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
-    """Qrow[:K] = e4m3(X[x_off : x_off + K] / scale), clamped to e4m3's range (under the interpreter
-    the scaled fp32 values: PyTorch rounds them, see the module docstring)."""
+def _cast_rows(X, Q, x_offs, q_offs, rmask, K, scale, F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Q[q_offs[r] :][:K] = e4m3(X[x_offs[r] :][:K] / scale[r]) per row r, clamped to e4m3's range (under
+    the interpreter the scaled fp32 values: PyTorch rounds them, see the module docstring)."""
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
-        x = tl.load(X + x_off + cols, mask=cols < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        m = rmask[:, None] & (cols[None, :] < K)
+        x = tl.load(X + x_offs[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
         if F32_OUT:
-            tl.store(Qrow + cols, q, mask=cols < K)
+            tl.store(Q + q_offs[:, None] + cols[None, :], q, mask=m)
         else:
-            tl.store(Qrow + cols, q.to(tl.float8e4nv), mask=cols < K)
+            tl.store(Q + q_offs[:, None] + cols[None, :], q.to(tl.float8e4nv), mask=m)
 
 
 @triton.jit
-def _row_amax_kernel(X, AMAX, K, stride_x, BLOCK: tl.constexpr):
+def _row_amax_kernel(X, AMAX, M, K, stride_x, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """AMAX[row] = max(AMAX[row], max |X[row, :]|): one tensor of the group per launch (same stream)."""
-    row = tl.program_id(0)
-    amax = _absmax_row(X, row * stride_x, K, tl.zeros((BLOCK,), tl.float32), BLOCK)
-    prev = tl.load(AMAX + row)
-    tl.store(AMAX + row, tl.maximum(prev, tl.max(amax, axis=0)))
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    amax = _absmax_rows(X, rows * stride_x, rmask, K, tl.zeros((ROWS, BLOCK), tl.float32), BLOCK)
+    prev = tl.load(AMAX + rows, mask=rmask, other=0.0)
+    tl.store(AMAX + rows, tl.maximum(prev, tl.max(amax, axis=1)), mask=rmask)
 
 
 @triton.jit
-def _quant_scaled_kernel(X, Q, S, K, stride_x, stride_q, ROWWISE: tl.constexpr, F32_OUT: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _quant_scaled_kernel(X, Q, S, M, K, stride_x, stride_q, ROWWISE: tl.constexpr, F32_OUT: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Q[row, :K] = e4m3(X[row, :] / scale) with the scale given (per row, or one), Q a column slice
     of the concatenated buffer (row stride ``stride_q``)."""
-    row = tl.program_id(0)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
     if ROWWISE:
-        scale = tl.load(S + row)
+        scale = tl.load(S + rows, mask=rmask, other=1.0)
     else:
-        scale = tl.load(S)
-    _cast_row(X, Q + row * stride_q, row * stride_x, K, scale, F32_OUT, BLOCK)
+        scale = tl.zeros((ROWS,), tl.float32) + tl.load(S)
+    _cast_rows(X, Q, rows * stride_x, rows * stride_q, rmask, K, scale, F32_OUT, BLOCK)
 
 
 @triton.jit
-def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, K0, K1, K2, s0, s1, s2, stride_q, NUM: tl.constexpr,
-                            F32_OUT: tl.constexpr, BLOCK: tl.constexpr):
-    """Rowwise, one to three tensors in ONE launch (``quantize_rows``: one): a program per row finds the row's maximum over all of
-    them, then scales and casts each into its columns of Q (the second read mostly from L2: the row was
-    just read)."""
-    row = tl.program_id(0)
-    amax = _absmax_row(X0, row * s0, K0, tl.zeros((BLOCK,), tl.float32), BLOCK)
+def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, M, K0, K1, K2, s0, s1, s2, stride_q, NUM: tl.constexpr,
+                            F32_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rowwise, one to three tensors in ONE launch (``quantize_rows``: one): each row's maximum over all
+    of them, then each scaled and cast into its columns of Q (the second read mostly from L2: the row
+    was just read)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    amax = _absmax_rows(X0, rows * s0, rmask, K0, tl.zeros((ROWS, BLOCK), tl.float32), BLOCK)
     if NUM > 1:
-        amax = _absmax_row(X1, row * s1, K1, amax, BLOCK)
+        amax = _absmax_rows(X1, rows * s1, rmask, K1, amax, BLOCK)
     if NUM > 2:
-        amax = _absmax_row(X2, row * s2, K2, amax, BLOCK)
-    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
-    tl.store(S + row, scale)
-    _cast_row(X0, Q + row * stride_q, row * s0, K0, scale, F32_OUT, BLOCK)
+        amax = _absmax_rows(X2, rows * s2, rmask, K2, amax, BLOCK)
+    scale = tl.maximum(tl.max(amax, axis=1) / 448.0, 1e-12)
+    tl.store(S + rows, scale, mask=rmask)
+    q_offs = rows * stride_q
+    _cast_rows(X0, Q, rows * s0, q_offs, rmask, K0, scale, F32_OUT, BLOCK)
     if NUM > 1:
-        _cast_row(X1, Q + row * stride_q + K0, row * s1, K1, scale, F32_OUT, BLOCK)
+        _cast_rows(X1, Q, rows * s1, q_offs + K0, rmask, K1, scale, F32_OUT, BLOCK)
     if NUM > 2:
-        _cast_row(X2, Q + row * stride_q + K0 + K1, row * s2, K2, scale, F32_OUT, BLOCK)
+        _cast_rows(X2, Q, rows * s2, q_offs + K0 + K1, rmask, K2, scale, F32_OUT, BLOCK)
+
+
+def _rows_per_program(M: int) -> int:
+    """1 on a GPU; under the interpreter up to 64 (its cost is per program)."""
+    return min(64, next_pow2(M)) if interpreting() else 1
 
 
 def quantize_rows_cat_ref(xs: list[torch.Tensor], rowwise: bool = True):
@@ -119,8 +134,9 @@ def quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
     if M and K:
         # the group kernel with one tensor (the other pointers unused)
-        _quant_rows_cat3_kernel[(M,)](x, x, x, q, s, K, 0, 0, x.stride(0), 0, 0, K, NUM=1, F32_OUT=f32,
-                                      BLOCK=min(2048, next_pow2(K)), num_warps=4)
+        R = _rows_per_program(M)
+        _quant_rows_cat3_kernel[(triton.cdiv(M, R),)](x, x, x, q, s, M, K, 0, 0, x.stride(0), 0, 0, K, NUM=1,
+                                                      F32_OUT=f32, ROWS=R, BLOCK=min(2048, next_pow2(K)), num_warps=4)
     return (q.to(torch.float8_e4m3fn) if f32 else q), s
 
 
@@ -147,19 +163,25 @@ def quantize_rows_cat_op(xs: list[torch.Tensor], rowwise: bool) -> tuple[torch.T
     if rowwise and len(xs) <= 3:  # one launch for the group (the usual case: q, k, v or w1, w3)
         s = torch.empty((M, 1), device=xs[0].device, dtype=torch.float32)
         pad = xs + [xs[0]] * (3 - len(xs))
-        _quant_rows_cat3_kernel[(M,)](*pad, q, s, *[x.shape[1] if i < len(xs) else 0 for i, x in enumerate(pad)],
-                                      *[x.stride(0) for x in pad], q.stride(0), NUM=len(xs), F32_OUT=f32,
-                                      BLOCK=min(2048, next_pow2(max(widths))), num_warps=4)
+        R = _rows_per_program(M)
+        _quant_rows_cat3_kernel[(triton.cdiv(M, R),)](*pad, q, s, M,
+                                                      *[x.shape[1] if i < len(xs) else 0 for i, x in enumerate(pad)],
+                                                      *[x.stride(0) for x in pad], q.stride(0), NUM=len(xs),
+                                                      F32_OUT=f32, ROWS=R, BLOCK=min(2048, next_pow2(max(widths))),
+                                                      num_warps=4)
         return (q.to(torch.float8_e4m3fn) if f32 else q), s
     amax = torch.zeros((M,), device=xs[0].device, dtype=torch.float32)
+    R = _rows_per_program(M)
     for x in xs:  # per tensor: the rows' maxima, then the cast with the group's scale
-        _row_amax_kernel[(M,)](x, amax, x.shape[1], x.stride(0), BLOCK=min(2048, next_pow2(x.shape[1])), num_warps=4)
+        _row_amax_kernel[(triton.cdiv(M, R),)](x, amax, M, x.shape[1], x.stride(0), ROWS=R,
+                                               BLOCK=min(2048, next_pow2(x.shape[1])), num_warps=4)
     scale = (amax / E4M3_MAX).clamp_min(1e-12).view(M, 1) if rowwise else (amax.amax() / E4M3_MAX).clamp_min(1e-12)
     col = 0
     for x in xs:
         K = x.shape[1]
-        _quant_scaled_kernel[(M,)](x, q[:, col:], scale, K, x.stride(0), q.stride(0), ROWWISE=rowwise, F32_OUT=f32,
-                                   BLOCK=min(2048, next_pow2(K)), num_warps=4)
+        _quant_scaled_kernel[(triton.cdiv(M, R),)](x, q[:, col:], scale, M, K, x.stride(0), q.stride(0),
+                                                   ROWWISE=rowwise, F32_OUT=f32, ROWS=R, BLOCK=min(2048, next_pow2(K)),
+                                                   num_warps=4)
         col += K
     return (q.to(torch.float8_e4m3fn) if f32 else q), scale
 

@@ -8,7 +8,7 @@ import torch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("M,K", [(7, 70), (3, 2100), (1, 16), (0, 32)])
+@pytest.mark.parametrize("M,K", [(7, 70), (3, 2100), (1, 16), (0, 32), (130, 40)])  # 130: 3 programs, the last partial
 def test_quantize_rows_matches_reference(dtype, M, K):
     from dopsd_fast.kernels.fp8_quant import quantize_rows, quantize_rows_ref, quantize_rows_op
 
@@ -27,7 +27,8 @@ def test_quantize_rows_matches_reference(dtype, M, K):
 
 
 @pytest.mark.parametrize("rowwise", [True, False])
-@pytest.mark.parametrize("M,widths", [(5, (48, 16, 80)), (3, (2100,)), (0, (32, 16)), (4, (16, 32, 48, 16))])
+@pytest.mark.parametrize("M,widths", [(5, (48, 16, 80)), (3, (2100,)), (0, (32, 16)), (4, (16, 32, 48, 16)),
+                                      (130, (16, 48)), (130, (16, 32, 48, 16))])
 def test_quantize_rows_cat_matches_reference(rowwise, M, widths):
     """A group's output gradients quantized as one concatenated (M, sum N) e4m3 buffer with one scale per
     row (the largest of the group's rows) or one for all: the interpreted kernel (one launch for up to
