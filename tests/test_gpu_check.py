@@ -137,8 +137,9 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     assert set(ragged) == {"cudnn", "sdpa"} and all(x["parity_ok"] for x in ragged.values())
     assert ragged["cudnn"]["jagged_on_cudnn"] is False  # no cuDNN on the CPU: the fallback ran, and says so
     lin = [x for x in rows if x["kind"] == "paired_linear"]
-    assert len(lin) == 12 and all(x["parity_ok"] for x in lin)  # 3 shapes x 4 forms, each beside the others
-    assert {x["variant"] for x in lin} == {"ours: Triton paired GEMM", "ours: paired on cuBLAS, delta first",
+    assert len(lin) == 15 and all(x["parity_ok"] for x in lin)  # 3 shapes x 5 forms, each beside the others
+    assert {x["variant"] for x in lin} == {"ours: Triton paired GEMM", "ours: Triton paired GEMM, 128 x 256 tiles",
+                                          "ours: paired on cuBLAS, delta first",
                                           "cuBLAS, delta after the base GEMM (earlier form, autograd's backward)",
                                           "two cuBLAS LoRA layers"}
     steps = [x for x in rows if x["kind"] == "step_regions"]

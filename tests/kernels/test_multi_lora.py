@@ -406,3 +406,22 @@ def test_fp8_dgrad_cost_passes_are_the_launches_it_makes(rowwise):
     assert not torch.equal(dx, ref_dx)
     for a, b in zip(das + dbs, ref_da + ref_db):
         assert torch.equal(a, b)
+
+
+def test_gemm_tile_is_what_the_gpu_launches_and_is_restored(monkeypatch):
+    """The GPU launch tile: 128 x 128 by default; ``gemm_tile`` (the GPU check's candidate) sets it for
+    the GEMMs launched inside, a product narrower than the tile keeps 128 columns, and it is restored
+    after (also on an error). The interpreter keeps its small tiles either way."""
+    import dopsd_fast.kernels.multi_lora as ml
+
+    monkeypatch.setattr(ml, "interpreting", lambda: False)
+    assert ml._blocks(4608, 3840, 3840) == (128, 128, 64, 8, 3)
+    with ml.gemm_tile(128, 256):
+        assert ml._blocks(4608, 3840, 3840) == (128, 256, 64, 8, 3)
+        assert ml._blocks(4608, 128, 3840)[:2] == (128, 128)  # u = x A^T of two rank-64 adapters
+    with pytest.raises(RuntimeError), ml.gemm_tile(128, 256):
+        raise RuntimeError("inside")
+    assert ml.TILE == (128, 128)
+    monkeypatch.setattr(ml, "interpreting", lambda: True)
+    with ml.gemm_tile(128, 256):
+        assert ml._blocks(4608, 3840, 3840)[:3] == (16, 16, 16)
