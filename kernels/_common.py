@@ -25,6 +25,13 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def rows_per_program(m: int, limit: int = 64) -> int:
+    """Rows per program of the row-wise kernels (norms, RoPE, FP8 quantization): 1 on a GPU (a program
+    per row, the arithmetic as written), up to ``limit`` under Triton's interpreter, whose cost is per
+    program (one-row programs made the CPU's kernel tests take minutes)."""
+    return min(limit, next_pow2(m)) if interpreting() else 1
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """Constexprs for :func:`mma`: IEEE fp32 products for fp32 inputs (no TF32 in parity runs), and an
     fp32 upcast of bf16 operands under the interpreter, whose bf16 ``tl.dot`` returns garbage

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import Cost, interpreting, nbytes, next_pow2, register_cost, use_triton
+from dopsd_fast.kernels._common import Cost, interpreting, nbytes, next_pow2, register_cost, rows_per_program, use_triton
 
 E4M3_MAX = 448.0
 
@@ -108,11 +108,6 @@ def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, M, K0, K1, K2, s0, s1, s2, stride_
         _cast_rows(X2, Q, rows * s2, q_offs + K0 + K1, rmask, K2, scale, F32_OUT, BLOCK)
 
 
-def _rows_per_program(M: int) -> int:
-    """1 on a GPU; under the interpreter up to 64 (its cost is per program)."""
-    return min(64, next_pow2(M)) if interpreting() else 1
-
-
 def quantize_rows_cat_ref(xs: list[torch.Tensor], rowwise: bool = True):
     xf = torch.cat([x.detach().float() for x in xs], 1)
     if rowwise:
@@ -134,7 +129,7 @@ def quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
     if M and K:
         # the group kernel with one tensor (the other pointers unused)
-        R = _rows_per_program(M)
+        R = rows_per_program(M)
         _quant_rows_cat3_kernel[(triton.cdiv(M, R),)](x, x, x, q, s, M, K, 0, 0, x.stride(0), 0, 0, K, NUM=1,
                                                       F32_OUT=f32, ROWS=R, BLOCK=min(2048, next_pow2(K)), num_warps=4)
     return (q.to(torch.float8_e4m3fn) if f32 else q), s
@@ -163,7 +158,7 @@ def quantize_rows_cat_op(xs: list[torch.Tensor], rowwise: bool) -> tuple[torch.T
     if rowwise and len(xs) <= 3:  # one launch for the group (the usual case: q, k, v or w1, w3)
         s = torch.empty((M, 1), device=xs[0].device, dtype=torch.float32)
         pad = xs + [xs[0]] * (3 - len(xs))
-        R = _rows_per_program(M)
+        R = rows_per_program(M)
         _quant_rows_cat3_kernel[(triton.cdiv(M, R),)](*pad, q, s, M,
                                                       *[x.shape[1] if i < len(xs) else 0 for i, x in enumerate(pad)],
                                                       *[x.stride(0) for x in pad], q.stride(0), NUM=len(xs),
@@ -171,7 +166,7 @@ def quantize_rows_cat_op(xs: list[torch.Tensor], rowwise: bool) -> tuple[torch.T
                                                       num_warps=4)
         return (q.to(torch.float8_e4m3fn) if f32 else q), s
     amax = torch.zeros((M,), device=xs[0].device, dtype=torch.float32)
-    R = _rows_per_program(M)
+    R = rows_per_program(M)
     for x in xs:  # per tensor: the rows' maxima, then the cast with the group's scale
         _row_amax_kernel[(triton.cdiv(M, R),)](x, amax, M, x.shape[1], x.stride(0), ROWS=R,
                                                BLOCK=min(2048, next_pow2(x.shape[1])), num_warps=4)

@@ -121,9 +121,16 @@ def gemm_tile(block_m: int, block_n: int):
         TILE = prev
 
 
+def _interp_tile(d: int) -> int:
+    """Under the interpreter, whose cost is per program and per K step: 16 below 64 (the kernel tests'
+    small products keep several tiles per dimension), 32 from 64 up (the tiny models' products: a
+    quarter of the programs, half the K steps)."""
+    return 16 if d < 64 else 32
+
+
 def _blocks(M, N, K):
     if interpreting():
-        return 16, 16, 16, 4, 1
+        return _interp_tile(M), _interp_tile(N), _interp_tile(K), 4, 1
     bm, bn = TILE
     return bm, bn if N >= bn else 128, 64 if K >= 64 else max(16, next_pow2(K)), 8, 3
 

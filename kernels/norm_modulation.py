@@ -8,7 +8,7 @@
   block's post-norm and gated residual in one pass: the normalized y is never written).
 
 ``x``/``y`` are ``(B, S, D)``; the modulation tensors ``s``, ``t``, ``g`` are per sample ``(B, D)``
-(broadcast over the S tokens). fp32 statistics whatever the input dtype. One program per row; the
+(broadcast over the S tokens). fp32 statistics whatever the input dtype. One program per row on a GPU; the
 per-sample parameter gradients are reduced over rows from fp32 per-row partials (simple and
 deterministic; a blocked reduction is a fast-path optimization, not a correctness matter).
 """
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import Cost, nbytes, next_pow2, register_cost, use_triton
+from dopsd_fast.kernels._common import Cost, nbytes, next_pow2, register_cost, rows_per_program, use_triton
 
 
 # ---- references ------------------------------------------------------------------------------
@@ -41,72 +41,86 @@ def gated_residual_ref(x, gate, y, use_tanh: bool = True):
 
 
 # ---- kernels ---------------------------------------------------------------------------------
+# Each program takes ROWS rows, a (ROWS, BLOCK_D) tile: 1 on a GPU (a program per row), up to 64 under
+# Triton's interpreter, whose cost is per program (``rows_per_program``). M: the number of rows.
 @triton.jit
-def _sample(SEQ_ptr, row, S_len, HAS_SEQ: tl.constexpr):
-    """The sample of a row: ``seq[row]`` (packed samples of any lengths) or ``row // S_len``."""
-    if HAS_SEQ:
-        return tl.load(SEQ_ptr + row)
-    else:
-        return row // S_len
-
-
-@triton.jit
-def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, SEQ_ptr, S_len, D, eps,
-                         LAYER: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
-    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
+def _tile(row0, M, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(rows, rmask, cols, mask (ROWS, BLOCK_D)) of the program's tile."""
+    rows = row0 + tl.arange(0, ROWS)
+    rmask = rows < M
     cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    if LAYER:
-        mean = tl.sum(x, axis=0) / D
-        xc = tl.where(m, x - mean, 0.0)
+    return rows, rmask, cols, rmask[:, None] & (cols[None, :] < D)
+
+
+@triton.jit
+def _at(P, rows, cols, D):
+    """Pointers (ROWS, BLOCK_D) to the elements of (M, D) tensor P (computed where used, not kept)."""
+    return P + rows[:, None] * D + cols[None, :]
+
+
+@triton.jit
+def _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ: tl.constexpr):
+    """The sample of each row (ROWS,): ``seq[row]`` (packed samples of any lengths) or ``row // S_len``."""
+    if HAS_SEQ:
+        return tl.load(SEQ_ptr + rows, mask=rmask, other=0)
     else:
-        mean = 0.0
-        xc = x
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-    xhat = xc * rstd
-    s = tl.load(S_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+        return rows // S_len
+
+
+@triton.jit
+def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, SEQ_ptr, M, S_len, D, eps,
+                         LAYER: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
     if LAYER:
-        t = tl.load(T_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(m, x - mean[:, None], 0.0)
+    else:
+        mean = tl.zeros((ROWS,), tl.float32)
+        xc = x
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    xhat = xc * rstd[:, None]
+    s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
+    if LAYER:
+        t = tl.load(_at(T_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
         y = xhat * (1.0 + s) + t
     else:
-        w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        y = xhat * w * (1.0 + s)
-    tl.store(Y_ptr + row * D + cols, y.to(Y_ptr.dtype.element_ty), mask=m)
-    tl.store(RSTD_ptr + row, rstd)
-    tl.store(MEAN_ptr + row, mean)
+        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        y = xhat * w[None, :] * (1.0 + s)
+    tl.store(_at(Y_ptr, rows, cols, D), y.to(Y_ptr.dtype.element_ty), mask=m)
+    tl.store(RSTD_ptr + rows, rstd, mask=rmask)
+    tl.store(MEAN_ptr + rows, mean, mask=rmask)
 
 
 @triton.jit
-def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr, PW_ptr, PS_ptr, SEQ_ptr, S_len, D,
-                         LAYER: tl.constexpr, PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
-    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
-    cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    dy = tl.load(DY_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD_ptr + row)
-    mean = tl.load(MEAN_ptr + row)
-    s = tl.load(S_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr, PW_ptr, PS_ptr, SEQ_ptr, M, S_len,
+                         D, LAYER: tl.constexpr, PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    dy = tl.load(_at(DY_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD_ptr + rows, mask=rmask, other=0.0)[:, None]
+    mean = tl.load(MEAN_ptr + rows, mask=rmask, other=0.0)[:, None]
+    s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
     xhat = tl.where(m, (x - mean) * rstd, 0.0)
     if LAYER:
         gy = dy * (1.0 + s)
-        c1 = tl.sum(gy * xhat, axis=0) / D
-        c2 = tl.sum(gy, axis=0) / D
+        c1 = tl.sum(gy * xhat, axis=1)[:, None] / D
+        c2 = tl.sum(gy, axis=1)[:, None] / D
         dx = rstd * (gy - c2 - xhat * c1)
         if PARTIALS:
-            tl.store(PS_ptr + row * D + cols, dy * xhat, mask=m)  # d scale partial; d shift = sum dy
+            tl.store(_at(PS_ptr, rows, cols, D), dy * xhat, mask=m)  # d scale partial; d shift = sum dy
     else:
-        w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
         gy = dy * w * (1.0 + s)
-        c1 = tl.sum(gy * xhat, axis=0) / D
+        c1 = tl.sum(gy * xhat, axis=1)[:, None] / D
         dx = rstd * (gy - xhat * c1)
         if PARTIALS:
-            tl.store(PW_ptr + row * D + cols, dy * xhat * (1.0 + s), mask=m)
-            tl.store(PS_ptr + row * D + cols, dy * xhat * w, mask=m)
-    tl.store(DX_ptr + row * D + cols, dx.to(DX_ptr.dtype.element_ty), mask=m)
+            tl.store(_at(PW_ptr, rows, cols, D), dy * xhat * (1.0 + s), mask=m)
+            tl.store(_at(PS_ptr, rows, cols, D), dy * xhat * w, mask=m)
+    tl.store(_at(DX_ptr, rows, cols, D), dx.to(DX_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -127,77 +141,70 @@ def _gate_act(g, TANH: tl.constexpr):
 
 
 @triton.jit
-def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, SEQ_ptr, S_len, D, TANH: tl.constexpr, HAS_SEQ: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
-    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
-    cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+def _gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, O_ptr, SEQ_ptr, M, S_len, D, TANH: tl.constexpr, HAS_SEQ: tl.constexpr,
+                      ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    y = tl.load(_at(Y_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    g = tl.load(_at(G_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
     if TANH:
         g = _tanh(g)
-    tl.store(O_ptr + row * D + cols, (x + g * y).to(O_ptr.dtype.element_ty), mask=m)
+    tl.store(_at(O_ptr, rows, cols, D), (x + g * y).to(O_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, SEQ_ptr, S_len, D, TANH: tl.constexpr,
-                      PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
-    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
-    cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    do = tl.load(DO_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+def _gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, DY_ptr, PG_ptr, SEQ_ptr, M, S_len, D, TANH: tl.constexpr,
+                      PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    do = tl.load(_at(DO_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    g = tl.load(_at(G_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
     act, dact = _gate_act(g, TANH)
-    tl.store(DY_ptr + row * D + cols, (do * act).to(DY_ptr.dtype.element_ty), mask=m)
+    tl.store(_at(DY_ptr, rows, cols, D), (do * act).to(DY_ptr.dtype.element_ty), mask=m)
     if PARTIALS:  # the gate's gradient only where the gate trains (not under LoRA): y not even read
-        y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(PG_ptr + row * D + cols, do * y * dact, mask=m)
+        y = tl.load(_at(Y_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+        tl.store(_at(PG_ptr, rows, cols, D), do * y * dact, mask=m)
 
 
 @triton.jit
-def _norm_gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, W_ptr, O_ptr, RSTD_ptr, SEQ_ptr, S_len, D, eps, TANH: tl.constexpr,
-                           HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
-    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
-    cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / D + eps)
-    w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+def _norm_gated_fwd_kernel(X_ptr, G_ptr, Y_ptr, W_ptr, O_ptr, RSTD_ptr, SEQ_ptr, M, S_len, D, eps,
+                           TANH: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    y = tl.load(_at(Y_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps)
+    w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    g = tl.load(_at(G_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
     if TANH:
         g = _tanh(g)
-    x = tl.load(X_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(O_ptr + row * D + cols, (x + g * (y * rstd * w)).to(O_ptr.dtype.element_ty), mask=m)
-    tl.store(RSTD_ptr + row, rstd)
+    x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    tl.store(_at(O_ptr, rows, cols, D), (x + g * (y * rstd[:, None] * w)).to(O_ptr.dtype.element_ty), mask=m)
+    tl.store(RSTD_ptr + rows, rstd, mask=rmask)
 
 
 @triton.jit
-def _norm_gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, W_ptr, RSTD_ptr, DY_ptr, PW_ptr, PG_ptr, SEQ_ptr, S_len, D,
-                           TANH: tl.constexpr, PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr):
+def _norm_gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, W_ptr, RSTD_ptr, DY_ptr, PW_ptr, PG_ptr, SEQ_ptr, M, S_len, D,
+                           TANH: tl.constexpr, PARTIALS: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
     """dy of ``x + act(g) * RMSNorm_w(y)`` (dx is dout itself); the norm weight's and gate's per-row
     partials only where they train."""
-    row = tl.program_id(0)
-    b = _sample(SEQ_ptr, row, S_len, HAS_SEQ)
-    cols = tl.arange(0, BLOCK_D)
-    m = cols < D
-    do = tl.load(DO_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    y = tl.load(Y_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD_ptr + row)
-    w = tl.load(W_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G_ptr + b * D + cols, mask=m, other=0.0).to(tl.float32)
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    do = tl.load(_at(DO_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    y = tl.load(_at(Y_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD_ptr + rows, mask=rmask, other=0.0)[:, None]
+    w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+    g = tl.load(_at(G_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
     act, dact = _gate_act(g, TANH)
     yhat = y * rstd
     dyn = do * act
     gy = dyn * w
-    c1 = tl.sum(gy * yhat, axis=0) / D
-    tl.store(DY_ptr + row * D + cols, (rstd * (gy - yhat * c1)).to(DY_ptr.dtype.element_ty), mask=m)
+    c1 = tl.sum(gy * yhat, axis=1)[:, None] / D
+    tl.store(_at(DY_ptr, rows, cols, D), (rstd * (gy - yhat * c1)).to(DY_ptr.dtype.element_ty), mask=m)
     if PARTIALS:
-        tl.store(PW_ptr + row * D + cols, dyn * yhat, mask=m)
-        tl.store(PG_ptr + row * D + cols, do * yhat * w * dact, mask=m)
+        tl.store(_at(PW_ptr, rows, cols, D), dyn * yhat, mask=m)
+        tl.store(_at(PG_ptr, rows, cols, D), do * yhat * w * dact, mask=m)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -226,8 +233,10 @@ def _norm_fwd(x, weight, scale, shift, eps, layer, seq=None):
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     sq, has = _seq_arg(seq, x)
     if M:
-        _norm_mod_fwd_kernel[(M,)](x, weight.contiguous(), scale.contiguous(), shift.contiguous(), y, rstd, mean, sq, S,
-                                   D, eps, LAYER=layer, HAS_SEQ=has, BLOCK_D=next_pow2(D))
+        R = rows_per_program(M)
+        _norm_mod_fwd_kernel[(triton.cdiv(M, R),)](x, weight.contiguous(), scale.contiguous(), shift.contiguous(), y, rstd,
+                                                   mean, sq, M, S, D, eps, LAYER=layer, HAS_SEQ=has, ROWS=R,
+                                                   BLOCK_D=next_pow2(D))
     return y, rstd, mean
 
 
@@ -241,8 +250,10 @@ def _norm_bwd(dy, x, weight, scale, rstd, mean, layer, params: bool = True, seq=
     ps = x.new_empty((M, D), dtype=torch.float32) if params else dx.new_empty(0, dtype=torch.float32)
     sq, has = _seq_arg(seq, x)
     if M:
-        _norm_mod_bwd_kernel[(M,)](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps, sq, S, D,
-                                   LAYER=layer, PARTIALS=params, HAS_SEQ=has, BLOCK_D=next_pow2(D))
+        R = rows_per_program(M)
+        _norm_mod_bwd_kernel[(triton.cdiv(M, R),)](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps,
+                                                   sq, M, S, D, LAYER=layer, PARTIALS=params, HAS_SEQ=has, ROWS=R,
+                                                   BLOCK_D=next_pow2(D))
     if not params:
         return dx, None, None, None
     n = scale.shape[0]
@@ -366,8 +377,9 @@ def gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, use_
     out = torch.empty_like(x)
     sq, has = _seq_arg(seq, x)
     if M:
-        _gated_fwd_kernel[(M,)](x, gate.contiguous(), y, out, sq, S, D, TANH=use_tanh, HAS_SEQ=has,
-                                BLOCK_D=next_pow2(D))
+        R = rows_per_program(M)
+        _gated_fwd_kernel[(triton.cdiv(M, R),)](x, gate.contiguous(), y, out, sq, M, S, D, TANH=use_tanh, HAS_SEQ=has,
+                                                ROWS=R, BLOCK_D=next_pow2(D))
     return out
 
 
@@ -397,9 +409,11 @@ def gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: torch.
     dy = torch.empty_like(y)
     pg = y.new_empty((B * S, D), dtype=torch.float32) if need_gate else y.new_empty(0, dtype=torch.float32)
     sq, has = _seq_arg(seq, y)
-    if B * S:
-        _gated_bwd_kernel[(B * S,)](dout, gate.contiguous(), y, dy, pg, sq, S, D, TANH=use_tanh, PARTIALS=need_gate,
-                                    HAS_SEQ=has, BLOCK_D=next_pow2(D))
+    M = B * S
+    if M:
+        R = rows_per_program(M)
+        _gated_bwd_kernel[(triton.cdiv(M, R),)](dout, gate.contiguous(), y, dy, pg, sq, M, S, D, TANH=use_tanh,
+                                                PARTIALS=need_gate, HAS_SEQ=has, ROWS=R, BLOCK_D=next_pow2(D))
     return dy, (_per_sample(pg, B, S, seq, gate.shape[0]).to(gate.dtype) if need_gate else gate.new_empty(0))
 
 
@@ -446,8 +460,9 @@ def norm_gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     sq, has = _seq_arg(seq, x)
     if M:
-        _norm_gated_fwd_kernel[(M,)](x, gate.contiguous(), y, weight.contiguous(), out, rstd, sq, S, D, eps,
-                                     TANH=use_tanh, HAS_SEQ=has, BLOCK_D=next_pow2(D))
+        R = rows_per_program(M)
+        _norm_gated_fwd_kernel[(triton.cdiv(M, R),)](x, gate.contiguous(), y, weight.contiguous(), out, rstd, sq, M, S, D,
+                                                     eps, TANH=use_tanh, HAS_SEQ=has, ROWS=R, BLOCK_D=next_pow2(D))
     return out, rstd
 
 
@@ -481,8 +496,10 @@ def norm_gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: t
     pg = y.new_empty((M, D) if params else (0,), dtype=torch.float32)
     sq, has = _seq_arg(seq, y)
     if M:
-        _norm_gated_bwd_kernel[(M,)](dout, gate.contiguous(), y, weight.contiguous(), rstd, dy, pw, pg, sq, S, D,
-                                     TANH=use_tanh, PARTIALS=params, HAS_SEQ=has, BLOCK_D=next_pow2(D))
+        R = rows_per_program(M)
+        _norm_gated_bwd_kernel[(triton.cdiv(M, R),)](dout, gate.contiguous(), y, weight.contiguous(), rstd, dy, pw, pg, sq,
+                                                     M, S, D, TANH=use_tanh, PARTIALS=params, HAS_SEQ=has, ROWS=R,
+                                                     BLOCK_D=next_pow2(D))
     if not params:
         return [dy]
     return [dy, pw.sum(0).to(weight.dtype), _per_sample(pg, B, S, seq, gate.shape[0]).to(gate.dtype)]

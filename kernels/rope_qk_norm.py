@@ -11,8 +11,8 @@ pair; they differ only in how the angles are built and handed over:
 Both reduce to ``cos, sin`` of shape ``(S, D/2)`` or ``(B, S, D/2)`` (fp32) and the same rotation
 ``out_even = y_e cos - y_o sin``, ``out_odd = y_o cos + y_e sin`` with ``y = RMSNorm_w(x)``.
 
-``q``, ``k``: ``(B, S, H, D)`` (the layout after ``unflatten(-1, (heads, -1))``). One program per
-(token, q-or-k): all heads of the token in one tile. Statistics and rotation in fp32, one rounding
+``q``, ``k``: ``(B, S, H, D)`` (the layout after ``unflatten(-1, (heads, -1))``). On a GPU one program
+per (token, q-or-k): all heads of the token in one tile. Statistics and rotation in fp32, one rounding
 at the end (the eager models round once more after the norm in bf16). Gradients: ``q``, ``k`` and
 both norm weights (reduced over tokens from fp32 per-token partials); the angles get none.
 """
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import Cost, nbytes, next_pow2, register_cost, use_triton
+from dopsd_fast.kernels._common import Cost, nbytes, next_pow2, register_cost, rows_per_program, use_triton
 
 
 # ---- angle conversion ------------------------------------------------------------------------
@@ -57,53 +57,67 @@ def rope_qk_norm_ref(q, k, wq, wk, cos, sin, eps: float = 1e-5):
 
 
 # ---- kernels ---------------------------------------------------------------------------------
+# A program takes ROWS tokens of q or of k, a (ROWS, BLOCK_H, BLOCK_P) tile of (token, head, pair): one
+# token on a GPU (all its heads in one tile), up to 64 under Triton's interpreter, whose cost is per
+# program (``rows_per_program``). M: the number of tokens (B * S).
 @triton.jit
-def _fwd_one(X_ptr, W_ptr, O_ptr, R_ptr, c, s, row, H, D, eps, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)[:, None]
-    p = tl.arange(0, BLOCK_P)[None, :]
-    m = (h < H) & (p < D // 2)
-    base = X_ptr + row * H * D + h * D + 2 * p
+def _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The (ROWS, 1, BLOCK_P) mask of the tile's (token, pair) and the tokens' fp32 cos, sin."""
+    p = tl.arange(0, BLOCK_P)[None, None, :]
+    r = rows[:, None, None]
+    cs_off = (r // S_len) * cs_bstride + (r % S_len) * (D // 2) + p
+    m = rmask[:, None, None] & (p < D // 2)
+    return m, tl.load(C_ptr + cs_off, mask=m, other=0.0), tl.load(S_ptr + cs_off, mask=m, other=0.0)
+
+
+@triton.jit
+def _fwd_one(X_ptr, W_ptr, O_ptr, R_ptr, c, s, rows, rmask, pmask, H, D, eps, BLOCK_H: tl.constexpr,
+             BLOCK_P: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    p = tl.arange(0, BLOCK_P)[None, None, :]
+    m = pmask & (h < H)  # (ROWS, BLOCK_H, BLOCK_P)
+    base = X_ptr + rows[:, None, None] * H * D + h * D + 2 * p
     xe = tl.load(base, mask=m, other=0.0).to(tl.float32)
     xo = tl.load(base + 1, mask=m, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xe * xe + xo * xo, axis=1) / D + eps)  # (BLOCK_H,)
+    rstd = 1.0 / tl.sqrt(tl.sum(xe * xe + xo * xo, axis=2) / D + eps)  # (ROWS, BLOCK_H)
     we = tl.load(W_ptr + 2 * p, mask=p < D // 2, other=0.0).to(tl.float32)
     wo = tl.load(W_ptr + 2 * p + 1, mask=p < D // 2, other=0.0).to(tl.float32)
-    ye = xe * rstd[:, None] * we
-    yo = xo * rstd[:, None] * wo
-    out = O_ptr + row * H * D + h * D + 2 * p
+    ye = xe * rstd[:, :, None] * we
+    yo = xo * rstd[:, :, None] * wo
+    out = O_ptr + rows[:, None, None] * H * D + h * D + 2 * p
     tl.store(out, (ye * c - yo * s).to(O_ptr.dtype.element_ty), mask=m)
     tl.store(out + 1, (yo * c + ye * s).to(O_ptr.dtype.element_ty), mask=m)
-    tl.store(R_ptr + row * H + tl.arange(0, BLOCK_H), rstd, mask=tl.arange(0, BLOCK_H) < H)
+    hh = tl.arange(0, BLOCK_H)[None, :]
+    tl.store(R_ptr + rows[:, None] * H + hh, rstd, mask=rmask[:, None] & (hh < H))
 
 
 @triton.jit
 def _rope_qk_fwd_kernel(Q_ptr, K_ptr, WQ_ptr, WK_ptr, C_ptr, S_ptr, OQ_ptr, OK_ptr, RQ_ptr, RK_ptr,
-                        S_len, cs_bstride, H, D, eps, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    row = tl.program_id(0)
+                        M, S_len, cs_bstride, H, D, eps, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
     which = tl.program_id(1)
-    b = row // S_len
-    p = tl.arange(0, BLOCK_P)[None, :]
-    cs_off = b * cs_bstride + (row % S_len) * (D // 2) + p
-    c = tl.load(C_ptr + cs_off, mask=p < D // 2, other=0.0)
-    s = tl.load(S_ptr + cs_off, mask=p < D // 2, other=0.0)
+    pmask, c, s = _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, ROWS, BLOCK_P)
     if which == 0:
-        _fwd_one(Q_ptr, WQ_ptr, OQ_ptr, RQ_ptr, c, s, row, H, D, eps, BLOCK_H, BLOCK_P)
+        _fwd_one(Q_ptr, WQ_ptr, OQ_ptr, RQ_ptr, c, s, rows, rmask, pmask, H, D, eps, BLOCK_H, BLOCK_P)
     else:
-        _fwd_one(K_ptr, WK_ptr, OK_ptr, RK_ptr, c, s, row, H, D, eps, BLOCK_H, BLOCK_P)
+        _fwd_one(K_ptr, WK_ptr, OK_ptr, RK_ptr, c, s, rows, rmask, pmask, H, D, eps, BLOCK_H, BLOCK_P)
 
 
 @triton.jit
-def _bwd_one(DO_ptr, X_ptr, W_ptr, R_ptr, DX_ptr, PW_ptr, c, s, row, H, D,
+def _bwd_one(DO_ptr, X_ptr, W_ptr, R_ptr, DX_ptr, PW_ptr, c, s, rows, rmask, pmask, H, D,
              PARTIALS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    h = tl.arange(0, BLOCK_H)[:, None]
-    p = tl.arange(0, BLOCK_P)[None, :]
-    m = (h < H) & (p < D // 2)
-    off = row * H * D + h * D + 2 * p
+    h = tl.arange(0, BLOCK_H)[None, :, None]
+    p = tl.arange(0, BLOCK_P)[None, None, :]
+    m = pmask & (h < H)
+    off = rows[:, None, None] * H * D + h * D + 2 * p
     doe = tl.load(DO_ptr + off, mask=m, other=0.0).to(tl.float32)
     doo = tl.load(DO_ptr + off + 1, mask=m, other=0.0).to(tl.float32)
     xe = tl.load(X_ptr + off, mask=m, other=0.0).to(tl.float32)
     xo = tl.load(X_ptr + off + 1, mask=m, other=0.0).to(tl.float32)
-    rstd = tl.load(R_ptr + row * H + tl.arange(0, BLOCK_H), mask=tl.arange(0, BLOCK_H) < H, other=0.0)[:, None]
+    hh = tl.arange(0, BLOCK_H)[None, :]
+    rstd = tl.load(R_ptr + rows[:, None] * H + hh, mask=rmask[:, None] & (hh < H), other=0.0)[:, :, None]
     we = tl.load(W_ptr + 2 * p, mask=p < D // 2, other=0.0).to(tl.float32)
     wo = tl.load(W_ptr + 2 * p + 1, mask=p < D // 2, other=0.0).to(tl.float32)
     # rotation transposed: gradient with respect to the normalized y
@@ -111,32 +125,32 @@ def _bwd_one(DO_ptr, X_ptr, W_ptr, R_ptr, DX_ptr, PW_ptr, c, s, row, H, D,
     dyo = doo * c - doe * s
     xhe, xho = xe * rstd, xo * rstd
     ge, go = dye * we, dyo * wo
-    dot = tl.sum(ge * xhe + go * xho, axis=1)[:, None] / D
+    dot = tl.sum(ge * xhe + go * xho, axis=2)[:, :, None] / D
     dxe = rstd * (ge - xhe * dot)
     dxo = rstd * (go - xho * dot)
     tl.store(DX_ptr + off, dxe.to(DX_ptr.dtype.element_ty), mask=m)
     tl.store(DX_ptr + off + 1, dxo.to(DX_ptr.dtype.element_ty), mask=m)
-    if PARTIALS:  # the norm weights' per-row partials, only where they train (frozen under LoRA)
-        pm = p < D // 2
-        tl.store(PW_ptr + row * D + 2 * p, tl.sum(dye * xhe, axis=0)[None, :], mask=pm)
-        tl.store(PW_ptr + row * D + 2 * p + 1, tl.sum(dyo * xho, axis=0)[None, :], mask=pm)
+    if PARTIALS:  # the norm weights' per-token partials, only where they train (frozen under LoRA)
+        pp = tl.arange(0, BLOCK_P)[None, :]
+        pm = rmask[:, None] & (pp < D // 2)
+        tl.store(PW_ptr + rows[:, None] * D + 2 * pp, tl.sum(dye * xhe, axis=1), mask=pm)
+        tl.store(PW_ptr + rows[:, None] * D + 2 * pp + 1, tl.sum(dyo * xho, axis=1), mask=pm)
 
 
 @triton.jit
 def _rope_qk_bwd_kernel(DOQ_ptr, DOK_ptr, Q_ptr, K_ptr, WQ_ptr, WK_ptr, C_ptr, S_ptr, RQ_ptr, RK_ptr,
-                        DQ_ptr, DK_ptr, PWQ_ptr, PWK_ptr, S_len, cs_bstride, H, D,
-                        PARTIALS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    row = tl.program_id(0)
+                        DQ_ptr, DK_ptr, PWQ_ptr, PWK_ptr, M, S_len, cs_bstride, H, D,
+                        PARTIALS: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
     which = tl.program_id(1)
-    b = row // S_len
-    p = tl.arange(0, BLOCK_P)[None, :]
-    cs_off = b * cs_bstride + (row % S_len) * (D // 2) + p
-    c = tl.load(C_ptr + cs_off, mask=p < D // 2, other=0.0)
-    s = tl.load(S_ptr + cs_off, mask=p < D // 2, other=0.0)
+    pmask, c, s = _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, ROWS, BLOCK_P)
     if which == 0:
-        _bwd_one(DOQ_ptr, Q_ptr, WQ_ptr, RQ_ptr, DQ_ptr, PWQ_ptr, c, s, row, H, D, PARTIALS, BLOCK_H, BLOCK_P)
+        _bwd_one(DOQ_ptr, Q_ptr, WQ_ptr, RQ_ptr, DQ_ptr, PWQ_ptr, c, s, rows, rmask, pmask, H, D, PARTIALS, BLOCK_H,
+                 BLOCK_P)
     else:
-        _bwd_one(DOK_ptr, K_ptr, WK_ptr, RK_ptr, DK_ptr, PWK_ptr, c, s, row, H, D, PARTIALS, BLOCK_H, BLOCK_P)
+        _bwd_one(DOK_ptr, K_ptr, WK_ptr, RK_ptr, DK_ptr, PWK_ptr, c, s, rows, rmask, pmask, H, D, PARTIALS, BLOCK_H,
+                 BLOCK_P)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -154,8 +168,10 @@ def _fwd(q, k, wq, wk, cos, sin, eps):
     rq = torch.empty((B * S, H), device=q.device, dtype=torch.float32)
     rk = torch.empty_like(rq)
     if B * S:
-        _rope_qk_fwd_kernel[(B * S, 2)](q, k, wq.contiguous(), wk.contiguous(), cos, sin, oq, ok, rq, rk, S, bstride,
-                                        H, D, eps, BLOCK_H=next_pow2(H), BLOCK_P=next_pow2(D // 2))
+        R = rows_per_program(B * S)
+        _rope_qk_fwd_kernel[(triton.cdiv(B * S, R), 2)](q, k, wq.contiguous(), wk.contiguous(), cos, sin, oq, ok, rq, rk,
+                                                        B * S, S, bstride, H, D, eps, ROWS=R, BLOCK_H=next_pow2(H),
+                                                        BLOCK_P=next_pow2(D // 2))
     return oq, ok, rq, rk
 
 
@@ -168,9 +184,10 @@ def _bwd(doq, dok, q, k, wq, wk, cos, sin, rq, rk, params: bool = True):
     pwq = torch.empty((B * S if params else 0, D), device=q.device, dtype=torch.float32)
     pwk = torch.empty_like(pwq)
     if B * S:
-        _rope_qk_bwd_kernel[(B * S, 2)](doq, dok, q, k, wq.contiguous(), wk.contiguous(), cos, sin, rq, rk, dq, dk,
-                                        pwq, pwk, S, bstride, H, D, PARTIALS=params, BLOCK_H=next_pow2(H),
-                                        BLOCK_P=next_pow2(D // 2))
+        R = rows_per_program(B * S)
+        _rope_qk_bwd_kernel[(triton.cdiv(B * S, R), 2)](doq, dok, q, k, wq.contiguous(), wk.contiguous(), cos, sin, rq,
+                                                        rk, dq, dk, pwq, pwk, B * S, S, bstride, H, D, PARTIALS=params,
+                                                        ROWS=R, BLOCK_H=next_pow2(H), BLOCK_P=next_pow2(D // 2))
     if not params:
         return dq, dk, wq.new_empty(0), wk.new_empty(0)
     return dq, dk, pwq.sum(0).to(wq.dtype), pwk.sum(0).to(wk.dtype)

@@ -424,4 +424,5 @@ def test_gemm_tile_is_what_the_gpu_launches_and_is_restored(monkeypatch):
     assert ml.TILE == (128, 128)
     monkeypatch.setattr(ml, "interpreting", lambda: True)
     with ml.gemm_tile(128, 256):
-        assert ml._blocks(4608, 3840, 3840)[:3] == (16, 16, 16)
+        assert ml._blocks(4608, 3840, 3840)[:3] == (32, 32, 32)
+        assert ml._blocks(37, 70, 48)[:3] == (16, 32, 16)

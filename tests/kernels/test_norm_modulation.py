@@ -5,7 +5,19 @@ import torch
 
 from tests.conftest import assert_close, low_precision_rule
 
-SHAPES = [(2, 7, 40), (3, 5, 123), (1, 1, 64)]
+# (2, 65, 40): 130 rows, 3 programs of 64 rows under the interpreter (the last partial, a sample
+# boundary inside the first)
+SHAPES = [(2, 7, 40), (3, 5, 123), (1, 1, 64), (2, 65, 40)]
+
+
+def test_rows_per_program(monkeypatch):
+    """A program per row on a GPU; up to 64 rows per program under the interpreter."""
+    from dopsd_fast.kernels._common import rows_per_program
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert [rows_per_program(m) for m in (1, 5, 64, 130)] == [1, 8, 64, 64]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert rows_per_program(130) == 1
 
 
 def _run(fn, inputs, grad_out):
@@ -138,15 +150,16 @@ def test_frozen_modulation_computes_dx_only(kind):
     assert cost(g, x, w, s, rstd, mean, layer, True)["bytes"] >= dx_only + 2 * x.numel() * 4  # fp32 partials
 
 
+@pytest.mark.parametrize("lens", [[5, 2, 9], [70, 1, 59]])  # the second: 3 programs of 64 rows when interpreted
 @pytest.mark.parametrize("kind", ["rms", "layer", "gated"])
 @pytest.mark.parametrize("train", [True, False])
-def test_packed_samples_read_modulation_by_seq(kind, train):
+def test_packed_samples_read_modulation_by_seq(kind, train, lens):
     """Samples of different lengths packed as (1, T, D) with per-sample modulation read through the
     row -> sample index (no per-row copy) == the same rows run with the modulation expanded per row;
     the modulation gradients come back per sample."""
     from dopsd_fast.kernels.norm_modulation import gated_residual, layer_norm_modulate, rms_norm_modulate
 
-    lens, D = [5, 2, 9], 40
+    D = 40
     T, n = sum(lens), len(lens)
     seq = torch.repeat_interleave(torch.arange(n), torch.tensor(lens))
     x, y, g = torch.randn(1, T, D), torch.randn(1, T, D), torch.randn(1, T, D)
@@ -190,11 +203,11 @@ def test_norm_gated_residual_equals_norm_then_gated(dtype, packed, train):
 
     D = 48
     if packed:
-        lens = [6, 3, 8]
-        seq = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
-        shape, n = (1, sum(lens), D), 3
+        lens = [6, 3, 8, 60, 1, 65]  # 143 rows: 3 programs of 64 when interpreted
+        seq = torch.repeat_interleave(torch.arange(6), torch.tensor(lens))
+        shape, n = (1, sum(lens), D), 6
     else:
-        seq, shape, n = None, (2, 7, D), 2
+        seq, shape, n = None, (2, 70, D), 2
     x, y, g = torch.randn(shape), 3 * torch.randn(shape), torch.randn(shape)
     w, gate = 1 + 0.2 * torch.randn(D), 0.7 * torch.randn(n, D)
 
