@@ -83,7 +83,9 @@ def _host_work(func, args, kwargs) -> str | None:
     if name == "aten::repeat_interleave.Tensor" and kwargs.get("output_size") is not None:
         why = None
     if name == "aten::histc":
-        lo, hi = (list(args[2:4]) + [kwargs.get("min", 0), kwargs.get("max", 0)][len(args[2:4]):])[:2]
+        # histc(input, bins=100, min=0, max=0): min == max means "the input's own range"
+        lo = args[2] if len(args) > 2 else kwargs.get("min", 0)
+        hi = args[3] if len(args) > 3 else kwargs.get("max", 0)
         if lo == hi:
             why = "reads the input's min / max on the host (no range given: a sync)"
     if why is None and func._schema.name in ("aten::index", "aten::index_put", "aten::index_put_"):

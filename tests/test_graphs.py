@@ -226,9 +226,12 @@ def test_capture_guard_names_syncs_inside_ops_and_python_cuda_calls():
     for what, fn in bad.items():
         with pytest.raises(GraphCaptureError, match=what.replace(".", "\\.")), capture_guard():
             fn()
+    with pytest.raises(GraphCaptureError, match="aten::histc"), capture_guard():
+        torch.histc(x, 4, 1, 1)  # min == max, given positionally: the input's own range again
     originals = (torch.cuda.synchronize, torch.cuda.Stream.query, torch.Tensor.tolist)
     with capture_guard():
         torch.histc(x, bins=4, min=-3, max=3)  # a range given: no host read
+        torch.histc(x, 4, -3, 3)
         y = x[torch.arange(3)] * 2  # device work, shapes known on the host
     assert y.shape == (3,)
     assert (torch.cuda.synchronize, torch.cuda.Stream.query, torch.Tensor.tolist) == originals  # restored
