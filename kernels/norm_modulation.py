@@ -234,9 +234,10 @@ def _norm_fwd(x, weight, scale, shift, eps, layer, seq=None):
     sq, has = _seq_arg(seq, x)
     if M:
         R = rows_per_program(M)
-        _norm_mod_fwd_kernel[(triton.cdiv(M, R),)](x, weight.contiguous(), scale.contiguous(), shift.contiguous(), y, rstd,
-                                                   mean, sq, M, S, D, eps, LAYER=layer, HAS_SEQ=has, ROWS=R,
-                                                   BLOCK_D=next_pow2(D))
+        grid = (triton.cdiv(M, R),)
+        _norm_mod_fwd_kernel[grid](x, weight.contiguous(), scale.contiguous(), shift.contiguous(), y, rstd,
+                                   mean, sq, M, S, D, eps, LAYER=layer, HAS_SEQ=has, ROWS=R,
+                                   BLOCK_D=next_pow2(D))
     return y, rstd, mean
 
 
@@ -251,9 +252,10 @@ def _norm_bwd(dy, x, weight, scale, rstd, mean, layer, params: bool = True, seq=
     sq, has = _seq_arg(seq, x)
     if M:
         R = rows_per_program(M)
-        _norm_mod_bwd_kernel[(triton.cdiv(M, R),)](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps,
-                                                   sq, M, S, D, LAYER=layer, PARTIALS=params, HAS_SEQ=has, ROWS=R,
-                                                   BLOCK_D=next_pow2(D))
+        grid = (triton.cdiv(M, R),)
+        _norm_mod_bwd_kernel[grid](dy, x, weight.contiguous(), scale.contiguous(), rstd, mean, dx, pw, ps,
+                                   sq, M, S, D, LAYER=layer, PARTIALS=params, HAS_SEQ=has, ROWS=R,
+                                   BLOCK_D=next_pow2(D))
     if not params:
         return dx, None, None, None
     n = scale.shape[0]
@@ -461,8 +463,9 @@ def norm_gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     sq, has = _seq_arg(seq, x)
     if M:
         R = rows_per_program(M)
-        _norm_gated_fwd_kernel[(triton.cdiv(M, R),)](x, gate.contiguous(), y, weight.contiguous(), out, rstd, sq, M, S, D,
-                                                     eps, TANH=use_tanh, HAS_SEQ=has, ROWS=R, BLOCK_D=next_pow2(D))
+        grid = (triton.cdiv(M, R),)
+        _norm_gated_fwd_kernel[grid](x, gate.contiguous(), y, weight.contiguous(), out, rstd, sq, M, S, D,
+                                     eps, TANH=use_tanh, HAS_SEQ=has, ROWS=R, BLOCK_D=next_pow2(D))
     return out, rstd
 
 
@@ -497,9 +500,10 @@ def norm_gated_residual_backward_op(dout: torch.Tensor, gate: torch.Tensor, y: t
     sq, has = _seq_arg(seq, y)
     if M:
         R = rows_per_program(M)
-        _norm_gated_bwd_kernel[(triton.cdiv(M, R),)](dout, gate.contiguous(), y, weight.contiguous(), rstd, dy, pw, pg, sq,
-                                                     M, S, D, TANH=use_tanh, PARTIALS=params, HAS_SEQ=has, ROWS=R,
-                                                     BLOCK_D=next_pow2(D))
+        grid = (triton.cdiv(M, R),)
+        _norm_gated_bwd_kernel[grid](dout, gate.contiguous(), y, weight.contiguous(), rstd, dy, pw, pg, sq,
+                                     M, S, D, TANH=use_tanh, PARTIALS=params, HAS_SEQ=has, ROWS=R,
+                                     BLOCK_D=next_pow2(D))
     if not params:
         return [dy]
     return [dy, pw.sum(0).to(weight.dtype), _per_sample(pg, B, S, seq, gate.shape[0]).to(gate.dtype)]

@@ -169,9 +169,10 @@ def _fwd(q, k, wq, wk, cos, sin, eps):
     rk = torch.empty_like(rq)
     if B * S:
         R = rows_per_program(B * S)
-        _rope_qk_fwd_kernel[(triton.cdiv(B * S, R), 2)](q, k, wq.contiguous(), wk.contiguous(), cos, sin, oq, ok, rq, rk,
-                                                        B * S, S, bstride, H, D, eps, ROWS=R, BLOCK_H=next_pow2(H),
-                                                        BLOCK_P=next_pow2(D // 2))
+        grid = (triton.cdiv(B * S, R), 2)
+        _rope_qk_fwd_kernel[grid](q, k, wq.contiguous(), wk.contiguous(), cos, sin, oq, ok, rq, rk,
+                                  B * S, S, bstride, H, D, eps, ROWS=R, BLOCK_H=next_pow2(H),
+                                  BLOCK_P=next_pow2(D // 2))
     return oq, ok, rq, rk
 
 
