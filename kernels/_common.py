@@ -25,11 +25,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def rows_per_program(m: int, limit: int = 64) -> int:
+def rows_per_program(m: int) -> int:
     """Rows per program of the row-wise kernels (norms, RoPE, FP8 quantization): 1 on a GPU (a program
-    per row, the arithmetic as written), up to ``limit`` under Triton's interpreter, whose cost is per
+    per row, the arithmetic as written), up to 64 under Triton's interpreter, whose cost is per
     program (one-row programs made the CPU's kernel tests take minutes)."""
-    return min(limit, next_pow2(m)) if interpreting() else 1
+    return min(64, next_pow2(m)) if interpreting() else 1
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dopsd_fast.kernels._common import Cost, interpreting, nbytes, next_pow2, register_cost, rows_per_program, use_triton
+from dopsd_fast.kernels._common import (Cost, interpreting, nbytes, next_pow2, register_cost, rows_per_program,
+                                        use_triton)
 
 E4M3_MAX = 448.0
 

@@ -61,7 +61,7 @@ def rope_qk_norm_ref(q, k, wq, wk, cos, sin, eps: float = 1e-5):
 # token on a GPU (all its heads in one tile), up to 64 under Triton's interpreter, whose cost is per
 # program (``rows_per_program``). M: the number of tokens (B * S).
 @triton.jit
-def _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, ROWS: tl.constexpr, BLOCK_P: tl.constexpr):
+def _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, BLOCK_P: tl.constexpr):
     """The (ROWS, 1, BLOCK_P) mask of the tile's (token, pair) and the tokens' fp32 cos, sin."""
     p = tl.arange(0, BLOCK_P)[None, None, :]
     r = rows[:, None, None]
@@ -98,7 +98,7 @@ def _rope_qk_fwd_kernel(Q_ptr, K_ptr, WQ_ptr, WK_ptr, C_ptr, S_ptr, OQ_ptr, OK_p
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
     which = tl.program_id(1)
-    pmask, c, s = _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, ROWS, BLOCK_P)
+    pmask, c, s = _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, BLOCK_P)
     if which == 0:
         _fwd_one(Q_ptr, WQ_ptr, OQ_ptr, RQ_ptr, c, s, rows, rmask, pmask, H, D, eps, BLOCK_H, BLOCK_P)
     else:
@@ -144,7 +144,7 @@ def _rope_qk_bwd_kernel(DOQ_ptr, DOK_ptr, Q_ptr, K_ptr, WQ_ptr, WK_ptr, C_ptr, S
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
     which = tl.program_id(1)
-    pmask, c, s = _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, ROWS, BLOCK_P)
+    pmask, c, s = _angles(C_ptr, S_ptr, rows, rmask, S_len, cs_bstride, D, BLOCK_P)
     if which == 0:
         _bwd_one(DOQ_ptr, Q_ptr, WQ_ptr, RQ_ptr, DQ_ptr, PWQ_ptr, c, s, rows, rmask, pmask, H, D, PARTIALS, BLOCK_H,
                  BLOCK_P)
