@@ -224,6 +224,9 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     y = ops.gated(rows(x_s), e(B, D), y, seq=seq_s)
     y = y + ops.ln_mod(rows(x_s), e(B, D), 1e-6, seq=seq_s)
     y = y + ops.norm_gated(rows(x_s), e(B, D), rows(e(Ts, D, g=True)), w, 1e-5, seq=seq_s)  # Z-Image residual
+    # a residual and the next sublayer's norm in one pass (frozen modulation): Z-Image's form, FLUX.2's
+    for kw in (dict(post=(w, 1e-5), weight=w), dict(shift=e(B, D), tanh=False, layer=True)):
+        y = y + sum(ops.residual_norm(rows(x_s), e(B, D), rows(e(Ts, D, g=True)), e(B, D), 1e-5, seq=seq_s, **kw))
     with torch.no_grad():
         ops.rms_mod(rows(x_t), w, e(B, D), 1e-5, seq=seq_t)
     y.sum().backward()

@@ -6,6 +6,10 @@
   ``gated_residual(x, g, y, tanh=False) = x + g * y``.
 * Z-Image's residuals, fused: ``norm_gated_residual(x, g, y, w) = x + tanh(g) * RMSNorm_w(y)`` (the
   block's post-norm and gated residual in one pass: the normalized y is never written).
+* A residual and the next sublayer's norm, fused (both families): ``residual_norm`` returns
+  ``out = x + act(g) * N(y)`` and ``xn = Norm(out) * (1 + s) (+ t)`` from one pass (out is not read
+  back), and its backward sums out's two gradients (from below and through the norm) in the kernel that
+  computes dy: no separate add pass. Frozen gate, norm weights and modulation (LoRA).
 
 ``x``/``y`` are ``(B, S, D)``; the modulation tensors ``s``, ``t``, ``g`` are per sample ``(B, D)``
 (broadcast over the S tokens). fp32 statistics whatever the input dtype. One program per row on a GPU; the
@@ -205,6 +209,88 @@ def _norm_gated_bwd_kernel(DO_ptr, G_ptr, Y_ptr, W_ptr, RSTD_ptr, DY_ptr, PW_ptr
     if PARTIALS:
         tl.store(_at(PW_ptr, rows, cols, D), dyn * yhat, mask=m)
         tl.store(_at(PG_ptr, rows, cols, D), do * yhat * w * dact, mask=m)
+
+
+@triton.jit
+def _residual_norm_fwd_kernel(X_ptr, G_ptr, Y_ptr, WY_ptr, S_ptr, T_ptr, W_ptr, O_ptr, XN_ptr, RY_ptr, RO_ptr, MO_ptr,
+                              SEQ_ptr, M, S_len, D, eps_y, eps, TANH: tl.constexpr, POST_NORM: tl.constexpr,
+                              LAYER: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out = x + act(g) * N(y)`` (N: RMSNorm_wy, or none) and ``xn = Norm(out) * (1 + s) (+ t)``:
+    out is written once, its normalization reads it from registers (rounded to out's dtype, as a
+    second kernel would read it)."""
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    y = tl.load(_at(Y_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    if POST_NORM:
+        ry = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps_y)
+        wy = tl.load(WY_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        y = y * ry[:, None] * wy
+        tl.store(RY_ptr + rows, ry, mask=rmask)
+    g = tl.load(_at(G_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
+    if TANH:
+        g = _tanh(g)
+    x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    o = (x + g * y).to(O_ptr.dtype.element_ty)
+    tl.store(_at(O_ptr, rows, cols, D), o, mask=m)
+    o = o.to(tl.float32)
+    if LAYER:
+        mean = tl.sum(o, axis=1) / D
+        oc = tl.where(m, o - mean[:, None], 0.0)
+    else:
+        mean = tl.zeros((ROWS,), tl.float32)
+        oc = o
+    ro = 1.0 / tl.sqrt(tl.sum(oc * oc, axis=1) / D + eps)
+    s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
+    if LAYER:
+        t = tl.load(_at(T_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
+        xn = oc * ro[:, None] * (1.0 + s) + t
+    else:
+        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        xn = oc * ro[:, None] * w * (1.0 + s)
+    tl.store(_at(XN_ptr, rows, cols, D), xn.to(XN_ptr.dtype.element_ty), mask=m)
+    tl.store(RO_ptr + rows, ro, mask=rmask)
+    tl.store(MO_ptr + rows, mean, mask=rmask)
+
+
+@triton.jit
+def _residual_norm_bwd_kernel(DO_ptr, DXN_ptr, O_ptr, G_ptr, Y_ptr, WY_ptr, S_ptr, W_ptr, RY_ptr, RO_ptr, MO_ptr,
+                              DX_ptr, DY_ptr, SEQ_ptr, M, S_len, D, TANH: tl.constexpr, POST_NORM: tl.constexpr,
+                              LAYER: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx (out's whole gradient: dout from below plus the norm's, summed here in fp32) and dy; the gate,
+    the norms' weights and the modulation are frozen (their gradients: the unfused kernels)."""
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    dxn = tl.load(_at(DXN_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    o = tl.load(_at(O_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    ro = tl.load(RO_ptr + rows, mask=rmask, other=0.0)[:, None]
+    mo = tl.load(MO_ptr + rows, mask=rmask, other=0.0)[:, None]
+    s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
+    ohat = tl.where(m, (o - mo) * ro, 0.0)
+    if LAYER:
+        gy = dxn * (1.0 + s)
+        c1 = tl.sum(gy * ohat, axis=1)[:, None] / D
+        c2 = tl.sum(gy, axis=1)[:, None] / D
+        d = ro * (gy - c2 - ohat * c1)
+    else:
+        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        gy = dxn * w * (1.0 + s)
+        c1 = tl.sum(gy * ohat, axis=1)[:, None] / D
+        d = ro * (gy - ohat * c1)
+    d += tl.load(_at(DO_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    tl.store(_at(DX_ptr, rows, cols, D), d.to(DX_ptr.dtype.element_ty), mask=m)
+    g = tl.load(_at(G_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
+    if TANH:
+        g = _tanh(g)
+    dyn = d * g
+    if POST_NORM:
+        y = tl.load(_at(Y_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+        ry = tl.load(RY_ptr + rows, mask=rmask, other=0.0)[:, None]
+        wy = tl.load(WY_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        yhat = y * ry
+        gy2 = dyn * wy
+        c = tl.sum(gy2 * yhat, axis=1)[:, None] / D
+        dyn = ry * (gy2 - yhat * c)
+    tl.store(_at(DY_ptr, rows, cols, D), dyn.to(DY_ptr.dtype.element_ty), mask=m)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -539,6 +625,141 @@ def _norm_gated_backward(ctx, dout, _drstd):
 norm_gated_residual_op.register_autograd(_norm_gated_backward, setup_context=_norm_gated_setup)
 
 
+# ---- a residual and the next sublayer's norm, fused --------------------------------------------
+def _modulation_rows(m, seq):
+    """Per-sample modulation (n, D) -> fp32, broadcast over the rows of x (B, S, D) / (1, T, D)."""
+    return m.float()[:, None, :] if seq is None else m.float()[seq][None]
+
+
+def _residual_norm_ref(x, gate, y, post_weight, scale, shift, weight, eps_post, eps, use_tanh, layer, seq):
+    """(out, xn, rstd of y, rstd of out, mean of out) in PyTorch."""
+    yf = y.float()
+    ry = x.new_empty(0, dtype=torch.float32)
+    if post_weight is not None:
+        r = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps_post)
+        yf, ry = yf * r * post_weight.float(), r.reshape(-1)
+    g = _modulation_rows(gate, seq)
+    out = (x.float() + (torch.tanh(g) if use_tanh else g) * yf).to(x.dtype)
+    of = out.float()
+    mean = of.mean(-1, keepdim=True) if layer else torch.zeros_like(of[..., :1])
+    oc = of - mean
+    ro = torch.rsqrt(oc.pow(2).mean(-1, keepdim=True) + eps)
+    s1 = 1 + _modulation_rows(scale, seq)
+    xn = oc * ro * s1 + _modulation_rows(shift, seq) if layer else oc * ro * weight.float() * s1
+    return out, xn.to(x.dtype), ry, ro.reshape(-1), mean.reshape(-1)
+
+
+@torch.library.custom_op("dopsd_fast::residual_norm", mutates_args=())
+def residual_norm_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, post_weight: torch.Tensor | None,
+                     scale: torch.Tensor, shift: torch.Tensor | None, weight: torch.Tensor | None, eps_post: float,
+                     eps: float, use_tanh: bool, layer: bool, seq: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out, xn, rstd of y, rstd of out, mean of out): the residual ``out = x + act(gate) * N(y)``
+    (N: RMSNorm_post_weight, Z-Image's post-norm; none without ``post_weight``, FLUX.2) and the next
+    sublayer's input ``xn = RMSNorm_weight(out) * (1 + scale)`` (``layer``: ``LayerNorm(out) * (1 + scale)
+    + shift``), in one pass."""
+    if not use_triton(x, gate, y, scale):
+        return _residual_norm_ref(x, gate, y, post_weight, scale, shift, weight, eps_post, eps, use_tanh, layer, seq)
+    x, y = x.contiguous(), y.contiguous()
+    B, S, D, M = _rows(x)
+    out, xn = torch.empty_like(x), torch.empty_like(x)
+    ry = torch.empty(M if post_weight is not None else 0, device=x.device, dtype=torch.float32)
+    ro = torch.empty(M, device=x.device, dtype=torch.float32)
+    mo = torch.empty(M, device=x.device, dtype=torch.float32)
+    sq, has = _seq_arg(seq, x)
+    scale = scale.contiguous()
+    if M:  # an absent tensor's pointer: one the kernel does not read
+        R = rows_per_program(M)
+        _residual_norm_fwd_kernel[(triton.cdiv(M, R),)](
+            x, gate.contiguous(), y, post_weight.contiguous() if post_weight is not None else scale, scale,
+            shift.contiguous() if layer else scale, weight.contiguous() if not layer else scale, out, xn, ry, ro, mo,
+            sq, M, S, D, eps_post, eps, TANH=use_tanh, POST_NORM=post_weight is not None, LAYER=layer,
+            HAS_SEQ=has, ROWS=R, BLOCK_D=next_pow2(D))
+    return out, xn, ry, ro, mo
+
+
+@residual_norm_op.register_fake
+def _(x, gate, y, post_weight, scale, shift, weight, eps_post, eps, use_tanh, layer, seq=None):
+    m = x.shape[0] * x.shape[1]
+    stat = lambda n: x.new_empty(n, dtype=torch.float32)  # noqa: E731
+    return torch.empty_like(x), torch.empty_like(x), stat(m if post_weight is not None else 0), stat(m), stat(m)
+
+
+def _residual_norm_bwd_ref(dout, dxn, out, gate, y, post_weight, scale, weight, ry, ro, mo, use_tanh, layer, seq):
+    shp = out.shape[:-1] + (1,)
+    ohat = (out.float() - mo.view(shp)) * ro.view(shp)
+    s1 = 1 + _modulation_rows(scale, seq)
+    gy = dxn.float() * s1 if layer else dxn.float() * weight.float() * s1
+    d = ro.view(shp) * (gy - (gy.mean(-1, keepdim=True) if layer else 0.0) - ohat * (gy * ohat).mean(-1, keepdim=True))
+    d = d + dout.float()
+    g = _modulation_rows(gate, seq)
+    dyn = d * (torch.tanh(g) if use_tanh else g)
+    if post_weight is not None:
+        r = ry.view(shp)
+        yhat, gy2 = y.float() * r, dyn * post_weight.float()
+        dyn = r * (gy2 - yhat * (gy2 * yhat).mean(-1, keepdim=True))
+    return [d.to(out.dtype), dyn.to(y.dtype)]
+
+
+@torch.library.custom_op("dopsd_fast::residual_norm_backward", mutates_args=())
+def residual_norm_backward_op(dout: torch.Tensor, dxn: torch.Tensor, out: torch.Tensor, gate: torch.Tensor,
+                              y: torch.Tensor, post_weight: torch.Tensor | None, scale: torch.Tensor,
+                              weight: torch.Tensor | None, ry: torch.Tensor, ro: torch.Tensor, mo: torch.Tensor,
+                              use_tanh: bool, layer: bool, seq: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``[dx, dy]`` of :func:`residual_norm_op` (dx: out's gradient from below plus the one through the
+    norm, summed in the kernel: no separate add pass); the gate, norm weights and modulation frozen."""
+    if not use_triton(dout, dxn, out, gate, y, scale):
+        return _residual_norm_bwd_ref(dout, dxn, out, gate, y, post_weight, scale, weight, ry, ro, mo, use_tanh,
+                                      layer, seq)
+    dout, dxn, out, y = dout.contiguous(), dxn.contiguous(), out.contiguous(), y.contiguous()
+    B, S, D, M = _rows(out)
+    dx, dy = torch.empty_like(out), torch.empty_like(y)
+    sq, has = _seq_arg(seq, out)
+    scale = scale.contiguous()
+    if M:
+        R = rows_per_program(M)
+        _residual_norm_bwd_kernel[(triton.cdiv(M, R),)](
+            dout, dxn, out, gate.contiguous(), y, post_weight.contiguous() if post_weight is not None else scale,
+            scale, weight.contiguous() if not layer else scale, ry if post_weight is not None else ro, ro, mo, dx,
+            dy, sq, M, S, D, TANH=use_tanh, POST_NORM=post_weight is not None, LAYER=layer, HAS_SEQ=has, ROWS=R,
+            BLOCK_D=next_pow2(D))
+    return [dx, dy]
+
+
+@residual_norm_backward_op.register_fake
+def _(dout, dxn, out, gate, y, post_weight, scale, weight, ry, ro, mo, use_tanh, layer, seq=None):
+    return [torch.empty_like(out), torch.empty_like(y)]
+
+
+def _residual_norm_setup(ctx, inputs, output):
+    x, gate, y, post_weight, scale, shift, weight, eps_post, eps, use_tanh, layer, seq = inputs
+    ctx.use_tanh, ctx.layer = use_tanh, layer
+    ctx.save_for_backward(output[0], gate, y, post_weight, scale, weight, output[2], output[3], output[4], seq)
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
+
+
+_FROZEN = ("gate", "post_weight", "scale", "shift", "weight")
+
+
+def _residual_norm_backward(ctx, dout, dxn, *_stats):
+    trains = [n for n, i in zip(_FROZEN, (1, 3, 4, 5, 6)) if ctx.needs_input_grad[i]]
+    if trains:
+        raise RuntimeError(f"residual_norm: {', '.join(trains)} train, and the fused backward computes dx and dy "
+                           "only; use norm_gated_residual / gated_residual and the norm op (FusedOps does)")
+    if dout is None and dxn is None:
+        return (None,) * 12
+    out, gate, y, post_weight, scale, weight, ry, ro, mo, seq = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dxn = torch.zeros_like(out) if dxn is None else dxn
+    dx, dy = residual_norm_backward_op(dout, dxn, out, gate, y, post_weight, scale, weight, ry, ro, mo, ctx.use_tanh,
+                                       ctx.layer, seq)
+    return (dx, None, dy) + (None,) * 9
+
+
+residual_norm_op.register_autograd(_residual_norm_backward, setup_context=_residual_norm_setup)
+
+
 # ---- costs (benchmarks/perf_model.py) ---------------------------------------------------------
 @register_cost("dopsd_fast::norm_gated_residual")
 def _(x, gate, y, weight, eps, use_tanh, seq=None):
@@ -575,6 +796,18 @@ def _(dout, gate, y, use_tanh, need_gate, seq=None):
         return Cost(0, 2 * nbytes(y), 1)
     part = 4 * y.numel()
     return Cost(0, 3 * nbytes(y) + 2 * part, 3, scratch=part)
+
+
+@register_cost("dopsd_fast::residual_norm")
+def _(x, gate, y, post_weight, scale, shift, weight, eps_post, eps, use_tanh, layer, seq=None):
+    rows = x.numel() // x.shape[-1]  # read x and y, write out and xn; fp32 row statistics
+    return Cost(0, 4 * nbytes(x) + 4 * rows * (3 if post_weight is not None else 2), 1)
+
+
+@register_cost("dopsd_fast::residual_norm_backward")
+def _(dout, dxn, out, gate, y, post_weight, scale, weight, ry, ro, mo, use_tanh, layer, seq=None):
+    # read dout, dxn, out (and y under a post-norm), write dx and dy
+    return Cost(0, (6 if post_weight is not None else 5) * nbytes(out) + nbytes(ry, ro, mo), 1)
 
 
 # ---- entry points ----------------------------------------------------------------------------
@@ -624,3 +857,29 @@ def norm_gated_residual(x, gate, y, weight, eps: float = 1e-5, use_tanh: bool = 
         raise ValueError(f"norm_gated_residual: y {tuple(y.shape)} must match x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)} be ({x.shape[-1]},)")
     return norm_gated_residual_op(x, gate, y, weight, float(eps), use_tanh, seq)[0]
+
+
+def residual_norm(x, gate, y, scale, *, post_weight=None, weight=None, shift=None, eps_post: float = 1e-5,
+                  eps: float = 1e-5, use_tanh: bool = True, layer: bool = False, seq=None):
+    """``(out, xn)``: a block's residual and the next sublayer's normalized, modulated input in one pass.
+
+    * Z-Image: ``out = x + tanh(gate) * RMSNorm_post_weight(y)``, ``xn = RMSNorm_weight(out) * (1 + scale)``;
+    * FLUX.2 (``post_weight=None, use_tanh=False, layer=True``): ``out = x + gate * y``,
+      ``xn = LayerNorm(out) * (1 + scale) + shift``.
+
+    Differentiable in x and y (the backward sums out's two gradients in its kernel); the gate, the
+    norms' weights and the modulation must be frozen (LoRA): where they train, use the unfused ops."""
+    if not layer and weight is None:
+        raise ValueError("residual_norm: the RMS norm (layer=False) needs its weight")
+    if layer and shift is None:
+        raise ValueError("residual_norm: the LayerNorm (layer=True) needs its shift")
+    _check(x, gate, scale, *([shift] if layer else []), seq=seq)
+    D = x.shape[-1]
+    if y.shape != x.shape:
+        raise ValueError(f"residual_norm: y {tuple(y.shape)} must match x {tuple(x.shape)}")
+    for name, w in (("post_weight", post_weight), ("weight", None if layer else weight)):
+        if w is not None and w.shape != (D,):
+            raise ValueError(f"residual_norm: {name} {tuple(w.shape)} must be ({D},)")
+    out, xn = residual_norm_op(x, gate, y, post_weight, scale, shift if layer else None,
+                               None if layer else weight, float(eps_post), float(eps), use_tanh, layer, seq)[:2]
+    return out, xn

@@ -259,6 +259,15 @@ class TorchOps:
         """Z-Image's residual ``x + tanh(gate) * RMSNorm_w(y)``: the post-norm, then the gated residual."""
         return self.gated(x, gate, self.rms_mod(y, w, None, eps), tanh, seq)
 
+    def residual_norm(self, x, gate, y, scale, eps, post=None, weight=None, shift=None, tanh: bool = True,
+                      layer: bool = False, seq=None):
+        """``(out, xn)``: a residual (``post = (w, eps)``: Z-Image's post-norm ``x + tanh(gate) *
+        RMSNorm_w(y)``; None: ``x + gate * y``) and the next sublayer's input, ``RMSNorm_weight(out) * (1 +
+        scale)`` or with ``layer`` ``LayerNorm(out) * (1 + scale) + shift``."""
+        out = self.norm_gated(x, gate, y, *post, tanh, seq) if post is not None else self.gated(x, gate, y, tanh, seq)
+        xn = self.ln_mod(out, scale, eps, shift, seq) if layer else self.rms_mod(out, weight, scale, eps, seq)
+        return out, xn
+
     def swiglu(self, a, b):
         return (F.silu(a.float()) * b.float()).to(a.dtype)
 
@@ -331,6 +340,9 @@ class FusedOps(TorchOps):
     """Our kernels (``dopsd_fast.kernels``) for the same operations."""
 
     fused = True
+    # a residual and the next sublayer's norm in one kernel (False: the two kernels and autograd's add of
+    # out's gradients, the form before the fusion: how benchmarks/perf_model.py models a GPU run of it)
+    fuse_residual_norm = True
 
     def __init__(self, attention: str = "triton", gemm: str = "triton"):
         super().__init__(attention, gemm)
@@ -353,6 +365,24 @@ class FusedOps(TorchOps):
     def norm_gated(self, x, gate, y, w, eps, tanh: bool = True, seq=None):
         """One pass: the normalized y is never written."""
         return self._nm.norm_gated_residual(x, gate.to(x.dtype), y, w.to(x.dtype), eps, use_tanh=tanh, seq=seq)
+
+    def residual_norm(self, x, gate, y, scale, eps, post=None, weight=None, shift=None, tanh: bool = True,
+                      layer: bool = False, seq=None):
+        """One pass (out not read back, its two gradients summed in the backward's kernel) where the
+        gate, norm weights and modulation are frozen (LoRA); where any trains, the unfused kernels."""
+        params = [gate, scale, shift, weight] + ([post[0]] if post is not None else [])
+        trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+        if trains and not getattr(self, "_told_unfused", False):
+            self._told_unfused = True
+            log.info("residual + norm: the gate, norm weights or modulation train; the unfused kernels (the "
+                     "fused backward computes dx and dy only)")
+        if trains or not self.fuse_residual_norm:
+            return super().residual_norm(x, gate, y, scale, eps, post, weight, shift, tanh, layer, seq)
+        dt = x.dtype
+        cast = lambda t: t.to(dt) if t is not None else None  # noqa: E731
+        return self._nm.residual_norm(x, cast(gate), y, cast(scale), post_weight=cast(post[0]) if post else None,
+                                      weight=cast(weight), shift=cast(shift), eps_post=post[1] if post else 1e-5,
+                                      eps=eps, use_tanh=tanh, layer=layer, seq=seq)
 
     def swiglu(self, a, b):
         return self._sw.swiglu(a, b)  # halves of one projection read in place (row strides)
@@ -398,7 +428,7 @@ class FusedOps(TorchOps):
 def compile_ops(ops: TorchOps, backend: str = "inductor") -> TorchOps:
     """torch.compile the element-wise operations (norm + modulation, gated residual, SwiGLU, RoPE +
     QK norm): what Inductor makes of the eager math, as the alternative to our kernels."""
-    for name in ("rms_mod", "ln_mod", "gated", "norm_gated", "swiglu", "rope_qk"):
+    for name in ("rms_mod", "ln_mod", "gated", "norm_gated", "residual_norm", "swiglu", "rope_qk"):
         setattr(ops, name, torch.compile(getattr(ops, name), backend=backend, dynamic=True))
     ops.compiled = backend
     return ops

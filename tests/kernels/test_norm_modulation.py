@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_close, low_precision_rule
+from tests.kernels.conftest import GPU
 
 # (2, 65, 40): 130 rows, 3 programs of 64 rows under the interpreter (the last partial, a sample
 # boundary inside the first)
@@ -237,3 +238,100 @@ def test_norm_gated_residual_equals_norm_then_gated(dtype, packed, train):
         out, rstd = norm_gated_residual_op(x, gate, y, w, 1e-5, True, seq)
         torch.library.opcheck(norm_gated_residual_backward_op, (g, gate, y, w, rstd, 1e-5, True, params, seq))
     torch.library.opcheck(norm_gated_residual_op, (x.requires_grad_(), gate, y.requires_grad_(), w, 1e-5, True, seq))
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_residual_norm_equals_residual_then_norm(family, dtype, packed, path, monkeypatch):
+    """A residual and the next sublayer's norm in one pass == the residual, then the norm + modulation
+    (fp32 references in PyTorch), both outputs; the backward (out's gradient from below and the one
+    through the norm summed in the kernel) == autograd through the two, dx and dy. ``reference``: the
+    op's own PyTorch path (where no Triton kernel runs)."""
+    if path == "reference":
+        if GPU:
+            pytest.skip("the reference path is the CPU's: a GPU run takes the kernel")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from dopsd_fast.kernels.norm_modulation import residual_norm, residual_norm_backward_op, residual_norm_op
+
+    D, zimage = 48, family == "zimage"
+    if packed:
+        lens = [6, 3, 8, 60, 1, 65]  # 143 rows: 3 programs of 64 when interpreted, samples straddling them
+        seq = torch.repeat_interleave(torch.arange(6), torch.tensor(lens))
+        shape, n = (1, sum(lens), D), 6
+    else:
+        seq, shape, n = None, (2, 70, D), 2
+    x, y = torch.randn(shape), 3 * torch.randn(shape)
+    gate, scale, shift = 0.7 * torch.randn(n, D), 0.3 * torch.randn(n, D), 0.5 * torch.randn(n, D)
+    w_post, w = 1 + 0.2 * torch.randn(D), 1 + 0.2 * torch.randn(D)
+    d_out, d_xn = torch.randn(shape), torch.randn(shape)
+    kw = dict(post_weight=w_post, weight=w, use_tanh=True) if zimage else dict(shift=shift, use_tanh=False, layer=True)
+
+    def rows(m, dt):
+        return m.to(dt).float()[:, None, :] if seq is None else m.to(dt).float()[seq][None]
+
+    def reference(xs, ys, dt):
+        yf = ys.float()
+        if zimage:
+            yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + 1e-5) * w_post.to(dt).float()
+        g = rows(gate, dt)
+        out = (xs.float() + (torch.tanh(g) if zimage else g) * yf).to(dt)
+        of = out.float()
+        if zimage:
+            xn = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-5) * w.to(dt).float() * (1 + rows(scale, dt))
+        else:
+            xn = torch.nn.functional.layer_norm(of, (D,), eps=1e-5) * (1 + rows(scale, dt)) + rows(shift, dt)
+        return out, xn.to(dt)
+
+    def run(fused, dt, ref_dt=None):
+        xs, ys = (t.to(dt).detach().clone().requires_grad_() for t in (x, y))
+        if fused:
+            cast = {k: (v.to(dt) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            out, xn = residual_norm(xs, gate.to(dt), ys, scale.to(dt), seq=seq, **cast)
+        else:
+            out, xn = reference(xs, ys, dt)
+        torch.autograd.backward([out, xn], [d_out.to(dt), d_xn.to(dt)])
+        return [out.detach(), xn.detach(), xs.grad, ys.grad]
+
+    fast, ref = run(True, dtype), run(False, torch.float32)
+    names = ("out", "xn", "dx", "dy")
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        if dtype == torch.float32:
+            assert_close(a, b, 1e-5, 1e-4, f"{family} {names[i]}", scaled=True)
+        else:
+            atol = 2e-2 * max(1.0, b.abs().max().item())
+            low_precision_rule(a, run(False, dtype)[i], b, atol, f"{family} {names[i]}")
+    # the op's schema, fake and autograd registrations
+    post, sh, wt = (w_post, None, w) if zimage else (None, shift, None)
+    res = residual_norm_op(x, gate, y, post, scale, sh, wt, 1e-5, 1e-5, zimage, not zimage, seq)
+    torch.library.opcheck(residual_norm_backward_op, (d_out, d_xn, res[0], gate, y, post, scale, wt, *res[2:],
+                                                      zimage, not zimage, seq))
+    torch.library.opcheck(residual_norm_op, (x.requires_grad_(), gate, y.requires_grad_(), post, scale, sh, wt, 1e-5,
+                                             1e-5, zimage, not zimage, seq))
+
+
+def test_residual_norm_refuses_a_training_gate_and_the_ops_fall_back():
+    """The fused backward computes dx and dy only: a gate / norm weight / modulation that trains is an
+    error there (never a silent None gradient), and FusedOps then takes the unfused kernels, whose
+    gradients for them match the eager composition."""
+    from dopsd_fast.kernels.norm_modulation import residual_norm
+    from dopsd_fast.models.ops import FusedOps, TorchOps
+
+    B, S, D = 2, 9, 32
+    x, y = torch.randn(B, S, D, requires_grad=True), torch.randn(B, S, D, requires_grad=True)
+    gate, scale = torch.randn(B, D, requires_grad=True), 0.3 * torch.randn(B, D)
+    w_post, w = 1 + 0.1 * torch.randn(D), 1 + 0.1 * torch.randn(D)
+    out, xn = residual_norm(x, gate, y, scale, post_weight=w_post, weight=w)
+    with pytest.raises(RuntimeError, match="residual_norm: gate train"):
+        (out.sum() + xn.sum()).backward()
+    grads = []
+    for ops in (FusedOps(), TorchOps()):
+        ins = [t.detach().clone().requires_grad_() for t in (x, gate, y)]
+        o, n = ops.residual_norm(ins[0], ins[1], ins[2], scale, 1e-5, post=(w_post, 1e-5), weight=w)
+        (o.square().sum() + n.sum()).backward()
+        grads.append([t.grad for t in ins])
+    for a, b in zip(*grads):
+        assert_close(a, b, 1e-5, 1e-4, "fallback grad", scaled=True)
+    with pytest.raises(ValueError, match="needs its shift"):
+        residual_norm(x, gate, y, scale, layer=True)
