@@ -59,7 +59,7 @@ STAGES = {  # name -> (cap in seconds, what it answers); the default order is th
     "tests": (110, "kernel tests, short form on the GPU: CUDA-graph capture first (-x -v), then one case per "
                    "kernel and dtype"),
     "m1": (35, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN; a ragged batch "
-               "through the cudnn / sdpa backends"),
+               "through the cudnn / sdpa backends; a residual + next norm fused vs unfused"),
     "m3": (60, "one fast step at the real workload, default attention: time per region, peak memory"),
     "m2": (25, "paired LoRA linear fwd + bwd: ours (128 x 128 tiles, and the 128 x 256 candidate) vs cuBLAS; "
                "device copy ceiling; the backward alone: GPU time, per call, host"),
@@ -293,7 +293,7 @@ def stage_m1(rows: Rows) -> int:
             status |= 0 if err < 3e-2 else 1
         except Exception as exc:  # noqa: BLE001 - one variant failing (e.g. cuDNN absent) is a result
             rows.add(kind="attention", variant=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-    return status | _ragged_attention(rows, H, D, do.dtype)
+    return status | _ragged_attention(rows, H, D, do.dtype) | _residual_norm_fusion(rows)
 
 
 def _ragged_attention(rows: Rows, H: int, D: int, dtype) -> int:
@@ -330,6 +330,52 @@ def _ragged_attention(rows: Rows, H: int, D: int, dtype) -> int:
             status |= 0 if err < 3e-2 else 1
         except Exception as exc:  # noqa: BLE001
             rows.add(kind="attention_ragged", backend=backend, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    return status
+
+
+def _residual_norm_fusion(rows: Rows) -> int:
+    """A block's residual and the next sublayer's norm: one op (``residual_norm``) vs the unfused kernels
+    it replaces (the residual, then the norm; autograd adds out's two gradients), forward and forward +
+    backward on the student's rows, Z-Image's form (3840) and FLUX.2's (klein-4B, 3072); parity between
+    the two and the bytes each moves per the step model's costs."""
+    import torch
+
+    from dopsd_fast.models.ops import FusedOps
+
+    M = 40 if DRY else 4608
+    fused, unfused = FusedOps(), FusedOps()
+    unfused.fuse_residual_norm = False
+    status = 0
+    for family, D in (("zimage", 48 if DRY else 3840), ("klein-4b", 32 if DRY else 3072)):
+        try:
+            torch.manual_seed(0)
+            x, y = (torch.randn(1, M, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+            gate, scale, shift = (0.5 * torch.randn(1, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+            w_post, w = (1 + 0.1 * torch.randn(D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+            d_out, d_xn = torch.randn_like(x), torch.randn_like(x)
+            kw = (dict(post=(w_post, 1e-5), weight=w) if family == "zimage"
+                  else dict(shift=shift, tanh=False, layer=True))
+            res = {}
+            for name, ops in (("fused: one op", fused), ("unfused: residual, norm, add of gradients", unfused)):
+                def fn(ops=ops):
+                    return ops.residual_norm(x, gate, y, scale, 1e-5, **kw)
+
+                def fwd_bwd(fn=fn):
+                    return torch.autograd.grad(fn(), (x, y), (d_out, d_xn))
+
+                with torch.no_grad():
+                    out = [t.float() for t in fn()]
+                    ms_f = _median_ms(fn)
+                res[name] = out + [g.float() for g in fwd_bwd()]
+                rows.add(kind="fusion", op="residual_norm", family=family, variant=name, rows=M, dim=D, fwd_ms=ms_f,
+                         fwd_bwd_ms=_median_ms(fwd_bwd))
+            a, b = res.values()
+            err = max(((p - q).abs().max() / q.abs().max().clamp_min(1e-6)).item() for p, q in zip(a, b))
+            rows.add(kind="fusion", op="residual_norm", family=family, variant="parity: fused vs unfused",
+                     rel_err=err, parity_ok=err < 2e-2)
+            status |= 0 if err < 2e-2 else 1
+        except Exception as exc:  # noqa: BLE001
+            rows.add(kind="fusion", op="residual_norm", family=family, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     return status
 
 
@@ -698,6 +744,14 @@ def plan_table(stages: list[str], budget: float, spent: float = 0.0) -> tuple[st
     return "\n".join(lines), total
 
 
+def forms() -> dict:
+    """The forms of the step this code runs that a calibration must know (benchmarks/perf_model.py,
+    measured_form)."""
+    from dopsd_fast.models.ops import FusedOps
+
+    return {"residual_norm_fused": FusedOps.fuse_residual_norm}
+
+
 def drive(args) -> int:
     t_start = args.t0 or time.time()
     out = Path(args.out)
@@ -705,7 +759,7 @@ def drive(args) -> int:
     rows_path = str(work / "rows.jsonl")
     meta = {"git_commit": git_commit(), "budget_s": args.budget, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "dry_run": "CPU dry run at toy shapes: checks the code, measures nothing" if DRY else False,
-            "verdict": "RUNNING", "elapsed_s": 0.0}
+            "verdict": "RUNNING", "elapsed_s": 0.0, "forms": forms()}
     timeline: list[dict] = []
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]

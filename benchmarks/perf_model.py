@@ -420,13 +420,23 @@ def derive_rates(cal: dict, in_situ: bool = True) -> dict:
     return out
 
 
+@contextlib.contextmanager
 def measured_form(cal: dict):
-    """The paired op's costs in the form the calibration's GPU run executed: the cuBLAS form's LoRA delta
-    after the base GEMM (a second call re-reading the output) until the delta went first; a file from
-    a later run says which (``paired_cublas_delta``), an earlier one is "after"."""
+    """The step in the form the calibration's GPU run executed: the paired op's cuBLAS form with the LoRA
+    delta after the base GEMM (a second call re-reading the output) until the delta went first (a file
+    from a later run says which: ``paired_cublas_delta``, an earlier one is "after"); a block's residual
+    and the next norm as two kernels and an add of out's gradients until they were fused (a later file
+    says ``residual_norm_fused``)."""
     from dopsd_fast.kernels.multi_lora import costs_of_form
+    from dopsd_fast.models.ops import FusedOps
 
-    return costs_of_form(cal.get("paired_cublas_delta", "after"))
+    prev = FusedOps.fuse_residual_norm
+    FusedOps.fuse_residual_norm = bool(cal.get("residual_norm_fused", False))
+    try:
+        with costs_of_form(cal.get("paired_cublas_delta", "after")):
+            yield
+    finally:
+        FusedOps.fuse_residual_norm = prev
 
 
 def _derive_rates(cal: dict, in_situ: bool) -> dict:
@@ -976,6 +986,8 @@ def calibration_from_results(results_path, report: str) -> dict:
             # the paired op's cuBLAS form that ran (measured_form): m2 names it since the delta went first
             "paired_cublas_delta": "first" if any(r["variant"] == "ours: paired on cuBLAS, delta first"
                                                   for r in lin) else "after",
+            # a block's residual and the next norm fused (measured_form): the run's meta says so since then
+            "residual_norm_fused": bool(meta.get("forms", {}).get("residual_norm_fused", False)),
             "paired_linear": lin, "attention": att, **({"fp8_gemm": fp8} if fp8 else {}),
             "launch": {"launched_s": graphs["launched_median_s"], "graphs_s": graphs["graphs_median_s"],
                        "row": f"step stage, graphs row: {graphs['what']}"},

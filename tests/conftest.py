@@ -11,6 +11,7 @@ if os.environ.get("DOPSD_GPU_TESTS") != "1":
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
 
@@ -154,3 +155,16 @@ def fp8_standins(module, names):
         new = Float8Linear(old.in_features, old.out_features, bias=old.bias is not None)
         new.load_state_dict(old.state_dict())
         setattr(module.get_submodule(parent), child, new)
+
+
+class OpCount(TorchDispatchMode):
+    """How many times each op ran (``n``: overload packet name -> calls), custom ops included."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.n[name] = self.n.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))

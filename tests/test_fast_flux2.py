@@ -54,13 +54,24 @@ def test_pair_matches_the_eager_adapter(lora):
 def test_fused_kernels_through_the_interpreter():
     from dopsd_fast.models.ops import FusedOps
 
+    from tests.conftest import OpCount
+
     ad, st, ctx_s, ctx_t = _setup(True)
     x, sigma = torch.randn(1, 16, 6, 4), torch.tensor([0.6])
-    v_s, v_t = _fast(st, FusedOps(attention="triton")).velocity_pair(x, sigma, ctx_s[:1], ctx_t[:1])
+    with OpCount() as fwd:
+        v_s, v_t = _fast(st, FusedOps(attention="triton")).velocity_pair(x, sigma, ctx_s[:1], ctx_t[:1])
     assert_close(v_t, ad.velocity(st.teacher(), x, sigma, ctx_t[:1]), 1e-4, 1e-3, "teacher (fused)", scaled=True)
     ref_s = ad.velocity(st.student(), x, sigma, ctx_s[:1])
     assert_close(v_s, ref_s, 1e-4, 1e-3, "student (fused)", scaled=True)
-    assert_grads_match(v_s, ref_s, st.named_trainable(), 1e-4, 1e-3)
+    with OpCount() as bwd:
+        assert_grads_match(v_s, ref_s, st.named_trainable(), 1e-4, 1e-3)
+    # per branch, in one op each: a double block's attention residuals with its FFN norms (image, text),
+    # its FFN residuals with the next double block's norms, a single block's residual with the next one's
+    tr = st.transformer
+    nd, ns = len(tr.transformer_blocks), len(tr.single_transformer_blocks)
+    per_branch = 2 * nd + 2 * (nd - 1) + (ns - 1)
+    assert fwd.n.get("dopsd_fast.residual_norm") == 2 * per_branch, fwd.n
+    assert bwd.n.get("dopsd_fast.residual_norm_backward") == per_branch, bwd.n
 
 
 def test_trainer_klein_fast_path_matches_eager_step(tmp_path):

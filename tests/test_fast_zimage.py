@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import assert_close, assert_grads_match, fp8_standins, compare_grads, grads_of
+from tests.conftest import OpCount, assert_close, assert_grads_match, fp8_standins, compare_grads, grads_of
 
 
 def _model(lora=True, **over):
@@ -232,12 +232,20 @@ def test_fused_kernels_through_the_interpreter():
     st = _model(True)
     fast = _fast(st, ops=FusedOps(attention="triton"))
     x, t, caps_s, caps_t = _inputs(1, 8, 8, [9], [20])
-    out_s, out_t = fast.forward_pair(x, t, caps_s, caps_t)
+    with OpCount() as fwd:
+        out_s, out_t = fast.forward_pair(x, t, caps_s, caps_t)
     ref_t = _eager(st.teacher(), x, t, caps_t)
     ref_s = _eager(st.student(), x, t, caps_s)
     assert_close(out_s, ref_s, 1e-4, 1e-3, "student (fused)", scaled=True)
     assert_close(out_t, ref_t, 1e-4, 1e-3, "teacher (fused)", scaled=True)
-    assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-4, 1e-3)
+    with OpCount() as bwd:
+        assert_grads_match(out_s, ref_s, st.named_trainable(), 1e-4, 1e-3)
+    # every modulated block's attention residual with its FFN norm, and each block's FFN residual with the
+    # next block's attention norm, in one op (per branch); the student's backward: one op each
+    L, R = (len(st.transformer.layers), len(st.transformer.noise_refiner))
+    per_branch = (L + R) + (L - 1) + (R - 1)
+    assert fwd.n.get("dopsd_fast.residual_norm") == 2 * per_branch, fwd.n
+    assert bwd.n.get("dopsd_fast.residual_norm_backward") == per_branch, bwd.n
 
 
 def test_fp8_filter_and_fp8_module_dispatch():

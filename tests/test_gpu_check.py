@@ -136,6 +136,10 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     ragged = {x["backend"]: x for x in rows if x["kind"] == "attention_ragged"}
     assert set(ragged) == {"cudnn", "sdpa"} and all(x["parity_ok"] for x in ragged.values())
     assert ragged["cudnn"]["jagged_on_cudnn"] is False  # no cuDNN on the CPU: the fallback ran, and says so
+    fusion = [x for x in rows if x["kind"] == "fusion"]  # a residual + next norm, fused beside unfused, per family
+    assert [(x["family"], x["variant"].split(":")[0]) for x in fusion] == [
+        (f, v) for f in ("zimage", "klein-4b") for v in ("fused", "unfused", "parity")], fusion
+    assert all(x["parity_ok"] for x in fusion if "parity" in x["variant"]), fusion
     lin = [x for x in rows if x["kind"] == "paired_linear"]
     assert len(lin) == 15 and all(x["parity_ok"] for x in lin)  # 3 shapes x 5 forms, each beside the others
     assert {x["variant"] for x in lin} == {"ours: Triton paired GEMM", "ours: Triton paired GEMM, 128 x 256 tiles",

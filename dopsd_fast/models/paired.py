@@ -158,7 +158,8 @@ class Stream:
 class Branch:
     """One side of the pair: ``name`` ``"s"`` (student, with autograd) or ``"t"`` (teacher, constants);
     the module it reads and its adapter; its packed stream; the current block's submodule and
-    modulation; ``extra``: a family's per-branch data (text length, RoPE tables, ...)."""
+    modulation; ``extra``: a family's per-branch data (text length, RoPE tables, ...); ``x_in``: the
+    current block's first input, computed ahead."""
 
     name: str
     model: torch.nn.Module
@@ -167,6 +168,9 @@ class Branch:
     mods: tuple | None = None
     block: torch.nn.Module | None = None
     extra: dict = field(default_factory=dict)
+    # the current block's first normalized input, where the previous block computed it with its last
+    # residual in one pass (read once, then cleared)
+    x_in: object = None  # a tensor, or a family's tuple of them (FLUX.2's double blocks: image, text)
 
     @property
     def student(self) -> bool:

@@ -116,6 +116,9 @@ class FastFlux2(PairedModel):
 
     # ---- double-stream block, per branch ------------------------------------------------------------
     def _double_in(self, b: KleinBranch, B):
+        if b.x_in is not None:  # computed ahead by the previous block's last residuals
+            x, b.x_in = b.x_in, None
+            return x
         _, mi, mt_, _ = b.mods
         sh, sc, _ = _split3(mi, 0)
         csh, csc, _ = _split3(mt_, 0)
@@ -133,20 +136,37 @@ class FastFlux2(PairedModel):
         o_t, o_i = o.reshape(B, b.n_txt + b.n_img, -1).split([b.n_txt, b.n_img], 1)
         return o_t.reshape(B * b.n_txt, -1), o_i.reshape(B * b.n_img, -1)
 
+    def _gate_ln(self, x, gate, y, scale, shift, B):
+        """(x + gate * y, its LayerNorm * (1 + scale) + shift): the residual and the next sublayer's
+        input in one pass."""
+        D = x.shape[-1]
+        out, xn = self.ops.residual_norm(x.view(B, -1, D), gate, y.view(B, -1, D), scale, self.eps, shift=shift,
+                                         tanh=False, layer=True)
+        return out.reshape(x.shape), xn.reshape(x.shape)
+
     def _double_mid(self, b: KleinBranch, ai, ac, B):
         _, mi, mt_, _ = b.mods
-        b.img = self._gate(b.img, _split3(mi, 0)[2], ai, B)
-        b.txt_h = self._gate(b.txt_h, _split3(mt_, 0)[2], ac, B)
         shi, sci, _ = _split3(mi, 1)
         shc, scc, _ = _split3(mt_, 1)
-        return self._ln(b.img, sci, shi, B), self._ln(b.txt_h, scc, shc, B)
+        b.img, xi = self._gate_ln(b.img, _split3(mi, 0)[2], ai, sci, shi, B)
+        b.txt_h, xc = self._gate_ln(b.txt_h, _split3(mt_, 0)[2], ac, scc, shc, B)
+        return xi, xc
 
-    def _double_out(self, b: KleinBranch, fo, fco, B):
+    def _double_out(self, b: KleinBranch, fo, fco, B, tail: bool = False):
+        """The block's last residuals; with ``tail`` also the next double block's inputs, in one pass
+        each (the modulation is shared by every double block)."""
         _, mi, mt_, _ = b.mods
-        b.img = self._gate(b.img, _split3(mi, 1)[2], fo, B)
-        b.txt_h = self._gate(b.txt_h, _split3(mt_, 1)[2], fco, B)
+        if not tail:
+            b.img = self._gate(b.img, _split3(mi, 1)[2], fo, B)
+            b.txt_h = self._gate(b.txt_h, _split3(mt_, 1)[2], fco, B)
+            return
+        sh, sc, _ = _split3(mi, 0)
+        csh, csc, _ = _split3(mt_, 0)
+        b.img, xi = self._gate_ln(b.img, _split3(mi, 1)[2], fo, sc, sh, B)
+        b.txt_h, xc = self._gate_ln(b.txt_h, _split3(mt_, 1)[2], fco, csc, csh, B)
+        b.x_in = (xi, xc)
 
-    def _double(self, path, S, T, B):
+    def _double(self, path, S, T, B, tail: bool = False):
         for b in (S, T):
             if b is not None:
                 b.at(path)
@@ -166,10 +186,13 @@ class FastFlux2(PairedModel):
         gi = self.per_branch(self._swiglu, S, T, self.linear_pair(f"{path}.ff.linear_in", *ri))
         gc = self.per_branch(self._swiglu, S, T, self.linear_pair(f"{path}.ff_context.linear_in", *rc))
         self.per_branch(self._double_out, S, T, self.linear_pair(f"{path}.ff.linear_out", *gi),
-                  self.linear_pair(f"{path}.ff_context.linear_out", *gc), B=B)
+                        self.linear_pair(f"{path}.ff_context.linear_out", *gc), B=B, tail=tail)
 
     # ---- single-stream block, per branch ------------------------------------------------------------
     def _single_in(self, b: KleinBranch, B):
+        if b.x_in is not None:  # computed ahead by the previous block's last residual
+            x, b.x_in = b.x_in, None
+            return x
         sh, sc, _ = _split3(b.mods[3], None)
         return self._ln(b.hs, sc, sh, B)
 
@@ -186,17 +209,23 @@ class FastFlux2(PairedModel):
         mlp, b.mlp_in = b.mlp_in, None
         return torch.cat([o.reshape(o.shape[0], -1), self._swiglu(b, mlp)], -1)
 
-    def _single_out(self, b: KleinBranch, out, B):
-        b.hs = self._gate(b.hs, _split3(b.mods[3], None)[2], out, B)
+    def _single_out(self, b: KleinBranch, out, B, tail: bool = False):
+        """The block's residual; with ``tail`` also the next single block's input, in one pass (the
+        modulation is shared by every single block)."""
+        sh, sc, gate = _split3(b.mods[3], None)
+        if tail:
+            b.hs, b.x_in = self._gate_ln(b.hs, gate, out, sc, sh, B)
+        else:
+            b.hs = self._gate(b.hs, gate, out, B)
 
-    def _single(self, path, S, T, B):
+    def _single(self, path, S, T, B, tail: bool = False):
         for b in (S, T):
             if b is not None:
                 b.at(path)
         p = self.linear_pair(f"{path}.attn.to_qkv_mlp_proj", *self.per_branch(self._single_in, S, T, B=B))
         o = self._attend(self.per_branch(self._single_qkv, S, T, p, B=B), B)
         out = self.linear_pair(f"{path}.attn.to_out", *self.per_branch(self._single_cat, S, T, p, o))
-        self.per_branch(self._single_out, S, T, out, B=B)
+        self.per_branch(self._single_out, S, T, out, B=B, tail=tail)
 
     # ---- forward -------------------------------------------------------------------------------
     def _branch(self, name, ctxs, x):
@@ -257,14 +286,17 @@ class FastFlux2(PairedModel):
         n_double = len(ms.transformer_blocks)
         for bi in range(n_double):
             with self._nv(f"double{bi}"):
-                self._run(self._double, f"transformer_blocks.{bi}", S, T, B, ("img", "txt_h"), bi)
+                self._run(self._double, f"transformer_blocks.{bi}", S, T, B, ("img", "txt_h"), bi,
+                          tail=bi + 1 < n_double)
 
         for b in live:  # single-stream blocks on [text ; image]
             with b.grad_ctx():
                 b.hs = torch.cat([b.txt_h.view(B, b.n_txt, -1), b.img.view(B, b.n_img, -1)], 1).reshape(B * (b.n_txt + b.n_img), -1)
-        for bi in range(len(ms.single_transformer_blocks)):
+        n_single = len(ms.single_transformer_blocks)
+        for bi in range(n_single):
             with self._nv(f"single{bi}"):
-                self._run(self._single, f"single_transformer_blocks.{bi}", S, T, B, ("hs",), n_double + bi)
+                self._run(self._single, f"single_transformer_blocks.{bi}", S, T, B, ("hs",), n_double + bi,
+                          tail=bi + 1 < n_single)
 
         res = {}
         with self._nv("final"):  # the x_k tokens only
@@ -278,14 +310,16 @@ class FastFlux2(PairedModel):
                     res[b.name] = SPEC.convention.velocity(out).permute(0, 2, 1).reshape(B, C, h, w)
         return res.get("s"), res.get("t")
 
-    def _run(self, block, path, S, T, B, fields, index):
+    def _run(self, block, path, S, T, B, fields, index, tail: bool = False):
         """Block ``path`` on both branches; among the first ``checkpoint_layers`` blocks the student runs
         under gradient checkpointing (only its input hidden states ``fields`` kept; the recompute sees
-        the modulation of this block's forward) and the teacher alone, without autograd."""
+        the modulation of this block's forward) and the teacher alone, without autograd. ``tail``: the
+        block's last residuals also compute the next block's inputs (not the checkpointed student's: its
+        boundary is ``fields`` alone)."""
         if S is None or index >= self.checkpoint_layers or not torch.is_grad_enabled():
-            return block(path, S, T, B)
+            return block(path, S, T, B, tail=tail)
         if T is not None:
-            block(path, None, T, B)
+            block(path, None, T, B, tail=tail)
 
         def run(*hs, snap=replace(S), share=self._share):  # the recompute reads the same shared casts
             b = replace(snap, **dict(zip(fields, hs)))

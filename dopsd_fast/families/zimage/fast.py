@@ -149,6 +149,17 @@ class FastZImage(PairedModel):
             return self.ops.norm_gated(st.rows(x), b.mods[mod], st.rows(y), w, self.eps, seq=st.mod_seq).view_as(x)
         return x + self.ops.rms_mod(st.rows(y), w, None, self.eps).view_as(x)
 
+    def _residual_norm(self, b: Branch, x, y, norm: str, mod: int, next_norm: str, next_mod: int):
+        """(the residual, the next sublayer's input): one pass where the stream is modulated."""
+        if b.mods is None:
+            h = self._residual(b, x, y, norm, mod)
+            return h, self._norm_in(b, h, next_norm, next_mod)
+        st = b.stream
+        out, xn = self.ops.residual_norm(st.rows(x), b.mods[mod], st.rows(y), b.mods[next_mod], self.eps,
+                                         post=(getattr(b.block, norm).weight, self.eps),
+                                         weight=getattr(b.block, next_norm).weight, seq=st.mod_seq)
+        return out.view_as(x), xn.view_as(x)
+
     def _rope(self, b: Branch, q, k):
         att = b.block.attention
         shp = (1, q.shape[0], self.heads, self.head_dim)
@@ -168,15 +179,35 @@ class FastZImage(PairedModel):
     def _swiglu(self, b: Branch, a, g):
         return self.ops.swiglu(a, g)
 
-    def _block(self, path: str, s: Branch | None, t: Branch | None):
+    def _first_in(self, b: Branch, h):
+        """The block's first normalized input: computed ahead by the previous block's last residual, or here."""
+        x, b.x_in = b.x_in, None
+        return x if x is not None else self._norm_in(b, h, norm="attention_norm1", mod=0)
+
+    def _tail(self, b: Branch, h, f, nxt):
+        """The block's last residual; with ``nxt`` (the next block's path and this branch's modulation
+        of it) also the next block's first input, in one pass (kept in :attr:`Branch.x_in`)."""
+        if nxt is None or b.mods is None:
+            return self._residual(b, h, f, norm="ffn_norm2", mod=3)
+        path, mods = nxt
+        st = b.stream
+        out, b.x_in = self.ops.residual_norm(st.rows(h), b.mods[3], st.rows(f), mods[0], self.eps,
+                                             post=(b.block.ffn_norm2.weight, self.eps),
+                                             weight=b.model.get_submodule(path).attention_norm1.weight,
+                                             seq=st.mod_seq)
+        b.x_in = b.x_in.view_as(h)
+        return out.view_as(h)
+
+    def _block(self, path: str, s: Branch | None, t: Branch | None, nxt=(None, None)):
         """One Z-Image transformer block (``path``, e.g. ``layers.3``) on both branches' streams, with
-        each branch's :attr:`~Branch.mods` (None: the unmodulated context refiner). Returns the new
-        hidden states (student, teacher)."""
+        each branch's :attr:`~Branch.mods` (None: the unmodulated context refiner). ``nxt``: per branch,
+        None or (the next block's path, the branch's modulation of it): the last residual then computes
+        the next block's first input too. Returns the new hidden states (student, teacher)."""
         for b in (s, t):
             if b is not None:
                 b.at(path)
         h = (s.stream.h if s else None, t.stream.h if t else None)
-        x = self.per_branch(self._norm_in, s, t, h, norm="attention_norm1", mod=0)
+        x = self.per_branch(self._first_in, s, t, h)
         q, k, v = self.linear_group([f"{path}.attention.to_{n}" for n in "qkv"], *x)
         qk = self.per_branch(self._rope, s, t, q, k)
         if s is not None and t is not None:
@@ -184,39 +215,52 @@ class FastZImage(PairedModel):
         else:
             o = self.per_branch(self._attend_one, s, t, qk, v)
         a = self.linear_pair(f"{path}.attention.to_out.0", _flat(o[0]), _flat(o[1]))
-        h = self.per_branch(self._residual, s, t, h, a, norm="attention_norm2", mod=1)
-        x = self.per_branch(self._norm_in, s, t, h, norm="ffn_norm1", mod=2)
+        hx = self.per_branch(self._residual_norm, s, t, h, a, norm="attention_norm2", mod=1, next_norm="ffn_norm1",
+                             next_mod=2)
+        h, x = ((hx[0][j] if s else None, hx[1][j] if t else None) for j in (0, 1))
         w1, w3 = self.linear_group([f"{path}.feed_forward.w1", f"{path}.feed_forward.w3"], *x)
         g = self.per_branch(self._swiglu, s, t, w1, w3)
         f = self.linear_pair(f"{path}.feed_forward.w2", *g)
-        return self.per_branch(self._residual, s, t, h, f, norm="ffn_norm2", mod=3)
+        return self.per_branch(self._tail, s, t, h, f, nxt)
 
-    def _set_mods(self, path: str, s: Branch | None, t: Branch | None, adaln: dict) -> None:
-        """adaLN modulation of block ``path`` for each branch (computed once when it is shared)."""
+    def _mods(self, path: str, s: Branch | None, t: Branch | None, adaln: dict) -> tuple:
+        """(student's, teacher's) adaLN modulation of block ``path`` (computed once when it is shared)."""
         def one(b):
             m = b.model.get_submodule(path).adaLN_modulation(adaln[b.name])
             return tuple(m.chunk(4, dim=1))
 
         if self.same_model and not has_lora(self.ms.get_submodule(path).adaLN_modulation):
             m = one(s or t)
-            for b in (s, t):
-                if b is not None:
-                    b.mods = m
-            return
+            return (m if s is not None else None, m if t is not None else None)
+        mt = None
         if t is not None:
             with torch.no_grad():
-                t.mods = one(t)
-        if s is not None:
-            s.mods = one(s)
+                mt = one(t)
+        return (one(s) if s is not None else None, mt)
+
+    def _set_mods(self, path: str, s: Branch | None, t: Branch | None, adaln: dict, mods=None) -> None:
+        """Each branch's modulation of block ``path``: ``mods`` (computed ahead), or computed here."""
+        for b, m in zip((s, t), mods or self._mods(path, s, t, adaln)):
+            if b is not None:
+                b.mods = m
 
     def _run_blocks(self, paths, s: Branch | None, t: Branch | None, adaln: dict | None, checkpointed: int = 0):
         """Blocks ``paths`` in order on both streams (``adaln`` None: unmodulated); the first
-        ``checkpointed`` with the student under gradient checkpointing (the teacher alone, no autograd)."""
+        ``checkpointed`` with the student under gradient checkpointing (the teacher alone, no autograd).
+        A modulated block's last residual also computes the next block's first input (one pass), except
+        for the student around its checkpointed blocks (their boundary is the hidden state alone)."""
+        ahead = None
         for i, path in enumerate(paths):
             with self._nv(path):
                 if adaln is not None:
-                    self._set_mods(path, s, t, adaln)
-                if s is not None and i < checkpointed and torch.is_grad_enabled():
+                    self._set_mods(path, s, t, adaln, ahead)
+                ckpt = s is not None and torch.is_grad_enabled() and i < checkpointed
+                nxt = (None, None)
+                if adaln is not None and i + 1 < len(paths):
+                    ahead = self._mods(paths[i + 1], s, t, adaln)
+                    nxt = (None if s is None or ckpt else (paths[i + 1], ahead[0]),
+                           None if t is None else (paths[i + 1], ahead[1]))
+                if ckpt:
                     # the student as it is now (its modulation: later blocks replace s.mods before
                     # the backward recomputes this one)
                     def run(h, path=path, snap=replace(s), share=self._share):  # the recompute: same casts
@@ -224,9 +268,9 @@ class FastZImage(PairedModel):
                             return self._block(path, replace(snap, stream=replace(snap.stream, h=h)), None)[0]
 
                     new_s = checkpoint(run, s.stream.h, use_reentrant=False)
-                    new_t = self._block(path, None, t)[1] if t is not None else None
+                    new_t = self._block(path, None, t, nxt)[1] if t is not None else None
                 else:
-                    new_s, new_t = self._block(path, s, t)
+                    new_s, new_t = self._block(path, s, t, nxt)
                 if s is not None:
                     s.stream.h = new_s
                 if t is not None:
