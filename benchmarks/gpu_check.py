@@ -346,15 +346,15 @@ def _residual_norm_fusion(rows: Rows) -> int:
     fused, unfused = FusedOps(), FusedOps()
     unfused.fuse_residual_norm = False
     status = 0
-    for family, D in (("zimage", 48 if DRY else 3840), ("klein-4b", 32 if DRY else 3072)):
+    # (name, width, Z-Image's form: post-norm, tanh gate, RMSNorm; else FLUX.2's: gate, LayerNorm + shift)
+    for family, D, post_norm in (("zimage", 48 if DRY else 3840, True), ("klein-4b", 32 if DRY else 3072, False)):
         try:
             torch.manual_seed(0)
             x, y = (torch.randn(1, M, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
             gate, scale, shift = (0.5 * torch.randn(1, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
             w_post, w = (1 + 0.1 * torch.randn(D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
             d_out, d_xn = torch.randn_like(x), torch.randn_like(x)
-            kw = (dict(post=(w_post, 1e-5), weight=w) if family == "zimage"
-                  else dict(shift=shift, tanh=False, layer=True))
+            kw = dict(post=(w_post, 1e-5), weight=w) if post_norm else dict(shift=shift, tanh=False, layer=True)
             res = {}
             for name, ops in (("fused: one op", fused), ("unfused: residual, norm, add of gradients", unfused)):
                 def fn(ops=ops):

@@ -240,11 +240,11 @@ def test_norm_gated_residual_equals_norm_then_gated(dtype, packed, train):
     torch.library.opcheck(norm_gated_residual_op, (x.requires_grad_(), gate, y.requires_grad_(), w, 1e-5, True, seq))
 
 
-@pytest.mark.parametrize("family", ["zimage", "flux2"])
+@pytest.mark.parametrize("form", ["zimage: post-norm, tanh gate, RMSNorm", "flux2: gate, LayerNorm + shift"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("path", ["kernel", "reference"])
-def test_residual_norm_equals_residual_then_norm(family, dtype, packed, path, monkeypatch):
+def test_residual_norm_equals_residual_then_norm(form, dtype, packed, path, monkeypatch):
     """A residual and the next sublayer's norm in one pass == the residual, then the norm + modulation
     (fp32 references in PyTorch), both outputs; the backward (out's gradient from below and the one
     through the norm summed in the kernel) == autograd through the two, dx and dy. ``reference``: the
@@ -255,7 +255,7 @@ def test_residual_norm_equals_residual_then_norm(family, dtype, packed, path, mo
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     from dopsd_fast.kernels.norm_modulation import residual_norm, residual_norm_backward_op, residual_norm_op
 
-    D, zimage = 48, family == "zimage"
+    D, zimage = 48, form.startswith("zimage")
     if packed:
         lens = [6, 3, 8, 60, 1, 65]  # 143 rows: 3 programs of 64 when interpreted, samples straddling them
         seq = torch.repeat_interleave(torch.arange(6), torch.tensor(lens))
@@ -298,10 +298,10 @@ def test_residual_norm_equals_residual_then_norm(family, dtype, packed, path, mo
     names = ("out", "xn", "dx", "dy")
     for i, (a, b) in enumerate(zip(fast, ref)):
         if dtype == torch.float32:
-            assert_close(a, b, 1e-5, 1e-4, f"{family} {names[i]}", scaled=True)
+            assert_close(a, b, 1e-5, 1e-4, f"{form}: {names[i]}", scaled=True)
         else:
             atol = 2e-2 * max(1.0, b.abs().max().item())
-            low_precision_rule(a, run(False, dtype)[i], b, atol, f"{family} {names[i]}")
+            low_precision_rule(a, run(False, dtype)[i], b, atol, f"{form}: {names[i]}")
     # the op's schema, fake and autograd registrations
     post, sh, wt = (w_post, None, w) if zimage else (None, shift, None)
     res = residual_norm_op(x, gate, y, post, scale, sh, wt, 1e-5, 1e-5, zimage, not zimage, seq)
