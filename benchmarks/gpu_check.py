@@ -51,7 +51,7 @@ if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STAGES = {  # name -> (cap in seconds, what it answers); the default order is the most valuable first
-    "smoke": (45, "imports, GPU, one compile + launch + parity check"),
+    "smoke": (40, "imports, GPU, one compile + launch + parity check"),
     "step": (155, "zimage-6b step, default attention (auto: cuDNN on H100/H200), 5 measured steps: eager "
                   "checkpointed and un-checkpointed (stepwise) vs fast, bf16 parity (step_time.py)"),
     "fp8": (95, "FP8 GEMMs (torch._scaled_mm) vs bf16 at the step's shapes; zimage-6b step with fast.fp8=native "
