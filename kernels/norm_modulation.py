@@ -72,11 +72,9 @@ def _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, SEQ_ptr, M, S_len, D, eps,
-                         LAYER: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
-    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
-    x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+def _norm_mod(x, m, b, S_ptr, T_ptr, W_ptr, cols, D, eps, LAYER: tl.constexpr, ROWS: tl.constexpr):
+    """(``LayerNorm(x) * (1 + s) + t`` or ``RMSNorm_w(x) * (1 + s)``, rstd, mean) of the rows ``x``
+    (ROWS, BLOCK_D; 0 outside ``m``), the modulation of each row's sample ``b``."""
     if LAYER:
         mean = tl.sum(x, axis=1) / D
         xc = tl.where(m, x - mean[:, None], 0.0)
@@ -88,13 +86,38 @@ def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, 
     s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
     if LAYER:
         t = tl.load(_at(T_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
-        y = xhat * (1.0 + s) + t
+        return xhat * (1.0 + s) + t, rstd, mean
     else:
         w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
-        y = xhat * w[None, :] * (1.0 + s)
+        return xhat * w[None, :] * (1.0 + s), rstd, mean
+
+
+@triton.jit
+def _norm_mod_fwd_kernel(X_ptr, W_ptr, S_ptr, T_ptr, Y_ptr, RSTD_ptr, MEAN_ptr, SEQ_ptr, M, S_len, D, eps,
+                         LAYER: tl.constexpr, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, rmask, cols, m = _tile(tl.program_id(0) * ROWS, M, D, ROWS, BLOCK_D)
+    b = _sample(SEQ_ptr, rows, rmask, S_len, HAS_SEQ)
+    x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
+    y, rstd, mean = _norm_mod(x, m, b, S_ptr, T_ptr, W_ptr, cols, D, eps, LAYER, ROWS)
     tl.store(_at(Y_ptr, rows, cols, D), y.to(Y_ptr.dtype.element_ty), mask=m)
     tl.store(RSTD_ptr + rows, rstd, mask=rmask)
     tl.store(MEAN_ptr + rows, mean, mask=rmask)
+
+
+@triton.jit
+def _norm_mod_dx(dy, xhat, s, rstd, W_ptr, cols, D, LAYER: tl.constexpr):
+    """dx of ``LayerNorm(x) * (1 + s)`` (+ shift) or ``RMSNorm_w(x) * (1 + s)``, from the output's
+    gradient ``dy``, the normalized rows ``xhat`` (0 outside the row) and their ``rstd`` (ROWS, 1)."""
+    if LAYER:
+        gy = dy * (1.0 + s)
+        c1 = tl.sum(gy * xhat, axis=1)[:, None] / D
+        c2 = tl.sum(gy, axis=1)[:, None] / D
+        return rstd * (gy - c2 - xhat * c1)
+    else:
+        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        gy = dy * w * (1.0 + s)
+        c1 = tl.sum(gy * xhat, axis=1)[:, None] / D
+        return rstd * (gy - xhat * c1)
 
 
 @triton.jit
@@ -109,19 +132,12 @@ def _norm_mod_bwd_kernel(DY_ptr, X_ptr, W_ptr, S_ptr, RSTD_ptr, MEAN_ptr, DX_ptr
     mean = tl.load(MEAN_ptr + rows, mask=rmask, other=0.0)[:, None]
     s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
     xhat = tl.where(m, (x - mean) * rstd, 0.0)
-    if LAYER:
-        gy = dy * (1.0 + s)
-        c1 = tl.sum(gy * xhat, axis=1)[:, None] / D
-        c2 = tl.sum(gy, axis=1)[:, None] / D
-        dx = rstd * (gy - c2 - xhat * c1)
-        if PARTIALS:
+    dx = _norm_mod_dx(dy, xhat, s, rstd, W_ptr, cols, D, LAYER)
+    if PARTIALS:
+        if LAYER:
             tl.store(_at(PS_ptr, rows, cols, D), dy * xhat, mask=m)  # d scale partial; d shift = sum dy
-    else:
-        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-        gy = dy * w * (1.0 + s)
-        c1 = tl.sum(gy * xhat, axis=1)[:, None] / D
-        dx = rstd * (gy - xhat * c1)
-        if PARTIALS:
+        else:
+            w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
             tl.store(_at(PW_ptr, rows, cols, D), dy * xhat * (1.0 + s), mask=m)
             tl.store(_at(PS_ptr, rows, cols, D), dy * xhat * w, mask=m)
     tl.store(_at(DX_ptr, rows, cols, D), dx.to(DX_ptr.dtype.element_ty), mask=m)
@@ -232,21 +248,7 @@ def _residual_norm_fwd_kernel(X_ptr, G_ptr, Y_ptr, WY_ptr, S_ptr, T_ptr, W_ptr, 
     x = tl.load(_at(X_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
     o = (x + g * y).to(O_ptr.dtype.element_ty)
     tl.store(_at(O_ptr, rows, cols, D), o, mask=m)
-    o = o.to(tl.float32)
-    if LAYER:
-        mean = tl.sum(o, axis=1) / D
-        oc = tl.where(m, o - mean[:, None], 0.0)
-    else:
-        mean = tl.zeros((ROWS,), tl.float32)
-        oc = o
-    ro = 1.0 / tl.sqrt(tl.sum(oc * oc, axis=1) / D + eps)
-    s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
-    if LAYER:
-        t = tl.load(_at(T_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
-        xn = oc * ro[:, None] * (1.0 + s) + t
-    else:
-        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-        xn = oc * ro[:, None] * w * (1.0 + s)
+    xn, ro, mean = _norm_mod(o.to(tl.float32), m, b, S_ptr, T_ptr, W_ptr, cols, D, eps, LAYER, ROWS)
     tl.store(_at(XN_ptr, rows, cols, D), xn.to(XN_ptr.dtype.element_ty), mask=m)
     tl.store(RO_ptr + rows, ro, mask=rmask)
     tl.store(MO_ptr + rows, mean, mask=rmask)
@@ -265,17 +267,7 @@ def _residual_norm_bwd_kernel(DO_ptr, DXN_ptr, O_ptr, G_ptr, Y_ptr, WY_ptr, S_pt
     ro = tl.load(RO_ptr + rows, mask=rmask, other=0.0)[:, None]
     mo = tl.load(MO_ptr + rows, mask=rmask, other=0.0)[:, None]
     s = tl.load(_at(S_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
-    ohat = tl.where(m, (o - mo) * ro, 0.0)
-    if LAYER:
-        gy = dxn * (1.0 + s)
-        c1 = tl.sum(gy * ohat, axis=1)[:, None] / D
-        c2 = tl.sum(gy, axis=1)[:, None] / D
-        d = ro * (gy - c2 - ohat * c1)
-    else:
-        w = tl.load(W_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-        gy = dxn * w * (1.0 + s)
-        c1 = tl.sum(gy * ohat, axis=1)[:, None] / D
-        d = ro * (gy - ohat * c1)
+    d = _norm_mod_dx(dxn, tl.where(m, (o - mo) * ro, 0.0), s, ro, W_ptr, cols, D, LAYER)
     d += tl.load(_at(DO_ptr, rows, cols, D), mask=m, other=0.0).to(tl.float32)
     tl.store(_at(DX_ptr, rows, cols, D), d.to(DX_ptr.dtype.element_ty), mask=m)
     g = tl.load(_at(G_ptr, b, cols, D), mask=m, other=0.0).to(tl.float32)
