@@ -154,10 +154,15 @@ class FastZImage(PairedModel):
         if b.mods is None:
             h = self._residual(b, x, y, norm, mod)
             return h, self._norm_in(b, h, next_norm, next_mod)
+        return self._fused(b, x, y, norm, mod, getattr(b.block, next_norm).weight, b.mods[next_mod])
+
+    def _fused(self, b: Branch, x, y, norm: str, mod: int, next_weight, next_scale):
+        """``x + tanh(gate) * RMSNorm(y)`` (this block's ``norm``, modulation ``mod``) and its
+        ``RMSNorm_next_weight(.) * (1 + next_scale)``, in one op."""
         st = b.stream
-        out, xn = self.ops.residual_norm(st.rows(x), b.mods[mod], st.rows(y), b.mods[next_mod], self.eps,
-                                         post=(getattr(b.block, norm).weight, self.eps),
-                                         weight=getattr(b.block, next_norm).weight, seq=st.mod_seq)
+        out, xn = self.ops.residual_norm(st.rows(x), b.mods[mod], st.rows(y), next_scale, self.eps,
+                                         post=(getattr(b.block, norm).weight, self.eps), weight=next_weight,
+                                         seq=st.mod_seq)
         return out.view_as(x), xn.view_as(x)
 
     def _rope(self, b: Branch, q, k):
@@ -190,13 +195,9 @@ class FastZImage(PairedModel):
         if nxt is None or b.mods is None:
             return self._residual(b, h, f, norm="ffn_norm2", mod=3)
         path, mods = nxt
-        st = b.stream
-        out, b.x_in = self.ops.residual_norm(st.rows(h), b.mods[3], st.rows(f), mods[0], self.eps,
-                                             post=(b.block.ffn_norm2.weight, self.eps),
-                                             weight=b.model.get_submodule(path).attention_norm1.weight,
-                                             seq=st.mod_seq)
-        b.x_in = b.x_in.view_as(h)
-        return out.view_as(h)
+        out, b.x_in = self._fused(b, h, f, "ffn_norm2", 3, b.model.get_submodule(path).attention_norm1.weight,
+                                  mods[0])
+        return out
 
     def _block(self, path: str, s: Branch | None, t: Branch | None, nxt=(None, None)):
         """One Z-Image transformer block (``path``, e.g. ``layers.3``) on both branches' streams, with
