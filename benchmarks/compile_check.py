@@ -15,7 +15,8 @@ of two (``(T, 1, D)``, per-token modulation), plus a small fp32 run (reported, n
 
 Per compiled kernel and configuration: registers, spill bytes, shared memory, warps / stages, and
 how its ``tl.dot`` lowered (``wgmma``, ``mma.sync`` or ``fma``). Exit 1 on: a compile error; a spill
-in a bf16 kernel; shared memory over 227 KB; a bf16 dot not on wgmma; an entry kernel of
+in a bf16 kernel; shared memory over 227 KB; a bf16 dot not on wgmma; a ``_tma`` kernel whose loads are
+not TMA copies (``cp.async.bulk.tensor``); an entry kernel of
 ``dopsd_fast.kernels`` that no scenario launched. ptxas advisories (e.g. C7515, wgmma serialised)
 are printed.
 
@@ -237,11 +238,13 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
     y = y + ops.norm_gated(rows(x_s), m_g, rows(e(Ts, D, g=True)), w_g, 1e-5, seq=seq_s)
     y.sum().backward()
     # paired LoRA linears: q/k/v as one group (the student's dx accumulated in place), FFN in and out; in
-    # bf16 also with the 128 x 256 candidate tile the GPU check times beside the default
-    from dopsd_fast.kernels.multi_lora import gemm_tile
+    # bf16 also the candidates the GPU check times beside the default: the 128 x 256 tile, the TMA kernel
+    from dopsd_fast.kernels.multi_lora import gemm_kernel, gemm_tile
 
-    for tile in ((128, 128), (128, 256)) if dtype == torch.bfloat16 else ((128, 128),):
-        with gemm_tile(*tile):
+    bf16 = dtype == torch.bfloat16
+    for kern, tile in ([(k, t) for k in ("pointer", "tma") for t in ((128, 128), (128, 256))] if bf16
+                       else [("pointer", (128, 128))]):
+        with gemm_kernel(kern), gemm_tile(*tile):
             for n_in, n_outs in ((D, (D, D, D)), (D, (F,)), (F, (D,))):
                 xs, xt = e(Ts, n_in, g=True), e(Tt, n_in)
                 lo_s = [(e(RANK, n_in, g=True), e(n, RANK, g=True), 2.0) for n in n_outs]
@@ -370,6 +373,8 @@ def analyse(launches: list[Launch], logs: dict) -> list[Row]:
                 fails.append(f"dot lowered to {dots}, not wgmma")
         if shared > SMEM_LIMIT:
             fails.append(f"shared memory {shared} B > {SMEM_LIMIT}")
+        if "_tma" in ln.kernel and "cp.async.bulk.tensor" not in asm.get("ptx", ""):
+            fails.append("a tensor-descriptor kernel whose loads are not TMA copies (no cp.async.bulk.tensor)")
         rows[key] = Row(ln.kernel, _config_str(ln.constexprs), dtype, [ln.scenario], ln.num_warps, ln.num_stages,
                         px["registers"], px["spill_bytes"], shared, dots, n, px["advisories"], fails)
     # one row per distinct compiled binary: merge rows that differ only by the binary object

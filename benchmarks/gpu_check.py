@@ -51,7 +51,7 @@ if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STAGES = {  # name -> (cap in seconds, what it answers); the default order is the most valuable first
-    "smoke": (40, "imports, GPU, one compile + launch + parity check"),
+    "smoke": (35, "imports, GPU, one compile + launch + parity check"),
     "step": (155, "zimage-6b step, default attention (auto: cuDNN on H100/H200), 5 measured steps: eager "
                   "checkpointed and un-checkpointed (stepwise) vs fast, bf16 parity (step_time.py)"),
     "fp8": (95, "FP8 GEMMs (torch._scaled_mm) vs bf16 at the step's shapes; zimage-6b step with fast.fp8=native "
@@ -60,9 +60,9 @@ STAGES = {  # name -> (cap in seconds, what it answers); the default order is th
                    "kernel and dtype"),
     "m1": (35, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN; a ragged batch "
                "through the cudnn / sdpa backends; a residual + next norm fused vs unfused"),
-    "m3": (60, "one fast step at the real workload, default attention: time per region, peak memory"),
-    "m2": (25, "paired LoRA linear fwd + bwd: ours (128 x 128 tiles, and the 128 x 256 candidate) vs cuBLAS; "
-               "device copy ceiling; the backward alone: GPU time, per call, host"),
+    "m3": (50, "one fast step at the real workload, default attention: time per region, peak memory"),
+    "m2": (40, "paired LoRA linear fwd + bwd: ours (128 x 128 tiles; candidates: 128 x 256 tiles, the TMA "
+               "kernel) vs cuBLAS; device copy ceiling; the backward alone: GPU time, per call, host"),
     # used by the tests only: a stage that ends, and one that overruns its budget
     "selftest-ok": (30, "test stage: writes one row"),
     "selftest-overrun": (600, "test stage: sleeps past any budget"),
@@ -419,23 +419,29 @@ def _queued_ms(fn, reps=10, host_ms=None) -> float:
 
 
 WIDE_TILE = "ours: Triton paired GEMM, 128 x 256 tiles"  # the candidate tile (multi_lora.gemm_tile), beside 128 x 128
+TMA = "ours: Triton paired GEMM, TMA persistent"  # the candidate operand path (multi_lora.gemm_kernel)
+TMA_WIDE = "ours: Triton paired GEMM, TMA persistent, 128 x 256 tiles"
+CANDIDATES = {WIDE_TILE: ("pointer", (128, 256)), TMA: ("tma", (128, 128)), TMA_WIDE: ("tma", (128, 256))}
 
 
 def stage_m2(rows: Rows) -> int:
     """The paired LoRA linear: ours (the delta in the GEMM's tile, dx accumulated in the dX GEMM), the
     cuBLAS form (the delta first, the base GEMM accumulating into it) beside the earlier cuBLAS form
     (the delta by a second call after the base GEMM) and two plain LoRA layers, and a device copy of the
-    same bytes. Ours twice: with the 128 x 128 tile it launches, and with the 128 x 256 candidate. The backward is
+    same bytes. Ours four times: as it launches (pointer loads, 128 x 128 tiles), and the candidates: the
+    128 x 256 tile, the TMA kernel (tensor descriptors, persistent) with either tile; a candidate's row has
+    its forward, its backward's GPU time and the host's time to issue it. The backward is
     timed alone (the forward's graph kept) two ways: ``bwd_ms`` GPU time (queued behind a spinning
     kernel), ``bwd_wall_ms`` per call with do_bench (host included where the host is slower), with
     ``bwd_host_ms`` the host's time to issue it; ``bwd_derived_ms`` is the earlier figure (forward +
     backward minus the no-grad forward), ``fwd_grad_ms`` the forward with autograd."""
     import torch
 
-    from dopsd_fast.kernels.multi_lora import gemm_tile, lora_linear_ref, paired_lora_linear
+    from dopsd_fast.kernels.multi_lora import gemm_kernel, gemm_tile, lora_linear_ref, paired_lora_linear
 
-    # the dry run: toy shapes, one tile or two (each call runs the GEMMs through Triton's interpreter)
-    dev, bf, r, Ms, Mt = (DEV, torch.bfloat16, 4, 16, 24) if DRY else (DEV, torch.bfloat16, 64, 4608, 5120)
+    # the dry run: toy shapes (each call runs the GEMMs through Triton's interpreter); rank 8, so that the
+    # adapters' rows are 16 bytes and the TMA candidates read them through descriptors
+    dev, bf, r, Ms, Mt = (DEV, torch.bfloat16, 8, 16, 24) if DRY else (DEV, torch.bfloat16, 64, 4608, 5120)
     status = 0
     for K, N in ((32, 32), (32, 48), (48, 32)) if DRY else ((3840, 3840), (3840, 10240), (10240, 3840)):
         torch.manual_seed(0)
@@ -478,32 +484,34 @@ def stage_m2(rows: Rows) -> int:
                          ("ours: paired on cuBLAS, delta first", ours("torch")),
                          ("cuBLAS, delta after the base GEMM (earlier form, autograd's backward)", delta_after),
                          ("two cuBLAS LoRA layers", two_layers),
-                         (WIDE_TILE, ours("triton"))):  # last: its first calls compile, and a cut stage keeps the rest
-            tile = gemm_tile(128, 256) if name == WIDE_TILE else contextlib.nullcontext()
+                         *((c, ours("triton")) for c in CANDIDATES)):  # last: their first calls compile, and a cut
+            kern, tile = CANDIDATES.get(name, ("pointer", None))  # stage keeps the rows before
             try:
-                with tile:
+                with gemm_kernel(kern), (gemm_tile(*tile) if tile else contextlib.nullcontext()):
                     with torch.no_grad():
                         err = (fn().float() - ref).abs().max().item() / ref.abs().max().item()
                         ms_f = _median_ms(fn)
-                    ms_fg = _median_ms(fn)  # the forward with autograd (what the fwd + bwd figure contains)
-
-                    def fwd_bwd():
-                        torch.autograd.grad(fn(), (xs, a_s, b_s), dy)
-
-                    ms_fb = _median_ms(fwd_bwd)
                     y = fn()
 
                     def bwd():
                         torch.autograd.grad(y, (xs, a_s, b_s), dy, retain_graph=True)
 
-                    host_b, host_fb = _host_ms(bwd), _host_ms(fwd_bwd)
+                    def fwd_bwd():
+                        torch.autograd.grad(fn(), (xs, a_s, b_s), dy)
+
+                    host_b = _host_ms(bwd)
                     ms_b = _queued_ms(bwd, host_ms=host_b)
-                    rows.add(kind="paired_linear", variant=name, K=K, N=N, rows=f"{Ms}+{Mt}", rank=r, fwd_ms=ms_f,
-                             fwd_tflops=fl_fwd / ms_f / 1e9, bwd_ms=ms_b, bwd_tflops=fl_bwd / max(ms_b, 1e-9) / 1e9,
-                             bwd_wall_ms=_median_ms(bwd), bwd_host_ms=host_b, bwd_derived_ms=ms_fb - ms_f,
-                             fwd_grad_ms=ms_fg, fwd_bwd_ms=ms_fb, fwd_bwd_gpu_ms=_queued_ms(fwd_bwd, host_ms=host_fb),
-                             fwd_bwd_host_ms=host_fb, copy_same_bytes_ms=copy_ms, rel_err_vs_two_layers=err,
-                             parity_ok=err < 2e-2)
+                    row = dict(kind="paired_linear", variant=name, K=K, N=N, rows=f"{Ms}+{Mt}", rank=r, fwd_ms=ms_f,
+                               fwd_tflops=fl_fwd / ms_f / 1e9, bwd_ms=ms_b, bwd_tflops=fl_bwd / max(ms_b, 1e-9) / 1e9,
+                               bwd_host_ms=host_b, copy_same_bytes_ms=copy_ms, rel_err_vs_two_layers=err,
+                               parity_ok=err < 2e-2)
+                    if name not in CANDIDATES:  # the launched forms: also the wall-clock and derived figures
+                        ms_fb, host_fb = _median_ms(fwd_bwd), _host_ms(fwd_bwd)
+                        row.update(bwd_wall_ms=_median_ms(bwd), bwd_derived_ms=ms_fb - ms_f,
+                                   fwd_grad_ms=_median_ms(fn),  # the forward with autograd (in the fwd + bwd figure)
+                                   fwd_bwd_ms=ms_fb, fwd_bwd_gpu_ms=_queued_ms(fwd_bwd, host_ms=host_fb),
+                                   fwd_bwd_host_ms=host_fb)
+                    rows.add(**row)
                     del y
                     status |= 0 if err < 2e-2 else 1
             except Exception as exc:  # noqa: BLE001

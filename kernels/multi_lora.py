@@ -101,6 +101,55 @@ def _gemm_kernel(A_ptr, B_ptr, A2_ptr, B2_ptr, BIAS_ptr, C_ptr, M, N, K, K2, n_s
     tl.store(c_ptrs, acc.to(C_ptr.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, M, N, K, K2, scm, scn, NUM_PROGRAMS,
+                     B_NK: tl.constexpr, B2_NK: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ACCUM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """:func:`_gemm_kernel`'s product (no branch mask) with its operands brought in by the TMA unit
+    (tensor descriptors: asynchronous bulk copies into shared memory, no address arithmetic in the
+    warps), persistent: ``NUM_PROGRAMS`` programs (one per SM) walk the output tiles in the same
+    grouped order. ``B_NK``: ``b_desc`` holds B^T, (N, K) row-major (a weight as stored: ``y = x W^T``),
+    and each tile is read transposed from shared memory; else B, (K, N) row-major (``dx = dy W``). The
+    descriptors zero-fill past the edges, so only the epilogue is masked."""
+    start = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    for tile in tl.range(start, tiles_m * tiles_n, NUM_PROGRAMS):
+        first_m = (tile // per_group) * GROUP_M
+        group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % group_m
+        pid_n = (tile % per_group) // group_m
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([om, k0])
+            if B_NK:
+                b = b_desc.load([on, k0]).T
+            else:
+                b = b_desc.load([k0, on])
+            acc = mma(a, b, acc, IEEE, UPCAST)
+        if HAS_SECOND:
+            for k0 in range(0, K2, BLOCK_K):
+                a2 = a2_desc.load([om, k0])
+                if B2_NK:
+                    b2 = b2_desc.load([on, k0]).T
+                else:
+                    b2 = b2_desc.load([k0, on])
+                acc = mma(a2, b2, acc, IEEE, UPCAST)
+        rm = om + tl.arange(0, BLOCK_M)
+        rn = on + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            acc += tl.load(BIAS_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = C_ptr + rm[:, None] * scm + rn[None, :] * scn
+        c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if ACCUM:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(C_ptr.dtype.element_ty), mask=c_mask)
+
+
 # ---- launchers -------------------------------------------------------------------------------
 # The GEMM's output tile on a GPU, (BLOCK_M, BLOCK_N): 128 x 128 (8 warps, 3 stages) is what the H200
 # measured (2026-12-04). 128 x 256 (each warp group one m64n256 wgmma; 147 KB of shared memory, no
@@ -135,6 +184,84 @@ def _blocks(M, N, K):
     return bm, bn if N >= bn else 128, 64 if K >= 64 else max(16, next_pow2(K)), 8, 3
 
 
+# How the GEMM's operands reach the tensor cores on a GPU: "pointer" (:func:`_gemm_kernel`: addresses
+# computed by the warps, what the H200 measured on 2026-12-04) or "tma" (:func:`_gemm_tma_kernel`: tensor
+# descriptors, persistent programs), the candidate the GPU check times beside it (:func:`gemm_kernel`).
+KERNEL = "pointer"
+KERNELS = ("pointer", "tma")
+
+
+@contextlib.contextmanager
+def gemm_kernel(name: str):
+    """Inside: the GEMMs launched (forward and backward) use operand path ``name`` (:data:`KERNELS`)
+    wherever their operands allow it (:func:`_tma_views`); the others keep the pointer kernel."""
+    global KERNEL
+    if name not in KERNELS:
+        raise ValueError(f"gemm_kernel: unknown kernel {name!r} (choose from {', '.join(KERNELS)})")
+    prev, KERNEL = KERNEL, name
+    try:
+        yield
+    finally:
+        KERNEL = prev
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """What a tensor descriptor can read: the last dimension contiguous, the base and the row stride
+    16-byte aligned."""
+    es = t.element_size()
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 and t.shape[1] * es >= 16
+
+
+def _tma_views(a, b):
+    """``(a, b as stored, b_nk)`` when a descriptor can read both: ``a`` row-major; ``b`` (K, N)
+    row-major (``b_nk`` False) or the transpose of a row-major (N, K) tensor, e.g. ``W.t()`` (True).
+    None otherwise (e.g. a transposed ``a``: the adapter gradients)."""
+    if not _row_major(a):
+        return None
+    if b.stride(1) == 1 and _row_major(b):
+        return a, b, False
+    if b.stride(0) == 1 and _row_major(b.t()):
+        return a, b.t(), True
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(a: torch.Tensor, tiles: int) -> int:
+    """Persistent programs: one per SM (132 on an H100 / H200; the compile gate's CPU tensors count as
+    one), at most one per tile; 3 under the interpreter, so its programs each walk several tiles."""
+    if interpreting():
+        return min(tiles, 3)
+    return min(tiles, _sm_count(a.device.index or 0) if a.is_cuda else 132)
+
+
+def _gemm_tma(a, b, a2, b2, bias, c, accumulate, blocks) -> bool:
+    """The TMA kernel's launch, or False (nothing launched) where an operand does not qualify."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    views = _tma_views(a, b)
+    views2 = _tma_views(a2, b2) if a2 is not None else (None, None, False)
+    if views is None or views2 is None:
+        return False
+    (a, b, b_nk), (a2, b2, b2_nk) = views, views2
+    BM, BN, BK, warps, stages = blocks
+    desc = lambda t, nk: TensorDescriptor.from_tensor(t, [BN, BK] if nk else [BK, BN])  # noqa: E731
+    a_d, b_d = TensorDescriptor.from_tensor(a, [BM, BK]), desc(b, b_nk)
+    a2_d, b2_d = (TensorDescriptor.from_tensor(a2, [BM, BK]), desc(b2, b2_nk)) if a2 is not None else (a_d, b_d)
+    M, N = c.shape
+    K = a.shape[1]
+    programs = _programs(c, triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    _gemm_tma_kernel[(programs,)](a_d, b_d, a2_d, b2_d, bias if bias is not None else c, c, M, N, K,
+                                  a2.shape[1] if a2 is not None else 0, c.stride(0), c.stride(1), programs,
+                                  B_NK=b_nk, B2_NK=b2_nk, HAS_SECOND=a2 is not None, HAS_BIAS=bias is not None,
+                                  ACCUM=accumulate, **dot_flags(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                                  GROUP_M=8, num_warps=warps, num_stages=stages)
+    return True
+
+
 def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None, acc=None, out=None):
     """``a (M, K) @ b (K, N) [+ a2 @ b2] [+ bias]`` with any strides; ``branch=(n_split, rank, s_s, s_t)``;
     ``acc``: an (M, N) tensor the product is added to, in place (returned); ``out``: an (M, N) tensor
@@ -144,7 +271,10 @@ def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None, acc=None, o
     c = acc if acc is not None else out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return c
-    BM, BN, BK, warps, stages = _blocks(M, N, max(K, a2.shape[1] if a2 is not None else 0))
+    blocks = _blocks(M, N, max(K, a2.shape[1] if a2 is not None else 0))
+    if KERNEL == "tma" and branch is None and _gemm_tma(a, b, a2, b2, bias, c, acc is not None, blocks):
+        return c
+    BM, BN, BK, warps, stages = blocks
     n_split, rank, s_s, s_t = branch if branch is not None else (0, 1, 1.0, 1.0)
     a2_, b2_ = (a2, b2) if a2 is not None else (a, b)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)

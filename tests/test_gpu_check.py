@@ -141,8 +141,10 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
         (f, v) for f in ("zimage", "klein-4b") for v in ("fused", "unfused", "parity")], fusion
     assert all(x["parity_ok"] for x in fusion if "parity" in x["variant"]), fusion
     lin = [x for x in rows if x["kind"] == "paired_linear"]
-    assert len(lin) == 15 and all(x["parity_ok"] for x in lin)  # 3 shapes x 5 forms, each beside the others
+    assert len(lin) == 21 and all(x["parity_ok"] for x in lin)  # 3 shapes x 7 forms, each beside the others
     assert {x["variant"] for x in lin} == {"ours: Triton paired GEMM", "ours: Triton paired GEMM, 128 x 256 tiles",
+                                          "ours: Triton paired GEMM, TMA persistent",
+                                          "ours: Triton paired GEMM, TMA persistent, 128 x 256 tiles",
                                           "ours: paired on cuBLAS, delta first",
                                           "cuBLAS, delta after the base GEMM (earlier form, autograd's backward)",
                                           "two cuBLAS LoRA layers"}

@@ -250,3 +250,24 @@ def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
     counter = pm.StepCounter(pricing=pm.Pricing(pm.RATES, rates, "flash"))
     counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (9728, 3840, 3840), "cublas")
     assert pm.fp8_range(counter, 1.0) is None
+
+
+def test_triton_candidate_rows_are_derived_and_not_priced(tmp_path):
+    """m2's Triton candidates (the 128 x 256 tile, the TMA kernel) get their rate derived the way the
+    default kernel's is, under ``gemm_candidates`` with a derivation line that says they are not priced;
+    the rates the model prices with (``gemm``) stay those of the kernel the fast path launches."""
+    pm = _perf_model()
+    res = json.loads((ROOT / "benchmarks/results/2026-12-04-h200/results.json").read_text())
+    ours = [r for r in res["rows"] if r.get("kind") == "paired_linear" and r["variant"] == "ours: Triton paired GEMM"]
+    cand = [{**r, "variant": "ours: Triton paired GEMM, TMA persistent", "fwd_ms": r["fwd_ms"] / 1.25} for r in ours]
+    res["rows"] = res["rows"] + cand
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    base = pm._derive_rates(pm.calibration_from_results(ROOT / "benchmarks/results/2026-12-04-h200/results.json",
+                                                        "r.md"), in_situ=False)
+    rates = pm._derive_rates(pm.calibration_from_results(path, "r.md"), in_situ=False)
+    assert rates["gemm"] == base["gemm"] and "gemm_candidates" not in base
+    got = rates["gemm_candidates"]["ours: Triton paired GEMM, TMA persistent"]
+    assert set(got) == set(base["gemm"]["triton"]) == {"3840x3840", "3840x10240", "10240x3840"}
+    assert all(got[s] > 1.25 * base["gemm"]["triton"][s] for s in got)  # 25 % less time, the same other passes
+    assert sum("candidate, not priced" in line for line in rates["derivation"]) == 3

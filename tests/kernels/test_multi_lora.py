@@ -426,3 +426,98 @@ def test_gemm_tile_is_what_the_gpu_launches_and_is_restored(monkeypatch):
     with ml.gemm_tile(128, 256):
         assert ml._blocks(4608, 3840, 3840)[:3] == (32, 32, 32)
         assert ml._blocks(37, 70, 48)[:3] == (16, 32, 16)
+
+
+class _Count:
+    """Counts the launches of a jit kernel (``kernel[grid](...)``), passing them on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.n += 1
+            return launch(*args, **kwargs)
+        return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_gemm_kernel_forms_and_fallback(dtype, monkeypatch):
+    """The TMA kernel (``gemm_kernel("tma")``): ``y = a W^T + a2 B2^T + bias`` (both B operands read
+    transposed from their stored (N, K) layout), ``acc += a W + a2 A`` (B row-major, accumulated), a
+    column slice as the output; several tiles per persistent program and edges past the descriptors'
+    shapes. Operands a descriptor cannot read (a transposed ``a``; a row stride that is not 16-byte
+    aligned) take the pointer kernel, with the same result."""
+    import dopsd_fast.kernels.multi_lora as ml
+
+    tma, ptr = _Count(ml._gemm_tma_kernel), _Count(ml._gemm_kernel)
+    monkeypatch.setattr(ml, "_gemm_tma_kernel", tma)
+    monkeypatch.setattr(ml, "_gemm_kernel", ptr)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    M, K, N, r = 70, 48, 56, 16
+    a, w, a2, b2 = (torch.randn(*s).to(dtype) for s in ((M, K), (N, K), (M, r), (N, r)))
+    bias, acc0 = torch.randn(N).to(dtype), torch.randn(M, K).to(dtype)
+    f = lambda t: t.float()  # noqa: E731
+    with ml.gemm_kernel("tma"):
+        y = ml._gemm(a, w.t(), dtype, a2=a2, b2=b2.t(), bias=bias)
+        assert (tma.n, ptr.n) == (1, 0)
+        acc = ml._gemm(y, w, dtype, a2=a2 @ b2.t(), b2=w, acc=acc0.clone())
+        assert (tma.n, ptr.n) == (2, 0)
+        wide = torch.zeros(M, N + 24, dtype=dtype)
+        ml._gemm(a, w.t(), dtype, out=wide[:, 8:8 + N])
+        assert (tma.n, ptr.n) == (3, 0)
+        at = a.t().contiguous().t()  # (M, K) with column-major strides: not a descriptor's layout
+        y_t = ml._gemm(at, w.t(), dtype, bias=bias)
+        assert (tma.n, ptr.n) == (3, 1)
+        narrow = torch.randn(M, 4).to(dtype)  # 4 columns of a (M, 4) tensor: 8 or 16 bytes a row
+        y_n = ml._gemm(a, w.t(), dtype, a2=narrow, b2=torch.randn(N, 4).to(dtype).t())
+        assert tma.n == (4 if dtype == torch.float32 else 3)
+    ref_y = f(a) @ f(w).t() + f(a2) @ f(b2).t() + f(bias)
+    assert_close(f(y), ref_y, tol, tol, "y (tma)", scaled=True)
+    assert_close(f(acc), f(acc0) + f(y) @ f(w) + f(a2 @ b2.t()) @ f(w), tol, tol, "acc (tma)", scaled=True)
+    assert_close(f(wide[:, 8:8 + N]), f(a) @ f(w).t(), tol, tol, "column slice (tma)", scaled=True)
+    assert torch.equal(wide[:, :8], torch.zeros(M, 8, dtype=dtype)) and not wide[:, N + 8:].any()
+    assert_close(f(y_t), f(a) @ f(w).t() + f(bias), tol, tol, "transposed a (pointer kernel)", scaled=True)
+    assert y_n.shape == (M, N)
+    assert ml.KERNEL == "pointer"
+    with pytest.raises(ValueError, match="unknown kernel 'wgmma'"), ml.gemm_kernel("wgmma"):
+        pass
+    with pytest.raises(RuntimeError), ml.gemm_kernel("tma"):
+        raise RuntimeError("inside")
+    assert ml.KERNEL == "pointer"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paired_group_on_the_tma_kernel_equals_the_pointer_kernel(dtype, monkeypatch):
+    """q, k, v as one paired op, forward and backward, with the TMA kernel: its base GEMMs (the delta in
+    the tile, dx accumulated over the group) run on descriptors and give the pointer kernel's outputs and
+    gradients; the masked u / du and the adapter gradients keep the pointer kernel."""
+    import dopsd_fast.kernels.multi_lora as ml
+
+    K, r = 32, 8
+    layers = [_params(K, N, r, bias=(N == 48)) for N in (40, 48, 24)]
+    xs, xt = torch.randn(37, K).to(dtype), torch.randn(45, K).to(dtype)
+    gs = [torch.randn(37, w.shape[0]) for w, *_ in layers]
+
+    def run():
+        x = xs.detach().clone().requires_grad_()
+        ad = [(a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()) for _, _, a, b, _, _ in layers]
+        outs = ml.paired_lora_linears(x, xt, [lw[0].to(dtype) for lw in layers],
+                                      [lw[1].to(dtype) if lw[1] is not None else None for lw in layers],
+                                      [(a, b, 0.5 + i) for i, (a, b) in enumerate(ad)],
+                                      [(lw[4].to(dtype), lw[5].to(dtype), 2.0) for lw in layers], impl="triton")
+        loss = sum((ys.float() * g).sum() for (ys, _), g in zip(outs, gs))
+        grads = torch.autograd.grad(loss, [x] + [t for pair in ad for t in pair])
+        return [t.detach().float() for o in outs for t in o] + [g.float() for g in grads]
+
+    ref = run()
+    tma = _Count(ml._gemm_tma_kernel)
+    monkeypatch.setattr(ml, "_gemm_tma_kernel", tma)
+    with ml.gemm_kernel("tma"):
+        got = run()
+    assert tma.n == 2 * 3 + 3  # both branches' base GEMMs, and the student's dx of each linear
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert_close(a, b, tol, tol, f"output / gradient {i}", scaled=True)
