@@ -251,6 +251,13 @@ def scenario(family: str, ragged: bool, dtype: torch.dtype):
                 lo_t = [(e(RANK, n_in), e(n, RANK), 2.0) for n in n_outs]
                 outs = ops.paired_linears(xs, xt, [e(n, n_in) for n in n_outs], [None] * len(n_outs), lo_s, lo_t)
                 sum(ys.sum() for ys, _ in outs).backward()
+                if kern == "tma":  # fast.fp8=native on our GEMM: e4m3 operands, scales and the delta in one pass
+                    from dopsd_fast.fp8 import NativeFP8
+
+                    for recipe in ("rowwise", "tensorwise"):
+                        outs = ops.paired_linears(xs, xt, [e(n, n_in) for n in n_outs], [None] * len(n_outs), lo_s,
+                                                  lo_t, fp8=NativeFP8(recipe))
+                        sum(ys.sum() for ys, _ in outs).backward()
     # FP8 rowwise quantization of the linears' inputs (fast.fp8=native), both widths
     from dopsd_fast.kernels.fp8_quant import quantize_rows, quantize_rows_cat
 

@@ -180,7 +180,8 @@ class Pricing:
         if kind == "gemm_fp8":
             if self.cal is None:
                 return self.rates["gemm_fp8"]
-            measured = (self.cal.get("gemm_fp8") or {}).get(self.fp8_recipe)
+            # ours (the TMA kernel, fast.gemm=triton) by its own measurement, cuBLAS's _scaled_mm by its
+            measured = (self.cal.get("gemm_fp8_ours" if impl == "triton" else "gemm_fp8") or {}).get(self.fp8_recipe)
             if measured and self.fp8_speedup is None:  # the fp8 stage's rates: this (inner, out) at the
                 same = {int(k.split("x")[0]): v for k, v in measured.items()  # nearest measured row count
                         if shape is not None and k.split("x", 1)[1] == f"{shape[1]}x{shape[2]}"}
@@ -492,6 +493,13 @@ def _derive_rates(cal: dict, in_situ: bool) -> dict:
         out["derivation"].append(f"FP8 GEMM {key} at {row['M']} rows: fp8 stage rowwise {row['rowwise_ms']:.3f} ms, "
                                  f"tensorwise {row['tensorwise_ms']:.3f} ms -> {rates['rowwise'] / 1e12:.0f} / "
                                  f"{rates['tensorwise'] / 1e12:.0f} TFLOP/s")
+        if "ours_rowwise_delta_ms" in row:  # ours (TMA kernel) with its rank-r delta in the tile: the whole
+            ours = fl / (row["ours_rowwise_delta_ms"] * 1e-3)  # time on the FP8 FLOPs (the delta, priced again
+            out.setdefault("gemm_fp8_ours", {}).setdefault("rowwise", {})[key] = ours  # at bf16: conservative)
+            out["derivation"].append(f"FP8 GEMM {key}, ours with the rank-{row.get('rank', '?')} delta in its tile: "
+                                     f"{row['ours_rowwise_delta_ms']:.3f} ms (cuBLAS form with the delta after: "
+                                     f"{row.get('rowwise_delta_ms', float('nan')):.3f} ms) -> {ours / 1e12:.0f} "
+                                     "TFLOP/s")
     if in_situ:
         r = model_sampling("zimage-6b", attention="sdpa", calibration=out)
         ops = r["total"]["time_s"] - r["total"]["launches"] * launch_s
@@ -971,8 +979,8 @@ def calibration_from_results(results_path, report: str) -> dict:
     att = [pick(r, ("variant", "tokens_student", "tokens_teacher", "heads", "head_dim", "fwd_ms", "bwd_ms"))
            for r in rows if r.get("kind") == "attention" and "error" not in r]
     graphs = next(r for r in rows if r.get("kind") == "graphs")
-    fp8 = [pick(r, ("M", "K", "N", "bf16_ms", "rowwise_ms", "tensorwise_ms")) for r in rows
-           if r.get("kind") == "fp8_gemm" and "error" not in r]
+    fp8 = [pick(r, ("M", "K", "N", "bf16_ms", "rowwise_ms", "tensorwise_ms", "rank", "rowwise_delta_ms",
+                    "ours_rowwise_delta_ms")) for r in rows if r.get("kind") == "fp8_gemm" and "error" not in r]
     steps = {}
     times = {r["path"]: r for r in rows if r.get("kind") == "time"}
     if "fast" in times:

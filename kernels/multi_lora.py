@@ -102,16 +102,20 @@ def _gemm_kernel(A_ptr, B_ptr, A2_ptr, B2_ptr, BIAS_ptr, C_ptr, M, N, K, K2, n_s
 
 
 @triton.jit
-def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, M, N, K, K2, scm, scn, NUM_PROGRAMS,
-                     B_NK: tl.constexpr, B2_NK: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ACCUM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, SA_ptr, SB_ptr, M, N, K, K2, scm, scn,
+                     NUM_PROGRAMS, B_NK: tl.constexpr, B2_NK: tl.constexpr, HAS_SECOND: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+                     UPCAST: tl.constexpr, IEEE2: tl.constexpr, UPCAST2: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr):
     """:func:`_gemm_kernel`'s product (no branch mask) with its operands brought in by the TMA unit
     (tensor descriptors: asynchronous bulk copies into shared memory, no address arithmetic in the
     warps), persistent: ``NUM_PROGRAMS`` programs (one per SM) walk the output tiles in the same
     grouped order. ``B_NK``: ``b_desc`` holds B^T, (N, K) row-major (a weight as stored: ``y = x W^T``),
     and each tile is read transposed from shared memory; else B, (K, N) row-major (``dx = dy W``). The
-    descriptors zero-fill past the edges, so only the epilogue is masked."""
+    descriptors zero-fill past the edges, so only the epilogue is masked. FP8 (``SCALE``: 1 rowwise, 2
+    tensorwise): ``a`` and ``b`` in e4m3 (``b`` as (N, K), K-major, as the FP8 tensor cores read it), their
+    product times the dequantization scales ``SA[m] SB[n]`` (or the two scalars), then the second product
+    (the LoRA delta, in bf16) added in full precision: ``torch._scaled_mm`` and the delta in one pass."""
     start = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -131,16 +135,21 @@ def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, M, N, K,
             else:
                 b = b_desc.load([k0, on])
             acc = mma(a, b, acc, IEEE, UPCAST)
+        rm = om + tl.arange(0, BLOCK_M)
+        rn = on + tl.arange(0, BLOCK_N)
+        if SCALE == 1:
+            acc *= (tl.load(SA_ptr + rm, mask=rm < M, other=0.0)[:, None]
+                    * tl.load(SB_ptr + rn, mask=rn < N, other=0.0)[None, :])
+        elif SCALE == 2:
+            acc *= tl.load(SA_ptr) * tl.load(SB_ptr)
         if HAS_SECOND:
-            for k0 in range(0, K2, BLOCK_K):
+            for k0 in range(0, K2, BLOCK_K2):
                 a2 = a2_desc.load([om, k0])
                 if B2_NK:
                     b2 = b2_desc.load([on, k0]).T
                 else:
                     b2 = b2_desc.load([k0, on])
-                acc = mma(a2, b2, acc, IEEE, UPCAST)
-        rm = om + tl.arange(0, BLOCK_M)
-        rn = on + tl.arange(0, BLOCK_N)
+                acc = mma(a2, b2, acc, IEEE2, UPCAST2)
         if HAS_BIAS:
             acc += tl.load(BIAS_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         c_ptrs = C_ptr + rm[:, None] * scm + rn[None, :] * scn
@@ -238,28 +247,51 @@ def _programs(a: torch.Tensor, tiles: int) -> int:
     return min(tiles, _sm_count(a.device.index or 0) if a.is_cuda else 132)
 
 
-def _gemm_tma(a, b, a2, b2, bias, c, accumulate, blocks) -> bool:
-    """The TMA kernel's launch, or False (nothing launched) where an operand does not qualify."""
+def _gemm_tma(a, b, a2, b2, bias, c, accumulate, blocks, scales=None) -> bool:
+    """The TMA kernel's launch, or False (nothing launched) where an operand does not qualify.
+    ``scales=(sa, sb, rowwise)``: ``a``, ``b`` in FP8 with their dequantization scales (``b`` K-major)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     views = _tma_views(a, b)
     views2 = _tma_views(a2, b2) if a2 is not None else (None, None, False)
-    if views is None or views2 is None:
+    if views is None or views2 is None or (scales is not None and not views[2]):
         return False
     (a, b, b_nk), (a2, b2, b2_nk) = views, views2
     BM, BN, BK, warps, stages = blocks
-    desc = lambda t, nk: TensorDescriptor.from_tensor(t, [BN, BK] if nk else [BK, BN])  # noqa: E731
+    if scales is not None:  # e4m3: a K step of 128 bytes, as bf16's 64 elements are
+        BK = BK if interpreting() else 2 * BK
+    desc = lambda t, nk, bk=BK: TensorDescriptor.from_tensor(t, [BN, bk] if nk else [bk, BN])  # noqa: E731
     a_d, b_d = TensorDescriptor.from_tensor(a, [BM, BK]), desc(b, b_nk)
-    a2_d, b2_d = (TensorDescriptor.from_tensor(a2, [BM, BK]), desc(b2, b2_nk)) if a2 is not None else (a_d, b_d)
+    a2_d, b2_d = (TensorDescriptor.from_tensor(a2, [BM, blocks[2]]), desc(b2, b2_nk, blocks[2])) if a2 is not None \
+        else (a_d, b_d)
     M, N = c.shape
     K = a.shape[1]
+    sa, sb, rowwise = scales if scales is not None else (c, c, True)
     programs = _programs(c, triton.cdiv(M, BM) * triton.cdiv(N, BN))
-    _gemm_tma_kernel[(programs,)](a_d, b_d, a2_d, b2_d, bias if bias is not None else c, c, M, N, K,
+    flags2 = dot_flags(a2.dtype if a2 is not None else a.dtype)
+    _gemm_tma_kernel[(programs,)](a_d, b_d, a2_d, b2_d, bias if bias is not None else c, c, sa, sb, M, N, K,
                                   a2.shape[1] if a2 is not None else 0, c.stride(0), c.stride(1), programs,
                                   B_NK=b_nk, B2_NK=b2_nk, HAS_SECOND=a2 is not None, HAS_BIAS=bias is not None,
-                                  ACCUM=accumulate, **dot_flags(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                                  GROUP_M=8, num_warps=warps, num_stages=stages)
+                                  ACCUM=accumulate, SCALE=0 if scales is None else 1 if rowwise else 2,
+                                  **dot_flags(a.dtype), IEEE2=flags2["IEEE"], UPCAST2=flags2["UPCAST"], BLOCK_M=BM,
+                                  BLOCK_N=BN, BLOCK_K=BK, BLOCK_K2=blocks[2], GROUP_M=8, num_warps=warps,
+                                  num_stages=stages)
     return True
+
+
+def _fp8_gemm(aq, sa, bq, sb, rowwise, out_dtype, a2=None, b2=None, bias=None):
+    """``(aq bq) * sa sb (+ a2 b2) (+ bias)``: ``torch._scaled_mm``'s product (``aq`` (M, K) and ``bq``
+    (K, N) in e4m3, ``bq`` the transpose of a row-major tensor; ``sa`` (M, 1) and ``sb`` (N, 1) rowwise,
+    or two scalars) with the bf16 LoRA delta and the bias in the same tile: the TMA kernel, one pass
+    (``_scaled_mm`` has no accumulate input, so its form writes y, then re-reads and rewrites it for the
+    delta). None where the operands do not suit the kernel (nothing launched)."""
+    M, N = aq.shape[0], bq.shape[1]
+    c = torch.empty((M, N), device=aq.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return c
+    k = max(aq.shape[1], a2.shape[1] if a2 is not None else 0)
+    scales = (sa.reshape(-1).float().contiguous(), sb.reshape(-1).float().contiguous(), rowwise)
+    return c if _gemm_tma(aq, bq, a2, b2, bias, c, False, _blocks(M, N, k), scales) else None
 
 
 def _gemm(a, b, out_dtype, a2=None, b2=None, bias=None, branch=None, acc=None, out=None):
@@ -491,10 +523,13 @@ def _branch_fwd(x, weights, biases, As, Bs, scales, tri, fp8=None):
         u_g = u[:, g * r:(g + 1) * r]
         if fp8 is not None:
             ws = fp8[1][g]
-            y = torch._scaled_mm(xq, fp8[0][g].t(), scale_a=xs, scale_b=ws.t() if fp8[2] else ws, out_dtype=x.dtype)
-            if bias is not None:
-                y += bias
-            y.addmm_(u_g, b.t())
+            y = _fp8_gemm(xq, xs, fp8[0][g].t(), ws, fp8[2], x.dtype, u_g, b.t(), bias) if tri else None
+            if y is None:
+                y = torch._scaled_mm(xq, fp8[0][g].t(), scale_a=xs, scale_b=ws.t() if fp8[2] else ws,
+                                     out_dtype=x.dtype)
+                if bias is not None:
+                    y += bias
+                y.addmm_(u_g, b.t())
         elif tri:
             y = _gemm(x, w.t(), x.dtype, a2=u_g, b2=b.t(), bias=bias)
         else:
@@ -534,8 +569,10 @@ def _student_bwd(dys, x, weights, u, As, Bs, scales, tri, fp8_wt=None, fp8_rowwi
 
         dq, ds = quantize_rows_cat(dys, fp8_rowwise)
         wq, ws = fp8_wt
-        dx = torch._scaled_mm(dq, wq.t(), scale_a=ds, scale_b=ws.t() if fp8_rowwise else ws, out_dtype=x.dtype)
-        dx.addmm_(du, a_cat)
+        dx = _fp8_gemm(dq, ds, wq.t(), ws, fp8_rowwise, x.dtype, du, a_cat) if tri else None
+        if dx is None:
+            dx = torch._scaled_mm(dq, wq.t(), scale_a=ds, scale_b=ws.t() if fp8_rowwise else ws, out_dtype=x.dtype)
+            dx.addmm_(du, a_cat)
     elif tri:
         for g, (dy, w, a) in enumerate(zip(dys, weights, As)):
             dx = _gemm(dy, w, x.dtype, a2=du[:, g * r:(g + 1) * r], b2=a, acc=dx)
@@ -666,6 +703,8 @@ LORA_DELTA_DX_FIRST = "LoRA part of the group's dx = du [A_1; ..] written once: 
 FP8_X_QUANT = "FP8: a branch's x quantized once per group (read twice, e4m3 written)"
 BASE_GEMM_AFTER = "base GEMM y = x W^T (+ bias)"
 FP8_DY_QUANT = "FP8: the group's dy quantized as one (read twice, e4m3 written)"
+FP8_OURS = "FP8 GEMM on our TMA kernel (e4m3 operands; scales, LoRA delta and bias in its tile)"
+FP8_OURS_DELTA = "its bf16 LoRA delta, in the same launch (priced at the bf16 rate)"
 LORA_STACK = "the group's adapters stacked (the small A's copied into one, dA's split out)"
 ZERO_FILL = "0-dim zero for addmm(beta=0): one fill launch"
 
@@ -757,18 +796,24 @@ def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False):
         return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)] * (G if delta == "after" else 1)
     if fp8_dgrad:
         SN = sum(Ns)
-        out = [_pass(ZERO_FILL, "memory", 0, e, 1)]
-        out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), "cublas")
+        lib = "triton" if impl == "triton" else "cublas"
+        out = [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
+        out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib)
                 for N in Ns]
         if G > 1:
             out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
         quant = sum(2 * M * N * e + M * N for N in Ns) + 4 * M  # one launch for up to 3 (quantize_rows_cat)
-        out += [_pass(FP8_DY_QUANT, "memory", 0, quant, 1 if G <= 3 else 2 * G + 2),
-                _pass("FP8 dX GEMM dx = [dy_1 | ..] [W_1; ..] (one per group, e4m3 operands)", "gemm_fp8",
-                      2.0 * M * SN * K, M * SN + SN * K + M * K * e, 1, (M, SN, K), "cublas"),
-                _pass(LORA_DELTA_DX, "memory", 2.0 * M * Gr * K, (M * Gr + Gr * K + 2 * M * K) * e, 1, (M, Gr, K),
-                      "cublas"),
-                _pass(LORA_DOWN, "gemm", 2.0 * Gr * M * K, (M * Gr + M * K + Gr * K) * e, 1, (Gr, M, K), "cublas")]
+        out.append(_pass(FP8_DY_QUANT, "memory", 0, quant, 1 if G <= 3 else 2 * G + 2))
+        if impl == "triton":  # ours: the LoRA part of dx in the FP8 dX GEMM's tile (one launch, dx written once)
+            out += [_pass(FP8_OURS + ": dX = [dy_1 | ..] [W_1; ..] + du [A_1; ..]", "gemm_fp8", 2.0 * M * SN * K,
+                          M * SN + SN * K + (M * K + M * Gr + Gr * K) * e, 1, (M, SN, K), "triton"),
+                    _pass(FP8_OURS_DELTA, "gemm", 2.0 * M * Gr * K, 0, 0, (M, Gr, K), "triton")]
+        else:
+            out += [_pass("FP8 dX GEMM dx = [dy_1 | ..] [W_1; ..] (one per group, e4m3 operands)", "gemm_fp8",
+                          2.0 * M * SN * K, M * SN + SN * K + M * K * e, 1, (M, SN, K), "cublas"),
+                    _pass(LORA_DELTA_DX, "memory", 2.0 * M * Gr * K, (M * Gr + Gr * K + 2 * M * K) * e, 1,
+                          (M, Gr, K), "cublas")]
+        out.append(_pass(LORA_DOWN, "gemm", 2.0 * Gr * M * K, (M * Gr + M * K + Gr * K) * e, 1, (Gr, M, K), "cublas"))
         if G > 1:
             out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
         return out + [_pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas")
@@ -822,11 +867,28 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
     impl = resolve_impl(impl, x_s, x_t, weights, a_s, scales_s)
     has_bias = [bias.numel() > 0 for bias in biases]
     passes = []
+    ours_fp8 = bool(fp8_w) and impl == "triton"  # the TMA kernel: scales, delta and bias in the FP8 GEMM's tile
     for rows, scales in ((x_s.shape[0], scales_s), (x_t.shape[0], scales_t)):
         same = all(s == scales[0] for s in scales)
-        passes += paired_fwd_passes(rows, K, Ns, r, e, impl, has_bias, same, "after" if fp8_w else COST_FORM["delta"])
+        passes += paired_fwd_passes(rows, K, Ns, r, e, impl, has_bias, same,
+                                    "after" if fp8_w and not ours_fp8 else COST_FORM["delta"])
     if not fp8_w:
         return _with_passes(passes)
+    if ours_fp8:  # per linear: the FP8 GEMM (x, W one byte each) and, in the same launch, the bf16 delta
+        out = []
+        for p in passes:
+            if p["kind"] == "gemm" and p["impl"] == "triton" and p["shape"][1] == K and p["shape"][2] in Ns:
+                M, _, N = p["shape"]
+                delta = 2.0 * M * r * N
+                out += [_pass(FP8_OURS, "gemm_fp8", p["flops"] - delta, p["bytes"] - (M * K + N * K) * (e - 1), 1,
+                              p["shape"], "triton"),
+                        _pass(FP8_OURS_DELTA, "gemm", delta, 0, 0, (M, r, N), "triton")]
+            else:
+                out.append(p)
+        for rows in (x_s.shape[0], x_t.shape[0]):
+            if rows:
+                out.append(_pass(FP8_X_QUANT, "memory", 0, rows * K * (2 * e + 1) + 4 * rows, 1))
+        return _with_passes(out, "gemm_fp8")
     # FP8 (fast.fp8=native), as _branch_fwd runs it per branch: x quantized once (read twice, e4m3
     # written), per linear the FP8 GEMM at its shape (x and W read as one byte each, y written in the
     # activations' dtype), then the LoRA delta by a second call (the "after" form); u's GEMM as in bf16

@@ -226,7 +226,7 @@ def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
     pm = _perf_model()
     res = json.loads((ROOT / "benchmarks/results/2026-12-04-h200/results.json").read_text())
     fp8_rows = [{"kind": "fp8_gemm", "M": 9728, "K": 3840, "N": 3840, "bf16_ms": 0.80, "rowwise_ms": 0.50,
-                 "tensorwise_ms": 0.45},
+                 "tensorwise_ms": 0.45, "rank": 64, "rowwise_delta_ms": 0.56, "ours_rowwise_delta_ms": 0.47},
                 {"kind": "fp8_gemm", "M": 4608, "K": 11520, "N": 3840, "bf16_ms": 0.70, "rowwise_ms": 0.40,
                  "tensorwise_ms": 0.38},
                 {"kind": "fp8_gemm", "M": 4608, "K": 20480, "N": 3840, "error": "RuntimeError: not supported"}]
@@ -250,6 +250,13 @@ def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
     counter = pm.StepCounter(pricing=pm.Pricing(pm.RATES, rates, "flash"))
     counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (9728, 3840, 3840), "cublas")
     assert pm.fp8_range(counter, 1.0) is None
+    # ours (fast.gemm=triton: the TMA kernel, the delta in its tile) is priced by its own row, not _scaled_mm's
+    ours = rates["gemm_fp8_ours"]["rowwise"]
+    assert list(ours) == ["9728x3840x3840"] and abs(ours["9728x3840x3840"] - 2 * 9728 * 3840 * 3840 / 0.47e-3) < 1e3
+    pricing = pm.Pricing(pm.RATES, rates, "flash")
+    assert pricing.rate("gemm_fp8", (9728, 3840, 3840), "triton") == ours["9728x3840x3840"]
+    assert pricing.rate("gemm_fp8", (9728, 3840, 3840), "cublas") == rates["gemm_fp8"]["rowwise"]["9728x3840x3840"]
+    assert any("ours with the rank-64 delta" in line for line in rates["derivation"])
 
 
 def test_triton_candidate_rows_are_derived_and_not_priced(tmp_path):

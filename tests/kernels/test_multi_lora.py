@@ -521,3 +521,63 @@ def test_paired_group_on_the_tma_kernel_equals_the_pointer_kernel(dtype, monkeyp
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for i, (a, b) in enumerate(zip(got, ref)):
         assert_close(a, b, tol, tol, f"output / gradient {i}", scaled=True)
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_fp8_on_the_tma_kernel_equals_scaled_mm_and_its_delta(recipe, monkeypatch):
+    """fast.fp8=native with our GEMM: each base GEMM is ONE launch of the TMA kernel (e4m3 operands, the
+    dequantization scales in its epilogue, then the bf16 LoRA delta and the bias in the same tile; the
+    student's dX GEMM of the group likewise, with the LoRA part of dx), equal to ``torch._scaled_mm``
+    followed by the delta (the cuBLAS form), outputs and student gradients; both equal the emulation."""
+    import dopsd_fast.kernels.multi_lora as ml
+    from dopsd_fast.fp8 import NativeFP8
+
+    bf = torch.bfloat16
+    K, Ns, r = 64, (64, 48), 8
+    ws = [torch.randn(n, K).to(bf) / 8 for n in Ns]
+    biases = [None, torch.randn(48).to(bf)]
+    lo_s = [(torch.randn(r, K).to(bf), torch.randn(n, r).to(bf), 0.5) for n in Ns]
+    lo_t = [(torch.randn(r, K).to(bf), torch.randn(n, r).to(bf), 2.0) for n in Ns]
+    x_s, x_t = torch.randn(37, K).to(bf), torch.randn(45, K).to(bf)
+    gs = [torch.randn(37, n) for n in Ns]
+
+    def run(impl):
+        x = x_s.clone().requires_grad_()
+        ad = [(a.clone().requires_grad_(), b.clone().requires_grad_(), s) for a, b, s in lo_s]
+        outs = ml.paired_lora_linears(x, x_t, ws, biases, ad, lo_t, impl=impl, fp8=NativeFP8(recipe))
+        loss = sum((y.float() * g).sum() for (y, _), g in zip(outs, gs))
+        grads = torch.autograd.grad(loss, [x] + [t for a, b, _ in ad for t in (a, b)])
+        return [t.detach().float() for o in outs for t in o] + [g.float() for g in grads]
+
+    ref = run("torch")
+    tma = _Count(ml._gemm_tma_kernel)
+    monkeypatch.setattr(ml, "_gemm_tma_kernel", tma)
+    got = run("triton")
+    assert tma.n == 2 * len(Ns) + 1  # each branch's base GEMMs, and the group's dX GEMM
+    names = ["y_s 1", "y_t 1", "y_s 2", "y_t 2", "dx", "dA 1", "dB 1", "dA 2", "dB 2"]
+    for name, a, b in zip(names, got, ref):
+        assert_close(a, b, 2e-2, 2e-2, f"{name}: TMA fp8 vs scaled_mm + delta", scaled=True)
+    # the step model's cost of the op is these launches: per branch and linear one FP8 GEMM on our kernel
+    # (its delta in the same launch), no pass re-reading y or dx; the dX GEMM of the group likewise
+    from dopsd_fast.kernels._common import COSTS
+
+    fp8 = NativeFP8(recipe)
+    wq = [fp8.weight(w) for w in ws]
+    no_bias = [b if b is not None else torch.empty(0, dtype=bf) for b in biases]
+    fwd = COSTS["dopsd_fast::paired_lora_linears"](
+        x_s, x_t, ws, no_bias, [a for a, _, _ in lo_s], [b for _, b, _ in lo_s], [a for a, _, _ in lo_t],
+        [b for _, b, _ in lo_t], [0.5, 0.5], [2.0, 2.0], "triton", [q for q, _ in wq], [sc for _, sc in wq],
+        recipe == "rowwise")["passes"]
+    bwd = COSTS["dopsd_fast::paired_lora_linears_backward"](
+        [torch.randn(37, n).to(bf) for n in Ns], x_s, ws, torch.randn(37, 2 * r).to(bf), [a for a, _, _ in lo_s],
+        [b for _, b, _ in lo_s], [0.5, 0.5], "triton", list(fp8.weights_t(ws)), recipe == "rowwise")["passes"]
+    for passes, n in ((fwd, 2 * len(Ns)), (bwd, 1)):
+        ours = [p for p in passes if p["kind"] == "gemm_fp8"]
+        assert len(ours) == n and all(p["impl"] == "triton" and p["launches"] == 1 for p in ours), ours
+        assert not {p["name"] for p in passes} & {ml.LORA_DELTA_Y, ml.LORA_DELTA_DX, ml.ZERO_FILL}
+    assert sum(p["launches"] for p in fwd + bwd if p["kind"] in ("gemm", "gemm_fp8") and p["impl"] == "triton"
+               and p["name"].startswith("FP8")) == tma.n
+    for g, (w, bias, (a, b, s)) in enumerate(zip(ws, biases, lo_s)):  # the student's outputs, emulated
+        emul = fp8.emulate(x_s, w).float() + s * (x_s.float() @ a.float().t()) @ b.float().t()
+        emul = emul + (bias.float() if bias is not None else 0.0)
+        assert_close(got[2 * g], emul, 2e-2, 2e-2, f"y_s {g + 1}: TMA fp8 vs emulation", scaled=True)
