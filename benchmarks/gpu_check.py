@@ -61,8 +61,9 @@ STAGES = {  # name -> (cap in seconds, what it answers); the default order is th
     "m1": (35, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN; a ragged batch "
                "through the cudnn / sdpa backends; a residual + next norm fused vs unfused"),
     "m3": (50, "one fast step at the real workload, default attention: time per region, peak memory"),
-    "m2": (40, "paired LoRA linear fwd + bwd: ours (128 x 128 tiles; candidates: 128 x 256 tiles, the TMA "
-               "kernel) vs cuBLAS; device copy ceiling; the backward alone: GPU time, per call, host"),
+    "m2": (40, "cuBLAS bf16 GEMM rates (layouts, packed rows, grouped); paired LoRA linear fwd + bwd: ours "
+               "(128 x 128 tiles; candidates: 128 x 256 tiles, the TMA kernel) vs cuBLAS; device copy ceiling; "
+               "the backward alone: GPU time, per call, host"),
     # used by the tests only: a stage that ends, and one that overruns its budget
     "selftest-ok": (30, "test stage: writes one row"),
     "selftest-overrun": (600, "test stage: sleeps past any budget"),
@@ -424,6 +425,36 @@ TMA_WIDE = "ours: Triton paired GEMM, TMA persistent, 128 x 256 tiles"
 CANDIDATES = {WIDE_TILE: ("pointer", (128, 256)), TMA: ("tma", (128, 128)), TMA_WIDE: ("tma", (128, 256))}
 
 
+# plain cuBLAS GEMMs (bf16, no LoRA): rows x (inner -> out). The block's three shapes at one branch's rows
+# and at both branches' rows packed, in both weight layouts; and a q/k/v group (3840 -> 3 x 3840) and w1 / w3
+# (3840 -> 2 x 10240) as one GEMM each, at one branch's rows
+GEMM_RATE_SHAPES = tuple((m, k, n, lay) for m in (4608, 9728) for k, n in ((3840, 3840), (3840, 10240), (10240, 3840))
+                         for lay in ("x W^T", "x Wt")) + tuple((4608, 3840, n, "x W^T") for n in (11520, 20480))
+
+
+def cublas_gemm_rates(rows: Rows) -> int:
+    """cuBLAS's bf16 rate at the step's GEMMs, alone: ``x W^T`` with the weight (N, K) as stored, and
+    ``x Wt`` with a (K, N) copy (the other operand layout cuBLAS runs); one branch's rows and both packed;
+    a group's linears as one wider GEMM. Rows ``gemm_rate``: what decides whether a relayout or packing
+    of the GEMMs pays (the step model does not price them)."""
+    import torch
+
+    shapes = ((16, 32, 48, "x W^T"), (16, 32, 48, "x Wt")) if DRY else GEMM_RATE_SHAPES
+    status = 0
+    for M, K, N, lay in shapes:
+        try:
+            torch.manual_seed(0)
+            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+            w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * K ** -0.5
+            b = w.t() if lay == "x W^T" else w.t().contiguous()
+            ms = _median_ms(lambda: torch.mm(x, b))
+            rows.add(kind="gemm_rate", M=M, K=K, N=N, layout=lay, ms=ms, tflops=2.0 * M * K * N / ms / 1e9)
+        except Exception as exc:  # noqa: BLE001
+            rows.add(kind="gemm_rate", M=M, K=K, N=N, layout=lay, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            status = 1
+    return status
+
+
 def stage_m2(rows: Rows) -> int:
     """The paired LoRA linear: ours (the delta in the GEMM's tile, dx accumulated in the dX GEMM), the
     cuBLAS form (the delta first, the base GEMM accumulating into it) beside the earlier cuBLAS form
@@ -442,7 +473,7 @@ def stage_m2(rows: Rows) -> int:
     # the dry run: toy shapes (each call runs the GEMMs through Triton's interpreter); rank 8, so that the
     # adapters' rows are 16 bytes and the TMA candidates read them through descriptors
     dev, bf, r, Ms, Mt = (DEV, torch.bfloat16, 8, 16, 24) if DRY else (DEV, torch.bfloat16, 64, 4608, 5120)
-    status = 0
+    status = cublas_gemm_rates(rows)
     for K, N in ((32, 32), (32, 48), (48, 32)) if DRY else ((3840, 3840), (3840, 10240), (10240, 3840)):
         torch.manual_seed(0)
         xs = torch.randn(Ms, K, device=dev, dtype=bf, requires_grad=True)

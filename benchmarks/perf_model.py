@@ -474,6 +474,11 @@ def _derive_rates(cal: dict, in_situ: bool) -> dict:
         out["derivation"].append(f"GEMM {'candidate, not priced' if candidate else impl} {shape}: m2 "
                                  f"'{row['variant']}' forward {row['fwd_ms']:.3f} ms, other passes "
                                  f"{other * 1e3:.3f} ms -> {rate / 1e12:.0f} TFLOP/s")
+    for row in cal.get("gemm_rate", []):  # m2's plain cuBLAS GEMMs: shown, not priced (the paired rows price)
+        rate = 2.0 * row["M"] * row["K"] * row["N"] / (row["ms"] * 1e-3)
+        out.setdefault("gemm_plain", {})[f"{row['M']}x{row['K']}x{row['N']} {row['layout']}"] = rate
+        out["derivation"].append(f"cuBLAS mm {row['M']}x{row['K']}x{row['N']}, {row['layout']} (not priced): "
+                                 f"{row['ms']:.3f} ms -> {rate / 1e12:.0f} TFLOP/s")
     for row in cal["attention"]:
         backend = _ATTENTION.get(row["variant"])
         if backend is None:
@@ -978,6 +983,7 @@ def calibration_from_results(results_path, report: str) -> dict:
                         "copy_ms": r["copy_same_bytes_ms"], "copy_bytes": 2 * ((ms + mt) * (K + N) + N * K)})
     att = [pick(r, ("variant", "tokens_student", "tokens_teacher", "heads", "head_dim", "fwd_ms", "bwd_ms"))
            for r in rows if r.get("kind") == "attention" and "error" not in r]
+    plain = [pick(r, ("M", "K", "N", "layout", "ms")) for r in rows if r.get("kind") == "gemm_rate" and "error" not in r]
     graphs = next(r for r in rows if r.get("kind") == "graphs")
     fp8 = [pick(r, ("M", "K", "N", "bf16_ms", "rowwise_ms", "tensorwise_ms", "rank", "rowwise_delta_ms",
                     "ours_rowwise_delta_ms")) for r in rows if r.get("kind") == "fp8_gemm" and "error" not in r]
@@ -1005,6 +1011,7 @@ def calibration_from_results(results_path, report: str) -> dict:
             # a block's residual and the next norm fused (measured_form): the run's meta says so since then
             "residual_norm_fused": bool(meta.get("forms", {}).get("residual_norm_fused", False)),
             "paired_linear": lin, "attention": att, **({"fp8_gemm": fp8} if fp8 else {}),
+            **({"gemm_rate": plain} if plain else {}),
             "launch": {"launched_s": graphs["launched_median_s"], "graphs_s": graphs["graphs_median_s"],
                        "row": f"step stage, graphs row: {graphs['what']}"},
             "steps": steps}

@@ -140,6 +140,8 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     assert [(x["family"], x["variant"].split(":")[0]) for x in fusion] == [
         (f, v) for f in ("zimage", "klein-4b") for v in ("fused", "unfused", "parity")], fusion
     assert all(x["parity_ok"] for x in fusion if "parity" in x["variant"]), fusion
+    rates = [x for x in rows if x["kind"] == "gemm_rate"]  # plain cuBLAS GEMMs, both weight layouts
+    assert [x["layout"] for x in rates] == ["x W^T", "x Wt"] and all(x["tflops"] > 0 for x in rates), rates
     lin = [x for x in rows if x["kind"] == "paired_linear"]
     assert len(lin) == 21 and all(x["parity_ok"] for x in lin)  # 3 shapes x 7 forms, each beside the others
     assert {x["variant"] for x in lin} == {"ours: Triton paired GEMM", "ours: Triton paired GEMM, 128 x 256 tiles",

@@ -267,7 +267,9 @@ def test_triton_candidate_rows_are_derived_and_not_priced(tmp_path):
     res = json.loads((ROOT / "benchmarks/results/2026-12-04-h200/results.json").read_text())
     ours = [r for r in res["rows"] if r.get("kind") == "paired_linear" and r["variant"] == "ours: Triton paired GEMM"]
     cand = [{**r, "variant": "ours: Triton paired GEMM, TMA persistent", "fwd_ms": r["fwd_ms"] / 1.25} for r in ours]
-    res["rows"] = res["rows"] + cand
+    plain = [{"kind": "gemm_rate", "M": 4608, "K": 3840, "N": 3840, "layout": lay, "ms": ms}
+             for lay, ms in (("x W^T", 0.2), ("x Wt", 0.18))]
+    res["rows"] = res["rows"] + cand + plain
     path = tmp_path / "results.json"
     path.write_text(json.dumps(res))
     base = pm._derive_rates(pm.calibration_from_results(ROOT / "benchmarks/results/2026-12-04-h200/results.json",
@@ -278,3 +280,7 @@ def test_triton_candidate_rows_are_derived_and_not_priced(tmp_path):
     assert set(got) == set(base["gemm"]["triton"]) == {"3840x3840", "3840x10240", "10240x3840"}
     assert all(got[s] > 1.25 * base["gemm"]["triton"][s] for s in got)  # 25 % less time, the same other passes
     assert sum("candidate, not priced" in line for line in rates["derivation"]) == 3
+    # m2's plain cuBLAS GEMMs (weight layouts, packed rows): shown beside, not priced
+    assert rates["gemm_plain"] == {f"4608x3840x3840 {lay}": 2 * 4608 * 3840 * 3840 / (ms * 1e-3)
+                                   for lay, ms in (("x W^T", 0.2), ("x Wt", 0.18))}
+    assert sum("(not priced)" in line for line in rates["derivation"]) == 2
