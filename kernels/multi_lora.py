@@ -102,6 +102,21 @@ def _gemm_kernel(A_ptr, B_ptr, A2_ptr, B2_ptr, BIAS_ptr, C_ptr, M, N, K, K2, n_s
 
 
 @triton.jit
+def _tma_dot(a_desc, b_desc, acc, om, on, K, B_NK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """``acc + A[om:, :K] @ B[:K, on:]`` over K in ``BLOCK_K`` steps, both tiles read through their
+    descriptors (``B_NK``: ``b_desc`` holds B^T, each tile read transposed from shared memory)."""
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([om, k0])
+        if B_NK:
+            b = b_desc.load([on, k0]).T
+        else:
+            b = b_desc.load([k0, on])
+        acc = mma(a, b, acc, IEEE, UPCAST)
+    return acc
+
+
+@triton.jit
 def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, SA_ptr, SB_ptr, M, N, K, K2, scm, scn,
                      NUM_PROGRAMS, B_NK: tl.constexpr, B2_NK: tl.constexpr, HAS_SECOND: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
@@ -127,14 +142,8 @@ def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, SA_ptr, 
         pid_n = (tile % per_group) // group_m
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([om, k0])
-            if B_NK:
-                b = b_desc.load([on, k0]).T
-            else:
-                b = b_desc.load([k0, on])
-            acc = mma(a, b, acc, IEEE, UPCAST)
+        acc = _tma_dot(a_desc, b_desc, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), om, on, K, B_NK, IEEE, UPCAST,
+                       BLOCK_K)
         rm = om + tl.arange(0, BLOCK_M)
         rn = on + tl.arange(0, BLOCK_N)
         if SCALE == 1:
@@ -143,13 +152,7 @@ def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, SA_ptr, 
         elif SCALE == 2:
             acc *= tl.load(SA_ptr) * tl.load(SB_ptr)
         if HAS_SECOND:
-            for k0 in range(0, K2, BLOCK_K2):
-                a2 = a2_desc.load([om, k0])
-                if B2_NK:
-                    b2 = b2_desc.load([on, k0]).T
-                else:
-                    b2 = b2_desc.load([k0, on])
-                acc = mma(a2, b2, acc, IEEE2, UPCAST2)
+            acc = _tma_dot(a2_desc, b2_desc, acc, om, on, K2, B2_NK, IEEE2, UPCAST2, BLOCK_K2)
         if HAS_BIAS:
             acc += tl.load(BIAS_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         c_ptrs = C_ptr + rm[:, None] * scm + rn[None, :] * scn
