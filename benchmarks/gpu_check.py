@@ -633,24 +633,29 @@ def stage_step(rows: Rows) -> int:
 # the FP8 GEMMs a Z-Image step runs (rows, inner, out), as the code runs them: the forward per branch
 # (student 4608 rows, teacher 5120) at each block shape, and the student's dX GEMM per group (inner: the
 # group's concatenated outputs: q, k, v 11520; w1, w3 20480; out 3840; w2 3840 -> 10240)
-FP8_GEMM_SHAPES = tuple((m, k, n) for m in (4608, 5120) for k, n in ((3840, 3840), (3840, 10240), (10240, 3840))) + \
-    ((4608, 11520, 3840), (4608, 20480, 3840), (4608, 3840, 10240))
+# (rows, inner, out, a backward dX GEMM): the forward's GEMMs per branch, then the student's dX GEMMs of q/k/v,
+# w1/w3 (one GEMM over the group) and w2
+FP8_GEMM_SHAPES = tuple((m, k, n, False) for m in (4608, 5120) for k, n in ((3840, 3840), (3840, 10240),
+                                                                           (10240, 3840))) + \
+    ((4608, 11520, 3840, True), (4608, 20480, 3840, True), (4608, 3840, 10240, True))
 
 
 def fp8_gemms(rows: Rows) -> int:
     """``torch._scaled_mm`` (e4m3, rowwise and tensorwise scales, bf16 out) beside the bf16 ``mm`` of the
     same problem, at the step's FP8 shapes: the rates the step model prices FP8 with once measured
     (``perf_model.py --calibrate-from``). With a rank-64 LoRA delta as the fast path adds it: the cuBLAS
-    form (``_scaled_mm``, then ``addmm_`` re-reading y) beside ours (the TMA kernel: the scales and the
-    delta in the same tile, one pass), with ours' error against the cuBLAS form."""
+    form (``_scaled_mm``, then ``addmm_`` re-reading y; ``use_fast_accum`` off, as the fast path runs it,
+    and on) beside ours (the TMA kernel: the scales and the delta in the same tile, one pass; fast
+    accumulation in the forward's GEMMs, the accumulator promoted once per K step in the dX GEMMs, as
+    the fast path runs each), with ours' error against the cuBLAS form."""
     import torch
 
     from dopsd_fast.kernels.multi_lora import _fp8_gemm
 
-    shapes = ((32, 48, 32), (16, 96, 32)) if DRY else FP8_GEMM_SHAPES
+    shapes = ((32, 48, 32, False), (16, 96, 32, True)) if DRY else FP8_GEMM_SHAPES
     r = 8 if DRY else 64
     status = 0
-    for M, K, N in shapes:
+    for M, K, N, dgrad in shapes:
         try:
             torch.manual_seed(0)
             a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
@@ -663,18 +668,18 @@ def fp8_gemms(rows: Rows) -> int:
             ms_ten = _median_ms(lambda: torch._scaled_mm(aq, bq.t(), scale_a=one, scale_b=one,
                                                          out_dtype=torch.bfloat16))
             fl = 2.0 * M * K * N
-            row = dict(kind="fp8_gemm", M=M, K=K, N=N, rank=r, bf16_ms=ms_bf, rowwise_ms=ms_row, tensorwise_ms=ms_ten,
+            row = dict(kind="fp8_gemm", M=M, K=K, N=N, dgrad=dgrad, rank=r, bf16_ms=ms_bf, rowwise_ms=ms_row, tensorwise_ms=ms_ten,
                        bf16_tflops=fl / ms_bf / 1e9, rowwise_tflops=fl / ms_row / 1e9,
                        tensorwise_tflops=fl / ms_ten / 1e9, rowwise_speedup=ms_bf / ms_row)
             u = torch.randn(M, r, device=DEV, dtype=torch.bfloat16)
             lb = torch.randn(N, r, device=DEV, dtype=torch.bfloat16) * 0.01
 
-            def cublas_delta():
-                y = torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+            def cublas_delta(fast=False):
+                y = torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=fast)
                 return y.addmm_(u, lb.t())
 
             def ours_delta():
-                return _fp8_gemm(aq, sa, bq.t(), sb.t(), True, torch.bfloat16, u, lb.t())
+                return _fp8_gemm(aq, sa, bq.t(), sb.t(), True, torch.bfloat16, u, lb.t(), fast_accum=not dgrad)
 
             try:
                 ref, got = cublas_delta().float(), ours_delta()
@@ -682,13 +687,15 @@ def fp8_gemms(rows: Rows) -> int:
                     raise RuntimeError("the TMA kernel refused these operands")
                 err = ((got.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                 row.update(rowwise_delta_ms=_median_ms(cublas_delta), ours_rowwise_delta_ms=_median_ms(ours_delta),
-                           ours_rel_err=err, ours_parity_ok=err < 2e-2)
+                           ours_fast_accum=not dgrad, ours_rel_err=err, ours_parity_ok=err < 2e-2)
+                if not dgrad:  # the forward: ours accumulates fast, so cuBLAS's fast accumulation beside it
+                    row["rowwise_fast_delta_ms"] = _median_ms(lambda: cublas_delta(True))
                 row["ours_speedup_vs_cublas_delta"] = row["rowwise_delta_ms"] / row["ours_rowwise_delta_ms"]
             except Exception as exc:  # noqa: BLE001  (ours failing is a result; the cuBLAS rows stay)
                 row["ours_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.add(**row)
         except Exception as exc:  # noqa: BLE001  (an unsupported FP8 GEMM is a result too)
-            rows.add(kind="fp8_gemm", M=M, K=K, N=N, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            rows.add(kind="fp8_gemm", M=M, K=K, N=N, dgrad=dgrad, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             status = 1
     return status
 

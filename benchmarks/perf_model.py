@@ -500,7 +500,9 @@ def _derive_rates(cal: dict, in_situ: bool) -> dict:
                                  f"{rates['tensorwise'] / 1e12:.0f} TFLOP/s")
         if "ours_rowwise_delta_ms" in row:  # ours (TMA kernel) with its rank-r delta in the tile: the whole
             ours = fl / (row["ours_rowwise_delta_ms"] * 1e-3)  # time on the FP8 FLOPs (the delta, priced again
-            out.setdefault("gemm_fp8_ours", {}).setdefault("rowwise", {})[key] = ours  # at bf16: conservative)
+            table = out.setdefault("gemm_fp8_ours", {}).setdefault("rowwise", {})  # at bf16: conservative)
+            table[key] = min(ours, table.get(key, ours))  # a forward (fast accumulation) and a dX GEMM (promoted)
+            # of the same dimensions: the slower prices both
             out["derivation"].append(f"FP8 GEMM {key}, ours with the rank-{row.get('rank', '?')} delta in its tile: "
                                      f"{row['ours_rowwise_delta_ms']:.3f} ms (cuBLAS form with the delta after: "
                                      f"{row.get('rowwise_delta_ms', float('nan')):.3f} ms) -> {ours / 1e12:.0f} "
@@ -633,8 +635,10 @@ def fp8_range(counter: StepCounter, predicted_s: float) -> dict | None:
     :data:`FP8_GEMM_SPEEDUPS` (everything else as priced): ESTIMATES, {label: {speedup, step_s}}.
     None without FP8 GEMMs or without a calibration (the stated rates have their own FP8 rate)."""
     pr = counter.pricing
-    if not counter.fp8_gemms or pr.cal is None or (pr.cal.get("gemm_fp8") or {}).get(pr.fp8_recipe):
-        return None  # no FP8, no calibration, or FP8 measured: priced at its own rates
+    if not counter.fp8_gemms or pr.cal is None or all(
+            (pr.cal.get("gemm_fp8_ours" if g[4] == "triton" else "gemm_fp8") or {}).get(pr.fp8_recipe)
+            for g in counter.fp8_gemms):
+        return None  # no FP8, no calibration, or every FP8 GEMM measured (cuBLAS's, ours): priced at its own rates
     saved, base_unmeasured = pr.fp8_speedup, set(pr.unmeasured)
 
     def fp8_seconds(speedup):
@@ -986,7 +990,8 @@ def calibration_from_results(results_path, report: str) -> dict:
     plain = [pick(r, ("M", "K", "N", "layout", "ms")) for r in rows if r.get("kind") == "gemm_rate" and "error" not in r]
     graphs = next(r for r in rows if r.get("kind") == "graphs")
     fp8 = [pick(r, ("M", "K", "N", "bf16_ms", "rowwise_ms", "tensorwise_ms", "rank", "rowwise_delta_ms",
-                    "ours_rowwise_delta_ms")) for r in rows if r.get("kind") == "fp8_gemm" and "error" not in r]
+                    "ours_rowwise_delta_ms", "rowwise_fast_delta_ms", "ours_fast_accum", "dgrad"))
+           for r in rows if r.get("kind") == "fp8_gemm" and "error" not in r]
     steps = {}
     times = {r["path"]: r for r in rows if r.get("kind") == "time"}
     if "fast" in times:

@@ -103,23 +103,30 @@ def _gemm_kernel(A_ptr, B_ptr, A2_ptr, B2_ptr, BIAS_ptr, C_ptr, M, N, K, K2, n_s
 
 @triton.jit
 def _tma_dot(a_desc, b_desc, acc, om, on, K, B_NK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-             BLOCK_K: tl.constexpr):
+             BLOCK_K: tl.constexpr, PROMOTE: tl.constexpr = False):
     """``acc + A[om:, :K] @ B[:K, on:]`` over K in ``BLOCK_K`` steps, both tiles read through their
-    descriptors (``B_NK``: ``b_desc`` holds B^T, each tile read transposed from shared memory)."""
+    descriptors (``B_NK``: ``b_desc`` holds B^T, each tile read transposed from shared memory).
+    ``PROMOTE`` (e4m3 tiles): the tensor cores' reduced-precision FP8 accumulator promoted to fp32 once
+    per K step (``max_num_imprecise_acc``; ``torch._scaled_mm``'s default). Without it, Triton's sm_90
+    default: FP8 products accumulated in the tensor cores alone (``use_fast_accum=True``)."""
     for k0 in range(0, K, BLOCK_K):
         a = a_desc.load([om, k0])
         if B_NK:
             b = b_desc.load([on, k0]).T
         else:
             b = b_desc.load([k0, on])
-        acc = mma(a, b, acc, IEEE, UPCAST)
+        if PROMOTE:
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = mma(a, b, acc, IEEE, UPCAST)
     return acc
 
 
 @triton.jit
 def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, SA_ptr, SB_ptr, M, N, K, K2, scm, scn,
                      NUM_PROGRAMS, B_NK: tl.constexpr, B2_NK: tl.constexpr, HAS_SECOND: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ACCUM: tl.constexpr, SCALE: tl.constexpr, PROMOTE: tl.constexpr,
+                     IEEE: tl.constexpr,
                      UPCAST: tl.constexpr, IEEE2: tl.constexpr, UPCAST2: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr):
     """:func:`_gemm_kernel`'s product (no branch mask) with its operands brought in by the TMA unit
@@ -143,7 +150,7 @@ def _gemm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, BIAS_ptr, C_ptr, SA_ptr, 
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         acc = _tma_dot(a_desc, b_desc, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), om, on, K, B_NK, IEEE, UPCAST,
-                       BLOCK_K)
+                       BLOCK_K, PROMOTE)
         rm = om + tl.arange(0, BLOCK_M)
         rn = on + tl.arange(0, BLOCK_N)
         if SCALE == 1:
@@ -243,8 +250,8 @@ def _sm_count(index: int) -> int:
 
 
 def _programs(a: torch.Tensor, tiles: int) -> int:
-    """Persistent programs: one per SM (132 on an H100 / H200; the compile gate's CPU tensors count as
-    one), at most one per tile; 3 under the interpreter, so its programs each walk several tiles."""
+    """Persistent programs: one per SM (132 on an H100 / H200, and for the compile gate's CPU tensors), at
+    most one per tile; 3 under the interpreter, so its programs each walk several tiles."""
     if interpreting():
         return min(tiles, 3)
     return min(tiles, _sm_count(a.device.index or 0) if a.is_cuda else 132)
@@ -252,7 +259,9 @@ def _programs(a: torch.Tensor, tiles: int) -> int:
 
 def _gemm_tma(a, b, a2, b2, bias, c, accumulate, blocks, scales=None) -> bool:
     """The TMA kernel's launch, or False (nothing launched) where an operand does not qualify.
-    ``scales=(sa, sb, rowwise)``: ``a``, ``b`` in FP8 with their dequantization scales (``b`` K-major)."""
+    ``scales=(sa, sb, rowwise, fast_accum)``: ``a``, ``b`` in FP8 with their dequantization scales (``b``
+    K-major); without ``fast_accum`` the accumulator is promoted once per K step, on 128-column tiles (the
+    second accumulator of 256 columns spills)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     views = _tma_views(a, b)
@@ -261,39 +270,43 @@ def _gemm_tma(a, b, a2, b2, bias, c, accumulate, blocks, scales=None) -> bool:
         return False
     (a, b, b_nk), (a2, b2, b2_nk) = views, views2
     BM, BN, BK, warps, stages = blocks
-    if scales is not None:  # e4m3: a K step of 128 bytes, as bf16's 64 elements are
-        BK = BK if interpreting() else 2 * BK
+    promote = scales is not None and not scales[3]
+    if scales is not None and not interpreting():  # e4m3: a K step of 128 bytes, as bf16's 64 elements are
+        BK, BN = 2 * BK, min(BN, 128) if promote else BN
     desc = lambda t, nk, bk=BK: TensorDescriptor.from_tensor(t, [BN, bk] if nk else [bk, BN])  # noqa: E731
     a_d, b_d = TensorDescriptor.from_tensor(a, [BM, BK]), desc(b, b_nk)
     a2_d, b2_d = (TensorDescriptor.from_tensor(a2, [BM, blocks[2]]), desc(b2, b2_nk, blocks[2])) if a2 is not None \
         else (a_d, b_d)
     M, N = c.shape
     K = a.shape[1]
-    sa, sb, rowwise = scales if scales is not None else (c, c, True)
+    sa, sb, rowwise = scales[:3] if scales is not None else (c, c, True)
     programs = _programs(c, triton.cdiv(M, BM) * triton.cdiv(N, BN))
     flags2 = dot_flags(a2.dtype if a2 is not None else a.dtype)
     _gemm_tma_kernel[(programs,)](a_d, b_d, a2_d, b2_d, bias if bias is not None else c, c, sa, sb, M, N, K,
                                   a2.shape[1] if a2 is not None else 0, c.stride(0), c.stride(1), programs,
                                   B_NK=b_nk, B2_NK=b2_nk, HAS_SECOND=a2 is not None, HAS_BIAS=bias is not None,
-                                  ACCUM=accumulate, SCALE=0 if scales is None else 1 if rowwise else 2,
+                                  ACCUM=accumulate, SCALE=0 if scales is None else 1 if rowwise else 2, PROMOTE=promote,
                                   **dot_flags(a.dtype), IEEE2=flags2["IEEE"], UPCAST2=flags2["UPCAST"], BLOCK_M=BM,
                                   BLOCK_N=BN, BLOCK_K=BK, BLOCK_K2=blocks[2], GROUP_M=8, num_warps=warps,
                                   num_stages=stages)
     return True
 
 
-def _fp8_gemm(aq, sa, bq, sb, rowwise, out_dtype, a2=None, b2=None, bias=None):
+def _fp8_gemm(aq, sa, bq, sb, rowwise, out_dtype, a2=None, b2=None, bias=None, fast_accum=False):
     """``(aq bq) * sa sb (+ a2 b2) (+ bias)``: ``torch._scaled_mm``'s product (``aq`` (M, K) and ``bq``
     (K, N) in e4m3, ``bq`` the transpose of a row-major tensor; ``sa`` (M, 1) and ``sb`` (N, 1) rowwise,
     or two scalars) with the bf16 LoRA delta and the bias in the same tile: the TMA kernel, one pass
     (``_scaled_mm`` has no accumulate input, so its form writes y, then re-reads and rewrites it for the
-    delta). None where the operands do not suit the kernel (nothing launched)."""
+    delta). ``fast_accum``: the FP8 products accumulated in the tensor cores alone, as ``_scaled_mm``'s
+    ``use_fast_accum=True`` (torchao's float8 training recipe does it for the forward GEMM, not for the
+    gradients'); else promoted to fp32 once per K step, as ``_scaled_mm``'s default. None where the
+    operands do not suit the kernel (nothing launched)."""
     M, N = aq.shape[0], bq.shape[1]
     c = torch.empty((M, N), device=aq.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return c
     k = max(aq.shape[1], a2.shape[1] if a2 is not None else 0)
-    scales = (sa.reshape(-1).float().contiguous(), sb.reshape(-1).float().contiguous(), rowwise)
+    scales = (sa.reshape(-1).float().contiguous(), sb.reshape(-1).float().contiguous(), rowwise, fast_accum)
     return c if _gemm_tma(aq, bq, a2, b2, bias, c, False, _blocks(M, N, k), scales) else None
 
 
@@ -526,7 +539,8 @@ def _branch_fwd(x, weights, biases, As, Bs, scales, tri, fp8=None):
         u_g = u[:, g * r:(g + 1) * r]
         if fp8 is not None:
             ws = fp8[1][g]
-            y = _fp8_gemm(xq, xs, fp8[0][g].t(), ws, fp8[2], x.dtype, u_g, b.t(), bias) if tri else None
+            y = _fp8_gemm(xq, xs, fp8[0][g].t(), ws, fp8[2], x.dtype, u_g, b.t(), bias, fast_accum=True) if tri \
+                else None
             if y is None:
                 y = torch._scaled_mm(xq, fp8[0][g].t(), scale_a=xs, scale_b=ws.t() if fp8[2] else ws,
                                      out_dtype=x.dtype)
@@ -705,6 +719,7 @@ LORA_DELTA_Y_FIRST = "LoRA delta y = u B^T (+ bias), written once: the base GEMM
 LORA_DELTA_DX_FIRST = "LoRA part of the group's dx = du [A_1; ..] written once: the dX GEMMs accumulate"
 FP8_X_QUANT = "FP8: a branch's x quantized once per group (read twice, e4m3 written)"
 BASE_GEMM_AFTER = "base GEMM y = x W^T (+ bias)"
+BASE_GEMM_OURS = "base GEMM y = x W^T + u B^T (delta in the epilogue)"
 FP8_DY_QUANT = "FP8: the group's dy quantized as one (read twice, e4m3 written)"
 FP8_OURS = "FP8 GEMM on our TMA kernel (e4m3 operands; scales, LoRA delta and bias in its tile)"
 FP8_OURS_DELTA = "its bf16 LoRA delta, in the same launch (priced at the bf16 rate)"
@@ -748,7 +763,7 @@ def paired_fwd_passes(M, K, Ns, r, e, impl, biases=(), same_scale=True, delta="f
     for N, bias in zip(Ns, biases):
         b = N if bias else 0
         if impl == "triton":
-            out.append(_pass("base GEMM y = x W^T + u B^T (delta in the epilogue)", "gemm",
+            out.append(_pass(BASE_GEMM_OURS, "gemm",
                              2.0 * M * K * N + 2.0 * M * r * N, (M * K + N * K + M * N + b + M * r + N * r) * e, 1,
                              (M, K, N), impl))
         else:
@@ -873,14 +888,14 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
     ours_fp8 = bool(fp8_w) and impl == "triton"  # the TMA kernel: scales, delta and bias in the FP8 GEMM's tile
     for rows, scales in ((x_s.shape[0], scales_s), (x_t.shape[0], scales_t)):
         same = all(s == scales[0] for s in scales)
-        passes += paired_fwd_passes(rows, K, Ns, r, e, impl, has_bias, same,
-                                    "after" if fp8_w and not ours_fp8 else COST_FORM["delta"])
+        form = "first" if ours_fp8 else "after" if fp8_w else COST_FORM["delta"]
+        passes += paired_fwd_passes(rows, K, Ns, r, e, impl, has_bias, same, form)
     if not fp8_w:
         return _with_passes(passes)
     if ours_fp8:  # per linear: the FP8 GEMM (x, W one byte each) and, in the same launch, the bf16 delta
         out = []
         for p in passes:
-            if p["kind"] == "gemm" and p["impl"] == "triton" and p["shape"][1] == K and p["shape"][2] in Ns:
+            if p["name"] == BASE_GEMM_OURS:
                 M, _, N = p["shape"]
                 delta = 2.0 * M * r * N
                 out += [_pass(FP8_OURS, "gemm_fp8", p["flops"] - delta, p["bytes"] - (M * K + N * K) * (e - 1), 1,

@@ -257,6 +257,13 @@ def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
     assert pricing.rate("gemm_fp8", (9728, 3840, 3840), "triton") == ours["9728x3840x3840"]
     assert pricing.rate("gemm_fp8", (9728, 3840, 3840), "cublas") == rates["gemm_fp8"]["rowwise"]["9728x3840x3840"]
     assert any("ours with the rank-64 delta" in line for line in rates["derivation"])
+    # ours unmeasured at this recipe (tensorwise: only rowwise rows of ours): its FP8 GEMMs get the ESTIMATE
+    # range even though cuBLAS's are measured
+    pricing = pm.Pricing(pm.RATES, rates, "flash")
+    pricing.fp8_recipe = "tensorwise"
+    counter = pm.StepCounter(pricing=pricing)
+    counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (9728, 3840, 3840), "triton")
+    assert pm.fp8_range(counter, 1.0) is not None
 
 
 def test_triton_candidate_rows_are_derived_and_not_priced(tmp_path):

@@ -432,13 +432,14 @@ class _Count:
     """Counts the launches of a jit kernel (``kernel[grid](...)``), passing them on."""
 
     def __init__(self, kernel):
-        self.kernel, self.n = kernel, 0
+        self.kernel, self.n, self.constexprs = kernel, 0, []
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
             self.n += 1
+            self.constexprs.append(kwargs)
             return launch(*args, **kwargs)
         return run
 
@@ -472,7 +473,8 @@ def test_tma_gemm_kernel_forms_and_fallback(dtype, monkeypatch):
         y_t = ml._gemm(at, w.t(), dtype, bias=bias)
         assert (tma.n, ptr.n) == (3, 1)
         narrow = torch.randn(M, 4).to(dtype)  # 4 columns of a (M, 4) tensor: 8 or 16 bytes a row
-        y_n = ml._gemm(a, w.t(), dtype, a2=narrow, b2=torch.randn(N, 4).to(dtype).t())
+        b_n = torch.randn(N, 4).to(dtype)
+        y_n = ml._gemm(a, w.t(), dtype, a2=narrow, b2=b_n.t())
         assert tma.n == (4 if dtype == torch.float32 else 3)
     ref_y = f(a) @ f(w).t() + f(a2) @ f(b2).t() + f(bias)
     assert_close(f(y), ref_y, tol, tol, "y (tma)", scaled=True)
@@ -480,7 +482,8 @@ def test_tma_gemm_kernel_forms_and_fallback(dtype, monkeypatch):
     assert_close(f(wide[:, 8:8 + N]), f(a) @ f(w).t(), tol, tol, "column slice (tma)", scaled=True)
     assert torch.equal(wide[:, :8], torch.zeros(M, 8, dtype=dtype)) and not wide[:, N + 8:].any()
     assert_close(f(y_t), f(a) @ f(w).t() + f(bias), tol, tol, "transposed a (pointer kernel)", scaled=True)
-    assert y_n.shape == (M, N)
+    narrow_ref = f(a) @ f(w).t() + f(narrow) @ f(b_n).t()
+    assert_close(f(y_n), narrow_ref, tol, tol, "8- / 16-byte rows of the second operand", scaled=True)
     assert ml.KERNEL == "pointer"
     with pytest.raises(ValueError, match="unknown kernel 'wgmma'"), ml.gemm_kernel("wgmma"):
         pass
@@ -554,6 +557,10 @@ def test_fp8_on_the_tma_kernel_equals_scaled_mm_and_its_delta(recipe, monkeypatc
     monkeypatch.setattr(ml, "_gemm_tma_kernel", tma)
     got = run("triton")
     assert tma.n == 2 * len(Ns) + 1  # each branch's base GEMMs, and the group's dX GEMM
+    # the forward's FP8 products accumulated in the tensor cores (torchao's forward recipe), the dX GEMM's
+    # accumulator promoted to fp32 once per K step (_scaled_mm's default)
+    assert [k["PROMOTE"] for k in tma.constexprs] == [False] * 2 * len(Ns) + [True]
+    assert {k["SCALE"] for k in tma.constexprs} == {1 if recipe == "rowwise" else 2}
     names = ["y_s 1", "y_t 1", "y_s 2", "y_t 2", "dx", "dA 1", "dB 1", "dA 2", "dB 2"]
     for name, a, b in zip(names, got, ref):
         assert_close(a, b, 2e-2, 2e-2, f"{name}: TMA fp8 vs scaled_mm + delta", scaled=True)
