@@ -261,7 +261,7 @@ def _gemm_tma(a, b, a2, b2, bias, c, accumulate, blocks, scales=None) -> bool:
     """The TMA kernel's launch, or False (nothing launched) where an operand does not qualify.
     ``scales=(sa, sb, rowwise, fast_accum)``: ``a``, ``b`` in FP8 with their dequantization scales (``b``
     K-major); without ``fast_accum`` the accumulator is promoted once per K step, on 128-column tiles (the
-    second accumulator of 256 columns spills)."""
+    second accumulator of 256 columns spills). ``accumulate`` also keeps 128 columns."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     views = _tma_views(a, b)
@@ -273,6 +273,8 @@ def _gemm_tma(a, b, a2, b2, bias, c, accumulate, blocks, scales=None) -> bool:
     promote = scales is not None and not scales[3]
     if scales is not None and not interpreting():  # e4m3: a K step of 128 bytes, as bf16's 64 elements are
         BK, BN = 2 * BK, min(BN, 128) if promote else BN
+    if accumulate:  # the accumulated output's tile read back in the epilogue: at 256 columns, 255 registers and a
+        BN = min(BN, 128)  # spill (the sm_90a gate, klein's shapes)
     desc = lambda t, nk, bk=BK: TensorDescriptor.from_tensor(t, [BN, bk] if nk else [bk, BN])  # noqa: E731
     a_d, b_d = TensorDescriptor.from_tensor(a, [BM, BK]), desc(b, b_nk)
     a2_d, b2_d = (TensorDescriptor.from_tensor(a2, [BM, blocks[2]]), desc(b2, b2_nk, blocks[2])) if a2 is not None \
