@@ -515,8 +515,9 @@ def stage_m2(rows: Rows) -> int:
                          ("ours: paired on cuBLAS, delta first", ours("torch")),
                          ("cuBLAS, delta after the base GEMM (earlier form, autograd's backward)", delta_after),
                          ("two cuBLAS LoRA layers", two_layers),
-                         *((c, ours("triton")) for c in CANDIDATES)):  # last: their first calls compile, and a cut
-            kern, tile = CANDIDATES.get(name, ("pointer", None))  # stage keeps the rows before
+                         # the dry run: the TMA kernel alone (the interpreter's tiles are its own: no other candidate)
+                         *((c, ours("triton")) for c in ((TMA,) if DRY else CANDIDATES))):  # last: their first
+            kern, tile = CANDIDATES.get(name, ("pointer", None))  # calls compile, and a cut stage keeps the rows before
             try:
                 with gemm_kernel(kern), (gemm_tile(*tile) if tile else contextlib.nullcontext()):
                     with torch.no_grad():
