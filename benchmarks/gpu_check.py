@@ -432,6 +432,15 @@ GEMM_RATE_SHAPES = tuple((m, k, n, lay) for m in (4608, 9728) for k, n in ((3840
                          for lay in ("x W^T", "x Wt")) + tuple((4608, 3840, n, "x W^T") for n in (11520, 20480))
 
 
+def _gemm_operands(M: int, K: int, N: int):
+    """A GEMM's bf16 operands, seeded: x (M, K) and a weight (N, K) as stored, at its init scale."""
+    import torch
+
+    torch.manual_seed(0)
+    return (torch.randn(M, K, device=DEV, dtype=torch.bfloat16),
+            torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * K ** -0.5)
+
+
 def cublas_gemm_rates(rows: Rows) -> int:
     """cuBLAS's bf16 rate at the step's GEMMs, alone: ``x W^T`` with the weight (N, K) as stored, and
     ``x Wt`` with a (K, N) copy (the other operand layout cuBLAS runs); one branch's rows and both packed;
@@ -443,9 +452,7 @@ def cublas_gemm_rates(rows: Rows) -> int:
     status = 0
     for M, K, N, lay in shapes:
         try:
-            torch.manual_seed(0)
-            x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * K ** -0.5
+            x, w = _gemm_operands(M, K, N)
             b = w.t() if lay == "x W^T" else w.t().contiguous()
             ms = _median_ms(lambda: torch.mm(x, b))
             rows.add(kind="gemm_rate", M=M, K=K, N=N, layout=lay, ms=ms, tflops=2.0 * M * K * N / ms / 1e9)
@@ -658,9 +665,7 @@ def fp8_gemms(rows: Rows) -> int:
     status = 0
     for M, K, N, dgrad in shapes:
         try:
-            torch.manual_seed(0)
-            a = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-            b = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * K ** -0.5
+            a, b = _gemm_operands(M, K, N)
             aq, bq = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)  # values only matter for time
             sa, sb = torch.ones(M, 1, device=DEV), torch.ones(1, N, device=DEV)
             one = torch.ones((), device=DEV)
