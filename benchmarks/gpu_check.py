@@ -721,7 +721,7 @@ def _pytest(rows: Rows, what: str, args: list[str], env: dict) -> int:
                          capture_output=True, text=True)
     print(res.stdout[-6000:] + res.stderr[-2000:])
     summary = [line for line in res.stdout.splitlines() if any(w in line for w in (" passed", " failed", " error",
-                                                                                     " skipped"))]
+                                                                                     " skipped", " collected"))]
     failed = [line for line in res.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     rows.add(kind="kernel_tests", what=what, exit_code=res.returncode,
              summary=summary[-1] if summary else "no summary", failed="; ".join(failed)[:1500],
@@ -732,14 +732,16 @@ def _pytest(rows: Rows, what: str, args: list[str], env: dict) -> int:
 def stage_tests(rows: Rows) -> int:
     """The CUDA-graph capture tests first, every case (-x -v: the first failure with its text; -rfEs keeps
     the FAILED lines in the summary), then the kernel tests in short form (DOPSD_GPU_TESTS_SHORT=1: one
-    case per test function and dtype)."""
+    case per test function and dtype). The CPU dry run runs the capture tests (they skip without a GPU)
+    and collects the short form's selection without running it: the test suite runs every kernel test
+    through the interpreter already, and running them twice only cost the suite time."""
     env = {**os.environ, "DOPSD_GPU_TESTS": "1", "DOPSD_GPU_TESTS_SHORT": "1"}
     if DRY:  # on the CPU: the interpreter, the same selection
         env.pop("DOPSD_GPU_TESTS")
         env["TRITON_INTERPRET"] = "1"
     every_case = {k: v for k, v in env.items() if k != "DOPSD_GPU_TESTS_SHORT"}
     rc = _pytest(rows, "CUDA-graph capture", ["-x", "-v", "tests/kernels/test_graph_capture.py"], every_case)
-    return rc | _pytest(rows, "kernel tests, short form", ["-q", "tests/kernels",
+    return rc | _pytest(rows, "kernel tests, short form", ["-q", *(["--collect-only"] if DRY else []), "tests/kernels",
                                                             "--deselect", "tests/kernels/test_graph_capture.py"], env)
 
 

@@ -58,9 +58,12 @@ def test_cpu_run_stops_at_no_gpu_with_two_files(tmp_path):
 
 
 def test_overrunning_stage_is_cut_by_the_budget_and_reported(tmp_path):
-    r, took = _run(tmp_path, GPU_CHECK_STAGES="selftest-ok,selftest-overrun,selftest-ok", BUDGET_S="30")
+    # 45 s: the report's 10 s reserve, a first stage that needs 15 s left to start, and up to 20 s for
+    # the start-up (the import check loads torch and triton: seconds on a busy machine); the overrunning
+    # stage gets what is left and is cut, and the third finds nothing left
+    r, took = _run(tmp_path, GPU_CHECK_STAGES="selftest-ok,selftest-overrun,selftest-ok", BUDGET_S="45")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    assert took < 30 + 5, f"the call took {took:.0f} s against a 30 s budget"
+    assert took < 45 + 5, f"the call took {took:.0f} s against a 45 s budget"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["report.md", "results.json"]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["meta"]["verdict"] == "INCOMPLETE (budget)"
@@ -165,4 +168,5 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
                      "fast (FP8 native, forward GEMMs only: dX in bf16)"], timed
     tests = {x["what"]: x for x in rows if x["kind"] == "kernel_tests"}
     assert list(tests) == ["CUDA-graph capture", "kernel tests, short form"]
-    assert all(x["exit_code"] == 0 for x in tests.values()) and "deselected" in tests["kernel tests, short form"]["summary"]
+    short = tests["kernel tests, short form"]["summary"]  # the dry run collects the selection, runs none of it
+    assert all(x["exit_code"] == 0 for x in tests.values()) and "deselected" in short and " collected" in short, short
