@@ -76,6 +76,7 @@ if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install
 # gains published for large GEMMs on an H200 (TransformerEngine; performance.md), and 2.0, the
 # spec-sheet ratio (1979 / 989 TFLOP/s dense), a ceiling no stack reaches. The GPU check's fp8 stage
 # (benchmarks/gpu_check.py) measures the real step.
+CUBLAS_FAST = "cublas_fast"  # a cost pass's impl (kernels/multi_lora.py): _scaled_mm with use_fast_accum=True
 FP8_GEMM_SPEEDUPS = {"published GEMM-level low": 1.4, "published GEMM-level high": 1.7, "spec-sheet ceiling": 2.0}
 
 RATES = {"gemm": 700e12, "gemm_fp8": 1400e12, "attn_fwd": 350e12, "attn_bwd": 280e12, "bandwidth": 2.7e12,
@@ -146,11 +147,13 @@ class Pricing:
     """Seconds of one op or pass: ``launches x launch + max(FLOPs / rate, bytes / bandwidth)``.
 
     Stated rates (``rates``) unless ``calibration`` (what :func:`derive_rates` makes of a calibration
-    file) is given: then GEMMs per (inner, out) shape and implementation ("cublas", "triton"; a shape
+    file) is given: then GEMMs per (inner, out) shape and implementation ("cublas", "triton"; an FP8
+    GEMM's also "cublas_fast", ``_scaled_mm`` with fast accumulation, by its own rows where measured; a shape
     no run measured at the slowest measured rate of its implementation), attention at the measured
     rates of ``attention`` ("triton": ours, "flash", "cudnn"), memory at the measured copy bandwidth,
-    launches at the measured cost per launch; FP8 GEMMs (never measured) at the bf16 rate, flagged, or
-    with ``fp8_speedup`` at that rate times the factor (an ESTIMATE: :data:`FP8_GEMM_SPEEDUPS`)."""
+    launches at the measured cost per launch; FP8 GEMMs at the fp8 stage's measured rates, or unmeasured
+    at the bf16 rate, flagged, or with ``fp8_speedup`` at that rate times the factor (an ESTIMATE:
+    :data:`FP8_GEMM_SPEEDUPS`)."""
 
     def __init__(self, rates=RATES, calibration: dict | None = None, attention: str = "triton",
                  fp8_speedup: float | None = None):
@@ -182,6 +185,9 @@ class Pricing:
                 return self.rates["gemm_fp8"]
             # ours (the TMA kernel, fast.gemm=triton) by its own measurement, cuBLAS's _scaled_mm by its
             measured = (self.cal.get("gemm_fp8_ours" if impl == "triton" else "gemm_fp8") or {}).get(self.fp8_recipe)
+            if impl == CUBLAS_FAST:  # the forward's _scaled_mm with fast accumulation: its own rows where the
+                fast = (self.cal.get("gemm_fp8_fast") or {}).get(self.fp8_recipe) or {}  # run timed them, else
+                measured = {**(measured or {}), **fast} or None  # the promoted form's rate (slower: conservative)
             if measured and self.fp8_speedup is None:  # the fp8 stage's rates: this (inner, out) at the
                 same = {int(k.split("x")[0]): v for k, v in measured.items()  # nearest measured row count
                         if shape is not None and k.split("x", 1)[1] == f"{shape[1]}x{shape[2]}"}
@@ -498,6 +504,14 @@ def _derive_rates(cal: dict, in_situ: bool) -> dict:
         out["derivation"].append(f"FP8 GEMM {key} at {row['M']} rows: fp8 stage rowwise {row['rowwise_ms']:.3f} ms, "
                                  f"tensorwise {row['tensorwise_ms']:.3f} ms -> {rates['rowwise'] / 1e12:.0f} / "
                                  f"{rates['tensorwise'] / 1e12:.0f} TFLOP/s")
+        fast = {recipe: fl / (row[f"{recipe}_fast_ms"] * 1e-3) for recipe in ("rowwise", "tensorwise")
+                if f"{recipe}_fast_ms" in row}  # a forward shape, timed with use_fast_accum=True as it runs
+        for recipe, rate in fast.items():
+            out.setdefault("gemm_fp8_fast", {}).setdefault(recipe, {})[key] = rate
+        if fast:
+            out["derivation"].append(f"FP8 GEMM {key}, fast accumulation (the forward's): "
+                                     + " / ".join(f"{recipe} {row[f'{recipe}_fast_ms']:.3f} ms" for recipe in fast)
+                                     + " -> " + " / ".join(f"{v / 1e12:.0f}" for v in fast.values()) + " TFLOP/s")
         if "ours_rowwise_delta_ms" in row:  # ours (TMA kernel) with its rank-r delta in the tile: the whole
             ours = fl / (row["ours_rowwise_delta_ms"] * 1e-3)  # time on the FP8 FLOPs (the delta, priced again
             table = out.setdefault("gemm_fp8_ours", {}).setdefault("rowwise", {})  # at bf16: conservative)
@@ -989,7 +1003,8 @@ def calibration_from_results(results_path, report: str) -> dict:
            for r in rows if r.get("kind") == "attention" and "error" not in r]
     plain = [pick(r, ("M", "K", "N", "layout", "ms")) for r in rows if r.get("kind") == "gemm_rate" and "error" not in r]
     graphs = next(r for r in rows if r.get("kind") == "graphs")
-    fp8 = [pick(r, ("M", "K", "N", "bf16_ms", "rowwise_ms", "tensorwise_ms", "rank", "rowwise_delta_ms",
+    fp8 = [pick(r, ("M", "K", "N", "bf16_ms", "rowwise_ms", "tensorwise_ms", "rowwise_fast_ms", "tensorwise_fast_ms",
+                    "rank", "rowwise_delta_ms",
                     "ours_rowwise_delta_ms", "rowwise_fast_delta_ms", "ours_fast_accum", "dgrad"))
            for r in rows if r.get("kind") == "fp8_gemm" and "error" not in r]
     steps = {}

@@ -527,7 +527,9 @@ def _branch_fwd(x, weights, biases, As, Bs, scales, tri, fp8=None):
     second call after the base GEMM that re-reads and rewrites y. Ours: one GEMM, the delta and the
     bias in the same tile. ``fp8=(quantized weights, their scales, rowwise)``: the base GEMM in FP8
     (``torch._scaled_mm``, x quantized here, on this branch's rows; no accumulate input: the delta
-    after it), the delta in the activations' dtype."""
+    after it), the delta in the activations' dtype. The forward's FP8 products accumulate in the tensor
+    cores (``use_fast_accum=True``, torchao's float8 training recipe for the forward GEMM; our kernel
+    does the same); the backward's dX GEMM promotes its accumulator (``_scaled_mm``'s default)."""
     if x.shape[0] == 0 and fp8 is not None:  # a branch with no rows (one-branch calls)
         return [x.new_empty((0, w.shape[0])) for w in weights], x.new_empty((0, sum(a.shape[0] for a in As)))
     u = _low_rank_in(x, As, scales, tri)
@@ -545,7 +547,7 @@ def _branch_fwd(x, weights, biases, As, Bs, scales, tri, fp8=None):
                 else None
             if y is None:
                 y = torch._scaled_mm(xq, fp8[0][g].t(), scale_a=xs, scale_b=ws.t() if fp8[2] else ws,
-                                     out_dtype=x.dtype)
+                                     out_dtype=x.dtype, use_fast_accum=True)
                 if bias is not None:
                     y += bias
                 y.addmm_(u_g, b.t())
@@ -697,10 +699,13 @@ class _PairedLinears(torch.autograd.Function):
         return None, out[0], *da, *db
 
 
+CUBLAS_FAST = "cublas_fast"  # a pass's impl: torch._scaled_mm with use_fast_accum=True (the FP8 forward)
+
+
 def _pass(name, kind, flops, byts, launches=1, shape=None, impl=None):
     """One kernel launch (or a run of identical ones) inside a fused op, as the step model prices it:
-    ``kind`` "gemm" (``shape`` (M, inner, N), ``impl`` "cublas" | "triton": priced at that GEMM's
-    rate) or "memory" (a pass priced by its bytes)."""
+    ``kind`` "gemm" / "gemm_fp8" (``shape`` (M, inner, N), ``impl`` "cublas" | "triton" |
+    ``CUBLAS_FAST``: priced at that GEMM's rate) or "memory" (a pass priced by its bytes)."""
     return {"name": name, "kind": kind, "flops": float(flops), "bytes": float(byts), "launches": int(launches),
             "shape": shape, "impl": impl}
 
@@ -917,7 +922,7 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
         if p["name"] == BASE_GEMM_AFTER:
             M, _, N = p["shape"]
             p = _pass("FP8 base GEMM y = x W^T (e4m3 operands)", "gemm_fp8", p["flops"], M * K + N * K + M * N * e, 1,
-                      p["shape"], "cublas")
+                      p["shape"], CUBLAS_FAST)
         out.append(p)
     for rows in (x_s.shape[0], x_t.shape[0]):
         if rows:

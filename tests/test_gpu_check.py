@@ -160,6 +160,9 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     assert all(parity[1][f"min_velocity_sqnr_db_{br}"] >= 20.0 for br in ("student", "teacher")), parity[1]
     fp8 = [x for x in rows if x["kind"] == "fp8_gemm"]  # torch._scaled_mm beside mm at the dry run's shapes
     assert len(fp8) == 2 and all("error" not in x and x["rowwise_ms"] > 0 and x["bf16_ms"] > 0 for x in fp8), fp8
+    # the forward's shape also with fast accumulation, as the fast path's forward runs _scaled_mm; not the dX's
+    assert [(x["dgrad"], x.get("rowwise_fast_ms", 0) > 0, x.get("tensorwise_fast_ms", 0) > 0) for x in fp8] == [
+        (False, True, True), (True, False, False)], fp8
     # with the LoRA delta: the cuBLAS form beside ours (the TMA kernel, one pass), ours within parity
     assert all("ours_error" not in x and x["ours_parity_ok"] and x["ours_rowwise_delta_ms"] > 0 for x in fp8), fp8
     timed = [x["path"] for x in rows if x.get("stage") == "step_time" and x["kind"] == "time"]

@@ -132,6 +132,13 @@ def test_fp8_estimate_range_reprices_only_the_fp8_gemms():
     pricing = pm.Pricing(pm.RATES, cal, "flash", fp8_speedup=1.7)
     assert pricing.rate("gemm_fp8", (1, 3840, 3840), "cublas") == 1.7 * 600e12
     assert any("ESTIMATE" in n for n in pricing.unmeasured)
+    # the forward's fast-accumulating _scaled_mm (no FP8 table either): the same bf16 rate and the same notes
+    pricing = pm.Pricing(pm.RATES, cal, "flash")
+    assert pricing.rate("gemm_fp8", (1, 3840, 3840), pm.CUBLAS_FAST) == 600e12
+    assert any("no FP8 measurement" in n for n in pricing.unmeasured)
+    counter = pm.StepCounter(pricing=pm.Pricing(pm.RATES, cal, "flash"))
+    counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (4096, 3840, 3840), pm.CUBLAS_FAST)
+    assert pm.fp8_range(counter, 1.0) is not None
     assert pm.fp8_range(pm.StepCounter(pricing=pm.Pricing(pm.RATES, cal, "flash")), 1.0) is None  # no FP8 GEMM
 
 
@@ -226,7 +233,8 @@ def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
     pm = _perf_model()
     res = json.loads((ROOT / "benchmarks/results/2026-12-04-h200/results.json").read_text())
     fp8_rows = [{"kind": "fp8_gemm", "M": 9728, "K": 3840, "N": 3840, "bf16_ms": 0.80, "rowwise_ms": 0.50,
-                 "tensorwise_ms": 0.45, "rank": 64, "rowwise_delta_ms": 0.56, "ours_rowwise_delta_ms": 0.47},
+                 "tensorwise_ms": 0.45, "rowwise_fast_ms": 0.46, "tensorwise_fast_ms": 0.42, "rank": 64,
+                 "rowwise_delta_ms": 0.56, "ours_rowwise_delta_ms": 0.47},
                 {"kind": "fp8_gemm", "M": 4608, "K": 11520, "N": 3840, "bf16_ms": 0.70, "rowwise_ms": 0.40,
                  "tensorwise_ms": 0.38},
                 {"kind": "fp8_gemm", "M": 4608, "K": 20480, "N": 3840, "error": "RuntimeError: not supported"}]
@@ -247,6 +255,22 @@ def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
     assert any("unmeasured shape" in n for n in pricing.unmeasured)
     pricing.fp8_recipe = "tensorwise"
     assert pricing.rate("gemm_fp8", (4608, 11520, 3840), "cublas") == rates["gemm_fp8"]["tensorwise"]["4608x11520x3840"]
+    # the forward's _scaled_mm runs with fast accumulation (impl CUBLAS_FAST): priced by its own rows where
+    # the run timed them, else at the promoted form's rate of the shape; the dX GEMMs (cublas) promoted
+    fast = rates["gemm_fp8_fast"]
+    assert abs(fast["rowwise"]["9728x3840x3840"] - 2 * 9728 * 3840 * 3840 / 0.46e-3) < 1e3
+    assert abs(fast["tensorwise"]["9728x3840x3840"] - 2 * 9728 * 3840 * 3840 / 0.42e-3) < 1e3
+    for recipe in ("rowwise", "tensorwise"):
+        pricing = pm.Pricing(pm.RATES, rates, "flash")
+        pricing.fp8_recipe = recipe
+        assert pricing.rate("gemm_fp8", (9728, 3840, 3840), pm.CUBLAS_FAST) == fast[recipe]["9728x3840x3840"]
+        assert pricing.rate("gemm_fp8", (9728, 3840, 3840), "cublas") == rates["gemm_fp8"][recipe]["9728x3840x3840"]
+        assert pricing.rate("gemm_fp8", (4608, 11520, 3840), pm.CUBLAS_FAST) == \
+            rates["gemm_fp8"][recipe]["4608x11520x3840"]
+        assert not pricing.unmeasured
+    from dopsd_fast.kernels.multi_lora import CUBLAS_FAST
+
+    assert pm.CUBLAS_FAST == CUBLAS_FAST
     counter = pm.StepCounter(pricing=pm.Pricing(pm.RATES, rates, "flash"))
     counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (9728, 3840, 3840), "cublas")
     assert pm.fp8_range(counter, 1.0) is None

@@ -527,6 +527,60 @@ def test_paired_group_on_the_tma_kernel_equals_the_pointer_kernel(dtype, monkeyp
 
 
 @pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_cublas_fp8_forward_accumulates_fast_and_the_dgrad_promotes(recipe, monkeypatch):
+    """The cuBLAS form of fast.fp8=native follows torchao's float8 training recipe: each branch's forward
+    FP8 GEMM calls ``_scaled_mm(..., use_fast_accum=True)``, the student's dX GEMM of the group the
+    promoted default; the cost passes say so (the forward's impl ``CUBLAS_FAST``, the step model prices
+    it by the fast rows), and the outputs and gradients stay within the emulation's tolerance."""
+    import dopsd_fast.kernels.multi_lora as ml
+    from dopsd_fast.fp8 import NativeFP8
+
+    calls = []
+    real = torch._scaled_mm
+
+    def record(*args, **kwargs):
+        calls.append((args[0].shape[0], args[1].shape[0], bool(kwargs.get("use_fast_accum", False))))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", record)
+    bf = torch.bfloat16
+    K, Ns, r, Ms, Mt = 64, (64, 48), 8, 37, 45
+    ws = [torch.randn(n, K).to(bf) / 8 for n in Ns]
+    lo_s = [(torch.randn(r, K).to(bf).requires_grad_(), torch.randn(n, r).to(bf).requires_grad_(), 0.5) for n in Ns]
+    lo_t = [(torch.randn(r, K).to(bf), torch.randn(n, r).to(bf), 2.0) for n in Ns]
+    x_s = torch.randn(Ms, K).to(bf).requires_grad_()
+    x_t = torch.randn(Mt, K).to(bf)
+    fp8 = NativeFP8(recipe)
+    outs = ml.paired_lora_linears(x_s, x_t, ws, [None, None], lo_s, lo_t, impl="torch", fp8=fp8)
+    forward = list(calls)
+    loss = sum(y.float().sum() for y, _ in outs)
+    (dx,) = torch.autograd.grad(loss, [x_s])
+    dgrad = calls[len(forward):]
+    # per branch and linear one fast forward GEMM; one promoted dX GEMM over the group's rows
+    assert sorted(forward) == sorted((m, K, True) for m in (Ms, Mt) for _ in Ns), forward
+    assert dgrad == [(Ms, sum(Ns), False)], dgrad
+    emul = fp8.emulate_dgrad([torch.ones(Ms, n).to(bf) for n in Ns], ws).float()  # dy = 1 for loss = sum(y)
+    emul = emul + sum(s * (torch.ones(Ms, n) @ b.detach().float()) @ a.detach().float() for (a, b, s), n in zip(lo_s, Ns))
+    assert_close(dx.float(), emul, 2e-2, 2e-2, "dx: FP8 dX GEMM vs emulation", scaled=True)
+    for (y, _), w, (a, b, s) in zip(outs, ws, lo_s):
+        ref = fp8.emulate(x_s.detach(), w).float() + s * (x_s.detach().float() @ a.detach().float().t()) @ b.detach().float().t()
+        assert_close(y.detach().float(), ref, 2e-2, 2e-2, "y_s: fast-accumulated FP8 vs emulation", scaled=True)
+    from dopsd_fast.kernels._common import COSTS
+
+    wq = [fp8.weight(w) for w in ws]
+    no_bias = [torch.empty(0, dtype=bf)] * 2
+    fwd = COSTS["dopsd_fast::paired_lora_linears"](
+        x_s, x_t, ws, no_bias, [a for a, _, _ in lo_s], [b for _, b, _ in lo_s], [a for a, _, _ in lo_t],
+        [b for _, b, _ in lo_t], [0.5, 0.5], [2.0, 2.0], "torch", [q for q, _ in wq], [sc for _, sc in wq],
+        recipe == "rowwise")["passes"]
+    bwd = COSTS["dopsd_fast::paired_lora_linears_backward"](
+        [torch.randn(Ms, n).to(bf) for n in Ns], x_s, ws, torch.randn(Ms, 2 * r).to(bf), [a for a, _, _ in lo_s],
+        [b for _, b, _ in lo_s], [0.5, 0.5], "torch", list(fp8.weights_t(ws)), recipe == "rowwise")["passes"]
+    assert [p["impl"] for p in fwd if p["kind"] == "gemm_fp8"] == [ml.CUBLAS_FAST] * len(forward)
+    assert [p["impl"] for p in bwd if p["kind"] == "gemm_fp8"] == ["cublas"]
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
 def test_fp8_on_the_tma_kernel_equals_scaled_mm_and_its_delta(recipe, monkeypatch):
     """fast.fp8=native with our GEMM: each base GEMM is ONE launch of the TMA kernel (e4m3 operands, the
     dequantization scales in its epilogue, then the bf16 LoRA delta and the bias in the same tile; the
