@@ -647,7 +647,8 @@ FIELD_HELP: dict[str, str] = {
     "train.max_update_ratio": "divergence guard: an update this many times the weights' norm stops the run before "
                               "anything of the step is written",
     "train.warn_factor": "divergence guard: warn when a gradient norm or update ratio is this multiple of its "
-                         "running median",
+                         "running median (the first spike printed; later ones within 500 steps counted, the "
+                         "count printed with the next one or at the end)",
     "train.dist_timeout_s": "torchrun: a collective waiting longer fails with a message naming the rank",
     "train.check_sync_every": "torchrun: every N steps the ranks check their student and EMA teacher are "
                               "identical (0: never)",

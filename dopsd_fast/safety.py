@@ -300,12 +300,18 @@ class Guard:
     """Checks a step before anything of it is written: a non-finite loss, gradient norm or updated
     weight, or an update ``max_update_ratio`` times the weights' norm, stops the run (nothing of the
     step saved; the last checkpoint is the last good state). A gradient norm or update-to-weight ratio
-    above ``warn_factor`` x its running median (or an update larger than the weights), warns."""
+    above ``warn_factor`` x its running median (or an update larger than the weights), warns: the first
+    such spike in full; later ones of the same quantity within ``quiet_steps`` of the last printed one
+    are counted, and the count (with the largest) comes with the next printed one or at the end of the
+    run (:meth:`summary`). Isolated spikes are common with small batches; a run that keeps spiking still
+    says so every ``quiet_steps`` steps."""
 
-    def __init__(self, max_update_ratio: float, warn_factor: float, window: int = 50):
+    def __init__(self, max_update_ratio: float, warn_factor: float, window: int = 50, quiet_steps: int = 500):
         self.max_update_ratio, self.warn_factor, self.window = max_update_ratio, warn_factor, window
+        self.quiet_steps = quiet_steps
         self.gnorms: list[float] = []
         self.ratios: list[float] = []
+        self._spikes: dict[str, dict] = {}  # per quantity: the last printed step, the count since, the largest
 
     def check_before_update(self, step: int, loss: float, gnorm: float) -> None:
         for name, v in (("loss", loss), ("gradient norm", gnorm)):
@@ -361,10 +367,33 @@ class Guard:
         if len(hist) >= 5:
             med = statistics.median(hist)
             if med > 0 and v > self.warn_factor * med:
-                log.warning("step %d: %s %.3g is %.0f x its running median %.3g: possible divergence", step, name, v,
-                            v / med, med)
+                self._spike(step, name, v, med)
         hist.append(v)
         del hist[:-self.window]
+
+    def _spike(self, step, name, v, med):
+        s = self._spikes.get(name)
+        if s is not None and step - s["printed"] < self.quiet_steps:
+            s["n"] += 1
+            s["largest"] = max(s["largest"], (v / med, step))
+            return
+        more = f"; {self._counted(s)}" if s is not None and s["n"] else ""
+        log.warning("step %d: %s %.3g is %.0f x its running median %.3g: a spike (harmless if isolated; possible "
+                    "divergence if they keep coming)%s; further spikes within %d steps are counted, not printed",
+                    step, name, v, v / med, med, more, self.quiet_steps)
+        self._spikes[name] = {"printed": step, "n": 0, "largest": (0.0, step)}
+
+    @staticmethod
+    def _counted(s) -> str:
+        return (f"{s['n']} more since step {s['printed']} (the largest {s['largest'][0]:.0f} x at step "
+                f"{s['largest'][1]})")
+
+    def summary(self) -> None:
+        """At the end of a run: the spikes counted since the last printed one, per quantity, in one line."""
+        for name, s in self._spikes.items():
+            if s["n"]:
+                log.warning("%s spikes over %g x the running median: %s", name, self.warn_factor, self._counted(s))
+                s["n"], s["largest"] = 0, (0.0, s["printed"])
 
 
 # ---- the config on resume ----------------------------------------------------------------------------

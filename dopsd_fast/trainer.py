@@ -743,6 +743,7 @@ class Trainer:
         finally:
             bar.close()
             self.prefetch.close()
+            self.guard.summary()
         if not tcfg.checkpoint_every or self.step % tcfg.checkpoint_every != 0:
             self.save()
         if vcfg.every and self.step % vcfg.every != 0:

@@ -52,6 +52,38 @@ def test_divergence_stops_before_anything_is_written(tmp_path, caplog):
     assert "larger than the weights" in caplog.text
 
 
+def test_gradient_norm_spikes_warn_once_then_are_counted(caplog):
+    """A gradient-norm spike (warn_factor x the running median) is printed in full; later ones within
+    quiet_steps of it are counted, not printed, and the count with the largest comes with the next
+    printed spike or, at the end of the run, in one line (Guard.summary). A steady run prints nothing."""
+    from dopsd_fast.safety import Guard
+
+    g = Guard(max_update_ratio=1e6, warn_factor=10.0, quiet_steps=100)
+    w = [torch.ones(4)]
+    spikes = {20: 20.0, 30: 40.0, 50: 30.0, 150: 25.0, 160: 50.0}
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        for step in range(1, 201):
+            g.check_after_update(step, w, None, spikes.get(step, 1.0))
+        printed = [r.getMessage() for r in caplog.records]
+        g.summary()
+        g.summary()  # nothing left to say
+    assert len(printed) == 2, printed
+    assert printed[0].startswith("step 20: gradient norm 20 is 20 x its running median 1: a spike")
+    assert "further spikes within 100 steps are counted, not printed" in printed[0]
+    assert printed[1].startswith("step 150: gradient norm 25 is 25 x") and \
+        "2 more since step 20 (the largest 40 x at step 30)" in printed[1], printed[1]
+    end = [r.getMessage() for r in caplog.records][2:]
+    assert end == ["gradient norm spikes over 10 x the running median: 1 more since step 150 (the largest 50 x at "
+                   "step 160)"], end
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        quiet = Guard(max_update_ratio=1e6, warn_factor=10.0)
+        for step in range(1, 101):
+            quiet.check_after_update(step, w, None, 1.0 + 0.5 * (step % 3))
+        quiet.summary()
+    assert not caplog.records
+
+
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from dopsd_fast.safety import DivergenceError
     from dopsd_fast.trainer import Trainer
