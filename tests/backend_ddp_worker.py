@@ -5,6 +5,8 @@ A counting DDP communication hook sees every all-reduce DDP's reducer would run:
 stepwise backwards must run none (its fast forward bypasses DDP's forward), and the backend averages
 the gradients once, at the step that is not under ``no_sync()``. Each rank writes what it saw."""
 
+import gc
+import os
 import sys
 from pathlib import Path
 
@@ -60,11 +62,18 @@ def main(out: str) -> None:
                 "local_vs_mean": float((local - expected).norm() / expected.norm()),
                 "warned": [m for m in seen if "does not average" in m]},
                Path(out) / f"rank{rank}.pt")
-    # DDP's reducer released and both ranks done before the group goes: tearing the group down under a
-    # live reducer can abort the process at exit ("terminate called without an active exception")
+    # DDP's reducer released (gc: DDP sits in reference cycles, so `del` alone may leave it alive) and both
+    # ranks done before the group goes: tearing the group down under a live reducer can abort the process
+    # at exit ("terminate called without an active exception"). Then leave without the interpreter's
+    # finalization, where Gloo's worker threads can still abort the process the same way (a PyTorch
+    # teardown issue, pytorch/pytorch#179291): this rank's results are written and the group is gone.
     del fast, ddp
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
