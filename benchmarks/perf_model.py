@@ -69,6 +69,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # step_time, beside this file
 if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install: its root goes LAST on sys.path
     sys.path.append(str(Path(__file__).resolve().parents[1]))
+from dopsd_fast.kernels import CUBLAS_FAST  # noqa: E402  (a cost pass's impl: _scaled_mm, fast accumulation)
 
 # FP8 GEMMs (fast.fp8=native) have no GPU measurement yet. Calibrated runs price them at the measured
 # bf16 rate of the same shape and implementation (no gain: the stated prediction), and beside it give
@@ -76,7 +77,6 @@ if importlib.util.find_spec("dopsd_fast") is None:  # a checkout with no install
 # gains published for large GEMMs on an H200 (TransformerEngine; performance.md), and 2.0, the
 # spec-sheet ratio (1979 / 989 TFLOP/s dense), a ceiling no stack reaches. The GPU check's fp8 stage
 # (benchmarks/gpu_check.py) measures the real step.
-CUBLAS_FAST = "cublas_fast"  # a cost pass's impl (kernels/multi_lora.py): _scaled_mm with use_fast_accum=True
 FP8_GEMM_SPEEDUPS = {"published GEMM-level low": 1.4, "published GEMM-level high": 1.7, "spec-sheet ceiling": 2.0}
 
 RATES = {"gemm": 700e12, "gemm_fp8": 1400e12, "attn_fwd": 350e12, "attn_bwd": 280e12, "bandwidth": 2.7e12,

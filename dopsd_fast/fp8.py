@@ -116,8 +116,9 @@ def quantize(t: torch.Tensor, rowwise: bool = True):
 
 class NativeFP8:
     """``fast.fp8: native``: the frozen base weights quantized once, keyed by the weight tensor (a
-    new tensor or an in-place change, seen by its version counter, re-quantizes); :meth:`matmul` is
-    the FP8 GEMM ``x W^T`` with ``x`` quantized per call. :meth:`emulate` is the same arithmetic in
+    new tensor or an in-place change, seen by its version counter, re-quantizes); the FP8 GEMM
+    ``x W^T``, with ``x`` quantized per call, runs in ``dopsd_fast.kernels.multi_lora`` (cuBLAS's
+    ``_scaled_mm`` with fast accumulation, or our kernel). :meth:`emulate` is its arithmetic in
     PyTorch (quantize, dequantize, bf16 GEMM): what the CPU tests measure the numerics with.
 
     ``dgrad`` (``fast.fp8_dgrad``): the student's backward dX GEMM in FP8 too. A group of linears reading
@@ -156,11 +157,6 @@ class NativeFP8:
             hit = (tuple(ws), versions, q, s)
             self._wt[key] = hit
         return hit[2], hit[3]
-
-    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xq, xs = quantize(x, self.rowwise)
-        wq, ws = self.weight(w)
-        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t() if self.rowwise else ws, out_dtype=x.dtype)
 
     def emulate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xq, xs = quantize(x, self.rowwise)

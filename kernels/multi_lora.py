@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dopsd_fast.kernels import CUBLAS_FAST  # a pass's impl: _scaled_mm with use_fast_accum=True
 from dopsd_fast.kernels._common import Cost, dot_flags, interpreting, mma, nbytes, next_pow2, register_cost, use_triton
 
 
@@ -697,9 +698,6 @@ class _PairedLinears(torch.autograd.Function):
         for j, g in enumerate(live):
             da[g], db[g] = out[1 + j], out[1 + len(live) + j]
         return None, out[0], *da, *db
-
-
-CUBLAS_FAST = "cublas_fast"  # a pass's impl: torch._scaled_mm with use_fast_accum=True (the FP8 forward)
 
 
 def _pass(name, kind, flops, byts, launches=1, shape=None, impl=None):

@@ -268,9 +268,6 @@ def test_measured_fp8_gemms_price_the_fp8_passes_by_shape(tmp_path):
         assert pricing.rate("gemm_fp8", (4608, 11520, 3840), pm.CUBLAS_FAST) == \
             rates["gemm_fp8"][recipe]["4608x11520x3840"]
         assert not pricing.unmeasured
-    from dopsd_fast.kernels.multi_lora import CUBLAS_FAST
-
-    assert pm.CUBLAS_FAST == CUBLAS_FAST
     counter = pm.StepCounter(pricing=pm.Pricing(pm.RATES, rates, "flash"))
     counter._add("fp8", "fp8", "gemm_fp8", 12e12, 1e6, 1, (9728, 3840, 3840), "cublas")
     assert pm.fp8_range(counter, 1.0) is None

@@ -11,6 +11,10 @@ modules into this folder (setup.py's ``build_py``), and the source folder is not
 
 from pathlib import Path as _Path
 
+# A cost pass's impl (the step model, benchmarks/perf_model.py, prices passes by kind, shape and impl):
+# torch._scaled_mm with use_fast_accum=True, the FP8 forward of ``multi_lora`` on cuBLAS.
+CUBLAS_FAST = "cublas_fast"
+
 
 def _source_folder() -> _Path | None:
     """The checkout's top-level ``kernels/`` folder, when this file sits in a checkout (``setup.py``
