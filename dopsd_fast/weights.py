@@ -51,6 +51,9 @@ class StudentTeacher:
                 for (ns, ps), (nt, pt) in zip(self._student.items(), self._teacher.items()):
                     pt.copy_(ps)  # the teacher starts as the student (= the base when B = 0)
             self.teacher_module = transformer
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
             self._set(STUDENT)
         else:
             transformer.float().requires_grad_(True)
@@ -65,7 +68,12 @@ class StudentTeacher:
 
     # ---- selection ---------------------------------------------------------------------------
     def _set(self, name: str) -> None:
-        self.transformer.set_adapter(name)
+        # Each LoRA layer switched by itself (peft's per-layer ``set_adapter``): the model-level call
+        # walks every module and checks peft's installed version on every switch, several ms per call
+        # on the toy model, four calls per step. No switch where every layer already has ``name``.
+        if not all(m.active_adapters == [name] for m in self._tuner_layers):
+            for m in self._tuner_layers:
+                m.set_adapter(name)
         # peft marks the active adapter trainable: the student alone ever is.
         for p in self._student.values():
             p.requires_grad_(True)
