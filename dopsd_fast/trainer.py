@@ -59,6 +59,19 @@ def _seed_of(*parts: int) -> int:
     return h
 
 
+def _log_above(bar) -> contextlib.AbstractContextManager:
+    """While the progress bar shows: the console's log lines (a spike, a Ctrl-C, a validation) are
+    written above the bar (``tqdm.write``), not into its line. Only where the root logger has a console
+    handler (the CLI's ``basicConfig``): a program that configured no logging gets no handler from us."""
+    console = [h for h in logging.root.handlers
+               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    if bar.disable or not console:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(tqdm_class=type(bar))
+
+
 class Trainer:
     def __init__(self, cfg, resume: str | None = None, allow_config_change: bool = False, overwrite: bool = False):
         """``resume``: ``"latest"`` (the newest checkpoint that loads; none at all: start from scratch) or a
@@ -703,6 +716,8 @@ class Trainer:
         if self.step == 0 and vcfg.at_start:
             self.validate()
         bar = tqdm(total=tcfg.max_steps, initial=self.step, desc="D-OPSD", disable=not tcfg.progress or self.rank != 0)
+        above = contextlib.ExitStack()
+        above.enter_context(_log_above(bar))
         last = {}
         stop = None
         try:
@@ -744,6 +759,7 @@ class Trainer:
             bar.close()
             self.prefetch.close()
             self.guard.summary()
+            above.close()
         if not tcfg.checkpoint_every or self.step % tcfg.checkpoint_every != 0:
             self.save()
         if vcfg.every and self.step % vcfg.every != 0:

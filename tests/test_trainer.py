@@ -323,3 +323,38 @@ def test_grid_captions_are_shown_in_full():
         short = Image.open(save_grid([("a dog", img)], ["base"], Path(t) / "a.png")).size
         long = Image.open(save_grid([(cap, img)], ["base"], Path(t) / "b.png")).size
     assert long[0] == short[0] and long[1] >= short[1] + 11 * (len(lines) - 2)
+
+
+def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
+    """With the bar shown and console logging set up (the CLI's basicConfig), a warning during training
+    is written on its own line above the bar (tqdm.write), not appended to the bar's line; and the
+    console handler is the caller's again after the run."""
+    import logging
+    import sys
+
+    from dopsd_fast.trainer import Trainer
+
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [handler]
+    try:
+        tr = Trainer(tiny_config(tmp_path, "train.progress=true"))
+        step = tr.train_step
+
+        def noisy():
+            out = step()
+            if tr.step == 2:
+                logging.getLogger("dopsd_fast.test").warning("a spike at step 2")
+            return out
+
+        tr.train_step = noisy
+        tr.train()
+        assert root.handlers == [handler]
+    finally:
+        root.handlers = saved
+    err = capsys.readouterr().err
+    assert "D-OPSD" in err and "3/3" in err  # the bar was drawn
+    line = next(x for x in err.split("\n") if "a spike at step 2" in x)
+    assert line.split("\r")[-1] == "WARNING a spike at step 2", repr(line)
