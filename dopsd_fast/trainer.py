@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import random
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -59,17 +60,38 @@ def _seed_of(*parts: int) -> int:
     return h
 
 
-def _log_above(bar) -> contextlib.AbstractContextManager:
-    """While the progress bar shows: the console's log lines (a spike, a Ctrl-C, a validation) are
-    written above the bar (``tqdm.write``), not into its line. Only where the root logger has a console
-    handler (the CLI's ``basicConfig``): a program that configured no logging gets no handler from us."""
-    console = [h for h in logging.root.handlers
-               if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-    if bar.disable or not console:
-        return contextlib.nullcontext()
-    from tqdm.contrib.logging import logging_redirect_tqdm
+class _AboveBar(logging.Handler):
+    """A console handler's stand-in while a progress bar shows: the same level, filters, format and
+    stream, each line written through ``tqdm.write`` (which clears the bar, writes, redraws it)."""
 
-    return logging_redirect_tqdm(tqdm_class=type(bar))
+    def __init__(self, console: logging.StreamHandler, bar_class):
+        super().__init__(console.level)
+        self.console, self.bar_class = console, bar_class
+        self.setFormatter(console.formatter)
+        self.filters = list(console.filters)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.bar_class.write(self.format(record), file=self.console.stream)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _log_above(bar):
+    """While the progress bar shows: the console's log lines (a spike, a Ctrl-C, a validation) are
+    written above the bar, not into its line. Only the root logger's handlers that write to the
+    terminal's streams (the CLI's ``basicConfig``) are stood in for, and put back after; a program that
+    configured no logging gets no handler from us."""
+    root = logging.root
+    saved = root.handlers[:]
+    if not bar.disable:
+        root.handlers = [_AboveBar(h, type(bar)) if isinstance(h, logging.StreamHandler)
+                         and getattr(h, "stream", None) in (sys.stdout, sys.stderr) else h for h in saved]
+    try:
+        yield
+    finally:
+        root.handlers = saved
 
 
 class Trainer:
@@ -756,10 +778,12 @@ class Trainer:
                         "resume with --resume latest)", self.step)
             raise
         finally:
-            bar.close()
-            self.prefetch.close()
-            self.guard.summary()
-            above.close()
+            try:
+                bar.close()
+                self.prefetch.close()
+                self.guard.summary()
+            finally:
+                above.close()  # the caller's log handlers back, whatever happened above
         if not tcfg.checkpoint_every or self.step % tcfg.checkpoint_every != 0:
             self.save()
         if vcfg.every and self.step % vcfg.every != 0:

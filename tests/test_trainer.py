@@ -327,8 +327,11 @@ def test_grid_captions_are_shown_in_full():
 
 def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
     """With the bar shown and console logging set up (the CLI's basicConfig), a warning during training
-    is written on its own line above the bar (tqdm.write), not appended to the bar's line; and the
-    console handler is the caller's again after the run."""
+    is written on its own line above the bar (tqdm.write), not appended to the bar's line. The console
+    handler's level holds (an INFO line under a WARNING handler stays out), a handler writing elsewhere
+    (a StringIO) is left as it is, and the caller's handlers are back after the run, an interrupted
+    one too."""
+    import io
     import logging
     import sys
 
@@ -336,9 +339,12 @@ def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
 
     handler = logging.StreamHandler(sys.stderr)  # capsys's stderr
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setLevel(logging.WARNING)
+    elsewhere = logging.StreamHandler(io.StringIO())
     root = logging.getLogger()
-    saved = root.handlers[:]
-    root.handlers = [handler]
+    saved, level = root.handlers[:], root.level
+    root.handlers = [handler, elsewhere]
+    root.setLevel(logging.INFO)
     try:
         tr = Trainer(tiny_config(tmp_path, "train.progress=true"))
         step = tr.train_step
@@ -347,14 +353,27 @@ def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
             out = step()
             if tr.step == 2:
                 logging.getLogger("dopsd_fast.test").warning("a spike at step 2")
+                logging.getLogger("dopsd_fast.test").info("an info line")
             return out
 
         tr.train_step = noisy
         tr.train()
-        assert root.handlers == [handler]
+        assert root.handlers == [handler, elsewhere]
+        tr2 = Trainer(tiny_config(tmp_path / "b", "train.progress=true"))
+
+        def interrupted():
+            raise KeyboardInterrupt
+
+        tr2.train_step = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            tr2.train()
+        assert root.handlers == [handler, elsewhere]
     finally:
         root.handlers = saved
+        root.setLevel(level)
     err = capsys.readouterr().err
     assert "D-OPSD" in err and "3/3" in err  # the bar was drawn
     line = next(x for x in err.split("\n") if "a spike at step 2" in x)
     assert line.split("\r")[-1] == "WARNING a spike at step 2", repr(line)
+    assert err.count("a spike at step 2") == 1 and "an info line" not in err
+    assert elsewhere.stream.getvalue().count("a spike at step 2") == 1
