@@ -192,9 +192,10 @@ def gemm_tile(block_m: int, block_n: int):
 
 def _interp_tile(d: int) -> int:
     """Under the interpreter, whose cost is per program and per K step: 16 below 64 (the kernel tests'
-    small products keep several tiles per dimension), 32 from 64 up (the tiny models' products: a
-    quarter of the programs, half the K steps)."""
-    return 16 if d < 64 else 32
+    small products keep several tiles per dimension), 32 from 64 up and 64 from 128 up (the tiny
+    models' products, e.g. their 170-wide FFN: still three tiles, the last one partial, in half the
+    programs and K steps)."""
+    return 16 if d < 64 else 32 if d < 128 else 64
 
 
 def _blocks(M, N, K):

@@ -424,8 +424,9 @@ def test_gemm_tile_is_what_the_gpu_launches_and_is_restored(monkeypatch):
     assert ml.TILE == (128, 128)
     monkeypatch.setattr(ml, "interpreting", lambda: True)
     with ml.gemm_tile(128, 256):
-        assert ml._blocks(4608, 3840, 3840)[:3] == (32, 32, 32)
+        assert ml._blocks(4608, 3840, 3840)[:3] == (64, 64, 64)
         assert ml._blocks(37, 70, 48)[:3] == (16, 32, 16)
+        assert ml._blocks(64, 170, 127)[:3] == (32, 64, 32)  # a tiny model's FFN: still 3 tiles wide
 
 
 class _Count:
