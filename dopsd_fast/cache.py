@@ -26,6 +26,7 @@ from dopsd_fast.data.dataset import load_image
 from tqdm.auto import tqdm
 
 CACHE_VERSION = 1
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names
 
 
 class CacheError(RuntimeError):
@@ -73,12 +74,20 @@ class FeatureCache:
         self.dir = Path(directory)
         self.identity = json.loads(json.dumps(identity))  # normalise (tuples -> lists)
         manifest = self.dir / "manifest.json"
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text())
+        if self.dir.exists() and not self.dir.is_dir():
+            raise CacheError(f"cache.dir {self.dir} is a file, not a folder; point cache.dir at a folder (dopsd-cache "
+                             "creates it)")
+        if manifest.is_file() or manifest.is_symlink():
+            try:  # a regular file in the folder (a received cache's manifest may be a link elsewhere)
+                data = json.loads(file_in_folder(self.dir, manifest.name).read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CacheError(f"feature cache {manifest} is damaged ({e}); delete the directory and run dopsd-cache "
                                  "again") from None
+            except (OSError, ValueError) as e:
+                raise CacheError(f"feature cache {manifest}: {e}") from None
+            if not isinstance(data, dict):
+                raise CacheError(f"feature cache {manifest} is not a manifest (a JSON object); delete the directory "
+                                 "and run dopsd-cache again")
             if data.get("version") != CACHE_VERSION:
                 raise CacheError(f"feature cache {self.dir}: format version {data.get('version')} != {CACHE_VERSION}; "
                                  "delete it and run dopsd-cache again")
@@ -106,6 +115,9 @@ class FeatureCache:
             if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
                 raise CacheError(f"feature cache {self.dir / 'manifest.json'}: entry {key} is not [shard, name]; delete "
                                  "the directory and run dopsd-cache again")
+            if entry[1] != key:  # dopsd-cache stores each context under its own key: another name is another context
+                raise CacheError(f"feature cache {self.dir / 'manifest.json'}: entry {key} points at the tensors of "
+                                 f"{entry[1][:40]!r}, not its own; delete the directory and run dopsd-cache again")
         for shard in sorted({s for s, _ in entries.values()}):
             try:
                 file_in_folder(self.dir, shard)
@@ -122,15 +134,18 @@ class FeatureCache:
     def missing(self, dataset) -> list:
         return [e for e in needed_entries(dataset) if e[0] not in self.entries]
 
-    def require_complete(self, dataset) -> None:
+    def require_complete(self, dataset, width: int | None = None) -> None:
         miss = self.missing(dataset)
         if miss:
             raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset))} "
                              "contexts this dataset needs; run dopsd-cache with the same config first")
-        self.check_shards()
+        self.check_shards(width)
 
-    def check_shards(self) -> None:
-        """Every shard the manifest names exists and its header reads (at start-up, not at first use)."""
+    def check_shards(self, width: int | None = None) -> None:
+        """Every shard the manifest names exists, its header reads, and every context in it is a
+        floating-point ``(tokens, width)`` tensor with at least one token (``width``: the model's context
+        width, where the caller knows it); extras are floating-point. At start-up, not at first use; only
+        the headers are read."""
         from safetensors import safe_open
 
         for shard in sorted({s for s, _ in self.entries.values()}):
@@ -148,6 +163,20 @@ class FeatureCache:
             if not want <= names:
                 raise CacheError(f"feature cache {path} lacks {len(want - names)} of its {len(want)} entries; delete it "
                                  "and run dopsd-cache again")
+            with safe_open(str(path), framework="pt") as f:
+                for t in sorted(names):
+                    sl = f.get_slice(t)
+                    shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                    why = None
+                    if dtype not in _FLOAT_DTYPES:
+                        why = f"is {dtype}, not floating-point"
+                    elif t.endswith(".features") and (len(shape) != 2 or not shape[0]):
+                        why = f"has shape {tuple(shape)}, not (tokens >= 1, width)"
+                    elif t.endswith(".features") and width is not None and shape[1] != width:
+                        why = f"is {shape[1]} wide, this model's contexts are {width}"
+                    if why:
+                        raise CacheError(f"feature cache {path}: tensor {t[:60]} {why}; delete the directory and run "
+                                         "dopsd-cache again with this model")
 
     def get(self, key: str) -> Context:
         from safetensors import safe_open

@@ -441,10 +441,10 @@ def _free_name(p: Path, what: str) -> Path:
 def checkpoint_run_id(path: Path) -> str | None:
     """The run id recorded in checkpoint ``path`` (its ``run_id`` file), or None (an earlier version's
     checkpoint, or an unreadable record)."""
-    try:
-        with open(Path(path) / RUN_ID_FILE, "rb") as f:
+    try:  # a regular file in the folder: a received checkpoint's record may be a link or a pipe
+        with open(file_in_folder(Path(path), RUN_ID_FILE), "rb") as f:
             text = f.read(65).decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
+    except (OSError, ValueError):  # ValueError: UnicodeDecodeError, or file_in_folder's refusal
         return None
     return text if _RUN_ID_RE.match(text) else None
 
@@ -566,3 +566,63 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: the structure is not a state dict; not loaded")
     return state
+
+
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # what AdamW keeps per parameter
+
+
+def _count(v, least: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def check_train_state(state: dict, path) -> None:
+    """The trainer's fields of a loaded checkpoint, each of the kind the trainer writes, else a
+    :class:`CheckpointError` naming the checkpoint and the field. A received checkpoint is untrusted:
+    its values reach the optimizer, the scheduler and the step counter, and nothing but what the trainer
+    itself writes may get there (tensor shapes are checked against the model where they are loaded)."""
+
+    def bad(what: str):
+        raise CheckpointError(f"checkpoint {path}: {what}; not loaded")
+
+    for k in ("step", "weights", "optimizer", "lr_scheduler", "sampler", "rng"):
+        if k not in state:
+            bad(f"no {k!r} entry (not a training checkpoint)")
+    if not _count(state["step"]):
+        bad(f"step {state['step']!r} is not a step count")
+    w = state["weights"]
+    if not isinstance(w, dict) or set(w) != {"student", "teacher"}:
+        bad("'weights' is not {student, teacher}")
+    for which in ("student", "teacher"):
+        if not isinstance(w[which], dict):
+            bad(f"weights.{which} is not a mapping of named tensors")
+        for n, t in w[which].items():
+            if not (isinstance(n, str) and torch.is_tensor(t) and t.is_floating_point()):
+                bad(f"weights.{which}[{n!r}] is not a floating-point tensor")
+    o = state["optimizer"]
+    if not (isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)):
+        bad("'optimizer' is not an optimizer state ({state, param_groups})")
+    for g in o["param_groups"]:
+        if not (isinstance(g, dict) and isinstance(g.get("params"), list) and all(_count(i) for i in g["params"])):
+            bad("an optimizer parameter group is not {params: [indices], ...}")
+    for i, st in o["state"].items():
+        if not (_count(i) and isinstance(st, dict)):
+            bad(f"optimizer state entry {i!r} is not a parameter index with its state")
+        for k, v in st.items():
+            if k not in _ADAM_STATE or not (torch.is_tensor(v) and v.is_floating_point()):
+                bad(f"optimizer state {i}[{k!r}] is not one of AdamW's tensors ({', '.join(_ADAM_STATE)})")
+            if k == "step" and (v.dim() or float(v) < 0):
+                bad(f"optimizer state {i}['step'] is not a scalar count")
+            if k.endswith("_sq") and v.numel() and float(v.min()) < 0:
+                bad(f"optimizer state {i}[{k!r}] holds negative values (a second moment is >= 0)")
+    s = state["lr_scheduler"]
+    if not (isinstance(s, dict) and _count(s.get("last_epoch"), -1) and _count(s.get("_step_count", 0))):
+        bad("'lr_scheduler' is not {last_epoch: int >= -1, _step_count: int >= 0}")
+    for k in ("sampler", "rng"):
+        if not isinstance(state[k], dict):
+            bad(f"{k!r} is not a mapping")
+    rid = state.get("run_id")
+    if rid is not None and not (isinstance(rid, str) and _RUN_ID_RE.match(rid)):
+        bad(f"run_id {str(rid)[:40]!r} is not a run id (8-64 hex digits)")
+    for k in ("config", "data_fingerprint"):
+        if state.get(k) is not None and not isinstance(state[k], dict):
+            bad(f"{k!r} is not a mapping")

@@ -184,8 +184,11 @@ class DataConfig:
         if isinstance(self.buckets, str):
             _one_of(self.buckets, ("1mp",), "data.buckets")
         else:
-            _check(all(isinstance(b, (list, tuple)) and len(b) == 2 for b in self.buckets), "data.buckets",
+            _check(isinstance(self.buckets, (list, tuple)) and len(self.buckets) > 0
+                   and all(isinstance(b, (list, tuple)) and len(b) == 2 for b in self.buckets), "data.buckets",
                    "must be '1mp' or a list of [width, height]")
+            bad = [b for b in self.buckets if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b)]
+            _check(not bad, "data.buckets", f"each [width, height] must be whole pixels > 0, got {bad[:1]}")
 
 
 @dataclass(kw_only=True)

@@ -103,7 +103,8 @@ def workload(cfg, say=print) -> Workload:
             encoders = 0
             if dataset is not None and real_model:
                 try:
-                    FeatureCache(cfg.cache.dir, adapter.encoder_identity()).require_complete(dataset)
+                    FeatureCache(cfg.cache.dir, adapter.encoder_identity()).require_complete(
+                        dataset, spec.context_width(adapter.transformer.config))
                     say(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
                 except (CacheError, FileNotFoundError) as e:
                     say(f"feature cache: not ready ({e}); counted as if complete (the encoders not loaded)")

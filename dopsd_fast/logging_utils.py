@@ -16,16 +16,16 @@ class MetricsLogger:
                  enabled: bool = True):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.tb = self.wandb = None
+        self.tb = self.wandb = self._tb_writer = None
         if not enabled:
             return
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed: logging to metrics.jsonl only")
+            else:  # the folder is made at the first row: a run refused before its first step leaves none
+                self._tb_writer = lambda: SummaryWriter(str(Path(out_dir) / "tensorboard"))
         if wandb:
             try:
                 import wandb as _wandb
@@ -35,16 +35,18 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume: keep the lines of steps <= ``step`` (the checkpoint's) and drop a line torn by a
-        crash, so the file reads as one run."""
+        crash (or any line that is not a metrics row), so the file reads as one run."""
         if not self.enabled or not self.path.exists():
             return
         keep = []
         for line in self.path.read_text(errors="replace").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            at = row.get("step", 0) if isinstance(row, dict) else None
+            if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step:
+                keep.append(line)  # a line that is not a metrics row (no number for its step) is dropped
 
         atomic_write(self.path, lambda t: t.write_text("".join(x + "\n" for x in keep)))
 
@@ -58,6 +60,8 @@ class MetricsLogger:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if self.tb is None and self._tb_writer is not None:
+            self.tb, self._tb_writer = self._tb_writer(), None
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

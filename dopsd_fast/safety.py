@@ -84,7 +84,7 @@ def run_outputs(out: Path) -> list[str]:
 
 def move_aside(out: Path) -> Path:
     """Rename ``out`` to the first free ``<out>.old-N`` next to it (nothing deleted) and return that."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "..": a name to rename
     n = 1
     while True:
         aside = out.with_name(f"{out.name}.old-{n}")

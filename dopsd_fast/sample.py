@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -17,8 +19,9 @@ from dopsd_fast.validation import save_grid
 def load_lora_into(transformer, lora_dir: str) -> None:
     """Load a LoRA written by ``dopsd-train`` (diffusers format) as the active adapter. The folder is
     untrusted input: its weights file must be a file in it; weights that are not finite or of an absurd
-    magnitude, and a file whose LoRA weights match no module of this model (or only some), are refused
-    in one line naming what the file holds."""
+    magnitude, a file whose LoRA weights match no module of this model (or only some), tensors that are
+    not LoRA factors, a module without both factors or with factors of other shapes, and metadata that
+    is not a plain LoRA's (:func:`_checked_metadata`) are refused in one line naming what the file holds."""
     from diffusers import ZImagePipeline
 
 
@@ -39,13 +42,90 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     if not wanted:
         raise ValueError(f"--lora: {weights} holds no LoRA weights ({_found(state)}); expected "
                          "transformer.<module>.lora_A/lora_B.weight as dopsd-train writes")
+    others = sorted(k for k in state if not _LORA_KEY.match(k))
+    if others:
+        raise ValueError(f"--lora: {weights} holds {len(others)} tensor(s) that are not LoRA factors "
+                         f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); expected only "
+                         "<module>.lora_A.weight / .lora_B.weight as dopsd-train writes")
     _refuse_unmatched(weights, wanted, {name for name, _ in transformer.named_modules()})
+    _check_factors(weights, state, dict(transformer.named_modules()))
+    meta = _checked_metadata(weights, meta, {t.shape[0] for k, t in state.items() if ".lora_A." in k})
     try:
         ZImagePipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name="lora", metadata=meta)
     except Exception as e:  # noqa: BLE001 - a foreign file: one line naming it
         raise FileNotFoundError(f"--lora: {weights} does not load as a LoRA for this model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     _refuse_unmatched(weights, wanted, _loaded_lora_modules(transformer, "lora"))
+
+
+_LORA_KEY = re.compile(r"^(transformer\.)?[\w.]+\.lora_[AB]\.weight$")
+LORA_MAX_SCALE = 256.0  # alpha / r of a LoRA file: trained LoRAs use about 1 to 4
+
+
+def _check_factors(weights: Path, state: dict, modules: dict) -> None:
+    """Each adapted module has both factors, floating-point, ``A (r, in)`` and ``B (out, r)`` with this
+    model's ``in`` / ``out`` and one ``r``: else one line naming the module (a LoRA with only its A's
+    would load and do nothing)."""
+    for m in sorted(_lora_modules(state)):
+        pre = next(p for p in ("transformer.", "") if f"{p}{m}.lora_A.weight" in state or f"{p}{m}.lora_B.weight" in state)
+        a, b = state.get(f"{pre}{m}.lora_A.weight"), state.get(f"{pre}{m}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"--lora: {weights}: module {m} has only its lora_{'A' if b is None else 'B'} factor; "
+                             "a LoRA needs both (a damaged or partial file?)")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise ValueError(f"--lora: {weights}: module {m}'s factors are {a.dtype} / {b.dtype}, not floating-point")
+        mod = modules[m]
+        want_in, want_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+        if (a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.shape[0]
+                or (want_in is not None and a.shape[1] != want_in) or (want_out is not None and b.shape[0] != want_out)):
+            raise ValueError(f"--lora: {weights}: module {m} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                             f"this model's {m} needs (r, {want_in}) and ({want_out}, r) (a LoRA for another model?)")
+
+
+def _checked_metadata(weights: Path, meta, ranks: set):
+    """The LoRA settings of a file's metadata that this loader honours (``r``, ``lora_alpha``,
+    ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``), checked; everything else
+    is dropped, so a received file cannot change the base weights at load (peft's PiSSA / OLoRA / LoftQ
+    initialisations), add modules or a DoRA magnitude, or scale the LoRA past :data:`LORA_MAX_SCALE`."""
+    if meta is None:
+        return None
+    where = f"--lora: {weights}: metadata"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} is not a mapping of LoRA settings")
+    # diffusers reads the transformer's settings under "transformer." and ignores the rest
+    meta = {k.removeprefix("transformer."): v for k, v in meta.items() if isinstance(k, str) and k.startswith("transformer.")}
+    for k in ("use_dora", "lora_bias"):
+        if meta.get(k):
+            raise ValueError(f"{where} sets {k}={meta[k]!r}: not a plain LoRA, which is what this loader takes")
+    kept = {k: meta[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
+            if k in meta and meta[k] is not None}
+    r = kept.get("r")
+    if r is not None and not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise ValueError(f"{where}: r={r!r} is not a positive rank")
+    if r is not None and not kept.get("rank_pattern") and ranks - {r}:
+        raise ValueError(f"{where}: r={r} but its factors have rank {', '.join(map(str, sorted(ranks)))}")
+    rsl = kept.get("use_rslora", False)
+    if not isinstance(rsl, bool):
+        raise ValueError(f"{where}: use_rslora={rsl!r} is not true / false")
+    for pat in ("alpha_pattern", "rank_pattern"):
+        v = kept.get(pat)
+        if v is not None and not (isinstance(v, dict) and all(isinstance(x, str) for x in v)
+                                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                          for x in v.values())):
+            raise ValueError(f"{where}: {pat} is not a mapping of module patterns to positive numbers")
+    alphas = [("lora_alpha", kept.get("lora_alpha"))]
+    alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (kept.get("alpha_pattern") or {}).items()]
+    smallest = min(ranks | ({r} if r else set()) or {1})  # the largest scale any module can get
+    for name, alpha in alphas:
+        if alpha is None:
+            continue
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"{where}: {name}={alpha!r} is not a positive number")
+        scale = alpha / (math.sqrt(smallest) if rsl else smallest)
+        if scale > LORA_MAX_SCALE:
+            raise ValueError(f"{where}: {name}={alpha:g} scales the LoRA by {scale:.3g} (alpha / r), over the limit "
+                             f"{LORA_MAX_SCALE:g} (damaged or foreign metadata); refused")
+    return {f"transformer.{k}": v for k, v in kept.items()} or None
 
 
 def _refuse_unmatched(weights: Path, wanted: set, present: set) -> None:
@@ -77,7 +157,6 @@ def _found(state: dict) -> str:
     return f"{len(keys)} tensors: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" if keys else "no tensors"
 
 
-@torch.no_grad()
 @torch.no_grad()
 def sample_images(adapter, prompts, width: int, height: int, steps=None, seed: int = 0, transformer=None,
                   sigmas=None) -> list[torch.Tensor]:

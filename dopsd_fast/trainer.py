@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -26,8 +27,8 @@ from tqdm.auto import tqdm
 from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
 from dopsd_fast.cache import ContextProvider, FeatureCache
-from dopsd_fast.checkpoint import (checkpoint_run_id, incomplete_checkpoints, list_checkpoints, load_checkpoint,
-                                   resolve_resume, rng_state, save_checkpoint, set_rng_state)
+from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incomplete_checkpoints, list_checkpoints,
+                                   load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import from_env
@@ -94,6 +95,13 @@ def _log_above(bar):
         root.handlers = saved
 
 
+def _load_train_state(ck: Path) -> dict:
+    """A checkpoint's state, checked as the trainer's (:func:`~dopsd_fast.checkpoint.check_train_state`)."""
+    state = load_checkpoint(ck)
+    check_train_state(state, ck)
+    return state
+
+
 class Trainer:
     def __init__(self, cfg, resume: str | None = None, allow_config_change: bool = False, overwrite: bool = False):
         """``resume``: ``"latest"`` (the newest checkpoint that loads; none at all: start from scratch) or a
@@ -108,7 +116,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = from_env(cfg.train.dist_timeout_s)  # torchrun: one process per GPU (dopsd_fast.distributed)
         self.rank, self.world = self.dist.rank, self.dist.world
-        self.out = Path(cfg.train.output_dir)
+        # absolute: "." or a relative path keeps naming this folder when --overwrite moves it aside
+        self.out = Path(os.path.abspath(cfg.train.output_dir))
         self.allow_config_change = allow_config_change
         self._lock = None
         self._resume_from = None
@@ -175,6 +184,9 @@ class Trainer:
         if overwrite and resume:
             raise OutputDirError(f"train.output_dir {out}: --overwrite starts a new run there and --resume continues "
                                  "one; pass one of them")
+        if out.exists() and not out.is_dir():
+            raise OutputDirError(f"train.output_dir {out} is a file, not a folder; choose a folder (it is created "
+                                 "where missing)")
         out.mkdir(parents=True, exist_ok=True)
         self._lock = OutputLock(out)  # the lock first: nothing of the folder read or written before it
         used = run_outputs(out)
@@ -202,7 +214,7 @@ class Trainer:
         if resume != "latest":
             ck = resolve_resume(root, resume)
             try:
-                state = load_checkpoint(ck)
+                state = _load_train_state(ck)
             except Exception as e:  # noqa: BLE001 - a corrupt file: one line naming it
                 raise FileNotFoundError(f"--resume {ck}: the checkpoint does not load ({type(e).__name__}: {e})") from None
             theirs = {checkpoint_run_id(p) for _, p in list_checkpoints(root)}
@@ -223,7 +235,7 @@ class Trainer:
                 skipped.append(ck.name)
                 continue
             try:
-                state = load_checkpoint(ck)
+                state = _load_train_state(ck)
             except Exception as e:  # noqa: BLE001 - fall back to the previous one
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 log.warning("--resume latest: skipping %s: it does not load (%s)", ck, why)
@@ -235,8 +247,36 @@ class Trainer:
             raise OutputDirError(f"--resume latest: no checkpoint in {root} loads ({', '.join(skipped)}: see the "
                                  "warnings above); start afresh there with --overwrite instead of --resume (the "
                                  "run is moved aside, nothing deleted), or in another output_dir")
+        passed = self._results_past_a_checkpoint()
+        if passed:
+            raise OutputDirError(f"--resume latest: no checkpoint in {root}, but {self.out} holds the results of a run "
+                                 f"that wrote one ({passed}): its checkpoints were removed, so it cannot continue; "
+                                 "start afresh with --overwrite instead of --resume (the run is moved aside, nothing "
+                                 "deleted), or in another output_dir")
         log.info("--resume latest: no checkpoint in %s: starting from scratch", root)
         return None, None
+
+    def _results_past_a_checkpoint(self) -> str:
+        """What in the output folder shows a run that got past a checkpoint (a LoRA export, metrics rows
+        at or past ``train.checkpoint_every``), or ''. A ``--resume latest`` that finds no checkpoint
+        starts afresh only over an attempt that never wrote one."""
+        import json
+
+        found = [f"{name}/" for name in ("lora", "lora_ema") if (self.out / name).exists()]
+        every, metrics = self.cfg.train.checkpoint_every, self.out / "metrics.jsonl"
+        if every > 0 and metrics.is_file():
+            steps = []
+            for line in metrics.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                at = row.get("step") if isinstance(row, dict) else None
+                if isinstance(at, int) and not isinstance(at, bool):
+                    steps.append(at)
+            if steps and max(steps) >= every:
+                found.append(f"metrics.jsonl up to step {max(steps)}")
+        return ", ".join(found)
 
     def _check_resume(self, ck: Path, state: dict) -> None:
         """The refusals a resume can meet, before anything is built: a config that changes the math, a
@@ -299,7 +339,7 @@ class Trainer:
         if cfg.cache.dir:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
             cache = FeatureCache(cfg.cache.dir, self.adapter.encoder_identity())
-            cache.require_complete(self.dataset)
+            cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config))
             log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
         else:
             self.adapter = build_adapter(cfg.model, load_encoders=True)
@@ -626,20 +666,26 @@ class Trainer:
         }
 
     def load(self, path: Path, state: dict | None = None) -> None:
-        state = load_checkpoint(path) if state is None else state
+        state = _load_train_state(path) if state is None else state
         changes = self._config_check(path, state)
         for k, a, b in changes:
             log.info("resume: %s %r -> %r (applied)", k, a, b)
         try:
             self.weights.load_state_dict(state["weights"])
+            self._check_optimizer_shapes(state["optimizer"])
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(self._optimizer_state_for_here(state["optimizer"]))
+            for g, live in zip(self.optimizer.param_groups, groups):  # every option is this run's (a received
+                g.update(live)  # checkpoint's maximize / fused / amsgrad ... never reach the optimizer)
         except (RuntimeError, ValueError, KeyError) as e:  # tensors that do not fit the model built here
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k.startswith(("model.", "lora.")))
             raise ConfigError(f"resume from {path}: its weights do not fit the model of this config "
                               f"({fields or 'no model or LoRA field changed'}; {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); keep the checkpoint's model and "
                               "LoRA settings, or start a new run") from None
-        self.lr_sched.load_state_dict(state["lr_scheduler"])
+        sched = state["lr_scheduler"]  # its position only (a scheduler's load_state_dict sets any attribute it is given)
+        self.lr_sched.last_epoch = sched["last_epoch"]
+        self.lr_sched._step_count = sched.get("_step_count", sched["last_epoch"] + 1)
         o = self.cfg.optim  # the current optimizer settings win over the checkpoint's
         self.lr_sched.base_lrs = [o.lr for _ in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
@@ -658,6 +704,20 @@ class Trainer:
         self._saved_step = self.step
         self.logger.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_optimizer_shapes(self, osd: dict) -> None:
+        """Each saved moment has its parameter's shape (a ValueError naming it, else the optimizer would
+        take it and fail, or broadcast, at the next step)."""
+        params = self.weights.trainable_parameters()
+        names = {id(p): n for n, p in self.weights.named_trainable().items()}
+        for i, st in osd["state"].items():
+            if i >= len(params):
+                raise ValueError(f"optimizer state for parameter {i}, but this model trains {len(params)}")
+            p = params[i]
+            for k, v in st.items():
+                if v.dim() and tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {k} of {names.get(id(p), f'parameter {i}')} has shape "
+                                     f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")
 
     def _optimizer_state_for_here(self, osd: dict) -> dict:
         """Full optimizer-state tensors of sharded parameters -> this rank's shard (as DTensors)."""

@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from dopsd_fast.algorithm import ema_update_
+from dopsd_fast.errors import ConfigError
 from dopsd_fast.fsdp import as_dtensor, full_to_local, is_dtensor, local
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,21 @@ class StudentTeacher:
                                           init_lora_weights=(lora_cfg.init if lora_cfg.init == "gaussian" else True))
             with warnings.catch_warnings():  # two adapters on one model is the point here
                 warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-                transformer.add_adapter(self.lora_config, adapter_name=STUDENT)
+                try:
+                    transformer.add_adapter(self.lora_config, adapter_name=STUDENT)
+                except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+                    if "not found in the base model" not in str(e):
+                        raise
+                    raise ConfigError(f"lora.targets {list(targets)}: {str(e).splitlines()[0].split('. ')[0]}; name "
+                                      "modules of this transformer (e.g. to_q, to_k, to_v), or leave lora.targets "
+                                      "unset for the family's default") from None
                 transformer.add_adapter(self.lora_config, adapter_name=TEACHER)
             self._student = {n: p for n, p in transformer.named_parameters() if f".{STUDENT}." in n and "lora_" in n}
             self._teacher = {n.replace(f".{STUDENT}.", f".{TEACHER}."): None for n in self._student}
             params = dict(transformer.named_parameters())
             self._teacher = {n: params[n] for n in self._teacher}
             if not self._student:
-                raise ValueError(f"lora.targets {list(targets)} matched no module of the transformer")
+                raise ConfigError(f"lora.targets {list(targets)} matched no module of the transformer")
             with torch.no_grad():
                 for p in list(self._student.values()) + list(self._teacher.values()):
                     p.data = p.data.float()
@@ -166,6 +174,10 @@ class StudentTeacher:
                                  f"({len(set(src) ^ set(target))} names differ)")
             for n, p in target.items():
                 s = src[n]
+                if not (torch.is_tensor(s) and s.is_floating_point()) or tuple(s.shape) != tuple(p.shape):
+                    what = f"{s.dtype} {tuple(s.shape)}" if torch.is_tensor(s) else f"a {type(s).__name__}"
+                    raise ValueError(f"checkpoint {which} weight {n} is {what}, this model's is floating-point "
+                                     f"{tuple(p.shape)}")
                 if is_dtensor(p) and not is_dtensor(s):
                     piece = full_to_local(s, p)
                     dst = self._ema[n] if which == "teacher" and not self.lora else p.to_local()

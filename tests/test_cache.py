@@ -1,6 +1,7 @@
 """Feature cache: written once, read without encoders, stale or incomplete caches refused."""
 
 import json
+import re
 
 import pytest
 
@@ -68,3 +69,84 @@ def test_incomplete_or_missing_cache_refused_and_resumed(tmp_path):
     m2 = json.loads((cache / "manifest.json").read_text())
     assert len(m2["entries"]) == 24 and len(list(cache.glob("shard-*.safetensors"))) == 6
     Trainer(tiny_config(tmp_path / "z", f"cache.dir={cache}"))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    return _write_cache(tmp_path_factory.mktemp("written"))
+
+
+def _received(written, tmp_path, manifest=None, tensors=None):
+    """A copy of ``written`` with its manifest (and the first shard's tensors) edited, as if received."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cache = tmp_path / "received"
+    shutil.copytree(written, cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    if manifest is not None:
+        m = manifest(m)
+        (cache / "manifest.json").write_text(json.dumps(m))
+    if tensors is not None:
+        shard = cache / "shard-00000.safetensors"
+        save_file(tensors(load_file(str(shard))), str(shard))
+    return cache, m
+
+
+def _swap(m):
+    a, b = sorted(m["entries"])[:2]
+    m["entries"][a], m["entries"][b] = m["entries"][b], m["entries"][a]
+    return m
+
+
+def _first_features(edit):
+    def tensors(sd):
+        k = sorted(k for k in sd if k.endswith(".features"))[0]
+        sd[k] = edit(sd[k])
+        return sd
+    return tensors
+
+
+@pytest.mark.parametrize("manifest, tensors, match", [
+    (_swap, None, r"entry \w+ points at the tensors of '\w+', not its own"),
+    (lambda m: {**m, "entries": {k: next(iter(m["entries"].values())) for k in m["entries"]}}, None,
+     r"points at the tensors of"),
+    (lambda m: [], None, r"manifest.json is not a manifest"),
+    (None, _first_features(lambda t: t[:, :-1].contiguous()), r"features is {w1} wide, this model's contexts are {w}"),
+    (None, _first_features(lambda t: t[None]), r"features has shape \(1, \d+, {w}\), not \(tokens >= 1, width\)"),
+    (None, _first_features(lambda t: t[:0]), r"features has shape \(0, {w}\)"),
+    (None, _first_features(lambda t: t.long()), r"features is I64, not floating-point"),
+], ids=["swapped", "all-one", "not-an-object", "width", "rank", "empty", "integer"])
+def test_a_received_cache_of_the_wrong_kind_is_refused_naming_it(written, tmp_path, manifest, tensors, match):
+    from dopsd_fast.cache import CacheError, FeatureCache
+
+    from safetensors import safe_open
+
+    with safe_open(str(written / "shard-00000.safetensors"), framework="pt") as f:  # the tiny model's width
+        w = f.get_slice(next(k for k in f.keys() if k.endswith(".features"))).get_shape()[1]
+    cache, m = _received(written, tmp_path, manifest, tensors)
+    identity = json.loads((written / "manifest.json").read_text())["identity"]
+    with pytest.raises(CacheError, match=match.replace("{w1}", str(w - 1)).replace("{w}", str(w))) as e:
+        FeatureCache(cache, identity).check_shards(width=w)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_cache_manifest_linked_from_elsewhere_is_refused_and_the_trainer_checks_the_width(written, tmp_path):
+    import shutil
+
+    from dopsd_fast.cache import CacheError
+    from dopsd_fast.trainer import Trainer
+
+    cache = tmp_path / "linked"
+    shutil.copytree(written, cache)
+    (tmp_path / "elsewhere.json").write_text((cache / "manifest.json").read_text())
+    (cache / "manifest.json").unlink()
+    (cache / "manifest.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(CacheError, match=r"manifest.json leads outside"):
+        Trainer(tiny_config(tmp_path / "a", f"cache.dir={cache}"))
+    narrow, _ = _received(written, tmp_path, None, _first_features(lambda t: t[:, :-1].contiguous()))
+    with pytest.raises(CacheError, match=r"is (\d+) wide, this model's contexts are (\d+)") as e:
+        Trainer(tiny_config(tmp_path / "b", f"cache.dir={narrow}"))
+    got, want = map(int, re.search(r"is (\d+) wide, this model's contexts are (\d+)", str(e.value)).groups())
+    assert got == want - 1

@@ -35,6 +35,9 @@ def test_shipped_configs_parse():
     ("optim.nope=1", r"unknown config field\(s\) \['nope'\] in section 'optim'"),
     ("data.builtin=null", "set exactly one of data.builtin"),
     ("model.dtype=fp64", "'model.dtype'"),
+    ("data.buckets=[[0,0]]", r"'data.buckets'.*whole pixels > 0, got \[\[0, 0\]\]"),
+    ("data.buckets=[[512,-8]]", "'data.buckets'"),
+    ("data.buckets=[]", "'data.buckets'"),
 ])
 def test_config_errors_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -142,3 +142,9 @@ def test_alpha_message_names_each_file_and_an_empty_folder_is_named(tmp_path, ca
     cfg = load_config(None, ["data.builtin=null", f"data.folder={empty}"]).data
     with pytest.raises(DataError, match=f"data.folder {empty} has no usable rows"):
         build_dataset(cfg, progress=False)
+    nothing = tmp_path / "rows.jsonl"  # an empty data.jsonl: told about its rows, not about caption files
+    nothing.write_text("\n")
+    cfg = load_config(None, ["data.builtin=null", f"data.jsonl={nothing}"]).data
+    with pytest.raises(DataError, match=rf"data.jsonl {nothing} has no usable rows \(the file has no rows: one JSON "
+                                        r"object per line"):
+        build_dataset(cfg, progress=False)

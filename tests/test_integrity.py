@@ -415,3 +415,67 @@ def test_sample_refuses_a_lora_folder_that_matches_no_module_of_the_model(traine
     (linked / "pytorch_lora_weights.safetensors").symlink_to(trained / "lora" / "pytorch_lora_weights.safetensors")
     with pytest.raises(SystemExit, match=r"error: --lora: .*pytorch_lora_weights\.safetensors leads outside"):
         _sample(linked, tmp_path)
+
+
+def _edited_lora(trained, tmp_path, name, weights=None, meta=None):
+    """``trained``'s LoRA folder with its tensors and / or its metadata edited, as a received file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / name
+    shutil.copytree(trained / "lora", folder)
+    path = folder / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        md = dict(f.metadata())
+    sd = load_file(str(path))
+    if weights is not None:
+        sd = weights(sd)
+    if meta is not None:
+        md["lora_adapter_metadata"] = json.dumps(meta(json.loads(md["lora_adapter_metadata"])))
+    save_file(sd, str(path), metadata=md)
+    return folder
+
+
+def _first_a(sd):
+    return sorted(k for k in sd if ".lora_A." in k)[0]
+
+
+@pytest.mark.parametrize("weights, meta, match", [
+    (lambda sd: {k: v for k, v in sd.items() if ".lora_A." in k}, None, r"module .* has only its lora_A factor"),
+    (lambda sd: {k: (v * 100).to(torch.int32) for k, v in sd.items()}, None, r"factors are torch.int32"),
+    (lambda sd: {**sd, "transformer.layers.0.attention.to_q.weight": torch.zeros(2, 2)}, None,
+     r"holds 1 tensor\(s\) that are not LoRA factors \(transformer.layers.0.attention.to_q.weight\)"),
+    (lambda sd: {**sd, _first_a(sd): sd[_first_a(sd)][:, :-1].contiguous()}, None,
+     r"module .* has lora_A \(8, \d+\) and lora_B .*; this model's .* needs \(r, \d+\)"),
+    (None, lambda m: {**m, "transformer.r": 4}, r"metadata: r=4 but its factors have rank 8"),
+    (None, lambda m: {**m, "transformer.lora_alpha": 1e12}, r"lora_alpha=1e\+12 scales the LoRA by 1.25e\+11"),
+    (None, lambda m: {**m, "transformer.use_dora": True}, r"sets use_dora=True: not a plain LoRA"),
+    (None, lambda m: {**m, "transformer.lora_alpha": "x"}, r"lora_alpha='x' is not a positive number"),
+], ids=["only-A", "integer", "base-weight", "in-width", "rank", "alpha", "dora", "alpha-text"])
+def test_sample_refuses_a_lora_file_of_the_wrong_kind_naming_it(trained, tmp_path, weights, meta, match):
+    folder = _edited_lora(trained, tmp_path, "edited", weights, meta)
+    with pytest.raises(SystemExit, match=r"error: --lora: .*" + match) as e:
+        _sample(folder, tmp_path)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_lora_metadata_cannot_change_the_base_weights_at_load(trained, tmp_path):
+    """peft's PiSSA initialisation (named in a received file's metadata) would rewrite every adapted base
+    weight at load; only the plain LoRA settings are honoured, so the base weights stay the same and the
+    loaded LoRA is the file's."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    folder = _edited_lora(trained, tmp_path, "pissa", meta=lambda m: {**m, "transformer.init_lora_weights": "pissa",
+                                                                       "transformer.layers_to_transform": [0]})
+    results = {}
+    for name, lora in (("plain", trained / "lora"), ("pissa", folder)):
+        tr = build_adapter(load_config("tiny-zimage").model).transformer
+        base = {n: p.detach().clone() for n, p in tr.named_parameters()}
+        load_lora_into(tr, str(lora))
+        after = {n.replace(".base_layer", ""): p for n, p in tr.named_parameters() if "lora_" not in n}
+        assert set(after) == set(base) and all(torch.equal(after[n], base[n]) for n in base), name
+        results[name] = {n: p.detach() for n, p in tr.named_parameters() if "lora_" in n}
+    assert results["plain"].keys() == results["pissa"].keys()
+    assert all(torch.equal(results["plain"][n], results["pissa"][n]) for n in results["plain"])

@@ -481,6 +481,87 @@ def test_resume_into_a_folder_of_another_run_or_with_nothing_loadable_is_refused
     assert _files(run) == before
 
 
+def _forged(straight, tmp_path, edit):
+    """``straight``'s step-2 checkpoint with ``edit`` applied to its state, written as a received one."""
+    from dopsd_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(straight / "checkpoints" / "step-0000002")
+    edit(state)
+    return save_checkpoint(tmp_path / "received", 2, state, keep=5)
+
+
+def _student_a(state):
+    return next(k for k in state["weights"]["student"] if ".lora_A." in k)
+
+
+def _set(path, value):
+    def edit(state):
+        *head, last = path(state) if callable(path) else path
+        d = state
+        for k in head:
+            d = d[k]
+        d[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    # a tensor of another shape is refused naming it (it used to be broadcast into the weight)
+    (_set(lambda s: ["weights", "student", _student_a(s)], torch.tensor(0.5)), "ConfigError",
+     r"student weight .*lora_A.* is torch.float32 \(\), this model's is floating-point \(\d+, \d+\)"),
+    (_set(lambda s: ["weights", "teacher", _student_a(s).replace("student", "teacher")], torch.tensor([7.0])),
+     "ConfigError", r"teacher weight .* is torch.float32 \(1,\)"),
+    (_set(["optimizer", "state", 0, "exp_avg"], torch.zeros(2, 3, 4)), "ConfigError",
+     r"optimizer state exp_avg of .* has shape \(2, 3, 4\)"),
+    # values of another kind: the checkpoint does not load
+    (_set(lambda s: ["weights", "student", _student_a(s)], "not a tensor"), "FileNotFoundError",
+     r"weights.student\[.*\] is not a floating-point tensor"),
+    (_set(["step"], -5), "FileNotFoundError", r"step -5 is not a step count"),
+    (_set(["lr_scheduler", "last_epoch"], "x"), "FileNotFoundError", r"'lr_scheduler' is not"),
+    (_set(["optimizer", "state", 0, "exp_avg_sq"], torch.full((1,), -1.0)), "FileNotFoundError",
+     r"exp_avg_sq.* holds negative values"),
+    (_set(["optimizer", "state", 0, "payload"], torch.zeros(1)), "FileNotFoundError", r"not one of AdamW's tensors"),
+    (_set(["run_id"], "../../elsewhere"), "FileNotFoundError", r"run_id .* is not a run id"),
+], ids=["scalar-weight", "short-teacher", "moment-shape", "string-weight", "negative-step", "scheduler-epoch",
+        "negative-moment", "foreign-state", "run-id"])
+def test_a_received_checkpoint_of_the_wrong_kind_is_refused_naming_the_field(straight, tmp_path, edit, error, match):
+    ck = _forged(straight, tmp_path, edit)
+    with pytest.raises(Exception, match=match) as e:
+        _trainer(tmp_path, *_STRAIGHT, "train.max_steps=5", resume=str(ck))
+    assert type(e.value).__name__ == error and len(str(e.value).splitlines()) == 1
+
+
+def test_a_received_checkpoint_sets_no_optimizer_or_scheduler_option(straight, tmp_path):
+    """Only the position of the scheduler and the moments of the optimizer come from a checkpoint: its
+    scheduler entries cannot replace the scheduler's attributes, its optimizer options are this run's."""
+
+    def edit(state):
+        state["lr_scheduler"]["optimizer"] = 1  # LambdaLR.load_state_dict would set self.optimizer = 1
+        state["lr_scheduler"]["base_lrs"] = [9.0]
+        for g in state["optimizer"]["param_groups"]:
+            g.update(maximize=True, amsgrad=True, lr=9.0)
+
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=3", resume=str(_forged(straight, tmp_path, edit)))
+    assert tr.step == 2 and tr.lr_sched.optimizer is tr.optimizer and tr.lr_sched.last_epoch == 2
+    assert all(not g["maximize"] and not g["amsgrad"] and g["lr"] < 1 for g in tr.optimizer.param_groups)
+    tr.train()
+    assert tr.step == 3
+
+
+def test_a_run_id_record_that_is_a_pipe_or_a_link_out_is_not_read(tmp_path):
+    from dopsd_fast.checkpoint import RUN_ID_FILE, checkpoint_run_id
+
+    outside = tmp_path / "outside"
+    outside.write_text("aaaaaaaaaaaa\n")
+    piped, linked, plain = (tmp_path / n for n in ("piped", "linked", "plain"))
+    for d in (piped, linked, plain):
+        d.mkdir()
+    os.mkfifo(piped / RUN_ID_FILE)  # opening it for reading would wait for a writer forever
+    (linked / RUN_ID_FILE).symlink_to(outside)
+    (plain / RUN_ID_FILE).write_text("bbbbbbbbbbbb\n")
+    assert checkpoint_run_id(piped) is None and checkpoint_run_id(linked) is None
+    assert checkpoint_run_id(plain) == "bbbbbbbbbbbb"
+
+
 def test_the_lock_comes_first_a_second_trainer_is_refused_at_once_and_truncates_nothing(straight, tmp_path,
                                                                                          monkeypatch):
     """A trainer running in the folder (its lock held): a second one, even with --resume latest (which
@@ -771,3 +852,83 @@ def test_nonfinite_image_is_named_at_the_batch_that_carries_it(tmp_path, monkeyp
     with pytest.raises(DataError, match=rf"step \d+: sample {k} \(.*image {bad_path}\) carries non-finite values "
                                         rf"\(NaN or Inf\) in its {what} \(.*encoded from .*{bad_path}"):
         tr.train()
+
+
+def test_resume_keeps_only_metrics_rows_up_to_the_checkpoint(tmp_path):
+    """A metrics.jsonl line that is not a row (a list, a step that is no number, a torn line) is dropped on
+    resume, not a crash."""
+    from dopsd_fast.logging_utils import MetricsLogger
+
+    lines = ['{"step": 1, "loss": 0.5}', "[1]", '{"step": "x"}', '"text"', '{"step": 2, "loss": 0.4}',
+             '{"step": 3, "loss": 0.3}', '{"step": 2.0, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    MetricsLogger(tmp_path, tensorboard=False).truncate_after(2)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [lines[0], lines[4]]
+
+
+def test_resume_latest_over_a_finished_run_without_its_checkpoints_is_refused(straight, tmp_path):
+    """Its checkpoints deleted (to save disk), a finished run is not restarted over its results: the
+    LoRA exports and the metrics would be replaced."""
+    import shutil
+
+    from dopsd_fast.errors import OutputDirError
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    shutil.rmtree(run / "checkpoints")
+    before = _files(run)
+    with pytest.raises(OutputDirError, match=r"no checkpoint in .*, but .* holds the results of a run that wrote one "
+                                             r"\(lora/, lora_ema/, metrics.jsonl up to step 4\).*--overwrite"):
+        _trainer(tmp_path, *_STRAIGHT, "train.max_steps=6", "train.checkpoint_every=1", resume="latest")
+    assert _files(run) == before
+    # an attempt that stopped before its first checkpoint (rows before train.checkpoint_every, no export)
+    for p in ("lora", "lora_ema"):
+        shutil.rmtree(run / p)
+    _trainer(tmp_path, *_STRAIGHT, "train.max_steps=1", "train.checkpoint_every=5", resume="latest").train()
+    assert [m["step"] for m in _metrics(tmp_path)] == [1]
+
+
+def test_a_refused_resume_leaves_a_new_folder_unused(straight, tmp_path):
+    """A resume refused at load (weights that do not fit) leaves nothing in a new output folder: a fresh
+    start there is not refused as "holds an earlier run"."""
+    from dopsd_fast.safety import run_outputs
+
+    ck = _forged(straight, tmp_path, _set(lambda s: ["weights", "student", _student_a(s)], torch.tensor(0.5)))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(Exception, match="do not fit the model"):
+        _trainer(fresh, *_STRAIGHT, "train.tensorboard=true", resume=str(ck))
+    assert run_outputs(fresh / "run") == []
+    _trainer(fresh, *_STRAIGHT, "train.max_steps=1", "train.tensorboard=true").train()
+    assert (fresh / "run" / "tensorboard").is_dir()
+
+
+def test_overwrite_of_the_current_folder_moves_it_aside_and_trains_in_a_new_one(straight, tmp_path, monkeypatch):
+    import shutil
+
+    from dopsd_fast.trainer import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    before = _files(run)
+    monkeypatch.chdir(run)
+    Trainer(tiny_config(tmp_path, *_STRAIGHT, "train.max_steps=1", "train.output_dir=."), overwrite=True).train()
+    assert _files(tmp_path / "run.old-1") == before
+    assert [m["step"] for m in _metrics(tmp_path)] == [1]
+
+
+def test_an_output_dir_or_cache_dir_that_is_a_file_is_named_in_one_line(tmp_path, capsys):
+    from dopsd_fast.cli import cache_main, train_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit, match=rf"train.output_dir {afile} is a file, not a folder"):
+        train_main(["--set", f"train.output_dir={afile}", "--set", "train.progress=false"])
+    with pytest.raises(SystemExit, match=rf"cache.dir {afile} is a file, not a folder"):
+        cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={afile}", "--set", "train.progress=false"])
+
+
+def test_lora_targets_that_match_nothing_name_the_field(tmp_path):
+    from dopsd_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora.targets \['nonexistent'\]: Target modules .* not found"):
+        _trainer(tmp_path, "lora.targets=[nonexistent]")

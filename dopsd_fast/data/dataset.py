@@ -168,8 +168,10 @@ class ImageTextDataset:
 
     def __init__(self, records: list[Record], skipped: list[str] | None = None, source: str = ""):
         if not records:
-            detail = f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else \
-                " (no image with a caption found: each image needs a .txt caption beside it, or use data.jsonl)"
+            detail = (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else
+                      " (the file has no rows: one JSON object per line, with an image and a prompt)"
+                      if source.startswith("data.jsonl") else
+                      " (no image with a caption found: each image needs a .txt caption beside it, or use data.jsonl)")
             raise DataError(f"the dataset{' ' + source if source else ''} has no usable rows" + detail)
         self.records = records
         self.skipped = skipped or []
@@ -341,5 +343,6 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
             skipped.append(str(e))
     if skipped:
         log.warning("skipped %d bad rows (data.skip_bad=true); first: %s", len(skipped), skipped[0])
-    source = f"data.folder {path}" if not cfg.jsonl and not cfg.builtin else f"{path}"
+    source = (f"data.folder {path}" if not cfg.jsonl and not cfg.builtin else f"data.jsonl {path}" if cfg.jsonl
+              else f"{path}")
     return ImageTextDataset(records, skipped, source)

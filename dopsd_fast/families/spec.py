@@ -234,6 +234,14 @@ class FamilySpec:
         default): the family's K-step schedule at this resolution."""
         raise NotImplementedError
 
+    context_width_key = None  # the transformer config's entry for a context token's width
+
+    def context_width(self, transformer_config) -> int | None:
+        """The width of a context token (``Context.features``' last dim) this transformer takes."""
+        if self.context_width_key is None:
+            return None
+        return int(dict(transformer_config)[self.context_width_key])
+
     def random_contexts(self, transformer_config, latent, cap_s: int, cap_t: int, batch: int, generator,
                         device, dtype) -> tuple[list, list]:
         """Random stand-in contexts (student, teacher) of the given lengths, the shapes the trainer builds."""

@@ -63,6 +63,7 @@ def _pack(y):
 
 
 class KleinFamily(FamilySpec):
+    context_width_key = "joint_attention_dim"
     latent_layouts = ("(B, C, h, w), or the pipeline's packed (B, h*w, C) with latent_hw=(h, w) or its latent ids "
                       "(B, h*w, 4)")
 
@@ -121,7 +122,7 @@ class KleinFamily(FamilySpec):
         return [mu / (mu + (1 / s - 1)) for s in (1.0 - i / k for i in range(k))] + [0.0]
 
     def random_contexts(self, c, latent, cap_s, cap_t, batch, generator, device, dtype):
-        d = int(dict(c)["joint_attention_dim"])  # padded text of one length; the target as a reference
+        d = self.context_width(c)  # padded text of one length; the target as a reference
         ctx_s = [Context(torch.randn(cap_s, d, generator=generator).to(device, dtype)) for _ in range(batch)]
         ctx_t = [Context(torch.randn(cap_t, d, generator=generator).to(device, dtype),
                          {"ref0": torch.randn(*latent, generator=generator).to(device)}) for _ in range(batch)]

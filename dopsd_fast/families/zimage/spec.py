@@ -63,6 +63,7 @@ def _as_5d(y):
 
 
 class ZImageFamily(FamilySpec):
+    context_width_key = "cap_feat_dim"
     latent_layouts = "(B, C, h, w), (B, C, 1, h, w), or the model's list of B tensors (C, 1, h, w)"
 
     def latents_in(self, x, latent_hw=None):
@@ -94,7 +95,7 @@ class ZImageFamily(FamilySpec):
         return [float(3 * (1 - i / k) / (1 + 2 * (1 - i / k))) for i in range(k + 1)]  # shift 3, like the release
 
     def random_contexts(self, c, latent, cap_s, cap_t, batch, generator, device, dtype):
-        d = int(dict(c)["cap_feat_dim"])  # caption lengths differ per sample (exercises the packing)
+        d = self.context_width(c)  # caption lengths differ per sample (exercises the packing)
         ctx_s = [Context(torch.randn(cap_s + 3 * b, d, generator=generator).to(device, dtype)) for b in range(batch)]
         ctx_t = [Context(torch.randn(cap_t - 5 * b, d, generator=generator).to(device, dtype)) for b in range(batch)]
         return ctx_s, ctx_t
