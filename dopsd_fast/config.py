@@ -22,6 +22,8 @@ from dopsd_fast.families import DEFAULT_FAMILY, FAMILIES, family
 import importlib.util
 from dopsd_fast.safety import atomic_write
 
+LORA_MAX_SCALE = 256.0  # alpha / rank: trained LoRAs use about 1 to 4; a file past it is refused as damaged
+
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +101,9 @@ class LoraConfig:
             _one_of(self.targets, ("authors",), "lora.targets")
         _check(self.rank > 0, "lora.rank", f"must be > 0, got {self.rank}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(self.alpha / max(self.rank, 1) <= LORA_MAX_SCALE, "lora.alpha",
+               f"scales the LoRA by alpha / rank = {self.alpha / max(self.rank, 1):g}, over {LORA_MAX_SCALE:g} (a LoRA "
+               "file with that scale is refused as damaged when loaded); lower lora.alpha or raise lora.rank")
         _one_of(self.init, ("gaussian", "default"), "lora.init")
 
 

@@ -84,7 +84,9 @@ def run_outputs(out: Path) -> list[str]:
 
 def move_aside(out: Path) -> Path:
     """Rename ``out`` to the first free ``<out>.old-N`` next to it (nothing deleted) and return that."""
-    out = Path(os.path.abspath(out))  # "." or "..": a name to rename
+    out = Path(out).absolute()
+    if out.name in ("", ".", ".."):  # "a/..": the folder it names
+        out = out.resolve()
     n = 1
     while True:
         aside = out.with_name(f"{out.name}.old-{n}")

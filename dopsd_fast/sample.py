@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.algorithm import euler_sample
+from dopsd_fast.config import LORA_MAX_SCALE
 from dopsd_fast.data.buckets import make_buckets
 from dopsd_fast.export import LORA_FILE, check_lora_weights
 from dopsd_fast.families import build_adapter
@@ -59,7 +60,6 @@ def load_lora_into(transformer, lora_dir: str) -> None:
 
 
 _LORA_KEY = re.compile(r"^(transformer\.)?[\w.]+\.lora_[AB]\.weight$")
-LORA_MAX_SCALE = 256.0  # alpha / r of a LoRA file: trained LoRAs use about 1 to 4
 
 
 def _check_factors(weights: Path, state: dict, modules: dict) -> None:

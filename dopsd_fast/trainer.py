@@ -13,7 +13,6 @@ import contextlib
 import errno
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -116,8 +115,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = from_env(cfg.train.dist_timeout_s)  # torchrun: one process per GPU (dopsd_fast.distributed)
         self.rank, self.world = self.dist.rank, self.dist.world
-        # absolute: "." or a relative path keeps naming this folder when --overwrite moves it aside
-        self.out = Path(os.path.abspath(cfg.train.output_dir))
+        self.out = Path(cfg.train.output_dir)
         self.allow_config_change = allow_config_change
         self._lock = None
         self._resume_from = None
@@ -198,6 +196,11 @@ class Trainer:
             raise OutputDirError(f"train.output_dir {out} holds an earlier run ({', '.join(used)}); continue it with "
                                  "--resume latest, choose another output_dir, or pass --overwrite to move it aside "
                                  f"(to {out.name}.old-N, nothing deleted) and start afresh")
+        here, folder = Path.cwd().resolve(), out.resolve()
+        if here == folder or folder in here.parents:
+            raise OutputDirError(f"train.output_dir {out} is the folder this command runs in (or holds it): --overwrite "
+                                 "cannot move it aside while the run works inside it; run from its parent folder, or "
+                                 "choose another output_dir")
         held = self._lock
         aside = move_aside(out)  # the held lock moves with it: no other trainer can slip in meanwhile
         out.mkdir()
@@ -258,7 +261,7 @@ class Trainer:
 
     def _results_past_a_checkpoint(self) -> str:
         """What in the output folder shows a run that got past a checkpoint (a LoRA export, metrics rows
-        at or past ``train.checkpoint_every``), or ''. A ``--resume latest`` that finds no checkpoint
+        past ``train.checkpoint_every``), or ''. A ``--resume latest`` that finds no checkpoint
         starts afresh only over an attempt that never wrote one."""
         import json
 
@@ -274,8 +277,8 @@ class Trainer:
                 at = row.get("step") if isinstance(row, dict) else None
                 if isinstance(at, int) and not isinstance(at, bool):
                     steps.append(at)
-            if steps and max(steps) >= every:
-                found.append(f"metrics.jsonl up to step {max(steps)}")
+            if steps and max(steps) > every:  # the row of a step is written before its checkpoint: one past it
+                found.append(f"metrics.jsonl up to step {max(steps)}")  # shows that checkpoint complete
         return ", ".join(found)
 
     def _check_resume(self, ck: Path, state: dict) -> None:
@@ -673,10 +676,13 @@ class Trainer:
         try:
             self.weights.load_state_dict(state["weights"])
             self._check_optimizer_shapes(state["optimizer"])
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(self._optimizer_state_for_here(state["optimizer"]))
-            for g, live in zip(self.optimizer.param_groups, groups):  # every option is this run's (a received
-                g.update(live)  # checkpoint's maximize / fused / amsgrad ... never reach the optimizer)
+            osd = self._optimizer_state_for_here(state["optimizer"])
+            live = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            if len(live) == len(osd["param_groups"]):  # every option is this run's: a received checkpoint's
+                # maximize / amsgrad ... never reach the optimizer, and its load places each moment and step
+                # where this run's fused / foreach AdamW keeps it (a CPU checkpoint resumed on a GPU)
+                osd = {**osd, "param_groups": [{**o, "params": g["params"]} for o, g in zip(live, osd["param_groups"])]}
+            self.optimizer.load_state_dict(osd)
         except (RuntimeError, ValueError, KeyError) as e:  # tensors that do not fit the model built here
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k.startswith(("model.", "lora.")))
             raise ConfigError(f"resume from {path}: its weights do not fit the model of this config "

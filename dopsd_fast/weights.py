@@ -40,12 +40,11 @@ class StudentTeacher:
                 warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
                 try:
                     transformer.add_adapter(self.lora_config, adapter_name=STUDENT)
-                except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-                    if "not found in the base model" not in str(e):
-                        raise
-                    raise ConfigError(f"lora.targets {list(targets)}: {str(e).splitlines()[0].split('. ')[0]}; name "
-                                      "modules of this transformer (e.g. to_q, to_k, to_v), or leave lora.targets "
-                                      "unset for the family's default") from None
+                except ValueError as e:  # peft: a name that matches nothing, or a module a LoRA cannot adapt
+                    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+                    raise ConfigError(f"lora.targets {list(targets)}: {first}; name linear layers of this transformer "
+                                      "(e.g. to_q, to_k, to_v), or leave lora.targets unset for the family's "
+                                      "default") from None
                 transformer.add_adapter(self.lora_config, adapter_name=TEACHER)
             self._student = {n: p for n, p in transformer.named_parameters() if f".{STUDENT}." in n and "lora_" in n}
             self._teacher = {n.replace(f".{STUDENT}.", f".{TEACHER}."): None for n in self._student}

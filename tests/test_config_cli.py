@@ -38,6 +38,7 @@ def test_shipped_configs_parse():
     ("data.buckets=[[0,0]]", r"'data.buckets'.*whole pixels > 0, got \[\[0, 0\]\]"),
     ("data.buckets=[[512,-8]]", "'data.buckets'"),
     ("data.buckets=[]", "'data.buckets'"),
+    ("lora.alpha=4096", r"'lora.alpha'.*alpha / rank = 512, over 256"),
 ])
 def test_config_errors_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -881,10 +881,11 @@ def test_resume_latest_over_a_finished_run_without_its_checkpoints_is_refused(st
                                              r"\(lora/, lora_ema/, metrics.jsonl up to step 4\).*--overwrite"):
         _trainer(tmp_path, *_STRAIGHT, "train.max_steps=6", "train.checkpoint_every=1", resume="latest")
     assert _files(run) == before
-    # an attempt that stopped before its first checkpoint (rows before train.checkpoint_every, no export)
+    # an attempt that stopped at or before its first checkpoint (killed while writing it: the row of that
+    # step is written first), no export: a requeued job with --resume latest starts afresh
     for p in ("lora", "lora_ema"):
         shutil.rmtree(run / p)
-    _trainer(tmp_path, *_STRAIGHT, "train.max_steps=1", "train.checkpoint_every=5", resume="latest").train()
+    _trainer(tmp_path, *_STRAIGHT, "train.max_steps=1", "train.checkpoint_every=4", resume="latest").train()
     assert [m["step"] for m in _metrics(tmp_path)] == [1]
 
 
@@ -902,18 +903,23 @@ def test_a_refused_resume_leaves_a_new_folder_unused(straight, tmp_path):
     assert (fresh / "run" / "tensorboard").is_dir()
 
 
-def test_overwrite_of_the_current_folder_moves_it_aside_and_trains_in_a_new_one(straight, tmp_path, monkeypatch):
+def test_overwrite_of_the_folder_the_command_runs_in_is_refused_in_one_line(straight, tmp_path, monkeypatch):
+    """Moving it aside would move the process's working folder, and every relative path with it."""
     import shutil
 
+    from dopsd_fast.errors import OutputDirError
     from dopsd_fast.trainer import Trainer
 
     run = tmp_path / "run"
     shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "sub").mkdir()
     before = _files(run)
-    monkeypatch.chdir(run)
-    Trainer(tiny_config(tmp_path, *_STRAIGHT, "train.max_steps=1", "train.output_dir=."), overwrite=True).train()
-    assert _files(tmp_path / "run.old-1") == before
-    assert [m["step"] for m in _metrics(tmp_path)] == [1]
+    for where, out in ((run, "."), (run / "sub", ".."), (run / "sub", str(run))):
+        monkeypatch.chdir(where)
+        with pytest.raises(OutputDirError, match=r"is the folder this command runs in \(or holds it\).*run from its "
+                                                 r"parent folder"):
+            Trainer(tiny_config(tmp_path, *_STRAIGHT, f"train.output_dir={out}"), overwrite=True)
+    assert _files(run) == before and not (tmp_path / "run.old-1").exists()
 
 
 def test_an_output_dir_or_cache_dir_that_is_a_file_is_named_in_one_line(tmp_path, capsys):
@@ -927,8 +933,13 @@ def test_an_output_dir_or_cache_dir_that_is_a_file_is_named_in_one_line(tmp_path
         cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={afile}", "--set", "train.progress=false"])
 
 
-def test_lora_targets_that_match_nothing_name_the_field(tmp_path):
+def test_lora_targets_that_match_nothing_or_no_linear_name_the_field(tmp_path):
     from dopsd_fast.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"lora.targets \['nonexistent'\]: Target modules .* not found"):
+    with pytest.raises(ConfigError, match=r"lora.targets \['nonexistent'\]: Target modules .* not found") as e:
         _trainer(tmp_path, "lora.targets=[nonexistent]")
+    assert len(str(e.value).splitlines()) == 1
+    for module in ("norm_q", "layers"):  # a norm, a module list: not layers a LoRA adapts
+        with pytest.raises(ConfigError, match=rf"lora.targets \['{module}'\]: .*name linear layers") as e:
+            _trainer(tmp_path, f"lora.targets=[{module}]")
+        assert len(str(e.value).splitlines()) == 1
