@@ -16,7 +16,7 @@ class MetricsLogger:
                  enabled: bool = True):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self.tb = self.wandb = self._tb_writer = None
+        self.tb = self.wandb = self._tb_writer = self._wandb_run = None
         if not enabled:
             return
         if tensorboard:
@@ -31,7 +31,8 @@ class MetricsLogger:
                 import wandb as _wandb
             except ImportError:
                 raise ImportError("train.wandb=true needs the wandb package: pip install wandb") from None
-            self.wandb = _wandb.init(project="dopsd-fast", config=config, dir=str(out_dir))
+            # started at the first row, like the tensorboard folder: a run refused at load opens no wandb run
+            self._wandb_run = lambda: _wandb.init(project="dopsd-fast", config=config, dir=str(out_dir))
 
     def truncate_after(self, step: int) -> None:
         """On resume: keep the lines of steps <= ``step`` (the checkpoint's) and drop a line torn by a
@@ -66,6 +67,8 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is None and self._wandb_run is not None:
+            self.wandb, self._wandb_run = self._wandb_run(), None
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 

@@ -943,3 +943,22 @@ def test_lora_targets_that_match_nothing_or_no_linear_name_the_field(tmp_path):
         with pytest.raises(ConfigError, match=rf"lora.targets \['{module}'\]: .*name linear layers") as e:
             _trainer(tmp_path, f"lora.targets=[{module}]")
         assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_resume_refused_at_load_starts_no_wandb_run(straight, tmp_path, monkeypatch):
+    """The wandb run, like the tensorboard folder, starts at the first row: a resume refused when its
+    weights load opens none, and a run that trains logs every row to it and finishes it."""
+    import sys
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda m, step: calls.append(("log", step)), finish=lambda: calls.append("finish"))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append("init") or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    ck = _forged(straight, tmp_path, _set(lambda s: ["weights", "student", _student_a(s)], torch.tensor(0.5)))
+    with pytest.raises(Exception, match="do not fit the model"):
+        _trainer(tmp_path / "a", *_STRAIGHT, "train.wandb=true", resume=str(ck))
+    assert calls == []
+    _trainer(tmp_path / "b", *_STRAIGHT, "train.max_steps=2", "train.wandb=true").train()
+    assert calls == ["init", ("log", 1), ("log", 2), "finish"]
