@@ -153,30 +153,27 @@ class FeatureCache:
             if not path.is_file():
                 raise CacheError(f"feature cache {self.dir}: shard {shard} is missing; delete the directory and run "
                                  "dopsd-cache again")
-            try:
+            try:  # the header only: each tensor's name, shape and dtype
                 with safe_open(str(path), framework="pt") as f:
-                    names = set(f.keys())
+                    heads = {t: (list(f.get_slice(t).get_shape()), f.get_slice(t).get_dtype()) for t in f.keys()}
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for a torn file
                 raise CacheError(f"feature cache {path} is damaged ({type(e).__name__}: {str(e)[:120]}); delete it and "
                                  "run dopsd-cache again") from None
             want = {f"{name}.features" for s, name in self.entries.values() if s == shard}
-            if not want <= names:
-                raise CacheError(f"feature cache {path} lacks {len(want - names)} of its {len(want)} entries; delete it "
-                                 "and run dopsd-cache again")
-            with safe_open(str(path), framework="pt") as f:
-                for t in sorted(names):
-                    sl = f.get_slice(t)
-                    shape, dtype = list(sl.get_shape()), sl.get_dtype()
-                    why = None
-                    if dtype not in _FLOAT_DTYPES:
-                        why = f"is {dtype}, not floating-point"
-                    elif t.endswith(".features") and (len(shape) != 2 or not shape[0]):
-                        why = f"has shape {tuple(shape)}, not (tokens >= 1, width)"
-                    elif t.endswith(".features") and width is not None and shape[1] != width:
-                        why = f"is {shape[1]} wide, this model's contexts are {width}"
-                    if why:
-                        raise CacheError(f"feature cache {path}: tensor {t[:60]} {why}; delete the directory and run "
-                                         "dopsd-cache again with this model")
+            if not want <= heads.keys():
+                raise CacheError(f"feature cache {path} lacks {len(want - heads.keys())} of its {len(want)} entries; "
+                                 "delete it and run dopsd-cache again")
+            for t, (shape, dtype) in sorted(heads.items()):
+                why = None
+                if dtype not in _FLOAT_DTYPES:
+                    why = f"is {dtype}, not floating-point"
+                elif t.endswith(".features") and (len(shape) != 2 or not shape[0]):
+                    why = f"has shape {tuple(shape)}, not (tokens >= 1, width)"
+                elif t.endswith(".features") and width is not None and shape[1] != width:
+                    why = f"is {shape[1]} wide, this model's contexts are {width}"
+                if why:
+                    raise CacheError(f"feature cache {path}: tensor {t[:60]} {why}; delete the directory and run "
+                                     "dopsd-cache again with this model")
 
     def get(self, key: str) -> Context:
         from safetensors import safe_open

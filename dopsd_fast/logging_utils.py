@@ -11,6 +11,19 @@ from dopsd_fast.safety import atomic_write
 log = logging.getLogger("dopsd_fast")
 
 
+def metrics_rows(path: Path):
+    """``(line, step)`` for each row of a ``metrics.jsonl``; a line that is not a row (torn by a crash, not
+    a JSON object, a step that is no number) is skipped."""
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        at = row.get("step", 0) if isinstance(row, dict) else None
+        if isinstance(at, (int, float)) and not isinstance(at, bool):
+            yield line, at
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, wandb: bool = False, config: dict | None = None,
                  enabled: bool = True):
@@ -39,15 +52,7 @@ class MetricsLogger:
         crash (or any line that is not a metrics row), so the file reads as one run."""
         if not self.enabled or not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            at = row.get("step", 0) if isinstance(row, dict) else None
-            if isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step:
-                keep.append(line)  # a line that is not a metrics row (no number for its step) is dropped
+        keep = [line for line, at in metrics_rows(self.path) if at <= step]
 
         atomic_write(self.path, lambda t: t.write_text("".join(x + "\n" for x in keep)))
 

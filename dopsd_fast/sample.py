@@ -48,8 +48,9 @@ def load_lora_into(transformer, lora_dir: str) -> None:
         raise ValueError(f"--lora: {weights} holds {len(others)} tensor(s) that are not LoRA factors "
                          f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); expected only "
                          "<module>.lora_A.weight / .lora_B.weight as dopsd-train writes")
-    _refuse_unmatched(weights, wanted, {name for name, _ in transformer.named_modules()})
-    _check_factors(weights, state, dict(transformer.named_modules()))
+    modules = dict(transformer.named_modules())
+    _refuse_unmatched(weights, wanted, set(modules))
+    _check_factors(weights, state, modules)
     meta = _checked_metadata(weights, meta, {t.shape[0] for k, t in state.items() if ".lora_A." in k})
     try:
         ZImagePipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name="lora", metadata=meta)

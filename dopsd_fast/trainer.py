@@ -35,7 +35,7 @@ from dopsd_fast.errors import ConfigError, DataError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, family, require_editing_support
 from dopsd_fast.fastpath import build_pair
-from dopsd_fast.logging_utils import MetricsLogger
+from dopsd_fast.logging_utils import MetricsLogger, metrics_rows
 from dopsd_fast.memory import memory_budget_bytes, step_shape
 from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
@@ -263,20 +263,10 @@ class Trainer:
         """What in the output folder shows a run that got past a checkpoint (a LoRA export, metrics rows
         past ``train.checkpoint_every``), or ''. A ``--resume latest`` that finds no checkpoint
         starts afresh only over an attempt that never wrote one."""
-        import json
-
         found = [f"{name}/" for name in ("lora", "lora_ema") if (self.out / name).exists()]
         every, metrics = self.cfg.train.checkpoint_every, self.out / "metrics.jsonl"
         if every > 0 and metrics.is_file():
-            steps = []
-            for line in metrics.read_text(errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                at = row.get("step") if isinstance(row, dict) else None
-                if isinstance(at, int) and not isinstance(at, bool):
-                    steps.append(at)
+            steps = [at for _, at in metrics_rows(metrics)]
             if steps and max(steps) > every:  # the row of a step is written before its checkpoint: one past it
                 found.append(f"metrics.jsonl up to step {max(steps)}")  # shows that checkpoint complete
         return ", ".join(found)
