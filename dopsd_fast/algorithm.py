@@ -310,11 +310,18 @@ def ema_update_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor]
     for t, s in zip(teacher, student):
         if t.shape != s.shape:
             raise ValueError(f"EMA: shape mismatch {tuple(t.shape)} vs {tuple(s.shape)}")
-        s = s.detach().to(device=t.device, dtype=t.dtype)
+    # one multi-tensor launch per (device, dtype) of the teacher, not one per tensor (hundreds of LoRA
+    # factors): the student tensors moved / cast to the teacher's where they differ
+    groups: dict = {}
+    for t, s in zip(teacher, student):
+        ts, ss = groups.setdefault((t.device, t.dtype), ([], []))
+        ts.append(t)
+        ss.append(s.detach().to(device=t.device, dtype=t.dtype))
+    for ts, ss in groups.values():
         if decay == 0.0:
-            t.copy_(s)
+            torch._foreach_copy_(ts, ss)
         else:
-            t.lerp_(s, 1.0 - decay)
+            torch._foreach_lerp_(ts, ss, 1.0 - decay)
 
 
 def _bcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,26 @@ def test_ema_math_and_modes():
         ema_update_(t, s, 1.5)
 
 
+def test_ema_groups_mixed_dtypes_and_matches_per_tensor_lerp():
+    """Teacher tensors of several dtypes (an fp32 EMA beside bf16 ones) and a student of another dtype:
+    each teacher gets decay * teacher + (1 - decay) * student in its own dtype, as a per-tensor lerp does,
+    and nothing of a shape mismatch is written before the refusal."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2), (7, 1)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64]
+    teach = [torch.randn(sh, generator=g).to(dt) for sh, dt in zip(shapes, dtypes)]
+    stud = [torch.randn(sh, generator=g, dtype=torch.float64).to(torch.bfloat16) for sh in shapes]
+    want = [t.clone().lerp_(s.to(t.dtype), 1.0 - 0.75) for t, s in zip(teach, stud)]
+    ema_update_(teach, stud, 0.75)
+    for t, w, dt in zip(teach, want, dtypes):
+        assert t.dtype == dt
+        assert torch.equal(t, w)
+    before = [t.clone() for t in teach]
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ema_update_(teach, stud[:3] + [torch.zeros(7)], 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(teach, before))
+
+
 def test_named_errors_for_what_a_caller_hands_over():
     """NaN noise, a model function returning a tuple or None, and a student without autograd history
     end in a named error, not a NaN loss, an AttributeError or autograd's raw message."""
