@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -122,6 +123,20 @@ def _unwrap(module, role: str = "student"):
     raise BackendError(f"backend.wrap: the {role} is wrapped more than 8 deep; pass the diffusers transformer")
 
 
+def _autocast_wrapped(module) -> bool:
+    """Whether accelerate's mixed precision wrapped the ``forward`` of ``module`` or of a module inside
+    it (``prepare`` keeps the original as ``_original_forward``): an autocast the fast model, which
+    calls the blocks directly, never enters."""
+    for _ in range(8):
+        if module is None:
+            return False
+        if "_original_forward" in vars(module):
+            return True
+        inner = getattr(module, "module", None)
+        module = inner if isinstance(inner, torch.nn.Module) else getattr(module, "_orig_mod", None)
+    return False
+
+
 def _shadow(model, adapter: str, state: dict):
     """An EMA shadow dict (the model's parameter names, with or without the adapter name, as peft's
     state dicts write them) -> a :class:`~dopsd_fast.models.paired.Shadow` over the live parameters that
@@ -131,7 +146,22 @@ def _shadow(model, adapter: str, state: dict):
     live = {n: p for n, p in model.named_parameters() if "lora_" in n and tag in n}
     if not live:
         raise BackendError(f"backend.wrap: the model has no LoRA parameters of adapter {adapter!r}")
-    norm = {k.removeprefix("base_model.model.").removeprefix("transformer."): k for k in state}
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise BackendError(f"backend.wrap: teacher_shadow must be a dict of parameter name -> tensor (e.g. "
+                           f"{{n: p.detach().clone() for n, p in model.named_parameters() if 'lora_' in n}}), got "
+                           f"{type(state).__name__}; for diffusers' EMAModel, pass teacher= a module holding its "
+                           "weights (ema.copy_to(teacher.parameters()))")
+
+    def plain(k: str) -> str:  # the wrappers' prefixes: DDP / accelerate (module.), torch.compile (_orig_mod.), peft
+        for _ in range(8):
+            k0 = k
+            for pre in ("module.", "_orig_mod.", "base_model.model.", "transformer."):
+                k = k.removeprefix(pre)
+            if k == k0:
+                return k
+        return k
+
+    norm = {plain(k): k for k in state}
     keys, missing = {}, []
     for n, p in live.items():
         k = norm.get(n, norm.get(n.replace(tag, ".")))
@@ -141,7 +171,8 @@ def _shadow(model, adapter: str, state: dict):
         keys[id(p)] = k
     if missing:
         raise BackendError(f"backend.wrap: teacher_shadow lacks {len(missing)} of {len(live)} LoRA tensors of adapter "
-                           f"{adapter!r} (e.g. {missing[0]!r})")
+                           f"{adapter!r} (e.g. {missing[0]!r}; the dict's keys are like "
+                           f"{next(iter(state), None)!r})")
     sh = Shadow(adapter, source=state, keys=keys)
     sh.params = list(live.values())
     _check_shadow(sh)
@@ -183,6 +214,15 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
         _warn_if_unsynced()
     mt = _unwrap(teacher, "teacher")[0] if teacher is not None else ms
     spec = family_of_transformer(ms)
+    if mt is not ms:
+        try:
+            same = family_of_transformer(mt) is spec
+        except TypeError:
+            same = False
+        if not same:
+            raise BackendError(f"backend.wrap: teacher= is a {type(mt).__name__}, the student a {type(ms).__name__}: the "
+                               "teacher must be a module of the student's class (its EMA copy); for diffusers' "
+                               "EMAModel, copy its weights into one (ema.copy_to(teacher_module.parameters()))")
     if teacher is not None and teacher_shadow is not None:
         raise BackendError("backend.wrap: give either teacher= (a second module) or teacher_shadow= (an EMA of the "
                            "adapter), not both")
@@ -209,8 +249,10 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     if checkpoint_layers:
         kw["checkpoint_layers"] = checkpoint_layers
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
-    return Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=_trainable(ms, student_adapter),
+    fast = Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=_trainable(ms, student_adapter),
                    shadow=shadow, check_conventions=check_conventions)
+    fast.autocast_hint = _autocast_wrapped(student)
+    return fast
 
 
 def _warn_if_unsynced() -> None:
@@ -333,6 +375,7 @@ class Backend(PackedPair):
         self._check_sign = check_conventions
         self._check_loss = check_conventions
         self.syncs = 0  # gradient all-reduces run by sync_gradients (what the tests read)
+        self.autocast_hint = False  # accelerate's mixed precision on the wrapped model (said once at a step)
 
     # ---- the protocol ----------------------------------------------------------------------------
     def pair_fn(self, ctx_s, ctx_t, backward: str = "stepwise", finish: bool = False):
@@ -343,6 +386,7 @@ class Backend(PackedPair):
         :meth:`training` and call :meth:`sync_gradients` after the last backward."""
         if self.shadow is not None:
             _check_shadow(self.shadow)
+        self.model.check_adapters()  # adapters added or activated since wrap()
         fn = super().pair_fn(contexts(ctx_s), contexts(ctx_t), backward=backward, finish=finish)
         if not self._check_sign:
             return fn
@@ -360,6 +404,7 @@ class Backend(PackedPair):
     def velocity(self, branch: str, x, sigma, ctx, *, latent_hw=None):
         """One branch alone (``v = eps - x0``, ``sigma`` the noise level), in the caller's latent layout;
         the teacher without autograd."""
+        self.model.check_adapters()
         xm, back = self.spec.latents_in(x, latent_hw)
         return back(super().velocity(branch, xm, sigma, contexts(ctx)))
 
@@ -436,6 +481,11 @@ class Backend(PackedPair):
         """The model's own timesteps (the roll-out's K states, ``scale`` = 1000) -> K + 1 sigmas ending
         with 0, by the family's convention."""
         ts = [float(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
+        if scale == 1000.0 and ts and max(abs(t) for t in ts) <= 1.0 and any(t != 0 for t in ts):
+            raise ConventionError(f"timesteps {ts} are all within [0, 1]: timesteps= takes the model's own on the 1000 "
+                                  "scale the authors' loops write (e.g. [0, 100, 250, 500]); these look like the "
+                                  "transformer's input t = timestep / 1000: multiply by 1000, or pass sigmas= "
+                                  "(1 = noise, decreasing to 0)")
         sig = [float(self.spec.convention.sigma_of(t / scale)) for t in ts]
         try:
             return resolve_schedule(sig + [0.0] if sig[-1] != 0.0 else sig)
@@ -468,6 +518,11 @@ class Backend(PackedPair):
         detached."""
         sig = self._sigmas(sigmas, timesteps)
         x, back = self.spec.latents_in(noise, latent_hw)
+        if autocast is None and self.autocast_hint:
+            self.autocast_hint = False
+            log.warning("backend: the model was prepared by accelerate with mixed precision, which wraps model.forward; "
+                        "the backend calls the blocks directly, so the forwards run in the weights' dtype: pass "
+                        "autocast=accelerator.autocast()")
         if self.engine:
             self._engine_ok(backward_fn, backward)
         with self.training():
@@ -508,6 +563,7 @@ class Backend(PackedPair):
         x = xm.detach().float()
         K = len(sig) - 1
         conv = self.spec.convention
+        before = [(p.grad, p.grad._version if p.grad is not None else -1) for p in self.trainable]
         with self.training():
             for k in range(K):
                 sigma = torch.full((x.shape[0],), sig[k], dtype=torch.float32, device=x.device)
@@ -516,6 +572,13 @@ class Backend(PackedPair):
                 if st.v_student is None:
                     raise BackendError(f"backend.rollout: state {k} was not predicted (call state.predict())")
                 x = x + (sig[k + 1] - sig[k]) * st._v_model.detach().float()
+            if K and self.trainable and all(p.grad is g and (g is None or g._version == v)
+                                            for p, (g, v) in zip(self.trainable, before)):
+                raise BackendError("backend.rollout: no backward reached the student during the roll-out; a backward "
+                                   "after the loop reaches no gradient (the student's requires_grad flags are restored "
+                                   "and DDP averages at the loop's end): call state.backward(loss) for each state "
+                                   "inside the loop, or use dopsd_step(..., backward='once') for one backward of the "
+                                   "summed losses")
             self.sync_gradients()
 
 

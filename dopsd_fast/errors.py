@@ -21,6 +21,12 @@ class ConventionError(BackendError):
     for a model whose t = 1 is clean, v = eps - x0); the message names which one and how to convert."""
 
 
+class AdapterError(ValueError):
+    """peft state the fast path would not apply as the eager model does (LoRA on a module it runs whole,
+    ``modules_to_save``, LoRA dropout or bias, a third adapter active, a LoRA'd module given no adapter
+    name); the message names the module and what to change."""
+
+
 class OutputDirError(RuntimeError):
     """The output folder cannot be used as asked (in use by another trainer, holding an earlier run, a
     planted lock link); the message names the folder and the ways on."""

@@ -17,12 +17,13 @@ this project's (sigma, v) convention (either context may be None: one branch alo
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from dopsd_fast.errors import BackendError
+from dopsd_fast.errors import AdapterError, BackendError
 from dopsd_fast.fp8 import fp8_module_filter, is_fp8_linear
 from dopsd_fast.models.ops import TorchOps
 from dopsd_fast.profiling import nvtx_range
@@ -57,6 +58,54 @@ class Shadow:
 
 def adapter_name(adapter):
     return adapter.name if isinstance(adapter, Shadow) else adapter
+
+
+def lora_adapters(module) -> set:
+    """The names of the peft LoRA adapters on any submodule of ``module``."""
+    return {n for m in module.modules() for n in (getattr(m, "lora_A", None) or {})}
+
+
+def check_adapters(model, adapters, paired: str, role: str = "student") -> None:
+    """Refuse (one line naming the module) peft state that the fast model would silently not apply as
+    the eager model does. The fast model reads the adapters ``adapters`` (names or :class:`Shadow`) BY
+    NAME on the blocks' linears (``paired``: the family's regex of those module paths) and runs every
+    other module whole, through its own forward, where peft applies its ACTIVE adapters to both
+    branches; so refused: LoRA (any adapter) on a module outside ``paired``, a ``modules_to_save``
+    copy, LoRA dropout > 0 or a LoRA bias on a read adapter, an active adapter that is neither read
+    one, and LoRA layers in a module handed over with no adapter name."""
+    names = {adapter_name(a) for a in adapters if adapter_name(a) is not None}
+    pat = re.compile(paired)
+    for path, m in model.named_modules():
+        if type(m).__name__ == "ModulesToSaveWrapper":
+            raise AdapterError(f"fast path: {role} module {path} is a peft modules_to_save copy (one per adapter, "
+                               "the active one run for both branches): train only LoRA adapters on the blocks' "
+                               "linears, or use the eager path")
+        lora_a = getattr(m, "lora_A", None)
+        if not lora_a:
+            continue
+        if not names:
+            raise AdapterError(f"fast path: the {role} module carries LoRA adapters {sorted(lora_a)} (e.g. on "
+                               f"{path}) but no adapter name was given: pass {role}_adapter=<name>")
+        if not pat.fullmatch(path):
+            raise AdapterError(f"fast path: LoRA adapter(s) {sorted(lora_a)} on {path}, a module the fast path runs "
+                               "whole (peft would apply its active adapter to the student and the teacher alike): "
+                               "put LoRA only on the blocks' attention and feed-forward linears (the family's "
+                               "default targets), or use the eager path")
+        for n in names & set(lora_a):
+            drops = getattr(m, "lora_dropout", None)
+            drop = drops[n] if drops is not None and n in drops else None
+            if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+                raise AdapterError(f"fast path: adapter {n!r} on {path} has lora_dropout={drop.p:g}, which the fast path "
+                                   "does not apply: set lora_dropout=0")
+            if getattr(m.lora_B[n], "bias", None) is not None:
+                raise AdapterError(f"fast path: adapter {n!r} on {path} has a LoRA bias (lora_bias=True), which the "
+                                   "fast path does not apply: use lora_bias=False")
+        active = getattr(m, "active_adapters", None) or []
+        extra = [a for a in ([active] if isinstance(active, str) else active) if a in lora_a and a not in names]
+        if extra:
+            raise AdapterError(f"fast path: adapter(s) {extra} active on {path} beside the {role}'s "
+                               f"{sorted(names)}: the fast path applies only the student and teacher adapters "
+                               "(merge a fixed adapter into the base weights, or deactivate it)")
 
 
 def lora_of(mod, adapter):
@@ -205,6 +254,19 @@ class PairedModel:
         self.same_model = self.ms is self.mt
         self.fp8_native = None  # a dopsd_fast.fp8.NativeFP8 (fast.fp8: native): the block linears' GEMMs in FP8
         self._share = None  # the RolloutShare of the forward in progress (set by velocity_pair)
+        self.check_adapters()
+
+    def check_adapters(self) -> None:
+        """:func:`check_adapters` on the branches' modules: peft state this model would not apply as the
+        eager model does is refused here, at construction (and by the drop-in backend at every step:
+        a caller may add or activate adapters later)."""
+        if self.spec is None:
+            return
+        if self.same_model:
+            check_adapters(self.ms, [self.adapter_s, self.adapter_t], self.spec.fp8_linears)
+        else:
+            check_adapters(self.ms, [self.adapter_s], self.spec.fp8_linears, "student")
+            check_adapters(self.mt, [self.adapter_t], self.spec.fp8_linears, "teacher")
 
     @contextlib.contextmanager
     def sharing(self, share):

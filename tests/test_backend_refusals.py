@@ -1,0 +1,142 @@
+"""What the drop-in backend would otherwise get silently wrong, refused in one line (each case gave a
+wrong loss or gradient, or lost the gradient, with no error before): peft state the fast model does
+not apply as the eager model does, a LoRA'd teacher module given no adapter name, timesteps on the
+[0, 1] scale, a backward after the callback loop, EMA dicts keyed by a wrapped model's names."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dopsd_fast.errors import AdapterError, BackendError, ConventionError
+
+TIMESTEPS = [0, 100, 250, 500]
+DEFAULT = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
+
+
+def _model(names=("student", "teacher"), targets=DEFAULT, **lora_kw):
+    from peft import LoraConfig
+
+    from dopsd_fast.families import ZIMAGE
+
+    torch.manual_seed(0)
+    tr = ZIMAGE.diffusers_class()(**ZIMAGE.tiny_config()).float()
+    ZIMAGE.init_random(tr)
+    tr.requires_grad_(False)
+    kw = dict(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=list(targets))
+    kw.update(lora_kw)
+    for n in names:
+        tr.add_adapter(LoraConfig(**kw), adapter_name=n)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in tr.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    if names:
+        tr.set_adapter(names[0])
+    return tr
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(2, 16, 8, 8, generator=g), [torch.randn(7, 32, generator=g), torch.randn(12, 32, generator=g)],
+            [torch.randn(20, 32, generator=g), torch.randn(15, 32, generator=g)])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (dict(targets=DEFAULT + ["linear"]), "runs whole"),                 # the final layer's linear
+    (dict(targets=DEFAULT + ["t_embedder.mlp.0"]), "runs whole"),       # the timestep MLP
+    (dict(lora_dropout=0.5), "lora_dropout=0.5"),
+    (dict(lora_bias=True, init_lora_weights=True), "LoRA bias"),
+])
+def test_peft_state_the_fast_model_would_not_apply_is_refused(extra, match):
+    from dopsd_fast import backend
+
+    with pytest.raises(AdapterError, match=match):
+        backend.wrap(_model(**extra), student_adapter="student", teacher_adapter="teacher")
+
+
+def test_an_adapter_activated_after_wrap_is_refused_at_the_step():
+    from peft import LoraConfig
+
+    from dopsd_fast import backend
+
+    model = _model()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]), adapter_name="style")
+    model.set_adapter(["student", "style"])  # a fixed style LoRA stacked with the student
+    with pytest.raises(AdapterError, match=r"\['style'\] active"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    model.set_adapter("teacher")  # which of the two is active does not matter
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+
+
+def test_modules_to_save_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    from dopsd_fast import backend
+
+    base = _model(names=())
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT,
+                                                 modules_to_save=["all_final_layer.2-1"]))
+    with pytest.raises(AdapterError, match="modules_to_save"):
+        backend.wrap(peft_model, student_adapter="default", teacher_shadow={
+            n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n})
+
+
+def test_a_lora_teacher_module_needs_its_adapter_name():
+    from dopsd_fast import backend
+
+    student = _model(names=("default",))
+    teacher = copy.deepcopy(student)
+    with pytest.raises(AdapterError, match="pass teacher_adapter="):
+        backend.wrap(student, teacher=teacher, student_adapter="default")
+    with pytest.raises(AdapterError, match="pass student_adapter="):
+        backend.wrap(student, teacher=teacher)
+    with pytest.raises(BackendError, match="module of the student's class"):
+        backend.wrap(student, teacher=torch.nn.Linear(2, 2), student_adapter="default")
+    backend.wrap(student, teacher=teacher, student_adapter="default", teacher_adapter="default")
+
+
+def test_timesteps_on_the_unit_scale_are_refused():
+    from dopsd_fast import backend
+
+    fast = backend.wrap(_model(), student_adapter="student", teacher_adapter="teacher")
+    with pytest.raises(ConventionError, match="within \\[0, 1\\]"):
+        fast.dopsd_step(*_inputs(), timesteps=[0, 0.1, 0.25, 0.5])
+    assert fast.sigmas_from_timesteps(TIMESTEPS) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+
+
+def test_a_backward_after_the_callback_loop_is_refused_and_one_inside_works():
+    from dopsd_fast import backend
+
+    model = _model()
+    model.set_adapter("teacher")  # the student's LoRA does not require grad now
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    noise, ps, pt = _inputs()
+    total = 0
+    with pytest.raises(BackendError, match="no backward reached the student"):
+        for st in fast.rollout(noise, ps, pt, timesteps=TIMESTEPS):
+            v_s, v_t = st.predict()
+            total = total + F.mse_loss(st.x0(v_s), st.x0(v_t)) / st.states
+    for st in fast.rollout(noise, ps, pt, timesteps=TIMESTEPS):
+        v_s, v_t = st.predict()
+        F.mse_loss(st.x0(v_s), st.x0(v_t)).div(st.states).backward()  # the caller's own backward, per state
+    grads = [p.grad for p in fast.trainable]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_an_ema_dict_keyed_by_a_wrapped_models_names_is_read(prefix):
+    from dopsd_fast import backend
+
+    model = _model(names=("default",))
+    plain = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    fast = backend.wrap(model, student_adapter="default", teacher_shadow={prefix + n: t for n, t in plain.items()})
+    ref = backend.wrap(model, student_adapter="default", teacher_shadow=plain)
+    a = fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS).loss
+    b = ref.dopsd_step(*_inputs(), timesteps=TIMESTEPS).loss
+    assert float(a) == float(b)
+    with pytest.raises(BackendError, match="must be a dict of parameter name -> tensor"):
+        backend.wrap(model, student_adapter="default", teacher_shadow=list(plain.values()))
