@@ -104,6 +104,14 @@ class Dist:
         self._call(what, dist.all_reduce, out, op=dist.ReduceOp.SUM)
         return out / self.world
 
+    def min_max(self, value: float, what: str) -> tuple[float, float]:
+        """(min, max) of ``value`` over the ranks (world 1: ``(value, value)``)."""
+        if not self.active:
+            return value, value
+        t = torch.tensor([float(value), -float(value)], dtype=torch.float64)
+        self._call(what, dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        return -float(t[1]), float(t[0])
+
     def barrier(self, what: str = "barrier") -> None:
         if self.active:
             self._call(what, dist.barrier)

@@ -125,6 +125,15 @@ class Trainer:
         try:
             self._claim_output(resume, overwrite)
             ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
+            if resume and self.dist.active:  # every rank reads the folder itself: they must pick the same one
+                lo, hi = self.dist.min_max(int(state["step"]) if state is not None else -1, "resume checkpoint choice")
+                if lo != hi:
+                    seen = lambda v: f"step {int(v)}" if v >= 0 else "none"  # noqa: E731
+                    raise OutputDirError(f"--resume {resume}: the ranks picked different checkpoints in {self.out} "
+                                         f"({seen(lo)} and {seen(hi)}; rank {self.rank}: "
+                                         f"{Path(ck).name if ck is not None else 'none'}): the folder looks different from "
+                                         "the ranks (a shared filesystem not yet in sync?); resume when every node "
+                                         "sees the same checkpoints, or name one: --resume <checkpoint folder>")
             self._resume_from = (ck, state) if state is not None else None
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
@@ -425,9 +434,13 @@ class Trainer:
         ctx_s = [c.to(self.device) for c in self.contexts.student(samples)]
         if input_flags is not None:
             input_flags.append(self.input_flags(samples, ctx_s, None, x0))
-        g = torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, 3) % (1 << 63))
-        u = compute_density_for_timestep_sampling(sc.weighting, len(samples), sc.logit_mean, sc.logit_std,
-                                                  sc.mode_scale, generator=g)
+        # u per sample from (seed, step, micro-batch, global sample index), as noise_for: N ranks x batch b
+        # draw what 1 rank x batch N b draws
+        first = self.rank * self.cfg.data.batch_size
+        u = torch.cat([compute_density_for_timestep_sampling(
+            sc.weighting, 1, sc.logit_mean, sc.logit_std, sc.mode_scale,
+            generator=torch.Generator().manual_seed(_seed_of(self.cfg.train.seed, step, micro, first + j, 3)))
+            for j in range(len(samples))])
         idx = (u * 1000).long().clamp(0, 999)
         sigma = self.adapter.shift_sigmas(1.0 - idx.double() / 1000.0, noise.shape[-2:]).float().to(self.device)
         s = sigma.view(-1, *[1] * (x0.dim() - 1))

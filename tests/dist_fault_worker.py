@@ -4,7 +4,8 @@ of torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0); otherwise it is ``do
 rank's loss of the step is NaN), ``hang`` (the rank stops for 60 s before the step), ``drift`` (the rank's EMA teacher is nudged before
 the step: the in-sync check must catch it), ``nan_input`` (the rank's student contexts of the step are
 NaN, as garbled cached features are), ``sigint`` (after the step the rank sends torchrun's agent
-SIGINT, as a Ctrl-C in the terminal does; the agent passes it on to every worker). Used by
+SIGINT, as a Ctrl-C in the terminal does; the agent passes it on to every worker), ``stale_listing``
+(from the start, the rank's listing of the checkpoints lacks the newest one). Used by
 tests/test_distributed.py."""
 
 import os
@@ -58,6 +59,12 @@ def _faulty_student(self, samples):
 
 Trainer.train_step, Trainer.compute_rollout = _faulty_step, _faulty_rollout
 ContextProvider.student = _faulty_student
+
+if KIND == "stale_listing" and os.environ.get("RANK") == os.environ["DOPSD_FAULT_RANK"]:
+    import dopsd_fast.trainer as _trainer
+
+    _listed = _trainer.list_checkpoints  # this rank's listing lacks the newest checkpoint (a lagging shared disk)
+    _trainer.list_checkpoints = lambda root: _listed(root)[:-1]
 
 if __name__ == "__main__":
     from dopsd_fast.cli import train_main

@@ -85,6 +85,20 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(two_ranks, tmp_path):
                                                                                              "__1_0.distcp"}
 
 
+def test_sft_two_ranks_equal_one_rank_with_the_global_batch(tmp_path):
+    """The SFT baseline too: its sigma per sample is drawn from the sample's place in the global batch
+    (each rank drew its first sample's sigma from the same seed before: 2 ranks x 1 differed from 1 x 2)."""
+    two, one = tmp_path / "s2", tmp_path / "s1"
+    for out, nproc, batch in ((two, 2, 1), (one, 1, 2)):
+        r = _run(out, nproc, batch, "--set", "method=sft", "--set", "train.max_steps=3")
+        assert r.returncode == 0, r.stderr[-4000:]
+    l2, l1 = _losses(two), _losses(one)
+    assert len(l2) == len(l1) == 3
+    for a, b in zip(l2, l1):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert _rel(_lora(two), _lora(one)) <= 1e-5
+
+
 @pytest.mark.parametrize("nproc,batch", [(1, 2), (2, 1)])
 def test_resume_a_two_rank_checkpoint_at_another_world_size(two_ranks, tmp_path, nproc, batch):
     """(b) N -> M: the step-2 checkpoint of the 2-rank run resumed at 1 rank (batch 2) and at 2 ranks
@@ -111,6 +125,21 @@ def test_killed_rank_elastic_restart_finishes_with_the_uninterrupted_weights(two
     assert "resumed from" in r.stderr and "step-0000002" in r.stderr
     assert _rel(_lora(out), _lora(two_ranks)) <= 1e-6
     assert [round(x, 9) for x in _losses(out)] == [round(x, 9) for x in _losses(two_ranks)]
+
+
+def test_ranks_that_see_different_checkpoints_refuse_to_resume(two_ranks, tmp_path):
+    """Each rank lists the checkpoints itself: rank 1 seeing an older listing (a shared disk lagging) made
+    the ranks train on from different states; now every rank stops at once, nothing written."""
+    out = tmp_path / "stale"
+    shutil.copytree(two_ranks / "checkpoints", out / "checkpoints")
+    r = _run(out, 2, 1, "--resume", "latest", worker="dist_fault_worker.py", timeout=120,
+             env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "0", "DOPSD_FAULT_KIND": "stale_listing"})
+    assert r.returncode != 0
+    assert "the ranks picked different checkpoints" in r.stderr and "step 2 and step 4" in r.stderr, r.stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists() and not (out / "lora").exists()
+    from dopsd_fast.checkpoint import list_checkpoints
+
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 4]
 
 
 def test_one_ranks_nan_stops_every_rank_before_anything_is_written(tmp_path):
