@@ -364,6 +364,10 @@ class Config:
 
     def __post_init__(self):
         _one_of(self.method, ("dopsd", "sft"), "method")
+        if self.dist.fsdp == "on" and self.lora.enabled and not self.dist.shard_base:
+            raise ConfigError("config field 'dist.fsdp': on shards full fine-tuning (lora.enabled: false); a LoRA run "
+                              "is replicated unless dist.shard_base: true shards its frozen base (eager path): set "
+                              "that, or dist.fsdp: auto")
         family(self.model.family).validate(self)  # what the family cannot run, before any weight is loaded
 
     def to_dict(self) -> dict:
@@ -698,7 +702,7 @@ FIELD_HELP: dict[str, str] = {
                     "the path",
     "fast.compile_backend": "torch.compile backend",
     "dist.fsdp": "FSDP2 with several ranks: `auto` = full fine-tuning sharded (student, EMA teacher, gradients, "
-                 "AdamW state), LoRA replicated",
+                 "AdamW state), LoRA replicated; `on` with LoRA needs `dist.shard_base: true`",
     "dist.shard_base": "LoRA: shard the frozen base (and the adapters) with FSDP2 too (eager path)",
     "dist.reshard_after_forward": "free each block's gathered weights after its forward",
 }

@@ -157,3 +157,14 @@ def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatc
         user_error()
     assert e.value.code == 1 and capsys.readouterr().err == ""
     assert "row 3: no image" in (out / "errors.rank1.log").read_text()
+
+
+def test_fsdp_on_with_lora_and_no_sharded_base_is_refused(tmp_path):
+    """dist.fsdp=on shards full fine-tuning; with LoRA it did nothing, silently (the run replicated)."""
+    from dopsd_fast.config import ConfigError
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="'dist.fsdp': on shards full fine-tuning"):
+        tiny_config(tmp_path, "dist.fsdp=on")
+    assert tiny_config(tmp_path, "dist.fsdp=on", "lora.enabled=false").dist.fsdp == "on"
+    assert tiny_config(tmp_path, "dist.fsdp=on", "dist.shard_base=true").dist.shard_base
