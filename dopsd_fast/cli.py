@@ -42,11 +42,34 @@ def _keep_error(text: str) -> Path:
     return path
 
 
+def _said_by_rank0(line: str) -> bool:
+    """Another rank's failure ``line``: whether rank 0 says the same (it posts its line to the
+    rendezvous store before printing it; waited for a few seconds)."""
+    from dopsd_fast.distributed import rank_error
+
+    return rank_error(0, wait_s=3.0) == line
+
+
+def _on_rank(line: str) -> str:
+    """``line`` with this rank named: ``error: [rank N] ...``."""
+    return f"error: [rank {_rank()}] {line.removeprefix('error: ')}"
+
+
 def _ends_clean(main):
     """A command that ends in one line: a user error (a ``SystemExit`` with its message) prints that line;
     an unexpected exception prints its type and first line and keeps the full traceback in the run's
-    ``errors.log``, never on the screen. Under torchrun only rank 0 prints, except a failed collective
-    (rank 0 may be the rank that died); the other ranks keep their line in ``errors.rankN.log``."""
+    ``errors.log``, never on the screen. Under torchrun every failing rank leaves its line in the
+    rendezvous store (rank 0's message about a failed collective names a rank's own error) and keeps
+    it in ``errors.rankN.log``; rank 0 prints its line; another rank prints its own, named ``[rank N]``,
+    unless rank 0 says the same (an error every rank sees, once on the screen) or it is a failed
+    collective (its message says which)."""
+    from dopsd_fast.distributed import post_error
+
+    def other_rank(line: str, context) -> None:
+        post_error(line)
+        if type(context).__name__ == "DistributedError" or not _said_by_rank0(line):
+            print(_on_rank(line), file=sys.stderr)
+
     @functools.wraps(main)
     def run(argv=None):
         try:
@@ -55,19 +78,24 @@ def _ends_clean(main):
             if not isinstance(e.code, str):
                 raise
             context = e.__context__
-            if _rank() == 0 or type(context).__name__ == "DistributedError":
+            if _rank() == 0:
+                post_error(e.code)
                 raise  # a user error: Python prints its one line and exits 1
-            # another rank: silent, its line kept where its reader looks for it
             _keep_error("".join(traceback.format_exception(context)) + e.code if context is not None else e.code)
+            other_rank(e.code, context)
             raise SystemExit(1) from None
         except KeyboardInterrupt:
             return 130
         except Exception as e:  # noqa: BLE001 - anything unexpected: one line, the traceback in the log
             path = _keep_error(traceback.format_exc())
             first = (str(e).strip().splitlines() or [""])[0][:300]
+            line = (f"error: {type(e).__name__}: {first} (unexpected: the full traceback is in {path}; include it "
+                    "in a bug report)")
             if _rank() == 0:
-                print(f"error: {type(e).__name__}: {first} (unexpected: the full traceback is in {path}; "
-                      "include it in a bug report)", file=sys.stderr)
+                post_error(line)
+                print(line, file=sys.stderr)
+            else:
+                other_rank(line, e)
             return 1
     return run
 

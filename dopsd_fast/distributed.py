@@ -48,13 +48,20 @@ class Dist:
         try:
             return fn(*a, **kw)
         except Exception as e:  # noqa: BLE001 - gloo / NCCL raise several types; one message
-            log.error("rank %d/%d: the collective '%s' failed; asking the other ranks who is there", self.rank,
-                      self.world, what)
-            raise DistributedError(
-                f"rank {self.rank}/{self.world}: the collective '{what}' failed ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:300] if str(e) else ''}); {self._who_is_missing(what)} (timeout "
-                f"train.dist_timeout_s={self.timeout_s:g} s). With torchrun --max-restarts the run restarts "
-                f"from the last checkpoint (--resume latest)") from None
+            raise self.failure(what, e) from None
+
+    def failure(self, what: str, e: BaseException) -> DistributedError:
+        """The one-line error of a failed collective ``what`` (ours, FSDP2's or the checkpoint's): after
+        a roll call, it names the ranks that died or hang, or the error a rank stopped with."""
+        log.error("rank %d/%d: the collective '%s' failed; asking the other ranks who is there", self.rank,
+                  self.world, what)
+        who = self._who_is_missing(what)
+        return DistributedError(
+            f"rank {self.rank}/{self.world}: the collective '{what}' failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}); {who} (timeout "
+            f"train.dist_timeout_s={self.timeout_s:g} s)"
+            + ("" if "stopped with an error" in who else ". With torchrun --max-restarts the run restarts from "
+               "the last checkpoint (--resume latest)"))
 
     def _who_is_missing(self, what: str) -> str:
         """A roll call after a failed collective: every rank that sees it fail answers in the store and
@@ -77,8 +84,15 @@ class Dist:
                 "another rank died or hangs"
         if not missing:
             return "every rank answered the roll call after it: a rank's collective timed out or its network failed"
-        names = ", ".join(str(r) for r in missing)
-        return f"rank{'s' if len(missing) > 1 else ''} {names} did not answer the roll call after it: died or hangs"
+        failed = {r: rank_error(r) for r in missing}
+        said = [f"rank {r} stopped with an error: {line.removeprefix('error: ')} (its errors.rank{r}.log has the full "
+                "text)"
+                for r, line in failed.items() if line]
+        gone = [r for r, line in failed.items() if not line]
+        if gone:
+            names = ", ".join(str(r) for r in gone)
+            said.append(f"rank{'s' if len(gone) > 1 else ''} {names} did not answer the roll call after it: died or hangs")
+        return "; ".join(said)
 
     def all_reduce_mean_(self, tensors: list[torch.Tensor], what: str = "gradients") -> None:
         """Average ``tensors`` over the ranks in place, one flat bucket per dtype and device."""
@@ -135,6 +149,56 @@ class Dist:
                 dist.destroy_process_group()
 
 
+# what gloo's and NCCL's errors say when a peer is gone or a collective timed out (raised from inside
+# FSDP2's all-gathers, the checkpoint's barriers and DCP, which do not go through Dist._call)
+_COLLECTIVE_SIGNS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                     "NCCL error", "ProcessGroupNCCL", "ProcessGroupGloo", "unbound_buffer")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` (or what it wraps) is a collective's failure: a peer gone, or a timeout."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, DistributedError) or any(s in str(e) for s in _COLLECTIVE_SIGNS):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+_STORE: list = []  # this process's rendezvous store (from_env): where a failing rank leaves its one line
+
+
+def post_error(line: str) -> None:
+    """This rank's one-line failure into the rendezvous store, for the other ranks' messages (nothing
+    without a store; a store that does not answer is skipped: the line is on this rank's screen and log)."""
+    if not _STORE:
+        return
+    try:
+        _STORE[-1].set_timeout(datetime.timedelta(seconds=2))
+        _STORE[-1].set(f"error/{int(os.environ.get('RANK', 0))}", line)
+    except Exception:  # noqa: BLE001 - best effort while failing
+        pass
+
+
+def rank_error(rank: int, wait_s: float = 0.0) -> str | None:
+    """The one line rank ``rank`` left in the store when it failed (:func:`post_error`), waiting up to
+    ``wait_s`` for it; None when there is none (or no store)."""
+    if not _STORE:
+        return None
+    key = f"error/{rank}"
+    deadline = time.monotonic() + wait_s
+    try:
+        _STORE[-1].set_timeout(datetime.timedelta(seconds=max(1.0, wait_s)))
+        while True:
+            if _STORE[-1].check([key]):
+                return _STORE[-1].get(key).decode("utf-8", "replace")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store's host is gone
+        return None
+
+
 def from_env(timeout_s: float = 1800.0) -> Dist:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) -> a process group (NCCL with CUDA, gloo
     on the CPU); a plain process -> world 1, nothing initialised."""
@@ -158,6 +222,7 @@ def from_env(timeout_s: float = 1800.0) -> Dist:
                               **({} if use_agent else {"multi_tenant": True}))
         store = dist.PrefixStore(f"dopsd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         d.store = store
+        _STORE.append(store)
         # CUDA: NCCL for device tensors and gloo for the few host-side ones (metrics flags, checksums)
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
                                 timeout=timeout)

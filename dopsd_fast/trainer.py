@@ -30,7 +30,7 @@ from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incompl
                                    load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
-from dopsd_fast.distributed import from_env
+from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure
 from dopsd_fast.errors import ConfigError, DataError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, family, require_editing_support
@@ -792,7 +792,14 @@ class Trainer:
                 return {}
             if self.rank == 0:
                 self.cfg.save(self.out / "config.yaml")
-            return self._train()
+            try:
+                return self._train()
+            except DistributedError:
+                raise
+            except Exception as e:  # FSDP2's collectives, the checkpoint's barriers and DCP: the same one line
+                if self.dist.active and is_collective_failure(e):
+                    raise self.dist.failure("a collective of FSDP2, the checkpoint or the step", e) from None
+                raise
         finally:
             self._signals.restore()
             self.close()

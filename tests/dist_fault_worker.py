@@ -5,7 +5,9 @@ rank's loss of the step is NaN), ``hang`` (the rank stops for 60 s before the st
 the step: the in-sync check must catch it), ``nan_input`` (the rank's student contexts of the step are
 NaN, as garbled cached features are), ``sigint`` (after the step the rank sends torchrun's agent
 SIGINT, as a Ctrl-C in the terminal does; the agent passes it on to every worker), ``stale_listing``
-(from the start, the rank's listing of the checkpoints lacks the newest one). Used by
+(from the start, the rank's listing of the checkpoints lacks the newest one), ``error`` (the rank's
+step raises a DataError of its own), ``startup_error`` (the rank's model and data build raises one), ``exit_in_save`` (the rank dies
+inside the checkpoint of that step). Used by
 tests/test_distributed.py."""
 
 import os
@@ -30,6 +32,10 @@ def _here(self, step):
 
 def _faulty_step(self):
     _at["here"] = _here(self, self.step + 1)
+    if KIND == "error" and _here(self, self.step + 1):
+        from dopsd_fast.data import DataError
+
+        raise DataError("train.jsonl:4: field 'image': 03.png: image file is truncated (this rank only)")
     if KIND == "hang" and _here(self, self.step + 1):
         time.sleep(60)
     if KIND == "drift" and _here(self, self.step + 1):
@@ -59,6 +65,28 @@ def _faulty_student(self, samples):
 
 Trainer.train_step, Trainer.compute_rollout = _faulty_step, _faulty_rollout
 ContextProvider.student = _faulty_student
+
+if KIND == "startup_error" and os.environ.get("RANK") == os.environ["DOPSD_FAULT_RANK"]:
+    _build = Trainer._build_data_and_model
+
+    def _failing_build(self):
+        from dopsd_fast.data import DataError
+
+        raise DataError("train.jsonl:2: field 'image': /data/01.png: image file not found (this node only)")
+
+    Trainer._build_data_and_model = _failing_build
+
+if KIND == "exit_in_save" and os.environ.get("RANK") == os.environ["DOPSD_FAULT_RANK"]:
+    import dopsd_fast.trainer as _trainer_mod
+
+    _save = _trainer_mod.save_checkpoint
+
+    def _dying_save(root, step, *a, **kw):
+        if step == int(os.environ["DOPSD_FAULT_STEP"]):
+            os._exit(17)  # the rank dies inside the checkpoint, before DCP: rank 0 waits in its barrier
+        return _save(root, step, *a, **kw)
+
+    _trainer_mod.save_checkpoint = _dying_save
 
 if KIND == "stale_listing" and os.environ.get("RANK") == os.environ["DOPSD_FAULT_RANK"]:
     import dopsd_fast.trainer as _trainer

@@ -142,6 +142,38 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(two_ranks, tmp_pa
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [2, 4]
 
 
+@pytest.mark.parametrize("kind,line", [
+    ("startup_error", "error: [rank 1] train.jsonl:2: field 'image': /data/01.png: image file not found"),
+    ("error", "error: [rank 1] train.jsonl:4: field 'image': 03.png: image file is truncated"),
+])
+def test_an_error_of_one_rank_only_reaches_the_screen(tmp_path, kind, line):
+    """A failure only rank 1 meets (a file its node cannot read) was kept in errors.rank1.log alone; the
+    screen showed torchrun's block, or rank 0's lost collective. Now rank 1's line is on the screen,
+    named, once; rank 0's message about the collective names rank 1's error, not a death."""
+    out = tmp_path / kind
+    r = _run(out, 2, 1, worker="dist_fault_worker.py", timeout=150,
+             env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "2", "DOPSD_FAULT_KIND": kind})
+    assert r.returncode != 0
+    assert r.stderr.count(line) == 1, r.stderr[-3000:]
+    assert line.removeprefix("error: [rank 1] ") in (out / "errors.rank1.log").read_text()
+    assert "rank 1 did not answer the roll call" not in r.stderr
+
+
+def test_a_rank_dying_in_the_checkpoint_is_named_in_one_line(tmp_path):
+    """The checkpoint's barriers (and DCP, FSDP2's collectives) are not ours: a rank dying there gave
+    gloo's raw text, naming no rank; now the same one line as a failed all-reduce."""
+    out = tmp_path / "ck"
+    r = _run(out, 2, 1, worker="dist_fault_worker.py", timeout=150,
+             env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "2", "DOPSD_FAULT_KIND": "exit_in_save"})
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert lines and "rank 0/2: the collective 'a collective of FSDP2, the checkpoint or the step' failed" in lines[0]
+    assert "rank 1 did not answer the roll call after it: died or hangs" in lines[0], r.stderr[-3000:]
+    from dopsd_fast.checkpoint import list_checkpoints
+
+    assert list_checkpoints(out / "checkpoints") == []  # nothing half-written in place
+
+
 def test_one_ranks_nan_stops_every_rank_before_anything_is_written(tmp_path):
     out = tmp_path / "nan"
     r = _run(out, 2, 1, "--set", "train.checkpoint_every=1", worker="dist_fault_worker.py",
