@@ -308,8 +308,12 @@ class Guard:
     run (:meth:`summary`). Isolated spikes are common with small batches; a run that keeps spiking still
     says so every ``quiet_steps`` steps."""
 
-    def __init__(self, max_update_ratio: float, warn_factor: float, window: int = 50, quiet_steps: int = 500):
+    def __init__(self, max_update_ratio: float, warn_factor: float, window: int = 50, quiet_steps: int = 500,
+                 verbose: bool = True):
         self.max_update_ratio, self.warn_factor, self.window = max_update_ratio, warn_factor, window
+        # the warnings on one rank only (torchrun: every rank sees the same averaged gradient); the
+        # refusals (DivergenceError) on every rank
+        self._say = log.warning if verbose else log.debug
         self.quiet_steps = quiet_steps
         self.gnorms: list[float] = []
         self.ratios: list[float] = []
@@ -360,7 +364,7 @@ class Guard:
         self._warn(step, "gradient norm", gnorm, self.gnorms)
         if math.isfinite(ratio):
             if ratio > 1.0:
-                log.warning("step %d: the update is %.3g x the weights' norm (larger than the weights): the run is "
+                self._say("step %d: the update is %.3g x the weights' norm (larger than the weights): the run is "
                             "likely diverging; lower optim.lr", step, ratio)
             self._warn(step, "update-to-weight ratio", ratio, self.ratios)
         return ratio
@@ -380,7 +384,7 @@ class Guard:
             s["largest"] = max(s["largest"], (v / med, step))
             return
         more = f"; {self._counted(s)}" if s is not None and s["n"] else ""
-        log.warning("step %d: %s %.3g is %.0f x its running median %.3g: a spike (harmless if isolated; possible "
+        self._say("step %d: %s %.3g is %.0f x its running median %.3g: a spike (harmless if isolated; possible "
                     "divergence if they keep coming)%s; further spikes within %d steps are counted, not printed",
                     step, name, v, v / med, med, more, self.quiet_steps)
         self._spikes[name] = {"printed": step, "n": 0, "largest": (0.0, step)}
@@ -394,7 +398,7 @@ class Guard:
         """At the end of a run: the spikes counted since the last printed one, per quantity, in one line."""
         for name, s in self._spikes.items():
             if s["n"]:
-                log.warning("%s spikes over %g x the running median: %s", name, self.warn_factor, self._counted(s))
+                self._say("%s spikes over %g x the running median: %s", name, self.warn_factor, self._counted(s))
                 s["n"], s["largest"] = 0, (0.0, s["printed"])
 
 

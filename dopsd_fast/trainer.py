@@ -155,7 +155,7 @@ class Trainer:
             self.run_id = uuid.uuid4().hex[:16]  # a resume takes the checkpoint's
             self.logger = MetricsLogger(self.out, cfg.train.tensorboard, cfg.train.wandb, cfg.to_dict(),
                                         enabled=self.rank == 0)
-            self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor)
+            self.guard = Guard(cfg.train.max_update_ratio, cfg.train.warn_factor, verbose=self.rank == 0)
             if state is not None:
                 self.load(ck, state)
                 self._resume_from = state = None  # not kept: the checkpoint's tensors can be large
@@ -331,7 +331,7 @@ class Trainer:
         """The dataset, the family's adapter (its encoders, or the feature cache instead), the contexts,
         the student / EMA-teacher weights, and FSDP2 sharding where the run asks for it."""
         cfg = self.cfg
-        self.dataset = build_dataset(cfg.data, progress=cfg.train.progress)
+        self.dataset = build_dataset(cfg.data, progress=cfg.train.progress and self.rank == 0)
         self.data_fingerprint = self.dataset.fingerprint()
         if self._resume_from is not None:  # before the model: the data's content against the checkpoint's
             self._check_data(*self._resume_from)
@@ -703,7 +703,7 @@ class Trainer:
         self.lr_sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
         self.sampler.load_state_dict(state["sampler"])
         gb = state["sampler"].get("global_batch")
-        if gb is not None and gb != self.sampler.global_batch:
+        if gb is not None and gb != self.sampler.global_batch and self.rank == 0:
             log.warning("resume: the global batch changes from %d to %d samples (data.batch_size x ranks): the data "
                         "order from here differs from an uninterrupted run", gb, self.sampler.global_batch)
         set_rng_state(state["rng"])

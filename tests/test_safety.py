@@ -82,6 +82,18 @@ def test_gradient_norm_spikes_warn_once_then_are_counted(caplog):
             quiet.check_after_update(step, w, None, 1.0 + 0.5 * (step % 3))
         quiet.summary()
     assert not caplog.records
+    # torchrun: the ranks other than 0 see the same averaged gradient: their guard warns nothing (every
+    # rank printed each spike), while its refusals stay
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        other = Guard(max_update_ratio=1e6, warn_factor=10.0, quiet_steps=100, verbose=False)
+        for step in range(1, 201):
+            other.check_after_update(step, w, None, spikes.get(step, 1.0))
+        other.summary()
+        from dopsd_fast.safety import DivergenceError
+
+        with pytest.raises(DivergenceError):
+            other.check_before_update(201, float("nan"), 1.0)
+    assert not caplog.records
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
