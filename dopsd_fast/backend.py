@@ -406,6 +406,10 @@ class Backend(PackedPair):
         the teacher without autograd."""
         self.model.check_adapters()
         xm, back = self.spec.latents_in(x, latent_hw)
+        self._check_inputs(xm, ("ctx", ctx), step=False)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=xm.device)
+        if sigma.dim() == 0:  # one noise level for the batch
+            sigma = sigma.expand(xm.shape[0])
         return back(super().velocity(branch, xm, sigma, contexts(ctx)))
 
     @contextlib.contextmanager
@@ -476,6 +480,36 @@ class Backend(PackedPair):
                                "state.backward: accelerator.backward steps the engine at the accumulation boundary, "
                                "a backward per roll-out state would step it K times")
 
+    def _check_inputs(self, x, *named_contexts, step: bool = True) -> None:
+        """One line naming what does not fit the transformer (instead of a shape error deep inside it):
+        the latents' channels and patch grid, each context list's length (one per sample) and width;
+        ``step``: autograd must be on."""
+        if step and not torch.is_grad_enabled():
+            raise BackendError("backend: the step needs autograd, and it runs under torch.no_grad() or "
+                               "torch.inference_mode(); call it outside (a teacher-only prediction: "
+                               "fast.velocity('teacher', ...))")
+        cfg = dict(self.model.ms.config)
+        B, C, h, w = x.shape
+        c_in = cfg.get("in_channels")
+        if c_in is not None and C != int(c_in):
+            raise BackendError(f"backend: the latents have {C} channels (shape {tuple(x.shape)} read as (B, C, h, w)); "
+                               f"the {self.spec.title} transformer takes in_channels={int(c_in)}")
+        p = int(cfg.get("patch_size") or (cfg.get("all_patch_size") or [1])[0])
+        if h % p or w % p:
+            raise BackendError(f"backend: the latents are {h} x {w}, not a multiple of the transformer's patch size {p}")
+        width = self.spec.context_width(cfg)
+        for name, ctx in named_contexts:
+            if ctx is None:
+                continue
+            cs = contexts(ctx)
+            if len(cs) != B:
+                raise BackendError(f"backend: {name} holds {len(cs)} prompt embedding(s) for a batch of {B} latents "
+                                   "(one per sample)")
+            for i, c in enumerate(cs):
+                if width is not None and c.features.shape[-1] != width:
+                    raise BackendError(f"backend: {name}[{i}] has {c.features.shape[-1]} features per token; the "
+                                       f"transformer takes {width} ({self.spec.context_width_key})")
+
     # ---- schedules -------------------------------------------------------------------------------
     def sigmas_from_timesteps(self, timesteps, scale: float = 1000.0) -> list[float]:
         """The model's own timesteps (the roll-out's K states, ``scale`` = 1000) -> K + 1 sigmas ending
@@ -518,6 +552,7 @@ class Backend(PackedPair):
         detached."""
         sig = self._sigmas(sigmas, timesteps)
         x, back = self.spec.latents_in(noise, latent_hw)
+        self._check_inputs(x, ("ctx_s", ctx_s), ("ctx_t", ctx_t))
         if autocast is None and self.autocast_hint:
             self.autocast_hint = False
             log.warning("backend: the model was prepared by accelerate with mixed precision, which wraps model.forward; "
@@ -545,6 +580,7 @@ class Backend(PackedPair):
         ends (or is left)."""
         sig = self._sigmas(sigmas, timesteps)
         xm, back = self.spec.latents_in(noise, latent_hw)
+        self._check_inputs(xm, ("ctx_s", ctx_s), ("ctx_t", ctx_t))
         run = backward_fn or (lambda t: t.backward())
         rec = []
 

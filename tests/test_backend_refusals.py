@@ -140,3 +140,28 @@ def test_an_ema_dict_keyed_by_a_wrapped_models_names_is_read(prefix):
     assert float(a) == float(b)
     with pytest.raises(BackendError, match="must be a dict of parameter name -> tensor"):
         backend.wrap(model, student_adapter="default", teacher_shadow=list(plain.values()))
+
+
+def test_inputs_that_do_not_fit_the_transformer_are_named():
+    """Each ended in a shape error deep inside the model (or an AttributeError) before."""
+    from dopsd_fast import backend
+
+    fast = backend.wrap(_model(), student_adapter="student", teacher_adapter="teacher")
+    noise, ps, pt = _inputs()
+    cases = [
+        (dict(ctx_s=ps + ps[:1]), "ctx_s holds 3 prompt embedding\\(s\\) for a batch of 2"),
+        (dict(ctx_t=[t[:, :16] for t in pt]), "ctx_t\\[0\\] has 16 features per token; the transformer takes 32"),
+        (dict(noise=torch.randn(2, 8, 8, 8)), "8 channels .* in_channels=16"),
+        (dict(noise=torch.randn(2, 16, 7, 7)), "7 x 7, not a multiple of the transformer's patch size 2"),
+    ]
+    for change, match in cases:
+        args = dict(noise=noise, ctx_s=ps, ctx_t=pt)
+        args.update(change)
+        with pytest.raises(BackendError, match=match):
+            fast.dopsd_step(args["noise"], args["ctx_s"], args["ctx_t"], timesteps=TIMESTEPS)
+    with torch.no_grad(), pytest.raises(BackendError, match="needs autograd"):
+        fast.dopsd_step(noise, ps, pt, timesteps=TIMESTEPS)
+    # one noise level as a float or a 0-dim tensor: the batch's
+    v = fast.velocity("teacher", noise, 0.5, pt)
+    assert torch.equal(v, fast.velocity("teacher", noise, torch.tensor(0.5), pt))
+    assert torch.equal(v, fast.velocity("teacher", noise, torch.full((2,), 0.5), pt))
