@@ -190,7 +190,7 @@ def _check_shadow(sh) -> None:
 
 def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_adapter: str | None = None,
          teacher_shadow: dict | None = None, kernels: str = "auto", attention: str = "auto",
-         checkpoint_layers: int = 0, nvtx: bool = False, check_conventions: bool = True) -> "Backend":
+         checkpoint_layers: int | None = None, nvtx: bool = False, check_conventions: bool = True) -> "Backend":
     """The packed fast pair over a trainer's own model(s). One of:
 
     (i) ``wrap(model, student_adapter="student", teacher_adapter="teacher")``: one model, two peft
@@ -206,7 +206,8 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     adapter's LoRA tensors; in (iii) what requires grad) are read here, once: every step trains exactly
     those, whatever ``set_adapter`` left behind, and restores the caller's ``requires_grad`` after.
     ``kernels`` / ``attention``: as ``fast.kernels`` / ``fast.attention`` (auto: our Triton kernels on
-    CUDA, PyTorch elsewhere); ``checkpoint_layers``: main layers under gradient checkpointing;
+    CUDA, PyTorch elsewhere); ``checkpoint_layers``: main layers under gradient checkpointing (None:
+    all of them where the caller turned on the model's own, ``enable_gradient_checkpointing()``, else 0);
     ``check_conventions``: the first step's convention checks (:class:`Backend`).
     """
     ms, ddp, engine = _unwrap(student, "student")
@@ -243,13 +244,32 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     for name, m, ad in (("student", ms, student_adapter), ("teacher", mt, teacher_adapter)):
         if isinstance(ad, str) and not any(ad in getattr(x, "lora_A", {}) for x in m.modules()):
             raise BackendError(f"backend.wrap: the {name} adapter {ad!r} is on no module of the model")
+    p0 = next(ms.parameters())
+    device = p0.device
+    if mt is not ms:
+        q0 = next(mt.parameters())
+        if (q0.dtype, q0.device) != (p0.dtype, device):
+            raise BackendError(f"backend.wrap: teacher= holds {q0.dtype} weights on {q0.device}, the student {p0.dtype} on "
+                               f"{device}: the packed pass runs both on the student's; keep an EMA master elsewhere "
+                               "and copy it into a module like the student (teacher.load_state_dict(...))")
+    trainable = _trainable(ms, student_adapter)
+    if not trainable:
+        raise BackendError("backend.wrap: nothing of the student requires grad (full fine-tuning reads its trainable "
+                           "parameters here): call student.requires_grad_(True) for what it trains before wrap()")
+    if checkpoint_layers is None:  # the caller's own switch, enable_gradient_checkpointing(), followed
+        on = bool(getattr(ms, "is_gradient_checkpointing", False))
+        checkpoint_layers = sum(len(getattr(ms, a, ())) for a in ("layers", "transformer_blocks",
+                                                                  "single_transformer_blocks")) if on else 0
+        if on:
+            log.info("backend.wrap: the model has gradient checkpointing on: all %d main layers of the fast pass "
+                     "checkpointed (checkpoint_layers=0 turns it off)", checkpoint_layers)
     device = next(ms.parameters()).device
     ops = build_ops(kernels, attention, device)
     kw = dict(ops=ops, nvtx=nvtx)
     if checkpoint_layers:
         kw["checkpoint_layers"] = checkpoint_layers
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
-    fast = Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=_trainable(ms, student_adapter),
+    fast = Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=trainable,
                    shadow=shadow, check_conventions=check_conventions)
     fast.autocast_hint = _autocast_wrapped(student)
     return fast

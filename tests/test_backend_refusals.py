@@ -165,3 +165,31 @@ def test_inputs_that_do_not_fit_the_transformer_are_named():
     v = fast.velocity("teacher", noise, 0.5, pt)
     assert torch.equal(v, fast.velocity("teacher", noise, torch.tensor(0.5), pt))
     assert torch.equal(v, fast.velocity("teacher", noise, torch.full((2,), 0.5), pt))
+
+
+def test_the_models_gradient_checkpointing_is_followed_and_full_ft_needs_a_trainable_student():
+    """A loop that called enable_gradient_checkpointing() (the authors' scripts do) got none in the fast
+    pass (memory as without it); now every main layer is checkpointed, the same gradients."""
+    from dopsd_fast import backend
+
+    model = _model()
+    plain = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    assert plain.model.checkpoint_layers == 0
+    ref = plain.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    g_ref = [p.grad.clone() for p in plain.trainable]
+    model.zero_grad(set_to_none=True)
+    model.enable_gradient_checkpointing()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    assert fast.model.checkpoint_layers == len(model.layers)
+    res = fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    assert float(res.loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    for p, g in zip(fast.trainable, g_ref):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    assert backend.wrap(model, student_adapter="student", teacher_adapter="teacher",
+                        checkpoint_layers=0).model.checkpoint_layers == 0
+
+    full = _model(names=())
+    with pytest.raises(BackendError, match="nothing of the student requires grad"):
+        backend.wrap(full, teacher=copy.deepcopy(full))
+    with pytest.raises(BackendError, match="teacher= holds torch.bfloat16 weights"):
+        backend.wrap(full.requires_grad_(True), teacher=copy.deepcopy(full).to(torch.bfloat16))
