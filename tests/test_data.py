@@ -194,3 +194,30 @@ def test_builtin_dataset_location_logged_once_and_overridable(tmp_path, monkeypa
     assert not [r for r in caplog.records if "built-in dataset written" in r.getMessage()]
     monkeypatch.delenv(tiny.HOME_ENV)
     assert tiny.home() == Path.home() / ".cache" / "dopsd_fast"
+
+
+def test_an_image_damaged_during_the_run_is_named_with_its_row(tmp_path):
+    """Checked at start-up, then truncated while the run goes on: the decode at its step was PIL's
+    'image file is truncated' alone (no file, no row); now a DataError naming both, also through the
+    prefetching threads."""
+    from dopsd_fast.data.prefetch import ImagePrefetcher
+
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "b.png", color=(10, 200, 30))
+    path = _jsonl(tmp_path, [{"image": "a.png", "prompt": "a"}, {"image": "b.png", "prompt": "b"}])
+    ds = build_dataset(_cfg(jsonl=path), progress=False)
+    data = (tmp_path / "b.png").read_bytes()
+    (tmp_path / "b.png").write_bytes(data[: len(data) // 2])
+    assert ds.load_images(0)[0].shape[0] == 3
+    with pytest.raises(DataError, match=r"train\.jsonl:2: image .*b\.png: .*truncated"):
+        ds.load_images(1)
+    pre = ImagePrefetcher(ds, 1)
+
+    class _Peek:
+        def peek_batch(self):
+            return [1]
+
+    pre.ahead(_Peek())
+    with pytest.raises(DataError, match=r"train\.jsonl:2: image .*b\.png"):
+        ds.get(1, images=pre.images(1)).image
+    pre.close()

@@ -78,9 +78,17 @@ class Sample:
 
 
 def _load_record_images(rec: "Record"):
-    """(target image, reference images) of a record, decoded at their buckets."""
-    return (load_image(rec.image_path, rec.bucket),
-            [load_image(p, b) for p, b in zip(rec.reference_paths, rec.reference_buckets)])
+    """(target image, reference images) of a record, decoded at their buckets. A file that no longer
+    decodes (changed or damaged since the start-up check) is a :class:`DataError` naming the row and file."""
+    def load(path, bucket, field):
+        try:
+            return load_image(path, bucket)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: OSError (truncated), UnidentifiedImageError, ...
+            raise DataError(f"{rec.where}: {field} {path}: {e} (it changed since the run checked it at start-up; "
+                            "restore the file, or drop the row and resume)") from None
+
+    return (load(rec.image_path, rec.bucket, "image"),
+            [load(p, b, "reference") for p, b in zip(rec.reference_paths, rec.reference_buckets)])
 
 
 def file_sha256(path: str | Path) -> str:
