@@ -661,7 +661,9 @@ FIELD_HELP: dict[str, str] = {
     "train.warn_factor": "divergence guard: warn when a gradient norm or update ratio is this multiple of its "
                          "running median (the first spike printed; later ones within 500 steps counted, the "
                          "count printed with the next one or at the end)",
-    "train.dist_timeout_s": "torchrun: a collective waiting longer fails with a message naming the rank",
+    "train.dist_timeout_s": "torchrun: a collective waiting longer fails with a message naming the rank (it also "
+                            "bounds how long the other ranks wait while rank 0 validates and exports: keep it above "
+                            "the longest validation)",
     "train.check_sync_every": "torchrun: every N steps the ranks check their student and EMA teacher are "
                               "identical (0: never)",
     "validation.every": "sample grids every N steps (0: none)",

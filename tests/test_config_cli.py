@@ -124,7 +124,8 @@ def test_a_data_source_on_the_command_line_replaces_the_configs():
 
 def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatch, capsys):
     """An unexpected exception prints its type and first line, no traceback; the full traceback goes to
-    the run's errors.log. A user error's line is printed by rank 0 only; another rank keeps its own."""
+    the run's errors.log. A user error's line is printed by rank 0; another rank keeps its own in its
+    log and prints it, named, where rank 0 does not say the same."""
     from dopsd_fast import cli
 
     out = tmp_path / "run"
@@ -152,11 +153,39 @@ def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="^error: data.jsonl: row 3: no image$"):  # rank 0: its line
         user_error()
     assert not (out / "errors.rank1.log").exists()
+    # another rank, under torchrun: its line kept in its log and left in the rendezvous store; printed
+    # (named) unless rank 0 says the same (an error every rank meets, once on the screen)
+    from dopsd_fast import distributed
+
+    class Store:  # the rendezvous store's calls the failure path makes
+        def __init__(self):
+            self.kv = {}
+
+        def set_timeout(self, t):
+            pass
+
+        def set(self, k, v):
+            self.kv[k] = v.encode() if isinstance(v, str) else v
+
+        def check(self, keys):
+            return all(k in self.kv for k in keys)
+
+        def get(self, k):
+            return self.kv[k]
+
+    store = Store()
+    monkeypatch.setattr(distributed, "_STORE", [store])
+    store.set("error/0", "error: data.jsonl: row 3: no image")
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(SystemExit) as e:  # another rank: silent, the line kept in its log
+    with pytest.raises(SystemExit) as e:  # rank 0 said the same: silent
         user_error()
     assert e.value.code == 1 and capsys.readouterr().err == ""
     assert "row 3: no image" in (out / "errors.rank1.log").read_text()
+    assert store.kv["error/1"] == b"error: data.jsonl: row 3: no image"
+    store.set("error/0", "error: rank 0/2: the collective 'gradients' failed")
+    with pytest.raises(SystemExit):  # rank 0 says something else: this rank's own line, named
+        user_error()
+    assert capsys.readouterr().err == "error: [rank 1] data.jsonl: row 3: no image\n"
 
 
 def test_fsdp_on_with_lora_and_no_sharded_base_is_refused(tmp_path):
