@@ -108,6 +108,16 @@ def check_adapters(model, adapters, paired: str, role: str = "student") -> None:
                                "(merge a fixed adapter into the base weights, or deactivate it)")
 
 
+def _adapter_signature(model) -> tuple:
+    """What :func:`check_adapters` depends on that a caller changes between steps: the adapters peft
+    added (``peft_config``: names, config objects) and the active ones (of the first LoRA layer:
+    ``set_adapter`` sets every layer's)."""
+    configs = tuple(sorted((k, id(v)) for k, v in (getattr(model, "peft_config", None) or {}).items()))
+    layer = next((m for m in model.modules() if getattr(m, "lora_A", None)), None)
+    active = getattr(layer, "active_adapters", None) if layer is not None else None
+    return configs, tuple([active] if isinstance(active, str) else active or ())
+
+
 def lora_of(mod, adapter):
     """(weight, bias, (A, B, scale) or None) of a plain or peft-wrapped linear under ``adapter`` (a peft
     adapter name, a :class:`Shadow`, or None for the bare base layer)."""
@@ -262,11 +272,17 @@ class PairedModel:
         a caller may add or activate adapters later)."""
         if self.spec is None:
             return
+        # the walk over every module costs ~15 ms at Z-Image's size: made again only when the models'
+        # adapters (peft_config) or the active ones change
+        sig = tuple(_adapter_signature(m) for m in ((self.ms,) if self.same_model else (self.ms, self.mt)))
+        if sig == getattr(self, "_adapters_checked", None):
+            return
         if self.same_model:
             check_adapters(self.ms, [self.adapter_s, self.adapter_t], self.spec.fp8_linears)
         else:
             check_adapters(self.ms, [self.adapter_s], self.spec.fp8_linears, "student")
             check_adapters(self.mt, [self.adapter_t], self.spec.fp8_linears, "teacher")
+        self._adapters_checked = sig
 
     @contextlib.contextmanager
     def sharing(self, share):
