@@ -310,13 +310,22 @@ def ema_update_(teacher: Iterable[torch.Tensor], student: Iterable[torch.Tensor]
     for t, s in zip(teacher, student):
         if t.shape != s.shape:
             raise ValueError(f"EMA: shape mismatch {tuple(t.shape)} vs {tuple(s.shape)}")
-    # one multi-tensor launch per (device, dtype) of the teacher, not one per tensor (hundreds of LoRA
-    # factors): the student tensors moved / cast to the teacher's where they differ
+    # pairs of one device and dtype: one multi-tensor launch per (device, dtype), not one per tensor
+    # (hundreds of LoRA factors); a student tensor of another device or dtype (an EMA kept on the CPU,
+    # fp32 masters of a bf16 model) moved / cast one at a time, never a second copy of the whole model
     groups: dict = {}
     for t, s in zip(teacher, student):
+        s = s.detach()
+        if s.device != t.device or s.dtype != t.dtype:
+            s = s.to(device=t.device, dtype=t.dtype)
+            if decay == 0.0:
+                t.copy_(s)
+            else:
+                t.lerp_(s, 1.0 - decay)
+            continue
         ts, ss = groups.setdefault((t.device, t.dtype), ([], []))
         ts.append(t)
-        ss.append(s.detach().to(device=t.device, dtype=t.dtype))
+        ss.append(s)
     for ts, ss in groups.values():
         if decay == 0.0:
             torch._foreach_copy_(ts, ss)

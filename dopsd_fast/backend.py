@@ -326,10 +326,14 @@ class RolloutState:
     v_student: torch.Tensor | None = None
     v_teacher: torch.Tensor | None = None
 
+    _reached: list | None = None  # the roll-out's record: a backward reached a student velocity
+
     def predict(self):
         """(v_student with autograd, v_teacher constant) at this state, ``v = eps - x0``."""
         v_s, v_t = self._fn(self._x_model, self.sigma)
         self._v_model = v_s
+        if self._reached is not None and v_s.requires_grad:  # any backward through it: loss.backward(),
+            v_s.register_hook(lambda g, r=self._reached: r.append(1))  # autograd.grad, a hooked optimizer step
         back = self._back or (lambda y: y)
         self.v_student, self.v_teacher = back(v_s), back(v_t.detach())
         return self.v_student, self.v_teacher
@@ -619,17 +623,17 @@ class Backend(PackedPair):
         x = xm.detach().float()
         K = len(sig) - 1
         conv = self.spec.convention
-        before = [(p.grad, p.grad._version if p.grad is not None else -1) for p in self.trainable]
+        reached: list = []
         with self.training():
             for k in range(K):
                 sigma = torch.full((x.shape[0],), sig[k], dtype=torch.float32, device=x.device)
                 st = RolloutState(k, K, back(x), sigma, sig[k + 1], conv.model_time(sigma), fn, x, back, backward)
+                st._reached = reached
                 yield st
                 if st.v_student is None:
                     raise BackendError(f"backend.rollout: state {k} was not predicted (call state.predict())")
                 x = x + (sig[k + 1] - sig[k]) * st._v_model.detach().float()
-            if K and self.trainable and all(p.grad is g and (g is None or g._version == v)
-                                            for p, (g, v) in zip(self.trainable, before)):
+            if K and not reached:
                 raise BackendError("backend.rollout: no backward reached the student during the roll-out; a backward "
                                    "after the loop reaches no gradient (the student's requires_grad flags are restored "
                                    "and DDP averages at the loop's end): call state.backward(loss) for each state "

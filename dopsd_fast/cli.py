@@ -63,11 +63,15 @@ def _ends_clean(main):
     it in ``errors.rankN.log``; rank 0 prints its line; another rank prints its own, named ``[rank N]``,
     unless rank 0 says the same (an error every rank sees, once on the screen) or it is a failed
     collective (its message says which)."""
+    from dopsd_fast import distributed
     from dopsd_fast.distributed import post_error
 
-    def other_rank(line: str, context) -> None:
-        post_error(line)
-        if type(context).__name__ == "DistributedError" or not _said_by_rank0(line):
+    def other_rank(line: str, context, core: str | None = None) -> None:
+        """``core``: what rank 0's line is compared with (the line without this rank's own log path)."""
+        post_error(core or line)
+        if not distributed._STORE:  # before the process group (a config error): every rank meets the same
+            return
+        if type(context).__name__ == "DistributedError" or not _said_by_rank0(core or line):
             print(_on_rank(line), file=sys.stderr)
 
     @functools.wraps(main)
@@ -89,13 +93,13 @@ def _ends_clean(main):
         except Exception as e:  # noqa: BLE001 - anything unexpected: one line, the traceback in the log
             path = _keep_error(traceback.format_exc())
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            line = (f"error: {type(e).__name__}: {first} (unexpected: the full traceback is in {path}; include it "
-                    "in a bug report)")
+            core = f"error: {type(e).__name__}: {first}"  # the same on every rank that meets it
+            line = f"{core} (unexpected: the full traceback is in {path}; include it in a bug report)"
             if _rank() == 0:
-                post_error(line)
+                post_error(core)
                 print(line, file=sys.stderr)
             else:
-                other_rank(line, e)
+                other_rank(line, e, core)
             return 1
     return run
 

@@ -149,17 +149,23 @@ class Dist:
                 dist.destroy_process_group()
 
 
-# what gloo's and NCCL's errors say when a peer is gone or a collective timed out (raised from inside
-# FSDP2's all-gathers, the checkpoint's barriers and DCP, which do not go through Dist._call)
-_COLLECTIVE_SIGNS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting",
-                     "NCCL error", "ProcessGroupNCCL", "ProcessGroupGloo", "unbound_buffer")
+# where gloo's and NCCL's errors come from when a peer is gone or a collective timed out (raised from
+# inside FSDP2's all-gathers, the checkpoint's barriers and DCP, which do not go through Dist._call):
+# the source paths and classes they name, not the words an OS or a user message may also use
+_COLLECTIVE_SIGNS = ("gloo/transport/", "ProcessGroupNCCL", "ProcessGroupGloo")
 
 
 def is_collective_failure(e: BaseException) -> bool:
-    """Whether ``e`` (or what it wraps) is a collective's failure: a peer gone, or a timeout."""
+    """Whether ``e`` (or what it wraps) is a collective's failure: torch's distributed errors
+    (``DistError``: ``DistBackendError``, ``DistNetworkError``, ...), or a RuntimeError carrying gloo's
+    or a process group's own text. Not an OSError, a ValueError (a DataError) or any other error that
+    merely mentions a connection or a timeout."""
+    dist_error = getattr(dist, "DistError", ())
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, DistributedError) or any(s in str(e) for s in _COLLECTIVE_SIGNS):
+        if isinstance(e, DistributedError) or (dist_error and isinstance(e, dist_error)):
+            return True
+        if type(e) is RuntimeError and any(s in str(e) for s in _COLLECTIVE_SIGNS):
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False

@@ -125,6 +125,29 @@ def test_a_backward_after_the_callback_loop_is_refused_and_one_inside_works():
         F.mse_loss(st.x0(v_s), st.x0(v_t)).div(st.states).backward()  # the caller's own backward, per state
     grads = [p.grad for p in fast.trainable]
     assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    # backwards that leave no .grad behind still count: an optimizer step in a post-accumulate hook that
+    # clears each gradient, and a backward_fn collecting them with autograd.grad
+    stepped = []
+    model.set_adapter("student")  # (a hook needs a tensor that requires grad)
+    def step_in_backward(p):  # an optimizer step per parameter inside the backward, its gradient freed
+        stepped.append(1)
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(step_in_backward) for p in fast.trainable]
+    for p in fast.trainable:
+        p.grad = None
+    for st in fast.rollout(noise, ps, pt, timesteps=TIMESTEPS):
+        v_s, v_t = st.predict()
+        st.backward(F.mse_loss(st.x0(v_s), st.x0(v_t)) / st.states)
+    assert stepped and all(p.grad is None for p in fast.trainable)
+    for h in hooks:
+        h.remove()
+    got = []
+    for st in fast.rollout(noise, ps, pt, timesteps=TIMESTEPS,
+                           backward_fn=lambda loss: got.append(torch.autograd.grad(loss, fast.trainable))):
+        v_s, v_t = st.predict()
+        st.backward(F.mse_loss(st.x0(v_s), st.x0(v_t)) / st.states)
+    assert len(got) == len(TIMESTEPS)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])

@@ -173,6 +173,11 @@ def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatc
         def get(self, k):
             return self.kv[k]
 
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):  # before the process group (no store): silent, as every rank meets it
+        user_error()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
     store = Store()
     monkeypatch.setattr(distributed, "_STORE", [store])
     store.set("error/0", "error: data.jsonl: row 3: no image")
@@ -186,6 +191,29 @@ def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatc
     with pytest.raises(SystemExit):  # rank 0 says something else: this rank's own line, named
         user_error()
     assert capsys.readouterr().err == "error: [rank 1] data.jsonl: row 3: no image\n"
+    # an unexpected error every rank meets: rank 0's line (its log path aside) is this rank's: silent
+    monkeypatch.setenv("RANK", "0")
+    assert boom() == 1
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "1")
+    assert boom() == 1
+    assert capsys.readouterr().err == ""
+    assert "raise KeyError" in (out / "errors.rank1.log").read_text()
+
+
+def test_a_collective_failure_is_told_from_errors_that_mention_a_connection():
+    from dopsd_fast.distributed import is_collective_failure
+    from dopsd_fast.errors import DataError
+
+    gloo = RuntimeError("[/w/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [1.2.3.4]:555")
+    assert is_collective_failure(gloo)
+    wrapped = RuntimeError("writing the checkpoint /x/step-0000002 failed: RuntimeError: ...")
+    wrapped.__cause__ = gloo
+    assert is_collective_failure(wrapped)
+    for other in (ConnectionResetError(104, "Connection reset by peer"), TimeoutError("Timed out waiting 5 s"),
+                  DataError("train.jsonl:3: image /nfs/a.png: [Errno 104] Connection reset by peer"),
+                  RuntimeError("a NCCL error was named in this user message")):
+        assert not is_collective_failure(other), other
 
 
 def test_fsdp_on_with_lora_and_no_sharded_base_is_refused(tmp_path):

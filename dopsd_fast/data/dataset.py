@@ -84,8 +84,8 @@ def _load_record_images(rec: "Record"):
         try:
             return load_image(path, bucket)
         except (OSError, ValueError, SyntaxError) as e:  # PIL: OSError (truncated), UnidentifiedImageError, ...
-            raise DataError(f"{rec.where}: {field} {path}: {e} (it changed since the run checked it at start-up; "
-                            "restore the file, or drop the row and resume)") from None
+            raise DataError(f"{rec.where}: {field} {path}: {e} (it decoded at the start-up check: damaged, changed "
+                            "or unreachable since; restore the file, or drop the row and resume)") from None
 
     return (load(rec.image_path, rec.bucket, "image"),
             [load(p, b, "reference") for p, b in zip(rec.reference_paths, rec.reference_buckets)])

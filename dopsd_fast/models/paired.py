@@ -90,7 +90,7 @@ def check_adapters(model, adapters, paired: str, role: str = "student") -> None:
             raise AdapterError(f"fast path: LoRA adapter(s) {sorted(lora_a)} on {path}, a module the fast path runs "
                                "whole (peft would apply its active adapter to the student and the teacher alike): "
                                "put LoRA only on the blocks' attention and feed-forward linears (the family's "
-                               "default targets), or use the eager path")
+                               "default targets), or use the eager path (the trainer: fast.enabled=false)")
         for n in names & set(lora_a):
             drops = getattr(m, "lora_dropout", None)
             drop = drops[n] if drops is not None and n in drops else None
