@@ -141,39 +141,59 @@ class FeatureCache:
                              "contexts this dataset needs; run dopsd-cache with the same config first")
         self.check_shards(width)
 
-    def check_shards(self, width: int | None = None) -> None:
-        """Every shard the manifest names exists, its header reads, and every context in it is a
-        floating-point ``(tokens, width)`` tensor with at least one token (``width``: the model's context
-        width, where the caller knows it); extras are floating-point. At start-up, not at first use; only
-        the headers are read."""
+    def _shard_problem(self, shard: str, width: int | None = None) -> str | None:
+        """What is wrong with ``shard`` (the message's tail), or None: it exists, its header reads, it
+        holds every entry the manifest gives it, each context a floating-point ``(tokens >= 1, width)``
+        tensor, extras floating-point. Only the header is read."""
         from safetensors import safe_open
 
+        path = self.dir / shard
+        if not path.is_file():
+            return f"shard {shard} is missing"
+        try:  # the header only: each tensor's name, shape and dtype
+            with safe_open(str(path), framework="pt") as f:
+                heads = {t: (list(f.get_slice(t).get_shape()), f.get_slice(t).get_dtype()) for t in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a torn file
+            return f"shard {shard} is damaged ({type(e).__name__}: {str(e)[:120]})"
+        want = {f"{name}.features" for s, name in self.entries.values() if s == shard}
+        if not want <= heads.keys():
+            return f"shard {shard} lacks {len(want - heads.keys())} of its {len(want)} entries"
+        for t, (shape, dtype) in sorted(heads.items()):
+            why = None
+            if dtype not in _FLOAT_DTYPES:
+                why = f"is {dtype}, not floating-point"
+            elif t.endswith(".features") and (len(shape) != 2 or not shape[0]):
+                why = f"has shape {tuple(shape)}, not (tokens >= 1, width)"
+            elif t.endswith(".features") and width is not None and shape[1] != width:
+                why = f"is {shape[1]} wide, this model's contexts are {width}"
+            if why:
+                return f"shard {shard}: tensor {t[:60]} {why}"
+        return None
+
+    def check_shards(self, width: int | None = None) -> None:
+        """Every shard the manifest names is sound (:meth:`_shard_problem`; ``width``: the model's
+        context width, where the caller knows it). At start-up, not at first use."""
         for shard in sorted({s for s, _ in self.entries.values()}):
-            path = self.dir / shard
-            if not path.is_file():
-                raise CacheError(f"feature cache {self.dir}: shard {shard} is missing; delete the directory and run "
-                                 "dopsd-cache again")
-            try:  # the header only: each tensor's name, shape and dtype
-                with safe_open(str(path), framework="pt") as f:
-                    heads = {t: (list(f.get_slice(t).get_shape()), f.get_slice(t).get_dtype()) for t in f.keys()}
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a torn file
-                raise CacheError(f"feature cache {path} is damaged ({type(e).__name__}: {str(e)[:120]}); delete it and "
-                                 "run dopsd-cache again") from None
-            want = {f"{name}.features" for s, name in self.entries.values() if s == shard}
-            if not want <= heads.keys():
-                raise CacheError(f"feature cache {path} lacks {len(want - heads.keys())} of its {len(want)} entries; "
-                                 "delete it and run dopsd-cache again")
-            for t, (shape, dtype) in sorted(heads.items()):
-                why = None
-                if dtype not in _FLOAT_DTYPES:
-                    why = f"is {dtype}, not floating-point"
-                elif t.endswith(".features") and (len(shape) != 2 or not shape[0]):
-                    why = f"has shape {tuple(shape)}, not (tokens >= 1, width)"
-                elif t.endswith(".features") and width is not None and shape[1] != width:
-                    why = f"is {shape[1]} wide, this model's contexts are {width}"
-                if why:
-                    raise CacheError(f"feature cache {path}: tensor {t[:60]} {why}; delete the directory and run "
-                                     "dopsd-cache again with this model")
+            why = self._shard_problem(shard, width)
+            if why:
+                raise CacheError(f"feature cache {self.dir}: {why}; run dopsd-cache again with this config (it "
+                                 "re-encodes that shard's contexts)")
+
+    def repair(self, width: int | None = None) -> list[str]:
+        """Drop from the manifest (and the folder) every shard :meth:`_shard_problem` finds wrong, so
+        that :meth:`write` encodes its contexts again; returns one line per dropped shard."""
+        said = []
+        for shard in sorted({s for s, _ in self.entries.values()}):
+            why = self._shard_problem(shard, width)
+            if why:
+                self.entries = {k: v for k, v in self.entries.items() if v[0] != shard}
+                path = self.dir / shard
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+                said.append(why)
+        if said:
+            self._save_manifest()
+        return said
 
     def get(self, key: str) -> Context:
         from safetensors import safe_open
@@ -200,7 +220,8 @@ class FeatureCache:
         if not todo:
             return 0
         adapter.ensure_encoders()
-        next_shard = len({s for s, _ in self.entries.values()})
+        taken = {s for s, _ in self.entries.values()} | {p.name for p in self.dir.glob("shard-*.safetensors")}
+        next_shard = 0
         bar = tqdm(total=len(todo), desc="caching contexts", disable=not progress)
         for s0 in range(0, len(todo), shard_size):
             chunk = todo[s0:s0 + shard_size]
@@ -234,8 +255,10 @@ class FeatureCache:
                         tensors[f"{name}.extra.{k}"] = v.contiguous()
                     names[key] = name
                 bar.update(len(part))
+            while f"shard-{next_shard:05d}.safetensors" in taken:  # never over a shard already there
+                next_shard += 1
             shard = f"shard-{next_shard:05d}.safetensors"
-            next_shard += 1
+            taken.add(shard)
             atomic_write(self.dir / shard, lambda t, tensors=tensors: save_file(tensors, str(t)))
             for key, name in names.items():
                 self.entries[key] = [shard, name]

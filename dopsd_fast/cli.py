@@ -201,21 +201,55 @@ def cache_main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8,
                    help="samples encoded per encoder call (default 8; lower it if the encoders run out of memory)")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        sys.exit(f"error: --batch-size {args.batch_size}: must be at least 1")
     _setup_logging()
     cfg = _load(args)
     if not cfg.cache.dir:
         sys.exit("error: config field 'cache.dir' must be set for dopsd-cache (e.g. --set cache.dir=cache/)")
+    from dopsd_fast.errors import OutputDirError
+    from dopsd_fast.families import family, require_editing_support
+    from dopsd_fast.safety import OutputLock
 
+    log = logging.getLogger("dopsd_fast")
+    lock = None
+    import signal
+
+    def _term(signum, frame):  # a scheduler's SIGTERM: as Ctrl-C (the shard being written removed, the rest kept)
+        raise KeyboardInterrupt
+
+    prev_term = signal.signal(signal.SIGTERM, _term)
     try:
         dataset = build_dataset(cfg.data, progress=cfg.train.progress)
+        require_editing_support(family(cfg.model.family), dataset)
+        cache_dir = Path(cfg.cache.dir)
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise CacheError(f"cache.dir {cache_dir} is a file, not a folder; point cache.dir at a folder")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(cache_dir, "cache.dir")  # one dopsd-cache per folder: shards and manifest are its
+        for tmp in cache_dir.glob(".shard-*.tmp-*"):  # a shard being written when an earlier run was killed
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
         adapter = build_adapter(cfg.model, load_encoders=False)
-        cache = FeatureCache(cfg.cache.dir, adapter.encoder_identity(), create=True)
+        cache = FeatureCache(cache_dir, adapter.encoder_identity(), create=True)
+        for why in cache.repair(family(cfg.model.family).context_width(adapter.transformer.config)
+                                if getattr(adapter, "transformer", None) is not None else None):
+            log.warning("cache %s: %s: its contexts are encoded again", cache_dir, why)
         n = cache.write(adapter, dataset, batch_size=args.batch_size, shard_size=cfg.cache.shard_size,
                         progress=cfg.train.progress)
-    except (DataError, CacheError, FileNotFoundError) as e:
+    except (DataError, CacheError, FileNotFoundError, OutputDirError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    logging.getLogger("dopsd_fast").info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n,
-                                         len(needed_entries(dataset)))
+    except OSError as e:  # an unwritable folder, a full disk, a model folder without its weights
+        sys.exit(f"error: {e.strerror or e} ({e.filename or cfg.cache.dir})" if e.strerror else f"error: {e}")
+    except KeyboardInterrupt:
+        log.warning("cache %s: stopped; the shards written so far are kept (run dopsd-cache again to go on)",
+                    cfg.cache.dir)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, prev_term)
+        if lock is not None:
+            lock.release()
+    log.info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n, len(needed_entries(dataset)))
     return 0
 
 
@@ -230,12 +264,20 @@ def sample_main(argv=None) -> int:
     p.add_argument("--height", type=int, default=None,
                    help="image height in pixels (default: the first of the config's data.buckets)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the initial noise (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the initial noise (default 0); the i-th --prompt (from 0) draws with seed + i")
     p.add_argument("--out", default="samples.png",
                    help="output image file, .png, .jpg or .webp (default samples.png; one grid of every prompt)")
     args = p.parse_args(argv)
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         sys.exit(f"error: --out {args.out}: give an image file name ending in .png, .jpg or .webp")
+    if Path(args.out).is_dir():
+        sys.exit(f"error: --out {args.out} is a folder; give an image file name (e.g. {Path(args.out) / 'samples.png'})")
+    for flag, v in (("--width", args.width), ("--height", args.height), ("--steps", args.steps)):
+        if v is not None and v < 1:
+            sys.exit(f"error: {flag} {v}: must be at least 1 (leave it out for the default)")
+    if not 0 <= args.seed < 2 ** 63 - len(args.prompt):
+        sys.exit(f"error: --seed {args.seed}: must be in [0, 2^63)")
     _setup_logging()
     cfg = _load(args)
     from dopsd_fast.sample import generate

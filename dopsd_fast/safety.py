@@ -26,7 +26,7 @@ class OutputLock:
     holder is named. The file is opened with ``O_NOFOLLOW`` and must be a regular file: a planted
     ``.lock`` link never makes the trainer write the link's target."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, what: str = "train.output_dir"):
         import errno
         import fcntl
         import stat
@@ -37,21 +37,21 @@ class OutputLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise OutputDirError(f"train.output_dir {out}: {self.path} is a symbolic link, not a lock file; "
+                raise OutputDirError(f"{what} {out}: {self.path} is a symbolic link, not a lock file; "
                                      "remove it (nothing was written through it)") from None
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise OutputDirError(f"train.output_dir {out}: {self.path} is not a regular file; remove it") from None
+            raise OutputDirError(f"{what} {out}: {self.path} is not a regular file; remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             mine = holder.endswith(f"pid {os.getpid()}") and socket.gethostname() in holder
-            raise OutputDirError(f"train.output_dir {out} is in use by {holder}"
+            raise OutputDirError(f"{what} {out} is in use by {holder}"
                                  + (" (an earlier trainer of this process: call its close())" if mine else "")
-                                 + "; wait for it, or use another output_dir") from None
+                                 + f"; wait for it, or use another {what.split('.')[-1]}") from None
         self.fd = fd
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)

@@ -150,3 +150,39 @@ def test_a_cache_manifest_linked_from_elsewhere_is_refused_and_the_trainer_check
         Trainer(tiny_config(tmp_path / "b", f"cache.dir={narrow}"))
     got, want = map(int, re.search(r"is (\d+) wide, this model's contexts are (\d+)", str(e.value)).groups())
     assert got == want - 1
+
+
+def test_dopsd_cache_repairs_a_missing_or_damaged_shard_and_refuses_what_it_cannot_use(tmp_path):
+    """A shard deleted or torn after the build: dopsd-cache said '0 new contexts' and training kept
+    refusing (its advice, 'run dopsd-cache again', went round in a loop). Now dopsd-cache re-encodes that
+    shard's contexts, under a new shard name, and the cache trains again. A leftover temp shard of a
+    killed build is removed; a second dopsd-cache on the same folder is refused while one holds it;
+    --batch-size below 1 is one line."""
+    from dopsd_fast.cli import cache_main
+    from dopsd_fast.safety import OutputLock
+    from dopsd_fast.trainer import Trainer
+
+    cache = _write_cache(tmp_path)
+    shards = sorted(cache.glob("shard-*.safetensors"))
+    shards[1].unlink()
+    data = shards[2].read_bytes()
+    shards[2].write_bytes(data[:100])
+    (cache / ".shard-00009.tmp-12345.safetensors").write_bytes(b"partial")
+    from dopsd_fast.cache import CacheError
+
+    with pytest.raises(CacheError, match="run dopsd-cache again"):
+        Trainer(tiny_config(tmp_path / "x", f"cache.dir={cache}"))
+    _write_cache(tmp_path)
+    m = json.loads((cache / "manifest.json").read_text())
+    assert len(m["entries"]) == 24
+    assert not list(cache.glob(".shard-*.tmp-*"))
+    Trainer(tiny_config(tmp_path / "y", f"cache.dir={cache}")).close()
+
+    held = OutputLock(cache, "cache.dir")
+    try:
+        with pytest.raises(SystemExit, match=r"cache.dir .* is in use by"):
+            cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false"])
+    finally:
+        held.release()
+    with pytest.raises(SystemExit, match="--batch-size 0: must be at least 1"):
+        cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--batch-size", "0"])

@@ -148,3 +148,24 @@ def test_alpha_message_names_each_file_and_an_empty_folder_is_named(tmp_path, ca
     with pytest.raises(DataError, match=rf"data.jsonl {nothing} has no usable rows \(the file has no rows: one JSON "
                                         r"object per line"):
         build_dataset(cfg, progress=False)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--width", "0"], r"--width 0: must be at least 1"),
+    (["--height", "-16"], r"--height -16: must be at least 1"),
+    (["--steps", "0"], r"--steps 0: must be at least 1"),
+    (["--seed", "-1"], r"--seed -1: must be in \[0, 2\^63\)"),
+    (["--seed", str(2 ** 64)], r"--seed \d+: must be in"),
+    (["--out", "{tmp}"], r"--out .* is a folder"),
+])
+def test_dopsd_sample_flags_out_of_range_are_one_line(tmp_path, args, match):
+    """0 was taken as 'not given' (the default size or steps, silently); a negative one or a huge seed
+    ended in an error inside torch, an output folder in a rename error naming a temp file."""
+    from dopsd_fast.cli import sample_main
+
+    (tmp_path / "d.png").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path / "d.png")) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "s.png")]
+    with pytest.raises(SystemExit, match=match):
+        sample_main(["--config", "tiny-zimage", "--prompt", "a cat", *out, *args])
+    assert not (tmp_path / "s.png").exists()
