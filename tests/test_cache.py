@@ -186,3 +186,19 @@ def test_dopsd_cache_repairs_a_missing_or_damaged_shard_and_refuses_what_it_cann
         held.release()
     with pytest.raises(SystemExit, match="--batch-size 0: must be at least 1"):
         cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--batch-size", "0"])
+
+
+def test_dopsd_cache_of_editing_rows_for_z_image_is_one_line(tmp_path, capsys):
+    """An unexpected-error line ('include it in a bug report') before: the trainer's data-layer refusal now."""
+    from PIL import Image
+
+    from dopsd_fast.cli import cache_main
+
+    for i in range(2):
+        Image.new("RGB", (160, 160), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    rows = tmp_path / "edit.jsonl"
+    rows.write_text(json.dumps({"references": ["0.png"], "target": "1.png", "prompt": "make it [V]"}) + "\n")
+    with pytest.raises(SystemExit, match=r"^error: .*(editing|reference)") as e:
+        cache_main(["--set", f"cache.dir={tmp_path / 'c'}", "--set", "data.builtin=null", "--set", f"data.jsonl={rows}",
+                    "--set", "train.progress=false"])
+    assert "unexpected" not in str(e.value)
