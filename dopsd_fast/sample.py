@@ -177,7 +177,8 @@ def sample_images(adapter, prompts, width: int, height: int, steps=None, seed: i
 
 
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png") -> Path:
-    adapter = build_adapter(cfg.model)
+    adapter = build_adapter(cfg.model, load_encoders=False)
+    adapter.ensure_student_encoder()  # the prompts' encoder alone: no teacher VLM for sampling
     if lora:
         load_lora_into(adapter.transformer, lora)
     bw, bh = make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0]

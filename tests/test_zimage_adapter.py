@@ -158,6 +158,20 @@ def test_load_from_local_directories(adapter, tmp_path):
     ident = loaded.encoder_identity()
     assert ident["weights"]["text_encoder"] and ident["settings"]["teacher_max_pixels"] == 4096
 
+    # sampling encodes the student's prompts alone: no VLM loaded, no model.vlm_path needed; the teacher's
+    # context then loads it (or says what is missing)
+    student_only = load_config(None, ["model.preset=null", f"model.path={root}"])
+    sampler = build_adapter(student_only.model, load_encoders=False)
+    assert_close(sampler.encode_student(["a [V] cat"])[0].features, ctx[0].features, atol=1e-6, scaled=True)
+    assert sampler.vlm is None and sampler.text_encoder is not None
+    with pytest.raises(ValueError, match="model.vlm_path"):
+        sampler.encode_teacher(["a [V] cat"], [img])
+    lazy = build_adapter(cfg.model, load_encoders=False)
+    lazy.encode_student(["a [V] cat"])
+    assert lazy.vlm is None
+    assert_close(lazy.encode_teacher(["a [V] cat"], [img])[0].features,
+                 adapter.encode_teacher(["a [V] cat"], [img])[0].features, atol=1e-5, name="teacher, loaded late")
+
     bad = load_config(None, ["model.preset=null", f"model.path={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match="model.path"):
         build_adapter(bad.model)

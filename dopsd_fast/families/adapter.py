@@ -132,6 +132,11 @@ class ModelAdapter(ABC):
         """A JSON-able description of everything the contexts depend on (weights, settings),
         known without loading the encoders: the feature cache's key."""
 
+    def ensure_student_encoder(self) -> None:
+        """What encoding the student's prompts needs (sampling); a family whose teacher needs more
+        (Z-Image's VLM) loads less here."""
+        self.ensure_encoders()
+
     def release_encoders(self) -> None:
         """Free the encoders (after their features are cached)."""
 

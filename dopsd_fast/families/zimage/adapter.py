@@ -50,19 +50,26 @@ class ZImageAdapter(ModelAdapter):
         self.min_pixels = self.cfg.teacher_min_pixels or 512 * 512
         self.max_pixels = self.cfg.teacher_max_pixels or 768 * 768
 
-    def _load_local_encoders(self) -> None:
+    def _load_local_encoders(self, teacher: bool = True) -> None:
+        """The student's text encoder (when not loaded yet) and, with ``teacher``, the teacher's VLM with
+        the text encoder's weights swapped into its language model."""
         from transformers import AutoModel, AutoTokenizer, Qwen3VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         path = Path(self.cfg.path)
-        if self.cfg.vlm_path is None:
-            raise ValueError("model.vlm_path: the teacher context needs a local Qwen3-VL directory "
-                             "(e.g. Qwen3-VL-4B-Instruct), or a complete feature cache (cache.dir)")
-        vlm_path = Path(self.cfg.vlm_path)
-        if not vlm_path.is_dir():
-            raise FileNotFoundError(f"model.vlm_path: not a directory: {vlm_path}")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
+        if teacher:
+            if self.cfg.vlm_path is None:
+                raise ValueError("model.vlm_path: the teacher context needs a local Qwen3-VL directory "
+                                 "(e.g. Qwen3-VL-4B-Instruct), or a complete feature cache (cache.dir) for training")
+            vlm_path = Path(self.cfg.vlm_path)
+            if not vlm_path.is_dir():
+                raise FileNotFoundError(f"model.vlm_path: not a directory: {vlm_path}")
+        if self.text_encoder is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+            self.text_encoder = AutoModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=self.dtype)
+        if not teacher:
+            self._finish_encoders()
+            return
         vlm = Qwen3VLForConditionalGeneration.from_pretrained(vlm_path, torch_dtype=self.dtype)
         self.swap_report = swap_language_model(vlm.model, self.text_encoder)
         self.vlm = vlm.model
@@ -74,15 +81,25 @@ class ZImageAdapter(ModelAdapter):
 
     def _finish_encoders(self) -> None:
         for m in (self.text_encoder, self.vlm):
-            m.to(self.device, self.dtype).requires_grad_(False).eval()
+            if m is not None:
+                m.to(self.device, self.dtype).requires_grad_(False).eval()
 
     def ensure_encoders(self) -> None:
-        if self.text_encoder is None:
+        if self.text_encoder is None or self.vlm is None:
             if self.preset is not None:
                 self.preset.build_encoders(self)
                 self._finish_encoders()
             else:
                 self._load_local_encoders()
+
+    def ensure_student_encoder(self) -> None:
+        """The student's text encoder alone (sampling): a local model's VLM (the teacher's, GBs) is not
+        loaded, and ``model.vlm_path`` not needed."""
+        if self.text_encoder is None:
+            if self.preset is not None:
+                self.ensure_encoders()
+            else:
+                self._load_local_encoders(teacher=False)
 
     def release_encoders(self) -> None:
         self.text_encoder = self.vlm = None
@@ -116,7 +133,7 @@ class ZImageAdapter(ModelAdapter):
         """Chat template (generation prompt, thinking enabled), hidden_states[-2], padding removed,
         at most ``student_max_tokens`` tokens: the ``ZImagePipeline`` prompt encoding."""
         _no_refs(references)
-        self.ensure_encoders()
+        self.ensure_student_encoder()
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=True)
                  for p in prompts]
