@@ -59,6 +59,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _same_run(a, b, steps: int, rel: float) -> None:
+    """Runs ``a`` and ``b`` logged ``steps`` equal losses and ended with the same LoRA, within ``rel``."""
+    la, lb = _losses(a), _losses(b)
+    assert len(la) == len(lb) == steps
+    for x, y in zip(la, lb):
+        assert x == pytest.approx(y, rel=rel)
+    assert _rel(_lora(a), _lora(b)) <= rel
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """The uninterrupted 2-rank run (batch 1 per rank), checkpoints at steps 2 and 4."""
@@ -75,11 +84,7 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(two_ranks, tmp_path):
     one = tmp_path / "r1"
     r = _run(one, 1, 2)
     assert r.returncode == 0, r.stderr[-4000:]
-    l2, l1 = _losses(two_ranks), _losses(one)
-    assert len(l2) == len(l1) == 4
-    for a, b in zip(l2, l1):
-        assert a == pytest.approx(b, rel=1e-6)
-    assert _rel(_lora(two_ranks), _lora(one)) <= 1e-6
+    _same_run(two_ranks, one, 4, 1e-6)
     assert (two_ranks / "checkpoints" / "step-0000004" / ".metadata").is_file()
     assert {p.name for p in (two_ranks / "checkpoints" / "step-0000004").glob("*.distcp")} == {"__0_0.distcp",
                                                                                              "__1_0.distcp"}
@@ -92,11 +97,7 @@ def test_sft_two_ranks_equal_one_rank_with_the_global_batch(tmp_path):
     for out, nproc, batch in ((two, 2, 1), (one, 1, 2)):
         r = _run(out, nproc, batch, "--set", "method=sft", "--set", "train.max_steps=3")
         assert r.returncode == 0, r.stderr[-4000:]
-    l2, l1 = _losses(two), _losses(one)
-    assert len(l2) == len(l1) == 3
-    for a, b in zip(l2, l1):
-        assert a == pytest.approx(b, rel=1e-5)
-    assert _rel(_lora(two), _lora(one)) <= 1e-5
+    _same_run(two, one, 3, 1e-5)
 
 
 @pytest.mark.parametrize("nproc,batch", [(1, 2), (2, 1)])
