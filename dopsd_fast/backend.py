@@ -263,7 +263,6 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
         if on:
             log.info("backend.wrap: the model has gradient checkpointing on: all %d main layers of the fast pass "
                      "checkpointed (checkpoint_layers=0 turns it off)", checkpoint_layers)
-    device = next(ms.parameters()).device
     ops = build_ops(kernels, attention, device)
     kw = dict(ops=ops, nvtx=nvtx)
     if checkpoint_layers:

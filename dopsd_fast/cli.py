@@ -7,6 +7,7 @@ import datetime
 import functools
 import logging
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -213,7 +214,6 @@ def cache_main(argv=None) -> int:
 
     log = logging.getLogger("dopsd_fast")
     lock = None
-    import signal
 
     def _term(signum, frame):  # a scheduler's SIGTERM: as Ctrl-C (the shard being written removed, the rest kept)
         raise KeyboardInterrupt
