@@ -230,7 +230,8 @@ def cache_main(argv=None) -> int:
         for tmp in cache_dir.glob(".shard-*.tmp-*"):  # a shard being written when an earlier run was killed
             if tmp.is_file() and not tmp.is_symlink():
                 tmp.unlink()
-        adapter = build_adapter(cfg.model, load_encoders=False)
+        # the encoders and, where contexts use it, the VAE: a local transformer's weights are never read
+        adapter = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
         cache = FeatureCache(cache_dir, adapter.encoder_identity(), create=True)
         for why in cache.repair(family(cfg.model.family).context_width(adapter.transformer.config)
                                 if getattr(adapter, "transformer", None) is not None else None):

@@ -264,6 +264,16 @@ def test_local_klein_directory_loads(tmp_path):
     assert loaded.text_layers == (1, 2, 3)
     ctx = loaded.encode_student(["a red circle"])[0]
     assert_close(ctx.features, ad.encode_student(["a red circle"])[0].features, 1e-6, 1e-6, "features", scaled=True)
+    # dopsd-cache: the transformer's weights are never read (unreadable here), the VAE's are (the
+    # teacher's target enters as reference latents): the same contexts
+    for f in (tmp_path / "klein" / "transformer").glob("*.safetensors"):
+        f.write_bytes(b"not weights")
+    enc = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
+    assert next(enc.transformer.parameters()).is_meta and not next(enc.vae.parameters()).is_meta
+    img = torch.rand(3, 64, 64)
+    want, got = ad.encode_teacher(["a red circle"], [img])[0], enc.encode_teacher(["a red circle"], [img])[0]
+    assert_close(got.features, want.features, 1e-6, 1e-6, "teacher features", scaled=True)
+    assert_close(got.extra["ref0"], want.extra["ref0"], 1e-5, 1e-5, "the target's reference latents")
     import shutil
 
     shutil.rmtree(tmp_path / "klein" / "vae")

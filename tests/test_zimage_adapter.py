@@ -172,6 +172,28 @@ def test_load_from_local_directories(adapter, tmp_path):
     assert_close(lazy.encode_teacher(["a [V] cat"], [img])[0].features,
                  adapter.encode_teacher(["a [V] cat"], [img])[0].features, atol=1e-5, name="teacher, loaded late")
 
+    # dopsd-cache reads neither the transformer's weights nor the VAE's (Z-Image's contexts use neither):
+    # with both weight files made unreadable it encodes the same contexts, the transformer's config
+    # (the context width) still there
+    for sub in ("transformer", "vae"):
+        for f in (root / sub).glob("*.safetensors"):
+            f.write_bytes(b"not weights")
+    with pytest.raises(Exception):
+        build_adapter(cfg.model, load_encoders=False)
+    enc = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
+    assert next(enc.transformer.parameters()).is_meta and next(enc.vae.parameters()).is_meta
+    assert enc.transformer.config.cap_feat_dim == adapter.transformer.config.cap_feat_dim
+    assert_close(enc.encode_teacher(["a [V] cat"], [img])[0].features,
+                 adapter.encode_teacher(["a [V] cat"], [img])[0].features, atol=1e-5, name="teacher, cache's adapter")
+    from dopsd_fast.cli import cache_main
+
+    cache = tmp_path / "cache"
+    assert cache_main(["--config", "tiny-zimage", "--set", "model.preset=null", "--set", f"model.path={root}",
+                       "--set", f"model.vlm_path={vlm_dir}", "--set", "model.teacher_min_pixels=1024",
+                       "--set", "model.teacher_max_pixels=4096", "--set", f"cache.dir={cache}",
+                       "--set", "train.progress=false"]) == 0
+    assert list(cache.glob("shard-*.safetensors"))
+
     bad = load_config(None, ["model.preset=null", f"model.path={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match="model.path"):
         build_adapter(bad.model)

@@ -36,13 +36,15 @@ def family(name: str) -> FamilySpec:
         raise ConfigError(f"config field 'model.family': unknown family {name!r}; known: {sorted(FAMILIES)}") from None
 
 
-def build_adapter(cfg, load_encoders: bool = True, empty_weights: bool = False):
+def build_adapter(cfg, load_encoders: bool = True, empty_weights: bool = False, encoding_only: bool = False):
     """The adapter of ``cfg.family`` (a :class:`~dopsd_fast.config.ModelConfig`); ``empty_weights``:
-    the architecture on the meta device, nothing read (``dopsd-train --dry-run``)."""
+    the architecture on the meta device, nothing read (``dopsd-train --dry-run``); ``encoding_only``:
+    what encoding contexts needs, the transformer's weights not read (``dopsd-cache``)."""
 
     spec = family(cfg.family)
     device, dtype = resolve_device_dtype(cfg)
-    return spec.adapter_class()(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights)
+    return spec.adapter_class()(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights,
+                                encoding_only=encoding_only)
 
 
 def family_of_transformer(module) -> FamilySpec:

@@ -63,6 +63,11 @@ def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def _on_meta(module: torch.nn.Module) -> bool:
+    p = next(module.parameters(), None)
+    return p is not None and p.is_meta
+
+
 class ModelAdapter(ABC):
     """Base class of the model families (see the module docstring)."""
 
@@ -70,13 +75,17 @@ class ModelAdapter(ABC):
     encoder_attrs: tuple = ()  # the encoder parts ensure_encoders fills (None until then)
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
-                 empty_weights: bool = False):
+                 empty_weights: bool = False, encoding_only: bool = False):
         """Build the family's parts: from its preset (``model.preset``, :class:`~dopsd_fast.families.spec.Preset`)
         or the local diffusers folder (``_load_local``); then the encoders when asked. ``empty_weights``:
         the transformer and VAE built from their configs on the meta device, no weights read and no
-        encoders (``dopsd-train --dry-run``: shapes, schedules, cache identity)."""
+        encoders (``dopsd-train --dry-run``: shapes, schedules, cache identity). ``encoding_only``
+        (``dopsd-cache``): a local folder's transformer from its config on the meta device (no weights
+        read: encoding contexts never runs it), and its VAE too where the family's contexts do not use
+        it (``FamilySpec.contexts_use_vae``)."""
         self.cfg = cfg
         self.empty_weights = empty_weights
+        self.encoding_only = encoding_only and not empty_weights
         self.device = torch.device("meta") if empty_weights else torch.device(device)
         self.dtype = dtype
         for name in self.encoder_attrs:
@@ -88,8 +97,11 @@ class ModelAdapter(ABC):
             self._load_local()
         if load_encoders and not empty_weights:
             self.ensure_encoders()
-        self.transformer.to(self.device, self.dtype).requires_grad_(False)
-        self.vae.to(self.device, torch.float32).requires_grad_(False).eval()
+        for part, dtype in ((self.transformer, self.dtype), (self.vae, torch.float32)):
+            if not _on_meta(part):  # a part left unread (encoding_only) stays on the meta device
+                part.to(self.device, dtype)
+            part.requires_grad_(False)
+        self.vae.eval()
 
     transformer: torch.nn.Module
     device: torch.device
@@ -149,13 +161,17 @@ class ModelAdapter(ABC):
         for sub in ("transformer", "vae", "scheduler"):
             if not (path / sub).is_dir():
                 raise FileNotFoundError(f"model.path: {path} has no '{sub}/' folder (expected the diffusers layout)")
-        if getattr(self, "empty_weights", False):  # --dry-run: the real architecture, no weights read
+        empty = getattr(self, "empty_weights", False)  # --dry-run: the real architecture, no weights read
+        encoding = getattr(self, "encoding_only", False)  # dopsd-cache: only what encoding contexts runs
+
+        def part(cls, sub, dtype, read):
+            if read:
+                return cls.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
             with torch.device("meta"):
-                transformer = transformer_cls.from_config(transformer_cls.load_config(path, subfolder="transformer"))
-                vae = vae_cls.from_config(vae_cls.load_config(path, subfolder="vae"))
-            return transformer, vae, json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        transformer = transformer_cls.from_pretrained(path, subfolder="transformer", torch_dtype=self.dtype)
-        vae = vae_cls.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+                return cls.from_config(cls.load_config(path, subfolder=sub))
+
+        transformer = part(transformer_cls, "transformer", self.dtype, not (empty or encoding))
+        vae = part(vae_cls, "vae", torch.float32, not empty and not (encoding and not self.spec.contexts_use_vae))
         return transformer, vae, json.loads((path / "scheduler" / "scheduler_config.json").read_text())
 
     # ---- schedules ---------------------------------------------------------------------------

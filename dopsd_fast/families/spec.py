@@ -113,6 +113,7 @@ class FamilySpec:
     authors_lora_targets: tuple = ()
     fast_features: frozenset = frozenset(FAST_FEATURES)
     editing: bool = False  # rows with reference images (an editing model)
+    contexts_use_vae: bool = False  # encoding a context runs the VAE (reference latents): dopsd-cache loads it
     named_schedules: dict = field(default_factory=dict)  # roll-out schedule name -> K + 1 sigmas
     schedule_help: str = ""
     default_rollout: str = ""  # the tiny runs' (and the recipes') roll-out schedule
