@@ -39,12 +39,18 @@ def entry_key(kind: str, prompt: str, image_hash: str | None = None, bucket=None
 
 def record_key(kind: str, prompt: str, rec) -> str:
     """The cache key of a record's context: the student's depends on the prompt (and the references
-    of an editing row), the teacher's also on the target image and its bucket."""
+    of an editing row, with the bucket each is loaded at), the teacher's also on the target image and
+    its bucket; a row with an alpha channel also on ``data.alpha_background`` (its pixels do). A row
+    without references or alpha keeps the key it had before these were part of it."""
     refs = getattr(rec, "reference_hash", None)
+    if refs is not None:
+        refs = f"{refs}@{json.dumps([list(b) for b in rec.reference_buckets])}"
+    background = getattr(rec, "background", None)
+    tag = "" if background is None else f"+bg{list(background)}"
     if kind == "student":
-        return entry_key("student", prompt, refs, None)
+        return entry_key("student", prompt, None if refs is None else refs + tag, None)
     image = rec.image_hash if refs is None else f"{rec.image_hash}+{refs}"
-    return entry_key("teacher", prompt, image, rec.bucket)
+    return entry_key("teacher", prompt, image + tag, rec.bucket)
 
 
 def needed_entries(dataset) -> list[tuple[str, str, object]]:

@@ -202,3 +202,45 @@ def test_dopsd_cache_of_editing_rows_for_z_image_is_one_line(tmp_path, capsys):
         cache_main(["--set", f"cache.dir={tmp_path / 'c'}", "--set", "data.builtin=null", "--set", f"data.jsonl={rows}",
                     "--set", "train.progress=false"])
     assert "unexpected" not in str(e.value)
+
+
+def test_cache_keys_follow_reference_buckets_and_alpha_background(tmp_path):
+    """A reference moved to another bucket (``data.buckets`` / ``data.bucket_scale`` changed) or another
+    ``data.alpha_background`` under an image with an alpha channel gives other pixels: the cache used to
+    key neither, so a complete-looking cache trained on stale reference latents and backgrounds. Rows
+    with neither keep the key they had before (caches already written stay valid)."""
+    from PIL import Image
+
+    from dopsd_fast.cache import entry_key, record_key
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import build_dataset
+
+    Image.new("RGB", (512, 384), (200, 40, 40)).save(tmp_path / "wide.png")
+    Image.new("RGB", (512, 512), (40, 200, 40)).save(tmp_path / "out.png")
+    Image.new("RGBA", (512, 512), (40, 40, 200, 128)).save(tmp_path / "clear.png")
+    rows = [{"references": ["wide.png"], "target": "out.png", "prompt": "make it green"},
+            {"image": "clear.png", "prompt": "a half-clear square"},
+            {"image": "out.png", "prompt": "a green square"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def records(*sets):
+        return build_dataset(load_config(None, [f"data.jsonl={tmp_path / 'd.jsonl'}", "data.builtin=null",
+                                                "data.prompt_keys=[prompt]", "data.bucket_scale=1", *sets]).data,
+                             progress=False).records
+
+    def keys(rec):
+        return [record_key(kind, rec.prompts[0], rec) for kind in ("student", "teacher")]
+
+    one = records("data.buckets=[[128,128]]")
+    two = records("data.buckets=[[128,128],[144,112]]")
+    assert one[0].bucket == two[0].bucket and one[0].reference_buckets != two[0].reference_buckets
+    assert all(a != b for a, b in zip(keys(one[0]), keys(two[0]))), "a reference's bucket changed: both keys change"
+    try:
+        black = records("data.buckets=[[128,128]]", "data.alpha_background=[0,0,0]")
+    finally:
+        records("data.buckets=[[128,128]]")  # data.alpha_background is the decoder's module state: back to white
+    assert all(a != b for a, b in zip(keys(one[1])[1:], keys(black[1])[1:])), "the teacher sees the alpha image"
+    assert keys(one[1])[0] == keys(black[1])[0] and keys(one[2]) == keys(black[2]), "no pixels of it differ"
+    plain = one[2]
+    assert keys(plain) == [entry_key("student", "a green square", None, None),
+                           entry_key("teacher", "a green square", plain.image_hash, plain.bucket)]

@@ -80,7 +80,8 @@ def test_prompt_draw_is_random_but_seeded(tmp_path):
     ("missing_prompt", r"train.jsonl:1: missing prompt field 'prompt'"),
     ("empty_prompt", r"train.jsonl:1: prompt field 'prompt' is empty"),
     ("missing_image_key", r"train.jsonl:1: missing field 'image'"),
-    ("too_small", r"train.jsonl:1: field 'image': image .* is 40x40, smaller than every bucket"),
+    ("too_small", r"train.jsonl:1: field 'image': image .* is 40x40, which fits inside no bucket \(the nearest "
+                  r"aspect's is 128x128\); .*data.bucket_scale"),
     ("malformed", r"train.jsonl:2: malformed JSON line"),
 ])
 def test_bad_jsonl_rows(tmp_path, case, match):

@@ -170,7 +170,13 @@ def test_editing_rows_parse_both_forms_and_bad_rows_are_named(tmp_path):
         "field 'references' must be a list": {"references": "a.png", "target": "b.png", "prompt": "x"},
         "both 'image' and 'target'": {"image": "a.png", "target": "b.png", "prompt": "x"},
         "'references' given without 'target'": {"references": ["a.png"], "prompt": "x"},
-        "image file not found": {"references": ["zzz.png"], "target": "b.png", "prompt": "x"},
+        "field 'references\\[0\\]': image file not found": {"references": ["zzz.png"], "target": "b.png", "prompt": "x"},
+        "field 'target': image file not found": {"references": ["a.png"], "target": "zzz.png", "prompt": "x"},
+        "field 'image\\[1\\]': image file not found": {"image": ["a.png", "zzz.png", "b.png"], "prompt": "x"},
+        "field 'image\\[2\\]': image file not found": {"image": ["a.png", "b.png", "zzz.png"], "prompt": "x"},
+        # a 'target' row without references trained silently as text-to-image (the editing-branch teacher)
+        "needs 'references'": {"references": [], "target": "b.png", "prompt": "x"},
+        "needs 'references' ": {"target": "b.png", "prompt": "x"},
     }
     for msg, row in bad.items():
         q = _editing_data(tmp_path, [row])

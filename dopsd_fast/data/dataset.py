@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class Record:
     reference_paths: list = field(default_factory=list)  # images before the target (editing rows)
     reference_buckets: list = field(default_factory=list)  # the bucket each reference is loaded at
     reference_hash: str | None = None  # sha256 over the references' file hashes (cache key); None: no refs
+    background: tuple | None = None  # data.alpha_background where an image of the row has an alpha channel
 
 
 class Sample:
@@ -110,19 +112,26 @@ def upright_size(im: "Image.Image") -> tuple[int, int]:
     return (h, w) if im.getexif().get(_EXIF_ORIENTATION, 1) in _EXIF_SWAPS_AXES else (w, h)
 
 
-def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int]:
-    """The upright size of a fully decodable image (buckets are chosen from it)."""
+def has_alpha(im: "Image.Image") -> bool:
+    """Whether :func:`decode_image` composites ``im`` on ``data.alpha_background``."""
+    return im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
+
+
+def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, bool]:
+    """The upright size of a fully decodable image (buckets are chosen from it), and whether it has an
+    alpha channel."""
     if not path.is_file():
         raise DataError(f"{where}: field '{field_name}': image file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()  # full decode: catches truncated files, not just bad headers
-            return upright_size(im)
+            return (*upright_size(im), has_alpha(im))
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"{where}: field '{field_name}': cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 ALPHA_BACKGROUND = [255, 255, 255]  # data.alpha_background (set by build_dataset)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _alpha_logged: set = set()
 
 
@@ -145,7 +154,7 @@ def decode_image(im: "Image.Image", name: str | None = None) -> np.ndarray:
         return np.repeat(arr[..., None], 3, axis=2)
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if im.mode in _ALPHA_MODES:
         if name not in _alpha_logged:
             _alpha_logged.add(name)
             log.info("%s has an alpha channel: composited on data.alpha_background %s", name, ALPHA_BACKGROUND)
@@ -220,27 +229,35 @@ class ImageTextDataset:
                 "prompts": digest([r.prompts for r in rs]), "buckets": digest([list(r.bucket) for r in rs])}
 
 
+def _no_bucket(where, field, what, path, w, h, buckets) -> DataError:
+    """An image that fits inside no bucket: the bucket nearest its aspect, and what would make it fit."""
+    near = min(buckets, key=lambda b: abs(math.log((b[0] / b[1]) / (w / h))))
+    return DataError(f"{where}: field '{field}': {what} {path} is {w}x{h}, which fits inside no bucket (the nearest "
+                     f"aspect's is {near[0]}x{near[1]}); upscaling is not done: use a larger image, or smaller buckets "
+                     "(data.bucket_scale)")
+
+
 def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref_field=None) -> Record:
-    w, h = _check_image(image_path, where, image_field)
+    """``image_field``: the field naming the target (of the list form: the list, its last element the
+    target); ``ref_field``: the one naming the references (None: the list form's)."""
+    target_field = image_field if not refs or ref_field else f"{image_field}[{len(refs)}]"
+    w, h, alpha = _check_image(image_path, where, target_field)
     ref_buckets, ref_hashes = [], []
-    for r in refs:
-        rw, rh = _check_image(r, where, ref_field or image_field)
+    for i, r in enumerate(refs):
+        field = f"{ref_field or image_field}[{i}]"
+        rw, rh, ref_alpha = _check_image(r, where, field)
+        alpha = alpha or ref_alpha
         rb = assign_bucket(rw, rh, buckets)
         if rb is None:
-            raise DataError(f"{where}: field '{ref_field or image_field}': reference {r} is {rw}x{rh}, smaller than "
-                            "every bucket; upscaling is not done")
+            raise _no_bucket(where, field, "reference", r, rw, rh, buckets)
         ref_buckets.append(rb)
         ref_hashes.append(file_sha256(r))
     bucket = assign_bucket(w, h, buckets)
     if bucket is None:
-        smallest = min(buckets, key=lambda b: b[0] * b[1])
-        raise DataError(
-            f"{where}: field '{image_field}': image {image_path} is {w}x{h}, smaller than every bucket "
-            f"(smallest {smallest[0]}x{smallest[1]}); upscaling is not done"
-        )
+        raise _no_bucket(where, target_field, "image", image_path, w, h, buckets)
     ref_hash = hashlib.sha256(json.dumps(ref_hashes).encode()).hexdigest() if refs else None
     return Record(where, str(image_path), prompts, w, h, bucket, file_sha256(image_path), [str(r) for r in refs],
-                  ref_buckets, ref_hash)
+                  ref_buckets, ref_hash, tuple(ALPHA_BACKGROUND) if alpha else None)
 
 
 def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
@@ -267,12 +284,15 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     if image_key in row:
                         raise DataError(f"{where}: both '{image_key}' and 'target' given; use one (the authors' list "
                                         f"form in '{image_key}', or 'references' + 'target')")
-                    target, refs = row["target"], row.get("references", [])
+                    target, refs = row["target"], row.get("references")
                     if not isinstance(target, str) or not target:
                         raise DataError(f"{where}: field 'target' must be an image path")
+                    if refs is None or refs == []:  # a 'target' row is an editing row: it would train as text-to-image
+                        raise DataError(f"{where}: a 'target' row is an editing row and needs 'references' (a non-empty "
+                                        f"list of image paths); a text-to-image row gives its image in '{image_key}'")
                     if not isinstance(refs, list) or not all(isinstance(i, str) and i for i in refs):
                         raise DataError(f"{where}: field 'references' must be a list of image paths")
-                    images = refs + [target]
+                    images, fields = refs + [target], ("target", "references")
                 elif "references" in row:
                     raise DataError(f"{where}: field 'references' given without 'target'")
                 else:
@@ -282,6 +302,7 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     images = images if isinstance(images, list) else [images]
                     if not images or not all(isinstance(i, str) and i for i in images):
                         raise DataError(f"{where}: field '{image_key}' must be a path or a non-empty list of paths")
+                    fields = (image_key, None)
                 paths = [(path.parent / i) if not Path(i).is_absolute() else Path(i) for i in images]
                 prompts = []
                 for k in prompt_keys:
@@ -293,7 +314,7 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     if not v.strip():
                         raise DataError(f"{where}: prompt field '{k}' is empty")
                     prompts.append(v)
-                return paths[-1], paths[:-1], prompts
+                return paths[-1], paths[:-1], prompts, fields
 
             yield where, parse
 
@@ -313,7 +334,7 @@ def _iter_folder(folder: Path):
                 raise DataError(f"{txt}: caption is not UTF-8 text (byte at offset {e.start}); save it as UTF-8") from None
             if not caption:
                 raise DataError(f"{txt}: caption is empty")
-            return img, [], [caption]
+            return img, [], [caption], ("image", None)
 
         yield where, parse
 
@@ -325,26 +346,26 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
     buckets = make_buckets(cfg.buckets, cfg.bucket_scale, cfg.bucket_multiple)
     if cfg.builtin == "tiny":
         path = ensure_tiny_dataset()
-        rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
+        rows = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys)
     elif cfg.builtin in ("toy-concept", "toy-concept-prior"):
         path = ensure_toy_concept_dataset(prior=cfg.builtin == "toy-concept-prior")
-        rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
+        rows = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys)
     elif cfg.jsonl:
         path = Path(cfg.jsonl)
         if not path.is_file():
             raise DataError(f"data.jsonl: file not found: {path}")
-        rows, image_field = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys), cfg.image_key
+        rows = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys)
     else:
         folder = Path(cfg.folder)
         if not folder.is_dir():
             raise DataError(f"data.folder: not a directory: {folder}")
-        rows, image_field = _iter_folder(folder), "image"
+        rows = _iter_folder(folder)
         path = folder
     records, skipped = [], []
     for where, parse in tqdm(list(rows), desc="checking data", disable=not progress, leave=False):
         try:
-            image, refs, prompts = parse()
-            records.append(_validate_record(where, image, refs, prompts, buckets, image_field))
+            image, refs, prompts, (field, ref_field) = parse()
+            records.append(_validate_record(where, image, refs, prompts, buckets, field, ref_field))
         except DataError as e:
             if not cfg.skip_bad:
                 raise
