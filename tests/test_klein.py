@@ -318,3 +318,29 @@ def test_authors_variants_schedule_instructions_and_lora_targets(tmp_path):
         assert not any(".ff" in n or "single_transformer_blocks" in n for n in names)
         losses[fast] = tr.train_step()["loss"]
     assert abs(losses["true"] - losses["false"]) <= 1e-5 * abs(losses["false"])
+
+
+def test_a_long_teacher_prompt_keeps_its_instruction(caplog):
+    """The teacher prompt (prompt + instruction) was cut from the right at model.student_max_tokens, so a
+    long prompt lost the instruction (the teacher's mode) and the chat template's end, silently. Now its
+    prompt part is cut, the instruction and template kept, and the run says so once."""
+    import logging
+
+    ad = _adapter()
+    L = ad.cfg.student_max_tokens
+    short = "a red circle"
+    assert ad.teacher_prompt(short) == f"{short} {ad.teacher_instruction}"  # fits: as before
+    long = " ".join(f"word{i}" for i in range(L))
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        fitted = ad.teacher_prompt(long)
+        ad.teacher_prompt(long + " again")
+    assert fitted.endswith(ad.teacher_instruction) and fitted.startswith("word0 word1")
+    ids = ad.tokenizer(ad._template(fitted)).input_ids
+    assert L - 8 <= len(ids) <= L, (len(ids), L)  # as much of the prompt as fits
+    assert ad.tokenizer.decode(ids).endswith(ad._template("x").split("x")[-1]), "the template's end is kept"
+    said = [r for r in caplog.records if "prompt's end is cut" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    gt = ad.encode_teacher([long], [torch.rand(3, 64, 64)], references=[[torch.rand(3, 64, 64)]])[0]
+    want = ad.encode_prompts([ad._fit(long, ad.gt_instruction)])[0]
+    assert_close(gt.features, want, 0, 0, "gt-reference teacher: its instruction kept too")
+    assert ad._fit(long, ad.gt_instruction).endswith(ad.gt_instruction)

@@ -19,6 +19,7 @@ the feature cache keeps them with the features.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -29,6 +30,8 @@ from dopsd_fast.context import Context
 from dopsd_fast.families.adapter import ModelAdapter
 from dopsd_fast.families.common import file_fingerprint
 from dopsd_fast.families.klein.spec import SPEC, compute_empirical_mu
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER_INSTRUCTION = ("Keep the subject, its identity details, the background and the composition consistent "
                                "with the reference image.")
@@ -122,7 +125,8 @@ class KleinAdapter(ModelAdapter):
     def encoder_identity(self) -> dict:
         settings = {"max_tokens": self.cfg.student_max_tokens, "text_layers": list(self.text_layers),
                     "teacher_instruction": self.teacher_instruction, "gt_instruction": self.gt_instruction, "dtype": str(self.dtype),
-                    "format": "klein-editing-branch-v2"}  # v2: images decoded in float (EXIF, 16-bit)
+                    "format": "klein-editing-branch-v3"}  # v2: images decoded in float (EXIF, 16-bit); v3: a
+        # teacher prompt over the token limit keeps its instruction (its prompt part is cut)
         if self.preset is not None:
             weights = self.preset.identity(self.cfg)
         else:
@@ -137,14 +141,46 @@ class KleinAdapter(ModelAdapter):
         return self.cfg.teacher_instruction if self.cfg.teacher_instruction is not None else DEFAULT_TEACHER_INSTRUCTION
 
     # ---- contexts ----------------------------------------------------------------------------
+    def _template(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+
+    def _fit(self, prompt: str, instruction: str) -> str:
+        """``prompt instruction``, its prompt part cut (at a token) where the whole would pass
+        ``model.student_max_tokens``: the tokenizer cuts from the right, which took the instruction (the
+        teacher's mode) and the template's end; said once per run."""
+        text = f"{prompt} {instruction}".strip()
+        limit = self.cfg.student_max_tokens
+        over = len(self.tokenizer(self._template(text)).input_ids) - limit
+        if over <= 0 or not instruction:
+            return text
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        keep = len(ids) - over
+        while keep > 0:
+            fitted = f"{self.tokenizer.decode(ids[:keep]).rstrip()} {instruction}"
+            if len(self.tokenizer(self._template(fitted)).input_ids) <= limit:
+                break
+            keep -= 1
+        if keep <= 0:  # the instruction alone does not fit: the tokenizer's cut, as before
+            if not getattr(self, "_told_instruction_cut", False):
+                self._told_instruction_cut = True
+                log.warning("klein teacher: the instruction alone passes model.student_max_tokens=%d; the teacher "
+                            "prompt is cut at that length (raise model.student_max_tokens)", limit)
+            return text
+        if not getattr(self, "_told_prompt_cut", False):
+            self._told_prompt_cut = True
+            log.warning("klein teacher: a prompt plus its instruction passes model.student_max_tokens=%d tokens; the "
+                        "prompt's end is cut to keep the instruction (%r...; further ones are not reported)",
+                        limit, prompt[:40])
+        return fitted
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """The ``Flux2KleinPipeline`` prompt encoding: chat template (generation prompt, thinking
         off), padded to ``model.student_max_tokens``, hidden states of ``text_layers`` stacked ->
         (B, L, 3 * hidden). Padding tokens are kept: klein attends all of them."""
         self.ensure_encoders()
-        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                    add_generation_prompt=True, enable_thinking=False) for p in prompts]
+        texts = [self._template(p) for p in prompts]
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.student_max_tokens,
                              return_tensors="pt")
         out = self.text_encoder(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device),
@@ -154,7 +190,9 @@ class KleinAdapter(ModelAdapter):
         return h.permute(0, 2, 1, 3).reshape(B, L, n * D).float().cpu()
 
     def teacher_prompt(self, prompt: str) -> str:
-        return f"{prompt} {self.teacher_instruction}".strip() if self.teacher_instruction else prompt
+        """``prompt teacher_instruction``, fitted to the token limit (:meth:`_fit`)."""
+        self.ensure_encoders()
+        return self._fit(prompt, self.teacher_instruction or "")
 
     @property
     def gt_instruction(self) -> str:
@@ -175,7 +213,8 @@ class KleinAdapter(ModelAdapter):
         reference. Ground-truth-reference editing rows: prompt + ``gt_instruction``, the row's
         references and the target as the LAST reference."""
         references = references or [[] for _ in prompts]
-        texts = [f"{p} {self.gt_instruction}".strip() if refs else self.teacher_prompt(p)
+        self.ensure_encoders()
+        texts = [self._fit(p, self.gt_instruction or "") if refs else self.teacher_prompt(p)
                  for p, refs in zip(prompts, references)]
         return [Context(f, self._ref_latents(list(refs) + [img]))
                 for f, img, refs in zip(self.encode_prompts(texts), images, references)]
