@@ -130,10 +130,10 @@ def workload(cfg, say=print) -> Workload:
             n_train = _lora_params(tr, targets, cfg.lora.rank)
             weights = n_base * dt + 2 * n_train * 4  # frozen base + student and EMA-teacher adapters (fp32)
             per = 4
-        else:
-            n_train = n_base
-            weights = 2 * n_base * dt + n_base * 4  # student, teacher module, fp32 EMA master
-            per = dt
+        else:  # as the trainer keeps them (dopsd_fast.weights): an fp32 student master trained in fp32, the
+            n_train = n_base  # teacher module in the model dtype, its fp32 EMA master on the GPU or the host
+            weights = n_base * 4 + n_base * dt + (0 if cfg.dopsd.ema_on_cpu else n_base * 4)
+            per = 4
         shape = memory.step_shape(cfg, adapter, buckets, n_train, per)
         c = dict(tr.config)
     img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
@@ -174,22 +174,28 @@ def _to_fit(cfg, w: Workload, path, backward, ckpt, n_layers, cap) -> list[str]:
     if backward == "once":
         options.append(("dopsd.backward=stepwise (the same gradient)", w.shape, "stepwise", ckpt, w.encoders))
     if can_ckpt:
-        fewest = n_layers if path == "eager" else max(ckpt, memory.checkpoint_layers_for(w.shape, path, backward,
-                                                                                          budget))
+        fewest = n_layers if path == "eager" else min(n_layers, max(ckpt, memory.checkpoint_layers_for(
+            w.shape, path, backward, budget)))
         options.append((f"model.gradient_checkpointing={'all' if fewest >= n_layers else 'auto'} "
                         f"({fewest} of {n_layers} layers)", w.shape, backward, fewest, w.encoders))
     if w.encoders:
         options.append(("a feature cache (dopsd-cache) to unload the encoders", w.shape, backward, ckpt, 0))
+    if not cfg.lora.enabled and not cfg.dopsd.ema_on_cpu:  # full fine-tuning's fp32 EMA master off the GPU
+        host = dataclasses.replace(w, weights=w.weights - w.shape.trainable_params * 4)
+        options.append(("dopsd.ema_on_cpu=true (the fp32 EMA master in host memory)", w.shape, backward, ckpt,
+                        w.encoders, host))
     b = cfg.data.batch_size
     if b > 1:
         one = dataclasses.replace(w.shape, tokens_student=w.shape.tokens_student // b,
                                   tokens_teacher=w.shape.tokens_teacher // b)
         options.append(("data.batch_size=1", one, backward, ckpt, w.encoders))
-    hints = [h for h, s, bw, ck, enc in options if _fits(w, s, path, bw, ck, enc, cap)]
+    options = [o if len(o) == 6 else (*o, w) for o in options]  # (..., the workload with that change)
+    hints = [h for h, s, bw, ck, enc, wl in options if _fits(wl, s, path, bw, ck, enc, cap)]
     if hints or len(options) < 2:
         return hints
-    shape = options[-1][1] if b > 1 else w.shape
-    together = _fits(w, shape, path, "stepwise", n_layers if can_ckpt else ckpt, 0, cap)
+    shape = next((o[1] for o in options if o[0] == "data.batch_size=1"), w.shape)
+    lightest = min((o[5] for o in options), key=lambda x: x.weights)
+    together = _fits(lightest, shape, path, "stepwise", n_layers if can_ckpt else ckpt, 0, cap)
     return [" + ".join(h for h, *_ in options)] if together else []
 
 
@@ -231,10 +237,21 @@ def dry_run(cfg, gpu: str = "h100") -> int:
     print(f"  {'GPU ' + g.name:<34} {memory.fmt_gb(e.capacity):>10}  -> {'FITS' if e.fits else 'DOES NOT FIT'}")
     print(f"  floor FLOPs {w.floor_flops / 1e12:.1f} TFLOP per step; predicted step time ~{e.seconds:.2f} s on "
           f"the {g.name} ({memory.time_label(gpu)})")
+    if e.fits and e.plan.over_budget:
+        print(f"  (the predicted peak beyond the weights, {memory.fmt_gb(e.plan.peak['total'])}, passes the plan's "
+              f"budget of {memory.fmt_gb(e.plan.budget_bytes)}: little room is left for the CUDA context and the "
+              "allocator's cached blocks)")
+    room = e.capacity - w.weights - w.encoders
+    if cfg.fast.memory_budget_gb is not None and cfg.fast.memory_budget_gb * 1e9 > room:
+        print(f"  fast.memory_budget_gb={cfg.fast.memory_budget_gb:g} is more than this GPU holds beyond the weights "
+              f"and encoders ({memory.fmt_gb(room)})")
     if not e.fits:
+        more = ("; or, for full fine-tuning, LoRA (lora.enabled=true) or torchrun over several GPUs with "
+                "dist.fsdp=on (it shards the weights, gradients and AdamW state)" if not cfg.lora.enabled else "")
         print("  to fit: " + ("; ".join(e.to_fit) if e.to_fit else
                               "none of stepwise, gradient checkpointing, a feature cache or a smaller batch "
-                              "fits this GPU in the memory model, alone or together: a GPU with more memory"))
+                              "fits this GPU in the memory model, alone or together: a GPU with more memory")
+              + more)
     if w.needs:
         print("\na real run still needs:\n" + "\n".join(f"  - {n}" for n in w.needs))
     print("\n(model figures from dopsd_fast.memory: fake-tensor steps, and the H200's measured Z-Image-Turbo peaks; "

@@ -152,6 +152,7 @@ class Shape:
     trainable_params: int
     trainable_bytes_per_param: int = 4  # LoRA adapters are fp32
     fp8_weight_bytes: int = 0  # fast.fp8=native: the block linears' e4m3 copies beside the weights (fast path)
+    adapters: bool = True  # LoRA (the trainable tensors are adapters); False: full fine-tuning
 
 
 def shape_of(transformer_config, spec, tokens_student: int, tokens_teacher: int, states: int,
@@ -172,6 +173,7 @@ def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per
     b = cfg.data.batch_size
     shape = shape_of(adapter.transformer.config, spec, b * tok_s, b * tok_t, states, trainable_params,
                      trainable_bytes_per_param)
+    shape = dataclasses.replace(shape, adapters=bool(cfg.lora.enabled))
     if cfg.fast.enabled and cfg.fast.fp8 == "native":
         shape = dataclasses.replace(shape, fp8_weight_bytes=fp8_weight_bytes(adapter.transformer, spec,
                                                                                cfg.fast.fp8_dgrad))
@@ -192,10 +194,11 @@ def fp8_weight_bytes(model, spec, dgrad: bool) -> int:
     return total
 
 
-def cast_bytes(trainable_params: int, path: str, trainable_bytes_per_param: int = 4) -> int:
+def cast_bytes(trainable_params: int, path: str, trainable_bytes_per_param: int = 4, adapters: bool = True) -> int:
     """The fast path's roll-out keeps the student's and the teacher's fp32 adapters cast to bf16 (its
-    RolloutShare); fp32 trainable tensors are LoRA adapters here (full fine-tuning trains the model dtype)."""
-    return 2 * trainable_params * BYTES if path == "fast" and trainable_bytes_per_param == 4 else 0
+    RolloutShare). Full fine-tuning (``adapters`` False: an fp32 student master, a bf16 teacher module)
+    keeps no such copies: its weights are cast per op."""
+    return 2 * trainable_params * BYTES if path == "fast" and adapters and trainable_bytes_per_param == 4 else 0
 
 
 def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0, optimizer_state: bool = True) -> dict:
@@ -227,7 +230,7 @@ def peak_bytes(s: Shape, path: str, backward: str, checkpoint_layers: int = 0, o
         # the backward, holds few yet: counted whole all the same (errs high by at most this term)
         "gradients": n_train * s.trainable_bytes_per_param,
         "optimizer": n_train * 8 if optimizer_state else 0,  # AdamW m, v (fp32)
-        "casts": cast_bytes(n_train, path, s.trainable_bytes_per_param),
+        "casts": cast_bytes(n_train, path, s.trainable_bytes_per_param, s.adapters),
         "workspace": CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES,
         "unseen": UNSEEN_BYTES,
         "fp8_weights": s.fp8_weight_bytes if path == "fast" else 0,

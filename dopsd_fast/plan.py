@@ -34,6 +34,11 @@ class RunPlan:
     peak: dict = field(default_factory=dict)  # predicted peak beyond the weights, by part (bytes)
     reasons: tuple = ()  # one line per automatic choice: what was chosen and why
 
+    @property
+    def over_budget(self) -> bool:
+        """The predicted peak passes the budget the plan was made against."""
+        return self.budget_bytes is not None and bool(self.peak) and self.peak["total"] > self.budget_bytes
+
     def describe(self) -> str:
         """The plan as one block (what the trainer logs at start-up and the dry run prints)."""
         ck = f"{self.checkpoint_layers} of {self.layers} main layers"
@@ -75,8 +80,13 @@ def _checkpoint_layers(cfg, spec, transformer_config, shape, path, backward, bud
         fewest = n if fewest else 0
     fewest = min(fewest, n)
     if budget is not None:
-        reasons.append(f"gradient checkpointing auto: {fewest} of {n} main layers, the fewest whose predicted peak "
-                       f"({memory.fmt_gb(memory.peak_bytes(shape, path, backward, fewest)['total'])}) fits the budget")
+        peak = memory.peak_bytes(shape, path, backward, fewest)["total"]
+        if peak <= budget:
+            reasons.append(f"gradient checkpointing auto: {fewest} of {n} main layers, the fewest whose predicted peak "
+                           f"({memory.fmt_gb(peak)}) fits the budget")
+        else:
+            reasons.append(f"gradient checkpointing auto: {fewest} of {n} main layers, and the predicted peak "
+                           f"({memory.fmt_gb(peak)}) still passes the budget ({memory.fmt_gb(budget)})")
     return fewest
 
 

@@ -36,7 +36,7 @@ from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, family, require_editing_support
 from dopsd_fast.fastpath import build_pair
 from dopsd_fast.logging_utils import MetricsLogger, metrics_rows
-from dopsd_fast.memory import memory_budget_bytes, step_shape
+from dopsd_fast.memory import fmt_gb, memory_budget_bytes, step_shape
 from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
 from dopsd_fast.profiling import nvtx_range
@@ -143,6 +143,10 @@ class Trainer:
             self.plan = resolve_plan(cfg, self.spec, self.adapter.transformer.config, self.mem_shape, self.device,
                                      memory_budget_bytes(cfg.fast.memory_budget_gb, self.device))
             log.info("%s", self.plan.describe())
+            if self.plan.over_budget:
+                log.warning("the predicted peak beyond the weights (%s) passes the memory budget (%s) with every "
+                            "saving the plan has: this run may run out of memory (dopsd-train --dry-run --gpu NAME "
+                            "says what would fit)", fmt_gb(self.plan.peak["total"]), fmt_gb(self.plan.budget_bytes))
             self.backward = self.plan.backward
             # the model behind the pair protocol: the eager reference or the packed fast path (dopsd_fast.pair)
             self.pair = build_pair(cfg, self.spec, self.adapter, self.weights, self.plan)

@@ -194,3 +194,64 @@ def test_readme_table_is_the_dry_run_table():
     begin = readme.index("<!-- dry-run table:")
     block = readme[readme.index("\n", begin) + 1:readme.index("<!-- end of the dry-run table -->")]
     assert block == table(), "docs/performance.md's dry-run table is stale: regenerate with python -m dopsd_fast.dryrun --table"
+
+
+def test_full_fine_tuning_counts_what_the_trainer_keeps(tmp_path):
+    """Full fine-tuning: the dry run counted the student and its gradients at the model dtype, while the
+    trainer keeps an fp32 student master (trained in fp32), a teacher module in the model dtype and an
+    fp32 EMA master (on the host with dopsd.ema_on_cpu); it also counted LoRA's bf16 adapter casts.
+    Now its weights are the trainer's tensors, byte for byte, and its shape the trainer's own."""
+    from dopsd_fast.dryrun import workload
+    from dopsd_fast.memory import peak_bytes
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    def nbytes(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    for extra in ([], ["dopsd.ema_on_cpu=true"]):
+        cfg = tiny_config(tmp_path / str(len(extra)), "lora.enabled=false", "fast.enabled=true", "model.dtype=bf16",
+                          *extra)
+        w = workload(cfg, say=lambda *a: None)
+        t = Trainer(cfg)
+        ws = t.weights
+        on_gpu_ema = [] if extra else list(ws._ema.values())
+        kept = nbytes(ws._student.values()) + nbytes(ws.teacher_module.parameters()) + nbytes(on_gpu_ema)
+        assert w.weights == kept, (extra, w.weights, kept)
+        mine = t.memory_shape()
+        assert (w.shape.trainable_bytes_per_param, w.shape.adapters) == (mine.trainable_bytes_per_param,
+                                                                          mine.adapters) == (4, False)
+        assert peak_bytes(w.shape, "fast", "stepwise")["casts"] == 0
+
+
+def test_dry_run_says_when_the_plan_passes_its_budget(tmp_path, capsys):
+    """A plan whose predicted peak passes its budget with every saving taken said it "fits the budget"
+    (dry run and trainer alike), the dry run's FITS compared with the whole card, and a hint read "(32 of 30
+    layers)". Now the plan says it passes, the dry run names the missing margin and a budget larger than
+    the card, and the layer count is the plan's; a full fine-tuning run that fits nowhere names LoRA and FSDP2."""
+    from dopsd_fast.cli import train_main
+
+    rc = train_main(["--config", "zimage-turbo-lora", "--dry-run", "--gpu", "4090", "--set", "dopsd.backward=once"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "still passes the budget" in out and "fits the budget" not in out, out
+    assert "passes the plan's budget" in out, out
+    rc = train_main(["--config", "zimage-turbo-lora", "--dry-run", "--gpu", "4090", "--set",
+                     "fast.memory_budget_gb=500"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "fast.memory_budget_gb=500 is more than this GPU holds" in out, out
+    assert "(30 of 30 layers)" in out and "of 30 layers)" in out.split("to fit:")[1], out
+    rc = train_main(["--config", "zimage-turbo-lora", "--dry-run", "--gpu", "h100", "--set", "lora.enabled=false"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "lora.enabled=true" in out and "dist.fsdp=on" in out, out
+
+
+def test_trainer_warns_when_its_plan_passes_the_budget(tmp_path, caplog):
+    import logging
+
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        t = Trainer(tiny_config(tmp_path, "fast.enabled=true", "fast.memory_budget_gb=0.000001"))
+    assert t.plan.over_budget and "still passes the budget" in t.plan.describe()
+    assert any("may run out of memory" in r.getMessage() for r in caplog.records), caplog.text
