@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Run HERE (with PyPI), once per checkout, before a GPU check: the lent GPU machine has
 # torch/triton/transformers/peft but no diffusers and no network, so its wheel travels in .whl/
-# (git-ignored; named in the device call's `carry`). diffusers alone: on Python 3.12 it imports the
-# standard library's importlib.metadata (a carried importlib_metadata wheel cannot import there).
+# (git-ignored; named in the device call's `carry`). diffusers and requests (diffusers checks for it at import;
+# transformers, peft and accelerate do not need it, so an image may lack it) with requests' own dependencies;
+# on Python 3.12 diffusers imports the standard library's importlib.metadata (no importlib_metadata wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl diffusers==0.42.1
+  -d .whl diffusers==0.42.1 requests urllib3 idna certifi charset_normalizer
 ls -la .whl

@@ -1,18 +1,19 @@
-"""The GPU check: one command, one global time budget, two files out.
+"""The GPU check: one command, one global time budget, three files out.
 
 Made for a GPU machine that may be borrowed for a short time and may have no network: one call
 (``bash benchmarks/gpu_check.sh [--out DIR] [--budget S] [--wheels DIR]``, which installs any extra
 wheels and runs this driver from the checkout) that ends by itself within its budget (540 s by
-default, counted from the start of the call, wheel install included), and exactly two files in the
+default, counted from the start of the call, wheel install included), and exactly three files in the
 output folder:
-``results.json`` (every row, each with the git commit, GPU, driver and versions) and ``report.md``.
-Both are rewritten after every stage, and every stage appends its rows to a JSONL file as it
+``results.json`` (every row, each with the git commit, GPU, driver and versions), ``report.md`` and
+``logs.txt`` (each stage's log, its end: a failure's whole text). The first two are rewritten after every
+stage (the log appended), and every stage appends its rows to a JSONL file as it
 measures them, so a stage cut by the budget still reports what it had.
 
 Stages, in the order of the questions they answer (each in its own process, under
 ``min(its cap, what is left of the budget)``):
 
-* ``smoke`` (<= 90 s): imports, the GPU, one tiny compile + launch of our kernels with a parity
+* ``smoke``: imports, the GPU, one tiny compile + launch of our kernels with a parity
   check. No GPU: the run stops here and says so. Smoke failure: the run stops with the error.
 * ``m1`` attention at Z-Image-Turbo's workload (student 4608 / teacher 5120 tokens, 30 x 128 heads,
   bf16), forward and student backward: ours (both branches in one launch, and two single calls) vs
@@ -25,7 +26,7 @@ Stages, in the order of the questions they answer (each in its own process, unde
   captions 512 / 1024, stepwise backward, no checkpointing): time per region (CUDA events) and
   peak memory.
 * ``step`` eager vs fast at zimage-6b (``step_time.py``) with its parity verdict.
-* ``tests`` (not in the default list): the kernel parity tests with the compiled kernels on the GPU.
+* ``tests``: the CUDA-graph capture tests, then the kernel parity tests with the compiled kernels on the GPU.
 
     python benchmarks/gpu_check.py --out DIR [--budget 540] [--stages smoke,m1,m2,m3,step]
 """
@@ -52,11 +53,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STAGES = {  # name -> (cap in seconds, what it answers); the default order is the most valuable first
     "smoke": (35, "imports, GPU, one compile + launch + parity check"),
-    "step": (155, "zimage-6b step, default attention (auto: cuDNN on H100/H200), 5 measured steps: eager "
+    "step": (145, "zimage-6b step, default attention (auto: cuDNN on H100/H200), 5 measured steps: eager "
                   "checkpointed and un-checkpointed (stepwise) vs fast, bf16 parity (step_time.py)"),
     "fp8": (95, "FP8 GEMMs (torch._scaled_mm) vs bf16 at the step's shapes; zimage-6b step with fast.fp8=native "
                 "beside the bf16 fast path and FP8 without FP8 dX; SQNR parity vs bf16 eager"),
-    "tests": (110, "kernel tests, short form on the GPU: CUDA-graph capture first (-x -v), then one case per "
+    "tests": (105, "kernel tests, short form on the GPU: CUDA-graph capture first (-x -v), then one case per "
                    "kernel and dtype"),
     "m1": (35, "attention fwd + bwd at the Z-Image workload: ours vs SDPA flash / cuDNN; a ragged batch "
                "through the cudnn / sdpa backends; a residual + next norm fused vs unfused"),
@@ -97,7 +98,8 @@ class Rows:
 
 
 def _fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    """A table cell: one line, no column separators (an error's text may hold both)."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v).replace("\n", " ").replace("|", "/")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -214,9 +216,11 @@ def stage_smoke(rows: Rows) -> int:
     torch.manual_seed(0)
     a, b = (torch.randn(257, 320, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     t0 = time.time()
-    err = (swiglu(a, b).float() - swiglu_ref(a, b).float()).abs().max().item()
+    want = swiglu_ref(a, b).float()
+    err = (swiglu(a, b).float() - want).abs().max().item()
+    swiglu_ok = err <= 1e-2 * want.abs().max().item()  # relative: one bf16 step at |y| ~ 10 is 0.06
     rows.add(kind="smoke", what="swiglu compile+launch", seconds=time.time() - t0, max_abs_err=err,
-             ok=err < 2e-2)
+             ok=swiglu_ok)
     q, k, v = (torch.randn(300, 2, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, 300], dtype=torch.int32, device=DEV)
     e = k[:0]
@@ -228,7 +232,8 @@ def stage_smoke(rows: Rows) -> int:
     _sync()
     rows.add(kind="smoke", what="dual-branch attention compile+launch", seconds=time.time() - t0, max_abs_err=err,
              ok=err < 2e-2)
-    return 0 if err < 2e-2 else 1
+    missing = [n for n in ("diffusers", "transformers", "peft") if str(env[n]).startswith("missing")]
+    return 0 if swiglu_ok and err < 2e-2 and not missing else 1
 
 
 def stage_m1(rows: Rows) -> int:
@@ -712,6 +717,10 @@ def fp8_gemms(rows: Rows) -> int:
                 row["ours_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             rows.add(**row)
         except Exception as exc:  # noqa: BLE001  (an unsupported FP8 GEMM is a result too)
+            if DRY and "per-tensor scaling for CPU" in str(exc):  # an older torch's CPU _scaled_mm: not the GPU's
+                rows.add(kind="fp8_gemm", M=M, K=K, N=N, dgrad=dgrad,
+                         skipped="this torch's CPU _scaled_mm has no rowwise scales (CUDA's has)")
+                continue
             rows.add(kind="fp8_gemm", M=M, K=K, N=N, dgrad=dgrad, error=f"{type(exc).__name__}: {str(exc)[:300]}")
             status = 1
     return status
@@ -728,16 +737,21 @@ def stage_fp8(rows: Rows) -> int:
 
 
 def _pytest(rows: Rows, what: str, args: list[str], env: dict) -> int:
-    res = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    print(res.stdout[-6000:] + res.stderr[-2000:])
-    summary = [line for line in res.stdout.splitlines() if any(w in line for w in (" passed", " failed", " error",
-                                                                                     " skipped", " collected"))]
-    failed = [line for line in res.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    rows.add(kind="kernel_tests", what=what, exit_code=res.returncode,
-             summary=summary[-1] if summary else "no summary", failed="; ".join(failed)[:1500],
-             tail="" if res.returncode == 0 else res.stdout[-1500:])
-    return res.returncode
+    """pytest's output streamed into the stage's log as it comes (a stage cut at its cap keeps what ran),
+    then one row."""
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", *args], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    rc = p.wait()
+    summary = [line for line in lines if any(w in line for w in (" passed", " failed", " error", " skipped",
+                                                                " collected"))]
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    rows.add(kind="kernel_tests", what=what, exit_code=rc, summary=summary[-1] if summary else "no summary",
+             failed="; ".join(failed)[:1500], tail="" if rc == 0 else "\n".join(lines)[-1500:])
+    return rc
 
 
 def stage_tests(rows: Rows) -> int:
@@ -803,6 +817,19 @@ def write_outputs(out: Path, rows_path: str, timeline: list[dict], meta: dict) -
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / "report.md")
+
+
+LOG_KEEP_CHARS = 60_000  # of each stage's log in $OUT/logs.txt (its end: the errors are there)
+
+
+def _append_log(out: Path, stage: str, status: str, log: str) -> None:
+    """The stage's log (its last ``LOG_KEEP_CHARS``) appended to ``$OUT/logs.txt``: the text of a failure
+    comes back with the report, not only its last 25 lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    cut = len(log) > LOG_KEEP_CHARS
+    with open(out / "logs.txt", "a") as f:
+        f.write(f"===== stage {stage}: {status}{' (its last %d characters)' % LOG_KEEP_CHARS if cut else ''}\n")
+        f.write(log[-LOG_KEEP_CHARS:] + ("" if log.endswith("\n") else "\n"))
 
 
 def run_stage(name: str, limit: float, rows_path: str, log_path: str) -> tuple[int | None, float]:
@@ -888,6 +915,7 @@ def drive(args) -> int:
             entry["status"] = f"FAILED (exit {rc})"
         if rc != 0:
             entry["log_tail"] = "\n".join(log.splitlines()[-25:])
+        _append_log(out, name, entry["status"], log)
         timeline.append(entry)
         print(f"[{time.time() - t_start:5.0f} s] stage {name}: {entry['status']}", flush=True)
         meta["elapsed_s"] = time.time() - t_start

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh as a GPU machine with no network would run it, here on the CPU: one call, a
-global budget, exactly two files in the output folder, stages that stop at "no GPU", and a stage that
+global budget, exactly three files in the output folder (two when the install fails), stages that stop at "no GPU", and a stage that
 overruns the budget cut and reported with the rows it had written."""
 
 import json
@@ -43,10 +43,10 @@ def _wheel(folder: Path, name: str, code: str) -> Path:
     return whl
 
 
-def test_cpu_run_stops_at_no_gpu_with_two_files(tmp_path):
+def test_cpu_run_stops_at_no_gpu_with_three_files(tmp_path):
     r, took = _run(tmp_path, GIT_COMMIT="abc123")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["report.md", "results.json"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["logs.txt", "report.md", "results.json"]
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["meta"]["verdict"] == "NO GPU" and res["meta"]["git_commit"] == "abc123"
     status = {t["stage"]: t["status"] for t in res["timeline"]}
@@ -64,7 +64,9 @@ def test_overrunning_stage_is_cut_by_the_budget_and_reported(tmp_path):
     r, took = _run(tmp_path, GPU_CHECK_STAGES="selftest-ok,selftest-overrun,selftest-ok", BUDGET_S="45")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert took < 45 + 5, f"the call took {took:.0f} s against a 45 s budget"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["report.md", "results.json"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["logs.txt", "report.md", "results.json"]
+    logs = (tmp_path / "logs.txt").read_text()  # every stage's log comes back, the cut one's too
+    assert "===== stage selftest-ok: ok" in logs and "===== stage selftest-overrun: cut after" in logs, logs
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["meta"]["verdict"] == "INCOMPLETE (budget)"
     tl = res["timeline"]

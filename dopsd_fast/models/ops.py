@@ -134,12 +134,11 @@ def _jagged_sdpa(q, k, v, backend: str):
         try:
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                 o = F.scaled_dot_product_attention(q, k, v)
-        except RuntimeError as exc:
-            if "No viable backend" not in str(exc):
-                raise
+        except RuntimeError as exc:  # the same math on another backend: a cuDNN refusal or failure costs speed only
             JAGGED_CUDNN = False
-            log.info("attention cudnn: cuDNN does not take this ragged batch (%s); PyTorch SDPA's own choice "
-                     "(flash first) for ragged batches from now on", exc)
+            say = log.info if "No viable backend" in str(exc) else log.warning
+            say("attention cudnn: cuDNN does not take this ragged batch (%s: %s); PyTorch SDPA's own choice "
+                "(flash first) for ragged batches from now on", type(exc).__name__, str(exc).splitlines()[0][:300])
         else:
             if JAGGED_CUDNN is None:
                 log.info("attention cudnn: ragged batches run on cuDNN (one call on a jagged batch)")
