@@ -151,7 +151,7 @@ class Trainer:
             # the model behind the pair protocol: the eager reference or the packed fast path (dopsd_fast.pair)
             self.pair = build_pair(cfg, self.spec, self.adapter, self.weights, self.plan)
             self._build_optimizer()
-            self.sampler = BucketBatchSampler(self.dataset.buckets_of, cfg.data.batch_size, seed=cfg.train.seed,
+            self.sampler = BucketBatchSampler(self.dataset.batch_groups, cfg.data.batch_size, seed=cfg.train.seed,
                                               rank=self.rank, world_size=self.world)
             self.prefetch = ImagePrefetcher(self.dataset, cfg.data.num_workers)
             self._sigma_cache: dict = {}

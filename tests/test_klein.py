@@ -344,3 +344,30 @@ def test_a_long_teacher_prompt_keeps_its_instruction(caplog):
     want = ad.encode_prompts([ad._fit(long, ad.gt_instruction)])[0]
     assert_close(gt.features, want, 0, 0, "gt-reference teacher: its instruction kept too")
     assert ad._fit(long, ad.gt_instruction).endswith(ad.gt_instruction)
+
+
+def test_fast_path_batches_editing_rows_by_their_references(tmp_path):
+    """The fast path stacks a batch's references per place, so its samples must share their number and
+    sizes; the sampler grouped by the target's bucket alone, and a batch of 2 editing rows with other
+    references stopped the run at its first such batch ("samples of a batch must share ... reference
+    sizes"). The sampler now groups by the references too."""
+    from PIL import Image
+
+    from dopsd_fast.trainer import Trainer
+
+    _editing_data(tmp_path)
+    Image.new("RGB", (256, 128), (90, 90, 90)).save(tmp_path / "wide.png")
+    rows = [{"references": ["a.png"], "target": "b.png", "prompt": "make the red square green"},
+            {"image": ["c.png", "a.png", "d.png"], "prompt": "blend the blue and red squares into yellow"},
+            {"references": ["wide.png"], "target": "d.png", "prompt": "make it yellow"},
+            {"references": ["c.png"], "target": "a.png", "prompt": "make it red"}]
+    p = _editing_data(tmp_path, rows)
+    cfg = tiny_config(tmp_path / "k", f"data.jsonl={p}", "data.builtin=null", "data.prompt_keys=[prompt]",
+                      "data.bucket_scale=0.125", "data.batch_size=2", "train.max_steps=4", "model.family=klein",
+                      "model.preset=tiny-klein", "model.student_max_tokens=160", "dopsd.rollout=klein-k4",
+                      "fast.enabled=true")
+    tr = Trainer(cfg)
+    groups = tr.dataset.batch_groups
+    assert groups[0] == groups[3] and len({groups[0], groups[1], groups[2]}) == 3, groups
+    for _ in range(4):  # every group's batches, each one a fast step
+        assert tr.train_step()["loss"] > 0

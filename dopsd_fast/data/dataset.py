@@ -200,6 +200,13 @@ class ImageTextDataset:
     def buckets_of(self) -> list[tuple]:
         return [r.bucket for r in self.records]
 
+    @property
+    def batch_groups(self) -> list[tuple]:
+        """Per record, what the samples of one batch share: the bucket, and of an editing row the number
+        and buckets of its references (one batch's references stack into one tensor per place). A row
+        without references: its bucket alone, as before editing rows existed."""
+        return [tuple(r.bucket) + tuple(x for b in r.reference_buckets for x in b) for r in self.records]
+
     def get(self, index: int, rng: random.Random | None = None, prompt_index: int | None = None,
             images=None) -> Sample:
         """The sample at ``index`` (prompt variant from ``rng``); its images decoded when first read, by

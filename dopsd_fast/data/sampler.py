@@ -6,8 +6,9 @@ import random
 
 
 class BucketBatchSampler:
-    """Global batches of ``batch_size x world_size`` indices that share one bucket; rank ``r`` takes
-    the ``r``-th slice of ``batch_size``.
+    """Global batches of ``batch_size x world_size`` indices that share one bucket (``buckets_of``: per
+    record, a tuple: its bucket, or what its batch must share, ``ImageTextDataset.batch_groups``); rank
+    ``r`` takes the ``r``-th slice of ``batch_size``.
 
     The order of epoch ``e`` is a pure function of ``(seed, e, batch_size x world_size)``, so the
     position ``(epoch, global batch index)`` is all a checkpoint needs to resume exactly, at any world
