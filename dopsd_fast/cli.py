@@ -209,7 +209,7 @@ def cache_main(argv=None) -> int:
     if not cfg.cache.dir:
         sys.exit("error: config field 'cache.dir' must be set for dopsd-cache (e.g. --set cache.dir=cache/)")
     from dopsd_fast.errors import OutputDirError
-    from dopsd_fast.families import family, require_editing_support
+    from dopsd_fast.families import check_buckets, family, require_editing_support
     from dopsd_fast.safety import OutputLock
 
     log = logging.getLogger("dopsd_fast")
@@ -232,6 +232,7 @@ def cache_main(argv=None) -> int:
                 tmp.unlink()
         # the encoders and, where contexts use it, the VAE: a local transformer's weights are never read
         adapter = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
+        check_buckets(adapter, dataset)
         cache = FeatureCache(cache_dir, adapter.encoder_identity(), create=True)
         for why in cache.repair(family(cfg.model.family).context_width(adapter.transformer.config)
                                 if getattr(adapter, "transformer", None) is not None else None):

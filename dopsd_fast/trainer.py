@@ -33,7 +33,7 @@ from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure
 from dopsd_fast.errors import ConfigError, DataError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
-from dopsd_fast.families import build_adapter, family, require_editing_support
+from dopsd_fast.families import build_adapter, check_buckets, family, require_editing_support
 from dopsd_fast.fastpath import build_pair
 from dopsd_fast.logging_utils import MetricsLogger, metrics_rows
 from dopsd_fast.memory import fmt_gb, memory_budget_bytes, step_shape
@@ -349,6 +349,7 @@ class Trainer:
             log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
         else:
             self.adapter = build_adapter(cfg.model, load_encoders=True)
+        check_buckets(self.adapter, self.dataset)
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device
         targets = self.spec.lora_targets(cfg.lora, self.adapter.transformer.config)

@@ -268,6 +268,12 @@ def test_local_klein_directory_loads(tmp_path):
                                                   "model.text_layers=[1, 2, 3]"])
     loaded = build_adapter(cfg.model)
     assert loaded.text_layers == (1, 2, 3)
+    from dopsd_fast.errors import ConfigError
+
+    far = load_config("configs/tiny-klein.yaml", ["model.preset=null", f"model.path={tmp_path / 'klein'}",
+                                                 "model.text_layers=[1, 2, 99]"])
+    with pytest.raises(ConfigError, match=r"\[99\] not among"):  # from the folder's config, no encoder loaded
+        build_adapter(far.model, load_encoders=False)
     ctx = loaded.encode_student(["a red circle"])[0]
     assert_close(ctx.features, ad.encode_student(["a red circle"])[0].features, 1e-6, 1e-6, "features", scaled=True)
     # dopsd-cache: the transformer's weights are never read (unreadable here), the VAE's are (the
@@ -371,3 +377,31 @@ def test_fast_path_batches_editing_rows_by_their_references(tmp_path):
     assert groups[0] == groups[3] and len({groups[0], groups[1], groups[2]}) == 3, groups
     for _ in range(4):  # every group's batches, each one a fast step
         assert tr.train_step()["loss"] > 0
+
+
+def test_text_layers_and_buckets_are_checked_at_start_up(tmp_path):
+    """model.text_layers out of the encoder's range gave an IndexError ("unexpected") and a wrong count a
+    shapes error at step 1; a bucket off klein's 16-pixel grid a reshape error in dopsd-cache. Each is now
+    one line naming the field, before any encoding."""
+    import pytest
+
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.cli import cache_main
+    from dopsd_fast.errors import ConfigError
+    from dopsd_fast.trainer import Trainer
+
+    far = load_config("configs/tiny-klein.yaml", ["model.text_layers=[1, 2, 99]"])
+    with pytest.raises(ConfigError, match=r"'model.text_layers'.*\[99\] not among"):
+        build_adapter(far.model)
+    two = load_config("configs/tiny-klein.yaml", ["model.text_layers=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"'model.text_layers': 2 layers .*joint_attention_dim\): give 3 layers"):
+        build_adapter(two.model)
+    p = _editing_data(tmp_path)
+    off_grid = [f"data.jsonl={p}", "data.builtin=null", "data.prompt_keys=[prompt]", "data.bucket_scale=1",
+                "data.buckets=[[120,120]]", "data.bucket_multiple=8"]
+    with pytest.raises(ConfigError, match=r"data.bucket_multiple.*120x120 must be a multiple of 16"):
+        Trainer(tiny_config(tmp_path / "t", "model.family=klein", "model.preset=tiny-klein",
+                            "model.student_max_tokens=160", "dopsd.rollout=klein-k4", *off_grid))
+    args = ["--config", "tiny-klein", "--set", f"cache.dir={tmp_path / 'c'}", "--set", "train.progress=false"]
+    with pytest.raises(SystemExit, match=r"error: config fields .*data.bucket_multiple.*multiple of 16"):
+        cache_main(args + [x for kv in off_grid for x in ("--set", kv)])

@@ -25,7 +25,8 @@ for _spec in _FAMILY_SPECS:
 ZIMAGE, KLEIN = zimage.SPEC, klein.SPEC  # the specs by name, for code inside families/ and for tests
 
 __all__ = ["DEFAULT_FAMILY", "FAMILIES", "FAST_FEATURES", "Convention", "FamilySpec", "Flavour", "MemoryCoefficients",
-           "Preset", "build_adapter", "family", "family_of_transformer", "flavour", "require_editing_support"]
+           "Preset", "build_adapter", "check_buckets", "family", "family_of_transformer", "flavour",
+           "require_editing_support"]
 
 
 def family(name: str) -> FamilySpec:
@@ -66,6 +67,18 @@ def require_editing_support(spec: FamilySpec, dataset) -> None:
         editing = [s.name for s in FAMILIES.values() if s.editing]
         raise DataError(f"{bad.where}: a row with reference images (an editing row), but model.family={spec.name} "
                         f"has no editing mode; use model.family={' or '.join(editing)}")
+
+
+def check_buckets(adapter, dataset) -> None:
+    """Every bucket the data uses (targets and references) is one the model takes (its latent grid):
+    one line naming the fields at start-up, not a reshape error at the first image of that size."""
+    sizes = {tuple(r.bucket) for r in dataset.records} | {tuple(b) for r in dataset.records for b in r.reference_buckets}
+    for w, h in sorted(sizes):
+        try:
+            adapter.latent_shape(h, w)
+        except ValueError as e:
+            raise ConfigError(f"config fields 'data.buckets' / 'data.bucket_scale' / 'data.bucket_multiple': {e} "
+                              f"(a bucket of the data)") from None
 
 
 def flavour(name: str) -> tuple[FamilySpec, Flavour]:

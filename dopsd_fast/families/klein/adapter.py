@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.context import Context
+from dopsd_fast.errors import ConfigError
 from dopsd_fast.families.adapter import ModelAdapter
 from dopsd_fast.families.common import file_fingerprint
 from dopsd_fast.families.klein.spec import SPEC, compute_empirical_mu
@@ -100,6 +101,30 @@ class KleinAdapter(ModelAdapter):
         path = Path(self.cfg.path)
         self.transformer, self.vae, self.scheduler_config = self._load_diffusers_parts(path, Flux2Transformer2DModel, AutoencoderKLFlux2)
         self.text_layers = tuple(self.cfg.text_layers or (9, 18, 27))
+        te = path / "text_encoder" / "config.json"
+        if te.is_file():  # before any weight is read: the layers exist and their features fit the transformer
+            import json
+
+            c = json.loads(te.read_text())
+            self.check_text_layers(c.get("num_hidden_layers"), c.get("hidden_size"))
+
+    def check_text_layers(self, n_layers, hidden) -> None:
+        """``model.text_layers`` against the text encoder (``n_layers`` layers, ``hidden`` wide): each an
+        index of its hidden states (0 = the embeddings, 1..n the layers' outputs), their stacked width
+        the transformer's ``joint_attention_dim``; one line naming the field otherwise."""
+        if n_layers is None or hidden is None:
+            return
+        bad = [k for k in self.text_layers if not 0 <= k <= n_layers]
+        if bad:
+            raise ConfigError(f"config field 'model.text_layers': {list(self.text_layers)}: {bad} not among the text "
+                              f"encoder's hidden states (0 = embeddings, 1..{n_layers} = its layers)")
+        want = int(self.transformer.config.joint_attention_dim)
+        if len(self.text_layers) * hidden != want:
+            raise ConfigError(f"config field 'model.text_layers': {len(self.text_layers)} layers x {hidden} wide = "
+                              f"{len(self.text_layers) * hidden} features, the transformer takes {want} "
+                              f"(joint_attention_dim): give {want // hidden} layers" if want % hidden == 0 else
+                              f"config field 'model.text_layers': the text encoder ({hidden} wide) cannot make the "
+                              f"transformer's {want} features (joint_attention_dim)")
 
     def _load_local_encoders(self):
         from transformers import AutoTokenizer, Qwen3ForCausalLM
@@ -116,6 +141,8 @@ class KleinAdapter(ModelAdapter):
                 self.text_encoder.to(self.device, self.dtype).requires_grad_(False).eval()
             else:
                 self._load_local_encoders()
+            c = self.text_encoder.config
+            self.check_text_layers(getattr(c, "num_hidden_layers", None), getattr(c, "hidden_size", None))
 
     def release_encoders(self):
         self.text_encoder = None
