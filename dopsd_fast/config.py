@@ -220,7 +220,8 @@ class TrainConfig:
     wandb: bool = False
     progress: bool = True
     # The divergence guard (dopsd_fast.safety.Guard): an update this many times the weights' norm stops
-    # the run before anything is written (LoRA); a gradient norm or update ratio warn_factor x its
+    # the run before anything is written (LoRA: against a copy of the adapters; full fine-tuning: the update
+    # read from AdamW's state); a gradient norm or update ratio warn_factor x its
     # running median warns.
     max_update_ratio: float = 1e6
     warn_factor: float = 10.0

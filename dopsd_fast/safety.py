@@ -330,6 +330,36 @@ class Guard:
         return [p.detach().clone() for p in params]
 
     @staticmethod
+    def adamw_update(optimizer, local=lambda t: t):
+        """``(|update|, |weights before|)`` of the step a ``torch.optim.AdamW`` just made, as 0-dim tensors,
+        from its state and the new weights (no copy of the weights: full fine-tuning's guard). Per tensor,
+        AdamW made ``w' = w (1 - lr wd) - a`` with ``a = lr / bc1 * m / (sqrt(v / bc2) + eps)``, so the
+        update is ``-(lr wd w' + a) / (1 - lr wd)`` and ``w = (w' + a) / (1 - lr wd)``. None where the
+        optimizer is not a plain AdamW (amsgrad, maximize) or has taken no step. ``local``: a tensor's
+        local shard (FSDP2)."""
+        ups, olds, t = [], [], None
+        for g in optimizer.param_groups:
+            if g.get("amsgrad") or g.get("maximize"):
+                return None
+            lr, wd, eps = float(g["lr"]), float(g["weight_decay"]), float(g["eps"])
+            b1, b2 = g["betas"]
+            shrink = 1 - lr * wd
+            for p in g["params"]:
+                st = optimizer.state.get(p)
+                if not st or "exp_avg" not in st:
+                    continue
+                if t is None:  # every tensor takes every step: one count (one read)
+                    t = float(st["step"])
+                a = local(st["exp_avg"]).float() / (local(st["exp_avg_sq"]).float().sqrt() / math.sqrt(1 - b2 ** t)
+                                                  + eps) * (lr / (1 - b1 ** t))
+                w = local(p.detach()).float()  # (the weights themselves where fp32: read, never written)
+                ups.append(torch.linalg.vector_norm(torch.add(a, w, alpha=lr * wd)) / shrink)
+                olds.append(torch.linalg.vector_norm(a.add_(w)) / shrink)
+        if not ups:
+            return None
+        return torch.stack(ups).norm(), torch.stack(olds).norm()
+
+    @staticmethod
     def _norm(ts) -> float:
         """Global norm: fused fp32 per-tensor norms (a few launches, one sync); where fp32 overflows
         (|w| ~ 1e19 squared), fp64 one tensor at a time."""
@@ -340,16 +370,20 @@ class Guard:
             return n
         return float(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in ts]).norm())
 
-    def check_after_update(self, step: int, params, before, gnorm: float) -> float:
+    def check_after_update(self, step: int, params, before, gnorm: float, update=None) -> float:
+        """``before``: the weights before the step (a snapshot), or ``update``: ``(|update|, |weights
+        before|)`` as :meth:`adamw_update` gives them; neither: no update ratio."""
         ps = [p.detach() for p in params]
         # the weights', the update's and the old weights' norms in one device->host read (fused fp32
         # norms; fp64 one tensor at a time only where fp32 overflows)
         norms = [torch.stack(torch._foreach_norm(ps)).norm()] if ps else [torch.zeros(())]
-        if before is not None and ps:
+        if update is not None and ps:
+            norms += [update[0].to(norms[0].device), update[1].to(norms[0].device)]
+        elif before is not None and ps:
             norms += [torch.stack(torch._foreach_norm(torch._foreach_sub(ps, before))).norm(),
                       torch.stack(torch._foreach_norm(before)).norm()]
         vals = torch.stack([n.float() for n in norms]).tolist()
-        if not all(math.isfinite(v) for v in vals):
+        if not all(math.isfinite(v) for v in vals) and update is None:
             vals = [self._norm(ps)] + ([self._norm(torch._foreach_sub(ps, before)), self._norm(before)]
                                        if len(vals) == 3 else [])
         if not math.isfinite(vals[0]):  # inf or nan even in fp64: a non-finite weight

@@ -576,7 +576,10 @@ class Trainer:
         before = self.guard.snapshot(mine) if self.cfg.lora.enabled else None  # LoRA: small; full FT: no copy
         with self._nv("optimizer"):
             self.optimizer.step()
-        update_ratio = self._guard_after_update(self.step + 1, [fsdp.local(p) for p in params], before, gnorm)
+        # full fine-tuning: the update's norm from AdamW's state (a snapshot would be a second model)
+        update = None if before is not None else self.guard.adamw_update(self.optimizer, fsdp.local)
+        update_ratio = self._guard_after_update(self.step + 1, [fsdp.local(p) for p in params], before, gnorm,
+                                                update)
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.weights.ema_update(self.cfg.dopsd.ema_decay)
@@ -596,12 +599,12 @@ class Trainer:
             metrics[f"loss_state/{k}"] = v / accum
         return metrics
 
-    def _guard_after_update(self, step, params, before, gnorm) -> float:
+    def _guard_after_update(self, step, params, before, gnorm, update=None) -> float:
         """The guard on this rank's weights; sharded, the ranks agree (any rank's failure stops all)."""
 
         err, ratio = None, float("nan")
         try:
-            ratio = self.guard.check_after_update(step, params, before, gnorm)
+            ratio = self.guard.check_after_update(step, params, before, gnorm, update)
         except DivergenceError as e:
             err = e
         if self.sharded and float(self.dist.mean(torch.tensor([1.0 if err else 0.0]), "guard")) > 0 and err is None:

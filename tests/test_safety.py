@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import assert_close, tiny_config
 
 
 def _trainer(tmp_path, *over, resume=None, allow=False):
@@ -974,3 +974,39 @@ def test_a_resume_refused_at_load_starts_no_wandb_run(straight, tmp_path, monkey
     assert calls == []
     _trainer(tmp_path / "b", *_STRAIGHT, "train.max_steps=2", "train.wandb=true").train()
     assert calls == ["init", ("log", 1), ("log", 2), "finish"]
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adamw_update_norm_from_its_state_equals_the_snapshot(wd):
+    """Full fine-tuning's guard has no copy of the weights (it would be a second model): the update's norm
+    and the old weights' norm come from AdamW's state and the new weights. They equal a snapshot's."""
+    from dopsd_fast.safety import Guard
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(33, 17)), torch.nn.Parameter(torch.randn(65))]
+    opt = torch.optim.AdamW(ps, lr=3e-3, weight_decay=wd, foreach=True)
+    assert Guard.adamw_update(opt) is None  # no step yet
+    for _ in range(3):
+        before = [p.detach().clone() for p in ps]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        up, old = Guard.adamw_update(opt)
+        want_up = torch.stack([(p.detach() - b).norm() for p, b in zip(ps, before)]).norm()
+        want_old = torch.stack([b.norm() for b in before]).norm()
+        assert_close(up, want_up, rtol=1e-4, name="update norm")
+        assert_close(old, want_old, rtol=1e-5, name="weights-before norm")
+
+
+def test_full_fine_tuning_update_ratio_is_guarded(tmp_path):
+    """train.max_update_ratio stopped a LoRA run and let a full fine-tuning run go on (no snapshot, no
+    ratio, no metric); now the ratio comes from AdamW's state and guards it too."""
+    from dopsd_fast.safety import DivergenceError
+    from dopsd_fast.trainer import Trainer
+
+    t = Trainer(tiny_config(tmp_path / "a", "lora.enabled=false", "train.max_steps=1"))
+    m = t.train_step()
+    assert 0 < m["update_ratio"] < 1, m
+    t = Trainer(tiny_config(tmp_path / "b", "lora.enabled=false", "train.max_update_ratio=1e-9"))
+    with pytest.raises(DivergenceError, match="train.max_update_ratio"):
+        t.train_step()
