@@ -53,12 +53,20 @@ def record_key(kind: str, prompt: str, rec) -> str:
     return entry_key("teacher", prompt, image + tag, rec.bucket)
 
 
-def needed_entries(dataset) -> list[tuple[str, str, object]]:
-    """(key, kind, (prompt, record)) for every context a run over ``dataset`` can ask for."""
+KINDS = ("student", "teacher")
+
+
+def kinds_of(method: str) -> tuple[str, ...]:
+    """The contexts a run of ``method`` reads: D-OPSD both, the SFT baseline the student's alone."""
+    return ("student",) if method == "sft" else KINDS
+
+
+def needed_entries(dataset, kinds=KINDS) -> list[tuple[str, str, object]]:
+    """(key, kind, (prompt, record)) for every context of ``kinds`` a run over ``dataset`` can ask for."""
     out, seen = [], set()
     for rec in dataset.records:
         for p in rec.prompts:
-            for kind in ("student", "teacher"):
+            for kind in kinds:
                 k = record_key(kind, p, rec)
                 if k not in seen:
                     seen.add(k)
@@ -137,13 +145,13 @@ class FeatureCache:
         text = json.dumps({"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}, indent=1)
         atomic_write(self.dir / "manifest.json", lambda t: t.write_text(text))
 
-    def missing(self, dataset) -> list:
-        return [e for e in needed_entries(dataset) if e[0] not in self.entries]
+    def missing(self, dataset, kinds=KINDS) -> list:
+        return [e for e in needed_entries(dataset, kinds) if e[0] not in self.entries]
 
-    def require_complete(self, dataset, width: int | None = None) -> None:
-        miss = self.missing(dataset)
+    def require_complete(self, dataset, width: int | None = None, kinds=KINDS) -> None:
+        miss = self.missing(dataset, kinds)
         if miss:
-            raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset))} "
+            raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset, kinds))} "
                              "contexts this dataset needs; run dopsd-cache with the same config first")
         self.check_shards(width)
 
@@ -217,15 +225,18 @@ class FeatureCache:
                 extra[k[len(prefix):]] = f.get_tensor(k)
         return Context(f.get_tensor(f"{name}.features"), extra)
 
-    def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True) -> int:
-        """Compute and store every missing entry; returns how many were written."""
+    def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True,
+              kinds=KINDS) -> int:
+        """Compute and store every missing entry of ``kinds``; returns how many were written."""
         from safetensors.torch import save_file
 
-
-        todo = self.missing(dataset)
+        todo = self.missing(dataset, kinds)
         if not todo:
             return 0
-        adapter.ensure_encoders()
+        if "teacher" in kinds:
+            adapter.ensure_encoders()
+        else:  # the student's contexts alone (SFT): a Z-Image teacher's VLM is not loaded
+            adapter.ensure_student_encoder()
         taken = {s for s, _ in self.entries.values()} | {p.name for p in self.dir.glob("shard-*.safetensors")}
         next_shard = 0
         bar = tqdm(total=len(todo), desc="caching contexts", disable=not progress)

@@ -14,7 +14,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from dopsd_fast.cache import CacheError, FeatureCache, needed_entries
+from dopsd_fast.cache import CacheError, FeatureCache, kinds_of, needed_entries
 from dopsd_fast.config import ConfigError, load_config
 from dopsd_fast.data import DataError, build_dataset
 from dopsd_fast.families import build_adapter
@@ -238,7 +238,7 @@ def cache_main(argv=None) -> int:
                                 if getattr(adapter, "transformer", None) is not None else None):
             log.warning("cache %s: %s: its contexts are encoded again", cache_dir, why)
         n = cache.write(adapter, dataset, batch_size=args.batch_size, shard_size=cfg.cache.shard_size,
-                        progress=cfg.train.progress)
+                        progress=cfg.train.progress, kinds=kinds_of(cfg.method))
     except (DataError, CacheError, FileNotFoundError, OutputDirError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # an unwritable folder, a full disk, a model folder without its weights
@@ -251,7 +251,8 @@ def cache_main(argv=None) -> int:
         signal.signal(signal.SIGTERM, prev_term)
         if lock is not None:
             lock.release()
-    log.info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n, len(needed_entries(dataset)))
+    log.info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n,
+             len(needed_entries(dataset, kinds_of(cfg.method))))
     return 0
 
 

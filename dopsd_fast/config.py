@@ -374,6 +374,18 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def ignored_fields(self) -> list[str]:
+        """The fields set away from their defaults that this run's method does not read (SFT: the roll-out,
+        D-OPSD loss and backward; D-OPSD: the SFT sigma sampling): said at start-up."""
+        if self.method == "sft":
+            d, default = self.dopsd, DopsdConfig()
+            rollout = FAMILIES[self.model.family].default_rollout if self.model.family in FAMILIES else d.rollout
+            out = [f"dopsd.{k}" for k in ("loss", "backward") if getattr(d, k) != getattr(default, k)]
+            return out + (["dopsd.rollout"] if d.rollout != rollout else [])
+        default = SftConfig()
+        return [f"sft.{f.name}" for f in dataclasses.fields(SftConfig)
+                if getattr(self.sft, f.name) != getattr(default, f.name)]
+
     def save(self, path: str | Path) -> None:
         atomic_write(Path(path), lambda t: t.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False)))
 

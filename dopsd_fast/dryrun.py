@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dopsd_fast import memory
-from dopsd_fast.cache import CacheError, FeatureCache
+from dopsd_fast.cache import CacheError, FeatureCache, kinds_of
 from dopsd_fast.data import build_dataset
 from dopsd_fast.data.buckets import make_buckets
 from dopsd_fast.families import build_adapter, family, require_editing_support
@@ -66,7 +66,7 @@ def _model_config(cfg, say, needs):
     name = spec.flavour_for(m)
     say(f"model: no folder at {m.path}; shapes from the family spec's {name} flavour (its released config)")
     needs.append(f"model.path: a local diffusers-format folder (not found: {m.path})")
-    if m.vlm_path and not Path(m.vlm_path).is_dir():
+    if m.vlm_path and not Path(m.vlm_path).is_dir() and "teacher" in kinds_of(cfg.method):
         needs.append(f"model.vlm_path: a local folder (not found: {m.vlm_path}), to write the feature cache")
     with tempfile.TemporaryDirectory(prefix="dopsd-dry-run-") as d:
         spec.write_config_folder(name, d)
@@ -104,7 +104,7 @@ def workload(cfg, say=print) -> Workload:
             if dataset is not None and real_model:
                 try:
                     FeatureCache(cfg.cache.dir, adapter.encoder_identity()).require_complete(
-                        dataset, spec.context_width(adapter.transformer.config))
+                        dataset, spec.context_width(adapter.transformer.config), kinds_of(cfg.method))
                     say(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
                 except (CacheError, FileNotFoundError) as e:
                     say(f"feature cache: not ready ({e}); counted as if complete (the encoders not loaded)")
@@ -117,7 +117,7 @@ def workload(cfg, say=print) -> Workload:
         else:
             m = model_cfg
             encoders = _folder_bytes(Path(m.path) / "text_encoder" if m.path and real_model else None,
-                                     m.vlm_path)
+                                     m.vlm_path if "teacher" in kinds_of(cfg.method) else None)
             note = ("tiny preset: negligible" if m.preset is not None else "" if real_model and encoders
                     else "no encoder weights here to size them: not counted")
             say(f"feature cache: none; the encoders stay resident ({memory.fmt_gb(encoders)} of weights read "

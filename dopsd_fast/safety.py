@@ -456,12 +456,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# Fields a method does not read: a change of them on resume changes nothing of its math.
+UNREAD_BY = {"sft": ("dopsd.rollout", "dopsd.loss", "dopsd.backward"), "dopsd": ("sft.",)}
+
+
 def config_changes(saved: dict, current: dict) -> tuple[list, list]:
     """``(frozen, applied)``: ``[(field, saved value, current value)]`` that differ."""
     a, b = _flat(saved), _flat(current)
+    unread = UNREAD_BY.get(b.get("method"), ()) if a.get("method") == b.get("method") else ()
     frozen, applied = [], []
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
-            is_frozen = (k.startswith(FROZEN) or k in FROZEN) and k not in NOT_FROZEN
+            is_frozen = (k.startswith(FROZEN) or k in FROZEN) and k not in NOT_FROZEN and not k.startswith(unread)
             (frozen if is_frozen else applied).append((k, a.get(k), b.get(k)))
     return frozen, applied

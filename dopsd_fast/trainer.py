@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
-from dopsd_fast.cache import ContextProvider, FeatureCache
+from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of
 from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incomplete_checkpoints, list_checkpoints,
                                    load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from dopsd_fast.data import BucketBatchSampler, build_dataset
@@ -143,6 +143,9 @@ class Trainer:
             self.plan = resolve_plan(cfg, self.spec, self.adapter.transformer.config, self.mem_shape, self.device,
                                      memory_budget_bytes(cfg.fast.memory_budget_gb, self.device))
             log.info("%s", self.plan.describe())
+            ignored = cfg.ignored_fields()
+            if ignored:
+                log.warning("method %s does not read %s: set, and ignored", cfg.method, ", ".join(ignored))
             if self.plan.over_budget:
                 log.warning("the predicted peak beyond the weights (%s) passes the memory budget (%s) with every "
                             "saving the plan has: this run may run out of memory (dopsd-train --dry-run --gpu NAME "
@@ -342,13 +345,20 @@ class Trainer:
         self.spec = family(cfg.model.family)
         require_editing_support(self.spec, self.dataset)
         cache = None
+        # the contexts the method reads: D-OPSD the student's and the teacher's, SFT the student's alone (no
+        # Z-Image VLM loaded, no model.vlm_path needed)
+        self.context_kinds = kinds_of(cfg.method)
         if cfg.cache.dir:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
             cache = FeatureCache(cfg.cache.dir, self.adapter.encoder_identity())
-            cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config))
+            cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config),
+                                   self.context_kinds)
             log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
-        else:
+        elif "teacher" in self.context_kinds:
             self.adapter = build_adapter(cfg.model, load_encoders=True)
+        else:
+            self.adapter = build_adapter(cfg.model, load_encoders=False)
+            self.adapter.ensure_student_encoder()
         check_buckets(self.adapter, self.dataset)
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device
@@ -630,7 +640,9 @@ class Trainer:
             g = torch.Generator().manual_seed(_seed_of(vcfg.seed, i))
             noise = torch.randn((1, *shape), generator=g).to(self.device)
             ctx_s = [c.to(self.device) for c in self.contexts.student([s])]
-            ctx_t = [c.to(self.device) for c in self.contexts.teacher([s])]
+            # SFT has no teacher context: its EMA copy samples under the student's prompt, as it is used
+            ctx_t = ([c.to(self.device) for c in self.contexts.teacher([s])] if "teacher" in self.context_kinds
+                     else ctx_s)
             with self.autocast():
                 xs = euler_sample(lambda x, sg: self.pair.velocity("student", x, sg, ctx_s), noise, sig)
                 xt = euler_sample(lambda x, sg: self.pair.velocity("teacher", x, sg, ctx_t), noise, sig)
@@ -650,7 +662,8 @@ class Trainer:
         if self.rank != 0:
             return None
         path = self.out / "samples" / f"step-{self.step:07d}.png"
-        save_grid(rows, ["target", "student", "teacher (EMA)"], path, title=f"step {self.step}")
+        ema = "teacher (EMA)" if "teacher" in self.context_kinds else "EMA (student prompt)"
+        save_grid(rows, ["target", "student", ema], path, title=f"step {self.step}")
         return path
 
     def _validation_contexts(self) -> list:

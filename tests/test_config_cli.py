@@ -225,3 +225,29 @@ def test_fsdp_on_with_lora_and_no_sharded_base_is_refused(tmp_path):
         tiny_config(tmp_path, "dist.fsdp=on")
     assert tiny_config(tmp_path, "dist.fsdp=on", "lora.enabled=false").dist.fsdp == "on"
     assert tiny_config(tmp_path, "dist.fsdp=on", "dist.shard_base=true").dist.shard_base
+
+
+def test_the_other_methods_fields_are_said_and_free_on_resume(tmp_path, caplog):
+    """SFT read no dopsd.loss / rollout / backward and D-OPSD no sft.*, yet both were accepted silently and
+    a resume refused a change of them as one that "changes what the run computes". Now a set one is said
+    at start-up, and a resume applies a change of it."""
+    import logging
+
+    from dopsd_fast.safety import config_changes
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    sft = tiny_config(tmp_path / "a", "method=sft", "dopsd.loss=v", "dopsd.backward=stepwise")
+    assert sft.ignored_fields() == ["dopsd.loss", "dopsd.backward"]
+    assert tiny_config(tmp_path / "b", "sft.weighting=mode").ignored_fields() == ["sft.weighting"]
+    assert tiny_config(tmp_path / "c").ignored_fields() == []
+    assert tiny_config(tmp_path / "d", "method=sft").ignored_fields() == []
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        Trainer(sft)
+    assert "method sft does not read dopsd.loss, dopsd.backward" in caplog.text, caplog.text
+    base = tiny_config(tmp_path / "e", "method=sft").to_dict()
+    frozen, applied = config_changes(base, sft.to_dict())
+    assert not frozen and {k for k, *_ in applied} >= {"dopsd.loss", "dopsd.backward"}
+    frozen, _ = config_changes(tiny_config(tmp_path / "f").to_dict(),
+                               tiny_config(tmp_path / "g", "dopsd.loss=v").to_dict())
+    assert [k for k, *_ in frozen] == ["dopsd.loss"]  # D-OPSD reads it: still frozen

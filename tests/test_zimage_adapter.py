@@ -172,6 +172,24 @@ def test_load_from_local_directories(adapter, tmp_path):
     assert_close(lazy.encode_teacher(["a [V] cat"], [img])[0].features,
                  adapter.encode_teacher(["a [V] cat"], [img])[0].features, atol=1e-5, name="teacher, loaded late")
 
+    # the SFT baseline reads the student's contexts alone: no VLM loaded, no model.vlm_path, and its cache
+    # holds the student's contexts only
+    from dopsd_fast.cli import cache_main
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    sft = ["method=sft", "model.preset=null", f"model.path={root}", "train.max_steps=1",
+           "data.builtin=tiny", "data.bucket_scale=0.125", "data.prompt_keys=[prompt]"]
+    tr = Trainer(tiny_config(tmp_path / "sft", *sft))
+    assert tr.adapter.vlm is None and tr.adapter.text_encoder is not None
+    assert tr.train_step()["loss"] > 0 and tr.validate() is not None and tr.adapter.vlm is None
+    assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'sft-cache'}", "--set",
+                       "train.progress=false"] + [x for kv in sft for x in ("--set", kv)]) == 0
+    kinds = {e.split(".")[0] for e in json.loads((tmp_path / "sft-cache" / "manifest.json").read_text())["entries"]}
+    assert len(kinds) == 6, kinds  # 6 rows x 1 prompt, the student's contexts alone
+    tr = Trainer(tiny_config(tmp_path / "sft2", *sft, f"cache.dir={tmp_path / 'sft-cache'}"))
+    assert tr.train_step()["loss"] > 0
+
     # dopsd-cache reads neither the transformer's weights nor the VAE's (Z-Image's contexts use neither):
     # with both weight files made unreadable it encodes the same contexts, the transformer's config
     # (the context width) still there
