@@ -163,12 +163,23 @@ def shape_of(transformer_config, spec, tokens_student: int, tokens_teacher: int,
                  trainable_bytes_per_param)
 
 
-def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per_param: int = 4) -> Shape:
-    """A run's shape: its largest bucket, context lengths, roll-out states and trainable tensors."""
+def step_shape(cfg, adapter, buckets, trainable_params: int, trainable_bytes_per_param: int = 4,
+               references=None) -> Shape:
+    """A run's shape: its largest sample (tokens of each branch), context lengths, roll-out states and
+    trainable tensors. ``references``: per bucket of ``buckets`` (a record's), its references' buckets
+    (editing rows: their tokens are in both branches' sequences, the student's and the teacher's)."""
     spec = adapter.spec
     w, h = max(buckets, key=lambda b: b[0] * b[1])
     _, lh, lw = adapter.latent_shape(h, w)
     tok_s, tok_t = spec.step_tokens(cfg.model, spec.image_tokens((lh, lw)))
+
+    def tokens(b):
+        return spec.image_tokens(adapter.latent_shape(b[1], b[0])[1:])
+
+    for bucket, refs in {(tuple(b), tuple(map(tuple, r))) for b, r in zip(buckets, references or []) if r}:
+        n_ref = sum(tokens(r) for r in refs)  # the references, in both branches; the teacher's target after them
+        s, t = spec.step_tokens(cfg.model, tokens(bucket))
+        tok_s, tok_t = max(tok_s, s + n_ref), max(tok_t, t + n_ref)
     states = len(adapter.training_sigmas(cfg.dopsd.rollout, (lh, lw))) - 1
     b = cfg.data.batch_size
     shape = shape_of(adapter.transformer.config, spec, b * tok_s, b * tok_t, states, trainable_params,

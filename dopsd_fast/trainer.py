@@ -416,7 +416,8 @@ class Trainer:
         """The step's shape for the memory model (:mod:`dopsd_fast.memory`)."""
         params = self.weights.trainable_parameters()
         return step_shape(self.cfg, self.adapter, self.dataset.buckets_of, sum(p.numel() for p in params),
-                          params[0].element_size() if params else 4)
+                          params[0].element_size() if params else 4,
+                          references=[r.reference_buckets for r in self.dataset.records])
 
     def sigmas_for(self, latent_hw) -> list[float]:
         """The roll-out schedule (resolution-dependent for klein: the empirical mu of the sequence)."""

@@ -405,3 +405,19 @@ def test_text_layers_and_buckets_are_checked_at_start_up(tmp_path):
     args = ["--config", "tiny-klein", "--set", f"cache.dir={tmp_path / 'c'}", "--set", "train.progress=false"]
     with pytest.raises(SystemExit, match=r"error: config fields .*data.bucket_multiple.*multiple of 16"):
         cache_main(args + [x for kv in off_grid for x in ("--set", kv)])
+
+
+def test_memory_shape_counts_the_references_tokens(tmp_path):
+    """The memory model (the dry run and the automatic plan) sized an editing row by its target alone: a
+    row with two references has them in both branches' sequences (the teacher's target after them)."""
+    from dopsd_fast.trainer import Trainer
+
+    p = _editing_data(tmp_path)  # row 2: two references and a target, all 128 x 128
+    cfg = tiny_config(tmp_path / "k", f"data.jsonl={p}", "data.builtin=null", "data.prompt_keys=[prompt]",
+                      "data.bucket_scale=0.125", "model.family=klein", "model.preset=tiny-klein",
+                      "model.student_max_tokens=160", "dopsd.rollout=klein-k4")
+    tr = Trainer(cfg)
+    assert {tuple(r.bucket) for r in tr.dataset.records} == {(128, 128)}
+    n = 8 * 8  # a 128 x 128 image: an 8 x 8 grid of klein tokens (16 pixels each)
+    shape = tr.memory_shape()
+    assert (shape.tokens_student, shape.tokens_teacher) == (n + 2 * n + 160, n + 2 * n + n + 160), shape
