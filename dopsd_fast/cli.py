@@ -261,6 +261,9 @@ def sample_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-sample", description="Generate images with the few-step schedule (+ a LoRA).")
     _common(p)
     p.add_argument("--lora", default=None, help="a LoRA directory written by dopsd-train (e.g. runs/x/lora)")
+    p.add_argument("--transformer", default=None,
+                   help="a fully fine-tuned transformer folder written by dopsd-train (runs/x/transformer or "
+                        "runs/x/transformer_ema) in place of the model's")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--width", type=int, default=None,
                    help="image width in pixels (default: the first of the config's data.buckets)")
@@ -290,7 +293,7 @@ def sample_main(argv=None) -> int:
                  "e.g. runs/<name>/lora)")
     try:
         path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
-                        seed=args.seed, out=args.out)
+                        seed=args.seed, out=args.out, transformer=args.transformer)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     logging.getLogger("dopsd_fast").info("wrote %s", path)

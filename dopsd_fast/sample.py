@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -30,7 +31,9 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     try:
         weights = file_in_folder(d, LORA_FILE)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--lora: {d} has no {LORA_FILE}") from None
+        full = next((d / n for n in ("transformer", "../transformer") if (d / n / "config.json").is_file()), None)
+        hint = f" (a full fine-tuning run's weights: --transformer {full.resolve()})" if full is not None else ""
+        raise FileNotFoundError(f"--lora: {d} has no {LORA_FILE}{hint}") from None
     except ValueError as e:
         raise ValueError(f"--lora: {e}") from None
     try:
@@ -176,9 +179,41 @@ def sample_images(adapter, prompts, width: int, height: int, steps=None, seed: i
     return out
 
 
-def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png") -> Path:
+def load_transformer(adapter, folder: str) -> None:
+    """A fully fine-tuned transformer (``dopsd-train``'s ``transformer/`` or ``transformer_ema/``, or any
+    diffusers folder of the family's class) in place of the model's own. The folder is untrusted input:
+    safetensors only, and a file of it must be a file in it."""
+    d = Path(folder)
+    weights = [p for p in d.glob("*.safetensors")] if d.is_dir() else []
+    if not (d / "config.json").is_file() or not weights:
+        hint = (f"; {d / 'transformer'} is one" if (d / "transformer" / "config.json").is_file() else "")
+        raise FileNotFoundError(f"--transformer: {d} is not a transformer folder (config.json and a .safetensors "
+                                f"file, as dopsd-train writes transformer/ and transformer_ema/){hint}")
+    for w in weights:
+        file_in_folder(d, w.name)
+    cls = type(adapter.transformer)
+    try:
+        loaded = cls.from_pretrained(str(d), torch_dtype=adapter.dtype, use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - another model's folder, a torn file: one line naming it
+        raise ValueError(f"--transformer: {d} does not load as a {cls.__name__} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    def plain(c):  # tuples and lists alike (a config read back from JSON)
+        return json.loads(json.dumps({k: v for k, v in dict(c).items() if not k.startswith("_")}, default=str))
+
+    mine, theirs = plain(adapter.transformer.config), plain(loaded.config)
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"--transformer: {d} is another model than the config's (its config differs in: "
+                         f"{', '.join(differ[:6])}); give the --config / --set of the run that wrote it")
+    adapter.transformer = loaded.to(adapter.device).requires_grad_(False).eval()
+
+
+def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png",
+             transformer=None) -> Path:
     adapter = build_adapter(cfg.model, load_encoders=False)
     adapter.ensure_student_encoder()  # the prompts' encoder alone: no teacher VLM for sampling
+    if transformer:
+        load_transformer(adapter, transformer)
     if lora:
         load_lora_into(adapter.transformer, lora)
     bw, bh = make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0]
@@ -186,4 +221,5 @@ def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=
     n_steps = len(adapter.inference_sigmas(steps, adapter.latent_shape(h, w)[-2:])) - 1
     images = sample_images(adapter, prompts, w, h, steps, seed)
     rows = [(p, [im]) for p, im in zip(prompts, images)]
-    return save_grid(rows, ["lora" if lora else "base"], out, title=f"{n_steps} steps")
+    label = "lora" if lora else "fine-tuned" if transformer else "base"
+    return save_grid(rows, [label], out, title=f"{n_steps} steps")

@@ -205,7 +205,7 @@ class Trainer:
         self._lock = OutputLock(out)  # the lock first: nothing of the folder read or written before it
         used = run_outputs(out)
         if resume:  # continuing here: the LoRA exports as complete folders, leftovers of a crash removed
-            recover_dirs(out, ("lora", "lora_ema"))
+            recover_dirs(out, ("lora", "lora_ema", "transformer", "transformer_ema"))
         if not used or resume:
             return
         if not overwrite:
@@ -279,7 +279,8 @@ class Trainer:
         """What in the output folder shows a run that got past a checkpoint (a LoRA export, metrics rows
         past ``train.checkpoint_every``), or ''. A ``--resume latest`` that finds no checkpoint
         starts afresh only over an attempt that never wrote one."""
-        found = [f"{name}/" for name in ("lora", "lora_ema") if (self.out / name).exists()]
+        found = [f"{name}/" for name in ("lora", "lora_ema", "transformer", "transformer_ema")
+                 if (self.out / name).exists()]
         every, metrics = self.cfg.train.checkpoint_every, self.out / "metrics.jsonl"
         if every > 0 and metrics.is_file():
             steps = [at for _, at in metrics_rows(metrics)]
@@ -773,6 +774,35 @@ class Trainer:
         self._saved_step = self.step
         return path
 
+    FULL_EXPORTS = (("student", "transformer"), ("teacher", "transformer_ema"))
+
+    def export_full(self) -> None:
+        """Full fine-tuning, at the end of the run: the student and its EMA copy as diffusers transformer
+        folders (``transformer/``, ``transformer_ema/``: config + safetensors in the model dtype, what
+        ``from_pretrained`` and ``dopsd-sample --transformer`` load). Not at every checkpoint: each is the
+        whole model (the checkpoints hold the training state). A sharded run (FSDP2) keeps its weights in
+        its checkpoints only."""
+        if self.cfg.lora.enabled or self.rank != 0:
+            return
+        if self.sharded:
+            log.info("full fine-tuning over sharded ranks: the weights are in %s (no transformer/ export)",
+                     self.out / "checkpoints")
+            return
+        from safetensors.torch import save_file
+
+        dtype = self.adapter.dtype
+        for which, name in self.FULL_EXPORTS:
+            module = self.weights.student() if which == "student" else self.weights.teacher()  # two modules
+            sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+
+            def write(d, module=module, sd=sd):
+                module.save_config(str(d))
+                save_file(sd, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+            atomic_dir(self.out / name, write)
+        log.info("full fine-tuning: the student in %s/, its EMA copy in %s/ (dopsd-sample --transformer DIR)",
+                 self.out / "transformer", self.out / "transformer_ema")
+
     def export_lora(self) -> None:
         if not self.cfg.lora.enabled:
             return
@@ -886,5 +916,6 @@ class Trainer:
             self.save()
         if vcfg.every and self.step % vcfg.every != 0:
             self.validate()
+        self.export_full()
         self.logger.close()
         return last

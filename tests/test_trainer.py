@@ -377,3 +377,36 @@ def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
     assert line.split("\r")[-1] == "WARNING a spike at step 2", repr(line)
     assert err.count("a spike at step 2") == 1 and "an info line" not in err
     assert elsewhere.stream.getvalue().count("a spike at step 2") == 1
+
+
+def test_full_fine_tuning_exports_loadable_transformers(tmp_path):
+    """A full fine-tuning run wrote no model anyone could load (only its training checkpoints), and
+    dopsd-sample pointed at it said only "no pytorch_lora_weights.safetensors". Now the run ends with
+    transformer/ and transformer_ema/ (diffusers folders, the model dtype) that from_pretrained and
+    dopsd-sample --transformer load, and the --lora message points there."""
+    import pytest
+
+    from dopsd_fast.cli import sample_main
+    from dopsd_fast.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, "lora.enabled=false", "train.max_steps=2")
+    t = Trainer(cfg)
+    t.train()
+    run = tmp_path / "run"
+    cls = type(t.weights.student())
+    for name, module in (("transformer", t.weights.student()), ("transformer_ema", t.weights.teacher())):
+        loaded = cls.from_pretrained(str(run / name), use_safetensors=True)
+        want = module.state_dict()
+        got = loaded.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want), name
+    out = tmp_path / "s.png"
+    assert sample_main(["--config", "tiny-zimage", "--transformer", str(run / "transformer_ema"), "--prompt",
+                        "a [V] dog", "--out", str(out), "--steps", "2", "--width", "64", "--height", "64"]) == 0
+    assert out.is_file()
+    with pytest.raises(SystemExit, match=r"is another model than the config's \(its config differs in: "):
+        sample_main(["--transformer", str(run / "transformer"), "--prompt", "x", "--out", str(tmp_path / "z.png")])
+    with pytest.raises(SystemExit, match=r"--transformer .*transformer"):
+        sample_main(["--lora", str(run), "--prompt", "x", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="is not a transformer folder"):
+        sample_main(["--transformer", str(run), "--prompt", "x", "--out", str(tmp_path / "y.png")])
