@@ -160,18 +160,28 @@ def train_main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="print the predicted peak memory and step time and whether the run fits; needs only the "
                         "config (data, model folder and feature cache are checked where present); do not train")
-    p.add_argument("--gpu", default="h100", metavar="NAME",
-                   help="GPU class for --dry-run, any case: H100 (80 GB), H200 (141 GB, measured), B200 (180 GB), "
-                        "A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); time on all but the H200 is a "
-                        "spec-sheet estimate")
+    p.add_argument("--gpu", default=None, metavar="NAME",
+                   help="GPU class for --dry-run (default H100), any case: H100 (80 GB), H200 (141 GB, measured), "
+                        "B200 (180 GB), A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); time on all but the "
+                        "H200 is a spec-sheet estimate")
     args = p.parse_args(argv)
+    if args.gpu is not None and not args.dry_run:
+        sys.exit("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)")
+    if args.dry_run:
+        from dopsd_fast.memory import gpu_class
+
+        try:
+            gpu = gpu_class(args.gpu or "h100")
+        except ValueError as e:  # a usage error: exit 2, as argparse's own (1 is "does not fit")
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     _setup_logging()
     cfg = _load(args)
     if args.dry_run:
         from dopsd_fast.dryrun import dry_run
 
         try:
-            return dry_run(cfg, args.gpu)
+            return dry_run(cfg, gpu)
         except (DataError, CacheError, FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
     from dopsd_fast.trainer import Trainer

@@ -23,6 +23,7 @@ from dopsd_fast import memory
 from dopsd_fast.cache import CacheError, FeatureCache, kinds_of
 from dopsd_fast.data import build_dataset
 from dopsd_fast.data.buckets import make_buckets
+from dopsd_fast.errors import ConfigError
 from dopsd_fast.families import build_adapter, family, require_editing_support
 from dopsd_fast.plan import resolve_plan
 
@@ -128,6 +129,10 @@ def workload(cfg, say=print) -> Workload:
         if cfg.lora.enabled:
             targets = spec.lora_targets(cfg.lora, tr.config)
             n_train = _lora_params(tr, targets, cfg.lora.rank)
+            if not n_train:  # as the run refuses it
+                raise ConfigError(f"config field 'lora.targets': {list(targets)} match no linear layer of the "
+                                  "transformer; name linear layers (e.g. to_q, to_k, to_v), or leave it unset for "
+                                  "the family's default")
             weights = n_base * dt + 2 * n_train * 4  # frozen base + student and EMA-teacher adapters (fp32)
             per = 4
         else:  # as the trainer keeps them (dopsd_fast.weights): an fp32 student master trained in fp32, the

@@ -52,6 +52,12 @@ class StudentTeacher:
             self._teacher = {n: params[n] for n in self._teacher}
             if not self._student:
                 raise ConfigError(f"lora.targets {list(targets)} matched no module of the transformer")
+            if isinstance(lora_cfg.targets, (list, tuple)):  # the user's own list: say what of it matched nothing
+                names = [n for n, _ in transformer.named_modules()]
+                unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+                if unmatched:
+                    log.warning("lora.targets: %s match no module of the transformer (the others do: trained)",
+                                unmatched)
             with torch.no_grad():
                 for p in list(self._student.values()) + list(self._teacher.values()):
                     p.data = p.data.float()

@@ -164,8 +164,10 @@ def test_dry_run_does_not_fit_names_only_what_fits(tmp_path):
 
 def test_unknown_gpu_is_one_line(tmp_path):
     r = _run("--config", "zimage-turbo-lora", "--dry-run", "--gpu", "v100", cwd=tmp_path)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: --gpu 'v100'"), r.stderr
-    assert "H200" in r.stderr and "4090" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --gpu 'v100'"), r.stderr
+    assert "H200" in r.stderr and "4090" in r.stderr  # exit 2: a usage error, not 1 ("does not fit")
+    r = _run("--config", "tiny-zimage", "--gpu", "h100", cwd=tmp_path)  # was ignored: a run started
+    assert r.returncode != 0 and "add --dry-run" in r.stderr and not (tmp_path / "runs").exists(), r.stderr
 
 
 def test_gpu_names_and_time_scaling():
@@ -255,3 +257,21 @@ def test_trainer_warns_when_its_plan_passes_the_budget(tmp_path, caplog):
         t = Trainer(tiny_config(tmp_path, "fast.enabled=true", "fast.memory_budget_gb=0.000001"))
     assert t.plan.over_budget and "still passes the budget" in t.plan.describe()
     assert any("may run out of memory" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_lora_targets_matching_nothing_or_partly(tmp_path, caplog, capsys):
+    """The dry run said "config: valid" (0 adapter parameters, FITS) for targets the run refuses; a user's
+    list of which some match nothing trained the rest without a word."""
+    import logging
+
+    import pytest
+
+    from dopsd_fast.cli import train_main
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    with pytest.raises(SystemExit, match=r"error: config field 'lora.targets': \['nope'\] match no linear layer"):
+        train_main(["--config", "tiny-zimage", "--dry-run", "--set", "lora.targets=[nope]"])
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        Trainer(tiny_config(tmp_path, "lora.targets=[to_q, nope]"))
+    assert "lora.targets: ['nope'] match no module" in caplog.text, caplog.text
