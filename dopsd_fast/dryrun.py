@@ -65,7 +65,12 @@ def _model_config(cfg, say, needs):
         return
     spec = family(m.family)
     name = spec.flavour_for(m)
-    say(f"model: no folder at {m.path}; shapes from the family spec's {name} flavour (its released config)")
+    folder = str(m.path or "").rstrip("/").rsplit("/", 1)[-1].lower()
+    tags = [f.rsplit("-", 1)[-1] for f in spec.released_flavours]
+    guess = "" if any(t in folder for t in tags) or len(tags) < 2 else (
+        f"; a guess: the folder's name carries none of the size tags {tags}, so the first; name the folder "
+        f"after its model (e.g. ...-{tags[-1].upper()}) for another")
+    say(f"model: no folder at {m.path}; shapes from the family spec's {name} flavour (its released config{guess})")
     needs.append(f"model.path: a local diffusers-format folder (not found: {m.path})")
     if m.vlm_path and not Path(m.vlm_path).is_dir() and "teacher" in kinds_of(cfg.method):
         needs.append(f"model.vlm_path: a local folder (not found: {m.vlm_path}), to write the feature cache")
@@ -117,12 +122,19 @@ def workload(cfg, say=print) -> Workload:
                              "with the same --config / --set)")
         else:
             m = model_cfg
-            encoders = _folder_bytes(Path(m.path) / "text_encoder" if m.path and real_model else None,
-                                     m.vlm_path if "teacher" in kinds_of(cfg.method) else None)
-            note = ("tiny preset: negligible" if m.preset is not None else "" if real_model and encoders
+            teacher = "teacher" in kinds_of(cfg.method)
+            on_disk = {"text": _folder_bytes(Path(m.path) / "text_encoder" if m.path and real_model else None),
+                       "teacher": _folder_bytes(m.vlm_path) if teacher and spec.name == "zimage" else 0}
+            released = {} if m.preset is not None else spec.flavours[spec.flavour_for(cfg.model)].encoders
+            sized = {k: on_disk[k] or released.get(k, 0) for k in on_disk if k == "text" or teacher}
+            encoders = sum(sized.values())
+            guessed = [k for k in sized if not on_disk[k] and sized[k]]
+            what = (f"the {' and '.join(guessed)} encoder{'s' if len(guessed) > 1 else ''} sized from the released "
+                    "model (parameters x 2 bytes), not on disk")
+            note = ("tiny preset: negligible" if m.preset is not None else what if guessed else "" if encoders
                     else "no encoder weights here to size them: not counted")
-            say(f"feature cache: none; the encoders stay resident ({memory.fmt_gb(encoders)} of weights read "
-                f"from disk{'; ' + note if note else ''})")
+            say(f"feature cache: none; the encoders stay resident ({memory.fmt_gb(encoders)}"
+                f"{'; ' + note if note else ''})")
         tr = adapter.transformer
         n_base = sum(p.numel() for p in tr.parameters())
         dt = torch.finfo(adapter.dtype).bits // 8

@@ -275,3 +275,20 @@ def test_lora_targets_matching_nothing_or_partly(tmp_path, caplog, capsys):
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         Trainer(tiny_config(tmp_path, "lora.targets=[to_q, nope]"))
     assert "lora.targets: ['nope'] match no module" in caplog.text, caplog.text
+
+
+def test_encoders_not_on_disk_are_sized_from_the_released_models(tmp_path, capsys):
+    """Without a feature cache and without the encoders on disk, the dry run counted them as 0 GB and said
+    FITS on a 4090 (22.2 GB); the released encoders (Z-Image: Qwen3-4B and the teacher's Qwen3-VL-4B) are
+    about 17 GB. They are now sized from the released models, and the SFT baseline's from its text encoder
+    alone (it loads no teacher encoder); a folder name without a size tag says its flavour is a guess."""
+    from dopsd_fast.cli import train_main
+
+    rc = train_main(["--config", "zimage-turbo-lora", "--dry-run", "--gpu", "4090", "--set", "cache.dir=null"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "encoders stay resident (16.9 GB; the text and teacher encoders sized" in out, out
+    rc = train_main(["--config", "zimage-turbo-sft", "--dry-run", "--gpu", "h100", "--set", "cache.dir=null"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "encoders stay resident (8.0 GB; the text encoder sized" in out, out
+    train_main(["--config", "klein-9b-editing-lora", "--dry-run", "--set", "model.path=/models/flux2-klein"])
+    assert "klein-4b flavour (its released config; a guess" in capsys.readouterr().out

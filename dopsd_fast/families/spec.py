@@ -83,6 +83,9 @@ class Flavour:
     dtype: str
     vae: dict | None = None  # the released VAE's config (real sizes): what a config-only model folder holds
     scheduler: dict | None = None  # the released scheduler's config
+    # the released encoders' weights in bytes (parameters x 2, bf16), for a dry run without them on disk:
+    # "text" (the prompts' encoder, both branches) and "teacher" (an encoder only the teacher's context needs)
+    encoders: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ class FamilySpec:
 
     def flavour_for(self, model_cfg) -> str:
         """The released flavour a model folder stands for when it is absent (``dopsd-train --dry-run``):
-        the one whose size tag (``4b``, ``9b``) the folder's name carries, else the first."""
+        the one whose size tag (``4b``, ``9b``) the folder's name carries, else the first (a guess the
+        dry run says)."""
         name = str(model_cfg.path or "").rstrip("/").rsplit("/", 1)[-1].lower()
         tagged = [f for f in self.released_flavours if f.rsplit("-", 1)[-1] in name]
         return (tagged or list(self.released_flavours))[0]

@@ -156,10 +156,12 @@ SPEC = KleinFamily(
     fp8_linears=FP8_LINEARS,
     flavours={
         "tiny-klein": Flavour("tiny-klein", None, 128, 48, 48, 8, "cpu", "fp32"),
-        "klein-4b": Flavour("klein-4b", KLEIN_4B, 1024, 512, 512, 64, "cuda", "bf16", RELEASED_VAE, RELEASED_SCHEDULER),
+        "klein-4b": Flavour("klein-4b", KLEIN_4B, 1024, 512, 512, 64, "cuda", "bf16", RELEASED_VAE, RELEASED_SCHEDULER,
+                            encoders={"text": 8.04e9}),  # Qwen3-4B (4.02 B: 3 x 2560 = joint_attention_dim)
         "klein-9b": Flavour("klein-9b", dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_heads=32,
                                              joint_attention_dim=12288), 1024, 512, 512, 64, "cuda", "bf16",
-                            RELEASED_VAE, RELEASED_SCHEDULER),
+                            RELEASED_VAE, RELEASED_SCHEDULER,
+                            encoders={"text": 16.38e9}),  # Qwen3-8B (8.19 B: 3 x 4096 = joint_attention_dim)
     },
     # The authors' LoRA targets (their train_dopsd.py). peft matches them by suffix: in diffusers' Flux2
     # the feed-forward names (`ff.net.0.proj`, `ff.net.2`, `ff_context.net.*`) match no module (its

@@ -140,7 +140,8 @@ SPEC = ZImageFamily(
         "zimage-mid": Flavour("zimage-mid", dict(RELEASED, dim=1536, n_layers=8, n_heads=12), 1024, 512, 1024, 64,
                               "cuda", "bf16", RELEASED_VAE, RELEASED_SCHEDULER),
         "zimage-6b": Flavour("zimage-6b", RELEASED, 1024, 512, 1024, 64, "cuda", "bf16", RELEASED_VAE,
-                              RELEASED_SCHEDULER),
+                              RELEASED_SCHEDULER,  # Qwen3-4B (4.02 B) and the teacher's Qwen3-VL-4B (4.44 B)
+                              encoders={"text": 8.04e9, "teacher": 8.88e9}),
     },
     # the authors' train_dopsd.py: the same modules as the default (every block and refiner)
     authors_lora_targets=("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "attention.to_k",
