@@ -43,6 +43,18 @@ def _keep_error(text: str) -> Path:
     return path
 
 
+def _foreign(exc) -> bool:
+    """An error a command turned into its one line that a library raised (torch's shapes error, say), not
+    our code's own message nor an OS error naming its file: where it came from is worth keeping (the
+    run's ``errors.log``)."""
+    if exc is None or isinstance(exc, (OSError, KeyboardInterrupt, SystemExit)) or exc.__traceback__ is None:
+        return False
+    last = Path(traceback.extract_tb(exc.__traceback__)[-1].filename).resolve()
+    ours = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "kernels")
+    installed = any(part in ("site-packages", "dist-packages") for part in last.parts)
+    return installed and not any(last.is_relative_to(d) for d in ours)
+
+
 def _said_by_rank0(line: str) -> bool:
     """Another rank's failure ``line``: whether rank 0 says the same (it posts its line to the
     rendezvous store before printing it; waited for a few seconds)."""
@@ -85,6 +97,9 @@ def _ends_clean(main):
             context = e.__context__
             if _rank() == 0:
                 post_error(e.code)
+                if _foreign(context):  # a library's own error (torch's, diffusers'): its traceback kept too
+                    path = _keep_error("".join(traceback.format_exception(context)) + e.code)
+                    raise SystemExit(f"{e.code} (its traceback: {path})") from None
                 raise  # a user error: Python prints its one line and exits 1
             _keep_error("".join(traceback.format_exception(context)) + e.code if context is not None else e.code)
             other_rank(e.code, context)

@@ -251,3 +251,27 @@ def test_the_other_methods_fields_are_said_and_free_on_resume(tmp_path, caplog):
     frozen, _ = config_changes(tiny_config(tmp_path / "f").to_dict(),
                                tiny_config(tmp_path / "g", "dopsd.loss=v").to_dict())
     assert [k for k, *_ in frozen] == ["dopsd.loss"]  # D-OPSD reads it: still frozen
+
+
+def test_a_library_error_turned_into_one_line_keeps_its_traceback(tmp_path, monkeypatch):
+    """A library's own error that a command ends in one line (torch's "mat1 and mat2 shapes cannot be
+    multiplied") left no traceback anywhere; its traceback now goes to errors.log, the line naming it. Our
+    own messages stay as they are."""
+    import torch
+
+    from dopsd_fast import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(cli, "_RUN_DIR", [out])
+
+    @cli._ends_clean
+    def shapes(argv=None):
+        try:
+            torch.nn.Linear(3, 4)(torch.ones(2, 5))  # raised inside torch (its Python frames)
+        except RuntimeError as e:
+            sys.exit(f"error: {e}")
+
+    with pytest.raises(SystemExit, match=r"^error: mat1 and mat2 .* \(its traceback: .*errors.log\)$"):
+        shapes()
+    assert "Traceback (most recent call last)" in (out / "errors.log").read_text()
