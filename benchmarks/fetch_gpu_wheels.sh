@@ -10,5 +10,6 @@ PY=${PYTHON:-python3}
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl diffusers==0.42.1 requests urllib3 idna certifi charset_normalizer
+  -d .whl diffusers==0.42.1 requests==2.34.2 urllib3==2.8.0 idna==3.21 certifi==2026.10.19.post1 \
+  charset_normalizer==3.5.3
 ls -la .whl
