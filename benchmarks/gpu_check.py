@@ -874,6 +874,7 @@ def drive(args) -> int:
     t_start = args.t0 or time.time()
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # logs and rows live here, not in $OUT
+    (out / "logs.txt").unlink(missing_ok=True)  # this run's stage logs only (the other two files are rewritten)
     rows_path = str(work / "rows.jsonl")
     meta = {"git_commit": git_commit(), "budget_s": args.budget, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "dry_run": "CPU dry run at toy shapes: checks the code, measures nothing" if DRY else False,

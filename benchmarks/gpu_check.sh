@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--wheels DIR] [--stages a,b,c]
 #
-#   --out DIR        where the files go (report.md, results.json, logs.txt) (default: $OUT, else benchmarks/results/local-<time>)
+#   --out DIR        where the files go: report.md, results.json, logs.txt (default: $OUT, else
+#                    benchmarks/results/local-<time>)
 #   --budget S       seconds for the whole call, wheel install included (default: $BUDGET_S, else 540)
 #   --wheels DIR     a folder of extra wheels the machine lacks (e.g. diffusers, fetched with
 #                    benchmarks/fetch_gpu_wheels.sh); installed with --no-index into a private temporary
@@ -62,6 +63,7 @@ fi
   || fail_install "importing dopsd_fast from the checkout failed"
 # what every measuring stage imports: a missing one stops here in seconds, not after minutes of failed stages
 "$PY" -c "import diffusers, transformers, peft, dopsd_fast.families.zimage.adapter" >>"$LOG" 2>&1 \
-  || fail_install "importing diffusers / transformers / peft failed (carry the missing wheels: benchmarks/fetch_gpu_wheels.sh)"
+  || fail_install "importing diffusers / transformers / peft failed (carry the missing wheels: \
+benchmarks/fetch_gpu_wheels.sh)"
 echo "[$(( $(date +%s) - T0 )) s] ready"
 exec "$PY" benchmarks/gpu_check.py --out "$OUT" --budget "$BUDGET_S" --t0 "$T0" "${STAGES[@]}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import platform
 import resource
@@ -173,7 +174,8 @@ class Bench:
         tok_s = sum(n_img + len(c.features) for c in self.ctx_s)
         tok_t = sum(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
         self.max_tokens = max(spec.teacher_image_tokens(n_img) + len(c.features) for c in self.ctx_t)
-        self.mem_shape = mshape = shape_of(self.cfg, spec, tok_s, tok_t, K, sum(p.numel() for p in self.params))
+        self.mem_shape = mshape = dataclasses.replace(
+            shape_of(self.cfg, spec, tok_s, tok_t, K, sum(p.numel() for p in self.params)), adapters=rank > 0)
         self.predicted_peak_gb = {p: peak_bytes(mshape, p, args.backward)["total"] / 1e9 for p in ("eager", "fast")}
         self.weights_gb = sum(p.numel() * p.element_size() for p in tr.parameters()) / 1e9
         self.n_params = sum(p.numel() for p in tr.parameters())

@@ -84,7 +84,11 @@ def _diff(a, b, prefix="") -> list[str]:
 
 
 class FeatureCache:
-    def __init__(self, directory: str | Path, identity: dict, create: bool = False):
+    def __init__(self, directory: str | Path, identity: dict, create: bool = False, teacher_fields=None):
+        """``teacher_fields``: for a run that reads the student's contexts alone (SFT), the identity's
+        fields only the teacher's contexts depend on (``ModelAdapter.teacher_identity_fields``): not
+        compared, and a cache's own identity kept (an SFT run on a D-OPSD run's cache, without the
+        teacher's encoder)."""
         self.dir = Path(directory)
         self.identity = json.loads(json.dumps(identity))  # normalise (tuples -> lists)
         manifest = self.dir / "manifest.json"
@@ -106,6 +110,10 @@ class FeatureCache:
                 raise CacheError(f"feature cache {self.dir}: format version {data.get('version')} != {CACHE_VERSION}; "
                                  "delete it and run dopsd-cache again")
             changed = _diff(data.get("identity"), self.identity)
+            if teacher_fields is not None:
+                changed = [c for c in changed if c not in teacher_fields]
+                if not changed:
+                    self.identity = data.get("identity")  # its teacher part stays the writer's
             if changed:
                 raise CacheError(
                     f"feature cache {self.dir} was written for other encoders or settings "

@@ -181,7 +181,9 @@ def train_main(argv=None) -> int:
                         "H200 is a spec-sheet estimate")
     args = p.parse_args(argv)
     if args.gpu is not None and not args.dry_run:
-        sys.exit("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)")
+        print("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)",
+              file=sys.stderr)
+        return 2
     if args.dry_run:
         from dopsd_fast.memory import gpu_class
 
@@ -258,12 +260,14 @@ def cache_main(argv=None) -> int:
         # the encoders and, where contexts use it, the VAE: a local transformer's weights are never read
         adapter = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
         check_buckets(adapter, dataset)
-        cache = FeatureCache(cache_dir, adapter.encoder_identity(), create=True)
+        kinds = kinds_of(cfg.method)
+        cache = FeatureCache(cache_dir, adapter.encoder_identity(), create=True,
+                             teacher_fields=None if "teacher" in kinds else adapter.teacher_identity_fields)
         for why in cache.repair(family(cfg.model.family).context_width(adapter.transformer.config)
                                 if getattr(adapter, "transformer", None) is not None else None):
             log.warning("cache %s: %s: its contexts are encoded again", cache_dir, why)
         n = cache.write(adapter, dataset, batch_size=args.batch_size, shard_size=cfg.cache.shard_size,
-                        progress=cfg.train.progress, kinds=kinds_of(cfg.method))
+                        progress=cfg.train.progress, kinds=kinds)
     except (DataError, CacheError, FileNotFoundError, OutputDirError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # an unwritable folder, a full disk, a model folder without its weights

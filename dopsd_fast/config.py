@@ -381,7 +381,7 @@ class Config:
             d, default = self.dopsd, DopsdConfig()
             rollout = FAMILIES[self.model.family].default_rollout if self.model.family in FAMILIES else d.rollout
             out = [f"dopsd.{k}" for k in ("loss", "backward") if getattr(d, k) != getattr(default, k)]
-            return out + (["dopsd.rollout"] if d.rollout != rollout else [])
+            return out + (["dopsd.rollout"] if d.rollout not in (rollout, default.rollout) else [])
         default = SftConfig()
         return [f"sft.{f.name}" for f in dataclasses.fields(SftConfig)
                 if getattr(self.sft, f.name) != getattr(default, f.name)]
@@ -694,8 +694,8 @@ FIELD_HELP: dict[str, str] = {
     "sft.logit_std": "`logit_normal`: standard deviation",
     "sft.mode_scale": "`mode`: scale",
     "fast.enabled": "the fast path (packed student/teacher pass, fused kernels); `false` = the eager diffusers "
-                    "reference (`zimage-turbo-lora` sets `true`; klein's fast path is verified on the CPU "
-                    "only: set it there to use it)",
+                    "reference (`zimage-turbo-lora` and `zimage-turbo-sft` set `true`; klein's fast path is "
+                    "verified on the CPU only: set it there to use it)",
     "fast.kernels": "`auto` (our Triton kernels on CUDA), `on`, `off` (the same structure with eager PyTorch ops)",
     "fast.attention": "`auto` (the order measured for this GPU: cuDNN on H200 and H100, elsewhere PyTorch SDPA's own "
                       "choice, the reason logged), `cudnn` (SDPA, cuDNN first), `triton` (ours: both branches in "

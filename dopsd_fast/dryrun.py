@@ -109,8 +109,10 @@ def workload(cfg, say=print) -> Workload:
             encoders = 0
             if dataset is not None and real_model:
                 try:
-                    FeatureCache(cfg.cache.dir, adapter.encoder_identity()).require_complete(
-                        dataset, spec.context_width(adapter.transformer.config), kinds_of(cfg.method))
+                    kinds = kinds_of(cfg.method)
+                    FeatureCache(cfg.cache.dir, adapter.encoder_identity(), teacher_fields=None if "teacher" in kinds
+                                 else adapter.teacher_identity_fields).require_complete(
+                        dataset, spec.context_width(adapter.transformer.config), kinds)
                     say(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
                 except (CacheError, FileNotFoundError) as e:
                     say(f"feature cache: not ready ({e}); counted as if complete (the encoders not loaded)")
@@ -267,8 +269,9 @@ def dry_run(cfg, gpu: str = "h100") -> int:
         more = ("; or, for full fine-tuning, LoRA (lora.enabled=true) or torchrun over several GPUs with "
                 "dist.fsdp=on (it shards the weights, gradients and AdamW state)" if not cfg.lora.enabled else "")
         print("  to fit: " + ("; ".join(e.to_fit) if e.to_fit else
-                              "none of stepwise, gradient checkpointing, a feature cache or a smaller batch "
-                              "fits this GPU in the memory model, alone or together: a GPU with more memory")
+                              "none of stepwise, gradient checkpointing, a feature cache, a smaller batch or (full "
+                              "fine-tuning) the EMA master on the host fits this GPU in the memory model, alone "
+                              "or together: a GPU with more memory")
               + more)
     if w.needs:
         print("\na real run still needs:\n" + "\n".join(f"  - {n}" for n in w.needs))

@@ -347,7 +347,7 @@ class Guard:
             shrink = 1 - lr * wd
             for p in g["params"]:
                 st = optimizer.state.get(p)
-                if not st or "exp_avg" not in st:
+                if not st or "exp_avg" not in st or p.grad is None:  # no gradient this step: AdamW left it
                     continue
                 if t is None:  # every tensor takes every step: one count (one read)
                     t = float(st["step"])
@@ -458,7 +458,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 # Fields a method does not read: a change of them on resume changes nothing of its math.
-UNREAD_BY = {"sft": ("dopsd.rollout", "dopsd.loss", "dopsd.backward"), "dopsd": ("sft.",)}
+UNREAD_BY = {"sft": ("dopsd.rollout", "dopsd.loss"), "dopsd": ("sft.",)}
 
 
 def config_changes(saved: dict, current: dict) -> tuple[list, list]:

@@ -197,6 +197,7 @@ def load_transformer(adapter, folder: str) -> None:
     except Exception as e:  # noqa: BLE001 - another model's folder, a torn file: one line naming it
         raise ValueError(f"--transformer: {d} does not load as a {cls.__name__} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+
     def plain(c):  # tuples and lists alike (a config read back from JSON)
         return json.loads(json.dumps({k: v for k, v in dict(c).items() if not k.startswith("_")}, default=str))
 
@@ -210,7 +211,8 @@ def load_transformer(adapter, folder: str) -> None:
 
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png",
              transformer=None) -> Path:
-    adapter = build_adapter(cfg.model, load_encoders=False)
+    # a fine-tuned transformer in place of the model's: the model's own weights are not read
+    adapter = build_adapter(cfg.model, load_encoders=False, transformer_weights=not transformer)
     adapter.ensure_student_encoder()  # the prompts' encoder alone: no teacher VLM for sampling
     if transformer:
         load_transformer(adapter, transformer)

@@ -351,7 +351,9 @@ class Trainer:
         self.context_kinds = kinds_of(cfg.method)
         if cfg.cache.dir:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
-            cache = FeatureCache(cfg.cache.dir, self.adapter.encoder_identity())
+            cache = FeatureCache(cfg.cache.dir, self.adapter.encoder_identity(),
+                                 teacher_fields=None if "teacher" in self.context_kinds
+                                 else self.adapter.teacher_identity_fields)
             cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config),
                                    self.context_kinds)
             log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
@@ -729,6 +731,10 @@ class Trainer:
         if gb is not None and gb != self.sampler.global_batch and self.rank == 0:
             log.warning("resume: the global batch changes from %d to %d samples (data.batch_size x ranks): the data "
                         "order from here differs from an uninterrupted run", gb, self.sampler.global_batch)
+        if (state["sampler"].get("grouping") != self.sampler.GROUPING and self.rank == 0
+                and any(r.reference_buckets for r in self.dataset.records)):
+            log.warning("resume: batches now group editing rows by their references' buckets (the checkpoint is of "
+                        "an earlier version): the data order from here differs from an uninterrupted run")
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         # the run's id (checkpoints of earlier versions carry none: the run continues under a new one)

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh as a GPU machine with no network would run it, here on the CPU: one call, a
-global budget, exactly three files in the output folder (two when the install fails), stages that stop at "no GPU", and a stage that
-overruns the budget cut and reported with the rows it had written."""
+global budget, exactly three files in the output folder (two when the install fails), stages that stop at
+"no GPU", and a stage that overruns the budget cut and reported with the rows it had written."""
 
 import json
 import os

@@ -153,7 +153,9 @@ def _editing_data(tmp_path, rows=None):
     return p
 
 
-def test_editing_rows_parse_both_forms_and_bad_rows_are_named(tmp_path):
+def test_editing_rows_parse_both_forms_and_bad_rows_are_named(tmp_path, caplog):
+    import logging
+
     import pytest
 
     from dopsd_fast.config import load_config
@@ -170,13 +172,11 @@ def test_editing_rows_parse_both_forms_and_bad_rows_are_named(tmp_path):
         "field 'references' must be a list": {"references": "a.png", "target": "b.png", "prompt": "x"},
         "both 'image' and 'target'": {"image": "a.png", "target": "b.png", "prompt": "x"},
         "'references' given without 'target'": {"references": ["a.png"], "prompt": "x"},
-        "field 'references\\[0\\]': image file not found": {"references": ["zzz.png"], "target": "b.png", "prompt": "x"},
+        "field 'references\\[0\\]': image file not found": {"references": ["zzz.png"], "target": "b.png",
+                                                            "prompt": "x"},
         "field 'target': image file not found": {"references": ["a.png"], "target": "zzz.png", "prompt": "x"},
         "field 'image\\[1\\]': image file not found": {"image": ["a.png", "zzz.png", "b.png"], "prompt": "x"},
         "field 'image\\[2\\]': image file not found": {"image": ["a.png", "b.png", "zzz.png"], "prompt": "x"},
-        # a 'target' row without references trained silently as text-to-image (the editing-branch teacher)
-        "needs 'references'": {"references": [], "target": "b.png", "prompt": "x"},
-        "needs 'references' ": {"target": "b.png", "prompt": "x"},
     }
     for msg, row in bad.items():
         q = _editing_data(tmp_path, [row])
@@ -184,6 +184,16 @@ def test_editing_rows_parse_both_forms_and_bad_rows_are_named(tmp_path):
         with pytest.raises(DataError, match=msg) as e:
             build_dataset(c, progress=False)
         assert "edit.jsonl:1" in str(e.value)
+    # a 'target' row without references trains as text-to-image (the editing-branch teacher), as before:
+    # said, not silent (the teacher's mode follows each row)
+    q = _editing_data(tmp_path, [{"references": [], "target": "b.png", "prompt": "x"},
+                                 {"target": "a.png", "prompt": "y"}])
+    c = load_config(None, [f"data.jsonl={q}", "data.builtin=null", "data.bucket_scale=0.125",
+                           "data.prompt_keys=[prompt]"]).data
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        ds = build_dataset(c, progress=False)
+    assert [r.reference_paths for r in ds.records] == [[], []]
+    assert "2 'target' rows name no references (first: " in caplog.text and "edit.jsonl:1" in caplog.text
 
 
 def test_gt_reference_contexts_layout_and_training(tmp_path):
@@ -352,7 +362,7 @@ def test_a_long_teacher_prompt_keeps_its_instruction(caplog):
     assert ad._fit(long, ad.gt_instruction).endswith(ad.gt_instruction)
 
 
-def test_fast_path_batches_editing_rows_by_their_references(tmp_path):
+def test_fast_path_batches_editing_rows_by_their_references(tmp_path, caplog):
     """The fast path stacks a batch's references per place, so its samples must share their number and
     sizes; the sampler grouped by the target's bucket alone, and a batch of 2 editing rows with other
     references stopped the run at its first such batch ("samples of a batch must share ... reference
@@ -377,6 +387,15 @@ def test_fast_path_batches_editing_rows_by_their_references(tmp_path):
     assert groups[0] == groups[3] and len({groups[0], groups[1], groups[2]}) == 3, groups
     for _ in range(4):  # every group's batches, each one a fast step
         assert tr.train_step()["loss"] > 0
+    # a checkpoint of an earlier version (batches by the target's bucket alone): its order differs, said
+    import logging
+    from pathlib import Path
+
+    state = tr.state_dict()
+    state["sampler"].pop("grouping")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr.load(Path(tmp_path / "old-checkpoint"), state)
+    assert "group editing rows by their references" in caplog.text, caplog.text
 
 
 def test_text_layers_and_buckets_are_checked_at_start_up(tmp_path):

@@ -185,14 +185,23 @@ def test_load_from_local_directories(adapter, tmp_path):
     assert tr.train_step()["loss"] > 0 and tr.validate() is not None and tr.adapter.vlm is None
     assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'sft-cache'}", "--set",
                        "train.progress=false"] + [x for kv in sft for x in ("--set", kv)]) == 0
-    kinds = {e.split(".")[0] for e in json.loads((tmp_path / "sft-cache" / "manifest.json").read_text())["entries"]}
-    assert len(kinds) == 6, kinds  # 6 rows x 1 prompt, the student's contexts alone
+    entries = json.loads((tmp_path / "sft-cache" / "manifest.json").read_text())["entries"]
+    assert len(entries) == 6, entries  # 6 rows x 1 prompt, the student's contexts alone
     tr = Trainer(tiny_config(tmp_path / "sft2", *sft, f"cache.dir={tmp_path / 'sft-cache'}"))
     assert tr.train_step()["loss"] > 0
+    # a D-OPSD run's cache (written with the VLM) serves an SFT run without model.vlm_path, and other
+    # teacher settings (which SFT does not read) do not make it stale for SFT
+    shared = ["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'shared'}", "--set", "train.progress=false"]
+    teacher = [f"model.vlm_path={vlm_dir}", "model.teacher_min_pixels=1024", "model.teacher_max_pixels=4096"]
+    assert cache_main(shared + [x for kv in sft[1:] + teacher for x in ("--set", kv)]) == 0
+    tr = Trainer(tiny_config(tmp_path / "sft3", *sft, f"cache.dir={tmp_path / 'shared'}",
+                             "model.teacher_max_tokens=77"))
+    assert tr.train_step()["loss"] > 0 and tr.adapter.vlm is None
 
     # dopsd-cache reads neither the transformer's weights nor the VAE's (Z-Image's contexts use neither):
     # with both weight files made unreadable it encodes the same contexts, the transformer's config
     # (the context width) still there
+    adapter_vae_bytes = next((root / "vae").glob("*.safetensors")).read_bytes()
     for sub in ("transformer", "vae"):
         for f in (root / sub).glob("*.safetensors"):
             f.write_bytes(b"not weights")
@@ -200,6 +209,11 @@ def test_load_from_local_directories(adapter, tmp_path):
         build_adapter(cfg.model, load_encoders=False)
     enc = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
     assert next(enc.transformer.parameters()).is_meta and next(enc.vae.parameters()).is_meta
+    # dopsd-sample --transformer: the model's transformer weights not read (another replaces it), the VAE is
+    for f in (root / "vae").glob("*.safetensors"):
+        f.write_bytes(adapter_vae_bytes)
+    swap = build_adapter(cfg.model, load_encoders=False, transformer_weights=False)
+    assert next(swap.transformer.parameters()).is_meta and not next(swap.vae.parameters()).is_meta
     assert enc.transformer.config.cap_feat_dim == adapter.transformer.config.cap_feat_dim
     assert_close(enc.encode_teacher(["a [V] cat"], [img])[0].features,
                  adapter.encode_teacher(["a [V] cat"], [img])[0].features, atol=1e-5, name="teacher, cache's adapter")

@@ -291,12 +291,9 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     if image_key in row:
                         raise DataError(f"{where}: both '{image_key}' and 'target' given; use one (the authors' list "
                                         f"form in '{image_key}', or 'references' + 'target')")
-                    target, refs = row["target"], row.get("references")
+                    target, refs = row["target"], row.get("references", [])
                     if not isinstance(target, str) or not target:
                         raise DataError(f"{where}: field 'target' must be an image path")
-                    if refs is None or refs == []:  # a 'target' row is an editing row: it would train as text-to-image
-                        raise DataError(f"{where}: a 'target' row is an editing row and needs 'references' (a non-empty "
-                                        f"list of image paths); a text-to-image row gives its image in '{image_key}'")
                     if not isinstance(refs, list) or not all(isinstance(i, str) and i for i in refs):
                         raise DataError(f"{where}: field 'references' must be a list of image paths")
                     images, fields = refs + [target], ("target", "references")
@@ -368,17 +365,22 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
             raise DataError(f"data.folder: not a directory: {folder}")
         rows = _iter_folder(folder)
         path = folder
-    records, skipped = [], []
+    records, skipped, bare_targets = [], [], []
     for where, parse in tqdm(list(rows), desc="checking data", disable=not progress, leave=False):
         try:
             image, refs, prompts, (field, ref_field) = parse()
             records.append(_validate_record(where, image, refs, prompts, buckets, field, ref_field))
+            if field == "target" and not refs:
+                bare_targets.append(where)
         except DataError as e:
             if not cfg.skip_bad:
                 raise
             skipped.append(str(e))
     if skipped:
         log.warning("skipped %d bad rows (data.skip_bad=true); first: %s", len(skipped), skipped[0])
+    if bare_targets:  # the teacher's mode follows each row: say it where a row may not mean it
+        log.warning("%d 'target' rows name no references (first: %s): trained as text-to-image rows (the "
+                    "editing-branch teacher), not as edits", len(bare_targets), bare_targets[0])
     source = (f"data.folder {path}" if not cfg.jsonl and not cfg.builtin else f"data.jsonl {path}" if cfg.jsonl
               else f"{path}")
     return ImageTextDataset(records, skipped, source)

@@ -92,8 +92,13 @@ class BucketBatchSampler:
         """What :meth:`next_batch` will return next (nothing advanced)."""
         return self._next()[2]
 
+    # 1: the groups are ImageTextDataset.batch_groups (editing rows by their references too); absent: by
+    # the target's bucket alone (earlier versions): an editing run resumed across the change reorders
+    GROUPING = 1
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch,
+                "grouping": self.GROUPING}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])

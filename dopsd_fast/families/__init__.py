@@ -37,15 +37,17 @@ def family(name: str) -> FamilySpec:
         raise ConfigError(f"config field 'model.family': unknown family {name!r}; known: {sorted(FAMILIES)}") from None
 
 
-def build_adapter(cfg, load_encoders: bool = True, empty_weights: bool = False, encoding_only: bool = False):
+def build_adapter(cfg, load_encoders: bool = True, empty_weights: bool = False, encoding_only: bool = False,
+                  transformer_weights: bool = True):
     """The adapter of ``cfg.family`` (a :class:`~dopsd_fast.config.ModelConfig`); ``empty_weights``:
     the architecture on the meta device, nothing read (``dopsd-train --dry-run``); ``encoding_only``:
-    what encoding contexts needs, the transformer's weights not read (``dopsd-cache``)."""
+    what encoding contexts needs, the transformer's weights not read (``dopsd-cache``);
+    ``transformer_weights`` False: the transformer's weights alone not read (another is loaded in its place)."""
 
     spec = family(cfg.family)
     device, dtype = resolve_device_dtype(cfg)
     return spec.adapter_class()(cfg, device, dtype, load_encoders=load_encoders, empty_weights=empty_weights,
-                                encoding_only=encoding_only)
+                                encoding_only=encoding_only, transformer_weights=transformer_weights)
 
 
 def family_of_transformer(module) -> FamilySpec:
@@ -72,7 +74,8 @@ def require_editing_support(spec: FamilySpec, dataset) -> None:
 def check_buckets(adapter, dataset) -> None:
     """Every bucket the data uses (targets and references) is one the model takes (its latent grid):
     one line naming the fields at start-up, not a reshape error at the first image of that size."""
-    sizes = {tuple(r.bucket) for r in dataset.records} | {tuple(b) for r in dataset.records for b in r.reference_buckets}
+    sizes = {tuple(r.bucket) for r in dataset.records}
+    sizes |= {tuple(b) for r in dataset.records for b in r.reference_buckets}
     for w, h in sorted(sizes):
         try:
             adapter.latent_shape(h, w)

@@ -75,15 +75,18 @@ class ModelAdapter(ABC):
     encoder_attrs: tuple = ()  # the encoder parts ensure_encoders fills (None until then)
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, load_encoders: bool = True,
-                 empty_weights: bool = False, encoding_only: bool = False):
+                 empty_weights: bool = False, encoding_only: bool = False, transformer_weights: bool = True):
         """Build the family's parts: from its preset (``model.preset``, :class:`~dopsd_fast.families.spec.Preset`)
         or the local diffusers folder (``_load_local``); then the encoders when asked. ``empty_weights``:
         the transformer and VAE built from their configs on the meta device, no weights read and no
         encoders (``dopsd-train --dry-run``: shapes, schedules, cache identity). ``encoding_only``
         (``dopsd-cache``): a local folder's transformer from its config on the meta device (no weights
         read: encoding contexts never runs it), and its VAE too where the family's contexts do not use
-        it (``FamilySpec.contexts_use_vae``)."""
+        it (``FamilySpec.contexts_use_vae``). ``transformer_weights`` False: a local folder's transformer
+        from its config on the meta device, the rest as usual (``dopsd-sample --transformer`` loads
+        another in its place)."""
         self.cfg = cfg
+        self.transformer_weights = transformer_weights
         self.empty_weights = empty_weights
         self.encoding_only = encoding_only and not empty_weights
         self.device = torch.device("meta") if empty_weights else torch.device(device)
@@ -139,6 +142,8 @@ class ModelAdapter(ABC):
     def encode_teacher(self, prompts: list[str], images: list[torch.Tensor]) -> list[Context]:
         """Teacher contexts from (prompt, target image in [0, 1], (3, H, W))."""
 
+    teacher_identity_fields: tuple = ()  # fields of encoder_identity() only the teacher's contexts read
+
     @abstractmethod
     def encoder_identity(self) -> dict:
         """A JSON-able description of everything the contexts depend on (weights, settings),
@@ -170,7 +175,8 @@ class ModelAdapter(ABC):
             with torch.device("meta"):
                 return cls.from_config(cls.load_config(path, subfolder=sub))
 
-        transformer = part(transformer_cls, "transformer", self.dtype, not (empty or encoding))
+        read = not (empty or encoding) and getattr(self, "transformer_weights", True)
+        transformer = part(transformer_cls, "transformer", self.dtype, read)
         vae = part(vae_cls, "vae", torch.float32, not empty and not (encoding and not self.spec.contexts_use_vae))
         return transformer, vae, json.loads((path / "scheduler" / "scheduler_config.json").read_text())
 

@@ -93,6 +93,7 @@ def flux2_velocity(transformer, x, sigma, contexts):
 class KleinAdapter(ModelAdapter):
     spec = SPEC
     encoder_attrs = ("text_encoder", "tokenizer")  # filled by ensure_encoders
+    teacher_identity_fields = ("settings.teacher_instruction", "settings.gt_instruction")
 
     # ---- construction ------------------------------------------------------------------------
     def _load_local(self):
@@ -114,10 +115,10 @@ class KleinAdapter(ModelAdapter):
         the transformer's ``joint_attention_dim``; one line naming the field otherwise."""
         if n_layers is None or hidden is None:
             return
-        bad = [k for k in self.text_layers if not 0 <= k <= n_layers]
+        bad = [k for k in self.text_layers if not -(n_layers + 1) <= k <= n_layers]  # negative: from the end
         if bad:
             raise ConfigError(f"config field 'model.text_layers': {list(self.text_layers)}: {bad} not among the text "
-                              f"encoder's hidden states (0 = embeddings, 1..{n_layers} = its layers)")
+                              f"encoder's hidden states (0 = embeddings, 1..{n_layers} = its layers; -1 the last)")
         want = int(self.transformer.config.joint_attention_dim)
         if len(self.text_layers) * hidden != want:
             raise ConfigError(f"config field 'model.text_layers': {len(self.text_layers)} layers x {hidden} wide = "

@@ -40,6 +40,8 @@ class ZImageAdapter(ModelAdapter):
     spec = SPEC
     # filled by ensure_encoders
     encoder_attrs = ("text_encoder", "vlm", "tokenizer", "vlm_tokenizer", "image_processor")
+    teacher_identity_fields = ("weights.vlm", "settings.teacher_max_tokens", "settings.teacher_min_pixels",
+                               "settings.teacher_max_pixels")
 
     # ---- construction ------------------------------------------------------------------------
     def _load_local(self) -> None:
