@@ -615,7 +615,7 @@ FIELD_HELP: dict[str, str] = {
                                     "first N; fast path only: the eager path checkpoints every block or none); "
                                     "`true` / `false` = `all` / `none`; `fast.checkpoint` is read as this field",
     "model.student_max_tokens": "student context length (FLUX.2: every prompt padded to it)",
-    "model.teacher_max_tokens": "Z-Image: teacher context length (klein's teacher prompt is padded to "
+    "model.teacher_max_tokens": "Z-Image: teacher context length (FLUX.2's teacher prompt is padded to "
                                 "`student_max_tokens`, its prompt part cut where prompt + instruction pass it)",
     "model.teacher_min_pixels": "Z-Image: lower pixel bound of the teacher's image processor (`null` = the model's: "
                                 "512²)",
@@ -685,7 +685,7 @@ FIELD_HELP: dict[str, str] = {
     "validation.every": "sample grids every N steps (0: none)",
     "validation.at_start": "sample grids at step 0 too",
     "validation.num_samples": "the first N data rows sampled: their prompt (first key) and target image",
-    "validation.steps": "inference steps (`null` = the model's few-step default: Z-Image 8, klein 4; toy: 4)",
+    "validation.steps": "inference steps (`null` = the model's few-step default: Z-Image 8, FLUX.2 4; toy: 4)",
     "validation.seed": "seed of the validation noise",
     "validation.prompts": "extra prompts without a target (held-out prompts): one row each, the student's sample",
     "sft.weighting": "`method: sft` sigma sampling, as diffusers' DreamBooth scripts: `none` (uniform), "
@@ -694,8 +694,8 @@ FIELD_HELP: dict[str, str] = {
     "sft.logit_std": "`logit_normal`: standard deviation",
     "sft.mode_scale": "`mode`: scale",
     "fast.enabled": "the fast path (packed student/teacher pass, fused kernels); `false` = the eager diffusers "
-                    "reference (`zimage-turbo-lora` and `zimage-turbo-sft` set `true`; klein's fast path is "
-                    "verified on the CPU only: set it there to use it)",
+                    "reference (the Z-Image-Turbo LoRA and SFT recipes set `true`; FLUX.2's fast path is verified "
+                    "on the CPU only: set it there to use it)",
     "fast.kernels": "`auto` (our Triton kernels on CUDA), `on`, `off` (the same structure with eager PyTorch ops)",
     "fast.attention": "`auto` (the order measured for this GPU: cuDNN on H200 and H100, elsewhere PyTorch SDPA's own "
                       "choice, the reason logged), `cudnn` (SDPA, cuDNN first), `triton` (ours: both branches in "

@@ -126,7 +126,7 @@ def workload(cfg, say=print) -> Workload:
             m = model_cfg
             teacher = "teacher" in kinds_of(cfg.method)
             on_disk = {"text": _folder_bytes(Path(m.path) / "text_encoder" if m.path and real_model else None),
-                       "teacher": _folder_bytes(m.vlm_path) if teacher and spec.name == "zimage" else 0}
+                       "teacher": _folder_bytes(m.vlm_path) if teacher else 0}
             released = {} if m.preset is not None else spec.flavours[spec.flavour_for(cfg.model)].encoders
             sized = {k: on_disk[k] or released.get(k, 0) for k in on_disk if k == "text" or teacher}
             encoders = sum(sized.values())
