@@ -84,6 +84,14 @@ def _diff(a, b, prefix="") -> list[str]:
 
 
 class FeatureCache:
+    @classmethod
+    def for_run(cls, directory: str | Path, adapter, method: str, create: bool = False) -> "FeatureCache":
+        """The cache a run of ``method`` reads with ``adapter``'s encoders: a run that reads no teacher
+        contexts (SFT) does not compare the fields only the teacher's contexts depend on."""
+        teacher = "teacher" in kinds_of(method)
+        return cls(directory, adapter.encoder_identity(), create=create,
+                   teacher_fields=None if teacher else adapter.teacher_identity_fields)
+
     def __init__(self, directory: str | Path, identity: dict, create: bool = False, teacher_fields=None):
         """``teacher_fields``: for a run that reads the student's contexts alone (SFT), the identity's
         fields only the teacher's contexts depend on (``ModelAdapter.teacher_identity_fields``): not

@@ -261,8 +261,7 @@ def cache_main(argv=None) -> int:
         adapter = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
         check_buckets(adapter, dataset)
         kinds = kinds_of(cfg.method)
-        cache = FeatureCache(cache_dir, adapter.encoder_identity(), create=True,
-                             teacher_fields=None if "teacher" in kinds else adapter.teacher_identity_fields)
+        cache = FeatureCache.for_run(cache_dir, adapter, cfg.method, create=True)
         for why in cache.repair(family(cfg.model.family).context_width(adapter.transformer.config)
                                 if getattr(adapter, "transformer", None) is not None else None):
             log.warning("cache %s: %s: its contexts are encoded again", cache_dir, why)

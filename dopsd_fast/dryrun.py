@@ -110,8 +110,7 @@ def workload(cfg, say=print) -> Workload:
             if dataset is not None and real_model:
                 try:
                     kinds = kinds_of(cfg.method)
-                    FeatureCache(cfg.cache.dir, adapter.encoder_identity(), teacher_fields=None if "teacher" in kinds
-                                 else adapter.teacher_identity_fields).require_complete(
+                    FeatureCache.for_run(cfg.cache.dir, adapter, cfg.method).require_complete(
                         dataset, spec.context_width(adapter.transformer.config), kinds)
                     say(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
                 except (CacheError, FileNotFoundError) as e:

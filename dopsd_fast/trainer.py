@@ -351,9 +351,7 @@ class Trainer:
         self.context_kinds = kinds_of(cfg.method)
         if cfg.cache.dir:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
-            cache = FeatureCache(cfg.cache.dir, self.adapter.encoder_identity(),
-                                 teacher_fields=None if "teacher" in self.context_kinds
-                                 else self.adapter.teacher_identity_fields)
+            cache = FeatureCache.for_run(cfg.cache.dir, self.adapter, cfg.method)
             cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config),
                                    self.context_kinds)
             log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
