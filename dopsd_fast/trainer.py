@@ -784,28 +784,33 @@ class Trainer:
         """Full fine-tuning, at the end of the run: the student and its EMA copy as diffusers transformer
         folders (``transformer/``, ``transformer_ema/``: config + safetensors in the model dtype, what
         ``from_pretrained`` and ``dopsd-sample --transformer`` load). Not at every checkpoint: each is the
-        whole model (the checkpoints hold the training state). A sharded run (FSDP2) keeps its weights in
-        its checkpoints only."""
-        if self.cfg.lora.enabled or self.rank != 0:
-            return
-        if self.sharded:
-            log.info("full fine-tuning over sharded ranks: the weights are in %s (no transformer/ export)",
-                     self.out / "checkpoints")
+        whole model (the checkpoints hold the training state). A sharded run (FSDP2) gathers each tensor
+        in turn (a collective every rank takes part in) to rank 0, which writes."""
+        if self.cfg.lora.enabled or (self.rank != 0 and not self.sharded):
             return
         from safetensors.torch import save_file
+
+        from dopsd_fast.fsdp import is_dtensor
 
         dtype = self.adapter.dtype
         for which, name in self.FULL_EXPORTS:
             module = self.weights.student() if which == "student" else self.weights.teacher()  # two modules
-            sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
+            sd = {}
+            for k, v in module.state_dict().items():  # the same order on every rank
+                v = v.full_tensor() if is_dtensor(v) else v
+                if self.rank == 0:
+                    sd[k] = v.detach().to("cpu", dtype).contiguous()
+            if self.rank != 0:
+                continue
 
             def write(d, module=module, sd=sd):
                 module.save_config(str(d))
                 save_file(sd, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
             atomic_dir(self.out / name, write)
-        log.info("full fine-tuning: the student in %s/, its EMA copy in %s/ (dopsd-sample --transformer DIR)",
-                 self.out / "transformer", self.out / "transformer_ema")
+        if self.rank == 0:
+            log.info("full fine-tuning: the student in %s/, its EMA copy in %s/ (dopsd-sample --transformer DIR)",
+                     self.out / "transformer", self.out / "transformer_ema")
 
     def export_lora(self) -> None:
         if not self.cfg.lora.enabled:

@@ -1,7 +1,7 @@
 """FSDP2 on the CPU: torchrun, gloo, 2 processes, the tiny Z-Image in fp32.
 
 Full fine-tuning sharded (student, EMA teacher, gradients, AdamW state) on 2 ranks == 1 rank with the
-global batch, EMA included; a sharded checkpoint resumes at 1 rank to the uninterrupted result; the
+global batch, EMA included, and so are its exported transformer folders; a sharded checkpoint resumes at 1 rank to the uninterrupted result; the
 fast path under FSDP2 is refused with a message; a LoRA run with its base sharded (dist.shard_base)
 == the replicated run."""
 
@@ -52,6 +52,20 @@ def test_full_fine_tuning_sharded_equals_one_rank(sharded, tmp_path):
     assert len(files) == 2 and min(sizes) > 0.3 * max(sizes)  # each rank wrote its shards
     assert sorted(p.name for p in (sharded / "samples").glob("*.png")) == ["step-0000000.png", "step-0000002.png",
                                                                          "step-0000004.png"]
+    # the sharded run's transformer/ and transformer_ema/ (gathered to rank 0) == the one-rank run's, and
+    # each is its own last checkpoint's student / EMA teacher
+    from safetensors.torch import load_file
+
+    from dopsd_fast.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(sharded / "checkpoints" / "step-0000004")
+    for name, which in (("transformer", "student"), ("transformer_ema", "teacher")):
+        a = load_file(sharded / name / "diffusion_pytorch_model.safetensors")
+        b = load_file(one / name / "diffusion_pytorch_model.safetensors")
+        assert set(a) == set(b) and set(ck["weights"][which]) <= set(a), name
+        cat = lambda sd: torch.cat([sd[k].flatten().double() for k in sorted(sd)])  # noqa: E731
+        assert _rel(cat(a), cat(b)) <= 1e-6, name
+        assert all(torch.equal(a[k], v.to(a[k].dtype)) for k, v in ck["weights"][which].items()), name
 
 
 def test_sharded_checkpoint_resumes_at_one_rank(sharded, tmp_path):
