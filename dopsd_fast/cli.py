@@ -286,17 +286,23 @@ def cache_main(argv=None) -> int:
 
 @_ends_clean
 def sample_main(argv=None) -> int:
-    p = argparse.ArgumentParser("dopsd-sample", description="Generate images with the few-step schedule (+ a LoRA).")
+    p = argparse.ArgumentParser("dopsd-sample", description="Generate images with the few-step schedule (+ a LoRA or a "
+                                "fine-tuned transformer; + reference images for an editing model).")
     _common(p)
     p.add_argument("--lora", default=None, help="a LoRA directory written by dopsd-train (e.g. runs/x/lora)")
     p.add_argument("--transformer", default=None,
                    help="a fully fine-tuned transformer folder written by dopsd-train (runs/x/transformer or "
                         "runs/x/transformer_ema) in place of the model's")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--reference", action="append", default=[], metavar="IMAGE",
+                   help="a reference image every prompt is conditioned on (repeatable; an editing model's, e.g. a "
+                        "LoRA trained on rows with references), at the data.buckets bucket nearest its aspect")
     p.add_argument("--width", type=int, default=None,
-                   help="image width in pixels (default: the first of the config's data.buckets)")
+                   help="image width in pixels (default: the first --reference's bucket, else the first of the "
+                        "config's data.buckets)")
     p.add_argument("--height", type=int, default=None,
-                   help="image height in pixels (default: the first of the config's data.buckets)")
+                   help="image height in pixels (default: the first --reference's bucket, else the first of the "
+                        "config's data.buckets)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the initial noise (default 0); the i-th --prompt (from 0) draws with seed + i")
@@ -321,7 +327,7 @@ def sample_main(argv=None) -> int:
                  "e.g. runs/<name>/lora)")
     try:
         path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
-                        seed=args.seed, out=args.out, transformer=args.transformer)
+                        seed=args.seed, out=args.out, transformer=args.transformer, references=args.reference)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     logging.getLogger("dopsd_fast").info("wrote %s", path)

@@ -252,12 +252,17 @@ class ValidationConfig:
     # extra prompts without a target (held-out prompts: does the concept generalise, does the rest stay):
     # one row each with the student's sample, at the first bucket
     prompts: list = field(default_factory=list)
+    # reference images every held-out prompt is conditioned on (an editing model's: a run on rows with
+    # references), each at the data.buckets bucket nearest its aspect; the prompts sample at the first one's
+    references: list = field(default_factory=list)
 
     def __post_init__(self):
         _check(self.every >= 0, "validation.every", "must be >= 0")
         _check(self.num_samples >= 0, "validation.num_samples", "must be >= 0")
         _check(isinstance(self.prompts, list) and all(isinstance(p, str) and p.strip() for p in self.prompts),
                "validation.prompts", "must be a list of non-empty prompt strings")
+        _check(isinstance(self.references, list) and all(isinstance(p, str) and p.strip() for p in self.references),
+               "validation.references", "must be a list of image file paths")
 
 
 @dataclass(kw_only=True)
@@ -688,6 +693,8 @@ FIELD_HELP: dict[str, str] = {
     "validation.steps": "inference steps (`null` = the model's few-step default: Z-Image 8, FLUX.2 4; toy: 4)",
     "validation.seed": "seed of the validation noise",
     "validation.prompts": "extra prompts without a target (held-out prompts): one row each, the student's sample",
+    "validation.references": "reference images every held-out prompt is conditioned on (an editing model's); they "
+                             "sample at the first one's bucket",
     "sft.weighting": "`method: sft` sigma sampling, as diffusers' DreamBooth scripts: `none` (uniform), "
                      "`logit_normal` or `mode`",
     "sft.logit_mean": "`logit_normal`: mean",

@@ -1,4 +1,5 @@
-"""Few-step generation with the base model or a trained LoRA (``dopsd-sample``)."""
+"""Few-step generation with the base model, a trained LoRA or a fine-tuned transformer
+(``dopsd-sample``); for an editing model, with reference images."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import re
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from dopsd_fast.algorithm import euler_sample
 from dopsd_fast.config import LORA_MAX_SCALE
-from dopsd_fast.data.buckets import make_buckets
+from dopsd_fast.data import dataset as _data
+from dopsd_fast.data.buckets import assign_bucket, make_buckets
 from dopsd_fast.export import LORA_FILE, check_lora_weights
-from dopsd_fast.families import build_adapter
+from dopsd_fast.families import FAMILIES, build_adapter, family
 from dopsd_fast.safety import file_in_folder
 from dopsd_fast.validation import save_grid
 
@@ -161,18 +164,57 @@ def _found(state: dict) -> str:
     return f"{len(keys)} tensors: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" if keys else "no tensors"
 
 
+def load_references(data_cfg, family_name: str, paths, name: str = "--reference") -> list[torch.Tensor]:
+    """Reference images (``--reference``, ``validation.references``: ``name``), (3, H, W) in [0, 1]: each
+    decoded as a training row's reference is (its EXIF orientation, an alpha channel on
+    ``data.alpha_background``) at the bucket of the config's ``data.buckets`` nearest its aspect that
+    fits inside it. A ValueError naming the file for a missing or unreadable image, one too small for
+    every bucket, or a family without an editing mode."""
+    paths = list(paths or [])
+    if not paths:
+        return []
+    spec = family(family_name)
+    if not spec.editing:
+        editing = [s.name for s in FAMILIES.values() if s.editing]
+        raise ValueError(f"{name}: model.family={spec.name} has no editing mode (reference images are for "
+                         f"model.family={' or '.join(editing)})")
+    buckets = make_buckets(data_cfg.buckets, data_cfg.bucket_scale, data_cfg.bucket_multiple)
+    _data.ALPHA_BACKGROUND[:] = list(data_cfg.alpha_background)
+    out = []
+    for i, path in enumerate(paths):
+        where = f"{name} {path}" if name.startswith("--") else f"{name}[{i}] {path}"
+        if not Path(path).is_file():
+            raise ValueError(f"{where}: no such image file")
+        try:
+            with Image.open(path) as im:
+                im.load()  # the whole file: a truncated one is named here, not at the first step
+                w, h = _data.upright_size(im)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+            raise ValueError(f"{where}: cannot read the image ({type(e).__name__}: {e})") from None
+        bucket = assign_bucket(w, h, buckets)
+        if bucket is None:
+            near = min(buckets, key=lambda b: abs(math.log((b[0] / b[1]) / (w / h))))
+            raise ValueError(f"{where} is {w}x{h}, which fits inside no bucket of data.buckets (the nearest "
+                             f"aspect's is {near[0]}x{near[1]}); upscaling is not done: use a larger image, or smaller "
+                             "buckets (data.bucket_scale)")
+        out.append(_data.load_image(path, bucket))
+    return out
+
+
 @torch.no_grad()
 def sample_images(adapter, prompts, width: int, height: int, steps=None, seed: int = 0, transformer=None,
-                  sigmas=None) -> list[torch.Tensor]:
+                  sigmas=None, references=None) -> list[torch.Tensor]:
     """One image per prompt, (3, H, W) in [0, 1] on the CPU: the Euler ODE from noise seeded
     ``seed + i``, along the model's inference schedule of ``steps`` (or ``sigmas`` when given), with
-    ``transformer`` (the adapter's own by default)."""
+    ``transformer`` (the adapter's own by default). ``references``: reference images (3, h, w) every
+    prompt is conditioned on (an editing model's, as its training rows' references)."""
     transformer = transformer if transformer is not None else adapter.transformer
     shape = adapter.latent_shape(height, width)
     sig = sigmas if sigmas is not None else adapter.inference_sigmas(steps, shape[-2:])
     out = []
     for i, p in enumerate(prompts):
-        ctx = [c.to(adapter.device) for c in adapter.encode_student([p])]
+        enc = adapter.encode_student([p], [list(references)]) if references else adapter.encode_student([p])
+        ctx = [c.to(adapter.device) for c in enc]
         noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i)).to(adapter.device)
         x = euler_sample(lambda x, s: adapter.velocity(transformer, x, s, ctx), noise, sig)
         out.append(adapter.decode(x)[0].float().clamp(0, 1).cpu())
@@ -210,18 +252,27 @@ def load_transformer(adapter, folder: str) -> None:
 
 
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png",
-             transformer=None) -> Path:
+             transformer=None, references=None) -> Path:
+    refs = load_references(cfg.data, cfg.model.family, references)  # before any weights are read
     # a fine-tuned transformer in place of the model's: the model's own weights are not read
     adapter = build_adapter(cfg.model, load_encoders=False, transformer_weights=not transformer)
+    for path, r in zip(references or [], refs):
+        try:
+            adapter.latent_shape(r.shape[-2], r.shape[-1])
+        except ValueError as e:
+            raise ValueError(f"--reference {path}: its bucket {r.shape[-1]}x{r.shape[-2]}: {e}") from None
     adapter.ensure_student_encoder()  # the prompts' encoder alone: no teacher VLM for sampling
     if transformer:
         load_transformer(adapter, transformer)
     if lora:
         load_lora_into(adapter.transformer, lora)
-    bw, bh = make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0]
+    # the default size: the first reference's bucket (an edit keeps its picture's aspect), else the first bucket
+    bw, bh = ((refs[0].shape[-1], refs[0].shape[-2]) if refs
+              else make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0])
     w, h = width or bw, height or bh
     n_steps = len(adapter.inference_sigmas(steps, adapter.latent_shape(h, w)[-2:])) - 1
-    images = sample_images(adapter, prompts, w, h, steps, seed)
-    rows = [(p, [im]) for p, im in zip(prompts, images)]
+    images = sample_images(adapter, prompts, w, h, steps, seed, references=refs)
+    rows = [(p, [*refs, im]) for p, im in zip(prompts, images)]
     label = "lora" if lora else "fine-tuned" if transformer else "base"
-    return save_grid(rows, [label], out, title=f"{n_steps} steps")
+    headers = [f"reference {k + 1}" for k in range(len(refs))] + [label]
+    return save_grid(rows, headers, out, title=f"{n_steps} steps" + (f", {len(refs)} reference(s)" if refs else ""))

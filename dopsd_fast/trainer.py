@@ -361,6 +361,7 @@ class Trainer:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
             self.adapter.ensure_student_encoder()
         check_buckets(self.adapter, self.dataset)
+        self.val_refs = self._validation_references()
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device
         targets = self.spec.lora_targets(cfg.lora, self.adapter.transformer.config)
@@ -650,8 +651,10 @@ class Trainer:
                 xt = euler_sample(lambda x, sg: self.pair.velocity("teacher", x, sg, ctx_t), noise, sig)
             imgs = self.adapter.decode(torch.cat([xs, xt]))
             rows.append((s.prompt, [s.image, imgs[0].cpu(), imgs[1].cpu()]))
+        refs = self.val_refs
         for i, (prompt, ctx) in enumerate(zip(vcfg.prompts, self._validation_contexts())):
-            w, h = self.dataset.records[0].bucket
+            # on references: at the first one's bucket (an edit keeps its picture's aspect)
+            w, h = (refs[0].shape[-1], refs[0].shape[-2]) if refs else self.dataset.records[0].bucket
             shape = self.adapter.latent_shape(h, w)
             sig = self.adapter.inference_sigmas(vcfg.steps, shape[-2:])
             g = torch.Generator().manual_seed(_seed_of(vcfg.seed, 1_000_000 + i))
@@ -660,7 +663,12 @@ class Trainer:
             with self.autocast():
                 xs = euler_sample(lambda x, sg: self.pair.velocity("student", x, sg, ctx_s), noise, sig)
             # no target (and so no teacher context) for a prompt without an image: the student's column only
-            rows.append(("(held out) " + prompt, [None, self.adapter.decode(xs)[0].cpu()]))
+            sample = self.adapter.decode(xs)[0].cpu()
+            if refs:  # its first reference where a data row's target is
+                label = "reference" if len(refs) == 1 else f"reference 1 of {len(refs)}"
+                rows.append((f"(held out, on {len(refs)} reference(s)) " + prompt, [refs[0], sample], [label, "student"]))
+            else:
+                rows.append(("(held out) " + prompt, [None, sample]))
         if self.rank != 0:
             return None
         path = self.out / "samples" / f"step-{self.step:07d}.png"
@@ -668,13 +676,36 @@ class Trainer:
         save_grid(rows, ["target", "student", ema], path, title=f"step {self.step}")
         return path
 
+    def _validation_references(self) -> list:
+        """``validation.references`` decoded at start-up (one line naming a missing, unreadable or too
+        small file, or a family without an editing mode, before any step)."""
+        from dopsd_fast.sample import load_references
+
+        vcfg = self.cfg.validation
+        try:
+            refs = load_references(self.cfg.data, self.cfg.model.family, vcfg.references, "validation.references")
+            for i, r in enumerate(refs):
+                try:
+                    self.adapter.latent_shape(r.shape[-2], r.shape[-1])
+                except ValueError as e:
+                    raise ValueError(f"validation.references[{i}] {vcfg.references[i]}: its bucket "
+                                     f"{r.shape[-1]}x{r.shape[-2]}: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"config field {e}") from None
+        if refs and not vcfg.prompts and self.rank == 0:
+            log.warning("validation.references is set without validation.prompts: no held-out prompt to condition "
+                        "on them")
+        return refs
+
     def _validation_contexts(self) -> list:
-        """Student contexts of ``validation.prompts``, encoded once (a run on a feature cache loads the
-        text encoder for this, then releases it)."""
+        """Student contexts of ``validation.prompts`` (on ``validation.references``, when given), encoded
+        once (a run on a feature cache loads the text encoder for this, then releases it)."""
         prompts = list(self.cfg.validation.prompts)
         if getattr(self, "_val_ctx", None) is None or self._val_ctx[0] != prompts:
             loaded = getattr(self.adapter, "text_encoder", None) is not None
-            ctx = self.adapter.encode_student(prompts) if prompts else []
+            refs = [list(self.val_refs) for _ in prompts] if self.val_refs else None
+            ctx = self.adapter.encode_student(prompts, refs) if prompts and refs else \
+                self.adapter.encode_student(prompts) if prompts else []
             if not loaded and prompts:
                 self.adapter.release_encoders()
             self._val_ctx = (prompts, ctx)

@@ -33,23 +33,25 @@ def wrap_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
 
 
 def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path:
-    """``rows``: list of (caption, [image tensors (3, H, W) in [0, 1], or None: an empty cell]). Small
+    """``rows``: list of (caption, [image tensors (3, H, W) in [0, 1], or None: an empty cell]), or
+    (caption, images, labels): that row's cells labelled ``labels`` instead of ``headers``. Small
     images are upscaled (nearest) to ``min_cell`` so tiny runs stay legible. Every caption is shown in
     full, wrapped to the grid's width (its row grows by the lines it needs)."""
-    cell_w = max(min_cell, max(im.shape[-1] for _, ims in rows for im in ims if im is not None))
-    cell_h = max(min_cell, max(im.shape[-2] for _, ims in rows for im in ims if im is not None))
+    rows = [(r[0], r[1], r[2] if len(r) > 2 else headers) for r in rows]
+    cell_w = max(min_cell, max(im.shape[-1] for _, ims, _ in rows for im in ims if im is not None))
+    cell_h = max(min_cell, max(im.shape[-2] for _, ims, _ in rows for im in ims if im is not None))
     pad, head, line_h = 6, 18, 11
-    ncol = max(len(ims) for _, ims in rows)
+    ncol = max(len(ims) for _, ims, _ in rows)
     W = pad + ncol * (cell_w + pad)
     d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    captions = [wrap_text(d, caption, W - 2 * pad) for caption, _ in rows]
+    captions = [wrap_text(d, caption, W - 2 * pad) for caption, _, _ in rows]
     cap_h = [max(28, 6 + line_h * len(lines)) for lines in captions]
     H = head + pad + sum(cell_h + c + pad for c in cap_h)
     canvas = Image.new("RGB", (W, max(H, head + pad)), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     d.text((pad, 2), title, fill=(0, 0, 0))
     y = head + pad
-    for (caption, ims), lines, ch in zip(rows, captions, cap_h):
+    for (caption, ims, labels), lines, ch in zip(rows, captions, cap_h):
         for c, im in enumerate(ims):
             if im is None:
                 continue
@@ -59,8 +61,8 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
                 p = p.resize((int(p.width * s), int(p.height * s)), Image.NEAREST)
             x = pad + c * (cell_w + pad)
             canvas.paste(p, (x, y))
-            if c < len(headers):
-                d.text((x + 2, y + 2), headers[c], fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
+            if c < len(labels):
+                d.text((x + 2, y + 2), labels[c], fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
         for k, line in enumerate(lines):
             d.text((pad, y + cell_h + 2 + k * line_h), line, fill=(0, 0, 0))
         y += cell_h + ch + pad

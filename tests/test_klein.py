@@ -440,3 +440,94 @@ def test_memory_shape_counts_the_references_tokens(tmp_path):
     n = 8 * 8  # a 128 x 128 image: an 8 x 8 grid of klein tokens (16 pixels each)
     shape = tr.memory_shape()
     assert (shape.tokens_student, shape.tokens_teacher) == (n + 2 * n + 160, n + 2 * n + n + 160), shape
+
+
+def test_dopsd_sample_with_a_reference_matches_the_pipelines_edit(tmp_path):
+    """``dopsd-sample --reference``: the editing model's sample on a reference image equals diffusers'
+    own Flux2KleinPipeline(image=...) from the same noise (the reference decoded, encoded and placed as
+    the pipeline does), differs from the text-only sample, and the grid shows the reference beside it."""
+    import numpy as np
+    from PIL import Image
+
+    from dopsd_fast.cli import sample_main
+    from dopsd_fast.sample import load_references, sample_images
+
+    ad = _adapter()
+    pipe = _pipeline(ad)
+    cfg = load_config("configs/tiny-klein.yaml")
+    rng = np.random.default_rng(0)
+    ref_file = tmp_path / "ref.png"
+    Image.fromarray(rng.integers(0, 256, (112, 144, 3), dtype=np.uint8)).save(ref_file)  # 144x112: a bucket
+    refs = load_references(cfg.data, "klein", [str(ref_file)])
+    assert [tuple(r.shape) for r in refs] == [(3, 112, 144)]
+    w, h, steps = 144, 112, 2
+    ours = sample_images(ad, ["make it blue"], w, h, steps, seed=3, references=refs)[0]
+    noise = torch.randn((1, *ad.latent_shape(h, w)), generator=torch.Generator().manual_seed(3))
+    theirs = pipe(image=Image.open(ref_file), prompt="make it blue", height=h, width=w, num_inference_steps=steps,
+                  latents=noise, output_type="pt", max_sequence_length=ad.cfg.student_max_tokens,
+                  text_encoder_out_layers=ad.text_layers).images[0]
+    assert_close(ours, theirs.clamp(0, 1), 1e-4, 1e-4, "edited sample", scaled=True)
+    plain = sample_images(ad, ["make it blue"], w, h, steps, seed=3)[0]
+    assert (plain - ours).abs().max() > 1e-3  # the reference conditions the sample
+
+    out = tmp_path / "s.png"
+    assert sample_main(["--config", "tiny-klein", "--prompt", "make it blue", "--reference", str(ref_file),
+                        "--steps", "1", "--out", str(out)]) == 0
+    with Image.open(out) as grid:  # two cells (the reference, the sample) of at least 144 px, side by side
+        assert grid.width >= 2 * 144 + 3 * 6
+
+
+def test_dopsd_sample_references_are_refused_in_one_line(tmp_path):
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from dopsd_fast.cli import sample_main
+
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(small)
+    torn = tmp_path / "torn.png"
+    Image.fromarray(np.zeros((200, 200, 3), dtype=np.uint8)).save(torn)
+    torn.write_bytes(torn.read_bytes()[:60])
+    cases = [("tiny-klein", str(tmp_path / "none.png"), "no such image file"),
+             ("tiny-klein", str(small), "is 20x20, which fits inside no bucket"),
+             ("tiny-klein", str(torn), "cannot read the image"),
+             ("tiny-zimage", str(small), "has no editing mode")]
+    for config, ref, match in cases:
+        with pytest.raises(SystemExit, match=match):
+            sample_main(["--config", config, "--prompt", "x", "--reference", ref, "--out", str(tmp_path / "o.png")])
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_held_out_validation_prompts_sample_on_validation_references(tmp_path):
+    """A ground-truth-reference run's held-out prompts sampled text-to-image: with validation.references
+    they are conditioned on them (the student's context carries each reference's latents), sample at
+    the first one's bucket, and their grid row shows it; a bad entry is one line at start-up."""
+    import pytest
+    from PIL import Image
+
+    from dopsd_fast.errors import ConfigError
+    from dopsd_fast.trainer import Trainer
+
+    p = _editing_data(tmp_path)
+    Image.new("RGB", (256, 128), (90, 90, 90)).save(tmp_path / "wide.png")
+    klein = [f"data.jsonl={p}", "data.builtin=null", "data.prompt_keys=[prompt]", "data.bucket_scale=0.125",
+             "model.family=klein", "model.preset=tiny-klein", "model.student_max_tokens=160", "dopsd.rollout=klein-k4",
+             "validation.num_samples=1", "validation.steps=1"]
+    cfg = tiny_config(tmp_path / "k", *klein, "validation.prompts=[make it blue, make it red]",
+                      f"validation.references=[{tmp_path / 'wide.png'}]")
+    tr = Trainer(cfg)
+    (ref,) = tr.val_refs
+    h, w = ref.shape[-2:]
+    assert w > h and (w, h) != tuple(tr.dataset.records[0].bucket)  # the wide picture's own bucket
+    ctx = tr._validation_contexts()
+    assert len(ctx) == 2 and all(tuple(c.extra["ref0"].shape[-2:]) == tr.adapter.latent_shape(h, w)[-2:] for c in ctx)
+    grid = tr.validate()
+    with Image.open(grid) as im:
+        assert im.height > 3 * 128  # the data row and the two held-out rows
+    tr.close()
+
+    with pytest.raises(ConfigError, match=r"validation.references\[0\] .*none.png: no such image file"):
+        Trainer(tiny_config(tmp_path / "m", *klein, f"validation.references=[{tmp_path / 'none.png'}]"))
+    with pytest.raises(ConfigError, match="validation.references: model.family=zimage has no editing mode"):
+        Trainer(tiny_config(tmp_path / "z", f"validation.references=[{tmp_path / 'wide.png'}]"))
