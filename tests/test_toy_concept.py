@@ -1,8 +1,9 @@
 """The default run (``dopsd-train`` with no --config: the shipped toy student learning the concept
 [V] with D-OPSD) and its pieces: the concept datasets, the concept metrics, validation prompts.
 
-The default-run test trains the shipped toy weights for the full default run (2000 steps: 113 s on 2
-idle cores, about three minutes inside the suite) and checks that the concept is learned and the rest kept, by margins well inside what
+The default-run test trains the shipped toy weights for the full default run (2000 steps: 113-189 s on
+2 idle cores, up to three and a half minutes inside the suite) and checks that the concept is learned
+and the rest kept, by margins well inside what
 ``benchmarks/science/concept_experiment.py`` measured (benchmarks/science/README.md)."""
 
 from __future__ import annotations
