@@ -461,12 +461,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
 UNREAD_BY = {"sft": ("dopsd.rollout", "dopsd.loss"), "dopsd": ("sft.",)}
 
 
-def config_changes(saved: dict, current: dict) -> tuple[list, list]:
-    """``(frozen, applied)``: ``[(field, saved value, current value)]`` that differ."""
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> tuple[list, list]:
+    """``(frozen, applied)``: ``[(field, saved value, current value)]`` that differ. ``defaults``: the
+    config's defaults; a field the saved config lacks (a checkpoint of a version before the field) and
+    the current config has at its default is no change (a new field's default keeps the old behaviour)."""
     a, b = _flat(saved), _flat(current)
+    d = _flat(defaults) if defaults is not None else {}
     unread = UNREAD_BY.get(b.get("method"), ()) if a.get("method") == b.get("method") else ()
     frozen, applied = [], []
     for k in sorted(set(a) | set(b)):
+        if k not in a and k in d and b.get(k) == d[k]:
+            continue
         if a.get(k) != b.get(k):
             is_frozen = (k.startswith(FROZEN) or k in FROZEN) and k not in NOT_FROZEN and not k.startswith(unread)
             (frozen if is_frozen else applied).append((k, a.get(k), b.get(k)))

@@ -29,6 +29,7 @@ from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of
 from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incomplete_checkpoints, list_checkpoints,
                                    load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from dopsd_fast.data import BucketBatchSampler, build_dataset
+from dopsd_fast.config import Config
 from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure
 from dopsd_fast.errors import ConfigError, DataError, OutputDirError
@@ -322,7 +323,7 @@ class Trainer:
                     "(--allow-config-change)", where, what)
 
     def _config_check(self, path: Path, state: dict) -> list:
-        frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict())
+        frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict(), Config().to_dict())
         shaped = [(k, a, b) for k, a, b in frozen if k in SHAPE_FIELDS]
         if shaped:  # the trained tensors themselves would not fit: no override can resume across it
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shaped)

@@ -275,3 +275,24 @@ def test_a_library_error_turned_into_one_line_keeps_its_traceback(tmp_path, monk
     with pytest.raises(SystemExit, match=r"^error: mat1 and mat2 .* \(its traceback: .*errors.log\)$"):
         shapes()
     assert "Traceback (most recent call last)" in (out / "errors.log").read_text()
+
+
+def test_a_field_newer_than_the_checkpoint_at_its_default_is_no_change(tmp_path):
+    """A checkpoint of a version before a field (its config lacks it) resumed with the field at its default
+    is no change: no log line for validation.references, no refusal for a frozen model.* field (a
+    new field's default keeps the earlier behaviour); the
+    field at another value is still one."""
+    from dopsd_fast.config import Config
+    from dopsd_fast.safety import config_changes
+    from tests.conftest import tiny_config
+
+    now = tiny_config(tmp_path / "a").to_dict()
+    old = {**now, "validation": {k: v for k, v in now["validation"].items() if k != "references"},
+           "model": {k: v for k, v in now["model"].items() if k != "teacher_max_tokens"}}
+    assert now["model"]["teacher_max_tokens"] == Config().model.teacher_max_tokens  # at its default
+    assert config_changes(old, now, Config().to_dict()) == ([], [])
+    frozen, applied = config_changes(old, now)  # without the defaults: both said
+    assert [k for k, *_ in frozen] == ["model.teacher_max_tokens"] and [k for k, *_ in applied] == ["validation.references"]
+    other = tiny_config(tmp_path / "a", "validation.references=[x.png]", "model.teacher_max_tokens=64").to_dict()
+    frozen, applied = config_changes(old, other, Config().to_dict())
+    assert [k for k, *_ in frozen] == ["model.teacher_max_tokens"] and [k for k, *_ in applied] == ["validation.references"]
