@@ -98,11 +98,30 @@ def _data(cfg, spec, say, needs):
     return dataset, dataset.buckets_of
 
 
+def _validation_references(cfg, spec, needs) -> None:
+    """``validation.references`` as the run checks them at start-up (a family without an editing mode, an
+    unreadable or too small image: refused); one not on disk is what the real run still needs."""
+    from dopsd_fast.sample import load_references
+
+    refs = cfg.validation.references
+    try:
+        if refs and not spec.editing:
+            load_references(cfg.data, cfg.model.family, refs, "validation.references")  # refuses the family
+        for i, path in enumerate(refs):
+            if not Path(path).is_file():
+                needs.append(f"validation.references[{i}]: an image file (not found: {path})")
+            else:
+                load_references(cfg.data, cfg.model.family, [path], "validation.references", first=i)
+    except ValueError as e:
+        raise ConfigError(f"config field {e}") from None
+
+
 def workload(cfg, say=print) -> Workload:
     """Everything of the dry run that does not depend on the GPU class (prints what it read)."""
     spec = family(cfg.model.family)
     needs: list[str] = []
     dataset, buckets = _data(cfg, spec, say, needs)
+    _validation_references(cfg, spec, needs)
     with _model_config(cfg, say, needs) as (model_cfg, real_model):
         adapter = build_adapter(model_cfg, load_encoders=False, empty_weights=True)
         if cfg.cache.dir:

@@ -164,12 +164,13 @@ def _found(state: dict) -> str:
     return f"{len(keys)} tensors: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" if keys else "no tensors"
 
 
-def load_references(data_cfg, family_name: str, paths, name: str = "--reference") -> list[torch.Tensor]:
+def load_references(data_cfg, family_name: str, paths, name: str = "--reference", first: int = 0) -> list[torch.Tensor]:
     """Reference images (``--reference``, ``validation.references``: ``name``), (3, H, W) in [0, 1]: each
     decoded as a training row's reference is (its EXIF orientation, an alpha channel on
     ``data.alpha_background``) at the bucket of the config's ``data.buckets`` nearest its aspect that
     fits inside it. A ValueError naming the file for a missing or unreadable image, one too small for
-    every bucket, or a family without an editing mode."""
+    every bucket, or a family without an editing mode. ``first``: the index of ``paths[0]`` in the field
+    (its entries are named ``name[i]``)."""
     paths = list(paths or [])
     if not paths:
         return []
@@ -182,7 +183,7 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
     _data.ALPHA_BACKGROUND[:] = list(data_cfg.alpha_background)
     out = []
     for i, path in enumerate(paths):
-        where = f"{name} {path}" if name.startswith("--") else f"{name}[{i}] {path}"
+        where = f"{name} {path}" if name.startswith("--") else f"{name}[{first + i}] {path}"
         if not Path(path).is_file():
             raise ValueError(f"{where}: no such image file")
         try:

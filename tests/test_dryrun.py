@@ -292,3 +292,31 @@ def test_encoders_not_on_disk_are_sized_from_the_released_models(tmp_path, capsy
     assert rc == 0 and "encoders stay resident (8.0 GB; the text encoder sized" in out, out
     train_main(["--config", "klein-9b-editing-lora", "--dry-run", "--set", "model.path=/models/flux2-klein"])
     assert "klein-4b flavour (its released config; a guess" in capsys.readouterr().out
+
+
+def test_validation_references_are_checked_as_the_run_checks_them(tmp_path):
+    """The dry run passed validation.references that the run refuses at start-up (a family without an
+    editing mode, a picture smaller than every bucket); one not on disk is what the run still needs."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.dryrun import workload
+    from dopsd_fast.errors import ConfigError
+
+    small, ok = tmp_path / "small.png", tmp_path / "ok.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(small)
+    Image.fromarray(np.zeros((200, 200, 3), dtype=np.uint8)).save(ok)
+
+    def run(config, refs):
+        return workload(load_config(config, ["validation.prompts=[x]", f"validation.references={refs}"]),
+                        say=lambda *_: None)
+
+    w = run("tiny-klein", f"[{ok}, {tmp_path / 'none.png'}]")
+    assert [n for n in w.needs if n.startswith("validation")] == \
+        [f"validation.references[1]: an image file (not found: {tmp_path / 'none.png'})"]
+    with pytest.raises(ConfigError, match=r"validation.references\[1\] .*small.png is 20x20, which fits inside no"):
+        run("tiny-klein", f"[{ok}, {small}]")
+    with pytest.raises(ConfigError, match="validation.references: model.family=zimage has no editing mode"):
+        run("tiny-zimage", f"[{tmp_path / 'none.png'}]")
