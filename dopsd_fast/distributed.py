@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -205,6 +207,35 @@ def rank_error(rank: int, wait_s: float = 0.0) -> str | None:
         return None
 
 
+def stop_with_the_launcher() -> bool:
+    """Under torchrun on Linux: this worker gets a SIGTERM when the agent that started it dies (``kill -9``
+    or an out-of-memory kill of the launcher), so it finishes its step, writes that step's checkpoint
+    and stops, as for a SIGTERM from the agent, instead of training on as an orphan that holds its GPU
+    and the output folder. Returns whether it is set."""
+    if not sys.platform.startswith("linux") or not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    _LAUNCHER.append(os.getppid())
+    if os.getppid() == 1:  # the agent died before the request: as if after it
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+_LAUNCHER: list = []  # the agent's pid, where stop_with_the_launcher() is set
+
+
+def launcher_died() -> bool:
+    """Whether the torchrun agent that started this worker is gone (the SIGTERM was its death's)."""
+    return bool(_LAUNCHER) and os.getppid() != _LAUNCHER[0]
+
+
 def from_env(timeout_s: float = 1800.0) -> Dist:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) -> a process group (NCCL with CUDA, gloo
     on the CPU); a plain process -> world 1, nothing initialised."""
@@ -214,6 +245,7 @@ def from_env(timeout_s: float = 1800.0) -> Dist:
     d = Dist(rank, world, local, timeout_s)
     if world == 1:
         return d
+    stop_with_the_launcher()
 
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()

@@ -31,7 +31,7 @@ from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incompl
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.config import Config
 from dopsd_fast.data.prefetch import ImagePrefetcher
-from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure
+from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure, launcher_died
 from dopsd_fast.errors import ConfigError, DataError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, check_buckets, family, require_editing_support
@@ -932,6 +932,8 @@ class Trainer:
             if stop:
                 self.prefetch.close()
                 what = "SIGTERM" if stop == "SIGTERM" else "Ctrl-C"
+                if stop == "SIGTERM" and launcher_died():
+                    what = "SIGTERM (torchrun's agent, the launcher, died)"
                 if self.step == 0:
                     log.warning("%s before the first step: stopped, nothing to write", what)
                 else:

@@ -4,7 +4,9 @@ of torchrun's first attempt (TORCHELASTIC_RESTART_COUNT 0); otherwise it is ``do
 rank's loss of the step is NaN), ``hang`` (the rank stops for 60 s before the step), ``drift`` (the rank's EMA teacher is nudged before
 the step: the in-sync check must catch it), ``nan_input`` (the rank's student contexts of the step are
 NaN, as garbled cached features are), ``sigint`` (after the step the rank sends torchrun's agent
-SIGINT, as a Ctrl-C in the terminal does; the agent passes it on to every worker), ``stale_listing``
+SIGINT, as a Ctrl-C in the terminal does; the agent passes it on to every worker), ``kill_agent`` (after
+the step the rank SIGKILLs torchrun's agent, as ``kill -9`` or an out-of-memory kill of the launcher
+does), ``stale_listing``
 (from the start, the rank's listing of the checkpoints lacks the newest one), ``error`` (the rank's
 step raises a DataError of its own), ``startup_error`` (the rank's model and data build raises one), ``exit_in_save`` (the rank dies
 inside the checkpoint of that step). Used by
@@ -46,6 +48,8 @@ def _faulty_step(self):
         os._exit(17)
     if KIND == "sigint" and _here(self, self.step):
         os.kill(os.getppid(), signal.SIGINT)
+    if KIND == "kill_agent" and _here(self, self.step):
+        os.kill(os.getppid(), signal.SIGKILL)
     return m
 
 

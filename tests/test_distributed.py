@@ -227,6 +227,31 @@ def test_ranks_that_drift_apart_are_caught(tmp_path):
     assert "step 2: the ranks' weights drifted apart" in r.stderr, r.stderr[-3000:]
 
 
+def test_a_killed_launcher_stops_every_rank_with_a_checkpoint_and_resume_is_exact(two_ranks, tmp_path):
+    """torchrun's agent SIGKILLed (kill -9, an out-of-memory kill; here by rank 0 after step 1): the
+    workers trained on as orphans, holding their GPUs and the output folder to the end. Each now gets a
+    SIGTERM at the agent's death (PR_SET_PDEATHSIG), finishes the same step, writes its checkpoint and
+    stops, saying why; the resumed run ends where the uninterrupted one ended."""
+    import re
+
+    from dopsd_fast.checkpoint import list_checkpoints
+
+    out = tmp_path / "killed"
+    r = _run(out, 2, 1, worker="dist_fault_worker.py",
+             env={"DOPSD_FAULT_RANK": "0", "DOPSD_FAULT_STEP": "1", "DOPSD_FAULT_KIND": "kill_agent"})
+    assert r.returncode == -9
+    stops = re.findall(r"(?:\[rank (\d)\] )?dopsd_fast: SIGTERM \(torchrun's agent, the launcher, died\) at step "
+                       r"(\d+): stopped after writing its checkpoint", r.stderr)
+    assert len(stops) == 2 and {rank for rank, _ in stops} == {"", "1"}, r.stderr[-3000:]
+    (step,) = {int(s) for _, s in stops}
+    assert 1 <= step < 4 and "done: step 4" not in r.stderr
+    last = list_checkpoints(out / "checkpoints")[-1]
+    assert last[0] == step and {p.name for p in last[1].glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    r = _run(out, 2, 1, "--resume", "latest")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert _rel(_lora(out), _lora(two_ranks)) <= 1e-6
+
+
 def test_ctrl_c_stops_every_rank_after_the_same_step_and_resume_is_exact(two_ranks, tmp_path):
     """Ctrl-C at the terminal reaches torchrun's agent (sent here by rank 0 after step 1), which passes it
     on to every worker, each at its own point of its step: every rank finishes the same step and writes
