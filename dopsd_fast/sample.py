@@ -14,7 +14,7 @@ from PIL import Image
 from dopsd_fast.algorithm import euler_sample
 from dopsd_fast.config import LORA_MAX_SCALE
 from dopsd_fast.data import dataset as _data
-from dopsd_fast.data.buckets import assign_bucket, make_buckets
+from dopsd_fast.data.buckets import assign_bucket, make_buckets, nearest_aspect
 from dopsd_fast.export import LORA_FILE, check_lora_weights
 from dopsd_fast.families import FAMILIES, build_adapter, family
 from dopsd_fast.safety import file_in_folder
@@ -194,12 +194,22 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
             raise ValueError(f"{where}: cannot read the image ({type(e).__name__}: {e})") from None
         bucket = assign_bucket(w, h, buckets)
         if bucket is None:
-            near = min(buckets, key=lambda b: abs(math.log((b[0] / b[1]) / (w / h))))
+            near = nearest_aspect(w, h, buckets)
             raise ValueError(f"{where} is {w}x{h}, which fits inside no bucket of data.buckets (the nearest "
                              f"aspect's is {near[0]}x{near[1]}); upscaling is not done: use a larger image, or smaller "
                              "buckets (data.bucket_scale)")
         out.append(_data.load_image(path, bucket))
     return out
+
+
+def check_reference_grid(adapter, refs, paths, name: str = "--reference") -> None:
+    """Each reference's bucket is one the model takes (its latent grid): a ValueError naming it."""
+    for i, (path, r) in enumerate(zip(paths, refs)):
+        try:
+            adapter.latent_shape(r.shape[-2], r.shape[-1])
+        except ValueError as e:
+            where = f"{name} {path}" if name.startswith("--") else f"{name}[{i}] {path}"
+            raise ValueError(f"{where}: its bucket {r.shape[-1]}x{r.shape[-2]}: {e}") from None
 
 
 @torch.no_grad()
@@ -257,11 +267,7 @@ def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=
     refs = load_references(cfg.data, cfg.model.family, references)  # before any weights are read
     # a fine-tuned transformer in place of the model's: the model's own weights are not read
     adapter = build_adapter(cfg.model, load_encoders=False, transformer_weights=not transformer)
-    for path, r in zip(references or [], refs):
-        try:
-            adapter.latent_shape(r.shape[-2], r.shape[-1])
-        except ValueError as e:
-            raise ValueError(f"--reference {path}: its bucket {r.shape[-1]}x{r.shape[-2]}: {e}") from None
+    check_reference_grid(adapter, refs, references or [])
     adapter.ensure_student_encoder()  # the prompts' encoder alone: no teacher VLM for sampling
     if transformer:
         load_transformer(adapter, transformer)

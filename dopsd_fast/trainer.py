@@ -28,8 +28,8 @@ from dopsd_fast.algorithm import RolloutResult, euler_sample
 from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of
 from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incomplete_checkpoints, list_checkpoints,
                                    load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state)
-from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.config import Config
+from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure, launcher_died
 from dopsd_fast.errors import ConfigError, DataError, OutputDirError
@@ -680,17 +680,12 @@ class Trainer:
     def _validation_references(self) -> list:
         """``validation.references`` decoded at start-up (one line naming a missing, unreadable or too
         small file, or a family without an editing mode, before any step)."""
-        from dopsd_fast.sample import load_references
+        from dopsd_fast.sample import check_reference_grid, load_references
 
         vcfg = self.cfg.validation
         try:
             refs = load_references(self.cfg.data, self.cfg.model.family, vcfg.references, "validation.references")
-            for i, r in enumerate(refs):
-                try:
-                    self.adapter.latent_shape(r.shape[-2], r.shape[-1])
-                except ValueError as e:
-                    raise ValueError(f"validation.references[{i}] {vcfg.references[i]}: its bucket "
-                                     f"{r.shape[-1]}x{r.shape[-2]}: {e}") from None
+            check_reference_grid(self.adapter, refs, vcfg.references, "validation.references")
         except ValueError as e:
             raise ConfigError(f"config field {e}") from None
         if refs and not vcfg.prompts and self.rank == 0:

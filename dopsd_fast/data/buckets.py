@@ -37,3 +37,9 @@ def assign_bucket(width: int, height: int, buckets) -> tuple[int, int] | None:
         return None
     log_ar = math.log(width / height)
     return min(fitting, key=lambda b: (abs(math.log(b[0] / b[1]) - log_ar), -b[0] * b[1]))
+
+
+def nearest_aspect(width: int, height: int, buckets) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's, whether or not it fits inside it (what an
+    image too small for every bucket is told about)."""
+    return min(buckets, key=lambda b: abs(math.log((b[0] / b[1]) / (width / height))))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dopsd_fast.data.buckets import assign_bucket, make_buckets
+from dopsd_fast.data.buckets import assign_bucket, make_buckets, nearest_aspect
 from dopsd_fast.errors import DataError  # re-exported: dopsd_fast.data.DataError
 from dopsd_fast.data.tiny import ensure_tiny_dataset, ensure_toy_concept_dataset
 from tqdm.auto import tqdm
@@ -238,7 +237,7 @@ class ImageTextDataset:
 
 def _no_bucket(where, field, what, path, w, h, buckets) -> DataError:
     """An image that fits inside no bucket: the bucket nearest its aspect, and what would make it fit."""
-    near = min(buckets, key=lambda b: abs(math.log((b[0] / b[1]) / (w / h))))
+    near = nearest_aspect(w, h, buckets)
     return DataError(f"{where}: field '{field}': {what} {path} is {w}x{h}, which fits inside no bucket (the nearest "
                      f"aspect's is {near[0]}x{near[1]}); upscaling is not done: use a larger image, or smaller buckets "
                      "(data.bucket_scale)")
