@@ -32,6 +32,11 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"config field '{name}': {msg}")
 
 
+def _paths(value) -> bool:
+    """A list of non-empty path strings."""
+    return isinstance(value, list) and all(isinstance(p, str) and p.strip() for p in value)
+
+
 def _one_of(value, choices, name):
     _check(value in choices, name, f"must be one of {list(choices)}, got {value!r}")
 
@@ -250,19 +255,42 @@ class ValidationConfig:
     steps: Optional[int] = None  # inference steps; None = the model's few-step default
     seed: int = 1234
     # extra prompts without a target (held-out prompts: does the concept generalise, does the rest stay):
-    # one row each with the student's sample, at the first bucket
+    # one row each with the student's sample, at the first bucket; an entry {prompt: ..., references: [...]}
+    # is that prompt on its own reference images (an editing model's; [] = none)
     prompts: list = field(default_factory=list)
-    # reference images every held-out prompt is conditioned on (an editing model's: a run on rows with
-    # references), each at the data.buckets bucket nearest its aspect; the prompts sample at the first one's
+    # reference images the other held-out prompts are conditioned on (an editing model's: a run on rows
+    # with references), each at the data.buckets bucket nearest its aspect; a prompt samples at its first one's
     references: list = field(default_factory=list)
 
     def __post_init__(self):
         _check(self.every >= 0, "validation.every", "must be >= 0")
         _check(self.num_samples >= 0, "validation.num_samples", "must be >= 0")
-        _check(isinstance(self.prompts, list) and all(isinstance(p, str) and p.strip() for p in self.prompts),
-               "validation.prompts", "must be a list of non-empty prompt strings")
-        _check(isinstance(self.references, list) and all(isinstance(p, str) and p.strip() for p in self.references),
-               "validation.references", "must be a list of image file paths")
+        _check(isinstance(self.prompts, list), "validation.prompts",
+               "must be a list of prompts (a string, or {prompt: ..., references: [...]})")
+        for i, p in enumerate(self.prompts):
+            name = f"validation.prompts[{i}]"
+            if isinstance(p, dict):
+                unknown = sorted(set(p) - {"prompt", "references"})
+                _check(not unknown, name, f"unknown key(s) {unknown}: an entry is a prompt string or "
+                                          "{prompt: ..., references: [...]}")
+                _check(isinstance(p.get("prompt"), str) and p["prompt"].strip(), f"{name}.prompt",
+                       "must be a non-empty prompt string")
+                _check(_paths(p.get("references", [])), f"{name}.references", "must be a list of image file paths")
+            else:
+                _check(isinstance(p, str) and p.strip(), name, "must be a non-empty prompt string (or "
+                                                               "{prompt: ..., references: [...]})")
+        _check(_paths(self.references), "validation.references", "must be a list of image file paths")
+
+    def held_out(self) -> list[tuple[str, list, str]]:
+        """Per held-out prompt: (its text, its reference image paths, the field naming them): an entry's
+        own ``references``, else ``validation.references``."""
+        out = []
+        for i, p in enumerate(self.prompts):
+            if isinstance(p, dict) and "references" in p:
+                out.append((p["prompt"], list(p["references"]), f"validation.prompts[{i}].references"))
+            else:
+                out.append((p["prompt"] if isinstance(p, dict) else p, list(self.references), "validation.references"))
+        return out
 
 
 @dataclass(kw_only=True)
@@ -692,9 +720,11 @@ FIELD_HELP: dict[str, str] = {
     "validation.num_samples": "the first N data rows sampled: their prompt (first key) and target image",
     "validation.steps": "inference steps (`null` = the model's few-step default: Z-Image 8, FLUX.2 4; toy: 4)",
     "validation.seed": "seed of the validation noise",
-    "validation.prompts": "extra prompts without a target (held-out prompts): one row each, the student's sample",
-    "validation.references": "reference images every held-out prompt is conditioned on (an editing model's); they "
-                             "sample at the first one's bucket",
+    "validation.prompts": "extra prompts without a target (held-out prompts): one row each, the student's sample; "
+                          "an entry `{prompt: ..., references: [...]}` is that prompt on its own reference images "
+                          "(an editing model's; `[]`: none)",
+    "validation.references": "reference images the held-out prompts without their own `references` are conditioned "
+                             "on (an editing model's); a prompt samples at its first reference's bucket",
     "sft.weighting": "`method: sft` sigma sampling, as diffusers' DreamBooth scripts: `none` (uniform), "
                      "`logit_normal` or `mode`",
     "sft.logit_mean": "`logit_normal`: mean",

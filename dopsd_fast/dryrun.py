@@ -99,19 +99,22 @@ def _data(cfg, spec, say, needs):
 
 
 def _validation_references(cfg, spec, needs) -> None:
-    """``validation.references`` as the run checks them at start-up (a family without an editing mode, an
+    """The held-out prompts' reference images (``validation.references``, a ``validation.prompts`` entry's
+    own ``references``) as the run checks them at start-up (a family without an editing mode, an
     unreadable or too small image: refused); one not on disk is what the real run still needs."""
     from dopsd_fast.sample import load_references
 
-    refs = cfg.validation.references
+    fields = {"validation.references": list(cfg.validation.references),
+              **{name: paths for _, paths, name in cfg.validation.held_out()}}
     try:
-        if refs and not spec.editing:
-            load_references(cfg.data, cfg.model.family, refs, "validation.references")  # refuses the family
-        for i, path in enumerate(refs):
-            if not Path(path).is_file():
-                needs.append(f"validation.references[{i}]: an image file (not found: {path})")
-            else:
-                load_references(cfg.data, cfg.model.family, [path], "validation.references", first=i)
+        for name, refs in fields.items():
+            if refs and not spec.editing:
+                load_references(cfg.data, cfg.model.family, refs, name)  # refuses the family
+            for i, path in enumerate(refs):
+                if not Path(path).is_file():
+                    needs.append(f"{name}[{i}]: an image file (not found: {path})")
+                else:
+                    load_references(cfg.data, cfg.model.family, [path], name, first=i)
     except ValueError as e:
         raise ConfigError(f"config field {e}") from None
 

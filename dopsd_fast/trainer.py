@@ -652,8 +652,8 @@ class Trainer:
                 xt = euler_sample(lambda x, sg: self.pair.velocity("teacher", x, sg, ctx_t), noise, sig)
             imgs = self.adapter.decode(torch.cat([xs, xt]))
             rows.append((s.prompt, [s.image, imgs[0].cpu(), imgs[1].cpu()]))
-        refs = self.val_refs
-        for i, (prompt, ctx) in enumerate(zip(vcfg.prompts, self._validation_contexts())):
+        for i, ((prompt, _, _), refs, ctx) in enumerate(zip(vcfg.held_out(), self.val_refs,
+                                                             self._validation_contexts())):
             # on references: at the first one's bucket (an edit keeps its picture's aspect)
             w, h = (refs[0].shape[-1], refs[0].shape[-2]) if refs else self.dataset.records[0].bucket
             shape = self.adapter.latent_shape(h, w)
@@ -678,33 +678,40 @@ class Trainer:
         return path
 
     def _validation_references(self) -> list:
-        """``validation.references`` decoded at start-up (one line naming a missing, unreadable or too
-        small file, or a family without an editing mode, before any step)."""
+        """Each held-out prompt's reference images (a ``validation.prompts`` entry's own ``references``,
+        else ``validation.references``), decoded at start-up: one line naming a missing, unreadable or
+        too small file, or a family without an editing mode, before any step."""
         from dopsd_fast.sample import check_reference_grid, load_references
 
         vcfg = self.cfg.validation
+        held = vcfg.held_out()
+        fields = {"validation.references": list(vcfg.references), **{name: paths for _, paths, name in held}}
+        decoded = {}
         try:
-            refs = load_references(self.cfg.data, self.cfg.model.family, vcfg.references, "validation.references")
-            check_reference_grid(self.adapter, refs, vcfg.references, "validation.references")
+            for name, paths in fields.items():  # every field, used or not: a bad entry is named either way
+                decoded[name] = load_references(self.cfg.data, self.cfg.model.family, paths, name)
+                check_reference_grid(self.adapter, decoded[name], paths, name)
         except ValueError as e:
             raise ConfigError(f"config field {e}") from None
-        if refs and not vcfg.prompts and self.rank == 0:
-            log.warning("validation.references is set without validation.prompts: no held-out prompt to condition "
-                        "on them")
-        return refs
+        if vcfg.references and self.rank == 0 and all(name != "validation.references" for _, _, name in held):
+            log.warning("validation.references is set, but no held-out prompt is conditioned on it (validation.prompts "
+                        "is empty, or each entry has its own references)")
+        return [decoded[name] for _, _, name in held]
 
     def _validation_contexts(self) -> list:
-        """Student contexts of ``validation.prompts`` (on ``validation.references``, when given), encoded
+        """Student contexts of the held-out prompts (each on its references, when it has some), encoded
         once (a run on a feature cache loads the text encoder for this, then releases it)."""
-        prompts = list(self.cfg.validation.prompts)
-        if getattr(self, "_val_ctx", None) is None or self._val_ctx[0] != prompts:
+        vcfg = self.cfg.validation
+        prompts = [p for p, _, _ in vcfg.held_out()]
+        key = (list(vcfg.prompts), list(vcfg.references))
+        if getattr(self, "_val_ctx", None) is None or self._val_ctx[0] != key:
             loaded = getattr(self.adapter, "text_encoder", None) is not None
-            refs = [list(self.val_refs) for _ in prompts] if self.val_refs else None
+            refs = [list(r) for r in self.val_refs] if any(self.val_refs) else None
             ctx = self.adapter.encode_student(prompts, refs) if prompts and refs else \
                 self.adapter.encode_student(prompts) if prompts else []
             if not loaded and prompts:
                 self.adapter.release_encoders()
-            self._val_ctx = (prompts, ctx)
+            self._val_ctx = (key, ctx)
         return self._val_ctx[1]
 
     # ---- checkpoints -------------------------------------------------------------------------

@@ -39,6 +39,10 @@ def test_shipped_configs_parse():
     ("data.buckets=[[512,-8]]", "'data.buckets'"),
     ("data.buckets=[]", "'data.buckets'"),
     ("lora.alpha=4096", r"'lora.alpha'.*alpha / rank = 512, over 256"),
+    ("validation.prompts=[a, '']", r"'validation.prompts\[1\]': must be a non-empty prompt string"),
+    ("validation.prompts=[{prompt: a, refs: [x.png]}]", r"'validation.prompts\[0\]': unknown key\(s\) \['refs'\]"),
+    ("validation.prompts=[{references: [x.png]}]", r"'validation.prompts\[0\].prompt': must be a non-empty"),
+    ("validation.prompts=[a, {prompt: b, references: x.png}]", r"'validation.prompts\[1\].references': must be a list"),
 ])
 def test_config_errors_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -320,3 +320,11 @@ def test_validation_references_are_checked_as_the_run_checks_them(tmp_path):
         run("tiny-klein", f"[{ok}, {small}]")
     with pytest.raises(ConfigError, match="validation.references: model.family=zimage has no editing mode"):
         run("tiny-zimage", f"[{tmp_path / 'none.png'}]")
+    # a held-out prompt's own references, checked the same way and named by their field
+    own = f"validation.prompts=[x, {{prompt: y, references: [{tmp_path / 'none.png'}, {small}]}}]"
+    with pytest.raises(ConfigError, match=r"validation.prompts\[1\].references\[1\] .*small.png is 20x20"):
+        workload(load_config("tiny-klein", [own]), say=lambda *_: None)
+    own = f"validation.prompts=[x, {{prompt: y, references: [{tmp_path / 'none.png'}]}}]"
+    w = workload(load_config("tiny-klein", [own]), say=lambda *_: None)
+    assert [n for n in w.needs if n.startswith("validation")] == \
+        [f"validation.prompts[1].references[0]: an image file (not found: {tmp_path / 'none.png'})"]

@@ -502,7 +502,9 @@ def test_dopsd_sample_references_are_refused_in_one_line(tmp_path):
 def test_held_out_validation_prompts_sample_on_validation_references(tmp_path):
     """A ground-truth-reference run's held-out prompts sampled text-to-image: with validation.references
     they are conditioned on them (the student's context carries each reference's latents), sample at
-    the first one's bucket, and their grid row shows it; a bad entry is one line at start-up."""
+    the first one's bucket, and their grid row shows it; a ``validation.prompts`` entry with its own
+    ``references`` is conditioned on those instead (``[]``: text-to-image); a bad entry is one line at
+    start-up, naming its field."""
     import pytest
     from PIL import Image
 
@@ -510,24 +512,33 @@ def test_held_out_validation_prompts_sample_on_validation_references(tmp_path):
     from dopsd_fast.trainer import Trainer
 
     p = _editing_data(tmp_path)
-    Image.new("RGB", (256, 128), (90, 90, 90)).save(tmp_path / "wide.png")
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    Image.new("RGB", (256, 128), (90, 90, 90)).save(wide)
+    Image.new("RGB", (128, 256), (30, 30, 30)).save(tall)
     klein = [f"data.jsonl={p}", "data.builtin=null", "data.prompt_keys=[prompt]", "data.bucket_scale=0.125",
              "model.family=klein", "model.preset=tiny-klein", "model.student_max_tokens=160", "dopsd.rollout=klein-k4",
              "validation.num_samples=1", "validation.steps=1"]
-    cfg = tiny_config(tmp_path / "k", *klein, "validation.prompts=[make it blue, make it red]",
-                      f"validation.references=[{tmp_path / 'wide.png'}]")
+    prompts = f"[make it blue, make it red, {{prompt: make it tall, references: [{tall}]}}, {{prompt: a cat, references: []}}]"
+    cfg = tiny_config(tmp_path / "k", *klein, f"validation.prompts={prompts}", f"validation.references=[{wide}]")
     tr = Trainer(cfg)
-    (ref,) = tr.val_refs
-    h, w = ref.shape[-2:]
+    assert [len(r) for r in tr.val_refs] == [1, 1, 1, 0]
+    (h, w), (th, tw) = tr.val_refs[0][0].shape[-2:], tr.val_refs[2][0].shape[-2:]
     assert w > h and (w, h) != tuple(tr.dataset.records[0].bucket)  # the wide picture's own bucket
+    assert th > tw  # the tall one's
     ctx = tr._validation_contexts()
-    assert len(ctx) == 2 and all(tuple(c.extra["ref0"].shape[-2:]) == tr.adapter.latent_shape(h, w)[-2:] for c in ctx)
+    grids = [tuple(c.extra["ref0"].shape[-2:]) if "ref0" in c.extra else None for c in ctx]
+    assert grids == [tr.adapter.latent_shape(h, w)[-2:]] * 2 + [tr.adapter.latent_shape(th, tw)[-2:], None]
     grid = tr.validate()
     with Image.open(grid) as im:
-        assert im.height > 3 * 128  # the data row and the two held-out rows
+        assert im.height > 5 * 128  # the data row and the four held-out rows
     tr.close()
 
     with pytest.raises(ConfigError, match=r"validation.references\[0\] .*none.png: no such image file"):
         Trainer(tiny_config(tmp_path / "m", *klein, f"validation.references=[{tmp_path / 'none.png'}]"))
+    with pytest.raises(ConfigError, match=r"validation.prompts\[1\].references\[0\] .*none.png: no such image file"):
+        Trainer(tiny_config(tmp_path / "n", *klein,
+                            f"validation.prompts=[x, {{prompt: y, references: [{tmp_path / 'none.png'}]}}]"))
     with pytest.raises(ConfigError, match="validation.references: model.family=zimage has no editing mode"):
-        Trainer(tiny_config(tmp_path / "z", f"validation.references=[{tmp_path / 'wide.png'}]"))
+        Trainer(tiny_config(tmp_path / "z", f"validation.references=[{wide}]"))
+    with pytest.raises(ConfigError, match=r"validation.prompts\[0\].references: model.family=zimage has no editing"):
+        Trainer(tiny_config(tmp_path / "y", f"validation.prompts=[{{prompt: x, references: [{wide}]}}]"))
