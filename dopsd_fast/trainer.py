@@ -675,7 +675,22 @@ class Trainer:
         path = self.out / "samples" / f"step-{self.step:07d}.png"
         ema = "teacher (EMA)" if "teacher" in self.context_kinds else "EMA (student prompt)"
         save_grid(rows, ["target", "student", ema], path, title=f"step {self.step}")
+        self._plot_curves()
         return path
+
+    def _plot_curves(self) -> None:
+        """``curves.png`` from ``metrics.jsonl`` (rank 0): a picture that cannot be drawn (a full disk) is
+        said once and costs the run nothing."""
+        from dopsd_fast.curves import plot_run
+
+        if self.rank != 0 or not self.logger.enabled:
+            return
+        try:
+            plot_run(self.out, title=f"{self.out.name}: step {self.step}")
+        except Exception as e:  # noqa: BLE001 - a picture never stops training
+            if not getattr(self, "_curves_failed", False):
+                log.warning("curves.png not written (%s: %s); metrics.jsonl has the numbers", type(e).__name__, e)
+            self._curves_failed = True
 
     def _validation_references(self) -> list:
         """Each held-out prompt's reference images (a ``validation.prompts`` entry's own ``references``,
@@ -941,6 +956,7 @@ class Trainer:
                 else:
                     if self._saved_step != self.step:
                         self.save()
+                    self._plot_curves()
                     log.warning("%s at step %d: stopped after writing its checkpoint (resume with --resume latest)",
                                 what, self.step)
                 raise (Terminated if stop == "SIGTERM" else Interrupted)(f"{stop} at step {self.step}")
@@ -961,6 +977,7 @@ class Trainer:
             self.save()
         if vcfg.every and self.step % vcfg.every != 0:
             self.validate()
+        self._plot_curves()
         self.export_full()
         self.logger.close()
         return last

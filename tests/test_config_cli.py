@@ -75,6 +75,7 @@ def test_readme_main_command(tmp_path):
     assert (out / "checkpoints" / "step-0000004" / ".metadata").is_file()  # a DCP checkpoint
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 4
     assert list((out / "tensorboard").iterdir())
+    assert (out / "curves.png").is_file()
     # resume picks up where it stopped
     proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:], "--set", "train.max_steps=5",
                            "--resume", "latest"], capture_output=True, text=True, timeout=600)

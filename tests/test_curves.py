@@ -1,0 +1,86 @@
+"""``curves.png``: the run's metrics as a picture, drawn from ``metrics.jsonl`` (what it shows follows the
+numbers), and a picture that cannot be written never stops a run."""
+
+import json
+import math
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dopsd_fast import curves as C
+
+
+def _write(path, rows, extra_lines=()):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+
+
+def _dark_rows(img, x0, x1, y0, y1):
+    """Mean row of the dark (moving-mean) pixels in the box [x0, x1) x [y0, y1)."""
+    a = np.asarray(img.convert("RGB"), dtype=int)[y0:y1, x0:x1]
+    dark = (np.abs(a - np.array(C.DARK)).sum(-1) < 60)
+    ys = np.nonzero(dark)[0]
+    assert len(ys), "no curve drawn in the box"
+    return ys.mean() + y0
+
+
+def test_moving_mean_is_the_centred_mean():
+    v = np.random.default_rng(0).normal(size=37)
+    for w in (1, 3, 5):
+        want = [v[max(0, i - w // 2):i + w - w // 2].mean() for i in range(len(v))]
+        np.testing.assert_allclose(C.moving_mean(v, w), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("falling", [True, False])
+def test_the_loss_curve_follows_the_logged_numbers(tmp_path, falling):
+    """A falling loss is drawn high on the left and low on the right (a rising one the other way); a
+    torn line, a NaN and a non-row are skipped, not drawn or fatal."""
+    rows = [{"step": s, "loss": (math.exp(-s / 60) if falling else 1 - math.exp(-s / 60)),
+             "grad_norm": 1.0, "lr": 1e-3, "step_time_s": 0.5} for s in range(1, 301)]
+    rows[150]["loss"] = float("nan")
+    (tmp_path / "metrics.jsonl").write_text("")
+    _write(tmp_path / "metrics.jsonl", rows, extra_lines=['{"step": 301, "loss": 0.', "[1, 2]"])
+    series = C.read_series(tmp_path / "metrics.jsonl")
+    assert len(series["loss"]) == 299 and all(math.isfinite(v) for _, v in series["loss"])
+    path = C.plot_run(tmp_path, "t")
+    assert path == tmp_path / "curves.png"
+    img = Image.open(path)
+    # the loss panel: the first one (top left)
+    px, py = C.PAD + C.LEFT, 20 + C.TOP
+    left = _dark_rows(img, px + 2, px + 30, py + 1, py + C.PLOT_H)
+    right = _dark_rows(img, px + C.PLOT_W - 30, px + C.PLOT_W - 2, py + 1, py + C.PLOT_H)
+    assert (left < right - 0.5 * C.PLOT_H) if falling else (left > right + 0.5 * C.PLOT_H), (left, right)
+
+
+def test_nothing_logged_draws_nothing_and_one_point_draws_its_panel(tmp_path):
+    assert C.plot_run(tmp_path) is None  # no metrics.jsonl
+    _write(tmp_path / "metrics.jsonl", [], extra_lines=["not json"])
+    assert C.plot_run(tmp_path) is None
+    _write(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 0.3, "grad_norm": 1.0, "lr": 0.0, "step_time_s": 2.0},
+                                        {"step": 2, "loss": 0.3, "grad_norm": 1.0, "lr": 0.0, "step_time_s": 2.0}])
+    assert C.plot_run(tmp_path).is_file()  # constant series: a flat line, no division by zero
+
+
+def test_a_run_draws_its_curves_and_a_failed_picture_costs_it_nothing(tmp_path, monkeypatch, caplog):
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    tr = Trainer(tiny_config(tmp_path / "a", "train.max_steps=2"))
+    tr.train()
+    assert (tmp_path / "a" / "run" / "curves.png").is_file()
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "plot_run", broken)
+    tr = Trainer(tiny_config(tmp_path / "b", "train.max_steps=3", "validation.every=1", "validation.num_samples=1"))
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr.train()
+    assert tr.step == 3 and (tmp_path / "b" / "run" / "lora").is_dir()
+    said = [r.getMessage() for r in caplog.records if "curves.png not written" in r.getMessage()]
+    assert len(said) == 1 and "No space left on device" in said[0], said
