@@ -51,10 +51,25 @@ def test_the_loss_curve_follows_the_logged_numbers(tmp_path, falling):
     assert path == tmp_path / "curves.png"
     img = Image.open(path)
     # the loss panel: the first one (top left)
-    px, py = C.PAD + C.LEFT, 20 + C.TOP
+    px, py = C.PAD + C.LEFT, C.HEAD + C.TOP
     left = _dark_rows(img, px + 2, px + 30, py + 1, py + C.PLOT_H)
     right = _dark_rows(img, px + C.PLOT_W - 30, px + C.PLOT_W - 2, py + 1, py + C.PLOT_H)
     assert (left < right - 0.5 * C.PLOT_H) if falling else (left > right + 0.5 * C.PLOT_H), (left, right)
+
+
+def test_each_roll_out_state_is_its_own_line(tmp_path):
+    """loss_state/0 high and falling, loss_state/1 low and flat: two lines, the state-0 one above on the
+    left, both in the panel's own colours."""
+    rows = [{"step": s, "loss": 1.0, "loss_state/0": 2 - s / 300, "loss_state/1": 0.2} for s in range(1, 301)]
+    _write(tmp_path / "metrics.jsonl", rows)
+    series = C.read_series(tmp_path / "metrics.jsonl")
+    assert sorted(k for k in series if k.startswith("loss_state/")) == ["loss_state/0", "loss_state/1"]
+    img = Image.open(C.plot_run(tmp_path))
+    pw = C.LEFT + C.PLOT_W + C.PAD
+    px, py = C.PAD + pw + C.LEFT, C.HEAD + C.TOP  # the second panel (top right)
+    a = np.asarray(img.convert("RGB"), dtype=int)[py + 1:py + C.PLOT_H, px + 2:px + 30]
+    rows_of = [np.nonzero((np.abs(a - np.array(c)).sum(-1) < 60))[0] for c in C.STATE_COLOURS[:2]]
+    assert all(len(r) for r in rows_of) and rows_of[0].mean() < rows_of[1].mean() - 0.5 * C.PLOT_H
 
 
 def test_nothing_logged_draws_nothing_and_one_point_draws_its_panel(tmp_path):
