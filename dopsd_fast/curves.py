@@ -1,11 +1,15 @@
 """The run's curves as one picture, ``curves.png`` beside ``metrics.jsonl``: loss, its part at each
-roll-out state, grad norm, the update ratio, learning rate and step time against the step, redrawn at
-each validation, at a stop and at the end of the run (rank 0). TensorBoard has the same numbers; this
-is the look at a run without starting a server."""
+roll-out state, grad norm, the update ratio, learning rate and step time against the step (rank 0:
+redrawn at each validation and checkpoint, at a stop, at the end and when the run fails). TensorBoard
+has the same numbers; this is the look at a run without starting a server.
+
+:class:`Curves` reads only what was appended to ``metrics.jsonl`` since its last read (a file cut back
+by a resume is read again whole), and a curve is drawn through at most a few points per pixel column
+(each column's lowest and highest value), so a redraw costs about the same at step 100 and at step
+100,000."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -13,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dopsd_fast.logging_utils import metrics_rows
+from dopsd_fast.logging_utils import parse_row
 from dopsd_fast.safety import atomic_write
 
 # (metric, panel title, smoothed, value axis from zero): a smoothed panel draws the centred moving mean
@@ -26,31 +30,89 @@ PLOT_W, PLOT_H, LEFT, TOP, BOTTOM, PAD, HEAD = 300, 150, 64, 20, 18, 10, 20
 LIGHT, DARK, AXIS = (170, 190, 230), (20, 60, 170), (90, 90, 90)
 STATE_COLOURS = ((20, 60, 170), (200, 80, 20), (30, 140, 60), (150, 40, 150), (120, 120, 20), (20, 140, 150))
 _STATE = re.compile(r"loss_state/(\d+)$")
+_EXACT_MEAN = 4_000_000  # points x window up to which a moving mean sums each window on its own
+
+
+def _wanted(name: str) -> bool:
+    return any(p[0] == name for p in PANELS) or _STATE.match(name) is not None
 
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+class Curves:
+    """The panels' series of one ``metrics.jsonl``, read incrementally: ``{metric: ([steps], [values])}``,
+    finite values only (a torn or non-row line is skipped, as everywhere the file is read)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+        self.series: dict[str, tuple[list, list]] = {}
+
+    def update(self) -> dict:
+        """Read what was appended since the last call (a whole line at a time) and return the series."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < self.offset:  # cut back (a resume truncates to the checkpoint's step): read it again
+            self.offset, self.series = 0, {}
+        if size == self.offset:
+            return self.series
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        end = data.rfind(b"\n") + 1  # a line still being written waits for its newline
+        self.offset += end
+        for line in data[:end].decode(errors="replace").splitlines():
+            parsed = parse_row(line)
+            if parsed is None:
+                continue
+            row, step = parsed
+            for name, v in row.items():
+                if _wanted(name) and _finite(v):
+                    steps, vals = self.series.setdefault(name, ([], []))
+                    steps.append(float(step))
+                    vals.append(float(v))
+        return self.series
+
+
 def read_series(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """``{metric: [(step, value), ...]}`` of a ``metrics.jsonl``: the panels' metrics and every
-    ``loss_state/k``, finite values only (a torn or non-row line is skipped, as everywhere the file is read)."""
-    out: dict[str, list[tuple[float, float]]] = {p[0]: [] for p in PANELS if not p[0].endswith("*")}
-    for line, step in metrics_rows(path):
-        row = json.loads(line)
-        for name, v in row.items():
-            if (name in out or _STATE.match(name)) and _finite(v):
-                out.setdefault(name, []).append((float(step), float(v)))
-    return out
+    """``{metric: [(step, value), ...]}`` of a whole ``metrics.jsonl`` (the panels' metrics and every
+    ``loss_state/k``)."""
+    return {k: list(zip(s, v)) for k, (s, v) in Curves(path).update().items()}
 
 
-def moving_mean(values: np.ndarray, window: int) -> np.ndarray:
+def moving_mean(values, window: int) -> np.ndarray:
     """Centred mean over ``window`` points (fewer at the ends, where the window is cut): no lag behind the
-    logged values."""
-    c = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
-    i = np.arange(len(values))
-    lo, hi = np.maximum(i - window // 2, 0), np.minimum(i + window - window // 2, len(values))
+    logged values. Each window is summed on its own up to a size (a running sum loses the small values'
+    digits after a huge one); beyond it, a running sum (the caller bounds the values first)."""
+    v = np.asarray(values, dtype=np.float64)
+    n, half = len(v), window // 2
+    if window <= 1 or n == 0:
+        return v.copy()
+    if n * window <= _EXACT_MEAN:
+        padded = np.pad(v, (half, window - half - 1), constant_values=np.nan)
+        return np.nanmean(np.lib.stride_tricks.sliding_window_view(padded, window), axis=1)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    i = np.arange(n)
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + window - half, n)
     return (c[hi] - c[lo]) / (hi - lo)
+
+
+def _thin(x: np.ndarray, y: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most 2 points per pixel column (x: pixel positions, ascending): each column's lowest and highest
+    value, in that order; fewer points than 4 per column are kept as they are."""
+    if len(x) <= 4 * columns:
+        return x, y
+    col = np.clip(x.astype(np.int64), 0, None)
+    starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+    lo, hi = np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts)
+    xs = np.repeat(col[starts].astype(np.float64), 2)
+    ys = np.empty(2 * len(starts))
+    ys[0::2], ys[1::2] = lo, hi
+    return xs, ys
 
 
 def _fmt(v: float) -> str:
@@ -58,30 +120,31 @@ def _fmt(v: float) -> str:
 
 
 def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, smooth: bool, zero: bool) -> None:
-    """One panel: its title (with the last value or moving mean), the axes with the value range and the
-    step range, and ``lines`` (label, [(step, value)], colour), each its moving mean where ``smooth`` (one
-    line alone: over its logged values, light). ``zero``: the value axis starts at 0 (a positive quantity
-    read on its own scale)."""
+    """One panel: its title, the axes with the value range and the step range, and ``lines`` (label,
+    (steps, values), colour), each its moving mean where ``smooth`` (one line alone: over its logged
+    values, light). The last value (or moving mean) of each line: in the title for one line, in a
+    legend inside the plot for several. ``zero``: the value axis starts at 0 (a positive quantity read
+    on its own scale)."""
     px, py = x0 + LEFT, y0 + TOP
     d.rectangle([px, py, px + PLOT_W, py + PLOT_H], outline=AXIS)
-    lines = [(label, pts, colour) for label, pts, colour in lines if len(pts) >= 2]
+    lines = [(label, sv, colour) for label, sv, colour in lines if len(sv[0]) >= 2]
     if not lines:
         d.text((x0, y0 + 2), title, fill=(0, 0, 0))
         d.text((px + 8, py + PLOT_H // 2 - 5), "not logged (yet)", fill=AXIS)
         return
-    drawn = []
-    for label, pts, colour in lines:
-        s = np.array([p[0] for p in pts])
-        v = np.array([p[1] for p in pts])
-        drawn.append((label, s, v, moving_mean(v, 2 * (len(v) // 50) + 1) if smooth else v, colour))
-    means = smooth and max(len(v) for _, _, v, _, _ in drawn) >= 50
-    last = ", ".join(f"{label} {_fmt(m[-1])}" if label else _fmt(m[-1]) for label, _, _, m, _ in drawn)
-    d.text((x0, y0 + 2), f"{title}: {last}" + (" (moving means)" if means and len(drawn) > 1 else
-                                                " (moving mean)" if means else ""), fill=(0, 0, 0))
+    raw = [(label, np.asarray(sv[0]), np.asarray(sv[1]), colour) for label, sv, colour in lines]
     # the range of the logged values without the extreme 1 % on either side (a first-step spike would
     # squash the rest); what lies outside is drawn on the border
-    every = np.concatenate([v for _, _, v, _, _ in drawn] if len(drawn) == 1 else [m for *_, m, _ in drawn])
+    every = np.concatenate([v for _, _, v, _ in raw])
     lo, hi = np.percentile(every, [1, 99]) if len(every) >= 100 else (every.min(), every.max())
+    drawn = []
+    for label, s, v, colour in raw:
+        # smoothed over values bounded near the drawn range (one huge value cannot take the rest's digits)
+        b = np.clip(v, *np.percentile(v, [0.1, 99.9])) if len(v) >= 1000 else v
+        drawn.append((label, s, v, moving_mean(b, 2 * (len(v) // 50) + 1) if smooth else v, colour))
+    means = smooth and max(len(v) for _, _, v, _, _ in drawn) >= 50
+    if len(drawn) > 1:
+        lo, hi = min(lo, *(m.min() for *_, m, _ in drawn)), max(hi, *(m.max() for *_, m, _ in drawn))
     if zero and lo > 0:
         lo = 0.0
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
@@ -90,15 +153,25 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
     s1 = max(s.max() for _, s, _, _, _ in drawn)
     s1 = s1 if s1 > s0 else s0 + 1
 
-    def xy(step, val):
-        y = (min(max(val, lo), hi) - lo) / (hi - lo)
-        return px + (step - s0) / (s1 - s0) * PLOT_W, py + (1 - y) * PLOT_H
+    def points(s, v):
+        x, y = _thin(px + (s - s0) / (s1 - s0) * PLOT_W, v, PLOT_W)
+        y = py + 2 + (1 - (np.clip(y, lo, hi) - lo) / (hi - lo)) * (PLOT_H - 4)  # off the frame
+        return list(zip(x.tolist(), y.tolist()))
 
+    kind = (" (moving means)" if len(drawn) > 1 else " (moving mean)") if means else ""
+    if len(drawn) == 1:
+        d.text((x0, y0 + 2), f"{title}: {_fmt(drawn[0][3][-1])}{kind}", fill=(0, 0, 0))
+    else:
+        d.text((x0, y0 + 2), title + kind, fill=(0, 0, 0))
     if smooth and len(drawn) == 1:
         _, s, v, _, _ = drawn[0]
-        d.line([xy(a, b) for a, b in zip(s, v)], fill=LIGHT, width=1)
+        d.line(points(s, v), fill=LIGHT, width=1)
     for _, s, _, m, colour in drawn:
-        d.line([xy(a, b) for a, b in zip(s, m)], fill=colour, width=2)
+        d.line(points(s, m), fill=colour, width=2)
+    if len(drawn) > 1:  # the legend: each line's label and last value, in its colour, top right inside the plot
+        for k, (label, *_, m, colour) in enumerate(drawn[:(PLOT_H - 8) // 11]):
+            text = f"{label}: {_fmt(m[-1])}"
+            d.text((px + PLOT_W - 4 - d.textlength(text), py + 3 + 11 * k), text, fill=colour)
     d.text((x0, py - 1), _fmt(hi), fill=AXIS)
     d.text((x0, py + PLOT_H - 10), _fmt(lo), fill=AXIS)
     d.text((px, py + PLOT_H + 3), f"step {int(s0)}", fill=AXIS)
@@ -107,15 +180,15 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
 
 
 def _lines(name: str, series: dict) -> list:
-    """The (label, points, colour) lines of panel ``name``."""
+    """The (label, (steps, values), colour) lines of panel ``name``."""
     if name != "loss_state/*":
-        return [("", series.get(name, []), DARK)]
-    states = sorted((int(_STATE.match(k).group(1)), pts) for k, pts in series.items() if _STATE.match(k))
-    return [(f"state {k}", pts, STATE_COLOURS[k % len(STATE_COLOURS)]) for k, pts in states]
+        return [("", series.get(name, ([], [])), DARK)]
+    states = sorted((int(_STATE.match(k).group(1)), sv) for k, sv in series.items() if _STATE.match(k))
+    return [(f"state {k}", sv, STATE_COLOURS[k % len(STATE_COLOURS)]) for k, sv in states]
 
 
 def draw_curves(series: dict, path: Path, title: str = "") -> Path:
-    """The panels of ``series`` (``read_series``'s dict), two per row, in one picture at ``path``
+    """The panels of ``series`` (:meth:`Curves.update`'s dict), two per row, in one picture at ``path``
     (written whole)."""
     pw, ph = LEFT + PLOT_W + PAD, TOP + PLOT_H + BOTTOM + PAD
     rows = (len(PANELS) + 1) // 2
@@ -127,12 +200,15 @@ def draw_curves(series: dict, path: Path, title: str = "") -> Path:
     return atomic_write(Path(path), canvas.save)
 
 
-def plot_run(out_dir: Path, title: str = "") -> Path | None:
-    """``out_dir/curves.png`` from ``out_dir/metrics.jsonl``; None while the file has no row."""
-    src = Path(out_dir) / "metrics.jsonl"
-    if not src.is_file():
+def plot_run(out_dir: Path, title: str = "", curves: Curves | None = None) -> Path | None:
+    """``out_dir/curves.png`` from ``out_dir/metrics.jsonl`` (through ``curves``, a :class:`Curves` kept
+    between calls, to read only what is new). With no row to draw (none yet, or the file cut back to
+    none): None, and an earlier picture is removed (it would show rows the file no longer has)."""
+    out_dir = Path(out_dir)
+    curves = curves if curves is not None else Curves(out_dir / "metrics.jsonl")
+    series = curves.update()
+    pic = out_dir / "curves.png"
+    if not any(len(s) for s, _ in series.values()):
+        pic.unlink(missing_ok=True)
         return None
-    series = read_series(src)
-    if not any(series.values()):
-        return None
-    return draw_curves(series, Path(out_dir) / "curves.png", title)
+    return draw_curves(series, pic, title)

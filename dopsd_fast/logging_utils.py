@@ -11,17 +11,25 @@ from dopsd_fast.safety import atomic_write
 log = logging.getLogger("dopsd_fast")
 
 
+def parse_row(line: str):
+    """``(row, step)`` of one ``metrics.jsonl`` line, or None for a line that is not a row (torn by a crash,
+    not a JSON object, a step that is no number)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    at = row.get("step", 0) if isinstance(row, dict) else None
+    if isinstance(at, (int, float)) and not isinstance(at, bool):
+        return row, at
+    return None
+
+
 def metrics_rows(path: Path):
-    """``(line, step)`` for each row of a ``metrics.jsonl``; a line that is not a row (torn by a crash, not
-    a JSON object, a step that is no number) is skipped."""
+    """``(line, step)`` for each row of a ``metrics.jsonl``; a line that is not a row is skipped."""
     for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        at = row.get("step", 0) if isinstance(row, dict) else None
-        if isinstance(at, (int, float)) and not isinstance(at, bool):
-            yield line, at
+        parsed = parse_row(line)
+        if parsed is not None:
+            yield line, parsed[1]
 
 
 class MetricsLogger:

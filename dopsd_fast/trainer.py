@@ -679,14 +679,17 @@ class Trainer:
         return path
 
     def _plot_curves(self) -> None:
-        """``curves.png`` from ``metrics.jsonl`` (rank 0): a picture that cannot be drawn (a full disk) is
-        said once and costs the run nothing."""
-        from dopsd_fast.curves import plot_run
+        """``curves.png`` from ``metrics.jsonl`` (rank 0; once per step, reading only the rows appended since
+        the last picture): a picture that cannot be drawn (a full disk) is said once and costs the run nothing."""
+        from dopsd_fast import curves
 
-        if self.rank != 0 or not self.logger.enabled:
+        if self.rank != 0 or not self.logger.enabled or getattr(self, "_curves_step", None) == self.step:
             return
+        if getattr(self, "_curves", None) is None:
+            self._curves = curves.Curves(self.out / "metrics.jsonl")
         try:
-            plot_run(self.out, title=f"{self.out.name}: step {self.step}")
+            curves.plot_run(self.out, title=f"{self.out.name}: step {self.step}", curves=self._curves)
+            self._curves_step = self.step
         except Exception as e:  # noqa: BLE001 - a picture never stops training
             if not getattr(self, "_curves_failed", False):
                 log.warning("curves.png not written (%s: %s); metrics.jsonl has the numbers", type(e).__name__, e)
@@ -825,6 +828,7 @@ class Trainer:
                                run_id=self.run_id)
         self.export_lora()
         self._saved_step = self.step
+        self._plot_curves()
         return path
 
     FULL_EXPORTS = (("student", "transformer"), ("teacher", "transformer_ema"))
@@ -911,6 +915,8 @@ class Trainer:
                     raise self.dist.failure("a collective of FSDP2, the checkpoint or the step", e) from None
                 raise
         finally:
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the end, or a failure (its curves show why);
+                self._plot_curves()  # a stop drew them with its checkpoint, a second Ctrl-C writes nothing
             self._signals.restore()
             self.close()
 
@@ -977,7 +983,6 @@ class Trainer:
             self.save()
         if vcfg.every and self.step % vcfg.every != 0:
             self.validate()
-        self._plot_curves()
         self.export_full()
         self.logger.close()
         return last

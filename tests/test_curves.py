@@ -72,6 +72,38 @@ def test_each_roll_out_state_is_its_own_line(tmp_path):
     assert all(len(r) for r in rows_of) and rows_of[0].mean() < rows_of[1].mean() - 0.5 * C.PLOT_H
 
 
+def test_one_huge_value_does_not_erase_the_moving_mean():
+    """A finite spike of 1e17 (a grad norm before clipping): the mean after its window is the other values'
+    again (a running sum lost their digits), exact sums for short series, bounded values for long ones."""
+    v = np.ones(5000)
+    v[10] = 1e17
+    np.testing.assert_array_equal(C.moving_mean(v, 201)[200:], 1.0)
+    big = np.full(200_000, 1.0)
+    big[10] = 1e17
+    bounded = np.clip(big, *np.percentile(big, [0.1, 99.9]))
+    assert np.allclose(C.moving_mean(bounded, 8001)[10_000:], 1.0)  # the running-sum path, after bounding
+
+
+def test_curves_read_only_what_was_appended(tmp_path):
+    """Incremental reading: a line still being written waits for its newline; a file cut back (a resume)
+    is read again whole; with no row left the old picture is removed."""
+    path = tmp_path / "metrics.jsonl"
+    _write(path, [{"step": s, "loss": float(s)} for s in (1, 2)])
+    cur = C.Curves(path)
+    assert cur.update()["loss"] == ([1.0, 2.0], [1.0, 2.0])
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss": 3.0}\n{"step": 4, "lo')
+    assert cur.update()["loss"][0] == [1.0, 2.0, 3.0]
+    with open(path, "a") as f:
+        f.write('ss": 4.0}\n')
+    assert cur.update()["loss"][0] == [1.0, 2.0, 3.0, 4.0]
+    assert C.plot_run(tmp_path, curves=cur).is_file()
+    _write(path, [{"step": 1, "loss": 1.0}])  # cut back to the checkpoint's step
+    assert cur.update()["loss"] == ([1.0], [1.0])
+    path.write_text("")
+    assert C.plot_run(tmp_path, curves=cur) is None and not (tmp_path / "curves.png").exists()
+
+
 def test_nothing_logged_draws_nothing_and_one_point_draws_its_panel(tmp_path):
     assert C.plot_run(tmp_path) is None  # no metrics.jsonl
     _write(tmp_path / "metrics.jsonl", [], extra_lines=["not json"])
@@ -91,6 +123,24 @@ def test_a_run_draws_its_curves_and_a_failed_picture_costs_it_nothing(tmp_path, 
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
+
+    # a run that fails draws its curves up to the failure (no validation or checkpoint drew them here)
+    from dopsd_fast import trainer as T
+
+    step = T.Trainer.train_step
+
+    def failing(self):
+        if self.step == 2:
+            raise RuntimeError("injected failure at step 3")
+        return step(self)
+
+    monkeypatch.setattr(T.Trainer, "train_step", failing)
+    tr = Trainer(tiny_config(tmp_path / "f", "train.max_steps=5", "train.log_every=1"))
+    with pytest.raises(RuntimeError, match="injected"):
+        tr.train()
+    assert C.read_series(tmp_path / "f" / "run" / "metrics.jsonl")["loss"][-1][0] == 2
+    assert (tmp_path / "f" / "run" / "curves.png").is_file()
+    monkeypatch.setattr(T.Trainer, "train_step", step)
 
     monkeypatch.setattr(C, "plot_run", broken)
     tr = Trainer(tiny_config(tmp_path / "b", "train.max_steps=3", "validation.every=1", "validation.num_samples=1"))
