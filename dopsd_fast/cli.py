@@ -179,10 +179,17 @@ def train_main(argv=None) -> int:
                    help="GPU class for --dry-run (default H100), any case: H100 (80 GB), H200 (141 GB, measured), "
                         "B200 (180 GB), A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); time on all but the "
                         "H200 is a spec-sheet estimate")
+    p.add_argument("--references", default=0, type=int, metavar="N",
+                   help="for --dry-run where the data is not at hand: each row has N reference images at its bucket "
+                        "(an editing model's rows; found data counts its own)")
     args = p.parse_args(argv)
     if args.gpu is not None and not args.dry_run:
         print("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)",
               file=sys.stderr)
+        return 2
+    if args.references and not args.dry_run or args.references < 0:
+        print("error: --references N counts reference images per row for a --dry-run without the data (N >= 1); "
+              "a run counts its rows' own", file=sys.stderr)
         return 2
     if args.dry_run:
         from dopsd_fast.memory import gpu_class
@@ -198,7 +205,7 @@ def train_main(argv=None) -> int:
         from dopsd_fast.dryrun import dry_run
 
         try:
-            return dry_run(cfg, gpu)
+            return dry_run(cfg, gpu, args.references)
         except (DataError, CacheError, FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
     from dopsd_fast.trainer import Trainer

@@ -79,23 +79,32 @@ def _model_config(cfg, say, needs):
         yield dataclasses.replace(m, path=d), False
 
 
-def _data(cfg, spec, say, needs):
-    """(dataset or None, buckets): the data where it is, else the recipe's buckets."""
+def _data(cfg, spec, say, needs, references: int = 0):
+    """(dataset or None, buckets, references per bucket or None): the data where it is, else the recipe's
+    buckets, each row with ``references`` reference images at its own bucket (``--references``)."""
     d = cfg.data
     src = d.jsonl or d.folder
+    if references and not spec.editing:
+        raise ConfigError(f"--references {references}: model.family={spec.name} has no editing mode (reference images "
+                          "are for an editing model's rows)")
     if src and not Path(src).exists():
         buckets = make_buckets(d.buckets, d.bucket_scale, d.bucket_multiple)
         w, h = max(buckets, key=lambda b: b[0] * b[1])
         field = "data.jsonl" if d.jsonl else "data.folder"
+        rows = (f"; each row with {references} reference image{'s' if references > 1 else ''} at its bucket "
+                "(--references)" if references else
+                "; rows without reference images (editing rows with N references each: --references N)"
+                if spec.editing else "")
         say(f"data: {src} not found; shapes from the recipe's buckets (data.buckets {d.buckets!r}: "
-            f"{len(buckets)}, the largest {w}x{h})")
+            f"{len(buckets)}, the largest {w}x{h}){rows}")
         needs.append(f"{field}: your training data (not found: {src})")
-        return None, buckets
+        return None, buckets, ([[b] * references for b in buckets] if references else None)
     dataset = build_dataset(d, progress=False)
     require_editing_support(spec, dataset)
     buckets = sorted(set(dataset.buckets_of))
-    say(f"data: {len(dataset.records)} samples, buckets {buckets[:6]}{' ...' if len(buckets) > 6 else ''}")
-    return dataset, dataset.buckets_of
+    say(f"data: {len(dataset.records)} samples, buckets {buckets[:6]}{' ...' if len(buckets) > 6 else ''}"
+        + (f" (--references {references} is not used: the rows' own references are counted)" if references else ""))
+    return dataset, dataset.buckets_of, [r.reference_buckets for r in dataset.records]
 
 
 def _validation_references(cfg, spec, needs) -> None:
@@ -119,11 +128,12 @@ def _validation_references(cfg, spec, needs) -> None:
         raise ConfigError(f"config field {e}") from None
 
 
-def workload(cfg, say=print) -> Workload:
-    """Everything of the dry run that does not depend on the GPU class (prints what it read)."""
+def workload(cfg, say=print, references: int = 0) -> Workload:
+    """Everything of the dry run that does not depend on the GPU class (prints what it read).
+    ``references``: reference images per row where the data is not found (editing rows)."""
     spec = family(cfg.model.family)
     needs: list[str] = []
-    dataset, buckets = _data(cfg, spec, say, needs)
+    dataset, buckets, refs = _data(cfg, spec, say, needs, references)
     _validation_references(cfg, spec, needs)
     with _model_config(cfg, say, needs) as (model_cfg, real_model):
         adapter = build_adapter(model_cfg, load_encoders=False, empty_weights=True)
@@ -174,14 +184,16 @@ def workload(cfg, say=print) -> Workload:
             n_train = n_base  # teacher module in the model dtype, its fp32 EMA master on the GPU or the host
             weights = n_base * 4 + n_base * dt + (0 if cfg.dopsd.ema_on_cpu else n_base * 4)
             per = 4
-        shape = memory.step_shape(cfg, adapter, buckets, n_train, per,
-                                  references=[r.reference_buckets for r in dataset.records] if dataset else None)
+        shape = memory.step_shape(cfg, adapter, buckets, n_train, per, references=refs)
         c = dict(tr.config)
     img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
     rank = cfg.lora.rank if cfg.lora.enabled else 0
     cap_s, cap_t = spec.step_tokens(cfg.model, 0)  # context tokens of each branch
     f_s = spec.forward_flops(c, img, [cap_s] * cfg.data.batch_size, rank)
-    f_t = spec.forward_flops(c, img, [cap_t] * cfg.data.batch_size, rank, teacher=True)
+    # the teacher's image tokens as the step has them (an editing teacher: the state's, the row's references
+    # and the target; rows with references have more than the family's 2 x the state's)
+    img_t = shape.tokens_teacher // cfg.data.batch_size - cap_t
+    f_t = spec.forward_flops(c, img_t, [cap_t] * cfg.data.batch_size, rank)
     floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled))
     return Workload(spec, c, shape, weights, encoders, floor, needs)
 
@@ -256,13 +268,13 @@ def estimate(cfg, w: Workload, gpu: str) -> Estimate:
     return Estimate(gpu, plan, plan.peak, total, cap, seconds, hints)
 
 
-def dry_run(cfg, gpu: str = "h100") -> int:
+def dry_run(cfg, gpu: str = "h100", references: int = 0) -> int:
     gpu = memory.gpu_class(gpu)
     print("config: valid")
     if cfg.method != "dopsd":
         print(f"method {cfg.method}: the figures below are a D-OPSD step's (K states, the teacher on each), an "
               "upper bound for its step (the memory model has no term of its own for it)")
-    w = workload(cfg)
+    w = workload(cfg, references=references)
     e = estimate(cfg, w, gpu)
     plan, shape = e.plan, w.shape
     print(f"\nstep: {shape.family}, {plan.path} path, backward {plan.backward}"
@@ -303,6 +315,8 @@ def dry_run(cfg, gpu: str = "h100") -> int:
 
 # ---- the recipes-per-GPU table (docs/performance.md) ------------------------------------------------------------------------
 TABLE_GPUS = ("h200", "h100", "b200", "a100-80", "a100-40", "l40s", "4090")
+# recipes for rows with reference images (their data is not shipped): counted with this many per row
+TABLE_REFERENCES = {"klein-4b-gtref-lora": 1}
 
 
 def table_recipes() -> list[str]:
@@ -322,7 +336,8 @@ def table(recipes=None, gpus=TABLE_GPUS) -> str:
     lines = [head, "|---" * (len(gpus) + 1) + "|"]
     for name in recipes or table_recipes():
         cfg = load_config(name, [])
-        w = workload(cfg, say=lambda _: None)
+        refs = TABLE_REFERENCES.get(name, 0)
+        w = workload(cfg, say=lambda _: None, references=refs)
         cells = []
         for g in gpus:
             e = estimate(cfg, w, g)
@@ -330,6 +345,7 @@ def table(recipes=None, gpus=TABLE_GPUS) -> str:
             cells.append(f"{memory.fmt_gb(e.total)} {'fits' if e.fits else 'does not fit'}, {p.backward}, "
                          f"{p.checkpoint_layers}/{p.layers} ckpt, ~{e.seconds:.1f} s")
         note = "" if cfg.method == "dopsd" else f" ({cfg.method}: a D-OPSD step's figures, an upper bound)"
+        note += f" ({refs} reference image{'s' if refs > 1 else ''} per row)" if refs else ""
         lines.append(f"| `{name}`{note} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

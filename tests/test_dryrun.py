@@ -328,3 +328,48 @@ def test_validation_references_are_checked_as_the_run_checks_them(tmp_path):
     w = workload(load_config("tiny-klein", [own]), say=lambda *_: None)
     assert [n for n in w.needs if n.startswith("validation")] == \
         [f"validation.prompts[1].references[0]: an image file (not found: {tmp_path / 'none.png'})"]
+
+
+def test_references_per_row_where_the_data_is_not_at_hand(tmp_path, capsys):
+    """An editing recipe without its data counted rows without references (the ground-truth-reference
+    recipe's table row equalled the text-to-image one's); ``--references N`` counts N per row at its
+    bucket in both branches, in the memory model and the floor FLOPs (the teacher: the state's image,
+    the references and the target), and says so; found data counts its own rows; the table counts the
+    shipped reference recipes with one; a family without an editing mode and a run refuse it."""
+    import pytest
+
+    from dopsd_fast.cli import train_main
+    from dopsd_fast.config import load_config, shipped_configs
+    from dopsd_fast.dryrun import TABLE_REFERENCES, table, workload
+    from dopsd_fast.errors import ConfigError
+
+    cfg = load_config("klein-4b-gtref-lora", [])
+    said = []
+    w0, w1 = workload(cfg, say=said.append), workload(cfg, say=said.append, references=1)
+    assert "rows without reference images (editing rows with N references each: --references N)" in said[0]
+    assert "each row with 1 reference image at its bucket (--references)" in said[len(said) // 2]
+    n_img = 64 * 64  # 1024 x 1024: 64 x 64 klein tokens
+    assert (w0.shape.tokens_student, w0.shape.tokens_teacher) == (n_img + 512, 2 * n_img + 512)
+    assert (w1.shape.tokens_student, w1.shape.tokens_teacher) == (2 * n_img + 512, 3 * n_img + 512)
+    # FLOPs: the teacher with 3 x the image tokens, not 2 x the student's (4 x)
+    spec, c, rank = w1.spec, w1.transformer_config, cfg.lora.rank
+    f_s, f_t = spec.forward_flops(c, 2 * n_img, [512], rank), spec.forward_flops(c, 3 * n_img, [512], rank)
+    from dopsd_fast import memory
+
+    assert w1.floor_flops == pytest.approx(w1.shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, True)))
+    assert w1.floor_flops > 1.8 * w0.floor_flops
+
+    assert set(TABLE_REFERENCES) <= set(shipped_configs())
+    row = next(line for line in table(["klein-4b-gtref-lora", "klein-4b-editing-lora"]).splitlines()
+               if line.startswith("| `klein-4b-gtref-lora`"))
+    other = next(line for line in table(["klein-4b-editing-lora"]).splitlines()
+                 if line.startswith("| `klein-4b-editing-lora`"))
+    assert "(1 reference image per row)" in row and row.split("|")[2] != other.split("|")[2]
+
+    with pytest.raises(ConfigError, match="--references 1: model.family=zimage has no editing mode"):
+        workload(load_config("zimage-turbo-lora", []), say=lambda *_: None, references=1)
+    said.clear()
+    workload(load_config("tiny-klein", []), say=said.append, references=2)  # the built-in data: its own rows
+    assert "--references 2 is not used: the rows' own references are counted" in said[0]
+    assert train_main(["--references", "1"]) == 2
+    assert "--references N counts reference images per row for a --dry-run" in capsys.readouterr().err
