@@ -223,8 +223,11 @@ def train_main(argv=None) -> int:
         return 143  # 128 + SIGTERM, after the checkpoint
     except KeyboardInterrupt:  # Ctrl-C: after the checkpoint (a second Ctrl-C: at once)
         return 130
-    logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s", trainer.step,
-                                         last.get("loss", float("nan")), trainer.out)
+    pictures = sorted(trainer.out.glob("samples/step-*.png"))[-1:] + [p for p in [trainer.out / "curves.png"]
+                                                                       if p.is_file()]
+    logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s%s", trainer.step,
+                                         last.get("loss", float("nan")), trainer.out,
+                                         "; look at " + " and ".join(map(str, pictures)) if pictures else "")
     trainer.dist.close()
     return 0
 

@@ -67,6 +67,7 @@ def test_readme_main_command(tmp_path):
     proc = subprocess.run([str(exe) if exe.exists() else cmd[0], *cmd[1:]], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: step 4" in proc.stderr
+    assert f"look at {out / 'samples' / 'step-0000004.png'} and {out / 'curves.png'}" in proc.stderr, proc.stderr[-500:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == ["step-0000000.png", "step-0000002.png",
