@@ -223,8 +223,9 @@ def train_main(argv=None) -> int:
         return 143  # 128 + SIGTERM, after the checkpoint
     except KeyboardInterrupt:  # Ctrl-C: after the checkpoint (a second Ctrl-C: at once)
         return 130
-    pictures = sorted(trainer.out.glob("samples/step-*.png"))[-1:] + [p for p in [trainer.out / "curves.png"]
-                                                                       if p.is_file()]
+    grids = [g for g in trainer.out.glob("samples/step-*.png")  # not an earlier attempt's beyond this run's end
+             if g.stem[5:].isdigit() and int(g.stem[5:]) <= trainer.step]
+    pictures = sorted(grids)[-1:] + [p for p in [trainer.out / "curves.png"] if p.is_file()]
     logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s%s", trainer.step,
                                          last.get("loss", float("nan")), trainer.out,
                                          "; look at " + " and ".join(map(str, pictures)) if pictures else "")

@@ -48,16 +48,18 @@ class Curves:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.offset = 0
+        self.file = None  # (device, inode) of the file read so far
         self.series: dict[str, tuple[list, list]] = {}
 
     def update(self) -> dict:
         """Read what was appended since the last call (a whole line at a time) and return the series."""
         try:
-            size = self.path.stat().st_size
+            st = self.path.stat()
+            size, file = st.st_size, (st.st_dev, st.st_ino)
         except FileNotFoundError:
-            size = 0
-        if size < self.offset:  # cut back (a resume truncates to the checkpoint's step): read it again
-            self.offset, self.series = 0, {}
+            size, file = 0, None
+        if size < self.offset or file != self.file:  # cut back or replaced (a resume rewrites it to the
+            self.offset, self.series, self.file = 0, {}, file  # checkpoint's step): read it again, whole
         if size == self.offset:
             return self.series
         with open(self.path, "rb") as f:
@@ -84,21 +86,19 @@ def read_series(path: Path) -> dict[str, list[tuple[float, float]]]:
     return {k: list(zip(s, v)) for k, (s, v) in Curves(path).update().items()}
 
 
-def moving_mean(values, window: int) -> np.ndarray:
+def moving_mean(values, window: int, at=None) -> np.ndarray:
     """Centred mean over ``window`` points (fewer at the ends, where the window is cut): no lag behind the
-    logged values. Each window is summed on its own up to a size (a running sum loses the small values'
-    digits after a huge one); beyond it, a running sum (the caller bounds the values first)."""
+    logged values; at the indices ``at`` only, or at every point. Each window is summed on its own (a
+    running sum would lose the small values' digits after a huge one, e.g. a 1e17 grad norm)."""
     v = np.asarray(values, dtype=np.float64)
     n, half = len(v), window // 2
+    at = np.arange(n) if at is None else np.asarray(at, dtype=np.int64)
     if window <= 1 or n == 0:
-        return v.copy()
-    if n * window <= _EXACT_MEAN:
+        return v[at].copy()
+    if len(at) * window <= _EXACT_MEAN:  # every window at once, as strided views
         padded = np.pad(v, (half, window - half - 1), constant_values=np.nan)
-        return np.nanmean(np.lib.stride_tricks.sliding_window_view(padded, window), axis=1)
-    c = np.cumsum(np.insert(v, 0, 0.0))
-    i = np.arange(n)
-    lo, hi = np.maximum(i - half, 0), np.minimum(i + window - half, n)
-    return (c[hi] - c[lo]) / (hi - lo)
+        return np.nanmean(np.lib.stride_tricks.sliding_window_view(padded, window)[at], axis=1)
+    return np.array([v[max(0, i - half):min(n, i + window - half)].mean() for i in at.tolist()])
 
 
 def _thin(x: np.ndarray, y: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,18 +139,19 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
     lo, hi = np.percentile(every, [1, 99]) if len(every) >= 100 else (every.min(), every.max())
     drawn = []
     for label, s, v, colour in raw:
-        # smoothed over values bounded near the drawn range (one huge value cannot take the rest's digits)
-        b = np.clip(v, *np.percentile(v, [0.1, 99.9])) if len(v) >= 1000 else v
-        drawn.append((label, s, v, moving_mean(b, 2 * (len(v) // 50) + 1) if smooth else v, colour))
-    means = smooth and max(len(v) for _, _, v, _, _ in drawn) >= 50
+        # the moving mean where it is drawn: at most 2 points per pixel column, always the last one
+        at = np.unique(np.linspace(0, len(v) - 1, min(len(v), 2 * PLOT_W)).round().astype(np.int64))
+        m = moving_mean(v, 2 * (len(v) // 50) + 1, at) if smooth else v[at]
+        drawn.append((label, s, v, s[at], m, colour))
+    means = smooth and max(len(v) for _, _, v, _, _, _ in drawn) >= 50
     if len(drawn) > 1:
         lo, hi = min(lo, *(m.min() for *_, m, _ in drawn)), max(hi, *(m.max() for *_, m, _ in drawn))
     if zero and lo > 0:
         lo = 0.0
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
         lo, hi = lo - 0.5 * max(abs(lo), 1e-12), hi + 0.5 * max(abs(hi), 1e-12)
-    s0 = min(s.min() for _, s, _, _, _ in drawn)
-    s1 = max(s.max() for _, s, _, _, _ in drawn)
+    s0 = min(s.min() for _, s, _, _, _, _ in drawn)
+    s1 = max(s.max() for _, s, _, _, _, _ in drawn)
     s1 = s1 if s1 > s0 else s0 + 1
 
     def points(s, v):
@@ -160,14 +161,14 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
 
     kind = (" (moving means)" if len(drawn) > 1 else " (moving mean)") if means else ""
     if len(drawn) == 1:
-        d.text((x0, y0 + 2), f"{title}: {_fmt(drawn[0][3][-1])}{kind}", fill=(0, 0, 0))
+        d.text((x0, y0 + 2), f"{title}: {_fmt(drawn[0][4][-1])}{kind}", fill=(0, 0, 0))
     else:
         d.text((x0, y0 + 2), title + kind, fill=(0, 0, 0))
     if smooth and len(drawn) == 1:
-        _, s, v, _, _ = drawn[0]
+        _, s, v, _, _, _ = drawn[0]
         d.line(points(s, v), fill=LIGHT, width=1)
-    for _, s, _, m, colour in drawn:
-        d.line(points(s, m), fill=colour, width=2)
+    for _, _, _, sm, m, colour in drawn:
+        d.line(points(sm, m), fill=colour, width=2)
     if len(drawn) > 1:  # the legend: each line's label and last value, in its colour, top right inside the plot
         for k, (label, *_, m, colour) in enumerate(drawn[:(PLOT_H - 8) // 11]):
             text = f"{label}: {_fmt(m[-1])}"

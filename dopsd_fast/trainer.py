@@ -898,8 +898,10 @@ class Trainer:
         folder's lock at its end."""
 
         self._signals = StopSignals()
+        nothing = False
         try:
             if self._saved_step is not None and self.step >= self.cfg.train.max_steps:
+                nothing = True
                 log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train, nothing written "
                             "(set train.max_steps above %d to continue)", self.step, self.cfg.train.max_steps,
                             self.step)
@@ -915,8 +917,8 @@ class Trainer:
                     raise self.dist.failure("a collective of FSDP2, the checkpoint or the step", e) from None
                 raise
         finally:
-            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the end, or a failure (its curves show why);
-                self._plot_curves()  # a stop drew them with its checkpoint, a second Ctrl-C writes nothing
+            if not nothing and not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the end, or a failure (its
+                self._plot_curves()  # curves show why); a stop drew them with its checkpoint, a second Ctrl-C writes nothing
             self._signals.restore()
             self.close()
 

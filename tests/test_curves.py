@@ -73,15 +73,20 @@ def test_each_roll_out_state_is_its_own_line(tmp_path):
 
 
 def test_one_huge_value_does_not_erase_the_moving_mean():
-    """A finite spike of 1e17 (a grad norm before clipping): the mean after its window is the other values'
-    again (a running sum lost their digits), exact sums for short series, bounded values for long ones."""
+    """Finite spikes of 1e17 (a grad norm before clipping): the mean of a window after them is the other
+    values' again (a running sum lost their digits), on both ways of summing the windows."""
     v = np.ones(5000)
     v[10] = 1e17
     np.testing.assert_array_equal(C.moving_mean(v, 201)[200:], 1.0)
-    big = np.full(200_000, 1.0)
-    big[10] = 1e17
-    bounded = np.clip(big, *np.percentile(big, [0.1, 99.9]))
-    assert np.allclose(C.moving_mean(bounded, 8001)[10_000:], 1.0)  # the running-sum path, after bounding
+    many = np.ones(20_000)
+    many[:10_000:160] = 1e17  # 63 spikes: more than the 0.1 % a percentile bound would cut
+    assert C.moving_mean(many, 801, at=[19_999, 15_000]).tolist() == [1.0, 1.0]
+    big = np.ones(200_000)
+    big[:100_000:1000] = 1e17
+    at = np.linspace(0, 199_999, 600).round().astype(int)
+    assert len(at) * 8001 > C._EXACT_MEAN  # the window-by-window path
+    assert np.all(C.moving_mean(big, 8001, at=at)[at > 105_000] == 1.0)
+    np.testing.assert_allclose(C.moving_mean(big[:5000], 41, at=at[:10]), C.moving_mean(big[:5000], 41)[at[:10]])
 
 
 def test_curves_read_only_what_was_appended(tmp_path):
@@ -100,6 +105,10 @@ def test_curves_read_only_what_was_appended(tmp_path):
     assert C.plot_run(tmp_path, curves=cur).is_file()
     _write(path, [{"step": 1, "loss": 1.0}])  # cut back to the checkpoint's step
     assert cur.update()["loss"] == ([1.0], [1.0])
+    new = tmp_path / "new.jsonl"  # replaced by a longer file (an atomic rewrite): read again, not from the offset
+    _write(new, [{"step": s, "loss": 10.0 + s} for s in range(1, 6)])
+    new.replace(path)
+    assert cur.update()["loss"] == ([1.0, 2.0, 3.0, 4.0, 5.0], [11.0, 12.0, 13.0, 14.0, 15.0])
     path.write_text("")
     assert C.plot_run(tmp_path, curves=cur) is None and not (tmp_path / "curves.png").exists()
 
