@@ -6,6 +6,7 @@ import argparse
 import datetime
 import functools
 import logging
+import math
 import os
 import signal
 import sys
@@ -304,6 +305,9 @@ def sample_main(argv=None) -> int:
     p.add_argument("--transformer", default=None,
                    help="a fully fine-tuned transformer folder written by dopsd-train (runs/x/transformer or "
                         "runs/x/transformer_ema) in place of the model's")
+    p.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
+                   help="the LoRA's strength (its update times S; default 1); repeatable: one column per strength, "
+                        "the same noise (0 is the model without it)")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--reference", action="append", default=[], metavar="IMAGE",
                    help="a reference image every prompt is conditioned on (repeatable; an editing model's, e.g. a "
@@ -329,6 +333,11 @@ def sample_main(argv=None) -> int:
             sys.exit(f"error: {flag} {v}: must be at least 1 (leave it out for the default)")
     if not 0 <= args.seed < 2 ** 63 - len(args.prompt):
         sys.exit(f"error: --seed {args.seed}: must be in [0, 2^63)")
+    if args.lora_scale and not args.lora:
+        sys.exit("error: --lora-scale scales a LoRA: give it with --lora DIR")
+    bad = [v for v in args.lora_scale or [] if not math.isfinite(v)]
+    if bad:
+        sys.exit(f"error: --lora-scale {bad[0]}: must be a finite number")
     _setup_logging()
     cfg = _load(args)
     from dopsd_fast.sample import generate
@@ -338,7 +347,8 @@ def sample_main(argv=None) -> int:
                  "e.g. runs/<name>/lora)")
     try:
         path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
-                        seed=args.seed, out=args.out, transformer=args.transformer, references=args.reference)
+                        seed=args.seed, out=args.out, transformer=args.transformer, references=args.reference,
+                        lora_scales=args.lora_scale)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     logging.getLogger("dopsd_fast").info("wrote %s", path)

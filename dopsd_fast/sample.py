@@ -263,7 +263,9 @@ def load_transformer(adapter, folder: str) -> None:
 
 
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png",
-             transformer=None, references=None) -> Path:
+             transformer=None, references=None, lora_scales=None) -> Path:
+    """``dopsd-sample``: one grid, a row per prompt (its references, then its samples). ``lora_scales``:
+    the LoRA's strengths (peft's adapter weight: its update times S), a column each from the same noise."""
     refs = load_references(cfg.data, cfg.model.family, references)  # before any weights are read
     # a fine-tuned transformer in place of the model's: the model's own weights are not read
     adapter = build_adapter(cfg.model, load_encoders=False, transformer_weights=not transformer)
@@ -278,8 +280,14 @@ def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=
               else make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0])
     w, h = width or bw, height or bh
     n_steps = len(adapter.inference_sigmas(steps, adapter.latent_shape(h, w)[-2:])) - 1
-    images = sample_images(adapter, prompts, w, h, steps, seed, references=refs)
-    rows = [(p, [*refs, im]) for p, im in zip(prompts, images)]
+    scales = list(lora_scales or [1.0]) if lora else [None]
+    columns = []
+    for scale in scales:
+        if scale is not None:
+            adapter.transformer.set_adapters(["lora"], weights=[scale])
+        columns.append(sample_images(adapter, prompts, w, h, steps, seed, references=refs))
+    rows = [(p, [*refs, *ims]) for p, *ims in zip(prompts, *columns)]
     label = "lora" if lora else "fine-tuned" if transformer else "base"
-    headers = [f"reference {k + 1}" for k in range(len(refs))] + [label]
+    labels = [f"{label} x{s:g}" for s in scales] if lora and lora_scales else [label]
+    headers = [f"reference {k + 1}" for k in range(len(refs))] + labels
     return save_grid(rows, headers, out, title=f"{n_steps} steps" + (f", {len(refs)} reference(s)" if refs else ""))

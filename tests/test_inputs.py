@@ -157,6 +157,7 @@ def test_alpha_message_names_each_file_and_an_empty_folder_is_named(tmp_path, ca
     (["--seed", "-1"], r"--seed -1: must be in \[0, 2\^63\)"),
     (["--seed", str(2 ** 64)], r"--seed \d+: must be in"),
     (["--out", "{tmp}"], r"--out .* is a folder"),
+    (["--lora-scale", "0.5"], r"--lora-scale scales a LoRA: give it with --lora DIR"),
 ])
 def test_dopsd_sample_flags_out_of_range_are_one_line(tmp_path, args, match):
     """0 was taken as 'not given' (the default size or steps, silently); a negative one or a huge seed
@@ -169,3 +170,34 @@ def test_dopsd_sample_flags_out_of_range_are_one_line(tmp_path, args, match):
     with pytest.raises(SystemExit, match=match):
         sample_main(["--config", "tiny-zimage", "--prompt", "a cat", *out, *args])
     assert not (tmp_path / "s.png").exists()
+
+
+def test_dopsd_sample_lora_scales_are_columns_from_the_same_noise(tmp_path):
+    """``--lora-scale 0 --lora-scale 1``: two columns from the same noise; strength 0 is the model without
+    the LoRA, 1 the LoRA as loaded by default."""
+    import numpy as np
+
+    from dopsd_fast.cli import sample_main
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "train.max_steps=2", "optim.lr=0.05")  # a LoRA that changes the samples
+    Trainer(cfg).train()
+    lora = str(tmp_path / "run" / "lora")
+    common = ["--config", "tiny-zimage", "--prompt", "a photo of a cup", "--steps", "2"]
+
+    def cells(out, n):
+        """The n sample cells of the grid's one row (the layout of validation.save_grid), below their labels."""
+        a = np.asarray(Image.open(out).convert("RGB"), dtype=int)
+        w = (a.shape[1] - 6) // n - 6
+        return [a[24 + 16:24 + w, 6 + c * (w + 6):6 + c * (w + 6) + w] for c in range(n)]
+
+    sample_main([*common, "--out", str(tmp_path / "base.png")])
+    sample_main([*common, "--lora", lora, "--out", str(tmp_path / "lora.png")])
+    sample_main([*common, "--lora", lora, "--lora-scale", "0", "--lora-scale", "1", "--out", str(tmp_path / "s.png")])
+    (base,), (full,) = cells(tmp_path / "base.png", 1), cells(tmp_path / "lora.png", 1)
+    zero, one = cells(tmp_path / "s.png", 2)
+    assert np.abs(base - full).max() > 8  # the LoRA changes the sample
+    assert np.abs(zero - base).max() <= 1 and np.abs(one - full).max() <= 1
+    with pytest.raises(SystemExit, match="--lora-scale nan: must be a finite number"):
+        sample_main([*common, "--lora", lora, "--lora-scale", "nan", "--out", str(tmp_path / "n.png")])
