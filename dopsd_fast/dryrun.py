@@ -315,8 +315,6 @@ def dry_run(cfg, gpu: str = "h100", references: int = 0) -> int:
 
 # ---- the recipes-per-GPU table (docs/performance.md) ------------------------------------------------------------------------
 TABLE_GPUS = ("h200", "h100", "b200", "a100-80", "a100-40", "l40s", "4090")
-# recipes for rows with reference images (their data is not shipped): counted with this many per row
-TABLE_REFERENCES = {"klein-4b-gtref-lora": 1}
 
 
 def table_recipes() -> list[str]:
@@ -336,7 +334,7 @@ def table(recipes=None, gpus=TABLE_GPUS) -> str:
     lines = [head, "|---" * (len(gpus) + 1) + "|"]
     for name in recipes or table_recipes():
         cfg = load_config(name, [])
-        refs = TABLE_REFERENCES.get(name, 0)
+        refs = family(cfg.model.family).reference_recipes.get(name, 0)  # rows with references: counted with them
         w = workload(cfg, say=lambda _: None, references=refs)
         cells = []
         for g in gpus:

@@ -21,7 +21,7 @@ LAYERS = [
               "dopsd_fast.data.prefetch", "dopsd_fast.families.common"]),
     ("ops", ["dopsd_fast.models.ops", "dopsd_fast.models.paired", "dopsd_fast.models", "dopsd_fast.fp8",
              "dopsd_fast.fsdp", "dopsd_fast.weights", "dopsd_fast.data", "dopsd_fast.logging_utils",
-             "dopsd_fast.validation"]),
+             "dopsd_fast.validation", "dopsd_fast.curves"]),
     ("families", ["dopsd_fast.families"]),
     ("run", ["dopsd_fast.config", "dopsd_fast.cache", "dopsd_fast.checkpoint", "dopsd_fast.pair", "dopsd_fast.plan",
              "dopsd_fast.fastpath", "dopsd_fast.backend", "dopsd_fast.dryrun", "dopsd_fast.sample",

@@ -340,7 +340,8 @@ def test_references_per_row_where_the_data_is_not_at_hand(tmp_path, capsys):
 
     from dopsd_fast.cli import train_main
     from dopsd_fast.config import load_config, shipped_configs
-    from dopsd_fast.dryrun import TABLE_REFERENCES, table, workload
+    from dopsd_fast.dryrun import table, workload
+    from dopsd_fast.families import FAMILIES
     from dopsd_fast.errors import ConfigError
 
     cfg = load_config("klein-4b-gtref-lora", [])
@@ -359,7 +360,9 @@ def test_references_per_row_where_the_data_is_not_at_hand(tmp_path, capsys):
     assert w1.floor_flops == pytest.approx(w1.shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, True)))
     assert w1.floor_flops > 1.8 * w0.floor_flops
 
-    assert set(TABLE_REFERENCES) <= set(shipped_configs())
+    named = {r: s.name for s in FAMILIES.values() for r in s.reference_recipes}
+    assert named and all(load_config(r, []).model.family == f for r, f in named.items())  # each a shipped recipe
+    assert set(named) <= set(shipped_configs())
     row = next(line for line in table(["klein-4b-gtref-lora", "klein-4b-editing-lora"]).splitlines()
                if line.startswith("| `klein-4b-gtref-lora`"))
     other = next(line for line in table(["klein-4b-editing-lora"]).splitlines()

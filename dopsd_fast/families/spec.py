@@ -116,6 +116,9 @@ class FamilySpec:
     authors_lora_targets: tuple = ()
     fast_features: frozenset = frozenset(FAST_FEATURES)
     editing: bool = False  # rows with reference images (an editing model)
+    # shipped recipes for rows with reference images (their data is not shipped) -> the references per row
+    # the dry-run table counts for them
+    reference_recipes: dict = field(default_factory=dict)
     contexts_use_vae: bool = False  # encoding a context runs the VAE (reference latents): dopsd-cache loads it
     named_schedules: dict = field(default_factory=dict)  # roll-out schedule name -> K + 1 sigmas
     schedule_help: str = ""

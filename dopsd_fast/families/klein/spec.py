@@ -174,6 +174,7 @@ SPEC = KleinFamily(
     # CUDA graphs (the forward holds no host work: its tables are built once per shape)
     fast_features=frozenset(FAST_FEATURES),
     editing=True,
+    reference_recipes={"klein-4b-gtref-lora": 1},
     contexts_use_vae=True,  # the references and the teacher's target enter as VAE latents
     schedule_help="use klein-kN (the N-step inference schedule at the bucket's resolution), klein-kN-authors, "
                   "a named schedule or an explicit list of sigmas ending with 0",
