@@ -188,7 +188,7 @@ def train_main(argv=None) -> int:
         print("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)",
               file=sys.stderr)
         return 2
-    if args.references and not args.dry_run or args.references < 0:
+    if args.references < 0 or (args.references and not args.dry_run):
         print("error: --references N counts reference images per row for a --dry-run without the data (N >= 1); "
               "a run counts its rows' own", file=sys.stderr)
         return 2

@@ -281,6 +281,11 @@ class ValidationConfig:
                                                                "{prompt: ..., references: [...]})")
         _check(_paths(self.references), "validation.references", "must be a list of image file paths")
 
+    def reference_fields(self) -> dict[str, list]:
+        """Every field naming reference images (``validation.references``, each entry's own ``references``)
+        -> its paths: what the run and the dry run check, used or not."""
+        return {"validation.references": list(self.references), **{name: paths for _, paths, name in self.held_out()}}
+
     def held_out(self) -> list[tuple[str, list, str]]:
         """Per held-out prompt: (its text, its reference image paths, the field naming them): an entry's
         own ``references``, else ``validation.references``."""

@@ -33,8 +33,11 @@ _STATE = re.compile(r"loss_state/(\d+)$")
 _EXACT_MEAN = 4_000_000  # points x window up to which a moving mean sums each window on its own
 
 
+_METRICS = frozenset(p[0] for p in PANELS)
+
+
 def _wanted(name: str) -> bool:
-    return any(p[0] == name for p in PANELS) or _STATE.match(name) is not None
+    return name in _METRICS or _STATE.match(name) is not None
 
 
 def _finite(v) -> bool:

@@ -113,10 +113,8 @@ def _validation_references(cfg, spec, needs) -> None:
     unreadable or too small image: refused); one not on disk is what the real run still needs."""
     from dopsd_fast.sample import load_references
 
-    fields = {"validation.references": list(cfg.validation.references),
-              **{name: paths for _, paths, name in cfg.validation.held_out()}}
     try:
-        for name, refs in fields.items():
+        for name, refs in cfg.validation.reference_fields().items():
             if refs and not spec.editing:
                 load_references(cfg.data, cfg.model.family, refs, name)  # refuses the family
             for i, path in enumerate(refs):

@@ -703,10 +703,9 @@ class Trainer:
 
         vcfg = self.cfg.validation
         held = vcfg.held_out()
-        fields = {"validation.references": list(vcfg.references), **{name: paths for _, paths, name in held}}
         decoded = {}
         try:
-            for name, paths in fields.items():  # every field, used or not: a bad entry is named either way
+            for name, paths in vcfg.reference_fields().items():  # every field, used or not: a bad entry is named either way
                 decoded[name] = load_references(self.cfg.data, self.cfg.model.family, paths, name)
                 check_reference_grid(self.adapter, decoded[name], paths, name)
         except ValueError as e:
