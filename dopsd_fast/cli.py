@@ -227,8 +227,8 @@ def train_main(argv=None) -> int:
     grids = [g for g in trainer.out.glob("samples/step-*.png")  # not an earlier attempt's beyond this run's end
              if g.stem[5:].isdigit() and int(g.stem[5:]) <= trainer.step]
     pictures = sorted(grids)[-1:] + [p for p in [trainer.out / "curves.png"] if p.is_file()]
-    logging.getLogger("dopsd_fast").info("done: step %d, loss %.5g; outputs in %s%s", trainer.step,
-                                         last.get("loss", float("nan")), trainer.out,
+    loss = f", loss {last['loss']:.5g}" if "loss" in last else ""  # none when nothing was trained
+    logging.getLogger("dopsd_fast").info("done: step %d%s; outputs in %s%s", trainer.step, loss, trainer.out,
                                          "; look at " + " and ".join(map(str, pictures)) if pictures else "")
     trainer.dist.close()
     return 0

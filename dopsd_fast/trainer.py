@@ -789,7 +789,8 @@ class Trainer:
         # the run's id (checkpoints of earlier versions carry none: the run continues under a new one)
         self.run_id = state.get("run_id") or checkpoint_run_id(path) or self.run_id
         self._saved_step = self.step
-        self.logger.truncate_after(self.step)
+        if self.step < self.cfg.train.max_steps:  # else nothing to train (train() says so), and nothing written:
+            self.logger.truncate_after(self.step)  # the finished run's later rows stay with its later checkpoints
         log.info("resumed from %s at step %d", path, self.step)
 
     def _check_optimizer_shapes(self, osd: dict) -> None:

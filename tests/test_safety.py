@@ -650,6 +650,15 @@ def test_max_steps_at_or_below_the_checkpoint_says_so(straight, tmp_path, caplog
         assert _trainer(tmp_path, *_STRAIGHT, resume="latest").train() == {}
     assert "the checkpoint is at step 4, train.max_steps=4: nothing to train, nothing written" in caplog.text
     assert _files(run) == before
+    # an older checkpoint at max_steps: nothing written either (metrics.jsonl keeps steps 3 and 4, whose
+    # checkpoints are still there: a later --resume latest continues from step 4 with every row)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = _trainer(tmp_path, *[o for o in _STRAIGHT if "max_steps" not in o], "train.max_steps=2",
+                      resume=str(run / "checkpoints" / "step-0000002"))
+        assert tr.train() == {}
+    assert "the checkpoint is at step 2, train.max_steps=2: nothing to train, nothing written" in caplog.text
+    assert _files(run) == before
 
 
 # ---- every fault ends in one line that names it -------------------------------------------------------
