@@ -539,7 +539,13 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:  # e.g. a prompt beginning with "[V]" or holding ": "
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({why}); quote text that holds "
+                              f"brackets, ': ' or ' #': --set '{key.strip()}=\"...\"' (a list: "
+                              f"--set '{key.strip()}=[\"...\", \"...\"]')") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

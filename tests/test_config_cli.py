@@ -43,6 +43,10 @@ def test_shipped_configs_parse():
     ("validation.prompts=[{prompt: a, refs: [x.png]}]", r"'validation.prompts\[0\]': unknown key\(s\) \['refs'\]"),
     ("validation.prompts=[{references: [x.png]}]", r"'validation.prompts\[0\].prompt': must be a non-empty"),
     ("validation.prompts=[a, {prompt: b, references: x.png}]", r"'validation.prompts\[1\].references': must be a list"),
+    # a value that is not YAML (a prompt beginning with the identifier token): one line with how to quote it
+    ("validation.prompts=[V] dog", r"--set 'validation.prompts=\[V\] dog': the value is not valid YAML \(expected "
+                                   r"'<document start>'.*\); quote text .* --set 'validation.prompts=\"...\"'"),
+    ("data.prompt_keys=[prompt", r"--set 'data.prompt_keys=\[prompt': the value is not valid YAML"),
 ])
 def test_config_errors_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):
