@@ -107,21 +107,47 @@ def _data(cfg, spec, say, needs, references: int = 0):
     return dataset, dataset.buckets_of, [r.reference_buckets for r in dataset.records]
 
 
-def _validation_references(cfg, spec, needs) -> None:
+def _validation_references(cfg, spec, needs) -> list:
     """The held-out prompts' reference images (``validation.references``, a ``validation.prompts`` entry's
     own ``references``) as the run checks them at start-up (a family without an editing mode, an
-    unreadable or too small image: refused); one not on disk is what the real run still needs."""
+    unreadable or too small image: refused); one not on disk is what the real run still needs. Returns
+    (field, index, path, decoded image) of each one decoded, for :func:`_check_grids`."""
     from dopsd_fast.sample import load_references
 
+    decoded = []
     try:
         for name, refs in cfg.validation.reference_fields().items():
             if refs and not spec.editing:
                 load_references(cfg.data, cfg.model.family, refs, name)  # refuses the family
             for i, path in enumerate(refs):
-                if not Path(path).is_file():
+                if not Path(path).exists():
                     needs.append(f"{name}[{i}]: an image file (not found: {path})")
                 else:
-                    load_references(cfg.data, cfg.model.family, [path], name, first=i)
+                    decoded.append((name, i, path, load_references(cfg.data, cfg.model.family, [path], name, first=i)[0]))
+    except ValueError as e:
+        raise ConfigError(f"config field {e}") from None
+    return decoded
+
+
+def _check_grids(adapter, dataset, buckets, references) -> None:
+    """The buckets the run will use are ones the model takes (its latent grid), refused as the run
+    refuses them at start-up: the data's (its targets' and references'; the recipe's buckets where the
+    data is not at hand) and each held-out prompt's reference images."""
+    from dopsd_fast.families import check_buckets
+    from dopsd_fast.sample import check_reference_grid
+
+    if dataset is not None:
+        check_buckets(adapter, dataset)
+    else:
+        for w, h in sorted(set(map(tuple, buckets))):
+            try:
+                adapter.latent_shape(h, w)
+            except ValueError as e:
+                raise ConfigError(f"config fields 'data.buckets' / 'data.bucket_scale' / 'data.bucket_multiple': "
+                                  f"{e} (a bucket of the recipe)") from None
+    try:
+        for name, i, path, image in references:
+            check_reference_grid(adapter, [image], [path], name, first=i)
     except ValueError as e:
         raise ConfigError(f"config field {e}") from None
 
@@ -132,9 +158,10 @@ def workload(cfg, say=print, references: int = 0) -> Workload:
     spec = family(cfg.model.family)
     needs: list[str] = []
     dataset, buckets, refs = _data(cfg, spec, say, needs, references)
-    _validation_references(cfg, spec, needs)
+    held_refs = _validation_references(cfg, spec, needs)
     with _model_config(cfg, say, needs) as (model_cfg, real_model):
         adapter = build_adapter(model_cfg, load_encoders=False, empty_weights=True)
+        _check_grids(adapter, dataset, buckets, held_refs)
         if cfg.cache.dir:
             encoders = 0
             if dataset is not None and real_model:

@@ -185,7 +185,7 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
     for i, path in enumerate(paths):
         where = f"{name} {path}" if name.startswith("--") else f"{name}[{first + i}] {path}"
         if not Path(path).is_file():
-            raise ValueError(f"{where}: no such image file")
+            raise ValueError(f"{where}: {'a folder, not an image file' if Path(path).is_dir() else 'no such image file'}")
         try:
             with Image.open(path) as im:
                 im.load()  # the whole file: a truncated one is named here, not at the first step
@@ -202,13 +202,14 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
     return out
 
 
-def check_reference_grid(adapter, refs, paths, name: str = "--reference") -> None:
-    """Each reference's bucket is one the model takes (its latent grid): a ValueError naming it."""
+def check_reference_grid(adapter, refs, paths, name: str = "--reference", first: int = 0) -> None:
+    """Each reference's bucket is one the model takes (its latent grid): a ValueError naming it.
+    ``first``: the index of ``paths[0]`` in the field."""
     for i, (path, r) in enumerate(zip(paths, refs)):
         try:
             adapter.latent_shape(r.shape[-2], r.shape[-1])
         except ValueError as e:
-            where = f"{name} {path}" if name.startswith("--") else f"{name}[{i}] {path}"
+            where = f"{name} {path}" if name.startswith("--") else f"{name}[{first + i}] {path}"
             raise ValueError(f"{where}: its bucket {r.shape[-1]}x{r.shape[-2]}: {e}") from None
 
 

@@ -346,6 +346,7 @@ class Trainer:
             self._check_data(*self._resume_from)
         self.spec = family(cfg.model.family)
         require_editing_support(self.spec, self.dataset)
+        val_refs = self._decode_validation_references()
         cache = None
         # the contexts the method reads: D-OPSD the student's and the teacher's, SFT the student's alone (no
         # Z-Image VLM loaded, no model.vlm_path needed)
@@ -362,7 +363,7 @@ class Trainer:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
             self.adapter.ensure_student_encoder()
         check_buckets(self.adapter, self.dataset)
-        self.val_refs = self._validation_references()
+        self.val_refs = self._validation_references(val_refs)
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device
         targets = self.spec.lora_targets(cfg.lora, self.adapter.transformer.config)
@@ -695,18 +696,30 @@ class Trainer:
                 log.warning("curves.png not written (%s: %s); metrics.jsonl has the numbers", type(e).__name__, e)
             self._curves_failed = True
 
-    def _validation_references(self) -> list:
+    def _decode_validation_references(self) -> dict:
+        """Each field's reference images (``validation.references``, a ``validation.prompts`` entry's own
+        ``references``) decoded before the model is built: one line naming a missing, unreadable or too
+        small file, or a family without an editing mode, before the weights are read."""
+        from dopsd_fast.sample import load_references
+
+        decoded = {}
+        try:
+            for name, paths in self.cfg.validation.reference_fields().items():  # every field, used or not: a bad
+                decoded[name] = load_references(self.cfg.data, self.cfg.model.family, paths, name)  # entry is named
+        except ValueError as e:
+            raise ConfigError(f"config field {e}") from None
+        return decoded
+
+    def _validation_references(self, decoded: dict) -> list:
         """Each held-out prompt's reference images (a ``validation.prompts`` entry's own ``references``,
-        else ``validation.references``), decoded at start-up: one line naming a missing, unreadable or
-        too small file, or a family without an editing mode, before any step."""
-        from dopsd_fast.sample import check_reference_grid, load_references
+        else ``validation.references``), from :meth:`_decode_validation_references`, each at a bucket
+        the model takes (its latent grid), before any step."""
+        from dopsd_fast.sample import check_reference_grid
 
         vcfg = self.cfg.validation
         held = vcfg.held_out()
-        decoded = {}
         try:
-            for name, paths in vcfg.reference_fields().items():  # every field, used or not: a bad entry is named either way
-                decoded[name] = load_references(self.cfg.data, self.cfg.model.family, paths, name)
+            for name, paths in vcfg.reference_fields().items():
                 check_reference_grid(self.adapter, decoded[name], paths, name)
         except ValueError as e:
             raise ConfigError(f"config field {e}") from None

@@ -328,6 +328,27 @@ def test_validation_references_are_checked_as_the_run_checks_them(tmp_path):
     w = workload(load_config("tiny-klein", [own]), say=lambda *_: None)
     assert [n for n in w.needs if n.startswith("validation")] == \
         [f"validation.prompts[1].references[0]: an image file (not found: {tmp_path / 'none.png'})"]
+    own = f"validation.prompts=[x, {{prompt: y, references: [{tmp_path}]}}]"  # a folder is there, and no image
+    with pytest.raises(ConfigError, match=r"validation.prompts\[1\].references\[0\] .*: a folder, not an image file"):
+        workload(load_config("tiny-klein", [own]), say=lambda *_: None)
+    # a bucket the model does not take (klein: a multiple of 16), as the run refuses it at start-up: a held-out
+    # prompt's reference at it (the dry run passed it), the data's rows at it, the recipe's buckets without data
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((256, 384, 3), dtype=np.uint8)).save(wide)
+    grid = ["data.buckets=[[128,128],[152,104]]", "data.bucket_scale=1", "data.bucket_multiple=8"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"image": str(ok), "prompt": "p"}) + "\n")  # square: at 128 x 128
+    data = [f"data.jsonl={rows}", "data.builtin=null", "data.prompt_keys=[prompt]"]
+    assert workload(load_config("tiny-klein", [*grid, *data, "validation.prompts=[x]"]), say=lambda *_: None).needs == []
+    with pytest.raises(ConfigError, match=r"validation.prompts\[0\].references\[0\] .*wide.png: its bucket 152x104: "
+                                          r"image size 152x104 must be a multiple of 16"):
+        workload(load_config("tiny-klein", [*grid, *data, f"validation.prompts=[{{prompt: y, references: [{wide}]}}]"]),
+                 say=lambda *_: None)
+    rows.write_text(json.dumps({"image": str(wide), "prompt": "p"}) + "\n")
+    for data in ([f"data.jsonl={rows}", "data.builtin=null", "data.prompt_keys=[prompt]"],
+                 [f"data.jsonl={tmp_path / 'absent.jsonl'}", "data.builtin=null"]):
+        with pytest.raises(ConfigError, match=r"'data.buckets' .*image size 152x104 must be a multiple of 16"):
+            workload(load_config("tiny-klein", [*grid, *data, "validation.prompts=[x]"]), say=lambda *_: None)
 
 
 def test_references_per_row_where_the_data_is_not_at_hand(tmp_path, capsys):
