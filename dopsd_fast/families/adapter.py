@@ -166,8 +166,8 @@ class ModelAdapter(ABC):
         for sub in ("transformer", "vae", "scheduler"):
             if not (path / sub).is_dir():
                 raise FileNotFoundError(f"model.path: {path} has no '{sub}/' folder (expected the diffusers layout)")
-        empty = getattr(self, "empty_weights", False)  # --dry-run: the real architecture, no weights read
-        encoding = getattr(self, "encoding_only", False)  # dopsd-cache: only what encoding contexts runs
+        empty = self.empty_weights  # --dry-run: the real architecture, no weights read
+        encoding = self.encoding_only  # dopsd-cache: only what encoding contexts runs
 
         def part(cls, sub, dtype, read):
             if read:
@@ -175,7 +175,7 @@ class ModelAdapter(ABC):
             with torch.device("meta"):
                 return cls.from_config(cls.load_config(path, subfolder=sub))
 
-        read = not (empty or encoding) and getattr(self, "transformer_weights", True)
+        read = not (empty or encoding) and self.transformer_weights
         transformer = part(transformer_cls, "transformer", self.dtype, read)
         vae = part(vae_cls, "vae", torch.float32, not empty and not (encoding and not self.spec.contexts_use_vae))
         return transformer, vae, json.loads((path / "scheduler" / "scheduler_config.json").read_text())
