@@ -152,6 +152,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 # ``dopsd-train`` / ``dopsd-cache`` / ``dopsd-sample`` without --config: this shipped recipe
 DEFAULT_RECIPE = "toy-concept"
+MAX_DRY_RUN_REFERENCES = 64  # --references N: past it no model of the field fits a step (and the count grows)
 
 
 def _load(args):
@@ -180,17 +181,22 @@ def train_main(argv=None) -> int:
                    help="GPU class for --dry-run (default H100), any case: H100 (80 GB), H200 (141 GB, measured), "
                         "B200 (180 GB), A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); time on all but the "
                         "H200 is a spec-sheet estimate")
-    p.add_argument("--references", default=0, type=int, metavar="N",
+    p.add_argument("--references", default=None, type=int, metavar="N",
                    help="for --dry-run where the data is not at hand: each row has N reference images at its bucket "
-                        "(an editing model's rows; found data counts its own)")
+                        "(an editing model's rows; found data counts its own; default: 0, or the shipped recipe's "
+                        "rows' count, e.g. 1 for klein-4b-gtref-lora)")
     args = p.parse_args(argv)
     if args.gpu is not None and not args.dry_run:
         print("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)",
               file=sys.stderr)
         return 2
-    if args.references < 0 or (args.references and not args.dry_run):
-        print("error: --references N counts reference images per row for a --dry-run without the data (N >= 1); "
-              "a run counts its rows' own", file=sys.stderr)
+    if args.references is not None and not args.dry_run:
+        print("error: --references N counts reference images per row for a --dry-run without the data; a run counts "
+              "its rows' own", file=sys.stderr)
+        return 2
+    if args.references is not None and not 0 <= args.references <= MAX_DRY_RUN_REFERENCES:
+        print(f"error: --references {args.references}: reference images per row, 0 to {MAX_DRY_RUN_REFERENCES}",
+              file=sys.stderr)
         return 2
     if args.dry_run:
         from dopsd_fast.memory import gpu_class
@@ -206,7 +212,7 @@ def train_main(argv=None) -> int:
         from dopsd_fast.dryrun import dry_run
 
         try:
-            return dry_run(cfg, gpu, args.references)
+            return dry_run(cfg, gpu, args.references, recipe=args.config)
         except (DataError, CacheError, FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
     from dopsd_fast.trainer import Trainer

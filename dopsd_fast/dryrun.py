@@ -79,9 +79,10 @@ def _model_config(cfg, say, needs):
         yield dataclasses.replace(m, path=d), False
 
 
-def _data(cfg, spec, say, needs, references: int = 0):
+def _data(cfg, spec, say, needs, references: int = 0, counted_by: str = "--references"):
     """(dataset or None, buckets, references per bucket or None): the data where it is, else the recipe's
-    buckets, each row with ``references`` reference images at its own bucket (``--references``)."""
+    buckets, each row with ``references`` reference images at its own bucket (``--references``, or
+    ``counted_by``: why that many)."""
     d = cfg.data
     src = d.jsonl or d.folder
     if references and not spec.editing:
@@ -92,7 +93,7 @@ def _data(cfg, spec, say, needs, references: int = 0):
         w, h = max(buckets, key=lambda b: b[0] * b[1])
         field = "data.jsonl" if d.jsonl else "data.folder"
         rows = (f"; each row with {references} reference image{'s' if references > 1 else ''} at its bucket "
-                "(--references)" if references else
+                f"({counted_by})" if references else
                 "; rows without reference images (editing rows with N references each: --references N)"
                 if spec.editing else "")
         say(f"data: {src} not found; shapes from the recipe's buckets (data.buckets {d.buckets!r}: "
@@ -103,7 +104,8 @@ def _data(cfg, spec, say, needs, references: int = 0):
     require_editing_support(spec, dataset)
     buckets = sorted(set(dataset.buckets_of))
     say(f"data: {len(dataset.records)} samples, buckets {buckets[:6]}{' ...' if len(buckets) > 6 else ''}"
-        + (f" (--references {references} is not used: the rows' own references are counted)" if references else ""))
+        + (f" (--references {references} is not used: the rows' own references are counted)"
+           if references and counted_by == "--references" else ""))
     return dataset, dataset.buckets_of, [r.reference_buckets for r in dataset.records]
 
 
@@ -152,12 +154,26 @@ def _check_grids(adapter, dataset, buckets, references) -> None:
         raise ConfigError(f"config field {e}") from None
 
 
-def workload(cfg, say=print, references: int = 0) -> Workload:
+def recipe_references(cfg, recipe) -> int:
+    """Reference images per row of a shipped recipe whose rows carry them (``FamilySpec.reference_recipes``,
+    by the recipe's name or its file's), else 0."""
+    if not recipe:
+        return 0
+    return family(cfg.model.family).reference_recipes.get(Path(str(recipe)).stem if str(recipe).endswith(
+        (".yaml", ".yml")) else str(recipe), 0)
+
+
+def workload(cfg, say=print, references: int | None = 0, recipe=None) -> Workload:
     """Everything of the dry run that does not depend on the GPU class (prints what it read).
-    ``references``: reference images per row where the data is not found (editing rows)."""
+    ``references``: reference images per row where the data is not found (editing rows); None: the
+    count of the shipped ``recipe``'s rows (:func:`recipe_references`)."""
     spec = family(cfg.model.family)
     needs: list[str] = []
-    dataset, buckets, refs = _data(cfg, spec, say, needs, references)
+    counted_by = "--references"
+    if references is None:
+        references = recipe_references(cfg, recipe)
+        counted_by = f"the recipe {Path(str(recipe)).stem}'s rows carry references; --references N to count N"
+    dataset, buckets, refs = _data(cfg, spec, say, needs, references, counted_by)
     held_refs = _validation_references(cfg, spec, needs)
     with _model_config(cfg, say, needs) as (model_cfg, real_model):
         adapter = build_adapter(model_cfg, load_encoders=False, empty_weights=True)
@@ -293,13 +309,13 @@ def estimate(cfg, w: Workload, gpu: str) -> Estimate:
     return Estimate(gpu, plan, plan.peak, total, cap, seconds, hints)
 
 
-def dry_run(cfg, gpu: str = "h100", references: int = 0) -> int:
+def dry_run(cfg, gpu: str = "h100", references: int | None = 0, recipe=None) -> int:
     gpu = memory.gpu_class(gpu)
     print("config: valid")
     if cfg.method != "dopsd":
         print(f"method {cfg.method}: the figures below are a D-OPSD step's (K states, the teacher on each), an "
               "upper bound for its step (the memory model has no term of its own for it)")
-    w = workload(cfg, references=references)
+    w = workload(cfg, references=references, recipe=recipe)
     e = estimate(cfg, w, gpu)
     plan, shape = e.plan, w.shape
     print(f"\nstep: {shape.family}, {plan.path} path, backward {plan.backward}"
@@ -359,7 +375,7 @@ def table(recipes=None, gpus=TABLE_GPUS) -> str:
     lines = [head, "|---" * (len(gpus) + 1) + "|"]
     for name in recipes or table_recipes():
         cfg = load_config(name, [])
-        refs = family(cfg.model.family).reference_recipes.get(name, 0)  # rows with references: counted with them
+        refs = recipe_references(cfg, name)  # rows with references: counted with them
         w = workload(cfg, say=lambda _: None, references=refs)
         cells = []
         for g in gpus:

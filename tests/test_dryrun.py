@@ -397,3 +397,16 @@ def test_references_per_row_where_the_data_is_not_at_hand(tmp_path, capsys):
     assert "--references 2 is not used: the rows' own references are counted" in said[0]
     assert train_main(["--references", "1"]) == 2
     assert "--references N counts reference images per row for a --dry-run" in capsys.readouterr().err
+    for n in ("-1", "65"):  # a count past any model (it cost minutes and GBs, then failed as unexpected)
+        assert train_main(["--dry-run", "--references", n]) == 2
+        assert f"error: --references {n}: reference images per row, 0 to 64" in capsys.readouterr().err
+    # the documented "Will it fit?" dry run of the recipe, by name or by file, counts its rows' references
+    # (as the table does), unless --references says otherwise
+    for recipe in ("klein-4b-gtref-lora", str(ROOT / "configs" / "klein-4b-gtref-lora.yaml")):
+        said.clear()
+        w = workload(load_config(recipe, []), say=said.append, references=None, recipe=recipe)
+        assert w.shape.tokens_teacher == w1.shape.tokens_teacher, recipe
+        assert "each row with 1 reference image at its bucket (the recipe klein-4b-gtref-lora's rows carry" in said[0]
+    assert workload(cfg, say=lambda _: None, references=0, recipe="klein-4b-gtref-lora").shape == w0.shape
+    assert workload(load_config("klein-4b-editing-lora", []), say=lambda _: None, references=None,
+                    recipe="klein-4b-editing-lora").shape.tokens_teacher == w0.shape.tokens_teacher
