@@ -130,7 +130,7 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
     on its own scale)."""
     px, py = x0 + LEFT, y0 + TOP
     d.rectangle([px, py, px + PLOT_W, py + PLOT_H], outline=AXIS)
-    lines = [(label, sv, colour) for label, sv, colour in lines if len(sv[0]) >= 2]
+    lines = [(label, sv, colour) for label, sv, colour in lines if len(sv[0])]
     if not lines:
         d.text((x0, y0 + 2), title, fill=(0, 0, 0))
         d.text((px + 8, py + PLOT_H // 2 - 5), "not logged (yet)", fill=AXIS)
@@ -153,9 +153,10 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
         lo = 0.0
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
         lo, hi = lo - 0.5 * max(abs(lo), 1e-12), hi + 0.5 * max(abs(hi), 1e-12)
-    s0 = min(s.min() for _, s, _, _, _, _ in drawn)
-    s1 = max(s.max() for _, s, _, _, _, _ in drawn)
-    s1 = s1 if s1 > s0 else s0 + 1
+    first = s0 = min(s.min() for _, s, _, _, _, _ in drawn)
+    last = s1 = max(s.max() for _, s, _, _, _, _ in drawn)
+    if s1 <= s0:  # one step logged: its point in the middle
+        s0, s1 = s0 - 0.5, s0 + 0.5
 
     def points(s, v):
         x, y = _thin(px + (s - s0) / (s1 - s0) * PLOT_W, v, PLOT_W)
@@ -171,15 +172,20 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
         _, s, v, _, _, _ = drawn[0]
         d.line(points(s, v), fill=LIGHT, width=1)
     for _, _, _, sm, m, colour in drawn:
-        d.line(points(sm, m), fill=colour, width=2)
+        pts = points(sm, m)
+        if len(pts) == 1:  # one logged value (a first step, a run that failed at its second): a dot
+            (x, y), = pts
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        else:
+            d.line(pts, fill=colour, width=2)
     if len(drawn) > 1:  # the legend: each line's label and last value, in its colour, top right inside the plot
         for k, (label, *_, m, colour) in enumerate(drawn[:(PLOT_H - 8) // 11]):
             text = f"{label}: {_fmt(m[-1])}"
             d.text((px + PLOT_W - 4 - d.textlength(text), py + 3 + 11 * k), text, fill=colour)
     d.text((x0, py - 1), _fmt(hi), fill=AXIS)
     d.text((x0, py + PLOT_H - 10), _fmt(lo), fill=AXIS)
-    d.text((px, py + PLOT_H + 3), f"step {int(s0)}", fill=AXIS)
-    end = f"step {int(s1)}"
+    d.text((px, py + PLOT_H + 3), f"step {int(first)}", fill=AXIS)
+    end = f"step {int(last)}"
     d.text((px + PLOT_W - d.textlength(end), py + PLOT_H + 3), end, fill=AXIS)
 
 

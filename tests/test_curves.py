@@ -120,6 +120,21 @@ def test_nothing_logged_draws_nothing_and_one_point_draws_its_panel(tmp_path):
     _write(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 0.3, "grad_norm": 1.0, "lr": 0.0, "step_time_s": 2.0},
                                         {"step": 2, "loss": 0.3, "grad_norm": 1.0, "lr": 0.0, "step_time_s": 2.0}])
     assert C.plot_run(tmp_path).is_file()  # constant series: a flat line, no division by zero
+    # one row (a 1-step run, a run that failed at its second step): each panel shows its value as a dot
+    # (it said "not logged (yet)"); a metric no row has stays empty
+    _write(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 0.3, "grad_norm": 1.0, "lr": 0.0, "step_time_s": 2.0}])
+    img = Image.open(C.plot_run(tmp_path))
+    px, py = C.PAD + C.LEFT, C.HEAD + C.TOP
+    y = _dark_rows(img, px + 2, px + C.PLOT_W - 2, py + 1, py + C.PLOT_H)  # the loss panel (top left)
+    assert py + 0.3 * C.PLOT_H < y < py + 0.7 * C.PLOT_H  # one value: mid-height
+    a = np.asarray(img.convert("RGB"), dtype=int)[py + 1:py + C.PLOT_H, px + 2:px + C.PLOT_W - 2]
+    xs = np.nonzero((np.abs(a - np.array(C.DARK)).sum(-1) < 60).any(0))[0]
+    assert 0.4 * C.PLOT_W < xs.mean() < 0.6 * C.PLOT_W and xs.max() - xs.min() <= 8  # a dot in the middle
+    i = [p[0] for p in C.PANELS].index("update_ratio")  # no row has it
+    rx = C.PAD + (i % 2) * (C.LEFT + C.PLOT_W + C.PAD) + C.LEFT
+    ry = C.HEAD + (i // 2) * (C.TOP + C.PLOT_H + C.BOTTOM + C.PAD) + C.TOP
+    b = np.asarray(img.convert("RGB"), dtype=int)[ry + 1:ry + C.PLOT_H, rx + 2:rx + C.PLOT_W - 2]
+    assert not (np.abs(b - np.array(C.DARK)).sum(-1) < 60).any()
 
 
 def test_a_run_draws_its_curves_and_a_failed_picture_costs_it_nothing(tmp_path, monkeypatch, caplog):
