@@ -152,6 +152,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 # ``dopsd-train`` / ``dopsd-cache`` / ``dopsd-sample`` without --config: this shipped recipe
 DEFAULT_RECIPE = "toy-concept"
+MAX_LORA_SCALE = 100.0  # --lora-scale S: trained LoRAs are used at about -2 to 2; far past it the update overflows
 MAX_DRY_RUN_REFERENCES = 64  # --references N: past it no model of the field fits a step (and the count grows)
 
 
@@ -341,9 +342,9 @@ def sample_main(argv=None) -> int:
         sys.exit(f"error: --seed {args.seed}: must be in [0, 2^63)")
     if args.lora_scale and not args.lora:
         sys.exit("error: --lora-scale scales a LoRA: give it with --lora DIR")
-    bad = [v for v in args.lora_scale or [] if not math.isfinite(v)]
+    bad = [v for v in args.lora_scale or [] if not (math.isfinite(v) and abs(v) <= MAX_LORA_SCALE)]
     if bad:
-        sys.exit(f"error: --lora-scale {bad[0]}: must be a finite number")
+        sys.exit(f"error: --lora-scale {bad[0]:g}: must be a number from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
     _setup_logging()
     cfg = _load(args)
     from dopsd_fast.sample import generate

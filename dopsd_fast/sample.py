@@ -287,6 +287,10 @@ def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=
         if scale is not None:
             adapter.transformer.set_adapters(["lora"], weights=[scale])
         columns.append(sample_images(adapter, prompts, w, h, steps, seed, references=refs))
+        if not all(bool(torch.isfinite(im).all()) for im in columns[-1]):  # else a grid of cast garbage
+            at = f" at --lora-scale {scale:g}" if lora_scales else ""
+            raise ValueError(f"the samples{at} are not finite (NaN / inf): the model's output overflowed"
+                             + (" (a smaller --lora-scale)" if lora_scales else "") + "; nothing written")
     rows = [(p, [*refs, *ims]) for p, *ims in zip(prompts, *columns)]
     label = "lora" if lora else "fine-tuned" if transformer else "base"
     labels = [f"{label} x{s:g}" for s in scales] if lora and lora_scales else [label]

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -199,5 +200,17 @@ def test_dopsd_sample_lora_scales_are_columns_from_the_same_noise(tmp_path):
     zero, one = cells(tmp_path / "s.png", 2)
     assert np.abs(base - full).max() > 8  # the LoRA changes the sample
     assert np.abs(zero - base).max() <= 1 and np.abs(one - full).max() <= 1
-    with pytest.raises(SystemExit, match="--lora-scale nan: must be a finite number"):
-        sample_main([*common, "--lora", lora, "--lora-scale", "nan", "--out", str(tmp_path / "n.png")])
+    for bad in ("nan", "1e300", "-101"):  # 1e300 drew a grid of NaN cast to bytes, with a numpy warning
+        with pytest.raises(SystemExit, match=re.escape(f"--lora-scale {float(bad):g}: must be a number from -100 to 100")):
+            sample_main([*common, "--lora", lora, "--lora-scale", bad, "--out", str(tmp_path / "n.png")])
+    # samples that are not finite (an update that overflows the model's dtype) are one line, no grid
+    import dopsd_fast.sample as S
+
+    real = S.sample_images
+    S.sample_images = lambda *a, **k: [im * float("nan") for im in real(*a, **k)]
+    try:
+        with pytest.raises(SystemExit, match=r"the samples at --lora-scale 3 are not finite \(NaN / inf\)"):
+            sample_main([*common, "--lora", lora, "--lora-scale", "3", "--out", str(tmp_path / "n.png")])
+    finally:
+        S.sample_images = real
+    assert not (tmp_path / "n.png").exists()
