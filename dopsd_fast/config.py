@@ -735,7 +735,8 @@ FIELD_HELP: dict[str, str] = {
                           "an entry `{prompt: ..., references: [...]}` is that prompt on its own reference images "
                           "(an editing model's; `[]`: none)",
     "validation.references": "reference images the held-out prompts without their own `references` are conditioned "
-                             "on (an editing model's); a prompt samples at its first reference's bucket",
+                             "on (an editing model's); a prompt samples at its first reference's bucket; these paths, "
+                             "and an entry's own, are relative to the working directory (data rows: to their JSONL)",
     "sft.weighting": "`method: sft` sigma sampling, as diffusers' DreamBooth scripts: `none` (uniform), "
                      "`logit_normal` or `mode`",
     "sft.logit_mean": "`logit_normal`: mean",
