@@ -24,6 +24,39 @@ def _run(*args, cwd=None):
                           text=True, timeout=600)
 
 
+_MANY = """
+import contextlib, io, json, sys
+from dopsd_fast.cli import _setup_logging, train_main
+_setup_logging()
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            rc = train_main(argv)
+        except SystemExit as x:
+            rc = x.code if isinstance(x.code, int) else 1
+            if x.code is not None and not isinstance(x.code, int):
+                print(x.code, file=e)
+    out.append({"returncode": rc, "stdout": o.getvalue(), "stderr": e.getvalue()})
+print(json.dumps(out))
+"""
+
+
+def _run_many(*argvs, cwd):
+    """``dopsd-train`` with each argv in turn, in one fresh process (one import of torch and diffusers,
+    not one per run): a (returncode, stdout, stderr) namespace each; the process's own stderr (its log
+    lines) is added to each one's."""
+    from types import SimpleNamespace
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    r = subprocess.run([sys.executable, "-c", _MANY, json.dumps([list(a) for a in argvs])], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [SimpleNamespace(**{**x, "stderr": x["stderr"] + r.stderr}) for x in json.loads(r.stdout.splitlines()[-1])]
+
+
 def _config_only_dir(tmp_path, family):
     from diffusers import FlowMatchEulerDiscreteScheduler
     import torch
@@ -67,9 +100,8 @@ def _data(tmp_path):
 
 
 def test_dry_run_default_and_tiny():
-    for extra in ((), ("--config", "tiny-zimage")):  # the default run (the toy), the tiny random preset
-        r = _run("--dry-run", *extra)
-        assert r.returncode == 0, r.stdout + r.stderr
+    for r in _run_many(("--dry-run",), ("--dry-run", "--config", "tiny-zimage"), cwd=ROOT):  # the default run (the
+        assert r.returncode == 0, r.stdout + r.stderr  # toy), the tiny random preset
         assert "config: valid" in r.stdout and "-> FITS" in r.stdout and "predicted peak" in r.stdout
 
 
@@ -78,18 +110,23 @@ def test_dry_run_real_size_zimage_picks_stepwise_on_an_h100(tmp_path):
     jl = _data(tmp_path)
     common = ["--config", "zimage-turbo-lora", "--set", f"model.path={model}", "--set", f"data.jsonl={jl}",
               "--set", "data.builtin=null"]
+    nocache = [*common, "--set", "cache.dir=null"]
+    missing, auto, once = _run_many(
+        ("--dry-run", "--gpu", "h100", *common, "--set", f"cache.dir={tmp_path / 'nocache'}"),
+        ("--dry-run", "--gpu", "h100", *nocache),
+        ("--dry-run", "--gpu", "h100", *nocache, "--set", "dopsd.backward=once", "--set", "fast.checkpoint=none"),
+        cwd=ROOT)
     # a missing feature cache: the dry run says what a real run still needs instead of failing
-    r = _run("--dry-run", "--gpu", "h100", *common, "--set", f"cache.dir={tmp_path / 'nocache'}")
+    r = missing
     assert r.returncode == 0, r.stdout + r.stderr
     assert "feature cache: not ready" in r.stdout and "a real run still needs" in r.stdout, r.stdout
     assert "run dopsd-cache first" in r.stdout.split("a real run still needs")[1], r.stdout
-    common += ["--set", "cache.dir=null"]
-    r = _run("--dry-run", "--gpu", "h100", *common)
+    r = auto
     assert r.returncode == 0, r.stdout + r.stderr
     assert "backward stepwise (auto)" in r.stdout, r.stdout  # K = 4 states of activations do not fit 80 GB
     assert "-> FITS" in r.stdout and "4608 student / 5120 teacher tokens" in r.stdout
     # the authors' explicit `once` on an H100 without checkpointing does not fit, and says what would
-    r = _run("--dry-run", "--gpu", "h100", *common, "--set", "dopsd.backward=once", "--set", "fast.checkpoint=none")
+    r = once
     assert r.returncode == 1 and "DOES NOT FIT" in r.stdout and "dopsd.backward=stepwise" in r.stdout, r.stdout
 
 
@@ -115,9 +152,10 @@ def test_dry_run_every_recipe_needs_nothing_but_the_config(tmp_path):
     """Every shipped recipe, as shipped (paths /path/to/...), on a GPU name in any case, from a folder
     with no data, weights or cache: exit 0 (fits) or 1 (does not fit, with what would), never an error."""
     names = ["H200", "h100", "B200", "a100", "A100-40", "l40s", "4090"]
-    for i, recipe in enumerate(_recipes()):
-        gpu = names[i % len(names)]
-        r = _run("--config", recipe, "--dry-run", "--gpu", gpu, cwd=tmp_path)
+    recipes = _recipes()
+    runs = _run_many(*[("--config", recipe, "--dry-run", "--gpu", names[i % len(names)])
+                       for i, recipe in enumerate(recipes)], cwd=tmp_path)
+    for recipe, r in zip(recipes, runs):
         assert r.returncode in (0, 1) and "error" not in r.stderr.lower(), (recipe, r.stdout + r.stderr)
         assert "predicted peak" in r.stdout and "predicted step time" in r.stdout, (recipe, r.stdout)
 
@@ -137,8 +175,9 @@ def test_dry_run_without_data_weights_or_cache_says_what_a_real_run_needs(tmp_pa
 
 def test_dry_run_gpu_changes_memory_and_time(tmp_path):
     outs = {}
-    for gpu in ("h200", "4090", "A100"):
-        r = _run("--config", "zimage-turbo-lora", "--dry-run", "--gpu", gpu, cwd=tmp_path)
+    gpus = ("h200", "4090", "A100")
+    for gpu, r in zip(gpus, _run_many(*[("--config", "zimage-turbo-lora", "--dry-run", "--gpu", g) for g in gpus],
+                                      cwd=tmp_path)):
         assert r.returncode == 0, r.stdout + r.stderr
         outs[gpu] = r.stdout
     assert "backward once (auto)" in outs["h200"] and "backward stepwise (auto)" in outs["4090"]
@@ -151,12 +190,13 @@ def test_dry_run_gpu_changes_memory_and_time(tmp_path):
 
 def test_dry_run_does_not_fit_names_only_what_fits(tmp_path):
     # klein-9B on a 24 GB card: the weights alone leave too little; nothing the model knows fits
-    r = _run("--config", "klein-9b-editing-lora", "--dry-run", "--gpu", "4090", cwd=tmp_path)
+    r, r2 = _run_many(("--config", "klein-9b-editing-lora", "--dry-run", "--gpu", "4090"),
+                      ("--config", "zimage-turbo-lora", "--dry-run", "--gpu", "H100", "--set", "dopsd.backward=once",
+                       "--set", "model.gradient_checkpointing=none"), cwd=tmp_path)
     assert r.returncode == 1 and "DOES NOT FIT" in r.stdout, r.stdout + r.stderr
     assert "to fit: none of" in r.stdout and "fast.fp8" not in r.stdout, r.stdout
     # Z-Image with the authors' once and no checkpointing on an H100: stepwise or checkpointing fit
-    r = _run("--config", "zimage-turbo-lora", "--dry-run", "--gpu", "H100", "--set", "dopsd.backward=once",
-             "--set", "model.gradient_checkpointing=none", cwd=tmp_path)
+    r = r2
     assert r.returncode == 1 and "DOES NOT FIT" in r.stdout, r.stdout + r.stderr
     hint = r.stdout.split("to fit: ")[1].splitlines()[0]
     assert "dopsd.backward=stepwise" in hint and "fast.fp8" not in hint, hint
