@@ -184,11 +184,11 @@ def test_every_stage_runs_at_a_tiny_scale(tmp_path, monkeypatch):
     monkeypatch.setenv("DOPSD_TOY_QUIET", "1")
     out = tmp_path / "toy"
     assert "psnr_validation" in P.stage_vae(out, steps=2, batch=8)
-    assert {"validation", "heldout_through_vae"} <= set(P.stage_classifier(out, steps=2, batch=16))
+    assert {"validation", "heldout_through_vae"} <= set(P.stage_classifier(out, steps=2, batch=16, eval_n=16))
     gate = P.stage_base(out, steps=2, batch=8, gate_n=2)
     assert {"mse_text", "mse_context", "mse_ratio"} <= set(gate["heldout"]) and (out / "in_context_base.png").is_file()
     assert P.stage_student(out, steps=2, batch=8, n_traj=8)["trajectories"] == 8
-    res = P.stage_evaluate(out, n=8)
+    res = P.stage_evaluate(out, n=8, gate_n=4)
     assert {"base_40", "base_4", "student_4", "in_context_base_40", "in_context_student_4"} <= set(res)
     meta = M.read_meta(out / "weights")
     assert all(meta[k]["steps"] == 2 for k in ("vae", "classifier", "base", "student"))
@@ -203,7 +203,7 @@ def test_every_curved_stage_runs_at_a_tiny_scale_and_evaluate_prints_the_gates(t
     monkeypatch.setenv("DOPSD_TOY_QUIET", "1")
     out = tmp_path / "curved"
     assert "psnr_validation" in P.stage_vae(out, steps=2, batch=8, world="curved")
-    P.stage_classifier(out, steps=2, batch=16, world="curved")
+    P.stage_classifier(out, steps=2, batch=16, world="curved", eval_n=16)
     in_context = P.stage_base(out, steps=2, batch=9, world="curved")
     assert {"background_error", "checker_correlation", "object_accuracy"} <= set(in_context["concept_train"])
     assert M.read_meta(out / "weights")["world"] == "curved" and (out / "base" / "in_context.png").is_file()

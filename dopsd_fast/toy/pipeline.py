@@ -166,9 +166,11 @@ def classifier_batch(seed, step, n, world: str = "v1"):
     return torch.cat(xs), y
 
 
-def stage_classifier(out: Path, steps: int, batch: int = 64, seed: int = 0, world: str = "v1") -> dict:
+def stage_classifier(out: Path, steps: int, batch: int = 64, seed: int = 0, world: str = "v1",
+                     eval_n: int = 512) -> dict:
     """Trained on world pictures, uncaptioned patterns and [V] pictures; half of every batch goes
-    through the toy VAE first, so that the blur of decoded samples is not mistaken for an attribute."""
+    through the toy VAE first, so that the blur of decoded samples is not mistaken for an attribute.
+    Its accuracy on the first ``eval_n`` validation and held-out pictures (and the 32 held-out [V] ones)."""
     torch.manual_seed(seed)
     vae = M.build_vae(_weights(out)).requires_grad_(False).eval()
     net = Classifier()
@@ -190,7 +192,7 @@ def stage_classifier(out: Path, steps: int, batch: int = 64, seed: int = 0, worl
     loop.finish()
     acc = {}
     for split in ("validation", "heldout", "concept-heldout"):
-        x, _, attrs = W.batch(split, range(0, 512 if split != "concept-heldout" else 32))
+        x, _, attrs = W.batch(split, range(0, eval_n if split != "concept-heldout" else min(eval_n, 32)))
         acc[split] = attribute_accuracy(net, x, attrs)
         with torch.no_grad():
             acc[split + "_through_vae"] = attribute_accuracy(net, M.vae_decode(vae, M.vae_encode(vae, x)), attrs)
