@@ -184,8 +184,8 @@ def train_main(argv=None) -> int:
                         "H200 is a spec-sheet estimate")
     p.add_argument("--references", default=None, type=int, metavar="N",
                    help="for --dry-run where the data is not at hand: each row has N reference images at its bucket "
-                        "(an editing model's rows; found data counts its own; default: 0, or the shipped recipe's "
-                        "rows' count, e.g. 1 for klein-4b-gtref-lora)")
+                        "(an editing model's rows; found data counts its own; default: 0, or the count of a shipped "
+                        "recipe's rows, e.g. 1 for the ground-truth-reference recipe)")
     args = p.parse_args(argv)
     if args.gpu is not None and not args.dry_run:
         print("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)",
