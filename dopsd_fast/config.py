@@ -471,9 +471,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"config field '{name}': expected a string, got {value!r}")
         return str(value)
     if tp is list or origin is list:
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value)
-            value = parsed if isinstance(parsed, list) else [parsed]
+        if isinstance(value, str):  # one entry (a quoted "[V] dog" is that prompt, not YAML read again)
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
         return list(value)

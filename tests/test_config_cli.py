@@ -53,6 +53,14 @@ def test_config_errors_name_the_field(override, match):
         load_config(None, [override])
 
 
+def test_a_quoted_value_of_a_list_field_is_one_entry():
+    """A quoted string given to a list field is one entry as written: it was read as YAML again, so
+    '"[V] dog"' failed as "unexpected" and '"[V]"' became the prompt 'V'."""
+    for raw, want in (('"[V] dog"', ["[V] dog"]), ('"[V]"', ["[V]"]), ('"a, b"', ["a, b"]),
+                      ('["[V] dog", b]', ["[V] dog", "b"]), ("x", ["x"])):
+        assert load_config(None, [f"validation.prompts={raw}"]).validation.prompts == want, raw
+
+
 def test_config_roundtrip(tmp_path):
     cfg = load_config(None, ["optim.lr=3e-4", "dopsd.rollout=[1.0,0.6,0.0]"])
     cfg.save(tmp_path / "c.yaml")
