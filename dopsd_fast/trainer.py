@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import math
 import random
@@ -872,11 +873,38 @@ class Trainer:
             def write(d, module=module, sd=sd):
                 module.save_config(str(d))
                 save_file(sd, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+                self._mark_export(d)
 
             atomic_dir(self.out / name, write)
         if self.rank == 0:
             log.info("full fine-tuning: the student in %s/, its EMA copy in %s/ (dopsd-sample --transformer DIR)",
                      self.out / "transformer", self.out / "transformer_ema")
+
+    EXPORT_MARK = "export.json"  # in each export folder: the step (and run) whose weights it holds
+
+    def _mark_export(self, d: Path) -> None:
+        (Path(d) / self.EXPORT_MARK).write_text(json.dumps({"step": self.step, "run_id": self.run_id}) + "\n")
+
+    def _stale_final_exports(self) -> list[str]:
+        """The run's final exports (``lora/`` and ``lora_ema/``, or ``transformer/`` and
+        ``transformer_ema/``) that are missing or hold an earlier step than the loaded checkpoint: a
+        stop during the last step (full fine-tuning exports at the end), or an export that failed
+        after its checkpoint was written (a full disk). One without a step (an earlier version's) is
+        left as it is, and so is one of a later step (an older checkpoint resumed)."""
+        names = ["lora", "lora_ema"] if self.cfg.lora.enabled else [name for _, name in self.FULL_EXPORTS]
+        stale = []
+        for name in names:
+            d = self.out / name
+            if not d.is_dir():
+                stale.append(f"{name}/ (missing)")
+                continue
+            try:
+                step = int(json.loads((d / self.EXPORT_MARK).read_text())["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if step < self.step:
+                stale.append(f"{name}/ (of step {step})")
+        return stale
 
     def export_lora(self) -> None:
         if not self.cfg.lora.enabled:
@@ -891,6 +919,7 @@ class Trainer:
             def write(d, sd=sd):
                 self.adapter.export_lora(sd, str(d), meta)
                 write_comfyui_lora(d, self.cfg.lora.alpha)  # the same LoRA at the trained strength in ComfyUI
+                self._mark_export(d)
 
             try:
                 atomic_dir(self.out / name, write)
@@ -900,7 +929,8 @@ class Trainer:
                         m in text for m in ("No space left", "StorageFull", "os error 28")):
                     raise OSError(errno.ENOSPC, f"writing the LoRA export {name}/ at step {self.step} failed (No space "
                                   f"left on the device): {name}/ still holds the previous export; free space, then "
-                                  "resume with --resume latest", str(self.out / name)) from None
+                                  "resume with --resume latest (it writes the export from the checkpoint)",
+                                  str(self.out / name)) from None
                 raise
 
     # ---- loop --------------------------------------------------------------------------------
@@ -915,6 +945,15 @@ class Trainer:
         try:
             if self._saved_step is not None and self.step >= self.cfg.train.max_steps:
                 nothing = True
+                stale = self._stale_final_exports() if self.rank == 0 else []
+                if self.dist.min_max(float(bool(stale)), "the final exports")[1] > 0:  # every rank exports (gathers)
+                    if self.rank == 0:
+                        log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train; the run's final "
+                                    "export %s: writing it from the checkpoint", self.step, self.cfg.train.max_steps,
+                                    ", ".join(stale))
+                    self.export_lora()
+                    self.export_full()
+                    return {}
                 log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train, nothing written "
                             "(set train.max_steps above %d to continue)", self.step, self.cfg.train.max_steps,
                             self.step)

@@ -184,6 +184,76 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(tmp_path, monkeypatch)
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
 
 
+def test_a_resume_at_the_end_writes_the_final_exports_its_checkpoint_has_and_they_lack(straight, tmp_path, caplog):
+    """The final exports are written from the checkpoint by a resume that has nothing left to train, when
+    they are missing or of an earlier step: a LoRA export that failed after its checkpoint (a full disk),
+    full fine-tuning stopped during its last step (it exports at the end). The resume said "nothing to
+    train, nothing written" and the trained weights were only in the checkpoint."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    good = _files(run)
+    shutil.rmtree(run / "lora_ema")  # never written
+    mark = json.loads((run / "lora" / "export.json").read_text())
+    assert mark["step"] == 4
+    (run / "lora" / "export.json").write_text(json.dumps({**mark, "step": 3}))  # the previous export
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"the step-3 export")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        assert _trainer(tmp_path, *_STRAIGHT, resume="latest").train() == {}
+    assert "nothing to train; the run's final export lora/ (of step 3), lora_ema/ (missing): writing it" in caplog.text
+    from safetensors import safe_open
+
+    now = _files(run)
+    assert set(now) == set(good)
+    for name in good:  # the uninterrupted run's files (safetensors: the same tensors and metadata; the
+        if not name.endswith(".safetensors"):  # header's key order is not fixed)
+            assert now[name] == good[name], name
+            continue
+        with safe_open(str(run / name), "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        with safe_open(str(straight / name), "pt") as f:
+            assert meta == f.metadata() and set(tensors) == set(f.keys()), name
+            assert all(torch.equal(tensors[k], f.get_tensor(k)) for k in tensors), name
+
+    # full fine-tuning: a SIGTERM during the last step writes its checkpoint and stops before the export
+    from dopsd_fast.safety import Terminated
+    from dopsd_fast.trainer import Trainer
+
+    full = ["lora.enabled=false", "train.max_steps=2", "train.checkpoint_every=0"]
+    base = tmp_path / "full"
+    tr = _trainer(base, *full)
+    orig = Trainer.train_step
+
+    def step_then_term(self):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self)
+
+    Trainer.train_step = step_then_term
+    try:
+        with pytest.raises(Terminated):
+            tr.train()
+    finally:
+        Trainer.train_step = orig
+    assert not (base / "run" / "transformer").exists() and (base / "run" / "checkpoints" / "step-0000002").is_dir()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = _trainer(base, *full, resume="latest")
+        tr.train()
+    assert "final export transformer/ (missing), transformer_ema/ (missing): writing it" in caplog.text
+    from safetensors.torch import load_file
+
+    for name, module in (("transformer", tr.weights.student()), ("transformer_ema", tr.weights.teacher())):
+        assert json.loads((base / "run" / name / "export.json").read_text())["step"] == 2
+        sd = load_file(str(base / "run" / name / "diffusion_pytorch_model.safetensors"))
+        want = module.state_dict()
+        assert set(sd) == set(want) and all(torch.equal(sd[k], want[k].to(sd[k].dtype)) for k in sd), name
+    before = _files(base / "run")
+    _trainer(base, *full, resume="latest").train()  # now complete: nothing written
+    assert _files(base / "run") == before
+
+
 def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, caplog):
     _trainer(tmp_path, "train.checkpoint_every=1", "train.max_steps=3").train()
     newest = tmp_path / "run" / "checkpoints" / "step-0000003" / "__0_0.distcp"
