@@ -62,6 +62,23 @@ def test_jsonl_and_folder_sources(tmp_path):
     (folder / "x.txt").write_text("a caption\n")
     ds = build_dataset(_cfg(folder=str(folder)), progress=False)
     assert ds.records[0].prompts == ["a caption"]
+    # subfolders are searched (a hidden one is not), TIFF and GIF are images too, and a caption's or a
+    # JSONL's byte-order mark is no part of the text (it became three tokens of every prompt)
+    from PIL import Image
+
+    (folder / "10_concept").mkdir()
+    Image.new("RGB", (256, 256), (9, 9, 9)).save(folder / "10_concept" / "y.gif")
+    (folder / "10_concept" / "y.txt").write_bytes("\ufeffa [V] cup".encode("utf-8"))
+    Image.new("RGB", (256, 256), (9, 9, 9)).save(folder / "z.tif")
+    (folder / "z.txt").write_text("a tiff")
+    (folder / ".thumbs").mkdir()
+    _img(folder / ".thumbs" / "x.png")
+    ds = build_dataset(_cfg(folder=str(folder)), progress=False)
+    assert [(Path(r.image_path).name, r.prompts) for r in ds.records] == \
+        [("y.gif", ["a [V] cup"]), ("x.png", ["a caption"]), ("z.tif", ["a tiff"])]
+    Path(path).write_bytes(b"\xef\xbb\xbf" + Path(path).read_bytes())
+    assert build_dataset(_cfg(jsonl=path, prompt_keys=["short", "long"]), progress=False).records[0].prompts == \
+        ["a dog", "a big dog"]
 
 
 def test_prompt_draw_is_random_but_seeded(tmp_path):

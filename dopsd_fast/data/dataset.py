@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # data.folder's images (a GIF: its first frame)
 
 
 @dataclass
@@ -187,7 +187,8 @@ class ImageTextDataset:
             detail = (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else
                       " (the file has no rows: one JSON object per line, with an image and a prompt)"
                       if source.startswith("data.jsonl") else
-                      " (no image with a caption found: each image needs a .txt caption beside it, or use data.jsonl)")
+                      f" (no image found: {' '.join(IMAGE_EXTS)} files, in the folder or its subfolders, each with a "
+                      ".txt caption beside it; or use data.jsonl)")
             raise DataError(f"the dataset{' ' + source if source else ''} has no usable rows" + detail)
         self.records = records
         self.skipped = skipped or []
@@ -270,6 +271,8 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
     """Yield (where, callable building the Record's inputs) per row, raising DataError."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark (some editors write one)
+                raw = raw[3:]
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -323,7 +326,9 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
 
 
 def _iter_folder(folder: Path):
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    """Every image under ``folder`` (subfolders too, hidden ones aside), each with its caption beside it."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     for img in files:
         where = str(img)
 
@@ -332,7 +337,7 @@ def _iter_folder(folder: Path):
             if not txt.is_file():
                 raise DataError(f"{where}: no caption file {txt.name} beside the image")
             try:
-                caption = txt.read_text(encoding="utf-8").strip()
+                caption = txt.read_text(encoding="utf-8-sig").strip()  # a byte-order mark is no part of it
             except UnicodeDecodeError as e:
                 raise DataError(f"{txt}: caption is not UTF-8 text (byte at offset {e.start}); save it as UTF-8") from None
             if not caption:
