@@ -219,6 +219,12 @@ class Trainer:
             raise OutputDirError(f"train.output_dir {out} is the folder this command runs in (or holds it): --overwrite "
                                  "cannot move it aside while the run works inside it; run from its parent folder, or "
                                  "choose another output_dir")
+        c = self.cfg
+        for field, where in (("cache.dir", c.cache.dir), ("data.jsonl", c.data.jsonl), ("data.folder", c.data.folder),
+                             ("model.path", c.model.path), ("model.vlm_path", getattr(c.model, "vlm_path", None))):
+            if where and (Path(where).resolve() == folder or folder in Path(where).resolve().parents):
+                raise OutputDirError(f"{field} {where} is inside train.output_dir {out}: --overwrite would move it aside "
+                                     f"with the earlier run (to {out.name}.old-N); keep it outside the run's folder")
         held = self._lock
         aside = move_aside(out)  # the held lock moves with it: no other trainer can slip in meanwhile
         out.mkdir()

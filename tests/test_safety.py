@@ -1011,6 +1011,12 @@ def test_overwrite_of_the_folder_the_command_runs_in_is_refused_in_one_line(stra
                                                  r"parent folder"):
             Trainer(tiny_config(tmp_path, *_STRAIGHT, f"train.output_dir={out}"), overwrite=True)
     assert _files(run) == before and not (tmp_path / "run.old-1").exists()
+    # an input kept inside the run's folder (a feature cache beside the run) would move aside with it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputDirError, match=r"cache.dir .*run/sub/cache is inside train.output_dir .*: --overwrite "
+                                             r"would move it aside with the earlier run"):
+        Trainer(tiny_config(tmp_path, *_STRAIGHT, f"cache.dir={run / 'sub' / 'cache'}"), overwrite=True)
+    assert _files(run) == before and not (tmp_path / "run.old-1").exists()
 
 
 def test_an_output_dir_or_cache_dir_that_is_a_file_is_named_in_one_line(tmp_path, capsys):
