@@ -244,3 +244,48 @@ def test_cache_keys_follow_reference_buckets_and_alpha_background(tmp_path):
     plain = one[2]
     assert keys(plain) == [entry_key("student", "a green square", None, None),
                            entry_key("teacher", "a green square", plain.image_hash, plain.bucket)]
+
+
+def test_a_copied_model_folder_is_the_same_weights_and_other_bytes_are_not(tmp_path):
+    """Weight files are identified by size and a hash of their first and last MiB, not their mtime: a
+    model folder copied to another disk (cp -r: new mtimes) keeps its feature caches (they were refused
+    as 'written for other encoders'); the same size with other bytes is refused; a cache of an earlier
+    version (size:mtime) is compared as it was."""
+    import os
+    import shutil
+
+    from dopsd_fast.cache import _diff
+    from dopsd_fast.families.common import file_fingerprint
+
+    src = tmp_path / "model" / "text_encoder"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text('{"hidden_size": 8}')
+    data = os.urandom(3 << 20)
+    (src / "model.safetensors").write_bytes(data)
+    os.utime(src / "model.safetensors", (1_000_000_000, 1_000_000_000))
+
+    def identity(folder):
+        return json.loads(json.dumps({"family": "x", "weights": {"text_encoder": file_fingerprint(folder)},
+                                      "settings": {"layers": [1, 2]}}))
+
+    written = identity(src)
+    copy = tmp_path / "copy" / "text_encoder"
+    shutil.copytree(src, copy, copy_function=shutil.copyfile)  # contents only: a new mtime
+    assert int((copy / "model.safetensors").stat().st_mtime) != 1_000_000_000
+    assert identity(copy) != written and _diff(written, identity(copy)) == []
+    for at in (100, len(data) - 100):  # other bytes at the start or the end, the same size
+        other = bytearray(data)
+        other[at] ^= 0xFF
+        (copy / "model.safetensors").write_bytes(bytes(other))
+        assert _diff(written, identity(copy)) == ["weights.text_encoder.model.safetensors"], at
+    (copy / "model.safetensors").write_bytes(data + b"x")  # another size
+    assert _diff(written, identity(copy)) == ["weights.text_encoder.model.safetensors"]
+    # an earlier version's manifest: size:mtime, still compared by them
+    old = json.loads(json.dumps(written))
+    value = old["weights"]["text_encoder"]["model.safetensors"]
+    old["weights"]["text_encoder"]["model.safetensors"] = ":".join(value.split(":")[:2])
+    assert _diff(old, identity(src)) == []
+    os.utime(src / "model.safetensors", (2_000_000_000, 2_000_000_000))
+    assert _diff(old, identity(src)) == ["weights.text_encoder.model.safetensors"]
+    (copy / "config.json").write_text('{"hidden_size": 9}')  # a config is compared by its contents, as before
+    assert "weights.text_encoder.config.json" in _diff(written, identity(copy))

@@ -6,9 +6,38 @@ import hashlib
 from pathlib import Path
 
 
+SAMPLE_BYTES = 1 << 20  # of a weight file's start and end, hashed: its header and its first and last tensors' data
+
+
+def weights_fingerprint(p: Path) -> str:
+    """``size:mtime:hash`` of a weight file, the hash of its first and last MiB: a copy (``cp -r``, rsync
+    without -t: another mtime) is recognised as the same weights (:func:`same_weights`), without reading
+    gigabytes."""
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(SAMPLE_BYTES))
+        if st.st_size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, st.st_size - SAMPLE_BYTES))
+            h.update(f.read(SAMPLE_BYTES))
+    return f"{st.st_size}:{int(st.st_mtime)}:{h.hexdigest()[:16]}"
+
+
+def same_weights(a, b) -> bool | None:
+    """Two :func:`weights_fingerprint` values: the same size and sampled content (the modification time
+    aside); against an earlier version's ``size:mtime``, the same size and mtime. None where either is not
+    such a value."""
+    pa, pb = (str(x).split(":") if isinstance(x, str) else [] for x in (a, b))
+    if not (2 <= len(pa) <= 3 and 2 <= len(pb) <= 3 and pa[0].isdigit() and pb[0].isdigit()):
+        return None
+    if len(pa) == 3 and len(pb) == 3:
+        return pa[0] == pb[0] and pa[2] == pb[2]
+    return pa[:2] == pb[:2]
+
+
 def file_fingerprint(root: Path) -> dict:
-    """Config contents plus names, sizes and mtimes of weight files: identifies local weights
-    without reading gigabytes."""
+    """Config contents plus names and fingerprints of weight files (:func:`weights_fingerprint`):
+    identifies local weights without reading gigabytes."""
     out = {}
     if not root.exists():
         return {"missing": str(root)}
@@ -18,6 +47,5 @@ def file_fingerprint(root: Path) -> dict:
             if p.suffix in (".json", ".txt", ".jinja"):
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
             elif p.suffix in (".safetensors", ".bin", ".pt"):
-                st = p.stat()
-                out[rel] = f"{st.st_size}:{int(st.st_mtime)}"
+                out[rel] = weights_fingerprint(p)
     return out
