@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ from dopsd_fast.context import Context
 from dopsd_fast.safety import atomic_write, file_in_folder
 from dopsd_fast.data.dataset import load_image
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names
@@ -123,6 +126,14 @@ class FeatureCache:
                 raise CacheError(f"feature cache {self.dir}: format version {data.get('version')} != {CACHE_VERSION}; "
                                  "delete it and run dopsd-cache again")
             changed = _diff(data.get("identity"), self.identity)
+            if not create:  # a run reading the cache without an encoder's folder (its weights None here: e.g. the
+                ours = self.identity.get("weights") if isinstance(self.identity, dict) else None  # teacher's VLM
+                unknown = [c for c in changed if c.startswith("weights.") and isinstance(ours, dict)
+                           and c.split(".", 1)[1] in ours and ours[c.split(".", 1)[1]] is None]
+                if unknown and len(unknown) == len(changed):  # takes the cache's contexts as written with it
+                    log.info("feature cache %s: %s not given here: the cache's contexts are used as written with "
+                             "its own", self.dir, ", ".join(u.split(".", 1)[1] for u in unknown))
+                    self.identity, changed = data.get("identity"), []
             if teacher_fields is not None:
                 changed = [c for c in changed if c not in teacher_fields]
                 if not changed:

@@ -289,3 +289,26 @@ def test_a_copied_model_folder_is_the_same_weights_and_other_bytes_are_not(tmp_p
     assert _diff(old, identity(src)) == ["weights.text_encoder.model.safetensors"]
     (copy / "config.json").write_text('{"hidden_size": 9}')  # a config is compared by its contents, as before
     assert "weights.text_encoder.config.json" in _diff(written, identity(copy))
+
+
+def test_a_run_without_the_teachers_encoder_folder_reads_a_complete_cache_written_with_it(tmp_path):
+    """Z-Image: "model.vlm_path ... or a complete feature cache (cache.dir) for training" could not be
+    followed: the run's identity without the VLM (weights.vlm None) was refused against the cache's
+    fingerprint of it. Reading, an encoder folder not given takes the cache's contexts as written;
+    writing, or another given folder, is refused as before."""
+    from dopsd_fast.cache import CacheError, FeatureCache
+
+    written = {"family": "zimage", "weights": {"text_encoder": {"model.safetensors": "10:1:ab"},
+                                               "vlm": {"model.safetensors": "20:2:cd"}}, "settings": {"k": 1}}
+    FeatureCache(tmp_path / "c", written, create=True)._save_manifest()
+    run = {**written, "weights": {**written["weights"], "vlm": None}}
+    cache = FeatureCache(tmp_path / "c", run)
+    assert cache.identity == written  # the writer's, kept
+    with pytest.raises(CacheError, match=r"differs in: weights.vlm"):
+        FeatureCache(tmp_path / "c", run, create=True)
+    other = {**written, "weights": {**written["weights"], "vlm": {"model.safetensors": "20:2:ef"}}}
+    with pytest.raises(CacheError, match=r"differs in: weights.vlm.model.safetensors"):
+        FeatureCache(tmp_path / "c", other)
+    both = {**run, "settings": {"k": 2}}  # a setting changed too: refused, naming it
+    with pytest.raises(CacheError, match=r"differs in: settings.k, weights.vlm"):
+        FeatureCache(tmp_path / "c", both)
