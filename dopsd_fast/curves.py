@@ -122,7 +122,8 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, smooth: bool, zero: bool) -> None:
+def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, smooth: bool, zero: bool,
+           empty: str = "not logged (yet)") -> None:
     """One panel: its title, the axes with the value range and the step range, and ``lines`` (label,
     (steps, values), colour), each its moving mean where ``smooth`` (one line alone: over its logged
     values, light). The last value (or moving mean) of each line: in the title for one line, in a
@@ -133,7 +134,7 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
     lines = [(label, sv, colour) for label, sv, colour in lines if len(sv[0])]
     if not lines:
         d.text((x0, y0 + 2), title, fill=(0, 0, 0))
-        d.text((px + 8, py + PLOT_H // 2 - 5), "not logged (yet)", fill=AXIS)
+        d.text((px + 8, py + PLOT_H // 2 - 5), empty, fill=AXIS)
         return
     raw = [(label, np.asarray(sv[0]), np.asarray(sv[1]), colour) for label, sv, colour in lines]
     # the range of the logged values without the extreme 1 % on either side (a first-step spike would
@@ -197,6 +198,12 @@ def _lines(name: str, series: dict) -> list:
     return [(f"state {k}", sv, STATE_COLOURS[k % len(STATE_COLOURS)]) for k, sv in states]
 
 
+def _same(a, b) -> bool:
+    """Two (steps, values) series hold the same points."""
+    return b is not None and len(a[0]) == len(b[0]) and np.array_equal(np.asarray(a[0]), np.asarray(b[0])) \
+        and np.array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
 def draw_curves(series: dict, path: Path, title: str = "") -> Path:
     """The panels of ``series`` (:meth:`Curves.update`'s dict), two per row, in one picture at ``path``
     (written whole)."""
@@ -206,7 +213,10 @@ def draw_curves(series: dict, path: Path, title: str = "") -> Path:
     d = ImageDraw.Draw(canvas)
     d.text((PAD, 4), title, fill=(0, 0, 0))
     for i, (name, label, smooth, zero) in enumerate(PANELS):
-        _panel(d, PAD + (i % 2) * pw, HEAD + (i // 2) * ph, label, _lines(name, series), smooth, zero)
+        lines, empty = _lines(name, series), "not logged (yet)"
+        if name == "loss_state/*" and len(lines) == 1 and _same(lines[0][1], series.get("loss")):
+            lines, empty = [], "one state (no roll-out): the loss panel"  # SFT: it would repeat that panel
+        _panel(d, PAD + (i % 2) * pw, HEAD + (i // 2) * ph, label, lines, smooth, zero, empty)
     return atomic_write(Path(path), canvas.save)
 
 

@@ -173,3 +173,21 @@ def test_a_run_draws_its_curves_and_a_failed_picture_costs_it_nothing(tmp_path, 
     assert tr.step == 3 and (tmp_path / "b" / "run" / "lora").is_dir()
     said = [r.getMessage() for r in caplog.records if "curves.png not written" in r.getMessage()]
     assert len(said) == 1 and "No space left on device" in said[0], said
+
+
+def test_one_state_equal_to_the_loss_is_not_drawn_twice(tmp_path):
+    """SFT logs its loss as the one state's: the states' panel said the same as the loss panel; it now
+    says so in words. Two states, or one that differs from the loss, are drawn."""
+    def state_panel_has_a_line(rows):
+        _write(tmp_path / "metrics.jsonl", rows)
+        img = Image.open(C.plot_run(tmp_path))
+        i = [p[0] for p in C.PANELS].index("loss_state/*")
+        x = C.PAD + (i % 2) * (C.LEFT + C.PLOT_W + C.PAD) + C.LEFT
+        y = C.HEAD + (i // 2) * (C.TOP + C.PLOT_H + C.BOTTOM + C.PAD) + C.TOP
+        a = np.asarray(img.convert("RGB"), dtype=int)[y + 1:y + C.PLOT_H, x + 2:x + C.PLOT_W - 2]
+        return bool((np.abs(a - np.array(C.STATE_COLOURS[0])).sum(-1) < 60).any())
+
+    sft = [{"step": s, "loss": 1 / s, "loss_state/0": 1 / s} for s in range(1, 30)]
+    assert not state_panel_has_a_line(sft)
+    assert state_panel_has_a_line([{**r, "loss_state/0": 2 / r["step"]} for r in sft])
+    assert state_panel_has_a_line([{**r, "loss_state/1": 0.5 / r["step"]} for r in sft])
