@@ -693,8 +693,8 @@ FIELD_HELP: dict[str, str] = {
                     "one of `data.builtin`, `data.jsonl`, `data.folder`; one given with `--set` replaces the "
                     "config's",
     "data.jsonl": "a JSONL file, one row per line ([its format](models.md#data))",
-    "data.folder": "a folder of `name.png` + `name.txt` (the caption), subfolders searched too (png, jpg, webp, bmp, "
-                   "tif, gif)",
+    "data.folder": "a folder of `name.png` + `name.txt` (the caption); png, jpg, webp, bmp, tif, gif; subfolders "
+                   "are not read",
     "data.image_key": "JSONL field of the image (a path, or a list whose last element is the target)",
     "data.prompt_keys": "JSONL prompt variants: each sample draws one of these keys at random (seeded by step)",
     "data.buckets": "`1mp` (the authors' 11 one-megapixel aspect buckets) or a list of `[width, height]`",

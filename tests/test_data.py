@@ -47,7 +47,7 @@ def test_builtin_tiny_dataset_loads():
     assert "[V]" in s.prompt and s.prompt == ds.records[0].prompts[1]
 
 
-def test_jsonl_and_folder_sources(tmp_path):
+def test_jsonl_and_folder_sources(tmp_path, caplog):
     _img(tmp_path / "a.png")
     _img(tmp_path / "sub.png", (300, 150))
     path = _jsonl(tmp_path, [{"image": "a.png", "short": "a dog", "long": "a big dog"},
@@ -62,20 +62,27 @@ def test_jsonl_and_folder_sources(tmp_path):
     (folder / "x.txt").write_text("a caption\n")
     ds = build_dataset(_cfg(folder=str(folder)), progress=False)
     assert ds.records[0].prompts == ["a caption"]
-    # subfolders are searched (a hidden one is not), TIFF and GIF are images too, and a caption's or a
-    # JSONL's byte-order mark is no part of the text (it became three tokens of every prompt)
+    # TIFF and GIF are images too, a caption's or a JSONL's byte-order mark is no part of the text (it
+    # became three tokens of every prompt), and images in subfolders (a run's samples, masks: no captions)
+    # are not read but counted in a warning (they were skipped without a word)
+    import logging
+
     from PIL import Image
 
-    (folder / "10_concept").mkdir()
-    Image.new("RGB", (256, 256), (9, 9, 9)).save(folder / "10_concept" / "y.gif")
-    (folder / "10_concept" / "y.txt").write_bytes("\ufeffa [V] cup".encode("utf-8"))
+    Image.new("RGB", (256, 256), (9, 9, 9)).save(folder / "y.gif")
+    (folder / "y.txt").write_bytes("\ufeffa [V] cup".encode("utf-8"))
     Image.new("RGB", (256, 256), (9, 9, 9)).save(folder / "z.tif")
     (folder / "z.txt").write_text("a tiff")
+    (folder / "runs" / "samples").mkdir(parents=True)
+    _img(folder / "runs" / "samples" / "step-0000002.png")
     (folder / ".thumbs").mkdir()
     _img(folder / ".thumbs" / "x.png")
-    ds = build_dataset(_cfg(folder=str(folder)), progress=False)
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        ds = build_dataset(_cfg(folder=str(folder)), progress=False)
     assert [(Path(r.image_path).name, r.prompts) for r in ds.records] == \
-        [("y.gif", ["a [V] cup"]), ("x.png", ["a caption"]), ("z.tif", ["a tiff"])]
+        [("x.png", ["a caption"]), ("y.gif", ["a [V] cup"]), ("z.tif", ["a tiff"])]
+    assert "1 image(s) in its subfolders are not read (first: runs/samples/step-0000002.png); the folder's own 3 are" \
+        in caplog.text
     Path(path).write_bytes(b"\xef\xbb\xbf" + Path(path).read_bytes())
     assert build_dataset(_cfg(jsonl=path, prompt_keys=["short", "long"]), progress=False).records[0].prompts == \
         ["a dog", "a big dog"]

@@ -187,8 +187,8 @@ class ImageTextDataset:
             detail = (f" ({len(skipped)} bad rows skipped; first: {skipped[0]})" if skipped else
                       " (the file has no rows: one JSON object per line, with an image and a prompt)"
                       if source.startswith("data.jsonl") else
-                      f" (no image found: {' '.join(IMAGE_EXTS)} files, in the folder or its subfolders, each with a "
-                      ".txt caption beside it; or use data.jsonl)")
+                      f" (no image found: {' '.join(IMAGE_EXTS)} files in the folder itself, not its subfolders, each "
+                      "with a .txt caption beside it; or use data.jsonl)")
             raise DataError(f"the dataset{' ' + source if source else ''} has no usable rows" + detail)
         self.records = records
         self.skipped = skipped or []
@@ -326,9 +326,14 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
 
 
 def _iter_folder(folder: Path):
-    """Every image under ``folder`` (subfolders too, hidden ones aside), each with its caption beside it."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+    """Every image in ``folder``, each with its caption beside it. Subfolders are not read (a run's
+    samples, masks, regularisation sets): the images they hold are counted, once, in a warning."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    below = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.parent != folder
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if below:
+        log.warning("data.folder %s: %d image(s) in its subfolders are not read (first: %s); the folder's own %d are",
+                    folder, len(below), below[0].relative_to(folder), len(files))
     for img in files:
         where = str(img)
 
