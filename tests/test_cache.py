@@ -247,7 +247,7 @@ def test_cache_keys_follow_reference_buckets_and_alpha_background(tmp_path):
 
 
 def test_a_copied_model_folder_is_the_same_weights_and_other_bytes_are_not(tmp_path):
-    """Weight files are identified by size and a hash of their first and last MiB, not their mtime: a
+    """Weight files are identified by size and a hash of sampled content, not their mtime: a
     model folder copied to another disk (cp -r: new mtimes) keeps its feature caches (they were refused
     as 'written for other encoders'); the same size with other bytes is refused; a cache of an earlier
     version (size:mtime) is compared as it was."""
@@ -280,6 +280,22 @@ def test_a_copied_model_folder_is_the_same_weights_and_other_bytes_are_not(tmp_p
         assert _diff(written, identity(copy)) == ["weights.text_encoder.model.safetensors"], at
     (copy / "model.safetensors").write_bytes(data + b"x")  # another size
     assert _diff(written, identity(copy)) == ["weights.text_encoder.model.safetensors"]
+    # a large file is sampled (its first and last MiB, 256 pieces between): one layer of 36 edited in place,
+    # anywhere, is seen
+    big = os.urandom(40 << 20)
+    (src / "model.safetensors").write_bytes(big)
+    written = identity(src)
+    layer = len(big) // 36
+    for k in (3, 17, 30):
+        edited = bytearray(big)
+        edited[k * layer:(k + 1) * layer] = os.urandom(layer)
+        (copy / "model.safetensors").write_bytes(bytes(edited))
+        assert _diff(written, identity(copy)) == ["weights.text_encoder.model.safetensors"], k
+    (copy / "model.safetensors").write_bytes(big)
+    assert _diff(written, identity(copy)) == []
+    (src / "model.safetensors").write_bytes(data)
+    os.utime(src / "model.safetensors", (1_000_000_000, 1_000_000_000))
+    written = identity(src)
     # an earlier version's manifest: size:mtime, still compared by them
     old = json.loads(json.dumps(written))
     value = old["weights"]["text_encoder"]["model.safetensors"]
