@@ -135,7 +135,7 @@ class FeatureCache:
                              "its own", self.dir, ", ".join(u.split(".", 1)[1] for u in unknown))
                     self.identity, changed = data.get("identity"), []
             if teacher_fields is not None:
-                changed = [c for c in changed if c not in teacher_fields]
+                changed = [c for c in changed if not any(c == f or c.startswith(f + ".") for f in teacher_fields)]
                 if not changed:
                     self.identity = data.get("identity")  # its teacher part stays the writer's
             if changed:

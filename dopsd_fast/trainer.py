@@ -935,8 +935,8 @@ class Trainer:
                         m in text for m in ("No space left", "StorageFull", "os error 28")):
                     raise OSError(errno.ENOSPC, f"writing the LoRA export {name}/ at step {self.step} failed (No space "
                                   f"left on the device): {name}/ still holds the previous export; free space, then "
-                                  "resume with --resume latest (it writes the export from the checkpoint)",
-                                  str(self.out / name)) from None
+                                  "resume with --resume latest (the next checkpoint writes it; at the run's end, the "
+                                  "resume writes it from the checkpoint)", str(self.out / name)) from None
                 raise
 
     # ---- loop --------------------------------------------------------------------------------
@@ -952,14 +952,21 @@ class Trainer:
             if self._saved_step is not None and self.step >= self.cfg.train.max_steps:
                 nothing = True
                 stale = self._stale_final_exports() if self.rank == 0 else []
-                if self.dist.min_max(float(bool(stale)), "the final exports")[1] > 0:  # every rank exports (gathers)
-                    if self.rank == 0:
-                        log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train; the run's final "
-                                    "export %s: writing it from the checkpoint", self.step, self.cfg.train.max_steps,
-                                    ", ".join(stale))
-                    self.export_lora()
-                    self.export_full()
-                    return {}
+                try:
+                    if self.dist.min_max(float(bool(stale)), "the final exports")[1] > 0:  # every rank exports (gathers)
+                        if self.rank == 0:
+                            log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train; the run's "
+                                        "final export %s: writing it from the checkpoint", self.step,
+                                        self.cfg.train.max_steps, ", ".join(stale))
+                        self.export_lora()
+                        self.export_full()
+                        return {}
+                except DistributedError:
+                    raise
+                except Exception as e:  # a collective of the gather: the same one line as the step's
+                    if self.dist.active and is_collective_failure(e):
+                        raise self.dist.failure("a collective of the final exports", e) from None
+                    raise
                 log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train, nothing written "
                             "(set train.max_steps above %d to continue)", self.step, self.cfg.train.max_steps,
                             self.step)

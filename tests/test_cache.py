@@ -325,6 +325,8 @@ def test_a_run_without_the_teachers_encoder_folder_reads_a_complete_cache_writte
     other = {**written, "weights": {**written["weights"], "vlm": {"model.safetensors": "20:2:ef"}}}
     with pytest.raises(CacheError, match=r"differs in: weights.vlm.model.safetensors"):
         FeatureCache(tmp_path / "c", other)
+    # a run that reads no teacher contexts (SFT) does not compare the teacher's fields, a file of it included
+    assert FeatureCache(tmp_path / "c", other, teacher_fields=("weights.vlm",)).identity == written
     both = {**run, "settings": {"k": 2}}  # a setting changed too: refused, naming it
     with pytest.raises(CacheError, match=r"differs in: settings.k, weights.vlm"):
         FeatureCache(tmp_path / "c", both)
