@@ -141,13 +141,8 @@ def _check_grids(adapter, dataset, buckets, references) -> None:
     if dataset is not None:
         check_buckets(adapter, dataset)
     else:
-        for w, h in sorted(set(map(tuple, buckets))):
-            try:
-                adapter.latent_shape(h, w)
-            except ValueError as e:
-                raise ConfigError(f"config fields 'data.buckets' / 'data.bucket_scale' / 'data.bucket_multiple': "
-                                  f"{e} (a bucket of the recipe, where the data is not at hand: the run refuses it "
-                                  "if its rows use it)") from None
+        check_buckets(adapter, sizes=buckets, what="a bucket of the recipe, where the data is not at hand: the run "
+                                                  "refuses it if its rows use it")
     try:
         for name, i, path, image in references:
             check_reference_grid(adapter, [image], [path], name, first=i)

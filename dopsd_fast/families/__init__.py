@@ -71,17 +71,20 @@ def require_editing_support(spec: FamilySpec, dataset) -> None:
                         f"has no editing mode; use model.family={' or '.join(editing)}")
 
 
-def check_buckets(adapter, dataset) -> None:
-    """Every bucket the data uses (targets and references) is one the model takes (its latent grid):
-    one line naming the fields at start-up, not a reshape error at the first image of that size."""
-    sizes = {tuple(r.bucket) for r in dataset.records}
-    sizes |= {tuple(b) for r in dataset.records for b in r.reference_buckets}
+def check_buckets(adapter, dataset=None, sizes=None, what: str = "a bucket of the data") -> None:
+    """Every bucket the data uses (targets and references; or the (width, height) ``sizes`` given, ``what``
+    they are) is one the model takes (its latent grid): one line naming the fields at start-up, not a
+    reshape error at the first image of that size."""
+    sizes = {tuple(b) for b in sizes or ()}
+    if dataset is not None:
+        sizes |= {tuple(r.bucket) for r in dataset.records}
+        sizes |= {tuple(b) for r in dataset.records for b in r.reference_buckets}
     for w, h in sorted(sizes):
         try:
             adapter.latent_shape(h, w)
         except ValueError as e:
             raise ConfigError(f"config fields 'data.buckets' / 'data.bucket_scale' / 'data.bucket_multiple': {e} "
-                              f"(a bucket of the data)") from None
+                              f"({what})") from None
 
 
 def flavour(name: str) -> tuple[FamilySpec, Flavour]:
