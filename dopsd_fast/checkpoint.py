@@ -626,3 +626,8 @@ def check_train_state(state: dict, path) -> None:
     for k in ("config", "data_fingerprint"):
         if state.get(k) is not None and not isinstance(state[k], dict):
             bad(f"{k!r} is not a mapping")
+    files = state.get("model_files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(v, dict) and all(isinstance(n, str) and isinstance(f, str) for n, f in v.items())
+            for v in files.values())):
+        bad("'model_files' is not {field: {file: fingerprint}}")

@@ -36,6 +36,7 @@ from dopsd_fast.distributed import DistributedError, from_env, is_collective_fai
 from dopsd_fast.errors import ConfigError, DataError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, check_buckets, family, require_editing_support
+from dopsd_fast.families.common import differing_files, file_fingerprint
 from dopsd_fast.fastpath import build_pair
 from dopsd_fast.logging_utils import MetricsLogger, metrics_rows
 from dopsd_fast.memory import fmt_gb, memory_budget_bytes, step_shape
@@ -53,6 +54,9 @@ log = logging.getLogger("dopsd_fast")
 # Config fields that change the shapes (or the set) of the trained tensors: a checkpoint's weights and
 # optimizer moments cannot be loaded across a change of them, whatever --allow-config-change says.
 SHAPE_FIELDS = ("lora.enabled", "lora.rank", "lora.targets")
+# The model's folders: a copy of them elsewhere (node-local disk, another mount point) is the same model when
+# its files are; the checkpoint records their fingerprints (families.common.file_fingerprint).
+MODEL_FOLDERS = ("model.path", "model.vlm_path")
 
 
 def _seed_of(*parts: int) -> int:
@@ -124,6 +128,8 @@ class Trainer:
         self._signals = None
         self._stop_kind = None
         self._saved_step = None
+        self._model_files: dict = {}  # folder -> its file_fingerprint, taken once
+        self._said_moved: set = set()
         try:
             self._claim_output(resume, overwrite)
             ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
@@ -331,6 +337,7 @@ class Trainer:
 
     def _config_check(self, path: Path, state: dict) -> list:
         frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict(), Config().to_dict())
+        frozen, notes = self._moved_folders(path, state, frozen)
         shaped = [(k, a, b) for k, a, b in frozen if k in SHAPE_FIELDS]
         if shaped:  # the trained tensors themselves would not fit: no override can resume across it
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shaped)
@@ -338,7 +345,7 @@ class Trainer:
                               "checkpoint cannot be resumed with it (not even with --allow-config-change); keep the "
                               "checkpoint's value, or start a new run (another output_dir, or --overwrite)")
         if frozen and not self.allow_config_change:
-            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
+            fields = "; ".join([f"{k}: {a!r} -> {b!r}" for k, a, b in frozen] + notes)
             raise ConfigError(f"resume from {path}: the config changes what the run computes ({fields}); start a new "
                               "output_dir, or pass --allow-config-change to resume anyway")
         return frozen + applied
@@ -763,7 +770,41 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "run_id": self.run_id,
             "data_fingerprint": self.data_fingerprint,
+            "model_files": self._model_folders_fingerprint(),
         }
+
+    def _folder_fingerprint(self, folder: str) -> dict:
+        if folder not in self._model_files:
+            self._model_files[folder] = file_fingerprint(Path(folder))
+        return self._model_files[folder]
+
+    def _model_folders_fingerprint(self) -> dict:
+        """``{field: file_fingerprint}`` of ``model.path`` / ``model.vlm_path`` where set (about 18 MiB read per
+        weight file, once per run): what a resume from a copy of the folders elsewhere compares."""
+        m = self.cfg.model
+        return {k: self._folder_fingerprint(v) for k, v in (("model.path", m.path), ("model.vlm_path", m.vlm_path)) if v}
+
+    def _moved_folders(self, path: Path, state: dict, frozen: list) -> tuple[list, list]:
+        """``(frozen, notes)``: ``model.path`` / ``model.vlm_path`` changes whose folder holds the same files as
+        the checkpoint's run read (a copy elsewhere) leave ``frozen``; a changed folder of other files is named
+        with its first differing files in ``notes``."""
+        saved = state.get("model_files") if isinstance(state.get("model_files"), dict) else {}
+        keep, notes = [], []
+        for k, a, b in frozen:
+            if k in MODEL_FOLDERS and a and b and isinstance(saved.get(k), dict):
+                now = self._folder_fingerprint(b)
+                diff = differing_files(saved[k], now) if "missing" not in now else None
+                if diff == [] and (k, b) not in self._said_moved:
+                    self._said_moved.add((k, b))  # said once (the resume checks twice)
+                    log.info("resume: %s %r -> %r holds the same files as the checkpoint's (names, configs, sampled "
+                             "weights): the same model", k, a, b)
+                if diff == []:
+                    continue
+                notes.append(f"{k} {b} does not exist" if diff is None else
+                             f"{k}'s files differ: {', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}")
+            keep.append((k, a, b))
+        return keep, notes
+
 
     def load(self, path: Path, state: dict | None = None) -> None:
         state = _load_train_state(path) if state is None else state

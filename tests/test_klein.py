@@ -546,3 +546,52 @@ def test_held_out_validation_prompts_sample_on_validation_references(tmp_path):
         Trainer(tiny_config(tmp_path / "z", f"validation.references=[{wide}]"))
     with pytest.raises(ConfigError, match=r"validation.prompts\[0\].references: model.family=zimage has no editing"):
         Trainer(tiny_config(tmp_path / "y", f"validation.prompts=[{{prompt: x, references: [{wide}]}}]"))
+
+
+def test_resume_from_a_copy_of_the_model_folder(tmp_path, caplog):
+    """A resume whose model.path is a copy of the checkpoint's folder elsewhere (node-local disk: new mtimes)
+    is the same model and resumes without --allow-config-change; a folder of other weights is refused,
+    naming the file that differs."""
+    import logging
+    import os
+    import shutil
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.errors import ConfigError
+    from dopsd_fast.trainer import Trainer
+
+    pipe = _pipeline(_adapter())
+    pipe.save_pretrained(tmp_path / "a")
+    out = tmp_path / "run"
+    args = ["--config", "configs/tiny-klein.yaml", "model.preset=null", "model.text_layers=[1, 2, 3]",
+            f"train.output_dir={out}", "train.progress=false", "train.tensorboard=false", "validation.every=0",
+            "validation.at_start=false", "train.checkpoint_every=1"]
+    cfg = lambda folder, steps: load_config("configs/tiny-klein.yaml", args[2:] + [  # noqa: E731
+        f"model.path={folder}", f"train.max_steps={steps}"])
+    tr = Trainer(cfg(tmp_path / "a", 1))
+    tr.train()
+    tr.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for f in (tmp_path / "b").rglob("*"):
+        os.utime(f, (1, 1))  # a copy that keeps no modification time
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        tr = Trainer(cfg(tmp_path / "b", 2), resume="latest")
+    assert tr.step == 1 and "holds the same files as the checkpoint's" in caplog.text
+    tr.train()
+    tr.close()
+    # other weights in a folder of the same layout: refused, naming the file (and still with the override)
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    w = next((tmp_path / "c" / "transformer").glob("*.safetensors"))
+    sd = load_file(w)
+    k = sorted(sd)[len(sd) // 2]
+    sd[k] = sd[k] + 0.01
+    save_file(sd, w, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"model.path's files differ: transformer/" + w.name):
+        Trainer(cfg(tmp_path / "c", 3), resume="latest")
+    with pytest.raises(ConfigError, match=r"model.path .*nowhere does not exist"):
+        Trainer(cfg(tmp_path / "nowhere", 3), resume="latest")
+    tr = Trainer(cfg(tmp_path / "c", 3), resume="latest", allow_config_change=True)
+    assert tr.step == 2
+    tr.close()

@@ -603,8 +603,9 @@ def _set(path, value):
      r"exp_avg_sq.* holds negative values"),
     (_set(["optimizer", "state", 0, "payload"], torch.zeros(1)), "FileNotFoundError", r"not one of AdamW's tensors"),
     (_set(["run_id"], "../../elsewhere"), "FileNotFoundError", r"run_id .* is not a run id"),
+    (_set(["model_files"], {"model.path": {"x.safetensors": 5}}), "FileNotFoundError", r"'model_files' is not"),
 ], ids=["scalar-weight", "short-teacher", "moment-shape", "string-weight", "negative-step", "scheduler-epoch",
-        "negative-moment", "foreign-state", "run-id"])
+        "negative-moment", "foreign-state", "run-id", "model-files"])
 def test_a_received_checkpoint_of_the_wrong_kind_is_refused_naming_the_field(straight, tmp_path, edit, error, match):
     ck = _forged(straight, tmp_path, edit)
     with pytest.raises(Exception, match=match) as e:

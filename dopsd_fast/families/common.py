@@ -59,3 +59,17 @@ def file_fingerprint(root: Path) -> dict:
             elif p.suffix in (".safetensors", ".bin", ".pt"):
                 out[rel] = weights_fingerprint(p)
     return out
+
+
+def differing_files(saved: dict, now: dict) -> list[str]:
+    """The files two :func:`file_fingerprint` values do not share, by name: missing on either side, another
+    content (a config), or other weights (:func:`same_weights`: a copy's new modification time is the same
+    weights). ``[]``: the same files."""
+    out = []
+    for rel in sorted(set(saved) | set(now)):
+        a, b = saved.get(rel), now.get(rel)
+        if a == b:
+            continue
+        if a is None or b is None or not same_weights(a, b):
+            out.append(rel)
+    return out
