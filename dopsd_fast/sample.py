@@ -164,6 +164,12 @@ def _found(state: dict) -> str:
     return f"{len(keys)} tensors: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}" if keys else "no tensors"
 
 
+def _where(name: str, i: int, path) -> str:
+    """A reference named in an error: ``--reference x.png`` (a flag), ``'validation.references[1]' x.png`` (a
+    config field, quoted as every config field is)."""
+    return f"{name} {path}" if name.startswith("--") else f"'{name}[{i}]' {path}"
+
+
 def load_references(data_cfg, family_name: str, paths, name: str = "--reference", first: int = 0) -> list[torch.Tensor]:
     """Reference images (``--reference``, ``validation.references``: ``name``), (3, H, W) in [0, 1]: each
     decoded as a training row's reference is (its EXIF orientation, an alpha channel on
@@ -177,13 +183,13 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
     spec = family(family_name)
     if not spec.editing:
         editing = [s.name for s in FAMILIES.values() if s.editing]
-        raise ValueError(f"{name}: model.family={spec.name} has no editing mode (reference images are for "
+        raise ValueError(f"{name if name.startswith('--') else repr(name)}: model.family={spec.name} has no editing mode (reference images are for "
                          f"model.family={' or '.join(editing)})")
     buckets = make_buckets(data_cfg.buckets, data_cfg.bucket_scale, data_cfg.bucket_multiple)
     _data.ALPHA_BACKGROUND[:] = list(data_cfg.alpha_background)
     out = []
     for i, path in enumerate(paths):
-        where = f"{name} {path}" if name.startswith("--") else f"{name}[{first + i}] {path}"
+        where = _where(name, first + i, path)
         if not Path(path).is_file():
             raise ValueError(f"{where}: {'a folder, not an image file' if Path(path).is_dir() else 'no such image file'}")
         try:
@@ -209,7 +215,7 @@ def check_reference_grid(adapter, refs, paths, name: str = "--reference", first:
         try:
             adapter.latent_shape(r.shape[-2], r.shape[-1])
         except ValueError as e:
-            where = f"{name} {path}" if name.startswith("--") else f"{name}[{first + i}] {path}"
+            where = _where(name, first + i, path)
             raise ValueError(f"{where}: its bucket {r.shape[-1]}x{r.shape[-2]}: {e}") from None
 
 

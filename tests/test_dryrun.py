@@ -356,20 +356,20 @@ def test_validation_references_are_checked_as_the_run_checks_them(tmp_path):
     w = run("tiny-klein", f"[{ok}, {tmp_path / 'none.png'}]")
     assert [n for n in w.needs if n.startswith("validation")] == \
         [f"validation.references[1]: an image file (not found: {tmp_path / 'none.png'})"]
-    with pytest.raises(ConfigError, match=r"validation.references\[1\] .*small.png is 20x20, which fits inside no"):
+    with pytest.raises(ConfigError, match=r"'validation.references\[1\]' .*small.png is 20x20, which fits inside no"):
         run("tiny-klein", f"[{ok}, {small}]")
-    with pytest.raises(ConfigError, match="validation.references: model.family=zimage has no editing mode"):
+    with pytest.raises(ConfigError, match="'validation.references': model.family=zimage has no editing mode"):
         run("tiny-zimage", f"[{tmp_path / 'none.png'}]")
     # a held-out prompt's own references, checked the same way and named by their field
     own = f"validation.prompts=[x, {{prompt: y, references: [{tmp_path / 'none.png'}, {small}]}}]"
-    with pytest.raises(ConfigError, match=r"validation.prompts\[1\].references\[1\] .*small.png is 20x20"):
+    with pytest.raises(ConfigError, match=r"'validation.prompts\[1\].references\[1\]' .*small.png is 20x20"):
         workload(load_config("tiny-klein", [own]), say=lambda *_: None)
     own = f"validation.prompts=[x, {{prompt: y, references: [{tmp_path / 'none.png'}]}}]"
     w = workload(load_config("tiny-klein", [own]), say=lambda *_: None)
     assert [n for n in w.needs if n.startswith("validation")] == \
         [f"validation.prompts[1].references[0]: an image file (not found: {tmp_path / 'none.png'})"]
     own = f"validation.prompts=[x, {{prompt: y, references: [{tmp_path}]}}]"  # a folder is there, and no image
-    with pytest.raises(ConfigError, match=r"validation.prompts\[1\].references\[0\] .*: a folder, not an image file"):
+    with pytest.raises(ConfigError, match=r"'validation.prompts\[1\].references\[0\]' .*: a folder, not an image file"):
         workload(load_config("tiny-klein", [own]), say=lambda *_: None)
     # a bucket the model does not take (klein: a multiple of 16), as the run refuses it at start-up: a held-out
     # prompt's reference at it (the dry run passed it), the data's rows at it, the recipe's buckets without data
@@ -380,7 +380,7 @@ def test_validation_references_are_checked_as_the_run_checks_them(tmp_path):
     rows.write_text(json.dumps({"image": str(ok), "prompt": "p"}) + "\n")  # square: at 128 x 128
     data = [f"data.jsonl={rows}", "data.builtin=null", "data.prompt_keys=[prompt]"]
     assert workload(load_config("tiny-klein", [*grid, *data, "validation.prompts=[x]"]), say=lambda *_: None).needs == []
-    with pytest.raises(ConfigError, match=r"validation.prompts\[0\].references\[0\] .*wide.png: its bucket 152x104: "
+    with pytest.raises(ConfigError, match=r"'validation.prompts\[0\].references\[0\]' .*wide.png: its bucket 152x104: "
                                           r"image size 152x104 must be a multiple of 16"):
         workload(load_config("tiny-klein", [*grid, *data, f"validation.prompts=[{{prompt: y, references: [{wide}]}}]"]),
                  say=lambda *_: None)

@@ -533,18 +533,18 @@ def test_held_out_validation_prompts_sample_on_validation_references(tmp_path):
         assert im.height > 5 * 128  # the data row and the four held-out rows
     tr.close()
 
-    with pytest.raises(ConfigError, match=r"validation.references\[0\] .*none.png: no such image file"):
+    with pytest.raises(ConfigError, match=r"'validation.references\[0\]' .*none.png: no such image file"):
         Trainer(tiny_config(tmp_path / "m", *klein, f"validation.references=[{tmp_path / 'none.png'}]"))
-    with pytest.raises(ConfigError, match=r"validation.prompts\[1\].references\[0\] .*none.png: no such image file"):
+    with pytest.raises(ConfigError, match=r"'validation.prompts\[1\].references\[0\]' .*none.png: no such image file"):
         Trainer(tiny_config(tmp_path / "n", *klein,
                             f"validation.prompts=[x, {{prompt: y, references: [{tmp_path / 'none.png'}]}}]"))
     # checked before the model is built: a bad reference is named before a real model's weights are read
-    with pytest.raises(ConfigError, match=r"validation.prompts\[0\].references\[0\] .*: a folder, not an image file"):
+    with pytest.raises(ConfigError, match=r"'validation.prompts\[0\].references\[0\]' .*: a folder, not an image file"):
         Trainer(tiny_config(tmp_path / "f", *klein, "model.preset=null", f"model.path={tmp_path / 'no-model'}",
                             f"validation.prompts=[{{prompt: y, references: [{tmp_path}]}}]"))
-    with pytest.raises(ConfigError, match="validation.references: model.family=zimage has no editing mode"):
+    with pytest.raises(ConfigError, match="'validation.references': model.family=zimage has no editing mode"):
         Trainer(tiny_config(tmp_path / "z", f"validation.references=[{wide}]"))
-    with pytest.raises(ConfigError, match=r"validation.prompts\[0\].references: model.family=zimage has no editing"):
+    with pytest.raises(ConfigError, match=r"'validation.prompts\[0\].references': model.family=zimage has no editing"):
         Trainer(tiny_config(tmp_path / "y", f"validation.prompts=[{{prompt: x, references: [{wide}]}}]"))
 
 
