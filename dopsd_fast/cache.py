@@ -2,7 +2,7 @@
 
 Layout of a cache directory::
 
-    manifest.json            {"version", "identity", "entries": {key: [shard, name]}}
+    manifest.json            {"version", "identity", "entries": {key: [shard, name]}, "kinds": [student, teacher]}
     shard-00000.safetensors  tensors "<key>.features" and "<key>.extra.<name>"
 
 ``identity`` is the adapter's :meth:`~dopsd_fast.adapters.ModelAdapter.encoder_identity` (encoder
@@ -95,16 +95,21 @@ class FeatureCache:
     @classmethod
     def for_run(cls, directory: str | Path, adapter, method: str, create: bool = False) -> "FeatureCache":
         """The cache a run of ``method`` reads with ``adapter``'s encoders: a run that reads no teacher
-        contexts (SFT) does not compare the fields only the teacher's contexts depend on."""
+        contexts (SFT) does not compare the fields only the teacher's contexts depend on; one that does
+        takes them as its own on a cache that holds no teacher context yet (written by SFT)."""
         teacher = "teacher" in kinds_of(method)
         return cls(directory, adapter.encoder_identity(), create=create,
-                   teacher_fields=None if teacher else adapter.teacher_identity_fields)
+                   teacher_fields=None if teacher else adapter.teacher_identity_fields,
+                   new_teacher_fields=adapter.teacher_identity_fields if teacher else ())
 
-    def __init__(self, directory: str | Path, identity: dict, create: bool = False, teacher_fields=None):
+    def __init__(self, directory: str | Path, identity: dict, create: bool = False, teacher_fields=None,
+                 new_teacher_fields=()):
         """``teacher_fields``: for a run that reads the student's contexts alone (SFT), the identity's
         fields only the teacher's contexts depend on (``ModelAdapter.teacher_identity_fields``): not
         compared, and a cache's own identity kept (an SFT run on a D-OPSD run's cache, without the
-        teacher's encoder)."""
+        teacher's encoder). ``new_teacher_fields``: for a run that reads the teacher's contexts, the same
+        fields: where the cache holds no teacher context (its manifest's ``kinds``: one an SFT run wrote),
+        they are not compared either, and take this run's values (the teacher's contexts it writes)."""
         self.dir = Path(directory)
         self.identity = json.loads(json.dumps(identity))  # normalise (tuples -> lists)
         manifest = self.dir / "manifest.json"
@@ -126,6 +131,14 @@ class FeatureCache:
                 raise CacheError(f"feature cache {self.dir}: format version {data.get('version')} != {CACHE_VERSION}; "
                                  "delete it and run dopsd-cache again")
             changed = _diff(data.get("identity"), self.identity)
+            kinds = data.get("kinds")
+            self.kinds = set(kinds) if isinstance(kinds, list) and set(kinds) <= set(KINDS) else None  # None: unknown
+            if new_teacher_fields and self.kinds is not None and "teacher" not in self.kinds and changed:
+                own = [c for c in changed if any(c == f or c.startswith(f + ".") for f in new_teacher_fields)]
+                if len(own) == len(changed):  # written by SFT: nothing in it depends on the teacher's fields
+                    log.info("feature cache %s holds no teacher context yet: its teacher settings (%s) are this "
+                             "run's", self.dir, ", ".join(own))
+                    changed = []
             if not create:  # a run reading the cache without an encoder's folder (its weights None here: e.g. the
                 ours = self.identity.get("weights") if isinstance(self.identity, dict) else None  # teacher's VLM
                 unknown = [c for c in changed if c.startswith("weights.") and isinstance(ours, dict)
@@ -146,7 +159,7 @@ class FeatureCache:
             self.entries = self._checked_entries(data.get("entries", {}))
         elif create:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.entries = {}
+            self.entries, self.kinds = {}, set()
         else:
             raise CacheError(f"feature cache {self.dir} does not exist (no manifest.json); run dopsd-cache first")
         self._open: dict = {}
@@ -174,7 +187,10 @@ class FeatureCache:
         return entries
 
     def _save_manifest(self) -> None:
-        text = json.dumps({"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}, indent=1)
+        record = {"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}
+        if self.kinds is not None:  # the kinds of context it holds (unknown in an earlier version's cache)
+            record["kinds"] = sorted(self.kinds)
+        text = json.dumps(record, indent=1)
         atomic_write(self.dir / "manifest.json", lambda t: t.write_text(text))
 
     def missing(self, dataset, kinds=KINDS) -> list:
@@ -311,6 +327,8 @@ class FeatureCache:
             atomic_write(self.dir / shard, lambda t, tensors=tensors: save_file(tensors, str(t)))
             for key, name in names.items():
                 self.entries[key] = [shard, name]
+            if self.kinds is not None:
+                self.kinds |= {kind for _, kind, _ in chunk}
             self._save_manifest()  # after each shard: an interruption loses at most one shard
         bar.close()
         return len(todo)

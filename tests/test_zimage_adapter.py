@@ -189,6 +189,28 @@ def test_load_from_local_directories(adapter, tmp_path):
     assert len(entries) == 6, entries  # 6 rows x 1 prompt, the student's contexts alone
     tr = Trainer(tiny_config(tmp_path / "sft2", *sft, f"cache.dir={tmp_path / 'sft-cache'}"))
     assert tr.train_step()["loss"] > 0
+    # D-OPSD's dopsd-cache, with the VLM, extends the SFT run's cache (it holds no teacher context: its teacher
+    # settings, the VLM's fingerprint None, become this run's), and a D-OPSD run reads it complete; a cache
+    # whose kinds are not recorded (an earlier version's) is refused as before
+    import shutil
+
+    shutil.copytree(tmp_path / "sft-cache", tmp_path / "old-cache")
+    old = json.loads((tmp_path / "old-cache" / "manifest.json").read_text())
+    assert old.pop("kinds") == ["student"]
+    (tmp_path / "old-cache" / "manifest.json").write_text(json.dumps(old))
+    vlm = [f"model.vlm_path={vlm_dir}", "model.teacher_min_pixels=1024", "model.teacher_max_pixels=4096"]
+    dopsd = [x for kv in sft[1:] + vlm for x in ("--set", kv)]
+    assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'sft-cache'}", "--set",
+                       "train.progress=false"] + dopsd) == 0
+    extended = json.loads((tmp_path / "sft-cache" / "manifest.json").read_text())
+    assert len(extended["entries"]) == 12 and extended["kinds"] == ["student", "teacher"]
+    assert extended["identity"]["weights"]["vlm"]
+    assert all(extended["entries"][k] == v for k, v in entries.items())  # the student's contexts kept
+    tr = Trainer(tiny_config(tmp_path / "dopsd", *sft[1:], *vlm, f"cache.dir={tmp_path / 'sft-cache'}"))
+    assert tr.train_step()["loss"] > 0
+    with pytest.raises(SystemExit, match=r"differs in: .*weights.vlm"):
+        cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'old-cache'}", "--set",
+                    "train.progress=false"] + dopsd)
     # a D-OPSD run's cache (written with the VLM) serves an SFT run without model.vlm_path, and other
     # teacher settings (which SFT does not read) do not make it stale for SFT
     shared = ["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'shared'}", "--set", "train.progress=false"]
