@@ -270,6 +270,7 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     model = spec.fast_model_class()((ms, student_adapter), (mt, teacher_adapter), **kw)
     fast = Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=trainable,
                    shadow=shadow, check_conventions=check_conventions)
+    fast.owned = _owned(ms, trainable)
     fast.autocast_hint = _autocast_wrapped(student)
     return fast
 
@@ -284,6 +285,19 @@ def _warn_if_unsynced() -> None:
         log.warning("backend.wrap: %d data-parallel ranks and an unwrapped model: the backend does not average "
                     "the gradients; pass the DDP / accelerate-prepared model to wrap(), or average them yourself",
                     dist.get_world_size())
+
+
+def _owned(model, params) -> list:
+    """``[(module path, attribute, parameter)]`` of ``params`` in ``model``: where :meth:`Backend.check_wrapped`
+    looks for each at every step."""
+    want = {id(p) for p in params}
+    out = []
+    for path, m in model.named_modules():
+        for n, p in m._parameters.items():
+            if p is not None and id(p) in want:
+                want.discard(id(p))
+                out.append((path, n, p))
+    return out
 
 
 def _trainable(model, adapter) -> list:
@@ -397,6 +411,8 @@ class Backend(PackedPair):
         self.shadow = shadow
         self._check_sign = check_conventions
         self._check_loss = check_conventions
+        self.owned: list = []  # (module path, attribute, parameter) of the trainable ones (wrap(): check_wrapped)
+        self._reached: list | None = None  # dopsd_step with backward_fn: a backward reached a student velocity
         self.syncs = 0  # gradient all-reduces run by sync_gradients (what the tests read)
         self.autocast_hint = False  # accelerate's mixed precision on the wrapped model (said once at a step)
 
@@ -407,15 +423,19 @@ class Backend(PackedPair):
         ``backward="once"`` (the caller back-propagates once per roll-out) or with ``finish=True`` (the
         caller calls ``fn.finish()`` after the roll-out's last backward). Used directly, run it inside
         :meth:`training` and call :meth:`sync_gradients` after the last backward."""
+        self.check_wrapped()
         if self.shadow is not None:
             _check_shadow(self.shadow)
         self.model.check_adapters()  # adapters added or activated since wrap()
         fn = super().pair_fn(contexts(ctx_s), contexts(ctx_t), backward=backward, finish=finish)
-        if not self._check_sign:
+        reached = self._reached
+        if not self._check_sign and reached is None:
             return fn
 
         def checked(x, sigma):
             v_s, v_t = fn(x, sigma)
+            if reached is not None and v_s.requires_grad:  # any backward through it
+                v_s.register_hook(lambda g: reached.append(1))
             if self._check_sign and float(sigma.min()) >= 0.99:
                 self._check_sign = False
                 check_velocity_sign(x, v_t, sigma, "the teacher")
@@ -424,9 +444,29 @@ class Backend(PackedPair):
         checked.share, checked.finish = getattr(fn, "share", None), fn.finish
         return checked
 
+    def check_wrapped(self) -> None:
+        """The student's trainable parameters are still the tensors :func:`wrap` read, where it read them:
+        one replaced since (``load_state_dict(..., assign=True)``, an adapter deleted and added again, a
+        ``.to()`` that swaps parameters) would neither train nor be averaged, and a ``teacher_shadow``
+        would not find its entry: refused in one line (checked at every step: a lookup per tensor)."""
+        for path, attr, p in self.owned:
+            try:
+                now = self.model.ms.get_submodule(path)._parameters.get(attr) if path else \
+                    self.model.ms._parameters.get(attr)
+            except AttributeError:
+                now = None
+            if now is not p:
+                where = f"{path}.{attr}" if path else attr
+                raise BackendError(f"backend: the student's parameter {where} is {'gone' if now is None else 'another tensor'} "
+                                   "since backend.wrap read it (load_state_dict(..., assign=True), an adapter deleted "
+                                   "or added again, a .to() that replaces parameters): it would neither train nor be "
+                                   "averaged; call backend.wrap again after replacing parameters (and give the "
+                                   "optimizer the new ones)")
+
     def velocity(self, branch: str, x, sigma, ctx, *, latent_hw=None):
         """One branch alone (``v = eps - x0``, ``sigma`` the noise level), in the caller's latent layout;
         the teacher without autograd."""
+        self.check_wrapped()
         self.model.check_adapters()
         xm, back = self.spec.latents_in(x, latent_hw)
         self._check_inputs(xm, ("ctx", ctx), step=False)
@@ -583,10 +623,20 @@ class Backend(PackedPair):
                         "autocast=accelerator.autocast()")
         if self.engine:
             self._engine_ok(backward_fn, backward)
-        with self.training():
-            res = dopsd_step(self, x, ctx_s, ctx_t, sig, loss=loss, backward=backward, loss_scale=loss_scale,
-                             backward_fn=backward_fn, autocast=autocast)
-            self.sync_gradients()
+        reached = self._reached = [] if backward_fn is not None else None
+        try:
+            with self.training():
+                res = dopsd_step(self, x, ctx_s, ctx_t, sig, loss=loss, backward=backward, loss_scale=loss_scale,
+                                 backward_fn=backward_fn, autocast=autocast)
+                if reached is not None and not reached and len(sig) > 1:
+                    raise BackendError("backend.dopsd_step: backward_fn returned without back-propagating the loss (no "
+                                       "gradient reached the student): a backward after the step reaches none (the "
+                                       "student's requires_grad flags are restored, DDP averages at the step's end); "
+                                       "back-propagate inside backward_fn, e.g. lambda l: accelerator.backward(l + "
+                                       "my_term), or use the callback form (rollout) for a loss of your own")
+                self.sync_gradients()
+        finally:
+            self._reached = None
         res.states = [back(t) for t in res.states]
         res.student_v = [back(t) for t in res.student_v]
         res.teacher_v = [back(t) for t in res.teacher_v]

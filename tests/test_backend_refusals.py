@@ -216,3 +216,67 @@ def test_the_models_gradient_checkpointing_is_followed_and_full_ft_needs_a_train
         backend.wrap(full, teacher=copy.deepcopy(full))
     with pytest.raises(BackendError, match="teacher= holds torch.bfloat16 weights"):
         backend.wrap(full.requires_grad_(True), teacher=copy.deepcopy(full).to(torch.bfloat16))
+
+
+def _replace_student_lora(model):
+    """A resume's load_state_dict(..., assign=True): new Parameter objects for the student's LoRA."""
+    sd = {n: p.detach().clone() for n, p in model.named_parameters() if ".student." in n}
+    model.load_state_dict(sd, strict=False, assign=True)
+
+
+@pytest.mark.parametrize("replace", ["assign", "re-added", "deleted"])
+def test_student_parameters_replaced_after_wrap_are_refused_at_the_step(replace):
+    """The backend reads the student's trainable tensors at wrap(). Replaced since (a resume's assign=True,
+    the adapter deleted and added again), they trained nothing, were not averaged over DDP ranks, and an
+    EMA teacher_shadow fell back to the live student's LoRA as the teacher (loss 2.5e-3 against 7.6e-2
+    eager, the gradient ~100 % off, no error): now one line at the next step."""
+    from peft import LoraConfig
+
+    from dopsd_fast import backend
+
+    model = _model(names=("student",))
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    fast = backend.wrap(model, student_adapter="student", teacher_shadow=ema)
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)  # wrapped as it is: runs
+    if replace == "assign":
+        _replace_student_lora(model)
+    else:
+        model.delete_adapters("student")
+        if replace == "re-added":
+            model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT), adapter_name="student")
+    with pytest.raises(BackendError, match=r"the student's parameter .*lora_.* is (another tensor|gone) since "
+                                           r"backend.wrap read it .* call backend.wrap again") as e:
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    assert len(str(e.value).splitlines()) == 1
+    fast = backend.wrap(model, student_adapter="student", teacher_shadow=ema) if replace != "deleted" else None
+    if fast is not None:  # wrapped again: runs
+        assert float(fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS).loss) > 0
+
+
+def test_a_teacher_adapter_deleted_after_wrap_is_refused_not_read_as_the_base_model():
+    from dopsd_fast import backend
+
+    model = _model()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    model.delete_adapters("teacher")  # the step used to take the bare base model for the teacher
+    with pytest.raises(AdapterError, match=r"the teacher adapter 'teacher' is on no module of the model any more"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+
+
+def test_a_backward_fn_that_defers_the_backward_is_refused():
+    """backward_fn=held.append, then (held[0] + reg).backward() after the step: the student's flags were
+    restored (set_adapter('teacher') left them off) and DDP had averaged already: no gradient, no error.
+    Now refused; a backward_fn that back-propagates inside (loss plus a term of the caller's) is the way."""
+    from dopsd_fast import backend
+
+    model = _model()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    model.set_adapter("teacher")
+    held = []
+    with pytest.raises(BackendError, match="backward_fn returned without back-propagating the loss"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS, backward="once", backward_fn=held.append)
+    student = [p for n, p in model.named_parameters() if ".student." in n]
+    assert not any(p.requires_grad for p in student)  # the caller's flags restored after the refusal
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS, backward="once", backward_fn=lambda l: (l + 0.0).backward())
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in student)

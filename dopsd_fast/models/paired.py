@@ -47,12 +47,15 @@ class Shadow:
     def get(self, param):
         if self.source is not None:
             key = self.keys.get(id(param))
-            if key is not None:
-                try:
-                    return self.source[key]
-                except KeyError:
-                    raise BackendError(f"teacher_shadow[{key!r}] is gone from the EMA dict handed to backend.wrap; "
-                                       "keep every entry (update or rebind it, never delete it)") from None
+            if key is None:  # never the live student's tensor in the teacher's place
+                raise BackendError(f"teacher_shadow: a LoRA tensor of adapter {self.name!r} {tuple(param.shape)} is not "
+                                   "one backend.wrap read (the model's LoRA parameters were replaced since): call "
+                                   "backend.wrap again")
+            try:
+                return self.source[key]
+            except KeyError:
+                raise BackendError(f"teacher_shadow[{key!r}] is gone from the EMA dict handed to backend.wrap; "
+                                   "keep every entry (update or rebind it, never delete it)") from None
         return self.tensors.get(id(param), param)
 
 
@@ -277,6 +280,12 @@ class PairedModel:
         sig = tuple(_adapter_signature(m) for m in ((self.ms,) if self.same_model else (self.ms, self.mt)))
         if sig == getattr(self, "_adapters_checked", None):
             return
+        for role, m, ad in (("student", self.ms, self.adapter_s), ("teacher", self.mt, self.adapter_t)):
+            name = adapter_name(ad)  # the adapters read by name are still there (not deleted since)
+            if name is not None and name not in lora_adapters(m):
+                raise AdapterError(f"fast path: the {role} adapter {name!r} is on no module of the model any more "
+                                   f"(deleted since the fast model was built: delete_adapters, unload): add it back, "
+                                   "or build it again (backend.wrap) over the adapters the model has")
         if self.same_model:
             check_adapters(self.ms, [self.adapter_s, self.adapter_t], self.spec.fp8_linears)
         else:
