@@ -363,6 +363,10 @@ class RolloutState:
         self._backward(self, loss)
 
 
+_ON_PURPOSE = ("; a loss weighted so on purpose (an MSE of predicted noises: eps = x + (1 - sigma) v) looks the same: "
+               "pass rollout(..., check_weighting=False)")
+
+
 def _check_weighting(rec: list) -> None:
     """The σ-versus-t check of the callback form's first roll-out. ``rec``: (sigma, loss, d) of its
     first states, d = mean((v_s - v_t)^2) > 0. A D-OPSD state loss is ``c * w(sigma) * d`` with w = sigma^2
@@ -375,7 +379,7 @@ def _check_weighting(rec: list) -> None:
             raise ConventionError("backend.rollout: the state loss at sigma = 1 is 0 while the student and teacher "
                                   "differ: it is weighted by (1 - sigma), i.e. sigma used as the model's time t; use "
                                   "state.sigma as the noise level (x0 = x - sigma * v, state.x0(v)), or state.t (a state "
-                                  "meant to be skipped: call no state.backward for it)")
+                                  "meant to be skipped: call no state.backward for it)" + _ON_PURPOSE)
         return
     (s1, l1, d1) = rec[1]
     if s0 >= 1.0 or l0 == 0 or d0 <= 0 or d1 <= 0:
@@ -386,7 +390,7 @@ def _check_weighting(rec: list) -> None:
     if abs(r - flipped) <= 0.01 * flipped and all(abs(r - w) > 0.1 * w for w in right):
         raise ConventionError("backend.rollout: the state losses scale as (1 - sigma)^2 across states: sigma is used "
                               "as the model's time t; use state.sigma as the noise level (x0 = x - sigma * v, "
-                              "state.x0(v)), or state.t; state 0's gradient is already in .grad: zero it")
+                              "state.x0(v)), or state.t; state 0's gradient is already in .grad: zero it" + _ON_PURPOSE)
 
 
 class Backend(PackedPair):
@@ -643,14 +647,15 @@ class Backend(PackedPair):
         return res
 
     def rollout(self, noise, ctx_s, ctx_t, sigmas=None, *, timesteps=None, backward_fn: Callable | None = None,
-                latent_hw=None) -> Iterator[RolloutState]:
+                latent_hw=None, check_weighting: bool = True) -> Iterator[RolloutState]:
         """The callback form: yields each :class:`RolloutState` (``sigma`` the noise level, ``t`` the model's
         time, ``v = eps - x0``); the caller calls ``state.predict()``, computes its loss and calls
         ``state.backward(loss)`` (through ``backward_fn``, e.g. ``accelerator.backward``; or its own
         backward, unchecked). On resuming, the roll-out steps with the student's (detached) velocity:
         ``x <- x + (sigma_next - sigma) v_s``. After the last state the gradients are averaged over DDP
         ranks (:meth:`sync_gradients`). The caller's ``requires_grad`` flags are restored when the loop
-        ends (or is left)."""
+        ends (or is left). ``check_weighting=False``: the first roll-out's sigma-versus-t check of the loss's
+        weighting is not made (a loss weighted by ``(1 - sigma)^2`` on purpose); the velocity-sign check stays."""
         sig = self._sigmas(sigmas, timesteps)
         xm, back = self.spec.latents_in(noise, latent_hw)
         self._check_inputs(xm, ("ctx_s", ctx_s), ("ctx_t", ctx_t))
@@ -660,7 +665,7 @@ class Backend(PackedPair):
         def backward(st, loss):
             if self.engine:
                 self._engine_ok(backward_fn, "stepwise")
-            if self._check_loss and len(rec) < 2 and st.k == len(rec):
+            if self._check_loss and check_weighting and len(rec) < 2 and st.k == len(rec):
                 d = float((st.v_student.detach().float() - st.v_teacher.float()).pow(2).mean())
                 rec.append((float(st.sigma[0]), float(loss.detach()), d))
                 _check_weighting(rec)

@@ -387,9 +387,9 @@ def test_callback_form_refuses_sigma_used_as_t(sigmas):
     model, train, _, _ = _ref_two_adapters()
     noise, ps, pt = _inputs()
 
-    def run(loss_fn):
+    def run(loss_fn, **kw):
         fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
-        for st in fast.rollout(noise, ps, pt, sigmas=sigmas):
+        for st in fast.rollout(noise, ps, pt, sigmas=sigmas, **kw):
             v_s, v_t = st.predict()
             st.backward(loss_fn(st, v_s, v_t))
         _grads(train)
@@ -405,10 +405,13 @@ def test_callback_form_refuses_sigma_used_as_t(sigmas):
     run(lambda st, v_s, v_t: F.mse_loss(st.x0(v_s), st.x0(v_t)))  # x0 loss
     run(lambda st, v_s, v_t: 0.25 * F.mse_loss(v_s, v_t))  # v loss, scaled
     run(authors)
-    with pytest.raises(ConventionError, match="sigma used as the model's time t|sigma is used as the model's time t"):
-        run(lambda st, v_s, v_t: F.mse_loss(st.x + (1 - bc(st)) * v_s, st.x + (1 - bc(st)) * v_t))
+    flipped = lambda st, v_s, v_t: F.mse_loss(st.x + (1 - bc(st)) * v_s, st.x + (1 - bc(st)) * v_t)  # noqa: E731
+    with pytest.raises(ConventionError, match="(sigma used as|sigma is used as) the model's time t.*an MSE of "
+                                              r"predicted noises.* check_weighting=False\)$"):
+        run(flipped)
     if sigmas[0] == 1.0:  # refused before state 0's backward
         assert all(p.grad is None for p in train.values())
+    run(flipped, check_weighting=False)  # the same weighting on purpose (a noise-space MSE): the caller says so
 
 
 def test_import_of_the_backend_is_lean():
