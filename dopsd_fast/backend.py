@@ -477,6 +477,9 @@ class Backend(PackedPair):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=xm.device)
         if sigma.dim() == 0:  # one noise level for the batch
             sigma = sigma.expand(xm.shape[0])
+        if tuple(sigma.shape) != (xm.shape[0],):
+            raise BackendError(f"backend.velocity: sigma has shape {tuple(sigma.shape)}; it takes a float, a 0-dim "
+                               f"tensor or one noise level per sample ({xm.shape[0]},)")
         return back(super().velocity(branch, xm, sigma, contexts(ctx)))
 
     @contextlib.contextmanager
@@ -576,12 +579,19 @@ class Backend(PackedPair):
                 if width is not None and c.features.shape[-1] != width:
                     raise BackendError(f"backend: {name}[{i}] has {c.features.shape[-1]} features per token; the "
                                        f"transformer takes {width} ({self.spec.context_width_key})")
+                for k, r in c.extra.items():  # an editing teacher's reference latents: the latents' channels
+                    if k.startswith("ref") and torch.is_tensor(r) and r.dim() == 3 and r.shape[0] != C:
+                        raise BackendError(f"backend: {name}[{i}]'s reference latents {k} have {r.shape[0]} channels "
+                                           f"(shape {tuple(r.shape)} read as (C, h, w)); the latents have {C}")
 
     # ---- schedules -------------------------------------------------------------------------------
     def sigmas_from_timesteps(self, timesteps, scale: float = 1000.0) -> list[float]:
         """The model's own timesteps (the roll-out's K states, ``scale`` = 1000) -> K + 1 sigmas ending
         with 0, by the family's convention."""
-        ts = [float(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
+        ts = [float(t) for t in (timesteps.reshape(-1).tolist() if torch.is_tensor(timesteps) else timesteps)]
+        if not ts:
+            raise BackendError("timesteps= is empty: give the roll-out's K states in the model's own timesteps "
+                               "(e.g. [0, 100, 250, 500])")
         if scale == 1000.0 and ts and max(abs(t) for t in ts) <= 1.0 and any(t != 0 for t in ts):
             raise ConventionError(f"timesteps {ts} are all within [0, 1]: timesteps= takes the model's own on the 1000 "
                                   "scale the authors' loops write (e.g. [0, 100, 250, 500]); these look like the "

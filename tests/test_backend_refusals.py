@@ -280,3 +280,20 @@ def test_a_backward_fn_that_defers_the_backward_is_refused():
     assert not any(p.requires_grad for p in student)  # the caller's flags restored after the refusal
     fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS, backward="once", backward_fn=lambda l: (l + 0.0).backward())
     assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in student)
+
+
+def test_inputs_that_do_not_fit_are_named_in_one_line():
+    """Each used to end in a torch error from deep inside (or a silent truncation): named instead."""
+    from dopsd_fast import backend
+
+    model = _model()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    noise, cs, ct = _inputs()
+    with pytest.raises(BackendError, match=r"timesteps= is empty"):
+        fast.dopsd_step(noise, cs, ct, timesteps=[])
+    for sigma in (torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.5]), torch.ones(1, 2)):
+        with pytest.raises(BackendError, match=r"backend.velocity: sigma has shape .*one noise level per sample \(2,\)"):
+            fast.velocity("student", noise, sigma, cs)
+    refs = [torch.randn(2, 8, 8, 8)]  # reference latents of another channel count than the latents' 16
+    with pytest.raises(BackendError, match=r"ctx_t\[0\]'s reference latents ref0 have 8 channels .* the latents have 16"):
+        fast.dopsd_step(noise, cs, backend.contexts(ct, references=refs), timesteps=TIMESTEPS)
