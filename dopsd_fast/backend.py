@@ -256,10 +256,10 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     if not trainable:
         raise BackendError("backend.wrap: nothing of the student requires grad (full fine-tuning reads its trainable "
                            "parameters here): call student.requires_grad_(True) for what it trains before wrap()")
-    if checkpoint_layers is None:  # the caller's own switch, enable_gradient_checkpointing(), followed
+    follow = checkpoint_layers is None
+    if follow:  # the caller's own switch, enable_gradient_checkpointing(), followed (at every step, too)
         on = bool(getattr(ms, "is_gradient_checkpointing", False))
-        checkpoint_layers = sum(len(getattr(ms, a, ())) for a in ("layers", "transformer_blocks",
-                                                                  "single_transformer_blocks")) if on else 0
+        checkpoint_layers = _main_layers(ms) if on else 0
         if on:
             log.info("backend.wrap: the model has gradient checkpointing on: all %d main layers of the fast pass "
                      "checkpointed (checkpoint_layers=0 turns it off)", checkpoint_layers)
@@ -271,6 +271,7 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     fast = Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=trainable,
                    shadow=shadow, check_conventions=check_conventions)
     fast.owned = _owned(ms, trainable)
+    fast.follow_checkpointing = follow
     fast.autocast_hint = _autocast_wrapped(student)
     return fast
 
@@ -285,6 +286,10 @@ def _warn_if_unsynced() -> None:
         log.warning("backend.wrap: %d data-parallel ranks and an unwrapped model: the backend does not average "
                     "the gradients; pass the DDP / accelerate-prepared model to wrap(), or average them yourself",
                     dist.get_world_size())
+
+
+def _main_layers(model) -> int:
+    return sum(len(getattr(model, a, ())) for a in ("layers", "transformer_blocks", "single_transformer_blocks"))
 
 
 def _owned(model, params) -> list:
@@ -417,6 +422,7 @@ class Backend(PackedPair):
         self._check_loss = check_conventions
         self.owned: list = []  # (module path, attribute, parameter) of the trainable ones (wrap(): check_wrapped)
         self._reached: list | None = None  # dopsd_step with backward_fn: a backward reached a student velocity
+        self.follow_checkpointing = False  # wrap() without checkpoint_layers: the model's own switch, at every step
         self.syncs = 0  # gradient all-reduces run by sync_gradients (what the tests read)
         self.autocast_hint = False  # accelerate's mixed precision on the wrapped model (said once at a step)
 
@@ -428,6 +434,9 @@ class Backend(PackedPair):
         caller calls ``fn.finish()`` after the roll-out's last backward). Used directly, run it inside
         :meth:`training` and call :meth:`sync_gradients` after the last backward."""
         self.check_wrapped()
+        if self.follow_checkpointing:  # enable_ / disable_gradient_checkpointing() called after wrap()
+            on = bool(getattr(self.model.ms, "is_gradient_checkpointing", False))
+            self.model.checkpoint_layers = _main_layers(self.model.ms) if on else 0
         if self.shadow is not None:
             _check_shadow(self.shadow)
         self.model.check_adapters()  # adapters added or activated since wrap()

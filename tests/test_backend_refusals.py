@@ -208,8 +208,18 @@ def test_the_models_gradient_checkpointing_is_followed_and_full_ft_needs_a_train
     assert float(res.loss) == pytest.approx(float(ref.loss), rel=1e-6)
     for p, g in zip(fast.trainable, g_ref):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
-    assert backend.wrap(model, student_adapter="student", teacher_adapter="teacher",
-                        checkpoint_layers=0).model.checkpoint_layers == 0
+    fixed = backend.wrap(model, student_adapter="student", teacher_adapter="teacher", checkpoint_layers=0)
+    assert fixed.model.checkpoint_layers == 0
+    # the switch turned after wrap() is followed at the next step (it was read once, at wrap()); a number
+    # given to wrap() stays
+    model.disable_gradient_checkpointing()
+    plain.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    assert plain.model.checkpoint_layers == fast.model.checkpoint_layers == 0
+    model.enable_gradient_checkpointing()
+    plain.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    fixed.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    assert plain.model.checkpoint_layers == len(model.layers) and fixed.model.checkpoint_layers == 0
 
     full = _model(names=())
     with pytest.raises(BackendError, match="nothing of the student requires grad"):
@@ -297,3 +307,27 @@ def test_inputs_that_do_not_fit_are_named_in_one_line():
     refs = [torch.randn(2, 8, 8, 8)]  # reference latents of another channel count than the latents' 16
     with pytest.raises(BackendError, match=r"ctx_t\[0\]'s reference latents ref0 have 8 channels .* the latents have 16"):
         fast.dopsd_step(noise, cs, backend.contexts(ct, references=refs), timesteps=TIMESTEPS)
+
+
+def test_merged_and_dora_adapters_are_adapter_errors():
+    """Merged LoRA and DoRA were a RuntimeError / NotImplementedError, which a caller catching the
+    documented AdapterError missed."""
+    from peft import LoraConfig
+
+    from dopsd_fast import backend
+
+    model = _model()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    layer = next(m for m in model.modules() if hasattr(m, "base_layer") and "student" in m.lora_A)
+    layer.merge(["student"])
+    with pytest.raises(AdapterError, match=r"merged into the base layer .* unmerge them first"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    layer.unmerge()
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    dora = _model(names=())
+    dora.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT, use_dora=True), adapter_name="student")
+    dora.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT), adapter_name="teacher")
+    dora.set_adapter("student")
+    with pytest.raises(AdapterError, match=r"'student' is a DoRA adapter"):
+        backend.wrap(dora, student_adapter="student", teacher_adapter="teacher").dopsd_step(*_inputs(),
+                                                                                          timesteps=TIMESTEPS)

@@ -126,12 +126,14 @@ def lora_of(mod, adapter):
     adapter name, a :class:`Shadow`, or None for the bare base layer)."""
     if hasattr(mod, "base_layer"):
         if getattr(mod, "merged", False):
-            raise RuntimeError("fast path: LoRA weights are merged into the base layer; unmerge them first")
+            raise AdapterError("fast path: LoRA weights are merged into the base layer (merge_adapter, fuse_lora); "
+                               "unmerge them first (unmerge_adapter, unfuse_lora)")
         base = mod.base_layer
         name = adapter_name(adapter)
         if name is not None and name in mod.lora_A:
             if getattr(mod, "use_dora", {}).get(name, False):
-                raise NotImplementedError("fast path: DoRA adapters are not supported")
+                raise AdapterError(f"fast path: adapter {name!r} is a DoRA adapter (use_dora=True), which the fast path "
+                                   "does not apply: use plain LoRA, or the eager path (the trainer: fast.enabled=false)")
             a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
             if isinstance(adapter, Shadow):
                 a, b = adapter.get(a), adapter.get(b)
