@@ -569,6 +569,10 @@ class Backend(PackedPair):
                                "fast.velocity('teacher', ...))")
         cfg = dict(self.model.ms.config)
         B, C, h, w = x.shape
+        dev = next(self.model.ms.parameters()).device
+        if x.device != dev:
+            raise BackendError(f"backend: the latents are on {x.device}, the model's weights on {dev}: move the noise "
+                               f"there (noise.to({str(dev)!r}))")
         c_in = cfg.get("in_channels")
         if c_in is not None and C != int(c_in):
             raise BackendError(f"backend: the latents have {C} channels (shape {tuple(x.shape)} read as (B, C, h, w)); "

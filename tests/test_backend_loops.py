@@ -220,6 +220,9 @@ def test_zimage_latents_in_the_models_list_layout():
     assert isinstance(res.states[-1], list) and res.states[-1][0].shape == (16, 1, 8, 8)
     with pytest.raises(BackendError, match=r"Z-Image latents must be \(B, C, h, w\), \(B, C, 1, h, w\)"):
         fast.dopsd_step(noise.flatten(2), ps, pt, timesteps=TIMESTEPS)
+    mixed = [noise[0].unsqueeze(1), torch.randn(16, 1, 4, 12)]  # diffusers' list takes sizes a step cannot
+    with pytest.raises(BackendError, match=r"the list's latents differ in size \(\(16, 1, 4, 12\), \(16, 1, 8, 8\)\)"):
+        fast.dopsd_step(mixed, ps, pt, timesteps=TIMESTEPS)
 
 
 def _klein():
@@ -267,6 +270,8 @@ def test_klein_packed_latents():
         fast.dopsd_step(packed, txt_s, txt_t, timesteps=ts, latent_hw=(5, 5))
     with pytest.raises(BackendError, match=r"references\[0\] must be .* r.permute\(0, 2, 1\)"):
         backend.contexts(txt_t, references=[packed])
+    with pytest.raises(BackendError, match=r"share the text length .* got text lengths \[5, 8\]"):
+        fast.dopsd_step(noise, [txt_s[0], txt_s[1, :5]], txt_t, timesteps=ts)
 
 
 def test_ema_dict_rebound_entries_are_followed():

@@ -304,6 +304,8 @@ def test_inputs_that_do_not_fit_are_named_in_one_line():
     for sigma in (torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.5]), torch.ones(1, 2)):
         with pytest.raises(BackendError, match=r"backend.velocity: sigma has shape .*one noise level per sample \(2,\)"):
             fast.velocity("student", noise, sigma, cs)
+    with pytest.raises(BackendError, match=r"the latents are on meta, the model's weights on cpu"):
+        fast.dopsd_step(noise.to("meta"), cs, ct, timesteps=TIMESTEPS)
     refs = [torch.randn(2, 8, 8, 8)]  # reference latents of another channel count than the latents' 16
     with pytest.raises(BackendError, match=r"ctx_t\[0\]'s reference latents ref0 have 8 channels .* the latents have 16"):
         fast.dopsd_step(noise, cs, backend.contexts(ct, references=refs), timesteps=TIMESTEPS)
@@ -331,3 +333,24 @@ def test_merged_and_dora_adapters_are_adapter_errors():
     with pytest.raises(AdapterError, match=r"'student' is a DoRA adapter"):
         backend.wrap(dora, student_adapter="student", teacher_adapter="teacher").dopsd_step(*_inputs(),
                                                                                           timesteps=TIMESTEPS)
+
+
+def test_an_inactive_adapter_outside_the_blocks_is_accepted_an_active_one_refused():
+    """An adapter neither branch reads, on a module the fast path runs whole, inactive: peft applies it to
+    neither branch, as the eager model does; it was refused, saying peft would apply it. Active, refused."""
+    from peft import LoraConfig
+
+    from dopsd_fast import backend
+
+    model = _model()
+    ref = backend.wrap(model, student_adapter="student", teacher_adapter="teacher").dopsd_step(
+        *_inputs(), timesteps=TIMESTEPS)
+    model.zero_grad(set_to_none=True)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["t_embedder.mlp.0"]),
+                      adapter_name="extra")
+    model.set_adapter("student")
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    assert float(fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS).loss) == pytest.approx(float(ref.loss), rel=1e-6)
+    model.set_adapter(["student", "extra"])
+    with pytest.raises(AdapterError, match=r"\['extra'\] on t_embedder.mlp.0, a module the fast path runs whole"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)

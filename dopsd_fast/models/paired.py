@@ -90,7 +90,12 @@ def check_adapters(model, adapters, paired: str, role: str = "student") -> None:
             raise AdapterError(f"fast path: the {role} module carries LoRA adapters {sorted(lora_a)} (e.g. on "
                                f"{path}) but no adapter name was given: pass {role}_adapter=<name>")
         if not pat.fullmatch(path):
-            raise AdapterError(f"fast path: LoRA adapter(s) {sorted(lora_a)} on {path}, a module the fast path runs "
+            active = getattr(m, "active_adapters", None)
+            active = {active} if isinstance(active, str) else set(active or ())
+            applied = sorted(set(lora_a) & (names | active))
+            if not applied:  # an adapter neither branch reads, inactive: peft applies it to neither, as eagerly
+                continue
+            raise AdapterError(f"fast path: LoRA adapter(s) {applied} on {path}, a module the fast path runs "
                                "whole (peft would apply its active adapter to the student and the teacher alike): "
                                "put LoRA only on the blocks' attention and feed-forward linears (the family's "
                                "default targets), or use the eager path (the trainer: fast.enabled=false)")

@@ -234,7 +234,12 @@ class FastFlux2(PairedModel):
         dtype = self.ms.x_embedder.weight.dtype
         refs = [refs_of(c) for c in ctxs]
         if len({tuple(tuple(r.shape) for r in rr) for rr in refs}) > 1 or len({c.features.shape for c in ctxs}) > 1:
-            raise ValueError("FastFlux2: samples of a batch must share text length and reference sizes")
+            from dopsd_fast.errors import BackendError
+
+            raise BackendError(f"FLUX.2-klein: the samples of a batch must share the text length (the pipeline pads "
+                               f"every prompt to max_sequence_length) and the reference sizes; got text lengths "
+                               f"{sorted({c.features.shape[0] for c in ctxs})}, reference sizes "
+                               f"{sorted({tuple(tuple(r.shape) for r in rr) for rr in refs})}")
         txt = torch.stack([c.features for c in ctxs]).to(x.device, dtype)
         ref_tok = [pack(torch.stack([rr[i] for rr in refs]).to(x.device, dtype)) for i in range(len(refs[0]))]
         n_txt = txt.shape[1]

@@ -72,6 +72,13 @@ class ZImageFamily(FamilySpec):
         if isinstance(x, (list, tuple)) and x and all(torch.is_tensor(t) and t.dim() == 4 and t.shape[1] == 1
                                                      and t.shape == x[0].shape for t in x):
             return torch.stack(list(x), 0).squeeze(2), _as_list
+        if isinstance(x, (list, tuple)) and len(x) > 1 and all(torch.is_tensor(t) and t.dim() == 4 for t in x):
+            sizes = sorted({tuple(t.shape) for t in x})
+            if len(sizes) > 1:
+                from dopsd_fast.errors import BackendError
+
+                raise BackendError(f"backend: the list's latents differ in size ({', '.join(map(str, sizes[:3]))}): one "
+                                   "step takes one size; give each size its own step (a micro-batch per bucket)")
         if torch.is_tensor(x) and x.dim() == 5 and x.shape[2] == 1:
             return x.squeeze(2), _as_5d
         return super().latents_in(x, latent_hw)
