@@ -237,7 +237,8 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
                 raise BackendError("backend.wrap: teacher_shadow= replaces teacher_adapter=")
             teacher_adapter = shadow = _shadow(ms, student_adapter, teacher_shadow)
         elif teacher_adapter is None:
-            raise BackendError("backend.wrap: the teacher needs teacher_adapter= or teacher_shadow=")
+            raise BackendError("backend.wrap: the teacher needs teacher_adapter= or teacher_shadow= (or teacher=<the "
+                               "same model> for the base model, its adapters off, as the teacher)")
         elif teacher_adapter == student_adapter:
             raise BackendError("backend.wrap: student and teacher adapters must differ (use teacher_shadow= for an "
                                "EMA)")
@@ -650,6 +651,10 @@ class Backend(PackedPair):
                         "autocast=accelerator.autocast()")
         if self.engine:
             self._engine_ok(backward_fn, backward)
+        if isinstance(autocast, contextlib._GeneratorContextManager) and not hasattr(autocast, "func"):
+            raise BackendError("backend: autocast= was used already: accelerator.autocast() (a generator's context "
+                               "manager) enters once; pass a new one at each step (autocast=accelerator.autocast()) "
+                               "or a torch.autocast object, which may be reused")
         reached = self._reached = [] if backward_fn is not None else None
         try:
             with self.training():

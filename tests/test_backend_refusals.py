@@ -354,3 +354,21 @@ def test_an_inactive_adapter_outside_the_blocks_is_accepted_an_active_one_refuse
     model.set_adapter(["student", "extra"])
     with pytest.raises(AdapterError, match=r"\['extra'\] on t_embedder.mlp.0, a module the fast path runs whole"):
         fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+
+
+def test_a_used_generator_autocast_is_named_and_the_base_model_teacher_runs():
+    import contextlib
+
+    from dopsd_fast import backend
+
+    model = _model(names=("student",))
+    fast = backend.wrap(model, teacher=model, student_adapter="student")  # the base model as the teacher
+    cm = contextlib.nullcontext()
+    gen = contextlib.contextmanager(lambda: (yield))()  # accelerator.autocast()'s kind: enters once
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS, autocast=gen)
+    with pytest.raises(BackendError, match=r"autocast= was used already: .* a new one at each step"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS, autocast=gen)
+    for _ in range(2):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS, autocast=cm)
+    with pytest.raises(BackendError, match=r"or teacher=<the same model> for the base model"):
+        backend.wrap(model, student_adapter="student")
