@@ -2,7 +2,8 @@
 
 Layout of a cache directory::
 
-    manifest.json            {"version", "identity", "entries": {key: [shard, name]}, "kinds": [student, teacher]}
+    manifest.json            {"version", "identity", "entries": {key: [shard, name]}, "kinds": [student, teacher],
+                              "checksums": {key: CRC-32 of the context's bytes}}
     shard-00000.safetensors  tensors "<key>.features" and "<key>.extra.<name>"
 
 ``identity`` is the adapter's :meth:`~dopsd_fast.adapters.ModelAdapter.encoder_identity` (encoder
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import torch
@@ -34,6 +36,15 @@ _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names
 
 class CacheError(RuntimeError):
     """The feature cache is stale, mismatched or incomplete."""
+
+def context_crc(features: torch.Tensor, extra: dict) -> int:
+    """CRC-32 of a context's bytes (its features, then its extras by name): written with each entry,
+    checked at each read, so bytes changed in a shard since (a bad copy, a disk) are named, not trained on."""
+    crc = 0
+    for t in [features] + [extra[k] for k in sorted(extra)]:
+        crc = zlib.crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
 
 def entry_key(kind: str, prompt: str, image_hash: str | None = None, bucket=None) -> str:
     payload = json.dumps([kind, prompt, image_hash, list(bucket) if bucket else None], ensure_ascii=False)
@@ -157,9 +168,14 @@ class FeatureCache:
                     f"(differs in: {', '.join(changed[:8])}); refusing to use stale features. "
                     "Delete the directory or point cache.dir elsewhere, then run dopsd-cache")
             self.entries = self._checked_entries(data.get("entries", {}))
+            sums = data.get("checksums", {})  # absent in an earlier version's cache: its entries are not checked
+            if not (isinstance(sums, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in sums.values())):
+                raise CacheError(f"feature cache {manifest}: 'checksums' is not {{key: CRC-32}}; delete the directory "
+                                 "and run dopsd-cache again")
+            self.checksums = sums
         elif create:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.entries, self.kinds = {}, set()
+            self.entries, self.kinds, self.checksums = {}, set(), {}
         else:
             raise CacheError(f"feature cache {self.dir} does not exist (no manifest.json); run dopsd-cache first")
         self._open: dict = {}
@@ -190,6 +206,7 @@ class FeatureCache:
         record = {"version": CACHE_VERSION, "identity": self.identity, "entries": self.entries}
         if self.kinds is not None:  # the kinds of context it holds (unknown in an earlier version's cache)
             record["kinds"] = sorted(self.kinds)
+        record["checksums"] = {k: v for k, v in self.checksums.items() if k in self.entries}
         text = json.dumps(record, indent=1)
         atomic_write(self.dir / "manifest.json", lambda t: t.write_text(text))
 
@@ -271,7 +288,13 @@ class FeatureCache:
         for k in f.keys():
             if k.startswith(prefix):
                 extra[k[len(prefix):]] = f.get_tensor(k)
-        return Context(f.get_tensor(f"{name}.features"), extra)
+        features = f.get_tensor(f"{name}.features")
+        want = self.checksums.get(key)
+        if want is not None and context_crc(features, extra) != want:
+            raise CacheError(f"feature cache {self.dir}: a context in {shard} is damaged (its bytes changed since "
+                             f"dopsd-cache wrote them: checksum of {key[:12]}); delete {self.dir / shard} and run "
+                             "dopsd-cache again (it re-encodes that shard's contexts)")
+        return Context(features, extra)
 
     def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True,
               kinds=KINDS) -> int:
@@ -290,7 +313,7 @@ class FeatureCache:
         bar = tqdm(total=len(todo), desc="caching contexts", disable=not progress)
         for s0 in range(0, len(todo), shard_size):
             chunk = todo[s0:s0 + shard_size]
-            tensors, names = {}, {}
+            tensors, names, sums = {}, {}, {}
             for b0 in range(0, len(chunk), batch_size):
                 part = chunk[b0:b0 + batch_size]
                 stud = [e for e in part if e[1] == "student"]
@@ -319,6 +342,8 @@ class FeatureCache:
                     for k, v in ctx.extra.items():
                         tensors[f"{name}.extra.{k}"] = v.contiguous()
                     names[key] = name
+                    sums[key] = context_crc(tensors[f"{name}.features"],
+                                            {k: tensors[f"{name}.extra.{k}"] for k in ctx.extra})
                 bar.update(len(part))
             while f"shard-{next_shard:05d}.safetensors" in taken:  # never over a shard already there
                 next_shard += 1
@@ -327,6 +352,7 @@ class FeatureCache:
             atomic_write(self.dir / shard, lambda t, tensors=tensors: save_file(tensors, str(t)))
             for key, name in names.items():
                 self.entries[key] = [shard, name]
+            self.checksums.update(sums)
             if self.kinds is not None:
                 self.kinds |= {kind for _, kind, _ in chunk}
             self._save_manifest()  # after each shard: an interruption loses at most one shard

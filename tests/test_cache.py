@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from tests.conftest import assert_close, compare_grads, tiny_config
 
@@ -130,6 +131,49 @@ def test_a_received_cache_of_the_wrong_kind_is_refused_naming_it(written, tmp_pa
     with pytest.raises(CacheError, match=match.replace("{w1}", str(w - 1)).replace("{w}", str(w))) as e:
         FeatureCache(cache, identity).check_shards(width=w)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_bytes_changed_in_a_shard_are_named_at_the_read_and_dopsd_cache_rewrites_them(written, tmp_path):
+    """A shard whose tensor bytes changed since dopsd-cache wrote them (finite values: no other check can
+    see it) was read as features; each context's CRC-32 is now in the manifest and checked at each read.
+    The shard deleted as the message says, dopsd-cache encodes its contexts again."""
+    import struct
+
+    from safetensors import safe_open
+
+    from dopsd_fast.cache import CacheError, FeatureCache
+    from dopsd_fast.cli import cache_main
+
+    cache, m = _received(written, tmp_path)
+    assert set(m["checksums"]) == set(m["entries"])
+    identity = m["identity"]
+    shard = cache / "shard-00000.safetensors"
+    key = sorted(k for k, (sh, _) in m["entries"].items() if sh == shard.name)[0]
+    want = FeatureCache(cache, identity).get(key).features.clone()
+    with safe_open(str(shard), framework="pt") as f:
+        assert f.get_slice(f"{key}.features").get_dtype() == "F32"
+    raw = bytearray(shard.read_bytes())
+    head = 8 + struct.unpack("<Q", raw[:8])[0]
+    begin = json.loads(raw[8:head])[f"{key}.features"]["data_offsets"][0]
+    raw[head + begin:head + begin + 4] = struct.pack("<f", 0.125)  # one finite value changed
+    shard.write_bytes(bytes(raw))
+    fc = FeatureCache(cache, identity)
+    fc.check_shards()  # the header is sound: only the bytes' checksum sees it
+    with pytest.raises(CacheError, match=rf"a context in {shard.name} is damaged .* delete .*{shard.name} and run "
+                                         r"dopsd-cache again") as e:
+        fc.get(key)
+    assert len(str(e.value).splitlines()) == 1
+    shard.unlink()
+    assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false",
+                       "--set", "cache.shard_size=5"]) == 0
+    assert torch.equal(FeatureCache(cache, identity).get(key).features, want)
+    # a manifest of an earlier version (no checksums) is read unchecked; checksums of another type refused
+    m2 = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({k: v for k, v in m2.items() if k != "checksums"}))
+    assert torch.equal(FeatureCache(cache, identity).get(key).features, want)
+    (cache / "manifest.json").write_text(json.dumps({**m2, "checksums": {key: "x"}}))
+    with pytest.raises(CacheError, match=r"'checksums' is not \{key: CRC-32\}"):
+        FeatureCache(cache, identity)
 
 
 def test_a_cache_manifest_linked_from_elsewhere_is_refused_and_the_trainer_checks_the_width(written, tmp_path):
