@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import logging
 import math
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -27,9 +28,24 @@ LORA_MAX_SCALE = 256.0  # alpha / rank: trained LoRAs use about 1 to 4; a file p
 log = logging.getLogger(__name__)
 
 
+_REPR = reprlib.Repr()  # (keyword arguments from Python 3.12 only)
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 4, 60, 60
+
+
+def short(value) -> str:
+    """``repr`` of a value named in an error, bounded (a YAML alias bomb's nested lists, a pasted novel):
+    the line stays a line."""
+    return _REPR.repr(value)
+
+
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config field '{name}': {msg}")
+
+
+def _strings(value) -> bool:
+    """A non-empty list of non-empty strings."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) and v.strip() for v in value)
 
 
 def _paths(value) -> bool:
@@ -38,7 +54,7 @@ def _paths(value) -> bool:
 
 
 def _one_of(value, choices, name):
-    _check(value in choices, name, f"must be one of {list(choices)}, got {value!r}")
+    _check(value in choices, name, f"must be one of {list(choices)}, got {short(value)}")
 
 
 @dataclass(kw_only=True)
@@ -90,6 +106,10 @@ class ModelConfig:
                    f"must be >= 0 layers, got {self.gradient_checkpointing}")
         _check(self.student_max_tokens > 0, "model.student_max_tokens", "must be > 0")
         _check(self.teacher_max_tokens > 0, "model.teacher_max_tokens", "must be > 0")
+        if self.text_layers is not None:
+            _check(isinstance(self.text_layers, list) and len(self.text_layers) > 0 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in self.text_layers), "model.text_layers",
+                f"must be null or a non-empty list of layer indices (integers), got {short(self.text_layers)}")
 
 
 @dataclass(kw_only=True)
@@ -104,6 +124,9 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.targets, str):
             _one_of(self.targets, ("authors",), "lora.targets")
+        elif self.targets is not None:
+            _check(_strings(self.targets), "lora.targets",
+                   f"must be null, 'authors' or a non-empty list of module names (strings), got {short(self.targets)}")
         _check(self.rank > 0, "lora.rank", f"must be > 0, got {self.rank}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(self.alpha / max(self.rank, 1) <= LORA_MAX_SCALE, "lora.alpha",
@@ -149,8 +172,9 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               f"must be two values in [0, 1), got {self.betas}")
+        _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                            for b in self.betas), "optim.betas",
+               f"must be two values in [0, 1), got {short(self.betas)}")
         _check(self.eps > 0, "optim.eps", "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -181,8 +205,8 @@ class DataConfig:
         _check(len(sources) == 1, "data", f"set exactly one of data.builtin / data.jsonl / data.folder, got {sources or 'none'}")
         if self.builtin is not None:
             _one_of(self.builtin, ("tiny", "toy-concept", "toy-concept-prior"), "data.builtin")
-        _check(isinstance(self.prompt_keys, list) and len(self.prompt_keys) > 0, "data.prompt_keys",
-               "must be a non-empty list of JSONL keys")
+        _check(_strings(self.prompt_keys), "data.prompt_keys",
+               f"must be a non-empty list of JSONL keys (strings), got {short(self.prompt_keys)}")
         _check(self.batch_size >= 1, "data.batch_size", "must be >= 1")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "data.num_workers",
                "must be an integer >= 0 (threads decoding the next micro-batch's images; 0: in the loop)")
@@ -443,38 +467,38 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 return _coerce(value, a, name)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config field '{name}': {value!r} does not fit {tp}")
+        raise ConfigError(f"config field '{name}': {short(value)} does not fit {tp}")
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config field '{name}': expected true/false, got {value!r}")
+        raise ConfigError(f"config field '{name}': expected true/false, got {short(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"config field '{name}': expected an integer, got {value!r}")
+            raise ConfigError(f"config field '{name}': expected an integer, got {short(value)}")
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"config field '{name}': expected an integer, got {value!r}") from None
+            raise ConfigError(f"config field '{name}': expected an integer, got {short(value)}") from None
     if tp is float:
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"config field '{name}': expected a number, got {value!r}") from None
+            raise ConfigError(f"config field '{name}': expected a number, got {short(value)}") from None
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a boolean
             return "on" if value else "off"
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"config field '{name}': expected a string, got {value!r}")
+            raise ConfigError(f"config field '{name}': expected a string, got {short(value)}")
         return str(value)
     if tp is list or origin is list:
         if isinstance(value, str):  # one entry (a quoted "[V] dog" is that prompt, not YAML read again)
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
+            raise ConfigError(f"config field '{name}': expected a list, got {short(value)}")
         return list(value)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name)
@@ -500,8 +524,8 @@ def _apply_renames(data: dict) -> dict:
         value = section.pop(key_old)
         target = data.setdefault(sec_new, {})
         if key_new in target and target[key_new] != value:
-            raise ConfigError(f"config fields {old} (deprecated) and {new} are both set, to {value!r} and "
-                              f"{target[key_new]!r}: keep {new} only")
+            raise ConfigError(f"config fields {old} (deprecated) and {new} are both set, to {short(value)} and "
+                              f"{short(target[key_new])}: keep {new} only")
         target[key_new] = value
         log.warning("config field %s is deprecated: use %s (read as %s: %r)", old, new, new, value)
     return data
@@ -511,7 +535,7 @@ def _build(cls, data: Any, prefix: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix or 'root'}': expected a mapping, got {data!r}")
+        raise ConfigError(f"config section '{prefix or 'root'}': expected a mapping, got {short(data)}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for gone in [k for k in data if f"{prefix}.{k}" in REMOVED_FIELDS]:  # configs of older runs still load
@@ -610,6 +634,40 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {p} (shipped recipes: {', '.join(sorted(shipped)) or 'none'})")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently: a
+    second ``train:`` section dropped the first whole, its ``output_dir`` included)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {short(key)} is given twice in one mapping (first on line {first + 1}): "
+                        "keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """PyYAML's error (several lines, with ``^`` markers) as one: what, and where (line, column)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())[:300]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(e, "context", None)
+    return f"{where}{' '.join(problem.split())}" + (f" ({' '.join(context.split())})" if context else "")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config or a shipped recipe's name (or :data:`EMBEDDED_DEFAULT`, the tiny random-weight
     run, when ``path`` is None) plus overrides."""
@@ -617,9 +675,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = resolve_config_path(path)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                              "save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p}: {e.strerror or e}") from None
+        try:
+            data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {yaml_error_line(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
     over = parse_overrides(overrides)

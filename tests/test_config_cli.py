@@ -1,6 +1,7 @@
 """Config validation, the shipped configs, and the README's main command."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,35 @@ def test_a_field_newer_than_the_checkpoint_at_its_default_is_no_change(tmp_path)
     other = tiny_config(tmp_path / "a", "validation.references=[x.png]", "model.teacher_max_tokens=64").to_dict()
     frozen, applied = config_changes(old, other, Config().to_dict())
     assert [k for k, *_ in frozen] == ["model.teacher_max_tokens"] and [k for k, *_ in applied] == ["validation.references"]
+
+
+def test_received_config_files_end_in_one_bounded_line(tmp_path):
+    """A config saved in another encoding, a key given twice (YAML kept the last silently: a second
+    ``train:`` dropped the first's output_dir), a syntax error (PyYAML's several lines), a 700-byte alias
+    bomb (a 226 MB error line, 1.1 GB of memory) and list fields holding other types (an "unexpected"
+    TypeError later): each one line naming the file or field."""
+    from dopsd_fast.config import ConfigError, load_config
+
+    cases = {
+        "latin1.yaml": (b"model:\n  family: zimage\n\xff\xfe bad: 1\n", r"is not UTF-8 text \(byte 0xff at offset 24\)"),
+        "dup.yaml": (b"train: {max_steps: 3, output_dir: w/zz}\ntrain: {max_steps: 5}\n",
+                     r"line 2, column 1: key 'train' is given twice in one mapping \(first on line 1\)"),
+        "syntax.yaml": (b"train:\n  max_steps: [3\n", r"line 3, column 1: expected ',' or ']'"),
+        "bomb.yaml": (b"validation:\n  prompts: [&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], "
+                      b"&c [*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], "
+                      b"&e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]]\n"
+                      b"train: {output_dir: *f}\n", None),
+    }
+    for name, (body, match) in cases.items():
+        (tmp_path / name).write_bytes(body)
+        with pytest.raises(ConfigError) as e:
+            load_config(str(tmp_path / name))
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and len(msg) < 400, msg[:500]
+        if match:
+            assert re.search(match, msg), msg
+    assert "expected a string, got [[" in msg  # the bomb: its value shown, bounded
+    for override, field in [("data.prompt_keys=[prompt, [x]]", "data.prompt_keys"), ("lora.targets=[[x]]", "lora.targets"),
+                            ("optim.betas=[a, 0.9]", "optim.betas"), ("model.text_layers=[a]", "model.text_layers")]:
+        with pytest.raises(ConfigError, match=rf"config field '{re.escape(field)}': must be"):
+            load_config(None, [override])
