@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dopsd_fast.errors import load_error
 from dopsd_fast.safety import file_in_folder
 import warnings
 from dopsd_fast.fsdp import is_dtensor
@@ -341,8 +342,7 @@ def _dcp_load(flat: dict, path: Path, md) -> None:
                      planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         c = _cause(e)
-        raise CheckpointError(f"checkpoint {path} does not load ({type(c).__name__}: "
-                              f"{str(c).splitlines()[0][:200] if str(c) else ''})") from None
+        raise CheckpointError(f"checkpoint {path} does not load ({load_error(c)})") from None
 
 
 # ---- checkpoints of earlier versions -------------------------------------------------------------------
@@ -402,8 +402,8 @@ def _load_state_pt(path: Path) -> dict:
                                                    | {type(np.dtype(np.uint32))})):
             state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a refused global, a path outside, or torn bytes
-        raise CheckpointError(f"checkpoint {path}/state.pt does not load as plain data ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); not loaded") from None
+        raise CheckpointError(f"checkpoint {path}/state.pt does not load as plain data ({load_error(e)}); "
+                              "not loaded") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}/state.pt is not a state dict; not loaded")
     return _legacy_join(state, {}, "state", path)
@@ -571,6 +571,27 @@ def load_checkpoint(path: Path) -> dict:
 _ADAM_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # what AdamW keeps per parameter
 
 
+def _rng_problem(rng: dict) -> str | None:
+    """Why ``rng`` (:func:`rng_state`'s) cannot be set, or None: set on trial (each generator checks its
+    own state exactly), the current states restored after."""
+    for k in ("python", "numpy", "torch"):
+        if k not in rng:
+            return f"lacks the {k} generator's state"
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        random.setstate(rng["python"])  # as set_rng_state sets them
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        return None
+    except Exception as e:  # noqa: BLE001 - each generator raises its own types for a state not its own
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        return f"is not the generators' state ({type(e).__name__}: {first})"
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
 def _count(v, least: int = 0) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
@@ -620,6 +641,16 @@ def check_train_state(state: dict, path) -> None:
     for k in ("sampler", "rng"):
         if not isinstance(state[k], dict):
             bad(f"{k!r} is not a mapping")
+    smp = state["sampler"]
+    for k in ("epoch", "position"):
+        if not _count(smp.get(k)):
+            bad(f"sampler[{k!r}] is not a count (an integer >= 0)")
+    for k in ("seed", "global_batch"):
+        if smp.get(k) is not None and not (_count(smp[k], -(1 << 63)) if k == "seed" else _count(smp[k], 1)):
+            bad(f"sampler[{k!r}] is not {'an integer' if k == 'seed' else 'an integer >= 1'}")
+    why = _rng_problem(state["rng"])
+    if why:
+        bad(f"'rng' {why}")
     rid = state.get("run_id")
     if rid is not None and not (isinstance(rid, str) and _RUN_ID_RE.match(rid)):
         bad(f"run_id {str(rid)[:40]!r} is not a run id (8-64 hex digits)")

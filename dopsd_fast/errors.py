@@ -2,6 +2,9 @@
 the bottom of the import order, so every layer can raise them (``dopsd_fast.config`` and
 ``dopsd_fast.data`` re-export them)."""
 
+import pickle
+import re
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -30,3 +33,15 @@ class AdapterError(ValueError):
 class OutputDirError(RuntimeError):
     """The output folder cannot be used as asked (in use by another trainer, holding an earlier run, a
     planted lock link); the message names the folder and the ways on."""
+
+
+def load_error(e: BaseException) -> str:
+    """Why a received file did not load, for its one line: ``Type: first line``; for a Python object torch's
+    safe loader refused, that (and the object), never torch's advice to load it unsafely
+    (``weights_only=False``: the file may be made to run code)."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "weights_only" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return (f"UnpicklingError: it holds Python objects a checkpoint may not hold"
+                f"{f' ({found.group(1)})' if found else ''}: a file of another kind, or made to run code")
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"

@@ -864,7 +864,7 @@ class Trainer:
                 raise ValueError(f"optimizer state for parameter {i}, but this model trains {len(params)}")
             p = params[i]
             for k, v in st.items():
-                if v.dim() and tuple(v.shape) != tuple(p.shape):
+                if k != "step" and tuple(v.shape) != tuple(p.shape):  # step: AdamW's scalar count
                     raise ValueError(f"optimizer state {k} of {names.get(id(p), f'parameter {i}')} has shape "
                                      f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")
 

@@ -54,8 +54,10 @@ def load_plain(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a refused global, or torn bytes
-        raise RuntimeError(f"{path} does not load as tensors and plain data ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete it to redo its stage") from None
+        from dopsd_fast.errors import load_error
+
+        raise RuntimeError(f"{path} does not load as tensors and plain data ({load_error(e)}); delete it to redo its "
+                           "stage") from None
 
 
 class Interrupted(Exception):
