@@ -890,20 +890,26 @@ def test_data_edited_in_place_between_runs_is_refused_naming_it(tmp_path, caplog
     tr.close()
 
 
-def _poison_cached_record(cache, record) -> None:
-    """Every cached context of ``record`` (each prompt, both branches) set to NaN, in its shard."""
+def _poison_cached_record(cache, record) -> dict:
+    """Every cached context of ``record`` (each prompt, both branches) set to NaN, in its shard, as an
+    encoder that overflowed would have written it (the checksums of the NaN contexts, returned)."""
     from safetensors.torch import load_file, save_file
 
-    from dopsd_fast.cache import record_key
+    from dopsd_fast.cache import context_crc, record_key
 
     entries = json.loads((cache / "manifest.json").read_text())["entries"]
-    hit = [entries[record_key(kind, p, record)] for kind in ("student", "teacher") for p in record.prompts]
-    for shard in {s for s, _ in hit}:
+    keys = [record_key(kind, p, record) for kind in ("student", "teacher") for p in record.prompts]
+    sums = {}
+    for shard in {entries[k][0] for k in keys}:
         tensors = load_file(str(cache / shard))
-        for s, name in hit:
+        for k in keys:
+            s, name = entries[k]
             if s == shard:
                 tensors[f"{name}.features"] = torch.full_like(tensors[f"{name}.features"], float("nan"))
+                extra = {t[len(f"{name}.extra."):]: v for t, v in tensors.items() if t.startswith(f"{name}.extra.")}
+                sums[k] = context_crc(tensors[f"{name}.features"], extra)
         save_file(tensors, str(cache / shard))
+    return sums
 
 
 def test_nonfinite_cached_features_are_named_at_the_batch_that_carries_them(tmp_path):
@@ -919,7 +925,7 @@ def test_nonfinite_cached_features_are_named_at_the_batch_that_carries_them(tmp_
     tr = _trainer(tmp_path, f"cache.dir={cache}", "train.checkpoint_every=1", f"train.max_steps={4 * 24}")
     k = 3
     rec = tr.dataset.records[k]
-    _poison_cached_record(cache, rec)
+    tr.contexts.cache.checksums.update(_poison_cached_record(cache, rec))
     with pytest.raises(DataError) as e:
         tr.train()
     msg = str(e.value)
