@@ -129,7 +129,6 @@ class Trainer:
         self._stop_kind = None
         self._saved_step = None
         self._model_files: dict = {}  # folder -> its file_fingerprint, taken once
-        self._said_moved: set = set()
         try:
             self._claim_output(resume, overwrite)
             ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
@@ -142,6 +141,9 @@ class Trainer:
                                          f"{Path(ck).name if ck is not None else 'none'}): the folder looks different from "
                                          "the ranks (a shared filesystem not yet in sync?); resume when every node "
                                          "sees the same checkpoints, or name one: --resume <checkpoint folder>")
+            self._model_folders_fingerprint()  # rank 0, once: the files the run loads (what checkpoints record)
+            if state is not None:
+                self._check_model_files(ck, state)
             self._resume_from = (ck, state) if state is not None else None
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
@@ -337,7 +339,13 @@ class Trainer:
 
     def _config_check(self, path: Path, state: dict) -> list:
         frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict(), Config().to_dict())
-        frozen, notes = self._moved_folders(path, state, frozen)
+        recorded = state.get("model_files") if isinstance(state.get("model_files"), dict) else None
+        notes = []
+        if recorded is not None:  # another folder: its files decide (_check_model_files, rank 0's verdict)
+            frozen = [(k, a, b) for k, a, b in frozen if not (k in MODEL_FOLDERS and a and b and k in recorded)]
+        elif any(k in MODEL_FOLDERS for k, _, _ in frozen):
+            notes.append("the checkpoint records no fingerprints of the model's files (an earlier version): a copy "
+                         "of the folder elsewhere cannot be recognised")
         shaped = [(k, a, b) for k, a, b in frozen if k in SHAPE_FIELDS]
         if shaped:  # the trained tensors themselves would not fit: no override can resume across it
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shaped)
@@ -780,31 +788,51 @@ class Trainer:
 
     def _model_folders_fingerprint(self) -> dict:
         """``{field: file_fingerprint}`` of ``model.path`` / ``model.vlm_path`` where set (about 18 MiB read per
-        weight file, once per run): what a resume from a copy of the folders elsewhere compares."""
+        weight file), taken once, at start-up, by rank 0 (whose record a checkpoint keeps; other ranks: {}):
+        what a resume compares (:meth:`_check_model_files`)."""
+        if self.rank != 0:
+            return {}
         m = self.cfg.model
         return {k: self._folder_fingerprint(v) for k, v in (("model.path", m.path), ("model.vlm_path", m.vlm_path)) if v}
 
-    def _moved_folders(self, path: Path, state: dict, frozen: list) -> tuple[list, list]:
-        """``(frozen, notes)``: ``model.path`` / ``model.vlm_path`` changes whose folder holds the same files as
-        the checkpoint's run read (a copy elsewhere) leave ``frozen``; a changed folder of other files is named
-        with its first differing files in ``notes``."""
+    def _check_model_files(self, ck: Path, state: dict) -> None:
+        """The model folders' files against the checkpoint's record of them (``model_files``), decided by
+        rank 0, every rank stopping with it: a folder at another path holding the same files (a copy on
+        node-local disk) is the same model; one whose files differ (edited in place, or another model
+        at the new path) is refused like a changed config field (``--allow-config-change`` resumes anyway,
+        saying so)."""
         saved = state.get("model_files") if isinstance(state.get("model_files"), dict) else {}
-        keep, notes = [], []
-        for k, a, b in frozen:
-            if k in MODEL_FOLDERS and a and b and isinstance(saved.get(k), dict):
-                now = self._folder_fingerprint(b)
-                diff = differing_files(saved[k], now) if "missing" not in now else None
-                if diff == [] and (k, b) not in self._said_moved:
-                    self._said_moved.add((k, b))  # said once (the resume checks twice)
-                    log.info("resume: %s %r -> %r holds the same files as the checkpoint's (names, configs, sampled "
-                             "weights): the same model", k, a, b)
-                if diff == []:
+        before = state.get("config", {}).get("model", {}) if isinstance(state.get("config"), dict) else {}
+        err = None
+        if self.rank == 0:
+            problems = []
+            now = self._model_folders_fingerprint()
+            for k in MODEL_FOLDERS:
+                name = k.split(".", 1)[1]
+                a, b = (before.get(name) if isinstance(before, dict) else None), getattr(self.cfg.model, name)
+                if k not in saved or k not in now:  # not recorded then, or not set now (a config change, if any)
                     continue
-                notes.append(f"{k} {b} does not exist" if diff is None else
-                             f"{k}'s files differ: {', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}")
-            keep.append((k, a, b))
-        return keep, notes
-
+                diff = None if "missing" in now[k] else differing_files(saved[k], now[k])
+                if diff == []:
+                    if a != b:
+                        log.info("resume: %s %r -> %r holds the same files as the checkpoint's (names, configs, sampled "
+                                 "weights): the same model", k, a, b)
+                    continue
+                files = "" if diff is None else f"{', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}"
+                problems.append(f"{k} {b} does not exist" if diff is None else
+                                f"{k} {b}: its files changed since the checkpoint ({files})" if a == b else
+                                f"{k} {a!r} -> {b!r}: other files ({files})")
+            if problems and self.allow_config_change:
+                log.warning("resume from %s: %s: resuming on them (--allow-config-change)", ck, "; ".join(problems))
+            elif problems:
+                err = ConfigError(f"resume from {ck}: the model is not the one the run trained ({'; '.join(problems)}); "
+                                  "restore its files, start a new output_dir, or pass --allow-config-change to resume "
+                                  "anyway")
+        if self.dist.active and float(self.dist.mean(torch.tensor([1.0 if err else 0.0], dtype=torch.float64),
+                                                     "model files check")) > 0 and err is None:
+            raise ConfigError(f"resume from {ck}: refused by rank 0 (its message says why)")
+        if err is not None:
+            raise err
 
     def load(self, path: Path, state: dict | None = None) -> None:
         state = _load_train_state(path) if state is None else state

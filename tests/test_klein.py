@@ -588,10 +588,26 @@ def test_resume_from_a_copy_of_the_model_folder(tmp_path, caplog):
     k = sorted(sd)[len(sd) // 2]
     sd[k] = sd[k] + 0.01
     save_file(sd, w, metadata={"format": "pt"})
-    with pytest.raises(ConfigError, match=r"model.path's files differ: transformer/" + w.name):
+    with pytest.raises(ConfigError, match=r"the model is not the one the run trained \(model.path '.*b' -> '.*c': "
+                                          r"other files \(transformer/" + w.name):
         Trainer(cfg(tmp_path / "c", 3), resume="latest")
     with pytest.raises(ConfigError, match=r"model.path .*nowhere does not exist"):
         Trainer(cfg(tmp_path / "nowhere", 3), resume="latest")
-    tr = Trainer(cfg(tmp_path / "c", 3), resume="latest", allow_config_change=True)
-    assert tr.step == 2
+    # the same folder, its weights edited in place since the checkpoint: refused too (it resumed silently)
+    save_file(sd, next((tmp_path / "b" / "transformer").glob("*.safetensors")), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"model.path .*b: its files changed since the checkpoint \(transformer/"):
+        Trainer(cfg(tmp_path / "b", 3), resume="latest")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = Trainer(cfg(tmp_path / "c", 3), resume="latest", allow_config_change=True)
+    assert tr.step == 2 and "other files" in caplog.text and "--allow-config-change" in caplog.text
     tr.close()
+    # a checkpoint of an earlier version (no record of the files): the change refused, saying why
+    from dopsd_fast.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(out / "checkpoints" / "step-0000002")
+    del state["model_files"]
+    old = save_checkpoint(tmp_path / "old", 2, state, keep=5, run_id=state["run_id"])
+    with pytest.raises(ConfigError, match=r"model.path: .* records no fingerprints of the model's files"):
+        Trainer(load_config("configs/tiny-klein.yaml", args[2:] + [f"model.path={tmp_path / 'a'}", "train.max_steps=3",
+                                                                  f"train.output_dir={tmp_path / 'old-run'}"]),
+                resume=str(old))
