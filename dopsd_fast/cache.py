@@ -143,7 +143,8 @@ class FeatureCache:
                                  "delete it and run dopsd-cache again")
             changed = _diff(data.get("identity"), self.identity)
             kinds = data.get("kinds")
-            self.kinds = set(kinds) if isinstance(kinds, list) and set(kinds) <= set(KINDS) else None  # None: unknown
+            self.kinds = (set(kinds) if isinstance(kinds, list) and all(isinstance(k, str) and k in KINDS for k in kinds)
+                          else None)  # None: unknown (an earlier version's cache, or a record not its own)
             if new_teacher_fields and self.kinds is not None and "teacher" not in self.kinds and changed:
                 own = [c for c in changed if any(c == f or c.startswith(f + ".") for f in new_teacher_fields)]
                 if len(own) == len(changed):  # written by SFT: nothing in it depends on the teacher's fields

@@ -73,7 +73,8 @@ def check_adapters(model, adapters, paired: str, role: str = "student") -> None:
     the eager model does. The fast model reads the adapters ``adapters`` (names or :class:`Shadow`) BY
     NAME on the blocks' linears (``paired``: the family's regex of those module paths) and runs every
     other module whole, through its own forward, where peft applies its ACTIVE adapters to both
-    branches; so refused: LoRA (any adapter) on a module outside ``paired``, a ``modules_to_save``
+    branches; so refused: LoRA on a module outside ``paired`` of an adapter read or active (an inactive
+    one neither branch reads is applied by neither, as eagerly), a ``modules_to_save``
     copy, LoRA dropout > 0 or a LoRA bias on a read adapter, an active adapter that is neither read
     one, and LoRA layers in a module handed over with no adapter name."""
     names = {adapter_name(a) for a in adapters if adapter_name(a) is not None}

@@ -239,7 +239,7 @@ class FastFlux2(PairedModel):
             raise BackendError(f"FLUX.2-klein: the samples of a batch must share the text length (the pipeline pads "
                                f"every prompt to max_sequence_length) and the reference sizes; got text lengths "
                                f"{sorted({c.features.shape[0] for c in ctxs})}, reference sizes "
-                               f"{sorted({tuple(tuple(r.shape) for r in rr) for rr in refs})}")
+                               f"{sorted({tuple(tuple(r.shape) for r in rr) for rr in refs}) if any(refs) else 'none'}")
         txt = torch.stack([c.features for c in ctxs]).to(x.device, dtype)
         ref_tok = [pack(torch.stack([rr[i] for rr in refs]).to(x.device, dtype)) for i in range(len(refs[0]))]
         n_txt = txt.shape[1]
