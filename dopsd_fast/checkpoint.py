@@ -619,6 +619,13 @@ def check_train_state(state: dict, path) -> None:
         for n, t in w[which].items():
             if not (isinstance(n, str) and torch.is_tensor(t) and t.is_floating_point()):
                 bad(f"weights.{which}[{n!r}] is not a floating-point tensor")
+            if "lora_" in n and t.numel():  # the limit the LoRA export refuses: damage caught at the resume, not
+                from dopsd_fast.export import LORA_MAX_ABS  # after more checkpoints carried it
+
+                peak = float(t.detach().abs().max())
+                if peak > LORA_MAX_ABS:
+                    bad(f"weights.{which}[{n!r}] holds |w| up to {peak:.3g}, over the limit {LORA_MAX_ABS:g} (damaged or "
+                        "diverged weights)")
     o = state["optimizer"]
     if not (isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)):
         bad("'optimizer' is not an optimizer state ({state, param_groups})")

@@ -605,6 +605,8 @@ def _set(path, value):
     (_set(["run_id"], "../../elsewhere"), "FileNotFoundError", r"run_id .* is not a run id"),
     (_set(["model_files"], {"model.path": {"x.safetensors": 5}}), "FileNotFoundError", r"'model_files' is not"),
     # a sampler or generator state that is not one: KeyError / IndexError "unexpected" lines at load() before
+    (lambda s: s["weights"]["student"][_student_a(s)].fill_(1e30), "FileNotFoundError",
+     r"weights.student\[.*lora_A.*\] holds \|w\| up to 1e\+30, over the limit"),
     (_set(["sampler"], {}), "FileNotFoundError", r"sampler\['epoch'\] is not a count"),
     (_set(["sampler", "position"], -3), "FileNotFoundError", r"sampler\['position'\] is not a count"),
     (_set(["sampler", "epoch"], "abc"), "FileNotFoundError", r"sampler\['epoch'\] is not a count"),
@@ -616,7 +618,7 @@ def _set(path, value):
     (_set(["optimizer", "state", 0, "exp_avg"], torch.tensor(5.0)), "ConfigError",
      r"optimizer state exp_avg of .* has shape \(\), the parameter"),
 ], ids=["scalar-weight", "short-teacher", "moment-shape", "string-weight", "negative-step", "scheduler-epoch",
-        "negative-moment", "foreign-state", "run-id", "model-files", "sampler-empty", "sampler-negative",
+        "negative-moment", "foreign-state", "run-id", "model-files", "huge-lora", "sampler-empty", "sampler-negative",
         "sampler-string", "rng-empty", "rng-numpy", "rng-python", "rng-torch", "scalar-moment"])
 def test_a_received_checkpoint_of_the_wrong_kind_is_refused_naming_the_field(straight, tmp_path, edit, error, match):
     ck = _forged(straight, tmp_path, edit)
