@@ -54,6 +54,8 @@ def load_lora_into(transformer, lora_dir: str) -> None:
         raise ValueError(f"--lora: {weights} holds {len(others)} tensor(s) that are not LoRA factors "
                          f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); expected only "
                          "<module>.lora_A.weight / .lora_B.weight as dopsd-train writes")
+    if not any(k.startswith("transformer.") for k in state):  # peft's own state dict (other trainers write it):
+        state = {f"transformer.{k}": v for k, v in state.items()}  # diffusers loads the prefixed keys alone
     modules = dict(transformer.named_modules())
     _refuse_unmatched(weights, wanted, set(modules))
     _check_factors(weights, state, modules)
@@ -249,7 +251,7 @@ def load_transformer(adapter, folder: str) -> None:
         hint = (f"; {d / 'transformer'} is one" if (d / "transformer" / "config.json").is_file() else "")
         raise FileNotFoundError(f"--transformer: {d} is not a transformer folder (config.json and a .safetensors "
                                 f"file, as dopsd-train writes transformer/ and transformer_ema/){hint}")
-    for w in weights:
+    for w in weights + [d / "config.json"]:
         file_in_folder(d, w.name)
     cls = type(adapter.transformer)
     try:
@@ -266,6 +268,14 @@ def load_transformer(adapter, folder: str) -> None:
     if differ:
         raise ValueError(f"--transformer: {d} is another model than the config's (its config differs in: "
                          f"{', '.join(differ[:6])}); give the --config / --set of the run that wrote it")
+    # diffusers leaves a tensor the files lack on the meta device, without a word
+    lacking = [n for n, t in list(loaded.named_parameters()) + list(loaded.named_buffers()) if t.is_meta]
+    if lacking:
+        raise ValueError(f"--transformer: {d}: its weights lack {len(lacking)} tensor(s) of the model ({lacking[0]}"
+                         f"{', ...' if len(lacking) > 1 else ''}): a partial or damaged file?")
+    bad = next((n for n, t in loaded.named_parameters() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ValueError(f"--transformer: {d}: {bad} holds NaN or Inf (damaged or diverged weights); refused")
     adapter.transformer = loaded.to(adapter.device).requires_grad_(False).eval()
 
 

@@ -481,3 +481,21 @@ def test_lora_metadata_cannot_change_the_base_weights_at_load(trained, tmp_path)
         results[name] = {n: p.detach() for n, p in tr.named_parameters() if "lora_" in n}
     assert results["plain"].keys() == results["pissa"].keys()
     assert all(torch.equal(results["plain"][n], results["pissa"][n]) for n in results["plain"])
+
+
+def test_a_lora_without_the_transformer_prefix_loads_as_the_prefixed_one(trained, tmp_path):
+    """peft's own state dict (other trainers save it: no ``transformer.`` prefix) was refused as "28 of its
+    28 LoRA modules match no module of this model", naming modules the model has; it loads, the same LoRA."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    bare = _edited_lora(trained, tmp_path, "bare", weights=lambda sd: {k.removeprefix("transformer."): v
+                                                                        for k, v in sd.items()})
+    loaded = {}
+    for name, lora in (("prefixed", trained / "lora"), ("bare", bare)):
+        tr = build_adapter(load_config("tiny-zimage").model).transformer
+        load_lora_into(tr, str(lora))
+        loaded[name] = {n: p.detach() for n, p in tr.named_parameters() if "lora_" in n}
+    assert loaded["bare"] and loaded["bare"].keys() == loaded["prefixed"].keys()
+    assert all(torch.equal(loaded["bare"][n], loaded["prefixed"][n]) for n in loaded["prefixed"])

@@ -410,3 +410,20 @@ def test_full_fine_tuning_exports_loadable_transformers(tmp_path):
         sample_main(["--lora", str(run), "--prompt", "x", "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="is not a transformer folder"):
         sample_main(["--transformer", str(run), "--prompt", "x", "--out", str(tmp_path / "y.png")])
+    # a folder whose file lacks a tensor (diffusers left it on the meta device: "Cannot copy out of meta
+    # tensor ... unexpected"), or holds NaN: one line naming the folder
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for edit, match in ((lambda sd: sd.pop(sorted(sd)[3]), r"its weights lack 1 tensor\(s\) of the model"),
+                        (lambda sd: sd[sorted(sd)[3]].fill_(float("nan")), r"holds NaN or Inf")):
+        bad = tmp_path / "bad"
+        shutil.rmtree(bad, ignore_errors=True)
+        shutil.copytree(run / "transformer", bad)
+        sd = load_file(bad / "diffusion_pytorch_model.safetensors")
+        edit(sd)
+        save_file(sd, bad / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(SystemExit, match=rf"--transformer: .*bad: .*{match}"):
+            sample_main(["--config", "tiny-zimage", "--transformer", str(bad), "--prompt", "x", "--out",
+                         str(tmp_path / "w.png"), "--steps", "1", "--width", "64", "--height", "64"])
