@@ -107,6 +107,11 @@ def test_prompt_draw_is_random_but_seeded(tmp_path):
     ("too_small", r"train.jsonl:1: field 'image': image .* is 40x40, which fits inside no bucket \(the nearest "
                   r"aspect's is 128x128\); .*data.bucket_scale"),
     ("malformed", r"train.jsonl:2: malformed JSON line"),
+    # each ended in a line naming no file or row (a utf-8 encode error, a recursion error, PIL's "too many
+    # characters in string" drawing the validation grid)
+    ("surrogate", r"train.jsonl:1: prompt field 'prompt' holds '\\ud800' at character 2, not a character of text"),
+    ("deep", r"train.jsonl:1: JSON nested too deeply to read"),
+    ("huge_prompt", r"train.jsonl:1: prompt field 'prompt' is 3000000 characters long, over 20000"),
 ])
 def test_bad_jsonl_rows(tmp_path, case, match):
     good = _img(tmp_path / "good.png")
@@ -127,6 +132,12 @@ def test_bad_jsonl_rows(tmp_path, case, match):
     elif case == "too_small":
         _img(tmp_path / "s.png", (40, 40))
         rows[case] = [{"image": "s.png", "prompt": "x"}]
+    elif case == "surrogate":
+        raw = '{"image": "good.png", "prompt": "x\\ud800y"}\n'
+    elif case == "deep":
+        raw = '{"image": "good.png", "prompt": "x", "z": ' + "[" * 100000 + "]" * 100000 + "}\n"
+    elif case == "huge_prompt":
+        rows[case] = [{"image": "good.png", "prompt": "a" * 3_000_000}]
     elif case == "malformed":
         raw = json.dumps({"image": "good.png", "prompt": "x"}) + "\n{\"image\": \"good.png\", \"prompt\": \n"
     path = _jsonl(tmp_path, rows.get(case, []), raw)

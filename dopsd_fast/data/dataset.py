@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+MAX_PROMPT_CHARS = 20000  # a prompt past it is not a caption (the encoders read a few hundred tokens of it)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # data.folder's images (a GIF: its first frame)
 
 
@@ -287,6 +288,8 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: malformed JSON line: {e}") from None
+                except RecursionError:
+                    raise DataError(f"{where}: JSON nested too deeply to read") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
                 if "target" in row:  # editing rows: {"references": [...], "target": "..."}
@@ -319,6 +322,14 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                         raise DataError(f"{where}: prompt field '{k}' must be a string, got {type(v).__name__}")
                     if not v.strip():
                         raise DataError(f"{where}: prompt field '{k}' is empty")
+                    try:
+                        v.encode("utf-8")
+                    except UnicodeEncodeError as e:  # a lone surrogate escape (\ud800): no text any encoder reads
+                        raise DataError(f"{where}: prompt field '{k}' holds {v[e.start]!r} at character {e.start + 1}, "
+                                        "not a character of text (a lone surrogate escape)") from None
+                    if len(v) > MAX_PROMPT_CHARS:
+                        raise DataError(f"{where}: prompt field '{k}' is {len(v)} characters long, over "
+                                        f"{MAX_PROMPT_CHARS} (the encoders read the first few hundred tokens)")
                     prompts.append(v)
                 return paths[-1], paths[:-1], prompts, fields
 
@@ -347,6 +358,9 @@ def _iter_folder(folder: Path):
                 raise DataError(f"{txt}: caption is not UTF-8 text (byte at offset {e.start}); save it as UTF-8") from None
             if not caption:
                 raise DataError(f"{txt}: caption is empty")
+            if len(caption) > MAX_PROMPT_CHARS:
+                raise DataError(f"{txt}: caption is {len(caption)} characters long, over {MAX_PROMPT_CHARS} (the "
+                                "encoders read the first few hundred tokens): not a caption file?")
             return img, [], [caption], ("image", None)
 
         yield where, parse
