@@ -57,6 +57,9 @@ SHAPE_FIELDS = ("lora.enabled", "lora.rank", "lora.targets")
 # The model's folders: a copy of them elsewhere (node-local disk, another mount point) is the same model when
 # its files are; the checkpoint records their fingerprints (families.common.file_fingerprint).
 MODEL_FOLDERS = ("model.path", "model.vlm_path")
+# Paths a node may hold at a place of its own (node-local copies): not compared between the ranks (the data's
+# content is, the output folder is checked to be one)
+PER_NODE_PATHS = MODEL_FOLDERS + ("data.jsonl", "data.folder", "cache.dir", "train.output_dir")
 
 
 def _seed_of(*parts: int) -> int:
@@ -131,6 +134,10 @@ class Trainer:
         self._model_files: dict = {}  # folder -> its file_fingerprint, taken once
         try:
             self._claim_output(resume, overwrite)
+            self._check_shared_output()
+            computes = {sec: {k: v for k, v in body.items() if f"{sec}.{k}" not in PER_NODE_PATHS}
+                        if isinstance(body, dict) else body for sec, body in cfg.to_dict().items()}
+            self._check_same_on_every_rank("config", json.dumps(computes, sort_keys=True, default=str))
             ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
             if resume and self.dist.active:  # every rank reads the folder itself: they must pick the same one
                 lo, hi = self.dist.min_max(int(state["step"]) if state is not None else -1, "resume checkpoint choice")
@@ -202,6 +209,58 @@ class Trainer:
             raise OutputDirError(f"train.output_dir {self.out}: refused by rank 0 (its message says why)")
         if err is not None:
             raise err
+
+    def _check_shared_output(self) -> None:
+        """Under torchrun, ``train.output_dir`` must be one folder every rank writes (each rank writes its
+        shards of every checkpoint there): each rank writes a mark, and each must see rank 0's (rank 0:
+        every rank's). A folder that is not shared (not mounted on a node, a relative path resolved on each
+        node's own disk) or that a rank cannot write is refused here, in one line; it used to end in
+        'done' with checkpoints missing the other ranks' shards, none of them loadable."""
+        if not self.dist.active:
+            return
+        import secrets
+
+        nonce = secrets.randbits(48) if self.rank == 0 else 1 << 50
+        nonce = int(self.dist.min_max(nonce, "output folder check")[0])  # rank 0's, to every rank
+        mark = lambda r: self.out / f".rank-check-{nonce:012x}-{r}"  # noqa: E731
+        wrote = True
+        try:
+            mark(self.rank).write_text(str(self.rank))
+        except OSError as e:
+            wrote, why = False, e.strerror or type(e).__name__
+        self.dist.min_max(1 if wrote else 0, "output folder check")  # every rank's mark written
+        missing = [r for r in (range(self.world) if self.rank == 0 else (0,)) if not mark(r).is_file()]
+        sees = not missing
+        lo_ok, _ = self.dist.min_max(int(wrote and sees), "output folder check")
+        with contextlib.suppress(OSError):
+            mark(self.rank).unlink()
+        if lo_ok >= 1:
+            return
+        if not wrote and self.out.is_dir():
+            raise OutputDirError(f"train.output_dir {self.out}: rank {self.rank} cannot write there ({why}); every rank "
+                                 "writes its shards of each checkpoint there")
+        if self.rank == 0 and missing:
+            raise OutputDirError(f"train.output_dir {self.out} is not one folder for every rank: rank 0 does not see "
+                                 f"the files of rank(s) {', '.join(map(str, missing[:8]))} (a filesystem not shared by every "
+                                 "node, or a relative path resolved on each node's own disk); point it at a folder "
+                                 "every rank shares, by an absolute path")
+        raise OutputDirError(f"train.output_dir {self.out} is not one folder for every rank (rank {self.rank} "
+                             f"{'does not see rank 0' if not sees else 'sees rank 0, another rank does not'}'s files): "
+                             "point it at a folder every rank shares, by an absolute path")
+
+    def _check_same_on_every_rank(self, what: str, text: str) -> None:
+        """``text`` (a config, a data fingerprint) is the same on every rank: a node with another copy of
+        the data or another config trained on silently, its checkpoints mixing the ranks' weights."""
+        if not self.dist.active:
+            return
+        import hashlib
+
+        h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
+        lo, hi = self.dist.min_max(h, f"{what} check")
+        if lo != hi:
+            kind = DataError if what == "data" else ConfigError
+            raise kind(f"the {what} differs between the ranks: every node must run with the same {what} "
+                       f"({'node-local copies of it that differ?' if what == 'data' else 'a command line or config file that differs by node?'})")
 
     def _claim_output_rank0(self, resume: str | None, overwrite: bool) -> None:
         out = self.out
@@ -364,6 +423,7 @@ class Trainer:
         cfg = self.cfg
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress and self.rank == 0)
         self.data_fingerprint = self.dataset.fingerprint()
+        self._check_same_on_every_rank("data", json.dumps(self.data_fingerprint, sort_keys=True, default=str))
         if self._resume_from is not None:  # before the model: the data's content against the checkpoint's
             self._check_data(*self._resume_from)
         self.spec = family(cfg.model.family)
@@ -947,6 +1007,15 @@ class Trainer:
 
             def write(d, module=module, sd=sd):
                 module.save_config(str(d))
+                # FSDP2 swaps the module's class for an FSDP<Class> subclass, whose name save_config writes:
+                # the model's own class, which diffusers' loaders (AutoModel) look up by that name
+                own = next((c for c in type(module).__mro__ if c.__module__.startswith("diffusers.")), None)
+                conf = d / "config.json"
+                if own is not None and conf.is_file():
+                    data = json.loads(conf.read_text())
+                    if data.get("_class_name") != own.__name__:
+                        data["_class_name"] = own.__name__
+                        conf.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
                 save_file(sd, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
                 self._mark_export(d)
 

@@ -9,7 +9,10 @@ the step the rank SIGKILLs torchrun's agent, as ``kill -9`` or an out-of-memory 
 does), ``stale_listing``
 (from the start, the rank's listing of the checkpoints lacks the newest one), ``error`` (the rank's
 step raises a DataError of its own), ``startup_error`` (the rank's model and data build raises one), ``exit_in_save`` (the rank dies
-inside the checkpoint of that step). Used by
+inside the checkpoint of that step), ``own_output`` (the rank writes to a folder of its own,
+``DOPSD_FAULT_DIR``: an output_dir its node does not share), ``other_config`` (the rank's optim.lr differs),
+``other_data`` (the rank's copy of the data differs: its fingerprint), ``bad_config`` (the rank's config
+is refused before any process group: a file its node lacks). Used by
 tests/test_distributed.py."""
 
 import os
@@ -98,7 +101,22 @@ if KIND == "stale_listing" and os.environ.get("RANK") == os.environ["DOPSD_FAULT
     _listed = _trainer.list_checkpoints  # this rank's listing lacks the newest checkpoint (a lagging shared disk)
     _trainer.list_checkpoints = lambda root: _listed(root)[:-1]
 
+_mine = os.environ.get("RANK") == os.environ.get("DOPSD_FAULT_RANK")
+if KIND == "other_data" and _mine:
+    from dopsd_fast.data.dataset import ImageTextDataset
+
+    _fp = ImageTextDataset.fingerprint
+    ImageTextDataset.fingerprint = lambda self: {**_fp(self), "images": "another copy"}
+
 if __name__ == "__main__":
     from dopsd_fast.cli import train_main
 
-    sys.exit(train_main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    if KIND == "own_output" and _mine:
+        argv += ["--set", f"train.output_dir={os.environ['DOPSD_FAULT_DIR']}"]
+    if KIND == "other_config" and _mine:
+        argv += ["--set", "optim.lr=0.01"]
+    if KIND == "bad_config" and _mine:  # as the first process of another node, whose disk lacks the file
+        os.environ["LOCAL_RANK"] = "0"
+        argv = ["--config", "/nonexistent/node-1-only.yaml"] + argv[2:]
+    sys.exit(train_main(argv))

@@ -374,3 +374,14 @@ def test_a_run_without_the_teachers_encoder_folder_reads_a_complete_cache_writte
     both = {**run, "settings": {"k": 2}}  # a setting changed too: refused, naming it
     with pytest.raises(CacheError, match=r"differs in: settings.k, weights.vlm"):
         FeatureCache(tmp_path / "c", both)
+
+
+def test_dopsd_cache_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Under torchrun every rank raced for the one cache folder (the loser's lock error named its own
+    sibling; torchrun then stopped the winner, twice in four runs with an empty cache)."""
+    from dopsd_fast.cli import cache_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"dopsd-cache runs as one process .* run it once without torchrun"):
+        cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'c'}"])
+    assert not (tmp_path / "c").exists()

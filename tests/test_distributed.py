@@ -218,6 +218,31 @@ def test_a_hung_rank_times_the_collective_out_with_a_message(tmp_path):
     assert "train.dist_timeout_s=4 s" in r.stderr
 
 
+@pytest.mark.parametrize("kind,line", [
+    ("own_output", "is not one folder for every rank: rank 0 does not see the files of rank(s) 1"),
+    ("other_config", "error: the config differs between the ranks"),
+    ("other_data", "error: the data differs between the ranks"),
+])
+def test_ranks_that_do_not_share_the_output_folder_config_or_data_are_refused_at_start(tmp_path, kind, line):
+    """A node whose output_dir is not the shared one (not mounted; a relative path) ran to 'done' with no
+    checkpoint loadable (each lacked the other ranks' shards); a node with another config or copy of the
+    data trained on silently, its checkpoints mixing the ranks' weights. Each refused at start-up."""
+    r = _run(tmp_path / "run", 2, 1, worker="dist_fault_worker.py", timeout=150,
+             env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "1", "DOPSD_FAULT_KIND": kind,
+                  "DOPSD_FAULT_DIR": str(tmp_path / "elsewhere")})
+    assert r.returncode != 0 and line in r.stderr, r.stderr[-3000:]
+    assert not list((tmp_path / "run").glob("checkpoints/step-*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_startup_error_of_one_rank_before_the_process_group_reaches_the_screen(tmp_path):
+    """A config file one node lacks: that rank failed before any process group, its line only in a log
+    (the screen showed torchrun's exit code alone); now the first process of each node prints it."""
+    r = _run(tmp_path / "run", 2, 1, worker="dist_fault_worker.py", timeout=150,
+             env={"DOPSD_FAULT_RANK": "1", "DOPSD_FAULT_STEP": "1", "DOPSD_FAULT_KIND": "bad_config"})
+    assert r.returncode != 0
+    assert r.stderr.count("error: [rank 1] config file not found: /nonexistent/node-1-only.yaml") == 1, r.stderr[-3000:]
+
+
 def test_ranks_that_drift_apart_are_caught(tmp_path):
     """The in-sync check (train.check_sync_every) compares every rank's student and EMA teacher with rank
     0's: a nudge on one rank's teacher stops the run, naming the step."""

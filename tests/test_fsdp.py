@@ -66,6 +66,10 @@ def test_full_fine_tuning_sharded_equals_one_rank(sharded, tmp_path):
         cat = lambda sd: torch.cat([sd[k].flatten().double() for k in sorted(sd)])  # noqa: E731
         assert _rel(cat(a), cat(b)) <= 1e-6, name
         assert all(torch.equal(a[k], v.to(a[k].dtype)) for k, v in ck["weights"][which].items()), name
+        # the config the one-rank run writes (it was FSDP2's own class name, FSDPZImageTransformer2DModel, which
+        # diffusers' AutoModel does not know)
+        assert json.loads((sharded / name / "config.json").read_text()) == \
+            json.loads((one / name / "config.json").read_text()), name
 
 
 def test_sharded_checkpoint_resumes_at_one_rank(sharded, tmp_path):
