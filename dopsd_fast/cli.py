@@ -84,7 +84,7 @@ def _ends_clean(main):
         """``core``: what rank 0's line is compared with (the line without this rank's own log path)."""
         post_error(core or line)
         if not distributed._STORE:  # before the process group (a config error): the ranks of a node meet the
-            if os.environ.get("LOCAL_RANK", "0") == "0":  # same, another node may not (a file it lacks): each
+            if os.environ.get("LOCAL_RANK") == "0":  # same, another node may not (a file it lacks): each
                 print(_on_rank(line), file=sys.stderr)  # node's first process says it (rank 0's said it plainly)
             return
         if type(context).__name__ == "DistributedError" or not _said_by_rank0(core or line):
@@ -252,7 +252,7 @@ def cache_main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         sys.exit(f"error: --batch-size {args.batch_size}: must be at least 1")
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would race for the one cache folder
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and os.environ.get("RANK") is not None:
         sys.exit("error: dopsd-cache runs as one process (it writes one cache folder, which the ranks would race "
                  "for): run it once without torchrun, then train with torchrun on the cache")
     _setup_logging()

@@ -6,6 +6,7 @@ The resolved configuration is written next to every run (``config.yaml`` in the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -106,10 +107,10 @@ class ModelConfig:
                    f"must be >= 0 layers, got {self.gradient_checkpointing}")
         _check(self.student_max_tokens > 0, "model.student_max_tokens", "must be > 0")
         _check(self.teacher_max_tokens > 0, "model.teacher_max_tokens", "must be > 0")
-        if self.text_layers is not None:
-            _check(isinstance(self.text_layers, list) and len(self.text_layers) > 0 and all(
+        if self.text_layers is not None and self.text_layers != []:  # [] (as null) was accepted
+            _check(isinstance(self.text_layers, list) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in self.text_layers), "model.text_layers",
-                f"must be null or a non-empty list of layer indices (integers), got {short(self.text_layers)}")
+                f"must be null or a list of layer indices (integers), got {short(self.text_layers)}")
 
 
 @dataclass(kw_only=True)
@@ -124,7 +125,7 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.targets, str):
             _one_of(self.targets, ("authors",), "lora.targets")
-        elif self.targets is not None:
+        elif self.targets is not None and self.targets != []:  # [] (as null: the family's default) was accepted
             _check(_strings(self.targets), "lora.targets",
                    f"must be null, 'authors' or a non-empty list of module names (strings), got {short(self.targets)}")
         _check(self.rank > 0, "lora.rank", f"must be > 0, got {self.rank}")
@@ -172,9 +173,12 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
+        if isinstance(self.betas, list):  # YAML 1.1 reads 9e-1 (no dot) as text
+            with contextlib.suppress(TypeError, ValueError):
+                self.betas = [float(b) if isinstance(b, str) else b for b in self.betas]
         _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                             for b in self.betas), "optim.betas",
-               f"must be two values in [0, 1), got {short(self.betas)}")
+               f"must be two numbers in [0, 1), got {short(self.betas)}")
         _check(self.eps > 0, "optim.eps", "must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -636,25 +640,23 @@ def resolve_config_path(path: str | Path) -> Path:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently: a
-    second ``train:`` section dropped the first whole, its ``output_dir`` included)."""
+    second ``train:`` section dropped the first whole, its ``output_dir`` included). Checked on each mapping
+    as written (composed), before merge keys (``<<``) are flattened into it: a merged key overridden is no
+    duplicate."""
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    first = seen.get(key)
-                except TypeError:  # an unhashable key: the base class names it
-                    continue
-                if first is not None:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {short(key)} is given twice in one mapping (first on line {first + 1}): "
-                        "keep one", key_node.start_mark)
-                seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.composer.ComposerError(
+                    None, None, f"key {short(key_node.value)} is given twice in one mapping (first on line "
+                    f"{seen[key] + 1}): keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return node
 
 
 def yaml_error_line(e: yaml.YAMLError) -> str:

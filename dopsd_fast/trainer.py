@@ -60,6 +60,10 @@ MODEL_FOLDERS = ("model.path", "model.vlm_path")
 # Paths a node may hold at a place of its own (node-local copies): not compared between the ranks (the data's
 # content is, the output folder is checked to be one)
 PER_NODE_PATHS = MODEL_FOLDERS + ("data.jsonl", "data.folder", "cache.dir", "train.output_dir")
+# ... nor fields a rank may set for itself (its device: cuda:$LOCAL_RANK; what rank 0 alone logs or shows;
+# held-out reference files, read from each node's disk)
+PER_RANK_FIELDS = PER_NODE_PATHS + ("model.device", "train.progress", "train.tensorboard", "train.wandb",
+                                    "validation.references", "validation.prompts")
 
 
 def _seed_of(*parts: int) -> int:
@@ -135,9 +139,10 @@ class Trainer:
         try:
             self._claim_output(resume, overwrite)
             self._check_shared_output()
-            computes = {sec: {k: v for k, v in body.items() if f"{sec}.{k}" not in PER_NODE_PATHS}
-                        if isinstance(body, dict) else body for sec, body in cfg.to_dict().items()}
-            self._check_same_on_every_rank("config", json.dumps(computes, sort_keys=True, default=str))
+            for sec, body in sorted(cfg.to_dict().items()):  # one digest per section: the refusal names it
+                body = {k: v for k, v in body.items() if f"{sec}.{k}" not in PER_RANK_FIELDS} \
+                    if isinstance(body, dict) else body
+                self._check_same_on_every_rank("config", json.dumps(body, sort_keys=True, default=str), sec)
             ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
             if resume and self.dist.active:  # every rank reads the folder itself: they must pick the same one
                 lo, hi = self.dist.min_max(int(state["step"]) if state is not None else -1, "resume checkpoint choice")
@@ -229,7 +234,11 @@ class Trainer:
         except OSError as e:
             wrote, why = False, e.strerror or type(e).__name__
         self.dist.min_max(1 if wrote else 0, "output folder check")  # every rank's mark written
-        missing = [r for r in (range(self.world) if self.rank == 0 else (0,)) if not mark(r).is_file()]
+        for _ in range(10):  # a filesystem that shows other nodes' new files late (NFS attribute caching): 5 s
+            missing = [r for r in (range(self.world) if self.rank == 0 else (0,)) if not mark(r).is_file()]
+            if not missing:
+                break
+            time.sleep(0.5)
         sees = not missing
         lo_ok, _ = self.dist.min_max(int(wrote and sees), "output folder check")
         with contextlib.suppress(OSError):
@@ -248,9 +257,10 @@ class Trainer:
                              f"{'does not see rank 0' if not sees else 'sees rank 0, another rank does not'}'s files): "
                              "point it at a folder every rank shares, by an absolute path")
 
-    def _check_same_on_every_rank(self, what: str, text: str) -> None:
-        """``text`` (a config, a data fingerprint) is the same on every rank: a node with another copy of
-        the data or another config trained on silently, its checkpoints mixing the ranks' weights."""
+    def _check_same_on_every_rank(self, what: str, text: str, part: str = "") -> None:
+        """``text`` (a config section ``part``, a data fingerprint) is the same on every rank: a node with
+        another copy of the data or another config trained on silently, its checkpoints mixing the ranks'
+        weights."""
         if not self.dist.active:
             return
         import hashlib
@@ -258,9 +268,11 @@ class Trainer:
         h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
         lo, hi = self.dist.min_max(h, f"{what} check")
         if lo != hi:
-            kind = DataError if what == "data" else ConfigError
-            raise kind(f"the {what} differs between the ranks: every node must run with the same {what} "
-                       f"({'node-local copies of it that differ?' if what == 'data' else 'a command line or config file that differs by node?'})")
+            if what == "data":
+                raise DataError("the data differs between the ranks: every node must train on the same data "
+                                "(node-local copies of it that differ?)")
+            raise ConfigError(f"the config differs between the ranks, in its {part} section: every node must run "
+                              "with the same config (a command line or config file that differs by node?)")
 
     def _claim_output_rank0(self, resume: str | None, overwrite: bool) -> None:
         out = self.out

@@ -382,6 +382,7 @@ def test_dopsd_cache_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch
     from dopsd_fast.cli import cache_main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match=r"dopsd-cache runs as one process .* run it once without torchrun"):
         cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'c'}"])
     assert not (tmp_path / "c").exists()

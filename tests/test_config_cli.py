@@ -193,9 +193,15 @@ def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatc
             return self.kv[k]
 
     monkeypatch.setenv("RANK", "1")
-    with pytest.raises(SystemExit):  # before the process group (no store): silent, as every rank meets it
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit):  # before the process group (no store): silent, as the node's ranks meet it
         user_error()
     assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")  # ... but the first process of another node says it (a file it lacks)
+    with pytest.raises(SystemExit):
+        user_error()
+    assert capsys.readouterr().err.startswith("error: [rank 1] ")
+    monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setenv("RANK", "0")
     store = Store()
     monkeypatch.setattr(distributed, "_STORE", [store])
@@ -343,6 +349,17 @@ def test_received_config_files_end_in_one_bounded_line(tmp_path):
         if match:
             assert re.search(match, msg), msg
     assert "expected a string, got [[" in msg  # the bomb: its value shown, bounded
+    # a merge key overridden is no duplicate, also in a mapping an alias refers to (flattened before its own turn)
+    (tmp_path / "merge.yaml").write_text("optim: &o\n  <<: {lr: 0.001, eps: 1.0e-8}\n  lr: 0.002\n"
+                                         "validation: {prompts: [x]}\nsft: {<<: {}}\n")
+    merged = load_config(str(tmp_path / "merge.yaml"))
+    assert merged.optim.lr == 0.002 and merged.optim.eps == 1e-8
+    from dopsd_fast.config import _UniqueKeyLoader
+
+    assert yaml.load("base: &b {lr: 1}\no: &o\n  <<: *b\n  lr: 2\nx: {<<: *o}\n", Loader=_UniqueKeyLoader) == {
+        "base": {"lr": 1}, "o": {"lr": 2}, "x": {"lr": 2}}
+    # values earlier versions took: an empty list as null, a number YAML 1.1 reads as text
+    assert load_config(None, ["lora.targets=[]", "optim.betas=[9e-1, 0.999]"]).optim.betas == [0.9, 0.999]
     for override, field in [("data.prompt_keys=[prompt, [x]]", "data.prompt_keys"), ("lora.targets=[[x]]", "lora.targets"),
                             ("optim.betas=[a, 0.9]", "optim.betas"), ("model.text_layers=[a]", "model.text_layers")]:
         with pytest.raises(ConfigError, match=rf"config field '{re.escape(field)}': must be"):

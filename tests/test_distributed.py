@@ -220,7 +220,7 @@ def test_a_hung_rank_times_the_collective_out_with_a_message(tmp_path):
 
 @pytest.mark.parametrize("kind,line", [
     ("own_output", "is not one folder for every rank: rank 0 does not see the files of rank(s) 1"),
-    ("other_config", "error: the config differs between the ranks"),
+    ("other_config", "error: the config differs between the ranks, in its optim section"),
     ("other_data", "error: the data differs between the ranks"),
 ])
 def test_ranks_that_do_not_share_the_output_folder_config_or_data_are_refused_at_start(tmp_path, kind, line):

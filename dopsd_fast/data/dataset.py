@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 20000  # a prompt past it is not a caption (the encoders read a few hundred tokens of it)
+MAX_PROMPT_CHARS = 20000  # a prompt past it is not a caption (the encoders read a few hundred to a thousand tokens)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # data.folder's images (a GIF: its first frame)
 
 
@@ -329,7 +329,8 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                                         "not a character of text (a lone surrogate escape)") from None
                     if len(v) > MAX_PROMPT_CHARS:
                         raise DataError(f"{where}: prompt field '{k}' is {len(v)} characters long, over "
-                                        f"{MAX_PROMPT_CHARS} (the encoders read the first few hundred tokens)")
+                                        f"{MAX_PROMPT_CHARS}, far more than the encoders read (model.student_max_tokens / "
+                                        "teacher_max_tokens tokens)")
                     prompts.append(v)
                 return paths[-1], paths[:-1], prompts, fields
 
@@ -359,8 +360,8 @@ def _iter_folder(folder: Path):
             if not caption:
                 raise DataError(f"{txt}: caption is empty")
             if len(caption) > MAX_PROMPT_CHARS:
-                raise DataError(f"{txt}: caption is {len(caption)} characters long, over {MAX_PROMPT_CHARS} (the "
-                                "encoders read the first few hundred tokens): not a caption file?")
+                raise DataError(f"{txt}: caption is {len(caption)} characters long, over {MAX_PROMPT_CHARS}, far more "
+                                "than the encoders read: not a caption file?")
             return img, [], [caption], ("image", None)
 
         yield where, parse
