@@ -209,9 +209,15 @@ class Trainer:
                 self._claim_output_rank0(resume, overwrite)
             except (OutputDirError, OSError) as e:
                 err = e
+        self._follow_rank0(err, "output folder check", OutputDirError(f"train.output_dir {self.out}: refused by rank 0 "
+                                                                     "(its message says why)"))
+
+    def _follow_rank0(self, err: BaseException | None, what: str, refused: BaseException) -> None:
+        """A check rank 0 alone makes: ``err`` (rank 0's refusal, or None) stops every rank at once, each
+        other rank with ``refused``."""
         if self.dist.active and float(self.dist.mean(torch.tensor([1.0 if err else 0.0], dtype=torch.float64),
-                                                     "output folder check")) > 0 and err is None:
-            raise OutputDirError(f"train.output_dir {self.out}: refused by rank 0 (its message says why)")
+                                                     what)) > 0 and err is None:
+            raise refused
         if err is not None:
             raise err
 
@@ -900,11 +906,8 @@ class Trainer:
                 err = ConfigError(f"resume from {ck}: the model is not the one the run trained ({'; '.join(problems)}); "
                                   "restore its files, start a new output_dir, or pass --allow-config-change to resume "
                                   "anyway")
-        if self.dist.active and float(self.dist.mean(torch.tensor([1.0 if err else 0.0], dtype=torch.float64),
-                                                     "model files check")) > 0 and err is None:
-            raise ConfigError(f"resume from {ck}: refused by rank 0 (its message says why)")
-        if err is not None:
-            raise err
+        self._follow_rank0(err, "model files check", ConfigError(f"resume from {ck}: refused by rank 0 (its message "
+                                                                 "says why)"))
 
     def load(self, path: Path, state: dict | None = None) -> None:
         state = _load_train_state(path) if state is None else state
