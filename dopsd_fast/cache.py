@@ -140,7 +140,7 @@ class FeatureCache:
                 raise CacheError(f"feature cache {manifest} is not a manifest (a JSON object); delete the directory "
                                  "and run dopsd-cache again")
             if data.get("version") != CACHE_VERSION:
-                raise CacheError(f"feature cache {self.dir}: format version {data.get('version')} != {CACHE_VERSION}; "
+                raise CacheError(f"feature cache {self.dir}: format version {data.get('version')!r} != {CACHE_VERSION!r}; "
                                  "delete it and run dopsd-cache again")
             changed = _diff(data.get("identity"), self.identity)
             kinds = data.get("kinds")
@@ -175,6 +175,9 @@ class FeatureCache:
                 raise CacheError(f"feature cache {manifest}: 'checksums' is not {{key: CRC-32}}; delete the directory "
                                  "and run dopsd-cache again")
             self.checksums = sums
+        elif manifest.exists():  # a folder, a FIFO, a device: never opened (a FIFO would block the read)
+            raise CacheError(f"feature cache {manifest} is not a regular file; delete the directory and run "
+                             "dopsd-cache again")
         elif create:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.entries, self.kinds, self.checksums = {}, set(), {}

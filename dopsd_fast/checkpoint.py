@@ -310,8 +310,12 @@ def _check_metadata(md, path: Path) -> None:
             except (ValueError, OSError) as e:
                 raise CheckpointError(f"checkpoint {path}: .metadata names a data file: {e}; not loaded") from None
         if not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
-                and info.length >= 0 and info.offset + info.length <= sizes[info.relative_path]):
+                and info.length >= 0):
             raise bad(f"the extent of {index.fqn} in {info.relative_path}")
+        if info.offset + info.length > sizes[info.relative_path]:  # the data file is shorter than written
+            raise CheckpointError(f"checkpoint {path}: {info.relative_path} is truncated or damaged ({index.fqn} ends "
+                                  f"at byte {info.offset + info.length}, the file holds "
+                                  f"{sizes[info.relative_path]}); not loaded")
         if info.transform_descriptors:  # compression and the like: never written here
             raise bad(f"{index.fqn} names stream transforms {info.transform_descriptors}")
     if want > sum(sizes.values()):  # a size claim beyond the bytes present: refused before allocating

@@ -386,3 +386,20 @@ def test_dopsd_cache_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match=r"dopsd-cache runs as one process .* run it once without torchrun"):
         cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'c'}"])
     assert not (tmp_path / "c").exists()
+
+
+def test_a_manifest_of_another_version_or_not_a_file_is_named_as_such(written, tmp_path):
+    import os
+    import shutil
+
+    from dopsd_fast.cache import CacheError, FeatureCache
+
+    identity = json.loads((written / "manifest.json").read_text())["identity"]
+    cache, _ = _received(written, tmp_path, lambda m: {**m, "version": str(m["version"])})
+    with pytest.raises(CacheError, match=r"format version '1' != 1;"):
+        FeatureCache(cache, identity)
+    for make in (lambda p: p.mkdir(), lambda p: os.mkfifo(p)):  # never opened: a FIFO would block
+        (cache / "manifest.json").unlink() if (cache / "manifest.json").is_file() else shutil.rmtree(cache / "manifest.json")
+        make(cache / "manifest.json")
+        with pytest.raises(CacheError, match=r"manifest.json is not a regular file; delete the directory"):
+            FeatureCache(cache, identity)

@@ -499,3 +499,18 @@ def test_a_lora_without_the_transformer_prefix_loads_as_the_prefixed_one(trained
         loaded[name] = {n: p.detach() for n, p in tr.named_parameters() if "lora_" in n}
     assert loaded["bare"] and loaded["bare"].keys() == loaded["prefixed"].keys()
     assert all(torch.equal(loaded["bare"][n], loaded["prefixed"][n]) for n in loaded["prefixed"])
+
+
+def test_a_truncated_checkpoint_data_file_is_named_not_its_metadata(trained, tmp_path):
+    from dopsd_fast.checkpoint import CheckpointError, load_checkpoint
+
+    ck = tmp_path / "step-0000002"
+    shutil.copytree(trained / "checkpoints" / "step-0000002", ck)
+    data = sorted(ck.glob("*.distcp"))[0]
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CheckpointError, match=rf"{data.name} is truncated or damaged \(\S+ ends at byte \d+, the file "
+                                              rf"holds {size // 2}\); not loaded") as e:
+        load_checkpoint(ck)
+    assert ".metadata" not in str(e.value)
