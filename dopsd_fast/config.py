@@ -203,6 +203,8 @@ class DataConfig:
     num_workers: int = 2  # threads decoding the next micro-batch's images during the step (0: in the loop)
     # RGB (0-255) that images with an alpha channel are composited on
     alpha_background: list = field(default_factory=lambda: [255, 255, 255])
+    # images over this many pixels are refused before decoding (a decode takes ~12 bytes a pixel)
+    max_image_pixels: int = 1 << 26
 
     def __post_init__(self):
         sources = [s for s in ("builtin", "jsonl", "folder") if getattr(self, s)]
@@ -217,6 +219,9 @@ class DataConfig:
         _check(isinstance(self.alpha_background, (list, tuple)) and len(self.alpha_background) == 3
                and all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in self.alpha_background),
                "data.alpha_background", f"must be three values in [0, 255], got {self.alpha_background}")
+        _check(isinstance(self.max_image_pixels, int) and not isinstance(self.max_image_pixels, bool)
+               and self.max_image_pixels >= 1, "data.max_image_pixels", f"must be an integer >= 1, got "
+               f"{short(self.max_image_pixels)}")
         _check(self.bucket_scale > 0, "data.bucket_scale", "must be > 0")
         _check(self.bucket_multiple >= 1, "data.bucket_multiple", "must be >= 1")
         if isinstance(self.buckets, str):
@@ -771,6 +776,8 @@ FIELD_HELP: dict[str, str] = {
     "data.skip_bad": "skip unreadable or malformed rows and report how many (else the run stops, naming the row)",
     "data.num_workers": "threads decoding the next micro-batch's images while the step computes (0: in the loop)",
     "data.alpha_background": "RGB (0-255) that images with an alpha channel are composited on",
+    "data.max_image_pixels": "images (and references) over this many pixels are refused by name before they are "
+                             "decoded: a decode holds ~12 bytes a pixel per worker (the default, 67 MP, ~0.8 GB)",
     "cache.dir": "feature cache directory written by `dopsd-cache` (`null` = encode on first use, kept in memory)",
     "cache.shard_size": "cache entries per safetensors shard",
     "train.output_dir": "where everything of the run is written",

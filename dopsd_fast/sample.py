@@ -189,6 +189,7 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
                          f"model.family={' or '.join(editing)})")
     buckets = make_buckets(data_cfg.buckets, data_cfg.bucket_scale, data_cfg.bucket_multiple)
     _data.ALPHA_BACKGROUND[:] = list(data_cfg.alpha_background)
+    _data.MAX_IMAGE_PIXELS[0] = data_cfg.max_image_pixels
     out = []
     for i, path in enumerate(paths):
         where = _where(name, first + i, path)
@@ -196,8 +197,11 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
             raise ValueError(f"{where}: {'a folder, not an image file' if Path(path).is_dir() else 'no such image file'}")
         try:
             with Image.open(path) as im:
+                _data.too_large(im, where, _TooLarge)  # before the decode
                 im.load()  # the whole file: a truncated one is named here, not at the first step
                 w, h = _data.upright_size(im)
+        except _TooLarge as e:
+            raise ValueError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
             raise ValueError(f"{where}: cannot read the image ({type(e).__name__}: {e})") from None
         bucket = assign_bucket(w, h, buckets)
@@ -208,6 +212,10 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
                              "buckets (data.bucket_scale)")
         out.append(_data.load_image(path, bucket))
     return out
+
+
+class _TooLarge(ValueError):
+    """A reference image over data.max_image_pixels (raised before its decode)."""
 
 
 def check_reference_grid(adapter, refs, paths, name: str = "--reference", first: int = 0) -> None:

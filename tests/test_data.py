@@ -257,3 +257,37 @@ def test_an_image_damaged_during_the_run_is_named_with_its_row(tmp_path):
     with pytest.raises(DataError, match=r"train\.jsonl:2: image .*b\.png"):
         ds.get(1, images=pre.images(1)).image
     pre.close()
+
+
+def _declared_png(path, w, h):
+    """A PNG whose header declares w x h RGB with one row of data: a few hundred bytes, undecodable."""
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * w))) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_max_image_pixels_is_refused_before_its_decode(tmp_path):
+    from dopsd_fast.cli import sample_main
+
+    _img(tmp_path / "good.png")
+    _declared_png(tmp_path / "huge.png", 9000, 9000)  # 81 MP declared in ~200 bytes (a decode: ~1 GB)
+    path = _jsonl(tmp_path, [{"image": "good.png", "prompt": "x"}, {"image": "huge.png", "prompt": "y"}])
+    with pytest.raises(DataError, match=r"train\.jsonl:2: field 'image': image \S+huge\.png is 9000x9000 = 81 MP, over "
+                                        r"data\.max_image_pixels = 67108864 \(67\.1 MP; decoding it would take ~1\.0 GB\): "
+                                        r"downscale it, or raise data\.max_image_pixels$"):
+        build_dataset(_cfg(jsonl=path), progress=False)
+    ds = build_dataset(_cfg(jsonl=path, skip_bad=True), progress=False)
+    assert len(ds) == 1 and "max_image_pixels" in ds.skipped[0]
+    with pytest.raises(DataError, match=r"good\.png is 160x160 = 0\.0256 MP, over data\.max_image_pixels = 100 "):
+        build_dataset(_cfg(jsonl=path, max_image_pixels=100), progress=False)
+    with pytest.raises(SystemExit, match=r"huge\.png is 9000x9000 = 81 MP, over data\.max_image_pixels"):
+        sample_main(["--config", "tiny-klein", "--prompt", "x", "--reference", str(tmp_path / "huge.png"),
+                     "--out", str(tmp_path / "o.png")])
+    from dopsd_fast.config import ConfigError
+    with pytest.raises(ConfigError, match=r"'data\.max_image_pixels': must be an integer >= 1, got 0"):
+        _cfg(jsonl=path, max_image_pixels=0)

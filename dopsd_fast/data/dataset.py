@@ -123,14 +123,28 @@ def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, boo
     if not path.is_file():
         raise DataError(f"{where}: field '{field_name}': image file not found: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # the header only: the size is known before any decode
+            too_large(im, f"{where}: field '{field_name}': image {path}", DataError)
             im.load()  # full decode: catches truncated files, not just bad headers
             return (*upright_size(im), has_alpha(im))
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"{where}: field '{field_name}': cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 ALPHA_BACKGROUND = [255, 255, 255]  # data.alpha_background (set by build_dataset)
+MAX_IMAGE_PIXELS = [1 << 26]  # data.max_image_pixels (set by build_dataset)
+
+
+def too_large(im: "Image.Image", name: str, error: type) -> None:
+    """Refuse (``error``, one line naming ``name``) an opened image over ``data.max_image_pixels``,
+    before its pixels are decoded: a small compressed file can declare a 9000 x 9000 picture."""
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS[0]:
+        raise error(f"{name} is {w}x{h} = {w * h / 1e6:.3g} MP, over data.max_image_pixels = "
+                    f"{MAX_IMAGE_PIXELS[0]} ({MAX_IMAGE_PIXELS[0] / 1e6:.3g} MP; decoding it would take ~"
+                    f"{w * h * 12 / 1e9:.1f} GB): downscale it, or raise data.max_image_pixels")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _alpha_logged: set = set()
 
@@ -371,6 +385,7 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
     """Build and validate the dataset described by a :class:`~dopsd_fast.config.DataConfig`."""
 
     ALPHA_BACKGROUND[:] = list(cfg.alpha_background)
+    MAX_IMAGE_PIXELS[0] = cfg.max_image_pixels
     buckets = make_buckets(cfg.buckets, cfg.bucket_scale, cfg.bucket_multiple)
     if cfg.builtin == "tiny":
         path = ensure_tiny_dataset()
