@@ -44,6 +44,10 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
         raise FileNotFoundError(f"--lora: {weights} does not load as a LoRA for this model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if state and all(k.startswith("transformer.transformer.") for k in state):
+        # dopsd-train's comfyui_lora.safetensors (diffusers keys + per-module .alpha) renamed to this file's name:
+        # diffusers takes it for a foreign format, folds each alpha / rank into the factors and prefixes it again
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
     check_lora_weights(state, f"--lora: {weights}")  # a LoraWeightsError (ValueError): one line
     wanted = _lora_modules(state)
     if not wanted:

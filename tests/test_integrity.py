@@ -514,3 +514,28 @@ def test_a_truncated_checkpoint_data_file_is_named_not_its_metadata(trained, tmp
                                               rf"holds {size // 2}\); not loaded") as e:
         load_checkpoint(ck)
     assert ".metadata" not in str(e.value)
+
+
+def test_the_comfyui_export_renamed_to_the_diffusers_name_loads_as_the_same_lora(trained, tmp_path):
+    """dopsd-train's comfyui_lora.safetensors (per-module ``.alpha``) copied to pytorch_lora_weights.safetensors
+    was refused as "28 of its 28 LoRA modules match no module of this model" (diffusers prefixed it twice);
+    it loads, and each module's delta ``scale * B @ A`` is the native file's."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    shutil.copy(trained / "lora" / "comfyui_lora.safetensors", comfy / "pytorch_lora_weights.safetensors")
+    deltas, scales = {}, set()
+    for name, lora in (("native", trained / "lora"), ("comfy", comfy)):
+        tr = build_adapter(load_config("tiny-zimage").model).transformer
+        load_lora_into(tr, str(lora))
+        deltas[name] = {n: m.scaling["lora"] * (m.lora_B["lora"].weight @ m.lora_A["lora"].weight)
+                        for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
+        scales |= {m.scaling["lora"] for m in tr.modules() if hasattr(m, "scaling") and "lora" in m.scaling}
+    assert deltas["native"] and deltas["comfy"].keys() == deltas["native"].keys()
+    assert any(s != 1.0 for s in scales)  # the file's alpha / rank matters: folded into the comfy factors
+    for n, d in deltas["native"].items():
+        assert d.abs().max() > 0, n
+        torch.testing.assert_close(deltas["comfy"][n], d, rtol=1e-5, atol=1e-7, msg=n)
