@@ -333,14 +333,29 @@ def _bwd(do, q, o, lse, ka, va, kb, vb, cu_q, cu_a, cu_b, max_q, max_a, max_b, s
 
 
 def _bwd_ref(do, q, ka, va, kb, vb, cu_q, cu_a, cu_b, scale):
-    with torch.enable_grad():
-        ins = [t.detach().float().requires_grad_() for t in (q, ka, va, kb, vb)]
-        k, cu_k = _concat_kv(cu_a, ins[1], cu_b, ins[3])
-        v, _ = _concat_kv(cu_a, ins[2], cu_b, ins[4])
-        o, _ = attention_varlen_ref(ins[0], k, v, cu_q, cu_k, scale)
-        grads = torch.autograd.grad(o, ins, do.float(), allow_unused=True)
-    return tuple((g if g is not None else torch.zeros_like(t)).to(t0.dtype) for g, t, t0 in
-                 zip(grads, ins, (q, ka, va, kb, vb)))
+    """The backward of softmax attention over per-sample keys ``[A_b ; B_b]`` in closed form, fp32 (it runs
+    inside a custom op's body, where autograd records nothing): ``dV = P^T dO``, ``dS = P (dO V^T - delta)``
+    with ``delta = rowsum(P * dO V^T)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``."""
+    f = [t.float() for t in (do, q, ka, va, kb, vb)]
+    do32, q32, ka32, va32, kb32, vb32 = f
+    dq, dka, dva, dkb, dvb = (torch.zeros_like(t) for t in (q32, ka32, va32, kb32, vb32))
+    cq, ca, cb = cu_q.tolist(), cu_a.tolist(), cu_b.tolist()
+    for i in range(len(cq) - 1):
+        qs, qe, as_, ae, bs, be = cq[i], cq[i + 1], ca[i], ca[i + 1], cb[i], cb[i + 1]
+        if qe == qs or (ae == as_ and be == bs):
+            continue
+        k = torch.cat([ka32[as_:ae], kb32[bs:be]])
+        v = torch.cat([va32[as_:ae], vb32[bs:be]])
+        qi, doi = q32[qs:qe], do32[qs:qe]
+        p = torch.softmax(torch.einsum("qhd,khd->hqk", qi, k) * scale, dim=-1)
+        dv = torch.einsum("hqk,qhd->khd", p, doi)
+        dp = torch.einsum("qhd,khd->hqk", doi, v)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        dq[qs:qe] = torch.einsum("hqk,khd->qhd", ds, k) * scale
+        dk = torch.einsum("hqk,qhd->khd", ds, qi) * scale
+        na = ae - as_
+        dka[as_:ae], dkb[bs:be], dva[as_:ae], dvb[bs:be] = dk[:na], dk[na:], dv[:na], dv[na:]
+    return tuple(g.to(t.dtype) for g, t in zip((dq, dka, dva, dkb, dvb), (q, ka, va, kb, vb)))
 
 
 def _two_source_ref(q, ka, va, kb, vb, cu_q, cu_a, cu_b, scale):
