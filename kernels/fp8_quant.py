@@ -37,13 +37,25 @@ def quantize_rows_ref(x: torch.Tensor):
 # row, the rows long), many under Triton's interpreter, whose cost is per program (tens of thousands of
 # one-row programs made the CPU's FP8 step take minutes).
 @triton.jit
+def _max_nan(a, b):
+    """max that keeps a NaN (``tl.maximum``'s default drops it: a NaN row would quantize to finite values)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_max(amax):
+    """Per row of ``amax`` (ROWS, BLOCK) its maximum, NaN if the row holds one (as PyTorch's ``amax``)."""
+    return tl.reduce(amax, 1, _max_nan)
+
+
+@triton.jit
 def _absmax_rows(X, offs, rmask, K, amax, BLOCK: tl.constexpr):
     """``amax`` (ROWS, BLOCK) updated with |X[offs[r] : offs[r] + K]| of each row r (``rmask``: the rows
     that exist), in BLOCK-wide chunks."""
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
         m = rmask[:, None] & (cols[None, :] < K)
-        amax = tl.maximum(amax, tl.abs(tl.load(X + offs[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)))
+        amax = _max_nan(amax, tl.abs(tl.load(X + offs[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)))
     return amax
 
 
@@ -55,7 +67,8 @@ def _cast_rows(X, Q, x_offs, q_offs, rmask, K, scale, F32_OUT: tl.constexpr, BLO
         cols = k0 + tl.arange(0, BLOCK)
         m = rmask[:, None] & (cols[None, :] < K)
         x = tl.load(X + x_offs[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+        q = tl.minimum(tl.maximum(x / scale[:, None], -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                       propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN (e4m3fn has one), as in PyTorch
         if F32_OUT:
             tl.store(Q + q_offs[:, None] + cols[None, :], q, mask=m)
         else:
@@ -69,7 +82,7 @@ def _row_amax_kernel(X, AMAX, M, K, stride_x, ROWS: tl.constexpr, BLOCK: tl.cons
     rmask = rows < M
     amax = _absmax_rows(X, rows * stride_x, rmask, K, tl.zeros((ROWS, BLOCK), tl.float32), BLOCK)
     prev = tl.load(AMAX + rows, mask=rmask, other=0.0)
-    tl.store(AMAX + rows, tl.maximum(prev, tl.max(amax, axis=1)), mask=rmask)
+    tl.store(AMAX + rows, _max_nan(prev, _row_max(amax)), mask=rmask)
 
 
 @triton.jit
@@ -99,7 +112,7 @@ def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, M, K0, K1, K2, s0, s1, s2, stride_
         amax = _absmax_rows(X1, rows * s1, rmask, K1, amax, BLOCK)
     if NUM > 2:
         amax = _absmax_rows(X2, rows * s2, rmask, K2, amax, BLOCK)
-    scale = tl.maximum(tl.max(amax, axis=1) / 448.0, 1e-12)
+    scale = _max_nan(_row_max(amax) / 448.0, 1e-12)
     tl.store(S + rows, scale, mask=rmask)
     q_offs = rows * stride_q
     _cast_rows(X0, Q, rows * s0, q_offs, rmask, K0, scale, F32_OUT, BLOCK)
@@ -127,7 +140,7 @@ def quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
     f32 = interpreting()
     q = torch.empty((M, K), device=x.device, dtype=torch.float32 if f32 else torch.float8_e4m3fn)
-    s = torch.empty((M, 1), device=x.device, dtype=torch.float32)
+    s = (torch.empty if K else torch.full)((M, 1), *(() if K else (1e-12,)), device=x.device, dtype=torch.float32)
     if M and K:
         # the group kernel with one tensor (the other pointers unused)
         R = rows_per_program(M)

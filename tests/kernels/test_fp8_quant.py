@@ -54,3 +54,30 @@ def test_quantize_rows_cat_matches_reference(rowwise, M, widths):
         torch.library.opcheck(quantize_rows_cat_op, (xs, rowwise))
     with pytest.raises(ValueError, match="equal M"):
         quantize_rows_cat([torch.randn(2, 16), torch.randn(3, 16)])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("widths", [(70,), (16, 48, 32), (16, 32, 48, 16)])
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_a_nan_or_inf_is_kept_as_pytorch_keeps_it(rowwise, widths):
+    """``tl.maximum`` drops a NaN by default: a row holding one quantized to finite values under a finite
+    scale ([1, nan, -2, 0.5] -> q [224, -448, -448, 112]), so a diverging activation or gradient in the FP8
+    step vanished. Now the scales and values are NaN where PyTorch's are, for both recipes and any group."""
+    from dopsd_fast.kernels.fp8_quant import quantize_rows, quantize_rows_cat, quantize_rows_cat_ref, quantize_rows_ref
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(6, n, generator=g).to(torch.bfloat16) for n in widths]
+    xs[-1][1, 5] = float("nan")  # row 1: a NaN in the group's last tensor
+    xs[0][3, 2] = float("inf")  # row 3: an inf
+    q, s = quantize_rows_cat(xs, rowwise=rowwise)
+    rq, rs = quantize_rows_cat_ref(xs, rowwise=rowwise)
+    assert torch.equal(s.isnan(), rs.isnan()) and s.isnan().any()
+    assert torch.equal(s[~s.isnan()], rs[~rs.isnan()])
+    a, r = q.float(), rq.float()
+    assert torch.equal(a.isnan(), r.isnan()) and a.isnan().any()
+    assert torch.equal(a[~a.isnan()], r[~r.isnan()])
+    if len(widths) == 1 and rowwise:
+        q1, s1 = quantize_rows(xs[0])
+        rq1, rs1 = quantize_rows_ref(xs[0])
+        assert torch.equal(s1.isnan(), rs1.isnan()) and torch.equal(q1.float().isnan(), rq1.float().isnan())
+        assert torch.equal(q1.float().nan_to_num(), rq1.float().nan_to_num())
