@@ -299,7 +299,7 @@ def _seq_arg(seq, x):
 def _per_sample(part, B, S, seq, n):
     """fp32 per-row partials (M, D) -> per-sample sums (n, D): by ``seq`` or by S rows per sample."""
     if seq is None:
-        return part.view(B, S, -1).sum(1)
+        return part.view(B, S, part.shape[-1]).sum(1)  # S = 0: zeros, not a reshape error
     return part.new_zeros((n, part.shape[-1])).index_add_(0, seq, part.view(-1, part.shape[-1]))
 
 

@@ -335,3 +335,23 @@ def test_residual_norm_refuses_a_training_gate_and_the_ops_fall_back():
         assert_close(a, b, 1e-5, 1e-4, "fallback grad", scaled=True)
     with pytest.raises(ValueError, match="needs its shift"):
         residual_norm(x, gate, y, scale, layer=True)
+
+
+@pytest.mark.parametrize("triton_path", [True, False])
+def test_samples_without_tokens_give_zero_gradients(monkeypatch, triton_path):
+    """x of shape (B, 0, D) with trainable modulation: the per-sample sums reshaped 0 elements with -1
+    ("cannot reshape tensor of 0 elements") on the Triton path, and in norm_gated_residual's fallback."""
+    from dopsd_fast.kernels import norm_modulation as nm
+
+    if not triton_path:
+        monkeypatch.setattr(nm, "use_triton", lambda *t: False)
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    cases = {"rms": lambda p: nm.rms_norm_modulate(x, torch.ones(8), p),
+             "layer": lambda p: nm.layer_norm_modulate(x, p, torch.zeros(2, 8)),
+             "gated": lambda p: nm.gated_residual(x, p, x.detach()),
+             "norm_gated": lambda p: nm.norm_gated_residual(x, p, x.detach(), torch.ones(8))}
+    for name, fn in cases.items():
+        p = torch.randn(2, 8, requires_grad=True)
+        y = fn(p)
+        dx, dp = torch.autograd.grad(y.sum(), [x, p])
+        assert y.shape == (2, 0, 8) and dx.shape == x.shape and dp.shape == (2, 8) and not dp.any(), name
