@@ -501,13 +501,15 @@ def _check_cu(name, cu, total):
 
 
 def _check_qkv(*named):
-    shape = None
+    shape = dtype = None
     for name, t in named:
         if t.ndim != 3:
             raise ValueError(f"{name}: expected (tokens, heads, head_dim), got {tuple(t.shape)}")
         if shape is not None and t.shape[1:] != shape:
             raise ValueError(f"{name}: heads/head_dim {tuple(t.shape[1:])} differ from {tuple(shape)}")
-        shape = t.shape[1:]
+        if dtype is not None and t.dtype != dtype:  # the kernel's dots take one dtype (a GPU compile error)
+            raise ValueError(f"{name} is {t.dtype}, {named[0][0]} is {dtype}: attention takes one dtype")
+        shape, dtype = t.shape[1:], t.dtype
 
 
 def flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale: float | None = None,

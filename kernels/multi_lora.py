@@ -446,6 +446,15 @@ def _(dy, x, weight, u, a_s, b_s, a_t, b_t, scale_s, scale_t, n_split, impl):
 
 
 # ---- entry point -----------------------------------------------------------------------------
+def _one_dtype(op: str, x: torch.Tensor, **others) -> None:
+    """The input, base weight, bias and adapters in x's dtype (cast the adapters first): a mix ran under the
+    interpreter, failed on cuBLAS, and is a compile error of the GPU kernel; one line naming the tensor."""
+    bad = [f"{n} is {t.dtype}" for n, t in others.items() if t is not None and t.numel() and t.dtype != x.dtype]
+    if bad:
+        raise ValueError(f"{op}: x is {x.dtype} but {', '.join(bad)}: one dtype throughout (cast the adapters "
+                         "to the activations' dtype)")
+
+
 def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, student: tuple,
                       teacher: tuple, n_split: int, impl: str = "triton") -> torch.Tensor:
     """Shared frozen base linear + per-branch LoRA. ``student``/``teacher``: ``(lora_A (r, K), lora_B (N, r),
@@ -463,6 +472,8 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                              f"a ({N}, {K}) linear")
     if a_s.shape != a_t.shape:
         raise ValueError(f"multi_lora_linear: student and teacher ranks differ ({a_s.shape[0]} vs {a_t.shape[0]})")
+    _one_dtype("multi_lora_linear", x, weight=weight, bias=bias, student_A=a_s, student_B=b_s, teacher_A=a_t,
+               teacher_B=b_t)
     x2 = x.reshape(-1, K)
     if not 0 <= n_split <= x2.shape[0]:
         raise ValueError(f"multi_lora_linear: n_split={n_split} outside [0, {x2.shape[0]}] rows")
@@ -1021,6 +1032,8 @@ def paired_lora_linears(x_s: torch.Tensor, x_t: torch.Tensor, weights: list, bia
             if a.ndim != 2 or b.ndim != 2 or a.shape[1] != K or b.shape[0] != N or a.shape[0] != b.shape[1]:
                 raise ValueError(f"paired_lora_linear[{i}]: {name} adapter A {tuple(a.shape)} / B {tuple(b.shape)} "
                                  f"do not fit a ({N}, {K}) linear")
+        _one_dtype(f"paired_lora_linear[{i}]", x_s, x_t=x_t, weight=w, bias=biases[i], student_A=lo_s[0],
+                   student_B=lo_s[1], teacher_A=lo_t[0], teacher_B=lo_t[1])
         if torch.is_grad_enabled() and (w.requires_grad or (biases[i] is not None and biases[i].requires_grad)):
             raise ValueError(f"paired_lora_linear[{i}]: the base weight requires grad, but this op trains only the "
                              "student adapter (freeze it, or use two separate layers)")

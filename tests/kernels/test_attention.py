@@ -173,3 +173,5 @@ def test_opcheck_and_errors():
         flash_attn_varlen(q, k, v, cu_q, _cu([4, 3]))
     with pytest.raises(ValueError, match="heads/head_dim"):
         flash_attn_varlen(q, k[..., :8], v, cu_q, cu_k)
+    with pytest.raises(ValueError, match=r"^k is torch.bfloat16, q is torch.float32: attention takes one dtype$"):
+        flash_attn_varlen(q, k.bfloat16(), v.bfloat16(), cu_q, cu_k)

@@ -105,6 +105,25 @@ def test_opcheck_and_errors():
         multi_lora_linear(x, w, b, (a_s, b_s, 1.0), (a_t[:1], b_t[:, :1], 1.0), 4)
 
 
+def test_a_dtype_mix_is_refused_in_one_line_naming_the_tensor():
+    """bf16 activations with an fp32 adapter or weight ran under the interpreter (its dots upcast by the
+    first operand), failed on cuBLAS, and would be a compile error of the GPU kernel."""
+    from dopsd_fast.kernels.multi_lora import multi_lora_linear, paired_lora_linears
+
+    w, b, a_s, b_s, a_t, b_t = _params(16, 24, 2)
+    x = torch.randn(9, 16).bfloat16()
+    wb, bb, at, bt = (t.bfloat16() for t in (w, b, a_t, b_t))
+    for impl in ("triton", "torch"):
+        with pytest.raises(ValueError, match=r"^multi_lora_linear: x is torch.bfloat16 but student_A is torch.float32, "
+                                             r"student_B is torch.float32: one dtype throughout"):
+            multi_lora_linear(x, wb, bb, (a_s, b_s, 1.0), (at, bt, 1.0), 4, impl=impl)
+        with pytest.raises(ValueError, match=r"^paired_lora_linear\[1\]: x is torch.bfloat16 but weight is torch.float32"):
+            paired_lora_linears(x, x, [wb, w], [bb, bb], [(a_s.bfloat16(), b_s.bfloat16(), 1.0)] * 2, [(at, bt, 1.0)] * 2,
+                                impl=impl)
+    with pytest.raises(ValueError, match=r"paired_lora_linear\[0\]: x is torch.bfloat16 but x_t is torch.float32"):
+        paired_lora_linears(x, x.float(), [wb], [bb], [(a_s.bfloat16(), b_s.bfloat16(), 1.0)], [(at, bt, 1.0)])
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_paired_form_equals_two_layers(impl):
     from dopsd_fast.kernels.multi_lora import lora_linear_ref, paired_lora_linear, paired_lora_linears_op
