@@ -91,6 +91,27 @@ def test_velocity_convention(adapter):
     assert_close(v, -torch.stack(raw).squeeze(2), atol=1e-6, name="v", scaled=True)
 
 
+def test_a_bf16_model_takes_the_timestep_in_fp32_as_the_pipeline_passes_it():
+    """The eager call rounded 1 - sigma to the weights' dtype: in bf16, sigma 0.4732 reached the model as
+    0.528 (the pipeline, and the fast path, pass 0.5268 in fp32); every sigma off bf16's grid (an 8-step
+    schedule, validation, dopsd-sample) was moved."""
+    from dopsd_fast.adapters import build_adapter
+    from dopsd_fast.config import load_config
+
+    ad = build_adapter(load_config(None).model)
+    tr = ad.transformer.to(torch.bfloat16)
+    seen = []
+    tr.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    x = torch.randn(2, *ad.latent_shape(128, 128))
+    sigma = torch.tensor([0.4732, 0.6429])
+    ctx = ad.encode_student(["a", "b c"])
+    v = ad.velocity(tr, x, sigma, ctx)
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], 1 - sigma)
+    raw = tr(list(x.bfloat16().unsqueeze(2).unbind(0)), 1 - sigma, [c.features.bfloat16() for c in ctx],
+             return_dict=False)[0]
+    assert torch.equal(v, -torch.stack(raw).squeeze(2))
+
+
 def test_vae_roundtrip_shapes(adapter):
     img = torch.rand(1, 3, 128, 144)
     z = adapter.encode_images(img)

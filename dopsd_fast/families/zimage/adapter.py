@@ -29,7 +29,7 @@ def zimage_velocity(transformer, x, sigma, contexts):
     """The eager Z-Image call in the (sigma, v) convention: per-sample latents ``(C, 1, H, W)``, the
     caption features, the family's time/sign convention (its spec's)."""
     dtype = next(transformer.parameters()).dtype
-    t = SPEC.convention.model_time(sigma).to(dtype)
+    t = SPEC.convention.model_time(sigma)  # fp32, as ZImagePipeline passes it (bf16 made 1 - 0.4732 0.528)
     xs = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, H, W) per sample
     caps = [c.features.to(x.device, dtype) for c in contexts]
     out = transformer(xs, t, caps, return_dict=False)[0]
