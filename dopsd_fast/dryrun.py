@@ -231,7 +231,9 @@ def workload(cfg, say=print, references: int | None = 0, recipe=None) -> Workloa
     # and the target; rows with references have more than the family's 2 x the state's)
     img_t = shape.tokens_teacher // cfg.data.batch_size - cap_t
     f_t = spec.forward_flops(c, img_t, [cap_t] * cfg.data.batch_size, rank)
-    floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled))
+    # the adapters' own backward (dX + dA/dB, 2x their forward), as the benchmark's floor counts it
+    lora_s = f_s[0] - spec.forward_flops(c, img, [cap_s] * cfg.data.batch_size)[0] if rank else 0.0
+    floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled, lora_s))
     return Workload(spec, c, shape, weights, encoders, floor, needs)
 
 
