@@ -1,6 +1,6 @@
 """The GPU check: one command, one global time budget, three files out.
 
-Made for a GPU machine that may be borrowed for a short time and may have no network: one call
+Made for a GPU machine held for a short time, possibly without network: one call
 (``bash benchmarks/gpu_check.sh [--out DIR] [--budget S] [--wheels DIR]``, which installs any extra
 wheels and runs this driver from the checkout) that ends by itself within its budget (540 s by
 default, counted from the start of the call, wheel install included), and exactly three files in the

@@ -8,7 +8,7 @@ noise and contexts, with a parity verdict.
 One step = the full optimizer step of the method: a K-state roll-out of the student, the teacher
 on every state, the loss, backward, AdamW, EMA update. The eager reference is the diffusers model
 called as the trainer's eager path calls it (``fast.enabled: false``); the fast path is
-``dopsd_fast.models.FastZImage`` (packed student/teacher pass, fused kernels on CUDA).
+``dopsd_fast.families.zimage.fast.FastZImage`` (packed student/teacher pass, fused kernels on CUDA).
 
 Parity (performance.md): per-state velocities, the loss and the gradient of every trainable tensor
 after one step, each compared with an fp32 eager reference on the same weights: the fast path's

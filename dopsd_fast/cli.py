@@ -181,9 +181,9 @@ def train_main(argv=None) -> int:
                    help="print the predicted peak memory and step time and whether the run fits; needs only the "
                         "config (data, model folder and feature cache are checked where present); do not train")
     p.add_argument("--gpu", default=None, metavar="NAME",
-                   help="GPU class for --dry-run (default H100), any case: H100 (80 GB), H200 (141 GB, measured), "
-                        "B200 (180 GB), A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); time on all but the "
-                        "H200 is a spec-sheet estimate")
+                   help="GPU class for --dry-run (default H100), any case: H100 (80 GB), H200 (141 GB), "
+                        "B200 (180 GB), A100 (80 GB) or A100-40, L40S (48 GB), 4090 (24 GB); the time is one "
+                        "measured H200 step scaled by floor FLOPs, and off the H200 by the GPU's spec sheet")
     p.add_argument("--references", default=None, type=int, metavar="N",
                    help="for --dry-run where the data is not at hand: each row has N reference images at its bucket "
                         "(an editing model's rows; found data counts its own; default: 0, or the count of a shipped "

@@ -803,7 +803,7 @@ FIELD_HELP: dict[str, str] = {
     "validation.every": "sample grids every N steps (0: none)",
     "validation.at_start": "sample grids at step 0 too",
     "validation.num_samples": "the first N data rows sampled: their prompt (first key) and target image",
-    "validation.steps": "inference steps (`null` = the model's few-step default: Z-Image 8, FLUX.2 4; toy: 4)",
+    "validation.steps": "inference steps (`null` = the model's few-step default: Z-Image 8, FLUX.2 4; toy: 2)",
     "validation.seed": "seed of the validation noise",
     "validation.prompts": "extra prompts without a target (held-out prompts): one row each, the student's sample; "
                           "an entry `{prompt: ..., references: [...]}` is that prompt on its own reference images "
