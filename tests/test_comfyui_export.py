@@ -1,5 +1,6 @@
 """The ComfyUI-ready LoRA (comfyui_lora.safetensors) for Z-Image and FLUX.2-klein, checked against
-ComfyUI's LoRA rules as its public source states them (ComfyUI is not installable here):
+ComfyUI's LoRA rules as its public source states them (ComfyUI is not a test dependency;
+benchmarks/comfyui_check.py runs ComfyUI's own loader on the same files):
 
 * keys: ``<prefix><diffusers module>.lora_B.weight`` (up) / ``.lora_A.weight`` (down) are read, with
   the prefix ``transformer.`` accepted for both families' diffusers names (comfy/lora.py,
