@@ -71,15 +71,28 @@ def wants_fsdp(cfg, world: int) -> bool:
     return world > 1 and not cfg.lora.enabled
 
 
+INPUT_DTYPE_ATTR = "_dopsd_input_dtype"
+
+
+def input_dtype(module) -> torch.dtype:
+    """The dtype a family's eager call casts the model's inputs to: a sharded root's compute dtype (its
+    parameters may be an fp32 master), else its parameters'."""
+    return getattr(module, INPUT_DTYPE_ATTR, None) or next(module.parameters()).dtype
+
+
 def shard(module, spec, mesh, param_dtype, reshard_after_forward: bool = True) -> None:
     """fully_shard every shard unit of ``module`` (its family's repeated blocks), then the root; bf16 (or
-    the model's) compute, fp32 gradient reduction."""
+    the model's) compute, fp32 gradient reduction. The root casts none of its inputs (the family's call
+    casts them to :func:`input_dtype`): FSDP's cast would round Z-Image's timestep to bf16, which
+    ZImagePipeline passes in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit in spec.shard_units(module):
         fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    root = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(module, mesh=mesh, mp_policy=root, reshard_after_forward=reshard_after_forward)
+    setattr(module, INPUT_DTYPE_ATTR, param_dtype or next(module.parameters()).dtype)
 
 
 def apply(cfg, spec, weights, device, compute_dtype, world: int) -> bool:

@@ -117,3 +117,46 @@ def test_lora_with_a_sharded_base_equals_the_replicated_run(tmp_path):
     assert "FSDP2: base and adapters sharded over 2 ranks" in logs[shard]
     assert "FSDP2" not in logs[rep]
     assert _rel(_lora(shard), _lora(rep)) <= 1e-6
+
+
+_TIMESTEP_SEEN = r'''
+import json, os, socket, sys
+import torch, torch.distributed as dist
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.device_mesh import init_device_mesh
+from dopsd_fast import fsdp
+from dopsd_fast.adapters import build_adapter
+from dopsd_fast.config import load_config
+
+ad = build_adapter(load_config(None).model)
+tr = ad.transformer
+fsdp.shard(tr, ad.spec, init_device_mesh("cpu", (1,)), torch.bfloat16)  # an fp32 master, bf16 compute
+seen = []
+tr.register_forward_pre_hook(lambda m, args: seen.append((args[0][0].dtype, args[1])))  # after FSDP's own
+with torch.no_grad():
+    v = ad.velocity(tr, torch.randn(2, *ad.latent_shape(128, 128)), torch.tensor([0.4732, 0.6429]),
+                    ad.encode_student(["a", "b c"]))
+print(json.dumps({"x": str(seen[0][0]), "t": str(seen[0][1].dtype), "t_values": seen[0][1].tolist(),
+                  "finite": bool(v.isfinite().all())}))
+dist.destroy_process_group()
+'''
+
+
+def test_a_sharded_model_gets_the_timestep_in_fp32_and_the_latents_in_its_compute_dtype():
+    """FSDP2's root cast every floating input to bf16, Z-Image's timestep included (1 - 0.4732 reached the
+    model as 0.5273, where ZImagePipeline passes 0.5268 in fp32); the family's call now casts the inputs
+    to the sharded model's compute dtype itself, and the timestep stays fp32."""
+    import subprocess
+    import sys
+
+    from tests.test_distributed import ROOT
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _TIMESTEP_SEEN], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["x"] == "torch.bfloat16" and got["t"] == "torch.float32" and got["finite"], got
+    assert got["t_values"] == (1 - torch.tensor([0.4732, 0.6429])).tolist()

@@ -29,6 +29,7 @@ import torch
 from dopsd_fast.context import Context
 from dopsd_fast.errors import ConfigError
 from dopsd_fast.families.adapter import ModelAdapter
+from dopsd_fast.fsdp import input_dtype
 from dopsd_fast.families.common import file_fingerprint
 from dopsd_fast.families.klein.spec import SPEC, compute_empirical_mu
 
@@ -73,7 +74,7 @@ def flux2_velocity(transformer, x, sigma, contexts):
     if len(set(shapes)) > 1:  # different references per sample: one call each
         return torch.cat([flux2_velocity(transformer, x[i:i + 1], sigma[i:i + 1], [contexts[i]])
                           for i in range(len(contexts))])
-    dtype = next(transformer.parameters()).dtype
+    dtype = input_dtype(transformer)  # a sharded model's compute dtype
     B, C, h, w = x.shape
     hidden = pack(x.to(dtype))
     ids = [image_ids(h, w)]

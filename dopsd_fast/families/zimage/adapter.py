@@ -14,6 +14,7 @@ import torch
 
 from dopsd_fast.context import Context
 from dopsd_fast.families.adapter import ModelAdapter
+from dopsd_fast.fsdp import input_dtype
 from dopsd_fast.families.common import file_fingerprint
 from dopsd_fast.families.zimage.spec import SPEC
 from dopsd_fast.vlm import WeightSwapError, swap_language_model  # noqa: F401 (re-exported)
@@ -28,7 +29,7 @@ def _no_refs(references) -> None:
 def zimage_velocity(transformer, x, sigma, contexts):
     """The eager Z-Image call in the (sigma, v) convention: per-sample latents ``(C, 1, H, W)``, the
     caption features, the family's time/sign convention (its spec's)."""
-    dtype = next(transformer.parameters()).dtype
+    dtype = input_dtype(transformer)  # a sharded model's compute dtype
     t = SPEC.convention.model_time(sigma)  # fp32, as ZImagePipeline passes it (bf16 made 1 - 0.4732 0.528)
     xs = list(x.to(dtype).unsqueeze(2).unbind(0))  # (C, F=1, H, W) per sample
     caps = [c.features.to(x.device, dtype) for c in contexts]
