@@ -451,7 +451,7 @@ def _one_dtype(op: str, x: torch.Tensor, **others) -> None:
     interpreter, failed on cuBLAS, and is a compile error of the GPU kernel; one line naming the tensor."""
     bad = [f"{n} is {t.dtype}" for n, t in others.items() if t is not None and t.numel() and t.dtype != x.dtype]
     if bad:
-        raise ValueError(f"{op}: x is {x.dtype} but {', '.join(bad)}: one dtype throughout (cast the adapters "
+        raise ValueError(f"{op}: x is {x.dtype} but {', '.join(bad)}: one dtype throughout (cast the weights "
                          "to the activations' dtype)")
 
 

@@ -61,10 +61,16 @@ def test_authors_loop_one_process(backward, grad_accum):
     assert fast["syncs"] == 0  # one process: nothing to average
 
 
-@pytest.mark.parametrize("backward", ["once", "stepwise"])
-def test_authors_loop_bf16_autocast(backward):
+@pytest.mark.parametrize("backward,kernels", [("once", "auto"), ("stepwise", "auto"), ("once", "on")])
+def test_authors_loop_bf16_autocast(backward, kernels, monkeypatch):
     """accelerate's bf16 autocast reaches the backend's forwards as it reaches the eager ones: the
-    backend's bf16 run is as close to the eager bf16 run as bf16 itself is to fp32 (2x + atol)."""
+    backend's bf16 run is as close to the eager bf16 run as bf16 itself is to fp32 (2x + atol). With
+    the fused kernels (what ``auto`` takes on a GPU; interpreted here) the fp32 model's frozen base weight
+    reached the paired linear beside bf16 activations and the step raised."""
+    from dopsd_fast import backend
+
+    wrap = backend.wrap
+    monkeypatch.setattr(backend, "wrap", lambda *a, **k: wrap(*a, **{**k, "kernels": kernels}))
     ref32 = _train(mode="eager", steps=2, sample_every=0)
     eager = _train(mode="eager", steps=2, sample_every=0, mixed_precision="bf16")
     fast = _train(mode="backend", steps=2, sample_every=0, mixed_precision="bf16", backward=backward)

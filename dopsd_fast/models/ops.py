@@ -402,6 +402,13 @@ class FusedOps(TorchOps):
         def cast(lo):
             return lo[0].to(dt), lo[1].to(dt), lo[2]
 
+        # the base weight and bias too: an fp32 model under bf16 autocast (a drop-in caller's accelerate
+        # loop) has bf16 activations, as autocast's own linear casts its weight per call
+        if fp8 is not None and any(w.dtype != dt for w in weights):  # its cache keeps each quantized weight
+            raise ValueError(f"fast.fp8: the model's weights are {weights[0].dtype} and its activations {dt} (an "
+                             "fp32 model under autocast): load the model in the activations' dtype")
+        weights = [w.to(dt) for w in weights]
+        biases = [b if b is None else b.to(dt) for b in biases]
         return self._ml.paired_lora_linears(x_s, x_t, weights, biases, [cast(lo) for lo in loras_s],
                                             [cast(lo) for lo in loras_t], impl=_PAIRED_IMPL[self.gemm], fp8=fp8)
 
