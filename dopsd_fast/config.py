@@ -203,7 +203,7 @@ class DataConfig:
     num_workers: int = 2  # threads decoding the next micro-batch's images during the step (0: in the loop)
     # RGB (0-255) that images with an alpha channel are composited on
     alpha_background: list = field(default_factory=lambda: [255, 255, 255])
-    # images over this many pixels are refused before decoding (a decode takes ~12 bytes a pixel)
+    # images over this many pixels are refused before decoding (a decode takes ~27 bytes a pixel)
     max_image_pixels: int = 1 << 26
 
     def __post_init__(self):
@@ -777,7 +777,7 @@ FIELD_HELP: dict[str, str] = {
     "data.num_workers": "threads decoding the next micro-batch's images while the step computes (0: in the loop)",
     "data.alpha_background": "RGB (0-255) that images with an alpha channel are composited on",
     "data.max_image_pixels": "images (and references) over this many pixels are refused by name before they are "
-                             "decoded: a decode holds ~12 bytes a pixel per worker (the default, 67 MP, ~0.8 GB)",
+                             "decoded: a decode holds ~27 bytes a pixel per worker (the default, 67 MP, ~1.8 GB)",
     "cache.dir": "feature cache directory written by `dopsd-cache` (`null` = encode on first use, kept in memory)",
     "cache.shard_size": "cache entries per safetensors shard",
     "train.output_dir": "where everything of the run is written",

@@ -193,15 +193,14 @@ def load_references(data_cfg, family_name: str, paths, name: str = "--reference"
                          f"model.family={' or '.join(editing)})")
     buckets = make_buckets(data_cfg.buckets, data_cfg.bucket_scale, data_cfg.bucket_multiple)
     _data.ALPHA_BACKGROUND[:] = list(data_cfg.alpha_background)
-    _data.MAX_IMAGE_PIXELS[0] = data_cfg.max_image_pixels
+    _data.set_max_image_pixels(data_cfg.max_image_pixels)
     out = []
     for i, path in enumerate(paths):
         where = _where(name, first + i, path)
         if not Path(path).is_file():
             raise ValueError(f"{where}: {'a folder, not an image file' if Path(path).is_dir() else 'no such image file'}")
         try:
-            with Image.open(path) as im:
-                _data.too_large(im, where, _TooLarge)  # before the decode
+            with _data.open_image(path, where, _TooLarge) as im:  # the size checked before the decode
                 im.load()  # the whole file: a truncated one is named here, not at the first step
                 w, h = _data.upright_size(im)
         except _TooLarge as e:

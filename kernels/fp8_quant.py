@@ -124,8 +124,8 @@ def _quant_rows_cat3_kernel(X0, X1, X2, Q, S, M, K0, K1, K2, s0, s1, s2, stride_
 
 def quantize_rows_cat_ref(xs: list[torch.Tensor], rowwise: bool = True):
     xf = torch.cat([x.detach().float() for x in xs], 1)
-    if rowwise:
-        amax = xf.abs().amax(dim=1, keepdim=True)
+    if rowwise:  # a row without columns has no maximum: 0, as the kernel's
+        amax = xf.abs().amax(dim=1, keepdim=True) if xf.shape[1] else xf.new_zeros((xf.shape[0], 1))
     else:  # an empty group (no rows) has no maximum: 0, as the kernel's
         amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
     scale = (amax / E4M3_MAX).clamp_min(1e-12)

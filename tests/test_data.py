@@ -271,19 +271,25 @@ def _declared_png(path, w, h):
     return path
 
 
-def test_an_image_over_max_image_pixels_is_refused_before_its_decode(tmp_path):
+def test_an_image_over_max_image_pixels_is_refused_before_its_decode(tmp_path, monkeypatch):
     from dopsd_fast.cli import sample_main
 
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+
     _img(tmp_path / "good.png")
-    _declared_png(tmp_path / "huge.png", 9000, 9000)  # 81 MP declared in ~200 bytes (a decode: ~1 GB)
+    _declared_png(tmp_path / "huge.png", 9000, 9000)  # 81 MP declared in ~200 bytes (a decode: ~2 GB)
     path = _jsonl(tmp_path, [{"image": "good.png", "prompt": "x"}, {"image": "huge.png", "prompt": "y"}])
     with pytest.raises(DataError, match=r"train\.jsonl:2: field 'image': image \S+huge\.png is 9000x9000 = 81 MP, over "
-                                        r"data\.max_image_pixels = 67108864 \(67\.1 MP; decoding it would take ~1\.0 GB\): "
+                                        r"data\.max_image_pixels = 67108864 \(67\.1 MP; decoding it would take ~2\.2 GB\): "
                                         r"downscale it, or raise data\.max_image_pixels$"):
         build_dataset(_cfg(jsonl=path), progress=False)
     ds = build_dataset(_cfg(jsonl=path, skip_bad=True), progress=False)
     assert len(ds) == 1 and "max_image_pixels" in ds.skipped[0]
-    with pytest.raises(DataError, match=r"good\.png is 160x160 = 0\.0256 MP, over data\.max_image_pixels = 100 "):
+    with pytest.raises(DataError, match=r"good\.png is 160x160 = 0\.0256 MP, over data\.max_image_pixels = 20000 "):
+        build_dataset(_cfg(jsonl=path, max_image_pixels=20000), progress=False)
+    # past twice the limit PIL's own check (set to ours) refuses first: the same field, named as ours
+    with pytest.raises(DataError, match=r"train\.jsonl:1: field 'image': image \S+good\.png: over "
+                                        r"data\.max_image_pixels = 100 \(Image size \(25600 pixels\) exceeds"):
         build_dataset(_cfg(jsonl=path, max_image_pixels=100), progress=False)
     with pytest.raises(SystemExit, match=r"huge\.png is 9000x9000 = 81 MP, over data\.max_image_pixels"):
         sample_main(["--config", "tiny-klein", "--prompt", "x", "--reference", str(tmp_path / "huge.png"),
@@ -291,3 +297,14 @@ def test_an_image_over_max_image_pixels_is_refused_before_its_decode(tmp_path):
     from dopsd_fast.config import ConfigError
     with pytest.raises(ConfigError, match=r"'data\.max_image_pixels': must be an integer >= 1, got 0"):
         _cfg(jsonl=path, max_image_pixels=0)
+    # a limit over PIL's default (179 MP) is ours to decide: a 196 MP header opens (PIL refused it at any
+    # data.max_image_pixels), and is refused at a lower limit
+    from dopsd_fast.data.dataset import open_image, set_max_image_pixels
+
+    _declared_png(tmp_path / "huge2.png", 14000, 14000)
+    set_max_image_pixels(250_000_000)
+    with open_image(tmp_path / "huge2.png", "huge", DataError) as im:
+        assert im.size == (14000, 14000)
+    set_max_image_pixels(1 << 26)
+    with pytest.raises(DataError, match=r"^huge: over data\.max_image_pixels = 67108864 \(Image size \(196000000"):
+        open_image(tmp_path / "huge2.png", "huge", DataError)

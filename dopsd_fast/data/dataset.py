@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,8 +124,7 @@ def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, boo
     if not path.is_file():
         raise DataError(f"{where}: field '{field_name}': image file not found: {path}")
     try:
-        with Image.open(path) as im:  # the header only: the size is known before any decode
-            too_large(im, f"{where}: field '{field_name}': image {path}", DataError)
+        with open_image(path, f"{where}: field '{field_name}': image {path}", DataError) as im:
             im.load()  # full decode: catches truncated files, not just bad headers
             return (*upright_size(im), has_alpha(im))
     except DataError:
@@ -134,17 +134,34 @@ def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, boo
 
 
 ALPHA_BACKGROUND = [255, 255, 255]  # data.alpha_background (set by build_dataset)
-MAX_IMAGE_PIXELS = [1 << 26]  # data.max_image_pixels (set by build_dataset)
+MAX_IMAGE_PIXELS = [1 << 26]  # data.max_image_pixels (set by set_max_image_pixels)
+DECODE_BYTES_PER_PIXEL = 27  # load_image's peak (fp32 copies, per-channel resize), measured on a 9000 x 9000 PNG
 
 
-def too_large(im: "Image.Image", name: str, error: type) -> None:
-    """Refuse (``error``, one line naming ``name``) an opened image over ``data.max_image_pixels``,
-    before its pixels are decoded: a small compressed file can declare a 9000 x 9000 picture."""
+def set_max_image_pixels(n: int) -> None:
+    """``data.max_image_pixels`` for this process: our check, and PIL's own bomb check at the same size (its
+    default, 179 MP, would refuse a larger limit's images before ours is asked)."""
+    MAX_IMAGE_PIXELS[0] = Image.MAX_IMAGE_PIXELS = n
+
+
+def open_image(path, name: str, error: type) -> "Image.Image":
+    """``Image.open`` (the header only), refused (``error``, one line naming ``name``) over
+    ``data.max_image_pixels`` before its pixels are decoded: a small compressed file can declare a
+    9000 x 9000 picture."""
+    limit = MAX_IMAGE_PIXELS[0]
+    with warnings.catch_warnings():  # PIL warns past its limit (ours) and refuses past twice it
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise error(f"{name}: over data.max_image_pixels = {limit} ({e})") from None
     w, h = im.size
-    if w * h > MAX_IMAGE_PIXELS[0]:
-        raise error(f"{name} is {w}x{h} = {w * h / 1e6:.3g} MP, over data.max_image_pixels = "
-                    f"{MAX_IMAGE_PIXELS[0]} ({MAX_IMAGE_PIXELS[0] / 1e6:.3g} MP; decoding it would take ~"
-                    f"{w * h * 12 / 1e9:.1f} GB): downscale it, or raise data.max_image_pixels")
+    if w * h > limit:
+        im.close()
+        raise error(f"{name} is {w}x{h} = {w * h / 1e6:.3g} MP, over data.max_image_pixels = {limit} "
+                    f"({limit / 1e6:.3g} MP; decoding it would take ~{w * h * DECODE_BYTES_PER_PIXEL / 1e9:.1f} "
+                    "GB): downscale it, or raise data.max_image_pixels")
+    return im
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _alpha_logged: set = set()
 
@@ -385,7 +402,7 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
     """Build and validate the dataset described by a :class:`~dopsd_fast.config.DataConfig`."""
 
     ALPHA_BACKGROUND[:] = list(cfg.alpha_background)
-    MAX_IMAGE_PIXELS[0] = cfg.max_image_pixels
+    set_max_image_pixels(cfg.max_image_pixels)
     buckets = make_buckets(cfg.buckets, cfg.bucket_scale, cfg.bucket_multiple)
     if cfg.builtin == "tiny":
         path = ensure_tiny_dataset()
