@@ -12,7 +12,7 @@ land in the fused ``qkv`` at their offsets). A module ComfyUI does not map shows
 
 ComfyUI's model detection recognises these families by their released sizes (Z-Image by dim 3840,
 FLUX.2 by fixed head / rope widths), so for a tiny model the size fields it would otherwise hard-code
-are filled in from the diffusers config (``_tiny_fields``); everything else is ComfyUI's.
+are filled in from the diffusers config (``_TINY_FIELDS``); everything else is ComfyUI's.
 
     python benchmarks/comfyui_check.py --comfyui /path/to/ComfyUI            # both families
     python benchmarks/comfyui_check.py --comfyui /path/to/ComfyUI --family klein
@@ -141,16 +141,21 @@ def comfyui_version(path: Path) -> str:
 _NOT_REPRESENTABLE = {"zimage": ("t_embedder.",), "klein": ()}
 
 
-def _tiny_fields(family: str, config) -> dict:
-    """The unet_config fields ComfyUI's detection hard-codes for the released sizes, from our config."""
-    if family == "zimage":
-        return dict(n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, n_refiner_layers=config.n_refiner_layers,
-                    axes_dims=list(config.axes_dims), axes_lens=list(config.axes_lens), rope_theta=config.rope_theta,
-                    time_scale=config.t_scale, norm_eps=config.norm_eps, z_image_modulation=True,
-                    ffn_dim_multiplier=8.0 / 3.0, multiple_of=1,  # diffusers: int(dim / 3 * 8), no rounding
-                    pad_tokens_multiple=32)
+def _zimage_fields(config) -> dict:
+    return dict(n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, n_refiner_layers=config.n_refiner_layers,
+                axes_dims=list(config.axes_dims), axes_lens=list(config.axes_lens), rope_theta=config.rope_theta,
+                time_scale=config.t_scale, norm_eps=config.norm_eps, z_image_modulation=True,
+                ffn_dim_multiplier=8.0 / 3.0, multiple_of=1,  # diffusers: int(dim / 3 * 8), no rounding
+                pad_tokens_multiple=32)
+
+
+def _klein_fields(config) -> dict:
     return dict(axes_dim=list(config.axes_dims_rope), num_heads=config.num_attention_heads,
                 theta=config.rope_theta, mlp_ratio=config.mlp_ratio, out_channels=config.out_channels or config.in_channels)
+
+
+# The unet_config fields ComfyUI's detection hard-codes for the released sizes, from our config.
+_TINY_FIELDS = {"zimage": _zimage_fields, "klein": _klein_fields}
 
 
 def comfy_model(comfy, family: str, diffusers_sd: dict, config):
@@ -166,13 +171,12 @@ def comfy_model(comfy, family: str, diffusers_sd: dict, config):
     def detect_tiny(state_dict, key_prefix, metadata=None):
         unet_config = detect(state_dict, key_prefix, metadata=metadata)
         if unet_config is not None:
-            unet_config.update(_tiny_fields(family, config))
+            unet_config.update(_TINY_FIELDS[family](config))
         return unet_config
 
     # Copies: ComfyUI's converter writes some tensors in place (FLUX's final scale / shift swap).
     sd = {k: v.clone() for k, v in diffusers_sd.items() if not k.startswith(_NOT_REPRESENTABLE[family])}
-    if family == "klein":
-        sd = _flux2_original_layout(comfy, sd)
+    sd = _COMFY_LAYOUT[family](comfy, sd)
     comfy.model_detection.detect_unet_config = detect_tiny
     try:
         patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32},
@@ -203,6 +207,10 @@ def _flux2_original_layout(comfy, sd: dict) -> dict:
             if key.startswith(old):
                 out[new + key[len(old):]] = value
     return out
+
+
+# What ComfyUI is given: Z-Image in the diffusers layout (its converter reads it), FLUX.2 in the original.
+_COMFY_LAYOUT = {"zimage": lambda comfy, sd: sd, "klein": _flux2_original_layout}
 
 
 def diffusers_layout(family: str, comfy_sd: dict) -> dict:
