@@ -40,8 +40,8 @@ CASES = [([5, 18, 17], [7, 1, 33], 2, 16), ([1, 23], [30, 9], 3, 40), ([9], [21]
 NAMES = ["o", "lse", "dq", "dk", "dv"]
 
 
-@pytest.mark.parametrize("lq,lk,H,D", CASES)
-def test_varlen_fp32(lq, lk, H, D):
+def _varlen_vs_reference(lq, lk, H, D, atol):
+    """flash_attn_varlen's output, lse and gradients against autograd through the fp32 reference."""
     from dopsd_fast.kernels.attention import attention_varlen_ref, flash_attn_varlen
 
     cu_q, cu_k = _cu(lq), _cu(lk)
@@ -50,7 +50,13 @@ def test_varlen_fp32(lq, lk, H, D):
     fast = _grads(lambda q, k, v: flash_attn_varlen(q, k, v, cu_q, cu_k), ins, g)
     ref = _grads(lambda q, k, v: attention_varlen_ref(q, k, v, cu_q, cu_k), ins, g)
     for name, a, b in zip(NAMES, fast, ref):
-        assert_close(a, b, 2e-5, 1e-4, name, scaled=True)
+        assert_close(a, b, atol, 1e-4, name, scaled=True)
+    return cu_q, cu_k, ins, g, fast
+
+
+@pytest.mark.parametrize("lq,lk,H,D", CASES)
+def test_varlen_fp32(lq, lk, H, D):
+    cu_q, cu_k, _, _, fast = _varlen_vs_reference(lq, lk, H, D, 2e-5)
     # a sample without keys: output 0 and lse -inf, as documented
     for b in range(len(lq)):
         if lk[b] == 0 and lq[b]:
@@ -127,16 +133,10 @@ def test_the_pytorch_fallback_has_a_backward(monkeypatch, lq, lk, H, D):
     custom op's body, which records nothing: every backward raised "element 0 of tensors does not require
     grad". Its closed form matches autograd through the reference, for one branch and for both."""
     from dopsd_fast.kernels import attention
-    from dopsd_fast.kernels.attention import _concat_kv, attention_varlen_ref, dual_branch_attention, flash_attn_varlen
+    from dopsd_fast.kernels.attention import _concat_kv, attention_varlen_ref, dual_branch_attention
 
     monkeypatch.setattr(attention, "use_triton", lambda *t: False)
-    cu_q, cu_k = _cu(lq), _cu(lk)
-    ins = _qkv(lq, lk, H, D)
-    g = torch.randn_like(ins[0])
-    fast = _grads(lambda q, k, v: flash_attn_varlen(q, k, v, cu_q, cu_k), ins, g)
-    ref = _grads(lambda q, k, v: attention_varlen_ref(q, k, v, cu_q, cu_k), ins, g)
-    for name, a, b in zip(NAMES, fast, ref):
-        assert_close(a, b, 1e-5, 1e-4, name, scaled=True)
+    cu_q, _, ins, g, _ = _varlen_vs_reference(lq, lk, H, D, 1e-5)
     # both branches: shared keys + the student's own (the teacher's take no gradient)
     l_sh, l_s = [3] + [2] * (len(lq) - 1), list(lk)
     sh = [torch.randn(sum(l_sh), H, D).requires_grad_() for _ in range(2)]
