@@ -138,6 +138,10 @@ def test_default_run_learns_the_concept_and_keeps_the_world(tmp_path):
     for s in ("concept_train", "concept_heldout"):
         assert end[s]["v_background_mse"] < start[s]["v_background_mse"] - 0.05, (s, start[s], end[s])
         assert end[s]["v_centroid_rate"] >= start[s]["v_centroid_rate"] + 0.5, (s, start[s], end[s])
+        # the [V] texture itself, where SFT fails (its held-out checker correlation stays at 0.006, docs/toy.md;
+        # this run: 0.005 -> 0.68 held out, 0.006 -> 0.95 on the training prompts); a collapsed student that
+        # only lands near the [V] centroid passes the rate above, not this
+        assert end[s]["v_checker_corr"] >= start[s]["v_checker_corr"] + 0.4, (s, start[s], end[s])
     # the rest: world attributes kept within 0.05 of the starting student, no [V] leaking into them
     assert end["world"]["accuracy_mean"] >= start["world"]["accuracy_mean"] - 0.05, (start["world"], end["world"])
     assert end["world"]["v_centroid_rate"] <= start["world"]["v_centroid_rate"] + 0.1, (start["world"], end["world"])
