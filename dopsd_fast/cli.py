@@ -331,6 +331,10 @@ def sample_main(argv=None) -> int:
                    help="image height in pixels (default: the first --reference's bucket, else the first of the "
                         "config's data.buckets)")
     p.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's)")
+    p.add_argument("--schedule", default=None, metavar="NAME|S0,S1,...",
+                   help="the sigmas in place of the model's inference schedule: a roll-out schedule's name, as "
+                        "dopsd.rollout takes (docs/models.md names the authors' tables), or sigmas ending with 0, "
+                        "comma-separated (default: the config's validation.schedule, else the model's)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed of the initial noise (default 0); the i-th --prompt (from 0) draws with seed + i")
     p.add_argument("--out", default="samples.png",
@@ -350,9 +354,26 @@ def sample_main(argv=None) -> int:
     bad = [v for v in args.lora_scale or [] if not (math.isfinite(v) and abs(v) <= MAX_LORA_SCALE)]
     if bad:
         sys.exit(f"error: --lora-scale {bad[0]:g}: must be a number from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
+    if args.schedule is not None and args.steps is not None:
+        sys.exit("error: --schedule names the sigmas and so the steps: leave --steps out")
     _setup_logging()
     cfg = _load(args)
     from dopsd_fast.sample import generate
+
+    schedule = cfg.validation.schedule if args.steps is None else None
+    if args.schedule is not None:
+        schedule = args.schedule
+        if "," in schedule:
+            try:
+                schedule = [float(v) for v in schedule.split(",")]
+            except ValueError:
+                sys.exit(f"error: --schedule {args.schedule}: give a schedule's name or numbers separated by commas")
+        try:
+            from dataclasses import replace
+
+            replace(cfg, validation=replace(cfg.validation, schedule=schedule, steps=None))  # its checks
+        except ConfigError as e:
+            sys.exit("error: --schedule: " + str(e).removeprefix("config field 'validation.schedule': "))
 
     if args.lora and not Path(args.lora).is_dir():
         sys.exit(f"error: --lora {args.lora}: no such directory (expected a LoRA folder written by dopsd-train, "
@@ -360,7 +381,7 @@ def sample_main(argv=None) -> int:
     try:
         path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
                         seed=args.seed, out=args.out, transformer=args.transformer, references=args.reference,
-                        lora_scales=args.lora_scale)
+                        lora_scales=args.lora_scale, schedule=schedule)
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     logging.getLogger("dopsd_fast").info("wrote %s", path)

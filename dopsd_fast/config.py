@@ -286,6 +286,8 @@ class ValidationConfig:
     at_start: bool = True
     num_samples: int = 2  # first N dataset rows: their prompt (first key) and target image
     steps: Optional[int] = None  # inference steps; None = the model's few-step default
+    # the samples' sigmas instead of the pipeline's schedule: a roll-out schedule's name or a list ending with 0
+    schedule: Union[None, str, list] = None
     seed: int = 1234
     # extra prompts without a target (held-out prompts: does the concept generalise, does the rest stay):
     # one row each with the student's sample, at the first bucket; an entry {prompt: ..., references: [...]}
@@ -298,6 +300,15 @@ class ValidationConfig:
     def __post_init__(self):
         _check(self.every >= 0, "validation.every", "must be >= 0")
         _check(self.num_samples >= 0, "validation.num_samples", "must be >= 0")
+        _check(self.schedule is None or self.steps is None, "validation.schedule",
+               f"names the sigmas and so the steps: leave validation.steps null (it is {self.steps})")
+        if isinstance(self.schedule, list):
+            try:
+                resolve_schedule(self.schedule)
+            except ValueError as e:
+                raise ConfigError(f"config field 'validation.schedule': {e}") from None
+        _check(self.schedule is None or isinstance(self.schedule, (str, list)), "validation.schedule",
+               f"must be null, a schedule's name or a list of sigmas ending with 0, got {short(self.schedule)}")
         _check(isinstance(self.prompts, list), "validation.prompts",
                "must be a list of prompts (a string, or {prompt: ..., references: [...]})")
         for i, p in enumerate(self.prompts):
@@ -804,6 +815,10 @@ FIELD_HELP: dict[str, str] = {
     "validation.at_start": "sample grids at step 0 too",
     "validation.num_samples": "the first N data rows sampled: their prompt (first key) and target image",
     "validation.steps": "inference steps (`null` = the model's few-step default: Z-Image 8, FLUX.2 4; toy: 2)",
+    "validation.schedule": "the samples' sigmas in place of the pipeline's inference schedule: a roll-out schedule's "
+                           "name, as `dopsd.rollout` takes (docs/models.md names the authors' tables), or a list of "
+                           "sigmas ending with 0 (`null` = the pipeline's, at `validation.steps`); `dopsd-sample "
+                           "--schedule` too",
     "validation.seed": "seed of the validation noise",
     "validation.prompts": "extra prompts without a target (held-out prompts): one row each, the student's sample; "
                           "an entry `{prompt: ..., references: [...]}` is that prompt on its own reference images "

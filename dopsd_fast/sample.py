@@ -291,9 +291,10 @@ def load_transformer(adapter, folder: str) -> None:
 
 
 def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=0, out="samples.png",
-             transformer=None, references=None, lora_scales=None) -> Path:
+             transformer=None, references=None, lora_scales=None, schedule=None) -> Path:
     """``dopsd-sample``: one grid, a row per prompt (its references, then its samples). ``lora_scales``:
-    the LoRA's strengths (peft's adapter weight: its update times S), a column each from the same noise."""
+    the LoRA's strengths (peft's adapter weight: its update times S), a column each from the same noise.
+    ``schedule``: the sigmas (a roll-out schedule's name or list) in place of the pipeline's ``steps``."""
     refs = load_references(cfg.data, cfg.model.family, references)  # before any weights are read
     # a fine-tuned transformer in place of the model's: the model's own weights are not read
     adapter = build_adapter(cfg.model, load_encoders=False, transformer_weights=not transformer)
@@ -307,13 +308,14 @@ def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=
     bw, bh = ((refs[0].shape[-1], refs[0].shape[-2]) if refs
               else make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0])
     w, h = width or bw, height or bh
-    n_steps = len(adapter.inference_sigmas(steps, adapter.latent_shape(h, w)[-2:])) - 1
+    sigmas = adapter.sampling_sigmas(steps, schedule, adapter.latent_shape(h, w)[-2:])
+    n_steps = len(sigmas) - 1
     scales = list(lora_scales or [1.0]) if lora else [None]
     columns = []
     for scale in scales:
         if scale is not None:
             adapter.transformer.set_adapters(["lora"], weights=[scale])
-        columns.append(sample_images(adapter, prompts, w, h, steps, seed, references=refs))
+        columns.append(sample_images(adapter, prompts, w, h, steps, seed, sigmas=sigmas, references=refs))
         if not all(bool(torch.isfinite(im).all()) for im in columns[-1]):  # else a grid of cast garbage
             at = f" at --lora-scale {scale:g}" if lora_scales else ""
             raise ValueError(f"the samples{at} are not finite (NaN / inf): the model's output overflowed"

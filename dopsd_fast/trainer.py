@@ -741,7 +741,7 @@ class Trainer:
             s = self.dataset.get(i, prompt_index=0)
             w, h = s.record.bucket
             shape = self.adapter.latent_shape(h, w)
-            sig = self.adapter.inference_sigmas(vcfg.steps, shape[-2:])
+            sig = self.adapter.sampling_sigmas(vcfg.steps, vcfg.schedule, shape[-2:])
             g = torch.Generator().manual_seed(_seed_of(vcfg.seed, i))
             noise = torch.randn((1, *shape), generator=g).to(self.device)
             ctx_s = [c.to(self.device) for c in self.contexts.student([s])]
@@ -758,7 +758,7 @@ class Trainer:
             # on references: at the first one's bucket (an edit keeps its picture's aspect)
             w, h = (refs[0].shape[-1], refs[0].shape[-2]) if refs else self.dataset.records[0].bucket
             shape = self.adapter.latent_shape(h, w)
-            sig = self.adapter.inference_sigmas(vcfg.steps, shape[-2:])
+            sig = self.adapter.sampling_sigmas(vcfg.steps, vcfg.schedule, shape[-2:])
             g = torch.Generator().manual_seed(_seed_of(vcfg.seed, 1_000_000 + i))
             noise = torch.randn((1, *shape), generator=g).to(self.device)
             ctx_s = [ctx.to(self.device)]

@@ -174,6 +174,32 @@ def test_validation_grid(tmp_path):
     assert im.width >= 3 * 128 and im.height >= 2 * 128
 
 
+def test_validation_and_dopsd_sample_follow_a_named_schedule(tmp_path, monkeypatch):
+    """validation.schedule (and dopsd-sample --schedule): the samples follow the named table (the authors'
+    scripts' 8-step zimage-k8) or a list, in place of the pipeline's schedule; checked against the family
+    and refused with validation.steps, each in one line."""
+    from dopsd_fast import trainer as T
+    from dopsd_fast.algorithm import NAMED_SCHEDULES
+    from dopsd_fast.cli import sample_main
+    from dopsd_fast.config import ConfigError
+
+    seen = []
+    real = T.euler_sample
+    monkeypatch.setattr(T, "euler_sample", lambda f, x, sig: (seen.append(list(sig)), real(f, x, sig))[1])
+    tr = T.Trainer(tiny_config(tmp_path, "validation.num_samples=1", "validation.schedule=zimage-k8"))
+    tr.validate()
+    assert seen and all(s == list(NAMED_SCHEDULES["zimage-k8"]) for s in seen)
+    for sets, match in ((["validation.schedule=[1.0, 0.5]"], r"'validation.schedule': a roll-out schedule must end"),
+                        (["validation.schedule=klein-k4"], r"'validation.schedule': 'klein-k4' is not a Z-Image"),
+                        (["validation.schedule=zimage-k8", "validation.steps=4"], r"leave validation.steps null")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_config(tmp_path, *sets)
+    out = tmp_path / "s.png"
+    assert sample_main(["--config", "tiny-zimage", "--prompt", "a cat", "--schedule", "1,0.6,0", "--out", str(out)]) == 0
+    with pytest.raises(SystemExit, match=r"^error: --schedule: 'klein-k4' is not a Z-Image schedule"):
+        sample_main(["--config", "tiny-zimage", "--prompt", "a cat", "--schedule", "klein-k4", "--out", str(out)])
+
+
 def test_sample_cli_with_lora(tmp_path):
     from dopsd_fast.cli import sample_main
     from dopsd_fast.trainer import Trainer

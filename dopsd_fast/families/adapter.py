@@ -184,6 +184,13 @@ class ModelAdapter(ABC):
     def training_sigmas(self, spec, latent_hw=None) -> list[float]:
         return resolve_schedule(spec)
 
+    def sampling_sigmas(self, steps=None, schedule=None, latent_hw=None) -> list[float]:
+        """The sigmas a sample follows: ``schedule`` (a roll-out schedule's name or list, resolved as the
+        roll-out's are) when given, else the pipeline's inference schedule of ``steps``."""
+        if schedule is not None:
+            return self.training_sigmas(schedule, latent_hw)
+        return self.inference_sigmas(steps, latent_hw)
+
     def shift_sigmas(self, s: torch.Tensor, latent_hw=None) -> torch.Tensor:
         """The model's training-time timestep shift applied to unshifted sigmas ``s`` in (0, 1]
         (what the diffusers scheduler's ``sigmas`` table holds): static ``shift`` (Z-Image: 3), or the

@@ -292,9 +292,10 @@ class FamilySpec:
         if m.preset is not None and m.preset not in self.presets:
             raise ConfigError(f"config field 'model.preset': must be one of {list(self.presets)} for model.family="
                               f"{self.name}, got {m.preset!r}")
-        if not self.schedule_ok(cfg.dopsd.rollout):
-            raise ConfigError(f"config field 'dopsd.rollout': {cfg.dopsd.rollout!r} is not a {self.title} schedule; "
-                              f"{self.schedule_help}")
+        for name, schedule in (("dopsd.rollout", cfg.dopsd.rollout), ("validation.schedule", cfg.validation.schedule)):
+            if schedule is not None and not self.schedule_ok(schedule):
+                raise ConfigError(f"config field '{name}': {schedule!r} is not a {self.title} schedule; "
+                                  f"{self.schedule_help}")
         if cfg.fast.enabled:
             fc = cfg.fast
             used = {"fp8": fc.fp8 != "off", "graphs": fc.graphs, "compile": fc.compile != "off",
