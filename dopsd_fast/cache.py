@@ -306,8 +306,11 @@ class FeatureCache:
         return Context(features, extra)
 
     def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True,
-              kinds=KINDS) -> int:
-        """Compute and store every missing entry of ``kinds``; returns how many were written."""
+              kinds=KINDS, stop=None) -> int:
+        """Compute and store every missing entry of ``kinds``; returns how many were written. ``stop``: a
+        callable, true once an interruption was asked for; checked after each batch (a signal handler's
+        exception raised while a finalizer runs is discarded by Python: the flag is not), it raises
+        ``KeyboardInterrupt`` there, the shard being gathered dropped and the shards written kept."""
         from safetensors.torch import save_file
 
         todo = self.missing(dataset, kinds)
@@ -354,6 +357,8 @@ class FeatureCache:
                     sums[key] = context_crc(tensors[f"{name}.features"],
                                             {k: tensors[f"{name}.extra.{k}"] for k in ctx.extra})
                 bar.update(len(part))
+                if stop is not None and stop():
+                    raise KeyboardInterrupt
             while f"shard-{next_shard:05d}.safetensors" in taken:  # never over a shard already there
                 next_shard += 1
             shard = f"shard-{next_shard:05d}.safetensors"

@@ -266,10 +266,14 @@ def cache_main(argv=None) -> int:
     log = logging.getLogger("dopsd_fast")
     lock = None
 
+    stopping = []
+
     def _term(signum, frame):  # a scheduler's SIGTERM: as Ctrl-C (the shard being written removed, the rest kept)
+        stopping.append(signum)  # kept where the exception is not: raised inside a finalizer, Python drops it
         raise KeyboardInterrupt
 
     prev_term = signal.signal(signal.SIGTERM, _term)
+    prev_int = signal.signal(signal.SIGINT, _term)
     try:
         dataset = build_dataset(cfg.data, progress=cfg.train.progress)
         require_editing_support(family(cfg.model.family), dataset)
@@ -290,7 +294,9 @@ def cache_main(argv=None) -> int:
                                 if getattr(adapter, "transformer", None) is not None else None):
             log.warning("cache %s: %s: its contexts are encoded again", cache_dir, why)
         n = cache.write(adapter, dataset, batch_size=args.batch_size, shard_size=cfg.cache.shard_size,
-                        progress=cfg.train.progress, kinds=kinds)
+                        progress=cfg.train.progress, kinds=kinds, stop=lambda: bool(stopping))
+        if stopping:  # asked to stop after the last batch, or while a finalizer ran: as interrupted
+            raise KeyboardInterrupt
     except (DataError, CacheError, FileNotFoundError, OutputDirError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # an unwritable folder, a full disk, a model folder without its weights
@@ -301,6 +307,7 @@ def cache_main(argv=None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, prev_term)
+        signal.signal(signal.SIGINT, prev_int)
         if lock is not None:
             lock.release()
     log.info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n,

@@ -403,3 +403,45 @@ def test_a_manifest_of_another_version_or_not_a_file_is_named_as_such(written, t
         make(cache / "manifest.json")
         with pytest.raises(CacheError, match=r"manifest.json is not a regular file; delete the directory"):
             FeatureCache(cache, identity)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_dopsd_cache_stops_on_a_signal_that_lands_inside_a_finalizer(tmp_path, monkeypatch, sig):
+    """A SIGTERM (or Ctrl-C) arriving while a finalizer (``__del__``) ran was lost: the handler's
+    ``KeyboardInterrupt`` raised there is discarded by Python, and dopsd-cache went on to write the whole
+    cache and exit 0 where the scheduler had asked it to stop. The signal is now kept as a flag, checked
+    after each batch: it stops with 130, the shards written before kept, and a second run completes."""
+    import gc
+    import os
+    import signal
+    import time
+
+    import dopsd_fast.cache as cache_mod
+    from dopsd_fast.cli import cache_main
+
+    crc, calls = cache_mod.context_crc, []
+
+    class Finalized:
+        def __del__(self):  # the signal arrives while Python runs this finalizer
+            os.kill(os.getpid(), getattr(signal, sig))
+            time.sleep(0.05)  # the handler runs here (inside __del__), its exception discarded
+
+    def crc_then_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 12:  # in the third shard (shard_size 5): two shards are written before it
+            obj = Finalized()
+            del obj
+            gc.collect()
+        return crc(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "context_crc", crc_then_signal)
+    cache = tmp_path / "cache"
+    args = ["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false",
+            "--set", "cache.shard_size=5", "--batch-size", "1"]
+    assert cache_main(args) == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers given back
+    m = json.loads((cache / "manifest.json").read_text())
+    assert len(m["entries"]) == 10 and len(list(cache.glob("shard-*.safetensors"))) == 2  # two shards kept
+    monkeypatch.setattr(cache_mod, "context_crc", crc)
+    assert cache_main(args) == 0
+    assert len(json.loads((cache / "manifest.json").read_text())["entries"]) == 24
