@@ -578,7 +578,7 @@ def _own(t, dtype):
     return t.clone() if t.dtype == dtype else t.to(dtype)
 
 
-def _student_bwd(dys, x, weights, u, As, Bs, scales, tri, fp8_wt=None, fp8_rowwise=True):
+def _student_bwd(dys, x, weights, u, As, Bs, scales, tri, fp8_wt=None, fp8_rowwise=True, need_dx=True):
     """-> (dx, dAs, dBs) of the group, dx accumulated over its linears in one buffer. ``du_g = s dy_g
     B_g`` into the columns of one (M, G r) ``du``. cuBLAS: the group's LoRA part of dx FIRST, ``dx =
     du [A_1; ...; A_G]`` (one rank-(G r) product: dx written once), then each base dX GEMM accumulates
@@ -596,13 +596,15 @@ def _student_bwd(dys, x, weights, u, As, Bs, scales, tri, fp8_wt=None, fp8_rowwi
             _gemm(dy, b, dy.dtype, branch=(n, r, s, s), out=du[:, g * r:(g + 1) * r])
         else:
             torch.addmm(zero, dy, b, beta=0, alpha=s, out=du[:, g * r:(g + 1) * r])
-    a_cat = _stack_rows(As)
     dx = None
-    if fp8_wt:
+    if not need_dx:  # the group's input needs no gradient (a first layer fed by frozen embedders): no dX GEMM
+        pass
+    elif fp8_wt:
         from dopsd_fast.kernels.fp8_quant import quantize_rows_cat
 
         dq, ds = quantize_rows_cat(dys, fp8_rowwise)
         wq, ws = fp8_wt
+        a_cat = _stack_rows(As)
         dx = _fp8_gemm(dq, ds, wq.t(), ws, fp8_rowwise, x.dtype, du, a_cat) if tri else None
         if dx is None:
             dx = torch._scaled_mm(dq, wq.t(), scale_a=ds, scale_b=ws.t() if fp8_rowwise else ws, out_dtype=x.dtype)
@@ -611,7 +613,7 @@ def _student_bwd(dys, x, weights, u, As, Bs, scales, tri, fp8_wt=None, fp8_rowwi
         for g, (dy, w, a) in enumerate(zip(dys, weights, As)):
             dx = _gemm(dy, w, x.dtype, a2=du[:, g * r:(g + 1) * r], b2=a, acc=dx)
     else:
-        dx = torch.mm(du, a_cat)
+        dx = torch.mm(du, _stack_rows(As))
         for dy, w in zip(dys, weights):
             dx.addmm_(dy, w)
     da_cat = torch.mm(du.t(), x)
@@ -652,18 +654,20 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
 def paired_lora_linears_backward_op(dys: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
                                     u: torch.Tensor, a_s: list[torch.Tensor], b_s: list[torch.Tensor],
                                     scales: list[float], impl: str, fp8_wt: list[torch.Tensor],
-                                    fp8_rowwise: bool) -> list[torch.Tensor]:
+                                    fp8_rowwise: bool, need_dx: bool = True) -> list[torch.Tensor]:
     """-> ``[dx] + [d a_s per linear] + [d b_s per linear]`` (the student's; the rest is frozen); ``u``
     (M, G r): the forward's low-rank activations of these linears; ``impl`` as the forward resolved it;
-    ``fp8_wt``: ``[q, scale]`` of the group's transposed weights for an FP8 dX GEMM (empty: bf16)."""
+    ``fp8_wt``: ``[q, scale]`` of the group's transposed weights for an FP8 dX GEMM (empty: bf16);
+    ``need_dx`` false: the input needs no gradient, dx is not computed (an empty tensor in its place)."""
     tri = impl == "triton" and use_triton(x, *dys, *weights, *a_s, *b_s)
-    dx, das, dbs = _student_bwd(dys, x, weights, u, a_s, b_s, scales, tri, fp8_wt or None, fp8_rowwise)
-    return [dx] + das + dbs
+    dx, das, dbs = _student_bwd(dys, x, weights, u, a_s, b_s, scales, tri, fp8_wt or None, fp8_rowwise, need_dx)
+    return [dx if need_dx else x.new_empty(0)] + das + dbs
 
 
 @paired_lora_linears_backward_op.register_fake
-def _(dys, x, weights, u, a_s, b_s, scales, impl, fp8_wt, fp8_rowwise):
-    return [torch.empty_like(x)] + [torch.empty_like(a) for a in a_s] + [torch.empty_like(b) for b in b_s]
+def _(dys, x, weights, u, a_s, b_s, scales, impl, fp8_wt, fp8_rowwise, need_dx=True):
+    return ([torch.empty_like(x) if need_dx else x.new_empty(0)] + [torch.empty_like(a) for a in a_s]
+            + [torch.empty_like(b) for b in b_s])
 
 
 class _PairedLinears(torch.autograd.Function):
@@ -704,12 +708,13 @@ class _PairedLinears(torch.autograd.Function):
             u = torch.cat([u[:, g * r:(g + 1) * r] for g in live], 1)
         # FP8 dX only where dx is wanted (no quantized copies for a group whose input needs no gradient)
         fp8_wt = list(ctx.fp8.weights_t(pick(weights))) if ctx.fp8 is not None and ctx.needs_input_grad[1] else []
+        need_dx = ctx.needs_input_grad[1]  # false for a first layer fed by frozen embedders: no dX GEMM
         out = paired_lora_linears_backward_op([grads[g].contiguous() for g in live], x_s, pick(weights), u,
                                               pick(a_s), pick(b_s), pick(ctx.scales), ctx.impl, fp8_wt,
-                                              ctx.fp8.rowwise if ctx.fp8 is not None else True)
+                                              ctx.fp8.rowwise if ctx.fp8 is not None else True, need_dx)
         for j, g in enumerate(live):
             da[g], db[g] = out[1 + j], out[1 + len(live) + j]
-        return None, out[0], *da, *db
+        return None, out[0] if need_dx else None, *da, *db
 
 
 def _pass(name, kind, flops, byts, launches=1, shape=None, impl=None):
@@ -816,7 +821,7 @@ def _bwd_passes_delta_after(M, K, Ns, r, e, impl):
     return out
 
 
-def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False):
+def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False, need_dx=True):
     """The student's backward of a group of linears, as ``_student_bwd`` runs it: ``du_g = s dy_g B_g``
     into the columns of one (M, G r) du; cuBLAS: the group's LoRA part of dx first, ``dx = du [A_1;
     ..]`` (dx written once, priced by its bytes), then each base dX GEMM ``dx += dy_g W_g`` (beta = 1: dx
@@ -824,11 +829,23 @@ def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False):
     ``dA = du^T x`` for the whole group (x read once; split per linear) and ``dB_g = dy_g^T u_g``
     (cuBLAS, both). ``delta="after"``: the earlier form (:func:`paired_fwd_passes`). ``fp8_dgrad``: the
     base part of dx as one FP8 GEMM over the group (its dy's quantized into one e4m3 buffer), the LoRA
-    part added after it."""
+    part added after it. ``need_dx`` false (the input needs no gradient; the current form only, the
+    earlier one computed dx always): du, dA and dB, no dX GEMM."""
     G = len(Ns)
     Gr = G * r
     if M == 0:
         return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)] * (G if delta == "after" else 1)
+    if not need_dx and delta != "after":
+        lib = "triton" if impl == "triton" else "cublas"
+        out = [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
+        out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib)
+                for N in Ns]
+        out.append(_pass(LORA_DOWN, "gemm", 2.0 * Gr * M * K, (M * Gr + M * K + Gr * K) * e, 1, (Gr, M, K),
+                         "cublas"))
+        if G > 1:
+            out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
+        return out + [_pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas")
+                      for N in Ns]
     if fp8_dgrad:
         SN = sum(Ns)
         lib = "triton" if impl == "triton" else "cublas"
@@ -941,10 +958,10 @@ def _(x_s, x_t, weights, biases, a_s, b_s, a_t, b_t, scales_s, scales_t, impl, f
 
 
 @register_cost("dopsd_fast::paired_lora_linears_backward")
-def _(dys, x, weights, u, a_s, b_s, scales, impl, fp8_wt=(), fp8_rowwise=True):
+def _(dys, x, weights, u, a_s, b_s, scales, impl, fp8_wt=(), fp8_rowwise=True, need_dx=True):
     M, K = x.shape
     return _with_passes(paired_bwd_passes(M, K, [w.shape[0] for w in weights], a_s[0].shape[0], x.element_size(),
-                                          impl, COST_FORM["delta"], fp8_dgrad=bool(fp8_wt)))
+                                          impl, COST_FORM["delta"], fp8_dgrad=bool(fp8_wt), need_dx=need_dx))
 
 
 # ---- the implementation per shape: ours (delta and dx in the GEMM) where it wins, else cuBLAS ---------

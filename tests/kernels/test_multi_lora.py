@@ -320,8 +320,49 @@ def test_paired_linears_compile_with_their_gradients():
         assert_close(a, r, 1e-4, 1e-4, name, scaled=True)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_an_input_that_needs_no_gradient_gets_no_dx_gemm(impl):
+    """A group whose input needs no gradient (the first layer of a refiner, fed by frozen embedders):
+    its dX GEMMs were run and thrown away (1.5 TFLOP a Z-Image step). Now the backward skips them: the
+    adapters' gradients equal those of the run that computes dx, bit for bit, and the step model's
+    passes of the group have no dX GEMM."""
+    from dopsd_fast.kernels import multi_lora as ml
+
+    K, r = 32, 4
+    layers = [_params(K, N, r) for N in (40, 48, 24)]
+    xs, xt = torch.randn(37, K), torch.randn(45, K)
+    gs = [torch.randn(37, w.shape[0]) for w, *_ in layers]
+
+    def run(x_grad):
+        x = xs.clone().requires_grad_(x_grad)
+        ad = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for _, _, a, b, _, _ in layers]
+        outs = ml.paired_lora_linears(x, xt, [lw[0] for lw in layers], [lw[1] for lw in layers],
+                                      [(a, b, 0.5 + i) for i, (a, b) in enumerate(ad)],
+                                      [(lw[4], lw[5], 2.0) for lw in layers], impl=impl)
+        loss = sum((o[0] * g).sum() for o, g in zip(outs, gs))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            loss.backward()  # the matrix products it launches, inside the op too (the cuBLAS form)
+        products = sum(1 for ev in prof.events() if ev.name in ("aten::mm", "aten::addmm", "aten::addmm_"))
+        return x.grad, [t.grad for pair in ad for t in pair], products
+
+    dx, with_dx, n_with = run(True)
+    no_dx, without, n_without = run(False)
+    assert dx is not None and no_dx is None
+    if impl == "torch":  # dx = du [A_1; ..] and the three dx += dy_g W_g: not launched
+        assert n_with - n_without == 4, (n_with, n_without)
+    for a, b in zip(with_dx, without):
+        assert torch.equal(a, b)
+    names = lambda passes: [p["name"] for p in passes]  # noqa: E731
+    for form in ("torch", "triton"):
+        full, skip = (ml.paired_bwd_passes(37, K, [40, 48, 24], r, 2, form, need_dx=n) for n in (True, False))
+        assert not any("dX" in n or n == ml.LORA_DELTA_DX_FIRST for n in names(skip)), names(skip)
+        assert sum(p["flops"] for p in full) - sum(p["flops"] for p in skip) == pytest.approx(
+            2.0 * 37 * K * (40 + 48 + 24) + 2.0 * 37 * 3 * r * K)  # the base dX GEMMs and du [A_1; ..]
+
+
+@pytest.mark.parametrize("need_dx", [True, False])
 @pytest.mark.parametrize("group", [1, 3])
-def test_cost_passes_are_the_launches_the_torch_form_makes(group):
+def test_cost_passes_are_the_launches_the_torch_form_makes(group, need_dx):
     """The step model prices the paired op by the passes its cost states (benchmarks/perf_model.py): each
     is one launch of the cuBLAS form, with that launch's GEMM shape and bytes (read + written). Here
     the implementation runs under a dispatch mode that records every aten op it launches, forward
@@ -367,9 +408,9 @@ def test_cost_passes_are_the_launches_the_torch_form_makes(group):
     with Record() as rec:
         ys, u = ml._branch_fwd(xs, ws, [None] * group, As, Bs, [0.5] * group, False)
         ml._branch_fwd(xt, ws, [None] * group, As, Bs, [2.0] * group, False)
-        ml._student_bwd(dys, xs, ws, u, As, Bs, [0.5] * group, False)
+        ml._student_bwd(dys, xs, ws, u, As, Bs, [0.5] * group, False, need_dx=need_dx)
     passes = [p for M in (Ms, Mt) for p in ml.paired_fwd_passes(M, K, Ns, r, e, "torch")]
-    passes += ml.paired_bwd_passes(Ms, K, Ns, r, e, "torch")
+    passes += ml.paired_bwd_passes(Ms, K, Ns, r, e, "torch", need_dx=need_dx)
     # launches in a different order (both branches' forward per linear in the cost): compare as multisets
     got = sorted((shape or (), byts) for shape, byts in rec.launches)
     want = sorted((p["shape"] or (), p["bytes"]) for p in passes for _ in range(p["launches"]))
