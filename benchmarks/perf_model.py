@@ -324,6 +324,8 @@ class StepCounter(TorchDispatchMode):
             # a factory (zeros, ones, full, *_like) reads nothing: only its output counts
             factory = name.split("::")[-1].split(".")[0] in _FACTORIES
             byts = (0 if factory else _bytes(_tensors((args, kwargs)))) + _bytes(_tensors(out))
+            if out is None:  # an in-place op that returns nothing (_foreach_*_, _fused_adamw_): its writes
+                byts += _bytes(_tensors(_written(func, args, kwargs)))
             sd = _sdpa_flops(name, args, out)
             shape = None
             if sd is not None:
@@ -584,6 +586,26 @@ def prequantize(fp, mode) -> float:
     return n / 1e9
 
 
+def _written(func, args, kwargs) -> list:
+    """The arguments ``func`` writes in place (its schema's ``a!``), less a fused optimizer's gradients:
+    its schema marks them written (unscaled in place where a grad scale is given; none is here)."""
+    vals = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+    return [vals[a.name] for a in func._schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write and a.name != "grads" and a.name in vals]
+
+
+def _steady_adamw(params):
+    """AdamW as the GPU steps it (``fused=True``, step_time's CUDA form), in its steady state: its
+    moments made by one step here, so the counted step prices one fused pass, not a first step's state
+    creation (two zero fills per parameter) and the CPU's foreach form."""
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
 def _build(preset, path, backward, rank, cap_s, cap_t, gemm, fp8, checkpoint, attention, eager_checkpointing):
     """The benchmark (and the fast path) built under a fake mode: (mode, bench, args, fast path, FP8 GB)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -601,6 +623,7 @@ def _build(preset, path, backward, rank, cap_s, cap_t, gemm, fp8, checkpoint, at
         with mode:
             bench, args = _fake_bench(preset, backward, path, rank, cap_s, cap_t, gemm, fp8, checkpoint, attention,
                                       eager_checkpointing)
+            bench.optimizer = _steady_adamw(bench.params)
         if path == "fast":  # built in the fake mode: parameters and buffers fake
             with mode:
                 fp = bench.fast_model(args.kernels, fp8=fp8.split("-")[0], fp8_dgrad=fp8 != "native-fwd")
@@ -1105,7 +1128,8 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
         return 0
     calibration = derive_rates(load_calibration(args.calibration)) if args.calibration else None
-    print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; {Pricing(RATES, calibration).describe()}. "
+    header_pricing = Pricing(RATES, calibration, ATTENTION_MODEL[args.attention][1])  # the fast path's attention
+    print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; {header_pricing.describe()}. "
           "MODEL FIGURES, not measurements; the peak excludes the weights.")
     if args.calibrate:
         for fam in args.families.split(","):

@@ -213,7 +213,9 @@ def test_delta_first_halves_the_lora_delta_traffic():
     rest = new["non_gemm_tb"] - y_new - dx_new - stack
     assert abs(rest - (old["non_gemm_tb"] - y_old - dx_old)) < 1e-6
     assert new["predicted_s"] < old["predicted_s"] and new["peak_live_gb"] <= old["peak_live_gb"] + 1e-6
-    assert abs(new["total"]["flops"] - old["total"]["flops"]) <= 1e-6 * old["total"]["flops"]
+    # the same work, less the dX GEMMs of the groups whose input needs no gradient (the refiners' first
+    # layers, fed by frozen embedders: 1.5 TFLOP), which the current form skips and the earlier one ran
+    assert 1.3e12 <= old["total"]["flops"] - new["total"]["flops"] <= 1.7e12, (old["total"], new["total"])
 
 
 def test_importing_the_model_keeps_the_callers_interpreter_setting():
