@@ -46,6 +46,13 @@ def test_tiny_step_model(tmp_path):
         assert {"optimizer", "EMA", "backward"} <= set(rows[path, "once"]["regions"])
     assert rows["fast", "once"]["total"]["launches"] < rows["eager", "once"]["total"]["launches"]
     assert "MODEL FIGURES" in r.stdout
+    # the optimizer as the GPU steps it: fused AdamW in its steady state, one pass reading weights,
+    # gradients and both moments and writing weights and moments (fp32: 7 x 4 bytes a parameter), plus
+    # the per-tensor step counts; the EMA's in-place lerp reads both copies and writes one (3 x 4 bytes)
+    n = rows["fast", "once"]["trainable_params"]
+    opt, ema = rows["fast", "once"]["regions"]["optimizer"], rows["fast", "once"]["regions"]["EMA"]
+    assert opt["launches"] <= 4 and 28 * n <= opt["bytes"] <= 28 * n + 64 * 100, (opt, n)
+    assert ema["bytes"] == 12 * n, (ema, n)
 
 
 def test_calibration_file_names_its_source(tmp_path):
