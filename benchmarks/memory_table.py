@@ -3,7 +3,7 @@
 eager path, gradient checkpointing). MODEL FIGURES: dopsd_fast.memory's terms (activations, the
 checkpoint recompute, transient, gradients, AdamW, LoRA casts, cuBLAS workspace, what the fake step
 cannot see), its constants from fake-tensor steps (benchmarks/perf_model.py --calibrate) and the H200
-measurement of the LoRA fast row's configuration (40.0 GB predicted, 40.05 GB measured, 2026-12-04);
+measurement of the LoRA fast row's configuration (40.1 GB predicted, 40.05 GB measured, 2026-12-04);
 the other rows are not measured.
 
     python benchmarks/memory_table.py            # the markdown table of docs/performance.md

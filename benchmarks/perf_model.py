@@ -832,12 +832,14 @@ def calibrate(family: str, path: str) -> dict:
     :data:`CALIBRATION` (Z-Image-Turbo 6B at 30 and 20 main layers; klein-4B at (5, 20), (3, 20) and
     (5, 10) double / single blocks), each term apart so that none is counted twice:
 
-    * per block kind, the saved activations per layer: the slope of the stepwise peak over the layers;
+    * per block kind, the saved activations per layer: the slope of the stepwise peak over the layers,
+      less the layer's adapters' gradients and casts (counted by their own terms: in the slope too, they
+      were counted twice, which the per-state extra cancelled at this size only);
     * one roll-out state's saved activations: from the ``once`` peak (K states alive, no gradients yet)
       against the stepwise one (one state alive, the fp32 gradients of the previous states'
       backwards): ``(once - stepwise + gradients) / (K - 1)``; the per-state extra is what that holds
-      beyond layers x slope, in units of width^2 (it scales so between Z-Image's 6B and 1536-wide
-      sizes, -45.7 and -44.6, not with the tokens);
+      beyond layers x slope, in units of width^2 (small: -0.15 GB at Z-Image's 6B, -0.06 GB at its
+      1536-wide size);
     * the transient: the stepwise peak less one state, the gradients and the LoRA casts (the teacher's
       working set at the peak layer, the roll-out's inputs).
 
@@ -863,11 +865,15 @@ def calibrate(family: str, path: str) -> dict:
         step_time.PRESETS[name] = dict(pre, config=dict(cfg, **over))
         return model_step(name, path, backward)
 
+    def activations(r):  # the peak less the adapters' fp32 gradients and bf16 casts (terms of their own):
+        m = r["trainable_params"]  # a layer removed takes its adapters' share of those away too
+        return r["peak_live_gb"] * 1e9 - m * 4 - memory.cast_bytes(m, path)
+
     r0 = run()
     p0, K, n = r0["peak_live_gb"] * 1e9, r0["K"], r0["trainable_params"]
     grads = n * 4  # fp32 LoRA adapters
     casts = memory.cast_bytes(n, path)
-    per = {kind: (p0 - run(**{key: cfg[key] - fewer})["peak_live_gb"] * 1e9) / fewer
+    per = {kind: (activations(r0) - activations(run(**{key: cfg[key] - fewer}))) / fewer
            for kind, (key, fewer) in vary.items()}
     once = run("once")["peak_live_gb"] * 1e9
     state = (once - p0 + grads) / (K - 1)

@@ -8,28 +8,29 @@ checkpointed):
 
 | term | what | fast | eager, ckpt |
 |---|---|---|---|
-| activations | what the student's autograd saves for the states alive (K with ``once``, 1 with ``stepwise``): per layer and student token (the family spec's ``memory.per_token``; a checkpointed layer keeps its input, 1 x width), plus a per-state intercept (``memory.per_state_extra``, x width^2: what a state holds beyond layers x slope) | 22.66 GB | 1.13 GB |
-| recompute | with checkpointed layers: one layer's activations, re-made in its backward | 0 | 1.40 GB |
+| activations | what the student's autograd saves for the states alive (K with ``once``, 1 with ``stepwise``): per layer and student token (the family spec's ``memory.per_token``; a checkpointed layer keeps its input, 1 x width), plus a per-state intercept (``memory.per_state_extra``, x width^2: what a state holds beyond layers x slope) | 22.72 GB | 1.13 GB |
+| recompute | with checkpointed layers: one layer's activations, re-made in its backward | 0 | 1.38 GB |
 | transient | the working set on top at the peak: the teacher's layer in the forward, the roll-out's inputs (``memory.transient_per_teacher_token``) | 1.06 GB | 0.65 GB |
 | gradients | fp32 gradients of the trainable tensors (a stepwise peak follows the first state's backward; a ``once`` peak, at the start of the backward, holds few: counted whole, high by at most this) | 0.64 GB | 0.64 GB |
 | optimizer | AdamW's two moments, from the first optimizer step on | 1.27 GB | 1.27 GB |
 | casts | fast path, LoRA: both adapters cast to bf16 once per roll-out (``RolloutShare``) | 0.64 GB | 0 |
 | workspace | cuBLAS's workspace, 32 MiB per handle and stream on sm_90+ (cuBLASLt shares it), one for the forward's thread and one for autograd's | 0.07 GB | 0.07 GB |
-| unseen | what a fake-tensor step cannot see: scratch inside library calls (SDPA's fp32 dQ accumulator, 0.07 GB here), the allocator's rounding of blocks | 0.11 GB | 0.11 GB |
+| unseen | what a fake-tensor step cannot see: scratch inside library calls (SDPA's fp32 dQ accumulator, 0.07 GB here), the allocator's rounding of blocks | 0.09 GB | 0.09 GB |
 | fp8_weights | ``fast.fp8: native`` only: the block linears' e4m3 copies (and with ``fast.fp8_dgrad`` their transposes), kept beside the weights for the run (:func:`fp8_weight_bytes`); not measured on a GPU | 0 | 0 |
-| total | | 26.44 GB | 5.27 GB |
+| total | | 26.48 GB | 5.23 GB |
 
 activations, transient (and the checks of gradients and casts) come from ``benchmarks/perf_model.py
 --calibrate``: whole steps at real size under fake tensors, bf16, the storages alive at the peak,
 each term taken apart (one layer's slope from two layer counts, one state from ``once`` against
 ``stepwise``), kept in elements per token in units of the model width (bf16: 2 bytes each; the
-per-state intercept in units of width^2: it scales so between Z-Image's 6B and 1536-wide sizes).
+per-state intercept in units of width^2: small, -0.15 GB at Z-Image's 6B (-5.2), -0.06 GB at its
+1536-wide size (-13.0), where the slope is 20.3 x width, as at 6B).
 gradients, optimizer, casts, workspace are byte counts. unseen is the one constant fitted on a GPU:
 on the H200 (2026-12-04, ``benchmarks/results/2026-12-04-h200``) the fast step peaked at 41.33 GB and
 the checkpointed eager reference at 20.09 GB, each with the weights (13.58 GB: base and both fp32
 adapters) and step_time's snapshot of the adapters (1.27 GB) in them; what the other terms leave is
-0.15 and 0.08 GB, so 0.11. The predictions are then 41.29 and 20.11 GB; the m3 peaks of the same run
-(our attention, no snapshot, step 0 before AdamW's state exists) 38.75 / 40.02 GB for 38.77 / 40.05
+0.09 and 0.10 GB, so 0.09. The predictions are then 41.33 and 20.08 GB; the m3 peaks of the same run
+(our attention, no snapshot, step 0 before AdamW's state exists) 38.79 / 40.06 GB for 38.77 / 40.05
 measured, nothing fitted on them (tests/test_memory.py). (The "40 % low" read of that run set the
 README's activations + transient, 25.0 GB, against the whole 41.3 GB; the model's total then was 27.5
 GB beyond the weights against 26.5 measured beyond the weights and the snapshot, its transient
@@ -39,10 +40,10 @@ Each family's constants are its spec's (``spec.memory``, :class:`~dopsd_fast.fam
 
 | family, path | per layer and student token | per state | transient per teacher token |
 |---|---|---|---|
-| Z-Image, fast (fused) | 21.2 x dim (0.750 GB per layer at 4608 tokens, dim 3840: 30 vs 20 layers) | -45.7 x dim^2 | 27.0 x dim |
-| Z-Image, eager (diffusers) | 39.6 x dim (26 of the 45 GB of its stepwise peak are casts' outputs, ``_to_copy``) | -32.6 x dim^2 | 16.5 x dim |
-| klein, fast | double 23.3 x D, single 26.9 x D | -40.7 x D^2 | 22.2 x D (the editing teacher: 2 images) |
-| klein, eager | double 28.8 x D, single 25.7 x D | -30.3 x D^2 | 13.8 x D |
+| Z-Image, fast (fused) | 20.2 x dim (0.715 GB per layer at 4608 tokens, dim 3840: 30 vs 20 layers, less their adapters' gradients and casts) | -5.2 x dim^2 | 27.0 x dim |
+| Z-Image, eager (diffusers) | 39.1 x dim (26 of the 45 GB of its stepwise peak are casts' outputs, ``_to_copy``) | -12.3 x dim^2 | 16.5 x dim |
+| klein, fast | double 21.2 x D, single 20.1 x D | 0.1 x D^2 | 20.2 x D (the editing teacher: 2 images) |
+| klein, eager | double 27.7 x D, single 25.3 x D | -9.8 x D^2 | 13.8 x D |
 
 Not in ``max_memory_allocated``, so in no term: the CUDA context and the blocks the caching allocator
 keeps reserved but unused (fragmentation). The budget leaves room for them: 85% of the free memory
@@ -60,7 +61,7 @@ import torch
 BYTES = 2  # bf16 activations
 CUBLAS_WORKSPACE_BYTES = 32 * 2 ** 20  # torch's default per cuBLAS handle and stream on sm_90+ (cuBLASLt shares it)
 CUBLAS_HANDLES = 2  # the forward's thread and autograd's device thread each hold one on the step's stream
-UNSEEN_BYTES = 0.11e9  # fitted on the H200 peaks (see the module docstring)
+UNSEEN_BYTES = 0.09e9  # fitted on the H200 peaks (see the module docstring)
 TERMS = ("activations", "recompute", "transient", "gradients", "optimizer", "casts", "workspace", "unseen",
          "fp8_weights")
 TERM_LABELS = {"activations": "saved activations", "recompute": "checkpoint recompute (1 layer)",

@@ -66,18 +66,23 @@ def test_trainer_resolves_backward_and_checkpointing(tmp_path):
     assert m["loss"] > 0
 
 
-@pytest.mark.parametrize("preset,path,family,cfg_name", [("zimage-mid", "fast", "zimage", "ZIMAGE_MID"),
-                                                        ("zimage-mid", "eager", "zimage", "ZIMAGE_MID"),
-                                                        ("klein-9b", "fast", "klein", "KLEIN_9B")])
-def test_constants_predict_the_fake_tensor_peak_at_other_sizes(preset, path, family, cfg_name):
-    """Calibrated at Z-Image-Turbo 6B and klein-4B, checked at sizes not used for the calibration
-    (Z-Image 1536 wide x 8 layers; klein-9B): the memory model's stepwise peak is at most 10% below
-    the fake-tensor step's measured peak (below risks running out of memory) and at most 20% above
-    (measured: fast +-5%, eager +15% at the narrower Z-Image). The fake step is one first step: every
-    term but AdamW's state and what it cannot see (cuBLAS's workspace, 'unseen')."""
+@pytest.mark.parametrize("preset,path,family,cfg_name,side,low,high", [
+    ("zimage-mid", "fast", "zimage", "ZIMAGE_MID", 1024, 0.03, 0.03),
+    ("zimage-mid", "eager", "zimage", "ZIMAGE_MID", 1024, 0.03, 0.03),
+    ("zimage-6b", "fast", "zimage", "ZIMAGE_RELEASED", 512, 0.03, 0.03),
+    ("klein-9b", "fast", "klein", "KLEIN_9B", 1024, 0.03, 0.03)])
+def test_constants_predict_the_fake_tensor_peak_at_other_sizes(preset, path, family, cfg_name, side, low, high):
+    """Calibrated at Z-Image-Turbo 6B and klein-4B at 1024^2, checked at sizes not used for the
+    calibration (Z-Image 1536 wide x 8 layers; Z-Image 6B at 512^2; klein-9B): the memory model's
+    stepwise peak is at most ``low`` below the fake-tensor step's measured peak (below risks running
+    out of memory) and at most ``high`` above: within 3% (measured within 1%). The per-layer constants
+    counted the layers' adapter gradients and casts a second time, which the per-state intercept
+    cancelled at the calibration size only: 9.4% low at 512^2, 15% high for the narrower eager Z-Image. The fake step is one first step:
+    every term but AdamW's state and what it cannot see (cuBLAS's workspace, 'unseen')."""
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
-            "import perf_model as pm\n"
-            f"r = pm.model_step({preset!r}, {path!r}, 'stepwise')\n"
+            "import perf_model as pm, step_time\n"
+            f"step_time.PRESETS['probe'] = dict(step_time.PRESETS[{preset!r}], resolution={side})\n"
+            f"r = pm.model_step('probe', {path!r}, 'stepwise')\n"
             "print(json.dumps({'peak': r['peak_live_gb'], 'trainable': r['trainable_params']}))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -95,12 +100,12 @@ def test_constants_predict_the_fake_tensor_peak_at_other_sizes(preset, path, fam
     cfg = getattr(step_time, cfg_name)
     from dopsd_fast.families import FAMILIES
 
-    img = 4096
+    img = (side // 16) ** 2
     tok_s, tok_t = img + pre["cap_s"], FAMILIES[family].teacher_image_tokens(img) + pre["cap_t"]
     terms = memory.peak_bytes(memory.shape_of(cfg, FAMILIES[family], tok_s, tok_t, 4, n_train), path, "stepwise")
     # the fake step's first step: no AdamW state yet; it cannot see cuBLAS's workspace nor what 'unseen' holds
     predicted = terms["total"] - terms["optimizer"] - terms["workspace"] - terms["unseen"]
-    assert -0.10 * measured <= predicted - measured <= 0.20 * measured, (predicted / 1e9, measured / 1e9)
+    assert -low * measured <= predicted - measured <= high * measured, (predicted / 1e9, measured / 1e9)
 
 
 def test_terms_sum_and_schedules():

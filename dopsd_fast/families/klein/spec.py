@@ -149,10 +149,10 @@ SPEC = KleinFamily(
     velocity_path="dopsd_fast.families.klein.adapter:flux2_velocity", transformer_class="Flux2Transformer2DModel",
     convention=Convention(time_is_one_minus_sigma=False, output_is_minus_v=False),
     presets={"tiny-klein": "dopsd_fast.families.klein.tiny:TinyPreset"},
-    memory=MemoryCoefficients(per_token={"fast": {"double": 23.3, "single": 20.9},
-                                         "eager": {"double": 28.8, "single": 25.7}},
+    memory=MemoryCoefficients(per_token={"fast": {"double": 21.2, "single": 20.1},
+                                         "eager": {"double": 27.7, "single": 25.3}},
                               transient_per_teacher_token={"fast": 20.2, "eager": 13.8},  # the teacher: 2 images
-                              per_state_extra={"fast": -40.7, "eager": -30.3}),
+                              per_state_extra={"fast": 0.1, "eager": -9.8}),
     fp8_linears=FP8_LINEARS,
     flavours={
         "tiny-klein": Flavour("tiny-klein", None, 128, 48, 48, 8, "cpu", "fp32"),
