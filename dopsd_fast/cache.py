@@ -308,9 +308,9 @@ class FeatureCache:
     def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True,
               kinds=KINDS, stop=None) -> int:
         """Compute and store every missing entry of ``kinds``; returns how many were written. ``stop``: a
-        callable, true once an interruption was asked for; checked after each batch (a signal handler's
-        exception raised while a finalizer runs is discarded by Python: the flag is not), it raises
-        ``KeyboardInterrupt`` there, the shard being gathered dropped and the shards written kept."""
+        callable, true once an interruption was asked for (dopsd-cache's signal handler sets a flag: an
+        exception raised in a handler while a finalizer runs is discarded by Python); checked after each
+        batch: the contexts gathered so far are written as a shard, then ``KeyboardInterrupt`` raised."""
         from safetensors.torch import save_file
 
         todo = self.missing(dataset, kinds)
@@ -322,6 +322,7 @@ class FeatureCache:
             adapter.ensure_student_encoder()
         taken = {s for s, _ in self.entries.values()} | {p.name for p in self.dir.glob("shard-*.safetensors")}
         next_shard = 0
+        stopped = False
         bar = tqdm(total=len(todo), desc="caching contexts", disable=not progress)
         for s0 in range(0, len(todo), shard_size):
             chunk = todo[s0:s0 + shard_size]
@@ -358,7 +359,10 @@ class FeatureCache:
                                             {k: tensors[f"{name}.extra.{k}"] for k in ctx.extra})
                 bar.update(len(part))
                 if stop is not None and stop():
-                    raise KeyboardInterrupt
+                    stopped = True
+                    break
+            if not names:
+                raise KeyboardInterrupt
             while f"shard-{next_shard:05d}.safetensors" in taken:  # never over a shard already there
                 next_shard += 1
             shard = f"shard-{next_shard:05d}.safetensors"
@@ -368,8 +372,10 @@ class FeatureCache:
                 self.entries[key] = [shard, name]
             self.checksums.update(sums)
             if self.kinds is not None:
-                self.kinds |= {kind for _, kind, _ in chunk}
+                self.kinds |= {kind for key, kind, _ in chunk if key in names}
             self._save_manifest()  # after each shard: an interruption loses at most one shard
+            if stopped:
+                raise KeyboardInterrupt
         bar.close()
         return len(todo)
 

@@ -266,14 +266,16 @@ def cache_main(argv=None) -> int:
     log = logging.getLogger("dopsd_fast")
     lock = None
 
-    stopping = []
+    stopping, writing = [], [False]
 
-    def _term(signum, frame):  # a scheduler's SIGTERM: as Ctrl-C (the shard being written removed, the rest kept)
-        stopping.append(signum)  # kept where the exception is not: raised inside a finalizer, Python drops it
-        raise KeyboardInterrupt
+    def _term(signum, frame):  # a scheduler's SIGTERM, or Ctrl-C: kept as a flag (an exception raised inside a
+        stopping.append(signum)  # finalizer is dropped by Python); while contexts are encoded the writer stops
+        if not writing[0] or len(stopping) > 1:  # after the batch, its contexts kept; else (or a second) at once
+            raise KeyboardInterrupt
 
-    prev_term = signal.signal(signal.SIGTERM, _term)
-    prev_int = signal.signal(signal.SIGINT, _term)
+    # a signal the process was started ignoring (a script's `&`, `trap '' INT`) stays ignored
+    prev_term = signal.signal(signal.SIGTERM, _term) if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN else None
+    prev_int = signal.signal(signal.SIGINT, _term) if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else None
     try:
         dataset = build_dataset(cfg.data, progress=cfg.train.progress)
         require_editing_support(family(cfg.model.family), dataset)
@@ -293,8 +295,12 @@ def cache_main(argv=None) -> int:
         for why in cache.repair(family(cfg.model.family).context_width(adapter.transformer.config)
                                 if getattr(adapter, "transformer", None) is not None else None):
             log.warning("cache %s: %s: its contexts are encoded again", cache_dir, why)
-        n = cache.write(adapter, dataset, batch_size=args.batch_size, shard_size=cfg.cache.shard_size,
-                        progress=cfg.train.progress, kinds=kinds, stop=lambda: bool(stopping))
+        writing[0] = True
+        try:
+            n = cache.write(adapter, dataset, batch_size=args.batch_size, shard_size=cfg.cache.shard_size,
+                            progress=cfg.train.progress, kinds=kinds, stop=lambda: bool(stopping))
+        finally:
+            writing[0] = False
         if stopping:  # asked to stop after the last batch, or while a finalizer ran: as interrupted
             raise KeyboardInterrupt
     except (DataError, CacheError, FileNotFoundError, OutputDirError, ValueError, RuntimeError) as e:
@@ -304,10 +310,12 @@ def cache_main(argv=None) -> int:
     except KeyboardInterrupt:
         log.warning("cache %s: stopped; the shards written so far are kept (run dopsd-cache again to go on)",
                     cfg.cache.dir)
-        return 130
+        return 128 + (stopping[0] if stopping else signal.SIGINT)  # 143 for SIGTERM, 130 for Ctrl-C
     finally:
-        signal.signal(signal.SIGTERM, prev_term)
-        signal.signal(signal.SIGINT, prev_int)
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
+        if prev_int is not None:
+            signal.signal(signal.SIGINT, prev_int)
         if lock is not None:
             lock.release()
     log.info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n,

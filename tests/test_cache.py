@@ -410,7 +410,8 @@ def test_dopsd_cache_stops_on_a_signal_that_lands_inside_a_finalizer(tmp_path, m
     """A SIGTERM (or Ctrl-C) arriving while a finalizer (``__del__``) ran was lost: the handler's
     ``KeyboardInterrupt`` raised there is discarded by Python, and dopsd-cache went on to write the whole
     cache and exit 0 where the scheduler had asked it to stop. The signal is now kept as a flag, checked
-    after each batch: it stops with 130, the shards written before kept, and a second run completes."""
+    after each batch: the contexts gathered so far are written as a shard, then it stops with 128 +
+    the signal's number (143, 130); a second run completes the cache."""
     import gc
     import os
     import signal
@@ -424,7 +425,7 @@ def test_dopsd_cache_stops_on_a_signal_that_lands_inside_a_finalizer(tmp_path, m
     class Finalized:
         def __del__(self):  # the signal arrives while Python runs this finalizer
             os.kill(os.getpid(), getattr(signal, sig))
-            time.sleep(0.05)  # the handler runs here (inside __del__), its exception discarded
+            time.sleep(0.05)  # the handler runs here (inside __del__)
 
     def crc_then_signal(*a, **k):
         calls.append(1)
@@ -438,10 +439,36 @@ def test_dopsd_cache_stops_on_a_signal_that_lands_inside_a_finalizer(tmp_path, m
     cache = tmp_path / "cache"
     args = ["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false",
             "--set", "cache.shard_size=5", "--batch-size", "1"]
-    assert cache_main(args) == 130
+    assert cache_main(args) == 128 + getattr(signal, sig)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers given back
     m = json.loads((cache / "manifest.json").read_text())
-    assert len(m["entries"]) == 10 and len(list(cache.glob("shard-*.safetensors"))) == 2  # two shards kept
+    # two whole shards and the third's two contexts encoded before the stop, kept
+    assert len(m["entries"]) == 12 and len(list(cache.glob("shard-*.safetensors"))) == 3
     monkeypatch.setattr(cache_mod, "context_crc", crc)
     assert cache_main(args) == 0
     assert len(json.loads((cache / "manifest.json").read_text())["entries"]) == 24
+
+
+def test_dopsd_cache_leaves_an_ignored_sigint_ignored(tmp_path, monkeypatch):
+    """Started with SIGINT ignored (a script's ``&``, ``trap '' INT``), dopsd-cache does not take it
+    over: a Ctrl-C meant for the shell does not stop it."""
+    import signal
+
+    import dopsd_fast.cache as cache_mod
+    from dopsd_fast.cli import cache_main
+
+    crc, seen = cache_mod.context_crc, []
+
+    def crc_seeing(*a, **k):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return crc(*a, **k)
+
+    monkeypatch.setattr(cache_mod, "context_crc", crc_seeing)
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={tmp_path / 'c'}",
+                           "--set", "train.progress=false"]) == 0
+        assert seen and all(h is signal.SIG_IGN for h in seen)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, prev)
