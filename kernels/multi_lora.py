@@ -875,7 +875,7 @@ def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False, need
     lib = "triton" if impl == "triton" else "cublas"
     out = [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
     out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib) for N in Ns]
-    if G > 1:
+    if G > 1 and impl != "triton":  # [A_1; ..] for dx = du [A_1; ..] (ours reads each A_g in its dX GEMM)
         out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
     if impl == "triton":
         out += [_pass("base dX GEMM dx (+)= dy W + du A (one kernel)", "gemm", 2.0 * M * N * K + 2.0 * M * r * K,

@@ -361,6 +361,29 @@ def test_an_input_that_needs_no_gradient_gets_no_dx_gemm(impl):
 
 
 @pytest.mark.parametrize("need_dx", [True, False])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_the_backward_s_adapter_copies_are_the_passes_priced(impl, need_dx, monkeypatch):
+    """The small copies of the student's backward (the group's A's stacked for ``dx = du [A_1; ..]``,
+    each dA split out of the group's one product): as many as the step model prices. Ours reads each
+    A_g in its own dX GEMM: no stacked copy (the model priced one after the code stopped making it)."""
+    from dopsd_fast.kernels import multi_lora as ml
+
+    copies = []
+    stack, own = ml._stack_rows, ml._own
+    monkeypatch.setattr(ml, "_stack_rows", lambda As: copies.extend([1] * (len(As) if len(As) > 1 else 0)) or stack(As))
+    monkeypatch.setattr(ml, "_own", lambda t, dtype: copies.append(1) or own(t, dtype))
+    torch.manual_seed(0)
+    M, K, r, Ns = 24, 32, 4, [48, 16, 40]
+    x = torch.randn(M, K)
+    ws = [torch.randn(N, K) for N in Ns]
+    As, Bs = [torch.randn(r, K) for _ in Ns], [torch.randn(N, r) for N in Ns]
+    dys = [torch.randn(M, N) for N in Ns]
+    ml._student_bwd(dys, x, ws, torch.randn(M, 3 * r), As, Bs, [0.5] * 3, impl == "triton", need_dx=need_dx)
+    priced = [p for p in ml.paired_bwd_passes(M, K, Ns, r, 4, impl, need_dx=need_dx) if p["name"] == ml.LORA_STACK]
+    assert len(copies) == sum(p["launches"] for p in priced), (len(copies), len(priced))
+
+
+@pytest.mark.parametrize("need_dx", [True, False])
 @pytest.mark.parametrize("group", [1, 3])
 def test_cost_passes_are_the_launches_the_torch_form_makes(group, need_dx):
     """The step model prices the paired op by the passes its cost states (benchmarks/perf_model.py): each
