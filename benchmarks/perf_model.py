@@ -1136,7 +1136,8 @@ def main(argv=None) -> int:
     calibration = derive_rates(load_calibration(args.calibration)) if args.calibration else None
     header_pricing = Pricing(RATES, calibration, ATTENTION_MODEL[args.attention][1])  # the fast path's attention
     print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; {header_pricing.describe()}. "
-          "MODEL FIGURES, not measurements; the peak excludes the weights.")
+          "MODEL FIGURES, not measurements; the peak excludes the weights and AdamW's state (made before the "
+          "step counted).")
     if args.calibrate:
         for fam in args.families.split(","):
             for path in ("fast", "eager"):
