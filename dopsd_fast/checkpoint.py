@@ -64,7 +64,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw: a process that sees fewer (a run resumed on a smaller
+        # machine) sets those it has (torch's set_rng_state_all raised at the first missing device)
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def _complete(p: Path) -> bool:
@@ -581,6 +584,11 @@ def _rng_problem(rng: dict) -> str | None:
     for k in ("python", "numpy", "torch"):
         if k not in rng:
             return f"lacks the {k} generator's state"
+    cuda = rng.get("cuda")  # set only where a GPU is (set_rng_state): its form checked here, on any machine
+    if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and t.device.type == "cpu"
+            for t in cuda)):
+        return "holds a CUDA generators' state that is not one (a list of byte tensors, one per GPU)"
     saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     try:
         random.setstate(rng["python"])  # as set_rng_state sets them

@@ -614,12 +614,13 @@ def _set(path, value):
     (_set(["rng", "numpy"], ("MT19937",)), "FileNotFoundError", r"'rng' is not the generators' state"),
     (_set(["rng", "python"], "abc"), "FileNotFoundError", r"'rng' is not the generators' state"),
     (_set(["rng", "torch"], torch.zeros(3, dtype=torch.uint8)), "FileNotFoundError", r"'rng' is not the generators'"),
+    (_set(["rng", "cuda"], [torch.zeros(16)]), "FileNotFoundError", r"'rng' holds a CUDA generators' state that is not"),
     # a 0-dim moment passed the shape check and failed at the first step
     (_set(["optimizer", "state", 0, "exp_avg"], torch.tensor(5.0)), "ConfigError",
      r"optimizer state exp_avg of .* has shape \(\), the parameter"),
 ], ids=["scalar-weight", "short-teacher", "moment-shape", "string-weight", "negative-step", "scheduler-epoch",
         "negative-moment", "foreign-state", "run-id", "model-files", "huge-lora", "sampler-empty", "sampler-negative",
-        "sampler-string", "rng-empty", "rng-numpy", "rng-python", "rng-torch", "scalar-moment"])
+        "sampler-string", "rng-empty", "rng-numpy", "rng-python", "rng-torch", "rng-cuda", "scalar-moment"])
 def test_a_received_checkpoint_of_the_wrong_kind_is_refused_naming_the_field(straight, tmp_path, edit, error, match):
     ck = _forged(straight, tmp_path, edit)
     with pytest.raises(Exception, match=match) as e:
@@ -1116,3 +1117,21 @@ def test_full_fine_tuning_update_ratio_is_guarded(tmp_path):
     t = Trainer(tiny_config(tmp_path / "b", "lora.enabled=false", "train.max_update_ratio=1e-9"))
     with pytest.raises(DivergenceError, match="train.max_update_ratio"):
         t.train_step()
+
+
+def test_a_checkpoint_of_a_process_that_saw_more_gpus_sets_the_generators_it_has(monkeypatch):
+    """A checkpoint's CUDA generator states are one per GPU its process saw; resumed on a machine with
+    fewer (an 8-GPU node's run resumed on one GPU), torch's set_rng_state_all raised at the first missing
+    device (a traceback). Each GPU present gets its own state; the rest are not set."""
+    from dopsd_fast import checkpoint
+
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: got.append((i, int(s[0]))))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: got.extend((i, int(s[0])) for i, s in
+                                                                                  enumerate(states)))
+    state = checkpoint.rng_state()
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    checkpoint.set_rng_state(state)
+    assert got == [(0, 0), (1, 1)]
