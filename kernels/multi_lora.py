@@ -835,18 +835,7 @@ def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False, need
     Gr = G * r
     if M == 0:
         return [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)] * (G if delta == "after" else 1)
-    if not need_dx and delta != "after":
-        lib = "triton" if impl == "triton" else "cublas"
-        out = [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
-        out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib)
-                for N in Ns]
-        out.append(_pass(LORA_DOWN, "gemm", 2.0 * Gr * M * K, (M * Gr + M * K + Gr * K) * e, 1, (Gr, M, K),
-                         "cublas"))
-        if G > 1:
-            out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
-        return out + [_pass(LORA_DOWN, "gemm", 2.0 * N * M * r, (M * N + M * r + N * r) * e, 1, (N, M, r), "cublas")
-                      for N in Ns]
-    if fp8_dgrad:
+    if fp8_dgrad and (need_dx or delta == "after"):  # the earlier form computed dx always
         SN = sum(Ns)
         lib = "triton" if impl == "triton" else "cublas"
         out = [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
@@ -875,9 +864,11 @@ def paired_bwd_passes(M, K, Ns, r, e, impl, delta="first", fp8_dgrad=False, need
     lib = "triton" if impl == "triton" else "cublas"
     out = [] if impl == "triton" else [_pass(ZERO_FILL, "memory", 0, e, 1)]
     out += [_pass(LORA_DOWN, "gemm", 2.0 * M * N * r, (M * N + N * r + M * r) * e, 1, (M, N, r), lib) for N in Ns]
-    if G > 1 and impl != "triton":  # [A_1; ..] for dx = du [A_1; ..] (ours reads each A_g in its dX GEMM)
+    if need_dx and G > 1 and impl != "triton":  # [A_1; ..] for dx = du [A_1; ..] (ours reads each A_g in its dX GEMM)
         out += [_pass(LORA_STACK, "memory", 0, 2 * r * K * e, 1) for _ in Ns]
-    if impl == "triton":
+    if not need_dx:  # the input needs no gradient: no dX GEMM
+        pass
+    elif impl == "triton":
         out += [_pass("base dX GEMM dx (+)= dy W + du A (one kernel)", "gemm", 2.0 * M * N * K + 2.0 * M * r * K,
                       (M * N + N * K + M * K + (M * K if g else 0) + M * r + r * K) * e, 1, (M, N, K), impl)
                 for g, N in enumerate(Ns)]
