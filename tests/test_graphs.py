@@ -63,6 +63,95 @@ def test_outputs_are_not_aliased_to_the_graph_buffers():
     assert a.abs().sum() > 0  # the first result survived the second replay
 
 
+def _cuda_standins(monkeypatch):
+    """The CUDA calls of :class:`CudaGraphBackend`'s capture, as CPU stand-ins: the capture runs the
+    forward once (no replay is recorded: these tests look at what a captured entry keeps)."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+
+
+def test_a_graph_keeps_alive_the_tables_it_reads(monkeypatch):
+    """A CUDA graph holds no reference to the memory it reads: a table its forward took from a bounded
+    cache, dropped by that cache later (another shape), would be freed and its memory reused while every
+    replay still reads it, silently wrong. The entry keeps what the capture read beyond what it made
+    (the static input, the parameter, the table), not the forward's own intermediates."""
+    import gc
+    import weakref
+
+    from dopsd_fast.graphs import CudaGraphBackend
+
+    _cuda_standins(monkeypatch)
+    tables, w = {}, torch.randn(4)
+
+    def fwd(x):
+        n = x.shape[0]
+        if n not in tables:
+            tables.clear()  # a bounded cache (of one): a new shape drops the table of the last
+            tables[n] = torch.arange(float(n))[:, None]
+        return ((x * tables[n]).exp() + w,)
+
+    cache = GraphCache(fwd, lambda: [w], backend=CudaGraphBackend())
+    cache("k", torch.randn(3, 4))
+    table = weakref.ref(tables[3])
+    fwd(torch.randn(5, 4))  # another shape, launched: the cache drops the table the graph reads
+    gc.collect()
+    assert 3 not in tables and table() is not None, "the graph's table was freed while the graph is cached"
+    (entry,) = cache.entries.values()
+    assert len(entry.keep) == 3 and any(t is table() for t in entry.keep) and any(t is w for t in entry.keep)
+    assert any(t is entry.static_inputs[0] for t in entry.keep)
+    cache.clear()
+    del entry
+    gc.collect()
+    assert table() is None  # dropped with the graph
+
+
+def test_klein_graph_keeps_its_rope_tables_when_the_cache_drops_them(monkeypatch):
+    """klein's RoPE tables (a bounded cache of 64 structures) read by a captured forward stay alive
+    after 65 other text lengths have gone through the forward and the cache dropped them."""
+    import gc
+    import weakref
+
+    from dopsd_fast.adapters.base import Context
+    from dopsd_fast.graphs import CudaGraphBackend
+    from dopsd_fast.models.ops import build_ops
+    from tests.test_fast_flux2 import _fast, _setup
+
+    _cuda_standins(monkeypatch)
+    _, st, _, _ = _setup(True)
+    fast = _fast(st, ops=build_ops("off", "sdpa", torch.device("cpu")))
+
+    def fwd(x, sigma, *feats):
+        return (fast.velocity_pair(x, sigma, [Context(f) for f in feats], None)[0],)
+
+    x, sigma = torch.randn(2, 16, 6, 4), torch.tensor([0.7, 0.2])
+    cache = GraphCache(fwd, lambda: list(st.transformer.parameters()), backend=CudaGraphBackend())
+    cache("k", x, sigma, *[torch.randn(24, 96) for _ in range(2)])
+    tables = [weakref.ref(t) for v in fast._rope.values() for cs in v[:2] for t in cs]
+    assert len(tables) == 4  # text and image, cos and sin
+    with torch.no_grad():
+        for n in range(25, 90):  # 65 other text lengths, launched
+            fwd(x, sigma, *[torch.randn(n, 96) for _ in range(2)])
+    gc.collect()
+    assert all(t() is not None for t in tables), "a table the captured graph reads was freed"
+    assert not any(t() is c for t in tables for v in fast._rope.values() for cs in v[:2] for c in cs)  # dropped
+    (entry,) = cache.entries.values()
+    assert {id(t()) for t in tables} <= {id(t) for t in entry.keep}
+
+
 class RefusingBackend(FakeBackend):
     """A capture that fails the way CUDA refuses an op inside a capture."""
 
