@@ -383,3 +383,23 @@ def test_no_grad_forwards_make_nothing_on_the_host(build, kernels, attention):
             with capture_guard(device=meta):
                 out = fwd(which)
         assert out[0 if which == "s" else 1].device == meta
+
+
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_the_gpu_capture_test_runs_its_models_in_the_dtype_it_names(monkeypatch, family):
+    """The GPU capture test compares fp32 replays at 1e-4 and bf16 at its rounding: its models must be in
+    the dtype it names where ``model.dtype: auto`` would pick bf16 (a GPU machine: on the H200, klein's
+    tiny config built through ``auto`` ran in bf16 and was compared at the fp32 tolerance). The base in
+    that dtype, the adapters fp32."""
+    import dopsd_fast.families as families
+    from dopsd_fast.models.ops import build_ops
+    from tests.kernels import test_graph_capture as gpu_test
+
+    monkeypatch.setattr(families, "resolve_device_dtype", lambda cfg: (torch.device("cpu"), torch.bfloat16))
+    build = gpu_test._zimage if family == "zimage" else gpu_test._klein
+    for name, dtype in gpu_test.DTYPES.items():
+        st = build(build_ops("off", "sdpa", torch.device("cpu")), dtype)[0]
+        adapters = {id(p) for p in (*st.named_trainable().values(), *st.named_teacher().values())}
+        base = {p.dtype for p in st.transformer.parameters() if id(p) not in adapters}
+        assert base == {dtype}, f"{family} {name}: base weights in {base}"
+        assert {st.named_trainable()[k].dtype for k in st.named_trainable()} == {torch.float32}
