@@ -403,3 +403,95 @@ def test_the_gpu_capture_test_runs_its_models_in_the_dtype_it_names(monkeypatch,
         base = {p.dtype for p in st.transformer.parameters() if id(p) not in adapters}
         assert base == {dtype}, f"{family} {name}: base weights in {base}"
         assert {st.named_trainable()[k].dtype for k in st.named_trainable()} == {torch.float32}
+
+
+class ReplayBackend:
+    """A CPU stand-in with a CUDA graph's replay semantics: the capture call's dispatched ops are recorded
+    with the tensors they read and wrote, and a replay runs that op list again into the same output
+    tensors. The forward's Python does not run at replay, as on a GPU: a value it decided on the host at
+    capture (a cached per-shape value made from an input, a Python number read from a tensor, a branch)
+    stays what it was. (:class:`FakeBackend` re-runs the Python: it cannot see that.)"""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+
+    def capture(self, fn, inputs):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from dopsd_fast.graphs import _plain_tensors
+
+        ops = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                ops.append((func, args, kwargs or {}, out))
+                return out
+
+        def tensors(x):  # a jagged batch's values and offsets in place of the nested tensor
+            return list(_plain_tensors(x))
+
+        static = [x.clone() for x in inputs]
+        with torch.no_grad():
+            for _ in range(self.warmup):
+                fn(*static)
+            with Record():
+                out = fn(*static)
+
+        def replay():
+            with torch.no_grad():
+                for func, args, kwargs, was in ops:
+                    for old, new in zip(tensors(was), tensors(func(*args, **kwargs))):
+                        if (old.data_ptr(), old.shape, old.stride()) != (new.data_ptr(), new.shape, new.stride()):
+                            old.copy_(new)  # (a view of the same memory, or an in-place op's own result: as is)
+
+        return GraphEntry(static, out if isinstance(out, tuple) else (out,), replay)
+
+
+def test_replay_backend_sees_a_value_baked_in_at_capture():
+    """The stand-in can fail: a per-shape cache of a value made from an input replays stale."""
+    cache_of_shape = {}
+
+    def fwd(x, sigma):
+        if x.shape not in cache_of_shape:
+            cache_of_shape[x.shape] = sigma * 2  # made from an input, cached by shape: stale on replay
+        return (x + cache_of_shape[x.shape],)
+
+    def honest(x, sigma):
+        return (x + sigma * 2,)
+
+    x = torch.randn(3)
+    for f, stale in ((fwd, True), (honest, False)):
+        cache_of_shape.clear()
+        cache = GraphCache(f, lambda: [], backend=ReplayBackend())
+        cache("k", x, torch.tensor(1.0))
+        got = cache("k", x, torch.tensor(5.0))[0]
+        assert torch.equal(got, x + 2.0) is stale and torch.equal(got, x + 10.0) is not stale
+
+
+@pytest.mark.parametrize("build,kernels,attention", [
+    pytest.param("zimage", "off", "sdpa", id="zimage-off-sdpa"),
+    pytest.param("klein", "off", "sdpa", id="klein-off-sdpa"),
+])
+def test_graph_replays_of_both_families_equal_their_launched_forwards(build, kernels, attention):
+    """Each branch of both families' no-grad forwards captured once (ReplayBackend: the op list, no
+    Python at replay) and replayed on new latents and sigmas: bitwise equal to the forward launched op
+    by op (the same CPU kernels), so nothing the forward reads is decided once at capture. (Z-Image's
+    ragged captions, a jagged batch, are the GPU test's.)"""
+    from dopsd_fast.models.ops import build_ops
+    from tests.kernels import test_graph_capture as gpu_test
+
+    st, fwd, x0, ctx = getattr(gpu_test, f"_{build}")(build_ops(kernels, attention, torch.device("cpu")),
+                                                       torch.float32)
+    if build == "zimage":  # captions padded to one length per branch (32, 64): dense SDPA (no jagged batch)
+        ctx = {"s": [torch.randn(n, 32) for n in (5, 30)], "t": [torch.randn(n, 32) for n in (40, 33)]}
+    for which in "st":
+        cache = GraphCache(lambda x, s, *c, w=which: (fwd(w, x, s, *c),), lambda: list(st.transformer.parameters()),
+                           backend=ReplayBackend())
+        for scale, sigma in ((1.0, (0.7, 0.2)), (0.5, (0.3, 0.9)), (-2.0, (0.5, 0.5))):
+            x, s = scale * x0, torch.tensor(sigma)
+            got = cache("k", x, s, *ctx[which])[0]
+            with torch.no_grad():
+                want = fwd(which, x, s, *ctx[which])
+            assert torch.equal(got, want), f"{build} {which}: replay differs from the launched forward at {sigma}"
+        assert (cache.captures, cache.replays) == (1, 3)
