@@ -1078,8 +1078,10 @@ def main(argv=None) -> int:
                    help="the fast path's paired-linear GEMM (cublas: the LoRA delta first, the base GEMM accumulating "
                         "into it; triton: ours, the delta in its tile; auto: per shape, the faster at the calibration "
                         "GPU's measured rates, cublas without --calibration)")
-    p.add_argument("--attention", default="triton", choices=sorted(ATTENTION_MODEL),
-                   help="the fast path's attention (triton: ours; sdpa: PyTorch's choice, priced as flash; cudnn)")
+    p.add_argument("--attention", default="auto", choices=["auto", *sorted(ATTENTION_MODEL)],
+                   help="the fast path's attention (triton: ours; sdpa: PyTorch's choice, priced as flash; cudnn; "
+                        "auto: the trainer's fast.attention auto on the calibration's GPU (cuDNN on the H200), ours "
+                        "without --calibration: the stated rates are our kernel's class)")
     p.add_argument("--fp8", default="off", choices=["off", "native", "native-fwd"],
                    help="the fast path's FP8 (native: the block linears' base GEMMs and the backward's dX GEMMs "
                         "priced at the FP8 rate, 1400 TFLOP/s, with the quantization passes; calibrated: at the "
@@ -1134,6 +1136,12 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(rows, indent=1, default=str) + "\n")
         return 0
     calibration = derive_rates(load_calibration(args.calibration)) if args.calibration else None
+    if args.attention == "auto":
+        args.attention = "triton"
+        if calibration:  # what the trainer's auto runs on that GPU (its measured order; no CUDA touched)
+            from dopsd_fast.models.ops import resolve_attention
+
+            args.attention = resolve_attention("auto", torch.device("cuda"), gpu_name=calibration["source"]["gpu"])
     header_pricing = Pricing(RATES, calibration, ATTENTION_MODEL[args.attention][1])  # the fast path's attention
     print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; {header_pricing.describe()}. "
           "MODEL FIGURES, not measurements; the peak excludes the weights and AdamW's state (made before the "
