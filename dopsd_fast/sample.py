@@ -252,6 +252,42 @@ def sample_images(adapter, prompts, width: int, height: int, steps=None, seed: i
     return out
 
 
+def _small_json(path: Path, what: str, limit: int):
+    """A received folder's small JSON file (a config, a shard index), read and parsed, or a ValueError in
+    one line naming it: over ``limit`` bytes, not UTF-8, not JSON, nested too deeply, not an object."""
+    if path.stat().st_size > limit:
+        raise ValueError(f"{what}: {path} is {path.stat().st_size} bytes, over the {limit} a JSON file of a model "
+                         "folder holds; refused")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what}: {path} is not JSON text ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{what}: {path} nests too deeply to read") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_shard_index(d: Path) -> None:
+    """A sharded folder's index (``*.safetensors.index.json``, which diffusers follows): each shard it names
+    a .safetensors file in the folder (diffusers would read another extension with pickle, and follow a
+    link out of the folder)."""
+    for index in sorted(d.glob("*.index.json")):
+        data = _small_json(file_in_folder(d, index.name), "--transformer", 64 << 20)
+        shards = data.get("weight_map")
+        if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+            raise ValueError(f"--transformer: {index}: 'weight_map' must map tensor names to shard file names")
+        for shard in sorted(set(shards.values())):
+            if not shard.endswith(".safetensors"):
+                raise ValueError(f"--transformer: {index} names the shard {shard!r}, not a .safetensors file "
+                                 "(another format may hold code); refused")
+            try:
+                file_in_folder(d, shard)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"--transformer: {index} names the shard {shard!r}: {e}") from None
+
+
 def load_transformer(adapter, folder: str) -> None:
     """A fully fine-tuned transformer (``dopsd-train``'s ``transformer/`` or ``transformer_ema/``, or any
     diffusers folder of the family's class) in place of the model's own. The folder is untrusted input:
@@ -264,18 +300,29 @@ def load_transformer(adapter, folder: str) -> None:
                                 f"file, as dopsd-train writes transformer/ and transformer_ema/){hint}")
     for w in weights + [d / "config.json"]:
         file_in_folder(d, w.name)
+    _check_shard_index(d)
+
+    def plain(c):  # tuples and lists alike (a config read back from JSON)
+        return json.loads(json.dumps({k: v for k, v in dict(c).items() if not k.startswith("_")}, default=str))
+
+    def differ_from(theirs):
+        return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+
+    mine = plain(adapter.transformer.config)
+    # the received config.json sizes the model diffusers would build: compared before anything is built
+    # (its values, where it names a field of the model's config; a missing one takes the class's default)
+    raw = _small_json(d / "config.json", "--transformer", 1 << 20)
+    early = [k for k in differ_from(plain(raw)) if k in raw]
+    if early:
+        raise ValueError(f"--transformer: {d} is another model than the config's (its config differs in: "
+                         f"{', '.join(early[:6])}); give the --config / --set of the run that wrote it")
     cls = type(adapter.transformer)
     try:
         loaded = cls.from_pretrained(str(d), torch_dtype=adapter.dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - another model's folder, a torn file: one line naming it
         raise ValueError(f"--transformer: {d} does not load as a {cls.__name__} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-
-    def plain(c):  # tuples and lists alike (a config read back from JSON)
-        return json.loads(json.dumps({k: v for k, v in dict(c).items() if not k.startswith("_")}, default=str))
-
-    mine, theirs = plain(adapter.transformer.config), plain(loaded.config)
-    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                         f"{str(e).splitlines()[0][:500] if str(e) else ''})") from None
+    differ = differ_from(plain(loaded.config))
     if differ:
         raise ValueError(f"--transformer: {d} is another model than the config's (its config differs in: "
                          f"{', '.join(differ[:6])}); give the --config / --set of the run that wrote it")

@@ -453,3 +453,39 @@ def test_full_fine_tuning_exports_loadable_transformers(tmp_path):
         with pytest.raises(SystemExit, match=rf"--transformer: .*bad: .*{match}"):
             sample_main(["--config", "tiny-zimage", "--transformer", str(bad), "--prompt", "x", "--out",
                          str(tmp_path / "w.png"), "--steps", "1", "--width", "64", "--height", "64"])
+
+    # the folder is untrusted: a shard index may name no file outside it, nor one diffusers would unpickle;
+    # its config.json is compared before diffusers builds what it sizes (a huge width would be allocated)
+    import json
+    import os
+
+    def folder(name):
+        d = tmp_path / name
+        shutil.copytree(run / "transformer", d)
+        return d
+
+    def refused(d, match):
+        with pytest.raises(SystemExit, match=match):
+            sample_main(["--config", "tiny-zimage", "--transformer", str(d), "--prompt", "x", "--out",
+                         str(tmp_path / "w.png"), "--steps", "1", "--width", "64", "--height", "64"])
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sd = load_file(run / "transformer" / "diffusion_pytorch_model.safetensors")
+    torch.save(sd, outside / "w.bin")
+    save_file(sd, outside / "w.safetensors")
+    for shard, match in (("shard.bin", r"names the shard 'shard.bin', not a .safetensors file"),
+                         ("shard.safetensors", r"shard.safetensors leads outside")):
+        d = folder(f"indexed-{shard}")
+        (d / "diffusion_pytorch_model.safetensors").unlink()
+        save_file({"x": torch.zeros(1)}, d / "other.safetensors")
+        os.symlink(outside / ("w.bin" if shard.endswith(".bin") else "w.safetensors"), d / shard)
+        (d / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {k: shard for k in sd}}))
+        refused(d, match)
+    d = folder("wide")
+    conf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(conf, dim=65536)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cls, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("built before the comparison")))
+        refused(d, r"is another model than the config's \(its config differs in: dim\)")
