@@ -134,6 +134,9 @@ class FeatureCache:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CacheError(f"feature cache {manifest} is damaged ({e}); delete the directory and run dopsd-cache "
                                  "again") from None
+            except RecursionError:
+                raise CacheError(f"feature cache {manifest} is damaged (its JSON nests too deeply to read); delete the "
+                                 "directory and run dopsd-cache again") from None
             except (OSError, ValueError) as e:
                 raise CacheError(f"feature cache {manifest}: {e}") from None
             if not isinstance(data, dict):

@@ -703,6 +703,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {yaml_error_line(e)}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {p} nests too deeply to read (a config is a few levels of mappings)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
     over = parse_overrides(overrides)

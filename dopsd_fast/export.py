@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 COMFYUI_FILE = "comfyui_lora.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LORA_MAX_ABS = 1e4  # AdamW moves a weight by ~lr per step: trained LoRA factors stay orders of magnitude below
 
 
@@ -34,6 +35,9 @@ def check_lora_weights(sd: dict, source: str) -> None:
     for key, t in sd.items():
         if not t.is_floating_point() or not t.numel():
             continue
+        if t.dtype not in LORA_DTYPES:
+            raise LoraWeightsError(f"{source}: {key} is {str(t.dtype).replace('torch.', '')}; LoRA weights are "
+                                   "float32, bfloat16, float16 or float64; refused")
         t = t.detach()
         if not bool(torch.isfinite(t).all()):
             raise LoraWeightsError(f"{source}: {key} holds {int((~torch.isfinite(t)).sum())} non-finite value(s) "

@@ -364,3 +364,12 @@ def test_received_config_files_end_in_one_bounded_line(tmp_path):
                             ("optim.betas=[a, 0.9]", "optim.betas"), ("model.text_layers=[a]", "model.text_layers")]:
         with pytest.raises(ConfigError, match=rf"config field '{re.escape(field)}': must be"):
             load_config(None, [override])
+
+
+def test_a_config_nested_past_the_recursion_limit_is_one_line(tmp_path):
+    from dopsd_fast.config import ConfigError
+
+    p = tmp_path / "deep.yaml"
+    p.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=rf"config file {p} nests too deeply to read"):
+        load_config(p)

@@ -95,6 +95,9 @@ def test_damaged_caches_are_refused_at_start_up(tmp_path):
     m.write_text(m.read_text()[:50])  # truncated manifest
     with pytest.raises(CacheError, match="manifest.json is damaged"):
         Trainer(tiny_config(tmp_path / "r3", f"cache.dir={cache}"))
+    m.write_text("[" * 200000 + "]" * 200000)  # nested past Python's recursion limit
+    with pytest.raises(CacheError, match=r"manifest.json is damaged \(its JSON nests too deeply to read\)"):
+        Trainer(tiny_config(tmp_path / "r4", f"cache.dir={cache}"))
 
 
 def test_bad_device_sample_lora_and_full_disk_are_one_line_errors(tmp_path, monkeypatch):

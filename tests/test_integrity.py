@@ -170,6 +170,17 @@ def test_the_lora_export_refuses_non_finite_or_absurd_weights_and_keeps_the_last
         assert not [q for q in run.iterdir() if q.name.startswith(".lora")]  # no temporary folder left
 
 
+def test_lora_weights_of_a_dtype_no_lora_is_kept_in_are_refused_in_one_line():
+    """A received LoRA file with float8 factors: one line naming the tensor, not a NotImplementedError
+    of isfinite asking for a bug report."""
+    from dopsd_fast.export import LoraWeightsError, check_lora_weights
+
+    sd = {"a.lora_A.weight": torch.zeros(4, 8, dtype=torch.float8_e4m3fn), "a.lora_B.weight": torch.zeros(8, 4)}
+    with pytest.raises(LoraWeightsError, match=r"^--lora: f: a\.lora_A\.weight is float8_e4m3fn; LoRA weights are "):
+        check_lora_weights(sd, "--lora: f")
+    check_lora_weights({k: v.float() for k, v in sd.items()}, "--lora: f")
+
+
 # ---- 2. no code from data -----------------------------------------------------------------------------
 def test_a_pickle_planted_in_dcp_metadata_runs_nothing(trained, tmp_path):
     import torch.distributed.checkpoint as dcp
