@@ -385,8 +385,8 @@ def test_no_grad_forwards_make_nothing_on_the_host(build, kernels, attention):
         assert out[0 if which == "s" else 1].device == meta
 
 
-@pytest.mark.parametrize("family", ["zimage", "klein"])
-def test_the_gpu_capture_test_runs_its_models_in_the_dtype_it_names(monkeypatch, family):
+@pytest.mark.parametrize("builder", ["_zimage", "_klein"])
+def test_the_gpu_capture_test_runs_its_models_in_the_dtype_it_names(monkeypatch, builder):
     """The GPU capture test compares fp32 replays at 1e-4 and bf16 at its rounding: its models must be in
     the dtype it names where ``model.dtype: auto`` would pick bf16 (a GPU machine: on the H200, klein's
     tiny config built through ``auto`` ran in bf16 and was compared at the fp32 tolerance). The base in
@@ -396,12 +396,11 @@ def test_the_gpu_capture_test_runs_its_models_in_the_dtype_it_names(monkeypatch,
     from tests.kernels import test_graph_capture as gpu_test
 
     monkeypatch.setattr(families, "resolve_device_dtype", lambda cfg: (torch.device("cpu"), torch.bfloat16))
-    build = gpu_test._zimage if family == "zimage" else gpu_test._klein
     for name, dtype in gpu_test.DTYPES.items():
-        st = build(build_ops("off", "sdpa", torch.device("cpu")), dtype)[0]
+        st = getattr(gpu_test, builder)(build_ops("off", "sdpa", torch.device("cpu")), dtype)[0]
         adapters = {id(p) for p in (*st.named_trainable().values(), *st.named_teacher().values())}
         base = {p.dtype for p in st.transformer.parameters() if id(p) not in adapters}
-        assert base == {dtype}, f"{family} {name}: base weights in {base}"
+        assert base == {dtype}, f"{builder} {name}: base weights in {base}"
         assert {st.named_trainable()[k].dtype for k in st.named_trainable()} == {torch.float32}
 
 
@@ -469,11 +468,15 @@ def test_replay_backend_sees_a_value_baked_in_at_capture():
         assert torch.equal(got, x + 2.0) is stale and torch.equal(got, x + 10.0) is not stale
 
 
-@pytest.mark.parametrize("build,kernels,attention", [
-    pytest.param("zimage", "off", "sdpa", id="zimage-off-sdpa"),
-    pytest.param("klein", "off", "sdpa", id="klein-off-sdpa"),
+# Z-Image's captions padded to one length per branch (32, 64): dense SDPA (the stand-in records no jagged batch)
+_EQUAL_CAPTIONS = {"s": (5, 30), "t": (40, 33)}
+
+
+@pytest.mark.parametrize("builder,captions", [
+    pytest.param("_zimage", _EQUAL_CAPTIONS, id="zimage-off-sdpa"),
+    pytest.param("_klein", None, id="klein-off-sdpa"),
 ])
-def test_graph_replays_of_both_families_equal_their_launched_forwards(build, kernels, attention):
+def test_graph_replays_of_both_families_equal_their_launched_forwards(builder, captions):
     """Each branch of both families' no-grad forwards captured once (ReplayBackend: the op list, no
     Python at replay) and replayed on new latents and sigmas: bitwise equal to the forward launched op
     by op (the same CPU kernels), so nothing the forward reads is decided once at capture. (Z-Image's
@@ -481,10 +484,9 @@ def test_graph_replays_of_both_families_equal_their_launched_forwards(build, ker
     from dopsd_fast.models.ops import build_ops
     from tests.kernels import test_graph_capture as gpu_test
 
-    st, fwd, x0, ctx = getattr(gpu_test, f"_{build}")(build_ops(kernels, attention, torch.device("cpu")),
-                                                       torch.float32)
-    if build == "zimage":  # captions padded to one length per branch (32, 64): dense SDPA (no jagged batch)
-        ctx = {"s": [torch.randn(n, 32) for n in (5, 30)], "t": [torch.randn(n, 32) for n in (40, 33)]}
+    st, fwd, x0, ctx = getattr(gpu_test, builder)(build_ops("off", "sdpa", torch.device("cpu")), torch.float32)
+    if captions:
+        ctx = {w: [torch.randn(n, ctx[w][0].shape[1]) for n in lens] for w, lens in captions.items()}
     for which in "st":
         cache = GraphCache(lambda x, s, *c, w=which: (fwd(w, x, s, *c),), lambda: list(st.transformer.parameters()),
                            backend=ReplayBackend())
@@ -493,5 +495,5 @@ def test_graph_replays_of_both_families_equal_their_launched_forwards(build, ker
             got = cache("k", x, s, *ctx[which])[0]
             with torch.no_grad():
                 want = fwd(which, x, s, *ctx[which])
-            assert torch.equal(got, want), f"{build} {which}: replay differs from the launched forward at {sigma}"
+            assert torch.equal(got, want), f"{builder} {which}: replay differs from the launched forward at {sigma}"
         assert (cache.captures, cache.replays) == (1, 3)
