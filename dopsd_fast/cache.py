@@ -222,12 +222,36 @@ class FeatureCache:
     def missing(self, dataset, kinds=KINDS) -> list:
         return [e for e in needed_entries(dataset, kinds) if e[0] not in self.entries]
 
-    def require_complete(self, dataset, width: int | None = None, kinds=KINDS) -> None:
+    def require_complete(self, dataset, width: int | None = None, kinds=KINDS, extra_problem=None) -> None:
+        """Every context the run over ``dataset`` reads is there, in sound shards (:meth:`check_shards`);
+        ``extra_problem(kind, name, shape, record)``: what is wrong with a context's extra tensor for its row
+        (the family adapter's :meth:`cache_extra_problem`; a reference latent of another size), or None."""
         miss = self.missing(dataset, kinds)
         if miss:
             raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset, kinds))} "
                              "contexts this dataset needs; run dopsd-cache with the same config first")
         self.check_shards(width)
+        if extra_problem is None:
+            return
+        heads: dict = {}
+        for key, kind, (_prompt, rec) in needed_entries(dataset, kinds):
+            shard, name = self.entries[key]
+            if shard not in heads:
+                heads[shard] = self._heads(shard)
+            prefix = f"{name}.extra."
+            for t, (shape, _dtype) in sorted(heads[shard].items()):
+                why = extra_problem(kind, t[len(prefix):], tuple(shape), rec) if t.startswith(prefix) else None
+                if why:
+                    raise CacheError(f"feature cache {self.dir}: shard {shard}: the context of {rec.where} ({key[:12]}): "
+                                     f"its {t[len(prefix):][:40]} {why}; run dopsd-cache again with this config into "
+                                     "a new cache.dir")
+
+    def _heads(self, shard: str) -> dict:
+        """{tensor name: (shape, dtype)} of a shard, from its header alone."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.dir / shard), framework="pt") as f:
+            return {t: (list(f.get_slice(t).get_shape()), f.get_slice(t).get_dtype()) for t in f.keys()}
 
     def _shard_problem(self, shard: str, width: int | None = None) -> str | None:
         """What is wrong with ``shard`` (the message's tail), or None: it exists, its header reads, it
@@ -239,8 +263,7 @@ class FeatureCache:
         if not path.is_file():
             return f"shard {shard} is missing"
         try:  # the header only: each tensor's name, shape and dtype
-            with safe_open(str(path), framework="pt") as f:
-                heads = {t: (list(f.get_slice(t).get_shape()), f.get_slice(t).get_dtype()) for t in f.keys()}
+            heads = self._heads(shard)
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a torn file
             return f"shard {shard} is damaged ({type(e).__name__}: {str(e)[:120]})"
         want = {f"{name}.features" for s, name in self.entries.values() if s == shard}

@@ -455,7 +455,7 @@ class Trainer:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
             cache = FeatureCache.for_run(cfg.cache.dir, self.adapter, cfg.method)
             cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config),
-                                   self.context_kinds)
+                                   self.context_kinds, extra_problem=getattr(self.adapter, "cache_extra_problem", None))
             log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
         elif "teacher" in self.context_kinds:
             self.adapter = build_adapter(cfg.model, load_encoders=True)

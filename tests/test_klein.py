@@ -91,6 +91,27 @@ def test_klein_training_cache_and_lora_export(tmp_path):
     assert cache.write(adapter, build_dataset(cfg.data, progress=False), progress=False) > 0
     tr = Trainer(cfg)
     assert tr.adapter.text_encoder is None  # contexts come from the cache
+    # a received cache is untrusted: a reference latent of another size than its row's bucket (or one the
+    # row does not have) is named at start-up, where it trained silently on the wrong reference
+    import shutil
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.cache import CacheError
+
+    for name, edit, match in (("ref0", lambda t: torch.randn(t.shape[0], t.shape[1] + 1, t.shape[2]),
+                               r"its ref0 has shape \(\d+, \d+, \d+\); its reference 0, at its bucket \d+x\d+, is "),
+                              ("ref5", lambda t: t.clone(), r"its ref5 is a reference latent the context does not have")):
+        bad = tmp_path / f"cache-{name}"
+        shutil.copytree(cache.dir, bad)
+        shard = sorted(bad.glob("shard-*.safetensors"))[0]
+        sd = load_file(shard)
+        key = next(k for k in sorted(sd) if k.endswith(".extra.ref0"))
+        sd[key.replace(".ref0", f".{name}")] = edit(sd[key])
+        save_file(sd, shard)
+        with pytest.raises(CacheError, match=rf"feature cache {bad}: shard {shard.name}: the context of .*: {match}"):
+            Trainer(tiny_config(tmp_path / f"r-{name}", *over[:-2], f"cache.dir={bad}", "train.max_steps=2"))
     losses = [tr.train_step()["loss"] for _ in range(2)]
     assert all(l > 0 for l in losses)
     tr.export_lora()

@@ -216,6 +216,12 @@ class ModelAdapter(ABC):
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Per-sample latent shape for an image of ``height`` x ``width`` pixels."""
 
+    def cache_extra_problem(self, kind: str, name: str, shape: tuple, record) -> str | None:
+        """What is wrong with a cached context's (``kind``: "student" / "teacher") extra tensor ``name`` of
+        ``shape`` for its dataset row ``record`` (a received cache is untrusted), or None. A family whose
+        contexts carry extras checks them."""
+        return None
+
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], (B, 3, H, W)."""

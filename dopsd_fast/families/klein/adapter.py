@@ -297,6 +297,22 @@ class KleinAdapter(ModelAdapter):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def cache_extra_problem(self, kind, name, shape, record):
+        """A reference latent ``ref{i}``: the i-th reference of the context at its bucket, ``(C, h, w)``: the
+        row's references, then (the teacher's) its target (:meth:`encode_teacher`)."""
+        m = re.fullmatch(r"ref(\d+)", name)
+        if m is None:
+            return None  # not read
+        buckets = list(record.reference_buckets) + ([record.bucket] if kind == "teacher" else [])
+        i = int(m.group(1))
+        if i >= len(buckets):
+            return f"is a reference latent the context does not have (it has {len(buckets)} reference(s))"
+        bw, bh = buckets[i]
+        want = tuple(self.latent_shape(bh, bw))
+        if tuple(shape) != want:
+            return f"has shape {tuple(shape)}; its reference {i}, at its bucket {bw}x{bh}, is {want}"
+        return None
+
     def latent_shape(self, height, width):
         f = self.vae_scale_factor * 2
         if height % f or width % f:
