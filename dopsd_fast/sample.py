@@ -126,6 +126,13 @@ def _checked_metadata(weights: Path, meta, ranks: set):
                                   and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
                                           for x in v.values())):
             raise ValueError(f"{where}: {pat} is not a mapping of module patterns to positive numbers")
+    stray = sorted({v for v in (kept.get("rank_pattern") or {}).values()} - ranks, key=str)
+    if stray:  # a rank is the factors' shape: one they do not have would load them into other shapes
+        raise ValueError(f"{where}: rank_pattern gives rank {stray[0]!r}, but its factors have rank "
+                         f"{', '.join(map(str, sorted(ranks)))}")
+    tm = kept.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
+        raise ValueError(f"{where}: target_modules={tm!r} is not a module name pattern or a list of names")
     alphas = [("lora_alpha", kept.get("lora_alpha"))]
     alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (kept.get("alpha_pattern") or {}).items()]
     smallest = min(ranks | ({r} if r else set()) or {1})  # the largest scale any module can get

@@ -464,7 +464,12 @@ def _first_a(sd):
     (None, lambda m: {**m, "transformer.lora_alpha": 1e12}, r"lora_alpha=1e\+12 scales the LoRA by 1.25e\+11"),
     (None, lambda m: {**m, "transformer.use_dora": True}, r"sets use_dora=True: not a plain LoRA"),
     (None, lambda m: {**m, "transformer.lora_alpha": "x"}, r"lora_alpha='x' is not a positive number"),
-], ids=["only-A", "integer", "base-weight", "in-width", "rank", "alpha", "dora", "alpha-text"])
+    (None, lambda m: {**m, "transformer.rank_pattern": {".*": 0.5}}, r"rank_pattern gives rank 0.5, but its factors "
+                                                                     r"have rank 8"),
+    (None, lambda m: {**m, "transformer.rank_pattern": {"to_q": 1}}, r"rank_pattern gives rank 1, but its factors"),
+    (None, lambda m: {**m, "transformer.target_modules": 5}, r"target_modules=5 is not a module name pattern"),
+], ids=["only-A", "integer", "base-weight", "in-width", "rank", "alpha", "dora", "alpha-text", "rank-fraction",
+        "rank-pattern", "targets"])
 def test_sample_refuses_a_lora_file_of_the_wrong_kind_naming_it(trained, tmp_path, weights, meta, match):
     folder = _edited_lora(trained, tmp_path, "edited", weights, meta)
     with pytest.raises(SystemExit, match=r"error: --lora: .*" + match) as e:
