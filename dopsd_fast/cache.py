@@ -222,22 +222,32 @@ class FeatureCache:
     def missing(self, dataset, kinds=KINDS) -> list:
         return [e for e in needed_entries(dataset, kinds) if e[0] not in self.entries]
 
-    def require_complete(self, dataset, width: int | None = None, kinds=KINDS, extra_problem=None) -> None:
+    def require_complete(self, dataset, width: int | None = None, kinds=KINDS, extra_problem=None,
+                         max_tokens: dict | None = None) -> None:
         """Every context the run over ``dataset`` reads is there, in sound shards (:meth:`check_shards`);
         ``extra_problem(kind, name, shape, record)``: what is wrong with a context's extra tensor for its row
-        (the family adapter's :meth:`cache_extra_problem`; a reference latent of another size), or None."""
+        (the family adapter's :meth:`cache_extra_problem`; a reference latent of another size), or None;
+        ``max_tokens``: {kind: the most tokens the run's encoders give a context of that kind} (the cache's
+        identity holds the same limits: a longer context is not one they wrote)."""
         miss = self.missing(dataset, kinds)
         if miss:
             raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset, kinds))} "
                              "contexts this dataset needs; run dopsd-cache with the same config first")
         self.check_shards(width)
-        if extra_problem is None:
+        if extra_problem is None and not max_tokens:
             return
         heads: dict = {}
         for key, kind, (_prompt, rec) in needed_entries(dataset, kinds):
             shard, name = self.entries[key]
             if shard not in heads:
                 heads[shard] = self._heads(shard)
+            tokens, most = heads[shard][f"{name}.features"][0][0], (max_tokens or {}).get(kind)
+            if most is not None and tokens > most:
+                raise CacheError(f"feature cache {self.dir}: shard {shard}: the {kind} context of {rec.where} "
+                                 f"({key[:12]}) has {tokens} tokens, more than the {most} this config's encoder gives; "
+                                 "run dopsd-cache again with this config into a new cache.dir")
+            if extra_problem is None:
+                continue
             prefix = f"{name}.extra."
             for t, (shape, _dtype) in sorted(heads[shard].items()):
                 why = extra_problem(kind, t[len(prefix):], tuple(shape), rec) if t.startswith(prefix) else None

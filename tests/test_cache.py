@@ -194,6 +194,15 @@ def test_a_cache_manifest_linked_from_elsewhere_is_refused_and_the_trainer_check
         Trainer(tiny_config(tmp_path / "b", f"cache.dir={narrow}"))
     got, want = map(int, re.search(r"is (\d+) wide, this model's contexts are (\d+)", str(e.value)).groups())
     assert got == want - 1
+    # a context longer than this config's encoder gives (past the model's positions: an IndexError in the
+    # first forward, asking for a bug report, with no cache named)
+    cfg = tiny_config(tmp_path / "c")
+    long, _ = _received(written, tmp_path / "l", None,
+                        _first_features(lambda t: t[:1].expand(cfg.model.student_max_tokens + 1, -1).contiguous()))
+    with pytest.raises(CacheError, match=rf"feature cache {long}: shard shard-00000.safetensors: the student context "
+                                         rf"of .* has {cfg.model.student_max_tokens + 1} tokens, more than the "
+                                         rf"{cfg.model.student_max_tokens} this config's encoder gives"):
+        Trainer(tiny_config(tmp_path / "d", f"cache.dir={long}"))
 
 
 def test_dopsd_cache_repairs_a_missing_or_damaged_shard_and_refuses_what_it_cannot_use(tmp_path):
