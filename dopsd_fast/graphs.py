@@ -9,8 +9,8 @@ in-place updates (optimizer step, EMA) keep it valid, while a replaced tensor (a
 that swapped parameters, a new adapter, a dtype change) would make the graph read stale memory, so
 it raises :class:`GraphStructureError` instead of silently re-capturing or replaying garbage;
 :meth:`GraphCache.clear` after such a change is the explicit way on. A graph holds no reference to
-what it reads: each entry keeps the tensors its capture read beyond what it made (a per-shape table
-taken from a bounded cache stays alive when the cache drops it; :class:`ExternalReads`). A capture
+what it reads: each entry keeps the cached tables its capture read (:func:`hold`: a per-shape table
+taken from a bounded cache stays alive when the cache drops it). A capture
 that fails (CUDA refuses an op inside it) costs the run nothing but the graph: that input structure
 runs eagerly from then on, one warning line names the graph, the structure and the error, and
 :attr:`GraphCache.failures` keeps the error text (the benchmark and the GPU test report it; they do not
@@ -195,60 +195,21 @@ class GraphEntry:
     outputs: tuple
     replay: Callable[[], None]
     fingerprint: tuple = field(default=())
-    keep: tuple = field(default=())  # what the graph reads beyond its inputs (see :class:`ExternalReads`)
+    keep: tuple = field(default=())  # the cached tables its capture read (see :func:`hold`)
 
 
-def _plain_tensors(x):
-    """The plain tensors in ``x`` (nested lists / tuples / dicts), a wrapper subclass's (a jagged nested
-    tensor's values and offsets) in place of the wrapper."""
-    from torch.utils._pytree import tree_flatten
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    for t in tree_flatten(x)[0]:
-        if not isinstance(t, torch.Tensor):
-            continue
-        if is_traceable_wrapper_subclass(t):
-            names, _ = t.__tensor_flatten__()
-            yield from _plain_tensors([getattr(t, n) for n in names])
-        else:
-            yield t
+_HELD: list | None = None  # while a graph is captured: what its forward took from caches of its own
 
 
-def _storage_key(t: torch.Tensor):
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # no storage of its own
-        return None
-    return (t.device.type, t.device.index, ptr) if ptr else None
-
-
-class ExternalReads(TorchDispatchMode):
-    """Inside: records each tensor an op reads that was not made inside (the static inputs, the
-    parameters, a table a cache built before the capture). A CUDA graph keeps no reference to the memory
-    it reads: a per-shape table that its cache later drops (a bounded cache, other shapes) would be
-    freed and its memory reused while every replay still reads it, silently wrong. :class:`GraphEntry`
-    keeps these tensors alive for as long as the graph (``keep``)."""
-
-    def __init__(self):
-        super().__init__()
-        self._made: set = set()
-        self._read: dict = {}
-
-    def tensors(self) -> tuple:
-        return tuple(self._read.values())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        for t in _plain_tensors((args, kwargs)):
-            key = _storage_key(t)
-            if key is not None and key not in self._made and key not in self._read:
-                self._read[key] = t
-        out = func(*args, **kwargs)
-        for t in _plain_tensors(out):
-            key = _storage_key(t)
-            if key is not None and key not in self._read:
-                self._made.add(key)
-        return out
+def hold(obj):
+    """``obj`` (a cached per-shape table, or a structure of them), returned as is. While a CUDA graph is
+    captured it is kept with that graph: a graph holds no reference to the memory it reads, and a bounded
+    cache that later drops the table (other shapes) would free memory every replay still reads, silently
+    wrong. The fast models pass each table they take from their caches through this (no dispatch mode:
+    one would turn ``fast.compile: ops`` off, as torch.compile declines to run under one)."""
+    if _HELD is not None:
+        _HELD.append(obj)
+    return obj
 
 
 class CudaGraphBackend:
@@ -269,9 +230,15 @@ class CudaGraphBackend:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad(), ExternalReads() as reads:
-            out = fn(*static)
-        return GraphEntry(static, out if isinstance(out, tuple) else (out,), graph.replay, keep=reads.tensors())
+        global _HELD
+        _HELD, held = [], _HELD
+        try:
+            with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+                out = fn(*static)
+            keep = tuple(_HELD)
+        finally:
+            _HELD = held
+        return GraphEntry(static, out if isinstance(out, tuple) else (out,), graph.replay, keep=keep)
 
 
 class GraphCache:

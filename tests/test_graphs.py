@@ -3,6 +3,7 @@ records captures and replays the function on its static buffers (what a graph do
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dopsd_fast.graphs import GraphCache, GraphEntry, GraphStructureError
 
@@ -87,12 +88,12 @@ def _cuda_standins(monkeypatch):
 def test_a_graph_keeps_alive_the_tables_it_reads(monkeypatch):
     """A CUDA graph holds no reference to the memory it reads: a table its forward took from a bounded
     cache, dropped by that cache later (another shape), would be freed and its memory reused while every
-    replay still reads it, silently wrong. The entry keeps what the capture read beyond what it made
-    (the static input, the parameter, the table), not the forward's own intermediates."""
+    replay still reads it, silently wrong. The entry keeps what the forward passed through ``hold``
+    during the capture (the table), nothing from the warm-up."""
     import gc
     import weakref
 
-    from dopsd_fast.graphs import CudaGraphBackend
+    from dopsd_fast.graphs import CudaGraphBackend, hold
 
     _cuda_standins(monkeypatch)
     tables, w = {}, torch.randn(4)
@@ -102,7 +103,7 @@ def test_a_graph_keeps_alive_the_tables_it_reads(monkeypatch):
         if n not in tables:
             tables.clear()  # a bounded cache (of one): a new shape drops the table of the last
             tables[n] = torch.arange(float(n))[:, None]
-        return ((x * tables[n]).exp() + w,)
+        return ((x * hold(tables[n])).exp() + w,)
 
     cache = GraphCache(fwd, lambda: [w], backend=CudaGraphBackend())
     cache("k", torch.randn(3, 4))
@@ -111,12 +112,77 @@ def test_a_graph_keeps_alive_the_tables_it_reads(monkeypatch):
     gc.collect()
     assert 3 not in tables and table() is not None, "the graph's table was freed while the graph is cached"
     (entry,) = cache.entries.values()
-    assert len(entry.keep) == 3 and any(t is table() for t in entry.keep) and any(t is w for t in entry.keep)
-    assert any(t is entry.static_inputs[0] for t in entry.keep)
+    assert len(entry.keep) == 1 and entry.keep[0] is table()  # the capture's call alone, not the warm-ups'
     cache.clear()
     del entry
     gc.collect()
     assert table() is None  # dropped with the graph
+
+
+class _ReadsBeyond(TorchDispatchMode):
+    """Inside: the tensors the ops read that were not made inside, as {storage key: tensor} (a jagged
+    batch's values and offsets in place of the nested tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.read = set(), {}
+
+    @staticmethod
+    def key(t):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+        return (t.device.type, ptr) if ptr else None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in _plain(((args, kwargs or {}))):
+            k = self.key(t)
+            if k is not None and k not in self.made:
+                self.read.setdefault(k, t)
+        out = func(*args, **(kwargs or {}))
+        for t in _plain(out):
+            k = self.key(t)
+            if k is not None and k not in self.read:
+                self.made.add(k)
+        return out
+
+
+def _plain(x):
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    from torch.utils._pytree import tree_flatten
+
+    for t in tree_flatten(x)[0]:
+        if isinstance(t, torch.Tensor):
+            if is_traceable_wrapper_subclass(t):
+                yield from _plain([getattr(t, n) for n in t.__tensor_flatten__()[0]])
+            else:
+                yield t
+
+
+@pytest.mark.parametrize("builder", ["_zimage", "_klein"])
+def test_every_cached_table_a_captured_forward_reads_is_held(monkeypatch, builder):
+    """Both families' no-grad forwards, captured (CPU stand-ins for the CUDA calls): every tensor the
+    capture reads beyond its inputs and the model's parameters is held with the graph (a table of the
+    model's caches not passed through ``hold`` would be freed when its cache drops it)."""
+    from dopsd_fast.graphs import CudaGraphBackend
+    from dopsd_fast.models.ops import build_ops
+    from tests.kernels import test_graph_capture as gpu_test
+
+    _cuda_standins(monkeypatch)
+    st, fwd, x0, ctx = getattr(gpu_test, builder)(build_ops("off", "sdpa", torch.device("cpu")), torch.float32)
+    for which in "st":
+        reads = _ReadsBeyond()
+        monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None, **k: reads)  # the capture's call recorded
+        cache = GraphCache(lambda x, s, *c, w=which: (fwd(w, x, s, *c),), lambda: list(st.transformer.parameters()),
+                           backend=CudaGraphBackend())
+        inputs = (x0, torch.tensor([0.7, 0.2]), *ctx[which])
+        cache("k", *inputs)
+        (entry,) = cache.entries.values()
+        known = {reads.key(t) for t in (*inputs, *entry.static_inputs, *st.transformer.parameters(), *_plain(entry.keep),
+                                        *getattr(fwd, "constants", ()))}
+        loose = [tuple(t.shape) for k, t in reads.read.items() if k not in known and t.dim() > 0]
+        assert entry.keep and not loose, f"{builder} {which}: tables read but not held: {loose}"
 
 
 def test_klein_graph_keeps_its_rope_tables_when_the_cache_drops_them(monkeypatch):
@@ -149,7 +215,7 @@ def test_klein_graph_keeps_its_rope_tables_when_the_cache_drops_them(monkeypatch
     assert all(t() is not None for t in tables), "a table the captured graph reads was freed"
     assert not any(t() is c for t in tables for v in fast._rope.values() for cs in v[:2] for c in cs)  # dropped
     (entry,) = cache.entries.values()
-    assert {id(t()) for t in tables} <= {id(t) for t in entry.keep}
+    assert {id(t()) for t in tables} <= {id(t) for t in _plain(entry.keep)}
 
 
 class RefusingBackend(FakeBackend):
@@ -417,8 +483,6 @@ class ReplayBackend:
     def capture(self, fn, inputs):
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        from dopsd_fast.graphs import _plain_tensors
-
         ops = []
 
         class Record(TorchDispatchMode):
@@ -428,7 +492,7 @@ class ReplayBackend:
                 return out
 
         def tensors(x):  # a jagged batch's values and offsets in place of the nested tensor
-            return list(_plain_tensors(x))
+            return list(_plain(x))
 
         static = [x.clone() for x in inputs]
         with torch.no_grad():

@@ -62,6 +62,8 @@ def _klein(ops, dtype):
         out = fast.velocity_pair(x, sigma, cs if which == "s" else None, cs if which == "t" else None)
         return out[0] if which == "s" else out[1]
 
+    fwd.constants = refs  # what the forward reads beside its inputs and the model (the teacher's references)
+
     ctx = {"s": [torch.randn(24, 96) for _ in range(2)], "t": [torch.randn(24, 96) for _ in range(2)]}
     return st, fwd, torch.randn(2, 16, 6, 4), ctx
 

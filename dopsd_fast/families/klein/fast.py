@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dopsd_fast.families.klein.spec import SPEC
+from dopsd_fast.graphs import hold
 from dopsd_fast.models.paired import Branch, PairedModel, has_lora
 from dopsd_fast.families.klein.adapter import image_ids, pack, refs_of, text_ids
 
@@ -86,7 +87,7 @@ class FastFlux2(PairedModel):
             self._rope[key] = (cs(text_ids(n_txt)), cs(ids), ids.shape[0])
             if len(self._rope) > 64:
                 self._rope.pop(next(iter(self._rope)))
-        return self._rope[key]
+        return hold(self._rope[key])  # kept with a graph captured now: the cache may drop it later
 
     # ---- element-wise pieces, through the ops interface --------------------------------------------
     def _ln(self, x, scale, shift, B):
@@ -343,7 +344,7 @@ class FastFlux2(PairedModel):
         if key not in self._cu:
             cu = [i * S for i in range(B + 1)]
             self._cu[key] = (torch.tensor(cu, dtype=torch.int32, device=dev), cu)
-        return self._cu[key]
+        return hold(self._cu[key])
 
     def _attend(self, q, B):
         """Joint attention per sample for both branches (each (q, k, v) of (B*S, H, hd), or None)."""

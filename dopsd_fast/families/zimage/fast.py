@@ -40,6 +40,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dopsd_fast.families.zimage.spec import SPEC
+from dopsd_fast.graphs import hold
 from dopsd_fast.models.paired import Branch, PairedModel, RolloutShare, Stream, has_lora
 
 SEQ_MULTI_OF = 32
@@ -285,7 +286,7 @@ class FastZImage(PairedModel):
         key = (B, H, W, tuple(cap_lens_s or ()), tuple(cap_lens_t or ()), str(device))
         hit = self._layouts.get(key)
         if hit is not None:
-            return hit
+            return hold(hit)  # kept with a graph captured now: the cache may drop it later
         ht_, wt_ = H // 2, W // 2
         n_img = ht_ * wt_
         n_img_pad = n_img + (-n_img) % SEQ_MULTI_OF
@@ -333,7 +334,7 @@ class FastZImage(PairedModel):
         if len(self._layouts) >= 64:
             self._layouts.pop(next(iter(self._layouts)))
         self._layouts[key] = layout
-        return layout
+        return hold(layout)
 
     @staticmethod
     def _stream(h, spec):
