@@ -1141,7 +1141,8 @@ def main(argv=None) -> int:
         if calibration:  # what the trainer's auto runs on that GPU (its measured order; no CUDA touched)
             from dopsd_fast.models.ops import resolve_attention
 
-            args.attention = resolve_attention("auto", torch.device("cuda"), gpu_name=calibration["source"]["gpu"])
+            chosen = resolve_attention("auto", torch.device("cuda"), gpu_name=calibration["source"]["gpu"])
+            args.attention = chosen if chosen in ATTENTION_MODEL else "sdpa"
     header_pricing = Pricing(RATES, calibration, ATTENTION_MODEL[args.attention][1])  # the fast path's attention
     print(f"# D-OPSD step model (fake tensors, CPU): {args.preset}; {header_pricing.describe()}. "
           "MODEL FIGURES, not measurements; the peak excludes the weights and AdamW's state (made before the "

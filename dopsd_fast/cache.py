@@ -236,25 +236,29 @@ class FeatureCache:
         self.check_shards(width)
         if extra_problem is None and not max_tokens:
             return
-        heads: dict = {}
+        by_shard: dict = {}  # shard -> {entry name: (features shape, {extra: shape})}, each header read once
         for key, kind, (_prompt, rec) in needed_entries(dataset, kinds):
             shard, name = self.entries[key]
-            if shard not in heads:
-                heads[shard] = self._heads(shard)
-            tokens, most = heads[shard][f"{name}.features"][0][0], (max_tokens or {}).get(kind)
-            if most is not None and tokens > most:
+            if shard not in by_shard:
+                by_shard[shard] = {}
+                for t, (shape, _dtype) in self._heads(shard).items():
+                    entry, sep, extra = t.partition(".extra.")
+                    if sep:
+                        by_shard[shard].setdefault(entry, [None, {}])[1][extra] = tuple(shape)
+                    elif t.endswith(".features"):
+                        by_shard[shard].setdefault(t[: -len(".features")], [None, {}])[0] = tuple(shape)
+            features, extras = by_shard[shard][name]
+            most = (max_tokens or {}).get(kind)
+            if most is not None and features[0] > most:
                 raise CacheError(f"feature cache {self.dir}: shard {shard}: the {kind} context of {rec.where} "
-                                 f"({key[:12]}) has {tokens} tokens, more than the {most} this config's encoder gives; "
-                                 "run dopsd-cache again with this config into a new cache.dir")
-            if extra_problem is None:
-                continue
-            prefix = f"{name}.extra."
-            for t, (shape, _dtype) in sorted(heads[shard].items()):
-                why = extra_problem(kind, t[len(prefix):], tuple(shape), rec) if t.startswith(prefix) else None
+                                 f"({key[:12]}) has {features[0]} tokens, more than the {most} this config's encoder "
+                                 "gives; run dopsd-cache again with this config into a new cache.dir")
+            for extra, shape in sorted(extras.items()) if extra_problem is not None else ():
+                why = extra_problem(kind, extra, shape, rec)
                 if why:
                     raise CacheError(f"feature cache {self.dir}: shard {shard}: the context of {rec.where} ({key[:12]}): "
-                                     f"its {t[len(prefix):][:40]} {why}; run dopsd-cache again with this config into "
-                                     "a new cache.dir")
+                                     f"its {extra[:40]} {why}; run dopsd-cache again with this config into a new "
+                                     "cache.dir")
 
     def _heads(self, shard: str) -> dict:
         """{tensor name: (shape, dtype)} of a shard, from its header alone."""

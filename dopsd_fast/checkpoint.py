@@ -208,8 +208,9 @@ def _verify(flat: dict, md, path: Path) -> None:
             rows = _json_of(flat.pop(key))
             for name, offsets, sizes, crc in rows:
                 recorded.setdefault((name, tuple(offsets)), set()).add((tuple(sizes), crc))
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"checkpoint {path}: its checksum record {key} is damaged ({e})") from None
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"checkpoint {path}: its checksum record {key} is damaged "
+                                  f"({'nested too deeply to read' if isinstance(e, RecursionError) else e})") from None
     if not recorded:
         raise CheckpointError(f"checkpoint {path}: no checksum record (__crc32_rank*__); damaged")
     bad = []
@@ -560,8 +561,9 @@ def load_checkpoint(path: Path) -> dict:
     _verify(flat, md, path)
     try:
         record = _json_of(flat.pop(_STATE_KEY))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path}: {_STATE_KEY} is damaged ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {path}: {_STATE_KEY} is damaged "
+                              f"({'nested too deeply to read' if isinstance(e, RecursionError) else e})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: format {record.get('format') if isinstance(record, dict) else '?'}"
                               f" is not {FORMAT} (written by another version); not loaded")

@@ -589,6 +589,8 @@ def parse_overrides(overrides: list[str] | None) -> dict:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({why}); quote text that holds "
                               f"brackets, ': ' or ' #': --set '{key.strip()}=\"...\"' (a list: "
                               f"--set '{key.strip()}=[\"...\", \"...\"]')") from None
+        except RecursionError:
+            raise ConfigError(f"--set {item[:60]!r}...: the value nests too deeply to read") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

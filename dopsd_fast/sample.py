@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -316,14 +317,16 @@ def load_transformer(adapter, folder: str) -> None:
         return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
     mine = plain(adapter.transformer.config)
-    # the received config.json sizes the model diffusers would build: compared before anything is built
-    # (its values, where it names a field of the model's config; a missing one takes the class's default)
+    cls = type(adapter.transformer)
+    # the received config.json sizes the model diffusers would build: compared before anything is built,
+    # a field it leaves out at the class's default (what diffusers would build with)
     raw = _small_json(d / "config.json", "--transformer", 1 << 20)
-    early = [k for k in differ_from(plain(raw)) if k in raw]
+    defaults = {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    early = [k for k in differ_from(plain({**defaults, **raw})) if k in raw or k in defaults]
     if early:
         raise ValueError(f"--transformer: {d} is another model than the config's (its config differs in: "
                          f"{', '.join(early[:6])}); give the --config / --set of the run that wrote it")
-    cls = type(adapter.transformer)
     try:
         loaded = cls.from_pretrained(str(d), torch_dtype=adapter.dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - another model's folder, a torn file: one line naming it

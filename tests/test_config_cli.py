@@ -373,3 +373,10 @@ def test_a_config_nested_past_the_recursion_limit_is_one_line(tmp_path):
     p.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(ConfigError, match=rf"config file {p} nests too deeply to read"):
         load_config(p)
+
+
+def test_a_set_value_nested_past_the_recursion_limit_is_one_line():
+    from dopsd_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--set 'validation.prompts=\[\[\[.*\.\.\.: the value nests too deeply to read"):
+        load_config(None, ["validation.prompts=" + "[" * 5000 + "]" * 5000])

@@ -483,9 +483,10 @@ def test_full_fine_tuning_exports_loadable_transformers(tmp_path):
         (d / "diffusion_pytorch_model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": {k: shard for k in sd}}))
         refused(d, match)
-    d = folder("wide")
-    conf = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps(dict(conf, dim=65536)))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cls, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("built before the comparison")))
-        refused(d, r"is another model than the config's \(its config differs in: dim\)")
+    conf = json.loads((run / "transformer" / "config.json").read_text())
+    for name, edited in (("wide", dict(conf, dim=65536)), ("default", {k: v for k, v in conf.items() if k != "dim"})):
+        d = folder(name)  # a width of its own, or none: the class's default (3840), what diffusers would build
+        (d / "config.json").write_text(json.dumps(edited))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cls, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("built before the comparison")))
+            refused(d, r"is another model than the config's \(its config differs in: dim\)")
