@@ -632,3 +632,21 @@ def test_resume_from_a_copy_of_the_model_folder(tmp_path, caplog):
         Trainer(load_config("configs/tiny-klein.yaml", args[2:] + [f"model.path={tmp_path / 'a'}", "train.max_steps=3",
                                                                   f"train.output_dir={tmp_path / 'old-run'}"]),
                 resume=str(old))
+
+
+def test_cached_reference_latents_are_checked_at_their_buckets_width_by_height():
+    """A cached context's reference latents against its row's buckets (w, h), non-square so that a
+    swapped width and height is seen: the row's references, then (the teacher's) its target."""
+    from types import SimpleNamespace
+
+    ad = _adapter()
+    row = SimpleNamespace(reference_buckets=[(64, 32)], bucket=(32, 48))
+    C = ad.latent_shape(32, 64)[0]
+    ref, target = ad.latent_shape(32, 64), ad.latent_shape(48, 32)
+    assert ref[1:] == (2, 4) and target[1:] == (3, 2)  # (C, h, w) at 16 pixels a latent cell
+    assert ad.cache_extra_problem("teacher", "ref0", ref, row) is None
+    assert ad.cache_extra_problem("teacher", "ref1", target, row) is None
+    assert ad.cache_extra_problem("student", "ref0", ref, row) is None
+    assert "its reference 0, at its bucket 64x32, is" in ad.cache_extra_problem("teacher", "ref0", (C, 4, 2), row)
+    assert "does not have (it has 1 reference(s))" in ad.cache_extra_problem("student", "ref1", target, row)
+    assert ad.cache_extra_problem("teacher", "something_else", (1,), row) is None  # not read: not checked
