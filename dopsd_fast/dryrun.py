@@ -182,8 +182,7 @@ def workload(cfg, say=print, references: int | None = 0, recipe=None) -> Workloa
                     FeatureCache.for_run(cfg.cache.dir, adapter, cfg.method).require_complete(
                         dataset, spec.context_width(adapter.transformer.config), kinds,
                         extra_problem=getattr(adapter, "cache_extra_problem", None),
-                        max_tokens={"student": cfg.model.student_max_tokens,
-                                    "teacher": spec.teacher_context_tokens(cfg.model)})
+                        max_tokens=spec.context_tokens(cfg.model))
                     say(f"feature cache: complete ({cfg.cache.dir}); the encoders will not be loaded")
                 except (CacheError, FileNotFoundError) as e:
                     say(f"feature cache: not ready ({e}); counted as if complete (the encoders not loaded)")

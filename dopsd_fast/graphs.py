@@ -10,11 +10,10 @@ that swapped parameters, a new adapter, a dtype change) would make the graph rea
 it raises :class:`GraphStructureError` instead of silently re-capturing or replaying garbage;
 :meth:`GraphCache.clear` after such a change is the explicit way on. A graph holds no reference to
 what it reads: each entry keeps the cached tables its capture read (:func:`hold`: a per-shape table
-taken from a bounded cache stays alive when the cache drops it). A capture
-that fails (CUDA refuses an op inside it) costs the run nothing but the graph: that input structure
-runs eagerly from then on, one warning line names the graph, the structure and the error, and
-:attr:`GraphCache.failures` keeps the error text (the benchmark and the GPU test report it; they do not
-count an eager call as a graph).
+taken from a bounded cache stays alive when the cache drops it). A capture that fails (CUDA refuses
+an op inside it) costs the run nothing but the graph: that input structure runs eagerly from then on,
+one warning line names the graph, the structure and the error, and :attr:`GraphCache.failures` keeps
+the error text (the benchmark and the GPU test report it; they do not count an eager call as a graph).
 
 What a graph cannot hold is host work inside the forward: a device-to-host read (``.item()``,
 ``.tolist()``, a ``nonzero``, a data-dependent shape) or a tensor made from Python data (``torch.tensor(list)``, a

@@ -456,8 +456,7 @@ class Trainer:
             cache = FeatureCache.for_run(cfg.cache.dir, self.adapter, cfg.method)
             cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config),
                                    self.context_kinds, extra_problem=getattr(self.adapter, "cache_extra_problem", None),
-                                   max_tokens={"student": cfg.model.student_max_tokens,
-                                               "teacher": self.spec.teacher_context_tokens(cfg.model)})
+                                   max_tokens=self.spec.context_tokens(cfg.model))
             log.info("contexts from the feature cache %s: encoders not loaded", cfg.cache.dir)
         elif "teacher" in self.context_kinds:
             self.adapter = build_adapter(cfg.model, load_encoders=True)

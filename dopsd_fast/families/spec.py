@@ -232,6 +232,10 @@ class FamilySpec:
     def teacher_context_tokens(self, model_cfg) -> int:
         return model_cfg.teacher_max_tokens
 
+    def context_tokens(self, model_cfg) -> dict:
+        """{kind: the most tokens the config's encoders give a context of that kind} (a cache's bound)."""
+        return {"student": model_cfg.student_max_tokens, "teacher": self.teacher_context_tokens(model_cfg)}
+
     # ---- what benchmarks and tests build without an adapter ---------------------------------------
     def latent_shape(self, transformer_config, resolution: int) -> tuple:
         """A state's per-sample shape at ``resolution`` x ``resolution`` pixels (the VAE's 8x)."""
