@@ -551,6 +551,42 @@ def _apply_renames(data: dict) -> dict:
     return data
 
 
+def _field_paths(cls=None, prefix: str = "") -> list[str]:
+    """Every config field's dotted name (``optim.lr``, ..., sections too), from the dataclasses."""
+    cls = cls or Config
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        out.append(name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _field_paths(hints[f.name], name)
+    return out
+
+
+def _did_you_mean(unknown: list[str], prefix: str, known) -> str:
+    """``" (did you mean 'train.max_steps'?)"``: for each unknown key, a field of the same name in
+    another section (``train.lr`` -> ``optim.lr``), else a close spelling in this one; "" if none."""
+    import difflib
+
+    paths = _field_paths()
+    name = lambda k: f"'{prefix}.{k}'" if prefix else f"'{k}'"  # noqa: E731
+    hints = []
+    for key in unknown:
+        if not isinstance(key, str) or not key:
+            continue
+        here = [k for k in sorted(known) if key in k] or difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        elsewhere = [p for p in paths if p.rsplit(".", 1)[-1] == key and p.rsplit(".", 1)[0] != prefix]
+        if here:
+            hints.append(" or ".join(name(k) for k in here[:2]))
+        elif elsewhere:
+            hints.append(" or ".join(f"'{p}'" for p in elsewhere[:2]))
+        elif prefix:  # a close spelling in another section
+            near = difflib.get_close_matches(key, [p.rsplit(".", 1)[-1] for p in paths], n=1, cutoff=0.75)
+            hints += [f"'{p}'" for p in paths if near and p.rsplit(".", 1)[-1] == near[0]][:1]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 def _build(cls, data: Any, prefix: str):
     if data is None:
         data = {}
@@ -564,7 +600,8 @@ def _build(cls, data: Any, prefix: str):
     unknown = sorted(set(data) - known)
     if unknown:
         where = f"section '{prefix}'" if prefix else "top level"
-        raise ConfigError(f"unknown config field(s) {unknown} in {where}; known: {sorted(known)}")
+        hint = _did_you_mean(unknown, prefix, known)
+        raise ConfigError(f"unknown config field(s) {unknown} in {where}{hint}; known: {sorted(known)}")
     kwargs = {}
     for f in fields(cls):
         name = f"{prefix}.{f.name}" if prefix else f.name

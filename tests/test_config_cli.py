@@ -54,6 +54,23 @@ def test_config_errors_name_the_field(override, match):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override,hint", [
+    ("train.steps=3", "'train.max_steps'"),  # a close name in the section
+    ("train.lr=1e-4", "'optim.lr'"),  # the same name in another section
+    ("dopsd.ema=0.9", "'dopsd.ema_decay' or 'dopsd.ema_on_cpu'"),  # part of a name
+    ("trian.max_steps=3", "'train'"),  # a misspelt section
+])
+def test_an_unknown_field_names_the_one_meant(override, hint):
+    with pytest.raises(ConfigError, match=re.escape(f"(did you mean {hint}?); known: [")):
+        load_config(None, [override])
+
+
+def test_an_unknown_field_with_nothing_close_has_no_guess():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.zzzz=1"])
+    assert "did you mean" not in str(err.value)
+
+
 def test_a_quoted_value_of_a_list_field_is_one_entry():
     """A quoted string given to a list field is one entry as written: it was read as YAML again, so
     '"[V] dog"' failed as "unexpected" and '"[V]"' became the prompt 'V'."""
