@@ -752,10 +752,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if any(given.get(k) for k in sources) and isinstance(data.get("data"), dict):
         # a data source given on the command line replaces the config's (data.builtin=null not needed)
         data["data"] = {k: v for k, v in data["data"].items() if k not in sources or k in given}
+    from_file = copy.deepcopy(data) if path is not None else None
     data = _apply_renames(_merge(_apply_renames(data), _apply_renames(over)))
     if "data" not in data:
         data["data"] = {"builtin": "tiny"}
-    return _build(Config, data, "")
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        if from_file is None or (over and str(e) != _file_alone_error(from_file)):
+            raise
+        raise ConfigError(f"config file {p}: {e}") from None  # the file's own field, not an override's
+
+
+def _file_alone_error(data: dict) -> str | None:
+    """The error the config file's data raises alone (no overrides; its warnings not repeated), or None."""
+    was = log.disabled
+    log.disabled = True
+    try:
+        data = _apply_renames(data)
+        data.setdefault("data", {"builtin": "tiny"})
+        _build(Config, data, "")
+    except ConfigError as e:
+        return str(e)
+    finally:
+        log.disabled = was
+    return None
 
 
 def config_from_dict(data: dict) -> Config:

@@ -65,6 +65,24 @@ def test_an_unknown_field_names_the_one_meant(override, hint):
         load_config(None, [override])
 
 
+def test_a_bad_field_of_the_config_file_names_the_file(tmp_path):
+    """The file's own bad field names the file, with --set overrides beside it too; an override's own
+    bad value does not blame the file."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("train:\n  steps: 10\n")
+    for over in ([], ["optim.lr=1e-4"]):
+        with pytest.raises(ConfigError, match=re.escape(f"config file {cfg}: unknown config field(s) ['steps']")):
+            load_config(cfg, over)
+    cfg.write_text("lora:\n  rank: 0\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {cfg}: config field 'lora.rank'")):
+        load_config(cfg, ["lora.alpha=4"])
+    assert load_config(cfg, ["lora.rank=4"]).lora.rank == 4  # an override that fixes the file's field
+    cfg.write_text("lora:\n  rank: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, ["lora.rank=0"])
+    assert str(err.value).startswith("config field 'lora.rank'")
+
+
 def test_an_unknown_field_with_nothing_close_has_no_guess():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["optim.zzzz=1"])
