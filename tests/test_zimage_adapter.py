@@ -302,3 +302,60 @@ def test_vlm_weight_swap_runs_once_at_start_up(caplog):
         swaps = [r for r in caplog.records if r.getMessage().startswith("VLM weight swap")]
         assert len(swaps) == 1, (preset, [r.getMessage() for r in swaps])
         assert adapter.swap_report["matched"] and not adapter.swap_report["missing"], preset
+
+
+def test_the_position_range_is_checked_where_the_model_would_fail(adapter):
+    """Z-Image's RoPE tables (axes_lens) bound the context length and the image size: one past either
+    is an IndexError deep in the transformer, at the first long prompt or large image of a run. The
+    adapter names the setting instead, at the bound the transformer really has."""
+    from dopsd_fast.config import ConfigError, load_config
+
+    tr = adapter.transformer
+    limit = adapter.context_limit()
+    f = adapter.vae_scale_factor * 2
+    _, rows, cols = tr.config.axes_lens
+    t = torch.tensor([0.5])
+
+    def run(tokens, h, w):  # the transformer alone, at a context length and a latent size
+        x = [torch.randn(tr.config.in_channels, 1, h, w)]
+        return tr(x, t, [torch.randn(tokens, tr.config.cap_feat_dim)], return_dict=False)
+
+    with torch.no_grad():
+        run(limit, 2, 2)
+        with pytest.raises(IndexError):
+            run(limit + 1, 2, 2)
+        run(8, 2, 2 * cols)
+        with pytest.raises(IndexError):
+            run(8, 2, 2 * (cols + 1))
+    assert adapter.latent_shape(f, cols * f)[-1] == 2 * cols
+    for h, w in ((f, (cols + 1) * f), ((rows + 1) * f, f)):
+        with pytest.raises(ValueError, match=rf"image size {w}x{h} is past Z-Image's position range: at most "
+                                             rf"{cols * f}x{rows * f} pixels"):
+            adapter.latent_shape(h, w)
+
+    cfg = load_config(None, [f"model.teacher_max_tokens={limit + 1}"]).model
+    saved = adapter.cfg
+    try:
+        adapter.cfg = cfg
+        adapter.check_settings(teacher=False)  # sampling: the student alone
+        with pytest.raises(ConfigError, match=rf"'model.teacher_max_tokens': {limit + 1} is past the model's "
+                                              rf"position range: contexts of at most {limit} tokens"):
+            adapter.check_settings(teacher=True)
+        adapter.cfg = load_config(None, [f"model.student_max_tokens={limit + 1}"]).model
+        with pytest.raises(ConfigError, match=r"'model.student_max_tokens'"):
+            adapter.check_settings(teacher=False)
+        adapter.cfg = load_config(None, [f"model.teacher_max_tokens={limit}"]).model
+        adapter.check_settings(teacher=True)
+    finally:
+        adapter.cfg = saved
+
+
+def test_a_run_past_the_position_range_stops_at_start_up(tmp_path):
+    from dopsd_fast.cli import train_main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as ex:
+        train_main(["--config", "tiny-zimage", "--set", f"train.output_dir={out}", "--set",
+                    "model.teacher_max_tokens=4000"])
+    assert str(ex.value.code).startswith("error: config field 'model.teacher_max_tokens': 4000 is past"), ex.value.code
+    assert not (out / "checkpoints").exists()

@@ -74,7 +74,9 @@ def require_editing_support(spec: FamilySpec, dataset) -> None:
 def check_buckets(adapter, dataset=None, sizes=None, what: str = "a bucket of the data") -> None:
     """Every bucket the data uses (targets and references; or the (width, height) ``sizes`` given, ``what``
     they are) is one the model takes (its latent grid): one line naming the fields at start-up, not a
-    reshape error at the first image of that size."""
+    reshape error at the first image of that size. The model's settings for training too (its teacher's:
+    :meth:`~dopsd_fast.families.adapter.ModelAdapter.check_settings`)."""
+    adapter.check_settings(teacher=True)
     sizes = {tuple(b) for b in sizes or ()}
     if dataset is not None:
         sizes |= {tuple(r.bucket) for r in dataset.records}

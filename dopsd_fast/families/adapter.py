@@ -105,6 +105,12 @@ class ModelAdapter(ABC):
                 part.to(self.device, dtype)
             part.requires_grad_(False)
         self.vae.eval()
+        self.check_settings(teacher=False)
+
+    def check_settings(self, teacher: bool = True) -> None:
+        """Refuse settings the loaded model cannot run (a ``ConfigError`` naming the field), at start-up
+        rather than at the first sample that reaches them; ``teacher``: the teacher's too (training, the
+        feature cache; sampling runs the student alone). The family's own; none by default."""
 
     transformer: torch.nn.Module
     device: torch.device

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.context import Context
+from dopsd_fast.errors import ConfigError
 from dopsd_fast.families.adapter import ModelAdapter
 from dopsd_fast.fsdp import input_dtype
 from dopsd_fast.families.common import file_fingerprint
@@ -226,10 +227,35 @@ class ZImageAdapter(ModelAdapter):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    # ---- the position range -----------------------------------------------------------------
+    # Z-Image's RoPE reads tables of axes_lens rows: a context's tokens at positions 1..P (P: its length
+    # padded to 32), the image at frame position P + 1 and at (row, column) in patches from 0. A position
+    # past a table is an IndexError deep in the model: these name the setting instead.
+    PAD = 32
+
+    def context_limit(self) -> int:
+        """The longest context (tokens) the transformer's positions hold: padded to 32, plus the image's."""
+        n = int(self.transformer.config.axes_lens[0])
+        return (n - 2) // self.PAD * self.PAD
+
+    def check_settings(self, teacher: bool = True) -> None:
+        limit = self.context_limit()
+        for name in ("student_max_tokens", "teacher_max_tokens")[:2 if teacher else 1]:
+            value = getattr(self.cfg, name)
+            if value > limit:
+                raise ConfigError(f"config field 'model.{name}': {value} is past the model's position range: "
+                                  f"contexts of at most {limit} tokens (the transformer's axes_lens[0] = "
+                                  f"{self.transformer.config.axes_lens[0]}, contexts padded to {self.PAD})")
+
     def latent_shape(self, height, width):
         f = self.vae_scale_factor * 2  # the VAE factor times the 2x2 patch
         if height % f or width % f:
             raise ValueError(f"image size {width}x{height} must be a multiple of {f} for Z-Image")
+        _, rows, cols = (int(n) for n in self.transformer.config.axes_lens)
+        if height // f > rows or width // f > cols:
+            raise ValueError(f"image size {width}x{height} is past Z-Image's position range: at most "
+                             f"{cols * f}x{rows * f} pixels ({cols}x{rows} patches of {f} px, the transformer's "
+                             f"axes_lens)")
         return (int(self.transformer.config.in_channels), height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     @torch.no_grad()
