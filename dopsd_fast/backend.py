@@ -170,9 +170,9 @@ def _shadow(model, adapter: str, state: dict):
             continue
         keys[id(p)] = k
     if missing:
+        seen = f"the dict's keys are like {next(iter(state))!r}" if state else "the dict is empty"
         raise BackendError(f"backend.wrap: teacher_shadow lacks {len(missing)} of {len(live)} LoRA tensors of adapter "
-                           f"{adapter!r} (e.g. {missing[0]!r}; the dict's keys are like "
-                           f"{next(iter(state), None)!r})")
+                           f"{adapter!r} (e.g. {missing[0]!r}; {seen})")
     sh = Shadow(adapter, source=state, keys=keys)
     sh.params = list(live.values())
     _check_shadow(sh)
@@ -186,6 +186,9 @@ def _check_shadow(sh) -> None:
         if tuple(t.shape) != tuple(p.shape):
             raise BackendError(f"backend: teacher_shadow[{sh.keys[id(p)]!r}] has shape {tuple(t.shape)}, the parameter "
                                f"{tuple(p.shape)}")
+        if t.device != p.device or not t.is_floating_point():
+            raise BackendError(f"backend: teacher_shadow[{sh.keys[id(p)]!r}] is a {t.dtype} tensor on {t.device}, the "
+                               f"parameter on {p.device}: keep the EMA's tensors on the model's device (floating point)")
 
 
 def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_adapter: str | None = None,
@@ -224,6 +227,7 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
             raise BackendError(f"backend.wrap: teacher= is a {type(mt).__name__}, the student a {type(ms).__name__}: the "
                                "teacher must be a module of the student's class (its EMA copy); for diffusers' "
                                "EMAModel, copy its weights into one (ema.copy_to(teacher_module.parameters()))")
+        _check_same_config(ms, mt)
     if teacher is not None and teacher_shadow is not None:
         raise BackendError("backend.wrap: give either teacher= (a second module) or teacher_shadow= (an EMA of the "
                            "adapter), not both")
@@ -242,6 +246,11 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
         elif teacher_adapter == student_adapter:
             raise BackendError("backend.wrap: student and teacher adapters must differ (use teacher_shadow= for an "
                                "EMA)")
+    for name, ad in (("student_adapter", student_adapter), ("teacher_adapter", teacher_adapter)):
+        if ad is not None and not isinstance(ad, (str, Shadow)):
+            raise BackendError(f"backend.wrap: {name}= takes the adapter's name (a str, e.g. 'default'), got a "
+                               f"{type(ad).__name__}: add the adapter to the model first (model.add_adapter(config, "
+                               f"adapter_name=...)), then name it here")
     for name, m, ad in (("student", ms, student_adapter), ("teacher", mt, teacher_adapter)):
         if isinstance(ad, str) and not any(ad in getattr(x, "lora_A", {}) for x in m.modules()):
             raise BackendError(f"backend.wrap: the {name} adapter {ad!r} is on no module of the model")
@@ -272,9 +281,27 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
     fast = Backend(spec, model, nvtx=nvtx, ddp=ddp, engine=engine, trainable=trainable,
                    shadow=shadow, check_conventions=check_conventions)
     fast.owned = _owned(ms, trainable)
+    fast.teacher_module = mt if mt is not ms else None
+    fast.student_adapter = student_adapter
+    fast.teacher_adapter_name = teacher_adapter if isinstance(teacher_adapter, str) else None
     fast.follow_checkpointing = follow
     fast.autocast_hint = _autocast_wrapped(student)
     return fast
+
+
+def _check_same_config(ms, mt) -> None:
+    """teacher= (a second module) must be the student's architecture: the packed pass walks the student's
+    layers and reads its settings (norm eps, ...) for both branches, so a teacher with other layer counts
+    or settings would be computed wrongly, silently."""
+    a, b = getattr(ms, "config", None), getattr(mt, "config", None)
+    if a is None or b is None:
+        return
+    diff = sorted(k for k in set(a) | set(b) if not str(k).startswith("_") and a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff[:4])
+        raise BackendError(f"backend.wrap: teacher= has another config than the student ({shown}"
+                           f"{', ...' if len(diff) > 4 else ''}; student vs teacher): the teacher must be the "
+                           "student's architecture (its EMA copy)")
 
 
 def _warn_if_unsynced() -> None:
@@ -426,6 +453,10 @@ class Backend(PackedPair):
         self.follow_checkpointing = False  # wrap() without checkpoint_layers: the model's own switch, at every step
         self.syncs = 0  # gradient all-reduces run by sync_gradients (what the tests read)
         self.autocast_hint = False  # accelerate's mixed precision on the wrapped model (said once at a step)
+        self.teacher_module = None  # teacher= (a second module), checked at each step (check_wrapped)
+        self.student_adapter = None
+        self.teacher_adapter_name = None  # the teacher's adapter on the student module (not averaged)
+        self._frozen_said = False
 
     # ---- the protocol ----------------------------------------------------------------------------
     def pair_fn(self, ctx_s, ctx_t, backward: str = "stepwise", finish: bool = False):
@@ -462,7 +493,15 @@ class Backend(PackedPair):
         """The student's trainable parameters are still the tensors :func:`wrap` read, where it read them:
         one replaced since (``load_state_dict(..., assign=True)``, an adapter deleted and added again, a
         ``.to()`` that swaps parameters) would neither train nor be averaged, and a ``teacher_shadow``
-        would not find its entry: refused in one line (checked at every step: a lookup per tensor)."""
+        would not find its entry: refused in one line (checked at every step: a lookup per tensor). A
+        teacher= module moved or cast since (an EMA kept on the CPU between steps) is refused too."""
+        mt = self.teacher_module
+        if mt is not None:
+            p0, q0 = next(self.model.ms.parameters()), next(mt.parameters())
+            if (q0.dtype, q0.device) != (p0.dtype, p0.device):
+                raise BackendError(f"backend: teacher= holds {q0.dtype} weights on {q0.device} now, the student "
+                                   f"{p0.dtype} on {p0.device}: the packed pass runs both on the student's; move or "
+                                   "cast it back before the step (teacher.to(student's device and dtype))")
         for path, attr, p in self.owned:
             try:
                 now = self.model.ms.get_submodule(path)._parameters.get(attr) if path else \
@@ -490,6 +529,10 @@ class Backend(PackedPair):
         if tuple(sigma.shape) != (xm.shape[0],):
             raise BackendError(f"backend.velocity: sigma has shape {tuple(sigma.shape)}; it takes a float, a 0-dim "
                                f"tensor or one noise level per sample ({xm.shape[0]},)")
+        if not bool(((sigma >= 0) & (sigma <= 1)).all()):
+            raise BackendError(f"backend.velocity: sigma {sigma.tolist()} is outside [0, 1]: it is the noise level (1 = "
+                               f"noise), not the model's timestep (pass timestep / 1000, in the convention of "
+                               f"RolloutState.sigma)")
         return back(super().velocity(branch, xm, sigma, contexts(ctx)))
 
     @contextlib.contextmanager
@@ -497,6 +540,7 @@ class Backend(PackedPair):
         """Inside: the student's parameters by contract require grad (whatever ``set_adapter`` or the
         caller left), restored to the caller's flags on exit. Must span the forwards AND the backwards
         (autograd accumulates no gradient into a tensor that no longer requires it)."""
+        self._say_if_frozen()
         saved = [(p, p.requires_grad) for p in self.trainable]
         for p in self.trainable:
             p.requires_grad_(True)
@@ -522,7 +566,7 @@ class Backend(PackedPair):
         world = dist.get_world_size(group)
         if world == 1:
             return False
-        params = self.trainable
+        params = self.trainable + self._extra_trained(dist, group)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -546,6 +590,33 @@ class Backend(PackedPair):
                 bucket, size = ([g], g.numel()) if g is not None else ([], 0)
         self.syncs += 1
         return True
+
+    def _extra_trained(self, dist, group) -> list:
+        """The student's parameters outside the contract's set that the caller made require grad (a module
+        trained beside a LoRA, a layer unfrozen after wrap()) and that got a gradient on some rank: DDP
+        would average them, so they are averaged too (a rank without one adds zeros). Which ones is agreed
+        over the ranks in one small all-reduce, made only where such parameters exist."""
+        own = {id(p) for p in self.trainable}
+        tag = f".{self.teacher_adapter_name}." if self.teacher_adapter_name else None
+        extra = [p for n, p in self.model.ms.named_parameters()
+                 if p.requires_grad and id(p) not in own and not (tag and "lora_" in n and tag in n)]
+        if not extra:
+            return []
+        got = torch.tensor([p.grad is not None for p in extra], dtype=torch.float32, device=self.trainable[0].device)
+        dist.all_reduce(got, group=group)
+        return [p for p, n in zip(extra, got.tolist()) if n > 0]
+
+    def _say_if_frozen(self) -> None:
+        """Full fine-tuning: a parameter the caller froze since wrap() still trains (the set is wrap()'s):
+        said once."""
+        if self._frozen_said or self.student_adapter is not None:
+            return
+        frozen = sum(1 for p in self.trainable if not p.requires_grad)
+        if frozen:
+            self._frozen_said = True
+            log.warning("backend: %d of the student's %d parameters read as trainable by wrap() require no grad now; "
+                        "the step trains them still (the set is fixed at wrap()): call backend.wrap again after "
+                        "freezing or unfreezing parameters", frozen, len(self.trainable))
 
     @staticmethod
     def _engine_ok(backward_fn, backward: str) -> None:
@@ -622,7 +693,16 @@ class Backend(PackedPair):
     def _sigmas(self, sigmas, timesteps):
         if (sigmas is None) == (timesteps is None):
             raise BackendError("give exactly one of sigmas= (this project's convention) or timesteps= (the model's)")
-        return resolve_schedule(sigmas) if sigmas is not None else self.sigmas_from_timesteps(timesteps)
+        if sigmas is not None and torch.is_tensor(sigmas) and sigmas.dim() > 1:
+            raise BackendError(f"sigmas= has shape {tuple(sigmas.shape)}: it is the roll-out's schedule, one list for "
+                               "the batch (K + 1 noise levels from 1 down to 0), not one per sample")
+        if sigmas is None:
+            return self.sigmas_from_timesteps(timesteps)
+        try:
+            return resolve_schedule(sigmas.tolist() if torch.is_tensor(sigmas) else sigmas)
+        except TypeError as e:  # e.g. a list of lists
+            raise BackendError(f"sigmas= is the roll-out's schedule, K + 1 noise levels (floats) from 1 down to 0: "
+                               f"{e}") from None
 
     # ---- a whole step -------------------------------------------------------------------------------
     def dopsd_step(self, noise, ctx_s, ctx_t, sigmas=None, *, timesteps=None, loss: str = "x0",
@@ -644,6 +724,11 @@ class Backend(PackedPair):
         sig = self._sigmas(sigmas, timesteps)
         x, back = self.spec.latents_in(noise, latent_hw)
         self._check_inputs(x, ("ctx_s", ctx_s), ("ctx_t", ctx_t))
+        if autocast is not None and not hasattr(autocast, "__enter__"):
+            raise BackendError(f"backend.dopsd_step: autocast= takes a context manager (accelerator.autocast(), "
+                               f"torch.autocast('cuda', dtype=torch.bfloat16)), got {autocast!r}")
+        if autocast is None and self.autocast_hint and torch.is_autocast_enabled(x.device.type):
+            self.autocast_hint = False  # the caller's own autocast is on around the step
         if autocast is None and self.autocast_hint:
             self.autocast_hint = False
             log.warning("backend: the model was prepared by accelerate with mixed precision, which wraps model.forward; "

@@ -56,12 +56,35 @@ def main(out: str) -> None:
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     expected = torch.stack(gathered).mean(0)
+    warned = [m for m in seen if "does not average" in m]
+
+    # a module trained beside the LoRA (the caller's requires_grad): DDP would average its gradient, so
+    # the backend does too (it was left to each rank's own, and the replicas drifted apart)
+    def beside():
+        m = build_model()
+        m.cap_embedder.requires_grad_(True)
+        return m
+
+    ddp2 = torch.nn.parallel.DistributedDataParallel(beside())
+    fast2 = backend.wrap(ddp2, student_adapter="student", teacher_adapter="teacher")
+    fast2.dopsd_step(*batch(2, rank), timesteps=TIMESTEPS, backward="stepwise")
+    extra = torch.cat([p.grad.flatten() for p in ddp2.module.cap_embedder.parameters()])
+    ref2_model = beside()
+    backend.wrap(ref2_model, student_adapter="student", teacher_adapter="teacher").dopsd_step(
+        *batch(2, rank), timesteps=TIMESTEPS, backward="stepwise")
+    local2 = torch.cat([p.grad.flatten() for p in ref2_model.cap_embedder.parameters()])
+    gathered2 = [torch.empty_like(local2) for _ in range(world)]
+    dist.all_gather(gathered2, local2)
+    expected2 = torch.stack(gathered2).mean(0)
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save({"rank": rank, "ddp_hook_calls": len(hooked), "syncs_in_no_sync": syncs_in_no_sync,
                 "syncs": fast.syncs, "rel_err": float((synced - expected).norm() / expected.norm()),
                 "local_vs_mean": float((local - expected).norm() / expected.norm()),
-                "warned": [m for m in seen if "does not average" in m]},
+                "warned": warned,
+                "beside_rel_err": float((extra - expected2).norm() / expected2.norm()),
+                "beside_local_vs_mean": float((local2 - expected2).norm() / expected2.norm())},
                Path(out) / f"rank{rank}.pt")
+    del fast2, ddp2
     # DDP's reducer released (gc: DDP sits in reference cycles, so `del` alone may leave it alive) and both
     # ranks done before the group goes: tearing the group down under a live reducer can abort the process
     # at exit ("terminate called without an active exception"). Then leave without the interpreter's

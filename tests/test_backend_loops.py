@@ -119,11 +119,14 @@ def test_authors_loop_two_processes_gloo(tmp_path):
 def test_ddp_reducer_silent_one_average_per_step(tmp_path):
     """A plain torch DDP wrapper: its reducer runs no all-reduce during the backend's K stepwise
     backwards (a counting communication hook); under no_sync() the backend averages nothing, at the
-    next step once, and the result is the mean over ranks of the two micro-steps' local sums."""
+    next step once, and the result is the mean over ranks of the two micro-steps' local sums; a module the
+    caller trains beside the LoRA is averaged as DDP would."""
     for r in _launch(tmp_path, module="tests.backend_ddp_worker"):
         assert r["ddp_hook_calls"] == 0 and r["syncs_in_no_sync"] == 0 and r["syncs"] == 1
         assert r["rel_err"] < 1e-6 and r["local_vs_mean"] > 1e-3  # averaged, not the rank's own sum
         assert len(r["warned"]) == 1  # the bare model on 2 ranks: said (the DDP-wrapped one: not)
+        # a module the caller trains beside the LoRA is averaged too (it got each rank's own gradient)
+        assert r["beside_rel_err"] < 1e-6 and r["beside_local_vs_mean"] > 1e-3
 
 
 # ---- what loops hand over ----------------------------------------------------------------------------

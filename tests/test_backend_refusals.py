@@ -372,3 +372,101 @@ def test_a_used_generator_autocast_is_named_and_the_base_model_teacher_runs():
         fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS, autocast=cm)
     with pytest.raises(BackendError, match=r"or teacher=<the same model> for the base model"):
         backend.wrap(model, student_adapter="student")
+
+
+def test_a_teacher_module_of_another_config_is_refused():
+    """The packed pass walks the student's layers and reads its settings for both branches: a teacher=
+    with more layers (or another norm eps) was computed wrongly and silently (its extra layers skipped)."""
+    from dopsd_fast import backend
+    from dopsd_fast.families import ZIMAGE
+
+    full = _model(names=()).requires_grad_(True)
+    for change, shown in ((dict(n_layers=ZIMAGE.tiny_config()["n_layers"] + 1), "n_layers: "),
+                          (dict(norm_eps=1e-3), "norm_eps: 1e-05 vs 0.001")):
+        other = ZIMAGE.diffusers_class()(**{**ZIMAGE.tiny_config(), **change}).float()
+        with pytest.raises(BackendError, match=rf"teacher= has another config than the student \({shown}"):
+            backend.wrap(full, teacher=other)
+    backend.wrap(full, teacher=copy.deepcopy(full))  # its EMA copy
+
+
+def test_a_teacher_module_cast_or_moved_after_wrap_is_refused_at_the_step():
+    """An EMA module cast (or moved to the CPU) between steps failed deep in F.linear."""
+    from dopsd_fast import backend
+
+    full = _model(names=()).requires_grad_(True)
+    teacher = copy.deepcopy(full).requires_grad_(False)
+    fast = backend.wrap(full, teacher=teacher)
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    teacher.to(torch.bfloat16)
+    with pytest.raises(BackendError, match=r"teacher= holds torch.bfloat16 weights on cpu now, the student "
+                                           r"torch.float32 on cpu"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    teacher.float()
+    fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+
+
+def test_an_ema_dict_on_another_device_is_refused():
+    """A meta tensor stands in for another device on the CPU: the step ran and gave a NaN loss."""
+    from dopsd_fast import backend
+
+    model = _model(names=("default",))
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    fast = backend.wrap(model, student_adapter="default", teacher_shadow=ema)
+    key = next(iter(ema))
+    ema[key] = ema[key].to("meta")
+    with pytest.raises(BackendError, match=rf"teacher_shadow\['{key}'\] is a torch.float32 tensor on meta, the "
+                                           r"parameter on cpu"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+
+
+def test_arguments_of_the_wrong_kind_are_named():
+    """Each ended in an error that did not name the argument (or was accepted)."""
+    from peft import LoraConfig
+
+    from dopsd_fast import backend
+
+    model = _model()
+    with pytest.raises(BackendError, match=r"student_adapter= takes the adapter's name \(a str, e.g. 'default'\), "
+                                           r"got a LoraConfig"):
+        backend.wrap(model, student_adapter=LoraConfig(r=4), teacher_adapter="teacher")
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    noise, ps, pt = _inputs()
+    with pytest.raises(BackendError, match=r"autocast= takes a context manager .*, got True"):
+        fast.dopsd_step(noise, ps, pt, timesteps=TIMESTEPS, autocast=True)
+    with pytest.raises(BackendError, match=r"sigmas= has shape \(2, 3\): it is the roll-out's schedule"):
+        fast.dopsd_step(noise, ps, pt, sigmas=torch.tensor([[1.0, 0.5, 0.0]] * 2))
+    with pytest.raises(BackendError, match=r"sigmas= is the roll-out's schedule"):
+        fast.dopsd_step(noise, ps, pt, sigmas=[[1.0, 0.5, 0.0]])
+    res = fast.dopsd_step(noise, ps, pt, sigmas=torch.tensor([1.0, 0.5, 0.0]))
+    assert len(res.state_losses) == 2
+    with pytest.raises(BackendError, match=r"sigma \[1.5, 1.5\] is outside \[0, 1\]: it is the noise level"):
+        fast.velocity("teacher", noise, 1.5, pt)
+
+
+def test_full_fine_tuning_says_once_that_a_parameter_frozen_after_wrap_still_trains(caplog):
+    from dopsd_fast import backend
+
+    full = _model(names=()).requires_grad_(True)
+    fast = backend.wrap(full, teacher=copy.deepcopy(full))
+    full.layers[0].requires_grad_(False)
+    with caplog.at_level("WARNING", logger="dopsd_fast.backend"):
+        for _ in range(2):
+            fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    said = [r.getMessage() for r in caplog.records if "require no grad now" in r.getMessage()]
+    n = sum(1 for _ in full.layers[0].parameters())
+    assert len(said) == 1 and said[0].startswith(f"backend: {n} of the student's")
+
+
+def test_the_mixed_precision_hint_is_not_said_under_the_callers_own_autocast(caplog):
+    from dopsd_fast import backend
+
+    model = _model()
+    fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+    fast.autocast_hint = True  # as for a model accelerate prepared with mixed precision
+    with caplog.at_level("WARNING", logger="dopsd_fast.backend"), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    assert not [r for r in caplog.records if "mixed precision" in r.getMessage()]
+    fast.autocast_hint = True
+    with caplog.at_level("WARNING", logger="dopsd_fast.backend"):
+        fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    assert len([r for r in caplog.records if "mixed precision" in r.getMessage()]) == 1
