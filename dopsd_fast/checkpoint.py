@@ -350,6 +350,8 @@ def _dcp_load(flat: dict, path: Path, md) -> None:
                      planner=Planner(flatten_state_dict=False, flatten_sharded_tensors=False))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException is a BaseException
         c = _cause(e)
+        if isinstance(c, KeyboardInterrupt):  # a Ctrl-C while loading, wrapped by DCP: a stop, not damage
+            raise c from None
         raise CheckpointError(f"checkpoint {path} does not load ({load_error(c)})") from None
 
 
@@ -493,12 +495,21 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int, run_id:
             dcp.save(flat, checkpoint_id=str(tmp))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a full disk as one line
         e = _cause(e)
+        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C inside the write, wrapped by DCP: the stop it is
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise e from None
         text = f"{type(e).__name__}: {e}"
-        if isinstance(e, OSError) and e.errno == 28 or "No space left" in text or "unexpected pos" in text:
+        if isinstance(e, OSError) and e.errno == 28 or "No space left" in text:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(28, "writing the checkpoint failed (no space left on the device); is the disk full?",
                           str(tmp)) from None
+        if "unexpected pos" in text:  # the file stopped growing: a full disk, or a limit on a file's size
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(27, "writing the checkpoint failed (a file could not grow: the disk is full, or a file "
+                              "size limit was reached: ulimit -f, a FAT32 / exFAT drive's 4 GiB)", str(tmp)) from None
         raise RuntimeError(f"writing the checkpoint {final} failed: {text.splitlines()[0][:300]}") from None
     _barrier()
     if rank == 0:
@@ -519,6 +530,25 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int, run_id:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def set_aside_later(root: str | Path, step: int, run_id: str | None) -> list[Path]:
+    """A resume from ``step`` with later checkpoints of the same run ``run_id`` in ``root`` (a run taken
+    back to an earlier step): each moved aside to ``step-N.abandoned-K`` (not deleted), so that neither
+    ``--resume latest`` nor the pruning of the resumed run reads the run it abandoned; -> the new names.
+    Another run's checkpoints stay. Also removes the temporary folders of writes that never finished
+    (``.step-N.tmp``: one trainer per folder, so none is in progress)."""
+    root = Path(root)
+    moved = []
+    for s, p in list_checkpoints(root):
+        if s > step and run_id is not None and checkpoint_run_id(p) == run_id:
+            aside = _free_name(p, "abandoned")
+            os.replace(p, aside)
+            moved.append(aside)
+    if root.is_dir():
+        for p in root.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+    return moved
 
 
 def resolve_resume(root: str | Path, resume: str | None) -> Path | None:

@@ -221,6 +221,7 @@ def train_main(argv=None) -> int:
     from dopsd_fast.trainer import Trainer
 
 
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
                           overwrite=args.overwrite)
@@ -232,6 +233,8 @@ def train_main(argv=None) -> int:
     except Terminated:
         return 143  # 128 + SIGTERM, after the checkpoint
     except KeyboardInterrupt:  # Ctrl-C: after the checkpoint (a second Ctrl-C: at once)
+        if trainer is None:  # the trainer says what it wrote; before it existed, nothing was
+            logging.getLogger("dopsd_fast").warning("Ctrl-C during start-up: stopped, nothing written")
         return 130
     grids = [g for g in trainer.out.glob("samples/step-*.png")  # not an earlier attempt's beyond this run's end
              if g.stem[5:].isdigit() and int(g.stem[5:]) <= trainer.step]

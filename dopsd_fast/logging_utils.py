@@ -38,6 +38,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = self.wandb = self._tb_writer = self._wandb_run = None
+        self._purge = None  # on resume: TensorBoard's events past the checkpoint's step dropped (truncate_after)
         if not enabled:
             return
         if tensorboard:
@@ -46,7 +47,7 @@ class MetricsLogger:
             except ImportError:
                 log.warning("tensorboard is not installed: logging to metrics.jsonl only")
             else:  # the folder is made at the first row: a run refused before its first step leaves none
-                self._tb_writer = lambda: SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                self._tb_writer = lambda: SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=self._purge)
         if wandb:
             try:
                 import wandb as _wandb
@@ -57,7 +58,9 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume: keep the lines of steps <= ``step`` (the checkpoint's) and drop a line torn by a
-        crash (or any line that is not a metrics row), so the file reads as one run."""
+        crash (or any line that is not a metrics row), so the file reads as one run; TensorBoard's events
+        of the later steps are dropped when its writer opens (``purge_step``)."""
+        self._purge = step + 1
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line, at in metrics_rows(self.path) if at <= step]

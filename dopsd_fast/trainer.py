@@ -28,7 +28,8 @@ from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
 from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of
 from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incomplete_checkpoints, list_checkpoints,
-                                   load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state)
+                                   load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_aside_later,
+                                   set_rng_state)
 from dopsd_fast.config import Config
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
@@ -956,6 +957,12 @@ class Trainer:
         self._saved_step = self.step
         if self.step < self.cfg.train.max_steps:  # else nothing to train (train() says so), and nothing written:
             self.logger.truncate_after(self.step)  # the finished run's later rows stay with its later checkpoints
+            if self.rank == 0:  # a run taken back to an earlier step: what it went on to is set aside, not read
+                moved = set_aside_later(self.out / "checkpoints", self.step, self.run_id)
+                if moved:
+                    log.warning("resume from step %d: this run's later checkpoints (it went on past this step before, or "
+                                "they did not load) moved aside (%s; not deleted): --resume latest continues this run from now on", self.step,
+                                ", ".join(p.name for p in moved))
         log.info("resumed from %s at step %d", path, self.step)
 
     def _check_optimizer_shapes(self, osd: dict) -> None:
@@ -1200,10 +1207,15 @@ class Trainer:
                 self.guard.summary()
             finally:
                 above.close()  # the caller's log handlers back, whatever happened above
-        if not tcfg.checkpoint_every or self.step % tcfg.checkpoint_every != 0:
-            self.save()
-        if vcfg.every and self.step % vcfg.every != 0:
-            self.validate()
-        self.export_full()
+        try:
+            if not tcfg.checkpoint_every or self.step % tcfg.checkpoint_every != 0:
+                self.save()
+            if vcfg.every and self.step % vcfg.every != 0:
+                self.validate()
+            self.export_full()
+        except KeyboardInterrupt:  # a second Ctrl-C (Aborted) in the last checkpoint, validation or export
+            log.warning("stopped at once at the end (step %d), nothing more written: the last complete checkpoint "
+                        "stands; --resume latest continues from it and writes what is missing", self.step)
+            raise
         self.logger.close()
         return last

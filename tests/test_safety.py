@@ -1135,3 +1135,142 @@ def test_a_checkpoint_of_a_process_that_saw_more_gpus_sets_the_generators_it_has
     state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
     checkpoint.set_rng_state(state)
     assert got == [(0, 0), (1, 1)]
+
+
+def test_a_run_taken_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(straight, tmp_path, caplog):
+    """Back to step 2 of a run that went on to step 4 (with a lower LR, say): the checkpoints 3 and 4
+    kept the run's id, so the resumed run's pruning deleted its own newer checkpoints (the step numbers
+    of the abandoned ones are higher) and --resume latest went back to the abandoned step 4, whose
+    exports then replaced the resumed run's. They are moved aside now (not deleted)."""
+    import shutil
+
+    from dopsd_fast.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "checkpoints" / ".step-0000007.tmp").mkdir()  # a write a kill -9 left: nothing removed it
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast.trainer"):
+        tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+                      "optim.lr=5e-4", resume=str(run / "checkpoints" / "step-0000002"))
+    said = [r.getMessage() for r in caplog.records if "moved aside" in r.getMessage()]
+    assert said and "step-0000003.abandoned-1, step-0000004.abandoned-1" in said[0]
+    tr.train()
+    ck = run / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ck)] == [3]  # the resumed run's own, kept
+    assert sorted(p.name for p in ck.iterdir()) == ["step-0000003", "step-0000003.abandoned-1",
+                                                    "step-0000004.abandoned-1"]
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=3", "optim.lr=5e-4", resume="latest")
+    assert tr.step == 3  # the resumed run, not the abandoned step 4
+    tr.close()
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_ctrl_c_while_a_checkpoint_loads_stops_and_calls_nothing_damaged(straight, tmp_path, monkeypatch):
+    """DCP wraps the KeyboardInterrupt of a Ctrl-C during its load: it read as a checkpoint that does not
+    load, so --resume latest skipped a good checkpoint (or, with one, said none loads)."""
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    orig = FileSystemReader.read_data
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemReader, "read_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path, *_STRAIGHT, resume="latest")
+    monkeypatch.setattr(FileSystemReader, "read_data", orig)
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())][-1] == "step-0000004"
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=5", resume="latest")
+    assert tr.step == 4
+    tr.close()
+
+
+def test_a_second_ctrl_c_inside_the_checkpoint_write_is_the_stop_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """DCP wraps the Aborted of a second Ctrl-C in its write: it was 'writing the checkpoint failed'
+    (exit 1, a full-size .step-N.tmp left behind)."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from dopsd_fast.safety import Aborted
+
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.checkpoint_every=2")
+    orig = fs._write_item
+    calls = []
+
+    def write(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Aborted("a second Ctrl-C")
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(fs, "_write_item", write)
+    with pytest.raises(Aborted):
+        tr.train()
+    ck = tmp_path / "run" / "checkpoints"
+    assert not list(ck.glob(".step-*")) and not list(ck.glob("step-*"))
+
+
+def test_a_file_size_limit_in_the_checkpoint_write_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from dopsd_fast.checkpoint import save_checkpoint
+
+    def grow_fails(*a, **kw):  # what torch says when a write stops short (a file size limit, or a full disk)
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed, unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(dcp, "save", grow_fails)
+    with pytest.raises(OSError, match=r"a file could not grow: the disk is full, or a file size limit was reached"):
+        save_checkpoint(tmp_path / "ck", 1, {"step": 1, "w": torch.ones(2)}, keep=1, run_id="aaaaaaaaaaaa")
+    assert not list((tmp_path / "ck").iterdir())
+
+
+def test_tensorboard_drops_the_steps_past_the_checkpoint_on_resume(tmp_path):
+    from dopsd_fast.logging_utils import MetricsLogger
+
+    lg = MetricsLogger(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        lg.log(step, {"loss": float(step)})
+    lg.close()
+    lg = MetricsLogger(tmp_path, tensorboard=True)
+    lg.truncate_after(1)  # resumed at step 1: steps 2 and 3 are written again
+    lg.log(2, {"loss": 20.0})
+    lg.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 20.0)]
+
+
+def test_a_ctrl_c_during_start_up_says_so(tmp_path, monkeypatch, caplog):
+    """It exited 130 with nothing printed."""
+    import dopsd_fast.trainer as T
+    from dopsd_fast.cli import train_main
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.Trainer, "__init__", interrupted)
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        assert train_main(["--config", "tiny-zimage", "--set", f"train.output_dir={tmp_path / 'run'}"]) == 130
+    assert "Ctrl-C during start-up: stopped, nothing written" in caplog.text
+
+
+def test_a_second_ctrl_c_in_the_final_export_says_what_stands(tmp_path, monkeypatch, caplog):
+    """The last line was the first Ctrl-C's 'finishing the step' warning: nothing said the export was
+    not written."""
+    from dopsd_fast.safety import Aborted
+
+    tr = _trainer(tmp_path, *_STRAIGHT, "train.max_steps=1")
+
+    def export_full():
+        raise Aborted("a second Ctrl-C")
+
+    monkeypatch.setattr(tr, "export_full", export_full)
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast.trainer"), pytest.raises(Aborted):
+        tr.train()
+    assert "stopped at once at the end (step 1), nothing more written: the last complete checkpoint stands" in caplog.text
