@@ -3,6 +3,7 @@ guard, SIGTERM and Ctrl-C, and the config check on resume."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -94,7 +95,13 @@ def move_aside(out: Path) -> Path:
         if not (aside.exists() or aside.is_symlink()):
             break
         n += 1
-    os.rename(out, aside)
+    try:
+        os.rename(out, aside)
+    except OSError as e:
+        if e.errno in (errno.EBUSY, errno.EXDEV):  # a mount point (or a bind mount) cannot be renamed
+            raise OSError(e.errno, f"{out} is a mount point (or on a mount of its own): --overwrite cannot move it "
+                                   "aside; choose a folder inside it as train.output_dir", str(out)) from None
+        raise
     _fsync_dir(out.parent)
     return aside
 
@@ -144,6 +151,10 @@ def atomic_write(path: Path, write) -> Path:
             os.fsync(f.fileno())
         _readable(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a writer's error without a file (PIL's on a full disk): the file named
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

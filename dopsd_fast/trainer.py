@@ -291,6 +291,10 @@ class Trainer:
                                  "where missing)")
         out.mkdir(parents=True, exist_ok=True)
         self._lock = OutputLock(out)  # the lock first: nothing of the folder read or written before it
+        for sub in ("checkpoints", "samples", "tensorboard", "lora", "lora_ema", "transformer", "transformer_ema"):
+            if (out / sub).exists() and not (out / sub).is_dir():  # found at the first checkpoint, after the compute
+                raise OutputDirError(f"train.output_dir {out}: {out / sub} is a file where the run writes a folder; "
+                                     "move it away, or choose another output_dir")
         used = run_outputs(out)
         if resume:  # continuing here: the LoRA exports as complete folders, leftovers of a crash removed
             recover_dirs(out, ("lora", "lora_ema", "transformer", "transformer_ema"))

@@ -1274,3 +1274,43 @@ def test_a_second_ctrl_c_in_the_final_export_says_what_stands(tmp_path, monkeypa
     with caplog.at_level(logging.WARNING, logger="dopsd_fast.trainer"), pytest.raises(Aborted):
         tr.train()
     assert "stopped at once at the end (step 1), nothing more written: the last complete checkpoint stands" in caplog.text
+
+
+def test_a_file_where_the_run_writes_a_folder_is_refused_at_start_up(tmp_path):
+    """A file named checkpoints (with --resume latest) trained up to the first checkpoint, then ended
+    in 'File exists'."""
+    from dopsd_fast.errors import OutputDirError
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    with pytest.raises(OutputDirError, match=r"checkpoints is a file where the run writes a folder"):
+        _trainer(tmp_path, *_STRAIGHT, resume="latest")
+
+
+def test_a_writer_error_without_a_file_names_the_file(tmp_path):
+    """PIL's error on a full disk has no file name: the run's line named the output folder only."""
+    import errno
+
+    from dopsd_fast.safety import atomic_write
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as err:
+        atomic_write(tmp_path / "samples" / "step-0000010.png", full)
+    assert err.value.filename == str(tmp_path / "samples" / "step-0000010.png")
+    assert err.value.errno == errno.ENOSPC
+
+
+def test_overwrite_of_a_mount_point_says_so(tmp_path, monkeypatch):
+    import errno
+
+    import dopsd_fast.safety as S
+
+    def busy(a, b):
+        raise OSError(errno.EBUSY, "Device or resource busy", str(a))
+
+    monkeypatch.setattr(S.os, "rename", busy)
+    (tmp_path / "mnt").mkdir()
+    with pytest.raises(OSError, match=r"is a mount point \(or on a mount of its own\): --overwrite cannot move it"):
+        S.move_aside(tmp_path / "mnt")
