@@ -228,6 +228,11 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
                                "teacher must be a module of the student's class (its EMA copy); for diffusers' "
                                "EMAModel, copy its weights into one (ema.copy_to(teacher_module.parameters()))")
         _check_same_config(ms, mt)
+    for name, ad in (("student_adapter", student_adapter), ("teacher_adapter", teacher_adapter)):
+        if ad is not None and not isinstance(ad, str):
+            raise BackendError(f"backend.wrap: {name}= takes the adapter's name (a str, e.g. 'default'), got a "
+                               f"{type(ad).__name__}: add the adapter to the model first (model.add_adapter(config, "
+                               f"adapter_name=...)), then name it here")
     if teacher is not None and teacher_shadow is not None:
         raise BackendError("backend.wrap: give either teacher= (a second module) or teacher_shadow= (an EMA of the "
                            "adapter), not both")
@@ -246,11 +251,6 @@ def wrap(student, teacher=None, *, student_adapter: str | None = None, teacher_a
         elif teacher_adapter == student_adapter:
             raise BackendError("backend.wrap: student and teacher adapters must differ (use teacher_shadow= for an "
                                "EMA)")
-    for name, ad in (("student_adapter", student_adapter), ("teacher_adapter", teacher_adapter)):
-        if ad is not None and not isinstance(ad, (str, Shadow)):
-            raise BackendError(f"backend.wrap: {name}= takes the adapter's name (a str, e.g. 'default'), got a "
-                               f"{type(ad).__name__}: add the adapter to the model first (model.add_adapter(config, "
-                               f"adapter_name=...)), then name it here")
     for name, m, ad in (("student", ms, student_adapter), ("teacher", mt, teacher_adapter)):
         if isinstance(ad, str) and not any(ad in getattr(x, "lora_A", {}) for x in m.modules()):
             raise BackendError(f"backend.wrap: the {name} adapter {ad!r} is on no module of the model")
@@ -296,7 +296,12 @@ def _check_same_config(ms, mt) -> None:
     a, b = getattr(ms, "config", None), getattr(mt, "config", None)
     if a is None or b is None:
         return
-    diff = sorted(k for k in set(a) | set(b) if not str(k).startswith("_") and a.get(k) != b.get(k))
+    import json
+
+    def plain(v):  # as config.json holds it: a model built in code (tuples) equals one read from disk (lists)
+        return json.loads(json.dumps(v, default=str))
+
+    diff = sorted(k for k in set(a) | set(b) if not str(k).startswith("_") and plain(a.get(k)) != plain(b.get(k)))
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in diff[:4])
         raise BackendError(f"backend.wrap: teacher= has another config than the student ({shown}"
@@ -500,8 +505,9 @@ class Backend(PackedPair):
             p0, q0 = next(self.model.ms.parameters()), next(mt.parameters())
             if (q0.dtype, q0.device) != (p0.dtype, p0.device):
                 raise BackendError(f"backend: teacher= holds {q0.dtype} weights on {q0.device} now, the student "
-                                   f"{p0.dtype} on {p0.device}: the packed pass runs both on the student's; move or "
-                                   "cast it back before the step (teacher.to(student's device and dtype))")
+                                   f"{p0.dtype} on {p0.device}: one of them was moved or cast since wrap(); the "
+                                   "packed pass runs both on the student's device and dtype: bring them together "
+                                   "before the step")
         for path, attr, p in self.owned:
             try:
                 now = self.model.ms.get_submodule(path)._parameters.get(attr) if path else \
@@ -520,19 +526,23 @@ class Backend(PackedPair):
         """One branch alone (``v = eps - x0``, ``sigma`` the noise level), in the caller's latent layout;
         the teacher without autograd."""
         self.check_wrapped()
+        if self.shadow is not None:
+            _check_shadow(self.shadow)
         self.model.check_adapters()
         xm, back = self.spec.latents_in(x, latent_hw)
         self._check_inputs(xm, ("ctx", ctx), step=False)
+        if not torch.is_tensor(sigma) or sigma.device.type == "cpu":  # a GPU tensor is not read back (no sync)
+            low_high = torch.as_tensor(sigma, dtype=torch.float32)
+            if not bool(((low_high >= 0) & (low_high <= 1)).all()):
+                raise BackendError(f"backend.velocity: sigma {low_high.tolist()} is outside [0, 1]: it is the noise "
+                                   "level (1 = noise), not the model's timestep (pass timestep / 1000, in the "
+                                   "convention of RolloutState.sigma)")
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=xm.device)
         if sigma.dim() == 0:  # one noise level for the batch
             sigma = sigma.expand(xm.shape[0])
         if tuple(sigma.shape) != (xm.shape[0],):
             raise BackendError(f"backend.velocity: sigma has shape {tuple(sigma.shape)}; it takes a float, a 0-dim "
                                f"tensor or one noise level per sample ({xm.shape[0]},)")
-        if not bool(((sigma >= 0) & (sigma <= 1)).all()):
-            raise BackendError(f"backend.velocity: sigma {sigma.tolist()} is outside [0, 1]: it is the noise level (1 = "
-                               f"noise), not the model's timestep (pass timestep / 1000, in the convention of "
-                               f"RolloutState.sigma)")
         return back(super().velocity(branch, xm, sigma, contexts(ctx)))
 
     @contextlib.contextmanager
@@ -593,18 +603,17 @@ class Backend(PackedPair):
 
     def _extra_trained(self, dist, group) -> list:
         """The student's parameters outside the contract's set that the caller made require grad (a module
-        trained beside a LoRA, a layer unfrozen after wrap()) and that got a gradient on some rank: DDP
-        would average them, so they are averaged too (a rank without one adds zeros). Which ones is agreed
-        over the ranks in one small all-reduce, made only where such parameters exist."""
+        trained beside a LoRA, a layer unfrozen after wrap()) and that got a gradient on some rank: they
+        are averaged too (a rank without one adds zeros), so the replicas stay equal. Which ones is agreed
+        in one all-reduce of a flag per parameter of the student, made at every sync by every rank (the
+        same size everywhere: ranks that disagree on what requires grad cannot mismatch the collectives)."""
         own = {id(p) for p in self.trainable}
         tag = f".{self.teacher_adapter_name}." if self.teacher_adapter_name else None
-        extra = [p for n, p in self.model.ms.named_parameters()
-                 if p.requires_grad and id(p) not in own and not (tag and "lora_" in n and tag in n)]
-        if not extra:
-            return []
-        got = torch.tensor([p.grad is not None for p in extra], dtype=torch.float32, device=self.trainable[0].device)
+        params = [p for n, p in self.model.ms.named_parameters() if id(p) not in own and not (tag and "lora_" in n and tag in n)]
+        got = torch.tensor([p.requires_grad and p.grad is not None for p in params], dtype=torch.float32,
+                           device=self.trainable[0].device)
         dist.all_reduce(got, group=group)
-        return [p for p, n in zip(extra, got.tolist()) if n > 0]
+        return [p for p, n in zip(params, got.tolist()) if n > 0]
 
     def _say_if_frozen(self) -> None:
         """Full fine-tuning: a parameter the caller froze since wrap() still trains (the set is wrap()'s):

@@ -292,7 +292,7 @@ def cache_main(argv=None) -> int:
                 tmp.unlink()
         # the encoders and, where contexts use it, the VAE: a local transformer's weights are never read
         adapter = build_adapter(cfg.model, load_encoders=False, encoding_only=True)
-        check_buckets(adapter, dataset)
+        check_buckets(adapter, dataset, teacher="teacher" in kinds_of(cfg.method))
         kinds = kinds_of(cfg.method)
         cache = FeatureCache.for_run(cache_dir, adapter, cfg.method, create=True)
         for why in cache.repair(family(cfg.model.family).context_width(adapter.transformer.config)

@@ -565,8 +565,10 @@ def _field_paths(cls=None, prefix: str = "") -> list[str]:
 
 
 def _did_you_mean(unknown: list[str], prefix: str, known) -> str:
-    """``" (did you mean 'train.max_steps'?)"``: for each unknown key, a field of the same name in
-    another section (``train.lr`` -> ``optim.lr``), else a close spelling in this one; "" if none."""
+    """``" (did you mean 'train.max_steps'?)"``: for each unknown key, at most two of: a field of this
+    section with the key as a word of its name (``steps`` -> ``max_steps``), a field of the same name in
+    another section (``train.lr`` -> ``optim.lr``), a close spelling in this section; else a close
+    spelling in another section; "" if none."""
     import difflib
 
     paths = _field_paths()
@@ -575,12 +577,13 @@ def _did_you_mean(unknown: list[str], prefix: str, known) -> str:
     for key in unknown:
         if not isinstance(key, str) or not key:
             continue
-        here = [k for k in sorted(known) if key in k] or difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-        elsewhere = [p for p in paths if p.rsplit(".", 1)[-1] == key and p.rsplit(".", 1)[0] != prefix]
-        if here:
-            hints.append(" or ".join(name(k) for k in here[:2]))
-        elif elsewhere:
-            hints.append(" or ".join(f"'{p}'" for p in elsewhere[:2]))
+        token = [name(k) for k in sorted(known) if key in k.split("_")]  # steps -> max_steps, ema -> ema_decay
+        elsewhere = [f"'{p}'" for p in paths if p.rsplit(".", 1)[-1] == key
+                     and (p.rsplit(".", 1)[0] if "." in p else "") != prefix]  # lr -> optim.lr
+        close = [name(k) for k in difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)]
+        found = list(dict.fromkeys(token + elsewhere + close))[:2]
+        if found:
+            hints.append(" or ".join(found))
         elif prefix:  # a close spelling in another section
             near = difflib.get_close_matches(key, [p.rsplit(".", 1)[-1] for p in paths], n=1, cutoff=0.75)
             hints += [f"'{p}'" for p in paths if near and p.rsplit(".", 1)[-1] == near[0]][:1]

@@ -131,7 +131,7 @@ def _validation_references(cfg, spec, needs) -> list:
     return decoded
 
 
-def _check_grids(adapter, dataset, buckets, references) -> None:
+def _check_grids(adapter, dataset, buckets, references, teacher: bool = True) -> None:
     """The buckets the run will use are ones the model takes (its latent grid), refused as the run
     refuses them at start-up: the data's (its targets' and references'; the recipe's buckets where the
     data is not at hand) and each held-out prompt's reference images."""
@@ -139,10 +139,10 @@ def _check_grids(adapter, dataset, buckets, references) -> None:
     from dopsd_fast.sample import check_reference_grid
 
     if dataset is not None:
-        check_buckets(adapter, dataset)
+        check_buckets(adapter, dataset, teacher=teacher)
     else:
         check_buckets(adapter, sizes=buckets, what="a bucket of the recipe, where the data is not at hand: the run "
-                                                  "refuses it if its rows use it")
+                                                  "refuses it if its rows use it", teacher=teacher)
     try:
         for name, i, path, image in references:
             check_reference_grid(adapter, [image], [path], name, first=i)
@@ -173,7 +173,7 @@ def workload(cfg, say=print, references: int | None = 0, recipe=None) -> Workloa
     held_refs = _validation_references(cfg, spec, needs)
     with _model_config(cfg, say, needs) as (model_cfg, real_model):
         adapter = build_adapter(model_cfg, load_encoders=False, empty_weights=True)
-        _check_grids(adapter, dataset, buckets, held_refs)
+        _check_grids(adapter, dataset, buckets, held_refs, teacher="teacher" in kinds_of(cfg.method))
         if cfg.cache.dir:
             encoders = 0
             if dataset is not None and real_model:

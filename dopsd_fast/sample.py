@@ -356,15 +356,21 @@ def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=
     # a fine-tuned transformer in place of the model's: the model's own weights are not read
     adapter = build_adapter(cfg.model, load_encoders=False, transformer_weights=not transformer)
     check_reference_grid(adapter, refs, references or [])
+    # the default size: the first reference's bucket (an edit keeps its picture's aspect), else the first bucket
+    bw, bh = ((refs[0].shape[-1], refs[0].shape[-2]) if refs
+              else make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0])
+    w, h = width or bw, height or bh
+    try:  # before the encoder, the fine-tuned transformer and the LoRA are read
+        adapter.latent_shape(h, w)
+    except ValueError as e:
+        what = ("--width / --height" if width or height else
+                "the default size (the first --reference's bucket)" if refs else "the default size (data.buckets)")
+        raise ValueError(f"{what}: {e}") from None
     adapter.ensure_student_encoder()  # the prompts' encoder alone: no teacher VLM for sampling
     if transformer:
         load_transformer(adapter, transformer)
     if lora:
         load_lora_into(adapter.transformer, lora)
-    # the default size: the first reference's bucket (an edit keeps its picture's aspect), else the first bucket
-    bw, bh = ((refs[0].shape[-1], refs[0].shape[-2]) if refs
-              else make_buckets(cfg.data.buckets, cfg.data.bucket_scale, cfg.data.bucket_multiple)[0])
-    w, h = width or bw, height or bh
     sigmas = adapter.sampling_sigmas(steps, schedule, adapter.latent_shape(h, w)[-2:])
     n_steps = len(sigmas) - 1
     scales = list(lora_scales or [1.0]) if lora else [None]

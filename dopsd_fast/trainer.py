@@ -468,7 +468,7 @@ class Trainer:
         else:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
             self.adapter.ensure_student_encoder()
-        check_buckets(self.adapter, self.dataset)
+        check_buckets(self.adapter, self.dataset, teacher="teacher" in self.context_kinds)
         self.val_refs = self._validation_references(val_refs)
         self.contexts = ContextProvider(self.adapter, cache)
         self.device = self.adapter.device

@@ -76,8 +76,26 @@ def main(out: str) -> None:
     gathered2 = [torch.empty_like(local2) for _ in range(world)]
     dist.all_gather(gathered2, local2)
     expected2 = torch.stack(gathered2).mean(0)
+
+    # the ranks disagree on what requires grad (one unfroze a module after wrap()): the flags' all-reduce
+    # is the same on every rank, so the collectives still match; the module is averaged (zeros where absent)
+    ddp3 = torch.nn.parallel.DistributedDataParallel(build_model())
+    fast3 = backend.wrap(ddp3, student_adapter="student", teacher_adapter="teacher")
+    if rank == 1:
+        ddp3.module.cap_embedder.requires_grad_(True)
+    fast3.dopsd_step(*batch(3, rank), timesteps=TIMESTEPS, backward="stepwise")
+    g3 = [p.grad for p in ddp3.module.cap_embedder.parameters()]
+    disagree = torch.cat([g.flatten() for g in g3]) if all(g is not None for g in g3) else torch.zeros(0)
+    sizes = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([float(disagree.numel())]))
+    same3 = None
+    if all(float(n) == disagree.numel() > 0 for n in sizes):
+        parts = [torch.empty_like(disagree) for _ in range(world)]
+        dist.all_gather(parts, disagree)
+        same3 = all(torch.equal(parts[0], q) for q in parts)
+    del fast3, ddp3
     Path(out).mkdir(parents=True, exist_ok=True)
-    torch.save({"rank": rank, "ddp_hook_calls": len(hooked), "syncs_in_no_sync": syncs_in_no_sync,
+    torch.save({"rank": rank, "disagree_same": same3, "ddp_hook_calls": len(hooked), "syncs_in_no_sync": syncs_in_no_sync,
                 "syncs": fast.syncs, "rel_err": float((synced - expected).norm() / expected.norm()),
                 "local_vs_mean": float((local - expected).norm() / expected.norm()),
                 "warned": warned,

@@ -127,6 +127,7 @@ def test_ddp_reducer_silent_one_average_per_step(tmp_path):
         assert len(r["warned"]) == 1  # the bare model on 2 ranks: said (the DDP-wrapped one: not)
         # a module the caller trains beside the LoRA is averaged too (it got each rank's own gradient)
         assert r["beside_rel_err"] < 1e-6 and r["beside_local_vs_mean"] > 1e-3
+        assert r["disagree_same"] is True  # ranks that disagree on it: no mismatched collective, one average
 
 
 # ---- what loops hand over ----------------------------------------------------------------------------

@@ -55,9 +55,12 @@ def test_config_errors_name_the_field(override, match):
 
 
 @pytest.mark.parametrize("override,hint", [
-    ("train.steps=3", "'train.max_steps'"),  # a close name in the section
+    ("train.steps=3", "'train.max_steps' or 'validation.steps'"),  # a word of a name here, the name elsewhere
     ("train.lr=1e-4", "'optim.lr'"),  # the same name in another section
-    ("dopsd.ema=0.9", "'dopsd.ema_decay' or 'dopsd.ema_on_cpu'"),  # part of a name
+    ("lr=1e-4", "'optim.lr'"),
+    ("train.eps=1e-8", "'optim.eps'"),  # not max_steps (one letter in common is no hint)
+    ("dopsd.ema=0.9", "'dopsd.ema_decay' or 'dopsd.ema_on_cpu'"),  # a word of a name
+    ("lora.ranks=4", "'lora.rank'"),  # a close spelling
     ("trian.max_steps=3", "'train'"),  # a misspelt section
 ])
 def test_an_unknown_field_names_the_one_meant(override, hint):

@@ -359,3 +359,23 @@ def test_a_run_past_the_position_range_stops_at_start_up(tmp_path):
                     "model.teacher_max_tokens=4000"])
     assert str(ex.value.code).startswith("error: config field 'model.teacher_max_tokens': 4000 is past"), ex.value.code
     assert not (out / "checkpoints").exists()
+
+
+def test_the_teachers_bound_is_checked_where_a_teacher_is_encoded_and_the_sample_size_names_its_flags(adapter, tmp_path):
+    """SFT encodes no teacher context: its teacher_max_tokens is not refused. dopsd-sample's size past the
+    range names --width / --height, before the encoder or a LoRA is read."""
+    from dopsd_fast.config import ConfigError, load_config
+    from dopsd_fast.families import check_buckets
+    from dopsd_fast.sample import generate
+
+    saved = adapter.cfg
+    try:
+        adapter.cfg = load_config(None, ["model.teacher_max_tokens=4000"]).model
+        check_buckets(adapter, sizes=[(64, 64)], teacher=False)
+        with pytest.raises(ConfigError, match="'model.teacher_max_tokens'"):
+            check_buckets(adapter, sizes=[(64, 64)], teacher=True)
+    finally:
+        adapter.cfg = saved
+    cfg = load_config(None, [])
+    with pytest.raises(ValueError, match=r"^--width / --height: image size 8208x16 is past Z-Image's position range"):
+        generate(cfg, ["a dog"], width=8208, height=16, lora=str(tmp_path / "not-read"), out=str(tmp_path / "x.png"))

@@ -71,12 +71,13 @@ def require_editing_support(spec: FamilySpec, dataset) -> None:
                         f"has no editing mode; use model.family={' or '.join(editing)}")
 
 
-def check_buckets(adapter, dataset=None, sizes=None, what: str = "a bucket of the data") -> None:
+def check_buckets(adapter, dataset=None, sizes=None, what: str = "a bucket of the data", teacher: bool = True) -> None:
     """Every bucket the data uses (targets and references; or the (width, height) ``sizes`` given, ``what``
     they are) is one the model takes (its latent grid): one line naming the fields at start-up, not a
-    reshape error at the first image of that size. The model's settings for training too (its teacher's:
-    :meth:`~dopsd_fast.families.adapter.ModelAdapter.check_settings`)."""
-    adapter.check_settings(teacher=True)
+    reshape error at the first image of that size. The model's settings for training too (``teacher``:
+    its teacher's, where the method encodes teacher contexts: :meth:`~dopsd_fast.families.adapter.
+    ModelAdapter.check_settings`)."""
+    adapter.check_settings(teacher=teacher)
     sizes = {tuple(b) for b in sizes or ()}
     if dataset is not None:
         sizes |= {tuple(r.bucket) for r in dataset.records}
