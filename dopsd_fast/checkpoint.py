@@ -532,17 +532,18 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int, run_id:
     return final
 
 
-def set_aside_later(root: str | Path, step: int, run_id: str | None) -> list[Path]:
+def set_aside_later(root: str | Path, step: int, run_id: str | None, damaged=()) -> list[Path]:
     """A resume from ``step`` with later checkpoints of the same run ``run_id`` in ``root`` (a run taken
     back to an earlier step): each moved aside to ``step-N.abandoned-K`` (not deleted), so that neither
     ``--resume latest`` nor the pruning of the resumed run reads the run it abandoned; -> the new names.
-    Another run's checkpoints stay. Also removes the temporary folders of writes that never finished
-    (``.step-N.tmp``: one trainer per folder, so none is in progress)."""
+    Another run's checkpoints stay; those named in ``damaged`` (skipped as not loading) go to
+    ``step-N.damaged-K``, kept for inspection. Also removes the temporary folders of writes that never
+    finished (``.step-N.tmp``: one trainer per folder, so none is in progress)."""
     root = Path(root)
     moved = []
     for s, p in list_checkpoints(root):
         if s > step and run_id is not None and checkpoint_run_id(p) == run_id:
-            aside = _free_name(p, "abandoned")
+            aside = _free_name(p, "damaged" if p.name in damaged else "abandoned")
             os.replace(p, aside)
             moved.append(aside)
     if root.is_dir():

@@ -136,6 +136,7 @@ class Trainer:
         self._signals = None
         self._stop_kind = None
         self._saved_step = None
+        self._skipped: list = []
         self._model_files: dict = {}  # folder -> its file_fingerprint, taken once
         try:
             self._claim_output(resume, overwrite)
@@ -344,7 +345,7 @@ class Trainer:
         # newest first; every folder passed over is named with the reason
         candidates = sorted([(s, p, True) for s, p in list_checkpoints(root)]
                             + [(s, p, False) for s, p in incomplete_checkpoints(root)], key=lambda c: c[0])
-        skipped = []
+        skipped = self._skipped = []  # names of checkpoints passed over (set aside as damaged on resume)
         for _, ck, complete in reversed(candidates):
             if not complete:
                 log.warning("--resume latest: skipping %s: not a complete checkpoint (no .metadata: emptied, or left "
@@ -962,7 +963,7 @@ class Trainer:
         if self.step < self.cfg.train.max_steps:  # else nothing to train (train() says so), and nothing written:
             self.logger.truncate_after(self.step)  # the finished run's later rows stay with its later checkpoints
             if self.rank == 0:  # a run taken back to an earlier step: what it went on to is set aside, not read
-                moved = set_aside_later(self.out / "checkpoints", self.step, self.run_id)
+                moved = set_aside_later(self.out / "checkpoints", self.step, self.run_id, self._skipped)
                 if moved:
                     log.warning("resume from step %d: this run's later checkpoints (it went on past this step before, or "
                                 "they did not load) moved aside (%s; not deleted): --resume latest continues this run from now on", self.step,

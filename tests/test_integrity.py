@@ -140,7 +140,8 @@ def test_a_flipped_bit_fails_its_checksum_and_resume_takes_the_previous_checkpoi
         tr = _trainer(tmp_path, "train.max_steps=4", resume="latest")
     assert tr.step == 2
     assert "skipping" in caplog.text and "step-0000003" in caplog.text and "checksum mismatch" in caplog.text
-    assert newest.is_dir()  # kept for inspection, not deleted
+    assert not newest.exists() and (run / "checkpoints" / "step-0000003.damaged-1").is_dir()  # kept for inspection
+    assert "moved aside (step-0000003.damaged-1; not deleted)" in caplog.text
 
 
 def test_non_finite_weights_in_a_checkpoint_are_refused(tmp_path):
