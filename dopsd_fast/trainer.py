@@ -60,7 +60,8 @@ SHAPE_FIELDS = ("lora.enabled", "lora.rank", "lora.targets")
 MODEL_FOLDERS = ("model.path", "model.vlm_path")
 # Paths a node may hold at a place of its own (node-local copies): not compared between the ranks (the data's
 # content is, the output folder is checked to be one)
-PER_NODE_PATHS = MODEL_FOLDERS + ("data.jsonl", "data.folder", "cache.dir", "train.output_dir")
+DATA_PATHS = ("data.jsonl", "data.folder")
+PER_NODE_PATHS = MODEL_FOLDERS + DATA_PATHS + ("cache.dir", "train.output_dir")
 # ... nor fields a rank may set for itself (its device: cuda:$LOCAL_RANK; what rank 0 alone logs or shows;
 # held-out reference files, read from each node's disk)
 PER_RANK_FIELDS = PER_NODE_PATHS + ("model.device", "train.progress", "train.tensorboard", "train.wandb",
@@ -406,13 +407,17 @@ class Trainer:
                      "compared", ck)
             return
         changed = [k for k in ("rows", "images", "prompts", "buckets") if saved.get(k) != now.get(k)]
+        if ("composite" in saved or "images" not in changed and "composite" in now) and \
+                saved.get("composite") != now.get("composite"):  # transparent images on another background
+            changed.append("composite")
         if not changed:
             return
         src = self.cfg.data
         where = (f"data.jsonl {src.jsonl}" if src.jsonl else f"data.folder {src.folder}" if src.folder
                  else f"data.builtin {src.builtin}")
-        what = ", ".join(f"rows {saved.get('rows')} -> {now.get('rows')}" if k == "rows" else f"the {k} differ"
-                         for k in changed)
+        what = ", ".join(f"rows {saved.get('rows')} -> {now.get('rows')}" if k == "rows" else
+                         "the transparent images' background (data.alpha_background) differs" if k == "composite"
+                         else f"the {k} differ" for k in changed)
         if not self.allow_config_change:
             raise ConfigError(f"resume from {ck}: the content of {where} changed since the checkpoint ({what}); "
                               "restore the data the run trained on, start a new output_dir, or pass "
@@ -426,6 +431,9 @@ class Trainer:
         notes = []
         if recorded is not None:  # another folder: its files decide (_check_model_files, rank 0's verdict)
             frozen = [(k, a, b) for k, a, b in frozen if not (k in MODEL_FOLDERS and a and b and k in recorded)]
+        if isinstance(state.get("data_fingerprint"), dict):  # the data at another path ('folder/', absolute, a
+            # copy): its content decides (_check_data, once the data is read), not the path's spelling
+            frozen = [(k, a, b) for k, a, b in frozen if not (k in DATA_PATHS and a and b)]
         elif any(k in MODEL_FOLDERS for k, _, _ in frozen):
             notes.append("the checkpoint records no fingerprints of the model's files (an earlier version): a copy "
                          "of the folder elsewhere cannot be recognised")

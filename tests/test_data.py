@@ -259,6 +259,37 @@ def test_an_image_damaged_during_the_run_is_named_with_its_row(tmp_path):
     pre.close()
 
 
+def test_a_batch_larger_than_the_workers_reads_every_prefetched_image(tmp_path):
+    """The trainer takes a batch's decodes, then starts the next batch's: that cancelled every queued
+    decode the next batch does not need, the current batch's included, so a batch larger than the workers
+    with slow decodes ended in 'CancelledError' at the read."""
+    import threading
+
+    from dopsd_fast.data.prefetch import ImagePrefetcher
+
+    gate = threading.Event()
+
+    class _Slow:
+        def load_images(self, i):
+            gate.wait(5)  # decodes that have not finished (or started) when the next batch is queued
+            return [i]
+
+    class _Peek:
+        def __init__(self, batch):
+            self.batch = batch
+
+        def peek_batch(self):
+            return self.batch
+
+    pre = ImagePrefetcher(_Slow(), 1)
+    pre.ahead(_Peek([0, 1, 2, 3]))  # batch 1 queued: one worker, so 1..3 have not started
+    taken = [pre.images(i) for i in (0, 1, 2, 3)]  # the trainer's next_samples: batch 1 handed over ...
+    pre.ahead(_Peek([4, 5, 6, 7]))  # ... then batch 2 queued
+    gate.set()
+    assert [t() for t in taken] == [[0], [1], [2], [3]]
+    pre.close()
+
+
 def _declared_png(path, w, h):
     """A PNG whose header declares w x h RGB with one row of data: a few hundred bytes, undecodable."""
     import struct

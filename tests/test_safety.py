@@ -1314,3 +1314,52 @@ def test_overwrite_of_a_mount_point_says_so(tmp_path, monkeypatch):
     (tmp_path / "mnt").mkdir()
     with pytest.raises(OSError, match=r"is a mount point \(or on a mount of its own\): --overwrite cannot move it"):
         S.move_aside(tmp_path / "mnt")
+
+
+def test_the_same_data_at_another_path_resumes_and_other_data_there_is_refused(tmp_path, monkeypatch):
+    """The data's path was compared as a string: 'data/train.jsonl' vs its absolute path, or a copy on
+    another disk, was refused as a change (only --allow-config-change, which lifts every check, got through)
+    though the checkpoint's content fingerprint decides."""
+    import shutil
+
+    from dopsd_fast.config import ConfigError
+    from dopsd_fast.data.tiny import ensure_tiny_dataset
+
+    jl = ensure_tiny_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    _trainer(tmp_path, "data.builtin=null", "data.jsonl=data/train.jsonl", "train.max_steps=1").train()
+    copy_dir = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "data", copy_dir)
+    for where in (str(jl.resolve()), f"{copy_dir}/train.jsonl"):
+        tr = _trainer(tmp_path, "data.builtin=null", f"data.jsonl={where}", "train.max_steps=2", resume="latest")
+        assert tr.step == 1
+        tr.close()
+    rows = [json.loads(line) for line in (copy_dir / "train.jsonl").read_text().splitlines()]
+    rows[0]["prompt"] += " at dusk"
+    (copy_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"the content of data.jsonl .*elsewhere/train.jsonl changed since the "
+                                          r"checkpoint \(the prompts differ\)"):
+        _trainer(tmp_path, "data.builtin=null", f"data.jsonl={copy_dir}/train.jsonl", "train.max_steps=2",
+                 resume="latest")
+
+
+def test_another_alpha_background_on_resume_is_a_change_of_the_data_where_an_image_is_transparent(tmp_path):
+    """data.alpha_background was 'applied' on resume as harmless: it changes the pixels trained on where
+    an image has an alpha channel (the feature cache already keys on it)."""
+    from PIL import Image
+
+    from dopsd_fast.config import ConfigError
+    from dopsd_fast.data.tiny import ensure_tiny_dataset
+
+    jl = ensure_tiny_dataset(tmp_path / "data")
+    first = json.loads(jl.read_text().splitlines()[0])["image"]
+    img = Image.open(jl.parent / first).convert("RGBA")
+    img.putpixel((0, 0), (0, 0, 0, 0))
+    img.save(jl.parent / first)
+    data = ["data.builtin=null", f"data.jsonl={jl}"]
+    _trainer(tmp_path, *data, "train.max_steps=1").train()
+    with pytest.raises(ConfigError, match=r"the transparent images' background \(data.alpha_background\) differs"):
+        _trainer(tmp_path, *data, "data.alpha_background=[0, 0, 0]", "train.max_steps=2", resume="latest")
+    tr = _trainer(tmp_path, *data, "train.max_steps=2", resume="latest")
+    assert tr.step == 1
+    tr.close()

@@ -259,13 +259,18 @@ class ImageTextDataset:
         row's target and reference file hashes, in order: already computed when the rows were checked,
         so the fingerprint costs nothing more), of the prompts, and of the buckets. A checkpoint records
         it; a resume compares it (a file edited in place between runs changes it, a dataset copied
-        elsewhere does not)."""
+        elsewhere does not). Where an image has an alpha channel, also the background it is composited
+        on (``data.alpha_background``: the pixels trained on)."""
         def digest(items) -> str:
             return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
 
         rs = self.records
-        return {"rows": len(rs), "images": digest([[r.image_hash, r.reference_hash] for r in rs]),
-                "prompts": digest([r.prompts for r in rs]), "buckets": digest([list(r.bucket) for r in rs])}
+        out = {"rows": len(rs), "images": digest([[r.image_hash, r.reference_hash] for r in rs]),
+               "prompts": digest([r.prompts for r in rs]), "buckets": digest([list(r.bucket) for r in rs])}
+        composited = [list(r.background) for r in rs if r.background is not None]
+        if composited:  # images with transparency: the pixels trained on depend on data.alpha_background
+            out["composite"] = digest(composited)
+        return out
 
 
 def _no_bucket(where, field, what, path, w, h, buckets) -> DataError:

@@ -21,8 +21,10 @@ class ImagePrefetcher:
 
     def images(self, index: int):
         """What :meth:`~dopsd_fast.data.dataset.ImageTextDataset.get` takes as ``images=``: the prefetched
-        decode of record ``index`` (waited for when read), or None (decoded when first read)."""
-        fut = self.pending.get(index)
+        decode of record ``index`` (waited for when read), or None (decoded when first read). The decode
+        is handed over: :meth:`ahead` no longer holds it, so it cannot cancel it (a decode not started yet,
+        cancelled with the batch's read still to come, raised CancelledError at that read)."""
+        fut = self.pending.pop(index, None)
         return fut.result if fut is not None else None
 
     def ahead(self, sampler) -> None:
