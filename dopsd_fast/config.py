@@ -926,7 +926,8 @@ FIELD_HELP: dict[str, str] = {
     "dist.fsdp": "FSDP2 with several ranks: `auto` = full fine-tuning sharded (student, EMA teacher, gradients, "
                  "AdamW state), LoRA replicated; `on` with LoRA needs `dist.shard_base: true`",
     "dist.shard_base": "LoRA: shard the frozen base (and the adapters) with FSDP2 too (eager path)",
-    "dist.reshard_after_forward": "free each block's gathered weights after its forward",
+    "dist.reshard_after_forward": "free each block's gathered weights after its forward (the student's; the EMA teacher, "
+                                  "which runs no backward, always frees them, so that its forwards see its EMA updates)",
 }
 
 # Fields whose accepted values depend on another field (the family, the FP8 backend): their choices are

@@ -115,8 +115,9 @@ def apply(cfg, spec, weights, device, compute_dtype, world: int) -> bool:
     mesh = init_device_mesh(device.type, (world,))
     reshard = cfg.dist.reshard_after_forward
     shard(weights.transformer, spec, mesh, compute_dtype, reshard)
-    if full_ft:
-        shard(weights.teacher_module, spec, mesh, compute_dtype, reshard)
+    if full_ft:  # the teacher always reshards: it runs no backward, so kept unsharded after its first forward
+        # it would never gather again, and the EMA's updates of its shards would never reach its forwards
+        shard(weights.teacher_module, spec, mesh, compute_dtype, True)
     weights.adopt_sharding()
     n = sum(local(p).numel() for p in weights.trainable_parameters())
     log.info("FSDP2: %s sharded over %d ranks (%s trainable elements on this rank)",

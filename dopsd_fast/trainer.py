@@ -532,9 +532,10 @@ class Trainer:
         return torch.stack(noise).to(self.device)
 
     def memory_shape(self):
-        """The step's shape for the memory model (:mod:`dopsd_fast.memory`)."""
+        """The step's shape for the memory model (:mod:`dopsd_fast.memory`): this rank's share of the trained
+        tensors (FSDP2's shards: their gradients and AdamW state are a shard's size on each GPU)."""
         params = self.weights.trainable_parameters()
-        return step_shape(self.cfg, self.adapter, self.dataset.buckets_of, sum(p.numel() for p in params),
+        return step_shape(self.cfg, self.adapter, self.dataset.buckets_of, sum(fsdp.local(p).numel() for p in params),
                           params[0].element_size() if params else 4,
                           references=[r.reference_buckets for r in self.dataset.records])
 

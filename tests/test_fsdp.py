@@ -43,6 +43,13 @@ def test_full_fine_tuning_sharded_equals_one_rank(sharded, tmp_path):
     l2 = [json.loads(l)["loss"] for l in (sharded / "metrics.jsonl").read_text().splitlines()]
     l1 = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
     assert len(l1) == len(l2) == 4 and all(a == pytest.approx(b, rel=1e-6) for a, b in zip(l2, l1))
+    # the blocks kept gathered after their forward: the teacher (no backward) was never gathered again,
+    # so the EMA's updates never reached it (it trained against its first weights, silently)
+    kept = tmp_path / "g2-kept"
+    r = _run(kept, 2, 1, *FULL, "--set", "dist.reshard_after_forward=false")
+    assert r.returncode == 0, r.stderr[-4000:]
+    lk = [json.loads(l)["loss"] for l in (kept / "metrics.jsonl").read_text().splitlines()]
+    assert len(lk) == 4 and all(a == pytest.approx(b, rel=1e-6) for a, b in zip(lk, l1)), (lk, l1)
     w2, w1 = _weights(sharded), _weights(one)
     assert _rel(w2["student"], w1["student"]) <= 1e-6
     assert _rel(w2["teacher"], w1["teacher"]) <= 1e-6  # the sharded EMA master

@@ -1363,3 +1363,17 @@ def test_another_alpha_background_on_resume_is_a_change_of_the_data_where_an_ima
     tr = _trainer(tmp_path, *data, "train.max_steps=2", resume="latest")
     assert tr.step == 1
     tr.close()
+
+
+def test_the_memory_model_counts_this_ranks_share_of_sharded_tensors(tmp_path, monkeypatch):
+    """Under FSDP2 a trained tensor is a DTensor whose numel() is the whole model's: the run plan budgeted
+    every rank for the full gradients and AdamW state (a warning of running out, layers checkpointed that
+    need not be). The count is of each tensor's local shard now (stood in for here: half of each)."""
+    import dopsd_fast.fsdp as F
+
+    tr = _trainer(tmp_path, *_STRAIGHT)
+    whole = tr.memory_shape().trainable_params
+    assert whole == sum(p.numel() for p in tr.weights.trainable_parameters())
+    monkeypatch.setattr(F, "local", lambda t: t.reshape(-1)[: t.numel() // 2])
+    assert tr.memory_shape().trainable_params == sum(p.numel() // 2 for p in tr.weights.trainable_parameters())
+    tr.close()
