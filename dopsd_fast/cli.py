@@ -204,6 +204,11 @@ def train_main(argv=None) -> int:
     if args.dry_run:
         from dopsd_fast.memory import gpu_class
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would print a one-GPU report
+            print("error: --dry-run plans one GPU and runs as one process: run it without torchrun; the per-GPU "
+                  "memory of runs over several GPUs (FSDP2's shards) is tabled in docs/performance.md "
+                  "(benchmarks/memory_table.py)", file=sys.stderr)
+            return 2
         try:
             gpu = gpu_class(args.gpu or "h100")
         except ValueError as e:  # a usage error: exit 2, as argparse's own (1 is "does not fit")

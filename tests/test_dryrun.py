@@ -460,3 +460,14 @@ def test_references_per_row_where_the_data_is_not_at_hand(tmp_path, capsys):
     assert workload(cfg, say=lambda _: None, references=0, recipe="klein-4b-gtref-lora").shape == w0.shape
     assert workload(load_config("klein-4b-editing-lora", []), say=lambda _: None, references=None,
                     recipe="klein-4b-editing-lora").shape.tokens_teacher == w0.shape.tokens_teacher
+
+
+def test_dry_run_under_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+    """Under torchrun every rank printed a one-GPU report, interleaved, each 'DOES NOT FIT' for a sharded
+    run, and suggested the torchrun command it ran under."""
+    from dopsd_fast.cli import train_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train_main(["--config", "tiny-zimage", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --dry-run plans one GPU and runs as one process")
