@@ -231,8 +231,12 @@ class FeatureCache:
         identity holds the same limits: a longer context is not one they wrote)."""
         miss = self.missing(dataset, kinds)
         if miss:
+            _key, kind, (prompt, rec) = miss[0]
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset, kinds))} "
-                             "contexts this dataset needs; run dopsd-cache with the same config first")
+                             f"contexts this dataset needs (the first: {rec.where}, the {kind} context of "
+                             f"{shown!r}: a row or image edited or added since the cache was written?); run "
+                             "dopsd-cache with the same config first")
         self.check_shards(width)
         if extra_problem is None and not max_tokens:
             return

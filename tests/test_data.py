@@ -60,8 +60,9 @@ def test_jsonl_and_folder_sources(tmp_path, caplog):
     folder.mkdir()
     _img(folder / "x.png")
     (folder / "x.txt").write_text("a caption\n")
+    (folder / "._x.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a macOS copy's AppleDouble file
     ds = build_dataset(_cfg(folder=str(folder)), progress=False)
-    assert ds.records[0].prompts == ["a caption"]
+    assert ds.records[0].prompts == ["a caption"] and len(ds.records) == 1  # it stopped the run: no caption
     # TIFF and GIF are images too, a caption's or a JSONL's byte-order mark is no part of the text (it
     # became three tokens of every prompt), and images in subfolders (a run's samples, masks: no captions)
     # are not read but counted in a warning (they were skipped without a word)

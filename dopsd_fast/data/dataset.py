@@ -374,9 +374,11 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
 
 
 def _iter_folder(folder: Path):
-    """Every image in ``folder``, each with its caption beside it. Subfolders are not read (a run's
+    """Every image in ``folder``, each with its caption beside it; hidden files (``.name``, e.g. the
+    ``._name.png`` of a macOS copy) are not images of the data. Subfolders are not read (a run's
     samples, masks, regularisation sets): the images they hold are counted, once, in a warning."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                   and not p.name.startswith("."))  # hidden files: macOS copies' ._name.png (AppleDouble) metadata
     below = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.parent != folder
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if below:
