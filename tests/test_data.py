@@ -170,6 +170,9 @@ def test_skip_bad_counts_and_keeps_good(tmp_path):
 def test_missing_sources(tmp_path):
     with pytest.raises(DataError, match="data.jsonl: file not found"):
         build_dataset(_cfg(jsonl=str(tmp_path / "x.jsonl")), progress=False)
+    with pytest.raises(DataError, match=rf"data.jsonl: {tmp_path} is a folder; give the JSONL file in it, or "
+                                        rf"data.folder={tmp_path}"):
+        build_dataset(_cfg(jsonl=str(tmp_path)), progress=False)
     with pytest.raises(DataError, match="data.folder: not a directory"):
         build_dataset(_cfg(folder=str(tmp_path / "x")), progress=False)
 
@@ -340,3 +343,28 @@ def test_an_image_over_max_image_pixels_is_refused_before_its_decode(tmp_path, m
     set_max_image_pixels(1 << 26)
     with pytest.raises(DataError, match=r"^huge: over data\.max_image_pixels = 67108864 \(Image size \(196000000"):
         open_image(tmp_path / "huge2.png", "huge", DataError)
+
+
+def test_wrong_kinds_of_file_are_named(tmp_path, caplog):
+    """A JSON array saved as .jsonl ('Expecting value' alone), a folder given as an image ('not found'),
+    two images sharing one caption file (silently)."""
+    import logging
+
+    _img(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    arr = tmp_path / "rows.jsonl"
+    arr.write_text('[\n  {"image": "a.png", "prompt": "x"}\n]\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:1: malformed JSON line: .*; a JSONL file holds one JSON object "
+                                        r"per line, not a JSON array"):
+        build_dataset(_cfg(jsonl=str(arr)), progress=False)
+    path = _jsonl(tmp_path, [{"references": ["sub"], "target": "a.png", "prompt": "x"}])
+    with pytest.raises(DataError, match=r"train.jsonl:1: field 'references\[0\]': .*sub is a folder, not an image file"):
+        build_dataset(_cfg(jsonl=path), progress=False)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    _img(folder / "a.png")
+    _img(folder / "a.jpg")
+    (folder / "a.txt").write_text("a caption")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        ds = build_dataset(_cfg(folder=str(folder)), progress=False)
+    assert len(ds) == 2 and "a.jpg and a.png share a.txt" in caplog.text

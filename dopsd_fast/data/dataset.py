@@ -122,7 +122,9 @@ def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, boo
     """The upright size of a fully decodable image (buckets are chosen from it), and whether it has an
     alpha channel."""
     if not path.is_file():
-        raise DataError(f"{where}: field '{field_name}': image file not found: {path}")
+        what = "is a folder, not an image file" if path.is_dir() else "image file not found:"
+        raise DataError(f"{where}: field '{field_name}': {path} {what}" if path.is_dir() else
+                        f"{where}: field '{field_name}': {what} {path}")
     try:
         with open_image(path, f"{where}: field '{field_name}': image {path}", DataError) as im:
             im.load()  # full decode: catches truncated files, not just bad headers
@@ -314,7 +316,7 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                 continue
             where = f"{path}:{lineno}"
 
-            def parse(raw=raw, where=where):
+            def parse(raw=raw, where=where, first=lineno == 1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -323,7 +325,9 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON line: {e}") from None
+                    hint = ("; a JSONL file holds one JSON object per line, not a JSON array (write each row "
+                            "on a line of its own)") if first and line.lstrip().startswith("[") else ""
+                    raise DataError(f"{where}: malformed JSON line: {e}{hint}") from None
                 except RecursionError:
                     raise DataError(f"{where}: JSON nested too deeply to read") from None
                 if not isinstance(row, dict):
@@ -384,6 +388,14 @@ def _iter_folder(folder: Path):
     if below:
         log.warning("data.folder %s: %d image(s) in its subfolders are not read (first: %s); the folder's own %d are",
                     folder, len(below), below[0].relative_to(folder), len(files))
+    stems: dict = {}
+    for img in files:
+        stems.setdefault(img.with_suffix(""), []).append(img.name)
+    shared = [names for names in stems.values() if len(names) > 1]
+    if shared:
+        log.warning("data.folder %s: %d caption file(s) serve more than one image (e.g. %s share %s.txt): each "
+                    "image trains on the same caption", folder, len(shared), " and ".join(shared[0]),
+                    Path(shared[0][0]).stem)
     for img in files:
         where = str(img)
 
@@ -419,6 +431,9 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
         rows = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys)
     elif cfg.jsonl:
         path = Path(cfg.jsonl)
+        if path.is_dir():
+            raise DataError(f"data.jsonl: {path} is a folder; give the JSONL file in it, or data.folder={path} for "
+                            "a folder of images with a .txt caption beside each")
         if not path.is_file():
             raise DataError(f"data.jsonl: file not found: {path}")
         rows = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys)
