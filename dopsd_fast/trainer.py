@@ -431,12 +431,12 @@ class Trainer:
         notes = []
         if recorded is not None:  # another folder: its files decide (_check_model_files, rank 0's verdict)
             frozen = [(k, a, b) for k, a, b in frozen if not (k in MODEL_FOLDERS and a and b and k in recorded)]
-        if isinstance(state.get("data_fingerprint"), dict):  # the data at another path ('folder/', absolute, a
-            # copy): its content decides (_check_data, once the data is read), not the path's spelling
-            frozen = [(k, a, b) for k, a, b in frozen if not (k in DATA_PATHS and a and b)]
         elif any(k in MODEL_FOLDERS for k, _, _ in frozen):
             notes.append("the checkpoint records no fingerprints of the model's files (an earlier version): a copy "
                          "of the folder elsewhere cannot be recognised")
+        if isinstance(state.get("data_fingerprint"), dict):  # the data at another path ('folder/', absolute, a
+            # copy): its content decides (_check_data, once the data is read), not the path's spelling
+            frozen = [(k, a, b) for k, a, b in frozen if not (k in DATA_PATHS and a and b)]
         shaped = [(k, a, b) for k, a, b in frozen if k in SHAPE_FIELDS]
         if shaped:  # the trained tensors themselves would not fit: no override can resume across it
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shaped)
