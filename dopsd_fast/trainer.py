@@ -44,8 +44,8 @@ from dopsd_fast.memory import fmt_gb, memory_budget_bytes, step_shape
 from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
 from dopsd_fast.profiling import nvtx_range
-from dopsd_fast.safety import (DivergenceError, Guard, Interrupted, OutputLock, StopSignals, Terminated,
-                               atomic_dir, config_changes, move_aside, recover_dirs, run_outputs)
+from dopsd_fast.safety import (RUN_FOLDERS, DivergenceError, Guard, Interrupted, OutputLock, StopSignals,
+                               Terminated, atomic_dir, config_changes, move_aside, recover_dirs, run_outputs)
 from dopsd_fast.validation import save_grid
 from dopsd_fast.weights import StudentTeacher
 
@@ -293,7 +293,7 @@ class Trainer:
                                  "where missing)")
         out.mkdir(parents=True, exist_ok=True)
         self._lock = OutputLock(out)  # the lock first: nothing of the folder read or written before it
-        for sub in ("checkpoints", "samples", "tensorboard", "lora", "lora_ema", "transformer", "transformer_ema"):
+        for sub in RUN_FOLDERS:
             if (out / sub).exists() and not (out / sub).is_dir():  # found at the first checkpoint, after the compute
                 raise OutputDirError(f"train.output_dir {out}: {out / sub} is a file where the run writes a folder; "
                                      "move it away, or choose another output_dir")
@@ -407,9 +407,8 @@ class Trainer:
                      "compared", ck)
             return
         changed = [k for k in ("rows", "images", "prompts", "buckets") if saved.get(k) != now.get(k)]
-        if ("composite" in saved or "images" not in changed and "composite" in now) and \
-                saved.get("composite") != now.get("composite"):  # transparent images on another background
-            changed.append("composite")
+        if "composite" in saved and saved["composite"] != now.get("composite"):  # transparent images on another
+            changed.append("composite")  # background (a checkpoint of an earlier version records none: not compared)
         if not changed:
             return
         src = self.cfg.data

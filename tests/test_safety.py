@@ -1362,6 +1362,9 @@ def test_another_alpha_background_on_resume_is_a_change_of_the_data_where_an_ima
         _trainer(tmp_path, *data, "data.alpha_background=[0, 0, 0]", "train.max_steps=2", resume="latest")
     tr = _trainer(tmp_path, *data, "train.max_steps=2", resume="latest")
     assert tr.step == 1
+    assert "composite" in tr.data_fingerprint
+    earlier = {k: v for k, v in tr.data_fingerprint.items() if k != "composite"}  # an earlier version's record
+    tr._check_data(tmp_path / "run" / "checkpoints" / "step-0000001", {"data_fingerprint": earlier})  # no refusal
     tr.close()
 
 
