@@ -736,13 +736,12 @@ class Backend(PackedPair):
         if autocast is not None and not hasattr(autocast, "__enter__"):
             raise BackendError(f"backend.dopsd_step: autocast= takes a context manager (accelerator.autocast(), "
                                f"torch.autocast('cuda', dtype=torch.bfloat16)), got {autocast!r}")
-        if autocast is None and self.autocast_hint and torch.is_autocast_enabled(x.device.type):
-            self.autocast_hint = False  # the caller's own autocast is on around the step
-        if autocast is None and self.autocast_hint:
+        if autocast is None and self.autocast_hint:  # said once; not under the caller's own autocast
             self.autocast_hint = False
-            log.warning("backend: the model was prepared by accelerate with mixed precision, which wraps model.forward; "
-                        "the backend calls the blocks directly, so the forwards run in the weights' dtype: pass "
-                        "autocast=accelerator.autocast()")
+            if not torch.is_autocast_enabled(x.device.type):
+                log.warning("backend: the model was prepared by accelerate with mixed precision, which wraps "
+                            "model.forward; the backend calls the blocks directly, so the forwards run in the weights' "
+                            "dtype: pass autocast=accelerator.autocast()")
         if self.engine:
             self._engine_ok(backward_fn, backward)
         if isinstance(autocast, contextlib._GeneratorContextManager) and not hasattr(autocast, "func"):

@@ -495,19 +495,16 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int, run_id:
             dcp.save(flat, checkpoint_id=str(tmp))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - a full disk as one line
         e = _cause(e)
-        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C inside the write, wrapped by DCP: the stop it is
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise e from None
         text = f"{type(e).__name__}: {e}"
-        if isinstance(e, OSError) and e.errno == 28 or "No space left" in text:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+        full = isinstance(e, OSError) and e.errno == 28 or "No space left" in text
+        if rank == 0 and (isinstance(e, KeyboardInterrupt) or full or "unexpected pos" in text):
+            shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder: nothing of it is of use
+        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C inside the write, wrapped by DCP: the stop it is
+            raise e from None
+        if full:
             raise OSError(28, "writing the checkpoint failed (no space left on the device); is the disk full?",
                           str(tmp)) from None
         if "unexpected pos" in text:  # the file stopped growing: a full disk, or a limit on a file's size
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(27, "writing the checkpoint failed (a file could not grow: the disk is full, or a file "
                               "size limit was reached: ulimit -f, a FAT32 / exFAT drive's 4 GiB)", str(tmp)) from None
         raise RuntimeError(f"writing the checkpoint {final} failed: {text.splitlines()[0][:300]}") from None
