@@ -383,6 +383,22 @@ def test_a_long_teacher_prompt_keeps_its_instruction(caplog):
     assert ad._fit(long, ad.gt_instruction).endswith(ad.gt_instruction)
 
 
+def test_a_student_prompt_past_the_context_length_is_said_once(caplog):
+    """klein pads and cuts every prompt to model.student_max_tokens; a longer one lost its end silently."""
+    import logging
+
+    ad = _adapter()
+    L = ad.cfg.student_max_tokens
+    long = " ".join(f"word{i}" for i in range(L))
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        ad.encode_prompts(["a red circle"])
+        assert not caplog.records, caplog.text
+        assert ad.encode_prompts([long, "a red circle"]).shape[1] == L
+        ad.encode_prompts([long])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and f"model.student_max_tokens={L}" in said[0] and "'word0 word1" in said[0], said
+
+
 def test_fast_path_batches_editing_rows_by_their_references(tmp_path, caplog):
     """The fast path stacks a batch's references per place, so its samples must share their number and
     sizes; the sampler grouped by the target's bucket alone, and a batch of 2 editing rows with other

@@ -40,9 +40,25 @@ def test_student_encoding_equals_pipeline(adapter):
         assert_close(o.features, r, atol=1e-5, rtol=1e-5, name="student features", scaled=True)
 
 
-def test_student_truncation(adapter, monkeypatch):
-    monkeypatch.setattr(adapter.cfg, "student_max_tokens", 10)
-    assert adapter.encode_student(["word " * 50])[0].features.shape[0] == 10
+def test_student_truncation(adapter, monkeypatch, caplog):
+    """A prompt past the context length is cut as the pipeline cuts it, and the run says so, once per
+    context kind (it was silent: the prompt's end never reached the model)."""
+    import logging
+
+    monkeypatch.setattr(adapter, "_told_cut", set(), raising=False)
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        adapter.encode_student(["word " * 50])
+        assert not caplog.records, caplog.text  # it fits: nothing said
+        monkeypatch.setattr(adapter.cfg, "student_max_tokens", 10)
+        assert adapter.encode_student(["word " * 50])[0].features.shape[0] == 10
+        adapter.encode_student(["word " * 60])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "model.student_max_tokens=10" in said[0] and "'word word" in said[0], said
+    monkeypatch.setattr(adapter.cfg, "teacher_max_tokens", 80)
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        assert adapter.encode_teacher(["word " * 100], [torch.rand(3, 64, 64)])[0].features.shape[0] == 80
+    said = [r.getMessage() for r in caplog.records if "teacher_max_tokens" in r.getMessage()]
+    assert len(said) == 1 and "teacher context" in said[0], caplog.text
 
 
 def test_teacher_context_contains_image(adapter):

@@ -31,6 +31,7 @@ How FLUX.2-klein maps onto it (``families/klein/adapter.py``):
 from __future__ import annotations
 
 import json
+import logging
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -39,6 +40,8 @@ import torch
 
 from dopsd_fast.algorithm import resolve_schedule
 from dopsd_fast.context import Context
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device_dtype(cfg) -> tuple[torch.device, torch.dtype]:
@@ -154,6 +157,20 @@ class ModelAdapter(ABC):
     def encoder_identity(self) -> dict:
         """A JSON-able description of everything the contexts depend on (weights, settings),
         known without loading the encoders: the feature cache's key."""
+
+    def _say_if_cut(self, what: str, field: str, limit: int, lengths, prompts) -> None:
+        """Warn once per ``what`` (a context kind) when a prompt's tokens pass ``limit`` (the config
+        ``field``): the encoder reads only the first ``limit`` tokens, so the prompt's end does not
+        reach the model. ``lengths``: each prompt's untruncated token count."""
+        told = self.__dict__.setdefault("_told_cut", set())
+        if what in told:
+            return
+        over = [(n, p) for n, p in zip(lengths, prompts) if n > limit]
+        if over:
+            told.add(what)
+            n, p = over[0]
+            log.warning("%s: a prompt of %d tokens passes %s=%d; its end is cut (%r...; raise %s; further "
+                        "ones are not reported)", what, n, field, limit, p[:40], field)
 
     def ensure_student_encoder(self) -> None:
         """What encoding the student's prompts needs (sampling); a family whose teacher needs more

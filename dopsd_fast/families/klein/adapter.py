@@ -210,6 +210,8 @@ class KleinAdapter(ModelAdapter):
         (B, L, 3 * hidden). Padding tokens are kept: klein attends all of them."""
         self.ensure_encoders()
         texts = [self._template(p) for p in prompts]
+        self._say_if_cut("prompt encoding", "model.student_max_tokens", self.cfg.student_max_tokens,
+                         [len(t) for t in self.tokenizer(texts).input_ids], prompts)
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.student_max_tokens,
                              return_tensors="pt")
         out = self.text_encoder(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device),

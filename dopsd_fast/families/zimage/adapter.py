@@ -141,6 +141,8 @@ class ZImageAdapter(ModelAdapter):
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                     add_generation_prompt=True, enable_thinking=True)
                  for p in prompts]
+        self._say_if_cut("student context", "model.student_max_tokens", self.cfg.student_max_tokens,
+                         [len(t) for t in self.tokenizer(texts).input_ids], prompts)
         enc = self.tokenizer(texts, padding="longest", max_length=self.cfg.student_max_tokens,
                              truncation=True, return_tensors="pt")
         ids = enc.input_ids.to(self.device)
@@ -185,6 +187,8 @@ class ZImageAdapter(ModelAdapter):
                 raise ValueError(f"teacher context: the image alone takes {n_img} tokens, more than "
                                  f"model.teacher_max_tokens={self.cfg.teacher_max_tokens}; lower model.teacher_max_pixels")
             text = text.replace(image_token, image_token * n_img, 1)
+            self._say_if_cut("teacher context", "model.teacher_max_tokens", self.cfg.teacher_max_tokens,
+                             [len(self.vlm_tokenizer(text).input_ids)], [prompt])
             enc = self.vlm_tokenizer([text], max_length=self.cfg.teacher_max_tokens, truncation=True, return_tensors="pt")
             ids = enc.input_ids.to(self.device)
             mask = enc.attention_mask.to(self.device)
