@@ -513,6 +513,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config field '{name}': expected a string, got {short(value)}")
+        if value is None or not str(value).strip():  # `--set train.output_dir=` with an unset variable
+            raise ConfigError(f"config field '{name}': must not be empty")
         return str(value)
     if tp is list or origin is list:
         if isinstance(value, str):  # one entry (a quoted "[V] dog" is that prompt, not YAML read again)

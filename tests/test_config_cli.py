@@ -48,6 +48,12 @@ def test_shipped_configs_parse():
     ("validation.prompts=[V] dog", r"--set 'validation.prompts=\[V\] dog': the value is not valid YAML \(expected "
                                    r"'<document start>'.*\); quote text .* --set 'validation.prompts=\"...\"'"),
     ("data.prompt_keys=[prompt", r"--set 'data.prompt_keys=\[prompt': the value is not valid YAML"),
+    # an empty text field (`--set train.output_dir=$OUT` with OUT unset) was the text 'None': a run into ./None
+    ("train.output_dir=", "'train.output_dir': must not be empty"),
+    ("train.output_dir=null", "'train.output_dir': must not be empty"),
+    ("train.output_dir=' '", "'train.output_dir': must not be empty"),
+    ("model.device=", "'model.device': must not be empty"),
+    ("method=", "'method': must not be empty"),
 ])
 def test_config_errors_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):
