@@ -218,7 +218,7 @@ class DataConfig:
                "must be an integer >= 0 (threads decoding the next micro-batch's images; 0: in the loop)")
         _check(isinstance(self.alpha_background, (list, tuple)) and len(self.alpha_background) == 3
                and all(isinstance(v, (int, float)) and 0 <= v <= 255 for v in self.alpha_background),
-               "data.alpha_background", f"must be three values in [0, 255], got {self.alpha_background}")
+               "data.alpha_background", f"must be three values in [0, 255], got {short(self.alpha_background)}")
         _check(isinstance(self.max_image_pixels, int) and not isinstance(self.max_image_pixels, bool)
                and self.max_image_pixels >= 1, "data.max_image_pixels", f"must be an integer >= 1, got "
                f"{short(self.max_image_pixels)}")

@@ -16,7 +16,7 @@ def parse_row(line: str):
     not a JSON object, a step that is no number)."""
     try:
         row = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON; a number past json's digit limit; nested too deeply
         return None
     at = row.get("step", 0) if isinstance(row, dict) else None
     if isinstance(at, (int, float)) and not isinstance(at, bool):

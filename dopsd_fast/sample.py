@@ -268,10 +268,10 @@ def _small_json(path: Path, what: str, limit: int):
                          "folder holds; refused")
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what}: {path} is not JSON text ({e})") from None
     except RecursionError:
         raise ValueError(f"{what}: {path} nests too deeply to read") from None
+    except ValueError as e:  # not UTF-8, not JSON, a number past json's digit limit
+        raise ValueError(f"{what}: {path} is not JSON text ({str(e)[:200]})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {path} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -1080,7 +1080,7 @@ class Trainer:
                 continue
             try:
                 step = int(json.loads((d / self.EXPORT_MARK).read_text())["step"])
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
                 continue
             if step < self.step:
                 stale.append(f"{name}/ (of step {step})")

@@ -54,6 +54,11 @@ def test_shipped_configs_parse():
     ("train.output_dir=' '", "'train.output_dir': must not be empty"),
     ("model.device=", "'model.device': must not be empty"),
     ("method=", "'method': must not be empty"),
+    # a nested list, null or mapping in a schedule: float() raised a TypeError that named no field
+    ("dopsd.rollout=[[0.5], 0]", r"'dopsd.rollout': a roll-out schedule is a list of numbers \(sigmas\), got an entry \[0.5\]"),
+    ("dopsd.rollout=[null, 0]", "'dopsd.rollout': a roll-out schedule is a list of numbers"),
+    ("dopsd.rollout=[true, 0]", "'dopsd.rollout': a roll-out schedule is a list of numbers"),
+    ("validation.schedule=[{a: 1}, 0]", "'validation.schedule': a roll-out schedule is a list of numbers"),
 ])
 def test_config_errors_name_the_field(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -417,6 +422,15 @@ def test_a_config_nested_past_the_recursion_limit_is_one_line(tmp_path):
     p.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(ConfigError, match=rf"config file {p} nests too deeply to read"):
         load_config(p)
+
+
+def test_an_alias_bomb_in_the_background_colour_is_one_short_line():
+    """data.alpha_background's message printed the value whole (built even for a valid one): a few hundred
+    bytes of nested YAML aliases made a line of megabytes, or hung."""
+    levels = ["&a0 [1, 2, 3, 4, 5, 6, 7, 8, 9]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+    with pytest.raises(ConfigError, match=r"'data.alpha_background': must be three values in \[0, 255\]") as e:
+        load_config(None, [f"data.alpha_background=[{', '.join(levels)}]"])
+    assert len(str(e.value)) < 1000, len(str(e.value))
 
 
 def test_a_set_value_nested_past_the_recursion_limit_is_one_line():

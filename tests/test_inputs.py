@@ -218,3 +218,77 @@ def test_dopsd_sample_lora_scales_are_columns_from_the_same_noise(tmp_path):
     finally:
         S.sample_images = real
     assert not (tmp_path / "n.png").exists()
+
+
+def test_a_float_image_is_scaled_by_its_range_never_by_one_pixel(tmp_path):
+    """A [0, 1] float image with one pixel just over 1 (HDR rounding) was divided by 255 and trained on
+    near-black, silently; a range that is neither [0, 1] nor [0, 255] is now refused at start-up."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import DataError, build_dataset
+
+    def f(arr):
+        return Image.fromarray(np.asarray(arr, np.float32), "F")
+
+    half = np.full((8, 8), 0.5, np.float32)
+    over = half.copy()
+    over[0, 0] = 1.0001
+    assert abs(_decode(f(over))[4, 4, 0] - 0.5) < 1e-4  # was 0.00196
+    assert abs(_decode(f(half * 255))[4, 4, 0] - 0.5) < 1e-4  # a [0, 255] float image
+    with pytest.raises(DataError, match=r"pixels in \[0.5, 7\], neither \[0, 1\] nor \[0, 255\]"):
+        _decode(f(np.where(half > 0, half, 0) + np.eye(8, dtype=np.float32) * 6.5))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        _decode(f(np.full((8, 8), np.nan)))
+    folder = tmp_path / "d"
+    folder.mkdir()
+    f(np.full((160, 160), 3.0)).save(folder / "x.tif")
+    (folder / "x.txt").write_text("a grey square")
+    cfg = load_config(None, [f"data.folder={folder}", "data.bucket_scale=0.125"])
+    with pytest.raises(DataError, match=r"x.tif.*neither \[0, 1\] nor \[0, 255\]"):
+        build_dataset(cfg.data, progress=False)
+
+
+def test_json_past_its_digit_limit_names_the_file_and_row(tmp_path):
+    """json raises a plain ValueError (not a JSONDecodeError) for an integer of more than 4300 digits: the
+    data row was an unnamed one-line stop that data.skip_bad did not skip, and one such line in
+    metrics.jsonl stopped every resume."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import DataError, build_dataset
+    from dopsd_fast.logging_utils import parse_row
+
+    good = json.dumps({"image": "a.png", "prompt": "a red circle"}).encode()
+    bad = b'{"image": "a.png", "prompt": "x", "size": ' + b"9" * 5000 + b"}"
+    jl = _jsonl(tmp_path, [good, bad])
+    cfg = load_config(None, [f"data.jsonl={jl}", "data.prompt_keys=[prompt]", "data.bucket_scale=0.125"])
+    with pytest.raises(DataError, match=rf"{jl}:2: malformed JSON line: a number of more than \d+ digits"):
+        build_dataset(cfg.data, progress=False)
+    cfg = load_config(None, [f"data.jsonl={jl}", "data.prompt_keys=[prompt]", "data.bucket_scale=0.125", "data.skip_bad=true"])
+    assert len(build_dataset(cfg.data, progress=False).records) == 1
+    assert parse_row('{"step": ' + "9" * 5000 + "}") is None
+    assert parse_row("[" * 100000 + "]" * 100000) is None
+    assert parse_row('{"step": 3, "loss": 0.5}') == ({"step": 3, "loss": 0.5}, 3)
+
+
+def test_a_bad_export_mark_is_an_export_without_a_step(tmp_path):
+    """export.json is read on the resume of a finished run; a step of 1e999 or nested past the recursion
+    limit was an "unexpected" stop (OverflowError / RecursionError) instead of "no step"."""
+    from types import SimpleNamespace
+
+    from dopsd_fast.trainer import Trainer
+
+    fake = SimpleNamespace(cfg=SimpleNamespace(lora=SimpleNamespace(enabled=True)), out=tmp_path, step=5,
+                           EXPORT_MARK=Trainer.EXPORT_MARK)
+    for name, mark in (("lora", '{"step": 1e999}'), ("lora_ema", '{"step": ' + "[" * 100000 + "]" * 100000 + "}")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "export.json").write_text(mark)
+    assert Trainer._stale_final_exports(fake) == []
+    (tmp_path / "lora" / "export.json").write_text('{"step": 4}')
+    assert Trainer._stale_final_exports(fake) == ["lora/ (of step 4)"]
+
+
+def test_a_model_folders_json_past_the_digit_limit_names_the_file(tmp_path):
+    from dopsd_fast.sample import _small_json
+
+    p = tmp_path / "config.json"
+    p.write_text('{"num_layers": ' + "9" * 5000 + "}")
+    with pytest.raises(ValueError, match=rf"--transformer: {p} is not JSON text"):
+        _small_json(p, "--transformer", 1 << 20)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import random
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,8 @@ def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, boo
     try:
         with open_image(path, f"{where}: field '{field_name}': image {path}", DataError) as im:
             im.load()  # full decode: catches truncated files, not just bad headers
+            if im.mode == "F":  # its range decides its scale: checked here, not at the first step
+                float_image_scale(np.asarray(im, dtype=np.float32), f"{where}: field '{field_name}': image {path}")
             return (*upright_size(im), has_alpha(im))
     except DataError:
         raise
@@ -168,6 +171,21 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _alpha_logged: set = set()
 
 
+def float_image_scale(arr: np.ndarray, name: str) -> float:
+    """The range a 32-bit float image is in: [0, 1] (a slight overshoot, HDR rounding, clipped) or [0, 255];
+    anything else is a DataError naming the file (one pixel just over 1 once made a [0, 1] image 255x
+    darker, silently)."""
+    if not np.isfinite(arr).all():
+        raise DataError(f"{name}: a float image with NaN or infinite pixels; refused")
+    lo, hi = float(arr.min()), float(arr.max())
+    if -0.5 <= lo and hi <= 1.5:
+        return 1.0
+    if -0.5 * 255 <= lo and 16.0 <= hi <= 1.5 * 255:
+        return 255.0
+    raise DataError(f"{name}: a float image with pixels in [{lo:.4g}, {hi:.4g}], neither [0, 1] nor [0, 255]; "
+                    "save it as an 8- or 16-bit image in the range meant")
+
+
 def decode_image(im: "Image.Image", name: str | None = None) -> np.ndarray:
     """A PIL image -> float32 (H, W, 3) in [0, 1], decoded right: the EXIF orientation applied (a
     portrait photo stays upright); 16- and 32-bit grayscale scaled by their range (not clipped to 8
@@ -182,7 +200,7 @@ def decode_image(im: "Image.Image", name: str | None = None) -> np.ndarray:
         arr = np.asarray(im, dtype=np.float32)
         top = 65535.0 if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255) else 255.0
         if im.mode == "F":
-            top = 1.0 if arr.max() <= 1.0 else 255.0
+            top = float_image_scale(arr, name)
         arr = np.clip(arr / top, 0.0, 1.0)
         return np.repeat(arr[..., None], 3, axis=2)
     if im.mode == "P":
@@ -330,6 +348,9 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     raise DataError(f"{where}: malformed JSON line: {e}{hint}") from None
                 except RecursionError:
                     raise DataError(f"{where}: JSON nested too deeply to read") from None
+                except ValueError:  # json's integer limit (not a JSONDecodeError): the file and row named
+                    raise DataError(f"{where}: malformed JSON line: a number of more than "
+                                    f"{sys.get_int_max_str_digits()} digits") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
                 if "target" in row:  # editing rows: {"references": [...], "target": "..."}
