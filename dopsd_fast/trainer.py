@@ -1199,7 +1199,11 @@ class Trainer:
                 if stop == "SIGTERM" and launcher_died():
                     what = "SIGTERM (torchrun's agent, the launcher, died)"
                 if self.step == 0:
-                    log.warning("%s before the first step: stopped, nothing to write", what)
+                    kept = (sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
+                            if self.rank == 0 and self.out.is_dir() else [])
+                    log.warning("%s before the first step: stopped, no checkpoint to write%s", what,
+                                f"; {self.out} keeps {', '.join(kept)}: run again with --resume latest (it starts "
+                                "at step 0) or --overwrite" if kept else "")
                 else:
                     if self._saved_step != self.step:
                         self.save()

@@ -292,3 +292,29 @@ def test_a_model_folders_json_past_the_digit_limit_names_the_file(tmp_path):
     p.write_text('{"num_layers": ' + "9" * 5000 + "}")
     with pytest.raises(ValueError, match=rf"--transformer: {p} is not JSON text"):
         _small_json(p, "--transformer", 1 << 20)
+
+
+def test_a_caption_file_in_upper_case_is_the_images_caption(tmp_path):
+    """Image suffixes matched in any case (A.PNG), the caption's did not: a.png + a.TXT was "no caption"."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import build_dataset
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for stem, txt in (("a", "a.TXT"), ("b", "b.txt")):
+        Image.new("RGB", (160, 160)).save(folder / f"{stem}.png")
+        (folder / txt).write_text(f"caption {stem}")
+    cfg = load_config(None, [f"data.folder={folder}", "data.bucket_scale=0.125"])
+    ds = build_dataset(cfg.data, progress=False)
+    assert sorted(r.prompts[0] for r in ds.records) == ["caption a", "caption b"]
+
+
+def test_an_empty_config_file_is_one_line_naming_it(tmp_path):
+    """The fields' own defaults are no run (built-in tiny data at 1024-pixel buckets): an empty file failed
+    on a hidden cache file's image size."""
+    from dopsd_fast.config import ConfigError, load_config
+
+    p = tmp_path / "empty.yaml"
+    p.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=rf"config file {p} holds no settings; start from a shipped recipe"):
+        load_config(str(p))

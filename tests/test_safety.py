@@ -1380,3 +1380,26 @@ def test_the_memory_model_counts_this_ranks_share_of_sharded_tensors(tmp_path, m
     monkeypatch.setattr(F, "local", lambda t: t.reshape(-1)[: t.numel() // 2])
     assert tr.memory_shape().trainable_params == sum(p.numel() // 2 for p in tr.weights.trainable_parameters())
     tr.close()
+
+
+def test_ctrl_c_before_the_first_step_names_what_the_folder_keeps(tmp_path, monkeypatch, caplog):
+    """A Ctrl-C during the step-0 validation said "nothing to write", yet the folder kept config.yaml and the
+    step-0 grid, and the same command was then refused ("holds an earlier run"): the line says so now."""
+    import logging
+
+    from dopsd_fast.safety import Interrupted
+    from dopsd_fast.trainer import Trainer
+
+    tr = _trainer(tmp_path, "train.max_steps=2", "validation.at_start=true")
+    orig = Trainer.validate
+
+    def validate(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(Trainer, "validate", validate)
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"), pytest.raises(Interrupted, match="at step 0"):
+        tr.train()
+    said = [r.getMessage() for r in caplog.records if "before the first step" in r.getMessage()]
+    assert len(said) == 1 and "keeps config.yaml" in said[0] and "--resume latest" in said[0], said
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

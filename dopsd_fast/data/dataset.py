@@ -417,11 +417,15 @@ def _iter_folder(folder: Path):
         log.warning("data.folder %s: %d caption file(s) serve more than one image (e.g. %s share %s.txt): each "
                     "image trains on the same caption", folder, len(shared), " and ".join(shared[0]),
                     Path(shared[0][0]).stem)
+    upper = {p.with_suffix(""): p for p in folder.iterdir()  # a.TXT beside a.png (image suffixes: any case too)
+             if p.suffix.lower() == ".txt" and p.suffix != ".txt" and p.is_file()}
     for img in files:
         where = str(img)
 
         def parse(img=img, where=where):
             txt = img.with_suffix(".txt")
+            if not txt.is_file():
+                txt = upper.get(img.with_suffix(""), txt)
             if not txt.is_file():
                 raise DataError(f"{where}: no caption file {txt.name} beside the image")
             try:
