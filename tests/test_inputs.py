@@ -318,3 +318,22 @@ def test_an_empty_config_file_is_one_line_naming_it(tmp_path):
     p.write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match=rf"config file {p} holds no settings; start from a shipped recipe"):
         load_config(str(p))
+
+
+def test_buckets_given_and_changed_by_scale_or_rounding_are_said(tmp_path, caplog):
+    """A recipe's data.bucket_scale applies to data.buckets given on the command line, and sides round to
+    data.bucket_multiple: [[100, 100]] under tiny-zimage became 16 x 16 without a word."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import build_dataset
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    Image.new("RGB", (160, 160)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    for over, said in ((["data.buckets=[[100,100]]", "data.bucket_scale=0.125"], "[[100, 100]] -> [[16, 16]] (x data.bucket_scale 0.125"),
+                       (["data.buckets=[[96,96]]", "data.bucket_scale=1"], None)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+            build_dataset(load_config(None, [f"data.folder={folder}", *over]).data, progress=False)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data.buckets")]
+        assert lines == ([] if said is None else [lines[0]]) and (said is None or said in lines[0]), caplog.text

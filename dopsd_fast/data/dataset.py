@@ -448,6 +448,11 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
     ALPHA_BACKGROUND[:] = list(cfg.alpha_background)
     set_max_image_pixels(cfg.max_image_pixels)
     buckets = make_buckets(cfg.buckets, cfg.bucket_scale, cfg.bucket_multiple)
+    if cfg.buckets != "1mp":
+        given = [tuple(int(v) for v in b) for b in cfg.buckets]
+        if given != buckets:  # a recipe's bucket_scale applies to buckets given too; sides round to the multiple
+            log.info("data.buckets %s -> %s (x data.bucket_scale %g, sides rounded to data.bucket_multiple %d)",
+                     [list(b) for b in given], [list(b) for b in buckets], cfg.bucket_scale, cfg.bucket_multiple)
     if cfg.builtin == "tiny":
         path = ensure_tiny_dataset()
         rows = _iter_jsonl(path, cfg.image_key, cfg.prompt_keys)
