@@ -337,3 +337,28 @@ def test_buckets_given_and_changed_by_scale_or_rounding_are_said(tmp_path, caplo
             build_dataset(load_config(None, [f"data.folder={folder}", *over]).data, progress=False)
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data.buckets")]
         assert lines == ([] if said is None else [lines[0]]) and (said is None or said in lines[0]), caplog.text
+
+
+def test_rows_reading_images_outside_the_data_folder_are_said(tmp_path, caplog):
+    """An absolute path, `..` or a link leading out: accepted (a user's own index may mean it), and said in
+    one line (a received dataset's rows could name any image the user can read)."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import build_dataset
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (160, 160)).save(tmp_path / "d" / "in.png")
+    Image.new("RGB", (160, 160)).save(tmp_path / "elsewhere" / "out.png")
+    (tmp_path / "d" / "link.png").symlink_to(tmp_path / "elsewhere" / "out.png")
+    jl = tmp_path / "d" / "train.jsonl"
+    for rows, n in (([{"image": "in.png"}], 0), ([{"image": "in.png"}, {"image": "../elsewhere/out.png"},
+                                                   {"image": str(tmp_path / "elsewhere" / "out.png")},
+                                                   {"image": "link.png"}], 3)):
+        jl.write_text("".join(json.dumps({**r, "prompt": "p"}) + "\n" for r in rows))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+            build_dataset(load_config(None, [f"data.jsonl={jl}", "data.prompt_keys=[prompt]",
+                                             "data.bucket_scale=0.125"]).data, progress=False)
+        said = [r.getMessage() for r in caplog.records if "lead outside" in r.getMessage()]
+        assert len(said) == (1 if n else 0), caplog.text
+        assert not n or f"{n} image path(s) of its rows lead outside" in said[0] and f"{jl}:2" in said[0]

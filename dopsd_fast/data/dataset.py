@@ -491,4 +491,18 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
                     "editing-branch teacher), not as edits", len(bare_targets), bare_targets[0])
     source = (f"data.folder {path}" if not cfg.jsonl and not cfg.builtin else f"data.jsonl {path}" if cfg.jsonl
               else f"{path}")
+    if not cfg.builtin:
+        _say_outside(records, Path(path) if cfg.folder else Path(path).parent, source)
     return ImageTextDataset(records, skipped, source)
+
+
+def _say_outside(records, base: Path, source: str) -> None:
+    """One line when rows read images from outside the data's folder (an absolute path, ``..``, a link that
+    leads out): the user's own index may mean it; a received dataset's rows can name any file they can read."""
+    base = base.resolve()
+    outside = [(rec.where, p) for rec in records for p in (rec.image_path, *rec.reference_paths)
+               if not Path(p).resolve().is_relative_to(base)]
+    if outside:
+        where, p = outside[0]
+        log.warning("%s: %d image path(s) of its rows lead outside %s (first: %s: %s); fine for your own files; "
+                    "for a dataset you received, check what it reads", source, len(outside), base, where, p)
