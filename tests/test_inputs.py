@@ -362,3 +362,14 @@ def test_rows_reading_images_outside_the_data_folder_are_said(tmp_path, caplog):
         said = [r.getMessage() for r in caplog.records if "lead outside" in r.getMessage()]
         assert len(said) == (1 if n else 0), caplog.text
         assert not n or f"{n} image path(s) of its rows lead outside" in said[0] and f"{jl}:2" in said[0]
+
+
+def test_a_jsonl_row_with_a_key_twice_is_refused(tmp_path):
+    """json keeps the last of a repeated key: a row's first image was dropped without a word."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.data import DataError, build_dataset
+
+    jl = _jsonl(tmp_path, [b'{"image": "a.png", "prompt": "x", "image": "b.png"}'])
+    cfg = load_config(None, [f"data.jsonl={jl}", "data.prompt_keys=[prompt]", "data.bucket_scale=0.125"])
+    with pytest.raises(DataError, match=rf"{jl}:1: field 'image' given twice"):
+        build_dataset(cfg.data, progress=False)

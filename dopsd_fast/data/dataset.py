@@ -341,7 +341,9 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
                                     "save the file as UTF-8") from None
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+                except _DuplicateKey as e:
+                    raise DataError(f"{where}: field {e} given twice; give it once") from None
                 except json.JSONDecodeError as e:
                     hint = ("; a JSONL file holds one JSON object per line, not a JSON array (write each row "
                             "on a line of its own)") if first and line.lstrip().startswith("[") else ""
@@ -396,6 +398,21 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                 return paths[-1], paths[:-1], prompts, fields
 
             yield where, parse
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    """A JSON object whose keys are unique (json keeps the last of a repeated key: a row's first `image`
+    or prompt would be dropped silently)."""
+    row = {}
+    for k, v in pairs:
+        if k in row:
+            raise _DuplicateKey(repr(k))
+        row[k] = v
+    return row
 
 
 def _iter_folder(folder: Path):
