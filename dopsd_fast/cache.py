@@ -29,6 +29,7 @@ from dopsd_fast.data.dataset import load_image
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+_told_unchecked: set = set()  # caches whose entries without a checksum were said (once per process)
 
 CACHE_VERSION = 1
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names
@@ -178,6 +179,12 @@ class FeatureCache:
                 raise CacheError(f"feature cache {manifest}: 'checksums' is not {{key: CRC-32}}; delete the directory "
                                  "and run dopsd-cache again")
             self.checksums = sums
+            unchecked = sum(k not in sums for k in self.entries)
+            if unchecked and str(self.dir) not in _told_unchecked:
+                _told_unchecked.add(str(self.dir))
+                log.warning("feature cache %s: %d of its %d contexts have no checksum (an earlier version's cache, or "
+                            "an edited manifest): read without the check; dopsd-cache into a new folder writes them",
+                            self.dir, unchecked, len(self.entries))
         elif manifest.exists():  # a folder, a FIFO, a device: never opened (a FIFO would block the read)
             raise CacheError(f"feature cache {manifest} is not a regular file; delete the directory and run "
                              "dopsd-cache again")

@@ -1,6 +1,7 @@
 """Feature cache: written once, read without encoders, stale or incomplete caches refused."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -134,7 +135,7 @@ def test_a_received_cache_of_the_wrong_kind_is_refused_naming_it(written, tmp_pa
     assert len(str(e.value).splitlines()) == 1
 
 
-def test_bytes_changed_in_a_shard_are_named_at_the_read_and_dopsd_cache_rewrites_them(written, tmp_path):
+def test_bytes_changed_in_a_shard_are_named_at_the_read_and_dopsd_cache_rewrites_them(written, tmp_path, caplog):
     """A shard whose tensor bytes changed since dopsd-cache wrote them (finite values: no other check can
     see it) was read as features; each context's CRC-32 is now in the manifest and checked at each read.
     The shard deleted as the message says, dopsd-cache encodes its contexts again."""
@@ -171,7 +172,11 @@ def test_bytes_changed_in_a_shard_are_named_at_the_read_and_dopsd_cache_rewrites
     # a manifest of an earlier version (no checksums) is read unchecked; checksums of another type refused
     m2 = json.loads((cache / "manifest.json").read_text())
     (cache / "manifest.json").write_text(json.dumps({k: v for k, v in m2.items() if k != "checksums"}))
-    assert torch.equal(FeatureCache(cache, identity).get(key).features, want)
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        assert torch.equal(FeatureCache(cache, identity).get(key).features, want)
+        FeatureCache(cache, identity)
+    said = [r.getMessage() for r in caplog.records if "have no checksum" in r.getMessage()]
+    assert len(said) == 1 and f"{len(m2['entries'])} of its {len(m2['entries'])} contexts" in said[0], caplog.text
     (cache / "manifest.json").write_text(json.dumps({**m2, "checksums": {key: "x"}}))
     with pytest.raises(CacheError, match=r"'checksums' is not \{key: CRC-32\}"):
         FeatureCache(cache, identity)
