@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import zlib
 from pathlib import Path
 
@@ -33,6 +34,7 @@ _told_unchecked: set = set()  # caches whose entries without a checksum were sai
 
 CACHE_VERSION = 1
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names
+_SHARD_RE = re.compile(r"shard-[0-9]+\.safetensors")  # the only names write() gives a shard (fullmatch)
 
 
 class CacheError(RuntimeError):
@@ -197,8 +199,10 @@ class FeatureCache:
         self._verified: set = set()  # entries whose checksum was checked in this process
 
     def _checked_entries(self, entries) -> dict:
-        """The manifest's entries, each ``[shard, name]`` with ``shard`` a file name in this folder: a
-        received cache is untrusted, and a name such as ``../x.safetensors`` is refused before any read."""
+        """The manifest's entries, each ``[shard, name]`` with ``shard`` a file name in this folder that
+        :meth:`write` gives a shard (``shard-NNNNN.safetensors``): a received cache is untrusted, and a
+        name such as ``../x.safetensors`` is refused before any read; another file of the folder (a
+        user's notes, the lock) is never taken for a shard, so :meth:`repair` never deletes it."""
         if not isinstance(entries, dict):
             raise CacheError(f"feature cache {self.dir / 'manifest.json'}: 'entries' is not a mapping; delete the "
                              "directory and run dopsd-cache again")
@@ -216,6 +220,10 @@ class FeatureCache:
                 pass  # a missing shard is named by check_shards, which says how to rebuild it
             except ValueError as e:
                 raise CacheError(f"feature cache {self.dir / 'manifest.json'} names shard {shard!r}: {e}") from None
+            if not _SHARD_RE.fullmatch(shard):  # notes.txt, .lock, manifest.json: never read nor deleted as a shard
+                raise CacheError(f"feature cache {self.dir / 'manifest.json'} names shard {shard[:60]!r}, not a "
+                                 "shard name dopsd-cache writes (shard-NNNNN.safetensors); refused, that file left "
+                                 "as it is: run dopsd-cache into a new cache.dir")
         return entries
 
     def _save_manifest(self) -> None:
@@ -317,14 +325,15 @@ class FeatureCache:
 
     def repair(self, width: int | None = None) -> list[str]:
         """Drop from the manifest (and the folder) every shard :meth:`_shard_problem` finds wrong, so
-        that :meth:`write` encodes its contexts again; returns one line per dropped shard."""
+        that :meth:`write` encodes its contexts again; returns one line per dropped shard. Only a file
+        with a shard's name (``shard-NNNNN.safetensors``) is ever deleted."""
         said = []
         for shard in sorted({s for s, _ in self.entries.values()}):
             why = self._shard_problem(shard, width)
             if why:
                 self.entries = {k: v for k, v in self.entries.items() if v[0] != shard}
                 path = self.dir / shard
-                if path.is_file() and not path.is_symlink():
+                if _SHARD_RE.fullmatch(shard) and path.is_file() and not path.is_symlink():
                     path.unlink()
                 said.append(why)
         if said:

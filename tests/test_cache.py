@@ -247,6 +247,40 @@ def test_dopsd_cache_repairs_a_missing_or_damaged_shard_and_refuses_what_it_cann
         cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--batch-size", "0"])
 
 
+def test_a_manifest_naming_another_file_of_the_folder_as_a_shard_is_refused_and_the_file_kept(written, tmp_path):
+    """A manifest entry naming notes.txt (or the .lock dopsd-cache holds) as its shard: the file failed the
+    shard's checks, and dopsd-cache's repair deleted it. Only names dopsd-cache writes are shards now: the
+    manifest is refused in one line naming it, and repair deletes nothing else."""
+    from dopsd_fast.cache import CacheError, FeatureCache
+    from dopsd_fast.cli import cache_main
+
+    identity = json.loads((written / "manifest.json").read_text())["identity"]
+    for name in ("notes.txt", ".lock"):
+        def point(m, name=name):
+            key = sorted(m["entries"])[0]
+            m["entries"][key] = [name, key]
+            return m
+        cache, _ = _received(written, tmp_path / name, point)
+        (cache / name).write_text("my notes")
+        with pytest.raises(CacheError, match=rf"manifest.json names shard '{re.escape(name)}', not a shard name "
+                                             r"dopsd-cache writes \(shard-NNNNN.safetensors\); refused") as e:
+            FeatureCache(cache, identity)
+        assert len(str(e.value).splitlines()) == 1
+        with pytest.raises(SystemExit, match=rf"error: feature cache .*names shard '{re.escape(name)}'"):
+            cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false"])
+        assert (cache / name).is_file()  # the lock's text is its holder's; notes.txt's, the user's
+        assert name == ".lock" or (cache / name).read_text() == "my notes"
+    # repair, handed such an entry anyway, drops it from the manifest and deletes no file but a shard
+    cache, m = _received(written, tmp_path / "repair")
+    (cache / "notes.txt").write_text("my notes")
+    fc = FeatureCache(cache, identity)
+    key = sorted(fc.entries)[0]
+    fc.entries[key] = ["notes.txt", key]
+    said = fc.repair()
+    assert len(said) == 1 and "shard notes.txt is damaged" in said[0]
+    assert (cache / "notes.txt").read_text() == "my notes" and key not in fc.entries
+
+
 def test_dopsd_cache_of_editing_rows_for_z_image_is_one_line(tmp_path, capsys):
     """An unexpected-error line ('include it in a bug report') before: the trainer's data-layer refusal now."""
     from PIL import Image
