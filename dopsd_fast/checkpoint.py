@@ -515,12 +515,19 @@ def save_checkpoint(root: str | Path, step: int, state: dict, keep: int, run_id:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists() and checkpoint_run_id(final) != run_id:  # another run's: kept, under another name
+        present = final.exists() or final.is_symlink()
+        theirs = checkpoint_run_id(final) if present else None
+        whole = present and final.is_dir() and not final.is_symlink() and _complete(final)
+        if whole and theirs == run_id:
+            shutil.rmtree(final)  # this run's own complete checkpoint of the same step, written again
+        elif present and (whole or theirs not in (None, run_id)):  # another run's: kept, under another name
             aside = _free_name(final, "superseded")
             os.replace(final, aside)
             log.warning("checkpoint %s belongs to another run: moved to %s (not deleted)", final, aside)
-        elif final.exists():
-            shutil.rmtree(final)  # this run's own checkpoint of the same step (a damaged one, skipped on resume)
+        elif present:  # not a complete checkpoint (emptied, half-copied; skipped on resume): kept for inspection
+            aside = _free_name(final, "damaged")
+            os.replace(final, aside)
+            log.warning("checkpoint %s is not a complete checkpoint: moved to %s (not deleted)", final, aside)
         os.replace(tmp, final)
         mine = [p for _, p in list_checkpoints(root) if run_id is not None and checkpoint_run_id(p) == run_id]
         for old in mine[:-keep]:
@@ -534,13 +541,17 @@ def set_aside_later(root: str | Path, step: int, run_id: str | None, damaged=())
     back to an earlier step): each moved aside to ``step-N.abandoned-K`` (not deleted), so that neither
     ``--resume latest`` nor the pruning of the resumed run reads the run it abandoned; -> the new names.
     Another run's checkpoints stay; those named in ``damaged`` (skipped as not loading) go to
-    ``step-N.damaged-K``, kept for inspection. Also removes the temporary folders of writes that never
-    finished (``.step-N.tmp``: one trainer per folder, so none is in progress)."""
+    ``step-N.damaged-K``, kept for inspection, and so do the run's later ones that are not complete
+    checkpoints (:func:`incomplete_checkpoints`: no ``.metadata``; the run's next save of that step would
+    have replaced them). Also removes the temporary folders of writes that never finished
+    (``.step-N.tmp``: one trainer per folder, so none is in progress)."""
     root = Path(root)
     moved = []
-    for s, p in list_checkpoints(root):
+    complete = list_checkpoints(root)
+    whole = {p.name for _, p in complete}
+    for s, p in sorted(complete + incomplete_checkpoints(root)):
         if s > step and run_id is not None and checkpoint_run_id(p) == run_id:
-            aside = _free_name(p, "damaged" if p.name in damaged else "abandoned")
+            aside = _free_name(p, "damaged" if p.name in damaged or p.name not in whole else "abandoned")
             os.replace(p, aside)
             moved.append(aside)
     if root.is_dir():

@@ -771,6 +771,54 @@ def test_resume_latest_names_every_checkpoint_it_skips(straight, tmp_path, caplo
     assert "step-0000002: it does not load" in skips[2]
 
 
+def test_an_incomplete_checkpoint_skipped_on_resume_is_set_aside_not_deleted_when_its_step_comes_again(straight,
+                                                                                                   tmp_path, caplog):
+    """The run's step 4 without its .metadata (its data file and run id remain): --resume latest skipped
+    it, and the resumed run's save of step 4 deleted it (this run's own checkpoint of the same step). It
+    is moved aside to step-0000004.damaged-1 at the resume, its files kept."""
+    import shutil
+
+    from dopsd_fast.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
+    cks = run / "checkpoints"
+    (cks / "step-0000004" / ".metadata").unlink()  # half-copied
+    data = (cks / "step-0000004" / "__0_0.distcp").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr = _trainer(tmp_path, *_STRAIGHT, "train.checkpoint_every=1", resume="latest")
+        assert tr.step == 3
+        tr.train()
+    assert "moved aside (step-0000004.damaged-1; not deleted)" in caplog.text
+    assert (cks / "step-0000004.damaged-1" / "__0_0.distcp").read_bytes() == data
+    assert [s for s, _ in list_checkpoints(cks)] == [1, 2, 3, 4]  # the resumed run's step 4, written anew
+
+
+def test_a_save_over_a_folder_of_its_step_that_is_not_a_complete_checkpoint_moves_it_aside(tmp_path, caplog):
+    """save_checkpoint removed the run's own folder of the step it writes, complete or not; one that is
+    not a complete checkpoint (no .metadata: skipped on resume, its files someone's to inspect) is moved
+    aside to step-N.damaged-K; another run's still goes to step-N.superseded-K."""
+    from dopsd_fast.checkpoint import RUN_ID_FILE, list_checkpoints, save_checkpoint
+
+    ck, rid = tmp_path / "ck", "aaaaaaaaaaaa"
+    torn = ck / "step-0000002"
+    torn.mkdir(parents=True)
+    (torn / "__0_0.distcp").write_bytes(b"the data")
+    (torn / RUN_ID_FILE).write_text(rid + "\n")
+    emptied = ck / "step-0000003"
+    emptied.mkdir()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        for step in (2, 3):
+            save_checkpoint(ck, step, {"step": step, "w": torch.ones(2)}, keep=5, run_id=rid)
+        save_checkpoint(ck, 3, {"step": 3, "w": torch.ones(2)}, keep=5, run_id=rid)  # its own complete one: replaced
+    assert (ck / "step-0000002.damaged-1" / "__0_0.distcp").read_bytes() == b"the data"
+    assert (ck / "step-0000003.damaged-1").is_dir()
+    assert [s for s, _ in list_checkpoints(ck)] == [2, 3]
+    assert sorted(p.name for p in ck.iterdir()) == ["step-0000002", "step-0000002.damaged-1", "step-0000003",
+                                                    "step-0000003.damaged-1"]
+    assert "step-0000002 is not a complete checkpoint: moved to" in caplog.text
+
+
 def test_the_lora_swap_leaves_a_complete_folder_and_a_crash_between_renames_is_repaired(tmp_path, monkeypatch,
                                                                                         caplog):
     from dopsd_fast import safety
