@@ -481,6 +481,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             if type(None) in get_args(tp):
                 return None
             raise ConfigError(f"config field '{name}': must not be null")
+        if isinstance(value, str) and str in args:  # an optional text: "" is a value (teacher_instruction: none)
+            return value
         errors = []
         for a in args:
             try:

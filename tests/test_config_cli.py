@@ -424,6 +424,14 @@ def test_a_config_nested_past_the_recursion_limit_is_one_line(tmp_path):
         load_config(p)
 
 
+def test_an_optional_text_field_may_be_empty():
+    """The empty-text refusal is for the fields that are never optional: an empty teacher instruction
+    (the teacher without one) stays a value."""
+    cfg = load_config(None, ["model.teacher_instruction=''", "model.gt_instruction=''"])
+    assert cfg.model.teacher_instruction == "" and cfg.model.gt_instruction == ""
+    assert load_config(None, ["model.teacher_instruction=null"]).model.teacher_instruction is None
+
+
 def test_an_alias_bomb_in_the_background_colour_is_one_short_line():
     """data.alpha_background's message printed the value whole (built even for a valid one): a few hundred
     bytes of nested YAML aliases made a line of megabytes, or hung."""

@@ -391,10 +391,12 @@ def test_a_student_prompt_past_the_context_length_is_said_once(caplog):
     L = ad.cfg.student_max_tokens
     long = " ".join(f"word{i}" for i in range(L))
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
-        ad.encode_prompts(["a red circle"])
+        ad.encode_student(["a red circle"])
         assert not caplog.records, caplog.text
-        assert ad.encode_prompts([long, "a red circle"]).shape[1] == L
-        ad.encode_prompts([long])
+        ad.teacher_prompt(long)  # the teacher's own line (its prompt fitted): the student's still to come
+        caplog.clear()
+        assert ad.encode_student([long, "a red circle"])[0].features.shape[0] == L
+        ad.encode_student([long])
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and f"model.student_max_tokens={L}" in said[0] and "'word0 word1" in said[0], said
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import sys
 import warnings
@@ -180,9 +181,9 @@ def float_image_scale(arr: np.ndarray, name: str) -> float:
     lo, hi = float(arr.min()), float(arr.max())
     if -0.5 <= lo and hi <= 1.5:
         return 1.0
-    if -0.5 * 255 <= lo and 16.0 <= hi <= 1.5 * 255:
+    if -0.5 * 255 <= lo and hi <= 1.5 * 255:  # a dark [0, 255] image's brightest pixel may be anywhere past 1.5
         return 255.0
-    raise DataError(f"{name}: a float image with pixels in [{lo:.4g}, {hi:.4g}], neither [0, 1] nor [0, 255]; "
+    raise DataError(f"{name}: a float image with pixels in [{lo:.4g}, {hi:.4g}], neither in [0, 1] nor in [0, 255]; "
                     "save it as an 8- or 16-bit image in the range meant")
 
 
@@ -341,9 +342,7 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                     raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
                                     "save the file as UTF-8") from None
                 try:
-                    row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
-                except _DuplicateKey as e:
-                    raise DataError(f"{where}: field {e} given twice; give it once") from None
+                    row = json.loads(line, object_pairs_hook=_Row.of)
                 except json.JSONDecodeError as e:
                     hint = ("; a JSONL file holds one JSON object per line, not a JSON array (write each row "
                             "on a line of its own)") if first and line.lstrip().startswith("[") else ""
@@ -355,6 +354,8 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
                                     f"{sys.get_int_max_str_digits()} digits") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+                if row.twice:  # the row's own fields (an object inside a field is the row's business)
+                    raise DataError(f"{where}: field {row.twice[0]!r} given twice; give it once")
                 if "target" in row:  # editing rows: {"references": [...], "target": "..."}
                     if image_key in row:
                         raise DataError(f"{where}: both '{image_key}' and 'target' given; use one (the authors' list "
@@ -400,19 +401,17 @@ def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):
             yield where, parse
 
 
-class _DuplicateKey(Exception):
-    pass
+class _Row(dict):
+    """A JSON object with the keys it gave more than once (json keeps the last of a repeated key: a row's
+    first `image` or prompt would be dropped silently)."""
 
+    twice: list
 
-def _no_duplicate_keys(pairs):
-    """A JSON object whose keys are unique (json keeps the last of a repeated key: a row's first `image`
-    or prompt would be dropped silently)."""
-    row = {}
-    for k, v in pairs:
-        if k in row:
-            raise _DuplicateKey(repr(k))
-        row[k] = v
-    return row
+    @classmethod
+    def of(cls, pairs):
+        row, seen = cls(pairs), set()
+        row.twice = [k for k, _ in pairs if k in seen or seen.add(k)]
+        return row
 
 
 def _iter_folder(folder: Path):
@@ -514,12 +513,13 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
 
 
 def _say_outside(records, base: Path, source: str) -> None:
-    """One line when rows read images from outside the data's folder (an absolute path, ``..``, a link that
-    leads out): the user's own index may mean it; a received dataset's rows can name any file they can read."""
-    base = base.resolve()
+    """One line when rows name images outside the data's folder (an absolute path, ``..``): the user's own
+    index may mean it; a received dataset's rows could name any image the user can read. Links are not
+    followed (a hub snapshot's files are links into its blob store)."""
+    base = Path(os.path.abspath(base))
     outside = [(rec.where, p) for rec in records for p in (rec.image_path, *rec.reference_paths)
-               if not Path(p).resolve().is_relative_to(base)]
+               if not Path(os.path.abspath(p)).is_relative_to(base)]
     if outside:
         where, p = outside[0]
-        log.warning("%s: %d image path(s) of its rows lead outside %s (first: %s: %s); fine for your own files; "
-                    "for a dataset you received, check what it reads", source, len(outside), base, where, p)
+        log.info("%s: %d image path(s) of its rows lead outside %s (first: %s: %s); fine for your own files; "
+                 "in a dataset you received, check what it reads", source, len(outside), base, where, p)

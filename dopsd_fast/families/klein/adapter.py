@@ -204,14 +204,15 @@ class KleinAdapter(ModelAdapter):
         return fitted
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], student: bool = False) -> torch.Tensor:
         """The ``Flux2KleinPipeline`` prompt encoding: chat template (generation prompt, thinking
         off), padded to ``model.student_max_tokens``, hidden states of ``text_layers`` stacked ->
         (B, L, 3 * hidden). Padding tokens are kept: klein attends all of them."""
         self.ensure_encoders()
         texts = [self._template(p) for p in prompts]
-        self._say_if_cut("prompt encoding", "model.student_max_tokens", self.cfg.student_max_tokens,
-                         [len(t) for t in self.tokenizer(texts).input_ids], prompts)
+        if student:  # a teacher prompt is fitted to the limit by _fit, which says so itself
+            self._say_if_cut("student context", "model.student_max_tokens", self.cfg.student_max_tokens,
+                             [len(t) for t in self.tokenizer(texts).input_ids], prompts)
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.cfg.student_max_tokens,
                              return_tensors="pt")
         out = self.text_encoder(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device),
@@ -237,7 +238,8 @@ class KleinAdapter(ModelAdapter):
     def encode_student(self, prompts, references=None):
         """Text-only, or (ground-truth-reference editing rows) prompt + the row's reference images."""
         references = references or [[] for _ in prompts]
-        return [Context(f, self._ref_latents(refs)) for f, refs in zip(self.encode_prompts(prompts), references)]
+        features = self.encode_prompts(prompts, student=True)
+        return [Context(f, self._ref_latents(refs)) for f, refs in zip(features, references)]
 
     def encode_teacher(self, prompts, images, references=None):
         """Editing branch (text-to-image rows): prompt + ``teacher_instruction``, the target as the
