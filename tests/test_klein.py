@@ -383,17 +383,19 @@ def test_a_long_teacher_prompt_keeps_its_instruction(caplog):
     assert ad._fit(long, ad.gt_instruction).endswith(ad.gt_instruction)
 
 
-def test_a_student_prompt_past_the_context_length_is_said_once(caplog):
-    """klein pads and cuts every prompt to model.student_max_tokens; a longer one lost its end silently."""
+def test_a_student_prompt_past_the_context_length_is_said_once(caplog, monkeypatch):
+    """klein pads and cuts every prompt to model.student_max_tokens; a longer one lost its end silently. The
+    teacher's prompts (encoded by the same function) do not take the student's one line."""
     import logging
 
     ad = _adapter()
+    monkeypatch.setattr(ad.cfg, "teacher_instruction", "")  # the teacher's prompt is the prompt, not fitted
     L = ad.cfg.student_max_tokens
     long = " ".join(f"word{i}" for i in range(L))
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         ad.encode_student(["a red circle"])
         assert not caplog.records, caplog.text
-        ad.teacher_prompt(long)  # the teacher's own line (its prompt fitted): the student's still to come
+        ad.encode_teacher([long], [torch.rand(3, 64, 64)])  # the student's line still to come
         caplog.clear()
         assert ad.encode_student([long, "a red circle"])[0].features.shape[0] == L
         ad.encode_student([long])
