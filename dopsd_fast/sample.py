@@ -30,7 +30,6 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     is not a plain LoRA's (:func:`_checked_metadata`) are refused in one line naming what the file holds."""
     from diffusers import ZImagePipeline
 
-
     d = Path(lora_dir)
     try:
         weights = file_in_folder(d, LORA_FILE)
@@ -40,6 +39,7 @@ def load_lora_into(transformer, lora_dir: str) -> None:
         raise FileNotFoundError(f"--lora: {d} has no {LORA_FILE}{hint}") from None
     except ValueError as e:
         raise ValueError(f"--lora: {e}") from None
+    alphas = _checked_alpha_tensors(weights)  # before diffusers folds them (a negative one loops it forever)
     try:
         state, meta = ZImagePipeline.lora_state_dict(str(d), weight_name=LORA_FILE, return_lora_metadata=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
@@ -74,6 +74,48 @@ def load_lora_into(transformer, lora_dir: str) -> None:
 
 
 _LORA_KEY = re.compile(r"^(transformer\.)?[\w.]+\.lora_[AB]\.weight$")
+
+
+def _checked_alpha_tensors(weights: Path) -> dict:
+    """The per-module ``<module>.alpha`` tensors of a kohya / ComfyUI-style file (which diffusers folds
+    into the factors as alpha / rank), read from the file before diffusers is: each must be one finite
+    number over 0 whose alpha / rank (the rank of its module's ``lora_A`` / ``lora_down`` factor, else
+    the file's smallest) is within :data:`LORA_MAX_SCALE`; else a ValueError in one line naming the file
+    and tensor (diffusers' conversion loops forever on a negative alpha). Returns {key: alpha}."""
+    from safetensors import safe_open
+
+    ranks, alphas = {}, {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for k in f.keys():
+                if k.endswith((".lora_A.weight", ".lora_down.weight")):
+                    shape = f.get_slice(k).get_shape()
+                    if shape and shape[0] > 0:
+                        ranks[k.rsplit(".", 2)[0]] = shape[0]
+                elif k.endswith(".alpha"):
+                    shape = f.get_slice(k).get_shape()
+                    alphas[k] = f.get_tensor(k) if math.prod(shape) == 1 else tuple(shape)  # no more than one number
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+        raise FileNotFoundError(f"--lora: {weights} does not load as a LoRA for this model ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    smallest = min(ranks.values(), default=None)
+    out = {}
+    for k, t in sorted(alphas.items()):
+        where = f"--lora: {weights}: {k}"
+        if isinstance(t, tuple):
+            raise ValueError(f"{where} has shape {t}, not one number (a module's alpha); refused")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{where} is {str(t.dtype).replace('torch.', '')}, not a number (a module's alpha); "
+                             "refused")
+        alpha = float(t.reshape(()).double())
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"{where} = {alpha:g} is not a positive number (a module's alpha); refused")
+        rank = ranks.get(k.removesuffix(".alpha")) or smallest
+        if rank and alpha / rank > LORA_MAX_SCALE:
+            raise ValueError(f"{where} = {alpha:g} scales the LoRA by {alpha / rank:.3g} (alpha / r, r = {rank}), over "
+                             f"the limit {LORA_MAX_SCALE:g} (damaged or foreign weights); refused")
+        out[k] = alpha
+    return out
 
 
 def _check_factors(weights: Path, state: dict, modules: dict) -> None:

@@ -558,3 +558,56 @@ def test_the_comfyui_export_renamed_to_the_diffusers_name_loads_as_the_same_lora
     for n, d in deltas["native"].items():
         assert d.abs().max() > 0, n
         torch.testing.assert_close(deltas["comfy"][n], d, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _comfy_with_alpha(trained, tmp_path, name, alpha):
+    """dopsd-train's comfyui_lora.safetensors (kohya / ComfyUI style: a ``<module>.alpha`` tensor per module)
+    under the diffusers name, each alpha set to ``alpha`` (a tensor, or a number)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / name
+    folder.mkdir()
+    sd = load_file(str(trained / "lora" / "comfyui_lora.safetensors"))
+    value = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha))
+    save_file({k: (value.clone() if k.endswith(".alpha") else v) for k, v in sd.items()},
+              str(folder / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("alpha, match", [
+    (-16.0, r"\.alpha = -16 is not a positive number"),
+    (0.0, r"\.alpha = 0 is not a positive number"),
+    (float("nan"), r"\.alpha = nan is not a positive number"),
+    (float("inf"), r"\.alpha = inf is not a positive number"),
+    (8000.0, r"\.alpha = 8000 scales the LoRA by 1e\+03 \(alpha / r, r = 8\), over the limit 256"),
+    (torch.ones(2), r"\.alpha has shape \(2,\), not one number"),
+], ids=["negative", "zero", "nan", "inf", "over-the-limit", "not-one-number"])
+def test_sample_refuses_lora_alpha_tensors_before_diffusers_reads_them(trained, tmp_path, monkeypatch, alpha, match):
+    """A kohya / ComfyUI-style file's ``<module>.alpha`` tensors are folded into the factors by diffusers'
+    lora_state_dict: a negative one looped it forever (100 % CPU, no output), and alpha / rank 1000 loaded
+    a 500x LoRA silently (the metadata's lora_alpha has a limit, this route had none). Refused in one line
+    naming the file and tensor, before diffusers reads the file."""
+    from diffusers import ZImagePipeline
+
+    folder = _comfy_with_alpha(trained, tmp_path, "alpha", alpha)
+
+    def read(*a, **k):
+        raise AssertionError("diffusers read the file before its .alpha tensors were checked")
+
+    monkeypatch.setattr(ZImagePipeline, "lora_state_dict", read)
+    with pytest.raises(SystemExit, match=r"error: --lora: .*pytorch_lora_weights\.safetensors: transformer\.\S+"
+                                         + match) as e:
+        _sample(folder, tmp_path)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_lora_alpha_tensors_within_the_limit_load(trained, tmp_path):
+    """A file's alpha / rank up to the limit loads (dopsd-train's own export: alpha 16, rank 8)."""
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    folder = _comfy_with_alpha(trained, tmp_path, "at-limit", 256 * 8)
+    load_lora_into(build_adapter(load_config("tiny-zimage").model).transformer, str(folder))
+
+
