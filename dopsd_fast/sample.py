@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -20,6 +21,8 @@ from dopsd_fast.export import LORA_FILE, check_lora_weights
 from dopsd_fast.families import FAMILIES, build_adapter, family
 from dopsd_fast.safety import file_in_folder
 from dopsd_fast.validation import save_grid
+
+log = logging.getLogger(__name__)
 
 
 def load_lora_into(transformer, lora_dir: str) -> None:
@@ -338,6 +341,43 @@ def _check_shard_index(d: Path) -> None:
                 raise ValueError(f"--transformer: {index} names the shard {shard!r}: {e}") from None
 
 
+# a transformer's weights as diffusers reads them (safetensors' dtype names); the LoRA loader takes the same
+WEIGHT_DTYPES = ("F32", "BF16", "F16", "F64")
+
+
+def _check_weight_dtypes(d: Path, weights: list, names: set) -> None:
+    """The weight files diffusers reads from the folder ``d`` (the shards its index files name, else
+    ``diffusion_pytorch_model.safetensors``, else every ``.safetensors`` of ``weights``): each tensor's
+    dtype, from the file's header before anything is loaded, one of :data:`WEIGHT_DTYPES` (diffusers
+    casts integer, bool and fp8 tensors to the model's dtype without a word); else a ValueError in one
+    line naming the file and tensor. Tensors the model lacks (``names``) are said in a warning."""
+    from safetensors import safe_open
+
+    read = {shard for index in d.glob("*.index.json")
+            for shard in (_small_json(d / index.name, "--transformer", 64 << 20).get("weight_map") or {}).values()}
+    if not read and (d / "diffusion_pytorch_model.safetensors").is_file():
+        read = {"diffusion_pytorch_model.safetensors"}
+    read = sorted(read) or sorted(w.name for w in weights)
+    extra = []
+    for name in read:
+        path = d / name
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+            raise ValueError(f"--transformer: {path} does not read as a safetensors file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        bad = next(((k, t) for k, t in sorted(dtypes.items()) if t not in WEIGHT_DTYPES), None)
+        if bad is not None:
+            raise ValueError(f"--transformer: {path}: {bad[0]} is {bad[1]}; a transformer's weights are "
+                             f"{' / '.join(WEIGHT_DTYPES)} (integer, bool and fp8 files are another model's format, "
+                             "which would be cast without a word); refused")
+        extra += sorted(set(dtypes) - names)
+    if extra:
+        log.warning("--transformer: %s holds %d tensor(s) this model has not (%s%s); they are not loaded", d,
+                    len(extra), ", ".join(extra[:3]), ", ..." if len(extra) > 3 else "")
+
+
 def load_transformer(adapter, folder: str) -> None:
     """A fully fine-tuned transformer (``dopsd-train``'s ``transformer/`` or ``transformer_ema/``, or any
     diffusers folder of the family's class) in place of the model's own. The folder is untrusted input:
@@ -351,6 +391,7 @@ def load_transformer(adapter, folder: str) -> None:
     for w in weights + [d / "config.json"]:
         file_in_folder(d, w.name)
     _check_shard_index(d)
+    _check_weight_dtypes(d, weights, set(adapter.transformer.state_dict()))
 
     def plain(c):  # tuples and lists alike (a config read back from JSON)
         return json.loads(json.dumps({k: v for k, v in dict(c).items() if not k.startswith("_")}, default=str))

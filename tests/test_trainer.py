@@ -490,3 +490,58 @@ def test_full_fine_tuning_exports_loadable_transformers(tmp_path):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(cls, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("built before the comparison")))
             refused(d, r"is another model than the config's \(its config differs in: dim\)")
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.int32, "I32"), (torch.bool, "BOOL"), (torch.float8_e4m3fn, "F8_E4M3"),
+                                         (torch.float64, None)], ids=["int32", "bool", "fp8", "float64-taken"])
+def test_sample_transformer_refuses_weights_that_are_not_floating_point(tmp_path, monkeypatch, dtype, name):
+    """``--transformer`` with integer, bool or fp8 weights loaded and sampled silently (diffusers cast them
+    to the model's dtype); refused from the files' headers before from_pretrained, as the LoRA loader
+    refuses them. F64 (F32 / BF16 / F16) is taken."""
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.cli import sample_main
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+
+    tr = build_adapter(load_config("tiny-zimage").model, load_encoders=False).transformer
+    d = tmp_path / "transformer"
+    tr.save_pretrained(str(d))
+    path = d / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    key = sorted(sd)[0]
+    sd[key] = sd[key].to(dtype)
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+    def reached(*a, **k):
+        raise RuntimeError("reached from_pretrained")
+
+    monkeypatch.setattr(type(tr), "from_pretrained", reached)
+    args = ["--config", "tiny-zimage", "--transformer", str(d), "--prompt", "x", "--out", str(tmp_path / "s.png")]
+    if name is None:
+        with pytest.raises(SystemExit, match=r"does not load as a ZImageTransformer2DModel \(RuntimeError: reached "
+                                             r"from_pretrained\)"):
+            sample_main(args)
+        return
+    with pytest.raises(SystemExit, match=rf"^error: --transformer: {path}: {key} is {name}; a transformer's weights "
+                                         r"are F32 / BF16 / F16 / F64 .*; refused$") as e:
+        sample_main(args)
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_sample_transformer_names_tensors_the_model_lacks(tmp_path, caplog):
+    """A tensor the model has not (diffusers skips it without a word) is named in a warning."""
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_transformer
+
+    adapter = build_adapter(load_config("tiny-zimage").model, load_encoders=False)
+    d = tmp_path / "transformer"
+    adapter.transformer.save_pretrained(str(d))
+    path = d / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(str(path)), "evil.weight": torch.ones(3)}, str(path), metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="dopsd_fast"):
+        load_transformer(adapter, str(d))
+    assert any("holds 1 tensor(s) this model has not (evil.weight)" in r.getMessage() for r in caplog.records)
