@@ -398,6 +398,8 @@ def sample_main(argv=None) -> int:
         except ConfigError as e:
             sys.exit("error: --schedule: " + str(e).removeprefix("config field 'validation.schedule': "))
 
+    if args.lora and Path(args.lora).is_file():
+        sys.exit(f"error: --lora {args.lora} is a file: give its folder (--lora {Path(args.lora).parent})")
     if args.lora and not Path(args.lora).is_dir():
         sys.exit(f"error: --lora {args.lora}: no such directory (expected a LoRA folder written by dopsd-train, "
                  "e.g. runs/<name>/lora)")

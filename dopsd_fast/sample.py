@@ -17,7 +17,7 @@ from dopsd_fast.algorithm import euler_sample
 from dopsd_fast.config import LORA_MAX_SCALE
 from dopsd_fast.data import dataset as _data
 from dopsd_fast.data.buckets import assign_bucket, make_buckets, nearest_aspect
-from dopsd_fast.export import LORA_FILE, check_lora_weights
+from dopsd_fast.export import COMFYUI_FILE, LORA_FILE, check_lora_weights
 from dopsd_fast.families import FAMILIES, build_adapter, family
 from dopsd_fast.safety import file_in_folder
 from dopsd_fast.validation import save_grid
@@ -29,8 +29,11 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     """Load a LoRA written by ``dopsd-train`` (diffusers format) as the active adapter. The folder is
     untrusted input: its weights file must be a file in it; weights that are not finite or of an absurd
     magnitude, a file whose LoRA weights match no module of this model (or only some), tensors that are
-    not LoRA factors, a module without both factors or with factors of other shapes, and metadata that
-    is not a plain LoRA's (:func:`_checked_metadata`) are refused in one line naming what the file holds."""
+    not LoRA factors, a module without both factors or with factors of other shapes, per-module
+    ``.alpha`` tensors that are not positive numbers within the scale limit (:func:`_checked_alpha_tensors`,
+    before diffusers reads the file) and metadata that is not a plain LoRA's (:func:`_checked_metadata`)
+    are refused in one line naming what the file holds; a file without metadata (loaded at alpha = rank)
+    is said in a warning."""
     from diffusers import ZImagePipeline
 
     d = Path(lora_dir)
@@ -39,6 +42,11 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     except FileNotFoundError:
         full = next((d / n for n in ("transformer", "../transformer") if (d / n / "config.json").is_file()), None)
         hint = f" (a full fine-tuning run's weights: --transformer {full.resolve()})" if full is not None else ""
+        if (d / "lora" / LORA_FILE).is_file():  # the run's folder given: its LoRA is in lora/
+            hint = f" (a run's folder: its LoRA is --lora {d / 'lora'})"
+        elif (d / COMFYUI_FILE).is_file():
+            hint = (f" (it holds {COMFYUI_FILE}, the LoRA for ComfyUI: copy it to {d / LORA_FILE} to sample it "
+                    "here)")
         raise FileNotFoundError(f"--lora: {d} has no {LORA_FILE}{hint}") from None
     except ValueError as e:
         raise ValueError(f"--lora: {e}") from None
@@ -68,6 +76,10 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     _refuse_unmatched(weights, wanted, set(modules))
     _check_factors(weights, state, modules)
     meta = _checked_metadata(weights, meta, {t.shape[0] for k, t in state.items() if ".lora_A." in k})
+    if meta is None and not alphas:  # diffusers then loads it at alpha = rank (scale 1), whatever it was trained at
+        log.warning("--lora: %s has no lora_adapter_metadata (its alpha): its strength is taken as alpha = rank "
+                    "(scale 1); a LoRA trained at another alpha samples at another strength (--lora-scale sets it)",
+                    weights)
     try:
         ZImagePipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name="lora", metadata=meta)
     except Exception as e:  # noqa: BLE001 - a foreign file: one line naming it

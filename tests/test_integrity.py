@@ -11,7 +11,9 @@ format load through the safe path; an EXIF-rotated portrait photo gets a portrai
 import io
 import json
 import logging
+import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -609,5 +611,51 @@ def test_lora_alpha_tensors_within_the_limit_load(trained, tmp_path):
 
     folder = _comfy_with_alpha(trained, tmp_path, "at-limit", 256 * 8)
     load_lora_into(build_adapter(load_config("tiny-zimage").model).transformer, str(folder))
+
+
+def test_sample_lora_hints_a_file_a_run_folder_and_a_comfyui_only_folder(trained, tmp_path):
+    """``--lora <the weights file>`` said "no such directory" of a file that exists; ``--lora <run folder>``
+    and a folder holding only the ComfyUI file said only that the folder lacks the weights file."""
+    weights = trained / "lora" / "pytorch_lora_weights.safetensors"
+    with pytest.raises(SystemExit, match=rf"error: --lora {re.escape(str(weights))} is a file: give its folder "
+                                         rf"\(--lora {re.escape(str(trained / 'lora'))}\)$"):
+        _sample(weights, tmp_path)
+    with pytest.raises(SystemExit, match=rf"has no pytorch_lora_weights\.safetensors \(a run's folder: its LoRA is "
+                                         rf"--lora {re.escape(str(trained / 'lora'))}\)$"):
+        _sample(trained, tmp_path)
+    comfy = tmp_path / "comfy-only"
+    comfy.mkdir()
+    shutil.copy(trained / "lora" / "comfyui_lora.safetensors", comfy)
+    with pytest.raises(SystemExit, match=r"has no pytorch_lora_weights\.safetensors \(it holds comfyui_lora\.safetensors"
+                                         rf", the LoRA for ComfyUI: copy it to {re.escape(str(comfy))}/pytorch_lora_"):
+        _sample(comfy, tmp_path)
+
+
+def test_a_lora_without_its_metadata_is_said_to_load_at_alpha_equal_rank(trained, tmp_path, caplog):
+    """Without ``lora_adapter_metadata`` diffusers loads a LoRA at alpha = rank: dopsd-train's own export
+    (alpha 16, rank 8) sampled at half its strength without a word. A warning says so (not for the file
+    with its metadata, nor for a ComfyUI-style file, whose .alpha tensors give the strength)."""
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    bare = tmp_path / "no-metadata"
+    bare.mkdir()
+    save_file(load_file(str(trained / "lora" / "pytorch_lora_weights.safetensors")),
+              str(bare / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    shutil.copy(trained / "lora" / "comfyui_lora.safetensors", comfy / "pytorch_lora_weights.safetensors")
+    said = {}
+    for name, lora in (("native", trained / "lora"), ("bare", bare), ("comfy", comfy)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+            load_lora_into(build_adapter(load_config("tiny-zimage").model).transformer, str(lora))
+        said[name] = [r.getMessage() for r in caplog.records if "lora_adapter_metadata" in r.getMessage()]
+    assert not said["native"] and not said["comfy"], said
+    assert len(said["bare"]) == 1 and "its strength is taken as alpha = rank" in said["bare"][0], said
+    assert "\n" not in said["bare"][0]
 
 
