@@ -19,7 +19,7 @@ from dopsd_fast.cache import CacheError, FeatureCache, kinds_of, needed_entries
 from dopsd_fast.config import ConfigError, load_config
 from dopsd_fast.data import DataError, build_dataset
 from dopsd_fast.families import build_adapter
-from dopsd_fast.safety import DivergenceError, Terminated
+from dopsd_fast.safety import DivergenceError, Terminated, file_write_problem
 
 # the run's output folder once the config is read: where a failure's full traceback is kept
 _RUN_DIR: list[Path] = []
@@ -367,6 +367,9 @@ def sample_main(argv=None) -> int:
         sys.exit(f"error: --out {args.out}: give an image file name ending in .png, .jpg or .webp")
     if Path(args.out).is_dir():
         sys.exit(f"error: --out {args.out} is a folder; give an image file name (e.g. {Path(args.out) / 'samples.png'})")
+    why = file_write_problem(args.out)  # before the model is read and sampled
+    if why:
+        sys.exit(f"error: --out {args.out}: {why}")
     for flag, v in (("--width", args.width), ("--height", args.height), ("--steps", args.steps)):
         if v is not None and v < 1:
             sys.exit(f"error: {flag} {v}: must be at least 1 (leave it out for the default)")

@@ -163,6 +163,38 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def why_not_written(e: OSError) -> str:
+    """An OS error of a write, in plain words (no errno number, no file name)."""
+    words = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+             errno.EROFS: "a read-only file system", errno.ENOSPC: "the disk is full",
+             errno.EDQUOT: "the disk quota is used up", errno.ENOENT: "the folder takes no new files",
+             errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EFBIG: "over the file-size limit"}
+    return words.get(e.errno) or (e.strerror or str(e) or type(e).__name__).lower()
+
+
+def file_write_problem(path) -> str | None:
+    """Why a file could not be written at ``path`` (its folder part, created as ``atomic_write`` does):
+    a part of it is a file, or the nearest existing folder takes no new file (tried with a hidden
+    temporary file, removed at once); None when it can. Nothing is created."""
+    import tempfile
+
+    path = Path(path)
+    folder = path.parent
+    while not folder.is_dir():  # the nearest existing folder: where the first new folder (or the file) is made
+        if folder.exists() or folder.is_symlink():
+            return f"{folder} is a file, not a folder" if folder.is_file() else f"{folder} is not a folder"
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".dopsd-write-check-")
+    except OSError as e:
+        return f"cannot write in {folder} ({why_not_written(e)})"
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap the paths ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
     the system or the filesystem cannot."""

@@ -19,7 +19,7 @@ from dopsd_fast.data import dataset as _data
 from dopsd_fast.data.buckets import assign_bucket, make_buckets, nearest_aspect
 from dopsd_fast.export import COMFYUI_FILE, LORA_FILE, check_lora_weights
 from dopsd_fast.families import FAMILIES, build_adapter, family
-from dopsd_fast.safety import file_in_folder
+from dopsd_fast.safety import file_in_folder, why_not_written
 from dopsd_fast.validation import save_grid
 
 log = logging.getLogger(__name__)
@@ -482,4 +482,7 @@ def generate(cfg, prompts, lora=None, width=None, height=None, steps=None, seed=
     label = "lora" if lora else "fine-tuned" if transformer else "base"
     labels = [f"{label} x{s:g}" for s in scales] if lora and lora_scales else [label]
     headers = [f"reference {k + 1}" for k in range(len(refs))] + labels
-    return save_grid(rows, headers, out, title=f"{n_steps} steps" + (f", {len(refs)} reference(s)" if refs else ""))
+    try:
+        return save_grid(rows, headers, out, title=f"{n_steps} steps" + (f", {len(refs)} reference(s)" if refs else ""))
+    except OSError as e:  # not the writer's hidden temporary file nor an errno: --out and the cause
+        raise ValueError(f"--out {out}: cannot write it ({why_not_written(e)})") from None

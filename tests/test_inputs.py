@@ -177,6 +177,40 @@ def test_dopsd_sample_flags_out_of_range_are_one_line(tmp_path, args, match):
     assert not (tmp_path / "s.png").exists()
 
 
+def test_dopsd_sample_out_is_checked_before_the_model_is_read(tmp_path, monkeypatch):
+    """``--out`` whose folder part is a file, or a folder that takes no file, ended after the model was
+    read and sampled, in an errno line naming the writer's hidden temporary file (or "File exists" of the
+    folder part). Now one line naming --out and the cause, before anything is loaded; a write that fails
+    later (a full disk) names --out too."""
+    import errno
+    from pathlib import Path
+
+    import dopsd_fast.sample as S
+    from dopsd_fast.cli import sample_main
+
+    (tmp_path / "base.png").write_bytes(b"not a folder")
+    loaded = []
+    real = S.build_adapter
+    monkeypatch.setattr(S, "build_adapter", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    common = ["--config", "tiny-zimage", "--prompt", "a cat", "--steps", "1"]
+    for out, match in ((tmp_path / "base.png" / "x.png", rf"{re.escape(str(tmp_path / 'base.png'))} is a file, not a "
+                                                         r"folder$"),
+                       (tmp_path / "base.png" / "new" / "x.png", r".*/base\.png is a file, not a folder$"),
+                       ("/proc/x.png", r"cannot write in /proc \(the folder takes no new files\)$")):
+        with pytest.raises(SystemExit, match=rf"^error: --out {re.escape(str(out))}: {match}") as e:
+            sample_main([*common, "--out", str(out)])
+        assert ".tmp-" not in str(e.value) and "Errno" not in str(e.value)
+    assert not loaded
+
+    def full_disk(rows, headers, path, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(path).parent / ".s.tmp-1.png"))
+
+    monkeypatch.setattr(S, "save_grid", full_disk)
+    out = tmp_path / "fine" / "s.png"
+    with pytest.raises(SystemExit, match=rf"^error: --out {re.escape(str(out))}: cannot write it \(the disk is full\)$"):
+        sample_main([*common, "--out", str(out)])
+
+
 def test_dopsd_sample_lora_scales_are_columns_from_the_same_noise(tmp_path):
     """``--lora-scale 0 --lora-scale 1``: two columns from the same noise; strength 0 is the model without
     the LoRA, 1 the LoRA as loaded by default."""
