@@ -384,7 +384,7 @@ def sample_main(argv=None) -> int:
         sys.exit("error: --schedule names the sigmas and so the steps: leave --steps out")
     _setup_logging()
     cfg = _load(args)
-    from dopsd_fast.sample import generate
+    from dopsd_fast.sample import LoraMismatchError, generate
 
     schedule = cfg.validation.schedule if args.steps is None else None
     if args.schedule is not None:
@@ -410,6 +410,14 @@ def sample_main(argv=None) -> int:
         path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
                         seed=args.seed, out=args.out, transformer=args.transformer, references=args.reference,
                         lora_scales=args.lora_scale, schedule=schedule)
+    except LoraMismatchError as e:
+        hint = ""
+        if args.config is None:  # the default recipe's model, not the one the LoRA was trained on
+            run_cfg = os.path.normpath(os.path.join(args.lora, "..", "config.yaml"))
+            hint = (f"; it was read with the default config ({DEFAULT_RECIPE}): "
+                    + (f"give the run's own, --config {run_cfg}" if Path(run_cfg).is_file()
+                       else "give the --config of the run that trained it"))
+        sys.exit(f"error: {e}{hint}")
     except (FileNotFoundError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     logging.getLogger("dopsd_fast").info("wrote %s", path)

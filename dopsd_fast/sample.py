@@ -91,6 +91,11 @@ def load_lora_into(transformer, lora_dir: str) -> None:
 _LORA_KEY = re.compile(r"^(transformer\.)?[\w.]+\.lora_[AB]\.weight$")
 
 
+class LoraMismatchError(ValueError):
+    """A LoRA whose modules or factor shapes are not this model's (a LoRA for another model, or for this
+    family sampled with another config)."""
+
+
 def _checked_alpha_tensors(weights: Path) -> dict:
     """The per-module ``<module>.alpha`` tensors of a kohya / ComfyUI-style file (which diffusers folds
     into the factors as alpha / rank), read from the file before diffusers is: each must be one finite
@@ -149,7 +154,7 @@ def _check_factors(weights: Path, state: dict, modules: dict) -> None:
         want_in, want_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
         if (a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.shape[0]
                 or (want_in is not None and a.shape[1] != want_in) or (want_out is not None and b.shape[0] != want_out)):
-            raise ValueError(f"--lora: {weights}: module {m} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+            raise LoraMismatchError(f"--lora: {weights}: module {m} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                              f"this model's {m} needs (r, {want_in}) and ({want_out}, r) (a LoRA for another model?)")
 
 
@@ -209,7 +214,7 @@ def _checked_metadata(weights: Path, meta, ranks: set):
 def _refuse_unmatched(weights: Path, wanted: set, present: set) -> None:
     missing = sorted(wanted - present)
     if missing:
-        raise ValueError(f"--lora: {weights}: {len(missing)} of its {len(wanted)} LoRA modules match no module of this "
+        raise LoraMismatchError(f"--lora: {weights}: {len(missing)} of its {len(wanted)} LoRA modules match no module of this "
                          f"model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); a LoRA for another "
                          "model?")
 

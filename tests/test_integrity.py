@@ -659,3 +659,22 @@ def test_a_lora_without_its_metadata_is_said_to_load_at_alpha_equal_rank(trained
     assert "\n" not in said["bare"][0]
 
 
+def test_a_lora_for_another_model_hints_the_runs_config_when_none_was_given(trained, tmp_path):
+    """A LoRA sampled without ``--config`` is read with the default recipe's model: "a LoRA for another
+    model?" did not say so. It names the default and the run's own config.yaml beside the LoRA folder
+    (or, without one, asks for the run's --config); with --config given, nothing is added."""
+    from dopsd_fast.cli import DEFAULT_RECIPE, sample_main
+
+    common = ["--prompt", "a cat", "--steps", "1", "--out", str(tmp_path / "s.png")]
+    run_cfg = os.path.normpath(os.path.join(str(trained / "lora"), "..", "config.yaml"))
+    assert Path(run_cfg).is_file()
+    with pytest.raises(SystemExit, match=rf"\(a LoRA for another model\?\); it was read with the default config "
+                                         rf"\({DEFAULT_RECIPE}\): give the run's own, --config {re.escape(run_cfg)}$"):
+        sample_main(["--lora", str(trained / "lora"), *common])
+    alone = tmp_path / "alone" / "lora"
+    shutil.copytree(trained / "lora", alone)
+    with pytest.raises(SystemExit, match=rf"\(a LoRA for another model\?\); it was read with the default config "
+                                         rf"\({DEFAULT_RECIPE}\): give the --config of the run that trained it$"):
+        sample_main(["--lora", str(alone), *common])
+    with pytest.raises(SystemExit, match=r"\(a LoRA for another model\?\)$"):
+        sample_main(["--config", DEFAULT_RECIPE, "--lora", str(alone), *common])
