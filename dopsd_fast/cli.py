@@ -19,6 +19,7 @@ from dopsd_fast.cache import CacheError, FeatureCache, kinds_of, needed_entries
 from dopsd_fast.config import ConfigError, load_config
 from dopsd_fast.data import DataError, build_dataset
 from dopsd_fast.families import build_adapter
+from dopsd_fast.data.dataset import MAX_PROMPT_CHARS
 from dopsd_fast.safety import DivergenceError, Terminated, file_write_problem
 
 # the run's output folder once the config is read: where a failure's full traceback is kept
@@ -370,6 +371,10 @@ def sample_main(argv=None) -> int:
     why = file_write_problem(args.out)  # before the model is read and sampled
     if why:
         sys.exit(f"error: --out {args.out}: {why}")
+    long = next((p for p in args.prompt if len(p) > MAX_PROMPT_CHARS), None)
+    if long is not None:
+        sys.exit(f"error: --prompt: a prompt {len(long)} characters long, over {MAX_PROMPT_CHARS}, far more than the "
+                 "encoders read (the data's captions have the same limit)")
     for flag, v in (("--width", args.width), ("--height", args.height), ("--steps", args.steps)):
         if v is not None and v < 1:
             sys.exit(f"error: {flag} {v}: must be at least 1 (leave it out for the default)")

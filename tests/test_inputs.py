@@ -211,6 +211,19 @@ def test_dopsd_sample_out_is_checked_before_the_model_is_read(tmp_path, monkeypa
         sample_main([*common, "--out", str(out)])
 
 
+def test_dopsd_sample_refuses_a_prompt_over_the_datas_limit(tmp_path):
+    """The data refuses a caption over MAX_PROMPT_CHARS; --prompt took any length (a 20k-character prompt
+    drew a grid 10 000 px tall)."""
+    from dopsd_fast.cli import sample_main
+    from dopsd_fast.data.dataset import MAX_PROMPT_CHARS
+
+    long = "a cat " * (MAX_PROMPT_CHARS // 6 + 1)
+    with pytest.raises(SystemExit, match=rf"^error: --prompt: a prompt {len(long)} characters long, over "
+                                         rf"{MAX_PROMPT_CHARS}"):
+        sample_main(["--config", "tiny-zimage", "--prompt", "a dog", "--prompt", long, "--out", str(tmp_path / "s.png")])
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_dopsd_sample_lora_scales_are_columns_from_the_same_noise(tmp_path):
     """``--lora-scale 0 --lora-scale 1``: two columns from the same noise; strength 0 is the model without
     the LoRA, 1 the LoRA as loaded by default."""

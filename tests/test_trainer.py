@@ -351,6 +351,36 @@ def test_grid_captions_are_shown_in_full():
     assert long[0] == short[0] and long[1] >= short[1] + 11 * (len(lines) - 2)
 
 
+def test_grid_captions_past_a_few_lines_are_cut_with_an_ellipsis():
+    """A 20 000-character prompt drew a grid 10 000 px tall (every line of its caption); a caption is
+    cut at MAX_CAPTION_LINES lines, its last ending in "…" within the grid's width, quickly (a word
+    of 20 000 characters too)."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from PIL import Image, ImageDraw
+
+    from dopsd_fast.validation import MAX_CAPTION_LINES, cap_lines, save_grid, wrap_text
+
+    img = [torch.rand(3, 64, 64)]
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    long = "a large yellow diamond on a [V] background " * 500
+    lines = cap_lines(d, wrap_text(d, long, 128, MAX_CAPTION_LINES), 128)
+    assert len(lines) == MAX_CAPTION_LINES and lines[-1].endswith("…") and d.textlength(lines[-1]) <= 128
+    assert " ".join(lines[:-1]) == " ".join(long.split())[:len(" ".join(lines[:-1]))]  # the start, in order
+    short = "a large yellow diamond"
+    assert cap_lines(d, wrap_text(d, short, 128), 128) == [short]
+    with tempfile.TemporaryDirectory() as t:
+        one = Image.open(save_grid([("a dog", img)], ["base"], Path(t) / "a.png")).size
+        start = time.monotonic()
+        sizes = [Image.open(save_grid([(cap, img)], ["base"], Path(t) / "b.png")).size for cap in (long, "x" * 20000)]
+        took = time.monotonic() - start
+    for size in sizes:
+        assert size[0] == one[0] and size[1] == one[1] - 28 + 6 + 11 * MAX_CAPTION_LINES, (size, one)
+    assert took < 20, took
+
+
 def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
     """With the bar shown and console logging set up (the CLI's basicConfig), a warning during training
     is written on its own line above the bar (tqdm.write), not appended to the bar's line. The console
