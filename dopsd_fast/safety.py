@@ -169,13 +169,14 @@ def why_not_written(e: OSError) -> str:
              errno.EROFS: "a read-only file system", errno.ENOSPC: "the disk is full",
              errno.EDQUOT: "the disk quota is used up", errno.ENOENT: "the folder takes no new files",
              errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EFBIG: "over the file-size limit"}
-    return words.get(e.errno) or (e.strerror or str(e) or type(e).__name__).lower()
+    said = words.get(e.errno) or e.strerror or str(e) or type(e).__name__
+    return said[:1].lower() + said[1:]  # within a sentence; a path in it kept as it is
 
 
 def file_write_problem(path) -> str | None:
     """Why a file could not be written at ``path`` (its folder part, created as ``atomic_write`` does):
     a part of it is a file, or the nearest existing folder takes no new file (tried with a hidden
-    temporary file, removed at once); None when it can. Nothing is created."""
+    temporary file, removed at once); None when it can. No folder is created."""
     import tempfile
 
     path = Path(path)
