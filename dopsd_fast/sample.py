@@ -154,8 +154,9 @@ def _check_factors(weights: Path, state: dict, modules: dict) -> None:
         want_in, want_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
         if (a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.shape[0]
                 or (want_in is not None and a.shape[1] != want_in) or (want_out is not None and b.shape[0] != want_out)):
-            raise LoraMismatchError(f"--lora: {weights}: module {m} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                             f"this model's {m} needs (r, {want_in}) and ({want_out}, r) (a LoRA for another model?)")
+            raise LoraMismatchError(f"--lora: {weights}: module {m} has lora_A {tuple(a.shape)} and lora_B "
+                                    f"{tuple(b.shape)}; this model's {m} needs (r, {want_in}) and ({want_out}, r) (a "
+                                    "LoRA for another model?)")
 
 
 def _checked_metadata(weights: Path, meta, ranks: set):
@@ -214,9 +215,9 @@ def _checked_metadata(weights: Path, meta, ranks: set):
 def _refuse_unmatched(weights: Path, wanted: set, present: set) -> None:
     missing = sorted(wanted - present)
     if missing:
-        raise LoraMismatchError(f"--lora: {weights}: {len(missing)} of its {len(wanted)} LoRA modules match no module of this "
-                         f"model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); a LoRA for another "
-                         "model?")
+        raise LoraMismatchError(f"--lora: {weights}: {len(missing)} of its {len(wanted)} LoRA modules match no module "
+                                f"of this model ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); a LoRA "
+                                "for another model?")
 
 
 def _lora_modules(state: dict) -> set:
@@ -406,7 +407,10 @@ def load_transformer(adapter, folder: str) -> None:
         raise FileNotFoundError(f"--transformer: {d} is not a transformer folder (config.json and a .safetensors "
                                 f"file, as dopsd-train writes transformer/ and transformer_ema/){hint}")
     for w in weights + [d / "config.json"]:
-        file_in_folder(d, w.name)
+        try:
+            file_in_folder(d, w.name)
+        except ValueError as e:  # a link leading out of the folder: named as every --transformer problem is
+            raise ValueError(f"--transformer: {e}") from None
     _check_shard_index(d)
     _check_weight_dtypes(d, weights, set(adapter.transformer.state_dict()))
 

@@ -39,7 +39,7 @@ def wrap_text(draw: ImageDraw.ImageDraw, text: str, width: int, max_lines: int |
     return lines or [""]
 
 
-MAX_CAPTION_LINES = 6  # a grid's caption past it is cut, its last line ending in "…" (a long prompt is not a tall grid)
+MAX_CAPTION_LINES = 24  # a caption past it is cut, its last line ending in "…" (a pasted novel is no 10000 px grid)
 
 
 def cap_lines(draw: ImageDraw.ImageDraw, lines: list[str], width: int, most: int = MAX_CAPTION_LINES) -> list[str]:
@@ -66,7 +66,8 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
     ncol = max(len(ims) for _, ims, _ in rows)
     W = pad + ncol * (cell_w + pad)
     d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    captions = [cap_lines(d, wrap_text(d, caption, W - 2 * pad, MAX_CAPTION_LINES), W - 2 * pad) for caption, _, _ in rows]
+    captions = [cap_lines(d, wrap_text(d, caption, W - 2 * pad, MAX_CAPTION_LINES), W - 2 * pad)
+                for caption, _, _ in rows]
     cap_h = [max(28, 6 + line_h * len(lines)) for lines in captions]
     H = head + pad + sum(cell_h + c + pad for c in cap_h)
     canvas = Image.new("RGB", (W, max(H, head + pad)), (255, 255, 255))

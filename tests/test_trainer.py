@@ -575,3 +575,15 @@ def test_sample_transformer_names_tensors_the_model_lacks(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dopsd_fast"):
         load_transformer(adapter, str(d))
     assert any("holds 1 tensor(s) this model has not (evil.weight)" in r.getMessage() for r in caplog.records)
+
+
+def test_sample_transformer_names_itself_for_a_file_linked_from_elsewhere(tmp_path):
+    from dopsd_fast.sample import load_transformer
+
+    d = tmp_path / "transformer"
+    d.mkdir()
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (d / "config.json").symlink_to(tmp_path / "elsewhere.json")
+    (d / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^--transformer: .*config\.json leads outside"):
+        load_transformer(None, str(d))
