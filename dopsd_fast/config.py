@@ -754,8 +754,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
         if not data:  # the fields' own defaults are no run (the built-in tiny data at 1024-pixel buckets)
-            raise ConfigError(f"config file {p} holds no settings; start from a shipped recipe (e.g. --config "
-                              f"tiny-zimage; all: {', '.join(sorted(shipped_configs()))}) or copy one and edit it")
+            raise ConfigError(f"config file {p} holds no settings; start from a shipped recipe (--config NAME: "
+                              f"{', '.join(sorted(shipped_configs()))}) or copy one and edit it")
     over = parse_overrides(overrides)
     given = over.get("data", {}) if isinstance(over.get("data"), dict) else {}
     sources = ("builtin", "jsonl", "folder")
