@@ -60,8 +60,8 @@ def resolve_schedule(schedule: str | Sequence[float]) -> list[float]:
         values = list(NAMED_SCHEDULES[schedule])
     else:
         bad = [s for s in schedule if isinstance(s, bool) or not isinstance(s, (int, float, str))]
-        if bad:  # a nested list, null or mapping: float() would raise a TypeError that names no field
-            raise ValueError(f"a roll-out schedule is a list of numbers (sigmas), got an entry {reprlib.repr(bad[0])}")
+        if bad:  # a nested list, null or mapping: the caller names its field (float()'s own error named none)
+            raise TypeError(f"a roll-out schedule is a list of numbers (sigmas), got an entry {reprlib.repr(bad[0])}")
         values = [float(s) for s in schedule]
     if len(values) < 2:
         raise ValueError(f"a roll-out schedule needs at least 2 values (K >= 1), got {values}")

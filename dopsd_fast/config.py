@@ -158,7 +158,7 @@ class DopsdConfig:
             return  # a name: the model family knows its schedules (RunConfig validates it against the family)
         try:
             resolve_schedule(self.rollout)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ConfigError(f"config field 'dopsd.rollout': {e}") from None
 
 
@@ -305,7 +305,7 @@ class ValidationConfig:
         if isinstance(self.schedule, list):
             try:
                 resolve_schedule(self.schedule)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise ConfigError(f"config field 'validation.schedule': {e}") from None
         _check(self.schedule is None or isinstance(self.schedule, (str, list)), "validation.schedule",
                f"must be null, a schedule's name or a list of sigmas ending with 0, got {short(self.schedule)}")
