@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dopsd_fast.context import Context
-from dopsd_fast.safety import atomic_write, file_in_folder
+from dopsd_fast.safety import SAFETENSORS_FLOAT_DTYPES, atomic_write, file_in_folder
 from dopsd_fast.data.dataset import load_image
 from tqdm.auto import tqdm
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 _told_unchecked: set = set()  # caches whose entries without a checksum were said (once per process)
 
 CACHE_VERSION = 1
-_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names
 _SHARD_RE = re.compile(r"shard-[0-9]+\.safetensors")  # the only names write() gives a shard (fullmatch)
 
 
@@ -304,7 +303,7 @@ class FeatureCache:
             return f"shard {shard} lacks {len(want - heads.keys())} of its {len(want)} entries"
         for t, (shape, dtype) in sorted(heads.items()):
             why = None
-            if dtype not in _FLOAT_DTYPES:
+            if dtype not in SAFETENSORS_FLOAT_DTYPES:
                 why = f"is {dtype}, not floating-point"
             elif t.endswith(".features") and (len(shape) != 2 or not shape[0]):
                 why = f"has shape {tuple(shape)}, not (tokens >= 1, width)"

@@ -270,6 +270,12 @@ def recover_dirs(out: Path, names) -> None:
 
 
 # ---- files named by received data ----------------------------------------------------------------
+# The floating-point dtypes of a received safetensors file (safetensors' header names), all a weight or
+# feature file of ours holds: integer, bool and fp8 tensors are another format, which torch and diffusers
+# would cast to the model's dtype without a word.
+SAFETENSORS_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+
+
 def file_in_folder(folder: Path, name) -> Path:
     """``folder / name`` where ``name`` (read from a received manifest or metadata) is a bare file name
     and the file, symlinks followed, is a regular file inside ``folder``; else ``ValueError`` saying why

@@ -19,7 +19,7 @@ from dopsd_fast.data import dataset as _data
 from dopsd_fast.data.buckets import assign_bucket, make_buckets, nearest_aspect
 from dopsd_fast.export import COMFYUI_FILE, LORA_FILE, check_lora_weights
 from dopsd_fast.families import FAMILIES, build_adapter, family
-from dopsd_fast.safety import file_in_folder, why_not_written
+from dopsd_fast.safety import SAFETENSORS_FLOAT_DTYPES, file_in_folder, why_not_written
 from dopsd_fast.validation import save_grid
 
 log = logging.getLogger(__name__)
@@ -359,8 +359,8 @@ def _check_shard_index(d: Path) -> None:
                 raise ValueError(f"--transformer: {index} names the shard {shard!r}: {e}") from None
 
 
-# a transformer's weights as diffusers reads them (safetensors' dtype names); the LoRA loader takes the same
-WEIGHT_DTYPES = ("F32", "BF16", "F16", "F64")
+# a transformer's weights as diffusers reads them; the LoRA loader takes the same
+WEIGHT_DTYPES = SAFETENSORS_FLOAT_DTYPES
 
 
 def _check_weight_dtypes(d: Path, weights: list, names: set) -> None:

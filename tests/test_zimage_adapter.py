@@ -45,7 +45,7 @@ def test_student_truncation(adapter, monkeypatch, caplog):
     context kind (it was silent: the prompt's end never reached the model)."""
     import logging
 
-    monkeypatch.setattr(adapter, "_told_cut", set(), raising=False)
+    monkeypatch.setattr(adapter, "_told", set(), raising=False)
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         adapter.encode_student(["word " * 50])
         assert not caplog.records, caplog.text  # it fits: nothing said

@@ -158,16 +158,20 @@ class ModelAdapter(ABC):
         """A JSON-able description of everything the contexts depend on (weights, settings),
         known without loading the encoders: the feature cache's key."""
 
+    def _first_time(self, key) -> bool:
+        """True the first time ``key`` is asked on this adapter, then False: a warning said once per run."""
+        told = self.__dict__.setdefault("_told", set())
+        if key in told:
+            return False
+        told.add(key)
+        return True
+
     def _say_if_cut(self, what: str, field: str, limit: int, lengths, prompts) -> None:
         """Warn once per ``what`` (a context kind) when a prompt's tokens pass ``limit`` (the config
         ``field``): the encoder reads only the first ``limit`` tokens, so the prompt's end does not
         reach the model. ``lengths``: each prompt's untruncated token count."""
-        told = self.__dict__.setdefault("_told_cut", set())
-        if what in told:
-            return
         over = [(n, p) for n, p in zip(lengths, prompts) if n > limit]
-        if over:
-            told.add(what)
+        if over and self._first_time(("cut", what)):
             n, p = over[0]
             log.warning("%s: a prompt of %d tokens passes %s=%d; its end is cut (%r...; raise %s; further "
                         "ones are not reported)", what, n, field, limit, p[:40], field)

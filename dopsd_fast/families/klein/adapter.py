@@ -191,13 +191,11 @@ class KleinAdapter(ModelAdapter):
                 break
             keep -= 1
         if keep <= 0:  # the instruction alone does not fit: the tokenizer's cut, as before
-            if not getattr(self, "_told_instruction_cut", False):
-                self._told_instruction_cut = True
+            if self._first_time("instruction_cut"):
                 log.warning("klein teacher: the instruction alone passes model.student_max_tokens=%d; the teacher "
                             "prompt is cut at that length (raise model.student_max_tokens)", limit)
             return text
-        if not getattr(self, "_told_prompt_cut", False):
-            self._told_prompt_cut = True
+        if self._first_time("prompt_cut"):
             log.warning("klein teacher: a prompt plus its instruction passes model.student_max_tokens=%d tokens; the "
                         "prompt's end is cut to keep the instruction (%r...; further ones are not reported)",
                         limit, prompt[:40])
