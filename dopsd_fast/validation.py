@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from dopsd_fast.safety import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
@@ -39,6 +45,90 @@ def wrap_text(draw: ImageDraw.ImageDraw, text: str, width: int, max_lines: int |
     return lines or [""]
 
 
+# ---- captions in any script: Pillow's built-in font draws ASCII only ("é", "ü", Cyrillic, CJK came out as
+# boxes); a caption with characters it lacks is drawn in an installed font that has them (found through
+# fontconfig), else the boxes stay and the run says once which characters and what to install
+_FONTS: dict = {}  # frozenset of the characters the built-in font lacks -> the font drawn with
+_told_undrawn: set = set()  # characters said to show as boxes
+
+
+@functools.lru_cache(maxsize=1)
+def _base_font():
+    return ImageFont.load_default()
+
+
+def _undrawn(font, text: str) -> set:
+    """The characters of ``text`` that ``font`` draws as its missing-glyph box (spaces and controls aside)."""
+    def mask(c):
+        m = font.getmask(c)
+        return m.size, bytes(m)
+
+    box = mask("\U0010FFFD")  # a private-use code point: no font draws it, so its mask is the box
+    return {c for c in set(text) if c.isprintable() and not c.isspace() and mask(c) == box}
+
+
+_TABLE: list | None = None  # (file, [(first, last) code point ranges]) of every installed font
+
+
+def _font_table() -> list:
+    """Every font fontconfig knows, with the code points it has; [] without fontconfig (read once)."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = []
+        fc = shutil.which("fc-list")
+        try:
+            out = subprocess.run([fc, "--format", "%{file}\t%{charset}\n"], capture_output=True, text=True,
+                                 timeout=20).stdout if fc else ""
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        for line in out.splitlines():
+            path, _, charset = line.partition("\t")
+            try:
+                ranges = [tuple(int(v, 16) for v in (r.split("-") * 2)[:2]) for r in charset.split()]
+            except ValueError:
+                continue
+            if path and ranges:
+                _TABLE.append((path, ranges))
+    return _TABLE
+
+
+def _best_font(chars: set) -> str | None:
+    """The installed font file that has the most of ``chars`` (plain sans first among equals); None if none has any."""
+    odd = ("bold", "italic", "oblique", "mono", "serif", "condensed", "light", "black", "thin")
+
+    def has(ranges, c):
+        return any(lo <= ord(c) <= hi for lo, hi in ranges)
+
+    best = max(((sum(has(r, c) for c in chars), -sum(w in Path(f).name.lower() for w in odd), -len(Path(f).name), f)
+                for f, r in _font_table()), default=None)
+    return best[-1] if best and best[0] else None
+
+
+def caption_font(text: str):
+    """The font to draw ``text`` in: Pillow's built-in one when it has every character, else the installed
+    font that has the most of them (looked up once per set of characters); what no font draws is said
+    once."""
+    base = _base_font()
+    missing = frozenset(_undrawn(base, text))
+    if not missing:
+        return base
+    if missing not in _FONTS:
+        font, path = base, _best_font(set(missing))
+        if path is not None:
+            try:
+                font = ImageFont.truetype(path, getattr(base, "size", 10))
+            except OSError:
+                pass
+        _FONTS[missing] = font
+        left = sorted(_undrawn(font, "".join(missing)) if font is not base else missing)
+        if left and not set(left) <= _told_undrawn:
+            _told_undrawn.update(left)
+            log.warning("captions: no installed font draws %s; they show as boxes in the pictures' captions (install "
+                        "a font that has them, e.g. fonts-noto-cjk for Chinese, Japanese or Korean)",
+                        " ".join(repr(c) for c in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else ""))
+    return _FONTS[missing]
+
+
 MAX_CAPTION_LINES = 24  # a caption past it is cut, its last line ending in "…" (a pasted novel is no 10000 px grid)
 
 
@@ -66,15 +156,18 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
     ncol = max(len(ims) for _, ims, _ in rows)
     W = pad + ncol * (cell_w + pad)
     d = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    captions = [cap_lines(d, wrap_text(d, caption, W - 2 * pad, MAX_CAPTION_LINES), W - 2 * pad)
-                for caption, _, _ in rows]
+    fonts, captions = [], []
+    for caption, _, _ in rows:
+        d.font = caption_font(caption)  # measured in the font it is drawn with
+        fonts.append(d.font)
+        captions.append(cap_lines(d, wrap_text(d, caption, W - 2 * pad, MAX_CAPTION_LINES), W - 2 * pad))
     cap_h = [max(28, 6 + line_h * len(lines)) for lines in captions]
     H = head + pad + sum(cell_h + c + pad for c in cap_h)
     canvas = Image.new("RGB", (W, max(H, head + pad)), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
-    d.text((pad, 2), title, fill=(0, 0, 0))
+    d.text((pad, 2), title, fill=(0, 0, 0), font=caption_font(title))
     y = head + pad
-    for (caption, ims, labels), lines, ch in zip(rows, captions, cap_h):
+    for (caption, ims, labels), lines, ch, font in zip(rows, captions, cap_h, fonts):
         for c, im in enumerate(ims):
             if im is None:
                 continue
@@ -85,9 +178,10 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
             x = pad + c * (cell_w + pad)
             canvas.paste(p, (x, y))
             if c < len(labels):
-                d.text((x + 2, y + 2), labels[c], fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
+                d.text((x + 2, y + 2), labels[c], fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0),
+                       font=caption_font(labels[c]))
         for k, line in enumerate(lines):
-            d.text((pad, y + cell_h + 2 + k * line_h), line, fill=(0, 0, 0))
+            d.text((pad, y + cell_h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
         y += cell_h + ch + pad
 
     return atomic_write(Path(path), canvas.save)

@@ -381,6 +381,45 @@ def test_grid_captions_past_a_few_lines_are_cut_with_an_ellipsis():
     assert took < 20, took
 
 
+def test_grid_captions_in_other_scripts_are_drawn_or_said(monkeypatch, caplog):
+    """Pillow's built-in font draws ASCII only: "Mädchen im Café", Cyrillic and Chinese prompts came out
+    as rows of boxes in every grid. A caption with characters it lacks is drawn in the installed font
+    that has the most of them (fontconfig's list); what no installed font has is said once, naming the
+    characters. Both sides are checked: with this machine's fonts, and with none installed."""
+    import logging
+
+    from dopsd_fast import validation as V
+
+    base = V._base_font()
+    latin, cjk = "Ein Mädchen im Café, красная собака", "一只柯基犬"
+    assert V._undrawn(base, latin) >= {"ä", "é", "к"} and V._undrawn(base, "a plain caption") == set()
+    assert V.caption_font("a plain caption") is base  # ASCII: the built-in font, as before
+    monkeypatch.setattr(V, "_FONTS", {})
+    monkeypatch.setattr(V, "_told_undrawn", set())
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        font = V.caption_font(latin)
+    if any(all(any(lo <= ord(c) <= hi for lo, hi in r) for c in V._undrawn(base, latin)) for _, r in V._font_table()):
+        assert font is not base and V._undrawn(font, latin) == set() and not caplog.records, caplog.text
+    else:  # no installed font has them: the boxes stay, and the run says which characters
+        assert font is base and "'ä'" in caplog.text and "no installed font draws" in caplog.text
+    # no fonts at all (no fontconfig): each set of characters is said once, the caption still drawn
+    monkeypatch.setattr(V, "_TABLE", [])
+    monkeypatch.setattr(V, "_FONTS", {})
+    monkeypatch.setattr(V, "_told_undrawn", set())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        assert V.caption_font(cjk) is base and V.caption_font(cjk + " again") is base
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "'一'" in said[0] and "fonts-noto-cjk" in said[0], said
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as t:
+        assert Image.open(V.save_grid([(cjk, [torch.rand(3, 32, 32)])], ["base"], Path(t) / "g.png")).size[0] > 0
+
+
 def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
     """With the bar shown and console logging set up (the CLI's basicConfig), a warning during training
     is written on its own line above the bar (tqdm.write), not appended to the bar's line. The console
