@@ -101,13 +101,19 @@ def _unwrap(module, role: str = "student"):
     module (``._orig_mod``) and a peft ``PeftModel`` (``get_base_model()``) are unwrapped, in any
     nesting. FSDP shards the parameters the fast model reads: refused."""
     ddp, engine = None, False
+    refused = BackendError(f"backend.wrap: the {role} is FSDP-wrapped (sharded parameters); the drop-in backend "
+                           "needs whole parameters: wrap it with DDP or DeepSpeed ZeRO-1/2, or train with "
+                           "dopsd_fast's own trainer (dist.fsdp: on)")
     for _ in range(8):
-        if _known_family(module):
-            return module, ddp, engine
+        # FSDP2's fully_shard keeps the model's class (a subclass of it), so this comes before the family
+        # test; a model with only its blocks sharded, or with DTensor parameters, is refused too
         if _is_fsdp(module):
-            raise BackendError(f"backend.wrap: the {role} is FSDP-wrapped (sharded parameters); the drop-in backend "
-                               "needs whole parameters: wrap it with DDP or DeepSpeed ZeRO-1/2, or train with "
-                               "dopsd_fast's own trainer (dist.fsdp: on)")
+            raise refused
+        if _known_family(module):
+            if any(_is_fsdp(m) for m in module.modules()) or any(
+                    type(p).__name__ == "DTensor" for p in module.parameters()):
+                raise refused
+            return module, ddp, engine
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):
             ddp = ddp or module
             module = module.module

@@ -187,6 +187,38 @@ def test_wrapped_models_are_unwrapped_or_named():
         backend.wrap(Engine(torch.nn.Linear(2, 2)), teacher=torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("what", ["root", "blocks"])
+def test_a_model_sharded_by_fsdp2_is_refused(tmp_path, what):
+    """FSDP2's fully_shard keeps the model's class (a subclass of it): wrap took the sharded model as a
+    plain transformer, and the first step died in torch ("mixed torch.Tensor and DTensor"). Sharded at
+    its root or only in its blocks, it is refused at wrap, as FSDP1's wrapper is, for the student and
+    the teacher."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from dopsd_fast import backend
+    from dopsd_fast.backend import BackendError
+    from dopsd_fast.families import ZIMAGE
+
+    m = ZIMAGE.diffusers_class()(**ZIMAGE.tiny_config()).float()
+    ZIMAGE.init_random(m)
+    plain = copy.deepcopy(m)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for layer in m.layers:
+            fully_shard(layer)
+        if what == "root":
+            fully_shard(m)
+        with pytest.raises(BackendError, match="the student is FSDP-wrapped"):
+            backend.wrap(m, teacher=plain)
+        with pytest.raises(BackendError, match="the teacher is FSDP-wrapped"):
+            backend.wrap(plain, teacher=m)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_adapter_state_left_by_set_adapter():
     """peft's set_adapter("teacher") (a sampling pass) turns the student's requires_grad off: the step
     trains the student anyway (its contract, read at wrap) and leaves the caller's flags as they were;
