@@ -98,6 +98,9 @@ class ModelConfig:
         _one_of(self.dtype, ("auto", "fp32", "bf16", "fp16"), "model.dtype")
         _check(self.preset is not None or self.path is not None, "model.preset",
                "set either model.preset (a tiny built-in model) or model.path (local weights)")
+        _check(self.preset is None or self.path is None, "model.path",
+               f"{self.path} is read only without a preset, and model.preset is {self.preset!r} (a built-in model): "
+               "set model.preset=null to load model.path")
         if isinstance(self.gradient_checkpointing, bool):
             self.gradient_checkpointing = "all" if self.gradient_checkpointing else "none"
         if isinstance(self.gradient_checkpointing, str):
@@ -762,8 +765,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if any(given.get(k) for k in sources) and isinstance(data.get("data"), dict):
         # a data source given on the command line replaces the config's (data.builtin=null not needed)
         data["data"] = {k: v for k, v in data["data"].items() if k not in sources or k in given}
+    model = over.get("model") if isinstance(over.get("model"), dict) else {}
+    if model.get("path") not in (None, "") and "preset" not in model and isinstance(data.get("model"), dict) \
+            and data["model"].get("preset") is not None:
+        # a model path given on the command line replaces the config's built-in model, as a data source does
+        log.info("model.path %s replaces the config's model.preset %s", model["path"], data["model"]["preset"])
+        data["model"] = {k: v for k, v in data["model"].items() if k != "preset"}
     from_file = copy.deepcopy(data) if path is not None else None
-    data = _apply_renames(_merge(_apply_renames(data), _apply_renames(over)))
+    data = _path_means_no_preset(_apply_renames(_merge(_apply_renames(data), _apply_renames(over))))
     if "data" not in data:
         data["data"] = {"builtin": "tiny"}
     try:
@@ -774,12 +783,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {p}: {e}") from None  # the file's own field, not an override's
 
 
+def _path_means_no_preset(data: dict) -> dict:
+    """A model section that gives model.path and no model.preset loads the path: its preset is null (the
+    field's default, a built-in model, would be taken instead of the weights the config names)."""
+    m = data.get("model")
+    if isinstance(m, dict) and m.get("path") not in (None, "") and "preset" not in m:
+        m["preset"] = None
+    return data
+
+
 def _file_alone_error(data: dict) -> str | None:
     """The error the config file's data raises alone (no overrides; its warnings not repeated), or None."""
     was = log.disabled
     log.disabled = True
     try:
-        data = _apply_renames(data)
+        data = _path_means_no_preset(_apply_renames(data))
         data.setdefault("data", {"builtin": "tiny"})
         _build(Config, data, "")
     except ConfigError as e:
@@ -802,7 +820,9 @@ FIELD_HELP: dict[str, str] = {
     "model.family": "the model family",  # + each family's name and title (config_markdown)
     "model.preset": "a built-in model of the family, fully offline: the pretrained toy Z-Image (K = 2 student; the "
                     "default run's) or a tiny random-weight model (tests); `null` to load `model.path`",
-    "model.path": "local diffusers-format model directory (`transformer/ vae/ text_encoder/ tokenizer/ scheduler/`)",
+    "model.path": "local diffusers-format model directory (`transformer/ vae/ text_encoder/ tokenizer/ scheduler/`); "
+                  "a config or `--set` that gives it and no `model.preset` loads it (with a preset in the same file: "
+                  "refused)",
     "model.vlm_path": "Z-Image: local Qwen3-VL directory, the teacher context encoder (its language model's weights "
                       "are replaced by the text encoder's)",
     "model.dtype": "weight dtype of the frozen parts: `auto` = bf16 on CUDA, fp32 on the CPU",

@@ -190,6 +190,28 @@ def test_a_data_source_on_the_command_line_replaces_the_configs():
         load_config(None, ["data.folder=/a", "data.jsonl=b.jsonl"])
 
 
+def test_a_model_path_is_never_ignored_for_a_preset(tmp_path):
+    """model.path with the preset at its default (a built-in tiny model) trained the tiny model and never
+    read the path, silently. A path given without a preset loads it: in a config file, or on the command
+    line over a recipe's preset (as a data source replaces the config's); a file that gives both is
+    refused, naming the field."""
+    import yaml
+
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump({"model": {"family": "klein", "path": "/models/klein"},
+                                                       "data": {"builtin": "tiny"}}))
+    cfg = load_config(str(tmp_path / "own.yaml"))
+    assert cfg.model.preset is None and cfg.model.path == "/models/klein" and cfg.model.family == "klein"
+    for recipe in ("tiny-zimage", None):
+        cfg = load_config(recipe, ["model.path=/models/zimage"])
+        assert cfg.model.preset is None and cfg.model.path == "/models/zimage"
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump({"model": {"preset": "tiny-zimage", "path": "/models/z"}}))
+    with pytest.raises(ConfigError, match=r"both.yaml: config field 'model.path': /models/z is read only without a "
+                                          r"preset, and model.preset is 'tiny-zimage'.*set model.preset=null"):
+        load_config(str(tmp_path / "both.yaml"))
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config("tiny-zimage", ["model.path=/models/z", "model.preset=tiny-zimage"])
+
+
 def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatch, capsys):
     """An unexpected exception prints its type and first line, no traceback; the full traceback goes to
     the run's errors.log. A user error's line is printed by rank 0; another rank keeps its own in its
