@@ -395,8 +395,11 @@ class RolloutState:
         self.v_student, self.v_teacher = back(v_s), back(v_t.detach())
         return self.v_student, self.v_teacher
 
-    def x0(self, v: torch.Tensor) -> torch.Tensor:
-        """``x0 = x - sigma * v`` (the clean estimate of a velocity at this state)."""
+    def x0(self, v):
+        """``x0 = x - sigma * v`` (the clean estimate of a velocity at this state), in the caller's layout: a
+        tensor, or Z-Image's list of one tensor per sample."""
+        if isinstance(self.x, (list, tuple)):
+            return [x - s.to(vi.dtype) * vi for x, s, vi in zip(self.x, self.sigma, v)]
         return self.x - self.sigma.view(-1, *([1] * (self.x.dim() - 1))).to(v.dtype) * v
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -409,6 +412,11 @@ class RolloutState:
 
 _ON_PURPOSE = ("; a loss weighted so on purpose (an MSE of predicted noises: eps = x + (1 - sigma) v) looks the same: "
                "pass rollout(..., check_weighting=False)")
+
+
+def _flat(v) -> torch.Tensor:
+    """A velocity in the caller's layout as one flat tensor (Z-Image's list of per-sample tensors joined)."""
+    return torch.cat([t.reshape(-1) for t in v]) if isinstance(v, (list, tuple)) else v
 
 
 def _check_weighting(rec: list) -> None:
@@ -793,7 +801,7 @@ class Backend(PackedPair):
             if self.engine:
                 self._engine_ok(backward_fn, "stepwise")
             if self._check_loss and check_weighting and len(rec) < 2 and st.k == len(rec):
-                d = float((st.v_student.detach().float() - st.v_teacher.float()).pow(2).mean())
+                d = float((_flat(st.v_student).detach().float() - _flat(st.v_teacher).float()).pow(2).mean())
                 rec.append((float(st.sigma[0]), float(loss.detach()), d))
                 _check_weighting(rec)
                 if len(rec) == 2:

@@ -251,7 +251,7 @@ def test_adapter_state_left_by_set_adapter():
 
 def test_zimage_latents_in_the_models_list_layout():
     from dopsd_fast import backend
-    from dopsd_fast.errors import BackendError
+    from dopsd_fast.errors import BackendError, ConventionError
 
     model, train, loss_ref, g_ref = _ref_two_adapters()
     noise, ps, pt = _inputs()
@@ -260,6 +260,19 @@ def test_zimage_latents_in_the_models_list_layout():
     assert_close(res.loss, loss_ref, 0, 1e-6, "loss")
     compare_grads(_grads(train), g_ref, 1e-6, 1e-5)
     assert isinstance(res.states[-1], list) and res.states[-1][0].shape == (16, 1, 8, 8)
+    # the callback form in that layout: state.x, v and state.x0(v) are lists of the samples (the weighting
+    # check and x0 read tensors: an AttributeError on 'list'); the per-sample MSE, averaged, is the step's
+    for st in fast.rollout(list(noise.unsqueeze(2).unbind(0)), ps, pt, timesteps=TIMESTEPS):
+        v_s, v_t = st.predict()
+        x0_s, x0_t = st.x0(v_s), st.x0(v_t)
+        assert isinstance(st.x, list) and isinstance(x0_s, list) and x0_s[0].shape == (16, 1, 8, 8)
+        st.backward(sum(F.mse_loss(a, b) for a, b in zip(x0_s, x0_t)) / len(x0_s) / st.states)
+    compare_grads(_grads(train), g_ref, 1e-6, 1e-5)
+    fresh = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")  # checks a first roll-out
+    with pytest.raises(ConventionError, match="weighted by \\(1 - sigma\\)"):  # the check reads the lists too
+        for st in fresh.rollout(list(noise.unsqueeze(2).unbind(0)), ps, pt, timesteps=TIMESTEPS):
+            v_s, v_t = st.predict()
+            st.backward(sum(F.mse_loss(a, b) for a, b in zip(v_s, v_t)) * (1 - st.sigma[0]) ** 2)
     with pytest.raises(BackendError, match=r"Z-Image latents must be \(B, C, h, w\), \(B, C, 1, h, w\)"):
         fast.dopsd_step(noise.flatten(2), ps, pt, timesteps=TIMESTEPS)
     mixed = [noise[0].unsqueeze(1), torch.randn(16, 1, 4, 12)]  # diffusers' list takes sizes a step cannot
