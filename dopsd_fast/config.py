@@ -143,7 +143,9 @@ class LoraConfig:
 class DopsdConfig:
     # A named schedule of the model family (Z-Image: zimage-k4, zimage-k8; FLUX.2-klein: klein-kN) or an
     # explicit list of K + 1 sigmas ending with 0 (the family checks the name: FamilySpec.schedule_ok).
-    rollout: Union[str, list] = FAMILIES[DEFAULT_FAMILY].default_rollout
+    # None: the family's own (FamilySpec.default_rollout), set by Config (a FLUX.2-klein config that left it
+    # out rolled out on Z-Image's sigmas, the field's earlier default, silently).
+    rollout: Optional[Union[str, list]] = None
     loss: str = "x0"
     # auto: "once" (the authors' schedule) where the memory model says it fits, else "stepwise" (same
     # gradient, one state's activations alive); see dopsd_fast.memory
@@ -157,8 +159,8 @@ class DopsdConfig:
         _one_of(self.loss, ("x0", "v"), "dopsd.loss")
         _one_of(self.backward, ("auto", "once", "stepwise"), "dopsd.backward")
         _check(0.0 <= self.ema_decay <= 1.0, "dopsd.ema_decay", f"must be in [0, 1], got {self.ema_decay}")
-        if isinstance(self.rollout, str):
-            return  # a name: the model family knows its schedules (RunConfig validates it against the family)
+        if self.rollout is None or isinstance(self.rollout, str):
+            return  # the family's own, or a name: the model family knows its schedules (Config validates it)
         try:
             resolve_schedule(self.rollout)
         except (ValueError, TypeError) as e:
@@ -454,6 +456,8 @@ class Config:
             raise ConfigError("config field 'dist.fsdp': on shards full fine-tuning (lora.enabled: false); a LoRA run "
                               "is replicated unless dist.shard_base: true shards its frozen base (eager path): set "
                               "that, or dist.fsdp: auto")
+        if self.dopsd.rollout is None and self.model.family in FAMILIES:
+            self.dopsd.rollout = FAMILIES[self.model.family].default_rollout
         family(self.model.family).validate(self)  # what the family cannot run, before any weight is loaded
 
     def to_dict(self) -> dict:
@@ -851,7 +855,8 @@ FIELD_HELP: dict[str, str] = {
     "lora.targets": "`null` = the family's default modules (Z-Image: `to_q to_k to_v to_out.0 w1 w2 w3`); "
                     "`authors` = the authors' list for the family; or a list of module names",
     "lora.init": "initialisation of the adapters' A matrices (B starts at zero)",
-    "dopsd.rollout": "the roll-out schedule: a name the family knows, or a list of K + 1 sigmas ending with 0",
+    "dopsd.rollout": "the roll-out schedule: a name the family knows, or a list of K + 1 sigmas ending with 0; "
+                     "left out (`null`): the family's own, its distilled model's inference schedule (docs/models.md)",
     "dopsd.loss": "`x0` (sigma²-weighted velocity MSE, the authors' default) or `v` (plain velocity MSE)",
     "dopsd.backward": "`auto` (`once` where the memory model says it fits, else `stepwise`), `once` (the "
                       "authors') or `stepwise` (the same gradient, one state's activations alive)",

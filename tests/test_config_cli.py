@@ -212,6 +212,22 @@ def test_a_model_path_is_never_ignored_for_a_preset(tmp_path):
         load_config("tiny-zimage", ["model.path=/models/z", "model.preset=tiny-zimage"])
 
 
+def test_a_left_out_rollout_is_the_familys_own(tmp_path):
+    """dopsd.rollout's default was one family's schedule: a FLUX.2-klein config that left it out rolled out
+    on the other family's sigmas, silently. Left out (or null), it is the model family's own."""
+    import yaml
+
+    from dopsd_fast.families import FAMILIES
+
+    for name, spec in FAMILIES.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"model": {"family": name, "preset": spec.tiny_preset},
+                                                               "data": {"builtin": "tiny"}}))
+        assert load_config(str(tmp_path / f"{name}.yaml")).dopsd.rollout == spec.default_rollout
+        assert load_config(str(tmp_path / f"{name}.yaml"), ["dopsd.rollout=null"]).dopsd.rollout == spec.default_rollout
+        assert load_config(str(tmp_path / f"{name}.yaml"), ["dopsd.rollout=[1, 0.5, 0]"]).dopsd.rollout == [1, 0.5, 0]
+    assert len({spec.default_rollout for spec in FAMILIES.values()}) == len(FAMILIES) > 1  # the check can fail
+
+
 def test_a_failure_ends_in_one_line_with_the_traceback_kept(tmp_path, monkeypatch, capsys):
     """An unexpected exception prints its type and first line, no traceback; the full traceback goes to
     the run's errors.log. A user error's line is printed by rank 0; another rank keeps its own in its
