@@ -868,10 +868,11 @@ FIELD_HELP: dict[str, str] = {
     "optim.weight_decay": "AdamW weight decay",
     "optim.warmup_steps": "linear warm-up steps, then a constant learning rate",
     "optim.grad_clip": "gradient norm clip (0 = off)",
-    "data.builtin": "a built-in data set: `tiny` (random-weight tests), `toy-concept` (the 6 toy `[V]` pairs), "
-                    "`toy-concept-prior` (the same then 18 ordinary toy-world pairs; the default run's). Exactly "
-                    "one of `data.builtin`, `data.jsonl`, `data.folder`; one given with `--set` replaces the "
-                    "config's",
+    "data.builtin": "a built-in data set: `tiny` (random-weight tests; 160 px images, so small buckets, e.g. "
+                    "`bucket_scale: 0.125`), `toy-concept` (the 6 toy `[V]` pairs), `toy-concept-prior` (the same "
+                    "then 18 ordinary toy-world pairs; the default run's). Exactly one of `data.builtin`, "
+                    "`data.jsonl`, `data.folder`; one given with `--set` replaces the config's. The default `tiny` "
+                    "applies only to a config with no `data` section: a `data` section names its source",
     "data.jsonl": "a JSONL file, one row per line ([its format](models.md#data))",
     "data.folder": "a folder of `name.png` + `name.txt` (the caption); png, jpg, webp, bmp, tif, gif; subfolders "
                    "are not read",
@@ -952,8 +953,8 @@ FIELD_HELP: dict[str, str] = {
                       "gradients quantized per row as one, e4m3); `false`: dX in bf16 (only `native` can turn it off)",
     "fast.nvtx": "nvtx ranges around roll-out states, student + teacher, backward, optimizer",
     "fast.compile": "torch.compile: `ops` (the fast path's element-wise ops instead of our kernels) or `regional` "
-                    "(the eager path: diffusers' regional compilation of the blocks); `true` = the one that fits "
-                    "the path",
+                    "(the eager path: diffusers' regional compilation of the blocks); `true` (deprecated, read for "
+                    "earlier configs with a warning) = the one that fits the path",
     "fast.compile_backend": "torch.compile backend",
     "dist.fsdp": "FSDP2 with several ranks: `auto` = full fine-tuning sharded (student, EMA teacher, gradients, "
                  "AdamW state), LoRA replicated; `on` with LoRA needs `dist.shard_base: true`",
