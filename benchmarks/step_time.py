@@ -17,8 +17,9 @@ path IS the reference: the fast path must then be within atol); the LoRA weights
 steps, fast vs eager. FP8 runs are judged by velocity SQNR against the bf16 eager path (>= 20 dB).
 Exit status 1 on FAIL. Results: a table on stdout and JSON (``--out``).
 
-MFU counts the floor FLOPs of the algorithm (per state: teacher forward + student forward +
-backward = student 3x forward; no recompute, no encoders), the same for both paths, against the
+MFU counts the floor FLOPs of the algorithm (per state: teacher forward + student forward + student
+backward, dX and the dW of the trainable tensors only: with LoRA about 1.3x a forward; no recompute, no
+encoders), the same for both paths, against the
 GPU's bf16 dense peak (989 TFLOP/s for H100/H200 SXM). On the CPU no MFU is reported, and CPU times
 are not performance results.
 """

@@ -42,7 +42,7 @@ log = logging.getLogger("dopsd_fast.toy")
 # Steps of each stage (the shipped weights); ``--scale`` multiplies them (tests use tiny scales).
 STEPS = {"vae": 1500, "classifier": 600, "base": 3500, "student": 1500}
 CURVED_STEPS = dict(STEPS, vae=2500, base=5000)  # the curved world: a VAE that keeps shapes, a base that follows prompts
-WORLDS = ("v1", "curved")  # v1: world.py, the shipped weights' world; curved: curved.py
+WORLDS = ("v1", "curved")  # v1: world.py, the first world; curved: curved.py, the shipped weights' world
 
 
 def _lr_schedule(opt, steps, warmup=50, floor=0.1):
@@ -947,8 +947,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="evaluate: the weights folder to measure (default <out>/weights; "
                    "dopsd_fast/toy/weights: what ships)")
     p.add_argument("--world", choices=WORLDS, default=None,
-                   help="the world the training stages use (v1: the shipped weights' world; curved: partial captions, "
-                   "held-out pairs, guided student, the three gates); default: the world of <out>/weights/toy.json "
+                   help="the world the training stages use (v1: the first world; curved: the shipped weights' world: partial "
+                   "captions, held-out pairs, guided student, the three gates); default: the world of <out>/weights/toy.json "
                    "(a run continues in its own world), v1 for a new folder; evaluate and ship read it from toy.json")
     a = p.parse_args(argv)
     if a.world is None:
