@@ -130,6 +130,12 @@ def _setup_logging() -> None:
                         format=("%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else
                                 f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"),
                         datefmt="%H:%M:%S")
+    if rank != 0:  # its start-up warnings are rank 0's (checked): said once, by rank 0
+        from dopsd_fast.logging_utils import RANK_STARTUP
+
+        RANK_STARTUP.quiet = True
+        for h in logging.root.handlers:
+            h.addFilter(RANK_STARTUP)
     for noisy in ("diffusers", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:  # both libraries keep their own verbosity switch besides the stdlib logger

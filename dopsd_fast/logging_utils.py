@@ -11,6 +11,21 @@ from dopsd_fast.safety import atomic_write
 log = logging.getLogger("dopsd_fast")
 
 
+class _RankStartup(logging.Filter):
+    """Under torchrun, a rank other than 0 keeps its start-up warnings off the screen: the start-up
+    checks that its config and data are rank 0's (any difference stops the run with an error), so rank
+    0's lines speak for every rank (at 64 ranks each warning was printed 64 times). Errors always pass;
+    from the first step (``quiet`` False) each rank's warnings are its own and shown."""
+
+    quiet = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not self.quiet
+
+
+RANK_STARTUP = _RankStartup()  # the CLI puts it on a rank's console handlers; the trainer lifts it when built
+
+
 def parse_row(line: str):
     """``(row, step)`` of one ``metrics.jsonl`` line, or None for a line that is not a row (torn by a crash,
     not a JSON object, a step that is no number)."""

@@ -39,7 +39,7 @@ from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import build_adapter, check_buckets, family, require_editing_support
 from dopsd_fast.families.common import differing_files, file_fingerprint
 from dopsd_fast.fastpath import build_pair
-from dopsd_fast.logging_utils import MetricsLogger, metrics_rows
+from dopsd_fast.logging_utils import RANK_STARTUP, MetricsLogger, metrics_rows
 from dopsd_fast.memory import fmt_gb, memory_budget_bytes, step_shape
 from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
@@ -193,6 +193,7 @@ class Trainer:
                 self._resume_from = state = None  # not kept: the checkpoint's tensors can be large
             elif resume == "latest" and self.rank == 0:
                 self.logger.truncate_after(0)  # rows of an earlier attempt that left no checkpoint
+            RANK_STARTUP.quiet = False  # started: from here each rank's warnings are its own (said on the screen)
         except BaseException:
             self.close()
             raise

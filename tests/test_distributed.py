@@ -7,6 +7,7 @@ a message."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,19 @@ def test_one_ranks_nonfinite_input_is_named_by_rank_0_with_its_row_and_rank(tmp_
     from dopsd_fast.checkpoint import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [1, 2]
+
+
+def test_start_up_warnings_are_said_once_and_each_ranks_own_after(tmp_path):
+    """Every rank printed each start-up warning (a removed config field, a data note): at 64 ranks, 64
+    times. The start-up checks that every rank's config and data are rank 0's, so rank 0's line speaks
+    for all; from the first step a rank's warnings are its own again (a prompt of its own data cut)."""
+    r = _run(tmp_path / "run", 2, 1, "--set", "cache.mode=auto", "--set", "model.student_max_tokens=6",
+             "--set", "train.max_steps=1", timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("config field cache.mode is ignored") == 1, r.stderr[-3000:]
+    assert "[rank 1] dopsd_fast.config" not in r.stderr
+    assert re.search(r"\[rank 1\] \S+: student context: a prompt of \d+ tokens passes model.student_max_tokens=6",
+                     r.stderr), r.stderr[-3000:]
 
 
 def test_a_hung_rank_times_the_collective_out_with_a_message(tmp_path):
