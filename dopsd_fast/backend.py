@@ -110,9 +110,12 @@ def _unwrap(module, role: str = "student"):
         if _is_fsdp(module):
             raise refused
         if _known_family(module):
-            if any(_is_fsdp(m) for m in module.modules()) or any(
-                    type(p).__name__ == "DTensor" for p in module.parameters()):
+            if any(_is_fsdp(m) for m in module.modules()):
                 raise refused
+            if any(type(p).__name__ == "DTensor" for p in module.parameters()):
+                raise BackendError(f"backend.wrap: the {role} has sharded (DTensor) parameters (tensor parallel?); "
+                                   "the drop-in backend needs whole parameters: wrap it with DDP or DeepSpeed "
+                                   "ZeRO-1/2")
             return module, ddp, engine
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):
             ddp = ddp or module

@@ -100,7 +100,7 @@ class ModelConfig:
                "set either model.preset (a tiny built-in model) or model.path (local weights)")
         _check(self.preset is None or self.path is None, "model.path",
                f"{self.path} is read only without a preset, and model.preset is {self.preset!r} (a built-in model): "
-               "set model.preset=null to load model.path")
+               "set model.preset=null to load model.path, or model.path=null to run the preset")
         if isinstance(self.gradient_checkpointing, bool):
             self.gradient_checkpointing = "all" if self.gradient_checkpointing else "none"
         if isinstance(self.gradient_checkpointing, str):
@@ -670,7 +670,7 @@ _TINY = FAMILIES[DEFAULT_FAMILY]
 EMBEDDED_DEFAULT: dict = {
     "model": {"family": _TINY.name, "preset": _TINY.tiny_preset},
     "lora": {"rank": 8, "alpha": 16},
-    "dopsd": {"rollout": _TINY.default_rollout, "loss": "x0", "backward": "auto", "ema_decay": 0.9},
+    "dopsd": {"loss": "x0", "backward": "auto", "ema_decay": 0.9},  # rollout: the family's own
     "optim": {"lr": 1.0e-3},
     "data": {"builtin": "tiny", "prompt_keys": ["prompt", "prompt_detailed"], "bucket_scale": 0.125},
     "train": {"output_dir": f"runs/{_TINY.tiny_preset}", "max_steps": 30, "checkpoint_every": 10,
@@ -770,11 +770,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         # a data source given on the command line replaces the config's (data.builtin=null not needed)
         data["data"] = {k: v for k, v in data["data"].items() if k not in sources or k in given}
     model = over.get("model") if isinstance(over.get("model"), dict) else {}
-    if model.get("path") not in (None, "") and "preset" not in model and isinstance(data.get("model"), dict) \
-            and data["model"].get("preset") is not None:
-        # a model path given on the command line replaces the config's built-in model, as a data source does
-        log.info("model.path %s replaces the config's model.preset %s", model["path"], data["model"]["preset"])
-        data["model"] = {k: v for k, v in data["model"].items() if k != "preset"}
+    for given, other in (("path", "preset"), ("preset", "path")):
+        # a model path given on the command line replaces the config's built-in model, and a preset the
+        # config's path, as a data source does the config's
+        if model.get(given) not in (None, "") and other not in model and isinstance(data.get("model"), dict) \
+                and data["model"].get(other) is not None:
+            log.info("model.%s %s replaces the config's model.%s %s", given, model[given], other, data["model"][other])
+            data["model"] = {k: v for k, v in data["model"].items() if k != other}
     from_file = copy.deepcopy(data) if path is not None else None
     data = _path_means_no_preset(_apply_renames(_merge(_apply_renames(data), _apply_renames(over))))
     if "data" not in data:
@@ -812,7 +814,7 @@ def _file_alone_error(data: dict) -> str | None:
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, _apply_renames(copy.deepcopy(data)), "")
+    return _build(Config, _path_means_no_preset(_apply_renames(copy.deepcopy(data))), "")
 
 
 # One line per field, the reference of docs/config.md: that file is generated from these texts, the
@@ -977,6 +979,9 @@ _FAMILY_HELP = {
 }
 
 
+_RESOLVED_BY_FAMILY = ("dopsd.rollout",)  # null in the dataclass; Config sets the model family's own
+
+
 def config_fields(cls=None, prefix: str = "", default=None) -> list[tuple[str, Any, Any]]:
     """Every leaf field of the config as ``(dotted name, annotated type, default)``, in declaration order; the
     defaults are those of ``Config()`` (the dataclasses' own, not a preset's)."""
@@ -1057,7 +1062,8 @@ def config_markdown() -> str:
             others = [t for t in kind.split(" or ") if t != "str"]
             kind = " \\| ".join(f"`{c}`" for c in choices) + "".join(f" or {t}" for t in others)
         help_text = (FIELD_HELP.get(name, "") + _FAMILY_HELP.get(name, lambda: "")()).replace("|", "\\|")
-        lines.append(f"| `{name}` | {_value_text(value)} | {kind} | {help_text} |")
+        shown = "the family's" if name in _RESOLVED_BY_FAMILY else _value_text(value)
+        lines.append(f"| `{name}` | {shown} | {kind} | {help_text} |")
     return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 

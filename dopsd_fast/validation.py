@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import shutil
@@ -47,9 +48,11 @@ def wrap_text(draw: ImageDraw.ImageDraw, text: str, width: int, max_lines: int |
 
 # ---- captions in any script: Pillow's built-in font draws ASCII only ("é", "ü", Cyrillic, CJK came out as
 # boxes); a caption with characters it lacks is drawn in an installed font that has them (found through
-# fontconfig), else the boxes stay and the run says once which characters and what to install
+# fontconfig), else the boxes stay and the run says once which characters and what to install. A picture
+# never stops a run: anything failing here falls back to the built-in font.
 _FONTS: dict = {}  # frozenset of the characters the built-in font lacks -> the font drawn with
 _told_undrawn: set = set()  # characters said to show as boxes
+_SCANNED = 4000  # a caption's first characters looked at (a caption is cut at MAX_CAPTION_LINES lines anyway)
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,75 +61,104 @@ def _base_font():
 
 
 def _undrawn(font, text: str) -> set:
-    """The characters of ``text`` that ``font`` draws as its missing-glyph box (spaces and controls aside)."""
+    """The characters of ``text`` that ``font`` draws as its missing-glyph box, or cannot draw at all (a
+    bitmap font's Latin-1 only); spaces and controls aside."""
     def mask(c):
-        m = font.getmask(c)
-        return m.size, bytes(m)
+        try:
+            m = font.getmask(c)
+            return m.size, bytes(m)
+        except Exception:  # noqa: BLE001 - a bitmap font cannot encode it: not drawn
+            return None
 
     box = mask("\U0010FFFD")  # a private-use code point: no font draws it, so its mask is the box
-    return {c for c in set(text) if c.isprintable() and not c.isspace() and mask(c) == box}
+    out = set()
+    for c in set(text):
+        if c.isprintable() and not c.isspace() and not (c.isascii() and box is None):
+            m = mask(c)
+            if m is None or m == box:
+                out.add(c)
+    return out
 
 
-_TABLE: list | None = None  # (file, [(first, last) code point ranges]) of every installed font
+_TABLE: list | None = None  # (file, range starts, range ends) of every installed font
 
 
 def _font_table() -> list:
-    """Every font fontconfig knows, with the code points it has; [] without fontconfig (read once)."""
+    """Every font fontconfig knows, with the code points it has (sorted ranges); [] without fontconfig (read
+    once per process)."""
     global _TABLE
     if _TABLE is None:
         _TABLE = []
         fc = shutil.which("fc-list")
-        try:
+        try:  # a file name that is not UTF-8 kept as the bytes it is (surrogateescape), so it still opens
             out = subprocess.run([fc, "--format", "%{file}\t%{charset}\n"], capture_output=True, text=True,
-                                 timeout=20).stdout if fc else ""
-        except (OSError, subprocess.SubprocessError):
+                                 errors="surrogateescape", timeout=5).stdout if fc else ""
+        except (OSError, subprocess.SubprocessError, ValueError):
             out = ""
         for line in out.splitlines():
             path, _, charset = line.partition("\t")
             try:
-                ranges = [tuple(int(v, 16) for v in (r.split("-") * 2)[:2]) for r in charset.split()]
+                ranges = sorted(tuple(int(v, 16) for v in (r.split("-") * 2)[:2]) for r in charset.split())
             except ValueError:
                 continue
             if path and ranges:
-                _TABLE.append((path, ranges))
+                _TABLE.append((path, [lo for lo, _ in ranges], [hi for _, hi in ranges]))
     return _TABLE
 
 
-def _best_font(chars: set) -> str | None:
-    """The installed font file that has the most of ``chars`` (plain sans first among equals); None if none has any."""
+def _fonts_by_coverage(chars: set) -> list[str]:
+    """Installed font files that have some of ``chars``, the most first (plain sans first among equals)."""
     odd = ("bold", "italic", "oblique", "mono", "serif", "condensed", "light", "black", "thin")
+    points = [ord(c) for c in chars]
 
-    def has(ranges, c):
-        return any(lo <= ord(c) <= hi for lo, hi in ranges)
+    def covered(starts, ends):
+        return sum(1 for p in points if (i := bisect.bisect_right(starts, p) - 1) >= 0 and p <= ends[i])
 
-    best = max(((sum(has(r, c) for c in chars), -sum(w in Path(f).name.lower() for w in odd), -len(Path(f).name), f)
-                for f, r in _font_table()), default=None)
-    return best[-1] if best and best[0] else None
+    ranked = sorted(((covered(st, en), -sum(w in Path(f).name.lower() for w in odd), -len(Path(f).name), f)
+                     for f, st, en in _font_table()), reverse=True)
+    return [f for n, *_, f in ranked if n]
+
+
+def drawable(text: str, font) -> str:
+    """``text`` as ``font`` can take it: a bitmap font (Pillow without FreeType) encodes Latin-1 only, the
+    rest drawn as "?" (it raised, and the grid was lost)."""
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
 
 
 def caption_font(text: str):
     """The font to draw ``text`` in: Pillow's built-in one when it has every character, else the installed
-    font that has the most of them (looked up once per set of characters); what no font draws is said
-    once."""
+    font that has the most of them (looked up once per set of characters); the characters no installed
+    font draws with the rest are said once."""
     base = _base_font()
-    missing = frozenset(_undrawn(base, text))
-    if not missing:
+    if text.isascii():
         return base
-    if missing not in _FONTS:
-        font, path = base, _best_font(set(missing))
-        if path is not None:
-            try:
-                font = ImageFont.truetype(path, getattr(base, "size", 10))
-            except OSError:
-                pass
-        _FONTS[missing] = font
-        left = sorted(_undrawn(font, "".join(missing)) if font is not base else missing)
-        if left and not set(left) <= _told_undrawn:
-            _told_undrawn.update(left)
-            log.warning("captions: no installed font draws %s; they show as boxes in the pictures' captions (install "
-                        "a font that has them, e.g. fonts-noto-cjk for Chinese, Japanese or Korean)",
-                        " ".join(repr(c) for c in left[:8]) + (f" and {len(left) - 8} more" if len(left) > 8 else ""))
-    return _FONTS[missing]
+    try:
+        missing = frozenset(_undrawn(base, text[:_SCANNED]))
+        if not missing:
+            return base
+        if missing not in _FONTS:
+            font = base
+            for path in _fonts_by_coverage(set(missing))[:4]:
+                try:
+                    font = ImageFont.truetype(path, getattr(base, "size", 10))
+                    break
+                except (OSError, ValueError):
+                    continue
+            _FONTS[missing] = font
+            left = sorted(_undrawn(font, "".join(missing)) if font is not base else missing)
+            new = [c for c in left if c not in _told_undrawn]
+            if new:
+                _told_undrawn.update(new)
+                log.warning("captions: no installed font draws %s with the rest of its caption; they show as boxes "
+                            "in the pictures' captions (install a font that has them, e.g. fonts-noto-cjk for "
+                            "Chinese, Japanese or Korean)",
+                            " ".join(repr(c) for c in new[:8]) + (f" and {len(new) - 8} more" if len(new) > 8 else ""))
+        return _FONTS[missing]
+    except Exception as e:  # noqa: BLE001 - a picture's caption never stops the run
+        log.debug("caption font lookup failed: %s", e)
+        return base
 
 
 MAX_CAPTION_LINES = 24  # a caption past it is cut, its last line ending in "…" (a pasted novel is no 10000 px grid)
@@ -137,10 +169,10 @@ def cap_lines(draw: ImageDraw.ImageDraw, lines: list[str], width: int, most: int
     ending in "…" within ``width`` pixels."""
     if len(lines) <= most:
         return lines
-    last = lines[most - 1]
-    while last and draw.textlength(last.rstrip() + " …") > width:
+    last, more = lines[most - 1], " …" if isinstance(draw.getfont(), ImageFont.FreeTypeFont) else " ..."
+    while last and draw.textlength(last.rstrip() + more) > width:
         last = last[:-1]
-    return lines[:most - 1] + [(last.rstrip() + " …").lstrip()]
+    return lines[:most - 1] + [(last.rstrip() + more).lstrip()]
 
 
 def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path:
@@ -160,12 +192,14 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
     for caption, _, _ in rows:
         d.font = caption_font(caption)  # measured in the font it is drawn with
         fonts.append(d.font)
-        captions.append(cap_lines(d, wrap_text(d, caption, W - 2 * pad, MAX_CAPTION_LINES), W - 2 * pad))
+        captions.append(cap_lines(d, wrap_text(d, drawable(caption, d.font), W - 2 * pad, MAX_CAPTION_LINES),
+                                  W - 2 * pad))
     cap_h = [max(28, 6 + line_h * len(lines)) for lines in captions]
     H = head + pad + sum(cell_h + c + pad for c in cap_h)
     canvas = Image.new("RGB", (W, max(H, head + pad)), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
-    d.text((pad, 2), title, fill=(0, 0, 0), font=caption_font(title))
+    tf = caption_font(title)
+    d.text((pad, 2), drawable(title, tf), fill=(0, 0, 0), font=tf)
     y = head + pad
     for (caption, ims, labels), lines, ch, font in zip(rows, captions, cap_h, fonts):
         for c, im in enumerate(ims):
@@ -178,8 +212,9 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
             x = pad + c * (cell_w + pad)
             canvas.paste(p, (x, y))
             if c < len(labels):
-                d.text((x + 2, y + 2), labels[c], fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0),
-                       font=caption_font(labels[c]))
+                lf = caption_font(labels[c])
+                d.text((x + 2, y + 2), drawable(labels[c], lf), fill=(255, 255, 0), stroke_width=1,
+                       stroke_fill=(0, 0, 0), font=lf)
         for k, line in enumerate(lines):
             d.text((pad, y + cell_h + 2 + k * line_h), line, fill=(0, 0, 0), font=font)
         y += cell_h + ch + pad

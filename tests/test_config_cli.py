@@ -210,6 +210,12 @@ def test_a_model_path_is_never_ignored_for_a_preset(tmp_path):
         load_config(str(tmp_path / "both.yaml"))
     with pytest.raises(ConfigError, match="model.path"):
         load_config("tiny-zimage", ["model.path=/models/z", "model.preset=tiny-zimage"])
+    # the other way: a preset on the command line over a real-weights recipe runs the preset
+    cfg = load_config("zimage-turbo-lora", ["model.preset=tiny-zimage"])
+    assert cfg.model.preset == "tiny-zimage" and cfg.model.path is None
+    from dopsd_fast.config import config_from_dict  # a saved run's dict reads the same way
+
+    assert config_from_dict({"model": {"path": "/models/z"}}).model.preset is None
 
 
 def test_a_left_out_rollout_is_the_familys_own(tmp_path):
@@ -225,6 +231,8 @@ def test_a_left_out_rollout_is_the_familys_own(tmp_path):
         assert load_config(str(tmp_path / f"{name}.yaml")).dopsd.rollout == spec.default_rollout
         assert load_config(str(tmp_path / f"{name}.yaml"), ["dopsd.rollout=null"]).dopsd.rollout == spec.default_rollout
         assert load_config(str(tmp_path / f"{name}.yaml"), ["dopsd.rollout=[1, 0.5, 0]"]).dopsd.rollout == [1, 0.5, 0]
+        assert load_config(None, [f"model.family={name}", f"model.preset={spec.tiny_preset}"]).dopsd.rollout \
+            == spec.default_rollout  # the built-in default config too
     assert len({spec.default_rollout for spec in FAMILIES.values()}) == len(FAMILIES) > 1  # the check can fail
 
 

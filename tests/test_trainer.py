@@ -381,12 +381,17 @@ def test_grid_captions_past_a_few_lines_are_cut_with_an_ellipsis():
     assert took < 20, took
 
 
-def test_grid_captions_in_other_scripts_are_drawn_or_said(monkeypatch, caplog):
+def test_grid_captions_in_other_scripts_are_drawn_or_said(monkeypatch, caplog, tmp_path):
     """Pillow's built-in font draws ASCII only: "Mädchen im Café", Cyrillic and Chinese prompts came out
     as rows of boxes in every grid. A caption with characters it lacks is drawn in the installed font
-    that has the most of them (fontconfig's list); what no installed font has is said once, naming the
-    characters. Both sides are checked: with this machine's fonts, and with none installed."""
+    that has the most of them (fontconfig's list; one that does not open: the next); the characters no
+    installed font draws are said once. A failing lookup (fontconfig's odd output, a bitmap font that
+    cannot encode the text) never stops the grid: the built-in font draws it."""
     import logging
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image, ImageFont
 
     from dopsd_fast import validation as V
 
@@ -394,30 +399,44 @@ def test_grid_captions_in_other_scripts_are_drawn_or_said(monkeypatch, caplog):
     latin, cjk = "Ein Mädchen im Café, красная собака", "一只柯基犬"
     assert V._undrawn(base, latin) >= {"ä", "é", "к"} and V._undrawn(base, "a plain caption") == set()
     assert V.caption_font("a plain caption") is base  # ASCII: the built-in font, as before
-    monkeypatch.setattr(V, "_FONTS", {})
-    monkeypatch.setattr(V, "_told_undrawn", set())
+
+    def fresh(table=None):
+        monkeypatch.setattr(V, "_FONTS", {})
+        monkeypatch.setattr(V, "_told_undrawn", set())
+        monkeypatch.setattr(V, "_TABLE", table)
+        caplog.clear()
+
+    fresh()
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         font = V.caption_font(latin)
-    if any(all(any(lo <= ord(c) <= hi for lo, hi in r) for c in V._undrawn(base, latin)) for _, r in V._font_table()):
+    good = [f for f in V._fonts_by_coverage(V._undrawn(base, latin)) if not V._undrawn(ImageFont.truetype(f, 10), latin)]
+    if good:  # this machine has a font with them: drawn, nothing said; a font file that does not open is passed over
         assert font is not base and V._undrawn(font, latin) == set() and not caplog.records, caplog.text
+        fresh([("/nonexistent/first.ttf", [0], [0x10FFFF])] + [e for e in V._font_table() if e[0] == good[0]])
+        assert V._undrawn(V.caption_font(latin), latin) == set()
     else:  # no installed font has them: the boxes stay, and the run says which characters
         assert font is base and "'ä'" in caplog.text and "no installed font draws" in caplog.text
-    # no fonts at all (no fontconfig): each set of characters is said once, the caption still drawn
-    monkeypatch.setattr(V, "_TABLE", [])
-    monkeypatch.setattr(V, "_FONTS", {})
-    monkeypatch.setattr(V, "_told_undrawn", set())
-    caplog.clear()
+    # no fonts at all (no fontconfig): the characters are said once, the caption still drawn
+    fresh([])
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
-        assert V.caption_font(cjk) is base and V.caption_font(cjk + " again") is base
+        assert V.caption_font(cjk) is base and V.caption_font(cjk[1:] + " again") is base  # another set, told ones
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "'一'" in said[0] and "fonts-noto-cjk" in said[0], said
-    import tempfile
-    from pathlib import Path
-
-    from PIL import Image
-
     with tempfile.TemporaryDirectory() as t:
         assert Image.open(V.save_grid([(cjk, [torch.rand(3, 32, 32)])], ["base"], Path(t) / "g.png")).size[0] > 0
+    # fontconfig printing a file name that is not UTF-8, and a font list of garbage: no error, a font or the base
+    fake = tmp_path / "fc-list"
+    fake.write_bytes(b"#!/bin/sh\nprintf '/fonts/caf\\351.ttf\\t20-7e a0-17f\\nnot a font line\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(V.shutil, "which", lambda name: str(fake))
+    fresh(None)
+    assert V.caption_font(latin) is base and V._font_table()[0][0].startswith("/fonts/caf")
+    # a bitmap font (Pillow without FreeType, or before 10.1): it cannot encode CJK; nothing raises
+    monkeypatch.setattr(V, "_base_font", lambda: ImageFont.load_default_imagefont())
+    fresh([])
+    with tempfile.TemporaryDirectory() as t:
+        for cap in (cjk + " " + latin, (cjk + " " + latin + " ") * 400):  # the long one cut, its ending drawable
+            assert Image.open(V.save_grid([(cap, [torch.rand(3, 32, 32)])], ["bäse"], Path(t) / "b.png", title="步"))
 
 
 def test_log_lines_go_above_the_progress_bar(tmp_path, capsys):
