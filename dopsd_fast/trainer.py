@@ -36,7 +36,7 @@ from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure, launcher_died
 from dopsd_fast.errors import ConfigError, DataError, OutputDirError
 from dopsd_fast.export import write_comfyui_lora
-from dopsd_fast.families import build_adapter, check_buckets, family, require_editing_support
+from dopsd_fast.families import DEFAULT_FAMILY, FAMILIES, build_adapter, check_buckets, family, require_editing_support
 from dopsd_fast.families.common import differing_files, file_fingerprint
 from dopsd_fast.fastpath import build_pair
 from dopsd_fast.logging_utils import RANK_STARTUP, MetricsLogger, metrics_rows
@@ -437,6 +437,12 @@ class Trainer:
         if isinstance(state.get("data_fingerprint"), dict):  # the data at another path ('folder/', absolute, a
             # copy): its content decides (_check_data, once the data is read), not the path's spelling
             frozen = [(k, a, b) for k, a, b in frozen if not (k in DATA_PATHS and a and b)]
+        first_default = FAMILIES[DEFAULT_FAMILY].default_rollout  # dopsd.rollout's default for every family, once
+        if any(k == "dopsd.rollout" and a == first_default and b == FAMILIES[self.cfg.model.family].default_rollout
+               for k, a, b in frozen):
+            notes.append(f"a config that leaves dopsd.rollout out now rolls out on the family's own schedule; this "
+                         f"run trained on {first_default}, the earlier default: --set dopsd.rollout={first_default} "
+                         "resumes it")
         shaped = [(k, a, b) for k, a, b in frozen if k in SHAPE_FIELDS]
         if shaped:  # the trained tensors themselves would not fit: no override can resume across it
             fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in shaped)

@@ -39,6 +39,23 @@ def test_resume_applies_a_new_lr_and_refuses_math_changes(tmp_path):
     assert tr.step == 5
 
 
+def test_a_run_on_the_earlier_rollout_default_is_told_how_to_resume(tmp_path):
+    """dopsd.rollout left out was one family's schedule for every family; it is now the family's own. A run
+    of another family that trained on the earlier default, resumed with the same config, is refused (the
+    math changes) with the line that resumes it."""
+    from dopsd_fast.config import ConfigError
+    from dopsd_fast.families import DEFAULT_FAMILY, FAMILIES
+
+    other = next(s for n, s in FAMILIES.items() if n != DEFAULT_FAMILY)
+    first = FAMILIES[DEFAULT_FAMILY].default_rollout
+    base = [f"model.family={other.name}", f"model.preset={other.tiny_preset}", "train.checkpoint_every=1"]
+    _trainer(tmp_path, *base, "train.max_steps=1", f"dopsd.rollout={first}").train()
+    with pytest.raises(ConfigError, match=rf"dopsd.rollout: '{first}' -> '{other.default_rollout}'.*earlier default: "
+                                          rf"--set dopsd.rollout={first} resumes it"):
+        _trainer(tmp_path, *base, "train.max_steps=2", resume="latest")
+    assert _trainer(tmp_path, *base, "train.max_steps=2", f"dopsd.rollout={first}", resume="latest").step == 1
+
+
 def test_divergence_stops_before_anything_is_written(tmp_path, caplog):
     from dopsd_fast.safety import DivergenceError
 
