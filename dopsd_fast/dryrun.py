@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Workload:
     encoders: float
     floor_flops: float
     needs: list  # what a real run still needs (data, model folder, feature cache)
+    files: tuple = (0.0, 0.0, 2)  # memory.run_files: one checkpoint's bytes, the exports' bytes, export folders
 
 
 @contextlib.contextmanager
@@ -224,6 +226,7 @@ def workload(cfg, say=print, references: int | None = 0, recipe=None) -> Workloa
             weights = n_base * 4 + n_base * dt + (0 if cfg.dopsd.ema_on_cpu else n_base * 4)
             per = 4
         shape = memory.step_shape(cfg, adapter, buckets, n_train, per, references=refs)
+        files = memory.run_files(n_train, n_base, dt, cfg.lora.enabled)
         c = dict(tr.config)
     img = shape.tokens_student // cfg.data.batch_size - cfg.model.student_max_tokens
     rank = cfg.lora.rank if cfg.lora.enabled else 0
@@ -236,7 +239,7 @@ def workload(cfg, say=print, references: int | None = 0, recipe=None) -> Workloa
     # the adapters' own backward (dX + dA/dB, 2x their forward), as the benchmark's floor counts it
     lora_s = f_s[0] - spec.forward_flops(c, img, [cap_s] * cfg.data.batch_size)[0] if rank else 0.0
     floor = shape.states * (sum(f_s) + sum(f_t) + memory.backward_flops(f_s, cfg.lora.enabled, lora_s))
-    return Workload(spec, c, shape, weights, encoders, floor, needs)
+    return Workload(spec, c, shape, weights, encoders, floor, needs, files)
 
 
 @dataclasses.dataclass
@@ -309,6 +312,27 @@ def estimate(cfg, w: Workload, gpu: str) -> Estimate:
     return Estimate(gpu, plan, plan.peak, total, cap, seconds, hints)
 
 
+def _disk(cfg, w: Workload) -> str:
+    """The run's checkpoints and exports (a fresh start), and the free space where its output folder
+    would be on this machine (where the dry run runs; the run's own start-up checks its disk)."""
+    t = cfg.train
+    ck, exports, folders = w.files
+    out = Path(t.output_dir).absolute()
+    probe = next((p for p in (out, *out.parents) if p.is_dir()), None)
+    try:
+        free = shutil.disk_usage(probe).free if probe is not None else None
+    except OSError:
+        free = None
+    d = memory.disk_plan(ck, exports, folders, t.keep_checkpoints, memory.checkpoint_steps(0, t.max_steps,
+                         t.checkpoint_every), exports_each_checkpoint=cfg.lora.enabled, free=free)
+    line = "\n" + d.describe(t.output_dir)
+    if free is not None:
+        line += (f"; {memory.fmt_bytes(free)} free there on this machine"
+                 + (f": NOT ENOUGH (the checkpoint of step {d.fails_at} would not fit; lower train.keep_checkpoints "
+                    "or write to a larger disk)" if d.fails_at is not None else ""))
+    return line
+
+
 def dry_run(cfg, gpu: str = "h100", references: int | None = 0, recipe=None) -> int:
     gpu = memory.gpu_class(gpu)
     print("config: valid")
@@ -347,6 +371,7 @@ def dry_run(cfg, gpu: str = "h100", references: int | None = 0, recipe=None) -> 
                               "fine-tuning) the EMA master on the host fits this GPU in the memory model, alone "
                               "or together: a GPU with more memory")
               + more)
+    print(_disk(cfg, w))
     if w.needs:
         print("\na real run still needs:\n" + "\n".join(f"  - {n}" for n in w.needs))
     print("\n(model figures from dopsd_fast.memory: fake-tensor steps, and the H200's measured Z-Image-Turbo peaks; "

@@ -295,6 +295,79 @@ def fmt_gb(b: float) -> str:
     return f"{b / 1e9:.1f} GB" if math.isfinite(b) else "?"
 
 
+# ---- disk: what a run writes (the trainer's start-up check and --dry-run) ---------------------------------------
+CHECKPOINT_BYTES_PER_PARAM = 16  # per trained parameter: the fp32 student, its fp32 EMA teacher, AdamW's two fp32 moments
+
+
+def run_files(trained_params: int, base_params: int, dtype_bytes: int, lora: bool) -> tuple[float, float, int]:
+    """(one checkpoint's bytes, the exports' bytes, export folders) of a run training ``trained_params``:
+    a LoRA run exports both adapters (``lora/``, ``lora_ema/``) in fp32, each as the diffusers file and
+    the ComfyUI one; full fine-tuning the student and its EMA copy (``transformer/``,
+    ``transformer_ema/``), ``base_params`` each in the model dtype."""
+    exports = 2 * 2 * 4 * trained_params if lora else 2 * base_params * dtype_bytes
+    return CHECKPOINT_BYTES_PER_PARAM * trained_params, exports, 2
+
+
+def checkpoint_steps(start: int, max_steps: int, every: int) -> list[int]:
+    """The steps a run from ``start`` to ``max_steps`` writes a checkpoint at: every ``every`` (0: none
+    on the way), and the last step where that is not one of them."""
+    steps = list(range((start // every + 1) * every, max_steps + 1, every)) if every > 0 else []
+    if max_steps > start and (not steps or steps[-1] != max_steps):
+        steps.append(max_steps)
+    return steps
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """The bytes a run adds to its output folder's disk, at most: ``kept`` checkpoints of
+    ``checkpoint`` bytes at once (``train.keep_checkpoints``, plus the one being written before the
+    oldest goes), of which ``existing`` are there already; and the exports, ``exports`` bytes (plus
+    one export folder written beside the one it replaces). ``fails_at``: the first checkpoint step
+    that does not fit ``free`` bytes (None: all fit, or ``free`` unknown)."""
+    checkpoint: float
+    steps: tuple
+    kept: int
+    existing: int
+    exports: float
+    export_folders: int
+    need: float
+    free: float | None = None
+    fails_at: int | None = None
+
+    def describe(self, where: str) -> str:
+        if not self.steps:
+            return f"disk: no checkpoint left to write under {where}"
+        ck = f"checkpoints of {fmt_bytes(self.checkpoint)}, up to {self.kept} at once"
+        ex = f"exports {fmt_bytes(self.exports)}" if self.exports else "no exports"
+        have = f"; {self.existing} of the run's there already" if self.existing else ""
+        return f"disk: up to {fmt_bytes(self.need)} more under {where} ({ck}{have}; {ex})"
+
+
+def disk_plan(checkpoint: float, exports: float, export_folders: int, keep: int, steps: list[int],
+              existing: int = 0, exports_each_checkpoint: bool = True, free: float | None = None) -> DiskPlan:
+    """:class:`DiskPlan` of a run writing checkpoints at ``steps`` (:func:`checkpoint_steps`), each
+    ``checkpoint`` bytes, ``keep`` kept; ``existing`` of them on the disk already; ``exports`` bytes in
+    ``export_folders`` folders written with each checkpoint (LoRA) or at the end (full fine-tuning). A
+    save writes the new checkpoint before it deletes the oldest, and an export folder beside the one
+    it replaces."""
+    one_export = exports / export_folders if export_folders else 0.0
+    fails_at, need = None, 0.0
+    for i, s in enumerate(steps, 1):
+        on_disk = max(min(existing + i, keep + 1) - existing, 1)  # this run's new checkpoints at once, this save
+        exp = exports + one_export if (exports_each_checkpoint or s == steps[-1]) else 0.0
+        now = on_disk * checkpoint + exp
+        need = max(need, now)
+        if free is not None and fails_at is None and now > free:
+            fails_at = s
+    kept = min(existing + len(steps), keep + 1) if steps else existing
+    return DiskPlan(checkpoint, tuple(steps), kept, existing, exports, export_folders, need, free, fails_at)
+
+
+def fmt_bytes(b: float) -> str:
+    """GB from 0.1 GB up, else MB (a tiny run's checkpoints are a few MB)."""
+    return fmt_gb(b) if not math.isfinite(b) or b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+
 # ---- FLOPs of a step (analytic; benchmarks/step_time.py and --dry-run; each family's forward is its
 # spec's ``forward_flops``) ------------------------------------------------------------------------
 def backward_flops(fwd: tuple[float, float], lora: bool, lora_fwd: float = 0.0) -> float:

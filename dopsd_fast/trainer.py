@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 import uuid
@@ -40,7 +41,7 @@ from dopsd_fast.families import DEFAULT_FAMILY, FAMILIES, build_adapter, check_b
 from dopsd_fast.families.common import differing_files, file_fingerprint
 from dopsd_fast.fastpath import build_pair
 from dopsd_fast.logging_utils import RANK_STARTUP, MetricsLogger, metrics_rows
-from dopsd_fast.memory import fmt_gb, memory_budget_bytes, step_shape
+from dopsd_fast.memory import checkpoint_steps, disk_plan, fmt_bytes, fmt_gb, memory_budget_bytes, run_files, step_shape
 from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
 from dopsd_fast.profiling import nvtx_range
@@ -193,6 +194,8 @@ class Trainer:
                 self._resume_from = state = None  # not kept: the checkpoint's tensors can be large
             elif resume == "latest" and self.rank == 0:
                 self.logger.truncate_after(0)  # rows of an earlier attempt that left no checkpoint
+            if self.rank == 0:
+                self._check_disk()
             RANK_STARTUP.quiet = False  # started: from here each rank's warnings are its own (said on the screen)
         except BaseException:
             self.close()
@@ -984,6 +987,31 @@ class Trainer:
                                 "they did not load) moved aside (%s; not deleted): --resume latest continues this run from now on", self.step,
                                 ", ".join(p.name for p in moved))
         log.info("resumed from %s at step %d", path, self.step)
+
+    def disk_plan(self, free: float | None = None):
+        """:func:`~dopsd_fast.memory.disk_plan` of this run from its step on: its checkpoints (this run's
+        already in ``checkpoints/`` counted) and exports."""
+        trained = sum(p.numel() for p in self.weights.trainable_parameters())
+        base = sum(p.numel() for p in self.adapter.transformer.parameters())
+        ck, exports, folders = run_files(trained, base, torch.finfo(self.adapter.dtype).bits // 8, self.cfg.lora.enabled)
+        t = self.cfg.train
+        mine = sum(1 for _, p in list_checkpoints(self.out / "checkpoints") if checkpoint_run_id(p) == self.run_id)
+        return disk_plan(ck, exports, folders, t.keep_checkpoints, checkpoint_steps(self.step, t.max_steps,
+                         t.checkpoint_every), existing=mine, exports_each_checkpoint=self.cfg.lora.enabled, free=free)
+
+    def _check_disk(self) -> None:
+        """A warning, at start-up, when the checkpoints and exports the run will write do not fit the
+        free space of its output folder's disk: the step whose checkpoint fails, and the ways out."""
+        try:
+            free = shutil.disk_usage(self.out).free
+        except OSError:
+            return
+        d = self.disk_plan(free)
+        if d.fails_at is not None:
+            log.warning("%s, and that disk has %s free: the checkpoint of step %d will not fit (train.keep_checkpoints"
+                        "=%d, plus the one being written); free space, lower train.keep_checkpoints, or write the run "
+                        "to a larger disk (train.output_dir)", d.describe(str(self.out)), fmt_bytes(free), d.fails_at,
+                        self.cfg.train.keep_checkpoints)
 
     def _check_optimizer_shapes(self, osd: dict) -> None:
         """Each saved moment has its parameter's shape (a ValueError naming it, else the optimizer would

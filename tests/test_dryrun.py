@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -471,3 +473,77 @@ def test_dry_run_under_torchrun_is_refused_in_one_line(monkeypatch, capsys):
     assert train_main(["--config", "tiny-zimage", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --dry-run plans one GPU and runs as one process")
+
+
+def test_disk_plan_counts_checkpoints_kept_and_the_one_being_written():
+    """What a run adds to its disk: a save writes the new checkpoint before the oldest goes, and an
+    export folder beside the one it replaces; a resumed run's own checkpoints are there already."""
+    from dopsd_fast.memory import checkpoint_steps, disk_plan
+
+    assert checkpoint_steps(0, 2000, 500) == [500, 1000, 1500, 2000]
+    assert checkpoint_steps(0, 1234, 500) == [500, 1000, 1234]  # and the last step
+    assert checkpoint_steps(600, 2000, 500) == [1000, 1500, 2000] == checkpoint_steps(500, 2000, 500)
+    assert checkpoint_steps(0, 10, 0) == [10] and checkpoint_steps(2000, 2000, 500) == []
+    G = 1e9
+    # full fine-tuning of a 6 B model: 98 GB checkpoints, 3 kept, the exports (2 x 12.3 GB) at the end
+    d = disk_plan(98 * G, 24.6 * G, 2, 3, [500, 1000, 1500, 2000], exports_each_checkpoint=False, free=350 * G)
+    assert d.kept == 4 and d.need == pytest.approx(4 * 98 * G + 1.5 * 24.6 * G) and d.fails_at == 2000
+    assert disk_plan(98 * G, 24.6 * G, 2, 3, [500, 1000], exports_each_checkpoint=False, free=150 * G).fails_at == 1000
+    assert disk_plan(98 * G, 24.6 * G, 2, 3, [500, 1000], exports_each_checkpoint=False, free=300 * G).fails_at is None
+    # LoRA: the exports go with every checkpoint; a resumed run with its 3 checkpoints there needs one more
+    d = disk_plan(2 * G, 1 * G, 2, 3, [1500, 2000], existing=3, free=3.5 * G)
+    assert d.kept == 4 and d.need == pytest.approx(2 * G + 1.5 * G) and d.fails_at is None
+    assert disk_plan(2 * G, 1 * G, 2, 3, [1500, 2000], existing=3, free=3.4 * G).fails_at == 1500
+
+
+def test_a_run_that_will_not_fit_its_disk_is_told_at_start(tmp_path, caplog, monkeypatch):
+    """A run's checkpoints filled its disk hours in (full fine-tuning of Z-Image-Turbo: 98 GB each, up to
+    four at once), and the first save that did not fit stopped it, with no word at the start. Now the
+    start-up warns, naming the step whose checkpoint will not fit; its figures are the files the run
+    writes (checked here against a run's own checkpoint and exports); the dry run says the same."""
+    import logging
+    import shutil
+
+    from dopsd_fast import trainer as tr
+    from dopsd_fast.checkpoint import load_checkpoint
+    from tests.conftest import tiny_config
+
+    args = ("train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=2", "validation.every=0")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        t = tr.Trainer(tiny_config(tmp_path / "a", *args))
+    d = t.disk_plan()
+    assert d.steps == (1, 2, 3) and d.kept == 3 and not any("will not fit" in r.getMessage() for r in caplog.records)
+    t.train()
+    out = tmp_path / "a" / "run"
+    st = load_checkpoint(out / "checkpoints" / "step-0000003")
+
+    def tensor_bytes(x):
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size()
+        return sum(map(tensor_bytes, x.values() if isinstance(x, dict) else x)) if isinstance(x, (dict, list, tuple)) else 0
+
+    assert tensor_bytes(st["weights"]) + tensor_bytes(st["optimizer"]) == pytest.approx(d.checkpoint, rel=0.01)
+    exported = sum(f.stat().st_size for n in ("lora", "lora_ema") for f in (out / n).glob("*.safetensors"))
+    assert exported == pytest.approx(d.exports, rel=0.1), (exported, d.exports)
+
+    real = shutil.disk_usage
+    free = 2.6 * d.checkpoint  # the first save (1 checkpoint + 1.5 x the exports) fits, the second does not
+    monkeypatch.setattr(tr.shutil, "disk_usage", lambda p: real(p)._replace(free=int(free)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        tr.Trainer(tiny_config(tmp_path / "b", *args)).close()
+    warned = [r.getMessage() for r in caplog.records if "will not fit" in r.getMessage()]
+    assert len(warned) == 1 and "the checkpoint of step 2 will not fit" in warned[0], caplog.text
+    assert "train.keep_checkpoints" in warned[0] and str(tmp_path / "b" / "run") in warned[0], warned[0]
+
+
+def test_dry_run_says_what_the_run_writes_to_its_disk(capsys):
+    from dopsd_fast.cli import train_main
+
+    rc = train_main(["--config", "zimage-turbo-lora", "--dry-run", "--gpu", "h200", "--set", "lora.enabled=false",
+                     "--set", "train.keep_checkpoints=3", "--set", "train.checkpoint_every=250"])
+    out = capsys.readouterr().out
+    line = next((x for x in out.splitlines() if x.startswith("disk: ")), "")
+    # the released Z-Image-Turbo's 6.15 B parameters: 16 bytes each per checkpoint, 2 x 2 bytes exported
+    assert rc == 0 and "checkpoints of 98.5 GB, up to 4 at once" in line and "exports 24.6 GB" in line, out
+    assert "free there on this machine" in line, line
