@@ -1041,12 +1041,21 @@ class Trainer:
                         st[k] = fsdp.as_dtensor(fsdp.full_to_local(v, p).clone(), p)
         return osd
 
+    SAY_WRITING_FROM = 1e9  # bytes: a checkpoint this large is announced before it is written (it takes a while)
+
     def save(self) -> Path:
         """A DCP checkpoint (every rank takes part: call it on all of them), then the LoRA exports
         (rank 0)."""
+        t0 = time.perf_counter()
+        about = self.disk_plan().checkpoint if self.rank == 0 else 0
+        if about >= self.SAY_WRITING_FROM:  # a long write: the progress bar stands still meanwhile
+            log.info("step %d: writing its checkpoint (about %s)", self.step, fmt_bytes(about))
         path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints,
                                run_id=self.run_id)
         self.export_lora()
+        if self.rank == 0:
+            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+            log.info("checkpoint %s written (%s, %.1f s)", path, fmt_bytes(size), time.perf_counter() - t0)
         self._saved_step = self.step
         self._plot_curves()
         return path
