@@ -111,7 +111,14 @@ def _log_above(bar):
 
 
 def _load_train_state(ck: Path) -> dict:
-    """A checkpoint's state, checked as the trainer's (:func:`~dopsd_fast.checkpoint.check_train_state`)."""
+    """A checkpoint's state, checked as the trainer's (:func:`~dopsd_fast.checkpoint.check_train_state`);
+    one of 1 GB or more is announced first (read and checksummed: it takes a while)."""
+    try:
+        size = sum(f.stat().st_size for f in Path(ck).iterdir() if f.is_file())
+    except OSError:
+        size = 0
+    if size >= Trainer.ANNOUNCE_BYTES:
+        log.info("reading checkpoint %s (%s)", ck, fmt_bytes(size))
     state = load_checkpoint(ck)
     check_train_state(state, ck)
     return state
@@ -1041,14 +1048,14 @@ class Trainer:
                         st[k] = fsdp.as_dtensor(fsdp.full_to_local(v, p).clone(), p)
         return osd
 
-    SAY_WRITING_FROM = 1e9  # bytes: a checkpoint this large is announced before it is written (it takes a while)
+    ANNOUNCE_BYTES = 1e9  # a checkpoint this large is announced before it is written or read (it takes a while)
 
     def save(self) -> Path:
         """A DCP checkpoint (every rank takes part: call it on all of them), then the LoRA exports
         (rank 0)."""
         t0 = time.perf_counter()
         about = self.disk_plan().checkpoint if self.rank == 0 else 0
-        if about >= self.SAY_WRITING_FROM:  # a long write: the progress bar stands still meanwhile
+        if about >= self.ANNOUNCE_BYTES:  # a long write: the progress bar stands still meanwhile
             log.info("step %d: writing its checkpoint (about %s)", self.step, fmt_bytes(about))
         path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints,
                                run_id=self.run_id)

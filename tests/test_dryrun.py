@@ -513,13 +513,17 @@ def test_a_run_that_will_not_fit_its_disk_is_told_at_start(tmp_path, caplog, mon
         t = tr.Trainer(tiny_config(tmp_path / "a", *args))
     d = t.disk_plan()
     assert d.steps == (1, 2, 3) and d.kept == 3 and not any("will not fit" in r.getMessage() for r in caplog.records)
-    monkeypatch.setattr(tr.Trainer, "SAY_WRITING_FROM", 1.0)  # a long write is announced (here: every one)
+    monkeypatch.setattr(tr.Trainer, "ANNOUNCE_BYTES", 1.0)  # a long write is announced (here: every one)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dopsd_fast"):
         t.train()
     said = [r.getMessage() for r in caplog.records]
     assert sum("writing its checkpoint (about" in m for m in said) == 3, said
     assert sum(m.startswith("checkpoint ") and " written (" in m for m in said) == 3, said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        tr.Trainer(tiny_config(tmp_path / "a", *args), resume="latest").close()
+    assert any(r.getMessage().startswith("reading checkpoint ") for r in caplog.records), caplog.text
     out = tmp_path / "a" / "run"
     st = load_checkpoint(out / "checkpoints" / "step-0000003")
 
