@@ -899,7 +899,8 @@ FIELD_HELP: dict[str, str] = {
     "train.checkpoint_every": "write a checkpoint every N steps (0 = only at the end)",
     "train.keep_checkpoints": "checkpoints kept (the oldest deleted)",
     "train.tensorboard": "write TensorBoard logs",
-    "train.wandb": "log to Weights & Biases",
+    "train.wandb": "log to Weights & Biases (`pip install wandb`): one wandb run per training run, named after "
+                   "`train.output_dir`, continued by a resume; the project is `$WANDB_PROJECT`, else `dopsd-fast`",
     "train.progress": "show a progress bar",
     "train.max_update_ratio": "divergence guard: an update this many times the weights' norm stops the run before "
                               "anything of the step is written",

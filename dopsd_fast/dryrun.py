@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +38,13 @@ def _lora_params(transformer, targets, rank: int) -> int:
         if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
             n += rank * (mod.in_features + mod.out_features)
     return n
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ValueError:  # in sys.modules as None (an import that is made to fail)
+        return False
 
 
 def _folder_bytes(*paths) -> int:
@@ -167,6 +175,8 @@ def workload(cfg, say=print, references: int | None = 0, recipe=None) -> Workloa
     count of the shipped ``recipe``'s rows (:func:`recipe_references`)."""
     spec = family(cfg.model.family)
     needs: list[str] = []
+    if cfg.train.wandb and not _installed("wandb"):
+        needs.append("train.wandb: the wandb package (pip install wandb)")
     counted_by = "--references"
     if references is None:
         references = recipe_references(cfg, recipe)

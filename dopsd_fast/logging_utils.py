@@ -47,10 +47,21 @@ def metrics_rows(path: Path):
             yield line, parsed[1]
 
 
+def require_wandb():
+    """The wandb module, or a RuntimeError (one line) saying how to get it or turn it off."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("train.wandb=true: the 'wandb' package is not installed (pip install wandb), or set "
+                           "train.wandb=false") from None
+    return wandb
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, tensorboard: bool = True, wandb: bool = False, config: dict | None = None,
                  enabled: bool = True):
         self.enabled = enabled
+        self.run_id: str | None = None  # the training run's id (the trainer sets it): the wandb run's
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = self.wandb = self._tb_writer = self._wandb_run = None
         self._purge = None  # on resume: TensorBoard's events past the checkpoint's step dropped (truncate_after)
@@ -64,12 +75,14 @@ class MetricsLogger:
             else:  # the folder is made at the first row: a run refused before its first step leaves none
                 self._tb_writer = lambda: SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=self._purge)
         if wandb:
-            try:
-                import wandb as _wandb
-            except ImportError:
-                raise ImportError("train.wandb=true needs the wandb package: pip install wandb") from None
-            # started at the first row, like the tensorboard folder: a run refused at load opens no wandb run
-            self._wandb_run = lambda: _wandb.init(project="dopsd-fast", config=config, dir=str(out_dir))
+            _wandb = require_wandb()
+            # started at the first row, like the tensorboard folder: a run refused at load opens no wandb run.
+            # One wandb run per training run: its id is the run's (``run_id``, a resume's the checkpoint's), so a
+            # resumed run continues its curves; the project is $WANDB_PROJECT's, else dopsd-fast
+            self._wandb_run = lambda: _wandb.init(project=os.environ.get("WANDB_PROJECT") or "dopsd-fast",
+                                                  name=Path(out_dir).absolute().name, id=self.run_id,
+                                                  resume="allow" if self.run_id else None, config=config,
+                                                  dir=str(out_dir))
 
     def truncate_after(self, step: int) -> None:
         """On resume: keep the lines of steps <= ``step`` (the checkpoint's) and drop a line torn by a

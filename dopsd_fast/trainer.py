@@ -40,7 +40,7 @@ from dopsd_fast.export import write_comfyui_lora
 from dopsd_fast.families import DEFAULT_FAMILY, FAMILIES, build_adapter, check_buckets, family, require_editing_support
 from dopsd_fast.families.common import differing_files, file_fingerprint
 from dopsd_fast.fastpath import build_pair
-from dopsd_fast.logging_utils import RANK_STARTUP, MetricsLogger, metrics_rows
+from dopsd_fast.logging_utils import RANK_STARTUP, MetricsLogger, metrics_rows, require_wandb
 from dopsd_fast.memory import checkpoint_steps, disk_plan, fmt_bytes, fmt_gb, memory_budget_bytes, run_files, step_shape
 from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
@@ -168,6 +168,8 @@ class Trainer:
             if state is not None:
                 self._check_model_files(ck, state)
             self._resume_from = (ck, state) if state is not None else None
+            if cfg.train.wandb and self.rank == 0:  # before the model is built: a missing package costs no build
+                require_wandb()
             torch.manual_seed(cfg.train.seed)
             random.seed(cfg.train.seed)
             self._build_data_and_model()
@@ -201,6 +203,7 @@ class Trainer:
                 self._resume_from = state = None  # not kept: the checkpoint's tensors can be large
             elif resume == "latest" and self.rank == 0:
                 self.logger.truncate_after(0)  # rows of an earlier attempt that left no checkpoint
+            self.logger.run_id = self.run_id  # after load: a resumed run's wandb run is the one it began
             if self.rank == 0:
                 self._check_disk()
             RANK_STARTUP.quiet = False  # started: from here each rank's warnings are its own (said on the screen)

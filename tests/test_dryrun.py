@@ -557,3 +557,12 @@ def test_dry_run_says_what_the_run_writes_to_its_disk(capsys):
     # the released Z-Image-Turbo's 6.15 B parameters: 16 bytes each per checkpoint, 2 x 2 bytes exported
     assert rc == 0 and "checkpoints of 98.5 GB, up to 4 at once" in line and "exports 24.6 GB" in line, out
     assert "free there on this machine" in line, line
+
+
+def test_dry_run_names_a_missing_wandb(monkeypatch, capsys):
+    from dopsd_fast.cli import train_main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert train_main(["--dry-run", "--set", "train.wandb=true"]) == 0
+    needs = capsys.readouterr().out.split("a real run still needs:")[-1]
+    assert "train.wandb: the wandb package (pip install wandb)" in needs, needs

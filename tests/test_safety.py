@@ -1148,6 +1148,36 @@ def test_a_resume_refused_at_load_starts_no_wandb_run(straight, tmp_path, monkey
     assert calls == ["init", ("log", 1), ("log", 2), "finish"]
 
 
+def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
+    """Each resume opened a new wandb run (its curves in pieces) in the project "dopsd-fast" whatever
+    $WANDB_PROJECT said; and without the package, train.wandb=true ended, after the model was built, in
+    an "unexpected" ImportError. Now the wandb run's id is the training run's (a resume continues it),
+    the project is $WANDB_PROJECT's, and a missing package is refused before the model is built."""
+    import sys
+    import types
+
+    from dopsd_fast.trainer import Trainer
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: import fails
+    monkeypatch.setattr(Trainer, "_build_data_and_model", lambda self: pytest.fail("the model was built"))
+    with pytest.raises(RuntimeError, match=r"^train.wandb=true: the 'wandb' package is not installed \(pip install "
+                       r"wandb\), or set train.wandb=false$"):
+        _trainer(tmp_path / "none", "train.wandb=true")
+    monkeypatch.undo()
+
+    inits = []
+    run = types.SimpleNamespace(log=lambda m, step: None, finish=lambda: None)
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: inits.append(kw) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "my-concepts")
+    t = _trainer(tmp_path, "train.max_steps=2", "train.checkpoint_every=1", "train.wandb=true")
+    t.train()
+    _trainer(tmp_path, "train.max_steps=3", "train.checkpoint_every=1", "train.wandb=true", resume="latest").train()
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] == t.run_id, inits
+    assert all(kw["project"] == "my-concepts" and kw["resume"] == "allow" and kw["name"] == "run" for kw in inits)
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_update_norm_from_its_state_equals_the_snapshot(wd):
     """Full fine-tuning's guard has no copy of the weights (it would be a second model): the update's norm
