@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.conftest import cpu_rowwise_scaled_mm
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,8 +87,11 @@ def test_install_step_works_offline_from_the_checkout(tmp_path):
     kernels and stops at "no GPU" here), and no fixed path such as /tmp/site is used."""
     _wheel(tmp_path / "wheels", "gpu_check_probe", "MARK = 'carried'\n")
     out = tmp_path / "out"
+    # the checkout is not on PYTHONPATH (it imports as-is); what else the environment puts there stays (an image
+    # without diffusers carries its wheel on PYTHONPATH, as gpu_check.sh does, and the import check needs it)
+    keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
     r, _ = _run(out, "--wheels", str(tmp_path / "wheels"), "--budget", "120", GIT_COMMIT="abc123",
-                PIP_NO_INDEX="1", PYTHONPATH="")
+                PIP_NO_INDEX="1", PYTHONPATH=os.pathsep.join(keep))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ready" in r.stdout and "/tmp/site" not in (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     res = json.loads((out / "results.json").read_text())
@@ -161,12 +166,15 @@ def test_dry_run_of_the_default_command_on_the_cpu(tmp_path):
     assert "min_velocity_sqnr_db_student" not in parity[0]  # the bf16 step: no SQNR
     assert all(parity[1][f"min_velocity_sqnr_db_{br}"] >= 20.0 for br in ("student", "teacher")), parity[1]
     fp8 = [x for x in rows if x["kind"] == "fp8_gemm"]  # torch._scaled_mm beside mm at the dry run's shapes
-    assert len(fp8) == 2 and all("error" not in x and x["rowwise_ms"] > 0 and x["bf16_ms"] > 0 for x in fp8), fp8
-    # the forward's shape also with fast accumulation, as the fast path's forward runs _scaled_mm; not the dX's
-    assert [(x["dgrad"], x.get("rowwise_fast_ms", 0) > 0, x.get("tensorwise_fast_ms", 0) > 0) for x in fp8] == [
-        (False, True, True), (True, False, False)], fp8
-    # with the LoRA delta: the cuBLAS form beside ours (the TMA kernel, one pass), ours within parity
-    assert all("ours_error" not in x and x["ours_parity_ok"] and x["ours_rowwise_delta_ms"] > 0 for x in fp8), fp8
+    if not cpu_rowwise_scaled_mm():  # torch < 2.13 on the CPU (the GPU image's 2.11): the rows say why, no error
+        assert [(x["dgrad"], "no rowwise scales" in x.get("skipped", "")) for x in fp8] == [(False, True), (True, True)], fp8
+    else:
+        assert len(fp8) == 2 and all("error" not in x and x["rowwise_ms"] > 0 and x["bf16_ms"] > 0 for x in fp8), fp8
+        # the forward's shape also with fast accumulation, as the fast path's forward runs _scaled_mm; not the dX's
+        assert [(x["dgrad"], x.get("rowwise_fast_ms", 0) > 0, x.get("tensorwise_fast_ms", 0) > 0) for x in fp8] == [
+            (False, True, True), (True, False, False)], fp8
+        # with the LoRA delta: the cuBLAS form beside ours (the TMA kernel, one pass), ours within parity
+        assert all("ours_error" not in x and x["ours_parity_ok"] and x["ours_rowwise_delta_ms"] > 0 for x in fp8), fp8
     timed = [x["path"] for x in rows if x.get("stage") == "step_time" and x["kind"] == "time"]
     assert timed == ["eager reference (checkpointed)", "eager reference (no checkpointing)", "fast",
                      "fast (bf16)", "fast (FP8 native)",
