@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 rm -rf .whl && mkdir -p .whl
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+# pure-Python wheels (py3-none-any): they install on the image's 3.12 and on this checkout's own Python, so a test
+# run here that finds .whl/ is not broken by a cp312-only wheel
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py --abi none \
+  --platform any \
   -d .whl diffusers==0.42.1 requests==2.34.2 urllib3==2.8.0 idna==3.21 certifi==2026.10.19.post1 \
   charset_normalizer==3.5.3
 ls -la .whl

@@ -5,6 +5,7 @@ global budget, exactly three files in the output folder (two when the install fa
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ NO_GPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="expects the 
 
 def _run(out, *args, **env_over):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(OUT=str(out), **env_over)
+    env.update(OUT=str(out), PYTHON=sys.executable, **env_over)  # the tests' Python (python3 on PATH may be another)
     t0 = time.time()
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
