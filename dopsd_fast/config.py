@@ -899,8 +899,10 @@ FIELD_HELP: dict[str, str] = {
     "train.checkpoint_every": "write a checkpoint every N steps (0 = only at the end)",
     "train.keep_checkpoints": "checkpoints kept (the oldest deleted)",
     "train.tensorboard": "write TensorBoard logs",
-    "train.wandb": "log to Weights & Biases (`pip install wandb`): one wandb run per training run, named after "
-                   "`train.output_dir`, continued by a resume; the project is `$WANDB_PROJECT`, else `dopsd-fast`",
+    "train.wandb": "log to Weights & Biases (`pip install wandb`): a wandb run named after `train.output_dir`, "
+                   "continued by a resume (a resume that drops rows past its checkpoint starts a new one, \"(from "
+                   "step N)\", in the same group); the project is `$WANDB_PROJECT`, else `dopsd-fast`; "
+                   "`$WANDB_RUN_ID` is not used",
     "train.progress": "show a progress bar",
     "train.max_update_ratio": "divergence guard: an update this many times the weights' norm stops the run before "
                               "anything of the step is written",

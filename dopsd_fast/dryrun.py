@@ -338,8 +338,8 @@ def _disk(cfg, w: Workload) -> str:
     line = "\n" + d.describe(t.output_dir)
     if free is not None:
         line += (f"; {memory.fmt_bytes(free)} free there on this machine"
-                 + (f": NOT ENOUGH (the checkpoint of step {d.fails_at} would not fit; lower train.keep_checkpoints "
-                    "or write to a larger disk)" if d.fails_at is not None else ""))
+                 + (f": NOT ENOUGH (step {d.fails_at}'s checkpoint and exports would not fit; lower "
+                    "train.keep_checkpoints or write to a larger disk)" if d.fails_at is not None else ""))
     return line
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from dopsd_fast.safety import atomic_write
 
@@ -65,6 +66,7 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.tb = self.wandb = self._tb_writer = self._wandb_run = None
         self._purge = None  # on resume: TensorBoard's events past the checkpoint's step dropped (truncate_after)
+        self._dropped = False  # whether that resume dropped rows past its checkpoint's step
         if not enabled:
             return
         if tensorboard:
@@ -75,14 +77,36 @@ class MetricsLogger:
             else:  # the folder is made at the first row: a run refused before its first step leaves none
                 self._tb_writer = lambda: SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=self._purge)
         if wandb:
-            _wandb = require_wandb()
-            # started at the first row, like the tensorboard folder: a run refused at load opens no wandb run.
-            # One wandb run per training run: its id is the run's (``run_id``, a resume's the checkpoint's), so a
-            # resumed run continues its curves; the project is $WANDB_PROJECT's, else dopsd-fast
-            self._wandb_run = lambda: _wandb.init(project=os.environ.get("WANDB_PROJECT") or "dopsd-fast",
-                                                  name=Path(out_dir).absolute().name, id=self.run_id,
-                                                  resume="allow" if self.run_id else None, config=config,
-                                                  dir=str(out_dir))
+            self._wandb = require_wandb()
+            # started at the first row, like the tensorboard folder: a run refused at load opens no wandb run
+            self._wandb_run = lambda: self._start_wandb(config)
+
+    WANDB_RUN_FILE = "wandb_run_id"  # in the output folder: the wandb run the run's rows go to
+
+    def _start_wandb(self, config):
+        """The wandb run of this training run (``run_id``), in the project ``$WANDB_PROJECT`` (else
+        dopsd-fast), grouped by ``run_id``. A resume continues the wandb run its rows went to; a resume
+        that dropped rows past its checkpoint (a crash after it, or a run taken back to an earlier one)
+        starts a new wandb run in the group, "(from step N)": wandb keeps a resumed run's rows up to its
+        last step, so the dropped rows' steps could not be logged again there."""
+        f = self.path.parent / self.WANDB_RUN_FILE
+        try:
+            last = f.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            last = ""
+        run_id = self.run_id or uuid.uuid4().hex[:16]
+        name = self.path.parent.absolute().name
+        mine = last == run_id or last.startswith(run_id + "-")
+        if self._dropped and self._purge > 1:  # dropped past a checkpoint (a step-0 restart: a run of its own)
+            wid, name = f"{run_id}-{uuid.uuid4().hex[:6]}", f"{name} (from step {self._purge - 1})"
+        else:
+            wid = last if mine else run_id
+        if os.environ.get("WANDB_RUN_ID"):
+            log.warning("WANDB_RUN_ID is set and not used: the wandb run is the training run's (%s)", wid)
+        run = self._wandb.init(project=os.environ.get("WANDB_PROJECT") or "dopsd-fast", name=name, id=wid,
+                               group=run_id, resume="allow", config=config, dir=str(self.path.parent))
+        atomic_write(f, lambda t: t.write_text(wid + "\n"))
+        return run
 
     def truncate_after(self, step: int) -> None:
         """On resume: keep the lines of steps <= ``step`` (the checkpoint's) and drop a line torn by a
@@ -91,7 +115,9 @@ class MetricsLogger:
         self._purge = step + 1
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line, at in metrics_rows(self.path) if at <= step]
+        rows = list(metrics_rows(self.path))
+        keep = [line for line, at in rows if at <= step]
+        self._dropped = len(keep) < len(rows)
 
         atomic_write(self.path, lambda t: t.write_text("".join(x + "\n" for x in keep)))
 

@@ -344,18 +344,25 @@ class DiskPlan:
 
 
 def disk_plan(checkpoint: float, exports: float, export_folders: int, keep: int, steps: list[int],
-              existing: int = 0, exports_each_checkpoint: bool = True, free: float | None = None) -> DiskPlan:
+              existing: int = 0, exports_each_checkpoint: bool = True, free: float | None = None,
+              exports_there: bool = False) -> DiskPlan:
     """:class:`DiskPlan` of a run writing checkpoints at ``steps`` (:func:`checkpoint_steps`), each
     ``checkpoint`` bytes, ``keep`` kept; ``existing`` of them on the disk already; ``exports`` bytes in
-    ``export_folders`` folders written with each checkpoint (LoRA) or at the end (full fine-tuning). A
-    save writes the new checkpoint before it deletes the oldest, and an export folder beside the one
-    it replaces."""
+    ``export_folders`` folders written after each checkpoint (LoRA) or after the last (full
+    fine-tuning), there already where ``exports_there``. A save writes the new checkpoint beside the
+    kept ones, then deletes the oldest, then writes the exports: each folder beside the one it replaces."""
     one_export = exports / export_folders if export_folders else 0.0
     fails_at, need = None, 0.0
+    added, present = 0.0, exports_there  # export bytes this run adds; whether its export folders are there
     for i, s in enumerate(steps, 1):
-        on_disk = max(min(existing + i, keep + 1) - existing, 1)  # this run's new checkpoints at once, this save
-        exp = exports + one_export if (exports_each_checkpoint or s == steps[-1]) else 0.0
-        now = on_disk * checkpoint + exp
+        now = max(min(existing + i, keep + 1) - existing, 1) * checkpoint + added  # the new one beside the kept
+        if exports_each_checkpoint or s == steps[-1]:
+            after = max(min(existing + i, keep) - existing, 0) * checkpoint  # pruned back to keep
+            if present:  # one folder at a time written beside the one it replaces
+                now = max(now, after + added + one_export)
+            else:
+                added, present = exports, True
+                now = max(now, after + added)
         need = max(need, now)
         if free is not None and fails_at is None and now > free:
             fails_at = s

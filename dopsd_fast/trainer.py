@@ -998,16 +998,22 @@ class Trainer:
                                 ", ".join(p.name for p in moved))
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _run_files(self) -> tuple[float, float, int]:
+        """:func:`~dopsd_fast.memory.run_files` of this run: one checkpoint's bytes, the exports', their folders."""
+        trained = sum(p.numel() for p in self.weights.trainable_parameters())
+        base = sum(p.numel() for p in self.adapter.transformer.parameters())
+        return run_files(trained, base, torch.finfo(self.adapter.dtype).bits // 8, self.cfg.lora.enabled)
+
     def disk_plan(self, free: float | None = None):
         """:func:`~dopsd_fast.memory.disk_plan` of this run from its step on: its checkpoints (this run's
         already in ``checkpoints/`` counted) and exports."""
-        trained = sum(p.numel() for p in self.weights.trainable_parameters())
-        base = sum(p.numel() for p in self.adapter.transformer.parameters())
-        ck, exports, folders = run_files(trained, base, torch.finfo(self.adapter.dtype).bits // 8, self.cfg.lora.enabled)
+        ck, exports, folders = self._run_files()
         t = self.cfg.train
         mine = sum(1 for _, p in list_checkpoints(self.out / "checkpoints") if checkpoint_run_id(p) == self.run_id)
+        names = ("lora", "lora_ema") if self.cfg.lora.enabled else tuple(n for _, n in self.FULL_EXPORTS)
         return disk_plan(ck, exports, folders, t.keep_checkpoints, checkpoint_steps(self.step, t.max_steps,
-                         t.checkpoint_every), existing=mine, exports_each_checkpoint=self.cfg.lora.enabled, free=free)
+                         t.checkpoint_every), existing=mine, exports_each_checkpoint=self.cfg.lora.enabled, free=free,
+                         exports_there=all((self.out / n).is_dir() for n in names))
 
     def _check_disk(self) -> None:
         """A warning, at start-up, when the checkpoints and exports the run will write do not fit the
@@ -1018,10 +1024,10 @@ class Trainer:
             return
         d = self.disk_plan(free)
         if d.fails_at is not None:
-            log.warning("%s, and that disk has %s free: the checkpoint of step %d will not fit (train.keep_checkpoints"
-                        "=%d, plus the one being written); free space, lower train.keep_checkpoints, or write the run "
-                        "to a larger disk (train.output_dir)", d.describe(str(self.out)), fmt_bytes(free), d.fails_at,
-                        self.cfg.train.keep_checkpoints)
+            log.warning("%s, and that disk has %s free: step %d's checkpoint and exports will not fit "
+                        "(train.keep_checkpoints=%d, plus the one being written); free space, lower "
+                        "train.keep_checkpoints, or write the run to a larger disk (train.output_dir)",
+                        d.describe(str(self.out)), fmt_bytes(free), d.fails_at, self.cfg.train.keep_checkpoints)
 
     def _check_optimizer_shapes(self, osd: dict) -> None:
         """Each saved moment has its parameter's shape (a ValueError naming it, else the optimizer would
@@ -1057,15 +1063,19 @@ class Trainer:
         """A DCP checkpoint (every rank takes part: call it on all of them), then the LoRA exports
         (rank 0)."""
         t0 = time.perf_counter()
-        about = self.disk_plan().checkpoint if self.rank == 0 else 0
+        about = self._run_files()[0] if self.rank == 0 else 0
         if about >= self.ANNOUNCE_BYTES:  # a long write: the progress bar stands still meanwhile
             log.info("step %d: writing its checkpoint (about %s)", self.step, fmt_bytes(about))
         path = save_checkpoint(self.out / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints,
                                run_id=self.run_id)
-        self.export_lora()
+        took = time.perf_counter() - t0
         if self.rank == 0:
-            size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-            log.info("checkpoint %s written (%s, %.1f s)", path, fmt_bytes(size), time.perf_counter() - t0)
+            try:
+                size = f"{fmt_bytes(sum(f.stat().st_size for f in path.iterdir() if f.is_file()))}, "
+            except OSError:  # moved or removed meanwhile (a sync tool): the checkpoint was written all the same
+                size = ""
+            log.info("checkpoint %s written (%s%.1f s)", path, size, took)
+        self.export_lora()
         self._saved_step = self.step
         self._plot_curves()
         return path

@@ -485,21 +485,26 @@ def test_disk_plan_counts_checkpoints_kept_and_the_one_being_written():
     assert checkpoint_steps(600, 2000, 500) == [1000, 1500, 2000] == checkpoint_steps(500, 2000, 500)
     assert checkpoint_steps(0, 10, 0) == [10] and checkpoint_steps(2000, 2000, 500) == []
     G = 1e9
-    # full fine-tuning of a 6 B model: 98 GB checkpoints, 3 kept, the exports (2 x 12.3 GB) at the end
+    # full fine-tuning of a 6 B model: 98 GB checkpoints, 3 kept; the exports (2 x 12.3 GB) after the last
+    # save, which pruned back to 3: the peak is the 4th checkpoint being written (392 GB), not 4 + the exports
     d = disk_plan(98 * G, 24.6 * G, 2, 3, [500, 1000, 1500, 2000], exports_each_checkpoint=False, free=350 * G)
-    assert d.kept == 4 and d.need == pytest.approx(4 * 98 * G + 1.5 * 24.6 * G) and d.fails_at == 2000
+    assert d.kept == 4 and d.need == pytest.approx(4 * 98 * G) and d.fails_at == 2000
     assert disk_plan(98 * G, 24.6 * G, 2, 3, [500, 1000], exports_each_checkpoint=False, free=150 * G).fails_at == 1000
-    assert disk_plan(98 * G, 24.6 * G, 2, 3, [500, 1000], exports_each_checkpoint=False, free=300 * G).fails_at is None
-    # LoRA: the exports go with every checkpoint; a resumed run with its 3 checkpoints there needs one more
-    d = disk_plan(2 * G, 1 * G, 2, 3, [1500, 2000], existing=3, free=3.5 * G)
-    assert d.kept == 4 and d.need == pytest.approx(2 * G + 1.5 * G) and d.fails_at is None
-    assert disk_plan(2 * G, 1 * G, 2, 3, [1500, 2000], existing=3, free=3.4 * G).fails_at == 1500
+    d = disk_plan(98 * G, 24.6 * G, 2, 3, [500, 1000], exports_each_checkpoint=False, free=230 * G)
+    assert d.need == pytest.approx(2 * 98 * G + 24.6 * G) and d.fails_at is None  # both kept, then the exports
+    # LoRA, fresh: the exports with each checkpoint; from the 2nd on each folder is written beside its old one
+    d = disk_plan(2 * G, 1 * G, 2, 3, [500, 1000], free=5.4 * G)
+    assert d.need == pytest.approx(2 * 2 * G + 1 * G + 0.5 * G) and d.fails_at == 1000
+    # a resumed run, its 3 checkpoints and its exports there: one checkpoint more, or one export folder
+    d = disk_plan(2 * G, 1 * G, 2, 3, [1500, 2000], existing=3, exports_there=True, free=2.1 * G)
+    assert d.kept == 4 and d.need == pytest.approx(2 * G) and d.fails_at is None
+    assert disk_plan(2 * G, 1 * G, 2, 3, [1500, 2000], existing=3, exports_there=True, free=1.9 * G).fails_at == 1500
 
 
 def test_a_run_that_will_not_fit_its_disk_is_told_at_start(tmp_path, caplog, monkeypatch):
     """A run's checkpoints filled its disk hours in (full fine-tuning of Z-Image-Turbo: 98 GB each, up to
     four at once), and the first save that did not fit stopped it, with no word at the start. Now the
-    start-up warns, naming the step whose checkpoint will not fit; its figures are the files the run
+    start-up warns, naming the step whose checkpoint and exports will not fit; its figures are the files the run
     writes (checked here against a run's own checkpoint and exports); the dry run says the same."""
     import logging
     import shutil
@@ -537,13 +542,13 @@ def test_a_run_that_will_not_fit_its_disk_is_told_at_start(tmp_path, caplog, mon
     assert exported == pytest.approx(d.exports, rel=0.1), (exported, d.exports)
 
     real = shutil.disk_usage
-    free = 2.6 * d.checkpoint  # the first save (1 checkpoint + 1.5 x the exports) fits, the second does not
+    free = 2.6 * d.checkpoint  # the first save (1 checkpoint, then the exports: 1 more) fits, the second (2 + 1) not
     monkeypatch.setattr(tr.shutil, "disk_usage", lambda p: real(p)._replace(free=int(free)))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         tr.Trainer(tiny_config(tmp_path / "b", *args)).close()
     warned = [r.getMessage() for r in caplog.records if "will not fit" in r.getMessage()]
-    assert len(warned) == 1 and "the checkpoint of step 2 will not fit" in warned[0], caplog.text
+    assert len(warned) == 1 and "step 2's checkpoint and exports will not fit" in warned[0], caplog.text
     assert "train.keep_checkpoints" in warned[0] and str(tmp_path / "b" / "run") in warned[0], warned[0]
 
 

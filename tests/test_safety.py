@@ -1151,8 +1151,12 @@ def test_a_resume_refused_at_load_starts_no_wandb_run(straight, tmp_path, monkey
 def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
     """Each resume opened a new wandb run (its curves in pieces) in the project "dopsd-fast" whatever
     $WANDB_PROJECT said; and without the package, train.wandb=true ended, after the model was built, in
-    an "unexpected" ImportError. Now the wandb run's id is the training run's (a resume continues it),
-    the project is $WANDB_PROJECT's, and a missing package is refused before the model is built."""
+    an "unexpected" ImportError. Now a resume continues the wandb run its rows went to (the project
+    $WANDB_PROJECT's), and one that drops rows past its checkpoint (a run taken back to an earlier one)
+    starts a new wandb run in the run's group: wandb drops a resumed run's rows at or below its last
+    step, so the re-trained steps would have kept the abandoned values. A missing package is refused
+    before the model is built."""
+    import importlib.machinery
     import sys
     import types
 
@@ -1165,17 +1169,38 @@ def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_on
         _trainer(tmp_path / "none", "train.wandb=true")
     monkeypatch.undo()
 
+    runs = {}  # wandb id -> the steps it holds, as wandb keeps them (a row at or below the last step is dropped)
     inits = []
-    run = types.SimpleNamespace(log=lambda m, step: None, finish=lambda: None)
+
+    def init(**kw):
+        inits.append(kw)
+        held = runs.setdefault(kw["id"], [])
+
+        def log(metrics, step):
+            if not held or step > held[-1]:
+                held.append(step)
+        return types.SimpleNamespace(log=log, finish=lambda: None)
+
     fake = types.ModuleType("wandb")
-    fake.init = lambda **kw: inits.append(kw) or run
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe for it with find_spec
+    fake.init = init
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_PROJECT", "my-concepts")
-    t = _trainer(tmp_path, "train.max_steps=2", "train.checkpoint_every=1", "train.wandb=true")
+    w = ("train.checkpoint_every=1", "train.keep_checkpoints=9", "train.wandb=true")
+    t = _trainer(tmp_path, "train.max_steps=2", *w)
     t.train()
-    _trainer(tmp_path, "train.max_steps=3", "train.checkpoint_every=1", "train.wandb=true", resume="latest").train()
-    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] == t.run_id, inits
-    assert all(kw["project"] == "my-concepts" and kw["resume"] == "allow" and kw["name"] == "run" for kw in inits)
+    _trainer(tmp_path, "train.max_steps=3", *w, resume="latest").train()
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] == t.run_id and runs[t.run_id] == [1, 2, 3], inits
+    assert all(kw["project"] == "my-concepts" and kw["resume"] == "allow" and kw["name"] == "run"
+               and kw["group"] == t.run_id for kw in inits)
+    # taken back to step 1 (rows 2 and 3 dropped): a new wandb run of the group holds the re-trained steps
+    ck = tmp_path / "run" / "checkpoints" / "step-0000001"
+    _trainer(tmp_path, "train.max_steps=3", *w, resume=str(ck)).train()
+    seg = inits[2]["id"]
+    assert seg.startswith(t.run_id + "-") and inits[2]["group"] == t.run_id and runs[seg] == [2, 3], inits[2]
+    assert inits[2]["name"] == "run (from step 1)" and runs[t.run_id] == [1, 2, 3]
+    _trainer(tmp_path, "train.max_steps=4", *w, resume="latest").train()
+    assert inits[3]["id"] == seg and runs[seg] == [2, 3, 4]  # then a resume continues that one
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
