@@ -37,10 +37,10 @@ setup(
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
         "diffusers>=0.42,<0.43",
-        "transformers>=5.2,<6",
-        "peft>=0.17",
-        "safetensors>=0.4",
-        "tokenizers>=0.21",
+        "transformers>=5.4,<6",  # 5.4: qwen2_vl's image_processing_pil_qwen2_vl (Z-Image); tests/test_requirements.py
+        "peft>=0.18",  # < 0.18 imports transformers.HybridCache, gone in transformers 5
+        "safetensors>=0.8",  # diffusers 0.42's own floor
+        "tokenizers>=0.22",  # transformers 5.4's own floor
         "numpy",
         "pillow",
         "pyyaml",
