@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,19 @@ def test_teacher_context_contains_image(adapter):
     assert torch.equal(a, again)
 
 
+def _patchify(image, patch_size, merge_size, temporal_patch_size):
+    """Qwen2-VL's patch layout of one (C, H, W) image, as the processor lays it out: (gh * gw, C * T * P * P), the
+    frame repeated T times (transformers >= 5.15's ``Qwen2VLImageProcessorPil.patchify``, written out here: the
+    5.4 - 5.14 processors, which setup.py admits, lack the method)."""
+    image = np.asarray(image, dtype=np.float32)
+    c, h, w = image.shape
+    gh, gw = h // patch_size, w // patch_size
+    p = image.reshape(c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
+    p = np.transpose(p, (1, 4, 2, 5, 0, 3, 6))
+    p = np.broadcast_to(p[:, :, :, :, :, None], (*p.shape[:5], temporal_patch_size, *p.shape[5:]))
+    return p.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size), gh, gw
+
+
 def test_teacher_image_resized_in_float_like_the_authors_processor(adapter):
     """The VLM sees the target resized in floating point (bicubic, antialias: what the authors'
     torchvision processor does with a float tensor), never through an 8-bit image."""
@@ -85,14 +99,14 @@ def test_teacher_image_resized_in_float_like_the_authors_processor(adapter):
     assert (rh, rw) != (40, 50)
     ref = torch.nn.functional.interpolate(img[None], size=(rh, rw), mode="bicubic", antialias=True,
                                           align_corners=False)[0]
-    patches, gh, gw = ip.patchify(((ref - mean) / std).numpy(), ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+    patches, gh, gw = _patchify(((ref - mean) / std).numpy(), ip.patch_size, ip.merge_size, ip.temporal_patch_size)
     pix = adapter.vlm_pixels(img)
     assert pix["image_grid_thw"].tolist() == [[1, gh, gw]]
     assert_close(pix["pixel_values"], torch.from_numpy(patches), 1e-6, 0, "pixel values", scaled=True)
     # already at a valid size: the values come back exactly (an 8-bit round trip is off by up to 1/510)
     img = torch.rand(3, 32, 40)
     pix = adapter.vlm_pixels(img)
-    patches, _, _ = ip.patchify(((img - mean) / std).numpy(), ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+    patches, _, _ = _patchify(((img - mean) / std).numpy(), ip.patch_size, ip.merge_size, ip.temporal_patch_size)
     assert (pix["pixel_values"] - torch.from_numpy(patches)).abs().max() < 1e-6
 
 
