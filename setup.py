@@ -33,6 +33,8 @@ setup(
     cmdclass={"build_py": BuildPyWithKernels},
     package_data={"dopsd_fast.configs": ["*.yaml"], "dopsd_fast.toy": ["weights/*.safetensors", "weights/toy.json"]},
     python_requires=">=3.10",
+    # the floors of transformers, peft and diffusers are also dopsd_fast.errors.LIBRARY_FLOORS, checked at import
+    # (an install with --no-deps, or a library moved later, is not checked by pip)
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",

@@ -17,6 +17,9 @@ from dopsd_fast.algorithm import (
     state_loss,
     x0_from_v,
 )
+from dopsd_fast.errors import check_library_versions
+
+check_library_versions()  # an older transformers / peft / diffusers than the package runs on: one line, at import
 
 __version__ = "0.1.0"
 

@@ -45,3 +45,37 @@ def load_error(e: BaseException) -> str:
         return (f"UnpicklingError: it holds Python objects a checkpoint may not hold"
                 f"{f' ({found.group(1)})' if found else ''}: a file of another kind, or made to run code")
     return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+# The lowest releases the package runs on, where an older one installs without complaint and then fails
+# (setup.py's install_requires floors; tests/test_requirements.py keeps the two equal): transformers 5.4 ships
+# the Qwen2-VL image processor module the Z-Image family imports, peft 0.18 is the first that imports under
+# transformers 5, diffusers 0.42 has the Z-Image and FLUX.2-klein classes.
+LIBRARY_FLOORS = {"transformers": "5.4", "peft": "0.18", "diffusers": "0.42"}
+
+
+def _release(version: str) -> tuple:
+    """'5.4.0.dev0' -> (5, 4, 0): the release numbers, what a floor compares."""
+    m = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(x) for x in m.group(0).split(".")) if m else ()
+
+
+def check_library_versions() -> None:
+    """An ImportError in one line where an installed library is older than its floor
+    (:data:`LIBRARY_FLOORS`): pip checks the range at install time, but not an install with --no-deps,
+    or a package upgraded or downgraded later inside another trainer's environment. A library that is
+    not installed is left to its own import error."""
+    import importlib.metadata as md
+
+    old = []
+    for name, floor in LIBRARY_FLOORS.items():
+        try:
+            have = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+        if _release(have) < _release(floor):
+            old.append(f"{name} {have} (needs >= {floor})")
+    if old:
+        raise ImportError(f"dopsd_fast: {', '.join(old)} installed; upgrade: pip install "
+                          + " ".join(f"'{n}>={LIBRARY_FLOORS[n]}'" for n in LIBRARY_FLOORS if any(
+                              o.startswith(n + " ") for o in old)))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +59,43 @@ def test_the_installed_versions_are_the_declared_ones():
         if not req.specifier.contains(have.split("+")[0], prereleases=True):
             outside.append(f"{name} {have} (setup.py: {req.specifier})")
     assert not outside, outside
+
+
+def test_the_runtime_floors_are_setup_pys():
+    from dopsd_fast.errors import LIBRARY_FLOORS
+
+    reqs = install_requires()
+    for name, floor in LIBRARY_FLOORS.items():
+        lows = [s.version for s in reqs[name].specifier if s.operator == ">="]
+        assert lows and Version(lows[0]) == Version(floor), (name, floor, str(reqs[name].specifier))
+
+
+def test_an_older_library_than_the_floor_is_one_line_at_import(tmp_path):
+    """pip checks the range when it installs, but not an install with --no-deps, or a library moved later
+    inside another trainer's environment: there `import dopsd_fast` went on and failed later, deep in a
+    library (peft 0.17: "cannot import name 'HybridCache'"; transformers 5.3: a missing module). Now the
+    import stops at once, in one line naming the library, its version and the floor."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site"
+    meta = fake / "peft-0.17.1.dist-info"  # what an install of peft 0.17.1 leaves, found before the real one
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: peft\nVersion: 0.17.1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])}
+    r = subprocess.run([sys.executable, "-c", "import dopsd_fast"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last == ("ImportError: dopsd_fast: peft 0.17.1 (needs >= 0.18) installed; upgrade: "
+                                          "pip install 'peft>=0.18'"), r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", "import dopsd_fast"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]  # this environment's versions pass
+
+
+def test_release_numbers_compare_as_releases():
+    from dopsd_fast.errors import _release
+
+    assert _release("5.10.0") > _release("5.4") > _release("5.3.99") and _release("0.18.0.dev0") >= _release("0.18")
+    assert _release("5.4.0+cpu") == (5, 4, 0) and _release("garbage") == ()
