@@ -448,6 +448,26 @@ def _free_name(p: Path, what: str) -> Path:
     return p.with_name(f"{p.name}.{what}-{n}")
 
 
+SET_ASIDE = ("damaged", "abandoned", "superseded")  # what a run moves aside in checkpoints/ (never deletes)
+
+
+def set_aside_folders(root: str | Path) -> list[tuple[Path, int]]:
+    """The folders of ``root`` moved aside (``step-N.damaged-K``, ``.abandoned-K``, ``.superseded-K``),
+    each with its bytes: kept for inspection, read by no resume, deleted by no run."""
+    root = Path(root)
+    found = []
+    if not root.is_dir():
+        return found
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and not p.is_symlink() and re.fullmatch(r"step-\d+\.(%s)-\d+" % "|".join(SET_ASIDE), p.name):
+            try:
+                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+            except OSError:
+                size = 0
+            found.append((p, size))
+    return found
+
+
 def checkpoint_run_id(path: Path) -> str | None:
     """The run id recorded in checkpoint ``path`` (its ``run_id`` file), or None (an earlier version's
     checkpoint, or an unreadable record)."""

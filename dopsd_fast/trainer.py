@@ -29,8 +29,8 @@ from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
 from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of
 from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incomplete_checkpoints, list_checkpoints,
-                                   load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_aside_later,
-                                   set_rng_state)
+                                   load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_aside_folders,
+                                   set_aside_later, set_rng_state)
 from dopsd_fast.config import Config
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
@@ -1016,8 +1016,15 @@ class Trainer:
                          exports_there=all((self.out / n).is_dir() for n in names))
 
     def _check_disk(self) -> None:
-        """A warning, at start-up, when the checkpoints and exports the run will write do not fit the
-        free space of its output folder's disk: the step whose checkpoint fails, and the ways out."""
+        """At start-up: the folders set aside in ``checkpoints/`` (kept for inspection: their count and
+        bytes), and a warning when the checkpoints and exports the run will write do not fit the free
+        space of its output folder's disk: the step whose checkpoint fails, and the ways out."""
+        aside = set_aside_folders(self.out / "checkpoints")
+        if aside:
+            names = ", ".join(p.name for p, _ in aside[:4]) + (", ..." if len(aside) > 4 else "")
+            log.info("%s/ keeps %d folder%s set aside (%s: %s in all): no run reads or deletes them; delete them "
+                     "when you no longer need them", self.out / "checkpoints", len(aside),
+                     "s" if len(aside) > 1 else "", names, fmt_bytes(sum(b for _, b in aside)))
         try:
             free = shutil.disk_usage(self.out).free
         except OSError:

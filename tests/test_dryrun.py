@@ -571,3 +571,24 @@ def test_dry_run_names_a_missing_wandb(monkeypatch, capsys):
     assert train_main(["--dry-run", "--set", "train.wandb=true"]) == 0
     needs = capsys.readouterr().out.split("a real run still needs:")[-1]
     assert "train.wandb: the wandb package (pip install wandb)" in needs, needs
+
+
+def test_the_start_names_the_checkpoints_set_aside_and_their_size(tmp_path, caplog):
+    """Checkpoints a resume moves aside (abandoned, damaged, another run's) are kept for inspection and
+    deleted by no run: they stayed on the disk unseen. The start-up now names them with their bytes."""
+    import logging
+
+    from dopsd_fast.memory import fmt_bytes
+    from dopsd_fast.trainer import Trainer
+    from tests.conftest import tiny_config
+
+    args = ("train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=9")
+    Trainer(tiny_config(tmp_path, *args)).train()
+    ck = tmp_path / "run" / "checkpoints"
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):  # taken back to step 1: step 2 is set aside
+        Trainer(tiny_config(tmp_path, *args), resume=str(ck / "step-0000001")).close()
+    aside = ck / "step-0000002.abandoned-1"
+    size = sum(f.stat().st_size for f in aside.iterdir())
+    said = [r.getMessage() for r in caplog.records if "set aside (" in r.getMessage()]
+    assert said == [f"{ck}/ keeps 1 folder set aside (step-0000002.abandoned-1: {fmt_bytes(size)} in all): no run "
+                    "reads or deletes them; delete them when you no longer need them"], caplog.text
