@@ -448,6 +448,19 @@ def _free_name(p: Path, what: str) -> Path:
     return p.with_name(f"{p.name}.{what}-{n}")
 
 
+def folder_bytes(path: str | Path, *, recursive: bool = False) -> int | None:
+    """The bytes of the regular files in folder ``path`` (in its subfolders too with ``recursive``;
+    links not followed), or None when it cannot be read (moved or removed meanwhile, e.g. by a sync tool)."""
+    path = Path(path)
+    if not path.is_dir():  # rglob of a missing folder yields nothing: it would read as 0 bytes
+        return None
+    try:
+        files = path.rglob("*") if recursive else path.iterdir()
+        return sum(f.lstat().st_size for f in files if f.is_file() and not f.is_symlink())
+    except OSError:
+        return None
+
+
 SET_ASIDE = ("damaged", "abandoned", "superseded")  # what a run moves aside in checkpoints/ (never deletes)
 
 
@@ -460,11 +473,7 @@ def set_aside_folders(root: str | Path) -> list[tuple[Path, int]]:
         return found
     for p in sorted(root.iterdir()):
         if p.is_dir() and not p.is_symlink() and re.fullmatch(r"step-\d+\.(%s)-\d+" % "|".join(SET_ASIDE), p.name):
-            try:
-                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
-            except OSError:
-                size = 0
-            found.append((p, size))
+            found.append((p, folder_bytes(p, recursive=True) or 0))
     return found
 
 

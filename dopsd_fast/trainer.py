@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
 from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of
-from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, incomplete_checkpoints, list_checkpoints,
-                                   load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_aside_folders,
-                                   set_aside_later, set_rng_state)
+from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, folder_bytes, incomplete_checkpoints,
+                                   list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
+                                   set_aside_folders, set_aside_later, set_rng_state)
 from dopsd_fast.config import Config
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
@@ -113,10 +113,7 @@ def _log_above(bar):
 def _load_train_state(ck: Path) -> dict:
     """A checkpoint's state, checked as the trainer's (:func:`~dopsd_fast.checkpoint.check_train_state`);
     one of 1 GB or more is announced first (read and checksummed: it takes a while)."""
-    try:
-        size = sum(f.stat().st_size for f in Path(ck).iterdir() if f.is_file())
-    except OSError:
-        size = 0
+    size = folder_bytes(ck) or 0
     if size >= Trainer.ANNOUNCE_BYTES:
         log.info("reading checkpoint %s (%s)", ck, fmt_bytes(size))
     state = load_checkpoint(ck)
@@ -1077,10 +1074,8 @@ class Trainer:
                                run_id=self.run_id)
         took = time.perf_counter() - t0
         if self.rank == 0:
-            try:
-                size = f"{fmt_bytes(sum(f.stat().st_size for f in path.iterdir() if f.is_file()))}, "
-            except OSError:  # moved or removed meanwhile (a sync tool): the checkpoint was written all the same
-                size = ""
+            size = folder_bytes(path)  # None: moved or removed meanwhile; the checkpoint was written all the same
+            size = "" if size is None else f"{fmt_bytes(size)}, "
             log.info("checkpoint %s written (%s%.1f s)", path, size, took)
         self.export_lora()
         self._saved_step = self.step

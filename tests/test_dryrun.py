@@ -592,3 +592,18 @@ def test_the_start_names_the_checkpoints_set_aside_and_their_size(tmp_path, capl
     said = [r.getMessage() for r in caplog.records if "set aside (" in r.getMessage()]
     assert said == [f"{ck}/ keeps 1 folder set aside (step-0000002.abandoned-1: {fmt_bytes(size)} in all): no run "
                     "reads or deletes them; delete them when you no longer need them"], caplog.text
+
+
+def test_folder_bytes_counts_regular_files_follows_no_link_and_says_none_for_a_folder_gone(tmp_path):
+    """One byte count for the checkpoint log line, the resume announcement and the set-aside folders."""
+    from dopsd_fast.checkpoint import folder_bytes
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 5)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.bin"
+    outside.write_bytes(b"z" * 1000)
+    (tmp_path / "link.bin").symlink_to(outside)  # a link's target is not the folder's bytes
+    assert folder_bytes(tmp_path) == 10
+    assert folder_bytes(tmp_path, recursive=True) == 15
+    assert folder_bytes(tmp_path / "gone") is None and folder_bytes(tmp_path / "gone", recursive=True) is None
