@@ -170,7 +170,8 @@ class StudentTeacher:
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         def keep(p):  # DTensor shards stay where they are (the checkpoint writer gathers nothing)
-            return p.detach().clone() if is_dtensor(p) else p.detach().cpu().clone()
+            p = p.detach()  # a copy the training goes on without touching: .cpu() of a GPU tensor is one already
+            return p.clone() if is_dtensor(p) or p.device.type == "cpu" else p.cpu()
 
         return {
             "student": {n: keep(p) for n, p in self._student.items()},

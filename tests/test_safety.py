@@ -1523,3 +1523,27 @@ def test_ctrl_c_before_the_first_step_names_what_the_folder_keeps(tmp_path, monk
     said = [r.getMessage() for r in caplog.records if "before the first step" in r.getMessage()]
     assert len(said) == 1 and "keeps config.yaml" in said[0] and "--resume latest" in said[0], said
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_weights_state_for_a_checkpoint_is_a_copy_the_training_goes_on_without_touching(lora):
+    """The checkpoint writer reads the state while nothing else holds the live weights: a view of them
+    would be written as the next step left them, not as this step's."""
+    from dopsd_fast.config import LoraConfig
+    from dopsd_fast.weights import StudentTeacher
+
+    from diffusers import ZImageTransformer2DModel
+
+    from dopsd_fast.adapters.tiny import TINY_ZIMAGE
+
+    st = StudentTeacher(ZImageTransformer2DModel(**TINY_ZIMAGE), LoraConfig(rank=2, alpha=2.0, enabled=lora),
+                        ("to_q", "to_k"), torch.float32)
+    state = st.state_dict()
+    live = {"student": st.named_trainable(), "teacher": st.named_teacher()}
+    for which in ("student", "teacher"):
+        assert set(state[which]) == set(live[which]) and state[which]
+        for n, p in live[which].items():
+            saved = state[which][n].clone()
+            with torch.no_grad():
+                p.add_(1.0)
+            assert torch.equal(state[which][n], saved), (which, n)
