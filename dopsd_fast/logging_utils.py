@@ -145,5 +145,7 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         if self.wandb is not None:
             self.wandb.finish()
+            self.wandb = None

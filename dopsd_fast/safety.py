@@ -269,6 +269,23 @@ def recover_dirs(out: Path, names) -> None:
     _fsync_dir(out)
 
 
+def remove_stale_temp_files(out: Path, subfolders=("",)) -> None:
+    """Start-up repair on resume: the temporary files of :func:`atomic_write` (``.<stem>.tmp-<pid><suffix>``)
+    that a process killed between the write and the rename left in ``out`` (and its ``subfolders``); one
+    trainer per folder (its lock is held), so none of them is being written."""
+    import re
+
+    pattern = re.compile(r"^\..+\.tmp-\d+(\.[A-Za-z0-9]+)?$")
+    for sub in subfolders:
+        folder = Path(out) / sub
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            if pattern.match(f.name) and f.is_file() and not f.is_symlink():
+                f.unlink(missing_ok=True)
+                log.info("removed %s, left over by an interrupted write", f)
+
+
 # ---- files named by received data ----------------------------------------------------------------
 # The floating-point dtypes of a received safetensors file (safetensors' header names), all a weight or
 # feature file of ours holds: integer, bool and fp8 tensors are another format, which torch and diffusers

@@ -46,7 +46,8 @@ from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
 from dopsd_fast.profiling import nvtx_range
 from dopsd_fast.safety import (RUN_FOLDERS, DivergenceError, Guard, Interrupted, OutputLock, StopSignals,
-                               Terminated, atomic_dir, config_changes, move_aside, recover_dirs, run_outputs)
+                               Terminated, atomic_dir, config_changes, move_aside, recover_dirs, remove_stale_temp_files,
+                               run_outputs)
 from dopsd_fast.validation import save_grid
 from dopsd_fast.weights import StudentTeacher
 
@@ -311,6 +312,7 @@ class Trainer:
         used = run_outputs(out)
         if resume:  # continuing here: the LoRA exports as complete folders, leftovers of a crash removed
             recover_dirs(out, ("lora", "lora_ema", "transformer", "transformer_ema"))
+            remove_stale_temp_files(out, ("", "samples"))
         if not used or resume:
             return
         if not overwrite:
@@ -534,8 +536,22 @@ class Trainer:
         first = self.rank * self.cfg.data.batch_size
         samples = [self.dataset.get(i, random.Random(_seed_of(self.cfg.train.seed, step, micro, first + j, i, 1)),
                                     images=self.prefetch.images(i)) for j, i in enumerate(idx)]
-        self.prefetch.ahead(self.sampler)  # the next micro-batch's images decode while this one computes
+        # the next micro-batch's images decode while this one computes: those a sample may read (a context or
+        # SFT's latents not encoded yet); once encoded (memoised, or from the feature cache) none is read
+        self.prefetch.ahead(self.sampler, wanted=self._may_read_images)
         return samples
+
+    def _may_read_images(self, index: int) -> bool:
+        """Whether a sample of record ``index`` may read its images (target, references): SFT's latents not yet
+        encoded, or (without a feature cache) a context of one of its prompts not yet encoded."""
+        from dopsd_fast.cache import record_key
+
+        rec, memo = self.dataset.records[index], self.contexts.memo
+        if self.cfg.method == "sft" and ("latents", rec.image_hash, tuple(rec.bucket)) not in memo:
+            return True
+        if self.contexts.cache is not None:
+            return False
+        return any(record_key(k, p, rec) not in memo for k in self.context_kinds for p in rec.prompts)
 
     def noise_for(self, samples, step: int, micro: int) -> torch.Tensor:
         """x_0 of each sample from (seed, step, micro-batch, global sample index): N ranks x batch b draw
@@ -1225,6 +1241,8 @@ class Trainer:
             if not nothing and not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # the end, or a failure (its
                 self._plot_curves()  # curves show why); a stop drew them with its checkpoint, a second Ctrl-C writes nothing
             self._signals.restore()
+            if getattr(self, "logger", None) is not None:  # a stop or a failure too: TensorBoard's writer thread
+                self.logger.close()  # (and a wandb run) would outlive the trainer in a process that goes on
             self.close()
 
     def _stop_requested(self) -> str | None:

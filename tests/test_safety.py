@@ -1547,3 +1547,19 @@ def test_the_weights_state_for_a_checkpoint_is_a_copy_the_training_goes_on_witho
             with torch.no_grad():
                 p.add_(1.0)
             assert torch.equal(state[which][n], saved), (which, n)
+
+
+def test_resume_removes_the_temporary_files_of_a_killed_write(tmp_path):
+    """A process killed inside atomic_write (between the write and the rename) leaves .<stem>.tmp-<pid><suffix>;
+    a resume removes them (the folder's lock is held: none is being written), and nothing else."""
+    from dopsd_fast.safety import remove_stale_temp_files
+
+    (tmp_path / "samples").mkdir()
+    stale = [tmp_path / ".curves.tmp-123.png", tmp_path / ".metrics.tmp-45.jsonl", tmp_path / ".wandb_run_id.tmp-9",
+             tmp_path / "samples" / ".step-0000100.tmp-77.png"]
+    kept = [tmp_path / ".lock", tmp_path / "metrics.jsonl", tmp_path / "samples" / "step-0000100.png"]
+    for f in stale + kept:
+        f.write_text("x")
+    (tmp_path / ".lora.tmp-5").mkdir()  # atomic_dir's: recover_dirs' to handle
+    remove_stale_temp_files(tmp_path, ("", "samples"))
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in kept) and (tmp_path / ".lora.tmp-5").is_dir()

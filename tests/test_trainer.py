@@ -645,3 +645,17 @@ def test_sample_transformer_names_itself_for_a_file_linked_from_elsewhere(tmp_pa
     (d / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=r"^--transformer: .*config\.json leads outside"):
         load_transformer(None, str(d))
+
+
+def test_no_image_decoded_ahead_once_its_contexts_are_encoded(tmp_path, monkeypatch):
+    """The prefetcher decodes a batch's images only where a sample may read them (a context not encoded yet):
+    the contexts are memoised, so a long run decoded every step's images for nothing (a decode per step)."""
+    from dopsd_fast.data import dataset as ds
+    from dopsd_fast.trainer import Trainer
+
+    calls = []
+    real = ds.load_image
+    monkeypatch.setattr(ds, "load_image", lambda *a: calls.append(a) or real(*a))
+    tr = Trainer(tiny_config(tmp_path, "train.max_steps=40", "data.num_workers=2"))
+    tr.train()
+    assert len(calls) < 30, f"{len(calls)} images decoded in 40 steps of 6 rows"

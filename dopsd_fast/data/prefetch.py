@@ -27,11 +27,12 @@ class ImagePrefetcher:
         fut = self.pending.pop(index, None)
         return fut.result if fut is not None else None
 
-    def ahead(self, sampler) -> None:
-        """Start decoding the batch ``sampler`` will give next (the sampler itself is not advanced)."""
+    def ahead(self, sampler, wanted=None) -> None:
+        """Start decoding the batch ``sampler`` will give next (the sampler itself is not advanced); with
+        ``wanted``, only the records for which it is true (the others' images would not be read)."""
         if self.pool is None:
             return
-        nxt = set(sampler.peek_batch())
+        nxt = {i for i in sampler.peek_batch() if wanted is None or wanted(i)}
         for i in [i for i in self.pending if i not in nxt]:  # done with: drop (a running decode finishes alone)
             self.pending.pop(i).cancel()
         for i in nxt:
