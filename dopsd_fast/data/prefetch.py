@@ -4,8 +4,10 @@
 (PIL releases the GIL while it decodes and resizes, so threads overlap the step's host work; no worker
 processes, no pickling). The next batch is peeked from the sampler (nothing advanced): it is
 deterministic, so the peeked batch is the one the run will take (after a resume too, from the restored
-state). A sample whose images were not prefetched decodes when first read, as with ``num_workers: 0``;
-a run whose contexts come from the feature cache never reads them, so nothing is decoded at all.
+state). A sample whose images were not prefetched decodes when first read, as with ``num_workers: 0``.
+Only the records whose images a sample may still read are decoded ahead (the trainer says which: a
+context not encoded yet); a run whose contexts come from the feature cache never reads them, so nothing
+is decoded at all.
 """
 
 from __future__ import annotations
