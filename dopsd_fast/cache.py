@@ -440,13 +440,60 @@ class FeatureCache:
         return len(todo)
 
 
-class ContextProvider:
-    """Contexts for the trainer: from a complete cache, or encoded on the fly and memoised."""
+def host_memory_available() -> int | None:
+    """Bytes of host memory available now (Linux's MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
-    def __init__(self, adapter, cache: FeatureCache | None = None):
+
+class ContextProvider:
+    """Contexts for the trainer: from a complete cache, or encoded on the fly and memoised in host memory.
+
+    The memo grows with the data (every (record, prompt, branch) once: a VLM teacher context is megabytes):
+    each time it doubles past ``REPORT_FROM`` bytes its size is said, with what it comes to when every one
+    of the run's ``total`` contexts is encoded, and a warning where that is more than the host memory
+    available: the feature cache (``dopsd-cache``, then ``cache.dir``) keeps them on disk instead."""
+
+    REPORT_FROM = 1 << 30
+
+    def __init__(self, adapter, cache: FeatureCache | None = None, total: int | None = None):
         self.adapter = adapter
         self.cache = cache
         self.memo: dict = {}
+        self.total = total  # the contexts the run can ask for (cache.needed_entries), for the projection
+        self.memo_bytes = 0
+        self._contexts = 0
+        self._report_at = self.REPORT_FROM
+
+    def _remember(self, key, value, context: bool) -> None:
+        self.memo[key] = value
+        tensors = [value] if torch.is_tensor(value) else [value.features, *(v for v in value.extra.values()
+                                                                          if torch.is_tensor(v))]
+        self.memo_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self._contexts += context
+        if self.memo_bytes < self._report_at:
+            return
+        while self._report_at <= self.memo_bytes:
+            self._report_at *= 2
+        from dopsd_fast.memory import fmt_bytes
+
+        line = f"contexts held in host memory: {fmt_bytes(self.memo_bytes)} for the {self._contexts} encoded so far"
+        projected = None
+        if self.total and self._contexts:
+            projected = self.memo_bytes * max(self.total, self._contexts) / self._contexts
+            line += f", about {fmt_bytes(projected)} when all {self.total} of the run are"
+        avail = host_memory_available()
+        if projected is not None and avail is not None and projected - self.memo_bytes > avail:
+            log.warning("%s: more than the %s of host memory available; a feature cache keeps them on disk "
+                        "(dopsd-cache, then cache.dir)", line, fmt_bytes(avail))
+        else:
+            log.info("%s (a feature cache keeps them on disk: dopsd-cache, then cache.dir)", line)
 
     def _get(self, kind, s) -> Context:
         """The context of sample ``s``; its images are read (decoded) only when it must be encoded."""
@@ -461,7 +508,7 @@ class ContextProvider:
                 ctx = self.adapter.encode_student([s.prompt], **ref_kw)[0]
             else:
                 ctx = self.adapter.encode_teacher([s.prompt], [s.image], **ref_kw)[0]
-            self.memo[key] = ctx
+            self._remember(key, ctx, context=True)
         return ctx
 
     def student(self, samples) -> list[Context]:
@@ -473,7 +520,7 @@ class ContextProvider:
         for s in samples:
             key = ("latents", s.record.image_hash, tuple(s.record.bucket))
             if key not in self.memo:
-                self.memo[key] = self.adapter.encode_images(s.image[None].float())[0].float().cpu()
+                self._remember(key, self.adapter.encode_images(s.image[None].float())[0].float().cpu(), context=False)
             out.append(self.memo[key])
         return torch.stack(out)
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dopsd_fast import fsdp
 from dopsd_fast.algorithm import RolloutResult, euler_sample
-from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of
+from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of, needed_entries
 from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, folder_bytes, incomplete_checkpoints,
                                    list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                    set_aside_folders, set_aside_later, set_rng_state)
@@ -497,7 +497,8 @@ class Trainer:
             self.adapter.ensure_student_encoder()
         check_buckets(self.adapter, self.dataset, teacher="teacher" in self.context_kinds)
         self.val_refs = self._validation_references(val_refs)
-        self.contexts = ContextProvider(self.adapter, cache)
+        self.contexts = ContextProvider(self.adapter, cache,
+                                        total=None if cache else len(needed_entries(self.dataset, self.context_kinds)))
         self.device = self.adapter.device
         targets = self.spec.lora_targets(cfg.lora, self.adapter.transformer.config)
         with torch.random.fork_rng(devices=[]):

@@ -521,3 +521,54 @@ def test_dopsd_cache_leaves_an_ignored_sigint_ignored(tmp_path, monkeypatch):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, prev)
+
+
+def test_contexts_held_in_memory_are_said_as_they_grow_with_a_warning_past_the_host_memory(monkeypatch, caplog):
+    """Without a feature cache every (record, prompt, branch) context stays in host memory for the run (a VLM
+    teacher context is megabytes): each doubling is said with its projection to all the run's contexts, and a
+    projection past the memory available is a warning naming the feature cache."""
+    from types import SimpleNamespace
+
+    from dopsd_fast import cache as C
+    from dopsd_fast.context import Context
+    from dopsd_fast.memory import fmt_bytes
+
+    class Adapter:  # a student context 400 kB, a teacher's 800 kB (its extra tensor counted)
+        def encode_student(self, prompts):
+            return [Context(torch.zeros(100, 1000)) for _ in prompts]
+
+        def encode_teacher(self, prompts, images):
+            return [Context(torch.zeros(100, 1000), {"refs": torch.zeros(100_000)}) for _ in prompts]
+
+    monkeypatch.setattr(C.ContextProvider, "REPORT_FROM", 1_000_000)
+    monkeypatch.setattr(C, "host_memory_available", lambda: 10**12)
+    provider = C.ContextProvider(Adapter(), total=1000)
+
+    def sample(i, prompt=None):
+        rec = SimpleNamespace(reference_paths=[], image_hash=f"h{i}", reference_hash=None, bucket=(16, 16),
+                              prompts=[f"p{i}"])
+        return SimpleNamespace(prompt=prompt or f"p{i}", image=None, references=[], record=rec)
+
+    def said():
+        return [r for r in caplog.records if "contexts held in host memory" in r.getMessage()]
+
+    samples = [sample(i) for i in range(4)]
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        provider.student(samples[:2])  # 0.8 MB: under the first report
+        provider.student(samples[:2])  # memoised: no new bytes
+        assert provider.memo_bytes == 800_000 and not said()
+        provider.teacher(samples[:1])  # 1.6 MB in 3 contexts: said
+        provider.teacher(samples[1:3])  # 2.4 MB (past 2 MB: said), then 3.2 MB (the next report is at 4 MB)
+    assert [r.levelname for r in said()] == ["INFO", "INFO"], caplog.text
+    first, second = (r.getMessage() for r in said())
+    assert first.startswith(f"contexts held in host memory: {fmt_bytes(1.6e6)} for the 3 encoded so far, about "
+                            f"{fmt_bytes(1.6e6 * 1000 / 3)} when all 1000 of the run are"), first
+    assert f"{fmt_bytes(2.4e6)} for the 4 encoded so far" in second and "dopsd-cache" in second, second
+    monkeypatch.setattr(C, "host_memory_available", lambda: 10**6)  # the projection no longer fits: a warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        provider.student([sample(0, "q")])  # 3.6 MB: the next report is at 4 MB, nothing said
+        assert not said()
+        provider.teacher([samples[3]])  # 4.4 MB
+    assert [r.levelname for r in said()] == ["WARNING"], caplog.text
+    assert f"more than the {fmt_bytes(1e6)} of host memory available" in said()[0].getMessage()

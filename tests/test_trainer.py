@@ -657,5 +657,6 @@ def test_no_image_decoded_ahead_once_its_contexts_are_encoded(tmp_path, monkeypa
     real = ds.load_image
     monkeypatch.setattr(ds, "load_image", lambda *a: calls.append(a) or real(*a))
     tr = Trainer(tiny_config(tmp_path, "train.max_steps=40", "data.num_workers=2"))
+    assert tr.contexts.total == 6 * 2 * 2  # 6 rows, 2 prompts each, 2 branches: what the memo's report projects to
     tr.train()
     assert len(calls) < 30, f"{len(calls)} images decoded in 40 steps of 6 rows"
