@@ -368,3 +368,56 @@ def test_wrong_kinds_of_file_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         ds = build_dataset(_cfg(folder=str(folder)), progress=False)
     assert len(ds) == 2 and "a.jpg and a.png share a.txt" in caplog.text
+
+
+def test_a_second_start_reuses_the_check_of_unchanged_images_and_sees_every_change(tmp_path, monkeypatch, caplog):
+    """Every start decoded and hashed every image again (a 50k-image resume: minutes to an hour). The check
+    is kept per source in $DOPSD_FAST_HOME/datacheck: an unchanged file (path, size, times, inode) is not
+    decoded again; an edit in place (its mtime set back), a truncated file and a mended bad row are."""
+    import logging
+    import os
+
+    from dopsd_fast.data import dataset as D
+
+    monkeypatch.setenv("DOPSD_FAST_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(4):
+        _img(folder / f"{i}.png", (160 + 16 * i, 160), (40 * i, 30, 30))
+        (folder / f"{i}.txt").write_text(f"caption {i}")
+    decoded = []
+    real = D._check_image
+    monkeypatch.setattr(D, "_check_image", lambda p, *a: decoded.append(Path(p).name) or real(p, *a))
+    cfg = _cfg(folder=str(folder))
+    first = build_dataset(cfg, progress=False)
+    assert sorted(decoded) == ["0.png", "1.png", "2.png", "3.png"]
+    decoded.clear()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        again = build_dataset(cfg, progress=False)
+    assert decoded == [] and [(r.image_hash, r.bucket, r.width) for r in again.records] == \
+        [(r.image_hash, r.bucket, r.width) for r in first.records]
+    assert "data: 4 usable rows in" in caplog.text and "(4 images unchanged since an earlier check" in caplog.text
+    assert "rows per bucket: " in caplog.text
+    # an edit in place, its modification time set back: the change time (set by no tool) still differs
+    st = os.stat(folder / "1.png")
+    _img(folder / "1.png", (176, 160), (0, 200, 0))
+    os.utime(folder / "1.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    decoded.clear()
+    edited = build_dataset(cfg, progress=False)
+    assert decoded == ["1.png"] and edited.records[1].image_hash == D.file_sha256(folder / "1.png") != \
+        first.records[1].image_hash
+    # a file truncated since its check is decoded again, and refused by name
+    data = (folder / "2.png").read_bytes()
+    (folder / "2.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"2\.png"):
+        build_dataset(cfg, progress=False)
+    # the rows checked before the bad one were kept: once it is mended, only it is decoded
+    _img(folder / "2.png", (192, 160), (9, 9, 9))
+    decoded.clear()
+    build_dataset(cfg, progress=False)
+    assert decoded == ["2.png"], decoded
+    # a record that cannot be read costs a full check, nothing else
+    for f in (tmp_path / "home" / "datacheck").iterdir():
+        f.write_text("{not json")
+    decoded.clear()
+    assert len(build_dataset(cfg, progress=False).records) == 4 and len(decoded) == 4

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,26 +303,98 @@ def _no_bucket(where, field, what, path, w, h, buckets) -> DataError:
                      "(data.bucket_scale)")
 
 
-def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref_field=None) -> Record:
+class CheckRecord:
+    """What the data check found of each image (size, alpha, SHA-256), kept per data source in
+    ``$DOPSD_FAST_HOME/datacheck/`` so that a start (a resume, a dry run, ``dopsd-cache``) neither decodes
+    nor hashes again an image unchanged since: same path, size, modification and change times and inode (a
+    change time no tool sets back: an edit in place is seen, as git's index sees it). Only this check's
+    images are written back; a record that cannot be read or written costs a full check, nothing else."""
+
+    VERSION = 1
+
+    def __init__(self, source: Path | None):
+        self.path = None
+        self.earlier: dict = {}
+        self.now: dict = {}
+        if source is None:
+            return
+        from dopsd_fast.data.tiny import home
+
+        digest = hashlib.sha256(str(Path(source).absolute()).encode()).hexdigest()[:24]
+        self.path = home() / "datacheck" / f"{digest}.json"
+        try:
+            data = json.loads(self.path.read_text())
+            checks = data.get("checks") if isinstance(data, dict) and data.get("version") == self.VERSION else None
+        except (OSError, ValueError):
+            checks = None
+        if isinstance(checks, dict):
+            self.earlier = {k: v for k, v in checks.items() if isinstance(v, list) and len(v) == 4
+                            and all(type(x) is int and x > 0 for x in v[:2]) and type(v[2]) is bool
+                            and isinstance(v[3], str) and len(v[3]) == 64}
+
+    @staticmethod
+    def _key(path: Path) -> str | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+    def image(self, path: Path, where: str, field_name: str) -> tuple[int, int, bool, str]:
+        """(width, height, alpha, SHA-256) of an image: the earlier check's where the file is unchanged,
+        else :func:`_check_image` (a full decode) and :func:`file_sha256`."""
+        key = self._key(path) if path.is_file() else None
+        hit = self.earlier.get(key) if key is not None else None
+        if hit is not None and hit[0] * hit[1] <= MAX_IMAGE_PIXELS[0]:  # data.max_image_pixels may be lower now
+            self.now[key] = hit
+            return tuple(hit)
+        w, h, alpha = _check_image(path, where, field_name)
+        out = (w, h, alpha, file_sha256(path))
+        if key is not None:
+            self.now[key] = list(out)
+        return out
+
+    @property
+    def reused(self) -> int:
+        return sum(1 for k in self.now if k in self.earlier)
+
+    def save(self, complete: bool = True) -> None:
+        """The record written: this check's images; of a check stopped by a bad row (``complete`` false),
+        the earlier record's images too (the rows after it were not looked at)."""
+        if self.path is None:
+            return
+        from dopsd_fast.safety import atomic_write
+
+        text = json.dumps({"version": self.VERSION, "checks": self.now if complete else {**self.earlier, **self.now}})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, lambda t: t.write_text(text))
+        except OSError as e:  # a read-only home: the next start checks every image again
+            log.info("data: the record of checked images was not written (%s)", e)
+
+
+def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref_field=None,
+                     check: CheckRecord | None = None) -> Record:
     """``image_field``: the field naming the target (of the list form: the list, its last element the
     target); ``ref_field``: the one naming the references (None: the list form's)."""
+    check = check or CheckRecord(None)
     target_field = image_field if not refs or ref_field else f"{image_field}[{len(refs)}]"
-    w, h, alpha = _check_image(image_path, where, target_field)
+    w, h, alpha, target_hash = check.image(image_path, where, target_field)
     ref_buckets, ref_hashes = [], []
     for i, r in enumerate(refs):
         field = f"{ref_field or image_field}[{i}]"
-        rw, rh, ref_alpha = _check_image(r, where, field)
+        rw, rh, ref_alpha, ref_sha = check.image(r, where, field)
         alpha = alpha or ref_alpha
         rb = assign_bucket(rw, rh, buckets)
         if rb is None:
             raise _no_bucket(where, field, "reference", r, rw, rh, buckets)
         ref_buckets.append(rb)
-        ref_hashes.append(file_sha256(r))
+        ref_hashes.append(ref_sha)
     bucket = assign_bucket(w, h, buckets)
     if bucket is None:
         raise _no_bucket(where, target_field, "image", image_path, w, h, buckets)
     ref_hash = hashlib.sha256(json.dumps(ref_hashes).encode()).hexdigest() if refs else None
-    return Record(where, str(image_path), prompts, w, h, bucket, file_sha256(image_path), [str(r) for r in refs],
+    return Record(where, str(image_path), prompts, w, h, bucket, target_hash, [str(r) for r in refs],
                   ref_buckets, ref_hash, tuple(ALPHA_BACKGROUND) if alpha else None)
 
 
@@ -490,16 +563,31 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
         rows = _iter_folder(folder)
         path = folder
     records, skipped, bare_targets = [], [], []
-    for where, parse in tqdm(list(rows), desc="checking data", disable=not progress, leave=False):
+    rows = list(rows)
+    check = CheckRecord(None if cfg.builtin else Path(path))
+    t0 = time.monotonic()
+    if not cfg.builtin:
+        log.info("data: checking %d rows of %s (each image decoded in full and hashed, unless unchanged since an "
+                 "earlier check)", len(rows), path)
+    for where, parse in tqdm(rows, desc="checking data", disable=not progress, leave=False):
         try:
             image, refs, prompts, (field, ref_field) = parse()
-            records.append(_validate_record(where, image, refs, prompts, buckets, field, ref_field))
+            records.append(_validate_record(where, image, refs, prompts, buckets, field, ref_field, check))
             if field == "target" and not refs:
                 bare_targets.append(where)
         except DataError as e:
             if not cfg.skip_bad:
+                check.save(complete=False)  # the rows checked before it: not decoded again once it is mended
                 raise
             skipped.append(str(e))
+    check.save()
+    if not cfg.builtin:
+        counts: dict = {}
+        for r in records:
+            counts[tuple(r.bucket)] = counts.get(tuple(r.bucket), 0) + 1
+        log.info("data: %d usable rows in %.1f s (%d images unchanged since an earlier check, not decoded again); "
+                 "rows per bucket: %s", len(records), time.monotonic() - t0, check.reused,
+                 ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items())))
     if skipped:
         log.warning("skipped %d bad rows (data.skip_bad=true); first: %s", len(skipped), skipped[0])
     if bare_targets:  # the teacher's mode follows each row: say it where a row may not mean it
