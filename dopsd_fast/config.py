@@ -884,7 +884,7 @@ FIELD_HELP: dict[str, str] = {
     "data.bucket_scale": "multiplies every bucket side (rounded to `data.bucket_multiple`)",
     "data.bucket_multiple": "bucket sides are multiples of this",
     "data.batch_size": "samples per micro-batch per rank (same bucket)",
-    "data.skip_bad": "skip unreadable or malformed rows and report how many (else the run stops, naming the row)",
+    "data.skip_bad": "skip unreadable or malformed rows, report how many and list each with why in the run's `skipped_rows.txt` (else the run stops, naming the row)",
     "data.num_workers": "threads decoding the next micro-batch's images while the step computes (0: in the loop)",
     "data.alpha_background": "RGB (0-255) that images with an alpha channel are composited on",
     "data.max_image_pixels": "images (and references) over this many pixels are refused by name before they are "

@@ -68,8 +68,8 @@ class OutputLock:
 
 # What a run writes into its output folder: a folder holding any of them holds an earlier run.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.yaml", "lora", "lora_ema", "transformer", "transformer_ema",
-               "samples", "tensorboard", "curves.png")
-RUN_FOLDERS = tuple(n for n in RUN_OUTPUTS if n not in ("metrics.jsonl", "config.yaml", "curves.png"))
+               "samples", "tensorboard", "curves.png", "skipped_rows.txt")
+RUN_FOLDERS = tuple(n for n in RUN_OUTPUTS if n not in ("metrics.jsonl", "config.yaml", "curves.png", "skipped_rows.txt"))
 
 
 def run_outputs(out: Path) -> list[str]:

@@ -46,7 +46,7 @@ from dopsd_fast.pair import dopsd_step
 from dopsd_fast.plan import resolve_plan
 from dopsd_fast.profiling import nvtx_range
 from dopsd_fast.safety import (RUN_FOLDERS, DivergenceError, Guard, Interrupted, OutputLock, StopSignals,
-                               Terminated, atomic_dir, config_changes, move_aside, recover_dirs, remove_stale_temp_files,
+                               Terminated, atomic_dir, atomic_write, config_changes, move_aside, recover_dirs, remove_stale_temp_files,
                                run_outputs)
 from dopsd_fast.validation import save_grid
 from dopsd_fast.weights import StudentTeacher
@@ -472,6 +472,10 @@ class Trainer:
         the student / EMA-teacher weights, and FSDP2 sharding where the run asks for it."""
         cfg = self.cfg
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress and self.rank == 0)
+        if self.dataset.skipped and self.rank == 0:  # data.skip_bad: the log names the first, the file every one
+            listed = atomic_write(self.out / "skipped_rows.txt",
+                                  lambda t: t.write_text("".join(e.replace("\n", " ") + "\n" for e in self.dataset.skipped)))
+            log.info("the %d skipped rows are listed, each with why, in %s", len(self.dataset.skipped), listed)
         self.data_fingerprint = self.dataset.fingerprint()
         self._check_same_on_every_rank("data", json.dumps(self.data_fingerprint, sort_keys=True, default=str))
         if self._resume_from is not None:  # before the model: the data's content against the checkpoint's
