@@ -347,8 +347,13 @@ class FeatureCache:
         shard, name = self.entries[key]
         f = self._open.get(shard)
         if f is None:
-            # pread: safetensors 0.8's mmap backend leaks ~60 B (Python) per tensor read, every step
-            f = self._open[shard] = safe_open(str(self.dir / shard), framework="pt", backend="pread")
+            # pread: safetensors 0.8's mmap backend leaks ~60 B (Python) per tensor read, every step; an older
+            # safetensors (an environment the package was dropped into) has no backend argument: its default
+            try:
+                f = safe_open(str(self.dir / shard), framework="pt", backend="pread")
+            except TypeError:
+                f = safe_open(str(self.dir / shard), framework="pt")
+            self._open[shard] = f
         extra = {}
         prefix = f"{name}.extra."
         for k in f.keys():

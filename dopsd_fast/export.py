@@ -50,7 +50,10 @@ def check_lora_weights(sd: dict, source: str) -> None:
 
 def write_comfyui_lora(lora_dir: str | Path, alpha: float) -> Path:
     lora_dir = Path(lora_dir)
-    sd = load_file(str(lora_dir / LORA_FILE), backend="pread")  # mmap (0.8) leaks per tensor read
+    try:  # pread: the mmap backend of safetensors 0.8 leaks per tensor read (an older one has no such argument)
+        sd = load_file(str(lora_dir / LORA_FILE), backend="pread")
+    except TypeError:
+        sd = load_file(str(lora_dir / LORA_FILE))
     check_lora_weights(sd, f"LoRA export ({LORA_FILE})")  # what was written, read back
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in sd if ".lora_A." in k or ".lora_B." in k})
     out = dict(sd)

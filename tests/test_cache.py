@@ -572,3 +572,27 @@ def test_contexts_held_in_memory_are_said_as_they_grow_with_a_warning_past_the_h
         provider.teacher([samples[3]])  # 4.4 MB
     assert [r.levelname for r in said()] == ["WARNING"], caplog.text
     assert f"more than the {fmt_bytes(1e6)} of host memory available" in said()[0].getMessage()
+
+
+def test_cache_reads_use_pread_and_an_older_safetensors_without_it_reads_all_the_same(written, monkeypatch):
+    """safetensors 0.8's default mmap read leaks per tensor read (each step reads the cache): the cache asks
+    for its pread backend; a safetensors without that argument (an environment the package is dropped into)
+    is read through its default."""
+    import safetensors
+
+    from dopsd_fast.cache import FeatureCache
+
+    m = json.loads((written / "manifest.json").read_text())
+    key = sorted(m["entries"])[0]
+    want = FeatureCache(written, m["identity"]).get(key).features.clone()
+    real, backends = safetensors.safe_open, []
+
+    def old(*a, **kw):  # a safetensors before the backend argument
+        backends.append(kw.get("backend"))
+        if "backend" in kw:
+            raise TypeError("safe_open() got an unexpected keyword argument 'backend'")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(safetensors, "safe_open", old)
+    assert torch.equal(FeatureCache(written, m["identity"]).get(key).features, want)
+    assert backends == ["pread", None]
