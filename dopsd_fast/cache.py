@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import zlib
 from pathlib import Path
@@ -457,6 +458,13 @@ def host_memory_available() -> int | None:
     return None
 
 
+def _ranks_on_this_machine() -> int:
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 class ContextProvider:
     """Contexts for the trainer: from a complete cache, or encoded on the fly and memoised in host memory.
 
@@ -494,9 +502,11 @@ class ContextProvider:
             projected = self.memo_bytes * max(self.total, self._contexts) / self._contexts
             line += f", about {fmt_bytes(projected)} when all {self.total} of the run are"
         avail = host_memory_available()
-        if projected is not None and avail is not None and projected - self.memo_bytes > avail:
-            log.warning("%s: more than the %s of host memory available; a feature cache keeps them on disk "
-                        "(dopsd-cache, then cache.dir)", line, fmt_bytes(avail))
+        ranks = _ranks_on_this_machine()  # under torchrun each rank of the machine holds its own
+        if projected is not None and avail is not None and ranks * (projected - self.memo_bytes) > avail:
+            each = f" on each of its {ranks} ranks" if ranks > 1 else ""
+            log.warning("%s%s: more than the %s of host memory available; a feature cache keeps them on disk "
+                        "(dopsd-cache, then cache.dir)", line, each, fmt_bytes(avail))
         else:
             log.info("%s (a feature cache keeps them on disk: dopsd-cache, then cache.dir)", line)
 

@@ -472,10 +472,6 @@ class Trainer:
         the student / EMA-teacher weights, and FSDP2 sharding where the run asks for it."""
         cfg = self.cfg
         self.dataset = build_dataset(cfg.data, progress=cfg.train.progress and self.rank == 0)
-        if self.dataset.skipped and self.rank == 0:  # data.skip_bad: the log names the first, the file every one
-            listed = atomic_write(self.out / "skipped_rows.txt",
-                                  lambda t: t.write_text("".join(e.replace("\n", " ") + "\n" for e in self.dataset.skipped)))
-            log.info("the %d skipped rows are listed, each with why, in %s", len(self.dataset.skipped), listed)
         self.data_fingerprint = self.dataset.fingerprint()
         self._check_same_on_every_rank("data", json.dumps(self.data_fingerprint, sort_keys=True, default=str))
         if self._resume_from is not None:  # before the model: the data's content against the checkpoint's
@@ -1234,6 +1230,7 @@ class Trainer:
                 return {}
             if self.rank == 0:
                 self.cfg.save(self.out / "config.yaml")
+                self._list_skipped_rows()
             try:
                 return self._train()
             except DistributedError:
@@ -1247,8 +1244,26 @@ class Trainer:
                 self._plot_curves()  # curves show why); a stop drew them with its checkpoint, a second Ctrl-C writes nothing
             self._signals.restore()
             if getattr(self, "logger", None) is not None:  # a stop or a failure too: TensorBoard's writer thread
-                self.logger.close()  # (and a wandb run) would outlive the trainer in a process that goes on
+                try:  # (and a wandb run) would outlive the trainer in a process that goes on
+                    self.logger.close()
+                except Exception as e:  # never in place of the run's own error, nor before the lock's release
+                    log.warning("closing the metrics loggers failed: %s: %s", type(e).__name__, e)
             self.close()
+
+    def _list_skipped_rows(self) -> None:
+        """data.skip_bad: the log names the first skipped row, ``skipped_rows.txt`` every one with why (written
+        with config.yaml, when the run starts; a resume that skips none removes an earlier list). A file that
+        cannot be written is said, and the run goes on."""
+        listed = self.out / "skipped_rows.txt"
+        try:
+            if self.dataset.skipped:
+                atomic_write(listed, lambda t: t.write_text("".join(e.replace("\n", " ") + "\n"
+                                                                    for e in self.dataset.skipped)))
+                log.info("the %d skipped rows are listed, each with why, in %s", len(self.dataset.skipped), listed)
+            elif listed.is_file() and not listed.is_symlink():
+                listed.unlink()
+        except OSError as e:
+            log.warning("the skipped rows could not be listed in %s (%s); the log names the first", listed, e)
 
     def _stop_requested(self) -> str | None:
         """The signal every rank stops for, at the same step (distributed: the flags ride on the step's

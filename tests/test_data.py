@@ -376,15 +376,18 @@ def test_a_second_start_reuses_the_check_of_unchanged_images_and_sees_every_chan
     decoded again; an edit in place (its mtime set back), a truncated file and a mended bad row are."""
     import logging
     import os
+    import time
 
     from dopsd_fast.data import dataset as D
 
     monkeypatch.setenv("DOPSD_FAST_HOME", str(tmp_path / "home"))
     folder = tmp_path / "data"
     folder.mkdir()
+    past = time.time() - 100  # a file modified in the last 2 s is not recorded (it may change again unseen)
     for i in range(4):
         _img(folder / f"{i}.png", (160 + 16 * i, 160), (40 * i, 30, 30))
         (folder / f"{i}.txt").write_text(f"caption {i}")
+        os.utime(folder / f"{i}.png", (past, past))
     decoded = []
     real = D._check_image
     monkeypatch.setattr(D, "_check_image", lambda p, *a: decoded.append(Path(p).name) or real(p, *a))
@@ -398,10 +401,16 @@ def test_a_second_start_reuses_the_check_of_unchanged_images_and_sees_every_chan
         [(r.image_hash, r.bucket, r.width) for r in first.records]
     assert "data: 4 usable rows in" in caplog.text and "(4 images unchanged since an earlier check" in caplog.text
     assert "rows per bucket: " in caplog.text
-    # an edit in place, its modification time set back: the change time (set by no tool) still differs
+    # an edit in place of the same size, its modification time set back: decoded again, and refused
     st = os.stat(folder / "1.png")
-    _img(folder / "1.png", (176, 160), (0, 200, 0))
+    good = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(good[:40] + bytes(b ^ 0xFF for b in good[40:60]) + good[60:])
     os.utime(folder / "1.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(folder / "1.png").st_size == st.st_size
+    with pytest.raises(DataError, match=r"1\.png"):
+        build_dataset(cfg, progress=False)
+    _img(folder / "1.png", (176, 160), (0, 200, 0))  # another picture: its new hash
+    os.utime(folder / "1.png", (past, past))
     decoded.clear()
     edited = build_dataset(cfg, progress=False)
     assert decoded == ["1.png"] and edited.records[1].image_hash == D.file_sha256(folder / "1.png") != \
@@ -413,6 +422,7 @@ def test_a_second_start_reuses_the_check_of_unchanged_images_and_sees_every_chan
         build_dataset(cfg, progress=False)
     # the rows checked before the bad one were kept: once it is mended, only it is decoded
     _img(folder / "2.png", (192, 160), (9, 9, 9))
+    os.utime(folder / "2.png", (past, past))
     decoded.clear()
     build_dataset(cfg, progress=False)
     assert decoded == ["2.png"], decoded
@@ -421,3 +431,27 @@ def test_a_second_start_reuses_the_check_of_unchanged_images_and_sees_every_chan
         f.write_text("{not json")
     decoded.clear()
     assert len(build_dataset(cfg, progress=False).records) == 4 and len(decoded) == 4
+
+
+def test_rows_cropped_to_little_of_their_image_and_repeated_rows_are_warned(tmp_path, caplog):
+    """A 16:1 strip kept 15 % of its width without a word, and a row listed twice was trained twice as often."""
+    import logging
+
+    from dopsd_fast.data.dataset import crop_kept
+
+    assert crop_kept(1600, 100, (160, 80)) == pytest.approx((160 / 80) / 16)
+    assert crop_kept(320, 320, (160, 160)) == 1.0
+    _img(tmp_path / "strip.png", (1600, 100))
+    _img(tmp_path / "sq.png", (160, 160))
+    rows = [{"image": "sq.png", "prompt": "a"}, {"image": "strip.png", "prompt": "b"}, {"image": "sq.png", "prompt": "a"},
+            {"image": "sq.png", "prompt": "another prompt"}]
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        ds = build_dataset(_cfg(jsonl=_jsonl(tmp_path, rows), buckets=[[160, 160], [160, 80]], bucket_scale=1.0),
+                           progress=False)
+    assert len(ds.records) == 4
+    jl = tmp_path / "train.jsonl"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith(f"1 rows keep less than 60% of their image in their bucket's centre crop (the least: {jl}:2, "
+                            "1600x100 in bucket 160x80 keeps 12%)") for m in warned), warned
+    assert any(m.startswith(f"1 rows repeat an earlier row") and f"the first: {jl}:3 repeats {jl}:1" in m
+               for m in warned), warned

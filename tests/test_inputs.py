@@ -439,10 +439,11 @@ def test_every_row_data_skip_bad_skips_is_listed_in_the_run_folder(tmp_path, cap
     rows = [json.dumps({"image": "a.png", "prompt": f"a red circle {i}"}).encode() for i in range(3)]
     rows[1:1] = [b'{"image": "missing.png", "prompt": "x"}', b"{not json"]
     jl = _jsonl(tmp_path, rows)
+    args = ("data.builtin=null", f"data.jsonl={jl}", "data.prompt_keys=[prompt]", "data.skip_bad=true")
+    Trainer(tiny_config(tmp_path, *args)).close()  # a start that goes no further (it failed, or was stopped)
+    assert not (tmp_path / "run" / "skipped_rows.txt").exists()  # wrote nothing: the same command runs again
     with caplog.at_level(logging.INFO, logger="dopsd_fast"):
-        tr = Trainer(tiny_config(tmp_path, "data.builtin=null", f"data.jsonl={jl}", "data.prompt_keys=[prompt]",
-                                 "data.skip_bad=true"))
-    tr.close()
+        Trainer(tiny_config(tmp_path, *args, "train.max_steps=1")).train()
     listed = (tmp_path / "run" / "skipped_rows.txt").read_text().splitlines()
     assert len(listed) == 2 and listed[0].startswith(f"{jl}:2: ") and "missing.png" in listed[0], listed
     assert listed[1].startswith(f"{jl}:3: malformed JSON line"), listed

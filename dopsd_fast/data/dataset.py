@@ -306,11 +306,12 @@ def _no_bucket(where, field, what, path, w, h, buckets) -> DataError:
 class CheckRecord:
     """What the data check found of each image (size, alpha, SHA-256), kept per data source in
     ``$DOPSD_FAST_HOME/datacheck/`` so that a start (a resume, a dry run, ``dopsd-cache``) neither decodes
-    nor hashes again an image unchanged since: same path, size, modification and change times and inode (a
-    change time no tool sets back: an edit in place is seen, as git's index sees it). Only this check's
+    nor hashes again an image unchanged since: same path, size, modification and change times, device and
+    inode, and first 64 KiB (a change time no tool sets back: an edit in place is seen, as git's index sees
+    it; a file modified in the last 2 s is not recorded). Written by rank 0 alone. Only this check's
     images are written back; a record that cannot be read or written costs a full check, nothing else."""
 
-    VERSION = 1
+    VERSION = 2
 
     def __init__(self, source: Path | None):
         self.path = None
@@ -332,18 +333,25 @@ class CheckRecord:
                             and all(type(x) is int and x > 0 for x in v[:2]) and type(v[2]) is bool
                             and isinstance(v[3], str) and len(v[3]) == 64}
 
-    @staticmethod
-    def _key(path: Path) -> str | None:
+    HEAD_BYTES = 1 << 16  # hashed into the key: a same-size edit whose times a synced mount mirrors (EXIF is here)
+    RACY_S = 2.0  # a file modified this recently may change again within the times' resolution: not recorded
+
+    def _key(self, path: Path) -> str | None:
         try:
             st = os.stat(path)
+            if time.time() - st.st_mtime < self.RACY_S:
+                return None
+            with open(path, "rb") as f:
+                head = hashlib.sha256(f.read(self.HEAD_BYTES)).hexdigest()[:16]
         except OSError:
             return None
-        return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+        return (f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_dev}|{st.st_ino}|"
+                f"{head}")
 
     def image(self, path: Path, where: str, field_name: str) -> tuple[int, int, bool, str]:
         """(width, height, alpha, SHA-256) of an image: the earlier check's where the file is unchanged,
         else :func:`_check_image` (a full decode) and :func:`file_sha256`."""
-        key = self._key(path) if path.is_file() else None
+        key = self._key(path) if self.path is not None and path.is_file() else None
         hit = self.earlier.get(key) if key is not None else None
         if hit is not None and hit[0] * hit[1] <= MAX_IMAGE_PIXELS[0]:  # data.max_image_pixels may be lower now
             self.now[key] = hit
@@ -361,7 +369,7 @@ class CheckRecord:
     def save(self, complete: bool = True) -> None:
         """The record written: this check's images; of a check stopped by a bad row (``complete`` false),
         the earlier record's images too (the rows after it were not looked at)."""
-        if self.path is None:
+        if self.path is None or os.environ.get("RANK", "0") != "0":  # one writer where ranks share the home
             return
         from dopsd_fast.safety import atomic_write
 
@@ -597,7 +605,42 @@ def build_dataset(cfg, progress: bool = True) -> ImageTextDataset:
               else f"{path}")
     if not cfg.builtin:
         _say_outside(records, Path(path) if cfg.folder else Path(path).parent, source)
+        _say_crops_and_repeats(records)
     return ImageTextDataset(records, skipped, source)
+
+
+CROP_KEEPS_AT_LEAST = 0.6  # a row whose bucket's centre crop keeps less of its image is said (a 16:1 strip: 15 %)
+
+
+def crop_kept(width: int, height: int, bucket) -> float:
+    """The part of a ``width`` x ``height`` image a bucket keeps: resized to cover it, then centre-cropped."""
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    return (bw * bh) / (width * height * scale * scale)
+
+
+def _say_crops_and_repeats(records) -> None:
+    """Rows trained on little of their image (an aspect far from every bucket's), and rows repeating an
+    earlier row (same image, references and prompts: trained twice as often): warned, with the first."""
+    cut = [(r, crop_kept(r.width, r.height, r.bucket)) for r in records]
+    cut = [(r, k) for r, k in cut if k < CROP_KEEPS_AT_LEAST]
+    if cut:
+        r, k = min(cut, key=lambda x: x[1])
+        log.warning("%d rows keep less than %d%% of their image in their bucket's centre crop (the least: %s, "
+                    "%dx%d in bucket %dx%d keeps %d%%): crop them yourself, or add buckets of their aspect "
+                    "(data.buckets)", len(cut), round(100 * CROP_KEEPS_AT_LEAST), r.where, r.width, r.height,
+                    *r.bucket, round(100 * k))
+    seen, repeats = {}, []
+    for r in records:
+        key = (r.image_hash, r.reference_hash, tuple(r.prompts))
+        if key in seen:
+            repeats.append((r, seen[key]))
+        else:
+            seen[key] = r
+    if repeats:
+        r, first = repeats[0]
+        log.warning("%d rows repeat an earlier row (same image and prompts: trained that much more often; the "
+                    "first: %s repeats %s)", len(repeats), r.where, first.where)
 
 
 def _say_outside(records, base: Path, source: str) -> None:
