@@ -604,3 +604,44 @@ def test_cache_reads_use_pread_and_an_older_safetensors_without_it_reads_all_the
     monkeypatch.setattr(safetensors, "safe_open", old)
     assert torch.equal(FeatureCache(written, m["identity"]).get(key).features, want)
     assert backends == ["pread", None]
+
+
+def test_contexts_keep_the_encoders_dtype_and_a_bf16_cache_trains_as_its_fp32_copy(tmp_path):
+    """With bf16 encoders (model.dtype=bf16, the GPU default) the contexts are kept as the encoders give
+    them: the cache's shards and the contexts held in memory are bf16, half the bytes of an fp32 upcast,
+    and nothing is lost by it: a run reading the cache computes the same loss and gradients, bit for bit,
+    as one reading an fp32 copy of the same cache (every consumer casts to the transformer's dtype)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.cache import context_crc
+    from dopsd_fast.trainer import Trainer
+
+    cache = _write_cache(tmp_path, "model.dtype=bf16")
+    upcast = tmp_path / "upcast"
+    upcast.mkdir()
+    m = json.loads((cache / "manifest.json").read_text())
+    dtypes = set()
+    for shard in sorted(cache.glob("shard-*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".features")}
+        save_file({k: v.float() for k, v in load_file(str(shard)).items()}, str(upcast / shard.name))
+    assert dtypes == {"BF16"}, dtypes
+    for key, (shard, name) in m["entries"].items():
+        sd = load_file(str(upcast / shard))
+        extra = {k[len(f"{name}.extra."):]: v for k, v in sd.items() if k.startswith(f"{name}.extra.")}
+        m["checksums"][key] = context_crc(sd[f"{name}.features"], extra)
+    (upcast / "manifest.json").write_text(json.dumps(m))
+    bytes_of = lambda d: sum(p.stat().st_size for p in d.glob("shard-*.safetensors"))  # noqa: E731
+    assert bytes_of(cache) < 0.55 * bytes_of(upcast), (bytes_of(cache), bytes_of(upcast))
+    res, grads = {}, {}
+    for name, d in (("bf16", cache), ("fp32", upcast)):
+        tr = Trainer(tiny_config(tmp_path / name, f"cache.dir={d}", "model.dtype=bf16"))
+        samples = tr.next_samples(0, 0)
+        ctx = tr.contexts.student(samples)
+        assert {c.features.dtype for c in ctx} == {torch.bfloat16 if name == "bf16" else torch.float32}
+        res[name] = tr.compute_rollout(samples, tr.noise_for(samples, 0, 0)).loss.detach()
+        grads[name] = {n: p.grad.detach().clone() for n, p in tr.weights.named_trainable().items()}
+    assert torch.equal(res["bf16"], res["fp32"]), res
+    assert grads["bf16"].keys() == grads["fp32"].keys()
+    assert all(torch.equal(grads["bf16"][n], grads["fp32"][n]) for n in grads["bf16"])

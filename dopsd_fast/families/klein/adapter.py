@@ -217,7 +217,7 @@ class KleinAdapter(ModelAdapter):
                                 output_hidden_states=True, use_cache=False)
         h = torch.stack([out.hidden_states[k] for k in self.text_layers], dim=1)  # (B, 3, L, D)
         B, n, L, D = h.shape
-        return h.permute(0, 2, 1, 3).reshape(B, L, n * D).float().cpu()
+        return h.permute(0, 2, 1, 3).reshape(B, L, n * D).cpu()
 
     def teacher_prompt(self, prompt: str) -> str:
         """``prompt teacher_instruction``, fitted to the token limit (:meth:`_fit`)."""

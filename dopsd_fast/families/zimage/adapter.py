@@ -148,7 +148,7 @@ class ZImageAdapter(ModelAdapter):
         ids = enc.input_ids.to(self.device)
         mask = enc.attention_mask.to(self.device).bool()
         hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-        return [Context(hidden[i][mask[i]].float().cpu()) for i in range(len(prompts))]
+        return [Context(hidden[i][mask[i]].cpu()) for i in range(len(prompts))]
 
     @torch.no_grad()
     def vlm_pixels(self, image: torch.Tensor) -> dict:
@@ -199,7 +199,7 @@ class ZImageAdapter(ModelAdapter):
                 mm_token_type_ids=(ids == image_token_id).long(),
                 output_hidden_states=True,
             ).hidden_states[-2]
-            out.append(Context(hidden[0][mask[0].bool()].float().cpu()))
+            out.append(Context(hidden[0][mask[0].bool()].cpu()))
         return out
 
     # ---- transformer -------------------------------------------------------------------------
