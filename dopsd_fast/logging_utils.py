@@ -142,10 +142,12 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """``exit_code``: the run's, as its process exits (0 done, 1 failed, 130 / 143 stopped by Ctrl-C /
+        SIGTERM after a checkpoint): a wandb run not ended by 0 is marked failed, not finished."""
         if self.tb is not None:
             self.tb.close()
             self.tb = None
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
             self.wandb = None

@@ -94,6 +94,16 @@ class _AboveBar(logging.Handler):
             self.handleError(record)
 
 
+def _exit_code(error: BaseException | None) -> int:
+    """The process's exit code for how the loop ended (the CLI's): 0 done, 143 / 130 stopped by SIGTERM /
+    Ctrl-C after a checkpoint, 1 failed."""
+    if error is None:
+        return 0
+    if isinstance(error, Terminated):
+        return 143
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
+
+
 @contextlib.contextmanager
 def _log_above(bar):
     """While the progress bar shows: the console's log lines (a spike, a Ctrl-C, a validation) are
@@ -1245,7 +1255,7 @@ class Trainer:
             self._signals.restore()
             if getattr(self, "logger", None) is not None:  # a stop or a failure too: TensorBoard's writer thread
                 try:  # (and a wandb run) would outlive the trainer in a process that goes on
-                    self.logger.close()
+                    self.logger.close(_exit_code(sys.exc_info()[1]))
                 except Exception as e:  # never in place of the run's own error, nor before the lock's release
                     log.warning("closing the metrics loggers failed: %s: %s", type(e).__name__, e)
             self.close()

@@ -495,7 +495,7 @@ def test_a_used_output_dir_without_resume_is_refused_and_overwrite_moves_it_asid
     run = tmp_path / "run"
     shutil.copytree(straight, run, ignore=shutil.ignore_patterns(".lock"))
     before = _files(run)
-    with monkeypatch.context() as m:
+    with pytest.MonkeyPatch.context() as m:
         _no_model_build(m)
         with pytest.raises(OutputDirError) as e:
             _trainer(tmp_path, *_STRAIGHT)
@@ -1136,7 +1136,8 @@ def test_a_resume_refused_at_load_starts_no_wandb_run(straight, tmp_path, monkey
     import types
 
     calls = []
-    run = types.SimpleNamespace(log=lambda m, step: calls.append(("log", step)), finish=lambda: calls.append("finish"))
+    run = types.SimpleNamespace(log=lambda m, step: calls.append(("log", step)),
+                                finish=lambda exit_code=None: calls.append(("finish", exit_code)))
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: calls.append("init") or run
     monkeypatch.setitem(sys.modules, "wandb", fake)
@@ -1145,7 +1146,7 @@ def test_a_resume_refused_at_load_starts_no_wandb_run(straight, tmp_path, monkey
         _trainer(tmp_path / "a", *_STRAIGHT, "train.wandb=true", resume=str(ck))
     assert calls == []
     _trainer(tmp_path / "b", *_STRAIGHT, "train.max_steps=2", "train.wandb=true").train()
-    assert calls == ["init", ("log", 1), ("log", 2), "finish"]
+    assert calls == ["init", ("log", 1), ("log", 2), ("finish", 0)]
 
 
 def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_one_line(tmp_path, monkeypatch):
@@ -1170,7 +1171,7 @@ def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_on
     monkeypatch.undo()
 
     runs = {}  # wandb id -> the steps it holds, as wandb keeps them (a row at or below the last step is dropped)
-    inits = []
+    inits, ends = [], []
 
     def init(**kw):
         inits.append(kw)
@@ -1179,7 +1180,7 @@ def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_on
         def log(metrics, step):
             if not held or step > held[-1]:
                 held.append(step)
-        return types.SimpleNamespace(log=log, finish=lambda: None)
+        return types.SimpleNamespace(log=log, finish=lambda exit_code=None: ends.append(exit_code))
 
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe for it with find_spec
@@ -1201,6 +1202,28 @@ def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_on
     assert inits[2]["name"] == "run (from step 1)" and runs[t.run_id] == [1, 2, 3]
     _trainer(tmp_path, "train.max_steps=4", *w, resume="latest").train()
     assert inits[3]["id"] == seg and runs[seg] == [2, 3, 4]  # then a resume continues that one
+    assert ends == [0, 0, 0, 0]  # each finished run once, as finished
+
+    # a failed run is marked failed (exit code 1; wandb called it finished), a stopped one by its signal's code
+    from dopsd_fast.safety import Interrupted
+    from dopsd_fast.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def fail(self):  # after a row is logged (the wandb run starts at the first)
+        if self.step == 5:
+            raise RuntimeError("out of memory")
+        return step(self)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Trainer, "train_step", fail)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            _trainer(tmp_path, "train.max_steps=6", *w, resume="latest").train()
+    tr = _trainer(tmp_path, "train.max_steps=7", *w, resume="latest")
+    with pytest.MonkeyPatch.context() as m:
+        _inject_sigint(m, tr, "before_backward", at_step=7)
+        with pytest.raises(Interrupted):
+            tr.train()
+    assert ends == [0, 0, 0, 0, 1, 130], ends
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
