@@ -440,10 +440,35 @@ class FeatureCache:
             if self.kinds is not None:
                 self.kinds |= {kind for key, kind, _ in chunk if key in names}
             self._save_manifest()  # after each shard: an interruption loses at most one shard
+            if s0 == 0 and len(todo) > len(names):
+                self._say_size(shard, len(names), len(todo) - len(names))
             if stopped:
                 raise KeyboardInterrupt
         bar.close()
         return len(todo)
+
+
+    def _say_size(self, shard: str, written: int, left: int) -> None:
+        """After the first shard: what the cache will come to, from that shard's bytes per context, and a
+        warning where the rest passes the folder's free disk (a cache of 50k rows is hundreds of GB; the
+        write that does not fit would stop it hours in: the shards written are kept)."""
+        import shutil
+
+        from dopsd_fast.memory import fmt_bytes
+
+        try:
+            per = (self.dir / shard).stat().st_size / written
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            return
+        need = per * left
+        log.info("feature cache: about %s more for %d contexts (%s each in the first shard); %s free in %s",
+                 fmt_bytes(need), left, fmt_bytes(per), fmt_bytes(free), self.dir)
+        if need > free:
+            log.warning("feature cache: the %d contexts still to write need about %s and %s is free in %s: it "
+                        "will not fit; the shards written are kept: free space and run dopsd-cache again to go on "
+                        "from them, or set cache.dir to a folder on a larger disk", left, fmt_bytes(need),
+                        fmt_bytes(free), self.dir)
 
 
 def host_memory_available() -> int | None:

@@ -645,3 +645,28 @@ def test_contexts_keep_the_encoders_dtype_and_a_bf16_cache_trains_as_its_fp32_co
     assert torch.equal(res["bf16"], res["fp32"]), res
     assert grads["bf16"].keys() == grads["fp32"].keys()
     assert all(torch.equal(grads["bf16"][n], grads["fp32"][n]) for n in grads["bf16"])
+
+
+def test_dopsd_cache_says_its_size_after_the_first_shard_and_warns_where_it_will_not_fit(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """A cache of tens of thousands of rows is hundreds of GB; one that did not fit its disk stopped at the
+    write that failed, hours in, with no word before. After the first shard dopsd-cache says what the rest
+    will take (that shard's bytes per context times the contexts left) and warns where that passes the
+    folder's free disk."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    for free, warned in ((10 ** 12, False), (1000, True)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p, free=free: usage(2 * free, free, free))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+            cache = _write_cache(tmp_path / str(free))
+        first = cache / "shard-00000.safetensors"
+        per = first.stat().st_size / 5  # cache.shard_size=5: 24 contexts, 19 after the first shard
+        said = [r for r in caplog.records if r.getMessage().startswith("feature cache:")]
+        info = [r.getMessage() for r in said if r.levelno == logging.INFO]
+        assert len(info) == 1 and f"about {per * 19 / 1e6:.1f} MB more for 19 contexts" in info[0], info
+        warn = [r.getMessage() for r in said if r.levelno == logging.WARNING]
+        assert len(warn) == warned and (not warned or ("will not fit" in warn[0] and str(cache) in warn[0])), warn
+        assert len(list(cache.glob("shard-*.safetensors"))) == 5  # a warning: the cache is still written
