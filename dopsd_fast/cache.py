@@ -59,12 +59,16 @@ def record_key(kind: str, prompt: str, rec) -> str:
     """The cache key of a record's context: the student's depends on the prompt (and the references
     of an editing row, with the bucket each is loaded at), the teacher's also on the target image and
     its bucket; a row with an alpha channel also on ``data.alpha_background`` (its pixels do). A row
-    without references or alpha keeps the key it had before these were part of it."""
+    with a 32-bit float image is keyed apart from the contexts of versions that scaled it by its maximum
+    (one pixel over 1: 255x darker). A row without references, alpha or a float image keeps the key it
+    had before these were part of it."""
     refs = getattr(rec, "reference_hash", None)
     if refs is not None:
         refs = f"{refs}@{json.dumps([list(b) for b in rec.reference_buckets])}"
     background = getattr(rec, "background", None)
     tag = "" if background is None else f"+bg{list(background)}"
+    if getattr(rec, "float_image", False):  # decoded by float_image_scale: not the earlier versions' pixels
+        tag += "+float-range"
     if kind == "student":
         return entry_key("student", prompt, None if refs is None else refs + tag, None)
     image = rec.image_hash if refs is None else f"{rec.image_hash}+{refs}"
@@ -250,8 +254,10 @@ class FeatureCache:
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset, kinds))} "
                              f"contexts this dataset needs (the first: {rec.where}, the {kind} context of "
-                             f"{shown!r}: a row or image edited or added since the cache was written?); run "
-                             "dopsd-cache with the same config first")
+                             f"{shown!r}: " + ("a 32-bit float image, read by its range since an earlier version "
+                                               "wrote the cache" if getattr(rec, "float_image", False) else
+                                               "a row or image edited or added since the cache was written?")
+                             + "); run dopsd-cache with the same config first")
         self.check_shards(width)
         if extra_problem is None and not max_tokens:
             return

@@ -227,8 +227,15 @@ def train_main(argv=None) -> int:
         from dopsd_fast.dryrun import dry_run
 
         try:
+            if args.resume:  # the checkpoint the run would resume, checked as the run checks it before its start
+                from dopsd_fast.trainer import Trainer
+
+                ck, step = Trainer.resume_check(cfg, args.resume, args.allow_config_change)
+                print(f"resume: from {ck} at step {step} (the data's content and the model's files are compared when "
+                      "the run starts)" if ck is not None else
+                      f"resume: no checkpoint in {cfg.train.output_dir}: --resume latest starts at step 0")
             return dry_run(cfg, gpu, args.references, recipe=args.config)
-        except (DataError, CacheError, FileNotFoundError, ValueError) as e:
+        except (DataError, CacheError, FileNotFoundError, ValueError, RuntimeError) as e:
             sys.exit(f"error: {e}")
     from dopsd_fast.trainer import Trainer
 

@@ -347,6 +347,18 @@ class Trainer:
         held.release()
         log.warning("--overwrite: the earlier run in %s moved aside to %s (nothing deleted)", out, aside)
 
+    @classmethod
+    def resume_check(cls, cfg, resume: str, allow_config_change: bool = False) -> tuple:
+        """What ``--dry-run --resume`` checks without claiming the folder or building anything: the
+        checkpoint the run would pick, loaded and checked against ``cfg`` as :meth:`_pick_resume` does
+        (the refusals a resume meets before the data and model are read); -> (checkpoint, step), or
+        (None, None) where ``--resume latest`` finds none."""
+        self = cls.__new__(cls)
+        self.cfg, self.out, self.allow_config_change, self._skipped = cfg, Path(cfg.train.output_dir), \
+            allow_config_change, []
+        ck, state = self._pick_resume(resume)
+        return ck, int(state["step"]) if state is not None else None
+
     def _pick_resume(self, resume: str | None):
         """(checkpoint, its state) to resume from, loaded and checked against the config; (None, None)
         for a fresh start."""
@@ -930,7 +942,16 @@ class Trainer:
         if self.rank != 0:
             return {}
         m = self.cfg.model
-        return {k: self._folder_fingerprint(v) for k, v in (("model.path", m.path), ("model.vlm_path", m.vlm_path)) if v}
+        out = {k: self._folder_fingerprint(v) for k, v in (("model.path", m.path), ("model.vlm_path", m.vlm_path)) if v}
+        shipped = self._shipped_weights()
+        if shipped is not None:  # a preset's weights shipped with the package: another version may ship others
+            out["model.preset"] = self._folder_fingerprint(str(shipped))
+        return out
+
+    def _shipped_weights(self):
+        """The folder of the weights the package ships for ``model.preset`` (the toy model), or None."""
+        m = self.cfg.model
+        return FAMILIES[m.family].preset(m.preset).shipped_weights() if m.preset and not m.path else None
 
     def _check_model_files(self, ck: Path, state: dict) -> None:
         """The model folders' files against the checkpoint's record of them (``model_files``), decided by
@@ -959,6 +980,17 @@ class Trainer:
                 problems.append(f"{k} {b} does not exist" if diff is None else
                                 f"{k} {b}: its files changed since the checkpoint ({files})" if a == b else
                                 f"{k} {a!r} -> {b!r}: other files ({files})")
+            preset = self.cfg.model.preset
+            if "model.preset" in now and "model.preset" not in saved:  # an earlier version's checkpoint
+                log.warning("resume: %s records no fingerprint of model.preset %s's weights (written by an earlier "
+                            "version): a run started before the package shipped its present weights continues on "
+                            "other ones; start a new output_dir if its samples look wrong", ck, preset)
+            elif "model.preset" in now and isinstance(before, dict) and before.get("preset") == preset:
+                diff = differing_files(saved["model.preset"], now["model.preset"])
+                if diff:
+                    problems.append(f"model.preset {preset}: the weights the package ships for it changed since the "
+                                    f"checkpoint ({', '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}; another "
+                                    "version of dopsd-fast: install the one the run started with to resume it)")
             if problems and self.allow_config_change:
                 log.warning("resume from %s: %s: resuming on them (--allow-config-change)", ck, "; ".join(problems))
             elif problems:

@@ -48,6 +48,7 @@ class Record:
     reference_buckets: list = field(default_factory=list)  # the bucket each reference is loaded at
     reference_hash: str | None = None  # sha256 over the references' file hashes (cache key); None: no refs
     background: tuple | None = None  # data.alpha_background where an image of the row has an alpha channel
+    float_image: bool = False  # an image of the row is 32-bit float (mode F): scaled by its range (float_image_scale)
 
 
 class Sample:
@@ -121,9 +122,9 @@ def has_alpha(im: "Image.Image") -> bool:
     return im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
 
 
-def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, bool]:
-    """The upright size of a fully decodable image (buckets are chosen from it), and whether it has an
-    alpha channel."""
+def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, bool, bool]:
+    """The upright size of a fully decodable image (buckets are chosen from it), whether it has an
+    alpha channel, and whether it is a 32-bit float image."""
     if not path.is_file():
         what = "is a folder, not an image file" if path.is_dir() else "image file not found:"
         raise DataError(f"{where}: field '{field_name}': {path} {what}" if path.is_dir() else
@@ -133,7 +134,7 @@ def _check_image(path: Path, where: str, field_name: str) -> tuple[int, int, boo
             im.load()  # full decode: catches truncated files, not just bad headers
             if im.mode == "F":  # its range decides its scale: checked here, not at the first step
                 float_image_scale(np.asarray(im, dtype=np.float32), f"{where}: field '{field_name}': image {path}")
-            return (*upright_size(im), has_alpha(im))
+            return (*upright_size(im), has_alpha(im), im.mode == "F")
     except DataError:
         raise
     except Exception as e:  # PIL raises many types for broken files
@@ -311,7 +312,7 @@ class CheckRecord:
     it; a file modified in the last 2 s is not recorded). Written by rank 0 alone. Only this check's
     images are written back; a record that cannot be read or written costs a full check, nothing else."""
 
-    VERSION = 2
+    VERSION = 3  # 3: whether the image is 32-bit float
 
     def __init__(self, source: Path | None):
         self.path = None
@@ -329,9 +330,9 @@ class CheckRecord:
         except (OSError, ValueError):
             checks = None
         if isinstance(checks, dict):
-            self.earlier = {k: v for k, v in checks.items() if isinstance(v, list) and len(v) == 4
+            self.earlier = {k: v for k, v in checks.items() if isinstance(v, list) and len(v) == 5
                             and all(type(x) is int and x > 0 for x in v[:2]) and type(v[2]) is bool
-                            and isinstance(v[3], str) and len(v[3]) == 64}
+                            and isinstance(v[3], str) and len(v[3]) == 64 and type(v[4]) is bool}
 
     HEAD_BYTES = 1 << 16  # hashed into the key: a same-size edit whose times a synced mount mirrors (EXIF is here)
     RACY_S = 2.0  # a file modified this recently may change again within the times' resolution: not recorded
@@ -348,16 +349,16 @@ class CheckRecord:
         return (f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_dev}|{st.st_ino}|"
                 f"{head}")
 
-    def image(self, path: Path, where: str, field_name: str) -> tuple[int, int, bool, str]:
-        """(width, height, alpha, SHA-256) of an image: the earlier check's where the file is unchanged,
-        else :func:`_check_image` (a full decode) and :func:`file_sha256`."""
+    def image(self, path: Path, where: str, field_name: str) -> tuple[int, int, bool, str, bool]:
+        """(width, height, alpha, SHA-256, 32-bit float) of an image: the earlier check's where the file
+        is unchanged, else :func:`_check_image` (a full decode) and :func:`file_sha256`."""
         key = self._key(path) if self.path is not None and path.is_file() else None
         hit = self.earlier.get(key) if key is not None else None
         if hit is not None and hit[0] * hit[1] <= MAX_IMAGE_PIXELS[0]:  # data.max_image_pixels may be lower now
             self.now[key] = hit
             return tuple(hit)
-        w, h, alpha = _check_image(path, where, field_name)
-        out = (w, h, alpha, file_sha256(path))
+        w, h, alpha, flt = _check_image(path, where, field_name)
+        out = (w, h, alpha, file_sha256(path), flt)
         if key is not None:
             self.now[key] = list(out)
         return out
@@ -387,12 +388,12 @@ def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref
     target); ``ref_field``: the one naming the references (None: the list form's)."""
     check = check or CheckRecord(None)
     target_field = image_field if not refs or ref_field else f"{image_field}[{len(refs)}]"
-    w, h, alpha, target_hash = check.image(image_path, where, target_field)
+    w, h, alpha, target_hash, flt = check.image(image_path, where, target_field)
     ref_buckets, ref_hashes = [], []
     for i, r in enumerate(refs):
         field = f"{ref_field or image_field}[{i}]"
-        rw, rh, ref_alpha, ref_sha = check.image(r, where, field)
-        alpha = alpha or ref_alpha
+        rw, rh, ref_alpha, ref_sha, ref_flt = check.image(r, where, field)
+        alpha, flt = alpha or ref_alpha, flt or ref_flt
         rb = assign_bucket(rw, rh, buckets)
         if rb is None:
             raise _no_bucket(where, field, "reference", r, rw, rh, buckets)
@@ -403,7 +404,7 @@ def _validate_record(where, image_path, refs, prompts, buckets, image_field, ref
         raise _no_bucket(where, target_field, "image", image_path, w, h, buckets)
     ref_hash = hashlib.sha256(json.dumps(ref_hashes).encode()).hexdigest() if refs else None
     return Record(where, str(image_path), prompts, w, h, bucket, target_hash, [str(r) for r in refs],
-                  ref_buckets, ref_hash, tuple(ALPHA_BACKGROUND) if alpha else None)
+                  ref_buckets, ref_hash, tuple(ALPHA_BACKGROUND) if alpha else None, flt)
 
 
 def _iter_jsonl(path: Path, image_key: str, prompt_keys: list):

@@ -326,6 +326,12 @@ class Preset:
         """Set the adapter's encoders (text encoder, tokenizer, ... as the family's adapter names them)."""
         raise NotImplementedError
 
+    def shipped_weights(self):
+        """The folder of the weights the package ships for this preset, or None (weights made from the
+        seed): a checkpoint records its files, and a resume on other ones (another version of the
+        package) is refused as a changed model.path is."""
+        return None
+
     def identity(self, cfg) -> dict:
         """What identifies the preset's encoder weights (the feature cache's key)."""
         return {"preset": cfg.preset, "seed": cfg.seed, "version": self.version}

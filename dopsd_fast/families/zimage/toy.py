@@ -316,6 +316,9 @@ class ToyPreset(Preset):
         adapter.vlm_tokenizer = adapter.tokenizer
         adapter.swap_report = build_encoders.swap_report
 
+    def shipped_weights(self):
+        return WEIGHTS_DIR
+
     def identity(self, cfg) -> dict:
         files = {n: hashlib.sha256((WEIGHTS_DIR / n).read_bytes()).hexdigest()[:16]
                  for n in ("text_encoder.safetensors", "vision.safetensors")}
