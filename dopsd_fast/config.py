@@ -110,6 +110,13 @@ class ModelConfig:
                    f"must be >= 0 layers, got {self.gradient_checkpointing}")
         _check(self.student_max_tokens > 0, "model.student_max_tokens", "must be > 0")
         _check(self.teacher_max_tokens > 0, "model.teacher_max_tokens", "must be > 0")
+        for name in ("teacher_min_pixels", "teacher_max_pixels"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"model.{name}", f"must be null (the model's) or a pixel count >= 1, got {v}")
+        _check(self.teacher_min_pixels is None or self.teacher_max_pixels is None
+               or self.teacher_min_pixels <= self.teacher_max_pixels, "model.teacher_min_pixels",
+               f"{self.teacher_min_pixels} is over model.teacher_max_pixels {self.teacher_max_pixels}: the lower "
+               "bound must not pass the upper one")
         if self.text_layers is not None and self.text_layers != []:  # [] (as null) was accepted
             _check(isinstance(self.text_layers, list) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in self.text_layers), "model.text_layers",
@@ -212,6 +219,10 @@ class DataConfig:
     max_image_pixels: int = 1 << 26
 
     def __post_init__(self):
+        for s in ("jsonl", "folder"):
+            v = getattr(self, s)
+            _check(v is None or v.strip() != "", f"data.{s}", "must not be empty (an unset variable?): give a path, or "
+                   "leave the field out")
         sources = [s for s in ("builtin", "jsonl", "folder") if getattr(self, s)]
         _check(len(sources) == 1, "data", f"set exactly one of data.builtin / data.jsonl / data.folder, got {sources or 'none'}")
         if self.builtin is not None:
@@ -305,6 +316,8 @@ class ValidationConfig:
     def __post_init__(self):
         _check(self.every >= 0, "validation.every", "must be >= 0")
         _check(self.num_samples >= 0, "validation.num_samples", "must be >= 0")
+        _check(self.steps is None or self.steps >= 1, "validation.steps",
+               f"must be >= 1 inference steps (null = the model's default), got {self.steps}")
         _check(self.schedule is None or self.steps is None, "validation.schedule",
                f"names the sigmas and so the steps: leave validation.steps null (it is {self.steps})")
         if isinstance(self.schedule, list):
@@ -359,7 +372,12 @@ class SftConfig:
 
     def __post_init__(self):
         _one_of(self.weighting, ("none", "logit_normal", "mode"), "sft.weighting")
-        _check(self.logit_std > 0, "sft.logit_std", "must be > 0")
+        _check(math.isfinite(self.logit_mean), "sft.logit_mean", f"must be a finite number, got {self.logit_mean}")
+        _check(math.isfinite(self.logit_std) and self.logit_std > 0, "sft.logit_std",
+               f"must be a finite number > 0, got {self.logit_std}")
+        _check(math.isfinite(self.mode_scale) and self.mode_scale >= -1, "sft.mode_scale",
+               f"must be a finite number >= -1 (below -1 the sampled u leaves [0, 1] and is clamped), got "
+               f"{self.mode_scale}")
 
 
 @dataclass(kw_only=True)
@@ -474,6 +492,43 @@ class Config:
         default = SftConfig()
         return [f"sft.{f.name}" for f in dataclasses.fields(SftConfig)
                 if getattr(self.sft, f.name) != getattr(default, f.name)]
+
+    def unread_fields(self) -> list[tuple[str, str]]:
+        """``(field, why)`` for each field set away from its default that this run does not read (besides
+        :meth:`ignored_fields`, the other method's): said at start-up, one warning per reason."""
+        out: list[tuple[str, str]] = []
+
+        if not self.lora.enabled:
+            for n in ("rank", "alpha", "targets", "init"):
+                if getattr(self.lora, n) != getattr(LoraConfig(), n):
+                    out.append((f"lora.{n}", "lora.enabled=false trains the full model, no LoRA"))
+        elif self.dopsd.ema_on_cpu:
+            out.append(("dopsd.ema_on_cpu", "LoRA runs keep their EMA adapters beside the student (full fine-tuning "
+                                            "only)"))
+        if self.model.family in FAMILIES:
+            spec, default = FAMILIES[self.model.family], ModelConfig()
+            others = {n for s in FAMILIES.values() for n in s.model_fields} - set(spec.model_fields)
+            for n in sorted(others, key=[f.name for f in fields(ModelConfig)].index):
+                if getattr(self.model, n) != getattr(default, n):
+                    out.append((f"model.{n}", f"model.family={self.model.family} does not read it"))
+            if self.model.preset is not None and "vlm_path" in spec.model_fields and self.model.vlm_path is not None:
+                out.append(("model.vlm_path", f"model.preset={self.model.preset} builds its own teacher encoder"))
+        fc, fd = self.fast, FastConfig()
+        if not fc.enabled:
+            for n in ("kernels", "attention", "gemm"):
+                if getattr(fc, n) != getattr(fd, n):
+                    out.append((f"fast.{n}", "the eager path (fast.enabled=false) runs diffusers' own modules"))
+        if fc.compile == "off" and fc.compile_backend != fd.compile_backend:
+            out.append(("fast.compile_backend", "fast.compile=off compiles nothing"))
+        if self.method == "sft":
+            sd = SftConfig()
+            if self.sft.weighting != "logit_normal":
+                for n in ("logit_mean", "logit_std"):
+                    if getattr(self.sft, n) != getattr(sd, n):
+                        out.append((f"sft.{n}", f"sft.weighting={self.sft.weighting} (read with logit_normal)"))
+            if self.sft.weighting != "mode" and self.sft.mode_scale != sd.mode_scale:
+                out.append(("sft.mode_scale", f"sft.weighting={self.sft.weighting} (read with mode)"))
+        return out
 
     def save(self, path: str | Path) -> None:
         atomic_write(Path(path), lambda t: t.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False)))
@@ -763,6 +818,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not data:  # the fields' own defaults are no run (the built-in tiny data at 1024-pixel buckets)
             raise ConfigError(f"config file {p} holds no settings; start from a shipped recipe (--config NAME: "
                               f"{', '.join(sorted(shipped_configs()))}) or copy one and edit it")
+    for item in overrides or []:  # `--set data.jsonl=$DATA` with DATA unset: the recipe's own data trained silently
+        key, _, raw = item.partition("=")
+        if key.strip() in ("data.jsonl", "data.folder") and not raw.strip():
+            raise ConfigError(f"config field '{key.strip()}': --set {key.strip()}= is empty (an unset variable?): "
+                              "give a path, or leave the --set out")
     over = parse_overrides(overrides)
     given = over.get("data", {}) if isinstance(over.get("data"), dict) else {}
     sources = ("builtin", "jsonl", "folder")
@@ -933,7 +993,7 @@ FIELD_HELP: dict[str, str] = {
                      "`logit_normal` or `mode`",
     "sft.logit_mean": "`logit_normal`: mean",
     "sft.logit_std": "`logit_normal`: standard deviation",
-    "sft.mode_scale": "`mode`: scale",
+    "sft.mode_scale": "`mode`: scale, >= -1 (below it the sampled u leaves [0, 1])",
     "fast.enabled": "the fast path (packed student/teacher pass, fused kernels); `false` = the eager diffusers "
                     "reference (the Z-Image-Turbo LoRA and SFT recipes set `true`; FLUX.2's fast path is verified "
                     "on the CPU only: set it there to use it)",
@@ -960,7 +1020,8 @@ FIELD_HELP: dict[str, str] = {
     "fast.compile": "torch.compile: `ops` (the fast path's element-wise ops instead of our kernels) or `regional` "
                     "(the eager path: diffusers' regional compilation of the blocks); `true` (deprecated, read for "
                     "earlier configs with a warning) = the one that fits the path",
-    "fast.compile_backend": "torch.compile backend",
+    "fast.compile_backend": "torch.compile backend (read with `fast.compile` on; a name torch does not know is "
+                            "refused at start)",
     "dist.fsdp": "FSDP2 with several ranks: `auto` = full fine-tuning sharded (student, EMA teacher, gradients, "
                  "AdamW state), LoRA replicated; `on` with LoRA needs `dist.shard_base: true`",
     "dist.shard_base": "LoRA: shard the frozen base (and the adapters) with FSDP2 too (eager path)",

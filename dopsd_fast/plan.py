@@ -113,11 +113,23 @@ def resolve_plan(cfg, spec, transformer_config, shape, device: torch.device, bud
         attention = resolve_attention(fc.attention, device, gpu_name)
         if attention == "triton" and not kernels and device.type != "cuda":
             attention = "sdpa"  # our attention kernel without the fused ops, off the GPU: PyTorch's instead
+            if fc.attention == "triton":
+                reasons.append("attention triton -> sdpa: off the GPU our attention kernel runs with the fused "
+                               "kernels only (fast.kernels=on)")
         gemm = fc.gemm
+        if not kernels and gemm != "auto":
+            reasons.append(f"GEMM {gemm}: not used, the paired LoRA linear's GEMM is chosen with the fused kernels "
+                           "(here eager PyTorch ops)")
         if fc.graphs and device.type != "cuda" and gpu_name is None:
             raise ConfigError("config field 'fast.graphs': CUDA graphs need a CUDA device")
     else:
         kernels, attention, gemm = False, "diffusers", "cublas"
+    if fc.compile != "off":
+        import torch._dynamo
+
+        if fc.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"config field 'fast.compile_backend': {fc.compile_backend!r} is not a torch.compile "
+                              f"backend here; use one of {torch._dynamo.list_backends()} (inductor: the default)")
     return RunPlan(path=path, backward=backward, checkpoint_layers=ckpt, layers=layers, kernels=kernels,
                    attention=attention, gemm=gemm, compile=fc.compile, compile_backend=fc.compile_backend,
                    fp8=fc.fp8, graphs=fc.graphs, budget_bytes=budget,

@@ -10,6 +10,7 @@ what an uninterrupted one does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -31,7 +32,7 @@ from dopsd_fast.cache import ContextProvider, FeatureCache, kinds_of, needed_ent
 from dopsd_fast.checkpoint import (check_train_state, checkpoint_run_id, folder_bytes, incomplete_checkpoints,
                                    list_checkpoints, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                    set_aside_folders, set_aside_later, set_rng_state)
-from dopsd_fast.config import Config
+from dopsd_fast.config import Config, DistConfig
 from dopsd_fast.data import BucketBatchSampler, build_dataset
 from dopsd_fast.data.prefetch import ImagePrefetcher
 from dopsd_fast.distributed import DistributedError, from_env, is_collective_failure, launcher_died
@@ -189,6 +190,13 @@ class Trainer:
             ignored = cfg.ignored_fields()
             if ignored:
                 log.warning("method %s does not read %s: set, and ignored", cfg.method, ", ".join(ignored))
+            unread = cfg.unread_fields()
+            if self.world == 1:  # the FSDP2 settings with no ranks to shard over
+                one = "one process: no ranks to shard over (torchrun starts several)"
+                unread += [(f"dist.{f.name}", one) for f in dataclasses.fields(DistConfig)
+                           if getattr(cfg.dist, f.name) != getattr(DistConfig(), f.name)]
+            for why in dict.fromkeys(w for _, w in unread):  # one line per reason
+                log.warning("%s: set, and not read: %s", ", ".join(f for f, w in unread if w == why), why)
             if self.plan.over_budget:
                 log.warning("the predicted peak beyond the weights (%s) passes the memory budget (%s) with every "
                             "saving the plan has: this run may run out of memory (dopsd-train --dry-run --gpu NAME "

@@ -125,6 +125,8 @@ class FamilySpec:
     default_rollout: str = ""  # the tiny runs' (and the recipes') roll-out schedule
     default_inference_steps: int = 8
     released_flavours: tuple = ()  # the flavours of the released models, the default first
+    # the family-specific ModelConfig fields this family reads (another family's, set, are said unread)
+    model_fields: tuple = ()
 
     # ---- classes ---------------------------------------------------------------------------
     def adapter_class(self):

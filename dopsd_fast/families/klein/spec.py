@@ -181,4 +181,5 @@ SPEC = KleinFamily(
     default_rollout="klein-k4",
     default_inference_steps=4,
     released_flavours=("klein-4b", "klein-9b"),
+    model_fields=("text_layers", "teacher_instruction", "gt_instruction"),
 )

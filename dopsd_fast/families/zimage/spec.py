@@ -159,4 +159,5 @@ SPEC = ZImageFamily(
     default_rollout="zimage-k4",
     default_inference_steps=8,
     released_flavours=("zimage-6b",),
+    model_fields=("vlm_path", "teacher_max_tokens", "teacher_min_pixels", "teacher_max_pixels"),
 )

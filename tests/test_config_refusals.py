@@ -1,0 +1,94 @@
+"""Config values that were accepted and then ignored, or failed minutes into a run with a message naming
+no field: each is refused at start-up naming its field, or said at start-up as set and not read."""
+
+import logging
+
+import pytest
+
+from dopsd_fast.config import ConfigError, load_config
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize("over", ["data.jsonl=", "data.jsonl=''", "data.folder=", "data.folder=' '"])
+def test_an_empty_data_source_is_refused(over):
+    """`--set data.jsonl=$DATA` with DATA unset trained on the recipe's built-in data, silently."""
+    field = over.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config field '{field}': .*empty"):
+        load_config("toy-concept", [over])
+    assert load_config("toy-concept", ["data.jsonl=null"]).data.builtin == "toy-concept-prior"  # an explicit null
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_validation_steps_below_one_is_refused(steps):
+    """0 sampled pure noise, silently; -1 stopped the run at its first validation (after validation.every
+    steps) with torch's 'number of steps must be non-negative', naming no field."""
+    with pytest.raises(ConfigError, match="config field 'validation.steps': must be >= 1"):
+        load_config("tiny-zimage", [f"validation.steps={steps}"])
+    assert load_config("tiny-zimage", ["validation.steps=1"]).validation.steps == 1
+
+
+@pytest.mark.parametrize("over, field", [
+    (["model.teacher_min_pixels=-1"], "model.teacher_min_pixels"),
+    (["model.teacher_max_pixels=0"], "model.teacher_max_pixels"),
+    (["model.teacher_min_pixels=1000000", "model.teacher_max_pixels=1000"], "model.teacher_min_pixels"),
+    (["sft.logit_mean=.nan"], "sft.logit_mean"),
+    (["sft.logit_std=.inf"], "sft.logit_std"),
+    (["sft.mode_scale=.nan"], "sft.mode_scale"),
+    (["sft.mode_scale=-5"], "sft.mode_scale"),
+])
+def test_out_of_range_numbers_are_refused(over, field):
+    """A NaN u sampled every SFT sigma at 1 (pure noise) and a min over the max pixels reached the image
+    processor: both trained on, silently."""
+    with pytest.raises(ConfigError, match=f"config field '{field}'"):
+        load_config("tiny-zimage-sft", over)
+    load_config("tiny-zimage-sft", ["sft.mode_scale=-1", "model.teacher_min_pixels=1000",
+                                    "model.teacher_max_pixels=1000"])
+
+
+def test_fields_this_run_does_not_read_are_named():
+    """LoRA settings under full fine-tuning, ema_on_cpu under LoRA, another family's model fields, the fast
+    path's choices on the eager path, a compile backend with compile off, the SFT weighting's unused
+    parameters: each was accepted and ignored, silently."""
+    unread = dict(load_config("tiny-zimage", [
+        "lora.enabled=false", "lora.rank=4", "model.text_layers=[1]", "model.vlm_path=/x",
+        "fast.attention=triton", "fast.gemm=triton", "fast.compile_backend=eager", "method=sft",
+        "sft.mode_scale=2"]).unread_fields())
+    assert set(unread) == {"lora.rank", "lora.alpha", "model.text_layers", "model.vlm_path", "fast.attention",
+                           "fast.gemm", "fast.compile_backend", "sft.mode_scale"}, unread
+    assert "full model" in unread["lora.rank"] and "zimage" in unread["model.text_layers"]
+    klein = dict(load_config("tiny-klein", ["model.teacher_max_tokens=5", "dopsd.ema_on_cpu=true"]).unread_fields())
+    assert set(klein) == {"model.teacher_max_tokens", "dopsd.ema_on_cpu"}, klein
+    for recipe in ("tiny-zimage", "tiny-klein", "toy-concept", "zimage-turbo-lora", "klein-4b-editing-lora",
+                   "zimage-turbo-sft", "klein-4b-sft"):
+        assert load_config(recipe).unread_fields() == [], recipe
+
+
+def test_unread_fields_are_said_at_start(tmp_path, caplog):
+    from dopsd_fast.trainer import Trainer
+
+    cfg = tiny_config(tmp_path, "lora.enabled=false", "lora.rank=4", "dist.shard_base=false",
+                      "dist.reshard_after_forward=false", "dist.fsdp=on")
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        Trainer(cfg).close()
+    assert "lora.rank, lora.alpha: set, and not read: lora.enabled=false" in caplog.text, caplog.text
+    assert "dist.fsdp, dist.reshard_after_forward: set, and not read: one process" in caplog.text, caplog.text
+
+
+def test_an_unknown_compile_backend_is_refused_at_the_plan(tmp_path):
+    """It failed after the model was built with torch's 'Invalid backend', naming no field."""
+    from dopsd_fast.dryrun import dry_run
+
+    with pytest.raises(ConfigError, match="config field 'fast.compile_backend': 'abc'"):
+        dry_run(tiny_config(tmp_path, "fast.compile=regional", "fast.compile_backend=abc"))
+
+
+def test_an_explicit_choice_the_plan_replaces_is_said(tmp_path, caplog):
+    """fast.attention=triton on the CPU without the fused kernels ran PyTorch's SDPA, and fast.gemm with
+    the eager ops chose nothing; the plan said neither."""
+    from dopsd_fast.trainer import Trainer
+
+    caplog.set_level(logging.INFO, logger="dopsd_fast")
+    tr = Trainer(tiny_config(tmp_path, "fast.enabled=true", "fast.attention=triton", "fast.gemm=triton"))
+    tr.close()
+    assert tr.plan.attention == "sdpa"
+    assert "attention triton -> sdpa" in tr.plan.describe() and "GEMM triton: not used" in tr.plan.describe()
