@@ -568,6 +568,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"config field '{name}': expected an integer, got {short(value)}") from None
     if tp is float:
+        if isinstance(value, bool):  # true read as 1.0: dopsd.ema_decay=true froze the teacher without a word
+            raise ConfigError(f"config field '{name}': expected a number, got {short(value)}")
         try:
             return float(value)
         except (TypeError, ValueError):

@@ -92,3 +92,13 @@ def test_an_explicit_choice_the_plan_replaces_is_said(tmp_path, caplog):
     tr.close()
     assert tr.plan.attention == "sdpa"
     assert "attention triton -> sdpa" in tr.plan.describe() and "GEMM triton: not used" in tr.plan.describe()
+
+
+@pytest.mark.parametrize("over", ["dopsd.ema_decay=true", "lora.alpha=false", "optim.lr=true"])
+def test_a_boolean_in_a_number_field_is_refused(over):
+    """true was read as 1.0 (dopsd.ema_decay=true froze the teacher without a word), as an integer field
+    already refused it."""
+    field = over.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config field '{field}': expected a number, got"):
+        load_config("tiny-zimage", [over])
+    assert load_config("tiny-zimage", ["dopsd.ema_decay=1", "lora.alpha=8"]).dopsd.ema_decay == 1.0
