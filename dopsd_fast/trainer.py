@@ -105,6 +105,12 @@ def _exit_code(error: BaseException | None) -> int:
     return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
+def _group_name(g) -> str:
+    """A batch group (``ImageTextDataset.batch_groups``: the bucket, then each reference's) as words."""
+    sizes = [f"{g[i]}x{g[i + 1]}" for i in range(0, len(g) - 1, 2)]
+    return f"bucket {sizes[0]}" + (f" with references at {', '.join(sizes[1:])}" if len(sizes) > 1 else "")
+
+
 @contextlib.contextmanager
 def _log_above(bar):
     """While the progress bar shows: the console's log lines (a spike, a Ctrl-C, a validation) are
@@ -207,6 +213,8 @@ class Trainer:
             self._build_optimizer()
             self.sampler = BucketBatchSampler(self.dataset.batch_groups, cfg.data.batch_size, seed=cfg.train.seed,
                                               rank=self.rank, world_size=self.world)
+            if self.rank == 0:
+                self._say_small_groups()
             self.prefetch = ImagePrefetcher(self.dataset, cfg.data.num_workers)
             self._sigma_cache: dict = {}
             self.step = 0
@@ -1299,6 +1307,21 @@ class Trainer:
                 except Exception as e:  # never in place of the run's own error, nor before the lock's release
                     log.warning("closing the metrics loggers failed: %s: %s", type(e).__name__, e)
             self.close()
+
+    def _say_small_groups(self) -> None:
+        """A bucket (a batch group) with fewer rows than the global batch: each of its batches repeats its
+        rows to fill up (the sampler's padding); said once, with the smallest, at start-up."""
+        counts: dict = {}
+        for g in self.sampler.buckets_of:
+            counts[tuple(g)] = counts.get(tuple(g), 0) + 1
+        n = self.sampler.global_batch
+        small = {g: c for g, c in counts.items() if c < n}
+        if small and not self.cfg.data.builtin:
+            g, c = min(small.items(), key=lambda x: x[1])
+            log.warning("%d of the data's %d batch groups (bucket, and references) hold fewer rows than the global "
+                        "batch of %d (data.batch_size %d x %d ranks): their batches repeat rows to fill up (the "
+                        "smallest: %s, %d rows)", len(small), len(counts), n, self.cfg.data.batch_size, self.world,
+                        _group_name(g), c)
 
     def _list_skipped_rows(self) -> None:
         """data.skip_bad: the log names the first skipped row, ``skipped_rows.txt`` every one with why (written

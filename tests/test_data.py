@@ -455,3 +455,30 @@ def test_rows_cropped_to_little_of_their_image_and_repeated_rows_are_warned(tmp_
                             "1600x100 in bucket 160x80 keeps 12%)") for m in warned), warned
     assert any(m.startswith(f"1 rows repeat an earlier row") and f"the first: {jl}:3 repeats {jl}:1" in m
                for m in warned), warned
+
+
+def test_a_bucket_with_fewer_rows_than_the_global_batch_is_said(caplog):
+    """The sampler fills a bucket's last batch with its own rows: a bucket of 3 rows at a global batch of 8
+    trained each of its batches on each row two or three times, without a word."""
+    import logging
+    import types
+
+    from dopsd_fast.data import BucketBatchSampler
+    from dopsd_fast.trainer import Trainer
+
+    groups = [(64, 64)] * 9 + [(96, 48)] * 3 + [(64, 64, 32, 32)] * 5
+    said = {}
+    for batch, world in ((4, 2), (3, 1)):
+        t = types.SimpleNamespace(sampler=BucketBatchSampler(groups, batch, world_size=world), world=world,
+                                  cfg=types.SimpleNamespace(data=types.SimpleNamespace(builtin=None, batch_size=batch)))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+            Trainer._say_small_groups(t)
+        said[batch * world] = [r.getMessage() for r in caplog.records]
+    assert said[3] == [], said[3]  # every group holds at least the global batch of 3
+    from dopsd_fast.trainer import _group_name
+
+    assert _group_name((64, 64, 32, 32, 48, 16)) == "bucket 64x64 with references at 32x32, 48x16"
+    assert said[8] == [
+        "2 of the data's 3 batch groups (bucket, and references) hold fewer rows than the global batch of 8 "
+        "(data.batch_size 4 x 2 ranks): their batches repeat rows to fill up (the smallest: bucket 96x48, 3 rows)"]
