@@ -554,6 +554,10 @@ class Trainer:
         kw["fused" if self.device.type == "cuda" else "foreach"] = True
         self.optimizer = torch.optim.AdamW(params, **kw)
         warm = o.warmup_steps
+        if warm > self.cfg.train.max_steps and self.rank == 0:
+            log.warning("optim.warmup_steps %d is more than train.max_steps %d: the learning rate never reaches "
+                        "optim.lr %g (it ends at %g)", warm, self.cfg.train.max_steps, o.lr,
+                        o.lr * self.cfg.train.max_steps / warm)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         log.info("trainable parameters: %s (%s)", f"{sum(p.numel() for p in params):,}",

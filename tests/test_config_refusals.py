@@ -102,3 +102,21 @@ def test_a_boolean_in_a_number_field_is_refused(over):
     with pytest.raises(ConfigError, match=f"config field '{field}': expected a number, got"):
         load_config("tiny-zimage", [over])
     assert load_config("tiny-zimage", ["dopsd.ema_decay=1", "lora.alpha=8"]).dopsd.ema_decay == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_a_warm_up_longer_than_the_run_is_said(tmp_path, caplog):
+    """optim.warmup_steps above train.max_steps: the run ends below optim.lr, which no line said."""
+    from dopsd_fast.trainer import Trainer
+
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        t = Trainer(tiny_config(tmp_path, "optim.warmup_steps=10", "train.max_steps=2", "optim.lr=1e-4"))
+    t.close()
+    assert "optim.warmup_steps 10 is more than train.max_steps 2: the learning rate never reaches optim.lr 0.0001 " \
+           "(it ends at 2e-05)" in caplog.text, caplog.text
+    t.lr_sched.step()  # the scheduler as it stands after step 2's update: the figure said
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(2e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        Trainer(tiny_config(tmp_path / "b", "optim.warmup_steps=2", "train.max_steps=2")).close()
+    assert "warmup_steps" not in caplog.text
