@@ -191,8 +191,9 @@ class OptimConfig:
         _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                             for b in self.betas), "optim.betas",
                f"must be two numbers in [0, 1), got {short(self.betas)}")
-        _check(self.eps > 0, "optim.eps", "must be > 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(math.isfinite(self.eps) and self.eps > 0, "optim.eps", f"must be a finite number > 0, got {self.eps}")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+               f"must be a finite number >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
 
@@ -288,7 +289,8 @@ class TrainConfig:
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.max_update_ratio > 0, "train.max_update_ratio", "must be > 0")
         _check(self.warn_factor > 1, "train.warn_factor", "must be > 1")
-        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "must be > 0")
+        _check(math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0, "train.dist_timeout_s",
+               f"must be a finite number of seconds > 0, got {self.dist_timeout_s}")
         _check(self.check_sync_every >= 0, "train.check_sync_every", "must be >= 0 (0 = never)")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")

@@ -120,3 +120,13 @@ def test_a_warm_up_longer_than_the_run_is_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         Trainer(tiny_config(tmp_path / "b", "optim.warmup_steps=2", "train.max_steps=2")).close()
     assert "warmup_steps" not in caplog.text
+
+
+@pytest.mark.parametrize("over", ["optim.eps=.inf", "optim.weight_decay=.inf", "train.dist_timeout_s=.inf"])
+def test_an_infinite_optimizer_or_timeout_setting_is_refused(over):
+    """optim.eps=inf trained with zero updates, weight_decay=inf made the weights non-finite at the first
+    step, an infinite collective timeout raised an OverflowError at the process group's start (a timedelta
+    of inf seconds) under torchrun: refused, named."""
+    field = over.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config field '{field}': must be a finite number"):
+        load_config("tiny-zimage", [over])
