@@ -254,8 +254,9 @@ class FeatureCache:
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             raise CacheError(f"feature cache {self.dir} lacks {len(miss)} of {len(needed_entries(dataset, kinds))} "
                              f"contexts this dataset needs (the first: {rec.where}, the {kind} context of "
-                             f"{shown!r}: " + ("a 32-bit float image, read by its range since an earlier version "
-                                               "wrote the cache" if getattr(rec, "float_image", False) else
+                             f"{shown!r}: " + ("a row with a 32-bit float image, added since, or in a cache an "
+                                               "earlier version wrote (it read such images by their maximum)"
+                                               if getattr(rec, "float_image", False) else
                                                "a row or image edited or added since the cache was written?")
                              + "); run dopsd-cache with the same config first")
         self.check_shards(width)
@@ -375,7 +376,20 @@ class FeatureCache:
             raise CacheError(f"feature cache {self.dir}: a context in {shard} is damaged (its bytes changed since "
                              f"dopsd-cache wrote them: checksum of {key[:12]}); delete {self.dir / shard} and run "
                              "dopsd-cache again (it re-encodes that shard's contexts)")
+        if features.dtype == torch.float32 and self.context_dtype is not None:
+            features = features.to(self.context_dtype)  # an earlier version's fp32 upcast: exact, one dtype per run
         return Context(features, extra)
+
+    @property
+    def context_dtype(self) -> torch.dtype | None:
+        """The encoders' dtype the identity records (``settings.dtype``) where it is a 16-bit float: an earlier
+        version stored their contexts upcast to fp32 (exactly), this one stores them as given; read, both come
+        back in it (a cache extended after an upgrade holds both; batches of mixed dtypes would capture CUDA
+        graphs per pattern). None: fp32 encoders, or no such record."""
+        settings = self.identity.get("settings") if isinstance(self.identity, dict) else None
+        name = settings.get("dtype") if isinstance(settings, dict) else None
+        dtype = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(name)
+        return dtype
 
     def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True,
               kinds=KINDS, stop=None) -> int:

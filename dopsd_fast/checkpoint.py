@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -171,6 +172,8 @@ def _ndarray(t: torch.Tensor, dtype, shape, where: str, path: Path) -> np.ndarra
 def _checked(t: torch.Tensor, where: str, path: Path) -> torch.Tensor:
     """Loaded weights and optimizer moments must be finite: a non-finite value is damage, never state
     to train on (the guard stops a run before it can write one)."""
+    if t.is_meta:  # load_checkpoint(tensors=False): not read
+        return t
     if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
         n = int((~torch.isfinite(t)).sum())
         raise CheckpointError(f"checkpoint {path}: {where} holds {n} non-finite value(s) (damaged)")
@@ -604,9 +607,15 @@ def resolve_resume(root: str | Path, resume: str | None) -> Path | None:
     return p
 
 
-def load_checkpoint(path: Path) -> dict:
+PEEK_BYTES = 1 << 20  # load_checkpoint(tensors=False): larger tensors are not read
+
+
+def load_checkpoint(path: Path, tensors: bool = True) -> dict:
     """The state :func:`save_checkpoint` wrote (any process count), or an earlier version's, checked
-    as untrusted input (see the module's docstring); :class:`CheckpointError` names what is wrong."""
+    as untrusted input (see the module's docstring); :class:`CheckpointError` names what is wrong.
+    ``tensors`` false: the structure and the small entries (step, config, run id, random states) alone,
+    every tensor of more than ``PEEK_BYTES`` a meta placeholder, neither read nor checked (what a dry run
+    of a resume compares: a full fine-tuning checkpoint is ~100 GB)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     path = Path(path)
@@ -614,9 +623,15 @@ def load_checkpoint(path: Path) -> dict:
         return _load_state_pt(path)
     md = read_metadata(path)
     flat: dict = {}
+    unread: dict = {}
     for key, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):  # zeros, not empty: nothing of this process's memory shows through
-            flat[key] = torch.zeros(tuple(m.size), dtype=m.properties.dtype)
+            size = tuple(m.size)
+            if not tensors and key != _STATE_KEY and not _CRC_RE.match(key) and \
+                    math.prod(size) * m.properties.dtype.itemsize > PEEK_BYTES:
+                unread[key] = torch.empty(size, dtype=m.properties.dtype, device="meta")
+            else:
+                flat[key] = torch.zeros(size, dtype=m.properties.dtype)
         elif key == _LEGACY_KEY and isinstance(m, BytesStorageMetadata):
             flat[key] = b""
         else:
@@ -627,6 +642,7 @@ def load_checkpoint(path: Path) -> dict:
     if _STATE_KEY not in flat:
         raise CheckpointError(f"checkpoint {path}: no {_STATE_KEY} (the run's structure); not loaded")
     _verify(flat, md, path)
+    flat.update(unread)
     try:
         record = _json_of(flat.pop(_STATE_KEY))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:

@@ -16,10 +16,12 @@ import warnings
 from pathlib import Path
 
 from dopsd_fast.cache import CacheError, FeatureCache, kinds_of, needed_entries
+from dopsd_fast.checkpoint import CheckpointError
 from dopsd_fast.config import ConfigError, load_config
 from dopsd_fast.data import DataError, build_dataset
 from dopsd_fast.families import build_adapter
 from dopsd_fast.data.dataset import MAX_PROMPT_CHARS
+from dopsd_fast.errors import OutputDirError
 from dopsd_fast.safety import DivergenceError, Terminated, file_write_problem
 
 # the run's output folder once the config is read: where a failure's full traceback is kept
@@ -231,11 +233,11 @@ def train_main(argv=None) -> int:
                 from dopsd_fast.trainer import Trainer
 
                 ck, step = Trainer.resume_check(cfg, args.resume, args.allow_config_change)
-                print(f"resume: from {ck} at step {step} (the data's content and the model's files are compared when "
-                      "the run starts)" if ck is not None else
+                print(f"resume: from {ck} at step {step} (its config and step checked; its tensors, the data's content "
+                      "and the model's files are read and compared when the run starts)" if ck is not None else
                       f"resume: no checkpoint in {cfg.train.output_dir}: --resume latest starts at step 0")
             return dry_run(cfg, gpu, args.references, recipe=args.config)
-        except (DataError, CacheError, FileNotFoundError, ValueError, RuntimeError) as e:
+        except (DataError, CacheError, FileNotFoundError, ValueError, OutputDirError, CheckpointError) as e:
             sys.exit(f"error: {e}")
     from dopsd_fast.trainer import Trainer
 
@@ -281,7 +283,6 @@ def cache_main(argv=None) -> int:
     cfg = _load(args)
     if not cfg.cache.dir:
         sys.exit("error: config field 'cache.dir' must be set for dopsd-cache (e.g. --set cache.dir=cache/)")
-    from dopsd_fast.errors import OutputDirError
     from dopsd_fast.families import check_buckets, family, require_editing_support
     from dopsd_fast.safety import OutputLock
 

@@ -500,11 +500,8 @@ class Config:
         :meth:`ignored_fields`, the other method's): said at start-up, one warning per reason."""
         out: list[tuple[str, str]] = []
 
-        if not self.lora.enabled:
-            for n in ("rank", "alpha", "targets", "init"):
-                if getattr(self.lora, n) != getattr(LoraConfig(), n):
-                    out.append((f"lora.{n}", "lora.enabled=false trains the full model, no LoRA"))
-        elif self.dopsd.ema_on_cpu:
+        # not lora.* under full fine-tuning: lora.enabled=false on a LoRA recipe is the way to it (its rank unread)
+        if self.lora.enabled and self.dopsd.ema_on_cpu:
             out.append(("dopsd.ema_on_cpu", "LoRA runs keep their EMA adapters beside the student (full fine-tuning "
                                             "only)"))
         if self.model.family in FAMILIES:
@@ -823,8 +820,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} holds no settings; start from a shipped recipe (--config NAME: "
                               f"{', '.join(sorted(shipped_configs()))}) or copy one and edit it")
     for item in overrides or []:  # `--set data.jsonl=$DATA` with DATA unset: the recipe's own data trained silently
-        key, _, raw = item.partition("=")
-        if key.strip() in ("data.jsonl", "data.folder") and not raw.strip():
+        key, sep, raw = item.partition("=")
+        if sep and key.strip() in ("data.jsonl", "data.folder") and not raw.strip():
             raise ConfigError(f"config field '{key.strip()}': --set {key.strip()}= is empty (an unset variable?): "
                               "give a path, or leave the --set out")
     over = parse_overrides(overrides)

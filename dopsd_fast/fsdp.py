@@ -97,9 +97,7 @@ def shard(module, spec, mesh, param_dtype, reshard_after_forward: bool = True) -
 
 def apply(cfg, spec, weights, device, compute_dtype, world: int) -> bool:
     """Shard the run's modules under FSDP2 when ``dist`` asks for it; returns whether it did."""
-    if world <= 1:
-        if cfg.dist.fsdp == "on" or cfg.dist.shard_base:
-            log.info("dist.fsdp / dist.shard_base: one process, nothing to shard")
+    if world <= 1:  # dist.* set on one process: the trainer says so at start-up ("set, and not read")
         return False
     full_ft = not cfg.lora.enabled
     if not (wants_fsdp(cfg, world) if full_ft else cfg.dist.shard_base):

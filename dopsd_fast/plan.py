@@ -90,6 +90,18 @@ def _checkpoint_layers(cfg, spec, transformer_config, shape, path, backward, bud
     return fewest
 
 
+def check_compile_backend(fc) -> None:
+    """With ``fast.compile`` on, ``fast.compile_backend`` must name a torch.compile backend of this
+    environment (torch's own error came at the first compiled call, naming no field). The trainer calls it
+    before the model is built; :func:`resolve_plan` (the dry run's) too."""
+    if fc.compile != "off":
+        import torch._dynamo
+
+        if fc.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"config field 'fast.compile_backend': {fc.compile_backend!r} is not a torch.compile "
+                              f"backend here; use one of {torch._dynamo.list_backends()} (inductor: the default)")
+
+
 def resolve_plan(cfg, spec, transformer_config, shape, device: torch.device, budget: float | None,
                  gpu_name: str | None = None) -> RunPlan:
     """The plan of a run of family ``spec`` with the step ``shape`` (:func:`dopsd_fast.memory.step_shape`)
@@ -124,12 +136,7 @@ def resolve_plan(cfg, spec, transformer_config, shape, device: torch.device, bud
             raise ConfigError("config field 'fast.graphs': CUDA graphs need a CUDA device")
     else:
         kernels, attention, gemm = False, "diffusers", "cublas"
-    if fc.compile != "off":
-        import torch._dynamo
-
-        if fc.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise ConfigError(f"config field 'fast.compile_backend': {fc.compile_backend!r} is not a torch.compile "
-                              f"backend here; use one of {torch._dynamo.list_backends()} (inductor: the default)")
+    check_compile_backend(fc)
     return RunPlan(path=path, backward=backward, checkpoint_layers=ckpt, layers=layers, kernels=kernels,
                    attention=attention, gemm=gemm, compile=fc.compile, compile_backend=fc.compile_backend,
                    fp8=fc.fp8, graphs=fc.graphs, budget_bytes=budget,

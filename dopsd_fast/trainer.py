@@ -44,7 +44,7 @@ from dopsd_fast.fastpath import build_pair
 from dopsd_fast.logging_utils import RANK_STARTUP, MetricsLogger, metrics_rows, require_wandb
 from dopsd_fast.memory import checkpoint_steps, disk_plan, fmt_bytes, fmt_gb, memory_budget_bytes, run_files, step_shape
 from dopsd_fast.pair import dopsd_step
-from dopsd_fast.plan import resolve_plan
+from dopsd_fast.plan import check_compile_backend, resolve_plan
 from dopsd_fast.profiling import nvtx_range
 from dopsd_fast.safety import (RUN_FOLDERS, DivergenceError, Guard, Interrupted, OutputLock, StopSignals,
                                Terminated, atomic_dir, atomic_write, config_changes, move_aside, recover_dirs, remove_stale_temp_files,
@@ -169,6 +169,7 @@ class Trainer:
                 body = {k: v for k, v in body.items() if f"{sec}.{k}" not in PER_RANK_FIELDS} \
                     if isinstance(body, dict) else body
                 self._check_same_on_every_rank("config", json.dumps(body, sort_keys=True, default=str), sec)
+            check_compile_backend(cfg.fast)  # before the data check and the model: a refusal costs neither
             ck, state = self._pick_resume(resume)  # before the model: a refusal costs no model build
             if resume and self.dist.active:  # every rank reads the folder itself: they must pick the same one
                 lo, hi = self.dist.min_max(int(state["step"]) if state is not None else -1, "resume checkpoint choice")
@@ -372,19 +373,21 @@ class Trainer:
         self = cls.__new__(cls)
         self.cfg, self.out, self.allow_config_change, self._skipped = cfg, Path(cfg.train.output_dir), \
             allow_config_change, []
-        ck, state = self._pick_resume(resume)
+        ck, state = self._pick_resume(resume, tensors=False)
         return ck, int(state["step"]) if state is not None else None
 
-    def _pick_resume(self, resume: str | None):
+    def _pick_resume(self, resume: str | None, tensors: bool = True):
         """(checkpoint, its state) to resume from, loaded and checked against the config; (None, None)
-        for a fresh start."""
+        for a fresh start. ``tensors`` false (a dry run): its large tensors are neither read nor checked
+        (:func:`~dopsd_fast.checkpoint.load_checkpoint`)."""
+        load = _load_train_state if tensors else (lambda ck: load_checkpoint(ck, tensors=False))
         if not resume:
             return None, None
         root = self.out / "checkpoints"
         if resume != "latest":
             ck = resolve_resume(root, resume)
             try:
-                state = _load_train_state(ck)
+                state = load(ck)
             except Exception as e:  # noqa: BLE001 - a corrupt file: one line naming it
                 raise FileNotFoundError(f"--resume {ck}: the checkpoint does not load ({type(e).__name__}: {e})") from None
             theirs = {checkpoint_run_id(p) for _, p in list_checkpoints(root)}
@@ -405,7 +408,7 @@ class Trainer:
                 skipped.append(ck.name)
                 continue
             try:
-                state = _load_train_state(ck)
+                state = load(ck)
             except Exception as e:  # noqa: BLE001 - fall back to the previous one
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 log.warning("--resume latest: skipping %s: it does not load (%s)", ck, why)
@@ -965,11 +968,13 @@ class Trainer:
         out = {k: self._folder_fingerprint(v) for k, v in (("model.path", m.path), ("model.vlm_path", m.vlm_path)) if v}
         shipped = self._shipped_weights()
         if shipped is not None:  # a preset's weights shipped with the package: another version may ship others
-            out["model.preset"] = self._folder_fingerprint(str(shipped))
+            folder, names = shipped  # the files the run loads (not those for evaluation alone)
+            out["model.preset"] = {k: v for k, v in self._folder_fingerprint(str(folder)).items() if k in names}
         return out
 
     def _shipped_weights(self):
-        """The folder of the weights the package ships for ``model.preset`` (the toy model), or None."""
+        """(folder, the file names the preset loads) of the weights the package ships for ``model.preset``
+        (the toy model), or None."""
         m = self.cfg.model
         return FAMILIES[m.family].preset(m.preset).shipped_weights() if m.preset and not m.path else None
 

@@ -16,6 +16,8 @@ def test_an_empty_data_source_is_refused(over):
     with pytest.raises(ConfigError, match=f"config field '{field}': .*empty"):
         load_config("toy-concept", [over])
     assert load_config("toy-concept", ["data.jsonl=null"]).data.builtin == "toy-concept-prior"  # an explicit null
+    with pytest.raises(ConfigError, match="expects key=value"):  # no '=' at all: that error, not "empty"
+        load_config("toy-concept", ["data.jsonl"])
 
 
 @pytest.mark.parametrize("steps", [0, -1])
@@ -46,16 +48,17 @@ def test_out_of_range_numbers_are_refused(over, field):
 
 
 def test_fields_this_run_does_not_read_are_named():
-    """LoRA settings under full fine-tuning, ema_on_cpu under LoRA, another family's model fields, the fast
+    """ema_on_cpu under LoRA, another family's model fields, the fast
     path's choices on the eager path, a compile backend with compile off, the SFT weighting's unused
     parameters: each was accepted and ignored, silently."""
     unread = dict(load_config("tiny-zimage", [
         "lora.enabled=false", "lora.rank=4", "model.text_layers=[1]", "model.vlm_path=/x",
         "fast.attention=triton", "fast.gemm=triton", "fast.compile_backend=eager", "method=sft",
         "sft.mode_scale=2"]).unread_fields())
-    assert set(unread) == {"lora.rank", "lora.alpha", "model.text_layers", "model.vlm_path", "fast.attention",
-                           "fast.gemm", "fast.compile_backend", "sft.mode_scale"}, unread
-    assert "full model" in unread["lora.rank"] and "zimage" in unread["model.text_layers"]
+    # not the LoRA settings under full fine-tuning: lora.enabled=false on a LoRA recipe is the way to it
+    assert set(unread) == {"model.text_layers", "model.vlm_path", "fast.attention", "fast.gemm",
+                           "fast.compile_backend", "sft.mode_scale"}, unread
+    assert "zimage" in unread["model.text_layers"]
     klein = dict(load_config("tiny-klein", ["model.teacher_max_tokens=5", "dopsd.ema_on_cpu=true"]).unread_fields())
     assert set(klein) == {"model.teacher_max_tokens", "dopsd.ema_on_cpu"}, klein
     for recipe in ("tiny-zimage", "tiny-klein", "toy-concept", "zimage-turbo-lora", "klein-4b-editing-lora",
@@ -70,16 +73,24 @@ def test_unread_fields_are_said_at_start(tmp_path, caplog):
                       "dist.reshard_after_forward=false", "dist.fsdp=on")
     with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
         Trainer(cfg).close()
-    assert "lora.rank, lora.alpha: set, and not read: lora.enabled=false" in caplog.text, caplog.text
+    assert "lora." not in caplog.text, caplog.text
     assert "dist.fsdp, dist.reshard_after_forward: set, and not read: one process" in caplog.text, caplog.text
 
 
-def test_an_unknown_compile_backend_is_refused_at_the_plan(tmp_path):
-    """It failed after the model was built with torch's 'Invalid backend', naming no field."""
+def test_an_unknown_compile_backend_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """It failed after the model was built with torch's 'Invalid backend', naming no field: now the run
+    refuses it before its data check and model build, and the dry run at its plan."""
     from dopsd_fast.dryrun import dry_run
+    from dopsd_fast.trainer import Trainer
 
     with pytest.raises(ConfigError, match="config field 'fast.compile_backend': 'abc'"):
         dry_run(tiny_config(tmp_path, "fast.compile=regional", "fast.compile_backend=abc"))
+
+    def built(self):
+        raise AssertionError("the data and the model were built")
+    monkeypatch.setattr(Trainer, "_build_data_and_model", built)
+    with pytest.raises(ConfigError, match="config field 'fast.compile_backend': 'abc'"):
+        Trainer(tiny_config(tmp_path / "run", "fast.compile=regional", "fast.compile_backend=abc"))
 
 
 def test_an_explicit_choice_the_plan_replaces_is_said(tmp_path, caplog):
@@ -130,3 +141,18 @@ def test_an_infinite_optimizer_or_timeout_setting_is_refused(over):
     field = over.split("=")[0]
     with pytest.raises(ConfigError, match=f"config field '{field}': must be a finite number"):
         load_config("tiny-zimage", [over])
+
+
+def test_a_teacher_pixel_bound_past_the_models_other_one_is_refused():
+    """The config compares the two bounds where both are set; one set past the model's default of the
+    other (teacher_min_pixels 5000 over the tiny model's max 4096) reached the image processor."""
+    from dopsd_fast.families import build_adapter
+
+    for over, match in (("model.teacher_min_pixels=5000", r"lower pixel bound model.teacher_min_pixels 5000 is over "
+                                                          r"its upper one 4096 \(the model's, model.teacher_max_pixels null\)"),
+                        ("model.teacher_max_pixels=1000", r"lower pixel bound 1024 \(the model's, model.teacher_min_"
+                                                          r"pixels null\) is over its upper one model.teacher_max_pixels 1000")):
+        with pytest.raises(ConfigError, match=r"config field 'model.teacher_min_pixels': the teacher's " + match):
+            build_adapter(load_config("tiny-zimage", [over]).model)
+    ad = build_adapter(load_config("tiny-zimage", ["model.teacher_min_pixels=2000"]).model)
+    assert (ad.min_pixels, ad.max_pixels) == (2000, 4096)

@@ -1224,6 +1224,11 @@ def test_wandb_a_resumed_run_continues_its_wandb_run_and_a_missing_package_is_on
         with pytest.raises(Interrupted):
             tr.train()
     assert ends == [0, 0, 0, 0, 1, 130], ends
+    from dopsd_fast.safety import Terminated
+    from dopsd_fast.trainer import _exit_code
+
+    assert [_exit_code(e) for e in (None, Terminated(), Interrupted(), KeyboardInterrupt(), ValueError())] == \
+        [0, 143, 130, 130, 1]  # the CLI's codes: SIGTERM after its checkpoint 143
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])

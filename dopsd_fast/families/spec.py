@@ -329,9 +329,9 @@ class Preset:
         raise NotImplementedError
 
     def shipped_weights(self):
-        """The folder of the weights the package ships for this preset, or None (weights made from the
-        seed): a checkpoint records its files, and a resume on other ones (another version of the
-        package) is refused as a changed model.path is."""
+        """(folder, the names of its files the preset loads) of the weights the package ships for this
+        preset, or None (weights made from the seed): a checkpoint records those files, and a resume on other
+        ones (another version of the package) is refused as a changed model.path is."""
         return None
 
     def identity(self, cfg) -> dict:

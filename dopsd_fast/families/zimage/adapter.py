@@ -38,6 +38,20 @@ def zimage_velocity(transformer, x, sigma, contexts):
     return SPEC.convention.velocity(torch.stack(list(out), 0).squeeze(2))
 
 
+
+def teacher_pixel_bounds(cfg, default_min: int, default_max: int) -> tuple[int, int]:
+    """The teacher image processor's pixel bounds: ``model.teacher_min_pixels`` / ``teacher_max_pixels``,
+    each the model's where null; a lower bound over the upper one is refused naming the fields (the config
+    compares them only where both are set)."""
+    lo, hi = cfg.teacher_min_pixels or default_min, cfg.teacher_max_pixels or default_max
+    if lo > hi:
+        def name(v, field):
+            return f"model.{field} {v}" if getattr(cfg, field) else f"{v} (the model's, model.{field} null)"
+        raise ConfigError(f"config field 'model.teacher_min_pixels': the teacher's lower pixel bound "
+                          f"{name(lo, 'teacher_min_pixels')} is over its upper one {name(hi, 'teacher_max_pixels')}; "
+                          "set both, the lower at most the upper")
+    return lo, hi
+
 class ZImageAdapter(ModelAdapter):
     spec = SPEC
     # filled by ensure_encoders
@@ -51,8 +65,7 @@ class ZImageAdapter(ModelAdapter):
 
         path = Path(self.cfg.path)
         self.transformer, self.vae, self.scheduler_config = self._load_diffusers_parts(path, ZImageTransformer2DModel, AutoencoderKL)
-        self.min_pixels = self.cfg.teacher_min_pixels or 512 * 512
-        self.max_pixels = self.cfg.teacher_max_pixels or 768 * 768
+        self.min_pixels, self.max_pixels = teacher_pixel_bounds(self.cfg, 512 * 512, 768 * 768)
 
     def _load_local_encoders(self, teacher: bool = True) -> None:
         """The student's text encoder (when not loaded yet) and, with ``teacher``, the teacher's VLM with

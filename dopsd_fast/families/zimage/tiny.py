@@ -22,8 +22,10 @@ class TinyPreset(Preset):
             adapter.vae = AutoencoderKL(**offline.TINY_VAE)
         adapter.scheduler_config = dict(FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).config)
-        adapter.min_pixels = cfg.teacher_min_pixels or offline.TINY_IMAGE_PROCESSOR["min_pixels"]
-        adapter.max_pixels = cfg.teacher_max_pixels or offline.TINY_IMAGE_PROCESSOR["max_pixels"]
+        from dopsd_fast.families.zimage.adapter import teacher_pixel_bounds
+
+        adapter.min_pixels, adapter.max_pixels = teacher_pixel_bounds(
+            cfg, offline.TINY_IMAGE_PROCESSOR["min_pixels"], offline.TINY_IMAGE_PROCESSOR["max_pixels"])
 
     def build_encoders(self, adapter) -> None:
         from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLForConditionalGeneration

@@ -317,7 +317,9 @@ class ToyPreset(Preset):
         adapter.swap_report = build_encoders.swap_report
 
     def shipped_weights(self):
-        return WEIGHTS_DIR
+        # not the many-step base nor the metric network: evaluation's, never trained on
+        return WEIGHTS_DIR, ("student.safetensors", "text_encoder.safetensors", "vision.safetensors",
+                             "vae.safetensors", "toy.json")
 
     def identity(self, cfg) -> dict:
         files = {n: hashlib.sha256((WEIGHTS_DIR / n).read_bytes()).hexdigest()[:16]
