@@ -892,7 +892,8 @@ FIELD_HELP: dict[str, str] = {
                   "refused)",
     "model.vlm_path": "Z-Image: local Qwen3-VL directory, the teacher context encoder (its language model's weights "
                       "are replaced by the text encoder's)",
-    "model.dtype": "weight dtype of the frozen parts: `auto` = bf16 on CUDA, fp32 on the CPU",
+    "model.dtype": "weight dtype of the frozen parts: `auto` = bf16 on CUDA, fp32 on the CPU; `fp16` trains "
+                   "without loss scaling (said at start-up)",
     "model.device": "`auto` (CUDA if present, else the CPU), or a torch device string",
     "model.seed": "initialisation seed of the tiny random-weight presets",
     "model.gradient_checkpointing": "gradient checkpointing of the main layers, either path: `auto` (the fewest "

@@ -204,6 +204,10 @@ class Trainer:
                            if getattr(cfg.dist, f.name) != getattr(DistConfig(), f.name)]
             for why in dict.fromkeys(w for _, w in unread):  # one line per reason
                 log.warning("%s: set, and not read: %s", ", ".join(f for f, w in unread if w == why), why)
+            if self.adapter.dtype == torch.float16:
+                log.warning("model.dtype=fp16: the run computes in float16 without loss scaling: gradients under "
+                            "6e-8 vanish and activations over 65504 overflow (the guard stops the run at a non-finite "
+                            "one); bf16 (GPUs from Ampere on) has float32's range")
             if self.plan.over_budget:
                 log.warning("the predicted peak beyond the weights (%s) passes the memory budget (%s) with every "
                             "saving the plan has: this run may run out of memory (dopsd-train --dry-run --gpu NAME "
