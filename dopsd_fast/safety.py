@@ -510,8 +510,9 @@ class Guard:
 FROZEN = ("method", "model.", "lora.", "data.builtin", "data.jsonl", "data.folder", "data.image_key",
           "data.prompt_keys", "data.buckets", "data.bucket_scale", "data.bucket_multiple", "dopsd.rollout",
           "dopsd.loss", "dopsd.ema_decay", "sft.", "train.seed", "train.grad_accum")
-# Fields under a frozen prefix that do not change the math (the same gradients, other memory or time).
-NOT_FROZEN = ("model.gradient_checkpointing", "model.device")
+# Fields under a frozen prefix that do not change the math (the same gradients, other memory or time; lora.init:
+# the checkpoint's weights replace the initial ones).
+NOT_FROZEN = ("model.gradient_checkpointing", "model.device", "lora.init")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

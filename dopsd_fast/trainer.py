@@ -1059,11 +1059,16 @@ class Trainer:
             g.update(betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
             g["lr"] = o.lr * self.lr_sched.lr_lambdas[0](self.lr_sched.last_epoch)
         self.lr_sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
-        self.sampler.load_state_dict(state["sampler"])
+        saved_fp, layout_changed = state.get("data_fingerprint"), None
+        if "layout" not in state["sampler"] and isinstance(saved_fp, dict):  # an earlier version's: the fingerprint
+            layout_changed = any(saved_fp.get(k) != self.data_fingerprint.get(k) for k in ("rows", "buckets"))
+        self.sampler.load_state_dict(state["sampler"], layout_changed)
         gb = state["sampler"].get("global_batch")
-        if gb is not None and gb != self.sampler.global_batch and self.rank == 0:
-            log.warning("resume: the global batch changes from %d to %d samples (data.batch_size x ranks): the data "
-                        "order from here differs from an uninterrupted run", gb, self.sampler.global_batch)
+        if self.rank == 0 and (self.sampler.resumed_as or gb is not None and gb != self.sampler.global_batch):
+            what = self.sampler.resumed_as or "the data order from here differs from an uninterrupted run"
+            log.warning("resume: %s: %s", f"the global batch changes from {gb} to {self.sampler.global_batch} samples "
+                        "(data.batch_size x ranks)" if gb is not None and gb != self.sampler.global_batch
+                        else "the data's rows changed", what)
         if (state["sampler"].get("grouping") != self.sampler.GROUPING and self.rank == 0
                 and any(r.reference_buckets for r in self.dataset.records)):
             log.warning("resume: batches now group editing rows by their references' buckets (the checkpoint is of "
