@@ -15,6 +15,7 @@ interrupted ``dopsd-cache`` resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -380,7 +381,7 @@ class FeatureCache:
             features = features.to(self.context_dtype)  # an earlier version's fp32 upcast: exact, one dtype per run
         return Context(features, extra)
 
-    @property
+    @functools.cached_property
     def context_dtype(self) -> torch.dtype | None:
         """The encoders' dtype the identity records (``settings.dtype``) where it is a 16-bit float: an earlier
         version stored their contexts upcast to fp32 (exactly), this one stores them as given; read, both come
@@ -388,8 +389,7 @@ class FeatureCache:
         graphs per pattern). None: fp32 encoders, or no such record."""
         settings = self.identity.get("settings") if isinstance(self.identity, dict) else None
         name = settings.get("dtype") if isinstance(settings, dict) else None
-        dtype = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(name)
-        return dtype
+        return {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}.get(name)
 
     def write(self, adapter, dataset, batch_size: int = 8, shard_size: int = 256, progress: bool = True,
               kinds=KINDS, stop=None) -> int:

@@ -9,6 +9,7 @@ what an uninterrupted one does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -1329,9 +1330,7 @@ class Trainer:
     def _say_small_groups(self) -> None:
         """A bucket (a batch group) with fewer rows than the global batch: each of its batches repeats its
         rows to fill up (the sampler's padding); said once, with the smallest, at start-up."""
-        counts: dict = {}
-        for g in self.sampler.buckets_of:
-            counts[tuple(g)] = counts.get(tuple(g), 0) + 1
+        counts = collections.Counter(tuple(g) for g in self.sampler.buckets_of)
         n = self.sampler.global_batch
         small = {g: c for g, c in counts.items() if c < n}
         if small and not self.cfg.data.builtin:
