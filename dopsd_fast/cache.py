@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import zlib
@@ -36,6 +37,7 @@ _told_unchecked: set = set()  # caches whose entries without a checksum were sai
 
 CACHE_VERSION = 1
 _SHARD_RE = re.compile(r"shard-[0-9]+\.safetensors")  # the only names write() gives a shard (fullmatch)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
 
 class CacheError(RuntimeError):
@@ -464,6 +466,78 @@ class FeatureCache:
             log.info("feature cache %s: %d contexts taken from %d shard%s the manifest did not name yet (a dopsd-cache "
                      "stopped before saving it)", self.dir, adopted, shards, "s" if shards > 1 else "")
         return adopted
+
+    def unused(self, dataset) -> tuple[list[str], int]:
+        """The entries no context of ``dataset`` (of either kind) is keyed by (rows, captions or images edited
+        since they were written; another dataset's), with their bytes from the shards' headers."""
+        needed = {k for k, _, _ in needed_entries(dataset, KINDS)}
+        keys = [k for k in self.entries if k not in needed]
+        by_shard: dict = {}
+        for k in keys:
+            by_shard.setdefault(self.entries[k][0], set()).add(self.entries[k][1])
+        size = 0
+        for shard, names in by_shard.items():
+            try:
+                heads = self._heads(shard)
+            except Exception:  # noqa: BLE001 - a damaged shard: its size is not counted
+                continue
+            for t, (shape, dtype) in heads.items():
+                if t.partition(".")[0] in names:
+                    size += math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
+        return keys, size
+
+    def prune(self, dataset) -> tuple[int, int]:
+        """Drop the :meth:`unused` entries: a shard holding none of the others is deleted, one holding some is
+        written again with those alone (under a new name, the manifest saved, then the old file deleted: an
+        interruption leaves a file no manifest names, never an entry without its file), and shards no entry
+        names (of a killed run, holding nothing this dataset needs) are deleted. Returns (entries dropped,
+        bytes freed)."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        keys, _size = self.unused(dataset)
+        drop = set(keys)
+        shards = {s for s, _ in self.entries.values()}
+        before = {p.name: p.stat().st_size for p in self.dir.glob("shard-*.safetensors")
+                  if _SHARD_RE.fullmatch(p.name) and p.is_file() and not p.is_symlink()}
+        taken = set(before) | shards
+        gone = [s for s in before if s not in shards]  # named by no entry
+        next_shard, written = 0, []
+        by_shard: dict = {}
+        for k, (s, _) in self.entries.items():
+            by_shard.setdefault(s, []).append(k)
+        for shard, mine in sorted(by_shard.items()):
+            if not any(k in drop for k in mine):
+                continue
+            kept = [k for k in mine if k not in drop]
+            if kept:
+                while f"shard-{next_shard:05d}.safetensors" in taken:
+                    next_shard += 1
+                new = f"shard-{next_shard:05d}.safetensors"
+                taken.add(new)
+                names = {self.entries[k][1] for k in kept}
+                with safe_open(str(self.dir / shard), framework="pt") as f:
+                    tensors = {t: f.get_tensor(t) for t in f.keys() if t.partition(".")[0] in names}
+                atomic_write(self.dir / new, lambda t, tensors=tensors: save_file(tensors, str(t)))
+                written.append((new, (self.dir / new).stat().st_size))
+                for k in kept:
+                    self.entries[k] = [new, self.entries[k][1]]
+            for k in mine:
+                if k in drop:
+                    del self.entries[k]
+                    self.checksums.pop(k, None)
+            gone.append(shard)
+        if not gone:
+            return 0, 0
+        self._save_manifest()
+        self._open.clear()
+        freed = -sum(size for _, size in written)
+        for shard in gone:
+            path = self.dir / shard
+            if shard in before and path.is_file() and not path.is_symlink():
+                freed += before[shard]
+                path.unlink()
+        return len(drop), freed
 
     def _write_shards(self, adapter, todo, batch_size, shard_size, stop, taken, saver, bar, save_file) -> None:
         next_shard = 0

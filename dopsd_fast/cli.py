@@ -273,6 +273,9 @@ def cache_main(argv=None) -> int:
     _common(p)
     p.add_argument("--batch-size", type=int, default=8,
                    help="samples encoded per encoder call (default 8; lower it if the encoders run out of memory)")
+    p.add_argument("--prune", action="store_true",
+                   help="drop the contexts this dataset does not use (of rows, captions or images edited since; "
+                        "another dataset's sharing the folder): their shards are written again without them")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         sys.exit(f"error: --batch-size {args.batch_size}: must be at least 1")
@@ -284,6 +287,7 @@ def cache_main(argv=None) -> int:
     if not cfg.cache.dir:
         sys.exit("error: config field 'cache.dir' must be set for dopsd-cache (e.g. --set cache.dir=cache/)")
     from dopsd_fast.families import check_buckets, family, require_editing_support
+    from dopsd_fast.memory import fmt_bytes
     from dopsd_fast.safety import OutputLock
 
     log = logging.getLogger("dopsd_fast")
@@ -326,6 +330,13 @@ def cache_main(argv=None) -> int:
             writing[0] = False
         if stopping:  # asked to stop after the last batch, or while a finalizer ran: as interrupted
             raise KeyboardInterrupt
+        if args.prune:
+            dropped, freed = cache.prune(dataset)
+            unused = ([], 0)
+            log.info("cache %s: %d contexts this dataset does not use dropped, %s freed", cache_dir, dropped,
+                     fmt_bytes(freed))
+        else:
+            unused = cache.unused(dataset)
     except (DataError, CacheError, FileNotFoundError, OutputDirError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # an unwritable folder, a full disk, a model folder without its weights
@@ -341,8 +352,11 @@ def cache_main(argv=None) -> int:
             signal.signal(signal.SIGINT, prev_int)
         if lock is not None:
             lock.release()
-    log.info("cache %s: %d new contexts, %d needed in all", cfg.cache.dir, n,
-             len(needed_entries(dataset, kinds_of(cfg.method))))
+    log.info("cache %s: %d new contexts, %d needed in all%s", cfg.cache.dir, n,
+             len(needed_entries(dataset, kinds_of(cfg.method))),
+             f"; it also holds {len(unused[0])} ({fmt_bytes(unused[1])}) this dataset does not use (of rows, "
+             "captions or images edited since, or another dataset's): dopsd-cache --prune drops them"
+             if unused[0] else "")
     return 0
 
 

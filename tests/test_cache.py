@@ -772,3 +772,61 @@ def test_shards_the_manifest_does_not_name_are_adopted_not_encoded_again(written
     assert len(again["entries"]) == 24 and torn.exists()
     assert {s for s, _ in again["entries"].values()} >= {"shard-00003.safetensors"} and \
         "shard-00004.safetensors" not in {s for s, _ in again["entries"].values()}
+
+
+def test_dopsd_cache_says_the_contexts_its_dataset_no_longer_uses_and_prune_drops_them(written, tmp_path, caplog,
+                                                                                          monkeypatch):
+    """Every caption edit left its old contexts in the shards and the manifest for good (a cache edited
+    many times held thousands of them, and nothing said so). dopsd-cache now says how many the dataset
+    does not use and their bytes; with --prune they are dropped: shards holding only them deleted, the
+    others written again with the rest, the manifest naming exactly what the dataset needs, the
+    checksums kept, training reading it as before."""
+    import copy
+    import shutil
+
+    import dopsd_fast.cli as cli
+    from dopsd_fast.cache import KINDS, needed_entries
+    from dopsd_fast.data import build_dataset
+
+    cache = tmp_path / "cache"
+    shutil.copytree(written, cache)
+    real = build_dataset(tiny_config(tmp_path / "x", f"cache.dir={cache}").data, progress=False)
+    edited = copy.copy(real)
+    edited.records = list(real.records)
+    rec = copy.copy(edited.records[0])
+    rec.prompts = [p + ", edited" for p in rec.prompts]
+    edited.records[0] = rec
+    stale = {k for k, _, _ in needed_entries(real)} - {k for k, _, _ in needed_entries(edited)}
+    assert stale
+    monkeypatch.setattr(cli, "build_dataset", lambda *a, **k: edited)
+    args = ["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false",
+            "--set", "cache.shard_size=5"]
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        assert cli.cache_main(args) == 0
+    line = [r.getMessage() for r in caplog.records if "needed in all" in r.getMessage()][-1]
+    assert f"; it also holds {len(stale)} (" in line and "dopsd-cache --prune drops them" in line, line
+    before = json.loads((cache / "manifest.json").read_text())
+    assert stale <= before["entries"].keys()
+    size = sum(p.stat().st_size for p in cache.glob("shard-*.safetensors"))
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        assert cli.cache_main(args + ["--prune"]) == 0
+    assert f"{len(stale)} contexts this dataset does not use dropped" in caplog.text
+    after = json.loads((cache / "manifest.json").read_text())
+    need = {k for k, _, _ in needed_entries(edited, KINDS)}
+    assert after["entries"].keys() == need and after["checksums"].keys() == need
+    assert all(after["checksums"][k] == before["checksums"][k] for k in need)
+    on_disk = {p.name for p in cache.glob("shard-*.safetensors")}
+    assert on_disk == {s for s, _ in after["entries"].values()}
+    assert sum(p.stat().st_size for p in cache.glob("shard-*.safetensors")) < size
+    from dopsd_fast.cache import FeatureCache
+
+    fc = FeatureCache(cache, after["identity"])
+    fc.require_complete(edited)
+    for k in need:  # every context reads back with its checksum
+        fc.get(k)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        assert cli.cache_main(args) == 0
+    assert "this dataset does not use" not in caplog.text
