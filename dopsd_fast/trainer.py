@@ -1033,8 +1033,15 @@ class Trainer:
     def load(self, path: Path, state: dict | None = None) -> None:
         state = _load_train_state(path) if state is None else state
         changes = self._config_check(path, state)
+        frozen, _ = config_changes(state.get("config", {}), self.cfg.to_dict(), Config().to_dict())
+        forced = {k for k, _, _ in frozen}
         for k, a, b in changes:
-            log.info("resume: %s %r -> %r (applied)", k, a, b)
+            if k not in forced:
+                log.info("resume: %s %r -> %r (applied)", k, a, b)
+                continue
+            log.warning("resume: %s %r -> %r (forced by --allow-config-change: it changes what the run computes%s)",
+                        k, a, b, "; the data order keeps the checkpoint's seed (the sampler resumes its order), "
+                        "the noise and the prompt variants take the new one" if k == "train.seed" else "")
         try:
             self.weights.load_state_dict(state["weights"])
             self._check_optimizer_shapes(state["optimizer"])

@@ -146,3 +146,20 @@ def test_lora_init_is_no_change_on_resume():
     b["lora"]["init"] = "default"
     frozen, applied = config_changes(a, b, Config().to_dict())
     assert frozen == [] and applied == [("lora.init", "gaussian", "default")]
+
+
+def test_a_forced_change_is_said_as_forced_and_a_new_seed_says_what_it_changes(tmp_path, caplog):
+    """A change --allow-config-change forced through was logged '(applied)' at INFO, the words of a change
+    that alters nothing computed (max_steps); and a forced train.seed left unsaid that the data order keeps
+    the checkpoint's seed while the noise and the prompt variants take the new one."""
+    from dopsd_fast.trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, "train.max_steps=2")).train()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        Trainer(tiny_config(tmp_path, "train.max_steps=4", "train.seed=5"), resume="latest", allow_config_change=True)
+    said = {r.getMessage(): r.levelno for r in caplog.records if r.getMessage().startswith("resume: train.")}
+    assert said == {
+        "resume: train.max_steps 2 -> 4 (applied)": logging.INFO,
+        "resume: train.seed 0 -> 5 (forced by --allow-config-change: it changes what the run computes; the data "
+        "order keeps the checkpoint's seed (the sampler resumes its order), the noise and the prompt variants take "
+        "the new one)": logging.WARNING}, said
