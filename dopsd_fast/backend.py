@@ -318,16 +318,17 @@ def _check_same_config(ms, mt) -> None:
                            "student's architecture (its EMA copy)")
 
 
-def _warn_if_unsynced() -> None:
+def _warn_if_unsynced(where: str = "backend.wrap") -> None:
     """Several data-parallel ranks and a bare model: nothing averages the backend's gradients (its
-    forward bypasses any DDP wrapper the caller keeps elsewhere). Said once, not refused: a caller may
-    average them itself."""
+    forward bypasses any DDP wrapper the caller keeps elsewhere, one ``accelerator.prepare()`` built after
+    ``wrap()`` too). Said at ``wrap()`` and again at the first step, not refused: a caller may average
+    them itself."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        log.warning("backend.wrap: %d data-parallel ranks and an unwrapped model: the backend does not average "
-                    "the gradients; pass the DDP / accelerate-prepared model to wrap(), or average them yourself",
-                    dist.get_world_size())
+        log.warning("%s: %d data-parallel ranks and an unwrapped model: the backend does not average the "
+                    "gradients (a DDP / accelerate wrapper made after wrap() is bypassed); pass the DDP / "
+                    "accelerate-prepared model to wrap(), or average them yourself", where, dist.get_world_size())
 
 
 def _main_layers(model) -> int:
@@ -475,6 +476,8 @@ class Backend(PackedPair):
         self.follow_checkpointing = False  # wrap() without checkpoint_layers: the model's own switch, at every step
         self.syncs = 0  # gradient all-reduces run by sync_gradients (what the tests read)
         self.autocast_hint = False  # accelerate's mixed precision on the wrapped model (said once at a step)
+        self.autocast_said = False
+        self._unsynced_said = False  # the first step's word on ranks without a DDP wrapper (sync_gradients)
         self.teacher_module = None  # teacher= (a second module), checked at each step (check_wrapped)
         self.student_adapter = None
         self.teacher_adapter_name = None  # the teacher's adapter on the student module (not averaged)
@@ -585,6 +588,9 @@ class Backend(PackedPair):
         once per step (what :meth:`dopsd_step` and :meth:`rollout` call at their end). Returns whether it
         communicated. DDP communication hooks are not applied."""
         ddp = self.ddp
+        if ddp is None and not self.engine and not self._unsynced_said:  # said again at the first step: wrap() then prepare() (the
+            self._unsynced_said = True  # wrapper prepare() builds after wrap() is bypassed) warned only before it
+            _warn_if_unsynced("backend: at the first step")
         if ddp is None or not getattr(ddp, "require_backward_grad_sync", True):
             return False
         import torch.distributed as dist
@@ -753,8 +759,9 @@ class Backend(PackedPair):
         if autocast is not None and not hasattr(autocast, "__enter__"):
             raise BackendError(f"backend.dopsd_step: autocast= takes a context manager (accelerator.autocast(), "
                                f"torch.autocast('cuda', dtype=torch.bfloat16)), got {autocast!r}")
-        if autocast is None and self.autocast_hint:  # said once; not under the caller's own autocast
-            self.autocast_hint = False
+        # said once; not under the caller's own autocast; also where accelerate prepared the model after wrap()
+        if autocast is None and (self.autocast_hint or (not self.autocast_said and _autocast_wrapped(self.model.ms))):
+            self.autocast_hint, self.autocast_said = False, True
             if not torch.is_autocast_enabled(x.device.type):
                 log.warning("backend: the model was prepared by accelerate with mixed precision, which wraps "
                             "model.forward; the backend calls the blocks directly, so the forwards run in the weights' "

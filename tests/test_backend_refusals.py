@@ -335,6 +335,22 @@ def test_merged_and_dora_adapters_are_adapter_errors():
                                                                                           timesteps=TIMESTEPS)
 
 
+@pytest.mark.parametrize("variant", ["kasa", "bdlora"])
+def test_peft_lora_variants_other_than_dora_are_adapter_errors(variant):
+    """peft's other LoRA variants (KaSA's diagonal between A and B, BD-LoRA's block-diagonal factors, VeLoRA,
+    MonteCLoRA) change the adapter's forward: the fast path applied plain B @ A, so KaSA gave a silently wrong
+    loss and gradients (30 % off), BD-LoRA a shape error deep in F.linear."""
+    from peft.tuners.lora.config import BdLoraConfig, KasaConfig
+
+    from dopsd_fast import backend
+
+    kw = dict(kasa_config=KasaConfig()) if variant == "kasa" else dict(use_bdlora=BdLoraConfig(
+        target_modules_bd_a=["to_out", "w2"], target_modules_bd_b=["to_q", "to_k", "to_v", "w1", "w3"], nblocks=2))
+    model = _model(**kw)
+    with pytest.raises(AdapterError, match=r"is a peft LoRA variant \((Kasa|BdLora)LinearVariant\)"):
+        backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+
+
 def test_an_inactive_adapter_outside_the_blocks_is_accepted_an_active_one_refused():
     """An adapter neither branch reads, on a module the fast path runs whole, inactive: peft applies it to
     neither branch, as the eager model does; it was refused, saying peft would apply it. Active, refused."""
@@ -472,3 +488,44 @@ def test_the_mixed_precision_hint_is_not_said_under_the_callers_own_autocast(cap
     with caplog.at_level("WARNING", logger="dopsd_fast.backend"):
         fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
     assert len([r for r in caplog.records if "mixed precision" in r.getMessage()]) == 1
+
+
+def test_the_mixed_precision_hint_when_accelerate_prepares_the_model_after_wrap(caplog):
+    """accelerate's prepare() patches the model's own forward with its autocast (the same module object
+    the backend holds, under DDP too): wrap() before prepare() left the hint unsaid, and the forwards ran
+    in fp32 while the caller's eager loop ran in bf16."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from dopsd_fast import backend
+
+    AcceleratorState._reset_state(True)
+    try:
+        model = _model()
+        fast = backend.wrap(model, student_adapter="student", teacher_adapter="teacher")
+        model = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+        with caplog.at_level("WARNING", logger="dopsd_fast.backend"):
+            for _ in range(2):
+                fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert len([r for r in caplog.records if "pass autocast=accelerator.autocast()" in r.getMessage()]) == 1
+
+
+def test_ranks_without_a_ddp_wrapper_are_said_again_at_the_first_step(caplog, monkeypatch):
+    """wrap() on the bare model, then accelerator.prepare() (or DDP) around it: the wrapper is bypassed and
+    the ranks' gradients are never averaged (two gloo ranks drifted 1.45 apart, relative). It was said once,
+    at wrap(), before the prepare() a reader takes for the fix; it is said again at the first step."""
+    import torch.distributed as dist
+
+    from dopsd_fast import backend
+
+    fast = backend.wrap(_model(), student_adapter="student", teacher_adapter="teacher")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with caplog.at_level("WARNING", logger="dopsd_fast.backend"):
+        for _ in range(2):
+            fast.dopsd_step(*_inputs(), timesteps=TIMESTEPS)
+    said = [r.getMessage() for r in caplog.records if "data-parallel ranks" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("backend: at the first step: 2 data-parallel ranks") and \
+        "a DDP / accelerate wrapper made after wrap() is bypassed" in said[0], said

@@ -106,6 +106,11 @@ def check_adapters(model, adapters, paired: str, role: str = "student") -> None:
             if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
                 raise AdapterError(f"fast path: adapter {n!r} on {path} has lora_dropout={drop.p:g}, which the fast path "
                                    "does not apply: set lora_dropout=0")
+            variant = (getattr(m, "lora_variant", None) or {}).get(n)
+            if variant is not None and not getattr(m, "use_dora", {}).get(n, False):
+                raise AdapterError(f"fast path: adapter {n!r} on {path} is a peft LoRA variant "
+                                   f"({type(variant).__name__}), whose forward the fast path does not apply (it "
+                                   "computes plain LoRA, B @ A): use plain LoRA, or the eager path")
             if getattr(m.lora_B[n], "bias", None) is not None:
                 raise AdapterError(f"fast path: adapter {n!r} on {path} has a LoRA bias (lora_bias=True), which the "
                                    "fast path does not apply: use lora_bias=False")
