@@ -1,12 +1,13 @@
 """A ComfyUI-ready copy of an exported LoRA.
 
-The diffusers export (``pytorch_lora_weights.safetensors``) keeps rank and alpha in its metadata,
-which ComfyUI ignores: ComfyUI scales each module by ``<module>.alpha / rank`` when the file carries
-an ``.alpha`` tensor, and by 1.0 when it does not, so a LoRA trained at alpha / rank = 2 loads at half
-strength. ``comfyui_lora.safetensors`` holds the same tensors under the same keys
+The diffusers export (``pytorch_lora_weights.safetensors``) holds the trained strength in its factors:
+``lora_B`` carries alpha / rank, its metadata says alpha = rank (scale 1), so every loader applies the
+trained delta, also one that drops the metadata (and takes alpha = rank). ComfyUI scales each module by
+``<module>.alpha / rank`` when the file carries an ``.alpha`` tensor, and by 1.0 when it does not.
+``comfyui_lora.safetensors`` holds the same tensors under the same keys
 (``transformer.<diffusers module>.lora_A/B.weight``, which ComfyUI maps for Z-Image and FLUX.2-klein)
-plus one ``<module>.alpha`` per module. The alpha tensors live in this second file because diffusers
-reads a file with ``.alpha`` keys as a foreign format and fails to load it.
+plus one ``<module>.alpha`` (= rank) per module, the strength said outright. The alpha tensors live in
+this second file because diffusers reads a file with ``.alpha`` keys as a foreign format.
 
 The exported tensors are checked first (read back from the diffusers file, before the ComfyUI copy
 is written): a LoRA weight that is not finite or whose magnitude passes ``LORA_MAX_ABS`` is damage (a

@@ -76,6 +76,15 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     _refuse_unmatched(weights, wanted, set(modules))
     _check_factors(weights, state, modules)
     meta = _checked_metadata(weights, meta, {t.shape[0] for k, t in state.items() if ".lora_A." in k})
+    m = {k.removeprefix("transformer."): v for k, v in (meta or {}).items()}
+    if alphas and meta and not (m.get("lora_alpha") is not None and m.get("lora_alpha") == m.get("r")
+                                and not m.get("alpha_pattern") and not m.get("use_rslora")):
+        # diffusers folds the .alpha tensors into the factors, then peft scales them by the metadata's alpha / r
+        # (its own default alpha where the metadata has none): applied one over the other
+        raise ValueError(f"--lora: {weights} holds per-module .alpha tensors ({next(iter(alphas))} = "
+                         f"{next(iter(alphas.values())):g}) and lora_adapter_metadata with lora_alpha="
+                         f"{m.get('lora_alpha')!r}, r={m.get('r')!r}: two strengths, which would be applied one over "
+                         "the other; remove one of them")
     if meta is None and not alphas:  # diffusers then loads it at alpha = rank (scale 1), whatever it was trained at
         log.warning("--lora: %s has no lora_adapter_metadata (its alpha): its strength is taken as alpha = rank "
                     "(scale 1); a LoRA trained at another alpha samples at another strength (--lora-scale sets it)",
@@ -88,7 +97,7 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     _refuse_unmatched(weights, wanted, _loaded_lora_modules(transformer, "lora"))
 
 
-_LORA_KEY = re.compile(r"^(transformer\.)?[\w.]+\.lora_[AB]\.weight$")
+_LORA_KEY = re.compile(r"^(transformer\.)?[\w.-]+\.lora_[AB]\.weight$")  # Z-Image's all_x_embedder.2-1
 
 
 class LoraMismatchError(ValueError):

@@ -1229,8 +1229,13 @@ class Trainer:
 
     EXPORT_MARK = "export.json"  # in each export folder: the step (and run) whose weights it holds
 
-    def _mark_export(self, d: Path) -> None:
-        (Path(d) / self.EXPORT_MARK).write_text(json.dumps({"step": self.step, "run_id": self.run_id}) + "\n")
+    def _mark_export(self, d: Path, more: dict | None = None) -> None:
+        """``export.json``: the step and run whose weights the folder holds, the model they are for, and
+        ``more`` (a LoRA's adapter, rank and strength)."""
+        model = {k: v for k, v in (("family", self.cfg.model.family), ("path", self.cfg.model.path),
+                                   ("preset", self.cfg.model.preset)) if v}
+        (Path(d) / self.EXPORT_MARK).write_text(json.dumps({"step": self.step, "run_id": self.run_id, "model": model,
+                                                            **(more or {})}, indent=1) + "\n")
 
     def _stale_final_exports(self) -> list[str]:
         """The run's final exports (``lora/`` and ``lora_ema/``, or ``transformer/`` and
@@ -1261,12 +1266,19 @@ class Trainer:
         sds = {which: self.weights.lora_state_dict(which) for which in ("student", "teacher")}  # every rank (gathers)
         if self.rank != 0:
             return
+        # alpha / r folded into lora_B, the metadata's alpha = r: the file's delta is B A at scale 1, so a loader
+        # that drops the metadata (a state dict handed to load_lora_weights, load_lora_adapter with a prefix)
+        # takes diffusers' default alpha = r and still applies the trained strength (it applied half of it)
+        scale = meta["lora_alpha"] / meta["r"]
+        meta = {**meta, "lora_alpha": meta["r"]}
         for which, name in (("student", "lora"), ("teacher", "lora_ema")):
-            sd = sds[which]
-            def write(d, sd=sd):
+            sd = {k: (v * scale if ".lora_B." in k else v) for k, v in sds[which].items()}
+            def write(d, sd=sd, which=which):
                 self.adapter.export_lora(sd, str(d), meta)
-                write_comfyui_lora(d, self.cfg.lora.alpha)  # the same LoRA at the trained strength in ComfyUI
-                self._mark_export(d)
+                write_comfyui_lora(d, meta["r"])  # the same LoRA at the trained strength in ComfyUI
+                self._mark_export(d, {"adapter": "the student" if which == "student" else "the EMA teacher",
+                                      "rank": meta["r"], "trained_alpha": self.cfg.lora.alpha,
+                                      "alpha_in_lora_B": True})
 
             try:
                 atomic_dir(self.out / name, write)

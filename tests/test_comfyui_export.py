@@ -51,7 +51,13 @@ def test_comfyui_file_loads_at_the_trained_strength(tmp_path, family):
     assert not any(k.endswith(".alpha") for k in diffusers_file)  # diffusers still loads its own file
     alphas = {k: float(v) for k, v in lora.items() if k.endswith(".alpha")}
     n_modules = len({k.rsplit(".lora_", 1)[0] for k in diffusers_file})
-    assert len(alphas) == n_modules and set(alphas.values()) == {16.0}
+    assert len(alphas) == n_modules and set(alphas.values()) == {8.0}  # = rank: alpha / rank folded into lora_B
+    import json
+
+    mark = json.loads((tmp_path / "run" / "lora" / "export.json").read_text())
+    assert mark["step"] == 2 and mark["adapter"] == "the student" and mark["rank"] == 8 and \
+        mark["trained_alpha"] == 16 and mark["alpha_in_lora_B"] is True and mark["model"]["family"] == family
+    assert json.loads((tmp_path / "run" / "lora_ema" / "export.json").read_text())["adapter"] == "the EMA teacher"
     # readable by other users and tools like any file written by hand (0644 with the usual umask 022)
     import os
 
@@ -72,8 +78,15 @@ def test_comfyui_file_loads_at_the_trained_strength(tmp_path, family):
     comfy = fresh.velocity(fresh.transformer, x, sigma, ctx)
     assert (comfy - before).abs().max() > 1e-4
     assert_close(comfy, ours, 1e-5, 1e-4, "ComfyUI rule + our file vs the trained student", scaled=True)
-    # without the alpha tensors (the diffusers file as ComfyUI reads it) the strength is 1.0, not 2.0
+    # the diffusers file read without its metadata (ComfyUI's rule without alpha tensors: strength 1.0; a
+    # state dict handed to diffusers, which takes alpha = rank): the trained strength all the same, where the
+    # factors without alpha / rank folded in gave half of it
     fresh2 = build_adapter(tr.cfg.model)
     _comfy_merge(fresh2.transformer, diffusers_file)
-    half = fresh2.velocity(fresh2.transformer, x, sigma, ctx)
-    assert (half - ours).abs().max() > 10 * (comfy - ours).abs().max()
+    assert_close(fresh2.velocity(fresh2.transformer, x, sigma, ctx), ours, 1e-5, 1e-4,
+                 "ComfyUI rule, the diffusers file", scaled=True)
+    fresh3 = build_adapter(tr.cfg.model)
+    fresh3.transformer.load_lora_adapter(dict(diffusers_file), prefix="transformer", adapter_name="x")
+    with torch.no_grad():
+        assert_close(fresh3.velocity(fresh3.transformer, x, sigma, ctx), ours, 1e-5, 1e-4,
+                     "diffusers, a state dict without the metadata", scaled=True)

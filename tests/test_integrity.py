@@ -520,6 +520,32 @@ def test_a_lora_without_the_transformer_prefix_loads_as_the_prefixed_one(trained
     assert all(torch.equal(loaded["bare"][n], loaded["prefixed"][n]) for n in loaded["prefixed"])
 
 
+def test_dopsd_sample_loads_a_lora_on_modules_with_a_dash(tmp_path):
+    """A LoRA on a module whose path holds a ``-`` (Z-Image's ``all_final_layer.2-1``, ``all_x_embedder.2-1``),
+    dopsd-train's own export included, was refused by ``--lora`` as "tensors that are not LoRA factors"; it
+    loads, every module of the file adapted, and computes what the trained student computes."""
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import _loaded_lora_modules, load_lora_into
+    from dopsd_fast.trainer import Trainer
+
+    tr = Trainer(tiny_config(tmp_path, "train.max_steps=1", "lora.targets=[to_q,linear]"))
+    tr.train()
+    with torch.no_grad():  # a visible LoRA effect (B is one step from zero)
+        for n, p in tr.weights.named_trainable().items():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    tr.export_lora()
+    fresh = build_adapter(tr.cfg.model)
+    load_lora_into(fresh.transformer, str(tmp_path / "run" / "lora"))
+    assert "all_final_layer.2-1.linear" in _loaded_lora_modules(fresh.transformer, "lora")
+    x = torch.randn(1, *fresh.latent_shape(128, 128), generator=torch.Generator().manual_seed(1))
+    ctx = fresh.encode_student(["a red circle"])
+    with torch.no_grad():
+        ours = tr.adapter.velocity(tr.weights.student(), x, torch.tensor([0.6]), ctx)
+        loaded = fresh.velocity(fresh.transformer, x, torch.tensor([0.6]), ctx)
+    torch.testing.assert_close(loaded, ours, rtol=1e-5, atol=1e-6)
+
+
 def test_a_truncated_checkpoint_data_file_is_named_not_its_metadata(trained, tmp_path):
     from dopsd_fast.checkpoint import CheckpointError, load_checkpoint
 
@@ -543,9 +569,7 @@ def test_the_comfyui_export_renamed_to_the_diffusers_name_loads_as_the_same_lora
     from dopsd_fast.families import build_adapter
     from dopsd_fast.sample import load_lora_into
 
-    comfy = tmp_path / "comfy"
-    comfy.mkdir()
-    shutil.copy(trained / "lora" / "comfyui_lora.safetensors", comfy / "pytorch_lora_weights.safetensors")
+    comfy = _comfy_at_alpha(trained, tmp_path / "comfy", 16.0)
     deltas, scales = {}, {}
     for name, lora in (("native", trained / "lora"), ("comfy", comfy)):
         tr = build_adapter(load_config("tiny-zimage").model).transformer
@@ -554,12 +578,26 @@ def test_the_comfyui_export_renamed_to_the_diffusers_name_loads_as_the_same_lora
                         for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
         scales[name] = {m.scaling["lora"] for m in tr.modules() if hasattr(m, "scaling") and "lora" in m.scaling}
     assert deltas["native"] and deltas["comfy"].keys() == deltas["native"].keys()
-    # the file's alpha / rank matters (2 here): peft applies it to the native factors, diffusers folded it
-    # into the comfy ones (their scaling 1), so equal deltas below need the fold
-    assert scales["native"] == {2.0} and scales["comfy"] == {1.0}, scales
+    # the comfy file's alpha / rank matters (2 here, its lora_B halved): diffusers folds it into the factors
+    # (their scaling 1), so equal deltas below need the fold; the native file holds it in lora_B (scaling 1)
+    assert scales["native"] == {1.0} and scales["comfy"] == {1.0}, scales
     for n, d in deltas["native"].items():
         assert d.abs().max() > 0, n
         torch.testing.assert_close(deltas["comfy"][n], d, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _comfy_at_alpha(trained, folder, alpha: float):
+    """dopsd-train's LoRA as a kohya / ComfyUI-style file under the diffusers name: ``lora_B`` divided by
+    alpha / rank (the export holds that factor in it) and a ``<module>.alpha`` tensor of ``alpha`` per module,
+    the same deltas; no metadata."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    sd = load_file(str(trained / "lora" / "comfyui_lora.safetensors"))
+    rank = next(v.shape[0] for k, v in sd.items() if ".lora_A." in k)
+    save_file({k: (torch.tensor(alpha) if k.endswith(".alpha") else v * (rank / alpha) if ".lora_B." in k else v)
+               for k, v in sd.items()}, str(folder / "pytorch_lora_weights.safetensors"))
+    return folder
 
 
 def _comfy_with_alpha(trained, tmp_path, name, alpha):
@@ -601,6 +639,47 @@ def test_sample_refuses_lora_alpha_tensors_before_diffusers_reads_them(trained, 
                                          + match) as e:
         _sample(folder, tmp_path)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_sample_refuses_lora_alpha_tensors_beside_a_metadata_alpha(trained, tmp_path):
+    """A file with per-module ``.alpha`` tensors (kohya / ComfyUI) and diffusers' metadata ``lora_alpha`` (the
+    diffusers export with ``.alpha`` tensors added, its metadata kept) loaded at (alpha / r)^2: diffusers
+    folded the tensors into the factors, then peft scaled them by the metadata's alpha again (scale 4 for a
+    LoRA of alpha / r = 2, where ComfyUI applies 2). Refused in one line naming the file and both."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from safetensors import safe_open
+
+    folder = _comfy_at_alpha(trained, tmp_path / "both", 16.0)
+    with safe_open(str(trained / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        native = json.loads(f.metadata()["lora_adapter_metadata"])  # r 8, lora_alpha 8 (alpha / r in lora_B)
+    meta = json.dumps({**native, "transformer.lora_alpha": 16.0})  # the training's alpha, beside the tensors'
+    target = folder / "pytorch_lora_weights.safetensors"
+    comfy = load_file(str(target))
+    save_file(comfy, str(target), metadata={"format": "pt", "lora_adapter_metadata": meta})
+    with pytest.raises(SystemExit, match=r"error: --lora: .*pytorch_lora_weights\.safetensors holds per-module \.alpha "
+                                         r"tensors \(transformer\.\S+\.alpha = 16\) and lora_adapter_metadata with "
+                                         r"lora_alpha=16\.0, r=8: two strengths") as e:
+        _sample(folder, tmp_path)
+    assert len(str(e.value).splitlines()) == 1
+    # metadata at alpha = r (scale 1) beside the tensors is one strength: it loads, each delta the native file's
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    meta = json.dumps({**native, "transformer.lora_alpha": 8.0})
+    save_file(comfy, str(target), metadata={"format": "pt", "lora_adapter_metadata": meta})
+    deltas = {}
+    for name, lora in (("native", trained / "lora"), ("both", folder)):
+        tr = build_adapter(load_config("tiny-zimage").model).transformer
+        load_lora_into(tr, str(lora))
+        deltas[name] = {n: m.scaling["lora"] * (m.lora_B["lora"].weight @ m.lora_A["lora"].weight)
+                        for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
+    assert deltas["native"] and deltas["both"].keys() == deltas["native"].keys()
+    for n, d in deltas["native"].items():
+        torch.testing.assert_close(deltas["both"][n], d, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_lora_alpha_tensors_within_the_limit_load(trained, tmp_path):
