@@ -57,6 +57,17 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
 
+    def still_ours(self) -> bool:
+        """Whether ``<out>/.lock`` is still the file this lock holds: False once the folder was removed,
+        moved or replaced while the holder ran (a pause, a long step), when a new run may hold the path."""
+        if self.fd is None:
+            return False
+        try:
+            here, held = os.stat(self.path), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
@@ -140,6 +151,17 @@ def _readable(path: Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+def os_error_of(e: BaseException, path) -> OSError | None:
+    """A writer's error that is an OS error under another type (safetensors' ``SafetensorError: ... I/O
+    error: No space left on device (os error 28)``), as an ``OSError`` naming ``path``; None for any other."""
+    import re
+
+    if isinstance(e, OSError):
+        return None
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) if m else None
+
+
 def atomic_write(path: Path, write) -> Path:
     """``write(tmp_path)`` then fsync and rename over ``path``: a reader sees the old file or the new
     one, never a torn one."""
@@ -156,6 +178,11 @@ def atomic_write(path: Path, write) -> Path:
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+    except Exception as e:  # noqa: BLE001 - safetensors' full disk or file-size limit: an OSError naming the file
+        oserr = os_error_of(e, path)
+        if oserr is None:
+            raise
+        raise oserr from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -228,7 +255,13 @@ def atomic_dir(path: Path, write) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:  # noqa: BLE001 - safetensors' full disk or file-size limit: an OSError naming the folder
+            oserr = os_error_of(e, path)
+            if oserr is None:
+                raise
+            raise oserr from None
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:

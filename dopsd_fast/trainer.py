@@ -1164,9 +1164,20 @@ class Trainer:
 
     ANNOUNCE_BYTES = 1e9  # a checkpoint this large is announced before it is written or read (it takes a while)
 
+    def _require_own_folder(self) -> None:
+        """Rank 0, before the writes of a step: the output folder is still the one whose lock it holds. A
+        folder removed, moved or replaced while the run went on (a paused job, a long step) is not written
+        again: a new run may hold that path now (both wrote it, each ending 'done')."""
+        if self._lock is not None and not self._lock.still_ours():
+            raise OutputDirError(f"train.output_dir {self.out} was removed, moved or replaced while this run went on "
+                                 f"({self._lock.path} is not the lock it holds): stopped at step {self.step}, nothing "
+                                 "more written there (another run may use that path now); its earlier checkpoints "
+                                 "went with the folder")
+
     def save(self) -> Path:
         """A DCP checkpoint (every rank takes part: call it on all of them), then the LoRA exports
         (rank 0)."""
+        self._require_own_folder()
         t0 = time.perf_counter()
         about = self._run_files()[0] if self.rank == 0 else 0
         if about >= self.ANNOUNCE_BYTES:  # a long write: the progress bar stands still meanwhile
@@ -1302,6 +1313,7 @@ class Trainer:
         self._signals = StopSignals()
         nothing = False
         try:
+            self._require_own_folder()  # the folder moved or removed since the trainer was built
             if self._saved_step is not None and self.step >= self.cfg.train.max_steps:
                 nothing = True
                 stale = self._stale_final_exports() if self.rank == 0 else []
@@ -1397,6 +1409,7 @@ class Trainer:
                 last = self.train_step()  # a signal during it is only recorded: the step completes
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4g}", gnorm=f"{last['grad_norm']:.3g}")
+                self._require_own_folder()  # before anything of the step is written
                 if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
                     self.logger.log(self.step, last)
                 if vcfg.every and self.step % vcfg.every == 0:

@@ -1591,3 +1591,51 @@ def test_resume_removes_the_temporary_files_of_a_killed_write(tmp_path):
     (tmp_path / ".lora.tmp-5").mkdir()  # atomic_dir's: recover_dirs' to handle
     remove_stale_temp_files(tmp_path, ("", "samples"))
     assert not any(f.exists() for f in stale) and all(f.exists() for f in kept) and (tmp_path / ".lora.tmp-5").is_dir()
+
+
+def test_a_run_whose_folder_was_moved_away_writes_nothing_into_the_new_run_at_that_path(tmp_path):
+    """The output folder moved (or removed) while its run was paused or in a long step, and a new run
+    started at the same path: the old run used to go on writing that folder (metrics interleaved, its
+    checkpoints and exports over the new run's), both ending 'done'. It stops at its next write, naming
+    the folder, and leaves the new run's folder as it was."""
+    from dopsd_fast.errors import OutputDirError
+    from dopsd_fast.safety import OutputLock
+
+    tr = _trainer(tmp_path, "train.checkpoint_every=1")
+    run = tmp_path / "run"
+    run.rename(tmp_path / "run.moved")
+    run.mkdir()
+    held = OutputLock(run)  # the new run at the old path
+    try:
+        with pytest.raises(OutputDirError, match=r"run was removed, moved or replaced while this run went on"):
+            tr.train()
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        held.release()
+        tr.close()
+
+
+def test_a_safetensors_write_past_a_file_size_limit_is_an_os_error_naming_the_file(tmp_path):
+    """safetensors reports a full disk or a file-size limit as its own SafetensorError ('... (os error 27)'):
+    dopsd-cache's shard and the LoRA export ended in 'unexpected ... include it in a bug report' naming no
+    file. Written through atomic_write / atomic_dir it is an OSError naming the file; nothing is left behind."""
+    import errno
+    import resource
+
+    from safetensors.torch import save_file
+
+    from dopsd_fast.safety import atomic_dir, atomic_write
+
+    big = {"x": torch.zeros(64 * 1024)}  # 256 KiB, over the limit below
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(OSError) as e:
+            atomic_write(tmp_path / "shard-00000.safetensors", lambda t: save_file(big, str(t)))
+        assert e.value.errno == errno.EFBIG and e.value.filename == str(tmp_path / "shard-00000.safetensors")
+        with pytest.raises(OSError) as e:
+            atomic_dir(tmp_path / "lora", lambda d: save_file(big, str(d / "w.safetensors")))
+        assert e.value.errno == errno.EFBIG and e.value.filename == str(tmp_path / "lora")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
