@@ -21,6 +21,9 @@ log = logging.getLogger("dopsd_fast")
 
 
 # ---- one trainer per output directory --------------------------------------------------------------
+_HELD: set = set()  # (device, inode) of the lock files this process holds
+
+
 class OutputLock:
     """An exclusive ``flock`` on ``<out>/.lock``, held for the trainer's life. The kernel drops it when
     the holder dies (kill -9 included), so a lock left by a killed run is simply taken over; a live
@@ -48,12 +51,16 @@ class OutputLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            st = os.fstat(fd)
             os.close(fd)
-            mine = holder.endswith(f"pid {os.getpid()}") and socket.gethostname() in holder
+            mine = (st.st_dev, st.st_ino) in _HELD  # this process's own lock (not one of its pid in a container)
             raise OutputDirError(f"{what} {out} is in use by {holder}"
                                  + (" (an earlier trainer of this process: call its close())" if mine else "")
                                  + f"; wait for it, or use another {what.split('.')[-1]}") from None
         self.fd = fd
+        st = os.fstat(fd)
+        self._key = (st.st_dev, st.st_ino)
+        _HELD.add(self._key)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
 
@@ -72,6 +79,7 @@ class OutputLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+            _HELD.discard(self._key)
 
     def __del__(self):
         self.release()
@@ -162,12 +170,20 @@ def os_error_of(e: BaseException, path) -> OSError | None:
     return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) if m else None
 
 
+def _tmp_tag() -> str:
+    """Digits naming one write's temporary file or folder: the pid and 8 random digits (two processes of one
+    pid, in two containers on a shared disk, wrote one temporary file: one said 'wrote' of the other's bytes)."""
+    import secrets
+
+    return f"{os.getpid()}{secrets.randbelow(10 ** 8):08d}"
+
+
 def atomic_write(path: Path, write) -> Path:
     """``write(tmp_path)`` then fsync and rename over ``path``: a reader sees the old file or the new
     one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # the suffix kept: writers infer formats
+    tmp = path.with_name(f".{path.stem}.tmp-{_tmp_tag()}{path.suffix}")  # the suffix kept: writers infer formats
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -250,8 +266,9 @@ def atomic_dir(path: Path, write) -> Path:
     a crash between those two renames leaves ``.<name>.old-*``, which :func:`recover_dirs` puts back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    tag = _tmp_tag()
+    tmp = path.with_name(f".{path.name}.tmp-{tag}")
+    old = path.with_name(f".{path.name}.old-{tag}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -1639,3 +1639,55 @@ def test_a_safetensors_write_past_a_file_size_limit_is_an_os_error_naming_the_fi
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_temporary_names_are_apart_per_write_and_still_cleaned_up(tmp_path):
+    """atomic_write's temporary file was named by the pid alone: two processes of one pid (containers on a
+    shared disk, two dopsd-sample --out to one file) wrote the same temporary file, and one said 'wrote' of
+    the other's bytes. Each write has its own name now, which the start-up clean-up still knows."""
+    from dopsd_fast.safety import atomic_dir, atomic_write, recover_dirs, remove_stale_temp_files
+
+    seen = []
+    for _ in range(2):
+        atomic_write(tmp_path / "a.png", lambda t: (seen.append(t.name), t.write_bytes(b"x")))
+        atomic_dir(tmp_path / "lora", lambda d: (seen.append(d.name), (d / "w").write_bytes(b"x")))
+    assert len(set(seen)) == 4, seen
+    (tmp_path / seen[0]).write_bytes(b"torn")  # as a killed write leaves them
+    (tmp_path / seen[1]).mkdir()
+    remove_stale_temp_files(tmp_path)
+    recover_dirs(tmp_path, ("lora",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "lora"]
+
+
+def test_a_lock_held_by_another_process_of_the_same_pid_text_is_not_called_this_processs(tmp_path):
+    """The refusal said 'an earlier trainer of this process: call its close()' wherever the lock file named
+    this host and pid (another container's process of the same pid); it says so only for a lock this process
+    holds."""
+    import socket
+    import subprocess
+    import sys
+
+    from dopsd_fast.errors import OutputDirError
+    from dopsd_fast.safety import OutputLock
+
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, sys.argv[2].encode(), 0); print('held', flush=True); "
+            "time.sleep(60)")
+    text = f"host {socket.gethostname()} pid {os.getpid()}\n"
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".lock"), text], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(OutputDirError) as e:
+            OutputLock(tmp_path)
+        assert f"is in use by host {socket.gethostname()} pid {os.getpid()}; wait" in str(e.value), str(e.value)
+    finally:
+        other.kill()
+        other.wait()
+    mine = OutputLock(tmp_path)
+    try:
+        with pytest.raises(OutputDirError, match=r"an earlier trainer of this process: call its close\(\)"):
+            OutputLock(tmp_path)
+    finally:
+        mine.release()
+    OutputLock(tmp_path).release()
