@@ -34,8 +34,9 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     before diffusers reads the file) and metadata that is not a plain LoRA's (:func:`_checked_metadata`)
     are refused in one line naming what the file holds; a file without metadata (loaded at alpha = rank)
     is said in a warning."""
-    from diffusers import ZImagePipeline
+    from dopsd_fast.families import family_of_transformer
 
+    pipe = family_of_transformer(transformer).pipeline()  # its converter reads other trainers' layouts (BFL, kohya)
     d = Path(lora_dir)
     try:
         weights = file_in_folder(d, LORA_FILE)
@@ -52,7 +53,12 @@ def load_lora_into(transformer, lora_dir: str) -> None:
         raise ValueError(f"--lora: {e}") from None
     alphas = _checked_alpha_tensors(weights)  # before diffusers folds them (a negative one loops it forever)
     try:
-        state, meta = ZImagePipeline.lora_state_dict(str(d), weight_name=LORA_FILE, return_lora_metadata=True)
+        state, meta = pipe.lora_state_dict(str(d), weight_name=LORA_FILE, return_lora_metadata=True)
+        if alphas and not any(k.endswith(".lora_down.weight") for k in state):
+            # .alpha tensors beside lora_A / lora_B factors (a ComfyUI / SimpleTuner file, dopsd-train's ComfyUI copy
+            # renamed): folded into lora_B here, each family's converter then reads the factors alone (FLUX.2's
+            # keeps the .alpha keys, which peft refuses); a kohya file (lora_down / lora_up) its converter folds
+            state = pipe.lora_state_dict(_fold_alphas(weights, alphas))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
         raise FileNotFoundError(f"--lora: {weights} does not load as a LoRA for this model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -90,7 +96,7 @@ def load_lora_into(transformer, lora_dir: str) -> None:
                     "(scale 1); a LoRA trained at another alpha samples at another strength (--lora-scale sets it)",
                     weights)
     try:
-        ZImagePipeline.load_lora_into_transformer(state, transformer=transformer, adapter_name="lora", metadata=meta)
+        pipe.load_lora_into_transformer(state, transformer=transformer, adapter_name="lora", metadata=meta)
     except Exception as e:  # noqa: BLE001 - a foreign file: one line naming it
         raise FileNotFoundError(f"--lora: {weights} does not load as a LoRA for this model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -103,6 +109,21 @@ _LORA_KEY = re.compile(r"^(transformer\.)?[\w.-]+\.lora_[AB]\.weight$")  # Z-Ima
 class LoraMismatchError(ValueError):
     """A LoRA whose modules or factor shapes are not this model's (a LoRA for another model, or for this
     family sampled with another config)."""
+
+
+def _fold_alphas(weights: Path, alphas: dict) -> dict:
+    """The file's tensors with each module's ``.alpha`` (checked: :func:`_checked_alpha_tensors`) folded into its
+    ``lora_B`` as alpha / rank, the ``.alpha`` keys dropped: the same deltas at scale 1."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(weights))
+    for key, alpha in alphas.items():
+        module = key[: -len(".alpha")]
+        a, b = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
+        if a is not None and b is not None and a.shape[0]:
+            sd[f"{module}.lora_B.weight"] = b * (float(alpha) / a.shape[0])
+        sd.pop(key)
+    return sd
 
 
 def _checked_alpha_tensors(weights: Path) -> dict:

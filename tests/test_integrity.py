@@ -757,3 +757,50 @@ def test_a_lora_for_another_model_hints_the_runs_config_when_none_was_given(trai
         sample_main(["--lora", str(alone), *common])
     with pytest.raises(SystemExit, match=r"\(a LoRA for another model\?\)$"):
         sample_main(["--config", DEFAULT_RECIPE, "--lora", str(alone), *common])
+
+
+def test_dopsd_sample_reads_klein_loras_of_other_trainers_layouts(tmp_path):
+    """dopsd-sample --lora read every family's file with Z-Image's converter: a FLUX.2-klein LoRA in the BFL /
+    ai-toolkit layout (diffusion_model.double_blocks.N.img_attn.proj, single_blocks.N.linear1, the layout of
+    most klein LoRAs), which Flux2KleinPipeline loads, was refused as 'a LoRA for another model?'. It is read
+    with the family's own converter; a diffusers-named file with per-module .alpha tensors (a ComfyUI copy)
+    still loads, its alpha / rank applied."""
+    from safetensors.torch import save_file
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    model = load_config("tiny-klein").model
+    ad = build_adapter(model)
+    x = torch.randn(1, *ad.latent_shape(128, 128), generator=torch.Generator().manual_seed(1))
+    ctx = ad.encode_student(["a red circle"])
+    sigma = torch.tensor([0.6])
+    mods = dict(ad.transformer.named_modules())
+    g = torch.Generator().manual_seed(3)
+    targets = {"single_transformer_blocks.0.attn.to_qkv_mlp_proj": "single_blocks.0.linear1",
+               "single_transformer_blocks.0.attn.to_out": "single_blocks.0.linear2",
+               "transformer_blocks.0.attn.to_out.0": "double_blocks.0.img_attn.proj"}
+    factors = {n: (torch.randn(4, mods[n].in_features, generator=g) * 0.3,
+                   torch.randn(mods[n].out_features, 4, generator=g) * 0.2) for n in targets}
+    with torch.no_grad():
+        base = ad.velocity(ad.transformer, x, sigma, ctx)
+        for n, (a, b) in factors.items():
+            mods[n].weight += b @ a
+        want = ad.velocity(ad.transformer, x, sigma, ctx)
+    files = {
+        "bfl": {f"diffusion_model.{bfl}.lora_{w}.weight": t for n, bfl in targets.items()
+                for w, t in zip("AB", factors[n])},
+        "comfy": {**{f"transformer.{n}.lora_{w}.weight": (t / 2 if w == "B" else t) for n in targets
+                     for w, t in zip("AB", factors[n])}, **{f"transformer.{n}.alpha": torch.tensor(8.0) for n in targets}},
+    }
+    for name, sd in files.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(sd, str(folder / "pytorch_lora_weights.safetensors"))
+        fresh = build_adapter(model)
+        load_lora_into(fresh.transformer, str(folder))
+        with torch.no_grad():
+            got = fresh.velocity(fresh.transformer, x, sigma, ctx)
+        assert (want - base).abs().max() > 1e-3
+        torch.testing.assert_close(got - base, want - base, rtol=1e-4, atol=1e-5, msg=name)

@@ -127,6 +127,7 @@ class FamilySpec:
     released_flavours: tuple = ()  # the flavours of the released models, the default first
     # the family-specific ModelConfig fields this family reads (another family's, set, are said unread)
     model_fields: tuple = ()
+    pipeline_class: str = ""  # the diffusers pipeline class name (its LoRA loader converts other trainers' layouts)
 
     # ---- classes ---------------------------------------------------------------------------
     def adapter_class(self):
@@ -151,6 +152,12 @@ class FamilySpec:
         import diffusers
 
         return getattr(diffusers, self.transformer_class)
+
+    def pipeline(self):
+        """The diffusers pipeline class (its LoRA loading: ``lora_state_dict``, ``load_lora_into_transformer``)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
 
     def tiny_config(self) -> dict:
         raise NotImplementedError

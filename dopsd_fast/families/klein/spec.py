@@ -147,6 +147,7 @@ SPEC = KleinFamily(
     name="klein", title="FLUX.2-klein", adapter_path="dopsd_fast.families.klein.adapter:KleinAdapter",
     fast_model_path="dopsd_fast.families.klein.fast:FastFlux2",
     velocity_path="dopsd_fast.families.klein.adapter:flux2_velocity", transformer_class="Flux2Transformer2DModel",
+    pipeline_class="Flux2KleinPipeline",
     convention=Convention(time_is_one_minus_sigma=False, output_is_minus_v=False),
     presets={"tiny-klein": "dopsd_fast.families.klein.tiny:TinyPreset"},
     memory=MemoryCoefficients(per_token={"fast": {"double": 21.2, "single": 20.1},

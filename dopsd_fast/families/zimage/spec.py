@@ -132,6 +132,7 @@ SPEC = ZImageFamily(
     name="zimage", title="Z-Image", adapter_path="dopsd_fast.families.zimage.adapter:ZImageAdapter",
     fast_model_path="dopsd_fast.families.zimage.fast:FastZImage",
     velocity_path="dopsd_fast.families.zimage.adapter:zimage_velocity", transformer_class="ZImageTransformer2DModel",
+    pipeline_class="ZImagePipeline",
     convention=Convention(time_is_one_minus_sigma=True, output_is_minus_v=True),
     presets={"tiny-zimage": "dopsd_fast.families.zimage.tiny:TinyPreset",
              "toy-zimage": "dopsd_fast.families.zimage.toy:ToyPreset"},
