@@ -365,7 +365,8 @@ def sample_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-sample", description="Generate images with the few-step schedule (+ a LoRA or a "
                                 "fine-tuned transformer; + reference images for an editing model).")
     _common(p)
-    p.add_argument("--lora", default=None, help="a LoRA directory written by dopsd-train (e.g. runs/x/lora)")
+    p.add_argument("--lora", default=None, help="a LoRA: the folder dopsd-train wrote (e.g. runs/x/lora), or a "
+                                                 "LoRA's .safetensors file (another trainer's too)")
     p.add_argument("--transformer", default=None,
                    help="a fully fine-tuned transformer folder written by dopsd-train (runs/x/transformer or "
                         "runs/x/transformer_ema) in place of the model's")
@@ -434,9 +435,10 @@ def sample_main(argv=None) -> int:
         except ConfigError as e:
             sys.exit("error: --schedule: " + str(e).removeprefix("config field 'validation.schedule': "))
 
-    if args.lora and Path(args.lora).is_file():
-        sys.exit(f"error: --lora {args.lora} is a file: give its folder (--lora {Path(args.lora).parent})")
-    if args.lora and not Path(args.lora).is_dir():
+    if args.lora and Path(args.lora).is_file() and Path(args.lora).suffix != ".safetensors":
+        sys.exit(f"error: --lora {args.lora} is not a .safetensors file: give a LoRA's .safetensors file, or the folder "
+                 "dopsd-train wrote (runs/<name>/lora)")
+    if args.lora and not Path(args.lora).exists():
         sys.exit(f"error: --lora {args.lora}: no such directory (expected a LoRA folder written by dopsd-train, "
                  "e.g. runs/<name>/lora)")
     try:

@@ -37,23 +37,25 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     from dopsd_fast.families import family_of_transformer
 
     pipe = family_of_transformer(transformer).pipeline()  # its converter reads other trainers' layouts (BFL, kohya)
-    d = Path(lora_dir)
+    d, name = Path(lora_dir), LORA_FILE
+    if d.is_file() or d.suffix == ".safetensors":  # a LoRA's own file (a downloaded one has its own name)
+        d, name = d.parent, d.name
     try:
-        weights = file_in_folder(d, LORA_FILE)
+        weights = file_in_folder(d, name)
     except FileNotFoundError:
         full = next((d / n for n in ("transformer", "../transformer") if (d / n / "config.json").is_file()), None)
         hint = f" (a full fine-tuning run's weights: --transformer {full.resolve()})" if full is not None else ""
+        others = sorted(p.name for p in d.glob("*.safetensors")) if d.is_dir() and name == LORA_FILE else []
         if (d / "lora" / LORA_FILE).is_file():  # the run's folder given: its LoRA is in lora/
             hint = f" (a run's folder: its LoRA is --lora {d / 'lora'})"
-        elif (d / COMFYUI_FILE).is_file():
-            hint = (f" (it holds {COMFYUI_FILE}, the LoRA for ComfyUI: copy it to {d / LORA_FILE} to sample it "
-                    "here)")
-        raise FileNotFoundError(f"--lora: {d} has no {LORA_FILE}{hint}") from None
+        elif others:  # a LoRA under its own name (a downloaded one), or the ComfyUI copy alone
+            hint = f" (it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}: --lora {d / others[0]})"
+        raise FileNotFoundError(f"--lora: {d} has no {name}{hint}") from None
     except ValueError as e:
         raise ValueError(f"--lora: {e}") from None
     alphas = _checked_alpha_tensors(weights)  # before diffusers folds them (a negative one loops it forever)
     try:
-        state, meta = pipe.lora_state_dict(str(d), weight_name=LORA_FILE, return_lora_metadata=True)
+        state, meta = pipe.lora_state_dict(str(d), weight_name=name, return_lora_metadata=True)
         if alphas and not any(k.endswith(".lora_down.weight") for k in state):
             # .alpha tensors beside lora_A / lora_B factors (a ComfyUI / SimpleTuner file, dopsd-train's ComfyUI copy
             # renamed): folded into lora_B here, each family's converter then reads the factors alone (FLUX.2's

@@ -692,22 +692,29 @@ def test_lora_alpha_tensors_within_the_limit_load(trained, tmp_path):
     load_lora_into(build_adapter(load_config("tiny-zimage").model).transformer, str(folder))
 
 
-def test_sample_lora_hints_a_file_a_run_folder_and_a_comfyui_only_folder(trained, tmp_path):
-    """``--lora <the weights file>`` said "no such directory" of a file that exists; ``--lora <run folder>``
-    and a folder holding only the ComfyUI file said only that the folder lacks the weights file."""
-    weights = trained / "lora" / "pytorch_lora_weights.safetensors"
-    with pytest.raises(SystemExit, match=rf"error: --lora {re.escape(str(weights))} is a file: give its folder "
-                                         rf"\(--lora {re.escape(str(trained / 'lora'))}\)$"):
-        _sample(weights, tmp_path)
+def test_sample_lora_takes_a_file_and_hints_a_run_folder_and_a_folder_of_other_names(trained, tmp_path):
+    """``--lora`` took a folder holding pytorch_lora_weights.safetensors alone: given a file it said "give its
+    folder", and that folder then "has no pytorch_lora_weights.safetensors" (a downloaded LoRA has its own
+    name: a circle). A .safetensors file is taken as the LoRA; a folder without that name names the
+    .safetensors files it holds; a run's folder points at its lora/."""
+    from safetensors.torch import load_file
+
+    mine = tmp_path / "ext" / "my_style_lora.safetensors"
+    mine.parent.mkdir()
+    shutil.copy(trained / "lora" / "pytorch_lora_weights.safetensors", mine)
+    assert _sample(mine, tmp_path) == 0
+    assert _sample(trained / "lora" / "comfyui_lora.safetensors", tmp_path) == 0  # the ComfyUI copy, as it is
+    with pytest.raises(SystemExit, match=rf"has no pytorch_lora_weights\.safetensors \(it holds my_style_lora"
+                                         rf"\.safetensors: --lora {re.escape(str(mine))}\)$"):
+        _sample(mine.parent, tmp_path)
     with pytest.raises(SystemExit, match=rf"has no pytorch_lora_weights\.safetensors \(a run's folder: its LoRA is "
                                          rf"--lora {re.escape(str(trained / 'lora'))}\)$"):
         _sample(trained, tmp_path)
-    comfy = tmp_path / "comfy-only"
-    comfy.mkdir()
-    shutil.copy(trained / "lora" / "comfyui_lora.safetensors", comfy)
-    with pytest.raises(SystemExit, match=r"has no pytorch_lora_weights\.safetensors \(it holds comfyui_lora\.safetensors"
-                                         rf", the LoRA for ComfyUI: copy it to {re.escape(str(comfy))}/pytorch_lora_"):
-        _sample(comfy, tmp_path)
+    other = tmp_path / "ext" / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(SystemExit, match=r"notes\.txt is not a \.safetensors file"):
+        _sample(other, tmp_path)
+    assert load_file(str(mine)).keys() == load_file(str(trained / "lora" / "pytorch_lora_weights.safetensors")).keys()
 
 
 def test_a_lora_without_its_metadata_is_said_to_load_at_alpha_equal_rank(trained, tmp_path, caplog):
