@@ -229,6 +229,12 @@ def _checked_metadata(weights: Path, meta, ranks: set):
     tm = kept.get("target_modules")
     if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
         raise ValueError(f"{where}: target_modules={tm!r} is not a module name pattern or a list of names")
+    if r is not None and kept.get("lora_alpha") is None and not kept.get("alpha_pattern"):
+        # peft's LoraConfig would take its own default (8: scale 8 / r); read as a file without metadata is
+        log.warning("--lora: %s: its metadata gives r=%d and no lora_alpha: its strength is taken as alpha = rank "
+                    "(scale 1); a LoRA trained at another alpha samples at another strength (--lora-scale sets it)",
+                    weights, r)
+        kept["lora_alpha"] = r
     alphas = [("lora_alpha", kept.get("lora_alpha"))]
     alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (kept.get("alpha_pattern") or {}).items()]
     smallest = min(ranks | ({r} if r else set()) or {1})  # the largest scale any module can get

@@ -811,3 +811,34 @@ def test_dopsd_sample_reads_klein_loras_of_other_trainers_layouts(tmp_path):
             got = fresh.velocity(fresh.transformer, x, sigma, ctx)
         assert (want - base).abs().max() > 1e-3
         torch.testing.assert_close(got - base, want - base, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_lora_whose_metadata_has_a_rank_and_no_alpha_loads_at_alpha_equal_rank_said(trained, tmp_path, caplog):
+    """Metadata with ``r`` and no ``lora_alpha`` loaded at peft's default alpha 8 (scale 8 / r: 1 at rank 8, 2 at
+    rank 4, 1/8 at rank 64) without a word, where a file without metadata is said to load at alpha = rank. It
+    loads at alpha = rank too, with the same warning."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    src = trained / "lora" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    meta.pop("transformer.lora_alpha")
+    sd = load_file(str(src))
+    rank = next(t.shape[0] for k, t in sd.items() if ".lora_A." in k)
+    folder = tmp_path / "no-alpha"
+    folder.mkdir()
+    save_file({k: (t[: rank // 2] if ".lora_A." in k else t[:, : rank // 2] if ".lora_B." in k else t).contiguous()
+               for k, t in sd.items()}, str(folder / "pytorch_lora_weights.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps({**meta, "transformer.r": rank // 2})})
+    tr = build_adapter(load_config("tiny-zimage").model).transformer
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        load_lora_into(tr, str(folder))
+    assert f"its metadata gives r={rank // 2} and no lora_alpha: its strength is taken as alpha = rank" in caplog.text
+    assert {m.scaling["lora"] for m in tr.modules() if hasattr(m, "scaling") and "lora" in m.scaling} == {1.0}
