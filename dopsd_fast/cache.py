@@ -138,9 +138,13 @@ class FeatureCache:
         if self.dir.exists() and not self.dir.is_dir():
             raise CacheError(f"cache.dir {self.dir} is a file, not a folder; point cache.dir at a folder (dopsd-cache "
                              "creates it)")
+        self._manifest_seen = None  # (inode, mtime) of the manifest read: a rewrite since is told from damage
         if manifest.is_file() or manifest.is_symlink():
             try:  # a regular file in the folder (a received cache's manifest may be a link elsewhere)
-                data = json.loads(file_in_folder(self.dir, manifest.name).read_text())
+                path = file_in_folder(self.dir, manifest.name)
+                st = path.stat()
+                data = json.loads(path.read_text())
+                self._manifest_seen = (st.st_ino, st.st_mtime_ns)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CacheError(f"feature cache {manifest} is damaged ({e}); delete the directory and run dopsd-cache "
                                  "again") from None
@@ -376,12 +380,24 @@ class FeatureCache:
             if context_crc(features, extra) == want:
                 self._verified.add(key)
         if want is not None and key not in self._verified:
+            if self._manifest_rewritten():
+                raise CacheError(f"feature cache {self.dir}: a context in {shard} is not the one this run read of it: "
+                                 "the cache was written again since the run started (dopsd-cache into the same folder "
+                                 "meanwhile); start the run again (it checks the cache's settings at its start)")
             raise CacheError(f"feature cache {self.dir}: a context in {shard} is damaged (its bytes changed since "
                              f"dopsd-cache wrote them: checksum of {key[:12]}); delete {self.dir / shard} and run "
                              "dopsd-cache again (it re-encodes that shard's contexts)")
         if features.dtype == torch.float32 and self.context_dtype is not None:
             features = features.to(self.context_dtype)  # an earlier version's fp32 upcast: exact, one dtype per run
         return Context(features, extra)
+
+    def _manifest_rewritten(self) -> bool:
+        """Whether manifest.json is another file, or was written again, since this cache read it."""
+        try:
+            st = (self.dir / "manifest.json").stat()
+        except OSError:
+            return True
+        return self._manifest_seen is not None and (st.st_ino, st.st_mtime_ns) != self._manifest_seen
 
     @functools.cached_property
     def context_dtype(self) -> torch.dtype | None:

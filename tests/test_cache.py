@@ -830,3 +830,30 @@ def test_dopsd_cache_says_the_contexts_its_dataset_no_longer_uses_and_prune_drop
     with caplog.at_level(logging.INFO, logger="dopsd_fast"):
         assert cli.cache_main(args) == 0
     assert "this dataset does not use" not in caplog.text
+
+
+def test_a_cache_written_again_under_a_running_trainer_is_said_so_not_called_damaged(written, tmp_path):
+    """The cache deleted and written again (other encoder settings) while a trainer ran on it: the trainer's
+    next read was refused as disk damage, with advice (delete the shard, run dopsd-cache) that led to a
+    settings refusal. Where the manifest was written again since the run read it, it says so."""
+    import os
+    import struct
+
+    from dopsd_fast.cache import CacheError, FeatureCache
+
+    cache, m = _received(written, tmp_path)
+    fc = FeatureCache(cache, m["identity"])  # the running trainer's view
+    shard = cache / "shard-00000.safetensors"
+    key = sorted(k for k, (sh, _) in m["entries"].items() if sh == shard.name)[0]
+    raw = bytearray(shard.read_bytes())
+    head = 8 + struct.unpack("<Q", raw[:8])[0]
+    begin = json.loads(raw[8:head])[f"{key}.features"]["data_offsets"][0]
+    raw[head + begin:head + begin + 4] = struct.pack("<f", 0.125)
+    shard.write_bytes(bytes(raw))
+    text = (cache / "manifest.json").read_text()
+    (cache / "manifest.json").unlink()
+    (cache / "manifest.json").write_text(text)  # another file now, as dopsd-cache's atomic rewrite leaves it
+    os.utime(cache / "manifest.json", ns=(1, 1))
+    with pytest.raises(CacheError, match=r"is not the one this run read of it: the cache was written again since the "
+                                         r"run started"):
+        fc.get(key)
