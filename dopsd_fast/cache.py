@@ -38,6 +38,7 @@ _told_unchecked: set = set()  # caches whose entries without a checksum were sai
 CACHE_VERSION = 1
 _SHARD_RE = re.compile(r"shard-[0-9]+\.safetensors")  # the only names write() gives a shard (fullmatch)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+_IDENTITY_KEY = "dopsd_identity"  # a shard's metadata: the digest of the identity it was written under
 
 
 class CacheError(RuntimeError):
@@ -245,6 +246,11 @@ class FeatureCache:
         text = json.dumps(record, indent=1)
         atomic_write(self.dir / "manifest.json", lambda t: t.write_text(text))
 
+    def _identity_tag(self) -> str:
+        """A digest of the identity the contexts are written under, stamped in each shard's metadata: a shard
+        the manifest does not name is adopted (:meth:`_adopt`) only where it was written under this one."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:32]
+
     def missing(self, dataset, kinds=KINDS) -> list:
         return [e for e in needed_entries(dataset, kinds) if e[0] not in self.entries]
 
@@ -362,6 +368,9 @@ class FeatureCache:
         shard, name = self.entries[key]
         f = self._open.get(shard)
         if f is None:
+            if not (self.dir / shard).is_file():  # checked at the start: gone since (pruned, the folder replaced)
+                raise CacheError(f"feature cache {self.dir}: {shard} is gone since the run started (dopsd-cache --prune, "
+                                 "or the cache written again, meanwhile); run dopsd-cache with this config, then resume")
             # pread: safetensors 0.8's mmap backend leaks ~60 B (Python) per tensor read, every step; an older
             # safetensors (an environment the package was dropped into) has no backend argument: its default
             try:
@@ -434,9 +443,16 @@ class FeatureCache:
         bar = tqdm(total=len(todo), desc="caching contexts", disable=not progress)
         try:
             self._write_shards(adapter, todo, batch_size, shard_size, stop, taken, saver, bar, save_file)
+        except BaseException:  # an error (a full disk, an encoder's) or a stop: the shards written kept in the manifest
+            try:
+                saver.flush()
+            except Exception as e:  # noqa: BLE001 - the error that stopped the write is the one to say
+                log.warning("feature cache %s: the manifest could not be saved (%s): the shards written since its "
+                            "last save are taken in by the next dopsd-cache", self.dir, e)
+            raise
         finally:
-            saver.flush()  # an error (a full disk, an encoder's) keeps every shard written in the manifest
-        bar.close()
+            bar.close()
+        saver.flush()
         return adopted + len(todo)
 
     def _adopt(self, todo, taken) -> int:
@@ -455,6 +471,13 @@ class FeatureCache:
                 continue
             try:
                 with safe_open(str(path), framework="pt") as f:
+                    if (f.metadata() or {}).get(_IDENTITY_KEY) != self._identity_tag():
+                        # written under other encoders or settings (a manifest deleted or never saved, then a run
+                        # with another config), or by an earlier version: its contexts are not this identity's
+                        log.warning("feature cache %s: %s, not named in the manifest, was not written with this "
+                                    "config's encoders and settings; left as it is, its contexts encoded again",
+                                    self.dir, shard)
+                        continue
                     names = set(f.keys())
                     found = {}
                     for t in sorted(names):
@@ -502,17 +525,65 @@ class FeatureCache:
                     size += math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
         return keys, size
 
+    READERS = ".readers"  # the lock file a training run holds shared while it reads the folder
+
+    def hold_for_reading(self) -> None:
+        """A shared lock on ``<cache>/.readers`` for this object's life (a training run's): dopsd-cache --prune,
+        which rewrites and deletes shards, is refused while one is held (extending the cache is not: its new
+        shards leave the others as they are). A folder the run cannot write (a read-only copy) takes none."""
+        import fcntl
+
+        try:
+            fd = os.open(self.dir / self.READERS, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # a prune holds it this moment
+            os.close(fd)
+            return
+        self._readers_fd = fd
+
+    def __del__(self):
+        fd = getattr(self, "_readers_fd", None)
+        if fd is not None:
+            self._readers_fd = None
+            os.close(fd)
+
+    def _no_readers(self) -> int:
+        """The exclusive lock of ``.readers`` (its descriptor), or a CacheError: a training run reads the folder."""
+        import fcntl
+
+        fd = os.open(self.dir / self.READERS, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheError(f"feature cache {self.dir}: a training run reads it now; --prune rewrites and deletes "
+                             "shards under it: prune after the run ends (adding contexts, without --prune, is safe)") \
+                from None
+        return fd
+
     def prune(self, dataset) -> tuple[int, int]:
         """Drop the :meth:`unused` entries: a shard holding none of the others is deleted, one holding some is
         written again with those alone (under a new name, the manifest saved, then the old file deleted: an
         interruption leaves a file no manifest names, never an entry without its file), and shards no entry
         names (of a killed run, holding nothing this dataset needs) are deleted. Returns (entries dropped,
         bytes freed)."""
+        keys, _size = self.unused(dataset)
+        named = {s for s, _ in self.entries.values()}
+        if not keys and all(p.name in named for p in self.dir.glob("shard-*.safetensors")):
+            return 0, 0
+        lock = self._no_readers()
+        try:
+            return self._prune(set(keys))
+        finally:
+            os.close(lock)
+
+    def _prune(self, drop: set) -> tuple[int, int]:
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        keys, _size = self.unused(dataset)
-        drop = set(keys)
         shards = {s for s, _ in self.entries.values()}
         before = {p.name: p.stat().st_size for p in self.dir.glob("shard-*.safetensors")
                   if _SHARD_RE.fullmatch(p.name) and p.is_file() and not p.is_symlink()}
@@ -534,7 +605,8 @@ class FeatureCache:
                 names = {self.entries[k][1] for k in kept}
                 with safe_open(str(self.dir / shard), framework="pt") as f:
                     tensors = {t: f.get_tensor(t) for t in f.keys() if t.partition(".")[0] in names}
-                atomic_write(self.dir / new, lambda t, tensors=tensors: save_file(tensors, str(t)))
+                atomic_write(self.dir / new, lambda t, tensors=tensors: save_file(
+                    tensors, str(t), metadata={_IDENTITY_KEY: self._identity_tag()}))
                 written.append((new, (self.dir / new).stat().st_size))
                 for k in kept:
                     self.entries[k] = [new, self.entries[k][1]]
@@ -601,7 +673,8 @@ class FeatureCache:
                 next_shard += 1
             shard = f"shard-{next_shard:05d}.safetensors"
             taken.add(shard)
-            atomic_write(self.dir / shard, lambda t, tensors=tensors: save_file(tensors, str(t)))
+            atomic_write(self.dir / shard, lambda t, tensors=tensors: save_file(
+                tensors, str(t), metadata={_IDENTITY_KEY: self._identity_tag()}))
             for key, name in names.items():
                 self.entries[key] = [shard, name]
             self.checksums.update(sums)

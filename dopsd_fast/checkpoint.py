@@ -604,7 +604,7 @@ def resolve_resume(root: str | Path, resume: str | None) -> Path | None:
     if not (p.exists() or p.is_symlink()):
         near = [c.name for _, c in list_checkpoints(p.parent)] if p.parent.is_dir() else []
         raise FileNotFoundError(f"--resume: {p} does not exist" + (
-            f" (pruned by its run? {p.parent} holds {', '.join(near[-3:])})" if near else
+            f" (mistyped, or pruned by its run? {p.parent} holds {', '.join(near[-3:])})" if near else
             " (a checkpoint folder, e.g. <output_dir>/checkpoints/step-0000100, or --resume latest)"))
     if not _complete(p):
         raise FileNotFoundError(f"--resume: no checkpoint at {p} (expected a DCP directory with .metadata, or "

@@ -37,11 +37,14 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     from dopsd_fast.families import family_of_transformer
 
     pipe = family_of_transformer(transformer).pipeline()  # its converter reads other trainers' layouts (BFL, kohya)
-    d, name = Path(lora_dir), LORA_FILE
+    d, name, typed = Path(lora_dir), LORA_FILE, None
     if d.is_file() or d.suffix == ".safetensors":  # a LoRA's own file (a downloaded one has its own name)
-        d, name = d.parent, d.name
-    try:
-        weights = file_in_folder(d, name)
+        if d.suffix != ".safetensors":
+            raise ValueError(f"--lora {d} is not a .safetensors file: give a LoRA's .safetensors file, or the folder "
+                             "dopsd-train wrote")
+        typed, d, name = d, d.parent, d.name  # the path the user typed, taken where it leads (Hugging Face's cache
+    try:  # links snapshots/<rev>/x.safetensors to ../../blobs/<sha>); a folder's file must be a file in it
+        weights = typed if typed is not None and typed.is_file() else file_in_folder(d, name)
     except FileNotFoundError:
         full = next((d / n for n in ("transformer", "../transformer") if (d / n / "config.json").is_file()), None)
         hint = f" (a full fine-tuning run's weights: --transformer {full.resolve()})" if full is not None else ""
@@ -55,12 +58,14 @@ def load_lora_into(transformer, lora_dir: str) -> None:
         raise ValueError(f"--lora: {e}") from None
     alphas = _checked_alpha_tensors(weights)  # before diffusers folds them (a negative one loops it forever)
     try:
-        state, meta = pipe.lora_state_dict(str(d), weight_name=name, return_lora_metadata=True)
-        if alphas and not any(k.endswith(".lora_down.weight") for k in state):
+        state, meta = pipe.lora_state_dict(str(d), weight_name=name, use_safetensors=True,  # never a pickle
+                                           return_lora_metadata=True)
+        folded = _fold_alphas(weights, alphas) if alphas else None
+        if folded is not None:
             # .alpha tensors beside lora_A / lora_B factors (a ComfyUI / SimpleTuner file, dopsd-train's ComfyUI copy
             # renamed): folded into lora_B here, each family's converter then reads the factors alone (FLUX.2's
             # keeps the .alpha keys, which peft refuses); a kohya file (lora_down / lora_up) its converter folds
-            state = pipe.lora_state_dict(_fold_alphas(weights, alphas))
+            state = pipe.lora_state_dict(folded)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
         raise FileNotFoundError(f"--lora: {weights} does not load as a LoRA for this model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -71,6 +76,14 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     check_lora_weights(state, f"--lora: {weights}")  # a LoraWeightsError (ValueError): one line
     wanted = _lora_modules(state)
     if not wanted:
+        if not state:  # the family's converter kept none of its tensors: a layout it does not read
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                raw = {k: None for k in f.keys()}
+            if raw:
+                raise ValueError(f"--lora: {weights} holds {_found(raw)}, none of them in a layout this model's "
+                                 f"diffusers pipeline ({pipe.__name__}) reads as a LoRA; a LoRA for another model?")
         raise ValueError(f"--lora: {weights} holds no LoRA weights ({_found(state)}); expected "
                          "transformer.<module>.lora_A/lora_B.weight as dopsd-train writes")
     others = sorted(k for k in state if not _LORA_KEY.match(k))
@@ -83,7 +96,8 @@ def load_lora_into(transformer, lora_dir: str) -> None:
     modules = dict(transformer.named_modules())
     _refuse_unmatched(weights, wanted, set(modules))
     _check_factors(weights, state, modules)
-    meta = _checked_metadata(weights, meta, {t.shape[0] for k, t in state.items() if ".lora_A." in k})
+    meta = _checked_metadata(weights, meta, {t.shape[0] for k, t in state.items() if ".lora_A." in k},
+                             alpha_tensors=bool(alphas))
     m = {k.removeprefix("transformer."): v for k, v in (meta or {}).items()}
     if alphas and meta and not (m.get("lora_alpha") is not None and m.get("lora_alpha") == m.get("r")
                                 and not m.get("alpha_pattern") and not m.get("use_rslora")):
@@ -115,15 +129,17 @@ class LoraMismatchError(ValueError):
 
 def _fold_alphas(weights: Path, alphas: dict) -> dict:
     """The file's tensors with each module's ``.alpha`` (checked: :func:`_checked_alpha_tensors`) folded into its
-    ``lora_B`` as alpha / rank, the ``.alpha`` keys dropped: the same deltas at scale 1."""
+    ``lora_B`` as alpha / rank, the ``.alpha`` keys dropped: the same deltas at scale 1; None where an ``.alpha``
+    has no ``lora_A`` / ``lora_B`` pair beside it (a kohya file's lora_down / lora_up: its converter folds them)."""
     from safetensors.torch import load_file
 
     sd = load_file(str(weights))
+    pairs = {key: (sd.get(f"{key[:-6]}.lora_A.weight"), sd.get(f"{key[:-6]}.lora_B.weight")) for key in alphas}
+    if any(a is None or b is None or not a.shape[0] for a, b in pairs.values()):
+        return None
     for key, alpha in alphas.items():
-        module = key[: -len(".alpha")]
-        a, b = sd.get(f"{module}.lora_A.weight"), sd.get(f"{module}.lora_B.weight")
-        if a is not None and b is not None and a.shape[0]:
-            sd[f"{module}.lora_B.weight"] = b * (float(alpha) / a.shape[0])
+        a, b = pairs[key]
+        sd[f"{key[:-6]}.lora_B.weight"] = b * (float(alpha) / a.shape[0])
         sd.pop(key)
     return sd
 
@@ -191,7 +207,7 @@ def _check_factors(weights: Path, state: dict, modules: dict) -> None:
                                     "LoRA for another model?)")
 
 
-def _checked_metadata(weights: Path, meta, ranks: set):
+def _checked_metadata(weights: Path, meta, ranks: set, alpha_tensors: bool = False):
     """The LoRA settings of a file's metadata that this loader honours (``r``, ``lora_alpha``,
     ``target_modules``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``), checked; everything else
     is dropped, so a received file cannot change the base weights at load (peft's PiSSA / OLoRA / LoftQ
@@ -230,10 +246,12 @@ def _checked_metadata(weights: Path, meta, ranks: set):
     if tm is not None and not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
         raise ValueError(f"{where}: target_modules={tm!r} is not a module name pattern or a list of names")
     if r is not None and kept.get("lora_alpha") is None and not kept.get("alpha_pattern"):
-        # peft's LoraConfig would take its own default (8: scale 8 / r); read as a file without metadata is
-        log.warning("--lora: %s: its metadata gives r=%d and no lora_alpha: its strength is taken as alpha = rank "
-                    "(scale 1); a LoRA trained at another alpha samples at another strength (--lora-scale sets it)",
-                    weights, r)
+        # peft's LoraConfig would take its own default (8: scale 8 / r); read as a file without metadata is (said
+        # unless .alpha tensors give the strength)
+        if not alpha_tensors:
+            log.warning("--lora: %s: its metadata gives r=%d and no lora_alpha: its strength is taken as alpha = "
+                        "rank (scale 1); a LoRA trained at another alpha samples at another strength (--lora-scale "
+                        "sets it)", weights, r)
         kept["lora_alpha"] = r
     alphas = [("lora_alpha", kept.get("lora_alpha"))]
     alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in (kept.get("alpha_pattern") or {}).items()]

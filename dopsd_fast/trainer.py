@@ -532,6 +532,7 @@ class Trainer:
         if cfg.cache.dir:
             self.adapter = build_adapter(cfg.model, load_encoders=False)
             cache = FeatureCache.for_run(cfg.cache.dir, self.adapter, cfg.method)
+            cache.hold_for_reading()  # dopsd-cache --prune (which rewrites shards) waits for the run's end
             cache.require_complete(self.dataset, self.spec.context_width(self.adapter.transformer.config),
                                    self.context_kinds, extra_problem=getattr(self.adapter, "cache_extra_problem", None),
                                    max_tokens=self.spec.context_tokens(cfg.model))

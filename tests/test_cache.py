@@ -809,10 +809,26 @@ def test_dopsd_cache_says_the_contexts_its_dataset_no_longer_uses_and_prune_drop
     assert stale <= before["entries"].keys()
     size = sum(p.stat().st_size for p in cache.glob("shard-*.safetensors"))
 
+    from dopsd_fast.cache import CacheError, FeatureCache
+
+    from dopsd_fast.trainer import Trainer
+
+    reading = Trainer(tiny_config(tmp_path / "reading", f"cache.dir={cache}"))  # prune would delete shards under it
+    with pytest.raises(SystemExit, match=r"error: feature cache .*: a training run reads it now; --prune rewrites"):
+        cli.cache_main(args + ["--prune"])
+    reading.close()
+    del reading
+    import gc
+
+    gc.collect()
+    earlier = FeatureCache(cache, before["identity"])  # a reader of before the prune, without the lock
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dopsd_fast"):
         assert cli.cache_main(args + ["--prune"]) == 0
     assert f"{len(stale)} contexts this dataset does not use dropped" in caplog.text
+    moved = next(k for k, (s, _) in before["entries"].items() if not (cache / s).exists())
+    with pytest.raises(CacheError, match=r"shard-\d+\.safetensors is gone since the run started \(dopsd-cache --prune"):
+        earlier.get(moved)
     after = json.loads((cache / "manifest.json").read_text())
     need = {k for k, _, _ in needed_entries(edited, KINDS)}
     assert after["entries"].keys() == need and after["checksums"].keys() == need
@@ -820,8 +836,6 @@ def test_dopsd_cache_says_the_contexts_its_dataset_no_longer_uses_and_prune_drop
     on_disk = {p.name for p in cache.glob("shard-*.safetensors")}
     assert on_disk == {s for s, _ in after["entries"].values()}
     assert sum(p.stat().st_size for p in cache.glob("shard-*.safetensors")) < size
-    from dopsd_fast.cache import FeatureCache
-
     fc = FeatureCache(cache, after["identity"])
     fc.require_complete(edited)
     for k in need:  # every context reads back with its checksum
@@ -857,3 +871,40 @@ def test_a_cache_written_again_under_a_running_trainer_is_said_so_not_called_dam
     with pytest.raises(CacheError, match=r"is not the one this run read of it: the cache was written again since the "
                                          r"run started"):
         fc.get(key)
+
+
+def test_shards_the_manifest_does_not_name_are_adopted_only_under_the_identity_they_were_written_with(
+        written, tmp_path, caplog):
+    """A shard the manifest does not name carries no record of the encoders and settings it was written
+    with: with the manifest gone (a dopsd-cache killed before its first save, or manifest.json deleted to
+    start over) a run with another config took its contexts into a manifest of its own identity, and
+    training read them as its own. A shard is now adopted only where its metadata names this identity."""
+    import shutil
+
+    from dopsd_fast.cli import cache_main
+    from dopsd_fast.trainer import Trainer
+
+    cache = tmp_path / "cache"
+    shutil.copytree(written, cache)
+    (cache / "manifest.json").unlink()
+    args = ["--config", "tiny-zimage", "--set", f"cache.dir={cache}", "--set", "train.progress=false",
+            "--set", "cache.shard_size=5"]
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        assert cache_main(args + ["--set", "model.teacher_max_tokens=900"]) == 0
+    assert "taken from" not in caplog.text
+    assert "was not written with this config's encoders and settings" in caplog.text
+    m = json.loads((cache / "manifest.json").read_text())
+    assert len(m["entries"]) == 24 and not {s for s, _ in m["entries"].values()} & {
+        p.name for p in written.glob("shard-*.safetensors")}  # every context encoded again, in new shards
+    Trainer(tiny_config(tmp_path / "run", f"cache.dir={cache}", "model.teacher_max_tokens=900"))
+
+    same = tmp_path / "same"  # under the identity they were written with: adopted, nothing encoded
+    shutil.copytree(written, same)
+    (same / "manifest.json").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dopsd_fast"):
+        assert cache_main(["--config", "tiny-zimage", "--set", f"cache.dir={same}", "--set", "train.progress=false",
+                           "--set", "cache.shard_size=5"]) == 0
+    assert "24 contexts taken from 5 shards" in caplog.text
+    assert json.loads((same / "manifest.json").read_text())["entries"] == \
+        json.loads((written / "manifest.json").read_text())["entries"]

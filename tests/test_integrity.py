@@ -842,3 +842,45 @@ def test_a_lora_whose_metadata_has_a_rank_and_no_alpha_loads_at_alpha_equal_rank
         load_lora_into(tr, str(folder))
     assert f"its metadata gives r={rank // 2} and no lora_alpha: its strength is taken as alpha = rank" in caplog.text
     assert {m.scaling["lora"] for m in tr.modules() if hasattr(m, "scaling") and "lora" in m.scaling} == {1.0}
+
+
+def test_dopsd_sample_takes_a_linked_lora_file_and_a_kohya_file_at_its_alpha(trained, tmp_path):
+    """A LoRA file given by its path is taken where it leads (Hugging Face's cache links
+    snapshots/<rev>/x.safetensors to ../../blobs/<sha>: refused as leading outside its folder), and a kohya
+    file (lora_down / lora_up with .alpha) is folded by the family's converter, not taken for .alpha tensors
+    beside lora_A / lora_B (its strength would have been 1, not alpha / rank)."""
+    from safetensors.torch import load_file, save_file
+
+    from dopsd_fast.config import load_config
+    from dopsd_fast.families import build_adapter
+    from dopsd_fast.sample import load_lora_into
+
+    native = load_file(str(trained / "lora" / "pytorch_lora_weights.safetensors"))
+    blob = tmp_path / "hub" / "blobs" / "0123abcd"
+    blob.parent.mkdir(parents=True)
+    shutil.copy(trained / "lora" / "pytorch_lora_weights.safetensors", blob)
+    link = tmp_path / "hub" / "snapshots" / "rev" / "style.safetensors"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("../../blobs/0123abcd")
+    assert _sample(link, tmp_path) == 0
+    kohya = {}
+    for k, t in native.items():
+        module = k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+        name = "lora_unet_" + module.replace(".", "_")
+        if ".lora_A." in k:
+            kohya[f"{name}.lora_down.weight"] = t
+            kohya[f"{name}.alpha"] = torch.tensor(2.0 * t.shape[0])
+        else:
+            kohya[f"{name}.lora_up.weight"] = t / 2  # alpha / rank = 2: the same delta
+    folder = tmp_path / "kohya"
+    folder.mkdir()
+    save_file(kohya, str(folder / "pytorch_lora_weights.safetensors"))
+    deltas = {}
+    for name, lora in (("native", trained / "lora"), ("kohya", folder)):
+        tr = build_adapter(load_config("tiny-zimage").model).transformer
+        load_lora_into(tr, str(lora))
+        deltas[name] = {n: m.scaling["lora"] * (m.lora_B["lora"].weight @ m.lora_A["lora"].weight)
+                        for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
+    assert deltas["native"] and deltas["kohya"].keys() == deltas["native"].keys()
+    for n, d in deltas["native"].items():
+        torch.testing.assert_close(deltas["kohya"][n], d, rtol=1e-5, atol=1e-7, msg=n)

@@ -132,7 +132,7 @@ def test_checkpoints_kept_and_atomic(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*expected a DCP directory"):
         resolve_resume(root, str(root / "step-0000009"))
     # pruned by its run (keep_checkpoints) while another run was to fork from it: said so, with what is there
-    with pytest.raises(FileNotFoundError, match=r"step-0000001 does not exist \(pruned by its run\? .* holds "
+    with pytest.raises(FileNotFoundError, match=r"step-0000001 does not exist \(mistyped, or pruned by its run\? .* holds "
                                                 r"step-0000003, step-0000004\)$"):
         resolve_resume(root, str(root / "step-0000001"))
 
