@@ -50,7 +50,7 @@ from dopsd_fast.profiling import nvtx_range
 from dopsd_fast.safety import (RUN_FOLDERS, DivergenceError, Guard, Interrupted, OutputLock, StopSignals,
                                Terminated, atomic_dir, atomic_write, config_changes, move_aside, recover_dirs, remove_stale_temp_files,
                                run_outputs)
-from dopsd_fast.validation import save_grid
+from dopsd_fast.validation import save_grid, set_aside_later_grids
 from dopsd_fast.weights import StudentTeacher
 
 log = logging.getLogger("dopsd_fast")
@@ -1095,6 +1095,11 @@ class Trainer:
                     log.warning("resume from step %d: this run's later checkpoints (it went on past this step before, or "
                                 "they did not load) moved aside (%s; not deleted): --resume latest continues this run from now on", self.step,
                                 ", ".join(p.name for p in moved))
+                grids = set_aside_later_grids(self.out / "samples", self.step)
+                if grids:
+                    log.info("resume from step %d: the validation grids of later steps (%s) moved to %s/ (not "
+                                "deleted): samples/ shows this run's", self.step,
+                                ", ".join(sorted(p.name for p in grids.iterdir())), grids)
         log.info("resumed from %s at step %d", path, self.step)
 
     def _run_files(self) -> tuple[float, float, int]:

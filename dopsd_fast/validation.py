@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -220,3 +222,23 @@ def save_grid(rows, headers, path, title: str = "", min_cell: int = 128) -> Path
         y += cell_h + ch + pad
 
     return atomic_write(Path(path), canvas.save)
+
+
+def set_aside_later_grids(samples: Path, step: int) -> Path | None:
+    """A resume from ``step``: the grids ``samples/step-N.png`` of later steps (of the attempt whose metrics
+    rows past ``step`` were dropped: a crash, or a run taken back to an earlier checkpoint) moved into
+    ``samples/abandoned-K/`` (not deleted), so ``samples/`` holds this run's pictures only; -> that folder,
+    or None when there were none."""
+    samples = Path(samples)
+    later = sorted(p for p in samples.glob("step-*.png")
+                   if (m := re.fullmatch(r"step-(\d+)\.png", p.name)) and int(m.group(1)) > step and p.is_file())
+    if not later:
+        return None
+    k = 1
+    while (samples / f"abandoned-{k}").exists():
+        k += 1
+    aside = samples / f"abandoned-{k}"
+    aside.mkdir()
+    for p in later:
+        os.replace(p, aside / p.name)
+    return aside

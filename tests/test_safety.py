@@ -1313,6 +1313,20 @@ def test_a_run_taken_back_to_an_earlier_checkpoint_sets_the_later_ones_aside(str
     assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
 
 
+def test_a_run_taken_back_to_an_earlier_checkpoint_sets_the_later_grids_aside(tmp_path):
+    """Back to step 2 of a run that validated up to step 4: samples/step-0000004.png, the abandoned run's
+    picture, stayed in samples/ beside the resumed run's, unmarked (the checkpoints were moved aside, the
+    metrics cut back). The later grids go to samples/abandoned-1/ now."""
+    over = ("train.checkpoint_every=2", "train.keep_checkpoints=5", "validation.every=2", "validation.num_samples=1")
+    _trainer(tmp_path, "train.max_steps=4", *over).train()
+    samples = tmp_path / "run" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    _trainer(tmp_path, "train.max_steps=3", "optim.lr=5e-4", *over,
+             resume=str(tmp_path / "run" / "checkpoints" / "step-0000002")).train()
+    assert sorted(p.name for p in samples.glob("step-*.png")) == ["step-0000002.png", "step-0000003.png"]
+    assert [p.name for p in (samples / "abandoned-1").iterdir()] == ["step-0000004.png"]
+
+
 def test_a_ctrl_c_while_a_checkpoint_loads_stops_and_calls_nothing_damaged(straight, tmp_path, monkeypatch):
     """DCP wraps the KeyboardInterrupt of a Ctrl-C during its load: it read as a checkpoint that does not
     load, so --resume latest skipped a good checkpoint (or, with one, said none loads)."""
