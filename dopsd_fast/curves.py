@@ -31,6 +31,7 @@ LIGHT, DARK, AXIS = (170, 190, 230), (20, 60, 170), (90, 90, 90)
 STATE_COLOURS = ((20, 60, 170), (200, 80, 20), (30, 140, 60), (150, 40, 150), (120, 120, 20), (20, 140, 150))
 _STATE = re.compile(r"loss_state/(\d+)$")
 _EXACT_MEAN = 4_000_000  # points x window up to which a moving mean sums each window on its own
+LOG_DECADES = 3  # a panel of positive values spanning more decades than this is drawn on a log axis
 
 
 _METRICS = frozenset(p[0] for p in PANELS)
@@ -136,10 +137,18 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
         d.text((x0, y0 + 2), title, fill=(0, 0, 0))
         d.text((px + 8, py + PLOT_H // 2 - 5), empty, fill=AXIS)
         return
-    raw = [(label, np.asarray(sv[0]), np.asarray(sv[1]), colour) for label, sv, colour in lines]
+    raw = [(label, np.asarray(sv[0]), np.asarray(sv[1], dtype=np.float64), colour) for label, sv, colour in lines]
+    every = np.concatenate([v for _, _, v, _ in raw])
+    # positive values over more than LOG_DECADES decades (a run diverged and staying there: on a linear axis it
+    # lay on the floor line, read as recovered): drawn on a log axis, the moving means of the logs
+    log_axis = bool(smooth and every.min() > 0 and every.max() > every.min() * 10 ** LOG_DECADES)
+    if log_axis:
+        raw = [(label, s, np.log10(v), colour) for label, s, v, colour in raw]
+        every = np.log10(every)
+        title, zero = f"{title} (log scale)", False
+    shown = (lambda x: float(10 ** x)) if log_axis else float
     # the range of the logged values without the extreme 1 % on either side (a first-step spike would
     # squash the rest); what lies outside is drawn on the border
-    every = np.concatenate([v for _, _, v, _ in raw])
     lo, hi = np.percentile(every, [1, 99]) if len(every) >= 100 else (every.min(), every.max())
     drawn = []
     for label, s, v, colour in raw:
@@ -166,7 +175,7 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
 
     kind = (" (moving means)" if len(drawn) > 1 else " (moving mean)") if means else ""
     if len(drawn) == 1:
-        d.text((x0, y0 + 2), f"{title}: {_fmt(drawn[0][4][-1])}{kind}", fill=(0, 0, 0))
+        d.text((x0, y0 + 2), f"{title}: {_fmt(shown(drawn[0][4][-1]))}{kind}", fill=(0, 0, 0))
     else:
         d.text((x0, y0 + 2), title + kind, fill=(0, 0, 0))
     if smooth and len(drawn) == 1:
@@ -181,10 +190,10 @@ def _panel(d: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: list, sm
             d.line(pts, fill=colour, width=2)
     if len(drawn) > 1:  # the legend: each line's label and last value, in its colour, top right inside the plot
         for k, (label, *_, m, colour) in enumerate(drawn[:(PLOT_H - 8) // 11]):
-            text = f"{label}: {_fmt(m[-1])}"
+            text = f"{label}: {_fmt(shown(m[-1]))}"
             d.text((px + PLOT_W - 4 - d.textlength(text), py + 3 + 11 * k), text, fill=colour)
-    d.text((x0, py - 1), _fmt(hi), fill=AXIS)
-    d.text((x0, py + PLOT_H - 10), _fmt(lo), fill=AXIS)
+    d.text((x0, py - 1), _fmt(shown(hi)), fill=AXIS)
+    d.text((x0, py + PLOT_H - 10), _fmt(shown(lo)), fill=AXIS)
     d.text((px, py + PLOT_H + 3), f"step {int(first)}", fill=AXIS)
     end = f"step {int(last)}"
     d.text((px + PLOT_W - d.textlength(end), py + PLOT_H + 3), end, fill=AXIS)

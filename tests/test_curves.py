@@ -191,3 +191,28 @@ def test_one_state_equal_to_the_loss_is_not_drawn_twice(tmp_path):
     assert not state_panel_has_a_line(sft)
     assert state_panel_has_a_line([{**r, "loss_state/0": 2 / r["step"]} for r in sft])
     assert state_panel_has_a_line([{**r, "loss_state/1": 0.5 / r["step"]} for r in sft])
+
+
+def test_a_run_that_stays_diverged_is_drawn_on_a_log_axis_not_on_the_floor(tmp_path):
+    """A loss of 0.02 for 80 steps, then 1e6 .. 1e11 for 20 (a full fine-tuning run at optim.lr=1): on a
+    linear axis from 0.02 to 1e11 the diverged steps lay on the floor line, labelled 0.02, read as a run
+    that recovered. Positive values over more than 3 decades are drawn on a log axis: the diverged end is
+    high, the healthy start low."""
+    rows = [{"step": s, "loss": 0.02 if s <= 80 else 10 ** (6 + 5 * (s - 81) / 19), "lr": 1e-3}
+            for s in range(1, 101)]
+    _write(tmp_path / "metrics.jsonl", rows)
+    img = Image.open(C.plot_run(tmp_path, "t"))
+    px, py = C.PAD + C.LEFT, C.HEAD + C.TOP
+    left = _dark_rows(img, px + 2, px + 30, py + 1, py + C.PLOT_H)
+    right = _dark_rows(img, px + C.PLOT_W - 20, px + C.PLOT_W - 2, py + 1, py + C.PLOT_H)
+    assert left > py + 0.6 * C.PLOT_H and right < py + 0.4 * C.PLOT_H, (left, right)
+    # a healthy run's loss (under 3 decades) keeps its linear axis: the same picture as before
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 101)]
+    _write(tmp_path / "metrics.jsonl", rows)
+    lin = np.asarray(Image.open(C.plot_run(tmp_path, "t")))
+    C.LOG_DECADES, before = 1, C.LOG_DECADES
+    try:
+        log = np.asarray(Image.open(C.plot_run(tmp_path, "t")))
+    finally:
+        C.LOG_DECADES = before
+    assert not np.array_equal(lin, log)
