@@ -261,10 +261,27 @@ def train_main(argv=None) -> int:
              if g.stem[5:].isdigit() and int(g.stem[5:]) <= trainer.step]
     pictures = sorted(grids)[-1:] + [p for p in [trainer.out / "curves.png"] if p.is_file()]
     loss = f", loss {last['loss']:.5g}" if "loss" in last else ""  # none when nothing was trained
+    loss += _loss_trend(trainer.out / "metrics.jsonl")
     logging.getLogger("dopsd_fast").info("done: step %d%s; outputs in %s%s", trainer.step, loss, trainer.out,
                                          "; look at " + " and ".join(map(str, pictures)) if pictures else "")
     trainer.dist.close()
     return 0
+
+
+def _loss_trend(metrics: Path) -> str:
+    """The loss's mean over the first and the last tenth of the logged steps (one step's loss, on one row of
+    a batch of one, says little; a student wrecked while its EMA teacher follows shows a loss that grows)."""
+    from dopsd_fast.curves import read_series
+
+    try:
+        values = [v for _, v in read_series(metrics).get("loss", [])]
+    except OSError:
+        return ""
+    if len(values) < 10:
+        return ""
+    k = len(values) // 10
+    return (f" (the mean of the first {k} logged: {sum(values[:k]) / k:.4g}, of the last {k}: "
+            f"{sum(values[-k:]) / k:.4g})")
 
 
 @_ends_clean

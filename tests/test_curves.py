@@ -216,3 +216,17 @@ def test_a_run_that_stays_diverged_is_drawn_on_a_log_axis_not_on_the_floor(tmp_p
     finally:
         C.LOG_DECADES = before
     assert not np.array_equal(lin, log)
+
+
+def test_the_done_line_says_the_loss_over_the_first_and_last_tenth(tmp_path):
+    """The done line said one step's loss (one row of a batch of one: 0.026 where the moving mean was 0.043),
+    and nothing of where the run went; it says the loss's mean over the first and last tenth of the logged
+    steps (a student wrecked while its EMA teacher follows shows a loss that grows)."""
+    from dopsd_fast.cli import _loss_trend
+
+    _write(tmp_path / "metrics.jsonl", [{"step": s, "loss": 1.0 if s <= 2 else 0.5 if s <= 18 else 4.0}
+                                        for s in range(1, 21)])
+    assert _loss_trend(tmp_path / "metrics.jsonl") == " (the mean of the first 2 logged: 1, of the last 2: 4)"
+    _write(tmp_path / "metrics.jsonl", [{"step": s, "loss": 1.0} for s in range(1, 10)])
+    assert _loss_trend(tmp_path / "metrics.jsonl") == ""  # under 10 logged steps: one step's loss alone
+    assert _loss_trend(tmp_path / "none.jsonl") == ""
