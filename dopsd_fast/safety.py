@@ -537,8 +537,9 @@ class Guard:
             s["largest"] = max(s["largest"], (v / med, step))
             return
         more = f"; {self._counted(s)}" if s is not None and s["n"] else ""
-        self._say("step %d: %s %.3g is %.0f x its running median %.3g: a spike (harmless if isolated; possible "
-                    "divergence if they keep coming)%s; further spikes within %d steps are counted, not printed",
+        self._say("step %d: %s %.3g is %.0f x its running median %.3g: a spike (harmless while the loss's moving "
+                    "mean in curves.png holds or falls, e.g. a few rows far from the rest; if it rises with them, "
+                    "divergence: lower optim.lr)%s; further spikes within %d steps are counted, not printed",
                     step, name, v, v / med, med, more, self.quiet_steps)
         self._spikes[name] = {"printed": step, "n": 0, "largest": (0.0, step)}
 
