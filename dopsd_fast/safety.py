@@ -417,6 +417,9 @@ class DivergenceError(FloatingPointError):
     pass
 
 
+UPDATE_OVER_WEIGHTS = "update larger than the weights"  # the Guard's count of such steps (said once per window)
+
+
 class Guard:
     """Checks a step before anything of it is written: a non-finite loss, gradient norm or updated
     weight, or an update ``max_update_ratio`` times the weights' norm, stops the run (nothing of the
@@ -442,7 +445,8 @@ class Guard:
         for name, v in (("loss", loss), ("gradient norm", gnorm)):
             if not math.isfinite(v):
                 raise DivergenceError(f"step {step}: the {name} is {v}; stopping before the update (nothing of this "
-                                      "step written; the last checkpoint is the last good state)")
+                                      "step written; the last checkpoint is the last good state: --resume latest "
+                                      "goes on from it, with a lower optim.lr if it diverged)")
 
     @staticmethod
     def snapshot(params) -> list[torch.Tensor]:
@@ -517,8 +521,15 @@ class Guard:
         self._warn(step, "gradient norm", gnorm, self.gnorms)
         if math.isfinite(ratio):
             if ratio > 1.0:
-                self._say("step %d: the update is %.3g x the weights' norm (larger than the weights): the run is "
-                            "likely diverging; lower optim.lr", step, ratio)
+                said = self._spikes.get(UPDATE_OVER_WEIGHTS)
+                if said is None or step - said["printed"] >= self.quiet_steps:  # once per quiet_steps, not every step
+                    self._say("step %d: the update is %.3g x the weights' norm (larger than the weights): the run is "
+                              "likely diverging; lower optim.lr%s", step, ratio,
+                              f" ({said['n']} more such steps since step {said['printed']})" if said and said["n"] else "")
+                    self._spikes[UPDATE_OVER_WEIGHTS] = {"printed": step, "n": 0, "largest": (ratio, step)}
+                else:
+                    said["n"] += 1
+                    said["largest"] = max(said["largest"], (ratio, step))
             self._warn(step, "update-to-weight ratio", ratio, self.ratios)
         return ratio
 
@@ -551,9 +562,11 @@ class Guard:
     def summary(self) -> None:
         """At the end of a run: the spikes counted since the last printed one, per quantity, in one line."""
         for name, s in self._spikes.items():
-            if s["n"]:
+            if s["n"] and name == UPDATE_OVER_WEIGHTS:
+                self._say("steps whose update was larger than the weights: %s; lower optim.lr", self._counted(s))
+            elif s["n"]:
                 self._say("%s spikes over %g x the running median: %s", name, self.warn_factor, self._counted(s))
-                s["n"], s["largest"] = 0, (0.0, s["printed"])
+            s["n"], s["largest"] = 0, (0.0, s["printed"])
 
 
 # ---- the config on resume ----------------------------------------------------------------------------

@@ -1705,3 +1705,24 @@ def test_a_lock_held_by_another_process_of_the_same_pid_text_is_not_called_this_
     finally:
         mine.release()
     OutputLock(tmp_path).release()
+
+
+def test_an_update_larger_than_the_weights_is_said_once_per_window_then_counted(caplog):
+    """'the update is N x the weights' norm' was said at every step it held (hundreds of lines in a run at too
+    high a learning rate); it is said once per quiet_steps, the steps between counted, and the count said at
+    the run's end."""
+    from dopsd_fast.safety import Guard
+
+    g = Guard(max_update_ratio=1e6, warn_factor=1e9, quiet_steps=100)
+    w = [torch.ones(4)]
+    with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
+        for step in range(1, 131):  # the weights' norm 2, the update's 4 (twice them), then 6 at step 120
+            g.check_after_update(step, w, None, 1.0, update=(torch.tensor(6.0 if step == 120 else 4.0),
+                                                            torch.tensor(2.0)))
+        g.summary()
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3, said
+    assert said[0].startswith("step 1: the update is 2 x the weights' norm (larger than the weights)")
+    assert said[1].startswith("step 101: the update is 2 x") and "(99 more such steps since step 1)" in said[1]
+    assert said[2] == ("steps whose update was larger than the weights: 29 more since step 101 (the largest 3 x at "
+                       "step 120); lower optim.lr"), said[2]
