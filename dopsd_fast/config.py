@@ -185,6 +185,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be a finite number > 0, got {self.lr}")
+        _check(self.lr <= 1, "optim.lr", f"{self.lr:g} is over 1: AdamW moves each weight by about lr per step "
+                                          "(LoRA runs train at about 1e-4); did you mean a smaller number?")
         if isinstance(self.betas, list):  # YAML 1.1 reads 9e-1 (no dot) as text
             with contextlib.suppress(TypeError, ValueError):
                 self.betas = [float(b) if isinstance(b, str) else b for b in self.betas]

@@ -168,3 +168,11 @@ def test_fp16_without_loss_scaling_is_said(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="dopsd_fast"):
             Trainer(tiny_config(tmp_path / dtype, f"model.dtype={dtype}")).close()
         assert ("model.dtype=fp16: the run computes in float16 without loss scaling" in caplog.text) == said, dtype
+
+
+def test_a_learning_rate_over_one_is_refused_in_one_line():
+    """optim.lr=1e38 passed the config check, then ended in torch's overflow error, marked unexpected and
+    naming no field; an AdamW learning rate over 1 moves each weight by more than 1 a step: refused."""
+    with pytest.raises(ConfigError, match=r"config field 'optim.lr': 1e\+38 is over 1: AdamW moves each weight"):
+        load_config("tiny-zimage", ["optim.lr=1e38"])
+    assert load_config("tiny-zimage", ["optim.lr=1"]).optim.lr == 1.0
