@@ -180,6 +180,8 @@ def _load(args):
 def train_main(argv=None) -> int:
     p = argparse.ArgumentParser("dopsd-train", description="Train with D-OPSD (on-policy self-distillation).")
     _common(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="the run's folder (train.output_dir: checkpoints, LoRA exports, samples, metrics)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an output_dir that holds an earlier one: the earlier run is moved aside "
@@ -198,6 +200,10 @@ def train_main(argv=None) -> int:
                         "(an editing model's rows; found data counts its own; default: 0, or the count of a shipped "
                         "recipe's rows, e.g. 1 for the ground-truth-reference recipe)")
     args = p.parse_args(argv)
+    if args.out is not None:
+        if any(o.split("=", 1)[0].strip() == "train.output_dir" for o in args.overrides):
+            sys.exit("error: --out and --set train.output_dir both name the run's folder: give one")
+        args.overrides.append(f"train.output_dir={args.out}")
     if args.gpu is not None and not args.dry_run:
         print("error: --gpu names the GPU class a --dry-run plans for; add --dry-run (a run uses the GPU it has)",
               file=sys.stderr)

@@ -493,3 +493,17 @@ def test_a_set_value_nested_past_the_recursion_limit_is_one_line():
 
     with pytest.raises(ConfigError, match=r"--set 'validation.prompts=\[\[\[.*\.\.\.: the value nests too deeply to read"):
         load_config(None, ["validation.prompts=" + "[" * 5000 + "]" * 5000])
+
+
+def test_dopsd_train_takes_out_as_its_folder(tmp_path):
+    """dopsd-sample has --out; dopsd-train took the folder only as --set train.output_dir=..., and --out was an
+    unknown argument. It names the run's folder; with --set train.output_dir too it is one line."""
+    from dopsd_fast.cli import train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--config", "tiny-zimage", "--out", str(out), "--set", "train.max_steps=1",
+                       "--set", "validation.every=0", "--set", "validation.at_start=false",
+                       "--set", "train.progress=false"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    with pytest.raises(SystemExit, match="--out and --set train.output_dir both name the run's folder"):
+        train_main(["--config", "tiny-zimage", "--out", str(out), "--set", f"train.output_dir={out}"])
