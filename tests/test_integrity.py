@@ -561,29 +561,39 @@ def test_a_truncated_checkpoint_data_file_is_named_not_its_metadata(trained, tmp
     assert ".metadata" not in str(e.value)
 
 
-def test_the_comfyui_export_renamed_to_the_diffusers_name_loads_as_the_same_lora(trained, tmp_path):
-    """dopsd-train's comfyui_lora.safetensors (per-module ``.alpha``) copied to pytorch_lora_weights.safetensors
-    was refused as "28 of its 28 LoRA modules match no module of this model" (diffusers prefixed it twice);
-    it loads, and each module's delta ``scale * B @ A`` is the native file's."""
+def _loaded_deltas(lora) -> tuple[dict, set]:
+    """Each module's delta ``scale * B @ A`` and the scales of the LoRA at ``lora`` (a folder or a file) as
+    ``dopsd-sample --lora`` loads it into the tiny Z-Image transformer."""
     from dopsd_fast.config import load_config
     from dopsd_fast.families import build_adapter
     from dopsd_fast.sample import load_lora_into
 
+    tr = build_adapter(load_config("tiny-zimage").model).transformer
+    load_lora_into(tr, str(lora))
+    deltas = {n: m.scaling["lora"] * (m.lora_B["lora"].weight @ m.lora_A["lora"].weight)
+              for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
+    return deltas, {m.scaling["lora"] for m in tr.modules() if hasattr(m, "scaling") and "lora" in m.scaling}
+
+
+def _assert_same_deltas(got: dict, want: dict) -> None:
+    assert want and got.keys() == want.keys()
+    for n, d in want.items():
+        assert d.abs().max() > 0, n
+        torch.testing.assert_close(got[n], d, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_the_comfyui_export_renamed_to_the_diffusers_name_loads_as_the_same_lora(trained, tmp_path):
+    """dopsd-train's comfyui_lora.safetensors (per-module ``.alpha``) copied to pytorch_lora_weights.safetensors
+    was refused as "28 of its 28 LoRA modules match no module of this model" (diffusers prefixed it twice);
+    it loads, and each module's delta ``scale * B @ A`` is the native file's."""
     comfy = _comfy_at_alpha(trained, tmp_path / "comfy", 16.0)
     deltas, scales = {}, {}
     for name, lora in (("native", trained / "lora"), ("comfy", comfy)):
-        tr = build_adapter(load_config("tiny-zimage").model).transformer
-        load_lora_into(tr, str(lora))
-        deltas[name] = {n: m.scaling["lora"] * (m.lora_B["lora"].weight @ m.lora_A["lora"].weight)
-                        for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
-        scales[name] = {m.scaling["lora"] for m in tr.modules() if hasattr(m, "scaling") and "lora" in m.scaling}
-    assert deltas["native"] and deltas["comfy"].keys() == deltas["native"].keys()
+        deltas[name], scales[name] = _loaded_deltas(lora)
     # the comfy file's alpha / rank matters (2 here, its lora_B halved): diffusers folds it into the factors
     # (their scaling 1), so equal deltas below need the fold; the native file holds it in lora_B (scaling 1)
     assert scales["native"] == {1.0} and scales["comfy"] == {1.0}, scales
-    for n, d in deltas["native"].items():
-        assert d.abs().max() > 0, n
-        torch.testing.assert_close(deltas["comfy"][n], d, rtol=1e-5, atol=1e-7, msg=n)
+    _assert_same_deltas(deltas["comfy"], deltas["native"])
 
 
 def _comfy_at_alpha(trained, folder, alpha: float):
@@ -665,21 +675,9 @@ def test_sample_refuses_lora_alpha_tensors_beside_a_metadata_alpha(trained, tmp_
         _sample(folder, tmp_path)
     assert len(str(e.value).splitlines()) == 1
     # metadata at alpha = r (scale 1) beside the tensors is one strength: it loads, each delta the native file's
-    from dopsd_fast.config import load_config
-    from dopsd_fast.families import build_adapter
-    from dopsd_fast.sample import load_lora_into
-
     meta = json.dumps({**native, "transformer.lora_alpha": 8.0})
     save_file(comfy, str(target), metadata={"format": "pt", "lora_adapter_metadata": meta})
-    deltas = {}
-    for name, lora in (("native", trained / "lora"), ("both", folder)):
-        tr = build_adapter(load_config("tiny-zimage").model).transformer
-        load_lora_into(tr, str(lora))
-        deltas[name] = {n: m.scaling["lora"] * (m.lora_B["lora"].weight @ m.lora_A["lora"].weight)
-                        for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
-    assert deltas["native"] and deltas["both"].keys() == deltas["native"].keys()
-    for n, d in deltas["native"].items():
-        torch.testing.assert_close(deltas["both"][n], d, rtol=1e-5, atol=1e-7, msg=n)
+    _assert_same_deltas(_loaded_deltas(folder)[0], _loaded_deltas(trained / "lora")[0])
 
 
 def test_lora_alpha_tensors_within_the_limit_load(trained, tmp_path):
@@ -851,10 +849,6 @@ def test_dopsd_sample_takes_a_linked_lora_file_and_a_kohya_file_at_its_alpha(tra
     beside lora_A / lora_B (its strength would have been 1, not alpha / rank)."""
     from safetensors.torch import load_file, save_file
 
-    from dopsd_fast.config import load_config
-    from dopsd_fast.families import build_adapter
-    from dopsd_fast.sample import load_lora_into
-
     native = load_file(str(trained / "lora" / "pytorch_lora_weights.safetensors"))
     blob = tmp_path / "hub" / "blobs" / "0123abcd"
     blob.parent.mkdir(parents=True)
@@ -875,12 +869,4 @@ def test_dopsd_sample_takes_a_linked_lora_file_and_a_kohya_file_at_its_alpha(tra
     folder = tmp_path / "kohya"
     folder.mkdir()
     save_file(kohya, str(folder / "pytorch_lora_weights.safetensors"))
-    deltas = {}
-    for name, lora in (("native", trained / "lora"), ("kohya", folder)):
-        tr = build_adapter(load_config("tiny-zimage").model).transformer
-        load_lora_into(tr, str(lora))
-        deltas[name] = {n: m.scaling["lora"] * (m.lora_B["lora"].weight @ m.lora_A["lora"].weight)
-                        for n, m in tr.named_modules() if hasattr(m, "lora_A") and "lora" in m.lora_A}
-    assert deltas["native"] and deltas["kohya"].keys() == deltas["native"].keys()
-    for n, d in deltas["native"].items():
-        torch.testing.assert_close(deltas["kohya"][n], d, rtol=1e-5, atol=1e-7, msg=n)
+    _assert_same_deltas(_loaded_deltas(folder)[0], _loaded_deltas(trained / "lora")[0])
