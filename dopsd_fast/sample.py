@@ -17,7 +17,7 @@ from dopsd_fast.algorithm import euler_sample
 from dopsd_fast.config import LORA_MAX_SCALE
 from dopsd_fast.data import dataset as _data
 from dopsd_fast.data.buckets import assign_bucket, make_buckets, nearest_aspect
-from dopsd_fast.export import COMFYUI_FILE, LORA_FILE, check_lora_weights
+from dopsd_fast.export import LORA_FILE, check_lora_weights
 from dopsd_fast.families import FAMILIES, build_adapter, family
 from dopsd_fast.safety import SAFETENSORS_FLOAT_DTYPES, file_in_folder, why_not_written
 from dopsd_fast.validation import save_grid
