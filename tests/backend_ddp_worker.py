@@ -49,7 +49,7 @@ def main(out: str) -> None:
 
     # the reference: the same two micro-steps on an unwrapped copy, summed locally, averaged by hand
     ref_model = build_model()
-    ref = backend.wrap(ref_model, student_adapter="student", teacher_adapter="teacher")  # unwrapped: said once
+    ref = backend.wrap(ref_model, student_adapter="student", teacher_adapter="teacher")  # unwrapped: said, and at a step
     for step in (0, 1):
         ref.dopsd_step(*batch(step, rank), timesteps=TIMESTEPS, backward="stepwise")
     local = torch.cat([p.grad.flatten() for p in ref.trainable])

@@ -124,7 +124,8 @@ def test_ddp_reducer_silent_one_average_per_step(tmp_path):
     for r in _launch(tmp_path, module="tests.backend_ddp_worker"):
         assert r["ddp_hook_calls"] == 0 and r["syncs_in_no_sync"] == 0 and r["syncs"] == 1
         assert r["rel_err"] < 1e-6 and r["local_vs_mean"] > 1e-3  # averaged, not the rank's own sum
-        assert len(r["warned"]) == 1  # the bare model on 2 ranks: said (the DDP-wrapped one: not)
+        # the bare model on 2 ranks: said at wrap() and again at its first step (the DDP-wrapped one: not)
+        assert len(r["warned"]) == 2 and r["warned"][1].startswith("backend: at the first step"), r["warned"]
         # a module the caller trains beside the LoRA is averaged too (it got each rank's own gradient)
         assert r["beside_rel_err"] < 1e-6 and r["beside_local_vs_mean"] > 1e-3
         assert r["disagree_same"] is True  # ranks that disagree on it: no mismatched collective, one average
