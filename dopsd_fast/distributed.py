@@ -60,10 +60,9 @@ class Dist:
         who = self._who_is_missing(what)
         return DistributedError(
             f"rank {self.rank}/{self.world}: the collective '{what}' failed ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:300] if str(e) else ''}); {who} (timeout "
-            f"train.dist_timeout_s={self.timeout_s:g} s)"
-            + ("" if "stopped with an error" in who else ". With torchrun --max-restarts the run restarts from "
-               "the last checkpoint (--resume latest)"))
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}); {who}"
+            + ("" if "stopped with an error" in who else f" (timeout train.dist_timeout_s={self.timeout_s:g} s). With "
+               "torchrun --max-restarts the run restarts from the last checkpoint (--resume latest)"))
 
     def _who_is_missing(self, what: str) -> str:
         """A roll call after a failed collective: every rank that sees it fail answers in the store and
@@ -87,8 +86,10 @@ class Dist:
         if not missing:
             return "every rank answered the roll call after it: a rank's collective timed out or its network failed"
         failed = {r: rank_error(r) for r in missing}
-        said = [f"rank {r} stopped with an error: {line.removeprefix('error: ')} (its errors.rank{r}.log has the full "
-                "text)"
+        # a rank other than 0 keeps its failure's full text in errors.rank<N>.log; rank 0's one line is the whole of a
+        # user error (a library's error it keeps in errors.log, named on its own screen)
+        said = [f"rank {r} stopped with an error: {line.removeprefix('error: ')}"
+                + (f" (its errors.rank{r}.log has the full text)" if r else "")
                 for r, line in failed.items() if line]
         gone = [r for r, line in failed.items() if not line]
         if gone:

@@ -315,3 +315,41 @@ def test_ctrl_c_stops_every_rank_after_the_same_step_and_resume_is_exact(two_ran
     assert f"at step {step}" in r.stderr
     assert _rel(_lora(out), _lora(two_ranks)) <= 1e-6
     assert [round(x, 9) for x in _losses(out)] == [round(x, 9) for x in _losses(two_ranks)]
+
+
+def test_a_collective_failed_by_a_rank_that_stopped_with_an_error_names_no_timeout_and_no_missing_log(monkeypatch):
+    """Rank 0 stopped with its own one-line error (its output folder moved away mid-run); rank 1's collective
+    then failed, and its line named rank 0's errors.rank0.log (rank 0 keeps none for its own one-line errors)
+    and 'timeout train.dist_timeout_s=1800 s', where nothing timed out. Both are said only where true."""
+    import time
+
+    from dopsd_fast import distributed as D
+
+    class Store:
+        def __init__(self, errors):
+            self.data = {**{f"error/{r}": line.encode() for r, line in errors.items()}}
+
+        def set_timeout(self, t):
+            pass
+
+        def set(self, k, v):
+            self.data[k] = v.encode() if isinstance(v, str) else v
+
+        def check(self, keys):
+            return all(k in self.data for k in keys)
+
+        def get(self, k):
+            return self.data[k]
+
+    for failed, hint in ((0, ""), (2, " (its errors.rank2.log has the full text)")):
+        store = Store({failed: "error: train.output_dir /x was removed, moved or replaced"})
+        monkeypatch.setattr(D, "_STORE", [store])
+        monkeypatch.setattr(time, "sleep", lambda s: None)
+        d = D.Dist(rank=1, world=3, store=store, roll_call_s=0.05)
+        store.set("roll_call/gradients/" + str(3 - failed - 1), "here")  # the third rank answers
+        msg = str(d.failure("gradients", RuntimeError("Connection closed by peer")))
+        assert f"rank {failed} stopped with an error: train.output_dir /x was removed, moved or replaced{hint}" in msg
+        assert msg.endswith(f"replaced{hint}") and "timeout" not in msg, msg
+    d = D.Dist(rank=1, world=2, store=Store({}), roll_call_s=0.05)  # a rank that never answers: a timeout's tail
+    monkeypatch.setattr(D, "_STORE", [d.store])
+    assert "(timeout train.dist_timeout_s=1800 s)" in str(d.failure("gradients", RuntimeError("timed out")))
