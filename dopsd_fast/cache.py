@@ -458,8 +458,9 @@ class FeatureCache:
     def _adopt(self, todo, taken) -> int:
         """Contexts this run needs found in shards of the folder the manifest does not name (a dopsd-cache
         killed after writing a shard, before the manifest's next save): named in the manifest, each with the
-        checksum of its bytes, instead of being encoded again; returns how many. A shard that does not read,
-        or whose entries are not sound, is left as it is."""
+        checksum of its bytes, instead of being encoded again; returns how many. Only a shard whose metadata
+        records this identity is read; one that does not read is deleted; one of another identity, or whose
+        entries are not sound, is left as it is (``--prune`` deletes it)."""
         from safetensors import safe_open
 
         wanted = {key: kind for key, kind, _ in todo}
@@ -485,8 +486,9 @@ class FeatureCache:
                         if key in wanted and key not in self.entries:
                             extra = {n[len(key) + 7:]: f.get_tensor(n) for n in names if n.startswith(key + ".extra.")}
                             found[key] = context_crc(f.get_tensor(t), extra)
-            except Exception as e:  # noqa: BLE001 - a damaged file of an interrupted run: left, never read again
-                log.warning("feature cache %s: %s, not named in the manifest, does not read (%s); left as it is",
+            except Exception as e:  # noqa: BLE001 - a damaged file of an interrupted run: deleted, as repair() does
+                path.unlink(missing_ok=True)  # a named one (a shard-NNNNN name, a file in the folder: checked above)
+                log.warning("feature cache %s: %s, not named in the manifest, does not read (%s): deleted",
                             self.dir, shard, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
                 continue
             for key in found:
