@@ -959,7 +959,7 @@ FIELD_HELP: dict[str, str] = {
     "train.max_steps": "optimizer steps",
     "train.grad_accum": "micro-batches per optimizer step",
     "train.seed": "seed of the run: every random draw derives from (seed, step, the sample's place in the batch)",
-    "train.log_every": "log every N steps",
+    "train.log_every": "log every N steps (that step's values, not the mean of the N: curves.png draws the moving mean)",
     "train.checkpoint_every": "write a checkpoint every N steps (0 = only at the end)",
     "train.keep_checkpoints": "checkpoints kept (the oldest deleted)",
     "train.tensorboard": "write TensorBoard logs",
