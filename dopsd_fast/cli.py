@@ -462,8 +462,8 @@ def sample_main(argv=None) -> int:
         sys.exit(f"error: --lora {args.lora} is not a .safetensors file: give a LoRA's .safetensors file, or the folder "
                  "dopsd-train wrote (runs/<name>/lora)")
     if args.lora and not Path(args.lora).exists():
-        sys.exit(f"error: --lora {args.lora}: no such directory (expected a LoRA folder written by dopsd-train, "
-                 "e.g. runs/<name>/lora)")
+        sys.exit(f"error: --lora {args.lora}: no such file or folder (a LoRA's .safetensors file, or the folder "
+                 "dopsd-train wrote, e.g. runs/<name>/lora)")
     try:
         path = generate(cfg, args.prompt, lora=args.lora, width=args.width, height=args.height, steps=args.steps,
                         seed=args.seed, out=args.out, transformer=args.transformer, references=args.reference,

@@ -105,7 +105,7 @@ def test_bad_device_sample_lora_and_full_disk_are_one_line_errors(tmp_path, monk
 
     with pytest.raises(SystemExit, match=r"error: model.device: 'gpu'"):
         train_main(["--config", "tiny-zimage", "--set", "model.device=gpu", "--set", f"train.output_dir={tmp_path / 'r'}"])
-    with pytest.raises(SystemExit, match=r"error: --lora .*: no such directory"):
+    with pytest.raises(SystemExit, match=r"error: --lora .*: no such file or folder"):
         sample_main(["--config", "tiny-zimage", "--prompt", "a cat", "--lora", str(tmp_path / "nolora"), "--out", str(tmp_path / "s.png")])
     torn = tmp_path / "lora"
     torn.mkdir()
