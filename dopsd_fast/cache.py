@@ -536,7 +536,7 @@ class FeatureCache:
         import fcntl
 
         try:
-            fd = os.open(self.dir / self.READERS, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = self._open_readers()
         except OSError:
             return
         try:
@@ -545,6 +545,10 @@ class FeatureCache:
             os.close(fd)
             return
         self._readers_fd = fd
+
+    def _open_readers(self) -> int:
+        """The descriptor of ``.readers`` (created; a planted link refused by O_NOFOLLOW: an OSError)."""
+        return os.open(self.dir / self.READERS, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
     def __del__(self):
         fd = getattr(self, "_readers_fd", None)
@@ -556,7 +560,7 @@ class FeatureCache:
         """The exclusive lock of ``.readers`` (its descriptor), or a CacheError: a training run reads the folder."""
         import fcntl
 
-        fd = os.open(self.dir / self.READERS, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = self._open_readers()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -483,7 +483,9 @@ class Trainer:
         log.warning("resume: the content of %s changed since the checkpoint (%s): resuming on the new data "
                     "(--allow-config-change)", where, what)
 
-    def _config_check(self, path: Path, state: dict) -> list:
+    def _config_check(self, path: Path, state: dict) -> tuple[list, list]:
+        """The config's changes against the checkpoint's, refused where they change the math (unless forced):
+        -> (the forced ones, the ones that change nothing computed), each ``(field, before, now)``."""
         frozen, applied = config_changes(state.get("config", {}), self.cfg.to_dict(), Config().to_dict())
         recorded = state.get("model_files") if isinstance(state.get("model_files"), dict) else None
         notes = []
@@ -511,7 +513,7 @@ class Trainer:
             fields = "; ".join([f"{k}: {a!r} -> {b!r}" for k, a, b in frozen] + notes)
             raise ConfigError(f"resume from {path}: the config changes what the run computes ({fields}); start a new "
                               "output_dir, or pass --allow-config-change to resume anyway")
-        return frozen + applied
+        return frozen, applied
 
     def _build_data_and_model(self) -> None:
         """The dataset, the family's adapter (its encoders, or the feature cache instead), the contexts,
@@ -1033,16 +1035,13 @@ class Trainer:
 
     def load(self, path: Path, state: dict | None = None) -> None:
         state = _load_train_state(path) if state is None else state
-        changes = self._config_check(path, state)
-        frozen, _ = config_changes(state.get("config", {}), self.cfg.to_dict(), Config().to_dict())
-        forced = {k for k, _, _ in frozen}
-        for k, a, b in changes:
-            if k not in forced:
-                log.info("resume: %s %r -> %r (applied)", k, a, b)
-                continue
+        forced, applied = self._config_check(path, state)
+        for k, a, b in forced:
             log.warning("resume: %s %r -> %r (forced by --allow-config-change: it changes what the run computes%s)",
                         k, a, b, "; the data order keeps the checkpoint's seed (the sampler resumes its order), "
                         "the noise and the prompt variants take the new one" if k == "train.seed" else "")
+        for k, a, b in applied:
+            log.info("resume: %s %r -> %r (applied)", k, a, b)
         try:
             self.weights.load_state_dict(state["weights"])
             self._check_optimizer_shapes(state["optimizer"])
@@ -1054,7 +1053,7 @@ class Trainer:
                 osd = {**osd, "param_groups": [{**o, "params": g["params"]} for o, g in zip(live, osd["param_groups"])]}
             self.optimizer.load_state_dict(osd)
         except (RuntimeError, ValueError, KeyError) as e:  # tensors that do not fit the model built here
-            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes if k.startswith(("model.", "lora.")))
+            fields = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in forced + applied if k.startswith(("model.", "lora.")))
             raise ConfigError(f"resume from {path}: its weights do not fit the model of this config "
                               f"({fields or 'no model or LoRA field changed'}; {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); keep the checkpoint's model and "

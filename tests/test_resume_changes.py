@@ -163,3 +163,19 @@ def test_a_forced_change_is_said_as_forced_and_a_new_seed_says_what_it_changes(t
         "resume: train.seed 0 -> 5 (forced by --allow-config-change: it changes what the run computes; the data "
         "order keeps the checkpoint's seed (the sampler resumes its order), the noise and the prompt variants take "
         "the new one)": logging.WARNING}, said
+
+
+def test_a_forced_resume_onto_another_model_names_the_model_fields_that_changed(tmp_path):
+    """--allow-config-change onto a model the checkpoint's tensors do not fit: one line naming the model
+    fields forced, not a library's shape error."""
+    from dopsd_fast.config import ConfigError
+    from dopsd_fast.families import FAMILIES
+    from dopsd_fast.trainer import Trainer
+
+    Trainer(tiny_config(tmp_path, "train.max_steps=1")).train()
+    other = next(s for s in FAMILIES.values() if s.name != tiny_config(tmp_path).model.family)
+    with pytest.raises(ConfigError, match=r"its weights do not fit the model of this config \(model\.family: '\w+' -> "
+                                          rf"'{other.name}'"):
+        Trainer(tiny_config(tmp_path, "train.max_steps=2", f"model.family={other.name}",
+                            f"model.preset={other.tiny_preset}", *other.tiny_overrides()),
+                resume="latest", allow_config_change=True)
